@@ -1,0 +1,1 @@
+"""NanoGrid's server side: the controller, the worker agent, sandboxes and storage adapters."""

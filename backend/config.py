@@ -1,0 +1,78 @@
+"""Grid configuration, read once: defaults, then a TOML file, then ``NANOGRID_*`` env vars, then flags."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("NANOGRID_DATA_DIR") or Path.home() / ".nanogrid")
+
+
+@dataclass
+class GridConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8765
+    workers: int = max(2, os.cpu_count() or 1)  # calls run at once by the embedded worker
+    sandbox: str = "process"  # process (trusted local code); docker comes with its own adapter
+    bubblewrap: str = "auto"  # auto | on | off: namespaces around process sandboxes
+    cgroups: str = "auto"  # auto | off: per-sandbox memory cgroup (limits and peak memory)
+    stem_cells: int = 2  # unspecialised sandboxes kept started
+    pool_cap: int = 0  # most sandboxes alive at once; 0 = workers * 2 + stem_cells
+    idle_ttl_s: float = 300.0  # idle warm sandboxes are stopped after this
+    kill_grace_s: float = 1.0  # SIGTERM, then this long, then SIGKILL
+    default_memory_mib: int = 512
+    max_memory_mib: int = 8192
+    default_timeout_s: float = 300.0
+    max_timeout_s: float = 3600.0
+    max_package_bytes: int = 64 * MiB
+    max_payload_bytes: int = 16 * MiB
+    max_output_bytes: int = 1024 * MiB  # all output files of one call
+    capture_limit_bytes: int = 1 * MiB  # stdout / stderr kept per call
+    map_chunk_limit: int = 10_000  # items in one /map request
+
+    @property
+    def effective_pool_cap(self) -> int:
+        return self.pool_cap or self.workers * 2 + self.stem_cells
+
+    @property
+    def python_runtime(self) -> str:
+        return "python%d.%d" % sys.version_info[:2]
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: object) -> GridConfig:
+        """Defaults < config file (``NANOGRID_CONFIG``) < ``NANOGRID_<FIELD>`` env vars < overrides."""
+        values: dict[str, object] = {}
+        path = path or os.environ.get("NANOGRID_CONFIG")
+        if path:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        for f in fields(cls):
+            env = os.environ.get(f"NANOGRID_{f.name.upper()}")
+            if env is not None:
+                values[f.name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls()
+        for f in fields(cls):
+            if f.name in values:
+                setattr(config, f.name, _coerce(f.name, values[f.name], getattr(config, f.name)))
+        config.data_dir = Path(config.data_dir).expanduser().resolve()
+        return config
+
+
+def _coerce(name: str, value: object, default: object) -> object:
+    try:
+        if isinstance(default, Path):
+            return Path(str(value))
+        if isinstance(default, bool):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {name!r}: cannot read {value!r} as {type(default).__name__}") from None

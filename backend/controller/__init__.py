@@ -1,0 +1,1 @@
+"""The controller: NanoGrid's HTTP API (ASGI)."""

@@ -1,0 +1,221 @@
+"""HTTP routes. Thin: each one validates, calls into ``jobs`` or the registry, and shapes the reply."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from backend.controller import jobs
+from backend.controller.limits import BodySizeLimit
+from backend.controller.schemas import (
+    Deleted,
+    FunctionView,
+    Health,
+    JobView,
+    MapRequest,
+    RunRequest,
+    SystemStatus,
+)
+from backend.grid import Grid
+from backend.models import CANCELLED, FunctionRecord
+from backend.packages import Package, PackageError, from_upload
+from nanogrid import __version__
+
+SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
+
+
+def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
+    config = grid.config
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_grid:
+            grid.start()
+        yield
+        if manage_grid:
+            grid.stop()
+
+    app = FastAPI(title="NanoGrid controller", version=__version__, lifespan=lifespan)
+    # Uploads may carry a package plus form overhead; everything else at most a payload batch.
+    app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, config.max_payload_bytes) + (1 << 20))
+
+    @app.exception_handler(PackageError)
+    async def package_error(request: Request, exc: PackageError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(jobs.BadRequest)
+    async def bad_request(request: Request, exc: jobs.BadRequest) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    def function_or_404(function_id: str) -> FunctionRecord:
+        function = grid.registry.get_function(function_id)
+        if function is None:
+            raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /upload)")
+        return function
+
+    def base_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    @app.get("/health", response_model=Health)
+    def health() -> dict:
+        return {"status": "healthy", "version": __version__, "runtimes": grid.runtimes,
+                "sandbox": grid.pool.factory.describe()}
+
+    @app.post("/upload", response_model=FunctionView, status_code=201,
+              responses={200: {"model": FunctionView, "description": "identical package already uploaded"}})
+    async def upload(
+        file: Annotated[UploadFile, File(description="a .py file or a zip package")],
+        function_name: Annotated[str | None, Form()] = None,
+        runtime: Annotated[str | None, Form()] = None,
+        handler: Annotated[str | None, Form()] = None,
+        timeout: Annotated[float | None, Form()] = None,
+        memory: Annotated[int | None, Form()] = None,
+    ) -> JSONResponse:
+        data = await file.read()
+        form = {"name": function_name, "runtime": runtime, "handler": handler, "timeout": timeout, "memory": memory}
+        package = from_upload(file.filename or "package.zip", data, form, max_bytes=config.max_package_bytes,
+                              runtimes=grid.runtimes)
+        manifest = package.manifest
+        memory_mib = int(manifest.get("memory") or config.default_memory_mib)
+        timeout_s = float(manifest.get("timeout") or config.default_timeout_s)
+        if not 16 <= memory_mib <= config.max_memory_mib:
+            raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
+        if not 0 < timeout_s <= config.max_timeout_s:
+            raise PackageError(f"timeout must be more than 0 and at most {config.max_timeout_s:g} s, not {timeout_s:g}")
+        existing = grid.registry.get_function(package.function_id)
+        if existing is not None:
+            return JSONResponse(existing.to_dict(), status_code=200)
+        grid.store.put_package(package.function_id, package.data)
+        record = FunctionRecord(
+            function_id=package.function_id, function_name=manifest["name"], runtime=manifest["runtime"],
+            handler=manifest["handler"], kind=manifest["kind"], memory_mib=memory_mib, timeout_s=timeout_s,
+            package_size=len(package.data), python=manifest["python"], source=_source_of(package),
+        )
+        grid.registry.put_function(record)
+        return JSONResponse(record.to_dict(), status_code=201)
+
+    @app.get("/functions", response_model=list[FunctionView])
+    def list_functions() -> list[dict]:
+        return [f.to_dict() for f in grid.registry.list_functions()]
+
+    @app.get("/functions/{function_id}", response_model=FunctionView)
+    def get_function(function_id: str) -> dict:
+        return function_or_404(function_id).to_dict()
+
+    @app.delete("/functions/{function_id}", response_model=Deleted)
+    def delete_function(function_id: str) -> dict:
+        function_or_404(function_id)
+        grid.registry.delete_function(function_id)
+        grid.store.delete_package(function_id)
+        return {"function_id": function_id, "deleted": True}
+
+    @app.post("/run", response_model=JobView, responses={202: {"model": JobView, "description": "accepted (async)"}})
+    async def run(body: RunRequest, request: Request,
+                  x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False) -> JSONResponse:
+        function = function_or_404(body.function_id)
+        pickles = [body.args_pickle] if body.args_pickle is not None else None
+        payloads = jobs.encode_payloads(function, [body.payload], pickles, config.max_payload_bytes)
+        (job,) = jobs.new_jobs(function, payloads)
+        if x_async:
+            jobs.submit(grid, function, [job])
+            return JSONResponse(jobs.job_view(job, base_url(request)), status_code=202)
+        finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
+        try:
+            jobs.submit(grid, function, [job])
+            done = await jobs.next_result(finished, min(function.timeout_s + 30, SYNC_WAIT_CAP_S))
+        finally:
+            unsubscribe()
+        if done is None:  # still queued or running: the caller polls /status/{job_id}
+            return JSONResponse(jobs.job_view(grid.registry.get_job(job.job_id) or job, base_url(request)), 202)
+        return JSONResponse(jobs.job_view(done, base_url(request)))
+
+    @app.post("/map", responses={200: {"content": {"application/x-ndjson": {}},
+                                       "description": "a line {job_ids}, then a JobView line (with index) per call"}})
+    async def map_(body: MapRequest, request: Request) -> StreamingResponse:
+        function = function_or_404(body.function_id)
+        if (body.payloads is None) == (body.args_pickle is None):
+            raise jobs.BadRequest("send exactly one of 'payloads' or 'args_pickle'", 422)
+        count = len(body.payloads if body.payloads is not None else body.args_pickle)
+        if count > config.map_chunk_limit:
+            raise jobs.BadRequest(f"{count} calls in one request; send at most {config.map_chunk_limit}", 413)
+        payloads = jobs.encode_payloads(function, body.payloads, body.args_pickle, config.max_payload_bytes)
+        new = jobs.new_jobs(function, payloads)
+        job_ids = [job.job_id for job in new]
+        finished, unsubscribe = jobs.subscribe(grid, job_ids)
+        jobs.submit(grid, function, new)
+        url = base_url(request)
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield json.dumps({"job_ids": job_ids}).encode() + b"\n"
+            async for index, job in jobs.stream_results(grid, job_ids, finished, unsubscribe):
+                yield json.dumps({"index": index, **jobs.job_view(job, url)}).encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/status/{job_id}", response_model=JobView)
+    async def status(job_id: str, request: Request,
+                     wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
+                     ) -> dict:
+        job = await jobs.wait_for(grid, job_id, wait)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return jobs.job_view(job, base_url(request))
+
+    @app.get("/jobs", response_model=list[JobView])
+    def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                  status: Annotated[str | None, Query(max_length=16)] = None) -> list[dict]:
+        return [jobs.job_view(job, base_url(request)) for job in grid.registry.list_jobs(limit, status)]
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobView)
+    async def cancel(job_id: str, request: Request) -> dict:
+        job = grid.registry.get_job(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        if not job.finished and not grid.worker.cancel(job_id):
+            job.status, job.finished_at = CANCELLED, time.time()
+            job.error = {"kind": "cancelled", "message": "cancelled by the user before it started"}
+            if grid.registry.finish_job(job):
+                grid.bus.publish(job)
+        return jobs.job_view(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request))
+
+    @app.get("/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}}})
+    def download_output(job_id: str, name: str) -> StreamingResponse:
+        job = grid.registry.get_job(job_id)
+        if job is None or name not in {f["name"] for f in job.output_files}:
+            raise HTTPException(404, f"job {job_id!r} has no output file {name!r}")
+        return StreamingResponse(grid.store.open_output(job_id, name), media_type="application/octet-stream",
+                                 headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"})
+
+    @app.get("/system/status", response_model=SystemStatus)
+    def system_status() -> dict:
+        recent = grid.registry.list_jobs(limit=1000)
+        counts: dict[str, int] = {}
+        for job in recent:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        worker = grid.worker
+        return {
+            "queue_depth": grid.queue.depth(),
+            "workers": [{"worker_id": worker.worker_id, "slots": worker.slots, "pool": grid.pool.snapshot(),
+                         **worker.stats}],
+            "jobs": counts,
+        }
+
+    return app
+
+
+def _source_of(package: Package) -> str:
+    with zipfile.ZipFile(io.BytesIO(package.data)) as zf:
+        names = zf.namelist()
+        if "source.py" in names:
+            return zf.read("source.py").decode(errors="replace")[:20000]
+        module = package.manifest["handler"].rsplit(".", 1)[0].replace(".", "/") + ".py"
+        return zf.read(module).decode(errors="replace")[:20000] if module in names else ""

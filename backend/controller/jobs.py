@@ -1,0 +1,113 @@
+"""Submitting jobs and waiting for them: the controller's logic, kept out of the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+from backend.grid import Grid
+from backend.models import FunctionRecord, JobMessage, JobRecord, new_job_id
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickles: list[str] | None,
+                    max_bytes: int) -> list[tuple[str, bytes]]:
+    """Each call's payload as (format, bytes), checked against the function's kind and the size cap."""
+    if pickles is not None:
+        if function.kind != "pickle":
+            raise BadRequest(f"function {function.function_id} is a handler function: send 'payload', not 'args_pickle'")
+        encoded = []
+        for item in pickles:
+            try:
+                encoded.append(("pickle", base64.b64decode(item, validate=True)))
+            except (binascii.Error, ValueError):
+                raise BadRequest("args_pickle must be base64") from None
+    else:
+        if function.kind == "pickle":
+            raise BadRequest(f"function {function.function_id} was packaged by the Python client: "
+                             "call it with args_pickle (use nanogrid's .remote())")
+        encoded = [("json", json.dumps(p).encode()) for p in (payloads or [])]
+    for _, data in encoded:
+        if len(data) > max_bytes:
+            raise BadRequest(f"payload is {len(data)} bytes, over the {max_bytes}-byte limit; "
+                             "pass large data by reference (a URL or an object store key)", 413)
+    return encoded
+
+
+def new_jobs(function: FunctionRecord, payloads: list[tuple[str, bytes]]) -> list[JobRecord]:
+    return [JobRecord(new_job_id(), function.function_id, payload_format=fmt, payload=data) for fmt, data in payloads]
+
+
+def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord]) -> None:
+    """Record the jobs, then queue them: a restart after this point loses none of them."""
+    grid.registry.create_jobs(jobs)
+    grid.queue.put([JobMessage(job.job_id, function.function_id, job.payload_format, job.payload,
+                               function.timeout_s, function.memory_mib) for job in jobs])
+
+
+def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord], Any]:
+    """An asyncio queue that receives each of these jobs once it finishes (from any worker thread)."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Queue[JobRecord] = asyncio.Queue()
+    unsubscribe = grid.bus.subscribe(job_ids, lambda job: loop.call_soon_threadsafe(finished.put_nowait, job))
+    return finished, unsubscribe
+
+
+async def wait_for(grid: Grid, job_id: str, timeout: float) -> JobRecord | None:
+    """The finished job, or None if it is still not finished after ``timeout`` seconds."""
+    finished, unsubscribe = subscribe(grid, [job_id])
+    try:
+        job = grid.registry.get_job(job_id)
+        if job is None or job.finished or timeout <= 0:
+            return job
+        return await next_result(finished, timeout)
+    finally:
+        unsubscribe()
+
+
+async def next_result(finished: asyncio.Queue[JobRecord], timeout: float) -> JobRecord | None:
+    try:
+        return await asyncio.wait_for(finished.get(), timeout)
+    except TimeoutError:
+        return None
+
+
+async def stream_results(grid: Grid, job_ids: list[str], finished: asyncio.Queue[JobRecord],
+                         unsubscribe: Any) -> AsyncIterator[tuple[int, JobRecord]]:
+    """(index, job) for each job as it finishes, in completion order."""
+    index = {job_id: i for i, job_id in enumerate(job_ids)}
+    try:
+        for _ in job_ids:
+            job = await finished.get()
+            yield index[job.job_id], job
+    finally:
+        unsubscribe()
+
+
+def job_view(job: JobRecord, base_url: str = "") -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "result": None,
+        "result_pickle": None, "error": job.error, "stdout": job.stdout, "stderr": job.stderr,
+        "execution_time_ms": job.execution_time_ms, "peak_memory_bytes": job.peak_memory_bytes,
+        "cold": job.cold, "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
+        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "output_files": [
+            {**f, "url": f"{base_url}/jobs/{job.job_id}/outputs/{quote(f['name'])}"} for f in job.output_files
+        ],
+    }
+    if job.result is not None:
+        if job.result_format == "json":
+            view["result"] = json.loads(job.result)
+        else:
+            view["result_pickle"] = base64.b64encode(job.result).decode()
+    return view

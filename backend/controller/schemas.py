@@ -1,0 +1,77 @@
+"""Request and response bodies of the HTTP API (they make the OpenAPI schema complete)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class RunRequest(BaseModel):
+    function_id: str = Field(min_length=1, max_length=64)
+    payload: Any = Field(None, description="JSON event for handler(event, context) functions")
+    args_pickle: str | None = Field(None, description="base64 cloudpickle of (args, kwargs), from the Python client")
+
+
+class MapRequest(BaseModel):
+    function_id: str = Field(min_length=1, max_length=64)
+    payloads: list[Any] | None = Field(None, description="one JSON event per call")
+    args_pickle: list[str] | None = Field(None, description="one base64 cloudpickle of (args, kwargs) per call")
+
+
+class OutputFile(BaseModel):
+    name: str
+    size: int
+    url: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    function_id: str
+    status: str = Field(description="pending, running, completed, failed or cancelled")
+    result: Any = None
+    result_pickle: str | None = None
+    error: dict[str, Any] | None = None
+    stdout: str = ""
+    stderr: str = ""
+    output_files: list[OutputFile] = []
+    execution_time_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    cold: bool | None = None
+    worker_id: str | None = None
+    sandbox_id: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class FunctionView(BaseModel):
+    function_id: str
+    function_name: str
+    runtime: str
+    handler: str
+    kind: str
+    memory_mib: int
+    timeout_s: float
+    package_size: int
+    python: str
+    created_at: float
+    source: str = ""
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    runtimes: dict[str, str] = Field(description="runtime name -> Python version it runs")
+    sandbox: str
+
+
+class Deleted(BaseModel):
+    function_id: str
+    deleted: bool
+
+
+class SystemStatus(BaseModel):
+    queue_depth: int
+    workers: list[dict[str, Any]]
+    jobs: dict[str, int]

@@ -1,0 +1,72 @@
+"""The records every adapter stores and passes around: functions and jobs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
+FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+def new_job_id() -> str:
+    return "job-" + uuid.uuid4().hex
+
+
+@dataclass
+class FunctionRecord:
+    function_id: str
+    function_name: str
+    runtime: str
+    handler: str
+    kind: str  # "pickle" (a cloudpickled callable) or "handler" (module.function(event, context))
+    memory_mib: int
+    timeout_s: float
+    package_size: int
+    python: str
+    source: str = ""
+    created_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    function_id: str
+    status: str = PENDING
+    payload_format: str = "json"  # "json" or "pickle"
+    payload: bytes = b""
+    result_format: str | None = None
+    result: bytes | None = None
+    error: dict[str, Any] | None = None
+    stdout: str = ""
+    stderr: str = ""
+    output_files: list[dict[str, Any]] = field(default_factory=list)
+    execution_time_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    cold: bool | None = None
+    worker_id: str | None = None
+    sandbox_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATES
+
+
+@dataclass
+class JobMessage:
+    """What travels on the queue: everything a worker needs to run the call without a lookup."""
+
+    job_id: str
+    function_id: str
+    payload_format: str
+    payload: bytes
+    timeout_s: float
+    memory_mib: int

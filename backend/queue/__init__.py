@@ -1,0 +1,1 @@
+"""Job queues: one interface (base.py), one module per backend."""

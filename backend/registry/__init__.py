@@ -1,0 +1,1 @@
+"""Function and job records: one interface (base.py), one module per backend."""

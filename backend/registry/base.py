@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from backend.models import FunctionRecord, JobRecord
+
+
+class Registry(ABC):
+    """Where functions and jobs are recorded, so a controller restart loses nothing."""
+
+    @abstractmethod
+    def put_function(self, function: FunctionRecord) -> None: ...
+
+    @abstractmethod
+    def get_function(self, function_id: str) -> FunctionRecord | None: ...
+
+    @abstractmethod
+    def list_functions(self) -> list[FunctionRecord]: ...
+
+    @abstractmethod
+    def delete_function(self, function_id: str) -> bool: ...
+
+    @abstractmethod
+    def create_jobs(self, jobs: list[JobRecord]) -> None: ...
+
+    @abstractmethod
+    def mark_running(self, job_id: str, worker_id: str, started_at: float) -> bool:
+        """Pending -> running; False if the job is no longer pending (cancelled, or run elsewhere)."""
+
+    @abstractmethod
+    def finish_job(self, job: JobRecord) -> bool:
+        """Store a final state; False (and nothing written) if the job already had one."""
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def list_jobs(self, limit: int = 50, status: str | None = None) -> list[JobRecord]: ...

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import astuple, fields
+from pathlib import Path
+
+from backend.models import FINAL_STATES, PENDING, RUNNING, FunctionRecord, JobRecord
+from backend.registry.base import Registry
+
+_FUNCTION_COLUMNS = [f.name for f in fields(FunctionRecord)]
+_JOB_COLUMNS = [f.name for f in fields(JobRecord)]
+_JSON_COLUMNS = {"error", "output_files"}
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS functions ({", ".join(_FUNCTION_COLUMNS)}, PRIMARY KEY (function_id));
+CREATE TABLE IF NOT EXISTS jobs ({", ".join(_JOB_COLUMNS)}, PRIMARY KEY (job_id));
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
+"""
+
+
+class SQLiteRegistry(Registry):
+    """One SQLite file in WAL mode; one connection guarded by a lock (writes serialise anyway)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash, not power loss
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # functions
+    def put_function(self, function: FunctionRecord) -> None:
+        marks = ", ".join("?" * len(_FUNCTION_COLUMNS))
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO functions VALUES ({marks})", astuple(function))
+
+    def get_function(self, function_id: str) -> FunctionRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM functions WHERE function_id = ?", (function_id,)).fetchone()
+        return FunctionRecord(*row) if row else None
+
+    def list_functions(self) -> list[FunctionRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM functions ORDER BY created_at DESC").fetchall()
+        return [FunctionRecord(*row) for row in rows]
+
+    def delete_function(self, function_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM functions WHERE function_id = ?", (function_id,)).rowcount > 0
+
+    # jobs
+    def create_jobs(self, jobs: list[JobRecord]) -> None:
+        marks = ", ".join("?" * len(_JOB_COLUMNS))
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(f"INSERT INTO jobs VALUES ({marks})", [_job_row(job) for job in jobs])
+            self._db.execute("COMMIT")
+
+    def mark_running(self, job_id: str, worker_id: str, started_at: float) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE job_id = ? AND status = ?",
+                (RUNNING, worker_id, started_at, job_id, PENDING),
+            )
+        return cursor.rowcount > 0
+
+    def finish_job(self, job: JobRecord) -> bool:
+        columns = [c for c in _JOB_COLUMNS if c not in ("job_id", "function_id", "payload", "created_at")]
+        row = dict(zip(_JOB_COLUMNS, _job_row(job)))
+        finals = ", ".join("?" * len(FINAL_STATES))
+        with self._lock:
+            cursor = self._db.execute(
+                f"UPDATE jobs SET {', '.join(c + ' = ?' for c in columns)}, payload = x'' "
+                f"WHERE job_id = ? AND status NOT IN ({finals})",
+                [row[c] for c in columns] + [job.job_id, *FINAL_STATES],
+            )
+        return cursor.rowcount > 0
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job_from_row(row) if row else None
+
+    def list_jobs(self, limit: int = 50, status: str | None = None) -> list[JobRecord]:
+        query, args = "SELECT * FROM jobs", []
+        if status:
+            query, args = query + " WHERE status = ?", [status]
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_at DESC LIMIT ?", [*args, limit]).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+
+def _job_row(job: JobRecord) -> tuple:
+    values = []
+    for name, value in zip(_JOB_COLUMNS, astuple(job)):
+        values.append(json.dumps(value) if name in _JSON_COLUMNS and value is not None else value)
+    return tuple(values)
+
+
+def _job_from_row(row: tuple) -> JobRecord:
+    values = dict(zip(_JOB_COLUMNS, row))
+    for name in _JSON_COLUMNS:
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
+    values["cold"] = None if values["cold"] is None else bool(values["cold"])
+    return JobRecord(**values)

@@ -1,0 +1,62 @@
+"""A memory cgroup per sandbox: a hard limit, and the per-call peak read straight from the kernel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+V1_ROOT = Path("/sys/fs/cgroup/memory")
+V2_ROOT = Path("/sys/fs/cgroup")
+
+
+def available() -> bool:
+    """True where this process may create memory cgroups (root on cgroup v1, or a delegated v2 tree)."""
+    if (V1_ROOT / "memory.limit_in_bytes").exists():
+        return os.access(V1_ROOT, os.W_OK)
+    if (V2_ROOT / "cgroup.controllers").exists():
+        return os.access(V2_ROOT, os.W_OK) and "memory" in (V2_ROOT / "cgroup.subtree_control").read_text()
+    return False
+
+
+class MemoryCgroup:
+    """cgroup v1 (``memory.max_usage_in_bytes``) or v2 (``memory.peak``), files kept open for cheap reads."""
+
+    def __init__(self, name: str) -> None:
+        self.v1 = (V1_ROOT / "memory.limit_in_bytes").exists()
+        self.path = (V1_ROOT if self.v1 else V2_ROOT) / "nanogrid" / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        peak = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
+        self._peak_fd = os.open(self.path / peak, os.O_RDWR)
+
+    @property
+    def procs_file(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def set_limit(self, limit_bytes: int) -> None:
+        name = "memory.limit_in_bytes" if self.v1 else "memory.max"
+        (self.path / name).write_text(str(limit_bytes))
+        if not self.v1:
+            (self.path / "memory.swap.max").write_text("0")
+
+    def reset_peak(self) -> None:
+        # v1: resets to the current usage (not zero); v2 (Linux 6.12+): any write resets.
+        try:
+            os.pwrite(self._peak_fd, b"0", 0)
+        except OSError:
+            pass
+
+    def peak(self) -> int:
+        return int(os.pread(self._peak_fd, 32, 0))
+
+    def oom_killed(self) -> bool:
+        """True once the kernel's OOM killer has killed a process of this sandbox."""
+        name = "memory.oom_control" if self.v1 else "memory.events"
+        counters = dict(line.split() for line in (self.path / name).read_text().splitlines())
+        return int(counters.get("oom_kill", 0)) > 0
+
+    def remove(self) -> None:
+        os.close(self._peak_fd)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass

@@ -1,0 +1,1 @@
+"""The worker agent: takes jobs from the queue and runs them in warm sandboxes."""

@@ -1,0 +1,144 @@
+"""The worker agent: pulls jobs, runs each in a warm sandbox of its function, reports the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
+from backend.queue.base import JobQueue
+from backend.registry.base import Registry
+from backend.results.base import ResultBus
+from backend.sandbox.base import CallResult, Sandbox, SandboxError
+from backend.store.base import BlobStore
+from backend.worker.pool import FunctionCode, WarmPool
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """``slots`` threads, each running one call at a time in a sandbox from the shared warm pool."""
+
+    def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
+                 pool: WarmPool, slots: int, max_output_bytes: int) -> None:
+        self.queue = queue
+        self.registry = registry
+        self.store = store
+        self.bus = bus
+        self.pool = pool
+        self.slots = slots
+        self.max_output_bytes = max_output_bytes
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
+        self._cancelled: set[str] = set()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.stats = {"completed": 0, "failed": 0, "cold_starts": 0}
+
+    def start(self) -> None:
+        for n in range(self.slots):
+            thread = threading.Thread(target=self._slot, name=f"worker-slot-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for job_id, sandbox in list(self._running.items()):
+            sandbox.kill("the worker shut down while this job ran")
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.pool.close()
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a running job's sandbox; True if this worker was running it."""
+        sandbox = self._running.get(job_id)
+        if sandbox is None:
+            return False
+        self._cancelled.add(job_id)
+        sandbox.kill("cancelled by the user")
+        return True
+
+    def _slot(self) -> None:
+        while not self._stopping.is_set():
+            message = self.queue.get(timeout=0.5)
+            if message is None:
+                continue
+            try:
+                self.run(message)
+            except Exception:
+                log.exception("job %s: unexpected worker error", message.job_id)
+
+    def run(self, message: JobMessage) -> None:
+        started = time.time()
+        if not self.registry.mark_running(message.job_id, self.worker_id, started):
+            return  # cancelled while queued, or already taken
+        job = JobRecord(message.job_id, message.function_id, status=RUNNING, payload_format=message.payload_format,
+                        worker_id=self.worker_id, started_at=started)
+        try:
+            self._execute(message, job)
+        except SandboxError as exc:
+            self._fail(job, exc.kind, exc.message)
+        job.finished_at = time.time()
+        self.stats["completed" if job.status == COMPLETED else "failed"] += 1
+        if self.registry.finish_job(job):
+            self.bus.publish(job)
+
+    def _execute(self, message: JobMessage, job: JobRecord) -> None:
+        sandbox, cold = self.pool.acquire(message.function_id, lambda: self._code(message))
+        job.cold, job.sandbox_id = cold, sandbox.id
+        self.stats["cold_starts"] += cold
+        self._running[job.job_id] = sandbox
+        try:
+            outcome = sandbox.call(job.job_id, message.payload, message.timeout_s)
+        except SandboxError:
+            if job.job_id in self._cancelled:
+                exc = SandboxError("cancelled", "cancelled by the user")
+            self.pool.discard(sandbox)
+            raise exc from None
+        finally:
+            self._running.pop(job.job_id, None)
+            self._cancelled.discard(job.job_id)
+        try:
+            self._record(job, outcome)
+        finally:
+            self.pool.release(sandbox)
+
+    def _code(self, message: JobMessage) -> FunctionCode:
+        try:
+            package = self.store.get_package(message.function_id)
+        except FileNotFoundError:
+            raise SandboxError("not_found", f"function {message.function_id} was deleted") from None
+        return FunctionCode(package, message.memory_mib)
+
+    def _record(self, job: JobRecord, outcome: CallResult) -> None:
+        reply = outcome.reply
+        job.stdout, job.stderr = reply.get("stdout", ""), reply.get("stderr", "")
+        job.execution_time_ms = reply.get("duration_ms")
+        job.peak_memory_bytes = outcome.peak_memory_bytes
+        job.output_files = self._collect_outputs(job.job_id, outcome.output_dir)
+        if reply["ok"]:
+            job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body
+            return
+        error = reply["error"]
+        if error.get("kind") == "memory":
+            error["message"] = f"out of memory (MemoryError at the sandbox's memory limit): {error['message']}"
+        job.status, job.error = FAILED, error
+        job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
+
+    def _collect_outputs(self, job_id: str, output_dir: Path) -> list[dict]:
+        files = sorted(p for p in output_dir.rglob("*") if p.is_file() and not p.is_symlink())
+        total = sum(p.stat().st_size for p in files)
+        if total > self.max_output_bytes:
+            raise SandboxError("output", f"output files total {total >> 20} MiB, over the "
+                                         f"{self.max_output_bytes >> 20} MiB limit; none were kept")
+        return [{"name": str(p.relative_to(output_dir)), "size": self.store.save_output(
+            job_id, str(p.relative_to(output_dir)), p)} for p in files]
+
+    def _fail(self, job: JobRecord, kind: str, message: str) -> None:
+        job.status = CANCELLED if kind == "cancelled" else FAILED
+        job.error = {"kind": kind, "message": message}

@@ -1,0 +1,216 @@
+"""The warm pool: started sandboxes kept ready, each serving one function version for life.
+
+Stem cells are started unspecialised ahead of time; a function's first call specialises one
+(cold), later calls reuse it (warm). A sandbox is never handed to a different function. Idle
+sandboxes are stopped after a TTL, and when the pool is at its cap the longest-idle sandbox of
+another function makes room.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from backend.sandbox.base import Sandbox
+
+log = logging.getLogger(__name__)
+
+
+class SandboxFactory(Protocol):
+    kind: str
+
+    def start(self) -> Sandbox: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class FunctionCode:
+    package: bytes
+    memory_mib: int
+
+
+class WarmPool:
+    def __init__(self, factory: SandboxFactory, *, cap: int, stem_cells: int, idle_ttl_s: float) -> None:
+        self.factory = factory
+        self.cap = cap
+        self.stem_cells = min(stem_cells, cap)
+        self.idle_ttl_s = idle_ttl_s
+        self._cond = threading.Condition()
+        self._idle: dict[str, list[Sandbox]] = {}  # function id -> idle sandboxes, most recent last
+        self._idle_since: dict[str, float] = {}  # sandbox id -> when it became idle
+        self._stems: list[Sandbox] = []
+        self._busy: set[str] = set()
+        self._total = 0  # every sandbox alive or being started: the number the cap bounds
+        self._stems_starting = 0
+        self._closed = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
+        self._thread.start()
+
+    def acquire(self, function_id: str, code: Callable[[], FunctionCode]) -> tuple[Sandbox, bool]:
+        """A sandbox for this function and whether it was a cold start. Blocks while the pool is full."""
+        victims: list[Sandbox] = []
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the worker is shutting down")
+                idle = self._idle.get(function_id)
+                if idle:
+                    sandbox = idle.pop()
+                    self._idle_since.pop(sandbox.id, None)
+                    self._busy.add(sandbox.id)
+                    return sandbox, False
+                if self._stems:
+                    sandbox = self._stems.pop()
+                    break
+                if self._total < self.cap:
+                    sandbox = None
+                    self._total += 1
+                    break
+                victim = self._take_longest_idle()
+                if victim is not None:
+                    victims.append(victim)
+                    continue
+                self._cond.wait()
+        for victim in victims:
+            victim.close()
+        self._wake.set()  # refill stem cells
+        try:
+            if sandbox is None:
+                sandbox = self.factory.start()
+            with self._cond:
+                self._busy.add(sandbox.id)
+            function = code()
+            sandbox.load(function_id, function.package, function.memory_mib)
+        except BaseException:
+            self._forget(sandbox)
+            raise
+        return sandbox, True
+
+    def release(self, sandbox: Sandbox) -> None:
+        """Give a sandbox back after a call; a dead one is dropped."""
+        if not sandbox.alive:
+            self.discard(sandbox)
+            return
+        with self._cond:
+            self._busy.discard(sandbox.id)
+            self._idle.setdefault(sandbox.function_id or "", []).append(sandbox)
+            self._idle_since[sandbox.id] = time.monotonic()
+            self._cond.notify()
+
+    def discard(self, sandbox: Sandbox) -> None:
+        """Stop a sandbox that must not serve again (it timed out, crashed or was killed)."""
+        self._forget(sandbox)
+
+    def _forget(self, sandbox: Sandbox | None) -> None:
+        if sandbox is not None:
+            sandbox.close()
+        with self._cond:
+            if sandbox is not None:
+                self._busy.discard(sandbox.id)
+            self._total -= 1
+            self._cond.notify()
+        self._wake.set()
+
+    def _take_longest_idle(self) -> Sandbox | None:
+        if not self._idle_since:
+            return None
+        return self._remove_idle(min(self._idle_since, key=self._idle_since.__getitem__))
+
+    def _remove_idle(self, sandbox_id: str) -> Sandbox | None:
+        for function_id, sandboxes in self._idle.items():
+            for sandbox in sandboxes:
+                if sandbox.id == sandbox_id:
+                    sandboxes.remove(sandbox)
+                    if not sandboxes:
+                        del self._idle[function_id]
+                    del self._idle_since[sandbox_id]
+                    self._total -= 1
+                    return sandbox
+        return None
+
+    def _maintain(self) -> None:
+        """Keep stem cells started and stop sandboxes idle for longer than the TTL."""
+        while not self._closed:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            self._evict_expired()
+            self._refill()
+
+    def _refill(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed or len(self._stems) + self._stems_starting >= self.stem_cells or self._total >= self.cap:
+                    return
+                self._total += 1
+                self._stems_starting += 1
+            try:
+                sandbox = self.factory.start()
+            except Exception:
+                log.exception("could not start a stem cell")
+                with self._cond:
+                    self._total -= 1
+                    self._stems_starting -= 1
+                    self._cond.notify()
+                time.sleep(1.0)
+                return
+            with self._cond:
+                self._stems_starting -= 1
+                if self._closed:
+                    self._total -= 1
+                else:
+                    self._stems.append(sandbox)
+                    self._cond.notify()
+                    continue
+            sandbox.close()
+            return
+
+    def _evict_expired(self) -> None:
+        expired = []
+        now = time.monotonic()
+        with self._cond:
+            for sandbox_id, since in list(self._idle_since.items()):
+                if now - since > self.idle_ttl_s:
+                    expired.append(self._remove_idle(sandbox_id))
+            self._cond.notify_all()
+        for sandbox in expired:
+            if sandbox is not None:
+                sandbox.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Block until the stem cells are started (used by `nanogrid up` and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._stems) < self.stem_cells:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {
+                "sandbox": self.factory.describe(),
+                "cap": self.cap,
+                "total": self._total,
+                "busy": len(self._busy),
+                "stem_cells": len(self._stems),
+                "idle": sum(len(s) for s in self._idle.values()),
+                "idle_by_function": {fid: len(s) for fid, s in self._idle.items() if s},
+            }
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            sandboxes = self._stems + [s for group in self._idle.values() for s in group]
+            self._stems, self._idle, self._idle_since = [], {}, {}
+            self._cond.notify_all()
+        self._wake.set()
+        for sandbox in sandboxes:
+            sandbox.close()

@@ -1,0 +1,54 @@
+"""NanoGrid: run notebook code and Python functions on a self-hosted serverless grid.
+
+    import nanogrid
+    nanogrid.connect()                    # NANOGRID_URL, else the grid started by `nanogrid up`
+
+    @nanogrid.remote(memory=256, timeout=30)
+    def square(x):
+        return x * x
+
+    square.remote(7)                      # 49
+    job = square.spawn(8); job.result()   # 64
+    list(square.map(range(100)))          # ordered results
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+from nanogrid.client import Client, connect, get_client  # noqa: E402
+from nanogrid.errors import (  # noqa: E402
+    APIError,
+    FunctionTimeout,
+    JobCancelled,
+    JobFailed,
+    NanoGridError,
+    NotConnected,
+    OutOfMemory,
+    RemoteError,
+    SandboxCrashed,
+    VersionMismatch,
+)
+from nanogrid.function import RemoteFunction, remote  # noqa: E402
+from nanogrid.job import Job, OutputFile  # noqa: E402
+
+
+def output_dir() -> Path:
+    """Where a function writes files to return them: collected after the call and listed on its job.
+
+    On the grid this is the sandbox's output directory (``NANOGRID_OUTPUT_DIR``); run locally it is
+    ``./nanogrid-output``.
+    """
+    path = Path(os.environ.get("NANOGRID_OUTPUT_DIR") or "nanogrid-output")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+__all__ = [
+    "APIError", "Client", "FunctionTimeout", "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected",
+    "OutOfMemory", "OutputFile", "RemoteError", "RemoteFunction", "SandboxCrashed", "VersionMismatch",
+    "__version__", "connect", "get_client", "output_dir", "remote",
+]

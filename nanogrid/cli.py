@@ -1,0 +1,173 @@
+"""The ``nanogrid`` command: start a grid, deploy and invoke functions, look at its state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nanogrid.client import Client, discover_url
+from nanogrid.errors import NanoGridError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.command(args) or 0
+    except NanoGridError as exc:
+        print(f"nanogrid: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanogrid", description="Run Python functions and notebook cells on a grid.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the embedded grid (controller + worker) in the foreground")
+    _grid_options(up)
+    up.set_defaults(command=cmd_up)
+
+    demo = sub.add_parser("demo", help="start a throwaway grid, run a short demo on it, and print the results")
+    demo.add_argument("--workers", type=int, default=None)
+    demo.set_defaults(command=cmd_demo)
+
+    deploy = sub.add_parser("deploy", help="upload a .py file or zip package as a function")
+    deploy.add_argument("file", type=Path)
+    deploy.add_argument("--name", required=True, help="function name")
+    deploy.add_argument("--handler", help="module.function taking (event, context), e.g. hello.handler")
+    deploy.add_argument("--runtime", default="python%d.%d" % sys.version_info[:2])
+    deploy.add_argument("--memory", type=int, help="MiB")
+    deploy.add_argument("--timeout", type=float, help="seconds")
+    _client_options(deploy)
+    deploy.set_defaults(command=cmd_deploy)
+
+    invoke = sub.add_parser("invoke", help="run a deployed function with a JSON payload")
+    invoke.add_argument("function_id")
+    invoke.add_argument("--payload", default="{}", help="JSON event (default {})")
+    invoke.add_argument("--async", dest="asynchronous", action="store_true", help="print the job id and return")
+    _client_options(invoke)
+    invoke.set_defaults(command=cmd_invoke)
+
+    status = sub.add_parser("status", help="workers, warm sandboxes, queue depth")
+    _client_options(status)
+    status.set_defaults(command=cmd_status)
+
+    jobs = sub.add_parser("jobs", help="recent jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+    _client_options(jobs)
+    jobs.set_defaults(command=cmd_jobs)
+    return parser
+
+
+def _grid_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="default 8765")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default ~/.nanogrid (NANOGRID_DATA_DIR)")
+    parser.add_argument("--workers", type=int, default=None, help="calls run at once (default: CPU count)")
+    parser.add_argument("--sandbox", choices=["process"], default=None, help="where user code runs")
+    parser.add_argument("--stem-cells", type=int, default=None, help="unspecialised sandboxes kept started")
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (NANOGRID_CONFIG)")
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="controller URL (default: NANOGRID_URL, else the local grid)")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url or discover_url())
+
+
+def _grid_config(args: argparse.Namespace) -> Any:
+    from backend.config import GridConfig
+
+    return GridConfig.load(args.config, host=args.host, port=args.port, data_dir=args.data_dir,
+                           workers=args.workers, sandbox=args.sandbox, stem_cells=args.stem_cells)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import logging
+
+    from backend.embedded import serve, write_grid_file
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _grid_config(args)
+
+    def ready(url: str, grid: Any) -> None:
+        grid_file = write_grid_file(config.data_dir, url)
+        print(f"NanoGrid is up at {url}", flush=True)
+        print(f"  sandbox:  {grid.pool.factory.describe()}", flush=True)
+        print(f"  workers:  {config.workers} slots, {config.stem_cells} stem cells, pool cap {config.effective_pool_cap}")
+        print(f"  data:     {config.data_dir} (clients find this grid through {grid_file})", flush=True)
+        print("  stop with Ctrl-C", flush=True)
+
+    serve(config, on_ready=ready)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nanogrid.demo import run_demo
+
+    return run_demo(workers=args.workers)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    function = _client(args).upload(args.file, function_name=args.name, handler=args.handler,
+                                    runtime=args.runtime, memory=args.memory, timeout=args.timeout)
+    print(json.dumps(function, indent=2))
+    return 0
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        print(f"nanogrid: --payload is not JSON: {exc}", file=sys.stderr)
+        return 2
+    client = _client(args)
+    view = client.run({"function_id": args.function_id, "payload": payload}, asynchronous=args.asynchronous)
+    while not args.asynchronous and view["status"] in ("pending", "running"):
+        view = client.status(view["job_id"], wait=30)
+    print(json.dumps(view, indent=2))
+    return 0 if view["status"] in ("completed", "pending", "running") else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    health = client.health()
+    status = client.system_status()
+    print(f"grid      {client.url}  ({health['status']}, version {health['version']})")
+    print(f"runtimes  {', '.join(health['runtimes'])}")
+    print(f"sandbox   {health['sandbox']}")
+    print(f"queue     {status['queue_depth']} waiting")
+    for worker in status["workers"]:
+        pool = worker["pool"]
+        print(f"worker    {worker['worker_id']}: {worker['slots']} slots, {pool['busy']} busy, "
+              f"{pool['idle']} warm idle, {pool['stem_cells']} stem cells, {pool['total']}/{pool['cap']} sandboxes")
+    print("jobs      " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet"))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    rows = _client(args).jobs(args.limit)
+    print(f"{'job':38} {'status':10} {'ms':>8} {'peak MiB':>9}  when")
+    for job in rows:
+        ms = job["execution_time_ms"]
+        peak = job["peak_memory_bytes"]
+        when = time.strftime("%H:%M:%S", time.localtime(job["created_at"]))
+        print(f"{job['job_id']:38} {job['status']:10} {'' if ms is None else f'{ms:.1f}':>8} "
+              f"{'' if peak is None else f'{peak / (1 << 20):.1f}':>9}  {when}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

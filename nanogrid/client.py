@@ -1,0 +1,172 @@
+"""The HTTP client for a grid's controller, and finding the grid to connect to."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from nanogrid.errors import APIError, NotConnected, VersionMismatch
+from nanogrid.packaging import FunctionPackage
+
+SYNC_READ_TIMEOUT_S = 90.0  # the controller answers a sync /run within 60 s (202 if still running)
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("NANOGRID_DATA_DIR") or Path.home() / ".nanogrid").expanduser()
+
+
+def discover_url() -> str:
+    """``NANOGRID_URL``, else the URL that ``nanogrid up`` wrote into its data directory."""
+    url = os.environ.get("NANOGRID_URL")
+    if url:
+        return url
+    grid_file = data_dir() / "grid.json"
+    try:
+        return json.loads(grid_file.read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        raise NotConnected(
+            f"no grid found: start one with `nanogrid up`, or set NANOGRID_URL (looked in {grid_file})"
+        ) from None
+
+
+def connect(url: str | None = None, api_key: str | None = None) -> Client:
+    """Connect to a grid and make it the default for ``@remote`` functions and the magics."""
+    global _default
+    client = Client(url or discover_url(), api_key=api_key)
+    with _default_lock:
+        old, _default = _default, client
+    if old is not None:
+        old.close()
+    return client
+
+
+def get_client() -> Client:
+    """The default client, connecting on first use."""
+    with _default_lock:
+        client = _default
+    return client or connect()
+
+
+class Client:
+    """One controller's HTTP API. Thread-safe; keeps connections alive."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        api_key = api_key or os.environ.get("NANOGRID_API_KEY")
+        headers = {"x-api-key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers,
+                                  timeout=httpx.Timeout(30.0, read=SYNC_READ_TIMEOUT_S),
+                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+        self._known_functions: set[str] = set()
+        self._runtimes: dict[str, str] | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __repr__(self) -> str:
+        return f"<nanogrid.Client {self.url}>"
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise NotConnected(f"cannot reach the grid at {self.url} ({exc}); is `nanogrid up` running?") from None
+        if response.status_code >= 400:
+            raise APIError(response.status_code, _detail(response))
+        return response
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/health").json()
+
+    def runtimes(self) -> dict[str, str]:
+        if self._runtimes is None:
+            self._runtimes = self.health()["runtimes"]
+        return self._runtimes
+
+    def deploy(self, package: FunctionPackage) -> str:
+        """Upload a package unless the grid already has it; returns its function id."""
+        function_id = package.function_id
+        if function_id in self._known_functions:
+            return function_id
+        runtime, python = package.manifest["runtime"], package.manifest["python"]
+        runtimes = self.runtimes()
+        if runtime not in runtimes:
+            raise VersionMismatch(
+                f"this client runs Python {python}, but the grid at {self.url} only runs "
+                f"{', '.join(sorted(runtimes))}: functions are sent with cloudpickle, which needs the same "
+                f"Python minor version on both sides. Use a Python {' or '.join(sorted(runtimes.values()))} "
+                "environment for this notebook or script."
+            )
+        try:
+            self.request("GET", f"/functions/{function_id}")
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+            self.request("POST", "/upload", files={"file": ("package.zip", package.data, "application/zip")})
+        self._known_functions.add(function_id)
+        return function_id
+
+    def upload(self, path: str | Path, **form: Any) -> dict[str, Any]:
+        """Upload a ``.py`` file or a zip, with form fields (function_name, runtime, handler, timeout, memory)."""
+        path = Path(path)
+        data = {k: str(v) for k, v in form.items() if v is not None}
+        with path.open("rb") as f:
+            return self.request("POST", "/upload", files={"file": (path.name, f)}, data=data).json()
+
+    def run(self, body: dict[str, Any], *, asynchronous: bool = False) -> dict[str, Any]:
+        headers = {"X-Async": "true"} if asynchronous else None
+        return self.request("POST", "/run", json=body, headers=headers).json()
+
+    def status(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        return self.request("GET", f"/status/{job_id}", params={"wait": wait} if wait else None).json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/jobs/{job_id}/cancel").json()
+
+    def map_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST /map; yields its NDJSON lines (first the job ids, then one job per call as it finishes)."""
+        try:
+            with self._http.stream("POST", "/map", json=body, timeout=httpx.Timeout(30.0, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise APIError(response.status_code, _detail(response))
+                for line in response.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as exc:
+            raise NotConnected(f"lost the connection to the grid at {self.url} ({exc})") from None
+
+    def download(self, url: str) -> bytes:
+        return self.request("GET", url).content
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.request("GET", "/jobs", params={"limit": limit}).json()
+
+    def functions(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/functions").json()
+
+    def delete_function(self, function_id: str) -> dict[str, Any]:
+        self._known_functions.discard(function_id)
+        return self.request("DELETE", f"/functions/{function_id}").json()
+
+    def system_status(self) -> dict[str, Any]:
+        return self.request("GET", "/system/status").json()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):  # FastAPI's validation errors
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    return str(detail or response.text[:500] or response.reason_phrase)

@@ -1,0 +1,84 @@
+"""``nanogrid demo``: a throwaway embedded grid and a short tour of what it does."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import nanogrid
+
+
+@nanogrid.remote(memory=256, timeout=30)
+def square(x: int) -> int:
+    print("working on", x)
+    return x * x
+
+
+@nanogrid.remote(memory=256, timeout=30)
+def report(rows: int) -> str:
+    path = nanogrid.output_dir() / "report.csv"
+    path.write_text("n,square\n" + "".join(f"{n},{n * n}\n" for n in range(rows)))
+    return path.name
+
+
+@nanogrid.remote(timeout=30)
+def divide(a: float, b: float) -> float:
+    return a / b
+
+
+@nanogrid.remote(timeout=1)
+def forever() -> None:
+    while True:
+        pass
+
+
+def run_demo(workers: int | None = None) -> int:
+    from backend.config import GridConfig
+    from backend.embedded import EmbeddedGrid
+
+    with tempfile.TemporaryDirectory(prefix="nanogrid-demo-") as data_dir:
+        config = GridConfig.load(data_dir=Path(data_dir), port=0, workers=workers)
+        print("Starting an embedded grid ...")
+        with EmbeddedGrid(config) as embedded:
+            print(f"  {embedded.url}  [{embedded.grid.pool.factory.describe()}]")
+            nanogrid.connect(embedded.url)
+            _tour()
+    return 0
+
+
+def _tour() -> None:
+    print("\n1. square.remote(7)")
+    print("   ->", square.remote(7))
+
+    job = square.spawn(8)
+    value = job.result()
+    print("\n2. job = square.spawn(8); job.result()")
+    print(f"   -> {value}; stdout {job.stdout.strip()!r}; {job.duration * 1000:.2f} ms in the sandbox, "
+          f"peak memory {job.peak_memory_bytes / (1 << 20):.1f} MiB, {'cold' if job.cold else 'warm'} start")
+
+    started = time.perf_counter()
+    results = list(square.map(range(1000), progress=False))
+    seconds = time.perf_counter() - started
+    print("\n3. list(square.map(range(1000)))")
+    print(f"   -> [{results[0]}, {results[1]}, ..., {results[-1]}] in {seconds:.2f} s ({len(results) / seconds:,.0f} calls/s)")
+
+    job = report.spawn(5)
+    job.result()
+    (output,) = job.outputs
+    print("\n4. a function that writes to nanogrid.output_dir()")
+    print(f"   -> {output.name} ({output.size} bytes): {output.read().decode().splitlines()[:3]} ...")
+
+    print("\n5. a remote exception is re-raised here, with its remote traceback attached")
+    try:
+        divide.remote(1, 0)
+    except ZeroDivisionError as exc:
+        print(f"   -> ZeroDivisionError: {exc}")
+
+    print("\n6. a function that never returns, with timeout=1")
+    started = time.perf_counter()
+    try:
+        forever.remote()
+    except nanogrid.FunctionTimeout as exc:
+        print(f"   -> FunctionTimeout after {time.perf_counter() - started:.1f} s: {exc}")
+    print(f"   ... and the grid carries on: square.remote(9) -> {square.remote(9)}")

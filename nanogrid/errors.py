@@ -1,0 +1,81 @@
+"""Exceptions the client raises. Remote exceptions are re-raised as their own type where possible."""
+
+from __future__ import annotations
+
+
+class NanoGridError(Exception):
+    """Base class of NanoGrid's own errors."""
+
+
+class NotConnected(NanoGridError):
+    """No grid to talk to."""
+
+
+class APIError(NanoGridError):
+    """The controller refused a request; ``status`` is the HTTP status, the message says why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{detail} (HTTP {status})")
+        self.status = status
+        self.detail = detail
+
+
+class VersionMismatch(NanoGridError):
+    """The client's Python cannot send functions to the grid's runtime."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the remote traceback text; set as ``__cause__`` of a re-raised remote exception."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+class RemoteError(NanoGridError):
+    """A remote exception whose type could not be rebuilt here (``type_name`` says what it was)."""
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.traceback = traceback
+
+
+class JobFailed(NanoGridError):
+    """The call did not finish in its sandbox (see the subclasses); ``job_id`` and ``kind`` say which."""
+
+    def __init__(self, message: str, *, job_id: str = "", kind: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.kind = kind
+
+
+class FunctionTimeout(JobFailed, TimeoutError):
+    """The call ran past its timeout; the sandbox was stopped and replaced."""
+
+
+class OutOfMemory(JobFailed, MemoryError):
+    """The call went over its memory limit."""
+
+
+class SandboxCrashed(JobFailed):
+    """The sandbox died during the call (the function exited the interpreter, or killed it)."""
+
+
+class JobCancelled(JobFailed):
+    """The job was cancelled."""
+
+
+_BY_KIND: dict[str, type[JobFailed]] = {
+    "timeout": FunctionTimeout,
+    "memory": OutOfMemory,
+    "crash": SandboxCrashed,
+    "cancelled": JobCancelled,
+}
+
+
+def failure_for(kind: str, message: str, job_id: str) -> JobFailed:
+    return _BY_KIND.get(kind, JobFailed)(message, job_id=job_id, kind=kind)

@@ -1,0 +1,162 @@
+"""Job: a future for one call on the grid, with everything the call left behind."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from nanogrid.client import Client
+from nanogrid.errors import RemoteError, RemoteTraceback, failure_for
+
+FINAL = frozenset({"completed", "failed", "cancelled"})
+POLL_S = 25.0  # long-poll slice; the controller caps a wait at 60 s
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file the call wrote to its output directory, kept by the grid."""
+
+    name: str
+    size: int
+    url: str
+    client: Client
+
+    def read(self) -> bytes:
+        return self.client.download(self.url)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Download to ``path`` (default: the file's own name in the current directory)."""
+        target = Path(path or Path(self.name).name)
+        target.write_bytes(self.read())
+        return target
+
+
+def outcome(view: dict[str, Any]) -> Any:
+    """The call's value, or raise what it raised (remote exceptions as their own type where possible)."""
+    status = view["status"]
+    if status == "completed":
+        if view.get("result_pickle") is not None:
+            return cloudpickle.loads(base64.b64decode(view["result_pickle"]))
+        return view.get("result")
+    error = view.get("error") or {}
+    if error.get("kind") != "exception":
+        raise failure_for(error.get("kind", status), error.get("message", f"job {status}"), view["job_id"])
+    text = error.get("traceback", "")
+    exc: BaseException
+    try:
+        exc = cloudpickle.loads(base64.b64decode(view["result_pickle"]))
+        if not isinstance(exc, BaseException):
+            raise TypeError
+    except Exception:
+        exc = RemoteError(error.get("type", "Exception"), error.get("message", ""), text)
+    exc.__cause__ = RemoteTraceback(text)
+    raise exc
+
+
+class Job:
+    """One call on the grid. ``result()`` waits for it; the other attributes describe what happened."""
+
+    def __init__(self, client: Client, view: dict[str, Any], function_name: str = "") -> None:
+        self.client = client
+        self.function_name = function_name
+        self._view = view
+
+    @property
+    def job_id(self) -> str:
+        return self._view["job_id"]
+
+    @property
+    def done(self) -> bool:
+        return self._view["status"] in FINAL
+
+    def refresh(self, wait: float = 0) -> Job:
+        if not self.done:
+            self._view = self.client.status(self.job_id, wait=wait)
+        return self
+
+    @property
+    def status(self) -> str:
+        """pending, running, completed, failed or cancelled (asks the grid unless already final)."""
+        return self.refresh()._view["status"]
+
+    def wait(self, timeout: float | None = None) -> Job:
+        """Block until the job finishes (or ``timeout`` seconds pass); returns the job."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self.refresh(wait=left)
+        return self
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's return value; re-raises the remote exception. TimeoutError if not done in time."""
+        if not self.wait(timeout).done:
+            raise TimeoutError(f"job {self.job_id} still {self._view['status']} after {timeout:g} s")
+        return outcome(self._view)
+
+    def cancel(self) -> Job:
+        """Cancel it: a queued job never starts, a running one has its sandbox stopped."""
+        if not self.done:
+            self._view = self.client.cancel(self.job_id)
+        return self
+
+    @property
+    def stdout(self) -> str:
+        return self.refresh()._view.get("stdout", "")
+
+    @property
+    def stderr(self) -> str:
+        return self.refresh()._view.get("stderr", "")
+
+    @property
+    def outputs(self) -> list[OutputFile]:
+        files = self.refresh()._view.get("output_files") or []
+        return [OutputFile(f["name"], f["size"], f["url"], self.client) for f in files]
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return self.refresh()._view.get("error")
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        return self.refresh()._view.get("peak_memory_bytes")
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the function ran (inside its sandbox)."""
+        ms = self.refresh()._view.get("execution_time_ms")
+        return None if ms is None else ms / 1000
+
+    @property
+    def cold(self) -> bool | None:
+        return self.refresh()._view.get("cold")
+
+    @property
+    def worker_id(self) -> str | None:
+        return self._view.get("worker_id")
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self._view.get("sandbox_id")
+
+    def summary(self) -> str:
+        v = self._view
+        parts = [f"Job {self.job_id} {self.function_name}".rstrip(), v["status"]]
+        if v.get("execution_time_ms") is not None:
+            parts.append(f"{v['execution_time_ms']:.1f} ms")
+        if v.get("peak_memory_bytes"):
+            parts.append(f"peak {v['peak_memory_bytes'] / (1 << 20):.1f} MiB")
+        if v.get("cold") is not None:
+            parts.append("cold" if v["cold"] else "warm")
+        if v.get("error"):
+            parts.append(f"error: {v['error'].get('message', '')[:200]}")
+        return " | ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<{self.summary()}>"

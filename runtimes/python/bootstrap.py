@@ -1,0 +1,227 @@
+"""NanoGrid's Python bootstrap: the whole in-sandbox runtime.
+
+Started once per sandbox as an unspecialised "stem cell". The agent talks to it in frames over
+stdin (requests) and the original stdout (responses); before any user code runs, fds 1 and 2 are
+pointed at capture files, so a ``print`` (or a child process writing to fd 1) can never corrupt
+the result channel. One ``load`` frame specialises the sandbox to one function package; after
+that it only serves ``call`` frames for that function.
+
+Frame: 8-byte header ``>II`` (JSON header length, body length), the JSON header, the raw body.
+Only the standard library and cloudpickle are needed, so the same file runs in a plain process
+and inside a Docker runtime image.
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import sys
+import time
+import traceback
+import zipfile
+
+CAPTURE_LIMIT = int(os.environ.get("NANOGRID_CAPTURE_LIMIT", 1 << 20))
+WORK_DIR = os.environ.get("NANOGRID_WORK_DIR") or os.getcwd()
+OUTPUT_DIR = os.environ.get("NANOGRID_OUTPUT_DIR") or os.path.join(WORK_DIR, "output")
+CODE_DIR = os.path.join(WORK_DIR, "code")
+
+
+def read_exact(fd, n):
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd):
+    header_len, body_len = struct.unpack(">II", read_exact(fd, 8))
+    header = json.loads(read_exact(fd, header_len))
+    return header, read_exact(fd, body_len) if body_len else b""
+
+
+def write_frame(fd, header, body=b""):
+    data = json.dumps(header).encode()
+    buf = struct.pack(">II", len(data), len(body)) + data + body
+    while buf:
+        buf = buf[os.write(fd, buf):]
+
+
+class Capture:
+    """One file behind fd 1 or 2, emptied before each call and read back (bounded) after."""
+
+    def __init__(self, fd, name):
+        self.fd = fd
+        path = os.path.join(WORK_DIR, name)
+        file_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(file_fd, fd)
+        os.close(file_fd)
+
+    def reset(self):
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+
+    def read(self):
+        size = os.fstat(self.fd).st_size
+        data = os.pread(self.fd, min(size, CAPTURE_LIMIT), 0)
+        text = data.decode("utf-8", errors="replace")
+        if size > CAPTURE_LIMIT:
+            text += f"\n[nanogrid: output truncated, {size - CAPTURE_LIMIT} more bytes not kept]\n"
+        return text
+
+
+class Context:
+    """The second argument of ``handler(event, context)``, shaped like AWS Lambda's."""
+
+    def __init__(self, job_id, function_name, memory_mib, deadline):
+        self.aws_request_id = self.job_id = job_id
+        self.function_name = function_name
+        self.memory_limit_in_mb = memory_mib
+        self._deadline = deadline
+
+    def get_remaining_time_in_millis(self):
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def peak_rss_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def peak_rss():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def describe_error(exc, cloudpickle):
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if f.filename != __file__] or frames  # trim bootstrap frames
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(user))
+    text += "".join(traceback.format_exception_only(type(exc), exc))
+    error = {"kind": "exception", "type": type(exc).__name__, "module": type(exc).__module__,
+             "message": str(exc), "traceback": text}
+    if isinstance(exc, MemoryError):
+        error["kind"] = "memory"
+    try:
+        body = cloudpickle.dumps(exc)
+    except Exception:
+        body = b""
+    return error, body
+
+
+class Runtime:
+    def __init__(self):
+        self.manifest = None
+        self.function = None
+
+    def load(self, header, body):
+        import cloudpickle
+
+        os.makedirs(CODE_DIR, exist_ok=True)
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            zf.extractall(CODE_DIR)
+        with open(os.path.join(CODE_DIR, "manifest.json")) as f:
+            self.manifest = json.load(f)
+        sys.path.insert(0, CODE_DIR)
+        if self.manifest["kind"] == "pickle":
+            with open(os.path.join(CODE_DIR, "function.pkl"), "rb") as f:
+                self.function = cloudpickle.load(f)
+        else:
+            module_name, _, attr = self.manifest["handler"].rpartition(".")
+            module = __import__(module_name, fromlist=[attr])
+            self.function = getattr(module, attr)
+        # Limits apply from here on: to the user's code, not to loading it.
+        import resource
+
+        if header.get("rlimit_data"):
+            resource.setrlimit(resource.RLIMIT_DATA, (header["rlimit_data"],) * 2)
+        if header.get("max_output_bytes"):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (header["max_output_bytes"],) * 2)
+
+    def call(self, header, body, captures):
+        import cloudpickle
+
+        for capture in captures:
+            capture.reset()
+        shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
+        os.makedirs(OUTPUT_DIR, exist_ok=True)
+        peak_rss_reset()
+        reply, result = {"ok": True}, b""
+        started = time.perf_counter()
+        try:
+            if self.manifest["kind"] == "pickle":
+                args, kwargs = cloudpickle.loads(body)
+                result = cloudpickle.dumps(self.function(*args, **kwargs))
+                reply["result_format"] = "pickle"
+            else:
+                event = json.loads(body) if body else None
+                os.environ["PAYLOAD"] = body.decode() if body else "{}"  # seed-style handlers read it
+                deadline = time.monotonic() + header.get("timeout", 300)
+                context = Context(header.get("job_id"), self.manifest.get("name"),
+                                  self.manifest.get("memory"), deadline)
+                value = self.function(event, context)
+                try:
+                    result = json.dumps(value).encode()
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(f"handler returned a value JSON cannot encode: {exc}") from None
+                reply["result_format"] = "json"
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt are the function's too
+            reply["ok"] = False
+            reply["error"], result = describe_error(exc, cloudpickle)
+        reply["duration_ms"] = (time.perf_counter() - started) * 1000
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reply["stdout"], reply["stderr"] = captures[0].read(), captures[1].read()
+        reply["peak_rss_bytes"] = peak_rss()
+        return reply, result
+
+
+def main():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead
+    stdin_fd, reply_fd = 0, os.dup(1)
+    os.makedirs(WORK_DIR, exist_ok=True)
+    captures = [Capture(1, "stdout.log"), Capture(2, "stderr.log")]
+    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True)
+    sys.stdin = open(os.devnull)
+    import cloudpickle  # noqa: F401  (warm the import before the first call)
+
+    runtime = Runtime()
+    write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2]})
+    while True:
+        try:
+            header, body = read_frame(stdin_fd)
+        except EOFError:
+            return
+        op = header.get("op")
+        if op == "load" and runtime.function is None:
+            try:
+                runtime.load(header, body)
+                write_frame(reply_fd, {"ok": True})
+            except Exception as exc:
+                error, _ = describe_error(exc, cloudpickle)
+                error["kind"] = "load"
+                write_frame(reply_fd, {"ok": False, "error": error})
+        elif op == "call" and runtime.function is not None:
+            reply, result = runtime.call(header, body, captures)
+            write_frame(reply_fd, reply, result)
+        else:
+            write_frame(reply_fd, {"ok": False, "error": {"kind": "protocol", "message": f"unexpected {op!r}"}})
+
+
+if __name__ == "__main__":
+    main()
