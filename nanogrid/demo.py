@@ -61,7 +61,8 @@ def _tour() -> None:
     results = list(square.map(range(1000), progress=False))
     seconds = time.perf_counter() - started
     print("\n3. list(square.map(range(1000)))")
-    print(f"   -> [{results[0]}, {results[1]}, ..., {results[-1]}] in {seconds:.2f} s ({len(results) / seconds:,.0f} calls/s)")
+    rate = len(results) / seconds
+    print(f"   -> [{results[0]}, {results[1]}, ..., {results[-1]}] in {seconds:.2f} s ({rate:,.0f} calls/s)")
 
     job = report.spawn(5)
     job.result()

@@ -95,7 +95,7 @@ class RemoteFunction:
         Calls go to the grid in batches; the progress bar counts calls, not batches. With
         ``return_exceptions=True`` a failed call yields its exception instead of raising it.
         """
-        items = [_encode_args(args, {}) for args in zip(*iterables)]
+        items = [_encode_args(args, {}) for args in zip(*iterables, strict=False)]
         return _ordered_map(self, items, return_exceptions, progress, chunk_size)
 
 

@@ -74,7 +74,7 @@ class SQLiteRegistry(Registry):
 
     def finish_job(self, job: JobRecord) -> bool:
         columns = [c for c in _JOB_COLUMNS if c not in ("job_id", "function_id", "payload", "created_at")]
-        row = dict(zip(_JOB_COLUMNS, _job_row(job)))
+        row = dict(zip(_JOB_COLUMNS, _job_row(job), strict=True))
         finals = ", ".join("?" * len(FINAL_STATES))
         with self._lock:
             cursor = self._db.execute(
@@ -100,13 +100,13 @@ class SQLiteRegistry(Registry):
 
 def _job_row(job: JobRecord) -> tuple:
     values = []
-    for name, value in zip(_JOB_COLUMNS, astuple(job)):
+    for name, value in zip(_JOB_COLUMNS, astuple(job), strict=True):
         values.append(json.dumps(value) if name in _JSON_COLUMNS and value is not None else value)
     return tuple(values)
 
 
 def _job_from_row(row: tuple) -> JobRecord:
-    values = dict(zip(_JOB_COLUMNS, row))
+    values = dict(zip(_JOB_COLUMNS, row, strict=True))
     for name in _JSON_COLUMNS:
         if values[name] is not None:
             values[name] = json.loads(values[name])

@@ -48,7 +48,7 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
-        for job_id, sandbox in list(self._running.items()):
+        for sandbox in list(self._running.values()):
             sandbox.kill("the worker shut down while this job ran")
         for thread in self._threads:
             thread.join(timeout=5)
