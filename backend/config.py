@@ -25,7 +25,7 @@ class GridConfig:
     bubblewrap: str = "auto"  # auto | on | off: namespaces around process sandboxes
     cgroups: str = "auto"  # auto | off: per-sandbox memory cgroup (limits and peak memory)
     stem_cells: int = 2  # unspecialised sandboxes kept started
-    pool_cap: int = 0  # most sandboxes alive at once; 0 = workers * 2 + stem_cells
+    pool_cap: int = 0  # most specialised sandboxes alive at once (stem cells extra); 0 = workers * 4
     idle_ttl_s: float = 300.0  # idle warm sandboxes are stopped after this
     kill_grace_s: float = 1.0  # SIGTERM, then this long, then SIGKILL
     default_memory_mib: int = 512
@@ -40,7 +40,7 @@ class GridConfig:
 
     @property
     def effective_pool_cap(self) -> int:
-        return self.pool_cap or self.workers * 2 + self.stem_cells
+        return self.pool_cap or self.workers * 4
 
     @property
     def python_runtime(self) -> str:

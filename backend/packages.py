@@ -59,7 +59,7 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
     kind = manifest.get("kind")
     if kind not in ("pickle", "handler"):
         raise PackageError(f"kind must be 'pickle' or 'handler', not {kind!r}")
-    runtime = str(manifest.get("runtime") or "")
+    runtime = str(manifest.get("runtime") or next(iter(runtimes), ""))  # default: the grid's first runtime
     if runtime not in runtimes:
         known = ", ".join(sorted(runtimes)) or "none"
         raise PackageError(f"unknown runtime {runtime!r}; this grid runs: {known}")

@@ -152,7 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for worker in status["workers"]:
         pool = worker["pool"]
         print(f"worker    {worker['worker_id']}: {worker['slots']} slots, {pool['busy']} busy, "
-              f"{pool['idle']} warm idle, {pool['stem_cells']} stem cells, {pool['total']}/{pool['cap']} sandboxes")
+              f"{pool['idle']} warm idle, {pool['stem_cells']} stem cells, {pool['specialised']}/{pool['cap']} specialised")
     print("jobs      " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet"))
     return 0
 

@@ -56,10 +56,13 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     async def bad_request(request: Request, exc: jobs.BadRequest) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
+    functions: dict[str, FunctionRecord] = {}  # records never change (ids are content hashes); deletes evict
+
     def function_or_404(function_id: str) -> FunctionRecord:
-        function = grid.registry.get_function(function_id)
+        function = functions.get(function_id) or grid.registry.get_function(function_id)
         if function is None:
             raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /upload)")
+        functions[function_id] = function
         return function
 
     def base_url(request: Request) -> str:
@@ -114,6 +117,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.delete("/functions/{function_id}", response_model=Deleted)
     def delete_function(function_id: str) -> dict:
         function_or_404(function_id)
+        functions.pop(function_id, None)
         grid.registry.delete_function(function_id)
         grid.store.delete_package(function_id)
         return {"function_id": function_id, "deleted": True}

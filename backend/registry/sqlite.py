@@ -100,7 +100,8 @@ class SQLiteRegistry(Registry):
 
 def _job_row(job: JobRecord) -> tuple:
     values = []
-    for name, value in zip(_JOB_COLUMNS, astuple(job), strict=True):
+    for name in _JOB_COLUMNS:
+        value = getattr(job, name)
         values.append(json.dumps(value) if name in _JSON_COLUMNS and value is not None else value)
     return tuple(values)
 

@@ -138,7 +138,8 @@ class ProcessSandbox(Sandbox):
     def call(self, job_id: str, payload: bytes, timeout_s: float) -> CallResult:
         if self.cgroup:
             self.cgroup.reset_peak()
-        reply, body = self._roundtrip({"op": "call", "job_id": job_id, "timeout": timeout_s}, payload, timeout_s)
+        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None}
+        reply, body = self._roundtrip(header, payload, timeout_s)
         peak = self.cgroup.peak() if self.cgroup else reply.get("peak_rss_bytes")
         if not reply["ok"] and reply["error"].get("kind") == "memory":
             self.close()  # a MemoryError may have left the interpreter in a bad state

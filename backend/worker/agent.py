@@ -131,6 +131,9 @@ class Worker:
         job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
 
     def _collect_outputs(self, job_id: str, output_dir: Path) -> list[dict]:
+        with os.scandir(output_dir) as entries:
+            if next(entries, None) is None:
+                return []
         files = sorted(p for p in output_dir.rglob("*") if p.is_file() and not p.is_symlink())
         total = sum(p.stat().st_size for p in files)
         if total > self.max_output_bytes:

@@ -2,8 +2,9 @@
 
 Stem cells are started unspecialised ahead of time; a function's first call specialises one
 (cold), later calls reuse it (warm). A sandbox is never handed to a different function. Idle
-sandboxes are stopped after a TTL, and when the pool is at its cap the longest-idle sandbox of
-another function makes room.
+sandboxes are stopped after a TTL. The cap bounds specialised sandboxes (stem cells come on top
+of it, so a cold start always finds one): at the cap, the longest-idle sandbox of another
+function makes room.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ class WarmPool:
     def __init__(self, factory: SandboxFactory, *, cap: int, stem_cells: int, idle_ttl_s: float) -> None:
         self.factory = factory
         self.cap = cap
-        self.stem_cells = min(stem_cells, cap)
+        self.stem_cells = stem_cells
         self.idle_ttl_s = idle_ttl_s
         self._cond = threading.Condition()
         self._idle: dict[str, list[Sandbox]] = {}  # function id -> idle sandboxes, most recent last
         self._idle_since: dict[str, float] = {}  # sandbox id -> when it became idle
         self._stems: list[Sandbox] = []
         self._busy: set[str] = set()
-        self._total = 0  # every sandbox alive or being started: the number the cap bounds
+        self._specialised = 0  # busy + idle + being loaded: the number the cap bounds
         self._stems_starting = 0
         self._closed = False
         self._wake = threading.Event()
@@ -65,12 +66,9 @@ class WarmPool:
                     self._idle_since.pop(sandbox.id, None)
                     self._busy.add(sandbox.id)
                     return sandbox, False
-                if self._stems:
-                    sandbox = self._stems.pop()
-                    break
-                if self._total < self.cap:
-                    sandbox = None
-                    self._total += 1
+                if self._specialised < self.cap:
+                    self._specialised += 1
+                    sandbox = self._stems.pop() if self._stems else None
                     break
                 victim = self._take_longest_idle()
                 if victim is not None:
@@ -113,7 +111,7 @@ class WarmPool:
         with self._cond:
             if sandbox is not None:
                 self._busy.discard(sandbox.id)
-            self._total -= 1
+            self._specialised -= 1
             self._cond.notify()
         self._wake.set()
 
@@ -130,7 +128,7 @@ class WarmPool:
                     if not sandboxes:
                         del self._idle[function_id]
                     del self._idle_since[sandbox_id]
-                    self._total -= 1
+                    self._specialised -= 1
                     return sandbox
         return None
 
@@ -145,25 +143,20 @@ class WarmPool:
     def _refill(self) -> None:
         while True:
             with self._cond:
-                if self._closed or len(self._stems) + self._stems_starting >= self.stem_cells or self._total >= self.cap:
+                if self._closed or len(self._stems) + self._stems_starting >= self.stem_cells:
                     return
-                self._total += 1
                 self._stems_starting += 1
             try:
                 sandbox = self.factory.start()
             except Exception:
                 log.exception("could not start a stem cell")
                 with self._cond:
-                    self._total -= 1
                     self._stems_starting -= 1
-                    self._cond.notify()
                 time.sleep(1.0)
                 return
             with self._cond:
                 self._stems_starting -= 1
-                if self._closed:
-                    self._total -= 1
-                else:
+                if not self._closed:
                     self._stems.append(sandbox)
                     self._cond.notify()
                     continue
@@ -198,7 +191,7 @@ class WarmPool:
             return {
                 "sandbox": self.factory.describe(),
                 "cap": self.cap,
-                "total": self._total,
+                "specialised": self._specialised,
                 "busy": len(self._busy),
                 "stem_cells": len(self._stems),
                 "idle": sum(len(s) for s in self._idle.values()),

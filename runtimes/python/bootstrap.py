@@ -63,11 +63,14 @@ class Capture:
         os.close(file_fd)
 
     def reset(self):
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
+        if os.lseek(self.fd, 0, os.SEEK_CUR):
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
 
     def read(self):
         size = os.fstat(self.fd).st_size
+        if not size:
+            return ""
         data = os.pread(self.fd, min(size, CAPTURE_LIMIT), 0)
         text = data.decode("utf-8", errors="replace")
         if size > CAPTURE_LIMIT:
@@ -157,9 +160,12 @@ class Runtime:
 
         for capture in captures:
             capture.reset()
-        shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
-        os.makedirs(OUTPUT_DIR, exist_ok=True)
-        peak_rss_reset()
+        if not os.path.isdir(OUTPUT_DIR) or os.listdir(OUTPUT_DIR):  # the agent moves outputs out after each call
+            shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
+            os.makedirs(OUTPUT_DIR, exist_ok=True)
+        measure_rss = header.get("measure_rss", True)  # not needed where the agent reads a cgroup
+        if measure_rss:
+            peak_rss_reset()
         reply, result = {"ok": True}, b""
         started = time.perf_counter()
         try:
@@ -186,7 +192,8 @@ class Runtime:
         sys.stdout.flush()
         sys.stderr.flush()
         reply["stdout"], reply["stderr"] = captures[0].read(), captures[1].read()
-        reply["peak_rss_bytes"] = peak_rss()
+        if measure_rss:
+            reply["peak_rss_bytes"] = peak_rss()
         return reply, result
 
 

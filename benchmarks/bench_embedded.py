@@ -1,0 +1,180 @@
+"""Embedded grid speed, next to Ray and Dask on the same machine in the same run.
+
+    python benchmarks/bench_embedded.py [--calls 1000] [--map 5000] [--out benchmarks/results/embedded.json]
+
+Starts `nanogrid up` as its own process (as a user would), then measures from this process:
+warm round trip of a no-op through the HTTP API and through `.remote()`, cold start of new
+functions, and `.map()` throughput. Ray and Dask are measured if installed (`pip install .[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+import nanogrid
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": round(pick(0.50) * 1000, 3), "p99_ms": round(pick(0.99) * 1000, 3),
+            "mean_ms": round(statistics.fmean(ordered) * 1000, 3), "n": len(ordered)}
+
+
+def timed(fn, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def start_grid(data_dir: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir", str(data_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                time.sleep(1.0)  # let the stem cells start
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("nanogrid up did not answer within 60 s")
+
+
+def bench_nanogrid(url: str, calls: int, map_n: int, cold_n: int) -> dict:
+    client = nanogrid.connect(url)
+    results: dict = {}
+
+    hello = Path(tempfile.mkdtemp()) / "noop.py"
+    hello.write_text("def handler(event, context):\n    return event\n")
+    function_id = client.upload(hello, function_name="noop", handler="noop.handler")["function_id"]
+    with httpx.Client(base_url=url) as http:
+        body = {"function_id": function_id, "payload": {"x": 1}}
+        timed(lambda: http.post("/run", json=body), 100)
+        results["http_run"] = percentiles(timed(lambda: http.post("/run", json=body), calls))
+
+    @nanogrid.remote
+    def noop(x):
+        return x
+
+    timed(lambda: noop.remote(1), 100)
+    results["remote"] = percentiles(timed(lambda: noop.remote(1), calls))
+
+    cold_client, cold_server = [], []
+    for i in range(cold_n):
+        fn = nanogrid.remote(eval(f"lambda: {i}"), name=f"cold{i}")  # a new function each time
+        started = time.perf_counter()
+        job = fn.spawn()
+        job.result()
+        cold_client.append(time.perf_counter() - started)
+        view = client.status(job.job_id)
+        cold_server.append(view["finished_at"] - view["started_at"])
+        time.sleep(0.3)  # the pool refills its stem cells in the background
+    results["cold_start_with_stem_cell_client"] = percentiles(cold_client)
+    results["cold_start_with_stem_cell_worker"] = percentiles(cold_server)
+
+    list(noop.map(range(200), progress=False))
+    started = time.perf_counter()
+    out = list(noop.map(range(map_n), progress=False))
+    seconds = time.perf_counter() - started
+    assert out == list(range(map_n))
+    results["map"] = {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": round(map_n / seconds, 1)}
+    return results
+
+
+def bench_ray(calls: int, map_n: int) -> dict:
+    try:
+        import ray
+    except ImportError:
+        return {"skipped": "ray is not installed (pip install .[bench])"}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        @ray.remote
+        def noop(x):
+            return x
+
+        timed(lambda: ray.get(noop.remote(1)), 100)
+        single = percentiles(timed(lambda: ray.get(noop.remote(1)), calls))
+        started = time.perf_counter()
+        ray.get([noop.remote(i) for i in range(map_n)])
+        seconds = time.perf_counter() - started
+        return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3),
+                                          "calls_per_s": round(map_n / seconds, 1)}}
+    finally:
+        ray.shutdown()
+        shutil.rmtree(Path.home() / ".ray", ignore_errors=True)
+
+
+def bench_dask(calls: int, map_n: int) -> dict:
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        return {"skipped": "dask.distributed is not installed (pip install .[bench])"}
+    scratch = tempfile.mkdtemp(prefix="dask-")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      local_directory=scratch) as cluster, Client(cluster) as client:
+        def noop(x):
+            return x
+
+        timed(lambda: client.submit(noop, 1, pure=False).result(), 100)
+        single = percentiles(timed(lambda: client.submit(noop, 1, pure=False).result(), calls))
+        started = time.perf_counter()
+        client.gather(client.map(noop, range(map_n), pure=False))
+        seconds = time.perf_counter() - started
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": round(map_n / seconds, 1)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--map", type=int, default=5000)
+    parser.add_argument("--cold", type=int, default=20)
+    parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "embedded.json")
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
+    grid = start_grid(data_dir, args.port)
+    try:
+        report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                  "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", args.calls, args.map, args.cold)}
+    finally:
+        grid.terminate()
+        grid.wait(15)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    if args.peers:
+        report["ray"] = bench_ray(args.calls, args.map)
+        report["dask"] = bench_dask(args.calls, args.map)
+    ours = report["nanogrid"]
+    for peer in ("ray", "dask"):
+        theirs = report.get(peer, {})
+        if "remote" in theirs:
+            report.setdefault("ratios", {})[peer] = {
+                "remote_p50_ours_over_theirs": round(ours["remote"]["p50_ms"] / theirs["remote"]["p50_ms"], 2),
+                "map_rate_ours_over_theirs": round(ours["map"]["calls_per_s"] / theirs["map"]["calls_per_s"], 2),
+            }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
