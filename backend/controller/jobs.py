@@ -64,13 +64,13 @@ def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord],
 
 
 async def wait_for(grid: Grid, job_id: str, timeout: float) -> JobRecord | None:
-    """The finished job, or None if it is still not finished after ``timeout`` seconds."""
+    """The job once finished, or as it stands after ``timeout`` seconds; None if there is no such job."""
     finished, unsubscribe = subscribe(grid, [job_id])
     try:
         job = grid.registry.get_job(job_id)
         if job is None or job.finished or timeout <= 0:
             return job
-        return await next_result(finished, timeout)
+        return await next_result(finished, timeout) or grid.registry.get_job(job_id)
     finally:
         unsubscribe()
 

@@ -96,10 +96,10 @@ class Worker:
         try:
             outcome = sandbox.call(job.job_id, message.payload, message.timeout_s)
         except SandboxError:
-            if job.job_id in self._cancelled:
-                exc = SandboxError("cancelled", "cancelled by the user")
             self.pool.discard(sandbox)
-            raise exc from None
+            if job.job_id in self._cancelled:
+                raise SandboxError("cancelled", "cancelled by the user") from None
+            raise
         finally:
             self._running.pop(job.job_id, None)
             self._cancelled.discard(job.job_id)

@@ -1,0 +1,239 @@
+"""The Python client against a live embedded grid: values, jobs, map, errors, limits, isolation."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import nanogrid
+
+pytestmark = pytest.mark.integration
+
+
+@nanogrid.remote(memory=256, timeout=30)
+def square(x):
+    print("working on", x)
+    return x * x
+
+
+def test_remote_returns_the_value_and_keeps_stdout(client):
+    assert square.remote(7) == 49
+    job = square.spawn(8)
+    assert job.result(timeout=30) == 64
+    assert job.status == "completed"
+    assert job.stdout == "working on 8\n"
+    assert job.stderr == ""
+    assert job.duration is not None and job.duration >= 0
+    assert job.peak_memory_bytes and job.peak_memory_bytes > 1 << 20
+    assert job.cold is False  # square ran above, so its sandbox was warm
+    assert job.worker_id and job.sandbox_id
+    assert job.outputs == []
+
+
+def test_map_returns_ordered_results(client):
+    assert list(square.map(range(100), progress=False)) == [x * x for x in range(100)]
+
+
+def test_map_zips_several_iterables_and_can_return_exceptions(client):
+    @nanogrid.remote
+    def divide(a, b):
+        return a / b
+
+    results = list(divide.map([1, 4, 9], [1, 0, 3], return_exceptions=True, progress=False))
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], ZeroDivisionError)
+
+
+def test_remote_exception_is_reraised_as_its_type_with_the_remote_traceback(client):
+    class InventoryError(Exception):
+        pass
+
+    @nanogrid.remote
+    def check_stock(item):
+        raise InventoryError(f"no {item} left")
+
+    with pytest.raises(InventoryError, match="no apples left") as info:
+        check_stock.remote("apples")
+    cause = info.value.__cause__
+    assert isinstance(cause, nanogrid.errors.RemoteTraceback)
+    assert "check_stock" in cause.text and "raise InventoryError" in cause.text
+    assert "bootstrap.py" not in cause.text  # the runtime's own frames are trimmed
+
+
+def test_closures_and_globals_travel_with_the_function(client):
+    factor = 3
+
+    @nanogrid.remote
+    def scale(x):
+        return x * factor
+
+    assert scale.remote(5) == 15
+    factor = 4  # noqa: F841  (a changed closure is a new function version)
+    assert scale.remote(5) == 20
+
+
+def test_output_files_are_listed_and_downloadable(client):
+    @nanogrid.remote
+    def report(n):
+        out = nanogrid.output_dir()
+        (out / "sub").mkdir()
+        (out / "numbers.txt").write_text("\n".join(map(str, range(n))))
+        (out / "sub" / "blob.bin").write_bytes(os.urandom(1000))
+        return "done"
+
+    job = report.spawn(5)
+    assert job.result(timeout=30) == "done"
+    files = {f.name: f for f in job.outputs}
+    assert set(files) == {"numbers.txt", "sub/blob.bin"}
+    assert files["numbers.txt"].read() == b"0\n1\n2\n3\n4"
+    assert files["sub/blob.bin"].size == 1000 and len(files["sub/blob.bin"].read()) == 1000
+    # the next call starts with an empty output directory
+    again = report.spawn(2)
+    again.result(timeout=30)
+    assert files["numbers.txt"].read() == b"0\n1\n2\n3\n4"  # the first job's files are kept
+
+
+def test_timeout_kills_and_replaces_the_sandbox(client):
+    @nanogrid.remote(timeout=1)
+    def spin():
+        while True:
+            pass
+
+    started = time.monotonic()
+    with pytest.raises(nanogrid.FunctionTimeout, match="timed out after 1 s"):
+        spin.remote()
+    assert time.monotonic() - started < 10
+    assert square.remote(3) == 9
+
+
+def test_memory_limit_is_enforced(client):
+    @nanogrid.remote(memory=64, timeout=30)
+    def hog():
+        blocks = [bytearray(16 << 20) for _ in range(16)]  # 256 MiB, 4x the limit
+        return len(blocks)
+
+    with pytest.raises(nanogrid.OutOfMemory, match="out of memory"):
+        hog.remote()
+    assert square.remote(4) == 16
+
+
+def test_peak_memory_is_measured_per_call(client):
+    @nanogrid.remote(memory=512, timeout=30)
+    def allocate(mib):
+        block = bytearray(mib << 20)
+        return len(block)
+
+    small = allocate.spawn(1)
+    small.result(timeout=30)
+    big = allocate.spawn(200)
+    big.result(timeout=30)
+    again = allocate.spawn(1)
+    again.result(timeout=30)
+    assert 200 << 20 <= big.peak_memory_bytes <= 260 << 20
+    assert small.peak_memory_bytes < 100 << 20
+    assert again.peak_memory_bytes < 100 << 20  # the peak is reset before each call
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_a_function_that_kills_its_sandbox_fails_alone(client, how):
+    @nanogrid.remote
+    def die(how):
+        import os
+        import signal
+
+        if how == "exit":
+            os._exit(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(nanogrid.SandboxCrashed, match="died"):
+        die.remote(how)
+    assert square.remote(5) == 25
+
+
+def test_sys_exit_is_an_ordinary_remote_error(client):
+    @nanogrid.remote
+    def leave():
+        raise SystemExit(2)
+
+    with pytest.raises(SystemExit):
+        leave.remote()
+    assert square.remote(6) == 36
+
+
+def test_warm_sandboxes_are_reused_but_never_shared_between_functions(client):
+    def process_token():
+        import builtins
+        import uuid
+
+        return builtins.__dict__.setdefault("_test_token", uuid.uuid4().hex)  # one per interpreter
+
+    @nanogrid.remote
+    def first():
+        return process_token()
+
+    @nanogrid.remote
+    def second():
+        return process_token()
+
+    a = [first.spawn() for _ in range(3)]
+    tokens_a = {j.result(timeout=30) for j in a}
+    b = [second.spawn() for _ in range(3)]
+    tokens_b = {j.result(timeout=30) for j in b}
+    assert not tokens_a & tokens_b
+    assert not {j.sandbox_id for j in a} & {j.sandbox_id for j in b}
+    assert any(j.cold is False for j in a[1:])
+
+
+def test_cancel_stops_a_running_job(client):
+    @nanogrid.remote(timeout=60)
+    def nap():
+        time.sleep(60)
+
+    job = nap.spawn()
+    deadline = time.monotonic() + 10
+    while job.status != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    assert job.wait(timeout=10).status == "cancelled"
+    with pytest.raises(nanogrid.JobCancelled):
+        job.result()
+    assert square.remote(2) == 4
+
+
+def test_job_result_timeout_leaves_the_job_running(client):
+    @nanogrid.remote(timeout=30)
+    def slow():
+        time.sleep(1.5)
+        return "late"
+
+    job = slow.spawn()
+    with pytest.raises(TimeoutError, match="still"):
+        job.result(timeout=0.2)
+    assert job.result(timeout=30) == "late"
+
+
+def test_unpicklable_arguments_name_the_problem(client):
+    import threading
+
+    with pytest.raises(TypeError, match="cannot send the arguments"):
+        square.remote(threading.Lock())
+
+
+def test_huge_arguments_are_refused_before_sending(client):
+    with pytest.raises(ValueError, match="over the grid's 16 MiB limit"):
+        square.remote(b"x" * (17 << 20))
+
+
+def test_a_runtime_this_grid_lacks_is_refused_with_both_versions(client):
+    @nanogrid.remote(runtime="python3.99")
+    def future():
+        return 1
+
+    with pytest.raises(nanogrid.VersionMismatch, match="only runs python3.11"):
+        future.remote()
+
+
+def test_calling_the_decorated_function_runs_it_locally():
+    assert square(3) == 9
