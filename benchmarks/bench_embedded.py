@@ -138,7 +138,8 @@ def bench_dask(calls: int, map_n: int) -> dict:
         client.gather(client.map(noop, range(map_n), pure=False))
         seconds = time.perf_counter() - started
     shutil.rmtree(scratch, ignore_errors=True)
-    return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": round(map_n / seconds, 1)}}
+    rate = round(map_n / seconds, 1)
+    return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": rate}}
 
 
 def main() -> None:

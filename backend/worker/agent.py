@@ -99,6 +99,8 @@ class Worker:
             self.pool.discard(sandbox)
             if job.job_id in self._cancelled:
                 raise SandboxError("cancelled", "cancelled by the user") from None
+            if self._stopping.is_set():
+                raise SandboxError("interrupted", "the worker shut down while this job ran; run it again") from None
             raise
         finally:
             self._running.pop(job.job_id, None)

@@ -1,0 +1,145 @@
+"""The process sandbox directly: isolation where bubblewrap exists, and the no-cgroup, no-bwrap fallback."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from backend.sandbox.base import SandboxError
+from backend.sandbox.process import ProcessSandboxFactory
+from nanogrid.packaging import package_function
+
+pytestmark = pytest.mark.integration
+
+
+def loaded(factory: ProcessSandboxFactory, fn, memory_mib: int = 256):
+    sandbox = factory.start()
+    package = package_function(fn, name="t")
+    sandbox.load(package.function_id, package.data, memory_mib)
+    return sandbox
+
+
+def call(sandbox, *args, timeout: float = 10):
+    result = sandbox.call("job-test", cloudpickle.dumps((args, {})), timeout)
+    return result, cloudpickle.loads(result.body) if result.body else None
+
+
+@pytest.fixture()
+def fallback(tmp_path: Path) -> ProcessSandboxFactory:
+    return ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, bubblewrap="off", cgroups="off")
+
+
+def test_fallback_limits_memory_with_rlimit_and_measures_peak_with_vmhwm(fallback):
+    def allocate(mib):
+        return len(bytearray(mib << 20))
+
+    sandbox = loaded(fallback, allocate, memory_mib=128)
+    try:
+        result, value = call(sandbox, 64)
+        assert value == 64 << 20
+        assert 64 << 20 <= result.peak_memory_bytes <= 100 << 20
+        result, _ = call(sandbox, 512)
+        assert result.reply["ok"] is False and result.reply["error"]["kind"] == "memory"
+        assert not sandbox.alive  # replaced after a MemoryError
+    finally:
+        sandbox.close()
+
+
+def test_fallback_timeout(fallback):
+    def spin():
+        while True:
+            pass
+
+    sandbox = loaded(fallback, spin)
+    with pytest.raises(SandboxError) as info:
+        call(sandbox, timeout=0.5)
+    assert info.value.kind == "timeout"
+    assert not sandbox.alive
+
+
+def test_print_cannot_corrupt_the_result_channel(fallback):
+    def noisy():
+        import os
+        import subprocess
+        import sys
+
+        print("x" * 100_000)
+        os.write(1, b"\x00\x00\x00\x05raw bytes on fd 1\n")
+        sys.stderr.write("to stderr\n")
+        subprocess.run(["echo", "from a child process"], check=True)
+        return "fine"
+
+    sandbox = loaded(fallback, noisy)
+    try:
+        result, value = call(sandbox)
+        assert value == "fine"
+        assert "from a child process" in result.reply["stdout"] and "raw bytes" in result.reply["stdout"]
+        assert result.reply["stderr"] == "to stderr\n"
+    finally:
+        sandbox.close()
+
+
+def test_stdout_is_capped(tmp_path):
+    factory = ProcessSandboxFactory(tmp_path / "s", tmp_path, bubblewrap="off", cgroups="off", capture_limit=1000)
+
+    def chatty():
+        print("y" * 5000)
+
+    sandbox = loaded(factory, chatty)
+    try:
+        result, _ = call(sandbox)
+        assert result.reply["stdout"].startswith("y" * 1000)
+        assert "output truncated, 4001 more bytes" in result.reply["stdout"]
+    finally:
+        sandbox.close()
+
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+
+
+@needs_bwrap
+def test_bubblewrap_hides_the_grid_and_cuts_the_network(tmp_path):
+    secret = tmp_path / "store" / "packages" / "other-function.zip"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("another function's code")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    factory = ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, bubblewrap="on", cgroups="off")
+
+    host_tmp_file = Path("/tmp") / f"nanogrid-test-{port}"
+    host_tmp_file.write_text("on the host's /tmp")
+
+    def probe(secret_path, port, host_tmp_file):
+        import os
+        import socket
+
+        seen = {"secret_visible": os.path.exists(secret_path), "host_tmp_visible": os.path.exists(host_tmp_file)}
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            seen["network"] = "connected"
+        except OSError as exc:
+            seen["network"] = type(exc).__name__
+        try:
+            open("/usr/nanogrid-test", "w")
+            seen["system_writable"] = True
+        except OSError:
+            seen["system_writable"] = False
+        return seen
+
+    sandbox = loaded(factory, probe)
+    try:
+        _, seen = call(sandbox, str(secret), port, str(host_tmp_file))
+    finally:
+        sandbox.close()
+        listener.close()
+        host_tmp_file.unlink()
+    assert seen["secret_visible"] is False  # the grid's data directory is hidden
+    assert seen["network"] != "connected"  # a listener on the host's loopback is out of reach
+    assert seen["system_writable"] is False
+    assert seen["host_tmp_visible"] is False  # a private /tmp
