@@ -31,6 +31,14 @@ BOOTSTRAP = Path(__file__).resolve().parents[2] / "runtimes" / "python" / "boots
 START_TIMEOUT_S = 30.0
 
 
+def _interpreter_paths() -> list[Path]:
+    """Directories the bootstrap's interpreter imports from: its prefixes and sys.path."""
+    paths = {Path(sys.prefix), Path(sys.base_prefix), BOOTSTRAP.parent}
+    paths.update(Path(p) for p in sys.path if p and Path(p).is_dir())
+    roots = sorted(p.resolve() for p in paths)
+    return [p for i, p in enumerate(roots) if not any(p.is_relative_to(q) for q in roots[:i])]
+
+
 class ProcessSandboxFactory:
     """Starts process sandboxes with one grid's settings."""
 
@@ -74,19 +82,27 @@ class ProcessSandbox(Sandbox):
             self._command(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self._startup_log(),
             cwd=self.work_dir,
             env=self._environment(),
             start_new_session=True,  # its own process group, so a kill reaches its children too
             preexec_fn=self._join_cgroup if self.cgroup else None,
         )
+        os.close(self._log_fd)
         self.reader = FrameReader(self.proc.stdout.fileno())
         try:
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S)
         except (ChannelClosed, ChannelTimeout):
+            log_text = (self.work_dir / "startup.log").read_text(errors="replace")[-2000:].strip()
             self.close()
-            raise SandboxError("crash", "the Python bootstrap did not start") from None
+            raise SandboxError("crash", f"the Python bootstrap did not start: {log_text or 'no output'}") from None
         self.python = ready["python"]
+
+    def _startup_log(self) -> int:
+        """What the interpreter says before the bootstrap takes over fd 2 (why it could not start)."""
+        fd = os.open(self.work_dir / "startup.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._log_fd = fd
+        return fd
 
     def _join_cgroup(self) -> None:
         with open(self.cgroup.procs_file, "w") as f:
@@ -96,11 +112,16 @@ class ProcessSandbox(Sandbox):
         python = [sys.executable, "-I", str(BOOTSTRAP)]
         if not self.factory.bwrap:
             return python
-        # Order matters: later mounts go on top of earlier ones.
+        # Order matters: later mounts go on top of earlier ones. The interpreter and its packages
+        # are mounted back read-only in case they live under /tmp (a venv in a temporary checkout).
+        interpreter = []
+        for path in _interpreter_paths():
+            if not path.is_relative_to(self.factory.hide_dir):
+                interpreter += ["--ro-bind", str(path), str(path)]
         return [
             self.factory.bwrap, "--unshare-all", "--die-with-parent",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--tmpfs", str(self.factory.hide_dir), "--bind", str(self.work_dir), str(self.work_dir),
+            "--tmpfs", str(self.factory.hide_dir), *interpreter, "--bind", str(self.work_dir), str(self.work_dir),
             *python,
         ]
 
