@@ -1,0 +1,136 @@
+"""The warm pool with stand-in sandboxes: reuse, isolation between functions, the cap, the idle TTL."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import pytest
+
+from backend.worker.pool import FunctionCode, WarmPool
+
+CODE = lambda: FunctionCode(b"package", 64)  # noqa: E731
+
+
+class FakeSandbox:
+    ids = itertools.count()
+
+    def __init__(self) -> None:
+        self.id = f"fake-{next(self.ids)}"
+        self.function_id: str | None = None
+        self.closed = False
+
+    def load(self, function_id: str, package: bytes, memory_mib: int) -> None:
+        assert self.function_id is None, "a sandbox is specialised once"
+        self.function_id = function_id
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeFactory:
+    kind = "fake"
+
+    def __init__(self) -> None:
+        self.started: list[FakeSandbox] = []
+
+    def start(self) -> FakeSandbox:
+        sandbox = FakeSandbox()
+        self.started.append(sandbox)
+        return sandbox
+
+    def describe(self) -> str:
+        return "fake"
+
+
+@pytest.fixture()
+def factory() -> FakeFactory:
+    return FakeFactory()
+
+
+def test_first_call_is_cold_then_warm_on_the_same_sandbox(factory):
+    pool = WarmPool(factory, cap=4, stem_cells=1, idle_ttl_s=60)
+    try:
+        assert pool.wait_ready(5)
+        first, cold = pool.acquire("fn-a", CODE)
+        assert cold and first.function_id == "fn-a"
+        pool.release(first)
+        again, cold = pool.acquire("fn-a", CODE)
+        assert again is first and cold is False
+        pool.release(again)
+    finally:
+        pool.close()
+
+
+def test_a_sandbox_never_serves_another_function(factory):
+    pool = WarmPool(factory, cap=4, stem_cells=1, idle_ttl_s=60)
+    try:
+        a, _ = pool.acquire("fn-a", CODE)
+        pool.release(a)
+        b, cold = pool.acquire("fn-b", CODE)
+        assert b is not a and cold and b.function_id == "fn-b"
+        pool.release(b)
+    finally:
+        pool.close()
+
+
+def test_at_the_cap_the_longest_idle_sandbox_makes_room(factory):
+    pool = WarmPool(factory, cap=2, stem_cells=0, idle_ttl_s=60)
+    try:
+        a, _ = pool.acquire("fn-a", CODE)
+        pool.release(a)
+        b, _ = pool.acquire("fn-b", CODE)
+        pool.release(b)
+        c, _ = pool.acquire("fn-c", CODE)
+        assert a.closed and not b.closed
+        assert pool.snapshot()["specialised"] == 2
+        pool.release(c)
+    finally:
+        pool.close()
+
+
+def test_when_every_sandbox_is_busy_a_call_waits_instead_of_failing(factory):
+    pool = WarmPool(factory, cap=1, stem_cells=0, idle_ttl_s=60)
+    try:
+        busy, _ = pool.acquire("fn-a", CODE)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(pool.acquire("fn-b", CODE)))
+        waiter.start()
+        time.sleep(0.2)
+        assert not got
+        pool.release(busy)
+        waiter.join(5)
+        assert got and got[0][0].function_id == "fn-b" and busy.closed
+    finally:
+        pool.close()
+
+
+def test_idle_sandboxes_are_stopped_after_the_ttl(factory):
+    pool = WarmPool(factory, cap=4, stem_cells=0, idle_ttl_s=0.2)
+    try:
+        a, _ = pool.acquire("fn-a", CODE)
+        pool.release(a)
+        deadline = time.monotonic() + 5
+        while not a.closed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.closed and pool.snapshot()["idle"] == 0
+    finally:
+        pool.close()
+
+
+def test_dead_sandboxes_are_dropped_and_stem_cells_refilled(factory):
+    pool = WarmPool(factory, cap=4, stem_cells=2, idle_ttl_s=60)
+    try:
+        assert pool.wait_ready(5)
+        a, _ = pool.acquire("fn-a", CODE)
+        a.close()  # it crashed during the call
+        pool.release(a)
+        assert pool.snapshot()["specialised"] == 0
+        assert pool.wait_ready(5) and pool.snapshot()["stem_cells"] == 2
+    finally:
+        pool.close()
