@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -47,8 +48,25 @@ def output_dir() -> Path:
     return path
 
 
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext nanogrid``: registers ``%%nanogrid`` and ``%nanogrid``."""
+    from nanogrid.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def _register_in_running_ipython() -> None:
+    """``import nanogrid`` inside IPython offers the magics too, without ``%load_ext``."""
+    ipython_module = sys.modules.get("IPython")
+    shell = ipython_module.get_ipython() if ipython_module is not None else None
+    if shell is not None:
+        load_ipython_extension(shell)
+
+
+_register_in_running_ipython()
+
 __all__ = [
     "APIError", "Client", "FunctionTimeout", "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected",
     "OutOfMemory", "OutputFile", "RemoteError", "RemoteFunction", "SandboxCrashed", "VersionMismatch",
-    "__version__", "connect", "get_client", "output_dir", "remote",
+    "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote",
 ]

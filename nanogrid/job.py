@@ -160,3 +160,16 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
+
+    def _ipython_display_(self) -> None:
+        """In a notebook: a live job widget. In a terminal: the one-line summary."""
+        from nanogrid.widgets import JobWidget, in_kernel
+
+        if in_kernel():
+            from IPython.display import display
+
+            widget = JobWidget(self)
+            display(widget.view)
+            widget.follow()
+        else:
+            print(self.summary())

@@ -1,0 +1,101 @@
+"""Writes the tutorial notebooks from their cell lists and executes them to store checked outputs.
+
+    python notebooks/build.py        # needs a grid: starts one, like the nbval run does
+
+Cells whose output nbval checks carry the ``nbval-check-output`` tag (a ``CHECK +`` prefix in the
+lists below); the rest only have to run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).parent
+CHECK = "\x00check\x00"  # stripped from the source; becomes the cell's nbval-check-output tag
+
+QUICKSTART = [
+    ("md", "# NanoGrid quickstart\n\nRun Python functions and whole notebook cells on a grid. "
+           "`nanogrid.connect()` finds the grid from `NANOGRID_URL`, or the one `nanogrid up` started."),
+    ("code", "import nanogrid\n\nclient = nanogrid.connect()"),
+    ("md", "## A function on the grid\n\n`@nanogrid.remote` sends the function (with what it uses) to the grid. "
+           "`.remote()` waits for the value; a remote exception is raised here as itself."),
+    ("code", "@nanogrid.remote(memory=256, timeout=30)\ndef square(x):\n    print('working on', x)\n    return x * x"),
+    ("code", CHECK + "square.remote(7)"),
+    ("md", "`.spawn()` returns a `Job` at once. Displayed in a notebook it is a live widget: status, duration, "
+           "peak memory against the limit, cold or warm, stdout and stderr."),
+    ("code", "job = square.spawn(8)\njob"),
+    ("code", CHECK + "job.result(), job.stdout"),
+    ("md", "## Map\n\n`.map()` fans calls out over the warm pool and yields results in order, "
+           "with one progress bar that counts calls."),
+    ("code", "results = list(square.map(range(100)))"),
+    ("code", CHECK + "results[:5], len(results)"),
+    ("md", "## A whole cell on the grid\n\n`%%nanogrid` runs the cell remotely: the names it reads come from "
+           "this notebook, the names it assigns come back, and its last expression is the cell's value."),
+    ("code", "numbers = list(range(10))"),
+    ("code", "%%nanogrid --memory 256 --timeout 60\nimport statistics\nmean = statistics.mean(numbers)\n"
+             "print('mean computed remotely')\nmean * 2"),
+    ("md", "The cell's widget shows where it ran; `mean` is now a name in this notebook:"),
+    ("code", CHECK + "mean"),
+]
+
+ERRORS = [
+    ("md", "# Errors and limits\n\nEvery failure comes back as a clear Python exception, "
+           "and the grid carries on serving the next call."),
+    ("code", "import nanogrid\n\nnanogrid.connect();"),
+    ("md", "## A remote exception keeps its type\n\nThe remote traceback is attached as the exception's cause."),
+    ("code", "@nanogrid.remote\ndef divide(a, b):\n    return a / b"),
+    ("code", CHECK + "try:\n    divide.remote(1, 0)\nexcept ZeroDivisionError as exc:\n    print('caught:', exc)\n"
+                     "    print('remote traceback mentions divide:', 'divide' in str(exc.__cause__))"),
+    ("md", "## A timeout\n\nPast its timeout a call is stopped (SIGTERM, then SIGKILL) and its sandbox replaced."),
+    ("code", "@nanogrid.remote(timeout=1)\ndef forever():\n    while True:\n        pass"),
+    ("code", CHECK + "try:\n    forever.remote()\nexcept nanogrid.FunctionTimeout as exc:\n    print(exc)"),
+    ("md", "## Out of memory\n\nA call that allocates past its memory limit fails with `OutOfMemory`."),
+    ("code", "@nanogrid.remote(memory=64)\ndef hog():\n    return len([bytearray(16 << 20) for _ in range(16)])"),
+    ("code", CHECK + "try:\n    hog.remote()\nexcept nanogrid.OutOfMemory as exc:\n    print('OutOfMemory:', "
+                     "'out of memory' in str(exc))"),
+    ("md", "## And the grid carries on"),
+    ("code", CHECK + "divide.remote(10, 4)"),
+]
+
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "errors-and-limits.ipynb": ERRORS}
+
+
+def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = []
+    for kind, src in cells:
+        if kind == "md":
+            nb.cells.append(nbformat.v4.new_markdown_cell(src))
+        else:
+            tags = ["nbval-check-output"] if src.startswith(CHECK) else []
+            nb.cells.append(nbformat.v4.new_code_cell(src.removeprefix(CHECK), metadata={"tags": tags}))
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    for cell in nb.cells:  # keep only what nbval checks; widgets and timings would only add noise
+        if cell.cell_type == "code" and "nbval-check-output" not in cell.metadata.get("tags", []):
+            cell.outputs = []
+            cell.execution_count = None
+    return nb
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE.parent))
+    from backend.config import GridConfig
+    from backend.embedded import EmbeddedGrid
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        with EmbeddedGrid(GridConfig.load(data_dir=Path(data_dir), port=0)) as grid:
+            os.environ["NANOGRID_URL"] = grid.url
+            for name, cells in NOTEBOOKS.items():
+                nbformat.write(build(name, cells), HERE / name)
+                print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    main()
