@@ -63,7 +63,35 @@ ERRORS = [
     ("code", CHECK + "divide.remote(10, 4)"),
 ]
 
-NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "errors-and-limits.ipynb": ERRORS}
+FILES_AND_JOBS = [
+    ("md", "# Output files, map and async jobs\n\nA function returns files by writing them to "
+           "`nanogrid.output_dir()`; they are kept by the grid, listed on the job, shown as thumbnails "
+           "in its widget and downloadable."),
+    ("code", "import io\n\nimport nanogrid\nfrom PIL import Image\n\nnanogrid.connect();"),
+    ("code", "@nanogrid.remote(memory=256, timeout=60)\ndef thumbnail(png: bytes, width: int) -> str:\n"
+             "    from PIL import Image\n    image = Image.open(io.BytesIO(png))\n"
+             "    image.thumbnail((width, width))\n    path = nanogrid.output_dir() / f'thumb-{width}.png'\n"
+             "    image.save(path)\n    return f'{image.size[0]}x{image.size[1]}'"),
+    ("code", "buffer = io.BytesIO()\nImage.new('RGB', (640, 480), (30, 120, 200)).save(buffer, 'PNG')\n"
+             "picture = buffer.getvalue()"),
+    ("code", CHECK + "job = thumbnail.spawn(picture, 160)\n"
+                     "job.result(timeout=60), [(f.name, f.size > 0) for f in job.outputs]"),
+    ("code", CHECK + "Image.open(io.BytesIO(job.outputs[0].read())).size"),
+    ("md", "Displayed, the job is a widget with the thumbnail inline:"),
+    ("code", "job"),
+    ("md", "## Map with progress\n\nOne progress bar for the whole map, counting calls."),
+    ("code", "sizes = list(thumbnail.map([picture] * 8, [16, 32, 48, 64, 80, 96, 112, 128]))"),
+    ("code", CHECK + "sizes"),
+    ("md", "## Async jobs and status\n\n`.spawn()` returns at once; `job.status` asks the grid, "
+           "`job.result()` waits, `job.cancel()` stops it."),
+    ("code", "@nanogrid.remote(timeout=60)\ndef slow(seconds):\n    import time\n    time.sleep(seconds)\n"
+             "    return seconds"),
+    ("code", CHECK + "quick, stuck = slow.spawn(0.2), slow.spawn(30)\n"
+                     "quick.result(timeout=30), stuck.cancel().wait(10).status"),
+    ("code", "%nanogrid status"),
+]
+
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "errors-and-limits.ipynb": ERRORS, "files-map-async.ipynb": FILES_AND_JOBS}
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
