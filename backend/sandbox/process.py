@@ -78,17 +78,25 @@ class ProcessSandbox(Sandbox):
         self._kill_reason: str | None = None
         self._lock = threading.Lock()
         self.cgroup = cgroup.MemoryCgroup(self.id) if factory.use_cgroups else None
-        self.proc = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._startup_log(),
-            cwd=self.work_dir,
-            env=self._environment(),
-            start_new_session=True,  # its own process group, so a kill reaches its children too
-            preexec_fn=self._join_cgroup if self.cgroup else None,
-        )
-        os.close(self._log_fd)
+        startup_log = self._startup_log()
+        try:
+            self.proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=startup_log,
+                cwd=self.work_dir,
+                env=self._environment(),
+                start_new_session=True,  # its own process group, so a kill reaches its children too
+                preexec_fn=self._join_cgroup if self.cgroup else None,
+            )
+        except OSError as exc:
+            if self.cgroup:
+                self.cgroup.remove()
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            raise SandboxError("crash", f"could not start the sandbox process: {exc}") from None
+        finally:
+            os.close(startup_log)
         self.reader = FrameReader(self.proc.stdout.fileno())
         try:
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S)
@@ -100,9 +108,7 @@ class ProcessSandbox(Sandbox):
 
     def _startup_log(self) -> int:
         """What the interpreter says before the bootstrap takes over fd 2 (why it could not start)."""
-        fd = os.open(self.work_dir / "startup.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self._log_fd = fd
-        return fd
+        return os.open(self.work_dir / "startup.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def _join_cgroup(self) -> None:
         with open(self.cgroup.procs_file, "w") as f:
