@@ -132,6 +132,10 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/jobs/{job_id}/cancel").json()
 
+    def cancel_many(self, job_ids: list[str]) -> int:
+        """Cancel every unfinished job among these; returns how many were cancelled."""
+        return self.request("POST", "/jobs/cancel", json={"job_ids": job_ids}).json()["cancelled"]
+
     def map_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST /map; yields its NDJSON lines (first the job ids, then one job per call as it finishes)."""
         try:

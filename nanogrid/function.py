@@ -109,6 +109,7 @@ def _ordered_map(fn: RemoteFunction, items: list[str], return_exceptions: bool, 
     chunks = [(start, items[start:start + size]) for start in range(0, total, size)]
     done: queue.SimpleQueue[tuple[int, dict[str, Any]] | BaseException] = queue.SimpleQueue()
     job_ids: list[str] = []
+    ids_lock = threading.Lock()
     stop = threading.Event()
 
     def send(work: queue.SimpleQueue[tuple[int, list[str]]]) -> None:
@@ -119,7 +120,13 @@ def _ordered_map(fn: RemoteFunction, items: list[str], return_exceptions: bool, 
                 return
             try:
                 lines = fn.client.map_stream({"function_id": function_id, "args_pickle": chunk})
-                job_ids.extend(next(lines)["job_ids"])
+                ids = next(lines)["job_ids"]
+                with ids_lock:  # the consumer cancels job_ids once it stops: none may slip in after that
+                    job_ids.extend(ids)
+                    stopped = stop.is_set()
+                if stopped:
+                    fn.client.cancel_many(ids)
+                    return
                 for line in lines:
                     done.put((start + line["index"], line))
             except BaseException as exc:  # handed to the consumer, which raises it
@@ -134,7 +141,7 @@ def _ordered_map(fn: RemoteFunction, items: list[str], return_exceptions: bool, 
         thread.start()
     bar = tqdm(total=total, desc=fn.name, unit="call", disable=(not progress) if progress is not None else None)
     waiting: dict[int, dict[str, Any]] = {}
-    next_index = 0
+    next_index = failed = 0
     try:
         while next_index < total:
             item = done.get()
@@ -142,9 +149,9 @@ def _ordered_map(fn: RemoteFunction, items: list[str], return_exceptions: bool, 
                 raise item
             index, view = item
             waiting[index] = view
+            failed += view["status"] != "completed"
+            bar.set_postfix(failed=failed, in_flight=len(job_ids) - bar.n - 1, refresh=False)
             bar.update(1)
-            if view["status"] != "completed":
-                bar.set_postfix(failed=sum(v["status"] != "completed" for v in waiting.values()), refresh=False)
             while next_index in waiting:
                 view = waiting.pop(next_index)
                 next_index += 1
@@ -155,14 +162,15 @@ def _ordered_map(fn: RemoteFunction, items: list[str], return_exceptions: bool, 
                         raise
                     yield exc
     finally:
-        stop.set()
+        with ids_lock:
+            stop.set()
+            submitted = list(job_ids)
         bar.close()
         if next_index < total:  # interrupted or failed: don't leave the rest running
-            for job_id in job_ids:
-                try:
-                    fn.client.cancel(job_id)
-                except NanoGridError:
-                    pass
+            try:
+                fn.client.cancel_many(submitted)
+            except NanoGridError:
+                pass
 
 
 def _encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

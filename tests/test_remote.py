@@ -237,3 +237,25 @@ def test_a_runtime_this_grid_lacks_is_refused_with_both_versions(client):
 
 def test_calling_the_decorated_function_runs_it_locally():
     assert square(3) == 9
+
+
+def test_a_failing_map_cancels_what_has_not_run(client):
+    @nanogrid.remote(timeout=60)
+    def maybe_slow(x):
+        if x == 0:
+            raise ValueError("first item fails")
+        time.sleep(5)
+        return x
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="first item fails"):
+        list(maybe_slow.map(range(20), progress=False))
+    # the other 19 calls were cancelled rather than left to sleep on the grid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = [j["status"] for j in client.jobs(limit=20)]
+        if "running" not in states and "pending" not in states:
+            break
+        time.sleep(0.1)
+    assert "running" not in states and "pending" not in states, states
+    assert time.monotonic() - started < 20

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from backend.controller import jobs
 from backend.controller.limits import BodySizeLimit
 from backend.controller.schemas import (
+    Cancelled,
+    CancelRequest,
     Deleted,
     FunctionView,
     Health,
@@ -26,7 +27,7 @@ from backend.controller.schemas import (
     SystemStatus,
 )
 from backend.grid import Grid
-from backend.models import CANCELLED, FunctionRecord
+from backend.models import FunctionRecord
 from backend.packages import Package, PackageError, from_upload
 from nanogrid import __version__
 
@@ -184,12 +185,17 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         job = grid.registry.get_job(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
-        if not job.finished and not grid.worker.cancel(job_id):
-            job.status, job.finished_at = CANCELLED, time.time()
-            job.error = {"kind": "cancelled", "message": "cancelled by the user before it started"}
-            if grid.registry.finish_job(job):
-                grid.bus.publish(job)
+        jobs.cancel(grid, job)
         return jobs.job_view(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request))
+
+    @app.post("/jobs/cancel", response_model=Cancelled)
+    def cancel_many(body: CancelRequest) -> dict:
+        """Cancel many jobs at once (an interrupted .map()); unknown and finished ids are passed over."""
+        count = 0
+        for job_id in body.job_ids:
+            job = grid.registry.get_job(job_id)
+            count += job is not None and jobs.cancel(grid, job)
+        return {"cancelled": count}
 
     @app.get("/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}}})
     def download_output(job_id: str, name: str) -> StreamingResponse:

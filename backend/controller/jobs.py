@@ -6,12 +6,13 @@ import asyncio
 import base64
 import binascii
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 from backend.grid import Grid
-from backend.models import FunctionRecord, JobMessage, JobRecord, new_job_id
+from backend.models import CANCELLED, FunctionRecord, JobMessage, JobRecord, new_job_id
 
 
 class BadRequest(ValueError):
@@ -92,6 +93,20 @@ async def stream_results(grid: Grid, job_ids: list[str], finished: asyncio.Queue
             yield index[job.job_id], job
     finally:
         unsubscribe()
+
+
+def cancel(grid: Grid, job: JobRecord) -> bool:
+    """Cancel a job: a queued one is marked cancelled (workers skip it), a running one has its sandbox killed."""
+    if job.finished:
+        return False
+    if grid.worker.cancel(job.job_id):
+        return True
+    job.status, job.finished_at = CANCELLED, time.time()
+    job.error = {"kind": "cancelled", "message": "cancelled by the user before it started"}
+    if grid.registry.finish_job(job):
+        grid.bus.publish(job)
+        return True
+    return False
 
 
 def job_view(job: JobRecord, base_url: str = "") -> dict[str, Any]:

@@ -75,3 +75,11 @@ class SystemStatus(BaseModel):
     queue_depth: int
     workers: list[dict[str, Any]]
     jobs: dict[str, int]
+
+
+class CancelRequest(BaseModel):
+    job_ids: list[str] = Field(max_length=10_000)
+
+
+class Cancelled(BaseModel):
+    cancelled: int
