@@ -49,6 +49,7 @@ class JobRecord:
     execution_time_ms: float | None = None
     peak_memory_bytes: int | None = None
     cold: bool | None = None
+    memory_limit_mib: int | None = None
     worker_id: str | None = None
     sandbox_id: str | None = None
     created_at: float = field(default_factory=time.time)

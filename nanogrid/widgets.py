@@ -74,6 +74,9 @@ class JobWidget:
             f"{' · ' + html.escape(where) if where else ''}</small>"
         )
         peak = (v.get("peak_memory_bytes") or 0) / (1 << 20)
+        if v.get("memory_limit_mib") and self.memory_limit_mib is None:
+            self.memory_limit_mib = v["memory_limit_mib"]
+            self.memory.max = float(self.memory_limit_mib)
         if self.memory_limit_mib is None:
             self.memory.max = max(self.memory.max, peak or 1)
         self.memory.value = min(peak, self.memory.max)

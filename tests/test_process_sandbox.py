@@ -12,6 +12,7 @@ import pytest
 from backend.sandbox.base import SandboxError
 from backend.sandbox.process import ProcessSandboxFactory
 from nanogrid.packaging import package_function
+from tests.conftest import require
 
 pytestmark = pytest.mark.integration
 
@@ -98,11 +99,8 @@ def test_stdout_is_capped(tmp_path):
         sandbox.close()
 
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
-
-
-@needs_bwrap
 def test_bubblewrap_hides_the_grid_and_cuts_the_network(tmp_path):
+    require(shutil.which("bwrap") is not None, "bubblewrap is not installed (apt-get install bubblewrap)")
     secret = tmp_path / "store" / "packages" / "other-function.zip"
     secret.parent.mkdir(parents=True)
     secret.write_text("another function's code")

@@ -38,6 +38,7 @@ class JobView(BaseModel):
     execution_time_ms: float | None = None
     peak_memory_bytes: int | None = None
     cold: bool | None = None
+    memory_limit_mib: int | None = None
     worker_id: str | None = None
     sandbox_id: str | None = None
     created_at: float

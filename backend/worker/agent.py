@@ -78,7 +78,7 @@ class Worker:
         if not self.registry.mark_running(message.job_id, self.worker_id, started):
             return  # cancelled while queued, or already taken
         job = JobRecord(message.job_id, message.function_id, status=RUNNING, payload_format=message.payload_format,
-                        worker_id=self.worker_id, started_at=started)
+                        worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib)
         try:
             self._execute(message, job)
         except SandboxError as exc:

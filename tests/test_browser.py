@@ -1,0 +1,97 @@
+"""The quickstart tutorial in JupyterLab, in a real browser (Debian's chromium, driven by Playwright).
+
+Runs every cell and checks what a user sees: the job widget says "succeeded" with a duration and
+a peak memory. Saves a screenshot; with NANOGRID_UPDATE_SCREENSHOT=1 it also replaces the one in
+docs/ that the README shows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import require
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+TOKEN = "nanogrid-browser-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def jupyter_lab(grid, tmp_path):
+    shutil.copy(ROOT / "notebooks" / "quickstart.ipynb", tmp_path / "quickstart.ipynb")
+    port = free_port()
+    env = {**os.environ, "NANOGRID_URL": grid.url, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    lab = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/status", params={"token": TOKEN}).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        lab.kill()
+        pytest.fail("JupyterLab did not start: " + (tmp_path / "lab.log").read_text()[-2000:])
+    yield url
+    lab.terminate()
+    lab.wait(15)
+
+
+def test_quickstart_renders_a_succeeded_job_widget(jupyter_lab, tmp_path):
+    require(Path(CHROMIUM).exists(), "chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(f"{jupyter_lab}/lab/tree/quickstart.ipynb?token={TOKEN}")
+        page.wait_for_selector(".jp-Notebook", timeout=60_000)
+        expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first).to_be_visible(timeout=60_000)
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_text("Run All Cells", exact=True).click()
+
+        widget = page.locator(".widget-html-content", has_text="succeeded").first
+        expect(widget).to_be_visible(timeout=90_000)
+        text = widget.inner_text()
+        assert "duration" in text and " ms" in text
+        assert "peak memory" in text and "MiB" in text
+        cell_value = page.locator(".jp-OutputArea-output", has_text="4.5")
+        expect(cell_value.first).to_be_visible(timeout=60_000)  # %%nanogrid's `mean` came back
+
+        text = widget.inner_text()
+        assert "of 256 MiB" in page.locator(".jupyter-widgets", has_text="of 256 MiB").first.inner_text()
+        no_news = page.get_by_role("button", name="No", exact=True)
+        if no_news.count():
+            no_news.first.click()  # JupyterLab's "get notified about news?" toast
+            expect(page.get_by_text("get notified about official Jupyter news")).to_be_hidden(timeout=10_000)
+        widget.scroll_into_view_if_needed()
+        shot = tmp_path / "quickstart.png"
+        page.screenshot(path=str(shot))
+        browser.close()
+    if os.environ.get("NANOGRID_UPDATE_SCREENSHOT"):
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, ROOT / "docs" / "quickstart-widget.png")
