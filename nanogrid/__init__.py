@@ -20,7 +20,6 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-from nanogrid.client import Client, connect, get_client  # noqa: E402
 from nanogrid.errors import (  # noqa: E402
     APIError,
     FunctionTimeout,
@@ -33,8 +32,25 @@ from nanogrid.errors import (  # noqa: E402
     SandboxCrashed,
     VersionMismatch,
 )
-from nanogrid.function import RemoteFunction, remote  # noqa: E402
-from nanogrid.job import Job, OutputFile  # noqa: E402
+
+# The client side (httpx, tqdm, ...) loads on first use, so that `import nanogrid` stays cheap and
+# works inside a sandbox image that carries only the standard library and cloudpickle.
+_LAZY = {
+    "Client": "nanogrid.client", "connect": "nanogrid.client", "get_client": "nanogrid.client",
+    "RemoteFunction": "nanogrid.function", "remote": "nanogrid.function",
+    "Job": "nanogrid.job", "OutputFile": "nanogrid.job",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nanogrid' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def output_dir() -> Path:
