@@ -21,7 +21,11 @@ class GridConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     workers: int = max(2, os.cpu_count() or 1)  # calls run at once by the embedded worker
-    sandbox: str = "process"  # process (trusted local code); docker comes with its own adapter
+    sandbox: str = "auto"  # docker | process (trusted code only) | auto: docker when the engine and image are there
+    docker_image: str = "nanogrid/runtime-python:latest"
+    docker_scratch_mib: int = 1024  # tmpfs for the bootstrap's working and output directory
+    docker_pids_limit: int = 64
+    docker_cpus: float = 1.0
     bubblewrap: str = "auto"  # auto | on | off: namespaces around process sandboxes
     cgroups: str = "auto"  # auto | off: per-sandbox memory cgroup (limits and peak memory)
     stem_cells: int = 2  # unspecialised sandboxes kept started

@@ -10,12 +10,35 @@ from backend.models import FAILED, PENDING, RUNNING, JobMessage
 from backend.queue.local import LocalQueue
 from backend.registry.sqlite import SQLiteRegistry
 from backend.results.local import LocalResultBus
+from backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
 from backend.sandbox.process import ProcessSandboxFactory
 from backend.store.local import LocalStore
 from backend.worker.agent import Worker
 from backend.worker.pool import WarmPool
 
 log = logging.getLogger(__name__)
+
+
+def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSandboxFactory:
+    """``sandbox=docker`` needs the engine and the runtime image; ``auto`` falls back to processes."""
+    if config.sandbox in ("docker", "auto"):
+        try:
+            return DockerSandboxFactory(
+                config.docker_image, config.data_dir / "sandboxes", kill_grace_s=config.kill_grace_s,
+                capture_limit=config.capture_limit_bytes, max_output_bytes=config.max_output_bytes,
+                scratch_mib=config.docker_scratch_mib, pids_limit=config.docker_pids_limit, cpus=config.docker_cpus,
+            )
+        except DockerUnavailable as exc:
+            if config.sandbox == "docker":
+                raise
+            log.warning("sandbox=auto: %s; using process sandboxes (trusted code only)", exc)
+    elif config.sandbox != "process":
+        raise ValueError(f"sandbox must be docker, process or auto, not {config.sandbox!r}")
+    return ProcessSandboxFactory(
+        config.data_dir / "sandboxes", config.data_dir, bubblewrap=config.bubblewrap, cgroups=config.cgroups,
+        kill_grace_s=config.kill_grace_s, capture_limit=config.capture_limit_bytes,
+        max_output_bytes=config.max_output_bytes,
+    )
 
 
 class Grid:
@@ -29,14 +52,9 @@ class Grid:
         self.store = LocalStore(data / "store")
         self.queue = LocalQueue()
         self.bus = LocalResultBus()
-        self.runtimes = {config.python_runtime: config.python_runtime.removeprefix("python")}
-        if config.sandbox != "process":
-            raise ValueError(f"sandbox {config.sandbox!r} is not available in this grid; use sandbox=process")
-        factory = ProcessSandboxFactory(
-            data / "sandboxes", data, bubblewrap=config.bubblewrap, cgroups=config.cgroups,
-            kill_grace_s=config.kill_grace_s, capture_limit=config.capture_limit_bytes,
-            max_output_bytes=config.max_output_bytes,
-        )
+        factory = make_sandbox_factory(config)
+        python = getattr(factory, "python", None) or config.python_runtime.removeprefix("python")
+        self.runtimes = {f"python{python}": python}
         self.pool = WarmPool(factory, cap=config.effective_pool_cap, stem_cells=config.stem_cells,
                              idle_ttl_s=config.idle_ttl_s)
         self.worker = Worker(queue=self.queue, registry=self.registry, store=self.store, bus=self.bus,

@@ -74,7 +74,8 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="default 8765")
     parser.add_argument("--data-dir", type=Path, default=None, help="default ~/.nanogrid (NANOGRID_DATA_DIR)")
     parser.add_argument("--workers", type=int, default=None, help="calls run at once (default: CPU count)")
-    parser.add_argument("--sandbox", choices=["process"], default=None, help="where user code runs")
+    parser.add_argument("--sandbox", choices=["auto", "docker", "process"], default=None,
+                        help="where user code runs: docker, process (trusted code only), auto (docker when available)")
     parser.add_argument("--stem-cells", type=int, default=None, help="unspecialised sandboxes kept started")
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (NANOGRID_CONFIG)")
 

@@ -71,6 +71,9 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
         "python": "%d.%d" % sys.version_info[:2],
         "cloudpickle": cloudpickle.__version__,
     }
+    code = getattr(fn, "__code__", None)
+    if code is not None:  # lets the sandbox show source lines in remote tracebacks
+        manifest["source_file"], manifest["source_line"] = code.co_filename, code.co_firstlineno
     if memory_mib is not None:
         manifest["memory"] = int(memory_mib)
     if timeout_s is not None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,23 +12,7 @@ import nanogrid
 from backend.config import GridConfig
 from backend.embedded import EmbeddedGrid
 
-
-def start_grid(data_dir: Path, **settings: object) -> EmbeddedGrid:
-    config = GridConfig.load(data_dir=data_dir, port=0, **settings)
-    return EmbeddedGrid(config).start()
-
-
-@pytest.fixture(scope="session")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
-    """One embedded grid for the session (process sandboxes, kill grace kept short)."""
-    embedded = start_grid(tmp_path_factory.mktemp("grid"), kill_grace_s=0.5)
-    yield embedded
-    embedded.stop()
-
-
-@pytest.fixture()
-def client(grid: EmbeddedGrid) -> nanogrid.Client:
-    return nanogrid.connect(grid.url)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def require(condition: bool, why: str) -> None:
@@ -36,3 +22,43 @@ def require(condition: bool, why: str) -> None:
     if os.environ.get("NANOGRID_CI"):
         pytest.fail(f"{why}; CI must provide it")
     pytest.skip(why)
+
+
+def start_grid(data_dir: Path, **settings: object) -> EmbeddedGrid:
+    settings.setdefault("sandbox", "process")
+    config = GridConfig.load(data_dir=data_dir, port=0, **settings)
+    return EmbeddedGrid(config).start()
+
+
+def docker_ready() -> bool:
+    """The engine answers and the runtime image exists (built here if missing, as CI does)."""
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return False
+    build = subprocess.run([sys.executable, str(ROOT / "runtimes" / "build.py")], capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.fail(f"runtimes/build.py failed:\n{build.stdout}\n{build.stderr}")
+    return True
+
+
+@pytest.fixture(scope="session")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
+    """One embedded grid with process sandboxes for the session (kill grace kept short)."""
+    embedded = start_grid(tmp_path_factory.mktemp("grid"), kill_grace_s=0.5)
+    yield embedded
+    embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
+    """One embedded grid with Docker sandboxes for the session."""
+    require(docker_ready(), "the Docker engine does not answer")
+    embedded = start_grid(tmp_path_factory.mktemp("docker-grid"), sandbox="docker", kill_grace_s=0.5)
+    yield embedded
+    embedded.stop()
+
+
+@pytest.fixture(params=["process", "docker"])
+def client(request: pytest.FixtureRequest) -> nanogrid.Client:
+    """A client of each kind of grid: tests that take it run against both sandboxes."""
+    embedded = request.getfixturevalue("grid" if request.param == "process" else "docker_grid")
+    return nanogrid.connect(embedded.url)

@@ -9,7 +9,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 
-from nanogrid.magics.cell import plan_cell
+from nanogrid.cells import plan_cell
 
 pytestmark = pytest.mark.integration
 

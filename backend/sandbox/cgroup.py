@@ -22,9 +22,31 @@ class MemoryCgroup:
     """cgroup v1 (``memory.max_usage_in_bytes``) or v2 (``memory.peak``), files kept open for cheap reads."""
 
     def __init__(self, name: str) -> None:
+        """A new cgroup of ours, ``nanogrid/<name>``, removed again by ``remove()``."""
         self.v1 = (V1_ROOT / "memory.limit_in_bytes").exists()
         self.path = (V1_ROOT if self.v1 else V2_ROOT) / "nanogrid" / name
         self.path.mkdir(parents=True, exist_ok=True)
+        self.owned = True
+        self._open_peak()
+
+    @classmethod
+    def of_container(cls, container_id: str) -> MemoryCgroup | None:
+        """The memory cgroup Docker made for a container, if this process can read it."""
+        self = cls.__new__(cls)
+        self.v1 = (V1_ROOT / "memory.limit_in_bytes").exists()
+        candidates = [V1_ROOT / "docker" / container_id] if self.v1 else [
+            V2_ROOT / "system.slice" / f"docker-{container_id}.scope", V2_ROOT / "docker" / container_id]
+        for path in candidates:
+            if path.is_dir():
+                self.path, self.owned = path, False
+                try:
+                    self._open_peak()
+                except OSError:
+                    return None
+                return self
+        return None
+
+    def _open_peak(self) -> None:
         peak = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
         self._peak_fd = os.open(self.path / peak, os.O_RDWR)
 
@@ -56,7 +78,8 @@ class MemoryCgroup:
 
     def remove(self) -> None:
         os.close(self._peak_fd)
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+        if self.owned:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass

@@ -17,7 +17,7 @@ from IPython.display import HTML, display
 import nanogrid
 from nanogrid.client import get_client
 from nanogrid.function import MAX_ARGS_BYTES, RemoteFunction
-from nanogrid.magics.cell import plan_cell, run_cell
+from nanogrid.cells import plan_cell, run_cell
 from nanogrid.widgets import JobWidget, in_kernel
 
 HIDDEN_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}

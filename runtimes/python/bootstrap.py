@@ -126,6 +126,19 @@ def describe_error(exc, cloudpickle):
     return error, body
 
 
+def remember_source(manifest):
+    """Serve the packaged source to linecache under its original file name, for tracebacks."""
+    import linecache
+
+    name, first = manifest.get("source_file"), manifest.get("source_line")
+    path = os.path.join(CODE_DIR, "source.py")
+    if not name or not first or os.path.exists(name) or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [""] * (first - 1) + f.read().splitlines(True)
+    linecache.cache[name] = (None, None, lines, name)  # mtime None: never re-checked against a file
+
+
 class Runtime:
     def __init__(self):
         self.manifest = None
@@ -140,6 +153,7 @@ class Runtime:
         with open(os.path.join(CODE_DIR, "manifest.json")) as f:
             self.manifest = json.load(f)
         sys.path.insert(0, CODE_DIR)
+        remember_source(self.manifest)
         if self.manifest["kind"] == "pickle":
             with open(os.path.join(CODE_DIR, "function.pkl"), "rb") as f:
                 self.function = cloudpickle.load(f)
@@ -194,11 +208,55 @@ class Runtime:
         reply["stdout"], reply["stderr"] = captures[0].read(), captures[1].read()
         if measure_rss:
             reply["peak_rss_bytes"] = peak_rss()
+        reply["output_files"] = sum(len(files) for _, _, files in os.walk(OUTPUT_DIR))
         return reply, result
+
+
+class ChunkWriter:
+    """A file-like object that sends what is written as ``chunk`` frames of at most 1 MiB."""
+
+    def __init__(self, fd, limit):
+        self.fd, self.limit, self.sent, self.buffer = fd, limit, 0, bytearray()
+
+    def write(self, data):
+        self.sent += len(data)
+        if self.limit and self.sent > self.limit:
+            raise OSError(f"output files exceed the {self.limit >> 20} MiB limit")
+        self.buffer += data
+        while len(self.buffer) >= 1 << 20:
+            write_frame(self.fd, {"op": "chunk"}, bytes(self.buffer[:1 << 20]))
+            del self.buffer[:1 << 20]
+        return len(data)
+
+    def flush(self):
+        if self.buffer:
+            write_frame(self.fd, {"op": "chunk"}, bytes(self.buffer))
+            self.buffer.clear()
+
+
+def send_outputs(fd, limit):
+    """Stream the output directory as a tar in chunk frames, then a final frame saying how it went."""
+    import tarfile
+
+    writer = ChunkWriter(fd, limit)
+    try:
+        with tarfile.open(fileobj=writer, mode="w|") as tar:
+            for root, _dirs, files in os.walk(OUTPUT_DIR):
+                for name in sorted(files):
+                    path = os.path.join(root, name)
+                    if os.path.isfile(path) and not os.path.islink(path):
+                        tar.add(path, arcname=os.path.relpath(path, OUTPUT_DIR), recursive=False)
+        writer.flush()
+        write_frame(fd, {"ok": True, "done": True, "bytes": writer.sent})
+    except OSError as exc:
+        write_frame(fd, {"ok": False, "done": True, "error": {"kind": "output", "message": str(exc)}})
+    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
+    os.makedirs(OUTPUT_DIR, exist_ok=True)
 
 
 def main():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # also as PID 1 in a container
     stdin_fd, reply_fd = 0, os.dup(1)
     os.makedirs(WORK_DIR, exist_ok=True)
     captures = [Capture(1, "stdout.log"), Capture(2, "stderr.log")]
@@ -226,6 +284,8 @@ def main():
         elif op == "call" and runtime.function is not None:
             reply, result = runtime.call(header, body, captures)
             write_frame(reply_fd, reply, result)
+        elif op == "outputs":
+            send_outputs(reply_fd, header.get("limit"))
         else:
             write_frame(reply_fd, {"ok": False, "error": {"kind": "protocol", "message": f"unexpected {op!r}"}})
 

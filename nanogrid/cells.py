@@ -1,4 +1,7 @@
-"""Running a notebook cell on the grid: which names it reads and assigns, and the remote runner."""
+"""Running a notebook cell on the grid: which names it reads and assigns, and the remote runner.
+
+Standard library and cloudpickle only: `run_cell` is imported inside the sandbox.
+"""
 
 from __future__ import annotations
 
