@@ -15,9 +15,9 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import HTML, display
 
 import nanogrid
+from nanogrid.cells import plan_cell, run_cell
 from nanogrid.client import get_client
 from nanogrid.function import MAX_ARGS_BYTES, RemoteFunction
-from nanogrid.cells import plan_cell, run_cell
 from nanogrid.widgets import JobWidget, in_kernel
 
 HIDDEN_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
