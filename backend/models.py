@@ -50,6 +50,7 @@ class JobRecord:
     peak_memory_bytes: int | None = None
     cold: bool | None = None
     memory_limit_mib: int | None = None
+    baseline_memory_bytes: int | None = None
     worker_id: str | None = None
     sandbox_id: str | None = None
     created_at: float = field(default_factory=time.time)

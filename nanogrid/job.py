@@ -128,6 +128,11 @@ class Job:
         return self.refresh()._view.get("peak_memory_bytes")
 
     @property
+    def baseline_memory_bytes(self) -> int | None:
+        """The sandbox's own usage (interpreter, page cache) as the call began; the peak includes it."""
+        return self.refresh()._view.get("baseline_memory_bytes")
+
+    @property
     def duration(self) -> float | None:
         """Seconds the function ran (inside its sandbox)."""
         ms = self.refresh()._view.get("execution_time_ms")

@@ -81,7 +81,8 @@ class JobWidget:
             self.memory.max = max(self.memory.max, peak or 1)
         self.memory.value = min(peak, self.memory.max)
         limit = f" of {self.memory_limit_mib} MiB" if self.memory_limit_mib else ""
-        self.memory_label.value = f"{_mib(v.get('peak_memory_bytes'))}{limit}"
+        idle = f" (idle sandbox {_mib(v['baseline_memory_bytes'])})" if v.get("baseline_memory_bytes") else ""
+        self.memory_label.value = f"{_mib(v.get('peak_memory_bytes'))}{limit}{idle}"
         self.stdout.value = _pre(v.get("stdout", ""))
         self.stderr.value = _pre(v.get("stderr", ""))
         self.logs.selected_index = 0 if v.get("stdout") else None

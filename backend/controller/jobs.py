@@ -114,7 +114,8 @@ def job_view(job: JobRecord, base_url: str = "") -> dict[str, Any]:
         "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "result": None,
         "result_pickle": None, "error": job.error, "stdout": job.stdout, "stderr": job.stderr,
         "execution_time_ms": job.execution_time_ms, "peak_memory_bytes": job.peak_memory_bytes,
-        "cold": job.cold, "memory_limit_mib": job.memory_limit_mib, "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
+        "cold": job.cold, "memory_limit_mib": job.memory_limit_mib,
+        "baseline_memory_bytes": job.baseline_memory_bytes, "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "output_files": [
             {**f, "url": f"{base_url}/jobs/{job.job_id}/outputs/{quote(f['name'])}"} for f in job.output_files

@@ -39,6 +39,7 @@ class JobView(BaseModel):
     peak_memory_bytes: int | None = None
     cold: bool | None = None
     memory_limit_mib: int | None = None
+    baseline_memory_bytes: int | None = Field(None, description="the sandbox's usage as the call began")
     worker_id: str | None = None
     sandbox_id: str | None = None
     created_at: float

@@ -21,6 +21,7 @@ class CallResult:
     body: bytes  # the pickled or JSON-encoded value (or the pickled exception)
     peak_memory_bytes: int | None
     output_dir: Path  # files the call wrote, to be collected before the next call
+    baseline_memory_bytes: int | None = None  # the sandbox's own usage when the call began (the peak includes it)
 
 
 class Sandbox(ABC):

@@ -49,6 +49,7 @@ class MemoryCgroup:
     def _open_peak(self) -> None:
         peak = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
         self._peak_fd = os.open(self.path / peak, os.O_RDWR)
+        self._usage_fd = os.open(self.path / ("memory.usage_in_bytes" if self.v1 else "memory.current"), os.O_RDONLY)
 
     @property
     def procs_file(self) -> Path:
@@ -70,6 +71,9 @@ class MemoryCgroup:
     def peak(self) -> int:
         return int(os.pread(self._peak_fd, 32, 0))
 
+    def usage(self) -> int:
+        return int(os.pread(self._usage_fd, 32, 0))
+
     def oom_killed(self) -> bool:
         """True once the kernel's OOM killer has killed a process of this sandbox."""
         name = "memory.oom_control" if self.v1 else "memory.events"
@@ -78,6 +82,7 @@ class MemoryCgroup:
 
     def remove(self) -> None:
         os.close(self._peak_fd)
+        os.close(self._usage_fd)
         if self.owned:
             try:
                 self.path.rmdir()

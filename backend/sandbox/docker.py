@@ -149,8 +149,10 @@ class DockerSandbox(Sandbox):
         self.function_id = function_id
 
     def call(self, job_id: str, payload: bytes, timeout_s: float) -> CallResult:
+        baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
+            baseline = self.cgroup.usage()
         header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None}
         reply, body = self._roundtrip(header, payload, timeout_s)
         peak = self.cgroup.peak() if self.cgroup else reply.get("peak_rss_bytes")
@@ -158,7 +160,7 @@ class DockerSandbox(Sandbox):
             self._fetch_outputs()
         if not reply["ok"] and reply["error"].get("kind") == "memory":
             self.close()
-        return CallResult(reply, body, peak, self.output_dir)
+        return CallResult(reply, body, peak, self.output_dir, baseline)
 
     def _fetch_outputs(self) -> None:
         """Receive the output directory as tar chunks, spooled to disk, then unpacked safely."""

@@ -122,6 +122,7 @@ class Worker:
         job.stdout, job.stderr = reply.get("stdout", ""), reply.get("stderr", "")
         job.execution_time_ms = reply.get("duration_ms")
         job.peak_memory_bytes = outcome.peak_memory_bytes
+        job.baseline_memory_bytes = outcome.baseline_memory_bytes
         job.output_files = self._collect_outputs(job.job_id, outcome.output_dir)
         if reply["ok"]:
             job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body

@@ -26,6 +26,7 @@ CAPTURE_LIMIT = int(os.environ.get("NANOGRID_CAPTURE_LIMIT", 1 << 20))
 WORK_DIR = os.environ.get("NANOGRID_WORK_DIR") or os.getcwd()
 OUTPUT_DIR = os.environ.get("NANOGRID_OUTPUT_DIR") or os.path.join(WORK_DIR, "output")
 CODE_DIR = os.path.join(WORK_DIR, "code")
+BOOTSTRAP_PID = os.getpid()
 
 
 def read_exact(fd, n):
@@ -202,6 +203,8 @@ class Runtime:
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the function's too
             reply["ok"] = False
             reply["error"], result = describe_error(exc, cloudpickle)
+        if os.getpid() != BOOTSTRAP_PID:  # a child the function forked: it must never answer the agent
+            os._exit(0)
         reply["duration_ms"] = (time.perf_counter() - started) * 1000
         sys.stdout.flush()
         sys.stderr.flush()
