@@ -241,14 +241,17 @@ def send_outputs(fd, limit):
     """Stream the output directory as a tar in chunk frames, then a final frame saying how it went."""
     import tarfile
 
-    writer = ChunkWriter(fd, limit)
+    paths = [os.path.join(root, name) for root, _dirs, files in os.walk(OUTPUT_DIR) for name in sorted(files)]
+    paths = [p for p in paths if os.path.isfile(p) and not os.path.islink(p)]
+    total = sum(os.path.getsize(p) for p in paths)
+    # The limit is on the files; the tar stream may add its headers and padding on top.
+    writer = ChunkWriter(fd, limit and limit + 1024 * (len(paths) + 20))
     try:
+        if limit and total > limit:
+            raise OSError(f"output files total {total >> 20} MiB, over the {limit >> 20} MiB limit")
         with tarfile.open(fileobj=writer, mode="w|") as tar:
-            for root, _dirs, files in os.walk(OUTPUT_DIR):
-                for name in sorted(files):
-                    path = os.path.join(root, name)
-                    if os.path.isfile(path) and not os.path.islink(path):
-                        tar.add(path, arcname=os.path.relpath(path, OUTPUT_DIR), recursive=False)
+            for path in paths:
+                tar.add(path, arcname=os.path.relpath(path, OUTPUT_DIR), recursive=False)
         writer.flush()
         write_frame(fd, {"ok": True, "done": True, "bytes": writer.sent})
     except OSError as exc:
