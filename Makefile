@@ -24,3 +24,5 @@ test: lint
 bench: setup
 	$(VENV)/bin/pip install -q -e ".[test,bench]"
 	$(VENV)/bin/python benchmarks/bench_embedded.py
+	$(VENV)/bin/python runtimes/build.py
+	$(VENV)/bin/python -m benchmarks.bench_docker

@@ -42,8 +42,9 @@ def timed(fn, n: int) -> list[float]:
     return samples
 
 
-def start_grid(data_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir", str(data_dir)],
+def start_grid(data_dir: Path, port: int, sandbox: str = "process") -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir", str(data_dir),
+                             "--sandbox", sandbox],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -149,13 +150,15 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=20)
     parser.add_argument("--port", type=int, default=8799)
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "embedded.json")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
-    grid = start_grid(data_dir, args.port)
+    grid = start_grid(data_dir, args.port, args.sandbox)
     try:
         report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                  "sandbox": args.sandbox,
                   "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", args.calls, args.map, args.cold)}
     finally:
         grid.terminate()
