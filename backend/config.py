@@ -41,6 +41,8 @@ class GridConfig:
     max_output_bytes: int = 1024 * MiB  # all output files of one call
     capture_limit_bytes: int = 1 * MiB  # stdout / stderr kept per call
     map_chunk_limit: int = 10_000  # items in one /map request
+    rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
+    rate_burst: int = 2000  # requests a key may make at once before the rate applies
 
     @property
     def effective_pool_cap(self) -> int:

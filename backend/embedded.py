@@ -46,6 +46,7 @@ class EmbeddedGrid:
         self.server = _server(self.grid)
         self._sock = _bind(config.host, config.port)
         self.url = "http://%s:%d" % self._sock.getsockname()[:2]
+        self.api_key = self.grid.api_key
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def start(self, wait_for_stem_cells: bool = True) -> EmbeddedGrid:

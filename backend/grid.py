@@ -6,6 +6,7 @@ import logging
 import time
 
 from backend.config import GridConfig
+from backend.keys import ensure_local_key
 from backend.models import FAILED, PENDING, RUNNING, JobMessage
 from backend.queue.local import LocalQueue
 from backend.registry.sqlite import SQLiteRegistry
@@ -49,6 +50,7 @@ class Grid:
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.registry = SQLiteRegistry(data / "registry.sqlite3")
+        self.api_key = ensure_local_key(self.registry, data)  # for clients on this machine
         self.store = LocalStore(data / "store")
         self.queue = LocalQueue()
         self.bus = LocalResultBus()

@@ -28,6 +28,7 @@ class FunctionRecord:
     python: str
     source: str = ""
     created_at: float = field(default_factory=time.time)
+    owner: str = ""  # the name of the API key that uploaded it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,10 +57,24 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    owner: str = ""
 
     @property
     def finished(self) -> bool:
         return self.status in FINAL_STATES
+
+
+@dataclass
+class ApiKey:
+    """An API key as stored: never the key itself, only its SHA-256."""
+
+    key_id: str
+    name: str  # the owner: functions and jobs made with any of a name's keys belong to that name
+    key_hash: str
+    created_at: float = field(default_factory=time.time)
+    revoked_at: float | None = None
+    rate_limit: float | None = None  # requests per second; None: the grid's default
+    rate_burst: int | None = None
 
 
 @dataclass

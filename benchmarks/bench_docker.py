@@ -38,11 +38,10 @@ def start_grid(data_dir: Path, port: int, sandbox: str, **env: str) -> subproces
     proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir",
                              str(data_dir), "--sandbox", sandbox], env=environ,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = nanogrid.Client(f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            client.health()
+            nanogrid.Client(f"http://127.0.0.1:{port}").health()
             time.sleep(2.0)  # let the stem cells start
             return proc
         except nanogrid.NotConnected:
@@ -51,8 +50,12 @@ def start_grid(data_dir: Path, port: int, sandbox: str, **env: str) -> subproces
     raise RuntimeError(f"nanogrid up --sandbox {sandbox} did not answer")
 
 
-def warm_and_cold(url: str, calls: int, cold_n: int, pause_s: float) -> dict:
-    nanogrid.connect(url)
+def key_of(data_dir: Path) -> str:
+    return (data_dir / "local-key").read_text().strip()
+
+
+def warm_and_cold(url: str, key: str, calls: int, cold_n: int, pause_s: float) -> dict:
+    nanogrid.connect(url, api_key=key)
 
     @nanogrid.remote
     def noop(x):
@@ -104,8 +107,8 @@ def sandbox_level(data_dir: Path) -> dict:
     }
 
 
-def rss_during_output(url: str, grid_pid: int, megabytes: int) -> dict:
-    nanogrid.connect(url)
+def rss_during_output(url: str, key: str, grid_pid: int, megabytes: int) -> dict:
+    nanogrid.connect(url, api_key=key)
 
     @nanogrid.remote(memory=megabytes + 512, timeout=300)
     def write_output(mib):
@@ -159,11 +162,11 @@ def main() -> None:
     docker_grid = start_grid(dirs[0], 8801, "docker", docker_scratch_mib=str(args.output_mib + 256))
     process_grid = start_grid(dirs[1], 8802, "process")
     try:
-        report["docker"] = warm_and_cold("http://127.0.0.1:8801", args.calls, args.cold, pause_s=1.0)
-        report["process"] = warm_and_cold("http://127.0.0.1:8802", args.calls, args.cold, pause_s=0.3)
+        report["docker"] = warm_and_cold("http://127.0.0.1:8801", key_of(dirs[0]), args.calls, args.cold, pause_s=1.0)
+        report["process"] = warm_and_cold("http://127.0.0.1:8802", key_of(dirs[1]), args.calls, args.cold, pause_s=0.3)
         report["docker_over_process_p50"] = round(report["docker"]["remote"]["p50_ms"]
                                                   / report["process"]["remote"]["p50_ms"], 2)
-        report["output_1gb"] = rss_during_output("http://127.0.0.1:8801", docker_grid.pid, args.output_mib)
+        report["output_1gb"] = rss_during_output("http://127.0.0.1:8801", key_of(dirs[0]), docker_grid.pid, args.output_mib)
         report["docker_sandbox"] = sandbox_level(dirs[2])
     finally:
         for grid in (docker_grid, process_grid):

@@ -58,14 +58,14 @@ def start_grid(data_dir: Path, port: int, sandbox: str = "process") -> subproces
     raise RuntimeError("nanogrid up did not answer within 60 s")
 
 
-def bench_nanogrid(url: str, calls: int, map_n: int, cold_n: int) -> dict:
-    client = nanogrid.connect(url)
+def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int) -> dict:
+    client = nanogrid.connect(url, api_key=key)
     results: dict = {}
 
     hello = Path(tempfile.mkdtemp()) / "noop.py"
     hello.write_text("def handler(event, context):\n    return event\n")
     function_id = client.upload(hello, function_name="noop", handler="noop.handler")["function_id"]
-    with httpx.Client(base_url=url) as http:
+    with httpx.Client(base_url=url, headers={"x-api-key": key}) as http:
         body = {"function_id": function_id, "payload": {"x": 1}}
         timed(lambda: http.post("/run", json=body), 100)
         results["http_run"] = percentiles(timed(lambda: http.post("/run", json=body), calls))
@@ -156,10 +156,11 @@ def main() -> None:
 
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
     grid = start_grid(data_dir, args.port, args.sandbox)
+    key = (data_dir / "local-key").read_text().strip()
     try:
         report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
                   "sandbox": args.sandbox,
-                  "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", args.calls, args.map, args.cold)}
+                  "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", key, args.calls, args.map, args.cold)}
     finally:
         grid.terminate()
         grid.wait(15)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import httpx
 from nanogrid.errors import APIError, NotConnected, VersionMismatch
 from nanogrid.packaging import FunctionPackage
 
+RATE_LIMIT_RETRIES = 6
 SYNC_READ_TIMEOUT_S = 90.0  # the controller answers a sync /run within 60 s (202 if still running)
 
 _default: Client | None = None
@@ -38,10 +41,29 @@ def discover_url() -> str:
         ) from None
 
 
+def discover_key(url: str) -> str | None:
+    """``NANOGRID_API_KEY``, else the local key of the grid ``nanogrid up`` started here at this URL."""
+    key = os.environ.get("NANOGRID_API_KEY")
+    if key:
+        return key
+    directory = data_dir()
+    try:
+        local_url = json.loads((directory / "grid.json").read_text())["url"]
+        if local_url.rstrip("/") == url.rstrip("/"):
+            return (directory / "local-key").read_text().strip()
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
 def connect(url: str | None = None, api_key: str | None = None) -> Client:
-    """Connect to a grid and make it the default for ``@remote`` functions and the magics."""
+    """Connect to a grid and make it the default for ``@remote`` functions and the magics.
+
+    The key is ``api_key``, else ``NANOGRID_API_KEY``, else the local grid's own key.
+    """
     global _default
-    client = Client(url or discover_url(), api_key=api_key)
+    url = url or discover_url()
+    client = Client(url, api_key=api_key or discover_key(url))
     with _default_lock:
         old, _default = _default, client
     if old is not None:
@@ -61,12 +83,12 @@ class Client:
 
     def __init__(self, url: str, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
-        api_key = api_key or os.environ.get("NANOGRID_API_KEY")
+        api_key = api_key or discover_key(self.url)
         headers = {"x-api-key": api_key} if api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers,
                                   timeout=httpx.Timeout(30.0, read=SYNC_READ_TIMEOUT_S),
                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
-        self._known_functions: set[str] = set()
+        self._known_functions: dict[str, str] = {}  # package content id -> the grid's function id
         self._runtimes: dict[str, str] | None = None
 
     def close(self) -> None:
@@ -76,10 +98,15 @@ class Client:
         return f"<nanogrid.Client {self.url}>"
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise NotConnected(f"cannot reach the grid at {self.url} ({exc}); is `nanogrid up` running?") from None
+        """One API call; a 429 is retried after its Retry-After (with jitter), up to RATE_LIMIT_RETRIES times."""
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise NotConnected(f"cannot reach the grid at {self.url} ({exc}); is `nanogrid up` running?") from None
+            if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
+                break
+            time.sleep(_backoff(response, attempt))
         if response.status_code >= 400:
             raise APIError(response.status_code, _detail(response))
         return response
@@ -94,9 +121,9 @@ class Client:
 
     def deploy(self, package: FunctionPackage) -> str:
         """Upload a package unless the grid already has it; returns its function id."""
-        function_id = package.function_id
-        if function_id in self._known_functions:
-            return function_id
+        known = self._known_functions.get(package.function_id)
+        if known is not None:
+            return known
         runtime, python = package.manifest["runtime"], package.manifest["python"]
         runtimes = self.runtimes()
         if runtime not in runtimes:
@@ -106,14 +133,15 @@ class Client:
                 f"Python minor version on both sides. Use a Python {' or '.join(sorted(runtimes.values()))} "
                 "environment for this notebook or script."
             )
-        try:
-            self.request("GET", f"/functions/{function_id}")
-        except APIError as exc:
-            if exc.status != 404:
-                raise
-            self.request("POST", "/upload", files={"file": ("package.zip", package.data, "application/zip")})
-        self._known_functions.add(function_id)
+        function = self.request("POST", "/upload", files={"file": ("package.zip", package.data, "application/zip")})
+        function_id = function.json()["function_id"]  # the grid answers 200 if it has this package already
+        self._known_functions[package.function_id] = function_id
         return function_id
+
+    def forget_function(self, function_id: str) -> None:
+        """Drop a function from the upload cache (it was deleted on the grid), so the next call uploads it."""
+        for content_id in [c for c, f in self._known_functions.items() if f == function_id]:
+            del self._known_functions[content_id]
 
     def upload(self, path: str | Path, **form: Any) -> dict[str, Any]:
         """Upload a ``.py`` file or a zip, with form fields (function_name, runtime, handler, timeout, memory)."""
@@ -159,11 +187,19 @@ class Client:
         return self.request("GET", "/functions").json()
 
     def delete_function(self, function_id: str) -> dict[str, Any]:
-        self._known_functions.discard(function_id)
+        self.forget_function(function_id)
         return self.request("DELETE", f"/functions/{function_id}").json()
 
     def system_status(self) -> dict[str, Any]:
         return self.request("GET", "/system/status").json()
+
+
+def _backoff(response: httpx.Response, attempt: int) -> float:
+    try:
+        wait = float(response.headers.get("Retry-After", "1"))
+    except ValueError:
+        wait = 1.0
+    return min(30.0, wait * (1 + attempt * 0.5)) * random.uniform(0.8, 1.2)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -42,7 +42,7 @@ def run_demo(workers: int | None = None) -> int:
         print("Starting an embedded grid ...")
         with EmbeddedGrid(config) as embedded:
             print(f"  {embedded.url}  [{embedded.grid.pool.factory.describe()}]")
-            nanogrid.connect(embedded.url)
+            nanogrid.connect(embedded.url, api_key=embedded.api_key)
             _tour()
     return 0
 

@@ -70,7 +70,7 @@ class RemoteFunction:
         except APIError as exc:
             if exc.status != 404 or "no function" not in exc.detail:
                 raise
-            self.client._known_functions.discard(function_id)  # deleted on the grid: upload again
+            self.client.forget_function(function_id)  # deleted on the grid: upload again
             return send(body_for(self.deploy()))
 
     def spawn(self, *args: Any, **kwargs: Any) -> Job:

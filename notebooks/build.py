@@ -120,6 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data_dir:
         with EmbeddedGrid(GridConfig.load(data_dir=Path(data_dir), port=0)) as grid:
             os.environ["NANOGRID_URL"] = grid.url
+            os.environ["NANOGRID_API_KEY"] = grid.api_key
             for name, cells in NOTEBOOKS.items():
                 nbformat.write(build(name, cells), HERE / name)
                 print("wrote", HERE / name)

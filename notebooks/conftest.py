@@ -15,6 +15,7 @@ from backend.embedded import EmbeddedGrid
 _data_dir = tempfile.TemporaryDirectory(prefix="nanogrid-notebooks-")
 _grid = EmbeddedGrid(GridConfig.load(data_dir=Path(_data_dir.name), port=0, kill_grace_s=0.5)).start()
 os.environ["NANOGRID_URL"] = _grid.url
+os.environ["NANOGRID_API_KEY"] = _grid.api_key
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -61,4 +61,4 @@ def docker_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGr
 def client(request: pytest.FixtureRequest) -> nanogrid.Client:
     """A client of each kind of grid: tests that take it run against both sandboxes."""
     embedded = request.getfixturevalue("grid" if request.param == "process" else "docker_grid")
-    return nanogrid.connect(embedded.url)
+    return nanogrid.connect(embedded.url, api_key=embedded.api_key)

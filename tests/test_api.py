@@ -35,7 +35,7 @@ def handler(event, context):
 
 @pytest.fixture()
 def http(grid):
-    with httpx.Client(base_url=grid.url, timeout=60) as client:
+    with httpx.Client(base_url=grid.url, timeout=60, headers={"x-api-key": grid.api_key}) as client:
         yield client
 
 
@@ -153,7 +153,7 @@ def test_system_status_shows_the_warm_pool(http):
 def test_job_results_survive_a_restart(tmp_path: Path):
     first = start_grid(tmp_path, stem_cells=1, workers=1)
     try:
-        http = httpx.Client(base_url=first.url, timeout=30)
+        http = httpx.Client(base_url=first.url, timeout=30, headers={"x-api-key": first.api_key})
         function = upload(http, "slow", SLOW)
         finished = http.post("/run", json={"function_id": function["function_id"], "payload": {"seconds": 0}}).json()
         running = http.post("/run", json={"function_id": function["function_id"], "payload": {"seconds": 30}},
@@ -168,7 +168,7 @@ def test_job_results_survive_a_restart(tmp_path: Path):
 
     second = start_grid(tmp_path, stem_cells=1, workers=1)
     try:
-        http = httpx.Client(base_url=second.url, timeout=30)
+        http = httpx.Client(base_url=second.url, timeout=30, headers={"x-api-key": second.api_key})
         assert http.get(f"/status/{finished['job_id']}").json()["result"] == {"slept": 0}
         interrupted = http.get(f"/status/{running['job_id']}").json()
         assert interrupted["status"] == "failed" and interrupted["error"]["kind"] == "interrupted"

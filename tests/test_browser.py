@@ -37,7 +37,8 @@ def free_port() -> int:
 def jupyter_lab(grid, tmp_path):
     shutil.copy(ROOT / "notebooks" / "quickstart.ipynb", tmp_path / "quickstart.ipynb")
     port = free_port()
-    env = {**os.environ, "NANOGRID_URL": grid.url, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+    env = {**os.environ, "NANOGRID_URL": grid.url, "NANOGRID_API_KEY": grid.api_key,
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     lab = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture()
 def client(docker_grid) -> nanogrid.Client:
-    return nanogrid.connect(docker_grid.url)
+    return nanogrid.connect(docker_grid.url, api_key=docker_grid.api_key)
 
 
 @nanogrid.remote(timeout=30)

@@ -31,7 +31,7 @@ def ip():
 
 @pytest.fixture()
 def connected(ip, grid):
-    ip.run_line_magic("nanogrid", f"connect {grid.url}")
+    ip.run_line_magic("nanogrid", f"connect {grid.url} {grid.api_key}")
     return ip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -10,11 +11,13 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from backend.controller import jobs
 from backend.controller.limits import BodySizeLimit
+from backend.controller.ratelimit import TokenBuckets, retry_after_header
 from backend.controller.schemas import (
     Cancelled,
     CancelRequest,
@@ -27,11 +30,34 @@ from backend.controller.schemas import (
     SystemStatus,
 )
 from backend.grid import Grid
-from backend.models import FunctionRecord
+from backend.keys import Authenticator, AuthError
+from backend.models import ApiKey, FunctionRecord, JobRecord
 from backend.packages import Package, PackageError, from_upload
 from nanogrid import __version__
 
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
+
+
+def authorize(
+    request: Request,
+    x_api_key: Annotated[str | None, Security(APIKeyHeader(name="x-api-key", auto_error=False))] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(HTTPBearer(auto_error=False))] = None,
+) -> ApiKey:
+    """Every route but /health: a valid key, within its rate limit."""
+    state = request.app.state
+    try:
+        key = state.authenticator.check(x_api_key or (bearer.credentials if bearer else None))
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    rate = state.config.rate_limit if key.rate_limit is None else key.rate_limit
+    wait = state.buckets.take(key.key_id, rate, key.rate_burst or state.config.rate_burst)
+    if wait:
+        raise HTTPException(429, f"rate limit: {rate:g} requests/s for key {key.name!r}; retry in {wait:.2f} s",
+                            headers={"Retry-After": retry_after_header(wait)})
+    return key
+
+
+Caller = Annotated[ApiKey, Depends(authorize)]
 
 
 def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
@@ -46,6 +72,9 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             grid.stop()
 
     app = FastAPI(title="NanoGrid controller", version=__version__, lifespan=lifespan)
+    app.state.authenticator = Authenticator(grid.registry)
+    app.state.buckets = TokenBuckets()
+    app.state.config = config
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
     app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, config.max_payload_bytes) + (1 << 20))
 
@@ -58,13 +87,18 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     functions: dict[str, FunctionRecord] = {}  # records never change (ids are content hashes); deletes evict
-
-    def function_or_404(function_id: str) -> FunctionRecord:
+    def function_or_404(function_id: str, caller: ApiKey) -> FunctionRecord:
         function = functions.get(function_id) or grid.registry.get_function(function_id)
-        if function is None:
+        if function is None or function.owner != caller.name:  # another owner's function does not exist for you
             raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /upload)")
         functions[function_id] = function
         return function
+
+    def job_or_404(job_id: str, caller: ApiKey, job: JobRecord | None = None) -> JobRecord:
+        job = job or grid.registry.get_job(job_id)
+        if job is None or job.owner != caller.name:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
 
     def base_url(request: Request) -> str:
         return str(request.base_url).rstrip("/")
@@ -77,6 +111,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.post("/upload", response_model=FunctionView, status_code=201,
               responses={200: {"model": FunctionView, "description": "identical package already uploaded"}})
     async def upload(
+        caller: Caller,
         file: Annotated[UploadFile, File(description="a .py file or a zip package")],
         function_name: Annotated[str | None, Form()] = None,
         runtime: Annotated[str | None, Form()] = None,
@@ -95,12 +130,13 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
         if not 0 < timeout_s <= config.max_timeout_s:
             raise PackageError(f"timeout must be more than 0 and at most {config.max_timeout_s:g} s, not {timeout_s:g}")
-        existing = grid.registry.get_function(package.function_id)
+        function_id = owned_function_id(caller.name, package.function_id)
+        existing = grid.registry.get_function(function_id)
         if existing is not None:
             return JSONResponse(existing.to_dict(), status_code=200)
-        grid.store.put_package(package.function_id, package.data)
+        grid.store.put_package(function_id, package.data)
         record = FunctionRecord(
-            function_id=package.function_id, function_name=manifest["name"], runtime=manifest["runtime"],
+            function_id=function_id, owner=caller.name, function_name=manifest["name"], runtime=manifest["runtime"],
             handler=manifest["handler"], kind=manifest["kind"], memory_mib=memory_mib, timeout_s=timeout_s,
             package_size=len(package.data), python=manifest["python"], source=_source_of(package),
         )
@@ -108,28 +144,28 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         return JSONResponse(record.to_dict(), status_code=201)
 
     @app.get("/functions", response_model=list[FunctionView])
-    def list_functions() -> list[dict]:
-        return [f.to_dict() for f in grid.registry.list_functions()]
+    def list_functions(caller: Caller) -> list[dict]:
+        return [f.to_dict() for f in grid.registry.list_functions(owner=caller.name)]
 
     @app.get("/functions/{function_id}", response_model=FunctionView)
-    def get_function(function_id: str) -> dict:
-        return function_or_404(function_id).to_dict()
+    def get_function(function_id: str, caller: Caller) -> dict:
+        return function_or_404(function_id, caller).to_dict()
 
     @app.delete("/functions/{function_id}", response_model=Deleted)
-    def delete_function(function_id: str) -> dict:
-        function_or_404(function_id)
+    def delete_function(function_id: str, caller: Caller) -> dict:
+        function_or_404(function_id, caller)
         functions.pop(function_id, None)
         grid.registry.delete_function(function_id)
         grid.store.delete_package(function_id)
         return {"function_id": function_id, "deleted": True}
 
     @app.post("/run", response_model=JobView, responses={202: {"model": JobView, "description": "accepted (async)"}})
-    async def run(body: RunRequest, request: Request,
+    async def run(body: RunRequest, request: Request, caller: Caller,
                   x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False) -> JSONResponse:
-        function = function_or_404(body.function_id)
+        function = function_or_404(body.function_id, caller)
         pickles = [body.args_pickle] if body.args_pickle is not None else None
         payloads = jobs.encode_payloads(function, [body.payload], pickles, config.max_payload_bytes)
-        (job,) = jobs.new_jobs(function, payloads)
+        (job,) = jobs.new_jobs(function, payloads, caller.name)
         if x_async:
             jobs.submit(grid, function, [job])
             return JSONResponse(jobs.job_view(job, base_url(request)), status_code=202)
@@ -145,15 +181,15 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
     @app.post("/map", responses={200: {"content": {"application/x-ndjson": {}},
                                        "description": "a line {job_ids}, then a JobView line (with index) per call"}})
-    async def map_(body: MapRequest, request: Request) -> StreamingResponse:
-        function = function_or_404(body.function_id)
+    async def map_(body: MapRequest, request: Request, caller: Caller) -> StreamingResponse:
+        function = function_or_404(body.function_id, caller)
         if (body.payloads is None) == (body.args_pickle is None):
             raise jobs.BadRequest("send exactly one of 'payloads' or 'args_pickle'", 422)
         count = len(body.payloads if body.payloads is not None else body.args_pickle)
         if count > config.map_chunk_limit:
             raise jobs.BadRequest(f"{count} calls in one request; send at most {config.map_chunk_limit}", 413)
         payloads = jobs.encode_payloads(function, body.payloads, body.args_pickle, config.max_payload_bytes)
-        new = jobs.new_jobs(function, payloads)
+        new = jobs.new_jobs(function, payloads, caller.name)
         job_ids = [job.job_id for job in new]
         finished, unsubscribe = jobs.subscribe(grid, job_ids)
         jobs.submit(grid, function, new)
@@ -167,47 +203,43 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     @app.get("/status/{job_id}", response_model=JobView)
-    async def status(job_id: str, request: Request,
+    async def status(job_id: str, request: Request, caller: Caller,
                      wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
                      ) -> dict:
-        job = await jobs.wait_for(grid, job_id, wait)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
-        return jobs.job_view(job, base_url(request))
+        job_or_404(job_id, caller)
+        return jobs.job_view(await jobs.wait_for(grid, job_id, wait), base_url(request))
 
     @app.get("/jobs", response_model=list[JobView])
-    def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    def list_jobs(request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
                   status: Annotated[str | None, Query(max_length=16)] = None) -> list[dict]:
-        return [jobs.job_view(job, base_url(request)) for job in grid.registry.list_jobs(limit, status)]
+        return [jobs.job_view(job, base_url(request)) for job in grid.registry.list_jobs(limit, status, caller.name)]
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobView)
-    async def cancel(job_id: str, request: Request) -> dict:
-        job = grid.registry.get_job(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
+    async def cancel(job_id: str, request: Request, caller: Caller) -> dict:
+        job = job_or_404(job_id, caller)
         jobs.cancel(grid, job)
         return jobs.job_view(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request))
 
     @app.post("/jobs/cancel", response_model=Cancelled)
-    def cancel_many(body: CancelRequest) -> dict:
+    def cancel_many(body: CancelRequest, caller: Caller) -> dict:
         """Cancel many jobs at once (an interrupted .map()); unknown and finished ids are passed over."""
         count = 0
         for job_id in body.job_ids:
             job = grid.registry.get_job(job_id)
-            count += job is not None and jobs.cancel(grid, job)
+            count += job is not None and job.owner == caller.name and jobs.cancel(grid, job)
         return {"cancelled": count}
 
     @app.get("/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}}})
-    def download_output(job_id: str, name: str) -> StreamingResponse:
+    def download_output(job_id: str, name: str, caller: Caller) -> StreamingResponse:
         job = grid.registry.get_job(job_id)
-        if job is None or name not in {f["name"] for f in job.output_files}:
+        if job is None or job.owner != caller.name or name not in {f["name"] for f in job.output_files}:
             raise HTTPException(404, f"job {job_id!r} has no output file {name!r}")
         return StreamingResponse(grid.store.open_output(job_id, name), media_type="application/octet-stream",
                                  headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"})
 
     @app.get("/system/status", response_model=SystemStatus)
-    def system_status() -> dict:
-        recent = grid.registry.list_jobs(limit=1000)
+    def system_status(caller: Caller) -> dict:
+        recent = grid.registry.list_jobs(limit=1000, owner=caller.name)
         counts: dict[str, int] = {}
         for job in recent:
             counts[job.status] = counts.get(job.status, 0) + 1
@@ -220,6 +252,11 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         }
 
     return app
+
+
+def owned_function_id(owner: str, content_id: str) -> str:
+    """Function ids are per owner: the same code uploaded by two owners is two functions."""
+    return "fn-" + hashlib.sha256(f"{owner}\0{content_id}".encode()).hexdigest()[:24]
 
 
 def _source_of(package: Package) -> str:

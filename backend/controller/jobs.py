@@ -45,8 +45,9 @@ def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickle
     return encoded
 
 
-def new_jobs(function: FunctionRecord, payloads: list[tuple[str, bytes]]) -> list[JobRecord]:
-    return [JobRecord(new_job_id(), function.function_id, payload_format=fmt, payload=data) for fmt, data in payloads]
+def new_jobs(function: FunctionRecord, payloads: list[tuple[str, bytes]], owner: str) -> list[JobRecord]:
+    return [JobRecord(new_job_id(), function.function_id, payload_format=fmt, payload=data, owner=owner)
+            for fmt, data in payloads]
 
 
 def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord]) -> None:

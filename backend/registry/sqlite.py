@@ -6,11 +6,12 @@ import threading
 from dataclasses import astuple, fields
 from pathlib import Path
 
-from backend.models import FINAL_STATES, PENDING, RUNNING, FunctionRecord, JobRecord
+from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
 from backend.registry.base import Registry
 
 _FUNCTION_COLUMNS = [f.name for f in fields(FunctionRecord)]
 _JOB_COLUMNS = [f.name for f in fields(JobRecord)]
+_KEY_COLUMNS = [f.name for f in fields(ApiKey)]
 _JSON_COLUMNS = {"error", "output_files"}
 
 _SCHEMA = f"""
@@ -18,6 +19,7 @@ CREATE TABLE IF NOT EXISTS functions ({", ".join(_FUNCTION_COLUMNS)}, PRIMARY KE
 CREATE TABLE IF NOT EXISTS jobs ({", ".join(_JOB_COLUMNS)}, PRIMARY KEY (job_id));
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS api_keys ({", ".join(_KEY_COLUMNS)}, PRIMARY KEY (key_id));
 """
 
 
@@ -47,9 +49,12 @@ class SQLiteRegistry(Registry):
             row = self._db.execute("SELECT * FROM functions WHERE function_id = ?", (function_id,)).fetchone()
         return FunctionRecord(*row) if row else None
 
-    def list_functions(self) -> list[FunctionRecord]:
+    def list_functions(self, owner: str | None = None) -> list[FunctionRecord]:
+        query, args = "SELECT * FROM functions", []
+        if owner is not None:
+            query, args = query + " WHERE owner = ?", [owner]
         with self._lock:
-            rows = self._db.execute("SELECT * FROM functions ORDER BY created_at DESC").fetchall()
+            rows = self._db.execute(query + " ORDER BY created_at DESC", args).fetchall()
         return [FunctionRecord(*row) for row in rows]
 
     def delete_function(self, function_id: str) -> bool:
@@ -73,7 +78,7 @@ class SQLiteRegistry(Registry):
         return cursor.rowcount > 0
 
     def finish_job(self, job: JobRecord) -> bool:
-        columns = [c for c in _JOB_COLUMNS if c not in ("job_id", "function_id", "payload", "created_at")]
+        columns = [c for c in _JOB_COLUMNS if c not in ("job_id", "function_id", "payload", "created_at", "owner")]
         row = dict(zip(_JOB_COLUMNS, _job_row(job), strict=True))
         finals = ", ".join("?" * len(FINAL_STATES))
         with self._lock:
@@ -89,13 +94,32 @@ class SQLiteRegistry(Registry):
             row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return _job_from_row(row) if row else None
 
-    def list_jobs(self, limit: int = 50, status: str | None = None) -> list[JobRecord]:
-        query, args = "SELECT * FROM jobs", []
+    def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]:
+        conditions, args = [], []
         if status:
-            query, args = query + " WHERE status = ?", [status]
+            conditions, args = ["status = ?"], [status]
+        if owner is not None:
+            conditions, args = [*conditions, "owner = ?"], [*args, owner]
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY created_at DESC LIMIT ?", [*args, limit]).fetchall()
+            rows = self._db.execute(f"SELECT * FROM jobs{where} ORDER BY created_at DESC LIMIT ?", [*args, limit]).fetchall()
         return [_job_from_row(row) for row in rows]
+
+    # API keys
+    def put_key(self, key: ApiKey) -> None:
+        marks = ", ".join("?" * len(_KEY_COLUMNS))
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO api_keys VALUES ({marks})", astuple(key))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return ApiKey(*row) if row else None
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
+        return [ApiKey(*row) for row in rows]
 
 
 def _job_row(job: JobRecord) -> tuple:

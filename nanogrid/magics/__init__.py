@@ -120,8 +120,8 @@ class NanoGridMagics(Magics):
     def _line(self, line: str) -> Any:
         words = shlex.split(line)
         command, rest = (words[0], words[1:]) if words else ("status", [])
-        if command == "connect":
-            client = nanogrid.connect(rest[0] if rest else None)
+        if command == "connect":  # %nanogrid connect [URL [API_KEY]]
+            client = nanogrid.connect(rest[0] if rest else None, rest[1] if len(rest) > 1 else None)
             print(f"connected to {client.url} ({client.health()['sandbox']})")
             return None
         if command == "status":

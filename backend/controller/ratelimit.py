@@ -1,0 +1,31 @@
+"""A token bucket per API key, in process (the embedded grid and a single controller)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+
+class TokenBuckets:
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, when last filled)
+        self._lock = threading.Lock()
+
+    def take(self, key_id: str, rate: float, burst: int) -> float:
+        """Take one token; returns 0 if allowed, else the seconds until one is available."""
+        if rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key_id, (float(burst), now))
+            tokens = min(float(burst), tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[key_id] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key_id] = (tokens, now)
+        return (1.0 - tokens) / rate
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
