@@ -13,7 +13,7 @@ from nanogrid.packaging import build_zip
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
-RUNTIME_PATTERN = re.compile(r"^python(3\.\d+)$")
+MAX_RATIO = 200  # real code compresses 3-10x; a bomb a thousand-fold
 
 
 class PackageError(ValueError):
@@ -33,7 +33,10 @@ def from_upload(filename: str, data: bytes, form: dict[str, Any], *, max_bytes: 
         files = {filename.rsplit("/", 1)[-1]: data}
     else:
         files = _read_zip(data, max_bytes)
-    manifest = json.loads(files.pop("manifest.json", b"{}") or b"{}") if "manifest.json" in files else {}
+    try:
+        manifest = json.loads(files.pop("manifest.json", b"{}") or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PackageError(f"manifest.json is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise PackageError("manifest.json must hold a JSON object")
     manifest.update({k: v for k, v in form.items() if v not in (None, "")})
@@ -100,6 +103,9 @@ def _read_zip(data: bytes, max_bytes: int) -> dict[str, bytes]:
                 raise PackageError(f"zip entry {name!r} points outside the package", 400)
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise PackageError(f"zip entry {name!r} is a symlink; packages may hold only files", 400)
+            if info.file_size > 1 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise PackageError(f"zip entry {name!r} expands {info.file_size // max(info.compress_size, 1)}x; "
+                                   f"refusing what looks like a zip bomb (limit {MAX_RATIO}x)", 413)
             total += info.file_size
             if total > max_bytes * 4:
                 raise PackageError(f"the zip expands to more than {max_bytes * 4} bytes", 413)

@@ -62,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(status)
     status.set_defaults(command=cmd_status)
 
+    keys = sub.add_parser("keys", help="API keys of the grid in --data-dir (run it where the grid runs)")
+    keys_sub = keys.add_subparsers(metavar="ACTION")
+    create = keys_sub.add_parser("create", help="make a key for NAME (an owner) and print it once")
+    create.add_argument("name")
+    create.add_argument("--rate-limit", type=float, default=None, help="requests per second for this key")
+    create.add_argument("--rate-burst", type=int, default=None, help="burst size for this key")
+    create.set_defaults(command=cmd_keys_create)
+    listing = keys_sub.add_parser("list", help="keys, owners and limits (never the keys themselves)")
+    listing.set_defaults(command=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (or the key itself)")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(command=cmd_keys_revoke)
+    for parser_ in (create, listing, revoke):
+        parser_.add_argument("--data-dir", type=Path, default=None, help="default ~/.nanogrid (NANOGRID_DATA_DIR)")
+
     jobs = sub.add_parser("jobs", help="recent jobs")
     jobs.add_argument("--limit", type=int, default=20)
     _client_options(jobs)
@@ -78,6 +93,8 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
                         help="where user code runs: docker, process (trusted code only), auto (docker when available)")
     parser.add_argument("--stem-cells", type=int, default=None, help="unspecialised sandboxes kept started")
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (NANOGRID_CONFIG)")
+    parser.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key (default 1000; 0: off)")
+    parser.add_argument("--rate-burst", type=int, default=None, help="requests at once per API key (default 2000)")
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +109,8 @@ def _grid_config(args: argparse.Namespace) -> Any:
     from backend.config import GridConfig
 
     return GridConfig.load(args.config, host=args.host, port=args.port, data_dir=args.data_dir,
-                           workers=args.workers, sandbox=args.sandbox, stem_cells=args.stem_cells)
+                           workers=args.workers, sandbox=args.sandbox, stem_cells=args.stem_cells,
+                           rate_limit=args.rate_limit, rate_burst=args.rate_burst)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -119,6 +137,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nanogrid.demo import run_demo
 
     return run_demo(workers=args.workers)
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from backend.config import GridConfig
+    from backend.registry.sqlite import SQLiteRegistry
+
+    config = GridConfig.load(data_dir=args.data_dir)
+    return SQLiteRegistry(config.data_dir / "registry.sqlite3")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from backend.keys import create_key
+
+    try:
+        key, record = create_key(_registry(args), args.name, rate_limit=args.rate_limit, rate_burst=args.rate_burst)
+    except ValueError as exc:
+        print(f"nanogrid: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"key {record.key_id} for {record.name}: shown once, only its hash is stored", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    print(f"{'key id':10} {'owner':20} {'created':20} {'rate/s':>8} {'burst':>6}  state")
+    for key in _registry(args).list_keys():
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(key.created_at))
+        state = "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(key.revoked_at)) if key.revoked_at else "active"
+        rate = "" if key.rate_limit is None else f"{key.rate_limit:g}"
+        burst = "" if key.rate_burst is None else str(key.rate_burst)
+        print(f"{key.key_id:10} {key.name:20} {created:20} {rate:>8} {burst:>6}  {state}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from backend.keys import revoke_key
+
+    try:
+        record = revoke_key(_registry(args), args.key_id)
+    except KeyError as exc:
+        print(f"nanogrid: {exc.args[0]}", file=sys.stderr)
+        return 1
+    print(f"revoked key {record.key_id} of {record.name}")
+    return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
