@@ -8,12 +8,14 @@ import json
 import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from backend.controller import jobs
 from backend.controller.limits import BodySizeLimit
@@ -22,6 +24,7 @@ from backend.controller.schemas import (
     Cancelled,
     CancelRequest,
     Deleted,
+    ErrorDetail,
     FunctionView,
     Health,
     JobView,
@@ -38,7 +41,7 @@ from nanogrid import __version__
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
 
 
-def authorize(
+async def authorize(
     request: Request,
     x_api_key: Annotated[str | None, Security(APIKeyHeader(name="x-api-key", auto_error=False))] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(HTTPBearer(auto_error=False))] = None,
@@ -58,6 +61,17 @@ def authorize(
 
 
 Caller = Annotated[ApiKey, Depends(authorize)]
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorDetail, "description": "a malformed input (a broken zip, a bad payload)"},
+    401: {"model": ErrorDetail, "description": "missing, wrong or revoked API key"},
+    404: {"model": ErrorDetail, "description": "no such function, job or file (for this key's owner)"},
+    409: {"model": ErrorDetail, "description": "a function pickled by another Python version"},
+    413: {"model": ErrorDetail, "description": "too large: body, package, payload or batch"},
+    429: {"model": ErrorDetail, "description": "rate limit: see Retry-After",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+}
 
 
 def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
@@ -71,12 +85,21 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         if manage_grid:
             grid.stop()
 
-    app = FastAPI(title="NanoGrid controller", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="NanoGrid controller", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.authenticator = Authenticator(grid.registry)
     app.state.buckets = TokenBuckets()
     app.state.config = config
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
     app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, config.max_payload_bytes) + (1 << 20))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # list every method of the path, not just the first route's
+            methods = {m for route in app.router.routes if isinstance(route, Route)
+                       and route.matches(request.scope)[0] != Match.NONE for m in (route.methods or ())}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(PackageError)
     async def package_error(request: Request, exc: PackageError) -> JSONResponse:
@@ -113,11 +136,12 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     async def upload(
         caller: Caller,
         file: Annotated[UploadFile, File(description="a .py file or a zip package")],
-        function_name: Annotated[str | None, Form()] = None,
-        runtime: Annotated[str | None, Form()] = None,
-        handler: Annotated[str | None, Form()] = None,
-        timeout: Annotated[float | None, Form()] = None,
-        memory: Annotated[int | None, Form()] = None,
+        # Optional, but not nullable: a form field is either sent or not.
+        function_name: Annotated[str, Form(max_length=64)] = None,  # type: ignore[assignment]
+        runtime: Annotated[str, Form(max_length=32)] = None,  # type: ignore[assignment]
+        handler: Annotated[str, Form(max_length=200)] = None,  # type: ignore[assignment]
+        timeout: Annotated[float, Form(description="seconds")] = None,  # type: ignore[assignment]
+        memory: Annotated[int, Form(description="MiB")] = None,  # type: ignore[assignment]
     ) -> JSONResponse:
         data = await file.read()
         form = {"name": function_name, "runtime": runtime, "handler": handler, "timeout": timeout, "memory": memory}
@@ -211,7 +235,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
     @app.get("/jobs", response_model=list[JobView])
     def list_jobs(request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-                  status: Annotated[str | None, Query(max_length=16)] = None) -> list[dict]:
+                  status: Annotated[JobStatus | None, Query()] = None) -> list[dict]:
         return [jobs.job_view(job, base_url(request)) for job in grid.registry.list_jobs(limit, status, caller.name)]
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobView)

@@ -7,6 +7,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class ErrorDetail(BaseModel):
+    detail: str = Field(description="what was wrong and what to do")
+
+
 class RunRequest(BaseModel):
     function_id: str = Field(min_length=1, max_length=64)
     payload: Any = Field(None, description="JSON event for handler(event, context) functions")
