@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 MiB = 1 << 20
+SEED_NAMES = {"queue_url": "SQS_QUEUE_URL", "code_bucket": "S3_CODE_BUCKET", "data_bucket": "S3_USER_DATA_BUCKET",
+              "dynamodb_table": "DYNAMODB_TABLE", "redis_host": "REDIS_HOST", "redis_port": "REDIS_PORT"}
 
 
 def default_data_dir() -> Path:
@@ -41,6 +43,16 @@ class GridConfig:
     max_output_bytes: int = 1024 * MiB  # all output files of one call
     capture_limit_bytes: int = 1 * MiB  # stdout / stderr kept per call
     map_chunk_limit: int = 10_000  # items in one /map request
+    # Shared services for many machines (empty: the embedded grid's local adapters). The seeds' names
+    # (SQS_QUEUE_URL, S3_CODE_BUCKET, ...) are read too; endpoints come from boto3's own settings.
+    queue_url: str = ""
+    code_bucket: str = ""
+    data_bucket: str = ""
+    dynamodb_table: str = ""
+    redis_host: str = ""
+    redis_port: int = 6379
+    sqs_visibility_s: int = 30  # extended while a job runs; a dead worker's job reappears after this
+    heartbeat_s: float = 5.0
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
     rate_burst: int = 2000  # requests a key may make at once before the rate applies
 
@@ -60,6 +72,9 @@ class GridConfig:
         if path:
             with open(path, "rb") as f:
                 values.update(tomllib.load(f))
+        for name, seed_name in SEED_NAMES.items():
+            if os.environ.get(seed_name):
+                values[name] = os.environ[seed_name]
         for f in fields(cls):
             env = os.environ.get(f"NANOGRID_{f.name.upper()}")
             if env is not None:

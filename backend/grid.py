@@ -8,12 +8,20 @@ import time
 from backend.config import GridConfig
 from backend.keys import ensure_local_key
 from backend.models import FAILED, PENDING, RUNNING, JobMessage
+from backend.queue.base import JobQueue
 from backend.queue.local import LocalQueue
+from backend.queue.sqs import SQSQueue
+from backend.registry.base import Registry
+from backend.registry.dynamodb import DynamoDBRegistry
 from backend.registry.sqlite import SQLiteRegistry
+from backend.results.base import ResultBus
 from backend.results.local import LocalResultBus
+from backend.results.redis import RedisResultBus
 from backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
 from backend.sandbox.process import ProcessSandboxFactory
+from backend.store.base import BlobStore
 from backend.store.local import LocalStore
+from backend.store.s3 import S3Store
 from backend.worker.agent import Worker
 from backend.worker.pool import WarmPool
 
@@ -43,32 +51,62 @@ def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSa
 
 
 class Grid:
-    """The embedded grid: everything in one process with local adapters."""
+    """One process's part of a grid: ``all`` (the embedded grid), ``controller`` or ``worker``.
 
-    def __init__(self, config: GridConfig) -> None:
+    Adapters follow the configuration: SQS, S3, DynamoDB and Redis when they are configured,
+    else an in-memory queue, a directory store, SQLite and an in-process bus.
+    """
+
+    def __init__(self, config: GridConfig, role: str = "all") -> None:
         self.config = config
+        self.role = role
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
-        self.registry = SQLiteRegistry(data / "registry.sqlite3")
-        self.api_key = ensure_local_key(self.registry, data)  # for clients on this machine
-        self.store = LocalStore(data / "store")
-        self.queue = LocalQueue()
-        self.bus = LocalResultBus()
-        factory = make_sandbox_factory(config)
-        python = getattr(factory, "python", None) or config.python_runtime.removeprefix("python")
+        if role != "all" and not (config.queue_url and config.redis_host):
+            raise ValueError(f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
+                             "(or run everything in one process with `nanogrid up`)")
+        if config.dynamodb_table:
+            self.registry: Registry = DynamoDBRegistry(config.dynamodb_table)
+        else:
+            self.registry = SQLiteRegistry(data / "registry.sqlite3")
+        self.api_key = ensure_local_key(self.registry, data) if role == "all" else None
+        if config.code_bucket:
+            self.store: BlobStore = S3Store(config.code_bucket, config.data_bucket or config.code_bucket)
+        else:
+            self.store = LocalStore(data / "store")
+        self.queue: JobQueue = (SQSQueue(config.queue_url, self.store, config.sqs_visibility_s)
+                                if config.queue_url else LocalQueue())
+        self.bus: ResultBus = (RedisResultBus(config.redis_host, config.redis_port, self.registry)
+                               if config.redis_host else LocalResultBus())
+        self.pool: WarmPool | None = None
+        self.worker: Worker | None = None
+        python = config.python_runtime.removeprefix("python")
+        if role in ("all", "worker"):
+            factory = make_sandbox_factory(config)
+            python = getattr(factory, "python", None) or python
+            self.pool = WarmPool(factory, cap=config.effective_pool_cap, stem_cells=config.stem_cells,
+                                 idle_ttl_s=config.idle_ttl_s)
+            self.worker = Worker(queue=self.queue, registry=self.registry, store=self.store, bus=self.bus,
+                                 pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
+                                 visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s)
         self.runtimes = {f"python{python}": python}
-        self.pool = WarmPool(factory, cap=config.effective_pool_cap, stem_cells=config.stem_cells,
-                             idle_ttl_s=config.idle_ttl_s)
-        self.worker = Worker(queue=self.queue, registry=self.registry, store=self.store, bus=self.bus,
-                             pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes)
+
+    def describe_sandbox(self) -> str:
+        return self.pool.factory.describe() if self.pool else "workers run separately"
 
     def start(self) -> None:
-        self._recover()
-        self.worker.start()
+        if self.role == "all" and not self.config.queue_url:
+            self._recover()
+        if self.worker:
+            self.worker.start()
 
     def stop(self) -> None:
-        self.worker.stop()
-        self.registry.close()
+        if self.worker:
+            self.worker.stop()
+        if isinstance(self.bus, RedisResultBus):
+            self.bus.close()
+        if isinstance(self.registry, SQLiteRegistry):
+            self.registry.close()
 
     def _recover(self) -> None:
         """Jobs left by a previous run: pending ones go back on the queue, running ones fail."""

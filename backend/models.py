@@ -87,3 +87,5 @@ class JobMessage:
     payload: bytes
     timeout_s: float
     memory_mib: int
+    receipt: str | None = None  # the queue's handle for this delivery (SQS receipt handle)
+    receive_count: int = 1  # more than 1: delivered again after a worker died or stalled

@@ -124,7 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     def ready(url: str, grid: Any) -> None:
         grid_file = write_grid_file(config.data_dir, url)
         print(f"NanoGrid is up at {url}", flush=True)
-        print(f"  sandbox:  {grid.pool.factory.describe()}", flush=True)
+        print(f"  sandbox:  {grid.describe_sandbox()}", flush=True)
         print(f"  workers:  {config.workers} slots, {config.stem_cells} stem cells, pool cap {config.effective_pool_cap}")
         print(f"  data:     {config.data_dir} (clients find this grid through {grid_file})", flush=True)
         print("  stop with Ctrl-C", flush=True)

@@ -41,7 +41,7 @@ def run_demo(workers: int | None = None) -> int:
         config = GridConfig.load(data_dir=Path(data_dir), port=0, workers=workers)
         print("Starting an embedded grid ...")
         with EmbeddedGrid(config) as embedded:
-            print(f"  {embedded.url}  [{embedded.grid.pool.factory.describe()}]")
+            print(f"  {embedded.url}  [{embedded.grid.describe_sandbox()}]")
             nanogrid.connect(embedded.url, api_key=embedded.api_key)
             _tour()
     return 0

@@ -12,13 +12,14 @@ from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Security, UploadFile
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from backend.controller import jobs
 from backend.controller.limits import BodySizeLimit
+from backend.controller.metrics import render_metrics
 from backend.controller.ratelimit import TokenBuckets, retry_after_header
 from backend.controller.schemas import (
     Cancelled,
@@ -36,6 +37,7 @@ from backend.grid import Grid
 from backend.keys import Authenticator, AuthError
 from backend.models import ApiKey, FunctionRecord, JobRecord
 from backend.packages import Package, PackageError, from_upload
+from backend.results.redis import RedisResultBus, RedisTokenBuckets
 from nanogrid import __version__
 
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
@@ -87,7 +89,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
     app = FastAPI(title="NanoGrid controller", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.authenticator = Authenticator(grid.registry)
-    app.state.buckets = TokenBuckets()
+    app.state.buckets = RedisTokenBuckets(grid.bus.redis) if isinstance(grid.bus, RedisResultBus) else TokenBuckets()
     app.state.config = config
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
     app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, config.max_payload_bytes) + (1 << 20))
@@ -129,7 +131,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.get("/health", response_model=Health)
     def health() -> dict:
         return {"status": "healthy", "version": __version__, "runtimes": grid.runtimes,
-                "sandbox": grid.pool.factory.describe()}
+                "sandbox": grid.describe_sandbox()}
 
     @app.post("/upload", response_model=FunctionView, status_code=201,
               responses={200: {"model": FunctionView, "description": "identical package already uploaded"}})
@@ -258,6 +260,9 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         job = grid.registry.get_job(job_id)
         if job is None or job.owner != caller.name or name not in {f["name"] for f in job.output_files}:
             raise HTTPException(404, f"job {job_id!r} has no output file {name!r}")
+        direct = grid.store.output_url(job_id, name)
+        if direct:
+            return RedirectResponse(direct, status_code=307)  # a presigned URL: bytes never pass through here
         return StreamingResponse(grid.store.open_output(job_id, name), media_type="application/octet-stream",
                                  headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"})
 
@@ -267,13 +272,18 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         counts: dict[str, int] = {}
         for job in recent:
             counts[job.status] = counts.get(job.status, 0) + 1
-        worker = grid.worker
-        return {
-            "queue_depth": grid.queue.depth(),
-            "workers": [{"worker_id": worker.worker_id, "slots": worker.slots, "pool": grid.pool.snapshot(),
-                         **worker.stats}],
-            "jobs": counts,
-        }
+        return {"queue_depth": grid.queue.depth(), "workers": live_workers(), "jobs": counts}
+
+    def live_workers() -> list[dict]:
+        if grid.worker is not None and not grid.config.redis_host:
+            return [grid.worker.info()]  # the embedded grid: exact and current
+        return grid.bus.workers()  # many machines: their latest heartbeats
+
+    @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+    def metrics() -> PlainTextResponse:
+        """Prometheus text format: queue, workers, backlog per worker (the autoscaling signal), pools, jobs."""
+        return PlainTextResponse(render_metrics(grid.queue.depth(), live_workers()),
+                                 media_type="text/plain; version=0.0.4")
 
     return app
 

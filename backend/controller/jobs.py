@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from backend.grid import Grid
-from backend.models import CANCELLED, FunctionRecord, JobMessage, JobRecord, new_job_id
+from backend.models import CANCELLED, RUNNING, FunctionRecord, JobMessage, JobRecord, new_job_id
 
 
 class BadRequest(ValueError):
@@ -100,12 +100,14 @@ def cancel(grid: Grid, job: JobRecord) -> bool:
     """Cancel a job: a queued one is marked cancelled (workers skip it), a running one has its sandbox killed."""
     if job.finished:
         return False
-    if grid.worker.cancel(job.job_id):
+    if job.status == RUNNING:
+        grid.bus.request_cancel(job.job_id)  # the worker running it stops its sandbox and records it
         return True
     job.status, job.finished_at = CANCELLED, time.time()
     job.error = {"kind": "cancelled", "message": "cancelled by the user before it started"}
     if grid.registry.finish_job(job):
         grid.bus.publish(job)
+        grid.bus.request_cancel(job.job_id)  # in case a worker took it in the meantime
         return True
     return False
 

@@ -18,3 +18,11 @@ class JobQueue(ABC):
     @abstractmethod
     def depth(self) -> int:
         """Jobs waiting (approximate where the backend only estimates it)."""
+
+    @abstractmethod
+    def ack(self, message: JobMessage) -> None:
+        """The job's result is stored: the queue may forget the message."""
+
+    @abstractmethod
+    def extend(self, message: JobMessage, seconds: float) -> None:
+        """Still working on it: keep it hidden from other workers for ``seconds`` more."""

@@ -27,3 +27,9 @@ class LocalQueue(JobQueue):
 
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def ack(self, message: JobMessage) -> None:
+        pass  # a message taken from memory is gone already
+
+    def extend(self, message: JobMessage, seconds: float) -> None:
+        pass  # nothing else can take it

@@ -24,8 +24,11 @@ class Registry(ABC):
     def create_jobs(self, jobs: list[JobRecord]) -> None: ...
 
     @abstractmethod
-    def mark_running(self, job_id: str, worker_id: str, started_at: float) -> bool:
-        """Pending -> running; False if the job is no longer pending (cancelled, or run elsewhere)."""
+    def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
+        """Pending -> running; False if the job is no longer pending (cancelled, or run elsewhere).
+
+        ``retry``: a redelivered message, whose first worker died, may also take over a running job.
+        """
 
     @abstractmethod
     def finish_job(self, job: JobRecord) -> bool:

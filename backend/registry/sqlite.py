@@ -69,11 +69,12 @@ class SQLiteRegistry(Registry):
             self._db.executemany(f"INSERT INTO jobs VALUES ({marks})", [_job_row(job) for job in jobs])
             self._db.execute("COMMIT")
 
-    def mark_running(self, job_id: str, worker_id: str, started_at: float) -> bool:
+    def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
+        allowed = (PENDING, RUNNING) if retry else (PENDING, PENDING)
         with self._lock:
             cursor = self._db.execute(
-                "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE job_id = ? AND status = ?",
-                (RUNNING, worker_id, started_at, job_id, PENDING),
+                "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE job_id = ? AND status IN (?, ?)",
+                (RUNNING, worker_id, started_at, job_id, *allowed),
             )
         return cursor.rowcount > 0
 

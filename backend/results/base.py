@@ -20,3 +20,19 @@ class ResultBus(ABC):
 
         Subscribe before checking the registry, so a result that lands in between is not missed.
         """
+
+    @abstractmethod
+    def request_cancel(self, job_id: str) -> None:
+        """Ask whichever worker runs this job to stop it."""
+
+    @abstractmethod
+    def on_cancel(self, callback: Callable[[str], object]) -> None:
+        """A worker's hook for cancel requests."""
+
+    @abstractmethod
+    def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        """A worker is alive; ``info`` (slots, pool, counters) is shown by /system/status until ``ttl_s`` passes."""
+
+    @abstractmethod
+    def workers(self) -> list[dict]:
+        """The live workers' latest heartbeats."""

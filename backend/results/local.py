@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from backend.models import JobRecord
@@ -13,6 +14,8 @@ class LocalResultBus(ResultBus):
     def __init__(self) -> None:
         self._listeners: dict[str, list[Listener]] = {}
         self._lock = threading.Lock()
+        self._cancel_hooks: list[Callable[[str], object]] = []
+        self._heartbeats: dict[str, tuple[dict, float]] = {}
 
     def publish(self, job: JobRecord) -> None:
         with self._lock:
@@ -35,3 +38,17 @@ class LocalResultBus(ResultBus):
                         self._listeners.pop(job_id, None)
 
         return unsubscribe
+
+    def request_cancel(self, job_id: str) -> None:
+        for hook in self._cancel_hooks:
+            hook(job_id)
+
+    def on_cancel(self, callback: Callable[[str], object]) -> None:
+        self._cancel_hooks.append(callback)
+
+    def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        self._heartbeats[worker_id] = (info, time.monotonic() + ttl_s)
+
+    def workers(self) -> list[dict]:
+        now = time.monotonic()
+        return [info for info, expires in list(self._heartbeats.values()) if expires > now]

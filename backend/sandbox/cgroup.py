@@ -68,11 +68,18 @@ class MemoryCgroup:
         except OSError:
             pass
 
-    def peak(self) -> int:
-        return int(os.pread(self._peak_fd, 32, 0))
+    def peak(self) -> int | None:
+        """None once the cgroup is gone (its sandbox was killed)."""
+        try:
+            return int(os.pread(self._peak_fd, 32, 0))
+        except OSError:
+            return None
 
-    def usage(self) -> int:
-        return int(os.pread(self._usage_fd, 32, 0))
+    def usage(self) -> int | None:
+        try:
+            return int(os.pread(self._usage_fd, 32, 0))
+        except OSError:
+            return None
 
     def oom_killed(self) -> bool:
         """True once the kernel's OOM killer has killed a process of this sandbox."""

@@ -18,6 +18,17 @@ class BlobStore(ABC):
     def delete_package(self, function_id: str) -> None: ...
 
     @abstractmethod
+    def put_blob(self, key: str, data: bytes) -> None:
+        """Anything else the grid keeps (large payloads), by key."""
+
+    @abstractmethod
+    def get_blob(self, key: str) -> bytes: ...
+
+    def output_url(self, job_id: str, name: str) -> str | None:
+        """A direct download URL (a presigned one on S3), or None to serve it through the controller."""
+        return None
+
+    @abstractmethod
     def save_output(self, job_id: str, name: str, source: Path) -> int:
         """Move or stream one finished output file into the store; returns its size."""
 

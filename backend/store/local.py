@@ -31,6 +31,14 @@ class LocalStore(BlobStore):
     def delete_package(self, function_id: str) -> None:
         self._package_path(function_id).unlink(missing_ok=True)
 
+    def put_blob(self, key: str, data: bytes) -> None:
+        path = self.root / "blobs" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def get_blob(self, key: str) -> bytes:
+        return (self.root / "blobs" / key).read_bytes()
+
     def _output_path(self, job_id: str, name: str) -> Path:
         base = (self.root / "outputs" / job_id).resolve()
         path = (base / name).resolve()

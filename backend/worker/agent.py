@@ -25,7 +25,8 @@ class Worker:
     """``slots`` threads, each running one call at a time in a sandbox from the shared warm pool."""
 
     def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
-                 pool: WarmPool, slots: int, max_output_bytes: int) -> None:
+                 pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
+                 heartbeat_s: float = 5.0) -> None:
         self.queue = queue
         self.registry = registry
         self.store = store
@@ -33,6 +34,9 @@ class Worker:
         self.pool = pool
         self.slots = slots
         self.max_output_bytes = max_output_bytes
+        self.visibility_s = visibility_s
+        self.heartbeat_s = heartbeat_s
+        self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
         self._cancelled: set[str] = set()
@@ -41,6 +45,9 @@ class Worker:
         self.stats = {"completed": 0, "failed": 0, "cold_starts": 0}
 
     def start(self) -> None:
+        self.bus.on_cancel(self.cancel)
+        self._beat()
+        threading.Thread(target=self._keepalive, name="worker-keepalive", daemon=True).start()
         for n in range(self.slots):
             thread = threading.Thread(target=self._slot, name=f"worker-slot-{n}", daemon=True)
             thread.start()
@@ -54,13 +61,36 @@ class Worker:
             thread.join(timeout=5)
         self.pool.close()
 
+    def info(self) -> dict:
+        """What /system/status and /metrics show about this worker."""
+        return {"worker_id": self.worker_id, "slots": self.slots, "running": len(self._running),
+                "pool": self.pool.snapshot(), **self.stats}
+
+    def _beat(self) -> None:
+        try:
+            self.bus.heartbeat(self.worker_id, self.info(), ttl_s=self.heartbeat_s * 3)
+        except Exception as exc:  # a bus outage must not stop the jobs
+            log.warning("heartbeat failed: %s", exc)
+
+    def _keepalive(self) -> None:
+        """Heartbeats, and more visibility time for the messages of jobs still running."""
+        interval = min(self.heartbeat_s, self.visibility_s / 3)
+        while not self._stopping.wait(interval):
+            self._beat()
+            for message in list(self._in_flight.values()):
+                try:
+                    self.queue.extend(message, self.visibility_s)
+                except Exception as exc:
+                    log.warning("job %s: could not extend its visibility: %s", message.job_id, exc)
+
     def cancel(self, job_id: str) -> bool:
         """Stop a running job's sandbox; True if this worker was running it."""
-        sandbox = self._running.get(job_id)
-        if sandbox is None:
+        if job_id not in self._in_flight:
             return False
-        self._cancelled.add(job_id)
-        sandbox.kill("cancelled by the user")
+        self._cancelled.add(job_id)  # checked again once its sandbox is ready, if it is still starting
+        sandbox = self._running.get(job_id)
+        if sandbox is not None:
+            sandbox.kill("cancelled by the user")
         return True
 
     def _slot(self) -> None:
@@ -75,24 +105,37 @@ class Worker:
 
     def run(self, message: JobMessage) -> None:
         started = time.time()
-        if not self.registry.mark_running(message.job_id, self.worker_id, started):
-            return  # cancelled while queued, or already taken
+        if not self.registry.mark_running(message.job_id, self.worker_id, started, retry=message.receive_count > 1):
+            self.queue.ack(message)  # cancelled while queued, or already finished: nothing left to do
+            return
         job = JobRecord(message.job_id, message.function_id, status=RUNNING, payload_format=message.payload_format,
                         worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib)
+        self._in_flight[message.job_id] = message
         try:
             self._execute(message, job)
         except SandboxError as exc:
             self._fail(job, exc.kind, exc.message)
+        except Exception as exc:  # never leave a job running forever because of a bug of ours
+            log.exception("job %s: worker error", message.job_id)
+            self._fail(job, "internal", f"the worker failed while running this job: {type(exc).__name__}: {exc}")
+        finally:
+            self._in_flight.pop(message.job_id, None)
+            self._cancelled.discard(message.job_id)
         job.finished_at = time.time()
         self.stats["completed" if job.status == COMPLETED else "failed"] += 1
         if self.registry.finish_job(job):
             self.bus.publish(job)
+        self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
 
     def _execute(self, message: JobMessage, job: JobRecord) -> None:
         sandbox, cold = self.pool.acquire(message.function_id, lambda: self._code(message))
         job.cold, job.sandbox_id = cold, sandbox.id
         self.stats["cold_starts"] += cold
         self._running[job.job_id] = sandbox
+        if job.job_id in self._cancelled:  # cancelled while its sandbox was being prepared
+            self._running.pop(job.job_id, None)
+            self.pool.discard(sandbox)
+            raise SandboxError("cancelled", "cancelled by the user")
         try:
             outcome = sandbox.call(job.job_id, message.payload, message.timeout_s)
         except SandboxError:

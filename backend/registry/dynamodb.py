@@ -1,0 +1,173 @@
+"""AWS DynamoDB: functions, jobs and API keys in one table (``pk`` = ``fn#…``, ``job#…``, ``key#…``).
+
+Jobs move PENDING -> RUNNING -> final through conditional updates, so a duplicate delivery can
+neither run a finished job again nor overwrite its first result. Job items expire through the
+table's TTL attribute ``expires_at``. Listing scans the table: fine for a team's grid; a
+global secondary index on (owner, created_at) is the next step for a busy one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from decimal import Decimal
+from typing import Any
+
+import boto3
+from boto3.dynamodb.conditions import Attr
+from botocore.exceptions import ClientError
+
+from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
+from backend.registry.base import Registry
+
+JSON_FIELDS = {"error", "output_files"}
+INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
+              "rate_burst"}
+JOB_TTL_S = 7 * 24 * 3600
+
+
+def _to_item(values: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in JSON_FIELDS:
+            item[name] = json.dumps(value)
+        elif isinstance(value, float):
+            item[name] = Decimal(repr(value))
+        elif isinstance(value, bytes):
+            if value:
+                item[name] = value
+        else:
+            item[name] = value
+    return item
+
+
+def _from_item(cls: type, item: dict[str, Any]) -> Any:
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in item:
+            continue
+        value = item[f.name]
+        if f.name in JSON_FIELDS:
+            value = json.loads(value)
+        elif isinstance(value, Decimal):
+            value = int(value) if f.name in INT_FIELDS else float(value)
+        elif hasattr(value, "value") and isinstance(value.value, bytes):  # boto3's Binary
+            value = value.value
+        values[f.name] = value
+    return cls(**values)
+
+
+class DynamoDBRegistry(Registry):
+    def __init__(self, table_name: str) -> None:
+        self.table = boto3.resource("dynamodb").Table(table_name)
+
+    # functions
+    def put_function(self, function: FunctionRecord) -> None:
+        self.table.put_item(Item={"pk": f"fn#{function.function_id}", "kind": "function",
+                                  **_to_item(function.to_dict())})
+
+    def get_function(self, function_id: str) -> FunctionRecord | None:
+        item = self.table.get_item(Key={"pk": f"fn#{function_id}"}, ConsistentRead=True).get("Item")
+        return _from_item(FunctionRecord, item) if item else None
+
+    def list_functions(self, owner: str | None = None) -> list[FunctionRecord]:
+        condition = Attr("kind").eq("function")
+        if owner is not None:
+            condition &= Attr("owner").eq(owner)
+        items = self._scan(condition)
+        return sorted((_from_item(FunctionRecord, i) for i in items), key=lambda f: f.created_at, reverse=True)
+
+    def delete_function(self, function_id: str) -> bool:
+        old = self.table.delete_item(Key={"pk": f"fn#{function_id}"}, ReturnValues="ALL_OLD")
+        return "Attributes" in old
+
+    # jobs
+    def create_jobs(self, jobs: list[JobRecord]) -> None:
+        with self.table.batch_writer() as batch:
+            for job in jobs:
+                values = {f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name != "payload"}
+                batch.put_item(Item={"pk": f"job#{job.job_id}", "kind": "job",
+                                     "expires_at": int(job.created_at + JOB_TTL_S), **_to_item(values)})
+
+    def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
+        # A redelivered message (its worker died) may take over a job left RUNNING.
+        allowed = Attr("status").is_in([PENDING, RUNNING]) if retry else Attr("status").eq(PENDING)
+        try:
+            self.table.update_item(
+                Key={"pk": f"job#{job_id}"},
+                UpdateExpression="SET #s = :running, worker_id = :w, started_at = :t",
+                ConditionExpression=Attr("pk").exists() & allowed,
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":running": RUNNING, ":w": worker_id, ":t": Decimal(repr(started_at))},
+            )
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    def finish_job(self, job: JobRecord) -> bool:
+        skip = {"job_id", "function_id", "payload", "created_at", "owner"}
+        values = _to_item({f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name not in skip})
+        names = {f"#a{i}": name for i, name in enumerate(values)}
+        try:
+            self.table.update_item(
+                Key={"pk": f"job#{job.job_id}"},
+                UpdateExpression="SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))),
+                ConditionExpression=Attr("pk").exists() & ~Attr("status").is_in(list(FINAL_STATES)),
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues={f":v{i}": v for i, v in enumerate(values.values())},
+            )
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False  # already final: the first result wins
+            raise
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        item = self.table.get_item(Key={"pk": f"job#{job_id}"}, ConsistentRead=True).get("Item")
+        return _from_item(JobRecord, item) if item else None
+
+    def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]:
+        condition = Attr("kind").eq("job")
+        if status:
+            condition &= Attr("status").eq(status)
+        if owner is not None:
+            condition &= Attr("owner").eq(owner)
+        jobs = sorted((_from_item(JobRecord, i) for i in self._scan(condition)), key=lambda j: j.created_at,
+                      reverse=True)
+        return jobs if limit < 0 else jobs[:limit]
+
+    # API keys
+    def put_key(self, key: ApiKey) -> None:
+        self.table.put_item(Item={"pk": f"key#{key.key_id}", "kind": "key",
+                                  **_to_item({f.name: getattr(key, f.name) for f in fields(ApiKey)})})
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        item = self.table.get_item(Key={"pk": f"key#{key_id}"}, ConsistentRead=True).get("Item")
+        return _from_item(ApiKey, item) if item else None
+
+    def list_keys(self) -> list[ApiKey]:
+        return sorted((_from_item(ApiKey, i) for i in self._scan(Attr("kind").eq("key"))), key=lambda k: k.created_at)
+
+    def _scan(self, condition: Any) -> list[dict[str, Any]]:
+        items, kwargs = [], {"FilterExpression": condition}
+        while True:
+            page = self.table.scan(**kwargs)
+            items.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return items
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def create_table(table_name: str) -> None:
+    """The table the registry expects, with TTL on job items (what Terraform's registry module makes)."""
+    client = boto3.client("dynamodb")
+    client.create_table(TableName=table_name, BillingMode="PAY_PER_REQUEST",
+                        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
+    client.get_waiter("table_exists").wait(TableName=table_name)
+    client.update_time_to_live(TableName=table_name,
+                               TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})

@@ -1,0 +1,150 @@
+"""Redis: results, cancel requests and worker heartbeats shared by many controllers and workers.
+
+A finished job is written to ``nanogrid:result:{job_id}`` (with a TTL) and announced on one
+pub/sub channel; each controller dispatches announcements to the requests waiting on them.
+Waiters also check the registry after subscribing, so a result published before they arrived
+is not missed. The pub/sub thread reconnects when Redis restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from backend.models import JobRecord
+from backend.registry.base import Registry
+from backend.results.base import Listener, ResultBus
+
+log = logging.getLogger(__name__)
+
+RESULTS = "nanogrid:results"
+CANCELS = "nanogrid:cancel"
+HEARTBEAT = "nanogrid:worker:"
+RESULT_TTL_S = 3600
+
+
+class RedisResultBus(ResultBus):
+    def __init__(self, host: str, port: int, registry: Registry) -> None:
+        self.redis = redis.Redis(host=host, port=port, socket_timeout=10, socket_connect_timeout=5,
+                                 retry_on_timeout=True, health_check_interval=15)
+        self.registry = registry
+        self._listeners: dict[str, list[Listener]] = {}
+        self._cancel_hooks: list[Callable[[str], object]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="redis-bus", daemon=True)
+        self._thread.start()
+
+    def publish(self, job: JobRecord) -> None:
+        self._retry(lambda: self.redis.pipeline().set(f"nanogrid:result:{job.job_id}", job.status, ex=RESULT_TTL_S)
+                    .publish(RESULTS, job.job_id).execute())
+
+    def subscribe(self, job_ids: list[str], listener: Listener) -> Callable[[], None]:
+        with self._lock:
+            for job_id in job_ids:
+                self._listeners.setdefault(job_id, []).append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                for job_id in job_ids:
+                    remaining = [fn for fn in self._listeners.get(job_id, []) if fn is not listener]
+                    if remaining:
+                        self._listeners[job_id] = remaining
+                    else:
+                        self._listeners.pop(job_id, None)
+
+        return unsubscribe
+
+    def request_cancel(self, job_id: str) -> None:
+        self._retry(lambda: self.redis.publish(CANCELS, job_id))
+
+    def on_cancel(self, callback: Callable[[str], object]) -> None:
+        self._cancel_hooks.append(callback)
+
+    def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        self._retry(lambda: self.redis.set(HEARTBEAT + worker_id, json.dumps(info), ex=max(1, int(ttl_s))))
+
+    def workers(self) -> list[dict]:
+        keys = list(self.redis.scan_iter(HEARTBEAT + "*", count=500))
+        values = self.redis.mget(keys) if keys else []
+        return [json.loads(v) for v in values if v]
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _deliver(self, job_id: str) -> None:
+        with self._lock:
+            listeners = self._listeners.pop(job_id, [])
+        if not listeners:
+            return
+        job = self.registry.get_job(job_id)  # the registry holds the result; the bus only announces it
+        if job is None:
+            return
+        for listener in listeners:
+            listener(job)
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(RESULTS, CANCELS)
+                with self._lock:  # results announced while we were disconnected: look them up
+                    pending = list(self._listeners)
+                for job_id in pending:
+                    job = self.registry.get_job(job_id)
+                    if job is not None and job.finished:
+                        self._deliver(job_id)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    job_id = message["data"].decode()
+                    if message["channel"] == RESULTS.encode():
+                        self._deliver(job_id)
+                    else:
+                        for hook in self._cancel_hooks:
+                            hook(job_id)
+            except redis.RedisError as exc:
+                log.warning("redis bus: %s; reconnecting", exc)
+                time.sleep(0.5)
+
+    def _retry(self, operation: Callable[[], object], attempts: int = 20) -> object:
+        """Redis restarts are survivable: retry for up to ~10 s before giving up."""
+        for attempt in range(attempts):
+            try:
+                return operation()
+            except redis.ConnectionError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
+        return None
+
+
+class RedisTokenBuckets:
+    """The same token bucket as the in-process one, kept in Redis so every controller shares it."""
+
+    SCRIPT = """
+    local tokens = tonumber(redis.call('HGET', KEYS[1], 't') or ARGV[2])
+    local last = tonumber(redis.call('HGET', KEYS[1], 'l') or ARGV[3])
+    local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+    tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
+    local wait = 0
+    if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+    redis.call('HSET', KEYS[1], 't', tostring(tokens), 'l', tostring(now))
+    redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
+    return tostring(wait)
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._take = client.register_script(self.SCRIPT)
+
+    def take(self, key_id: str, rate: float, burst: int) -> float:
+        if rate <= 0:
+            return 0.0
+        return float(self._take(keys=[f"nanogrid:bucket:{key_id}"], args=[rate, burst, time.time()]))
