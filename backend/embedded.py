@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -71,9 +72,9 @@ class EmbeddedGrid:
         self.stop()
 
 
-def serve(config: GridConfig, on_ready: callable | None = None) -> None:
-    """Run the grid in the foreground until interrupted (``nanogrid up``)."""
-    grid = Grid(config)
+def serve(config: GridConfig, on_ready: Callable[[str, Grid], None] | None = None, role: str = "all") -> None:
+    """Run the grid, or only its controller, in the foreground until interrupted."""
+    grid = Grid(config, role)
     server = _server(grid)
     sock = _bind(config.host, config.port)
     url = "http://%s:%d" % sock.getsockname()[:2]

@@ -50,6 +50,14 @@ def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSa
     )
 
 
+def make_registry(config: GridConfig) -> Registry:
+    """DynamoDB when a table is configured, else SQLite in the data directory."""
+    if config.dynamodb_table:
+        return DynamoDBRegistry(config.dynamodb_table)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return SQLiteRegistry(config.data_dir / "registry.sqlite3")
+
+
 class Grid:
     """One process's part of a grid: ``all`` (the embedded grid), ``controller`` or ``worker``.
 
@@ -65,10 +73,7 @@ class Grid:
         if role != "all" and not (config.queue_url and config.redis_host):
             raise ValueError(f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
                              "(or run everything in one process with `nanogrid up`)")
-        if config.dynamodb_table:
-            self.registry: Registry = DynamoDBRegistry(config.dynamodb_table)
-        else:
-            self.registry = SQLiteRegistry(data / "registry.sqlite3")
+        self.registry = make_registry(config)
         self.api_key = ensure_local_key(self.registry, data) if role == "all" else None
         if config.code_bucket:
             self.store: BlobStore = S3Store(config.code_bucket, config.data_bucket or config.code_bucket)

@@ -37,6 +37,28 @@ def _parser() -> argparse.ArgumentParser:
     _grid_options(up)
     up.set_defaults(command=cmd_up)
 
+    controller = sub.add_parser("controller", help="run only the controller (workers run separately; needs "
+                                                   "SQS_QUEUE_URL and REDIS_HOST)")
+    _grid_options(controller)
+    controller.set_defaults(command=cmd_controller)
+
+    worker = sub.add_parser("worker", help="run only a worker: take jobs from the shared queue until stopped")
+    _grid_options(worker)
+    worker.add_argument("--drain", type=float, default=60.0, help="seconds to let running jobs finish on SIGTERM")
+    worker.set_defaults(command=cmd_worker)
+
+    aws = sub.add_parser("aws", help="AWS helpers")
+    aws_sub = aws.add_subparsers(metavar="ACTION")
+    boot = aws_sub.add_parser("bootstrap", help="create the queue, dead-letter queue, buckets and table if missing, "
+                                                "and print their settings as NAME=value lines")
+    boot.add_argument("--queue", default=None)
+    boot.add_argument("--dlq", default=None)
+    boot.add_argument("--code-bucket", default=None)
+    boot.add_argument("--data-bucket", default=None)
+    boot.add_argument("--table", default=None)
+    boot.add_argument("--visibility", type=int, default=30, help="seconds a taken job stays hidden")
+    boot.set_defaults(command=cmd_aws_bootstrap)
+
     demo = sub.add_parser("demo", help="start a throwaway grid, run a short demo on it, and print the results")
     demo.add_argument("--workers", type=int, default=None)
     demo.set_defaults(command=cmd_demo)
@@ -133,6 +155,52 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_controller(args: argparse.Namespace) -> int:
+    import logging
+
+    from backend.embedded import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(url: str, grid: Any) -> None:
+        print(f"NanoGrid controller at {url} (queue {grid.config.queue_url})", flush=True)
+
+    serve(_grid_config(args), on_ready=ready, role="controller")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from backend.grid import Grid
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    grid = Grid(_grid_config(args), role="worker")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    grid.start()
+    print(f"NanoGrid worker {grid.worker.worker_id}: {grid.describe_sandbox()}", flush=True)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    grid.worker.drain(args.drain)  # scale-in: finish what runs, take nothing new
+    grid.stop()
+    return 0
+
+
+def cmd_aws_bootstrap(args: argparse.Namespace) -> int:
+    from backend.aws import bootstrap
+
+    settings = bootstrap({"queue": args.queue, "dlq": args.dlq, "code_bucket": args.code_bucket,
+                          "data_bucket": args.data_bucket, "table": args.table}, visibility_s=args.visibility)
+    for name, value in settings.items():
+        print(f"{name}={value}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nanogrid.demo import run_demo
 
@@ -141,10 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> Any:
     from backend.config import GridConfig
-    from backend.registry.sqlite import SQLiteRegistry
+    from backend.grid import make_registry
 
-    config = GridConfig.load(data_dir=args.data_dir)
-    return SQLiteRegistry(config.data_dir / "registry.sqlite3")
+    return make_registry(GridConfig.load(data_dir=args.data_dir))
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ class SQSQueue(JobQueue):
 
     def get(self, timeout: float) -> JobMessage | None:
         response = self.sqs.receive_message(
-            QueueUrl=self.url, MaxNumberOfMessages=1, WaitTimeSeconds=max(0, min(20, int(timeout))),
+            QueueUrl=self.url, MaxNumberOfMessages=1, WaitTimeSeconds=max(1, min(20, round(timeout))),
             VisibilityTimeout=self.visibility_s, AttributeNames=["ApproximateReceiveCount"],
         )
         for raw in response.get("Messages", []):

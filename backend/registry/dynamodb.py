@@ -111,14 +111,15 @@ class DynamoDBRegistry(Registry):
     def finish_job(self, job: JobRecord) -> bool:
         skip = {"job_id", "function_id", "payload", "created_at", "owner"}
         values = _to_item({f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name not in skip})
-        names = {f"#a{i}": name for i, name in enumerate(values)}
+        # Placeholders of our own (#f, :f): boto3's condition builder takes #n… and :v… for itself.
+        names = {f"#f{i}": name for i, name in enumerate(values)}
         try:
             self.table.update_item(
                 Key={"pk": f"job#{job.job_id}"},
-                UpdateExpression="SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))),
+                UpdateExpression="SET " + ", ".join(f"#f{i} = :f{i}" for i in range(len(values))),
                 ConditionExpression=Attr("pk").exists() & ~Attr("status").is_in(list(FINAL_STATES)),
                 ExpressionAttributeNames=names,
-                ExpressionAttributeValues={f":v{i}": v for i, v in enumerate(values.values())},
+                ExpressionAttributeValues={f":f{i}": v for i, v in enumerate(values.values())},
             )
             return True
         except ClientError as exc:

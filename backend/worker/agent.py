@@ -41,6 +41,7 @@ class Worker:
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
         self._cancelled: set[str] = set()
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = {"completed": 0, "failed": 0, "cold_starts": 0}
 
@@ -52,6 +53,13 @@ class Worker:
             thread = threading.Thread(target=self._slot, name=f"worker-slot-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def drain(self, timeout_s: float) -> None:
+        """Take no new jobs and give running ones up to ``timeout_s`` to finish."""
+        self._draining.set()
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -94,7 +102,7 @@ class Worker:
         return True
 
     def _slot(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self._draining.is_set():
             message = self.queue.get(timeout=0.5)
             if message is None:
                 continue

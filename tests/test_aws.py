@@ -1,0 +1,233 @@
+"""Many processes on the AWS adapters: a controller and three workers over SQS, S3, DynamoDB and Redis.
+
+The services are real protocol servers started here on loopback: the moto server (the AWS wire
+protocol over HTTP) and Debian's redis-server. The product talks to them through boto3 and redis-py
+exactly as it would to AWS; only the endpoint differs (AWS_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import nanogrid
+from tests.conftest import require
+
+pytestmark = pytest.mark.integration
+
+VENV_BIN = Path(sys.executable).parent
+VISIBILITY_S = 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Redis:
+    def __init__(self, port: int, directory: Path) -> None:
+        self.port, self.directory, self.proc = port, directory, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.directory)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Cluster:
+    """The services, one controller and three worker processes, all on loopback."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        moto_port, redis_port = free_port(), free_port()
+        self.moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.redis = Redis(redis_port, root)
+        self.redis.start()
+        wait_for_port(moto_port)
+        self.env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                    "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis_port), "NANOGRID_HEARTBEAT_S": "1"}
+        for name in ("NANOGRID_URL", "NANOGRID_API_KEY", "NANOGRID_CONFIG"):
+            self.env.pop(name, None)
+        settings = self.cli("aws", "bootstrap", "--visibility", str(VISIBILITY_S))
+        self.env.update(line.split("=", 1) for line in settings.splitlines())
+        self.env["NANOGRID_SQS_VISIBILITY_S"] = str(VISIBILITY_S)
+        self.key = self.cli("keys", "create", "tester").strip()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start_controller()
+        for n in range(3):
+            self.start_worker(n)
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "nanogrid.cli", *args], env=self.env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def spawn(self, name: str, *args: str) -> None:
+        log = open(self.root / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", *args], env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def start_controller(self) -> None:
+        self.spawn("controller", "controller", "--port", str(self.port), "--data-dir", str(self.root / "controller"),
+                   "--rate-limit", "0")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError((self.root / "controller.log").read_text())
+
+    def start_worker(self, n: int) -> None:
+        self.spawn(f"worker{n}", "worker", "--workers", "2", "--stem-cells", "1", "--sandbox", "process",
+                   "--data-dir", str(self.root / f"worker{n}"), "--drain", "5")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.redis.stop()
+        self.moto.terminate()
+        self.moto.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    running = Cluster(tmp_path_factory.mktemp("aws"))
+    try:
+        client = nanogrid.Client(running.url, api_key=running.key)
+        deadline = time.monotonic() + 60
+        while len(client.system_status()["workers"]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture()
+def client(cluster: Cluster) -> nanogrid.Client:
+    return nanogrid.connect(cluster.url, api_key=cluster.key)
+
+
+@nanogrid.remote(timeout=60)
+def triple(x):
+    return 3 * x
+
+
+@nanogrid.remote(timeout=60)
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_five_hundred_jobs_from_twenty_clients_each_delivered_once(client, cluster):
+    results: dict[int, tuple[str, int]] = {}
+    errors: list[BaseException] = []
+
+    def caller(offset: int) -> None:
+        try:
+            for i in range(offset, 500, 20):
+                job = triple.spawn(i)
+                results[i] = (job.job_id, job.result(timeout=120))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert sorted(results) == list(range(500))
+    assert all(value == 3 * i for i, (_, value) in results.items())
+    job_ids = [job_id for job_id, _ in results.values()]
+    assert len(set(job_ids)) == 500
+    records = [j for j in client.jobs(limit=1000) if j["job_id"] in set(job_ids)]
+    assert len(records) == 500 and {r["status"] for r in records} == {"completed"}
+    assert len({r["worker_id"] for r in records}) >= 2  # the work spread over the workers
+    status = client.system_status()
+    assert len(status["workers"]) == 3
+    metrics = httpx.get(f"{cluster.url}/metrics").text
+    assert "nanogrid_backlog_per_worker" in metrics and "nanogrid_workers 3.0" in metrics
+
+
+def test_a_killed_worker_leaves_its_job_to_another(client, cluster):
+    job = nap.spawn(3)
+    deadline = time.monotonic() + 30
+    while job.status != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = job.worker_id
+    pid = int(victim.split("-")[-2])  # worker ids are host-pid-suffix
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    assert job.result(timeout=90) == 3
+    assert job.worker_id != victim
+    assert time.monotonic() - started >= VISIBILITY_S - 1  # it waited out the dead worker's visibility
+    name = next(n for n, p in cluster.procs.items() if p.pid == pid)
+    cluster.start_worker(int(name.removeprefix("worker")))
+
+
+def test_async_results_survive_a_controller_restart(client, cluster):
+    jobs = [nap.spawn(1) for _ in range(4)]
+    cluster.procs["controller"].terminate()
+    cluster.procs["controller"].wait(15)
+    cluster.start_controller()
+    assert [job.result(timeout=60) for job in jobs] == [1, 1, 1, 1]
+
+
+def test_grid_carries_on_after_redis_restarts(client, cluster):
+    assert triple.remote(1) == 3
+    cluster.redis.stop()
+    time.sleep(0.5)
+    cluster.redis.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert triple.remote(2) == 6
+            break
+        except (nanogrid.APIError, nanogrid.NotConnected):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert [triple.remote(i) for i in range(5)] == [0, 3, 6, 9, 12]
