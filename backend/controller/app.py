@@ -198,7 +198,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
         try:
             jobs.submit(grid, function, [job])
-            done = await jobs.next_result(finished, min(function.timeout_s + 30, SYNC_WAIT_CAP_S))
+            done = await jobs.next_result(grid, job.job_id, finished, min(function.timeout_s + 30, SYNC_WAIT_CAP_S))
         finally:
             unsubscribe()
         if done is None:  # still queued or running: the caller polls /status/{job_id}

@@ -14,6 +14,9 @@ from urllib.parse import quote
 from backend.grid import Grid
 from backend.models import CANCELLED, RUNNING, FunctionRecord, JobMessage, JobRecord, new_job_id
 
+RECHECK_S = 2.0  # how often a waiter asks the registry when the bus has said nothing
+RECHECK_BATCH = 100  # jobs of a silent /map stream looked up per recheck
+
 
 class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
@@ -72,28 +75,49 @@ async def wait_for(grid: Grid, job_id: str, timeout: float) -> JobRecord | None:
         job = grid.registry.get_job(job_id)
         if job is None or job.finished or timeout <= 0:
             return job
-        return await next_result(finished, timeout) or grid.registry.get_job(job_id)
+        return await next_result(grid, job_id, finished, timeout) or grid.registry.get_job(job_id)
     finally:
         unsubscribe()
 
 
-async def next_result(finished: asyncio.Queue[JobRecord], timeout: float) -> JobRecord | None:
-    try:
-        return await asyncio.wait_for(finished.get(), timeout)
-    except TimeoutError:
-        return None
+async def next_result(grid: Grid, job_id: str, finished: asyncio.Queue[JobRecord], timeout: float) -> JobRecord | None:
+    """The finished job from the bus; the registry is asked too every RECHECK_S, so an announcement
+    lost to a bus outage (a Redis restart) costs seconds, not the whole wait."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            return await asyncio.wait_for(finished.get(), min(left, RECHECK_S))
+        except TimeoutError:
+            job = await asyncio.to_thread(grid.registry.get_job, job_id)
+            if job is not None and job.finished:
+                return job
+    return None
 
 
 async def stream_results(grid: Grid, job_ids: list[str], finished: asyncio.Queue[JobRecord],
                          unsubscribe: Any) -> AsyncIterator[tuple[int, JobRecord]]:
-    """(index, job) for each job as it finishes, in completion order."""
+    """(index, job) for each job as it finishes, in completion order; stalls are checked in the registry."""
     index = {job_id: i for i, job_id in enumerate(job_ids)}
+    remaining = set(job_ids)
     try:
-        for _ in job_ids:
-            job = await finished.get()
-            yield index[job.job_id], job
+        while remaining:
+            try:
+                job = await asyncio.wait_for(finished.get(), RECHECK_S)
+                found = [job]
+            except TimeoutError:
+                oldest = sorted(remaining, key=index.__getitem__)[:RECHECK_BATCH]
+                found = await asyncio.to_thread(_finished_among, grid, oldest)
+            for job in found:
+                if job.job_id in remaining:
+                    remaining.discard(job.job_id)
+                    yield index[job.job_id], job
     finally:
         unsubscribe()
+
+
+def _finished_among(grid: Grid, job_ids: list[str]) -> list[JobRecord]:
+    jobs = (grid.registry.get_job(job_id) for job_id in job_ids)
+    return [job for job in jobs if job is not None and job.finished]
 
 
 def cancel(grid: Grid, job: JobRecord) -> bool:
