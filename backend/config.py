@@ -9,8 +9,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 MiB = 1 << 20
-SEED_NAMES = {"queue_url": "SQS_QUEUE_URL", "code_bucket": "S3_CODE_BUCKET", "data_bucket": "S3_USER_DATA_BUCKET",
-              "dynamodb_table": "DYNAMODB_TABLE", "redis_host": "REDIS_HOST", "redis_port": "REDIS_PORT"}
+SEED_NAMES = {  # the seed platform's environment variables, read as these settings
+    "queue_url": "SQS_QUEUE_URL", "dlq_url": "SQS_DLQ_URL", "code_bucket": "S3_CODE_BUCKET",
+    "data_bucket": "S3_USER_DATA_BUCKET", "dynamodb_table": "DYNAMODB_TABLE",
+    "redis_host": "REDIS_HOST", "redis_port": "REDIS_PORT",
+}
 
 
 def default_data_dir() -> Path:
@@ -51,6 +54,7 @@ class GridConfig:
     dynamodb_table: str = ""
     redis_host: str = ""
     redis_port: int = 6379
+    dlq_url: str = ""  # SQS_DLQ_URL: jobs whose deliveries all failed are reported from here
     sqs_visibility_s: int = 30  # extended while a job runs; a dead worker's job reappears after this
     heartbeat_s: float = 5.0
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own

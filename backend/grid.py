@@ -79,7 +79,7 @@ class Grid:
             self.store: BlobStore = S3Store(config.code_bucket, config.data_bucket or config.code_bucket)
         else:
             self.store = LocalStore(data / "store")
-        self.queue: JobQueue = (SQSQueue(config.queue_url, self.store, config.sqs_visibility_s)
+        self.queue: JobQueue = (SQSQueue(config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url)
                                 if config.queue_url else LocalQueue())
         self.bus: ResultBus = (RedisResultBus(config.redis_host, config.redis_port, self.registry)
                                if config.redis_host else LocalResultBus())

@@ -231,3 +231,18 @@ def test_grid_carries_on_after_redis_restarts(client, cluster):
                 raise
             time.sleep(0.5)
     assert [triple.remote(i) for i in range(5)] == [0, 3, 6, 9, 12]
+
+
+def test_a_job_that_always_crashes_its_sandbox_ends_in_the_dead_letter_queue(client, cluster):
+    @nanogrid.remote(timeout=30)
+    def crash():
+        import os
+
+        os._exit(3)
+
+    job = crash.spawn()
+    with pytest.raises(nanogrid.JobFailed) as info:
+        job.result(timeout=120)
+    assert info.value.kind == "dead_letter"
+    assert "dead-letter queue" in str(info.value) and "exit code 3" in str(info.value)
+    assert triple.remote(7) == 21  # and the grid carries on

@@ -8,6 +8,8 @@ from backend.models import JobMessage
 class JobQueue(ABC):
     """Carries jobs from the controller to workers, at least once."""
 
+    redelivers = False  # True: a message not acked comes back (and ends in a dead-letter queue)
+
     @abstractmethod
     def put(self, messages: list[JobMessage]) -> None: ...
 
@@ -18,6 +20,18 @@ class JobQueue(ABC):
     @abstractmethod
     def depth(self) -> int:
         """Jobs waiting (approximate where the backend only estimates it)."""
+
+    def release(self, message: JobMessage) -> None:
+        """Give the message back for another delivery now (queues that redeliver)."""
+        raise NotImplementedError
+
+    def dead_letters(self) -> list[JobMessage]:
+        """Messages that were delivered too often without being acked (queues that redeliver)."""
+        return []
+
+    def ack_dead(self, message: JobMessage) -> None:
+        """Forget a dead letter once its job is recorded as failed."""
+        raise NotImplementedError
 
     @abstractmethod
     def ack(self, message: JobMessage) -> None:

@@ -20,8 +20,11 @@ INLINE_PAYLOAD_BYTES = 192 << 10  # SQS takes 256 KiB a message; leave room for 
 
 
 class SQSQueue(JobQueue):
-    def __init__(self, queue_url: str, store: BlobStore, visibility_s: int = 30) -> None:
+    redelivers = True
+
+    def __init__(self, queue_url: str, store: BlobStore, visibility_s: int = 30, dlq_url: str = "") -> None:
         self.url = queue_url
+        self.dlq_url = dlq_url
         self.store = store
         self.visibility_s = visibility_s
         self.sqs = boto3.client("sqs")
@@ -45,18 +48,33 @@ class SQSQueue(JobQueue):
         return json.dumps(body)
 
     def get(self, timeout: float) -> JobMessage | None:
+        messages = self._receive(self.url, timeout)
+        return messages[0] if messages else None
+
+    def dead_letters(self) -> list[JobMessage]:
+        return self._receive(self.dlq_url, 0, count=10) if self.dlq_url else []
+
+    def ack_dead(self, message: JobMessage) -> None:
+        self.sqs.delete_message(QueueUrl=self.dlq_url, ReceiptHandle=message.receipt)
+
+    def release(self, message: JobMessage) -> None:
+        self.sqs.change_message_visibility(QueueUrl=self.url, ReceiptHandle=message.receipt, VisibilityTimeout=0)
+
+    def _receive(self, url: str, timeout: float, count: int = 1) -> list[JobMessage]:
         response = self.sqs.receive_message(
-            QueueUrl=self.url, MaxNumberOfMessages=1, WaitTimeSeconds=max(1, min(20, round(timeout))),
+            QueueUrl=url, MaxNumberOfMessages=count, WaitTimeSeconds=max(0 if url != self.url else 1,
+                                                                         min(20, round(timeout))),
             VisibilityTimeout=self.visibility_s, AttributeNames=["ApproximateReceiveCount"],
         )
+        messages = []
         for raw in response.get("Messages", []):
             body = json.loads(raw["Body"])
             payload = (self.store.get_blob(body["payload_ref"]) if "payload_ref" in body
                        else base64.b64decode(body["payload"]))
-            return JobMessage(body["job_id"], body["function_id"], body["format"], payload, body["timeout_s"],
-                              body["memory_mib"], receipt=raw["ReceiptHandle"],
-                              receive_count=int(raw["Attributes"].get("ApproximateReceiveCount", 1)))
-        return None
+            messages.append(JobMessage(body["job_id"], body["function_id"], body["format"], payload, body["timeout_s"],
+                                       body["memory_mib"], receipt=raw["ReceiptHandle"],
+                                       receive_count=int(raw["Attributes"].get("ApproximateReceiveCount", 1))))
+        return messages
 
     def ack(self, message: JobMessage) -> None:
         self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=message.receipt)

@@ -35,6 +35,10 @@ class Registry(ABC):
         """Store a final state; False (and nothing written) if the job already had one."""
 
     @abstractmethod
+    def note_attempt(self, job_id: str, error: dict) -> None:
+        """Record why a delivery failed, leaving the job to be delivered again."""
+
+    @abstractmethod
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod

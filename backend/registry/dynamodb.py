@@ -127,6 +127,11 @@ class DynamoDBRegistry(Registry):
                 return False  # already final: the first result wins
             raise
 
+    def note_attempt(self, job_id: str, error: dict) -> None:
+        self.table.update_item(Key={"pk": f"job#{job_id}"}, UpdateExpression="SET #e = :e",
+                               ExpressionAttributeNames={"#e": "error"},
+                               ExpressionAttributeValues={":e": json.dumps(error)})
+
     def get_job(self, job_id: str) -> JobRecord | None:
         item = self.table.get_item(Key={"pk": f"job#{job_id}"}, ConsistentRead=True).get("Item")
         return _from_item(JobRecord, item) if item else None

@@ -90,6 +90,10 @@ class SQLiteRegistry(Registry):
             )
         return cursor.rowcount > 0
 
+    def note_attempt(self, job_id: str, error: dict) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET error = ? WHERE job_id = ?", (json.dumps(error), job_id))
+
     def get_job(self, job_id: str) -> JobRecord | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()

@@ -85,11 +85,30 @@ class Worker:
         interval = min(self.heartbeat_s, self.visibility_s / 3)
         while not self._stopping.wait(interval):
             self._beat()
+            self._report_dead_letters()
             for message in list(self._in_flight.values()):
                 try:
                     self.queue.extend(message, self.visibility_s)
                 except Exception as exc:
                     log.warning("job %s: could not extend its visibility: %s", message.job_id, exc)
+
+    def _report_dead_letters(self) -> None:
+        """Jobs whose every delivery failed: record them failed, with the last reason, and publish."""
+        try:
+            for message in self.queue.dead_letters():
+                job = self.registry.get_job(message.job_id)
+                if job is not None and not job.finished:
+                    attempt = job.error or {}
+                    last = attempt.get("message", "every worker that took it died or stalled")
+                    count = attempt.get("deliveries", "repeated")
+                    job.status, job.finished_at = FAILED, time.time()
+                    job.error = {"kind": "dead_letter",
+                                 "message": f"moved to the dead-letter queue after {count} failed deliveries: {last}"}
+                    if self.registry.finish_job(job):
+                        self.bus.publish(job)
+                self.queue.ack_dead(message)
+        except Exception as exc:
+            log.warning("could not report dead letters: %s", exc)
 
     def cancel(self, job_id: str) -> bool:
         """Stop a running job's sandbox; True if this worker was running it."""
@@ -122,6 +141,12 @@ class Worker:
         try:
             self._execute(message, job)
         except SandboxError as exc:
+            if exc.kind == "crash" and self.queue.redelivers:
+                # Maybe this machine's fault: let another delivery try; the redrive policy ends it in the DLQ.
+                self.registry.note_attempt(job.job_id, {"kind": "crash", "message": exc.message,
+                                                        "deliveries": message.receive_count})
+                self.queue.release(message)
+                return
             self._fail(job, exc.kind, exc.message)
         except Exception as exc:  # never leave a job running forever because of a bug of ours
             log.exception("job %s: worker error", message.job_id)
