@@ -57,6 +57,7 @@ class GridConfig:
     dlq_url: str = ""  # SQS_DLQ_URL: jobs whose deliveries all failed are reported from here
     sqs_visibility_s: int = 30  # extended while a job runs; a dead worker's job reappears after this
     heartbeat_s: float = 5.0
+    cloudwatch_namespace: str = ""  # e.g. NanoGrid: workers publish BacklogPerInstance there for autoscaling
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
     rate_burst: int = 2000  # requests a key may make at once before the rate applies
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from backend.config import GridConfig
 from backend.keys import ensure_local_key
@@ -58,6 +59,21 @@ def make_registry(config: GridConfig) -> Registry:
     return SQLiteRegistry(config.data_dir / "registry.sqlite3")
 
 
+def backlog_publisher(namespace: str) -> Callable[[float], None] | None:
+    """Puts BacklogPerInstance into CloudWatch (the worker group's target-tracking metric), if configured."""
+    if not namespace:
+        return None
+    import boto3
+
+    cloudwatch = boto3.client("cloudwatch")
+
+    def publish(value: float) -> None:
+        cloudwatch.put_metric_data(Namespace=namespace, MetricData=[
+            {"MetricName": "BacklogPerInstance", "Value": value, "Unit": "Count"}])
+
+    return publish
+
+
 class Grid:
     """One process's part of a grid: ``all`` (the embedded grid), ``controller`` or ``worker``.
 
@@ -93,7 +109,8 @@ class Grid:
                                  idle_ttl_s=config.idle_ttl_s)
             self.worker = Worker(queue=self.queue, registry=self.registry, store=self.store, bus=self.bus,
                                  pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
-                                 visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s)
+                                 visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
+                                 publish_backlog=backlog_publisher(config.cloudwatch_namespace))
         self.runtimes = {f"python{python}": python}
 
     def describe_sandbox(self) -> str:

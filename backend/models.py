@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -62,6 +64,20 @@ class JobRecord:
     @property
     def finished(self) -> bool:
         return self.status in FINAL_STATES
+
+
+def job_to_json(job: JobRecord) -> str:
+    values = asdict(job)
+    for name in ("payload", "result"):
+        values[name] = None if values[name] is None else base64.b64encode(values[name]).decode()
+    return json.dumps(values)
+
+
+def job_from_json(text: str | bytes) -> JobRecord:
+    values = json.loads(text)
+    for name in ("payload", "result"):
+        values[name] = None if values[name] is None else base64.b64decode(values[name])
+    return JobRecord(**values)
 
 
 @dataclass

@@ -14,8 +14,12 @@ class JobQueue(ABC):
     def put(self, messages: list[JobMessage]) -> None: ...
 
     @abstractmethod
-    def get(self, timeout: float) -> JobMessage | None:
-        """The next job, or None after ``timeout`` seconds without one."""
+    def get(self, timeout: float, want: int = 1) -> JobMessage | None:
+        """The next job, or None after ``timeout`` seconds without one (``want``: how many the caller could take)."""
+
+    def waiting_here(self) -> list[JobMessage]:
+        """Messages fetched ahead and not yet handed out (their visibility must be kept up too)."""
+        return []
 
     @abstractmethod
     def depth(self) -> int:

@@ -19,7 +19,7 @@ class LocalQueue(JobQueue):
         for message in messages:
             self._queue.put(message)
 
-    def get(self, timeout: float) -> JobMessage | None:
+    def get(self, timeout: float, want: int = 1) -> JobMessage | None:
         try:
             return self._queue.get(timeout=timeout)
         except queue.Empty:

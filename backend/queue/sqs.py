@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from collections import deque
 
 import boto3
 
@@ -28,6 +30,8 @@ class SQSQueue(JobQueue):
         self.store = store
         self.visibility_s = visibility_s
         self.sqs = boto3.client("sqs")
+        self._buffer: deque[JobMessage] = deque()
+        self._lock = threading.Lock()
 
     def put(self, messages: list[JobMessage]) -> None:
         entries = [{"Id": str(i), "MessageBody": self._encode(m)} for i, m in enumerate(messages)]
@@ -47,9 +51,22 @@ class SQSQueue(JobQueue):
             body["payload"] = base64.b64encode(message.payload).decode()
         return json.dumps(body)
 
-    def get(self, timeout: float) -> JobMessage | None:
-        messages = self._receive(self.url, timeout)
-        return messages[0] if messages else None
+    def get(self, timeout: float, want: int = 1) -> JobMessage | None:
+        """One message; with ``want`` > 1, up to that many are fetched at once and the rest kept for the next calls
+        (the worker asks for as many as it has idle slots, and keeps their visibility extended)."""
+        with self._lock:
+            if self._buffer:
+                return self._buffer.popleft()
+        messages = self._receive(self.url, timeout, count=max(1, min(10, want)))
+        if not messages:
+            return None
+        with self._lock:
+            self._buffer.extend(messages[1:])
+        return messages[0]
+
+    def waiting_here(self) -> list[JobMessage]:
+        with self._lock:
+            return list(self._buffer)
 
     def dead_letters(self) -> list[JobMessage]:
         return self._receive(self.dlq_url, 0, count=10) if self.dlq_url else []

@@ -8,6 +8,7 @@ is not missed. The pub/sub thread reconnects when Redis restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import redis
 
-from backend.models import JobRecord
+from backend.models import JobRecord, job_from_json, job_to_json
 from backend.registry.base import Registry
 from backend.results.base import Listener, ResultBus
 
@@ -26,6 +27,7 @@ RESULTS = "nanogrid:results"
 CANCELS = "nanogrid:cancel"
 HEARTBEAT = "nanogrid:worker:"
 RESULT_TTL_S = 3600
+INLINE_RESULT_BYTES = 64 << 10
 
 
 class RedisResultBus(ResultBus):
@@ -41,8 +43,12 @@ class RedisResultBus(ResultBus):
         self._thread.start()
 
     def publish(self, job: JobRecord) -> None:
+        # Small results ride along with the announcement; big ones are read from the registry.
+        announcement = job_to_json(dataclasses.replace(job, payload=b""))
+        if len(announcement) > INLINE_RESULT_BYTES:
+            announcement = json.dumps({"job_id": job.job_id})
         self._retry(lambda: self.redis.pipeline().set(f"nanogrid:result:{job.job_id}", job.status, ex=RESULT_TTL_S)
-                    .publish(RESULTS, job.job_id).execute())
+                    .publish(RESULTS, announcement).execute())
 
     def subscribe(self, job_ids: list[str], listener: Listener) -> Callable[[], None]:
         with self._lock:
@@ -77,12 +83,15 @@ class RedisResultBus(ResultBus):
     def close(self) -> None:
         self._stop.set()
 
-    def _deliver(self, job_id: str) -> None:
+    def _deliver(self, job_id: str, announcement: dict | None = None) -> None:
         with self._lock:
             listeners = self._listeners.pop(job_id, [])
         if not listeners:
             return
-        job = self.registry.get_job(job_id)  # the registry holds the result; the bus only announces it
+        if announcement and "status" in announcement:
+            job = job_from_json(json.dumps(announcement))
+        else:
+            job = self.registry.get_job(job_id)  # the registry holds every result
         if job is None:
             return
         for listener in listeners:
@@ -103,10 +112,11 @@ class RedisResultBus(ResultBus):
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
-                    job_id = message["data"].decode()
                     if message["channel"] == RESULTS.encode():
-                        self._deliver(job_id)
+                        announcement = json.loads(message["data"])
+                        self._deliver(announcement["job_id"], announcement)
                     else:
+                        job_id = message["data"].decode()
                         for hook in self._cancel_hooks:
                             hook(job_id)
             except redis.RedisError as exc:

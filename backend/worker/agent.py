@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
@@ -26,7 +27,7 @@ class Worker:
 
     def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
                  pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
-                 heartbeat_s: float = 5.0) -> None:
+                 heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None) -> None:
         self.queue = queue
         self.registry = registry
         self.store = store
@@ -36,6 +37,7 @@ class Worker:
         self.max_output_bytes = max_output_bytes
         self.visibility_s = visibility_s
         self.heartbeat_s = heartbeat_s
+        self.publish_backlog = publish_backlog
         self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
@@ -63,6 +65,11 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
+        for message in self.queue.waiting_here():  # fetched ahead but never started: let others have them
+            try:
+                self.queue.release(message)
+            except Exception as exc:
+                log.warning("job %s: could not hand back its message: %s", message.job_id, exc)
         for sandbox in list(self._running.values()):
             sandbox.kill("the worker shut down while this job ran")
         for thread in self._threads:
@@ -86,11 +93,21 @@ class Worker:
         while not self._stopping.wait(interval):
             self._beat()
             self._report_dead_letters()
-            for message in list(self._in_flight.values()):
+            self._publish_backlog()
+            for message in list(self._in_flight.values()) + self.queue.waiting_here():
                 try:
                     self.queue.extend(message, self.visibility_s)
                 except Exception as exc:
                     log.warning("job %s: could not extend its visibility: %s", message.job_id, exc)
+
+    def _publish_backlog(self) -> None:
+        """The autoscaling signal the seeds use: visible messages per live worker."""
+        if self.publish_backlog is None:
+            return
+        try:
+            self.publish_backlog(self.queue.depth() / max(1, len(self.bus.workers())))
+        except Exception as exc:
+            log.warning("could not publish the backlog metric: %s", exc)
 
     def _report_dead_letters(self) -> None:
         """Jobs whose every delivery failed: record them failed, with the last reason, and publish."""
@@ -122,7 +139,7 @@ class Worker:
 
     def _slot(self) -> None:
         while not self._stopping.is_set() and not self._draining.is_set():
-            message = self.queue.get(timeout=0.5)
+            message = self.queue.get(timeout=0.5, want=self.slots - len(self._in_flight))
             if message is None:
                 continue
             try:
