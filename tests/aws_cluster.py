@@ -73,10 +73,11 @@ class Cluster:
         self.env.update(line.split("=", 1) for line in settings.splitlines())
         self.env["NANOGRID_SQS_VISIBILITY_S"] = str(VISIBILITY_S)
         self.key = self.cli("keys", "create", "tester").strip()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port, self.port2 = free_port(), free_port()
+        self.url, self.url2 = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port2}"
         self.slots = slots
         self.start_controller()
+        self.start_controller("controller2", self.port2)  # controllers are stateless: any of them serves any job
         for n in range(workers):
             self.start_worker(n)
 
@@ -91,17 +92,17 @@ class Cluster:
         self.procs[name] = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", *args], env=self.env,
                                             stdout=log, stderr=subprocess.STDOUT)
 
-    def start_controller(self) -> None:
-        self.spawn("controller", "controller", "--port", str(self.port), "--data-dir", str(self.root / "controller"),
-                   "--rate-limit", "0")
+    def start_controller(self, name: str = "controller", port: int | None = None) -> None:
+        port = port or self.port
+        self.spawn(name, "controller", "--port", str(port), "--data-dir", str(self.root / name), "--rate-limit", "0")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                     return
             except httpx.TransportError:
                 time.sleep(0.1)
-        raise RuntimeError((self.root / "controller.log").read_text())
+        raise RuntimeError((self.root / f"{name}.log").read_text())
 
     def start_worker(self, n: int) -> None:
         self.spawn(f"worker{n}", "worker", "--workers", str(self.slots), "--stem-cells", "1", "--sandbox", "process",

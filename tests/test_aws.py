@@ -61,11 +61,14 @@ def nap(seconds):
 def test_five_hundred_jobs_from_twenty_clients_each_delivered_once(client, cluster):
     results: dict[int, tuple[str, int]] = {}
     errors: list[BaseException] = []
+    # half the clients talk to the second controller, which never saw the first one's jobs
+    via_second = nanogrid.RemoteFunction(triple.fn, client=nanogrid.Client(cluster.url2, api_key=cluster.key))
 
     def caller(offset: int) -> None:
+        function = triple if offset % 2 else via_second
         try:
             for i in range(offset, 500, 20):
-                job = triple.spawn(i)
+                job = function.spawn(i)
                 results[i] = (job.job_id, job.result(timeout=120))
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -80,7 +83,7 @@ def test_five_hundred_jobs_from_twenty_clients_each_delivered_once(client, clust
     assert all(value == 3 * i for i, (_, value) in results.items())
     job_ids = [job_id for job_id, _ in results.values()]
     assert len(set(job_ids)) == 500
-    records = [j for j in client.jobs(limit=1000) if j["job_id"] in set(job_ids)]
+    records = [j for j in client.jobs(limit=1000) if j["job_id"] in set(job_ids)]  # read through controller 1
     assert len(records) == 500 and {r["status"] for r in records} == {"completed"}
     assert len({r["worker_id"] for r in records}) >= 2  # the work spread over the workers
     status = client.system_status()
