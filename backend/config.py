@@ -12,7 +12,7 @@ MiB = 1 << 20
 SEED_NAMES = {  # the seed platform's environment variables, read as these settings
     "queue_url": "SQS_QUEUE_URL", "dlq_url": "SQS_DLQ_URL", "code_bucket": "S3_CODE_BUCKET",
     "data_bucket": "S3_USER_DATA_BUCKET", "dynamodb_table": "DYNAMODB_TABLE",
-    "redis_host": "REDIS_HOST", "redis_port": "REDIS_PORT",
+    "redis_host": "REDIS_HOST", "redis_port": "REDIS_PORT", "ai_endpoint": "AI_ENDPOINT", "ai_model": "LLM_MODEL",
 }
 
 
@@ -57,6 +57,8 @@ class GridConfig:
     dlq_url: str = ""  # SQS_DLQ_URL: jobs whose deliveries all failed are reported from here
     sqs_visibility_s: int = 30  # extended while a job runs; a dead worker's job reappears after this
     heartbeat_s: float = 5.0
+    ai_endpoint: str = ""  # AI_ENDPOINT: the private AI node (an Ollama server) functions may call
+    ai_model: str = ""  # LLM_MODEL: its default model
     cloudwatch_namespace: str = ""  # e.g. NanoGrid: workers publish BacklogPerInstance there for autoscaling
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
     rate_burst: int = 2000  # requests a key may make at once before the rate applies

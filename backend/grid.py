@@ -47,7 +47,7 @@ def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSa
     return ProcessSandboxFactory(
         config.data_dir / "sandboxes", config.data_dir, bubblewrap=config.bubblewrap, cgroups=config.cgroups,
         kill_grace_s=config.kill_grace_s, capture_limit=config.capture_limit_bytes,
-        max_output_bytes=config.max_output_bytes,
+        max_output_bytes=config.max_output_bytes, ai_endpoint=config.ai_endpoint, ai_model=config.ai_model,
     )
 
 

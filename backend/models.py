@@ -54,6 +54,7 @@ class JobRecord:
     cold: bool | None = None
     memory_limit_mib: int | None = None
     baseline_memory_bytes: int | None = None
+    ai_usage: dict[str, Any] | None = None  # calls and tokens the function used on the AI node
     worker_id: str | None = None
     sandbox_id: str | None = None
     created_at: float = field(default_factory=time.time)
@@ -103,5 +104,6 @@ class JobMessage:
     payload: bytes
     timeout_s: float
     memory_mib: int
+    model: str | None = None  # the AI node's model for this call (else the grid's LLM_MODEL)
     receipt: str | None = None  # the queue's handle for this delivery (SQS receipt handle)
     receive_count: int = 1  # more than 1: delivered again after a worker died or stalled

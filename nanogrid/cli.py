@@ -115,6 +115,8 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
                         help="where user code runs: docker, process (trusted code only), auto (docker when available)")
     parser.add_argument("--stem-cells", type=int, default=None, help="unspecialised sandboxes kept started")
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (NANOGRID_CONFIG)")
+    parser.add_argument("--ai-endpoint", default=None, help="the AI node (an Ollama server URL) functions may call")
+    parser.add_argument("--ai-model", default=None, help="its default model (LLM_MODEL)")
     parser.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key (default 1000; 0: off)")
     parser.add_argument("--rate-burst", type=int, default=None, help="requests at once per API key (default 2000)")
 
@@ -132,7 +134,8 @@ def _grid_config(args: argparse.Namespace) -> Any:
 
     return GridConfig.load(args.config, host=args.host, port=args.port, data_dir=args.data_dir,
                            workers=args.workers, sandbox=args.sandbox, stem_cells=args.stem_cells,
-                           rate_limit=args.rate_limit, rate_burst=args.rate_burst)
+                           rate_limit=args.rate_limit, rate_burst=args.rate_burst, ai_endpoint=args.ai_endpoint,
+                           ai_model=args.ai_model)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -284,6 +287,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"worker    {worker['worker_id']}: {worker['slots']} slots, {pool['busy']} busy, "
               f"{pool['idle']} warm idle, {pool['stem_cells']} stem cells, {pool['specialised']}/{pool['cap']} specialised")
     print("jobs      " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet"))
+    try:
+        models = client.models()
+        print(f"AI node   {models['endpoint']}: answers; models {', '.join(models['models']) or 'none'}"
+              f"{'; default ' + models['default'] if models['default'] else ''}")
+    except NanoGridError as exc:
+        print(f"AI node   {getattr(exc, 'detail', exc)}")
     return 0
 
 

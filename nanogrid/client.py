@@ -190,6 +190,10 @@ class Client:
         self.forget_function(function_id)
         return self.request("DELETE", f"/functions/{function_id}").json()
 
+    def models(self) -> dict[str, Any]:
+        """The AI node's endpoint, default model and the models it has."""
+        return self.request("GET", "/models").json()
+
     def system_status(self) -> dict[str, Any]:
         return self.request("GET", "/system/status").json()
 

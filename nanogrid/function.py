@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import queue
 import threading
@@ -25,12 +26,14 @@ class RemoteFunction:
     """A function bound to the grid. Calling it directly still runs it locally."""
 
     def __init__(self, fn: Callable[..., Any], *, memory: int | None = None, timeout: float | None = None,
-                 name: str | None = None, runtime: str | None = None, client: Client | None = None) -> None:
+                 name: str | None = None, runtime: str | None = None, client: Client | None = None,
+                 model: str | None = None) -> None:
         self.fn = fn
         self.memory = memory
         self.timeout = timeout
         self.name = name or getattr(fn, "__name__", "function")
         self.runtime = runtime
+        self.model = model  # the AI node's model for its calls (else the grid's LLM_MODEL)
         self._client = client
         self._pickled: bytes | None = None
         self._package: FunctionPackage | None = None
@@ -42,6 +45,12 @@ class RemoteFunction:
     def __getstate__(self) -> dict[str, Any]:
         # Pickled when a function refers to itself (recursion): send the function, not the connection.
         return {**self.__dict__, "_client": None, "_pickled": None, "_package": None}
+
+    def with_options(self, *, model: str | None = None) -> RemoteFunction:
+        """The same function with per-call options: ``summarise.with_options(model="llama3.2").remote(text)``."""
+        clone = copy.copy(self)
+        clone.model = model if model is not None else self.model
+        return clone
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -76,14 +85,15 @@ class RemoteFunction:
     def spawn(self, *args: Any, **kwargs: Any) -> Job:
         """Start a call and return its Job at once."""
         payload = _encode_args(args, kwargs)
-        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload},
+        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "model": self.model},
                           lambda body: self.client.run(body, asynchronous=True))
         return Job(self.client, view, self.name)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Run on the grid and return the value; a remote exception is re-raised here."""
         payload = _encode_args(args, kwargs)
-        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload}, self.client.run)
+        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "model": self.model},
+                          self.client.run)
         if view["status"] not in ("completed", "failed", "cancelled"):
             return Job(self.client, view, self.name).result()
         return outcome(view)
@@ -119,7 +129,7 @@ def _ordered_map(fn: RemoteFunction, items: list[str], return_exceptions: bool, 
             except queue.Empty:
                 return
             try:
-                lines = fn.client.map_stream({"function_id": function_id, "args_pickle": chunk})
+                lines = fn.client.map_stream({"function_id": function_id, "args_pickle": chunk, "model": fn.model})
                 ids = next(lines)["job_ids"]
                 with ids_lock:  # the consumer cancels job_ids once it stops: none may slip in after that
                     job_ids.extend(ids)
@@ -187,9 +197,9 @@ def _encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def remote(fn: Callable[..., Any] | None = None, *, memory: int | None = None, timeout: float | None = None,
-           name: str | None = None, runtime: str | None = None) -> Any:
-    """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds)``."""
+           name: str | None = None, runtime: str | None = None, model: str | None = None) -> Any:
+    """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, model="AI node model")``."""
     def wrap(f: Callable[..., Any]) -> RemoteFunction:
-        return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime)
+        return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model)
 
     return wrap(fn) if fn is not None else wrap

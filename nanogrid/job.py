@@ -133,6 +133,11 @@ class Job:
         return self.refresh()._view.get("baseline_memory_bytes")
 
     @property
+    def ai_usage(self) -> dict[str, int] | None:
+        """Calls and tokens (prompt, completion) the function used on the AI node; None if it used none."""
+        return self.refresh()._view.get("ai_usage")
+
+    @property
     def duration(self) -> float | None:
         """Seconds the function ran (inside its sandbox)."""
         ms = self.refresh()._view.get("execution_time_ms")

@@ -67,6 +67,9 @@ class JobWidget:
             timing = f"elapsed {max(0.0, time.time() - v['created_at']):.1f} s"
         start = "" if v.get("cold") is None else ("cold start" if v["cold"] else "warm")
         where = " · ".join(x for x in (v.get("worker_id"), v.get("sandbox_id")) if x)
+        ai = v.get("ai_usage")
+        if ai:
+            start += (f" · AI {ai['calls']} calls, {ai['prompt_tokens']} + {ai['completion_tokens']} tokens")
         self.header.value = (
             f"<b>{html.escape(self.title)}</b> <span style='background:{color};color:white;padding:1px 6px;"
             f"border-radius:8px'>{label}</span> {timing} · peak memory {_mib(v.get('peak_memory_bytes'))} "

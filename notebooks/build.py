@@ -91,7 +91,25 @@ FILES_AND_JOBS = [
     ("code", "%nanogrid status"),
 ]
 
-NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "errors-and-limits.ipynb": ERRORS, "files-map-async.ipynb": FILES_AND_JOBS}
+SUMMARIZER = [
+    ("md", "# A summarizer on the AI node\n\nThe seed platform's demo: a function that asks the grid's private "
+           "AI node (an Ollama server) to summarise text. Inside a function, `nanogrid.ai` talks to it; the tokens "
+           "each call uses are counted on its job."),
+    ("code", "import nanogrid\n\nclient = nanogrid.connect()\nclient.models()['default']"),
+    ("code", "@nanogrid.remote(timeout=120)\ndef summarise(text: str) -> str:\n    import nanogrid.ai\n"
+             "    reply = nanogrid.ai.generate(f'Summarise in one sentence: {text}')\n    return reply.response"),
+    ("code", "article = ('NanoGrid runs notebook cells and Python functions on a self-hosted grid of warm sandboxes, '\n"
+             "           'with results, logs, files and memory use coming back to the notebook.')"),
+    ("code", CHECK + "job = summarise.spawn(article)\nsummary = job.result()\n"
+                     "len(summary) > 0, job.ai_usage['calls']"),
+    ("md", "The job widget shows the tokens next to duration and memory:"),
+    ("code", "job"),
+    ("md", "A call may pick another of the node's models:"),
+    ("code", "client.models()['models']"),
+    ("code", CHECK + "summaries = list(summarise.map([article, 'A second, shorter text.']))\nlen(summaries)"),
+]
+
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "ai-summarizer.ipynb": SUMMARIZER, "errors-and-limits.ipynb": ERRORS, "files-map-async.ipynb": FILES_AND_JOBS}
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
@@ -116,9 +134,12 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent))
     from backend.config import GridConfig
     from backend.embedded import EmbeddedGrid
+    from tests.fake_ollama import FakeOllama
 
-    with tempfile.TemporaryDirectory() as data_dir:
-        with EmbeddedGrid(GridConfig.load(data_dir=Path(data_dir), port=0)) as grid:
+    with tempfile.TemporaryDirectory() as data_dir, FakeOllama() as ollama:
+        config = GridConfig.load(data_dir=Path(data_dir), port=0, sandbox="process", ai_endpoint=ollama.url,
+                                 ai_model="summarizer")
+        with EmbeddedGrid(config) as grid:
             os.environ["NANOGRID_URL"] = grid.url
             os.environ["NANOGRID_API_KEY"] = grid.api_key
             for name, cells in NOTEBOOKS.items():

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 from urllib.parse import quote
 
+import httpx
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -30,6 +31,7 @@ from backend.controller.schemas import (
     Health,
     JobView,
     MapRequest,
+    Models,
     RunRequest,
     SystemStatus,
 )
@@ -193,11 +195,11 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         payloads = jobs.encode_payloads(function, [body.payload], pickles, config.max_payload_bytes)
         (job,) = jobs.new_jobs(function, payloads, caller.name)
         if x_async:
-            jobs.submit(grid, function, [job])
+            jobs.submit(grid, function, [job], body.model)
             return JSONResponse(jobs.job_view(job, base_url(request)), status_code=202)
         finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
         try:
-            jobs.submit(grid, function, [job])
+            jobs.submit(grid, function, [job], body.model)
             done = await jobs.next_result(grid, job.job_id, finished, min(function.timeout_s + 30, SYNC_WAIT_CAP_S))
         finally:
             unsubscribe()
@@ -218,7 +220,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         new = jobs.new_jobs(function, payloads, caller.name)
         job_ids = [job.job_id for job in new]
         finished, unsubscribe = jobs.subscribe(grid, job_ids)
-        jobs.submit(grid, function, new)
+        jobs.submit(grid, function, new, body.model)
         url = base_url(request)
 
         async def lines() -> AsyncIterator[bytes]:
@@ -265,6 +267,21 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             return RedirectResponse(direct, status_code=307)  # a presigned URL: bytes never pass through here
         return StreamingResponse(grid.store.open_output(job_id, name), media_type="application/octet-stream",
                                  headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"})
+
+    @app.get("/models", response_model=Models,
+             responses={503: {"model": ErrorDetail, "description": "no AI node, or it does not answer"}})
+    async def models(caller: Caller) -> dict:
+        """What the AI node offers (503 when the grid has none or it does not answer)."""
+        if not config.ai_endpoint:
+            raise HTTPException(503, "this grid has no AI node: start it with --ai-endpoint URL (AI_ENDPOINT)")
+        try:
+            async with httpx.AsyncClient(timeout=5) as http:
+                response = await http.get(f"{config.ai_endpoint.rstrip('/')}/api/tags")
+                response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise HTTPException(503, f"the AI node at {config.ai_endpoint} does not answer: {exc}") from None
+        names = [m.get("name") or m.get("model") for m in response.json().get("models", [])]
+        return {"endpoint": config.ai_endpoint, "default": config.ai_model or None, "models": names}
 
     @app.get("/system/status", response_model=SystemStatus)
     def system_status(caller: Caller) -> dict:

@@ -53,11 +53,11 @@ def new_jobs(function: FunctionRecord, payloads: list[tuple[str, bytes]], owner:
             for fmt, data in payloads]
 
 
-def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord]) -> None:
+def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord], model: str | None = None) -> None:
     """Record the jobs, then queue them: a restart after this point loses none of them."""
     grid.registry.create_jobs(jobs)
     grid.queue.put([JobMessage(job.job_id, function.function_id, job.payload_format, job.payload,
-                               function.timeout_s, function.memory_mib) for job in jobs])
+                               function.timeout_s, function.memory_mib, model) for job in jobs])
 
 
 def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord], Any]:
@@ -142,7 +142,8 @@ def job_view(job: JobRecord, base_url: str = "") -> dict[str, Any]:
         "result_pickle": None, "error": job.error, "stdout": job.stdout, "stderr": job.stderr,
         "execution_time_ms": job.execution_time_ms, "peak_memory_bytes": job.peak_memory_bytes,
         "cold": job.cold, "memory_limit_mib": job.memory_limit_mib,
-        "baseline_memory_bytes": job.baseline_memory_bytes, "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
+        "baseline_memory_bytes": job.baseline_memory_bytes, "ai_usage": job.ai_usage,
+        "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "output_files": [
             {**f, "url": f"{base_url}/jobs/{job.job_id}/outputs/{quote(f['name'])}"} for f in job.output_files

@@ -15,12 +15,14 @@ class RunRequest(BaseModel):
     function_id: str = Field(min_length=1, max_length=64)
     payload: Any = Field(None, description="JSON event for handler(event, context) functions")
     args_pickle: str | None = Field(None, description="base64 cloudpickle of (args, kwargs), from the Python client")
+    model: str | None = Field(None, max_length=200, description="the AI node's model for this call (LLM_MODEL)")
 
 
 class MapRequest(BaseModel):
     function_id: str = Field(min_length=1, max_length=64)
     payloads: list[Any] | None = Field(None, description="one JSON event per call")
     args_pickle: list[str] | None = Field(None, description="one base64 cloudpickle of (args, kwargs) per call")
+    model: str | None = Field(None, max_length=200, description="the AI node's model for these calls")
 
 
 class OutputFile(BaseModel):
@@ -44,6 +46,7 @@ class JobView(BaseModel):
     cold: bool | None = None
     memory_limit_mib: int | None = None
     baseline_memory_bytes: int | None = Field(None, description="the sandbox's usage as the call began")
+    ai_usage: dict[str, Any] | None = Field(None, description="calls and tokens used on the AI node")
     worker_id: str | None = None
     sandbox_id: str | None = None
     created_at: float
@@ -75,6 +78,12 @@ class Health(BaseModel):
 class Deleted(BaseModel):
     function_id: str
     deleted: bool
+
+
+class Models(BaseModel):
+    endpoint: str
+    default: str | None = Field(None, description="the model a call gets unless it names one (LLM_MODEL)")
+    models: list[str]
 
 
 class SystemStatus(BaseModel):

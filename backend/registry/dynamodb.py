@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
 from backend.registry.base import Registry
 
-JSON_FIELDS = {"error", "output_files"}
+JSON_FIELDS = {"error", "output_files", "ai_usage"}
 INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
               "rate_burst"}
 JOB_TTL_S = 7 * 24 * 3600

@@ -12,7 +12,7 @@ from backend.registry.base import Registry
 _FUNCTION_COLUMNS = [f.name for f in fields(FunctionRecord)]
 _JOB_COLUMNS = [f.name for f in fields(JobRecord)]
 _KEY_COLUMNS = [f.name for f in fields(ApiKey)]
-_JSON_COLUMNS = {"error", "output_files"}
+_JSON_COLUMNS = {"error", "output_files", "ai_usage"}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS functions ({", ".join(_FUNCTION_COLUMNS)}, PRIMARY KEY (function_id));

@@ -35,7 +35,7 @@ class Sandbox(ABC):
     def load(self, function_id: str, package: bytes, memory_mib: int) -> None: ...
 
     @abstractmethod
-    def call(self, job_id: str, payload: bytes, timeout_s: float) -> CallResult:
+    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None) -> CallResult:
         """Run one call; raises SandboxError when the sandbox failed (it is then dead)."""
 
     @abstractmethod

@@ -148,12 +148,13 @@ class DockerSandbox(Sandbox):
             raise SandboxError("load", f"the function could not be loaded: {error.get('traceback') or error}")
         self.function_id = function_id
 
-    def call(self, job_id: str, payload: bytes, timeout_s: float) -> CallResult:
+    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None) -> CallResult:
         baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
             baseline = self.cgroup.usage()
-        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None}
+        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
+                  "model": model}
         reply, body = self._roundtrip(header, payload, timeout_s)
         peak = self.cgroup.peak() if self.cgroup else reply.get("peak_rss_bytes")
         if reply.get("output_files"):

@@ -45,7 +45,8 @@ class ProcessSandboxFactory:
     kind = "process"
 
     def __init__(self, base_dir: Path, hide_dir: Path, *, bubblewrap: str = "auto", cgroups: str = "auto",
-                 kill_grace_s: float = 1.0, capture_limit: int = 1 << 20, max_output_bytes: int = 1 << 30) -> None:
+                 kill_grace_s: float = 1.0, capture_limit: int = 1 << 20, max_output_bytes: int = 1 << 30,
+                 ai_endpoint: str = "", ai_model: str = "") -> None:
         self.base_dir = base_dir
         self.hide_dir = hide_dir
         self.bwrap = shutil.which("bwrap") if bubblewrap != "off" else None
@@ -55,6 +56,7 @@ class ProcessSandboxFactory:
         self.kill_grace_s = kill_grace_s
         self.capture_limit = capture_limit
         self.max_output_bytes = max_output_bytes
+        self.ai_env = {k: v for k, v in (("AI_ENDPOINT", ai_endpoint), ("LLM_MODEL", ai_model)) if v}
         base_dir.mkdir(parents=True, exist_ok=True)
 
     def describe(self) -> str:
@@ -118,6 +120,9 @@ class ProcessSandbox(Sandbox):
         python = [sys.executable, "-I", str(BOOTSTRAP)]
         if not self.factory.bwrap:
             return python
+        # With an AI node the sandboxes keep the host's network to reach it (trusted code only);
+        # Docker sandboxes are the ones that limit it.
+        network = ["--share-net"] if self.factory.ai_env else []
         # Order matters: later mounts go on top of earlier ones. The interpreter and its packages
         # are mounted back read-only in case they live under /tmp (a venv in a temporary checkout).
         interpreter = []
@@ -125,7 +130,7 @@ class ProcessSandbox(Sandbox):
             if not path.is_relative_to(self.factory.hide_dir):
                 interpreter += ["--ro-bind", str(path), str(path)]
         return [
-            self.factory.bwrap, "--unshare-all", "--die-with-parent",
+            self.factory.bwrap, "--unshare-all", *network, "--die-with-parent",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--tmpfs", str(self.factory.hide_dir), *interpreter, "--bind", str(self.work_dir), str(self.work_dir),
             *python,
@@ -141,6 +146,7 @@ class ProcessSandbox(Sandbox):
             "NANOGRID_WORK_DIR": str(self.work_dir),
             "NANOGRID_OUTPUT_DIR": str(self.output_dir),
             "NANOGRID_CAPTURE_LIMIT": str(self.factory.capture_limit),
+            **self.factory.ai_env,
         }
 
     @property
@@ -162,12 +168,13 @@ class ProcessSandbox(Sandbox):
             raise SandboxError("load", f"the function could not be loaded: {error.get('traceback') or error}")
         self.function_id = function_id
 
-    def call(self, job_id: str, payload: bytes, timeout_s: float) -> CallResult:
+    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None) -> CallResult:
         baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
             baseline = self.cgroup.usage()
-        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None}
+        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
+                  "model": model}
         reply, body = self._roundtrip(header, payload, timeout_s)
         peak = self.cgroup.peak() if self.cgroup else reply.get("peak_rss_bytes")
         if not reply["ok"] and reply["error"].get("kind") == "memory":

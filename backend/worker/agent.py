@@ -187,7 +187,7 @@ class Worker:
             self.pool.discard(sandbox)
             raise SandboxError("cancelled", "cancelled by the user")
         try:
-            outcome = sandbox.call(job.job_id, message.payload, message.timeout_s)
+            outcome = sandbox.call(job.job_id, message.payload, message.timeout_s, message.model)
         except SandboxError:
             self.pool.discard(sandbox)
             if job.job_id in self._cancelled:
@@ -216,6 +216,7 @@ class Worker:
         job.execution_time_ms = reply.get("duration_ms")
         job.peak_memory_bytes = outcome.peak_memory_bytes
         job.baseline_memory_bytes = outcome.baseline_memory_bytes
+        job.ai_usage = reply.get("ai_usage")
         job.output_files = self._collect_outputs(job.job_id, outcome.output_dir)
         if reply["ok"]:
             job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body

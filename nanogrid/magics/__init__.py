@@ -29,6 +29,7 @@ def _cell_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, help="seconds")
     parser.add_argument("--runtime", default=None)
     parser.add_argument("--name", default="cell")
+    parser.add_argument("--model", default=None, help="the AI node's model for this cell")
     parser.add_argument("--async", dest="asynchronous", action="store_true")
     return parser
 
@@ -53,7 +54,7 @@ class NanoGridMagics(Magics):
         plan = plan_cell(source)
         inputs = self._inputs(plan.reads)
         function = RemoteFunction(run_cell, memory=args.memory, timeout=args.timeout, runtime=args.runtime,
-                                  name=args.name)
+                                  name=args.name, model=args.model)
         job = function.spawn(source, inputs, plan.assigns, plan.has_value)
         widget = None
         if in_kernel():

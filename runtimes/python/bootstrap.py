@@ -179,6 +179,12 @@ class Runtime:
             shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
             os.makedirs(OUTPUT_DIR, exist_ok=True)
         measure_rss = header.get("measure_rss", True)  # not needed where the agent reads a cgroup
+        ai = sys.modules.get("nanogrid.ai")
+        if ai is not None:
+            ai.reset_usage()
+        default_model = os.environ.get("LLM_MODEL")
+        if header.get("model"):  # this call's choice of model for the AI node
+            os.environ["LLM_MODEL"] = header["model"]
         if measure_rss:
             peak_rss_reset()
         reply, result = {"ok": True}, b""
@@ -212,6 +218,13 @@ class Runtime:
         if measure_rss:
             reply["peak_rss_bytes"] = peak_rss()
         reply["output_files"] = sum(len(files) for _, _, files in os.walk(OUTPUT_DIR))
+        ai = sys.modules.get("nanogrid.ai")  # imported by the function, perhaps during this call
+        if ai is not None and ai.usage()["calls"]:
+            reply["ai_usage"] = ai.usage()
+        if default_model is None:
+            os.environ.pop("LLM_MODEL", None)
+        else:
+            os.environ["LLM_MODEL"] = default_model
         return reply, result
 
 

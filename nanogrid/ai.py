@@ -1,0 +1,83 @@
+"""The grid's private AI node (an Ollama server), from inside a function.
+
+    import nanogrid.ai
+    reply = nanogrid.ai.generate("Summarise: ...")            # model: LLM_MODEL, or model="..."
+    text = reply.response
+    answer = nanogrid.ai.chat([{"role": "user", "content": "Hi"}]).message.content
+
+Thin wrappers over the official ``ollama`` client, pointed at ``AI_ENDPOINT``. They count the
+tokens each call uses, and the grid reports the total on the job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+_usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
+def endpoint() -> str:
+    url = os.environ.get("AI_ENDPOINT")
+    if not url:
+        raise RuntimeError("this grid has no AI node: start it with `nanogrid up --ai-endpoint URL` (AI_ENDPOINT)")
+    return url
+
+
+def default_model() -> str:
+    model = os.environ.get("LLM_MODEL")
+    if not model:
+        raise RuntimeError("no model chosen: pass model=..., or set the grid's default (LLM_MODEL)")
+    return model
+
+
+def _client() -> Any:
+    import ollama  # imported on use: a function that never calls the AI node does not need the client
+
+    return ollama.Client(host=endpoint())
+
+
+def generate(prompt: str, model: str | None = None, *, options: Mapping[str, Any] | None = None,
+             stream: bool = False, **kwargs: Any) -> Any:
+    """``ollama.Client.generate`` against the AI node; with ``stream=True``, an iterator of chunks."""
+    response = _client().generate(model=model or default_model(), prompt=prompt, options=options, stream=stream,
+                                  **kwargs)
+    return _counted_stream(response) if stream else _count(response)
+
+
+def chat(messages: Sequence[Mapping[str, Any]], model: str | None = None, *,
+         options: Mapping[str, Any] | None = None, stream: bool = False, **kwargs: Any) -> Any:
+    """``ollama.Client.chat`` against the AI node; with ``stream=True``, an iterator of chunks."""
+    response = _client().chat(model=model or default_model(), messages=messages, options=options, stream=stream,
+                              **kwargs)
+    return _counted_stream(response) if stream else _count(response)
+
+
+def models() -> list[str]:
+    """The models the AI node has."""
+    return [m.model for m in _client().list().models]
+
+
+def usage() -> dict[str, int]:
+    """Tokens used by this call so far (the grid resets it before each call)."""
+    return dict(_usage)
+
+
+def reset_usage() -> None:
+    for key in _usage:
+        _usage[key] = 0
+
+
+def _count(response: Any) -> Any:
+    _usage["calls"] += 1
+    _usage["prompt_tokens"] += getattr(response, "prompt_eval_count", None) or 0
+    _usage["completion_tokens"] += getattr(response, "eval_count", None) or 0
+    return response
+
+
+def _counted_stream(chunks: Iterator[Any]) -> Iterator[Any]:
+    for chunk in chunks:
+        if getattr(chunk, "done", False):  # the last chunk carries the counts
+            _count(chunk)
+        yield chunk
