@@ -109,7 +109,8 @@ SUMMARIZER = [
     ("code", CHECK + "summaries = list(summarise.map([article, 'A second, shorter text.']))\nlen(summaries)"),
 ]
 
-NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "ai-summarizer.ipynb": SUMMARIZER, "errors-and-limits.ipynb": ERRORS, "files-map-async.ipynb": FILES_AND_JOBS}
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "ai-summarizer.ipynb": SUMMARIZER, "errors-and-limits.ipynb": ERRORS,
+             "files-map-async.ipynb": FILES_AND_JOBS}
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
