@@ -30,14 +30,15 @@ def start_grid(data_dir: Path, **settings: object) -> EmbeddedGrid:
     return EmbeddedGrid(config).start()
 
 
-def docker_ready() -> bool:
+def require_docker() -> None:
     """The engine answers and the runtime image exists (built here if missing, as CI does)."""
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        return False
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True).returncode
+    except FileNotFoundError:
+        info = 1
+    require(info == 0, "the Docker engine does not answer")
     build = subprocess.run([sys.executable, str(ROOT / "runtimes" / "build.py")], capture_output=True, text=True)
-    if build.returncode != 0:
-        pytest.fail(f"runtimes/build.py failed:\n{build.stdout}\n{build.stderr}")
-    return True
+    require(build.returncode == 0, f"runtimes/build.py could not build the runtime image: {build.stderr.strip()}")
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
 @pytest.fixture(scope="session")
 def docker_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
     """One embedded grid with Docker sandboxes for the session."""
-    require(docker_ready(), "the Docker engine does not answer")
+    require_docker()
     embedded = start_grid(tmp_path_factory.mktemp("docker-grid"), sandbox="docker", kill_grace_s=0.5)
     yield embedded
     embedded.stop()
