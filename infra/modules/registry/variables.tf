@@ -1,0 +1,4 @@
+variable "name" {
+  description = "Prefix of resource names"
+  type        = string
+}
