@@ -31,6 +31,7 @@ class GridConfig:
     docker_scratch_mib: int = 1024  # tmpfs for the bootstrap's working and output directory
     docker_pids_limit: int = 64
     docker_cpus: float = 1.0
+    docker_ai_network: str = "nanogrid-ai"  # internal network joined by the AI node and by sandboxes with ai=True
     bubblewrap: str = "auto"  # auto | on | off: namespaces around process sandboxes
     cgroups: str = "auto"  # auto | off: per-sandbox memory cgroup (limits and peak memory)
     stem_cells: int = 2  # unspecialised sandboxes kept started

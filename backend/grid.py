@@ -37,6 +37,7 @@ def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSa
                 config.docker_image, config.data_dir / "sandboxes", kill_grace_s=config.kill_grace_s,
                 capture_limit=config.capture_limit_bytes, max_output_bytes=config.max_output_bytes,
                 scratch_mib=config.docker_scratch_mib, pids_limit=config.docker_pids_limit, cpus=config.docker_cpus,
+                ai_endpoint=config.ai_endpoint, ai_model=config.ai_model, ai_network=config.docker_ai_network,
             )
         except DockerUnavailable as exc:
             if config.sandbox == "docker":

@@ -21,7 +21,8 @@ _usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
 def endpoint() -> str:
     url = os.environ.get("AI_ENDPOINT")
     if not url:
-        raise RuntimeError("this grid has no AI node: start it with `nanogrid up --ai-endpoint URL` (AI_ENDPOINT)")
+        raise RuntimeError("no AI node in this sandbox: declare the function with @nanogrid.remote(ai=True) "
+                           "(or %%nanogrid --ai), on a grid started with --ai-endpoint URL (AI_ENDPOINT)")
     return url
 
 
@@ -38,25 +39,36 @@ def _client() -> Any:
     return ollama.Client(host=endpoint())
 
 
+def _call(method: str, **kwargs: Any) -> Any:
+    try:
+        return getattr(_client(), method)(**kwargs)
+    except (ConnectionError, OSError) as exc:
+        raise RuntimeError(f"cannot reach the AI node at {endpoint()} ({exc}); a function that uses it must say "
+                           "so: @nanogrid.remote(ai=True) (or %%nanogrid --ai), which gives its sandbox that one "
+                           "network route") from None
+
+
 def generate(prompt: str, model: str | None = None, *, options: Mapping[str, Any] | None = None,
              stream: bool = False, **kwargs: Any) -> Any:
     """``ollama.Client.generate`` against the AI node; with ``stream=True``, an iterator of chunks."""
-    response = _client().generate(model=model or default_model(), prompt=prompt, options=options, stream=stream,
-                                  **kwargs)
+    endpoint()
+    response = _call("generate", model=model or default_model(), prompt=prompt, options=options, stream=stream,
+                     **kwargs)
     return _counted_stream(response) if stream else _count(response)
 
 
 def chat(messages: Sequence[Mapping[str, Any]], model: str | None = None, *,
          options: Mapping[str, Any] | None = None, stream: bool = False, **kwargs: Any) -> Any:
     """``ollama.Client.chat`` against the AI node; with ``stream=True``, an iterator of chunks."""
-    response = _client().chat(model=model or default_model(), messages=messages, options=options, stream=stream,
-                              **kwargs)
+    endpoint()
+    response = _call("chat", model=model or default_model(), messages=messages, options=options, stream=stream,
+                     **kwargs)
     return _counted_stream(response) if stream else _count(response)
 
 
 def models() -> list[str]:
     """The models the AI node has."""
-    return [m.model for m in _client().list().models]
+    return [m.model for m in _call("list").models]
 
 
 def usage() -> dict[str, int]:

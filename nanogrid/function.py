@@ -27,13 +27,14 @@ class RemoteFunction:
 
     def __init__(self, fn: Callable[..., Any], *, memory: int | None = None, timeout: float | None = None,
                  name: str | None = None, runtime: str | None = None, client: Client | None = None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, ai: bool = False) -> None:
         self.fn = fn
         self.memory = memory
         self.timeout = timeout
         self.name = name or getattr(fn, "__name__", "function")
         self.runtime = runtime
         self.model = model  # the AI node's model for its calls (else the grid's LLM_MODEL)
+        self.ai = ai or model is not None  # its sandbox may reach the AI node
         self._client = client
         self._pickled: bytes | None = None
         self._package: FunctionPackage | None = None
@@ -64,7 +65,7 @@ class RemoteFunction:
         pickled = cloudpickle.dumps(self.fn)
         if pickled != self._pickled or self._package is None:
             self._package = package_function(self.fn, name=self.name, memory_mib=self.memory,
-                                             timeout_s=self.timeout, runtime=self.runtime)
+                                             timeout_s=self.timeout, runtime=self.runtime, ai=self.ai)
             self._pickled = pickled
         return self._package
 
@@ -197,9 +198,12 @@ def _encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def remote(fn: Callable[..., Any] | None = None, *, memory: int | None = None, timeout: float | None = None,
-           name: str | None = None, runtime: str | None = None, model: str | None = None) -> Any:
-    """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, model="AI node model")``."""
+           name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False) -> Any:
+    """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
+
+    ``ai=True`` (implied by ``model``) lets the function's sandbox reach the grid's AI node.
+    """
     def wrap(f: Callable[..., Any]) -> RemoteFunction:
-        return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model)
+        return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai)
 
     return wrap(fn) if fn is not None else wrap

@@ -60,7 +60,7 @@ def safe_name(name: str) -> str:
 
 
 def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_mib: int | None = None,
-                     timeout_s: float | None = None, runtime: str | None = None) -> FunctionPackage:
+                     timeout_s: float | None = None, runtime: str | None = None, ai: bool = False) -> FunctionPackage:
     """Cloudpickle ``fn`` (by value, with what it closes over) into a package with its source for display."""
     pickled = cloudpickle.dumps(fn)
     manifest: dict[str, Any] = {
@@ -74,6 +74,8 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
     code = getattr(fn, "__code__", None)
     if code is not None:  # lets the sandbox show source lines in remote tracebacks
         manifest["source_file"], manifest["source_line"] = code.co_filename, code.co_firstlineno
+    if ai:
+        manifest["ai"] = True  # its sandbox may reach the AI node (and nothing else)
     if memory_mib is not None:
         manifest["memory"] = int(memory_mib)
     if timeout_s is not None:

@@ -96,7 +96,7 @@ SUMMARIZER = [
            "AI node (an Ollama server) to summarise text. Inside a function, `nanogrid.ai` talks to it; the tokens "
            "each call uses are counted on its job."),
     ("code", "import nanogrid\n\nclient = nanogrid.connect()\nclient.models()['default']"),
-    ("code", "@nanogrid.remote(timeout=120)\ndef summarise(text: str) -> str:\n    import nanogrid.ai\n"
+    ("code", "@nanogrid.remote(ai=True, timeout=120)\ndef summarise(text: str) -> str:\n    import nanogrid.ai\n"
              "    reply = nanogrid.ai.generate(f'Summarise in one sentence: {text}')\n    return reply.response"),
     ("code", "article = ('NanoGrid runs notebook cells and Python functions on a self-hosted grid of warm sandboxes, '\n"
              "           'with results, logs, files and memory use coming back to the notebook.')"),

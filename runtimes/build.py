@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
-
-import cloudpickle
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -29,7 +29,8 @@ ROOT = HERE.parent
 DEBIAN_PACKAGES = ["python3", "python3-pil"]
 DEBIAN_BASE = "nanogrid/debian-python:bookworm-" + hashlib.sha256(" ".join(DEBIAN_PACKAGES).encode()).hexdigest()[:8]
 RUNTIME_IMAGE = "nanogrid/runtime-python:latest"
-NANOGRID_MODULES = ["__init__.py", "errors.py", "cells.py"]  # what a sandbox may import
+NANOGRID_MODULES = ["__init__.py", "errors.py", "cells.py", "ai.py"]  # what a sandbox may import
+SITE_DISTRIBUTIONS = ["cloudpickle", "ollama"]  # copied from the grid's own environment, with what they need
 
 
 def docker(*args: str, capture: bool = False) -> str:
@@ -63,8 +64,8 @@ def prepare_context(directory: Path) -> str:
     shutil.copy(HERE / "python" / "Dockerfile", directory / "Dockerfile")
     shutil.copy(HERE / "python" / "bootstrap.py", directory / "bootstrap.py")
     site = directory / "site"
-    shutil.copytree(Path(cloudpickle.__file__).parent, site / "cloudpickle",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in sorted(_with_dependencies(SITE_DISTRIBUTIONS)):
+        _copy_distribution(name, site)
     (site / "nanogrid").mkdir()
     for module in NANOGRID_MODULES:
         shutil.copy(ROOT / "nanogrid" / module, site / "nanogrid" / module)
@@ -73,6 +74,34 @@ def prepare_context(directory: Path) -> str:
         digest.update(str(path.relative_to(directory)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _with_dependencies(names: list[str]) -> set[str]:
+    """These distributions and what they require, as installed here (unmet markers are not installed)."""
+    found: set[str] = set()
+    pending = list(names)
+    while pending:
+        try:
+            dist = metadata.distribution(pending.pop())
+        except metadata.PackageNotFoundError:
+            continue
+        name = dist.metadata["Name"]
+        if name in found:
+            continue
+        found.add(name)
+        pending += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in dist.requires or [] if "extra ==" not in r]
+    return found
+
+
+def _copy_distribution(name: str, site: Path) -> None:
+    dist = metadata.distribution(name)
+    for file in dist.files or []:
+        parts = file.parts
+        if parts[0].endswith(".dist-info") or "__pycache__" in parts or parts[0] == ".." or file.suffix == ".pth":
+            continue
+        target = site / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file.locate(), target)
 
 
 def build(base: str | None, force: bool) -> str:

@@ -67,7 +67,7 @@ def test_models_lists_what_the_node_has(client):
 
 def test_a_grid_without_an_ai_node_says_so(grid):
     client = nanogrid.connect(grid.url, api_key=grid.api_key)
-    with pytest.raises(RuntimeError, match="this grid has no AI node"):
+    with pytest.raises(RuntimeError, match="no AI node in this sandbox"):
         summarise.remote("x")
     with pytest.raises(nanogrid.APIError, match="no AI node"):
         client.models()

@@ -52,7 +52,8 @@ class DockerSandboxFactory:
 
     def __init__(self, image: str, host_dir: Path, *, kill_grace_s: float = 1.0, capture_limit: int = 1 << 20,
                  max_output_bytes: int = 1 << 30, scratch_mib: int = 1024, pids_limit: int = 64,
-                 cpus: float = 1.0, stem_memory_mib: int = 256) -> None:
+                 cpus: float = 1.0, stem_memory_mib: int = 256, ai_endpoint: str = "", ai_model: str = "",
+                 ai_network: str = "nanogrid-ai") -> None:
         try:
             self.client = docker.from_env(timeout=60)
             self.client.ping()
@@ -74,17 +75,33 @@ class DockerSandboxFactory:
         self.pids_limit = pids_limit
         self.cpus = cpus
         self.stem_memory_mib = stem_memory_mib
+        self.ai_env = {k: v for k, v in (("AI_ENDPOINT", ai_endpoint), ("LLM_MODEL", ai_model)) if v}
+        self.ai_network = ai_network
+        if ai_endpoint:
+            self._ensure_ai_network()
         host_dir.mkdir(parents=True, exist_ok=True)
 
-    def describe(self) -> str:
-        return f"docker sandbox ({self.image}, non-root, read-only, no network)"
+    @property
+    def ai_capable(self) -> bool:
+        return bool(self.ai_env)
 
-    def start(self) -> DockerSandbox:
-        return DockerSandbox(self)
+    def _ensure_ai_network(self) -> None:
+        """An internal network (no route out of it): the AI node joins it, and sandboxes that asked for it."""
+        if not self.client.networks.list(names=[self.ai_network]):
+            self.client.networks.create(self.ai_network, driver="bridge", internal=True,
+                                        labels={"nanogrid": "ai-network"})
+
+    def describe(self) -> str:
+        network = f"no network; AI functions: network {self.ai_network} only" if self.ai_env else "no network"
+        return f"docker sandbox ({self.image}, non-root, read-only, {network})"
+
+    def start(self, ai: bool = False) -> DockerSandbox:
+        """A stem cell on no network; with ``ai``, a sandbox on the AI network, which reaches only the AI node."""
+        return DockerSandbox(self, ai=ai and self.ai_capable)
 
 
 class DockerSandbox(Sandbox):
-    def __init__(self, factory: DockerSandboxFactory) -> None:
+    def __init__(self, factory: DockerSandboxFactory, ai: bool = False) -> None:
         self.factory = factory
         self.id = "ctr-" + uuid.uuid4().hex[:12]
         self.host_dir = factory.host_dir / self.id  # where output files land on this side
@@ -104,14 +121,15 @@ class DockerSandbox(Sandbox):
             read_only=True,
             tmpfs={"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": scratch},
             environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": "/sandbox/output",
-                         "NANOGRID_CAPTURE_LIMIT": str(factory.capture_limit), "HOME": "/sandbox"},
+                         "NANOGRID_CAPTURE_LIMIT": str(factory.capture_limit), "HOME": "/sandbox",
+                         **(factory.ai_env if ai else {})},
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=factory.pids_limit,
             mem_limit=f"{self.memory_mib}m",
             memswap_limit=f"{self.memory_mib}m",
             nano_cpus=int(factory.cpus * 1e9),
-            network_mode="none",
+            network_mode=factory.ai_network if ai else "none",
             init=True,  # a tiny init as PID 1, so the bootstrap can be signalled (and can kill itself)
             labels={"nanogrid.sandbox": self.id},
         )

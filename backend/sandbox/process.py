@@ -65,7 +65,11 @@ class ProcessSandboxFactory:
         parts.append("memory cgroups" if self.use_cgroups else "rlimits")
         return ", ".join(parts)
 
-    def start(self) -> ProcessSandbox:
+    @property
+    def ai_capable(self) -> bool:
+        return False  # with an AI node configured, every process sandbox already shares the host's network
+
+    def start(self, ai: bool = False) -> ProcessSandbox:
         return ProcessSandbox(self)
 
 

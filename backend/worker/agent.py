@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +23,15 @@ from backend.store.base import BlobStore
 from backend.worker.pool import FunctionCode, WarmPool
 
 log = logging.getLogger(__name__)
+
+
+def _wants_ai(package: bytes) -> bool:
+    """Whether the function asked for the AI node (manifest ``ai``)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(package)) as zf:
+            return bool(json.loads(zf.read("manifest.json")).get("ai"))
+    except (KeyError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 class Worker:
@@ -208,7 +220,7 @@ class Worker:
             package = self.store.get_package(message.function_id)
         except FileNotFoundError:
             raise SandboxError("not_found", f"function {message.function_id} was deleted") from None
-        return FunctionCode(package, message.memory_mib)
+        return FunctionCode(package, message.memory_mib, ai=_wants_ai(package))
 
     def _record(self, job: JobRecord, outcome: CallResult) -> None:
         reply = outcome.reply

@@ -33,6 +33,7 @@ class SandboxFactory(Protocol):
 class FunctionCode:
     package: bytes
     memory_mib: int
+    ai: bool = False  # needs a sandbox with a route to the AI node (never a stem cell)
 
 
 class WarmPool:
@@ -56,6 +57,7 @@ class WarmPool:
     def acquire(self, function_id: str, code: Callable[[], FunctionCode]) -> tuple[Sandbox, bool]:
         """A sandbox for this function and whether it was a cold start. Blocks while the pool is full."""
         victims: list[Sandbox] = []
+        function: FunctionCode | None = None
         with self._cond:
             while True:
                 if self._closed:
@@ -66,9 +68,17 @@ class WarmPool:
                     self._idle_since.pop(sandbox.id, None)
                     self._busy.add(sandbox.id)
                     return sandbox, False
+                if function is None:  # cold: the package decides what kind of sandbox it needs
+                    self._cond.release()
+                    try:
+                        function = code()
+                    finally:
+                        self._cond.acquire()
+                    continue
                 if self._specialised < self.cap:
                     self._specialised += 1
-                    sandbox = self._stems.pop() if self._stems else None
+                    stem_ok = not (function.ai and getattr(self.factory, "ai_capable", False))
+                    sandbox = self._stems.pop() if self._stems and stem_ok else None
                     break
                 victim = self._take_longest_idle()
                 if victim is not None:
@@ -80,10 +90,9 @@ class WarmPool:
         self._wake.set()  # refill stem cells
         try:
             if sandbox is None:
-                sandbox = self.factory.start()
+                sandbox = self.factory.start(ai=function.ai) if function.ai else self.factory.start()
             with self._cond:
                 self._busy.add(sandbox.id)
-            function = code()
             sandbox.load(function_id, function.package, function.memory_mib)
         except BaseException:
             self._forget(sandbox)

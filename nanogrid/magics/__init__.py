@@ -30,6 +30,7 @@ def _cell_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime", default=None)
     parser.add_argument("--name", default="cell")
     parser.add_argument("--model", default=None, help="the AI node's model for this cell")
+    parser.add_argument("--ai", action="store_true", help="let the cell reach the AI node")
     parser.add_argument("--async", dest="asynchronous", action="store_true")
     return parser
 
@@ -54,7 +55,7 @@ class NanoGridMagics(Magics):
         plan = plan_cell(source)
         inputs = self._inputs(plan.reads)
         function = RemoteFunction(run_cell, memory=args.memory, timeout=args.timeout, runtime=args.runtime,
-                                  name=args.name, model=args.model)
+                                  name=args.name, model=args.model, ai=args.ai)
         job = function.spawn(source, inputs, plan.assigns, plan.has_value)
         widget = None
         if in_kernel():

@@ -105,6 +105,7 @@ resource "aws_vpc_endpoint" "interface" {
 }
 
 resource "aws_security_group" "controller" {
+  #checkov:skip=CKV2_AWS_5:attached by the controller module's launch template, which some checkov versions do not follow across modules
   name        = "${var.name}-controller"
   description = "Controller instances: HTTP from the load balancer only"
   vpc_id      = aws_vpc.this.id
@@ -125,6 +126,7 @@ resource "aws_security_group" "controller" {
 }
 
 resource "aws_security_group" "worker" {
+  #checkov:skip=CKV2_AWS_5:attached by the worker module's launch template, which some checkov versions do not follow across modules
   name        = "${var.name}-worker"
   description = "Worker instances: no inbound traffic at all"
   vpc_id      = aws_vpc.this.id
