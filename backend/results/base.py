@@ -1,11 +1,45 @@
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from backend.models import JobRecord
 
 Listener = Callable[[JobRecord], None]
+
+
+class Listeners:
+    """Who waits on which job: the bookkeeping every bus shares."""
+
+    def __init__(self) -> None:
+        self._by_job: dict[str, list[Listener]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job_ids: list[str], listener: Listener) -> Callable[[], None]:
+        with self._lock:
+            for job_id in job_ids:
+                self._by_job.setdefault(job_id, []).append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                for job_id in job_ids:
+                    remaining = [fn for fn in self._by_job.get(job_id, []) if fn is not listener]
+                    if remaining:
+                        self._by_job[job_id] = remaining
+                    else:
+                        self._by_job.pop(job_id, None)
+
+        return remove
+
+    def take(self, job_id: str) -> list[Listener]:
+        """The listeners of a job that just finished (each is called once)."""
+        with self._lock:
+            return self._by_job.pop(job_id, [])
+
+    def waited_on(self) -> list[str]:
+        with self._lock:
+            return list(self._by_job)
 
 
 class ResultBus(ABC):

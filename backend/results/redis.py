@@ -19,7 +19,7 @@ import redis
 
 from backend.models import JobRecord, job_from_json, job_to_json
 from backend.registry.base import Registry
-from backend.results.base import Listener, ResultBus
+from backend.results.base import Listener, Listeners, ResultBus
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,8 @@ class RedisResultBus(ResultBus):
         self.redis = redis.Redis(host=host, port=port, socket_timeout=10, socket_connect_timeout=5,
                                  retry_on_timeout=True, health_check_interval=15)
         self.registry = registry
-        self._listeners: dict[str, list[Listener]] = {}
+        self._listeners = Listeners()
         self._cancel_hooks: list[Callable[[str], object]] = []
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="redis-bus", daemon=True)
         self._thread.start()
@@ -51,20 +50,7 @@ class RedisResultBus(ResultBus):
                     .publish(RESULTS, announcement).execute())
 
     def subscribe(self, job_ids: list[str], listener: Listener) -> Callable[[], None]:
-        with self._lock:
-            for job_id in job_ids:
-                self._listeners.setdefault(job_id, []).append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                for job_id in job_ids:
-                    remaining = [fn for fn in self._listeners.get(job_id, []) if fn is not listener]
-                    if remaining:
-                        self._listeners[job_id] = remaining
-                    else:
-                        self._listeners.pop(job_id, None)
-
-        return unsubscribe
+        return self._listeners.add(job_ids, listener)
 
     def request_cancel(self, job_id: str) -> None:
         self._retry(lambda: self.redis.publish(CANCELS, job_id))
@@ -84,8 +70,7 @@ class RedisResultBus(ResultBus):
         self._stop.set()
 
     def _deliver(self, job_id: str, announcement: dict | None = None) -> None:
-        with self._lock:
-            listeners = self._listeners.pop(job_id, [])
+        listeners = self._listeners.take(job_id)
         if not listeners:
             return
         if announcement and "status" in announcement:
@@ -102,9 +87,7 @@ class RedisResultBus(ResultBus):
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(RESULTS, CANCELS)
-                with self._lock:  # results announced while we were disconnected: look them up
-                    pending = list(self._listeners)
-                for job_id in pending:
+                for job_id in self._listeners.waited_on():  # results announced while we were disconnected
                     job = self.registry.get_job(job_id)
                     if job is not None and job.finished:
                         self._deliver(job_id)
