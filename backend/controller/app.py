@@ -234,8 +234,8 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     async def status(job_id: str, request: Request, caller: Caller,
                      wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
                      ) -> dict:
-        job_or_404(job_id, caller)
-        return jobs.job_view(await jobs.wait_for(grid, job_id, wait), base_url(request))
+        job = job_or_404(job_id, caller)
+        return jobs.job_view(await jobs.wait_for(grid, job_id, wait, job), base_url(request))
 
     @app.get("/jobs", response_model=list[JobView])
     def list_jobs(request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=1000)] = 50,

@@ -68,11 +68,16 @@ def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord],
     return finished, unsubscribe
 
 
-async def wait_for(grid: Grid, job_id: str, timeout: float) -> JobRecord | None:
-    """The job once finished, or as it stands after ``timeout`` seconds; None if there is no such job."""
+async def wait_for(grid: Grid, job_id: str, timeout: float, known: JobRecord | None = None) -> JobRecord | None:
+    """The job once finished, or as it stands after ``timeout`` seconds; None if there is no such job.
+
+    ``known``: the record the caller just read, so a job that is already finished costs no second read.
+    """
+    if known is not None and (known.finished or timeout <= 0):
+        return known
     finished, unsubscribe = subscribe(grid, [job_id])
     try:
-        job = grid.registry.get_job(job_id)
+        job = grid.registry.get_job(job_id)  # read again after subscribing: the result may have landed between
         if job is None or job.finished or timeout <= 0:
             return job
         return await next_result(grid, job_id, finished, timeout) or grid.registry.get_job(job_id)

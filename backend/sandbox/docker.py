@@ -25,7 +25,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from backend.sandbox.base import CallResult, Sandbox, SandboxError
+from backend.sandbox.base import Sandbox, SandboxError
 from backend.sandbox.cgroup import MemoryCgroup
 from backend.sandbox.protocol import (
     ChannelClosed,
@@ -166,22 +166,7 @@ class DockerSandbox(Sandbox):
             raise SandboxError("load", f"the function could not be loaded: {error.get('traceback') or error}")
         self.function_id = function_id
 
-    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None) -> CallResult:
-        baseline = None
-        if self.cgroup:
-            self.cgroup.reset_peak()
-            baseline = self.cgroup.usage()
-        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
-                  "model": model}
-        reply, body = self._roundtrip(header, payload, timeout_s)
-        peak = self.cgroup.peak() if self.cgroup else reply.get("peak_rss_bytes")
-        if reply.get("output_files"):
-            self._fetch_outputs()
-        if not reply["ok"] and reply["error"].get("kind") == "memory":
-            self.close()
-        return CallResult(reply, body, peak, self.output_dir, baseline)
-
-    def _fetch_outputs(self) -> None:
+    def _collect_outputs(self) -> None:
         """Receive the output directory as tar chunks, spooled to disk, then unpacked safely."""
         spool = self.host_dir / "outputs.tar"
         deadline = time.monotonic() + 600

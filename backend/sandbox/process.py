@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from backend.sandbox import cgroup
-from backend.sandbox.base import CallResult, Sandbox, SandboxError
+from backend.sandbox.base import Sandbox, SandboxError
 from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, FrameReader, encode_frame, write_all
 
 log = logging.getLogger(__name__)
@@ -172,18 +172,8 @@ class ProcessSandbox(Sandbox):
             raise SandboxError("load", f"the function could not be loaded: {error.get('traceback') or error}")
         self.function_id = function_id
 
-    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None) -> CallResult:
-        baseline = None
-        if self.cgroup:
-            self.cgroup.reset_peak()
-            baseline = self.cgroup.usage()
-        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
-                  "model": model}
-        reply, body = self._roundtrip(header, payload, timeout_s)
-        peak = self.cgroup.peak() if self.cgroup else reply.get("peak_rss_bytes")
-        if not reply["ok"] and reply["error"].get("kind") == "memory":
-            self.close()  # a MemoryError may have left the interpreter in a bad state
-        return CallResult(reply, body, peak, self.output_dir, baseline)
+    def _collect_outputs(self) -> None:
+        pass  # the sandbox writes straight into output_dir on this machine
 
     def _roundtrip(self, header: dict, body: bytes, timeout_s: float) -> tuple[dict, bytes]:
         try:
