@@ -1,28 +1,49 @@
 # NanoGrid developer entry points. `make demo` and `make test` are the README's two commands.
+# Installs come from the lock files in requirements/ (exact versions, hashes checked); `make lock`
+# moves the pins on purpose. `pip install nanogrid` users get pyproject.toml's ranges instead.
 VENV ?= .venv
 PYTHON ?= python3
+PIP = $(VENV)/bin/pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test bench lint
+.PHONY: setup setup-test demo test bench lint lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[test]"
+
+# What the grid and the demo need, nothing more.
+$(VENV)/.installed: requirements/runtime.lock pyproject.toml | $(VENV)/bin/python
+	$(PIP) --require-hashes -r requirements/runtime.lock
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $@
+
+# The test stack on top (JupyterLab, Playwright, moto, checkov, ...).
+$(VENV)/.installed-test: requirements/test.lock $(VENV)/.installed
+	$(PIP) --require-hashes -r requirements/test.lock
 	touch $@
 
 demo: setup
 	$(VENV)/bin/nanogrid demo
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check .
 
 test: lint
 	$(VENV)/bin/python -m pytest -q
 
-bench: setup
-	$(VENV)/bin/pip install -q -e ".[test,bench]"
+# Re-resolve the pins (needs uv: `pip install uv`); review and commit the diff.
+lock: setup
+	$(VENV)/bin/python -m uv --version >/dev/null 2>&1 || $(PIP) uv
+	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements/build.in --extra test --python-version 3.11 \
+		--universal --generate-hashes -q -o requirements/test.lock
+	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements/build.in --python-version 3.11 \
+		--universal --generate-hashes -q -c requirements/test.lock -o requirements/runtime.lock
+
+bench: setup-test
+	$(PIP) ray "dask[distributed]"
 	$(VENV)/bin/python benchmarks/bench_embedded.py
 	$(VENV)/bin/python runtimes/build.py
 	$(VENV)/bin/python -m benchmarks.bench_docker

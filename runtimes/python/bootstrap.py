@@ -140,6 +140,26 @@ def remember_source(manifest):
     linecache.cache[name] = (None, None, lines, name)  # mtime None: never re-checked against a file
 
 
+def with_source_file(code, name):
+    """``code`` and the code nested in it, named after the user's file again.
+
+    Pickling may rename code objects (cloudpickle 3.1.3 calls them all ``<dynamic-code>``); the
+    line numbers survive, so restoring the name lets tracebacks show the packaged source lines.
+    """
+    consts = tuple(with_source_file(c, name) if isinstance(c, type(code)) else c for c in code.co_consts)
+    return code.replace(co_filename=name, co_consts=consts)
+
+
+def restore_source_file(function, manifest):
+    name = manifest.get("source_file")
+    code = getattr(function, "__code__", None)
+    if name and code is not None and code.co_firstlineno == manifest.get("source_line"):
+        try:
+            function.__code__ = with_source_file(code, name)
+        except (AttributeError, TypeError, ValueError):
+            pass  # a callable that is not a plain function keeps its names
+
+
 class Runtime:
     def __init__(self):
         self.manifest = None
@@ -158,6 +178,7 @@ class Runtime:
         if self.manifest["kind"] == "pickle":
             with open(os.path.join(CODE_DIR, "function.pkl"), "rb") as f:
                 self.function = cloudpickle.load(f)
+            restore_source_file(self.function, self.manifest)
         else:
             module_name, _, attr = self.manifest["handler"].rpartition(".")
             module = __import__(module_name, fromlist=[attr])
