@@ -3,6 +3,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from backend.models import ApiKey, FunctionRecord, JobRecord
+from nanogrid.errors import NanoGridError
+
+
+class RegistryError(NanoGridError):
+    """The registry cannot be used as it stands (damaged, too new, held by another grid); the message says what to do."""
+
+
+class RegistryBusy(RegistryError):
+    """Another process held the registry's write lock for longer than a write may wait; nothing was written."""
 
 
 class Registry(ABC):
@@ -43,6 +52,10 @@ class Registry(ABC):
 
     @abstractmethod
     def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]: ...
+
+    @abstractmethod
+    def count_jobs(self, owner: str | None = None) -> dict[str, int]:
+        """How many jobs are in each status (all of them, not a page), counted where they are stored."""
 
     @abstractmethod
     def put_key(self, key: ApiKey) -> None: ...

@@ -1,7 +1,13 @@
 """AWS DynamoDB: functions, jobs and API keys in one table (``pk`` = ``fn#…``, ``job#…``, ``key#…``).
 
 Jobs move PENDING -> RUNNING -> final through conditional updates, so a duplicate delivery can
-neither run a finished job again nor overwrite its first result. Job items expire through the
+neither run a finished job again nor overwrite its first result.
+
+Item shapes are versioned: every item written carries ``item_version``. An item without it (written
+before versioning) or of an older version lacks the attributes added since, and reads with the
+dataclass defaults; attributes the code does not know (an item from a newer controller during a rolling
+upgrade) are ignored. So a new field needs a default in backend/models.py, and a bump of ITEM_VERSION
+below with a line saying what it added; never rename or repurpose an attribute. Job items expire through the
 table's TTL attribute ``expires_at``. Listing scans the table: fine for a team's grid; a
 global secondary index on (owner, created_at) is the next step for a busy one.
 """
@@ -9,7 +15,7 @@ global secondary index on (owner, created_at) is the next step for a busy one.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from decimal import Decimal
 from typing import Any
 
@@ -18,16 +24,19 @@ from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import ClientError
 
 from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
-from backend.registry.base import Registry
+from backend.registry.base import Registry, RegistryError
 
 JSON_FIELDS = {"error", "output_files", "ai_usage"}
 INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
               "rate_burst"}
 JOB_TTL_S = 7 * 24 * 3600
+# 1: the first versioned shape (jobs with ai_usage, keys with admin and per-owner limits)
+ITEM_VERSION = 1
+VERSION_ATTRIBUTE = "item_version"
 
 
 def _to_item(values: dict[str, Any]) -> dict[str, Any]:
-    item: dict[str, Any] = {}
+    item: dict[str, Any] = {VERSION_ATTRIBUTE: ITEM_VERSION}
     for name, value in values.items():
         if value is None:
             continue
@@ -44,9 +53,12 @@ def _to_item(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_item(cls: type, item: dict[str, Any]) -> Any:
+    """A record from an item of any version: attributes added since it was written take their defaults."""
     values: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in item:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise RegistryError(f"registry item {item.get('pk')} has no {f.name!r}: it was not written by NanoGrid")
             continue
         value = item[f.name]
         if f.name in JSON_FIELDS:
@@ -146,6 +158,15 @@ class DynamoDBRegistry(Registry):
                       reverse=True)
         return jobs if limit < 0 else jobs[:limit]
 
+    def count_jobs(self, owner: str | None = None) -> dict[str, int]:
+        condition = Attr("kind").eq("job")
+        if owner is not None:
+            condition &= Attr("owner").eq(owner)
+        counts: dict[str, int] = {}
+        for item in self._scan(condition, ProjectionExpression="#s", ExpressionAttributeNames={"#s": "status"}):
+            counts[item["status"]] = counts.get(item["status"], 0) + 1
+        return counts
+
     # API keys
     def put_key(self, key: ApiKey) -> None:
         self.table.put_item(Item={"pk": f"key#{key.key_id}", "kind": "key",
@@ -158,8 +179,8 @@ class DynamoDBRegistry(Registry):
     def list_keys(self) -> list[ApiKey]:
         return sorted((_from_item(ApiKey, i) for i in self._scan(Attr("kind").eq("key"))), key=lambda k: k.created_at)
 
-    def _scan(self, condition: Any) -> list[dict[str, Any]]:
-        items, kwargs = [], {"FilterExpression": condition}
+    def _scan(self, condition: Any, **options: Any) -> list[dict[str, Any]]:
+        items, kwargs = [], {"FilterExpression": condition, **options}
         while True:
             page = self.table.scan(**kwargs)
             items.extend(page.get("Items", []))
