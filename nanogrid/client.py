@@ -79,13 +79,16 @@ def get_client() -> Client:
 
 
 class Client:
-    """One controller's HTTP API. Thread-safe; keeps connections alive."""
+    """One controller's HTTP API. Thread-safe; keeps connections alive.
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
+    ``transport`` replaces the network (any ``httpx.BaseTransport``, e.g. ``httpx.MockTransport`` in tests).
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, *, transport: httpx.BaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         api_key = api_key or discover_key(self.url)
         headers = {"x-api-key": api_key} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers,
+        self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
                                   timeout=httpx.Timeout(30.0, read=SYNC_READ_TIMEOUT_S),
                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
         self._known_functions: dict[str, str] = {}  # package content id -> the grid's function id
@@ -108,7 +111,7 @@ class Client:
                 break
             time.sleep(_backoff(response, attempt))
         if response.status_code >= 400:
-            raise APIError(response.status_code, _detail(response))
+            raise _api_error(response)
         return response
 
     def health(self) -> dict[str, Any]:
@@ -170,7 +173,7 @@ class Client:
             with self._http.stream("POST", "/map", json=body, timeout=httpx.Timeout(30.0, read=None)) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise APIError(response.status_code, _detail(response))
+                    raise _api_error(response)
                 for line in response.iter_lines():
                     if line:
                         yield json.loads(line)
@@ -206,11 +209,17 @@ def _backoff(response: httpx.Response, attempt: int) -> float:
     return min(30.0, wait * (1 + attempt * 0.5)) * random.uniform(0.8, 1.2)
 
 
-def _detail(response: httpx.Response) -> str:
+def _api_error(response: httpx.Response) -> APIError:
+    """The controller's error body is ``{"detail": message, "error": code}``; a proxy's may be anything."""
     try:
-        detail = response.json().get("detail")
-    except (ValueError, AttributeError):
-        detail = None
-    if isinstance(detail, list):  # FastAPI's validation errors
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    detail = body.get("detail")
+    if isinstance(detail, list):  # FastAPI's validation errors, from a controller older than this client
         detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
-    return str(detail or response.text[:500] or response.reason_phrase)
+    code = body.get("error")
+    return APIError(response.status_code, str(detail or response.text[:500] or response.reason_phrase),
+                    code if isinstance(code, str) else "")

@@ -1,10 +1,18 @@
-"""Exceptions the client raises. Remote exceptions are re-raised as their own type where possible."""
+"""Every error NanoGrid raises on purpose is a ``NanoGridError``; remote exceptions keep their own type.
+
+Where Python has a built-in exception for the same mistake, the class derives from it too
+(``InvalidArguments`` is a ``TypeError``), so ``except TypeError`` keeps working.
+"""
 
 from __future__ import annotations
 
 
 class NanoGridError(Exception):
-    """Base class of NanoGrid's own errors."""
+    """Base class of NanoGrid's own errors: ``except nanogrid.NanoGridError`` catches all of them."""
+
+
+class ConfigError(NanoGridError, ValueError):
+    """A setting (file, ``NANOGRID_*`` variable or flag) has a value NanoGrid cannot use; the message names it."""
 
 
 class NotConnected(NanoGridError):
@@ -12,16 +20,39 @@ class NotConnected(NanoGridError):
 
 
 class APIError(NanoGridError):
-    """The controller refused a request; ``status`` is the HTTP status, the message says why."""
+    """The controller refused a request: ``status`` is the HTTP status, ``code`` its stable error code
+    (``not_found``, ``rate_limited``, ...; see the README) and ``detail`` says why."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, code: str = "") -> None:
         super().__init__(f"{detail} (HTTP {status})")
         self.status = status
         self.detail = detail
+        self.code = code
 
 
 class VersionMismatch(NanoGridError):
     """The client's Python cannot send functions to the grid's runtime."""
+
+
+class UnsupportedFunction(NanoGridError, TypeError):
+    """``@remote`` was given something it cannot run on the grid (an ``async def``, a generator, ...)."""
+
+
+class InvalidArguments(NanoGridError, TypeError):
+    """A call's arguments do not fit the function's signature or cannot be pickled; nothing was sent."""
+
+
+class InvalidArgument(NanoGridError, ValueError):
+    """A value NanoGrid refuses before sending anything (an option out of range, arguments too large)."""
+
+
+class WaitTimeout(NanoGridError, TimeoutError):
+    """``Job.result(timeout=...)`` ran out of time; the job itself is still running on the grid."""
+
+
+class AIUnavailable(NanoGridError, RuntimeError):
+    """``nanogrid.ai`` cannot call the AI node: not declared with ``ai=True``, none configured, unreachable,
+    or no model chosen."""
 
 
 class RemoteTraceback(Exception):

@@ -6,15 +6,17 @@ import base64
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import cloudpickle
 
 from nanogrid.client import Client
-from nanogrid.errors import RemoteError, RemoteTraceback, failure_for
+from nanogrid.errors import RemoteError, RemoteTraceback, WaitTimeout, failure_for
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 POLL_S = 25.0  # long-poll slice; the controller caps a wait at 60 s
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,11 @@ def outcome(view: dict[str, Any]) -> Any:
     raise exc
 
 
-class Job:
-    """One call on the grid. ``result()`` waits for it; the other attributes describe what happened."""
+class Job(Generic[R]):
+    """One call on the grid. ``result()`` waits for it; the other attributes describe what happened.
+
+    ``Job[R]``: ``result()`` returns what the function returns (``R``), as ``spawn()`` types it.
+    """
 
     def __init__(self, client: Client, view: dict[str, Any], function_name: str = "") -> None:
         self.client = client
@@ -74,7 +79,7 @@ class Job:
     def done(self) -> bool:
         return self._view["status"] in FINAL
 
-    def refresh(self, wait: float = 0) -> Job:
+    def refresh(self, wait: float = 0) -> Job[R]:
         if not self.done:
             self._view = self.client.status(self.job_id, wait=wait)
         return self
@@ -84,7 +89,7 @@ class Job:
         """pending, running, completed, failed or cancelled (asks the grid unless already final)."""
         return self.refresh()._view["status"]
 
-    def wait(self, timeout: float | None = None) -> Job:
+    def wait(self, timeout: float | None = None) -> Job[R]:
         """Block until the job finishes (or ``timeout`` seconds pass); returns the job."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
@@ -94,13 +99,15 @@ class Job:
             self.refresh(wait=left)
         return self
 
-    def result(self, timeout: float | None = None) -> Any:
-        """The call's return value; re-raises the remote exception. TimeoutError if not done in time."""
+    def result(self, timeout: float | None = None) -> R:
+        """The call's return value; re-raises the remote exception. ``WaitTimeout`` (a ``TimeoutError``) if
+        not done in time: the job goes on running, and ``result()`` may be asked again."""
         if not self.wait(timeout).done:
-            raise TimeoutError(f"job {self.job_id} still {self._view['status']} after {timeout:g} s")
+            raise WaitTimeout(f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
+                              "running: call .result() again to wait longer, or .cancel() to stop it")
         return outcome(self._view)
 
-    def cancel(self) -> Job:
+    def cancel(self) -> Job[R]:
         """Cancel it: a queued job never starts, a running one has its sandbox stopped."""
         if not self.done:
             self._view = self.client.cancel(self.job_id)

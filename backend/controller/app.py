@@ -15,9 +15,8 @@ import httpx
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
 
+from backend.controller.errors import install_error_handlers
 from backend.controller import jobs
 from backend.controller.limits import BodySizeLimit
 from backend.controller.metrics import render_metrics
@@ -72,6 +71,7 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     401: {"model": ErrorDetail, "description": "missing, wrong or revoked API key"},
     404: {"model": ErrorDetail, "description": "no such function, job or file (for this key's owner)"},
     409: {"model": ErrorDetail, "description": "a function pickled by another Python version"},
+    422: {"model": ErrorDetail, "description": "a request that does not fit the schema, or settings out of range"},
     413: {"model": ErrorDetail, "description": "too large: body, package, payload or batch"},
     429: {"model": ErrorDetail, "description": "rate limit: see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
@@ -96,22 +96,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
     app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, config.max_payload_bytes) + (1 << 20))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:  # list every method of the path, not just the first route's
-            methods = {m for route in app.router.routes if isinstance(route, Route)
-                       and route.matches(request.scope)[0] != Match.NONE for m in (route.methods or ())}
-            headers["Allow"] = ", ".join(sorted(methods))
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
-
-    @app.exception_handler(PackageError)
-    async def package_error(request: Request, exc: PackageError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    @app.exception_handler(jobs.BadRequest)
-    async def bad_request(request: Request, exc: jobs.BadRequest) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+    install_error_handlers(app)  # every 4xx: {"detail", "error"}; a 500: JSON with a logged request id
 
     functions: dict[str, FunctionRecord] = {}  # records never change (ids are content hashes); deletes evict
     def function_or_404(function_id: str, caller: ApiKey) -> FunctionRecord:

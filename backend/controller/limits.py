@@ -6,6 +6,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from backend.controller.errors import error_body
+
 
 class BodyTooLarge(Exception):
     pass
@@ -47,7 +49,8 @@ class BodySizeLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body over the {self.max_bytes}-byte limit"}).encode()
+        body = json.dumps(error_body(413, f"request body over the {self.max_bytes}-byte limit; pass large data by "
+                                          "reference (a path or URL the function can read)")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

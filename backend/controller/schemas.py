@@ -8,7 +8,12 @@ from pydantic import BaseModel, Field
 
 
 class ErrorDetail(BaseModel):
+    """Every error answer has this shape (backend/controller/errors.py)."""
+
     detail: str = Field(description="what was wrong and what to do")
+    error: str = Field(description="a stable code: bad_request, unauthorized, not_found, method_not_allowed, conflict, "
+                                   "too_large, invalid, rate_limited, internal, unavailable")
+    request_id: str | None = Field(None, description="500 only: quote it to the grid's operator; the log has it")
 
 
 class RunRequest(BaseModel):
