@@ -63,6 +63,11 @@ class GridConfig:
     cloudwatch_namespace: str = ""  # e.g. NanoGrid: workers publish BacklogPerInstance there for autoscaling
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
     rate_burst: int = 2000  # requests a key may make at once before the rate applies
+    # Multi-tenancy: each owner (a key's name) gets its turn, a share of the slots and a share of the disk.
+    owner_max_concurrency: int = 0  # calls of one owner running at once; 0: every slot but one once there are 2 owners
+    owner_disk_quota_bytes: int = 10 * 1024 * MiB  # stored output files per owner (0: no quota); a key may set its own
+    output_retention_s: float = 7 * 86400.0  # output files and blobs are deleted this long after they were stored
+    gc_interval_s: float = 600.0  # how often the embedded grid looks for expired outputs
 
     @property
     def effective_pool_cap(self) -> int:

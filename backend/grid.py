@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
 from backend.config import GridConfig
-from backend.keys import ensure_local_key
+from backend.keys import OwnerPolicy, ensure_local_key
 from backend.models import FAILED, PENDING, RUNNING, JobMessage
 from backend.queue.base import JobQueue
 from backend.queue.local import LocalQueue
@@ -18,6 +19,7 @@ from backend.registry.sqlite import SQLiteRegistry
 from backend.results.base import ResultBus
 from backend.results.local import LocalResultBus
 from backend.results.redis import RedisResultBus
+from backend.retention import Janitor
 from backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
 from backend.sandbox.process import ProcessSandboxFactory
 from backend.store.base import BlobStore
@@ -56,7 +58,7 @@ def make_registry(config: GridConfig) -> Registry:
     """DynamoDB when a table is configured, else SQLite in the data directory."""
     if config.dynamodb_table:
         return DynamoDBRegistry(config.dynamodb_table)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return SQLiteRegistry(config.data_dir / "registry.sqlite3")
 
 
@@ -86,18 +88,28 @@ class Grid:
         self.config = config
         self.role = role
         data = config.data_dir
-        data.mkdir(parents=True, exist_ok=True)
+        os.umask(0o077)  # every file and directory the grid makes is its account's alone
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data.chmod(0o700)  # also a data dir made by an older version: no other local account reads any owner's data
+        for path in data.iterdir():  # the registry, the key file, grid.json, whoever made them
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o600)
         if role != "all" and not (config.queue_url and config.redis_host):
             raise ValueError(f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
                              "(or run everything in one process with `nanogrid up`)")
         self.registry = make_registry(config)
         self.api_key = ensure_local_key(self.registry, data) if role == "all" else None
+        self.owners = OwnerPolicy(self.registry, config)
+        quota, owner_of = self.owners.disk_quota, self._owner_of
         if config.code_bucket:
-            self.store: BlobStore = S3Store(config.code_bucket, config.data_bucket or config.code_bucket)
+            self.store: BlobStore = S3Store(config.code_bucket, config.data_bucket or config.code_bucket,
+                                            quota=quota, owner_of=owner_of)
         else:
-            self.store = LocalStore(data / "store")
-        self.queue: JobQueue = (SQSQueue(config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url)
-                                if config.queue_url else LocalQueue())
+            self.store = LocalStore(data / "store", quota=quota, owner_of=owner_of)
+        self.queue: JobQueue = (
+            SQSQueue(config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url) if config.queue_url
+            else LocalQueue(limit=lambda owner: self.owners.max_concurrency(owner, config.workers)))
+        self.janitor = Janitor(self.store, config.output_retention_s, config.gc_interval_s) if role == "all" else None
         self.bus: ResultBus = (RedisResultBus(config.redis_host, config.redis_port, self.registry)
                                if config.redis_host else LocalResultBus())
         self.pool: WarmPool | None = None
@@ -117,13 +129,22 @@ class Grid:
     def describe_sandbox(self) -> str:
         return self.pool.factory.describe() if self.pool else "workers run separately"
 
+    def _owner_of(self, job_id: str) -> str:
+        """Whose quota a job's output files count against (for a store told only the job id)."""
+        job = self.registry.get_job(job_id)
+        return job.owner if job is not None else ""
+
     def start(self) -> None:
         if self.role == "all" and not self.config.queue_url:
             self._recover()
         if self.worker:
             self.worker.start()
+        if self.janitor:
+            self.janitor.start()
 
     def stop(self) -> None:
+        if self.janitor:
+            self.janitor.stop()
         if self.worker:
             self.worker.stop()
         if isinstance(self.bus, RedisResultBus):
@@ -145,7 +166,8 @@ class Grid:
                 job.error = {"kind": "not_found", "message": f"function {job.function_id} was deleted"}
                 self.registry.finish_job(job)
                 continue
+            timeout_s = min(function.timeout_s, self.owners.max_timeout(job.owner))
             self.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, job.payload,
-                                       function.timeout_s, function.memory_mib)])
+                                       timeout_s, function.memory_mib, owner=job.owner)])
         if pending:
             log.info("requeued %d pending jobs from the previous run", len(pending))

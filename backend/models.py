@@ -92,6 +92,10 @@ class ApiKey:
     revoked_at: float | None = None
     rate_limit: float | None = None  # requests per second; None: the grid's default
     rate_burst: int | None = None
+    admin: bool = False  # sees every owner's jobs and workers in /system/status and /jobs?all_owners=true
+    max_timeout_s: float | None = None  # lower than the grid's max_timeout_s; None: the grid's
+    max_concurrency: int | None = None  # this owner's calls running at once; None: the grid's owner_max_concurrency
+    disk_quota_bytes: int | None = None  # this owner's stored outputs; None: the grid's owner_disk_quota_bytes
 
 
 @dataclass
@@ -107,3 +111,4 @@ class JobMessage:
     model: str | None = None  # the AI node's model for this call (else the grid's LLM_MODEL)
     receipt: str | None = None  # the queue's handle for this delivery (SQS receipt handle)
     receive_count: int = 1  # more than 1: delivered again after a worker died or stalled
+    owner: str = ""  # the job's owner: the queue serves owners in turn and caps each one's running calls

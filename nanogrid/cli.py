@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--rate-limit", type=float, default=None, help="requests per second for this key")
     create.add_argument("--rate-burst", type=int, default=None, help="burst size for this key")
+    create.add_argument("--admin", action="store_true", help="may see every owner's jobs and workers")
+    create.add_argument("--max-timeout", type=float, default=None, help="seconds; lower than the grid's max timeout")
+    create.add_argument("--max-concurrency", type=int, default=None, help="this owner's calls running at once")
+    create.add_argument("--disk-quota", type=_byte_size, default=None,
+                        help="this owner's stored output files, e.g. 500MiB or 20GiB (0: none kept)")
     create.set_defaults(command=cmd_keys_create)
     listing = keys_sub.add_parser("list", help="keys, owners and limits (never the keys themselves)")
     listing.set_defaults(command=cmd_keys_list)
@@ -217,11 +222,25 @@ def _registry(args: argparse.Namespace) -> Any:
     return make_registry(GridConfig.load(data_dir=args.data_dir))
 
 
+def _byte_size(text: str) -> int:
+    """``1048576``, ``500MiB``, ``20GiB``, ``1TiB`` (also KiB, and KB/MB/GB/TB as powers of 1000)."""
+    units = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number):].upper()
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500MiB, 20GiB or a byte count") from None
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from backend.keys import create_key
 
     try:
-        key, record = create_key(_registry(args), args.name, rate_limit=args.rate_limit, rate_burst=args.rate_burst)
+        key, record = create_key(_registry(args), args.name, rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+                                 admin=args.admin, max_timeout_s=args.max_timeout, max_concurrency=args.max_concurrency,
+                                 disk_quota_bytes=args.disk_quota)
     except ValueError as exc:
         print(f"nanogrid: {exc}", file=sys.stderr)
         return 2

@@ -138,11 +138,14 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                               runtimes=grid.runtimes)
         manifest = package.manifest
         memory_mib = int(manifest.get("memory") or config.default_memory_mib)
-        timeout_s = float(manifest.get("timeout") or config.default_timeout_s)
+        max_timeout_s = min(config.max_timeout_s, caller.max_timeout_s or config.max_timeout_s)
+        timeout_s = float(manifest.get("timeout") or min(config.default_timeout_s, max_timeout_s))
         if not 16 <= memory_mib <= config.max_memory_mib:
             raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
-        if not 0 < timeout_s <= config.max_timeout_s:
-            raise PackageError(f"timeout must be more than 0 and at most {config.max_timeout_s:g} s, not {timeout_s:g}")
+        if not 0 < timeout_s <= max_timeout_s:
+            limit = "this key's" if max_timeout_s < config.max_timeout_s else "the grid's"
+            raise PackageError(f"timeout must be more than 0 and at most {max_timeout_s:g} s ({limit} max timeout), "
+                               f"not {timeout_s:g}")
         function_id = owned_function_id(caller.name, package.function_id)
         existing = grid.registry.get_function(function_id)
         if existing is not None:
@@ -180,11 +183,11 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         payloads = jobs.encode_payloads(function, [body.payload], pickles, config.max_payload_bytes)
         (job,) = jobs.new_jobs(function, payloads, caller.name)
         if x_async:
-            jobs.submit(grid, function, [job], body.model)
+            jobs.submit(grid, function, [job], body.model, caller.max_timeout_s)
             return JSONResponse(jobs.job_view(job, base_url(request)), status_code=202)
         finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
         try:
-            jobs.submit(grid, function, [job], body.model)
+            jobs.submit(grid, function, [job], body.model, caller.max_timeout_s)
             done = await jobs.next_result(grid, job.job_id, finished, min(function.timeout_s + 30, SYNC_WAIT_CAP_S))
         finally:
             unsubscribe()
@@ -205,7 +208,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         new = jobs.new_jobs(function, payloads, caller.name)
         job_ids = [job.job_id for job in new]
         finished, unsubscribe = jobs.subscribe(grid, job_ids)
-        jobs.submit(grid, function, new, body.model)
+        jobs.submit(grid, function, new, body.model, caller.max_timeout_s)
         url = base_url(request)
 
         async def lines() -> AsyncIterator[bytes]:
@@ -222,10 +225,17 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         job = job_or_404(job_id, caller)
         return jobs.job_view(await jobs.wait_for(grid, job_id, wait, job), base_url(request))
 
-    @app.get("/jobs", response_model=list[JobView])
+    @app.get("/jobs", response_model=list[JobView], responses={403: {"model": ErrorDetail,
+                                                                      "description": "all_owners without an admin key"}})
     def list_jobs(request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-                  status: Annotated[JobStatus | None, Query()] = None) -> list[dict]:
-        return [jobs.job_view(job, base_url(request)) for job in grid.registry.list_jobs(limit, status, caller.name)]
+                  status: Annotated[JobStatus | None, Query()] = None,
+                  all_owners: Annotated[bool, Query(description="every owner's jobs (admin keys only)")] = False,
+                  ) -> list[dict]:
+        if all_owners and not caller.admin:
+            raise HTTPException(403, "all_owners=true needs an admin key (`nanogrid keys create NAME --admin`)")
+        listed = grid.registry.list_jobs(limit, status, None if all_owners else caller.name)
+        # another owner's result is never sent, even to an admin: a client unpickles what it gets
+        return [jobs.job_view(job, base_url(request), with_result=job.owner == caller.name) for job in listed]
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobView)
     async def cancel(job_id: str, request: Request, caller: Caller) -> dict:
@@ -242,7 +252,9 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             count += job is not None and job.owner == caller.name and jobs.cancel(grid, job)
         return {"cancelled": count}
 
-    @app.get("/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}}})
+    @app.get("/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}},
+                                                              410: {"model": ErrorDetail,
+                                                                    "description": "deleted after the retention"}})
     def download_output(job_id: str, name: str, caller: Caller) -> StreamingResponse:
         job = grid.registry.get_job(job_id)
         if job is None or job.owner != caller.name or name not in {f["name"] for f in job.output_files}:
@@ -250,7 +262,12 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         direct = grid.store.output_url(job_id, name)
         if direct:
             return RedirectResponse(direct, status_code=307)  # a presigned URL: bytes never pass through here
-        return StreamingResponse(grid.store.open_output(job_id, name), media_type="application/octet-stream",
+        try:
+            chunks = grid.store.open_output(job_id, name)
+        except FileNotFoundError:
+            raise HTTPException(410, f"output file {name!r} of job {job_id!r} was deleted: outputs are kept "
+                                     f"{config.output_retention_s / 86400:g} days") from None
+        return StreamingResponse(chunks, media_type="application/octet-stream",
                                  headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"})
 
     @app.get("/models", response_model=Models,
@@ -270,11 +287,17 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
     @app.get("/system/status", response_model=SystemStatus)
     def system_status(caller: Caller) -> dict:
-        recent = grid.registry.list_jobs(limit=1000, owner=caller.name)
+        """The caller's own jobs and queue, and the workers' capacity; an admin key sees every owner's."""
+        recent = grid.registry.list_jobs(limit=1000, owner=None if caller.admin else caller.name)
         counts: dict[str, int] = {}
         for job in recent:
             counts[job.status] = counts.get(job.status, 0) + 1
-        return {"queue_depth": grid.queue.depth(), "workers": live_workers(), "jobs": counts}
+        if caller.admin:
+            return {"queue_depth": grid.queue.depth(), "workers": live_workers(), "jobs": counts}
+        depth = grid.queue.depth_of(caller.name)
+        owned = {f.function_id for f in grid.registry.list_functions(owner=caller.name)}
+        return {"queue_depth": counts.get("pending", 0) if depth is None else depth,
+                "workers": [scoped_worker(w, owned) for w in live_workers()], "jobs": counts}
 
     def live_workers() -> list[dict]:
         if grid.worker is not None and not grid.config.redis_host:
@@ -293,6 +316,20 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 def owned_function_id(owner: str, content_id: str) -> str:
     """Function ids are per owner: the same code uploaded by two owners is two functions."""
     return "fn-" + hashlib.sha256(f"{owner}\0{content_id}".encode()).hexdigest()[:24]
+
+
+WORKER_FIELDS = ("worker_id", "slots", "running")  # what a non-admin sees of a worker: capacity, never whose work
+POOL_FIELDS = ("sandbox", "cap", "specialised", "busy", "stem_cells", "idle")
+
+
+def scoped_worker(info: dict, owned: set[str]) -> dict:
+    """A worker as one owner may see it: its capacity and the warm sandboxes of the owner's own functions.
+
+    An allow-list, so a field added to the worker's report later stays hidden until it is put here."""
+    pool = info.get("pool", {})
+    return {**{k: info[k] for k in WORKER_FIELDS if k in info},
+            "pool": {**{k: pool[k] for k in POOL_FIELDS if k in pool},
+                     "idle_by_function": {f: n for f, n in pool.get("idle_by_function", {}).items() if f in owned}}}
 
 
 def _source_of(package: Package) -> str:

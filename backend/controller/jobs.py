@@ -53,11 +53,18 @@ def new_jobs(function: FunctionRecord, payloads: list[tuple[str, bytes]], owner:
             for fmt, data in payloads]
 
 
-def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord], model: str | None = None) -> None:
-    """Record the jobs, then queue them: a restart after this point loses none of them."""
+def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord], model: str | None = None,
+           max_timeout_s: float | None = None) -> None:
+    """Record the jobs, then queue them: a restart after this point loses none of them.
+
+    Each call runs at most the owner's max timeout (and ``max_timeout_s``, the calling key's), whatever the
+    function was uploaded with: a key limited to less than the grid's maximum stays limited.
+    """
     grid.registry.create_jobs(jobs)
     grid.queue.put([JobMessage(job.job_id, function.function_id, job.payload_format, job.payload,
-                               function.timeout_s, function.memory_mib, model) for job in jobs])
+                               min(function.timeout_s, grid.owners.max_timeout(job.owner),
+                                   max_timeout_s or float("inf")),
+                               function.memory_mib, model, owner=job.owner) for job in jobs])
 
 
 def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord], Any]:
@@ -141,7 +148,8 @@ def cancel(grid: Grid, job: JobRecord) -> bool:
     return False
 
 
-def job_view(job: JobRecord, base_url: str = "") -> dict[str, Any]:
+def job_view(job: JobRecord, base_url: str = "", with_result: bool = True) -> dict[str, Any]:
+    """The job as the API shows it; ``with_result=False`` leaves out the result (another owner's, for an admin)."""
     view: dict[str, Any] = {
         "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "result": None,
         "result_pickle": None, "error": job.error, "stdout": job.stdout, "stderr": job.stderr,
@@ -154,7 +162,7 @@ def job_view(job: JobRecord, base_url: str = "") -> dict[str, Any]:
             {**f, "url": f"{base_url}/jobs/{job.job_id}/outputs/{quote(f['name'])}"} for f in job.output_files
         ],
     }
-    if job.result is not None:
+    if job.result is not None and with_result:
         if job.result_format == "json":
             view["result"] = json.loads(job.result)
         else:

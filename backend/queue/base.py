@@ -25,6 +25,10 @@ class JobQueue(ABC):
     def depth(self) -> int:
         """Jobs waiting (approximate where the backend only estimates it)."""
 
+    def depth_of(self, owner: str) -> int | None:
+        """Jobs of this owner waiting, where the backend can tell (None: it cannot, as on SQS)."""
+        return None
+
     def release(self, message: JobMessage) -> None:
         """Give the message back for another delivery now (queues that redeliver)."""
         raise NotImplementedError

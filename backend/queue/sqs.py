@@ -43,7 +43,8 @@ class SQSQueue(JobQueue):
 
     def _encode(self, message: JobMessage) -> str:
         body = {"job_id": message.job_id, "function_id": message.function_id, "format": message.payload_format,
-                "timeout_s": message.timeout_s, "memory_mib": message.memory_mib, "model": message.model}
+                "timeout_s": message.timeout_s, "memory_mib": message.memory_mib, "model": message.model,
+                "owner": message.owner}
         if len(message.payload) > INLINE_PAYLOAD_BYTES:
             self.store.put_blob(f"payloads/{message.job_id}", message.payload)
             body["payload_ref"] = f"payloads/{message.job_id}"
@@ -90,6 +91,7 @@ class SQSQueue(JobQueue):
                        else base64.b64decode(body["payload"]))
             messages.append(JobMessage(body["job_id"], body["function_id"], body["format"], payload, body["timeout_s"],
                                        body["memory_mib"], model=body.get("model"), receipt=raw["ReceiptHandle"],
+                                       owner=body.get("owner", ""),
                                        receive_count=int(raw["Attributes"].get("ApproximateReceiveCount", 1))))
         return messages
 
