@@ -1,4 +1,8 @@
-"""Grid configuration, read once: defaults, then a TOML file, then ``NANOGRID_*`` env vars, then flags."""
+"""Grid configuration, read once: defaults, then a TOML file, then ``NANOGRID_*`` env vars, then flags.
+
+Every setting is a field of ``GridConfig``; adding one here makes it a ``NANOGRID_<NAME>`` variable, a
+config-file key and (where the command has one) a flag of the same name, with no other place to touch.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from nanogrid.errors import ConfigError
 
 MiB = 1 << 20
 SEED_NAMES = {  # the seed platform's environment variables, read as these settings
@@ -28,10 +34,10 @@ class GridConfig:
     workers: int = max(2, os.cpu_count() or 1)  # calls run at once by the embedded worker
     sandbox: str = "auto"  # docker | process (trusted code only) | auto: docker when the engine and image are there
     docker_image: str = "nanogrid/runtime-python:latest"
+    env_cache_gb: float = 20.0  # function environments (package layers and images) kept, least recently used evicted
     docker_scratch_mib: int = 1024  # tmpfs for the bootstrap's working and output directory
     docker_pids_limit: int = 64
     docker_cpus: float = 1.0
-    docker_ai_network: str = "nanogrid-ai"  # internal network joined by the AI node and by sandboxes with ai=True
     bubblewrap: str = "auto"  # auto | on | off: namespaces around process sandboxes
     cgroups: str = "auto"  # auto | off: per-sandbox memory cgroup (limits and peak memory)
     stem_cells: int = 2  # unspecialised sandboxes kept started
@@ -46,6 +52,9 @@ class GridConfig:
     max_payload_bytes: int = 16 * MiB
     max_output_bytes: int = 1024 * MiB  # all output files of one call
     capture_limit_bytes: int = 1 * MiB  # stdout / stderr kept per call
+    max_result_bytes: int = 64 * MiB  # one call's pickled result (or exception); more fails the call
+    max_output_files: int = 10_000  # output files of one call
+    ai_tokens_per_hour: int = 0  # AI node tokens one owner may use per hour on one worker (0: no limit)
     map_chunk_limit: int = 10_000  # items in one /map request
     # Shared services for many machines (empty: the embedded grid's local adapters). The seeds' names
     # (SQS_QUEUE_URL, S3_CODE_BUCKET, ...) are read too; endpoints come from boto3's own settings.
@@ -79,34 +88,90 @@ class GridConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: object) -> GridConfig:
-        """Defaults < config file (``NANOGRID_CONFIG``) < ``NANOGRID_<FIELD>`` env vars < overrides."""
-        values: dict[str, object] = {}
+        """Defaults < config file (``NANOGRID_CONFIG``) < environment variables < overrides (flags).
+
+        Environment variables: ``NANOGRID_<FIELD>`` for every field, and the seed platform's names
+        (``SEED_NAMES``: ``SQS_QUEUE_URL``, ``DYNAMODB_TABLE``, ...). A value that cannot be used raises
+        ``ConfigError`` naming where it came from.
+        """
+        names = {f.name for f in fields(cls)}
+        values: dict[str, tuple[object, str]] = {}  # setting -> (value, where it came from)
         path = path or os.environ.get("NANOGRID_CONFIG")
         if path:
-            with open(path, "rb") as f:
-                values.update(tomllib.load(f))
+            for name, value in _read_file(Path(path), names).items():
+                values[name] = (value, f"{name} in {path}")
         for name, seed_name in SEED_NAMES.items():
             if os.environ.get(seed_name):
-                values[name] = os.environ[seed_name]
-        for f in fields(cls):
-            env = os.environ.get(f"NANOGRID_{f.name.upper()}")
+                values[name] = (os.environ[seed_name], seed_name)
+        for name in names:
+            env = os.environ.get(f"NANOGRID_{name.upper()}")
             if env is not None:
-                values[f.name] = env
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                values[name] = (env, f"NANOGRID_{name.upper()}")
+        for name, value in overrides.items():
+            if name not in names:
+                raise TypeError(f"GridConfig has no setting {name!r}")
+            if value is not None:
+                values[name] = (value, f"--{name.replace('_', '-')}")
         config = cls()
         for f in fields(cls):
             if f.name in values:
-                setattr(config, f.name, _coerce(f.name, values[f.name], getattr(config, f.name)))
+                value, source = values[f.name]
+                setattr(config, f.name, _coerce(source, value, getattr(config, f.name)))
         config.data_dir = Path(config.data_dir).expanduser().resolve()
+        config.check({name: source for name, (_, source) in values.items()})
         return config
 
+    def check(self, sources: dict[str, str] | None = None) -> None:
+        """Refuse values that parse but cannot work, before anything starts; ``sources`` says where each came from."""
+        def refuse(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{(sources or {}).get(name, 'setting ' + name)}: {why}, not {getattr(self, name)!r}")
 
-def _coerce(name: str, value: object, default: object) -> object:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise refuse(name, f"must be one of {', '.join(allowed)}")
+        for name, low in MINIMUMS.items():
+            if getattr(self, name) < low:
+                raise refuse(name, f"must be at least {low:g}")
+        if not 0 <= self.port <= 65535:
+            raise refuse("port", "must be 0..65535 (0: any free port)")
+
+
+CHOICES = {"sandbox": ("auto", "docker", "process"), "bubblewrap": ("auto", "on", "off"), "cgroups": ("auto", "off")}
+MINIMUMS: dict[str, float] = {
+    "workers": 1, "stem_cells": 0, "pool_cap": 0, "default_memory_mib": 16, "max_memory_mib": 16,
+    "rate_limit": 0, "rate_burst": 1, "map_chunk_limit": 1, "sqs_visibility_s": 1, "redis_port": 1,
+}
+
+
+def _read_file(path: Path, names: set[str]) -> dict[str, object]:
+    try:
+        with open(path, "rb") as file:
+            values = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror} (--config or NANOGRID_CONFIG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(map(repr, unknown))} in {path}; "
+                          f"the settings are the fields of backend/config.py's GridConfig")
+    return values
+
+
+def _coerce(source: str, value: object, default: object) -> object:
+    text = str(value).strip()
     try:
         if isinstance(default, Path):
-            return Path(str(value))
+            return Path(text)
         if isinstance(default, bool):
-            return str(value).lower() in ("1", "true", "yes", "on")
-        return type(default)(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"setting {name!r}: cannot read {value!r} as {type(default).__name__}") from None
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(value)
+            return text.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        return text
+    except ValueError:
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}[type(default)]
+        raise ConfigError(f"{source}: {value!r} is not {kind}") from None

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from backend.config import GridConfig
+from backend.environments import Environments, docker_runtimes
 from backend.keys import OwnerPolicy, ensure_local_key
 from backend.models import FAILED, PENDING, RUNNING, JobMessage
 from backend.queue.base import JobQueue
@@ -15,18 +16,22 @@ from backend.queue.local import LocalQueue
 from backend.queue.sqs import SQSQueue
 from backend.registry.base import Registry
 from backend.registry.dynamodb import DynamoDBRegistry
-from backend.registry.sqlite import SQLiteRegistry
+from backend.registry.lock import DataDirLock
+from backend.registry.sqlite import BACKUPS_KEPT, SQLiteRegistry
 from backend.results.base import ResultBus
 from backend.results.local import LocalResultBus
 from backend.results.redis import RedisResultBus
 from backend.retention import Janitor
+from backend.sandbox.base import Limits
 from backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
 from backend.sandbox.process import ProcessSandboxFactory
 from backend.store.base import BlobStore
 from backend.store.local import LocalStore
 from backend.store.s3 import S3Store
 from backend.worker.agent import Worker
+from backend.worker.ai_gateway import AIGateway
 from backend.worker.pool import WarmPool
+from nanogrid.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +42,8 @@ def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSa
         try:
             return DockerSandboxFactory(
                 config.docker_image, config.data_dir / "sandboxes", kill_grace_s=config.kill_grace_s,
-                capture_limit=config.capture_limit_bytes, max_output_bytes=config.max_output_bytes,
-                scratch_mib=config.docker_scratch_mib, pids_limit=config.docker_pids_limit, cpus=config.docker_cpus,
-                ai_endpoint=config.ai_endpoint, ai_model=config.ai_model, ai_network=config.docker_ai_network,
+                limits=sandbox_limits(config), scratch_mib=config.docker_scratch_mib,
+                pids_limit=config.docker_pids_limit, cpus=config.docker_cpus,
             )
         except DockerUnavailable as exc:
             if config.sandbox == "docker":
@@ -49,17 +53,22 @@ def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSa
         raise ValueError(f"sandbox must be docker, process or auto, not {config.sandbox!r}")
     return ProcessSandboxFactory(
         config.data_dir / "sandboxes", config.data_dir, bubblewrap=config.bubblewrap, cgroups=config.cgroups,
-        kill_grace_s=config.kill_grace_s, capture_limit=config.capture_limit_bytes,
-        max_output_bytes=config.max_output_bytes, ai_endpoint=config.ai_endpoint, ai_model=config.ai_model,
+        kill_grace_s=config.kill_grace_s, limits=sandbox_limits(config),
     )
 
 
-def make_registry(config: GridConfig) -> Registry:
-    """DynamoDB when a table is configured, else SQLite in the data directory."""
+def sandbox_limits(config: GridConfig) -> Limits:
+    """What the host accepts from one call, whatever the sandbox sends."""
+    return Limits(capture_bytes=config.capture_limit_bytes, result_bytes=config.max_result_bytes,
+                  output_bytes=config.max_output_bytes, output_files=config.max_output_files)
+
+
+def make_registry(config: GridConfig, keep_backups: int = 0) -> Registry:
+    """DynamoDB when a table is configured, else SQLite in the data directory (backed up first if asked)."""
     if config.dynamodb_table:
         return DynamoDBRegistry(config.dynamodb_table)
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return SQLiteRegistry(config.data_dir / "registry.sqlite3")
+    return SQLiteRegistry(config.data_dir / "registry.sqlite3", keep_backups=keep_backups)
 
 
 def backlog_publisher(namespace: str) -> Callable[[float], None] | None:
@@ -95,9 +104,15 @@ class Grid:
             if path.is_file() and not path.is_symlink():
                 path.chmod(0o600)
         if role != "all" and not (config.queue_url and config.redis_host):
-            raise ValueError(f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
+            raise ConfigError(f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
                              "(or run everything in one process with `nanogrid up`)")
-        self.registry = make_registry(config)
+        self.lock = DataDirLock(data).acquire() if role == "all" else None  # one grid per data dir, before _recover
+        try:
+            self.registry = make_registry(config, keep_backups=BACKUPS_KEPT)
+        except BaseException:
+            if self.lock:
+                self.lock.release()
+            raise
         self.api_key = ensure_local_key(self.registry, data) if role == "all" else None
         self.owners = OwnerPolicy(self.registry, config)
         quota, owner_of = self.owners.disk_quota, self._owner_of
@@ -113,18 +128,28 @@ class Grid:
         self.bus: ResultBus = (RedisResultBus(config.redis_host, config.redis_port, self.registry)
                                if config.redis_host else LocalResultBus())
         self.pool: WarmPool | None = None
+        self.environments: Environments | None = None
         self.worker: Worker | None = None
         python = config.python_runtime.removeprefix("python")
         if role in ("all", "worker"):
             factory = make_sandbox_factory(config)
             python = getattr(factory, "python", None) or python
+            # Docker serves every Python that has a runtime image; process sandboxes the grid's own.
+            images = docker_runtimes(factory.client, factory.image, python) if isinstance(
+                factory, DockerSandboxFactory) else None
+            pythons = list(images or [python])
+            self.environments = Environments(
+                data / "envs", runtimes={f"python{v}": v for v in pythons}, docker_images=images,
+                cap_bytes=int(config.env_cache_gb * (1 << 30)), shared=self.store if config.code_bucket else None)
             self.pool = WarmPool(factory, cap=config.effective_pool_cap, stem_cells=config.stem_cells,
-                                 idle_ttl_s=config.idle_ttl_s)
+                                 idle_ttl_s=config.idle_ttl_s, environments=self.environments)
             self.worker = Worker(queue=self.queue, registry=self.registry, store=self.store, bus=self.bus,
                                  pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
                                  visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
-                                 publish_backlog=backlog_publisher(config.cloudwatch_namespace))
-        self.runtimes = {f"python{python}": python}
+                                 publish_backlog=backlog_publisher(config.cloudwatch_namespace),
+                                 ai=AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour)
+                                 if config.ai_endpoint else None)
+        self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
 
     def describe_sandbox(self) -> str:
         return self.pool.factory.describe() if self.pool else "workers run separately"
@@ -151,6 +176,8 @@ class Grid:
             self.bus.close()
         if isinstance(self.registry, SQLiteRegistry):
             self.registry.close()
+        if self.lock:
+            self.lock.release()
 
     def _recover(self) -> None:
         """Jobs left by a previous run: pending ones go back on the queue, running ones fail."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -9,7 +10,9 @@ import zipfile
 from typing import Any
 
 from nanogrid.packaging import FunctionPackage as Package
-from nanogrid.packaging import build_zip
+from nanogrid.packaging import build_zip, function_id_for
+
+__all__ = ["Package", "PackageError", "from_upload", "check_manifest", "function_id_for", "owned_function_id"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -54,6 +57,15 @@ def from_upload(filename: str, data: bytes, form: dict[str, Any], *, max_bytes: 
     return Package(build_zip(files), manifest)
 
 
+def owned_function_id(owner: str, content_id: str) -> str:
+    """Function ids are per owner: the same code uploaded by two owners is two functions.
+
+    Workers recompute it from the stored package's bytes before loading it, so a package changed in
+    the store (by anything but an upload) never runs.
+    """
+    return "fn-" + hashlib.sha256(f"{owner}\0{content_id}".encode()).hexdigest()[:24]
+
+
 def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[str, Any]:
     """Validate names, runtime and Python version; returns the manifest with defaults applied."""
     name = str(manifest.get("name") or manifest.get("function_name") or "")
@@ -83,6 +95,9 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
                 limits[key] = cast(manifest[key])
             except (TypeError, ValueError):
                 raise PackageError(f"{key} must be a number, not {manifest[key]!r}") from None
+    for key in ("ai",):  # booleans are JSON booleans: "no" must never switch a feature on
+        if key in manifest and not isinstance(manifest[key], bool):
+            raise PackageError(f"{key} must be true or false, not {manifest[key]!r}")
     clean = {**manifest, **limits, "name": name, "kind": kind, "runtime": runtime, "handler": handler, "python": python}
     clean.pop("function_name", None)
     return clean

@@ -5,8 +5,9 @@
     text = reply.response
     answer = nanogrid.ai.chat([{"role": "user", "content": "Hi"}]).message.content
 
-Thin wrappers over the official ``ollama`` client, pointed at ``AI_ENDPOINT``. They count the
-tokens each call uses, and the grid reports the total on the job.
+Thin wrappers over the official ``ollama`` client, pointed at ``AI_ENDPOINT``. In a sandbox that
+is the sandbox's own channel to the worker (sandboxes have no network): the worker forwards the
+inference routes to the AI node and counts the tokens itself for the job.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from nanogrid.errors import AIUnavailable
+
 _usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
 def endpoint() -> str:
     url = os.environ.get("AI_ENDPOINT")
     if not url:
-        raise RuntimeError("no AI node in this sandbox: declare the function with @nanogrid.remote(ai=True) "
+        raise AIUnavailable("no AI node in this sandbox: declare the function with @nanogrid.remote(ai=True) "
                            "(or %%nanogrid --ai), on a grid started with --ai-endpoint URL (AI_ENDPOINT)")
     return url
 
@@ -29,21 +32,47 @@ def endpoint() -> str:
 def default_model() -> str:
     model = os.environ.get("LLM_MODEL")
     if not model:
-        raise RuntimeError("no model chosen: pass model=..., or set the grid's default (LLM_MODEL)")
+        raise AIUnavailable("no model chosen: pass model=..., or set the grid's default (LLM_MODEL)")
     return model
+
+
+CHANNEL = "nanogrid:channel"  # AI_ENDPOINT inside a sandbox: requests go to the host over the sandbox's channel
 
 
 def _client() -> Any:
     import ollama  # imported on use: a function that never calls the AI node does not need the client
 
-    return ollama.Client(host=endpoint())
+    url = endpoint()
+    if url == CHANNEL:
+        return ollama.Client(host="http://ai-node.invalid", transport=_channel_transport())
+    return ollama.Client(host=url)
+
+
+def _channel_transport() -> Any:
+    """An httpx transport that hands each request to the worker, which forwards inference routes only."""
+    import sys
+
+    import httpx
+
+    channel = sys.modules.get("__nanogrid_channel__")
+    if channel is None:
+        raise AIUnavailable("AI_ENDPOINT says to use the sandbox's channel, but this is not a NanoGrid sandbox")
+
+    class ChannelTransport(httpx.BaseTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            header, body = channel.request({"op": "ai", "method": request.method, "path": request.url.path},
+                                           request.read())
+            status = header.get("status") if isinstance(header.get("status"), int) else 502
+            return httpx.Response(status, headers={"content-type": "application/json"}, content=body)
+
+    return ChannelTransport()
 
 
 def _call(method: str, **kwargs: Any) -> Any:
     try:
         return getattr(_client(), method)(**kwargs)
     except (ConnectionError, OSError) as exc:
-        raise RuntimeError(f"cannot reach the AI node at {endpoint()} ({exc}); a function that uses it must say "
+        raise AIUnavailable(f"cannot reach the AI node at {endpoint()} ({exc}); a function that uses it must say "
                            "so: @nanogrid.remote(ai=True) (or %%nanogrid --ai), which gives its sandbox that one "
                            "network route") from None
 

@@ -26,7 +26,7 @@ def client(ai_grid) -> nanogrid.Client:
     return nanogrid.connect(ai_grid.url, api_key=ai_grid.api_key)
 
 
-@nanogrid.remote(timeout=30)
+@nanogrid.remote(ai=True, timeout=30)
 def summarise(text):
     import nanogrid.ai
 
@@ -46,7 +46,7 @@ def test_a_call_may_choose_its_model(client):
 
 
 def test_chat_and_streaming(client):
-    @nanogrid.remote(timeout=30)
+    @nanogrid.remote(ai=True, timeout=30)
     def converse():
         import nanogrid.ai
 

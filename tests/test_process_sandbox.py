@@ -9,7 +9,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from backend.sandbox.base import SandboxError
+from backend.sandbox.base import Limits, SandboxError
 from backend.sandbox.process import ProcessSandboxFactory
 from nanogrid.packaging import package_function
 from tests.conftest import require
@@ -85,7 +85,8 @@ def test_print_cannot_corrupt_the_result_channel(fallback):
 
 
 def test_stdout_is_capped(tmp_path):
-    factory = ProcessSandboxFactory(tmp_path / "s", tmp_path, bubblewrap="off", cgroups="off", capture_limit=1000)
+    factory = ProcessSandboxFactory(tmp_path / "s", tmp_path, bubblewrap="off", cgroups="off",
+                                    limits=Limits(capture_bytes=1000))
 
     def chatty():
         print("y" * 5000)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -16,8 +15,8 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, 
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from backend.controller.errors import install_error_handlers
 from backend.controller import jobs
+from backend.controller.errors import install_error_handlers
 from backend.controller.limits import BodySizeLimit
 from backend.controller.metrics import render_metrics
 from backend.controller.ratelimit import TokenBuckets, retry_after_header
@@ -37,7 +36,7 @@ from backend.controller.schemas import (
 from backend.grid import Grid
 from backend.keys import Authenticator, AuthError
 from backend.models import ApiKey, FunctionRecord, JobRecord
-from backend.packages import Package, PackageError, from_upload
+from backend.packages import Package, PackageError, from_upload, owned_function_id
 from backend.results.redis import RedisResultBus, RedisTokenBuckets
 from nanogrid import __version__
 
@@ -71,8 +70,8 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     401: {"model": ErrorDetail, "description": "missing, wrong or revoked API key"},
     404: {"model": ErrorDetail, "description": "no such function, job or file (for this key's owner)"},
     409: {"model": ErrorDetail, "description": "a function pickled by another Python version"},
-    422: {"model": ErrorDetail, "description": "a request that does not fit the schema, or settings out of range"},
     413: {"model": ErrorDetail, "description": "too large: body, package, payload or batch"},
+    422: {"model": ErrorDetail, "description": "a request that does not fit the schema, or settings out of range"},
     429: {"model": ErrorDetail, "description": "rate limit: see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
 }
@@ -235,7 +234,9 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             raise HTTPException(403, "all_owners=true needs an admin key (`nanogrid keys create NAME --admin`)")
         listed = grid.registry.list_jobs(limit, status, None if all_owners else caller.name)
         # another owner's result is never sent, even to an admin: a client unpickles what it gets
-        return [jobs.job_view(job, base_url(request), with_result=job.owner == caller.name) for job in listed]
+        functions = {f: grid.registry.get_function(f) for f in {job.function_id for job in listed}}
+        return [{**jobs.job_view(job, base_url(request), with_result=job.owner == caller.name),
+                 "function_name": getattr(functions[job.function_id], "function_name", None)} for job in listed]
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobView)
     async def cancel(job_id: str, request: Request, caller: Caller) -> dict:
@@ -288,10 +289,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.get("/system/status", response_model=SystemStatus)
     def system_status(caller: Caller) -> dict:
         """The caller's own jobs and queue, and the workers' capacity; an admin key sees every owner's."""
-        recent = grid.registry.list_jobs(limit=1000, owner=None if caller.admin else caller.name)
-        counts: dict[str, int] = {}
-        for job in recent:
-            counts[job.status] = counts.get(job.status, 0) + 1
+        counts = grid.registry.count_jobs(owner=None if caller.admin else caller.name)  # all jobs, no rows read
         if caller.admin:
             return {"queue_depth": grid.queue.depth(), "workers": live_workers(), "jobs": counts}
         depth = grid.queue.depth_of(caller.name)
@@ -311,11 +309,6 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                                  media_type="text/plain; version=0.0.4")
 
     return app
-
-
-def owned_function_id(owner: str, content_id: str) -> str:
-    """Function ids are per owner: the same code uploaded by two owners is two functions."""
-    return "fn-" + hashlib.sha256(f"{owner}\0{content_id}".encode()).hexdigest()[:24]
 
 
 WORKER_FIELDS = ("worker_id", "slots", "running")  # what a non-admin sees of a worker: capacity, never whose work

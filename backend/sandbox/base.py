@@ -1,11 +1,28 @@
+"""What every sandbox shares: the call, its checks, and receiving output files over the channel.
+
+The function runs inside the bootstrap's own interpreter, so anything the sandbox sends may be
+forged. The host takes from it only what it checks: a reply header validated field by field,
+a result no larger than the grid's cap, output files received as records and written by the
+host (``outputs.py``). Duration and peak memory are the host's own measurements (the sandbox's
+figure is used only where it is smaller, since the host's clock includes the channel); AI
+usage is counted by the host's gateway. Any breach ends the call with a ``protocol`` error and
+the sandbox is discarded.
+"""
+
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from backend.sandbox.cgroup import MemoryCgroup
+from backend.sandbox.outputs import HostWriteFailed, OutputQuotaExceeded, OutputWriter
+from backend.sandbox.protocol import CHUNK_BYTES, ChannelTimeout, FrameTooLarge, ProtocolViolation, check_reply
+
+OUTPUT_TIMEOUT_S = 120.0  # to receive one call's output files, however slowly the sandbox sends them
+MAX_REPORTED_BYTES = 1 << 50  # a peak memory figure above this is nonsense
 
 
 class SandboxError(Exception):
@@ -18,12 +35,33 @@ class SandboxError(Exception):
 
 
 @dataclass
+class Limits:
+    """What the host accepts from one call, whatever the sandbox says."""
+
+    capture_bytes: int = 1 << 20  # stdout and stderr each
+    result_bytes: int = 64 << 20  # the pickled or JSON result (or exception)
+    output_bytes: int = 1 << 30  # all output files of one call
+    output_files: int = 10_000
+
+
+class AISession(Protocol):
+    """One call's access to the AI node through the host (backend/worker/ai_gateway.py)."""
+
+    usage: dict[str, int]
+
+    def forward(self, header: dict[str, Any], body: bytes, deadline: float) -> tuple[dict[str, Any], bytes]: ...
+
+
+@dataclass
 class CallResult:
-    reply: dict[str, Any]  # the bootstrap's header: ok, error, stdout, stderr, duration_ms, ...
+    reply: dict[str, Any]  # the validated reply header: ok, error, stdout, stderr, result_format
     body: bytes  # the pickled or JSON-encoded value (or the pickled exception)
     peak_memory_bytes: int | None
-    output_dir: Path  # files the call wrote, to be collected before the next call
+    output_dir: Path  # the files the call wrote, received by the host, to be stored before the next call
     baseline_memory_bytes: int | None = None  # the sandbox's own usage when the call began (the peak includes it)
+    duration_ms: float = 0.0  # measured by the host
+    output_files: list[str] = field(default_factory=list)
+    ai_usage: dict[str, int] | None = None  # counted by the host's AI gateway
 
 
 class Sandbox(ABC):
@@ -32,35 +70,143 @@ class Sandbox(ABC):
     id: str
     function_id: str | None = None
     python: str = ""
+    memory_mib: int = 0
+    ai_allowed: bool = False  # loaded with the AI node's settings: its AI requests are forwarded
     cgroup: MemoryCgroup | None = None  # where the per-call peak is read; None: the bootstrap reports VmHWM
-    output_dir: Path
+    output_dir: Path  # written by the host only
+    limits: Limits
 
     @abstractmethod
-    def load(self, function_id: str, package: bytes, memory_mib: int) -> None: ...
+    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None: ...
 
-    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None) -> CallResult:
-        """Run one call; raises SandboxError when the sandbox failed (it is then dead)."""
+    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None,
+             ai: AISession | None = None) -> CallResult:
+        """Run one call and receive its output files; raises SandboxError when the sandbox failed (it is then dead)."""
+        try:
+            return self._call(job_id, payload, timeout_s, model, ai)
+        except SandboxError:
+            raise
+        except ProtocolViolation as exc:
+            self.close()
+            raise SandboxError("protocol", f"protocol violation: {exc}; the sandbox was discarded") from None
+        except OutputQuotaExceeded as exc:
+            self.close()
+            raise SandboxError("output", f"{exc}; none were kept") from None
+        except HostWriteFailed as exc:
+            self.close()
+            raise SandboxError("storage", f"the grid could not store this call's output files ({exc}); "
+                                          "none were kept") from None
+        except BaseException:
+            self.close()  # whatever went wrong, this sandbox never serves again
+            raise
+
+    def _call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None,
+              ai: AISession | None) -> CallResult:
         baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
             baseline = self.cgroup.usage()
         header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
                   "model": model}
-        reply, body = self._roundtrip(header, payload, timeout_s)
-        peak = self.cgroup.peak() if self.cgroup else reply.get("peak_rss_bytes")
-        if reply.get("output_files"):
-            self._collect_outputs()
+        started = time.monotonic()
+        deadline = started + timeout_s
+        self._send(header, payload)
+        max_body = max(self.limits.result_bytes, 1 << 20)
+        while True:
+            try:
+                frame, body = self._receive(deadline, max_body)
+            except FrameTooLarge as exc:
+                self.close()
+                raise SandboxError("result", f"the result is {exc.size >> 20} MiB, over the grid's "
+                                             f"{self.limits.result_bytes >> 20} MiB limit; the sandbox was "
+                                             "discarded") from None
+            except ChannelTimeout:
+                self._stop(graceful=True)
+                self.close()
+                raise SandboxError("timeout", f"timed out after {timeout_s:g} s; the sandbox was replaced") from None
+            if frame.get("op") == "ai":
+                self._send(*self._forward_ai(ai, frame, body, deadline))
+                continue
+            break
+        host_ms = (time.monotonic() - started) * 1000
+        reply = check_reply(frame, self.limits.capture_bytes)
+        if len(body) > self.limits.result_bytes:
+            raise SandboxError("result", f"the result is {len(body) >> 20} MiB, over the grid's "
+                                         f"{self.limits.result_bytes >> 20} MiB limit; the sandbox was discarded")
+        reported = reply.get("duration_ms")
+        duration = min(float(reported), host_ms) if isinstance(reported, (int, float)) and reported >= 0 else host_ms
+        if self.cgroup:
+            peak = self.cgroup.peak()
+        else:
+            rss = reply.get("peak_rss_bytes")
+            peak = rss if isinstance(rss, int) and 0 <= rss <= MAX_REPORTED_BYTES else None
+        files = self._receive_outputs() if reply.get("output_files") else []
         if not reply["ok"] and reply["error"].get("kind") == "memory":
             self.close()  # a MemoryError may have left the interpreter in a bad state
-        return CallResult(reply, body, peak, self.output_dir, baseline)
+        usage = dict(ai.usage) if ai is not None and ai.usage.get("calls") else None
+        return CallResult(reply, body, peak, self.output_dir, baseline, duration, files, usage)
+
+    def _forward_ai(self, ai: AISession | None, frame: dict[str, Any], body: bytes,
+                    deadline: float) -> tuple[dict[str, Any], bytes]:
+        if ai is None:
+            return {"op": "ai_reply", "status": 403}, b'{"error": "this function did not ask for the AI node: ai=True"}'
+        return ai.forward(frame, body, deadline)
+
+    def _receive_outputs(self) -> list[str]:
+        """The call's output files, as records the host checks and writes itself."""
+        writer = OutputWriter(self.output_dir, self.limits.output_bytes, self.limits.output_files)
+        deadline = time.monotonic() + OUTPUT_TIMEOUT_S
+        self._send({"op": "outputs", "limit": self.limits.output_bytes})
+        try:
+            while True:
+                try:
+                    header, body = self._receive(deadline, CHUNK_BYTES)
+                except ChannelTimeout:
+                    raise ProtocolViolation(f"output files not sent within {OUTPUT_TIMEOUT_S:g} s") from None
+                op = header.get("op")
+                if op == "file":
+                    writer.begin(header.get("name"), header.get("size"))
+                elif op == "data":
+                    writer.write(body)
+                elif op == "done":
+                    names = writer.finish()
+                    if header.get("ok") is not True:
+                        error = header.get("error")
+                        said = error.get("message") if isinstance(error, dict) else None
+                        raise OutputQuotaExceeded(str(said)[:300] if said else "the output files could not be sent")
+                    return names
+                else:
+                    raise ProtocolViolation(f"a {str(op)[:40]!r} frame among the output files")
+        except BaseException:
+            writer.abort()
+            raise
+
+    def check_ready(self, frame: dict[str, Any]) -> str:
+        """The Python version the bootstrap's first frame names."""
+        python = frame.get("python")
+        if frame.get("op") != "ready" or not isinstance(python, str) or len(python) > 8:
+            raise ProtocolViolation("the bootstrap's first frame is not 'ready'")
+        return python
+
+    def check_loaded(self, reply: dict[str, Any]) -> None:
+        if reply.get("ok") is True:
+            return
+        error = reply.get("error")
+        said = (error.get("traceback") or error.get("message")) if isinstance(error, dict) else None
+        self.close()
+        raise SandboxError("load", f"the function could not be loaded: {str(said or 'no reason given')[:20000]}")
 
     @abstractmethod
-    def _roundtrip(self, header: dict[str, Any], body: bytes, timeout_s: float) -> tuple[dict[str, Any], bytes]:
-        """Send one frame and read the bootstrap's answer within ``timeout_s``."""
+    def _send(self, header: dict[str, Any], body: bytes = b"") -> None:
+        """Send one frame; SandboxError if the sandbox is gone."""
 
     @abstractmethod
-    def _collect_outputs(self) -> None:
-        """Bring the call's output files into ``output_dir`` (already there when it is on this machine)."""
+    def _receive(self, deadline: float, max_body: int) -> tuple[dict[str, Any], bytes]:
+        """One frame by ``deadline`` (ChannelTimeout); SandboxError if the sandbox died; ProtocolViolation if forged."""
+
+    @abstractmethod
+    def _stop(self, graceful: bool) -> None:
+        """Stop the bootstrap (SIGTERM, a grace period, then SIGKILL when ``graceful``)."""
 
     @abstractmethod
     def kill(self, reason: str) -> None:

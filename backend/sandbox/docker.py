@@ -2,20 +2,22 @@
 
 Every container runs the runtime image's bootstrap as nobody (65534), with a read-only root
 filesystem, size-capped tmpfs for /tmp and its working directory, all capabilities dropped,
-no-new-privileges, a pids limit, memory and CPU limits, no network and no host mounts.
+no-new-privileges, a pids limit, memory and CPU limits, no network at all (functions with
+``ai=True`` reach the AI node through the host, over the same channel) and no host mounts.
 
 Code goes in over the bootstrap's own channel (the attach socket's stdin) while the container is
 still an unspecialised stem cell: Docker cannot copy into a read-only container, and copying
 into or out of a container where user code ran has had host-escape bugs (CVE-2018-15664,
-CVE-2019-14271). Output files come out the same way, as a capped, chunked tar stream spooled to
-disk. Peak memory is read straight from the container's memory cgroup.
+CVE-2019-14271). Output files come out the same way, as records the host checks and writes
+itself (no archive is ever unpacked here). Peak memory is read straight from the container's
+memory cgroup.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
-import tarfile
 import threading
 import time
 import uuid
@@ -25,15 +27,11 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from backend.sandbox.base import Sandbox, SandboxError
+from backend.environments import BuiltEnvironment
+from backend.sandbox.base import Limits, Sandbox, SandboxError
 from backend.sandbox.cgroup import MemoryCgroup
-from backend.sandbox.protocol import (
-    ChannelClosed,
-    ChannelTimeout,
-    DockerAttachStream,
-    FrameReader,
-    encode_frame,
-)
+from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, DockerAttachStream, FrameReader, encode_frame
+from nanogrid.errors import NanoGridError
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +39,8 @@ START_TIMEOUT_S = 30.0
 SANDBOX_UID = "65534:65534"
 
 
-class DockerUnavailable(RuntimeError):
-    pass
+class DockerUnavailable(NanoGridError, RuntimeError):
+    """No Docker engine or no runtime image: a configuration mistake (`--sandbox docker`), reported in one line."""
 
 
 class DockerSandboxFactory:
@@ -50,10 +48,8 @@ class DockerSandboxFactory:
 
     kind = "docker"
 
-    def __init__(self, image: str, host_dir: Path, *, kill_grace_s: float = 1.0, capture_limit: int = 1 << 20,
-                 max_output_bytes: int = 1 << 30, scratch_mib: int = 1024, pids_limit: int = 64,
-                 cpus: float = 1.0, stem_memory_mib: int = 256, ai_endpoint: str = "", ai_model: str = "",
-                 ai_network: str = "nanogrid-ai") -> None:
+    def __init__(self, image: str, host_dir: Path, *, kill_grace_s: float = 1.0, limits: Limits | None = None,
+                 scratch_mib: int = 1024, pids_limit: int = 64, cpus: float = 1.0, stem_memory_mib: int = 256) -> None:
         try:
             self.client = docker.from_env(timeout=60)
             self.client.ping()
@@ -69,44 +65,44 @@ class DockerSandboxFactory:
             raise DockerUnavailable(f"image {image!r} has no nanogrid.python label: build it with runtimes/build.py")
         self.host_dir = host_dir
         self.kill_grace_s = kill_grace_s
-        self.capture_limit = capture_limit
-        self.max_output_bytes = max_output_bytes
+        self.limits = limits or Limits()
         self.scratch_mib = scratch_mib
         self.pids_limit = pids_limit
         self.cpus = cpus
         self.stem_memory_mib = stem_memory_mib
-        self.ai_env = {k: v for k, v in (("AI_ENDPOINT", ai_endpoint), ("LLM_MODEL", ai_model)) if v}
-        self.ai_network = ai_network
-        if ai_endpoint:
-            self._ensure_ai_network()
-        host_dir.mkdir(parents=True, exist_ok=True)
+        host_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Which grid a container belongs to: the one whose sandboxes live in this directory.
+        self.grid_label = hashlib.sha256(str(host_dir.resolve()).encode()).hexdigest()[:16]
+        self.sweep()
 
-    @property
-    def ai_capable(self) -> bool:
-        return bool(self.ai_env)
-
-    def _ensure_ai_network(self) -> None:
-        """An internal network (no route out of it): the AI node joins it, and sandboxes that asked for it."""
-        if not self.client.networks.list(names=[self.ai_network]):
-            self.client.networks.create(self.ai_network, driver="bridge", internal=True,
-                                        labels={"nanogrid": "ai-network"})
+    def sweep(self) -> int:
+        """Remove this grid's containers left by a run that crashed (or was killed) before closing them."""
+        left = self.client.containers.list(all=True, filters={"label": f"nanogrid.grid={self.grid_label}"})
+        for container in left:
+            _remove(container)
+        if left:
+            log.info("removed %d sandbox containers left by an earlier run", len(left))
+        return len(left)
 
     def describe(self) -> str:
-        network = f"no network; AI functions: network {self.ai_network} only" if self.ai_env else "no network"
-        return f"docker sandbox ({self.image}, non-root, read-only, {network})"
+        return f"docker sandbox ({self.image}, non-root, read-only, no network)"
 
-    def start(self, ai: bool = False) -> DockerSandbox:
-        """A stem cell on no network; with ``ai``, a sandbox on the AI network, which reaches only the AI node."""
-        return DockerSandbox(self, ai=ai and self.ai_capable)
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> DockerSandbox:
+        """A stem cell: no network, whatever the function (the AI node is reached through the host).
+
+        With an ``environment``, the container runs its image (the runtime plus the environment's layer).
+        """
+        return DockerSandbox(self, environment)
 
 
 class DockerSandbox(Sandbox):
-    def __init__(self, factory: DockerSandboxFactory, ai: bool = False) -> None:
+    def __init__(self, factory: DockerSandboxFactory, environment: BuiltEnvironment | None = None) -> None:
         self.factory = factory
+        self.limits = factory.limits
         self.id = "ctr-" + uuid.uuid4().hex[:12]
-        self.host_dir = factory.host_dir / self.id  # where output files land on this side
+        self.host_dir = factory.host_dir / self.id  # where output files land on this side, written by the host
         self.output_dir = self.host_dir / "output"
-        self.output_dir.mkdir(parents=True)
+        self.output_dir.mkdir(mode=0o700, parents=True)
         self.memory_mib = factory.stem_memory_mib
         self._kill_reason: str | None = None
         self._closed = False
@@ -114,24 +110,23 @@ class DockerSandbox(Sandbox):
         api = factory.client.api
         scratch = f"rw,nosuid,nodev,size={factory.scratch_mib}m,uid=65534,gid=65534,mode=0700"
         self.container = factory.client.containers.create(
-            factory.image,
+            environment.image if environment is not None and environment.image else factory.image,
             name=f"nanogrid-{self.id}",
             stdin_open=True,
             user=SANDBOX_UID,
             read_only=True,
             tmpfs={"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": scratch},
             environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": "/sandbox/output",
-                         "NANOGRID_CAPTURE_LIMIT": str(factory.capture_limit), "HOME": "/sandbox",
-                         **(factory.ai_env if ai else {})},
+                         "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes), "HOME": "/sandbox"},
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=factory.pids_limit,
             mem_limit=f"{self.memory_mib}m",
             memswap_limit=f"{self.memory_mib}m",
             nano_cpus=int(factory.cpus * 1e9),
-            network_mode=factory.ai_network if ai else "none",
+            network_mode="none",
             init=True,  # a tiny init as PID 1, so the bootstrap can be signalled (and can kill itself)
-            labels={"nanogrid.sandbox": self.id},
+            labels={"nanogrid.sandbox": self.id, "nanogrid.grid": factory.grid_label},
         )
         try:
             # Attach before starting, so the bootstrap's first frame cannot be missed.
@@ -142,47 +137,31 @@ class DockerSandbox(Sandbox):
             self._stream = DockerAttachStream(raw)
             self.reader = FrameReader(raw.fileno(), self._stream.read_some, self._stream.pending)
             self.container.start()
-            ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S)
+            ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
+            self.python = self.check_ready(ready)
         except (ChannelClosed, ChannelTimeout, docker.errors.APIError) as exc:
             said = bytes(self._stream.stderr).decode(errors="replace")[-2000:] if hasattr(self, "_stream") else ""
             self.close()
             raise SandboxError("crash", f"the container's bootstrap did not start: {said or exc}") from None
-        self.python = ready["python"]
         self.cgroup = MemoryCgroup.of_container(self.container.id)
 
     @property
     def alive(self) -> bool:
         return not self._closed and self._kill_reason is None
 
-    def load(self, function_id: str, package: bytes, memory_mib: int) -> None:
+    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
         if memory_mib != self.memory_mib:  # stem cells start with a default; the function sets its own
             self.container.update(mem_limit=f"{memory_mib}m", memswap_limit=f"{memory_mib}m")
             self.memory_mib = memory_mib
-        header = {"op": "load", "max_output_bytes": self.factory.max_output_bytes}
-        reply, _ = self._roundtrip(header, package, START_TIMEOUT_S)
-        if not reply["ok"]:
-            error = reply["error"]
+        self._send({"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}, package)
+        try:
+            reply, _ = self._receive(time.monotonic() + START_TIMEOUT_S, 0)
+        except ChannelTimeout:
             self.close()
-            raise SandboxError("load", f"the function could not be loaded: {error.get('traceback') or error}")
+            raise SandboxError("load", f"the function did not load within {START_TIMEOUT_S:g} s") from None
+        self.check_loaded(reply)
         self.function_id = function_id
-
-    def _collect_outputs(self) -> None:
-        """Receive the output directory as tar chunks, spooled to disk, then unpacked safely."""
-        spool = self.host_dir / "outputs.tar"
-        deadline = time.monotonic() + 600
-        self._send({"op": "outputs", "limit": self.factory.max_output_bytes})
-        with spool.open("wb") as f:
-            while True:
-                header, body = self._receive(deadline)
-                if header.get("done"):
-                    break
-                f.write(body)
-        if not header["ok"]:
-            spool.unlink()
-            raise SandboxError("output", f"{header['error']['message']}; none were kept")
-        with tarfile.open(spool) as tar:
-            tar.extractall(self.output_dir, filter="data")  # no links out, no absolute paths, no devices
-        spool.unlink()
+        self.ai_allowed = bool(env and env.get("AI_ENDPOINT"))
 
     def _send(self, header: dict, body: bytes = b"") -> None:
         try:
@@ -190,20 +169,11 @@ class DockerSandbox(Sandbox):
         except OSError:
             raise self._death() from None
 
-    def _receive(self, deadline: float) -> tuple[dict, bytes]:
+    def _receive(self, deadline: float, max_body: int) -> tuple[dict, bytes]:
         try:
-            return self.reader.read(deadline)
-        except ChannelClosed:
+            return self.reader.read(deadline, max_body)
+        except (ChannelClosed, OSError):
             raise self._death() from None
-
-    def _roundtrip(self, header: dict, body: bytes, timeout_s: float) -> tuple[dict, bytes]:
-        self._send(header, body)
-        try:
-            return self._receive(time.monotonic() + timeout_s)
-        except ChannelTimeout:
-            self._stop(graceful=True)
-            self.close()
-            raise SandboxError("timeout", f"timed out after {timeout_s:g} s; the sandbox was replaced") from None
 
     def _death(self) -> SandboxError:
         """Why the container's bootstrap went away mid-call: our kill, the OOM killer, or the function."""

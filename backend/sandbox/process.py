@@ -21,8 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
+from backend.environments import BuiltEnvironment
 from backend.sandbox import cgroup
-from backend.sandbox.base import Sandbox, SandboxError
+from backend.sandbox.base import Limits, Sandbox, SandboxError
 from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, FrameReader, encode_frame, write_all
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,7 @@ class ProcessSandboxFactory:
     kind = "process"
 
     def __init__(self, base_dir: Path, hide_dir: Path, *, bubblewrap: str = "auto", cgroups: str = "auto",
-                 kill_grace_s: float = 1.0, capture_limit: int = 1 << 20, max_output_bytes: int = 1 << 30,
-                 ai_endpoint: str = "", ai_model: str = "") -> None:
+                 kill_grace_s: float = 1.0, limits: Limits | None = None) -> None:
         self.base_dir = base_dir
         self.hide_dir = hide_dir
         self.bwrap = shutil.which("bwrap") if bubblewrap != "off" else None
@@ -54,10 +54,8 @@ class ProcessSandboxFactory:
             raise RuntimeError("bubblewrap=on but no `bwrap` on PATH: apt-get install bubblewrap")
         self.use_cgroups = cgroups != "off" and cgroup.available()
         self.kill_grace_s = kill_grace_s
-        self.capture_limit = capture_limit
-        self.max_output_bytes = max_output_bytes
-        self.ai_env = {k: v for k, v in (("AI_ENDPOINT", ai_endpoint), ("LLM_MODEL", ai_model)) if v}
-        base_dir.mkdir(parents=True, exist_ok=True)
+        self.limits = limits or Limits()
+        base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def describe(self) -> str:
         parts = ["process sandbox (trusted code only)"]
@@ -65,21 +63,23 @@ class ProcessSandboxFactory:
         parts.append("memory cgroups" if self.use_cgroups else "rlimits")
         return ", ".join(parts)
 
-    @property
-    def ai_capable(self) -> bool:
-        return False  # with an AI node configured, every process sandbox already shares the host's network
-
-    def start(self, ai: bool = False) -> ProcessSandbox:
-        return ProcessSandbox(self)
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> ProcessSandbox:
+        """A stem cell; with an ``environment``, its layer of packages comes first on the import path."""
+        return ProcessSandbox(self, environment)
 
 
 class ProcessSandbox(Sandbox):
-    def __init__(self, factory: ProcessSandboxFactory) -> None:
+    def __init__(self, factory: ProcessSandboxFactory, environment: BuiltEnvironment | None = None) -> None:
         self.factory = factory
+        self.site_dir = environment.site_dir if environment is not None else None
+        self.limits = factory.limits
         self.id = "proc-" + uuid.uuid4().hex[:12]
         self.work_dir = factory.base_dir / self.id
-        self.output_dir = self.work_dir / "output"
-        self.output_dir.mkdir(parents=True)
+        self.work_dir.mkdir(mode=0o700, parents=True)
+        # Output files come over the channel like the Docker sandbox's: the host writes them here, outside
+        # the directory the process can write to.
+        self.output_dir = factory.base_dir / f"{self.id}.outputs"
+        self.output_dir.mkdir(mode=0o700)
         self.memory_mib = 0
         self._kill_reason: str | None = None
         self._lock = threading.Lock()
@@ -100,17 +100,18 @@ class ProcessSandbox(Sandbox):
             if self.cgroup:
                 self.cgroup.remove()
             shutil.rmtree(self.work_dir, ignore_errors=True)
+            shutil.rmtree(self.output_dir, ignore_errors=True)
             raise SandboxError("crash", f"could not start the sandbox process: {exc}") from None
         finally:
             os.close(startup_log)
         self.reader = FrameReader(self.proc.stdout.fileno())
         try:
-            ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S)
+            ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
         except (ChannelClosed, ChannelTimeout):
             log_text = (self.work_dir / "startup.log").read_text(errors="replace")[-2000:].strip()
             self.close()
             raise SandboxError("crash", f"the Python bootstrap did not start: {log_text or 'no output'}") from None
-        self.python = ready["python"]
+        self.python = self.check_ready(ready)
 
     def _startup_log(self) -> int:
         """What the interpreter says before the bootstrap takes over fd 2 (why it could not start)."""
@@ -121,12 +122,11 @@ class ProcessSandbox(Sandbox):
             f.write(str(os.getpid()))
 
     def _command(self) -> list[str]:
-        python = [sys.executable, "-I", str(BOOTSTRAP)]
+        # -I ignores PYTHONPATH; with an environment layer, -s -P keep the rest of isolated mode.
+        python = [sys.executable, "-s", "-P" if self.site_dir else "-I", str(BOOTSTRAP)]
         if not self.factory.bwrap:
             return python
-        # With an AI node the sandboxes keep the host's network to reach it (trusted code only);
-        # Docker sandboxes are the ones that limit it.
-        network = ["--share-net"] if self.factory.ai_env else []
+        layer = ["--ro-bind", str(self.site_dir), str(self.site_dir)] if self.site_dir else []
         # Order matters: later mounts go on top of earlier ones. The interpreter and its packages
         # are mounted back read-only in case they live under /tmp (a venv in a temporary checkout).
         interpreter = []
@@ -134,10 +134,10 @@ class ProcessSandbox(Sandbox):
             if not path.is_relative_to(self.factory.hide_dir):
                 interpreter += ["--ro-bind", str(path), str(path)]
         return [
-            self.factory.bwrap, "--unshare-all", *network, "--die-with-parent",
+            self.factory.bwrap, "--unshare-all", "--die-with-parent",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--tmpfs", str(self.factory.hide_dir), *interpreter, "--bind", str(self.work_dir), str(self.work_dir),
-            *python,
+            "--tmpfs", str(self.factory.hide_dir), *interpreter, *layer,
+            "--bind", str(self.work_dir), str(self.work_dir), *python,
         ]
 
     def _environment(self) -> dict[str, str]:
@@ -148,41 +148,43 @@ class ProcessSandbox(Sandbox):
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
             "NANOGRID_WORK_DIR": str(self.work_dir),
-            "NANOGRID_OUTPUT_DIR": str(self.output_dir),
-            "NANOGRID_CAPTURE_LIMIT": str(self.factory.capture_limit),
-            **self.factory.ai_env,
+            "NANOGRID_OUTPUT_DIR": str(self.work_dir / "output"),
+            "NANOGRID_CAPTURE_LIMIT": str(self.limits.capture_bytes),
+            **({"PYTHONPATH": str(self.site_dir)} if self.site_dir else {}),
         }
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None and self._kill_reason is None
 
-    def load(self, function_id: str, package: bytes, memory_mib: int) -> None:
+    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
         limit = memory_mib << 20
-        header = {"op": "load", "max_output_bytes": self.factory.max_output_bytes}
+        header = {"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}
         if self.cgroup:
             self.cgroup.set_limit(limit)
         else:
             header["rlimit_data"] = limit
         self.memory_mib = memory_mib
-        reply, _ = self._roundtrip(header, package, START_TIMEOUT_S)
-        if not reply["ok"]:
-            error = reply["error"]
+        self._send(header, package)
+        try:
+            reply, _ = self._receive(time.monotonic() + START_TIMEOUT_S, 0)
+        except ChannelTimeout:
             self.close()
-            raise SandboxError("load", f"the function could not be loaded: {error.get('traceback') or error}")
+            raise SandboxError("load", f"the function did not load within {START_TIMEOUT_S:g} s") from None
+        self.check_loaded(reply)
         self.function_id = function_id
+        self.ai_allowed = bool(env and env.get("AI_ENDPOINT"))
 
-    def _collect_outputs(self) -> None:
-        pass  # the sandbox writes straight into output_dir on this machine
-
-    def _roundtrip(self, header: dict, body: bytes, timeout_s: float) -> tuple[dict, bytes]:
+    def _send(self, header: dict, body: bytes = b"") -> None:
         try:
             write_all(self.proc.stdin.fileno(), encode_frame(header, body))
-            return self.reader.read(time.monotonic() + timeout_s)
-        except ChannelTimeout:
-            self._stop(graceful=True)
-            raise SandboxError("timeout", f"timed out after {timeout_s:g} s; the sandbox was replaced") from None
-        except (ChannelClosed, BrokenPipeError):
+        except (BrokenPipeError, ValueError):
+            raise self._death() from None
+
+    def _receive(self, deadline: float, max_body: int) -> tuple[dict, bytes]:
+        try:
+            return self.reader.read(deadline, max_body)
+        except (ChannelClosed, OSError):
             raise self._death() from None
 
     def _death(self) -> SandboxError:
@@ -230,3 +232,4 @@ class ProcessSandbox(Sandbox):
             self.cgroup.remove()
             self.cgroup = None
         shutil.rmtree(self.work_dir, ignore_errors=True)
+        shutil.rmtree(self.output_dir, ignore_errors=True)

@@ -1,4 +1,11 @@
-"""The agent's side of the bootstrap's framed protocol (see runtimes/python/bootstrap.py)."""
+"""The host's side of the bootstrap's framed protocol (see runtimes/python/bootstrap.py).
+
+Everything a sandbox sends is hostile input: the function runs in the bootstrap's own
+interpreter, so it can write any bytes to the reply channel. The reader therefore caps every
+frame as it arrives (header and body sizes are checked before a byte of the body is buffered),
+and headers are parsed as JSON objects only. Any breach raises ``ProtocolViolation``; the
+caller discards the sandbox.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-HEADER = struct.Struct(">II")
+HEADER = struct.Struct(">II")  # JSON header length, body length
+MAX_HEADER_BYTES = 256 << 10  # a reply header carries at most the captured stdout/stderr (1 MiB each, escaped)
+CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this many bytes
 
 
 class ChannelClosed(Exception):
@@ -20,6 +29,18 @@ class ChannelClosed(Exception):
 
 class ChannelTimeout(Exception):
     pass
+
+
+class ProtocolViolation(Exception):
+    """The sandbox sent something the protocol does not allow (forged, oversized or malformed)."""
+
+
+class FrameTooLarge(ProtocolViolation):
+    """A frame bigger than the reader allows at this point (refused before its body is read)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a frame body of {size} bytes where at most {limit} are allowed")
+        self.size, self.limit = size, limit
 
 
 def encode_frame(header: dict[str, Any], body: bytes = b"") -> bytes:
@@ -42,18 +63,29 @@ class FrameReader:
     """
 
     def __init__(self, fd: int, read_some: Callable[[int], bytes] | None = None,
-                 pending: Callable[[], bool] | None = None) -> None:
+                 pending: Callable[[], bool] | None = None, max_header: int = MAX_HEADER_BYTES) -> None:
         self.fd = fd
         self._read_some = read_some or (lambda n: os.read(fd, n))
         self._pending = pending or (lambda: False)
         self._buffer = bytearray()
+        self.max_header = max_header
 
-    def read(self, deadline: float | None) -> tuple[dict[str, Any], bytes]:
+    def read(self, deadline: float | None, max_body: int) -> tuple[dict[str, Any], bytes]:
+        """One frame whose body is at most ``max_body`` bytes; ProtocolViolation otherwise."""
         self._fill(HEADER.size, deadline)
         header_len, body_len = HEADER.unpack_from(self._buffer)
+        if header_len > self.max_header:
+            raise ProtocolViolation(f"a frame header of {header_len} bytes (at most {self.max_header})")
+        if body_len > max_body:
+            raise FrameTooLarge(body_len, max_body)
         total = HEADER.size + header_len + body_len
         self._fill(total, deadline)
-        header = json.loads(bytes(self._buffer[HEADER.size:HEADER.size + header_len]))
+        try:
+            header = json.loads(bytes(self._buffer[HEADER.size:HEADER.size + header_len]))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolViolation("a frame header that is not JSON") from None
+        if not isinstance(header, dict):
+            raise ProtocolViolation("a frame header that is not a JSON object")
         body = bytes(self._buffer[HEADER.size + header_len:total])
         del self._buffer[:total]
         return header, body
@@ -64,7 +96,7 @@ class FrameReader:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([self.fd], [], [], left)[0]:
                     raise ChannelTimeout
-            chunk = self._read_some(max(size - len(self._buffer), 1 << 16))
+            chunk = self._read_some(min(max(size - len(self._buffer), 1 << 16), 4 << 20))
             if not chunk:
                 raise ChannelClosed
             self._buffer += chunk
@@ -97,7 +129,7 @@ class DockerAttachStream:
                     self._stream, self._left = self._raw[0], int.from_bytes(self._raw[4:8], "big")
                     del self._raw[:8]
                     continue
-                take = min(self._left, len(self._raw))
+                take = min(self._left, len(self._raw), n - len(out))
                 piece = self._raw[:take]
                 del self._raw[:take]
                 self._left -= take
@@ -111,3 +143,42 @@ class DockerAttachStream:
             if not data:
                 return b""
             self._raw += data
+
+
+# What a call's reply header may hold, and of what type; anything else is a violation.
+_REPLY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "ok": bool, "result_format": str, "error": dict, "stdout": str, "stderr": str, "duration_ms": (int, float),
+    "peak_rss_bytes": (int, type(None)), "output_files": int, "op": str,
+}
+_ERROR_FIELDS = ("kind", "type", "module", "message", "traceback")
+_ERROR_KINDS = {"exception", "memory"}
+
+
+def check_reply(header: dict[str, Any], capture_limit: int) -> dict[str, Any]:
+    """The call reply's header, validated field by field; the sandbox's word is taken for nothing else."""
+    for key, value in header.items():
+        expected = _REPLY_FIELDS.get(key)
+        if expected is None:
+            raise ProtocolViolation(f"an unexpected field {key[:40]!r} in the call's reply")
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ProtocolViolation(f"the reply's {key!r} has the wrong type")
+    if header.get("op") not in (None, "result"):
+        raise ProtocolViolation(f"a {str(header.get('op'))[:40]!r} frame where the call's reply was due")
+    if "ok" not in header:
+        raise ProtocolViolation("a call reply without 'ok'")
+    if header["ok"] and header.get("result_format") not in ("pickle", "json"):
+        raise ProtocolViolation("a result in an unknown format")
+    text_cap = capture_limit + 256  # the bootstrap's truncation notice comes on top
+    for stream in ("stdout", "stderr"):
+        if len(header.get(stream, "")) > text_cap:
+            raise ProtocolViolation(f"{stream} over the {capture_limit}-byte capture limit")
+    if not header["ok"]:
+        error = header.get("error")
+        if not isinstance(error, dict) or error.get("kind") not in _ERROR_KINDS:
+            raise ProtocolViolation("a failed call without a valid error")
+        for key, value in error.items():
+            if key not in _ERROR_FIELDS or not isinstance(value, str) or len(value) > text_cap:
+                raise ProtocolViolation("a malformed error in the call's reply")
+    if header.get("output_files", 0) < 0:
+        raise ProtocolViolation("a negative count of output files")
+    return header

@@ -14,23 +14,26 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from backend.environments import EnvironmentBuildError
 from backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
+from backend.packages import function_id_for, owned_function_id
 from backend.queue.base import JobQueue
 from backend.registry.base import Registry
 from backend.results.base import ResultBus
 from backend.sandbox.base import CallResult, Sandbox, SandboxError
 from backend.store.base import BlobStore
+from backend.worker.ai_gateway import CHANNEL, AIGateway
 from backend.worker.pool import FunctionCode, WarmPool
 
 log = logging.getLogger(__name__)
 
 
 def _wants_ai(package: bytes) -> bool:
-    """Whether the function asked for the AI node (manifest ``ai``)."""
+    """Whether the function asked for the AI node (manifest ``ai``: JSON ``true`` and nothing else)."""
     try:
         with zipfile.ZipFile(io.BytesIO(package)) as zf:
-            return bool(json.loads(zf.read("manifest.json")).get("ai"))
-    except (KeyError, ValueError, zipfile.BadZipFile):
+            return json.loads(zf.read("manifest.json")).get("ai") is True
+    except (KeyError, ValueError, AttributeError, zipfile.BadZipFile):
         return False
 
 
@@ -39,7 +42,8 @@ class Worker:
 
     def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
                  pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
-                 heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None) -> None:
+                 heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
+                 ai: AIGateway | None = None) -> None:
         self.queue = queue
         self.registry = registry
         self.store = store
@@ -50,6 +54,7 @@ class Worker:
         self.visibility_s = visibility_s
         self.heartbeat_s = heartbeat_s
         self.publish_backlog = publish_backlog
+        self.ai = ai  # the AI node, reached through this worker by functions with ai=True
         self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
@@ -194,62 +199,94 @@ class Worker:
         job.cold, job.sandbox_id = cold, sandbox.id
         self.stats["cold_starts"] += cold
         self._running[job.job_id] = sandbox
-        if job.job_id in self._cancelled:  # cancelled while its sandbox was being prepared
-            self._running.pop(job.job_id, None)
-            self.pool.discard(sandbox)
-            raise SandboxError("cancelled", "cancelled by the user")
+        reusable = False  # the sandbox goes back to the pool only after a call that ended cleanly
         try:
-            outcome = sandbox.call(job.job_id, message.payload, message.timeout_s, message.model)
-        except SandboxError:
-            self.pool.discard(sandbox)
-            if job.job_id in self._cancelled:
-                raise SandboxError("cancelled", "cancelled by the user") from None
-            if self._stopping.is_set():
-                raise SandboxError("interrupted", "the worker shut down while this job ran; run it again") from None
-            raise
+            if job.job_id in self._cancelled:  # cancelled while its sandbox was being prepared
+                raise SandboxError("cancelled", "cancelled by the user")
+            ai = self.ai.session(message.owner) if self.ai is not None and sandbox.ai_allowed else None
+            try:
+                outcome = sandbox.call(job.job_id, message.payload, message.timeout_s, message.model, ai=ai)
+            except SandboxError:
+                if job.job_id in self._cancelled:
+                    raise SandboxError("cancelled", "cancelled by the user") from None
+                if self._stopping.is_set():
+                    raise SandboxError("interrupted", "the worker shut down while this job ran; run it again") from None
+                raise
+            self._record(job, outcome)
+            reusable = True
         finally:
             self._running.pop(job.job_id, None)
             self._cancelled.discard(job.job_id)
-        try:
-            self._record(job, outcome)
-        finally:
-            self.pool.release(sandbox)
+            if reusable:
+                self.pool.release(sandbox)  # drops it if it died meanwhile
+            else:
+                self.pool.discard(sandbox)  # whatever was raised: never a leaked pool place
 
     def _code(self, message: JobMessage) -> FunctionCode:
+        package = self._verified_package(message)
+        ai = _wants_ai(package) and self.ai is not None
+        env = {"AI_ENDPOINT": CHANNEL, **({"LLM_MODEL": self.ai.model} if self.ai.model else {})} if ai else None
+        # The environment it asks for (packages, Python), built once per grid; the build's progress shows on the job.
+        environment, progress_shown = None, []
+        if self.pool.environments is not None:
+            with zipfile.ZipFile(io.BytesIO(package)) as zf:
+                manifest = json.loads(zf.read("manifest.json"))
+
+            def progress(text: str) -> None:
+                progress_shown.append(text)
+                self.registry.note_attempt(message.job_id, {"kind": "progress", "message": text})
+
+            try:
+                environment = self.pool.environments.for_manifest(manifest, progress)
+            except EnvironmentBuildError as exc:
+                raise SandboxError("environment", exc.message) from None
+            finally:
+                if progress_shown:
+                    self.registry.note_attempt(message.job_id, None)  # type: ignore[arg-type]  (progress over)
+            if environment is not None and environment.variables:
+                env = {**environment.variables, **(env or {})}
+        return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment)
+
+    def _verified_package(self, message: JobMessage) -> bytes:
+        """The function's package, checked against its content hash: a changed file in the store never runs."""
         try:
             package = self.store.get_package(message.function_id)
         except FileNotFoundError:
             raise SandboxError("not_found", f"function {message.function_id} was deleted") from None
-        return FunctionCode(package, message.memory_mib, ai=_wants_ai(package))
+        if owned_function_id(message.owner, function_id_for(package)) != message.function_id:
+            log.error("function %s: the stored package does not match its content hash; refusing to load it",
+                      message.function_id)
+            raise SandboxError("corrupt", f"the stored code of function {message.function_id} does not match its "
+                                          "content hash; upload the function again")
+        return package
 
     def _record(self, job: JobRecord, outcome: CallResult) -> None:
         reply = outcome.reply
         job.stdout, job.stderr = reply.get("stdout", ""), reply.get("stderr", "")
-        job.execution_time_ms = reply.get("duration_ms")
+        job.execution_time_ms = round(outcome.duration_ms, 3)
         job.peak_memory_bytes = outcome.peak_memory_bytes
         job.baseline_memory_bytes = outcome.baseline_memory_bytes
-        job.ai_usage = reply.get("ai_usage")
-        job.output_files = self._collect_outputs(job.job_id, outcome.output_dir)
+        job.ai_usage = outcome.ai_usage
+        job.output_files = self._store_outputs(job.job_id, outcome.output_dir, outcome.output_files)
         if reply["ok"]:
             job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body
             return
         error = reply["error"]
         if error.get("kind") == "memory":
-            error["message"] = f"out of memory (MemoryError at the sandbox's memory limit): {error['message']}"
+            error["message"] = f"out of memory (MemoryError at the sandbox's memory limit): {error.get('message', '')}"
         job.status, job.error = FAILED, error
         job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
 
-    def _collect_outputs(self, job_id: str, output_dir: Path) -> list[dict]:
-        with os.scandir(output_dir) as entries:
-            if next(entries, None) is None:
-                return []
-        files = sorted(p for p in output_dir.rglob("*") if p.is_file() and not p.is_symlink())
-        total = sum(p.stat().st_size for p in files)
-        if total > self.max_output_bytes:
-            raise SandboxError("output", f"output files total {total >> 20} MiB, over the "
-                                         f"{self.max_output_bytes >> 20} MiB limit; none were kept")
-        return [{"name": str(p.relative_to(output_dir)), "size": self.store.save_output(
-            job_id, str(p.relative_to(output_dir)), p)} for p in files]
+    def _store_outputs(self, job_id: str, output_dir: Path, names: list[str]) -> list[dict]:
+        """Move the files the host received into the store (they were checked and capped on arrival)."""
+        stored = []
+        try:
+            for name in names:
+                stored.append({"name": name, "size": self.store.save_output(job_id, name, output_dir / name)})
+        except OSError as exc:
+            raise SandboxError("storage", "the grid could not store this call's output files "
+                                          f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
+        return stored
 
     def _fail(self, job: JobRecord, kind: str, message: str) -> None:
         job.status = CANCELLED if kind == "cancelled" else FAILED

@@ -5,6 +5,10 @@ Stem cells are started unspecialised ahead of time; a function's first call spec
 sandboxes are stopped after a TTL. The cap bounds specialised sandboxes (stem cells come on top
 of it, so a cold start always finds one): at the cap, the longest-idle sandbox of another
 function makes room.
+
+Stem cells are per environment (a runtime image or interpreter with a layer of packages): the
+plain runtime keeps ``stem_cells`` of them, and each of the few most recently used environments
+keeps one, so a new function in an environment that is already built starts warm too.
 """
 
 from __future__ import annotations
@@ -12,19 +16,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from backend.environments import BuiltEnvironment, Environments
 from backend.sandbox.base import Sandbox
 
 log = logging.getLogger(__name__)
+
+ENVIRONMENTS_WITH_STEM_CELLS = 3  # the most recently used environments that keep a stem cell started
 
 
 class SandboxFactory(Protocol):
     kind: str
 
-    def start(self) -> Sandbox: ...
+    def start(self, environment: BuiltEnvironment | None = None) -> Sandbox: ...
 
     def describe(self) -> str: ...
 
@@ -33,22 +41,31 @@ class SandboxFactory(Protocol):
 class FunctionCode:
     package: bytes
     memory_mib: int
-    ai: bool = False  # needs a sandbox with a route to the AI node (never a stem cell)
+    ai: bool = False  # may reach the AI node (through the worker; the sandbox itself has no network)
+    env: dict[str, str] | None = None  # environment variables set in the sandbox when the function loads
+    environment: BuiltEnvironment | None = None  # what its sandbox starts with; None: the plain runtime
+
+    @property
+    def stem_key(self) -> str:
+        return self.environment.key if self.environment is not None else ""
 
 
 class WarmPool:
-    def __init__(self, factory: SandboxFactory, *, cap: int, stem_cells: int, idle_ttl_s: float) -> None:
+    def __init__(self, factory: SandboxFactory, *, cap: int, stem_cells: int, idle_ttl_s: float,
+                 environments: Environments | None = None) -> None:
         self.factory = factory
+        self.environments = environments  # builds what function packages ask for (None: plain runtime only)
         self.cap = cap
         self.stem_cells = stem_cells
         self.idle_ttl_s = idle_ttl_s
         self._cond = threading.Condition()
         self._idle: dict[str, list[Sandbox]] = {}  # function id -> idle sandboxes, most recent last
         self._idle_since: dict[str, float] = {}  # sandbox id -> when it became idle
-        self._stems: list[Sandbox] = []
+        self._stems: dict[str, list[Sandbox]] = {"": []}  # environment key ("" the plain runtime) -> stem cells
+        self._stem_environments: OrderedDict[str, BuiltEnvironment] = OrderedDict()  # most recently used last
         self._busy: set[str] = set()
         self._specialised = 0  # busy + idle + being loaded: the number the cap bounds
-        self._stems_starting = 0
+        self._stems_starting: dict[str, int] = {}
         self._closed = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
@@ -77,8 +94,9 @@ class WarmPool:
                     continue
                 if self._specialised < self.cap:
                     self._specialised += 1
-                    stem_ok = not (function.ai and getattr(self.factory, "ai_capable", False))
-                    sandbox = self._stems.pop() if self._stems and stem_ok else None
+                    stems = self._stems.get(function.stem_key)
+                    sandbox = stems.pop() if stems else None
+                    self._note_environment(function.environment)
                     break
                 victim = self._take_longest_idle()
                 if victim is not None:
@@ -90,10 +108,10 @@ class WarmPool:
         self._wake.set()  # refill stem cells
         try:
             if sandbox is None:
-                sandbox = self.factory.start(ai=function.ai) if function.ai else self.factory.start()
+                sandbox = self._start(function.environment)
             with self._cond:
                 self._busy.add(sandbox.id)
-            sandbox.load(function_id, function.package, function.memory_mib)
+            sandbox.load(function_id, function.package, function.memory_mib, function.env)
         except BaseException:
             self._forget(sandbox)
             raise
@@ -113,6 +131,22 @@ class WarmPool:
     def discard(self, sandbox: Sandbox) -> None:
         """Stop a sandbox that must not serve again (it timed out, crashed or was killed)."""
         self._forget(sandbox)
+
+    def _start(self, environment: BuiltEnvironment | None) -> Sandbox:
+        options: dict[str, Any] = {} if environment is None else {"environment": environment}
+        return self.factory.start(**options)
+
+    def _note_environment(self, environment: BuiltEnvironment | None) -> None:
+        """Remember a recently used environment (it keeps a stem cell); the oldest beyond the limit lose theirs."""
+        if environment is None or not self.stem_cells:
+            return
+        self._stem_environments[environment.key] = environment
+        self._stem_environments.move_to_end(environment.key)
+        self._stems.setdefault(environment.key, [])
+        while len(self._stem_environments) > ENVIRONMENTS_WITH_STEM_CELLS:
+            old, _ = self._stem_environments.popitem(last=False)
+            for stem in self._stems.pop(old, []):
+                stem.close()
 
     def _forget(self, sandbox: Sandbox | None) -> None:
         if sandbox is not None:
@@ -149,28 +183,40 @@ class WarmPool:
             self._evict_expired()
             self._refill()
 
+    def _missing_stem(self) -> tuple[str, BuiltEnvironment | None] | None:
+        """The environment that needs a stem cell started next: the plain runtime first, then recent ones."""
+        wanted: list[tuple[str, BuiltEnvironment | None, int]] = [("", None, self.stem_cells)]
+        wanted += [(key, env, 1) for key, env in reversed(self._stem_environments.items())]
+        for key, environment, count in wanted:
+            if len(self._stems.get(key, [])) + self._stems_starting.get(key, 0) < count:
+                return key, environment
+        return None
+
     def _refill(self) -> None:
         while True:
             with self._cond:
-                if self._closed or len(self._stems) + self._stems_starting >= self.stem_cells:
+                missing = None if self._closed else self._missing_stem()
+                if missing is None:
                     return
-                self._stems_starting += 1
+                key, environment = missing
+                self._stems_starting[key] = self._stems_starting.get(key, 0) + 1
             try:
-                sandbox = self.factory.start()
+                sandbox = self._start(environment)
             except Exception:
                 log.exception("could not start a stem cell")
                 with self._cond:
-                    self._stems_starting -= 1
+                    self._stems_starting[key] -= 1
                 time.sleep(1.0)
                 return
             with self._cond:
-                self._stems_starting -= 1
-                if not self._closed:
-                    self._stems.append(sandbox)
+                self._stems_starting[key] -= 1
+                if not self._closed and key in self._stems:
+                    self._stems[key].append(sandbox)
                     self._cond.notify()
                     continue
             sandbox.close()
-            return
+            if self._closed:
+                return
 
     def _evict_expired(self) -> None:
         expired = []
@@ -188,7 +234,7 @@ class WarmPool:
         """Block until the stem cells are started (used by `nanogrid up` and benchmarks)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self._stems) < self.stem_cells:
+            while len(self._stems[""]) < self.stem_cells:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -202,7 +248,8 @@ class WarmPool:
                 "cap": self.cap,
                 "specialised": self._specialised,
                 "busy": len(self._busy),
-                "stem_cells": len(self._stems),
+                "stem_cells": sum(len(s) for s in self._stems.values()),
+                "stem_cells_by_environment": {key: len(s) for key, s in self._stems.items() if key and s},
                 "idle": sum(len(s) for s in self._idle.values()),
                 "idle_by_function": {fid: len(s) for fid, s in self._idle.items() if s},
             }
@@ -210,8 +257,8 @@ class WarmPool:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            sandboxes = self._stems + [s for group in self._idle.values() for s in group]
-            self._stems, self._idle, self._idle_since = [], {}, {}
+            sandboxes = [s for group in [*self._stems.values(), *self._idle.values()] for s in group]
+            self._stems, self._idle, self._idle_since = {"": []}, {}, {}
             self._cond.notify_all()
         self._wake.set()
         for sandbox in sandboxes:

@@ -9,6 +9,11 @@ that it only serves ``call`` frames for that function.
 Frame: 8-byte header ``>II`` (JSON header length, body length), the JSON header, the raw body.
 Only the standard library and cloudpickle are needed, so the same file runs in a plain process
 and inside a Docker runtime image.
+
+The function runs in this interpreter, so it could write frames of its own: the host therefore
+trusts nothing it reads here (backend/sandbox/protocol.py checks every frame, and output files
+travel as records the host writes itself). During a call the function may ask the host for one
+thing over the same channel: an AI node request (``__nanogrid_channel__``, used by nanogrid.ai).
 """
 
 import io
@@ -23,6 +28,7 @@ import traceback
 import zipfile
 
 CAPTURE_LIMIT = int(os.environ.get("NANOGRID_CAPTURE_LIMIT", 1 << 20))
+CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this size
 WORK_DIR = os.environ.get("NANOGRID_WORK_DIR") or os.getcwd()
 OUTPUT_DIR = os.environ.get("NANOGRID_OUTPUT_DIR") or os.path.join(WORK_DIR, "output")
 CODE_DIR = os.path.join(WORK_DIR, "code")
@@ -168,6 +174,7 @@ class Runtime:
     def load(self, header, body):
         import cloudpickle
 
+        os.environ.update({str(k): str(v) for k, v in (header.get("env") or {}).items()})  # the function's settings
         os.makedirs(CODE_DIR, exist_ok=True)
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
             zf.extractall(CODE_DIR)
@@ -239,9 +246,6 @@ class Runtime:
         if measure_rss:
             reply["peak_rss_bytes"] = peak_rss()
         reply["output_files"] = sum(len(files) for _, _, files in os.walk(OUTPUT_DIR))
-        ai = sys.modules.get("nanogrid.ai")  # imported by the function, perhaps during this call
-        if ai is not None and ai.usage()["calls"]:
-            reply["ai_usage"] = ai.usage()
         if default_model is None:
             os.environ.pop("LLM_MODEL", None)
         else:
@@ -249,49 +253,50 @@ class Runtime:
         return reply, result
 
 
-class ChunkWriter:
-    """A file-like object that sends what is written as ``chunk`` frames of at most 1 MiB."""
-
-    def __init__(self, fd, limit):
-        self.fd, self.limit, self.sent, self.buffer = fd, limit, 0, bytearray()
-
-    def write(self, data):
-        self.sent += len(data)
-        if self.limit and self.sent > self.limit:
-            raise OSError(f"output files exceed the {self.limit >> 20} MiB limit")
-        self.buffer += data
-        while len(self.buffer) >= 1 << 20:
-            write_frame(self.fd, {"op": "chunk"}, bytes(self.buffer[:1 << 20]))
-            del self.buffer[:1 << 20]
-        return len(data)
-
-    def flush(self):
-        if self.buffer:
-            write_frame(self.fd, {"op": "chunk"}, bytes(self.buffer))
-            self.buffer.clear()
-
-
 def send_outputs(fd, limit):
-    """Stream the output directory as a tar in chunk frames, then a final frame saying how it went."""
-    import tarfile
+    """Send each regular file of the output directory as a ``file`` record and its ``data`` chunks.
 
-    paths = [os.path.join(root, name) for root, _dirs, files in os.walk(OUTPUT_DIR) for name in sorted(files)]
-    paths = [p for p in paths if os.path.isfile(p) and not os.path.islink(p)]
-    total = sum(os.path.getsize(p) for p in paths)
-    # The limit is on the files; the tar stream may add its headers and padding on top.
-    writer = ChunkWriter(fd, limit and limit + 1024 * (len(paths) + 20))
+    Records, not an archive: the host checks every name and size itself and writes the files
+    with its own hands, so nothing here is trusted to be well formed.
+    """
+    import stat
+
     try:
+        files = []
+        for root, dirs, names in os.walk(OUTPUT_DIR):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode):  # links, fifos and devices are never sent
+                    files.append((os.path.relpath(path, OUTPUT_DIR), path, info.st_size))
+        total = sum(size for _, _, size in files)
         if limit and total > limit:
             raise OSError(f"output files total {total >> 20} MiB, over the {limit >> 20} MiB limit")
-        with tarfile.open(fileobj=writer, mode="w|") as tar:
-            for path in paths:
-                tar.add(path, arcname=os.path.relpath(path, OUTPUT_DIR), recursive=False)
-        writer.flush()
-        write_frame(fd, {"ok": True, "done": True, "bytes": writer.sent})
+        for name, path, size in files:
+            write_frame(fd, {"op": "file", "name": name, "size": size})
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    write_frame(fd, {"op": "data"}, chunk)
+        write_frame(fd, {"op": "done", "ok": True})
     except OSError as exc:
-        write_frame(fd, {"ok": False, "done": True, "error": {"kind": "output", "message": str(exc)}})
+        write_frame(fd, {"op": "done", "ok": False, "error": {"kind": "output", "message": str(exc)}})
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     os.makedirs(OUTPUT_DIR, exist_ok=True)
+
+
+class Channel:
+    """Requests from the function to the host during a call (the AI node is reached this way).
+
+    Importable as the module ``__nanogrid_channel__``; the sandbox has no network of its own.
+    """
+
+    def __init__(self, request_fd, reply_fd):
+        self.request_fd, self.reply_fd = request_fd, reply_fd
+
+    def request(self, header, body=b""):
+        write_frame(self.reply_fd, header, body)
+        return read_frame(self.request_fd)
 
 
 def main():
@@ -304,6 +309,10 @@ def main():
     sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True)
     sys.stdin = open(os.devnull)
     import cloudpickle  # noqa: F401  (warm the import before the first call)
+
+    channel = type(sys)("__nanogrid_channel__")
+    channel.request = Channel(stdin_fd, reply_fd).request
+    sys.modules["__nanogrid_channel__"] = channel
 
     runtime = Runtime()
     write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2]})
