@@ -100,11 +100,16 @@ class JobCancelled(JobFailed):
     """The job was cancelled."""
 
 
+class EnvironmentBuildFailed(JobFailed):
+    """The grid could not build the function's environment; the message carries the installer's and names the package."""
+
+
 _BY_KIND: dict[str, type[JobFailed]] = {
     "timeout": FunctionTimeout,
     "memory": OutOfMemory,
     "crash": SandboxCrashed,
     "cancelled": JobCancelled,
+    "environment": EnvironmentBuildFailed,
 }
 
 

@@ -20,6 +20,9 @@ from typing import Any
 
 import cloudpickle
 
+from nanogrid.environment import Environment
+
+RESERVED_FILES = {"manifest.json", "function.pkl", "source.py"}
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -60,9 +63,16 @@ def safe_name(name: str) -> str:
 
 
 def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_mib: int | None = None,
-                     timeout_s: float | None = None, runtime: str | None = None, ai: bool = False) -> FunctionPackage:
-    """Cloudpickle ``fn`` (by value, with what it closes over) into a package with its source for display."""
-    pickled = cloudpickle.dumps(fn)
+                     timeout_s: float | None = None, runtime: str | None = None, ai: bool = False,
+                     environment: Environment | None = None, local_files: dict[str, bytes] | None = None,
+                     pickled: bytes | None = None) -> FunctionPackage:
+    """Cloudpickle ``fn`` (by value, with what it closes over) into a package with its source for display.
+
+    ``environment`` (its spec and id go in the manifest, so they are part of the content hash) says
+    what the function runs with; ``local_files`` are the user's own modules it imports, shipped as
+    files beside the code (the sandbox imports them from there).
+    """
+    pickled = pickled if pickled is not None else cloudpickle.dumps(fn)
     manifest: dict[str, Any] = {
         "name": safe_name(name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function")),
         "kind": "pickle",
@@ -80,7 +90,11 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
         manifest["memory"] = int(memory_mib)
     if timeout_s is not None:
         manifest["timeout"] = float(timeout_s)
+    if environment is not None and not environment.empty:
+        manifest["environment"], manifest["environment_id"] = environment.spec(), environment.id
+        manifest["runtime"] = runtime or f"python{environment.spec()['python']}"
     files = {
+        **{name: data for name, data in (local_files or {}).items() if name not in RESERVED_FILES},
         "manifest.json": json.dumps(manifest, sort_keys=True).encode(),
         "function.pkl": pickled,
         "source.py": _source(fn).encode(),

@@ -2,13 +2,16 @@
 
     python runtimes/build.py [--base IMAGE] [--force]
 
-1. Base image: unless --base names one that exists, `mmdebstrap` makes a minimal Debian bookworm
-   root filesystem with python3 (and DEBIAN_PACKAGES) from Debian's packages and `docker import`
-   turns it into nanogrid/debian-python:bookworm-<hash of the package list>.
-2. Runtime image nanogrid/runtime-python:latest from runtimes/python/Dockerfile, with the
-   bootstrap and the grid's own cloudpickle and NanoGrid client modules. Labels record the Python
-   minor version (the grid refuses functions pickled by another) and a hash of the build context
-   (a changed bootstrap rebuilds the image).
+    python runtimes/build.py --python 3.13     # the Python 3.13 runtime, from Debian trixie
+
+1. Base image: unless --base names one that exists, `mmdebstrap` makes a minimal Debian root
+   filesystem with python3 (and DEBIAN_PACKAGES) from Debian's packages (bookworm for Python 3.11,
+   trixie for 3.13) and `docker import` turns it into nanogrid/debian-python:<suite>-<hash>.
+2. Runtime image nanogrid/runtime-python:<minor> (and :latest for the grid's own Python) from
+   runtimes/python/Dockerfile, with the bootstrap and the grid's own cloudpickle and NanoGrid
+   client modules (for another Python, installed from wheels with uv at the grid's versions).
+   Labels record the Python minor version (the grid serves each client the runtime of its own)
+   and a hash of the build context (a changed bootstrap rebuilds the image).
 """
 
 from __future__ import annotations
@@ -27,8 +30,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # python3-pil lets the tutorials' image functions run in the default image; add what your functions need.
 DEBIAN_PACKAGES = ["python3", "python3-pil"]
-DEBIAN_BASE = "nanogrid/debian-python:bookworm-" + hashlib.sha256(" ".join(DEBIAN_PACKAGES).encode()).hexdigest()[:8]
-RUNTIME_IMAGE = "nanogrid/runtime-python:latest"
+DEBIAN_SUITES = {"3.11": "bookworm", "3.13": "trixie"}  # the Python each Debian release ships
+HOST_PYTHON = "%d.%d" % sys.version_info[:2]
+RUNTIME_REPOSITORY = "nanogrid/runtime-python"
+RUNTIME_IMAGE = f"{RUNTIME_REPOSITORY}:latest"  # the grid's own Python
+
+
+def debian_base(python: str, packages: list[str]) -> str:
+    suite = DEBIAN_SUITES[python]
+    return f"nanogrid/debian-python:{suite}-" + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+
+
+DEBIAN_BASE = debian_base(HOST_PYTHON, DEBIAN_PACKAGES) if HOST_PYTHON in DEBIAN_SUITES else ""
 NANOGRID_MODULES = ["__init__.py", "errors.py", "cells.py", "ai.py"]  # what a sandbox may import
 SITE_DISTRIBUTIONS = ["cloudpickle", "ollama"]  # copied from the grid's own environment, with what they need
 
@@ -48,32 +61,52 @@ def label(name: str, key: str) -> str:
     return docker("image", "inspect", "--format", f'{{{{ index .Config.Labels "{key}" }}}}', name, capture=True)
 
 
-def build_debian_base() -> None:
+def build_debian_base(python: str, packages: list[str]) -> str:
+    name = debian_base(python, packages)
     if shutil.which("mmdebstrap") is None:
         sys.exit("runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap), or pass --base IMAGE")
     with tempfile.TemporaryDirectory(prefix="nanogrid-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs.tar"
-        print(f"building {DEBIAN_BASE} with mmdebstrap (about 20 s) ...", flush=True)
-        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(DEBIAN_PACKAGES),
-                        "bookworm", str(rootfs)], check=True)
-        docker("import", "--change", 'CMD ["python3"]', str(rootfs), DEBIAN_BASE)
+        print(f"building {name} with mmdebstrap (about 20 s) ...", flush=True)
+        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
+                        DEBIAN_SUITES[python], str(rootfs)], check=True)
+        docker("import", "--change", 'CMD ["python3"]', str(rootfs), name)
+    return name
 
 
-def prepare_context(directory: Path) -> str:
-    """Copy the build context; returns a hash of everything in it."""
+def prepare_context(directory: Path, python: str = HOST_PYTHON) -> str:
+    """Copy the build context; returns a hash of everything in it (names, contents and modes)."""
     shutil.copy(HERE / "python" / "Dockerfile", directory / "Dockerfile")
     shutil.copy(HERE / "python" / "bootstrap.py", directory / "bootstrap.py")
     site = directory / "site"
-    for name in sorted(_with_dependencies(SITE_DISTRIBUTIONS)):
-        _copy_distribution(name, site)
-    (site / "nanogrid").mkdir()
+    if python == HOST_PYTHON:
+        for name in sorted(_with_dependencies(SITE_DISTRIBUTIONS)):
+            _copy_distribution(name, site)
+    else:
+        _install_distributions(site, python)
+    (site / "nanogrid").mkdir(parents=True, exist_ok=True)
     for module in NANOGRID_MODULES:
         shutil.copy(ROOT / "nanogrid" / module, site / "nanogrid" / module)
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(directory)).encode())
-        digest.update(path.read_bytes())
+    for path in sorted(directory.rglob("*")):
+        # The sandbox runs as nobody: everything readable, whatever umask this build ran under.
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        if path.is_file():
+            digest.update(str(path.relative_to(directory)).encode() + b"\0644\0")
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _install_distributions(site: Path, python: str) -> None:
+    """The grid's versions of SITE_DISTRIBUTIONS, as wheels for another Python (uv, on this host)."""
+    pins = [f"{name}=={metadata.version(name)}" for name in SITE_DISTRIBUTIONS]
+    uv = Path(sys.executable).with_name("uv")
+    command = [str(uv)] if uv.exists() else [sys.executable, "-m", "uv"]
+    done = subprocess.run([*command, "pip", "install", "--quiet", "--target", str(site), "--python-version", python,
+                           "--python-platform", "x86_64-manylinux_2_28", "--only-binary", ":all:", *pins],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"runtimes/build.py: could not install {', '.join(pins)} for Python {python}:\n{done.stderr}")
 
 
 def _with_dependencies(names: list[str]) -> set[str]:
@@ -104,35 +137,57 @@ def _copy_distribution(name: str, site: Path) -> None:
         shutil.copy(file.locate(), target)
 
 
-def build(base: str | None, force: bool) -> str:
+def build(base: str | None, force: bool, python: str = HOST_PYTHON, extra_packages: list[str] | None = None) -> str:
+    """Build (or find up to date) the runtime image of ``python``; returns its name.
+
+    ``extra_packages`` (Debian packages a function environment asks for) give a runtime of its own,
+    tagged with a hash of them.
+    """
+    packages = DEBIAN_PACKAGES + sorted(set(extra_packages or []) - set(DEBIAN_PACKAGES))
+    image = f"{RUNTIME_REPOSITORY}:{python}"
+    if extra_packages:
+        image += "-" + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
     if base is None:
-        base = DEBIAN_BASE
+        if python not in DEBIAN_SUITES:
+            sys.exit(f"runtimes/build.py: no Debian release ships Python {python}; "
+                     f"choose one of {', '.join(DEBIAN_SUITES)} or pass --base IMAGE")
+        base = debian_base(python, packages)
         if not image_exists(base) or force:
-            build_debian_base()
+            build_debian_base(python, packages)
     elif not image_exists(base):
         sys.exit(f"runtimes/build.py: no image {base!r} here, and this machine cannot pull one")
+    tags = [image] + ([RUNTIME_IMAGE] if python == HOST_PYTHON and not extra_packages else [])
     with tempfile.TemporaryDirectory(prefix="nanogrid-context-") as tmp:
         context = Path(tmp)
-        digest = prepare_context(context)
-        if not force and image_exists(RUNTIME_IMAGE) and label(RUNTIME_IMAGE, "nanogrid.context") == digest \
-                and label(RUNTIME_IMAGE, "nanogrid.base") == base:
-            print(f"{RUNTIME_IMAGE} is up to date")
-            return RUNTIME_IMAGE
-        python = docker("run", "--rm", "--network=none", base, "python3", "-c",
-                        "import sys; print('%d.%d' % sys.version_info[:2])", capture=True)
-        print(f"building {RUNTIME_IMAGE} on {base} (Python {python}) ...", flush=True)
+        digest = prepare_context(context, python)
+        if not force and all(image_exists(tag) and label(tag, "nanogrid.context") == digest
+                             and label(tag, "nanogrid.base") == base for tag in tags):
+            print(f"{image} is up to date")
+            return image
+        found = docker("run", "--rm", "--network=none", base, "python3", "-c",
+                       "import sys; print('%d.%d' % sys.version_info[:2])", capture=True)
+        if found != python:
+            sys.exit(f"runtimes/build.py: {base} runs Python {found}, not {python}")
+        print(f"building {image} on {base} (Python {python}) ...", flush=True)
         docker("build", "--quiet", "--build-arg", f"BASE={base}", "--label", f"nanogrid.python={python}",
                "--label", f"nanogrid.context={digest}", "--label", f"nanogrid.base={base}",
-               "-t", RUNTIME_IMAGE, str(context))
-    return RUNTIME_IMAGE
+               *[arg for tag in tags for arg in ("-t", tag)], str(context))
+    return image
+
+
+def runtime_image(python: str, extra_packages: list[str]) -> str:
+    """The runtime of ``python`` with extra Debian packages (a function environment's ``system``)."""
+    return build(None, False, python, extra_packages)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="an existing image with python3 (default: build a Debian one)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the images exist")
+    parser.add_argument("--python", default=HOST_PYTHON, help=f"the runtime's Python: {', '.join(DEBIAN_SUITES)} "
+                                                              f"(default: this interpreter's, {HOST_PYTHON})")
     args = parser.parse_args()
-    print(build(args.base, args.force))
+    print(build(args.base, args.force, args.python))
 
 
 if __name__ == "__main__":

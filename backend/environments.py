@@ -1,0 +1,369 @@
+"""Function environments on the grid: each distinct environment built once, cached by id, evicted LRU.
+
+A layer is built on the host with uv into a temporary folder (wheels only, for the runtime's
+Python and platform: no package code runs on the host) and renamed into place when complete, so
+nothing half-built is ever used. Docker sandboxes get an image derived from the runtime image
+with the layer copied in; process sandboxes get the layer on their ``PYTHONPATH``. A lock file
+per environment makes concurrent first calls (threads, or several workers on one machine) build
+once. With a shared store (S3), a worker fetches a layer another worker built before building.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanogrid.environment import PLATFORM, REQUIREMENT, SYSTEM_PACKAGE, VARIABLE, environment_id
+
+log = logging.getLogger(__name__)
+
+BUILD_TIMEOUT_S = 600
+ENV_IMAGE = "nanogrid/env"  # tagged nanogrid/env:<environment id>
+
+
+class EnvironmentBuildError(Exception):
+    """An environment could not be built; ``message`` carries the installer's words and names the packages."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class BuiltEnvironment:
+    """What a sandbox starts with: a runtime (Python minor), a layer of packages and variables, an image for Docker."""
+
+    env_id: str
+    python: str
+    site_dir: Path | None = None  # the layer, for process sandboxes' PYTHONPATH
+    image: str | None = None  # the derived image, for Docker sandboxes
+    variables: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Sandboxes with the same key are interchangeable stem cells."""
+        return self.env_id
+
+
+def check_spec(spec: Any, runtimes: dict[str, str]) -> dict[str, Any]:
+    """A manifest's ``environment``, checked as hostile input: installable names only, a Python this grid runs."""
+    if not isinstance(spec, dict):
+        raise EnvironmentBuildError("the manifest's environment must be an object")
+    packages, system, variables = spec.get("packages", []), spec.get("system", []), spec.get("env", {})
+    python = str(spec.get("python", ""))
+    if not isinstance(packages, list) or not all(isinstance(p, str) and REQUIREMENT.match(p) for p in packages):
+        raise EnvironmentBuildError(f"environment packages must be requirements like 'pandas==2.2.3', not {packages!r}")
+    if not isinstance(system, list) or not all(isinstance(p, str) and SYSTEM_PACKAGE.match(p) for p in system):
+        raise EnvironmentBuildError(f"environment system packages must be Debian package names, not {system!r}")
+    if not isinstance(variables, dict) or not all(isinstance(k, str) and VARIABLE.match(k) and isinstance(v, str)
+                                                  and not k.startswith(("NANOGRID_", "PYTHON", "PATH", "HOME", "LD_"))
+                                                  for k, v in variables.items()):
+        raise EnvironmentBuildError("environment variables must be NAME: string, outside the sandbox's own names")
+    if python not in runtimes.values():
+        raise EnvironmentBuildError(f"this grid has no Python {python} runtime; it runs "
+                                    f"{', '.join(sorted(set(runtimes.values())))}")
+    if spec.get("platform", PLATFORM) != PLATFORM:
+        raise EnvironmentBuildError(f"environment platform {spec.get('platform')!r}: this grid builds {PLATFORM}")
+    return {"packages": sorted(packages), "system": sorted(system), "python": python, "env": dict(sorted(variables.items())),
+            "platform": PLATFORM}
+
+
+def uv_command() -> list[str]:
+    """uv from the grid's own environment (a dependency of NanoGrid)."""
+    beside = Path(sys.executable).with_name("uv")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "uv"]
+
+
+def _installer_message(text: str, packages: list[str]) -> str:
+    """The installer's own explanation, without its progress noise, with a hint for the common cases."""
+    lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith(("Resolved", "Prepared",
+                                                                                                   "Installed", " +"))]
+    said = "\n".join(lines[-25:])
+    hint = ""
+    if "no wheels" in said or "only-binary" in said or "no usable wheels" in said:
+        hint = ("\nNanoGrid installs wheels only, so that no package code runs while building; this package has no "
+                "wheel for the runtime's Python and platform: pick a version that has one")
+    elif "not found in the package registry" in said or "was not found" in said:
+        hint = "\nCheck the package name, and that it is published on the package index"
+    return f"could not install {', '.join(packages)}:\n{said}{hint}"
+
+
+class Environments:
+    """The grid's environment cache under ``root`` (one folder per environment id)."""
+
+    def __init__(self, root: Path, *, runtimes: dict[str, str], docker_images: dict[str, str] | None = None,
+                 cap_bytes: int = 0, identity: str = "", shared: Any = None) -> None:
+        self.root = root
+        self.runtimes = runtimes  # runtime name -> Python minor version
+        self.docker_images = docker_images  # Python minor -> runtime image, when sandboxes are Docker containers
+        self.cap_bytes = cap_bytes
+        self.identity = identity or "grid-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        self.shared = shared  # a BlobStore others build into (AWS mode), or None
+        root.mkdir(parents=True, exist_ok=True)
+        (root / ".locks").mkdir(exist_ok=True)
+        self._remove_abandoned_builds()
+
+    # ---- what the worker asks -----------------------------------------------------------------------------
+
+    def for_manifest(self, manifest: dict[str, Any], progress: Callable[[str], None] = lambda _: None
+                     ) -> BuiltEnvironment | None:
+        """The environment a function package asks for, built if needed; None for the plain runtime of its Python."""
+        python = str(manifest.get("python") or "")
+        spec = manifest.get("environment")
+        if not spec:
+            default = next(iter(self.runtimes.values()), "")
+            if not python or python == default or self.docker_images is None or python not in self.docker_images:
+                return None
+            return BuiltEnvironment(f"python{python}", python, image=self.docker_images[python])
+        spec = check_spec(spec, self.runtimes)
+        if spec["system"] and self.docker_images is None:
+            raise EnvironmentBuildError(f"system packages ({', '.join(spec['system'])}) need the Docker sandbox; "
+                                        "this grid runs process sandboxes")
+        return self.ensure(spec, progress)
+
+    def ensure(self, spec: dict[str, Any], progress: Callable[[str], None] = lambda _: None) -> BuiltEnvironment:
+        env_id = environment_id(spec)
+        folder = self.root / env_id
+        with self._env_lock(env_id, progress):
+            if not (folder / "env.json").exists():
+                self._build_layer(env_id, spec, progress)
+            image = self._ensure_image(env_id, spec, progress) if self.docker_images is not None else None
+            self._touch(env_id)
+        self._evict(keep=env_id)
+        return BuiltEnvironment(env_id, spec["python"], site_dir=folder / "site", image=image,
+                                variables=dict(spec["env"]))
+
+    # ---- building -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _env_lock(self, env_id: str, progress: Callable[[str], None]) -> Iterator[None]:
+        """One build per environment: across threads and processes on this machine (flock)."""
+        with open(self.root / ".locks" / f"{env_id}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                progress(f"waiting for environment {env_id}, which another call is building")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _build_layer(self, env_id: str, spec: dict[str, Any], progress: Callable[[str], None]) -> None:
+        folder = self.root / env_id
+        temporary = self.root / f".build-{env_id}-{uuid.uuid4().hex[:8]}"
+        temporary.mkdir()
+        try:
+            if not self._fetch_shared(env_id, temporary):
+                self._install(env_id, spec, temporary / "site", progress)
+                self._share(env_id, temporary)
+            size = sum(p.stat().st_size for p in (temporary / "site").rglob("*") if p.is_file())
+            if self.cap_bytes and size > self.cap_bytes:
+                raise EnvironmentBuildError(f"environment {env_id} is {size >> 20} MiB, over the grid's environment "
+                                            f"cache cap of {self.cap_bytes >> 20} MiB (nanogrid up --env-cache-gb)")
+            (temporary / "env.json").write_text(json.dumps({"env_id": env_id, "spec": spec, "size": size,
+                                                            "built_at": time.time()}))
+            os.rename(temporary, folder)  # complete, or not there at all
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+    def _install(self, env_id: str, spec: dict[str, Any], site: Path, progress: Callable[[str], None]) -> None:
+        packages = spec["packages"]
+        site.mkdir()
+        if not packages:
+            return
+        started = time.monotonic()
+        what = ", ".join(packages)
+        progress(f"building environment {env_id}: installing {what}")
+        log.info("building environment %s (Python %s): installing %s", env_id, spec["python"], what)
+        command = [*uv_command(), "pip", "install", "--quiet", "--target", str(site), "--python-version",
+                   spec["python"], "--python-platform", PLATFORM, "--only-binary", ":all:", "--no-progress",
+                   "--", *packages]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise EnvironmentBuildError(f"installing {what} took over {BUILD_TIMEOUT_S} s; gave up") from None
+        if done.returncode != 0:
+            log.warning("environment %s failed to build: %s", env_id, done.stderr.strip()[-2000:])
+            raise EnvironmentBuildError(_installer_message(done.stderr or done.stdout, packages))
+        elapsed = time.monotonic() - started
+        progress(f"built environment {env_id} in {elapsed:.1f} s")
+        log.info("built environment %s in %.1f s", env_id, elapsed)
+
+    def _ensure_image(self, env_id: str, spec: dict[str, Any], progress: Callable[[str], None]) -> str:
+        """The runtime image of the environment's Python with the layer copied in (rebuilt if the runtime changed)."""
+        import docker
+        import docker.errors
+
+        assert self.docker_images is not None
+        if spec["python"] not in self.docker_images:
+            raise EnvironmentBuildError(f"this grid has no Docker runtime image for Python {spec['python']}")
+        client = docker.from_env(timeout=120)
+        base = self.docker_images[spec["python"]]
+        base_id = client.images.get(base).id
+        tag = f"{ENV_IMAGE}:{env_id}"
+        try:
+            if (client.images.get(tag).labels or {}).get("nanogrid.base") == base_id:
+                return tag
+        except docker.errors.ImageNotFound:
+            pass
+        if spec["system"]:
+            base = self._system_base(spec)
+        started = time.monotonic()
+        progress(f"building environment {env_id}: image {tag}")
+        folder = self.root / env_id
+        (folder / "Dockerfile").write_text(
+            f"FROM {base}\nCOPY site/ /opt/nanogrid/env/\n"
+            # The grid's own cloudpickle comes first; the environment's packages before Debian's.
+            "ENV PYTHONPATH=/opt/nanogrid/site:/opt/nanogrid/env\n")
+        (folder / ".dockerignore").write_text("env.json\nused\n")
+        _readable_by_all(folder / "site")  # the sandbox's user reads it inside the image; the grid's umask is 077
+        done = subprocess.run(["docker", "build", "--quiet", "--label", f"nanogrid.grid={self.identity}",
+                               "--label", f"nanogrid.env={env_id}", "--label", f"nanogrid.base={base_id}",
+                               "-t", tag, str(folder)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise EnvironmentBuildError(f"could not build the image of environment {env_id}: {done.stderr.strip()}")
+        log.info("built image %s in %.1f s", tag, time.monotonic() - started)
+        return tag
+
+    def _system_base(self, spec: dict[str, Any]) -> str:
+        """A runtime image with Debian packages added (mmdebstrap on the host, see runtimes/build.py)."""
+        from runtimes import build
+
+        try:
+            return build.runtime_image(spec["python"], extra_packages=spec["system"])
+        except SystemExit as exc:
+            raise EnvironmentBuildError(f"could not build a runtime with {', '.join(spec['system'])}: {exc}") from None
+
+    # ---- sharing layers between workers (AWS mode) ---------------------------------------------------------
+
+    def _shared_key(self, env_id: str) -> str:
+        return f"environments/{env_id}.tar"
+
+    def _fetch_shared(self, env_id: str, temporary: Path) -> bool:
+        if self.shared is None:
+            return False
+        try:
+            data = self.shared.get_blob(self._shared_key(env_id))
+        except (FileNotFoundError, KeyError):
+            return False
+        except Exception as exc:
+            log.warning("could not fetch environment %s from the shared store: %s", env_id, exc)
+            return False
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # built by a grid worker, never by a sandbox
+            tar.extractall(temporary, filter="data")
+        log.info("fetched environment %s from the shared store", env_id)
+        return (temporary / "site").is_dir()
+
+    def _share(self, env_id: str, temporary: Path) -> None:
+        if self.shared is None:
+            return
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(temporary / "site", arcname="site")
+        try:
+            self.shared.put_blob(self._shared_key(env_id), buffer.getvalue())
+        except Exception as exc:
+            log.warning("could not share environment %s: %s", env_id, exc)
+
+    # ---- the cache: listing, last use, eviction ------------------------------------------------------------
+
+    def _touch(self, env_id: str) -> None:
+        (self.root / env_id / "used").touch()
+
+    def list(self) -> list[dict[str, Any]]:
+        """Built environments, most recently used first: id, packages, size, last use."""
+        found = []
+        for folder in self.root.glob("env-*"):
+            try:
+                info = json.loads((folder / "env.json").read_text())
+            except (OSError, ValueError):
+                continue
+            used = folder / "used"
+            info["last_used"] = used.stat().st_mtime if used.exists() else info.get("built_at", 0)
+            found.append(info)
+        return sorted(found, key=lambda i: -i["last_used"])
+
+    def remove(self, env_id: str) -> bool:
+        """Delete an environment's layer and image; False if there is none."""
+        if not re.match(r"^env-[0-9a-f]{1,64}$", env_id):
+            return False
+        folder = self.root / env_id
+        existed = folder.exists()
+        trash = self.root / f".removed-{env_id}-{uuid.uuid4().hex[:8]}"
+        if existed:
+            os.rename(folder, trash)  # gone at once for new calls; the files go after
+            shutil.rmtree(trash, ignore_errors=True)
+        if self.docker_images is not None:
+            done = subprocess.run(["docker", "image", "rm", f"{ENV_IMAGE}:{env_id}"], capture_output=True)
+            existed = existed or done.returncode == 0
+        return existed
+
+    def _evict(self, keep: str) -> None:
+        """Least recently used environments go while the cache is over its cap (the one just used stays)."""
+        if not self.cap_bytes:
+            return
+        environments = self.list()
+        total = sum(i["size"] for i in environments)
+        for info in reversed(environments):
+            if total <= self.cap_bytes:
+                return
+            if info["env_id"] == keep:
+                continue
+            log.info("evicting environment %s (%d MiB) from the cache", info["env_id"], info["size"] >> 20)
+            if self.remove(info["env_id"]):
+                total -= info["size"]
+
+    def _remove_abandoned_builds(self) -> None:
+        """Temporary folders of builds that stopped midway (the grid was killed): never used, so removed."""
+        for temporary in self.root.glob(".removed-*"):
+            shutil.rmtree(temporary, ignore_errors=True)
+        for temporary in self.root.glob(".build-*"):
+            env_id = temporary.name.removeprefix(".build-").rsplit("-", 1)[0]
+            with open(self.root / ".locks" / f"{env_id}.lock", "w") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another process is building it right now
+                shutil.rmtree(temporary, ignore_errors=True)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def docker_runtimes(client: Any, default_image: str, default_python: str) -> dict[str, str]:
+    """Python minor -> runtime image: the grid's default first, then every ``nanogrid/runtime-python:3.X`` here."""
+    images = {default_python: default_image}
+    repository = default_image.rsplit(":", 1)[0]
+    for image in client.images.list(name=repository):
+        python = (image.labels or {}).get("nanogrid.python", "")
+        tags = [t for t in image.tags if t == f"{repository}:{python}"]
+        if python and python not in images and tags:
+            images[python] = tags[0]
+    return images
+
+
+def _readable_by_all(top: Path) -> None:
+    """``chmod -R a+rX``: files readable, folders searchable by every user."""
+    for path in [top, *top.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        extra = 0o555 if path.is_dir() or mode & 0o100 else 0o444
+        if mode & extra != extra:
+            path.chmod(mode | extra)
