@@ -24,8 +24,6 @@ from nanogrid.errors import (  # noqa: E402
     APIError,
     FunctionTimeout,
     JobCancelled,
-    ConfigError,
-    EnvironmentBuildFailed,
     JobFailed,
     NanoGridError,
     NotConnected,
@@ -41,19 +39,12 @@ _LAZY = {
     "Client": "nanogrid.client", "connect": "nanogrid.client", "get_client": "nanogrid.client",
     "RemoteFunction": "nanogrid.function", "remote": "nanogrid.function",
     "Job": "nanogrid.job", "OutputFile": "nanogrid.job",
-if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
-    from nanogrid.client import Client, connect, get_client
-    from nanogrid.environment import Environment
-    from nanogrid.function import RemoteFunction, remote
-    from nanogrid.job import Job, OutputFile
-
 }
 
 
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
-    "Environment": "nanogrid.environment",
         raise AttributeError(f"module 'nanogrid' has no attribute {name!r}")
     import importlib
 
@@ -91,9 +82,7 @@ def _register_in_running_ipython() -> None:
 _register_in_running_ipython()
 
 __all__ = [
-    "Environment", "EnvironmentBuildFailed",
-    "AIUnavailable", "APIError", "Client", "ConfigError", "FunctionTimeout", "InvalidArgument", "InvalidArguments",
-    "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected", "OutOfMemory", "OutputFile", "RemoteError",
-    "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "VersionMismatch", "WaitTimeout",
+    "APIError", "Client", "FunctionTimeout", "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected",
+    "OutOfMemory", "OutputFile", "RemoteError", "RemoteFunction", "SandboxCrashed", "VersionMismatch",
     "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote",
 ]

@@ -14,15 +14,7 @@ import cloudpickle
 from tqdm.auto import tqdm
 
 from nanogrid.client import Client, get_client
-from nanogrid.environment import Environment, modules_of_values, requirements_for
-from nanogrid.errors import (
-    APIError,
-    InvalidArgument,
-    InvalidArguments,
-    JobFailed,
-    NanoGridError,
-    UnsupportedFunction,
-)
+from nanogrid.errors import APIError, JobFailed, NanoGridError
 from nanogrid.job import Job, outcome
 from nanogrid.packaging import FunctionPackage, package_function
 
@@ -35,10 +27,7 @@ class RemoteFunction:
 
     def __init__(self, fn: Callable[..., Any], *, memory: int | None = None, timeout: float | None = None,
                  name: str | None = None, runtime: str | None = None, client: Client | None = None,
-                 model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-                 environment: Environment | None = None) -> None:
-        _check_runnable(fn)
-        _check_limits(memory, timeout)
+                 model: str | None = None, ai: bool = False) -> None:
         self.fn = fn
         self.memory = memory
         self.timeout = timeout
@@ -56,14 +45,7 @@ class RemoteFunction:
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled when a function refers to itself (recursion): send the function, not the connection.
-        return {**self.__dict__, "_client": None, "_pickled": None, "_package": None, "_signature": None,
-                "_synced": None}
-        # What it runs with: an explicit Environment as it is, else the client's packages it uses (package sync)
-        # plus ``packages``, which win over synced ones of the same name.
-        self.environment = environment
-        self.packages = list(packages or [])
-        self._argument_modules: set[str] = set()  # modules of the argument types seen so far (package sync)
-        self._synced: tuple[bytes, frozenset[str], Environment, dict[str, bytes]] | None = None
+        return {**self.__dict__, "_client": None, "_pickled": None, "_package": None}
 
     def with_options(self, *, model: str | None = None) -> RemoteFunction:
         """The same function with per-call options: ``summarise.with_options(model="llama3.2").remote(text)``."""
@@ -81,12 +63,9 @@ class RemoteFunction:
     def package(self) -> FunctionPackage:
         """The current package. Pickled afresh each time, so globals changed since the last call go along."""
         pickled = cloudpickle.dumps(self.fn)
-        environment, local_files = self._environment(pickled)
-        if pickled != self._pickled or self._package is None or self._package.manifest.get("environment_id") != (
-                None if environment.empty else environment.id):
+        if pickled != self._pickled or self._package is None:
             self._package = package_function(self.fn, name=self.name, memory_mib=self.memory,
-                                             timeout_s=self.timeout, runtime=self.runtime, ai=self.ai,
-                                             environment=environment, local_files=local_files, pickled=pickled)
+                                             timeout_s=self.timeout, runtime=self.runtime, ai=self.ai)
             self._pickled = pickled
         return self._package
 
@@ -101,22 +80,6 @@ class RemoteFunction:
         except APIError as exc:
             if exc.status != 404 or "no function" not in exc.detail:
                 raise
-    def _environment(self, pickled: bytes) -> tuple[Environment, dict[str, bytes]]:
-        """The environment and local module files for this pickle (package sync, cached per pickle)."""
-        if self.environment is not None:
-            return self.environment.with_packages(self.packages), {}
-        key = frozenset(self._argument_modules)
-        if self._synced is None or self._synced[:2] != (pickled, key):
-            found = requirements_for(self.fn, pickled, key)
-            self._synced = (pickled, key, Environment(tuple(self.packages)).with_packages(found.packages),
-                            found.local_files)
-        return self._synced[2], self._synced[3]
-
-    def _note_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Package sync counts the argument types: a DataFrame argument needs pandas on the grid."""
-        if self.environment is None:
-            self._argument_modules |= modules_of_values([*args, *kwargs.values()])
-
             self.client.forget_function(function_id)  # deleted on the grid: upload again
             return send(body_for(self.deploy()))
 
@@ -234,31 +197,13 @@ def _encode_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return base64.b64encode(data).decode()
 
 
-@overload
-def remote(fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
-
-
-@overload
-def remote(fn: None = None, /, *, memory: int | None = None, timeout: float | None = None, name: str | None = None,
-           runtime: str | None = None, model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-           environment: Environment | None = None) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
-
-
-def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, timeout: float | None = None,
-           name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False,
-           packages: list[str] | None = None, environment: Environment | None = None
-           ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
+def remote(fn: Callable[..., Any] | None = None, *, memory: int | None = None, timeout: float | None = None,
+           name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False) -> Any:
     """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
 
     ``ai=True`` (implied by ``model``) lets the function's sandbox reach the grid's AI node.
     """
-    _check_limits(memory, timeout)
-
-    def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
-        return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
-                              packages=packages, environment=environment)
+    def wrap(f: Callable[..., Any]) -> RemoteFunction:
+        return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai)
 
     return wrap(fn) if fn is not None else wrap
-    ``async def`` and generator functions are refused here, with what to write instead.
-    With no ``environment``, the function gets the client's versions of the packages it uses, plus
-    ``packages=["scikit-learn==1.5.2"]``; ``environment=nanogrid.Environment(...)`` says exactly what it gets.
