@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20)
     _client_options(jobs)
     jobs.set_defaults(command=cmd_jobs)
+
+    doctor = sub.add_parser("doctor", help="check the registry in --data-dir: schema version, integrity, jobs, backups")
+    doctor.add_argument("--data-dir", type=Path, default=None, help="default ~/.nanogrid (NANOGRID_DATA_DIR)")
+    doctor.add_argument("--repair", action="store_true",
+                        help="restore the newest good backup over a damaged registry (the damaged file is kept aside)")
+    doctor.set_defaults(command=cmd_doctor)
     return parser
 
 
@@ -324,6 +330,40 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         when = time.strftime("%H:%M:%S", time.localtime(job["created_at"]))
         print(f"{job['job_id']:38} {job['status']:10} {'' if ms is None else f'{ms:.1f}':>8} "
               f"{'' if peak is None else f'{peak / (1 << 20):.1f}':>9}  {when}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit status 0 when the registry is healthy (or was repaired), 1 when it needs --repair."""
+    from backend.config import GridConfig
+    from backend.registry import doctor
+
+    data_dir = GridConfig.load(data_dir=args.data_dir).data_dir
+    if args.repair:
+        for line in doctor.repair(data_dir):
+            print(line)
+    report = doctor.inspect(data_dir)
+    registry = report.registry
+    print(f"registry  {registry.path} ({registry.size / (1 << 20):.1f} MiB)")
+    print(f"grid      {'running, pid %d' % report.grid_pid if report.grid_pid is not None else 'not running'}")
+    if registry.ok and registry.size:
+        print(f"schema    version {registry.version} (this NanoGrid: {doctor.SCHEMA_VERSION}"
+              f"{'; upgraded at the next start' if registry.version < doctor.SCHEMA_VERSION else ''})")
+        print("integrity ok (quick_check)")
+        print("jobs      " + (", ".join(f"{n} {s}" for s, n in sorted(registry.jobs.items())) or "none"))
+        print(f"functions {registry.functions}, keys {registry.keys}")
+    elif registry.ok:
+        print("integrity none yet: the first `nanogrid up` creates it")
+    else:
+        print(f"integrity DAMAGED: {registry.problem}")
+    for backup in report.backups:
+        print(f"backup    {backup.path.name} ({backup.size / (1 << 20):.1f} MiB, "
+              f"{'ok, %d jobs' % sum(backup.jobs.values()) if backup.ok else backup.problem})")
+    if not report.backups:
+        print("backup    none yet (one is made at each start)")
+    if not registry.ok:
+        print(f"nanogrid: repair with `nanogrid doctor --data-dir {data_dir} --repair`", file=sys.stderr)
+        return 1
     return 0
 
 

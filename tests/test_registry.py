@@ -285,10 +285,13 @@ def test_an_interrupt_inside_a_write_rolls_it_back(registry: SQLiteRegistry):
 
 # integrity, backups, files
 
-def damage_pages(path: Path) -> None:
+def damage_pages(path: Path, page_size: int = 4096) -> None:
+    """Overwrite up to three pages in the middle of the file (never the header page), as a bad disk would."""
+    pages = path.stat().st_size // page_size
+    first = max(1, pages // 2)
     with open(path, "r+b") as f:
-        f.seek(4096 * 10)
-        f.write(b"\xa5" * 4096 * 3)
+        f.seek(first * page_size)
+        f.write(b"\xa5" * page_size * min(3, pages - first))
 
 
 def filled(path: Path, jobs: int = 2000) -> Path:
