@@ -23,6 +23,8 @@ from backend.queue.local import LocalQueue
 from backend.retention import Janitor
 from backend.store.base import QuotaExceeded
 from backend.store.local import LocalStore
+from backend.store.s3 import S3Store
+from tests.aws_cluster import VENV_BIN, free_port, wait_for_port
 from tests.conftest import start_grid
 
 MiB = 1 << 20
@@ -151,6 +153,39 @@ def test_retention_deletes_expired_outputs_and_blobs_and_says_what_it_freed(tmp_
     assert list(store.open_output("job-new", "c.bin")) == [b"x" * MiB]
     assert store.usage("alice") == MiB  # the freed space is alice's again
     assert janitor.sweep().bytes == 0 and janitor.totals.bytes == 4 * MiB + 1000
+
+
+@pytest.mark.integration
+def test_s3_store_quota_and_retention_on_a_real_s3_protocol_server(tmp_path, monkeypatch):
+    """Must never happen on S3 either: an owner over its quota keeping files, or expired outputs kept."""
+    port = free_port()
+    moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        store = S3Store("code", "data", quota=lambda owner: MiB if owner == "alice" else None,
+                        owner_of=lambda job_id: "alice")
+        store.s3.create_bucket(Bucket="code")
+        store.s3.create_bucket(Bucket="data")
+        assert store.save_output("job-1", "a.bin", output_file(tmp_path, "a.bin", 600 << 10)) == 600 << 10
+        store.save_output("job-2", "b.bin", output_file(tmp_path, "b.bin", 300 << 10))
+        with pytest.raises(QuotaExceeded, match="over its disk quota of 1.0 MiB"):
+            store.save_output("job-2", "c.bin", output_file(tmp_path, "c.bin", 300 << 10))
+        with pytest.raises(FileNotFoundError):
+            list(store.open_output("job-2", "b.bin"))  # the refused call's first file went with it
+        assert store.usage("alice") == 600 << 10 and store.quota_left("alice") == (1024 - 600) << 10
+        assert store.save_output("job-3", "d.bin", output_file(tmp_path, "d.bin", 2 * MiB), owner="bob") == 2 * MiB
+        assert store.expire(time.time() - 3600).jobs == 0  # nothing is an hour old
+        freed = store.expire(time.time() + 1)
+        assert (freed.jobs, freed.bytes) == (2, (600 << 10) + 2 * MiB)
+        assert store.usage("alice") == store.usage("bob") == 0
+        assert store.s3.list_objects_v2(Bucket="data").get("KeyCount") == 0
+    finally:
+        moto.terminate()
+        moto.wait(10)
 
 
 def test_everything_the_store_writes_is_private(tmp_path):
