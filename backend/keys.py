@@ -95,9 +95,10 @@ class Authenticator:
             record = cached[0]
         else:
             key_id = presented.removeprefix(PREFIX).split("_")[0] if presented.startswith(PREFIX) else ""
-            record = self.registry.get_key(key_id) if key_id else None
-            if record is None or not hmac.compare_digest(record.key_hash, digest):
+            found = self.registry.get_key(key_id) if key_id else None
+            if found is None or not hmac.compare_digest(found.key_hash, digest):
                 raise AuthError("wrong API key: it does not match any key of this grid")
+            record = found
             with self._lock:
                 self._cache[digest] = (record, now)
         if record.revoked_at is not None:
