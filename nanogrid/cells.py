@@ -1,4 +1,11 @@
-"""Running a notebook cell on the grid: which names it reads and assigns, and the remote runner.
+"""Running a notebook cell on the grid so that the notebook ends in the state a local run leaves.
+
+In the notebook, `plan_cell` finds the names a cell needs (the compiler's own scopes, from
+`symtable`) and `pack_state` pickles them as one stream, so two names for one object stay one
+object. In the sandbox, `run_cell` executes the cell, then sends back every name it bound, rebound
+or deleted and every input whose pickled state changed (a mutation), compared by a hash of each
+input's pickle taken before and after. Functions and classes made in the cell travel without
+their globals and are rebuilt in the notebook with the notebook's namespace as their globals.
 
 Standard library and cloudpickle only: `run_cell` is imported inside the sandbox.
 """
@@ -6,92 +13,493 @@ Standard library and cloudpickle only: `run_cell` is imported inside the sandbox
 from __future__ import annotations
 
 import ast
+import builtins
+import hashlib
+import io
+import linecache
+import math
+import os
+import pickle
+import re
+import shlex
+import subprocess
+import symtable
+import sys
+import time
+import timeit
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
+LINE_MAGICS = {"time", "timeit"}  # IPython line magics the sandbox runs itself
+SHELL_CALLS = {"system", "getoutput"}  # `!cmd` and `x = !cmd`
+TIMEIT_FLAGS = {"-n": int, "-r": int, "-q": None}
+SANDBOX_NAMES = {"__builtins__", "__name__", "get_ipython"}  # what run_cell puts into the cell's namespace
+ATOMIC = (int, float, complex, bool, str, bytes, type(None), range)  # cannot change in place
+NAMESPACE_REF = "ns"
+
+
+class CellRefused(ValueError):
+    """A line of the cell cannot run on the grid; ``line`` is its number in the cell."""
+
+    def __init__(self, line: int, why: str) -> None:
+        super().__init__(f"line {line}: {why}")
+        self.line = line
+
 
 @dataclass(frozen=True)
 class CellPlan:
-    source: str
-    reads: list[str]  # names the cell uses: those the notebook defines are sent along
-    assigns: list[str]  # names the cell binds at top level: sent back into the notebook
+    source: str  # plain Python: IPython syntax already transformed
+    reads: list[str]  # names whose notebook values the cell needs: those the notebook has are sent
     has_value: bool  # the last statement is an expression, displayed as the cell's value
 
 
-def plan_cell(source: str) -> CellPlan:
-    """Parse the cell; a syntax error surfaces here, before anything is sent."""
-    tree = ast.parse(source)
-    loaded: list[str] = []
-    assigned: list[str] = []
+def plan_cell(source: str, filename: str = "<cell>") -> CellPlan:
+    """Find what a (transformed) cell needs; a syntax error or an unsupported magic surfaces here, before sending."""
+    tree = ast.parse(source, filename)
+    reads = _scope_reads(source, filename)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            (loaded if isinstance(node.ctx, ast.Load) else assigned).append(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            assigned.append(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            assigned.extend((alias.asname or alias.name).split(".")[0] for alias in node.names if alias.name != "*")
-        elif isinstance(node, ast.Global):
-            assigned.extend(node.names)
-    top_level = _top_level_bindings(tree)
-    reads = list(dict.fromkeys(loaded))  # the magic sends those the notebook has
+        if isinstance(node, ast.Call) and _is_shell_call(node.func):
+            reads += _magic_reads(node)
+        elif isinstance(node, ast.Name) and node.id == "get_ipython" and not _inside_shell_call(node, tree):
+            raise CellRefused(node.lineno, "get_ipython() on the grid supports only %time, %timeit, !cmd and x = !cmd")
+        elif isinstance(node, (ast.AugAssign, ast.Delete)):  # they need the old value, which symtable calls a store
+            targets = node.targets if isinstance(node, ast.Delete) else [node.target]
+            reads += [t.id for t in targets if isinstance(t, ast.Name)]
     has_value = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
-    return CellPlan(source, reads, [n for n in dict.fromkeys(assigned) if n in top_level], has_value)
+    return CellPlan(source, list(dict.fromkeys(reads)), has_value)
 
 
-def _top_level_bindings(tree: ast.Module) -> set[str]:
-    """Names bound in the cell's own (module) scope, not inside functions or classes it defines."""
-    names: set[str] = set()
-
-    class Visitor(ast.NodeVisitor):
-        def visit_Name(self, node: ast.Name) -> None:
-            if not isinstance(node.ctx, ast.Load):
-                names.add(node.id)
-
-        def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
-            names.add(node.name)  # the body is another scope
-
-        visit_AsyncFunctionDef = visit_FunctionDef
-
-        def visit_ClassDef(self, node: ast.ClassDef) -> None:
-            names.add(node.name)
-
-        def visit_Lambda(self, node: ast.Lambda) -> None:
-            pass
-
-        def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
-            names.update((a.asname or a.name).split(".")[0] for a in node.names if a.name != "*")
-
-        visit_ImportFrom = visit_Import
-
-    Visitor().visit(tree)
-    return names
+def _scope_reads(source: str, filename: str, mode: str = "exec") -> list[str]:
+    """Module-level names the code reads, in its own scope and in the functions and classes it defines."""
+    top = symtable.symtable(source, filename, mode)
+    reads = [s.get_name() for s in top.get_symbols() if s.is_referenced()]
+    pending = list(top.get_children())
+    while pending:
+        table = pending.pop()
+        reads += [s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()]
+        pending += table.get_children()
+    return reads
 
 
-def run_cell(source: str, inputs: dict[str, Any], assigns: list[str], has_value: bool) -> dict[str, Any]:
-    """Runs in the sandbox: execute the cell in a namespace seeded with its inputs, return what it bound.
+def _is_shell_call(func: ast.expr) -> bool:
+    """``get_ipython().<method>`` as IPython's input transformers write it."""
+    return (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
+            and isinstance(func.value.func, ast.Name) and func.value.func.id == "get_ipython")
 
-    Values that cannot be pickled are reported by name instead of failing the whole cell.
-    """
-    namespace: dict[str, Any] = {"__name__": "__main__", **inputs}
-    tree = ast.parse(source)
-    last = tree.body.pop() if has_value else None
-    exec(compile(tree, "<cell>", "exec"), namespace)
-    value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), namespace) if last is not None else None
-    returned: dict[str, Any] = {}
-    unpicklable: dict[str, str] = {}
-    for name in assigns:
-        if name not in namespace:
-            continue
+
+def _inside_shell_call(name: ast.Name, tree: ast.Module) -> bool:
+    return any(isinstance(n, ast.Call) and _is_shell_call(n.func) and n.func.value.func is name  # type: ignore[attr-defined]
+               for n in ast.walk(tree))
+
+
+def _magic_reads(call: ast.Call) -> list[str]:
+    """Check one transformed magic or shell line; returns the names its text uses."""
+    method = call.func.attr  # type: ignore[attr-defined]
+    args = [a.value if isinstance(a, ast.Constant) and isinstance(a.value, str) else None for a in call.args]
+    line = call.lineno
+    if method in SHELL_CALLS and args and args[0] is not None:
+        return _expansion_reads(args[0], line)
+    if method == "run_line_magic" and len(args) == 2 and None not in args:
+        magic, text = args
+        if magic not in LINE_MAGICS:
+            raise CellRefused(line, f"%{magic} would act on the sandbox, not on this notebook; on the grid a cell "
+                                    "can use %time, %timeit, !cmd and x = !cmd (run other magics in a cell of their own)")
+        statement = _timeit_statement(text, line) if magic == "timeit" else text
         try:
-            cloudpickle.dumps(namespace[name])
-            returned[name] = namespace[name]
-        except Exception as exc:
-            unpicklable[name] = f"{type(namespace[name]).__name__}: {exc}"
+            return _scope_reads(statement, "<magic>")
+        except SyntaxError as exc:
+            raise CellRefused(line, f"%{magic}: {exc.msg}") from None
+    if method == "run_cell_magic":
+        raise CellRefused(line, "cell magics cannot run inside a %%nanogrid cell; use the line form (%time, %timeit)")
+    raise CellRefused(line, f"get_ipython().{method}() is not available on the grid")
+
+
+def _expansion_reads(command: str, line: int) -> list[str]:
+    """Names that IPython's ``$name`` and ``{expression}`` expansion in ``!cmd`` would read."""
+    reads = re.findall(r"(?<!\$)\$([A-Za-z_]\w*)", command)
+    for expression in re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", command):
+        try:
+            reads += _scope_reads(expression, "<expansion>", "eval")
+        except SyntaxError:
+            raise CellRefused(line, f"cannot expand {{{expression}}} in the shell command") from None
+    return reads
+
+
+def _timeit_statement(text: str, line: int) -> str:
+    return " ".join(_timeit_options(shlex.split(text, posix=False), line)[1])
+
+
+def _timeit_options(words: list[str], line: int) -> tuple[dict[str, Any], list[str]]:
+    options: dict[str, Any] = {}
+    while words and words[0].startswith("-") and words[0] in TIMEIT_FLAGS:
+        flag = words.pop(0)
+        kind = TIMEIT_FLAGS[flag]
+        if kind is None:
+            options[flag] = True
+            continue
+        if not words or not words[0].isdigit():
+            raise CellRefused(line, f"%timeit {flag} needs a number")
+        options[flag] = kind(words.pop(0))
+    if words and re.fullmatch(r"-[A-Za-z]+", words[0]):
+        raise CellRefused(line, f"%timeit {words[0]} is not supported on the grid (use -n, -r, -q)")
+    return options, words
+
+
+# Pickling a namespace as one stream: (name, value) records, one pickler so shared objects stay shared.
+
+class StatePickler(cloudpickle.Pickler):
+    """Pickles a notebook's (or a cell's) names.
+
+    The namespace itself, and the globals of every function defined in it, travel as a reference
+    that the other side resolves to its own namespace. ``refs`` maps ids of objects the other side
+    already has to their names; ``drop_globals`` leaves out the values a function reads from its
+    globals (the receiving namespace has them).
+    """
+
+    def __init__(self, file: Any, namespace: dict[str, Any], refs: dict[int, str] | None = None,
+                 drop_globals: bool = False, buffer_callback: Any = None) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        self.namespace = namespace
+        self.refs = refs or {}
+        self.drop_globals = drop_globals
+        self.namespace_globals: dict[str, Any] = {}
+        self.globals_ref[id(namespace)] = self.namespace_globals
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, ATOMIC):
+            return None
+        if obj is self.namespace or obj is self.namespace_globals:
+            return (NAMESPACE_REF,)
+        name = self.refs.get(id(obj))
+        return None if name is None else ("name", name)
+
+    def _dynamic_function_reduce(self, func: Any) -> Any:
+        reduced = super()._dynamic_function_reduce(func)
+        if self.drop_globals and func.__globals__ is self.namespace:
+            state, slotstate = reduced[2]
+            reduced = (*reduced[:2], (state, {**slotstate, "__globals__": {}}), *reduced[3:])
+        return reduced
+
+
+class StateUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, namespace: dict[str, Any], refs: dict[str, Any] | None = None) -> None:
+        super().__init__(file)
+        self.namespace = namespace
+        self.refs = refs or {}
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid == (NAMESPACE_REF,):
+            return self.namespace
+        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "name" and pid[1] in self.refs:
+            return self.refs[pid[1]]
+        raise pickle.UnpicklingError(f"unknown reference {pid!r} in a cell's state")
+
+
+@dataclass
+class Packed:
+    data: bytes
+    sizes: dict[str, int]  # bytes each record added to the stream (shared objects count once)
+    failed: dict[str, str]  # records that could not be pickled: why
+
+
+def pack_state(records: list[tuple[str, Any]], namespace: dict[str, Any], refs: dict[int, str] | None = None,
+               drop_globals: bool = False) -> Packed:
+    """Pickle (key, value) records into one stream; a record that cannot be pickled is left out and named."""
+    failed: dict[str, str] = {}
+    while True:
+        buffer = io.BytesIO()
+        pickler = StatePickler(buffer, namespace, refs, drop_globals)
+        sizes: dict[str, int] = {}
+        for key, value in records:
+            if key in failed:
+                continue
+            start = buffer.tell()
+            try:
+                pickler.dump((key, value))
+            except Exception as exc:
+                failed[key] = f"{type(value).__name__}: {exc}"
+                break  # the pickler's memo now refers to bytes that are discarded: start again without it
+            sizes[key] = buffer.tell() - start
+        else:
+            return Packed(buffer.getvalue(), sizes, failed)
+
+
+def unpack_state(data: bytes, namespace: dict[str, Any], refs: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
+    stream = io.BytesIO(data)
+    unpickler = StateUnpickler(stream, namespace, refs)
+    records = []
+    while stream.tell() < len(data):
+        records.append(unpickler.load())
+    return records
+
+
+class _HashWriter:
+    def __init__(self) -> None:
+        self.hash = hashlib.sha1(usedforsecurity=False)
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        return len(data)
+
+    def buffer(self, view: pickle.PickleBuffer) -> bool:
+        """Large buffers (numpy, bytearray) are hashed where they lie instead of being copied into the stream."""
+        try:
+            self.hash.update(view.raw())
+            return False
+        except BufferError:  # not contiguous: pickle it in-band instead
+            return True
+
+
+def fingerprint(value: Any, namespace: dict[str, Any]) -> bytes | None:
+    """A hash of the value's pickled state; None for values that cannot change in place."""
+    if isinstance(value, ATOMIC) or type(value).__name__ == "module":
+        return None
+    writer = _HashWriter()
     try:
-        cloudpickle.dumps(value)
+        StatePickler(writer, namespace, drop_globals=True, buffer_callback=writer.buffer).dump(value)
+    except Exception:
+        return os.urandom(20)  # cannot tell: count it as changed, so that it is sent back (or named as unpicklable)
+    return writer.hash.digest()
+
+
+# In the sandbox.
+
+class ShellOutput(list):
+    """What ``x = !cmd`` gives in the sandbox (IPython's SList there): the output's lines."""
+
+    @property
+    def s(self) -> str:
+        return " ".join(self)
+
+    @property
+    def n(self) -> str:
+        return "\n".join(self)
+
+    @property
+    def l(self) -> list[str]:  # noqa: E743  (IPython's name)
+        return list(self)
+
+
+class RemoteRepr:
+    """Stands in for a cell value that could not be brought back: shows the value's own repr."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _StreamRecorder:
+    """Passes writes through to the real stream and remembers the order of stdout and stderr writes."""
+
+    def __init__(self, target: Any, fd: int, segments: list[list[int]]) -> None:
+        self._target, self._fd, self._segments = target, fd, segments
+
+    def write(self, text: str) -> int:
+        if text:
+            if self._segments and self._segments[-1][0] == self._fd:
+                self._segments[-1][1] += len(text)
+            else:
+                self._segments.append([self._fd, len(text)])
+        return self._target.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def _format_time(seconds: float, precision: int = 3) -> str:
+    """A duration as IPython's %time and %timeit print it."""
+    if seconds >= 60.0:
+        parts, left = [], seconds
+        for suffix, length in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+            value = int(left / length)
+            if value > 0:
+                left %= length
+                parts.append(f"{value}{suffix}")
+            if left < 1:
+                break
+        return " ".join(parts)
+    units, scaling = ["s", "ms", "\xb5s", "ns"], [1, 1e3, 1e6, 1e9]
+    order = min(-int(math.floor(math.log10(seconds)) // 3), 3) if seconds > 0.0 else 3
+    return "%.*g %s" % (precision, seconds * scaling[order], units[order])
+
+
+class SandboxShell:
+    """The ``get_ipython()`` a cell sees on the grid: shell commands and the %time / %timeit magics."""
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.user_ns = namespace
+
+    def var_expand(self, command: str) -> str:
+        """IPython's ``$name`` and ``{expression}`` expansion, against the cell's namespace."""
+        def expression(match: re.Match[str]) -> str:
+            return str(eval(match.group(1), self.user_ns))
+
+        command = re.sub(r"(?<!\{)\{([^{}]+)\}(?!\})", expression, command)
+        command = re.sub(r"(?<!\$)\$([A-Za-z_]\w*)", lambda m: str(self.user_ns.get(m.group(1), m.group(0))), command)
+        return command.replace("$$", "$").replace("{{", "{").replace("}}", "}")
+
+    def system(self, command: str) -> None:
+        """``!cmd``: its output (stdout and stderr together) goes to the cell's stdout, as in a kernel."""
+        sys.stdout.flush()
+        with subprocess.Popen(self.var_expand(command), shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True, errors="replace") as process:
+            for line in process.stdout:  # type: ignore[union-attr]
+                sys.stdout.write(line)
+        self.user_ns["_exit_code"] = process.returncode
+
+    def getoutput(self, command: str, split: bool = True, depth: int = 0) -> Any:
+        """``x = !cmd``: the output's lines."""
+        result = subprocess.run(self.var_expand(command), shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, errors="replace")
+        return ShellOutput(result.stdout.splitlines()) if split else result.stdout
+
+    def run_line_magic(self, name: str, line: str, _stack_depth: int = 1) -> Any:
+        if name == "time":
+            return self._time(line)
+        if name == "timeit":
+            return self._timeit(line)
+        raise NotImplementedError(f"%{name} is not available on the grid")
+
+    def _time(self, statement: str) -> Any:
+        tree = ast.parse(statement, "<timed>")
+        expression = len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr)
+        code = compile(ast.Expression(tree.body[0].value) if expression else tree, "<timed>",  # type: ignore[attr-defined]
+                       "eval" if expression else "exec")
+        wall = time.perf_counter()
+        times = os.times()
+        value = eval(code, self.user_ns) if expression else exec(code, self.user_ns)
+        wall = time.perf_counter() - wall
+        after = os.times()
+        user, system = after.user - times.user, after.system - times.system
+        print(f"CPU times: user {_format_time(user)}, sys: {_format_time(system)}, total: {_format_time(user + system)}")
+        print(f"Wall time: {_format_time(wall)}")
+        return value
+
+    def _timeit(self, line: str) -> None:
+        options, words = _timeit_options(shlex.split(line, posix=False), 0)
+        timer = timeit.Timer(" ".join(words), globals=self.user_ns)
+        number = options.get("-n")
+        if number is None:  # as IPython does: grow the loop count until a run takes 0.2 s
+            for index in range(10):
+                number = 10 ** index
+                if timer.timeit(number) >= 0.2:
+                    break
+        runs = options.get("-r", 7)
+        timings = [t / number for t in timer.repeat(runs, number)]
+        if options.get("-q"):
+            return
+        mean = sum(timings) / len(timings)
+        std = math.sqrt(sum((t - mean) ** 2 for t in timings) / len(timings))
+        print(f"{_format_time(mean)} ± {_format_time(std)} per loop (mean ± std. dev. of {runs} run"
+              f"{'s' if runs != 1 else ''}, {number:,} loop{'s' if number != 1 else ''} each)")
+
+
+def _figures() -> list[tuple[bytes, str]]:
+    """Open matplotlib figures as PNGs (as the inline backend shows them), then closed so none travels back open."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return []
+    shown = []
+    for number in pyplot.get_fignums():
+        figure = pyplot.figure(number)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", bbox_inches="tight")
+        shown.append((buffer.getvalue(), repr(figure)))
+    pyplot.close("all")
+    return shown
+
+
+def _describe_error(exc: BaseException, filename: str) -> dict[str, Any]:
+    """The exception and a traceback of the user's frames only (from the cell's first frame on)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    first = next((i for i, f in enumerate(frames) if f.filename == filename), len(frames))
+    user = [f for f in frames[first:] if f.filename != __file__]
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(user)) if user else ""
+    text += "".join(traceback.format_exception_only(type(exc), exc))
+    return {"type": type(exc).__name__, "module": type(exc).__module__, "message": str(exc), "traceback": text,
+            "frames": [(f.filename, f.lineno, f.name) for f in user]}
+
+
+def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sent: list[str],
+             has_value: bool) -> dict[str, Any]:
+    """Runs in the sandbox: execute the cell in a namespace made of its inputs; return what changed.
+
+    Never raises: the cell's exception comes back with the names bound before it.
+    """
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    shell = SandboxShell(namespace)
+    namespace["get_ipython"] = lambda: shell
+    linecache.cache[filename] = (len(display_source), None, display_source.splitlines(True), filename)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # pyplot renders off-screen; figures come back as images
+    segments: list[list[int]] = []
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        namespace.update(unpack_state(inputs, namespace))  # functions' globals may add names they read
     except Exception as exc:
-        unpicklable["(cell value)"] = f"{type(value).__name__}: {exc}"
-        value = repr(value)
-    return {"value": value, "names": returned, "unpicklable": unpicklable}
+        return _failed_to_load(exc, filename)
+    originals = {k: v for k, v in namespace.items() if k not in SANDBOX_NAMES}
+    before = {k: fingerprint(v, namespace) for k, v in originals.items()}
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _StreamRecorder(stdout, 1, segments), _StreamRecorder(stderr, 2, segments)
+    try:
+        tree = ast.parse(source, filename)
+        last = tree.body.pop() if has_value else None
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), filename, "eval"), namespace)  # type: ignore[attr-defined]
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt are the cell's too
+        error = exc
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = stdout, stderr
+    figures = _figures()
+    changed = [k for k, v in namespace.items() if k not in SANDBOX_NAMES and (
+        k not in originals or v is not originals[k] or fingerprint(v, namespace) != before[k])]
+    mutated = [k for k in changed if k in originals and namespace[k] is originals[k]]
+    deleted = [k for k in originals if k not in namespace]
+    unchanged = {id(originals[k]): k for k in sent if k in originals and k not in changed}
+    records: list[tuple[str, Any]] = [("name:" + k, namespace[k]) for k in changed]
+    records += [("value", value), ("error", error)]
+    packed = pack_state(records, namespace, unchanged, drop_globals=True)
+    if "value" in packed.failed:
+        records[-2] = ("value", RemoteRepr(repr(value)))
+        packed = pack_state(records, namespace, unchanged, drop_globals=True)
+    return {
+        "state": packed.data,
+        "sizes": {k.removeprefix("name:"): n for k, n in packed.sizes.items() if k.startswith("name:")},
+        "mutated": mutated,
+        "deleted": deleted,
+        "unpicklable": {k.removeprefix("name:"): why for k, why in packed.failed.items() if k.startswith("name:")},
+        "error": None if error is None else _describe_error(error, filename),
+        "streams": segments,
+        "figures": figures,
+    }
+
+
+def _failed_to_load(exc: Exception, filename: str) -> dict[str, Any]:
+    """The notebook's names could not be rebuilt here (a module the sandbox lacks): nothing ran."""
+    error = _describe_error(exc, filename)
+    error["message"] = f"the notebook's names could not be loaded in the sandbox: {error['message']}"
+    error["traceback"] = f"{error['type']}: {error['message']}\n"
+    packed = pack_state([("value", None), ("error", None)], {})
+    return {"state": packed.data, "sizes": {}, "mutated": [], "deleted": [], "unpicklable": {}, "error": error,
+            "streams": [], "figures": []}
+
+
+def load_state(data: bytes, user_ns: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
+    """In the notebook: the records of `run_cell`'s state, functions rebuilt with ``user_ns`` as their globals."""
+    keep = user_ns.get("__builtins__")
+    try:
+        return dict(unpack_state(data, user_ns, sent))
+    finally:  # cloudpickle sets __builtins__ on the globals of each function it rebuilds
+        if keep is None:
+            user_ns.pop("__builtins__", None)
+        else:
+            user_ns["__builtins__"] = keep

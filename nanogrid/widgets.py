@@ -11,6 +11,7 @@ import ipywidgets as widgets
 
 if TYPE_CHECKING:
     from nanogrid.job import Job
+    from nanogrid.magics.cell import CellJob, CellOutcome
 
 IMAGE_TYPES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".webp": "webp"}
 THUMBNAIL_MAX_BYTES = 5 << 20
@@ -58,9 +59,13 @@ class JobWidget:
         self._files_shown = False
         self.update()
 
+    def _status(self) -> tuple[str, str]:
+        status = self.job._view["status"]
+        return STATUS_LABELS.get(status, (status, "#888"))
+
     def update(self) -> None:
         v: dict[str, Any] = self.job._view
-        label, color = STATUS_LABELS.get(v["status"], (v["status"], "#888"))
+        label, color = self._status()
         if v.get("execution_time_ms") is not None:
             timing = f"duration {v['execution_time_ms']:.1f} ms"
         else:
@@ -116,6 +121,14 @@ class JobWidget:
             return widgets.VBox([image, link])
         return link
 
+    def show(self) -> JobWidget:
+        """Display it and keep it current."""
+        from IPython.display import display
+
+        display(self.view)
+        self.follow()
+        return self
+
     def follow(self) -> None:
         """Refresh until the job ends, from a daemon thread (the kernel stays free)."""
         def loop() -> None:
@@ -134,3 +147,114 @@ def _pre(text: str) -> str:
     if not text:
         return ""
     return f"<pre style='max-height:240px;overflow:auto;margin:2px 0'>{html.escape(text[-20000:])}</pre>"
+
+
+class CellWidget(JobWidget):
+    """A ``%%nanogrid`` cell's card: status, duration, peak memory, a folded line of the names in and out, files.
+
+    The cell's output, value and exception appear where a local run puts them: in the cell itself,
+    or, with ``echo`` (``--async``, whose cell has already ended), inside this card when it finishes.
+    """
+
+    def __init__(self, job: CellJob, echo: bool) -> None:
+        self.echo = echo
+        self.names = widgets.HTML()
+        self.output = widgets.Output()
+        self._outcome: CellOutcome | None = None
+        self._failure: Exception | None = None
+        super().__init__(job, title=f"%%nanogrid {job.function_name}")
+        self.view.children = [self.header, widgets.HBox([self.memory, self.memory_label]), self.names, self.error,
+                              self.files, *([self.output] if echo else [])]
+
+    def _status(self) -> tuple[str, str]:
+        if self._failure is not None or (self._outcome is not None and self._outcome.error is not None):
+            return STATUS_LABELS["failed"]
+        return super()._status()
+
+    def _value_repr(self) -> str:
+        return ""  # the cell's value is displayed as the cell's own output, as IPython displays it
+
+    def update(self) -> None:
+        if self.job.done and self._outcome is None and self._failure is None:
+            self._finish()
+        super().update()
+        self.logs.selected_index = None
+        outcome = self._outcome
+        if outcome is not None and outcome.error is not None:
+            error = outcome.error
+            self.error.value = (f"<div style='color:#cf222e'><b>{html.escape(type(error).__name__)}</b>: "
+                                f"{html.escape(str(error))}</div>")
+        elif self._failure is not None:
+            self.error.value = (f"<div style='color:#cf222e'><b>{html.escape(type(self._failure).__name__)}</b>: "
+                                f"{html.escape(str(self._failure))}</div>")
+        self.names.value = self._names_line()
+
+    def _finish(self) -> None:
+        job: CellJob = self.job  # type: ignore[assignment]
+        try:
+            self._outcome = job.outcome()
+        except Exception as exc:  # the job itself failed: timeout, out of memory, crash
+            self._failure = exc
+        if self.echo:
+            self._echo()
+
+    def _names_line(self) -> str:
+        job: CellJob = self.job  # type: ignore[assignment]
+        sent = ", ".join(f"{html.escape(n)} ({size_text(s)})" for n, s in job.sizes_in.items()) or "none"
+        line = f"{len(job.sizes_in)} in ({size_text(sum(job.sizes_in.values()))})"
+        details = f"in: {sent}"
+        outcome = self._outcome
+        if outcome is not None:
+            out = ", ".join(f"{html.escape(n)} ({size_text(s)})" for n, s in outcome.names_out.items()) or "none"
+            line += f", {len(outcome.names_out)} out ({size_text(sum(outcome.names_out.values()))})"
+            details += f"<br>out: {out}"
+            if outcome.deleted:
+                line += f", {len(outcome.deleted)} deleted"
+                details += "<br>deleted: " + html.escape(", ".join(outcome.deleted))
+            if outcome.unpicklable:
+                line += f", {len(outcome.unpicklable)} not brought back"
+                details += "<br>not brought back: " + html.escape(
+                    "; ".join(f"{n} ({why})" for n, why in outcome.unpicklable.items()))
+        return (f"<details><summary style='color:#555'>names: {line}</summary>"
+                f"<small style='font-family:monospace'>{details}</small></details>")
+
+    def _echo(self) -> None:
+        """``--async``: what the cell printed, its value and its exception, as the cell would have shown them."""
+        from IPython import get_ipython
+
+        outcome, outputs = self._outcome, []
+        if outcome is None:
+            view = self.job._view
+            streams = [("stdout", view.get("stdout", "")), ("stderr", view.get("stderr", ""))]
+            outputs.append({"output_type": "error", "ename": type(self._failure).__name__,
+                            "evalue": str(self._failure), "traceback": [f"{type(self._failure).__name__}: "
+                                                                         f"{self._failure}"]})
+        else:
+            streams = outcome.streams
+        outputs[:0] = [{"output_type": "stream", "name": name, "text": text} for name, text in streams if text]
+        if outcome is not None and outcome.error is None and outcome.value is not None:
+            shell = get_ipython()
+            data, metadata = shell.display_formatter.format(outcome.value) if shell is not None else (
+                {"text/plain": repr(outcome.value)}, {})
+            outputs.append({"output_type": "display_data", "data": data, "metadata": metadata})
+        if outcome is not None:
+            outputs += [{"output_type": "display_data", "data": figure_data(png, text), "metadata": {}}
+                        for png, text in outcome.figures]
+            if outcome.error is not None:
+                render = getattr(outcome.error, "_render_traceback_", None)
+                outputs.append({"output_type": "error", "ename": type(outcome.error).__name__,
+                                "evalue": str(outcome.error), "traceback": render() if render else []})
+        self.output.outputs = tuple(outputs)
+
+
+def figure_data(png: bytes, text: str) -> dict[str, str]:
+    import base64
+
+    return {"image/png": base64.b64encode(png).decode(), "text/plain": text}
+
+
+def size_text(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"

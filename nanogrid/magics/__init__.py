@@ -3,162 +3,112 @@
 from __future__ import annotations
 
 import argparse
-import html
-import shlex
-import sys
 import threading
 from typing import Any
 
-import cloudpickle
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import HTML, display
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import publish_display_data
 
-import nanogrid
-from nanogrid.cells import plan_cell, run_cell
-from nanogrid.client import get_client
-from nanogrid.function import MAX_ARGS_BYTES, RemoteFunction
-from nanogrid.widgets import JobWidget, in_kernel
+from nanogrid.errors import JobFailed
+from nanogrid.magics import commands
+from nanogrid.magics.cell import CellJob, start, write_streams
+from nanogrid.widgets import CellWidget, figure_data, in_kernel
 
-HIDDEN_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
-
-
-def _cell_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="%%nanogrid", add_help=False, exit_on_error=False)
-    parser.add_argument("--memory", type=int, default=None, help="MiB")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds")
-    parser.add_argument("--runtime", default=None)
-    parser.add_argument("--name", default="cell")
-    parser.add_argument("--model", default=None, help="the AI node's model for this cell")
-    parser.add_argument("--ai", action="store_true", help="let the cell reach the AI node")
-    parser.add_argument("--async", dest="asynchronous", action="store_true")
-    return parser
+LINE_COMMANDS = "connect [URL [API_KEY]] | status | jobs [N] | config"
 
 
 @magics_class
 class NanoGridMagics(Magics):
+    @magic_arguments()
+    @argument("command", nargs="*", help=f"%%nanogrid only: {LINE_COMMANDS}")
+    @argument("--memory", type=int, metavar="MiB", help="memory limit of the cell's sandbox")
+    @argument("--timeout", type=float, metavar="SECONDS", help="stop the cell after this long")
+    @argument("--runtime", metavar="RUNTIME", help="the grid's runtime, e.g. python3.11 (default: this Python's)")
+    @argument("--name", default="cell", help="the name the grid's job lists show (default: cell)")
+    @argument("--ai", action="store_true", help="let the cell reach the grid's AI node (nanogrid.ai)")
+    @argument("--model", metavar="MODEL", help="the AI node's model for this cell (implies --ai)")
+    @argument("--async", dest="asynchronous", action="store_true",
+              help="return the cell's Job at once; its names arrive when it finishes, job.result() is its value")
+    # Environment options (--packages) are declared here and passed on in nanogrid.magics.cell.function_for.
     @line_cell_magic
     def nanogrid(self, line: str, cell: str | None = None) -> Any:
-        """%%nanogrid [--memory MiB] [--timeout s] [--runtime R] [--name N] [--async]: run this cell on the grid.
+        """Run this cell on the grid, leaving the notebook as a local run would (``%%nanogrid [options]``).
 
-        %nanogrid connect URL | status | jobs | config
+        The cell's names come from the notebook and every name it binds, changes or deletes comes
+        back; its last expression is the cell's value. ``%nanogrid connect | status | jobs | config``
+        manages the connection.
         """
-        if cell is None:
-            return self._line(line)
         try:
-            args = _cell_parser().parse_args(shlex.split(line))
-        except (argparse.ArgumentError, SystemExit) as exc:
-            raise UsageError(f"%%nanogrid: {exc}. Options: --memory MiB --timeout s --runtime R --name N --async") from None
+            args = parse_argstring(self.nanogrid, line)
+        except UsageError as exc:
+            usage = self.nanogrid.parser.format_usage().strip()  # type: ignore[attr-defined]
+            raise UsageError(f"%%nanogrid: {exc}\n{usage}\n(%nanogrid? shows every option)") from None
+        if cell is None:
+            return self._line(args)
+        if args.command:
+            raise UsageError(f"%%nanogrid takes only options (--memory, --timeout, ...), not {' '.join(args.command)!r}")
         return self._run_cell(cell, args)
 
-    def _run_cell(self, source: str, args: argparse.Namespace) -> Any:
-        plan = plan_cell(source)
-        inputs = self._inputs(plan.reads)
-        function = RemoteFunction(run_cell, memory=args.memory, timeout=args.timeout, runtime=args.runtime,
-                                  name=args.name, model=args.model, ai=args.ai)
-        job = function.spawn(source, inputs, plan.assigns, plan.has_value)
-        widget = None
-        if in_kernel():
-            widget = JobWidget(job, args.memory, title=f"%%nanogrid {args.name}")
-            display(widget.view)
-            widget.follow()
+    def _run_cell(self, body: str, args: argparse.Namespace) -> Any:
+        job = start(self.shell, body, args)
         if args.asynchronous:
-            threading.Thread(target=self._deliver_later, args=(job,), daemon=True).start()
-            return job
+            threading.Thread(target=_deliver_when_done, args=(job,), name="nanogrid-cell", daemon=True).start()
+            return job  # displayed as its widget, which shows the outcome when it comes
+        widget = CellWidget(job, echo=False).show() if in_kernel() else None
         try:
-            outcome = job.result()
+            outcome = job.outcome()
         except KeyboardInterrupt:
             job.cancel()
             raise
+        except JobFailed as exc:  # timeout, out of memory, crash: the cell's output so far, then why
+            write_streams([("stdout", job._view.get("stdout", "")), ("stderr", job._view.get("stderr", ""))])
+            line = f"{type(exc).__name__}: {exc}"
+            exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+            raise exc from None
         finally:
-            self._echo(job)
-        if widget is not None:
-            widget.update()
-        value = self._deliver(outcome)
-        return value if plan.has_value else None
+            if widget is not None:
+                widget.update()
+        write_streams(outcome.streams)
+        self._show_figures(outcome.figures)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
 
-    def _inputs(self, names: list[str]) -> dict[str, Any]:
-        namespace = self.shell.user_ns
-        inputs = {}
-        for name in names:
-            if name not in namespace or name in HIDDEN_NAMES or name.startswith("_"):
-                continue
-            value = namespace[name]
-            try:
-                size = len(cloudpickle.dumps(value))
-            except Exception as exc:
-                raise UsageError(
-                    f"%%nanogrid: the cell uses {name!r} ({type(value).__name__}), which cannot be sent to the grid "
-                    f"({exc}). Create it inside the cell instead, or run this cell locally."
-                ) from None
-            if size > MAX_ARGS_BYTES:
-                raise UsageError(
-                    f"%%nanogrid: the cell uses {name!r}, {size >> 20} MiB pickled, over the {MAX_ARGS_BYTES >> 20} MiB "
-                    "limit; load it inside the cell from a path or URL instead."
-                )
-            inputs[name] = value
-        return inputs
+    def _show_figures(self, figures: list[tuple[bytes, str]]) -> None:
+        """Matplotlib figures appear after the cell's value, where the inline backend shows them."""
+        if not figures:
+            return
 
-    def _deliver(self, outcome: dict[str, Any]) -> Any:
-        """Put the names the cell assigned into the notebook; returns the cell's value."""
-        self.shell.user_ns.update(outcome["names"])
-        for name, why in outcome["unpicklable"].items():
-            print(f"%%nanogrid: {name} was not brought back ({why})", file=sys.stderr)
-        return outcome["value"]
+        def show(*_: Any) -> None:
+            self.shell.events.unregister("post_execute", show)
+            for png, text in figures:
+                publish_display_data(figure_data(png, text))
 
-    def _deliver_later(self, job: nanogrid.Job) -> None:
-        try:
-            self._deliver(job.result())
-        except Exception:
-            pass  # the job's widget and job.result() show the failure
+        self.shell.events.register("post_execute", show)
 
-    @staticmethod
-    def _echo(job: nanogrid.Job) -> None:
-        if job.stdout:
-            sys.stdout.write(job.stdout)
-        if job.stderr:
-            sys.stderr.write(job.stderr)
-
-    def _line(self, line: str) -> Any:
-        words = shlex.split(line)
-        command, rest = (words[0], words[1:]) if words else ("status", [])
-        if command == "connect":  # %nanogrid connect [URL [API_KEY]]
-            client = nanogrid.connect(rest[0] if rest else None, rest[1] if len(rest) > 1 else None)
-            print(f"connected to {client.url} ({client.health()['sandbox']})")
-            return None
+    def _line(self, args: argparse.Namespace) -> None:
+        command, rest = (args.command[0], args.command[1:]) if args.command else ("status", [])
+        if command == "connect":
+            return commands.connect(rest[0] if rest else None, rest[1] if len(rest) > 1 else None)
         if command == "status":
-            return _show_status()
+            return commands.show_status()
         if command == "jobs":
-            return _show_jobs(int(rest[0]) if rest else 20)
+            return commands.show_jobs(int(rest[0]) if rest else 20)
         if command == "config":
-            client = get_client()
-            print(f"url      {client.url}\nruntimes {', '.join(client.runtimes())}\npython   "
-                  f"{sys.version_info.major}.{sys.version_info.minor}")
-            return None
-        raise UsageError(f"%nanogrid: unknown command {command!r}; use connect URL, status, jobs or config")
+            return commands.show_config()
+        raise UsageError(f"%nanogrid: unknown command {command!r}; use {LINE_COMMANDS}")
 
 
-def _show_status() -> None:
-    client = get_client()
-    status = client.system_status()
-    lines = [f"grid {client.url}: {status['queue_depth']} queued"]
-    for worker in status["workers"]:
-        pool = worker["pool"]
-        lines.append(f"worker {worker['worker_id']}: {worker['slots']} slots, {pool['busy']} busy, {pool['idle']} warm, "
-                     f"{pool['stem_cells']} stem cells ({pool['sandbox']})")
-    lines.append("jobs: " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet"))
-    print("\n".join(lines))
-
-
-def _show_jobs(limit: int) -> None:
-    rows = get_client().jobs(limit)
-    cells = "".join(
-        f"<tr><td>{html.escape(j['job_id'])}</td><td>{j['status']}</td>"
-        f"<td>{'' if j['execution_time_ms'] is None else round(j['execution_time_ms'], 1)}</td>"
-        f"<td>{'' if j['peak_memory_bytes'] is None else round(j['peak_memory_bytes'] / (1 << 20), 1)}</td></tr>"
-        for j in rows
-    )
-    display(HTML(f"<table><tr><th>job</th><th>status</th><th>ms</th><th>peak MiB</th></tr>{cells}</table>"))
+def _deliver_when_done(job: CellJob) -> None:
+    """``--async``: the names arrive when the cell ends (the widget, or job.result(), shows how it went)."""
+    try:
+        outcome = job.outcome()
+    except Exception:
+        return
+    if not in_kernel():
+        write_streams(outcome.streams)
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -1,0 +1,227 @@
+"""One ``%%nanogrid`` cell: what it sends, the job that runs it, and putting its outcome into the notebook."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from nanogrid.cells import CellRefused, ShellOutput, load_state, pack_state, plan_cell, run_cell
+from nanogrid.client import Client
+from nanogrid.errors import RemoteError
+from nanogrid.function import MAX_ARGS_BYTES, RemoteFunction
+from nanogrid.job import Job
+from nanogrid.widgets import size_text
+
+NOT_SENT = {"__builtins__", "__builtin__", "__name__", "__doc__", "__loader__", "__package__", "__spec__"}
+NOTEBOOK_ONLY = {"In", "Out", "_ih", "_oh", "_dh"}  # the notebook's own history: it stays here
+
+
+@dataclass
+class CellOutcome:
+    """What a finished cell left: its value or exception, and what changed in the notebook."""
+
+    value: Any = None
+    error: BaseException | None = None
+    names_out: dict[str, int] = field(default_factory=dict)  # name -> pickled size
+    deleted: list[str] = field(default_factory=list)
+    unpicklable: dict[str, str] = field(default_factory=dict)
+    streams: list[tuple[str, str]] = field(default_factory=list)  # ("stdout" | "stderr", text), in order
+    figures: list[tuple[bytes, str]] = field(default_factory=list)  # PNG, the figure's repr
+
+
+class CellJob(Job):
+    """The job of a ``%%nanogrid`` cell: ``result()`` is the cell's value (or raises its exception).
+
+    The first to ask for the outcome (``result()``, the widget, or the ``--async`` delivery thread)
+    puts the cell's names into the notebook, once.
+    """
+
+    def __init__(self, client: Client, view: dict[str, Any], name: str, shell: Any, sent: dict[str, Any],
+                 sizes_in: dict[str, int], has_value: bool) -> None:
+        super().__init__(client, view, name)
+        self.shell = shell
+        self.sent = sent
+        self.sizes_in = sizes_in
+        self.has_value = has_value
+        self._outcome: CellOutcome | None = None
+        self._lock = threading.Lock()
+
+    def result(self, timeout: float | None = None) -> Any:
+        outcome = self.outcome(timeout)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+    def outcome(self, timeout: float | None = None) -> CellOutcome:
+        """Wait for the cell, bring its names into the notebook (once), and return what it left."""
+        with self._lock:
+            if self._outcome is None:
+                reply = super().result(timeout)  # raises JobFailed on a timeout, out-of-memory or crash
+                self._outcome = self._deliver(reply)
+            return self._outcome
+
+    def _deliver(self, reply: dict[str, Any]) -> CellOutcome:
+        user_ns = self.shell.user_ns
+        outcome = CellOutcome(names_out=reply["sizes"], deleted=reply["deleted"], unpicklable=reply["unpicklable"],
+                              figures=reply["figures"], streams=_streams(self._view, reply["streams"]))
+        try:
+            records = load_state(reply["state"], user_ns, self.sent)
+        except Exception as exc:
+            raise RemoteError(type(exc).__name__, f"the names {', '.join(reply['sizes'])} came back but cannot be "
+                              f"loaded in this notebook: {exc}", "") from None
+        returned = {key[5:]: _local_shell_output(value) for key, value in records.items() if key.startswith("name:")}
+        # Other notebook names for an object the cell changed follow it, as they would locally (the sent
+        # objects are alive in self.sent, so their ids are theirs alone).
+        replaced = {id(self.sent[name]): returned[name] for name in reply["mutated"] if name in self.sent}
+        for name, value in list(user_ns.items()):
+            if id(value) in replaced:
+                user_ns[name] = replaced[id(value)]
+        user_ns.update(returned)
+        for name in reply["deleted"]:
+            user_ns.pop(name, None)
+        if reply["unpicklable"]:
+            outcome.streams.append(("stderr", "".join(
+                f"%%nanogrid: {name} was not brought back into the notebook: {why}\n"
+                for name, why in reply["unpicklable"].items())))
+        outcome.value = _local_shell_output(records.get("value")) if self.has_value else None
+        if reply["error"] is not None:
+            outcome.error = _remote_exception(records.get("error"), reply["error"], self.shell)
+        return outcome
+
+    def _ipython_display_(self) -> None:
+        from nanogrid.widgets import CellWidget, in_kernel
+
+        if in_kernel():
+            CellWidget(self, echo=True).show()
+        else:
+            print(self.summary())
+
+
+def prepare(shell: Any, body: str, args: argparse.Namespace) -> tuple[RemoteFunction, tuple[Any, ...], dict[str, Any],
+                                                                     dict[str, int], bool]:
+    """Transform and check the cell, and pickle the notebook names it uses; nothing is sent yet."""
+    source = shell.transform_cell(body)
+    filename = shell.compile.cache(body, shell.execution_count)  # tracebacks and inspect show the cell's own lines
+    try:
+        plan = plan_cell(source, filename)
+    except CellRefused as exc:
+        raise UsageError(f"%%nanogrid: {exc}; nothing was sent") from None
+    sent = _inputs(shell, plan.reads)
+    packed = pack_state(list(sent.items()), shell.user_ns)
+    if packed.failed:
+        name, why = next(iter(packed.failed.items()))
+        raise UsageError(f"%%nanogrid: the cell uses {name!r}, which cannot be sent to the grid ({why}). "
+                         "Create it inside the cell instead, or run this cell locally.")
+    if len(packed.data) > MAX_ARGS_BYTES:
+        largest = ", ".join(f"{n} {size_text(s)}" for n, s in sorted(packed.sizes.items(), key=lambda i: -i[1])[:3])
+        raise UsageError(f"%%nanogrid: the cell's names pickle to {size_text(len(packed.data))}, over the grid's "
+                         f"{size_text(MAX_ARGS_BYTES)} limit (largest: {largest}); load large data inside the cell "
+                         "from a path or URL instead.")
+    function = function_for(args)
+    call = (source, filename, body, packed.data, list(sent), plan.has_value)
+    return function, call, sent, packed.sizes, plan.has_value
+
+
+def function_for(args: argparse.Namespace) -> RemoteFunction:
+    """The grid function that runs cells with these options.
+
+    Environment options (``--packages``) become arguments here, from ``nanogrid.environment``.
+    """
+    return RemoteFunction(run_cell, memory=args.memory, timeout=args.timeout, runtime=args.runtime, name=args.name,
+                          model=args.model, ai=args.ai)
+
+
+def start(shell: Any, body: str, args: argparse.Namespace) -> CellJob:
+    function, call, sent, sizes_in, has_value = prepare(shell, body, args)
+    job = function.spawn(*call)
+    return CellJob(job.client, job._view, function.name, shell, sent, sizes_in, has_value)
+
+
+def _inputs(shell: Any, names: list[str]) -> dict[str, Any]:
+    user_ns, hidden = shell.user_ns, shell.user_ns_hidden
+    inputs = {}
+    for name in names:
+        if name not in user_ns or name in NOT_SENT:
+            continue
+        value = user_ns[name]
+        if name in hidden and hidden[name] is value:
+            if name in NOTEBOOK_ONLY:
+                raise UsageError(f"%%nanogrid: the cell uses {name}, the notebook's own history, which stays in "
+                                 "the notebook; copy what the cell needs into a name of its own first.")
+            continue  # get_ipython, open, exit: the sandbox has its own
+        inputs[name] = value
+    return inputs
+
+
+def _streams(view: dict[str, Any], segments: list[list[int]]) -> list[tuple[str, str]]:
+    """The cell's stdout and stderr, interleaved as it wrote them where the lengths match what was captured."""
+    stdout, stderr = view.get("stdout", ""), view.get("stderr", "")
+    if sum(n for fd, n in segments if fd == 1) != len(stdout) or sum(n for fd, n in segments if fd == 2) != len(stderr):
+        return [(name, text) for name, text in (("stdout", stdout), ("stderr", stderr)) if text]  # written at fd level
+    streams, positions = [], {1: 0, 2: 0}
+    for fd, length in segments:
+        text = (stdout, stderr)[fd - 1]
+        streams.append(("stdout" if fd == 1 else "stderr", text[positions[fd]:positions[fd] + length]))
+        positions[fd] += length
+    return streams
+
+
+def _local_shell_output(value: Any) -> Any:
+    """``x = !cmd`` gives IPython's SList here, as it would have locally."""
+    if type(value) is ShellOutput:
+        from IPython.utils.text import SList
+
+        return SList(value)
+    return value
+
+
+def _remote_exception(exc: Any, described: dict[str, Any], shell: Any) -> BaseException:
+    """The cell's exception as itself, shown as IPython shows a local one, with the cell's own frames only."""
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(described["type"], described["message"], described["traceback"])
+    remote_frames = _traceback_of(described.get("frames", []))
+
+    def render() -> list[str]:
+        return shell.InteractiveTB.structured_traceback(type(exc), exc, remote_frames)
+
+    try:
+        exc._render_traceback_ = render  # type: ignore[union-attr]  (IPython's hook for remote tracebacks)
+    except AttributeError:  # an exception type with __slots__: IPython shows it with its local frames
+        pass
+    return exc
+
+
+def _traceback_of(frames: list[tuple[str, int, str]]) -> TracebackType | None:
+    """A real traceback whose frames stand at the remote frames' files and lines, so IPython can format it.
+
+    Each frame comes from running ``raise`` compiled at that line under that file name.
+    """
+    chain = None
+    for filename, lineno, name in reversed(frames):
+        code = compile("\n" * (max(lineno, 1) - 1) + "raise __remote_frame__", filename, "exec")
+        try:
+            exec(code.replace(co_name=name), {"__remote_frame__": _RemoteFrame()})
+        except _RemoteFrame as marker:
+            frame = marker.__traceback__.tb_next  # type: ignore[union-attr]  (past this function's own frame)
+            if frame is not None:
+                frame.tb_next = chain
+                chain = frame
+    return chain
+
+
+class _RemoteFrame(Exception):
+    pass
+
+
+def write_streams(streams: list[tuple[str, str]]) -> None:
+    for name, text in streams:
+        target = sys.stdout if name == "stdout" else sys.stderr
+        target.write(text)
+        target.flush()
+
