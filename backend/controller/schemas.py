@@ -39,6 +39,7 @@ class OutputFile(BaseModel):
 class JobView(BaseModel):
     job_id: str
     function_id: str
+    function_name: str | None = Field(None, description="the function's name (in job lists)")
     status: str = Field(description="pending, running, completed, failed or cancelled")
     result: Any = None
     result_pickle: str | None = None
