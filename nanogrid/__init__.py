@@ -17,12 +17,18 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 from nanogrid.errors import (  # noqa: E402
+    AIUnavailable,
     APIError,
+    ConfigError,
+    EnvironmentBuildFailed,
     FunctionTimeout,
+    InvalidArgument,
+    InvalidArguments,
     JobCancelled,
     JobFailed,
     NanoGridError,
@@ -30,8 +36,16 @@ from nanogrid.errors import (  # noqa: E402
     OutOfMemory,
     RemoteError,
     SandboxCrashed,
+    UnsupportedFunction,
     VersionMismatch,
+    WaitTimeout,
 )
+
+if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
+    from nanogrid.client import Client, connect, get_client
+    from nanogrid.environment import Environment
+    from nanogrid.function import RemoteFunction, remote
+    from nanogrid.job import Job, OutputFile
 
 # The client side (httpx, tqdm, ...) loads on first use, so that `import nanogrid` stays cheap and
 # works inside a sandbox image that carries only the standard library and cloudpickle.
@@ -39,6 +53,7 @@ _LAZY = {
     "Client": "nanogrid.client", "connect": "nanogrid.client", "get_client": "nanogrid.client",
     "RemoteFunction": "nanogrid.function", "remote": "nanogrid.function",
     "Job": "nanogrid.job", "OutputFile": "nanogrid.job",
+    "Environment": "nanogrid.environment",
 }
 
 
@@ -82,7 +97,9 @@ def _register_in_running_ipython() -> None:
 _register_in_running_ipython()
 
 __all__ = [
-    "APIError", "Client", "FunctionTimeout", "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected",
-    "OutOfMemory", "OutputFile", "RemoteError", "RemoteFunction", "SandboxCrashed", "VersionMismatch",
+    "Environment", "EnvironmentBuildFailed",
+    "AIUnavailable", "APIError", "Client", "ConfigError", "FunctionTimeout", "InvalidArgument", "InvalidArguments",
+    "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected", "OutOfMemory", "OutputFile", "RemoteError",
+    "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "VersionMismatch", "WaitTimeout",
     "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote",
 ]

@@ -7,11 +7,22 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from nanogrid.client import Client, discover_url
 from nanogrid.errors import NanoGridError
+
+if TYPE_CHECKING:
+    from backend.config import GridConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr (what was wrong, where help is) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanogrid", description="Run Python functions and notebook cells on a grid.")
+    parser = _Parser(prog="nanogrid", description="Run Python functions and notebook cells on a grid.")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     up = sub.add_parser("up", help="start the embedded grid (controller + worker) in the foreground")
@@ -51,12 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     aws_sub = aws.add_subparsers(metavar="ACTION")
     boot = aws_sub.add_parser("bootstrap", help="create the queue, dead-letter queue, buckets and table if missing, "
                                                 "and print their settings as NAME=value lines")
-    boot.add_argument("--queue", default=None)
-    boot.add_argument("--dlq", default=None)
-    boot.add_argument("--code-bucket", default=None)
-    boot.add_argument("--data-bucket", default=None)
-    boot.add_argument("--table", default=None)
-    boot.add_argument("--visibility", type=int, default=30, help="seconds a taken job stays hidden")
+    boot.add_argument("--queue", default=None, help="queue name (default: from SQS_QUEUE_URL, else nanogrid-task-queue)")
+    boot.add_argument("--dlq", default=None, help="dead-letter queue name (default: from SQS_DLQ_URL)")
+    boot.add_argument("--code-bucket", dest="code_bucket", default=None, help="default S3_CODE_BUCKET")
+    boot.add_argument("--data-bucket", dest="data_bucket", default=None, help="default S3_USER_DATA_BUCKET")
+    boot.add_argument("--table", dest="dynamodb_table", default=None, help="default DYNAMODB_TABLE")
+    boot.add_argument("--visibility", dest="sqs_visibility_s", type=int, default=None,
+                      help="seconds a taken job stays hidden (default 30, NANOGRID_SQS_VISIBILITY_S)")
+    boot.add_argument("--config", type=Path, default=None, help="TOML settings file (NANOGRID_CONFIG)")
     boot.set_defaults(command=cmd_aws_bootstrap)
 
     demo = sub.add_parser("demo", help="start a throwaway grid, run a short demo on it, and print the results")
@@ -104,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     for parser_ in (create, listing, revoke):
         parser_.add_argument("--data-dir", type=Path, default=None, help="default ~/.nanogrid (NANOGRID_DATA_DIR)")
 
+    envs = sub.add_parser("envs", help="function environments built in --data-dir: size and last use; --remove ID")
+    envs.add_argument("--data-dir", type=Path, default=None, help="default ~/.nanogrid (NANOGRID_DATA_DIR)")
+    envs.add_argument("--remove", metavar="ENV_ID", action="append", default=[], help="delete one (repeatable)")
+    envs.set_defaults(command=cmd_envs)
+
     jobs = sub.add_parser("jobs", help="recent jobs")
     jobs.add_argument("--limit", type=int, default=20)
     _client_options(jobs)
@@ -125,6 +143,8 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sandbox", choices=["auto", "docker", "process"], default=None,
                         help="where user code runs: docker, process (trusted code only), auto (docker when available)")
     parser.add_argument("--stem-cells", type=int, default=None, help="unspecialised sandboxes kept started")
+    parser.add_argument("--env-cache-gb", type=float, default=None,
+                        help="function environments kept (default 20 GB); the least recently used go first")
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (NANOGRID_CONFIG)")
     parser.add_argument("--ai-endpoint", default=None, help="the AI node (an Ollama server URL) functions may call")
     parser.add_argument("--ai-model", default=None, help="its default model (LLM_MODEL)")
@@ -140,13 +160,37 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.url or discover_url())
 
 
-def _grid_config(args: argparse.Namespace) -> Any:
+def _grid_config(args: argparse.Namespace) -> GridConfig:
+    """The one settings object: defaults < file < environment < this command's flags (named as its fields)."""
     from backend.config import GridConfig
 
-    return GridConfig.load(args.config, host=args.host, port=args.port, data_dir=args.data_dir,
-                           workers=args.workers, sandbox=args.sandbox, stem_cells=args.stem_cells,
-                           rate_limit=args.rate_limit, rate_burst=args.rate_burst, ai_endpoint=args.ai_endpoint,
-                           ai_model=args.ai_model)
+    flags = {f.name: getattr(args, f.name) for f in fields(GridConfig) if hasattr(args, f.name)}
+    return GridConfig.load(getattr(args, "config", None), **flags)
+
+
+def cmd_envs(args: argparse.Namespace) -> int:
+    """List or remove the grid's built environments (layers under the data dir, and their Docker images)."""
+    import time
+
+    from backend.config import GridConfig
+    from backend.environments import Environments
+
+    config = GridConfig.load(data_dir=args.data_dir)
+    docker_images = {} if config.sandbox != "process" else None  # so that remove also deletes the image
+    environments = Environments(config.data_dir / "envs", runtimes={}, docker_images=docker_images)
+    for env_id in args.remove:
+        print(f"removed {env_id}" if environments.remove(env_id) else f"no environment {env_id}")
+    if args.remove:
+        return 0
+    listed = environments.list()
+    if not listed:
+        print("no environments built yet")
+    for info in listed:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["last_used"]))
+        packages = ", ".join(info["spec"]["packages"]) or "(no packages)"
+        print(f"{info['env_id']}  {info['size'] / (1 << 20):8.1f} MiB  used {used}  "
+              f"Python {info['spec']['python']}  {packages}")
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -194,13 +238,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     grid = Grid(_grid_config(args), role="worker")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker = grid.worker
+    assert worker is not None  # role="worker" always has one
     grid.start()
-    print(f"NanoGrid worker {grid.worker.worker_id}: {grid.describe_sandbox()}", flush=True)
+    print(f"NanoGrid worker {worker.worker_id}: {grid.describe_sandbox()}", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    grid.worker.drain(args.drain)  # scale-in: finish what runs, take nothing new
+    worker.drain(args.drain)  # scale-in: finish what runs, take nothing new
     grid.stop()
     return 0
 
@@ -208,11 +254,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_aws_bootstrap(args: argparse.Namespace) -> int:
     from backend.aws import bootstrap
 
-    settings = bootstrap({"queue": args.queue, "dlq": args.dlq, "code_bucket": args.code_bucket,
-                          "data_bucket": args.data_bucket, "table": args.table}, visibility_s=args.visibility)
+    config = _grid_config(args)  # the same variables the controller and workers read (DYNAMODB_TABLE, ...)
+    names = {"queue": args.queue or _queue_name(config.queue_url), "dlq": args.dlq or _queue_name(config.dlq_url),
+             "code_bucket": config.code_bucket, "data_bucket": config.data_bucket, "table": config.dynamodb_table}
+    settings = bootstrap(names, visibility_s=config.sqs_visibility_s)
     for name, value in settings.items():
         print(f"{name}={value}")
     return 0
+
+
+def _queue_name(url: str) -> str:
+    """An SQS queue URL ends with the queue's name: https://sqs.REGION.amazonaws.com/ACCOUNT/NAME."""
+    return url.rstrip("/").rsplit("/", 1)[-1] if url else ""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

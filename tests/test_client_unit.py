@@ -163,8 +163,10 @@ def test_a_function_deleted_on_the_grid_is_uploaded_again():
             return httpx.Response(404, json={"detail": "no function 'fn-old'; upload it first", "error": "not_found"})
         return httpx.Response(200, json=finished(4))
 
-    fake = FakeController({("POST", "/upload"): lambda request: httpx.Response(201, json={"function_id": next(function_ids)}),
-                           ("POST", "/run"): run})
+    def upload(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json={"function_id": next(function_ids)})
+
+    fake = FakeController({("POST", "/upload"): upload, ("POST", "/run"): run})
     assert nanogrid.RemoteFunction(square, client=fake.client()).remote(2) == 4
     assert runs == ["fn-old", "fn-new"]
 
