@@ -374,15 +374,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def job_row(job: dict[str, Any]) -> dict[str, str]:
+    """One job as `nanogrid jobs` and `%nanogrid jobs` show it: function, status, duration, peak memory, why it failed."""
+    ms, peak, error = job.get("execution_time_ms"), job.get("peak_memory_bytes"), job.get("error") or {}
+    reason = ""
+    if job["status"] in ("failed", "cancelled"):
+        reason = f"{error.get('type') or error.get('kind') or job['status']}: {error.get('message', '')}"
+        reason = reason.strip().rstrip(":").splitlines()[0][:120]
+    return {"function": job.get("function_name") or job["function_id"], "status": job["status"],
+            "duration": "" if ms is None else f"{ms:.1f} ms",
+            "peak memory": "" if peak is None else f"{peak / (1 << 20):.1f} MiB",
+            "when": time.strftime("%H:%M:%S", time.localtime(job["created_at"])), "failure": reason, "job": job["job_id"]}
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
-    rows = _client(args).jobs(args.limit)
-    print(f"{'job':38} {'status':10} {'ms':>8} {'peak MiB':>9}  when")
-    for job in rows:
-        ms = job["execution_time_ms"]
-        peak = job["peak_memory_bytes"]
-        when = time.strftime("%H:%M:%S", time.localtime(job["created_at"]))
-        print(f"{job['job_id']:38} {job['status']:10} {'' if ms is None else f'{ms:.1f}':>8} "
-              f"{'' if peak is None else f'{peak / (1 << 20):.1f}':>9}  {when}")
+    rows = [job_row(job) for job in _client(args).jobs(args.limit)]
+    print(f"{'function':24} {'status':10} {'duration':>11} {'peak memory':>12}  {'when':8}  {'job':36}  failure")
+    for r in rows:
+        print(f"{r['function'][:24]:24} {r['status']:10} {r['duration']:>11} {r['peak memory']:>12}  {r['when']:8}  "
+              f"{r['job']:36}  {r['failure']}")
     return 0
 
 
