@@ -354,6 +354,7 @@ def test_each_start_backs_up_and_keeps_the_newest_copies(tmp_path: Path):
     assert len(backups) == BACKUPS_KEPT
     newest = doctor.examine(backups[-1])
     assert newest.ok and newest.jobs == {COMPLETED: 10, PENDING: BACKUPS_KEPT + 1}  # as it was at the last start
+    assert list_backups(path) == backups and not list(tmp_path.glob("*.bak-*-wal")), "looking leaves nothing beside"
     assert all(stat.S_IMODE(b.stat().st_mode) == 0o600 for b in backups)
 
 

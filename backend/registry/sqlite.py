@@ -422,7 +422,7 @@ def _check_columns(db: sqlite3.Connection) -> None:
 
 def list_backups(path: Path) -> list[Path]:
     """The registry's backups, oldest first (their names sort by time)."""
-    return sorted(path.parent.glob(path.name + ".bak-*"))
+    return sorted(path.parent.glob(path.name + ".bak-*Z"))
 
 
 def backup(db: sqlite3.Connection, path: Path, keep: int = BACKUPS_KEPT) -> Path:
@@ -444,6 +444,7 @@ def copy_database(source: sqlite3.Connection, target: Path) -> None:
         copy = sqlite3.connect(partial)
         try:
             source.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")  # a single file: opening a copy leaves no -wal/-shm beside it
         finally:
             copy.close()
         os.replace(partial, target)
