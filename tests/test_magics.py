@@ -1,25 +1,55 @@
-"""%%nanogrid and %nanogrid in a real IPython shell against a live grid."""
+"""%%nanogrid and %nanogrid in a real IPython shell against a live grid.
+
+What must never happen: a cell is sent although a line of it cannot run there; a bad option is
+accepted or answered with an unreadable error; printed output is lost, doubled or reordered; a
+value that cannot come back disappears without its name; ``--async`` hands out an internal dict.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import threading
 import time
 
 import pytest
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
 
-from nanogrid.cells import plan_cell
+import nanogrid
+from nanogrid import cli
+from nanogrid.cells import CellRefused, plan_cell
+from nanogrid.errors import FunctionTimeout
 
 pytestmark = pytest.mark.integration
 
 
-def test_plan_finds_what_a_cell_reads_and_assigns():
-    source = "import math as m\nfrom os import path\ny = m.sqrt(x) + offset\ndef f(a):\n    b = a\n    return b\ny\n"
+def test_plan_reads_what_the_compiler_says_the_cell_reads():
+    source = ("import math as m\ny = m.sqrt(x) + offset\nn += 1\ndel gone\n"
+              "def f(a):\n    global g\n    b = a + h\n    g = b\n    return b\nclass C:\n    k = j\ny\n")
     plan = plan_cell(source)
-    assert {"x", "offset", "m"} <= set(plan.reads)
-    assert set(plan.assigns) == {"m", "path", "y", "f"}  # not the function's local b
+    assert {"x", "offset", "m", "n", "gone", "h", "j"} <= set(plan.reads)
+    assert not {"a", "b", "g", "k"} & set(plan.reads)  # locals, and a global only assigned
     assert plan.has_value
+
+
+def test_plan_reads_names_inside_magics_and_shell_expansions():
+    plan = plan_cell("get_ipython().run_line_magic('time', 'z = w + 1')\n"
+                     "get_ipython().system('echo $p {q * 2}')\n")
+    assert {"w", "p", "q"} <= set(plan.reads) and "z" not in plan.reads
+
+
+@pytest.mark.parametrize("source, line, why", [
+    ("x = 1\nget_ipython().run_line_magic('matplotlib', 'inline')\n", 2, "%matplotlib would act on the sandbox"),
+    ("get_ipython().run_cell_magic('time', '', 'x = 1')\n", 1, "cell magics"),
+    ("get_ipython().run_line_magic('timeit', '-o x + 1')\n", 1, "-o is not supported"),
+    ("shell = get_ipython()\n", 1, "supports only"),
+])
+def test_plan_refuses_a_line_the_sandbox_cannot_run_by_number(source, line, why):
+    with pytest.raises(CellRefused, match=why) as refused:
+        plan_cell(source)
+    assert refused.value.line == line
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +72,14 @@ def test_cell_reads_notebook_names_and_assigns_back(connected, capsys):
                               "import math\nprint('computing')\ny = math.sqrt(x) + offset\ny * 10\n")
     assert value == 50.0
     assert ip.user_ns["y"] == 5.0
-    assert "computing" in capsys.readouterr().out
+    assert capsys.readouterr().out == "computing\n"  # once
+
+
+def test_stdout_and_stderr_arrive_once_in_the_order_printed(connected):
+    both = io.StringIO()
+    with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+        connected.run_cell_magic("nanogrid", "", "import sys\nprint('a')\nprint('b', file=sys.stderr)\nprint('c')\n")
+    assert both.getvalue() == "a\nb\nc\n"
 
 
 def test_cell_without_final_expression_returns_nothing(connected):
@@ -50,9 +87,13 @@ def test_cell_without_final_expression_returns_nothing(connected):
     assert connected.user_ns["z"] == 3
 
 
-def test_remote_error_is_raised_as_itself(connected):
-    with pytest.raises(ZeroDivisionError):
-        connected.run_cell_magic("nanogrid", "", "1 / 0\n")
+def test_remote_error_is_raised_as_itself_with_only_the_cells_frames(connected):
+    with capture_output() as captured:
+        result = connected.run_cell("%%nanogrid\nfirst = 1\n1 / 0\n")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    assert connected.user_ns["first"] == 1
+    assert "----> 2 1 / 0" in captured.stdout
+    assert "cells.py" not in captured.stdout and "magics" not in captured.stdout and "bootstrap" not in captured.stdout
 
 
 def test_unpicklable_input_names_the_variable(connected):
@@ -61,24 +102,65 @@ def test_unpicklable_input_names_the_variable(connected):
         connected.run_cell_magic("nanogrid", "", "with lock:\n    pass\n")
 
 
-def test_unpicklable_output_is_reported_not_fatal(connected, capsys):
+def test_unpicklable_output_is_named_not_dropped(connected, capsys):
     connected.run_cell_magic("nanogrid", "", "import threading\nkeep = 1\nmutex = threading.Lock()\n")
     assert connected.user_ns["keep"] == 1
-    assert "mutex was not brought back" in capsys.readouterr().err
+    assert "mutex was not brought back into the notebook" in capsys.readouterr().err
 
 
-def test_async_cell_returns_a_job_and_names_arrive_later(connected):
-    job = connected.run_cell_magic("nanogrid", "--async", "import time\ntime.sleep(0.3)\nlate = 'here'\n")
-    assert job.result(timeout=30)["names"]["late"] == "here"
+def test_an_unpicklable_value_is_shown_by_its_own_repr(connected):
+    value = connected.run_cell_magic("nanogrid", "", "import threading\nthreading.Lock()\n")
+    assert repr(value).startswith("<unlocked _thread.lock object")
+
+
+def test_a_refused_line_is_named_and_nothing_is_sent(connected, grid):
+    client = nanogrid.get_client()
+    before = len(client.jobs(1000))
+    with pytest.raises(UsageError, match=r"line 2: %matplotlib"):
+        connected.run_cell_magic("nanogrid", "", "x = 1\n%matplotlib inline\n")
+    assert len(client.jobs(1000)) == before
+
+
+def test_a_syntax_error_surfaces_before_sending(connected):
+    with pytest.raises(SyntaxError):
+        connected.run_cell_magic("nanogrid", "", "x = (\n")
+
+
+def test_async_cell_result_is_the_cells_value_and_names_arrive(connected):
+    job = connected.run_cell_magic("nanogrid", "--async", "import time\ntime.sleep(0.3)\nlate = 'here'\nlate * 2\n")
+    assert job.result(timeout=30) == "herehere"
     deadline = time.monotonic() + 5
     while "late" not in connected.user_ns and time.monotonic() < deadline:
         time.sleep(0.05)
     assert connected.user_ns["late"] == "here"
 
 
-def test_bad_options_say_what_is_accepted(connected):
-    with pytest.raises(UsageError, match="--memory"):
+def test_async_widget_shows_the_outcome_and_the_names(connected):
+    from nanogrid.widgets import CellWidget
+
+    connected.user_ns["numbers"] = list(range(100))
+    job = connected.run_cell_magic("nanogrid", "--async", "print('hi')\ntotal = sum(numbers)\ntotal\n")
+    job.wait(30)
+    widget = CellWidget(job, echo=True)
+    widget.update()
+    assert "1 in (" in widget.names.value and "numbers (" in widget.names.value and "total (" in widget.names.value
+    outputs = widget.output.outputs
+    assert outputs[0] == {"output_type": "stream", "name": "stdout", "text": "hi\n"}
+    assert outputs[1]["data"]["text/plain"] == "4950"
+    assert "succeeded" in widget.header.value
+
+
+def test_bad_options_give_a_usage_error_with_the_usage(connected):
+    with pytest.raises(UsageError, match=r"unrecognized arguments: --memroy[\s\S]*--memory"):
         connected.run_cell_magic("nanogrid", "--memroy 5", "1\n")
+    with pytest.raises(UsageError, match="invalid int value"):
+        connected.run_cell_magic("nanogrid", "--memory lots", "1\n")
+
+
+def test_help_lists_every_option(ip):
+    doc = ip.find_cell_magic("nanogrid").__doc__
+    for option in ("--memory", "--timeout", "--runtime", "--name", "--ai", "--model", "--async"):
+        assert option in doc
 
 
 def test_line_magic_status_and_config(connected, capsys):
@@ -86,3 +168,20 @@ def test_line_magic_status_and_config(connected, capsys):
     connected.run_line_magic("nanogrid", "config")
     out = capsys.readouterr().out
     assert "warm" in out and "stem cells" in out and "runtimes" in out
+
+
+def test_jobs_show_function_status_duration_memory_and_why_it_failed(connected, grid, capsys, monkeypatch):
+    with capsys.disabled(), pytest.raises(FunctionTimeout):
+        connected.run_cell_magic("nanogrid", "--timeout 1 --name sleeper", "import time\ntime.sleep(30)\n")
+    with capture_output() as captured:
+        connected.run_line_magic("nanogrid", "jobs 5")
+    table = captured.outputs[0].data["text/html"]
+    for column in ("function", "status", "duration", "peak memory", "failure"):
+        assert f">{column}</th>" in table
+    assert ">sleeper</td><td style='text-align:left'>failed</td>" in table and "timeout" in table.lower()
+    monkeypatch.setenv("NANOGRID_API_KEY", grid.api_key)
+    assert cli.main(["jobs", "--url", grid.url, "--limit", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split()[:5] == ["function", "status", "duration", "peak", "memory"]
+    assert any(line.startswith("sleeper") and " failed " in line and "timeout" in line.lower()
+               for line in printed.splitlines())

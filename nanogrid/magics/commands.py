@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import html
 import sys
-from typing import Any
 
-from IPython.display import HTML, display
+from IPython.display import display
 
 import nanogrid
+from nanogrid.cli import job_row
 from nanogrid.client import get_client
 
 
@@ -35,22 +35,14 @@ def show_config() -> None:
           f"{sys.version_info.major}.{sys.version_info.minor}")
 
 
-def job_row(job: dict[str, Any]) -> dict[str, str]:
-    """One job as ``%nanogrid jobs`` and ``nanogrid jobs`` show it."""
-    ms, peak, error = job.get("execution_time_ms"), job.get("peak_memory_bytes"), job.get("error") or {}
-    reason = ""
-    if job["status"] in ("failed", "cancelled"):
-        kind = error.get("type") or error.get("kind") or job["status"]
-        reason = f"{kind}: {error.get('message', '')}".strip().rstrip(":")
-    return {"job": job["job_id"], "function": job.get("function_name") or job["function_id"], "status": job["status"],
-            "duration": "" if ms is None else f"{ms:.1f} ms", "peak memory": "" if peak is None else
-            f"{peak / (1 << 20):.1f} MiB", "failure": reason.splitlines()[0][:200] if reason else ""}
-
-
 def show_jobs(limit: int) -> None:
+    """A table: HTML in a notebook, aligned text in a terminal."""
     rows = [job_row(j) for j in get_client().jobs(limit)]
     columns = ["function", "status", "duration", "peak memory", "failure", "job"]
     head = "".join(f"<th style='text-align:left'>{c}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(r[c])}</td>" for c in columns) + "</tr>"
                    for r in rows)
-    display(HTML(f"<table><tr>{head}</tr>{body}</table>"))
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
+    header = {c: c for c in columns}
+    text = "\n".join("  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in [header, *rows])
+    display({"text/html": f"<table><tr>{head}</tr>{body}</table>", "text/plain": text}, raw=True)
