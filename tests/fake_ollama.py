@@ -63,10 +63,22 @@ async def chat(request: Request):
                   {"message": {"role": "assistant", "content": _answer(body["model"], content)}})
 
 
+async def delete(request: Request):
+    return JSONResponse({})  # a real Ollama deletes the model: no auth, so only the grid stands in front of it
+
+
 class FakeOllama:
     def __init__(self) -> None:
-        app = Starlette(routes=[Route("/api/tags", tags), Route("/api/generate", generate, methods=["POST"]),
-                                Route("/api/chat", chat, methods=["POST"])])
+        routes = Starlette(routes=[Route("/api/tags", tags), Route("/api/generate", generate, methods=["POST"]),
+                                   Route("/api/chat", chat, methods=["POST"]),
+                                   Route("/api/delete", delete, methods=["DELETE", "POST"])])
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request that reached the node
+
+        async def app(scope, receive, send):
+            if scope["type"] == "http":
+                self.seen.append((scope["method"], scope["path"]))
+            await routes(scope, receive, send)
+
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % self._sock.getsockname()[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import zipfile
@@ -12,7 +13,7 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Security, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from backend.controller import jobs
@@ -182,11 +183,11 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         payloads = jobs.encode_payloads(function, [body.payload], pickles, config.max_payload_bytes)
         (job,) = jobs.new_jobs(function, payloads, caller.name)
         if x_async:
-            jobs.submit(grid, function, [job], body.model, caller.max_timeout_s)
+            await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
             return JSONResponse(jobs.job_view(job, base_url(request)), status_code=202)
         finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
         try:
-            jobs.submit(grid, function, [job], body.model, caller.max_timeout_s)
+            await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
             done = await jobs.next_result(grid, job.job_id, finished, min(function.timeout_s + 30, SYNC_WAIT_CAP_S))
         finally:
             unsubscribe()
@@ -200,14 +201,14 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         function = function_or_404(body.function_id, caller)
         if (body.payloads is None) == (body.args_pickle is None):
             raise jobs.BadRequest("send exactly one of 'payloads' or 'args_pickle'", 422)
-        count = len(body.payloads if body.payloads is not None else body.args_pickle)
+        count = len(body.payloads if body.payloads is not None else body.args_pickle or [])
         if count > config.map_chunk_limit:
             raise jobs.BadRequest(f"{count} calls in one request; send at most {config.map_chunk_limit}", 413)
         payloads = jobs.encode_payloads(function, body.payloads, body.args_pickle, config.max_payload_bytes)
         new = jobs.new_jobs(function, payloads, caller.name)
         job_ids = [job.job_id for job in new]
         finished, unsubscribe = jobs.subscribe(grid, job_ids)
-        jobs.submit(grid, function, new, body.model, caller.max_timeout_s)
+        await asyncio.to_thread(jobs.submit, grid, function, new, body.model, caller.max_timeout_s)
         url = base_url(request)
 
         async def lines() -> AsyncIterator[bytes]:
@@ -222,7 +223,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                      wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
                      ) -> dict:
         job = job_or_404(job_id, caller)
-        return jobs.job_view(await jobs.wait_for(grid, job_id, wait, job), base_url(request))
+        return jobs.job_view(await jobs.wait_for(grid, job_id, wait, job) or job, base_url(request))
 
     @app.get("/jobs", response_model=list[JobView], responses={403: {"model": ErrorDetail,
                                                                       "description": "all_owners without an admin key"}})
@@ -256,7 +257,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.get("/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}},
                                                               410: {"model": ErrorDetail,
                                                                     "description": "deleted after the retention"}})
-    def download_output(job_id: str, name: str, caller: Caller) -> StreamingResponse:
+    def download_output(job_id: str, name: str, caller: Caller) -> Response:
         job = grid.registry.get_job(job_id)
         if job is None or job.owner != caller.name or name not in {f["name"] for f in job.output_files}:
             raise HTTPException(404, f"job {job_id!r} has no output file {name!r}")

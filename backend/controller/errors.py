@@ -18,6 +18,7 @@ from starlette.routing import Match, Route
 
 from backend.controller.jobs import BadRequest
 from backend.packages import PackageError
+from backend.registry.base import RegistryBusy
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,16 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every refusal (HTTP errors, bad packages, bad requests, schema violations) through ``client_error``."""
     for kind in (StarletteHTTPException, PackageError, BadRequest, RequestValidationError):
         app.add_exception_handler(kind, client_error)
+    app.add_exception_handler(RegistryBusy, registry_busy)
     app.add_exception_handler(Exception, server_error)
+
+
+async def registry_busy(request: Request, exc: Exception) -> JSONResponse:
+    """The registry stayed locked by another process (a backup, an operator's shell): try again shortly."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    body = error_body(503, "the grid's registry is locked by another process (a backup or an operator's shell); "
+                           "nothing was recorded: try again in a few seconds")
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
 async def client_error(request: Request, exc: Exception) -> JSONResponse:

@@ -170,7 +170,8 @@ class Worker:
             self.queue.ack(message)  # cancelled while queued, or already finished: nothing left to do
             return
         job = JobRecord(message.job_id, message.function_id, status=RUNNING, payload_format=message.payload_format,
-                        worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib)
+                        worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib,
+                        owner=message.owner)
         self._in_flight[message.job_id] = message
         try:
             self._execute(message, job)
@@ -190,9 +191,30 @@ class Worker:
             self._cancelled.discard(message.job_id)
         job.finished_at = time.time()
         self.stats["completed" if job.status == COMPLETED else "failed"] += 1
-        if self.registry.finish_job(job):
-            self.bus.publish(job)
-        self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
+        try:
+            self._finish(job)
+        finally:
+            self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
+
+    def _finish(self, job: JobRecord) -> None:
+        """Record and announce the outcome; if the registry cannot take it (a full disk), record the failure."""
+        try:
+            if self.registry.finish_job(job):
+                self.bus.publish(job)
+            return
+        except Exception as exc:
+            log.exception("job %s: could not record its outcome", job.job_id)
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        # A slimmer record (no result, output or captured text) may still fit where the full one did not.
+        job.status, job.result, job.result_format, job.output_files = FAILED, None, None, []
+        job.stdout = job.stderr = ""
+        job.error = {"kind": "storage", "message": f"the grid could not record this job's outcome ({reason}); "
+                                                    "run it again"}
+        try:
+            if self.registry.finish_job(job):
+                self.bus.publish(job)
+        except Exception:
+            log.exception("job %s: could not record its failure either; the watchdog will finish it", job.job_id)
 
     def _execute(self, message: JobMessage, job: JobRecord) -> None:
         sandbox, cold = self.pool.acquire(message.function_id, lambda: self._code(message))
@@ -225,7 +247,7 @@ class Worker:
     def _code(self, message: JobMessage) -> FunctionCode:
         package = self._verified_package(message)
         ai = _wants_ai(package) and self.ai is not None
-        env = {"AI_ENDPOINT": CHANNEL, **({"LLM_MODEL": self.ai.model} if self.ai.model else {})} if ai else None
+        env = {"AI_ENDPOINT": CHANNEL, **({"LLM_MODEL": self.ai.model} if self.ai and self.ai.model else {})} if ai else None
         # The environment it asks for (packages, Python), built once per grid; the build's progress shows on the job.
         environment, progress_shown = None, []
         if self.pool.environments is not None:
@@ -242,7 +264,7 @@ class Worker:
                 raise SandboxError("environment", exc.message) from None
             finally:
                 if progress_shown:
-                    self.registry.note_attempt(message.job_id, None)  # type: ignore[arg-type]  (progress over)
+                    self.registry.note_attempt(message.job_id, None)  # type: ignore[arg-type]  # progress over
             if environment is not None and environment.variables:
                 env = {**environment.variables, **(env or {})}
         return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment)
@@ -267,7 +289,7 @@ class Worker:
         job.peak_memory_bytes = outcome.peak_memory_bytes
         job.baseline_memory_bytes = outcome.baseline_memory_bytes
         job.ai_usage = outcome.ai_usage
-        job.output_files = self._store_outputs(job.job_id, outcome.output_dir, outcome.output_files)
+        job.output_files = self._store_outputs(job.job_id, job.owner, outcome.output_dir, outcome.output_files)
         if reply["ok"]:
             job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body
             return
@@ -277,12 +299,13 @@ class Worker:
         job.status, job.error = FAILED, error
         job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
 
-    def _store_outputs(self, job_id: str, output_dir: Path, names: list[str]) -> list[dict]:
+    def _store_outputs(self, job_id: str, owner: str, output_dir: Path, names: list[str]) -> list[dict]:
         """Move the files the host received into the store (they were checked and capped on arrival)."""
         stored = []
         try:
             for name in names:
-                stored.append({"name": name, "size": self.store.save_output(job_id, name, output_dir / name)})
+                size = self.store.save_output(job_id, name, output_dir / name, owner=owner)
+                stored.append({"name": name, "size": size})
         except OSError as exc:
             raise SandboxError("storage", "the grid could not store this call's output files "
                                           f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
