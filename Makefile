@@ -30,6 +30,7 @@ demo: setup
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy  # nanogrid and backend, as configured in pyproject.toml [tool.mypy]
 
 test: lint
 	$(VENV)/bin/python -m pytest -q

@@ -56,7 +56,7 @@ class EmbeddedGrid:
             if not self._thread.is_alive():
                 raise RuntimeError("the embedded grid failed to start; see the log above")
             self._thread.join(0.01)
-        if wait_for_stem_cells:
+        if wait_for_stem_cells and self.grid.pool is not None:
             self.grid.pool.wait_ready()
         return self
 

@@ -176,7 +176,8 @@ def cmd_envs(args: argparse.Namespace) -> int:
     from backend.environments import Environments
 
     config = GridConfig.load(data_dir=args.data_dir)
-    docker_images = {} if config.sandbox != "process" else None  # so that remove also deletes the image
+    # so that remove also deletes the image
+    docker_images: dict[str, str] | None = {} if config.sandbox != "process" else None
     environments = Environments(config.data_dir / "envs", runtimes={}, docker_images=docker_images)
     for env_id in args.remove:
         print(f"removed {env_id}" if environments.remove(env_id) else f"no environment {env_id}")

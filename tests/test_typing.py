@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,12 @@ def test_mypy_checks_remote_calls_against_the_functions_own_signature(tmp_path):
     assert {n: e for n, e in errors.items() if n < first_mistake} == {}, result.stdout  # the correct script is clean
     for offset, (code, message) in enumerate(MISTAKES.items()):
         assert message in errors.get(first_mistake + offset, ""), f"{code!r} not reported: {result.stdout}"
+
+
+def test_the_wheel_ships_the_typed_marker(tmp_path):
+    """Without nanogrid/py.typed in the installed package, mypy treats all of nanogrid as untyped (Any)."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("nanogrid-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert "nanogrid/py.typed" in zf.namelist()

@@ -71,7 +71,11 @@ def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord],
     """An asyncio queue that receives each of these jobs once it finishes (from any worker thread)."""
     loop = asyncio.get_running_loop()
     finished: asyncio.Queue[JobRecord] = asyncio.Queue()
-    unsubscribe = grid.bus.subscribe(job_ids, lambda job: loop.call_soon_threadsafe(finished.put_nowait, job))
+
+    def deliver(job: JobRecord) -> None:
+        loop.call_soon_threadsafe(finished.put_nowait, job)
+
+    unsubscribe = grid.bus.subscribe(job_ids, deliver)
     return finished, unsubscribe
 
 

@@ -46,8 +46,14 @@ class RedisResultBus(ResultBus):
         announcement = job_to_json(dataclasses.replace(job, payload=b""))
         if len(announcement) > INLINE_RESULT_BYTES:
             announcement = json.dumps({"job_id": job.job_id})
-        self._retry(lambda: self.redis.pipeline().set(f"nanogrid:result:{job.job_id}", job.status, ex=RESULT_TTL_S)
-                    .publish(RESULTS, announcement).execute())
+
+        def announce() -> None:
+            pipe = self.redis.pipeline()
+            pipe.set(f"nanogrid:result:{job.job_id}", job.status, ex=RESULT_TTL_S)
+            pipe.publish(RESULTS, announcement)
+            pipe.execute()
+
+        self._retry(announce)
 
     def subscribe(self, job_ids: list[str], listener: Listener) -> Callable[[], None]:
         return self._listeners.add(job_ids, listener)
@@ -73,6 +79,7 @@ class RedisResultBus(ResultBus):
         listeners = self._listeners.take(job_id)
         if not listeners:
             return
+        job: JobRecord | None
         if announcement and "status" in announcement:
             job = job_from_json(json.dumps(announcement))
         else:

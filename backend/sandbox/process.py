@@ -104,6 +104,7 @@ class ProcessSandbox(Sandbox):
             raise SandboxError("crash", f"could not start the sandbox process: {exc}") from None
         finally:
             os.close(startup_log)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes (Popen above)
         self.reader = FrameReader(self.proc.stdout.fileno())
         try:
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
@@ -118,6 +119,7 @@ class ProcessSandbox(Sandbox):
         return os.open(self.work_dir / "startup.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def _join_cgroup(self) -> None:
+        assert self.cgroup is not None  # only called as the preexec_fn when there is one
         with open(self.cgroup.procs_file, "w") as f:
             f.write(str(os.getpid()))
 
@@ -177,7 +179,7 @@ class ProcessSandbox(Sandbox):
 
     def _send(self, header: dict, body: bytes = b"") -> None:
         try:
-            write_all(self.proc.stdin.fileno(), encode_frame(header, body))
+            write_all(self.proc.stdin.fileno(), encode_frame(header, body))  # type: ignore[union-attr]  # a pipe
         except (BrokenPipeError, ValueError):
             raise self._death() from None
 
@@ -225,7 +227,7 @@ class ProcessSandbox(Sandbox):
         self._stop(graceful=False)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
-                stream.close()
+                stream.close()  # type: ignore[union-attr]  # both are pipes
             except OSError:
                 pass
         if self.cgroup:

@@ -70,7 +70,7 @@ class AIGatewaySession:
         self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def forward(self, header: dict[str, Any], body: bytes, deadline: float) -> tuple[dict[str, Any], bytes]:
-        method, path = header.get("method"), header.get("path")
+        method, path = str(header.get("method")), str(header.get("path"))
         if (method, path) not in ROUTES:
             return _error(403, f"only the AI node's inference routes are open to functions, not {str(method)[:10]} "
                                f"{str(path)[:80]}")

@@ -32,7 +32,7 @@ ENVIRONMENTS_WITH_STEM_CELLS = 3  # the most recently used environments that kee
 class SandboxFactory(Protocol):
     kind: str
 
-    def start(self, environment: BuiltEnvironment | None = None) -> Sandbox: ...
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> Sandbox: ...
 
     def describe(self) -> str: ...
 
@@ -75,6 +75,7 @@ class WarmPool:
         """A sandbox for this function and whether it was a cold start. Blocks while the pool is full."""
         victims: list[Sandbox] = []
         function: FunctionCode | None = None
+        sandbox: Sandbox | None = None
         with self._cond:
             while True:
                 if self._closed:
