@@ -75,6 +75,10 @@ class RemoteError(NanoGridError):
         self.traceback = traceback
 
 
+class UntrustedResult(NanoGridError):
+    """A data-only function's job came back in a form that would need unpickling; it was refused."""
+
+
 class JobFailed(NanoGridError):
     """The call did not finish in its sandbox (see the subclasses); ``job_id`` and ``kind`` say which."""
 

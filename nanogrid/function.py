@@ -46,8 +46,11 @@ class RemoteFunction(Generic[P, R]):
     def __init__(self, fn: Callable[P, R], *, memory: int | None = None, timeout: float | None = None,
                  name: str | None = None, runtime: str | None = None, client: Client | None = None,
                  model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-                 environment: Environment | None = None) -> None:
+                 environment: Environment | None = None, result: str = "pickle") -> None:
         _check_runnable(fn)
+        if result not in ("pickle", "json"):
+            raise InvalidArguments(f"result must be 'pickle' or 'json' (data only, never unpickled), not {result!r}")
+        self.result_format = result
         _check_limits(memory, timeout)
         self.fn = fn
         self.memory = memory
@@ -97,7 +100,8 @@ class RemoteFunction(Generic[P, R]):
                 None if environment.empty else environment.id):
             self._package = package_function(self.fn, name=self.name, memory_mib=self.memory,
                                              timeout_s=self.timeout, runtime=self.runtime, ai=self.ai,
-                                             environment=environment, local_files=local_files, pickled=pickled)
+                                             environment=environment, local_files=local_files, pickled=pickled,
+                                             result=self.result_format)
             self._pickled = pickled
         return self._package
 
@@ -149,16 +153,17 @@ class RemoteFunction(Generic[P, R]):
         payload = self._encode(args, kwargs)
         view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "model": self.model},
                           lambda body: self.client.run(body, asynchronous=True))
-        return Job(self.client, view, self.name)
+        return Job(self.client, view, self.name, unpickle=self.result_format == "pickle")
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run on the grid and return the value; a remote exception is re-raised here."""
         payload = self._encode(args, kwargs)
         view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "model": self.model},
                           self.client.run)
+        unpickle = self.result_format == "pickle"
         if view["status"] not in ("completed", "failed", "cancelled"):
-            return Job[R](self.client, view, self.name).result()
-        return outcome(view)
+            return Job[R](self.client, view, self.name, unpickle=unpickle).result()
+        return outcome(view, unpickle)
 
     def map(self, *iterables: Iterable[Any], return_exceptions: bool = False, progress: bool | None = None,
             chunk_size: int | None = None) -> Iterator[R]:
@@ -262,7 +267,7 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[str], return_exceptio
                 view = waiting.pop(next_index)
                 next_index += 1
                 try:
-                    yield outcome(view)
+                    yield outcome(view, fn.result_format == "pickle")
                 except (Exception, JobFailed) as exc:
                     if not return_exceptions:
                         raise
@@ -299,12 +304,13 @@ def remote(fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
 @overload
 def remote(fn: None = None, /, *, memory: int | None = None, timeout: float | None = None, name: str | None = None,
            runtime: str | None = None, model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-           environment: Environment | None = None) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
+           environment: Environment | None = None, result: str = "pickle"
+           ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 
 def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, timeout: float | None = None,
            name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False,
-           packages: list[str] | None = None, environment: Environment | None = None
+           packages: list[str] | None = None, environment: Environment | None = None, result: str = "pickle"
            ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
     """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
 
@@ -312,11 +318,12 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
     ``async def`` and generator functions are refused here, with what to write instead.
     With no ``environment``, the function gets the client's versions of the packages it uses, plus
     ``packages=["scikit-learn==1.5.2"]``; ``environment=nanogrid.Environment(...)`` says exactly what it gets.
+    ``result="json"``: data-only results, sent as JSON; nothing the sandbox sends is ever unpickled here.
     """
     _check_limits(memory, timeout)
 
     def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
         return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
-                              packages=packages, environment=environment)
+                              packages=packages, environment=environment, result=result)
 
     return wrap(fn) if fn is not None else wrap

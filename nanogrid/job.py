@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 
 from nanogrid.client import Client
-from nanogrid.errors import RemoteError, RemoteTraceback, WaitTimeout, failure_for
+from nanogrid.errors import RemoteError, RemoteTraceback, UntrustedResult, WaitTimeout, failure_for
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 POLL_S = 25.0  # long-poll slice; the controller caps a wait at 60 s
@@ -38,11 +38,18 @@ class OutputFile:
         return target
 
 
-def outcome(view: dict[str, Any]) -> Any:
-    """The call's value, or raise what it raised (remote exceptions as their own type where possible)."""
+def outcome(view: dict[str, Any], unpickle: bool = True) -> Any:
+    """The call's value, or raise what it raised (remote exceptions as their own type where possible).
+
+    ``unpickle=False`` (functions with ``result="json"``): nothing from the grid is ever unpickled;
+    values come as JSON and exceptions as ``RemoteError``.
+    """
     status = view["status"]
     if status == "completed":
         if view.get("result_pickle") is not None:
+            if not unpickle:
+                raise UntrustedResult(f"job {view['job_id']} came back pickled, but its function asked for data-only "
+                                      "results (result='json'); it was not unpickled")
             return cloudpickle.loads(base64.b64decode(view["result_pickle"]))
         return view.get("result")
     error = view.get("error") or {}
@@ -51,6 +58,8 @@ def outcome(view: dict[str, Any]) -> Any:
     text = error.get("traceback", "")
     exc: BaseException
     try:
+        if not unpickle:
+            raise TypeError
         exc = cloudpickle.loads(base64.b64decode(view["result_pickle"]))
         if not isinstance(exc, BaseException):
             raise TypeError
@@ -66,9 +75,10 @@ class Job(Generic[R]):
     ``Job[R]``: ``result()`` returns what the function returns (``R``), as ``spawn()`` types it.
     """
 
-    def __init__(self, client: Client, view: dict[str, Any], function_name: str = "") -> None:
+    def __init__(self, client: Client, view: dict[str, Any], function_name: str = "", unpickle: bool = True) -> None:
         self.client = client
         self.function_name = function_name
+        self.unpickle = unpickle  # False: a data-only function (result="json"); nothing it sends is unpickled
         self._view = view
 
     @property
@@ -105,7 +115,7 @@ class Job(Generic[R]):
         if not self.wait(timeout).done:
             raise WaitTimeout(f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
                               "running: call .result() again to wait longer, or .cancel() to stop it")
-        return outcome(self._view)
+        return outcome(self._view, self.unpickle)
 
     def cancel(self) -> Job[R]:
         """Cancel it: a queued job never starts, a running one has its sandbox stopped."""

@@ -65,7 +65,7 @@ def safe_name(name: str) -> str:
 def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_mib: int | None = None,
                      timeout_s: float | None = None, runtime: str | None = None, ai: bool = False,
                      environment: Environment | None = None, local_files: dict[str, bytes] | None = None,
-                     pickled: bytes | None = None) -> FunctionPackage:
+                     pickled: bytes | None = None, result: str = "pickle") -> FunctionPackage:
     """Cloudpickle ``fn`` (by value, with what it closes over) into a package with its source for display.
 
     ``environment`` (its spec and id go in the manifest, so they are part of the content hash) says
@@ -84,6 +84,8 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
     code = getattr(fn, "__code__", None)
     if code is not None:  # lets the sandbox show source lines in remote tracebacks
         manifest["source_file"], manifest["source_line"] = code.co_filename, code.co_firstlineno
+    if result == "json":
+        manifest["result"] = "json"  # data-only: the value travels as JSON, nothing is unpickled by the caller
     if ai:
         manifest["ai"] = True  # its sandbox may reach the AI node (and nothing else)
     if memory_mib is not None:

@@ -308,3 +308,45 @@ def test_a_manifest_boolean_must_be_a_boolean(arena):
     response = httpx.post(f"{arena['grid'].url}/upload", headers={"x-api-key": arena["mallory"]},
                           files={"file": ("sneaky.zip", package)})
     assert response.status_code == 422 and "ai must be true or false" in response.text
+
+
+def test_data_only_results_are_never_unpickled_by_the_caller(arena, tmp_path):
+    """What must never happen: a result="json" function makes its caller run code by sending a pickle."""
+    as_owner(arena, "mallory")
+    marker = tmp_path / "the caller ran the sandbox's code"
+
+    @nanogrid.remote(timeout=30, result="json")
+    def data_only(marker_path):
+        import sys
+
+        import cloudpickle
+
+        class Payload:
+            def __reduce__(self):
+                return (open, (marker_path, "w"))
+
+        boot = sys.modules["__main__"]
+        boot.EVIL = cloudpickle.dumps(Payload())
+        if not hasattr(boot, "honest_call"):
+            boot.honest_call = boot.Runtime.call
+
+            def pickled_instead(self, header, body, captures):
+                reply, result = boot.honest_call(self, header, body, captures)
+                reply["result_format"] = "pickle"
+                return reply, boot.EVIL
+
+            boot.Runtime.call = pickled_instead
+        return {"honest": [1, 2]}
+
+    assert data_only.remote(str(marker)) == {"honest": [1, 2]}  # the first call installs the forgery
+    with pytest.raises(nanogrid.NanoGridError, match="asked for data-only results"):
+        data_only.remote(str(marker))
+    assert not marker.exists()
+
+    @nanogrid.remote(timeout=30, result="json")
+    def fails():
+        raise KeyError("the reason")
+
+    with pytest.raises(nanogrid.RemoteError, match="the reason") as info:
+        fails.remote()
+    assert info.value.type_name == "KeyError" and "raise KeyError" in str(info.value.__cause__)

@@ -166,6 +166,13 @@ def restore_source_file(function, manifest):
             pass  # a callable that is not a plain function keeps its names
 
 
+def encode_json(value):
+    try:
+        return json.dumps(value).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the function returned a value JSON cannot encode: {exc}") from None
+
+
 class Runtime:
     def __init__(self):
         self.manifest = None
@@ -220,23 +227,26 @@ class Runtime:
         try:
             if self.manifest["kind"] == "pickle":
                 args, kwargs = cloudpickle.loads(body)
-                result = cloudpickle.dumps(self.function(*args, **kwargs))
-                reply["result_format"] = "pickle"
+                value = self.function(*args, **kwargs)
+                if self.manifest.get("result") == "json":  # data-only: the caller never unpickles anything
+                    result = encode_json(value)
+                    reply["result_format"] = "json"
+                else:
+                    result = cloudpickle.dumps(value)
+                    reply["result_format"] = "pickle"
             else:
                 event = json.loads(body) if body else None
                 os.environ["PAYLOAD"] = body.decode() if body else "{}"  # seed-style handlers read it
                 deadline = time.monotonic() + header.get("timeout", 300)
                 context = Context(header.get("job_id"), self.manifest.get("name"),
                                   self.manifest.get("memory"), deadline)
-                value = self.function(event, context)
-                try:
-                    result = json.dumps(value).encode()
-                except (TypeError, ValueError) as exc:
-                    raise TypeError(f"handler returned a value JSON cannot encode: {exc}") from None
+                result = encode_json(self.function(event, context))
                 reply["result_format"] = "json"
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the function's too
             reply["ok"] = False
             reply["error"], result = describe_error(exc, cloudpickle)
+            if self.manifest.get("result") == "json":
+                result = b""  # the exception as text only (type, message, traceback)
         if os.getpid() != BOOTSTRAP_PID:  # a child the function forked: it must never answer the agent
             os._exit(0)
         reply["duration_ms"] = (time.perf_counter() - started) * 1000
