@@ -27,6 +27,7 @@ from nanogrid.errors import (  # noqa: E402
     ConfigError,
     EnvironmentBuildFailed,
     FunctionTimeout,
+    GridUnresponsive,
     InvalidArgument,
     InvalidArguments,
     JobCancelled,
@@ -37,6 +38,7 @@ from nanogrid.errors import (  # noqa: E402
     RemoteError,
     SandboxCrashed,
     UnsupportedFunction,
+    UntrustedResult,
     VersionMismatch,
     WaitTimeout,
 )
@@ -98,8 +100,9 @@ _register_in_running_ipython()
 
 __all__ = [
     "Environment", "EnvironmentBuildFailed",
-    "AIUnavailable", "APIError", "Client", "ConfigError", "FunctionTimeout", "InvalidArgument", "InvalidArguments",
+    "AIUnavailable", "APIError", "Client", "ConfigError", "FunctionTimeout", "GridUnresponsive", "InvalidArgument",
+    "InvalidArguments",
     "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected", "OutOfMemory", "OutputFile", "RemoteError",
-    "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "VersionMismatch", "WaitTimeout",
+    "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "UntrustedResult", "VersionMismatch", "WaitTimeout",
     "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote",
 ]

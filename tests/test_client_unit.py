@@ -35,13 +35,14 @@ class FakeController:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        answer = self.routes.get((request.method, request.url.path))
+        path = request.url.path.removeprefix(getattr(nanogrid.client, "API_PREFIX", ""))  # routes as the API names them
+        answer = self.routes.get((request.method, path))
         if answer is None:
             return httpx.Response(404, json={"detail": f"no route {request.url.path}", "error": "not_found"})
         return answer(request) if callable(answer) else answer
 
     def paths(self) -> list[str]:
-        return [f"{r.method} {r.url.path}" for r in self.requests]
+        return [f"{r.method} {r.url.path.removeprefix(getattr(nanogrid.client, 'API_PREFIX', ''))}" for r in self.requests]
 
     def client(self, api_key: str | None = "ng_test") -> Client:
         return Client("http://grid.test", api_key=api_key, transport=httpx.MockTransport(self))
