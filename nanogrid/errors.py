@@ -19,6 +19,11 @@ class NotConnected(NanoGridError):
     """No grid to talk to."""
 
 
+class GridUnresponsive(NotConnected, TimeoutError):
+    """The grid took the request but said nothing for longer than the client's ``timeout`` (stopped, hung or
+    overloaded); the client gave up, and cancelled what it had started where it knew the job ids."""
+
+
 class APIError(NanoGridError):
     """The controller refused a request: ``status`` is the HTTP status, ``code`` its stable error code
     (``not_found``, ``rate_limited``, ...; see the README) and ``detail`` says why."""
