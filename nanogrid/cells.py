@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import symtable
 import sys
+import threading
 import time
 import timeit
 import traceback
@@ -38,7 +39,6 @@ SHELL_CALLS = {"system", "getoutput"}  # `!cmd` and `x = !cmd`
 TIMEIT_FLAGS = {"-n": int, "-r": int, "-q": None}
 SANDBOX_NAMES = {"__builtins__", "__name__", "get_ipython"}  # what run_cell puts into the cell's namespace
 ATOMIC = (int, float, complex, bool, str, bytes, type(None), range)  # cannot change in place
-NAMESPACE_REF = "ns"
 
 
 class CellRefused(ValueError):
@@ -150,13 +150,32 @@ def _timeit_options(words: list[str], line: int) -> tuple[dict[str, Any], list[s
 
 # Pickling a namespace as one stream: (name, value) records, one pickler so shared objects stay shared.
 
+_loading = threading.local()  # the namespace (and the objects it already has) that a state stream loads into
+
+
+def _namespace() -> dict[str, Any]:
+    """Unpickled where a function's globals were the sending side's namespace: the receiving side's namespace."""
+    return _loading.namespace
+
+
+def _existing(name: str) -> Any:
+    """Unpickled where the sending side referred to an object the receiving side already has under ``name``."""
+    return _loading.refs[name]
+
+
+class _NamespaceGlobals(dict):
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_namespace, ())
+
+
 class StatePickler(cloudpickle.Pickler):
     """Pickles a notebook's (or a cell's) names.
 
-    The namespace itself, and the globals of every function defined in it, travel as a reference
-    that the other side resolves to its own namespace. ``refs`` maps ids of objects the other side
-    already has to their names; ``drop_globals`` leaves out the values a function reads from its
-    globals (the receiving namespace has them).
+    The globals of every function defined in the namespace travel as a reference that the other
+    side resolves to its own namespace. ``refs`` maps ids of objects the other side already has
+    to their names; ``drop_globals`` leaves out the values a function reads from its globals (the
+    receiving namespace has them). Both work through ``reducer_override``, which pickle calls only
+    for objects that are not atoms (ints, floats, strings), so a long list of floats costs nothing extra.
     """
 
     def __init__(self, file: Any, namespace: dict[str, Any], refs: dict[int, str] | None = None,
@@ -165,16 +184,14 @@ class StatePickler(cloudpickle.Pickler):
         self.namespace = namespace
         self.refs = refs or {}
         self.drop_globals = drop_globals
-        self.namespace_globals: dict[str, Any] = {}
-        self.globals_ref[id(namespace)] = self.namespace_globals
+        self.globals_ref[id(namespace)] = _NamespaceGlobals()
 
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, ATOMIC):
-            return None
-        if obj is self.namespace or obj is self.namespace_globals:
-            return (NAMESPACE_REF,)
-        name = self.refs.get(id(obj))
-        return None if name is None else ("name", name)
+    def reducer_override(self, obj: Any) -> Any:
+        if self.refs:
+            name = self.refs.get(id(obj))
+            if name is not None:
+                return (_existing, (name,))
+        return super().reducer_override(obj)
 
     def _dynamic_function_reduce(self, func: Any) -> Any:
         reduced = super()._dynamic_function_reduce(func)
@@ -182,20 +199,6 @@ class StatePickler(cloudpickle.Pickler):
             state, slotstate = reduced[2]
             reduced = (*reduced[:2], (state, {**slotstate, "__globals__": {}}), *reduced[3:])
         return reduced
-
-
-class StateUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, namespace: dict[str, Any], refs: dict[str, Any] | None = None) -> None:
-        super().__init__(file)
-        self.namespace = namespace
-        self.refs = refs or {}
-
-    def persistent_load(self, pid: Any) -> Any:
-        if pid == (NAMESPACE_REF,):
-            return self.namespace
-        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "name" and pid[1] in self.refs:
-            return self.refs[pid[1]]
-        raise pickle.UnpicklingError(f"unknown reference {pid!r} in a cell's state")
 
 
 @dataclass
@@ -229,10 +232,14 @@ def pack_state(records: list[tuple[str, Any]], namespace: dict[str, Any], refs: 
 
 def unpack_state(data: bytes, namespace: dict[str, Any], refs: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     stream = io.BytesIO(data)
-    unpickler = StateUnpickler(stream, namespace, refs)
+    unpickler = pickle.Unpickler(stream)
     records = []
-    while stream.tell() < len(data):
-        records.append(unpickler.load())
+    _loading.namespace, _loading.refs = namespace, refs or {}
+    try:
+        while stream.tell() < len(data):
+            records.append(unpickler.load())
+    finally:
+        _loading.namespace = _loading.refs = None
     return records
 
 
@@ -443,8 +450,10 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
         namespace.update(unpack_state(inputs, namespace))  # functions' globals may add names they read
     except Exception as exc:
         return _failed_to_load(exc, filename)
+    diff_started = time.perf_counter()
     originals = {k: v for k, v in namespace.items() if k not in SANDBOX_NAMES}
     before = {k: fingerprint(v, namespace) for k, v in originals.items()}
+    diff_s = time.perf_counter() - diff_started
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _StreamRecorder(stdout, 1, segments), _StreamRecorder(stderr, 2, segments)
     try:
@@ -460,11 +469,13 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
         sys.stderr.flush()
         sys.stdout, sys.stderr = stdout, stderr
     figures = _figures()
+    diff_started = time.perf_counter()
     changed = [k for k, v in namespace.items() if k not in SANDBOX_NAMES and (
         k not in originals or v is not originals[k] or fingerprint(v, namespace) != before[k])]
     mutated = [k for k in changed if k in originals and namespace[k] is originals[k]]
     deleted = [k for k in originals if k not in namespace]
     unchanged = {id(originals[k]): k for k in sent if k in originals and k not in changed}
+    diff_s += time.perf_counter() - diff_started
     records: list[tuple[str, Any]] = [("name:" + k, namespace[k]) for k in changed]
     records += [("value", value), ("error", error)]
     packed = pack_state(records, namespace, unchanged, drop_globals=True)
@@ -480,6 +491,7 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
         "error": None if error is None else _describe_error(error, filename),
         "streams": segments,
         "figures": figures,
+        "diff_ms": diff_s * 1000,  # hashing the inputs before and after, and comparing
     }
 
 

@@ -33,6 +33,7 @@ class CellOutcome:
     unpicklable: dict[str, str] = field(default_factory=dict)
     streams: list[tuple[str, str]] = field(default_factory=list)  # ("stdout" | "stderr", text), in order
     figures: list[tuple[bytes, str]] = field(default_factory=list)  # PNG, the figure's repr
+    diff_ms: float = 0.0  # time the sandbox spent finding what changed
 
 
 class CellJob(Job):
@@ -69,7 +70,8 @@ class CellJob(Job):
     def _deliver(self, reply: dict[str, Any]) -> CellOutcome:
         user_ns = self.shell.user_ns
         outcome = CellOutcome(names_out=reply["sizes"], deleted=reply["deleted"], unpicklable=reply["unpicklable"],
-                              figures=reply["figures"], streams=_streams(self._view, reply["streams"]))
+                              figures=reply["figures"], streams=_streams(self._view, reply["streams"]),
+                              diff_ms=reply.get("diff_ms", 0.0))
         try:
             records = load_state(reply["state"], user_ns, self.sent)
         except Exception as exc:
