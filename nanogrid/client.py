@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -13,11 +14,19 @@ from typing import Any
 
 import httpx
 
-from nanogrid.errors import APIError, NotConnected, VersionMismatch
+from nanogrid.data import Ref, sha256_of
+from nanogrid.errors import APIError, ConfigError, GridUnresponsive, NanoGridError, NotConnected, VersionMismatch
 from nanogrid.packaging import FunctionPackage
 
 RATE_LIMIT_RETRIES = 6
-SYNC_READ_TIMEOUT_S = 90.0  # the controller answers a sync /run within 60 s (202 if still running)
+API_PREFIX = "/v1"  # NanoGrid's own API; the seed platform's contract answers at the root and under /api
+DEFAULT_TIMEOUT_S = 30.0  # how long the grid may stay silent before a request gives up (NANOGRID_TIMEOUT)
+SYNC_HOLD_S = 60.0  # the controller answers a sync /run within this (202 if the call is still running)
+CANCEL_HOLD_S = 5.0  # ... and a cancel within this
+MAP_SILENCE_S = 10.0  # a /map stream sends an empty line every 2 s without news: its read timeout is at least this
+LEGACY_PAYLOAD_BYTES = 16 << 20  # what a grid that does not name its limits takes
+BLOB_MIN_RATE = 20e6  # bytes/s a blob transfer may be as slow as before it counts as the grid not answering
+GIVE_UP_CANCEL_S = 3.0  # a client that gave up spends at most this on cancelling what it started
 
 _default: Client | None = None
 _default_lock = threading.Lock()
@@ -56,14 +65,15 @@ def discover_key(url: str) -> str | None:
     return None
 
 
-def connect(url: str | None = None, api_key: str | None = None) -> Client:
+def connect(url: str | None = None, api_key: str | None = None, *, timeout: float | None = None) -> Client:
     """Connect to a grid and make it the default for ``@remote`` functions and the magics.
 
-    The key is ``api_key``, else ``NANOGRID_API_KEY``, else the local grid's own key.
+    The key is ``api_key``, else ``NANOGRID_API_KEY``, else the local grid's own key. ``timeout``: seconds
+    the grid may stay silent before a call raises ``GridUnresponsive`` (else ``NANOGRID_TIMEOUT``, else 30).
     """
     global _default
     url = url or discover_url()
-    client = Client(url, api_key=api_key or discover_key(url))
+    client = Client(url, api_key=api_key or discover_key(url), timeout=timeout)
     with _default_lock:
         old, _default = _default, client
     if old is not None:
@@ -82,17 +92,23 @@ class Client:
     """One controller's HTTP API. Thread-safe; keeps connections alive.
 
     ``transport`` replaces the network (any ``httpx.BaseTransport``, e.g. ``httpx.MockTransport`` in tests).
+    ``timeout``: seconds the grid may stay silent, on top of any wait a request asks for (a sync call's, a
+    long poll's), before the request raises ``GridUnresponsive``; default ``NANOGRID_TIMEOUT``, else 30.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, *, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
+        self.timeout = _timeout_setting(timeout)
         api_key = api_key or discover_key(self.url)
         headers = {"x-api-key": api_key} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
-                                  timeout=httpx.Timeout(30.0, read=SYNC_READ_TIMEOUT_S),
+        self._http = httpx.Client(base_url=self.url + API_PREFIX, headers=headers, transport=transport,
+                                  timeout=httpx.Timeout(self.timeout),
                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
         self._known_functions: dict[str, str] = {}  # package content id -> the grid's function id
         self._runtimes: dict[str, str] | None = None
+        self._limits: dict[str, Any] | None = None
+        self._known_blobs: set[str] = set()  # blobs this client uploaded or found on the grid
 
     def close(self) -> None:
         self._http.close()
@@ -105,6 +121,8 @@ class Client:
         for attempt in range(RATE_LIMIT_RETRIES + 1):
             try:
                 response = self._http.request(method, path, **kwargs)
+            except httpx.TimeoutException as exc:
+                raise self._unresponsive(exc) from None
             except httpx.TransportError as exc:
                 raise NotConnected(f"cannot reach the grid at {self.url} ({exc}); is `nanogrid up` running?") from None
             if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
@@ -121,6 +139,53 @@ class Client:
         if self._runtimes is None:
             self._runtimes = self.health()["runtimes"]
         return self._runtimes
+
+    def limits(self) -> dict[str, Any]:
+        """The grid's own limits (``/v1/health``): max_payload_bytes and max_result_bytes per value, and
+        blob_threshold_bytes (None from a grid older than the data plane: 16 MiB inline, no blobs)."""
+        if self._limits is None:
+            health = self.health()
+            self._limits = {"max_payload_bytes": health.get("max_payload_bytes") or LEGACY_PAYLOAD_BYTES,
+                            "max_result_bytes": health.get("max_result_bytes"),
+                            "blob_threshold_bytes": health.get("blob_threshold_bytes")}
+        return self._limits
+
+    def upload_blob(self, data: bytes) -> Ref:
+        """Store ``data`` on the grid under its SHA-256 unless it is there already (HEAD first); its Ref."""
+        ref = Ref(sha256_of(data), len(data))
+        if ref.sha256 in self._known_blobs:
+            return ref
+        exists = self._http.head(f"/blobs/{ref.sha256}")
+        if exists.status_code == 404:
+            self.request("PUT", f"/blobs/{ref.sha256}", content=data, timeout=self._timeout(len(data) / BLOB_MIN_RATE),
+                         headers={"content-type": "application/octet-stream"})
+        elif exists.status_code >= 400:
+            raise _api_error(exists)
+        self._known_blobs.add(ref.sha256)
+        return ref
+
+    def download_blob(self, sha256: str, size: int) -> bytearray:
+        """A blob's bytes, streamed into one buffer of its size and checked against its hash."""
+        buffer, filled, digest = bytearray(size), 0, hashlib.sha256()
+        view = memoryview(buffer)
+        try:
+            with self._http.stream("GET", f"/blobs/{sha256}", timeout=self._timeout(size / BLOB_MIN_RATE)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _api_error(response)
+                for chunk in response.iter_raw(4 << 20):
+                    if filled + len(chunk) > size:
+                        raise NanoGridError(f"blob {sha256[:12]} is larger than the {size} bytes the grid announced")
+                    view[filled:filled + len(chunk)] = chunk
+                    digest.update(chunk)
+                    filled += len(chunk)
+        except httpx.TimeoutException as exc:
+            raise self._unresponsive(exc) from None
+        except httpx.TransportError as exc:
+            raise NotConnected(f"lost the connection to the grid at {self.url} ({exc})") from None
+        if filled != size or digest.hexdigest() != sha256:
+            raise NanoGridError(f"blob {sha256[:12]} arrived damaged (its content does not match its hash); try again")
+        return buffer
 
     def deploy(self, package: FunctionPackage) -> str:
         """Upload a package unless the grid already has it; returns its function id."""
@@ -153,30 +218,56 @@ class Client:
         with path.open("rb") as f:
             return self.request("POST", "/upload", files={"file": (path.name, f)}, data=data).json()
 
-    def run(self, body: dict[str, Any], *, asynchronous: bool = False) -> dict[str, Any]:
-        headers = {"X-Async": "true"} if asynchronous else None
-        return self.request("POST", "/run", json=body, headers=headers).json()
+    def run(self, body: dict[str, Any], *, asynchronous: bool = False, hold: float | None = None) -> dict[str, Any]:
+        """POST /run. ``hold``: seconds the grid waits for the result before answering 202 (then follow the job)."""
+        headers = {"X-Async": "true"} if asynchronous else {"X-Hold": f"{hold:g}"} if hold is not None else None
+        wait = 0 if asynchronous else SYNC_HOLD_S if hold is None else hold
+        return self.request("POST", "/run", json=body, headers=headers, timeout=self._timeout(wait)).json()
+
+    def logs(self, job_id: str, after: str = "", wait: float = 0) -> dict[str, Any]:
+        """What a job printed since the cursor ``after`` (long-poll up to ``wait`` s): {chunks, cursor, ended}."""
+        return self.request("GET", f"/jobs/{job_id}/logs", params={"after": after, "wait": wait},
+                            timeout=self._timeout(wait)).json()
 
     def status(self, job_id: str, wait: float = 0) -> dict[str, Any]:
-        return self.request("GET", f"/status/{job_id}", params={"wait": wait} if wait else None).json()
+        return self.request("GET", f"/status/{job_id}", params={"wait": wait} if wait else None,
+                            timeout=self._timeout(wait)).json()
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/jobs/{job_id}/cancel").json()
+    def cancel(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """``timeout``: give up sooner than the client's own (a client cancelling on its way out)."""
+        return self.request("POST", f"/jobs/{job_id}/cancel",
+                            timeout=self._timeout(CANCEL_HOLD_S) if timeout is None else timeout).json()
 
-    def cancel_many(self, job_ids: list[str]) -> int:
+    def cancel_many(self, job_ids: list[str], *, timeout: float | None = None) -> int:
         """Cancel every unfinished job among these; returns how many were cancelled."""
-        return self.request("POST", "/jobs/cancel", json={"job_ids": job_ids}).json()["cancelled"]
+        return self.request("POST", "/jobs/cancel", json={"job_ids": job_ids},
+                            timeout=self.timeout if timeout is None else timeout).json()["cancelled"]
+
+    def _timeout(self, hold: float) -> httpx.Timeout:
+        """The client's timeout, with ``hold`` seconds more to read the answer (the wait the request asked for)."""
+        return httpx.Timeout(self.timeout, read=self.timeout + hold)
+
+    def _unresponsive(self, exc: httpx.TimeoutException) -> GridUnresponsive:
+        what = {httpx.ConnectTimeout: "to accept a connection", httpx.WriteTimeout: "to take the request",
+                httpx.PoolTimeout: "to free a connection"}.get(type(exc), "to answer")
+        return GridUnresponsive(f"the grid at {self.url} took longer than the client's {self.timeout:g} s timeout "
+                                f"{what} (stopped, hung or overloaded?); raise it with nanogrid.connect(timeout=...) "
+                                "or NANOGRID_TIMEOUT if the grid is merely slow")
 
     def map_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST /map; yields its NDJSON lines (first the job ids, then one job per call as it finishes)."""
         try:
-            with self._http.stream("POST", "/map", json=body, timeout=httpx.Timeout(30.0, read=None)) as response:
+            # The grid sends an empty line every 2 s without news, so silence means it stopped answering.
+            silence = httpx.Timeout(self.timeout, read=max(self.timeout, MAP_SILENCE_S))
+            with self._http.stream("POST", "/map", json=body, timeout=silence) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _api_error(response)
                 for line in response.iter_lines():
                     if line:
                         yield json.loads(line)
+        except httpx.TimeoutException as exc:
+            raise self._unresponsive(exc) from None
         except httpx.TransportError as exc:
             raise NotConnected(f"lost the connection to the grid at {self.url} ({exc})") from None
 
@@ -199,6 +290,34 @@ class Client:
 
     def system_status(self) -> dict[str, Any]:
         return self.request("GET", "/system/status").json()
+
+    def set_secret(self, name: str, values: dict[str, str]) -> dict[str, Any]:
+        """Store (or replace) a secret: encrypted by the grid, given only to functions that name it."""
+        return self.request("PUT", f"/secrets/{name}", json={"values": values}).json()
+
+    def secrets(self) -> list[dict[str, Any]]:
+        """Your secrets' names and variable names (values are never sent back)."""
+        return self.request("GET", "/secrets").json()
+
+    def delete_secret(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/secrets/{name}").json()
+
+
+def _timeout_setting(timeout: float | None) -> float:
+    """``timeout`` if given, else ``NANOGRID_TIMEOUT``, else DEFAULT_TIMEOUT_S; a positive number of seconds."""
+    source = "timeout"
+    if timeout is None:
+        text = os.environ.get("NANOGRID_TIMEOUT", "").strip()
+        if not text:
+            return DEFAULT_TIMEOUT_S
+        source = "NANOGRID_TIMEOUT"
+        try:
+            timeout = float(text)
+        except ValueError:
+            raise ConfigError(f"NANOGRID_TIMEOUT is a number of seconds, e.g. 30, not {text!r}") from None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+        raise ConfigError(f"{source} is a number of seconds above 0, e.g. 30, not {timeout!r}")
+    return float(timeout)
 
 
 def _backoff(response: httpx.Response, attempt: int) -> float:

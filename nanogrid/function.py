@@ -12,18 +12,23 @@ import base64
 import copy
 import functools
 import inspect
+import io
+import json
 import queue
 import threading
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import cloudpickle
 from tqdm.auto import tqdm
 
-from nanogrid.client import Client, get_client
+from nanogrid.client import GIVE_UP_CANCEL_S, Client, get_client
+from nanogrid.data import ArgsEncoder
 from nanogrid.environment import Environment, modules_of_values, requirements_for
 from nanogrid.errors import (
     APIError,
+    GridUnresponsive,
     InvalidArgument,
     InvalidArguments,
     JobFailed,
@@ -31,9 +36,9 @@ from nanogrid.errors import (
     UnsupportedFunction,
 )
 from nanogrid.job import Job, outcome
-from nanogrid.packaging import FunctionPackage, package_function
+from nanogrid.packaging import FunctionPackage, build_zip, package_function
 
-MAX_ARGS_BYTES = 16 << 20  # the grid's default payload cap
+LIVE_AFTER_S = 0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls
 
 P = ParamSpec("P")
@@ -46,11 +51,15 @@ class RemoteFunction(Generic[P, R]):
     def __init__(self, fn: Callable[P, R], *, memory: int | None = None, timeout: float | None = None,
                  name: str | None = None, runtime: str | None = None, client: Client | None = None,
                  model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-                 environment: Environment | None = None, result: str = "pickle") -> None:
+                 environment: Environment | None = None, result: str = "pickle", retries: int = 0,
+                 retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
+                 env: dict[str, str] | None = None, secrets: list[str] | None = None) -> None:
         _check_runnable(fn)
         if result not in ("pickle", "json"):
             raise InvalidArguments(f"result must be 'pickle' or 'json' (data only, never unpickled), not {result!r}")
         self.result_format = result
+        self.env = dict(env or {})  # environment variables of its sandbox
+        self.secrets = list(secrets or [])  # names of the owner's secrets its sandbox gets as variables
         _check_limits(memory, timeout)
         self.fn = fn
         self.memory = memory
@@ -64,6 +73,7 @@ class RemoteFunction(Generic[P, R]):
         # plus ``packages``, which win over synced ones of the same name.
         self.environment = environment
         self.packages = list(packages or [])
+        self.retry_policy = _retry_policy(retries, retry_on, backoff)  # in the manifest: the worker tries again
         self._argument_modules: set[str] = set()  # modules of the argument types seen so far (package sync)
         self._synced: tuple[bytes, frozenset[str], Environment, dict[str, bytes]] | None = None
         self._pickled: bytes | None = None
@@ -101,7 +111,9 @@ class RemoteFunction(Generic[P, R]):
             self._package = package_function(self.fn, name=self.name, memory_mib=self.memory,
                                              timeout_s=self.timeout, runtime=self.runtime, ai=self.ai,
                                              environment=environment, local_files=local_files, pickled=pickled,
-                                             result=self.result_format)
+                                             result=self.result_format, env=self.env, secrets=self.secrets)
+            if self.retry_policy:
+                self._package = _with_manifest(self._package, retries=self.retry_policy)
             self._pickled = pickled
         return self._package
 
@@ -125,6 +137,29 @@ class RemoteFunction(Generic[P, R]):
         """Upload the function if the grid does not have this version yet; returns its function id."""
         return self.client.deploy(self.package())
 
+    def history(self, limit: int = 50, status: str | None = None, before: str | None = None) -> list[dict[str, Any]]:
+        """This version's calls on the grid, newest first: status, times, duration, peak memory, cold/warm, worker,
+        exit reason, and stdout/stderr cut to 2,048 characters (``Job.from_id(job_id).stdout`` has all of it).
+        ``before``: the last job id of the previous page."""
+        params = {"limit": limit, **({"status": status} if status else {}), **({"before": before} if before else {})}
+        path = _v1(self.client, f"/functions/{self.deploy()}/history")
+        return self.client.request("GET", path, params=params).json()["items"]
+
+    def windows(self) -> dict[str, dict[str, Any]]:
+        """Count, error rate, p50/p95/p99 duration, peak memory and cold-start share over 1h, 24h, 7d and 30d."""
+        return self.client.request("GET", _v1(self.client, f"/functions/{self.deploy()}/windows")).json()["windows"]
+
+    def autotune(self, apply: bool = False) -> dict[str, Any]:
+        """The AutoTuner's memory advice, its reasons and the saving per million calls. ``apply=True`` makes the grid's
+        version with that memory and uses it for this function's next calls (``advice["applied"]``)."""
+        path = _v1(self.client, f"/functions/{self.deploy()}/autotune")
+        advice = self.client.request("GET", path).json()
+        if apply and advice["recommended_mib"] not in (None, advice["current_mib"]):
+            advice["applied"] = self.client.request("POST", path + "/apply",
+                                                    json={"memory_mib": advice["recommended_mib"]}).json()
+            self.memory, self._package = advice["recommended_mib"], None
+        return advice
+
     def _call(self, body_for: Callable[[str], dict[str, Any]], send: Callable[[dict[str, Any]], Any]) -> Any:
         function_id = self.deploy()
         try:
@@ -135,8 +170,12 @@ class RemoteFunction(Generic[P, R]):
             self.client.forget_function(function_id)  # deleted on the grid: upload again
             return send(body_for(self.deploy()))
 
-    def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], item: int | None = None) -> str:
-        """Check the arguments against the signature, then pickle them: a wrong call never leaves this machine."""
+    def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], item: int | None = None,
+                encoder: ArgsEncoder | None = None) -> tuple[str, list[str]]:
+        """Check the arguments against the signature, then pickle them: a wrong call never leaves this machine.
+
+        (the base64 args pickle, the blobs it references); arguments over the grid's threshold are uploaded here.
+        """
         where = "" if item is None else f" (item {item} of .map())"
         if self._signature is None:
             self._signature = _signature_of(self.fn)
@@ -146,24 +185,27 @@ class RemoteFunction(Generic[P, R]):
             except TypeError as exc:
                 raise InvalidArguments(f"cannot call {getattr(self.fn, '__qualname__', self.name)}{self._signature}: "
                                        f"{exc}{where}; nothing was sent to the grid") from None
-        return _encode_args(args, kwargs, where)
+        return _encode_args(encoder or ArgsEncoder(self.client), args, kwargs, where)
 
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Start a call and return its Job at once."""
-        payload = self._encode(args, kwargs)
-        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "model": self.model},
+        payload, blobs = self._encode(args, kwargs)
+        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "blobs": blobs, "model": self.model},
                           lambda body: self.client.run(body, asynchronous=True))
         return Job(self.client, view, self.name, unpickle=self.result_format == "pickle")
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run on the grid and return the value; a remote exception is re-raised here."""
-        payload = self._encode(args, kwargs)
-        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "model": self.model},
-                          self.client.run)
-        unpickle = self.result_format == "pickle"
-        if view["status"] not in ("completed", "failed", "cancelled"):
-            return Job[R](self.client, view, self.name, unpickle=unpickle).result()
-        return outcome(view, unpickle)
+        payload, blobs = self._encode(args, kwargs)
+        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "blobs": blobs, "model": self.model},
+                          lambda body: self.client.run(body, hold=LIVE_AFTER_S))
+        job = Job[R](self.client, view, self.name, unpickle=self.result_format == "pickle")
+        try:
+            # What it prints appears here as it would locally: live when the call is still running.
+            return job.echo().result()
+        except GridUnresponsive:
+            _cancel_quietly(self.client, [job.job_id])  # nobody is left to take its result
+            raise
 
     def map(self, *iterables: Iterable[Any], return_exceptions: bool = False, progress: bool | None = None,
             chunk_size: int | None = None) -> Iterator[R]:
@@ -173,7 +215,8 @@ class RemoteFunction(Generic[P, R]):
         ``return_exceptions=True`` a failed call yields its exception instead of raising it.
         Every item is checked against the signature before the first one is sent.
         """
-        items = [self._encode(args, {}, index) for index, args in enumerate(zip(*iterables, strict=False))]
+        encoder = ArgsEncoder(self.client)  # a value shared by many items is uploaded once
+        items = [self._encode(args, {}, index, encoder) for index, args in enumerate(zip(*iterables, strict=False))]
         return _ordered_map(self, items, return_exceptions, progress, chunk_size)
 
 
@@ -200,6 +243,43 @@ def _check_limits(memory: int | None, timeout: float | None) -> None:
         raise InvalidArgument(f"timeout is a number of seconds above 0, e.g. timeout=30, not {timeout!r}")
 
 
+def _v1(client: Client, path: str) -> str:
+    """An absolute URL of NanoGrid's own API (the operations routes live under /v1 whatever the client's base)."""
+    return f"{client.url}/v1{path}"
+
+
+def _retry_policy(retries: int, retry_on: Iterable[type[BaseException] | str], backoff: float) -> dict[str, Any]:
+    """The manifest's retry policy ({} for none): exception classes by name, with their subclasses."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+        raise InvalidArgument(f"retries is a whole number of extra tries, 0 to 10, not {retries!r}")
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not 0 <= backoff <= 60:
+        raise InvalidArgument(f"backoff is the seconds before the second try (0 to 60), not {backoff!r}")
+    names: set[str] = set()
+    for item in [retry_on] if isinstance(retry_on, str | type) else retry_on:
+        if isinstance(item, str):
+            names.add(item)
+        elif isinstance(item, type) and issubclass(item, BaseException):
+            todo = [item]
+            while todo:
+                cls = todo.pop()
+                names.add(f"{cls.__module__}.{cls.__qualname__}")
+                todo.extend(cls.__subclasses__())
+        else:
+            raise InvalidArgument(f"retry_on takes exception classes or their names, not {item!r}")
+    if not retries:
+        return {}
+    return {"retries": retries, "retry_on": sorted(names), "backoff_s": float(backoff)}
+
+
+def _with_manifest(package: FunctionPackage, **entries: Any) -> FunctionPackage:
+    """The package with more manifest entries (they are part of its content hash, like every other setting)."""
+    with zipfile.ZipFile(io.BytesIO(package.data)) as zf:
+        files = {name: zf.read(name) for name in zf.namelist()}
+    manifest = {**package.manifest, **entries}
+    files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return FunctionPackage(build_zip(files), manifest)
+
+
 def _signature_of(fn: Callable[..., Any]) -> inspect.Signature | None:
     """The parameters only (annotations would read as strings under ``from __future__ import annotations``)."""
     try:
@@ -210,7 +290,8 @@ def _signature_of(fn: Callable[..., Any]) -> inspect.Signature | None:
                              return_annotation=signature.empty)
 
 
-def _ordered_map(fn: RemoteFunction[..., Any], items: list[str], return_exceptions: bool, progress: bool | None,
+def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]], return_exceptions: bool,
+                 progress: bool | None,
                  chunk_size: int | None) -> Iterator[Any]:
     total = len(items)
     if not total:
@@ -223,14 +304,17 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[str], return_exceptio
     ids_lock = threading.Lock()
     stop = threading.Event()
 
-    def send(work: queue.SimpleQueue[tuple[int, list[str]]]) -> None:
+    def send(work: queue.SimpleQueue[tuple[int, list[tuple[str, list[str]]]]]) -> None:
         while not stop.is_set():
             try:
                 start, chunk = work.get_nowait()
             except queue.Empty:
                 return
             try:
-                lines = fn.client.map_stream({"function_id": function_id, "args_pickle": chunk, "model": fn.model})
+                body = {"function_id": function_id, "args_pickle": [p for p, _ in chunk], "model": fn.model}
+                if any(blobs for _, blobs in chunk):
+                    body["blobs"] = [blobs for _, blobs in chunk]
+                lines = fn.client.map_stream(body)
                 ids = next(lines)["job_ids"]
                 with ids_lock:  # the consumer cancels job_ids once it stops: none may slip in after that
                     job_ids.extend(ids)
@@ -244,7 +328,7 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[str], return_exceptio
                 done.put(exc)
                 return
 
-    work: queue.SimpleQueue[tuple[int, list[str]]] = queue.SimpleQueue()
+    work: queue.SimpleQueue[tuple[int, list[tuple[str, list[str]]]]] = queue.SimpleQueue()
     for chunk in chunks:
         work.put(chunk)
     senders = [threading.Thread(target=send, args=(work,), daemon=True) for _ in range(min(MAP_STREAMS, len(chunks)))]
@@ -267,7 +351,7 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[str], return_exceptio
                 view = waiting.pop(next_index)
                 next_index += 1
                 try:
-                    yield outcome(view, fn.result_format == "pickle")
+                    yield outcome(view, fn.result_format == "pickle", fn.client)
                 except (Exception, JobFailed) as exc:
                     if not return_exceptions:
                         raise
@@ -278,23 +362,22 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[str], return_exceptio
             submitted = list(job_ids)
         bar.close()
         if next_index < total:  # interrupted or failed: don't leave the rest running
-            try:
-                fn.client.cancel_many(submitted)
-            except NanoGridError:
-                pass
+            _cancel_quietly(fn.client, submitted)
 
 
-def _encode_args(args: tuple[Any, ...], kwargs: dict[str, Any], where: str = "") -> str:
+def _cancel_quietly(client: Client, job_ids: list[str]) -> None:
+    """Best effort on the way out, briefly: a grid that stopped answering may still act on it once it resumes."""
     try:
-        data = cloudpickle.dumps((args, kwargs))
-    except Exception as exc:
-        raise InvalidArguments(f"cannot send the arguments to the grid{where}: {exc}") from exc
-    if len(data) > MAX_ARGS_BYTES:
-        sizes = ", ".join(f"argument {i}: {len(cloudpickle.dumps(a)) >> 20} MiB" for i, a in enumerate(args))
-        raise InvalidArgument(f"the arguments{where} pickle to {len(data) >> 20} MiB, over the grid's "
-                              f"{MAX_ARGS_BYTES >> 20} MiB limit ({sizes}); pass large data by reference "
-                              "(a path or URL the function can read) instead")
-    return base64.b64encode(data).decode()
+        client.cancel_many(job_ids, timeout=GIVE_UP_CANCEL_S)
+    except NanoGridError:
+        pass
+
+
+def _encode_args(encoder: ArgsEncoder, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 where: str = "") -> tuple[str, list[str]]:
+    """Each argument pickled once: over the grid's limit it is refused by name, over its threshold uploaded as a blob."""
+    data, blobs = encoder.encode(args, kwargs, where)
+    return base64.b64encode(data).decode(), blobs
 
 
 @overload
@@ -304,13 +387,17 @@ def remote(fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
 @overload
 def remote(fn: None = None, /, *, memory: int | None = None, timeout: float | None = None, name: str | None = None,
            runtime: str | None = None, model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-           environment: Environment | None = None, result: str = "pickle"
+           environment: Environment | None = None, result: str = "pickle", retries: int = 0,
+           retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
+           env: dict[str, str] | None = None, secrets: list[str] | None = None
            ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 
 def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, timeout: float | None = None,
            name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False,
-           packages: list[str] | None = None, environment: Environment | None = None, result: str = "pickle"
+           packages: list[str] | None = None, environment: Environment | None = None, result: str = "pickle",
+           retries: int = 0, retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
+           env: dict[str, str] | None = None, secrets: list[str] | None = None
            ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
     """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
 
@@ -319,11 +406,18 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
     With no ``environment``, the function gets the client's versions of the packages it uses, plus
     ``packages=["scikit-learn==1.5.2"]``; ``environment=nanogrid.Environment(...)`` says exactly what it gets.
     ``result="json"``: data-only results, sent as JSON; nothing the sandbox sends is ever unpickled here.
+    ``retries=N``: a call whose sandbox crashed or whose worker was lost, or that raised one of ``retry_on``
+    (exception classes, subclasses included, or names), is tried up to N more times, ``backoff`` seconds
+    after the first failure and twice as long after each next one; every try shows in ``history()``.
+    ``env={"NAME": "value"}`` sets environment variables in its sandbox; ``secrets=["NAME"]`` adds the variables
+    of the owner's secret NAME (`nanogrid secrets set NAME KEY=VALUE`), decrypted only inside the worker.
     """
     _check_limits(memory, timeout)
+    _retry_policy(retries, retry_on, backoff)  # mistakes named here, not at the first call
 
     def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
         return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
-                              packages=packages, environment=environment, result=result)
+                              packages=packages, environment=environment, result=result, retries=retries,
+                              retry_on=retry_on, backoff=backoff, env=env, secrets=secrets)
 
     return wrap(fn) if fn is not None else wrap

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import cloudpickle
 
-from nanogrid.client import Client
+from nanogrid.client import Client, get_client
 from nanogrid.errors import RemoteError, RemoteTraceback, UntrustedResult, WaitTimeout, failure_for
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
@@ -38,13 +41,21 @@ class OutputFile:
         return target
 
 
-def outcome(view: dict[str, Any], unpickle: bool = True) -> Any:
+def outcome(view: dict[str, Any], unpickle: bool = True, client: Client | None = None) -> Any:
     """The call's value, or raise what it raised (remote exceptions as their own type where possible).
 
     ``unpickle=False`` (functions with ``result="json"``): nothing from the grid is ever unpickled;
-    values come as JSON and exceptions as ``RemoteError``.
+    values come as JSON and exceptions as ``RemoteError``. A result stored as a blob (over the grid's
+    threshold) is downloaded, streamed, from ``client``.
     """
     status = view["status"]
+    blob = view.get("result_blob")
+    if status == "completed" and blob:
+        if blob.get("format") != "json" and not unpickle:
+            raise UntrustedResult(f"job {view['job_id']} came back pickled, but its function asked for data-only "
+                                  "results (result='json'); it was not unpickled")
+        data = (client or get_client()).download_blob(blob["sha256"], blob["size"])
+        return json.loads(data) if blob.get("format") == "json" else cloudpickle.loads(data)
     if status == "completed":
         if view.get("result_pickle") is not None:
             if not unpickle:
@@ -75,11 +86,18 @@ class Job(Generic[R]):
     ``Job[R]``: ``result()`` returns what the function returns (``R``), as ``spawn()`` types it.
     """
 
+    @classmethod
+    def from_id(cls, job_id: str, client: Client | None = None) -> Job[Any]:
+        """The job with this id (from ``fn.history()``, a log, the dashboard), as the grid has it now."""
+        client = client or get_client()
+        return cls(client, client.status(job_id))
+
     def __init__(self, client: Client, view: dict[str, Any], function_name: str = "", unpickle: bool = True) -> None:
         self.client = client
         self.function_name = function_name
         self.unpickle = unpickle  # False: a data-only function (result="json"); nothing it sends is unpickled
         self._view = view
+        self._value: dict[str, Any] = {}  # the result, once read (a large one is downloaded and unpickled once)
 
     @property
     def job_id(self) -> str:
@@ -115,13 +133,50 @@ class Job(Generic[R]):
         if not self.wait(timeout).done:
             raise WaitTimeout(f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
                               "running: call .result() again to wait longer, or .cancel() to stop it")
-        return outcome(self._view, self.unpickle)
+        if "value" not in self._value:  # once: a widget and the caller asking both get the same object
+            self._value["value"] = outcome(self._view, self.unpickle, self.client)
+        return self._value["value"]
 
     def cancel(self) -> Job[R]:
         """Cancel it: a queued job never starts, a running one has its sandbox stopped."""
         if not self.done:
             self._view = self.client.cancel(self.job_id)
         return self
+
+    def stream(self, poll_s: float = 2.0) -> Iterator[tuple[str, str]]:
+        """``(stream, text)`` as the job prints it ("stdout" or "stderr"), live, until it has finished.
+
+        What live output did not carry (past the capture limit of the live log, or printed in the
+        last instant) comes at the end from the job's record, so the texts add up to ``logs()``.
+        """
+        printed = {"stdout": 0, "stderr": 0}
+        cursor = ""
+        while not self.done:
+            answer = self.client.logs(self.job_id, cursor, wait=poll_s)
+            for chunk in answer["chunks"]:
+                printed[chunk["stream"]] += len(chunk["text"])
+                yield chunk["stream"], chunk["text"]
+            cursor = answer["cursor"]
+            if answer["ended"]:
+                break
+        self.wait()
+        for name in ("stdout", "stderr"):
+            text = self._view.get(name) or ""
+            if len(text) > printed[name]:
+                yield name, text[printed[name]:]
+
+    def echo(self) -> Job[R]:
+        """Print what the job prints, live, on this process's stdout and stderr; returns once it finished."""
+        for name, text in self.stream():
+            target = sys.stdout if name == "stdout" else sys.stderr
+            target.write(text)
+            target.flush()
+        return self
+
+    def logs(self) -> dict[str, str]:
+        """Everything the job printed (waits for it to finish): ``{"stdout": ..., "stderr": ...}``."""
+        self.wait()
+        return {"stdout": self._view.get("stdout", ""), "stderr": self._view.get("stderr", "")}
 
     @property
     def stdout(self) -> str:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import zipfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
@@ -16,10 +15,10 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, 
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from backend.controller import jobs
+from backend.controller import blobs, history, jobs, secret_routes, seed
 from backend.controller.errors import install_error_handlers
+from backend.controller.function_metrics import RequestDurations, render_all
 from backend.controller.limits import BodySizeLimit
-from backend.controller.metrics import render_metrics
 from backend.controller.ratelimit import TokenBuckets, retry_after_header
 from backend.controller.schemas import (
     Cancelled,
@@ -29,6 +28,7 @@ from backend.controller.schemas import (
     FunctionView,
     Health,
     JobView,
+    LiveLog,
     MapRequest,
     Models,
     RunRequest,
@@ -37,7 +37,6 @@ from backend.controller.schemas import (
 from backend.grid import Grid
 from backend.keys import Authenticator, AuthError
 from backend.models import ApiKey, FunctionRecord, JobRecord
-from backend.packages import Package, PackageError, from_upload, owned_function_id
 from backend.results.redis import RedisResultBus, RedisTokenBuckets
 from nanogrid import __version__
 
@@ -93,16 +92,19 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     app.state.authenticator = Authenticator(grid.registry)
     app.state.buckets = RedisTokenBuckets(grid.bus.redis) if isinstance(grid.bus, RedisResultBus) else TokenBuckets()
     app.state.config = config
+    app.state.grid, app.state.started_at, app.state.seed_workers = grid, time.time(), {}  # for the seed routes
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
-    app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, config.max_payload_bytes) + (1 << 20))
+    app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, jobs.inline_cap(config)) + (1 << 20),
+                       streamed=("/v1/blobs/", config.max_payload_bytes))
 
+    app.add_middleware(RequestDurations)  # http_request_duration_seconds on /metrics
     install_error_handlers(app)  # every 4xx: {"detail", "error"}; a 500: JSON with a logged request id
 
     functions: dict[str, FunctionRecord] = {}  # records never change (ids are content hashes); deletes evict
     def function_or_404(function_id: str, caller: ApiKey) -> FunctionRecord:
         function = functions.get(function_id) or grid.registry.get_function(function_id)
         if function is None or function.owner != caller.name:  # another owner's function does not exist for you
-            raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /upload)")
+            raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
         functions[function_id] = function
         return function
 
@@ -115,12 +117,14 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     def base_url(request: Request) -> str:
         return str(request.base_url).rstrip("/")
 
-    @app.get("/health", response_model=Health)
+    @app.get("/v1/health", response_model=Health)
+    @app.get("/health", include_in_schema=False)
     def health() -> dict:
         return {"status": "healthy", "version": __version__, "runtimes": grid.runtimes,
-                "sandbox": grid.describe_sandbox()}
+                "sandbox": grid.describe_sandbox(), "max_payload_bytes": config.max_payload_bytes,
+                "max_result_bytes": config.max_result_bytes, "blob_threshold_bytes": config.blob_threshold_bytes}
 
-    @app.post("/upload", response_model=FunctionView, status_code=201,
+    @app.post("/v1/upload", response_model=FunctionView, status_code=201,
               responses={200: {"model": FunctionView, "description": "identical package already uploaded"}})
     async def upload(
         caller: Caller,
@@ -134,40 +138,18 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     ) -> JSONResponse:
         data = await file.read()
         form = {"name": function_name, "runtime": runtime, "handler": handler, "timeout": timeout, "memory": memory}
-        package = from_upload(file.filename or "package.zip", data, form, max_bytes=config.max_package_bytes,
-                              runtimes=grid.runtimes)
-        manifest = package.manifest
-        memory_mib = int(manifest.get("memory") or config.default_memory_mib)
-        max_timeout_s = min(config.max_timeout_s, caller.max_timeout_s or config.max_timeout_s)
-        timeout_s = float(manifest.get("timeout") or min(config.default_timeout_s, max_timeout_s))
-        if not 16 <= memory_mib <= config.max_memory_mib:
-            raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
-        if not 0 < timeout_s <= max_timeout_s:
-            limit = "this key's" if max_timeout_s < config.max_timeout_s else "the grid's"
-            raise PackageError(f"timeout must be more than 0 and at most {max_timeout_s:g} s ({limit} max timeout), "
-                               f"not {timeout_s:g}")
-        function_id = owned_function_id(caller.name, package.function_id)
-        existing = grid.registry.get_function(function_id)
-        if existing is not None:
-            return JSONResponse(existing.to_dict(), status_code=200)
-        grid.store.put_package(function_id, package.data)
-        record = FunctionRecord(
-            function_id=function_id, owner=caller.name, function_name=manifest["name"], runtime=manifest["runtime"],
-            handler=manifest["handler"], kind=manifest["kind"], memory_mib=memory_mib, timeout_s=timeout_s,
-            package_size=len(package.data), python=manifest["python"], source=_source_of(package),
-        )
-        grid.registry.put_function(record)
-        return JSONResponse(record.to_dict(), status_code=201)
+        record, created = jobs.deploy(grid, caller, file.filename or "package.zip", data, form)
+        return JSONResponse(record.to_dict(), status_code=201 if created else 200)
 
-    @app.get("/functions", response_model=list[FunctionView])
+    @app.get("/v1/functions", response_model=list[FunctionView])
     def list_functions(caller: Caller) -> list[dict]:
         return [f.to_dict() for f in grid.registry.list_functions(owner=caller.name)]
 
-    @app.get("/functions/{function_id}", response_model=FunctionView)
+    @app.get("/v1/functions/{function_id}", response_model=FunctionView)
     def get_function(function_id: str, caller: Caller) -> dict:
         return function_or_404(function_id, caller).to_dict()
 
-    @app.delete("/functions/{function_id}", response_model=Deleted)
+    @app.delete("/v1/functions/{function_id}", response_model=Deleted)
     def delete_function(function_id: str, caller: Caller) -> dict:
         function_or_404(function_id, caller)
         functions.pop(function_id, None)
@@ -175,12 +157,17 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         grid.store.delete_package(function_id)
         return {"function_id": function_id, "deleted": True}
 
-    @app.post("/run", response_model=JobView, responses={202: {"model": JobView, "description": "accepted (async)"}})
+    @app.post("/v1/run", response_model=JobView, responses={202: {"model": JobView, "description": "accepted (async)"}})
     async def run(body: RunRequest, request: Request, caller: Caller,
-                  x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False) -> JSONResponse:
+                  x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False,
+                  x_hold: Annotated[float | None, Header(ge=0, le=SYNC_WAIT_CAP_S, description=(
+                      "seconds to wait for the result before answering 202 (a client that follows the job's "
+                      "live output after that)"))] = None) -> JSONResponse:
         function = function_or_404(body.function_id, caller)
         pickles = [body.args_pickle] if body.args_pickle is not None else None
-        payloads = jobs.encode_payloads(function, [body.payload], pickles, config.max_payload_bytes)
+        refs = [body.blobs] if body.blobs else None
+        payloads = jobs.encode_payloads(function, [body.payload], pickles, jobs.inline_cap(config),
+                                        jobs.checked_blobs(grid, caller.name, refs, pickles))
         (job,) = jobs.new_jobs(function, payloads, caller.name)
         if x_async:
             await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
@@ -188,14 +175,15 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
         try:
             await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
-            done = await jobs.next_result(grid, job.job_id, finished, min(function.timeout_s + 30, SYNC_WAIT_CAP_S))
+            hold = min(function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if x_hold is None else x_hold)
+            done = await jobs.next_result(grid, job.job_id, finished, hold)
         finally:
             unsubscribe()
         if done is None:  # still queued or running: the caller polls /status/{job_id}
             return JSONResponse(jobs.job_view(grid.registry.get_job(job.job_id) or job, base_url(request)), 202)
         return JSONResponse(jobs.job_view(done, base_url(request)))
 
-    @app.post("/map", responses={200: {"content": {"application/x-ndjson": {}},
+    @app.post("/v1/map", responses={200: {"content": {"application/x-ndjson": {}},
                                        "description": "a line {job_ids}, then a JobView line (with index) per call"}})
     async def map_(body: MapRequest, request: Request, caller: Caller) -> StreamingResponse:
         function = function_or_404(body.function_id, caller)
@@ -204,7 +192,8 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         count = len(body.payloads if body.payloads is not None else body.args_pickle or [])
         if count > config.map_chunk_limit:
             raise jobs.BadRequest(f"{count} calls in one request; send at most {config.map_chunk_limit}", 413)
-        payloads = jobs.encode_payloads(function, body.payloads, body.args_pickle, config.max_payload_bytes)
+        payloads = jobs.encode_payloads(function, body.payloads, body.args_pickle, jobs.inline_cap(config),
+                                        jobs.checked_blobs(grid, caller.name, body.blobs, body.args_pickle))
         new = jobs.new_jobs(function, payloads, caller.name)
         job_ids = [job.job_id for job in new]
         finished, unsubscribe = jobs.subscribe(grid, job_ids)
@@ -213,19 +202,37 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
         async def lines() -> AsyncIterator[bytes]:
             yield json.dumps({"job_ids": job_ids}).encode() + b"\n"
-            async for index, job in jobs.stream_results(grid, job_ids, finished, unsubscribe):
+            async for item in jobs.stream_results(grid, job_ids, finished, unsubscribe):
+                if item is None:
+                    yield b"\n"  # nothing finished yet: an empty line, so clients can time out on silence
+                    continue
+                index, job = item
                 yield json.dumps({"index": index, **jobs.job_view(job, url)}).encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    @app.get("/status/{job_id}", response_model=JobView)
+    @app.get("/v1/status/{job_id}", response_model=JobView)
     async def status(job_id: str, request: Request, caller: Caller,
                      wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
                      ) -> dict:
         job = job_or_404(job_id, caller)
         return jobs.job_view(await jobs.wait_for(grid, job_id, wait, job) or job, base_url(request))
 
-    @app.get("/jobs", response_model=list[JobView], responses={403: {"model": ErrorDetail,
+    @app.get("/v1/jobs/{job_id}/logs", response_model=LiveLog)
+    async def live_log(job_id: str, caller: Caller,
+                       after: Annotated[str, Query(max_length=64, description="the cursor of the last answer")] = "",
+                       wait: Annotated[float, Query(ge=0, le=5, description="seconds to wait for new output")] = 0,
+                       ) -> dict:
+        """What a job printed since ``after``, as it prints it (long-poll with ``wait``); ``ended`` once it finished."""
+        job_or_404(job_id, caller)
+        chunks, cursor, ended = await asyncio.to_thread(grid.bus.read_log, job_id, after, wait)
+        if not chunks and not ended:  # a job that never printed has no log to end: its record says
+            job = await asyncio.to_thread(grid.registry.get_job, job_id)
+            ended = job is not None and job.finished
+        return {"chunks": [{"stream": stream, "text": data.decode("utf-8", "replace")} for stream, data in chunks],
+                "cursor": cursor, "ended": ended}
+
+    @app.get("/v1/jobs", response_model=list[JobView], responses={403: {"model": ErrorDetail,
                                                                       "description": "all_owners without an admin key"}})
     def list_jobs(request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
                   status: Annotated[JobStatus | None, Query()] = None,
@@ -239,13 +246,13 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         return [{**jobs.job_view(job, base_url(request), with_result=job.owner == caller.name),
                  "function_name": getattr(functions[job.function_id], "function_name", None)} for job in listed]
 
-    @app.post("/jobs/{job_id}/cancel", response_model=JobView)
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
     async def cancel(job_id: str, request: Request, caller: Caller) -> dict:
         job = job_or_404(job_id, caller)
         jobs.cancel(grid, job)
         return jobs.job_view(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request))
 
-    @app.post("/jobs/cancel", response_model=Cancelled)
+    @app.post("/v1/jobs/cancel", response_model=Cancelled)
     def cancel_many(body: CancelRequest, caller: Caller) -> dict:
         """Cancel many jobs at once (an interrupted .map()); unknown and finished ids are passed over."""
         count = 0
@@ -254,7 +261,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             count += job is not None and job.owner == caller.name and jobs.cancel(grid, job)
         return {"cancelled": count}
 
-    @app.get("/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}},
+    @app.get("/v1/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}},
                                                               410: {"model": ErrorDetail,
                                                                     "description": "deleted after the retention"}})
     def download_output(job_id: str, name: str, caller: Caller) -> Response:
@@ -272,7 +279,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         return StreamingResponse(chunks, media_type="application/octet-stream",
                                  headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"})
 
-    @app.get("/models", response_model=Models,
+    @app.get("/v1/models", response_model=Models,
              responses={503: {"model": ErrorDetail, "description": "no AI node, or it does not answer"}})
     async def models(caller: Caller) -> dict:
         """What the AI node offers (503 when the grid has none or it does not answer)."""
@@ -287,7 +294,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         names = [m.get("name") or m.get("model") for m in response.json().get("models", [])]
         return {"endpoint": config.ai_endpoint, "default": config.ai_model or None, "models": names}
 
-    @app.get("/system/status", response_model=SystemStatus)
+    @app.get("/v1/system/status", response_model=SystemStatus)
     def system_status(caller: Caller) -> dict:
         """The caller's own jobs and queue, and the workers' capacity; an admin key sees every owner's."""
         counts = grid.registry.count_jobs(owner=None if caller.admin else caller.name)  # all jobs, no rows read
@@ -299,16 +306,19 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                 "workers": [scoped_worker(w, owned) for w in live_workers()], "jobs": counts}
 
     def live_workers() -> list[dict]:
-        if grid.worker is not None and not grid.config.redis_host:
-            return [grid.worker.info()]  # the embedded grid: exact and current
-        return grid.bus.workers()  # many machines: their latest heartbeats
+        return jobs.live_workers(grid)
 
     @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
-    def metrics() -> PlainTextResponse:
-        """Prometheus text format: queue, workers, backlog per worker (the autoscaling signal), pools, jobs."""
-        return PlainTextResponse(render_metrics(grid.queue.depth(), live_workers()),
-                                 media_type="text/plain; version=0.0.4")
+    def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus text format: queue, workers, backlog per worker (the autoscaling signal), pools, jobs;
+        then the seed platform's function and HTTP metrics (backend/controller/function_metrics.py)."""
+        return PlainTextResponse(render_all(request, grid), media_type="text/plain; version=0.0.4")
 
+    app.include_router(blobs.routes(authorize))  # /v1/blobs: the data plane (backend/controller/blobs.py)
+    history.install(app, grid, Caller)  # /v1 history, metrics windows, AutoTuner
+    app.include_router(secret_routes.router(grid, Caller))  # /v1/secrets
+    for prefix in ("", "/api"):  # the seed platform's contract, where its clients call it (backend/controller/seed.py)
+        app.include_router(seed.router, prefix=prefix, include_in_schema=False)
     return app
 
 
@@ -325,11 +335,3 @@ def scoped_worker(info: dict, owned: set[str]) -> dict:
             "pool": {**{k: pool[k] for k in POOL_FIELDS if k in pool},
                      "idle_by_function": {f: n for f, n in pool.get("idle_by_function", {}).items() if f in owned}}}
 
-
-def _source_of(package: Package) -> str:
-    with zipfile.ZipFile(io.BytesIO(package.data)) as zf:
-        names = zf.namelist()
-        if "source.py" in names:
-            return zf.read("source.py").decode(errors="replace")[:20000]
-        module = package.manifest["handler"].rsplit(".", 1)[0].replace(".", "/") + ".py"
-        return zf.read(module).decode(errors="replace")[:20000] if module in names else ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -20,6 +20,8 @@ class RunRequest(BaseModel):
     function_id: str = Field(min_length=1, max_length=64)
     payload: Any = Field(None, description="JSON event for handler(event, context) functions")
     args_pickle: str | None = Field(None, description="base64 cloudpickle of (args, kwargs), from the Python client")
+    blobs: list[str] | None = Field(None, max_length=256, description="SHA-256 of each blob the args pickle references "
+                                    "(uploaded with PUT /v1/blobs/{sha256}; nanogrid/data.py)")
     model: str | None = Field(None, max_length=200, description="the AI node's model for this call (LLM_MODEL)")
 
 
@@ -27,6 +29,7 @@ class MapRequest(BaseModel):
     function_id: str = Field(min_length=1, max_length=64)
     payloads: list[Any] | None = Field(None, description="one JSON event per call")
     args_pickle: list[str] | None = Field(None, description="one base64 cloudpickle of (args, kwargs) per call")
+    blobs: list[list[str]] | None = Field(None, description="per call, the blobs its args pickle references")
     model: str | None = Field(None, max_length=200, description="the AI node's model for these calls")
 
 
@@ -43,6 +46,8 @@ class JobView(BaseModel):
     status: str = Field(description="pending, running, completed, failed or cancelled")
     result: Any = None
     result_pickle: str | None = None
+    result_blob: dict[str, Any] | None = Field(None, description="a result over the grid's blob threshold: "
+                                               "{sha256, size, format}, read with GET /v1/blobs/{sha256}")
     error: dict[str, Any] | None = None
     stdout: str = ""
     stderr: str = ""
@@ -72,6 +77,8 @@ class FunctionView(BaseModel):
     python: str
     created_at: float
     source: str = ""
+    description: str = ""
+    stable_id: str = Field("", description="the id kept across updates through the seed contract's PUT /functions/:id")
 
 
 class Health(BaseModel):
@@ -79,6 +86,9 @@ class Health(BaseModel):
     version: str
     runtimes: dict[str, str] = Field(description="runtime name -> Python version it runs")
     sandbox: str
+    max_payload_bytes: int | None = Field(None, description="the largest argument (pickled) a call may take")
+    max_result_bytes: int | None = Field(None, description="the largest result (pickled) a call may return")
+    blob_threshold_bytes: int | None = Field(None, description="values above this travel as blobs (/v1/blobs)")
 
 
 class Deleted(BaseModel):
@@ -104,3 +114,14 @@ class CancelRequest(BaseModel):
 
 class Cancelled(BaseModel):
     cancelled: int
+
+
+class LogChunkView(BaseModel):
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+class LiveLog(BaseModel):
+    chunks: list[LogChunkView] = Field(description="what the job printed since the cursor given, in order")
+    cursor: str = Field(description="pass it as `after` to get what comes next")
+    ended: bool = Field(description="the job finished: its record has the whole stdout and stderr")

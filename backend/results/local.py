@@ -4,7 +4,7 @@ import time
 from collections.abc import Callable
 
 from backend.models import JobRecord
-from backend.results.base import Listener, Listeners, ResultBus
+from backend.results.base import Listener, Listeners, LogBook, LogChunk, ResultBus
 
 
 class LocalResultBus(ResultBus):
@@ -14,6 +14,7 @@ class LocalResultBus(ResultBus):
         self._listeners = Listeners()
         self._cancel_hooks: list[Callable[[str], object]] = []
         self._heartbeats: dict[str, tuple[dict, float]] = {}
+        self._logs = LogBook()
 
     def publish(self, job: JobRecord) -> None:
         for listener in self._listeners.take(job.job_id):
@@ -28,6 +29,15 @@ class LocalResultBus(ResultBus):
 
     def on_cancel(self, callback: Callable[[str], object]) -> None:
         self._cancel_hooks.append(callback)
+
+    def append_log(self, job_id: str, stream: str, data: bytes) -> None:
+        self._logs.append(job_id, stream, data)
+
+    def end_log(self, job_id: str) -> None:
+        self._logs.end(job_id)
+
+    def read_log(self, job_id: str, after: str, wait_s: float) -> tuple[list[LogChunk], str, bool]:
+        return self._logs.read(job_id, after, wait_s)
 
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self._heartbeats[worker_id] = (info, time.monotonic() + ttl_s)

@@ -19,7 +19,7 @@ import redis
 
 from backend.models import JobRecord, job_from_json, job_to_json
 from backend.registry.base import Registry
-from backend.results.base import Listener, Listeners, ResultBus
+from backend.results.base import LOG_BYTES, LOG_TTL_S, Listener, Listeners, LogChunk, ResultBus
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,45 @@ class RedisResultBus(ResultBus):
 
     def subscribe(self, job_ids: list[str], listener: Listener) -> Callable[[], None]:
         return self._listeners.add(job_ids, listener)
+
+    # Live output: one Redis stream per running job (capped, expiring), read with XREAD BLOCK.
+    def append_log(self, job_id: str, stream: str, data: bytes) -> None:
+        key = f"nanogrid:log:{job_id}"
+        try:
+            pipe = self.redis.pipeline()
+            pipe.xadd(key, {"stream": stream, "data": data}, maxlen=LOG_BYTES // (64 << 10) * 4, approximate=True)
+            pipe.expire(key, int(LOG_TTL_S) * 6)
+            pipe.execute()
+        except redis.RedisError as exc:  # live output is best effort: the job's record has it all
+            log.debug("job %s: live output not kept: %s", job_id, exc)
+
+    def end_log(self, job_id: str) -> None:
+        key = f"nanogrid:log:{job_id}"
+        try:
+            pipe = self.redis.pipeline()
+            pipe.xadd(key, {"end": b"1"})
+            pipe.expire(key, int(LOG_TTL_S))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.debug("job %s: end of live output not marked: %s", job_id, exc)
+
+    def read_log(self, job_id: str, after: str, wait_s: float) -> tuple[list[LogChunk], str, bool]:
+        key = f"nanogrid:log:{job_id}"
+        cursor = after or "0-0"
+        try:
+            found = self.redis.xread({key: cursor}, count=1000, block=max(1, int(wait_s * 1000)) if wait_s else None)
+        except redis.RedisError:
+            return [], after, False
+        chunks: list[LogChunk] = []
+        ended = False
+        for _, entries in found or []:
+            for entry_id, fields in entries:
+                cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if b"end" in fields:
+                    ended = True
+                else:
+                    chunks.append((fields[b"stream"].decode(), fields[b"data"]))
+        return chunks, cursor, ended
 
     def request_cancel(self, job_id: str) -> None:
         self._retry(lambda: self.redis.publish(CANCELS, job_id))
@@ -137,7 +176,7 @@ class RedisTokenBuckets:
     if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
     redis.call('HSET', KEYS[1], 't', tostring(tokens), 'l', tostring(now))
     redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-    return tostring(wait)
+    return {tostring(wait), tostring(tokens)}
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -145,6 +184,11 @@ class RedisTokenBuckets:
         self._take = client.register_script(self.SCRIPT)
 
     def take(self, key_id: str, rate: float, burst: int) -> float:
+        return self.take_counted(key_id, rate, burst)[0]
+
+    def take_counted(self, key_id: str, rate: float, burst: int) -> tuple[float, float]:
+        """``take``, and the tokens left after it."""
         if rate <= 0:
-            return 0.0
-        return float(self._take(keys=[f"nanogrid:bucket:{key_id}"], args=[rate, burst, time.time()]))
+            return 0.0, float(burst)
+        wait, tokens = self._take(keys=[f"nanogrid:bucket:{key_id}"], args=[rate, burst, time.time()])
+        return float(wait), float(tokens)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +43,10 @@ class Limits:
     result_bytes: int = 64 << 20  # the pickled or JSON result (or exception)
     output_bytes: int = 1 << 30  # all output files of one call
     output_files: int = 10_000
+
+
+LIVE_FRAME_BYTES = 64 << 10  # the bootstrap sends live output in pieces of at most this size
+OutputListener = Callable[[str, bytes], None]
 
 
 class AISession(Protocol):
@@ -80,10 +85,14 @@ class Sandbox(ABC):
     def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None: ...
 
     def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None,
-             ai: AISession | None = None) -> CallResult:
-        """Run one call and receive its output files; raises SandboxError when the sandbox failed (it is then dead)."""
+             ai: AISession | None = None, on_output: OutputListener | None = None) -> CallResult:
+        """Run one call and receive its output files; raises SandboxError when the sandbox failed (it is then dead).
+
+        ``on_output(stream, data)`` receives what the call prints while it runs (``stdout``/``stderr``,
+        every 0.1 s, at most the capture limit in all); the reply still carries the whole capture.
+        """
         try:
-            return self._call(job_id, payload, timeout_s, model, ai)
+            return self._call(job_id, payload, timeout_s, model, ai, on_output)
         except SandboxError:
             raise
         except ProtocolViolation as exc:
@@ -101,16 +110,24 @@ class Sandbox(ABC):
             raise
 
     def _call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None,
-              ai: AISession | None) -> CallResult:
+              ai: AISession | None, on_output: OutputListener | None) -> CallResult:
         baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
             baseline = self.cgroup.usage()
         header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
-                  "model": model}
+                  "model": model, "live": on_output is not None}
+        live_bytes = 0
         started = time.monotonic()
         deadline = started + timeout_s
-        self._send(header, payload)
+        try:
+            self._send(header, payload)
+        except SandboxError as exc:
+            if exc.kind != "crash":
+                raise
+            # Nothing of the call reached the bootstrap: not the function's crash, and safe to try again.
+            raise SandboxError("unstarted", "the sandbox had died before the call reached it; the function did "
+                                            "not run") from None
         max_body = max(self.limits.result_bytes, 1 << 20)
         while True:
             try:
@@ -126,6 +143,14 @@ class Sandbox(ABC):
                 raise SandboxError("timeout", f"timed out after {timeout_s:g} s; the sandbox was replaced") from None
             if frame.get("op") == "ai":
                 self._send(*self._forward_ai(ai, frame, body, deadline))
+                continue
+            if frame.get("op") == "log":
+                stream = frame.get("stream")
+                live_bytes += len(body)
+                if on_output is None or stream not in ("stdout", "stderr") or len(body) > LIVE_FRAME_BYTES \
+                        or live_bytes > 2 * self.limits.capture_bytes:
+                    raise ProtocolViolation("live output the host did not ask for, or more than the capture limit")
+                on_output(stream, body)
                 continue
             break
         host_ms = (time.monotonic() - started) * 1000

@@ -16,11 +16,14 @@ from pathlib import Path
 
 from backend.environments import EnvironmentBuildError
 from backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
+from backend.notify import Notifier
 from backend.packages import function_id_for, owned_function_id
 from backend.queue.base import JobQueue
 from backend.registry.base import Registry
 from backend.results.base import ResultBus
+from backend.retries import Retrier
 from backend.sandbox.base import CallResult, Sandbox, SandboxError
+from backend.secretbox import SecretBox, SecretError
 from backend.store.base import BlobStore
 from backend.worker.ai_gateway import CHANNEL, AIGateway
 from backend.worker.pool import FunctionCode, WarmPool
@@ -43,7 +46,7 @@ class Worker:
     def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
                  pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
                  heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
-                 ai: AIGateway | None = None) -> None:
+                 ai: AIGateway | None = None, secrets: SecretBox | None = None) -> None:
         self.queue = queue
         self.registry = registry
         self.store = store
@@ -55,17 +58,23 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.publish_backlog = publish_backlog
         self.ai = ai  # the AI node, reached through this worker by functions with ai=True
+        self.secrets = secrets  # opens the secrets a function names, as its sandbox is loaded
         self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
         self._cancelled: set[str] = set()
+        # Live output of running jobs: kept so a call that times out or crashes still shows what it printed.
+        self._printed: dict[str, dict[str, bytearray]] = {}
         self._stopping = threading.Event()
+        self.retrier = Retrier(registry, store, self._stopping)  # @remote(retries=N): every try recorded
+        self.notifier = Notifier(registry)  # per-owner webhooks, sent from their own thread
         self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = {"completed": 0, "failed": 0, "cold_starts": 0}
 
     def start(self) -> None:
         self.bus.on_cancel(self.cancel)
+        self.notifier.start()
         self._beat()
         threading.Thread(target=self._keepalive, name="worker-keepalive", daemon=True).start()
         for n in range(self.slots):
@@ -92,6 +101,7 @@ class Worker:
         for thread in self._threads:
             thread.join(timeout=5)
         self.pool.close()
+        self.notifier.stop()
 
     def info(self) -> dict:
         """What /system/status and /metrics show about this worker."""
@@ -174,7 +184,7 @@ class Worker:
                         owner=message.owner)
         self._in_flight[message.job_id] = message
         try:
-            self._execute(message, job)
+            self.retrier.run(self._execute, message, job)
         except SandboxError as exc:
             if exc.kind == "crash" and self.queue.redelivers:
                 # Maybe this machine's fault: let another delivery try; the redrive policy ends it in the DLQ.
@@ -193,8 +203,11 @@ class Worker:
         self.stats["completed" if job.status == COMPLETED else "failed"] += 1
         try:
             self._finish(job)
+            self.notifier.job_finished(job)
         finally:
             self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
+            if self._printed.pop(job.job_id, None) is not None:
+                self.bus.end_log(job.job_id)  # followers stop waiting; the job's record has the whole capture
 
     def _finish(self, job: JobRecord) -> None:
         """Record and announce the outcome; if the registry cannot take it (a full disk), record the failure."""
@@ -217,6 +230,23 @@ class Worker:
             log.exception("job %s: could not record its failure either; the watchdog will finish it", job.job_id)
 
     def _execute(self, message: JobMessage, job: JobRecord) -> None:
+        """Run the call; a sandbox that died before the call reached it is replaced once (the function never ran)."""
+        try:
+            self._execute_in_sandbox(message, job)
+        except SandboxError as exc:
+            if exc.kind != "unstarted":
+                raise
+            log.warning("job %s: %s; trying once more on a fresh sandbox", job.job_id, exc.message)
+            try:
+                self._execute_in_sandbox(message, job)
+            except SandboxError as again:
+                if again.kind != "unstarted":
+                    raise
+                raise SandboxError("unstarted", "two sandboxes in a row died before the call reached them; the "
+                                                "function did not run (is the host out of memory, or the sandbox "
+                                                "engine restarting?)") from None
+
+    def _execute_in_sandbox(self, message: JobMessage, job: JobRecord) -> None:
         sandbox, cold = self.pool.acquire(message.function_id, lambda: self._code(message))
         job.cold, job.sandbox_id = cold, sandbox.id
         self.stats["cold_starts"] += cold
@@ -227,7 +257,8 @@ class Worker:
                 raise SandboxError("cancelled", "cancelled by the user")
             ai = self.ai.session(message.owner) if self.ai is not None and sandbox.ai_allowed else None
             try:
-                outcome = sandbox.call(job.job_id, message.payload, message.timeout_s, message.model, ai=ai)
+                outcome = sandbox.call(job.job_id, message.payload, message.timeout_s, message.model, ai=ai,
+                                       on_output=self._live_output(job.job_id))
             except SandboxError:
                 if job.job_id in self._cancelled:
                     raise SandboxError("cancelled", "cancelled by the user") from None
@@ -244,10 +275,22 @@ class Worker:
             else:
                 self.pool.discard(sandbox)  # whatever was raised: never a leaked pool place
 
+    def _live_output(self, job_id: str) -> Callable[[str, bytes], None]:
+        """Where a running call's output goes as it is printed: the bus, for whoever follows the job."""
+
+        def publish(stream: str, data: bytes) -> None:
+            kept = self._printed.setdefault(job_id, {"stdout": bytearray(), "stderr": bytearray()})
+            kept[stream] += data  # bounded by the sandbox channel (twice the capture limit at most)
+            self.bus.append_log(job_id, stream, data)
+
+        return publish
+
     def _code(self, message: JobMessage) -> FunctionCode:
         package = self._verified_package(message)
         ai = _wants_ai(package) and self.ai is not None
         env = {"AI_ENDPOINT": CHANNEL, **({"LLM_MODEL": self.ai.model} if self.ai and self.ai.model else {})} if ai else None
+        # The function's own variables and secrets first: the grid's (FUNCTION_ID, MEMORY_MB, ...) win over them.
+        env = {**self._function_environment(message, package), **(env or {})}
         # The environment it asks for (packages, Python), built once per grid; the build's progress shows on the job.
         environment, progress_shown = None, []
         if self.pool.environments is not None:
@@ -268,6 +311,26 @@ class Worker:
             if environment is not None and environment.variables:
                 env = {**environment.variables, **(env or {})}
         return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment)
+
+    def _function_environment(self, message: JobMessage, package: bytes) -> dict[str, str]:
+        """``env`` and ``secrets`` of the manifest (secrets decrypted only here, into the sandbox), and the
+        seed platform's FUNCTION_ID and MEMORY_MB."""
+        with zipfile.ZipFile(io.BytesIO(package)) as zf:
+            manifest = json.loads(zf.read("manifest.json"))
+        env = {str(k): str(v) for k, v in (manifest.get("env") or {}).items()}
+        for name in manifest.get("secrets") or []:
+            secret = self.registry.get_secret(message.owner, str(name))
+            if secret is None:
+                raise SandboxError("secret", f"the function asks for secret {name!r}, which its owner has not set: "
+                                             f"`nanogrid secrets set {name} KEY=VALUE`")
+            if self.secrets is None:
+                raise SandboxError("secret", "this worker has no secrets key; it cannot give the function its secrets")
+            try:
+                env.update(json.loads(self.secrets.open(secret.ciphertext, message.owner, secret.name)))
+            except SecretError as exc:
+                raise SandboxError("secret", str(exc)) from None
+        return {**env, "FUNCTION_ID": str(manifest.get("stable_id") or message.function_id),
+                "MEMORY_MB": str(message.memory_mib)}
 
     def _verified_package(self, message: JobMessage) -> bytes:
         """The function's package, checked against its content hash: a changed file in the store never runs."""
@@ -314,3 +377,6 @@ class Worker:
     def _fail(self, job: JobRecord, kind: str, message: str) -> None:
         job.status = CANCELLED if kind == "cancelled" else FAILED
         job.error = {"kind": kind, "message": message}
+        printed = self._printed.get(job.job_id)
+        if printed and not (job.stdout or job.stderr):  # what it printed before it was stopped
+            job.stdout, job.stderr = (printed[name].decode("utf-8", "replace") for name in ("stdout", "stderr"))

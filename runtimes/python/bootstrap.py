@@ -23,6 +23,7 @@ import shutil
 import signal
 import struct
 import sys
+import threading
 import time
 import traceback
 import zipfile
@@ -52,11 +53,15 @@ def read_frame(fd):
     return header, read_exact(fd, body_len) if body_len else b""
 
 
+WRITE_LOCK = threading.Lock()  # frames come from the main thread and the live-output thread
+
+
 def write_frame(fd, header, body=b""):
     data = json.dumps(header).encode()
     buf = struct.pack(">II", len(data), len(body)) + data + body
-    while buf:
-        buf = buf[os.write(fd, buf):]
+    with WRITE_LOCK:
+        while buf:
+            buf = buf[os.write(fd, buf):]
 
 
 class Capture:
@@ -85,10 +90,77 @@ class Capture:
         return text
 
 
-class Context:
-    """The second argument of ``handler(event, context)``, shaped like AWS Lambda's."""
+def complete_utf8(data):
+    """The length of ``data`` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # ASCII or the first byte of a character
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return len(data) if need <= back else len(data) - back
+    return len(data)
+
+
+class LiveOutput:
+    """Sends what a call prints while it runs (``log`` frames), so its caller can follow a long call.
+
+    One thread for the sandbox's life, active only during a call: every 0.1 s it sends what the
+    capture files gained, at most the capture limit per call. ``end()`` returns only once no more
+    frames can follow, so the call's reply is the last frame of the call.
+    """
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, fd, captures):
+        self.fd, self.captures = fd, captures
+        self.lock = threading.Lock()
+        self.active = False
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, name="nanogrid-live-output", daemon=True).start()
+
+    def begin(self):
+        with self.lock:
+            self.offsets, self.sent, self.active = [0, 0], 0, True
+        self.wake.set()
+
+    def end(self):
+        with self.lock:
+            self.active = False
+
+    def _run(self):
+        while True:
+            self.wake.wait()
+            time.sleep(self.INTERVAL_S)
+            with self.lock:
+                if not self.active:
+                    self.wake.clear()
+                    continue
+                try:
+                    self._send_new()
+                except OSError:
+                    self.active = False
+
+    def _send_new(self):
+        for index, capture in enumerate(self.captures):
+            size = os.fstat(capture.fd).st_size
+            left = min(size - self.offsets[index], 64 << 10, CAPTURE_LIMIT - self.sent)
+            if left > 0:
+                data = os.pread(capture.fd, left, self.offsets[index])
+                data = data[:complete_utf8(data)]  # a character cut in two waits for its other half
+                if not data:
+                    continue
+                self.offsets[index] += len(data)
+                self.sent += len(data)
+                write_frame(self.fd, {"op": "log", "stream": ("stdout", "stderr")[index]}, data)
+
+
+class Context(dict):
+    """The second argument of ``handler(event, context)``, shaped like AWS Lambda's; also the seed platform's
+    dict (``context["request_id"]``, ``context.get("function_id")``)."""
 
     def __init__(self, job_id, function_name, memory_mib, deadline):
+        super().__init__(request_id=job_id, job_id=job_id, function_id=os.environ.get("FUNCTION_ID"),
+                         function_name=function_name, memory_mb=memory_mib, output_dir=OUTPUT_DIR,
+                         llm_model=os.environ.get("LLM_MODEL"))
         self.aws_request_id = self.job_id = job_id
         self.function_name = function_name
         self.memory_limit_in_mb = memory_mib
@@ -96,6 +168,23 @@ class Context:
 
     def get_remaining_time_in_millis(self):
         return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+PAYLOAD_FILE_OVER = 100 * 1024  # the seed platform's limit for PAYLOAD; above it the event is in PAYLOAD_FILE
+
+
+def seed_environment(job_id, body):
+    """The seed platform's per-call variables: JOB_ID, OUTPUT_DIR, and PAYLOAD or, over 100 KB, PAYLOAD_FILE."""
+    os.environ.update({"JOB_ID": str(job_id or ""), "OUTPUT_DIR": OUTPUT_DIR})
+    if len(body) > PAYLOAD_FILE_OVER:
+        path = os.path.join(WORK_DIR, "payload.json")
+        with open(path, "wb") as f:
+            f.write(body)
+        os.environ.pop("PAYLOAD", None)
+        os.environ["PAYLOAD_FILE"] = path
+    else:
+        os.environ.pop("PAYLOAD_FILE", None)
+        os.environ["PAYLOAD"] = body.decode() if body else "{}"
 
 
 def peak_rss_reset():
@@ -188,6 +277,7 @@ class Runtime:
         with open(os.path.join(CODE_DIR, "manifest.json")) as f:
             self.manifest = json.load(f)
         sys.path.insert(0, CODE_DIR)
+        sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the seed's ``sdk`` module sits beside this file
         remember_source(self.manifest)
         if self.manifest["kind"] == "pickle":
             with open(os.path.join(CODE_DIR, "function.pkl"), "rb") as f:
@@ -196,6 +286,11 @@ class Runtime:
         else:
             module_name, _, attr = self.manifest["handler"].rpartition(".")
             module = __import__(module_name, fromlist=[attr])
+            if attr == "handler" and not hasattr(module, "handler") and callable(getattr(module, "main", None)):
+                attr = "main"  # the seed platform's runner: handler(event, context), else main(event, context)
+            if not hasattr(module, attr):
+                raise AttributeError(f"{module_name}.py defines no {attr}(event, context)"
+                                     + (" (nor main(event, context))" if attr == "handler" else ""))
             self.function = getattr(module, attr)
         # Limits apply from here on: to the user's code, not to loading it.
         import resource
@@ -205,11 +300,13 @@ class Runtime:
         if header.get("max_output_bytes"):
             resource.setrlimit(resource.RLIMIT_FSIZE, (header["max_output_bytes"],) * 2)
 
-    def call(self, header, body, captures):
+    def call(self, header, body, captures, live=None):
         import cloudpickle
 
         for capture in captures:
             capture.reset()
+        if live is not None:
+            live.begin()
         if not os.path.isdir(OUTPUT_DIR) or os.listdir(OUTPUT_DIR):  # the agent moves outputs out after each call
             shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
             os.makedirs(OUTPUT_DIR, exist_ok=True)
@@ -236,7 +333,7 @@ class Runtime:
                     reply["result_format"] = "pickle"
             else:
                 event = json.loads(body) if body else None
-                os.environ["PAYLOAD"] = body.decode() if body else "{}"  # seed-style handlers read it
+                seed_environment(header.get("job_id"), body)
                 deadline = time.monotonic() + header.get("timeout", 300)
                 context = Context(header.get("job_id"), self.manifest.get("name"),
                                   self.manifest.get("memory"), deadline)
@@ -249,6 +346,8 @@ class Runtime:
                 result = b""  # the exception as text only (type, message, traceback)
         if os.getpid() != BOOTSTRAP_PID:  # a child the function forked: it must never answer the agent
             os._exit(0)
+        if live is not None:
+            live.end()
         reply["duration_ms"] = (time.perf_counter() - started) * 1000
         sys.stdout.flush()
         sys.stderr.flush()
@@ -303,10 +402,12 @@ class Channel:
 
     def __init__(self, request_fd, reply_fd):
         self.request_fd, self.reply_fd = request_fd, reply_fd
+        self.lock = threading.Lock()
 
     def request(self, header, body=b""):
-        write_frame(self.reply_fd, header, body)
-        return read_frame(self.request_fd)
+        with self.lock:  # one request and its answer at a time, whatever threads the function runs
+            write_frame(self.reply_fd, header, body)
+            return read_frame(self.request_fd)
 
 
 def main():
@@ -315,8 +416,9 @@ def main():
     stdin_fd, reply_fd = 0, os.dup(1)
     os.makedirs(WORK_DIR, exist_ok=True)
     captures = [Capture(1, "stdout.log"), Capture(2, "stderr.log")]
-    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True)
-    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True)
+    # Line-buffered, so what a call prints reaches the capture file (and its live followers) as it prints it.
+    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True, line_buffering=True)
+    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True, line_buffering=True)
     sys.stdin = open(os.devnull)
     import cloudpickle  # noqa: F401  (warm the import before the first call)
 
@@ -325,6 +427,7 @@ def main():
     sys.modules["__nanogrid_channel__"] = channel
 
     runtime = Runtime()
+    live = LiveOutput(reply_fd, captures)
     write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2]})
     while True:
         try:
@@ -341,7 +444,7 @@ def main():
                 error["kind"] = "load"
                 write_frame(reply_fd, {"ok": False, "error": error})
         elif op == "call" and runtime.function is not None:
-            reply, result = runtime.call(header, body, captures)
+            reply, result = runtime.call(header, body, captures, live if header.get("live") else None)
             write_frame(reply_fd, reply, result)
         elif op == "outputs":
             send_outputs(reply_fd, header.get("limit"))
