@@ -77,6 +77,10 @@ class GridConfig:
     owner_disk_quota_bytes: int = 10 * 1024 * MiB  # stored output files per owner (0: no quota); a key may set its own
     output_retention_s: float = 7 * 86400.0  # output files and blobs are deleted this long after they were stored
     gc_interval_s: float = 600.0  # how often the embedded grid looks for expired outputs
+    history_retention_s: float = 30 * 86400.0  # calls stay in the invocation history this long (0: for ever)
+    price_lambda_gb_s: float = 0.0000166667  # the AutoTuner's rates (USD): Lambda's GB-second,
+    price_ec2_hourly: float = 0.1008  # an EC2 worker's hour ...
+    price_ec2_memory_gib: float = 8.0  # ... and its memory
 
     @property
     def effective_pool_cap(self) -> int:

@@ -61,6 +61,8 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     owner: str = ""
+    attempt: int = 1  # which try this record is (``@remote(retries=N)`` makes more)
+    retry_of: str | None = None  # on an earlier failed try's own record: the job it was a try of
 
     @property
     def finished(self) -> bool:

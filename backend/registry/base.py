@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 from backend.models import ApiKey, FunctionRecord, JobRecord
 from nanogrid.errors import NanoGridError
@@ -12,6 +14,15 @@ class RegistryError(NanoGridError):
 
 class RegistryBusy(RegistryError):
     """Another process held the registry's write lock for longer than a write may wait; nothing was written."""
+
+
+@dataclass
+class HistoryEntry:
+    """A call in a history page: its record with stdout/stderr cut to the page's cap, and their full sizes."""
+
+    job: JobRecord
+    stdout_size: int
+    stderr_size: int
 
 
 class Registry(ABC):
@@ -56,6 +67,32 @@ class Registry(ABC):
     @abstractmethod
     def count_jobs(self, owner: str | None = None) -> dict[str, int]:
         """How many jobs are in each status (all of them, not a page), counted where they are stored."""
+
+    @abstractmethod
+    def record_attempt(self, attempt: JobRecord) -> None:
+        """Keep a failed try of a call that is being tried again, as its own finished record (counted in windows)."""
+
+    @abstractmethod
+    def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
+                     before: tuple[float, str] | None = None, text_cap: int = 2048) -> list[HistoryEntry]:
+        """An owner's calls (of one function), newest first, older than ``before`` = (created_at, job_id)."""
+
+    @abstractmethod
+    def function_windows(self, function_id: str, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """The 1h/24h/7d/30d figures of a function (backend/registry/windows.py), summed where they are stored."""
+
+    @abstractmethod
+    def prune_history(self, before: float) -> int:
+        """Delete finished calls created before ``before``; how many."""
+
+    @abstractmethod
+    def put_webhook(self, hook: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def list_webhooks(self, owner: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def delete_webhook(self, owner: str, hook_id: str) -> bool: ...
 
     @abstractmethod
     def put_key(self, key: ApiKey) -> None: ...

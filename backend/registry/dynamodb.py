@@ -15,23 +15,27 @@ global secondary index on (owner, created_at) is the next step for a busy one.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import MISSING, fields
 from decimal import Decimal
 from typing import Any
 
 import boto3
 from boto3.dynamodb.conditions import Attr
+from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
 from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
-from backend.registry.base import Registry, RegistryError
+from backend.registry import windows
+from backend.registry.base import HistoryEntry, Registry, RegistryError
 
 JSON_FIELDS = {"error", "output_files", "ai_usage"}
 INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
-              "rate_burst"}
-JOB_TTL_S = 7 * 24 * 3600
+              "rate_burst", "attempt"}
+JOB_TTL_S = 30 * 24 * 3600  # the invocation history's retention
 # 1: the first versioned shape (jobs with ai_usage, keys with admin and per-owner limits)
-ITEM_VERSION = 1
+# 2: jobs with attempt and retry_of; metrics counter items (``stat#…``) and webhook items (``hook#…``)
+ITEM_VERSION = 2
 VERSION_ATTRIBUTE = "item_version"
 
 
@@ -133,10 +137,115 @@ class DynamoDBRegistry(Registry):
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues={f":f{i}": v for i, v in enumerate(values.values())},
             )
-            return True
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 return False  # already final: the first result wins
+            raise
+        self._count(job)
+        return True
+
+    def record_attempt(self, attempt: JobRecord) -> None:
+        self.create_jobs([attempt])
+        self._count(attempt)
+
+    def _count(self, job: JobRecord) -> None:
+        """Add the call to its minute and hour counter items (one ADD each; the items expire with the history)."""
+        by_slot: dict[tuple[int, int], list[windows.Counter]] = {}
+        for counter in windows.counters_for(job):
+            by_slot.setdefault((counter.resolution, counter.slot), []).append(counter)
+        for (resolution, slot), counters in by_slot.items():
+            names, values, adds = {}, {}, []
+            for i, c in enumerate(counters):
+                for field, amount in (("n", 1), ("f", c.failed), ("c", c.cold), ("t", c.value or 0.0)):
+                    names[f"#a{i}{field}"] = f"c#{c.metric}#{c.bucket}#{field}"
+                    values[f":a{i}{field}"] = Decimal(repr(float(amount))) if field == "t" else amount
+                    adds.append(f"#a{i}{field} :a{i}{field}")
+            self.table.update_item(
+                Key={"pk": f"stat#{job.function_id}#{resolution}#{slot}"},
+                UpdateExpression="SET #kind = :kind, expires_at = :exp ADD " + ", ".join(adds),
+                ExpressionAttributeNames={**names, "#kind": "kind"},
+                ExpressionAttributeValues={**values, ":kind": "stat",
+                                           ":exp": int((slot + 1) * resolution + JOB_TTL_S)})
+
+    def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
+                     before: tuple[float, str] | None = None, text_cap: int = 2048) -> list[HistoryEntry]:
+        condition = Attr("kind").eq("job") & Attr("owner").eq(owner)
+        if function_id is not None:
+            condition &= Attr("function_id").eq(function_id)
+        if status:
+            condition &= Attr("status").eq(status)
+        jobs = sorted((_from_item(JobRecord, i) for i in self._scan(condition)),
+                      key=lambda j: (j.created_at, j.job_id), reverse=True)
+        entries = []
+        for job in jobs:
+            if before is not None and (job.created_at, job.job_id) >= before:
+                continue
+            sizes = len(job.stdout), len(job.stderr)
+            job.stdout, job.stderr, job.result, job.payload = job.stdout[:text_cap], job.stderr[:text_cap], None, b""
+            entries.append(HistoryEntry(job, *sizes))
+            if len(entries) == limit:
+                break
+        return entries
+
+    def function_windows(self, function_id: str, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """From the counter items of the slots the windows cover (batch reads, 100 items a request)."""
+        now = time.time() if now is None else now
+        found = {}
+        for name in windows.WINDOWS:
+            resolution, first = windows.first_slot(name, now)
+            keys = [{"pk": f"stat#{function_id}#{resolution}#{slot}"} for slot in range(first, int(now // resolution) + 1)]
+            sums: dict[tuple[str, int], list[float]] = {}
+            for item in self._batch_get(keys):
+                for attribute, value in item.items():
+                    if attribute.startswith("c#"):
+                        _, metric, bucket, field = attribute.split("#")
+                        row = sums.setdefault((metric, int(bucket)), [0, 0, 0, 0.0])
+                        row["nfct".index(field)] += float(value)
+            rows = [(m, b, int(n), int(f), int(c), t, windows.bucket_upper(b)) for (m, b), (n, f, c, t) in sums.items()]
+            found[name] = windows.summarise(rows, first * resolution)
+        return found
+
+    def _batch_get(self, keys: list[dict[str, str]]) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        resource = self.table.meta.client
+        for start in range(0, len(keys), 100):
+            request = {self.table.name: {"Keys": keys[start:start + 100]}}
+            while request:
+                page = resource.batch_get_item(RequestItems=request)
+                items.extend(TypeDeserializer().deserialize({"M": i})
+                             for i in page["Responses"].get(self.table.name, []))
+                request = page.get("UnprocessedKeys") or {}
+        return items
+
+    def prune_history(self, before: float) -> int:
+        return 0  # job and counter items expire through the table's TTL (expires_at)
+
+    # webhooks (backend/notify.py)
+    def put_webhook(self, hook: dict[str, Any]) -> None:
+        self.table.put_item(Item={"pk": f"hook#{hook['hook_id']}", "kind": "webhook",
+                                  **{k: json.dumps(v) if k in ("events", "threshold") else
+                                     Decimal(repr(v)) if isinstance(v, float) else v
+                                     for k, v in hook.items() if v is not None}})
+
+    def list_webhooks(self, owner: str | None = None) -> list[dict[str, Any]]:
+        condition = Attr("kind").eq("webhook")
+        if owner is not None:
+            condition &= Attr("owner").eq(owner)
+        hooks = [{"function_id": None, "threshold": None, **{k: v for k, v in item.items() if k not in ("pk", "kind")}}
+                 for item in self._scan(condition)]
+        for hook in hooks:
+            hook["events"] = json.loads(hook["events"])
+            hook["threshold"] = json.loads(hook["threshold"]) if isinstance(hook["threshold"], str) else None
+            hook["created_at"] = float(hook["created_at"])
+        return sorted(hooks, key=lambda h: h["created_at"])
+
+    def delete_webhook(self, owner: str, hook_id: str) -> bool:
+        try:
+            self.table.delete_item(Key={"pk": f"hook#{hook_id}"}, ConditionExpression=Attr("owner").eq(owner))
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
             raise
 
     def note_attempt(self, job_id: str, error: dict) -> None:

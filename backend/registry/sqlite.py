@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
-from backend.registry.base import Registry, RegistryBusy, RegistryError
+from backend.registry import windows
+from backend.registry.base import HistoryEntry, Registry, RegistryBusy, RegistryError
 
 T = TypeVar("T")
 
@@ -46,6 +47,11 @@ _JOBS_V1 = ("job_id TEXT PRIMARY KEY, function_id TEXT, status TEXT, payload_for
 _KEYS_V1 = ("key_id TEXT PRIMARY KEY, name TEXT, key_hash TEXT, created_at REAL, revoked_at REAL, rate_limit REAL, "
             "rate_burst INTEGER")
 _TABLES_V1 = {"functions": _FUNCTIONS_V1, "jobs": _JOBS_V1, "api_keys": _KEYS_V1}
+_JOB_STATS = ("function_id TEXT NOT NULL, resolution INTEGER NOT NULL, slot INTEGER NOT NULL, metric TEXT NOT NULL, "
+              "bucket INTEGER NOT NULL, n INTEGER NOT NULL, failed INTEGER NOT NULL, cold INTEGER NOT NULL, "
+              "total REAL NOT NULL, max_value REAL, PRIMARY KEY (function_id, resolution, slot, metric, bucket)")
+_WEBHOOKS = ("hook_id TEXT PRIMARY KEY, owner TEXT NOT NULL, url TEXT NOT NULL, secret TEXT NOT NULL, "
+             "events TEXT NOT NULL, function_id TEXT, threshold TEXT, created_at REAL NOT NULL")
 
 # The schema's history. Entry N takes a registry from version N to N+1; a registry opens at version 0
 # (new, or written before versioning) and every pending entry runs in one transaction with the new version.
@@ -66,6 +72,15 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE api_keys ADD COLUMN max_timeout_s REAL",  # -> 8
     "ALTER TABLE api_keys ADD COLUMN max_concurrency INTEGER",  # -> 9
     "ALTER TABLE api_keys ADD COLUMN disk_quota_bytes INTEGER",  # -> 10
+    # invocation history: pages of one function's or one owner's calls, newest first, filtered by status
+    "CREATE INDEX IF NOT EXISTS jobs_by_function_time ON jobs (function_id, created_at, job_id)",  # -> 11
+    "CREATE INDEX IF NOT EXISTS jobs_by_function_status_time ON jobs (function_id, status, created_at, job_id)",  # -> 12
+    "CREATE INDEX IF NOT EXISTS jobs_by_owner_time ON jobs (owner, created_at, job_id)",  # -> 13
+    "CREATE INDEX IF NOT EXISTS jobs_by_owner_status_time ON jobs (owner, status, created_at, job_id)",  # -> 14
+    f"CREATE TABLE IF NOT EXISTS job_stats ({_JOB_STATS}) WITHOUT ROWID",  # -> 15: metrics windows (windows.py)
+    "ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",  # -> 16
+    "ALTER TABLE jobs ADD COLUMN retry_of TEXT",  # -> 17
+    f"CREATE TABLE IF NOT EXISTS webhooks ({_WEBHOOKS})",  # -> 18: per-owner notifications (backend/notify.py)
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -195,7 +210,81 @@ class SQLiteRegistry(Registry):
         sql = (f"UPDATE jobs SET {', '.join(c + ' = ?' for c in columns)}, payload = x'' "
                f"WHERE job_id = ? AND status NOT IN ({finals})")
         args = [*_JOBS.row(job, columns), job.job_id, *FINAL_STATES]
-        return self._write(lambda db: db.execute(sql, args).rowcount > 0)
+
+        def finish(db: sqlite3.Connection) -> bool:
+            if db.execute(sql, args).rowcount == 0:
+                return False
+            _count(db, job)  # the metrics windows, in the same transaction: a call is counted once
+            return True
+
+        return self._write(finish)
+
+    def record_attempt(self, attempt: JobRecord) -> None:
+        def record(db: sqlite3.Connection) -> None:
+            db.execute(_insert("jobs"), _JOBS.row(attempt))
+            _count(db, attempt)
+
+        self._write(record)
+
+    def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
+                     before: tuple[float, str] | None = None, text_cap: int = 2048) -> list[HistoryEntry]:
+        where, args = _job_filter(status, owner)
+        if function_id is not None:
+            where, args = where + " AND function_id = ?", [*args, function_id]
+        if before is not None:
+            where, args = where + " AND (created_at, job_id) < (?, ?)", [*args, *before]
+        columns = ", ".join(f"substr({c}, 1, {int(text_cap)}) AS {c}" if c in ("stdout", "stderr") else c
+                            for c in _JOBS.names if c not in ("payload", "result"))
+        rows = self._query(f"SELECT {columns}, length(stdout) AS stdout_size, length(stderr) AS stderr_size "
+                           f"FROM jobs{where} ORDER BY created_at DESC, job_id DESC LIMIT ?", [*args, limit])
+        return [HistoryEntry(_JOBS.record(row), row["stdout_size"] or 0, row["stderr_size"] or 0) for row in rows]
+
+    def function_windows(self, function_id: str, now: float | None = None) -> dict[str, dict[str, Any]]:
+        now = time.time() if now is None else now
+        found = {}
+        for name in windows.WINDOWS:
+            resolution, first = windows.first_slot(name, now)
+            rows = self._query("SELECT metric, bucket, SUM(n), SUM(failed), SUM(cold), SUM(total), MAX(max_value) "
+                               "FROM job_stats WHERE function_id = ? AND resolution = ? AND slot >= ? "
+                               "GROUP BY metric, bucket", (function_id, resolution, first))
+            found[name] = windows.summarise([tuple(row) for row in rows], first * resolution)
+        return found
+
+    def prune_history(self, before: float, batch: int = 5000) -> int:
+        """Delete finished jobs created before ``before`` (a batch per transaction: writers never wait long)
+        and the counters no window reads any more; how many jobs went."""
+        finals = ", ".join("?" * len(FINAL_STATES))
+        deleted = 0
+        while True:
+            count = self._write(lambda db: db.execute(
+                f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE created_at < ? "
+                f"AND status IN ({finals}) LIMIT ?)", (before, *FINAL_STATES, batch)).rowcount)
+            deleted += count
+            if count < batch:
+                break
+        minute_first = int((time.time() - windows.MINUTE_SLOTS_KEPT_S) // windows.MINUTE)
+        self._write(lambda db: db.execute(
+            "DELETE FROM job_stats WHERE (resolution = ? AND slot < ?) OR (resolution = ? AND slot < ?)",
+            (windows.MINUTE, minute_first, windows.HOUR, int(before // windows.HOUR))))
+        return deleted
+
+    # webhooks (backend/notify.py)
+    def put_webhook(self, hook: dict[str, Any]) -> None:
+        row = {**hook, "events": json.dumps(hook["events"]), "threshold": json.dumps(hook.get("threshold"))}
+        names = _WEBHOOK_COLUMNS
+        self._write(lambda db: db.execute(f"INSERT OR REPLACE INTO webhooks ({', '.join(names)}) "
+                                          f"VALUES ({', '.join('?' * len(names))})", [row.get(n) for n in names]))
+
+    def list_webhooks(self, owner: str | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM webhooks", []
+        if owner is not None:
+            query, args = query + " WHERE owner = ?", [owner]
+        return [{**dict(row), "events": json.loads(row["events"]), "threshold": json.loads(row["threshold"] or "null")}
+                for row in self._query(query + " ORDER BY created_at", args)]
+
+    def delete_webhook(self, owner: str, hook_id: str) -> bool:
+        return self._write(lambda db: db.execute("DELETE FROM webhooks WHERE hook_id = ? AND owner = ?",
+                                                 (hook_id, owner)).rowcount > 0)
 
     def note_attempt(self, job_id: str, error: dict) -> None:
         self._write(lambda db: db.execute("UPDATE jobs SET error = ? WHERE job_id = ?", (json.dumps(error), job_id)))
@@ -277,6 +366,18 @@ def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+_WEBHOOK_COLUMNS = ("hook_id", "owner", "url", "secret", "events", "function_id", "threshold", "created_at")
+_COUNT = ("INSERT INTO job_stats (function_id, resolution, slot, metric, bucket, n, failed, cold, total, max_value) "
+          "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT (function_id, resolution, slot, metric, bucket) DO UPDATE "
+          "SET n = n + 1, failed = failed + excluded.failed, cold = cold + excluded.cold, total = total + excluded.total, "
+          "max_value = max(coalesce(max_value, excluded.max_value), coalesce(excluded.max_value, max_value))")
+
+
+def _count(db: sqlite3.Connection, job: JobRecord) -> None:
+    db.executemany(_COUNT, [(job.function_id, c.resolution, c.slot, c.metric, c.bucket, c.failed, c.cold,
+                             c.value or 0.0, c.value) for c in windows.counters_for(job)])
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
