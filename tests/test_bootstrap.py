@@ -46,3 +46,41 @@ def test_remote_traceback_shows_source_lines_whatever_name_pickling_gives_the_co
     assert "return check()" in error["traceback"]
     assert package.manifest["source_file"] in error["traceback"]
     assert "<renamed-by-some-pickler>" not in error["traceback"]
+
+
+def test_both_sides_speak_one_frame_format(bootstrap):
+    """The host's codec (backend/sandbox/protocol.py) and the bootstrap's must never drift apart."""
+    import os
+
+    from backend.sandbox.protocol import FrameReader, encode_frame
+
+    header, body = {"op": "call", "job_id": "job-1", "text": "ünïcode"}, bytes(range(256)) * 10
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, encode_frame(header, body))  # host -> bootstrap
+        assert bootstrap.read_frame(read_fd) == (header, body)
+        bootstrap.write_frame(write_fd, header, body)  # bootstrap -> host
+        assert FrameReader(read_fd).read(None, len(body)) == (header, body)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_the_sandbox_image_ships_every_module_its_modules_import():
+    """A nanogrid module imported at module level by one the image ships must be shipped too (else every
+    Docker call fails at run time); the image build also imports each shipped module once."""
+    import ast
+
+    from runtimes.build import NANOGRID_MODULES
+
+    shipped = {name.removesuffix(".py").replace("__init__", "nanogrid") for name in NANOGRID_MODULES}
+    for module in NANOGRID_MODULES:
+        tree = ast.parse((ROOT / "nanogrid" / module).read_text())
+        for node in tree.body:  # module level only: lazy imports inside functions are the client's
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nanogrid"):
+                needed = node.module.split(".")[1] if "." in node.module else "nanogrid"
+                assert needed in shipped, f"nanogrid/{module} imports {node.module}, which the image does not ship"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("nanogrid."):
+                        assert alias.name.split(".")[1] in shipped, f"nanogrid/{module} imports {alias.name}"
