@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -83,7 +84,8 @@ class RedisResultBus(ResultBus):
         key = f"nanogrid:log:{job_id}"
         cursor = after or "0-0"
         try:
-            found = self.redis.xread({key: cursor}, count=1000, block=max(1, int(wait_s * 1000)) if wait_s else None)
+            found: Any = self.redis.xread({key: cursor}, count=1000,
+                                          block=max(1, int(wait_s * 1000)) if wait_s else None)
         except redis.RedisError:
             return [], after, False
         chunks: list[LogChunk] = []
