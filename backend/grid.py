@@ -25,6 +25,7 @@ from backend.retention import Janitor
 from backend.sandbox.base import Limits
 from backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
 from backend.sandbox.process import ProcessSandboxFactory
+from backend.secretbox import SecretBox
 from backend.store.base import BlobStore
 from backend.store.local import LocalStore
 from backend.store.s3 import S3Store
@@ -115,6 +116,7 @@ class Grid:
             raise
         self.api_key = ensure_local_key(self.registry, data) if role == "all" else None
         self.owners = OwnerPolicy(self.registry, config)
+        self.secrets = SecretBox.load(data)  # NANOGRID_SECRETS_KEY, else data_dir/secrets.key (backend/secretbox.py)
         quota, owner_of = self.owners.disk_quota, self._owner_of
         if config.code_bucket:
             self.store: BlobStore = S3Store(config.code_bucket, config.data_bucket or config.code_bucket,
@@ -148,7 +150,7 @@ class Grid:
                                  visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
                                  publish_backlog=backlog_publisher(config.cloudwatch_namespace),
                                  ai=AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour)
-                                 if config.ai_endpoint else None)
+                                 if config.ai_endpoint else None, secrets=self.secrets)
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
 
     def describe_sandbox(self) -> str:

@@ -31,6 +31,8 @@ class FunctionRecord:
     source: str = ""
     created_at: float = field(default_factory=time.time)
     owner: str = ""  # the name of the API key that uploaded it
+    description: str = ""
+    stable_id: str = ""  # the id a function keeps across updates (the seed contract's PUT /functions/:id); "" if none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +100,19 @@ class ApiKey:
     max_timeout_s: float | None = None  # lower than the grid's max_timeout_s; None: the grid's
     max_concurrency: int | None = None  # this owner's calls running at once; None: the grid's owner_max_concurrency
     disk_quota_bytes: int | None = None  # this owner's stored outputs; None: the grid's owner_disk_quota_bytes
+
+
+@dataclass
+class SecretRecord:
+    """A named set of environment variables, encrypted at rest (backend/secretbox.py); only its variable names are
+    ever shown."""
+
+    owner: str
+    name: str
+    ciphertext: bytes
+    variables: list[str] = field(default_factory=list)  # the names, never the values
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
 
 
 @dataclass

@@ -67,8 +67,8 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int) -> d
     function_id = client.upload(hello, function_name="noop", handler="noop.handler")["function_id"]
     with httpx.Client(base_url=url, headers={"x-api-key": key}) as http:
         body = {"function_id": function_id, "payload": {"x": 1}}
-        timed(lambda: http.post("/run", json=body), 100)
-        results["http_run"] = percentiles(timed(lambda: http.post("/run", json=body), calls))
+        timed(lambda: http.post("/v1/run", json=body), 100)
+        results["http_run"] = percentiles(timed(lambda: http.post("/v1/run", json=body), calls))
 
     @nanogrid.remote
     def noop(x):

@@ -34,7 +34,7 @@ async def burst(url: str, key: str, clients: int, total: int) -> dict[int, list[
             await go.wait()
             for _ in range(per_client):
                 started = time.perf_counter()
-                response = await http.get("/functions")
+                response = await http.get("/v1/functions")
                 latencies.setdefault(response.status_code, []).append(time.perf_counter() - started)
 
     tasks = [asyncio.create_task(client()) for _ in range(clients)]

@@ -122,6 +122,21 @@ def _parser() -> argparse.ArgumentParser:
     envs.add_argument("--remove", metavar="ENV_ID", action="append", default=[], help="delete one (repeatable)")
     envs.set_defaults(command=cmd_envs)
 
+    secrets = sub.add_parser("secrets", help="secrets: environment variables kept encrypted, for functions that name them")
+    secrets_sub = secrets.add_subparsers(metavar="ACTION")
+    secret_set = secrets_sub.add_parser("set", help="store NAME with KEY=VALUE variables (replaces earlier values)")
+    secret_set.add_argument("name")
+    secret_set.add_argument("values", nargs="+", metavar="KEY=VALUE")
+    _client_options(secret_set)
+    secret_set.set_defaults(command=cmd_secrets_set)
+    secret_list = secrets_sub.add_parser("list", help="your secrets and their variable names (never the values)")
+    _client_options(secret_list)
+    secret_list.set_defaults(command=cmd_secrets_list)
+    secret_delete = secrets_sub.add_parser("delete", help="delete a secret")
+    secret_delete.add_argument("name")
+    _client_options(secret_delete)
+    secret_delete.set_defaults(command=cmd_secrets_delete)
+
     jobs = sub.add_parser("jobs", help="recent jobs")
     jobs.add_argument("--limit", type=int, default=20)
     _client_options(jobs)
@@ -394,6 +409,30 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['function'][:24]:24} {r['status']:10} {r['duration']:>11} {r['peak memory']:>12}  {r['when']:8}  "
               f"{r['job']:36}  {r['failure']}")
+def cmd_secrets_set(args: argparse.Namespace) -> int:
+    values = {}
+    for item in args.values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"nanogrid secrets set: {item!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        values[key] = value
+    secret = _client(args).set_secret(args.name, values)
+    print(f"secret {secret['name']}: {', '.join(secret['variables'])}")
+    return 0
+
+
+def cmd_secrets_list(args: argparse.Namespace) -> int:
+    for secret in _client(args).secrets():
+        print(f"{secret['name']:32} {', '.join(secret['variables'])}")
+    return 0
+
+
+def cmd_secrets_delete(args: argparse.Namespace) -> int:
+    print(f"deleted secret {_client(args).delete_secret(args.name)['name']}")
+    return 0
+
+
     return 0
 
 

@@ -65,7 +65,8 @@ def safe_name(name: str) -> str:
 def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_mib: int | None = None,
                      timeout_s: float | None = None, runtime: str | None = None, ai: bool = False,
                      environment: Environment | None = None, local_files: dict[str, bytes] | None = None,
-                     pickled: bytes | None = None, result: str = "pickle") -> FunctionPackage:
+                     pickled: bytes | None = None, result: str = "pickle", env: dict[str, str] | None = None,
+                     secrets: list[str] | None = None) -> FunctionPackage:
     """Cloudpickle ``fn`` (by value, with what it closes over) into a package with its source for display.
 
     ``environment`` (its spec and id go in the manifest, so they are part of the content hash) says
@@ -88,6 +89,10 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
         manifest["result"] = "json"  # data-only: the value travels as JSON, nothing is unpickled by the caller
     if ai:
         manifest["ai"] = True  # its sandbox may reach the AI node (and nothing else)
+    if env:
+        manifest["env"] = {str(k): str(v) for k, v in env.items()}  # set in the sandbox when the function loads
+    if secrets:
+        manifest["secrets"] = [str(name) for name in secrets]  # names only: the worker opens them at load
     if memory_mib is not None:
         manifest["memory"] = int(memory_mib)
     if timeout_s is not None:

@@ -85,6 +85,7 @@ def prepare_context(directory: Path, python: str = HOST_PYTHON) -> str:
     else:
         _install_distributions(site, python)
     (site / "nanogrid").mkdir(parents=True, exist_ok=True)
+    shutil.copy(HERE / "python" / "sdk.py", site / "sdk.py")  # the seed platform's `import sdk`
     for module in NANOGRID_MODULES:
         shutil.copy(ROOT / "nanogrid" / module, site / "nanogrid" / module)
     digest = hashlib.sha256()

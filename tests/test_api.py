@@ -40,24 +40,24 @@ def http(grid):
 
 
 def upload(http: httpx.Client, name: str, source: bytes, **form: str) -> dict:
-    response = http.post("/upload", files={"file": (f"{name}.py", source)},
+    response = http.post("/v1/upload", files={"file": (f"{name}.py", source)},
                          data={"function_name": name, "runtime": "python3.11", "handler": f"{name}.handler", **form})
     assert response.status_code in (200, 201), response.text
     return response.json()
 
 
 def test_seed_style_hello_upload_and_run(http):
-    response = http.post("/upload", files={"file": ("hello.py", HELLO)},
+    response = http.post("/v1/upload", files={"file": ("hello.py", HELLO)},
                          data={"function_name": "hello", "runtime": "python3.11", "handler": "hello.handler"})
     assert response.status_code == 201
     function = response.json()
     assert function["function_id"].startswith("fn-") and function["function_name"] == "hello"
 
-    again = http.post("/upload", files={"file": ("hello.py", HELLO)},
+    again = http.post("/v1/upload", files={"file": ("hello.py", HELLO)},
                       data={"function_name": "hello", "runtime": "python3.11", "handler": "hello.handler"})
     assert again.status_code == 200 and again.json()["function_id"] == function["function_id"]
 
-    run = http.post("/run", json={"function_id": function["function_id"], "payload": {"name": "NanoGrid"}})
+    run = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"name": "NanoGrid"}})
     assert run.status_code == 200
     body = run.json()
     assert body["status"] == "completed"
@@ -69,46 +69,46 @@ def test_seed_style_hello_upload_and_run(http):
 
 def test_async_run_and_status(http):
     function = upload(http, "slow", SLOW)
-    accepted = http.post("/run", json={"function_id": function["function_id"], "payload": {"seconds": 0.3}},
+    accepted = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 0.3}},
                          headers={"X-Async": "true"})
     assert accepted.status_code == 202
     job_id = accepted.json()["job_id"]
-    assert http.get(f"/status/{job_id}").json()["status"] in ("pending", "running")
-    done = http.get(f"/status/{job_id}", params={"wait": 30}).json()
+    assert http.get(f"/v1/status/{job_id}").json()["status"] in ("pending", "running")
+    done = http.get(f"/v1/status/{job_id}", params={"wait": 30}).json()
     assert done["status"] == "completed" and done["result"] == {"slept": 0.3}
-    assert any(job["job_id"] == job_id for job in http.get("/jobs").json())
+    assert any(job["job_id"] == job_id for job in http.get("/v1/jobs").json())
 
 
 def test_handler_errors_come_back_as_failed_jobs(http):
     function = upload(http, "broken", b"def handler(event, context):\n    return {}['missing']\n")
-    body = http.post("/run", json={"function_id": function["function_id"], "payload": None}).json()
+    body = http.post("/v1/run", json={"function_id": function["function_id"], "payload": None}).json()
     assert body["status"] == "failed"
     assert body["error"]["type"] == "KeyError" and "missing" in body["error"]["traceback"]
 
 
 def test_unencodable_handler_result_is_a_clear_error(http):
     function = upload(http, "setty", b"def handler(event, context):\n    return {1, 2}\n")
-    body = http.post("/run", json={"function_id": function["function_id"]}).json()
+    body = http.post("/v1/run", json={"function_id": function["function_id"]}).json()
     assert body["status"] == "failed" and "JSON cannot encode" in body["error"]["message"]
 
 
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "message"),
     [
-        ("get", "/status/job-nope", {}, 404, "no job"),
-        ("get", "/functions/fn-nope", {}, 404, "no function"),
-        ("delete", "/functions/fn-nope", {}, 404, "no function"),
-        ("post", "/run", {"json": {"function_id": "fn-nope", "payload": {}}}, 404, "no function"),
-        ("post", "/run", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "JSON"),
-        ("post", "/run", {"json": {"payload": {}}}, 422, "function_id"),
-        ("post", "/jobs/job-nope/cancel", {}, 404, "no job"),
-        ("get", "/jobs/job-nope/outputs/x.txt", {}, 404, "no output file"),
-        ("post", "/upload", {"files": {"file": ("f.zip", b"junk")}, "data": {"function_name": "f", "handler": "m.h"}},
+        ("get", "/v1/status/job-nope", {}, 404, "no job"),
+        ("get", "/v1/functions/fn-nope", {}, 404, "no function"),
+        ("delete", "/v1/functions/fn-nope", {}, 404, "no function"),
+        ("post", "/v1/run", {"json": {"function_id": "fn-nope", "payload": {}}}, 404, "no function"),
+        ("post", "/v1/run", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "JSON"),
+        ("post", "/v1/run", {"json": {"payload": {}}}, 422, "function_id"),
+        ("post", "/v1/jobs/job-nope/cancel", {}, 404, "no job"),
+        ("get", "/v1/jobs/job-nope/outputs/x.txt", {}, 404, "no output file"),
+        ("post", "/v1/upload", {"files": {"file": ("f.zip", b"junk")}, "data": {"function_name": "f", "handler": "m.h"}},
          400, "zip"),
-        ("post", "/upload", {"data": {"function_name": "f"}}, 422, "file"),
-        ("post", "/upload", {"files": {"file": ("h.py", b"x")}, "data": {"function_name": "h", "handler": "h.handler",
+        ("post", "/v1/upload", {"data": {"function_name": "f"}}, 422, "file"),
+        ("post", "/v1/upload", {"files": {"file": ("h.py", b"x")}, "data": {"function_name": "h", "handler": "h.handler",
                                                                           "memory": "999999"}}, 422, "memory must be"),
-        ("post", "/run", {"content": b"x" * (70 << 20), "headers": {"content-type": "application/json"}}, 413, "limit"),
+        ("post", "/v1/run", {"content": b"x" * (70 << 20), "headers": {"content-type": "application/json"}}, 413, "limit"),
     ],
 )
 def test_bad_requests_get_a_status_and_a_message(http, method, path, kwargs, status, message):
@@ -125,26 +125,27 @@ def test_pickle_function_refuses_json_payload(http, client):
         return x
 
     function_id = f.deploy()
-    response = http.post("/run", json={"function_id": function_id, "payload": {"x": 1}})
+    response = http.post("/v1/run", json={"function_id": function_id, "payload": {"x": 1}})
     assert response.status_code == 400 and "args_pickle" in response.text
 
 
 def test_delete_function(http):
     function = upload(http, "doomed", b"def handler(event, context):\n    return 1\n")
-    assert http.delete(f"/functions/{function['function_id']}").json()["deleted"] is True
-    assert http.get(f"/functions/{function['function_id']}").status_code == 404
-    assert http.post("/run", json={"function_id": function["function_id"]}).status_code == 404
+    assert http.delete(f"/v1/functions/{function['function_id']}").json()["deleted"] is True
+    assert http.get(f"/v1/functions/{function['function_id']}").status_code == 404
+    assert http.post("/v1/run", json={"function_id": function["function_id"]}).status_code == 404
 
 
 def test_openapi_schema_lists_the_api(http):
     paths = http.get("/openapi.json").json()["paths"]
-    for path in ("/health", "/upload", "/run", "/map", "/status/{job_id}", "/functions", "/functions/{function_id}",
-                 "/jobs", "/jobs/{job_id}/cancel", "/jobs/{job_id}/outputs/{name}", "/system/status"):
+    for path in ("/v1/health", "/v1/upload", "/v1/run", "/v1/map", "/v1/status/{job_id}", "/v1/functions",
+                 "/v1/functions/{function_id}", "/v1/jobs", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/outputs/{name}",
+                 "/v1/system/status"):
         assert path in paths
 
 
 def test_system_status_shows_the_warm_pool(http):
-    status = http.get("/system/status").json()
+    status = http.get("/v1/system/status").json()
     (worker,) = status["workers"]
     assert worker["slots"] >= 1 and worker["pool"]["cap"] >= 1
     assert "process sandbox" in worker["pool"]["sandbox"]
@@ -155,13 +156,13 @@ def test_job_results_survive_a_restart(tmp_path: Path):
     try:
         http = httpx.Client(base_url=first.url, timeout=30, headers={"x-api-key": first.api_key})
         function = upload(http, "slow", SLOW)
-        finished = http.post("/run", json={"function_id": function["function_id"], "payload": {"seconds": 0}}).json()
-        running = http.post("/run", json={"function_id": function["function_id"], "payload": {"seconds": 30}},
+        finished = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 0}}).json()
+        running = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 30}},
                             headers={"X-Async": "true"}).json()
-        queued = http.post("/run", json={"function_id": function["function_id"], "payload": {"seconds": 0.1}},
+        queued = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 0.1}},
                            headers={"X-Async": "true"}).json()
         deadline = time.monotonic() + 10
-        while http.get(f"/status/{running['job_id']}").json()["status"] != "running" and time.monotonic() < deadline:
+        while http.get(f"/v1/status/{running['job_id']}").json()["status"] != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         first.stop()
@@ -169,10 +170,10 @@ def test_job_results_survive_a_restart(tmp_path: Path):
     second = start_grid(tmp_path, stem_cells=1, workers=1)
     try:
         http = httpx.Client(base_url=second.url, timeout=30, headers={"x-api-key": second.api_key})
-        assert http.get(f"/status/{finished['job_id']}").json()["result"] == {"slept": 0}
-        interrupted = http.get(f"/status/{running['job_id']}").json()
+        assert http.get(f"/v1/status/{finished['job_id']}").json()["result"] == {"slept": 0}
+        interrupted = http.get(f"/v1/status/{running['job_id']}").json()
         assert interrupted["status"] == "failed" and interrupted["error"]["kind"] == "interrupted"
-        requeued = http.get(f"/status/{queued['job_id']}", params={"wait": 30}).json()
+        requeued = http.get(f"/v1/status/{queued['job_id']}", params={"wait": 30}).json()
         assert requeued["status"] == "completed" and requeued["result"] == {"slept": 0.1}
     finally:
         second.stop()

@@ -204,12 +204,12 @@ def controller(tmp_path) -> tuple[TestClient, Grid]:
 def test_every_refusal_has_the_same_body_with_a_stable_code(controller):
     http, grid = controller
     answers = {
-        "unauthorized": http.get("/jobs", headers={"x-api-key": "ng_wrong"}),
-        "not_found": http.get("/functions/fn-nope"),
-        "method_not_allowed": http.put("/functions/fn-nope"),
-        "invalid": http.post("/run", json={"payload": {}}),
-        "bad_request": http.post("/upload", files={"file": ("f.zip", b"junk")}, data={"function_name": "f"}),
-        "too_large": http.post("/run", content=b"x" * (3 << 20), headers={"content-type": "application/json"}),
+        "unauthorized": http.get("/v1/jobs", headers={"x-api-key": "ng_wrong"}),
+        "not_found": http.get("/v1/functions/fn-nope"),
+        "method_not_allowed": http.put("/v1/functions/fn-nope"),
+        "invalid": http.post("/v1/run", json={"payload": {}}),
+        "bad_request": http.post("/v1/upload", files={"file": ("f.zip", b"junk")}, data={"function_name": "f"}),
+        "too_large": http.post("/v1/run", content=b"x" * (3 << 20), headers={"content-type": "application/json"}),
     }
     for code, response in answers.items():
         assert 400 <= response.status_code < 500, (code, response.text)
@@ -225,8 +225,8 @@ def test_a_rate_limited_key_gets_the_same_body_and_retry_after(controller):
 
     http, grid = controller
     key, _ = create_key(grid.registry, "tight", rate_limit=0.001, rate_burst=1)
-    assert http.get("/jobs", headers={"x-api-key": key}).status_code == 200
-    refused = http.get("/jobs", headers={"x-api-key": key})
+    assert http.get("/v1/jobs", headers={"x-api-key": key}).status_code == 200
+    refused = http.get("/v1/jobs", headers={"x-api-key": key})
     assert refused.status_code == 429 and refused.json()["error"] == "rate_limited" and refused.headers["Retry-After"]
 
 
@@ -238,7 +238,7 @@ def test_a_server_error_is_json_with_a_request_id_that_is_in_the_log(controller,
 
     monkeypatch.setattr(grid.registry, "list_functions", broken)
     with caplog.at_level(logging.ERROR, logger="backend.controller.errors"):
-        response = http.get("/functions")
+        response = http.get("/v1/functions")
     assert response.status_code == 500
     body = response.json()
     assert body["error"] == "internal" and body["request_id"] in body["detail"]

@@ -190,7 +190,7 @@ def test_every_record_field_round_trips_by_name(registry: SQLiteRegistry):
 
 
 def test_counts_cover_every_job_not_a_page(registry: SQLiteRegistry):
-    """/system/status counted at most 1,000 rows: a count must be right at any size."""
+    """/v1/system/status counted at most 1,000 rows: a count must be right at any size."""
     registry.create_jobs([JobRecord(f"job-{i}", "fn-1", owner="alice" if i % 3 else "bob") for i in range(2500)])
     assert registry.count_jobs() == {PENDING: 2500}
     assert registry.count_jobs(owner="bob") == {PENDING: 834}

@@ -48,14 +48,14 @@ def connect(url: str, key: str, timeout: float = 60) -> httpx.Client:
 
 
 def upload(http: httpx.Client) -> str:
-    response = http.post("/upload", files={"file": ("slow.py", SLOW)},
+    response = http.post("/v1/upload", files={"file": ("slow.py", SLOW)},
                          data={"function_name": "slow", "runtime": "python3.11", "handler": "slow.handler"})
     assert response.status_code in (200, 201), response.text
     return response.json()["function_id"]
 
 
 def submit(http: httpx.Client, function_id: str, seconds: float) -> str:
-    response = http.post("/run", json={"function_id": function_id, "payload": {"seconds": seconds}},
+    response = http.post("/v1/run", json={"function_id": function_id, "payload": {"seconds": seconds}},
                          headers={"X-Async": "true"})
     assert response.status_code == 202, response.text
     return response.json()["job_id"]
@@ -63,7 +63,7 @@ def submit(http: httpx.Client, function_id: str, seconds: float) -> str:
 
 def wait_until_running(http: httpx.Client, job_id: str) -> None:
     deadline = time.monotonic() + 30
-    while http.get(f"/status/{job_id}").json()["status"] == "pending" and time.monotonic() < deadline:
+    while http.get(f"/v1/status/{job_id}").json()["status"] == "pending" and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -75,7 +75,7 @@ def used_data_dir(data_dir: Path, starts: int = 2) -> list[str]:
         try:
             http = connect(grid.url, grid.api_key)
             job_id = submit(http, upload(http), 0)
-            assert http.get(f"/status/{job_id}", params={"wait": 30}).json()["status"] == "completed"
+            assert http.get(f"/v1/status/{job_id}", params={"wait": 30}).json()["status"] == "completed"
             jobs.append(job_id)
         finally:
             grid.stop()
@@ -110,13 +110,13 @@ def test_a_registry_locked_for_8_s_by_another_process_only_delays_submissions(tm
         assert len(during) == 4, "every submission made during the lock is accepted once the lock is gone"
 
         with connect(grid.url, grid.api_key, timeout=5) as quick:  # answers again within 5 s of the release
-            answer = quick.post("/run", json={"function_id": function_id, "payload": {"seconds": 0}})
+            answer = quick.post("/v1/run", json={"function_id": function_id, "payload": {"seconds": 0}})
         assert answer.status_code == 200 and answer.json()["result"] == {"slept": 0}
 
         for job_id in [across, *during]:
-            view = http.get(f"/status/{job_id}", params={"wait": 30}).json()
+            view = http.get(f"/v1/status/{job_id}", params={"wait": 30}).json()
             assert view["status"] == "completed", view
-        counts = http.get("/system/status").json()["jobs"]
+        counts = http.get("/v1/system/status").json()["jobs"]
         assert counts == {"completed": 6}, "nothing lost, nothing left pending or running"
     finally:
         grid.stop()
@@ -146,8 +146,8 @@ def test_a_damaged_registry_stops_the_start_in_one_line_and_doctor_repairs_it(tm
     grid = start_grid(tmp_path, stem_cells=1, workers=1)
     try:
         http = connect(grid.url, grid.api_key)
-        assert http.get(f"/status/{jobs[0]}").json()["status"] == "completed"  # in the backup made at the 2nd start
-        assert http.get(f"/status/{jobs[1]}").status_code == 404  # recorded after that backup: lost, as doctor said
+        assert http.get(f"/v1/status/{jobs[0]}").json()["status"] == "completed"  # in the backup made at the 2nd start
+        assert http.get(f"/v1/status/{jobs[1]}").status_code == 404  # recorded after that backup: lost, as doctor said
         assert submit(http, upload(http), 0)
     finally:
         grid.stop()
@@ -181,7 +181,7 @@ def test_a_second_grid_on_the_same_data_dir_is_refused_and_the_first_keeps_its_j
         refused = refused_in_one_line(nanogrid("up", "--data-dir", str(tmp_path), "--port", "0", "--sandbox", "process"))
         assert f"another grid (pid {os.getpid()}) is running on {tmp_path}" in refused
 
-        view = http.get(f"/status/{job_id}", params={"wait": 30}).json()
+        view = http.get(f"/v1/status/{job_id}", params={"wait": 30}).json()
         assert view["status"] == "completed" and view["result"] == {"slept": 2}
         assert list_backups(tmp_path / "registry.sqlite3") == backups  # the refused start touched nothing
 

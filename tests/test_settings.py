@@ -164,7 +164,7 @@ def test_the_grid_url_and_key_reach_every_client_command(command, clean_env, cap
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(request)
-        return httpx.Response(200, json=[] if request.url.path == "/jobs" else {"job_id": "job-1", "status": "pending"})
+        return httpx.Response(200, json=[] if request.url.path == "/v1/jobs" else {"job_id": "job-1", "status": "pending"})
 
     class Recorded(Client):
         def __init__(self, url: str, api_key: str | None = None, **kwargs: Any) -> None:

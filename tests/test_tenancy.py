@@ -236,7 +236,7 @@ def tenants(tmp_path_factory) -> Iterator[tuple]:
 
 
 def upload(http: httpx.Client, name: str, source: bytes, **form: str) -> str:
-    response = http.post("/upload", files={"file": (f"{name}.py", source)},
+    response = http.post("/v1/upload", files={"file": (f"{name}.py", source)},
                          data={"function_name": name, "runtime": "python%d.%d" % sys.version_info[:2],
                                "handler": f"{name}.handler", **form})
     assert response.status_code in (200, 201), response.text
@@ -248,7 +248,7 @@ def test_another_local_account_reads_nothing_of_the_grid(tenants):
     """Must never happen: any other account on the machine reading an owner's code, payloads, results or outputs."""
     grid, clients = tenants
     writer = upload(clients["alice"], "writer", WRITER)
-    done = clients["alice"].post("/run", json={"function_id": writer,
+    done = clients["alice"].post("/v1/run", json={"function_id": writer,
                                                "payload": {"files": {"a.txt": 10, "sub/b.bin": 2000}}}).json()
     assert done["status"] == "completed", done
     assert {f["name"] for f in done["output_files"]} == {"a.txt", "sub/b.bin"}
@@ -276,14 +276,14 @@ def test_a_greedy_owners_backlog_does_not_starve_another_owners_call(tenants):
     grid, clients = tenants
     alice, bob = clients["alice"], clients["bob"]
     alice_fn, bob_fn = upload(alice, "sleepy", SLEEPY), upload(bob, "sleepy", SLEEPY)
-    with alice.stream("POST", "/map", json={"function_id": alice_fn,
+    with alice.stream("POST", "/v1/map", json={"function_id": alice_fn,
                                             "payloads": [{"seconds": 0.2, "tag": n} for n in range(200)]}) as stream:
         alice_jobs = json.loads(next(stream.iter_lines()))["job_ids"]
     assert grid.grid.queue.depth_of("alice") >= 190  # queued before bob's call, which comes next
-    done = bob.post("/run", json={"function_id": bob_fn, "payload": {"seconds": 0, "tag": "bob"}}).json()
+    done = bob.post("/v1/run", json={"function_id": bob_fn, "payload": {"seconds": 0, "tag": "bob"}}).json()
     assert done["status"] == "completed" and done["result"] == "bob"
-    alice.post("/jobs/cancel", json={"job_ids": alice_jobs})
-    views = [alice.get(f"/status/{job_id}", params={"wait": 30}).json() for job_id in alice_jobs]
+    alice.post("/v1/jobs/cancel", json={"job_ids": alice_jobs})
+    views = [alice.get(f"/v1/status/{job_id}", params={"wait": 30}).json() for job_id in alice_jobs]
     ran = sorted((v for v in views if v["status"] == "completed"), key=lambda v: v["finished_at"])
     before_bob = [v for v in ran if v["finished_at"] < done["finished_at"]]
     assert len(before_bob) < 20, f"bob's call finished after {len(before_bob)} of alice's"
@@ -298,16 +298,16 @@ def test_a_key_with_a_lower_max_timeout_stays_limited(tenants):
     """Must never happen: a key limited to 2 s running a call for longer, through any function of its owner."""
     grid, clients = tenants
     bob = clients["bob"]
-    refused = bob.post("/upload", files={"file": ("slow.py", SLEEPY)},
+    refused = bob.post("/v1/upload", files={"file": ("slow.py", SLEEPY)},
                        data={"function_name": "slow", "handler": "slow.handler", "timeout": "30"})
     assert refused.status_code == 422 and "at most 2 s (this key's max timeout)" in refused.text
     function_id = upload(bob, "sleepy", SLEEPY)
-    assert bob.get(f"/functions/{function_id}").json()["timeout_s"] == 2.0  # the default fits the key
+    assert bob.get(f"/v1/functions/{function_id}").json()["timeout_s"] == 2.0  # the default fits the key
     # a function bob uploaded with another key of his, before the limit, runs under the limit all the same
     other_key, _ = create_key(grid.grid.registry, "bob")
     other = httpx.Client(base_url=grid.url, timeout=60, headers={"x-api-key": other_key})
     long_fn = upload(other, "slow", SLEEPY, timeout="30")
-    job = bob.post("/run", json={"function_id": long_fn, "payload": {"seconds": 10}}).json()
+    job = bob.post("/v1/run", json={"function_id": long_fn, "payload": {"seconds": 10}}).json()
     assert job["status"] == "failed" and job["error"]["kind"] == "timeout", job
 
 
@@ -317,20 +317,20 @@ def test_outputs_over_a_keys_disk_quota_fail_the_call_with_the_quota_named(tenan
     grid, clients = tenants
     bob = clients["bob"]
     writer = upload(bob, "writer", WRITER)
-    ok = bob.post("/run", json={"function_id": writer, "payload": {"files": {"a.bin": 600 << 10}}}).json()
+    ok = bob.post("/v1/run", json={"function_id": writer, "payload": {"files": {"a.bin": 600 << 10}}}).json()
     assert ok["status"] == "completed", ok
-    over = bob.post("/run", json={"function_id": writer,
+    over = bob.post("/v1/run", json={"function_id": writer,
                                   "payload": {"files": {"b.bin": 300 << 10, "c.bin": 300 << 10}}}).json()
     assert over["status"] == "failed" and over["error"]["kind"] == "quota", over
     assert "over its disk quota of 1.0 MiB" in over["error"]["message"]
     assert over["output_files"] == []
-    sparse = bob.post("/run", json={"function_id": writer,
+    sparse = bob.post("/v1/run", json={"function_id": writer,
                                     "payload": {"files": {"hole.bin": 64 * MiB}, "sparse": True}}).json()
     assert sparse["status"] == "failed" and sparse["error"]["kind"] == "quota", sparse
     assert grid.grid.store.usage("bob") == 600 << 10
     # alice has the grid's default quota and is not charged for bob's files
     alice_writer = upload(clients["alice"], "writer", WRITER)
-    assert clients["alice"].post("/run", json={"function_id": alice_writer,
+    assert clients["alice"].post("/v1/run", json={"function_id": alice_writer,
                                                 "payload": {"files": {"a.bin": 2 * MiB}}}).json()["status"] == "completed"
 
 
@@ -340,38 +340,38 @@ def test_no_view_shows_an_owner_anything_of_another_owners(tenants):
     grid, clients = tenants
     alice, bob, ops = clients["alice"], clients["bob"], clients["ops"]
     function_id = upload(alice, "sleepy", SLEEPY)
-    finished = alice.post("/run", json={"function_id": function_id, "payload": {"seconds": 0, "tag": "secret"}}).json()
-    running = alice.post("/run", json={"function_id": function_id, "payload": {"seconds": 3}},
+    finished = alice.post("/v1/run", json={"function_id": function_id, "payload": {"seconds": 0, "tag": "secret"}}).json()
+    running = alice.post("/v1/run", json={"function_id": function_id, "payload": {"seconds": 3}},
                          headers={"X-Async": "true"}).json()
-    queued = alice.post("/run", json={"function_id": function_id, "payload": {"seconds": 0}},
+    queued = alice.post("/v1/run", json={"function_id": function_id, "payload": {"seconds": 0}},
                         headers={"X-Async": "true"}).json()
     secrets = [function_id, finished["job_id"], running["job_id"], queued["job_id"], "alice"]
     # alice's own views have them, so their absence from bob's is not a blind spot
-    assert all(s in alice.get("/jobs").text for s in secrets[1:4]) and function_id in alice.get("/functions").text
-    assert alice.get("/system/status").json()["queue_depth"] == 1  # her second call waits: her cap is 1 of 2 slots
+    assert all(s in alice.get("/v1/jobs").text for s in secrets[1:4]) and function_id in alice.get("/v1/functions").text
+    assert alice.get("/v1/system/status").json()["queue_depth"] == 1  # her second call waits: her cap is 1 of 2 slots
     bob_fn = upload(bob, "sleepy", SLEEPY)
-    assert bob.post("/run", json={"function_id": bob_fn, "payload": {"seconds": 0}}).json()["status"] == "completed"
+    assert bob.post("/v1/run", json={"function_id": bob_fn, "payload": {"seconds": 0}}).json()["status"] == "completed"
 
     def bob_sees_nothing_of_alice() -> dict:
-        views = {path: bob.get(path) for path in ("/system/status", "/jobs", "/jobs?status=running",
-                                                     "/jobs?status=pending", "/functions", "/metrics")}
+        views = {path: bob.get(path) for path in ("/v1/system/status", "/v1/jobs", "/v1/jobs?status=running",
+                                                     "/v1/jobs?status=pending", "/v1/functions", "/metrics")}
         for path, response in views.items():
             assert response.status_code == 200, (path, response.text)
             leaked = [s for s in secrets if s in response.text]
             assert leaked == [], f"{path} shows bob {leaked}"
-        assert bob.get("/jobs", params={"all_owners": "true"}).status_code == 403
-        return views["/system/status"].json()
+        assert bob.get("/v1/jobs", params={"all_owners": "true"}).status_code == 403
+        return views["/v1/system/status"].json()
 
     status = bob_sees_nothing_of_alice()  # while alice's call runs and another waits
     assert status["jobs"] == {"completed": 1} and status["queue_depth"] == 0
     (worker,) = status["workers"]
     assert worker["pool"]["idle_by_function"] == {bob_fn: 1} and worker["slots"] == 2
     assert "completed" not in worker  # no grid-wide job counters for a non-admin
-    assert alice.get(f"/status/{queued['job_id']}", params={"wait": 30}).json()["status"] == "completed"
+    assert alice.get(f"/v1/status/{queued['job_id']}", params={"wait": 30}).json()["status"] == "completed"
     bob_sees_nothing_of_alice()  # and once her sandbox is idle in the pool
     # the admin key sees every owner's jobs and warm sandboxes, but never another owner's result
-    everything = ops.get("/system/status").json()
+    everything = ops.get("/v1/system/status").json()
     assert function_id in json.dumps(everything["workers"]) and everything["jobs"]["completed"] == 4
-    listed = {j["job_id"]: j for j in ops.get("/jobs", params={"all_owners": "true", "limit": 1000}).json()}
+    listed = {j["job_id"]: j for j in ops.get("/v1/jobs", params={"all_owners": "true", "limit": 1000}).json()}
     assert set(secrets[1:4]) <= set(listed) and listed[finished["job_id"]]["result"] is None
-    assert ops.get("/jobs").json() == []  # by default an admin lists its own, like everyone
+    assert ops.get("/v1/jobs").json() == []  # by default an admin lists its own, like everyone

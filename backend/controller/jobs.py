@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import time
+import zipfile
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 from backend.grid import Grid
-from backend.models import CANCELLED, RUNNING, FunctionRecord, JobMessage, JobRecord, new_job_id
+from backend.models import CANCELLED, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
+from backend.packages import Package, PackageError, from_upload, owned_function_id
 
 RECHECK_S = 2.0  # how often a waiter asks the registry when the bus has said nothing
 RECHECK_BATCH = 100  # jobs of a silent /map stream looked up per recheck
@@ -22,6 +25,73 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+def deploy(grid: Grid, caller: ApiKey, filename: str, data: bytes, form: dict[str, Any]) -> tuple[FunctionRecord, bool]:
+    """Check an upload, store its package and record the function; (record, False) if the owner has it already.
+
+    The manifest's ``description`` and ``stable_id`` (the seed contract's function id, kept across updates)
+    go on the record; ``env`` and ``secrets`` stay in the package, read by the worker when it loads it.
+    """
+    config = grid.config
+    package = from_upload(filename, data, form, max_bytes=config.max_package_bytes, runtimes=grid.runtimes)
+    manifest = package.manifest
+    memory_mib = int(manifest.get("memory") or config.default_memory_mib)
+    max_timeout_s = min(config.max_timeout_s, caller.max_timeout_s or config.max_timeout_s)
+    timeout_s = float(manifest.get("timeout") or min(config.default_timeout_s, max_timeout_s))
+    if not 16 <= memory_mib <= config.max_memory_mib:
+        raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
+    if not 0 < timeout_s <= max_timeout_s:
+        limit = "this key's" if max_timeout_s < config.max_timeout_s else "the grid's"
+        raise PackageError(f"timeout must be more than 0 and at most {max_timeout_s:g} s ({limit} max timeout), "
+                           f"not {timeout_s:g}")
+    function_id = owned_function_id(caller.name, package.function_id)
+    existing = grid.registry.get_function(function_id)
+    if existing is not None:
+        return existing, False
+    grid.store.put_package(function_id, package.data)
+    record = FunctionRecord(
+        function_id=function_id, owner=caller.name, function_name=manifest["name"], runtime=manifest["runtime"],
+        handler=manifest["handler"], kind=manifest["kind"], memory_mib=memory_mib, timeout_s=timeout_s,
+        package_size=len(package.data), python=manifest["python"], source=_source_of(package),
+        description=str(manifest.get("description") or "")[:1000], stable_id=str(manifest.get("stable_id") or ""),
+    )
+    grid.registry.put_function(record)
+    return record, True
+
+
+def _source_of(package: Package) -> str:
+    with zipfile.ZipFile(io.BytesIO(package.data)) as zf:
+        names = zf.namelist()
+        if "source.py" in names:
+            return zf.read("source.py").decode(errors="replace")[:20000]
+        module = package.manifest["handler"].rsplit(".", 1)[0].replace(".", "/") + ".py"
+        return zf.read(module).decode(errors="replace")[:20000] if module in names else ""
+
+
+INLINE_CAP_BYTES = 16 << 20  # a JSON payload or inline args pickle; larger values travel as blobs (/v1/blobs)
+
+
+def inline_cap(config: Any) -> int:
+    return min(config.max_payload_bytes, INLINE_CAP_BYTES)
+
+
+def checked_blobs(grid: Grid, owner: str, refs: list[list[str]] | None,
+                  pickles: list[str] | None) -> list[list[str]] | None:
+    """Per call, the blobs its args pickle references, each one this owner's and stored; 400 otherwise."""
+    if not refs or not any(refs):
+        return None
+    if pickles is None or len(refs) != len(pickles):
+        raise BadRequest("'blobs' needs one list per args_pickle (references for pickled arguments only)", 422)
+    space = blobs_of(grid)
+    for call in refs:
+        if len(call) > MAX_BLOBS_PER_CALL or not all(isinstance(sha, str) and is_sha256(sha) for sha in call):
+            raise BadRequest(f"a call references at most {MAX_BLOBS_PER_CALL} blobs, each a SHA-256 in hex", 422)
+    for sha in {sha for call in refs for sha in call}:
+        if space.size(owner, sha) is None:
+            raise BadRequest(f"no blob {sha[:12]}…: upload it first (PUT /v1/blobs/{{sha256}}); blobs are "
+                             "deleted after the grid's retention", 404)
+    return refs
 
 
 def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickles: list[str] | None,
@@ -152,6 +222,13 @@ def cancel(grid: Grid, job: JobRecord) -> bool:
     return False
 
 
+def live_workers(grid: Grid) -> list[dict]:
+    """The workers' latest reports: exact and current for the embedded grid, heartbeats for many machines."""
+    if grid.worker is not None and not grid.config.redis_host:
+        return [grid.worker.info()]
+    return grid.bus.workers()
+
+
 def job_view(job: JobRecord, base_url: str = "", with_result: bool = True) -> dict[str, Any]:
     """The job as the API shows it; ``with_result=False`` leaves out the result (another owner's, for an admin)."""
     view: dict[str, Any] = {
@@ -163,7 +240,7 @@ def job_view(job: JobRecord, base_url: str = "", with_result: bool = True) -> di
         "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "output_files": [
-            {**f, "url": f"{base_url}/jobs/{job.job_id}/outputs/{quote(f['name'])}"} for f in job.output_files
+            {**f, "url": f"{base_url}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}"} for f in job.output_files
         ],
     }
     if job.result is not None and with_result:

@@ -14,17 +14,21 @@ class TokenBuckets:
 
     def take(self, key_id: str, rate: float, burst: int) -> float:
         """Take one token; returns 0 if allowed, else the seconds until one is available."""
+        return self.take_counted(key_id, rate, burst)[0]
+
+    def take_counted(self, key_id: str, rate: float, burst: int) -> tuple[float, float]:
+        """``take``, and the tokens left after it (the seed contract's X-RateLimit-Remaining)."""
         if rate <= 0:
-            return 0.0
+            return 0.0, float(burst)
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(key_id, (float(burst), now))
             tokens = min(float(burst), tokens + (now - last) * rate)
             if tokens >= 1.0:
                 self._buckets[key_id] = (tokens - 1.0, now)
-                return 0.0
+                return 0.0, tokens - 1.0
             self._buckets[key_id] = (tokens, now)
-        return (1.0 - tokens) / rate
+        return (1.0 - tokens) / rate, tokens
 
 
 def retry_after_header(seconds: float) -> str:

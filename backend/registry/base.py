@@ -4,7 +4,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from backend.models import ApiKey, FunctionRecord, JobRecord
+from backend.models import ApiKey, FunctionRecord, JobRecord, SecretRecord
 from nanogrid.errors import NanoGridError
 
 
@@ -23,6 +23,20 @@ class HistoryEntry:
     job: JobRecord
     stdout_size: int
     stderr_size: int
+
+
+@dataclass
+class FunctionStats:
+    """Finished jobs of one function in one final status: what /metrics and the seed's function list show."""
+
+    function_id: str
+    status: str
+    count: int
+    total_ms: float  # the worker's whole turn (started -> finished), summed
+    handler_ms: float  # the function's own run time (execution_time_ms), summed
+    handler_count: int  # jobs that have one
+    total_buckets: list[int]  # jobs whose total time is <= each bucket bound (cumulative, as Prometheus counts)
+    handler_buckets: list[int]
 
 
 class Registry(ABC):
@@ -93,6 +107,22 @@ class Registry(ABC):
 
     @abstractmethod
     def delete_webhook(self, owner: str, hook_id: str) -> bool: ...
+
+    @abstractmethod
+    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
+        """Finished jobs per (function, status): counts, summed times and cumulative counts per bucket bound."""
+
+    @abstractmethod
+    def put_secret(self, secret: SecretRecord) -> None: ...
+
+    @abstractmethod
+    def get_secret(self, owner: str, name: str) -> SecretRecord | None: ...
+
+    @abstractmethod
+    def list_secrets(self, owner: str) -> list[SecretRecord]: ...
+
+    @abstractmethod
+    def delete_secret(self, owner: str, name: str) -> bool: ...
 
     @abstractmethod
     def put_key(self, key: ApiKey) -> None: ...

@@ -25,17 +25,18 @@ from boto3.dynamodb.conditions import Attr
 from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
-from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
+from backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord, SecretRecord
 from backend.registry import windows
-from backend.registry.base import HistoryEntry, Registry, RegistryError
+from backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryError
 
-JSON_FIELDS = {"error", "output_files", "ai_usage"}
+JSON_FIELDS = {"error", "output_files", "ai_usage", "variables"}
 INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
               "rate_burst", "attempt"}
 JOB_TTL_S = 30 * 24 * 3600  # the invocation history's retention
 # 1: the first versioned shape (jobs with ai_usage, keys with admin and per-owner limits)
 # 2: jobs with attempt and retry_of; metrics counter items (``stat#…``) and webhook items (``hook#…``)
-ITEM_VERSION = 2
+# 3: functions with description and stable_id; secret items (``secret#owner#name``)
+ITEM_VERSION = 3
 VERSION_ATTRIBUTE = "item_version"
 
 
@@ -275,6 +276,43 @@ class DynamoDBRegistry(Registry):
         for item in self._scan(condition, ProjectionExpression="#s", ExpressionAttributeNames={"#s": "status"}):
             counts[item["status"]] = counts.get(item["status"], 0) + 1
         return counts
+
+    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
+        condition = Attr("kind").eq("job") & Attr("status").is_in(list(FINAL_STATES)) & Attr("started_at").exists()
+        if owner is not None:
+            condition &= Attr("owner").eq(owner)
+        names = {"#s": "status", "#f": "function_id", "#a": "started_at", "#z": "finished_at", "#e": "execution_time_ms"}
+        stats: dict[tuple[str, str], FunctionStats] = {}
+        for item in self._scan(condition, ProjectionExpression=", ".join(names), ExpressionAttributeNames=names):
+            key = (item["function_id"], item["status"])
+            row = stats.setdefault(key, FunctionStats(*key, 0, 0.0, 0.0, 0, [0] * len(buckets_ms), [0] * len(buckets_ms)))
+            total = (float(item.get("finished_at", item["started_at"])) - float(item["started_at"])) * 1000
+            row.count += 1
+            row.total_ms += total
+            row.total_buckets = [n + (total <= b) for n, b in zip(row.total_buckets, buckets_ms, strict=True)]
+            if "execution_time_ms" in item:
+                handler = float(item["execution_time_ms"])
+                row.handler_ms += handler
+                row.handler_count += 1
+                row.handler_buckets = [n + (handler <= b) for n, b in zip(row.handler_buckets, buckets_ms, strict=True)]
+        return list(stats.values())
+
+    # secrets
+    def put_secret(self, secret: SecretRecord) -> None:
+        self.table.put_item(Item={"pk": f"secret#{secret.owner}#{secret.name}", "kind": "secret",
+                                  **_to_item({f.name: getattr(secret, f.name) for f in fields(SecretRecord)})})
+
+    def get_secret(self, owner: str, name: str) -> SecretRecord | None:
+        item = self.table.get_item(Key={"pk": f"secret#{owner}#{name}"}, ConsistentRead=True).get("Item")
+        return _from_item(SecretRecord, item) if item else None
+
+    def list_secrets(self, owner: str) -> list[SecretRecord]:
+        items = self._scan(Attr("kind").eq("secret") & Attr("owner").eq(owner))
+        return sorted((_from_item(SecretRecord, i) for i in items), key=lambda s: s.name)
+
+    def delete_secret(self, owner: str, name: str) -> bool:
+        old = self.table.delete_item(Key={"pk": f"secret#{owner}#{name}"}, ReturnValues="ALL_OLD")
+        return "Attributes" in old
 
     # API keys
     def put_key(self, key: ApiKey) -> None:
