@@ -8,7 +8,8 @@ sender thread matches it against the owner's hooks and posts a Slack-compatible 
     X-NanoGrid-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
 
 A delivery that fails (a connection error, a timeout, a 5xx or a 429) is tried again with backoff, up to
-``ATTEMPTS`` times, without delaying other deliveries. Hooks may not point at link-local addresses (the
+``ATTEMPTS`` times, without delaying other deliveries; ``SENDERS`` posts go out at once, so one receiver
+that hangs holds up at most one of them for ``TIMEOUT_S``. Hooks may not point at link-local addresses (the
 cloud's instance metadata service lives there).
 """
 
@@ -26,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +47,7 @@ MAX_PENDING = 10_000  # jobs waiting to be matched; beyond this the oldest news 
 ATTEMPTS = 4
 BACKOFF_S = 0.5  # before the second attempt; doubled after each failed one
 TIMEOUT_S = 5.0
+SENDERS = 4
 HOOKS_CACHE_S = 5.0  # a new or deleted hook takes effect within this long
 THRESHOLD_CHECK_S = 30.0  # a window threshold is evaluated at most this often per hook and function ...
 THRESHOLD_COOLDOWN_S = 600.0  # ... and, once it fired, not again for this long
@@ -58,6 +61,13 @@ def check_hook(url: str, events: list[str], threshold: dict[str, Any] | None) ->
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError(f"a webhook URL is http:// or https:// with a host, not {url!r}")
+    try:
+        literal = ipaddress.ip_address(parts.hostname.strip("[]"))
+    except ValueError:
+        literal = None
+    if literal is not None and (literal.is_link_local or literal.is_unspecified or literal.is_multicast):
+        raise WebhookError(f"a webhook may not point at {literal}: link-local, unspecified and multicast addresses "
+                           "(the cloud's instance metadata among them) are refused")
     if parts.username or parts.password:
         raise WebhookError("put no credentials in a webhook URL: requests are signed with the hook's secret")
     if not events or any(e not in EVENTS for e in events):
@@ -135,6 +145,8 @@ class Notifier:
         self.stats = {"sent": 0, "failed": 0, "dropped": 0}
         self._jobs: queue.Queue[JobRecord] = queue.Queue(max_pending)
         self._retries: list[_Delivery] = []
+        self._retries_lock = threading.Lock()
+        self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook-post")
         self._hooks: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._names: dict[str, str] = {}
         self._checked: dict[tuple[str, str], float] = {}  # (hook, function) -> when its window was last evaluated
@@ -150,6 +162,7 @@ class Notifier:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=TIMEOUT_S + 1)
+        self._senders.shutdown(wait=True, cancel_futures=True)
         self._http.close()
 
     def job_finished(self, job: JobRecord) -> None:
@@ -168,8 +181,12 @@ class Notifier:
             try:
                 if job is not None:
                     self._match(job)
-                while self._retries and self._retries[0].due <= time.time():
-                    self._deliver(heapq.heappop(self._retries))
+                with self._retries_lock:
+                    due = []
+                    while self._retries and self._retries[0].due <= time.time():
+                        due.append(heapq.heappop(self._retries))
+                for delivery in due:
+                    self._senders.submit(self._deliver, delivery)
             except Exception:  # a bug here must not end notifications for the grid's lifetime
                 log.exception("webhooks: unexpected error")
 
@@ -218,9 +235,16 @@ class Notifier:
             function = self.registry.get_function(job.function_id)
             self._names[job.function_id] = function.function_name if function else job.function_id
         body = json.dumps(message(event, job, self._names[job.function_id], detail)).encode()
-        self._deliver(_Delivery(time.time(), 1, hook, event, body))
+        self._senders.submit(self._deliver, _Delivery(time.time(), 1, hook, event, body))
 
     def _deliver(self, delivery: _Delivery) -> None:
+        """One POST, on a sender thread; a failure that may pass is put back on the retry heap."""
+        try:
+            self._post(delivery)
+        except Exception:
+            log.exception("webhooks: unexpected error while sending")
+
+    def _post(self, delivery: _Delivery) -> None:
         hook = delivery.hook
         refused = refused_address(urlsplit(hook["url"]).hostname or "")
         if refused:
@@ -249,4 +273,5 @@ class Notifier:
             self.stats["failed"] += 1
             return
         delivery.attempt, delivery.due = delivery.attempt + 1, time.time() + self.backoff_s * 2 ** (delivery.attempt - 1)
-        heapq.heappush(self._retries, delivery)
+        with self._retries_lock:
+            heapq.heappush(self._retries, delivery)
