@@ -49,10 +49,11 @@ class GridConfig:
     default_timeout_s: float = 300.0
     max_timeout_s: float = 3600.0
     max_package_bytes: int = 64 * MiB
-    max_payload_bytes: int = 16 * MiB
+    max_payload_bytes: int = 2048 * MiB  # one call argument (pickled); over blob_threshold_bytes it travels as a blob
     max_output_bytes: int = 1024 * MiB  # all output files of one call
     capture_limit_bytes: int = 1 * MiB  # stdout / stderr kept per call
-    max_result_bytes: int = 64 * MiB  # one call's pickled result (or exception); more fails the call
+    max_result_bytes: int = 2048 * MiB  # one call's pickled result (or exception); more fails the call
+    blob_threshold_bytes: int = 1 * MiB  # arguments and results above this travel as content-addressed blobs
     max_output_files: int = 10_000  # output files of one call
     ai_tokens_per_hour: int = 0  # AI node tokens one owner may use per hour on one worker (0: no limit)
     map_chunk_limit: int = 10_000  # items in one /map request

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from backend.config import GridConfig
 from backend.environments import Environments, docker_runtimes
 from backend.keys import OwnerPolicy, ensure_local_key
-from backend.models import FAILED, PENDING, RUNNING, JobMessage
+from backend.models import FAILED, RUNNING, FunctionRecord, JobMessage
 from backend.queue.base import JobQueue
 from backend.queue.local import LocalQueue
 from backend.queue.sqs import SQSQueue
@@ -125,7 +125,8 @@ class Grid:
             self.store = LocalStore(data / "store", quota=quota, owner_of=owner_of)
         self.queue: JobQueue = (
             SQSQueue(config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url) if config.queue_url
-            else LocalQueue(limit=lambda owner: self.owners.max_concurrency(owner, config.workers)))
+            else LocalQueue(limit=lambda owner: self.owners.max_concurrency(owner, config.workers),
+                            load_payload=self._queued_payload))
         self.janitor = Janitor(self.store, config.output_retention_s, config.gc_interval_s) if role == "all" else None
         self.bus: ResultBus = (RedisResultBus(config.redis_host, config.redis_port, self.registry)
                                if config.redis_host else LocalResultBus())
@@ -133,8 +134,9 @@ class Grid:
         self.environments: Environments | None = None
         self.worker: Worker | None = None
         python = config.python_runtime.removeprefix("python")
+        self.factory: ProcessSandboxFactory | DockerSandboxFactory | None = None
         if role in ("all", "worker"):
-            factory = make_sandbox_factory(config)
+            factory = self.factory = make_sandbox_factory(config)
             python = getattr(factory, "python", None) or python
             # Docker serves every Python that has a runtime image; process sandboxes the grid's own.
             images = docker_runtimes(factory.client, factory.image, python) if isinstance(
@@ -156,6 +158,11 @@ class Grid:
     def describe_sandbox(self) -> str:
         return self.pool.factory.describe() if self.pool else "workers run separately"
 
+    def _queued_payload(self, job_id: str) -> bytes | None:
+        """A queued job's arguments, read back from the registry (the local queue keeps big backlogs on disk)."""
+        job = self.registry.get_job(job_id)
+        return job.payload if job is not None else None
+
     def _owner_of(self, job_id: str) -> str:
         """Whose quota a job's output files count against (for a store told only the job id)."""
         job = self.registry.get_job(job_id)
@@ -174,6 +181,8 @@ class Grid:
             self.janitor.stop()
         if self.worker:
             self.worker.stop()
+        if self.factory:
+            self.factory.sweep()  # sandboxes whose removal was still under way: none is left behind
         if isinstance(self.bus, RedisResultBus):
             self.bus.close()
         if isinstance(self.registry, SQLiteRegistry):
@@ -187,16 +196,21 @@ class Grid:
             job.status, job.finished_at = FAILED, time.time()
             job.error = {"kind": "interrupted", "message": "the grid stopped while this job ran; run it again"}
             self.registry.finish_job(job)
-        pending = self.registry.list_jobs(limit=-1, status=PENDING)
-        for job in reversed(pending):
-            function = self.registry.get_function(job.function_id)
+        assert isinstance(self.queue, LocalQueue)  # recovery is the embedded grid's; SQS keeps its own messages
+        functions: dict[str, FunctionRecord | None] = {}
+        requeued = 0
+        for job in self.registry.pending_jobs():  # a page at a time and without payloads: read back when taken
+            if job.function_id not in functions:
+                functions[job.function_id] = self.registry.get_function(job.function_id)
+            function = functions[job.function_id]
             if function is None:
                 job.status, job.finished_at = FAILED, time.time()
                 job.error = {"kind": "not_found", "message": f"function {job.function_id} was deleted"}
                 self.registry.finish_job(job)
                 continue
             timeout_s = min(function.timeout_s, self.owners.max_timeout(job.owner))
-            self.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, job.payload,
-                                       timeout_s, function.memory_mib, owner=job.owner)])
-        if pending:
-            log.info("requeued %d pending jobs from the previous run", len(pending))
+            self.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, b"",
+                                       timeout_s, function.memory_mib, owner=job.owner)], stored=True)
+            requeued += 1
+        if requeued:
+            log.info("requeued %d pending jobs from the previous run", requeued)

@@ -45,6 +45,7 @@ from nanogrid.errors import (  # noqa: E402
 
 if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
     from nanogrid.client import Client, connect, get_client
+    from nanogrid.data import Ref, put
     from nanogrid.environment import Environment
     from nanogrid.function import RemoteFunction, remote
     from nanogrid.job import Job, OutputFile
@@ -56,6 +57,7 @@ _LAZY = {
     "RemoteFunction": "nanogrid.function", "remote": "nanogrid.function",
     "Job": "nanogrid.job", "OutputFile": "nanogrid.job",
     "Environment": "nanogrid.environment",
+    "put": "nanogrid.data", "Ref": "nanogrid.data",
 }
 
 
@@ -104,5 +106,5 @@ __all__ = [
     "InvalidArguments",
     "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected", "OutOfMemory", "OutputFile", "RemoteError",
     "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "UntrustedResult", "VersionMismatch", "WaitTimeout",
-    "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote",
+    "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote", "put", "Ref",
 ]

@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--data-dir", type=Path, default=None, help="default ~/.nanogrid (NANOGRID_DATA_DIR)")
     doctor.add_argument("--repair", action="store_true",
                         help="restore the newest good backup over a damaged registry (the damaged file is kept aside)")
+    doctor.add_argument("--clean", action="store_true",
+                        help="remove what a crashed grid left: its sandbox containers, work dirs and memory cgroups")
     doctor.set_defaults(command=cmd_doctor)
     return parser
 
@@ -176,6 +178,10 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _grid_config(args: argparse.Namespace) -> GridConfig:
+    parser.add_argument("--max-payload-bytes", type=_byte_size, default=None,
+                        help="largest argument of a call, pickled (default 2GiB; over 1 MiB they travel as blobs)")
+    parser.add_argument("--max-result-bytes", type=_byte_size, default=None,
+                        help="largest result of a call, pickled (default 2GiB)")
     """The one settings object: defaults < file < environment < this command's flags (named as its fields)."""
     from backend.config import GridConfig
 
@@ -464,10 +470,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
               f"{'ok, %d jobs' % sum(backup.jobs.values()) if backup.ok else backup.problem})")
     if not report.backups:
         print("backup    none yet (one is made at each start)")
+    if not _doctor_leftovers(data_dir, report.grid_pid, args.clean):
+        return 1
     if not registry.ok:
         print(f"nanogrid: repair with `nanogrid doctor --data-dir {data_dir} --repair`", file=sys.stderr)
         return 1
     return 0
+
+
+def _doctor_leftovers(data_dir: Path, grid_pid: int | None, clean: bool) -> bool:
+    """Show (and with ``clean`` remove) the sandboxes a crashed grid left; False when cleaning was refused."""
+    from backend.sandbox import leftovers
+
+    sandbox_dir = data_dir / "sandboxes"
+    if clean and grid_pid is not None:
+        print(f"nanogrid: a grid (pid {grid_pid}) runs on {data_dir}: its sandboxes are not leftovers; stop it "
+              "first (a grid also removes what an earlier run left when it starts)", file=sys.stderr)
+        return False
+    found = leftovers.clean(sandbox_dir) if clean else leftovers.find(sandbox_dir)
+    parts = [f"{len(found.containers)} containers", f"{len(found.directories)} sandbox directories",
+             f"{len(found.cgroups)} memory cgroups"]
+    if grid_pid is not None:
+        print(f"sandboxes {', '.join(parts)} of the running grid")
+    elif found.count:
+        print(f"leftovers {', '.join(parts)} of a grid that stopped without closing them"
+              + (": removed" if clean else f": remove with `nanogrid doctor --data-dir {data_dir} --clean`"))
+    else:
+        print("leftovers none")
+    if found.docker_problem:
+        print(f"containers not checked: {found.docker_problem}")
+    return True
 
 
 if __name__ == "__main__":

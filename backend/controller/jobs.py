@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
+from backend.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, RESULT_FORMAT, blobs_of, is_sha256, join_payload
 from backend.grid import Grid
 from backend.models import CANCELLED, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
 from backend.packages import Package, PackageError, from_upload, owned_function_id
@@ -95,8 +96,11 @@ def checked_blobs(grid: Grid, owner: str, refs: list[list[str]] | None,
 
 
 def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickles: list[str] | None,
-                    max_bytes: int) -> list[tuple[str, bytes]]:
-    """Each call's payload as (format, bytes), checked against the function's kind and the size cap."""
+                    max_bytes: int, blobs: list[list[str]] | None = None) -> list[tuple[str, bytes]]:
+    """Each call's payload as (format, bytes), checked against the function's kind and the size cap.
+
+    ``blobs``: per call, the blobs its args pickle references (checked by ``checked_blobs``); such a call's
+    payload is in the ``pickle+blobs`` format (backend/blobs.py)."""
     if pickles is not None:
         if function.kind != "pickle":
             raise BadRequest(f"function {function.function_id} is a handler function: send 'payload', not 'args_pickle'")
@@ -106,6 +110,9 @@ def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickle
                 encoded.append(("pickle", base64.b64decode(item, validate=True)))
             except (binascii.Error, ValueError):
                 raise BadRequest("args_pickle must be base64") from None
+        if blobs:
+            encoded = [(BLOB_FORMAT, join_payload(refs, data)) if refs else (fmt, data)
+                       for (fmt, data), refs in zip(encoded, blobs, strict=True)]
     else:
         if function.kind == "pickle":
             raise BadRequest(f"function {function.function_id} was packaged by the Python client: "
@@ -181,8 +188,10 @@ async def next_result(grid: Grid, job_id: str, finished: asyncio.Queue[JobRecord
 
 
 async def stream_results(grid: Grid, job_ids: list[str], finished: asyncio.Queue[JobRecord],
-                         unsubscribe: Any) -> AsyncIterator[tuple[int, JobRecord]]:
-    """(index, job) for each job as it finishes, in completion order; stalls are checked in the registry."""
+                         unsubscribe: Any) -> AsyncIterator[tuple[int, JobRecord] | None]:
+    """(index, job) for each job as it finishes, in completion order; stalls are checked in the registry.
+
+    None after each RECHECK_S without news: the stream shows it is alive, so a client times out on silence only."""
     index = {job_id: i for i, job_id in enumerate(job_ids)}
     remaining = set(job_ids)
     try:
@@ -193,6 +202,8 @@ async def stream_results(grid: Grid, job_ids: list[str], finished: asyncio.Queue
             except TimeoutError:
                 oldest = sorted(remaining, key=index.__getitem__)[:RECHECK_BATCH]
                 found = await asyncio.to_thread(_finished_among, grid, oldest)
+                if not found:
+                    yield None
             for job in found:
                 if job.job_id in remaining:
                     remaining.discard(job.job_id)
@@ -244,7 +255,9 @@ def job_view(job: JobRecord, base_url: str = "", with_result: bool = True) -> di
         ],
     }
     if job.result is not None and with_result:
-        if job.result_format == "json":
+        if job.result_format == RESULT_FORMAT:  # stored as a blob: the client downloads it, streamed
+            view["result_blob"] = json.loads(job.result)
+        elif job.result_format == "json":
             view["result"] = json.loads(job.result)
         else:
             view["result_pickle"] = base64.b64encode(job.result).decode()

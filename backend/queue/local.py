@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -7,6 +9,10 @@ from collections.abc import Callable
 
 from backend.models import JobMessage
 from backend.queue.base import JobQueue
+
+log = logging.getLogger(__name__)
+
+MEMORY_BUDGET_BYTES = 32 << 20  # queued payloads held in memory; the rest stay on disk until their job is taken
 
 
 class LocalQueue(JobQueue):
@@ -17,24 +23,49 @@ class LocalQueue(JobQueue):
     ``limit(owner)`` caps how many of an owner's jobs may be out at once (taken and not yet acked):
     an owner at its cap is passed over, so it never holds every slot. Durability comes from the
     registry: pending jobs are stored there and put back on start.
+
+    Memory stays bounded whatever the backlog: once the payloads held reach ``memory_budget_bytes``, further
+    messages are kept without theirs, and ``load_payload(job_id)`` reads it back (from the registry, where
+    every pending job's payload already is) when a worker takes the job.
     """
 
-    def __init__(self, limit: Callable[[str], int | None] | None = None) -> None:
+    def __init__(self, limit: Callable[[str], int | None] | None = None,
+                 load_payload: Callable[[str], bytes | None] | None = None,
+                 memory_budget_bytes: int = MEMORY_BUDGET_BYTES) -> None:
         self._limit = limit or (lambda owner: None)
+        self._load_payload = load_payload
+        self._budget = memory_budget_bytes if load_payload is not None else None  # None: everything in memory
+        self._held_bytes = 0  # payload bytes held in memory
+        self._on_disk: set[str] = set()  # job ids queued without their payload
         self._waiting: OrderedDict[str, deque[JobMessage]] = OrderedDict()  # owner -> its FIFO; next to serve first
         self._out: dict[str, int] = {}  # owner -> jobs taken and not yet acked
         self._out_owner: dict[str, str] = {}  # job id -> its owner, while it is out
         self._count = 0
         self._changed = threading.Condition()
 
-    def put(self, messages: list[JobMessage]) -> None:
+    def put(self, messages: list[JobMessage], stored: bool = False) -> None:
+        """Queue these jobs; ``stored``: the messages carry no payload, it is on disk (a restart's backlog)."""
         with self._changed:
             for message in messages:
+                message = self._hold(message, stored)
                 if message.owner not in self._waiting:
                     self._waiting[message.owner] = deque()  # a new owner joins the end of the turn
                 self._waiting[message.owner].append(message)
             self._count += len(messages)
             self._changed.notify_all()
+
+    def _hold(self, message: JobMessage, stored: bool) -> JobMessage:
+        """The message as kept in memory: without its payload when it is on disk or over the budget."""
+        if stored or (self._budget is not None and self._held_bytes + len(message.payload) > self._budget):
+            self._on_disk.add(message.job_id)
+            return dataclasses.replace(message, payload=b"") if message.payload else message
+        self._held_bytes += len(message.payload)
+        return message
+
+    def held_bytes(self) -> int:
+        """Payload bytes of queued jobs held in memory (at most the budget when payloads can be read back)."""
+        with self._changed:
+            return self._held_bytes
 
     def get(self, timeout: float, want: int = 1) -> JobMessage | None:
         deadline = time.monotonic() + timeout
@@ -44,7 +75,29 @@ class LocalQueue(JobQueue):
                 if left <= 0:
                     return None
                 self._changed.wait(left)
-            return message
+            if message.job_id not in self._on_disk:
+                self._held_bytes -= len(message.payload)
+                return message
+        return self._with_payload(message)
+
+    def _with_payload(self, message: JobMessage) -> JobMessage | None:
+        """Read a taken job's payload back from disk; if that fails the job goes back to the head of its turn."""
+        assert self._load_payload is not None  # messages are only left without payloads when it can be read back
+        try:
+            payload = self._load_payload(message.job_id)
+        except Exception:
+            log.exception("job %s: could not read its arguments back; it stays queued", message.job_id)
+            with self._changed:
+                self._waiting.setdefault(message.owner, deque()).appendleft(message)
+                self._waiting.move_to_end(message.owner, last=False)
+                self._count += 1
+                self._forget_out(message.job_id)
+            time.sleep(0.5)  # a registry that cannot be read now is not retried in a tight loop
+            return None
+        with self._changed:
+            self._on_disk.discard(message.job_id)
+        # None: the job is gone (cancelled and finished while queued); the worker finds it is no longer pending
+        return dataclasses.replace(message, payload=payload or b"")
 
     def _next(self) -> JobMessage | None:
         """The head of the first owner in turn who is under its cap; that owner goes to the end of the turn."""
@@ -77,15 +130,19 @@ class LocalQueue(JobQueue):
     def ack(self, message: JobMessage) -> None:
         """The job is done: its owner's share of the slots is free again."""
         with self._changed:
-            owner = self._out_owner.pop(message.job_id, None)
-            if owner is None:
-                return
-            left = self._out[owner] - 1
-            if left:
-                self._out[owner] = left
-            else:
-                del self._out[owner]
-            self._changed.notify_all()
+            self._forget_out(message.job_id)
+
+    def _forget_out(self, job_id: str) -> None:
+        """The job is no longer out with a worker (call with the lock held)."""
+        owner = self._out_owner.pop(job_id, None)
+        if owner is None:
+            return
+        left = self._out[owner] - 1
+        if left:
+            self._out[owner] = left
+        else:
+            del self._out[owner]
+        self._changed.notify_all()
 
     def extend(self, message: JobMessage, seconds: float) -> None:
         pass  # nothing else can take it

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from backend.models import ApiKey, FunctionRecord, JobRecord, SecretRecord
+from backend.models import PENDING, ApiKey, FunctionRecord, JobRecord, SecretRecord
 from nanogrid.errors import NanoGridError
 
 
@@ -77,6 +78,12 @@ class Registry(ABC):
 
     @abstractmethod
     def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]: ...
+
+    def pending_jobs(self, batch: int = 1000) -> Iterator[JobRecord]:
+        """Pending jobs, oldest first, without their payloads (``get_job`` has them): a restart's backlog."""
+        for job in reversed(self.list_jobs(limit=-1, status=PENDING)):
+            job.payload = b""
+            yield job
 
     @abstractmethod
     def count_jobs(self, owner: str | None = None) -> dict[str, int]:

@@ -16,7 +16,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -302,6 +302,18 @@ class SQLiteRegistry(Registry):
         where, args = _job_filter(status, owner)
         rows = self._query(f"SELECT * FROM jobs{where} ORDER BY created_at DESC LIMIT ?", [*args, limit])
         return [_JOBS.record(row) for row in rows]
+
+    def pending_jobs(self, batch: int = 1000) -> Iterator[JobRecord]:
+        """A page of ``batch`` rows at a time, without the payload column: a large backlog never sits in memory."""
+        columns = ", ".join(name for name in _JOBS.names if name != "payload")
+        after: tuple[float, str] = (float("-inf"), "")
+        while True:
+            rows = self._query(f"SELECT {columns} FROM jobs WHERE status = ? AND (created_at, job_id) > (?, ?) "
+                               "ORDER BY created_at, job_id LIMIT ?", (PENDING, *after, batch))
+            yield from (_JOBS.record(row) for row in rows)
+            if len(rows) < batch:
+                return
+            after = (rows[-1]["created_at"], rows[-1]["job_id"])
 
     def count_jobs(self, owner: str | None = None) -> dict[str, int]:
         where, args = _job_filter(None, owner)

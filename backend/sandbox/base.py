@@ -11,6 +11,7 @@ the sandbox is discarded.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from backend.sandbox.cgroup import MemoryCgroup
 from backend.sandbox.outputs import HostWriteFailed, OutputQuotaExceeded, OutputWriter
 from backend.sandbox.protocol import CHUNK_BYTES, ChannelTimeout, FrameTooLarge, ProtocolViolation, check_reply
 
+BLOB_CHUNK_BYTES = 4 << 20  # argument blobs and streamed results travel in frames of at most this many bytes
+INLINE_RESULT_BYTES = 16 << 20  # a reply's own body; the bootstrap streams results over 1 MiB in pieces
 OUTPUT_TIMEOUT_S = 120.0  # to receive one call's output files, however slowly the sandbox sends them
 MAX_REPORTED_BYTES = 1 << 50  # a peak memory figure above this is nonsense
 
@@ -67,6 +70,8 @@ class CallResult:
     duration_ms: float = 0.0  # measured by the host
     output_files: list[str] = field(default_factory=list)
     ai_usage: dict[str, int] | None = None  # counted by the host's AI gateway
+    result_file: Path | None = None  # a large result, spooled to disk as it arrived (then ``body`` is empty) ...
+    result_sha256: str = ""  # ... and its SHA-256, computed by the host as it was written
 
 
 class Sandbox(ABC):
@@ -85,14 +90,18 @@ class Sandbox(ABC):
     def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None: ...
 
     def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None,
-             ai: AISession | None = None, on_output: OutputListener | None = None) -> CallResult:
+             ai: AISession | None = None, on_output: OutputListener | None = None,
+             blobs: list[Path] | None = None) -> CallResult:
         """Run one call and receive its output files; raises SandboxError when the sandbox failed (it is then dead).
 
         ``on_output(stream, data)`` receives what the call prints while it runs (``stdout``/``stderr``,
         every 0.1 s, at most the capture limit in all); the reply still carries the whole capture.
+        ``blobs``: files the args pickle references (backend/blobs.py), streamed to the sandbox after the call
+        frame in ``blob`` frames; the call header lists their sizes. A result the bootstrap streams back
+        (``result_size`` in its reply, then ``result_data`` frames) is spooled to ``CallResult.result_file``.
         """
         try:
-            return self._call(job_id, payload, timeout_s, model, ai, on_output)
+            return self._call(job_id, payload, timeout_s, model, ai, on_output, blobs or [])
         except SandboxError:
             raise
         except ProtocolViolation as exc:
@@ -110,30 +119,40 @@ class Sandbox(ABC):
             raise
 
     def _call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None,
-              ai: AISession | None, on_output: OutputListener | None) -> CallResult:
+              ai: AISession | None, on_output: OutputListener | None, blobs: list[Path]) -> CallResult:
         baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
             baseline = self.cgroup.usage()
         header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
                   "model": model, "live": on_output is not None}
+        sizes = [path.stat().st_size for path in blobs]
+        if sizes:
+            header["blobs"] = sizes
         live_bytes = 0
         started = time.monotonic()
         deadline = started + timeout_s
         try:
             self._send(header, payload)
+            for path in blobs:  # in pieces: the grid never holds a whole blob in memory
+                with path.open("rb") as f:
+                    while chunk := f.read(BLOB_CHUNK_BYTES):
+                        self._send({"op": "blob"}, chunk)
         except SandboxError as exc:
             if exc.kind != "crash":
                 raise
             # Nothing of the call reached the bootstrap: not the function's crash, and safe to try again.
             raise SandboxError("unstarted", "the sandbox had died before the call reached it; the function did "
                                             "not run") from None
-        max_body = max(self.limits.result_bytes, 1 << 20)
+        max_body = max(min(self.limits.result_bytes, INLINE_RESULT_BYTES), 1 << 20)
         while True:
             try:
                 frame, body = self._receive(deadline, max_body)
             except FrameTooLarge as exc:
                 self.close()
+                if exc.size <= self.limits.result_bytes:  # within the cap, but sent whole: only a forged reply does
+                    raise ProtocolViolation(f"a reply of {exc.size >> 20} MiB sent whole (at most "
+                                            f"{INLINE_RESULT_BYTES >> 20} MiB; larger results are streamed)") from None
                 raise SandboxError("result", f"the result is {exc.size >> 20} MiB, over the grid's "
                                              f"{self.limits.result_bytes >> 20} MiB limit; the sandbox was "
                                              "discarded") from None
@@ -155,9 +174,14 @@ class Sandbox(ABC):
             break
         host_ms = (time.monotonic() - started) * 1000
         reply = check_reply(frame, self.limits.capture_bytes)
-        if len(body) > self.limits.result_bytes:
-            raise SandboxError("result", f"the result is {len(body) >> 20} MiB, over the grid's "
+        if "result_size" in reply and body:
+            raise ProtocolViolation("a streamed result whose reply has a body of its own")
+        size = len(body) + reply.get("result_size", 0)
+        if size > self.limits.result_bytes:
+            self.close()
+            raise SandboxError("result", f"the result is {size >> 20} MiB, over the grid's "
                                          f"{self.limits.result_bytes >> 20} MiB limit; the sandbox was discarded")
+        spooled = self._receive_result(job_id, reply["result_size"], deadline) if "result_size" in reply else None
         reported = reply.get("duration_ms")
         duration = min(float(reported), host_ms) if isinstance(reported, (int, float)) and reported >= 0 else host_ms
         if self.cgroup:
@@ -169,7 +193,34 @@ class Sandbox(ABC):
         if not reply["ok"] and reply["error"].get("kind") == "memory":
             self.close()  # a MemoryError may have left the interpreter in a bad state
         usage = dict(ai.usage) if ai is not None and ai.usage.get("calls") else None
-        return CallResult(reply, body, peak, self.output_dir, baseline, duration, files, usage)
+        result = CallResult(reply, body, peak, self.output_dir, baseline, duration, files, usage)
+        if spooled is not None:
+            result.result_file, result.result_sha256 = spooled
+        return result
+
+    def _receive_result(self, job_id: str, size: int, deadline: float) -> tuple[Path, str]:
+        """A streamed result, written to a spool file as it arrives and hashed; exactly ``size`` bytes, or a
+        violation (and no file)."""
+        path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
+        digest, received = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as f:
+                while received < size:
+                    try:
+                        header, chunk = self._receive(deadline, BLOB_CHUNK_BYTES)
+                    except ChannelTimeout:
+                        raise ProtocolViolation("the result was not sent within the call's timeout") from None
+                    if header.get("op") != "result_data" or len(header) != 1 or received + len(chunk) > size:
+                        raise ProtocolViolation("a streamed result whose pieces do not add up to its announced size")
+                    if not chunk:
+                        raise ProtocolViolation("an empty piece of a streamed result")
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path, digest.hexdigest()
 
     def _forward_ai(self, ai: AISession | None, frame: dict[str, Any], body: bytes,
                     deadline: float) -> tuple[dict[str, Any], bytes]:

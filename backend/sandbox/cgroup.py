@@ -1,9 +1,19 @@
-"""A memory cgroup per sandbox: a hard limit, and the per-call peak read straight from the kernel."""
+"""A memory cgroup per sandbox: a hard limit, and the per-call peak read straight from the kernel.
+
+Ours are ``nanogrid/<grid identity>-<sandbox id>``, so a grid can find and remove the ones a crash left
+(``sweep``) without touching another grid's.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOT = Path("/sys/fs/cgroup")
@@ -95,3 +105,40 @@ class MemoryCgroup:
                 self.path.rmdir()
             except OSError:
                 pass
+
+
+def ours(prefix: str) -> list[Path]:
+    """The memory cgroups whose names start with ``prefix`` (a grid's identity and a dash)."""
+    parent = (V1_ROOT if (V1_ROOT / "memory.limit_in_bytes").exists() else V2_ROOT) / "nanogrid"
+    try:
+        return sorted(path for path in parent.iterdir() if path.is_dir() and path.name.startswith(prefix))
+    except OSError:  # no cgroup of ours was ever made here, or this account cannot see them
+        return []
+
+
+def sweep(prefix: str) -> int:
+    """Remove the cgroups ``ours(prefix)`` names, killing any process still in one first; how many went."""
+    removed = 0
+    for path in ours(prefix):
+        if _remove_with_processes(path):
+            removed += 1
+        else:
+            log.warning("could not remove the memory cgroup %s left by an earlier run", path)
+    return removed
+
+
+def _remove_with_processes(path: Path) -> bool:
+    for _ in range(50):  # processes leave a cgroup only once the kernel has reaped them: a few ms
+        try:
+            path.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            pass
+        with contextlib.suppress(OSError, ValueError):
+            for pid in (path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.02)
+    return False

@@ -15,9 +15,10 @@ memory cgroup.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import select
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ import docker.errors
 import requests.exceptions
 
 from backend.environments import BuiltEnvironment
+from backend.sandbox import leftovers
 from backend.sandbox.base import Limits, Sandbox, SandboxError
 from backend.sandbox.cgroup import MemoryCgroup
 from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, DockerAttachStream, FrameReader, encode_frame
@@ -72,17 +74,19 @@ class DockerSandboxFactory:
         self.stem_memory_mib = stem_memory_mib
         host_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Which grid a container belongs to: the one whose sandboxes live in this directory.
-        self.grid_label = hashlib.sha256(str(host_dir.resolve()).encode()).hexdigest()[:16]
+        self.grid_label = leftovers.grid_identity(host_dir)
         self.sweep()
 
     def sweep(self) -> int:
-        """Remove this grid's containers left by a run that crashed (or was killed) before closing them."""
+        """Remove this grid's containers and their host directories left by a run that crashed (or was killed)
+        before closing them; at shutdown, those of sandboxes that were still closing."""
         left = self.client.containers.list(all=True, filters={"label": f"nanogrid.grid={self.grid_label}"})
         for container in left:
             _remove(container)
-        if left:
-            log.info("removed %d sandbox containers left by an earlier run", len(left))
-        return len(left)
+        dirs = leftovers.remove_dirs(self.host_dir)
+        if left or dirs:
+            log.info("removed %d sandbox containers and %d sandbox directories left by an earlier run", len(left), dirs)
+        return len(left) + dirs
 
     def describe(self) -> str:
         return f"docker sandbox ({self.image}, non-root, read-only, no network)"
@@ -147,7 +151,19 @@ class DockerSandbox(Sandbox):
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._kill_reason is None
+        return not self._closed and self._kill_reason is None and not self._channel_ended()
+
+    def _channel_ended(self) -> bool:
+        """True once the attach socket has reached its end: the container stopped or was removed, or the engine
+        restarted. A poll and a peek (microseconds), never a call to the engine."""
+        try:
+            readable, _, _ = select.select([self._raw], [], [], 0)
+            return bool(readable) and self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
 
     def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
         if memory_mib != self.memory_mib:  # stem cells start with a default; the function sets its own

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from backend.environments import BuiltEnvironment
-from backend.sandbox import cgroup
+from backend.sandbox import cgroup, leftovers
 from backend.sandbox.base import Limits, Sandbox, SandboxError
 from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, FrameReader, encode_frame, write_all
 
@@ -56,6 +56,16 @@ class ProcessSandboxFactory:
         self.kill_grace_s = kill_grace_s
         self.limits = limits or Limits()
         base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.identity = leftovers.grid_identity(base_dir)  # in the names of its cgroups
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Remove sandbox directories and memory cgroups left by a run that crashed (or was killed) before closing
+        them; at shutdown, those of sandboxes that were still closing. How many there were."""
+        count = leftovers.remove_dirs(self.base_dir) + cgroup.sweep(self.identity + "-")
+        if count:
+            log.info("removed %d sandbox directories and memory cgroups left by an earlier run", count)
+        return count
 
     def describe(self) -> str:
         parts = ["process sandbox (trusted code only)"]
@@ -83,7 +93,7 @@ class ProcessSandbox(Sandbox):
         self.memory_mib = 0
         self._kill_reason: str | None = None
         self._lock = threading.Lock()
-        self.cgroup = cgroup.MemoryCgroup(self.id) if factory.use_cgroups else None
+        self.cgroup = cgroup.MemoryCgroup(f"{factory.identity}-{self.id}") if factory.use_cgroups else None
         startup_log = self._startup_log()
         try:
             self.proc = subprocess.Popen(

@@ -149,6 +149,7 @@ class DockerAttachStream:
 _REPLY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "ok": bool, "result_format": str, "error": dict, "stdout": str, "stderr": str, "duration_ms": (int, float),
     "peak_rss_bytes": (int, type(None)), "output_files": int, "op": str,
+    "result_size": int,  # a result streamed after the reply in ``result_data`` frames (the reply's body is empty)
 }
 _ERROR_FIELDS = ("kind", "type", "module", "message", "traceback")
 _ERROR_KINDS = {"exception", "memory"}
@@ -181,4 +182,6 @@ def check_reply(header: dict[str, Any], capture_limit: int) -> dict[str, Any]:
                 raise ProtocolViolation("a malformed error in the call's reply")
     if header.get("output_files", 0) < 0:
         raise ProtocolViolation("a negative count of output files")
+    if header.get("result_size", 1) <= 0:
+        raise ProtocolViolation("a streamed result of no bytes")
     return header

@@ -55,6 +55,27 @@ class BlobStore(ABC):
     @abstractmethod
     def get_blob(self, key: str) -> bytes: ...
 
+    # Streaming variants, for values too large to hold in memory (backend/blobs.py); these defaults do hold them.
+    def put_blob_file(self, key: str, source: Path) -> None:
+        """Store a file as a blob (moved into place where the store is local: the caller's file is gone after)."""
+        self.put_blob(key, source.read_bytes())
+        source.unlink(missing_ok=True)
+
+    def open_blob(self, key: str) -> Iterator[bytes]:
+        """The blob's bytes in chunks; FileNotFoundError if there is none."""
+        return iter([self.get_blob(key)])
+
+    def blob_size(self, key: str, touch: bool = False) -> int | None:
+        """Its size, None if there is no such blob; ``touch``: count it as stored now (retention)."""
+        try:
+            return len(self.get_blob(key))
+        except FileNotFoundError:
+            return None
+
+    def blob_path(self, key: str) -> Path | None:
+        """Where the blob is on this machine's disk (a local store), else None."""
+        return None
+
     def output_url(self, job_id: str, name: str) -> str | None:
         """A direct download URL (a presigned one on S3), or None to serve it through the controller."""
         return None

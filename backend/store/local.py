@@ -60,6 +60,31 @@ class LocalStore(BlobStore):
     def get_blob(self, key: str) -> bytes:
         return self._blob_path(key).read_bytes()
 
+    def put_blob_file(self, key: str, source: Path) -> None:
+        path = self._blob_path(key)
+        _mkdirs(self.root / "blobs", path.parent)
+        os.chmod(source, FILE_MODE)
+        shutil.move(source, path)  # a rename on the same file system: readers see the whole blob or none
+
+    def open_blob(self, key: str) -> Iterator[bytes]:
+        path = self._blob_path(key)
+        if not path.is_file() or path.is_symlink():
+            raise FileNotFoundError(key)
+        return _chunks(path)
+
+    def blob_size(self, key: str, touch: bool = False) -> int | None:
+        path = self._blob_path(key)
+        try:
+            size = path.lstat().st_size
+            if touch:
+                os.utime(path)
+        except FileNotFoundError:
+            return None
+        return size
+
+    def blob_path(self, key: str) -> Path | None:
+        return self._blob_path(key)
+
     def _output_path(self, job_id: str, name: str) -> Path:
         base = (self.root / "outputs" / job_id).resolve()
         path = (base / name).resolve()

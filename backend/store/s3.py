@@ -50,6 +50,23 @@ class S3Store(BlobStore):
     def get_blob(self, key: str) -> bytes:
         return self.s3.get_object(Bucket=self.data_bucket, Key=key)["Body"].read()
 
+    def put_blob_file(self, key: str, source: Path) -> None:
+        self.s3.upload_file(str(source), self.data_bucket, key)  # multipart above boto3's threshold
+        source.unlink(missing_ok=True)
+
+    def open_blob(self, key: str) -> Iterator[bytes]:
+        try:
+            body = self.s3.get_object(Bucket=self.data_bucket, Key=key)["Body"]
+        except ClientError:
+            raise FileNotFoundError(key) from None
+        return body.iter_chunks(1 << 20)
+
+    def blob_size(self, key: str, touch: bool = False) -> int | None:
+        try:
+            return int(self.s3.head_object(Bucket=self.data_bucket, Key=key)["ContentLength"])
+        except ClientError:
+            return None
+
     def _keys(self, prefix: str) -> Iterator[dict]:
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.data_bucket, Prefix=prefix):
             yield from page.get("Contents", [])
@@ -102,6 +119,10 @@ class S3Store(BlobStore):
             self._delete(outputs + [item["Key"] for item in index])
             expired.jobs += 1
             expired.bytes += sum(int(item["Key"].rsplit("/", 1)[1].split("-", 1)[0]) for item in index)
+        old_blobs = [item for item in self._keys("data/") if item["LastModified"].timestamp() < before]
+        self._delete([item["Key"] for item in old_blobs])  # the data plane's blobs (backend/blobs.py)
+        expired.blobs += len(old_blobs)
+        expired.bytes += sum(int(item.get("Size", 0)) for item in old_blobs)
         return expired
 
     def open_output(self, job_id: str, name: str) -> Iterator[bytes]:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from backend.blobs import BLOB_FORMAT, RESULT_FORMAT, BlobError, Blobs, result_reference, split_payload, spool_dir_for
 from backend.environments import EnvironmentBuildError
 from backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
 from backend.notify import Notifier
@@ -71,6 +73,8 @@ class Worker:
         self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = {"completed": 0, "failed": 0, "cold_starts": 0}
+        # Blobs of arguments and large results; a remote store's are fetched into a spool here.
+        self._blobs = Blobs(store, spool_dir_for(store, Path(tempfile.gettempdir()) / "nanogrid-blob-spool"))
 
     def start(self) -> None:
         self.bus.on_cancel(self.cancel)
@@ -256,16 +260,27 @@ class Worker:
             if job.job_id in self._cancelled:  # cancelled while its sandbox was being prepared
                 raise SandboxError("cancelled", "cancelled by the user")
             ai = self.ai.session(message.owner) if self.ai is not None and sandbox.ai_allowed else None
+            refs, payload = [], message.payload
+            if message.payload_format == BLOB_FORMAT:  # arguments stored as blobs: streamed to the sandbox
+                refs, payload = split_payload(payload)
             try:
-                outcome = sandbox.call(job.job_id, message.payload, message.timeout_s, message.model, ai=ai,
-                                       on_output=self._live_output(job.job_id))
+                with self._blobs.local_files(message.owner, refs) as blob_files:
+                    outcome = sandbox.call(job.job_id, payload, message.timeout_s, message.model, ai=ai,
+                                           on_output=self._live_output(job.job_id), blobs=blob_files)
+            except BlobError as exc:
+                reusable = True  # nothing reached the sandbox
+                raise SandboxError("blob", exc.message) from None
             except SandboxError:
                 if job.job_id in self._cancelled:
                     raise SandboxError("cancelled", "cancelled by the user") from None
                 if self._stopping.is_set():
                     raise SandboxError("interrupted", "the worker shut down while this job ran; run it again") from None
                 raise
-            self._record(job, outcome)
+            try:
+                self._record(job, outcome)
+            finally:
+                if outcome.result_file is not None:
+                    outcome.result_file.unlink(missing_ok=True)  # kept as a blob by now, or not at all
             reusable = True
         finally:
             self._running.pop(job.job_id, None)
@@ -353,6 +368,16 @@ class Worker:
         job.baseline_memory_bytes = outcome.baseline_memory_bytes
         job.ai_usage = outcome.ai_usage
         job.output_files = self._store_outputs(job.job_id, job.owner, outcome.output_dir, outcome.output_files)
+        if reply["ok"] and outcome.result_file is not None:  # a large result: kept as the owner's blob
+            size = outcome.result_file.stat().st_size
+            try:
+                self._blobs.store_result(job.owner, outcome.result_file, outcome.result_sha256)
+            except OSError as exc:
+                raise SandboxError("storage", "the grid could not store this call's result "
+                                              f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
+            job.status, job.result_format = COMPLETED, RESULT_FORMAT
+            job.result = result_reference(outcome.result_sha256, size, reply["result_format"])
+            return
         if reply["ok"]:
             job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body
             return

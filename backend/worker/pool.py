@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backend.environments import BuiltEnvironment, Environments
-from backend.sandbox.base import Sandbox
+from backend.sandbox.base import Sandbox, SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class WarmPool:
         victims: list[Sandbox] = []
         function: FunctionCode | None = None
         sandbox: Sandbox | None = None
+        warm = False
         with self._cond:
             while True:
                 if self._closed:
@@ -84,8 +85,13 @@ class WarmPool:
                 if idle:
                     sandbox = idle.pop()
                     self._idle_since.pop(sandbox.id, None)
+                    if not sandbox.alive:  # died while idle (OOM killer, `docker rm -f`): replaced, never handed out
+                        self._specialised -= 1
+                        victims.append(sandbox)
+                        continue
                     self._busy.add(sandbox.id)
-                    return sandbox, False
+                    warm = True
+                    break
                 if function is None:  # cold: the package decides what kind of sandbox it needs
                     self._cond.release()
                     try:
@@ -95,8 +101,7 @@ class WarmPool:
                     continue
                 if self._specialised < self.cap:
                     self._specialised += 1
-                    stems = self._stems.get(function.stem_key)
-                    sandbox = stems.pop() if stems else None
+                    sandbox = self._live_stem(function.stem_key, victims)
                     self._note_environment(function.environment)
                     break
                 victim = self._take_longest_idle()
@@ -104,19 +109,54 @@ class WarmPool:
                     victims.append(victim)
                     continue
                 self._cond.wait()
-        for victim in victims:
-            victim.close()
+        self._close(victims)
+        if warm:
+            assert sandbox is not None
+            return sandbox, False
+        assert function is not None  # a cold start: its code was fetched in the loop
         self._wake.set()  # refill stem cells
         try:
             if sandbox is None:
                 sandbox = self._start(function.environment)
-            with self._cond:
-                self._busy.add(sandbox.id)
-            sandbox.load(function_id, function.package, function.memory_mib, function.env)
+                self._load(sandbox, function_id, function)
+            else:
+                try:
+                    self._load(sandbox, function_id, function)
+                except SandboxError as exc:
+                    if exc.kind != "crash":
+                        raise
+                    # The stem cell died between its check and its load: once more, on a fresh one.
+                    log.warning("a stem cell died before loading function %s (%s); starting another",
+                                function_id, exc.message)
+                    self._forget(sandbox, counted=False)
+                    sandbox = None  # if the next start fails, there is nothing left to close
+                    sandbox = self._start(function.environment)
+                    self._load(sandbox, function_id, function)
         except BaseException:
             self._forget(sandbox)
             raise
         return sandbox, True
+
+    def _load(self, sandbox: Sandbox, function_id: str, function: FunctionCode) -> None:
+        with self._cond:
+            self._busy.add(sandbox.id)
+        sandbox.load(function_id, function.package, function.memory_mib, function.env)
+
+    def _live_stem(self, key: str, dead: list[Sandbox]) -> Sandbox | None:
+        """A started stem cell of this environment that is still alive; dead ones go to ``dead`` (call with the lock)."""
+        stems = self._stems.get(key) or []
+        while stems:
+            stem = stems.pop()
+            if stem.alive:
+                return stem
+            dead.append(stem)
+        return None
+
+    @staticmethod
+    def _close(sandboxes: list[Sandbox]) -> None:
+        for sandbox in sandboxes:
+            sandbox.close()
+        sandboxes.clear()
 
     def release(self, sandbox: Sandbox) -> None:
         """Give a sandbox back after a call; a dead one is dropped."""
@@ -149,13 +189,15 @@ class WarmPool:
             for stem in self._stems.pop(old, []):
                 stem.close()
 
-    def _forget(self, sandbox: Sandbox | None) -> None:
+    def _forget(self, sandbox: Sandbox | None, counted: bool = True) -> None:
+        """Close a sandbox taken from the pool; ``counted=False`` keeps its place under the cap for a replacement."""
         if sandbox is not None:
             sandbox.close()
         with self._cond:
             if sandbox is not None:
                 self._busy.discard(sandbox.id)
-            self._specialised -= 1
+            if counted:
+                self._specialised -= 1
             self._cond.notify()
         self._wake.set()
 
@@ -220,12 +262,19 @@ class WarmPool:
                 return
 
     def _evict_expired(self) -> None:
-        expired = []
+        """Stop sandboxes idle past the TTL, and drop those that died while idle so stem cells are started again."""
+        expired: list[Sandbox | None] = []
         now = time.monotonic()
         with self._cond:
             for sandbox_id, since in list(self._idle_since.items()):
                 if now - since > self.idle_ttl_s:
                     expired.append(self._remove_idle(sandbox_id))
+            for function_sandboxes in list(self._idle.values()):
+                expired += [self._remove_idle(s.id) for s in list(function_sandboxes) if not s.alive]
+            for key, stems in self._stems.items():
+                dead = [stem for stem in stems if not stem.alive]
+                self._stems[key] = [stem for stem in stems if stem not in dead]
+                expired += dead
             self._cond.notify_all()
         for sandbox in expired:
             if sandbox is not None:

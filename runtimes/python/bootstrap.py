@@ -19,6 +19,7 @@ thing over the same channel: an AI node request (``__nanogrid_channel__``, used 
 import io
 import json
 import os
+import pickle
 import shutil
 import signal
 import struct
@@ -58,10 +59,64 @@ WRITE_LOCK = threading.Lock()  # frames come from the main thread and the live-o
 
 def write_frame(fd, header, body=b""):
     data = json.dumps(header).encode()
-    buf = struct.pack(">II", len(data), len(body)) + data + body
-    with WRITE_LOCK:
-        while buf:
-            buf = buf[os.write(fd, buf):]
+    with WRITE_LOCK:  # header and body written one after the other: a large body is never copied
+        for buf in (memoryview(struct.pack(">II", len(data), len(body)) + data), memoryview(body)):
+            while buf:
+                buf = buf[os.write(fd, buf):]
+
+
+STREAM_RESULT_OVER = 1 << 20  # a larger result follows its reply in pieces (``result_size``, ``result_data`` frames)
+BLOB_CHUNK_BYTES = 4 << 20
+
+
+def write_reply(fd, reply, result):
+    """The call's reply; a large result after it in pieces, so the host can spool it to disk as it arrives."""
+    if len(result) <= STREAM_RESULT_OVER:
+        write_frame(fd, reply, result)
+        return
+    reply["result_size"] = len(result)
+    write_frame(fd, reply)
+    view = memoryview(result)
+    for start in range(0, len(view), BLOB_CHUNK_BYTES):
+        write_frame(fd, {"op": "result_data"}, view[start:start + BLOB_CHUNK_BYTES])
+
+
+def read_blobs(fd, sizes):
+    """The blobs the call's args pickle references: each filled in place from the ``blob`` frames that follow."""
+    blobs = []
+    for size in sizes:
+        blob = bytearray(size)
+        view, filled = memoryview(blob), 0
+        while filled < size:
+            header_len, body_len = struct.unpack(">II", read_exact(fd, 8))
+            if json.loads(read_exact(fd, header_len)).get("op") != "blob" or filled + body_len > size:
+                raise ValueError("the host sent a blob that does not match its announced size")
+            target = view[filled:filled + body_len]
+            while target:
+                got = os.readv(fd, [target])
+                if not got:
+                    raise EOFError
+                target = target[got:]
+            filled += body_len
+        blobs.append(blob)
+    return blobs
+
+
+class ArgsUnpickler(pickle.Unpickler):
+    """An args pickle's persistent ids: ("i", bytes) an argument's own pickle, ("b", n) the call's n-th blob."""
+
+    def __init__(self, data, blobs):
+        super().__init__(io.BytesIO(data))
+        self.blobs, self.loaded = blobs, {}
+
+    def persistent_load(self, pid):
+        kind, value = pid
+        if kind == "i":
+            return pickle.loads(value)
+        if value not in self.loaded:  # one blob given twice in a call is one object, as it was in the caller's
+            self.loaded[value] = pickle.loads(self.blobs[value])
+            self.blobs[value] = None  # its bytes are freed as soon as the value exists
+        return self.loaded[value]
 
 
 class Capture:
@@ -300,7 +355,7 @@ class Runtime:
         if header.get("max_output_bytes"):
             resource.setrlimit(resource.RLIMIT_FSIZE, (header["max_output_bytes"],) * 2)
 
-    def call(self, header, body, captures, live=None):
+    def call(self, header, body, captures, live=None, blobs=()):
         import cloudpickle
 
         for capture in captures:
@@ -323,7 +378,8 @@ class Runtime:
         started = time.perf_counter()
         try:
             if self.manifest["kind"] == "pickle":
-                args, kwargs = cloudpickle.loads(body)
+                args, kwargs = ArgsUnpickler(body, list(blobs)).load()
+                del blobs[:]
                 value = self.function(*args, **kwargs)
                 if self.manifest.get("result") == "json":  # data-only: the caller never unpickles anything
                     result = encode_json(value)
@@ -444,8 +500,10 @@ def main():
                 error["kind"] = "load"
                 write_frame(reply_fd, {"ok": False, "error": error})
         elif op == "call" and runtime.function is not None:
-            reply, result = runtime.call(header, body, captures, live if header.get("live") else None)
-            write_frame(reply_fd, reply, result)
+            blobs = read_blobs(stdin_fd, header.get("blobs") or [])
+            reply, result = runtime.call(header, body, captures, live if header.get("live") else None, blobs)
+            write_reply(reply_fd, reply, result)
+            del reply, result
         elif op == "outputs":
             send_outputs(reply_fd, header.get("limit"))
         else:
