@@ -93,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(invoke)
     invoke.set_defaults(command=cmd_invoke)
 
+    load = sub.add_parser("loadtest", help="call a function at a steady rate for a while (a grid on this machine only) "
+                                           "and print throughput, p50/p95/p99 latency and errors")
+    load.add_argument("function", help="function id, or name (its newest version)")
+    load.add_argument("--rps", type=float, default=10.0, help="calls per second (default 10, at most 500)")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds (default 10, at most 300)")
+    load.add_argument("--payload", default="{}", help="JSON event for a handler function (default {})")
+    load.add_argument("--args", default="[]", help="JSON list of arguments for a Python function (default [])")
+    load.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _client_options(load)
+    load.set_defaults(command=cmd_loadtest)
+
     status = sub.add_parser("status", help="workers, warm sandboxes, queue depth")
     _client_options(status)
     status.set_defaults(command=cmd_status)
@@ -372,6 +383,55 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         view = client.status(view["job_id"], wait=30)
     print(json.dumps(view, indent=2))
     return 0 if view["status"] in ("completed", "pending", "running") else 1
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import base64
+
+    import cloudpickle
+
+    from nanogrid import loadtest
+
+    client = _client(args)
+    loadtest.check_loopback(client.url)
+    loadtest.check_bounds(args.rps, args.duration)
+    functions = [f for f in client.functions() if args.function in (f["function_id"], f["function_name"])]
+    if not functions:
+        print(f"nanogrid: no function {args.function!r} (`nanogrid deploy` one, or see GET /v1/functions)",
+              file=sys.stderr)
+        return 1
+    function = max(functions, key=lambda f: f["created_at"])
+    try:
+        body: dict[str, Any] = {"function_id": function["function_id"]}
+        if function["kind"] == "pickle":
+            body["args_pickle"] = base64.b64encode(cloudpickle.dumps((tuple(json.loads(args.args)), {}))).decode()
+        else:
+            body["payload"] = json.loads(args.payload)
+    except ValueError as exc:
+        print(f"nanogrid: --payload / --args is not JSON: {exc}", file=sys.stderr)
+        return 2
+
+    def call() -> str | None:
+        view = client.run(body)
+        while view["status"] in ("pending", "running"):
+            view = client.status(view["job_id"], wait=30)
+        return None if view["status"] == "completed" else (view.get("error") or {}).get("kind", view["status"])
+
+    def progress(test: loadtest.LoadTest) -> None:
+        now = test.summary()
+        print(f"\r{function['function_name']}: {now['sent']}/{now['planned']} sent, {now['completed']} ok, "
+              f"{now['failed']} failed, p50 {now['p50_ms'] or 0:.1f} ms, p99 {now['p99_ms'] or 0:.1f} ms ",
+              end="", file=sys.stderr, flush=True)
+
+    summary = loadtest.run(call, args.rps, args.duration, on_progress=progress).summary()
+    print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{summary['completed'] + summary['failed']} calls in {summary['elapsed_s']:.1f} s: "
+              f"{summary['throughput']:.1f} calls/s, p50 {summary['p50_ms']} ms, p95 {summary['p95_ms']} ms, "
+              f"p99 {summary['p99_ms']} ms, {summary['failed']} failed {summary['errors'] or ''}".rstrip())
+    return 0 if summary["failed"] == 0 else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:

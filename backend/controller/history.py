@@ -1,7 +1,7 @@
 """Operations API under ``/v1``: invocation history, metrics windows and the AutoTuner, scoped to the caller's owner.
 
-Included by ``backend/controller/app.py`` through ``install``, which also adds the webhook routes
-(backend/controller/webhooks.py) and runs the history's retention
+Included by ``backend/controller/app.py`` through ``install``, which also adds the webhook and load-test routes
+(backend/controller/webhooks.py, loadtests.py) and runs the history's retention
 (finished calls older than ``history_retention_s`` are deleted, in batches, once an hour).
 """
 
@@ -21,7 +21,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from backend.autotune import Rates, recommend
-from backend.controller import webhooks
+from backend.controller import loadtests, webhooks
 from backend.grid import Grid
 from backend.models import ApiKey, FunctionRecord, JobRecord
 from backend.packages import function_id_for, owned_function_id
@@ -212,6 +212,8 @@ def install(app: FastAPI, grid: Grid, caller: Any) -> None:
     """Add the routes, and run the history's retention while the app runs (around the app's own lifespan)."""
     app.include_router(router(grid, caller))
     app.include_router(webhooks.router(grid, caller))
+    app.state.loadtests = loadtests.LoadTests(grid)
+    app.include_router(loadtests.router(grid, caller, app.state.loadtests))
     janitor, inner = HistoryJanitor(grid), app.router.lifespan_context
 
     @asynccontextmanager
