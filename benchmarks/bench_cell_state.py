@@ -43,14 +43,12 @@ def main() -> None:
 
     from IPython.testing.globalipapp import start_ipython
 
-    import nanogrid.function
     import nanogrid.magics.cell as cell
     from backend.config import GridConfig
     from backend.embedded import EmbeddedGrid
     from nanogrid.cells import pack_state
 
     limit = 1 << 30
-    nanogrid.function.MAX_ARGS_BYTES = cell.MAX_ARGS_BYTES = limit  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory() as data_dir:
         config = GridConfig.load(data_dir=Path(data_dir), port=0, sandbox=args.sandbox, max_payload_bytes=limit)
         with EmbeddedGrid(config) as grid:

@@ -174,8 +174,7 @@ class StatePickler(cloudpickle.Pickler):
     The globals of every function defined in the namespace travel as a reference that the other
     side resolves to its own namespace. ``refs`` maps ids of objects the other side already has
     to their names; ``drop_globals`` leaves out the values a function reads from its globals (the
-    receiving namespace has them). Both work through ``reducer_override``, which pickle calls only
-    for objects that are not atoms (ints, floats, strings), so a long list of floats costs nothing extra.
+    receiving namespace has them).
     """
 
     def __init__(self, file: Any, namespace: dict[str, Any], refs: dict[int, str] | None = None,
@@ -186,19 +185,27 @@ class StatePickler(cloudpickle.Pickler):
         self.drop_globals = drop_globals
         self.globals_ref[id(namespace)] = _NamespaceGlobals()
 
-    def reducer_override(self, obj: Any) -> Any:
-        if self.refs:
-            name = self.refs.get(id(obj))
-            if name is not None:
-                return (_existing, (name,))
-        return super().reducer_override(obj)
-
     def _dynamic_function_reduce(self, func: Any) -> Any:
         reduced = super()._dynamic_function_reduce(func)
         if self.drop_globals and func.__globals__ is self.namespace:
             state, slotstate = reduced[2]
             reduced = (*reduced[:2], (state, {**slotstate, "__globals__": {}}), *reduced[3:])
         return reduced
+
+
+class _RefPickler(StatePickler):
+    """Also refers to objects the other side has (``refs``). A persistent_id is asked of every object, floats
+    included, so only what a cell sends back pays for it, never the namespace going out or the hashing."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, ATOMIC):
+            return None
+        return self.refs.get(id(obj))
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def persistent_load(self, pid: Any) -> Any:
+        return _existing(pid)
 
 
 @dataclass
@@ -214,7 +221,7 @@ def pack_state(records: list[tuple[str, Any]], namespace: dict[str, Any], refs: 
     failed: dict[str, str] = {}
     while True:
         buffer = io.BytesIO()
-        pickler = StatePickler(buffer, namespace, refs, drop_globals)
+        pickler = (_RefPickler if refs else StatePickler)(buffer, namespace, refs, drop_globals)
         sizes: dict[str, int] = {}
         for key, value in records:
             if key in failed:
@@ -232,7 +239,7 @@ def pack_state(records: list[tuple[str, Any]], namespace: dict[str, Any], refs: 
 
 def unpack_state(data: bytes, namespace: dict[str, Any], refs: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     stream = io.BytesIO(data)
-    unpickler = pickle.Unpickler(stream)
+    unpickler = _RefUnpickler(stream)
     records = []
     _loading.namespace, _loading.refs = namespace, refs or {}
     try:

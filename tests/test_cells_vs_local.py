@@ -12,6 +12,7 @@ import re
 import types
 from typing import Any
 
+import IPython
 import pytest
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
@@ -63,7 +64,7 @@ CASES: dict[str, tuple[str, str, str]] = {  # setup, cell, follow-up (run locall
 
 @pytest.fixture(scope="module")
 def shell():
-    ip = start_ipython()
+    ip = start_ipython() or IPython.get_ipython()  # one shell per process: started by the first module
     ip.run_line_magic("load_ext", "nanogrid")
     ip.system = ip.system_piped  # as in a Jupyter kernel: `!cmd` output goes to the cell's stdout
     return ip

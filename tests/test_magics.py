@@ -12,6 +12,7 @@ import io
 import threading
 import time
 
+import IPython
 import pytest
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
@@ -54,7 +55,7 @@ def test_plan_refuses_a_line_the_sandbox_cannot_run_by_number(source, line, why)
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = start_ipython()
+    shell = start_ipython() or IPython.get_ipython()  # one shell per process: started by the first module
     shell.run_line_magic("load_ext", "nanogrid")
     return shell
 

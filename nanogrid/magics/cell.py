@@ -12,9 +12,9 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from nanogrid.cells import CellRefused, ShellOutput, load_state, pack_state, plan_cell, run_cell
-from nanogrid.client import Client
+from nanogrid.client import Client, get_client
 from nanogrid.errors import RemoteError
-from nanogrid.function import MAX_ARGS_BYTES, RemoteFunction
+from nanogrid.function import RemoteFunction
 from nanogrid.job import Job
 from nanogrid.widgets import size_text
 
@@ -120,10 +120,11 @@ def prepare(shell: Any, body: str, args: argparse.Namespace) -> tuple[RemoteFunc
         name, why = next(iter(packed.failed.items()))
         raise UsageError(f"%%nanogrid: the cell uses {name!r}, which cannot be sent to the grid ({why}). "
                          "Create it inside the cell instead, or run this cell locally.")
-    if len(packed.data) > MAX_ARGS_BYTES:
+    limit = get_client().limits()["max_payload_bytes"]
+    if len(packed.data) > limit:
         largest = ", ".join(f"{n} {size_text(s)}" for n, s in sorted(packed.sizes.items(), key=lambda i: -i[1])[:3])
         raise UsageError(f"%%nanogrid: the cell's names pickle to {size_text(len(packed.data))}, over the grid's "
-                         f"{size_text(MAX_ARGS_BYTES)} limit (largest: {largest}); load large data inside the cell "
+                         f"{size_text(limit)} limit (largest: {largest}); load large data inside the cell "
                          "from a path or URL instead.")
     function = function_for(args)
     call = (source, filename, body, packed.data, list(sent), plan.has_value)
