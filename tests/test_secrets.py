@@ -7,6 +7,7 @@ a ciphertext that opens after being moved to another owner's or name's row.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -18,10 +19,16 @@ from backend.embedded import EmbeddedGrid
 from backend.keys import create_key
 from backend.models import SecretRecord
 from backend.secretbox import SecretBox, SecretError
+from nanogrid.function import RemoteFunction
 
 pytestmark = pytest.mark.integration
 
 VALUE = "s3cr3t-value-that-must-not-leak-4f1c"
+
+
+def on(client: nanogrid.Client, **options: object):  # noqa: ANN201
+    """@remote with an explicit client (one per owner in these tests)."""
+    return lambda fn: RemoteFunction(fn, client=client, **options)
 
 
 def test_sealed_secrets_open_only_with_their_key_owner_and_name() -> None:
@@ -48,17 +55,20 @@ def test_a_secret_reaches_only_the_function_that_names_it_and_never_a_view(docke
     assert shown["variables"] == ["DB_PASSWORD", "DB_USER"] and VALUE not in str(shown)
     assert VALUE not in str(client.secrets())
 
-    @nanogrid.remote(secrets=["db"], env={"MODE": "test"}, client=client)
-    def read_env() -> dict:
+    @on(client, secrets=["db"], env={"MODE": "test"})
+    def read_env() -> dict:  # a digest of the password: a function returning its secret would store it itself
+        import hashlib
         import os
-        return {k: os.environ.get(k) for k in ("DB_PASSWORD", "DB_USER", "MODE")}
+        return {"DB_PASSWORD": hashlib.sha256(os.environ["DB_PASSWORD"].encode()).hexdigest(),
+                "DB_USER": os.environ.get("DB_USER"), "MODE": os.environ.get("MODE")}
 
-    @nanogrid.remote(client=client)
+    @on(client)
     def read_env_without() -> dict:
         import os
         return {k: os.environ.get(k) for k in ("DB_PASSWORD", "DB_USER", "MODE")}
 
-    assert read_env.remote() == {"DB_PASSWORD": VALUE, "DB_USER": "app", "MODE": "test"}
+    digest = hashlib.sha256(VALUE.encode()).hexdigest()
+    assert read_env.remote() == {"DB_PASSWORD": digest, "DB_USER": "app", "MODE": "test"}
     assert read_env_without.remote() == {"DB_PASSWORD": None, "DB_USER": None, "MODE": None}
 
     registry_file = docker_grid.config.data_dir / "registry.sqlite3"
@@ -69,7 +79,7 @@ def test_a_secret_reaches_only_the_function_that_names_it_and_never_a_view(docke
     other_key, _ = create_key(docker_grid.grid.registry, "secrets-other-owner")
     other = nanogrid.connect(docker_grid.url, api_key=other_key)
 
-    @nanogrid.remote(secrets=["db"], client=other)
+    @on(other, secrets=["db"])
     def steal() -> str | None:
         import os
         return os.environ.get("DB_PASSWORD")
@@ -90,7 +100,7 @@ def test_a_ciphertext_copied_to_another_owner_does_not_open(docker_grid: Embedde
     registry.put_secret(SecretRecord("secrets-copier", "copied", sealed.ciphertext, sealed.variables))
     thief = nanogrid.connect(docker_grid.url, api_key=key)
 
-    @nanogrid.remote(secrets=["copied"], client=thief)
+    @on(thief, secrets=["copied"])
     def read() -> str | None:
         import os
         return os.environ.get("TOKEN")

@@ -4,8 +4,6 @@ Values go in and never come out: every answer names the variables only. A functi
 the secret (``@remote(secrets=["NAME"])``); the worker opens it as it loads the function's sandbox.
 """
 
-from __future__ import annotations
-
 import json
 import time
 from typing import Any
