@@ -43,9 +43,12 @@ class PackageSyncError(NanoGridError, ValueError):
     """A package the function needs cannot be mirrored onto the grid; the message says which and what to do."""
 
 
-def _name(requirement: str) -> str:
+def distribution_name(requirement: str) -> str:
     """The normalised distribution name of a requirement (PEP 503)."""
     return re.sub(r"[-_.]+", "-", re.split(r"[\s\[=<>!~]", requirement, maxsplit=1)[0]).lower()
+
+
+_name = distribution_name
 
 
 @dataclass(frozen=True)

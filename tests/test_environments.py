@@ -288,3 +288,125 @@ def test_a_function_pickled_by_python_3_13_runs_on_the_3_13_runtime(tmp_path):
         assert cloudpickle.loads(base64.b64decode(view["result_pickle"])) == ((3, 13), 42)
     finally:
         embedded.stop()
+
+
+# ---- speed: layers as one docker load, packages imported ahead ----------------------------------------------------
+
+
+def _fake_distribution(site: Path, name: str, module_source: str) -> None:
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(module_source)
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "RECORD").write_text(f"{name}/__init__.py,,\n{info.name}/RECORD,,\n")
+
+
+def test_the_preload_never_touches_the_channel_and_never_stops_the_sandbox(tmp_path):
+    """A package that prints, reads stdin or raises at import must not corrupt the bootstrap's channel (fds 0 and
+    1), nor keep the interpreter from starting: its output goes to stderr and the channel's bytes stay unread."""
+    site = tmp_path / "site"
+    _fake_distribution(site, "noisy", "import sys, os\nprint('noise on stdout')\nos.write(1, b'raw noise')\n"
+                                      "LEFT = sys.stdin.read()\n")
+    _fake_distribution(site, "broken", "raise SystemExit('a package that exits at import')\n")
+    _fake_distribution(site, "fine", "VALUE = 1\n")
+    from backend.environments import write_preload
+
+    assert write_preload(site, "env-test", ["noisy==1.0", "broken", "fine"]) == ["broken", "fine", "noisy"]
+    script = "import sys; print('channel:', sorted(m for m in ('noisy', 'fine', 'broken') if m in sys.modules), " \
+             "sys.stdin.read(), sys.modules['noisy'].LEFT == '')"
+    done = subprocess.run([sys.executable, "-s", "-P", "-c", script], input="frame bytes", capture_output=True,
+                          text=True, env={"PYTHONPATH": str(site)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "channel: ['fine', 'noisy'] frame bytes True\n"
+    assert "noise on stdout" in done.stderr and "raw noise" in done.stderr
+
+
+def _wait_for_stem(embedded, env_id: str) -> None:
+    """Until the pool holds a started stem cell of the environment (it is started after the first use)."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while not embedded.grid.pool.snapshot()["stem_cells_by_environment"].get(env_id):
+        assert time.monotonic() < deadline, "no stem cell of the environment was started"
+        time.sleep(0.2)
+
+
+@pytest.mark.integration
+def test_a_new_function_in_a_built_environment_finds_its_packages_imported_in_a_sandbox_as_hardened(env_grid,
+                                                                                                    sandbox):
+    """The environment's stem cell imported its packages before any function came (so a new function starts in
+    milliseconds), without making the sandbox weaker: the layer stays read-only and root-owned, the function
+    runs as nobody with no network in Docker, and a memory limit below what the stem cell holds is a clear error."""
+    nanogrid.connect(env_grid.url, api_key=env_grid.api_key)
+    env = Environment(packages=["humanize==4.9.0", f"numpy=={numpy.__version__}"])
+
+    @nanogrid.remote(environment=env)
+    def first():
+        import humanize
+
+        return humanize.intcomma(1000)
+
+    assert first.remote() == "1,000"
+    _wait_for_stem(env_grid, env.id)
+
+    @nanogrid.remote(environment=env)
+    def probe():
+        import os
+        import socket
+        import sys
+
+        import humanize
+
+        package = os.path.dirname(humanize.__file__)
+        try:
+            open(os.path.join(package, "planted.py"), "w").close()
+            writable = True
+        except OSError:
+            writable = False
+        try:
+            socket.create_connection(("127.0.0.1", 9), timeout=1).close()
+            network = "reached"
+        except OSError as exc:
+            network = type(exc).__name__
+        return {"humanize", "numpy"} <= set(sys.modules), os.getuid(), writable, os.stat(package).st_uid, network
+
+    preloaded, uid, writable, owner, network = probe.remote()
+    assert preloaded is True and writable is False
+    if sandbox == "docker":
+        assert (uid, owner) == (65534, 0) and network != "reached"
+        _wait_for_stem(env_grid, env.id)
+
+        @nanogrid.remote(environment=env, memory=16)  # the stem cell holds Python and numpy: more than that
+        def tiny():
+            return 1
+
+        with pytest.raises(nanogrid.OutOfMemory, match="below what its sandbox holds"):
+            tiny.remote()
+
+
+@pytest.mark.integration
+def test_an_environment_image_is_the_runtime_plus_one_layer_with_the_runtimes_settings(tmp_path):
+    """The image made with docker load keeps the runtime's user, entry point and labels, adds exactly one layer,
+    and a layer whose files change on the host is never mistaken for the image's (a new id is a new image)."""
+    require_docker()
+    import docker
+
+    client = docker.from_env()
+    runtime = client.images.get("nanogrid/runtime-python:latest")
+    environments = Environments(tmp_path, runtimes={f"python{PYTHON}": PYTHON}, docker_images={PYTHON: runtime.tags[0]})
+    spec = check_spec(Environment(packages=["six==1.16.0"], env={"RUN": str(tmp_path)}).spec(), environments.runtimes)
+    built = environments.ensure(spec)
+    try:
+        image = client.images.get(built.image)
+        assert image.attrs["RootFS"]["Layers"][:-1] == runtime.attrs["RootFS"]["Layers"]
+        assert len(image.attrs["RootFS"]["Layers"]) == len(runtime.attrs["RootFS"]["Layers"]) + 1
+        assert image.attrs["Config"]["User"] == runtime.attrs["Config"]["User"] == "65534:65534"
+        assert image.attrs["Config"]["Entrypoint"] == runtime.attrs["Config"]["Entrypoint"]
+        assert image.labels["nanogrid.base"] == runtime.id and image.labels["nanogrid.env"] == built.env_id
+        listing = client.containers.run(built.image, entrypoint=["ls", "-ln", "/opt/nanogrid/env/six.py"],
+                                        remove=True, network_mode="none").decode()
+        assert listing.startswith("-rw-r--r--") and " 0 0 " in listing
+        assert environments.ensure(spec).image == built.image  # built once
+    finally:
+        environments.remove(built.env_id)

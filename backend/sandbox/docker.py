@@ -28,7 +28,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from backend.environments import BuiltEnvironment
+from backend.environments import BuiltEnvironment, too_little_memory
 from backend.sandbox import leftovers
 from backend.sandbox.base import Limits, Sandbox, SandboxError
 from backend.sandbox.cgroup import MemoryCgroup
@@ -164,10 +164,13 @@ class DockerSandbox(Sandbox):
         except (OSError, ValueError):  # reset, or already closed
             return True
 
-
     def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
         if memory_mib != self.memory_mib:  # stem cells start with a default; the function sets its own
-            self.container.update(mem_limit=f"{memory_mib}m", memswap_limit=f"{memory_mib}m")
+            try:
+                self.container.update(mem_limit=f"{memory_mib}m", memswap_limit=f"{memory_mib}m")
+            except docker.errors.APIError:
+                self.close()
+                raise SandboxError("memory", too_little_memory(memory_mib)) from None
             self.memory_mib = memory_mib
         self._send({"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}, package)
         try:

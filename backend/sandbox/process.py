@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from backend.environments import BuiltEnvironment
+from backend.environments import BuiltEnvironment, too_little_memory
 from backend.sandbox import cgroup, leftovers
 from backend.sandbox.base import Limits, Sandbox, SandboxError
 from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, FrameReader, encode_frame, write_all
@@ -173,7 +173,11 @@ class ProcessSandbox(Sandbox):
         limit = memory_mib << 20
         header = {"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}
         if self.cgroup:
-            self.cgroup.set_limit(limit)
+            try:
+                self.cgroup.set_limit(limit)
+            except OSError:  # below what the process already holds (cgroup v1 refuses with EBUSY)
+                self.close()
+                raise SandboxError("memory", too_little_memory(memory_mib)) from None
         else:
             header["rlimit_data"] = limit
         self.memory_mib = memory_mib
