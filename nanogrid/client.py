@@ -25,6 +25,7 @@ SYNC_HOLD_S = 60.0  # the controller answers a sync /run within this (202 if the
 CANCEL_HOLD_S = 5.0  # ... and a cancel within this
 MAP_SILENCE_S = 10.0  # a /map stream sends an empty line every 2 s without news: its read timeout is at least this
 LEGACY_PAYLOAD_BYTES = 16 << 20  # what a grid that does not name its limits takes
+BLOB_PIECE_BYTES = 1 << 20  # a blob upload is sent in pieces of this size
 BLOB_MIN_RATE = 20e6  # bytes/s a blob transfer may be as slow as before it counts as the grid not answering
 GIVE_UP_CANCEL_S = 3.0  # a client that gave up spends at most this on cancelling what it started
 
@@ -157,8 +158,10 @@ class Client:
             return ref
         exists = self._http.head(f"/blobs/{ref.sha256}")
         if exists.status_code == 404:
-            self.request("PUT", f"/blobs/{ref.sha256}", content=data, timeout=self._timeout(len(data) / BLOB_MIN_RATE),
-                         headers={"content-type": "application/octet-stream"})
+            # In pieces: httpcore sends one large bytes object with a copy per socket write (quadratic).
+            self.request("PUT", f"/blobs/{ref.sha256}", content=_Pieces(data),
+                         timeout=self._timeout(len(data) / BLOB_MIN_RATE),
+                         headers={"content-type": "application/octet-stream", "content-length": str(len(data))})
         elif exists.status_code >= 400:
             raise _api_error(exists)
         self._known_blobs.add(ref.sha256)
@@ -301,6 +304,18 @@ class Client:
 
     def delete_secret(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/secrets/{name}").json()
+
+
+class _Pieces:
+    """A bytes value as pieces of BLOB_PIECE_BYTES, iterable again (a request retried after a 429 sends it again)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[bytes]:
+        view = memoryview(self.data)
+        for start in range(0, len(view), BLOB_PIECE_BYTES):
+            yield bytes(view[start:start + BLOB_PIECE_BYTES])
 
 
 def _timeout_setting(timeout: float | None) -> float:

@@ -1,0 +1,149 @@
+"""Big data through the Docker sandbox: time and memory for large arguments and results.
+
+    python benchmarks/bench_bigdata.py [--mib 300] [--shared-mib 50] [--calls 20] [--sandbox docker]
+                                       [--out benchmarks/results/bigdata.json]
+
+Runs ``nanogrid up`` as its own process, so the grid's and the client's memory are measured apart:
+each figure is the peak resident size (VmHWM, reset before each step through /proc/PID/clear_refs)
+above the resident size as the step began, in multiples of the payload. Targets (issue 16): a
+300 MiB argument and a 300 MiB result each within 5 s end to end; grid growth at most 1x, client
+at most 2x; a 50 MiB argument shared by 20 calls within 4x the time of one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nanogrid  # noqa: E402
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class Peak:
+    """Peak RSS growth of a process over a block, in bytes (VmHWM reset to the current RSS at the start)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.growth = 0
+
+    def __enter__(self) -> Peak:
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5")
+        self.start = status_kib(self.pid, "VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.growth = (status_kib(self.pid, "VmHWM") - self.start) * 1024
+
+
+def start_grid(data_dir: Path, port: int, sandbox: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir",
+                             str(data_dir), "--sandbox", sandbox, "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                time.sleep(2.0)  # let the stem cells start
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("nanogrid up did not answer within 90 s")
+
+
+def step(name: str, grid_pid: int, size: int, fn) -> dict:  # type: ignore[no-untyped-def]
+    with Peak(grid_pid) as grid, Peak(os.getpid()) as client:
+        started = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - started
+    figures = {"seconds": round(seconds, 3), "grid_growth_x": round(grid.growth / size, 2),
+               "client_growth_x": round(client.growth / size, 2)}
+    print(name, figures, flush=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mib", type=int, default=300)
+    parser.add_argument("--shared-mib", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--sandbox", default="docker")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bigdata.json"))
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bigdata-"))
+    port = free_port()
+    proc = start_grid(data_dir, port, args.sandbox)
+    report: dict = {"sandbox": args.sandbox, "payload_mib": args.mib}
+    try:
+        key = (data_dir / "local-key").read_text().strip()
+        nanogrid.connect(f"http://127.0.0.1:{port}", api_key=key)
+        memory = max(1024, args.mib * 4)
+
+        @nanogrid.remote(timeout=300, memory=memory)
+        def size_of(data):
+            return len(data)
+
+        @nanogrid.remote(timeout=300, memory=memory)
+        def make(n):
+            return os.urandom(1) * n  # one allocation of n bytes in the sandbox
+
+        size_of.remote(b"warm")
+        make.remote(1)
+        size = args.mib * MiB
+        payload = os.urandom(size)  # random: nothing compresses or dedups it
+        report["argument"] = step("argument", proc.pid, size, lambda: size_of.remote(payload))
+        payload = b""
+        report["result"] = step("result", proc.pid, size, lambda: make.remote(size))
+
+        shared = os.urandom(args.shared_mib * MiB)
+        one = step("shared_one_call", proc.pid, len(shared), lambda: size_of.remote(shared))
+        shared = os.urandom(args.shared_mib * MiB)  # a new value: uploaded afresh, as in the first call
+        many = step("shared_many_calls", proc.pid, len(shared), lambda: list(size_of.map([shared] * args.calls)))
+        report["shared"] = {"calls": args.calls, "mib": args.shared_mib, "one_call": one, "all_calls": many,
+                            "ratio": round(many["seconds"] / one["seconds"], 2)}
+        report["targets"] = {
+            "argument_s<=5": report["argument"]["seconds"] <= 5, "result_s<=5": report["result"]["seconds"] <= 5,
+            "grid_growth<=1x": max(report["argument"]["grid_growth_x"], report["result"]["grid_growth_x"]) <= 1,
+            "client_growth<=2x": max(report["argument"]["client_growth_x"], report["result"]["client_growth_x"]) <= 2,
+            "shared_ratio<=4": report["shared"]["ratio"] <= 4,
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
