@@ -93,8 +93,8 @@ def recommend(function: FunctionRecord, windows: dict[str, dict[str, Any]], rate
 
 
 def _busiest(windows: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """The longest window (the most evidence); they nest, so it holds the most calls."""
-    name = max(windows, key=lambda n: windows[n]["count"])
+    """The window with the most calls (the longest of equals: they nest, so it is the most evidence)."""
+    name = max(reversed(list(windows)), key=lambda n: windows[n]["count"])
     return name, windows[name]
 
 

@@ -1,7 +1,7 @@
 """Operations API under ``/v1``: invocation history, metrics windows and the AutoTuner, scoped to the caller's owner.
 
 Included by ``backend/controller/app.py`` through ``install``, which also adds the webhook and load-test routes
-(backend/controller/webhooks.py, loadtests.py) and runs the history's retention
+and the dashboard (backend/controller/webhooks.py, loadtests.py, ui.py) and runs the history's retention
 (finished calls older than ``history_retention_s`` are deleted, in batches, once an hour).
 """
 
@@ -214,6 +214,9 @@ def install(app: FastAPI, grid: Grid, caller: Any) -> None:
     app.include_router(webhooks.router(grid, caller))
     app.state.loadtests = loadtests.LoadTests(grid)
     app.include_router(loadtests.router(grid, caller, app.state.loadtests))
+    from backend.controller import ui  # it builds on this module's helpers
+
+    ui.install(app, grid, app.state.loadtests)
     janitor, inner = HistoryJanitor(grid), app.router.lifespan_context
 
     @asynccontextmanager
