@@ -134,8 +134,8 @@ def test_a_forged_reply_cannot_set_its_own_metrics(arena):
         if not hasattr(boot, "real_call"):
             boot.real_call = boot.Runtime.call
 
-            def lying(self, header, body, captures):
-                reply, result = boot.real_call(self, header, body, captures)
+            def lying(self, *args, **kwargs):
+                reply, result = boot.real_call(self, *args, **kwargs)
                 reply.update(boot.FORGED)
                 return reply, result
 
@@ -154,7 +154,7 @@ def test_a_forged_reply_cannot_set_its_own_metrics(arena):
     assert forge_reply.remote({}) == "patched"
     with pytest.raises(nanogrid.JobFailed, match="protocol violation"):
         forge_reply.remote({"stdout": 123})
-    response = httpx.get(f"{arena['grid'].url}/jobs", headers={"x-api-key": arena["mallory"]})
+    response = httpx.get(f"{arena['grid'].url}/v1/jobs", headers={"x-api-key": arena["mallory"]})
     assert response.status_code == 200  # nothing stored made the owner's job list unreadable
     victim_is_served(arena)
 
@@ -305,7 +305,7 @@ def test_a_manifest_boolean_must_be_a_boolean(arena):
 
     manifest = b'{"name": "sneaky", "kind": "handler", "handler": "main.handler", "ai": "no"}'
     package = build_zip({"manifest.json": manifest, "main.py": b"def handler(event, context):\n    return 1\n"})
-    response = httpx.post(f"{arena['grid'].url}/upload", headers={"x-api-key": arena["mallory"]},
+    response = httpx.post(f"{arena['grid'].url}/v1/upload", headers={"x-api-key": arena["mallory"]},
                           files={"file": ("sneaky.zip", package)})
     assert response.status_code == 422 and "ai must be true or false" in response.text
 
@@ -330,8 +330,8 @@ def test_data_only_results_are_never_unpickled_by_the_caller(arena, tmp_path):
         if not hasattr(boot, "honest_call"):
             boot.honest_call = boot.Runtime.call
 
-            def pickled_instead(self, header, body, captures):
-                reply, result = boot.honest_call(self, header, body, captures)
+            def pickled_instead(self, *args, **kwargs):
+                reply, result = boot.honest_call(self, *args, **kwargs)
                 reply["result_format"] = "pickle"
                 return reply, boot.EVIL
 
