@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend.controller.jobs import live_workers
 from backend.controller.metrics import render_metrics
 from backend.grid import Grid
+from backend.keys import Authenticator, AuthError
 from backend.models import COMPLETED
 
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)  # the original's
@@ -62,8 +63,9 @@ class RequestDurations:
 class FunctionCollector:
     """Collects the function metrics from the registry when scraped."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, per_function: bool) -> None:
         self.grid = grid
+        self.per_function = per_function  # else every function's calls add up under functionId="all"
 
     def collect(self) -> Any:
         bounds = tuple(sorted({b * 1000 for b in DURATION_BUCKETS_S + HANDLER_BUCKETS_S}))
@@ -77,7 +79,8 @@ class FunctionCollector:
                                         labels=["functionId", "status"])
         merged: dict[tuple[str, str], list[Any]] = {}
         for row in self.grid.registry.function_stats(buckets_ms=bounds):
-            key = (stable.get(row.function_id, row.function_id), "SUCCESS" if row.status == COMPLETED else "FAILED")
+            function = stable.get(row.function_id, row.function_id) if self.per_function else "all"
+            key = (function, "SUCCESS" if row.status == COMPLETED else "FAILED")
             into = merged.setdefault(key, [0, 0.0, 0.0, 0, [0] * len(bounds), [0] * len(bounds)])
             into[0] += row.count
             into[1] += row.total_ms
@@ -98,10 +101,22 @@ def _buckets(bounds: tuple[float, ...], counts: list[int], wanted: tuple[float, 
     return [(repr(float(b)), by_bound[b * 1000]) for b in wanted] + [("+Inf", total)]
 
 
+def _is_admin(request: Request, grid: Grid) -> bool:
+    """/metrics is open (as the seed's was), but function ids are an owner's own: per-function series need an
+    admin key (a Prometheus scrape with ``authorization: Bearer <key>``)."""
+    presented = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+    if not presented:
+        return False
+    try:
+        return bool(Authenticator(grid.registry).check(presented).admin)
+    except AuthError:
+        return False
+
+
 def render_all(request: Request, grid: Grid) -> str:
     """NanoGrid's metrics (queue, workers, pools), then the seed's (functions, HTTP requests)."""
     functions = CollectorRegistry()
-    functions.register(FunctionCollector(grid))
+    functions.register(FunctionCollector(grid, per_function=_is_admin(request, grid)))
     text = render_metrics(grid.queue.depth(), live_workers(grid)) + generate_latest(functions).decode()
     durations: RequestDurations | None = getattr(request.state, "request_durations", None)
     return text + (generate_latest(durations.registry).decode() if durations is not None else "")
