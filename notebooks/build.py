@@ -1,6 +1,7 @@
 """Writes the tutorial notebooks from their cell lists and executes them to store checked outputs.
 
-    python notebooks/build.py        # needs a grid: starts one, like the nbval run does
+    python notebooks/build.py                                    # all: starts the grids, like the nbval run does
+    python notebooks/build.py packages-and-environments.ipynb    # one (this one needs Docker)
 
 Cells whose output nbval checks carry the ``nbval-check-output`` tag (a ``CHECK +`` prefix in the
 lists below); the rest only have to run.
@@ -109,8 +110,41 @@ SUMMARIZER = [
     ("code", CHECK + "summaries = list(summarise.map([article, 'A second, shorter text.']))\nlen(summaries)"),
 ]
 
+PACKAGES = [
+    ("md", "# Packages and environments\n\nA function gets the packages it uses at **your installed versions**, "
+           "with no argument: NanoGrid pins what the function refers to, what it imports and the types of its "
+           "arguments, and the grid builds that environment once (wheels only, with `uv`). This notebook runs in "
+           "the Docker sandbox, the one for code you do not trust: no network, read-only, not root."),
+    ("code", CHECK + "import pandas as pd\nfrom sklearn.linear_model import LinearRegression\n\nimport nanogrid\n\n"
+             "client = nanogrid.connect()\nclient.health()['sandbox'].split(' (')[0]"),
+    ("md", "## pandas and scikit-learn on the grid\n\nThe DataFrame argument brings pandas, `LinearRegression` "
+           "brings scikit-learn, and with them numpy and SciPy, each at the version installed here."),
+    ("code", "@nanogrid.remote(memory=1024, timeout=300)\ndef fit(df):\n"
+             "    model = LinearRegression().fit(df[['x']], df['y'])\n"
+             "    return round(float(model.coef_[0]), 3), pd.__version__"),
+    ("code", "df = pd.DataFrame({'x': range(10), 'y': [2 * x + 1 for x in range(10)]})\n"
+             "job = fit.spawn(df)\njob"),
+    ("md", "The first call waits while the grid builds the environment (the widget says so); the grid keeps "
+           "it, so a later call, or a notebook run tomorrow, does not build again."),
+    ("code", CHECK + "slope, remote_pandas = job.result()\nslope, remote_pandas == pd.__version__"),
+    ("md", "## A new function in the same environment\n\nThe environment's sandboxes import its packages while "
+           "they wait, so a new function that uses them starts at once."),
+    ("code", "@nanogrid.remote(memory=1024, timeout=300)\ndef score(df):\n"
+             "    model = LinearRegression().fit(df[['x']], df['y'])\n"
+             "    return round(float(model.score(df[['x']], df['y'])), 3), isinstance(df, pd.DataFrame)"),
+    ("code", CHECK + "score.remote(df)"),
+    ("md", "## Explicit packages\n\n`packages=[...]` adds what this notebook does not have; "
+           "`nanogrid.Environment(...)` names an environment exactly (pins, Debian packages, Python version, "
+           "variables). A package the index does not have fails the call at once with `EnvironmentBuildFailed`, "
+           "carrying the installer's words:"),
+    ("code", CHECK + "@nanogrid.remote(packages=['pandaz-no-such-package'])\ndef typo():\n    return 1\n\n"
+                     "try:\n    typo.remote()\nexcept nanogrid.EnvironmentBuildFailed as exc:\n"
+                     "    print('EnvironmentBuildFailed:', 'pandaz-no-such-package' in str(exc))"),
+]
+
 NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "ai-summarizer.ipynb": SUMMARIZER, "errors-and-limits.ipynb": ERRORS,
-             "files-map-async.ipynb": FILES_AND_JOBS}
+             "files-map-async.ipynb": FILES_AND_JOBS, "packages-and-environments.ipynb": PACKAGES}
+DOCKER_NOTEBOOKS = {"packages-and-environments.ipynb"}  # run against a grid with Docker sandboxes
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
@@ -123,7 +157,7 @@ def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
         else:
             tags = ["nbval-check-output"] if src.startswith(CHECK) else []
             nb.cells.append(nbformat.v4.new_code_cell(src.removeprefix(CHECK), metadata={"tags": tags}))
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     for cell in nb.cells:  # keep only what nbval checks; widgets and timings would only add noise
         if cell.cell_type == "code" and "nbval-check-output" not in cell.metadata.get("tags", []):
             cell.outputs = []
@@ -137,15 +171,18 @@ def main() -> None:
     from backend.embedded import EmbeddedGrid
     from tests.fake_ollama import FakeOllama
 
-    with tempfile.TemporaryDirectory() as data_dir, FakeOllama() as ollama:
-        config = GridConfig.load(data_dir=Path(data_dir), port=0, sandbox="process", ai_endpoint=ollama.url,
-                                 ai_model="summarizer")
-        with EmbeddedGrid(config) as grid:
-            os.environ["NANOGRID_URL"] = grid.url
-            os.environ["NANOGRID_API_KEY"] = grid.api_key
-            for name, cells in NOTEBOOKS.items():
-                nbformat.write(build(name, cells), HERE / name)
-                print("wrote", HERE / name)
+    wanted = set(sys.argv[1:])  # notebook names; none: all of them
+    for sandbox in ("process", "docker"):
+        with tempfile.TemporaryDirectory() as data_dir, FakeOllama() as ollama:
+            config = GridConfig.load(data_dir=Path(data_dir), port=0, sandbox=sandbox, ai_endpoint=ollama.url,
+                                     ai_model="summarizer")
+            with EmbeddedGrid(config) as grid:
+                os.environ["NANOGRID_URL"] = grid.url
+                os.environ["NANOGRID_API_KEY"] = grid.api_key
+                for name, cells in NOTEBOOKS.items():
+                    if (name in DOCKER_NOTEBOOKS) == (sandbox == "docker") and (name in wanted or not wanted):
+                        nbformat.write(build(name, cells), HERE / name)
+                        print("wrote", HERE / name)
 
 
 if __name__ == "__main__":

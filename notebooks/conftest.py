@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from backend.config import GridConfig
 from backend.embedded import EmbeddedGrid
 from tests.fake_ollama import FakeOllama
@@ -28,9 +30,41 @@ _grid = EmbeddedGrid(GridConfig.load(
 os.environ["NANOGRID_URL"] = _grid.url
 os.environ["NANOGRID_API_KEY"] = _grid.api_key
 
+# Notebooks about the Docker sandbox get a grid of their own with Docker sandboxes, started when the first
+# of them runs. Its built environments are kept between runs (ENV_CACHE), so a second run builds nothing.
+DOCKER_NOTEBOOKS = {"packages-and-environments.ipynb"}
+ENV_CACHE = Path.home() / ".cache" / "nanogrid" / "notebook-environments"
+_docker_grid_started: EmbeddedGrid | None = None
+_docker_data_dir: tempfile.TemporaryDirectory | None = None
+
+
+def _docker_grid() -> EmbeddedGrid:
+    global _docker_grid_started, _docker_data_dir
+    if _docker_grid_started is None:
+        from tests.conftest import require_docker
+
+        require_docker()
+        _docker_data_dir = tempfile.TemporaryDirectory(prefix="nanogrid-notebooks-docker-")
+        ENV_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (Path(_docker_data_dir.name) / "envs").symlink_to(ENV_CACHE)
+        _docker_grid_started = EmbeddedGrid(GridConfig.load(data_dir=Path(_docker_data_dir.name), port=0,
+                                                            kill_grace_s=0.5, sandbox="docker")).start()
+    return _docker_grid_started
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before a notebook's kernel starts (with its first cell), point NANOGRID_URL at the grid it is written for."""
+    grid = _docker_grid() if Path(str(item.fspath)).name in DOCKER_NOTEBOOKS else _grid
+    os.environ["NANOGRID_URL"] = grid.url
+    os.environ["NANOGRID_API_KEY"] = grid.api_key
+
 
 def pytest_sessionfinish(session, exitstatus):
     _grid.stop()
     _data_dir.cleanup()
+    if _docker_grid_started is not None and _docker_data_dir is not None:
+        _docker_grid_started.stop()
+        _docker_data_dir.cleanup()  # the link to ENV_CACHE goes, the environments stay
     if _ollama is not None:
         _ollama.__exit__()
