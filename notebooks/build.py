@@ -43,6 +43,11 @@ QUICKSTART = [
              "print('mean computed remotely')\nmean * 2"),
     ("md", "The cell's widget shows where it ran; `mean` is now a name in this notebook:"),
     ("code", CHECK + "mean"),
+    ("md", "The notebook ends as a local run would leave it: objects the cell changes come back changed, "
+           "functions it defines use this notebook's names, and `%time`, `!cmd` work inside it."),
+    ("code", "%%nanogrid\nnumbers.append(10)\ndef scaled(k):\n    return [n * k for n in numbers]\n"
+             "%time total = sum(numbers)\nfiles = !echo remote"),
+    ("code", CHECK + "numbers[-1], scaled(2)[-1], total, files"),
 ]
 
 ERRORS = [
