@@ -93,14 +93,17 @@ def check_spec(spec: Any, runtimes: dict[str, str]) -> dict[str, Any]:
 
 
 def interpreter_for(python: str) -> str | None:
-    """A Python of this minor version on the host (the grid's own, one on PATH, or pyenv's), or None."""
+    """A Python of this minor version on the host (the grid's own, pyenv's, or one on PATH), or None."""
     if python == "%d.%d" % sys.version_info[:2]:
         return sys.executable
+    pyenv_root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    pyenv = sorted(pyenv_root.glob(f"versions/{python}.*/bin/python{python}"))
+    if pyenv:
+        return str(pyenv[-1])
     found = shutil.which(f"python{python}")
-    if found:
+    if found and "shims" not in Path(found).parts:  # a pyenv shim of a version not installed only says so
         return found
-    pyenv = sorted(Path.home().glob(f".pyenv/versions/{python}.*/bin/python{python}"))
-    return str(pyenv[-1]) if pyenv else None
+    return None
 
 
 def compile_bytecode(site: Path, python: str) -> None:

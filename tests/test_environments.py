@@ -248,8 +248,10 @@ def test_two_first_calls_of_a_new_environment_build_it_once(env_grid, caplog):
 
 
 def _python313() -> Path | None:
-    found = sorted(Path("/root/.pyenv/versions").glob("3.13.*/bin/python"))
-    return found[-1] if found else None
+    from backend.environments import interpreter_for
+
+    found = interpreter_for("3.13")
+    return Path(found) if found else None
 
 
 @pytest.mark.integration
@@ -260,7 +262,8 @@ def test_a_function_pickled_by_python_3_13_runs_on_the_3_13_runtime(tmp_path):
                            cwd=Path(__file__).resolve().parents[1])
     require(build.returncode == 0, f"runtimes/build.py --python 3.13 failed: {build.stderr.strip()[-500:]}")
     python = _python313()
-    require(python is not None, "no Python 3.13 interpreter (pyenv) to pickle a function with")
+    require(python is not None, "no Python 3.13 interpreter to pickle a function with (pyenv's, or python3.13 on "
+                                "PATH): .ci/run looks for one")
     site = tmp_path / "site"
     site.mkdir()
     (site / "cloudpickle").symlink_to(Path(cloudpickle.__file__).parent)  # pure Python: the same code runs on 3.13
