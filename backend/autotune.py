@@ -10,6 +10,7 @@ memory on Lambda), the cheapest measured size per call wins if it is cheaper sti
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ class Rates:
 
 
 def recommend(function: FunctionRecord, windows: dict[str, dict[str, Any]], rates: Rates,
-              versions: list[tuple[FunctionRecord, dict[str, Any]]] = ()) -> dict[str, Any]:
+              versions: Sequence[tuple[FunctionRecord, dict[str, Any]]] = ()) -> dict[str, Any]:
     """Advice for ``function`` from its metrics windows; ``versions``: other versions of it with their 30d window."""
     name, window = _busiest(windows)
     memory, duration = window["peak_memory_mib"], window["duration_ms"]

@@ -85,7 +85,7 @@ def check_hook(url: str, events: list[str], threshold: dict[str, Any] | None) ->
 def refused_address(host: str) -> str:
     """Why a host must not be posted to ('' if it may): link-local and unspecified addresses, once resolved."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except OSError as exc:
         return f"{host} does not resolve ({exc})"
     for address in addresses:
@@ -215,7 +215,7 @@ class Notifier:
         elif now - self._checked.get(key, 0.0) >= THRESHOLD_CHECK_S:
             self._checked[key] = now
             name = threshold.get("window", "1h")
-            window = self.registry.function_windows(job.function_id)[name]
+            window = self.registry.function_windows(job.function_id, names=(name,))[name]
             value = window["error_rate"] if metric == "error_rate" else window["duration_ms"]["p95"]
             if window["count"] >= int(threshold.get("min_calls", 10)) and value is not None and value > above:
                 detail = f"{metric} over the last {name} is {value:.4g}, above {above:g} ({window['count']} calls)"

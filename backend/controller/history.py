@@ -70,13 +70,15 @@ def rates_for(grid: Grid, lambda_gb_s: float | None = None, ec2_hourly: float | 
                  ec2_memory_gib if ec2_memory_gib is not None else config.price_ec2_memory_gib)
 
 
-def advise(grid: Grid, function: FunctionRecord, rates: Rates) -> dict[str, Any]:
-    """The AutoTuner's advice, with the measured sizes of the function's other versions (same name and owner)."""
+def advise(grid: Grid, function: FunctionRecord, rates: Rates,
+           windows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The AutoTuner's advice, with the measured sizes of the function's other versions (same name and owner);
+    ``windows``: the function's, if the caller has them already."""
     versions = [f for f in grid.registry.list_functions(owner=function.owner)
                 if f.function_name == function.function_name and f.function_id != function.function_id
                 and f.memory_mib != function.memory_mib]
-    return recommend(function, grid.registry.function_windows(function.function_id), rates,
-                     [(f, grid.registry.function_windows(f.function_id)["30d"]) for f in versions])
+    return recommend(function, windows or grid.registry.function_windows(function.function_id), rates,
+                     [(f, grid.registry.function_windows(f.function_id, names=("30d",))["30d"]) for f in versions])
 
 
 def apply_memory(grid: Grid, function: FunctionRecord, memory_mib: int) -> FunctionRecord:

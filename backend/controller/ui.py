@@ -188,7 +188,7 @@ def router(grid: Grid, tests: LoadTests) -> APIRouter:
     @ui.get("")
     def functions(request: Request) -> HTMLResponse:
         session = signed_in(request)
-        listed = [(f, grid.registry.function_windows(f.function_id)["24h"])
+        listed = [(f, grid.registry.function_windows(f.function_id, names=("24h",))["24h"])
                   for f in grid.registry.list_functions(owner=session.owner)]
         return page_of(request, session, "functions.html", "Functions", title="Functions", functions=listed)
 
@@ -201,7 +201,7 @@ def router(grid: Grid, tests: LoadTests) -> APIRouter:
                                              TEXT_CAP)
         return page_of(request, session, "function.html", "Functions", title=record.function_name, function=record,
                        windows=windows, charts=charts(windows), history=page(entries, PAGE), status=status,
-                       advice=advise(grid, record, rates_for(grid)))
+                       advice=advise(grid, record, rates_for(grid), windows))
 
     @ui.post("/functions/{function_id}/autotune")
     def autotune(request: Request, function_id: str, csrf: str = Form(""), memory_mib: int = Form(...)) -> Response:

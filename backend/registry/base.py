@@ -99,8 +99,10 @@ class Registry(ABC):
         """An owner's calls (of one function), newest first, older than ``before`` = (created_at, job_id)."""
 
     @abstractmethod
-    def function_windows(self, function_id: str, now: float | None = None) -> dict[str, dict[str, Any]]:
-        """The 1h/24h/7d/30d figures of a function (backend/registry/windows.py), summed where they are stored."""
+    def function_windows(self, function_id: str, now: float | None = None,
+                         names: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+        """The 1h/24h/7d/30d figures of a function (backend/registry/windows.py), summed where they are stored;
+        ``names``: only these windows."""
 
     @abstractmethod
     def prune_history(self, before: float) -> int:

@@ -188,11 +188,12 @@ class DynamoDBRegistry(Registry):
                 break
         return entries
 
-    def function_windows(self, function_id: str, now: float | None = None) -> dict[str, dict[str, Any]]:
+    def function_windows(self, function_id: str, now: float | None = None,
+                         names: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
         """From the counter items of the slots the windows cover (batch reads, 100 items a request)."""
         now = time.time() if now is None else now
         found = {}
-        for name in windows.WINDOWS:
+        for name in names or tuple(windows.WINDOWS):
             resolution, first = windows.first_slot(name, now)
             keys = [{"pk": f"stat#{function_id}#{resolution}#{slot}"} for slot in range(first, int(now // resolution) + 1)]
             sums: dict[tuple[str, int], list[float]] = {}

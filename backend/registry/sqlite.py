@@ -244,10 +244,11 @@ class SQLiteRegistry(Registry):
                            f"FROM jobs{where} ORDER BY created_at DESC, job_id DESC LIMIT ?", [*args, limit])
         return [HistoryEntry(_JOBS.record(row), row["stdout_size"] or 0, row["stderr_size"] or 0) for row in rows]
 
-    def function_windows(self, function_id: str, now: float | None = None) -> dict[str, dict[str, Any]]:
+    def function_windows(self, function_id: str, now: float | None = None,
+                         names: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
         now = time.time() if now is None else now
         found = {}
-        for name in windows.WINDOWS:
+        for name in names or tuple(windows.WINDOWS):
             resolution, first = windows.first_slot(name, now)
             rows = self._query("SELECT metric, bucket, SUM(n), SUM(failed), SUM(cold), SUM(total), MAX(max_value) "
                                "FROM job_stats WHERE function_id = ? AND resolution = ? AND slot >= ? "
