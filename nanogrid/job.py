@@ -150,20 +150,25 @@ class Job(Generic[R]):
         last instant) comes at the end from the job's record, so the texts add up to ``logs()``.
         """
         printed = {"stdout": 0, "stderr": 0}
-        cursor = ""
-        while not self.done:
-            answer = self.client.logs(self.job_id, cursor, wait=poll_s)
-            for chunk in answer["chunks"]:
-                printed[chunk["stream"]] += len(chunk["text"])
-                yield chunk["stream"], chunk["text"]
-            cursor = answer["cursor"]
-            if answer["ended"]:
-                break
+        for name, text in self.live(poll_s):
+            printed[name] += len(text)
+            yield name, text
         self.wait()
         for name in ("stdout", "stderr"):
             text = self._view.get(name) or ""
             if len(text) > printed[name]:
                 yield name, text[printed[name]:]
+
+    def live(self, poll_s: float = 2.0) -> Iterator[tuple[str, str]]:
+        """Only the live part of ``stream()``: what arrives while the job runs (the record may hold more)."""
+        cursor = ""
+        while not self.done:
+            answer = self.client.logs(self.job_id, cursor, wait=poll_s)
+            for chunk in answer["chunks"]:
+                yield chunk["stream"], chunk["text"]
+            cursor = answer["cursor"]
+            if answer["ended"]:
+                break
 
     def echo(self) -> Job[R]:
         """Print what the job prints, live, on this process's stdout and stderr; returns once it finished."""

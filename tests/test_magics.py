@@ -186,3 +186,24 @@ def test_jobs_show_function_status_duration_memory_and_why_it_failed(connected, 
     assert printed.splitlines()[0].split()[:5] == ["function", "status", "duration", "peak", "memory"]
     assert any(line.startswith("sleeper") and " failed " in line and "timeout" in line.lower()
                for line in printed.splitlines())
+
+
+def test_a_long_cell_prints_as_it_runs_and_nothing_twice(connected):
+    """What must never happen: a training loop's progress shows only when the cell ends, or twice."""
+    client = nanogrid.get_client()
+
+    class Watched(io.StringIO):
+        status_when_first_shown = ""
+
+        def write(self, text: str) -> int:
+            if "first" in text and not self.status_when_first_shown:  # ask the grid how the cell stands now
+                self.status_when_first_shown = client.request("GET", "/jobs", params={"limit": 1}).json()[0]["status"]
+            return super().write(text)
+
+    out = Watched()
+    with contextlib.redirect_stdout(out):
+        connected.run_cell_magic("nanogrid", "--timeout 60",
+                                 "import time\nprint('first')\ntime.sleep(3)\nprint('second')\nresult = 1\n")
+    assert out.getvalue() == "first\nsecond\n"
+    assert out.status_when_first_shown == "running"
+    assert connected.user_ns["result"] == 1

@@ -225,10 +225,24 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                        ) -> dict:
         """What a job printed since ``after``, as it prints it (long-poll with ``wait``); ``ended`` once it finished."""
         job_or_404(job_id, caller)
-        chunks, cursor, ended = await asyncio.to_thread(grid.bus.read_log, job_id, after, wait)
-        if not chunks and not ended:  # a job that never printed has no log to end: its record says
+        finished, unsubscribe = jobs.subscribe(grid, [job_id])  # a job that never prints ends its wait too
+        try:
             job = await asyncio.to_thread(grid.registry.get_job, job_id)
-            ended = job is not None and job.finished
+            if job is None or job.finished:
+                chunks, cursor, _ = await asyncio.to_thread(grid.bus.read_log, job_id, after, 0)
+                ended = True
+            else:
+                reading = asyncio.ensure_future(asyncio.to_thread(grid.bus.read_log, job_id, after, wait))
+                ending = asyncio.ensure_future(finished.get())
+                await asyncio.wait({reading, ending}, timeout=wait + 1, return_when=asyncio.FIRST_COMPLETED)
+                ending.cancel()
+                if reading.done():
+                    chunks, cursor, ended = reading.result()
+                else:  # it finished without printing more: what is left is on its record
+                    chunks, cursor, _ = await asyncio.to_thread(grid.bus.read_log, job_id, after, 0)
+                    ended = True
+        finally:
+            unsubscribe()
         return {"chunks": [{"stream": stream, "text": data.decode("utf-8", "replace")} for stream, data in chunks],
                 "cursor": cursor, "ended": ended}
 

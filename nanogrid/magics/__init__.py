@@ -57,20 +57,25 @@ class NanoGridMagics(Magics):
             threading.Thread(target=_deliver_when_done, args=(job,), name="nanogrid-cell", daemon=True).start()
             return job  # displayed as its widget, which shows the outcome when it comes
         widget = CellWidget(job, echo=False).show() if in_kernel() else None
+        printed = {"stdout": 0, "stderr": 0}  # what the cell printed and the notebook showed as it ran
         try:
+            for name, text in job.live(poll_s=1.0):
+                write_streams([(name, text)])
+                printed[name] += len(text)
             outcome = job.outcome()
         except KeyboardInterrupt:
             job.cancel()
             raise
         except JobFailed as exc:  # timeout, out of memory, crash: the cell's output so far, then why
-            write_streams([("stdout", job._view.get("stdout", "")), ("stderr", job._view.get("stderr", ""))])
+            write_streams(not_yet_shown([("stdout", job._view.get("stdout", "")),
+                                         ("stderr", job._view.get("stderr", ""))], printed))
             line = f"{type(exc).__name__}: {exc}"
             exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
             raise exc from None
         finally:
             if widget is not None:
                 widget.update()
-        write_streams(outcome.streams)
+        write_streams(not_yet_shown(outcome.streams, printed))
         self._show_figures(outcome.figures)
         if outcome.error is not None:
             raise outcome.error
@@ -99,6 +104,18 @@ class NanoGridMagics(Magics):
         if command == "config":
             return commands.show_config()
         raise UsageError(f"%nanogrid: unknown command {command!r}; use {LINE_COMMANDS}")
+
+
+def not_yet_shown(streams: list[tuple[str, str]], printed: dict[str, int]) -> list[tuple[str, str]]:
+    """The cell's streams without the first ``printed[stream]`` characters of each, already shown live."""
+    left = dict(printed)
+    rest = []
+    for name, text in streams:
+        skip = min(left.get(name, 0), len(text))
+        left[name] = left.get(name, 0) - skip
+        if text[skip:]:
+            rest.append((name, text[skip:]))
+    return rest
 
 
 def _deliver_when_done(job: CellJob) -> None:
