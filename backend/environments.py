@@ -296,30 +296,42 @@ class Environments:
         return f"environments/{env_id}.tar"
 
     def _fetch_shared(self, env_id: str, temporary: Path) -> bool:
+        """The layer another worker built and shared, unpacked into ``temporary``; False when there is none."""
         if self.shared is None:
             return False
+        archive = temporary / "shared.tar"
         try:
-            data = self.shared.get_blob(self._shared_key(env_id))
-        except (FileNotFoundError, KeyError):
+            with open(archive, "wb") as out:
+                for chunk in self.shared.open_blob(self._shared_key(env_id)):
+                    out.write(chunk)
+            # Written by a grid worker (the store's environments/ prefix), never by a sandbox.
+            with tarfile.open(archive) as tar:
+                tar.extractall(temporary, filter="data")
+        except FileNotFoundError:
             return False
         except Exception as exc:
-            log.warning("could not fetch environment %s from the shared store: %s", env_id, exc)
+            log.warning("could not fetch environment %s from the shared store (building it here): %s", env_id, exc)
+            shutil.rmtree(temporary / "site", ignore_errors=True)
             return False
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # built by a grid worker, never by a sandbox
-            tar.extractall(temporary, filter="data")
+        finally:
+            archive.unlink(missing_ok=True)
         log.info("fetched environment %s from the shared store", env_id)
         return (temporary / "site").is_dir()
 
     def _share(self, env_id: str, temporary: Path) -> None:
+        """Put a layer built here where other workers look before building (streamed from a file, not memory)."""
         if self.shared is None:
             return
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            tar.add(temporary / "site", arcname="site")
+        archive = temporary / "shared.tar"
         try:
-            self.shared.put_blob(self._shared_key(env_id), buffer.getvalue())
+            with tarfile.open(archive, "w") as tar:
+                tar.add(temporary / "site", arcname="site")
+            self.shared.put_blob_file(self._shared_key(env_id), archive)  # removes the file once sent
+            log.info("shared environment %s through the store", env_id)
         except Exception as exc:
             log.warning("could not share environment %s: %s", env_id, exc)
+        finally:
+            archive.unlink(missing_ok=True)
 
     # ---- the cache: listing, last use, eviction ------------------------------------------------------------
 

@@ -413,3 +413,50 @@ def test_an_environment_image_is_the_runtime_plus_one_layer_with_the_runtimes_se
         assert environments.ensure(spec).image == built.image  # built once
     finally:
         environments.remove(built.env_id)
+
+
+# ---- AWS mode: a fleet builds each environment once ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_second_worker_fetches_the_environment_the_first_built_from_the_store(tmp_path):
+    """Workers on the AWS adapters (moto's S3, SQS, DynamoDB; redis-server): the first worker builds the environment
+    and shares it through the store; a second worker, on another data dir, fetches it instead of building it
+    again. What must never happen: a fleet where every worker runs its own install of the same environment."""
+    import shutil
+
+    from tests.aws_cluster import Cluster
+
+    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    (tmp_path / "aws").mkdir()
+    cluster = Cluster(tmp_path / "aws", workers=1, slots=1)
+    try:
+        nanogrid.connect(cluster.url, api_key=cluster.key)
+        env = Environment(packages=["six==1.16.0"])
+
+        @nanogrid.remote(environment=env, timeout=120)
+        def first():
+            import six
+
+            return six.__version__
+
+        assert first.remote() == "1.16.0"
+        first_log = (tmp_path / "aws" / "worker0.log").read_text()
+        assert f"building environment {env.id}" in first_log and f"shared environment {env.id}" in first_log
+        cluster.procs["worker0"].terminate()  # the next call can only go to a worker that never built it
+        cluster.procs["worker0"].wait(30)
+        cluster.start_worker(1)
+
+        @nanogrid.remote(environment=env, timeout=120)
+        def second():
+            import six
+
+            return six.__version__, six.__file__
+
+        version, where = second.remote()
+        assert version == "1.16.0" and "/worker1/" in where
+        second_log = (tmp_path / "aws" / "worker1.log").read_text()
+        assert f"fetched environment {env.id} from the shared store" in second_log
+        assert f"building environment {env.id}" not in second_log
+    finally:
+        cluster.stop()
