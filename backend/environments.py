@@ -156,6 +156,7 @@ class Environments:
         self.identity = identity or "grid-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]
         self.shared = shared  # a BlobStore others build into (AWS mode), or None
         self._docker_client: Any = None
+        self._system_bases: dict[tuple[str, tuple[str, ...]], str] = {}  # (Python, Debian packages) -> runtime image
         root.mkdir(parents=True, exist_ok=True)
         (root / ".locks").mkdir(exist_ok=True)
         self._remove_abandoned_builds()
@@ -282,13 +283,21 @@ class Environments:
         return self._docker_client
 
     def _system_base(self, spec: dict[str, Any]) -> str:
-        """A runtime image with Debian packages added (mmdebstrap on the host, see runtimes/build.py)."""
+        """A runtime image with Debian packages added (mmdebstrap on the host, see runtimes/build.py).
+
+        Checked against the runtime's build context once per grid process (that check copies and
+        hashes the context: not something for every new function).
+        """
         from runtimes import build
 
-        try:
-            return build.runtime_image(spec["python"], extra_packages=spec["system"])
-        except SystemExit as exc:
-            raise EnvironmentBuildError(f"could not build a runtime with {', '.join(spec['system'])}: {exc}") from None
+        key = (spec["python"], tuple(spec["system"]))
+        if key not in self._system_bases:
+            try:
+                self._system_bases[key] = build.runtime_image(spec["python"], extra_packages=spec["system"])
+            except SystemExit as exc:
+                raise EnvironmentBuildError(f"could not build a runtime with the Debian packages "
+                                            f"{', '.join(spec['system'])}: {exc}") from None
+        return self._system_bases[key]
 
     # ---- sharing layers between workers (AWS mode) ---------------------------------------------------------
 

@@ -460,3 +460,39 @@ def test_a_second_worker_fetches_the_environment_the_first_built_from_the_store(
         assert f"building environment {env.id}" not in second_log
     finally:
         cluster.stop()
+
+
+# ---- Debian system packages ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_debian_package_runs_in_the_docker_sandbox_and_the_process_sandbox_refuses_it_clearly(tmp_path):
+    """``system=["jq"]``: the grid builds a runtime with jq (mmdebstrap on the host, as for the runtime itself) and
+    the function runs it as nobody, with no network. The process sandbox cannot install Debian packages: it says
+    so before building anything, never a ``FileNotFoundError: jq`` from deep inside the call."""
+    require_docker()
+    env = Environment(system=["jq"])
+
+    @nanogrid.remote(environment=env, timeout=60)
+    def query(document):
+        import os
+        import subprocess
+
+        done = subprocess.run(["jq", "-c", ".items | map(. * 2)"], input=document, capture_output=True, text=True,
+                              check=True)
+        return done.stdout.strip(), os.getuid()
+
+    docker_grid = start_grid(tmp_path / "docker", sandbox="docker", kill_grace_s=0.5)
+    try:
+        nanogrid.connect(docker_grid.url, api_key=docker_grid.api_key)
+        assert query.remote('{"items": [1, 2, 3]}') == ("[2,4,6]", 65534)
+    finally:
+        docker_grid.stop()
+    process_grid = start_grid(tmp_path / "process", kill_grace_s=0.5)
+    try:
+        nanogrid.connect(process_grid.url, api_key=process_grid.api_key)
+        with pytest.raises(nanogrid.EnvironmentBuildFailed, match=r"system packages \(jq\) need the Docker sandbox"):
+            query.remote('{"items": []}')
+        assert process_grid.grid.environments.list() == []
+    finally:
+        process_grid.stop()
