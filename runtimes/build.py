@@ -4,6 +4,8 @@
 
     python runtimes/build.py --python 3.13     # the Python 3.13 runtime, from Debian trixie
 
+    python runtimes/build.py --runtime node    # the seed platform's other languages: node, go, cpp
+
 1. Base image: unless --base names one that exists, `mmdebstrap` makes a minimal Debian root
    filesystem with python3 (and DEBIAN_PACKAGES) from Debian's packages (bookworm for Python 3.11,
    trixie for 3.13) and `docker import` turns it into nanogrid/debian-python:<suite>-<hash>.
@@ -12,6 +14,10 @@
    client modules (for another Python, installed from wheels with uv at the grid's versions).
    Labels record the Python minor version (the grid serves each client the runtime of its own)
    and a hash of the build context (a changed bootstrap rebuilds the image).
+3. Other languages (``--runtime node|go|cpp``): the same mmdebstrap base with Debian's nodejs,
+   golang-go or g++, and that language's bootstrap from runtimes/<runtime>/ (Go's and C++'s are
+   compiled while the image is built), tagged nanogrid/runtime-<runtime>:<version> and :latest and
+   labelled ``nanogrid.runtime`` (the grid's name for it) and ``nanogrid.version``.
 """
 
 from __future__ import annotations
@@ -186,13 +192,79 @@ def runtime_image(python: str, extra_packages: list[str]) -> str:
     return build(None, False, python, extra_packages)
 
 
+# The seed platform's other languages, from Debian's own packages (bookworm: Node 18, Go 1.19, g++ 12).
+LANGUAGE_RUNTIMES = {
+    # --runtime: (the grid's runtime name, Debian packages, the command that prints the version)
+    "node": ("nodejs", ["nodejs", "unzip"], "node --version | tr -d v | cut -d. -f1"),
+    "go": ("go", ["golang-go"], "go version | sed -E 's/.*go([0-9]+[.][0-9]+).*/\\1/'"),
+    "cpp": ("cpp", ["g++", "unzip"], "g++ -dumpversion"),
+}
+LANGUAGE_SUITE = "bookworm"
+
+
+def language_image(runtime: str) -> str:
+    """The image the grid starts for a language runtime (see backend/grid.py)."""
+    return f"nanogrid/runtime-{runtime}:latest"
+
+
+def language_base(runtime: str, force: bool = False) -> str:
+    """Debian minbase with the language's packages (mmdebstrap, about a minute), imported as an image."""
+    packages = LANGUAGE_RUNTIMES[runtime][1]
+    base = f"nanogrid/debian-{runtime}:{LANGUAGE_SUITE}-" + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+    if not image_exists(base) or force:
+        if shutil.which("mmdebstrap") is None:
+            sys.exit("runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap)")
+        with tempfile.TemporaryDirectory(prefix="nanogrid-rootfs-") as tmp:
+            rootfs = Path(tmp) / "rootfs.tar"
+            print(f"building {base} with mmdebstrap ...", flush=True)
+            subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
+                            LANGUAGE_SUITE, str(rootfs)], check=True)
+            docker("import", "--change", 'CMD ["/bin/sh"]', str(rootfs), base)
+    return base
+
+
+def build_language(runtime: str, force: bool) -> str:
+    """Build (or find up to date) nanogrid/runtime-<runtime>; returns its name."""
+    grid_name, packages, version_command = LANGUAGE_RUNTIMES[runtime]
+    base = language_base(runtime, force)
+    image = language_image(runtime)
+    with tempfile.TemporaryDirectory(prefix="nanogrid-context-") as tmp:
+        context = Path(tmp)
+        for path in (HERE / runtime).iterdir():
+            if path.is_file():
+                shutil.copy(path, context / path.name)
+        digest = hashlib.sha256()
+        for path in sorted(context.iterdir()):
+            path.chmod(0o644)
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        context_hash = digest.hexdigest()[:16]
+        if not force and image_exists(image) and label(image, "nanogrid.context") == context_hash \
+                and label(image, "nanogrid.base") == base:
+            print(f"{image} is up to date")
+            return image
+        version = docker("run", "--rm", "--network=none", base, "sh", "-c", version_command, capture=True)
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", version):
+            sys.exit(f"runtimes/build.py: {base} reports {runtime} version {version!r}")
+        print(f"building {image} ({runtime} {version}) on {base} ...", flush=True)
+        docker("build", "--quiet", "--build-arg", f"BASE={base}", "--label", f"nanogrid.runtime={grid_name}",
+               "--label", f"nanogrid.version={version}", "--label", f"nanogrid.context={context_hash}",
+               "--label", f"nanogrid.base={base}", "-t", image, "-t", f"nanogrid/runtime-{runtime}:{version}",
+               str(context))
+    return image
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="an existing image with python3 (default: build a Debian one)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the images exist")
     parser.add_argument("--python", default=HOST_PYTHON, help=f"the runtime's Python: {', '.join(DEBIAN_SUITES)} "
                                                               f"(default: this interpreter's, {HOST_PYTHON})")
+    parser.add_argument("--runtime", default="python", choices=["python", *LANGUAGE_RUNTIMES],
+                        help="which runtime image to build (default: python)")
     args = parser.parse_args()
+    if args.runtime != "python":
+        print(build_language(args.runtime, args.force))
+        return
     print(build(args.base, args.force, args.python))
 
 
