@@ -124,17 +124,17 @@ def modules_in_pickle(data: bytes) -> set[str]:
         name = opcode.name
         value: str | None = None
         if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
-            value = arg
+            value = str(arg)
             if subimport_next:
-                found.add(arg.split(".", 1)[0])
+                found.add(value.split(".", 1)[0])
                 subimport_next = False
         elif name in ("BINGET", "LONG_BINGET", "GET"):
-            value = memo.get(int(arg))
+            value = memo.get(int(str(arg)))
         elif name == "MEMOIZE":
             memo[len(memo)] = recent[-1] if recent else None
             continue
         elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-            memo[int(arg)] = recent[-1] if recent else None
+            memo[int(str(arg))] = recent[-1] if recent else None
             continue
         elif name == "GLOBAL":
             module, _, attr = str(arg).partition(" ")
@@ -178,7 +178,7 @@ def modules_of_values(values: Iterable[Any]) -> set[str]:
 
 @lru_cache(maxsize=1)
 def _distributions_of_modules() -> dict[str, list[str]]:
-    return metadata.packages_distributions()
+    return dict(metadata.packages_distributions())
 
 
 def _is_local(module_name: str) -> Path | None:
