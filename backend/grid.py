@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from backend.config import GridConfig
-from backend.environments import Environments, docker_runtimes
+from backend.environments import BuiltEnvironment, Environments, docker_runtimes
 from backend.keys import OwnerPolicy, ensure_local_key
 from backend.models import FAILED, RUNNING, FunctionRecord, JobMessage
 from backend.queue.base import JobQueue
@@ -23,7 +23,7 @@ from backend.results.local import LocalResultBus
 from backend.results.redis import RedisResultBus
 from backend.retention import Janitor
 from backend.sandbox.base import Limits
-from backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
+from backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable, language_runtimes
 from backend.sandbox.process import ProcessSandboxFactory
 from backend.secretbox import SecretBox
 from backend.store.base import BlobStore
@@ -132,6 +132,7 @@ class Grid:
                                if config.redis_host else LocalResultBus())
         self.pool: WarmPool | None = None
         self.environments: Environments | None = None
+        self.languages: dict[str, BuiltEnvironment] = {}  # runtime name (nodejs, go, cpp) -> its image
         self.worker: Worker | None = None
         python = config.python_runtime.removeprefix("python")
         self.factory: ProcessSandboxFactory | DockerSandboxFactory | None = None
@@ -145,8 +146,11 @@ class Grid:
             self.environments = Environments(
                 data / "envs", runtimes={f"python{v}": v for v in pythons}, docker_images=images,
                 cap_bytes=int(config.env_cache_gb * (1 << 30)), shared=self.store if config.code_bucket else None)
+            # Node.js, Go and C++ (the seed platform's other languages) where their images are built; Docker only.
+            self.languages = language_runtimes(factory.client) if isinstance(factory, DockerSandboxFactory) else {}
             self.pool = WarmPool(factory, cap=config.effective_pool_cap, stem_cells=config.stem_cells,
-                                 idle_ttl_s=config.idle_ttl_s, environments=self.environments)
+                                 idle_ttl_s=config.idle_ttl_s, environments=self.environments,
+                                 languages=self.languages)
             self.worker = Worker(queue=self.queue, registry=self.registry, store=self.store, bus=self.bus,
                                  pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
                                  visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
@@ -154,6 +158,7 @@ class Grid:
                                  ai=AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour)
                                  if config.ai_endpoint else None, secrets=self.secrets)
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
+        self.runtimes = {**self.runtimes, **{name: env.python for name, env in self.languages.items()}}
 
     def describe_sandbox(self) -> str:
         return self.pool.factory.describe() if self.pool else "workers run separately"

@@ -17,6 +17,8 @@ __all__ = ["Package", "PackageError", "from_upload", "check_manifest", "function
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 MAX_RATIO = 200  # real code compresses 3-10x; a bomb a thousand-fold
+# The seed platform's other languages (runtimes/node, go, cpp): handler packages only, with these source files.
+LANGUAGE_SOURCES = {"nodejs": (".js",), "go": (".go",), "cpp": (".cpp", ".cc", ".cxx")}
 
 
 class PackageError(ValueError):
@@ -47,7 +49,14 @@ def from_upload(filename: str, data: bytes, form: dict[str, Any], *, max_bytes: 
     if manifest["kind"] == "handler" and "handler" not in manifest:
         raise PackageError("handler is required, e.g. handler=hello.handler for def handler(event, context) in hello.py")
     manifest = check_manifest(manifest, runtimes)
-    if manifest["kind"] == "handler":
+    if manifest["kind"] == "handler" and manifest["runtime"] in LANGUAGE_SOURCES:
+        suffixes = LANGUAGE_SOURCES[manifest["runtime"]]
+        module = manifest["handler"].rsplit(".", 1)[0].replace(".", "/")
+        if manifest["runtime"] == "nodejs" and f"{module}.js" not in files and f"{module}/index.js" not in files:
+            raise PackageError(f"handler {manifest['handler']!r} names module {module}.js, which is not in the package")
+        if not any(name.endswith(suffixes) for name in files):
+            raise PackageError(f"a {manifest['runtime']} package needs a {' or '.join(suffixes)} source file")
+    elif manifest["kind"] == "handler":
         module = manifest["handler"].rsplit(".", 1)[0].replace(".", "/")
         if f"{module}.py" not in files and f"{module}/__init__.py" not in files:
             raise PackageError(f"handler {manifest['handler']!r} names module {module}.py, which is not in the package")
@@ -78,6 +87,8 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
     if runtime not in runtimes:
         known = ", ".join(sorted(runtimes)) or "none"
         raise PackageError(f"unknown runtime {runtime!r}; this grid runs: {known}")
+    if runtime in LANGUAGE_SOURCES and kind != "handler":
+        raise PackageError(f"runtime {runtime} runs handler packages (source code), not pickled Python functions")
     handler = str(manifest.get("handler") or ("function.pkl" if kind == "pickle" else ""))
     if kind == "handler" and not HANDLER_PATTERN.match(handler):
         raise PackageError(f"handler {handler!r} must look like module.function")

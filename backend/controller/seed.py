@@ -193,11 +193,17 @@ def grouped(functions: list[FunctionRecord]) -> list[list[FunctionRecord]]:
     return list(groups.values())
 
 
-def code_files(filename: str, data: bytes) -> tuple[str, bytes]:
-    """The seed's upload as (name, bytes) for the core: a zip as it is, a lone source file as main.py."""
+# Each seed runtime's source file (as the seed's UI zips its editor) and handler: the UI's templates define them.
+SEED_SOURCES = {"python": ("main.py", "main.handler"), "nodejs": ("index.js", "index.handler"),
+                "go": ("main.go", "main.Handler"), "cpp": ("main.cpp", "main.handler")}
+
+
+def code_files(filename: str, data: bytes, runtime: str = "python") -> tuple[str, bytes]:
+    """The seed's upload as (name, bytes) for the core: a zip as it is, a lone source file as the runtime's
+    source file (main.py, index.js, main.go, main.cpp)."""
     if data[:4] == b"PK\x03\x04" or filename.endswith(".zip"):
         return "package.zip", data
-    return "main.py", data
+    return SEED_SOURCES.get(runtime, SEED_SOURCES["python"])[0], data
 
 
 def function_name(header: str | None, filename: str | None) -> str:
@@ -324,10 +330,10 @@ async def upload(
         raise HTTPException(400, f"runtime {runtime} is not installed on this grid; it runs: {served}")
     if file is None:
         raise HTTPException(400, "No file provided")
-    filename, data = code_files(file.filename or "", await file.read())
+    filename, data = code_files(file.filename or "", await file.read(), runtime)
     seed_id = str(uuid.uuid4())
     form = {"name": function_name(x_function_name, file.filename), "runtime": grid_runtime(grid, runtime),
-            "handler": "main.handler", "kind": "handler", "memory": memory_mb, "description": description,
+            "handler": SEED_SOURCES[runtime][1], "kind": "handler", "memory": memory_mb, "description": description,
             "env": parse_env_vars(envVars), "stable_id": seed_id, "timeout": seed_timeout(grid, caller)}
     await asyncio.to_thread(jobs.deploy, grid, caller, filename, data, form)
     return reply(request, {"success": True, "functionId": seed_id})
@@ -416,9 +422,9 @@ async def update_function(
         files = {name: zf.read(name) for name in zf.namelist()}
     manifest = json.loads(files.pop("manifest.json"))
     if file is not None:
-        name, data = code_files(file.filename or "", await file.read())
-        if name == "main.py":
-            files = {"main.py": data}
+        name, data = code_files(file.filename or "", await file.read(), seed_runtime(current.runtime))
+        if name != "package.zip":
+            files = {name: data}
         else:
             try:
                 with zipfile.ZipFile(io.BytesIO(data)) as zf:

@@ -258,9 +258,15 @@ class Sandbox(ABC):
             raise
 
     def check_ready(self, frame: dict[str, Any]) -> str:
-        """The Python version the bootstrap's first frame names."""
-        python = frame.get("python")
-        if frame.get("op") != "ready" or not isinstance(python, str) or len(python) > 8:
+        """The Python version the bootstrap's first frame names; another language's bootstrap (runtimes/node, go,
+        cpp) names its runtime and version instead (``{"runtime": "nodejs", "version": "18.19.0"}``)."""
+        if frame.get("op") != "ready":
+            raise ProtocolViolation("the bootstrap's first frame is not 'ready'")
+        python, runtime, version = frame.get("python"), frame.get("runtime"), frame.get("version")
+        if python is None and isinstance(runtime, str) and isinstance(version, str) \
+                and 0 < len(runtime) <= 8 and 0 < len(version) <= 16:
+            return f"{runtime} {version}"
+        if not isinstance(python, str) or len(python) > 8:
             raise ProtocolViolation("the bootstrap's first frame is not 'ready'")
         return python
 

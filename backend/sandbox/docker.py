@@ -41,6 +41,25 @@ START_TIMEOUT_S = 30.0
 SANDBOX_UID = "65534:65534"
 
 
+COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
+LANGUAGE_IMAGES = ("nanogrid/runtime-node:latest", "nanogrid/runtime-go:latest", "nanogrid/runtime-cpp:latest")
+
+
+def language_runtimes(client: docker.DockerClient) -> dict[str, BuiltEnvironment]:
+    """The seed platform's other languages whose image is built here (runtimes/build.py --runtime node|go|cpp):
+    runtime name (nodejs, go, cpp) -> what its sandboxes start with (the image, its language version)."""
+    found = {}
+    for image in LANGUAGE_IMAGES:
+        try:
+            labels = client.images.get(image).labels or {}
+        except docker.errors.ImageNotFound:
+            continue
+        if labels.get("nanogrid.runtime") and labels.get("nanogrid.version"):
+            name = labels["nanogrid.runtime"]
+            found[name] = BuiltEnvironment(f"runtime-{name}", labels["nanogrid.version"], image=image)
+    return found
+
+
 class DockerUnavailable(NanoGridError, RuntimeError):
     """No Docker engine or no runtime image: a configuration mistake (`--sandbox docker`), reported in one line."""
 
@@ -113,6 +132,8 @@ class DockerSandbox(Sandbox):
         self.cgroup: MemoryCgroup | None = None
         api = factory.client.api
         scratch = f"rw,nosuid,nodev,size={factory.scratch_mib}m,uid=65534,gid=65534,mode=0700"
+        if environment is not None and environment.env_id in COMPILED_RUNTIMES:
+            scratch += ",exec"  # Go and C++ compile the function into the scratch space and run it from there
         self.container = factory.client.containers.create(
             environment.image if environment is not None and environment.image else factory.image,
             name=f"nanogrid-{self.id}",

@@ -13,9 +13,12 @@ keeps one, so a new function in an environment that is already built starts warm
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +55,9 @@ class FunctionCode:
 
 class WarmPool:
     def __init__(self, factory: SandboxFactory, *, cap: int, stem_cells: int, idle_ttl_s: float,
-                 environments: Environments | None = None) -> None:
+                 environments: Environments | None = None, languages: dict[str, BuiltEnvironment] | None = None) -> None:
         self.factory = factory
+        self.languages = languages or {}  # runtime name (nodejs, go, cpp) -> the image its sandboxes start
         self.environments = environments  # builds what function packages ask for (None: plain runtime only)
         self.cap = cap
         self.stem_cells = stem_cells
@@ -96,6 +100,8 @@ class WarmPool:
                     self._cond.release()
                     try:
                         function = code()
+                        if function.environment is None:
+                            function.environment = self._language_of(function.package)
                     finally:
                         self._cond.acquire()
                     continue
@@ -136,6 +142,22 @@ class WarmPool:
             self._forget(sandbox)
             raise
         return sandbox, True
+
+    def _language_of(self, package: bytes) -> BuiltEnvironment | None:
+        """A Node.js, Go or C++ function's sandbox starts its language's image (a stem cell kept for the few most
+        recently used, as for environments); None for Python. The package was verified by the worker already."""
+        try:
+            with zipfile.ZipFile(io.BytesIO(package)) as zf:
+                runtime = str(json.loads(zf.read("manifest.json")).get("runtime") or "")
+        except (zipfile.BadZipFile, KeyError, ValueError):
+            return None  # not a package this pool can read: the sandbox's load says what is wrong with it
+        if not runtime or runtime.startswith("python"):
+            return None
+        if runtime not in self.languages:
+            raise SandboxError("runtime", f"this worker has no {runtime} runtime (its runtimes: Python"
+                                          f"{''.join(', ' + name for name in self.languages)}); build it with "
+                                          f"`python runtimes/build.py --runtime {runtime.replace('nodejs', 'node')}`")
+        return self.languages[runtime]
 
     def _load(self, sandbox: Sandbox, function_id: str, function: FunctionCode) -> None:
         with self._cond:
