@@ -345,6 +345,16 @@ def test_code_that_does_not_compile_is_a_clear_load_error(http: httpx.Client, ru
     assert job["error"]["kind"] == "load" and said in job["error"]["message"], job["error"]
 
 
+def test_a_seed_update_of_a_nodejs_function_keeps_its_runtime(http: httpx.Client) -> None:
+    """PUT /functions/:id with a lone source file: the new code is index.js under the same id, still Node.js."""
+    function_id = seed_deploy(http, "nodejs", NODE_TEMPLATE)
+    updated = http.put(f"/functions/{function_id}", files={"file": ("index.js", b"exports.handler = async (e) => 'v2';")})
+    assert updated.status_code == 200 and updated.json()["functionId"] == function_id
+    done = http.post("/run", json={"functionId": function_id, "inputData": {}}).json()
+    assert done["status"] == "SUCCESS" and done["result"] == "v2"
+    assert http.get(f"/functions/{function_id}").json()["runtime"] == "nodejs"
+
+
 def test_a_program_without_a_handler_runs_as_the_seed_ran_it(http: httpx.Client) -> None:
     """A Go main that reads PAYLOAD and prints JSON (the seed's convention) runs once per call; its last line is the
     result and the rest its output."""

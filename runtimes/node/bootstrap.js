@@ -275,6 +275,11 @@ class Runtime {
       throw new TypeError(`${moduleName}.js exports no ${attr}(event, context): write exports.${attr} = async (event, context) => { ... }`);
     }
     this.handler = exported[attr];
+    // Limits apply from here on: to the function, not to loading it. Node cannot set its own rlimits: prlimit can.
+    if (header.max_output_bytes) {
+      const limit = spawnSync('prlimit', [`--pid=${process.pid}`, `--fsize=${Math.floor(header.max_output_bytes)}`]);
+      if (limit.status !== 0) throw new Error(`could not limit the size of files: ${limit.stderr || limit.error}`);
+    }
   }
 
   async call(header, body, captures, live) {
@@ -340,6 +345,7 @@ function skipBlobs(sizes) {
 
 async function main() {
   process.on('SIGTERM', () => process.exit(143));
+  process.on('SIGXFSZ', () => {}); // an oversized write fails with EFBIG instead
   process.on('unhandledRejection', () => {}); // a rejection the handler left behind is the handler's business
   fs.mkdirSync(WORK_DIR, { recursive: true });
   const captures = [new Capture(1, 'stdout.log'), new Capture(2, 'stderr.log')];
