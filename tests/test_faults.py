@@ -211,8 +211,8 @@ def test_full_disk_fails_calls_clearly_and_the_grid_recovers(small_disk: Path) -
                 pass
         try:
             small.remote(3)
-        except nanogrid.NanoGridError:
-            pass  # a clear error, or the call still fit: either way no hang and no traceback from the client
+        except nanogrid.NanoGridError as exc:  # a clear error, or the call still fit: never a hang or an internal error
+            assert any(word in str(exc).lower() for word in ("space", "full", "disk")), exc
         filler.unlink()
         assert small.remote(4) == 8
         assert list(small.map(range(5))) == [0, 2, 4, 6, 8]

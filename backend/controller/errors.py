@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 import uuid
 from typing import Any
 
@@ -25,8 +27,9 @@ log = logging.getLogger(__name__)
 ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
     409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "rate_limited",
-    500: "internal", 503: "unavailable",
+    500: "internal", 503: "unavailable", 507: "insufficient_storage",
 }
+DISK_FULL = "the grid's disk is full; nothing was recorded: its operator must free space, then try again"
 
 
 def error_body(status: int, detail: str, **extra: str) -> dict[str, str]:
@@ -38,7 +41,25 @@ def install_error_handlers(app: FastAPI) -> None:
     for kind in (StarletteHTTPException, PackageError, BadRequest, RequestValidationError):
         app.add_exception_handler(kind, client_error)
     app.add_exception_handler(RegistryBusy, registry_busy)
+    for kind in (sqlite3.OperationalError, OSError):
+        app.add_exception_handler(kind, storage_error)
     app.add_exception_handler(Exception, server_error)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The registry or the store had no space left: the operator's problem to fix, not a bug in the grid."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+async def storage_error(request: Request, exc: Exception) -> JSONResponse:
+    """A full disk answers 507 with what to do; any other storage error a 500. Both are answered here rather than by
+    Starlette's last-resort handler, which closes the connection after its 500 while the client may be reusing it."""
+    if not disk_full(exc):
+        return await server_error(request, exc)
+    log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+    return JSONResponse(error_body(507, DISK_FULL), status_code=507)
 
 
 async def registry_busy(request: Request, exc: Exception) -> JSONResponse:

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import re
+import sqlite3
 import time
 import uuid
 import zipfile
@@ -36,6 +37,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.controller import jobs
+from backend.controller.errors import DISK_FULL, disk_full
 from backend.controller.function_metrics import render_all
 from backend.grid import Grid
 from backend.keys import AuthError
@@ -80,6 +82,11 @@ class SeedRoute(APIRoute):
             except RegistryBusy:
                 return seed_error(503, "the grid's registry is locked by another process; try again in a few seconds",
                                   {"Retry-After": "5"})
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not disk_full(exc):
+                    raise
+                log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+                return seed_error(507, DISK_FULL)
 
         return route
 
