@@ -518,7 +518,10 @@ def diagnose(db: sqlite3.Connection, path: Path) -> tuple[int, str]:
     except sqlite3.DatabaseError as exc:
         return 0, str(exc)
     if problems != ["ok"]:
-        return 0, f"quick_check: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+        # One row may hold several problems under a "*** in database main ***" heading: one line per problem here.
+        lines = [line.strip() for row in problems for line in str(row).splitlines()
+                 if line.strip() and not line.startswith("***")] or ["damaged"]
+        return 0, f"quick_check: {lines[0]}" + (f" (+{len(lines) - 1} more)" if len(lines) > 1 else "")
     return version, ""
 
 
