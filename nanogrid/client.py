@@ -198,11 +198,14 @@ class Client:
         runtime, python = package.manifest["runtime"], package.manifest["python"]
         runtimes = self.runtimes()
         if runtime not in runtimes:
+            # Only its Python runtimes matter here: a grid's nodejs, go or cpp runtime cannot take a pickle.
+            pythons = sorted(((v, n) for n, v in runtimes.items() if n.startswith("python")), key=_version_key)
             raise VersionMismatch(
                 f"this client runs Python {python}, but the grid at {self.url} only runs "
-                f"{', '.join(sorted(runtimes))}: functions are sent with cloudpickle, which needs the same "
-                f"Python minor version on both sides. Use a Python {' or '.join(sorted(runtimes.values()))} "
-                "environment for this notebook or script."
+                f"{', '.join(n for _, n in pythons) or 'no Python runtime'}: functions are sent with cloudpickle, "
+                "which needs the same Python minor version on both sides."
+                + (f" Use a Python {' or '.join(v for v, _ in pythons)} environment for this notebook or script."
+                   if pythons else "")
             )
         function = self.request("POST", "/upload", files={"file": ("package.zip", package.data, "application/zip")})
         function_id = function.json()["function_id"]  # the grid answers 200 if it has this package already
@@ -333,6 +336,11 @@ def _timeout_setting(timeout: float | None) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
         raise ConfigError(f"{source} is a number of seconds above 0, e.g. 30, not {timeout!r}")
     return float(timeout)
+
+
+def _version_key(runtime: tuple[str, str]) -> tuple[int, ...]:
+    """(version, name) in version order: 3.9 before 3.11."""
+    return tuple(int(part) if part.isdigit() else 0 for part in runtime[0].split("."))
 
 
 def _backoff(response: httpx.Response, attempt: int) -> float:

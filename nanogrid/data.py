@@ -66,65 +66,90 @@ def put(obj: Any, client: Client | None = None) -> Ref:
 
 class ArgsEncoder:
     """Encodes calls' arguments; one encoder per ``.remote()`` or per ``.map()``, so a value given to many calls
-    of one ``.map()`` is pickled, hashed and uploaded once (the memo keeps it alive, so its id stays its own)."""
+    of one ``.map()`` is pickled, hashed and uploaded once (the memo keeps it alive, so its id stays its own).
+
+    Two steps, so that a mistake in any call is found before anything leaves this machine: ``pickle`` (no
+    network) then ``send`` (the grid's limits, blob uploads). A ``.map()`` pickles every item first, holding each
+    distinct value's pickle until ``send`` uploads it.
+    """
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        limits = client.limits()
-        self.limit = limits["max_payload_bytes"]
-        # A grid older than the data plane names no threshold: everything goes inline, as it expects.
-        self.threshold = limits.get("blob_threshold_bytes") or float("inf")
-        self._memo: dict[int, tuple[Any, Ref]] = {}
+        self._memo: dict[int, tuple[Any, bytes | Ref]] = {}  # id of a value -> (the value, its pickle or its blob)
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], where: str = "") -> tuple[bytes, list[str]]:
         """(the args pickle, the SHA-256 of each blob it references, in order); nothing is uploaded for a call
         whose arguments cannot all be sent."""
+        return self.send([self.pickle(args, kwargs, where)])[0]
+
+    def pickle(self, args: tuple[Any, ...], kwargs: dict[str, Any], where: str = "") -> PickledCall:
+        """Each argument pickled on its own, once per encoder however often it is given; nothing is sent."""
         named = [(f"argument {i}", value) for i, value in enumerate(args)]
         named += [(f"argument {key!r}", value) for key, value in kwargs.items()]
-        parts: list[tuple[str, Any]] = []  # per argument: ("ref", Ref) or ("inline", its pickle) or ("big", bytes)
-        seen: dict[int, int] = {}  # id of a value given twice in this call -> its first part
         for name, value in named:
-            if isinstance(value, Ref):
-                parts.append(("ref", value))
+            known = self._memo.get(id(value))
+            if isinstance(value, Ref) or (known is not None and known[0] is value):
                 continue
-            memo = self._memo.get(id(value))
-            if memo is not None and memo[0] is value:
-                parts.append(("ref", memo[1]))
-                continue
-            if id(value) in seen and parts[seen[id(value)]][0] == "big":
-                parts.append(("same", seen[id(value)]))
-                continue
-            seen[id(value)] = len(parts)
             try:
-                data = cloudpickle.dumps(value, protocol=PROTOCOL)
+                self._memo[id(value)] = (value, cloudpickle.dumps(value, protocol=PROTOCOL))
             except Exception as exc:
                 raise InvalidArguments(f"cannot send {name}{where} to the grid: {exc}") from exc
-            if len(data) > self.limit:
-                raise InvalidArgument(f"{name}{where} pickles to {_size(len(data))}, over the grid's "
-                                      f"{_size(self.limit)} limit per argument; nothing was uploaded "
-                                      "(nanogrid up --max-payload-bytes raises it)")
-            parts.append(("big" if len(data) > self.threshold else "inline", data))
+        return PickledCall(named, len(args), list(kwargs), where)
+
+    def send(self, calls: list[PickledCall]) -> list[tuple[bytes, list[str]]]:
+        """Every argument of every call checked against the grid's limits, then the large ones uploaded (each
+        once) and each call's args pickle written: (args pickle, its blobs) per call."""
+        limits = self.client.limits()
+        limit = limits["max_payload_bytes"]
+        # A grid older than the data plane names no threshold: everything goes inline, as it expects.
+        threshold = limits.get("blob_threshold_bytes") or float("inf")
+        for call in calls:
+            as_blobs: set[int | str] = set()  # what travels as a blob: a Ref's hash, a large value's id
+            for name, value in call.named:
+                stored = self._stored(value)
+                if isinstance(stored, bytes) and len(stored) > limit:
+                    raise InvalidArgument(f"{name}{call.where} pickles to {_size(len(stored))}, over the grid's "
+                                          f"{_size(limit)} limit per argument; nothing was uploaded "
+                                          "(nanogrid up --max-payload-bytes raises it)")
+                if isinstance(stored, Ref) or len(stored) > threshold:
+                    as_blobs.add(stored.sha256 if isinstance(stored, Ref) else id(value))
+            if len(as_blobs) > MAX_BLOBS_PER_CALL:
+                raise InvalidArgument(f"{len(as_blobs)} large arguments in one call{call.where}; at most "
+                                      f"{MAX_BLOBS_PER_CALL}; nothing was uploaded")
+        return [self._write(call, threshold) for call in calls]
+
+    def _stored(self, value: Any) -> bytes | Ref:
+        return value if isinstance(value, Ref) else self._memo[id(value)][1]
+
+    def _write(self, call: PickledCall, threshold: float) -> tuple[bytes, list[str]]:
         blobs: list[str] = []
         encoded: list[_Inline | _Blob] = []
-        for (_, value), (kind, data) in zip(named, parts, strict=True):
-            if kind == "same":  # the value given again: its blob, uploaded for its first place
-                kind, data = "ref", self._memo[id(value)][1]
-            if kind == "big":
-                ref = self.client.upload_blob(data)
-                self._memo[id(value)] = (value, ref)
-                kind, data = "ref", ref
-            if kind == "ref":
-                if data.sha256 not in blobs:
-                    blobs.append(data.sha256)
-                encoded.append(_Blob(blobs.index(data.sha256)))
+        for _, value in call.named:
+            stored = self._stored(value)
+            if isinstance(stored, bytes) and len(stored) > threshold:
+                stored = self.client.upload_blob(stored)
+                self._memo[id(value)] = (value, stored)  # its pickle is freed; later calls reference the blob
+            if isinstance(stored, Ref):
+                if stored.sha256 not in blobs:
+                    blobs.append(stored.sha256)
+                encoded.append(_Blob(blobs.index(stored.sha256)))
             else:
-                encoded.append(_Inline(data))
-        if len(blobs) > MAX_BLOBS_PER_CALL:
-            raise InvalidArgument(f"{len(blobs)} large arguments in one call{where}; at most {MAX_BLOBS_PER_CALL}")
-        positional, keyword = encoded[:len(args)], dict(zip(kwargs, encoded[len(args):], strict=True))
+                encoded.append(_Inline(stored))
+        positional = encoded[:call.positional]
+        keyword = dict(zip(call.keywords, encoded[call.positional:], strict=True))
         out = io.BytesIO()
         _ArgsPickler(out).dump((positional, keyword))
         return out.getvalue(), blobs
+
+
+@dataclass
+class PickledCall:
+    """One call's arguments, pickled by an ``ArgsEncoder`` (the pickles stay in its memo) and not yet sent."""
+
+    named: list[tuple[str, Any]]  # ("argument 0", value), ..., ("argument 'key'", value)
+    positional: int  # how many of them are positional
+    keywords: list[str]
+    where: str  # " (item 3 of .map())" in messages
 
 
 @dataclass

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +168,9 @@ def modules_of_values(values: Iterable[Any]) -> set[str]:
     for value in values:
         items = [value]
         if isinstance(value, list | tuple | set | frozenset):
-            items += list(value)[:100]
+            items += islice(value, 100)  # never a copy of a large argument: every call of a .map() looks
         elif isinstance(value, dict):
-            items += list(value.values())[:100]
+            items += islice(value.values(), 100)
         for item in items:
             module = getattr(type(item), "__module__", "") or ""
             found.add(module.split(".", 1)[0])

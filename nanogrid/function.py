@@ -24,7 +24,7 @@ import cloudpickle
 from tqdm.auto import tqdm
 
 from nanogrid.client import GIVE_UP_CANCEL_S, Client, get_client
-from nanogrid.data import ArgsEncoder
+from nanogrid.data import ArgsEncoder, PickledCall
 from nanogrid.environment import Environment, modules_of_values, requirements_for
 from nanogrid.errors import (
     APIError,
@@ -170,12 +170,15 @@ class RemoteFunction(Generic[P, R]):
             self.client.forget_function(function_id)  # deleted on the grid: upload again
             return send(body_for(self.deploy()))
 
-    def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], item: int | None = None,
-                encoder: ArgsEncoder | None = None) -> tuple[str, list[str]]:
-        """Check the arguments against the signature, then pickle them: a wrong call never leaves this machine.
+    def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, list[str]]:
+        """Check the arguments, then send the large ones: (the base64 args pickle, the blobs it references)."""
+        encoder = ArgsEncoder(self.client)
+        data, blobs = encoder.send([self._pickle(encoder, args, kwargs)])[0]
+        return base64.b64encode(data).decode(), blobs
 
-        (the base64 args pickle, the blobs it references); arguments over the grid's threshold are uploaded here.
-        """
+    def _pickle(self, encoder: ArgsEncoder, args: tuple[Any, ...], kwargs: dict[str, Any],
+                item: int | None = None) -> PickledCall:
+        """Check the arguments against the signature, then pickle each one: a wrong call never leaves this machine."""
         where = "" if item is None else f" (item {item} of .map())"
         if self._signature is None:
             self._signature = _signature_of(self.fn)
@@ -185,7 +188,8 @@ class RemoteFunction(Generic[P, R]):
             except TypeError as exc:
                 raise InvalidArguments(f"cannot call {getattr(self.fn, '__qualname__', self.name)}{self._signature}: "
                                        f"{exc}{where}; nothing was sent to the grid") from None
-        return _encode_args(encoder or ArgsEncoder(self.client), args, kwargs, where)
+        self._note_arguments(args, kwargs)
+        return encoder.pickle(args, kwargs, where)
 
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Start a call and return its Job at once."""
@@ -215,8 +219,9 @@ class RemoteFunction(Generic[P, R]):
         ``return_exceptions=True`` a failed call yields its exception instead of raising it.
         Every item is checked against the signature before the first one is sent.
         """
-        encoder = ArgsEncoder(self.client)  # a value shared by many items is uploaded once
-        items = [self._encode(args, {}, index, encoder) for index, args in enumerate(zip(*iterables, strict=False))]
+        encoder = ArgsEncoder(self.client)  # a value shared by many items is pickled and uploaded once
+        calls = [self._pickle(encoder, args, {}, index) for index, args in enumerate(zip(*iterables, strict=False))]
+        items = [(base64.b64encode(data).decode(), blobs) for data, blobs in encoder.send(calls)] if calls else []
         return _ordered_map(self, items, return_exceptions, progress, chunk_size)
 
 
@@ -371,13 +376,6 @@ def _cancel_quietly(client: Client, job_ids: list[str]) -> None:
         client.cancel_many(job_ids, timeout=GIVE_UP_CANCEL_S)
     except NanoGridError:
         pass
-
-
-def _encode_args(encoder: ArgsEncoder, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 where: str = "") -> tuple[str, list[str]]:
-    """Each argument pickled once: over the grid's limit it is refused by name, over its threshold uploaded as a blob."""
-    data, blobs = encoder.encode(args, kwargs, where)
-    return base64.b64encode(data).decode(), blobs
 
 
 @overload

@@ -20,6 +20,7 @@ import pytest
 import nanogrid
 import nanogrid.client
 from nanogrid.client import RATE_LIMIT_RETRIES, Client
+from nanogrid.data import ArgsUnpickler
 from nanogrid.packaging import package_function
 
 RUNTIME = "python%d.%d" % sys.version_info[:2]
@@ -135,6 +136,18 @@ def test_a_runtime_the_grid_lacks_is_refused_before_uploading():
     assert fake.paths() == ["GET /health"]  # nothing uploaded
 
 
+def test_a_grids_other_languages_are_not_offered_to_a_python_client():
+    """A grid that also runs Node.js, Go and C++ names its Python runtimes only, in version order."""
+    fake = FakeController({("GET", "/health"): httpx.Response(200, json={"runtimes": {
+        "nodejs": "18.19.0", "python3.13": "3.13", "go": "1.19", "python3.9": "3.9", "cpp": "12"}})})
+    package = package_function(square, runtime="python3.99")
+    with pytest.raises(nanogrid.VersionMismatch) as info:
+        fake.client().deploy(package)
+    assert "only runs python3.9, python3.13: functions" in str(info.value)
+    assert "Use a Python 3.9 or 3.13 environment" in str(info.value)
+    assert fake.paths() == ["GET /health"]
+
+
 def test_a_package_is_uploaded_once_per_client():
     fake = FakeController({("POST", "/upload"): httpx.Response(201, json={"function_id": "fn-1"})})
     client = fake.client()
@@ -150,7 +163,8 @@ def test_remote_runs_through_upload_and_run_and_unpickles_the_value():
     assert f.remote(7) == 49
     body = json.loads(fake.requests[-1].content)
     assert body["function_id"] == "fn-1"
-    assert cloudpickle.loads(base64.b64decode(body["args_pickle"])) == ((7,), {})
+    assert body["blobs"] == []  # a small argument travels inline, inside the args pickle
+    assert ArgsUnpickler(base64.b64decode(body["args_pickle"]), []).load() == ([7], {})
 
 
 def test_a_function_deleted_on_the_grid_is_uploaded_again():

@@ -9,15 +9,18 @@ two first calls building the same environment twice; a failed build stopping the
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import subprocess
 import sys
 import textwrap
 import threading
+import zipfile
 from pathlib import Path
 
 import cloudpickle
+import httpx
 import numpy
 import pandas as pd
 import pytest
@@ -78,6 +81,30 @@ def test_package_sync_pins_the_clients_versions_of_what_the_function_and_its_arg
         return numpy.zeros(1)
 
     assert "numpy==1.26.4" in explicit.package().manifest["environment"]["packages"]  # explicit wins over synced
+
+
+def test_a_dataframe_argument_alone_brings_pandas_to_the_grid():
+    """A function that never names pandas gets it when a call passes a DataFrame (the argument is unpickled there)."""
+    uploads: list[dict] = []
+
+    def grid(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/health":
+            return httpx.Response(200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20})
+        if request.url.path == "/v1/upload":
+            package = request.content[request.content.index(b"PK\x03\x04"):request.content.rindex(b"\r\n--")]
+            with zipfile.ZipFile(io.BytesIO(package)) as zf:
+                uploads.append(json.loads(zf.read("manifest.json")))
+            return httpx.Response(201, json={"function_id": "fn-1"})
+        return httpx.Response(200, json={"job_id": "job-1", "status": "completed",
+                                         "result_pickle": base64.b64encode(cloudpickle.dumps(1)).decode()})
+
+    def rows(table):  # names no pandas: only its argument does
+        return len(table)
+
+    remote_rows = nanogrid.RemoteFunction(rows, client=nanogrid.Client("http://grid.test", api_key="k",
+                                                                       transport=httpx.MockTransport(grid)))
+    assert remote_rows.remote(pd.DataFrame({"a": [1]})) == 1
+    assert f"pandas=={pd.__version__}" in uploads[-1]["environment"]["packages"]
 
 
 def test_a_package_installed_from_a_local_path_is_named_before_anything_is_sent(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ mistake that prints a traceback; a controller error in a shape the client cannot
 
 from __future__ import annotations
 
+import base64
 import inspect
 import logging
 import os
@@ -26,6 +27,7 @@ import nanogrid.errors
 from backend.config import GridConfig
 from backend.controller.app import create_app
 from backend.grid import Grid
+from nanogrid.data import ArgsUnpickler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +79,24 @@ def offline() -> tuple[nanogrid.Client, NoNetwork]:
     return nanogrid.Client("http://grid.test", api_key="k", transport=transport), transport
 
 
+class LimitsOnly(NoNetwork):
+    """Tells the client the grid's limits (``GET /v1/health``: 16 MiB per argument) and fails the test on anything
+    else: a call may learn the limits its arguments are checked against, and send nothing of its own."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if (request.method, request.url.path) == ("GET", "/v1/health"):
+            self.sent.append(request)
+            return httpx.Response(200, json={"runtimes": {}, "max_payload_bytes": 16 << 20,
+                                             "blob_threshold_bytes": 1 << 20})
+        return super().handle_request(request)
+
+
+@pytest.fixture()
+def limits_only() -> tuple[nanogrid.Client, LimitsOnly]:
+    transport = LimitsOnly()
+    return nanogrid.Client("http://grid.test", api_key="k", transport=transport), transport
+
+
 def scale(x: float, factor: float = 2.0, *, shift: float = 0.0) -> float:
     return x * factor + shift
 
@@ -102,19 +122,32 @@ def test_a_map_checks_every_item_before_sending_any(offline):
     client, transport = offline
     with pytest.raises(nanogrid.InvalidArguments, match=r"too many positional arguments \(item 0 of .map\(\)\)"):
         list(nanogrid.RemoteFunction(scale, client=client).map([1, 2], [2, 2], [0, 0], progress=False))
-    with pytest.raises(nanogrid.InvalidArguments, match=r"cannot send the arguments to the grid \(item 2 of .map\(\)\)"):
+    with pytest.raises(nanogrid.InvalidArguments, match=r"cannot send argument 0 \(item 2 of .map\(\)\) to the grid"):
         list(nanogrid.RemoteFunction(scale, client=client).map([1.0, 2.0, threading_lock()], progress=False))
     assert transport.sent == []
 
 
-def test_arguments_that_cannot_be_pickled_or_are_too_big_are_refused_before_sending(offline):
+def test_a_map_checks_every_items_size_before_uploading_any(limits_only):
+    """Item 0's large argument is not uploaded when item 2's is over the grid's limit."""
+    client, transport = limits_only
+    function = nanogrid.RemoteFunction(lambda value: len(value), client=client)
+    with pytest.raises(nanogrid.InvalidArgument, match=r"argument 0 \(item 2 of .map\(\)\) pickles to 17\.0 MiB"):
+        list(function.map([b"a" * (2 << 20), b"b", b"c" * (17 << 20)], progress=False))
+    assert [f"{r.method} {r.url.path}" for r in transport.sent] == ["GET /v1/health"]
+
+
+def test_arguments_that_cannot_be_pickled_or_are_too_big_are_refused_before_sending(offline, limits_only):
     client, transport = offline
     function = nanogrid.RemoteFunction(lambda value: value, client=client)
-    with pytest.raises(nanogrid.InvalidArguments, match="cannot send the arguments"):
+    with pytest.raises(nanogrid.InvalidArguments, match="cannot send argument 0 to the grid: cannot pickle"):
         function.remote(threading_lock())
-    with pytest.raises(nanogrid.InvalidArgument, match="over the grid's 16 MiB limit"):
-        function.remote(b"x" * (17 << 20))
-    assert transport.sent == []
+    assert transport.sent == []  # found without asking the grid anything
+    client, transport = limits_only
+    function = nanogrid.RemoteFunction(lambda value, other: value, client=client)
+    with pytest.raises(nanogrid.InvalidArgument, match=r"argument 'other' pickles to 17\.0 MiB, over the grid's "
+                                                       r"16\.0 MiB limit per argument; nothing was uploaded"):
+        function.remote(b"x" * (2 << 20), other=b"x" * (17 << 20))
+    assert [f"{r.method} {r.url.path}" for r in transport.sent] == ["GET /v1/health"]  # the limit is the grid's
 
 
 def threading_lock() -> object:
@@ -156,11 +189,13 @@ def test_decorator_options_are_checked_at_decoration(options, message):
         nanogrid.remote(**options)
 
 
-def test_a_function_that_takes_anything_is_not_second_guessed():
+def test_a_function_that_takes_anything_is_not_second_guessed(limits_only):
     """``*args, **kwargs`` and callables without a signature bind any call: the function decides."""
-    anything = nanogrid.RemoteFunction(lambda *args, **kwargs: (args, kwargs))
-    assert anything._encode((1, 2), {"a": 3})
-    assert nanogrid.RemoteFunction(max)._encode((1, 2), {})
+    client, _ = limits_only
+    anything = nanogrid.RemoteFunction(lambda *args, **kwargs: (args, kwargs), client=client)
+    assert ArgsUnpickler(base64.b64decode(anything._encode((1, 2), {"a": 3})[0]), []).load() == ([1, 2], {"a": 3})
+    assert ArgsUnpickler(base64.b64decode(nanogrid.RemoteFunction(max, client=client)._encode((1, 2), {})[0]),
+                         []).load() == ([1, 2], {})
 
 
 # -- the command line: configuration mistakes in one line -----------------------------------------------------------

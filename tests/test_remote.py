@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import nanogrid
+from tests.conftest import require_docker, start_grid
 
 pytestmark = pytest.mark.integration
 
@@ -217,13 +220,29 @@ def test_job_result_timeout_leaves_the_job_running(client):
 def test_unpicklable_arguments_name_the_problem(client):
     import threading
 
-    with pytest.raises(TypeError, match="cannot send the arguments"):
+    with pytest.raises(TypeError, match="cannot send argument 0 to the grid: cannot pickle '_thread.lock' object"):
         square.remote(threading.Lock())
 
 
-def test_huge_arguments_are_refused_before_sending(client):
-    with pytest.raises(ValueError, match="over the grid's 16 MiB limit"):
-        square.remote(b"x" * (17 << 20))
+@pytest.fixture(params=["process", "docker"])
+def capped(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[nanogrid.Client]:
+    """A client of a grid of each kind that takes at most 16 MiB per argument (the default is 2 GiB)."""
+    if request.param == "docker":
+        require_docker()
+    grid = start_grid(tmp_path, sandbox=request.param, stem_cells=0, max_payload_bytes=16 << 20)
+    client = nanogrid.Client(grid.url, api_key=grid.api_key)
+    try:
+        yield client
+    finally:
+        client.close()
+        grid.stop()
+
+
+def test_huge_arguments_are_refused_before_sending(capped):
+    """What must never happen: a value over the grid's own limit is uploaded, or refused without saying which."""
+    with pytest.raises(ValueError, match=r"argument 0 pickles to 17\.0 MiB, over the grid's 16\.0 MiB limit"):
+        nanogrid.RemoteFunction(square.fn, client=capped).remote(b"x" * (17 << 20))
+    assert capped.functions() == [] and capped.jobs() == []  # not even the function went
 
 
 def test_a_runtime_this_grid_lacks_is_refused_with_both_versions(client):

@@ -8,6 +8,7 @@ value that starts a grid with a default instead of saying what was wrong.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from dataclasses import fields
@@ -22,6 +23,7 @@ import backend.embedded
 import backend.grid
 import nanogrid.cli
 from backend.config import CHOICES, SEED_NAMES, GridConfig
+from backend.secretbox import SecretBox, SecretError
 from nanogrid.client import Client
 from nanogrid.errors import ConfigError, NanoGridError
 
@@ -29,10 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README_VARIABLES = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", (ROOT / "README.md").read_text()))
 
 SETTING_OF = {f"NANOGRID_{f.name.upper()}": f.name for f in fields(GridConfig)} | {v: k for k, v in SEED_NAMES.items()}
-CLIENT_VARIABLES = {"NANOGRID_URL", "NANOGRID_API_KEY"}  # read by every command that talks to a grid
+CLIENT_VARIABLES = {"NANOGRID_URL", "NANOGRID_API_KEY", "NANOGRID_TIMEOUT"}  # read by every command that talks to a grid
+SANDBOX_VARIABLES = "set by the grid inside a sandbox for the seed platform's functions (test_seed_contract.py)"
 NOT_COMMAND_SETTINGS = {
     "NANOGRID_CONFIG": "the settings file itself: test_the_config_file_variable_reaches_every_grid_command",
+    "NANOGRID_SECRETS_KEY": "the grid's secrets key, from the environment only, never a settings file: "
+                            "test_the_secrets_key_variable_is_the_same_key_on_every_machine",
     "NANOGRID_OUTPUT_DIR": "set by the grid inside a sandbox, read by nanogrid.output_dir()",
+    "JOB_ID": SANDBOX_VARIABLES, "FUNCTION_ID": SANDBOX_VARIABLES, "MEMORY_MB": SANDBOX_VARIABLES,
+    "OUTPUT_DIR": SANDBOX_VARIABLES, "PAYLOAD_FILE": SANDBOX_VARIABLES,
+    "DB_USER": "a user's secret in the README's example", "DB_PASSWORD": "a user's secret in the README's example",
     "NANOGRID_UPDATE_SCREENSHOT": "the test suite's", "NANOGRID_TUTORIAL_AI_ENDPOINT": "the tutorial notebook's",
     "AWS_ENDPOINT_URL": "boto3's own setting", "AWS_ENDPOINT_URL_SQS": "boto3's own setting",
 }
@@ -173,9 +181,28 @@ def test_the_grid_url_and_key_reach_every_client_command(command, clean_env, cap
     clean_env.setattr(nanogrid.cli, "Client", Recorded)
     clean_env.setenv("NANOGRID_URL", "http://grid.example:9999")
     clean_env.setenv("NANOGRID_API_KEY", "ng_from_env")
+    clean_env.setenv("NANOGRID_TIMEOUT", "12.5")
     assert nanogrid.cli.main(command) == 0
     assert sent and all(r.url.host == "grid.example" and r.url.port == 9999 for r in sent)
     assert all(r.headers["x-api-key"] == "ng_from_env" for r in sent)
+    assert all(r.extensions["timeout"]["connect"] == 12.5 for r in sent)
+
+
+def test_a_bad_client_timeout_is_refused_with_its_name(clean_env):
+    clean_env.setenv("NANOGRID_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="NANOGRID_TIMEOUT is a number of seconds, e.g. 30, not 'soon'"):
+        Client("http://grid.example:9999")
+
+
+def test_the_secrets_key_variable_is_the_same_key_on_every_machine(clean_env, tmp_path):
+    """Two machines' grids with one NANOGRID_SECRETS_KEY open each other's secrets; a bad key is one line."""
+    clean_env.setenv("NANOGRID_SECRETS_KEY", base64.b64encode(bytes(range(32))).decode())
+    sealed = SecretBox.load(tmp_path / "machine-a").seal(b"hunter2", "alice", "db")
+    assert SecretBox.load(tmp_path / "machine-b").open(sealed, "alice", "db") == b"hunter2"
+    assert not (tmp_path / "machine-b" / "secrets.key").exists()  # no key of its own next to the registry
+    clean_env.setenv("NANOGRID_SECRETS_KEY", "not base64!")
+    with pytest.raises(SecretError, match="NANOGRID_SECRETS_KEY is not base64"):
+        SecretBox.load(tmp_path / "machine-a")
 
 
 # -- precedence and bad values ----------------------------------------------------------------------------------------
