@@ -86,6 +86,20 @@ def test_an_owner_at_its_cap_is_passed_over_until_one_of_its_calls_ends():
     assert queue.get(timeout=0).job_id == "job-alice-3"
 
 
+def test_cancelled_calls_leave_the_queue_at_once_and_the_turns_stay_fair():
+    """Must never happen: an owner's cancelled backlog still counted as waiting, still holding payload memory,
+    or taken by workers one cap-turn at a time while another owner waits."""
+    queue = LocalQueue(load_payload=lambda job_id: b"null", memory_budget_bytes=len(b"null") * 3)
+    queue.put([message("alice", n) for n in range(6)])  # the last three are kept on disk, over the budget
+    queue.put([message("bob", 0)])  # on disk too
+    queue.discard({f"job-alice-{n}" for n in range(1, 6)} | {"job-unknown"})
+    assert queue.depth() == 2 and queue.depth_of("alice") == 1 and queue.held_bytes() == len(b"null")
+    assert [queue.get(timeout=0).job_id for _ in range(2)] == ["job-alice-0", "job-bob-0"]
+    assert queue.get(timeout=0.05) is None and queue.depth() == 0
+    queue.put([message("alice", 9)])
+    assert queue.get(timeout=0).job_id == "job-alice-9"
+
+
 # --- disk quotas and retention, on the store itself ---------------------------------------------------------------
 
 def output_file(tmp_path: Path, name: str, size: int, sparse: bool = False) -> Path:
@@ -348,6 +362,10 @@ def test_no_view_shows_an_owner_anything_of_another_owners(tenants):
     secrets = [function_id, finished["job_id"], running["job_id"], queued["job_id"], "alice"]
     # alice's own views have them, so their absence from bob's is not a blind spot
     assert all(s in alice.get("/v1/jobs").text for s in secrets[1:4]) and function_id in alice.get("/v1/functions").text
+    deadline = time.monotonic() + 60  # a loaded machine's worker may not have taken her first call yet
+    while alice.get(f"/v1/status/{running['job_id']}").json()["status"] == "pending":
+        assert time.monotonic() < deadline, "alice's first call was never taken"
+        time.sleep(0.05)
     assert alice.get("/v1/system/status").json()["queue_depth"] == 1  # her second call waits: her cap is 1 of 2 slots
     bob_fn = upload(bob, "sleepy", SLEEPY)
     assert bob.post("/v1/run", json={"function_id": bob_fn, "payload": {"seconds": 0}}).json()["status"] == "completed"

@@ -269,11 +269,8 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.post("/v1/jobs/cancel", response_model=Cancelled)
     def cancel_many(body: CancelRequest, caller: Caller) -> dict:
         """Cancel many jobs at once (an interrupted .map()); unknown and finished ids are passed over."""
-        count = 0
-        for job_id in body.job_ids:
-            job = grid.registry.get_job(job_id)
-            count += job is not None and job.owner == caller.name and jobs.cancel(grid, job)
-        return {"cancelled": count}
+        owned = [job for job in map(grid.registry.get_job, body.job_ids) if job is not None and job.owner == caller.name]
+        return {"cancelled": jobs.cancel_all(grid, owned)}
 
     @app.get("/v1/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}},
                                                               410: {"model": ErrorDetail,

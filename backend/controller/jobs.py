@@ -218,19 +218,30 @@ def _finished_among(grid: Grid, job_ids: list[str]) -> list[JobRecord]:
 
 
 def cancel(grid: Grid, job: JobRecord) -> bool:
-    """Cancel a job: a queued one is marked cancelled (workers skip it), a running one has its sandbox killed."""
-    if job.finished:
-        return False
-    if job.status == RUNNING:
-        grid.bus.request_cancel(job.job_id)  # the worker running it stops its sandbox and records it
-        return True
-    job.status, job.finished_at = CANCELLED, time.time()
-    job.error = {"kind": "cancelled", "message": "cancelled by the user before it started"}
-    if grid.registry.finish_job(job):
-        grid.bus.publish(job)
-        grid.bus.request_cancel(job.job_id)  # in case a worker took it in the meantime
-        return True
-    return False
+    """Cancel a job: a queued one is marked cancelled and leaves the queue, a running one has its sandbox killed."""
+    return cancel_all(grid, [job]) == 1
+
+
+def cancel_all(grid: Grid, records: list[JobRecord]) -> int:
+    """Cancel these jobs (see ``cancel``); how many were still unfinished. The queue is walked once for them all."""
+    count, dequeued = 0, set[str]()
+    for job in records:
+        if job.finished:
+            continue
+        if job.status == RUNNING:
+            grid.bus.request_cancel(job.job_id)  # the worker running it stops its sandbox and records it
+            count += 1
+            continue
+        job.status, job.finished_at = CANCELLED, time.time()
+        job.error = {"kind": "cancelled", "message": "cancelled by the user before it started"}
+        if grid.registry.finish_job(job):
+            grid.bus.publish(job)
+            grid.bus.request_cancel(job.job_id)  # in case a worker took it in the meantime
+            dequeued.add(job.job_id)
+            count += 1
+    if dequeued:
+        grid.queue.discard(dequeued)
+    return count
 
 
 def live_workers(grid: Grid) -> list[dict]:

@@ -29,6 +29,11 @@ class JobQueue(ABC):
         """Jobs of this owner waiting, where the backend can tell (None: it cannot, as on SQS)."""
         return None
 
+    def discard(self, job_ids: set[str]) -> None:
+        """Forget the waiting messages of these jobs, which will never run (cancelled), where the backend can.
+        Elsewhere (SQS) they stay until a worker takes each, finds its job no longer pending and acks it."""
+        return None
+
     def release(self, message: JobMessage) -> None:
         """Give the message back for another delivery now (queues that redeliver)."""
         raise NotImplementedError

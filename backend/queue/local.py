@@ -127,6 +127,24 @@ class LocalQueue(JobQueue):
         with self._changed:
             return self._out.get(owner, 0)
 
+    def discard(self, job_ids: set[str]) -> None:
+        """Cancelled jobs leave their owner's FIFO at once: the owner's queue depth says so, and no worker
+        spends a turn of the owner's cap taking them only to find them cancelled."""
+        with self._changed:
+            for owner, fifo in list(self._waiting.items()):
+                gone = [message for message in fifo if message.job_id in job_ids]
+                if not gone:
+                    continue
+                for message in gone:
+                    self._held_bytes -= len(message.payload)  # b"" for those kept on disk
+                    self._on_disk.discard(message.job_id)
+                self._count -= len(gone)
+                kept = deque(message for message in fifo if message.job_id not in job_ids)
+                if kept:
+                    self._waiting[owner] = kept  # an existing key: the owner keeps its place in the turn
+                else:
+                    del self._waiting[owner]
+
     def ack(self, message: JobMessage) -> None:
         """The job is done: its owner's share of the slots is free again."""
         with self._changed:
