@@ -57,11 +57,12 @@ def _channel_transport() -> Any:
     channel = sys.modules.get("__nanogrid_channel__")
     if channel is None:
         raise AIUnavailable("AI_ENDPOINT says to use the sandbox's channel, but this is not a NanoGrid sandbox")
+    over_channel = channel.request
 
     class ChannelTransport(httpx.BaseTransport):
         def handle_request(self, request: httpx.Request) -> httpx.Response:
-            header, body = channel.request({"op": "ai", "method": request.method, "path": request.url.path},
-                                           request.read())
+            header, body = over_channel({"op": "ai", "method": request.method, "path": request.url.path},
+                                        request.read())
             status = header.get("status") if isinstance(header.get("status"), int) else 502
             return httpx.Response(status, headers={"content-type": "application/json"}, content=body)
 

@@ -102,8 +102,8 @@ def _magic_reads(call: ast.Call) -> list[str]:
     line = call.lineno
     if method in SHELL_CALLS and args and args[0] is not None:
         return _expansion_reads(args[0], line)
-    if method == "run_line_magic" and len(args) == 2 and None not in args:
-        magic, text = args
+    magic, text = args if method == "run_line_magic" and len(args) == 2 else (None, None)
+    if magic is not None and text is not None:
         if magic not in LINE_MAGICS:
             raise CellRefused(line, f"%{magic} would act on the sandbox, not on this notebook; on the grid a cell "
                                     "can use %time, %timeit, !cmd and x = !cmd (run other magics in a cell of their own)")
@@ -130,6 +130,16 @@ def _expansion_reads(command: str, line: int) -> list[str]:
 
 def _timeit_statement(text: str, line: int) -> str:
     return " ".join(_timeit_options(shlex.split(text, posix=False), line)[1])
+
+
+def _loop_count(timer: timeit.Timer) -> int:
+    """As IPython does: grow the loop count until a run takes 0.2 s."""
+    number = 1
+    for index in range(10):
+        number = 10 ** index
+        if timer.timeit(number) >= 0.2:
+            break
+    return number
 
 
 def _timeit_options(words: list[str], line: int) -> tuple[dict[str, Any], list[str]]:
@@ -386,7 +396,11 @@ class SandboxShell:
                        "eval" if expression else "exec")
         wall = time.perf_counter()
         times = os.times()
-        value = eval(code, self.user_ns) if expression else exec(code, self.user_ns)
+        value = None
+        if expression:
+            value = eval(code, self.user_ns)
+        else:
+            exec(code, self.user_ns)
         wall = time.perf_counter() - wall
         after = os.times()
         user, system = after.user - times.user, after.system - times.system
@@ -397,12 +411,7 @@ class SandboxShell:
     def _timeit(self, line: str) -> None:
         options, words = _timeit_options(shlex.split(line, posix=False), 0)
         timer = timeit.Timer(" ".join(words), globals=self.user_ns)
-        number = options.get("-n")
-        if number is None:  # as IPython does: grow the loop count until a run takes 0.2 s
-            for index in range(10):
-                number = 10 ** index
-                if timer.timeit(number) >= 0.2:
-                    break
+        number: int = options["-n"] if "-n" in options else _loop_count(timer)
         runs = options.get("-r", 7)
         timings = [t / number for t in timer.repeat(runs, number)]
         if options.get("-q"):

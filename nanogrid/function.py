@@ -316,7 +316,8 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
             except queue.Empty:
                 return
             try:
-                body = {"function_id": function_id, "args_pickle": [p for p, _ in chunk], "model": fn.model}
+                body: dict[str, Any] = {"function_id": function_id, "args_pickle": [p for p, _ in chunk],
+                                        "model": fn.model}
                 if any(blobs for _, blobs in chunk):
                     body["blobs"] = [blobs for _, blobs in chunk]
                 lines = fn.client.map_stream(body)

@@ -75,7 +75,7 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
     """
     pickled = pickled if pickled is not None else cloudpickle.dumps(fn)
     manifest: dict[str, Any] = {
-        "name": safe_name(name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function")),
+        "name": safe_name(name or str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function"))),
         "kind": "pickle",
         "runtime": runtime or local_runtime(),
         "handler": "function.pkl",

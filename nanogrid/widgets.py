@@ -222,7 +222,8 @@ class CellWidget(JobWidget):
         """``--async``: what the cell printed, its value and its exception, as the cell would have shown them."""
         from IPython import get_ipython
 
-        outcome, outputs = self._outcome, []
+        outcome = self._outcome
+        outputs: list[dict[str, Any]] = []
         if outcome is None:
             view = self.job._view
             streams = [("stdout", view.get("stdout", "")), ("stderr", view.get("stderr", ""))]

@@ -41,8 +41,8 @@ def install_error_handlers(app: FastAPI) -> None:
     for kind in (StarletteHTTPException, PackageError, BadRequest, RequestValidationError):
         app.add_exception_handler(kind, client_error)
     app.add_exception_handler(RegistryBusy, registry_busy)
-    for kind in (sqlite3.OperationalError, OSError):
-        app.add_exception_handler(kind, storage_error)
+    for storage in (sqlite3.OperationalError, OSError):
+        app.add_exception_handler(storage, storage_error)
     app.add_exception_handler(Exception, server_error)
 
 

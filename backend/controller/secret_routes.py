@@ -36,7 +36,7 @@ def router(grid: Grid, caller: Any) -> APIRouter:
     routes = APIRouter(prefix="/v1/secrets", tags=["secrets"])
 
     @routes.put("/{name}", response_model=SecretView)
-    def set_secret(name: str, body: SecretValues, key: caller) -> dict[str, Any]:  # type: ignore[valid-type]
+    def set_secret(name: str, body: SecretValues, key: caller) -> dict[str, Any]:
         owner: ApiKey = key
         try:
             check_secret(name, body.values)
@@ -51,11 +51,11 @@ def router(grid: Grid, caller: Any) -> APIRouter:
         return view(secret)
 
     @routes.get("", response_model=list[SecretView])
-    def list_secrets(key: caller) -> list[dict[str, Any]]:  # type: ignore[valid-type]
+    def list_secrets(key: caller) -> list[dict[str, Any]]:
         return [view(s) for s in grid.registry.list_secrets(key.name)]
 
     @routes.delete("/{name}", response_model=SecretView)
-    def delete_secret(name: str, key: caller) -> dict[str, Any]:  # type: ignore[valid-type]
+    def delete_secret(name: str, key: caller) -> dict[str, Any]:
         secret = grid.registry.get_secret(key.name, name)
         if secret is None or not grid.registry.delete_secret(key.name, name):
             raise HTTPException(404, f"no secret {name!r}; `nanogrid secrets list` shows yours")

@@ -442,7 +442,7 @@ def _insert(table: str, replace: bool = False) -> str:
     return f"{verb} INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
 
 
-def _job_filter(status: str | None, owner: str | None) -> tuple[str, list[str]]:
+def _job_filter(status: str | None, owner: str | None) -> tuple[str, list[Any]]:
     conditions, args = [], []
     if status:
         conditions.append("status = ?")

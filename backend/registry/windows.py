@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ def first_slot(window: str, now: float) -> tuple[int, int]:
     return resolution, int((now - seconds) // resolution) + 1
 
 
-def summarise(rows: list[tuple[str, int, int, int, int, float, float | None]], since: float) -> dict[str, Any]:
+def summarise(rows: Sequence[tuple[str, int, int, int, int, float, float | None]], since: float) -> dict[str, Any]:
     """One window from its summed counters: rows of (metric, bucket, calls, failed, cold, total, max)."""
     durations = sorted((b, n, total, peak) for m, b, n, _, _, total, peak in rows if m == DURATION)
     memory = sorted((b, n, total, peak) for m, b, n, _, _, total, peak in rows if m == MEMORY)

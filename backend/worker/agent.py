@@ -260,7 +260,8 @@ class Worker:
             if job.job_id in self._cancelled:  # cancelled while its sandbox was being prepared
                 raise SandboxError("cancelled", "cancelled by the user")
             ai = self.ai.session(message.owner) if self.ai is not None and sandbox.ai_allowed else None
-            refs, payload = [], message.payload
+            refs: list[str] = []
+            payload = message.payload
             if message.payload_format == BLOB_FORMAT:  # arguments stored as blobs: streamed to the sandbox
                 refs, payload = split_payload(payload)
             try:

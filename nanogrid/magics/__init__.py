@@ -43,7 +43,7 @@ class NanoGridMagics(Magics):
         try:
             args = parse_argstring(self.nanogrid, line)
         except UsageError as exc:
-            usage = self.nanogrid.parser.format_usage().strip()  # type: ignore[attr-defined]
+            usage = self.nanogrid.parser.format_usage().strip()
             raise UsageError(f"%%nanogrid: {exc}\n{usage}\n(%nanogrid? shows every option)") from None
         if cell is None:
             return self._line(args)
@@ -83,15 +83,16 @@ class NanoGridMagics(Magics):
 
     def _show_figures(self, figures: list[tuple[bytes, str]]) -> None:
         """Matplotlib figures appear after the cell's value, where the inline backend shows them."""
-        if not figures:
+        shell = self.shell
+        if not figures or shell is None:
             return
 
         def show(*_: Any) -> None:
-            self.shell.events.unregister("post_execute", show)
+            shell.events.unregister("post_execute", show)
             for png, text in figures:
                 publish_display_data(figure_data(png, text))
 
-        self.shell.events.register("post_execute", show)
+        shell.events.register("post_execute", show)
 
     def _line(self, args: argparse.Namespace) -> None:
         command, rest = (args.command[0], args.command[1:]) if args.command else ("status", [])

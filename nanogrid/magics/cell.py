@@ -194,7 +194,7 @@ def _remote_exception(exc: Any, described: dict[str, Any], shell: Any) -> BaseEx
         return shell.InteractiveTB.structured_traceback(type(exc), exc, remote_frames)
 
     try:
-        exc._render_traceback_ = render  # type: ignore[union-attr]  (IPython's hook for remote tracebacks)
+        exc._render_traceback_ = render  # IPython's hook for remote tracebacks
     except AttributeError:  # an exception type with __slots__: IPython shows it with its local frames
         pass
     return exc
@@ -211,7 +211,8 @@ def _traceback_of(frames: list[tuple[str, int, str]]) -> TracebackType | None:
         try:
             exec(code.replace(co_name=name), {"__remote_frame__": _RemoteFrame()})
         except _RemoteFrame as marker:
-            frame = marker.__traceback__.tb_next  # type: ignore[union-attr]  (past this function's own frame)
+            here = marker.__traceback__  # this function's own frame; the next one stands at the remote line
+            frame = here.tb_next if here is not None else None
             if frame is not None:
                 frame.tb_next = chain
                 chain = frame
