@@ -245,6 +245,19 @@ def test_huge_arguments_are_refused_before_sending(capped):
     assert capped.functions() == [] and capped.jobs() == []  # not even the function went
 
 
+def test_a_call_that_prints_a_lot_keeps_its_value_and_its_output(client):
+    """What must never happen: a function that prints more than a frame header's default size (256 KiB, here
+    1.2 MiB once escaped as JSON) has its sandbox discarded as a protocol violation instead of answering."""
+    @nanogrid.remote(timeout=60)
+    def loud(n):
+        print("é" * n)
+        return n
+
+    job = loud.spawn(200_000)
+    assert job.result(timeout=60) == 200_000
+    assert job.stdout == "é" * 200_000 + "\n"
+
+
 def test_a_runtime_this_grid_lacks_is_refused_with_both_versions(client):
     @nanogrid.remote(runtime="python3.99")
     def future():

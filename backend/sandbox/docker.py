@@ -32,7 +32,14 @@ from backend.environments import BuiltEnvironment, too_little_memory
 from backend.sandbox import leftovers
 from backend.sandbox.base import Limits, Sandbox, SandboxError
 from backend.sandbox.cgroup import MemoryCgroup
-from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, DockerAttachStream, FrameReader, encode_frame
+from backend.sandbox.protocol import (
+    ChannelClosed,
+    ChannelTimeout,
+    DockerAttachStream,
+    FrameReader,
+    encode_frame,
+    reply_header_cap,
+)
 from nanogrid.errors import NanoGridError
 
 log = logging.getLogger(__name__)
@@ -160,7 +167,8 @@ class DockerSandbox(Sandbox):
             raw = getattr(self._socket, "_sock", self._socket)
             self._raw = raw
             self._stream = DockerAttachStream(raw)
-            self.reader = FrameReader(raw.fileno(), self._stream.read_some, self._stream.pending)
+            self.reader = FrameReader(raw.fileno(), self._stream.read_some, self._stream.pending,
+                                      max_header=reply_header_cap(factory.limits.capture_bytes))
             self.container.start()
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
             self.python = self.check_ready(ready)

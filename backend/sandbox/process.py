@@ -24,7 +24,14 @@ from pathlib import Path
 from backend.environments import BuiltEnvironment, too_little_memory
 from backend.sandbox import cgroup, leftovers
 from backend.sandbox.base import Limits, Sandbox, SandboxError
-from backend.sandbox.protocol import ChannelClosed, ChannelTimeout, FrameReader, encode_frame, write_all
+from backend.sandbox.protocol import (
+    ChannelClosed,
+    ChannelTimeout,
+    FrameReader,
+    encode_frame,
+    reply_header_cap,
+    write_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +122,7 @@ class ProcessSandbox(Sandbox):
         finally:
             os.close(startup_log)
         assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes (Popen above)
-        self.reader = FrameReader(self.proc.stdout.fileno())
+        self.reader = FrameReader(self.proc.stdout.fileno(), max_header=reply_header_cap(self.limits.capture_bytes))
         try:
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
         except (ChannelClosed, ChannelTimeout):

@@ -19,8 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 HEADER = struct.Struct(">II")  # JSON header length, body length
-MAX_HEADER_BYTES = 256 << 10  # a reply header carries at most the captured stdout/stderr (1 MiB each, escaped)
+MAX_HEADER_BYTES = 256 << 10  # any frame's header, unless the reader is given a call reply's (reply_header_cap)
 CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this many bytes
+
+
+def reply_header_cap(capture_limit: int) -> int:
+    """The largest header a call's reply may need: stdout and stderr kept up to the capture limit each, and the
+    error's message and traceback, in JSON at up to 6 bytes a character (``\\u00XX``, ``\\ufffd``)."""
+    return max(MAX_HEADER_BYTES, 4 * 6 * (capture_limit + 256) + (64 << 10))
 
 
 class ChannelClosed(Exception):
