@@ -72,6 +72,7 @@ class WarmPool:
         self._stems_starting: dict[str, int] = {}
         self._closed = False
         self._wake = threading.Event()
+        self._wake.set()  # the first stem cells start at once, not after the maintenance thread's first wait
         self._thread = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
         self._thread.start()
 
