@@ -291,3 +291,20 @@ def test_a_failing_map_cancels_what_has_not_run(client):
         time.sleep(0.1)
     assert "running" not in states and "pending" not in states, states
     assert time.monotonic() - started < 20
+
+
+def test_an_exception_with_a_huge_message_is_still_the_functions_own(client):
+    """What must never happen: a function's own long error reported as a protocol violation of its sandbox."""
+
+    @nanogrid.remote(timeout=30)
+    def loud():
+        raise ValueError("x" * (3 << 20))
+
+    try:
+        loud.remote()
+    except (ValueError, nanogrid.RemoteError) as exc:  # rebuilt as itself, or as its type name and text
+        text = str(exc)
+        assert "protocol violation" not in text[-500:] and text.removeprefix("ValueError: ").startswith("xxxx")
+        assert isinstance(exc, ValueError) or exc.type_name == "ValueError"
+    else:
+        raise AssertionError("the function's ValueError did not come back")

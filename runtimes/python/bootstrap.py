@@ -261,13 +261,20 @@ def peak_rss():
     return None
 
 
+def clip(text, limit=CAPTURE_LIMIT // 2):
+    """A message or traceback cut to what the host accepts (the whole exception still travels pickled)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[nanogrid: {len(text) - limit} more characters not kept]"
+
+
 def describe_error(exc, cloudpickle):
     frames = traceback.extract_tb(exc.__traceback__)
     user = [f for f in frames if f.filename != __file__] or frames  # trim bootstrap frames
     text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(user))
     text += "".join(traceback.format_exception_only(type(exc), exc))
-    error = {"kind": "exception", "type": type(exc).__name__, "module": type(exc).__module__,
-             "message": str(exc), "traceback": text}
+    error = {"kind": "exception", "type": type(exc).__name__[:200], "module": type(exc).__module__[:200],
+             "message": clip(str(exc)), "traceback": clip(text)}
     if isinstance(exc, MemoryError):
         error["kind"] = "memory"
     try:
