@@ -106,7 +106,9 @@ class DockerSandboxFactory:
     def sweep(self) -> int:
         """Remove this grid's containers and their host directories left by a run that crashed (or was killed)
         before closing them; at shutdown, those of sandboxes that were still closing."""
-        left = self.client.containers.list(all=True, filters={"label": f"nanogrid.grid={self.grid_label}"})
+        # ignore_removed: a container whose removal finishes between the listing and its inspection is no error
+        left = self.client.containers.list(all=True, filters={"label": f"nanogrid.grid={self.grid_label}"},
+                                           ignore_removed=True)
         for container in left:
             _remove(container)
         dirs = leftovers.remove_dirs(self.host_dir)

@@ -65,7 +65,7 @@ def find(sandbox_dir: Path) -> Leftovers:
     if client is not None:
         try:
             found.containers = sorted(c.name for c in client.containers.list(
-                all=True, filters={"label": f"nanogrid.grid={identity}"}))
+                all=True, filters={"label": f"nanogrid.grid={identity}"}, ignore_removed=True))
         except Exception as exc:  # the engine went away between the ping and the list
             found.docker_problem = f"the Docker engine did not list containers ({exc})"
     return found
