@@ -178,6 +178,10 @@ def _grid_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ai-model", default=None, help="its default model (LLM_MODEL)")
     parser.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key (default 1000; 0: off)")
     parser.add_argument("--rate-burst", type=int, default=None, help="requests at once per API key (default 2000)")
+    parser.add_argument("--max-payload-bytes", type=_byte_size, default=None,
+                        help="largest argument of a call, pickled (default 2GiB; over 1 MiB they travel as blobs)")
+    parser.add_argument("--max-result-bytes", type=_byte_size, default=None,
+                        help="largest result of a call, pickled (default 2GiB)")
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -189,10 +193,6 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _grid_config(args: argparse.Namespace) -> GridConfig:
-    parser.add_argument("--max-payload-bytes", type=_byte_size, default=None,
-                        help="largest argument of a call, pickled (default 2GiB; over 1 MiB they travel as blobs)")
-    parser.add_argument("--max-result-bytes", type=_byte_size, default=None,
-                        help="largest result of a call, pickled (default 2GiB)")
     """The one settings object: defaults < file < environment < this command's flags (named as its fields)."""
     from backend.config import GridConfig
 
@@ -469,12 +469,6 @@ def job_row(job: dict[str, Any]) -> dict[str, str]:
             "when": time.strftime("%H:%M:%S", time.localtime(job["created_at"])), "failure": reason, "job": job["job_id"]}
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
-    rows = [job_row(job) for job in _client(args).jobs(args.limit)]
-    print(f"{'function':24} {'status':10} {'duration':>11} {'peak memory':>12}  {'when':8}  {'job':36}  failure")
-    for r in rows:
-        print(f"{r['function'][:24]:24} {r['status']:10} {r['duration']:>11} {r['peak memory']:>12}  {r['when']:8}  "
-              f"{r['job']:36}  {r['failure']}")
 def cmd_secrets_set(args: argparse.Namespace) -> int:
     values = {}
     for item in args.values:
@@ -499,6 +493,12 @@ def cmd_secrets_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    rows = [job_row(job) for job in _client(args).jobs(args.limit)]
+    print(f"{'function':24} {'status':10} {'duration':>11} {'peak memory':>12}  {'when':8}  {'job':36}  failure")
+    for r in rows:
+        print(f"{r['function'][:24]:24} {r['status']:10} {r['duration']:>11} {r['peak memory']:>12}  {r['when']:8}  "
+              f"{r['job']:36}  {r['failure']}")
     return 0
 
 

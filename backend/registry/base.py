@@ -18,15 +18,6 @@ class RegistryBusy(RegistryError):
 
 
 @dataclass
-class HistoryEntry:
-    """A call in a history page: its record with stdout/stderr cut to the page's cap, and their full sizes."""
-
-    job: JobRecord
-    stdout_size: int
-    stderr_size: int
-
-
-@dataclass
 class FunctionStats:
     """Finished jobs of one function in one final status: what /metrics and the seed's function list show."""
 
@@ -38,6 +29,15 @@ class FunctionStats:
     handler_count: int  # jobs that have one
     total_buckets: list[int]  # jobs whose total time is <= each bucket bound (cumulative, as Prometheus counts)
     handler_buckets: list[int]
+
+
+@dataclass
+class HistoryEntry:
+    """A call in a history page: its record with stdout/stderr cut to the page's cap, and their full sizes."""
+
+    job: JobRecord
+    stdout_size: int
+    stderr_size: int
 
 
 class Registry(ABC):
@@ -90,6 +90,22 @@ class Registry(ABC):
         """How many jobs are in each status (all of them, not a page), counted where they are stored."""
 
     @abstractmethod
+    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
+        """Finished jobs per (function, status): counts, summed times and cumulative counts per bucket bound."""
+
+    @abstractmethod
+    def put_secret(self, secret: SecretRecord) -> None: ...
+
+    @abstractmethod
+    def get_secret(self, owner: str, name: str) -> SecretRecord | None: ...
+
+    @abstractmethod
+    def list_secrets(self, owner: str) -> list[SecretRecord]: ...
+
+    @abstractmethod
+    def delete_secret(self, owner: str, name: str) -> bool: ...
+
+    @abstractmethod
     def record_attempt(self, attempt: JobRecord) -> None:
         """Keep a failed try of a call that is being tried again, as its own finished record (counted in windows)."""
 
@@ -116,22 +132,6 @@ class Registry(ABC):
 
     @abstractmethod
     def delete_webhook(self, owner: str, hook_id: str) -> bool: ...
-
-    @abstractmethod
-    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
-        """Finished jobs per (function, status): counts, summed times and cumulative counts per bucket bound."""
-
-    @abstractmethod
-    def put_secret(self, secret: SecretRecord) -> None: ...
-
-    @abstractmethod
-    def get_secret(self, owner: str, name: str) -> SecretRecord | None: ...
-
-    @abstractmethod
-    def list_secrets(self, owner: str) -> list[SecretRecord]: ...
-
-    @abstractmethod
-    def delete_secret(self, owner: str, name: str) -> bool: ...
 
     @abstractmethod
     def put_key(self, key: ApiKey) -> None: ...

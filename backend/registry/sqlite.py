@@ -320,18 +320,6 @@ class SQLiteRegistry(Registry):
         where, args = _job_filter(None, owner)
         return {status: n for status, n in self._query(f"SELECT status, COUNT(*) FROM jobs{where} GROUP BY status", args)}
 
-    # API keys
-    def put_key(self, key: ApiKey) -> None:
-        self._write(lambda db: db.execute(_insert("api_keys", replace=True), _KEYS.row(key)))
-
-    def get_key(self, key_id: str) -> ApiKey | None:
-        rows = self._query("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
-        return _KEYS.record(rows[0]) if rows else None
-
-    def list_keys(self) -> list[ApiKey]:
-        return [_KEYS.record(row) for row in self._query("SELECT * FROM api_keys ORDER BY created_at")]
-
-    # transactions
     def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
         """Finished jobs per (function, status), counted in one indexed query: never a row sent back per job."""
         total = "(finished_at - started_at) * 1000.0"
@@ -365,6 +353,18 @@ class SQLiteRegistry(Registry):
         return self._write(lambda db: db.execute("DELETE FROM secrets WHERE owner = ? AND name = ?",
                                                  (owner, name)).rowcount > 0)
 
+    # API keys
+    def put_key(self, key: ApiKey) -> None:
+        self._write(lambda db: db.execute(_insert("api_keys", replace=True), _KEYS.row(key)))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        rows = self._query("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
+        return _KEYS.record(rows[0]) if rows else None
+
+    def list_keys(self) -> list[ApiKey]:
+        return [_KEYS.record(row) for row in self._query("SELECT * FROM api_keys ORDER BY created_at")]
+
+    # transactions
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in one write transaction: committed, or rolled back on any error (an interrupt included),
         so the connection never stays inside a transaction. While another process holds the write lock,
