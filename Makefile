@@ -46,5 +46,5 @@ lock: setup
 bench: setup-test
 	$(PIP) ray "dask[distributed]"
 	$(VENV)/bin/python benchmarks/bench_embedded.py
-	$(VENV)/bin/python runtimes/build.py
+	$(VENV)/bin/python nanogrid_runtimes/build.py
 	$(VENV)/bin/python -m benchmarks.bench_docker

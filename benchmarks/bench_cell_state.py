@@ -44,9 +44,9 @@ def main() -> None:
     from IPython.testing.globalipapp import start_ipython
 
     import nanogrid.magics.cell as cell
-    from backend.config import GridConfig
-    from backend.embedded import EmbeddedGrid
     from nanogrid.cells import pack_state
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.embedded import EmbeddedGrid
 
     limit = 1 << 30
     with tempfile.TemporaryDirectory() as data_dir:

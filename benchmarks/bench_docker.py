@@ -2,7 +2,7 @@
 
     python benchmarks/bench_docker.py [--calls 1000] [--out benchmarks/results/docker.json]
 
-Needs the Docker engine and the runtime image (python runtimes/build.py). Measures:
+Needs the Docker engine and the runtime image (python nanogrid_runtimes/build.py). Measures:
 warm `.remote()` round trip through each sandbox (two `nanogrid up` processes), the first call
 of a new function with a stem cell ready, a sandbox started from nothing, one peak-memory read
 from the cgroup against one Docker stats API call, and the worker's RSS growth while a function
@@ -26,9 +26,9 @@ from pathlib import Path
 import cloudpickle
 
 import nanogrid
-from backend.sandbox.docker import DockerSandboxFactory
 from benchmarks.bench_embedded import percentiles, timed
 from nanogrid.packaging import package_function
+from nanogrid_backend.sandbox.docker import DockerSandboxFactory
 
 IMAGE = "nanogrid/runtime-python:latest"
 

@@ -23,8 +23,8 @@ import pandas as pd
 import sklearn
 
 import nanogrid
-from backend.config import GridConfig
-from backend.embedded import EmbeddedGrid
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.embedded import EmbeddedGrid
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNTIME = "nanogrid/runtime-python:latest"

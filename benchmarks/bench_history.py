@@ -27,12 +27,12 @@ from pathlib import Path
 
 import httpx
 
-from backend.config import GridConfig
-from backend.embedded import EmbeddedGrid
-from backend.keys import create_key
-from backend.models import COMPLETED, FAILED, FunctionRecord, JobRecord
-from backend.registry import windows
-from backend.registry.sqlite import _JOBS, SQLiteRegistry, _insert
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.embedded import EmbeddedGrid
+from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import COMPLETED, FAILED, FunctionRecord, JobRecord
+from nanogrid_backend.registry import windows
+from nanogrid_backend.registry.sqlite import _JOBS, SQLiteRegistry, _insert
 
 MiB = 1 << 20
 OWNER = "bench"

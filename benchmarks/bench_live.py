@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import nanogrid
-from backend.config import GridConfig
-from backend.embedded import EmbeddedGrid
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.embedded import EmbeddedGrid
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend.models import COMPLETED, FAILED, JobRecord
-from backend.registry.sqlite import BACKUPS_KEPT, SCHEMA_VERSION, SQLiteRegistry
+from nanogrid_backend.models import COMPLETED, FAILED, JobRecord
+from nanogrid_backend.registry.sqlite import BACKUPS_KEPT, SCHEMA_VERSION, SQLiteRegistry
 
 # The tables as the last release before versioning made them (columns from the dataclass fields, untyped).
 UNVERSIONED = {

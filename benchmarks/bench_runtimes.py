@@ -3,7 +3,7 @@
     python benchmarks/bench_runtimes.py [--calls 1000] [--out benchmarks/results/runtimes.json]
 
 Starts `nanogrid up --sandbox docker` as its own process (the language runtimes need Docker; build their images
-first with `python runtimes/build.py --runtime node|go|cpp`), deploys one echo handler per runtime through
+first with `python nanogrid_runtimes/build.py --runtime node|go|cpp`), deploys one echo handler per runtime through
 /v1/upload, warms each (Go and C++ compile on their first call), then alternates blocks of calls of each runtime
 over one keep-alive connection, so drift on this shared machine hits them alike. Reported per runtime: the
 round trip through /v1/run, and its p50's difference from Python's (the target: within 2 ms).
@@ -54,7 +54,7 @@ def main() -> None:
             missing = [name for name in echo if name not in served]
             if missing:
                 sys.exit(f"this grid does not serve {', '.join(missing)}: build the images with "
-                         "`python runtimes/build.py --runtime node|go|cpp`")
+                         "`python nanogrid_runtimes/build.py --runtime node|go|cpp`")
             calls = {}
             for runtime, (file, handler, source) in echo.items():
                 buffer = io.BytesIO()

@@ -15,7 +15,7 @@ from nanogrid.client import Client, discover_url
 from nanogrid.errors import NanoGridError
 
 if TYPE_CHECKING:
-    from backend.config import GridConfig
+    from nanogrid_backend.config import GridConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -194,7 +194,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 def _grid_config(args: argparse.Namespace) -> GridConfig:
     """The one settings object: defaults < file < environment < this command's flags (named as its fields)."""
-    from backend.config import GridConfig
+    from nanogrid_backend.config import GridConfig
 
     flags = {f.name: getattr(args, f.name) for f in fields(GridConfig) if hasattr(args, f.name)}
     return GridConfig.load(getattr(args, "config", None), **flags)
@@ -204,8 +204,8 @@ def cmd_envs(args: argparse.Namespace) -> int:
     """List or remove the grid's built environments (layers under the data dir, and their Docker images)."""
     import time
 
-    from backend.config import GridConfig
-    from backend.environments import Environments
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.environments import Environments
 
     config = GridConfig.load(data_dir=args.data_dir)
     # so that remove also deletes the image
@@ -229,7 +229,7 @@ def cmd_envs(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import logging
 
-    from backend.embedded import serve, write_grid_file
+    from nanogrid_backend.embedded import serve, write_grid_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _grid_config(args)
@@ -249,7 +249,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_controller(args: argparse.Namespace) -> int:
     import logging
 
-    from backend.embedded import serve
+    from nanogrid_backend.embedded import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -265,7 +265,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from backend.grid import Grid
+    from nanogrid_backend.grid import Grid
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     grid = Grid(_grid_config(args), role="worker")
@@ -285,7 +285,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_aws_bootstrap(args: argparse.Namespace) -> int:
-    from backend.aws import bootstrap
+    from nanogrid_backend.aws import bootstrap
 
     config = _grid_config(args)  # the same variables the controller and workers read (DYNAMODB_TABLE, ...)
     names = {"queue": args.queue or _queue_name(config.queue_url), "dlq": args.dlq or _queue_name(config.dlq_url),
@@ -308,8 +308,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from backend.config import GridConfig
-    from backend.grid import make_registry
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.grid import make_registry
 
     return make_registry(GridConfig.load(data_dir=args.data_dir))
 
@@ -327,7 +327,7 @@ def _byte_size(text: str) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from backend.keys import create_key
+    from nanogrid_backend.keys import create_key
 
     try:
         key, record = create_key(_registry(args), args.name, rate_limit=args.rate_limit, rate_burst=args.rate_burst,
@@ -353,7 +353,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from backend.keys import revoke_key
+    from nanogrid_backend.keys import revoke_key
 
     try:
         record = revoke_key(_registry(args), args.key_id)
@@ -504,8 +504,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit status 0 when the registry is healthy (or was repaired), 1 when it needs --repair."""
-    from backend.config import GridConfig
-    from backend.registry import doctor
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.registry import doctor
 
     data_dir = GridConfig.load(data_dir=args.data_dir).data_dir
     if args.repair:
@@ -540,7 +540,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _doctor_leftovers(data_dir: Path, grid_pid: int | None, clean: bool) -> bool:
     """Show (and with ``clean`` remove) the sandboxes a crashed grid left; False when cleaning was refused."""
-    from backend.sandbox import leftovers
+    from nanogrid_backend.sandbox import leftovers
 
     sandbox_dir = data_dir / "sandboxes"
     if clean and grid_pid is not None:

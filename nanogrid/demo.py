@@ -34,8 +34,8 @@ def forever() -> None:
 
 
 def run_demo(workers: int | None = None) -> int:
-    from backend.config import GridConfig
-    from backend.embedded import EmbeddedGrid
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.embedded import EmbeddedGrid
 
     with tempfile.TemporaryDirectory(prefix="nanogrid-demo-") as data_dir:
         config = GridConfig.load(data_dir=Path(data_dir), port=0, workers=workers)

@@ -172,8 +172,8 @@ def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parent))
-    from backend.config import GridConfig
-    from backend.embedded import EmbeddedGrid
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.embedded import EmbeddedGrid
     from tests.fake_ollama import FakeOllama
 
     wanted = set(sys.argv[1:])  # notebook names; none: all of them

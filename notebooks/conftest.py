@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.config import GridConfig
-from backend.embedded import EmbeddedGrid
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.embedded import EmbeddedGrid
 from tests.fake_ollama import FakeOllama
 
 # The AI tutorial runs against a server speaking the Ollama API; set NANOGRID_TUTORIAL_AI_ENDPOINT

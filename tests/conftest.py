@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import nanogrid
-from backend.config import GridConfig
-from backend.embedded import EmbeddedGrid
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.embedded import EmbeddedGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,8 @@ def require_docker() -> None:
     except FileNotFoundError:
         info = 1
     require(info == 0, "the Docker engine does not answer")
-    build = subprocess.run([sys.executable, str(ROOT / "runtimes" / "build.py")], capture_output=True, text=True)
-    require(build.returncode == 0, f"runtimes/build.py could not build the runtime image: {build.stderr.strip()}")
+    build = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py")], capture_output=True, text=True)
+    require(build.returncode == 0, f"nanogrid_runtimes/build.py could not build the runtime image: {build.stderr.strip()}")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import nanogrid
-from backend.keys import create_key
+from nanogrid_backend.keys import create_key
 from tests.conftest import require_docker, start_grid
 from tests.fake_ollama import FakeOllama
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 import nanogrid
-from backend.blobs import key_for
-from backend.keys import create_key
 from nanogrid.data import ArgsEncoder, ArgsUnpickler
+from nanogrid_backend.blobs import key_for
+from nanogrid_backend.keys import create_key
 from tests.conftest import require_docker, start_grid
 
 pytestmark = pytest.mark.integration

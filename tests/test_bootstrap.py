@@ -15,7 +15,8 @@ from tests.conftest import ROOT
 
 @pytest.fixture
 def bootstrap(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("nanogrid_bootstrap_under_test", ROOT / "runtimes/python/bootstrap.py")
+    path = ROOT / "nanogrid_runtimes" / "python" / "bootstrap.py"
+    spec = importlib.util.spec_from_file_location("nanogrid_bootstrap_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "CODE_DIR", str(tmp_path))
@@ -49,10 +50,10 @@ def test_remote_traceback_shows_source_lines_whatever_name_pickling_gives_the_co
 
 
 def test_both_sides_speak_one_frame_format(bootstrap):
-    """The host's codec (backend/sandbox/protocol.py) and the bootstrap's must never drift apart."""
+    """The host's codec (nanogrid_backend/sandbox/protocol.py) and the bootstrap's must never drift apart."""
     import os
 
-    from backend.sandbox.protocol import FrameReader, encode_frame
+    from nanogrid_backend.sandbox.protocol import FrameReader, encode_frame
 
     header, body = {"op": "call", "job_id": "job-1", "text": "ünïcode"}, bytes(range(256)) * 10
     read_fd, write_fd = os.pipe()
@@ -71,7 +72,7 @@ def test_the_sandbox_image_ships_every_module_its_modules_import():
     Docker call fails at run time); the image build also imports each shipped module once."""
     import ast
 
-    from runtimes.build import NANOGRID_MODULES
+    from nanogrid_runtimes.build import NANOGRID_MODULES
 
     shipped = {name.removesuffix(".py").replace("__init__", "nanogrid") for name in NANOGRID_MODULES}
     for module in NANOGRID_MODULES:

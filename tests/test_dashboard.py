@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend.keys import create_key
-from backend.models import COMPLETED, JobRecord
+from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import COMPLETED, JobRecord
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration

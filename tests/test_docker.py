@@ -8,7 +8,7 @@ import docker
 import pytest
 
 import nanogrid
-from backend.sandbox.docker import SANDBOX_UID
+from nanogrid_backend.sandbox.docker import SANDBOX_UID
 
 pytestmark = pytest.mark.integration
 

@@ -24,10 +24,10 @@ from fastapi.testclient import TestClient
 import nanogrid
 import nanogrid.ai
 import nanogrid.errors
-from backend.config import GridConfig
-from backend.controller.app import create_app
-from backend.grid import Grid
 from nanogrid.data import ArgsUnpickler
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.controller.app import create_app
+from nanogrid_backend.grid import Grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,7 +256,7 @@ def test_every_refusal_has_the_same_body_with_a_stable_code(controller):
 
 
 def test_a_rate_limited_key_gets_the_same_body_and_retry_after(controller):
-    from backend.keys import create_key
+    from nanogrid_backend.keys import create_key
 
     http, grid = controller
     key, _ = create_key(grid.registry, "tight", rate_limit=0.001, rate_burst=1)
@@ -272,7 +272,7 @@ def test_a_server_error_is_json_with_a_request_id_that_is_in_the_log(controller,
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(grid.registry, "list_functions", broken)
-    with caplog.at_level(logging.ERROR, logger="backend.controller.errors"):
+    with caplog.at_level(logging.ERROR, logger="nanogrid_backend.controller.errors"):
         response = http.get("/v1/functions")
     assert response.status_code == 500
     body = response.json()

@@ -23,13 +23,13 @@ import docker
 import pytest
 
 import nanogrid
-from backend.config import GridConfig
-from backend.grid import Grid
-from backend.models import PENDING, FunctionRecord, JobMessage, JobRecord
-from backend.queue.local import LocalQueue
-from backend.registry.sqlite import SQLiteRegistry
-from backend.sandbox import cgroup
-from backend.sandbox.leftovers import grid_identity
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.grid import Grid
+from nanogrid_backend.models import PENDING, FunctionRecord, JobMessage, JobRecord
+from nanogrid_backend.queue.local import LocalQueue
+from nanogrid_backend.registry.sqlite import SQLiteRegistry
+from nanogrid_backend.sandbox import cgroup
+from nanogrid_backend.sandbox.leftovers import grid_identity
 from tests.conftest import require, require_docker, start_grid
 
 pytestmark = pytest.mark.integration

@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 import nanogrid
-from backend.keys import create_key
-from backend.models import COMPLETED, FAILED, FunctionRecord, JobRecord
-from backend.registry import windows
-from backend.registry.sqlite import SCHEMA_VERSION, SQLiteRegistry
 from nanogrid.job import Job
+from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import COMPLETED, FAILED, FunctionRecord, JobRecord
+from nanogrid_backend.registry import windows
+from nanogrid_backend.registry.sqlite import SCHEMA_VERSION, SQLiteRegistry
 
 MiB = 1 << 20
 

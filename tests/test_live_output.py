@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 import nanogrid
-from backend.keys import create_key
+from nanogrid_backend.keys import create_key
 
 pytestmark = pytest.mark.integration
 

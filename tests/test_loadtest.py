@@ -11,10 +11,10 @@ import uuid
 import httpx
 import pytest
 
-from backend.keys import create_key
 from nanogrid import loadtest
 from nanogrid.cli import main
 from nanogrid.errors import InvalidArgument
+from nanogrid_backend.keys import create_key
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from backend.keys import create_key
-from backend.models import COMPLETED, FAILED, JobRecord
-from backend.notify import Notifier, WebhookError, check_hook, sign
-from backend.registry.sqlite import SQLiteRegistry
+from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import COMPLETED, FAILED, JobRecord
+from nanogrid_backend.notify import Notifier, WebhookError, check_hook, sign
+from nanogrid_backend.registry.sqlite import SQLiteRegistry
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from backend.packages import PackageError, from_upload
 from nanogrid.packaging import build_zip, package_function
+from nanogrid_backend.packages import PackageError, from_upload
 
 RUNTIMES = {"python3.11": "3.11"}
 

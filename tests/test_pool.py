@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from backend.worker.pool import FunctionCode, WarmPool
+from nanogrid_backend.worker.pool import FunctionCode, WarmPool
 
 CODE = lambda: FunctionCode(b"package", 64)  # noqa: E731
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from backend.sandbox.base import Limits, SandboxError
-from backend.sandbox.process import ProcessSandboxFactory
 from nanogrid.packaging import package_function
+from nanogrid_backend.sandbox.base import Limits, SandboxError
+from nanogrid_backend.sandbox.process import ProcessSandboxFactory
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration

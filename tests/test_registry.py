@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.models import COMPLETED, FAILED, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
-from backend.registry import doctor
-from backend.registry.base import RegistryBusy, RegistryError
-from backend.registry.lock import DataDirLock, DataDirLocked
-from backend.registry.sqlite import BACKUPS_KEPT, SCHEMA_VERSION, SQLiteRegistry, list_backups
+from nanogrid_backend.models import COMPLETED, FAILED, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
+from nanogrid_backend.registry import doctor
+from nanogrid_backend.registry.base import RegistryBusy, RegistryError
+from nanogrid_backend.registry.lock import DataDirLock, DataDirLocked
+from nanogrid_backend.registry.sqlite import BACKUPS_KEPT, SCHEMA_VERSION, SQLiteRegistry, list_backups
 from tests.conftest import ROOT, require
 
 FIRST_COMMIT, MEMORY_FIELDS, API_KEYS, AI_USAGE, LAST_UNVERSIONED = "2ed229e", "58acc7a", "9fd009b", "36f6bae", "85dca21"
@@ -32,8 +32,8 @@ FIRST_COMMIT, MEMORY_FIELDS, API_KEYS, AI_USAGE, LAST_UNVERSIONED = "2ed229e", "
 OLD_WRITER = textwrap.dedent("""
     import dataclasses, sys
     from pathlib import Path
-    from backend import models
-    from backend.registry.sqlite import SQLiteRegistry
+    from nanogrid_backend import models
+    from nanogrid_backend.registry.sqlite import SQLiteRegistry
 
     def fields_of(cls, **values):
         names = {f.name for f in dataclasses.fields(cls)}
@@ -62,8 +62,8 @@ OLD_WRITER = textwrap.dedent("""
 def old_registry(commit: str, path: Path) -> Path:
     """A registry file written by the code of ``commit``."""
     tree = path.parent / f"code-{commit}"
-    modules = ("backend/__init__.py", "backend/models.py", "backend/registry/__init__.py",
-               "backend/registry/base.py", "backend/registry/sqlite.py")
+    modules = ("nanogrid_backend/__init__.py", "nanogrid_backend/models.py", "nanogrid_backend/registry/__init__.py",
+               "nanogrid_backend/registry/base.py", "nanogrid_backend/registry/sqlite.py")
     for module in modules:
         shown = subprocess.run(["git", "show", f"{commit}:{module}"], cwd=ROOT, capture_output=True)
         require(shown.returncode == 0, f"git history with commit {commit} is needed ({shown.stderr.decode().strip()})")
@@ -454,7 +454,7 @@ def dynamodb_table() -> Iterator[str]:
     os.environ.update(settings)
     try:
         wait_for_port(port)
-        from backend.registry.dynamodb import create_table
+        from nanogrid_backend.registry.dynamodb import create_table
 
         create_table("nanogrid-registry-test")
         yield "nanogrid-registry-test"
@@ -474,7 +474,7 @@ def test_dynamodb_items_written_before_versioning_read_with_defaults(dynamodb_ta
     finish normally, and come back marked with the current item version."""
     import boto3
 
-    from backend.registry.dynamodb import ITEM_VERSION, DynamoDBRegistry
+    from nanogrid_backend.registry.dynamodb import ITEM_VERSION, DynamoDBRegistry
 
     table = boto3.resource("dynamodb").Table(dynamodb_table)
     # shapes as 8b6d449 (the first DynamoDB registry) wrote them: no item_version, no ai_usage

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend.registry.sqlite import list_backups
+from nanogrid_backend.registry.sqlite import list_backups
 from tests.conftest import start_grid
 from tests.test_registry import LockHolder, damage_pages
 

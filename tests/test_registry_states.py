@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.config import GridConfig
-from backend.grid import make_registry
-from backend.models import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, JobRecord, new_job_id
-from backend.registry.base import Registry
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.grid import make_registry
+from nanogrid_backend.models import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, JobRecord, new_job_id
+from nanogrid_backend.registry.base import Registry
 
 
 @pytest.fixture()

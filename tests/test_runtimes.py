@@ -1,5 +1,5 @@
-"""Node.js, Go and C++ functions (runtimes/node, go, cpp) on the embedded grid with Docker sandboxes, through the seed
-platform's routes (``POST /upload`` with ``x-runtime``, ``POST /run``) and through ``/v1``.
+"""Node.js, Go and C++ functions (nanogrid_runtimes/node, go, cpp) on the embedded grid with Docker sandboxes,
+through the seed platform's routes (``POST /upload`` with ``x-runtime``, ``POST /run``) and through ``/v1``.
 
 What must never happen: a seed UI template that does not run as its users wrote it; a call that breaks its memory
 limit or timeout and keeps running, or fails without saying why; a print that corrupts the channel; an output file
@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from backend.embedded import EmbeddedGrid
+from nanogrid_backend.embedded import EmbeddedGrid
 from tests.conftest import ROOT, require, require_docker, start_grid
 
 pytestmark = pytest.mark.integration
@@ -206,9 +206,10 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
     .ci/run; here build.py skips what is up to date), so the grid finds them when it starts."""
     require_docker()
     for spec in RUNTIMES.values():
-        build = subprocess.run([sys.executable, str(ROOT / "runtimes" / "build.py"), "--runtime", spec["build"]],
+        build = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", spec["build"]],
                                capture_output=True, text=True)
-        require(build.returncode == 0, f"runtimes/build.py --runtime {spec['build']} failed: {build.stderr.strip()}")
+        require(build.returncode == 0,
+                f"nanogrid_runtimes/build.py --runtime {spec['build']} failed: {build.stderr.strip()}")
     embedded = start_grid(tmp_path_factory.mktemp("runtimes-grid"), sandbox="docker", kill_grace_s=0.5)
     yield embedded
     embedded.stop()

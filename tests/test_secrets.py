@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 import nanogrid
-from backend.embedded import EmbeddedGrid
-from backend.keys import create_key
-from backend.models import SecretRecord
-from backend.secretbox import SecretBox, SecretError
 from nanogrid.function import RemoteFunction
+from nanogrid_backend.embedded import EmbeddedGrid
+from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import SecretRecord
+from nanogrid_backend.secretbox import SecretBox, SecretError
 
 pytestmark = pytest.mark.integration
 

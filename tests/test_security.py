@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import nanogrid
-from backend.keys import create_key, revoke_key
+from nanogrid_backend.keys import create_key, revoke_key
 from tests.conftest import start_grid
 
 pytestmark = pytest.mark.integration

@@ -18,14 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
-import backend.aws
-import backend.embedded
-import backend.grid
 import nanogrid.cli
-from backend.config import CHOICES, SEED_NAMES, GridConfig
-from backend.secretbox import SecretBox, SecretError
+import nanogrid_backend.aws
+import nanogrid_backend.embedded
+import nanogrid_backend.grid
 from nanogrid.client import Client
 from nanogrid.errors import ConfigError, NanoGridError
+from nanogrid_backend.config import CHOICES, SEED_NAMES, GridConfig
+from nanogrid_backend.secretbox import SecretBox, SecretError
 
 ROOT = Path(__file__).resolve().parents[1]
 README_VARIABLES = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", (ROOT / "README.md").read_text()))
@@ -87,10 +87,10 @@ def started(clean_env: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["config"] = config
         raise Reached("registry")
 
-    clean_env.setattr(backend.embedded, "serve", serve)
-    clean_env.setattr(backend.grid, "Grid", grid)
-    clean_env.setattr(backend.aws, "bootstrap", bootstrap)
-    clean_env.setattr(backend.grid, "make_registry", make_registry)
+    clean_env.setattr(nanogrid_backend.embedded, "serve", serve)
+    clean_env.setattr(nanogrid_backend.grid, "Grid", grid)
+    clean_env.setattr(nanogrid_backend.aws, "bootstrap", bootstrap)
+    clean_env.setattr(nanogrid_backend.grid, "make_registry", make_registry)
     return seen
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend.keys import create_key
-from backend.models import JobMessage
-from backend.queue.local import LocalQueue
-from backend.retention import Janitor
-from backend.store.base import QuotaExceeded
-from backend.store.local import LocalStore
-from backend.store.s3 import S3Store
+from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import JobMessage
+from nanogrid_backend.queue.local import LocalQueue
+from nanogrid_backend.retention import Janitor
+from nanogrid_backend.store.base import QuotaExceeded
+from nanogrid_backend.store.local import LocalStore
+from nanogrid_backend.store.s3 import S3Store
 from tests.aws_cluster import VENV_BIN, free_port, wait_for_port
 from tests.conftest import start_grid
 

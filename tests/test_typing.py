@@ -72,10 +72,13 @@ def test_mypy_checks_remote_calls_against_the_functions_own_signature(tmp_path):
         assert message in errors.get(first_mistake + offset, ""), f"{code!r} not reported: {result.stdout}"
 
 
-def test_the_wheel_ships_the_typed_marker(tmp_path):
+def test_the_wheel_ships_the_typed_marker_and_only_unambiguous_packages(tmp_path):
     """Without nanogrid/py.typed in the installed package, mypy treats all of nanogrid as untyped (Any)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("nanogrid-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         assert "nanogrid/py.typed" in zf.namelist()
+        # Installed import names a user's own code cannot collide with (a `backend` package is common).
+        top_level = {name.split("/")[0] for name in zf.namelist() if not name.split("/")[0].endswith(".dist-info")}
+        assert top_level == {"nanogrid", "nanogrid_backend", "nanogrid_runtimes"}, top_level

@@ -1,0 +1,170 @@
+"""The grid's side of the data plane: content-addressed blobs, scoped per owner, kept in the store.
+
+A blob is stored under the key ``data/{owner scope}/{sha256}`` (in the store's ``blobs/`` on disk, a
+prefix on S3), where the scope is a hash of the owner's name: another owner's blob does not exist
+for you, even if you know its hash. A blob is written
+to a temporary file while it is hashed and moved into place only if its hash is the one it was
+named by, so a broken or forged upload never becomes a blob. Blobs age out with the store's
+retention (``nanogrid_backend/retention.py``); using one again (a HEAD that finds it) makes it young again.
+
+Calls reference blobs by hash: a call's payload in the format ``pickle+blobs`` is a JSON list of
+the hashes, a newline, then the args pickle (``split_payload``), so the queue and the registry
+carry it as any other payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from nanogrid_backend.store.base import BlobStore
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+BLOB_FORMAT = "pickle+blobs"  # a call's payload: JSON list of blob hashes, b"\n", the args pickle
+RESULT_FORMAT = "blob"  # a job's result stored as a blob: its ``result`` is JSON {sha256, size, format}
+MAX_BLOBS_PER_CALL = 256
+CHUNK_BYTES = 4 << 20
+
+
+class BlobError(Exception):
+    """A blob could not be taken or found; ``status`` is the HTTP answer it maps to."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def is_sha256(text: str) -> bool:
+    return bool(SHA256.fullmatch(text))
+
+
+def key_for(owner: str, sha256: str) -> str:
+    if not is_sha256(sha256):
+        raise BlobError(f"{sha256[:80]!r} is not a blob id (64 lowercase hex digits of SHA-256)")
+    scope = hashlib.sha256(b"nanogrid-owner\0" + owner.encode()).hexdigest()[:32]
+    return f"data/{scope}/{sha256}"
+
+
+def join_payload(blobs: list[str], args_pickle: bytes) -> bytes:
+    return json.dumps(blobs).encode() + b"\n" + args_pickle
+
+
+def split_payload(payload: bytes) -> tuple[list[str], bytes]:
+    """(blob hashes, args pickle) of a ``pickle+blobs`` payload."""
+    head, _, args = payload.partition(b"\n")
+    blobs = json.loads(head)
+    if not isinstance(blobs, list) or not all(isinstance(b, str) and is_sha256(b) for b in blobs):
+        raise BlobError("a call payload whose blob list is malformed")
+    return blobs, args
+
+
+def result_reference(sha256: str, size: int, result_format: str) -> bytes:
+    return json.dumps({"sha256": sha256, "size": size, "format": result_format}).encode()
+
+
+class Blobs:
+    """Owner-scoped blobs in one store; ``spool`` is where uploads are written before they are checked."""
+
+    def __init__(self, store: BlobStore, spool: Path) -> None:
+        self.store = store
+        self.spool = spool
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in spool.glob("*.part"):  # uploads cut off by a crash never become blobs
+            if stale.lstat().st_mtime < time.time() - 86400:
+                stale.unlink(missing_ok=True)
+
+    def size(self, owner: str, sha256: str) -> int | None:
+        """Its size if this owner has it, else None; a blob asked about is kept as if new (retention)."""
+        return self.store.blob_size(key_for(owner, sha256), touch=True)
+
+    def missing(self, owner: str, blobs: list[str]) -> list[str]:
+        return [sha for sha in blobs if self.size(owner, sha) is None]
+
+    def temp_file(self) -> Path:
+        return self.spool / f"upload-{uuid.uuid4().hex}.part"
+
+    def commit(self, owner: str, sha256: str, path: Path, digest: str) -> None:
+        """Move a received file into place, only if its content hashes to its name (else it is deleted)."""
+        try:
+            if digest != sha256:
+                raise BlobError(f"the upload does not hash to {sha256[:12]}… (it hashes to {digest[:12]}…); "
+                                "nothing was stored", 400)
+            self.store.put_blob_file(key_for(owner, sha256), path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def open(self, owner: str, sha256: str) -> Iterator[bytes]:
+        """Its bytes in chunks; BlobError 404 if this owner has no such blob."""
+        try:
+            return self.store.open_blob(key_for(owner, sha256))
+        except FileNotFoundError:
+            raise BlobError(f"no blob {sha256[:12]}… (never uploaded by this key's owner, or deleted after the "
+                            "grid's retention)", 404) from None
+
+    @contextmanager
+    def local_files(self, owner: str, blobs: list[str]) -> Iterator[list[Path]]:
+        """The blobs as files on this machine for the length of the block (the store's own where it is local)."""
+        made: list[Path] = []
+        try:
+            paths = []
+            for sha in blobs:
+                key = key_for(owner, sha)
+                path = self.store.blob_path(key)
+                if path is None:  # a remote store: fetched into the spool, streamed
+                    path = self.temp_file()
+                    made.append(path)
+                    with path.open("wb") as f:
+                        for chunk in self.open(owner, sha):
+                            f.write(chunk)
+                elif not path.is_file():
+                    raise BlobError(f"blob {sha[:12]}… was deleted after the grid's retention; run the call again "
+                                    "(the client uploads it again)", 404)
+                paths.append(path)
+            yield paths
+        finally:
+            for path in made:
+                path.unlink(missing_ok=True)
+
+    def store_result(self, owner: str, path: Path, sha256: str) -> None:
+        """Keep a call's spooled result as this owner's blob (moved, not copied, where the store is local)."""
+        self.store.put_blob_file(key_for(owner, sha256), path)
+
+
+_SPACES: weakref.WeakKeyDictionary[Any, Blobs] = weakref.WeakKeyDictionary()
+
+
+def blobs_of(grid: Any) -> Blobs:
+    """The blobs of a grid (nanogrid_backend/grid.py), made on first use: uploads spool next to its store."""
+    space = _SPACES.get(grid)
+    if space is None:
+        space = _SPACES[grid] = Blobs(grid.store, spool_dir_for(grid.store, grid.config.data_dir / "blob-spool"))
+    return space
+
+
+def spool_dir_for(store: BlobStore, fallback: Path) -> Path:
+    """Uploads are written next to the blobs (one rename puts them in place) when the store is local."""
+    root = store.blob_path("spool")
+    return root.parent.parent / "blob-spool" if root is not None else fallback
+
+
+def copy_into(source: Path, target: Path) -> None:
+    """Move where possible (the same file system), else copy and delete."""
+    try:
+        os.replace(source, target)
+    except OSError:
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            with source.open("rb") as f:
+                shutil.copyfileobj(f, tmp, CHUNK_BYTES)
+        os.replace(tmp.name, target)
+        source.unlink(missing_ok=True)

@@ -1,0 +1,127 @@
+"""Request and response bodies of the HTTP API (they make the OpenAPI schema complete)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    """Every error answer has this shape (nanogrid_backend/controller/errors.py)."""
+
+    detail: str = Field(description="what was wrong and what to do")
+    error: str = Field(description="a stable code: bad_request, unauthorized, not_found, method_not_allowed, conflict, "
+                                   "too_large, invalid, rate_limited, internal, unavailable")
+    request_id: str | None = Field(None, description="500 only: quote it to the grid's operator; the log has it")
+
+
+class RunRequest(BaseModel):
+    function_id: str = Field(min_length=1, max_length=64)
+    payload: Any = Field(None, description="JSON event for handler(event, context) functions")
+    args_pickle: str | None = Field(None, description="base64 cloudpickle of (args, kwargs), from the Python client")
+    blobs: list[str] | None = Field(None, max_length=256, description="SHA-256 of each blob the args pickle references "
+                                    "(uploaded with PUT /v1/blobs/{sha256}; nanogrid/data.py)")
+    model: str | None = Field(None, max_length=200, description="the AI node's model for this call (LLM_MODEL)")
+
+
+class MapRequest(BaseModel):
+    function_id: str = Field(min_length=1, max_length=64)
+    payloads: list[Any] | None = Field(None, description="one JSON event per call")
+    args_pickle: list[str] | None = Field(None, description="one base64 cloudpickle of (args, kwargs) per call")
+    blobs: list[list[str]] | None = Field(None, description="per call, the blobs its args pickle references")
+    model: str | None = Field(None, max_length=200, description="the AI node's model for these calls")
+
+
+class OutputFile(BaseModel):
+    name: str
+    size: int
+    url: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    function_id: str
+    function_name: str | None = Field(None, description="the function's name (in job lists)")
+    status: str = Field(description="pending, running, completed, failed or cancelled")
+    result: Any = None
+    result_pickle: str | None = None
+    result_blob: dict[str, Any] | None = Field(None, description="a result over the grid's blob threshold: "
+                                               "{sha256, size, format}, read with GET /v1/blobs/{sha256}")
+    error: dict[str, Any] | None = None
+    stdout: str = ""
+    stderr: str = ""
+    output_files: list[OutputFile] = []
+    execution_time_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    cold: bool | None = None
+    memory_limit_mib: int | None = None
+    baseline_memory_bytes: int | None = Field(None, description="the sandbox's usage as the call began")
+    ai_usage: dict[str, Any] | None = Field(None, description="calls and tokens used on the AI node")
+    worker_id: str | None = None
+    sandbox_id: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class FunctionView(BaseModel):
+    function_id: str
+    function_name: str
+    runtime: str
+    handler: str
+    kind: str
+    memory_mib: int
+    timeout_s: float
+    package_size: int
+    python: str
+    created_at: float
+    source: str = ""
+    description: str = ""
+    stable_id: str = Field("", description="the id kept across updates through the seed contract's PUT /functions/:id")
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    runtimes: dict[str, str] = Field(description="runtime name -> Python version it runs")
+    sandbox: str
+    max_payload_bytes: int | None = Field(None, description="the largest argument (pickled) a call may take")
+    max_result_bytes: int | None = Field(None, description="the largest result (pickled) a call may return")
+    blob_threshold_bytes: int | None = Field(None, description="values above this travel as blobs (/v1/blobs)")
+
+
+class Deleted(BaseModel):
+    function_id: str
+    deleted: bool
+
+
+class Models(BaseModel):
+    endpoint: str
+    default: str | None = Field(None, description="the model a call gets unless it names one (LLM_MODEL)")
+    models: list[str]
+
+
+class SystemStatus(BaseModel):
+    queue_depth: int
+    workers: list[dict[str, Any]]
+    jobs: dict[str, int]
+
+
+class CancelRequest(BaseModel):
+    job_ids: list[str] = Field(max_length=10_000)
+
+
+class Cancelled(BaseModel):
+    cancelled: int
+
+
+class LogChunkView(BaseModel):
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+class LiveLog(BaseModel):
+    chunks: list[LogChunkView] = Field(description="what the job printed since the cursor given, in order")
+    cursor: str = Field(description="pass it as `after` to get what comes next")
+    ended: bool = Field(description="the job finished: its record has the whole stdout and stderr")

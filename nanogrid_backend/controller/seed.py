@@ -1,0 +1,583 @@
+"""The seed platform's HTTP contract (controller.js v2.8), for its UI, BFF, scripts and tests, unchanged.
+
+Mounted twice, at the root and under ``/api``, next to NanoGrid's own API under ``/v1``. Every route here
+translates: requests into the same core as ``/v1`` (``jobs.deploy``, ``jobs.submit``, the registry, the same
+keys, owners and token buckets), results back into the seed's shapes. Nothing is decided twice.
+
+What differs from ``/v1`` on purpose, because the seed's clients depend on it:
+- errors are ``{"error": message}`` (``SeedRoute``), authentication failures ``{"error": "Unauthorized"}``;
+- only ``/upload`` and ``/run`` spend rate-limit tokens, and they say so in ``X-RateLimit-Limit``/``-Remaining``;
+- a function id is stable across ``PUT /functions/:id``: each update is a new content-addressed version with
+  the same ``stable_id``, so queued calls run the code they were submitted for and the history stays whole;
+- ``GET /status/:jobId`` answers 200 ``{"status": "pending"}`` for a job that has not finished *and* for one
+  that does not exist (or is another owner's): the seed's clients poll while the status is ``pending``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import sqlite3
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from urllib.parse import unquote
+
+import httpx
+from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanogrid import __version__
+from nanogrid.packaging import build_zip
+from nanogrid_backend.controller import jobs
+from nanogrid_backend.controller.errors import DISK_FULL, disk_full
+from nanogrid_backend.controller.function_metrics import render_all
+from nanogrid_backend.grid import Grid
+from nanogrid_backend.keys import AuthError
+from nanogrid_backend.models import COMPLETED, ApiKey, FunctionRecord, JobRecord
+from nanogrid_backend.packages import PackageError
+from nanogrid_backend.registry.base import FunctionStats, RegistryBusy
+from nanogrid_backend.secretbox import VARIABLE_PATTERN
+
+log = logging.getLogger(__name__)
+
+SEED_VERSION = "v2.8"  # the controller.js version whose contract this is
+SEED_RUNTIMES = ("python", "cpp", "nodejs", "go")
+MIN_MEMORY_MB = 128
+MAX_MEMORY_MB = {"python": 10240}  # others: 1024, as the original validates
+SEED_TIMEOUT_S = 300.0  # the original's fixed timeoutMs
+SYNC_WAIT_S = 290.0  # then {"status": "TIMEOUT"}, as the original
+WORKER_TIMEOUT_S = 30.0  # a worker that posted no heartbeat for this long is gone
+LOG_FEED = 100  # GET /logs: the newest finished calls, as the original's ring buffer of 100
+MESSAGE_PREVIEW = 200
+EXIT_CODES = {"timeout": -1, "cancelled": -1, "interrupted": -1, "memory": 137}  # else 1 for a failure
+NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class SeedRoute(APIRoute):
+    """Errors as the seed's clients read them: ``{"error": message}`` with the fitting status (and headers)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except StarletteHTTPException as exc:
+                return seed_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+            except RequestValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, p.get('loc', ())))}: {p.get('msg')}" for p in exc.errors())
+                return seed_error(400, problems or "invalid request")
+            except (PackageError, jobs.BadRequest) as exc:
+                return seed_error(exc.status, str(exc))
+            except RegistryBusy:
+                return seed_error(503, "the grid's registry is locked by another process; try again in a few seconds",
+                                  {"Retry-After": "5"})
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not disk_full(exc):
+                    raise
+                log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+                return seed_error(507, DISK_FULL)
+
+        return route
+
+
+def seed_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def seed_caller(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
+    """The seed's auth: the ``x-api-key`` header, any of the grid's keys (its owner's functions and jobs only)."""
+    try:
+        return request.app.state.authenticator.check(x_api_key)
+    except AuthError:
+        raise HTTPException(401, "Unauthorized") from None
+
+
+Caller = Annotated[ApiKey, Depends(seed_caller)]
+
+
+async def rate_limited(request: Request, caller: Caller) -> ApiKey:
+    """/upload and /run take a token from the caller's key's bucket, the same bucket as /v1 (429 when empty)."""
+    state = request.app.state
+    rate = state.config.rate_limit if caller.rate_limit is None else caller.rate_limit
+    burst = caller.rate_burst or state.config.rate_burst
+    try:
+        wait, left = await asyncio.to_thread(state.buckets.take_counted, caller.key_id, rate, burst)
+    except Exception as exc:  # as the original: a broken limiter lets requests through
+        log.warning("rate limiter failed, letting the request through: %s", exc)
+        return caller
+    headers = {"X-RateLimit-Limit": str(burst), "X-RateLimit-Remaining": str(max(0, int(left)))}
+    request.state.rate_headers = headers
+    if wait:
+        raise HTTPException(429, "Too Many Requests (Token Bucket Exhausted)",
+                            headers={**headers, "Retry-After": str(max(1, int(wait + 0.999)))})
+    return caller
+
+
+Limited = Annotated[ApiKey, Depends(rate_limited)]
+router = APIRouter(route_class=SeedRoute, tags=["seed contract"])
+
+
+def grid_of(request: Request) -> Grid:
+    return request.app.state.grid
+
+
+def reply(request: Request, body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=getattr(request.state, "rate_headers", None))
+
+
+def iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+# functions and their versions
+
+def seed_id_of(function: FunctionRecord) -> str:
+    return function.stable_id or function.function_id
+
+
+def versions_of(grid: Grid, caller: ApiKey, seed_id: str) -> list[FunctionRecord]:
+    """The caller's versions of a seed function, newest first; [] if it has none (or another owner has it)."""
+    if seed_id.startswith("fn-"):  # a NanoGrid function id: itself, plus any versions made by seed updates
+        own = grid.registry.get_function(seed_id)
+        if own is None or own.owner != caller.name:
+            return []
+        if not own.stable_id:
+            return [f for f in grid.registry.list_functions(owner=caller.name) if seed_id_of(f) == seed_id] or [own]
+    return [f for f in grid.registry.list_functions(owner=caller.name) if seed_id_of(f) == seed_id]
+
+
+def current_or_404(grid: Grid, caller: ApiKey, seed_id: str) -> list[FunctionRecord]:
+    versions = versions_of(grid, caller, seed_id)
+    if not versions:
+        raise HTTPException(404, "Function not found")
+    return versions
+
+
+def seed_runtime(runtime: str) -> str:
+    return "python" if runtime.startswith("python") else runtime
+
+
+def grid_runtime(grid: Grid, runtime: str) -> str:
+    """The grid's runtime for a seed runtime name (python: the grid's own Python)."""
+    if runtime == "python":
+        own = grid.config.python_runtime
+        return own if own in grid.runtimes else next((r for r in grid.runtimes if r.startswith("python")), own)
+    return runtime
+
+
+def function_summary(versions: list[FunctionRecord], stats: dict[str, list[FunctionStats]]) -> dict[str, Any]:
+    """GET /functions's item: the newest version's settings, invocations and averages over every version."""
+    current, first = versions[0], versions[-1]
+    rows = [row for v in versions for row in stats.get(v.function_id, [])]
+    count = sum(row.count for row in rows)
+    handler_count = sum(row.handler_count for row in rows)
+    return {
+        "functionId": seed_id_of(current), "name": current.function_name, "description": current.description,
+        "runtime": seed_runtime(current.runtime), "memoryMb": current.memory_mib, "invocations": count,
+        "avgDuration": round(sum(row.total_ms for row in rows) / count) if count else 0,
+        "avgHandlerDuration": round(sum(row.handler_ms for row in rows) / handler_count, 3) if handler_count else None,
+        "uploadedAt": iso(first.created_at), "updatedAt": iso(current.created_at),
+    }
+
+
+def grouped(functions: list[FunctionRecord]) -> list[list[FunctionRecord]]:
+    """Handler functions by seed id, each group newest first (list_functions is newest first already)."""
+    groups: dict[str, list[FunctionRecord]] = {}
+    for function in functions:
+        if function.kind == "handler":
+            groups.setdefault(seed_id_of(function), []).append(function)
+    return list(groups.values())
+
+
+# Each seed runtime's source file (as the seed's UI zips its editor) and handler: the UI's templates define them.
+SEED_SOURCES = {"python": ("main.py", "main.handler"), "nodejs": ("index.js", "index.handler"),
+                "go": ("main.go", "main.Handler"), "cpp": ("main.cpp", "main.handler")}
+
+
+def code_files(filename: str, data: bytes, runtime: str = "python") -> tuple[str, bytes]:
+    """The seed's upload as (name, bytes) for the core: a zip as it is, a lone source file as the runtime's
+    source file (main.py, index.js, main.go, main.cpp)."""
+    if data[:4] == b"PK\x03\x04" or filename.endswith(".zip"):
+        return "package.zip", data
+    return SEED_SOURCES.get(runtime, SEED_SOURCES["python"])[0], data
+
+
+def function_name(header: str | None, filename: str | None) -> str:
+    """x-function-name (URL-encoded by the seed's UI), else the file name, as a NanoGrid name (1-64 safe characters)."""
+    raw = unquote(header) if header else (filename or "function").rsplit(".", 1)[0]
+    return NAME_CHARS.sub("-", raw).strip("-._")[:64] or "function"
+
+
+def parse_env_vars(text: str) -> dict[str, str]:
+    if not text.strip():
+        return {}
+    try:
+        values = json.loads(text)
+    except ValueError:
+        raise HTTPException(400, "envVars must be a JSON object, e.g. {\"API_URL\": \"https://...\"}") from None
+    if not isinstance(values, dict):
+        raise HTTPException(400, "envVars must be a JSON object of NAME: value")
+    for key in values:
+        if not VARIABLE_PATTERN.match(str(key)):
+            raise HTTPException(400, f"envVars: {key!r} is not an environment variable name")
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+
+
+# results
+
+def seed_result(job: JobRecord, seed_id: str) -> dict[str, Any]:
+    """A finished job as the seed's worker reported it (models.py ExecutionResult), plus the value as ``result``.
+
+    The original's runner printed the handler's return value as JSON on stdout, so its clients read the
+    value there: ``stdout`` is what the function printed, then that JSON line.
+    """
+    completed = job.status == COMPLETED
+    value = json.loads(job.result) if completed and job.result is not None and job.result_format == "json" else None
+    error = job.error or {}
+    stdout = job.stdout + (json.dumps(value) + "\n" if completed else "")
+    stderr = job.stderr
+    if not completed:
+        stderr += error.get("traceback") or f"{error.get('message', job.status)}\n"
+    total_ms = (job.finished_at - job.started_at) * 1000 if job.finished_at and job.started_at else None
+    tokens = sum(v for k, v in (job.ai_usage or {}).items() if k.endswith("tokens") and isinstance(v, int))
+    return {
+        "requestId": job.job_id, "jobId": job.job_id, "functionId": seed_id,
+        "status": "SUCCESS" if completed else "FAILED",
+        "exitCode": 0 if completed else EXIT_CODES.get(error.get("kind", ""), 1),
+        "stdout": stdout, "stderr": stderr, "result": value,
+        "error": None if completed else error.get("message", job.status),
+        "durationMs": round(total_ms if total_ms is not None else job.execution_time_ms or 0),
+        "handlerDurationMs": job.execution_time_ms, "peakMemoryBytes": job.peak_memory_bytes,
+        "allocatedMemoryMb": job.memory_limit_mib, "outputFiles": [f["name"] for f in job.output_files],
+        "workerId": job.worker_id, "llm_token_count": tokens,
+    }
+
+
+def log_entry(job: JobRecord, seed_id: str) -> dict[str, Any]:
+    result = seed_result(job, seed_id)
+    message = job.stderr or job.stdout or (result["error"] or "")
+    return {
+        "id": job.job_id, "requestId": job.job_id, "timestamp": iso(job.finished_at), "status": result["status"],
+        "duration": result["durationMs"], "handlerDurationMs": job.execution_time_ms,
+        "memory": round((job.peak_memory_bytes or 0) / 1048576), "functionId": seed_id,
+        "message": message[:MESSAGE_PREVIEW] + ("..." if len(message) > MESSAGE_PREVIEW else ""),
+    }
+
+
+def seed_ids(grid: Grid, owner: str) -> dict[str, str]:
+    return {f.function_id: seed_id_of(f) for f in grid.registry.list_functions(owner=owner)}
+
+
+# routes
+
+@router.get("/", summary="discovery")
+def discovery(request: Request) -> dict[str, Any]:
+    return {"service": "FaaS Controller API (NanoGrid)", "version": SEED_VERSION, "nanogrid": __version__,
+            "status": "OK" if healthy(grid_of(request)) else "ERROR",
+            "endpoints": {"health": "/health", "metrics": "/metrics", "functions": "/api/functions",
+                          "workers": "/api/workers", "nanogrid_api": "/v1", "openapi": "/openapi.json"},
+            "authentication": "Protected endpoints require the x-api-key header."}
+
+
+def healthy(grid: Grid) -> bool:
+    redis = getattr(grid.bus, "redis", None)
+    if redis is None:
+        return True
+    try:
+        return bool(redis.ping())
+    except Exception:
+        return False
+
+
+@router.get("/health")
+def health(request: Request) -> JSONResponse:
+    ok = healthy(grid_of(request))
+    return JSONResponse({"status": "OK" if ok else "ERROR", "version": SEED_VERSION}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(render_all(request, grid_of(request)), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/upload")
+async def upload(
+    request: Request, caller: Limited,
+    file: Annotated[UploadFile | None, File()] = None,
+    description: Annotated[str, Form(max_length=1000)] = "",
+    envVars: Annotated[str, Form(max_length=65536)] = "",  # noqa: N803  (the seed's field name)
+    x_runtime: Annotated[str | None, Header()] = None,
+    x_memory_mb: Annotated[str | None, Header()] = None,
+    x_function_name: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    grid = grid_of(request)
+    runtime = x_runtime or "python"
+    if runtime not in SEED_RUNTIMES:
+        raise HTTPException(400, f"Invalid runtime. Allowed: {', '.join(SEED_RUNTIMES)}")
+    memory_max = MAX_MEMORY_MB.get(runtime, 1024)
+    try:
+        memory_mb = int(x_memory_mb or MIN_MEMORY_MB)
+    except ValueError:
+        memory_mb = -1
+    if not MIN_MEMORY_MB <= memory_mb <= memory_max:
+        raise HTTPException(400, f"Invalid memoryMb for {runtime}. Must be between {MIN_MEMORY_MB} and {memory_max} MB.")
+    if grid_runtime(grid, runtime) not in grid.runtimes:
+        served = ", ".join(sorted({seed_runtime(r) for r in grid.runtimes}))
+        raise HTTPException(400, f"runtime {runtime} is not installed on this grid; it runs: {served}")
+    if file is None:
+        raise HTTPException(400, "No file provided")
+    filename, data = code_files(file.filename or "", await file.read(), runtime)
+    seed_id = str(uuid.uuid4())
+    form = {"name": function_name(x_function_name, file.filename), "runtime": grid_runtime(grid, runtime),
+            "handler": SEED_SOURCES[runtime][1], "kind": "handler", "memory": memory_mb, "description": description,
+            "env": parse_env_vars(envVars), "stable_id": seed_id, "timeout": seed_timeout(grid, caller)}
+    await asyncio.to_thread(jobs.deploy, grid, caller, filename, data, form)
+    return reply(request, {"success": True, "functionId": seed_id})
+
+
+def seed_timeout(grid: Grid, caller: ApiKey) -> float:
+    """The original's fixed 300 s, within the grid's and the key's maximum."""
+    return min(SEED_TIMEOUT_S, grid.config.max_timeout_s, caller.max_timeout_s or SEED_TIMEOUT_S)
+
+
+@router.post("/run")
+async def run(request: Request, caller: Limited, x_async: Annotated[str | None, Header()] = None) -> JSONResponse:
+    grid = grid_of(request)
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise HTTPException(400, "the body must be JSON: {\"functionId\": ..., \"inputData\": {...}}") from None
+    if not isinstance(body, dict) or not body.get("functionId"):
+        raise HTTPException(400, "functionId is required")
+    seed_id = str(body["functionId"])
+    function = (await asyncio.to_thread(current_or_404, grid, caller, seed_id))[0]
+    if function.kind != "handler":
+        raise HTTPException(400, f"function {seed_id} was packaged by NanoGrid's Python client; call it with .remote()")
+    model = body.get("modelId") if isinstance(body.get("modelId"), str) else None
+    payloads = jobs.encode_payloads(function, [body.get("inputData") or {}], None, grid.config.max_payload_bytes)
+    (job,) = jobs.new_jobs(function, payloads, caller.name)
+    if (x_async or "").lower() == "true":
+        await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
+        return reply(request, {"status": "ACCEPTED", "jobId": job.job_id}, 202)
+    finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
+    try:
+        await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
+        done = await jobs.next_result(grid, job.job_id, finished, min(function.timeout_s + 30, SYNC_WAIT_S))
+    finally:
+        unsubscribe()
+    if done is None:
+        return reply(request, {"status": "TIMEOUT", "message": "Processing timed out.", "jobId": job.job_id})
+    return reply(request, seed_result(done, seed_id))
+
+
+@router.get("/status/{job_id}")
+def status(job_id: str, request: Request, caller: Caller) -> dict[str, Any]:
+    grid = grid_of(request)
+    job = grid.registry.get_job(job_id)
+    if job is None or job.owner != caller.name or not job.finished:
+        return {"status": "pending", "message": "Running or not found"}
+    function = grid.registry.get_function(job.function_id)
+    return seed_result(job, seed_id_of(function) if function else job.function_id)
+
+
+@router.get("/functions")
+def list_functions(request: Request, caller: Caller) -> list[dict[str, Any]]:
+    grid = grid_of(request)
+    stats: dict[str, list[FunctionStats]] = {}
+    for row in grid.registry.function_stats(owner=caller.name):
+        stats.setdefault(row.function_id, []).append(row)
+    return [function_summary(versions, stats) for versions in grouped(grid.registry.list_functions(owner=caller.name))]
+
+
+@router.get("/functions/{function_id}")
+def get_function(function_id: str, request: Request, caller: Caller) -> dict[str, Any]:
+    versions = current_or_404(grid_of(request), caller, function_id)
+    current = versions[0]
+    return {"id": seed_id_of(current), "name": current.function_name, "description": current.description,
+            "runtime": seed_runtime(current.runtime), "memoryMb": current.memory_mib,
+            "s3Key": f"functions/{seed_id_of(current)}/{current.function_id}.zip",
+            "uploadedAt": iso(versions[-1].created_at), "updatedAt": iso(current.created_at),
+            "versions": len(versions)}
+
+
+@router.put("/functions/{function_id}")
+async def update_function(
+    function_id: str, request: Request, caller: Caller,
+    file: Annotated[UploadFile | None, File()] = None,
+    description: Annotated[str, Form(max_length=1000)] = "",
+    memoryMb: Annotated[str, Form(max_length=16)] = "",  # noqa: N803
+    memory: Annotated[str, Form(max_length=16)] = "",
+) -> JSONResponse:
+    """New code, description or memory: a new version under the same id (runtime, name and envVars stay)."""
+    grid = grid_of(request)
+    current = (await asyncio.to_thread(current_or_404, grid, caller, function_id))[0]
+    if current.kind != "handler":
+        raise HTTPException(400, f"function {function_id} was packaged by NanoGrid's Python client; redeploy it from there")
+    old = await asyncio.to_thread(grid.store.get_package, current.function_id)
+    with zipfile.ZipFile(io.BytesIO(old)) as zf:
+        files = {name: zf.read(name) for name in zf.namelist()}
+    manifest = json.loads(files.pop("manifest.json"))
+    if file is not None:
+        name, data = code_files(file.filename or "", await file.read(), seed_runtime(current.runtime))
+        if name != "package.zip":
+            files = {name: data}
+        else:
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                    files = {n: zf.read(n) for n in zf.namelist() if not n.endswith("/") and n != "manifest.json"}
+            except zipfile.BadZipFile:
+                raise HTTPException(400, "the upload is neither a source file nor a valid zip archive") from None
+    if description:
+        manifest["description"] = description
+    if memoryMb or memory:
+        try:
+            manifest["memory"] = int(memoryMb or memory)
+        except ValueError:
+            raise HTTPException(400, f"memoryMb must be a whole number of MB, not {memoryMb or memory!r}") from None
+    manifest["stable_id"] = function_id
+    files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    await asyncio.to_thread(jobs.deploy, grid, caller, "package.zip", build_zip(files), {})
+    return reply(request, {"success": True, "functionId": function_id})
+
+
+@router.delete("/functions/{function_id}")
+def delete_function(function_id: str, request: Request, caller: Caller) -> JSONResponse:
+    grid = grid_of(request)
+    versions = versions_of(grid, caller, function_id)
+    if not versions:
+        return JSONResponse({"error": "Function not found", "functionId": function_id}, status_code=404)
+    for version in versions:
+        grid.registry.delete_function(version.function_id)
+        grid.store.delete_package(version.function_id)
+    return JSONResponse({"success": True, "deletedId": function_id})
+
+
+@router.get("/logs")
+def recent_logs(request: Request, caller: Caller) -> list[dict[str, Any]]:
+    """The caller's newest finished calls (the original kept a ring buffer of its last 100 log lines)."""
+    grid = grid_of(request)
+    ids = seed_ids(grid, caller.name)
+    finished = [job for job in grid.registry.list_jobs(LOG_FEED * 2, None, caller.name) if job.finished][:LOG_FEED]
+    entries = []
+    for job in finished:
+        entry = log_entry(job, ids.get(job.function_id, job.function_id))
+        entries.append({**entry, "level": "INFO" if entry["status"] == "SUCCESS" else "ERROR",
+                        "msg": f"Function Executed: {entry['functionId']}", "exitCode": seed_result(job, "")["exitCode"]})
+    return entries
+
+
+def function_jobs(grid: Grid, caller: ApiKey, function_id: str, limit: int) -> list[JobRecord]:
+    """The finished calls of every version of a function, newest first (from the caller's newest jobs)."""
+    versions = {v.function_id for v in current_or_404(grid, caller, function_id)}
+    recent = grid.registry.list_jobs(max(limit, 1000), None, caller.name)
+    return [job for job in recent if job.function_id in versions and job.finished][:limit]
+
+
+@router.get("/functions/{function_id}/logs")
+def function_logs(function_id: str, request: Request, caller: Caller, limit: int = 1000,
+                  startTime: str | None = None) -> list[dict[str, Any]]:  # noqa: N803
+    entries = [log_entry(job, function_id) for job in function_jobs(grid_of(request), caller, function_id, limit)]
+    return [e for e in entries if startTime is None or (e["timestamp"] or "") >= startTime]
+
+
+@router.get("/functions/{function_id}/logs/{request_id}")
+def function_log(function_id: str, request_id: str, request: Request, caller: Caller) -> dict[str, str]:
+    grid = grid_of(request)
+    job = grid.registry.get_job(request_id)
+    versions = {v.function_id for v in current_or_404(grid, caller, function_id)}
+    if job is None or job.owner != caller.name or job.function_id not in versions or not job.finished:
+        raise HTTPException(404, "Log not found")
+    result = seed_result(job, function_id)
+    return {"message": job.stderr or result["stdout"] or (result["error"] or "")}
+
+
+@router.post("/worker/heartbeat")
+async def heartbeat(request: Request, caller: Caller) -> dict[str, bool]:
+    """A seed worker's heartbeat (the original's NAT-free health check); kept in this controller's memory."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise HTTPException(400, "the body must be JSON") from None
+    if not isinstance(body, dict) or not body.get("workerId"):
+        raise HTTPException(400, "workerId is required")
+    request.app.state.seed_workers[str(body["workerId"])] = {
+        "workerId": str(body["workerId"]), "status": str(body.get("status") or "healthy"),
+        "pools": body.get("pools") if isinstance(body.get("pools"), dict) else {},
+        "activeJobs": int(body.get("activeJobs") or 0), "uptimeSeconds": float(body.get("uptimeSeconds") or 0),
+        "lastSeen": time.time(), "receivedAt": iso(time.time()), "owner": caller.name,
+    }
+    return {"ok": True}
+
+
+def seed_workers(request: Request) -> list[dict[str, Any]]:
+    """Heartbeats posted here, and the grid's own workers (their capacity and warm sandboxes, never whose)."""
+    now = time.time()
+    posted: dict[str, dict] = request.app.state.seed_workers
+    for worker_id in [w for w, data in posted.items() if now - data["lastSeen"] > WORKER_TIMEOUT_S]:
+        posted.pop(worker_id, None)
+    workers = [{k: v for k, v in data.items() if k != "owner"} for data in list(posted.values())]
+    started = request.app.state.started_at
+    for info in jobs.live_workers(grid_of(request)):
+        pool = info.get("pool", {})
+        workers.append({"workerId": info["worker_id"], "status": "healthy",
+                        "pools": {"python": int(pool.get("stem_cells", 0)) + int(pool.get("idle", 0))},
+                        "activeJobs": int(info.get("running", 0)), "uptimeSeconds": round(now - started),
+                        "lastSeen": now, "receivedAt": iso(now)})
+    for worker in workers:
+        age = now - worker["lastSeen"]
+        worker["healthStatus"] = "healthy" if age < WORKER_TIMEOUT_S else "unhealthy"
+        worker["lastSeenAgo"] = f"{round(age)}s"
+        worker["lastSeen"] = round(worker["lastSeen"] * 1000)  # milliseconds, as Date.now()
+    return workers
+
+
+@router.get("/workers")
+@router.get("/worker/status")
+def workers(request: Request, caller: Caller) -> dict[str, Any]:
+    found = seed_workers(request)
+    return {"totalWorkers": len(found), "healthyWorkers": sum(w["healthStatus"] == "healthy" for w in found),
+            "workers": found}
+
+
+@router.get("/system/status")
+def system_status(request: Request, caller: Caller) -> dict[str, Any]:
+    found = [w for w in seed_workers(request) if w["healthStatus"] == "healthy"]
+    pools = {runtime: 0 for runtime in SEED_RUNTIMES}
+    for worker in found:
+        for runtime in pools:
+            pools[runtime] += int(worker["pools"].get(runtime, 0) or 0)
+    if not found:
+        return {"pools": pools, "active_jobs": 0, "status": "offline"}
+    return {"status": "online", "worker_count": len(found), "active_jobs": sum(w["activeJobs"] for w in found),
+            "pools": pools, "uptime_seconds": max(w["uptimeSeconds"] for w in found), "timestamp": time.time()}
+
+
+@router.get("/models")
+async def models(request: Request, caller: Caller) -> dict[str, Any]:
+    """The AI node's models (2 s timeout); the default model as a fallback, as the original."""
+    config = grid_of(request).config
+    default = config.ai_model or "llama3:8b"
+    try:
+        if not config.ai_endpoint:
+            raise httpx.ConnectError("this grid has no AI node (--ai-endpoint)")
+        async with httpx.AsyncClient(timeout=2) as http:
+            response = await http.get(f"{config.ai_endpoint.rstrip('/')}/api/tags")
+            response.raise_for_status()
+        return {"models": [{"id": m.get("name"), "name": m.get("name"), "size": m.get("size"),
+                            "details": m.get("details") or {}, "status": "available"}
+                           for m in response.json().get("models", [])]}
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        log.info("model catalog: %s", exc)
+        return {"models": [{"id": default, "name": f"{default} (Default)", "status": "fallback", "details": {}}],
+                "warning": "Could not fetch dynamic model list from AI Node. showing default."}

@@ -1,0 +1,131 @@
+"""The records every adapter stores and passes around: functions and jobs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
+FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+def new_job_id() -> str:
+    return "job-" + uuid.uuid4().hex
+
+
+@dataclass
+class FunctionRecord:
+    function_id: str
+    function_name: str
+    runtime: str
+    handler: str
+    kind: str  # "pickle" (a cloudpickled callable) or "handler" (module.function(event, context))
+    memory_mib: int
+    timeout_s: float
+    package_size: int
+    python: str
+    source: str = ""
+    created_at: float = field(default_factory=time.time)
+    owner: str = ""  # the name of the API key that uploaded it
+    description: str = ""
+    stable_id: str = ""  # the id a function keeps across updates (the seed contract's PUT /functions/:id); "" if none
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    function_id: str
+    status: str = PENDING
+    payload_format: str = "json"  # "json" or "pickle"
+    payload: bytes = b""
+    result_format: str | None = None
+    result: bytes | None = None
+    error: dict[str, Any] | None = None
+    stdout: str = ""
+    stderr: str = ""
+    output_files: list[dict[str, Any]] = field(default_factory=list)
+    execution_time_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    cold: bool | None = None
+    memory_limit_mib: int | None = None
+    baseline_memory_bytes: int | None = None
+    ai_usage: dict[str, Any] | None = None  # calls and tokens the function used on the AI node
+    worker_id: str | None = None
+    sandbox_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    owner: str = ""
+    attempt: int = 1  # which try this record is (``@remote(retries=N)`` makes more)
+    retry_of: str | None = None  # on an earlier failed try's own record: the job it was a try of
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL_STATES
+
+
+def job_to_json(job: JobRecord) -> str:
+    values = asdict(job)
+    for name in ("payload", "result"):
+        values[name] = None if values[name] is None else base64.b64encode(values[name]).decode()
+    return json.dumps(values)
+
+
+def job_from_json(text: str | bytes) -> JobRecord:
+    values = json.loads(text)
+    for name in ("payload", "result"):
+        values[name] = None if values[name] is None else base64.b64decode(values[name])
+    return JobRecord(**values)
+
+
+@dataclass
+class ApiKey:
+    """An API key as stored: never the key itself, only its SHA-256."""
+
+    key_id: str
+    name: str  # the owner: functions and jobs made with any of a name's keys belong to that name
+    key_hash: str
+    created_at: float = field(default_factory=time.time)
+    revoked_at: float | None = None
+    rate_limit: float | None = None  # requests per second; None: the grid's default
+    rate_burst: int | None = None
+    admin: bool = False  # sees every owner's jobs and workers in /system/status and /jobs?all_owners=true
+    max_timeout_s: float | None = None  # lower than the grid's max_timeout_s; None: the grid's
+    max_concurrency: int | None = None  # this owner's calls running at once; None: the grid's owner_max_concurrency
+    disk_quota_bytes: int | None = None  # this owner's stored outputs; None: the grid's owner_disk_quota_bytes
+
+
+@dataclass
+class SecretRecord:
+    """A named set of environment variables, encrypted at rest (nanogrid_backend/secretbox.py); only its variable names are
+    ever shown."""
+
+    owner: str
+    name: str
+    ciphertext: bytes
+    variables: list[str] = field(default_factory=list)  # the names, never the values
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class JobMessage:
+    """What travels on the queue: everything a worker needs to run the call without a lookup."""
+
+    job_id: str
+    function_id: str
+    payload_format: str
+    payload: bytes
+    timeout_s: float
+    memory_mib: int
+    model: str | None = None  # the AI node's model for this call (else the grid's LLM_MODEL)
+    receipt: str | None = None  # the queue's handle for this delivery (SQS receipt handle)
+    receive_count: int = 1  # more than 1: delivered again after a worker died or stalled
+    owner: str = ""  # the job's owner: the queue serves owners in turn and caps each one's running calls

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from nanogrid_backend.models import JobMessage
+from nanogrid_backend.queue.base import JobQueue
+
+log = logging.getLogger(__name__)
+
+MEMORY_BUDGET_BYTES = 32 << 20  # queued payloads held in memory; the rest stay on disk until their job is taken
+
+
+class LocalQueue(JobQueue):
+    """The embedded grid's queue: in memory, in the process that runs controller and worker.
+
+    Fair between owners: each owner has its own FIFO, and owners are served in turn, so one owner's
+    backlog of a thousand calls delays another owner's single call by at most one call per slot.
+    ``limit(owner)`` caps how many of an owner's jobs may be out at once (taken and not yet acked):
+    an owner at its cap is passed over, so it never holds every slot. Durability comes from the
+    registry: pending jobs are stored there and put back on start.
+
+    Memory stays bounded whatever the backlog: once the payloads held reach ``memory_budget_bytes``, further
+    messages are kept without theirs, and ``load_payload(job_id)`` reads it back (from the registry, where
+    every pending job's payload already is) when a worker takes the job.
+    """
+
+    def __init__(self, limit: Callable[[str], int | None] | None = None,
+                 load_payload: Callable[[str], bytes | None] | None = None,
+                 memory_budget_bytes: int = MEMORY_BUDGET_BYTES) -> None:
+        self._limit = limit or (lambda owner: None)
+        self._load_payload = load_payload
+        self._budget = memory_budget_bytes if load_payload is not None else None  # None: everything in memory
+        self._held_bytes = 0  # payload bytes held in memory
+        self._on_disk: set[str] = set()  # job ids queued without their payload
+        self._waiting: OrderedDict[str, deque[JobMessage]] = OrderedDict()  # owner -> its FIFO; next to serve first
+        self._out: dict[str, int] = {}  # owner -> jobs taken and not yet acked
+        self._out_owner: dict[str, str] = {}  # job id -> its owner, while it is out
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def put(self, messages: list[JobMessage], stored: bool = False) -> None:
+        """Queue these jobs; ``stored``: the messages carry no payload, it is on disk (a restart's backlog)."""
+        with self._changed:
+            for message in messages:
+                message = self._hold(message, stored)
+                if message.owner not in self._waiting:
+                    self._waiting[message.owner] = deque()  # a new owner joins the end of the turn
+                self._waiting[message.owner].append(message)
+            self._count += len(messages)
+            self._changed.notify_all()
+
+    def _hold(self, message: JobMessage, stored: bool) -> JobMessage:
+        """The message as kept in memory: without its payload when it is on disk or over the budget."""
+        if stored or (self._budget is not None and self._held_bytes + len(message.payload) > self._budget):
+            self._on_disk.add(message.job_id)
+            return dataclasses.replace(message, payload=b"") if message.payload else message
+        self._held_bytes += len(message.payload)
+        return message
+
+    def held_bytes(self) -> int:
+        """Payload bytes of queued jobs held in memory (at most the budget when payloads can be read back)."""
+        with self._changed:
+            return self._held_bytes
+
+    def get(self, timeout: float, want: int = 1) -> JobMessage | None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while (message := self._next()) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(left)
+            if message.job_id not in self._on_disk:
+                self._held_bytes -= len(message.payload)
+                return message
+        return self._with_payload(message)
+
+    def _with_payload(self, message: JobMessage) -> JobMessage | None:
+        """Read a taken job's payload back from disk; if that fails the job goes back to the head of its turn."""
+        assert self._load_payload is not None  # messages are only left without payloads when it can be read back
+        try:
+            payload = self._load_payload(message.job_id)
+        except Exception:
+            log.exception("job %s: could not read its arguments back; it stays queued", message.job_id)
+            with self._changed:
+                self._waiting.setdefault(message.owner, deque()).appendleft(message)
+                self._waiting.move_to_end(message.owner, last=False)
+                self._count += 1
+                self._forget_out(message.job_id)
+            time.sleep(0.5)  # a registry that cannot be read now is not retried in a tight loop
+            return None
+        with self._changed:
+            self._on_disk.discard(message.job_id)
+        # None: the job is gone (cancelled and finished while queued); the worker finds it is no longer pending
+        return dataclasses.replace(message, payload=payload or b"")
+
+    def _next(self) -> JobMessage | None:
+        """The head of the first owner in turn who is under its cap; that owner goes to the end of the turn."""
+        for owner in list(self._waiting):
+            cap = self._limit(owner)
+            if cap is not None and self._out.get(owner, 0) >= cap:
+                continue
+            fifo = self._waiting.pop(owner)
+            message = fifo.popleft()
+            if fifo:
+                self._waiting[owner] = fifo  # re-inserted: last in turn
+            self._count -= 1
+            self._out[owner] = self._out.get(owner, 0) + 1
+            self._out_owner[message.job_id] = owner
+            return message
+        return None
+
+    def depth(self) -> int:
+        return self._count
+
+    def depth_of(self, owner: str) -> int | None:
+        with self._changed:
+            return len(self._waiting.get(owner, ()))
+
+    def running_of(self, owner: str) -> int:
+        """The owner's jobs taken by a worker and not yet acked."""
+        with self._changed:
+            return self._out.get(owner, 0)
+
+    def discard(self, job_ids: set[str]) -> None:
+        """Cancelled jobs leave their owner's FIFO at once: the owner's queue depth says so, and no worker
+        spends a turn of the owner's cap taking them only to find them cancelled."""
+        with self._changed:
+            for owner, fifo in list(self._waiting.items()):
+                gone = [message for message in fifo if message.job_id in job_ids]
+                if not gone:
+                    continue
+                for message in gone:
+                    self._held_bytes -= len(message.payload)  # b"" for those kept on disk
+                    self._on_disk.discard(message.job_id)
+                self._count -= len(gone)
+                kept = deque(message for message in fifo if message.job_id not in job_ids)
+                if kept:
+                    self._waiting[owner] = kept  # an existing key: the owner keeps its place in the turn
+                else:
+                    del self._waiting[owner]
+
+    def ack(self, message: JobMessage) -> None:
+        """The job is done: its owner's share of the slots is free again."""
+        with self._changed:
+            self._forget_out(message.job_id)
+
+    def _forget_out(self, job_id: str) -> None:
+        """The job is no longer out with a worker (call with the lock held)."""
+        owner = self._out_owner.pop(job_id, None)
+        if owner is None:
+            return
+        left = self._out[owner] - 1
+        if left:
+            self._out[owner] = left
+        else:
+            del self._out[owner]
+        self._changed.notify_all()
+
+    def extend(self, message: JobMessage, seconds: float) -> None:
+        pass  # nothing else can take it

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from nanogrid.errors import NanoGridError
+from nanogrid_backend.models import PENDING, ApiKey, FunctionRecord, JobRecord, SecretRecord
+
+
+class RegistryError(NanoGridError):
+    """The registry cannot be used as it stands (damaged, too new, held by another grid); the message says what to do."""
+
+
+class RegistryBusy(RegistryError):
+    """Another process held the registry's write lock for longer than a write may wait; nothing was written."""
+
+
+@dataclass
+class FunctionStats:
+    """Finished jobs of one function in one final status: what /metrics and the seed's function list show."""
+
+    function_id: str
+    status: str
+    count: int
+    total_ms: float  # the worker's whole turn (started -> finished), summed
+    handler_ms: float  # the function's own run time (execution_time_ms), summed
+    handler_count: int  # jobs that have one
+    total_buckets: list[int]  # jobs whose total time is <= each bucket bound (cumulative, as Prometheus counts)
+    handler_buckets: list[int]
+
+
+@dataclass
+class HistoryEntry:
+    """A call in a history page: its record with stdout/stderr cut to the page's cap, and their full sizes."""
+
+    job: JobRecord
+    stdout_size: int
+    stderr_size: int
+
+
+class Registry(ABC):
+    """Where functions and jobs are recorded, so a controller restart loses nothing."""
+
+    @abstractmethod
+    def put_function(self, function: FunctionRecord) -> None: ...
+
+    @abstractmethod
+    def get_function(self, function_id: str) -> FunctionRecord | None: ...
+
+    @abstractmethod
+    def list_functions(self, owner: str | None = None) -> list[FunctionRecord]: ...
+
+    @abstractmethod
+    def delete_function(self, function_id: str) -> bool: ...
+
+    @abstractmethod
+    def create_jobs(self, jobs: list[JobRecord]) -> None: ...
+
+    @abstractmethod
+    def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
+        """Pending -> running; False if the job is no longer pending (cancelled, or run elsewhere).
+
+        ``retry``: a redelivered message, whose first worker died, may also take over a running job.
+        """
+
+    @abstractmethod
+    def finish_job(self, job: JobRecord) -> bool:
+        """Store a final state; False (and nothing written) if the job already had one."""
+
+    @abstractmethod
+    def note_attempt(self, job_id: str, error: dict) -> None:
+        """Record why a delivery failed, leaving the job to be delivered again."""
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]: ...
+
+    def pending_jobs(self, batch: int = 1000) -> Iterator[JobRecord]:
+        """Pending jobs, oldest first, without their payloads (``get_job`` has them): a restart's backlog."""
+        for job in reversed(self.list_jobs(limit=-1, status=PENDING)):
+            job.payload = b""
+            yield job
+
+    @abstractmethod
+    def count_jobs(self, owner: str | None = None) -> dict[str, int]:
+        """How many jobs are in each status (all of them, not a page), counted where they are stored."""
+
+    @abstractmethod
+    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
+        """Finished jobs per (function, status): counts, summed times and cumulative counts per bucket bound."""
+
+    @abstractmethod
+    def put_secret(self, secret: SecretRecord) -> None: ...
+
+    @abstractmethod
+    def get_secret(self, owner: str, name: str) -> SecretRecord | None: ...
+
+    @abstractmethod
+    def list_secrets(self, owner: str) -> list[SecretRecord]: ...
+
+    @abstractmethod
+    def delete_secret(self, owner: str, name: str) -> bool: ...
+
+    @abstractmethod
+    def record_attempt(self, attempt: JobRecord) -> None:
+        """Keep a failed try of a call that is being tried again, as its own finished record (counted in windows)."""
+
+    @abstractmethod
+    def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
+                     before: tuple[float, str] | None = None, text_cap: int = 2048) -> list[HistoryEntry]:
+        """An owner's calls (of one function), newest first, older than ``before`` = (created_at, job_id)."""
+
+    @abstractmethod
+    def function_windows(self, function_id: str, now: float | None = None,
+                         names: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+        """The 1h/24h/7d/30d figures of a function (nanogrid_backend/registry/windows.py), summed where they are stored;
+        ``names``: only these windows."""
+
+    @abstractmethod
+    def prune_history(self, before: float) -> int:
+        """Delete finished calls created before ``before``; how many."""
+
+    @abstractmethod
+    def put_webhook(self, hook: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def list_webhooks(self, owner: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def delete_webhook(self, owner: str, hook_id: str) -> bool: ...
+
+    @abstractmethod
+    def put_key(self, key: ApiKey) -> None: ...
+
+    @abstractmethod
+    def get_key(self, key_id: str) -> ApiKey | None: ...
+
+    @abstractmethod
+    def list_keys(self) -> list[ApiKey]: ...

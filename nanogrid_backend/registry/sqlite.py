@@ -1,0 +1,608 @@
+"""The registry in one SQLite file (WAL mode), versioned with ``PRAGMA user_version`` and migrated forward at open.
+
+Opening checks the file before anything else touches it: a damaged, truncated or newer registry is refused
+with one line that names the way out, and an empty one is never taken for a new grid when the data dir
+shows an earlier grid was there. Every write runs in one transaction that commits or rolls back; a write
+lock held by another process (an operator's ``sqlite3`` shell, a backup) only delays writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, Field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nanogrid_backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord, SecretRecord
+from nanogrid_backend.registry import windows
+from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryBusy, RegistryError
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_S = 5.0  # SQLite waits this long for another connection's write lock ...
+LOCK_WAIT_S = 30.0  # ... and a write is tried again until this long has passed, then RegistryBusy
+RETRY_PAUSE_S = 0.05
+BACKUPS_KEPT = 3  # copies made at each grid start: registry.sqlite3.bak-<UTC time>
+FILE_MODE, DIR_MODE = 0o600, 0o700
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+# Version 1 as the code before versioning wrote it (from the dataclass fields, untyped), now with types.
+_FUNCTIONS_V1 = ("function_id TEXT PRIMARY KEY, function_name TEXT, runtime TEXT, handler TEXT, kind TEXT, "
+                 "memory_mib INTEGER, timeout_s REAL, package_size INTEGER, python TEXT, source TEXT, "
+                 "created_at REAL, owner TEXT NOT NULL DEFAULT ''")
+_JOBS_V1 = ("job_id TEXT PRIMARY KEY, function_id TEXT, status TEXT, payload_format TEXT, payload BLOB, "
+            "result_format TEXT, result BLOB, error TEXT, stdout TEXT, stderr TEXT, output_files TEXT, "
+            "execution_time_ms REAL, peak_memory_bytes INTEGER, cold INTEGER, memory_limit_mib INTEGER, "
+            "baseline_memory_bytes INTEGER, ai_usage TEXT, worker_id TEXT, sandbox_id TEXT, created_at REAL, "
+            "started_at REAL, finished_at REAL, owner TEXT NOT NULL DEFAULT ''")
+_KEYS_V1 = ("key_id TEXT PRIMARY KEY, name TEXT, key_hash TEXT, created_at REAL, revoked_at REAL, rate_limit REAL, "
+            "rate_burst INTEGER")
+_TABLES_V1 = {"functions": _FUNCTIONS_V1, "jobs": _JOBS_V1, "api_keys": _KEYS_V1}
+_JOB_STATS = ("function_id TEXT NOT NULL, resolution INTEGER NOT NULL, slot INTEGER NOT NULL, metric TEXT NOT NULL, "
+              "bucket INTEGER NOT NULL, n INTEGER NOT NULL, failed INTEGER NOT NULL, cold INTEGER NOT NULL, "
+              "total REAL NOT NULL, max_value REAL, PRIMARY KEY (function_id, resolution, slot, metric, bucket)")
+_WEBHOOKS = ("hook_id TEXT PRIMARY KEY, owner TEXT NOT NULL, url TEXT NOT NULL, secret TEXT NOT NULL, "
+             "events TEXT NOT NULL, function_id TEXT, threshold TEXT, created_at REAL NOT NULL")
+
+# The schema's history. Entry N takes a registry from version N to N+1; a registry opens at version 0
+# (new, or written before versioning) and every pending entry runs in one transaction with the new version.
+#
+# TO ADD A FIELD to FunctionRecord, JobRecord or ApiKey: give it a default in nanogrid_backend/models.py and append
+# ONE line here, e.g.  "ALTER TABLE jobs ADD COLUMN queue_name TEXT NOT NULL DEFAULT ''",
+# with the same default as the dataclass (JSON for dict/list fields is TEXT, bool is INTEGER). Nothing else:
+# reads and writes go by column name, values are converted by the field's type, and opening refuses a
+# dataclass field that has no column. Never edit, reorder or remove a line once released.
+MIGRATIONS: list[str] = [
+    f"CREATE TABLE IF NOT EXISTS functions ({_FUNCTIONS_V1})",  # -> 1
+    f"CREATE TABLE IF NOT EXISTS jobs ({_JOBS_V1})",  # -> 2
+    "CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at)",  # -> 3
+    "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status)",  # -> 4
+    f"CREATE TABLE IF NOT EXISTS api_keys ({_KEYS_V1})",  # -> 5
+    "CREATE INDEX IF NOT EXISTS jobs_by_owner_status ON jobs (owner, status)",  # -> 6: count_jobs(owner)
+    "ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",  # -> 7
+    "ALTER TABLE api_keys ADD COLUMN max_timeout_s REAL",  # -> 8
+    "ALTER TABLE api_keys ADD COLUMN max_concurrency INTEGER",  # -> 9
+    "ALTER TABLE api_keys ADD COLUMN disk_quota_bytes INTEGER",  # -> 10
+    # invocation history: pages of one function's or one owner's calls, newest first, filtered by status
+    "CREATE INDEX IF NOT EXISTS jobs_by_function_time ON jobs (function_id, created_at, job_id)",  # -> 11
+    "CREATE INDEX IF NOT EXISTS jobs_by_function_status_time ON jobs (function_id, status, created_at, job_id)",  # -> 12
+    "CREATE INDEX IF NOT EXISTS jobs_by_owner_time ON jobs (owner, created_at, job_id)",  # -> 13
+    "CREATE INDEX IF NOT EXISTS jobs_by_owner_status_time ON jobs (owner, status, created_at, job_id)",  # -> 14
+    f"CREATE TABLE IF NOT EXISTS job_stats ({_JOB_STATS}) WITHOUT ROWID",  # -> 15: metrics windows (windows.py)
+    "ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",  # -> 16
+    "ALTER TABLE jobs ADD COLUMN retry_of TEXT",  # -> 17
+    f"CREATE TABLE IF NOT EXISTS webhooks ({_WEBHOOKS})",  # -> 18: per-owner notifications (nanogrid_backend/notify.py)
+    "ALTER TABLE functions ADD COLUMN description TEXT NOT NULL DEFAULT ''",  # -> 19
+    "ALTER TABLE functions ADD COLUMN stable_id TEXT NOT NULL DEFAULT ''",  # -> 20
+    "CREATE TABLE IF NOT EXISTS secrets (owner TEXT NOT NULL, name TEXT NOT NULL, ciphertext BLOB NOT NULL, "
+    "variables TEXT NOT NULL DEFAULT '[]', created_at REAL, updated_at REAL, PRIMARY KEY (owner, name))",  # -> 21
+    "CREATE INDEX IF NOT EXISTS jobs_by_function ON jobs (function_id, status)",  # -> 22: function_stats
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_RECORDS: dict[str, type] = {"functions": FunctionRecord, "jobs": JobRecord, "api_keys": ApiKey, "secrets": SecretRecord}
+_JOB_FIXED = ("job_id", "function_id", "payload", "created_at", "owner")  # set at submission, never by finish_job
+
+
+class _Codec:
+    """A dataclass's rows by column name: dict/list fields as JSON text, bools as 0/1, NULL in a
+    non-optional column (a column added to old rows) read as the field's default."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.fields: list[Field] = list(fields(cls))
+        self.names = [f.name for f in self.fields]
+        hints = typing.get_type_hints(cls)
+        self.json, self.bool, self.optional = set(), set(), set()
+        for name in self.names:
+            hint = hints[name]
+            members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            kinds = {typing.get_origin(m) or m for m in members}
+            if kinds & {dict, list}:
+                self.json.add(name)
+            if bool in kinds:
+                self.bool.add(name)
+            if type(None) in kinds:
+                self.optional.add(name)
+
+    def row(self, record: Any, names: list[str] | None = None) -> list[Any]:
+        values = []
+        for name in names or self.names:
+            value = getattr(record, name)
+            if value is not None and name in self.json:
+                value = json.dumps(value)
+            values.append(value)
+        return values
+
+    def record(self, row: sqlite3.Row) -> Any:
+        columns = set(row.keys())
+        values: dict[str, Any] = {}
+        for f in self.fields:
+            value = row[f.name] if f.name in columns else None
+            if value is None and f.name not in self.optional and (f.default is not MISSING
+                                                                  or f.default_factory is not MISSING):
+                continue  # the dataclass default
+            if value is not None and f.name in self.json:
+                value = json.loads(value)
+            elif value is not None and f.name in self.bool:
+                value = bool(value)
+            values[f.name] = value
+        return self.cls(**values)
+
+
+_CODECS = {table: _Codec(cls) for table, cls in _RECORDS.items()}
+_FUNCTIONS, _JOBS, _KEYS, _SECRETS = _CODECS["functions"], _CODECS["jobs"], _CODECS["api_keys"], _CODECS["secrets"]
+
+
+class SQLiteRegistry(Registry):
+    """One SQLite file: writes through one connection, one transaction each, serialised by a lock; reads
+    through a second connection, so a write waiting on another process's lock never holds up a status poll."""
+
+    def __init__(self, path: Path, *, keep_backups: int = 0, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 lock_wait_s: float = LOCK_WAIT_S) -> None:
+        """``keep_backups``: copy the registry aside first (after its check) and keep that many copies."""
+        self.path = path
+        self.lock_wait_s = lock_wait_s
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        prepare_file(path)
+        had_data = path.stat().st_size > 0
+        self._db = _connect(path, busy_timeout_s)
+        try:
+            version = check_file(self._db, path)
+            if had_data and (keep_backups or version < SCHEMA_VERSION):  # always a copy from before a migration
+                backup(self._db, path, keep=keep_backups or BACKUPS_KEPT)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash, not power loss
+            if version < SCHEMA_VERSION:
+                self._write(lambda db: _migrate(db, version))
+            _check_columns(self._db)
+            secure_files(path)
+            self._reader = _connect(path, busy_timeout_s)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        with self._write_lock, self._read_lock:
+            self._reader.close()
+            self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self._query("PRAGMA user_version")[0][0]
+
+    # functions
+    def put_function(self, function: FunctionRecord) -> None:
+        self._write(lambda db: db.execute(_insert("functions", replace=True), _FUNCTIONS.row(function)))
+
+    def get_function(self, function_id: str) -> FunctionRecord | None:
+        rows = self._query("SELECT * FROM functions WHERE function_id = ?", (function_id,))
+        return _FUNCTIONS.record(rows[0]) if rows else None
+
+    def list_functions(self, owner: str | None = None) -> list[FunctionRecord]:
+        query, args = "SELECT * FROM functions", []
+        if owner is not None:
+            query, args = query + " WHERE owner = ?", [owner]
+        return [_FUNCTIONS.record(row) for row in self._query(query + " ORDER BY created_at DESC", args)]
+
+    def delete_function(self, function_id: str) -> bool:
+        return self._write(lambda db: db.execute("DELETE FROM functions WHERE function_id = ?",
+                                                 (function_id,)).rowcount > 0)
+
+    # jobs
+    def create_jobs(self, jobs: list[JobRecord]) -> None:
+        self._write(lambda db: db.executemany(_insert("jobs"), (_JOBS.row(job) for job in jobs)))
+
+    def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
+        allowed = (PENDING, RUNNING) if retry else (PENDING, PENDING)
+        return self._write(lambda db: db.execute(
+            "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE job_id = ? AND status IN (?, ?)",
+            (RUNNING, worker_id, started_at, job_id, *allowed)).rowcount > 0)
+
+    def finish_job(self, job: JobRecord) -> bool:
+        columns = [c for c in _JOBS.names if c not in _JOB_FIXED]
+        finals = ", ".join("?" * len(FINAL_STATES))
+        sql = (f"UPDATE jobs SET {', '.join(c + ' = ?' for c in columns)}, payload = x'' "
+               f"WHERE job_id = ? AND status NOT IN ({finals})")
+        args = [*_JOBS.row(job, columns), job.job_id, *FINAL_STATES]
+
+        def finish(db: sqlite3.Connection) -> bool:
+            if db.execute(sql, args).rowcount == 0:
+                return False
+            _count(db, job)  # the metrics windows, in the same transaction: a call is counted once
+            return True
+
+        return self._write(finish)
+
+    def record_attempt(self, attempt: JobRecord) -> None:
+        def record(db: sqlite3.Connection) -> None:
+            db.execute(_insert("jobs"), _JOBS.row(attempt))
+            _count(db, attempt)
+
+        self._write(record)
+
+    def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
+                     before: tuple[float, str] | None = None, text_cap: int = 2048) -> list[HistoryEntry]:
+        where, args = _job_filter(status, owner)
+        if function_id is not None:
+            where, args = where + " AND function_id = ?", [*args, function_id]
+        if before is not None:
+            where, args = where + " AND (created_at, job_id) < (?, ?)", [*args, *before]
+        columns = ", ".join(f"substr({c}, 1, {int(text_cap)}) AS {c}" if c in ("stdout", "stderr") else c
+                            for c in _JOBS.names if c not in ("payload", "result"))
+        rows = self._query(f"SELECT {columns}, length(stdout) AS stdout_size, length(stderr) AS stderr_size "
+                           f"FROM jobs{where} ORDER BY created_at DESC, job_id DESC LIMIT ?", [*args, limit])
+        return [HistoryEntry(_JOBS.record(row), row["stdout_size"] or 0, row["stderr_size"] or 0) for row in rows]
+
+    def function_windows(self, function_id: str, now: float | None = None,
+                         names: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+        now = time.time() if now is None else now
+        found = {}
+        for name in names or tuple(windows.WINDOWS):
+            resolution, first = windows.first_slot(name, now)
+            rows = self._query("SELECT metric, bucket, SUM(n), SUM(failed), SUM(cold), SUM(total), MAX(max_value) "
+                               "FROM job_stats WHERE function_id = ? AND resolution = ? AND slot >= ? "
+                               "GROUP BY metric, bucket", (function_id, resolution, first))
+            found[name] = windows.summarise([tuple(row) for row in rows], first * resolution)
+        return found
+
+    def prune_history(self, before: float, batch: int = 5000) -> int:
+        """Delete finished jobs created before ``before`` (a batch per transaction: writers never wait long)
+        and the counters no window reads any more; how many jobs went."""
+        finals = ", ".join("?" * len(FINAL_STATES))
+        deleted = 0
+        while True:
+            count = self._write(lambda db: db.execute(
+                f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE created_at < ? "
+                f"AND status IN ({finals}) LIMIT ?)", (before, *FINAL_STATES, batch)).rowcount)
+            deleted += count
+            if count < batch:
+                break
+        minute_first = int((time.time() - windows.MINUTE_SLOTS_KEPT_S) // windows.MINUTE)
+        self._write(lambda db: db.execute(
+            "DELETE FROM job_stats WHERE (resolution = ? AND slot < ?) OR (resolution = ? AND slot < ?)",
+            (windows.MINUTE, minute_first, windows.HOUR, int(before // windows.HOUR))))
+        return deleted
+
+    # webhooks (nanogrid_backend/notify.py)
+    def put_webhook(self, hook: dict[str, Any]) -> None:
+        row = {**hook, "events": json.dumps(hook["events"]), "threshold": json.dumps(hook.get("threshold"))}
+        names = _WEBHOOK_COLUMNS
+        self._write(lambda db: db.execute(f"INSERT OR REPLACE INTO webhooks ({', '.join(names)}) "
+                                          f"VALUES ({', '.join('?' * len(names))})", [row.get(n) for n in names]))
+
+    def list_webhooks(self, owner: str | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM webhooks", []
+        if owner is not None:
+            query, args = query + " WHERE owner = ?", [owner]
+        return [{**dict(row), "events": json.loads(row["events"]), "threshold": json.loads(row["threshold"] or "null")}
+                for row in self._query(query + " ORDER BY created_at", args)]
+
+    def delete_webhook(self, owner: str, hook_id: str) -> bool:
+        return self._write(lambda db: db.execute("DELETE FROM webhooks WHERE hook_id = ? AND owner = ?",
+                                                 (hook_id, owner)).rowcount > 0)
+
+    def note_attempt(self, job_id: str, error: dict) -> None:
+        self._write(lambda db: db.execute("UPDATE jobs SET error = ? WHERE job_id = ?", (json.dumps(error), job_id)))
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        rows = self._query("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return _JOBS.record(rows[0]) if rows else None
+
+    def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]:
+        where, args = _job_filter(status, owner)
+        rows = self._query(f"SELECT * FROM jobs{where} ORDER BY created_at DESC LIMIT ?", [*args, limit])
+        return [_JOBS.record(row) for row in rows]
+
+    def pending_jobs(self, batch: int = 1000) -> Iterator[JobRecord]:
+        """A page of ``batch`` rows at a time, without the payload column: a large backlog never sits in memory."""
+        columns = ", ".join(name for name in _JOBS.names if name != "payload")
+        after: tuple[float, str] = (float("-inf"), "")
+        while True:
+            rows = self._query(f"SELECT {columns} FROM jobs WHERE status = ? AND (created_at, job_id) > (?, ?) "
+                               "ORDER BY created_at, job_id LIMIT ?", (PENDING, *after, batch))
+            yield from (_JOBS.record(row) for row in rows)
+            if len(rows) < batch:
+                return
+            after = (rows[-1]["created_at"], rows[-1]["job_id"])
+
+    def count_jobs(self, owner: str | None = None) -> dict[str, int]:
+        where, args = _job_filter(None, owner)
+        return {status: n for status, n in self._query(f"SELECT status, COUNT(*) FROM jobs{where} GROUP BY status", args)}
+
+    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
+        """Finished jobs per (function, status), counted in one indexed query: never a row sent back per job."""
+        total = "(finished_at - started_at) * 1000.0"
+        columns = ["function_id", "status", "COUNT(*)", f"SUM({total})", "SUM(execution_time_ms)",
+                   "COUNT(execution_time_ms)"]
+        columns += [f"SUM({total} <= {float(b)!r})" for b in buckets_ms]
+        columns += [f"SUM(execution_time_ms <= {float(b)!r})" for b in buckets_ms]
+        where, args = _job_filter(None, owner)
+        finals = ", ".join("?" * len(FINAL_STATES))
+        where = (where + " AND" if where else " WHERE") + f" status IN ({finals}) AND started_at IS NOT NULL"
+        rows = self._query(f"SELECT {', '.join(columns)} FROM jobs{where} GROUP BY function_id, status",
+                           [*args, *FINAL_STATES])
+        n = len(buckets_ms)
+        return [FunctionStats(row[0], row[1], row[2], row[3] or 0.0, row[4] or 0.0, row[5],
+                              [int(v or 0) for v in row[6:6 + n]], [int(v or 0) for v in row[6 + n:6 + 2 * n]])
+                for row in rows]
+
+    # secrets
+    def put_secret(self, secret: SecretRecord) -> None:
+        self._write(lambda db: db.execute(_insert("secrets", replace=True), _SECRETS.row(secret)))
+
+    def get_secret(self, owner: str, name: str) -> SecretRecord | None:
+        rows = self._query("SELECT * FROM secrets WHERE owner = ? AND name = ?", (owner, name))
+        return _SECRETS.record(rows[0]) if rows else None
+
+    def list_secrets(self, owner: str) -> list[SecretRecord]:
+        return [_SECRETS.record(row) for row in self._query("SELECT * FROM secrets WHERE owner = ? ORDER BY name",
+                                                            (owner,))]
+
+    def delete_secret(self, owner: str, name: str) -> bool:
+        return self._write(lambda db: db.execute("DELETE FROM secrets WHERE owner = ? AND name = ?",
+                                                 (owner, name)).rowcount > 0)
+
+    # API keys
+    def put_key(self, key: ApiKey) -> None:
+        self._write(lambda db: db.execute(_insert("api_keys", replace=True), _KEYS.row(key)))
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        rows = self._query("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
+        return _KEYS.record(rows[0]) if rows else None
+
+    def list_keys(self) -> list[ApiKey]:
+        return [_KEYS.record(row) for row in self._query("SELECT * FROM api_keys ORDER BY created_at")]
+
+    # transactions
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` in one write transaction: committed, or rolled back on any error (an interrupt included),
+        so the connection never stays inside a transaction. While another process holds the write lock,
+        SQLite waits (busy timeout) and the transaction is tried again, for ``lock_wait_s`` in all."""
+        deadline = time.monotonic() + self.lock_wait_s
+        if not self._write_lock.acquire(timeout=self.lock_wait_s):
+            raise self._busy()
+        try:
+            while True:
+                try:
+                    return _transaction(self._db, work)
+                except sqlite3.OperationalError as exc:
+                    if not _is_locked(exc):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise self._busy() from None
+                    time.sleep(RETRY_PAUSE_S)
+        finally:
+            self._write_lock.release()
+
+    def _query(self, sql: str, args: Any = ()) -> list[sqlite3.Row]:
+        """Rows of one statement (its own read transaction, ended when the rows are read)."""
+        deadline = time.monotonic() + self.lock_wait_s
+        with self._read_lock:
+            while True:
+                try:
+                    return self._reader.execute(sql, args).fetchall()
+                except sqlite3.OperationalError as exc:
+                    if not _is_locked(exc):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise self._busy() from None
+                    time.sleep(RETRY_PAUSE_S)
+                finally:
+                    if self._reader.in_transaction:
+                        self._reader.execute("ROLLBACK")
+
+    def _busy(self) -> RegistryBusy:
+        return RegistryBusy(f"the registry {self.path} stayed locked by another process for {self.lock_wait_s:g} s "
+                            "(an open sqlite3 shell or a backup?); nothing was written: try again once it is released")
+
+
+def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    db.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock between two readers upgrading
+    try:
+        result = work(db)
+        db.execute("COMMIT")
+        return result
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+_WEBHOOK_COLUMNS = ("hook_id", "owner", "url", "secret", "events", "function_id", "threshold", "created_at")
+_COUNT = ("INSERT INTO job_stats (function_id, resolution, slot, metric, bucket, n, failed, cold, total, max_value) "
+          "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT (function_id, resolution, slot, metric, bucket) DO UPDATE "
+          "SET n = n + 1, failed = failed + excluded.failed, cold = cold + excluded.cold, total = total + excluded.total, "
+          "max_value = max(coalesce(max_value, excluded.max_value), coalesce(excluded.max_value, max_value))")
+
+
+def _count(db: sqlite3.Connection, job: JobRecord) -> None:
+    db.executemany(_COUNT, [(job.function_id, c.resolution, c.slot, c.metric, c.bucket, c.failed, c.cold,
+                             c.value or 0.0, c.value) for c in windows.counters_for(job)])
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or \
+        "locked" in str(exc)
+
+
+def _insert(table: str, replace: bool = False) -> str:
+    names = _CODECS[table].names
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    return f"{verb} INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+
+
+def _job_filter(status: str | None, owner: str | None) -> tuple[str, list[Any]]:
+    conditions, args = [], []
+    if status:
+        conditions.append("status = ?")
+        args.append(status)
+    if owner is not None:
+        conditions.append("owner = ?")
+        args.append(owner)
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), args
+
+
+def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+# opening: files, checks, migrations
+
+def registry_files(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def prepare_file(path: Path) -> None:
+    """Create the file 0600 in a 0700 directory (SQLite gives -wal and -shm the file's mode), unless the
+    data dir shows an earlier grid whose registry is gone: that is refused, never made into an empty grid."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=DIR_MODE, parents=True)
+    empty = not path.exists() or path.stat().st_size == 0
+    if empty and (evidence := earlier_grid_evidence(path)):
+        state = "is empty (0 bytes)" if path.exists() else "is missing"
+        raise RegistryError(f"the registry {path} {state}, but {evidence}: restore it with `nanogrid doctor "
+                            f"--data-dir {path.parent} --repair`, or move the data dir aside to start a new grid")
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    secure_files(path)
+
+
+def earlier_grid_evidence(path: Path) -> str:
+    """Why the data dir holding ``path`` is not new (stored packages, registry backups), or ''."""
+    packages = path.parent / "store" / "packages"
+    if packages.is_dir() and any(packages.iterdir()):
+        return f"{packages} holds stored functions"
+    if list_backups(path):
+        return f"backups of it exist ({list_backups(path)[-1].name})"
+    return ""
+
+
+def secure_files(path: Path) -> None:
+    for file in registry_files(path):
+        if file.exists() and file.stat().st_mode & 0o777 != FILE_MODE:
+            os.chmod(file, FILE_MODE)
+
+
+def check_file(db: sqlite3.Connection, path: Path) -> int:
+    """The registry's schema version, once its header and pages pass SQLite's quick check."""
+    version, problem = diagnose(db, path)
+    if problem:
+        raise _damaged(path, problem)
+    if version > SCHEMA_VERSION:
+        raise RegistryError(f"the registry {path} has schema version {version}, newer than this NanoGrid's "
+                            f"{SCHEMA_VERSION}: a newer release wrote it; upgrade NanoGrid to open it")
+    return version
+
+
+def diagnose(db: sqlite3.Connection, path: Path) -> tuple[int, str]:
+    """(schema version, what is wrong with the file or '')."""
+    with open(path, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header and header != SQLITE_HEADER:
+        return 0, "its header is not SQLite's: truncated or overwritten"
+    try:
+        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        return 0, str(exc)
+    if problems != ["ok"]:
+        # One row may hold several problems under a "*** in database main ***" heading: one line per problem here.
+        lines = [line.strip() for row in problems for line in str(row).splitlines()
+                 if line.strip() and not line.startswith("***")] or ["damaged"]
+        return 0, f"quick_check: {lines[0]}" + (f" (+{len(lines) - 1} more)" if len(lines) > 1 else "")
+    return version, ""
+
+
+def _damaged(path: Path, why: str) -> RegistryError:
+    return RegistryError(f"the registry {path} is damaged ({why}): restore the newest good backup with "
+                         f"`nanogrid doctor --data-dir {path.parent} --repair` (the damaged file is kept aside)")
+
+
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    if version == 0:
+        _adopt_unversioned(db)
+    for statement in MIGRATIONS[version:]:
+        added = _ADD_COLUMN.match(statement)
+        if added and added["column"] in _columns(db, added["table"]):
+            continue  # an unversioned table made from the dataclass fields already has it
+        db.execute(statement)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (?P<table>\w+) ADD COLUMN (?P<column>\w+)", re.IGNORECASE)
+
+
+def _adopt_unversioned(db: sqlite3.Connection) -> None:
+    """Tables written before versioning had the dataclass fields of their day: add the columns they lack.
+    Rows from before API keys existed belong to the embedded grid's own key's owner, ``local``."""
+    for table, columns in _TABLES_V1.items():
+        present = _columns(db, table)
+        if not present:
+            continue  # not there yet: the migration creates it
+        for column in columns.split(", "):
+            name = column.split()[0]
+            if name not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                if name == "owner":
+                    db.execute(f"UPDATE {table} SET owner = 'local'")
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})").fetchall()}
+
+
+def _check_columns(db: sqlite3.Connection) -> None:
+    """A dataclass field with no column is a migration someone forgot: say which line to add."""
+    for table, codec in _CODECS.items():
+        missing = [name for name in codec.names if name not in _columns(db, table)]
+        if missing:
+            raise RegistryError(f"{codec.cls.__name__}.{missing[0]} has no column in the registry's {table} table: "
+                                f"append \"ALTER TABLE {table} ADD COLUMN {missing[0]} ...\" to MIGRATIONS in "
+                                "nanogrid_backend/registry/sqlite.py")
+
+
+# backups
+
+def list_backups(path: Path) -> list[Path]:
+    """The registry's backups, oldest first (their names sort by time)."""
+    return sorted(path.parent.glob(path.name + ".bak-*Z"))
+
+
+def backup(db: sqlite3.Connection, path: Path, keep: int = BACKUPS_KEPT) -> Path:
+    """A consistent copy made with SQLite's online backup API (0600), keeping the newest ``keep``."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = path.with_name(f"{path.name}.bak-{stamp}")
+    copy_database(db, target)
+    for old in list_backups(path)[:-keep]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def copy_database(source: sqlite3.Connection, target: Path) -> None:
+    """Write ``source`` to ``target`` (0600) through a temporary file, so ``target`` is whole or absent."""
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    os.close(os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")  # a single file: opening a copy leaves no -wal/-shm beside it
+        finally:
+            copy.close()
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,303 @@
+"""What every sandbox shares: the call, its checks, and receiving output files over the channel.
+
+The function runs inside the bootstrap's own interpreter, so anything the sandbox sends may be
+forged. The host takes from it only what it checks: a reply header validated field by field,
+a result no larger than the grid's cap, output files received as records and written by the
+host (``outputs.py``). Duration and peak memory are the host's own measurements (the sandbox's
+figure is used only where it is smaller, since the host's clock includes the channel); AI
+usage is counted by the host's gateway. Any breach ends the call with a ``protocol`` error and
+the sandbox is discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from nanogrid_backend.sandbox.cgroup import MemoryCgroup
+from nanogrid_backend.sandbox.outputs import HostWriteFailed, OutputQuotaExceeded, OutputWriter
+from nanogrid_backend.sandbox.protocol import CHUNK_BYTES, ChannelTimeout, FrameTooLarge, ProtocolViolation, check_reply
+
+BLOB_CHUNK_BYTES = 4 << 20  # argument blobs and streamed results travel in frames of at most this many bytes
+INLINE_RESULT_BYTES = 16 << 20  # a reply's own body; the bootstrap streams results over 1 MiB in pieces
+OUTPUT_TIMEOUT_S = 120.0  # to receive one call's output files, however slowly the sandbox sends them
+MAX_REPORTED_BYTES = 1 << 50  # a peak memory figure above this is nonsense
+
+
+class SandboxError(Exception):
+    """A call could not finish inside its sandbox; ``kind`` says why (timeout, memory, crash, ...)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class Limits:
+    """What the host accepts from one call, whatever the sandbox says."""
+
+    capture_bytes: int = 1 << 20  # stdout and stderr each
+    result_bytes: int = 64 << 20  # the pickled or JSON result (or exception)
+    output_bytes: int = 1 << 30  # all output files of one call
+    output_files: int = 10_000
+
+
+LIVE_FRAME_BYTES = 64 << 10  # the bootstrap sends live output in pieces of at most this size
+OutputListener = Callable[[str, bytes], None]
+
+
+class AISession(Protocol):
+    """One call's access to the AI node through the host (nanogrid_backend/worker/ai_gateway.py)."""
+
+    usage: dict[str, int]
+
+    def forward(self, header: dict[str, Any], body: bytes, deadline: float) -> tuple[dict[str, Any], bytes]: ...
+
+
+@dataclass
+class CallResult:
+    reply: dict[str, Any]  # the validated reply header: ok, error, stdout, stderr, result_format
+    body: bytes  # the pickled or JSON-encoded value (or the pickled exception)
+    peak_memory_bytes: int | None
+    output_dir: Path  # the files the call wrote, received by the host, to be stored before the next call
+    baseline_memory_bytes: int | None = None  # the sandbox's own usage when the call began (the peak includes it)
+    duration_ms: float = 0.0  # measured by the host
+    output_files: list[str] = field(default_factory=list)
+    ai_usage: dict[str, int] | None = None  # counted by the host's AI gateway
+    result_file: Path | None = None  # a large result, spooled to disk as it arrived (then ``body`` is empty) ...
+    result_sha256: str = ""  # ... and its SHA-256, computed by the host as it was written
+
+
+class Sandbox(ABC):
+    """One isolated bootstrap process. Starts unspecialised; ``load`` binds it to one function for life."""
+
+    id: str
+    function_id: str | None = None
+    python: str = ""
+    memory_mib: int = 0
+    ai_allowed: bool = False  # loaded with the AI node's settings: its AI requests are forwarded
+    cgroup: MemoryCgroup | None = None  # where the per-call peak is read; None: the bootstrap reports VmHWM
+    output_dir: Path  # written by the host only
+    limits: Limits
+
+    @abstractmethod
+    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None: ...
+
+    def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None,
+             ai: AISession | None = None, on_output: OutputListener | None = None,
+             blobs: list[Path] | None = None) -> CallResult:
+        """Run one call and receive its output files; raises SandboxError when the sandbox failed (it is then dead).
+
+        ``on_output(stream, data)`` receives what the call prints while it runs (``stdout``/``stderr``,
+        every 0.1 s, at most the capture limit in all); the reply still carries the whole capture.
+        ``blobs``: files the args pickle references (nanogrid_backend/blobs.py), streamed to the sandbox after the call
+        frame in ``blob`` frames; the call header lists their sizes. A result the bootstrap streams back
+        (``result_size`` in its reply, then ``result_data`` frames) is spooled to ``CallResult.result_file``.
+        """
+        try:
+            return self._call(job_id, payload, timeout_s, model, ai, on_output, blobs or [])
+        except SandboxError:
+            raise
+        except ProtocolViolation as exc:
+            self.close()
+            raise SandboxError("protocol", f"protocol violation: {exc}; the sandbox was discarded") from None
+        except OutputQuotaExceeded as exc:
+            self.close()
+            raise SandboxError("output", f"{exc}; none were kept") from None
+        except HostWriteFailed as exc:
+            self.close()
+            raise SandboxError("storage", f"the grid could not store this call's output files ({exc}); "
+                                          "none were kept") from None
+        except BaseException:
+            self.close()  # whatever went wrong, this sandbox never serves again
+            raise
+
+    def _call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None,
+              ai: AISession | None, on_output: OutputListener | None, blobs: list[Path]) -> CallResult:
+        baseline = None
+        if self.cgroup:
+            self.cgroup.reset_peak()
+            baseline = self.cgroup.usage()
+        header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
+                  "model": model, "live": on_output is not None}
+        sizes = [path.stat().st_size for path in blobs]
+        if sizes:
+            header["blobs"] = sizes
+        live_bytes = 0
+        started = time.monotonic()
+        deadline = started + timeout_s
+        try:
+            self._send(header, payload)
+            for path in blobs:  # in pieces: the grid never holds a whole blob in memory
+                with path.open("rb") as f:
+                    while chunk := f.read(BLOB_CHUNK_BYTES):
+                        self._send({"op": "blob"}, chunk)
+        except SandboxError as exc:
+            if exc.kind != "crash":
+                raise
+            # Nothing of the call reached the bootstrap: not the function's crash, and safe to try again.
+            raise SandboxError("unstarted", "the sandbox had died before the call reached it; the function did "
+                                            "not run") from None
+        max_body = max(min(self.limits.result_bytes, INLINE_RESULT_BYTES), 1 << 20)
+        while True:
+            try:
+                frame, body = self._receive(deadline, max_body)
+            except FrameTooLarge as exc:
+                self.close()
+                if exc.size <= self.limits.result_bytes:  # within the cap, but sent whole: only a forged reply does
+                    raise ProtocolViolation(f"a reply of {exc.size >> 20} MiB sent whole (at most "
+                                            f"{INLINE_RESULT_BYTES >> 20} MiB; larger results are streamed)") from None
+                raise SandboxError("result", f"the result is {exc.size >> 20} MiB, over the grid's "
+                                             f"{self.limits.result_bytes >> 20} MiB limit; the sandbox was "
+                                             "discarded") from None
+            except ChannelTimeout:
+                self._stop(graceful=True)
+                self.close()
+                raise SandboxError("timeout", f"timed out after {timeout_s:g} s; the sandbox was replaced") from None
+            if frame.get("op") == "ai":
+                self._send(*self._forward_ai(ai, frame, body, deadline))
+                continue
+            if frame.get("op") == "log":
+                stream = frame.get("stream")
+                live_bytes += len(body)
+                if on_output is None or stream not in ("stdout", "stderr") or len(body) > LIVE_FRAME_BYTES \
+                        or live_bytes > 2 * self.limits.capture_bytes:
+                    raise ProtocolViolation("live output the host did not ask for, or more than the capture limit")
+                on_output(stream, body)
+                continue
+            break
+        host_ms = (time.monotonic() - started) * 1000
+        reply = check_reply(frame, self.limits.capture_bytes)
+        if "result_size" in reply and body:
+            raise ProtocolViolation("a streamed result whose reply has a body of its own")
+        size = len(body) + reply.get("result_size", 0)
+        if size > self.limits.result_bytes:
+            self.close()
+            raise SandboxError("result", f"the result is {size >> 20} MiB, over the grid's "
+                                         f"{self.limits.result_bytes >> 20} MiB limit; the sandbox was discarded")
+        spooled = self._receive_result(job_id, reply["result_size"], deadline) if "result_size" in reply else None
+        reported = reply.get("duration_ms")
+        duration = min(float(reported), host_ms) if isinstance(reported, (int, float)) and reported >= 0 else host_ms
+        if self.cgroup:
+            peak = self.cgroup.peak()
+        else:
+            rss = reply.get("peak_rss_bytes")
+            peak = rss if isinstance(rss, int) and 0 <= rss <= MAX_REPORTED_BYTES else None
+        files = self._receive_outputs() if reply.get("output_files") else []
+        if not reply["ok"] and reply["error"].get("kind") == "memory":
+            self.close()  # a MemoryError may have left the interpreter in a bad state
+        usage = dict(ai.usage) if ai is not None and ai.usage.get("calls") else None
+        result = CallResult(reply, body, peak, self.output_dir, baseline, duration, files, usage)
+        if spooled is not None:
+            result.result_file, result.result_sha256 = spooled
+        return result
+
+    def _receive_result(self, job_id: str, size: int, deadline: float) -> tuple[Path, str]:
+        """A streamed result, written to a spool file as it arrives and hashed; exactly ``size`` bytes, or a
+        violation (and no file)."""
+        path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
+        digest, received = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as f:
+                while received < size:
+                    try:
+                        header, chunk = self._receive(deadline, BLOB_CHUNK_BYTES)
+                    except ChannelTimeout:
+                        raise ProtocolViolation("the result was not sent within the call's timeout") from None
+                    if header.get("op") != "result_data" or len(header) != 1 or received + len(chunk) > size:
+                        raise ProtocolViolation("a streamed result whose pieces do not add up to its announced size")
+                    if not chunk:
+                        raise ProtocolViolation("an empty piece of a streamed result")
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path, digest.hexdigest()
+
+    def _forward_ai(self, ai: AISession | None, frame: dict[str, Any], body: bytes,
+                    deadline: float) -> tuple[dict[str, Any], bytes]:
+        if ai is None:
+            return {"op": "ai_reply", "status": 403}, b'{"error": "this function did not ask for the AI node: ai=True"}'
+        return ai.forward(frame, body, deadline)
+
+    def _receive_outputs(self) -> list[str]:
+        """The call's output files, as records the host checks and writes itself."""
+        writer = OutputWriter(self.output_dir, self.limits.output_bytes, self.limits.output_files)
+        deadline = time.monotonic() + OUTPUT_TIMEOUT_S
+        self._send({"op": "outputs", "limit": self.limits.output_bytes})
+        try:
+            while True:
+                try:
+                    header, body = self._receive(deadline, CHUNK_BYTES)
+                except ChannelTimeout:
+                    raise ProtocolViolation(f"output files not sent within {OUTPUT_TIMEOUT_S:g} s") from None
+                op = header.get("op")
+                if op == "file":
+                    writer.begin(header.get("name"), header.get("size"))
+                elif op == "data":
+                    writer.write(body)
+                elif op == "done":
+                    names = writer.finish()
+                    if header.get("ok") is not True:
+                        error = header.get("error")
+                        said = error.get("message") if isinstance(error, dict) else None
+                        raise OutputQuotaExceeded(str(said)[:300] if said else "the output files could not be sent")
+                    return names
+                else:
+                    raise ProtocolViolation(f"a {str(op)[:40]!r} frame among the output files")
+        except BaseException:
+            writer.abort()
+            raise
+
+    def check_ready(self, frame: dict[str, Any]) -> str:
+        """The Python version the bootstrap's first frame names; another language's bootstrap (nanogrid_runtimes/node, go,
+        cpp) names its runtime and version instead (``{"runtime": "nodejs", "version": "18.19.0"}``)."""
+        if frame.get("op") != "ready":
+            raise ProtocolViolation("the bootstrap's first frame is not 'ready'")
+        python, runtime, version = frame.get("python"), frame.get("runtime"), frame.get("version")
+        if python is None and isinstance(runtime, str) and isinstance(version, str) \
+                and 0 < len(runtime) <= 8 and 0 < len(version) <= 16:
+            return f"{runtime} {version}"
+        if not isinstance(python, str) or len(python) > 8:
+            raise ProtocolViolation("the bootstrap's first frame is not 'ready'")
+        return python
+
+    def check_loaded(self, reply: dict[str, Any]) -> None:
+        if reply.get("ok") is True:
+            return
+        error = reply.get("error")
+        said = (error.get("traceback") or error.get("message")) if isinstance(error, dict) else None
+        self.close()
+        raise SandboxError("load", f"the function could not be loaded: {str(said or 'no reason given')[:20000]}")
+
+    @abstractmethod
+    def _send(self, header: dict[str, Any], body: bytes = b"") -> None:
+        """Send one frame; SandboxError if the sandbox is gone."""
+
+    @abstractmethod
+    def _receive(self, deadline: float, max_body: int) -> tuple[dict[str, Any], bytes]:
+        """One frame by ``deadline`` (ChannelTimeout); SandboxError if the sandbox died; ProtocolViolation if forged."""
+
+    @abstractmethod
+    def _stop(self, graceful: bool) -> None:
+        """Stop the bootstrap (SIGTERM, a grace period, then SIGKILL when ``graceful``)."""
+
+    @abstractmethod
+    def kill(self, reason: str) -> None:
+        """Stop the sandbox now (from any thread); a call in progress fails with ``reason``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop and clean up; safe to call twice."""
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool: ...

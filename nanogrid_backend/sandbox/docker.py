@@ -1,0 +1,291 @@
+"""The Docker sandbox: the production sandbox, for code you do not trust.
+
+Every container runs the runtime image's bootstrap as nobody (65534), with a read-only root
+filesystem, size-capped tmpfs for /tmp and its working directory, all capabilities dropped,
+no-new-privileges, a pids limit, memory and CPU limits, no network at all (functions with
+``ai=True`` reach the AI node through the host, over the same channel) and no host mounts.
+
+Code goes in over the bootstrap's own channel (the attach socket's stdin) while the container is
+still an unspecialised stem cell: Docker cannot copy into a read-only container, and copying
+into or out of a container where user code ran has had host-escape bugs (CVE-2018-15664,
+CVE-2019-14271). Output files come out the same way, as records the host checks and writes
+itself (no archive is ever unpacked here). Peak memory is read straight from the container's
+memory cgroup.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from nanogrid.errors import NanoGridError
+from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
+from nanogrid_backend.sandbox import leftovers
+from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError
+from nanogrid_backend.sandbox.cgroup import MemoryCgroup
+from nanogrid_backend.sandbox.protocol import (
+    ChannelClosed,
+    ChannelTimeout,
+    DockerAttachStream,
+    FrameReader,
+    encode_frame,
+    reply_header_cap,
+)
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+SANDBOX_UID = "65534:65534"
+
+
+COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
+LANGUAGE_IMAGES = ("nanogrid/runtime-node:latest", "nanogrid/runtime-go:latest", "nanogrid/runtime-cpp:latest")
+
+
+def language_runtimes(client: docker.DockerClient) -> dict[str, BuiltEnvironment]:
+    """The seed platform's other languages whose image is built here (nanogrid_runtimes/build.py --runtime node|go|cpp):
+    runtime name (nodejs, go, cpp) -> what its sandboxes start with (the image, its language version)."""
+    found = {}
+    for image in LANGUAGE_IMAGES:
+        try:
+            labels = client.images.get(image).labels or {}
+        except docker.errors.ImageNotFound:
+            continue
+        if labels.get("nanogrid.runtime") and labels.get("nanogrid.version"):
+            name = labels["nanogrid.runtime"]
+            found[name] = BuiltEnvironment(f"runtime-{name}", labels["nanogrid.version"], image=image)
+    return found
+
+
+class DockerUnavailable(NanoGridError, RuntimeError):
+    """No Docker engine or no runtime image: a configuration mistake (`--sandbox docker`), reported in one line."""
+
+
+class DockerSandboxFactory:
+    """Starts hardened containers of one runtime image with one grid's settings."""
+
+    kind = "docker"
+
+    def __init__(self, image: str, host_dir: Path, *, kill_grace_s: float = 1.0, limits: Limits | None = None,
+                 scratch_mib: int = 1024, pids_limit: int = 64, cpus: float = 1.0, stem_memory_mib: int = 256) -> None:
+        try:
+            self.client = docker.from_env(timeout=60)
+            self.client.ping()
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailable(f"the Docker engine does not answer ({exc})") from None
+        try:
+            labels = self.client.images.get(image).labels or {}
+        except docker.errors.ImageNotFound:
+            raise DockerUnavailable(f"no runtime image {image!r}: build it with "
+                                    "`python nanogrid_runtimes/build.py`") from None
+        self.image = image
+        self.python = labels.get("nanogrid.python", "")
+        if not self.python:
+            raise DockerUnavailable(f"image {image!r} has no nanogrid.python label: build it with "
+                                    "nanogrid_runtimes/build.py")
+        self.host_dir = host_dir
+        self.kill_grace_s = kill_grace_s
+        self.limits = limits or Limits()
+        self.scratch_mib = scratch_mib
+        self.pids_limit = pids_limit
+        self.cpus = cpus
+        self.stem_memory_mib = stem_memory_mib
+        host_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Which grid a container belongs to: the one whose sandboxes live in this directory.
+        self.grid_label = leftovers.grid_identity(host_dir)
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Remove this grid's containers and their host directories left by a run that crashed (or was killed)
+        before closing them; at shutdown, those of sandboxes that were still closing."""
+        # ignore_removed: a container whose removal finishes between the listing and its inspection is no error
+        left = self.client.containers.list(all=True, filters={"label": f"nanogrid.grid={self.grid_label}"},
+                                           ignore_removed=True)
+        for container in left:
+            _remove(container)
+        dirs = leftovers.remove_dirs(self.host_dir)
+        if left or dirs:
+            log.info("removed %d sandbox containers and %d sandbox directories left by an earlier run", len(left), dirs)
+        return len(left) + dirs
+
+    def describe(self) -> str:
+        return f"docker sandbox ({self.image}, non-root, read-only, no network)"
+
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> DockerSandbox:
+        """A stem cell: no network, whatever the function (the AI node is reached through the host).
+
+        With an ``environment``, the container runs its image (the runtime plus the environment's layer).
+        """
+        return DockerSandbox(self, environment)
+
+
+class DockerSandbox(Sandbox):
+    def __init__(self, factory: DockerSandboxFactory, environment: BuiltEnvironment | None = None) -> None:
+        self.factory = factory
+        self.limits = factory.limits
+        self.id = "ctr-" + uuid.uuid4().hex[:12]
+        self.host_dir = factory.host_dir / self.id  # where output files land on this side, written by the host
+        self.output_dir = self.host_dir / "output"
+        self.output_dir.mkdir(mode=0o700, parents=True)
+        self.memory_mib = factory.stem_memory_mib
+        self._kill_reason: str | None = None
+        self._closed = False
+        self.cgroup: MemoryCgroup | None = None
+        api = factory.client.api
+        scratch = f"rw,nosuid,nodev,size={factory.scratch_mib}m,uid=65534,gid=65534,mode=0700"
+        if environment is not None and environment.env_id in COMPILED_RUNTIMES:
+            scratch += ",exec"  # Go and C++ compile the function into the scratch space and run it from there
+        self.container = factory.client.containers.create(
+            environment.image if environment is not None and environment.image else factory.image,
+            name=f"nanogrid-{self.id}",
+            stdin_open=True,
+            user=SANDBOX_UID,
+            read_only=True,
+            tmpfs={"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": scratch},
+            environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": "/sandbox/output",
+                         "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes), "HOME": "/sandbox"},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=factory.pids_limit,
+            mem_limit=f"{self.memory_mib}m",
+            memswap_limit=f"{self.memory_mib}m",
+            nano_cpus=int(factory.cpus * 1e9),
+            network_mode="none",
+            init=True,  # a tiny init as PID 1, so the bootstrap can be signalled (and can kill itself)
+            labels={"nanogrid.sandbox": self.id, "nanogrid.grid": factory.grid_label},
+        )
+        try:
+            # Attach before starting, so the bootstrap's first frame cannot be missed.
+            self._socket = api.attach_socket(self.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1,
+                                                                         "stream": 1})
+            raw = getattr(self._socket, "_sock", self._socket)
+            self._raw = raw
+            self._stream = DockerAttachStream(raw)
+            self.reader = FrameReader(raw.fileno(), self._stream.read_some, self._stream.pending,
+                                      max_header=reply_header_cap(factory.limits.capture_bytes))
+            self.container.start()
+            ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
+            self.python = self.check_ready(ready)
+        except (ChannelClosed, ChannelTimeout, docker.errors.APIError) as exc:
+            said = bytes(self._stream.stderr).decode(errors="replace")[-2000:] if hasattr(self, "_stream") else ""
+            self.close()
+            raise SandboxError("crash", f"the container's bootstrap did not start: {said or exc}") from None
+        self.cgroup = MemoryCgroup.of_container(self.container.id)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._kill_reason is None and not self._channel_ended()
+
+    def _channel_ended(self) -> bool:
+        """True once the attach socket has reached its end: the container stopped or was removed, or the engine
+        restarted. A poll and a peek (microseconds), never a call to the engine."""
+        try:
+            readable, _, _ = select.select([self._raw], [], [], 0)
+            return bool(readable) and self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
+    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
+        if memory_mib != self.memory_mib:  # stem cells start with a default; the function sets its own
+            try:
+                self.container.update(mem_limit=f"{memory_mib}m", memswap_limit=f"{memory_mib}m")
+            except docker.errors.APIError:
+                self.close()
+                raise SandboxError("memory", too_little_memory(memory_mib)) from None
+            self.memory_mib = memory_mib
+        self._send({"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}, package)
+        try:
+            reply, _ = self._receive(time.monotonic() + START_TIMEOUT_S, 0)
+        except ChannelTimeout:
+            self.close()
+            raise SandboxError("load", f"the function did not load within {START_TIMEOUT_S:g} s") from None
+        self.check_loaded(reply)
+        self.function_id = function_id
+        self.ai_allowed = bool(env and env.get("AI_ENDPOINT"))
+
+    def _send(self, header: dict, body: bytes = b"") -> None:
+        try:
+            self._raw.sendall(encode_frame(header, body))
+        except OSError:
+            raise self._death() from None
+
+    def _receive(self, deadline: float, max_body: int) -> tuple[dict, bytes]:
+        try:
+            return self.reader.read(deadline, max_body)
+        except (ChannelClosed, OSError):
+            raise self._death() from None
+
+    def _death(self) -> SandboxError:
+        """Why the container's bootstrap went away mid-call: our kill, the OOM killer, or the function."""
+        reason = self._kill_reason
+        try:
+            self.container.wait(timeout=10)
+            self.container.reload()
+            state = self.container.attrs["State"]
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            state = {}
+        self.close()
+        if reason:
+            return SandboxError("cancelled", reason)
+        if state.get("OOMKilled"):
+            return SandboxError("memory", f"out of memory (limit {self.memory_mib} MiB; files in /tmp and the "
+                                          "output directory count against it)")
+        return SandboxError("crash", f"the sandbox died (exit code {state.get('ExitCode', '?')}) while running "
+                                     "the function")
+
+    def kill(self, reason: str) -> None:
+        self._kill_reason = reason
+        try:
+            self.container.kill()
+        except docker.errors.DockerException:
+            pass
+
+    def _stop(self, graceful: bool) -> None:
+        try:
+            if graceful:
+                self.container.kill(signal="SIGTERM")
+                try:
+                    self.container.wait(timeout=self.factory.kill_grace_s)
+                    return
+                except (requests.exceptions.RequestException, docker.errors.DockerException):
+                    pass
+            self.container.kill()
+        except docker.errors.DockerException:
+            pass  # already gone
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.cgroup:
+            self.cgroup.remove()
+            self.cgroup = None
+        try:
+            self._socket.close()
+        except (AttributeError, OSError):
+            pass
+        container = self.container
+        # Removal takes ~50 ms of engine time: keep it off the path of the job that is finishing.
+        threading.Thread(target=_remove, args=(container,), name="remove-container", daemon=True).start()
+        shutil.rmtree(self.host_dir, ignore_errors=True)
+
+
+def _remove(container: docker.models.containers.Container) -> None:
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.DockerException as exc:
+        log.warning("could not remove container %s: %s", container.id[:12], exc)

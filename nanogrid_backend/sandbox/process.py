@@ -1,0 +1,258 @@
+"""The process sandbox: a bootstrap in a child process, for trusted code on your own machine.
+
+It is not a security boundary against hostile code (use the Docker sandbox for that). Where
+``bwrap`` (bubblewrap) exists, each process also gets its own network, pid and mount namespaces:
+a read-only view of the system, a private ``/tmp``, no network, and the grid's data directory
+hidden except for its own working directory. Where memory cgroups can be created, each sandbox
+gets one for a hard memory limit and an exact per-call peak; elsewhere ``RLIMIT_DATA`` limits
+memory and the kernel's own high-water mark (VmHWM) gives the peak.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
+from nanogrid_backend.sandbox import cgroup, leftovers
+from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError
+from nanogrid_backend.sandbox.protocol import (
+    ChannelClosed,
+    ChannelTimeout,
+    FrameReader,
+    encode_frame,
+    reply_header_cap,
+    write_all,
+)
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP = Path(__file__).resolve().parents[2] / "nanogrid_runtimes" / "python" / "bootstrap.py"
+START_TIMEOUT_S = 30.0
+
+
+def _interpreter_paths() -> list[Path]:
+    """Directories the bootstrap's interpreter imports from: its prefixes and sys.path."""
+    paths = {Path(sys.prefix), Path(sys.base_prefix), BOOTSTRAP.parent}
+    paths.update(Path(p) for p in sys.path if p and Path(p).is_dir())
+    roots = sorted(p.resolve() for p in paths)
+    return [p for i, p in enumerate(roots) if not any(p.is_relative_to(q) for q in roots[:i])]
+
+
+class ProcessSandboxFactory:
+    """Starts process sandboxes with one grid's settings."""
+
+    kind = "process"
+
+    def __init__(self, base_dir: Path, hide_dir: Path, *, bubblewrap: str = "auto", cgroups: str = "auto",
+                 kill_grace_s: float = 1.0, limits: Limits | None = None) -> None:
+        self.base_dir = base_dir
+        self.hide_dir = hide_dir
+        self.bwrap = shutil.which("bwrap") if bubblewrap != "off" else None
+        if bubblewrap == "on" and not self.bwrap:
+            raise RuntimeError("bubblewrap=on but no `bwrap` on PATH: apt-get install bubblewrap")
+        self.use_cgroups = cgroups != "off" and cgroup.available()
+        self.kill_grace_s = kill_grace_s
+        self.limits = limits or Limits()
+        base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.identity = leftovers.grid_identity(base_dir)  # in the names of its cgroups
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Remove sandbox directories and memory cgroups left by a run that crashed (or was killed) before closing
+        them; at shutdown, those of sandboxes that were still closing. How many there were."""
+        count = leftovers.remove_dirs(self.base_dir) + cgroup.sweep(self.identity + "-")
+        if count:
+            log.info("removed %d sandbox directories and memory cgroups left by an earlier run", count)
+        return count
+
+    def describe(self) -> str:
+        parts = ["process sandbox (trusted code only)"]
+        parts.append("bubblewrap namespaces" if self.bwrap else "no bubblewrap")
+        parts.append("memory cgroups" if self.use_cgroups else "rlimits")
+        return ", ".join(parts)
+
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> ProcessSandbox:
+        """A stem cell; with an ``environment``, its layer of packages comes first on the import path."""
+        return ProcessSandbox(self, environment)
+
+
+class ProcessSandbox(Sandbox):
+    def __init__(self, factory: ProcessSandboxFactory, environment: BuiltEnvironment | None = None) -> None:
+        self.factory = factory
+        self.site_dir = environment.site_dir if environment is not None else None
+        self.limits = factory.limits
+        self.id = "proc-" + uuid.uuid4().hex[:12]
+        self.work_dir = factory.base_dir / self.id
+        self.work_dir.mkdir(mode=0o700, parents=True)
+        # Output files come over the channel like the Docker sandbox's: the host writes them here, outside
+        # the directory the process can write to.
+        self.output_dir = factory.base_dir / f"{self.id}.outputs"
+        self.output_dir.mkdir(mode=0o700)
+        self.memory_mib = 0
+        self._kill_reason: str | None = None
+        self._lock = threading.Lock()
+        self.cgroup = cgroup.MemoryCgroup(f"{factory.identity}-{self.id}") if factory.use_cgroups else None
+        startup_log = self._startup_log()
+        try:
+            self.proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=startup_log,
+                cwd=self.work_dir,
+                env=self._environment(),
+                start_new_session=True,  # its own process group, so a kill reaches its children too
+                preexec_fn=self._join_cgroup if self.cgroup else None,
+            )
+        except OSError as exc:
+            if self.cgroup:
+                self.cgroup.remove()
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            raise SandboxError("crash", f"could not start the sandbox process: {exc}") from None
+        finally:
+            os.close(startup_log)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes (Popen above)
+        self.reader = FrameReader(self.proc.stdout.fileno(), max_header=reply_header_cap(self.limits.capture_bytes))
+        try:
+            ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
+        except (ChannelClosed, ChannelTimeout):
+            log_text = (self.work_dir / "startup.log").read_text(errors="replace")[-2000:].strip()
+            self.close()
+            raise SandboxError("crash", f"the Python bootstrap did not start: {log_text or 'no output'}") from None
+        self.python = self.check_ready(ready)
+
+    def _startup_log(self) -> int:
+        """What the interpreter says before the bootstrap takes over fd 2 (why it could not start)."""
+        return os.open(self.work_dir / "startup.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def _join_cgroup(self) -> None:
+        assert self.cgroup is not None  # only called as the preexec_fn when there is one
+        with open(self.cgroup.procs_file, "w") as f:
+            f.write(str(os.getpid()))
+
+    def _command(self) -> list[str]:
+        # -I ignores PYTHONPATH; with an environment layer, -s -P keep the rest of isolated mode.
+        python = [sys.executable, "-s", "-P" if self.site_dir else "-I", str(BOOTSTRAP)]
+        if not self.factory.bwrap:
+            return python
+        layer = ["--ro-bind", str(self.site_dir), str(self.site_dir)] if self.site_dir else []
+        # Order matters: later mounts go on top of earlier ones. The interpreter and its packages
+        # are mounted back read-only in case they live under /tmp (a venv in a temporary checkout).
+        interpreter = []
+        for path in _interpreter_paths():
+            if not path.is_relative_to(self.factory.hide_dir):
+                interpreter += ["--ro-bind", str(path), str(path)]
+        return [
+            self.factory.bwrap, "--unshare-all", "--die-with-parent",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            "--tmpfs", str(self.factory.hide_dir), *interpreter, *layer,
+            "--bind", str(self.work_dir), str(self.work_dir), *python,
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.work_dir),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "NANOGRID_WORK_DIR": str(self.work_dir),
+            "NANOGRID_OUTPUT_DIR": str(self.work_dir / "output"),
+            "NANOGRID_CAPTURE_LIMIT": str(self.limits.capture_bytes),
+            **({"PYTHONPATH": str(self.site_dir)} if self.site_dir else {}),
+        }
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self._kill_reason is None
+
+    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
+        limit = memory_mib << 20
+        header = {"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}
+        if self.cgroup:
+            try:
+                self.cgroup.set_limit(limit)
+            except OSError:  # below what the process already holds (cgroup v1 refuses with EBUSY)
+                self.close()
+                raise SandboxError("memory", too_little_memory(memory_mib)) from None
+        else:
+            header["rlimit_data"] = limit
+        self.memory_mib = memory_mib
+        self._send(header, package)
+        try:
+            reply, _ = self._receive(time.monotonic() + START_TIMEOUT_S, 0)
+        except ChannelTimeout:
+            self.close()
+            raise SandboxError("load", f"the function did not load within {START_TIMEOUT_S:g} s") from None
+        self.check_loaded(reply)
+        self.function_id = function_id
+        self.ai_allowed = bool(env and env.get("AI_ENDPOINT"))
+
+    def _send(self, header: dict, body: bytes = b"") -> None:
+        try:
+            write_all(self.proc.stdin.fileno(), encode_frame(header, body))  # type: ignore[union-attr]  # a pipe
+        except (BrokenPipeError, ValueError):
+            raise self._death() from None
+
+    def _receive(self, deadline: float, max_body: int) -> tuple[dict, bytes]:
+        try:
+            return self.reader.read(deadline, max_body)
+        except (ChannelClosed, OSError):
+            raise self._death() from None
+
+    def _death(self) -> SandboxError:
+        """Why the bootstrap died mid-call: our kill, the OOM killer, or the function's own doing."""
+        code = self.proc.wait()
+        oom = self.cgroup is not None and self.cgroup.oom_killed()
+        reason = self._kill_reason
+        self.close()
+        if reason:
+            return SandboxError("cancelled", reason)
+        if oom:
+            return SandboxError("memory", f"out of memory (limit {self.memory_mib} MiB)")
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return SandboxError("crash", f"the sandbox process died ({how}) while running the function")
+
+    def kill(self, reason: str) -> None:
+        self._kill_reason = reason
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _stop(self, graceful: bool) -> None:
+        with self._lock:
+            if self.proc.poll() is None and graceful:
+                self._signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(self.factory.kill_grace_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        self._stop(graceful=False)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]  # both are pipes
+            except OSError:
+                pass
+        if self.cgroup:
+            self.cgroup.remove()
+            self.cgroup = None
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        shutil.rmtree(self.output_dir, ignore_errors=True)

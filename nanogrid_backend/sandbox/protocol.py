@@ -1,0 +1,193 @@
+"""The host's side of the bootstrap's framed protocol (see nanogrid_runtimes/python/bootstrap.py).
+
+Everything a sandbox sends is hostile input: the function runs in the bootstrap's own
+interpreter, so it can write any bytes to the reply channel. The reader therefore caps every
+frame as it arrives (header and body sizes are checked before a byte of the body is buffered),
+and headers are parsed as JSON objects only. Any breach raises ``ProtocolViolation``; the
+caller discards the sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+HEADER = struct.Struct(">II")  # JSON header length, body length
+MAX_HEADER_BYTES = 256 << 10  # any frame's header, unless the reader is given a call reply's (reply_header_cap)
+CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this many bytes
+
+
+def reply_header_cap(capture_limit: int) -> int:
+    """The largest header a call's reply may need: stdout and stderr kept up to the capture limit each, and the
+    error's message and traceback, in JSON at up to 6 bytes a character (``\\u00XX``, ``\\ufffd``)."""
+    return max(MAX_HEADER_BYTES, 4 * 6 * (capture_limit + 256) + (64 << 10))
+
+
+class ChannelClosed(Exception):
+    pass
+
+
+class ChannelTimeout(Exception):
+    pass
+
+
+class ProtocolViolation(Exception):
+    """The sandbox sent something the protocol does not allow (forged, oversized or malformed)."""
+
+
+class FrameTooLarge(ProtocolViolation):
+    """A frame bigger than the reader allows at this point (refused before its body is read)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a frame body of {size} bytes where at most {limit} are allowed")
+        self.size, self.limit = size, limit
+
+
+def encode_frame(header: dict[str, Any], body: bytes = b"") -> bytes:
+    data = json.dumps(header).encode()
+    return HEADER.pack(len(data), len(body)) + data + body
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class FrameReader:
+    """Reads frames from a pipe or socket with a deadline, without ever blocking past it.
+
+    ``read_some(n)`` returns up to n bytes of the bootstrap's reply stream (b"" at its end); by
+    default it is ``os.read`` on ``fd``. The Docker sandbox passes one that strips the attach
+    stream's multiplexing headers.
+    """
+
+    def __init__(self, fd: int, read_some: Callable[[int], bytes] | None = None,
+                 pending: Callable[[], bool] | None = None, max_header: int = MAX_HEADER_BYTES) -> None:
+        self.fd = fd
+        self._read_some = read_some or (lambda n: os.read(fd, n))
+        self._pending = pending or (lambda: False)
+        self._buffer = bytearray()
+        self.max_header = max_header
+
+    def read(self, deadline: float | None, max_body: int) -> tuple[dict[str, Any], bytes]:
+        """One frame whose body is at most ``max_body`` bytes; ProtocolViolation otherwise."""
+        self._fill(HEADER.size, deadline)
+        header_len, body_len = HEADER.unpack_from(self._buffer)
+        if header_len > self.max_header:
+            raise ProtocolViolation(f"a frame header of {header_len} bytes (at most {self.max_header})")
+        if body_len > max_body:
+            raise FrameTooLarge(body_len, max_body)
+        total = HEADER.size + header_len + body_len
+        self._fill(total, deadline)
+        try:
+            header = json.loads(bytes(self._buffer[HEADER.size:HEADER.size + header_len]))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolViolation("a frame header that is not JSON") from None
+        if not isinstance(header, dict):
+            raise ProtocolViolation("a frame header that is not a JSON object")
+        body = bytes(self._buffer[HEADER.size + header_len:total])
+        del self._buffer[:total]
+        return header, body
+
+    def _fill(self, size: int, deadline: float | None) -> None:
+        while len(self._buffer) < size:
+            if deadline is not None and not self._pending():
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    raise ChannelTimeout
+            chunk = self._read_some(min(max(size - len(self._buffer), 1 << 16), 4 << 20))
+            if not chunk:
+                raise ChannelClosed
+            self._buffer += chunk
+
+
+class DockerAttachStream:
+    """The stdout half of a non-TTY ``docker attach`` socket: 8-byte headers (stream, 0, 0, 0, size)."""
+
+    STDOUT = 1
+
+    def __init__(self, sock: socket.socket, stderr_limit: int = 64 << 10) -> None:
+        self.sock = sock
+        self.stderr = bytearray()  # the bootstrap's own stderr: only what it says before it starts
+        self._stderr_limit = stderr_limit
+        self._raw = bytearray()
+        self._left = 0  # bytes still to come in the current multiplexed frame
+        self._stream = 0
+
+    def pending(self) -> bool:
+        return bool(self._raw)
+
+    def read_some(self, n: int) -> bytes:
+        """Stdout bytes (at least one unless the stream ended); skips stderr frames."""
+        while True:
+            out = bytearray()
+            while self._raw and len(out) < n:
+                if self._left == 0:
+                    if len(self._raw) < 8:
+                        break
+                    self._stream, self._left = self._raw[0], int.from_bytes(self._raw[4:8], "big")
+                    del self._raw[:8]
+                    continue
+                take = min(self._left, len(self._raw), n - len(out))
+                piece = self._raw[:take]
+                del self._raw[:take]
+                self._left -= take
+                if self._stream == self.STDOUT:
+                    out += piece
+                elif len(self.stderr) < self._stderr_limit:
+                    self.stderr += piece
+            if out:
+                return bytes(out)
+            data = self.sock.recv(max(n, 1 << 16))
+            if not data:
+                return b""
+            self._raw += data
+
+
+# What a call's reply header may hold, and of what type; anything else is a violation.
+_REPLY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "ok": bool, "result_format": str, "error": dict, "stdout": str, "stderr": str, "duration_ms": (int, float),
+    "peak_rss_bytes": (int, type(None)), "output_files": int, "op": str,
+    "result_size": int,  # a result streamed after the reply in ``result_data`` frames (the reply's body is empty)
+}
+_ERROR_FIELDS = ("kind", "type", "module", "message", "traceback")
+_ERROR_KINDS = {"exception", "memory"}
+
+
+def check_reply(header: dict[str, Any], capture_limit: int) -> dict[str, Any]:
+    """The call reply's header, validated field by field; the sandbox's word is taken for nothing else."""
+    for key, value in header.items():
+        expected = _REPLY_FIELDS.get(key)
+        if expected is None:
+            raise ProtocolViolation(f"an unexpected field {key[:40]!r} in the call's reply")
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ProtocolViolation(f"the reply's {key!r} has the wrong type")
+    if header.get("op") not in (None, "result"):
+        raise ProtocolViolation(f"a {str(header.get('op'))[:40]!r} frame where the call's reply was due")
+    if "ok" not in header:
+        raise ProtocolViolation("a call reply without 'ok'")
+    if header["ok"] and header.get("result_format") not in ("pickle", "json"):
+        raise ProtocolViolation("a result in an unknown format")
+    text_cap = capture_limit + 256  # the bootstrap's truncation notice comes on top
+    for stream in ("stdout", "stderr"):
+        if len(header.get(stream, "")) > text_cap:
+            raise ProtocolViolation(f"{stream} over the {capture_limit}-byte capture limit")
+    if not header["ok"]:
+        error = header.get("error")
+        if not isinstance(error, dict) or error.get("kind") not in _ERROR_KINDS:
+            raise ProtocolViolation("a failed call without a valid error")
+        for key, value in error.items():
+            if key not in _ERROR_FIELDS or not isinstance(value, str) or len(value) > text_cap:
+                raise ProtocolViolation("a malformed error in the call's reply")
+    if header.get("output_files", 0) < 0:
+        raise ProtocolViolation("a negative count of output files")
+    if header.get("result_size", 1) <= 0:
+        raise ProtocolViolation("a streamed result of no bytes")
+    return header

@@ -1,0 +1,137 @@
+"""AWS S3: code packages in the code bucket, outputs streamed to the user-data bucket, presigned URLs."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+from botocore.exceptions import ClientError
+
+from nanogrid_backend.store.base import BlobStore, Expired, QuotaExceeded
+
+URL_EXPIRY_S = 3600
+
+
+class S3Store(BlobStore):
+    """Outputs at ``outputs/{job_id}/{name}``; next to them an empty ``owners/{owner}/{job_id}/{size}-{hash}`` object
+    per file, so an owner's usage is one listing and retention finds a job's age and owner.
+
+    Quotas are checked against that listing when a file is saved, so workers saving at the same moment may
+    together pass an owner's quota by what they save at once. Bucket lifecycle rules can expire both prefixes too.
+    """
+
+    def __init__(self, code_bucket: str, data_bucket: str, *, quota: Callable[[str], int | None] | None = None,
+                 owner_of: Callable[[str], str] | None = None) -> None:
+        self.code_bucket = code_bucket
+        self.data_bucket = data_bucket
+        self.s3 = boto3.client("s3")
+        self._quota = quota or (lambda owner: None)
+        self._owner_of = owner_of or (lambda job_id: "")
+
+    def put_package(self, function_id: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.code_bucket, Key=f"functions/{function_id}/code.zip", Body=data)
+
+    def get_package(self, function_id: str) -> bytes:
+        try:
+            return self.s3.get_object(Bucket=self.code_bucket, Key=f"functions/{function_id}/code.zip")["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise FileNotFoundError(function_id) from None
+            raise
+
+    def delete_package(self, function_id: str) -> None:
+        self.s3.delete_object(Bucket=self.code_bucket, Key=f"functions/{function_id}/code.zip")
+
+    def put_blob(self, key: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.data_bucket, Key=key, Body=data)
+
+    def get_blob(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.data_bucket, Key=key)["Body"].read()
+
+    def put_blob_file(self, key: str, source: Path) -> None:
+        self.s3.upload_file(str(source), self.data_bucket, key)  # multipart above boto3's threshold
+        source.unlink(missing_ok=True)
+
+    def open_blob(self, key: str) -> Iterator[bytes]:
+        try:
+            body = self.s3.get_object(Bucket=self.data_bucket, Key=key)["Body"]
+        except ClientError:
+            raise FileNotFoundError(key) from None
+        return body.iter_chunks(1 << 20)
+
+    def blob_size(self, key: str, touch: bool = False) -> int | None:
+        try:
+            return int(self.s3.head_object(Bucket=self.data_bucket, Key=key)["ContentLength"])
+        except ClientError:
+            return None
+
+    def _keys(self, prefix: str) -> Iterator[dict]:
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.data_bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            self.s3.delete_objects(Bucket=self.data_bucket,
+                                   Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+
+    def usage(self, owner: str) -> int:
+        return sum(int(item["Key"].rsplit("/", 1)[1].split("-", 1)[0]) for item in self._keys(f"owners/{owner}/"))
+
+    def quota_of(self, owner: str) -> int | None:
+        return self._quota(owner)
+
+    def quota_left(self, owner: str) -> int | None:
+        quota = self._quota(owner)
+        return None if quota is None else max(0, quota - self.usage(owner))
+
+    def save_output(self, job_id: str, name: str, source: Path, owner: str | None = None) -> int:
+        if owner is None:
+            owner = self._owner_of(job_id)
+        size = source.lstat().st_size  # the apparent size: a sparse file counts in full
+        quota = self._quota(owner)
+        if quota is not None:
+            used = self.usage(owner)
+            if used + size > quota:
+                index = list(self._keys(f"owners/{owner}/{job_id}/"))
+                kept = sum(int(item["Key"].rsplit("/", 1)[1].split("-", 1)[0]) for item in index)
+                self._delete([item["Key"] for item in index] + [item["Key"] for item in self._keys(f"outputs/{job_id}/")])
+                raise QuotaExceeded(owner, used - kept, kept + size, quota)
+        # upload_file streams from disk and switches to multipart uploads for big files
+        self.s3.upload_file(str(source), self.data_bucket, f"outputs/{job_id}/{name}")
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        self.s3.put_object(Bucket=self.data_bucket, Key=f"owners/{owner}/{job_id}/{size}-{digest}", Body=b"")
+        source.unlink()
+        return size
+
+    def expire(self, before: float) -> Expired:
+        """Delete the outputs of jobs whose first file was saved before ``before``."""
+        expired = Expired()
+        jobs: dict[tuple[str, str], list[dict]] = {}
+        for item in self._keys("owners/"):
+            _, owner, job_id, _ = item["Key"].split("/", 3)
+            jobs.setdefault((owner, job_id), []).append(item)
+        for (_owner, job_id), index in jobs.items():
+            if min(item["LastModified"].timestamp() for item in index) >= before:
+                continue
+            outputs = [item["Key"] for item in self._keys(f"outputs/{job_id}/")]
+            self._delete(outputs + [item["Key"] for item in index])
+            expired.jobs += 1
+            expired.bytes += sum(int(item["Key"].rsplit("/", 1)[1].split("-", 1)[0]) for item in index)
+        old_blobs = [item for item in self._keys("data/") if item["LastModified"].timestamp() < before]
+        self._delete([item["Key"] for item in old_blobs])  # the data plane's blobs (nanogrid_backend/blobs.py)
+        expired.blobs += len(old_blobs)
+        expired.bytes += sum(int(item.get("Size", 0)) for item in old_blobs)
+        return expired
+
+    def open_output(self, job_id: str, name: str) -> Iterator[bytes]:
+        try:
+            body = self.s3.get_object(Bucket=self.data_bucket, Key=f"outputs/{job_id}/{name}")["Body"]
+        except ClientError:
+            raise FileNotFoundError(name) from None
+        return body.iter_chunks(1 << 20)
+
+    def output_url(self, job_id: str, name: str) -> str | None:
+        return self.s3.generate_presigned_url("get_object", ExpiresIn=URL_EXPIRY_S,
+                                              Params={"Bucket": self.data_bucket, "Key": f"outputs/{job_id}/{name}"})

@@ -1,0 +1,416 @@
+"""The worker agent: pulls jobs, runs each in a warm sandbox of its function, reports the result."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from nanogrid_backend.blobs import (
+    BLOB_FORMAT,
+    RESULT_FORMAT,
+    BlobError,
+    Blobs,
+    result_reference,
+    split_payload,
+    spool_dir_for,
+)
+from nanogrid_backend.environments import EnvironmentBuildError
+from nanogrid_backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
+from nanogrid_backend.notify import Notifier
+from nanogrid_backend.packages import function_id_for, owned_function_id
+from nanogrid_backend.queue.base import JobQueue
+from nanogrid_backend.registry.base import Registry
+from nanogrid_backend.results.base import ResultBus
+from nanogrid_backend.retries import Retrier
+from nanogrid_backend.sandbox.base import CallResult, Sandbox, SandboxError
+from nanogrid_backend.secretbox import SecretBox, SecretError
+from nanogrid_backend.store.base import BlobStore
+from nanogrid_backend.worker.ai_gateway import CHANNEL, AIGateway
+from nanogrid_backend.worker.pool import FunctionCode, WarmPool
+
+log = logging.getLogger(__name__)
+
+
+def _wants_ai(package: bytes) -> bool:
+    """Whether the function asked for the AI node (manifest ``ai``: JSON ``true`` and nothing else)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(package)) as zf:
+            return json.loads(zf.read("manifest.json")).get("ai") is True
+    except (KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+        return False
+
+
+class Worker:
+    """``slots`` threads, each running one call at a time in a sandbox from the shared warm pool."""
+
+    def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
+                 pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
+                 heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
+                 ai: AIGateway | None = None, secrets: SecretBox | None = None) -> None:
+        self.queue = queue
+        self.registry = registry
+        self.store = store
+        self.bus = bus
+        self.pool = pool
+        self.slots = slots
+        self.max_output_bytes = max_output_bytes
+        self.visibility_s = visibility_s
+        self.heartbeat_s = heartbeat_s
+        self.publish_backlog = publish_backlog
+        self.ai = ai  # the AI node, reached through this worker by functions with ai=True
+        self.secrets = secrets  # opens the secrets a function names, as its sandbox is loaded
+        self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
+        self._cancelled: set[str] = set()
+        # Live output of running jobs: kept so a call that times out or crashes still shows what it printed.
+        self._printed: dict[str, dict[str, bytearray]] = {}
+        self._stopping = threading.Event()
+        self.retrier = Retrier(registry, store, self._stopping)  # @remote(retries=N): every try recorded
+        self.notifier = Notifier(registry)  # per-owner webhooks, sent from their own thread
+        self._draining = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.stats = {"completed": 0, "failed": 0, "cold_starts": 0}
+        # Blobs of arguments and large results; a remote store's are fetched into a spool here.
+        self._blobs = Blobs(store, spool_dir_for(store, Path(tempfile.gettempdir()) / "nanogrid-blob-spool"))
+
+    def start(self) -> None:
+        self.bus.on_cancel(self.cancel)
+        self.notifier.start()
+        self._beat()
+        threading.Thread(target=self._keepalive, name="worker-keepalive", daemon=True).start()
+        for n in range(self.slots):
+            thread = threading.Thread(target=self._slot, name=f"worker-slot-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def drain(self, timeout_s: float) -> None:
+        """Take no new jobs and give running ones up to ``timeout_s`` to finish."""
+        self._draining.set()
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for message in self.queue.waiting_here():  # fetched ahead but never started: let others have them
+            try:
+                self.queue.release(message)
+            except Exception as exc:
+                log.warning("job %s: could not hand back its message: %s", message.job_id, exc)
+        for sandbox in list(self._running.values()):
+            sandbox.kill("the worker shut down while this job ran")
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.pool.close()
+        self.notifier.stop()
+
+    def info(self) -> dict:
+        """What /system/status and /metrics show about this worker."""
+        return {"worker_id": self.worker_id, "slots": self.slots, "running": len(self._running),
+                "pool": self.pool.snapshot(), **self.stats}
+
+    def _beat(self) -> None:
+        try:
+            self.bus.heartbeat(self.worker_id, self.info(), ttl_s=self.heartbeat_s * 3)
+        except Exception as exc:  # a bus outage must not stop the jobs
+            log.warning("heartbeat failed: %s", exc)
+
+    def _keepalive(self) -> None:
+        """Heartbeats, and more visibility time for the messages of jobs still running."""
+        interval = min(self.heartbeat_s, self.visibility_s / 3)
+        while not self._stopping.wait(interval):
+            self._beat()
+            self._report_dead_letters()
+            self._publish_backlog()
+            for message in list(self._in_flight.values()) + self.queue.waiting_here():
+                try:
+                    self.queue.extend(message, self.visibility_s)
+                except Exception as exc:
+                    log.warning("job %s: could not extend its visibility: %s", message.job_id, exc)
+
+    def _publish_backlog(self) -> None:
+        """The autoscaling signal the seeds use: visible messages per live worker."""
+        if self.publish_backlog is None:
+            return
+        try:
+            self.publish_backlog(self.queue.depth() / max(1, len(self.bus.workers())))
+        except Exception as exc:
+            log.warning("could not publish the backlog metric: %s", exc)
+
+    def _report_dead_letters(self) -> None:
+        """Jobs whose every delivery failed: record them failed, with the last reason, and publish."""
+        try:
+            for message in self.queue.dead_letters():
+                job = self.registry.get_job(message.job_id)
+                if job is not None and not job.finished:
+                    attempt = job.error or {}
+                    last = attempt.get("message", "every worker that took it died or stalled")
+                    count = attempt.get("deliveries", "repeated")
+                    job.status, job.finished_at = FAILED, time.time()
+                    job.error = {"kind": "dead_letter",
+                                 "message": f"moved to the dead-letter queue after {count} failed deliveries: {last}"}
+                    if self.registry.finish_job(job):
+                        self.bus.publish(job)
+                self.queue.ack_dead(message)
+        except Exception as exc:
+            log.warning("could not report dead letters: %s", exc)
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a running job's sandbox; True if this worker was running it."""
+        if job_id not in self._in_flight:
+            return False
+        self._cancelled.add(job_id)  # checked again once its sandbox is ready, if it is still starting
+        sandbox = self._running.get(job_id)
+        if sandbox is not None:
+            sandbox.kill("cancelled by the user")
+        return True
+
+    def _slot(self) -> None:
+        while not self._stopping.is_set() and not self._draining.is_set():
+            message = self.queue.get(timeout=0.5, want=self.slots - len(self._in_flight))
+            if message is None:
+                continue
+            try:
+                self.run(message)
+            except Exception:
+                log.exception("job %s: unexpected worker error", message.job_id)
+
+    def run(self, message: JobMessage) -> None:
+        started = time.time()
+        if not self.registry.mark_running(message.job_id, self.worker_id, started, retry=message.receive_count > 1):
+            self.queue.ack(message)  # cancelled while queued, or already finished: nothing left to do
+            return
+        job = JobRecord(message.job_id, message.function_id, status=RUNNING, payload_format=message.payload_format,
+                        worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib,
+                        owner=message.owner)
+        self._in_flight[message.job_id] = message
+        try:
+            self.retrier.run(self._execute, message, job)
+        except SandboxError as exc:
+            if exc.kind == "crash" and self.queue.redelivers:
+                # Maybe this machine's fault: let another delivery try; the redrive policy ends it in the DLQ.
+                self.registry.note_attempt(job.job_id, {"kind": "crash", "message": exc.message,
+                                                        "deliveries": message.receive_count})
+                self.queue.release(message)
+                return
+            self._fail(job, exc.kind, exc.message)
+        except Exception as exc:  # never leave a job running forever because of a bug of ours
+            log.exception("job %s: worker error", message.job_id)
+            self._fail(job, "internal", f"the worker failed while running this job: {type(exc).__name__}: {exc}")
+        finally:
+            self._in_flight.pop(message.job_id, None)
+            self._cancelled.discard(message.job_id)
+        job.finished_at = time.time()
+        self.stats["completed" if job.status == COMPLETED else "failed"] += 1
+        try:
+            self._finish(job)
+            self.notifier.job_finished(job)
+        finally:
+            self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
+            if self._printed.pop(job.job_id, None) is not None:
+                self.bus.end_log(job.job_id)  # followers stop waiting; the job's record has the whole capture
+
+    def _finish(self, job: JobRecord) -> None:
+        """Record and announce the outcome; if the registry cannot take it (a full disk), record the failure."""
+        try:
+            if self.registry.finish_job(job):
+                self.bus.publish(job)
+            return
+        except Exception as exc:
+            log.exception("job %s: could not record its outcome", job.job_id)
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        # A slimmer record (no result, output or captured text) may still fit where the full one did not.
+        job.status, job.result, job.result_format, job.output_files = FAILED, None, None, []
+        job.stdout = job.stderr = ""
+        job.error = {"kind": "storage", "message": f"the grid could not record this job's outcome ({reason}); "
+                                                    "run it again"}
+        try:
+            if self.registry.finish_job(job):
+                self.bus.publish(job)
+        except Exception:
+            log.exception("job %s: could not record its failure either; the watchdog will finish it", job.job_id)
+
+    def _execute(self, message: JobMessage, job: JobRecord) -> None:
+        """Run the call; a sandbox that died before the call reached it is replaced once (the function never ran)."""
+        try:
+            self._execute_in_sandbox(message, job)
+        except SandboxError as exc:
+            if exc.kind != "unstarted":
+                raise
+            log.warning("job %s: %s; trying once more on a fresh sandbox", job.job_id, exc.message)
+            try:
+                self._execute_in_sandbox(message, job)
+            except SandboxError as again:
+                if again.kind != "unstarted":
+                    raise
+                raise SandboxError("unstarted", "two sandboxes in a row died before the call reached them; the "
+                                                "function did not run (is the host out of memory, or the sandbox "
+                                                "engine restarting?)") from None
+
+    def _execute_in_sandbox(self, message: JobMessage, job: JobRecord) -> None:
+        sandbox, cold = self.pool.acquire(message.function_id, lambda: self._code(message))
+        job.cold, job.sandbox_id = cold, sandbox.id
+        self.stats["cold_starts"] += cold
+        self._running[job.job_id] = sandbox
+        reusable = False  # the sandbox goes back to the pool only after a call that ended cleanly
+        try:
+            if job.job_id in self._cancelled:  # cancelled while its sandbox was being prepared
+                raise SandboxError("cancelled", "cancelled by the user")
+            ai = self.ai.session(message.owner) if self.ai is not None and sandbox.ai_allowed else None
+            refs: list[str] = []
+            payload = message.payload
+            if message.payload_format == BLOB_FORMAT:  # arguments stored as blobs: streamed to the sandbox
+                refs, payload = split_payload(payload)
+            try:
+                with self._blobs.local_files(message.owner, refs) as blob_files:
+                    outcome = sandbox.call(job.job_id, payload, message.timeout_s, message.model, ai=ai,
+                                           on_output=self._live_output(job.job_id), blobs=blob_files)
+            except BlobError as exc:
+                reusable = True  # nothing reached the sandbox
+                raise SandboxError("blob", exc.message) from None
+            except SandboxError:
+                if job.job_id in self._cancelled:
+                    raise SandboxError("cancelled", "cancelled by the user") from None
+                if self._stopping.is_set():
+                    raise SandboxError("interrupted", "the worker shut down while this job ran; run it again") from None
+                raise
+            try:
+                self._record(job, outcome)
+            finally:
+                if outcome.result_file is not None:
+                    outcome.result_file.unlink(missing_ok=True)  # kept as a blob by now, or not at all
+            reusable = True
+        finally:
+            self._running.pop(job.job_id, None)
+            self._cancelled.discard(job.job_id)
+            if reusable:
+                self.pool.release(sandbox)  # drops it if it died meanwhile
+            else:
+                self.pool.discard(sandbox)  # whatever was raised: never a leaked pool place
+
+    def _live_output(self, job_id: str) -> Callable[[str, bytes], None]:
+        """Where a running call's output goes as it is printed: the bus, for whoever follows the job."""
+
+        def publish(stream: str, data: bytes) -> None:
+            kept = self._printed.setdefault(job_id, {"stdout": bytearray(), "stderr": bytearray()})
+            kept[stream] += data  # bounded by the sandbox channel (twice the capture limit at most)
+            self.bus.append_log(job_id, stream, data)
+
+        return publish
+
+    def _code(self, message: JobMessage) -> FunctionCode:
+        package = self._verified_package(message)
+        ai = _wants_ai(package) and self.ai is not None
+        env = {"AI_ENDPOINT": CHANNEL, **({"LLM_MODEL": self.ai.model} if self.ai and self.ai.model else {})} if ai else None
+        # The function's own variables and secrets first: the grid's (FUNCTION_ID, MEMORY_MB, ...) win over them.
+        env = {**self._function_environment(message, package), **(env or {})}
+        # The environment it asks for (packages, Python), built once per grid; the build's progress shows on the job.
+        environment, progress_shown = None, []
+        if self.pool.environments is not None:
+            with zipfile.ZipFile(io.BytesIO(package)) as zf:
+                manifest = json.loads(zf.read("manifest.json"))
+
+            def progress(text: str) -> None:
+                progress_shown.append(text)
+                self.registry.note_attempt(message.job_id, {"kind": "progress", "message": text})
+
+            try:
+                environment = self.pool.environments.for_manifest(manifest, progress)
+            except EnvironmentBuildError as exc:
+                raise SandboxError("environment", exc.message) from None
+            finally:
+                if progress_shown:
+                    self.registry.note_attempt(message.job_id, None)  # type: ignore[arg-type]  # progress over
+            if environment is not None and environment.variables:
+                env = {**environment.variables, **(env or {})}
+        return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment)
+
+    def _function_environment(self, message: JobMessage, package: bytes) -> dict[str, str]:
+        """``env`` and ``secrets`` of the manifest (secrets decrypted only here, into the sandbox), and the
+        seed platform's FUNCTION_ID and MEMORY_MB."""
+        with zipfile.ZipFile(io.BytesIO(package)) as zf:
+            manifest = json.loads(zf.read("manifest.json"))
+        env = {str(k): str(v) for k, v in (manifest.get("env") or {}).items()}
+        for name in manifest.get("secrets") or []:
+            secret = self.registry.get_secret(message.owner, str(name))
+            if secret is None:
+                raise SandboxError("secret", f"the function asks for secret {name!r}, which its owner has not set: "
+                                             f"`nanogrid secrets set {name} KEY=VALUE`")
+            if self.secrets is None:
+                raise SandboxError("secret", "this worker has no secrets key; it cannot give the function its secrets")
+            try:
+                env.update(json.loads(self.secrets.open(secret.ciphertext, message.owner, secret.name)))
+            except SecretError as exc:
+                raise SandboxError("secret", str(exc)) from None
+        return {**env, "FUNCTION_ID": str(manifest.get("stable_id") or message.function_id),
+                "MEMORY_MB": str(message.memory_mib)}
+
+    def _verified_package(self, message: JobMessage) -> bytes:
+        """The function's package, checked against its content hash: a changed file in the store never runs."""
+        try:
+            package = self.store.get_package(message.function_id)
+        except FileNotFoundError:
+            raise SandboxError("not_found", f"function {message.function_id} was deleted") from None
+        if owned_function_id(message.owner, function_id_for(package)) != message.function_id:
+            log.error("function %s: the stored package does not match its content hash; refusing to load it",
+                      message.function_id)
+            raise SandboxError("corrupt", f"the stored code of function {message.function_id} does not match its "
+                                          "content hash; upload the function again")
+        return package
+
+    def _record(self, job: JobRecord, outcome: CallResult) -> None:
+        reply = outcome.reply
+        job.stdout, job.stderr = reply.get("stdout", ""), reply.get("stderr", "")
+        job.execution_time_ms = round(outcome.duration_ms, 3)
+        job.peak_memory_bytes = outcome.peak_memory_bytes
+        job.baseline_memory_bytes = outcome.baseline_memory_bytes
+        job.ai_usage = outcome.ai_usage
+        job.output_files = self._store_outputs(job.job_id, job.owner, outcome.output_dir, outcome.output_files)
+        if reply["ok"] and outcome.result_file is not None:  # a large result: kept as the owner's blob
+            size = outcome.result_file.stat().st_size
+            try:
+                self._blobs.store_result(job.owner, outcome.result_file, outcome.result_sha256)
+            except OSError as exc:
+                raise SandboxError("storage", "the grid could not store this call's result "
+                                              f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
+            job.status, job.result_format = COMPLETED, RESULT_FORMAT
+            job.result = result_reference(outcome.result_sha256, size, reply["result_format"])
+            return
+        if reply["ok"]:
+            job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body
+            return
+        error = reply["error"]
+        if error.get("kind") == "memory":
+            error["message"] = f"out of memory (MemoryError at the sandbox's memory limit): {error.get('message', '')}"
+        job.status, job.error = FAILED, error
+        job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
+
+    def _store_outputs(self, job_id: str, owner: str, output_dir: Path, names: list[str]) -> list[dict]:
+        """Move the files the host received into the store (they were checked and capped on arrival)."""
+        stored = []
+        try:
+            for name in names:
+                size = self.store.save_output(job_id, name, output_dir / name, owner=owner)
+                stored.append({"name": name, "size": size})
+        except OSError as exc:
+            raise SandboxError("storage", "the grid could not store this call's output files "
+                                          f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
+        return stored
+
+    def _fail(self, job: JobRecord, kind: str, message: str) -> None:
+        job.status = CANCELLED if kind == "cancelled" else FAILED
+        job.error = {"kind": kind, "message": message}
+        printed = self._printed.get(job.job_id)
+        if printed and not (job.stdout or job.stderr):  # what it printed before it was stopped
+            job.stdout, job.stderr = (printed[name].decode("utf-8", "replace") for name in ("stdout", "stderr"))

@@ -1,0 +1,521 @@
+"""NanoGrid's Python bootstrap: the whole in-sandbox runtime.
+
+Started once per sandbox as an unspecialised "stem cell". The agent talks to it in frames over
+stdin (requests) and the original stdout (responses); before any user code runs, fds 1 and 2 are
+pointed at capture files, so a ``print`` (or a child process writing to fd 1) can never corrupt
+the result channel. One ``load`` frame specialises the sandbox to one function package; after
+that it only serves ``call`` frames for that function.
+
+Frame: 8-byte header ``>II`` (JSON header length, body length), the JSON header, the raw body.
+Only the standard library and cloudpickle are needed, so the same file runs in a plain process
+and inside a Docker runtime image.
+
+The function runs in this interpreter, so it could write frames of its own: the host therefore
+trusts nothing it reads here (nanogrid_backend/sandbox/protocol.py checks every frame, and output files
+travel as records the host writes itself). During a call the function may ask the host for one
+thing over the same channel: an AI node request (``__nanogrid_channel__``, used by nanogrid.ai).
+"""
+
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+import zipfile
+
+CAPTURE_LIMIT = int(os.environ.get("NANOGRID_CAPTURE_LIMIT", 1 << 20))
+CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this size
+WORK_DIR = os.environ.get("NANOGRID_WORK_DIR") or os.getcwd()
+OUTPUT_DIR = os.environ.get("NANOGRID_OUTPUT_DIR") or os.path.join(WORK_DIR, "output")
+CODE_DIR = os.path.join(WORK_DIR, "code")
+BOOTSTRAP_PID = os.getpid()
+
+
+def read_exact(fd, n):
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd):
+    header_len, body_len = struct.unpack(">II", read_exact(fd, 8))
+    header = json.loads(read_exact(fd, header_len))
+    return header, read_exact(fd, body_len) if body_len else b""
+
+
+WRITE_LOCK = threading.Lock()  # frames come from the main thread and the live-output thread
+
+
+def write_frame(fd, header, body=b""):
+    data = json.dumps(header).encode()
+    with WRITE_LOCK:  # header and body written one after the other: a large body is never copied
+        for buf in (memoryview(struct.pack(">II", len(data), len(body)) + data), memoryview(body)):
+            while buf:
+                buf = buf[os.write(fd, buf):]
+
+
+STREAM_RESULT_OVER = 1 << 20  # a larger result follows its reply in pieces (``result_size``, ``result_data`` frames)
+BLOB_CHUNK_BYTES = 4 << 20
+
+
+def write_reply(fd, reply, result):
+    """The call's reply; a large result after it in pieces, so the host can spool it to disk as it arrives."""
+    if len(result) <= STREAM_RESULT_OVER:
+        write_frame(fd, reply, result)
+        return
+    reply["result_size"] = len(result)
+    write_frame(fd, reply)
+    view = memoryview(result)
+    for start in range(0, len(view), BLOB_CHUNK_BYTES):
+        write_frame(fd, {"op": "result_data"}, view[start:start + BLOB_CHUNK_BYTES])
+
+
+def read_blobs(fd, sizes):
+    """The blobs the call's args pickle references: each filled in place from the ``blob`` frames that follow."""
+    blobs = []
+    for size in sizes:
+        blob = bytearray(size)
+        view, filled = memoryview(blob), 0
+        while filled < size:
+            header_len, body_len = struct.unpack(">II", read_exact(fd, 8))
+            if json.loads(read_exact(fd, header_len)).get("op") != "blob" or filled + body_len > size:
+                raise ValueError("the host sent a blob that does not match its announced size")
+            target = view[filled:filled + body_len]
+            while target:
+                got = os.readv(fd, [target])
+                if not got:
+                    raise EOFError
+                target = target[got:]
+            filled += body_len
+        blobs.append(blob)
+    return blobs
+
+
+class ArgsUnpickler(pickle.Unpickler):
+    """An args pickle's persistent ids: ("i", bytes) an argument's own pickle, ("b", n) the call's n-th blob."""
+
+    def __init__(self, data, blobs):
+        super().__init__(io.BytesIO(data))
+        self.blobs, self.loaded = blobs, {}
+
+    def persistent_load(self, pid):
+        kind, value = pid
+        if kind == "i":
+            return pickle.loads(value)
+        if value not in self.loaded:  # one blob given twice in a call is one object, as it was in the caller's
+            self.loaded[value] = pickle.loads(self.blobs[value])
+            self.blobs[value] = None  # its bytes are freed as soon as the value exists
+        return self.loaded[value]
+
+
+class Capture:
+    """One file behind fd 1 or 2, emptied before each call and read back (bounded) after."""
+
+    def __init__(self, fd, name):
+        self.fd = fd
+        path = os.path.join(WORK_DIR, name)
+        file_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(file_fd, fd)
+        os.close(file_fd)
+
+    def reset(self):
+        if os.lseek(self.fd, 0, os.SEEK_CUR):
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+
+    def read(self):
+        size = os.fstat(self.fd).st_size
+        if not size:
+            return ""
+        data = os.pread(self.fd, min(size, CAPTURE_LIMIT), 0)
+        text = data.decode("utf-8", errors="replace")
+        if size > CAPTURE_LIMIT:
+            text += f"\n[nanogrid: output truncated, {size - CAPTURE_LIMIT} more bytes not kept]\n"
+        return text
+
+
+def complete_utf8(data):
+    """The length of ``data`` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # ASCII or the first byte of a character
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return len(data) if need <= back else len(data) - back
+    return len(data)
+
+
+class LiveOutput:
+    """Sends what a call prints while it runs (``log`` frames), so its caller can follow a long call.
+
+    One thread for the sandbox's life, active only during a call: every 0.1 s it sends what the
+    capture files gained, at most the capture limit per call. ``end()`` returns only once no more
+    frames can follow, so the call's reply is the last frame of the call.
+    """
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, fd, captures):
+        self.fd, self.captures = fd, captures
+        self.lock = threading.Lock()
+        self.active = False
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, name="nanogrid-live-output", daemon=True).start()
+
+    def begin(self):
+        with self.lock:
+            self.offsets, self.sent, self.active = [0, 0], 0, True
+        self.wake.set()
+
+    def end(self):
+        with self.lock:
+            self.active = False
+
+    def _run(self):
+        while True:
+            self.wake.wait()
+            time.sleep(self.INTERVAL_S)
+            with self.lock:
+                if not self.active:
+                    self.wake.clear()
+                    continue
+                try:
+                    self._send_new()
+                except OSError:
+                    self.active = False
+
+    def _send_new(self):
+        for index, capture in enumerate(self.captures):
+            size = os.fstat(capture.fd).st_size
+            left = min(size - self.offsets[index], 64 << 10, CAPTURE_LIMIT - self.sent)
+            if left > 0:
+                data = os.pread(capture.fd, left, self.offsets[index])
+                data = data[:complete_utf8(data)]  # a character cut in two waits for its other half
+                if not data:
+                    continue
+                self.offsets[index] += len(data)
+                self.sent += len(data)
+                write_frame(self.fd, {"op": "log", "stream": ("stdout", "stderr")[index]}, data)
+
+
+class Context(dict):
+    """The second argument of ``handler(event, context)``, shaped like AWS Lambda's; also the seed platform's
+    dict (``context["request_id"]``, ``context.get("function_id")``)."""
+
+    def __init__(self, job_id, function_name, memory_mib, deadline):
+        super().__init__(request_id=job_id, job_id=job_id, function_id=os.environ.get("FUNCTION_ID"),
+                         function_name=function_name, memory_mb=memory_mib, output_dir=OUTPUT_DIR,
+                         llm_model=os.environ.get("LLM_MODEL"))
+        self.aws_request_id = self.job_id = job_id
+        self.function_name = function_name
+        self.memory_limit_in_mb = memory_mib
+        self._deadline = deadline
+
+    def get_remaining_time_in_millis(self):
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+PAYLOAD_FILE_OVER = 100 * 1024  # the seed platform's limit for PAYLOAD; above it the event is in PAYLOAD_FILE
+
+
+def seed_environment(job_id, body):
+    """The seed platform's per-call variables: JOB_ID, OUTPUT_DIR, and PAYLOAD or, over 100 KB, PAYLOAD_FILE."""
+    os.environ.update({"JOB_ID": str(job_id or ""), "OUTPUT_DIR": OUTPUT_DIR})
+    if len(body) > PAYLOAD_FILE_OVER:
+        path = os.path.join(WORK_DIR, "payload.json")
+        with open(path, "wb") as f:
+            f.write(body)
+        os.environ.pop("PAYLOAD", None)
+        os.environ["PAYLOAD_FILE"] = path
+    else:
+        os.environ.pop("PAYLOAD_FILE", None)
+        os.environ["PAYLOAD"] = body.decode() if body else "{}"
+
+
+def peak_rss_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def peak_rss():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def clip(text, limit=CAPTURE_LIMIT // 2):
+    """A message or traceback cut to what the host accepts (the whole exception still travels pickled)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[nanogrid: {len(text) - limit} more characters not kept]"
+
+
+def describe_error(exc, cloudpickle):
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if f.filename != __file__] or frames  # trim bootstrap frames
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(user))
+    text += "".join(traceback.format_exception_only(type(exc), exc))
+    error = {"kind": "exception", "type": type(exc).__name__[:200], "module": type(exc).__module__[:200],
+             "message": clip(str(exc)), "traceback": clip(text)}
+    if isinstance(exc, MemoryError):
+        error["kind"] = "memory"
+    try:
+        body = cloudpickle.dumps(exc)
+    except Exception:
+        body = b""
+    return error, body
+
+
+def remember_source(manifest):
+    """Serve the packaged source to linecache under its original file name, for tracebacks."""
+    import linecache
+
+    name, first = manifest.get("source_file"), manifest.get("source_line")
+    path = os.path.join(CODE_DIR, "source.py")
+    if not name or not first or os.path.exists(name) or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [""] * (first - 1) + f.read().splitlines(True)
+    linecache.cache[name] = (None, None, lines, name)  # mtime None: never re-checked against a file
+
+
+def with_source_file(code, name):
+    """``code`` and the code nested in it, named after the user's file again.
+
+    Pickling may rename code objects (cloudpickle 3.1.3 calls them all ``<dynamic-code>``); the
+    line numbers survive, so restoring the name lets tracebacks show the packaged source lines.
+    """
+    consts = tuple(with_source_file(c, name) if isinstance(c, type(code)) else c for c in code.co_consts)
+    return code.replace(co_filename=name, co_consts=consts)
+
+
+def restore_source_file(function, manifest):
+    name = manifest.get("source_file")
+    code = getattr(function, "__code__", None)
+    if name and code is not None and code.co_firstlineno == manifest.get("source_line"):
+        try:
+            function.__code__ = with_source_file(code, name)
+        except (AttributeError, TypeError, ValueError):
+            pass  # a callable that is not a plain function keeps its names
+
+
+def encode_json(value):
+    try:
+        return json.dumps(value).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the function returned a value JSON cannot encode: {exc}") from None
+
+
+class Runtime:
+    def __init__(self):
+        self.manifest = None
+        self.function = None
+
+    def load(self, header, body):
+        import cloudpickle
+
+        os.environ.update({str(k): str(v) for k, v in (header.get("env") or {}).items()})  # the function's settings
+        os.makedirs(CODE_DIR, exist_ok=True)
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            zf.extractall(CODE_DIR)
+        with open(os.path.join(CODE_DIR, "manifest.json")) as f:
+            self.manifest = json.load(f)
+        sys.path.insert(0, CODE_DIR)
+        sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the seed's ``sdk`` module sits beside this file
+        remember_source(self.manifest)
+        if self.manifest["kind"] == "pickle":
+            with open(os.path.join(CODE_DIR, "function.pkl"), "rb") as f:
+                self.function = cloudpickle.load(f)
+            restore_source_file(self.function, self.manifest)
+        else:
+            module_name, _, attr = self.manifest["handler"].rpartition(".")
+            module = __import__(module_name, fromlist=[attr])
+            if attr == "handler" and not hasattr(module, "handler") and callable(getattr(module, "main", None)):
+                attr = "main"  # the seed platform's runner: handler(event, context), else main(event, context)
+            if not hasattr(module, attr):
+                raise AttributeError(f"{module_name}.py defines no {attr}(event, context)"
+                                     + (" (nor main(event, context))" if attr == "handler" else ""))
+            self.function = getattr(module, attr)
+        # Limits apply from here on: to the user's code, not to loading it.
+        import resource
+
+        if header.get("rlimit_data"):
+            resource.setrlimit(resource.RLIMIT_DATA, (header["rlimit_data"],) * 2)
+        if header.get("max_output_bytes"):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (header["max_output_bytes"],) * 2)
+
+    def call(self, header, body, captures, live=None, blobs=()):
+        import cloudpickle
+
+        for capture in captures:
+            capture.reset()
+        if live is not None:
+            live.begin()
+        if not os.path.isdir(OUTPUT_DIR) or os.listdir(OUTPUT_DIR):  # the agent moves outputs out after each call
+            shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
+            os.makedirs(OUTPUT_DIR, exist_ok=True)
+        measure_rss = header.get("measure_rss", True)  # not needed where the agent reads a cgroup
+        ai = sys.modules.get("nanogrid.ai")
+        if ai is not None:
+            ai.reset_usage()
+        default_model = os.environ.get("LLM_MODEL")
+        if header.get("model"):  # this call's choice of model for the AI node
+            os.environ["LLM_MODEL"] = header["model"]
+        if measure_rss:
+            peak_rss_reset()
+        reply, result = {"ok": True}, b""
+        started = time.perf_counter()
+        try:
+            if self.manifest["kind"] == "pickle":
+                args, kwargs = ArgsUnpickler(body, list(blobs)).load()
+                del blobs[:]
+                value = self.function(*args, **kwargs)
+                if self.manifest.get("result") == "json":  # data-only: the caller never unpickles anything
+                    result = encode_json(value)
+                    reply["result_format"] = "json"
+                else:
+                    result = cloudpickle.dumps(value)
+                    reply["result_format"] = "pickle"
+            else:
+                event = json.loads(body) if body else None
+                seed_environment(header.get("job_id"), body)
+                deadline = time.monotonic() + header.get("timeout", 300)
+                context = Context(header.get("job_id"), self.manifest.get("name"),
+                                  self.manifest.get("memory"), deadline)
+                result = encode_json(self.function(event, context))
+                reply["result_format"] = "json"
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt are the function's too
+            reply["ok"] = False
+            reply["error"], result = describe_error(exc, cloudpickle)
+            if self.manifest.get("result") == "json":
+                result = b""  # the exception as text only (type, message, traceback)
+        if os.getpid() != BOOTSTRAP_PID:  # a child the function forked: it must never answer the agent
+            os._exit(0)
+        if live is not None:
+            live.end()
+        reply["duration_ms"] = (time.perf_counter() - started) * 1000
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reply["stdout"], reply["stderr"] = captures[0].read(), captures[1].read()
+        if measure_rss:
+            reply["peak_rss_bytes"] = peak_rss()
+        reply["output_files"] = sum(len(files) for _, _, files in os.walk(OUTPUT_DIR))
+        if default_model is None:
+            os.environ.pop("LLM_MODEL", None)
+        else:
+            os.environ["LLM_MODEL"] = default_model
+        return reply, result
+
+
+def send_outputs(fd, limit):
+    """Send each regular file of the output directory as a ``file`` record and its ``data`` chunks.
+
+    Records, not an archive: the host checks every name and size itself and writes the files
+    with its own hands, so nothing here is trusted to be well formed.
+    """
+    import stat
+
+    try:
+        files = []
+        for root, dirs, names in os.walk(OUTPUT_DIR):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode):  # links, fifos and devices are never sent
+                    files.append((os.path.relpath(path, OUTPUT_DIR), path, info.st_size))
+        total = sum(size for _, _, size in files)
+        if limit and total > limit:
+            raise OSError(f"output files total {total >> 20} MiB, over the {limit >> 20} MiB limit")
+        for name, path, size in files:
+            write_frame(fd, {"op": "file", "name": name, "size": size})
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    write_frame(fd, {"op": "data"}, chunk)
+        write_frame(fd, {"op": "done", "ok": True})
+    except OSError as exc:
+        write_frame(fd, {"op": "done", "ok": False, "error": {"kind": "output", "message": str(exc)}})
+    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
+    os.makedirs(OUTPUT_DIR, exist_ok=True)
+
+
+class Channel:
+    """Requests from the function to the host during a call (the AI node is reached this way).
+
+    Importable as the module ``__nanogrid_channel__``; the sandbox has no network of its own.
+    """
+
+    def __init__(self, request_fd, reply_fd):
+        self.request_fd, self.reply_fd = request_fd, reply_fd
+        self.lock = threading.Lock()
+
+    def request(self, header, body=b""):
+        with self.lock:  # one request and its answer at a time, whatever threads the function runs
+            write_frame(self.reply_fd, header, body)
+            return read_frame(self.request_fd)
+
+
+def main():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # also as PID 1 in a container
+    stdin_fd, reply_fd = 0, os.dup(1)
+    os.makedirs(WORK_DIR, exist_ok=True)
+    captures = [Capture(1, "stdout.log"), Capture(2, "stderr.log")]
+    # Line-buffered, so what a call prints reaches the capture file (and its live followers) as it prints it.
+    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True, line_buffering=True)
+    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True, line_buffering=True)
+    sys.stdin = open(os.devnull)
+    import cloudpickle  # noqa: F401  (warm the import before the first call)
+
+    channel = type(sys)("__nanogrid_channel__")
+    channel.request = Channel(stdin_fd, reply_fd).request
+    sys.modules["__nanogrid_channel__"] = channel
+
+    runtime = Runtime()
+    live = LiveOutput(reply_fd, captures)
+    write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2]})
+    while True:
+        try:
+            header, body = read_frame(stdin_fd)
+        except EOFError:
+            return
+        op = header.get("op")
+        if op == "load" and runtime.function is None:
+            try:
+                runtime.load(header, body)
+                write_frame(reply_fd, {"ok": True})
+            except Exception as exc:
+                error, _ = describe_error(exc, cloudpickle)
+                error["kind"] = "load"
+                write_frame(reply_fd, {"ok": False, "error": error})
+        elif op == "call" and runtime.function is not None:
+            blobs = read_blobs(stdin_fd, header.get("blobs") or [])
+            reply, result = runtime.call(header, body, captures, live if header.get("live") else None, blobs)
+            write_reply(reply_fd, reply, result)
+            del reply, result
+        elif op == "outputs":
+            send_outputs(reply_fd, header.get("limit"))
+        else:
+            write_frame(reply_fd, {"ok": False, "error": {"kind": "protocol", "message": f"unexpected {op!r}"}})
+
+
+if __name__ == "__main__":
+    main()
