@@ -43,6 +43,7 @@ class SecretBox:
             raise SecretError(f"the secrets key must be 32 bytes, not {len(master_key)} ({KEY_ENV} is base64 of 32 bytes)")
         self._enc = hmac.new(master_key, b"nanogrid secrets: encryption", hashlib.sha256).digest()
         self._mac = hmac.new(master_key, b"nanogrid secrets: authentication", hashlib.sha256).digest()
+        self.link_key = hmac.new(master_key, b"nanogrid: output links", hashlib.sha256).digest()  # controller/links.py
 
     @classmethod
     def load(cls, data_dir: Path) -> SecretBox:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from nanogrid_backend.controller import blobs, history, jobs, secret_routes, see
 from nanogrid_backend.controller.errors import install_error_handlers
 from nanogrid_backend.controller.function_metrics import RequestDurations, render_all
 from nanogrid_backend.controller.limits import BodySizeLimit
+from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.controller.ratelimit import TokenBuckets, retry_after_header
 from nanogrid_backend.controller.schemas import (
     Cancelled,
@@ -63,6 +65,13 @@ async def authorize(
 
 
 Caller = Annotated[ApiKey, Depends(authorize)]
+
+
+async def authorize_request(request: Request) -> ApiKey:
+    """``authorize`` for a route that also accepts another proof (a signed link) instead of a key."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials) if scheme.lower() == "bearer" else None
+    return await authorize(request, request.headers.get("x-api-key"), bearer)
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 
 ERROR_RESPONSES: dict[int | str, dict] = {
@@ -107,6 +116,9 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
         functions[function_id] = function
         return function
+
+    links = LinkSigner(grid.secrets.link_key)
+    view = functools.partial(jobs.job_view, links=links)  # output URLs signed for the browser
 
     def job_or_404(job_id: str, caller: ApiKey, job: JobRecord | None = None) -> JobRecord:
         job = job or grid.registry.get_job(job_id)
@@ -171,7 +183,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         (job,) = jobs.new_jobs(function, payloads, caller.name)
         if x_async:
             await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
-            return JSONResponse(jobs.job_view(job, base_url(request)), status_code=202)
+            return JSONResponse(view(job, base_url(request)), status_code=202)
         finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
         try:
             await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
@@ -180,8 +192,8 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         finally:
             unsubscribe()
         if done is None:  # still queued or running: the caller polls /status/{job_id}
-            return JSONResponse(jobs.job_view(grid.registry.get_job(job.job_id) or job, base_url(request)), 202)
-        return JSONResponse(jobs.job_view(done, base_url(request)))
+            return JSONResponse(view(grid.registry.get_job(job.job_id) or job, base_url(request)), 202)
+        return JSONResponse(view(done, base_url(request)))
 
     @app.post("/v1/map", responses={200: {"content": {"application/x-ndjson": {}},
                                        "description": "a line {job_ids}, then a JobView line (with index) per call"}})
@@ -207,7 +219,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                     yield b"\n"  # nothing finished yet: an empty line, so clients can time out on silence
                     continue
                 index, job = item
-                yield json.dumps({"index": index, **jobs.job_view(job, url)}).encode() + b"\n"
+                yield json.dumps({"index": index, **view(job, url)}).encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -216,7 +228,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                      wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
                      ) -> dict:
         job = job_or_404(job_id, caller)
-        return jobs.job_view(await jobs.wait_for(grid, job_id, wait, job) or job, base_url(request))
+        return view(await jobs.wait_for(grid, job_id, wait, job) or job, base_url(request))
 
     @app.get("/v1/jobs/{job_id}/logs", response_model=LiveLog)
     async def live_log(job_id: str, caller: Caller,
@@ -257,14 +269,14 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         listed = grid.registry.list_jobs(limit, status, None if all_owners else caller.name)
         # another owner's result is never sent, even to an admin: a client unpickles what it gets
         functions = {f: grid.registry.get_function(f) for f in {job.function_id for job in listed}}
-        return [{**jobs.job_view(job, base_url(request), with_result=job.owner == caller.name),
+        return [{**view(job, base_url(request), with_result=job.owner == caller.name),
                  "function_name": getattr(functions[job.function_id], "function_name", None)} for job in listed]
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
     async def cancel(job_id: str, request: Request, caller: Caller) -> dict:
         job = job_or_404(job_id, caller)
         jobs.cancel(grid, job)
-        return jobs.job_view(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request))
+        return view(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request))
 
     @app.post("/v1/jobs/cancel", response_model=Cancelled)
     def cancel_many(body: CancelRequest, caller: Caller) -> dict:
@@ -275,9 +287,20 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/outputs/{name:path}", responses={200: {"content": {"application/octet-stream": {}}},
                                                               410: {"model": ErrorDetail,
                                                                     "description": "deleted after the retention"}})
-    def download_output(job_id: str, name: str, caller: Caller) -> Response:
-        job = grid.registry.get_job(job_id)
-        if job is None or job.owner != caller.name or name not in {f["name"] for f in job.output_files}:
+    async def download_output(job_id: str, name: str, request: Request,
+                              expires: Annotated[int | None, Query(description="a signed link's expiry")] = None,
+                              sig: Annotated[str | None, Query(max_length=64, description="a signed link's signature")]
+                              = None) -> Response:
+        """With the API key, or through the signed link a job view gives (for a browser: no key in it)."""
+        job = await asyncio.to_thread(grid.registry.get_job, job_id)
+        if sig is not None:
+            why = links.check(job_id, name, job.owner, expires or 0, sig) if job is not None else "no such job"
+            if why:
+                raise HTTPException(403, why)
+            owner = job.owner if job is not None else ""
+        else:
+            owner = (await authorize_request(request)).name
+        if job is None or job.owner != owner or name not in {f["name"] for f in job.output_files}:
             raise HTTPException(404, f"job {job_id!r} has no output file {name!r}")
         direct = grid.store.output_url(job_id, name)
         if direct:

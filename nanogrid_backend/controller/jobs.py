@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from nanogrid_backend.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, RESULT_FORMAT, blobs_of, is_sha256, join_payload
+from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import CANCELLED, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
 from nanogrid_backend.packages import Package, PackageError, from_upload, owned_function_id
@@ -251,7 +252,8 @@ def live_workers(grid: Grid) -> list[dict]:
     return grid.bus.workers()
 
 
-def job_view(job: JobRecord, base_url: str = "", with_result: bool = True) -> dict[str, Any]:
+def job_view(job: JobRecord, base_url: str = "", with_result: bool = True,
+             links: LinkSigner | None = None) -> dict[str, Any]:
     """The job as the API shows it; ``with_result=False`` leaves out the result (another owner's, for an admin)."""
     view: dict[str, Any] = {
         "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "result": None,
@@ -262,7 +264,9 @@ def job_view(job: JobRecord, base_url: str = "", with_result: bool = True) -> di
         "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "output_files": [
-            {**f, "url": f"{base_url}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}"} for f in job.output_files
+            {**f, "url": f"{base_url}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}"
+                         + (f"?{links.query(job.job_id, f['name'], job.owner)}" if links else "")}
+            for f in job.output_files
         ],
     }
     if job.result is not None and with_result:
