@@ -32,8 +32,8 @@ FIRST_COMMIT, MEMORY_FIELDS, API_KEYS, AI_USAGE, LAST_UNVERSIONED = "2ed229e", "
 OLD_WRITER = textwrap.dedent("""
     import dataclasses, sys
     from pathlib import Path
-    from nanogrid_backend import models
-    from nanogrid_backend.registry.sqlite import SQLiteRegistry
+    from backend import models  # the old releases' own import name
+    from backend.registry.sqlite import SQLiteRegistry
 
     def fields_of(cls, **values):
         names = {f.name for f in dataclasses.fields(cls)}
@@ -62,8 +62,8 @@ OLD_WRITER = textwrap.dedent("""
 def old_registry(commit: str, path: Path) -> Path:
     """A registry file written by the code of ``commit``."""
     tree = path.parent / f"code-{commit}"
-    modules = ("nanogrid_backend/__init__.py", "nanogrid_backend/models.py", "nanogrid_backend/registry/__init__.py",
-               "nanogrid_backend/registry/base.py", "nanogrid_backend/registry/sqlite.py")
+    modules = ("backend/__init__.py", "backend/models.py", "backend/registry/__init__.py",  # as they were then
+               "backend/registry/base.py", "backend/registry/sqlite.py")
     for module in modules:
         shown = subprocess.run(["git", "show", f"{commit}:{module}"], cwd=ROOT, capture_output=True)
         require(shown.returncode == 0, f"git history with commit {commit} is needed ({shown.stderr.decode().strip()})")

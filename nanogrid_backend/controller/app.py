@@ -293,7 +293,8 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
                               = None) -> Response:
         """With the API key, or through the signed link a job view gives (for a browser: no key in it)."""
         job = await asyncio.to_thread(grid.registry.get_job, job_id)
-        if sig is not None:
+        presents_key = "x-api-key" in request.headers or "authorization" in request.headers
+        if sig is not None and not presents_key:  # a browser following a job view's link
             why = links.check(job_id, name, job.owner, expires or 0, sig) if job is not None else "no such job"
             if why:
                 raise HTTPException(403, why)
