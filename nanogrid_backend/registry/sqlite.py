@@ -369,38 +369,37 @@ class SQLiteRegistry(Registry):
         """``work`` in one write transaction: committed, or rolled back on any error (an interrupt included),
         so the connection never stays inside a transaction. While another process holds the write lock,
         SQLite waits (busy timeout) and the transaction is tried again, for ``lock_wait_s`` in all."""
-        deadline = time.monotonic() + self.lock_wait_s
         if not self._write_lock.acquire(timeout=self.lock_wait_s):
             raise self._busy()
         try:
-            while True:
-                try:
-                    return _transaction(self._db, work)
-                except sqlite3.OperationalError as exc:
-                    if not _is_locked(exc):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise self._busy() from None
-                    time.sleep(RETRY_PAUSE_S)
+            return self._while_locked(lambda: _transaction(self._db, work))
         finally:
             self._write_lock.release()
 
     def _query(self, sql: str, args: Any = ()) -> list[sqlite3.Row]:
         """Rows of one statement (its own read transaction, ended when the rows are read)."""
-        deadline = time.monotonic() + self.lock_wait_s
+        def read() -> list[sqlite3.Row]:
+            try:
+                return self._reader.execute(sql, args).fetchall()
+            finally:
+                if self._reader.in_transaction:
+                    self._reader.execute("ROLLBACK")
+
         with self._read_lock:
-            while True:
-                try:
-                    return self._reader.execute(sql, args).fetchall()
-                except sqlite3.OperationalError as exc:
-                    if not _is_locked(exc):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise self._busy() from None
-                    time.sleep(RETRY_PAUSE_S)
-                finally:
-                    if self._reader.in_transaction:
-                        self._reader.execute("ROLLBACK")
+            return self._while_locked(read)
+
+    def _while_locked(self, attempt: Callable[[], T]) -> T:
+        """``attempt()``, tried again while another process holds the lock, for ``lock_wait_s`` in all."""
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise self._busy() from None
+                time.sleep(RETRY_PAUSE_S)
 
     def _busy(self) -> RegistryBusy:
         return RegistryBusy(f"the registry {self.path} stayed locked by another process for {self.lock_wait_s:g} s "

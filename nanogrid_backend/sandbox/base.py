@@ -270,6 +270,19 @@ class Sandbox(ABC):
             raise ProtocolViolation("the bootstrap's first frame is not 'ready'")
         return python
 
+    def load_package(self, function_id: str, header: dict[str, Any], package: bytes, env: dict[str, str] | None,
+                     timeout_s: float) -> None:
+        """Send the ``load`` frame and bind this sandbox to the function once the bootstrap says it loaded."""
+        self._send(header, package)
+        try:
+            reply, _ = self._receive(time.monotonic() + timeout_s, 0)
+        except ChannelTimeout:
+            self.close()
+            raise SandboxError("load", f"the function did not load within {timeout_s:g} s") from None
+        self.check_loaded(reply)
+        self.function_id = function_id
+        self.ai_allowed = bool(env and env.get("AI_ENDPOINT"))
+
     def check_loaded(self, reply: dict[str, Any]) -> None:
         if reply.get("ok") is True:
             return

@@ -205,15 +205,8 @@ class DockerSandbox(Sandbox):
                 self.close()
                 raise SandboxError("memory", too_little_memory(memory_mib)) from None
             self.memory_mib = memory_mib
-        self._send({"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}, package)
-        try:
-            reply, _ = self._receive(time.monotonic() + START_TIMEOUT_S, 0)
-        except ChannelTimeout:
-            self.close()
-            raise SandboxError("load", f"the function did not load within {START_TIMEOUT_S:g} s") from None
-        self.check_loaded(reply)
-        self.function_id = function_id
-        self.ai_allowed = bool(env and env.get("AI_ENDPOINT"))
+        self.load_package(function_id, {"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}},
+                          package, env, START_TIMEOUT_S)
 
     def _send(self, header: dict, body: bytes = b"") -> None:
         try:
