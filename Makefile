@@ -1,6 +1,6 @@
 # NanoGrid developer entry points. `make demo` and `make test` are the README's two commands.
-# Installs come from the lock files in requirements/ (exact versions, hashes checked); `make lock`
-# moves the pins on purpose. `pip install nanogrid` users get pyproject.toml's ranges instead.
+# Installs come from the lock files requirements.txt and requirements-test.txt (exact versions,
+# hashes checked); `make lock` moves the pins on purpose. `pip install nanogrid` users get pyproject.toml's ranges instead.
 VENV ?= .venv
 PYTHON ?= python3
 PIP = $(VENV)/bin/pip install -q --disable-pip-version-check
@@ -15,14 +15,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # What the grid and the demo need, nothing more.
-$(VENV)/.installed: requirements/runtime.lock pyproject.toml | $(VENV)/bin/python
-	$(PIP) --require-hashes -r requirements/runtime.lock
+$(VENV)/.installed: requirements.txt pyproject.toml | $(VENV)/bin/python
+	$(PIP) --require-hashes -r requirements.txt
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 # The test stack on top (JupyterLab, Playwright, moto, checkov, ...).
-$(VENV)/.installed-test: requirements/test.lock $(VENV)/.installed
-	$(PIP) --require-hashes -r requirements/test.lock
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(PIP) --require-hashes -r requirements-test.txt
 	touch $@
 
 demo: setup
@@ -38,10 +38,10 @@ test: lint
 # Re-resolve the pins (needs uv: `pip install uv`); review and commit the diff.
 lock: setup
 	$(VENV)/bin/python -m uv --version >/dev/null 2>&1 || $(PIP) uv
-	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements/build.in --extra test --python-version 3.11 \
-		--universal --generate-hashes -q -o requirements/test.lock
-	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements/build.in --python-version 3.11 \
-		--universal --generate-hashes -q -c requirements/test.lock -o requirements/runtime.lock
+	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements-build.in --extra test --python-version 3.11 \
+		--universal --generate-hashes -q -o requirements-test.txt
+	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements-build.in --python-version 3.11 \
+		--universal --generate-hashes -q -c requirements-test.txt -o requirements.txt
 
 bench: setup-test
 	$(PIP) ray "dask[distributed]"
