@@ -40,6 +40,14 @@ GUARD_S = 120  # a bound on waiting for a thread, so that a hang fails the test 
 
 # --- finding a grid's sandboxes from the outside, as an operator (or the OOM killer) would -------------------
 
+def is_sandbox_process(pid: int) -> bool:
+    """Whether ``pid`` is still a sandbox process (one that exits while it is looked at is not)."""
+    try:
+        return b"NANOGRID_WORK_DIR" in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
 def sandbox_pids(data_dir: Path) -> list[int]:
     """Processes of this grid's process sandboxes: their environment names a work dir under its sandbox dir."""
     marker = f"NANOGRID_WORK_DIR={data_dir.resolve() / 'sandboxes'}/".encode()
@@ -347,8 +355,7 @@ def test_kill_9_and_restart_leaves_nothing_behind(kind: str, tmp_path: Path) -> 
             assert job.result(timeout=GUARD_S) == (300 << 10, bytes([i]) * 4)
         left = set(before["containers"]) & set(containers_of(data_dir) if kind == "docker" else [])
         assert not left, f"containers of the killed grid still exist: {left}"
-        assert not [p for p in before["pids"] if Path(f"/proc/{p}").exists()
-                    and b"NANOGRID_WORK_DIR" in Path(f"/proc/{p}/environ").read_bytes()]
+        assert not [p for p in before["pids"] if is_sandbox_process(p)]
         now = {p.name for p in sandbox_dir.iterdir()}
         assert not now & set(before["dirs"]), "work dirs of the killed grid still exist"
         assert not [c for c in before["cgroups"] if c.exists()], "memory cgroups of the killed grid still exist"
