@@ -229,6 +229,7 @@ def cmd_envs(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import logging
 
+    from nanogrid_backend.blobs import blobs_of
     from nanogrid_backend.embedded import serve, write_grid_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -240,6 +241,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  sandbox:  {grid.describe_sandbox()}", flush=True)
         print(f"  workers:  {config.workers} slots, {config.stem_cells} stem cells, pool cap {config.effective_pool_cap}")
         print(f"  data:     {config.data_dir} (clients find this grid through {grid_file})", flush=True)
+        space = blobs_of(grid).space(None)
+        print(f"  blobs:    {space.count} stored, {space.bytes / (1 << 20):.1f} MiB (large arguments and results, "
+              "nanogrid.put)", flush=True)
         print("  stop with Ctrl-C", flush=True)
 
     serve(config, on_ready=ready)
@@ -447,6 +451,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"worker    {worker['worker_id']}: {worker['slots']} slots, {pool['busy']} busy, "
               f"{pool['idle']} warm idle, {pool['stem_cells']} stem cells, {pool['specialised']}/{pool['cap']} specialised")
     print("jobs      " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet"))
+    if status.get("blobs") is not None:  # a grid older than the data plane's accounting says nothing
+        print(f"blobs     {status['blobs']['count']} stored, {status['blobs']['bytes'] / (1 << 20):.1f} MiB")
     try:
         models = client.models()
         print(f"AI node   {models['endpoint']}: answers; models {', '.join(models['models']) or 'none'}"

@@ -190,6 +190,12 @@ class Client:
             raise NanoGridError(f"blob {sha256[:12]} arrived damaged (its content does not match its hash); try again")
         return buffer
 
+    def result_ref(self, job_id: str) -> Ref:
+        """A finished job's result as a blob on the grid (``POST /v1/jobs/{id}/ref``): its Ref, no data moved here."""
+        answer = self.request("POST", f"/jobs/{job_id}/ref").json()
+        self._known_blobs.add(answer["sha256"])
+        return Ref(answer["sha256"], answer["size"])
+
     def deploy(self, package: FunctionPackage) -> str:
         """Upload a package unless the grid already has it; returns its function id."""
         known = self._known_functions.get(package.function_id)

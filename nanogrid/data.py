@@ -7,8 +7,13 @@ already) and the args pickle carries only a reference to it (a pickle persistent
 resolves the references from the blobs the worker sends with the call. ``put(obj)`` uploads a value
 explicitly; the ``Ref`` it returns may be passed as an argument to any number of calls.
 
+A Ref may sit anywhere inside an argument (a list of Refs, a dict of them, an attribute): the
+argument's own pickle names it by hash, and the call's blob list (``RunRequest.blobs``) includes it
+so the worker sends it. A job's result becomes a Ref with ``job.ref()`` without coming back here.
+
 The persistent ids in the args pickle: ``("i", bytes)`` an argument's own pickle, inline;
-``("b", n)`` the call's ``n``-th blob (``RunRequest.blobs``).
+``("b", n)`` the call's ``n``-th blob (``RunRequest.blobs``). Either has a third item, ``{sha256: n}``,
+when the argument holds Refs; inside the argument's pickle each Ref is ``("r", sha256)``.
 """
 
 from __future__ import annotations
@@ -32,10 +37,9 @@ MAX_BLOBS_PER_CALL = 256  # the controller refuses more
 
 @dataclass(frozen=True)
 class Ref:
-    """A value stored on the grid by ``nanogrid.put``; passed as an argument, the function receives the value.
-
-    Only top-level arguments are resolved (as in Ray): a Ref inside a list stays unresolved and cannot be sent.
-    """
+    """A value kept on the grid (``nanogrid.put(obj)``, ``job.ref()``); wherever it sits in a call's arguments (the
+    argument itself, an item of a list, a value of a dict), the function receives the value. The same Ref given
+    twice in one call is one object there."""
 
     sha256: str
     size: int  # bytes of the value's pickle
@@ -44,8 +48,14 @@ class Ref:
         return f"<nanogrid.Ref {self.sha256[:12]} {_size(self.size)}>"
 
     def __reduce__(self) -> Any:
-        raise TypeError("a nanogrid.Ref is resolved only as a top-level argument of a call (f.remote(ref)), not "
-                        "inside another value")
+        # Only an argument's pickler (_RefPickler) may write a Ref; anything else would send a dangling name.
+        raise RefOutsideArguments("a nanogrid.Ref is resolved only inside a call's arguments (f.remote(ref), "
+                                  "f.remote([ref1, ref2])), not in a value given to nanogrid.put, a function's "
+                                  "globals or a result")
+
+
+class RefOutsideArguments(TypeError):
+    """A Ref was pickled by something other than a call's arguments."""
 
 
 def put(obj: Any, client: Client | None = None) -> Ref:
@@ -75,7 +85,7 @@ class ArgsEncoder:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self._memo: dict[int, tuple[Any, bytes | Ref]] = {}  # id of a value -> (the value, its pickle or its blob)
+        self._memo: dict[int, _Pickled] = {}  # id of a value -> the value, its pickle or its blob, the Refs in it
 
     def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], where: str = "") -> tuple[bytes, list[str]]:
         """(the args pickle, the SHA-256 of each blob it references, in order); nothing is uploaded for a call
@@ -88,10 +98,10 @@ class ArgsEncoder:
         named += [(f"argument {key!r}", value) for key, value in kwargs.items()]
         for name, value in named:
             known = self._memo.get(id(value))
-            if isinstance(value, Ref) or (known is not None and known[0] is value):
+            if isinstance(value, Ref) or (known is not None and known.value is value):
                 continue
             try:
-                self._memo[id(value)] = (value, cloudpickle.dumps(value, protocol=PROTOCOL))
+                self._memo[id(value)] = _pickle_argument(value)
             except Exception as exc:
                 raise InvalidArguments(f"cannot send {name}{where} to the grid: {exc}") from exc
         return PickledCall(named, len(args), list(kwargs), where)
@@ -113,28 +123,34 @@ class ArgsEncoder:
                                           "(nanogrid up --max-payload-bytes raises it)")
                 if isinstance(stored, Ref) or len(stored) > threshold:
                     as_blobs.add(stored.sha256 if isinstance(stored, Ref) else id(value))
+                as_blobs.update(ref.sha256 for ref in self._nested(value))
             if len(as_blobs) > MAX_BLOBS_PER_CALL:
-                raise InvalidArgument(f"{len(as_blobs)} large arguments in one call{call.where}; at most "
-                                      f"{MAX_BLOBS_PER_CALL}; nothing was uploaded")
+                raise InvalidArgument(f"{len(as_blobs)} blobs (large arguments and Refs) in one call{call.where}; "
+                                      f"at most {MAX_BLOBS_PER_CALL}; nothing was uploaded")
         return [self._write(call, threshold) for call in calls]
 
     def _stored(self, value: Any) -> bytes | Ref:
-        return value if isinstance(value, Ref) else self._memo[id(value)][1]
+        return value if isinstance(value, Ref) else self._memo[id(value)].stored
+
+    def _nested(self, value: Any) -> tuple[Ref, ...]:
+        return () if isinstance(value, Ref) else self._memo[id(value)].refs
 
     def _write(self, call: PickledCall, threshold: float) -> tuple[bytes, list[str]]:
         blobs: list[str] = []
         encoded: list[_Inline | _Blob] = []
+
+        def index(sha256: str) -> int:
+            if sha256 not in blobs:
+                blobs.append(sha256)
+            return blobs.index(sha256)
+
         for _, value in call.named:
             stored = self._stored(value)
             if isinstance(stored, bytes) and len(stored) > threshold:
                 stored = self.client.upload_blob(stored)
-                self._memo[id(value)] = (value, stored)  # its pickle is freed; later calls reference the blob
-            if isinstance(stored, Ref):
-                if stored.sha256 not in blobs:
-                    blobs.append(stored.sha256)
-                encoded.append(_Blob(blobs.index(stored.sha256)))
-            else:
-                encoded.append(_Inline(stored))
+                self._memo[id(value)].stored = stored  # its pickle is freed; later calls reference the blob
+            refs = {ref.sha256: index(ref.sha256) for ref in self._nested(value)}
+            encoded.append(_Blob(index(stored.sha256), refs) if isinstance(stored, Ref) else _Inline(stored, refs))
         positional = encoded[:call.positional]
         keyword = dict(zip(call.keywords, encoded[call.positional:], strict=True))
         out = io.BytesIO()
@@ -153,13 +169,49 @@ class PickledCall:
 
 
 @dataclass
+class _Pickled:
+    value: Any  # kept alive, so its id stays its own while the encoder lives
+    stored: bytes | Ref  # its pickle, or the blob it was uploaded as
+    refs: tuple[Ref, ...]  # the Refs inside it, each named ("r", sha256) by its pickle
+
+
+def _pickle_argument(value: Any) -> _Pickled:
+    """cloudpickle as it is; only a value that holds Refs (Ref.__reduce__ refused) is pickled again naming them,
+    so that every other argument keeps the C pickler's speed (a persistent_id hook is a Python call per object)."""
+    try:
+        return _Pickled(value, cloudpickle.dumps(value, protocol=PROTOCOL), ())
+    except RefOutsideArguments:
+        pass
+    out = io.BytesIO()
+    pickler = _RefPickler(out)
+    pickler.dump(value)
+    return _Pickled(value, out.getvalue(), tuple(pickler.refs.values()))
+
+
+class _RefPickler(cloudpickle.Pickler):
+    """cloudpickle, writing each Ref as the persistent id ("r", sha256) and collecting them."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=PROTOCOL)
+        self.refs: dict[str, Ref] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is Ref:
+            self.refs.setdefault(obj.sha256, obj)
+            return ("r", obj.sha256)
+        return None
+
+
+@dataclass
 class _Inline:
     data: bytes
+    refs: dict[str, int]  # the Refs inside it: hash -> index in the call's blobs
 
 
 @dataclass
 class _Blob:
     index: int
+    refs: dict[str, int]
 
 
 class _ArgsPickler(pickle.Pickler):
@@ -167,23 +219,35 @@ class _ArgsPickler(pickle.Pickler):
         super().__init__(file, protocol=PROTOCOL)
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _Inline):
-            return ("i", obj.data)
-        if isinstance(obj, _Blob):
-            return ("b", obj.index)
+        if isinstance(obj, _Inline | _Blob):
+            kind, value = ("i", obj.data) if isinstance(obj, _Inline) else ("b", obj.index)
+            return (kind, value, obj.refs) if obj.refs else (kind, value)  # the 2-item form older grids read
         return None
 
 
 class ArgsUnpickler(pickle.Unpickler):
-    """Reads an args pickle given its blobs (the bootstrap has its own copy of this; here for tests and tools)."""
+    """Reads an args pickle given its blobs (the bootstrap has its own copy of this; here for tests and tools).
 
-    def __init__(self, data: bytes, blobs: list[bytes]) -> None:
+    ``loaded``: the call's blobs already unpickled, by index, shared with the argument's own unpicklers so that
+    one blob (a Ref given twice, at the top and in a list) is one object."""
+
+    def __init__(self, data: bytes | bytearray, blobs: list[Any], loaded: dict[int, Any] | None = None,
+                 refs: dict[str, int] | None = None) -> None:
         super().__init__(io.BytesIO(data))
-        self.blobs = blobs
+        self.blobs, self.loaded, self.refs = blobs, {} if loaded is None else loaded, refs or {}
 
     def persistent_load(self, pid: Any) -> Any:
-        kind, value = pid
-        return cloudpickle.loads(value if kind == "i" else self.blobs[value])
+        if pid[0] == "r":  # a Ref inside an argument
+            return self._blob(self.refs[pid[1]], {})
+        kind, value, refs = pid if len(pid) == 3 else (*pid, {})
+        if kind == "i":
+            return ArgsUnpickler(value, self.blobs, self.loaded, refs).load()
+        return self._blob(value, refs)
+
+    def _blob(self, index: int, refs: dict[str, int]) -> Any:
+        if index not in self.loaded:
+            self.loaded[index] = ArgsUnpickler(self.blobs[index], self.blobs, self.loaded, refs).load()
+        return self.loaded[index]
 
 
 def sha256_of(data: bytes | memoryview) -> str:

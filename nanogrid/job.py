@@ -14,7 +14,16 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 
 from nanogrid.client import Client, get_client
-from nanogrid.errors import RemoteError, RemoteTraceback, UntrustedResult, WaitTimeout, failure_for
+from nanogrid.data import Ref
+from nanogrid.errors import (
+    InvalidArgument,
+    JobFailed,
+    RemoteError,
+    RemoteTraceback,
+    UntrustedResult,
+    WaitTimeout,
+    failure_for,
+)
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 POLL_S = 25.0  # long-poll slice; the controller caps a wait at 60 s
@@ -136,6 +145,32 @@ class Job(Generic[R]):
         if "value" not in self._value:  # once: a widget and the caller asking both get the same object
             self._value["value"] = outcome(self._view, self.unpickle, self.client)
         return self._value["value"]
+
+    def ref(self, timeout: float | None = None) -> Ref:
+        """The result as a ``Ref`` that stays on the grid (waits for the job): pass it to other calls, alone or inside
+        a list or dict (``g.remote(job.ref())``, ``g.remote([j.ref() for j in jobs])``), and the value goes from
+        sandbox to sandbox without coming through this machine. A failed job raises ``JobFailed`` (its own error
+        as the cause); a function with ``result="json"`` has no Python value to pass on (``InvalidArgument``)."""
+        if "ref" in self._value:
+            return self._value["ref"]
+        if not self.wait(timeout).done:
+            raise WaitTimeout(f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
+                              "running: call .ref() again to wait longer")
+        if not self.unpickle:
+            raise InvalidArgument(f"job {self.job_id}'s function returns JSON data (result='json'), not a Python "
+                                  "value to pass to another call; pass job.result() instead")
+        if self._view["status"] != "completed":
+            try:
+                self.result()
+            except Exception as exc:
+                raise JobFailed(f"job {self.job_id} {self._view['status']}, so it has no result to pass on: {exc}",
+                                job_id=self.job_id, kind="failed") from exc
+        self._value["ref"] = self.client.result_ref(self.job_id)
+        return self._value["ref"]
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"a Job cannot be sent to the grid; pass job.ref() to hand its result to another call "
+                        f"(job {self.job_id})")
 
     def cancel(self) -> Job[R]:
         """Cancel it: a queued job never starts, a running one has its sandbox stopped."""

@@ -9,7 +9,11 @@ retention (``nanogrid_backend/retention.py``); using one again (a HEAD that find
 
 Calls reference blobs by hash: a call's payload in the format ``pickle+blobs`` is a JSON list of
 the hashes, a newline, then the args pickle (``split_payload``), so the queue and the registry
-carry it as any other payload.
+carry it as any other payload. A blob is checked against its hash again before a sandbox gets it
+(``local_files``): bytes changed on disk after the upload never reach a function.
+
+A finished job's pickled result becomes a blob on request (``result_ref``, ``job.ref()``), so it can be
+passed to the next call without a round trip through the client.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nanogrid_backend.store.base import BlobStore
+from nanogrid_backend.models import COMPLETED, JobRecord
+from nanogrid_backend.store.base import BlobSpace, BlobStore
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 BLOB_FORMAT = "pickle+blobs"  # a call's payload: JSON list of blob hashes, b"\n", the args pickle
 RESULT_FORMAT = "blob"  # a job's result stored as a blob: its ``result`` is JSON {sha256, size, format}
 MAX_BLOBS_PER_CALL = 256
 CHUNK_BYTES = 4 << 20
+VERIFIED_MEMO = 4096  # blob files known to hash to their names, while their inode and ctime stay the same
 
 
 class BlobError(Exception):
@@ -52,8 +58,14 @@ def is_sha256(text: str) -> bool:
 def key_for(owner: str, sha256: str) -> str:
     if not is_sha256(sha256):
         raise BlobError(f"{sha256[:80]!r} is not a blob id (64 lowercase hex digits of SHA-256)")
-    scope = hashlib.sha256(b"nanogrid-owner\0" + owner.encode()).hexdigest()[:32]
-    return f"data/{scope}/{sha256}"
+    return f"{prefix_for(owner)}{sha256}"
+
+
+def prefix_for(owner: str | None) -> str:
+    """Where an owner's blobs are kept (``None``: every owner's)."""
+    if owner is None:
+        return "data/"
+    return f"data/{hashlib.sha256(b'nanogrid-owner' + bytes(1) + owner.encode()).hexdigest()[:32]}/"
 
 
 def join_payload(blobs: list[str], args_pickle: bytes) -> bytes:
@@ -79,6 +91,7 @@ class Blobs:
     def __init__(self, store: BlobStore, spool: Path) -> None:
         self.store = store
         self.spool = spool
+        self._verified: dict[Path, tuple[int, int, int]] = {}  # path -> (inode, size, ctime) when it last hashed right
         spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in spool.glob("*.part"):  # uploads cut off by a crash never become blobs
             if stale.lstat().st_mtime < time.time() - 86400:
@@ -114,27 +127,86 @@ class Blobs:
 
     @contextmanager
     def local_files(self, owner: str, blobs: list[str]) -> Iterator[list[Path]]:
-        """The blobs as files on this machine for the length of the block (the store's own where it is local)."""
+        """The blobs as files on this machine for the length of the block (the store's own where it is local),
+        each checked against its hash first: BlobError if one is missing or damaged."""
         made: list[Path] = []
         try:
             paths = []
             for sha in blobs:
                 key = key_for(owner, sha)
                 path = self.store.blob_path(key)
-                if path is None:  # a remote store: fetched into the spool, streamed
+                if path is None:  # a remote store: fetched into the spool, streamed, hashed on the way
                     path = self.temp_file()
                     made.append(path)
+                    digest = hashlib.sha256()
                     with path.open("wb") as f:
                         for chunk in self.open(owner, sha):
+                            digest.update(chunk)
                             f.write(chunk)
+                    self._check(owner, sha, digest.hexdigest())
                 elif not path.is_file():
                     raise BlobError(f"blob {sha[:12]}… was deleted after the grid's retention; run the call again "
                                     "(the client uploads it again)", 404)
+                else:
+                    self._verify(owner, sha, path)
                 paths.append(path)
             yield paths
         finally:
             for path in made:
                 path.unlink(missing_ok=True)
+
+    def _verify(self, owner: str, sha256: str, path: Path) -> None:
+        """Hash a stored file unless it hashed right before and has not changed since (a write changes its ctime;
+        a retention touch does too, so a blob used by many calls is hashed about once per submitted batch)."""
+        stat = path.stat()
+        seen = (stat.st_ino, stat.st_size, stat.st_ctime_ns)
+        if self._verified.get(path) == seen:
+            return
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+        self._check(owner, sha256, digest.hexdigest())
+        if len(self._verified) >= VERIFIED_MEMO:
+            self._verified.clear()
+        self._verified[path] = seen
+
+    def _check(self, owner: str, sha256: str, digest: str) -> None:
+        if digest != sha256:
+            self.store.delete_blob(key_for(owner, sha256))  # so that the next upload of these bytes stores them again
+            raise BlobError(f"blob {sha256[:12]}… is damaged on the grid (its stored bytes no longer hash to its "
+                            "name); it was not given to the function and was deleted: upload the value again "
+                            "(nanogrid.put, or call again from a new client) and rerun", 409)
+
+    def result_ref(self, job: JobRecord) -> tuple[str, int]:
+        """(sha256, size) of the blob holding a finished job's pickled result: the blob it was stored as, or a copy
+        of an inline one made now. BlobError when the job has no Python value to pass on."""
+        if job.status != COMPLETED:
+            if not job.finished:
+                raise BlobError(f"job {job.job_id} is still {job.status}; its result can be referenced once it "
+                                "has finished (job.ref() waits for it)", 409)
+            message = (job.error or {}).get("message") or job.status
+            raise BlobError(f"job {job.job_id} {job.status} ({message[:300]}): it has no result to pass on", 409)
+        reference = json.loads(job.result) if job.result_format == RESULT_FORMAT and job.result else None
+        if job.result_format == "json" or (reference or {}).get("format") == "json":
+            raise BlobError(f"job {job.job_id}'s function returns JSON data (result='json'), not a Python value "
+                            "to pass to another call; pass job.result() instead", 422)
+        if reference is not None:
+            size = self.size(job.owner, reference["sha256"])  # touched: it lives another retention period
+            if size is None:
+                raise BlobError(f"the result of job {job.job_id} was deleted after the grid's retention; run the "
+                                "call again", 410)
+            return reference["sha256"], size
+        if job.result is None:
+            raise BlobError(f"job {job.job_id} has no stored result (deleted after the grid's retention)", 410)
+        sha256 = hashlib.sha256(job.result).hexdigest()
+        if self.size(job.owner, sha256) is None:
+            self.store.put_blob(key_for(job.owner, sha256), job.result)
+        return sha256, len(job.result)
+
+    def space(self, owner: str | None) -> BlobSpace:
+        """How many blobs an owner (``None``: every owner) keeps and their bytes, as the store counts them."""
+        return self.store.blob_space(prefix_for(owner))
 
     def store_result(self, owner: str, path: Path, sha256: str) -> None:
         """Keep a call's spooled result as this owner's blob (moved, not copied, where the store is local)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import time
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from nanogrid import __version__
+from nanogrid_backend.blobs import blobs_of
 from nanogrid_backend.controller import blobs, history, jobs, secret_routes, seed
 from nanogrid_backend.controller.errors import install_error_handlers
 from nanogrid_backend.controller.function_metrics import RequestDurations, render_all
@@ -333,12 +335,13 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     def system_status(caller: Caller) -> dict:
         """The caller's own jobs and queue, and the workers' capacity; an admin key sees every owner's."""
         counts = grid.registry.count_jobs(owner=None if caller.admin else caller.name)  # all jobs, no rows read
+        stored = dataclasses.asdict(blobs_of(grid).space(None if caller.admin else caller.name))  # counted, not walked
         if caller.admin:
-            return {"queue_depth": grid.queue.depth(), "workers": live_workers(), "jobs": counts}
+            return {"queue_depth": grid.queue.depth(), "workers": live_workers(), "jobs": counts, "blobs": stored}
         depth = grid.queue.depth_of(caller.name)
         owned = {f.function_id for f in grid.registry.list_functions(owner=caller.name)}
         return {"queue_depth": counts.get("pending", 0) if depth is None else depth,
-                "workers": [scoped_worker(w, owned) for w in live_workers()], "jobs": counts}
+                "workers": [scoped_worker(w, owned) for w in live_workers()], "jobs": counts, "blobs": stored}
 
     def live_workers() -> list[dict]:
         return jobs.live_workers(grid)

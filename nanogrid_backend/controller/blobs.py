@@ -1,4 +1,5 @@
-"""``/v1/blobs/{sha256}``: upload (PUT, streamed), exists (HEAD) and download (GET, streamed) of owner-scoped blobs.
+"""``/v1/blobs/{sha256}``: upload (PUT, streamed), exists (HEAD) and download (GET, streamed) of owner-scoped blobs;
+``/v1/jobs/{job_id}/ref``: a finished job's result as a blob, to pass on to other calls (``job.ref()``).
 
 An upload is written to a temporary file while it is hashed; it becomes a blob only when its hash
 is its name and it ended whole. A client that disconnects mid-upload, or sends more than the grid's
@@ -14,10 +15,18 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from nanogrid_backend.blobs import BlobError, Blobs, blobs_of, key_for
 from nanogrid_backend.models import ApiKey
+
+
+class BlobRef(BaseModel):
+    """A blob by hash, and its size: what ``nanogrid.Ref`` holds."""
+
+    sha256: str
+    size: int
 
 
 def _space(request: Request) -> Blobs:
@@ -34,16 +43,16 @@ def _checked(sha256: str, caller: ApiKey) -> str:
 
 def routes(authorize: Callable[..., Any]) -> APIRouter:
     """The routes, authorised by the app's own caller dependency (API key and rate limit)."""
-    router = APIRouter(prefix="/v1/blobs", tags=["blobs"])
+    router = APIRouter(prefix="/v1", tags=["blobs"])
 
-    @router.head("/{sha256}", responses={404: {"description": "this owner has no such blob"}})
+    @router.head("/blobs/{sha256}", responses={404: {"description": "this owner has no such blob"}})
     def exists(sha256: str, request: Request, caller: ApiKey = Depends(authorize)) -> Response:
         size = _space(request).size(caller.name, _checked(sha256, caller))
         if size is None:
             return Response(status_code=404)
         return Response(headers={"content-length": str(size)})
 
-    @router.put("/{sha256}", status_code=201, responses={200: {"description": "already stored"},
+    @router.put("/blobs/{sha256}", status_code=201, responses={200: {"description": "already stored"},
                                                         400: {"description": "the body does not hash to its name"},
                                                         413: {"description": "over the grid's max_payload_bytes"},
                                                         507: {"description": "the grid's disk is full"}})
@@ -78,7 +87,7 @@ def routes(authorize: Callable[..., Any]) -> APIRouter:
             path.unlink(missing_ok=True)
         return Response(status_code=201)
 
-    @router.get("/{sha256}", responses={200: {"content": {"application/octet-stream": {}}}})
+    @router.get("/blobs/{sha256}", responses={200: {"content": {"application/octet-stream": {}}}})
     def download(sha256: str, request: Request, caller: ApiKey = Depends(authorize)) -> StreamingResponse:
         blobs = _space(request)
         size = blobs.size(caller.name, _checked(sha256, caller))
@@ -88,5 +97,22 @@ def routes(authorize: Callable[..., Any]) -> APIRouter:
             raise HTTPException(exc.status, exc.message) from None
         return StreamingResponse(chunks, media_type="application/octet-stream",
                                  headers={"content-length": str(size)} if size is not None else None)
+
+    @router.post("/jobs/{job_id}/ref", response_model=BlobRef,
+                 responses={404: {"description": "no such job (for this key's owner)"},
+                            409: {"description": "the job has not finished, or failed"},
+                            410: {"description": "its result was deleted after the retention"},
+                            422: {"description": "the function returns JSON (result='json')"}})
+    def result_ref(job_id: str, request: Request, caller: ApiKey = Depends(authorize)) -> dict:
+        """The job's result kept as a blob (made now from a small result stored with the job): pass its hash as a
+        blob of the next call instead of downloading and uploading the value."""
+        job = request.app.state.grid.registry.get_job(job_id)
+        if job is None or job.owner != caller.name:  # another owner's job does not exist for you
+            raise HTTPException(404, f"no job {job_id!r}")
+        try:
+            sha256, size = _space(request).result_ref(job)
+        except BlobError as exc:
+            raise HTTPException(exc.status, exc.message) from None
+        return {"sha256": sha256, "size": size}
 
     return router

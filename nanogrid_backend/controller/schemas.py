@@ -106,6 +106,8 @@ class SystemStatus(BaseModel):
     queue_depth: int
     workers: list[dict[str, Any]]
     jobs: dict[str, int]
+    blobs: dict[str, int] | None = Field(None, description="count and bytes of the caller's stored blobs (an admin: "
+                                                            "every owner's)")
 
 
 class CancelRequest(BaseModel):

@@ -33,6 +33,14 @@ class Expired:
     bytes: int = 0  # apparent sizes, as quotas count them
 
 
+@dataclass(frozen=True)
+class BlobSpace:
+    """The data plane's blobs under one key prefix: how many, and their bytes."""
+
+    count: int = 0
+    bytes: int = 0
+
+
 class BlobStore(ABC):
     """Code packages by function id; output files under ``outputs/{job_id}/``.
 
@@ -75,6 +83,15 @@ class BlobStore(ABC):
     def blob_path(self, key: str) -> Path | None:
         """Where the blob is on this machine's disk (a local store), else None."""
         return None
+
+    @abstractmethod
+    def delete_blob(self, key: str) -> None:
+        """Remove it (a damaged blob, so that the next upload stores it again); no error if there is none."""
+
+    def blob_space(self, prefix: str) -> BlobSpace:
+        """Count and bytes of the blobs whose keys start with ``prefix``, cheap to ask often (kept up to date as
+        blobs come and go, or cached); stores that cannot say answer an empty space."""
+        return BlobSpace()
 
     def output_url(self, job_id: str, name: str) -> str | None:
         """A direct download URL (a presigned one on S3), or None to serve it through the controller."""

@@ -4,16 +4,18 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from nanogrid_backend.store.base import BlobStore, Expired, QuotaExceeded
+from nanogrid_backend.store.base import BlobSpace, BlobStore, Expired, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
 DIR_MODE, FILE_MODE = 0o700, 0o600  # only the grid's own account reads what it stores
 OWNER_SUFFIX = ".owner"  # outputs/{job_id}.owner names the owner of outputs/{job_id}/ (job ids never end in it)
+RECOUNT_S = 600.0  # blob space is counted by a walk at most this often; in between, as this process adds and removes
 
 
 class LocalStore(BlobStore):
@@ -34,6 +36,8 @@ class LocalStore(BlobStore):
             path.chmod(DIR_MODE)  # also a store made by an older version, or under a looser umask
         self._lock = threading.Lock()
         self._usage: dict[str, int] | None = None  # owner -> bytes stored; summed on first use
+        self._space: dict[str, list[int]] | None = None  # a blob key's directory -> [count, bytes]; walked on first use
+        self._space_at = 0.0
 
     def _package_path(self, function_id: str) -> Path:
         return self.root / "packages" / f"{function_id}.zip"
@@ -55,7 +59,9 @@ class LocalStore(BlobStore):
     def put_blob(self, key: str, data: bytes) -> None:
         path = self._blob_path(key)
         _mkdirs(self.root / "blobs", path.parent)
+        before = _size_or_none(path)
         _replace_private(path, data)
+        self._count(key, before, len(data))
 
     def get_blob(self, key: str) -> bytes:
         return self._blob_path(key).read_bytes()
@@ -64,7 +70,46 @@ class LocalStore(BlobStore):
         path = self._blob_path(key)
         _mkdirs(self.root / "blobs", path.parent)
         os.chmod(source, FILE_MODE)
+        before, size = _size_or_none(path), source.lstat().st_size
         shutil.move(source, path)  # a rename on the same file system: readers see the whole blob or none
+        self._count(key, before, size)
+
+    def delete_blob(self, key: str) -> None:
+        path = self._blob_path(key)
+        before = _size_or_none(path)
+        path.unlink(missing_ok=True)
+        self._count(key, before, None)
+
+    def blob_space(self, prefix: str) -> BlobSpace:
+        with self._lock:
+            if self._space is None or time.monotonic() - self._space_at > RECOUNT_S:
+                self._space, self._space_at = self._walk_space(), time.monotonic()
+            counted = [v for k, v in self._space.items() if f"{k}/".startswith(prefix)]
+        return BlobSpace(sum(c for c, _ in counted), sum(b for _, b in counted))
+
+    def _walk_space(self) -> dict[str, list[int]]:
+        """The data plane's blobs (``blobs/data/{scope}/{sha256}``) counted per directory: one walk."""
+        space: dict[str, list[int]] = {}
+        base = self.root / "blobs"
+        for dirpath, _, filenames in os.walk(base / "data"):
+            counted = space.setdefault(os.path.relpath(dirpath, base), [0, 0])
+            for name in filenames:
+                size = _size_or_none(Path(dirpath, name))
+                if size is not None:
+                    counted[0] += 1
+                    counted[1] += size
+        return space
+
+    def _count(self, key: str, before: int | None, after: int | None) -> None:
+        """Keep the blob space up to date as a blob is written (``after`` its size) or deleted (``after`` None)."""
+        if not key.startswith("data/"):
+            return
+        with self._lock:
+            if self._space is None:
+                return  # counted by the first walk
+            counted = self._space.setdefault(key.rsplit("/", 1)[0], [0, 0])
+            counted[0] += (after is not None) - (before is not None)
+            counted[1] += (after or 0) - (before or 0)
 
     def open_blob(self, key: str) -> Iterator[bytes]:
         path = self._blob_path(key)
@@ -186,6 +231,9 @@ class LocalStore(BlobStore):
                 blob.unlink(missing_ok=True)
                 expired.blobs += 1
                 expired.bytes += stat.st_size
+        if expired.blobs:
+            with self._lock:
+                self._space = None  # counted again when next asked
         return expired
 
 
@@ -210,6 +258,14 @@ def _mkdirs(base: Path, path: Path) -> None:
         if parent == base or base not in parent.parents:
             continue
         parent.mkdir(mode=DIR_MODE, exist_ok=True)
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        stat = path.lstat()
+    except FileNotFoundError:
+        return None
+    return None if path.is_symlink() else stat.st_size
 
 
 def _mtime(path: Path) -> float:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
 from botocore.exceptions import ClientError
 
-from nanogrid_backend.store.base import BlobStore, Expired, QuotaExceeded
+from nanogrid_backend.store.base import BlobSpace, BlobStore, Expired, QuotaExceeded
 
 URL_EXPIRY_S = 3600
+SPACE_CACHE_S = 60.0  # blob space is a listing of the prefix: asked again at most this often
 
 
 class S3Store(BlobStore):
@@ -29,6 +32,8 @@ class S3Store(BlobStore):
         self.s3 = boto3.client("s3")
         self._quota = quota or (lambda owner: None)
         self._owner_of = owner_of or (lambda job_id: "")
+        self._spaces: dict[str, tuple[float, BlobSpace]] = {}  # prefix -> (when listed, what it held)
+        self._spaces_lock = threading.Lock()
 
     def put_package(self, function_id: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.code_bucket, Key=f"functions/{function_id}/code.zip", Body=data)
@@ -66,6 +71,21 @@ class S3Store(BlobStore):
             return int(self.s3.head_object(Bucket=self.data_bucket, Key=key)["ContentLength"])
         except ClientError:
             return None
+
+    def delete_blob(self, key: str) -> None:
+        self.s3.delete_object(Bucket=self.data_bucket, Key=key)
+
+    def blob_space(self, prefix: str) -> BlobSpace:
+        with self._spaces_lock:
+            cached = self._spaces.get(prefix)
+        if cached is not None and time.monotonic() - cached[0] < SPACE_CACHE_S:
+            return cached[1]
+        count = size = 0
+        for item in self._keys(prefix):
+            count, size = count + 1, size + int(item.get("Size", 0))
+        with self._spaces_lock:
+            self._spaces[prefix] = (time.monotonic(), BlobSpace(count, size))
+        return BlobSpace(count, size)
 
     def _keys(self, prefix: str) -> Iterator[dict]:
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.data_bucket, Prefix=prefix):

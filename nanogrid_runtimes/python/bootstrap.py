@@ -103,20 +103,26 @@ def read_blobs(fd, sizes):
 
 
 class ArgsUnpickler(pickle.Unpickler):
-    """An args pickle's persistent ids: ("i", bytes) an argument's own pickle, ("b", n) the call's n-th blob."""
+    """An args pickle's persistent ids: ("i", bytes) an argument's own pickle, ("b", n) the call's n-th blob; with a
+    third item {sha256: n} when the argument holds Refs, which its own pickle names ("r", sha256)."""
 
-    def __init__(self, data, blobs):
+    def __init__(self, data, blobs, loaded=None, refs=None):
         super().__init__(io.BytesIO(data))
-        self.blobs, self.loaded = blobs, {}
+        self.blobs, self.loaded, self.refs = blobs, {} if loaded is None else loaded, refs or {}
 
     def persistent_load(self, pid):
-        kind, value = pid
+        if pid[0] == "r":  # a Ref inside an argument: the call's blob of that hash
+            return self.blob(self.refs[pid[1]], {})
+        kind, value, refs = pid if len(pid) == 3 else (*pid, {})
         if kind == "i":
-            return pickle.loads(value)
-        if value not in self.loaded:  # one blob given twice in a call is one object, as it was in the caller's
-            self.loaded[value] = pickle.loads(self.blobs[value])
-            self.blobs[value] = None  # its bytes are freed as soon as the value exists
-        return self.loaded[value]
+            return ArgsUnpickler(value, self.blobs, self.loaded, refs).load()
+        return self.blob(value, refs)
+
+    def blob(self, n, refs):
+        if n not in self.loaded:  # one blob given twice in a call is one object, as it was in the caller's
+            data, self.blobs[n] = self.blobs[n], None  # its bytes are freed as soon as the value exists
+            self.loaded[n] = ArgsUnpickler(data, self.blobs, self.loaded, refs).load()
+        return self.loaded[n]
 
 
 class Capture:
@@ -268,6 +274,21 @@ def clip(text, limit=CAPTURE_LIMIT // 2):
     return text[:limit] + f"\n[nanogrid: {len(text) - limit} more characters not kept]"
 
 
+DISK_MIB = os.environ.get("NANOGRID_DISK_MIB")  # the sandbox's own scratch disk (the Docker sandbox)
+
+
+def out_of_disk(exc):
+    """Whether ``exc`` (or what it was raised from) is the scratch disk filling up."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def describe_error(exc, cloudpickle):
     frames = traceback.extract_tb(exc.__traceback__)
     user = [f for f in frames if f.filename != __file__] or frames  # trim bootstrap frames
@@ -277,6 +298,10 @@ def describe_error(exc, cloudpickle):
              "message": clip(str(exc)), "traceback": clip(text)}
     if isinstance(exc, MemoryError):
         error["kind"] = "memory"
+    elif DISK_MIB and out_of_disk(exc):
+        error["kind"] = "disk"
+        error["message"] = clip(f"out of disk space: /tmp, the working and the output directory share this "
+                                f"function's {DISK_MIB} MiB disk; @remote(disk=MiB) raises it ({exc})")
     try:
         body = cloudpickle.dumps(exc)
     except Exception:
