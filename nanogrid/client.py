@@ -130,6 +130,8 @@ class Client:
                 break
             time.sleep(_backoff(response, attempt))
         if response.status_code >= 400:
+            if response.status_code == 404 and path == "/run":
+                self._known_blobs.clear()  # one may be gone (retention, damaged): the next call uploads it again
             raise _api_error(response)
         return response
 
@@ -274,6 +276,8 @@ class Client:
             with self._http.stream("POST", "/map", json=body, timeout=silence) as response:
                 if response.status_code >= 400:
                     response.read()
+                    if response.status_code == 404:
+                        self._known_blobs.clear()  # as for /run
                     raise _api_error(response)
                 for line in response.iter_lines():
                     if line:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import nanogrid
 from nanogrid.data import ArgsEncoder, ArgsUnpickler
 from nanogrid_backend.blobs import key_for
 from nanogrid_backend.keys import create_key
-from tests.conftest import require_docker, start_grid
+from tests.conftest import require, require_docker, start_grid
 
 pytestmark = pytest.mark.integration
 
@@ -201,3 +203,200 @@ def test_the_args_codec_pickles_each_argument_once_and_resolves_refs():
     args, kwargs = ArgsUnpickler(calls[7][0], client.uploads).load()
     assert args == [shared, 7] and kwargs == {"flag": shared}
     assert key_for("alice", calls[0][1][0]) != key_for("bob", calls[0][1][0])
+
+
+# --- results as Refs, and Refs anywhere inside an argument -------------------------------------------------
+
+def no_data_through_this_machine(client: nanogrid.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on the client may neither download nor upload a blob: what moves must move on the grid."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a blob's data went through the client")
+
+    monkeypatch.setattr(client, "download_blob", refuse)
+    monkeypatch.setattr(client, "upload_blob", refuse)
+
+
+def test_a_jobs_result_goes_to_the_next_call_as_a_ref_without_coming_back(bigrid, monkeypatch):
+    """What must never happen: a result passed on is downloaded and uploaded again, arrives changed, or two uses of
+    one Ref become two copies in the sandbox."""
+    client = as_owner(bigrid, "alice")
+
+    @nanogrid.remote(timeout=60, memory=512)
+    def make(n, fill):
+        return fill * n
+
+    @nanogrid.remote(timeout=60, memory=512)
+    def describe(values, table=None):
+        import hashlib
+
+        same = values[0] is values[2]
+        return [hashlib.sha256(v).hexdigest()[:16] for v in values], same, {k: len(v) for k, v in (table or {}).items()}
+
+    big_job, small_job = make.spawn(2 * MiB, b"b"), make.spawn(1000, b"s")  # a blob result and an inline one
+    big, small = big_job.ref(), small_job.ref()
+    assert big.size > 2 * MiB and small.size < MiB
+    no_data_through_this_machine(client, monkeypatch)
+    short = [hashlib.sha256(b"b" * 2 * MiB).hexdigest()[:16], hashlib.sha256(b"s" * 1000).hexdigest()[:16]]
+    assert describe.remote([big, small, big], table={"a": small, "b": big}) == \
+        ([short[0], short[1], short[0]], True, {"a": 1000, "b": 2 * MiB})
+    monkeypatch.undo()
+    # A Ref inside an argument that is itself large enough to travel as a blob still resolves.
+    padded = {"pad": os.urandom(2 * MiB), "refs": [small, big, small]}
+    assert describe.remote(padded["refs"] + [padded["pad"]])[0][:3] == [short[1], short[0], short[1]]
+
+    @nanogrid.remote(timeout=60)
+    def unpack(arg):
+        return len(arg["pad"]), [len(v) for v in arg["refs"]]
+
+    assert unpack.remote(padded) == (2 * MiB, [1000, 2 * MiB, 1000])
+    assert small_job.ref() == small  # asked again: the same blob, nothing copied twice
+
+
+def test_refs_that_are_not_the_callers_are_refused_at_submit_naming_them(bigrid):
+    """What must never happen: another owner's result or an invented hash reaches a sandbox, or a refusal that
+    does not say which blob."""
+    as_owner(bigrid, "alice")
+
+    @nanogrid.remote(timeout=30)
+    def secret():
+        return b"alice's result " * 10
+
+    @nanogrid.remote(timeout=30)
+    def peek(values):
+        return values
+
+    job = secret.spawn()
+    ref = job.ref()
+    bob = httpx.Client(base_url=bigrid["grid"].url, headers={"x-api-key": bigrid["bob"]})
+    assert bob.post(f"/v1/jobs/{job.job_id}/ref").status_code == 404  # her job does not exist for him
+    assert bob.head(f"/v1/blobs/{ref.sha256}").status_code == 404
+
+    as_owner(bigrid, "bob")
+    with pytest.raises(nanogrid.APIError, match=f"no blob {ref.sha256[:12]}") as refused:
+        peek.remote({"stolen": [ref]})
+    assert refused.value.status == 404
+    invented = nanogrid.Ref("0" * 64, 10)
+    with pytest.raises(nanogrid.APIError, match="no blob 000000000000"):
+        peek.remote([invented])
+
+
+def test_what_has_no_value_to_pass_on_is_refused_clearly(bigrid):
+    """What must never happen: a Ref to a failed job's nothing, to JSON data, or a Job pickled as an argument."""
+    client = as_owner(bigrid, "alice")
+
+    @nanogrid.remote(timeout=30)
+    def fails():
+        return 1 / 0
+
+    @nanogrid.remote(timeout=30, result="json")
+    def data():
+        return {"a": 1}
+
+    @nanogrid.remote(timeout=30)
+    def takes(value):
+        return value
+
+    failed = fails.spawn()
+    with pytest.raises(nanogrid.JobFailed, match="no result to pass on.*division by zero"):
+        failed.ref()
+    as_json = data.spawn()
+    with pytest.raises(nanogrid.InvalidArgument, match=r"result='json'.*job.result\(\)"):
+        as_json.ref()
+    as_json.wait()
+    with pytest.raises(nanogrid.APIError, match=r"result='json'") as refused:
+        client.result_ref(as_json.job_id)
+    assert refused.value.status == 422
+    with pytest.raises(nanogrid.InvalidArguments, match=r"pass job.ref\(\)"):
+        takes.remote(failed)
+    ref = takes.spawn(5).ref()
+    with pytest.raises(nanogrid.InvalidArguments, match="resolved only inside a call's arguments"):
+        nanogrid.put([ref])
+
+
+# --- blob space, a full disk, a damaged blob ------------------------------------------------------------------
+
+def test_the_grid_counts_each_owners_blobs(bigrid):
+    """What must never happen: blob space that misses an upload or a stored result, or shows one owner another's."""
+    client = as_owner(bigrid, "alice")
+    before = client.system_status()["blobs"]
+    bob_before = nanogrid.Client(bigrid["grid"].url, api_key=bigrid["bob"]).system_status()["blobs"]
+    ref = nanogrid.put(os.urandom(MiB))
+
+    @nanogrid.remote(timeout=60)
+    def result(n):
+        return b"q" * n
+
+    result.remote(2 * MiB + 17)  # stored as a blob by the worker
+    after = client.system_status()["blobs"]
+    assert after["count"] == before["count"] + 2
+    assert after["bytes"] >= before["bytes"] + ref.size + 2 * MiB
+    assert nanogrid.Client(bigrid["grid"].url, api_key=bigrid["bob"]).system_status()["blobs"] == bob_before
+    on_disk = [p for p in blob_files(bigrid)]
+    assert after["count"] <= len(on_disk) and after["bytes"] <= sum(p.stat().st_size for p in on_disk)
+
+
+def test_a_blob_damaged_on_disk_never_reaches_the_function(bigrid):
+    """What must never happen: bytes changed on disk after the upload are given to a function as the value."""
+    client = as_owner(bigrid, "alice")
+    value = os.urandom(2 * MiB)
+
+    @nanogrid.remote(timeout=60, memory=512)
+    def size_of(values):
+        return [len(v) for v in values]
+
+    ref = nanogrid.put(value)
+    assert size_of.remote([ref]) == [2 * MiB]
+    path = next(p for p in blob_files(bigrid) if p.name == ref.sha256)
+    with path.open("r+b") as f:  # one byte flipped in place: the same size, the same name
+        f.seek(MiB)
+        byte = f.read(1)
+        f.seek(MiB)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(nanogrid.JobFailed, match=f"blob {ref.sha256[:12]}… is damaged.*not given to the function"):
+        size_of.remote([ref])
+    with pytest.raises(nanogrid.APIError, match="no blob"):  # deleted, so that an upload can heal it
+        size_of.remote([ref])
+    assert client.upload_blob(cloudpickle.dumps(value, protocol=5)) == ref  # the client asks the grid again
+    assert size_of.remote([ref]) == [2 * MiB]
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs for a grid's data dir (as tests/test_faults.py)."""
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_blob_upload_onto_a_full_disk_answers_507_and_the_grid_serves_on(small_disk):
+    """What must never happen: a half-written blob, a damaged registry, or an internal error instead of 507."""
+    grid = start_grid(small_disk / "data", sandbox="process", workers=1, stem_cells=1, pool_cap=2, kill_grace_s=0.5)
+    try:
+        client = nanogrid.connect(grid.url, api_key=grid.api_key, timeout=30)
+
+        @nanogrid.remote(timeout=30)
+        def double(x):
+            return 2 * x
+
+        assert double.remote(1) == 2
+        space = client.system_status()["blobs"]
+        with pytest.raises(nanogrid.APIError, match="disk is full") as full:
+            nanogrid.put(os.urandom(24 * MiB))
+        assert full.value.status == 507
+        spool = small_disk / "data" / "store" / "blob-spool"
+        assert not [p for p in spool.iterdir() if p.suffix == ".part"]
+        assert client.system_status()["blobs"] == space
+        assert double.remote(2) == 4 and list(double.map(range(3))) == [0, 2, 4]
+        with sqlite3.connect(f"file:{grid.grid.registry.path}?mode=ro", uri=True) as db:
+            assert db.execute("PRAGMA quick_check").fetchone() == ("ok",)
+        ref = nanogrid.put(os.urandom(2 * MiB))  # space enough again: taken
+        assert double.remote([ref]) is not None
+    finally:
+        grid.stop()
