@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import cloudpickle
 import httpx
 import pytest
@@ -22,6 +25,7 @@ import nanogrid
 from nanogrid.data import ArgsEncoder, ArgsUnpickler
 from nanogrid_backend.blobs import key_for
 from nanogrid_backend.keys import create_key
+from tests.aws_cluster import Cluster
 from tests.conftest import require, require_docker, start_grid
 
 pytestmark = pytest.mark.integration
@@ -400,3 +404,59 @@ def test_a_blob_upload_onto_a_full_disk_answers_507_and_the_grid_serves_on(small
         assert double.remote([ref]) is not None
     finally:
         grid.stop()
+
+
+# --- blobs on S3 (the AWS adapters against the moto server, redis-server) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def s3grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two controllers and one worker on SQS, S3, DynamoDB and Redis, all on loopback."""
+    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    running = Cluster(tmp_path_factory.mktemp("aws-blobs"), workers=1, slots=1)
+    try:
+        client = nanogrid.Client(running.url, api_key=running.key)
+        deadline = time.monotonic() + 60
+        while not client.system_status()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield running
+    finally:
+        running.stop()
+
+
+def test_blobs_on_s3_carry_arguments_results_and_refs(s3grid):
+    """What must never happen: a blob on S3 that cannot be read back whole, a call that loses its blob argument or
+    result between controllers and workers, or a damaged S3 object given to a function."""
+    client = nanogrid.connect(s3grid.url, api_key=s3grid.key)
+    value = os.urandom(3 * MiB)
+    ref = nanogrid.put(value)
+    http = httpx.Client(base_url=s3grid.url2, headers={"x-api-key": s3grid.key})  # the other controller
+    head = http.head(f"/v1/blobs/{ref.sha256}")
+    assert head.status_code == 200 and int(head.headers["content-length"]) == ref.size
+    assert cloudpickle.loads(http.get(f"/v1/blobs/{ref.sha256}").content) == value
+    env = s3grid.env
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    bucket = env["S3_USER_DATA_BUCKET"]
+    stored = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="data/").get("Contents", [])]
+    assert [key for key in stored if key.endswith(ref.sha256)]
+
+    @nanogrid.remote(timeout=60, memory=512)
+    def grow(blob):
+        return blob + blob[:MiB]
+
+    @nanogrid.remote(timeout=60, memory=512)
+    def lengths(values):
+        return [len(v) for v in values]
+
+    assert grow.remote(value) == value + value[:MiB]  # a blob argument and a blob result
+    job = grow.spawn(ref)
+    assert lengths.remote([job.ref(), ref, job.ref()]) == [4 * MiB, 3 * MiB, 4 * MiB]
+    space = client.system_status()["blobs"]  # the argument and the result, one blob each however often used
+    assert space["count"] >= 2 and space["bytes"] >= ref.size + 4 * MiB
+
+    damaged = nanogrid.put(os.urandom(2 * MiB))
+    key = next(item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="data/")["Contents"]
+               if item["Key"].endswith(damaged.sha256))
+    s3.put_object(Bucket=bucket, Key=key, Body=b"not what was uploaded")
+    with pytest.raises(nanogrid.JobFailed, match=f"blob {damaged.sha256[:12]}… is damaged"):
+        lengths.remote([damaged])

@@ -51,6 +51,7 @@ class S3Store(BlobStore):
 
     def put_blob(self, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.data_bucket, Key=key, Body=data)
+        self._changed(key)
 
     def get_blob(self, key: str) -> bytes:
         return self.s3.get_object(Bucket=self.data_bucket, Key=key)["Body"].read()
@@ -58,6 +59,7 @@ class S3Store(BlobStore):
     def put_blob_file(self, key: str, source: Path) -> None:
         self.s3.upload_file(str(source), self.data_bucket, key)  # multipart above boto3's threshold
         source.unlink(missing_ok=True)
+        self._changed(key)
 
     def open_blob(self, key: str) -> Iterator[bytes]:
         try:
@@ -74,6 +76,14 @@ class S3Store(BlobStore):
 
     def delete_blob(self, key: str) -> None:
         self.s3.delete_object(Bucket=self.data_bucket, Key=key)
+        self._changed(key)
+
+    def _changed(self, key: str) -> None:
+        """A blob written or deleted here: the spaces that count it are listed again when next asked (another
+        process's changes show within SPACE_CACHE_S)."""
+        with self._spaces_lock:
+            for prefix in [p for p in self._spaces if key.startswith(p)]:
+                del self._spaces[prefix]
 
     def blob_space(self, prefix: str) -> BlobSpace:
         with self._spaces_lock:
