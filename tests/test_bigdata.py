@@ -12,6 +12,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -337,6 +338,10 @@ def test_the_grid_counts_each_owners_blobs(bigrid):
     assert nanogrid.Client(bigrid["grid"].url, api_key=bigrid["bob"]).system_status()["blobs"] == bob_before
     on_disk = [p for p in blob_files(bigrid)]
     assert after["count"] <= len(on_disk) and after["bytes"] <= sum(p.stat().st_size for p in on_disk)
+    env = {**os.environ, "NANOGRID_URL": bigrid["grid"].url, "NANOGRID_API_KEY": bigrid["alice"]}
+    shown = subprocess.run([sys.executable, "-m", "nanogrid.cli", "status"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert f"blobs     {after['count']} stored, {after['bytes'] / MiB:.1f} MiB" in shown.stdout, shown.stderr
 
 
 def test_a_blob_damaged_on_disk_never_reaches_the_function(bigrid):
