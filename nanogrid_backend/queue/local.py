@@ -19,10 +19,12 @@ class LocalQueue(JobQueue):
     """The embedded grid's queue: in memory, in the process that runs controller and worker.
 
     Fair between owners: each owner has its own FIFO, and owners are served in turn, so one owner's
-    backlog of a thousand calls delays another owner's single call by at most one call per slot.
+    backlog of a thousand calls delays another owner's single call by at most one take per slot (a take is
+    one call, or a batch of one function's short calls: ``get_batch``).
     ``limit(owner)`` caps how many of an owner's jobs may be out at once (taken and not yet acked):
-    an owner at its cap is passed over, so it never holds every slot. Durability comes from the
-    registry: pending jobs are stored there and put back on start.
+    an owner at its cap is parked out of the turn until one of its jobs is acked, so finding the next
+    owner to serve never walks past owners who cannot be served. Durability comes from the registry:
+    pending jobs are stored there and put back on start.
 
     Memory stays bounded whatever the backlog: once the payloads held reach ``memory_budget_bytes``, further
     messages are kept without theirs, and ``load_payload(job_id)`` reads it back (from the registry, where
@@ -38,6 +40,7 @@ class LocalQueue(JobQueue):
         self._held_bytes = 0  # payload bytes held in memory
         self._on_disk: set[str] = set()  # job ids queued without their payload
         self._waiting: OrderedDict[str, deque[JobMessage]] = OrderedDict()  # owner -> its FIFO; next to serve first
+        self._parked: dict[str, deque[JobMessage]] = {}  # owners at their cap -> their FIFO, back in turn at an ack
         self._out: dict[str, int] = {}  # owner -> jobs taken and not yet acked
         self._out_owner: dict[str, str] = {}  # job id -> its owner, while it is out
         self._count = 0
@@ -48,9 +51,12 @@ class LocalQueue(JobQueue):
         with self._changed:
             for message in messages:
                 message = self._hold(message, stored)
-                if message.owner not in self._waiting:
-                    self._waiting[message.owner] = deque()  # a new owner joins the end of the turn
-                self._waiting[message.owner].append(message)
+                fifo = self._waiting.get(message.owner)
+                if fifo is None:
+                    fifo = self._parked.get(message.owner)
+                if fifo is None:
+                    fifo = self._waiting[message.owner] = deque()  # a new owner joins the end of the turn
+                fifo.append(message)
             self._count += len(messages)
             self._changed.notify_all()
 
@@ -68,17 +74,58 @@ class LocalQueue(JobQueue):
             return self._held_bytes
 
     def get(self, timeout: float, want: int = 1) -> JobMessage | None:
+        taken = self.get_batch(timeout)
+        return taken[0] if taken else None
+
+    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None) -> list[JobMessage]:
+        """The next owner's next job, and with it up to ``most(first, queued) - 1`` more of that owner's queued calls
+        of the same function right behind it (``queued``: how many the owner has waiting, within its cap); [] after
+        ``timeout`` seconds without one.
+
+        A batch is one take in the owner turn, and never more than the owner's FIFO divided among the worker's
+        slots asks for: the worker sizes ``most`` so both slots keep busy."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while (message := self._next()) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return None
+                    return []
                 self._changed.wait(left)
+            taken = [message]
+            if most is not None and message.job_id not in self._on_disk:
+                fifo = self._waiting.get(message.owner) or self._parked.get(message.owner)
+                taken += self._more_like(message, most(message, len(fifo) if fifo else 0) - 1)
+            for held in taken:
+                if held.job_id not in self._on_disk:
+                    self._held_bytes -= len(held.payload)
             if message.job_id not in self._on_disk:
-                self._held_bytes -= len(message.payload)
-                return message
-        return self._with_payload(message)
+                return taken
+        loaded = self._with_payload(message)
+        return [loaded] if loaded is not None else []
+
+    def _more_like(self, first: JobMessage, extra: int) -> list[JobMessage]:
+        """Up to ``extra`` more queued calls of ``first``'s owner and function, from the head of its FIFO, within
+        its cap; payloads kept on disk end the batch (each is read back on its own). Call with the lock held."""
+        owner = first.owner
+        fifo = self._waiting.get(owner) or self._parked.get(owner)
+        if extra <= 0 or not fifo:
+            return []
+        cap = self._limit(owner)
+        if cap is not None:
+            extra = min(extra, cap - self._out[owner])
+        more: list[JobMessage] = []
+        while len(more) < extra and fifo and fifo[0].function_id == first.function_id \
+                and fifo[0].job_id not in self._on_disk:
+            more.append(fifo.popleft())
+        if more:
+            self._count -= len(more)
+            self._out[owner] += len(more)
+            for message in more:
+                self._out_owner[message.job_id] = owner
+            if not fifo:
+                self._waiting.pop(owner, None)
+                self._parked.pop(owner, None)
+        return more
 
     def _with_payload(self, message: JobMessage) -> JobMessage | None:
         """Read a taken job's payload back from disk; if that fails the job goes back to the head of its turn."""
@@ -88,7 +135,9 @@ class LocalQueue(JobQueue):
         except Exception:
             log.exception("job %s: could not read its arguments back; it stays queued", message.job_id)
             with self._changed:
-                self._waiting.setdefault(message.owner, deque()).appendleft(message)
+                fifo = self._parked.pop(message.owner, None) or self._waiting.pop(message.owner, None) or deque()
+                fifo.appendleft(message)
+                self._waiting[message.owner] = fifo
                 self._waiting.move_to_end(message.owner, last=False)
                 self._count += 1
                 self._forget_out(message.job_id)
@@ -100,12 +149,14 @@ class LocalQueue(JobQueue):
         return dataclasses.replace(message, payload=payload or b"")
 
     def _next(self) -> JobMessage | None:
-        """The head of the first owner in turn who is under its cap; that owner goes to the end of the turn."""
-        for owner in list(self._waiting):
+        """The head of the first owner in turn who is under its cap; that owner goes to the end of the turn.
+        Owners found at their cap are parked (``_forget_out`` brings them back), so each is passed over once."""
+        while self._waiting:
+            owner, fifo = self._waiting.popitem(last=False)
             cap = self._limit(owner)
             if cap is not None and self._out.get(owner, 0) >= cap:
+                self._parked[owner] = fifo
                 continue
-            fifo = self._waiting.pop(owner)
             message = fifo.popleft()
             if fifo:
                 self._waiting[owner] = fifo  # re-inserted: last in turn
@@ -120,7 +171,7 @@ class LocalQueue(JobQueue):
 
     def depth_of(self, owner: str) -> int | None:
         with self._changed:
-            return len(self._waiting.get(owner, ()))
+            return len(self._waiting.get(owner) or self._parked.get(owner) or ())
 
     def running_of(self, owner: str) -> int:
         """The owner's jobs taken by a worker and not yet acked."""
@@ -131,19 +182,20 @@ class LocalQueue(JobQueue):
         """Cancelled jobs leave their owner's FIFO at once: the owner's queue depth says so, and no worker
         spends a turn of the owner's cap taking them only to find them cancelled."""
         with self._changed:
-            for owner, fifo in list(self._waiting.items()):
-                gone = [message for message in fifo if message.job_id in job_ids]
-                if not gone:
-                    continue
-                for message in gone:
-                    self._held_bytes -= len(message.payload)  # b"" for those kept on disk
-                    self._on_disk.discard(message.job_id)
-                self._count -= len(gone)
-                kept = deque(message for message in fifo if message.job_id not in job_ids)
-                if kept:
-                    self._waiting[owner] = kept  # an existing key: the owner keeps its place in the turn
-                else:
-                    del self._waiting[owner]
+            for fifos in (self._waiting, self._parked):
+                for owner, fifo in list(fifos.items()):
+                    gone = [message for message in fifo if message.job_id in job_ids]
+                    if not gone:
+                        continue
+                    for message in gone:
+                        self._held_bytes -= len(message.payload)  # b"" for those kept on disk
+                        self._on_disk.discard(message.job_id)
+                    self._count -= len(gone)
+                    kept = deque(message for message in fifo if message.job_id not in job_ids)
+                    if kept:
+                        fifos[owner] = kept  # an existing key: the owner keeps its place in the turn
+                    else:
+                        del fifos[owner]
 
     def ack(self, message: JobMessage) -> None:
         """The job is done: its owner's share of the slots is free again."""
@@ -160,6 +212,9 @@ class LocalQueue(JobQueue):
             self._out[owner] = left
         else:
             del self._out[owner]
+        parked = self._parked.pop(owner, None)
+        if parked is not None:
+            self._waiting[owner] = parked  # under its cap again: back at the end of the turn
         self._changed.notify_all()
 
     def extend(self, message: JobMessage, seconds: float) -> None:

@@ -69,6 +69,15 @@ class Registry(ABC):
     def finish_job(self, job: JobRecord) -> bool:
         """Store a final state; False (and nothing written) if the job already had one."""
 
+    def mark_running_many(self, job_ids: list[str], worker_id: str, started_at: float) -> set[str]:
+        """``mark_running`` for a worker's batch of calls; the ids that were pending. A registry with transactions
+        does it in one."""
+        return {job_id for job_id in job_ids if self.mark_running(job_id, worker_id, started_at)}
+
+    def finish_jobs(self, jobs: list[JobRecord]) -> list[bool]:
+        """``finish_job`` for a batch of outcomes; a registry with transactions records them in one (group commit)."""
+        return [self.finish_job(job) for job in jobs]
+
     @abstractmethod
     def note_attempt(self, job_id: str, error: dict) -> None:
         """Record why a delivery failed, leaving the job to be delivered again."""

@@ -9,6 +9,7 @@ lock held by another process (an operator's ``sqlite3`` shell, a backup) only de
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import sqlite3
@@ -113,15 +114,29 @@ class _Codec:
                 self.bool.add(name)
             if type(None) in kinds:
                 self.optional.add(name)
+        self._all = self._getter(tuple(self.names))
+        self._some: dict[tuple[str, ...], tuple[Callable[[Any], tuple[Any, ...]], list[int]]] = {}
 
     def row(self, record: Any, names: list[str] | None = None) -> list[Any]:
-        values = []
-        for name in names or self.names:
-            value = getattr(record, name)
-            if value is not None and name in self.json:
-                value = json.dumps(value)
-            values.append(value)
+        """The record's column values (``names``: those columns only). Every job written goes through here
+        (thousands per second in a ``.map()``): one attrgetter call, then JSON for the few dict/list columns."""
+        if names is None:
+            getter, json_at = self._all
+        else:
+            key = tuple(names)
+            if key not in self._some:
+                self._some[key] = self._getter(key)
+            getter, json_at = self._some[key]
+        values = list(getter(record))
+        for i in json_at:
+            if values[i] is not None:
+                values[i] = json.dumps(values[i])
         return values
+
+    def _getter(self, names: tuple[str, ...]) -> tuple[Callable[[Any], tuple[Any, ...]], list[int]]:
+        get = operator.attrgetter(*names)
+        one = len(names) == 1
+        return ((lambda record: (get(record),)) if one else get), [i for i, n in enumerate(names) if n in self.json]
 
     def record(self, row: sqlite3.Row) -> Any:
         columns = set(row.keys())
@@ -221,6 +236,32 @@ class SQLiteRegistry(Registry):
                 return False
             _count(db, job)  # the metrics windows, in the same transaction: a call is counted once
             return True
+
+        return self._write(finish)
+
+    def mark_running_many(self, job_ids: list[str], worker_id: str, started_at: float) -> set[str]:
+        """Pending -> running for a worker's batch of calls, in one transaction; the ids that were pending."""
+        sql = "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE job_id = ? AND status = ?"
+
+        def mark(db: sqlite3.Connection) -> set[str]:
+            return {job_id for job_id in job_ids
+                    if db.execute(sql, (RUNNING, worker_id, started_at, job_id, PENDING)).rowcount > 0}
+
+        return self._write(mark)
+
+    def finish_jobs(self, jobs: list[JobRecord]) -> list[bool]:
+        """``finish_job`` for a batch in one transaction (group commit): each outcome and its metrics counters
+        are written together or not at all; per job, whether it was recorded (False: it already had a final state)."""
+        columns = [c for c in _JOBS.names if c not in _JOB_FIXED]
+        finals = ", ".join("?" * len(FINAL_STATES))
+        sql = (f"UPDATE jobs SET {', '.join(c + ' = ?' for c in columns)}, payload = x'' "
+               f"WHERE job_id = ? AND status NOT IN ({finals})")
+        rows = [[*_JOBS.row(job, columns), job.job_id, *FINAL_STATES] for job in jobs]
+
+        def finish(db: sqlite3.Connection) -> list[bool]:
+            done = [db.execute(sql, args).rowcount > 0 for args in rows]
+            _count_many(db, [job for job, ok in zip(jobs, done, strict=True) if ok])
+            return done
 
         return self._write(finish)
 
@@ -428,6 +469,30 @@ _COUNT = ("INSERT INTO job_stats (function_id, resolution, slot, metric, bucket,
 def _count(db: sqlite3.Connection, job: JobRecord) -> None:
     db.executemany(_COUNT, [(job.function_id, c.resolution, c.slot, c.metric, c.bucket, c.failed, c.cold,
                              c.value or 0.0, c.value) for c in windows.counters_for(job)])
+
+
+_COUNT_MANY = _COUNT.replace("VALUES (?, ?, ?, ?, ?, 1,", "VALUES (?, ?, ?, ?, ?, ?,").replace(
+    "SET n = n + 1,", "SET n = n + excluded.n,")
+
+
+def _count_many(db: sqlite3.Connection, jobs: list[JobRecord]) -> None:
+    """``_count`` for many jobs: their counters summed per row first, so a batch of a function's calls in the same
+    minute is a few upserts, not four per call."""
+    summed: dict[tuple[str, int, int, str, int], list[Any]] = {}
+    for job in jobs:
+        for c in windows.counters_for(job):
+            key = (job.function_id, c.resolution, c.slot, c.metric, c.bucket)
+            row = summed.get(key)
+            if row is None:
+                summed[key] = [1, c.failed, c.cold, c.value or 0.0, c.value]
+            else:
+                row[0] += 1
+                row[1] += c.failed
+                row[2] += c.cold
+                row[3] += c.value or 0.0
+                if c.value is not None:
+                    row[4] = c.value if row[4] is None else max(row[4], c.value)
+    db.executemany(_COUNT_MANY, [(*key, *row) for key, row in summed.items()])
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
