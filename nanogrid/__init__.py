@@ -34,6 +34,7 @@ from nanogrid.errors import (  # noqa: E402
     JobFailed,
     NanoGridError,
     NotConnected,
+    OutOfDisk,
     OutOfMemory,
     RemoteError,
     SandboxCrashed,
@@ -103,8 +104,8 @@ _register_in_running_ipython()
 __all__ = [
     "Environment", "EnvironmentBuildFailed",
     "AIUnavailable", "APIError", "Client", "ConfigError", "FunctionTimeout", "GridUnresponsive", "InvalidArgument",
-    "InvalidArguments",
-    "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected", "OutOfMemory", "OutputFile", "RemoteError",
+    "InvalidArguments", "Job", "JobCancelled", "JobFailed", "NanoGridError", "NotConnected", "OutOfDisk", "OutOfMemory",
+    "OutputFile", "RemoteError",
     "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "UntrustedResult", "VersionMismatch", "WaitTimeout",
     "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote", "put", "Ref",
 ]

@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--repair", action="store_true",
                         help="restore the newest good backup over a damaged registry (the damaged file is kept aside)")
     doctor.add_argument("--clean", action="store_true",
-                        help="remove what a crashed grid left: its sandbox containers, work dirs and memory cgroups")
+                        help="remove what a crashed grid left: its containers, work dirs, scratch disks, memory cgroups")
     doctor.set_defaults(command=cmd_doctor)
     return parser
 
@@ -555,7 +555,7 @@ def _doctor_leftovers(data_dir: Path, grid_pid: int | None, clean: bool) -> bool
         return False
     found = leftovers.clean(sandbox_dir) if clean else leftovers.find(sandbox_dir)
     parts = [f"{len(found.containers)} containers", f"{len(found.directories)} sandbox directories",
-             f"{len(found.cgroups)} memory cgroups"]
+             f"{len(found.cgroups)} memory cgroups", f"{len(found.disks)} scratch disks"]
     if grid_pid is not None:
         print(f"sandboxes {', '.join(parts)} of the running grid")
     elif found.count:

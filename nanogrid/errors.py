@@ -6,6 +6,8 @@ Where Python has a built-in exception for the same mistake, the class derives fr
 
 from __future__ import annotations
 
+import errno
+
 
 class NanoGridError(Exception):
     """Base class of NanoGrid's own errors: ``except nanogrid.NanoGridError`` catches all of them."""
@@ -101,6 +103,14 @@ class OutOfMemory(JobFailed, MemoryError):
     """The call went over its memory limit."""
 
 
+class OutOfDisk(JobFailed, OSError):
+    """The call filled its sandbox's scratch disk (/tmp, working and output files: ``@remote(disk=MiB)``)."""
+
+    def __init__(self, message: str, *, job_id: str = "", kind: str = "") -> None:
+        super().__init__(message, job_id=job_id, kind=kind)
+        self.errno, self.strerror = errno.ENOSPC, message
+
+
 class SandboxCrashed(JobFailed):
     """The sandbox died during the call (the function exited the interpreter, or killed it)."""
 
@@ -116,6 +126,7 @@ class EnvironmentBuildFailed(JobFailed):
 _BY_KIND: dict[str, type[JobFailed]] = {
     "timeout": FunctionTimeout,
     "memory": OutOfMemory,
+    "disk": OutOfDisk,
     "crash": SandboxCrashed,
     "cancelled": JobCancelled,
     "environment": EnvironmentBuildFailed,

@@ -53,16 +53,17 @@ class RemoteFunction(Generic[P, R]):
                  model: str | None = None, ai: bool = False, packages: list[str] | None = None,
                  environment: Environment | None = None, result: str = "pickle", retries: int = 0,
                  retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-                 env: dict[str, str] | None = None, secrets: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None) -> None:
         _check_runnable(fn)
         if result not in ("pickle", "json"):
             raise InvalidArguments(f"result must be 'pickle' or 'json' (data only, never unpickled), not {result!r}")
         self.result_format = result
         self.env = dict(env or {})  # environment variables of its sandbox
         self.secrets = list(secrets or [])  # names of the owner's secrets its sandbox gets as variables
-        _check_limits(memory, timeout)
+        _check_limits(memory, timeout, disk)
         self.fn = fn
         self.memory = memory
+        self.disk = disk  # MiB of scratch disk for /tmp, work and output files (None: the grid's default)
         self.timeout = timeout
         self.name = name or str(getattr(fn, "__name__", "function"))
         self.runtime = runtime
@@ -108,7 +109,7 @@ class RemoteFunction(Generic[P, R]):
         environment, local_files = self._environment(pickled)
         if pickled != self._pickled or self._package is None or self._package.manifest.get("environment_id") != (
                 None if environment.empty else environment.id):
-            self._package = package_function(self.fn, name=self.name, memory_mib=self.memory,
+            self._package = package_function(self.fn, name=self.name, memory_mib=self.memory, disk_mib=self.disk,
                                              timeout_s=self.timeout, runtime=self.runtime, ai=self.ai,
                                              environment=environment, local_files=local_files, pickled=pickled,
                                              result=self.result_format, env=self.env, secrets=self.secrets)
@@ -241,9 +242,11 @@ def _check_runnable(fn: Callable[..., Any]) -> None:
             "Return a list instead (`return list(...)`), or use .map() for one call per item")
 
 
-def _check_limits(memory: int | None, timeout: float | None) -> None:
+def _check_limits(memory: int | None, timeout: float | None, disk: int | None = None) -> None:
     if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
         raise InvalidArgument(f"memory is a whole number of MiB, e.g. memory=256, not {memory!r}")
+    if disk is not None and (isinstance(disk, bool) or not isinstance(disk, int) or disk <= 0):
+        raise InvalidArgument(f"disk is a whole number of MiB, e.g. disk=4096, not {disk!r}")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
         raise InvalidArgument(f"timeout is a number of seconds above 0, e.g. timeout=30, not {timeout!r}")
 
@@ -388,7 +391,7 @@ def remote(fn: None = None, /, *, memory: int | None = None, timeout: float | No
            runtime: str | None = None, model: str | None = None, ai: bool = False, packages: list[str] | None = None,
            environment: Environment | None = None, result: str = "pickle", retries: int = 0,
            retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-           env: dict[str, str] | None = None, secrets: list[str] | None = None
+           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None
            ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 
@@ -396,7 +399,7 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
            name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False,
            packages: list[str] | None = None, environment: Environment | None = None, result: str = "pickle",
            retries: int = 0, retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-           env: dict[str, str] | None = None, secrets: list[str] | None = None
+           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None
            ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
     """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
 
@@ -410,13 +413,15 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
     after the first failure and twice as long after each next one; every try shows in ``history()``.
     ``env={"NAME": "value"}`` sets environment variables in its sandbox; ``secrets=["NAME"]`` adds the variables
     of the owner's secret NAME (`nanogrid secrets set NAME KEY=VALUE`), decrypted only inside the worker.
+    ``disk=MiB``: the sandbox's own disk for /tmp, its working and output files (default: the grid's, 1 GiB);
+    it does not count against ``memory``, and filling it raises ``nanogrid.OutOfDisk``.
     """
-    _check_limits(memory, timeout)
+    _check_limits(memory, timeout, disk)
     _retry_policy(retries, retry_on, backoff)  # mistakes named here, not at the first call
 
     def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
         return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
                               packages=packages, environment=environment, result=result, retries=retries,
-                              retry_on=retry_on, backoff=backoff, env=env, secrets=secrets)
+                              retry_on=retry_on, backoff=backoff, env=env, secrets=secrets, disk=disk)
 
     return wrap(fn) if fn is not None else wrap

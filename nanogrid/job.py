@@ -74,7 +74,10 @@ def outcome(view: dict[str, Any], unpickle: bool = True, client: Client | None =
         return view.get("result")
     error = view.get("error") or {}
     if error.get("kind") != "exception":
-        raise failure_for(error.get("kind", status), error.get("message", f"job {status}"), view["job_id"])
+        failure = failure_for(error.get("kind", status), error.get("message", f"job {status}"), view["job_id"])
+        if error.get("traceback"):  # where the function was when it ran out (of memory, of disk)
+            raise failure from RemoteTraceback(error["traceback"])
+        raise failure
     text = error.get("traceback", "")
     exc: BaseException
     try:

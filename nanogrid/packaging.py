@@ -63,6 +63,7 @@ def safe_name(name: str) -> str:
 
 
 def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_mib: int | None = None,
+                     disk_mib: int | None = None,
                      timeout_s: float | None = None, runtime: str | None = None, ai: bool = False,
                      environment: Environment | None = None, local_files: dict[str, bytes] | None = None,
                      pickled: bytes | None = None, result: str = "pickle", env: dict[str, str] | None = None,
@@ -95,6 +96,8 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
         manifest["secrets"] = [str(name) for name in secrets]  # names only: the worker opens them at load
     if memory_mib is not None:
         manifest["memory"] = int(memory_mib)
+    if disk_mib is not None:
+        manifest["disk"] = int(disk_mib)
     if timeout_s is not None:
         manifest["timeout"] = float(timeout_s)
     if environment is not None and not environment.empty:

@@ -35,7 +35,6 @@ class GridConfig:
     sandbox: str = "auto"  # docker | process (trusted code only) | auto: docker when the engine and image are there
     docker_image: str = "nanogrid/runtime-python:latest"
     env_cache_gb: float = 20.0  # function environments (package layers and images) kept, least recently used evicted
-    docker_scratch_mib: int = 1024  # tmpfs for the bootstrap's working and output directory
     docker_pids_limit: int = 64
     docker_cpus: float = 1.0
     bubblewrap: str = "auto"  # auto | on | off: namespaces around process sandboxes
@@ -46,6 +45,8 @@ class GridConfig:
     kill_grace_s: float = 1.0  # SIGTERM, then this long, then SIGKILL
     default_memory_mib: int = 512
     max_memory_mib: int = 8192
+    default_disk_mib: int = 1024  # a sandbox's own disk for /tmp, work and output files (disk= per function)
+    max_disk_mib: int = 16384
     default_timeout_s: float = 300.0
     max_timeout_s: float = 3600.0
     max_package_bytes: int = 64 * MiB
@@ -144,6 +145,7 @@ class GridConfig:
 CHOICES = {"sandbox": ("auto", "docker", "process"), "bubblewrap": ("auto", "on", "off"), "cgroups": ("auto", "off")}
 MINIMUMS: dict[str, float] = {
     "workers": 1, "stem_cells": 0, "pool_cap": 0, "default_memory_mib": 16, "max_memory_mib": 16,
+    "default_disk_mib": 16, "max_disk_mib": 16,
     "rate_limit": 0, "rate_burst": 1, "map_chunk_limit": 1, "sqs_visibility_s": 1, "redis_port": 1,
 }
 

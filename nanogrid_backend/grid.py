@@ -43,7 +43,7 @@ def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSa
         try:
             return DockerSandboxFactory(
                 config.docker_image, config.data_dir / "sandboxes", kill_grace_s=config.kill_grace_s,
-                limits=sandbox_limits(config), scratch_mib=config.docker_scratch_mib,
+                limits=sandbox_limits(config), disk_mib=config.default_disk_mib,
                 pids_limit=config.docker_pids_limit, cpus=config.docker_cpus,
             )
         except DockerUnavailable as exc:

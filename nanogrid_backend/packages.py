@@ -100,7 +100,7 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
             409,
         )
     limits = {}
-    for key, cast in (("memory", int), ("timeout", float)):
+    for key, cast in (("memory", int), ("disk", int), ("timeout", float)):
         if manifest.get(key) not in (None, ""):
             try:
                 limits[key] = cast(manifest[key])

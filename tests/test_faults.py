@@ -28,7 +28,7 @@ from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import PENDING, FunctionRecord, JobMessage, JobRecord
 from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.sqlite import SQLiteRegistry
-from nanogrid_backend.sandbox import cgroup
+from nanogrid_backend.sandbox import cgroup, scratch
 from nanogrid_backend.sandbox.leftovers import grid_identity
 from tests.conftest import require, require_docker, start_grid
 
@@ -65,7 +65,7 @@ def sandbox_pids(data_dir: Path) -> list[int]:
 def containers_of(data_dir: Path) -> list[str]:
     client = docker.from_env()
     label = f"nanogrid.grid={grid_identity(data_dir / 'sandboxes')}"
-    return [c.name for c in client.containers.list(all=True, filters={"label": label})]
+    return [c.name for c in client.containers.list(all=True, filters={"label": label}, ignore_removed=True)]
 
 
 def kill_sandboxes(data_dir: Path, kind: str) -> int:
@@ -338,8 +338,10 @@ def test_kill_9_and_restart_leaves_nothing_behind(kind: str, tmp_path: Path) -> 
         queued = [hold.spawn(bytes([i]) * (300 << 10), 0) for i in range(4)]  # wait behind it: one worker slot
         before = {"containers": containers_of(data_dir) if kind == "docker" else [],
                   "pids": sandbox_pids(data_dir), "dirs": sorted(p.name for p in sandbox_dir.iterdir()),
-                  "cgroups": cgroup.ours(grid_identity(sandbox_dir) + "-")}
+                  "cgroups": cgroup.ours(grid_identity(sandbox_dir) + "-"),
+                  "disks": scratch.mounted_under(sandbox_dir)}
         assert before["containers"] or before["pids"]
+        assert before["disks"] or kind != "docker" or scratch.unavailable()
         grid.kill()
 
         doctor = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
@@ -359,6 +361,7 @@ def test_kill_9_and_restart_leaves_nothing_behind(kind: str, tmp_path: Path) -> 
         now = {p.name for p in sandbox_dir.iterdir()}
         assert not now & set(before["dirs"]), "work dirs of the killed grid still exist"
         assert not [c for c in before["cgroups"] if c.exists()], "memory cgroups of the killed grid still exist"
+        assert not set(before["disks"]) & set(scratch.mounted_under(sandbox_dir)), "its scratch disks still mounted"
         counts = {j["status"] for j in client.jobs(limit=50)}
         assert "running" not in counts and "pending" not in counts
     finally:
@@ -366,6 +369,7 @@ def test_kill_9_and_restart_leaves_nothing_behind(kind: str, tmp_path: Path) -> 
     assert not (containers_of(data_dir) if kind == "docker" else sandbox_pids(data_dir))
     assert not [p for p in sandbox_dir.iterdir() if p.name.startswith(("proc-", "ctr-"))]
     assert not cgroup.ours(grid_identity(sandbox_dir) + "-")
+    assert not scratch.mounted_under(sandbox_dir)
 
 
 def test_doctor_shows_and_cleans_what_a_crashed_grid_left(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def function_for(args: argparse.Namespace) -> RemoteFunction:
     Environment options (``--packages``) become arguments here, from ``nanogrid.environment``.
     """
     return RemoteFunction(run_cell, memory=args.memory, timeout=args.timeout, runtime=args.runtime, name=args.name,
-                          model=args.model, ai=args.ai)
+                          model=args.model, ai=args.ai, disk=getattr(args, "disk", None))
 
 
 def start(shell: Any, body: str, args: argparse.Namespace) -> CellJob:

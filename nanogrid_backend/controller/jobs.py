@@ -44,6 +44,9 @@ def deploy(grid: Grid, caller: ApiKey, filename: str, data: bytes, form: dict[st
     if not 16 <= memory_mib <= config.max_memory_mib:
         raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
     if not 0 < timeout_s <= max_timeout_s:
+    disk_mib = manifest.get("disk")
+    if disk_mib is not None and not 16 <= disk_mib <= config.max_disk_mib:
+        raise PackageError(f"disk must be 16..{config.max_disk_mib} MiB, not {disk_mib} (the grid's max_disk_mib)")
         limit = "this key's" if max_timeout_s < config.max_timeout_s else "the grid's"
         raise PackageError(f"timeout must be more than 0 and at most {max_timeout_s:g} s ({limit} max timeout), "
                            f"not {timeout_s:g}")

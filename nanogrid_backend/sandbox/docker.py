@@ -1,7 +1,8 @@
 """The Docker sandbox: the production sandbox, for code you do not trust.
 
 Every container runs the runtime image's bootstrap as nobody (65534), with a read-only root
-filesystem, size-capped tmpfs for /tmp and its working directory, all capabilities dropped,
+filesystem, a disk of its own for /tmp, its working and its output directory (``scratch.py``: the
+function's ``disk=`` quota, not counted against its memory), all capabilities dropped,
 no-new-privileges, a pids limit, memory and CPU limits, no network at all (functions with
 ``ai=True`` reach the AI node through the host, over the same channel) and no host mounts.
 
@@ -16,6 +17,7 @@ memory cgroup.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import shutil
 import socket
@@ -23,14 +25,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 
 from nanogrid.errors import NanoGridError
 from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
-from nanogrid_backend.sandbox import leftovers
+from nanogrid_backend.sandbox import leftovers, scratch
 from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
 from nanogrid_backend.sandbox.protocol import (
@@ -77,7 +81,7 @@ class DockerSandboxFactory:
     kind = "docker"
 
     def __init__(self, image: str, host_dir: Path, *, kill_grace_s: float = 1.0, limits: Limits | None = None,
-                 scratch_mib: int = 1024, pids_limit: int = 64, cpus: float = 1.0, stem_memory_mib: int = 256) -> None:
+                 disk_mib: int = 1024, pids_limit: int = 64, cpus: float = 1.0, stem_memory_mib: int = 256) -> None:
         try:
             self.client = docker.from_env(timeout=60)
             self.client.ping()
@@ -96,7 +100,7 @@ class DockerSandboxFactory:
         self.host_dir = host_dir
         self.kill_grace_s = kill_grace_s
         self.limits = limits or Limits()
-        self.scratch_mib = scratch_mib
+        self.disk_mib = disk_mib  # stem cells' scratch disk; a function asking for another size starts its own
         self.pids_limit = pids_limit
         self.cpus = cpus
         self.stem_memory_mib = stem_memory_mib
@@ -104,6 +108,10 @@ class DockerSandboxFactory:
         # Which grid a container belongs to: the one whose sandboxes live in this directory.
         self.grid_label = leftovers.grid_identity(host_dir)
         self.sweep()
+        self.scratch_problem = scratch.probe(host_dir)  # '' when sandboxes get disks of their own
+        if self.scratch_problem:
+            log.warning("sandbox scratch space is memory-backed (tmpfs, counted against each function's memory): %s",
+                        self.scratch_problem)
 
     def sweep(self) -> int:
         """Remove this grid's containers and their host directories left by a run that crashed (or was killed)
@@ -119,18 +127,22 @@ class DockerSandboxFactory:
         return len(left) + dirs
 
     def describe(self) -> str:
-        return f"docker sandbox ({self.image}, non-root, read-only, no network)"
+        disk = "disk-backed scratch" if not self.scratch_problem else "memory-backed scratch"
+        return f"docker sandbox ({self.image}, non-root, read-only, no network, {disk})"
 
-    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> DockerSandbox:
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
+              disk_mib: int | None = None) -> DockerSandbox:
         """A stem cell: no network, whatever the function (the AI node is reached through the host).
 
-        With an ``environment``, the container runs its image (the runtime plus the environment's layer).
+        With an ``environment``, the container runs its image (the runtime plus the environment's layer);
+        ``disk_mib`` sizes its scratch disk (default: the grid's).
         """
-        return DockerSandbox(self, environment)
+        return DockerSandbox(self, environment, disk_mib or self.disk_mib)
 
 
 class DockerSandbox(Sandbox):
-    def __init__(self, factory: DockerSandboxFactory, environment: BuiltEnvironment | None = None) -> None:
+    def __init__(self, factory: DockerSandboxFactory, environment: BuiltEnvironment | None = None,
+                 disk_mib: int = 1024) -> None:
         self.factory = factory
         self.limits = factory.limits
         self.id = "ctr-" + uuid.uuid4().hex[:12]
@@ -141,19 +153,33 @@ class DockerSandbox(Sandbox):
         self._kill_reason: str | None = None
         self._closed = False
         self.cgroup: MemoryCgroup | None = None
+        self.disk_mib = disk_mib
+        self.scratch: scratch.ScratchDisk | None = None
         api = factory.client.api
-        scratch = f"rw,nosuid,nodev,size={factory.scratch_mib}m,uid=65534,gid=65534,mode=0700"
-        if environment is not None and environment.env_id in COMPILED_RUNTIMES:
-            scratch += ",exec"  # Go and C++ compile the function into the scratch space and run it from there
+        # Go and C++ compile the function into the scratch space and run it from there.
+        executable = environment is not None and environment.env_id in COMPILED_RUNTIMES
+        space: dict[str, Any]
+        if factory.scratch_problem:  # no loop devices here: tmpfs, counted against the memory limit
+            options = f"rw,nosuid,nodev,size={disk_mib}m,uid=65534,gid=65534,mode=0700" + (",exec" if executable else "")
+            space = {"tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": options}}
+        else:
+            try:
+                self.scratch = scratch.ScratchDisk(self.host_dir, disk_mib, executable=executable)
+            except scratch.ScratchError as exc:
+                shutil.rmtree(self.host_dir, ignore_errors=True)
+                raise SandboxError("storage", f"{exc}; the sandbox was not started") from None
+            space = {"mounts": [docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
+                                docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind")]}
         self.container = factory.client.containers.create(
             environment.image if environment is not None and environment.image else factory.image,
             name=f"nanogrid-{self.id}",
             stdin_open=True,
             user=SANDBOX_UID,
             read_only=True,
-            tmpfs={"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": scratch},
+            **space,
             environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": "/sandbox/output",
-                         "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes), "HOME": "/sandbox"},
+                         "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes), "HOME": "/sandbox",
+                         "NANOGRID_DISK_MIB": str(disk_mib)},
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=factory.pids_limit,
@@ -205,7 +231,9 @@ class DockerSandbox(Sandbox):
                 self.close()
                 raise SandboxError("memory", too_little_memory(memory_mib)) from None
             self.memory_mib = memory_mib
-        self.load_package(function_id, {"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}},
+        # The file size limit: the disk itself bounds files in /tmp; output files are capped when they are sent.
+        file_limit = max(self.limits.output_bytes, self.disk_mib << 20)
+        self.load_package(function_id, {"op": "load", "max_output_bytes": file_limit, "env": env or {}},
                           package, env, START_TIMEOUT_S)
 
     def _send(self, header: dict, body: bytes = b"") -> None:
@@ -233,8 +261,9 @@ class DockerSandbox(Sandbox):
         if reason:
             return SandboxError("cancelled", reason)
         if state.get("OOMKilled"):
-            return SandboxError("memory", f"out of memory (limit {self.memory_mib} MiB; files in /tmp and the "
-                                          "output directory count against it)")
+            return SandboxError("memory", f"out of memory (limit {self.memory_mib} MiB"
+                                + ("; files in /tmp and the output directory count against it on this grid)"
+                                   if self.scratch is None else ")"))
         return SandboxError("crash", f"the sandbox died (exit code {state.get('ExitCode', '?')}) while running "
                                      "the function")
 
@@ -272,6 +301,10 @@ class DockerSandbox(Sandbox):
         container = self.container
         # Removal takes ~50 ms of engine time: keep it off the path of the job that is finishing.
         threading.Thread(target=_remove, args=(container,), name="remove-container", daemon=True).start()
+        if self.scratch is not None:
+            self.scratch.close()  # the kernel lets go of the disk once the container is gone
+            if os.path.ismount(self.scratch.mountpoint):
+                return  # never walk into it: the next sweep unmounts it
         shutil.rmtree(self.host_dir, ignore_errors=True)
 
 
@@ -280,5 +313,8 @@ def _remove(container: docker.models.containers.Container) -> None:
         container.remove(force=True)
     except docker.errors.NotFound:
         pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: its removal is already under way (a sweep and a close at once)
+            log.warning("could not remove container %s: %s", container.id[:12], exc)
     except docker.errors.DockerException as exc:
         log.warning("could not remove container %s: %s", container.id[:12], exc)

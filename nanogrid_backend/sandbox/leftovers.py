@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanogrid_backend.sandbox import cgroup
+from nanogrid_backend.sandbox import cgroup, scratch
 
 SANDBOX_PREFIXES = ("proc-", "ctr-")  # the names of sandbox work and output directories
 
@@ -34,7 +34,9 @@ def sandbox_dirs(sandbox_dir: Path) -> list[Path]:
 
 
 def remove_dirs(sandbox_dir: Path) -> int:
-    """Remove the sandbox directories ``sandbox_dirs`` names; how many there were."""
+    """Remove the sandbox directories ``sandbox_dirs`` names; how many there were. Their scratch disks are
+    unmounted and detached first, so removal never walks into a filesystem a function filled."""
+    scratch.sweep(sandbox_dir)
     found = sandbox_dirs(sandbox_dir)
     for path in found:
         if path.is_dir() and not path.is_symlink():
@@ -50,17 +52,19 @@ class Leftovers:
     directories: list[Path] = field(default_factory=list)
     cgroups: list[Path] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)  # names, e.g. nanogrid-ctr-0123456789ab
+    disks: list[str] = field(default_factory=list)  # sandboxes' scratch disks still mounted (scratch.py)
     docker_problem: str = ""  # why containers could not be listed ('' when they could, or no engine is installed)
 
     @property
     def count(self) -> int:
-        return len(self.directories) + len(self.cgroups) + len(self.containers)
+        return len(self.directories) + len(self.cgroups) + len(self.containers) + len(self.disks)
 
 
 def find(sandbox_dir: Path) -> Leftovers:
     """Everything of this grid's sandboxes that exists on the host now."""
     identity = grid_identity(sandbox_dir)
-    found = Leftovers(identity, sandbox_dirs(sandbox_dir), cgroup.ours(identity + "-"))
+    found = Leftovers(identity, sandbox_dirs(sandbox_dir), cgroup.ours(identity + "-"),
+                      disks=scratch.mounted_under(sandbox_dir))
     client, found.docker_problem = _docker()
     if client is not None:
         try:

@@ -80,8 +80,12 @@ class ProcessSandboxFactory:
         parts.append("memory cgroups" if self.use_cgroups else "rlimits")
         return ", ".join(parts)
 
-    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> ProcessSandbox:
-        """A stem cell; with an ``environment``, its layer of packages comes first on the import path."""
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
+              disk_mib: int | None = None) -> ProcessSandbox:
+        """A stem cell; with an ``environment``, its layer of packages comes first on the import path.
+
+        ``disk_mib`` is not enforced here: trusted code writes to the host's disk (each file capped at the grid's
+        max_output_bytes); the Docker sandbox gives each sandbox a disk of that size."""
         return ProcessSandbox(self, environment)
 
 

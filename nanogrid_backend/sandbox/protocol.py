@@ -158,7 +158,7 @@ _REPLY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "result_size": int,  # a result streamed after the reply in ``result_data`` frames (the reply's body is empty)
 }
 _ERROR_FIELDS = ("kind", "type", "module", "message", "traceback")
-_ERROR_KINDS = {"exception", "memory"}
+_ERROR_KINDS = {"exception", "memory", "disk"}
 
 
 def check_reply(header: dict[str, Any], capture_limit: int) -> dict[str, Any]:

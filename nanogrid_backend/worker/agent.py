@@ -58,6 +58,16 @@ class Worker:
                  heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
                  ai: AIGateway | None = None, secrets: SecretBox | None = None) -> None:
         self.queue = queue
+def _disk_mib(package: bytes) -> int | None:
+    """The scratch disk the function asked for (manifest ``disk``, MiB, checked at upload), else None."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(package)) as zf:
+            disk = json.loads(zf.read("manifest.json")).get("disk")
+    except (KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None
+    return disk if isinstance(disk, int) and not isinstance(disk, bool) and disk > 0 else None
+
+
         self.registry = registry
         self.store = store
         self.bus = bus
@@ -334,7 +344,8 @@ class Worker:
                     self.registry.note_attempt(message.job_id, None)  # type: ignore[arg-type]  # progress over
             if environment is not None and environment.variables:
                 env = {**environment.variables, **(env or {})}
-        return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment)
+        return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment,
+                            disk_mib=_disk_mib(package))
 
     def _function_environment(self, message: JobMessage, package: bytes) -> dict[str, str]:
         """``env`` and ``secrets`` of the manifest (secrets decrypted only here, into the sandbox), and the

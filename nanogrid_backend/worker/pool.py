@@ -35,7 +35,8 @@ ENVIRONMENTS_WITH_STEM_CELLS = 3  # the most recently used environments that kee
 class SandboxFactory(Protocol):
     kind: str
 
-    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None) -> Sandbox: ...
+    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
+              disk_mib: int | None = None) -> Sandbox: ...
 
     def describe(self) -> str: ...
 
@@ -47,6 +48,7 @@ class FunctionCode:
     ai: bool = False  # may reach the AI node (through the worker; the sandbox itself has no network)
     env: dict[str, str] | None = None  # environment variables set in the sandbox when the function loads
     environment: BuiltEnvironment | None = None  # what its sandbox starts with; None: the plain runtime
+    disk_mib: int | None = None  # its scratch disk (/tmp, work and output files); None: the grid's default
 
     @property
     def stem_key(self) -> str:
@@ -108,7 +110,8 @@ class WarmPool:
                     continue
                 if self._specialised < self.cap:
                     self._specialised += 1
-                    sandbox = self._live_stem(function.stem_key, victims)
+                    # Stem cells have the default disk; a function that asks for another size starts its own.
+                    sandbox = self._live_stem(function.stem_key, victims) if self._stem_fits(function) else None
                     self._note_environment(function.environment)
                     break
                 victim = self._take_longest_idle()
@@ -124,7 +127,7 @@ class WarmPool:
         self._wake.set()  # refill stem cells
         try:
             if sandbox is None:
-                sandbox = self._start(function.environment)
+                sandbox = self._start(function.environment, function.disk_mib)
                 self._load(sandbox, function_id, function)
             else:
                 try:
@@ -137,7 +140,7 @@ class WarmPool:
                                 function_id, exc.message)
                     self._forget(sandbox, counted=False)
                     sandbox = None  # if the next start fails, there is nothing left to close
-                    sandbox = self._start(function.environment)
+                    sandbox = self._start(function.environment, function.disk_mib)
                     self._load(sandbox, function_id, function)
         except BaseException:
             self._forget(sandbox)
@@ -197,9 +200,17 @@ class WarmPool:
         """Stop a sandbox that must not serve again (it timed out, crashed or was killed)."""
         self._forget(sandbox)
 
-    def _start(self, environment: BuiltEnvironment | None) -> Sandbox:
+    def _start(self, environment: BuiltEnvironment | None, disk_mib: int | None = None) -> Sandbox:
         options: dict[str, Any] = {} if environment is None else {"environment": environment}
+        if disk_mib is not None:
+            options["disk_mib"] = disk_mib
         return self.factory.start(**options)
+
+    def _stem_fits(self, function: FunctionCode) -> bool:
+        """Whether a stem cell's scratch disk is the size this function asks for (always without ``disk=``, and
+        where the sandbox has no scratch disk of its own: the process sandbox)."""
+        default = getattr(self.factory, "disk_mib", None)
+        return function.disk_mib is None or default is None or function.disk_mib == default
 
     def _note_environment(self, environment: BuiltEnvironment | None) -> None:
         """Remember a recently used environment (it keeps a stem cell); the oldest beyond the limit lose theirs."""

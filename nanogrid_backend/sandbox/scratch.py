@@ -1,0 +1,187 @@
+"""A sandbox's own disk: its working directory, output directory and /tmp on a filesystem of their own.
+
+Memory-backed scratch (tmpfs) counts every byte a function writes against its memory limit: a
+1 GiB file would need 1 GiB of memory. Instead each Docker sandbox gets a fresh ext4 filesystem
+in a sparse file in its own directory under the grid's sandbox directory, attached to a loop
+device with direct I/O (so written pages are not cached a second time on the host) and mounted
+with nosuid, nodev and, unless the runtime compiles code, noexec. Its size is the function's
+``disk=`` quota: a full disk is ENOSPC inside that sandbox and nowhere else. Pages the function
+writes sit in its memory cgroup only until they are written back (they are reclaimable, unlike
+tmpfs pages), so a file larger than the memory limit can be written.
+
+The container sees two directories of it, bound at ``/sandbox`` (work and output files) and ``/tmp``;
+no host directory or file is ever visible to it. The host never reads what the function wrote there
+(output files come over the channel, ``outputs.py``), and removing it is a lazy unmount, a loop
+detach (deferred by the kernel until the container lets go) and one unlink: never a walk through a
+tree the function built.
+
+Needs root, loop devices, ``mkfs.ext4`` and ``losetup`` next to a local Docker engine. Where they are
+missing (rootless engines, Docker Desktop) ``unavailable()`` says why and the grid falls back to
+memory-backed tmpfs of the same size, saying so at start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SANDBOX_UID = 65534  # nobody: the user every sandbox runs as
+DISK_FILE, MOUNT_DIR = "disk.img", "disk"
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_NOATIME = 0x2, 0x4, 0x8, 0x400
+MNT_DETACH = 0x2
+LOOP_CLR_FD = 0x4C01
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class ScratchError(Exception):
+    """The scratch disk could not be made (the host's disk is full, say): the sandbox does not start."""
+
+
+def unavailable() -> str:
+    """Why sandboxes cannot have disk-backed scratch on this machine ('' when they can)."""
+    if os.geteuid() != 0:
+        return "the grid does not run as root (loop devices need it)"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop devices (/dev/loop-control)"
+    missing = [tool for tool in ("mkfs.ext4", "losetup") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (Debian: e2fsprogs, mount)"
+    return ""
+
+
+def probe(directory: Path) -> str:
+    """Make and remove a small scratch disk: '' if that works here, else why not (said once, at start)."""
+    reason = unavailable()
+    if reason:
+        return reason
+    probe_dir = directory / "scratch-probe"
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    probe_dir.mkdir(mode=0o700, parents=True)
+    try:
+        ScratchDisk(probe_dir, 16).close()
+        return ""
+    except ScratchError as exc:
+        return str(exc)
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+
+
+class ScratchDisk:
+    """One sandbox's filesystem of ``size_mib`` MiB in ``directory`` (the sandbox's own host directory)."""
+
+    def __init__(self, directory: Path, size_mib: int, *, executable: bool = False) -> None:
+        self.size_mib = size_mib
+        self.image = directory / DISK_FILE
+        self.mountpoint = directory / MOUNT_DIR
+        self.device = ""
+        self._mounted = False
+        try:
+            fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size_mib << 20)  # sparse: blocks are taken only as the function writes
+            finally:
+                os.close(fd)
+            # No journal: nothing on it outlives the sandbox. The root belongs to the sandbox's user.
+            _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
+                 "-E", f"nodiscard,root_owner={SANDBOX_UID}:{SANDBOX_UID}", str(self.image))
+            self.device = _run("losetup", "--find", "--show", "--direct-io=on", str(self.image)).strip()
+            self.mountpoint.mkdir(mode=0o700)
+            flags = MS_NOSUID | MS_NODEV | MS_NOATIME | (0 if executable else MS_NOEXEC)
+            if _libc.mount(self.device.encode(), str(self.mountpoint).encode(), b"ext4", flags, None) != 0:
+                raise ScratchError(f"could not mount the scratch disk: {os.strerror(ctypes.get_errno())}")
+            self._mounted = True
+            for name, mode in (("work", 0o700), ("tmp", 0o1777)):
+                path = self.mountpoint / name
+                path.mkdir()
+                os.chown(path, SANDBOX_UID, SANDBOX_UID)
+                path.chmod(mode)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.close()
+            raise ScratchError(f"could not make the sandbox's {size_mib} MiB scratch disk ({exc})") from None
+        except ScratchError:
+            self.close()
+            raise
+
+    @property
+    def work_dir(self) -> str:
+        return str(self.mountpoint / "work")
+
+    @property
+    def tmp_dir(self) -> str:
+        return str(self.mountpoint / "tmp")
+
+    def close(self) -> None:
+        """Unmount (lazily: the container may still hold it), detach and delete; safe to call twice."""
+        if self._mounted:
+            _libc.umount2(str(self.mountpoint).encode(), MNT_DETACH)
+            self._mounted = False
+        if self.device:
+            _detach(self.device)
+            self.device = ""
+        self.image.unlink(missing_ok=True)
+        try:
+            self.mountpoint.rmdir()
+        except OSError:
+            pass
+
+
+def sweep(directory: Path) -> int:
+    """Unmount and detach the scratch disks of sandboxes under ``directory`` that a crashed grid left; how many.
+
+    Called before their directories are removed, so removal never walks into a mounted filesystem.
+    """
+    root = str(directory.resolve()) + "/"
+    count = 0
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f]
+    except OSError:
+        mounts = []
+    for mountpoint in sorted(mounts, reverse=True):  # deepest first
+        if mountpoint.startswith(root):
+            _libc.umount2(mountpoint.encode(), MNT_DETACH)
+            count += 1
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            path = backing.read_text().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if path.startswith(root):
+            _detach("/dev/" + backing.parent.parent.name)
+            count += 1
+    return count
+
+
+def mounted_under(directory: Path) -> list[str]:
+    """Scratch disks still mounted under ``directory`` (what `nanogrid doctor` reports)."""
+    root = str(directory.resolve()) + "/"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return sorted(p for p in (line.split()[4] for line in f) if p.startswith(root))
+    except OSError:
+        return []
+
+
+def _detach(device: str) -> None:
+    """Detach a loop device; the kernel defers it (autoclear) while a container still has it mounted."""
+    try:
+        fd = os.open(device, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, LOOP_CLR_FD)
+    except OSError:
+        pass  # already detached
+    finally:
+        os.close(fd)
+
+
+def _run(*command: str) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise ScratchError(f"{command[0]} failed: {(done.stderr or done.stdout).strip()[:300]}")
+    return done.stdout
