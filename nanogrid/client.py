@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import random
 import threading
 import time
@@ -170,25 +171,32 @@ class Client:
         return ref
 
     def download_blob(self, sha256: str, size: int) -> bytearray:
-        """A blob's bytes, streamed into one buffer of its size and checked against its hash."""
-        buffer, filled, digest = bytearray(size), 0, hashlib.sha256()
+        """A blob's bytes, streamed into one buffer of its size and checked against its hash.
+
+        The pieces are copied once, as they come (no re-chunking), and hashed on another thread in pieces of
+        ``HASH_PIECE_BYTES`` while the rest arrives (hashlib releases the GIL), so the check costs little time.
+        """
+        buffer, filled = bytearray(size), 0
         view = memoryview(buffer)
+        hasher = _Hasher(view)
         try:
             with self._http.stream("GET", f"/blobs/{sha256}", timeout=self._timeout(size / BLOB_MIN_RATE)) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _api_error(response)
-                for chunk in response.iter_raw(4 << 20):
+                for chunk in response.iter_raw():
                     if filled + len(chunk) > size:
                         raise NanoGridError(f"blob {sha256[:12]} is larger than the {size} bytes the grid announced")
                     view[filled:filled + len(chunk)] = chunk
-                    digest.update(chunk)
                     filled += len(chunk)
+                    hasher.upto(filled)
         except httpx.TimeoutException as exc:
             raise self._unresponsive(exc) from None
         except httpx.TransportError as exc:
             raise NotConnected(f"lost the connection to the grid at {self.url} ({exc})") from None
-        if filled != size or digest.hexdigest() != sha256:
+        finally:
+            digest = hasher.finish(filled)
+        if filled != size or digest != sha256:
             raise NanoGridError(f"blob {sha256[:12]} arrived damaged (its content does not match its hash); try again")
         return buffer
 
@@ -317,6 +325,37 @@ class Client:
 
     def delete_secret(self, name: str) -> dict[str, Any]:
         return self.request("DELETE", f"/secrets/{name}").json()
+
+
+HASH_PIECE_BYTES = 8 << 20
+
+
+class _Hasher:
+    """SHA-256 of a buffer as it fills, on a thread of its own: ``upto(n)`` says the first n bytes are in."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.digest, self.done = view, hashlib.sha256(), 0
+        self.pieces: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="nanogrid-blob-hash", daemon=True)
+        self.thread.start()
+
+    def upto(self, filled: int) -> None:
+        if filled - self.done >= HASH_PIECE_BYTES:
+            self.pieces.put(filled)
+            self.done = filled
+
+    def finish(self, filled: int) -> str:
+        self.pieces.put(filled)
+        self.pieces.put(None)
+        self.thread.join()
+        return self.digest.hexdigest()
+
+    def _run(self) -> None:
+        hashed = 0
+        while (end := self.pieces.get()) is not None:
+            if end > hashed:
+                self.digest.update(self.view[hashed:end])
+                hashed = end
 
 
 class _Pieces:

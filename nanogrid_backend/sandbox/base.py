@@ -12,8 +12,11 @@ the sandbox is discarded.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +24,22 @@ from typing import Any, Protocol
 
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
 from nanogrid_backend.sandbox.outputs import HostWriteFailed, OutputQuotaExceeded, OutputWriter
-from nanogrid_backend.sandbox.protocol import CHUNK_BYTES, ChannelTimeout, FrameTooLarge, ProtocolViolation, check_reply
+from nanogrid_backend.sandbox.protocol import (
+    CHUNK_BYTES,
+    ChannelTimeout,
+    FrameTooLarge,
+    ProtocolViolation,
+    check_need,
+    check_reply,
+)
 
 BLOB_CHUNK_BYTES = 4 << 20  # argument blobs and streamed results travel in frames of at most this many bytes
 INLINE_RESULT_BYTES = 16 << 20  # a reply's own body; the bootstrap streams results over 1 MiB in pieces
 OUTPUT_TIMEOUT_S = 120.0  # to receive one call's output files, however slowly the sandbox sends them
 MAX_REPORTED_BYTES = 1 << 50  # a peak memory figure above this is nonsense
+SPOOL_BUFFERS = 3  # pieces of a streamed result held by the host at once (received, being written, spare)
+BLOB_CACHE_SHARE = 4  # a warm sandbox keeps the blobs it received in up to 1/4 of its function's memory
+SENT_BLOBS_REMEMBERED = 1024  # per sandbox; above the bootstrap's own count (BlobCache.MAX_KEPT, 256)
 
 
 class SandboxError(Exception):
@@ -72,6 +85,56 @@ class CallResult:
     ai_usage: dict[str, int] | None = None  # counted by the host's AI gateway
     result_file: Path | None = None  # a large result, spooled to disk as it arrived (then ``body`` is empty) ...
     result_sha256: str = ""  # ... and its SHA-256, computed by the host as it was written
+    blob_bytes_sent: int = 0  # argument blobs streamed into the sandbox for this call ...
+    blobs_kept: int = 0  # ... and how many of the call's blobs it still kept from earlier calls (not sent again)
+
+
+class _Spool:
+    """Writes and hashes a streamed result's pieces on a thread of its own (both release the GIL), so the host's
+    work on one piece overlaps the channel's delivery of the next; ``SPOOL_BUFFERS`` pieces in memory at most."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("wb")
+        self.digest = hashlib.sha256()
+        self.error: BaseException | None = None
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.full: queue.SimpleQueue[tuple[bytearray, memoryview] | None] = queue.SimpleQueue()
+        self.made = 0
+        self.thread = threading.Thread(target=self._run, name="result-spool", daemon=True)
+        self.thread.start()
+
+    def free_buffer(self) -> bytearray:
+        if self.error is not None:
+            raise self.error
+        if self.made < SPOOL_BUFFERS and self.free.empty():
+            self.made += 1
+            return bytearray(BLOB_CHUNK_BYTES)
+        return self.free.get()
+
+    def write(self, buffer: bytearray, piece: memoryview) -> None:
+        self.full.put((buffer, piece))
+
+    def finish(self, abort: bool = False) -> str:
+        """The SHA-256 of what was written, once it is all on disk; the writer's error, if it had one."""
+        self.full.put(None)
+        self.thread.join()
+        self.file.close()
+        if self.error is not None and not abort:
+            raise self.error
+        return self.digest.hexdigest()
+
+    def _run(self) -> None:
+        while (item := self.full.get()) is not None:
+            buffer, piece = item
+            try:
+                if self.error is None:
+                    self.file.write(piece)
+                    self.digest.update(piece)
+            except BaseException as exc:  # raised in the receiving thread at its next piece, or at the end
+                self.error = exc
+            finally:
+                piece.release()
+                self.free.put(buffer)
 
 
 class Sandbox(ABC):
@@ -80,6 +143,8 @@ class Sandbox(ABC):
     id: str
     function_id: str | None = None
     python: str = ""
+    blob_cache: bool = False  # the bootstrap keeps blobs between calls and says which it needs (its ready frame)
+    _blobs_sent: OrderedDict[str, int]  # sha256 -> size of what this sandbox was sent, least recently used first
     memory_mib: int = 0
     ai_allowed: bool = False  # loaded with the AI node's settings: its AI requests are forwarded
     cgroup: MemoryCgroup | None = None  # where the per-call peak is read; None: the bootstrap reports VmHWM
@@ -91,7 +156,7 @@ class Sandbox(ABC):
 
     def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None,
              ai: AISession | None = None, on_output: OutputListener | None = None,
-             blobs: list[Path] | None = None) -> CallResult:
+             blobs: list[Path] | None = None, blob_ids: list[str] | None = None) -> CallResult:
         """Run one call and receive its output files; raises SandboxError when the sandbox failed (it is then dead).
 
         ``on_output(stream, data)`` receives what the call prints while it runs (``stdout``/``stderr``,
@@ -99,9 +164,11 @@ class Sandbox(ABC):
         ``blobs``: files the args pickle references (nanogrid_backend/blobs.py), streamed to the sandbox after the call
         frame in ``blob`` frames; the call header lists their sizes. A result the bootstrap streams back
         (``result_size`` in its reply, then ``result_data`` frames) is spooled to ``CallResult.result_file``.
+        ``blob_ids``: the blobs' SHA-256s; with them a bootstrap that keeps blobs (``blob_cache``) is sent only
+        those it says it lacks (``_needed``).
         """
         try:
-            return self._call(job_id, payload, timeout_s, model, ai, on_output, blobs or [])
+            return self._call(job_id, payload, timeout_s, model, ai, on_output, blobs or [], blob_ids or [])
         except SandboxError:
             raise
         except ProtocolViolation as exc:
@@ -119,7 +186,8 @@ class Sandbox(ABC):
             raise
 
     def _call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None,
-              ai: AISession | None, on_output: OutputListener | None, blobs: list[Path]) -> CallResult:
+              ai: AISession | None, on_output: OutputListener | None, blobs: list[Path],
+              blob_ids: list[str]) -> CallResult:
         baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
@@ -127,15 +195,19 @@ class Sandbox(ABC):
         header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
                   "model": model, "live": on_output is not None}
         sizes = [path.stat().st_size for path in blobs]
+        ask = bool(blobs) and self.blob_cache and len(blob_ids) == len(blobs)
         if sizes:
             header["blobs"] = sizes
+        if ask:
+            header["blob_ids"], header["cache_bytes"] = blob_ids, (self.memory_mib << 20) // BLOB_CACHE_SHARE
         live_bytes = 0
         started = time.monotonic()
         deadline = started + timeout_s
         try:
             self._send(header, payload)
-            for path in blobs:  # in pieces: the grid never holds a whole blob in memory
-                with path.open("rb") as f:
+            need = self._needed(blob_ids, sizes, started + timeout_s) if ask else list(range(len(blobs)))
+            for n in need:  # in pieces: the grid never holds a whole blob in memory
+                with blobs[n].open("rb") as f:
                     while chunk := f.read(BLOB_CHUNK_BYTES):
                         self._send({"op": "blob"}, chunk)
         except SandboxError as exc:
@@ -144,6 +216,8 @@ class Sandbox(ABC):
             # Nothing of the call reached the bootstrap: not the function's crash, and safe to try again.
             raise SandboxError("unstarted", "the sandbox had died before the call reached it; the function did "
                                             "not run") from None
+        if ask:
+            self._note_sent(blob_ids, sizes)
         max_body = max(min(self.limits.result_bytes, INLINE_RESULT_BYTES), 1 << 20)
         while True:
             try:
@@ -196,31 +270,69 @@ class Sandbox(ABC):
         result = CallResult(reply, body, peak, self.output_dir, baseline, duration, files, usage)
         if spooled is not None:
             result.result_file, result.result_sha256 = spooled
+        result.blob_bytes_sent = sum(sizes[n] for n in need)
+        result.blobs_kept = len(blobs) - len(need)
         return result
+
+    def _needed(self, blob_ids: list[str], sizes: list[int], deadline: float) -> list[int]:
+        """Which of the call's blobs the bootstrap says it lacks (its ``need`` frame), checked.
+
+        Its answer is only ever a hint to save sending: it may ask only for blobs of this call, and it may
+        claim to keep only blobs this host sent it (of the same size). Either lie is a protocol violation:
+        the call fails and the sandbox is discarded. A claim the host cannot refute (a blob it did send,
+        since dropped) can only fail this owner's own call, in the sandbox (ArgsUnpickler says which blob).
+        """
+        try:
+            frame, body = self._receive(deadline, 0)
+        except ChannelTimeout:
+            raise ProtocolViolation("the sandbox did not say which of the call's blobs it needs") from None
+        need = check_need(frame, body, len(blob_ids))
+        sent = self._blobs_sent
+        for n, sha in enumerate(blob_ids):
+            if n not in need and sent.get(sha) != sizes[n]:
+                raise ProtocolViolation(f"the sandbox claims to keep blob {sha[:12]}…, which it was never sent")
+        return need
+
+    def _note_sent(self, blob_ids: list[str], sizes: list[int]) -> None:
+        """Remember the call's blobs as sent to (or kept by) this sandbox, most recently used last, boundedly."""
+        sent = self._blobs_sent
+        for sha, size in zip(blob_ids, sizes, strict=True):
+            sent.pop(sha, None)
+            sent[sha] = size
+        while len(sent) > SENT_BLOBS_REMEMBERED:
+            sent.popitem(last=False)
 
     def _receive_result(self, job_id: str, size: int, deadline: float) -> tuple[Path, str]:
         """A streamed result, written to a spool file as it arrives and hashed; exactly ``size`` bytes, or a
-        violation (and no file)."""
+        violation (and no file). Each piece is read into one of a few reused buffers and written and hashed on
+        another thread while the next one arrives (``_Spool``)."""
         path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
-        digest, received = hashlib.sha256(), 0
+        received = 0
+        spool = _Spool(path)
         try:
-            with path.open("wb") as f:
-                while received < size:
-                    try:
-                        header, chunk = self._receive(deadline, BLOB_CHUNK_BYTES)
-                    except ChannelTimeout:
-                        raise ProtocolViolation("the result was not sent within the call's timeout") from None
-                    if header.get("op") != "result_data" or len(header) != 1 or received + len(chunk) > size:
-                        raise ProtocolViolation("a streamed result whose pieces do not add up to its announced size")
-                    if not chunk:
-                        raise ProtocolViolation("an empty piece of a streamed result")
-                    f.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
+            while received < size:
+                buffer = spool.free_buffer()
+                try:
+                    header, chunk = self._receive_into(deadline, buffer)
+                except ChannelTimeout:
+                    raise ProtocolViolation("the result was not sent within the call's timeout") from None
+                if header.get("op") != "result_data" or len(header) != 1 or received + len(chunk) > size:
+                    raise ProtocolViolation("a streamed result whose pieces do not add up to its announced size")
+                if not chunk:
+                    raise ProtocolViolation("an empty piece of a streamed result")
+                received += len(chunk)
+                spool.write(buffer, chunk)  # the writer releases ``chunk`` once it is on disk
+            return path, spool.finish()
         except BaseException:
+            spool.finish(abort=True)
             path.unlink(missing_ok=True)
             raise
-        return path, digest.hexdigest()
+
+    def _receive_into(self, deadline: float, buffer: bytearray) -> tuple[dict[str, Any], memoryview]:
+        """One frame whose body is read into ``buffer`` (a streamed result's piece); the sandboxes read it in place."""
+        header, body = self._receive(deadline, len(buffer))
+        buffer[:len(body)] = body
+        return header, memoryview(buffer)[:len(body)]
 
     def _forward_ai(self, ai: AISession | None, frame: dict[str, Any], body: bytes,
                     deadline: float) -> tuple[dict[str, Any], bytes]:
@@ -268,6 +380,7 @@ class Sandbox(ABC):
             return f"{runtime} {version}"
         if not isinstance(python, str) or len(python) > 8:
             raise ProtocolViolation("the bootstrap's first frame is not 'ready'")
+        self.blob_cache, self._blobs_sent = frame.get("blob_cache") is True, OrderedDict()
         return python
 
     def load_package(self, function_id: str, header: dict[str, Any], package: bytes, env: dict[str, str] | None,

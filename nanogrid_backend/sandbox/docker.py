@@ -198,7 +198,8 @@ class DockerSandbox(Sandbox):
             self._raw = raw
             self._stream = DockerAttachStream(raw)
             self.reader = FrameReader(raw.fileno(), self._stream.read_some, self._stream.pending,
-                                      max_header=reply_header_cap(factory.limits.capture_bytes))
+                                      max_header=reply_header_cap(factory.limits.capture_bytes),
+                                      read_into=self._stream.read_into)
             self.container.start()
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
             self.python = self.check_ready(ready)
@@ -245,6 +246,12 @@ class DockerSandbox(Sandbox):
     def _receive(self, deadline: float, max_body: int) -> tuple[dict, bytes]:
         try:
             return self.reader.read(deadline, max_body)
+        except (ChannelClosed, OSError):
+            raise self._death() from None
+
+    def _receive_into(self, deadline: float, buffer: bytearray) -> tuple[dict, memoryview]:
+        try:
+            return self.reader.read_into(deadline, buffer)
         except (ChannelClosed, OSError):
             raise self._death() from None
 

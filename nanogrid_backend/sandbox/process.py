@@ -206,6 +206,12 @@ class ProcessSandbox(Sandbox):
         except (ChannelClosed, OSError):
             raise self._death() from None
 
+    def _receive_into(self, deadline: float, buffer: bytearray) -> tuple[dict, memoryview]:
+        try:
+            return self.reader.read_into(deadline, buffer)
+        except (ChannelClosed, OSError):
+            raise self._death() from None
+
     def _death(self) -> SandboxError:
         """Why the bootstrap died mid-call: our kill, the OOM killer, or the function's own doing."""
         code = self.proc.wait()

@@ -65,16 +65,62 @@ class FrameReader:
 
     ``read_some(n)`` returns up to n bytes of the bootstrap's reply stream (b"" at its end); by
     default it is ``os.read`` on ``fd``. The Docker sandbox passes one that strips the attach
-    stream's multiplexing headers.
+    stream's multiplexing headers. ``read_into(view)`` fills part of ``view`` instead (the number of
+    bytes, 0 at the end): a streamed result's pieces are read with it straight into one reused buffer.
     """
 
     def __init__(self, fd: int, read_some: Callable[[int], bytes] | None = None,
-                 pending: Callable[[], bool] | None = None, max_header: int = MAX_HEADER_BYTES) -> None:
+                 pending: Callable[[], bool] | None = None, max_header: int = MAX_HEADER_BYTES,
+                 read_into: Callable[[memoryview], int] | None = None) -> None:
         self.fd = fd
         self._read_some = read_some or (lambda n: os.read(fd, n))
+        self._read_into = read_into or (lambda view: os.readv(fd, [view]))
         self._pending = pending or (lambda: False)
         self._buffer = bytearray()
         self.max_header = max_header
+
+    def read_into(self, deadline: float | None, buffer: bytearray) -> tuple[dict[str, Any], memoryview]:
+        """One frame whose body (at most ``len(buffer)`` bytes) is read into ``buffer``: the body is a view of it,
+        valid until the buffer is used again. For large pieces: the bytes are copied once, not four times."""
+        header_len, body_len = self._sizes(deadline, len(buffer))
+        self._fill(HEADER.size + header_len, deadline)
+        header = self._header(header_len)
+        del self._buffer[:HEADER.size + header_len]
+        view = memoryview(buffer)[:body_len]
+        filled = min(len(self._buffer), body_len)  # what came with the header
+        view[:filled] = self._buffer[:filled]
+        del self._buffer[:filled]
+        while filled < body_len:
+            self._wait(deadline)
+            got = self._read_into(view[filled:])
+            if not got:
+                raise ChannelClosed
+            filled += got
+        return header, view
+
+    def _sizes(self, deadline: float | None, max_body: int) -> tuple[int, int]:
+        self._fill(HEADER.size, deadline)
+        header_len, body_len = HEADER.unpack_from(self._buffer)
+        if header_len > self.max_header:
+            raise ProtocolViolation(f"a frame header of {header_len} bytes (at most {self.max_header})")
+        if body_len > max_body:
+            raise FrameTooLarge(body_len, max_body)
+        return header_len, body_len
+
+    def _header(self, header_len: int) -> dict[str, Any]:
+        try:
+            header = json.loads(bytes(self._buffer[HEADER.size:HEADER.size + header_len]))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolViolation("a frame header that is not JSON") from None
+        if not isinstance(header, dict):
+            raise ProtocolViolation("a frame header that is not a JSON object")
+        return header
+
+    def _wait(self, deadline: float | None) -> None:
+        if deadline is not None and not self._pending():
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise ChannelTimeout
 
     def read(self, deadline: float | None, max_body: int) -> tuple[dict[str, Any], bytes]:
         """One frame whose body is at most ``max_body`` bytes; ProtocolViolation otherwise."""
@@ -124,6 +170,29 @@ class DockerAttachStream:
     def pending(self) -> bool:
         return bool(self._raw)
 
+    def read_into(self, view: memoryview) -> int:
+        """Stdout bytes straight into ``view`` (at least one unless the stream ended), received in place when
+        nothing is buffered: a large result crosses this process with one copy (dockerd sends it in frames of
+        about 32 KiB, each after its own 8-byte header)."""
+        while not self._raw:
+            if self._left == 0:
+                head = self.sock.recv(8, socket.MSG_WAITALL)
+                if len(head) < 8:
+                    if not head:
+                        return 0
+                    self._raw += head  # a header cut short: the general path below completes it
+                    break
+                self._stream, self._left = head[0], int.from_bytes(head[4:8], "big")
+                continue
+            if self._stream != self.STDOUT:
+                break
+            got = self.sock.recv_into(view[:self._left] if len(view) > self._left else view)
+            self._left -= got
+            return got
+        data = self.read_some(len(view))
+        view[:len(data)] = data
+        return len(data)
+
     def read_some(self, n: int) -> bytes:
         """Stdout bytes (at least one unless the stream ended); skips stderr frames."""
         while True:
@@ -149,6 +218,21 @@ class DockerAttachStream:
             if not data:
                 return b""
             self._raw += data
+
+
+def check_need(header: dict[str, Any], body: bytes, count: int) -> list[int]:
+    """The bootstrap's ``need`` frame: which of the call's ``count`` blobs it lacks, as strictly increasing
+    indices, and nothing else (no other field, no body)."""
+    need = header.get("blobs")
+    if header.get("op") != "need" or set(header) != {"op", "blobs"} or body or not isinstance(need, list):
+        raise ProtocolViolation(f"a {str(header.get('op'))[:40]!r} frame where the call's 'need' frame was due")
+    last = -1
+    for n in need:
+        if not isinstance(n, int) or isinstance(n, bool) or not last < n < count:
+            raise ProtocolViolation(f"a 'need' frame asking for blobs the call does not have ({str(n)[:40]} of "
+                                    f"{count}), or twice")
+        last = n
+    return need
 
 
 # What a call's reply header may hold, and of what type; anything else is a violation.

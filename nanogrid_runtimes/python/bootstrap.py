@@ -102,6 +102,54 @@ def read_blobs(fd, sizes):
     return blobs
 
 
+class BlobCache:
+    """The blobs this sandbox received, kept for later calls of its function (one function version, one owner).
+
+    Keyed by SHA-256, least recently used dropped first, at most ``limit`` bytes (the host's share of the
+    function's memory, sent with each call) and ``MAX_KEPT`` blobs. The call header names its blobs
+    (``blob_ids``, ``blobs`` sizes); this answers with a ``need`` frame listing the ones it lacks, and the host
+    sends only those. Kept blobs are only ever read by the unpickler, so each call gets objects of its own:
+    nothing an earlier call did to its arguments shows in a later one.
+    """
+
+    MAX_KEPT = 256  # the host remembers more of what it sent (1024), so an honest answer is never taken for a lie
+
+    def __init__(self):
+        self.kept, self.total = {}, 0  # sha256 -> bytearray, least recently used first
+
+    def needed(self, ids, sizes):
+        """Which of the call's blobs (their indices) the host must send."""
+        return [n for n, sha in enumerate(ids) if sha not in self.kept or len(self.kept[sha]) != sizes[n]]
+
+    def receive(self, fd, reply_fd, ids, sizes, limit):
+        need = self.needed(ids, sizes)
+        # Room first, before the new blobs arrive: the least recently used go, never one this call uses.
+        self.shrink(limit - sum(sizes[n] for n in need), keep=set(ids))
+        write_frame(reply_fd, {"op": "need", "blobs": need})
+        received = read_blobs(fd, [sizes[n] for n in need])
+        arrived = {n: received[i] for i, n in enumerate(need)}
+        blobs = []
+        for n, sha in enumerate(ids):
+            kept = self.kept.pop(sha, None)
+            self.total -= len(kept) if kept is not None else 0
+            blob = arrived[n] if n in arrived else kept  # None: claimed but not kept; ArgsUnpickler says so
+            if blob is not None and len(blob) <= limit:
+                self.kept[sha] = blob  # the most recently used now
+                self.total += len(blob)
+            blobs.append(blob)
+        self.shrink(limit)
+        return blobs
+
+    def shrink(self, limit, keep=()):
+        for sha in [sha for sha in self.kept if sha not in keep]:
+            if self.total <= limit and len(self.kept) <= self.MAX_KEPT:
+                return
+            self.total -= len(self.kept.pop(sha))
+
+
+BLOB_CACHE = BlobCache()
+
+
 class ArgsUnpickler(pickle.Unpickler):
     """An args pickle's persistent ids: ("i", bytes) an argument's own pickle, ("b", n) the call's n-th blob; with a
     third item {sha256: n} when the argument holds Refs, which its own pickle names ("r", sha256)."""
@@ -121,6 +169,8 @@ class ArgsUnpickler(pickle.Unpickler):
     def blob(self, n, refs):
         if n not in self.loaded:  # one blob given twice in a call is one object, as it was in the caller's
             data, self.blobs[n] = self.blobs[n], None  # its bytes are freed as soon as the value exists
+            if data is None:
+                raise LookupError(f"blob {n} of this call is neither in the sandbox's blob cache nor was it sent")
             self.loaded[n] = ArgsUnpickler(data, self.blobs, self.loaded, refs).load()
         return self.loaded[n]
 
@@ -516,7 +566,7 @@ def main():
 
     runtime = Runtime()
     live = LiveOutput(reply_fd, captures)
-    write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2]})
+    write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2], "blob_cache": True})
     while True:
         try:
             header, body = read_frame(stdin_fd)
@@ -532,7 +582,11 @@ def main():
                 error["kind"] = "load"
                 write_frame(reply_fd, {"ok": False, "error": error})
         elif op == "call" and runtime.function is not None:
-            blobs = read_blobs(stdin_fd, header.get("blobs") or [])
+            if "blob_ids" in header:  # the host asks which of the call's blobs this sandbox still keeps
+                blobs = BLOB_CACHE.receive(stdin_fd, reply_fd, header["blob_ids"], header.get("blobs") or [],
+                                           header.get("cache_bytes") or 0)
+            else:
+                blobs = read_blobs(stdin_fd, header.get("blobs") or [])
             reply, result = runtime.call(header, body, captures, live if header.get("live") else None, blobs)
             write_reply(reply_fd, reply, result)
             del reply, result
