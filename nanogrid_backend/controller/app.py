@@ -216,12 +216,11 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
         async def lines() -> AsyncIterator[bytes]:
             yield json.dumps({"job_ids": job_ids}).encode() + b"\n"
-            async for item in jobs.stream_results(grid, job_ids, finished, unsubscribe):
-                if item is None:
-                    yield b"\n"  # nothing finished yet: an empty line, so clients can time out on silence
-                    continue
-                index, job = item
-                yield json.dumps({"index": index, **view(job, url)}).encode() + b"\n"
+            async for news in jobs.stream_results(grid, job_ids, finished, unsubscribe):
+                # one write for all that finished together; an empty line when nothing did, so clients can time
+                # out on silence
+                yield b"".join(json.dumps({"index": index, **view(job, url)}).encode() + b"\n"
+                               for index, job in news) or b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

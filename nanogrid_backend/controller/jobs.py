@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import json
+import threading
 import time
 import zipfile
 from collections.abc import AsyncIterator
@@ -43,10 +44,10 @@ def deploy(grid: Grid, caller: ApiKey, filename: str, data: bytes, form: dict[st
     timeout_s = float(manifest.get("timeout") or min(config.default_timeout_s, max_timeout_s))
     if not 16 <= memory_mib <= config.max_memory_mib:
         raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
-    if not 0 < timeout_s <= max_timeout_s:
     disk_mib = manifest.get("disk")
     if disk_mib is not None and not 16 <= disk_mib <= config.max_disk_mib:
         raise PackageError(f"disk must be 16..{config.max_disk_mib} MiB, not {disk_mib} (the grid's max_disk_mib)")
+    if not 0 < timeout_s <= max_timeout_s:
         limit = "this key's" if max_timeout_s < config.max_timeout_s else "the grid's"
         raise PackageError(f"timeout must be more than 0 and at most {max_timeout_s:g} s ({limit} max timeout), "
                            f"not {timeout_s:g}")
@@ -142,9 +143,9 @@ def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord], model: s
     function was uploaded with: a key limited to less than the grid's maximum stays limited.
     """
     grid.registry.create_jobs(jobs)
-    grid.queue.put([JobMessage(job.job_id, function.function_id, job.payload_format, job.payload,
-                               min(function.timeout_s, grid.owners.max_timeout(job.owner),
-                                   max_timeout_s or float("inf")),
+    timeouts = {owner: min(function.timeout_s, grid.owners.max_timeout(owner), max_timeout_s or float("inf"))
+                for owner in {job.owner for job in jobs}}
+    grid.queue.put([JobMessage(job.job_id, function.function_id, job.payload_format, job.payload, timeouts[job.owner],
                                function.memory_mib, model, owner=job.owner) for job in jobs])
 
 
@@ -152,9 +153,23 @@ def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord],
     """An asyncio queue that receives each of these jobs once it finishes (from any worker thread)."""
     loop = asyncio.get_running_loop()
     finished: asyncio.Queue[JobRecord] = asyncio.Queue()
+    arrived: list[JobRecord] = []  # delivered by worker threads, not yet handed to the loop
+    lock = threading.Lock()
+
+    def hand_over() -> None:
+        with lock:
+            jobs = arrived[:]
+            arrived.clear()
+        for job in jobs:
+            finished.put_nowait(job)
 
     def deliver(job: JobRecord) -> None:
-        loop.call_soon_threadsafe(finished.put_nowait, job)
+        # A worker announces a batch of calls at once: the loop is woken once for all that arrive before it runs.
+        with lock:
+            arrived.append(job)
+            if len(arrived) > 1:
+                return
+        loop.call_soon_threadsafe(hand_over)
 
     unsubscribe = grid.bus.subscribe(job_ids, deliver)
     return finished, unsubscribe
@@ -192,26 +207,28 @@ async def next_result(grid: Grid, job_id: str, finished: asyncio.Queue[JobRecord
 
 
 async def stream_results(grid: Grid, job_ids: list[str], finished: asyncio.Queue[JobRecord],
-                         unsubscribe: Any) -> AsyncIterator[tuple[int, JobRecord] | None]:
-    """(index, job) for each job as it finishes, in completion order; stalls are checked in the registry.
+                         unsubscribe: Any) -> AsyncIterator[list[tuple[int, JobRecord]]]:
+    """(index, job) for the jobs as they finish, in completion order, as many at a time as have finished (a worker
+    records a batch of calls at once: they go out together); stalls are checked in the registry.
 
-    None after each RECHECK_S without news: the stream shows it is alive, so a client times out on silence only."""
+    [] after each RECHECK_S without news: the stream shows it is alive, so a client times out on silence only."""
     index = {job_id: i for i, job_id in enumerate(job_ids)}
     remaining = set(job_ids)
     try:
         while remaining:
             try:
-                job = await asyncio.wait_for(finished.get(), RECHECK_S)
-                found = [job]
+                found = [await asyncio.wait_for(finished.get(), RECHECK_S)]
+                while not finished.empty():
+                    found.append(finished.get_nowait())
             except TimeoutError:
                 oldest = sorted(remaining, key=index.__getitem__)[:RECHECK_BATCH]
                 found = await asyncio.to_thread(_finished_among, grid, oldest)
-                if not found:
-                    yield None
+            news = []
             for job in found:
                 if job.job_id in remaining:
                     remaining.discard(job.job_id)
-                    yield index[job.job_id], job
+                    news.append((index[job.job_id], job))
+            yield news
     finally:
         unsubscribe()
 

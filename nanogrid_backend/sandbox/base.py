@@ -167,8 +167,53 @@ class Sandbox(ABC):
         ``blob_ids``: the blobs' SHA-256s; with them a bootstrap that keeps blobs (``blob_cache``) is sent only
         those it says it lacks (``_needed``).
         """
+        return self._guarded(lambda: self._call(job_id, payload, timeout_s, model, ai, on_output, blobs or [],
+                                                        blob_ids or []))
+
+    def call_many(self, calls: list[tuple[str, bytes, float]], model: str | None = None,
+                  on_reply: Callable[[int], None] | None = None) -> tuple[list[CallResult], SandboxError | None]:
+        """Several short calls, (job id, payload, timeout) each, sent in one ``calls`` frame: the bootstrap runs them in
+        order and answers each as it finishes, so each keeps its own timeout and checks. The results of the calls
+        that ran, in order, and the error of the one that failed (the sandbox is then dead), if any; calls after
+        the last result never started. A call that wrote output files (or ran out of memory) ends the batch: its
+        files are received before any other call may write its own, and the rest are left unstarted.
+        ``on_reply(n)``: n calls are answered, so call n (from 0) is the one running now.
+        No AI node, no live output, no blobs here: such calls go through ``call``."""
+        results: list[CallResult] = []
+
+        def run() -> None:
+            baseline = None
+            if self.cgroup:  # a batch's peak: the highest since the batch began, as each call ends
+                self.cgroup.reset_peak()
+                baseline = self.cgroup.usage()
+            header = {"op": "calls", "measure_rss": self.cgroup is None, "model": model,
+                      "calls": [{"job_id": job_id, "timeout": timeout_s, "size": len(payload)}
+                                for job_id, payload, timeout_s in calls]}
+            started = time.monotonic()
+            try:
+                self._send(header, b"".join(payload for _, payload, _ in calls))
+            except SandboxError as exc:
+                raise SandboxError("unstarted", "the sandbox had died before the calls reached it; none ran") \
+                    if exc.kind == "crash" else exc from None
+            for job_id, _, timeout_s in calls:
+                result = self._answer(job_id, timeout_s, started, None, None, baseline)
+                results.append(result)
+                if on_reply is not None:
+                    on_reply(len(results))
+                if result.reply.get("output_files") or not self.alive:
+                    return
+                started = time.monotonic()
+
         try:
-            return self._call(job_id, payload, timeout_s, model, ai, on_output, blobs or [], blob_ids or [])
+            self._guarded(run)
+        except SandboxError as exc:
+            return results, exc
+        return results, None
+
+    def _guarded(self, work: Callable[[], Any]) -> Any:
+        """``work()``, with every failure turned into a SandboxError and the sandbox discarded."""
+        try:
+            return work()
         except SandboxError:
             raise
         except ProtocolViolation as exc:
@@ -200,9 +245,7 @@ class Sandbox(ABC):
             header["blobs"] = sizes
         if ask:
             header["blob_ids"], header["cache_bytes"] = blob_ids, (self.memory_mib << 20) // BLOB_CACHE_SHARE
-        live_bytes = 0
         started = time.monotonic()
-        deadline = started + timeout_s
         try:
             self._send(header, payload)
             need = self._needed(blob_ids, sizes, started + timeout_s) if ask else list(range(len(blobs)))
@@ -218,6 +261,45 @@ class Sandbox(ABC):
                                             "not run") from None
         if ask:
             self._note_sent(blob_ids, sizes)
+        result = self._answer(job_id, timeout_s, started, ai, on_output, baseline)
+        result.blob_bytes_sent = sum(sizes[n] for n in need)
+        result.blobs_kept = len(blobs) - len(need)
+        return result
+
+    def _needed(self, blob_ids: list[str], sizes: list[int], deadline: float) -> list[int]:
+        """Which of the call's blobs the bootstrap says it lacks (its ``need`` frame), checked.
+
+        Its answer is only ever a hint to save sending: it may ask only for blobs of this call, and it may
+        claim to keep only blobs this host sent it (of the same size). Either lie is a protocol violation:
+        the call fails and the sandbox is discarded. A claim the host cannot refute (a blob it did send,
+        since dropped) can only fail this owner's own call, in the sandbox (ArgsUnpickler says which blob).
+        """
+        try:
+            frame, body = self._receive(deadline, 0)
+        except ChannelTimeout:
+            raise ProtocolViolation("the sandbox did not say which of the call's blobs it needs") from None
+        need = check_need(frame, body, len(blob_ids))
+        sent = self._blobs_sent
+        for n, sha in enumerate(blob_ids):
+            if n not in need and sent.get(sha) != sizes[n]:
+                raise ProtocolViolation(f"the sandbox claims to keep blob {sha[:12]}…, which it was never sent")
+        return need
+
+    def _note_sent(self, blob_ids: list[str], sizes: list[int]) -> None:
+        """Remember the call's blobs as sent to (or kept by) this sandbox, most recently used last, boundedly."""
+        sent = self._blobs_sent
+        for sha, size in zip(blob_ids, sizes, strict=True):
+            sent.pop(sha, None)
+            sent[sha] = size
+        while len(sent) > SENT_BLOBS_REMEMBERED:
+            sent.popitem(last=False)
+
+    def _answer(self, job_id: str, timeout_s: float, started: float, ai: AISession | None,
+                on_output: OutputListener | None, baseline: int | None) -> CallResult:
+        """Receive and check one call's reply (and its streamed result and output files); the call began at
+        ``started`` (monotonic) and may run ``timeout_s``."""
+        live_bytes = 0
+        deadline = started + timeout_s
         max_body = max(min(self.limits.result_bytes, INLINE_RESULT_BYTES), 1 << 20)
         while True:
             try:
@@ -270,37 +352,7 @@ class Sandbox(ABC):
         result = CallResult(reply, body, peak, self.output_dir, baseline, duration, files, usage)
         if spooled is not None:
             result.result_file, result.result_sha256 = spooled
-        result.blob_bytes_sent = sum(sizes[n] for n in need)
-        result.blobs_kept = len(blobs) - len(need)
         return result
-
-    def _needed(self, blob_ids: list[str], sizes: list[int], deadline: float) -> list[int]:
-        """Which of the call's blobs the bootstrap says it lacks (its ``need`` frame), checked.
-
-        Its answer is only ever a hint to save sending: it may ask only for blobs of this call, and it may
-        claim to keep only blobs this host sent it (of the same size). Either lie is a protocol violation:
-        the call fails and the sandbox is discarded. A claim the host cannot refute (a blob it did send,
-        since dropped) can only fail this owner's own call, in the sandbox (ArgsUnpickler says which blob).
-        """
-        try:
-            frame, body = self._receive(deadline, 0)
-        except ChannelTimeout:
-            raise ProtocolViolation("the sandbox did not say which of the call's blobs it needs") from None
-        need = check_need(frame, body, len(blob_ids))
-        sent = self._blobs_sent
-        for n, sha in enumerate(blob_ids):
-            if n not in need and sent.get(sha) != sizes[n]:
-                raise ProtocolViolation(f"the sandbox claims to keep blob {sha[:12]}…, which it was never sent")
-        return need
-
-    def _note_sent(self, blob_ids: list[str], sizes: list[int]) -> None:
-        """Remember the call's blobs as sent to (or kept by) this sandbox, most recently used last, boundedly."""
-        sent = self._blobs_sent
-        for sha, size in zip(blob_ids, sizes, strict=True):
-            sent.pop(sha, None)
-            sent[sha] = size
-        while len(sent) > SENT_BLOBS_REMEMBERED:
-            sent.popitem(last=False)
 
     def _receive_result(self, job_id: str, size: int, deadline: float) -> tuple[Path, str]:
         """A streamed result, written to a spool file as it arrives and hashed; exactly ``size`` bytes, or a

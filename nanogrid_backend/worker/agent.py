@@ -29,6 +29,7 @@ from nanogrid_backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMe
 from nanogrid_backend.notify import Notifier
 from nanogrid_backend.packages import function_id_for, owned_function_id
 from nanogrid_backend.queue.base import JobQueue
+from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.base import Registry
 from nanogrid_backend.results.base import ResultBus
 from nanogrid_backend.retries import Retrier
@@ -40,6 +41,13 @@ from nanogrid_backend.worker.pool import FunctionCode, WarmPool
 
 log = logging.getLogger(__name__)
 
+# Batches: a slot takes up to BATCH_MAX queued calls of one function at once when its calls are short (their recent
+# duration times the batch stays under BATCH_BUDGET_MS), runs them in one frame exchange with one sandbox and
+# records their outcomes in one registry transaction. Longer calls, and calls of a function not yet timed, go one by one.
+BATCH_MAX = 32
+BATCH_BUDGET_MS = 20.0
+TIMINGS_KEPT = 1024
+
 
 def _wants_ai(package: bytes) -> bool:
     """Whether the function asked for the AI node (manifest ``ai``: JSON ``true`` and nothing else)."""
@@ -50,14 +58,6 @@ def _wants_ai(package: bytes) -> bool:
         return False
 
 
-class Worker:
-    """``slots`` threads, each running one call at a time in a sandbox from the shared warm pool."""
-
-    def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
-                 pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
-                 heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
-                 ai: AIGateway | None = None, secrets: SecretBox | None = None) -> None:
-        self.queue = queue
 def _disk_mib(package: bytes) -> int | None:
     """The scratch disk the function asked for (manifest ``disk``, MiB, checked at upload), else None."""
     try:
@@ -68,6 +68,14 @@ def _disk_mib(package: bytes) -> int | None:
     return disk if isinstance(disk, int) and not isinstance(disk, bool) and disk > 0 else None
 
 
+class Worker:
+    """``slots`` threads, each running one call at a time in a sandbox from the shared warm pool."""
+
+    def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
+                 pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
+                 heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
+                 ai: AIGateway | None = None, secrets: SecretBox | None = None) -> None:
+        self.queue = queue
         self.registry = registry
         self.store = store
         self.bus = bus
@@ -90,7 +98,8 @@ def _disk_mib(package: bytes) -> int | None:
         self.notifier = Notifier(registry)  # per-owner webhooks, sent from their own thread
         self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.stats = {"completed": 0, "failed": 0, "cold_starts": 0}
+        self.stats = {"completed": 0, "failed": 0, "cold_starts": 0, "blob_bytes_sent": 0, "blobs_kept": 0}
+        self._call_ms: dict[str, float] = {}  # function id -> its recent calls' duration (ms): sizes batches
         # Blobs of arguments and large results; a remote store's are fetched into a spool here.
         self._blobs = Blobs(store, spool_dir_for(store, Path(tempfile.gettempdir()) / "nanogrid-blob-spool"))
 
@@ -188,13 +197,40 @@ def _disk_mib(package: bytes) -> int | None:
 
     def _slot(self) -> None:
         while not self._stopping.is_set() and not self._draining.is_set():
-            message = self.queue.get(timeout=0.5, want=self.slots - len(self._in_flight))
-            if message is None:
+            if isinstance(self.queue, LocalQueue):  # the embedded queue hands out batches of short calls
+                taken = self.queue.get_batch(0.5, self._batch_size)
+            else:
+                message = self.queue.get(timeout=0.5, want=self.slots - len(self._in_flight))
+                taken = [message] if message is not None else []
+            if not taken:
                 continue
             try:
-                self.run(message)
+                if len(taken) == 1:
+                    self.run(taken[0])
+                else:
+                    self.run_batch(taken)
             except Exception:
-                log.exception("job %s: unexpected worker error", message.job_id)
+                log.exception("job %s: unexpected worker error", taken[0].job_id)
+
+    def _batch_size(self, first: JobMessage, queued: int) -> int:
+        """How many calls of ``first``'s function to take at once (called under the queue's lock: no I/O): one for a
+        function not yet timed or with long calls, else what fits BATCH_BUDGET_MS, and never more than this slot's
+        share of the owner's queued calls, so the other slots get theirs."""
+        ms = self._call_ms.get(first.function_id)
+        if ms is None or first.payload_format == BLOB_FORMAT or first.receive_count > 1:
+            return 1
+        share = -(-queued // self.slots)
+        return max(1, min(BATCH_MAX, int(BATCH_BUDGET_MS / max(ms, 0.05)), share + 1))
+
+    def _timed(self, job: JobRecord) -> None:
+        """Keep the function's recent call duration (a moving average of completed calls), which sizes its batches."""
+        if job.status != COMPLETED or job.execution_time_ms is None:
+            return
+        if len(self._call_ms) >= TIMINGS_KEPT and job.function_id not in self._call_ms:
+            self._call_ms.clear()
+        before = self._call_ms.get(job.function_id)
+        ms = job.execution_time_ms
+        self._call_ms[job.function_id] = ms if before is None else 0.8 * before + 0.2 * ms
 
     def run(self, message: JobMessage) -> None:
         started = time.time()
@@ -205,15 +241,30 @@ def _disk_mib(package: bytes) -> int | None:
                         worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib,
                         owner=message.owner)
         self._in_flight[message.job_id] = message
+        if not self._settle(message, job, self._execute):
+            return
+        job.finished_at = time.time()
+        self.stats["completed" if job.status == COMPLETED else "failed"] += 1
+        self._timed(job)
         try:
-            self.retrier.run(self._execute, message, job)
+            self._finish(job)
+            self.notifier.job_finished(job)
+        finally:
+            self._done(message, job)
+
+    def _settle(self, message: JobMessage, job: JobRecord,
+                execute: Callable[[JobMessage, JobRecord], None]) -> bool:
+        """Run the job's tries (``execute`` for each) until it has its final state; False if its message went back
+        to the queue for another delivery instead."""
+        try:
+            self.retrier.run(execute, message, job)
         except SandboxError as exc:
             if exc.kind == "crash" and self.queue.redelivers:
                 # Maybe this machine's fault: let another delivery try; the redrive policy ends it in the DLQ.
                 self.registry.note_attempt(job.job_id, {"kind": "crash", "message": exc.message,
                                                         "deliveries": message.receive_count})
                 self.queue.release(message)
-                return
+                return False
             self._fail(job, exc.kind, exc.message)
         except Exception as exc:  # never leave a job running forever because of a bug of ours
             log.exception("job %s: worker error", message.job_id)
@@ -221,15 +272,139 @@ def _disk_mib(package: bytes) -> int | None:
         finally:
             self._in_flight.pop(message.job_id, None)
             self._cancelled.discard(message.job_id)
-        job.finished_at = time.time()
-        self.stats["completed" if job.status == COMPLETED else "failed"] += 1
+        return True
+
+    def _done(self, message: JobMessage, job: JobRecord) -> None:
+        self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
+        if self._printed.pop(job.job_id, None) is not None:
+            self.bus.end_log(job.job_id)  # followers stop waiting; the job's record has the whole capture
+
+    def run_batch(self, messages: list[JobMessage]) -> None:
+        """Several queued calls of one function: marked running in one transaction, run in one frame exchange with
+        one sandbox (``Sandbox.call_many``), their outcomes recorded in one transaction, then acked. A call the
+        batch could not run (after a failed one, or one with output files) runs on its own; a failed call is tried
+        again by its retry policy like any other; calls with blobs or another model than the first go one by one."""
+        first = messages[0]
+        alike = [m for m in messages if m.payload_format != BLOB_FORMAT and m.model == first.model]
+        marked = self.registry.mark_running_many([m.job_id for m in alike], self.worker_id, time.time())
+        for message in alike:
+            if message.job_id not in marked:
+                self.queue.ack(message)  # cancelled while queued, or already finished: nothing left to do
+        batch = [m for m in alike if m.job_id in marked]
+        jobs = [JobRecord(m.job_id, m.function_id, status=RUNNING, payload_format=m.payload_format,
+                          worker_id=self.worker_id, memory_limit_mib=m.memory_mib, owner=m.owner) for m in batch]
+        for message in batch:
+            self._in_flight[message.job_id] = message
+        outcomes: dict[str, SandboxError | None] = {}
+        if batch:
+            try:
+                outcomes = self._execute_batch(batch, jobs)
+            except SandboxError as exc:  # no sandbox for them (a load that failed): each job is tried on its own
+                log.warning("job %s: a batch of %d calls could not start (%s); running them one by one",
+                            first.job_id, len(batch), exc.message)
+            except Exception:
+                log.exception("job %s: a batch of %d calls failed; running them one by one", first.job_id, len(batch))
+        settled = []
+        for message, job in zip(batch, jobs, strict=True):
+            if self._settle(message, job, self._replay(message.job_id in outcomes, outcomes.get(message.job_id))):
+                settled.append((message, job))
+        self._finish_batch(settled)
+        batched = {m.job_id for m in alike}
+        for message in messages:
+            if message.job_id not in batched:
+                self.run(message)
+
+    def _replay(self, ran: bool, error: SandboxError | None) -> Callable[[JobMessage, JobRecord], None]:
+        """An ``execute`` for the retrier whose first try is the batch's (its outcome already on the job, or
+        ``error``); any further try, or a call the batch never ran, runs on its own."""
+        replays = [error] if ran else []
+
+        def execute(message: JobMessage, job: JobRecord) -> None:
+            if not replays:
+                job.started_at, job.finished_at = time.time(), None
+                self._execute(message, job)
+                return
+            failed = replays.pop()
+            if failed is not None:
+                raise failed
+
+        return execute
+
+    def _execute_batch(self, messages: list[JobMessage], jobs: list[JobRecord]) -> dict[str, SandboxError | None]:
+        """Run the calls in one sandbox; per job id of each call that ran, None (its outcome is recorded on its job)
+        or the error it ended with. Calls missing from the answer never ran."""
+        first = messages[0]
+        sandbox, cold = self.pool.acquire(first.function_id, lambda: self._code(first))
+        self.stats["cold_starts"] += cold
+        outcomes: dict[str, SandboxError | None] = {}
+        if sandbox.ai_allowed:  # its calls may talk to the AI node, each with its own session: one by one
+            self.pool.release(sandbox)
+            return outcomes
+        times = [time.time()]
+        reusable = False
+
+        def answered(n: int) -> None:  # call n (from 0) runs now: a cancel of it stops the sandbox
+            times.append(time.time())
+            self._running.pop(messages[n - 1].job_id, None)
+            if n < len(messages):
+                self._running[messages[n].job_id] = sandbox
+
+        self._running[first.job_id] = sandbox
         try:
-            self._finish(job)
-            self.notifier.job_finished(job)
+            results, error = sandbox.call_many([(m.job_id, m.payload, m.timeout_s) for m in messages], first.model,
+                                               answered)
+            for n, (job, outcome) in enumerate(zip(jobs, results, strict=False)):
+                job.cold, job.sandbox_id = cold and n == 0, sandbox.id
+                job.started_at, job.finished_at = times[n], times[n + 1]
+                try:
+                    self._record(job, outcome)  # before the sandbox serves again: its output files are moved
+                    outcomes[job.job_id] = None
+                except SandboxError as exc:
+                    outcomes[job.job_id] = exc
+                finally:
+                    if outcome.result_file is not None:
+                        outcome.result_file.unlink(missing_ok=True)
+            if error is not None and error.kind != "unstarted" and len(results) < len(messages):
+                job = jobs[len(results)]
+                job.cold, job.sandbox_id, job.started_at = cold and not results, sandbox.id, times[-1]
+                if job.job_id in self._cancelled:
+                    error = SandboxError("cancelled", "cancelled by the user")
+                elif self._stopping.is_set():
+                    error = SandboxError("interrupted", "the worker shut down while this job ran; run it again")
+                outcomes[job.job_id] = error
+            reusable = error is None
         finally:
-            self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
-            if self._printed.pop(job.job_id, None) is not None:
-                self.bus.end_log(job.job_id)  # followers stop waiting; the job's record has the whole capture
+            for message in messages:
+                self._running.pop(message.job_id, None)
+            if reusable:
+                self.pool.release(sandbox)  # drops it if it died meanwhile
+            else:
+                self.pool.discard(sandbox)
+        return outcomes
+
+    def _finish_batch(self, settled: list[tuple[JobMessage, JobRecord]]) -> None:
+        """Record the batch's outcomes in one transaction and announce them; then ack each (group commit)."""
+        now = time.time()
+        for _, job in settled:
+            job.finished_at = job.finished_at or now
+            self.stats["completed" if job.status == COMPLETED else "failed"] += 1
+            self._timed(job)
+        try:
+            try:
+                recorded = self.registry.finish_jobs([job for _, job in settled])
+            except Exception:
+                log.exception("could not record a batch of %d outcomes at once; recording each", len(settled))
+                for _, job in settled:
+                    self._finish(job)
+            else:
+                for (_, job), fresh in zip(settled, recorded, strict=True):
+                    if fresh:
+                        self.bus.publish(job)
+            for _, job in settled:
+                self.notifier.job_finished(job)
+        finally:
+            for message, job in settled:
+                self._done(message, job)
 
     def _finish(self, job: JobRecord) -> None:
         """Record and announce the outcome; if the registry cannot take it (a full disk), record the failure."""
@@ -285,7 +460,10 @@ def _disk_mib(package: bytes) -> int | None:
             try:
                 with self._blobs.local_files(message.owner, refs) as blob_files:
                     outcome = sandbox.call(job.job_id, payload, message.timeout_s, message.model, ai=ai,
-                                           on_output=self._live_output(job.job_id), blobs=blob_files)
+                                           on_output=self._live_output(job.job_id), blobs=blob_files,
+                                           blob_ids=refs)
+                self.stats["blob_bytes_sent"] += outcome.blob_bytes_sent
+                self.stats["blobs_kept"] += outcome.blobs_kept  # not sent again: the sandbox still had them
             except BlobError as exc:
                 reusable = True  # nothing reached the sandbox
                 raise SandboxError("blob", exc.message) from None
