@@ -88,8 +88,34 @@ FORGED_OUTPUTS = {
 
 @pytest.mark.parametrize("attack", sorted(FORGED_OUTPUTS))
 def test_forged_output_records_write_nothing_outside_and_discard_the_sandbox(arena, attack):
+    """Where output files come over the channel (the process sandbox; the Docker sandbox's host reads them from the
+    sandbox's own disk instead: test_hostile_output_trees_are_read_without_following_anything)."""
     frames = FORGED_OUTPUTS[attack]
     as_owner(arena, "mallory")
+    if arena["kind"] == "docker":
+        assert arena["grid"].grid.factory.scratch_problem == "", "the Docker sandbox has no disk of its own here"
+
+        @nanogrid.remote(timeout=30)
+        def forge_unasked(frames):
+            import json
+            import os
+            import struct
+            import sys
+
+            fd = sys.modules["__nanogrid_channel__"].request.__self__.reply_fd  # the real channel to the host
+            for header, body in frames:  # records the host never asked for, mid-call
+                data = json.dumps(header).encode()
+                os.write(fd, struct.pack(">II", len(data), len(body)) + data + body)
+            return "sent"
+
+        try:  # its own call's outcome is the attacker's to spoil (a forged reply may even pass for it) ...
+            forge_unasked.remote(frames)
+        except nanogrid.JobFailed as exc:
+            assert_no_host_path(arena, str(exc))
+        # ... but nothing is written outside, and nobody else is affected
+        assert not list(arena["data_dir"].parent.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
+        victim_is_served(arena)
+        return
 
     @nanogrid.remote(timeout=30)
     def forge(frames):
@@ -232,8 +258,9 @@ def test_a_pool_full_of_failing_calls_still_serves_another_owner(arena):
         import sys
 
         sys.modules["__main__"].send_outputs = lambda fd, limit: (_ for _ in ()).throw(ValueError("not a SandboxError"))
-        with open(nanogrid.output_dir() / f"f{n}.txt", "w") as f:
-            f.write("x")
+        for i in range(60):  # over the arena's 50 files: fails where the host reads the files itself, too
+            with open(nanogrid.output_dir() / f"f{n}-{i}.txt", "w") as f:
+                f.write("x")
         return n
 
     results = list(wedge.map(range(8), return_exceptions=True))
@@ -350,3 +377,74 @@ def test_data_only_results_are_never_unpickled_by_the_caller(arena, tmp_path):
     with pytest.raises(nanogrid.RemoteError, match="the reason") as info:
         fails.remote()
     assert info.value.type_name == "KeyError" and "raise KeyError" in str(info.value.__cause__)
+
+
+# Output trees a hostile function leaves on its own disk, for the host to read (the Docker sandbox).
+HOSTILE_TREES = {
+    "links to the host's files": ("""
+os.symlink("/etc/passwd", out + "/passwd")
+os.symlink("/", out + "/root")
+os.link(out + "/bait.txt", out + "/hardlink.txt")
+""", None),
+    "a fifo": ("os.mkfifo(out + '/pipe')", None),
+    "a sparse file past the cap": ("""
+with open(out + "/sparse.bin", "wb") as f:
+    f.truncate(900 << 20)  # within the disk's file size limit, far over the grid's output cap
+""", "over the 8 MiB limit"),
+    "too many files": ("""
+for i in range(60):
+    open(out + f"/f{i}", "w").close()
+""", "more than 50 output files"),
+    "a name with a newline": ("open(out + '/a\\nb', 'w').close()", "protocol violation"),
+    "nested too deep": ("os.makedirs(out + '/d' * 20)", "nested too deep"),
+    "a file that grows after the call": ("""
+import threading
+def grow():
+    with open(out + "/growing.bin", "ab") as f:
+        while True:
+            f.write(b"x" * 65536)
+threading.Thread(target=grow, daemon=True).start()
+import time; time.sleep(0.2)
+""", "any"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE_TREES))
+def test_hostile_output_trees_are_read_without_following_anything(arena, attack):
+    """Never: a host file read through a link, the host blocked on a fifo, more read than the caps, a host path
+    in the error, or a place in the pool lost."""
+    if arena["kind"] != "docker":
+        assert arena["kind"] == "process"  # the process sandbox sends its files: the forged-records test covers it
+        return
+    code, expected = HOSTILE_TREES[attack]
+    as_owner(arena, "mallory")
+
+    @nanogrid.remote(timeout=30)
+    def leave(code):
+        import os
+
+        import nanogrid
+
+        out = str(nanogrid.output_dir())
+        with open(out + "/bait.txt", "w") as f:
+            f.write("bait")
+        exec(code, {"os": os, "out": out})
+        return "left"
+
+    job = leave.spawn(code)
+    if expected is None:
+        assert job.result(timeout=60) == "left"
+        names = {output.name: output for output in job.outputs}
+        assert "bait.txt" in names and not {"passwd", "root", "pipe"} & set(names)
+        assert all(output.read() == b"bait" for name, output in names.items() if name != "bait.txt")
+    elif expected == "any":
+        try:
+            job.result(timeout=60)
+            assert all(output.size <= 8 * MiB for output in job.outputs)
+        except nanogrid.JobFailed as exc:
+            assert_no_host_path(arena, str(exc))
+    else:
+        with pytest.raises(nanogrid.JobFailed, match=expected) as info:
+            job.result(timeout=60)
+        assert_no_host_path(arena, str(info.value))
+    victim_is_served(arena)

@@ -37,6 +37,7 @@ from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
 from nanogrid_backend.sandbox import leftovers, scratch
 from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
+from nanogrid_backend.sandbox.outputs import OutputWriter, read_tree
 from nanogrid_backend.sandbox.protocol import (
     ChannelClosed,
     ChannelTimeout,
@@ -53,6 +54,7 @@ SANDBOX_UID = "65534:65534"
 
 
 COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
+LANGUAGE_ENV_IDS = ("runtime-nodejs", "runtime-go", "runtime-cpp")
 LANGUAGE_IMAGES = ("nanogrid/runtime-node:latest", "nanogrid/runtime-go:latest", "nanogrid/runtime-cpp:latest")
 
 
@@ -158,6 +160,8 @@ class DockerSandbox(Sandbox):
         api = factory.client.api
         # Go and C++ compile the function into the scratch space and run it from there.
         executable = environment is not None and environment.env_id in COMPILED_RUNTIMES
+        # Python's output files are read from its disk by the host; the other languages' bootstraps send theirs.
+        self._host_reads_outputs = environment is None or environment.env_id not in LANGUAGE_ENV_IDS
         space: dict[str, Any]
         if factory.scratch_problem:  # no loop devices here: tmpfs, counted against the memory limit
             options = f"rw,nosuid,nodev,size={disk_mib}m,uid=65534,gid=65534,mode=0700" + (",exec" if executable else "")
@@ -188,6 +192,10 @@ class DockerSandbox(Sandbox):
             nano_cpus=int(factory.cpus * 1e9),
             network_mode="none",
             init=True,  # a tiny init as PID 1, so the bootstrap can be signalled (and can kill itself)
+            # No log driver: stdout is the result channel. The engine's default (json-file) copies every byte of it
+            # into a log file on the host, escaped as JSON: results came out at ~35 MB/s instead of ~220 MB/s, and
+            # the file grew with every result and output file sent.
+            log_config=docker.types.LogConfig(type="none"),
             labels={"nanogrid.sandbox": self.id, "nanogrid.grid": factory.grid_label},
         )
         try:
@@ -236,6 +244,14 @@ class DockerSandbox(Sandbox):
         file_limit = max(self.limits.output_bytes, self.disk_mib << 20)
         self.load_package(function_id, {"op": "load", "max_output_bytes": file_limit, "env": env or {}},
                           package, env, START_TIMEOUT_S)
+
+    def _receive_outputs(self) -> list[str]:
+        """The call's output files, read by the host straight from the sandbox's own disk (through the same checks
+        and caps as files sent over the channel, which is several times slower through the engine's attach stream)."""
+        if self.scratch is None or not self._host_reads_outputs:
+            return super()._receive_outputs()
+        writer = OutputWriter(self.output_dir, self.limits.output_bytes, self.limits.output_files)
+        return read_tree(self.scratch.mountpoint, ("work", "output"), writer)
 
     def _send(self, header: dict, body: bytes = b"") -> None:
         try:

@@ -6,6 +6,12 @@ directory is entered with ``O_NOFOLLOW | O_DIRECTORY`` relative to its parent's 
 (``openat``), files are created with ``O_EXCL | O_NOFOLLOW`` (nothing is ever overwritten or
 reached through a link), and sizes and counts are capped as the bytes arrive. On any breach
 what was written is removed.
+
+Where the sandbox has a disk of its own (``scratch.py``), the host reads the output directory from
+that disk itself instead (``read_tree``): the same writer and checks, every directory and file opened
+relative to its parent with ``O_NOFOLLOW``, only regular files taken (links, fifos and devices are
+skipped, as the bootstrap skips them), and each file's size fixed when it is opened, so a process the
+function left running cannot make the host read more than was counted.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from nanogrid_backend.sandbox.protocol import ProtocolViolation
@@ -82,6 +89,24 @@ class OutputWriter:
         except OSError as exc:
             raise HostWriteFailed(_describe(exc)) from None
 
+    def copy_from(self, source_fd: int) -> None:
+        """The current file's bytes from an open file (kernel to kernel, never through Python's memory)."""
+        if self._fd is None:
+            raise ProtocolViolation("output data without a file")
+        offset = 0
+        while self._left:
+            try:  # sendfile: copy_file_range refuses to cross from the sandbox's filesystem to the host's
+                copied = os.sendfile(self._fd, source_fd, offset, min(self._left, 1 << 30))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    raise HostWriteFailed(_describe(exc)) from None
+                raise ProtocolViolation(f"an output file that could not be read: {self._name[:80]!r}") from None
+            if not copied:
+                break  # shorter than when it was opened: _end_file says so
+            offset += copied
+            self._left -= copied
+            self.total += copied
+
     def finish(self) -> list[str]:
         self._end_file()
         return self.names
@@ -139,3 +164,69 @@ class OutputWriter:
 def _describe(exc: OSError) -> str:
     """An OSError without the host path it may carry."""
     return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+
+
+def read_tree(parent: Path, names: tuple[str, ...], writer: OutputWriter) -> list[str]:
+    """Take the output files under ``parent``/``names`` (a directory on the sandbox's own disk) into ``writer``.
+
+    ``parent`` is the host's own directory; each of ``names`` and everything below is opened without
+    following links, so nothing outside the sandbox's disk is ever read. No output directory: no files.
+    """
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(parent, dir_flags)
+    try:
+        for name in names:
+            try:
+                child = os.open(name, dir_flags, dir_fd=fd)
+            except FileNotFoundError:
+                return writer.finish()
+            except OSError:
+                raise ProtocolViolation("the output directory was replaced by something that is not a directory") \
+                    from None
+            os.close(fd)
+            fd = child
+        _read_dir(fd, [], writer)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read_dir(dir_fd: int, prefix: list[str], writer: OutputWriter) -> None:
+    if len(prefix) >= MAX_DEPTH:
+        raise ProtocolViolation("an output file nested too deep")
+    with os.scandir(dir_fd) as entries:
+        names = []
+        for entry in entries:
+            names.append(entry.name)
+            if len(names) > writer.max_files + 1:
+                raise OutputQuotaExceeded(f"more than {writer.max_files} output files")
+    for name in sorted(names):
+        try:
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if stat.S_ISDIR(info.st_mode):
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError:
+                continue  # replaced by a link meanwhile: not followed
+            try:
+                _read_dir(child, [*prefix, name], writer)
+            finally:
+                os.close(child)
+        elif stat.S_ISREG(info.st_mode):
+            try:
+                source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError:
+                continue  # replaced by a link meanwhile
+            try:
+                opened = os.fstat(source)
+                if not stat.S_ISREG(opened.st_mode):
+                    continue  # replaced by a fifo or a device meanwhile: never read
+                writer.begin("/".join([*prefix, name]), opened.st_size)
+                writer.copy_from(source)
+            finally:
+                os.close(source)

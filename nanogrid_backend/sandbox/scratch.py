@@ -10,10 +10,10 @@ writes sit in its memory cgroup only until they are written back (they are recla
 tmpfs pages), so a file larger than the memory limit can be written.
 
 The container sees two directories of it, bound at ``/sandbox`` (work and output files) and ``/tmp``;
-no host directory or file is ever visible to it. The host never reads what the function wrote there
-(output files come over the channel, ``outputs.py``), and removing it is a lazy unmount, a loop
-detach (deferred by the kernel until the container lets go) and one unlink: never a walk through a
-tree the function built.
+no host directory or file is ever visible to it, and the filesystem's root (the host's) is not. The host
+reads only the output directory, without following links (``outputs.read_tree``), and removing the disk
+is a lazy unmount, a loop detach (deferred by the kernel until the container lets go) and one unlink:
+never a walk through a tree the function built.
 
 Needs root, loop devices, ``mkfs.ext4`` and ``losetup`` next to a local Docker engine. Where they are
 missing (rootless engines, Docker Desktop) ``unavailable()`` says why and the grid falls back to
@@ -85,9 +85,9 @@ class ScratchDisk:
                 os.ftruncate(fd, size_mib << 20)  # sparse: blocks are taken only as the function writes
             finally:
                 os.close(fd)
-            # No journal: nothing on it outlives the sandbox. The root belongs to the sandbox's user.
-            _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-                 "-E", f"nodiscard,root_owner={SANDBOX_UID}:{SANDBOX_UID}", str(self.image))
+            # No journal: nothing on it outlives the sandbox. Its root stays root's; the sandbox gets two directories.
+            _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard,root_owner=0:0",
+                 str(self.image))
             self.device = _run("losetup", "--find", "--show", "--direct-io=on", str(self.image)).strip()
             self.mountpoint.mkdir(mode=0o700)
             flags = MS_NOSUID | MS_NODEV | MS_NOATIME | (0 if executable else MS_NOEXEC)
