@@ -196,10 +196,6 @@ class DockerSandbox(Sandbox):
             # into a log file on the host, escaped as JSON: results came out at ~35 MB/s instead of ~220 MB/s, and
             # the file grew with every result and output file sent.
             log_config=docker.types.LogConfig(type="none"),
-            # No log driver: stdout is the result channel. The engine's default (json-file) copies every byte of it
-            # into a log file on the host, escaped as JSON: results came out at ~35 MB/s instead of ~220 MB/s, and
-            # the file grew with every result and output file sent.
-            log_config=docker.types.LogConfig(type="none"),
             labels={"nanogrid.sandbox": self.id, "nanogrid.grid": factory.grid_label},
         )
         try:
