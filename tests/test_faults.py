@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import httpx
 import pytest
 
 import nanogrid
@@ -30,6 +31,7 @@ from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.sqlite import SQLiteRegistry
 from nanogrid_backend.sandbox import cgroup, scratch
 from nanogrid_backend.sandbox.leftovers import grid_identity
+from nanogrid_backend.worker.agent import BATCH_MAX
 from tests.conftest import require, require_docker, start_grid
 
 pytestmark = pytest.mark.integration
@@ -370,6 +372,49 @@ def test_kill_9_and_restart_leaves_nothing_behind(kind: str, tmp_path: Path) -> 
     assert not [p for p in sandbox_dir.iterdir() if p.name.startswith(("proc-", "ctr-"))]
     assert not cgroup.ours(grid_identity(sandbox_dir) + "-")
     assert not scratch.mounted_under(sandbox_dir)
+
+
+QUICK = b"""def handler(event, context):
+    return event["n"]
+"""
+
+
+def test_kill_9_during_batches_loses_no_acknowledged_call(tmp_path: Path) -> None:
+    """Never, after `kill -9` while workers run batches of short calls and record them together: a call the grid
+    acknowledged missing, left pending or running, answered with another's value, or failed for any reason but
+    the interruption; and never more than one batch per slot failed as interrupted (the rest run after restart)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    grid = GridProcess(data_dir, "process", workers=2)
+    try:
+        headers = {"x-api-key": grid.key}
+        upload = httpx.post(f"{grid.url}/v1/upload", headers=headers, files={"file": ("quick.py", QUICK)},
+                            data={"function_name": "quick", "handler": "quick.handler",
+                                  "runtime": "python%d.%d" % sys.version_info[:2]}).json()
+        function_id = upload["function_id"]
+        assert httpx.post(f"{grid.url}/v1/run", headers=headers,
+                          json={"function_id": function_id, "payload": {"n": -1}}).json()["result"] == -1
+        body = {"function_id": function_id, "payloads": [{"n": n} for n in range(4000)]}
+        with httpx.stream("POST", f"{grid.url}/v1/map", headers=headers, json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            job_ids = json.loads(next(lines))["job_ids"]  # acknowledged: recorded before this line was sent
+            streamed = [json.loads(line) for _, line in zip(range(300), lines, strict=False) if line]
+            grid.kill()  # while the backlog is being taken in batches
+        assert any(view["status"] == "completed" for view in streamed)
+
+        grid = GridProcess(data_dir, "process", workers=2)
+        with httpx.Client(base_url=grid.url, headers=headers, timeout=60) as http:
+            views = [http.get(f"/v1/status/{job_id}", params={"wait": 30}).json() for job_id in job_ids]
+    finally:
+        grid.stop()
+    interrupted = 0
+    for n, view in enumerate(views):
+        if view["status"] == "completed":
+            assert view["result"] == n
+        else:
+            assert view["status"] == "failed" and view["error"]["kind"] == "interrupted", view
+            interrupted += 1
+    assert interrupted <= 2 * BATCH_MAX, f"{interrupted} calls failed as interrupted"
 
 
 def test_doctor_shows_and_cleans_what_a_crashed_grid_left(tmp_path: Path) -> None:

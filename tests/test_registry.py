@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nanogrid_backend.models import COMPLETED, FAILED, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
-from nanogrid_backend.registry import doctor
+from nanogrid_backend.registry import doctor, windows
 from nanogrid_backend.registry.base import RegistryBusy, RegistryError
 from nanogrid_backend.registry.lock import DataDirLock, DataDirLocked
 from nanogrid_backend.registry.sqlite import BACKUPS_KEPT, SCHEMA_VERSION, SQLiteRegistry, list_backups
@@ -268,6 +268,41 @@ def test_a_batch_that_fails_half_way_writes_none_of_its_jobs(registry: SQLiteReg
     assert registry.count_jobs() == {}
     registry.create_jobs([JobRecord("job-4", "fn-1")])
     assert registry.count_jobs() == {PENDING: 1}
+
+
+def test_a_batch_of_outcomes_is_recorded_together_and_each_only_once(registry: SQLiteRegistry,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """A worker's batch: marked running only while still pending (a cancelled call is never run), its outcomes
+    written in one transaction with their metrics counters, a job that already had a final state left as it was,
+    and a batch that fails half way leaving every job as it stood, counters included."""
+    registry.create_jobs([JobRecord(f"job-{i}", "fn-1", owner="alice") for i in range(4)])
+    cancelled = JobRecord("job-2", "fn-1", status="cancelled", finished_at=5.0, owner="alice")
+    assert registry.finish_job(cancelled)
+    assert registry.mark_running_many(["job-0", "job-1", "job-2", "job-3", "job-unknown"], "w-1", 10.0) == \
+        {"job-0", "job-1", "job-3"}
+    assert registry.get_job("job-0").status == RUNNING and registry.get_job("job-0").worker_id == "w-1"
+    assert registry.get_job("job-2").status == "cancelled"
+
+    def outcome(job_id: str, status: str = COMPLETED, ms: float = 2.0) -> JobRecord:
+        return JobRecord(job_id, "fn-1", status=status, started_at=10.0, finished_at=10.5, execution_time_ms=ms,
+                         peak_memory_bytes=20 << 20, result=b"r", result_format="pickle", owner="alice")
+
+    def counters_fail(job: JobRecord) -> list:
+        raise OSError("disk full")  # after the batch's updates, inside its transaction
+
+    with monkeypatch.context() as patch:
+        patch.setattr(windows, "counters_for", counters_fail)
+        with pytest.raises(OSError):
+            registry.finish_jobs([outcome("job-0"), outcome("job-1")])
+    assert registry.get_job("job-0").status == RUNNING  # nothing of the failed batch was written
+    assert registry.function_windows("fn-1", now=11.0)["1h"]["count"] == 1  # the cancelled call only
+    assert registry.finish_jobs([outcome("job-0"), outcome("job-1", FAILED, 8.0), outcome("job-2"),
+                                 outcome("job-3")]) == [True, True, False, True]
+    assert registry.finish_jobs([outcome("job-0")]) == [False]  # recorded once, counted once
+    assert [registry.get_job(f"job-{i}").status for i in range(4)] == [COMPLETED, FAILED, "cancelled", COMPLETED]
+    assert registry.get_job("job-0").payload == b""  # arguments are dropped once the outcome is in
+    hour = registry.function_windows("fn-1", now=11.0)["1h"]
+    assert hour["count"] == 4 and hour["errors"] == 1 and hour["duration_ms"]["max"] == 8.0
 
 
 def test_an_interrupt_inside_a_write_rolls_it_back(registry: SQLiteRegistry):

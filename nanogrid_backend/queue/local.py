@@ -21,9 +21,10 @@ class LocalQueue(JobQueue):
     Fair between owners: each owner has its own FIFO, and owners are served in turn, so one owner's
     backlog of a thousand calls delays another owner's single call by at most one take per slot (a take is
     one call, or a batch of one function's short calls: ``get_batch``).
-    ``limit(owner)`` caps how many of an owner's jobs may be out at once (taken and not yet acked):
-    an owner at its cap is parked out of the turn until one of its jobs is acked, so finding the next
-    owner to serve never walks past owners who cannot be served. Durability comes from the registry:
+    ``limit(owner)`` caps how many of an owner's takes may be out at once (taken and not all acked): a batch runs
+    its calls one after the other in one slot, so it counts as one, like a single call. An owner at its cap is
+    parked out of the turn until one of its takes is done, so finding the next owner to serve never walks past
+    owners who cannot be served. Durability comes from the registry:
     pending jobs are stored there and put back on start.
 
     Memory stays bounded whatever the backlog: once the payloads held reach ``memory_budget_bytes``, further
@@ -41,8 +42,8 @@ class LocalQueue(JobQueue):
         self._on_disk: set[str] = set()  # job ids queued without their payload
         self._waiting: OrderedDict[str, deque[JobMessage]] = OrderedDict()  # owner -> its FIFO; next to serve first
         self._parked: dict[str, deque[JobMessage]] = {}  # owners at their cap -> their FIFO, back in turn at an ack
-        self._out: dict[str, int] = {}  # owner -> jobs taken and not yet acked
-        self._out_owner: dict[str, str] = {}  # job id -> its owner, while it is out
+        self._out: dict[str, int] = {}  # owner -> takes (a call, or a batch) out with workers, not yet acked
+        self._out_owner: dict[str, tuple[str, list[int]]] = {}  # job id -> (owner, calls of its take not yet acked)
         self._count = 0
         self._changed = threading.Condition()
 
@@ -79,11 +80,12 @@ class LocalQueue(JobQueue):
 
     def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None) -> list[JobMessage]:
         """The next owner's next job, and with it up to ``most(first, queued) - 1`` more of that owner's queued calls
-        of the same function right behind it (``queued``: how many the owner has waiting, within its cap); [] after
+        of the same function right behind it (``queued``: how many the owner still has waiting); [] after
         ``timeout`` seconds without one.
 
-        A batch is one take in the owner turn, and never more than the owner's FIFO divided among the worker's
-        slots asks for: the worker sizes ``most`` so both slots keep busy."""
+        A batch is one take: one turn of the owner, one place of its cap (its calls run one after the other in one
+        slot). The worker sizes ``most`` from how long the function's calls take and leaves the other slots their
+        share of the backlog."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while (message := self._next()) is None:
@@ -104,24 +106,22 @@ class LocalQueue(JobQueue):
         return [loaded] if loaded is not None else []
 
     def _more_like(self, first: JobMessage, extra: int) -> list[JobMessage]:
-        """Up to ``extra`` more queued calls of ``first``'s owner and function, from the head of its FIFO, within
-        its cap; payloads kept on disk end the batch (each is read back on its own). Call with the lock held."""
+        """Up to ``extra`` more queued calls of ``first``'s owner and function, from the head of its FIFO, joining
+        ``first``'s take; payloads kept on disk end the batch (each is read back on its own). Call with the lock held."""
         owner = first.owner
         fifo = self._waiting.get(owner) or self._parked.get(owner)
         if extra <= 0 or not fifo:
             return []
-        cap = self._limit(owner)
-        if cap is not None:
-            extra = min(extra, cap - self._out[owner])
         more: list[JobMessage] = []
         while len(more) < extra and fifo and fifo[0].function_id == first.function_id \
                 and fifo[0].job_id not in self._on_disk:
             more.append(fifo.popleft())
         if more:
             self._count -= len(more)
-            self._out[owner] += len(more)
+            take = self._out_owner[first.job_id][1]  # the batch is one take, done when its last call is acked
+            take[0] += len(more)
             for message in more:
-                self._out_owner[message.job_id] = owner
+                self._out_owner[message.job_id] = (owner, take)
             if not fifo:
                 self._waiting.pop(owner, None)
                 self._parked.pop(owner, None)
@@ -162,7 +162,7 @@ class LocalQueue(JobQueue):
                 self._waiting[owner] = fifo  # re-inserted: last in turn
             self._count -= 1
             self._out[owner] = self._out.get(owner, 0) + 1
-            self._out_owner[message.job_id] = owner
+            self._out_owner[message.job_id] = (owner, [1])
             return message
         return None
 
@@ -174,7 +174,7 @@ class LocalQueue(JobQueue):
             return len(self._waiting.get(owner) or self._parked.get(owner) or ())
 
     def running_of(self, owner: str) -> int:
-        """The owner's jobs taken by a worker and not yet acked."""
+        """The owner's takes (single calls or batches) out with workers and not yet all acked."""
         with self._changed:
             return self._out.get(owner, 0)
 
@@ -204,9 +204,13 @@ class LocalQueue(JobQueue):
 
     def _forget_out(self, job_id: str) -> None:
         """The job is no longer out with a worker (call with the lock held)."""
-        owner = self._out_owner.pop(job_id, None)
-        if owner is None:
+        out = self._out_owner.pop(job_id, None)
+        if out is None:
             return
+        owner, take = out
+        take[0] -= 1
+        if take[0]:
+            return  # more calls of its batch are still out
         left = self._out[owner] - 1
         if left:
             self._out[owner] = left
