@@ -9,6 +9,7 @@ import queue
 import random
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ MAP_SILENCE_S = 10.0  # a /map stream sends an empty line every 2 s without news
 LEGACY_PAYLOAD_BYTES = 16 << 20  # what a grid that does not name its limits takes
 BLOB_PIECE_BYTES = 1 << 20  # a blob upload is sent in pieces of this size
 BLOB_MIN_RATE = 20e6  # bytes/s a blob transfer may be as slow as before it counts as the grid not answering
+DIRECT_CONNECT_S = 10.0  # the store behind a presigned upload URL must accept a connection within this
 GIVE_UP_CANCEL_S = 3.0  # a client that gave up spends at most this on cancelling what it started
 
 _default: Client | None = None
@@ -111,9 +113,15 @@ class Client:
         self._runtimes: dict[str, str] | None = None
         self._limits: dict[str, Any] | None = None
         self._known_blobs: set[str] = set()  # blobs this client uploaded or found on the grid
+        # Blobs go straight to the grid's store when it offers a presigned URL (S3); NANOGRID_DIRECT_UPLOADS=0, or
+        # False here, sends them through the controller (clients that cannot reach the store).
+        self.direct_uploads = _direct_uploads_setting()
+        self._direct_http: httpx.Client | None = None  # to presigned URLs: its own connections, never the API key
 
     def close(self) -> None:
         self._http.close()
+        if self._direct_http is not None:
+            self._direct_http.close()
 
     def __repr__(self) -> str:
         return f"<nanogrid.Client {self.url}>"
@@ -155,20 +163,71 @@ class Client:
         return self._limits
 
     def upload_blob(self, data: bytes) -> Ref:
-        """Store ``data`` on the grid under its SHA-256 unless it is there already (HEAD first); its Ref."""
+        """Store ``data`` on the grid under its SHA-256 unless it is there already; its Ref.
+
+        With direct uploads on, the grid is asked first (``POST /v1/blobs/{sha}/upload``): it says whether it has
+        the blob and, where its store is S3, offers a short-lived presigned URL bound to this size and hash. The
+        bytes then go straight to the store and a HEAD through the grid confirms them; any failure of that path
+        sends them through the controller once (``PUT /v1/blobs/{sha}``), as a grid without S3 always has them.
+        """
         ref = Ref(sha256_of(data), len(data))
         if ref.sha256 in self._known_blobs:
             return ref
-        exists = self._http.head(f"/blobs/{ref.sha256}")
-        if exists.status_code == 404:
+        offer = self._upload_offer(ref) if self.direct_uploads else None
+        if offer is None:  # not asked, or a grid that does not offer: does it have the blob already?
+            exists = self._http.head(f"/blobs/{ref.sha256}")
+            if exists.status_code >= 400 and exists.status_code != 404:
+                raise _api_error(exists)
+            stored = exists.status_code != 404
+        else:
+            stored = bool(offer.get("stored")) or (bool(offer.get("url")) and self._upload_direct(ref, data, offer))
+        if not stored:
             # In pieces: httpcore sends one large bytes object with a copy per socket write (quadratic).
             self.request("PUT", f"/blobs/{ref.sha256}", content=_Pieces(data),
                          timeout=self._timeout(len(data) / BLOB_MIN_RATE),
                          headers={"content-type": "application/octet-stream", "content-length": str(len(data))})
-        elif exists.status_code >= 400:
-            raise _api_error(exists)
         self._known_blobs.add(ref.sha256)
         return ref
+
+    def _upload_offer(self, ref: Ref) -> dict[str, Any] | None:
+        """Where the grid wants this blob: ``{"stored": true}``, ``{"url": ..., "headers": ...}`` or ``{"url": null}``
+        (through the controller); None when it cannot say (a grid older than the route: this client stops asking)."""
+        try:
+            return self.request("POST", f"/blobs/{ref.sha256}/upload", params={"size": ref.size}).json()
+        except APIError as exc:
+            if exc.status in (404, 405):
+                self.direct_uploads = False
+            elif exc.status < 500:
+                raise  # the key, the size over the grid's limit: sending the bytes another way would fail the same
+            return None
+
+    def _upload_direct(self, ref: Ref, data: bytes, offer: dict[str, Any]) -> bool:
+        """PUT the bytes to a presigned URL in pieces, then ask the grid whether it holds them whole. False on any
+        failure (the caller sends them through the controller); a store this client cannot connect to turns direct
+        uploads off for it, with a warning, so that later blobs do not wait for it again."""
+        if self._direct_http is None:
+            self._direct_http = httpx.Client(limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
+        headers = {**offer.get("headers", {}), "content-length": str(ref.size)}
+        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, DIRECT_CONNECT_S),
+                                read=self.timeout + ref.size / BLOB_MIN_RATE)
+        try:
+            response = self._direct_http.put(offer["url"], content=_Pieces(data), headers=headers, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if self.direct_uploads:
+                self.direct_uploads = False
+                warnings.warn(f"cannot reach the grid's store for direct blob uploads ({exc}); this client sends "
+                              "them through the grid's controller from now on (NANOGRID_DIRECT_UPLOADS=0 says so "
+                              "from the start)", RuntimeWarning, stacklevel=4)
+            return False
+        except httpx.HTTPError:  # cut off mid-way: the store keeps no partial object
+            return False
+        if response.status_code >= 300:  # e.g. 403 (the URL expired), 400 BadDigest (S3 hashed other bytes)
+            return False
+        try:
+            confirm = self._http.head(f"/blobs/{ref.sha256}")
+        except httpx.HTTPError:
+            return False
+        return confirm.status_code == 200 and confirm.headers.get("content-length") == str(ref.size)
 
     def download_blob(self, sha256: str, size: int) -> bytearray:
         """A blob's bytes, streamed into one buffer of its size and checked against its hash.
@@ -368,6 +427,16 @@ class _Pieces:
         view = memoryview(self.data)
         for start in range(0, len(view), BLOB_PIECE_BYTES):
             yield bytes(view[start:start + BLOB_PIECE_BYTES])
+
+
+def _direct_uploads_setting() -> bool:
+    """``NANOGRID_DIRECT_UPLOADS`` (default on): 0, false, no or off send blobs through the controller."""
+    text = os.environ.get("NANOGRID_DIRECT_UPLOADS", "").strip().lower()
+    if text in ("", "1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"NANOGRID_DIRECT_UPLOADS is on or off (1 or 0), not {text!r}")
 
 
 def _timeout_setting(timeout: float | None) -> float:

@@ -55,6 +55,7 @@ class GridConfig:
     capture_limit_bytes: int = 1 * MiB  # stdout / stderr kept per call
     max_result_bytes: int = 2048 * MiB  # one call's pickled result (or exception); more fails the call
     blob_threshold_bytes: int = 1 * MiB  # arguments and results above this travel as content-addressed blobs
+    direct_uploads: bool = True  # on S3, clients upload blobs to presigned URLs (off: through the controller)
     max_output_files: int = 10_000  # output files of one call
     ai_tokens_per_hour: int = 0  # AI node tokens one owner may use per hour on one worker (0: no limit)
     map_chunk_limit: int = 10_000  # items in one /map request

@@ -1,9 +1,15 @@
 """``/v1/blobs/{sha256}``: upload (PUT, streamed), exists (HEAD) and download (GET, streamed) of owner-scoped blobs;
-``/v1/jobs/{job_id}/ref``: a finished job's result as a blob, to pass on to other calls (``job.ref()``).
+``/v1/blobs/{sha256}/upload``: where to upload one (on S3 a presigned URL straight to the store, so large values do
+not pass through the controller); ``/v1/jobs/{job_id}/ref``: a finished job's result as a blob, to pass on to other
+calls (``job.ref()``).
 
 An upload is written to a temporary file while it is hashed; it becomes a blob only when its hash
 is its name and it ended whole. A client that disconnects mid-upload, or sends more than the grid's
 max_payload_bytes, leaves nothing (nanogrid_backend/blobs.py).
+
+A presigned URL is for exactly the caller's own key of that hash, that size and (where the store checks it) those
+bytes; real S3 refuses any other body at upload. Whatever reaches the store, a worker hashes every blob it fetches
+and refuses one whose bytes are not its name, so a wrong direct upload never reaches a function.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ from __future__ import annotations
 import errno
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
@@ -27,6 +33,15 @@ class BlobRef(BaseModel):
 
     sha256: str
     size: int
+
+
+class UploadOffer(BaseModel):
+    """Where to send a blob: nowhere (``stored``), a presigned URL, or (``url`` null) ``PUT /v1/blobs/{sha256}``."""
+
+    stored: bool = False  # this owner has it already (whole: of the declared size); nothing to send
+    url: str | None = None  # PUT the bytes here, with ``headers``, within ``expires_in`` seconds
+    headers: dict[str, str] = {}
+    expires_in: int | None = None
 
 
 def _space(request: Request) -> Blobs:
@@ -52,6 +67,27 @@ def routes(authorize: Callable[..., Any]) -> APIRouter:
             return Response(status_code=404)
         return Response(headers={"content-length": str(size)})
 
+    @router.post("/blobs/{sha256}/upload", response_model=UploadOffer,
+                 responses={413: {"description": "over the grid's max_payload_bytes"}})
+    def upload_offer(sha256: str, request: Request, size: Annotated[int, Query(ge=0)],
+                     caller: ApiKey = Depends(authorize)) -> dict:
+        """Where to upload this blob of ``size`` bytes: on S3 (unless ``direct_uploads`` is off) a short-lived
+        presigned PUT of exactly the caller's key, that size and that SHA-256; else through this controller.
+
+        The size is a query parameter (no body): blob routes skip the body cap, since PUT streams its own."""
+        blobs, config = _space(request), request.app.state.config
+        key = key_for(caller.name, _checked(sha256, caller))  # the caller's own scope, whatever hash they name
+        if size > config.max_payload_bytes:
+            raise HTTPException(413, f"a blob of {size} bytes, over the grid's {config.max_payload_bytes}-byte "
+                                     "limit per value")
+        if blobs.size(caller.name, sha256) == size:
+            return {"stored": True}  # content-addressed; another size would be a damaged copy, replaced by the upload
+        presign = getattr(blobs.store, "blob_upload_url", None)  # stores that take uploads directly (S3Store)
+        if not config.direct_uploads or presign is None:
+            return {"url": None}
+        url, headers, expires_in = presign(key, size, sha256)
+        return {"url": url, "headers": headers, "expires_in": expires_in}
+
     @router.put("/blobs/{sha256}", status_code=201, responses={200: {"description": "already stored"},
                                                         400: {"description": "the body does not hash to its name"},
                                                         413: {"description": "over the grid's max_payload_bytes"},
@@ -62,8 +98,9 @@ def routes(authorize: Callable[..., Any]) -> APIRouter:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"a blob of {int(declared)} bytes, over the grid's {limit}-byte limit per value")
-        if blobs.size(caller.name, sha256) is not None:
-            return Response(status_code=200)  # content-addressed: the same bytes are stored already
+        stored = blobs.size(caller.name, sha256)
+        if stored is not None and (declared is None or not declared.isdigit() or stored == int(declared)):
+            return Response(status_code=200)  # content-addressed: the same bytes are stored already (else: damaged)
         path, digest, size = blobs.temp_file(), hashlib.sha256(), 0
         try:
             with path.open("xb") as f:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from nanogrid_backend.store.base import BlobSpace, BlobStore, Expired, QuotaExceeded
 
 URL_EXPIRY_S = 3600
+UPLOAD_URL_EXPIRY_S = 300  # a blob upload URL is used at once; S3 checks it when the upload starts, not when it ends
 SPACE_CACHE_S = 60.0  # blob space is a listing of the prefix: asked again at most this often
 
 
@@ -34,6 +38,9 @@ class S3Store(BlobStore):
         self._owner_of = owner_of or (lambda job_id: "")
         self._spaces: dict[str, tuple[float, BlobSpace]] = {}  # prefix -> (when listed, what it held)
         self._spaces_lock = threading.Lock()
+        self._signer: Any = None  # a client that signs upload URLs with SigV4 (made on first use)
+        self._signer_lock = threading.Lock()  # boto3's default session does not make clients safely on many threads
+        self._uploading: dict[str, float] = {}  # key -> when an upload URL was given out for it (not yet seen)
 
     def put_package(self, function_id: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.code_bucket, Key=f"functions/{function_id}/code.zip", Body=data)
@@ -70,13 +77,41 @@ class S3Store(BlobStore):
 
     def blob_size(self, key: str, touch: bool = False) -> int | None:
         try:
-            return int(self.s3.head_object(Bucket=self.data_bucket, Key=key)["ContentLength"])
+            size = int(self.s3.head_object(Bucket=self.data_bucket, Key=key)["ContentLength"])
         except ClientError:
             return None
+        if key in self._uploading:  # uploaded to a URL given out here, and confirmed by this HEAD: counted from now
+            with self._spaces_lock:
+                self._uploading.pop(key, None)
+            self._changed(key)
+        return size
 
     def delete_blob(self, key: str) -> None:
         self.s3.delete_object(Bucket=self.data_bucket, Key=key)
         self._changed(key)
+
+    def blob_upload_url(self, key: str, size: int, sha256: str,
+                        expires_in: int = UPLOAD_URL_EXPIRY_S) -> tuple[str, dict[str, str], int]:
+        """A presigned PUT of exactly ``size`` bytes whose SHA-256 is ``sha256`` to ``key``, the headers the upload
+        must carry (they are signed: S3 refuses the request without them or with other values), and its lifetime.
+
+        SigV4 signs ``content-length`` and ``x-amz-checksum-sha256`` (the older SigV2 signs neither), so real
+        S3 refuses a body of another length or other bytes (BadDigest) at upload. Emulators may not check
+        (moto does not); the workers hash every blob they fetch anyway (nanogrid_backend/blobs.py).
+        """
+        with self._signer_lock:
+            if self._signer is None:
+                self._signer = boto3.client("s3", config=Config(signature_version="s3v4"))
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        url = self._signer.generate_presigned_url(
+            "put_object", ExpiresIn=expires_in, HttpMethod="PUT",
+            Params={"Bucket": self.data_bucket, "Key": key, "ContentLength": size, "ChecksumSHA256": checksum})
+        with self._spaces_lock:  # so that the confirming HEAD updates the blob space (it bypasses _changed otherwise)
+            now = time.monotonic()
+            for stale in [k for k, t in self._uploading.items() if t < now - expires_in - 60]:
+                del self._uploading[stale]
+            self._uploading[key] = now
+        return url, {"content-length": str(size), "x-amz-checksum-sha256": checksum}, expires_in
 
     def _changed(self, key: str) -> None:
         """A blob written or deleted here: the spaces that count it are listed again when next asked (another
