@@ -101,8 +101,10 @@ def step(name: str, grid_pid: int, size: int, fn: Callable[[], object]) -> dict:
 
 def attach_throughput(mib: int, image: str = "nanogrid/runtime-python:3.11") -> dict:
     """MB/s through ``docker attach`` with nothing else in the way: out of a container (its stdout, in 4 MiB
-    frames, as results travel) and into one (its stdin, as arguments travel)."""
+    frames, as results travel) and into one (its stdin, as arguments travel); out also with the engine's default
+    json-file log driver, which sandboxes do without (it copies all of stdout into a log file)."""
     import docker
+    import docker.types
 
     client = docker.from_env()
     size = mib * MiB
@@ -112,16 +114,18 @@ def attach_throughput(mib: int, image: str = "nanogrid/runtime-python:3.11") -> 
     reader = (f"import os\nleft = {size}\nwhile left:\n    left -= len(os.read(0, 1 << 20))\n"
               "os.write(1, b'done')\n")
     figures = {}
-    for name, code in (("out_mb_s", writer), ("in_mb_s", reader)):
+    for name, code, logs in (("out_mb_s", writer, "none"), ("in_mb_s", reader, "none"),
+                             ("out_json_file_log_mb_s", writer, "json-file")):
         container = client.containers.create(image, ["python3", "-c", code], entrypoint=[], stdin_open=True,
-                                             user="65534:65534", network_mode="none")
+                                             user="65534:65534", network_mode="none",
+                                             log_config=docker.types.LogConfig(type=logs))
         try:
             sock = client.api.attach_socket(container.id, params={"stdin": 1, "stdout": 1, "stream": 1})
             raw = getattr(sock, "_sock", sock)
             container.start()
             time.sleep(0.5)
             started = time.perf_counter()
-            if name == "out_mb_s":
+            if name.startswith("out"):
                 raw.sendall(b"x")
                 while raw.recv(4 << 20):
                     pass
@@ -178,13 +182,25 @@ def main() -> None:
         size_of.remote(b"warm")
         make.remote(1)
         size = args.mib * MiB
+        client = nanogrid.get_client()
+        uploads: list[float] = []  # the client's upload of the argument's blob (hash, HEAD, PUT) within each run
+        upload = client.upload_blob
+
+        def timed_upload(data: bytes) -> nanogrid.Ref:
+            started = time.perf_counter()
+            try:
+                return upload(data)
+            finally:
+                uploads.append(round(time.perf_counter() - started, 3))
+
+        client.upload_blob = timed_upload  # type: ignore[method-assign]
         runs = []
         for _ in range(args.repeat):
             payload = os.urandom(size)  # random: nothing compresses or dedups it, and never sent before
             runs.append(step("argument", proc.pid, size, functools.partial(size_of.remote, payload)))
             payload = b""
-        report["argument"] = median_of(runs)
-        client = nanogrid.get_client()
+        client.upload_blob = upload  # type: ignore[method-assign]
+        report["argument"] = {**median_of(runs), "legs": {"upload_s": uploads}}
         legs: dict[str, list[float]] = {"grid_s": [], "download_s": [], "unpickle_s": []}
         downloaded = [0.0]  # when the last download ended: the unpickling starts there
         download = client.download_blob
@@ -215,9 +231,6 @@ def main() -> None:
         many = step("shared_many_calls", proc.pid, len(shared), lambda: list(size_of.map([shared] * args.calls)))
         report["shared"] = {"calls": args.calls, "mib": args.shared_mib, "one_call": one, "all_calls": many,
                             "ratio": round(many["seconds"] / one["seconds"], 2)}
-        workers = client.system_status().get("workers") or []
-        report["shared"]["blob_bytes_sent"] = sum(w.get("blob_bytes_sent", 0) for w in workers)  # all steps
-        report["shared"]["blobs_kept"] = sum(w.get("blobs_kept", 0) for w in workers)
         if args.legs and args.sandbox == "docker":
             report["attach"] = attach_throughput(args.mib)
         report["load_average_after"] = os.getloadavg()

@@ -18,6 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,6 +90,21 @@ class CallResult:
     blobs_kept: int = 0  # ... and how many of the call's blobs it still kept from earlier calls (not sent again)
 
 
+@dataclass
+class CallBlobs:
+    """The blobs a call's args pickle references, in its order: their SHA-256s and sizes, and ``files(indices)``,
+    a context manager giving local files of those blobs only. The files of blobs the sandbox still keeps are never
+    asked for: not fetched from a remote store, not read, not hashed again."""
+
+    ids: list[str]
+    sizes: list[int]
+    files: Callable[[list[int]], AbstractContextManager[list[Path]]]
+
+    @classmethod
+    def of_files(cls, paths: list[Path], ids: list[str]) -> CallBlobs:
+        return cls(ids, [path.stat().st_size for path in paths], lambda indices: nullcontext([paths[n] for n in indices]))
+
+
 class _Spool:
     """Writes and hashes a streamed result's pieces on a thread of its own (both release the GIL), so the host's
     work on one piece overlaps the channel's delivery of the next; ``SPOOL_BUFFERS`` pieces in memory at most."""
@@ -156,7 +172,7 @@ class Sandbox(ABC):
 
     def call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None = None,
              ai: AISession | None = None, on_output: OutputListener | None = None,
-             blobs: list[Path] | None = None, blob_ids: list[str] | None = None) -> CallResult:
+             blobs: list[Path] | CallBlobs | None = None, blob_ids: list[str] | None = None) -> CallResult:
         """Run one call and receive its output files; raises SandboxError when the sandbox failed (it is then dead).
 
         ``on_output(stream, data)`` receives what the call prints while it runs (``stdout``/``stderr``,
@@ -165,10 +181,13 @@ class Sandbox(ABC):
         frame in ``blob`` frames; the call header lists their sizes. A result the bootstrap streams back
         (``result_size`` in its reply, then ``result_data`` frames) is spooled to ``CallResult.result_file``.
         ``blob_ids``: the blobs' SHA-256s; with them a bootstrap that keeps blobs (``blob_cache``) is sent only
-        those it says it lacks (``_needed``).
+        those it says it lacks (``_needed``). ``CallBlobs`` instead of files: the same, and only the files of the
+        blobs the sandbox lacks are fetched and read at all.
         """
-        return self._guarded(lambda: self._call(job_id, payload, timeout_s, model, ai, on_output, blobs or [],
-                                                        blob_ids or []))
+        if not isinstance(blobs, CallBlobs):
+            blobs = CallBlobs.of_files(blobs or [], blob_ids or [])
+        call_blobs = blobs
+        return self._guarded(lambda: self._call(job_id, payload, timeout_s, model, ai, on_output, call_blobs))
 
     def call_many(self, calls: list[tuple[str, bytes, float]], model: str | None = None,
                   on_reply: Callable[[int], None] | None = None) -> tuple[list[CallResult], SandboxError | None]:
@@ -231,16 +250,15 @@ class Sandbox(ABC):
             raise
 
     def _call(self, job_id: str, payload: bytes, timeout_s: float, model: str | None,
-              ai: AISession | None, on_output: OutputListener | None, blobs: list[Path],
-              blob_ids: list[str]) -> CallResult:
+              ai: AISession | None, on_output: OutputListener | None, blobs: CallBlobs) -> CallResult:
         baseline = None
         if self.cgroup:
             self.cgroup.reset_peak()
             baseline = self.cgroup.usage()
         header = {"op": "call", "job_id": job_id, "timeout": timeout_s, "measure_rss": self.cgroup is None,
                   "model": model, "live": on_output is not None}
-        sizes = [path.stat().st_size for path in blobs]
-        ask = bool(blobs) and self.blob_cache and len(blob_ids) == len(blobs)
+        blob_ids, sizes = blobs.ids, blobs.sizes
+        ask = bool(sizes) and self.blob_cache and len(blob_ids) == len(sizes)
         if sizes:
             header["blobs"] = sizes
         if ask:
@@ -248,11 +266,13 @@ class Sandbox(ABC):
         started = time.monotonic()
         try:
             self._send(header, payload)
-            need = self._needed(blob_ids, sizes, started + timeout_s) if ask else list(range(len(blobs)))
-            for n in need:  # in pieces: the grid never holds a whole blob in memory
-                with blobs[n].open("rb") as f:
-                    while chunk := f.read(BLOB_CHUNK_BYTES):
-                        self._send({"op": "blob"}, chunk)
+            need = self._needed(blob_ids, sizes, started + timeout_s) if ask else list(range(len(sizes)))
+            if need:
+                with blobs.files(need) as files:  # BlobError here: the sandbox is discarded, mid-call
+                    for path in files:  # in pieces: the grid never holds a whole blob in memory
+                        with path.open("rb") as f:
+                            while chunk := f.read(BLOB_CHUNK_BYTES):
+                                self._send({"op": "blob"}, chunk)
         except SandboxError as exc:
             if exc.kind != "crash":
                 raise
@@ -263,7 +283,7 @@ class Sandbox(ABC):
             self._note_sent(blob_ids, sizes)
         result = self._answer(job_id, timeout_s, started, ai, on_output, baseline)
         result.blob_bytes_sent = sum(sizes[n] for n in need)
-        result.blobs_kept = len(blobs) - len(need)
+        result.blobs_kept = len(sizes) - len(need)
         return result
 
     def _needed(self, blob_ids: list[str], sizes: list[int], deadline: float) -> list[int]:

@@ -12,7 +12,8 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nanogrid_backend.blobs import (
@@ -20,6 +21,7 @@ from nanogrid_backend.blobs import (
     RESULT_FORMAT,
     BlobError,
     Blobs,
+    key_for,
     result_reference,
     split_payload,
     spool_dir_for,
@@ -33,7 +35,7 @@ from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.base import Registry
 from nanogrid_backend.results.base import ResultBus
 from nanogrid_backend.retries import Retrier
-from nanogrid_backend.sandbox.base import CallResult, Sandbox, SandboxError
+from nanogrid_backend.sandbox.base import CallBlobs, CallResult, Sandbox, SandboxError
 from nanogrid_backend.secretbox import SecretBox, SecretError
 from nanogrid_backend.store.base import BlobStore
 from nanogrid_backend.worker.ai_gateway import CHANNEL, AIGateway
@@ -458,14 +460,13 @@ class Worker:
             if message.payload_format == BLOB_FORMAT:  # arguments stored as blobs: streamed to the sandbox
                 refs, payload = split_payload(payload)
             try:
-                with self._blobs.local_files(message.owner, refs) as blob_files:
+                with self._call_blobs(message.owner, refs) as blobs:
                     outcome = sandbox.call(job.job_id, payload, message.timeout_s, message.model, ai=ai,
-                                           on_output=self._live_output(job.job_id), blobs=blob_files,
-                                           blob_ids=refs)
+                                           on_output=self._live_output(job.job_id), blobs=blobs)
                 self.stats["blob_bytes_sent"] += outcome.blob_bytes_sent
                 self.stats["blobs_kept"] += outcome.blobs_kept  # not sent again: the sandbox still had them
             except BlobError as exc:
-                reusable = True  # nothing reached the sandbox
+                reusable = True  # the function did not run; a sandbox the call had reached was closed (dropped)
                 raise SandboxError("blob", exc.message) from None
             except SandboxError:
                 if job.job_id in self._cancelled:
@@ -486,6 +487,24 @@ class Worker:
                 self.pool.release(sandbox)  # drops it if it died meanwhile
             else:
                 self.pool.discard(sandbox)  # whatever was raised: never a leaked pool place
+
+    @contextmanager
+    def _call_blobs(self, owner: str, refs: list[str]) -> Iterator[CallBlobs]:
+        """A call's blobs. In a local store each is checked against its hash before the call (remembered while the
+        file is unchanged), so a damaged one is found, and deleted, at once. From a remote store only those the
+        sandbox lacks are fetched (and checked) once it has said which: one it keeps costs a HEAD, not a download."""
+        if not refs or self.store.blob_path(key_for(owner, refs[0])) is not None:
+            with self._blobs.local_files(owner, refs) as files:
+                yield CallBlobs.of_files(files, refs)
+            return
+        sizes = []
+        for sha in refs:
+            size = self.store.blob_size(key_for(owner, sha))
+            if size is None:
+                raise BlobError(f"blob {sha[:12]}… was deleted after the grid's retention; run the call again "
+                                "(the client uploads it again)", 404)
+            sizes.append(size)
+        yield CallBlobs(refs, sizes, lambda needed: self._blobs.local_files(owner, [refs[n] for n in needed]))
 
     def _live_output(self, job_id: str) -> Callable[[str, bytes], None]:
         """Where a running call's output goes as it is printed: the bus, for whoever follows the job."""

@@ -190,15 +190,16 @@ class BlobCache:
         # Room first, before the new blobs arrive: the least recently used go, never one this call uses.
         self.shrink(limit - sum(sizes[n] for n in need), keep=set(ids))
         write_frame(reply_fd, {"op": "need", "blobs": need})
-        received = read_blobs(fd, [sizes[n] for n in need])
-        arrived = {n: received[i] for i, n in enumerate(need)}
+        arrived = dict(zip(need, read_blobs(fd, [sizes[n] for n in need])))  # noqa: B905 (Python 3.8+)
         blobs = []
         for n, sha in enumerate(ids):
             kept = self.kept.pop(sha, None)
             self.total -= len(kept) if kept is not None else 0
-            blob = arrived[n] if n in arrived else kept  # None: claimed but not kept; ArgsUnpickler says so
+            blob = arrived.pop(n, kept)  # None: claimed but not kept; ArgsUnpickler says so
             if blob is not None and len(blob) <= limit:
-                self.kept[sha] = blob  # the most recently used now
+                # Kept as bytes: immutable, and unpickled without a copy of the whole blob first (io.BytesIO
+                # copies a bytearray, not bytes): each later call costs one copy, its own objects.
+                blob = self.kept[sha] = blob if isinstance(blob, bytes) else bytes(blob)  # the most recently used now
                 self.total += len(blob)
             blobs.append(blob)
         self.shrink(limit)
