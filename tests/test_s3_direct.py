@@ -40,11 +40,10 @@ OFFER_ROUTE = ("POST", "/v1/blobs/{sha256}/upload")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Two controllers and one worker on SQS, S3, DynamoDB and Redis, all on loopback; owners tester and other."""
+    """Two controllers and one worker on SQS, S3, DynamoDB and Redis, all on loopback; the owner tester."""
     require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
     running = Cluster(tmp_path_factory.mktemp("s3-direct"), workers=1, slots=1)
     try:
-        running.other_key = running.cli("keys", "create", "other").strip()  # type: ignore[attr-defined]
         client = nanogrid.Client(running.url, api_key=running.key)
         deadline = time.monotonic() + 60
         while not client.system_status()["workers"] and time.monotonic() < deadline:
@@ -52,6 +51,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def other_key(cluster: Cluster) -> str:
+    """The key of a second owner, other."""
+    return cluster.cli("keys", "create", "other").strip()
 
 
 @pytest.fixture(autouse=True)
@@ -152,12 +157,12 @@ def test_wrong_bytes_sent_to_an_upload_url_never_reach_the_function(cluster):
     assert lengths.remote([nanogrid.Ref(sha, len(good))]) == [2 * MiB]
 
 
-def test_another_owner_gets_urls_for_its_own_scope_only(cluster):
+def test_another_owner_gets_urls_for_its_own_scope_only(cluster, other_key):
     s3, bucket = s3_of(cluster), cluster.env["S3_USER_DATA_BUCKET"]
     nanogrid.connect(cluster.url, api_key=cluster.key)
     value = os.urandom(2 * MiB)
     ref = nanogrid.put(value)
-    theirs = offer(cluster.url, cluster.other_key, ref.sha256, ref.size).json()
+    theirs = offer(cluster.url, other_key, ref.sha256, ref.size).json()
     assert theirs["stored"] is False  # tester's blob does not exist for them...
     assert urlsplit(theirs["url"]).path.endswith("/" + key_for("other", ref.sha256))  # ...and their URL is theirs
     assert key_for("tester", ref.sha256) not in theirs["url"]
