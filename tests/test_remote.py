@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,3 +310,93 @@ def test_an_exception_with_a_huge_message_is_still_the_functions_own(client):
         assert isinstance(exc, ValueError) or exc.type_name == "ValueError"
     else:
         raise AssertionError("the function's ValueError did not come back")
+
+
+# --- batches of short calls: one frame exchange with a sandbox, one registry transaction ---------------------
+
+@pytest.fixture(params=["process", "docker"])
+def batching(request: pytest.FixtureRequest) -> tuple[nanogrid.Client, dict]:
+    """A client of each kind of grid, and its worker's counters (how many calls ran in batches)."""
+    embedded = request.getfixturevalue("grid" if request.param == "process" else "docker_grid")
+    return nanogrid.connect(embedded.url, api_key=embedded.api_key), embedded.grid.worker.stats
+
+
+def views_of(client: nanogrid.Client, function_name: str, count: int) -> list[dict]:
+    """The newest ``count`` finished jobs of a function (its job list), with their unpickled results."""
+    views = [v for v in client.jobs(limit=1000) if v["function_name"] == function_name][:count]
+    assert len(views) == count
+    for view in views:
+        view["value"] = pickle.loads(base64.b64decode(view["result_pickle"])) if view["result_pickle"] else None
+    return views
+
+
+def test_short_calls_run_in_batches_and_each_keeps_its_own_outcome(batching):
+    """Never: a batched call reported with another call's value, error, output or files, or a batch that loses one."""
+    client, stats = batching
+
+    @nanogrid.remote(timeout=30)
+    def mixed(x):
+        print("item", x)
+        if x % 7 == 3:
+            raise ValueError(f"bad {x}")
+        if x % 25 == 0:  # output files end a batch: the calls after it run on, and no file lands on another call
+            (nanogrid.output_dir() / f"n{x}.txt").write_text(str(x))
+        return x
+
+    assert mixed.remote(1) == 1  # timed once: its calls are short, so its backlog is taken in batches
+    batched = stats["batched_calls"]
+    results = list(mixed.map(range(300), return_exceptions=True, progress=False))
+    for x, result in enumerate(results):
+        if x % 7 == 3:
+            assert isinstance(result, ValueError) and str(result) == f"bad {x}"
+        else:
+            assert result == x
+    assert stats["batched_calls"] - batched >= 100, "the backlog was not taken in batches"
+    for view in views_of(client, "mixed", 300):
+        x = int(view["stdout"].split()[1])
+        assert view["stdout"] == f"item {x}\n" and view["stderr"] == ""
+        assert view["status"] == ("failed" if x % 7 == 3 else "completed")
+        assert [f["name"] for f in view["output_files"]] == ([f"n{x}.txt"] if x % 25 == 0 and x % 7 != 3 else [])
+        if view["status"] == "completed":
+            assert view["value"] == x
+        else:
+            assert view["error"]["type"] == "ValueError" and f"bad {x}" in view["error"]["message"]
+        assert view["execution_time_ms"] is not None and view["peak_memory_bytes"]
+        assert view["started_at"] <= view["finished_at"]
+    assert mixed.windows()["1h"]["count"] == 301  # every call counted once in the metrics windows
+
+
+def test_a_call_that_hangs_in_a_batch_times_out_alone(batching):
+    """Never: the calls batched with a hanging one failed with it, or its timeout charged to its neighbour."""
+    client, _ = batching
+
+    @nanogrid.remote(timeout=2)
+    def mostly_quick(x):
+        if x == 60:
+            while True:
+                pass
+        return x
+
+    assert mostly_quick.remote(0) == 0
+    results = list(mostly_quick.map(range(120), return_exceptions=True, progress=False))
+    assert isinstance(results[60], nanogrid.FunctionTimeout), results[60]
+    assert [r for x, r in enumerate(results) if x != 60] == [x for x in range(120) if x != 60]
+    assert square.remote(4) == 16
+
+
+def test_a_batched_call_keeps_its_retry_policy(batching):
+    """A call that fails inside a batch is tried again, alone, as often as its policy says, every try kept."""
+    client, _ = batching
+
+    @nanogrid.remote(retries=2, retry_on=[LookupError], backoff=0.05)
+    def picky(x):
+        if x == 5:
+            raise KeyError(f"no {x}")
+        return x
+
+    assert picky.remote(0) == 0
+    results = list(picky.map(range(40), return_exceptions=True, progress=False))
+    assert isinstance(results[5], KeyError)
+    assert [r for x, r in enumerate(results) if x != 5] == [x for x in range(40) if x != 5]
+    tries = [c for c in picky.history(limit=100) if c["status"] == "failed"]
+    assert sorted(c["attempt"] for c in tries) == [1, 2, 3]

@@ -37,6 +37,10 @@ def handler(event, context):
     return event.get("tag")
 '''
 
+QUICK = b'''def handler(event, context):
+    return event["tag"]
+'''
+
 WRITER = b'''import os
 
 
@@ -98,6 +102,48 @@ def test_cancelled_calls_leave_the_queue_at_once_and_the_turns_stay_fair():
     assert queue.get(timeout=0.05) is None and queue.depth() == 0
     queue.put([message("alice", 9)])
     assert queue.get(timeout=0).job_id == "job-alice-9"
+
+
+def test_a_batch_is_one_turn_and_one_place_of_the_cap():
+    """Must never happen: a batch of one owner's calls taking more than its turn, holding more than one place of
+    its cap, mixing in another function's or owner's calls, or freeing its place before its last call is done."""
+    queue = LocalQueue(limit=lambda owner: 1 if owner == "alice" else None)
+    queue.put([message("alice", n) for n in range(8)])
+    queue.put([JobMessage("job-alice-other", "fn-y", "json", b"null", 10.0, 128, owner="alice")])
+    queue.put([message("alice", 99), message("bob", 0)])
+    asked = []
+
+    def most(first: JobMessage, queued: int) -> int:
+        asked.append((first.job_id, queued))
+        return 5
+
+    batch = queue.get_batch(0, most)
+    assert [m.job_id for m in batch] == [f"job-alice-{n}" for n in range(5)]
+    assert asked == [("job-alice-0", 9)]  # what she still has queued behind the first
+    assert queue.depth_of("alice") == 5 and queue.running_of("alice") == 1  # five calls, one place of her cap
+    assert [m.job_id for m in queue.get_batch(0, most)] == ["job-bob-0"]  # alice is at her cap: bob's turn
+    assert queue.get_batch(0.05, most) == []
+    for taken in batch[:4]:
+        queue.ack(taken)
+    assert queue.get_batch(0.05, most) == []  # one call of her batch is still out
+    queue.ack(batch[4])
+    assert [m.job_id for m in queue.get_batch(0, most)] == ["job-alice-5", "job-alice-6", "job-alice-7"]
+    assert queue.get_batch(0.05, most) == []  # at her cap again; her other function's call waits its turn
+
+
+def test_a_batch_ends_at_another_function_and_at_payloads_kept_on_disk():
+    """A batch holds only calls of its first call's function, in queue order; arguments kept on disk are read back
+    one call at a time, never several at once."""
+    queue = LocalQueue(load_payload=lambda job_id: b"null", memory_budget_bytes=len(b"null") * 4)
+    queue.put([message("alice", 0), message("alice", 1),
+               JobMessage("job-alice-y", "fn-y", "json", b"null", 10.0, 128, owner="alice"),
+               message("alice", 2), message("alice", 3), message("alice", 4), message("alice", 5)])
+    take = lambda: [m.job_id for m in queue.get_batch(0, lambda first, queued: 10)]  # noqa: E731
+    assert take() == ["job-alice-0", "job-alice-1"]
+    assert take() == ["job-alice-y"]
+    assert take() == ["job-alice-2"]  # 3, 4 and 5 are over the memory budget: kept on disk
+    assert take() == ["job-alice-3"] and take() == ["job-alice-4"]
+    assert queue.depth() == 1 and queue.held_bytes() == 0
 
 
 # --- disk quotas and retention, on the store itself ---------------------------------------------------------------
@@ -305,6 +351,33 @@ def test_a_greedy_owners_backlog_does_not_starve_another_owners_call(tenants):
     for earlier, later in zip(ran, ran[1:], strict=False):
         assert later["started_at"] >= earlier["finished_at"], (earlier, later)
     assert grid.grid.queue.depth_of("alice") == 0
+
+
+@pytest.mark.integration
+def test_a_greedy_owners_batches_hold_one_slot_and_let_another_owner_through(tenants):
+    """Must never happen: alice's short calls, taken in batches, holding both slots (two of her calls at once) or
+    keeping bob's one call waiting behind her backlog."""
+    grid, clients = tenants
+    alice, bob = clients["alice"], clients["bob"]
+    alice_fn, bob_fn = upload(alice, "quick", QUICK), upload(bob, "sleepy", SLEEPY)
+    assert alice.post("/v1/run", json={"function_id": alice_fn, "payload": {"tag": -1}}).json()["result"] == -1
+    batched = grid.grid.worker.stats["batched_calls"]
+    with alice.stream("POST", "/v1/map", json={"function_id": alice_fn,
+                                            "payloads": [{"tag": n} for n in range(3000)]}) as stream:
+        lines = stream.iter_lines()
+        alice_jobs = json.loads(next(lines))["job_ids"]
+        done = bob.post("/v1/run", json={"function_id": bob_fn, "payload": {"seconds": 0, "tag": "bob"}}).json()
+        for _ in lines:  # every result streamed back
+            pass
+    assert done["status"] == "completed" and done["result"] == "bob"
+    assert grid.grid.worker.stats["batched_calls"] - batched >= 1000, "alice's backlog was not taken in batches"
+    views = [alice.get(f"/v1/status/{job_id}").json() for job_id in alice_jobs]
+    assert [v["result"] for v in views] == list(range(3000))
+    before_bob = [v for v in views if v["finished_at"] < done["finished_at"]]
+    assert len(before_bob) < 1500, f"bob's call finished after {len(before_bob)} of alice's 3000"
+    ran = sorted(views, key=lambda v: (v["started_at"], v["finished_at"]))
+    for earlier, later in zip(ran, ran[1:], strict=False):  # her cap is one slot, batches included
+        assert later["started_at"] >= earlier["finished_at"], (earlier, later)
 
 
 @pytest.mark.integration

@@ -102,6 +102,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self.stats = {"completed": 0, "failed": 0, "cold_starts": 0, "blob_bytes_sent": 0, "blobs_kept": 0}
         self._call_ms: dict[str, float] = {}  # function id -> its recent calls' duration (ms): sizes batches
+        self.stats.update(batches=0, batched_calls=0)  # batches run, and the calls they ran
         # Blobs of arguments and large results; a remote store's are fetched into a spool here.
         self._blobs = Blobs(store, spool_dir_for(store, Path(tempfile.gettempdir()) / "nanogrid-blob-spool"))
 
@@ -355,6 +356,8 @@ class Worker:
         try:
             results, error = sandbox.call_many([(m.job_id, m.payload, m.timeout_s) for m in messages], first.model,
                                                answered)
+            self.stats["batches"] += 1
+            self.stats["batched_calls"] += len(results)
             for n, (job, outcome) in enumerate(zip(jobs, results, strict=False)):
                 job.cold, job.sandbox_id = cold and n == 0, sandbox.id
                 job.started_at, job.finished_at = times[n], times[n + 1]
