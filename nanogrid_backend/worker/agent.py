@@ -102,6 +102,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self.stats = {"completed": 0, "failed": 0, "cold_starts": 0, "blob_bytes_sent": 0, "blobs_kept": 0}
         self._call_ms: dict[str, float] = {}  # function id -> its recent calls' duration (ms): sizes batches
+        self._one_by_one: set[str] = set()  # functions whose calls are never batched (they may use the AI node)
         self.stats.update(batches=0, batched_calls=0)  # batches run, and the calls they ran
         # Blobs of arguments and large results; a remote store's are fetched into a spool here.
         self._blobs = Blobs(store, spool_dir_for(store, Path(tempfile.gettempdir()) / "nanogrid-blob-spool"))
@@ -220,7 +221,8 @@ class Worker:
         function not yet timed or with long calls, else what fits BATCH_BUDGET_MS, and never more than this slot's
         share of the owner's queued calls, so the other slots get theirs."""
         ms = self._call_ms.get(first.function_id)
-        if ms is None or first.payload_format == BLOB_FORMAT or first.receive_count > 1:
+        if ms is None or first.payload_format == BLOB_FORMAT or first.receive_count > 1 \
+                or first.function_id in self._one_by_one:
             return 1
         share = -(-queued // self.slots)
         return max(1, min(BATCH_MAX, int(BATCH_BUDGET_MS / max(ms, 0.05)), share + 1))
@@ -231,6 +233,7 @@ class Worker:
             return
         if len(self._call_ms) >= TIMINGS_KEPT and job.function_id not in self._call_ms:
             self._call_ms.clear()
+            self._one_by_one.clear()
         before = self._call_ms.get(job.function_id)
         ms = job.execution_time_ms
         self._call_ms[job.function_id] = ms if before is None else 0.8 * before + 0.2 * ms
@@ -341,6 +344,7 @@ class Worker:
         self.stats["cold_starts"] += cold
         outcomes: dict[str, SandboxError | None] = {}
         if sandbox.ai_allowed:  # its calls may talk to the AI node, each with its own session: one by one
+            self._one_by_one.add(first.function_id)
             self.pool.release(sandbox)
             return outcomes
         times = [time.time()]
