@@ -216,3 +216,67 @@ def test_a_need_frame_is_checked_strictly(frame, body):
         check_need(frame, body, 2)
     assert check_need({"op": "need", "blobs": [0, 1]}, b"", 2) == [0, 1]
     assert check_need({"blobs": [], "op": "need"}, b"", 2) == []
+
+
+class RemoteStore:
+    """A store with no local files (as S3): every blob read is a download, counted."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.downloads: list[str] = []
+
+    def blob_path(self, key: str) -> None:
+        return None
+
+    def blob_size(self, key: str, touch: bool = False) -> int | None:
+        data = self.blobs.get(key)
+        return None if data is None else len(data)
+
+    def open_blob(self, key: str) -> Iterator[bytes]:
+        self.downloads.append(key)
+        return iter([self.blobs[key]])
+
+
+def test_a_blob_from_a_remote_store_is_fetched_only_when_the_sandbox_lacks_it(tmp_path):
+    """What must never happen: every call downloads from S3 a blob its sandbox already keeps."""
+    from types import SimpleNamespace
+
+    import cloudpickle
+
+    from nanogrid.data import ArgsEncoder
+    from nanogrid.packaging import package_function
+    from nanogrid_backend.blobs import Blobs, key_for
+    from nanogrid_backend.sandbox.process import ProcessSandboxFactory
+    from nanogrid_backend.worker.agent import Worker
+
+    store = RemoteStore()
+
+    class Uploader:  # what the client would upload, put straight into the store
+        def limits(self) -> dict:
+            return {"max_payload_bytes": 64 * MiB, "blob_threshold_bytes": MiB}
+
+        def upload_blob(self, data: bytes) -> nanogrid.Ref:
+            ref = nanogrid.Ref(hashlib.sha256(data).hexdigest(), len(data))
+            store.blobs[key_for("alice", ref.sha256)] = data
+            return ref
+
+    data = os.urandom(2 * MiB)
+    args, refs = ArgsEncoder(Uploader()).encode((data,), {})  # type: ignore[arg-type]
+    worker = SimpleNamespace(store=store, _blobs=Blobs(store, tmp_path / "spool"))  # what _call_blobs uses
+
+    def digest(blob):
+        import hashlib
+        return hashlib.sha256(blob).hexdigest()
+
+    sandbox = ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, bubblewrap="off", cgroups="off").start()
+    try:
+        package = package_function(digest, name="digest")
+        sandbox.load(package.function_id, package.data, 256)
+        for n in range(3):
+            with Worker._call_blobs(worker, "alice", refs) as blobs:  # type: ignore[arg-type]
+                result = sandbox.call(f"job-{n}", args, 30, blobs=blobs)
+            assert cloudpickle.loads(result.body) == hashlib.sha256(data).hexdigest()
+            assert (result.blob_bytes_sent > 0, result.blobs_kept) == ((True, 0) if n == 0 else (False, 1))
+        assert store.downloads == [key_for("alice", refs[0])]  # once, for the first call
+    finally:
+        sandbox.close()
