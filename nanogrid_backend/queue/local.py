@@ -59,7 +59,7 @@ class LocalQueue(JobQueue):
                     fifo = self._waiting[message.owner] = deque()  # a new owner joins the end of the turn
                 fifo.append(message)
             self._count += len(messages)
-            self._changed.notify_all()
+            self._changed.notify(len(messages))  # a call wakes one idle slot, not all of them
 
     def _hold(self, message: JobMessage, stored: bool) -> JobMessage:
         """The message as kept in memory: without its payload when it is on disk or over the budget."""
@@ -219,7 +219,8 @@ class LocalQueue(JobQueue):
         parked = self._parked.pop(owner, None)
         if parked is not None:
             self._waiting[owner] = parked  # under its cap again: back at the end of the turn
-        self._changed.notify_all()
+        if self._count:  # with nothing queued, no waiting slot could take anything: none is woken
+            self._changed.notify_all()
 
     def extend(self, message: JobMessage, seconds: float) -> None:
         pass  # nothing else can take it
