@@ -448,3 +448,38 @@ def test_hostile_output_trees_are_read_without_following_anything(arena, attack)
             job.result(timeout=60)
         assert_no_host_path(arena, str(info.value))
     victim_is_served(arena)
+
+
+FORGED_RESULT_FILES = {
+    "a link to a host file": "os.symlink('/etc/shadow', path)",
+    "a fifo": "os.mkfifo(path)",
+    "shorter than announced": "open(path, 'wb').write(b'x' * 10)",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(FORGED_RESULT_FILES))
+def test_a_forged_result_file_is_refused(arena, attack):
+    """Where large results are left on the sandbox's disk (Docker), the host never follows a link, never blocks on
+    a fifo and never takes a file of another size than announced; elsewhere a sandbox may not claim one at all."""
+    as_owner(arena, "mallory")
+
+    @nanogrid.remote(timeout=30)
+    def forge_result(code):
+        import os
+        import sys
+
+        boot = sys.modules["__main__"]
+
+        def forged(result):
+            path = os.path.join(boot.WORK_DIR, boot.RESULT_FILE or ".nanogrid-result")
+            exec(code, {"os": os, "path": path})
+            return True
+
+        boot.result_to_file = forged
+        boot.RESULT_FILE = boot.RESULT_FILE or ".nanogrid-result"  # claims a result file even where none is read
+        return b"r" * (3 << 19)  # 1.5 MiB: over the size sent inline, within the arena's 2 MiB result cap
+
+    with pytest.raises(nanogrid.JobFailed, match="protocol violation") as info:
+        forge_result.remote(FORGED_RESULT_FILES[attack])
+    assert_no_host_path(arena, str(info.value))
+    victim_is_served(arena)

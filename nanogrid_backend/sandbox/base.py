@@ -357,7 +357,8 @@ class Sandbox(ABC):
             self.close()
             raise SandboxError("result", f"the result is {size >> 20} MiB, over the grid's "
                                          f"{self.limits.result_bytes >> 20} MiB limit; the sandbox was discarded")
-        spooled = self._receive_result(job_id, reply["result_size"], deadline) if "result_size" in reply else None
+        spooled = self._receive_result(job_id, reply["result_size"], deadline, reply.get("result_file", False)) \
+            if "result_size" in reply else None
         reported = reply.get("duration_ms")
         duration = min(float(reported), host_ms) if isinstance(reported, (int, float)) and reported >= 0 else host_ms
         if self.cgroup:
@@ -374,10 +375,13 @@ class Sandbox(ABC):
             result.result_file, result.result_sha256 = spooled
         return result
 
-    def _receive_result(self, job_id: str, size: int, deadline: float) -> tuple[Path, str]:
+    def _receive_result(self, job_id: str, size: int, deadline: float, in_file: bool = False) -> tuple[Path, str]:
         """A streamed result, written to a spool file as it arrives and hashed; exactly ``size`` bytes, or a
         violation (and no file). Each piece is read into one of a few reused buffers and written and hashed on
-        another thread while the next one arrives (``_Spool``)."""
+        another thread while the next one arrives (``_Spool``). ``in_file``: the sandbox says it left the result
+        on its own disk, which only a sandbox whose host reads that disk may say."""
+        if in_file:
+            raise ProtocolViolation("a result left in a file by a sandbox whose disk the host does not read")
         path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
         received = 0
         spool = _Spool(path)

@@ -21,6 +21,7 @@ import os
 import select
 import shutil
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -35,7 +36,7 @@ import requests.exceptions
 from nanogrid.errors import NanoGridError
 from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
 from nanogrid_backend.sandbox import leftovers, scratch
-from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError
+from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError, _Spool
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
 from nanogrid_backend.sandbox.outputs import OutputWriter, read_tree
 from nanogrid_backend.sandbox.protocol import (
@@ -43,6 +44,7 @@ from nanogrid_backend.sandbox.protocol import (
     ChannelTimeout,
     DockerAttachStream,
     FrameReader,
+    ProtocolViolation,
     encode_frame,
     reply_header_cap,
 )
@@ -54,6 +56,7 @@ SANDBOX_UID = "65534:65534"
 
 
 COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
+RESULT_FILE = ".nanogrid-result"  # in the sandbox's working directory: a large result, for the host to read
 LANGUAGE_ENV_IDS = ("runtime-nodejs", "runtime-go", "runtime-cpp")
 LANGUAGE_IMAGES = ("nanogrid/runtime-node:latest", "nanogrid/runtime-go:latest", "nanogrid/runtime-cpp:latest")
 
@@ -183,7 +186,10 @@ class DockerSandbox(Sandbox):
             **space,
             environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": "/sandbox/output",
                          "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes), "HOME": "/sandbox",
-                         "NANOGRID_DISK_MIB": str(disk_mib)},
+                         "NANOGRID_DISK_MIB": str(disk_mib),
+                         # Large results are left on its disk for the host to read (not through the engine's stream).
+                         **({"NANOGRID_RESULT_FILE": RESULT_FILE}
+                            if self.scratch is not None and self._host_reads_outputs else {})},
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=factory.pids_limit,
@@ -252,6 +258,47 @@ class DockerSandbox(Sandbox):
             return super()._receive_outputs()
         writer = OutputWriter(self.output_dir, self.limits.output_bytes, self.limits.output_files)
         return read_tree(self.scratch.mountpoint, ("work", "output"), writer)
+
+    def _receive_result(self, job_id: str, size: int, deadline: float, in_file: bool = False) -> tuple[Path, str]:
+        """A large result the bootstrap left on the sandbox's disk, read by the host (a regular file of exactly the
+        announced size, opened without following links), hashed and spooled as a streamed one is; then removed."""
+        if not in_file or self.scratch is None or not self._host_reads_outputs:
+            return super()._receive_result(job_id, size, deadline, in_file)
+        path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        root = os.open(self.scratch.mountpoint, flags)
+        work = source = -1
+        spool = _Spool(path)  # the host's own file: its errors (a full disk) are the host's, raised as they are
+        try:
+            try:
+                work = os.open("work", flags, dir_fd=root)
+                source = os.open(RESULT_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=work)
+                info = os.fstat(source)
+            except OSError:
+                raise ProtocolViolation("a result file the host could not open") from None
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+                raise ProtocolViolation("a result file that is not a regular file of its announced size")
+            received = 0
+            while received < size:
+                buffer = spool.free_buffer()
+                try:
+                    got = os.readv(source, [memoryview(buffer)[:size - received]])
+                except OSError:
+                    raise ProtocolViolation("a result file the host could not read") from None
+                if not got:
+                    raise ProtocolViolation("a result file shorter than its announced size")
+                received += got
+                spool.write(buffer, memoryview(buffer)[:got])
+            os.unlink(RESULT_FILE, dir_fd=work)  # its space is the sandbox's again
+            return path, spool.finish()
+        except BaseException:
+            spool.finish(abort=True)
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            for fd in (source, work, root):
+                if fd >= 0:
+                    os.close(fd)
 
     def _send(self, header: dict, body: bytes = b"") -> None:
         try:

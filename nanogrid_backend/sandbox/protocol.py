@@ -240,6 +240,7 @@ _REPLY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "ok": bool, "result_format": str, "error": dict, "stdout": str, "stderr": str, "duration_ms": (int, float),
     "peak_rss_bytes": (int, type(None)), "output_files": int, "op": str,
     "result_size": int,  # a result streamed after the reply in ``result_data`` frames (the reply's body is empty)
+    "result_file": bool,  # ... or left in a file on the sandbox's own disk for the host to read (the Docker sandbox)
 }
 _ERROR_FIELDS = ("kind", "type", "module", "message", "traceback")
 _ERROR_KINDS = {"exception", "memory", "disk"}

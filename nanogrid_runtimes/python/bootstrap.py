@@ -133,16 +133,40 @@ STREAM_RESULT_OVER = 1 << 20  # a larger result follows its reply in pieces (``r
 BLOB_CHUNK_BYTES = 4 << 20
 
 
+RESULT_FILE = os.environ.get("NANOGRID_RESULT_FILE")  # set where the host reads large results from the sandbox's disk
+
+
 def write_reply(fd, reply, result):
-    """The call's reply; a large result after it in pieces, so the host can spool it to disk as it arrives."""
+    """The call's reply; a large result after it in pieces, so the host can spool it to disk as it arrives, or,
+    where the host reads the sandbox's own disk (``NANOGRID_RESULT_FILE``), in that file."""
     if len(result) <= STREAM_RESULT_OVER:
         write_frame(fd, reply, result)
         return
     reply["result_size"] = len(result)
+    if RESULT_FILE and result_to_file(result):
+        reply["result_file"] = True
+        write_frame(fd, reply)
+        return
     write_frame(fd, reply)
     view = memoryview(result)
     for start in range(0, len(view), BLOB_CHUNK_BYTES):
         write_frame(fd, {"op": "result_data"}, view[start:start + BLOB_CHUNK_BYTES])
+
+
+def result_to_file(result):
+    """Write a large result into the working directory for the host to read; False (nothing left) if the disk is
+    too small for it: it then travels over the channel."""
+    path = os.path.join(WORK_DIR, RESULT_FILE)
+    try:
+        with open(path, "wb") as f:
+            f.write(result)
+        return True
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return False
 
 
 def read_blobs(fd, sizes):
