@@ -192,9 +192,12 @@ class WarmPool:
             return
         with self._cond:
             self._busy.discard(sandbox.id)
-            self._idle.setdefault(sandbox.function_id or "", []).append(sandbox)
-            self._idle_since[sandbox.id] = time.monotonic()
-            self._cond.notify()
+            if not self._closed:  # after close, a sandbox that was busy is closed, never kept
+                self._idle.setdefault(sandbox.function_id or "", []).append(sandbox)
+                self._idle_since[sandbox.id] = time.monotonic()
+                self._cond.notify()
+                return
+        sandbox.close()
 
     def discard(self, sandbox: Sandbox) -> None:
         """Stop a sandbox that must not serve again (it timed out, crashed or was killed)."""
