@@ -7,6 +7,7 @@ host, a full disk surfaces as anything but ``OutOfDisk``, or a crashed grid leav
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -158,3 +159,25 @@ def test_without_loop_devices_scratch_falls_back_to_memory_and_says_so(tmp_path:
         assert tmp_filesystem.remote() == ["tmpfs"]
     finally:
         embedded.stop()
+
+
+def test_a_blob_for_a_sandbox_whose_disk_is_full_comes_over_the_channel(client):
+    """Large arguments are written into the sandbox's disk by the host; with no room there they still arrive."""
+
+    @nanogrid.remote(memory=256, disk=64, timeout=60)
+    def fill_then_read(data, fill):
+        import os
+
+        if fill:
+            block = b"x" * (1 << 20)
+            try:
+                with open("/tmp/keep.bin", "ab") as f:
+                    while True:
+                        f.write(block)
+            except OSError:
+                pass
+        return len(data), data[:3], os.path.exists("/tmp/keep.bin")
+
+    assert fill_then_read.remote(b"abc" * 300_000, True) == (900_000, b"abc", True)  # inline: under 1 MiB
+    big = os.urandom(5 << 20)  # a blob, and the disk has no room left for it
+    assert fill_then_read.remote(big, False) == (5 << 20, big[:3], True)

@@ -269,10 +269,8 @@ class Sandbox(ABC):
             need = self._needed(blob_ids, sizes, started + timeout_s) if ask else list(range(len(sizes)))
             if need:
                 with blobs.files(need) as files:  # BlobError here: the sandbox is discarded, mid-call
-                    for path in files:  # in pieces: the grid never holds a whole blob in memory
-                        with path.open("rb") as f:
-                            while chunk := f.read(BLOB_CHUNK_BYTES):
-                                self._send({"op": "blob"}, chunk)
+                    for path in files:
+                        self._send_blob(path)
         except SandboxError as exc:
             if exc.kind != "crash":
                 raise
@@ -285,6 +283,12 @@ class Sandbox(ABC):
         result.blob_bytes_sent = sum(sizes[n] for n in need)
         result.blobs_kept = len(sizes) - len(need)
         return result
+
+    def _send_blob(self, path: Path) -> None:
+        """One blob of the call, in pieces: the grid never holds a whole blob in memory."""
+        with path.open("rb") as f:
+            while chunk := f.read(BLOB_CHUNK_BYTES):
+                self._send({"op": "blob"}, chunk)
 
     def _needed(self, blob_ids: list[str], sizes: list[int], deadline: float) -> list[int]:
         """Which of the call's blobs the bootstrap says it lacks (its ``need`` frame), checked.

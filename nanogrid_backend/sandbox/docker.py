@@ -16,6 +16,7 @@ memory cgroup.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -56,6 +57,8 @@ SANDBOX_UID = "65534:65534"
 
 
 COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
+BLOB_FILE_PREFIX = ".nanogrid-blob-"  # in the sandbox's working directory: an argument blob the host wrote there
+BLOB_FILE_OVER = 1 << 20  # smaller blobs go over the channel
 RESULT_FILE = ".nanogrid-result"  # in the sandbox's working directory: a large result, for the host to read
 LANGUAGE_ENV_IDS = ("runtime-nodejs", "runtime-go", "runtime-cpp")
 LANGUAGE_IMAGES = ("nanogrid/runtime-node:latest", "nanogrid/runtime-go:latest", "nanogrid/runtime-cpp:latest")
@@ -299,6 +302,44 @@ class DockerSandbox(Sandbox):
             for fd in (source, work, root):
                 if fd >= 0:
                     os.close(fd)
+
+    def _send_blob(self, path: Path) -> None:
+        """A blob written by the host into the sandbox's working directory (a new file, created without following
+        any link), then named to the bootstrap, which reads and removes it; over the channel where the sandbox
+        has no disk of its own, or its disk has no room for it."""
+        size = path.stat().st_size
+        if self.scratch is None or not self._host_reads_outputs or size < BLOB_FILE_OVER:
+            return super()._send_blob(path)
+        name = BLOB_FILE_PREFIX + uuid.uuid4().hex
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        root = os.open(self.scratch.mountpoint, flags)
+        try:
+            work = os.open("work", flags, dir_fd=root)
+        finally:
+            os.close(root)
+        try:
+            target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                             dir_fd=work)
+            try:
+                os.fchmod(target, 0o644)  # readable by the sandbox's user (the grid's umask is 077)
+                with path.open("rb") as source:
+                    offset = 0
+                    while offset < size:
+                        sent = os.sendfile(target, source.fileno(), offset, size - offset)
+                        if not sent:
+                            raise OSError(errno.EIO, "the blob file ended early")
+                        offset += sent
+            finally:
+                os.close(target)
+        except OSError:  # no room on its disk (or the sandbox got in the way): the channel instead
+            try:
+                os.unlink(name, dir_fd=work)
+            except OSError:
+                pass
+            os.close(work)
+            return super()._send_blob(path)
+        os.close(work)
+        self._send({"op": "blob_file", "name": name})
 
     def _send(self, header: dict, body: bytes = b"") -> None:
         try:

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 DIR_MODE, FILE_MODE = 0o700, 0o600  # only the grid's own account reads what it stores
 OWNER_SUFFIX = ".owner"  # outputs/{job_id}.owner names the owner of outputs/{job_id}/ (job ids never end in it)
 RECOUNT_S = 600.0  # blob space is counted by a walk at most this often; in between, as this process adds and removes
+TOUCH_EVERY_S = 3600.0  # a used blob is made young again (retention) at most this often
 
 
 class LocalStore(BlobStore):
@@ -120,12 +121,14 @@ class LocalStore(BlobStore):
     def blob_size(self, key: str, touch: bool = False) -> int | None:
         path = self._blob_path(key)
         try:
-            size = path.lstat().st_size
-            if touch:
+            info = path.lstat()
+            # Kept young by use, at most once an hour: a touch changes the file's ctime, which makes the worker
+            # hash the blob again before its next call (nanogrid_backend/blobs.py).
+            if touch and time.time() - info.st_mtime > TOUCH_EVERY_S:
                 os.utime(path)
         except FileNotFoundError:
             return None
-        return size
+        return info.st_size
 
     def blob_path(self, key: str) -> Path | None:
         return self._blob_path(key)
