@@ -148,7 +148,7 @@ def test_without_loop_devices_scratch_falls_back_to_memory_and_says_so(tmp_path:
     monkeypatch.setattr(scratch, "probe", lambda directory: "no loop devices (/dev/loop-control)")
     embedded = start_grid(tmp_path, sandbox="docker", stem_cells=0)
     try:
-        assert "memory-backed scratch" in embedded.grid.describe_sandbox()
+        assert "memory-backed scratch: no loop devices" in embedded.grid.describe_sandbox()
         assert "memory-backed" in caplog.text and "no loop devices" in caplog.text
         nanogrid.connect(embedded.url, api_key=embedded.api_key)
 

@@ -135,7 +135,8 @@ class DockerSandboxFactory:
         return len(left) + dirs
 
     def describe(self) -> str:
-        disk = "disk-backed scratch" if not self.scratch_problem else "memory-backed scratch"
+        disk = (f"a {self.disk_mib} MiB disk of its own" if not self.scratch_problem
+                else f"memory-backed scratch: {self.scratch_problem}")
         return f"docker sandbox ({self.image}, non-root, read-only, no network, {disk})"
 
     def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
