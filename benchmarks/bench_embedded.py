@@ -155,10 +155,12 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
+    load_before = [round(x, 2) for x in os.getloadavg()]  # a shared machine's other work shows here
     grid = start_grid(data_dir, args.port, args.sandbox)
     key = (data_dir / "local-key").read_text().strip()
     try:
-        report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                              "load_average_before": load_before},
                   "sandbox": args.sandbox,
                   "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", key, args.calls, args.map, args.cold)}
     finally:
@@ -168,6 +170,7 @@ def main() -> None:
     if args.peers:
         report["ray"] = bench_ray(args.calls, args.map)
         report["dask"] = bench_dask(args.calls, args.map)
+    report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     ours = report["nanogrid"]
     for peer in ("ray", "dask"):
         theirs = report.get(peer, {})
