@@ -144,6 +144,9 @@ def test_a_batch_ends_at_another_function_and_at_payloads_kept_on_disk():
     assert take() == ["job-alice-2"]  # 3, 4 and 5 are over the memory budget: kept on disk
     assert take() == ["job-alice-3"] and take() == ["job-alice-4"]
     assert queue.depth() == 1 and queue.held_bytes() == 0
+    big = LocalQueue()  # a batch's arguments travel in one frame: they add up to a bounded size
+    big.put([JobMessage(f"job-big-{n}", "fn-x", "json", b"x" * (400 << 10), 10.0, 128, owner="alice") for n in range(5)])
+    assert [m.job_id for m in big.get_batch(0, lambda first, queued: 10)] == ["job-big-0", "job-big-1", "job-big-2"]
 
 
 # --- disk quotas and retention, on the store itself ---------------------------------------------------------------

@@ -78,10 +78,12 @@ class LocalQueue(JobQueue):
         taken = self.get_batch(timeout)
         return taken[0] if taken else None
 
-    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None) -> list[JobMessage]:
+    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None,
+                  max_bytes: int = 1 << 20) -> list[JobMessage]:
         """The next owner's next job, and with it up to ``most(first, queued) - 1`` more of that owner's queued calls
         of the same function right behind it (``queued``: how many the owner still has waiting); [] after
-        ``timeout`` seconds without one.
+        ``timeout`` seconds without one. The batch's payloads add up to at most ``max_bytes`` beyond the first's (they
+        travel to the sandbox in one frame).
 
         A batch is one take: one turn of the owner, one place of its cap (its calls run one after the other in one
         slot). The worker sizes ``most`` from how long the function's calls take and leaves the other slots their
@@ -96,7 +98,7 @@ class LocalQueue(JobQueue):
             taken = [message]
             if most is not None and message.job_id not in self._on_disk:
                 fifo = self._waiting.get(message.owner) or self._parked.get(message.owner)
-                taken += self._more_like(message, most(message, len(fifo) if fifo else 0) - 1)
+                taken += self._more_like(message, most(message, len(fifo) if fifo else 0) - 1, max_bytes)
             for held in taken:
                 if held.job_id not in self._on_disk:
                     self._held_bytes -= len(held.payload)
@@ -105,7 +107,7 @@ class LocalQueue(JobQueue):
         loaded = self._with_payload(message)
         return [loaded] if loaded is not None else []
 
-    def _more_like(self, first: JobMessage, extra: int) -> list[JobMessage]:
+    def _more_like(self, first: JobMessage, extra: int, max_bytes: int) -> list[JobMessage]:
         """Up to ``extra`` more queued calls of ``first``'s owner and function, from the head of its FIFO, joining
         ``first``'s take; payloads kept on disk end the batch (each is read back on its own). Call with the lock held."""
         owner = first.owner
@@ -113,8 +115,10 @@ class LocalQueue(JobQueue):
         if extra <= 0 or not fifo:
             return []
         more: list[JobMessage] = []
+        size = 0
         while len(more) < extra and fifo and fifo[0].function_id == first.function_id \
-                and fifo[0].job_id not in self._on_disk:
+                and fifo[0].job_id not in self._on_disk and size + len(fifo[0].payload) <= max_bytes:
+            size += len(fifo[0].payload)
             more.append(fifo.popleft())
         if more:
             self._count -= len(more)
