@@ -76,15 +76,16 @@ def write_all(fd, data):
 
 
 class HeldReplies:
-    """The replies of a batch of short calls (``calls``), written out together: one write per FLUSH_S at most instead
-    of one per call (through Docker, each write is relayed by containerd-shim and dockerd). A reply never waits longer
-    than about FLUSH_S: a thread writes out what waited that long, so a long call does not hold back the replies of
-    the calls before it (the host times each call of a batch from the previous reply)."""
+    """The replies of a batch of short calls (``calls``), written out together: one write per FLUSH_S (or per
+    ONE_WRITE_BYTES held) at most instead of one per call (through Docker, each write is relayed by containerd-shim
+    and dockerd). A reply never waits longer than about FLUSH_S: a thread writes out what waited that long, so a
+    long call does not hold back the replies of the calls before it (the host times each call of a batch from the
+    previous reply)."""
 
     FLUSH_S = 0.002
 
     def __init__(self):
-        self.fd, self.parts, self.since = None, [], 0.0
+        self.fd, self.parts, self.since, self.size = None, [], 0.0, 0
         self.active = threading.Event()
         self.thread = None
 
@@ -99,9 +100,10 @@ class HeldReplies:
         data = json.dumps(header).encode()
         with WRITE_LOCK:
             if not self.parts:
-                self.since = time.monotonic()
+                self.since, self.size = time.monotonic(), 0
             self.parts.append(struct.pack(">II", len(data), len(body)) + data + body)
-            if time.monotonic() - self.since >= self.FLUSH_S:
+            self.size += len(self.parts[-1])
+            if time.monotonic() - self.since >= self.FLUSH_S or self.size >= ONE_WRITE_BYTES:
                 self.flush_locked()
 
     def end(self):
