@@ -24,8 +24,8 @@ class LocalQueue(JobQueue):
     ``limit(owner)`` caps how many of an owner's takes may be out at once (taken and not all acked): a batch runs
     its calls one after the other in one slot, so it counts as one, like a single call. An owner at its cap is
     parked out of the turn until one of its takes is done, so finding the next owner to serve never walks past
-    owners who cannot be served. Durability comes from the registry:
-    pending jobs are stored there and put back on start.
+    owners who cannot be served. Durability comes from the registry: pending jobs are stored there and put back
+    on start.
 
     Memory stays bounded whatever the backlog: once the payloads held reach ``memory_budget_bytes``, further
     messages are kept without theirs, and ``load_payload(job_id)`` reads it back (from the registry, where
