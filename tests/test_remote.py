@@ -400,3 +400,24 @@ def test_a_batched_call_keeps_its_retry_policy(batching):
     assert [r for x, r in enumerate(results) if x != 5] == [x for x in range(40) if x != 5]
     tries = [c for c in picky.history(limit=100) if c["status"] == "failed"]
     assert sorted(c["attempt"] for c in tries) == [1, 2, 3]
+
+
+def test_a_call_cancelled_while_it_waits_in_a_batch_never_runs(batching, tmp_path):
+    """Never: a call cancelled while it waits behind a slow call of its batch run anyway, or its cancel taking
+    the other calls of the batch with it."""
+    client, _ = batching
+    source = tmp_path / "napper.py"
+    source.write_text("import time\n\n\ndef handler(event, context):\n    if event['n'] == 0:\n"
+                      "        time.sleep(2)\n    return event['n']\n")
+    function_id = client.upload(source, function_name="napper", handler="napper.handler")["function_id"]
+    assert client.run({"function_id": function_id, "payload": {"n": 99}})["result"] == 99  # timed: its calls are short
+    lines = client.map_stream({"function_id": function_id, "payloads": [{"n": n} for n in range(30)]})
+    job_ids = next(lines)["job_ids"]
+    deadline = time.monotonic() + 30
+    while client.status(job_ids[10])["status"] == "pending":  # taken in call 0's batch, behind its nap
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    cancelled = client.cancel(job_ids[10])
+    views = {view["index"]: view for view in lines}
+    assert cancelled["status"] == views[10]["status"] == "cancelled", views[10]
+    assert [views[n]["result"] for n in range(30) if n != 10] == [n for n in range(30) if n != 10]

@@ -347,6 +347,15 @@ class Worker:
             self._one_by_one.add(first.function_id)
             self.pool.release(sandbox)
             return outcomes
+        for job in jobs:
+            if job.job_id in self._cancelled:  # cancelled while the batch was being prepared: it never runs
+                outcomes[job.job_id] = SandboxError("cancelled", "cancelled by the user")
+        messages = [m for m in messages if m.job_id not in outcomes]
+        jobs = [job for job in jobs if job.job_id not in outcomes]
+        if not messages:
+            self.pool.release(sandbox)
+            return outcomes
+        first = messages[0]
         times = [time.time()]
         reusable = False
 
@@ -355,6 +364,8 @@ class Worker:
             self._running.pop(messages[n - 1].job_id, None)
             if n < len(messages):
                 self._running[messages[n].job_id] = sandbox
+                if messages[n].job_id in self._cancelled:  # cancelled while it waited in the batch
+                    sandbox.kill("cancelled by the user")
 
         self._running[first.job_id] = sandbox
         try:
