@@ -4,7 +4,7 @@ Started once per sandbox as an unspecialised "stem cell". The agent talks to it 
 stdin (requests) and the original stdout (responses); before any user code runs, fds 1 and 2 are
 pointed at capture files, so a ``print`` (or a child process writing to fd 1) can never corrupt
 the result channel. One ``load`` frame specialises the sandbox to one function package; after
-that it only serves ``call`` frames for that function.
+that it only serves ``call`` frames for that function (and ``calls``: a batch of short ones).
 
 Frame: 8-byte header ``>II`` (JSON header length, body length), the JSON header, the raw body.
 Only the standard library and cloudpickle are needed, so the same file runs in a plain process
