@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import nanogrid
+from nanogrid.data import ArgsEncoder
 from tests.conftest import require_docker, start_grid
 
 pytestmark = pytest.mark.integration
@@ -421,3 +422,26 @@ def test_a_call_cancelled_while_it_waits_in_a_batch_never_runs(batching, tmp_pat
     views = {view["index"]: view for view in lines}
     assert cancelled["status"] == views[10]["status"] == "cancelled", views[10]
     assert [views[n]["result"] for n in range(30) if n != 10] == [n for n in range(30) if n != 10]
+
+
+def test_a_failing_calls_retries_do_not_hold_back_the_rest_of_its_batch(batching):
+    """Never: the completed calls of a batch waiting, unannounced, while one failed call of it waits out its retry
+    backoff."""
+    client, _ = batching
+
+    @nanogrid.remote(retries=2, retry_on=[LookupError], backoff=1.0)
+    def stubborn(x):
+        if x == 5:
+            raise KeyError(x)
+        return x
+
+    assert stubborn.remote(0) == 0
+    encoder = ArgsEncoder(client)
+    pickles = [base64.b64encode(data).decode() for data, _ in encoder.send([encoder.pickle((n,), {}) for n in range(20)])]
+    arrived = {}
+    for line in client.map_stream({"function_id": stubborn.deploy(), "args_pickle": pickles}):
+        if "index" in line:
+            arrived[line["index"]] = (time.monotonic(), line["status"])
+    assert arrived[5][1] == "failed" and all(arrived[n][1] == "completed" for n in range(20) if n != 5)
+    last_other = max(when for n, (when, _) in arrived.items() if n != 5)
+    assert arrived[5][0] - last_other > 2.0, "the other calls waited for the failing call's retries"

@@ -310,11 +310,19 @@ class Worker:
                             first.job_id, len(batch), exc.message)
             except Exception:
                 log.exception("job %s: a batch of %d calls failed; running them one by one", first.job_id, len(batch))
-        settled = []
-        for message, job in zip(batch, jobs, strict=True):
-            if self._settle(message, job, self._replay(message.job_id in outcomes, outcomes.get(message.job_id))):
-                settled.append((message, job))
-        self._finish_batch(settled)
+        # Calls that completed are recorded and announced first: those that failed may wait out a retry backoff,
+        # and calls the batch never ran run now, one by one; their outcomes are recorded together after.
+        done = [(m, job) for m, job in zip(batch, jobs, strict=True)
+                if m.job_id in outcomes and outcomes[m.job_id] is None and job.status == COMPLETED]
+        completed = {m.job_id for m, _ in done}
+        rest = [(m, job) for m, job in zip(batch, jobs, strict=True) if m.job_id not in completed]
+        for group in (done, rest):
+            settled = []
+            for message, job in group:
+                if self._settle(message, job, self._replay(message.job_id in outcomes, outcomes.get(message.job_id))):
+                    settled.append((message, job))
+            if settled:
+                self._finish_batch(settled)
         batched = {m.job_id for m in alike}
         for message in messages:
             if message.job_id not in batched:
