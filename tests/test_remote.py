@@ -445,3 +445,19 @@ def test_a_failing_calls_retries_do_not_hold_back_the_rest_of_its_batch(batching
     assert arrived[5][1] == "failed" and all(arrived[n][1] == "completed" for n in range(20) if n != 5)
     last_other = max(when for n, (when, _) in arrived.items() if n != 5)
     assert arrived[5][0] - last_other > 2.0, "the other calls waited for the failing call's retries"
+
+
+def test_large_results_in_a_batch_stay_with_their_calls(batching):
+    """Never: a large result of a batched call (sent in pieces, or left on the sandbox's disk) given to another
+    call, lost, or refused as a protocol violation because the next call of the batch wrote its own."""
+    client, stats = batching
+
+    @nanogrid.remote(timeout=30)
+    def sized(x):
+        return bytes([x]) * ((2 << 20) if x % 3 == 0 else 10)
+
+    assert sized.remote(1) == b"\x01" * 10
+    batched = stats["batched_calls"]
+    results = list(sized.map(range(40), progress=False))
+    assert results == [bytes([x]) * ((2 << 20) if x % 3 == 0 else 10) for x in range(40)]
+    assert stats["batched_calls"] > batched

@@ -194,8 +194,9 @@ class Sandbox(ABC):
         """Several short calls, (job id, payload, timeout) each, sent in one ``calls`` frame: the bootstrap runs them in
         order and answers each as it finishes, so each keeps its own timeout and checks. The results of the calls
         that ran, in order, and the error of the one that failed (the sandbox is then dead), if any; calls after
-        the last result never started. A call that wrote output files (or ran out of memory) ends the batch: its
-        files are received before any other call may write its own, and the rest are left unstarted.
+        the last result never started. A call that wrote output files, returned a large result (streamed or left in
+        the sandbox's working directory) or ran out of memory ends the batch: its files and result are received
+        before any other call may write its own, and the rest are left unstarted.
         ``on_reply(n)``: n calls are answered, so call n (from 0) is the one running now.
         No AI node, no live output, no blobs here: such calls go through ``call``."""
         results: list[CallResult] = []
@@ -219,8 +220,8 @@ class Sandbox(ABC):
                 results.append(result)
                 if on_reply is not None:
                     on_reply(len(results))
-                if result.reply.get("output_files") or not self.alive:
-                    return
+                if result.reply.get("output_files") or "result_size" in result.reply or not self.alive:
+                    return  # the bootstrap ended the batch there (see call_many's docstring)
                 started = time.monotonic()
 
         try:

@@ -651,8 +651,9 @@ def send_outputs(fd, limit):
 
 def run_calls(fd, runtime, header, body, captures):
     """A batch of short calls from one frame (``calls``: job_id, timeout and payload size of each; the payloads one
-    after the other in the body), each answered by its own reply as it ends. A call that wrote output files or ran
-    out of memory ends the batch: the host takes its files (``outputs``) and runs the rest later."""
+    after the other in the body), each answered by its own reply as it ends. A call that wrote output files, returned
+    a large result or ran out of memory ends the batch: the host takes its files (``outputs``) or result, and runs
+    the rest later."""
     calls = header.get("calls")
     sizes = [call.get("size") for call in calls] if isinstance(calls, list) and calls else None
     if sizes is None or not all(isinstance(n, int) and n >= 0 for n in sizes) or sum(sizes) != len(body):
@@ -668,8 +669,9 @@ def run_calls(fd, runtime, header, body, captures):
             offset += size
             if len(result) <= STREAM_RESULT_OVER:
                 HELD_REPLIES.add(reply, result)
-            else:
-                write_reply(fd, reply, result)  # after the held ones (write_frame sends those first)
+            else:  # after the held ones (write_frame sends those first); the host takes it before any other call
+                write_reply(fd, reply, result)
+                return
             if reply["output_files"] or (not reply["ok"] and reply["error"].get("kind") == "memory"):
                 return
     finally:
