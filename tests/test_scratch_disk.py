@@ -181,3 +181,36 @@ def test_a_blob_for_a_sandbox_whose_disk_is_full_comes_over_the_channel(client):
     assert fill_then_read.remote(b"abc" * 300_000, True) == (900_000, b"abc", True)  # inline: under 1 MiB
     big = os.urandom(5 << 20)  # a blob, and the disk has no room left for it
     assert fill_then_read.remote(big, False) == (5 << 20, big[:3], True)
+
+
+def test_sandbox_disks_never_promise_more_than_the_hosts_free_space(tmp_path: Path, monkeypatch):
+    """Never: sandbox disks that, filled together, would fill the host's disk (they are sparse files)."""
+    require(scratch.unavailable() == "", f"no scratch disks here: {scratch.unavailable()}")
+    room = scratch.DiskRoom(tmp_path, reserve=64 << 20)
+    real = scratch.shutil.disk_usage
+    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda path: real(path)._replace(free=200 << 20))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = room.make(tmp_path / "a", 100)
+    with pytest.raises(scratch.ScratchError, match="200 MiB free: too little for another 100 MiB"):
+        room.make(tmp_path / "b", 100)  # 100 MiB it may still fill + 100 MiB + the reserve > 200 MiB
+    first.close()
+    room.make(tmp_path / "b", 100).close()  # its room is free again
+
+
+def test_a_sandbox_the_hosts_disk_has_no_room_for_fails_its_call_clearly(client, docker_grid):
+    room = docker_grid.grid.factory.disk_room
+    saved = room.reserve
+    room.reserve = scratch.shutil.disk_usage(room.directory).free  # as if the host's disk were nearly full
+
+    @nanogrid.remote(disk=100, timeout=60)
+    def small_disk():
+        return "ran"
+
+    try:
+        with pytest.raises(nanogrid.JobFailed, match="MiB free: too little for another 100 MiB sandbox disk"):
+            small_disk.remote()
+    finally:
+        room.reserve = saved
+    assert small_disk.remote() == "ran"
+    assert healthy.remote(1) == 2

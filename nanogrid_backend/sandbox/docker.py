@@ -117,6 +117,7 @@ class DockerSandboxFactory:
         self.grid_label = leftovers.grid_identity(host_dir)
         self.sweep()
         self.scratch_problem = scratch.probe(host_dir)  # '' when sandboxes get disks of their own
+        self.disk_room = scratch.DiskRoom(host_dir)
         if self.scratch_problem:
             log.warning("sandbox scratch space is memory-backed (tmpfs, counted against each function's memory): %s",
                         self.scratch_problem)
@@ -175,7 +176,7 @@ class DockerSandbox(Sandbox):
             space = {"tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": options}}
         else:
             try:
-                self.scratch = scratch.ScratchDisk(self.host_dir, disk_mib, executable=executable)
+                self.scratch = factory.disk_room.make(self.host_dir, disk_mib, executable=executable)
             except scratch.ScratchError as exc:
                 shutil.rmtree(self.host_dir, ignore_errors=True)
                 raise SandboxError("storage", f"{exc}; the sandbox was not started") from None

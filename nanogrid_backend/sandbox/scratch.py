@@ -27,6 +27,8 @@ import fcntl
 import os
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 SANDBOX_UID = 65534  # nobody: the user every sandbox runs as
@@ -35,6 +37,7 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_NOATIME = 0x2, 0x4, 0x8, 0x400
 MNT_DETACH = 0x2
 LOOP_CLR_FD = 0x4C01
 _libc = ctypes.CDLL(None, use_errno=True)
+HOST_RESERVE_BYTES = 1 << 30  # kept free on the worker's disk for the grid's own data, whatever sandboxes write
 
 
 class ScratchError(Exception):
@@ -79,6 +82,7 @@ class ScratchDisk:
         self.mountpoint = directory / MOUNT_DIR
         self.device = ""
         self._mounted = False
+        self.on_close: Callable[[], None] | None = None
         try:
             fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -114,8 +118,18 @@ class ScratchDisk:
     def tmp_dir(self) -> str:
         return str(self.mountpoint / "tmp")
 
+    def may_grow(self) -> int:
+        """Bytes its sparse file may still take on the host's disk."""
+        try:
+            return max(0, (self.size_mib << 20) - os.stat(self.image).st_blocks * 512)
+        except OSError:
+            return 0
+
     def close(self) -> None:
         """Unmount (lazily: the container may still hold it), detach and delete; safe to call twice."""
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         if self._mounted:
             _libc.umount2(str(self.mountpoint).encode(), MNT_DETACH)
             self._mounted = False
@@ -127,6 +141,34 @@ class ScratchDisk:
             self.mountpoint.rmdir()
         except OSError:
             pass
+
+
+class DiskRoom:
+    """The host's room for sandbox disks. They are sparse, so each may still grow to its size: a new one is made
+    only while the host's free space covers what all of them may still take, plus a reserve for the grid's own
+    data (registry, store, results). Filling every sandbox disk at once therefore never fills the host's."""
+
+    def __init__(self, directory: Path, reserve: int = HOST_RESERVE_BYTES) -> None:
+        self.directory, self.reserve = directory, reserve
+        self._disks: set[ScratchDisk] = set()
+        self._lock = threading.Lock()
+
+    def make(self, directory: Path, size_mib: int, *, executable: bool = False) -> ScratchDisk:
+        with self._lock:
+            may_grow = sum(disk.may_grow() for disk in self._disks)
+            free = shutil.disk_usage(self.directory).free
+            if may_grow + (size_mib << 20) + self.reserve > free:
+                raise ScratchError(f"the worker's disk has {free >> 20} MiB free: too little for another {size_mib} "
+                                   f"MiB sandbox disk beside the {may_grow >> 20} MiB its other sandboxes may still "
+                                   f"fill and the {self.reserve >> 20} MiB kept for the grid itself")
+            disk = ScratchDisk(directory, size_mib, executable=executable)
+            self._disks.add(disk)
+        disk.on_close = lambda: self._forget(disk)
+        return disk
+
+    def _forget(self, disk: ScratchDisk) -> None:
+        with self._lock:
+            self._disks.discard(disk)
 
 
 def sweep(directory: Path) -> int:
