@@ -310,13 +310,15 @@ class Worker:
                             first.job_id, len(batch), exc.message)
             except Exception:
                 log.exception("job %s: a batch of %d calls failed; running them one by one", first.job_id, len(batch))
-        # Calls that completed are recorded and announced first: those that failed may wait out a retry backoff,
-        # and calls the batch never ran run now, one by one; their outcomes are recorded together after.
+        # Calls that completed are recorded and announced first; then the calls the batch never ran run, one by one;
+        # those that failed come last, as they may wait out a retry backoff. Each group is recorded together.
         done = [(m, job) for m, job in zip(batch, jobs, strict=True)
                 if m.job_id in outcomes and outcomes[m.job_id] is None and job.status == COMPLETED]
         completed = {m.job_id for m, _ in done}
-        rest = [(m, job) for m, job in zip(batch, jobs, strict=True) if m.job_id not in completed]
-        for group in (done, rest):
+        never_ran = [(m, job) for m, job in zip(batch, jobs, strict=True) if m.job_id not in outcomes]
+        failed = [(m, job) for m, job in zip(batch, jobs, strict=True)
+                  if m.job_id in outcomes and m.job_id not in completed]
+        for group in (done, never_ran, failed):
             settled = []
             for message, job in group:
                 if self._settle(message, job, self._replay(message.job_id in outcomes, outcomes.get(message.job_id))):
