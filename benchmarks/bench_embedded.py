@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,23 +22,10 @@ from pathlib import Path
 
 import httpx
 
-import nanogrid
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50_ms": round(pick(0.50) * 1000, 3), "p99_ms": round(pick(0.99) * 1000, 3),
-            "mean_ms": round(statistics.fmean(ordered) * 1000, 3), "n": len(ordered)}
-
-
-def timed(fn, n: int) -> list[float]:
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return samples
+import nanogrid  # noqa: E402
+from benchmarks.peers import bench_dask, bench_ray, percentiles, timed  # noqa: E402
 
 
 def start_grid(data_dir: Path, port: int, sandbox: str = "process") -> subprocess.Popen:
@@ -99,50 +85,6 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int) -> d
     return results
 
 
-def bench_ray(calls: int, map_n: int) -> dict:
-    try:
-        import ray
-    except ImportError:
-        return {"skipped": "ray is not installed (pip install .[bench])"}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        @ray.remote
-        def noop(x):
-            return x
-
-        timed(lambda: ray.get(noop.remote(1)), 100)
-        single = percentiles(timed(lambda: ray.get(noop.remote(1)), calls))
-        started = time.perf_counter()
-        ray.get([noop.remote(i) for i in range(map_n)])
-        seconds = time.perf_counter() - started
-        return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3),
-                                          "calls_per_s": round(map_n / seconds, 1)}}
-    finally:
-        ray.shutdown()
-        shutil.rmtree(Path.home() / ".ray", ignore_errors=True)
-
-
-def bench_dask(calls: int, map_n: int) -> dict:
-    try:
-        from dask.distributed import Client, LocalCluster
-    except ImportError:
-        return {"skipped": "dask.distributed is not installed (pip install .[bench])"}
-    scratch = tempfile.mkdtemp(prefix="dask-")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      local_directory=scratch) as cluster, Client(cluster) as client:
-        def noop(x):
-            return x
-
-        timed(lambda: client.submit(noop, 1, pure=False).result(), 100)
-        single = percentiles(timed(lambda: client.submit(noop, 1, pure=False).result(), calls))
-        started = time.perf_counter()
-        client.gather(client.map(noop, range(map_n), pure=False))
-        seconds = time.perf_counter() - started
-    shutil.rmtree(scratch, ignore_errors=True)
-    rate = round(map_n / seconds, 1)
-    return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": rate}}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=1000)
@@ -150,6 +92,8 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=20)
     parser.add_argument("--port", type=int, default=8799)
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peers-python", help="the interpreter of a venv with Ray and Dask (make bench makes "
+                        ".venv-peers: Ray needs newer packages than NanoGrid's lock files pin)")
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "embedded.json")
     args = parser.parse_args()
@@ -167,7 +111,11 @@ def main() -> None:
         grid.terminate()
         grid.wait(15)
         shutil.rmtree(data_dir, ignore_errors=True)
-    if args.peers:
+    if args.peers and args.peers_python:
+        done = subprocess.run([args.peers_python, str(Path(__file__).with_name("peers.py")), str(args.calls),
+                               str(args.map)], capture_output=True, text=True, check=True)
+        report.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    elif args.peers:
         report["ray"] = bench_ray(args.calls, args.map)
         report["dask"] = bench_dask(args.calls, args.map)
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
