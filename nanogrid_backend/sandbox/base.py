@@ -27,7 +27,9 @@ from nanogrid_backend.sandbox.cgroup import MemoryCgroup
 from nanogrid_backend.sandbox.outputs import HostWriteFailed, OutputQuotaExceeded, OutputWriter
 from nanogrid_backend.sandbox.protocol import (
     CHUNK_BYTES,
+    ChannelClosed,
     ChannelTimeout,
+    FrameReader,
     FrameTooLarge,
     ProtocolViolation,
     check_need,
@@ -166,6 +168,7 @@ class Sandbox(ABC):
     cgroup: MemoryCgroup | None = None  # where the per-call peak is read; None: the bootstrap reports VmHWM
     output_dir: Path  # written by the host only
     limits: Limits
+    reader: FrameReader  # the bootstrap's replies
 
     @abstractmethod
     def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None: ...
@@ -409,11 +412,19 @@ class Sandbox(ABC):
             path.unlink(missing_ok=True)
             raise
 
+    def _receive(self, deadline: float, max_body: int) -> tuple[dict[str, Any], bytes]:
+        """One frame by ``deadline`` (ChannelTimeout); SandboxError if the sandbox died; ProtocolViolation if forged."""
+        try:
+            return self.reader.read(deadline, max_body)
+        except (ChannelClosed, OSError):
+            raise self._death() from None
+
     def _receive_into(self, deadline: float, buffer: bytearray) -> tuple[dict[str, Any], memoryview]:
-        """One frame whose body is read into ``buffer`` (a streamed result's piece); the sandboxes read it in place."""
-        header, body = self._receive(deadline, len(buffer))
-        buffer[:len(body)] = body
-        return header, memoryview(buffer)[:len(body)]
+        """One frame whose body is read into ``buffer`` (a streamed result's piece), in place."""
+        try:
+            return self.reader.read_into(deadline, buffer)
+        except (ChannelClosed, OSError):
+            raise self._death() from None
 
     def _forward_ai(self, ai: AISession | None, frame: dict[str, Any], body: bytes,
                     deadline: float) -> tuple[dict[str, Any], bytes]:
@@ -490,8 +501,8 @@ class Sandbox(ABC):
         """Send one frame; SandboxError if the sandbox is gone."""
 
     @abstractmethod
-    def _receive(self, deadline: float, max_body: int) -> tuple[dict[str, Any], bytes]:
-        """One frame by ``deadline`` (ChannelTimeout); SandboxError if the sandbox died; ProtocolViolation if forged."""
+    def _death(self) -> SandboxError:
+        """Why the bootstrap went away mid-call (the sandbox is closed): a kill, the OOM killer, or the function."""
 
     @abstractmethod
     def _stop(self, graceful: bool) -> None:

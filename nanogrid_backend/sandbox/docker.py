@@ -270,13 +270,11 @@ class DockerSandbox(Sandbox):
         if not in_file or self.scratch is None or not self._host_reads_outputs:
             return super()._receive_result(job_id, size, deadline, in_file)
         path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        root = os.open(self.scratch.mountpoint, flags)
         work = source = -1
         spool = _Spool(path)  # the host's own file: its errors (a full disk) are the host's, raised as they are
         try:
             try:
-                work = os.open("work", flags, dir_fd=root)
+                work = self.scratch.open_work()
                 source = os.open(RESULT_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=work)
                 info = os.fstat(source)
             except OSError:
@@ -301,7 +299,7 @@ class DockerSandbox(Sandbox):
             path.unlink(missing_ok=True)
             raise
         finally:
-            for fd in (source, work, root):
+            for fd in (source, work):
                 if fd >= 0:
                     os.close(fd)
 
@@ -313,52 +311,36 @@ class DockerSandbox(Sandbox):
         if self.scratch is None or not self._host_reads_outputs or size < BLOB_FILE_OVER:
             return super()._send_blob(path)
         name = BLOB_FILE_PREFIX + uuid.uuid4().hex
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        root = os.open(self.scratch.mountpoint, flags)
+        work = self.scratch.open_work()
         try:
-            work = os.open("work", flags, dir_fd=root)
+            try:
+                target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                                 dir_fd=work)
+                try:
+                    os.fchmod(target, 0o644)  # readable by the sandbox's user (the grid's umask is 077)
+                    with path.open("rb") as source:
+                        offset = 0
+                        while offset < size:
+                            sent = os.sendfile(target, source.fileno(), offset, size - offset)
+                            if not sent:
+                                raise OSError(errno.EIO, "the blob file ended early")
+                            offset += sent
+                finally:
+                    os.close(target)
+            except OSError:  # no room on its disk (or the sandbox got in the way): the channel instead
+                try:
+                    os.unlink(name, dir_fd=work)
+                except OSError:
+                    pass
+                return super()._send_blob(path)
         finally:
-            os.close(root)
-        try:
-            target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                             dir_fd=work)
-            try:
-                os.fchmod(target, 0o644)  # readable by the sandbox's user (the grid's umask is 077)
-                with path.open("rb") as source:
-                    offset = 0
-                    while offset < size:
-                        sent = os.sendfile(target, source.fileno(), offset, size - offset)
-                        if not sent:
-                            raise OSError(errno.EIO, "the blob file ended early")
-                        offset += sent
-            finally:
-                os.close(target)
-        except OSError:  # no room on its disk (or the sandbox got in the way): the channel instead
-            try:
-                os.unlink(name, dir_fd=work)
-            except OSError:
-                pass
             os.close(work)
-            return super()._send_blob(path)
-        os.close(work)
         self._send({"op": "blob_file", "name": name})
 
     def _send(self, header: dict, body: bytes = b"") -> None:
         try:
             self._raw.sendall(encode_frame(header, body))
         except OSError:
-            raise self._death() from None
-
-    def _receive(self, deadline: float, max_body: int) -> tuple[dict, bytes]:
-        try:
-            return self.reader.read(deadline, max_body)
-        except (ChannelClosed, OSError):
-            raise self._death() from None
-
-    def _receive_into(self, deadline: float, buffer: bytearray) -> tuple[dict, memoryview]:
-        try:
-            return self.reader.read_into(deadline, buffer)
-        except (ChannelClosed, OSError):
             raise self._death() from None
 
     def _death(self) -> SandboxError:

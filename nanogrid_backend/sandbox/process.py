@@ -200,18 +200,6 @@ class ProcessSandbox(Sandbox):
         except (BrokenPipeError, ValueError):
             raise self._death() from None
 
-    def _receive(self, deadline: float, max_body: int) -> tuple[dict, bytes]:
-        try:
-            return self.reader.read(deadline, max_body)
-        except (ChannelClosed, OSError):
-            raise self._death() from None
-
-    def _receive_into(self, deadline: float, buffer: bytearray) -> tuple[dict, memoryview]:
-        try:
-            return self.reader.read_into(deadline, buffer)
-        except (ChannelClosed, OSError):
-            raise self._death() from None
-
     def _death(self) -> SandboxError:
         """Why the bootstrap died mid-call: our kill, the OOM killer, or the function's own doing."""
         code = self.proc.wait()

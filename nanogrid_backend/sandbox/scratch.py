@@ -118,6 +118,16 @@ class ScratchDisk:
     def tmp_dir(self) -> str:
         return str(self.mountpoint / "tmp")
 
+    def open_work(self) -> int:
+        """A descriptor of the sandbox's working directory, reached without following links (the host creates and
+        reads files there only relative to it, with ``O_NOFOLLOW``)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        root = os.open(self.mountpoint, flags)
+        try:
+            return os.open("work", flags, dir_fd=root)
+        finally:
+            os.close(root)
+
     def may_grow(self) -> int:
         """Bytes its sparse file may still take on the host's disk."""
         try:

@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from nanogrid_backend.blobs import (
     BLOB_FORMAT,
@@ -51,22 +52,19 @@ BATCH_BUDGET_MS = 20.0
 TIMINGS_KEPT = 1024
 
 
-def _wants_ai(package: bytes) -> bool:
-    """Whether the function asked for the AI node (manifest ``ai``: JSON ``true`` and nothing else)."""
+def _manifest(package: bytes) -> dict[str, Any]:
+    """The package's manifest, read once per cold start; {} for a package that has none (its load says why)."""
     try:
         with zipfile.ZipFile(io.BytesIO(package)) as zf:
-            return json.loads(zf.read("manifest.json")).get("ai") is True
-    except (KeyError, ValueError, AttributeError, zipfile.BadZipFile):
-        return False
+            manifest = json.loads(zf.read("manifest.json"))
+    except (KeyError, ValueError, zipfile.BadZipFile):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
-def _disk_mib(package: bytes) -> int | None:
+def _disk_mib(manifest: dict[str, Any]) -> int | None:
     """The scratch disk the function asked for (manifest ``disk``, MiB, checked at upload), else None."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(package)) as zf:
-            disk = json.loads(zf.read("manifest.json")).get("disk")
-    except (KeyError, ValueError, AttributeError, zipfile.BadZipFile):
-        return None
+    disk = manifest.get("disk")
     return disk if isinstance(disk, int) and not isinstance(disk, bool) and disk > 0 else None
 
 
@@ -546,15 +544,14 @@ class Worker:
 
     def _code(self, message: JobMessage) -> FunctionCode:
         package = self._verified_package(message)
-        ai = _wants_ai(package) and self.ai is not None
+        manifest = _manifest(package)
+        ai = manifest.get("ai") is True and self.ai is not None  # JSON true and nothing else
         env = {"AI_ENDPOINT": CHANNEL, **({"LLM_MODEL": self.ai.model} if self.ai and self.ai.model else {})} if ai else None
         # The function's own variables and secrets first: the grid's (FUNCTION_ID, MEMORY_MB, ...) win over them.
-        env = {**self._function_environment(message, package), **(env or {})}
+        env = {**self._function_environment(message, manifest), **(env or {})}
         # The environment it asks for (packages, Python), built once per grid; the build's progress shows on the job.
         environment, progress_shown = None, []
         if self.pool.environments is not None:
-            with zipfile.ZipFile(io.BytesIO(package)) as zf:
-                manifest = json.loads(zf.read("manifest.json"))
 
             def progress(text: str) -> None:
                 progress_shown.append(text)
@@ -570,13 +567,11 @@ class Worker:
             if environment is not None and environment.variables:
                 env = {**environment.variables, **(env or {})}
         return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment,
-                            disk_mib=_disk_mib(package))
+                            disk_mib=_disk_mib(manifest))
 
-    def _function_environment(self, message: JobMessage, package: bytes) -> dict[str, str]:
+    def _function_environment(self, message: JobMessage, manifest: dict[str, Any]) -> dict[str, str]:
         """``env`` and ``secrets`` of the manifest (secrets decrypted only here, into the sandbox), and the
         seed platform's FUNCTION_ID and MEMORY_MB."""
-        with zipfile.ZipFile(io.BytesIO(package)) as zf:
-            manifest = json.loads(zf.read("manifest.json"))
         env = {str(k): str(v) for k, v in (manifest.get("env") or {}).items()}
         for name in manifest.get("secrets") or []:
             secret = self.registry.get_secret(message.owner, str(name))
