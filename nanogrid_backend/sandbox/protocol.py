@@ -124,20 +124,10 @@ class FrameReader:
 
     def read(self, deadline: float | None, max_body: int) -> tuple[dict[str, Any], bytes]:
         """One frame whose body is at most ``max_body`` bytes; ProtocolViolation otherwise."""
-        self._fill(HEADER.size, deadline)
-        header_len, body_len = HEADER.unpack_from(self._buffer)
-        if header_len > self.max_header:
-            raise ProtocolViolation(f"a frame header of {header_len} bytes (at most {self.max_header})")
-        if body_len > max_body:
-            raise FrameTooLarge(body_len, max_body)
+        header_len, body_len = self._sizes(deadline, max_body)
         total = HEADER.size + header_len + body_len
         self._fill(total, deadline)
-        try:
-            header = json.loads(bytes(self._buffer[HEADER.size:HEADER.size + header_len]))
-        except (UnicodeDecodeError, ValueError):
-            raise ProtocolViolation("a frame header that is not JSON") from None
-        if not isinstance(header, dict):
-            raise ProtocolViolation("a frame header that is not a JSON object")
+        header = self._header(header_len)
         body = bytes(self._buffer[HEADER.size + header_len:total])
         del self._buffer[:total]
         return header, body

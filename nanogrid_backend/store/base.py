@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,8 @@ class BlobStore(ABC):
 
     Output files count against their owner's disk quota at their apparent size (a sparse file counts in full).
     """
+
+    _quota: Callable[[str], int | None] | None = None  # owner -> disk quota in bytes (None: none)
 
     @abstractmethod
     def put_package(self, function_id: str, data: bytes) -> None: ...
@@ -107,7 +109,8 @@ class BlobStore(ABC):
 
     def quota_left(self, owner: str) -> int | None:
         """Bytes the owner may still store; None: no quota. For a writer that caps a call's outputs as they arrive."""
-        return None
+        quota = self.quota_of(owner)
+        return None if quota is None else max(0, quota - self.usage(owner))
 
     def check_quota(self, owner: str, adding: int) -> None:
         """QuotaExceeded if ``adding`` more bytes would take the owner over its quota (nothing is reserved)."""
@@ -117,7 +120,8 @@ class BlobStore(ABC):
             raise QuotaExceeded(owner, quota - left, adding, quota)
 
     def quota_of(self, owner: str) -> int | None:
-        return None
+        """The owner's disk quota in bytes; None: none (a store given a quota function answers from it)."""
+        return self._quota(owner) if self._quota is not None else None
 
     def usage(self, owner: str) -> int:
         """Bytes of output files the owner has stored."""

@@ -155,19 +155,12 @@ class LocalStore(BlobStore):
         with self._lock:
             return self._usage_table().get(owner, 0)
 
-    def quota_of(self, owner: str) -> int | None:
-        return self._quota(owner)
-
-    def quota_left(self, owner: str) -> int | None:
-        quota = self._quota(owner)
-        return None if quota is None else max(0, quota - self.usage(owner))
-
     def save_output(self, job_id: str, name: str, source: Path, owner: str | None = None) -> int:
         if owner is None:
             owner = self._owner_of(job_id)
         target = self._output_path(job_id, name)
         size = source.lstat().st_size  # the apparent size: a sparse file counts in full
-        quota = self._quota(owner)
+        quota = self.quota_of(owner)
         job_dir = self.root / "outputs" / job_id
         with self._lock:
             usage = self._usage_table()

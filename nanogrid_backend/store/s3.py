@@ -144,18 +144,11 @@ class S3Store(BlobStore):
     def usage(self, owner: str) -> int:
         return sum(int(item["Key"].rsplit("/", 1)[1].split("-", 1)[0]) for item in self._keys(f"owners/{owner}/"))
 
-    def quota_of(self, owner: str) -> int | None:
-        return self._quota(owner)
-
-    def quota_left(self, owner: str) -> int | None:
-        quota = self._quota(owner)
-        return None if quota is None else max(0, quota - self.usage(owner))
-
     def save_output(self, job_id: str, name: str, source: Path, owner: str | None = None) -> int:
         if owner is None:
             owner = self._owner_of(job_id)
         size = source.lstat().st_size  # the apparent size: a sparse file counts in full
-        quota = self._quota(owner)
+        quota = self.quota_of(owner)
         if quota is not None:
             used = self.usage(owner)
             if used + size > quota:
