@@ -106,6 +106,11 @@ class ArgsEncoder:
                 raise InvalidArguments(f"cannot send {name}{where} to the grid: {exc}") from exc
         return PickledCall(named, len(args), list(kwargs), where)
 
+    def pickle_of(self, value: Any) -> bytes | None:
+        """The pickle made of an argument (None for a Ref): package sync reads the modules it references."""
+        stored = None if isinstance(value, Ref) else self._memo[id(value)].stored
+        return stored if isinstance(stored, bytes) else None
+
     def send(self, calls: list[PickledCall]) -> list[tuple[bytes, list[str]]]:
         """Every argument of every call checked against the grid's limits, then the large ones uploaded (each
         once) and each call's args pickle written: (args pickle, its blobs) per call."""

@@ -17,6 +17,7 @@ import json
 import pickletools
 import re
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from nanogrid.errors import NanoGridError
+from nanogrid.errors import InvalidEnvironment, NanoGridError
 
 PLATFORM = "x86_64-manylinux_2_28"  # the wheels' platform: the grid's runtime images run glibc 2.36+
 # A pin or range for one distribution, never a URL, path or installer option.
@@ -34,6 +35,9 @@ REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(\[[A-Za-z0-9._,-]{1,
                          r"(\s*(===|==|~=|!=|>=|<=|>|<)\s*[A-Za-z0-9.*+!_-]{1,64}(\s*,\s*(===|==|~=|!=|>=|<=|>|<)\s*"
                          r"[A-Za-z0-9.*+!_-]{1,64})*)?$")
 SYSTEM_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,99}$")  # a Debian package name
+SYSTEM_PATTERN = re.compile(r"\.[.+]|\.$")  # what apt reads as a regular expression in a name: '.+', '..', 'zsh.'
+PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13", "3.14")  # the minor versions a runtime can be built for
+_EXAMPLES = {"packages": "pandas==2.2.3", "system": "ffmpeg"}
 VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 RESERVED_VARIABLES = ("NANOGRID_", "PYTHON", "PATH", "HOME", "LD_")  # the sandbox's own settings
 GRID_PROVIDED = {"nanogrid", "cloudpickle"}  # every runtime has the grid's own copies
@@ -67,22 +71,33 @@ class Environment:
     env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.packages, str) or isinstance(self.system, str):
-            raise TypeError("packages and system take a list of names, e.g. packages=['pandas==2.2.3']")
+        for option in ("packages", "system"):
+            names = getattr(self, option)
+            if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+                raise InvalidEnvironment(f"{option} takes a list of names, e.g. {option}=['{_EXAMPLES[option]}'], "
+                                         f"not {names!r}")
         packages = tuple(sorted({p.strip() for p in self.packages if p.strip()}, key=_name))
         for requirement in packages:
             if not REQUIREMENT.match(requirement):
-                raise ValueError(f"package {requirement!r} is not a requirement NanoGrid can install: give a name "
-                                 "with an optional version, e.g. 'pandas' or 'pandas==2.2.3' (no URLs, paths or options)")
+                raise InvalidEnvironment(
+                    f"package {requirement!r} is not a requirement NanoGrid can install: give a name with an optional "
+                    "version, e.g. 'pandas' or 'pandas==2.2.3' (no URLs, paths or options)")
         for name in self.system:
-            if not SYSTEM_PACKAGE.match(name):
-                raise ValueError(f"system package {name!r} is not a Debian package name")
+            if not SYSTEM_PACKAGE.match(name) or SYSTEM_PATTERN.search(name):
+                raise InvalidEnvironment(
+                    f"system package {name!r} is not a Debian package name: lowercase letters, digits, '+', '-' and "
+                    "'.', exactly as `apt-cache show` names it (apt would read '.+', '..' or a trailing '.' as a "
+                    "pattern and install whatever matches)")
+        if not isinstance(self.env, Mapping):
+            raise InvalidEnvironment(f"env takes a dict of variables, e.g. env={{'MODE': 'fast'}}, not {self.env!r}")
         for key, value in self.env.items():
             if not VARIABLE.match(key) or key.startswith(RESERVED_VARIABLES) or not isinstance(value, str):
-                raise ValueError(f"environment variable {key!r}: names are letters, digits and '_', values are "
-                                 f"strings, and {', '.join(RESERVED_VARIABLES)}... belong to the sandbox")
-        if self.python is not None and not re.match(r"^3\.\d{1,2}$", self.python):
-            raise ValueError(f"python must be a minor version such as '3.11', not {self.python!r}")
+                raise InvalidEnvironment(
+                    f"environment variable {key!r}: names are letters, digits and '_', values are strings, and "
+                    f"{', '.join(RESERVED_VARIABLES)}... belong to the sandbox")
+        if self.python is not None and self.python not in PYTHONS:
+            raise InvalidEnvironment(f"python must be a minor version a runtime can have ({', '.join(PYTHONS)}), "
+                                     f"not {self.python!r}")
         object.__setattr__(self, "packages", packages)
         object.__setattr__(self, "system", tuple(sorted(set(self.system))))
         object.__setattr__(self, "env", dict(sorted(self.env.items())))
@@ -114,37 +129,72 @@ def environment_id(spec: Mapping[str, Any]) -> str:
 
 # ---- package sync: which modules a function uses ------------------------------------------------------------
 
+# Callables a pickle calls with a module's name to import it: cloudpickle's (a module global, by name or by value),
+# and the standard ones some libraries' reducers use.
+_IMPORTERS = {("cloudpickle.cloudpickle", "subimport"), ("cloudpickle.cloudpickle", "dynamic_subimport"),
+              ("cloudpickle", "subimport"), ("cloudpickle", "dynamic_subimport"),
+              ("importlib", "import_module"), ("builtins", "__import__")}
+_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+_MARK = object()
+
+
+class _Global(tuple[str, str]):
+    """A global a pickle names (module, attribute), on the scanner's stack."""
+
+
+def _top(module_name: str) -> str:
+    return module_name.split(".", 1)[0]
+
 
 def modules_in_pickle(data: bytes) -> set[str]:
-    """Top-level modules a pickle refers to: its globals (classes, functions) and cloudpickle's module imports."""
+    """Top-level modules a pickle refers to: its globals (classes, functions, reducers) and the modules it imports.
+
+    The opcodes run on a small model of the unpickler's stack and memo, so a name counts however it
+    arrives: fresh, or fetched from the memo (cloudpickle memoizes ``"numpy"`` when the code also names
+    it, and ``subimport`` then gets it with a ``BINGET``). Only strings and globals are kept as values.
+    """
     found: set[str] = set()
-    memo: dict[int, str | None] = {}
-    recent: list[str | None] = []  # the last two values pushed, where they were strings
-    subimport_next = False  # cloudpickle pickles a module as subimport("name")
-    for opcode, arg, _ in pickletools.genops(data):
-        name = opcode.name
-        value: str | None = None
-        if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
-            value = str(arg)
-            if subimport_next:
-                found.add(value.split(".", 1)[0])
-                subimport_next = False
-        elif name in ("BINGET", "LONG_BINGET", "GET"):
-            value = memo.get(int(str(arg)))
-        elif name == "MEMOIZE":
-            memo[len(memo)] = recent[-1] if recent else None
-            continue
-        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-            memo[int(str(arg))] = recent[-1] if recent else None
-            continue
-        elif name == "GLOBAL":
-            module, _, attr = str(arg).partition(" ")
-            found.add(module.split(".", 1)[0])
-            subimport_next = attr in ("subimport", "dynamic_subimport")
-        elif name == "STACK_GLOBAL" and len(recent) == 2 and recent[0]:
-            found.add(recent[0].split(".", 1)[0])
-            subimport_next = recent[1] in ("subimport", "dynamic_subimport")
-        recent = (recent + [value])[-2:]
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            name = opcode.name
+            before = opcode.stack_before
+            if pickletools.markobject in before:  # pop down to the mark, then what lies under it
+                mark = max((i for i, item in enumerate(stack) if item is _MARK), default=0)
+                items = stack[mark + 1:]
+                del stack[max(mark - before.index(pickletools.markobject), 0):]
+            else:
+                items = stack[len(stack) - len(before):] if before else []
+                del stack[len(stack) - len(before):]
+            pushed: Any = None
+            if name in _STRINGS:
+                pushed = str(arg)
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed = memo.get(int(str(arg)))
+            elif name == "MEMOIZE":
+                memo[len(memo)] = items[0] if items else None
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(str(arg))] = items[0] if items else None
+            elif name == "GLOBAL":
+                module, _, attr = str(arg).partition(" ")
+                pushed = _Global((module, attr))
+            elif name == "STACK_GLOBAL" and all(isinstance(item, str) for item in items):
+                pushed = _Global((items[0], items[1]))
+            elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                pushed = tuple(items)
+            elif name == "REDUCE" and isinstance(items[0], _Global) and tuple(items[0]) in _IMPORTERS:
+                if isinstance(items[1], tuple) and items[1] and isinstance(items[1][0], str):
+                    found.add(_top(items[1][0]))
+            if isinstance(pushed, _Global):
+                found.add(_top(pushed[0]))
+            if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                stack += items  # a memo write leaves the stack as it was
+            else:
+                stack += [_MARK if name == "MARK" else pushed] * len(opcode.stack_after)
+    except (ValueError, IndexError):  # a truncated or foreign pickle: what was found before the damage still counts
+        pass
+    found.discard("")
     return found
 
 
@@ -152,14 +202,86 @@ def modules_imported(fn: Callable[..., Any]) -> set[str]:
     """Modules the function's code imports when it runs (``import x`` inside the body), nested code included."""
     code = getattr(fn, "__code__", None)
     found: set[str] = set()
-    pending = [code] if code is not None else []
-    while pending:
-        current = pending.pop()
+    for current in _code_objects(code) if code is not None else ():
         for instruction in dis.get_instructions(current):
             if instruction.opname == "IMPORT_NAME" and isinstance(instruction.argval, str):
-                found.add(instruction.argval.split(".", 1)[0])
+                found.add(_top(instruction.argval))
+    found.discard("")
+    return found
+
+
+def _code_objects(code: types.CodeType) -> list[types.CodeType]:
+    """A code object and every code object nested in it (inner functions, class bodies, comprehensions)."""
+    found, pending = [], [code]
+    while pending:
+        current = pending.pop()
+        found.append(current)
         pending += [c for c in current.co_consts if isinstance(c, types.CodeType)]
     return found
+
+
+def modules_of_function(fn: Callable[..., Any]) -> set[str]:
+    """Modules a function reaches through its globals, closure and defaults, walked the way cloudpickle carries it.
+
+    A module object counts (``import numpy``, ``from a import b`` for a submodule b), and so does the
+    module of a function or class it names; a function or class that cloudpickle carries by value
+    (defined in the notebook or script, or inside another function) is walked in turn: its own
+    globals and closure, or the methods of a class.
+    """
+    found: set[str] = set()
+    seen: set[int] = set()
+    pending: list[Any] = [fn]
+    while pending:
+        value = pending.pop()
+        if value is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, types.ModuleType):
+            found.add(_top(value.__name__))
+        elif isinstance(value, staticmethod | classmethod | types.MethodType):
+            pending.append(value.__func__)
+        elif isinstance(value, property):
+            pending += [value.fget, value.fset, value.fdel]
+        elif isinstance(value, types.FunctionType | type):
+            found.add(_top(getattr(value, "__module__", None) or ""))
+            if _carried_by_value(value):
+                pending += _reachable(value)
+        elif isinstance(value, types.BuiltinFunctionType):  # ``from numpy import arange``: a C function of numpy
+            found.add(_top(getattr(value, "__module__", None) or "builtins"))
+        else:
+            found.add(_top(getattr(type(value), "__module__", "") or ""))
+    found.discard("")
+    return found
+
+
+def _carried_by_value(value: types.FunctionType | type) -> bool:
+    """Whether cloudpickle pickles this function or class by value (its code goes along) rather than by name."""
+    module_name = getattr(value, "__module__", None)
+    module = sys.modules.get(module_name) if module_name else None
+    if module is None or module_name in ("__main__", "__mp_main__"):
+        return True
+    import cloudpickle
+
+    if module_name in cloudpickle.list_registry_pickle_by_value():
+        return True
+    target: Any = module
+    for part in value.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is not value
+
+
+def _reachable(value: types.FunctionType | type) -> list[Any]:
+    """What a function or class carried by value takes with it: globals its code names, closure, defaults, methods."""
+    if isinstance(value, type):
+        return [*vars(value).values(), *(base for base in value.__bases__ if base is not object)]
+    names = {name for code in _code_objects(value.__code__) for name in code.co_names}
+    reached = [value.__globals__[name] for name in names if name in value.__globals__]
+    for cell in value.__closure__ or ():
+        try:
+            reached.append(cell.cell_contents)
+        except ValueError:  # a cell not yet assigned
+            pass
+    return reached + list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
 
 
 def modules_of_values(values: Iterable[Any]) -> set[str]:
@@ -173,8 +295,66 @@ def modules_of_values(values: Iterable[Any]) -> set[str]:
             items += islice(value.values(), 100)
         for item in items:
             module = getattr(type(item), "__module__", "") or ""
-            found.add(module.split(".", 1)[0])
+            found.add(_top(module))
+    found.discard("")
     return found
+
+
+# Arguments: the modules a value's pickle references, scanned once per kind of value. Values of one signature
+# (their type; a container's item types; numpy and pandas dtypes, which decide whether pyarrow is pickled)
+# pickle to the same modules, so a .map() over 10,000 items scans one of them.
+_SCANNED: dict[Any, frozenset[str]] = {}
+_MAX_SCANNED = 4096
+_SCANNED_LOCK = threading.Lock()
+
+
+def value_signature(value: Any, depth: int = 0) -> Any:
+    """What decides which modules a value's pickle references, cheaply; None where that cannot be told cheaply
+    (an object-dtype array holds anything), so the value is scanned itself."""
+    kind = type(value)
+    if depth == 0 and kind in (list, tuple, set, frozenset):
+        items = frozenset(value_signature(item, 1) for item in islice(value, 100))
+        return None if None in items else (kind, items)
+    if depth == 0 and kind is dict:
+        items = frozenset(value_signature(item, 1) for pair in islice(value.items(), 100) for item in pair)
+        return None if None in items else (kind, items)
+    if _top(getattr(kind, "__module__", "") or "") in ("numpy", "pandas"):
+        dtypes = [getattr(value, "dtype", None), getattr(getattr(value, "index", None), "dtype", None),
+                  getattr(getattr(value, "columns", None), "dtype", None)]
+        frame: Any = getattr(value, "dtypes", None)
+        dtypes += list(frame) if hasattr(frame, "tolist") else []
+        if any(str(dtype) == "object" for dtype in dtypes):
+            return None
+        return (kind, tuple(dtypes))
+    return kind
+
+
+def modules_of_argument(value: Any, pickled: bytes | None = None) -> frozenset[str]:
+    """Modules an argument needs where it is unpickled: what its pickle references (``pickled``, the bytes the call
+    sends, else pickled here) and its type's; cached per ``value_signature``."""
+    signature = value_signature(value)
+    try:
+        with _SCANNED_LOCK:
+            known = _SCANNED.get(signature) if signature is not None else None
+    except TypeError:  # an unhashable dtype
+        signature, known = None, None
+    if known is not None:
+        return known
+    if pickled is None:
+        import cloudpickle
+
+        try:
+            pickled = cloudpickle.dumps(value, protocol=5)
+        except Exception:  # pickling fails at the call with its own message; the type still counts
+            pickled = b""
+    modules = frozenset(modules_in_pickle(pickled) | modules_of_values([value])) if pickled else frozenset(
+        modules_of_values([value]))
+    if signature is not None:
+        with _SCANNED_LOCK:
+            if len(_SCANNED) >= _MAX_SCANNED:
+                _SCANNED.clear()
+            _SCANNED[signature] = modules
+    return modules
 
 
 @lru_cache(maxsize=1)
@@ -274,8 +454,7 @@ def local_module_files(modules: Iterable[str]) -> dict[str, bytes]:
         for source in sources:
             if "__pycache__" not in source.parts:
                 files[str(source.relative_to(base))] = source.read_bytes()
-        module = sys.modules.get(module_name)
-        pending += [m for m in _modules_used_by(module) if m not in seen]
+        pending += [m for m in _modules_used_by(module_name) if m not in seen]
     total = sum(len(b) for b in files.values())
     if total > MAX_LOCAL_MODULE_BYTES:
         raise PackageSyncError(f"the local modules the function uses ({', '.join(sorted(files))}) add up to "
@@ -283,27 +462,94 @@ def local_module_files(modules: Iterable[str]) -> dict[str, bytes]:
     return files
 
 
-def _modules_used_by(module: types.ModuleType | None) -> set[str]:
-    """Top-level modules a module's globals refer to (its imports, and where its functions and classes come from)."""
+def _modules_used_by(module_name: str) -> set[str]:
+    """Top-level modules a loaded module and its loaded submodules refer to: their imports, and where their
+    functions and classes come from (a local package's ``helpers.stats`` may be the one that imports numpy)."""
     found: set[str] = set()
-    for value in vars(module).values() if module is not None else ():
-        if isinstance(value, types.ModuleType):
-            found.add(value.__name__.split(".", 1)[0])
-        elif isinstance(value, type | types.FunctionType):
-            found.add((getattr(value, "__module__", "") or "").split(".", 1)[0])
+    loaded = [m for name, m in list(sys.modules.items()) if name == module_name or name.startswith(module_name + ".")]
+    for module in loaded:
+        for value in list(vars(module).values()):
+            if isinstance(value, types.ModuleType):
+                found.add(_top(value.__name__))
+            elif isinstance(value, type | types.FunctionType):
+                found.add(_top(getattr(value, "__module__", "") or ""))
+    found.discard("")
     return found
 
 
-def requirements_for(fn: Callable[..., Any], pickled: bytes, argument_modules: Iterable[str] = ()) -> Requirements:
-    """Package sync: the pinned packages and local module files a function needs, from the client's environment."""
-    modules = modules_in_pickle(pickled) | modules_imported(fn) | set(argument_modules)
-    modules.discard("")
+# Sticky environments: in a notebook (an IPython kernel), every distribution synced for any function or cell stays
+# in the environments synced after it, so a session's environments only grow and soon settle on one id that the
+# grid has built, instead of one small environment per function. None: on in IPython, off in scripts and tests.
+STICKY: bool | None = None
+_SYNCED_MODULES: set[str] = set()  # third-party modules synced so far in this process (while sticky)
+
+
+def _sticky() -> bool:
+    if STICKY is not None:
+        return STICKY
+    shell = sys.modules.get("IPython")
+    get_ipython = getattr(shell, "get_ipython", None)
+    return callable(get_ipython) and get_ipython() is not None
+
+
+def requirements_of_modules(modules: Iterable[str]) -> Requirements:
+    """Package sync for a set of top-level modules: the user's own ones as files, the rest pinned as installed here
+    (what the user's own modules import included)."""
+    modules = set(modules) - {"", "__main__", "__mp_main__"}
     local = local_module_files(modules)
     local_names = {name.split("/", 1)[0].removesuffix(".py") for name in local}
-    third_party = set(modules) - local_names
-    for name in local:  # what the user's own modules import needs installing too
-        third_party |= _modules_used_by(sys.modules.get(name.split("/", 1)[0].removesuffix(".py")))
+    third_party = modules - local_names
+    for name in local_names:
+        third_party |= _modules_used_by(name)
+    third_party -= local_names
+    if _sticky():
+        owners = _distributions_of_modules()
+        _SYNCED_MODULES.update(m for m in third_party if m in owners)
+        third_party |= _SYNCED_MODULES
     return Requirements(tuple(pinned_distributions(third_party)), local)
+
+
+def requirements_for(fn: Callable[..., Any], pickled: bytes, argument_modules: Iterable[str] = ()) -> Requirements:
+    """Package sync: the pinned packages and local module files a function needs, from the client's environment.
+
+    Modules come from the function's pickle, the imports its code runs, the modules its globals and
+    closure reach, and ``argument_modules`` (what its arguments' pickles referenced).
+    """
+    modules = modules_in_pickle(pickled) | modules_imported(fn) | modules_of_function(fn) | set(argument_modules)
+    return requirements_of_modules(modules)
+
+
+def pin_installed(requirements: Iterable[str]) -> list[str]:
+    """Each requirement as given, except that a bare name this client has installed is pinned to its version
+    (``pyarrow`` -> ``pyarrow==26.0.1``): the grid then runs what was tested here."""
+    pinned = []
+    for requirement in requirements:
+        bare = requirement.strip()
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?", bare):
+            try:
+                bare = f"{bare}=={metadata.version(_name(bare))}"
+            except metadata.PackageNotFoundError:
+                pass
+        pinned.append(bare)
+    return pinned
+
+
+MISSING_MODULE = re.compile(r"No module named '([A-Za-z0-9_.]+)'")
+
+
+def missing_package(text: str) -> tuple[str, list[str]] | None:
+    """For a sandbox's ``No module named 'x'``: (the module, the pins that provide it here, its distribution
+    first), when this client has that module from an installed distribution; else None."""
+    found = MISSING_MODULE.search(text)
+    if found is None:
+        return None
+    module = _top(found.group(1))
+    owners = _distributions_of_modules().get(module)
+    if not owners or module in sys.stdlib_module_names:
+        return None
+    pins = pinned_distributions({module})
+    head = [p for p in pins if _name(p) == _name(owners[0])]
+    return (module, head + [p for p in pins if p not in head]) if pins else None
 
 
 def for_cell(source: str, namespace: Mapping[str, Any], packages: Iterable[str] | str | None = None
@@ -311,37 +557,30 @@ def for_cell(source: str, namespace: Mapping[str, Any], packages: Iterable[str] 
     """The environment and local module files for a ``%%nanogrid`` cell.
 
     ``source`` is the cell's code, ``namespace`` the notebook's globals (the values the cell reads
-    go along, so their types count), ``packages`` what ``--packages`` named (a list, or a string
-    of names separated by spaces or commas). Explicit packages win over synced ones of the same
-    name. Returns the environment for the cell's package manifest (``spec()``) and the files of
+    go along, so what their pickles reference counts), ``packages`` what ``--packages`` named (a list,
+    or a string of names separated by spaces or commas). Explicit packages win over synced ones of the
+    same name. Returns the environment for the cell's package manifest (``spec()``) and the files of
     the user's own modules the cell uses, to add to the package beside the cell source.
+
+    The cell is found out as a function would be: its code compiled (imports it runs, names it reads),
+    the values it reads scanned as pickles, and functions and classes of the notebook it calls walked.
     """
     import ast
 
     if isinstance(packages, str):
         packages = [p for p in re.split(r"[\s,]+", packages) if p]
-    modules: set[str] = set()
     try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        tree = None
-    names: set[str] = set()
-    for node in ast.walk(tree) if tree is not None else ():
-        if isinstance(node, ast.Import):
-            modules |= {alias.name.split(".", 1)[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            modules.add(node.module.split(".", 1)[0])
-        elif isinstance(node, ast.Name):
-            names.add(node.id)
-    values = [namespace[name] for name in names if name in namespace]
-    for value in values:
-        if isinstance(value, types.ModuleType):
-            modules.add(value.__name__.split(".", 1)[0])
-        elif isinstance(value, type | types.FunctionType):
-            modules.add((getattr(value, "__module__", "") or "").split(".", 1)[0])
-    modules |= modules_of_values(v for v in values if not isinstance(v, types.ModuleType))
-    modules.discard("")
-    local = local_module_files(modules)
-    local_names = {name.split("/", 1)[0].removesuffix(".py") for name in local}
-    synced = pinned_distributions(modules - local_names)
-    return Environment(tuple(packages or ())).with_packages(synced), local
+        code = compile(source, "<nanogrid cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+    except (SyntaxError, ValueError):
+        code = None  # not Python (yet): only the packages named explicitly
+    modules: set[str] = set()
+    if code is not None:
+        cell = types.FunctionType(code, dict(namespace))
+        modules |= modules_imported(cell) | modules_of_function(cell)
+        read = {name for nested in _code_objects(code) for name in nested.co_names}
+        for name in sorted(read & set(namespace)):
+            value = namespace[name]
+            if not isinstance(value, types.ModuleType | types.FunctionType | type):
+                modules |= modules_of_argument(value)
+    found = requirements_of_modules(modules)
+    return Environment(tuple(packages or ())).with_packages(found.packages), found.local_files

@@ -53,6 +53,20 @@ class InvalidArgument(NanoGridError, ValueError):
     """A value NanoGrid refuses before sending anything (an option out of range, arguments too large)."""
 
 
+class InvalidEnvironment(InvalidArguments, ValueError):
+    """An environment that could never be built (a package that is not a requirement, a Python no runtime has, a
+    system package name apt would read as a pattern), refused where it is written; also a ``ValueError``."""
+
+
+class MissingModule(NanoGridError, ModuleNotFoundError):
+    """The grid's sandbox could not import a module this client has; the message names the package and version to
+    add (``requirement``, e.g. ``pyarrow==26.0.1``), and ``name`` is the module."""
+
+    def __init__(self, message: str, *, name: str, requirement: str) -> None:
+        super().__init__(message, name=name)
+        self.requirement = requirement
+
+
 class WaitTimeout(NanoGridError, TimeoutError):
     """``Job.result(timeout=...)`` ran out of time; the job itself is still running on the grid."""
 

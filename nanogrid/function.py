@@ -15,7 +15,9 @@ import inspect
 import io
 import json
 import queue
+import sys
 import threading
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -25,14 +27,17 @@ from tqdm.auto import tqdm
 
 from nanogrid.client import GIVE_UP_CANCEL_S, Client, get_client
 from nanogrid.data import ArgsEncoder, PickledCall
-from nanogrid.environment import Environment, modules_of_values, requirements_for
+from nanogrid.environment import Environment, missing_package, modules_of_argument, pin_installed, requirements_for
 from nanogrid.errors import (
     APIError,
     GridUnresponsive,
     InvalidArgument,
     InvalidArguments,
+    InvalidEnvironment,
     JobFailed,
+    MissingModule,
     NanoGridError,
+    RemoteTraceback,
     UnsupportedFunction,
 )
 from nanogrid.job import Job, outcome
@@ -55,6 +60,7 @@ class RemoteFunction(Generic[P, R]):
                  retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
                  env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None) -> None:
         _check_runnable(fn)
+        _check_environment_options(packages, secrets, environment)
         if result not in ("pickle", "json"):
             raise InvalidArguments(f"result must be 'pickle' or 'json' (data only, never unpickled), not {result!r}")
         self.result_format = result
@@ -73,10 +79,11 @@ class RemoteFunction(Generic[P, R]):
         # What it runs with: an explicit Environment as it is, else the client's packages it uses (package sync)
         # plus ``packages``, which win over synced ones of the same name.
         self.environment = environment
-        self.packages = list(packages or [])
+        self.packages = pin_installed(packages or [])  # a bare name this client has runs at the version it has
+        self._added: list[str] = []  # pins added after the sandbox could not import a module this client has
         self.retry_policy = _retry_policy(retries, retry_on, backoff)  # in the manifest: the worker tries again
-        self._argument_modules: set[str] = set()  # modules of the argument types seen so far (package sync)
-        self._synced: tuple[bytes, frozenset[str], Environment, dict[str, bytes]] | None = None
+        self._argument_modules: set[str] = set()  # modules the arguments' pickles referenced so far (package sync)
+        self._synced: tuple[bytes, Any, Environment, dict[str, bytes]] | None = None
         self._pickled: bytes | None = None
         self._package: FunctionPackage | None = None
         self._signature: inspect.Signature | None = None
@@ -122,17 +129,47 @@ class RemoteFunction(Generic[P, R]):
         """The environment and local module files for this pickle (package sync, cached per pickle)."""
         if self.environment is not None:
             return self.environment.with_packages(self.packages), {}
-        key = frozenset(self._argument_modules)
+        key = (frozenset(self._argument_modules), tuple(self._added))
         if self._synced is None or self._synced[:2] != (pickled, key):
-            found = requirements_for(self.fn, pickled, key)
-            self._synced = (pickled, key, Environment(tuple(self.packages)).with_packages(found.packages),
-                            found.local_files)
+            found = requirements_for(self.fn, pickled, key[0])
+            explicit = Environment(tuple(self.packages)).with_packages(self._added)
+            self._synced = (pickled, key, explicit.with_packages(found.packages), found.local_files)
         return self._synced[2], self._synced[3]
 
-    def _note_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Package sync counts the argument types: a DataFrame argument needs pandas on the grid."""
-        if self.environment is None:
-            self._argument_modules |= modules_of_values([*args, *kwargs.values()])
+    def _note_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any], encoder: ArgsEncoder | None = None
+                        ) -> None:
+        """Package sync counts what the arguments' pickles reference (``encoder``'s, the bytes the call sends): a
+        DataFrame needs pandas on the grid, and pyarrow too where pandas 3 keeps its strings in pyarrow."""
+        if self.environment is not None:
+            return
+        for value in [*args, *kwargs.values()]:
+            pickled = encoder.pickle_of(value) if encoder is not None else None
+            if encoder is None or pickled is not None:  # a Ref was pickled when it was put
+                self._argument_modules |= modules_of_argument(value, pickled)
+
+    def _missing_module(self, exc: BaseException) -> tuple[MissingModule, list[str]] | None:
+        """For a call that failed because the sandbox could not import a module this client has: the error that
+        names the package to add, and the pins that provide it; None for any other failure."""
+        cause = exc.__cause__
+        text = f"{exc}\n{cause.text if isinstance(cause, RemoteTraceback) else ''}"
+        found = missing_package(text) if isinstance(exc, ImportError | JobFailed) else None
+        if found is None:
+            return None
+        module, pins = found
+        where = "its Environment(packages=[...])" if self.environment is not None else "@nanogrid.remote"
+        message = (f"the grid's sandbox could not import {module!r}, which this client has ({pins[0]}): add "
+                   f"packages=['{pins[0]}'] to {where}")
+        return MissingModule(message, name=module, requirement=pins[0]), pins
+
+    def _ran(self, exc: BaseException) -> bool:
+        """Whether the failed call got as far as running the function (then it is never tried again here): not
+        when its package or arguments could not be unpickled."""
+        if isinstance(exc, JobFailed):
+            return exc.kind != "load"
+        cause = exc.__cause__
+        code = getattr(self.fn, "__code__", None)
+        text = cause.text if isinstance(cause, RemoteTraceback) else ""
+        return code is None or f'File "{code.co_filename}"' in text
 
     def deploy(self) -> str:
         """Upload the function if the grid does not have this version yet; returns its function id."""
@@ -189,8 +226,9 @@ class RemoteFunction(Generic[P, R]):
             except TypeError as exc:
                 raise InvalidArguments(f"cannot call {getattr(self.fn, '__qualname__', self.name)}{self._signature}: "
                                        f"{exc}{where}; nothing was sent to the grid") from None
-        self._note_arguments(args, kwargs)
-        return encoder.pickle(args, kwargs, where)
+        call = encoder.pickle(args, kwargs, where)
+        self._note_arguments(args, kwargs, encoder)
+        return call
 
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Start a call and return its Job at once."""
@@ -200,8 +238,32 @@ class RemoteFunction(Generic[P, R]):
         return Job(self.client, view, self.name, unpickle=self.result_format == "pickle")
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run on the grid and return the value; a remote exception is re-raised here."""
+        """Run on the grid and return the value; a remote exception is re-raised here.
+
+        A call that failed before the function ran because the sandbox could not import a module this
+        client has (``MissingModule`` names it) is tried once more with that package added, at this
+        client's version, when the environment is synced; an explicit ``environment`` is never changed.
+        """
         payload, blobs = self._encode(args, kwargs)
+        try:
+            return self._run(payload, blobs)
+        except (ImportError, JobFailed) as exc:
+            missing = self._missing_module(exc)
+            if missing is None:
+                raise
+            if self.environment is not None or self._ran(exc) or all(p in self._added for p in missing[1]):
+                raise missing[0] from exc
+            self._added += [pin for pin in missing[1] if pin not in self._added]
+            warnings.warn(f"{missing[0]}; trying {self.name} once more with it added", stacklevel=2)
+        try:
+            return self._run(payload, blobs)
+        except (ImportError, JobFailed) as exc:
+            again = self._missing_module(exc)
+            if again is None:
+                raise
+            raise again[0] from exc
+
+    def _run(self, payload: str, blobs: list[str]) -> R:
         view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "blobs": blobs, "model": self.model},
                           lambda body: self.client.run(body, hold=LIVE_AFTER_S))
         job = Job[R](self.client, view, self.name, unpickle=self.result_format == "pickle")
@@ -240,6 +302,27 @@ def _check_runnable(fn: Callable[..., Any]) -> None:
         raise UnsupportedFunction(
             f"{name} is a generator function (it uses yield); a remote call returns one value. "
             "Return a list instead (`return list(...)`), or use .map() for one call per item")
+
+
+def _check_environment_options(packages: list[str] | None, secrets: list[str] | None,
+                               environment: Environment | None) -> None:
+    """Refuse, where they are written, options that could never give a working environment."""
+    for option, names, example in (("packages", packages, "humanize==4.9.0"), ("secrets", secrets, "openai")):
+        if isinstance(names, str):
+            raise InvalidArguments(f"{option} takes a list of names: write {option}=[{names!r}], not {option}={names!r} "
+                                   "(a string would be read letter by letter)")
+        if names is not None and (not isinstance(names, list | tuple | set | frozenset)
+                                  or not all(isinstance(name, str) for name in names)):
+            raise InvalidArguments(f"{option} takes a list of names, e.g. {option}=['{example}'], not {names!r}")
+    Environment(packages=tuple(packages or ()))  # InvalidEnvironment for what no installer takes
+    if environment is not None and not isinstance(environment, Environment):
+        raise InvalidArguments(f"environment takes a nanogrid.Environment(...), not {type(environment).__name__}; "
+                               "for a list of packages write packages=[...]")
+    client_python = "%d.%d" % sys.version_info[:2]
+    if environment is not None and environment.python not in (None, client_python):
+        raise InvalidEnvironment(f"environment python={environment.python!r}: a function is pickled by this client's "
+                                 f"Python {client_python} and only loads on that version; leave python out, or run "
+                                 f"the client on Python {environment.python}")
 
 
 def _check_limits(memory: int | None, timeout: float | None, disk: int | None = None) -> None:
@@ -362,9 +445,14 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
                 try:
                     yield outcome(view, fn.result_format == "pickle", fn.client)
                 except (Exception, JobFailed) as exc:
-                    if not return_exceptions:
+                    missing = fn._missing_module(exc)  # the error that says which package to add, if that was it
+                    if missing is None and not return_exceptions:
                         raise
-                    yield exc
+                    if missing is not None and not return_exceptions:
+                        raise missing[0] from exc
+                    if missing is not None:
+                        missing[0].__cause__ = exc
+                    yield exc if missing is None else missing[0]
     finally:
         with ids_lock:
             stop.set()
@@ -418,6 +506,7 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
     """
     _check_limits(memory, timeout, disk)
     _retry_policy(retries, retry_on, backoff)  # mistakes named here, not at the first call
+    _check_environment_options(packages, secrets, environment)
 
     def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
         return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
