@@ -113,7 +113,8 @@ class JobWidget:
 
     def _file_view(self, output: Any) -> widgets.Widget:
         suffix = "." + output.name.rsplit(".", 1)[-1].lower() if "." in output.name else ""
-        link = widgets.HTML(f"<a href='{html.escape(output.url)}' download target='_blank'>"
+        # The grid says how the file opens: images, PDFs and text in the browser, anything else as a download.
+        link = widgets.HTML(f"<a href='{html.escape(output.url)}' target='_blank' rel='noopener'>"
                             f"{html.escape(output.name)}</a> ({output.size:,} bytes)")
         if suffix in IMAGE_TYPES and output.size <= THUMBNAIL_MAX_BYTES:
             image = widgets.Image(value=output.read(), format=IMAGE_TYPES[suffix],

@@ -6,6 +6,7 @@ after it expired, or the API key itself ending up in a URL.
 
 from __future__ import annotations
 
+import re
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -49,3 +50,43 @@ def test_an_expired_link_is_refused():
     fresh = parse_qs(signer.query("job-1", "a.csv", "alice"))
     assert signer.check("job-1", "a.csv", "alice", int(fresh["expires"][0]), fresh["sig"][0]) is None
     assert signer.check("job-1", "a.csv", "bob", int(fresh["expires"][0]), fresh["sig"][0]) is not None
+
+
+SHOWN = {"plot.png": "image/png", "photo.JPG": "image/jpeg", "report.pdf": "application/pdf",
+         "run.log": "text/plain; charset=utf-8", "table.csv": "text/plain; charset=utf-8"}
+DOWNLOADED = ["page.html", "drawing.svg", "model.bin", "no_suffix"]
+
+
+def test_images_pdfs_and_text_open_in_the_browser_and_anything_else_downloads(grid):
+    """A person clicks a plot, a PDF or a log and sees it; never does a file run script with the grid's origin:
+    HTML and SVG (script-capable) download, a type is never guessed from the bytes, and even a file shown in
+    place is sandboxed. Through the widget's links and the dashboard's, with a real HTTP client."""
+    nanogrid.connect(grid.url, api_key=grid.api_key)
+
+    @nanogrid.remote(timeout=30)
+    def files(names):
+        for name in names:  # every file is HTML: only its name may decide how it is shown
+            (nanogrid.output_dir() / name).write_text("<html><script>alert(document.cookie)</script></html>")
+
+    job = files.spawn([*SHOWN, *DOWNLOADED])
+    job.result(timeout=30)
+    with httpx.Client(base_url=grid.url, timeout=30) as dashboard:
+        assert dashboard.post("/ui/login", data={"api_key": grid.api_key}).status_code == 303
+        page = dashboard.get(f"/ui/jobs/{job.job_id}").text
+    from_dashboard = {name: url.replace("&amp;", "&") for url, name in
+                      re.findall(r'<a href="(/v1/jobs/[^"]+)"[^>]*>([^<]+)</a>', page)}
+    assert set(from_dashboard) == {*SHOWN, *DOWNLOADED}
+    for output in job.outputs:
+        for url in (output.url, grid.url + from_dashboard[output.name]):
+            answer = httpx.get(url)  # no key: the signed link alone
+            assert answer.status_code == 200 and "<script>" in answer.text
+            headers = answer.headers
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["content-security-policy"] == "sandbox"
+            if output.name in SHOWN:
+                assert headers["content-type"] == SHOWN[output.name]
+                assert headers["content-disposition"].startswith("inline;")
+            else:
+                assert headers["content-type"] == "application/octet-stream"
+                assert headers["content-disposition"].startswith("attachment;")
+            assert output.name in headers["content-disposition"]

@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
-from urllib.parse import quote
 
 import httpx
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Security, UploadFile
@@ -24,6 +23,7 @@ from nanogrid_backend.controller.errors import install_error_handlers
 from nanogrid_backend.controller.function_metrics import RequestDurations, render_all
 from nanogrid_backend.controller.limits import BodySizeLimit
 from nanogrid_backend.controller.links import LinkSigner
+from nanogrid_backend.controller.outputs import output_response
 from nanogrid_backend.controller.ratelimit import TokenBuckets, retry_after_header
 from nanogrid_backend.controller.schemas import (
     Cancelled,
@@ -40,6 +40,7 @@ from nanogrid_backend.controller.schemas import (
     SystemStatus,
 )
 from nanogrid_backend.grid import Grid
+from nanogrid_backend.health import problems as grid_problems
 from nanogrid_backend.keys import Authenticator, AuthError
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
 from nanogrid_backend.results.redis import RedisResultBus, RedisTokenBuckets
@@ -134,7 +135,9 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     @app.get("/v1/health", response_model=Health)
     @app.get("/health", include_in_schema=False)
     def health() -> dict:
-        return {"status": "healthy", "version": __version__, "runtimes": grid.runtimes,
+        problems = grid_problems(grid)  # said without the host's numbers: /health needs no key
+        return {"status": "degraded" if problems else "healthy", "problems": problems,
+                "version": __version__, "runtimes": grid.runtimes,
                 "sandbox": grid.describe_sandbox(), "max_payload_bytes": config.max_payload_bytes,
                 "max_result_bytes": config.max_result_bytes, "blob_threshold_bytes": config.blob_threshold_bytes}
 
@@ -312,8 +315,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         except FileNotFoundError:
             raise HTTPException(410, f"output file {name!r} of job {job_id!r} was deleted: outputs are kept "
                                      f"{config.output_retention_s / 86400:g} days") from None
-        return StreamingResponse(chunks, media_type="application/octet-stream",
-                                 headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"})
+        return output_response(name, chunks)  # images, PDFs and text open in the browser; the rest downloads
 
     @app.get("/v1/models", response_model=Models,
              responses={503: {"model": ErrorDetail, "description": "no AI node, or it does not answer"}})

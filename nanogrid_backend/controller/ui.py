@@ -24,6 +24,7 @@ from markupsafe import Markup, escape
 
 from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller.history import TEXT_CAP, advise, apply_memory, history_entry, page, rates_for
+from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.controller.loadtests import LoadTestRequest, LoadTests
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.keys import AuthError
@@ -111,6 +112,7 @@ def router(grid: Grid, tests: LoadTests) -> APIRouter:
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
     templates.filters.update(when=_when, ms=_ms, mib=_mib, pct=_pct, num=_num)
     sessions: dict[str, Session] = {}
+    links = LinkSigner(grid.secrets.link_key)  # output files open from a page in the browser, which has no API key
 
     def render(template: str, code: int = 200, /, **values: Any) -> HTMLResponse:
         return HTMLResponse(templates.get_template(template).render(**values), status_code=code,
@@ -225,7 +227,9 @@ def router(grid: Grid, tests: LoadTests) -> APIRouter:
         if record is None or record.owner != session.owner:
             raise HTTPException(404, f"no job {job_id!r}")
         name = names(session.owner).get(record.function_id, record.function_id)
-        return page_of(request, session, "job.html", "Jobs", title=job_id, call=history_entry(record), name=name)
+        files = jobs.job_view(record, with_result=False, links=links)["output_files"]  # signed: the page has no key
+        return page_of(request, session, "job.html", "Jobs", title=job_id, call=history_entry(record), name=name,
+                       files=files)
 
     @ui.get("/workers")
     def workers(request: Request) -> HTMLResponse:
