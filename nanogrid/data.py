@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from nanogrid.environment import remember_put
 from nanogrid.errors import InvalidArgument, InvalidArguments
 
 if TYPE_CHECKING:
@@ -71,7 +72,9 @@ def put(obj: Any, client: Client | None = None) -> Ref:
     if len(data) > limit:
         raise InvalidArgument(f"the value pickles to {_size(len(data))}, over the grid's {_size(limit)} limit per "
                               "value; nothing was uploaded")
-    return client.upload_blob(data)
+    ref = client.upload_blob(data)
+    remember_put(ref.sha256, obj, data)  # package sync: a call given this Ref needs what its pickle references
+    return ref
 
 
 class ArgsEncoder:
@@ -106,10 +109,12 @@ class ArgsEncoder:
                 raise InvalidArguments(f"cannot send {name}{where} to the grid: {exc}") from exc
         return PickledCall(named, len(args), list(kwargs), where)
 
-    def pickle_of(self, value: Any) -> bytes | None:
-        """The pickle made of an argument (None for a Ref): package sync reads the modules it references."""
-        stored = None if isinstance(value, Ref) else self._memo[id(value)].stored
-        return stored if isinstance(stored, bytes) else None
+    def pickle_of(self, value: Any) -> tuple[bytes | None, tuple[Ref, ...]]:
+        """An argument's pickle (None for a Ref) and the Refs in it: package sync reads the modules they reference."""
+        if isinstance(value, Ref):
+            return None, (value,)
+        pickled = self._memo[id(value)]
+        return (pickled.stored if isinstance(pickled.stored, bytes) else None), pickled.refs
 
     def send(self, calls: list[PickledCall]) -> list[tuple[bytes, list[str]]]:
         """Every argument of every call checked against the grid's limits, then the large ones uploaded (each

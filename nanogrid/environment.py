@@ -357,6 +357,24 @@ def modules_of_argument(value: Any, pickled: bytes | None = None) -> frozenset[s
     return modules
 
 
+_PUT: dict[str, frozenset[str]] = {}  # sha256 of a value given to nanogrid.put -> the modules its pickle references
+
+
+def remember_put(sha256: str, value: Any, pickled: bytes) -> None:
+    """Note what a value uploaded with ``nanogrid.put`` references, for the calls its Ref is given to."""
+    modules = modules_of_argument(value, pickled)
+    with _SCANNED_LOCK:
+        if len(_PUT) >= _MAX_SCANNED:
+            _PUT.clear()
+        _PUT[sha256] = modules
+
+
+def modules_of_put(sha256: str) -> frozenset[str]:
+    """The modules a value put from this process references (none known for a Ref made elsewhere, e.g. a job's)."""
+    with _SCANNED_LOCK:
+        return _PUT.get(sha256, frozenset())
+
+
 @lru_cache(maxsize=1)
 def _distributions_of_modules() -> dict[str, list[str]]:
     return dict(metadata.packages_distributions())

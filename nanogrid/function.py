@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 
 from nanogrid.client import GIVE_UP_CANCEL_S, Client, get_client
 from nanogrid.data import ArgsEncoder, PickledCall
-from nanogrid.environment import Environment, missing_package, modules_of_argument, pin_installed, requirements_for
+from nanogrid.environment import (
+    Environment,
+    missing_package,
+    modules_of_argument,
+    modules_of_put,
+    pin_installed,
+    requirements_for,
+)
 from nanogrid.errors import (
     APIError,
     GridUnresponsive,
@@ -45,6 +52,7 @@ from nanogrid.packaging import FunctionPackage, build_zip, package_function
 
 LIVE_AFTER_S = 0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls
+MISSING_MODULE_TRIES = 3  # .remote(): tries again with one more missing package at most this often (pandas, pyarrow)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -143,9 +151,11 @@ class RemoteFunction(Generic[P, R]):
         if self.environment is not None:
             return
         for value in [*args, *kwargs.values()]:
-            pickled = encoder.pickle_of(value) if encoder is not None else None
-            if encoder is None or pickled is not None:  # a Ref was pickled when it was put
+            pickled, refs = encoder.pickle_of(value) if encoder is not None else (None, ())
+            if encoder is None or pickled is not None:
                 self._argument_modules |= modules_of_argument(value, pickled)
+            for ref in refs:  # scanned by nanogrid.put when it was uploaded from here
+                self._argument_modules |= modules_of_put(ref.sha256)
 
     def _missing_module(self, exc: BaseException) -> tuple[MissingModule, list[str]] | None:
         """For a call that failed because the sandbox could not import a module this client has: the error that
@@ -245,23 +255,18 @@ class RemoteFunction(Generic[P, R]):
         client's version, when the environment is synced; an explicit ``environment`` is never changed.
         """
         payload, blobs = self._encode(args, kwargs)
-        try:
-            return self._run(payload, blobs)
-        except (ImportError, JobFailed) as exc:
-            missing = self._missing_module(exc)
-            if missing is None:
-                raise
-            if self.environment is not None or self._ran(exc) or all(p in self._added for p in missing[1]):
-                raise missing[0] from exc
-            self._added += [pin for pin in missing[1] if pin not in self._added]
-            warnings.warn(f"{missing[0]}; trying {self.name} once more with it added", stacklevel=2)
-        try:
-            return self._run(payload, blobs)
-        except (ImportError, JobFailed) as exc:
-            again = self._missing_module(exc)
-            if again is None:
-                raise
-            raise again[0] from exc
+        for _ in range(MISSING_MODULE_TRIES):
+            try:
+                return self._run(payload, blobs)
+            except (ImportError, JobFailed) as exc:
+                missing = self._missing_module(exc)
+                if missing is None:
+                    raise
+                if self.environment is not None or self._ran(exc) or all(p in self._added for p in missing[1]):
+                    raise missing[0] from exc
+                self._added += [pin for pin in missing[1] if pin not in self._added]
+                warnings.warn(f"{missing[0]}; trying {self.name} again with it added", stacklevel=2)
+        return self._run(payload, blobs)
 
     def _run(self, payload: str, blobs: list[str]) -> R:
         view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "blobs": blobs, "model": self.model},
