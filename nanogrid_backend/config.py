@@ -6,6 +6,7 @@ config-file key and (where the command has one) a flag of the same name, with no
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import tomllib
@@ -58,6 +59,7 @@ class GridConfig:
     direct_uploads: bool = True  # on S3, clients upload blobs to presigned URLs (off: through the controller)
     max_output_files: int = 10_000  # output files of one call
     ai_tokens_per_hour: int = 0  # AI node tokens one owner may use per hour on one worker (0: no limit)
+    ai_max_tokens_per_request: int = 4096  # an AI answer's tokens at most (num_predict is capped to this)
     map_chunk_limit: int = 10_000  # items in one /map request
     # Shared services for many machines (empty: the embedded grid's local adapters). The seeds' names
     # (SQS_QUEUE_URL, S3_CODE_BUCKET, ...) are read too; endpoints come from boto3's own settings.
@@ -75,6 +77,9 @@ class GridConfig:
     cloudwatch_namespace: str = ""  # e.g. NanoGrid: workers publish BacklogPerInstance there for autoscaling
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
     rate_burst: int = 2000  # requests a key may make at once before the rate applies
+    # Webhooks go to public addresses only; an operator may open named internal networks (CIDRs, e.g.
+    # ["10.0.5.0/24"], or "10.0.5.0/24,127.0.0.0/8" in NANOGRID_WEBHOOK_ALLOW_NETWORKS). Tenants cannot.
+    webhook_allow_networks: list[str] = field(default_factory=list)
     # Multi-tenancy: each owner (a key's name) gets its turn, a share of the slots and a share of the disk.
     owner_max_concurrency: int = 0  # calls of one owner running at once; 0: every slot but one once there are 2 owners
     owner_disk_quota_bytes: int = 10 * 1024 * MiB  # stored output files per owner (0: no quota); a key may set its own
@@ -141,6 +146,11 @@ class GridConfig:
                 raise refuse(name, f"must be at least {low:g}")
         if not 0 <= self.port <= 65535:
             raise refuse("port", "must be 0..65535 (0: any free port)")
+        for network in self.webhook_allow_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise refuse("webhook_allow_networks", f"{network!r} is not a network (a CIDR: 10.0.5.0/24)") from None
 
 
 CHOICES = {"sandbox": ("auto", "docker", "process"), "bubblewrap": ("auto", "on", "off"), "cgroups": ("auto", "off")}
@@ -148,6 +158,7 @@ MINIMUMS: dict[str, float] = {
     "workers": 1, "stem_cells": 0, "pool_cap": 0, "default_memory_mib": 16, "max_memory_mib": 16,
     "default_disk_mib": 16, "max_disk_mib": 16,
     "rate_limit": 0, "rate_burst": 1, "map_chunk_limit": 1, "sqs_visibility_s": 1, "redis_port": 1,
+    "ai_max_tokens_per_request": 1,
 }
 
 
@@ -171,6 +182,9 @@ def _coerce(source: str, value: object, default: object) -> object:
     try:
         if isinstance(default, Path):
             return Path(text)
+        if isinstance(default, list):  # a TOML list, or comma-separated in an env var or flag
+            items = value if isinstance(value, list) else text.split(",")
+            return [str(item).strip() for item in items if str(item).strip()]
         if isinstance(default, bool):
             if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 raise ValueError(value)

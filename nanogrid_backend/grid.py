@@ -12,6 +12,7 @@ from nanogrid_backend.config import GridConfig
 from nanogrid_backend.environments import BuiltEnvironment, Environments, docker_runtimes
 from nanogrid_backend.keys import OwnerPolicy, ensure_local_key
 from nanogrid_backend.models import FAILED, RUNNING, FunctionRecord, JobMessage
+from nanogrid_backend.notify import Notifier
 from nanogrid_backend.queue.base import JobQueue
 from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.queue.sqs import SQSQueue
@@ -156,8 +157,10 @@ class Grid:
                                  pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
                                  visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
                                  publish_backlog=backlog_publisher(config.cloudwatch_namespace),
-                                 ai=AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour)
-                                 if config.ai_endpoint else None, secrets=self.secrets)
+                                 ai=AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour,
+                                              config.ai_max_tokens_per_request) if config.ai_endpoint else None,
+                                 secrets=self.secrets,
+                                 notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
         self.runtimes = {**self.runtimes, **{name: env.python for name, env in self.languages.items()}}
 

@@ -9,8 +9,15 @@ sender thread matches it against the owner's hooks and posts a Slack-compatible 
 
 A delivery that fails (a connection error, a timeout, a 5xx or a 429) is tried again with backoff, up to
 ``ATTEMPTS`` times, without delaying other deliveries; ``SENDERS`` posts go out at once, so one receiver
-that hangs holds up at most one of them for ``TIMEOUT_S``. Hooks may not point at link-local addresses (the
-cloud's instance metadata service lives there).
+that hangs holds up at most one of them for ``TIMEOUT_S``.
+
+Hooks reach public addresses only: never loopback, private, link-local (the cloud's instance metadata lives
+there), unique-local, multicast, unspecified or reserved ones, nor an IPv6 form that carries one of those (IPv4-
+mapped or -compatible, NAT64, 6to4, Teredo), however the address is spelled (``127.1``, ``0x7f000001``). The
+URL is checked when the hook is registered and again at each delivery, where the name is resolved once and the
+POST connects to the address that was checked (the name still goes in ``Host`` and TLS's SNI), so a name that
+resolves differently the second time (DNS rebinding) reaches nothing new; redirects are never followed. An
+operator may open named internal networks with the grid's ``webhook_allow_networks`` setting.
 """
 
 from __future__ import annotations
@@ -22,15 +29,17 @@ import ipaddress
 import json
 import logging
 import queue
+import re
 import secrets
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -53,21 +62,110 @@ THRESHOLD_CHECK_S = 30.0  # a window threshold is evaluated at most this often p
 THRESHOLD_COOLDOWN_S = 600.0  # ... and, once it fired, not again for this long
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix: the last 32 bits are an IPv4 address
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
+
+
 class WebhookError(ValueError):
     """A hook that cannot be registered; the message says what to change."""
 
 
-def check_hook(url: str, events: list[str], threshold: dict[str, Any] | None) -> None:
+def networks(cidrs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The operator's ``webhook_allow_networks``, parsed (the grid's settings checked them already)."""
+    return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+
+
+def carried(ip: IPAddress) -> list[IPAddress]:
+    """The address and every IPv4 address an IPv6 form of it carries, and so reaches through a translator or
+    tunnel: IPv4-mapped, IPv4-compatible, NAT64, 6to4 and Teredo (its server and its client)."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return [ip]
+    inner: list[IPAddress] = [ip]
+    if ip.ipv4_mapped:
+        inner.append(ip.ipv4_mapped)
+    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+        inner.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour:
+        inner.append(ip.sixtofour)
+    if ip.teredo:
+        inner.extend(ip.teredo)
+    return inner
+
+
+def not_public(ip: IPAddress) -> str:
+    """What kind of non-public address ``ip`` is ('' for a public unicast address)."""
+    kinds = (("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+             ("unspecified", ip.is_unspecified), ("private", ip.is_private), ("reserved", ip.is_reserved))
+    for kind, yes in kinds:
+        if yes:
+            return kind
+    return "" if ip.is_global else "not public"
+
+
+def refused_ip(ip: IPAddress, allow: Networks = ()) -> str:
+    """Why a hook may not reach ``ip`` ('' if it may): a non-public address, in any form, outside ``allow``."""
+    forms = carried(ip)
+    if any(form in network for form in forms for network in allow if form.version == network.version):
+        return ""
+    for form in forms[1:] + forms[:1]:  # what an IPv6 form carries says most about where it goes
+        kind = not_public(form)
+        if kind:
+            return f"{ip} is {kind}" if form == ip else f"{ip} carries {form}, which is {kind}"
+    return ""
+
+
+def literal_ip(host: str) -> IPAddress | None:
+    """The address a host names by itself, in any spelling a resolver accepts (``127.1``, ``2130706433``,
+    ``0x7f000001``, ``0177.0.0.1``), or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fA-FxX.]+", host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))  # the classic parser: octal, hex, short forms
+        except OSError:
+            return None
+    return None
+
+
+def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address the host names, from one lookup (``OSError`` if it names none)."""
+    literal = literal_ip(host)
+    if literal is not None:
+        return [literal]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+
+
+def refused_host(host: str, port: int, allow: Networks = ()) -> tuple[str, list[IPAddress]]:
+    """Why a hook may not reach ``host`` ('' if it may), and its addresses: all must be allowed."""
+    try:
+        addresses = resolve(host, port)
+    except (OSError, UnicodeError) as exc:
+        return f"{host} does not resolve ({exc})", []
+    for ip in addresses:
+        why = refused_ip(ip, allow)
+        if why:
+            return (why if ip == literal_ip(host) else f"{host} resolves to {ip} ({why})"), addresses
+    return "", addresses
+
+
+def check_hook(url: str, events: list[str], threshold: dict[str, Any] | None, allow: Networks = ()) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError(f"a webhook URL is http:// or https:// with a host, not {url!r}")
     try:
-        literal = ipaddress.ip_address(parts.hostname.strip("[]"))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        literal = None
-    if literal is not None and (literal.is_link_local or literal.is_unspecified or literal.is_multicast):
-        raise WebhookError(f"a webhook may not point at {literal}: link-local, unspecified and multicast addresses "
-                           "(the cloud's instance metadata among them) are refused")
+        raise WebhookError(f"a webhook URL's port is a number 1-65535, in {url!r}") from None
+    why, addresses = refused_host(parts.hostname, port, allow)
+    if addresses and why:  # a name that does not resolve yet is checked again at each delivery
+        raise WebhookError(f"a webhook may not point at {parts.hostname}: {why}; webhooks go to public addresses "
+                           "only (an operator may allow internal networks with the grid's webhook_allow_networks "
+                           "setting)")
     if parts.username or parts.password:
         raise WebhookError("put no credentials in a webhook URL: requests are signed with the hook's secret")
     if not events or any(e not in EVENTS for e in events):
@@ -82,26 +180,14 @@ def check_hook(url: str, events: list[str], threshold: dict[str, Any] | None) ->
             raise WebhookError(f"threshold window is one of {', '.join(WINDOWS)}, not {threshold.get('window')!r}")
 
 
-def refused_address(host: str) -> str:
-    """Why a host must not be posted to ('' if it may): link-local and unspecified addresses, once resolved."""
-    try:
-        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
-    except OSError as exc:
-        return f"{host} does not resolve ({exc})"
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if ip.is_link_local or ip.is_unspecified or ip.is_multicast:
-            return f"{host} resolves to {ip}, a link-local, unspecified or multicast address"
-    return ""
-
-
 def sign(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
 def new_hook(owner: str, url: str, events: list[str], function_id: str | None = None,
-             threshold: dict[str, Any] | None = None, secret: str | None = None) -> dict[str, Any]:
-    check_hook(url, events, threshold)
+             threshold: dict[str, Any] | None = None, secret: str | None = None,
+             allow_networks: Iterable[str] = ()) -> dict[str, Any]:
+    check_hook(url, events, threshold, networks(allow_networks))
     return {"hook_id": "hook-" + uuid.uuid4().hex[:16], "owner": owner, "url": url,
             "secret": secret or secrets.token_urlsafe(32), "events": list(events), "function_id": function_id,
             "threshold": threshold if "threshold" in events else None, "created_at": time.time()}
@@ -139,8 +225,10 @@ class Notifier:
     """The worker's sender thread. ``job_finished`` never blocks and never raises."""
 
     def __init__(self, registry: Registry, *, transport: httpx.BaseTransport | None = None,
-                 backoff_s: float = BACKOFF_S, max_pending: int = MAX_PENDING) -> None:
+                 backoff_s: float = BACKOFF_S, max_pending: int = MAX_PENDING,
+                 allow_networks: Iterable[str] = ()) -> None:
         self.registry = registry
+        self.allow = networks(allow_networks)  # the operator's internal networks hooks may reach
         self.backoff_s = backoff_s
         self.stats = {"sent": 0, "failed": 0, "dropped": 0}
         self._jobs: queue.Queue[JobRecord] = queue.Queue(max_pending)
@@ -151,7 +239,8 @@ class Notifier:
         self._names: dict[str, str] = {}
         self._checked: dict[tuple[str, str], float] = {}  # (hook, function) -> when its window was last evaluated
         self._fired: dict[tuple[str, str], float] = {}
-        self._http = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, transport=transport)
+        # No proxy from the environment: the POST must go to the very address that was checked.
+        self._http = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, transport=transport, trust_env=False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
 
@@ -246,18 +335,19 @@ class Notifier:
 
     def _post(self, delivery: _Delivery) -> None:
         hook = delivery.hook
-        refused = refused_address(urlsplit(hook["url"]).hostname or "")
-        if refused:
-            log.warning("webhook %s: not sent: %s", hook["hook_id"], refused)
+        target = pinned(hook["url"], self.allow)
+        if isinstance(target, str):
+            log.warning("webhook %s: not sent: %s", hook["hook_id"], target)
             self.stats["failed"] += 1
             return
+        url, host, extensions = target
         timestamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "User-Agent": "NanoGrid-Webhook",
+        headers = {"Host": host, "Content-Type": "application/json", "User-Agent": "NanoGrid-Webhook",
                    "X-NanoGrid-Event": delivery.event, "X-NanoGrid-Delivery": uuid.uuid4().hex,
                    "X-NanoGrid-Attempt": str(delivery.attempt), "X-NanoGrid-Timestamp": timestamp,
                    "X-NanoGrid-Signature": sign(hook["secret"], timestamp, delivery.body)}
         try:
-            status = self._http.post(hook["url"], content=delivery.body, headers=headers).status_code
+            status = self._http.post(url, content=delivery.body, headers=headers, extensions=extensions).status_code
             why = f"HTTP {status}"
         except httpx.HTTPError as exc:
             status, why = 0, f"{type(exc).__name__}: {exc}"
@@ -275,3 +365,21 @@ class Notifier:
         delivery.attempt, delivery.due = delivery.attempt + 1, time.time() + self.backoff_s * 2 ** (delivery.attempt - 1)
         with self._retries_lock:
             heapq.heappush(self._retries, delivery)
+
+
+def pinned(url: str, allow: Networks = ()) -> tuple[str, str, dict[str, Any]] | str:
+    """The hook's URL with its host replaced by the one checked address, the ``Host`` header and the TLS
+    extensions that keep the name (SNI and certificate check); or why it may not be sent."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"the URL's port is not a number 1-65535: {url!r}"
+    why, addresses = refused_host(host, port, allow)
+    if why or not addresses:
+        return why or f"{host} resolves to nothing"
+    ip = addresses[0]
+    netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    extensions = {"sni_hostname": host} if parts.scheme == "https" and literal_ip(host) is None else {}
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), parts.netloc.rpartition("@")[2], extensions

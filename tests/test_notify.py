@@ -1,6 +1,9 @@
 """Webhook notifications, from the receiver's side (a loopback HTTP server this test starts) and from a caller's:
 a notification must never hold up or fail a call, must be signed so a receiver can refuse forgeries, must be
-retried when the receiver stumbles, and must never go to another owner's hook or to a link-local address."""
+retried when the receiver stumbles, and must never go to another owner's hook or to an internal address.
+
+The receiver listens on loopback, which hooks may reach only because this module's grid allows it
+(``webhook_allow_networks``, an operator's setting); tests/test_attacks_round3.py attacks the default grid."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from nanogrid_backend.keys import create_key
 from nanogrid_backend.models import COMPLETED, FAILED, JobRecord
 from nanogrid_backend.notify import Notifier, WebhookError, check_hook, sign
 from nanogrid_backend.registry.sqlite import SQLiteRegistry
+from tests.conftest import start_grid
 
 pytestmark = pytest.mark.integration
 
@@ -72,9 +76,17 @@ def receiver() -> Iterator[Receiver]:
     receiver.close()
 
 
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A grid whose operator lets hooks reach loopback, where these tests' receivers listen."""
+    embedded = start_grid(tmp_path_factory.mktemp("hooks"), webhook_allow_networks=["127.0.0.0/8"], stem_cells=1)
+    yield embedded
+    embedded.stop()
+
+
 @pytest.fixture()
 def owner(grid) -> Iterator[httpx.Client]:
-    """A fresh owner (its own key) on the session's grid, with a handler function uploaded."""
+    """A fresh owner (its own key) on this module's grid, with a handler function uploaded."""
     key, _ = create_key(grid.grid.registry, "notified-" + uuid.uuid4().hex[:6])
     with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": key}, timeout=60) as http:
         function = http.post("/upload", files={"file": ("notes.py", HANDLER)},
@@ -174,9 +186,9 @@ def test_hooks_to_metadata_addresses_or_with_credentials_are_refused(owner, url)
 
 def test_threshold_hooks_need_a_threshold():
     with pytest.raises(WebhookError, match="threshold"):
-        check_hook("http://127.0.0.1/", ["threshold"], None)
+        check_hook("http://8.8.8.8/", ["threshold"], None)
     with pytest.raises(WebhookError, match="events"):
-        check_hook("http://127.0.0.1/", ["everything"], None)
+        check_hook("http://8.8.8.8/", ["everything"], None)
 
 
 def test_the_sender_gives_up_after_its_attempts_and_drops_rather_than_blocks(tmp_path):
@@ -186,7 +198,7 @@ def test_the_sender_gives_up_after_its_attempts_and_drops_rather_than_blocks(tmp
                           "events": ["failure"], "function_id": None, "threshold": None, "created_at": time.time()})
     seen: list[httpx.Request] = []
     notifier = Notifier(registry, transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(500)),
-                        backoff_s=0.01, max_pending=2)
+                        backoff_s=0.01, max_pending=2, allow_networks=["127.0.0.0/8"])
     job = JobRecord("job-1", "fn-x", status=FAILED, owner="alice", error={"kind": "timeout", "message": "slow"})
     for _ in range(5):  # no sender thread yet: the queue fills, the rest is dropped at once
         notifier.job_finished(job)

@@ -40,7 +40,8 @@ def router(grid: Grid, caller: Any) -> APIRouter:
             if function is None or function.owner != key.name:
                 raise HTTPException(404, f"no function {body.function_id!r}")
         try:
-            hook = new_hook(key.name, body.url, body.events, body.function_id, body.threshold, body.secret)
+            hook = new_hook(key.name, body.url, body.events, body.function_id, body.threshold, body.secret,
+                            grid.config.webhook_allow_networks)
         except WebhookError as exc:
             raise HTTPException(422, str(exc)) from None
         grid.registry.put_webhook(hook)

@@ -74,7 +74,8 @@ class Worker:
     def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
                  pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
                  heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
-                 ai: AIGateway | None = None, secrets: SecretBox | None = None) -> None:
+                 ai: AIGateway | None = None, secrets: SecretBox | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.queue = queue
         self.registry = registry
         self.store = store
@@ -95,7 +96,7 @@ class Worker:
         self._printed: dict[str, dict[str, bytearray]] = {}
         self._stopping = threading.Event()
         self.retrier = Retrier(registry, store, self._stopping)  # @remote(retries=N): every try recorded
-        self.notifier = Notifier(registry)  # per-owner webhooks, sent from their own thread
+        self.notifier = notifier or Notifier(registry)  # per-owner webhooks, sent from their own thread
         self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = {"completed": 0, "failed": 0, "cold_starts": 0, "blob_bytes_sent": 0, "blobs_kept": 0}
