@@ -4,7 +4,15 @@ A function with ``ai=True`` sends its Ollama API request over the sandbox's chan
 forwards it to the AI node only if it is an inference route (generate, chat, embeddings, tags),
 never an admin one (pull, delete, create, copy, push: a real Ollama has no auth, so one owner
 could otherwise delete everyone's models). The host counts the tokens from the node's answer,
-so a function cannot misreport its usage, and enforces a per-owner token budget per hour.
+so a function cannot misreport its usage.
+
+The per-owner budget bounds the node's work, not just what is counted afterwards: before a request
+is sent, its tokens are reserved from the owner's hour (the prompt at most one token per byte of the
+request, plus the answer's ``num_predict``, which the worker sets on the forwarded request to what was
+reserved). The node's own counts settle the reservation; an answer that is cut off, too large or
+malformed is charged all it reserved, since the node did that work whatever became of the answer.
+Concurrent calls of one owner draw from one pool, so the node's work for an owner stays within the
+budget whatever they run at once.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ import httpx
 
 ROUTES = {("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embeddings"), ("POST", "/api/embed"),
           ("GET", "/api/tags")}
+GENERATING = {"/api/generate", "/api/chat"}  # routes whose answer length num_predict bounds
 CHANNEL = "nanogrid:channel"  # AI_ENDPOINT as a sandbox sees it (nanogrid.ai.CHANNEL)
 MAX_REQUEST_BYTES = 4 << 20
 MAX_RESPONSE_BYTES = 32 << 20
+MAX_TOKENS_PER_REQUEST = 4096  # an answer's tokens when the grid does not say (ai_max_tokens_per_request)
+IMAGE_TOKENS = 4096  # reserved per image of a multimodal request (a small image may cost more tokens than bytes)
 WINDOW_S = 3600.0
 
 
@@ -29,33 +40,73 @@ def _error(status: int, message: str) -> tuple[dict[str, Any], bytes]:
     return {"op": "ai_reply", "status": status}, json.dumps({"error": message}).encode()
 
 
-class AIGateway:
-    """One per worker: the connection to the AI node and the owners' token budgets."""
+class TokenBudget:
+    """Each owner's AI tokens over the last hour, spent and reserved, in this process.
 
-    def __init__(self, endpoint: str, model: str = "", tokens_per_hour: int = 0) -> None:
-        self.endpoint = endpoint.rstrip("/")
-        self.model = model  # the grid's default model (LLM_MODEL in the sandbox)
-        self.tokens_per_hour = tokens_per_hour
-        self._http = httpx.Client(base_url=self.endpoint, timeout=httpx.Timeout(300.0, connect=5.0))
+    ``reserve`` and ``settle`` hold one lock, so the calls of one owner running at once on this worker
+    never reserve more than is left between them.
+    """
+
+    def __init__(self, tokens_per_hour: int = 0) -> None:
+        self.tokens_per_hour = tokens_per_hour  # 0: no limit
         self._spent: dict[str, deque[tuple[float, int]]] = {}
+        self._held: dict[str, int] = {}  # owner -> tokens reserved by requests still at the node
         self._lock = threading.Lock()
 
-    def session(self, owner: str) -> AIGatewaySession:
-        return AIGatewaySession(self, owner)
+    def reserve(self, owner: str, tokens: int) -> int:
+        """Reserve up to ``tokens`` (fewer when less is left, 0 when none is); ``settle`` must follow."""
+        if not self.tokens_per_hour:
+            return tokens
+        with self._lock:
+            left = self.tokens_per_hour - self._spent_now(owner) - self._held.get(owner, 0)
+            granted = max(0, min(tokens, left))
+            self._held[owner] = self._held.get(owner, 0) + granted
+        return granted
+
+    def settle(self, owner: str, reserved: int, used: int) -> None:
+        """Release a reservation and charge what the node actually did (which may be more, or less)."""
+        if not self.tokens_per_hour:
+            return
+        with self._lock:
+            held = self._held.get(owner, 0) - reserved
+            if held > 0:
+                self._held[owner] = held
+            else:
+                self._held.pop(owner, None)
+            if used > 0:
+                self._spent.setdefault(owner, deque()).append((time.monotonic(), used))
 
     def spent(self, owner: str) -> int:
         """Tokens the owner used in the last hour (on this worker)."""
         with self._lock:
-            window = self._spent.get(owner)
-            if not window:
-                return 0
-            while window and window[0][0] < time.monotonic() - WINDOW_S:
-                window.popleft()
-            return sum(tokens for _, tokens in window)
+            return self._spent_now(owner)
 
-    def charge(self, owner: str, tokens: int) -> None:
-        with self._lock:
-            self._spent.setdefault(owner, deque()).append((time.monotonic(), tokens))
+    def _spent_now(self, owner: str) -> int:
+        window = self._spent.get(owner)
+        if not window:
+            return 0
+        while window and window[0][0] < time.monotonic() - WINDOW_S:
+            window.popleft()
+        return sum(tokens for _, tokens in window)
+
+
+class AIGateway:
+    """One per worker: the connection to the AI node and the owners' token budgets."""
+
+    def __init__(self, endpoint: str, model: str = "", tokens_per_hour: int = 0,
+                 max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.model = model  # the grid's default model (LLM_MODEL in the sandbox)
+        self.budget = TokenBudget(tokens_per_hour)
+        self.max_tokens_per_request = max_tokens_per_request
+        self._http = httpx.Client(base_url=self.endpoint, timeout=httpx.Timeout(300.0, connect=5.0))
+
+    @property
+    def tokens_per_hour(self) -> int:
+        return self.budget.tokens_per_hour
+
+    def session(self, owner: str) -> AIGatewaySession:
+        return AIGatewaySession(self, owner)
 
     def close(self) -> None:
         self._http.close()
@@ -76,49 +127,93 @@ class AIGatewaySession:
                                f"{str(path)[:80]}")
         if len(body) > MAX_REQUEST_BYTES:
             return _error(413, f"an AI request of {len(body)} bytes (at most {MAX_REQUEST_BYTES})")
-        if method == "POST":
-            try:
-                request = json.loads(body)
-            except ValueError:
-                request = None
-            if not isinstance(request, dict):
-                return _error(400, "an AI request body must be a JSON object")
-        budget = self.gateway.tokens_per_hour
-        if budget and self.gateway.spent(self.owner) >= budget:
-            return _error(429, f"this owner's AI budget of {budget} tokens per hour is spent; try again later")
+        if method == "GET":  # the model list: no tokens
+            status, data, _ = self._exchange(method, path, b"", deadline)
+            return {"op": "ai_reply", "status": status}, data
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if not isinstance(request, dict) or not isinstance(request.get("options") or {}, dict):
+            return _error(400, "an AI request body must be a JSON object (and its options one too)")
+        prompt = len(body) + IMAGE_TOKENS * _images(request)
+        answer = self._answer_tokens(request) if path in GENERATING else 0
+        budget = self.gateway.budget
+        reserved = budget.reserve(self.owner, prompt + answer)
+        if reserved < prompt + (1 if answer else 0):
+            budget.settle(self.owner, reserved, 0)
+            return _error(429, f"this owner's AI budget of {budget.tokens_per_hour} tokens per hour has not "
+                               f"{prompt + 1} tokens left for this request; try again later, or send less")
+        if answer:  # the node stops at what was reserved for the answer
+            request["options"] = {**(request.get("options") or {}), "num_predict": reserved - prompt}
+            body = json.dumps(request).encode()
+        charged = reserved  # if anything below goes wrong, the node may have done all it was allowed
+        try:
+            status, data, problem = self._exchange(method, path, body, deadline)
+            counts = _counts(data) if not problem else None
+            if counts is not None:
+                charged = sum(counts)
+            elif 400 <= status < 500:  # the node refused the request before working on it
+                charged = 0
+            self.usage["calls"] += 1
+            self.usage["prompt_tokens"] += counts[0] if counts else 0
+            self.usage["completion_tokens"] += charged - (counts[0] if counts else 0)
+        finally:
+            budget.settle(self.owner, reserved, charged)
+        if problem:
+            return _error(status, problem)
+        return {"op": "ai_reply", "status": status}, data
+
+    def _answer_tokens(self, request: dict[str, Any]) -> int:
+        """The answer's tokens to reserve: the request's num_predict, within the grid's cap per request."""
+        cap = self.gateway.max_tokens_per_request
+        asked = (request.get("options") or {}).get("num_predict")
+        return min(asked, cap) if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else cap
+
+    def _exchange(self, method: str, path: str, body: bytes, deadline: float) -> tuple[int, bytes, str]:
+        """The node's status and answer, or a status and why the answer was refused (then the data is partial)."""
         left = deadline - time.monotonic()
         if left <= 0:
-            return _error(504, "the call's time is up")
+            return 504, b"", "the call's time is up"
+        data = bytearray()
         try:
             with self.gateway._http.stream(method, path, content=body if method == "POST" else None,
                                            headers={"content-type": "application/json"}, timeout=left) as response:
-                data = bytearray()
                 for chunk in response.iter_bytes():
                     data += chunk
                     if len(data) > MAX_RESPONSE_BYTES:
-                        return _error(502, f"the AI node's answer is over {MAX_RESPONSE_BYTES >> 20} MiB")
-                status = response.status_code
+                        return 502, bytes(data), f"the AI node's answer is over {MAX_RESPONSE_BYTES >> 20} MiB"
+                    if time.monotonic() > deadline:
+                        return 504, bytes(data), "the call's time is up"
+                return response.status_code, bytes(data), ""
         except httpx.HTTPError as exc:
-            return _error(502, f"the AI node did not answer ({type(exc).__name__})")
-        if status == 200 and path != "/api/tags":
-            self._count(bytes(data))
-        return {"op": "ai_reply", "status": status}, bytes(data)
+            return 502, bytes(data), f"the AI node did not answer ({type(exc).__name__})"
 
-    def _count(self, data: bytes) -> None:
-        """Tokens from the node's own figures: the final object of a stream, or the whole answer."""
-        prompt = completion = 0
-        for line in data.splitlines():
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(item, dict) and item.get("done", True):
-                prompt += _count_of(item.get("prompt_eval_count"))
-                completion += _count_of(item.get("eval_count"))
-        self.usage["calls"] += 1
-        self.usage["prompt_tokens"] += prompt
-        self.usage["completion_tokens"] += completion
-        self.gateway.charge(self.owner, prompt + completion)
+
+def _images(request: dict[str, Any]) -> int:
+    """Images in a multimodal request (generate's ``images``, or each chat message's)."""
+    messages = request.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    lists = [request.get("images"), *(m.get("images") for m in messages if isinstance(m, dict))]
+    return sum(len(images) for images in lists if isinstance(images, list))
+
+
+def _counts(data: bytes) -> tuple[int, int] | None:
+    """(prompt, answer) tokens from the node's own figures: the final object of a stream, or the whole answer;
+    None when no object counts anything (cut off, malformed, or a route whose answer says nothing)."""
+    prompt = completion = 0
+    counted = False
+    for line in data.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and item.get("done", True) and "error" not in item and (
+                "prompt_eval_count" in item or "eval_count" in item):
+            counted = True
+            prompt += _count_of(item.get("prompt_eval_count"))
+            completion += _count_of(item.get("eval_count"))
+    return (prompt, completion) if counted else None
 
 
 def _count_of(value: object) -> int:
