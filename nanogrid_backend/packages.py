@@ -11,6 +11,7 @@ from typing import Any
 
 from nanogrid.packaging import FunctionPackage as Package
 from nanogrid.packaging import build_zip, function_id_for
+from nanogrid_backend.environments import EnvironmentBuildError, check_names
 
 __all__ = ["Package", "PackageError", "from_upload", "check_manifest", "function_id_for", "owned_function_id"]
 
@@ -19,6 +20,8 @@ HANDLER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)
 MAX_RATIO = 200  # real code compresses 3-10x; a bomb a thousand-fold
 # The seed platform's other languages (nanogrid_runtimes/node, go, cpp): handler packages only, with these source files.
 LANGUAGE_SOURCES = {"nodejs": (".js",), "go": (".go",), "cpp": (".cpp", ".cc", ".cxx")}
+# The most items an upload may list of each (a manifest is hostile input: a million names would be built, or opened).
+MAX_ITEMS = {"packages": 2000, "system packages": 200, "environment variables": 500, "secrets": 200}
 
 
 class PackageError(ValueError):
@@ -106,12 +109,30 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
                 limits[key] = cast(manifest[key])
             except (TypeError, ValueError):
                 raise PackageError(f"{key} must be a number, not {manifest[key]!r}") from None
+    check_list_lengths(manifest)
+    if manifest.get("environment"):  # refused here, before anything is stored or built (Debian names by apt as root)
+        try:
+            check_names(manifest["environment"])
+        except EnvironmentBuildError as exc:
+            raise PackageError(f"environment: {exc.message}") from None
     for key in ("ai",):  # booleans are JSON booleans: "no" must never switch a feature on
         if key in manifest and not isinstance(manifest[key], bool):
             raise PackageError(f"{key} must be true or false, not {manifest[key]!r}")
     clean = {**manifest, **limits, "name": name, "kind": kind, "runtime": runtime, "handler": handler, "python": python}
     clean.pop("function_name", None)
     return clean
+
+
+def check_list_lengths(manifest: dict[str, Any]) -> None:
+    """Refuse a manifest listing more packages, system packages, variables or secrets than ``MAX_ITEMS``."""
+    environment = manifest.get("environment")
+    environment = environment if isinstance(environment, dict) else {}
+    lists = {"packages": [environment.get("packages")], "system packages": [environment.get("system")],
+             "environment variables": [manifest.get("env"), environment.get("env")], "secrets": [manifest.get("secrets")]}
+    for what, values in lists.items():
+        count = max((len(v) for v in values if isinstance(v, list | dict)), default=0)
+        if count > MAX_ITEMS[what]:
+            raise PackageError(f"the upload lists {count} {what}; at most {MAX_ITEMS[what]} are allowed")
 
 
 def _read_zip(data: bytes, max_bytes: int) -> dict[str, bytes]:

@@ -188,7 +188,8 @@ def test_upload_validation_answers_400_with_the_originals_messages(seed: httpx.C
 
 
 def test_upload_and_run_carry_rate_limit_headers_and_429_when_empty(docker_grid: EmbeddedGrid) -> None:
-    """X-RateLimit-Limit/-Remaining on /upload and /run; an empty bucket is 429 with the original's message."""
+    """X-RateLimit-Limit/-Remaining on /upload and /run; an empty bucket is 429 with the original's message,
+    on every authenticated route."""
     key, _ = create_key(docker_grid.grid.registry, "seed-limited", rate_limit=0.01, rate_burst=3)
     with httpx.Client(base_url=docker_grid.url, headers={"x-api-key": key}, timeout=60) as client:
         first = client.post("/upload", files={"file": ("f.zip", zipped(MAIN_ONLY))})
@@ -202,7 +203,8 @@ def test_upload_and_run_carry_rate_limit_headers_and_429_when_empty(docker_grid:
         assert refused.status_code == 429
         assert refused.json() == {"error": "Too Many Requests (Token Bucket Exhausted)"}
         assert refused.headers["X-RateLimit-Remaining"] == "0" and int(refused.headers["Retry-After"]) >= 1
-        assert client.get("/functions").status_code == 200  # only /upload and /run spend tokens
+        listed = client.get("/functions")  # every authenticated route spends from the same bucket
+        assert listed.status_code == 429 and listed.headers["X-RateLimit-Remaining"] == "0"
 
 
 def test_run_errors_and_a_failing_function(seed: httpx.Client) -> None:

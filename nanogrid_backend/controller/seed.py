@@ -6,7 +6,8 @@ keys, owners and token buckets), results back into the seed's shapes. Nothing is
 
 What differs from ``/v1`` on purpose, because the seed's clients depend on it:
 - errors are ``{"error": message}`` (``SeedRoute``), authentication failures ``{"error": "Unauthorized"}``;
-- only ``/upload`` and ``/run`` spend rate-limit tokens, and they say so in ``X-RateLimit-Limit``/``-Remaining``;
+- every authenticated route spends a rate-limit token (the original limited only ``/upload`` and ``/run``, which
+  let a key poll the others without bound) and says so in ``X-RateLimit-Limit``/``-Remaining``;
 - a function id is stable across ``PUT /functions/:id``: each update is a new content-addressed version with
   the same ``stable_id``, so queued calls run the code they were submitted for and the history stays whole;
 - ``GET /status/:jobId`` answers 200 ``{"status": "pending"}`` for a job that has not finished *and* for one
@@ -71,22 +72,25 @@ class SeedRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             try:
-                return await handler(request)
+                response = await handler(request)
             except StarletteHTTPException as exc:
-                return seed_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+                response = seed_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
             except RequestValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, p.get('loc', ())))}: {p.get('msg')}" for p in exc.errors())
-                return seed_error(400, problems or "invalid request")
+                response = seed_error(400, problems or "invalid request")
             except (PackageError, jobs.BadRequest) as exc:
-                return seed_error(exc.status, str(exc))
+                response = seed_error(exc.status, str(exc))
             except RegistryBusy:
-                return seed_error(503, "the grid's registry is locked by another process; try again in a few seconds",
-                                  {"Retry-After": "5"})
+                response = seed_error(503, "the grid's registry is locked by another process; try again in a few "
+                                           "seconds", {"Retry-After": "5"})
             except (sqlite3.OperationalError, OSError) as exc:
                 if not disk_full(exc):
                     raise
                 log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
-                return seed_error(507, DISK_FULL)
+                response = seed_error(507, DISK_FULL)
+            for name, value in getattr(request.state, "rate_headers", {}).items():  # set by rate_limited
+                response.headers.setdefault(name, value)
+            return response
 
         return route
 
@@ -103,11 +107,12 @@ async def seed_caller(request: Request, x_api_key: Annotated[str | None, Header(
         raise HTTPException(401, "Unauthorized") from None
 
 
-Caller = Annotated[ApiKey, Depends(seed_caller)]
+Authenticated = Annotated[ApiKey, Depends(seed_caller)]
 
 
-async def rate_limited(request: Request, caller: Caller) -> ApiKey:
-    """/upload and /run take a token from the caller's key's bucket, the same bucket as /v1 (429 when empty)."""
+async def rate_limited(request: Request, caller: Authenticated) -> ApiKey:
+    """Every authenticated route takes a token from the caller's key's bucket, the same bucket as /v1 (429 when
+    empty); the answer carries ``X-RateLimit-Limit``/``-Remaining`` (``SeedRoute`` adds them)."""
     state = request.app.state
     rate = state.config.rate_limit if caller.rate_limit is None else caller.rate_limit
     burst = caller.rate_burst or state.config.rate_burst
@@ -124,16 +129,12 @@ async def rate_limited(request: Request, caller: Caller) -> ApiKey:
     return caller
 
 
-Limited = Annotated[ApiKey, Depends(rate_limited)]
+Caller = Annotated[ApiKey, Depends(rate_limited)]
 router = APIRouter(route_class=SeedRoute, tags=["seed contract"])
 
 
 def grid_of(request: Request) -> Grid:
     return request.app.state.grid
-
-
-def reply(request: Request, body: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=getattr(request.state, "rate_headers", None))
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -313,7 +314,7 @@ def metrics(request: Request) -> PlainTextResponse:
 
 @router.post("/upload")
 async def upload(
-    request: Request, caller: Limited,
+    request: Request, caller: Caller,
     file: Annotated[UploadFile | None, File()] = None,
     description: Annotated[str, Form(max_length=1000)] = "",
     envVars: Annotated[str, Form(max_length=65536)] = "",  # noqa: N803  (the seed's field name)
@@ -343,7 +344,7 @@ async def upload(
             "handler": SEED_SOURCES[runtime][1], "kind": "handler", "memory": memory_mb, "description": description,
             "env": parse_env_vars(envVars), "stable_id": seed_id, "timeout": seed_timeout(grid, caller)}
     await asyncio.to_thread(jobs.deploy, grid, caller, filename, data, form)
-    return reply(request, {"success": True, "functionId": seed_id})
+    return JSONResponse({"success": True, "functionId": seed_id})
 
 
 def seed_timeout(grid: Grid, caller: ApiKey) -> float:
@@ -352,7 +353,7 @@ def seed_timeout(grid: Grid, caller: ApiKey) -> float:
 
 
 @router.post("/run")
-async def run(request: Request, caller: Limited, x_async: Annotated[str | None, Header()] = None) -> JSONResponse:
+async def run(request: Request, caller: Caller, x_async: Annotated[str | None, Header()] = None) -> JSONResponse:
     grid = grid_of(request)
     try:
         body = json.loads(await request.body() or b"{}")
@@ -369,7 +370,7 @@ async def run(request: Request, caller: Limited, x_async: Annotated[str | None, 
     (job,) = jobs.new_jobs(function, payloads, caller.name)
     if (x_async or "").lower() == "true":
         await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
-        return reply(request, {"status": "ACCEPTED", "jobId": job.job_id}, 202)
+        return JSONResponse({"status": "ACCEPTED", "jobId": job.job_id}, status_code=202)
     finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
     try:
         await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
@@ -377,8 +378,8 @@ async def run(request: Request, caller: Limited, x_async: Annotated[str | None, 
     finally:
         unsubscribe()
     if done is None:
-        return reply(request, {"status": "TIMEOUT", "message": "Processing timed out.", "jobId": job.job_id})
-    return reply(request, seed_result(done, seed_id))
+        return JSONResponse({"status": "TIMEOUT", "message": "Processing timed out.", "jobId": job.job_id})
+    return JSONResponse(seed_result(done, seed_id))
 
 
 @router.get("/status/{job_id}")
@@ -448,7 +449,7 @@ async def update_function(
     manifest["stable_id"] = function_id
     files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     await asyncio.to_thread(jobs.deploy, grid, caller, "package.zip", build_zip(files), {})
-    return reply(request, {"success": True, "functionId": function_id})
+    return JSONResponse({"success": True, "functionId": function_id})
 
 
 @router.delete("/functions/{function_id}")
