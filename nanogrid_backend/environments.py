@@ -6,6 +6,9 @@ nothing half-built is ever used. Docker sandboxes get an image derived from the 
 with the layer copied in; process sandboxes get the layer on their ``PYTHONPATH``. A lock file
 per environment makes concurrent first calls (threads, or several workers on one machine) build
 once. With a shared store (S3), a worker fetches a layer another worker built before building.
+An environment that adds packages to a built one grows from it by a layer (see env_layers.py).
+
+Eviction never takes an environment in use (see env_users.py).
 """
 
 from __future__ import annotations
@@ -24,18 +27,25 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanogrid.environment import PLATFORM, REQUIREMENT, SYSTEM_PACKAGE, VARIABLE, distribution_name, environment_id
+from nanogrid.environment import PLATFORM, REQUIREMENT, VARIABLE, distribution_name, environment_id
+from nanogrid_backend import env_layers
+from nanogrid_backend.env_users import EnvironmentUsers
 
 log = logging.getLogger(__name__)
 
 BUILD_TIMEOUT_S = 600
 ENV_IMAGE = "nanogrid/env"  # tagged nanogrid/env:<environment id>
+MAX_PACKAGES = 2000  # a whole data-science environment is a few hundred distributions
+MAX_SYSTEM_PACKAGES = 100
+NOTE_USE_EVERY_S = 60.0  # a warm call marks its environment used at most this often (a file's time)
+SWEEP_EVERY_S = 60.0  # how often the cache looks for what killed builds left behind
+ENV_ID = re.compile(r"env-[0-9a-f]{1,64}")
 
 
 class EnvironmentBuildError(Exception):
@@ -69,20 +79,68 @@ def too_little_memory(memory_mib: int) -> str:
             "@remote(memory=512)")
 
 
-def check_spec(spec: Any, runtimes: dict[str, str]) -> dict[str, Any]:
-    """A manifest's ``environment``, checked as hostile input: installable names only, a Python this grid runs."""
+def check_names(spec: Any) -> None:
+    """A manifest's ``environment`` names, checked as hostile input before anything is built (the controller runs
+    this at upload): requirements only, a bounded number, and Debian packages by exact name, never a pattern."""
     if not isinstance(spec, dict):
         raise EnvironmentBuildError("the manifest's environment must be an object")
     packages, system, variables = spec.get("packages", []), spec.get("system", []), spec.get("env", {})
-    python = str(spec.get("python", ""))
-    if not isinstance(packages, list) or not all(isinstance(p, str) and REQUIREMENT.match(p) for p in packages):
-        raise EnvironmentBuildError(f"environment packages must be requirements like 'pandas==2.2.3', not {packages!r}")
-    if not isinstance(system, list) or not all(isinstance(p, str) and SYSTEM_PACKAGE.match(p) for p in system):
-        raise EnvironmentBuildError(f"environment system packages must be Debian package names, not {system!r}")
+    if not isinstance(packages, list) or not all(isinstance(p, str) and REQUIREMENT.fullmatch(p) for p in packages):
+        raise EnvironmentBuildError(f"environment packages must be requirements like 'pandas==2.2.3', "
+                                    f"not {_shortened(packages)}")
+    if len(packages) > MAX_PACKAGES:
+        raise EnvironmentBuildError(f"an environment lists at most {MAX_PACKAGES} packages; this one lists "
+                                    f"{len(packages)} ({', '.join(packages[:3])}, ...): name the ones the function needs")
+    if not isinstance(system, list) or not all(isinstance(p, str) for p in system):
+        raise EnvironmentBuildError(f"environment system packages must be Debian package names, not {_shortened(system)}")
+    check_system_packages(str(spec.get("python", "")), system)
     if not isinstance(variables, dict) or not all(isinstance(k, str) and VARIABLE.match(k) and isinstance(v, str)
                                                   and not k.startswith(("NANOGRID_", "PYTHON", "PATH", "HOME", "LD_"))
                                                   for k, v in variables.items()):
         raise EnvironmentBuildError("environment variables must be NAME: string, outside the sandbox's own names")
+
+
+def _shortened(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def check_system_packages(python: str, names: list[str]) -> None:
+    """Debian packages are installed by apt as root while a runtime is built: exact names of the runtime's
+    Debian release only. A name apt could read as a regex or pattern (``zsh.+`` installed 25 packages) and a
+    name the release does not have are refused here, before anything is built."""
+    from nanogrid_runtimes import build
+
+    if not names:
+        return
+    if len(names) > MAX_SYSTEM_PACKAGES:
+        raise EnvironmentBuildError(f"an environment lists at most {MAX_SYSTEM_PACKAGES} system packages, "
+                                    f"not {len(names)}")
+    for name in names:
+        problem = build.debian_name_problem(name)
+        if problem:
+            raise EnvironmentBuildError(f"system package {_shortened(name)} is refused: {problem}; give exact "
+                                        "Debian package names, e.g. system=['ffmpeg']")
+    suite = build.DEBIAN_SUITES.get(python)
+    if suite is None:
+        raise EnvironmentBuildError(f"system packages need a runtime built from Debian; this grid builds them for "
+                                    f"Python {', '.join(build.DEBIAN_SUITES)}, not {python or 'an unnamed Python'}")
+    known = build.debian_package_names(suite)
+    if known is None:
+        raise EnvironmentBuildError(f"this grid cannot check system package names: it has no list of Debian {suite}'s "
+                                    f"packages (one is saved when nanogrid_runtimes/build.py --python {python} builds "
+                                    "the runtime on the grid's host with mmdebstrap), so it installs none")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise EnvironmentBuildError(f"Debian {suite} has no package named {', '.join(map(repr, unknown[:5]))}; "
+                                    "system packages are exact Debian package names (see packages.debian.org)")
+
+
+def check_spec(spec: Any, runtimes: dict[str, str]) -> dict[str, Any]:
+    """A manifest's ``environment``, checked as hostile input: installable names only, a Python this grid runs."""
+    check_names(spec)
+    packages, system, variables = spec.get("packages", []), spec.get("system", []), spec.get("env", {})
+    python = str(spec.get("python", ""))
     if python not in runtimes.values():
         raise EnvironmentBuildError(f"this grid has no Python {python} runtime; it runs "
                                     f"{', '.join(sorted(set(runtimes.values())))}")
@@ -117,11 +175,19 @@ def compile_bytecode(site: Path, python: str) -> None:
     if interpreter is None:
         log.info("no Python %s on this host to compile environment modules with; they compile as imported", python)
         return
-    done = subprocess.run([interpreter, "-I", "-m", "compileall", "-q", "-j0", "-x", r"/tests?/",
-                           "--invalidation-mode", "unchecked-hash", str(site)], capture_output=True, text=True,
-                          timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    try:
+        done = subprocess.run([interpreter, "-I", "-m", "compileall", "-q", "-j0", "-x", r"/tests?/",
+                               "--invalidation-mode", "unchecked-hash", str(site)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise EnvironmentBuildError(f"compiling the environment's modules took over {BUILD_TIMEOUT_S} s; gave up") from None
     if done.returncode != 0:  # a module with a syntax error for this Python: it fails when imported, as it would
         log.info("some modules of %s did not compile: %s", site.parent.name, done.stdout.strip()[-500:])
+
+
+def without_host_paths(text: str) -> str:
+    """A build's message as the user sees it: the grid host's file paths are no business of theirs."""
+    return re.sub(r"(?<![\w.~-])/(?:[\w.+@~-]+/)+[\w.+@~-]*", "<path>", text)
 
 
 def uv_command() -> list[str]:
@@ -141,7 +207,8 @@ def _installer_message(text: str, packages: list[str]) -> str:
                 "wheel for the runtime's Python and platform: pick a version that has one")
     elif "not found in the package registry" in said or "was not found" in said:
         hint = "\nCheck the package name, and that it is published on the package index"
-    return f"could not install {', '.join(packages)}:\n{said}{hint}"
+    named = ", ".join(packages[:10]) + (f" and {len(packages) - 10} more" if len(packages) > 10 else "")
+    return without_host_paths(f"could not install {named}:\n{said}{hint}")
 
 
 class Environments:
@@ -157,6 +224,9 @@ class Environments:
         self.shared = shared  # a BlobStore others build into (AWS mode), or None
         self._docker_client: Any = None
         self._system_bases: dict[tuple[str, tuple[str, ...]], str] = {}  # (Python, Debian packages) -> runtime image
+        self.users = EnvironmentUsers(root / ".locks")
+        self._noted: dict[str, float] = {}  # environment id -> when its use was last written down
+        self._swept = 0.0
         root.mkdir(parents=True, exist_ok=True)
         (root / ".locks").mkdir(exist_ok=True)
         self._remove_abandoned_builds()
@@ -180,6 +250,7 @@ class Environments:
         return self.ensure(spec, progress)
 
     def ensure(self, spec: dict[str, Any], progress: Callable[[str], None] = lambda _: None) -> BuiltEnvironment:
+        """The environment built (or found), counted in use until a sandbox of it starts (or STARTING_S pass)."""
         env_id = environment_id(spec)
         folder = self.root / env_id
         with self._env_lock(env_id, progress):
@@ -187,9 +258,35 @@ class Environments:
                 self._build_layer(env_id, spec, progress)
             image = self._ensure_image(env_id, spec, progress) if self.docker_images is not None else None
             self._touch(env_id)
+            self.users.starting(env_id)
+        self._sweep_now_and_then()
         self._evict(keep=env_id)
         return BuiltEnvironment(env_id, spec["python"], site_dir=folder / "site", image=image,
                                 variables=dict(spec["env"]))
+
+    # ---- in use: never evicted (see env_users.py) -----------------------------------------------------------
+
+    def hold(self, env_id: str, sandbox: Any) -> None:
+        """Count ``sandbox`` (just started with this environment) as using it for as long as it is alive."""
+        if ENV_ID.fullmatch(env_id):  # the plain runtimes and language images are not in this cache
+            self.users.started(env_id, sandbox)
+
+    def note_use_of(self, sandbox: Any) -> None:
+        """A warm call in ``sandbox``: its environment's last use moves to now (a file's time, at most once a
+        minute per environment), so that the LRU order sees environments served warm all day."""
+        env_id = self.users.environment_of(sandbox)
+        if env_id is not None and time.monotonic() - self._noted.get(env_id, 0.0) > NOTE_USE_EVERY_S:
+            self._touch(env_id)
+        self._sweep_now_and_then()
+
+    @contextmanager
+    def pinned(self, env_id: str) -> Iterator[None]:
+        """Keep an environment from eviction meanwhile (for a caller that uses one without a sandbox)."""
+        self.users.starting(env_id)
+        try:
+            yield
+        finally:
+            self.users.done_starting(env_id)
 
     # ---- building -----------------------------------------------------------------------------------------
 
@@ -212,38 +309,80 @@ class Environments:
         temporary = self.root / f".build-{env_id}-{uuid.uuid4().hex[:8]}"
         temporary.mkdir()
         try:
+            grown: dict[str, Any] = {}
             if not self._fetch_shared(env_id, temporary):
-                self._install(env_id, spec, temporary / "site", progress)
-                write_preload(temporary / "site", env_id, spec["packages"])
-                compile_bytecode(temporary / "site", spec["python"])
+                grown = self._grow(env_id, spec, temporary, progress)
+                if not grown:
+                    self._install(env_id, spec, temporary / "site", progress)
+                    write_preload(temporary / "site", env_id, spec["packages"])
+                    compile_bytecode(temporary / "site", spec["python"])
                 self._share(env_id, temporary)
-            size = sum(p.stat().st_size for p in (temporary / "site").rglob("*") if p.is_file())
+            (temporary / env_layers.PINS).write_text(env_layers.pins_text(env_layers.installed_pins(temporary / "site")))
+            size = _bytes_in(temporary / "site")
             if self.cap_bytes and size > self.cap_bytes:
                 raise EnvironmentBuildError(f"environment {env_id} is {size >> 20} MiB, over the grid's environment "
                                             f"cache cap of {self.cap_bytes >> 20} MiB (nanogrid up --env-cache-gb)")
             (temporary / "env.json").write_text(json.dumps({"env_id": env_id, "spec": spec, "size": size,
-                                                            "built_at": time.time()}))
+                                                            "built_at": time.time(), **grown}))
             os.rename(temporary, folder)  # complete, or not there at all
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
 
-    def _install(self, env_id: str, spec: dict[str, Any], site: Path, progress: Callable[[str], None]) -> None:
+    def _grow(self, env_id: str, spec: dict[str, Any], temporary: Path,
+              progress: Callable[[str], None]) -> dict[str, Any]:
+        """Build ``spec`` as a built environment plus a layer of what it adds (see env_layers.py); what env.json
+        records of that, or {} when no built environment fits (the caller builds from scratch)."""
+        base = env_layers.choose_base(spec, self.list(), self.root)
+        if base is None or interpreter_for(spec["python"]) is None:  # the new preload's bytecode replaces the base's
+            return {}
+        with self.pinned(base["env_id"]):
+            base_folder = self.root / base["env_id"]
+            base_pins = env_layers.read_pins(base_folder)
+            added = env_layers.resolve_on(uv_command(), spec, base_pins or {}, temporary, BUILD_TIMEOUT_S)
+            if base_pins is None or added is None or not (base_folder / "site").is_dir():
+                return {}
+            started = time.monotonic()
+            progress(f"building environment {env_id} on {base['env_id']}: adding {', '.join(sorted(added)) or 'nothing'}")
+            layer = temporary / env_layers.LAYER
+            self._install(env_id, {**spec, "packages": [f"{n}=={v}" for n, v in sorted(added.items())]}, layer,
+                          progress, dependencies=False)
+            env_layers.link_tree(base_folder / "site", temporary / "site")
+            modules = preload_modules(temporary / "site", spec["packages"])
+            modules += [m for m in preload_modules(layer, spec["packages"]) if m not in modules]
+            ours = not (temporary / "site" / PRELOAD_MODULE).exists() or (
+                temporary / "site" / PRELOAD_MODULE).read_text(errors="replace").startswith('"""Generated by NanoGrid')
+            if modules and ours and not (layer / PRELOAD_MODULE).exists():
+                (layer / PRELOAD_MODULE).write_text(PRELOAD_TEMPLATE.format(env_id=env_id, budget=PRELOAD_BUDGET_MIB,
+                                                                            modules=modules))
+            compile_bytecode(layer, spec["python"])
+            env_layers.link_tree(layer, temporary / "site")
+        log.info("built environment %s on %s in %.1f s", env_id, base["env_id"], time.monotonic() - started)
+        return env_layers.describe(base, added)
+
+    def _install(self, env_id: str, spec: dict[str, Any], site: Path, progress: Callable[[str], None],
+                 dependencies: bool = True) -> None:
         packages = spec["packages"]
         site.mkdir()
         if not packages:
             return
         started = time.monotonic()
-        what = ", ".join(packages)
+        what = ", ".join(packages[:10]) + (f" and {len(packages) - 10} more" if len(packages) > 10 else "")
         progress(f"building environment {env_id}: installing {what}")
         log.info("building environment %s (Python %s): installing %s", env_id, spec["python"], what)
+        requirements = site.parent / f".requirements-{site.name}.txt"  # any number of them, never a long command
+        requirements.write_text("".join(f"{p}\n" for p in packages))
         command = [*uv_command(), "pip", "install", "--quiet", "--target", str(site), "--python-version",
                    spec["python"], "--python-platform", PLATFORM, "--only-binary", ":all:", "--no-progress",
-                   "--", *packages]
+                   *([] if dependencies else ["--no-deps"]), "--requirement", str(requirements)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise EnvironmentBuildError(f"installing {what} took over {BUILD_TIMEOUT_S} s; gave up") from None
+        except OSError as exc:
+            raise EnvironmentBuildError(f"could not start the installer for {what}: {exc.strerror}") from None
+        finally:
+            requirements.unlink(missing_ok=True)
         if done.returncode != 0:
             log.warning("environment %s failed to build: %s", env_id, done.stderr.strip()[-2000:])
             raise EnvironmentBuildError(_installer_message(done.stderr or done.stdout, packages))
@@ -252,27 +391,44 @@ class Environments:
         log.info("built environment %s in %.1f s", env_id, elapsed)
 
     def _ensure_image(self, env_id: str, spec: dict[str, Any], progress: Callable[[str], None]) -> str:
-        """The runtime image of the environment's Python with the layer on top (rebuilt if the runtime changed)."""
+        """The runtime image of the environment's Python with the layer on top (rebuilt if the runtime changed).
+
+        A grown environment's image is its base's image plus its own layer, while that image is there and
+        made from the same runtime; otherwise the runtime plus its whole site."""
         import docker.errors
 
         assert self.docker_images is not None
         if spec["python"] not in self.docker_images:
             raise EnvironmentBuildError(f"this grid has no Docker runtime image for Python {spec['python']}")
         client = self._docker()
-        base = self._system_base(spec) if spec["system"] else self.docker_images[spec["python"]]
-        base_info = client.api.inspect_image(base)
+        runtime = self._system_base(spec) if spec["system"] else self.docker_images[spec["python"]]
+        runtime_id = client.api.inspect_image(runtime)["Id"]
         tag = f"{ENV_IMAGE}:{env_id}"
-        try:
-            if ((client.api.inspect_image(tag)["Config"] or {}).get("Labels") or {}).get("nanogrid.base") == base_info["Id"]:
-                return tag
-        except docker.errors.ImageNotFound:
-            pass
+        if self._image_labels(tag).get("nanogrid.base") == runtime_id:
+            return tag
+        folder = self.root / env_id
+        on, site = client.api.inspect_image(runtime), folder / "site"
+        base = json.loads((folder / "env.json").read_text()).get("base")
+        if base and (folder / env_layers.LAYER).is_dir() and self._image_labels(f"{ENV_IMAGE}:{base}").get(
+                "nanogrid.base") == runtime_id:
+            try:
+                on, site = client.api.inspect_image(f"{ENV_IMAGE}:{base}"), folder / env_layers.LAYER
+            except docker.errors.ImageNotFound:  # evicted meanwhile: the whole site on the runtime
+                pass
         started = time.monotonic()
         progress(f"building environment {env_id}: image {tag}")
-        labels = {"nanogrid.grid": self.identity, "nanogrid.env": env_id, "nanogrid.base": base_info["Id"]}
-        load_layer_image(base_info, self.root / env_id / "site", tag, labels)
+        labels = {"nanogrid.grid": self.identity, "nanogrid.env": env_id, "nanogrid.base": runtime_id}
+        load_layer_image(on, site, tag, labels)
         log.info("built image %s in %.1f s", tag, time.monotonic() - started)
         return tag
+
+    def _image_labels(self, image: str) -> dict[str, str]:
+        import docker.errors
+
+        try:
+            return (self._docker().api.inspect_image(image)["Config"] or {}).get("Labels") or {}
+        except docker.errors.ImageNotFound:
+            return {}
 
     def _docker(self) -> Any:
         """One Docker client for this cache, made on first use (process-sandbox grids never need one)."""
@@ -291,12 +447,15 @@ class Environments:
         from nanogrid_runtimes import build
 
         key = (spec["python"], tuple(spec["system"]))
-        if key not in self._system_bases:
+        if key not in self._system_bases or not build.image_exists(self._system_bases[key]):
             try:
                 self._system_bases[key] = build.runtime_image(spec["python"], extra_packages=spec["system"])
             except SystemExit as exc:
-                raise EnvironmentBuildError(f"could not build a runtime with the Debian packages "
-                                            f"{', '.join(spec['system'])}: {exc}") from None
+                raise EnvironmentBuildError(without_host_paths(f"could not build a runtime with the Debian packages "
+                                                               f"{', '.join(spec['system'])}: {exc}")) from None
+            except subprocess.TimeoutExpired:
+                raise EnvironmentBuildError(f"building a runtime with the Debian packages {', '.join(spec['system'])} "
+                                            "took too long; gave up") from None
         return self._system_bases[key]
 
     # ---- sharing layers between workers (AWS mode) ---------------------------------------------------------
@@ -345,7 +504,12 @@ class Environments:
     # ---- the cache: listing, last use, eviction ------------------------------------------------------------
 
     def _touch(self, env_id: str) -> None:
-        (self.root / env_id / "used").touch()
+        """Mark the environment used now: its ``used`` file's time, which every process on this machine sees."""
+        try:
+            (self.root / env_id / "used").touch()
+        except FileNotFoundError:
+            return  # removed meanwhile (nanogrid envs --remove)
+        self._noted[env_id] = time.monotonic()
 
     def list(self) -> list[dict[str, Any]]:
         """Built environments, most recently used first: id, packages, size, last use."""
@@ -361,48 +525,147 @@ class Environments:
         return sorted(found, key=lambda i: -i["last_used"])
 
     def remove(self, env_id: str) -> bool:
-        """Delete an environment's layer and image; False if there is none."""
-        if not re.match(r"^env-[0-9a-f]{1,64}$", env_id):
+        """Delete an environment's layer and image, and the runtime made for its Debian packages when no other
+        environment here uses that; False if there is none."""
+        if not ENV_ID.fullmatch(env_id):
             return False
         folder = self.root / env_id
+        try:
+            spec = json.loads((folder / "env.json").read_text())["spec"]
+        except (OSError, ValueError, KeyError):
+            spec = None
         existed = folder.exists()
         trash = self.root / f".removed-{env_id}-{uuid.uuid4().hex[:8]}"
         if existed:
             os.rename(folder, trash)  # gone at once for new calls; the files go after
             shutil.rmtree(trash, ignore_errors=True)
         if self.docker_images is not None:
-            done = subprocess.run(["docker", "image", "rm", f"{ENV_IMAGE}:{env_id}"], capture_output=True)
-            existed = existed or done.returncode == 0
+            existed = self._remove_image(f"{ENV_IMAGE}:{env_id}") or existed
+            if spec and spec.get("system"):
+                self._remove_unused_runtimes(spec)
         return existed
 
+    def _remove_image(self, image: str) -> bool:
+        """``docker image rm`` (refused by Docker while a container runs it, which is what we want)."""
+        try:
+            return subprocess.run(["docker", "image", "rm", image], capture_output=True, timeout=120).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _remove_unused_runtimes(self, spec: dict[str, Any]) -> None:
+        from nanogrid_runtimes import build
+
+        key = (spec["python"], tuple(spec["system"]))
+        if spec["python"] not in build.DEBIAN_SUITES or any(
+                (i["spec"]["python"], tuple(i["spec"]["system"])) == key for i in self.list()):
+            return
+        self._system_bases.pop(key, None)
+        for image in build.derived_images(spec["python"], spec["system"]):
+            if self._remove_image(image):
+                log.info("removed %s: no environment here uses it now", image)
+
+    def _runtime_bytes(self, environments: Iterable[dict[str, Any]]) -> dict[tuple[str, tuple[str, ...]], int]:
+        """(Python, Debian packages) -> the bytes of the runtime images made for them (its Debian base counted
+        once), for those that the environments listed use."""
+        from nanogrid_runtimes import build
+
+        sizes: dict[tuple[str, tuple[str, ...]], int] = {}
+        if self.docker_images is None:
+            return sizes
+        for key in {(i["spec"]["python"], tuple(i["spec"]["system"])) for i in environments if i["spec"]["system"]}:
+            if key[0] not in build.DEBIAN_SUITES:
+                continue
+            runtime, debian = (self._image_size(image) for image in build.derived_images(key[0], list(key[1])))
+            sizes[key] = max(runtime, debian)  # the runtime is its Debian base plus a few layers
+        return sizes
+
+    def _image_size(self, image: str) -> int:
+        import docker.errors
+
+        try:
+            return int(self._docker().api.inspect_image(image).get("Size") or 0)
+        except docker.errors.ImageNotFound:
+            return 0
+
+    def _partial_bytes(self) -> int:
+        """What builds under way (or killed, until swept) hold on disk: temporary folders and image layer tars."""
+        partial = [*self.root.glob(".build-*"), *self.root.glob(".removed-*"), *self.root.glob("env-*/.layer-*")]
+        return sum(_bytes_in(path) if path.is_dir() else _size_of(path) for path in partial)
+
     def _evict(self, keep: str) -> None:
-        """Least recently used environments go while the cache is over its cap (the one just used stays)."""
+        """Least recently used environments go while the cache is over its cap; never one in use (the one just
+        used, one with a live sandbox here or in another process on this machine, one a call is about to
+        start). The runtime images made for Debian packages count, and go with the last environment using them."""
         if not self.cap_bytes:
             return
         environments = self.list()
-        total = sum(i["size"] for i in environments)
+        runtimes = self._runtime_bytes(environments)
+        total = sum(i["size"] for i in environments) + sum(runtimes.values()) + self._partial_bytes()
         for info in reversed(environments):
             if total <= self.cap_bytes:
                 return
-            if info["env_id"] == keep:
+            env_id, key = info["env_id"], (info["spec"]["python"], tuple(info["spec"]["system"]))
+            if env_id == keep or not self._remove_unused(env_id):
                 continue
-            log.info("evicting environment %s (%d MiB) from the cache", info["env_id"], info["size"] >> 20)
-            if self.remove(info["env_id"]):
-                total -= info["size"]
+            log.info("evicted environment %s (%d MiB) from the cache", env_id, info["size"] >> 20)
+            total -= info["size"]
+            environments.remove(info)
+            if key in runtimes and not any((i["spec"]["python"], tuple(i["spec"]["system"])) == key
+                                           for i in environments):
+                total -= runtimes.pop(key)
+        if total > self.cap_bytes:
+            log.info("the environment cache holds %d MiB, over its cap of %d MiB: the rest is in use",
+                     total >> 20, self.cap_bytes >> 20)
+
+    def _remove_unused(self, env_id: str) -> bool:
+        """Remove the environment unless it is in use or being built; both locks are held while it goes, so no
+        sandbox starts holding it meanwhile."""
+        self.users.release_unused()
+        locks = self.root / ".locks"
+        with open(locks / f"{env_id}.lock", "w") as building, open(locks / f"{env_id}.use", "a") as using:
+            try:
+                fcntl.flock(building, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(using, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return self.remove(env_id)  # closing the files lets go of both locks
+
+    def _sweep_now_and_then(self) -> None:
+        if time.monotonic() - self._swept > SWEEP_EVERY_S:
+            self._remove_abandoned_builds()
 
     def _remove_abandoned_builds(self) -> None:
-        """Temporary folders of builds that stopped midway (the grid was killed): never used, so removed."""
+        """What builds that stopped midway left (the grid was killed: temporary folders, an image layer's tar):
+        never used, so removed, at start and then now and then. A build under way holds its environment's lock."""
+        self._swept = time.monotonic()
         for temporary in self.root.glob(".removed-*"):
             shutil.rmtree(temporary, ignore_errors=True)
-        for temporary in self.root.glob(".build-*"):
-            env_id = temporary.name.removeprefix(".build-").rsplit("-", 1)[0]
+        partial = [(path, path.name.removeprefix(".build-").rsplit("-", 1)[0]) for path in self.root.glob(".build-*")]
+        partial += [(path, path.parent.name) for path in self.root.glob("env-*/.layer-*")]
+        for path, env_id in partial:
             with open(self.root / ".locks" / f"{env_id}.lock", "w") as handle:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # another process is building it right now
-                shutil.rmtree(temporary, ignore_errors=True)
+                log.info("removing %s, left by a build that was stopped", path.name)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _bytes_in(folder: Path) -> int:
+    """The bytes of the files under ``folder`` (hard links to another environment's files counted here too)."""
+    return sum(_size_of(p) for p in folder.rglob("*") if p.is_file())
 
 
 def docker_runtimes(client: Any, default_image: str, default_python: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -42,9 +43,97 @@ RUNTIME_REPOSITORY = "nanogrid/runtime-python"
 RUNTIME_IMAGE = f"{RUNTIME_REPOSITORY}:latest"  # the grid's own Python
 
 
+STEP_TIMEOUT_S = 900  # mmdebstrap, docker import and docker build each stop after this
+# Debian package names (Debian policy 5.6.1), and what apt could read as a pattern rather than a name.
+DEBIAN_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{0,99}")
+PATTERN_SIGNS = (".+", ".*", "*", "?", "[", "]", "~", "^", "$", "|", "(", ")", "!", "{", "}", "/", "=", ":", ",")
+
+
 def debian_base(python: str, packages: list[str]) -> str:
     suite = DEBIAN_SUITES[python]
     return f"nanogrid/debian-python:{suite}-" + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+
+
+def with_extra_packages(extra_packages: list[str] | None) -> list[str]:
+    """The Debian packages of a runtime: the grid's own, then a function environment's ``system`` (sorted)."""
+    return DEBIAN_PACKAGES + sorted(set(extra_packages or []) - set(DEBIAN_PACKAGES))
+
+
+def runtime_tag(python: str, extra_packages: list[str] | None = None) -> str:
+    """nanogrid/runtime-python:<minor>, or :<minor>-<hash> for a runtime with a function environment's packages."""
+    image = f"{RUNTIME_REPOSITORY}:{python}"
+    if extra_packages:
+        image += "-" + hashlib.sha256(" ".join(with_extra_packages(extra_packages)).encode()).hexdigest()[:8]
+    return image
+
+
+def derived_images(python: str, extra_packages: list[str]) -> list[str]:
+    """The images made for a function environment's Debian packages: its runtime, then the Debian base under it."""
+    return [runtime_tag(python, extra_packages), debian_base(python, with_extra_packages(extra_packages))]
+
+
+def debian_name_problem(name: str) -> str | None:
+    """Why ``name`` is not one exact Debian package name (apt would read a regex or pattern), or None."""
+    if not DEBIAN_NAME.fullmatch(name):
+        return "Debian package names are lower-case letters, digits and + . - (starting with a letter or digit)"
+    signs = [sign for sign in PATTERN_SIGNS if sign in name]
+    if signs:
+        return f"it holds {signs[0]!r}, which apt reads as a pattern, not a name"
+    return None
+
+
+def names_file(suite: str) -> Path:
+    """Where the names of a Debian release's packages are kept once mmdebstrap has fetched its index here."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "nanogrid" / "debian" / f"{suite}-amd64.names"
+
+
+_known_names: dict[str, tuple[float, frozenset[str]]] = {}  # suite -> (when its source changed, its names)
+
+
+def debian_package_names(suite: str) -> frozenset[str] | None:
+    """Every package name in Debian ``suite`` (amd64), or None where this host has no list of them.
+
+    The list mmdebstrap saved (see build_debian_base) comes first; else the host's own apt index
+    when the host runs that Debian release. Read once per change (about 0.5 s for 64,000 names).
+    """
+    saved = names_file(suite)
+    lists = Path("/var/lib/apt/lists")
+    if saved.is_file():
+        source, read = saved, lambda: saved.read_text()
+    elif _host_codename() == suite and lists.is_dir() and shutil.which("apt-cache"):
+        source, read = lists, lambda: subprocess.run(["apt-cache", "pkgnames"], capture_output=True, text=True,
+                                                      timeout=60, check=True).stdout
+    else:
+        return None
+    changed = source.stat().st_mtime
+    known = _known_names.get(suite)
+    if known is None or known[0] != changed:
+        try:
+            known = changed, frozenset(read().split())
+        except (OSError, subprocess.SubprocessError):
+            return None
+        _known_names[suite] = known
+    return known[1] or None
+
+
+def _host_codename() -> str:
+    try:
+        release = Path("/etc/os-release").read_text()
+    except OSError:
+        return ""
+    found = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", release, re.MULTILINE)
+    return found.group(1) if found else ""
+
+
+def unknown_debian_packages(python: str, names: list[str]) -> list[str]:
+    """Names that are not exactly a package of the runtime's Debian release; SystemExit without a list to check."""
+    suite = DEBIAN_SUITES[python]
+    known = debian_package_names(suite)
+    if known is None:
+        sys.exit(f"this host has no list of Debian {suite}'s packages to check the names against; build a runtime "
+                 f"for Python {python} with nanogrid_runtimes/build.py --python {python} (which saves one)")
+    return [name for name in names if name not in known]
 
 
 DEBIAN_BASE = debian_base(HOST_PYTHON, DEBIAN_PACKAGES) if HOST_PYTHON in DEBIAN_SUITES else ""
@@ -53,14 +142,17 @@ SITE_DISTRIBUTIONS = ["cloudpickle", "ollama"]  # copied from the grid's own env
 
 
 def docker(*args: str, capture: bool = False) -> str:
-    result = subprocess.run(["docker", *args], text=True, capture_output=True)
+    try:
+        result = subprocess.run(["docker", *args], text=True, capture_output=True, timeout=STEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"nanogrid_runtimes/build.py: docker {args[0]} took over {STEP_TIMEOUT_S} s; gave up")
     if result.returncode != 0:
         sys.exit(f"nanogrid_runtimes/build.py: docker {args[0]} failed:\n{result.stderr.strip()}")
     return result.stdout.strip() if capture else ""
 
 
 def image_exists(name: str) -> bool:
-    return subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0
+    return subprocess.run(["docker", "image", "inspect", name], capture_output=True, timeout=60).returncode == 0
 
 
 def label(name: str, key: str) -> str:
@@ -71,11 +163,26 @@ def build_debian_base(python: str, packages: list[str]) -> str:
     name = debian_base(python, packages)
     if shutil.which("mmdebstrap") is None:
         sys.exit("nanogrid_runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap), or pass --base IMAGE")
+    wrong = {name: debian_name_problem(name) for name in packages}
+    for package, problem in wrong.items():
+        if problem:  # names only, never a pattern: apt runs as root here
+            sys.exit(f"nanogrid_runtimes/build.py: {package!r} is not a Debian package name: {problem}")
+    names = names_file(DEBIAN_SUITES[python])
+    names.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nanogrid-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs.tar"
         print(f"building {name} with mmdebstrap (about 20 s) ...", flush=True)
-        done = subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
-                               DEBIAN_SUITES[python], str(rootfs)], capture_output=True, text=True)
+        # The release's package names are kept (for checking environments' names before anything is built).
+        keep_names = f'chroot "$1" apt-cache pkgnames > {tmp}/names'
+        try:
+            done = subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
+                                   f"--customize-hook={keep_names}", DEBIAN_SUITES[python], str(rootfs)],
+                                  capture_output=True, text=True, timeout=STEP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            sys.exit(f"nanogrid_runtimes/build.py: mmdebstrap took over {STEP_TIMEOUT_S} s for Debian "
+                     f"{DEBIAN_SUITES[python]} with {', '.join(packages)}; gave up")
+        if done.returncode == 0 and (Path(tmp) / "names").stat().st_size:
+            os.replace(Path(tmp) / "names", names)
         if done.returncode != 0:  # an unknown package name, or no Debian mirror reachable from this host
             said = "\n".join(line for line in done.stderr.splitlines() if line.startswith("E:") or "Unable to locate"
                              in line or "no installation candidate" in line)
@@ -116,7 +223,7 @@ def _install_distributions(site: Path, python: str) -> None:
     command = [str(uv)] if uv.exists() else [sys.executable, "-m", "uv"]
     done = subprocess.run([*command, "pip", "install", "--quiet", "--target", str(site), "--python-version", python,
                            "--python-platform", "x86_64-manylinux_2_28", "--only-binary", ":all:", *pins],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
     if done.returncode != 0:
         sys.exit(f"nanogrid_runtimes/build.py: could not install {', '.join(pins)} for Python {python}:\n{done.stderr}")
 
@@ -155,10 +262,8 @@ def build(base: str | None, force: bool, python: str = HOST_PYTHON, extra_packag
     ``extra_packages`` (Debian packages a function environment asks for) give a runtime of its own,
     tagged with a hash of them.
     """
-    packages = DEBIAN_PACKAGES + sorted(set(extra_packages or []) - set(DEBIAN_PACKAGES))
-    image = f"{RUNTIME_REPOSITORY}:{python}"
-    if extra_packages:
-        image += "-" + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+    packages = with_extra_packages(extra_packages)
+    image = runtime_tag(python, extra_packages)
     if base is None:
         if python not in DEBIAN_SUITES:
             sys.exit(f"nanogrid_runtimes/build.py: no Debian release ships Python {python}; "
@@ -188,7 +293,18 @@ def build(base: str | None, force: bool, python: str = HOST_PYTHON, extra_packag
 
 
 def runtime_image(python: str, extra_packages: list[str]) -> str:
-    """The runtime of ``python`` with extra Debian packages (a function environment's ``system``)."""
+    """The runtime of ``python`` with extra Debian packages (a function environment's ``system``).
+
+    Only exact names of the runtime's Debian release go to apt (which runs as root while building).
+    """
+    for name in extra_packages:
+        problem = debian_name_problem(name)
+        if problem:
+            sys.exit(f"{name!r} is not a Debian package name: {problem}")
+    if python in DEBIAN_SUITES:
+        unknown = unknown_debian_packages(python, extra_packages)
+        if unknown:
+            sys.exit(f"Debian {DEBIAN_SUITES[python]} has no package named {unknown[0]!r}")
     return build(None, False, python, extra_packages)
 
 
@@ -218,7 +334,7 @@ def language_base(runtime: str, force: bool = False) -> str:
             rootfs = Path(tmp) / "rootfs.tar"
             print(f"building {base} with mmdebstrap ...", flush=True)
             subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
-                            LANGUAGE_SUITE, str(rootfs)], check=True)
+                            LANGUAGE_SUITE, str(rootfs)], check=True, timeout=STEP_TIMEOUT_S)
             docker("import", "--change", 'CMD ["/bin/sh"]', str(rootfs), base)
     return base
 
