@@ -122,6 +122,8 @@ class WarmPool:
         self._close(victims)
         if warm:
             assert sandbox is not None
+            if self.environments is not None:
+                self.environments.note_use_of(sandbox)  # its environment stays "recently used" while served warm
             return sandbox, False
         assert function is not None  # a cold start: its code was fetched in the loop
         self._wake.set()  # refill stem cells
@@ -207,7 +209,10 @@ class WarmPool:
         options: dict[str, Any] = {} if environment is None else {"environment": environment}
         if disk_mib is not None:
             options["disk_mib"] = disk_mib
-        return self.factory.start(**options)
+        sandbox = self.factory.start(**options)
+        if environment is not None and self.environments is not None:
+            self.environments.hold(environment.env_id, sandbox)  # never evicted while this sandbox lives
+        return sandbox
 
     def _stem_fits(self, function: FunctionCode) -> bool:
         """Whether a stem cell's scratch disk is the size this function asks for (always without ``disk=``, and
