@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import builtins
 import hashlib
+import inspect
 import io
 import linecache
 import math
@@ -47,6 +48,27 @@ class CellRefused(ValueError):
     def __init__(self, line: int, why: str) -> None:
         super().__init__(f"line {line}: {why}")
         self.line = line
+
+
+class CellFailed(Exception):
+    """How `run_cell` ends a cell that raised: its job fails, and the notebook still gets what the cell left.
+
+    ``outcome`` is what `run_cell` returns for a cell that ends well (the names bound before the error, what it
+    printed and drew); its ``error`` describes the cell's own exception, which travels pickled inside the state.
+    The sandbox records ``job_error`` (that description) as the job's error, so the grid's history, /ui and
+    `nanogrid jobs` show the cell's exception and its frames, not this wrapper.
+    """
+
+    @property
+    def outcome(self) -> dict[str, Any]:
+        return self.args[0]
+
+    @property
+    def job_error(self) -> dict[str, Any]:
+        return self.outcome["error"]
+
+    def __str__(self) -> str:
+        return f"{self.job_error['type']}: {self.job_error['message']} (in a %%nanogrid cell)"
 
 
 @dataclass(frozen=True)
@@ -438,21 +460,34 @@ def _figures() -> list[tuple[bytes, str]]:
 
 
 def _describe_error(exc: BaseException, filename: str) -> dict[str, Any]:
-    """The exception and a traceback of the user's frames only (from the cell's first frame on)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    first = next((i for i, f in enumerate(frames) if f.filename == filename), len(frames))
-    user = [f for f in frames[first:] if f.filename != __file__]
-    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(user)) if user else ""
+    """The exception and a traceback of the user's frames only (from the cell's first frame on).
+
+    ``frames`` lets the notebook show the traceback as IPython shows a local one: each frame's place, its
+    function's qualified name and its parameters' names (``in normalise(values)``).
+    """
+    walked = list(traceback.walk_tb(exc.__traceback__))
+    summaries = traceback.extract_tb(exc.__traceback__)
+    first = next((i for i, f in enumerate(summaries) if f.filename == filename), len(summaries))
+    user = [(f, frame) for f, (frame, _) in zip(summaries[first:], walked[first:], strict=True) if f.filename != __file__]
+    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list([f for f, _ in user])) if user else ""
     text += "".join(traceback.format_exception_only(type(exc), exc))
     return {"type": type(exc).__name__, "module": type(exc).__module__, "message": str(exc), "traceback": text,
-            "frames": [(f.filename, f.lineno, f.name) for f in user]}
+            "frames": [_frame_of(f, frame.f_code) for f, frame in user]}
+
+
+def _frame_of(summary: traceback.FrameSummary, code: Any) -> dict[str, Any]:
+    """One frame of a remote traceback: where it stood, and its function's name and parameters."""
+    args, varargs, varkw = inspect.getargs(code)
+    return {"file": summary.filename, "line": summary.lineno or 1, "first": code.co_firstlineno, "name": code.co_name,
+            "qualname": getattr(code, "co_qualname", code.co_name), "args": args, "varargs": varargs, "varkw": varkw}
 
 
 def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sent: list[str],
              has_value: bool) -> dict[str, Any]:
     """Runs in the sandbox: execute the cell in a namespace made of its inputs; return what changed.
 
-    Never raises: the cell's exception comes back with the names bound before it.
+    A cell that raises ends its job failed: `CellFailed` carries what it returns otherwise, so the cell's
+    exception comes back with the names bound before it.
     """
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     shell = SandboxShell(namespace)
@@ -465,7 +500,7 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
     try:
         namespace.update(unpack_state(inputs, namespace))  # functions' globals may add names they read
     except Exception as exc:
-        return _failed_to_load(exc, filename)
+        raise _failed_to_load(exc, filename) from None
     diff_started = time.perf_counter()
     originals = {k: v for k, v in namespace.items() if k not in SANDBOX_NAMES}
     before = {k: fingerprint(v, namespace) for k, v in originals.items()}
@@ -486,7 +521,7 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
         sys.stdout, sys.stderr = stdout, stderr
     figures = _figures()
     diff_started = time.perf_counter()
-    changed = [k for k, v in namespace.items() if k not in SANDBOX_NAMES and (
+    changed = [k for k, v in namespace.items() if k not in SANDBOX_NAMES and not _closed_file(v) and (
         k not in originals or v is not originals[k] or fingerprint(v, namespace) != before[k])]
     mutated = [k for k in changed if k in originals and namespace[k] is originals[k]]
     deleted = [k for k in originals if k not in namespace]
@@ -498,7 +533,7 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
     if "value" in packed.failed:
         records[-2] = ("value", RemoteRepr(repr(value)))
         packed = pack_state(records, namespace, unchanged, drop_globals=True)
-    return {
+    outcome = {
         "state": packed.data,
         "sizes": {k.removeprefix("name:"): n for k, n in packed.sizes.items() if k.startswith("name:")},
         "mutated": mutated,
@@ -509,16 +544,24 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
         "figures": figures,
         "diff_ms": diff_s * 1000,  # hashing the inputs before and after, and comparing
     }
+    if error is not None:
+        raise CellFailed(outcome)
+    return outcome
 
 
-def _failed_to_load(exc: Exception, filename: str) -> dict[str, Any]:
+def _closed_file(value: Any) -> bool:
+    """A closed file (``with open(...) as f:``) stays behind: it cannot travel, and a local run leaves it useless."""
+    return isinstance(value, io.IOBase) and value.closed
+
+
+def _failed_to_load(exc: Exception, filename: str) -> CellFailed:
     """The notebook's names could not be rebuilt here (a module the sandbox lacks): nothing ran."""
     error = _describe_error(exc, filename)
     error["message"] = f"the notebook's names could not be loaded in the sandbox: {error['message']}"
     error["traceback"] = f"{error['type']}: {error['message']}\n"
     packed = pack_state([("value", None), ("error", None)], {})
-    return {"state": packed.data, "sizes": {}, "mutated": [], "deleted": [], "unpicklable": {}, "error": error,
-            "streams": [], "figures": []}
+    return CellFailed({"state": packed.data, "sizes": {}, "mutated": [], "deleted": [], "unpicklable": {},
+                       "error": error, "streams": [], "figures": []})
 
 
 def load_state(data: bytes, user_ns: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:

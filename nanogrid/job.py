@@ -83,7 +83,10 @@ def outcome(view: dict[str, Any], unpickle: bool = True, client: Client | None =
     try:
         if not unpickle:
             raise TypeError
-        exc = cloudpickle.loads(base64.b64decode(view["result_pickle"]))
+        if blob:  # a large exception (a failed cell's state travels in it): stored as a blob
+            exc = cloudpickle.loads((client or get_client()).download_blob(blob["sha256"], blob["size"]))
+        else:
+            exc = cloudpickle.loads(base64.b64decode(view["result_pickle"]))
         if not isinstance(exc, BaseException):
             raise TypeError
     except Exception:

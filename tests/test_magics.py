@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
+import sys
 import threading
 import time
+import types
+import uuid
 
+import httpx
 import IPython
 import pytest
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import parse_argstring
 from IPython.testing.globalipapp import start_ipython
 from IPython.utils.capture import capture_output
 
@@ -22,6 +28,7 @@ import nanogrid
 from nanogrid import cli
 from nanogrid.cells import CellRefused, plan_cell
 from nanogrid.errors import FunctionTimeout
+from nanogrid.magics.cell import prepare
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +167,7 @@ def test_bad_options_give_a_usage_error_with_the_usage(connected):
 
 def test_help_lists_every_option(ip):
     doc = ip.find_cell_magic("nanogrid").__doc__
-    for option in ("--memory", "--timeout", "--runtime", "--name", "--ai", "--model", "--async"):
+    for option in ("--memory", "--timeout", "--runtime", "--name", "--ai", "--model", "--async", "--packages", "--env"):
         assert option in doc
 
 
@@ -207,3 +214,92 @@ def test_a_long_cell_prints_as_it_runs_and_nothing_twice(connected):
     assert out.getvalue() == "first\nsecond\n"
     assert out.status_when_first_shown == "running"
     assert connected.user_ns["result"] == 1
+
+
+@pytest.fixture(params=["process", "docker"])
+def any_grid(request):
+    """The process grid and the Docker grid: cells must behave the same in both sandboxes."""
+    return request.getfixturevalue("grid" if request.param == "process" else "docker_grid")
+
+
+def test_a_failed_cell_is_a_failed_job_everywhere_and_keeps_what_it_bound(ip, any_grid, monkeypatch, capsys):
+    """What must never happen: a cell that raised is recorded as a success (history, the dashboard's failed filter,
+    error rate, `nanogrid jobs`), or the names it bound before the error are lost, however large they are."""
+    grid = any_grid
+    ip.run_line_magic("nanogrid", f"connect {grid.url} {grid.api_key}")
+    name = "failing-" + uuid.uuid4().hex[:8]
+    ip.user_ns.pop("after", None)
+    with pytest.raises(ZeroDivisionError, match="division by zero"):
+        ip.run_cell_magic("nanogrid", f"--name {name} --timeout 60",
+                          "big = b'x' * (3 << 20)\ndef normalise(values):\n    return [v / sum(values) for v in values]\n"
+                          "normalise([0])\nafter = 1\n")
+    assert len(ip.user_ns["big"]) == 3 << 20 and "after" not in ip.user_ns  # 3 MiB: the state went as a blob
+
+    client = nanogrid.get_client()
+    call = client.request("GET", f"{grid.url}/v1/history", params={"limit": 1}).json()["items"][0]
+    assert call["status"] == "failed" and call["exit_reason"] == "exception"
+    assert call["error"]["type"] == "ZeroDivisionError" and call["error"]["message"] == "division by zero"
+    assert "in normalise" in call["error"]["traceback"] and "cells.py" not in call["error"]["traceback"]
+    windows = client.request("GET", f"{grid.url}/v1/functions/{call['function_id']}/windows").json()["windows"]
+    assert windows["1h"]["count"] == 1 and windows["1h"]["errors"] == 1
+    with httpx.Client(base_url=grid.url, timeout=30) as dashboard:
+        assert dashboard.post("/ui/login", data={"api_key": grid.api_key}).status_code == 303
+        assert call["job_id"] in dashboard.get("/ui/jobs", params={"status": "failed"}).text
+        assert call["job_id"] not in dashboard.get("/ui/jobs", params={"status": "completed"}).text
+    monkeypatch.setenv("NANOGRID_API_KEY", grid.api_key)
+    capsys.readouterr()
+    assert cli.main(["jobs", "--url", grid.url, "--limit", "1"]) == 0
+    (row,) = capsys.readouterr().out.splitlines()[1:]
+    assert row.startswith(name) and " failed " in row and "ZeroDivisionError" in row
+
+
+def test_a_cell_that_cannot_load_its_names_is_a_failed_job(connected):
+    """A notebook name whose module the sandbox lacks: the cell fails, and so does its job."""
+    module = types.ModuleType("nanogrid_missing_module")
+    exec("class Thing:\n    pass\n", module.__dict__)
+    module.Thing.__module__ = "nanogrid_missing_module"
+    sys.modules["nanogrid_missing_module"] = module  # importable here only: pickled by reference
+    try:
+        connected.user_ns["thing"] = module.Thing()
+        job = connected.run_cell_magic("nanogrid", "--async", "seen = thing\n")
+        with pytest.raises(Exception, match="could not be loaded in the sandbox"):
+            job.result(timeout=30)
+        assert job.status == "failed"
+    finally:
+        del sys.modules["nanogrid_missing_module"]
+
+
+def test_a_remote_traceback_reads_as_a_local_one(connected):
+    """What must never happen: a remote traceback names another cell, or loses a function's name and parameters."""
+    body = "def normalise(values, *rest, scale=1):\n    total = sum(values)\n    return values[0] / total\nnormalise([0])\n"
+    shown = {}
+    for remote in (False, True):
+        number = connected.execution_count
+        with capture_output() as captured:
+            connected.run_cell(("%%nanogrid\n" if remote else "") + body)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", captured.stdout)
+        assert f"Cell In[{number}], line 3, in normalise(values, scale, *rest)" in text
+        shown[remote] = text.replace(f"In[{number}]", "In[N]")
+    assert shown[True] == shown[False]
+
+
+def test_packages_and_env_options_choose_what_the_cell_runs_with(connected):
+    """--packages adds to what the cell is found to use; --env replaces it; a bad one is named before sending."""
+    import pandas as pd
+
+    from nanogrid.magics import NanoGridMagics
+
+    def environment(line: str, body: str) -> list[str]:
+        args = parse_argstring(NanoGridMagics.nanogrid, line)
+        function = prepare(connected, body, args)[0]
+        return function.package().manifest.get("environment", {}).get("packages", [])
+
+    connected.user_ns["frame"] = pd.DataFrame({"name": ["a", "b"]})
+    found = environment("--packages humanize==4.9.0,six", "frame.shape\n")
+    assert f"pandas=={pd.__version__}" in found and {"humanize==4.9.0", "six"} <= set(found)
+    connected.user_ns["slim"] = nanogrid.Environment(packages=["humanize==4.9.0"])
+    assert environment("--env slim --packages six", "frame.shape\n") == ["humanize==4.9.0", "six"]
+    with pytest.raises(UsageError, match="--env nothing_here needs a nanogrid.Environment"):
+        environment("--env nothing_here", "1\n")
+    with pytest.raises(UsageError, match="is not a requirement NanoGrid can install"):
+        environment("--packages https://evil.example/x.whl", "1\n")

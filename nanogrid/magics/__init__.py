@@ -32,7 +32,10 @@ class NanoGridMagics(Magics):
     @argument("--model", metavar="MODEL", help="the AI node's model for this cell (implies --ai)")
     @argument("--async", dest="asynchronous", action="store_true",
               help="return the cell's Job at once; its names arrive when it finishes, job.result() is its value")
-    # Environment options (--packages) are declared here and passed on in nanogrid.magics.cell.function_for.
+    @argument("--packages", metavar="A,B", help="packages the cell needs besides those it is found to use (names or "
+              "pins, comma-separated), e.g. --packages scikit-learn==1.5.2,humanize")
+    @argument("--env", metavar="NAME", help="run in the nanogrid.Environment named NAME in this notebook instead of "
+              "mirroring this kernel's packages")
     @line_cell_magic
     def nanogrid(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on the grid, leaving the notebook as a local run would (``%%nanogrid [options]``).

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
+import types
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from IPython.core.error import UsageError
 
-from nanogrid.cells import CellRefused, ShellOutput, load_state, pack_state, plan_cell, run_cell
+from nanogrid.cells import CellFailed, CellRefused, Packed, ShellOutput, load_state, pack_state, plan_cell, run_cell
 from nanogrid.client import Client, get_client
+from nanogrid.environment import (
+    Environment,
+    PackageSyncError,
+    for_cell,
+    local_module_files,
+    modules_imported,
+    modules_in_pickle,
+    pinned_distributions,
+)
 from nanogrid.errors import RemoteError
 from nanogrid.function import RemoteFunction
 from nanogrid.job import Job
@@ -40,7 +51,8 @@ class CellJob(Job):
     """The job of a ``%%nanogrid`` cell: ``result()`` is the cell's value (or raises its exception).
 
     The first to ask for the outcome (``result()``, the widget, or the ``--async`` delivery thread)
-    puts the cell's names into the notebook, once.
+    puts the cell's names into the notebook, once. A cell that raised is a failed job on the grid;
+    its names bound before the error come back all the same (inside `CellFailed`).
     """
 
     def __init__(self, client: Client, view: dict[str, Any], name: str, shell: Any, sent: dict[str, Any],
@@ -63,7 +75,10 @@ class CellJob(Job):
         """Wait for the cell, bring its names into the notebook (once), and return what it left."""
         with self._lock:
             if self._outcome is None:
-                reply = super().result(timeout)  # raises JobFailed on a timeout, out-of-memory or crash
+                try:
+                    reply = super().result(timeout)  # raises JobFailed on a timeout, out-of-memory or crash
+                except CellFailed as failed:  # the cell raised: what it left comes with its exception
+                    reply = failed.outcome
                 self._outcome = self._deliver(reply)
             return self._outcome
 
@@ -109,7 +124,7 @@ def prepare(shell: Any, body: str, args: argparse.Namespace) -> tuple[RemoteFunc
                                                                      dict[str, int], bool]:
     """Transform and check the cell, and pickle the notebook names it uses; nothing is sent yet."""
     source = shell.transform_cell(body)
-    filename = shell.compile.cache(body, shell.execution_count)  # tracebacks and inspect show the cell's own lines
+    filename = shell.compile.cache(body, _cell_number(shell))  # tracebacks and inspect show the cell's own lines
     try:
         plan = plan_cell(source, filename)
     except CellRefused as exc:
@@ -126,18 +141,70 @@ def prepare(shell: Any, body: str, args: argparse.Namespace) -> tuple[RemoteFunc
         raise UsageError(f"%%nanogrid: the cell's names pickle to {size_text(len(packed.data))}, over the grid's "
                          f"{size_text(limit)} limit (largest: {largest}); load large data inside the cell "
                          "from a path or URL instead.")
-    function = function_for(args)
+    function = function_for(args, *environment_for(shell, source, sent, packed, args))
     call = (source, filename, body, packed.data, list(sent), plan.has_value)
     return function, call, sent, packed.sizes, plan.has_value
 
 
-def function_for(args: argparse.Namespace) -> RemoteFunction:
-    """The grid function that runs cells with these options.
+class CellFunction(RemoteFunction[..., dict[str, Any]]):
+    """`run_cell` as a grid function, with the environment and the user's own module files the cell needs."""
 
-    Environment options (``--packages``) become arguments here, from ``nanogrid.environment``.
-    """
-    return RemoteFunction(run_cell, memory=args.memory, timeout=args.timeout, runtime=args.runtime, name=args.name,
-                          model=args.model, ai=args.ai, disk=getattr(args, "disk", None))
+    def __init__(self, environment: Environment, local_files: dict[str, bytes], **options: Any) -> None:
+        super().__init__(run_cell, environment=environment, **options)
+        self.local_files = local_files
+
+    def _environment(self, pickled: bytes) -> tuple[Environment, dict[str, bytes]]:
+        return super()._environment(pickled)[0], self.local_files
+
+
+def function_for(args: argparse.Namespace, environment: Environment | None = None,
+                 local_files: dict[str, bytes] | None = None) -> RemoteFunction:
+    """The grid function that runs cells with these options, in ``environment`` with ``local_files`` beside it."""
+    return CellFunction(environment or Environment(), local_files or {}, memory=args.memory, timeout=args.timeout,
+                        runtime=args.runtime, name=args.name, model=args.model, ai=args.ai,
+                        disk=getattr(args, "disk", None))
+
+
+def environment_for(shell: Any, source: str, inputs: dict[str, Any], packed: Packed,
+                    args: argparse.Namespace) -> tuple[Environment, dict[str, bytes]]:
+    """Package sync for a cell, as for a function: the packages (pinned at this kernel's versions) and the user's own
+    modules that the cell imports, the names it reads and their pickles refer to; ``--packages`` on top, and
+    ``--env NAME`` instead of the synced packages."""
+    packages = [p for p in re.split(r"[\s,]+", args.packages or "") if p]
+    try:
+        synced, local_files = for_cell(source, inputs, packages)
+        used = modules_in_pickle(packed.data)  # a DataFrame's columns may need pyarrow, which the cell never names
+        for value in inputs.values():  # a function defined earlier imports inside its body
+            if isinstance(value, types.FunctionType):
+                used |= modules_imported(value)
+        local_files = {**local_module_files(used), **local_files}
+        if args.env is not None:
+            return _named_environment(shell, args.env).with_packages(packages), local_files
+        local_names = {name.split("/", 1)[0].removesuffix(".py") for name in local_files}
+        return synced.with_packages(pinned_distributions(used - local_names)), local_files
+    except (PackageSyncError, ValueError) as exc:
+        raise UsageError(f"%%nanogrid: {exc}; nothing was sent") from None
+
+
+def _named_environment(shell: Any, name: str) -> Environment:
+    value = shell.user_ns.get(name)
+    if not isinstance(value, Environment):
+        found = "there is no such name" if value is None else f"it is a {type(value).__name__}"
+        raise UsageError(f"%%nanogrid: --env {name} needs a nanogrid.Environment of that name in the notebook "
+                         f"({found}), e.g. {name} = nanogrid.Environment(packages=['pandas==2.2.3'])")
+    return value
+
+
+def _cell_number(shell: Any) -> int:
+    """The number the notebook shows for the running cell (``In [N]``): the one IPython gave the code that runs this
+    magic (IPython 9 counts on to the next cell before running one); outside a cell, the shell's count."""
+    numbers = getattr(shell.compile, "_filename_map", {})
+    frame: types.FrameType | None = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename in numbers:
+            return int(numbers[frame.f_code.co_filename])
+        frame = frame.f_back
+    return int(shell.execution_count)
 
 
 def start(shell: Any, body: str, args: argparse.Namespace) -> CellJob:
@@ -200,23 +267,44 @@ def _remote_exception(exc: Any, described: dict[str, Any], shell: Any) -> BaseEx
     return exc
 
 
-def _traceback_of(frames: list[tuple[str, int, str]]) -> TracebackType | None:
-    """A real traceback whose frames stand at the remote frames' files and lines, so IPython can format it.
-
-    Each frame comes from running ``raise`` compiled at that line under that file name.
-    """
+def _traceback_of(frames: list[dict[str, Any]]) -> TracebackType | None:
+    """A real traceback whose frames stand at the remote frames' files and lines, so IPython can format it."""
     chain = None
-    for filename, lineno, name in reversed(frames):
-        code = compile("\n" * (max(lineno, 1) - 1) + "raise __remote_frame__", filename, "exec")
-        try:
-            exec(code.replace(co_name=name), {"__remote_frame__": _RemoteFrame()})
-        except _RemoteFrame as marker:
-            here = marker.__traceback__  # this function's own frame; the next one stands at the remote line
-            frame = here.tb_next if here is not None else None
-            if frame is not None:
-                frame.tb_next = chain
-                chain = frame
+    for frame in reversed(frames):
+        entry = _stand_in(frame)
+        if entry is not None:
+            entry.tb_next = chain
+            chain = entry
     return chain
+
+
+def _stand_in(frame: dict[str, Any]) -> TracebackType | None:
+    """A traceback entry at the remote frame's line, in code of its name and parameters (IPython shows
+    ``in normalise(values)`` from the frame's code): ``raise`` compiled at that line under that file name."""
+    line = max(int(frame["line"]), 1)
+    scope: dict[str, Any] = {"__remote_frame__": _RemoteFrame()}
+    if frame["name"] == "<module>":
+        code = compile("\n" * (line - 1) + "raise __remote_frame__", frame["file"], "exec")
+        run: Any = lambda: exec(code, scope)  # noqa: E731
+    else:
+        names = [*frame["args"], *filter(None, (frame["varargs"], frame["varkw"]))]
+        params = [f"a{n}" for n in range(len(frame["args"]))] + ["*v"] * bool(frame["varargs"]) + \
+            ["**k"] * bool(frame["varkw"])
+        first = min(max(int(frame.get("first", line)), 1), line)  # where the function starts: IPython shows from there
+        body = " raise __remote_frame__" if first == line else "\n" * (line - first) + "    raise __remote_frame__"
+        exec(compile("\n" * (first - 1) + f"def f({', '.join(params)}):{body}", frame["file"], "exec"), scope)
+        function = scope["f"]
+        function.__code__ = function.__code__.replace(co_name=frame["name"], co_qualname=frame["qualname"],
+                                                      co_varnames=tuple(names))
+        run = lambda: function(*[None] * len(frame["args"]))  # noqa: E731
+    try:
+        run()
+    except _RemoteFrame as marker:
+        entry = marker.__traceback__
+        while entry is not None and entry.tb_next is not None:  # the innermost: the one at the remote line
+            entry = entry.tb_next
+        return entry
+    return None
 
 
 class _RemoteFrame(Exception):

@@ -609,24 +609,27 @@ class Worker:
         job.baseline_memory_bytes = outcome.baseline_memory_bytes
         job.ai_usage = outcome.ai_usage
         job.output_files = self._store_outputs(job.job_id, job.owner, outcome.output_dir, outcome.output_files)
-        if reply["ok"] and outcome.result_file is not None:  # a large result: kept as the owner's blob
+        if outcome.result_file is not None:  # a large result (or a failed cell's large state): the owner's blob
             size = outcome.result_file.stat().st_size
             try:
                 self._blobs.store_result(job.owner, outcome.result_file, outcome.result_sha256)
             except OSError as exc:
                 raise SandboxError("storage", "the grid could not store this call's result "
                                               f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
-            job.status, job.result_format = COMPLETED, RESULT_FORMAT
-            job.result = result_reference(outcome.result_sha256, size, reply["result_format"])
-            return
-        if reply["ok"]:
+            job.result_format = RESULT_FORMAT
+            job.result = result_reference(outcome.result_sha256, size, reply.get("result_format", "pickle"))
+            if reply["ok"]:
+                job.status = COMPLETED
+                return
+        elif reply["ok"]:
             job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body
             return
+        else:
+            job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
         error = reply["error"]
         if error.get("kind") == "memory":
             error["message"] = f"out of memory (MemoryError at the sandbox's memory limit): {error.get('message', '')}"
         job.status, job.error = FAILED, error
-        job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
 
     def _store_outputs(self, job_id: str, owner: str, output_dir: Path, names: list[str]) -> list[dict]:
         """Move the files the host received into the store (they were checked and capped on arrival)."""

@@ -463,6 +463,9 @@ def describe_error(exc, cloudpickle):
     text += "".join(traceback.format_exception_only(type(exc), exc))
     error = {"kind": "exception", "type": type(exc).__name__[:200], "module": type(exc).__module__[:200],
              "message": clip(str(exc)), "traceback": clip(text)}
+    own = getattr(exc, "job_error", None)  # an exception that says what the job's error is (a failed notebook cell)
+    if isinstance(own, dict):
+        error.update({key: clip(str(own[key])) for key in ("type", "module", "message", "traceback") if key in own})
     if isinstance(exc, MemoryError):
         error["kind"] = "memory"
     elif DISK_MIB and out_of_disk(exc):
