@@ -229,6 +229,7 @@ def cmd_envs(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import logging
 
+    from nanogrid_backend import health
     from nanogrid_backend.blobs import blobs_of
     from nanogrid_backend.embedded import serve, write_grid_file
 
@@ -236,14 +237,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _grid_config(args)
 
     def ready(url: str, grid: Any) -> None:
-        grid_file = write_grid_file(config.data_dir, url)
+        try:
+            found = f"clients find this grid through {write_grid_file(config.data_dir, url)}"
+        except OSError as exc:  # a full data disk: the grid serves all the same
+            found = f"grid.json could not be written ({exc.strerror}): clients need --url or NANOGRID_URL"
         print(f"NanoGrid is up at {url}", flush=True)
         print(f"  sandbox:  {grid.describe_sandbox()}", flush=True)
         print(f"  workers:  {config.workers} slots, {config.stem_cells} stem cells, pool cap {config.effective_pool_cap}")
-        print(f"  data:     {config.data_dir} (clients find this grid through {grid_file})", flush=True)
+        print(f"  data:     {config.data_dir} ({found})", flush=True)
         space = blobs_of(grid).space(None)
         print(f"  blobs:    {space.count} stored, {space.bytes / (1 << 20):.1f} MiB (large arguments and results, "
               "nanogrid.put)", flush=True)
+        for note in [*getattr(grid.registry, "start_notes", []), *health.problems(grid, for_operator=True)]:
+            print(f"  WARNING:  {note}", flush=True)
         print("  stop with Ctrl-C", flush=True)
 
     serve(config, on_ready=ready)
@@ -443,6 +449,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     health = client.health()
     status = client.system_status()
     print(f"grid      {client.url}  ({health['status']}, version {health['version']})")
+    for problem in health.get("problems") or []:  # a grid older than this field says nothing
+        print(f"problem   {problem}")
     print(f"runtimes  {', '.join(health['runtimes'])}")
     print(f"sandbox   {health['sandbox']}")
     print(f"queue     {status['queue_depth']} waiting")
@@ -510,10 +518,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit status 0 when the registry is healthy (or was repaired), 1 when it needs --repair."""
+    from nanogrid_backend import health
     from nanogrid_backend.config import GridConfig
     from nanogrid_backend.registry import doctor
 
-    data_dir = GridConfig.load(data_dir=args.data_dir).data_dir
+    config = GridConfig.load(data_dir=args.data_dir)
+    data_dir = config.data_dir
     if args.repair:
         for line in doctor.repair(data_dir):
             print(line)
@@ -536,6 +546,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
               f"{'ok, %d jobs' % sum(backup.jobs.values()) if backup.ok else backup.problem})")
     if not report.backups:
         print("backup    none yet (one is made at each start)")
+    enough, space = health.space_report(data_dir, config.default_disk_mib)
+    print(f"disk      {space}" + ("" if enough else ": TOO LITTLE, calls fail until space is freed"))
     if not _doctor_leftovers(data_dir, report.grid_pid, args.clean):
         return 1
     if not registry.ok:

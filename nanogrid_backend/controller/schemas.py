@@ -82,7 +82,8 @@ class FunctionView(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="healthy, or degraded: calls fail now for the reasons in problems")
+    problems: list[str] = Field([], description="why calls fail now (a full disk, sandboxes that cannot start)")
     version: str
     runtimes: dict[str, str] = Field(description="runtime name -> Python version it runs")
     sandbox: str

@@ -9,9 +9,11 @@ lock held by another process (an operator's ``sqlite3`` shell, a backup) only de
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -23,11 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nanogrid_backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord, SecretRecord
+from nanogrid_backend.models import FAILED, FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord, SecretRecord
 from nanogrid_backend.registry import windows
 from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryBusy, RegistryError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 5.0  # SQLite waits this long for another connection's write lock ...
 LOCK_WAIT_S = 30.0  # ... and a write is tried again until this long has passed, then RegistryBusy
@@ -35,6 +38,9 @@ RETRY_PAUSE_S = 0.05
 BACKUPS_KEPT = 3  # copies made at each grid start: registry.sqlite3.bak-<UTC time>
 FILE_MODE, DIR_MODE = 0o600, 0o700
 SQLITE_HEADER = b"SQLite format 3\x00"
+# Below this much free space on the data disk SQLite cannot make the shared-memory index of a WAL registry (-shm):
+# the registry then opens in exclusive locking mode, which keeps that index in memory, and the start-up backup waits.
+ROOM_TO_OPEN = 1 << 20
 
 # Version 1 as the code before versioning wrote it (from the dataclass fields, untyped), now with types.
 _FUNCTIONS_V1 = ("function_id TEXT PRIMARY KEY, function_name TEXT, runtime TEXT, handler TEXT, kind TEXT, "
@@ -164,28 +170,75 @@ class SQLiteRegistry(Registry):
 
     def __init__(self, path: Path, *, keep_backups: int = 0, busy_timeout_s: float = BUSY_TIMEOUT_S,
                  lock_wait_s: float = LOCK_WAIT_S) -> None:
-        """``keep_backups``: copy the registry aside first (after its check) and keep that many copies."""
+        """``keep_backups``: copy the registry aside first (after its check) and keep that many copies, when the
+        data disk has room for the copy; ``start_notes`` says what was skipped for want of room."""
         self.path = path
         self.lock_wait_s = lock_wait_s
-        self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
+        self.start_notes: list[str] = []
+        self._write_lock = threading.RLock()
+        self._read_lock = threading.RLock()
         prepare_file(path)
         had_data = path.stat().st_size > 0
+        free = free_bytes(path.parent)
+        # A full data disk must not stop a grid whose registry is intact: with no room for the -shm file, one
+        # connection holds the registry exclusively (other processes wait on it) until the grid stops.
+        self.exclusive = free < ROOM_TO_OPEN
         self._db = _connect(path, busy_timeout_s)
         try:
+            if self.exclusive:
+                self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+                self.start_notes.append(
+                    f"the data disk has {free >> 10} KiB free: the registry is open to this grid alone (`nanogrid "
+                    "doctor` cannot read it while the grid runs) and calls fail until space is freed")
             version = check_file(self._db, path)
             if had_data and (keep_backups or version < SCHEMA_VERSION):  # always a copy from before a migration
-                backup(self._db, path, keep=keep_backups or BACKUPS_KEPT)
+                self._backup(keep_backups or BACKUPS_KEPT, required=version < SCHEMA_VERSION)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash, not power loss
             if version < SCHEMA_VERSION:
                 self._write(lambda db: _migrate(db, version))
             _check_columns(self._db)
             secure_files(path)
-            self._reader = _connect(path, busy_timeout_s)
+            if self.exclusive:  # one connection for reads and writes, taken in turn
+                self._reader, self._read_lock = self._db, self._write_lock
+            else:
+                self._reader = _connect(path, busy_timeout_s)
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            if not _is_full(exc):
+                raise
+            raise RegistryError(f"the data disk of {path} is full ({free_bytes(path.parent) >> 10} KiB free): the "
+                                f"registry could not be opened ({exc}); free some space there and start again") from None
         except BaseException:
             self._db.close()
             raise
+        for note in self.start_notes:
+            log.warning("%s", note)
+
+    def _backup(self, keep: int, required: bool) -> None:
+        """The start-up copy, made only when the data disk has room for it beside what the grid needs to run; a
+        migration is never run without one."""
+        size = sum(file.stat().st_size for file in registry_files(self.path) if file.exists())
+        free = free_bytes(self.path.parent)
+        why = ""
+        if size + ROOM_TO_OPEN > free:
+            why = f"the data disk has {free >> 20} MiB free, too little for a {size >> 20} MiB copy"
+        else:
+            try:
+                backup(self._db, self.path, keep=keep)
+                return
+            except (sqlite3.OperationalError, OSError) as exc:
+                if isinstance(exc, sqlite3.OperationalError) and not _is_full(exc):
+                    raise
+                why = f"the data disk filled while copying ({exc})"
+        if required:
+            raise RegistryError(f"the registry {self.path} needs an upgrade to schema version {SCHEMA_VERSION}, "
+                                f"which is never made without a backup, and {why}: free some space and start again")
+        self.start_notes.append(f"no backup of the registry was made at this start: {why}")
+
+    def disk_full(self) -> bool:
+        """True while the data disk has no room for the registry to grow: no call can be recorded."""
+        return free_bytes(self.path.parent) < ROOM_TO_OPEN
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
@@ -358,8 +411,18 @@ class SQLiteRegistry(Registry):
             after = (rows[-1]["created_at"], rows[-1]["job_id"])
 
     def count_jobs(self, owner: str | None = None) -> dict[str, int]:
+        """Jobs by status. A failed try's own record (``retry_of``, kept for the history) is not a job: it is taken
+        out of the failed count, reading only failed rows (the counts come from an index)."""
         where, args = _job_filter(None, owner)
-        return {status: n for status, n in self._query(f"SELECT status, COUNT(*) FROM jobs{where} GROUP BY status", args)}
+        counts = {status: n for status, n in self._query(f"SELECT status, COUNT(*) FROM jobs{where} GROUP BY status",
+                                                          args)}
+        where, args = _job_filter(FAILED, owner)
+        tries = self._query(f"SELECT COUNT(*) FROM jobs{where} AND retry_of IS NOT NULL", args)[0][0]
+        if tries:
+            counts[FAILED] -= tries
+            if not counts[FAILED]:
+                del counts[FAILED]
+        return counts
 
     def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
         """Finished jobs per (function, status), counted in one indexed query: never a row sent back per job."""
@@ -493,6 +556,15 @@ def _count_many(db: sqlite3.Connection, jobs: list[JobRecord]) -> None:
                 if c.value is not None:
                     row[4] = c.value if row[4] is None else max(row[4], c.value)
     db.executemany(_COUNT_MANY, [(*key, *row) for key, row in summed.items()])
+
+
+def _is_full(exc: sqlite3.OperationalError) -> bool:
+    """SQLite's words for a data disk with no room left (a full disk fails even reads of a WAL registry)."""
+    return any(words in str(exc) for words in ("disk is full", "disk I/O error"))
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:

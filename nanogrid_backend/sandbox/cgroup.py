@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOT = Path("/sys/fs/cgroup")
+V1_FREEZER = Path("/sys/fs/cgroup/freezer")
 
 
 def available() -> bool:
@@ -44,9 +45,7 @@ class MemoryCgroup:
         """The memory cgroup Docker made for a container, if this process can read it."""
         self = cls.__new__(cls)
         self.v1 = (V1_ROOT / "memory.limit_in_bytes").exists()
-        candidates = [V1_ROOT / "docker" / container_id] if self.v1 else [
-            V2_ROOT / "system.slice" / f"docker-{container_id}.scope", V2_ROOT / "docker" / container_id]
-        for path in candidates:
+        for path in _container_dirs(V1_ROOT if self.v1 else V2_ROOT, container_id):
             if path.is_dir():
                 self.path, self.owned = path, False
                 try:
@@ -105,6 +104,59 @@ class MemoryCgroup:
                 self.path.rmdir()
             except OSError:
                 pass
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants now (the kernel's ``children`` lists): a sandbox's launchers and bootstrap."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        try:
+            queue += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def stopped(pids: list[int]) -> bool:
+    """True when one of ``pids`` is stopped (SIGSTOP, a debugger): it cannot answer until someone resumes it."""
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone: a dead sandbox is found out by its channel
+        if state in (b"T", b"t"):
+            return True
+    return False
+
+
+def container_pids(container_id: str) -> list[int]:
+    """The processes of a container (its init and the bootstrap, right after the bootstrap is ready)."""
+    for path in _container_dirs(V1_ROOT if (V1_ROOT / "memory.limit_in_bytes").exists() else V2_ROOT, container_id):
+        try:
+            return [int(pid) for pid in (path / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return []
+
+
+def container_frozen(container_id: str) -> bool:
+    """True while the container's cgroup is frozen (``docker pause``)."""
+    if V1_FREEZER.is_dir():
+        for path in _container_dirs(V1_FREEZER, container_id):
+            with contextlib.suppress(OSError):
+                return (path / "freezer.state").read_text().strip() in ("FROZEN", "FREEZING")
+        return False
+    for path in _container_dirs(V2_ROOT, container_id):
+        with contextlib.suppress(OSError):
+            return "frozen 1" in (path / "cgroup.events").read_text()
+    return False
+
+
+def _container_dirs(root: Path, container_id: str) -> list[Path]:
+    """Where Docker puts a container's cgroup under ``root`` (cgroupfs and systemd drivers)."""
+    return [root / "docker" / container_id, root / "system.slice" / f"docker-{container_id}.scope"]
 
 
 def ours(prefix: str) -> list[Path]:

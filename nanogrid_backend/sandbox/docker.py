@@ -36,9 +36,10 @@ import requests.exceptions
 
 from nanogrid.errors import NanoGridError
 from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
-from nanogrid_backend.sandbox import leftovers, scratch
-from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError, _Spool
+from nanogrid_backend.sandbox import cgroup, leftovers, scratch
+from nanogrid_backend.sandbox.base import Limits, SandboxError, _Spool
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
+from nanogrid_backend.sandbox.liveness import WatchedSandbox
 from nanogrid_backend.sandbox.outputs import OutputWriter, read_tree
 from nanogrid_backend.sandbox.protocol import (
     ChannelClosed,
@@ -141,18 +142,19 @@ class DockerSandboxFactory:
         return f"docker sandbox ({self.image}, non-root, read-only, no network, {disk})"
 
     def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None) -> DockerSandbox:
+              disk_mib: int | None = None, evict_idle: bool = False) -> DockerSandbox:
         """A stem cell: no network, whatever the function (the AI node is reached through the host).
 
         With an ``environment``, the container runs its image (the runtime plus the environment's layer);
-        ``disk_mib`` sizes its scratch disk (default: the grid's).
+        ``disk_mib`` sizes its scratch disk (default: the grid's); ``evict_idle``: a call needs it, and idle
+        sandboxes give up their disk room for it if the host has too little (``scratch.DiskRoom``).
         """
-        return DockerSandbox(self, environment, disk_mib or self.disk_mib)
+        return DockerSandbox(self, environment, disk_mib or self.disk_mib, evict_idle)
 
 
-class DockerSandbox(Sandbox):
+class DockerSandbox(WatchedSandbox):
     def __init__(self, factory: DockerSandboxFactory, environment: BuiltEnvironment | None = None,
-                 disk_mib: int = 1024) -> None:
+                 disk_mib: int = 1024, evict_idle: bool = False) -> None:
         self.factory = factory
         self.limits = factory.limits
         self.id = "ctr-" + uuid.uuid4().hex[:12]
@@ -165,7 +167,6 @@ class DockerSandbox(Sandbox):
         self.cgroup: MemoryCgroup | None = None
         self.disk_mib = disk_mib
         self.scratch: scratch.ScratchDisk | None = None
-        api = factory.client.api
         # Go and C++ compile the function into the scratch space and run it from there.
         executable = environment is not None and environment.env_id in COMPILED_RUNTIMES
         # Python's output files are read from its disk by the host; the other languages' bootstraps send theirs.
@@ -176,13 +177,29 @@ class DockerSandbox(Sandbox):
             space = {"tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": options}}
         else:
             try:
-                self.scratch = factory.disk_room.make(self.host_dir, disk_mib, executable=executable)
+                self.scratch = factory.disk_room.make(self.host_dir, disk_mib, executable=executable,
+                                                      evict_idle=evict_idle)
             except scratch.ScratchError as exc:
                 shutil.rmtree(self.host_dir, ignore_errors=True)
-                raise SandboxError("storage", f"{exc}; the sandbox was not started") from None
+                log.info("a %d MiB sandbox disk was refused: %s", disk_mib, exc)
+                raise SandboxError("storage", f"{exc.tenant}; the sandbox was not started") from None
             space = {"mounts": [docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
                                 docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind")]}
-        self.container = factory.client.containers.create(
+        try:
+            self.container = self._create(environment, space, disk_mib)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            # e.g. its image was removed since it was built: nothing of it may stay behind (disk, loop device, mount)
+            if self.scratch is not None:
+                self.scratch.close()
+            shutil.rmtree(self.host_dir, ignore_errors=True)
+            raise SandboxError("crash", f"the Docker engine could not create the sandbox: {exc}") from None
+        self._attach_and_start()
+
+    def _create(self, environment: BuiltEnvironment | None, space: dict[str, Any],
+                disk_mib: int) -> docker.models.containers.Container:
+        """The container, created but not started (its scratch space ``space`` made already)."""
+        factory = self.factory
+        return factory.client.containers.create(
             environment.image if environment is not None and environment.image else factory.image,
             name=f"nanogrid-{self.id}",
             stdin_open=True,
@@ -209,6 +226,10 @@ class DockerSandbox(Sandbox):
             log_config=docker.types.LogConfig(type="none"),
             labels={"nanogrid.sandbox": self.id, "nanogrid.grid": factory.grid_label},
         )
+
+    def _attach_and_start(self) -> None:
+        """Start the container and wait for its bootstrap's ready frame; on any failure, nothing of it is left."""
+        factory, api = self.factory, self.factory.client.api
         try:
             # Attach before starting, so the bootstrap's first frame cannot be missed.
             self._socket = api.attach_socket(self.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1,
@@ -226,11 +247,18 @@ class DockerSandbox(Sandbox):
             said = bytes(self._stream.stderr).decode(errors="replace")[-2000:] if hasattr(self, "_stream") else ""
             self.close()
             raise SandboxError("crash", f"the container's bootstrap did not start: {said or exc}") from None
+        except BaseException:
+            self.close()
+            raise
         self.cgroup = MemoryCgroup.of_container(self.container.id)
+        self._launch_pids = cgroup.container_pids(self.container.id)  # its init and bootstrap, not the function's
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._kill_reason is None and not self._channel_ended()
+        return not self._closed and self._kill_reason is None and not self._channel_ended() and not self.frozen()
+
+    def frozen(self) -> bool:
+        return cgroup.container_frozen(self.container.id) or cgroup.stopped(self._launch_pids)
 
     def _channel_ended(self) -> bool:
         """True once the attach socket has reached its end: the container stopped or was removed, or the engine

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
 from nanogrid_backend.sandbox import cgroup, leftovers
-from nanogrid_backend.sandbox.base import Limits, Sandbox, SandboxError
+from nanogrid_backend.sandbox.base import Limits, SandboxError
+from nanogrid_backend.sandbox.liveness import WatchedSandbox
 from nanogrid_backend.sandbox.protocol import (
     ChannelClosed,
     ChannelTimeout,
@@ -81,7 +82,7 @@ class ProcessSandboxFactory:
         return ", ".join(parts)
 
     def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None) -> ProcessSandbox:
+              disk_mib: int | None = None, evict_idle: bool = False) -> ProcessSandbox:
         """A stem cell; with an ``environment``, its layer of packages comes first on the import path.
 
         ``disk_mib`` is not enforced here: trusted code writes to the host's disk (each file capped at the grid's
@@ -89,7 +90,7 @@ class ProcessSandboxFactory:
         return ProcessSandbox(self, environment)
 
 
-class ProcessSandbox(Sandbox):
+class ProcessSandbox(WatchedSandbox):
     def __init__(self, factory: ProcessSandboxFactory, environment: BuiltEnvironment | None = None) -> None:
         self.factory = factory
         self.site_dir = environment.site_dir if environment is not None else None
@@ -134,6 +135,7 @@ class ProcessSandbox(Sandbox):
             self.close()
             raise SandboxError("crash", f"the Python bootstrap did not start: {log_text or 'no output'}") from None
         self.python = self.check_ready(ready)
+        self._launch_pids = cgroup.process_tree(self.proc.pid)  # bubblewrap's and the bootstrap's, not the function's
 
     def _startup_log(self) -> int:
         """What the interpreter says before the bootstrap takes over fd 2 (why it could not start)."""
@@ -178,7 +180,10 @@ class ProcessSandbox(Sandbox):
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None and self._kill_reason is None
+        return self.proc.poll() is None and self._kill_reason is None and not self.frozen()
+
+    def frozen(self) -> bool:
+        return cgroup.stopped(self._launch_pids)
 
     def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
         limit = memory_mib << 20

@@ -41,7 +41,13 @@ HOST_RESERVE_BYTES = 1 << 30  # kept free on the worker's disk for the grid's ow
 
 
 class ScratchError(Exception):
-    """The scratch disk could not be made (the host's disk is full, say): the sandbox does not start."""
+    """The scratch disk could not be made (the host's disk is full, say): the sandbox does not start.
+
+    ``str()`` is for the grid's operator; ``tenant`` is what the caller is told (never the host's free space)."""
+
+    def __init__(self, message: str, tenant: str = "") -> None:
+        super().__init__(message)
+        self.tenant = tenant or message
 
 
 def unavailable() -> str:
@@ -156,25 +162,56 @@ class ScratchDisk:
 class DiskRoom:
     """The host's room for sandbox disks. They are sparse, so each may still grow to its size: a new one is made
     only while the host's free space covers what all of them may still take, plus a reserve for the grid's own
-    data (registry, store, results). Filling every sandbox disk at once therefore never fills the host's."""
+    data (registry, store, results). Filling every sandbox disk at once therefore never fills the host's.
+
+    Idle sandboxes keep their disks, and so their room. A call that needs a disk the host has no room for first
+    has the warm pool stop idle sandboxes, least recently used first and whoever's they are (``reclaim``), when
+    that can make room at all; only then is it refused."""
 
     def __init__(self, directory: Path, reserve: int = HOST_RESERVE_BYTES) -> None:
         self.directory, self.reserve = directory, reserve
         self._disks: set[ScratchDisk] = set()
         self._lock = threading.Lock()
+        # Set by the warm pool: bytes its idle sandboxes' disks hold in promises, and a way to stop the least
+        # recently used of them (False when none is idle).
+        self.reclaimable: Callable[[], int] = lambda: 0
+        self.reclaim: Callable[[], bool] = lambda: False
 
-    def make(self, directory: Path, size_mib: int, *, executable: bool = False) -> ScratchDisk:
-        with self._lock:
-            may_grow = sum(disk.may_grow() for disk in self._disks)
-            free = shutil.disk_usage(self.directory).free
-            if may_grow + (size_mib << 20) + self.reserve > free:
-                raise ScratchError(f"the worker's disk has {free >> 20} MiB free: too little for another {size_mib} "
-                                   f"MiB sandbox disk beside the {may_grow >> 20} MiB its other sandboxes may still "
-                                   f"fill and the {self.reserve >> 20} MiB kept for the grid itself")
-            disk = ScratchDisk(directory, size_mib, executable=executable)
-            self._disks.add(disk)
+    def make(self, directory: Path, size_mib: int, *, executable: bool = False,
+             evict_idle: bool = False) -> ScratchDisk:
+        """A new disk; ``evict_idle``: idle sandboxes make room for it if they can (a call's disk, not a stem cell's)."""
+        while True:
+            with self._lock:
+                short = self._short_by(size_mib)
+                if not short:
+                    disk = ScratchDisk(directory, size_mib, executable=executable)
+                    self._disks.add(disk)
+                    break
+            if not (evict_idle and short <= self.reclaimable() and self.reclaim()):
+                raise ScratchError(self.shortfall(size_mib) or "the host's disk filled meanwhile", tenant=(
+                    f"this worker has no room for a {size_mib} MiB sandbox disk now: ask for a smaller one "
+                    "(@remote(disk=MiB)), or try again once other calls have finished"))
         disk.on_close = lambda: self._forget(disk)
         return disk
+
+    def shortfall(self, size_mib: int, evicting_idle: bool = False) -> str:
+        """'' when a new disk of ``size_mib`` fits now (``evicting_idle``: once idle sandboxes gave up their room);
+        else why not, with the host's numbers (for the operator)."""
+        with self._lock:
+            short = self._short_by(size_mib)
+        if not short or (evicting_idle and short <= self.reclaimable()):
+            return ""
+        with self._lock:
+            may_grow = sum(disk.may_grow() for disk in self._disks)
+        free = shutil.disk_usage(self.directory).free
+        return (f"the worker's disk has {free >> 20} MiB free: too little for another {size_mib} MiB sandbox disk "
+                f"beside the {may_grow >> 20} MiB its other sandboxes may still fill and the {self.reserve >> 20} "
+                "MiB kept for the grid itself")
+
+    def _short_by(self, size_mib: int) -> int:
+        """Bytes missing for a new disk of ``size_mib`` (0: it fits); call with the lock."""
+        may_grow = sum(disk.may_grow() for disk in self._disks)
+        return max(0, may_grow + (size_mib << 20) + self.reserve - shutil.disk_usage(self.directory).free)
 
     def _forget(self, disk: ScratchDisk) -> None:
         with self._lock:

@@ -30,13 +30,14 @@ from nanogrid_backend.sandbox.base import Sandbox, SandboxError
 log = logging.getLogger(__name__)
 
 ENVIRONMENTS_WITH_STEM_CELLS = 3  # the most recently used environments that keep a stem cell started
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # pauses between tries to start a stem cell after a failed one
 
 
 class SandboxFactory(Protocol):
     kind: str
 
     def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None) -> Sandbox: ...
+              disk_mib: int | None = None, evict_idle: bool = False) -> Sandbox: ...
 
     def describe(self) -> str: ...
 
@@ -73,8 +74,13 @@ class WarmPool:
         self._specialised = 0  # busy + idle + being loaded: the number the cap bounds
         self._stems_starting: dict[str, int] = {}
         self._closed = False
+        self.problem: str | None = None  # why stem cells cannot start now (said once in the log, and by /health)
+        self._retry_pause, self._retry_at = 0.0, 0.0
         self._wake = threading.Event()
         self._wake.set()  # the first stem cells start at once, not after the maintenance thread's first wait
+        room = getattr(factory, "disk_room", None)  # the Docker sandbox's share of the host's disk
+        if room is not None:
+            room.reclaimable, room.reclaim = self._idle_disk_bytes, self._stop_least_recently_used
         self._thread = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
         self._thread.start()
 
@@ -129,20 +135,20 @@ class WarmPool:
         self._wake.set()  # refill stem cells
         try:
             if sandbox is None:
-                sandbox = self._start(function.environment, function.disk_mib)
+                sandbox = self._start(function.environment, function.disk_mib, for_call=True)
                 self._load(sandbox, function_id, function)
             else:
                 try:
                     self._load(sandbox, function_id, function)
                 except SandboxError as exc:
-                    if exc.kind != "crash":
+                    if exc.kind not in ("crash", "frozen"):
                         raise
-                    # The stem cell died between its check and its load: once more, on a fresh one.
-                    log.warning("a stem cell died before loading function %s (%s); starting another",
+                    # The stem cell died or froze between its check and its load: once more, on a fresh one.
+                    log.warning("a stem cell failed while loading function %s (%s); starting another",
                                 function_id, exc.message)
                     self._forget(sandbox, counted=False)
                     sandbox = None  # if the next start fails, there is nothing left to close
-                    sandbox = self._start(function.environment, function.disk_mib)
+                    sandbox = self._start(function.environment, function.disk_mib, for_call=True)
                     self._load(sandbox, function_id, function)
         except BaseException:
             self._forget(sandbox)
@@ -205,14 +211,35 @@ class WarmPool:
         """Stop a sandbox that must not serve again (it timed out, crashed or was killed)."""
         self._forget(sandbox)
 
-    def _start(self, environment: BuiltEnvironment | None, disk_mib: int | None = None) -> Sandbox:
+    def _start(self, environment: BuiltEnvironment | None, disk_mib: int | None = None,
+               for_call: bool = False) -> Sandbox:
+        """A new sandbox; ``for_call``: a call waits for it, and idle sandboxes give up their disk room for it."""
         options: dict[str, Any] = {} if environment is None else {"environment": environment}
         if disk_mib is not None:
             options["disk_mib"] = disk_mib
+        if for_call:
+            options["evict_idle"] = True
         sandbox = self.factory.start(**options)
         if environment is not None and self.environments is not None:
             self.environments.hold(environment.env_id, sandbox)  # never evicted while this sandbox lives
         return sandbox
+
+    def _idle_disk_bytes(self) -> int:
+        """What idle sandboxes' scratch disks hold in promises of room on the host (``scratch.DiskRoom``)."""
+        with self._cond:
+            idle = [sandbox for sandboxes in self._idle.values() for sandbox in sandboxes]
+        return sum(disk.may_grow() for sandbox in idle if (disk := getattr(sandbox, "scratch", None)) is not None)
+
+    def _stop_least_recently_used(self) -> bool:
+        """Stop the idle sandbox unused for longest, whichever function and owner it serves; False if none is idle."""
+        with self._cond:
+            victim = self._take_longest_idle()
+            self._cond.notify()
+        if victim is None:
+            return False
+        log.info("stopped idle sandbox %s to make disk room for a call", victim.id)
+        victim.close()
+        return True
 
     def _stem_fits(self, function: FunctionCode) -> bool:
         """Whether a stem cell's scratch disk is the size this function asks for (always without ``disk=``, and
@@ -279,6 +306,8 @@ class WarmPool:
         return None
 
     def _refill(self) -> None:
+        if time.monotonic() < self._retry_at:
+            return  # the last start failed: the next try waits for its backoff
         while True:
             with self._cond:
                 missing = None if self._closed else self._missing_stem()
@@ -288,12 +317,12 @@ class WarmPool:
                 self._stems_starting[key] = self._stems_starting.get(key, 0) + 1
             try:
                 sandbox = self._start(environment)
-            except Exception:
-                log.exception("could not start a stem cell")
+            except Exception as exc:
                 with self._cond:
                     self._stems_starting[key] -= 1
-                time.sleep(1.0)
+                self._start_failed(exc)
                 return
+            self._start_worked()
             with self._cond:
                 self._stems_starting[key] -= 1
                 if not self._closed and key in self._stems:
@@ -303,6 +332,22 @@ class WarmPool:
             sandbox.close()
             if self._closed:
                 return
+
+    def _start_failed(self, exc: Exception) -> None:
+        """Say once why stem cells cannot start (with the traceback only if it is not a sandbox's own refusal), then
+        try again after a pause that doubles each time, up to ``RETRY_MAX_S``."""
+        problem = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
+        if self.problem is None:
+            log.warning("could not start a stem cell: %s; trying again quietly, less and less often (every %g s at "
+                        "most) until one starts", problem, RETRY_MAX_S, exc_info=not isinstance(exc, SandboxError))
+        self.problem = f"sandboxes cannot start: {problem}"
+        self._retry_pause = min(RETRY_MAX_S, self._retry_pause * 2) if self._retry_pause else RETRY_FIRST_S
+        self._retry_at = time.monotonic() + self._retry_pause
+
+    def _start_worked(self) -> None:
+        if self.problem is not None:
+            log.info("stem cells start again")
+        self.problem, self._retry_pause, self._retry_at = None, 0.0, 0.0
 
     def _evict_expired(self) -> None:
         """Stop sandboxes idle past the TTL, and drop those that died while idle so stem cells are started again."""
@@ -345,6 +390,7 @@ class WarmPool:
                 "stem_cells_by_environment": {key: len(s) for key, s in self._stems.items() if key and s},
                 "idle": sum(len(s) for s in self._idle.values()),
                 "idle_by_function": {fid: len(s) for fid, s in self._idle.items() if s},
+                "problem": self.problem,
             }
 
     def close(self) -> None:

@@ -1,0 +1,205 @@
+"""Faults that must never stop a grid from starting, or leave it quietly broken once started.
+
+A data disk filled to 100% (a small tmpfs holds the data dir), a registry larger than the disk's free
+space, sandboxes frozen with SIGSTOP or ``docker pause``, a sandbox disk the host has no room for, and an
+engine that fails a container's start. What must never happen is said in each test's docstring.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nanogrid_backend.models import COMPLETED, JobRecord
+from nanogrid_backend.registry.sqlite import SQLiteRegistry, list_backups
+from tests.conftest import require, start_grid
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+# --- a small data disk, filled on demand --------------------------------------------------------------------
+
+@pytest.fixture()
+def data_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs for the grid's data dir, unmounted afterwards."""
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """An operator's file that takes all the disk's space but ``leave`` bytes."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > leave:
+                room = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - leave
+                f.write(b"\0" * max(4096, min(MiB, room)))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def used_grid(data_dir: Path, **settings: object) -> None:
+    """A grid that ran twice on ``data_dir`` (so its registry has a backup) and stopped."""
+    for _ in range(2):
+        start_grid(data_dir, **settings).stop()
+    assert list_backups(data_dir / "registry.sqlite3")
+
+
+class UpProcess:
+    """`nanogrid up` as an operator runs it, its output read line by line."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NANOGRID_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nanogrid.cli", "up", "--data-dir", str(data_dir), "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.output.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"`nanogrid up` never said {pattern!r}:\n{''.join(self.output)[-4000:]}")
+
+    def collect(self, seconds: float) -> str:
+        """What it says over the next ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+        return "".join(self.output)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+QUICK = b"""def handler(event, context):
+    return event["n"]
+"""
+
+
+def run_quick(url: str, key: str, n: int) -> object:
+    """Deploy a one-line handler (no environment to build) and run it once; its result."""
+    headers = {"x-api-key": key}
+    upload = httpx.post(f"{url}/v1/upload", headers=headers, files={"file": ("quick.py", QUICK)}, timeout=60,
+                        data={"function_name": "quick", "handler": "quick.handler",
+                              "runtime": "python%d.%d" % sys.version_info[:2]})
+    assert upload.status_code in (200, 201), upload.text
+    ran = httpx.post(f"{url}/v1/run", headers=headers, timeout=60,
+                     json={"function_id": upload.json()["function_id"], "payload": {"n": n}}).json()
+    assert "result" in ran, ran
+    return ran["result"]
+
+
+# --- 1. a grid always starts when its data is intact --------------------------------------------------------
+
+def test_a_full_data_disk_never_stops_the_start(data_disk: Path) -> None:
+    """Never: `nanogrid up` refused (or a traceback) because the data disk is 100% full while the registry is
+    intact, a grid that says healthy on a full disk, or one that needs a restart once space is freed."""
+    data_dir = data_disk / "data"
+    used_grid(data_dir)
+    backups = list_backups(data_dir / "registry.sqlite3")
+    filler = fill(data_disk)
+    assert os.statvfs(data_disk).f_bavail == 0
+
+    up = UpProcess(data_dir, "--sandbox", "process", "--stem-cells", "1")
+    try:
+        url = up.wait_for(r"NanoGrid is up at (\S+)")[1]
+        said = up.collect(3)
+        assert "Traceback" not in said and "OperationalError" not in said, said
+        assert "no backup of the registry was made at this start" in said, said
+        assert list_backups(data_dir / "registry.sqlite3") == backups  # nothing was written beside it
+
+        health = httpx.get(f"{url}/v1/health", timeout=10).json()
+        assert health["status"] == "degraded", health
+        assert any("disk is full" in problem for problem in health["problems"]), health
+
+        filler.unlink()  # the operator frees space: the same grid serves, no restart
+        assert run_quick(url, (data_dir / "local-key").read_text().strip(), 42) == 42
+        assert httpx.get(f"{url}/v1/health", timeout=10).json()["status"] == "healthy"
+        assert "Traceback" not in up.collect(1)
+    finally:
+        up.stop()
+
+
+def test_a_registry_larger_than_the_free_space_starts_without_a_backup(data_disk: Path) -> None:
+    """Never: a start refused because the start-up backup of a large registry does not fit on the data disk."""
+    data_dir = data_disk / "data"
+    used_grid(data_dir)
+    registry = SQLiteRegistry(data_dir / "registry.sqlite3")
+    registry.create_jobs([JobRecord(f"big-{i}", "fn-gone", status=COMPLETED, result_format="pickle",
+                                    result=os.urandom(MiB)) for i in range(12)])
+    registry.close()
+    size = (data_dir / "registry.sqlite3").stat().st_size
+    fill(data_disk, leave=size // 2)  # room to run, not to copy the registry
+    backups = list_backups(data_dir / "registry.sqlite3")
+
+    grid = start_grid(data_dir, workers=1, stem_cells=1)
+    try:
+        notes = grid.grid.registry.start_notes
+        assert any("no backup of the registry" in note and "too little" in note for note in notes), notes
+        assert list_backups(data_dir / "registry.sqlite3") == backups
+        assert grid.grid.registry.count_jobs() == {COMPLETED: 12}  # every record is there
+    finally:
+        grid.stop()
+
+
+def test_doctor_reports_free_space_against_what_the_grid_needs(data_disk: Path) -> None:
+    """Never: `nanogrid doctor` saying all is well on a data disk too full for the grid to run calls."""
+    data_dir = data_disk / "data"
+    used_grid(data_dir)
+    fill(data_disk)
+    done = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert re.search(r"disk .*GiB free on the data disk; the grid needs .*TOO LITTLE", done.stdout), done.stdout
