@@ -243,9 +243,10 @@ def modules_of_function(fn: Callable[..., Any]) -> set[str]:
         elif isinstance(value, property):
             pending += [value.fget, value.fset, value.fdel]
         elif isinstance(value, types.FunctionType | type):
-            found.add(_top(getattr(value, "__module__", None) or ""))
-            if _carried_by_value(value):
+            if _carried_by_value(value):  # its code goes along: what it reaches counts, not where it was defined
                 pending += _reachable(value)
+            else:
+                found.add(_top(getattr(value, "__module__", None) or ""))
         elif isinstance(value, types.BuiltinFunctionType):  # ``from numpy import arange``: a C function of numpy
             found.add(_top(getattr(value, "__module__", None) or "builtins"))
         else:
@@ -495,9 +496,9 @@ def _modules_used_by(module_name: str) -> set[str]:
     return found
 
 
-# Sticky environments: in a notebook (an IPython kernel), every distribution synced for any function or cell stays
+# Sticky environments: in a notebook (a Jupyter kernel), every distribution synced for any function or cell stays
 # in the environments synced after it, so a session's environments only grow and soon settle on one id that the
-# grid has built, instead of one small environment per function. None: on in IPython, off in scripts and tests.
+# grid has built, instead of one small environment per function. None: on in a kernel, off in scripts and tests.
 STICKY: bool | None = None
 _SYNCED_MODULES: set[str] = set()  # third-party modules synced so far in this process (while sticky)
 
@@ -505,9 +506,9 @@ _SYNCED_MODULES: set[str] = set()  # third-party modules synced so far in this p
 def _sticky() -> bool:
     if STICKY is not None:
         return STICKY
-    shell = sys.modules.get("IPython")
-    get_ipython = getattr(shell, "get_ipython", None)
-    return callable(get_ipython) and get_ipython() is not None
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    return getattr(shell, "kernel", None) is not None  # a notebook's shell has a kernel; a terminal's has none
 
 
 def requirements_of_modules(modules: Iterable[str]) -> Requirements:
