@@ -59,6 +59,12 @@ CASES: dict[str, tuple[str, str, str]] = {  # setup, cell, follow-up (run locall
         "%time t2 = t + 1\n%timeit -n 2 -r 1 t + 1\nout = !echo hello $t\n!echo shell {t + 2}\nout",
         "lines = (out.n, out.s)"),
     "%time of an expression is the cell's value": ("t = 4", "%time t * 2", ""),
+    "a file closed by `with` stays behind without a warning": (  # the follow-up sets f in both runs
+        "", "import os\nwith open(os.devnull, 'w') as f:\n    f.write('note')\nwritten = True", "f = None"),
+    "a failed cell's exception from inside a function": (
+        "values = [0]",
+        "def normalise(values):\n    return [v / sum(values) for v in values]\nok = 1\nnormalise(values)",
+        ""),
 }
 
 
