@@ -108,6 +108,8 @@ def example(name: str, default: object, tmp_path: Path) -> Any:
         return default + 7
     if isinstance(default, float):
         return default + 1.5
+    if isinstance(default, list):  # a list setting: comma-separated in its variable
+        return ["10.9.0.0/16", "127.0.0.0/8"]
     return f"{name}-from-env"
 
 
@@ -124,7 +126,7 @@ def test_every_setting_variable_reaches_every_command_that_uses_it(variable, sta
     name = SETTING_OF[variable]
     default = getattr(GridConfig(), name)
     value = example(name, default, tmp_path)
-    clean_env.setenv(variable, str(value))
+    clean_env.setenv(variable, ",".join(value) if isinstance(value, list) else str(value))
     for command in GRID_COMMANDS:
         started.clear()
         nanogrid.cli.main(command)
