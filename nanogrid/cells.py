@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import builtins
 import hashlib
+import importlib
 import inspect
 import io
 import linecache
@@ -30,6 +31,7 @@ import threading
 import time
 import timeit
 import traceback
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +202,32 @@ class _NamespaceGlobals(dict):
         return (_namespace, ())
 
 
+class MissingModule(types.ModuleType):
+    """A module the other side has and this side lacks (``import humanize`` in a cell run with ``--packages
+    humanize``): the name comes back, and using it says where the module is."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(name)
+        self.__why = why
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("_"):  # what tools probe for (_repr_html_, __wrapped__): simply not there
+            raise AttributeError(attribute)
+        raise ModuleNotFoundError(f"{self.__name__} is installed where the cell ran, not here ({self.__why}); use it "
+                                  "in %%nanogrid cells, or install it here", name=self.__name__)
+
+    def __repr__(self) -> str:
+        return f"<module {self.__name__!r} (installed where the cell ran, not here)>"
+
+
+def _module(name: str) -> types.ModuleType:
+    """Unpickled where the sending side had the module ``name``: this side's, or a stand-in saying it is not here."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        return MissingModule(name, str(exc))
+
+
 class StatePickler(cloudpickle.Pickler):
     """Pickles a notebook's (or a cell's) names.
 
@@ -216,6 +244,11 @@ class StatePickler(cloudpickle.Pickler):
         self.refs = refs or {}
         self.drop_globals = drop_globals
         self.globals_ref[id(namespace)] = _NamespaceGlobals()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.ModuleType) and (isinstance(obj, MissingModule) or sys.modules.get(obj.__name__) is obj):
+            return _module, (obj.__name__,)  # a module the receiving side lacks must not stop its names loading
+        return super().reducer_override(obj)
 
     def _dynamic_function_reduce(self, func: Any) -> Any:
         reduced = super()._dynamic_function_reduce(func)

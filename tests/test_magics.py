@@ -303,3 +303,35 @@ def test_packages_and_env_options_choose_what_the_cell_runs_with(connected):
         environment("--env nothing_here", "1\n")
     with pytest.raises(UsageError, match="is not a requirement NanoGrid can install"):
         environment("--packages https://evil.example/x.whl", "1\n")
+
+
+def test_a_cell_over_a_pandas_frame_runs_in_the_docker_sandbox(ip, docker_grid, capsys):
+    """What must never happen: a notebook's DataFrame (pandas 3: its string columns live in pyarrow) or the numpy and
+    matplotlib a cell imports are missing in the sandbox, because package sync left out what the cell needs."""
+    import pandas as pd
+
+    ip.run_line_magic("nanogrid", f"connect {docker_grid.url} {docker_grid.api_key}")
+    ip.user_ns["sales"] = pd.DataFrame({"region": ["north", "south", "north"], "amount": [10, 20, 5]})
+    value = ip.run_cell_magic("nanogrid", "--timeout 600 --memory 1024",
+                              "import numpy as np\nimport matplotlib.pyplot as plt\n"
+                              "totals = sales.groupby('region')['amount'].sum()\n"
+                              "sales['loud'] = sales['region'].str.upper()\n"
+                              "plt.plot(totals.values)\nfloat(np.mean(sales['amount']))\n")
+    assert value == pytest.approx(35 / 3)
+    assert ip.user_ns["totals"].to_dict() == {"north": 15, "south": 20}
+    assert ip.user_ns["sales"]["loud"].tolist() == ["NORTH", "SOUTH", "NORTH"]  # the mutation came back
+    assert "could not be loaded" not in capsys.readouterr().err
+
+
+def test_packages_option_installs_what_the_kernel_lacks(ip, any_grid):
+    """--packages brings a package this kernel does not have to the cell, in both sandboxes; what must never happen:
+    the module the cell imported stops every other name coming back because the notebook cannot import it."""
+    with pytest.raises(ImportError):
+        import humanize  # noqa: F401  (the kernel lacks it; the cell gets it)
+    ip.run_line_magic("nanogrid", f"connect {any_grid.url} {any_grid.api_key}")
+    value = ip.run_cell_magic("nanogrid", "--packages humanize==4.9.0 --timeout 300",
+                              "import humanize\nhumanize.intcomma(1234567)\n")
+    assert value == "1,234,567"
+    with pytest.raises(ModuleNotFoundError, match="installed where the cell ran, not here"):
+        ip.user_ns["humanize"].intword(1)  # the name came back; the module is on the grid only
+    assert ip.run_cell_magic("nanogrid", "--packages humanize==4.9.0", "humanize.intword(2_000_000)\n") == "2.0 million"
