@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 BUILD_TIMEOUT_S = 600
 ENV_IMAGE = "nanogrid/env"  # tagged nanogrid/env:<environment id>
 MAX_PACKAGES = 2000  # a whole data-science environment is a few hundred distributions
-MAX_SYSTEM_PACKAGES = 100
+MAX_SYSTEM_PACKAGES = 200  # as the upload checks (packages.MAX_ITEMS)
 NOTE_USE_EVERY_S = 60.0  # a warm call marks its environment used at most this often (a file's time)
 SWEEP_EVERY_S = 60.0  # how often the cache looks for what killed builds left behind
 ENV_ID = re.compile(r"env-[0-9a-f]{1,64}")
@@ -247,10 +247,12 @@ class Environments:
         if spec["system"] and self.docker_images is None:
             raise EnvironmentBuildError(f"system packages ({', '.join(spec['system'])}) need the Docker sandbox; "
                                         "this grid runs process sandboxes")
-        return self.ensure(spec, progress)
+        return self.ensure(spec, progress, for_call=True)
 
-    def ensure(self, spec: dict[str, Any], progress: Callable[[str], None] = lambda _: None) -> BuiltEnvironment:
-        """The environment built (or found), counted in use until a sandbox of it starts (or STARTING_S pass)."""
+    def ensure(self, spec: dict[str, Any], progress: Callable[[str], None] = lambda _: None,
+               for_call: bool = False) -> BuiltEnvironment:
+        """The environment built (or found); ``for_call``: a call's sandbox is to start with it, and it counts as in
+        use until then (the call may queue for a place in the pool)."""
         env_id = environment_id(spec)
         folder = self.root / env_id
         with self._env_lock(env_id, progress):
@@ -258,7 +260,8 @@ class Environments:
                 self._build_layer(env_id, spec, progress)
             image = self._ensure_image(env_id, spec, progress) if self.docker_images is not None else None
             self._touch(env_id)
-            self.users.starting(env_id)
+            if for_call:
+                self.users.starting(env_id)
         self._sweep_now_and_then()
         self._evict(keep=env_id)
         return BuiltEnvironment(env_id, spec["python"], site_dir=folder / "site", image=image,
