@@ -142,6 +142,7 @@ _BY_KIND: dict[str, type[JobFailed]] = {
     "memory": OutOfMemory,
     "disk": OutOfDisk,
     "crash": SandboxCrashed,
+    "frozen": SandboxCrashed,  # its processes were stopped or frozen on the worker: not the function's doing
     "cancelled": JobCancelled,
     "environment": EnvironmentBuildFailed,
 }

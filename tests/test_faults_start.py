@@ -18,12 +18,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
+import docker.errors
 import httpx
 import pytest
 
+import nanogrid
+import nanogrid.errors
 from nanogrid_backend.models import COMPLETED, JobRecord
 from nanogrid_backend.registry.sqlite import SQLiteRegistry, list_backups
-from tests.conftest import require, start_grid
+from tests.conftest import require, require_docker, start_grid
+from tests.test_faults import GUARD_S, containers_of, sandbox_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +208,180 @@ def test_doctor_reports_free_space_against_what_the_grid_needs(data_disk: Path) 
                           capture_output=True, text=True, timeout=120)
     assert "Traceback" not in done.stderr, done.stderr
     assert re.search(r"disk .*GiB free on the data disk; the grid needs .*TOO LITTLE", done.stdout), done.stdout
+
+
+# --- 3. liveness that sees frozen sandboxes ---------------------------------------------------------------
+
+SLEEPY = b"""import time
+
+
+def handler(event, context):
+    time.sleep(event["s"])
+    return event["s"]
+"""
+
+
+def deploy(url: str, key: str, name: str, source: bytes, timeout_s: float = 60) -> str:
+    upload = httpx.post(f"{url}/v1/upload", headers={"x-api-key": key}, files={"file": (f"{name}.py", source)},
+                        data={"function_name": name, "handler": f"{name}.handler", "timeout": str(timeout_s),
+                              "runtime": "python%d.%d" % sys.version_info[:2]}, timeout=60)
+    assert upload.status_code in (200, 201), upload.text
+    return upload.json()["function_id"]
+
+
+def run(url: str, key: str, function_id: str, payload: dict) -> dict:
+    return httpx.post(f"{url}/v1/run", headers={"x-api-key": key}, timeout=120,
+                      json={"function_id": function_id, "payload": payload}).json()
+
+
+def freeze(data_dir: Path, kind: str, resume: bool = False) -> int:
+    """SIGSTOP every process of the grid's process sandboxes, or `docker pause` its containers (``resume``: undo
+    it); how many were frozen. As an operator's mistake, a debugger or a stuck host would."""
+    if kind == "docker":
+        client = docker.from_env()
+        count = 0
+        for name in containers_of(data_dir):
+            try:
+                container = client.containers.get(name)
+                container.unpause() if resume else container.pause()
+                count += 1
+            except docker.errors.APIError:
+                pass  # removed meanwhile, or already in that state
+        return count
+    pids = sandbox_pids(data_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT if resume else signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+@pytest.fixture(params=["process", "docker"])
+def frozen_grid(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict]:
+    if request.param == "docker":
+        require_docker()
+    data_dir = tmp_path / "data"
+    grid = start_grid(data_dir, sandbox=request.param, workers=1, stem_cells=1, pool_cap=2, kill_grace_s=0.5)
+    try:
+        yield {"grid": grid, "data_dir": data_dir, "kind": request.param, "url": grid.url, "key": grid.api_key}
+    finally:
+        freeze(data_dir, request.param, resume=True)
+        grid.stop()
+
+
+def test_a_frozen_stem_cell_is_passed_over(frozen_grid: dict) -> None:
+    """Never: a new function handed a frozen stem cell (SIGSTOP, `docker pause`), which would make it wait out the
+    load timeout and fail with 'the function did not load'."""
+    data_dir, kind, url, key = (frozen_grid[k] for k in ("data_dir", "kind", "url", "key"))
+    assert frozen_grid["grid"].grid.pool.wait_ready()
+    assert freeze(data_dir, kind) > 0
+    function_id = deploy(url, key, "quick", QUICK)
+    reply = run(url, key, function_id, {"n": 7})
+    assert reply.get("result") == 7, reply
+
+
+def test_a_sandbox_frozen_during_a_call_is_the_sandboxs_fault(frozen_grid: dict) -> None:
+    """Never: a sandbox frozen while its call runs reported as the user's timeout (or left waiting for it); the
+    call fails as kind 'frozen' (SandboxCrashed in the client) and the next call is served."""
+    data_dir, kind, url, key = (frozen_grid[k] for k in ("data_dir", "kind", "url", "key"))
+    function_id = deploy(url, key, "sleepy", SLEEPY, timeout_s=90)
+    assert run(url, key, function_id, {"s": 0})["result"] == 0  # warm: the next call takes this sandbox
+    replies: list[dict] = []
+    call = threading.Thread(target=lambda: replies.append(run(url, key, function_id, {"s": 60})))
+    call.start()
+    wait_for(lambda: frozen_grid["grid"].grid.pool.snapshot()["busy"] == 1, "the call running")
+    time.sleep(0.5)  # in the function's sleep
+    assert freeze(data_dir, kind) > 0
+    call.join(GUARD_S)
+    assert replies and replies[0]["status"] == "failed", replies
+    assert replies[0]["error"]["kind"] == "frozen", replies[0]["error"]
+    freeze(data_dir, kind, resume=True)
+    assert run(url, key, function_id, {"s": 0})["result"] == 0
+    failure = nanogrid.errors.failure_for("frozen", replies[0]["error"]["message"], "job")  # as the client raises it
+    assert isinstance(failure, nanogrid.SandboxCrashed) and not isinstance(failure, nanogrid.FunctionTimeout)
+
+
+# --- 2. a grid that cannot make sandboxes says so once ------------------------------------------------------
+
+def test_a_grid_without_room_for_sandboxes_says_so_once(tmp_path: Path) -> None:
+    """Never: a Docker grid with too little free disk for a sandbox disk (1 GiB reserve + the disk) that says
+    healthy, logs a traceback every few seconds, or fails calls with anything but a storage error."""
+    require_docker()
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
+    up = UpProcess(mount / "data", "--sandbox", "docker", "--stem-cells", "1", "--workers", "1")
+    try:
+        url = up.wait_for(r"NanoGrid is up at (\S+)")[1]
+        said = up.collect(8)  # several of the old 2 s retries
+        assert re.search(r"WARNING: +sandboxes cannot start: the worker's disk has \d+ MiB free", said), said
+        assert said.count("could not start a stem cell") <= 1 and "Traceback" not in said, said
+
+        health = httpx.get(f"{url}/v1/health", timeout=10).json()
+        assert health["status"] == "degraded", health
+        assert any("sandboxes cannot start" in problem for problem in health["problems"]), health
+        assert not any("MiB free" in problem for problem in health["problems"]), health  # /health takes no key
+
+        key = (mount / "data" / "local-key").read_text().strip()
+        reply = run(url, key, deploy(url, key, "quick", QUICK), {"n": 1})
+        assert reply["status"] == "failed" and reply["error"]["kind"] == "storage", reply
+        assert "disk=" in reply["error"]["message"] and "MiB free" not in reply["error"]["message"], reply
+
+        env = {**os.environ, "NANOGRID_URL": url, "NANOGRID_API_KEY": key}
+        status = subprocess.run([sys.executable, "-m", "nanogrid.cli", "status"], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert "degraded" in status.stdout and "problem   sandboxes cannot start" in status.stdout, status
+        assert "Traceback" not in up.collect(3)
+    finally:
+        up.stop()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# --- 5. honest categories ---------------------------------------------------------------------------------
+
+BIG = b"""def handler(event, context):
+    return "x" * (event["mib"] << 20)
+"""
+
+
+def test_a_large_result_on_a_full_disk_is_a_storage_failure(data_disk: Path) -> None:
+    """Never: a result the host's full disk cannot take reported as an internal error (a bug of the grid's) instead
+    of 'storage', or the grid failing the next call once space is back."""
+    grid = start_grid(data_disk / "data", workers=1, stem_cells=1)
+    try:
+        function_id = deploy(grid.url, grid.api_key, "big", BIG)
+        assert run(grid.url, grid.api_key, function_id, {"mib": 1})["status"] == "completed"
+        filler = fill(data_disk, leave=8 * MiB)
+        reply = run(grid.url, grid.api_key, function_id, {"mib": 20})
+        assert reply["status"] == "failed" and reply["error"]["kind"] == "storage", reply
+        filler.unlink()
+        assert run(grid.url, grid.api_key, function_id, {"mib": 1})["status"] == "completed"
+    finally:
+        grid.stop()
+
+
+def test_retry_records_are_not_counted_as_failed_jobs(tmp_path: Path) -> None:
+    """Never: a call that failed once and then succeeded on its retry counted in /system/status as a failed job."""
+    grid = start_grid(tmp_path / "data", workers=1, stem_cells=1, bubblewrap="off")  # the marker file is seen
+    try:
+        client = nanogrid.connect(grid.url, api_key=grid.api_key, timeout=60)
+        marker = tmp_path / "tried"
+
+        @nanogrid.remote(retries=1, retry_on=[ValueError], backoff=0.1, timeout=30)
+        def flaky(path):
+            import os
+
+            if not os.path.exists(path):
+                open(path, "w").close()
+                raise ValueError("first try fails")
+            return "second try"
+
+        assert flaky.remote(str(marker)) == "second try"
+        jobs = client.system_status()["jobs"]
+        assert jobs.get("failed", 0) == 0 and jobs.get("completed") == 1, jobs
+    finally:
+        grid.stop()

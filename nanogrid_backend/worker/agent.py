@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -272,8 +273,11 @@ class Worker:
                 return False
             self._fail(job, exc.kind, exc.message)
         except Exception as exc:  # never leave a job running forever because of a bug of ours
-            log.exception("job %s: worker error", message.job_id)
-            self._fail(job, "internal", f"the worker failed while running this job: {type(exc).__name__}: {exc}")
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a result's spool, say
+                self._fail(job, "storage", f"the worker's disk is full ({exc.strerror}); nothing of this call was kept")
+            else:
+                log.exception("job %s: worker error", message.job_id)
+                self._fail(job, "internal", f"the worker failed while running this job: {type(exc).__name__}: {exc}")
         finally:
             self._in_flight.pop(message.job_id, None)
             self._cancelled.discard(message.job_id)
