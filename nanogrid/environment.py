@@ -307,19 +307,22 @@ def modules_of_values(values: Iterable[Any]) -> set[str]:
 _SCANNED: dict[Any, frozenset[str]] = {}
 _MAX_SCANNED = 4096
 _SCANNED_LOCK = threading.Lock()
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})  # pickled without a global
 
 
 def value_signature(value: Any, depth: int = 0) -> Any:
     """What decides which modules a value's pickle references, cheaply; None where that cannot be told cheaply
     (an object-dtype array holds anything), so the value is scanned itself."""
     kind = type(value)
+    if kind in _PLAIN:
+        return kind
     if depth == 0 and kind in (list, tuple, set, frozenset):
-        items = frozenset(value_signature(item, 1) for item in islice(value, 100))
+        items = frozenset([value_signature(item, 1) for item in islice(value, 100)])
         return None if None in items else (kind, items)
     if depth == 0 and kind is dict:
-        items = frozenset(value_signature(item, 1) for pair in islice(value.items(), 100) for item in pair)
+        items = frozenset([value_signature(item, 1) for pair in islice(value.items(), 100) for item in pair])
         return None if None in items else (kind, items)
-    if _top(getattr(kind, "__module__", "") or "") in ("numpy", "pandas"):
+    if str(getattr(kind, "__module__", "")).startswith(("numpy", "pandas")):
         dtypes = [getattr(value, "dtype", None), getattr(getattr(value, "index", None), "dtype", None),
                   getattr(getattr(value, "columns", None), "dtype", None)]
         frame: Any = getattr(value, "dtypes", None)
