@@ -2,11 +2,12 @@
 
 An ``Environment`` is declarative and content-hashed: the same pins, system packages, Python
 and variables always give the same environment id, and the grid builds each id once. With no
-argument, ``@remote`` mirrors the client (package sync): the third-party modules the function
-references once pickled, the modules it imports, and the types of the values it is called
-with, mapped to their distributions and pinned at the versions installed here, with what they
-require. The user's own modules (files beside the notebook or script, not installed) go along
-as files in the package.
+argument, ``@remote`` mirrors the client (package sync): the third-party modules the function's
+pickle refers to (read from the pickle's opcodes, whatever form the import took), the modules its
+code imports and its globals and closure reach, and what the pickles of the values it is called
+with refer to (pyarrow under a pandas 3 DataFrame of strings), mapped to their distributions and
+pinned at the versions installed here, with what they require. The user's own modules (files
+beside the notebook or script, not installed) go along as files in the package.
 """
 
 from __future__ import annotations
