@@ -32,7 +32,7 @@ from nanogrid_backend.store.base import BlobStore
 from nanogrid_backend.store.local import LocalStore
 from nanogrid_backend.store.s3 import S3Store
 from nanogrid_backend.worker.agent import Worker
-from nanogrid_backend.worker.ai_gateway import AIGateway
+from nanogrid_backend.worker.ai_gateway import ai_gateway
 from nanogrid_backend.worker.pool import WarmPool
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,7 @@ class Grid:
                                  pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
                                  visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
                                  publish_backlog=backlog_publisher(config.cloudwatch_namespace),
-                                 ai=AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour,
-                                              config.ai_max_tokens_per_request) if config.ai_endpoint else None,
+                                 ai=ai_gateway(config, self.bus.redis if isinstance(self.bus, RedisResultBus) else None),
                                  secrets=self.secrets,
                                  notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}

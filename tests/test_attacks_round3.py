@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import shutil
 import socket
 import threading
 import time
@@ -24,13 +25,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+import redis
 
 import nanogrid
 from nanogrid_backend.keys import create_key
 from nanogrid_backend.models import FAILED, JobRecord
 from nanogrid_backend.notify import Notifier
 from nanogrid_backend.registry.sqlite import SQLiteRegistry
-from tests.conftest import start_grid
+from nanogrid_backend.worker.ai_gateway import AIGateway, RedisTokenBudget, TokenBudget
+from tests.aws_cluster import Redis, free_port
+from tests.conftest import require, start_grid
 from tests.fake_ollama import FakeOllama
 
 pytestmark = pytest.mark.integration
@@ -262,6 +266,48 @@ def test_an_answer_too_large_is_charged_and_cannot_be_repeated_for_ever(hostile,
     assert statuses[-1] == 429 and set(statuses[:-1]) == {502}  # refused, charged, then out of budget
     assert len(statuses) <= BUDGET // 2  # each one cost something
     assert sum(job.ai_usage[k] for k in ("prompt_tokens", "completion_tokens")) > 0
+
+
+@pytest.fixture(params=["one worker", "two workers sharing Redis"])
+def budgets(request: pytest.FixtureRequest, tmp_path) -> Iterator[list]:
+    """The budget each of two gateways draws on: one in-process pool (the embedded grid), or Redis (AWS mode)."""
+    if request.param == "one worker":
+        shared = TokenBudget(BUDGET)
+        yield [shared, shared]
+        return
+    require(shutil.which("redis-server") is not None, "redis-server is not installed")
+    server = Redis(free_port(), tmp_path)
+    server.start()
+    clients = [redis.Redis(port=server.port) for _ in range(2)]
+    try:
+        yield [RedisTokenBudget(client, BUDGET) for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def test_one_owners_requests_on_several_workers_draw_on_one_budget(budgets, node):
+    """Sixteen greedy requests, eight at a time, through two workers' gateways: the node must work at most the
+    budget plus one request's cap for the owner, whichever worker forwarded them."""
+    node.tokens_done, node.answer_words, node.chunk_delay_s = 0, 100_000, 0.001
+    gateways = [AIGateway(node.url, "tiny", BUDGET, REQUEST_CAP, budget) for budget in budgets]
+    body = json.dumps({"model": "tiny", "prompt": "talk", "options": {"num_predict": 10**6}}).encode()
+
+    def ask(n: int) -> int:
+        session = gateways[n % 2].session("mallory")
+        header, _ = session.forward({"method": "POST", "path": "/api/generate"}, body, time.monotonic() + 60)
+        return header["status"]
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(ask, range(16)))
+    finally:
+        node.answer_words, node.chunk_delay_s = 0, 0.0
+        for gateway in gateways:
+            gateway.close()
+    assert set(statuses) == {200, 429}
+    assert node.tokens_done <= BUDGET + REQUEST_CAP
 
 
 # ---- rate limits and list caps --------------------------------------------------------------------------------

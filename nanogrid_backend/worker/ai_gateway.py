@@ -11,8 +11,9 @@ is sent, its tokens are reserved from the owner's hour (the prompt at most one t
 request, plus the answer's ``num_predict``, which the worker sets on the forwarded request to what was
 reserved). The node's own counts settle the reservation; an answer that is cut off, too large or
 malformed is charged all it reserved, since the node did that work whatever became of the answer.
-Concurrent calls of one owner draw from one pool, so the node's work for an owner stays within the
-budget whatever they run at once.
+Concurrent calls of one owner draw from one pool (in this process for the embedded grid, in Redis for
+a grid of many workers), so the node's work for an owner stays within the budget whatever they run at
+once.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from nanogrid_backend.config import GridConfig
 
 ROUTES = {("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embeddings"), ("POST", "/api/embed"),
           ("GET", "/api/tags")}
@@ -40,11 +45,20 @@ def _error(status: int, message: str) -> tuple[dict[str, Any], bytes]:
     return {"op": "ai_reply", "status": status}, json.dumps({"error": message}).encode()
 
 
-class TokenBudget:
-    """Each owner's AI tokens over the last hour, spent and reserved, in this process.
+@dataclass
+class Reservation:
+    """Tokens held for one request until the node's answer settles them."""
 
-    ``reserve`` and ``settle`` hold one lock, so the calls of one owner running at once on this worker
-    never reserve more than is left between them.
+    owner: str
+    tokens: int
+    ticket: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class TokenBudget:
+    """Each owner's AI tokens over the last hour, spent and reserved, in this process (the embedded grid).
+
+    ``reserve`` and ``settle`` hold one lock, so the calls of one owner running at once never reserve more
+    than is left between them.
     """
 
     def __init__(self, tokens_per_hour: int = 0) -> None:
@@ -53,33 +67,29 @@ class TokenBudget:
         self._held: dict[str, int] = {}  # owner -> tokens reserved by requests still at the node
         self._lock = threading.Lock()
 
-    def reserve(self, owner: str, tokens: int) -> int:
+    def reserve(self, owner: str, tokens: int, hold_s: float) -> Reservation:
         """Reserve up to ``tokens`` (fewer when less is left, 0 when none is); ``settle`` must follow."""
         if not self.tokens_per_hour:
-            return tokens
+            return Reservation(owner, tokens)
         with self._lock:
             left = self.tokens_per_hour - self._spent_now(owner) - self._held.get(owner, 0)
             granted = max(0, min(tokens, left))
             self._held[owner] = self._held.get(owner, 0) + granted
-        return granted
+        return Reservation(owner, granted)
 
-    def settle(self, owner: str, reserved: int, used: int) -> None:
+    def settle(self, reservation: Reservation, used: int) -> None:
         """Release a reservation and charge what the node actually did (which may be more, or less)."""
         if not self.tokens_per_hour:
             return
+        owner = reservation.owner
         with self._lock:
-            held = self._held.get(owner, 0) - reserved
+            held = self._held.get(owner, 0) - reservation.tokens
             if held > 0:
                 self._held[owner] = held
             else:
                 self._held.pop(owner, None)
             if used > 0:
                 self._spent.setdefault(owner, deque()).append((time.monotonic(), used))
-
-    def spent(self, owner: str) -> int:
-        """Tokens the owner used in the last hour (on this worker)."""
-        with self._lock:
-            return self._spent_now(owner)
 
     def _spent_now(self, owner: str) -> int:
         window = self._spent.get(owner)
@@ -90,26 +100,92 @@ class TokenBudget:
         return sum(tokens for _, tokens in window)
 
 
+class RedisTokenBudget:
+    """The same budget kept in Redis, so that every worker of a grid draws on one pool per owner (AWS mode).
+
+    Per owner, two sorted sets of ``ticket:tokens`` members: what was spent (scored by when) and what is held
+    (scored by when the hold lapses, so a worker that died holding tokens gives them back). One Lua script
+    reserves, one settles: each runs atomically in Redis.
+    """
+
+    RESERVE = """
+    local now, window, budget, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+    local used = 0
+    for _, key in ipairs(KEYS) do
+        for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+            used = used + tonumber(string.match(member, ':(%d+)$'))
+        end
+    end
+    local granted = math.max(0, math.min(want, budget - used))
+    if granted > 0 then
+        redis.call('ZADD', KEYS[2], tonumber(ARGV[6]), ARGV[5] .. ':' .. granted)
+        redis.call('EXPIRE', KEYS[2], math.ceil(window) + 60)
+    end
+    return granted
+    """
+    SETTLE = """
+    redis.call('ZREM', KEYS[2], ARGV[1] .. ':' .. ARGV[2])
+    if tonumber(ARGV[3]) > 0 then
+        redis.call('ZADD', KEYS[1], tonumber(ARGV[4]), ARGV[1] .. ':' .. ARGV[3])
+        redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[5])) + 60)
+    end
+    return 1
+    """
+
+    def __init__(self, client: Any, tokens_per_hour: int = 0) -> None:
+        self.tokens_per_hour = tokens_per_hour
+        self._reserve = client.register_script(self.RESERVE)
+        self._settle = client.register_script(self.SETTLE)
+
+    @staticmethod
+    def _keys(owner: str) -> list[str]:
+        return [f"nanogrid:ai-spent:{owner}", f"nanogrid:ai-held:{owner}"]
+
+    def reserve(self, owner: str, tokens: int, hold_s: float) -> Reservation:
+        if not self.tokens_per_hour:
+            return Reservation(owner, tokens)
+        reservation = Reservation(owner, 0)
+        now = time.time()
+        reservation.tokens = int(self._reserve(keys=self._keys(owner), args=[
+            now, WINDOW_S, self.tokens_per_hour, tokens, reservation.ticket, now + hold_s]))
+        return reservation
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        if not self.tokens_per_hour:
+            return
+        self._settle(keys=self._keys(reservation.owner),
+                     args=[reservation.ticket, reservation.tokens, max(0, used), time.time(), WINDOW_S])
+
+
 class AIGateway:
     """One per worker: the connection to the AI node and the owners' token budgets."""
 
     def __init__(self, endpoint: str, model: str = "", tokens_per_hour: int = 0,
-                 max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST) -> None:
+                 max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST,
+                 budget: TokenBudget | RedisTokenBudget | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.model = model  # the grid's default model (LLM_MODEL in the sandbox)
-        self.budget = TokenBudget(tokens_per_hour)
+        self.budget = budget or TokenBudget(tokens_per_hour)  # shared by the grid's workers when it is in Redis
         self.max_tokens_per_request = max_tokens_per_request
         self._http = httpx.Client(base_url=self.endpoint, timeout=httpx.Timeout(300.0, connect=5.0))
-
-    @property
-    def tokens_per_hour(self) -> int:
-        return self.budget.tokens_per_hour
 
     def session(self, owner: str) -> AIGatewaySession:
         return AIGatewaySession(self, owner)
 
     def close(self) -> None:
         self._http.close()
+
+
+def ai_gateway(config: GridConfig, redis: Any = None) -> AIGateway | None:
+    """A worker's gateway to the grid's AI node (None without one); with ``redis``, the budget is the grid's,
+    shared by all its workers, not this worker's."""
+    if not config.ai_endpoint:
+        return None
+    budget = RedisTokenBudget(redis, config.ai_tokens_per_hour) if redis is not None else None
+    return AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour,
+                     config.ai_max_tokens_per_request, budget)
 
 
 class AIGatewaySession:
@@ -139,9 +215,10 @@ class AIGatewaySession:
         prompt = len(body) + IMAGE_TOKENS * _images(request)
         answer = self._answer_tokens(request) if path in GENERATING else 0
         budget = self.gateway.budget
-        reserved = budget.reserve(self.owner, prompt + answer)
+        reservation = budget.reserve(self.owner, prompt + answer, hold_s=max(0.0, deadline - time.monotonic()) + 60)
+        reserved = reservation.tokens
         if reserved < prompt + (1 if answer else 0):
-            budget.settle(self.owner, reserved, 0)
+            budget.settle(reservation, 0)
             return _error(429, f"this owner's AI budget of {budget.tokens_per_hour} tokens per hour has not "
                                f"{prompt + 1} tokens left for this request; try again later, or send less")
         if answer:  # the node stops at what was reserved for the answer
@@ -159,7 +236,7 @@ class AIGatewaySession:
             self.usage["prompt_tokens"] += counts[0] if counts else 0
             self.usage["completion_tokens"] += charged - (counts[0] if counts else 0)
         finally:
-            budget.settle(self.owner, reserved, charged)
+            budget.settle(reservation, charged)
         if problem:
             return _error(status, problem)
         return {"op": "ai_reply", "status": status}, data
