@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PIP = $(VENV)/bin/pip install -q --disable-pip-version-check
 
-.PHONY: setup setup-test demo test bench lint lock
+.PHONY: setup setup-test demo lab test bench lint lock
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/nanogrid demo
+
+# The embedded grid and JupyterLab on the tutorial notebooks, installed from the lock files; stopping JupyterLab
+# (Ctrl-C) stops the grid. Options pass on: make lab GRID_ARGS="--sandbox process" LAB_ARGS="--no-browser --port 8899"
+lab: setup-test
+	@$(VENV)/bin/nanogrid up $(GRID_ARGS) & grid=$$!; trap 'kill $$grid 2>/dev/null' EXIT INT TERM; \
+	until $(VENV)/bin/nanogrid status >/dev/null 2>&1; do kill -0 $$grid 2>/dev/null || exit 1; sleep 0.5; done; \
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
