@@ -39,6 +39,7 @@ MAX_RESPONSE_BYTES = 32 << 20
 MAX_TOKENS_PER_REQUEST = 4096  # an answer's tokens when the grid does not say (ai_max_tokens_per_request)
 IMAGE_TOKENS = 4096  # reserved per image of a multimodal request (a small image may cost more tokens than bytes)
 WINDOW_S = 3600.0
+BUDGET_POLL_S = 0.05  # how often a request waiting for the owner's reserved tokens looks again
 
 
 def _error(status: int, message: str) -> tuple[dict[str, Any], bytes]:
@@ -51,6 +52,7 @@ class Reservation:
 
     owner: str
     tokens: int
+    held_by_others: int = 0  # what the owner's requests still at the node held when this one was made
     ticket: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -72,10 +74,10 @@ class TokenBudget:
         if not self.tokens_per_hour:
             return Reservation(owner, tokens)
         with self._lock:
-            left = self.tokens_per_hour - self._spent_now(owner) - self._held.get(owner, 0)
-            granted = max(0, min(tokens, left))
-            self._held[owner] = self._held.get(owner, 0) + granted
-        return Reservation(owner, granted)
+            held = self._held.get(owner, 0)
+            granted = max(0, min(tokens, self.tokens_per_hour - self._spent_now(owner) - held))
+            self._held[owner] = held + granted
+        return Reservation(owner, granted, held)
 
     def settle(self, reservation: Reservation, used: int) -> None:
         """Release a reservation and charge what the node actually did (which may be more, or less)."""
@@ -112,18 +114,18 @@ class RedisTokenBudget:
     local now, window, budget, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-    local used = 0
-    for _, key in ipairs(KEYS) do
+    local sums = {0, 0}  -- spent, held
+    for i, key in ipairs(KEYS) do
         for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-            used = used + tonumber(string.match(member, ':(%d+)$'))
+            sums[i] = sums[i] + tonumber(string.match(member, ':(%d+)$'))
         end
     end
-    local granted = math.max(0, math.min(want, budget - used))
+    local granted = math.max(0, math.min(want, budget - sums[1] - sums[2]))
     if granted > 0 then
         redis.call('ZADD', KEYS[2], tonumber(ARGV[6]), ARGV[5] .. ':' .. granted)
         redis.call('EXPIRE', KEYS[2], math.ceil(window) + 60)
     end
-    return granted
+    return {granted, sums[2]}
     """
     SETTLE = """
     redis.call('ZREM', KEYS[2], ARGV[1] .. ':' .. ARGV[2])
@@ -148,8 +150,9 @@ class RedisTokenBudget:
             return Reservation(owner, tokens)
         reservation = Reservation(owner, 0)
         now = time.time()
-        reservation.tokens = int(self._reserve(keys=self._keys(owner), args=[
-            now, WINDOW_S, self.tokens_per_hour, tokens, reservation.ticket, now + hold_s]))
+        granted, held = self._reserve(keys=self._keys(owner), args=[
+            now, WINDOW_S, self.tokens_per_hour, tokens, reservation.ticket, now + hold_s])
+        reservation.tokens, reservation.held_by_others = int(granted), int(held)
         return reservation
 
     def settle(self, reservation: Reservation, used: int) -> None:
@@ -215,12 +218,17 @@ class AIGatewaySession:
         prompt = len(body) + IMAGE_TOKENS * _images(request)
         answer = self._answer_tokens(request) if path in GENERATING else 0
         budget = self.gateway.budget
-        reservation = budget.reserve(self.owner, prompt + answer, hold_s=max(0.0, deadline - time.monotonic()) + 60)
-        reserved = reservation.tokens
-        if reserved < prompt + (1 if answer else 0):
+        while True:
+            reservation = budget.reserve(self.owner, prompt + answer, hold_s=max(0.0, deadline - time.monotonic()) + 60)
+            reserved = reservation.tokens
+            if reserved >= prompt + (1 if answer else 0):
+                break
             budget.settle(reservation, 0)
-            return _error(429, f"this owner's AI budget of {budget.tokens_per_hour} tokens per hour has not "
-                               f"{prompt + 1} tokens left for this request; try again later, or send less")
+            # Tokens held by this owner's other requests come back when they settle: wait for them, within the call.
+            if not reservation.held_by_others or time.monotonic() + BUDGET_POLL_S >= deadline:
+                return _error(429, f"this owner's AI budget of {budget.tokens_per_hour} tokens per hour has not "
+                                   f"{prompt + 1} tokens left for this request; try again later, or send less")
+            time.sleep(BUDGET_POLL_S)
         if answer:  # the node stops at what was reserved for the answer
             request["options"] = {**(request.get("options") or {}), "num_predict": reserved - prompt}
             body = json.dumps(request).encode()
