@@ -176,6 +176,20 @@ def test_fn_history_shows_every_call_with_what_happened(client):
     assert job.result() == "HI" and job.stdout == "said hi\n"
 
 
+def test_a_failed_call_keeps_a_large_exception_whole(client):
+    """What must never happen: a failure whose pickled exception is over the grid's 1 MiB blob threshold (a failed
+    %%nanogrid cell's state travels in one) comes back as a bare RemoteError, without what the exception carried."""
+    @nanogrid.remote
+    def refuse(size: int) -> None:
+        raise ValueError(b"x" * size)
+
+    with pytest.raises(ValueError) as raised:
+        refuse.remote(3 * MiB)
+    assert raised.value.args[0] == b"x" * (3 * MiB)
+    (call,) = refuse.history()
+    assert call["status"] == "failed" and call["error"]["type"] == "ValueError"
+
+
 def test_full_output_is_one_request_away(client, grid):
     @nanogrid.remote
     def chatty() -> int:
