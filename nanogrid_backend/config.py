@@ -58,7 +58,7 @@ class GridConfig:
     blob_threshold_bytes: int = 1 * MiB  # arguments and results above this travel as content-addressed blobs
     direct_uploads: bool = True  # on S3, clients upload blobs to presigned URLs (off: through the controller)
     max_output_files: int = 10_000  # output files of one call
-    ai_tokens_per_hour: int = 0  # AI node tokens one owner may use per hour on one worker (0: no limit)
+    ai_tokens_per_hour: int = 0  # AI node tokens one owner may use per hour, all workers together (0: no limit)
     ai_max_tokens_per_request: int = 4096  # an AI answer's tokens at most (num_predict is capped to this)
     map_chunk_limit: int = 10_000  # items in one /map request
     # Shared services for many machines (empty: the embedded grid's local adapters). The seeds' names
