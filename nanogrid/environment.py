@@ -22,7 +22,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import metadata
 from itertools import islice
 from pathlib import Path
@@ -309,6 +309,7 @@ _SCANNED: dict[Any, frozenset[str]] = {}
 _MAX_SCANNED = 4096
 _SCANNED_LOCK = threading.Lock()
 _PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})  # pickled without a global
+_CODE = (types.FunctionType, types.MethodType, type, partial, types.ModuleType)
 
 
 def value_signature(value: Any, depth: int = 0) -> Any:
@@ -317,6 +318,8 @@ def value_signature(value: Any, depth: int = 0) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return kind
+    if isinstance(value, _CODE):  # each carries its own code and globals: one function says nothing of the next
+        return None
     if depth == 0 and kind in (list, tuple, set, frozenset):
         items = frozenset([value_signature(item, 1) for item in islice(value, 100)])
         return None if None in items else (kind, items)
@@ -602,8 +605,7 @@ def for_cell(source: str, namespace: Mapping[str, Any], packages: Iterable[str] 
         modules |= modules_imported(cell) | modules_of_function(cell)
         read = {name for nested in _code_objects(code) for name in nested.co_names}
         for name in sorted(read & set(namespace)):
-            value = namespace[name]
-            if not isinstance(value, types.ModuleType | types.FunctionType | type):
-                modules |= modules_of_argument(value)
+            if not isinstance(namespace[name], types.ModuleType):  # a notebook function's pickle holds its globals
+                modules |= modules_of_argument(namespace[name])
     found = requirements_of_modules(modules)
     return Environment(tuple(packages or ())).with_packages(found.packages), found.local_files

@@ -198,8 +198,20 @@ class RecordingGrid:
         return self.manifests[-1]["environment"]["packages"]
 
 
-def rows(table):  # names neither pandas nor pyarrow: only its argument does
-    return len(table)
+def _notebook_functions() -> tuple[types.FunctionType, types.FunctionType]:
+    """Functions carried by value, as a notebook's are (a module-level one here would take this test module along,
+    and with it everything the test modules import)."""
+
+    def rows(table):  # names neither pandas nor pyarrow: only its argument does
+        return len(table)
+
+    def call(fn):
+        return fn()
+
+    return rows, call  # type: ignore[return-value]
+
+
+rows, call = _notebook_functions()
 
 
 def test_a_dataframe_argument_brings_pyarrow_which_pandas_3_pickles_its_strings_with():
@@ -210,6 +222,7 @@ def test_a_dataframe_argument_brings_pyarrow_which_pandas_3_pickles_its_strings_
     assert "pyarrow" in modules_in_pickle(cloudpickle.dumps(frame))
     assert nanogrid.RemoteFunction(rows, client=grid.client).remote(frame) == 1
     assert {f"pandas=={pd.__version__}", PYARROW, NUMPY} <= set(grid.packages())
+    assert "pytest" not in " ".join(grid.packages())  # only what the call needs, not this test's own imports
 
 
 def test_map_scans_each_kind_of_item_so_a_late_dataframe_still_counts():
@@ -221,6 +234,17 @@ def test_map_scans_each_kind_of_item_so_a_late_dataframe_still_counts():
     # Kinds: a DataFrame of numbers only (no pyarrow in its pickle) is not the same kind as one of strings.
     assert value_signature(pd.DataFrame([[1]])) != value_signature(pd.DataFrame({"name": ["a"]}))
     assert "pyarrow" not in modules_in_pickle(cloudpickle.dumps(pd.DataFrame([[1]])))
+
+
+def test_each_function_given_as_an_argument_counts_on_its_own(script):
+    """Functions are not one kind of value: a second function argument that uses numpy brings numpy, though the
+    first one (which uses the user's own module, shipped as a file) did not."""
+    grid = RecordingGrid()
+    caller = nanogrid.RemoteFunction(call, client=grid.client)
+    assert caller.remote(script["local_import_a"]) == 1
+    assert NUMPY not in grid.manifests[-1].get("environment", {}).get("packages", [])
+    assert caller.remote(script["import_a"]) == 1
+    assert NUMPY in grid.packages()
 
 
 def test_a_value_put_on_the_grid_brings_what_its_pickle_references():
