@@ -93,9 +93,24 @@ class Blobs:
         self.spool = spool
         self._verified: dict[Path, tuple[int, int, int]] = {}  # path -> (inode, size, ctime) when it last hashed right
         spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in spool.glob("*.part"):  # uploads cut off by a crash never become blobs
-            if stale.lstat().st_mtime < time.time() - 86400:
+        self._swept = 0.0
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Remove partial files whose writer is gone (an upload cut off by a crash or ``kill -9`` never becomes a
+        blob); how many. Each names its writer's pid; files named before that are removed after a day."""
+        self._swept = time.monotonic()
+        removed = 0
+        for stale in self.spool.glob("*.part"):
+            writer = _SPOOL_NAME.fullmatch(stale.name)
+            try:
+                gone = not _alive(int(writer[1])) if writer else stale.lstat().st_mtime < time.time() - 86400
+            except OSError:
+                continue  # removed meanwhile
+            if gone:
                 stale.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def size(self, owner: str, sha256: str) -> int | None:
         """Its size if this owner has it, else None; a blob asked about is kept as if new (retention)."""
@@ -105,7 +120,10 @@ class Blobs:
         return [sha for sha in blobs if self.size(owner, sha) is None]
 
     def temp_file(self) -> Path:
-        return self.spool / f"upload-{uuid.uuid4().hex}.part"
+        """A new partial file's name, which carries this process's pid (``sweep``); stale ones go now and then."""
+        if time.monotonic() - self._swept > SWEEP_EVERY_S:
+            self.sweep()
+        return self.spool / f"upload-{os.getpid()}-{uuid.uuid4().hex}.part"
 
     def commit(self, owner: str, sha256: str, path: Path, digest: str) -> None:
         """Move a received file into place, only if its content hashes to its name (else it is deleted)."""
@@ -214,6 +232,20 @@ class Blobs:
 
 
 _SPACES: weakref.WeakKeyDictionary[Any, Blobs] = weakref.WeakKeyDictionary()
+
+
+_SPOOL_NAME = re.compile(r"upload-(\d+)-[0-9a-f]{32}\.part")
+SWEEP_EVERY_S = 60.0  # partial files of writers that died are looked for at most this often (and at start)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another account's process: alive
+    return True
 
 
 def blobs_of(grid: Any) -> Blobs:

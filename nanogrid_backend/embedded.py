@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from nanogrid_backend.blobs import blobs_of
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.controller.app import create_app
 from nanogrid_backend.grid import Grid
@@ -44,6 +45,7 @@ class EmbeddedGrid:
     def __init__(self, config: GridConfig) -> None:
         self.config = config
         self.grid = Grid(config)
+        blobs_of(self.grid)  # made now: it removes what uploads cut off by a crash left in its spool
         self.server = _server(self.grid)
         self._sock = _bind(config.host, config.port)
         self.url = "http://%s:%d" % self._sock.getsockname()[:2]
@@ -75,6 +77,7 @@ class EmbeddedGrid:
 def serve(config: GridConfig, on_ready: Callable[[str, Grid], None] | None = None, role: str = "all") -> None:
     """Run the grid, or only its controller, in the foreground until interrupted."""
     grid = Grid(config, role)
+    blobs_of(grid)  # made now: it removes what uploads cut off by a crash left in its spool
     server = _server(grid)
     sock = _bind(config.host, config.port)
     url = "http://%s:%d" % sock.getsockname()[:2]

@@ -7,6 +7,7 @@ engine that fails a container's start. What must never happen is said in each te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -25,10 +26,14 @@ import pytest
 
 import nanogrid
 import nanogrid.errors
+from nanogrid_backend.environments import BuiltEnvironment
 from nanogrid_backend.models import COMPLETED, JobRecord
 from nanogrid_backend.registry.sqlite import SQLiteRegistry, list_backups
+from nanogrid_backend.sandbox import cgroup, leftovers, scratch
+from nanogrid_backend.sandbox.base import SandboxError
+from nanogrid_backend.sandbox.docker import DockerSandboxFactory
 from tests.conftest import require, require_docker, start_grid
-from tests.test_faults import GUARD_S, containers_of, sandbox_pids, wait_for
+from tests.test_faults import GUARD_S, GridProcess, containers_of, sandbox_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -383,5 +388,100 @@ def test_retry_records_are_not_counted_as_failed_jobs(tmp_path: Path) -> None:
         assert flaky.remote(str(marker)) == "second try"
         jobs = client.system_status()["jobs"]
         assert jobs.get("failed", 0) == 0 and jobs.get("completed") == 1, jobs
+    finally:
+        grid.stop()
+
+
+# --- 4. no leftovers ---------------------------------------------------------------------------------------
+
+def loops_under(directory: Path) -> list[str]:
+    """Loop devices whose backing file lies under ``directory``."""
+    root = str(directory.resolve()) + "/"
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip().removesuffix(" (deleted)").startswith(root):
+                found.append(backing.parent.parent.name)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_container_the_engine_cannot_create_leaves_nothing(tmp_path: Path) -> None:
+    """Never: a sandbox start that fails inside the engine (its image removed between build and start) leaving its
+    scratch disk's loop device, mount, directory or disk room reservation behind."""
+    require_docker()
+    require(scratch.unavailable() == "", f"no scratch disks here: {scratch.unavailable()}")
+    factory = DockerSandboxFactory("nanogrid/runtime-python:latest", tmp_path / "sandboxes", disk_mib=64)
+    gone = BuiltEnvironment("env-gone", factory.python, image="nanogrid/env:no-such-image-here")
+    factory.disk_room.reserve = 0
+    factory.disk_room.reserve = scratch.shutil.disk_usage(tmp_path).free - (100 << 20)  # room for one 64 MiB disk
+    for _ in range(3):  # a leaked reservation would refuse the second with 'no room'
+        with pytest.raises(SandboxError) as failure:
+            factory.start(environment=gone)
+        assert failure.value.kind == "crash" and "could not create" in failure.value.message, failure.value
+    assert loops_under(tmp_path) == [] and scratch.mounted_under(tmp_path) == []
+    assert leftovers.sandbox_dirs(tmp_path / "sandboxes") == []
+    factory.start().close()  # its room is still there for a sandbox that can start
+
+
+def test_older_releases_leftovers_of_this_data_dir_are_swept_and_only_those(tmp_path: Path) -> None:
+    """Never: an older release's unlabelled container or `nanogrid/proc-*` cgroup of this data dir left for ever
+    (or unlisted by `nanogrid doctor`), nor one of another data dir's removed."""
+    require_docker()
+    require(cgroup.available(), "no memory cgroups here")
+    client = docker.from_env()
+    data_dir, other_dir = tmp_path / "data", tmp_path / "other"
+    ours_id, theirs_id = (os.urandom(6).hex() for _ in range(2))
+    (data_dir / "sandboxes" / f"ctr-{ours_id}").mkdir(parents=True)
+    (data_dir / "sandboxes" / f"proc-{ours_id}").mkdir()
+    (other_dir / "sandboxes" / f"ctr-{theirs_id}").mkdir(parents=True)
+    made = [client.containers.create("nanogrid/runtime-python:latest", name=f"nanogrid-ctr-{sandbox_id}")
+            for sandbox_id in (ours_id, theirs_id)]
+    groups = [cgroup.MemoryCgroup(f"proc-{sandbox_id}") for sandbox_id in (ours_id, theirs_id)]
+    try:
+        doctor = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
+                                capture_output=True, text=True, timeout=120)
+        assert re.search(r"leftovers 1 containers, 2 sandbox directories, 1 memory cgroups", doctor.stdout), doctor
+
+        start_grid(data_dir, workers=1, stem_cells=0).stop()
+        names = {c.name for c in client.containers.list(all=True, filters={"name": "nanogrid-ctr-"})}
+        assert f"nanogrid-ctr-{ours_id}" not in names and f"nanogrid-ctr-{theirs_id}" in names
+        assert not groups[0].path.exists() and groups[1].path.exists()
+    finally:
+        for container in made:
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
+        for group in groups:
+            group.remove()
+
+
+def test_an_upload_cut_off_by_kill_9_leaves_no_partial_file(tmp_path: Path) -> None:
+    """Never: the partial file of an upload whose grid was killed kept in blob-spool after the next start (it was
+    kept for a day)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    grid = GridProcess(data_dir, "process")
+    sha = "ab" * 32
+
+    def partial_files() -> list[Path]:
+        return list(data_dir.rglob("upload-*.part"))  # in blob-spool, next to the store
+
+    def slow_body() -> Iterator[bytes]:
+        yield b"x" * MiB
+        time.sleep(30)  # the grid is killed meanwhile
+        yield b"x"
+
+    def upload() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.put(f"{grid.url}/v1/blobs/{sha}", content=slow_body(), headers={"x-api-key": grid.key}, timeout=60)
+
+    try:
+        threading.Thread(target=upload, daemon=True).start()
+        wait_for(partial_files, "the upload's partial file in blob-spool")
+        grid.kill()
+        assert partial_files()
+        grid = GridProcess(data_dir, "process")
+        assert partial_files() == []
     finally:
         grid.stop()

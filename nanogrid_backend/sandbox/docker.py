@@ -131,10 +131,12 @@ class DockerSandboxFactory:
                                            ignore_removed=True)
         for container in left:
             _remove(container)
+        legacy = leftovers.remove_legacy(self.host_dir, self.client)  # before the directories: their evidence
         dirs = leftovers.remove_dirs(self.host_dir)
-        if left or dirs:
-            log.info("removed %d sandbox containers and %d sandbox directories left by an earlier run", len(left), dirs)
-        return len(left) + dirs
+        if left or dirs or legacy:
+            log.info("removed %d sandbox containers and %d sandbox directories left by an earlier run (and %d "
+                     "containers and cgroups of an older release)", len(left), dirs, legacy)
+        return len(left) + dirs + legacy
 
     def describe(self) -> str:
         disk = (f"a {self.disk_mib} MiB disk of its own" if not self.scratch_problem

@@ -70,7 +70,9 @@ class ProcessSandboxFactory:
     def sweep(self) -> int:
         """Remove sandbox directories and memory cgroups left by a run that crashed (or was killed) before closing
         them; at shutdown, those of sandboxes that were still closing. How many there were."""
-        count = leftovers.remove_dirs(self.base_dir) + cgroup.sweep(self.identity + "-")
+        # An older release's containers and cgroups first: the directories are their evidence.
+        count = leftovers.remove_legacy(self.base_dir)
+        count += leftovers.remove_dirs(self.base_dir) + cgroup.sweep(self.identity + "-")
         if count:
             log.info("removed %d sandbox directories and memory cgroups left by an earlier run", count)
         return count
