@@ -333,6 +333,18 @@ def test_a_flood_on_the_seed_routes_is_rate_limited(hostile):
     assert after.status_code == 429
 
 
+def test_a_flood_on_the_dashboard_spends_the_keys_bucket(hostile):
+    """A signed-in browser session is the key's: its page loads must draw on the key's bucket too."""
+    _, key = new_owner(hostile, rate_limit=0.2, rate_burst=5)
+    with httpx.Client(base_url=hostile.url, timeout=30) as http:
+        assert http.post("/ui/login", data={"api_key": key}).status_code == 303
+        answers = [http.get(path) for path in ["/ui", "/ui/jobs", "/ui/workers"] * 10]
+        after = http.get("/v1/functions", headers={"x-api-key": key})
+    assert [a.status_code for a in answers[:5]] == [200] * 5
+    assert {a.status_code for a in answers[5:]} == {429} and int(answers[-1].headers["Retry-After"]) >= 1
+    assert after.status_code == 429  # the same bucket as the API
+
+
 def package(manifest: dict) -> bytes:
     data = io.BytesIO()
     with zipfile.ZipFile(data, "w") as zf:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.models import ApiKey
 
 
 class TokenBuckets:
@@ -33,3 +38,8 @@ class TokenBuckets:
 
 def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
+
+
+def key_limits(key: ApiKey, config: GridConfig) -> tuple[float, int]:
+    """A key's rate (requests per second) and burst: its own where it has them, else the grid's."""
+    return (config.rate_limit if key.rate_limit is None else key.rate_limit), (key.rate_burst or config.rate_burst)

@@ -42,6 +42,7 @@ from nanogrid.packaging import build_zip
 from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller.errors import DISK_FULL, disk_full
 from nanogrid_backend.controller.function_metrics import render_all
+from nanogrid_backend.controller.ratelimit import key_limits
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.keys import AuthError
 from nanogrid_backend.models import COMPLETED, ApiKey, FunctionRecord, JobRecord
@@ -114,8 +115,7 @@ async def rate_limited(request: Request, caller: Authenticated) -> ApiKey:
     """Every authenticated route takes a token from the caller's key's bucket, the same bucket as /v1 (429 when
     empty); the answer carries ``X-RateLimit-Limit``/``-Remaining`` (``SeedRoute`` adds them)."""
     state = request.app.state
-    rate = state.config.rate_limit if caller.rate_limit is None else caller.rate_limit
-    burst = caller.rate_burst or state.config.rate_burst
+    rate, burst = key_limits(caller, state.config)
     try:
         wait, left = await asyncio.to_thread(state.buckets.take_counted, caller.key_id, rate, burst)
     except Exception as exc:  # as the original: a broken limiter lets requests through

@@ -26,6 +26,7 @@ from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller.history import TEXT_CAP, advise, apply_memory, history_entry, page, rates_for
 from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.controller.loadtests import LoadTestRequest, LoadTests
+from nanogrid_backend.controller.ratelimit import key_limits, retry_after_header
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.keys import AuthError
 from nanogrid_backend.models import ApiKey
@@ -127,6 +128,10 @@ def router(grid: Grid, tests: LoadTests) -> APIRouter:
         if key is None or key.revoked_at is not None:
             sessions.pop(request.cookies.get(COOKIE, ""), None)
             raise NotSignedIn
+        wait = request.app.state.buckets.take(key.key_id, *key_limits(key, grid.config))  # the key's own bucket
+        if wait:
+            raise HTTPException(429, f"too many requests for this key; try again in {retry_after_header(wait)} s",
+                                headers={"Retry-After": retry_after_header(wait)})
         return session
 
     def check_csrf(session: Session, token: str) -> None:
