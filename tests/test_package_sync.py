@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import pickletools
+import re
 import sys
 import types
 import zipfile
@@ -350,7 +351,8 @@ def test_every_import_form_runs_in_a_docker_sandbox(docker_grid, script, name):
 def test_arguments_and_missing_modules_in_a_docker_sandbox(docker_grid):
     """A DataFrame of strings (pyarrow) runs as an argument of .remote() and .map(); a Ref made on the grid by a
     function whose environment has pandas, given to one that names nothing, works after one more try with pandas
-    added; an explicit environment is never changed, and its error names the package and version to add."""
+    added; an explicit environment is never changed, and its error names the package and version to add, whether
+    the arguments or the function itself could not be loaded."""
     nanogrid.connect(docker_grid.url, api_key=docker_grid.api_key)
 
     @nanogrid.remote(timeout=300)
@@ -381,4 +383,11 @@ def test_arguments_and_missing_modules_in_a_docker_sandbox(docker_grid):
     with pytest.raises(MissingModule, match=r"add packages=\['(pandas|numpy|pyarrow)==") as missing:
         exact.remote(frame)
     assert missing.value.requirement in {f"pandas=={pd.__version__}", NUMPY, PYARROW}
+
+    @nanogrid.remote(environment=Environment(packages=[SIX]), timeout=300)
+    def exact_numpy():  # the function itself cannot load there (its pickle imports numpy)
+        return int(numpy.arange(3).sum())
+
+    with pytest.raises(MissingModule, match=re.escape(f"add packages=['{NUMPY}']")):
+        exact_numpy.remote()
 
