@@ -208,9 +208,68 @@ def test_a_sandbox_the_hosts_disk_has_no_room_for_fails_its_call_clearly(client,
         return "ran"
 
     try:
-        with pytest.raises(nanogrid.JobFailed, match="MiB free: too little for another 100 MiB sandbox disk"):
+        with pytest.raises(nanogrid.JobFailed, match="no room for a 100 MiB sandbox disk now: ask for a smaller"):
             small_disk.remote()
     finally:
         room.reserve = saved
     assert small_disk.remote() == "ran"
     assert healthy.remote(1) == 2
+
+
+@pytest.fixture()
+def tenants(tmp_path: Path):
+    """A Docker grid of its own with two owners, alice and bob, and no stem cells (only calls make disks)."""
+    from nanogrid_backend.keys import create_key
+    from tests.conftest import require_docker, start_grid
+
+    require_docker()
+    require(scratch.unavailable() == "", f"no scratch disks here: {scratch.unavailable()}")
+    embedded = start_grid(tmp_path / "data", sandbox="docker", stem_cells=0, workers=1, pool_cap=4, idle_ttl_s=600)
+    try:
+        keys = {name: create_key(embedded.grid.registry, name)[0] for name in ("alice", "bob")}
+        yield embedded, keys
+    finally:
+        embedded.stop()
+
+
+def sized(disk_mib: int, name: str):
+    """A function with a ``disk_mib`` disk that returns its disk's size (no packages: the plain runtime)."""
+    def size():
+        import shutil
+
+        return shutil.disk_usage("/tmp").total
+
+    size.__name__ = size.__qualname__ = name
+    return nanogrid.remote(disk=disk_mib, timeout=120, environment=nanogrid.Environment())(size)
+
+
+def test_idle_sandboxes_give_their_disk_room_to_any_tenants_call(tenants):
+    """Never: a call refused for want of disk room that idle sandboxes (another tenant's, here) hold in promises."""
+    embedded, keys = tenants
+    room, pool = embedded.grid.factory.disk_room, embedded.grid.pool
+    nanogrid.connect(embedded.url, api_key=keys["alice"])
+    assert sized(200, "alices").remote() >= 180 * MiB  # its sandbox stays idle, holding 200 MiB of room
+    assert pool.snapshot()["idle"] == 1
+    # As if the host's disk had room for 150 MiB more of sandbox disks, beside what they may still fill.
+    room.reserve = scratch.shutil.disk_usage(room.directory).free - room.promised() - 150 * MiB
+
+    nanogrid.connect(embedded.url, api_key=keys["bob"])
+    assert sized(200, "bobs").remote() >= 180 * MiB  # alice's idle sandbox made room
+    assert pool.snapshot()["idle_by_function"] and len(pool.snapshot()["idle_by_function"]) == 1
+
+
+def test_a_refused_disk_says_what_the_tenant_can_do_and_evicts_nobody(tenants):
+    """Never: a refusal that tells a tenant the host's free disk, or idle sandboxes stopped for a call that still
+    could not get its disk."""
+    embedded, keys = tenants
+    room, pool = embedded.grid.factory.disk_room, embedded.grid.pool
+    nanogrid.connect(embedded.url, api_key=keys["alice"])
+    assert sized(100, "small").remote() >= 85 * MiB
+    room.reserve = scratch.shutil.disk_usage(room.directory).free - room.promised() - 150 * MiB
+    nanogrid.connect(embedded.url, api_key=keys["bob"])
+    with pytest.raises(nanogrid.JobFailed) as refused:
+        sized(2048, "huge").remote()  # even with alice's idle sandbox gone, 2 GiB does not fit
+    message = str(refused.value)
+    assert refused.value.kind == "storage" and "ask for a smaller one (@remote(disk=MiB))" in message, message
+    assert "MiB free" not in message and str(room.directory) not in message, message
+    assert pool.snapshot()["idle"] == 1  # alice's sandbox was not stopped for nothing

@@ -201,12 +201,16 @@ class DiskRoom:
             short = self._short_by(size_mib)
         if not short or (evicting_idle and short <= self.reclaimable()):
             return ""
-        with self._lock:
-            may_grow = sum(disk.may_grow() for disk in self._disks)
+        may_grow = self.promised()
         free = shutil.disk_usage(self.directory).free
         return (f"the worker's disk has {free >> 20} MiB free: too little for another {size_mib} MiB sandbox disk "
                 f"beside the {may_grow >> 20} MiB its other sandboxes may still fill and the {self.reserve >> 20} "
                 "MiB kept for the grid itself")
+
+    def promised(self) -> int:
+        """Bytes the sandbox disks made here may still take on the host's disk (they are sparse)."""
+        with self._lock:
+            return sum(disk.may_grow() for disk in self._disks)
 
     def _short_by(self, size_mib: int) -> int:
         """Bytes missing for a new disk of ``size_mib`` (0: it fits); call with the lock."""
