@@ -118,7 +118,8 @@ def refused_ip(ip: IPAddress, allow: Networks = ()) -> str:
 
 def literal_ip(host: str) -> IPAddress | None:
     """The address a host names by itself, in any spelling a resolver accepts (``127.1``, ``2130706433``,
-    ``0x7f000001``, ``0177.0.0.1``), or None for a name."""
+    ``0x7f000001``, ``0177.0.0.1``, ``127.0.0.1.``), or None for a name."""
+    host = host.removesuffix(".")  # a resolver ignores the root's dot
     try:
         return ipaddress.ip_address(host)
     except ValueError:
