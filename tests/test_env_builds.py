@@ -287,3 +287,29 @@ def test_a_sandbox_holding_an_environment_keeps_it_from_eviction_until_it_dies(t
     sandbox.alive = False
     environments.ensure(_spec("iniconfig==2.0.0"))
     assert held.env_id not in {e["env_id"] for e in environments.list()}
+
+
+@pytest.mark.integration
+def test_runtime_images_made_for_debian_packages_count_in_the_cache_and_go_with_their_last_environment(tmp_path):
+    """The runtime built for an environment's ``system`` packages (a Debian base and a runtime image, 200+ MiB)
+    counts in the cache's size, and goes when the last environment using it is evicted: never left behind,
+    uncounted. (Its Debian base is tagged from the grid's own here, sparing a mmdebstrap run.)"""
+    require_docker()
+    from nanogrid_runtimes import build
+
+    system = ["tree"]
+    images = build.derived_images(PYTHON, system)
+    subprocess.run(["docker", "tag", build.DEBIAN_BASE, images[1]], check=True, capture_output=True)
+    environments = Environments(tmp_path, runtimes=RUNTIMES, docker_images={PYTHON: "nanogrid/runtime-python:latest"},
+                                cap_bytes=100 << 20)
+    try:
+        with_tree = environments.ensure(_spec("six==1.16.0", system=system))
+        assert all(build.image_exists(image) for image in images)
+        environments.ensure(_spec("tomli==2.0.1"))  # the cache holds 200+ MiB: the least recently used goes
+        assert with_tree.env_id not in {e["env_id"] for e in environments.list()}
+        assert not any(build.image_exists(image) for image in images)
+    finally:
+        for image in images:
+            subprocess.run(["docker", "image", "rm", image], capture_output=True)
+        for built in environments.list():
+            environments.remove(built["env_id"])
