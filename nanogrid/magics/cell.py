@@ -15,15 +15,7 @@ from IPython.core.error import UsageError
 
 from nanogrid.cells import CellFailed, CellRefused, Packed, ShellOutput, load_state, pack_state, plan_cell, run_cell
 from nanogrid.client import Client, get_client
-from nanogrid.environment import (
-    Environment,
-    PackageSyncError,
-    for_cell,
-    local_module_files,
-    modules_imported,
-    modules_in_pickle,
-    pinned_distributions,
-)
+from nanogrid.environment import Environment, PackageSyncError, for_cell, modules_in_pickle, requirements_of_modules
 from nanogrid.errors import RemoteError
 from nanogrid.function import RemoteFunction
 from nanogrid.job import Job
@@ -173,15 +165,12 @@ def environment_for(shell: Any, source: str, inputs: dict[str, Any], packed: Pac
     packages = [p for p in re.split(r"[\s,]+", args.packages or "") if p]
     try:
         synced, local_files = for_cell(source, inputs, packages)
-        used = modules_in_pickle(packed.data)  # a DataFrame's columns may need pyarrow, which the cell never names
-        for value in inputs.values():  # a function defined earlier imports inside its body
-            if isinstance(value, types.FunctionType):
-                used |= modules_imported(value)
-        local_files = {**local_module_files(used), **local_files}
+        # What the inputs' pickle as sent refers to: a DataFrame's string columns need pyarrow, never named in the cell.
+        sent = requirements_of_modules(modules_in_pickle(packed.data))
+        local_files = {**sent.local_files, **local_files}
         if args.env is not None:
             return _named_environment(shell, args.env).with_packages(packages), local_files
-        local_names = {name.split("/", 1)[0].removesuffix(".py") for name in local_files}
-        return synced.with_packages(pinned_distributions(used - local_names)), local_files
+        return synced.with_packages(sent.packages), local_files
     except (PackageSyncError, ValueError) as exc:
         raise UsageError(f"%%nanogrid: {exc}; nothing was sent") from None
 
