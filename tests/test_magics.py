@@ -73,6 +73,12 @@ def connected(ip, grid):
     return ip
 
 
+@pytest.fixture(params=["process", "docker"])
+def any_grid(request):
+    """The process grid and the Docker grid: cells must behave the same in both sandboxes."""
+    return request.getfixturevalue("grid" if request.param == "process" else "docker_grid")
+
+
 def test_cell_reads_notebook_names_and_assigns_back(connected, capsys):
     ip = connected
     ip.user_ns.update(x=16, offset=1)
@@ -216,12 +222,6 @@ def test_a_long_cell_prints_as_it_runs_and_nothing_twice(connected):
     assert connected.user_ns["result"] == 1
 
 
-@pytest.fixture(params=["process", "docker"])
-def any_grid(request):
-    """The process grid and the Docker grid: cells must behave the same in both sandboxes."""
-    return request.getfixturevalue("grid" if request.param == "process" else "docker_grid")
-
-
 def test_a_failed_cell_is_a_failed_job_everywhere_and_keeps_what_it_bound(ip, any_grid, monkeypatch, capsys):
     """What must never happen: a cell that raised is recorded as a success (history, the dashboard's failed filter,
     error rate, `nanogrid jobs`), or the names it bound before the error are lost, however large they are."""
@@ -269,8 +269,10 @@ def test_a_cell_that_cannot_load_its_names_is_a_failed_job(connected):
         del sys.modules["nanogrid_missing_module"]
 
 
-def test_a_remote_traceback_reads_as_a_local_one(connected):
+def test_a_remote_traceback_reads_as_a_local_one(ip, any_grid):
     """What must never happen: a remote traceback names another cell, or loses a function's name and parameters."""
+    connected = ip
+    connected.run_line_magic("nanogrid", f"connect {any_grid.url} {any_grid.api_key}")
     body = "def normalise(values, *rest, scale=1):\n    total = sum(values)\n    return values[0] / total\nnormalise([0])\n"
     shown = {}
     for remote in (False, True):
