@@ -155,6 +155,11 @@ class _Spool:
                 self.free.put(buffer)
 
 
+def _out_of_memory(reply: dict[str, Any]) -> bool:
+    """The call ended in a MemoryError: the bootstrap ends its batch there, and the host discards the sandbox."""
+    return not reply["ok"] and reply["error"].get("kind") == "memory"
+
+
 class Sandbox(ABC):
     """One isolated bootstrap process. Starts unspecialised; ``load`` binds it to one function for life."""
 
@@ -169,6 +174,11 @@ class Sandbox(ABC):
     output_dir: Path  # written by the host only
     limits: Limits
     reader: FrameReader  # the bootstrap's replies
+    # Calls of the running batch that may still be skipped (not answered yet), and those the host asked to skip.
+    # Sent from a cancelling thread while the batch runs: one lock for all sandboxes (cancels are rare).
+    _skip_lock = threading.Lock()
+    _skippable: set[str] = set()  # replaced per batch, never mutated through the class
+    _skipped: set[str] = set()
 
     @abstractmethod
     def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None: ...
@@ -218,20 +228,49 @@ class Sandbox(ABC):
             except SandboxError as exc:
                 raise SandboxError("unstarted", "the sandbox had died before the calls reached it; none ran") \
                     if exc.kind == "crash" else exc from None
+            with Sandbox._skip_lock:
+                self._skippable, self._skipped = {job_id for job_id, _, _ in calls}, set()
             for job_id, _, timeout_s in calls:
                 result = self._answer(job_id, timeout_s, started, None, None, baseline)
+                with Sandbox._skip_lock:
+                    self._skippable.discard(job_id)
+                if result.reply.get("error", {}).get("kind") == "cancelled" and job_id not in self._skipped:
+                    raise ProtocolViolation("a call answered as cancelled that the host never cancelled")
                 results.append(result)
                 if on_reply is not None:
                     on_reply(len(results))
-                if result.reply.get("output_files") or "result_size" in result.reply or not self.alive:
+                if result.reply.get("output_files") or "result_size" in result.reply or _out_of_memory(result.reply):
                     return  # the bootstrap ended the batch there (see call_many's docstring)
+                # A sandbox that died now may still have answered the calls after this one: their replies left it
+                # before the next call started, so they are read, never taken for calls that did not run.
                 started = time.monotonic()
 
         try:
             self._guarded(run)
         except SandboxError as exc:
             return results, exc
+        finally:
+            self._end_batch()
         return results, None
+
+    def skip(self, job_id: str) -> bool:
+        """Ask the bootstrap not to start a call that waits in the batch it runs (the call was cancelled); its reply
+        then says so. False when it is too late to ask: the call already started, or is not in a running batch."""
+        with Sandbox._skip_lock:
+            if job_id not in self._skippable:
+                return False
+            self._skippable.discard(job_id)
+            self._skipped.add(job_id)
+            try:
+                self._send({"op": "skip", "job_id": job_id})
+            except SandboxError:
+                return False
+            return True
+
+    def _end_batch(self) -> None:
+        """No more skips: the host is about to send the sandbox something else (output files), or the batch ended."""
+        with Sandbox._skip_lock:
+            self._skippable = set()
 
     def _guarded(self, work: Callable[[], Any]) -> Any:
         """``work()``, with every failure turned into a SandboxError and the sandbox discarded."""
@@ -284,6 +323,8 @@ class Sandbox(ABC):
         if ask:
             self._note_sent(blob_ids, sizes)
         result = self._answer(job_id, timeout_s, started, ai, on_output, baseline)
+        if result.reply.get("error", {}).get("kind") == "cancelled":  # only a call of a batch is ever skipped
+            raise ProtocolViolation("a single call answered as cancelled")
         result.blob_bytes_sent = sum(sizes[n] for n in need)
         result.blobs_kept = len(sizes) - len(need)
         return result
@@ -374,8 +415,10 @@ class Sandbox(ABC):
         else:
             rss = reply.get("peak_rss_bytes")
             peak = rss if isinstance(rss, int) and 0 <= rss <= MAX_REPORTED_BYTES else None
+        if reply.get("output_files"):
+            self._end_batch()  # the outputs request is the host's next frame: no skip may interleave with it
         files = self._receive_outputs() if reply.get("output_files") else []
-        if not reply["ok"] and reply["error"].get("kind") == "memory":
+        if _out_of_memory(reply):
             self.close()  # a MemoryError may have left the interpreter in a bad state
         usage = dict(ai.usage) if ai is not None and ai.usage.get("calls") else None
         result = CallResult(reply, body, peak, self.output_dir, baseline, duration, files, usage)

@@ -233,7 +233,7 @@ _REPLY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "result_file": bool,  # ... or left in a file on the sandbox's own disk for the host to read (the Docker sandbox)
 }
 _ERROR_FIELDS = ("kind", "type", "module", "message", "traceback")
-_ERROR_KINDS = {"exception", "memory", "disk"}
+_ERROR_KINDS = {"exception", "memory", "disk", "cancelled"}  # cancelled: a skipped call of a batch
 
 
 def check_reply(header: dict[str, Any], capture_limit: int) -> dict[str, Any]:

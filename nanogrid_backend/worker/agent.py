@@ -92,6 +92,7 @@ class Worker:
         self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
+        self._batched: dict[str, Sandbox] = {}  # job id -> the sandbox whose running batch it waits in, for cancel
         self._cancelled: set[str] = set()
         # Live output of running jobs: kept so a call that times out or crashes still shows what it printed.
         self._printed: dict[str, dict[str, bytearray]] = {}
@@ -194,6 +195,11 @@ class Worker:
         if job_id not in self._in_flight:
             return False
         self._cancelled.add(job_id)  # checked again once its sandbox is ready, if it is still starting
+        batch = self._batched.get(job_id)
+        if batch is not None and batch.skip(job_id):
+            # It waits in a batch: the bootstrap answers it as cancelled instead of starting it, or, if it had
+            # started after all (the bootstrap runs ahead of the replies read here), it ends with its own outcome.
+            return True
         sandbox = self._running.get(job_id)
         if sandbox is not None:
             sandbox.kill("cancelled by the user")
@@ -376,11 +382,12 @@ class Worker:
             times.append(time.time())
             self._running.pop(messages[n - 1].job_id, None)
             if n < len(messages):
+                self._batched.pop(messages[n].job_id, None)  # no longer waiting: a cancel now stops the sandbox
                 self._running[messages[n].job_id] = sandbox
-                if messages[n].job_id in self._cancelled:  # cancelled while it waited in the batch
-                    sandbox.kill("cancelled by the user")
 
         self._running[first.job_id] = sandbox
+        for message in messages[1:]:  # waiting in the batch: a cancel asks the bootstrap to skip it (Sandbox.skip)
+            self._batched[message.job_id] = sandbox
         try:
             results, error = sandbox.call_many([(m.job_id, m.payload, m.timeout_s) for m in messages], first.model,
                                                answered)
@@ -389,6 +396,9 @@ class Worker:
             for n, (job, outcome) in enumerate(zip(jobs, results, strict=False)):
                 job.cold, job.sandbox_id = cold and n == 0, sandbox.id
                 job.started_at, job.finished_at = times[n], times[n + 1]
+                if outcome.reply.get("error", {}).get("kind") == "cancelled":  # skipped: it never started
+                    outcomes[job.job_id] = SandboxError("cancelled", "cancelled by the user")
+                    continue
                 try:
                     self._record(job, outcome)  # before the sandbox serves again: its output files are moved
                     outcomes[job.job_id] = None
@@ -409,6 +419,7 @@ class Worker:
         finally:
             for message in messages:
                 self._running.pop(message.job_id, None)
+                self._batched.pop(message.job_id, None)
             if reusable:
                 self.pool.release(sandbox)  # drops it if it died meanwhile
             else:

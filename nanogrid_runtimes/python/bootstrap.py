@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import select
 import shutil
 import signal
 import struct
@@ -64,7 +65,6 @@ def write_frame(fd, header, body=b""):
     data = json.dumps(header).encode()
     head = struct.pack(">II", len(data), len(body)) + data
     with WRITE_LOCK:  # a large body is written after its header, never copied
-        HELD_REPLIES.flush_locked()  # a batch's replies held back go first: frames keep their order
         for buf in ((head + body,) if len(body) <= ONE_WRITE_BYTES else (head, body)):
             write_all(fd, buf)
 
@@ -73,62 +73,6 @@ def write_all(fd, data):
     buf = memoryview(data)
     while buf:
         buf = buf[os.write(fd, buf):]
-
-
-class HeldReplies:
-    """The replies of a batch of short calls (``calls``), written out together: one write per FLUSH_S (or per
-    ONE_WRITE_BYTES held) at most instead of one per call (through Docker, each write is relayed by containerd-shim
-    and dockerd). A reply never waits longer than about FLUSH_S: a thread writes out what waited that long, so a
-    long call does not hold back the replies of the calls before it (the host times each call of a batch from the
-    previous reply)."""
-
-    FLUSH_S = 0.002
-
-    def __init__(self):
-        self.fd, self.parts, self.since, self.size = None, [], 0.0, 0
-        self.active = threading.Event()
-        self.thread = None
-
-    def begin(self, fd):
-        self.fd = fd
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="nanogrid-held-replies", daemon=True)
-            self.thread.start()
-        self.active.set()
-
-    def add(self, header, body):
-        data = json.dumps(header).encode()
-        with WRITE_LOCK:
-            if not self.parts:
-                self.since, self.size = time.monotonic(), 0
-            self.parts.append(struct.pack(">II", len(data), len(body)) + data + body)
-            self.size += len(self.parts[-1])
-            if time.monotonic() - self.since >= self.FLUSH_S or self.size >= ONE_WRITE_BYTES:
-                self.flush_locked()
-
-    def end(self):
-        self.active.clear()
-        with WRITE_LOCK:
-            self.flush_locked()
-
-    def flush_locked(self):
-        if self.parts:
-            data, self.parts = b"".join(self.parts), []
-            write_all(self.fd, data)
-
-    def _run(self):
-        while True:
-            self.active.wait()
-            time.sleep(self.FLUSH_S)
-            with WRITE_LOCK:
-                if self.parts and time.monotonic() - self.since >= self.FLUSH_S:
-                    try:
-                        self.flush_locked()
-                    except OSError:  # the host is gone: the main thread finds out on its next read
-                        self.parts = []
-
-
-HELD_REPLIES = HeldReplies()
 
 
 STREAM_RESULT_OVER = 1 << 20  # a larger result follows its reply in pieces (``result_size``, ``result_data`` frames)
@@ -652,33 +596,46 @@ def send_outputs(fd, limit):
     os.makedirs(OUTPUT_DIR, exist_ok=True)
 
 
-def run_calls(fd, runtime, header, body, captures):
+def run_calls(fd, runtime, header, body, captures, request_fd):
     """A batch of short calls from one frame (``calls``: job_id, timeout and payload size of each; the payloads one
     after the other in the body), each answered by its own reply as it ends. A call that wrote output files, returned
     a large result or ran out of memory ends the batch: the host takes its files (``outputs``) or result, and runs
-    the rest later."""
+    the rest later. A call the host cancels while it waits (a ``skip`` frame naming it, read before each call starts)
+    is answered as cancelled and never started."""
     calls = header.get("calls")
     sizes = [call.get("size") for call in calls] if isinstance(calls, list) and calls else None
     if sizes is None or not all(isinstance(n, int) and n >= 0 for n in sizes) or sum(sizes) != len(body):
         write_frame(fd, {"ok": False, "error": {"kind": "protocol", "message": "a calls frame that does not add up"}})
         return
-    offset = 0
-    HELD_REPLIES.begin(fd)
+    offset, skipped = 0, set()
+    for call, size in zip(calls, sizes, strict=True):
+        payload = body[offset:offset + size]
+        offset += size
+        read_skips(request_fd, skipped)
+        if call.get("job_id") in skipped:
+            write_frame(fd, {"ok": False, "error": {"kind": "cancelled", "message": "cancelled before it started"}})
+            continue
+        one = {"job_id": call.get("job_id"), "timeout": call.get("timeout"),
+               "measure_rss": header.get("measure_rss"), "model": header.get("model")}
+        reply, result = runtime.call(one, payload, captures, None, [])
+        # Out of this process before the next call starts: whatever that call does to the sandbox (os._exit, a
+        # segfault, the OOM killer), this call's outcome has reached the host and is never lost or run again.
+        write_reply(fd, reply, result)
+        if len(result) > STREAM_RESULT_OVER or reply["output_files"] or (
+                not reply["ok"] and reply["error"].get("kind") == "memory"):
+            return  # the host takes this call's result or files before any other call could write its own
+
+
+def read_skips(request_fd, skipped):
+    """The ``skip`` frames the host sent since the batch began (one poll, no wait): calls cancelled while they
+    waited in the batch."""
     try:
-        for call, size in zip(calls, sizes, strict=True):
-            one = {"job_id": call.get("job_id"), "timeout": call.get("timeout"),
-                   "measure_rss": header.get("measure_rss"), "model": header.get("model")}
-            reply, result = runtime.call(one, body[offset:offset + size], captures, None, [])
-            offset += size
-            if len(result) <= STREAM_RESULT_OVER:
-                HELD_REPLIES.add(reply, result)
-            else:  # after the held ones (write_frame sends those first); the host takes it before any other call
-                write_reply(fd, reply, result)
-                return
-            if reply["output_files"] or (not reply["ok"] and reply["error"].get("kind") == "memory"):
-                return
-    finally:
-        HELD_REPLIES.end()
+        while select.select([request_fd], [], [], 0)[0]:
+            header, _ = read_frame(request_fd)
+            if header.get("op") == "skip":
+                skipped.add(header.get("job_id"))
+    except EOFError:
+        return  # the host is gone: the next reply fails to reach it, and the sandbox ends
 
 
 class Channel:
@@ -740,7 +697,9 @@ def main():
             write_reply(reply_fd, reply, result)
             del reply, result
         elif op == "calls" and runtime.function is not None:
-            run_calls(reply_fd, runtime, header, body, captures)
+            run_calls(reply_fd, runtime, header, body, captures, stdin_fd)
+        elif op == "skip":
+            pass  # a cancel that came after its batch had ended: that call already has its reply
         elif op == "outputs":
             send_outputs(reply_fd, header.get("limit"))
         else:
