@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,65 @@ def require(condition: bool, why: str) -> None:
     if os.environ.get("NANOGRID_CI"):
         pytest.fail(f"{why}; CI must provide it")
     pytest.skip(why)
+
+
+LEFTOVER_GRACE_S = 30.0  # containers and loop devices are let go of in the background once a grid stops
+
+
+def project_leftovers(roots: list[Path]) -> set[str]:
+    """What the grids whose data dirs lie under ``roots`` (this run's temporary directories) left of their
+    sandboxes: containers, loop devices and mounts of scratch disks, memory cgroups, sandbox directories. Grids of
+    other runs on the same host (another checkout's tests, a benchmark, the user's own grid) are not looked at."""
+    from nanogrid_backend.sandbox.leftovers import grid_identity, sandbox_dirs
+
+    homes = {path.resolve() for root in roots for depth in ("", "*/", "*/*/", "*/*/*/")
+             for path in root.glob(f"{depth}sandboxes")}  # resolved: pytest's "current" links name them twice
+    identities = {grid_identity(home) for home in homes}
+    under = tuple(str(home.resolve()) + "/" for home in homes)
+    found = {f"sandbox directory {path}" for home in homes for path in sandbox_dirs(home)}
+    try:
+        listed = subprocess.run(["docker", "ps", "-a", "--filter", "label=nanogrid.grid", "--format",
+                                 '{{.Names}} {{.Label "nanogrid.grid"}}'], capture_output=True, text=True, timeout=60)
+        found |= {f"container {line.split()[0]}" for line in listed.stdout.splitlines()
+                  if len(line.split()) == 2 and line.split()[1] in identities}
+    except (OSError, subprocess.SubprocessError):
+        pass  # no engine: nothing of ours there
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            path = backing.read_text().strip()
+        except OSError:
+            continue
+        if under and path.startswith(under):
+            found.add(f"loop device /dev/{backing.parent.parent.name} on {path}")
+    with open("/proc/self/mountinfo") as mounts:
+        found |= {f"mount {line.split()[4]}" for line in mounts if under and line.split()[4].startswith(under)}
+    for parent in (Path("/sys/fs/cgroup/memory/nanogrid"), Path("/sys/fs/cgroup/nanogrid")):
+        if parent.is_dir():
+            found |= {f"memory cgroup {path}" for path in parent.iterdir() if path.name.split("-")[0] in identities}
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fails the run when its tests left sandboxes behind: containers, loop devices, mounts, memory cgroups or
+    sandbox directories of grids on this run's temporary data dirs that were not there when it began (so what
+    existed before is never blamed). No test reaches the user's own data dir (~/.nanogrid) meanwhile: the
+    default data dir is a temporary one, looked at like the others."""
+    default = tmp_path_factory.mktemp("default-data-dir")
+    saved = os.environ.get("NANOGRID_DATA_DIR")
+    os.environ["NANOGRID_DATA_DIR"] = str(default)
+    roots = [tmp_path_factory.getbasetemp()]
+    before = project_leftovers(roots)
+    yield
+    if saved is None:
+        os.environ.pop("NANOGRID_DATA_DIR", None)
+    else:
+        os.environ["NANOGRID_DATA_DIR"] = saved
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := project_leftovers(roots) - before) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, ("the tests left these behind (stop every grid and close every sandbox a test starts):\n  "
+                      + "\n  ".join(sorted(left)[:40]))
 
 
 def start_grid(data_dir: Path, **settings: object) -> EmbeddedGrid:
