@@ -202,7 +202,7 @@ class _NamespaceGlobals(dict):
         return (_namespace, ())
 
 
-class MissingModule(types.ModuleType):
+class ModuleNotHere(types.ModuleType):
     """A module the other side has and this side lacks (``import humanize`` in a cell run with ``--packages
     humanize``): the name comes back, and using it says where the module is."""
 
@@ -225,7 +225,7 @@ def _module(name: str) -> types.ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        return MissingModule(name, str(exc))
+        return ModuleNotHere(name, str(exc))
 
 
 class StatePickler(cloudpickle.Pickler):
@@ -246,7 +246,7 @@ class StatePickler(cloudpickle.Pickler):
         self.globals_ref[id(namespace)] = _NamespaceGlobals()
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, types.ModuleType) and (isinstance(obj, MissingModule) or sys.modules.get(obj.__name__) is obj):
+        if isinstance(obj, types.ModuleType) and (isinstance(obj, ModuleNotHere) or sys.modules.get(obj.__name__) is obj):
             return _module, (obj.__name__,)  # a module the receiving side lacks must not stop its names loading
         return super().reducer_override(obj)
 
