@@ -136,7 +136,14 @@ _IMPORTERS = {("cloudpickle.cloudpickle", "subimport"), ("cloudpickle.cloudpickl
               ("cloudpickle", "subimport"), ("cloudpickle", "dynamic_subimport"),
               ("importlib", "import_module"), ("builtins", "__import__")}
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-_MARK = object()
+_GETS = {"BINGET", "LONG_BINGET", "GET"}
+_PUTS = {"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
+_TUPLES = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"}
+# Each opcode's effect on the stack: (values it takes, how many of them lie under a mark or -1, values it pushes).
+_EFFECTS = {op.name: (len(op.stack_before), op.stack_before.index(pickletools.markobject)
+                      if pickletools.markobject in op.stack_before else -1, len(op.stack_after))
+            for op in pickletools.opcodes}
+MAX_SCAN_OPS = 1_000_000  # about a second; a larger pickle (a million small objects) counts as far as this
 
 
 class _Global(tuple[str, str]):
@@ -150,49 +157,57 @@ def _top(module_name: str) -> str:
 def modules_in_pickle(data: bytes) -> set[str]:
     """Top-level modules a pickle refers to: its globals (classes, functions, reducers) and the modules it imports.
 
-    The opcodes run on a small model of the unpickler's stack and memo, so a name counts however it
-    arrives: fresh, or fetched from the memo (cloudpickle memoizes ``"numpy"`` when the code also names
-    it, and ``subimport`` then gets it with a ``BINGET``). Only strings and globals are kept as values.
+    The opcodes run on a small model of the unpickler's stack, marks and memo, so a name counts however
+    it arrives: fresh, or fetched from the memo (cloudpickle memoizes ``"numpy"`` when the code also
+    names it, and ``subimport`` then gets it with a ``BINGET``). Only strings, tuples and globals are
+    kept as values. Past ``MAX_SCAN_OPS`` opcodes the rest is not read (its values' types still count
+    where an argument is scanned, and a module still missing in the sandbox is named then).
     """
     found: set[str] = set()
     stack: list[Any] = []
+    marks: list[int] = []
     memo: dict[int, Any] = {}
     try:
-        for opcode, arg, _ in pickletools.genops(data):
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
             name = opcode.name
-            before = opcode.stack_before
-            if pickletools.markobject in before:  # pop down to the mark, then what lies under it
-                mark = max((i for i, item in enumerate(stack) if item is _MARK), default=0)
-                items = stack[mark + 1:]
-                del stack[max(mark - before.index(pickletools.markobject), 0):]
+            takes, under_mark, pushes = _EFFECTS[name]
+            if under_mark >= 0:  # the values above the last mark, then what lies under it (a list, a dict)
+                top = marks.pop()
+                items = stack[top:]
+                del stack[top - under_mark:]
+            elif takes:
+                items = stack[-takes:]
+                del stack[-takes:]
             else:
-                items = stack[len(stack) - len(before):] if before else []
-                del stack[len(stack) - len(before):]
+                items = []
             pushed: Any = None
             if name in _STRINGS:
                 pushed = str(arg)
-            elif name in ("BINGET", "LONG_BINGET", "GET"):
-                pushed = memo.get(int(str(arg)))
-            elif name == "MEMOIZE":
-                memo[len(memo)] = items[0] if items else None
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[int(str(arg))] = items[0] if items else None
+            elif name in _GETS:
+                pushed = memo.get(arg)  # type: ignore[arg-type]
+            elif name in _PUTS:
+                memo[len(memo) if name == "MEMOIZE" else arg] = items[0]  # type: ignore[index]
+                stack += items  # a memo write leaves the stack as it was
+                continue
+            elif name == "MARK":
+                marks.append(len(stack))
+                continue
             elif name == "GLOBAL":
                 module, _, attr = str(arg).partition(" ")
                 pushed = _Global((module, attr))
-            elif name == "STACK_GLOBAL" and all(isinstance(item, str) for item in items):
+                found.add(_top(module))
+            elif name == "STACK_GLOBAL" and isinstance(items[0], str) and isinstance(items[1], str):
                 pushed = _Global((items[0], items[1]))
-            elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                found.add(_top(items[0]))
+            elif name in _TUPLES:
                 pushed = tuple(items)
             elif name == "REDUCE" and isinstance(items[0], _Global) and tuple(items[0]) in _IMPORTERS:
                 if isinstance(items[1], tuple) and items[1] and isinstance(items[1][0], str):
                     found.add(_top(items[1][0]))
-            if isinstance(pushed, _Global):
-                found.add(_top(pushed[0]))
-            if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
-                stack += items  # a memo write leaves the stack as it was
-            else:
-                stack += [_MARK if name == "MARK" else pushed] * len(opcode.stack_after)
+            if pushes:
+                stack.append(pushed)
+            if count >= MAX_SCAN_OPS:
+                break
     except (ValueError, IndexError):  # a truncated or foreign pickle: what was found before the damage still counts
         pass
     found.discard("")
