@@ -71,6 +71,15 @@ def dataframe_figures(rows: int) -> dict[str, Any]:
     }
 
 
+def object_graph_figures(count: int) -> dict[str, Any]:
+    """The scanner's worst case: a value of many small objects (an opcode or more each)."""
+    value = [{"a": i, "b": str(i)} for i in range(count)]
+    pickled = cloudpickle.dumps(value, protocol=5)
+    return {"dicts": count, "pickle_bytes": len(pickled),
+            "cloudpickle_ms": timed(lambda: cloudpickle.dumps(value, protocol=5), repeat=3),
+            "modules_in_pickle_ms": timed(lambda: environment.modules_in_pickle(pickled), repeat=3)}
+
+
 def map_figures() -> dict[str, Any]:
     """Per item of a .map() over small items: checking and pickling with an explicit environment (nothing synced)
     and with package sync (what .map() does), and the scan alone, through the per-kind cache and without it."""
@@ -110,6 +119,7 @@ def main() -> None:
         "load_average_at_start": round(os.getloadavg()[0], 2),  # others' work on the machine slows every figure
         "function": function_figures(),
         "dataframe_argument": [dataframe_figures(rows) for rows in (100, 1_000_000)],
+        "list_of_dicts_argument": object_graph_figures(100_000),
         "map_per_item": map_figures(),
     }
     RESULTS.mkdir(exist_ok=True)
