@@ -60,11 +60,16 @@ def choose_base(spec: dict[str, Any], built: list[dict[str, Any]], root: Path) -
     return max(candidates, key=lambda info: (len(info["spec"]["packages"]), info["last_used"]), default=None)
 
 
-def resolve_on(uv: list[str], spec: dict[str, Any], base_pins: dict[str, str], work: Path,
+def resolve_on(uv: list[str], spec: dict[str, Any], base: dict[str, Any], base_pins: dict[str, str], work: Path,
                timeout_s: float) -> dict[str, str] | None:
-    """What ``spec`` needs beyond ``base_pins`` (name -> version), resolved with the base's versions as
-    constraints; None when the packages cannot be resolved that way (the caller builds from scratch)."""
-    (work / "requirements.in").write_text("".join(f"{p}\n" for p in spec["packages"]))
+    """What ``spec`` needs beyond ``base_pins`` (name -> version): the packages it adds to ``base``'s, resolved
+    with the base's versions as constraints (the base's own packages are met by its pins already, and adding
+    packages never changes what they need); None when they cannot be resolved that way (the caller then
+    builds from scratch)."""
+    adding = [p for p in spec["packages"] if p not in set(base["spec"]["packages"])]
+    if not adding:
+        return {}
+    (work / "requirements.in").write_text("".join(f"{p}\n" for p in adding))
     (work / "constraints.txt").write_text(pins_text(base_pins))
     command = [*uv, "pip", "compile", "--quiet", "--no-header", "--no-annotate", "--python-version", spec["python"],
                "--python-platform", spec["platform"], "--only-binary", ":all:", "--no-progress",
@@ -93,18 +98,20 @@ def link_tree(source: Path, target: Path) -> None:
     """Put every file of ``source`` into ``target`` as a hard link (a file already there is replaced, never written
     through: it may be a link to a built environment's file). Same file system only (both under the cache)."""
     for folder, folders, files in os.walk(source):
-        here = target / os.path.relpath(folder, source)
-        here.mkdir(exist_ok=True)
+        here = os.path.join(target, os.path.relpath(folder, source))
+        os.makedirs(here, exist_ok=True)
         for name in [*files, *(d for d in folders if os.path.islink(os.path.join(folder, d)))]:
-            origin, copy = os.path.join(folder, name), here / name
-            if copy.is_symlink() or copy.is_file():
-                copy.unlink()
-            if os.path.islink(origin):
-                os.symlink(os.readlink(origin), copy)
-            else:
-                os.link(origin, copy)
+            origin, copy = os.path.join(folder, name), os.path.join(here, name)
+            link = (lambda o, c: os.symlink(os.readlink(o), c)) if os.path.islink(origin) else os.link
+            try:
+                link(origin, copy)
+            except FileExistsError:
+                os.unlink(copy)
+                link(origin, copy)
 
 
-def describe(base: dict[str, Any], added: dict[str, str]) -> dict[str, Any]:
-    """What env.json records of a grown environment: its base and how many layers it sits on."""
-    return {"base": base["env_id"], "depth": base.get("depth", 0) + 1, "added": sorted(added)}
+def describe(base: dict[str, Any], added: dict[str, str], layer_bytes: int) -> dict[str, Any]:
+    """What env.json records of a grown environment: its base, how many layers it sits on, what it added, and its
+    size (the base's files, linked, plus the layer's: counted for both, as if copied)."""
+    return {"base": base["env_id"], "depth": base.get("depth", 0) + 1, "added": sorted(added),
+            "size": base["size"] + layer_bytes}

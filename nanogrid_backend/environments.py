@@ -321,7 +321,7 @@ class Environments:
                     compile_bytecode(temporary / "site", spec["python"])
                 self._share(env_id, temporary)
             (temporary / env_layers.PINS).write_text(env_layers.pins_text(env_layers.installed_pins(temporary / "site")))
-            size = _bytes_in(temporary / "site")
+            size = grown.pop("size", None) or _bytes_in(temporary / "site")
             if self.cap_bytes and size > self.cap_bytes:
                 raise EnvironmentBuildError(f"environment {env_id} is {size >> 20} MiB, over the grid's environment "
                                             f"cache cap of {self.cap_bytes >> 20} MiB (nanogrid up --env-cache-gb)")
@@ -341,7 +341,7 @@ class Environments:
         with self.pinned(base["env_id"]):
             base_folder = self.root / base["env_id"]
             base_pins = env_layers.read_pins(base_folder)
-            added = env_layers.resolve_on(uv_command(), spec, base_pins or {}, temporary, BUILD_TIMEOUT_S)
+            added = env_layers.resolve_on(uv_command(), spec, base, base_pins or {}, temporary, BUILD_TIMEOUT_S)
             if base_pins is None or added is None or not (base_folder / "site").is_dir():
                 return {}
             started = time.monotonic()
@@ -360,7 +360,7 @@ class Environments:
             compile_bytecode(layer, spec["python"])
             env_layers.link_tree(layer, temporary / "site")
         log.info("built environment %s on %s in %.1f s", env_id, base["env_id"], time.monotonic() - started)
-        return env_layers.describe(base, added)
+        return env_layers.describe(base, added, _bytes_in(layer))
 
     def _install(self, env_id: str, spec: dict[str, Any], site: Path, progress: Callable[[str], None],
                  dependencies: bool = True) -> None:
