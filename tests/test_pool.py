@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from nanogrid_backend.sandbox.base import SandboxError
 from nanogrid_backend.worker.pool import FunctionCode, WarmPool
 
 CODE = lambda: FunctionCode(b"package", 64)  # noqa: E731
@@ -132,5 +133,40 @@ def test_dead_sandboxes_are_dropped_and_stem_cells_refilled(factory):
         pool.release(a)
         assert pool.snapshot()["specialised"] == 0
         assert pool.wait_ready(60) and pool.snapshot()["stem_cells"] == 2
+    finally:
+        pool.close()
+
+
+class RefusingFactory(FakeFactory):
+    """Cannot start sandboxes (the worker's disk has no room for one, say) until ``refusing`` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing = True
+        self.attempts = 0
+
+    def start(self) -> FakeSandbox:
+        self.attempts += 1
+        if self.refusing:
+            raise SandboxError("storage", "this worker has no room for a 1024 MiB sandbox disk now")
+        return super().start()
+
+
+def test_stem_cells_that_cannot_start_are_said_once_and_tried_again_quietly(caplog):
+    """Never: a traceback logged every few seconds for ever while stem cells cannot start, or a pool that does not
+    start them once it can."""
+    factory = RefusingFactory()
+    pool = WarmPool(factory, cap=4, stem_cells=1, idle_ttl_s=60)
+    try:
+        deadline = time.monotonic() + 60
+        while factory.attempts < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert factory.attempts >= 3
+        said = [r for r in caplog.records if "could not start a stem cell" in r.getMessage()]
+        assert len(said) == 1 and not said[0].exc_info, said  # once, without a traceback
+        assert "no room for a 1024 MiB sandbox disk" in (pool.snapshot()["problem"] or "")
+        factory.refusing = False
+        assert pool.wait_ready(120)
+        assert pool.snapshot()["problem"] is None
     finally:
         pool.close()

@@ -217,7 +217,7 @@ class WarmPool:
         options: dict[str, Any] = {} if environment is None else {"environment": environment}
         if disk_mib is not None:
             options["disk_mib"] = disk_mib
-        if for_call:
+        if for_call and getattr(self.factory, "disk_room", None) is not None:  # sandboxes with disks of their own
             options["evict_idle"] = True
         sandbox = self.factory.start(**options)
         if environment is not None and self.environments is not None:
