@@ -193,7 +193,15 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         try:
             await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
             hold = min(function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if x_hold is None else x_hold)
-            done = await jobs.next_result(grid, job.job_id, finished, hold)
+            result = asyncio.ensure_future(jobs.next_result(grid, job.job_id, finished, hold))
+            gone = asyncio.ensure_future(jobs.until_disconnected(request))
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not result.done():  # the caller went away while it waited: a call still queued is not run for nobody
+                result.cancel()
+                jobs.cancel_unwatched(grid, [job.job_id])
+                return JSONResponse(view(job, base_url(request)), 202)
+            done = result.result()
         finally:
             unsubscribe()
         if done is None:  # still queued or running: the caller polls /status/{job_id}
@@ -218,12 +226,18 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         url = base_url(request)
 
         async def lines() -> AsyncIterator[bytes]:
-            yield json.dumps({"job_ids": job_ids}).encode() + b"\n"
-            async for news in jobs.stream_results(grid, job_ids, finished, unsubscribe):
-                # one write for all that finished together; an empty line when nothing did, so clients can time
-                # out on silence
-                yield b"".join(json.dumps({"index": index, **view(job, url)}).encode() + b"\n"
-                               for index, job in news) or b"\n"
+            unreported = set(job_ids)
+            try:
+                yield json.dumps({"job_ids": job_ids}).encode() + b"\n"
+                async for news in jobs.stream_results(grid, job_ids, finished, unsubscribe):
+                    unreported.difference_update(job.job_id for _, job in news)
+                    # one write for all that finished together; an empty line when nothing did, so clients can time
+                    # out on silence
+                    yield b"".join(json.dumps({"index": index, **view(job, url)}).encode() + b"\n"
+                                   for index, job in news) or b"\n"
+            finally:
+                if unreported:  # the client stopped reading (gone): its calls still queued are not run for nobody
+                    jobs.cancel_unwatched(grid, sorted(unreported))
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import threading
 import time
 import zipfile
@@ -17,8 +18,10 @@ from urllib.parse import quote
 from nanogrid_backend.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, RESULT_FORMAT, blobs_of, is_sha256, join_payload
 from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.grid import Grid
-from nanogrid_backend.models import CANCELLED, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
+from nanogrid_backend.models import CANCELLED, PENDING, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
 from nanogrid_backend.packages import Package, PackageError, from_upload, owned_function_id
+
+log = logging.getLogger(__name__)
 
 RECHECK_S = 2.0  # how often a waiter asks the registry when the bus has said nothing
 RECHECK_BATCH = 100  # jobs of a silent /map stream looked up per recheck
@@ -263,6 +266,29 @@ def cancel_all(grid: Grid, records: list[JobRecord]) -> int:
     if dequeued:
         grid.queue.discard(dequeued)
     return count
+
+
+def cancel_unwatched(grid: Grid, job_ids: list[str]) -> None:
+    """The client that waited for these calls is gone (a killed kernel, a closed script): those still queued are
+    cancelled, so nobody's calls run for nobody; those already running finish and keep their outcome. In a thread
+    of its own: it is called as the request ends, where nothing may wait."""
+
+    def cancel_queued() -> None:
+        try:
+            queued = [job for job in map(grid.registry.get_job, job_ids) if job is not None and job.status == PENDING]
+            if queued:
+                cancel_all(grid, queued)
+                log.info("cancelled %d queued calls whose client went away", len(queued))
+        except Exception:
+            log.exception("could not cancel the queued calls of a client that went away")
+
+    threading.Thread(target=cancel_queued, name="nanogrid-cancel-unwatched", daemon=True).start()
+
+
+async def until_disconnected(request: Any, every_s: float = 0.5) -> None:
+    """Returns once the client of ``request`` has gone (a request whose answer it no longer waits for)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
 
 
 def live_workers(grid: Grid) -> list[dict]:
