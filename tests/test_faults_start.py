@@ -205,7 +205,8 @@ def test_a_registry_larger_than_the_free_space_starts_without_a_backup(data_disk
 
 
 def test_doctor_reports_free_space_against_what_the_grid_needs(data_disk: Path) -> None:
-    """Never: `nanogrid doctor` saying all is well on a data disk too full for the grid to run calls."""
+    """Never: `nanogrid doctor` saying all is well on a data disk too full for the grid to run calls, or taking
+    the full disk for a damaged registry (and sending the operator to --repair, which would lose its records)."""
     data_dir = data_disk / "data"
     used_grid(data_dir)
     fill(data_disk)
@@ -213,6 +214,7 @@ def test_doctor_reports_free_space_against_what_the_grid_needs(data_disk: Path) 
                           capture_output=True, text=True, timeout=120)
     assert "Traceback" not in done.stderr, done.stderr
     assert re.search(r"disk .*GiB free on the data disk; the grid needs .*TOO LITTLE", done.stdout), done.stdout
+    assert "integrity ok" in done.stdout and "--repair" not in done.stderr, (done.stdout, done.stderr)
 
 
 # --- 3. liveness that sees frozen sandboxes ---------------------------------------------------------------

@@ -19,6 +19,7 @@ from nanogrid_backend.registry.sqlite import (
     diagnose,
     earlier_grid_evidence,
     list_backups,
+    read_only_uri,
     registry_files,
 )
 
@@ -61,7 +62,7 @@ def examine(path: Path) -> FileState:
     if state.size == 0:
         state.problem = "empty (0 bytes)"
         return state
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = sqlite3.connect(read_only_uri(path), uri=True)  # never writes, on a full disk too
     try:
         state.version, state.problem = diagnose(db, path)
         if not state.problem and state.version > SCHEMA_VERSION:

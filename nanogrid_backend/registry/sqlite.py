@@ -567,6 +567,12 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
+def read_only_uri(path: Path) -> str:
+    """How to open a registry only to read it. On a full disk SQLite has no room for the -shm file a WAL registry is
+    read with; read as a file that does not change, it needs none (a grid running there holds it and answers)."""
+    return f"file:{path}?mode=ro" + ("&immutable=1" if free_bytes(path.parent) < ROOM_TO_OPEN else "")
+
+
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or \
         "locked" in str(exc)
