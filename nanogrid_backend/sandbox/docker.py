@@ -183,7 +183,7 @@ class DockerSandbox(WatchedSandbox):
                                                       evict_idle=evict_idle)
             except scratch.ScratchError as exc:
                 shutil.rmtree(self.host_dir, ignore_errors=True)
-                log.info("a %d MiB sandbox disk was refused: %s", disk_mib, exc)
+                log.debug("a %d MiB sandbox disk was refused: %s", disk_mib, exc)  # said by /health, up, doctor
                 raise SandboxError("storage", f"{exc.tenant}; the sandbox was not started") from None
             space = {"mounts": [docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
                                 docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind")]}
