@@ -639,8 +639,13 @@ class Environments:
 
     def _remove_abandoned_builds(self) -> None:
         """What builds that stopped midway left (the grid was killed: temporary folders, an image layer's tar):
-        never used, so removed, at start and then now and then. A build under way holds its environment's lock."""
+        never used, so removed, at start and then now and then. A build under way holds its environment's lock;
+        a runtime build's temporary folder (mmdebstrap's root file system) its own (nanogrid_runtimes/build.py)."""
+        from nanogrid_runtimes import build
+
         self._swept = time.monotonic()
+        for name in build.remove_abandoned_directories():
+            log.info("removed %s, left by a runtime build that was stopped", name)
         for temporary in self.root.glob(".removed-*"):
             shutil.rmtree(temporary, ignore_errors=True)
         partial = [(path, path.name.removeprefix(".build-").rsplit("-", 1)[0]) for path in self.root.glob(".build-*")]

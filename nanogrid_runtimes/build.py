@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import re
@@ -30,6 +31,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -141,6 +145,35 @@ NANOGRID_MODULES = ["__init__.py", "errors.py", "cells.py", "ai.py"]  # what a s
 SITE_DISTRIBUTIONS = ["cloudpickle", "ollama"]  # copied from the grid's own environment, with what they need
 
 
+BUILD_PREFIXES = ("nanogrid-rootfs-", "nanogrid-context-")  # temporary folders of builds (a root filesystem: 100+ MiB)
+
+
+@contextmanager
+def build_directory(prefix: str) -> Iterator[str]:
+    """A temporary folder for one build, removed after it; its ``.owner`` file stays locked while the build runs,
+    so that what a killed build leaves is told apart from a running one's (see remove_abandoned_directories)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, open(Path(tmp) / ".owner", "w") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        yield tmp
+
+
+def remove_abandoned_directories() -> list[str]:
+    """Remove the temporary folders of builds whose process is gone (killed: nothing removed them); returns them."""
+    removed = []
+    for prefix in BUILD_PREFIXES:
+        for folder in Path(tempfile.gettempdir()).glob(prefix + "*"):
+            try:
+                if time.time() - folder.stat().st_mtime < 60:
+                    continue  # a build that is only starting may not hold its .owner yet
+                with open(folder / ".owner") as owner:
+                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only once the build holding it is gone
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
+            except (BlockingIOError, FileNotFoundError, NotADirectoryError, PermissionError):
+                continue  # running, or not one of ours (made before owners were kept, or another user's)
+    return removed
+
+
 def docker(*args: str, capture: bool = False) -> str:
     try:
         result = subprocess.run(["docker", *args], text=True, capture_output=True, timeout=STEP_TIMEOUT_S)
@@ -169,7 +202,7 @@ def build_debian_base(python: str, packages: list[str]) -> str:
             sys.exit(f"nanogrid_runtimes/build.py: {package!r} is not a Debian package name: {problem}")
     names = names_file(DEBIAN_SUITES[python])
     names.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="nanogrid-rootfs-") as tmp:
+    with build_directory("nanogrid-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs.tar"
         print(f"building {name} with mmdebstrap (about 20 s) ...", flush=True)
         # The release's package names are kept (for checking environments' names before anything is built).
@@ -274,7 +307,7 @@ def build(base: str | None, force: bool, python: str = HOST_PYTHON, extra_packag
     elif not image_exists(base):
         sys.exit(f"nanogrid_runtimes/build.py: no image {base!r} here, and this machine cannot pull one")
     tags = [image] + ([RUNTIME_IMAGE] if python == HOST_PYTHON and not extra_packages else [])
-    with tempfile.TemporaryDirectory(prefix="nanogrid-context-") as tmp:
+    with build_directory("nanogrid-context-") as tmp:
         context = Path(tmp)
         digest = prepare_context(context, python)
         if not force and all(image_exists(tag) and label(tag, "nanogrid.context") == digest
@@ -330,7 +363,7 @@ def language_base(runtime: str, force: bool = False) -> str:
     if not image_exists(base) or force:
         if shutil.which("mmdebstrap") is None:
             sys.exit("nanogrid_runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap)")
-        with tempfile.TemporaryDirectory(prefix="nanogrid-rootfs-") as tmp:
+        with build_directory("nanogrid-rootfs-") as tmp:
             rootfs = Path(tmp) / "rootfs.tar"
             print(f"building {base} with mmdebstrap ...", flush=True)
             subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
@@ -344,7 +377,7 @@ def build_language(runtime: str, force: bool) -> str:
     grid_name, packages, version_command = LANGUAGE_RUNTIMES[runtime]
     base = language_base(runtime, force)
     image = language_image(runtime)
-    with tempfile.TemporaryDirectory(prefix="nanogrid-context-") as tmp:
+    with build_directory("nanogrid-context-") as tmp:
         context = Path(tmp)
         for path in (HERE / runtime).iterdir():
             if path.is_file():

@@ -313,3 +313,34 @@ def test_runtime_images_made_for_debian_packages_count_in_the_cache_and_go_with_
             subprocess.run(["docker", "image", "rm", image], capture_output=True)
         for built in environments.list():
             environments.remove(built["env_id"])
+
+
+RUNTIME_BUILD_IN_ANOTHER_PROCESS = textwrap.dedent("""
+    import time
+    from nanogrid_runtimes import build
+    with build.build_directory("nanogrid-rootfs-") as tmp:
+        print(tmp, flush=True)
+        time.sleep(600)  # mmdebstrap writing the root file system here
+""")
+
+
+def test_a_runtime_build_killed_midway_leaves_no_temporary_folder_once_swept(tmp_path):
+    """A runtime build (mmdebstrap's root file system for system packages, 100+ MiB in /tmp) killed with -9 left
+    its folder for ever: the cache removes it once the build's process is gone, never while it runs."""
+    build = subprocess.Popen([sys.executable, "-c", RUNTIME_BUILD_IN_ANOTHER_PROCESS], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert build.stdout is not None
+        folder = Path(build.stdout.readline().strip())
+        (folder / "rootfs.tar").write_bytes(b"\0" * 4096)
+        os.utime(folder, (time.time() - 3600, time.time() - 3600))  # the build has been running for an hour
+        Environments(tmp_path, runtimes=RUNTIMES)
+        assert (folder / "rootfs.tar").exists()
+        build.kill()
+        build.wait()
+        Environments(tmp_path, runtimes=RUNTIMES)
+        assert not folder.exists()
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.wait()
