@@ -19,6 +19,7 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).parent
 CHECK = "\x00check\x00"  # stripped from the source; becomes the cell's nbval-check-output tag
+RAISES = "\x00raises\x00"  # stripped from the source; becomes the cell's raises-exception tag (a cell that fails)
 
 QUICKSTART = [
     ("md", "# NanoGrid quickstart\n\nRun Python functions and whole notebook cells on a grid. "
@@ -147,9 +148,39 @@ PACKAGES = [
                      "    print('EnvironmentBuildFailed:', 'pandaz-no-such-package' in str(exc))"),
 ]
 
+DATA_SCIENCE = [
+    ("md", "# A data scientist's notebook on the grid\n\npandas, matplotlib and scikit-learn as they are installed "
+           "here (pandas 3 keeps strings as pyarrow-backed `str` columns), in the Docker sandbox, with nothing "
+           "declared by hand: each cell and function gets the packages its names and values need, at this "
+           "notebook's versions."),
+    ("code", "import numpy as np\nimport pandas as pd\n\nimport nanogrid\n\nclient = nanogrid.connect()\n"
+             "sales = pd.DataFrame({'region': ['north', 'south', 'east', 'west'] * 25, 'units': np.arange(100)})"),
+    ("md", "## A cell over a DataFrame\n\nThe cell reads `sales` from this notebook; `totals` comes back."),
+    ("code", "%%nanogrid --memory 1024 --timeout 300\ntotals = sales.groupby('region')['units'].sum()\n"
+             "order = totals.sort_values().index.tolist()"),
+    ("md", "The same as a local run would give:"),
+    ("code", CHECK + "order, totals.equals(sales.groupby('region')['units'].sum()), str(sales['region'].dtype)"),
+    ("md", "## A plot\n\nFigures a cell draws come back as images under the cell."),
+    ("code", "%%nanogrid --memory 1024 --timeout 300\nimport matplotlib.pyplot as plt\n\n"
+             "fig, ax = plt.subplots()\nax.bar(totals.index, totals.to_numpy())\nax.set_title('units by region')\n"
+             "plt.show()"),
+    ("md", "## `.map()` over DataFrames\n\nEach part goes to its own call; the results match a local run."),
+    ("code", "@nanogrid.remote(memory=1024, timeout=300)\ndef top_region(frame):\n"
+             "    return frame.groupby('region')['units'].sum().idxmax()\n\n"
+             "parts = [sales.iloc[start:start + 20] for start in range(0, 100, 20)]"),
+    ("code", CHECK + "remote = list(top_region.map(parts, progress=False))\n"
+                     "remote, remote == [top_region.local(part) for part in parts]"),
+    ("md", "## A cell that fails\n\nIts exception is raised here as itself, and the grid records the job as "
+           "failed: in `nanogrid jobs`, the history, the dashboard's error rate and failed filter."),
+    ("code", RAISES + "%%nanogrid --name failing-cell\nper_region = int(totals['north']) // 0"),
+    ("code", CHECK + "[(job['function_name'], job['status']) for job in client.jobs(limit=50)\n"
+                     " if job['function_name'] == 'failing-cell']"),
+]
+
 NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "ai-summarizer.ipynb": SUMMARIZER, "errors-and-limits.ipynb": ERRORS,
-             "files-map-async.ipynb": FILES_AND_JOBS, "packages-and-environments.ipynb": PACKAGES}
-DOCKER_NOTEBOOKS = {"packages-and-environments.ipynb"}  # run against a grid with Docker sandboxes
+             "files-map-async.ipynb": FILES_AND_JOBS, "packages-and-environments.ipynb": PACKAGES,
+             "data-science.ipynb": DATA_SCIENCE}
+DOCKER_NOTEBOOKS = {"packages-and-environments.ipynb", "data-science.ipynb"}  # run against Docker sandboxes
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
@@ -161,7 +192,9 @@ def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
             nb.cells.append(nbformat.v4.new_markdown_cell(src))
         else:
             tags = ["nbval-check-output"] if src.startswith(CHECK) else []
-            nb.cells.append(nbformat.v4.new_code_cell(src.removeprefix(CHECK), metadata={"tags": tags}))
+            tags += ["raises-exception"] if src.startswith(RAISES) else []
+            nb.cells.append(nbformat.v4.new_code_cell(src.removeprefix(CHECK).removeprefix(RAISES),
+                                                      metadata={"tags": tags}))
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     for cell in nb.cells:  # keep only what nbval checks; widgets and timings would only add noise
         if cell.cell_type == "code" and "nbval-check-output" not in cell.metadata.get("tags", []):

@@ -32,7 +32,7 @@ os.environ["NANOGRID_API_KEY"] = _grid.api_key
 
 # Notebooks about the Docker sandbox get a grid of their own with Docker sandboxes, started when the first
 # of them runs. Its built environments are kept between runs (ENV_CACHE), so a second run builds nothing.
-DOCKER_NOTEBOOKS = {"packages-and-environments.ipynb"}
+DOCKER_NOTEBOOKS = {"packages-and-environments.ipynb", "data-science.ipynb"}
 ENV_CACHE = Path.home() / ".cache" / "nanogrid" / "notebook-environments"
 _docker_grid_started: EmbeddedGrid | None = None
 _docker_data_dir: tempfile.TemporaryDirectory | None = None
