@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -150,27 +149,40 @@ BUILD_PREFIXES = ("nanogrid-rootfs-", "nanogrid-context-")  # temporary folders 
 
 @contextmanager
 def build_directory(prefix: str) -> Iterator[str]:
-    """A temporary folder for one build, removed after it; its ``.owner`` file stays locked while the build runs,
-    so that what a killed build leaves is told apart from a running one's (see remove_abandoned_directories)."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, open(Path(tmp) / ".owner", "w") as owner:
-        fcntl.flock(owner, fcntl.LOCK_EX)
-        yield tmp
+    """A temporary folder for one build, removed after it. Beside it, ``<folder>.owner`` stays locked while the
+    build runs, so that what a killed build leaves is told apart from a running one's (remove_abandoned_directories);
+    it is not in the folder, which may be a build context whose every file counts in the image's hash."""
+    while True:
+        folder = Path(tempfile.gettempdir()) / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            owner = open(f"{folder}.owner", "x")  # noqa: SIM115  (held for the whole build, below)
+            break
+        except FileExistsError:
+            continue
+    with owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)  # before the folder exists: a sweep never sees it unowned
+        folder.mkdir(mode=0o700)
+        try:
+            yield str(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            Path(f"{folder}.owner").unlink(missing_ok=True)
 
 
 def remove_abandoned_directories() -> list[str]:
     """Remove the temporary folders of builds whose process is gone (killed: nothing removed them); returns them."""
     removed = []
     for prefix in BUILD_PREFIXES:
-        for folder in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        for owner_file in Path(tempfile.gettempdir()).glob(prefix + "*.owner"):
+            folder = owner_file.with_suffix("")
             try:
-                if time.time() - folder.stat().st_mtime < 60:
-                    continue  # a build that is only starting may not hold its .owner yet
-                with open(folder / ".owner") as owner:
+                with open(owner_file) as owner:
                     fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only once the build holding it is gone
                     shutil.rmtree(folder, ignore_errors=True)
+                    owner_file.unlink()
                     removed.append(folder.name)
-            except (BlockingIOError, FileNotFoundError, NotADirectoryError, PermissionError):
-                continue  # running, or not one of ours (made before owners were kept, or another user's)
+            except (BlockingIOError, FileNotFoundError, PermissionError):
+                continue  # running, or removed meanwhile, or another user's
     return removed
 
 
