@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PIP = $(VENV)/bin/pip install -q --disable-pip-version-check
 
-.PHONY: setup setup-test demo lab test bench lint lock
+.PHONY: setup setup-test demo lab test test-fast bench lint lock
 
 setup: $(VENV)/.installed
 
@@ -40,7 +40,11 @@ lint: setup-test
 	$(VENV)/bin/mypy  # nanogrid and backend, as configured in pyproject.toml [tool.mypy]
 
 test: lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -p nbval --nbval-lax tests notebooks
+
+# The inner loop: tests that start no grid, server or container.
+test-fast: setup-test
+	$(VENV)/bin/python -m pytest -q -m "not integration" -p no:cacheprovider
 
 # Re-resolve the pins (needs uv: `pip install uv`); review and commit the diff.
 lock: setup
