@@ -130,6 +130,11 @@ class Registry(ABC):
         ``names``: only these windows."""
 
     @abstractmethod
+    def function_timeline(self, function_id: str, window: str, now: float | None = None) -> list[tuple[int, int, int]]:
+        """(slot start, calls, failed calls) per slot of a window that had calls, oldest first, from the same counters
+        as ``function_windows`` (minutes for 1h, hours for the others)."""
+
+    @abstractmethod
     def prune_history(self, before: float) -> int:
         """Delete finished calls created before ``before``; how many."""
 

@@ -207,6 +207,19 @@ class DynamoDBRegistry(Registry):
             found[name] = windows.summarise(rows, first * resolution)
         return found
 
+    def function_timeline(self, function_id: str, window: str, now: float | None = None) -> list[tuple[int, int, int]]:
+        now = time.time() if now is None else now
+        resolution, first = windows.first_slot(window, now)
+        keys = [{"pk": f"stat#{function_id}#{resolution}#{slot}"} for slot in range(first, int(now // resolution) + 1)]
+        found = []
+        for item in self._batch_get(keys):
+            sums = [0, 0]
+            for attribute, value in item.items():
+                if attribute.startswith(f"c#{windows.DURATION}#") and attribute.endswith(("#n", "#f")):
+                    sums["nf".index(attribute[-1])] += int(value)
+            found.append((int(str(item["pk"]).rsplit("#", 1)[1]) * resolution, sums[0], sums[1]))
+        return sorted(p for p in found if p[1])
+
     def _batch_get(self, keys: list[dict[str, str]]) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         resource = self.table.meta.client

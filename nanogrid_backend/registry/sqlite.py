@@ -350,6 +350,13 @@ class SQLiteRegistry(Registry):
             found[name] = windows.summarise([tuple(row) for row in rows], first * resolution)
         return found
 
+    def function_timeline(self, function_id: str, window: str, now: float | None = None) -> list[tuple[int, int, int]]:
+        resolution, first = windows.first_slot(window, time.time() if now is None else now)
+        rows = self._query("SELECT slot, SUM(n), SUM(failed) FROM job_stats WHERE function_id = ? AND resolution = ? "
+                           "AND slot >= ? AND metric = ? GROUP BY slot ORDER BY slot",
+                           (function_id, resolution, first, windows.DURATION))
+        return [(int(slot) * resolution, int(n), int(failed)) for slot, n, failed in rows]
+
     def prune_history(self, before: float, batch: int = 5000) -> int:
         """Delete finished jobs created before ``before`` (a batch per transaction: writers never wait long)
         and the counters no window reads any more; how many jobs went."""
