@@ -1,4 +1,5 @@
-"""The quickstart tutorial in JupyterLab, in a real browser (Debian's chromium, driven by Playwright).
+"""The quickstart tutorial in JupyterLab, and the dashboard's page widths, in a real browser (Debian's chromium,
+driven by Playwright).
 
 Runs every cell and checks what a user sees: the job widget says "succeeded" with a duration and
 a peak memory. Saves a screenshot; with NANOGRID_UPDATE_SCREENSHOT=1 it also replaces the one in
@@ -25,6 +26,7 @@ import httpx
 import nbformat
 import pytest
 
+from nanogrid_backend.keys import create_key
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
@@ -110,3 +112,35 @@ def test_quickstart_renders_a_succeeded_job_widget(jupyter_lab, tmp_path):
     if os.environ.get("NANOGRID_UPDATE_SCREENSHOT"):
         (ROOT / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, ROOT / "docs" / "quickstart-widget.png")
+
+
+def test_every_dashboard_page_fits_a_1366_pixel_wide_window(grid, tmp_path):
+    """No page of /ui is wider than a 1,366 px laptop screen (the workers page was 2,033 px): long function names,
+    descriptions, job ids, worker ids and error messages wrap instead of widening the page."""
+    require(Path(CHROMIUM).exists(), "chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    key, _ = create_key(grid.grid.registry, f"wide-{os.getpid()}-{time.time_ns() % 10**6}")
+    name = "a-rather-long-function-name-" + "x" * 36
+    code = "def handler(event, context):\n    raise RuntimeError('E' * 300 + ' ' + 'word ' * 60)\n"
+    with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": key}, timeout=60) as http:
+        function_id = http.post("/upload", files={"file": ("wide.py", code.encode())},
+                                data={"handler": "wide.handler", "function_name": name}).json()["function_id"]
+        job_id = http.post("/run", json={"function_id": function_id, "payload": {}}).json()["job_id"]
+    widths = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1366, "height": 800})
+        page.goto(f"{grid.url}/ui/login")
+        widths["/ui/login"] = page.evaluate("document.documentElement.scrollWidth")
+        page.fill("input[name=api_key]", key)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{grid.url}/ui")
+        for path in ("/ui", "/ui/deploy", f"/ui/functions/{function_id}", "/ui/jobs", f"/ui/jobs/{job_id}",
+                     "/ui/environments", "/ui/workers", "/ui/loadtests", "/ui/no-such-page"):
+            page.goto(grid.url + path)
+            widths[path] = page.evaluate("document.documentElement.scrollWidth")
+        page.goto(f"{grid.url}/ui/workers")
+        page.screenshot(path=str(tmp_path / "workers.png"), full_page=True)
+        browser.close()
+    assert {path: width for path, width in widths.items() if width > 1366} == {}
