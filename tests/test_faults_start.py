@@ -11,6 +11,7 @@ import contextlib
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -456,6 +457,7 @@ def test_older_releases_leftovers_of_this_data_dir_are_swept_and_only_those(tmp_
                 container.remove(force=True)
         for group in groups:
             group.remove()
+        shutil.rmtree(other_dir)  # the other data dir's evidence, made up for this test
 
 
 def test_an_upload_cut_off_by_kill_9_leaves_no_partial_file(tmp_path: Path) -> None:
