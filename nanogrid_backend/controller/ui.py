@@ -198,8 +198,8 @@ class Dashboard:
         if function.function_id not in self.manifests:
             try:
                 self.manifests[function.function_id] = ui_deploy.manifest_of(self.grid, function)
-            except (OSError, KeyError, ValueError):  # a package deleted meanwhile
-                return {}
+            except (OSError, KeyError, ValueError):  # no package (deleted meanwhile): nothing to say of it
+                self.manifests[function.function_id] = {}
         return self.manifests[function.function_id]
 
     def as_page(self, api_handler: Callable[[Request, Any], Awaitable[Response]]
@@ -334,7 +334,9 @@ def router(dashboard: Dashboard, tests: LoadTests) -> APIRouter:
         entries = grid.registry.list_history(session.owner, function_id, status or None, PAGE, cursor(before, session),
                                              TEXT_CAP)
         now = time.time()
-        timelines = {w: timeline(w, grid.registry.function_timeline(function_id, w, now), now) for w in TIMELINES}
+        hourly = grid.registry.function_timeline(function_id, "30d", now)  # 24h and 7d are counted by the hour too
+        timelines = {w: timeline(w, grid.registry.function_timeline(function_id, w, now) if w == "1h" else hourly, now)
+                     for w in TIMELINES}
         manifest = dashboard.manifest(record)
         return page_of(session, "function.html", "Functions", code, title=record.function_name, function=record,
                        windows=windows, charts=charts(windows), timelines=timelines, history=page(entries, PAGE),
