@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (noth
     from nanogrid.environment import Environment
     from nanogrid.function import RemoteFunction, remote
     from nanogrid.job import Job, OutputFile
+    from nanogrid.schedule import Cron, Period, Schedule, schedules
 
 # The client side (httpx, tqdm, ...) loads on first use, so that `import nanogrid` stays cheap and
 # works inside a sandbox image that carries only the standard library and cloudpickle.
@@ -61,6 +62,8 @@ _LAZY = {
     "Job": "nanogrid.job", "OutputFile": "nanogrid.job",
     "Environment": "nanogrid.environment",
     "put": "nanogrid.data", "Ref": "nanogrid.data",
+    "Cron": "nanogrid.schedule", "Period": "nanogrid.schedule", "Schedule": "nanogrid.schedule",
+    "schedules": "nanogrid.schedule",
 }
 
 
@@ -111,4 +114,5 @@ __all__ = [
     "OutputFile", "RemoteError",
     "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "UntrustedResult", "VersionMismatch", "WaitTimeout",
     "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote", "put", "Ref",
+    "Cron", "Period", "Schedule", "schedules",
 ]

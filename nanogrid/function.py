@@ -49,6 +49,7 @@ from nanogrid.errors import (
 )
 from nanogrid.job import Job, outcome
 from nanogrid.packaging import FunctionPackage, build_zip, package_function
+from nanogrid.schedule import Cron, Period, Schedule, as_schedule, lookup, register
 
 LIVE_AFTER_S = 0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls
@@ -66,7 +67,8 @@ class RemoteFunction(Generic[P, R]):
                  model: str | None = None, ai: bool = False, packages: list[str] | None = None,
                  environment: Environment | None = None, result: str = "pickle", retries: int = 0,
                  retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-                 env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None) -> None:
+                 env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
+                 schedule: str | Cron | Period | None = None) -> None:
         _check_runnable(fn)
         _check_environment_options(packages, secrets, environment)
         if result not in ("pickle", "json"):
@@ -95,6 +97,8 @@ class RemoteFunction(Generic[P, R]):
         self._pickled: bytes | None = None
         self._package: FunctionPackage | None = None
         self._signature: inspect.Signature | None = None
+        self.schedule = None if schedule is None else _check_schedule(fn, schedule)
+        self._scheduled: str | None = None  # the version its schedule was last registered for
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -182,8 +186,18 @@ class RemoteFunction(Generic[P, R]):
         return code is None or f'File "{code.co_filename}"' in text
 
     def deploy(self) -> str:
-        """Upload the function if the grid does not have this version yet; returns its function id."""
-        return self.client.deploy(self.package())
+        """Upload the function if the grid does not have this version yet; returns its function id. With
+        ``schedule=``, the schedule (named after the function) is registered and pointed at this version."""
+        function_id = self.client.deploy(self.package())
+        if self.schedule is not None and self._scheduled != function_id:
+            register(self.client, self.name, function_id, self.schedule, self._encode((), {})[0])
+            self._scheduled = function_id
+        return function_id
+
+    def schedule_info(self) -> Schedule | None:
+        """This function's schedule as the grid has it (firings, next due time), to ``pause()``, ``resume()`` or
+        ``remove()``; None if it has none."""
+        return lookup(self.client, self.name)
 
     def history(self, limit: int = 50, status: str | None = None, before: str | None = None) -> list[dict[str, Any]]:
         """This version's calls on the grid, newest first: status, times, duration, peak memory, cold/warm, worker,
@@ -339,6 +353,19 @@ def _check_limits(memory: int | None, timeout: float | None, disk: int | None = 
         raise InvalidArgument(f"timeout is a number of seconds above 0, e.g. timeout=30, not {timeout!r}")
 
 
+def _check_schedule(fn: Callable[..., Any], schedule: str | Cron | Period) -> Cron | Period:
+    """A schedule's runs call the function with no arguments: refuse one that needs some, at decoration."""
+    spec = as_schedule(schedule)
+    signature = _signature_of(fn)
+    if signature is not None:
+        try:
+            signature.bind()
+        except TypeError:
+            raise InvalidArgument(f"a scheduled function is called with no arguments, but "
+                                  f"{getattr(fn, '__qualname__', 'it')}{signature} needs some: give them defaults") from None
+    return spec
+
+
 def _v1(client: Client, path: str) -> str:
     """An absolute URL of NanoGrid's own API (the operations routes live under /v1 whatever the client's base)."""
     return f"{client.url}/v1{path}"
@@ -484,15 +511,16 @@ def remote(fn: None = None, /, *, memory: int | None = None, timeout: float | No
            runtime: str | None = None, model: str | None = None, ai: bool = False, packages: list[str] | None = None,
            environment: Environment | None = None, result: str = "pickle", retries: int = 0,
            retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None
-           ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
+           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
+           schedule: str | Cron | Period | None = None) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 
 def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, timeout: float | None = None,
            name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False,
            packages: list[str] | None = None, environment: Environment | None = None, result: str = "pickle",
            retries: int = 0, retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None
+           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
+           schedule: str | Cron | Period | None = None
            ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
     """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
 
@@ -508,14 +536,19 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
     of the owner's secret NAME (`nanogrid secrets set NAME KEY=VALUE`), decrypted only inside the worker.
     ``disk=MiB``: the sandbox's own disk for /tmp, its working and output files (default: the grid's, 1 GiB);
     it does not count against ``memory``, and filling it raises ``nanogrid.OutOfDisk``.
+    ``schedule="0 * * * *"`` (cron, UTC), ``nanogrid.Cron(expr, timezone=...)`` or ``nanogrid.Period(minutes=5)``:
+    it also runs on its own, with no arguments, once ``deploy()`` registered it (nanogrid/schedule.py).
     """
     _check_limits(memory, timeout, disk)
     _retry_policy(retries, retry_on, backoff)  # mistakes named here, not at the first call
     _check_environment_options(packages, secrets, environment)
+    if schedule is not None:
+        as_schedule(schedule)
 
     def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
         return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
                               packages=packages, environment=environment, result=result, retries=retries,
-                              retry_on=retry_on, backoff=backoff, env=env, secrets=secrets, disk=disk)
+                              retry_on=retry_on, backoff=backoff, env=env, secrets=secrets, disk=disk,
+                              schedule=schedule)
 
     return wrap(fn) if fn is not None else wrap

@@ -27,6 +27,7 @@ from nanogrid_backend.retention import Janitor
 from nanogrid_backend.sandbox.base import Limits
 from nanogrid_backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable, language_runtimes
 from nanogrid_backend.sandbox.process import ProcessSandboxFactory
+from nanogrid_backend.schedules import Scheduler
 from nanogrid_backend.secretbox import SecretBox
 from nanogrid_backend.store.base import BlobStore
 from nanogrid_backend.store.local import LocalStore
@@ -161,6 +162,7 @@ class Grid:
                                  secrets=self.secrets,
                                  notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
+        self.scheduler = Scheduler(self) if role in ("all", "controller") else None  # each controller fires schedules
         self.runtimes = {**self.runtimes, **{name: env.python for name, env in self.languages.items()}}
 
     def describe_sandbox(self) -> str:
@@ -183,8 +185,12 @@ class Grid:
             self.worker.start()
         if self.janitor:
             self.janitor.start()
+        if self.scheduler:
+            self.scheduler.start()
 
     def stop(self) -> None:
+        if self.scheduler:
+            self.scheduler.stop()
         if self.janitor:
             self.janitor.stop()
         if self.worker:

@@ -65,6 +65,7 @@ class JobRecord:
     owner: str = ""
     attempt: int = 1  # which try this record is (``@remote(retries=N)`` makes more)
     retry_of: str | None = None  # on an earlier failed try's own record: the job it was a try of
+    trigger: str = "call"  # what started it: "call" (a client or the HTTP API) or "schedule" (nanogrid_backend/schedules.py)
 
     @property
     def finished(self) -> bool:
@@ -129,3 +130,42 @@ class JobMessage:
     receipt: str | None = None  # the queue's handle for this delivery (SQS receipt handle)
     receive_count: int = 1  # more than 1: delivered again after a worker died or stalled
     owner: str = ""  # the job's owner: the queue serves owners in turn and caps each one's running calls
+
+
+@dataclass
+class ScheduleRecord:
+    """A function that runs on its own: by a cron expression in a time zone, or every ``period_s`` seconds.
+
+    One per (owner, name); deploying a new version of the function points it at that version."""
+
+    schedule_id: str
+    owner: str
+    name: str  # the function's name: the schedule's name for its owner
+    function_id: str  # the version it runs
+    cron: str = ""  # a five-field cron expression, or "" for a period
+    period_s: float = 0.0
+    timezone: str = "UTC"  # the zone the cron expression's hours and days are read in
+    overlap: str = "skip"  # a run still going when the next is due: "skip" that firing, or "queue" it behind
+    payload_format: str = "pickle"
+    payload: bytes = b""  # the arguments of every run (no arguments: an empty call)
+    paused: bool = False
+    anchor: float = 0.0  # a period's due times are anchor + k * period_s
+    next_due: float = 0.0  # the next due time not yet claimed by a firing
+    last_job_id: str | None = None  # the latest run's job
+    waiting_due: float | None = None  # a firing queued behind a run still going (overlap="queue"), by its due time
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class FiringRecord:
+    """One due time of a schedule, claimed by exactly one scheduler (unique per (schedule_id, due_time))."""
+
+    schedule_id: str
+    due_time: float
+    fired_at: float
+    outcome: str  # "started" (a job), "skipped" (a run was still going), "queued" (waits for it), "failed"
+    job_id: str | None = None
+    missed: int = 1  # due times this firing stands for: more than 1 after the grid was down (a catch-up)
+    catch_up: bool = False
+    detail: str = ""

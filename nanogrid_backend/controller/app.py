@@ -18,7 +18,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from nanogrid import __version__
 from nanogrid_backend.blobs import blobs_of
-from nanogrid_backend.controller import blobs, history, jobs, secret_routes, seed
+from nanogrid_backend.controller import blobs, history, jobs, schedule_routes, secret_routes, seed
 from nanogrid_backend.controller.errors import install_error_handlers
 from nanogrid_backend.controller.function_metrics import RequestDurations, render_all
 from nanogrid_backend.controller.limits import BodySizeLimit
@@ -370,6 +370,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     app.include_router(blobs.routes(authorize))  # /v1/blobs: the data plane (nanogrid_backend/controller/blobs.py)
     history.install(app, grid, Caller)  # /v1 history, metrics windows, AutoTuner
     app.include_router(secret_routes.router(grid, Caller))  # /v1/secrets
+    app.include_router(schedule_routes.router(grid, Caller))  # /v1/schedules (nanogrid_backend/schedules.py)
     # The seed platform's contract, where its clients call it (nanogrid_backend/controller/seed.py).
     for prefix in ("", "/api"):
         app.include_router(seed.router, prefix=prefix, include_in_schema=False)

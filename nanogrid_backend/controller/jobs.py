@@ -309,6 +309,7 @@ def job_view(job: JobRecord, base_url: str = "", with_result: bool = True,
         "baseline_memory_bytes": job.baseline_memory_bytes, "ai_usage": job.ai_usage,
         "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "trigger": job.trigger,
         "output_files": [
             {**f, "url": f"{base_url}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}"
                          + (f"?{links.query(job.job_id, f['name'], job.owner)}" if links else "")}

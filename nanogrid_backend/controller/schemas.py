@@ -63,6 +63,7 @@ class JobView(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    trigger: str = Field("call", description="what started it: 'call' (a client, the API) or 'schedule'")
 
 
 class FunctionView(BaseModel):

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanogrid.errors import NanoGridError
-from nanogrid_backend.models import PENDING, ApiKey, FunctionRecord, JobRecord, SecretRecord
+from nanogrid_backend.models import (
+    PENDING,
+    ApiKey,
+    FiringRecord,
+    FunctionRecord,
+    JobRecord,
+    ScheduleRecord,
+    SecretRecord,
+)
 
 
 class RegistryError(NanoGridError):
@@ -155,3 +163,34 @@ class Registry(ABC):
 
     @abstractmethod
     def list_keys(self) -> list[ApiKey]: ...
+
+    # schedules (nanogrid_backend/schedules.py)
+    @abstractmethod
+    def put_schedule(self, schedule: ScheduleRecord) -> None: ...
+
+    @abstractmethod
+    def get_schedule(self, schedule_id: str) -> ScheduleRecord | None: ...
+
+    @abstractmethod
+    def list_schedules(self, owner: str | None = None) -> list[ScheduleRecord]: ...
+
+    @abstractmethod
+    def delete_schedule(self, schedule_id: str) -> bool:
+        """The schedule and its firings; the jobs it ran stay."""
+
+    @abstractmethod
+    def set_schedule_paused(self, schedule_id: str, paused: bool, next_due: float) -> bool: ...
+
+    @abstractmethod
+    def claim_firing(self, firing: FiringRecord, next_due: float, job: JobRecord | None) -> bool:
+        """Claim the due time ``firing.due_time`` (the schedule's ``next_due`` as read) for this scheduler: record the
+        firing and its run's job and move the schedule on to ``next_due``, all or nothing. False when another
+        scheduler claimed that due time first (then nothing of this firing is written)."""
+
+    @abstractmethod
+    def start_waiting_firing(self, schedule_id: str, due_time: float, job: JobRecord) -> bool:
+        """Start the run of a firing that was queued behind another (overlap="queue"); False if already started."""
+
+    @abstractmethod
+    def list_firings(self, schedule_id: str, limit: int = 20) -> list[FiringRecord]:
+        """The schedule's firings, newest due time first."""

@@ -15,6 +15,7 @@ global secondary index on (owner, created_at) is the next step for a busy one.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import MISSING, fields
 from decimal import Decimal
@@ -25,7 +26,17 @@ from boto3.dynamodb.conditions import Attr
 from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
-from nanogrid_backend.models import FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord, SecretRecord
+from nanogrid_backend.models import (
+    FINAL_STATES,
+    PENDING,
+    RUNNING,
+    ApiKey,
+    FiringRecord,
+    FunctionRecord,
+    JobRecord,
+    ScheduleRecord,
+    SecretRecord,
+)
 from nanogrid_backend.registry import windows
 from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryError
 
@@ -36,7 +47,8 @@ JOB_TTL_S = 30 * 24 * 3600  # the invocation history's retention
 # 1: the first versioned shape (jobs with ai_usage, keys with admin and per-owner limits)
 # 2: jobs with attempt and retry_of; metrics counter items (``stat#…``) and webhook items (``hook#…``)
 # 3: functions with description and stable_id; secret items (``secret#owner#name``)
-ITEM_VERSION = 3
+# 4: jobs with trigger; schedule items (``sched#…``) and firing items (``firing#<schedule>#<due time>``)
+ITEM_VERSION = 4
 VERSION_ATTRIBUTE = "item_version"
 
 
@@ -126,7 +138,7 @@ class DynamoDBRegistry(Registry):
             raise
 
     def finish_job(self, job: JobRecord) -> bool:
-        skip = {"job_id", "function_id", "payload", "created_at", "owner"}
+        skip = {"job_id", "function_id", "payload", "created_at", "owner", "trigger"}
         values = _to_item({f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name not in skip})
         # Placeholders of our own (#f, :f): boto3's condition builder takes #n… and :v… for itself.
         names = {f"#f{i}": name for i, name in enumerate(values)}
@@ -339,6 +351,89 @@ class DynamoDBRegistry(Registry):
 
     def list_keys(self) -> list[ApiKey]:
         return sorted((_from_item(ApiKey, i) for i in self._scan(Attr("kind").eq("key"))), key=lambda k: k.created_at)
+
+    # schedules (nanogrid_backend/schedules.py)
+    def put_schedule(self, schedule: ScheduleRecord) -> None:
+        self.table.put_item(Item={"pk": f"sched#{schedule.schedule_id}", "kind": "schedule",
+                                  **_to_item({f.name: getattr(schedule, f.name) for f in fields(ScheduleRecord)})})
+
+    def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        item = self.table.get_item(Key={"pk": f"sched#{schedule_id}"}, ConsistentRead=True).get("Item")
+        return _from_item(ScheduleRecord, item) if item else None
+
+    def list_schedules(self, owner: str | None = None) -> list[ScheduleRecord]:
+        condition = Attr("kind").eq("schedule")
+        if owner is not None:
+            condition &= Attr("owner").eq(owner)
+        return sorted((_from_item(ScheduleRecord, i) for i in self._scan(condition, ConsistentRead=True)),
+                      key=lambda s: s.name)
+
+    def delete_schedule(self, schedule_id: str) -> bool:
+        old = self.table.delete_item(Key={"pk": f"sched#{schedule_id}"}, ReturnValues="ALL_OLD")
+        with self.table.batch_writer() as batch:
+            for item in self._scan(Attr("kind").eq("firing") & Attr("schedule_id").eq(schedule_id),
+                                   ProjectionExpression="pk"):
+                batch.delete_item(Key={"pk": item["pk"]})
+        return "Attributes" in old
+
+    def set_schedule_paused(self, schedule_id: str, paused: bool, next_due: float) -> bool:
+        return self._update_if(f"sched#{schedule_id}", "SET #paused = :p, #next_due = :n, #updated_at = :u",
+                               Attr("pk").exists(), {":p": paused, ":n": Decimal(repr(next_due)),
+                                                     ":u": Decimal(repr(time.time()))})
+
+    def claim_firing(self, firing: FiringRecord, next_due: float, job: JobRecord | None) -> bool:
+        """The conditional put of the firing item is the claim; the job and the schedule's move follow it. A scheduler
+        that stopped between the two leaves the schedule on a claimed due time: the next one moves it on."""
+        item = {"pk": f"firing#{firing.schedule_id}#{firing.due_time!r}", "kind": "firing",
+                "expires_at": int(firing.fired_at + JOB_TTL_S),
+                **_to_item({f.name: getattr(firing, f.name) for f in fields(FiringRecord)})}
+        try:
+            self.table.put_item(Item=item, ConditionExpression=Attr("pk").not_exists())
+            claimed = True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            claimed = False
+        if claimed and job is not None:
+            self.create_jobs([job])
+        values: dict[str, Any] = {":n": Decimal(repr(next_due))}
+        update = "SET #next_due = :n"
+        if claimed and job is not None:
+            update, values[":j"] = update + ", #last_job_id = :j", job.job_id
+        if claimed and firing.outcome == "queued":
+            update, values[":w"] = update + ", #waiting_due = :w", Decimal(repr(firing.due_time))
+        self._update_if(f"sched#{firing.schedule_id}", update, Attr("next_due").eq(Decimal(repr(firing.due_time))),
+                        values)
+        return claimed
+
+    def start_waiting_firing(self, schedule_id: str, due_time: float, job: JobRecord) -> bool:
+        if not self._update_if(f"firing#{schedule_id}#{due_time!r}", "SET #outcome = :s, #job_id = :j",
+                               Attr("outcome").eq("queued"), {":s": "started", ":j": job.job_id}):
+            return False
+        self.create_jobs([job])
+        self.table.update_item(Key={"pk": f"sched#{schedule_id}"}, UpdateExpression="SET #j = :j REMOVE #w",
+                               ExpressionAttributeNames={"#j": "last_job_id", "#w": "waiting_due"},
+                               ExpressionAttributeValues={":j": job.job_id})
+        return True
+
+    def list_firings(self, schedule_id: str, limit: int = 20) -> list[FiringRecord]:
+        items = self._scan(Attr("kind").eq("firing") & Attr("schedule_id").eq(schedule_id), ConsistentRead=True)
+        firings = sorted((_from_item(FiringRecord, i) for i in items), key=lambda f: f.due_time, reverse=True)[:limit]
+        for firing in firings:
+            firing.missed = int(firing.missed)
+        return firings
+
+    def _update_if(self, pk: str, update: str, condition: Any, values: dict[str, Any]) -> bool:
+        """``update`` (attributes written ``#name``) if the item meets ``condition``; False if it does not."""
+        names = {f"#{name}": name for name in re.findall(r"#(\w+)", update)}
+        try:
+            self.table.update_item(Key={"pk": pk}, UpdateExpression=update, ConditionExpression=condition,
+                                   ExpressionAttributeNames=names, ExpressionAttributeValues=values)
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
 
     def _scan(self, condition: Any, **options: Any) -> list[dict[str, Any]]:
         items, kwargs = [], {"FilterExpression": condition, **options}

@@ -25,7 +25,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nanogrid_backend.models import FAILED, FINAL_STATES, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord, SecretRecord
+from nanogrid_backend.models import (
+    FAILED,
+    FINAL_STATES,
+    PENDING,
+    RUNNING,
+    ApiKey,
+    FiringRecord,
+    FunctionRecord,
+    JobRecord,
+    ScheduleRecord,
+    SecretRecord,
+)
 from nanogrid_backend.registry import windows
 from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryBusy, RegistryError
 
@@ -59,6 +70,15 @@ _JOB_STATS = ("function_id TEXT NOT NULL, resolution INTEGER NOT NULL, slot INTE
               "total REAL NOT NULL, max_value REAL, PRIMARY KEY (function_id, resolution, slot, metric, bucket)")
 _WEBHOOKS = ("hook_id TEXT PRIMARY KEY, owner TEXT NOT NULL, url TEXT NOT NULL, secret TEXT NOT NULL, "
              "events TEXT NOT NULL, function_id TEXT, threshold TEXT, created_at REAL NOT NULL")
+_SCHEDULES = ("schedule_id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, function_id TEXT NOT NULL, "
+              "cron TEXT NOT NULL DEFAULT '', period_s REAL NOT NULL DEFAULT 0, timezone TEXT NOT NULL DEFAULT 'UTC', "
+              "overlap TEXT NOT NULL DEFAULT 'skip', payload_format TEXT NOT NULL, payload BLOB NOT NULL, "
+              "paused INTEGER NOT NULL DEFAULT 0, anchor REAL NOT NULL, next_due REAL NOT NULL, last_job_id TEXT, "
+              "waiting_due REAL, created_at REAL, updated_at REAL")
+# The primary key is the claim: a second scheduler's insert of the same (schedule, due time) fails.
+_FIRINGS_TABLE = ("schedule_id TEXT NOT NULL, due_time REAL NOT NULL, fired_at REAL NOT NULL, outcome TEXT NOT NULL, "
+                  "job_id TEXT, missed INTEGER NOT NULL DEFAULT 1, catch_up INTEGER NOT NULL DEFAULT 0, "
+                  "detail TEXT NOT NULL DEFAULT '', PRIMARY KEY (schedule_id, due_time)")
 
 # The schema's history. Entry N takes a registry from version N to N+1; a registry opens at version 0
 # (new, or written before versioning) and every pending entry runs in one transaction with the new version.
@@ -93,11 +113,15 @@ MIGRATIONS: list[str] = [
     "CREATE TABLE IF NOT EXISTS secrets (owner TEXT NOT NULL, name TEXT NOT NULL, ciphertext BLOB NOT NULL, "
     "variables TEXT NOT NULL DEFAULT '[]', created_at REAL, updated_at REAL, PRIMARY KEY (owner, name))",  # -> 21
     "CREATE INDEX IF NOT EXISTS jobs_by_function ON jobs (function_id, status)",  # -> 22: function_stats
+    "ALTER TABLE jobs ADD COLUMN trigger TEXT NOT NULL DEFAULT 'call'",  # -> 23: "schedule" for a schedule's runs
+    f"CREATE TABLE IF NOT EXISTS schedules ({_SCHEDULES})",  # -> 24 (nanogrid_backend/schedules.py)
+    f"CREATE TABLE IF NOT EXISTS schedule_firings ({_FIRINGS_TABLE}) WITHOUT ROWID",  # -> 25: one row per due time
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_RECORDS: dict[str, type] = {"functions": FunctionRecord, "jobs": JobRecord, "api_keys": ApiKey, "secrets": SecretRecord}
-_JOB_FIXED = ("job_id", "function_id", "payload", "created_at", "owner")  # set at submission, never by finish_job
+_RECORDS: dict[str, type] = {"functions": FunctionRecord, "jobs": JobRecord, "api_keys": ApiKey, "secrets": SecretRecord,
+                             "schedules": ScheduleRecord, "schedule_firings": FiringRecord}
+_JOB_FIXED = ("job_id", "function_id", "payload", "created_at", "owner", "trigger")  # set at submission, never by finish_job
 
 
 class _Codec:
@@ -162,6 +186,11 @@ class _Codec:
 
 _CODECS = {table: _Codec(cls) for table, cls in _RECORDS.items()}
 _FUNCTIONS, _JOBS, _KEYS, _SECRETS = _CODECS["functions"], _CODECS["jobs"], _CODECS["api_keys"], _CODECS["secrets"]
+_SCHEDULE_ROWS, _FIRING_ROWS = _CODECS["schedules"], _CODECS["schedule_firings"]
+
+
+class _NotClaimed(Exception):
+    """Rolls a firing's transaction back: another scheduler moved the schedule on first."""
 
 
 class SQLiteRegistry(Registry):
@@ -474,6 +503,72 @@ class SQLiteRegistry(Registry):
 
     def list_keys(self) -> list[ApiKey]:
         return [_KEYS.record(row) for row in self._query("SELECT * FROM api_keys ORDER BY created_at")]
+
+    # schedules (nanogrid_backend/schedules.py)
+    def put_schedule(self, schedule: ScheduleRecord) -> None:
+        self._write(lambda db: db.execute(_insert("schedules", replace=True), _SCHEDULE_ROWS.row(schedule)))
+
+    def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        rows = self._query("SELECT * FROM schedules WHERE schedule_id = ?", (schedule_id,))
+        return _SCHEDULE_ROWS.record(rows[0]) if rows else None
+
+    def list_schedules(self, owner: str | None = None) -> list[ScheduleRecord]:
+        query, args = "SELECT * FROM schedules", []
+        if owner is not None:
+            query, args = query + " WHERE owner = ?", [owner]
+        return [_SCHEDULE_ROWS.record(row) for row in self._query(query + " ORDER BY name", args)]
+
+    def delete_schedule(self, schedule_id: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM schedule_firings WHERE schedule_id = ?", (schedule_id,))
+            return db.execute("DELETE FROM schedules WHERE schedule_id = ?", (schedule_id,)).rowcount > 0
+
+        return self._write(delete)
+
+    def set_schedule_paused(self, schedule_id: str, paused: bool, next_due: float) -> bool:
+        return self._write(lambda db: db.execute(
+            "UPDATE schedules SET paused = ?, next_due = ?, updated_at = ? WHERE schedule_id = ?",
+            (int(paused), next_due, time.time(), schedule_id)).rowcount > 0)
+
+    def claim_firing(self, firing: FiringRecord, next_due: float, job: JobRecord | None) -> bool:
+        waiting = firing.due_time if firing.outcome == "queued" else None
+
+        def claim(db: sqlite3.Connection) -> bool:
+            try:
+                db.execute(_insert("schedule_firings"), _FIRING_ROWS.row(firing))
+            except sqlite3.IntegrityError:
+                return False  # claimed by another scheduler, in the transaction that moved the schedule on
+            moved = db.execute(
+                "UPDATE schedules SET next_due = ?, last_job_id = coalesce(?, last_job_id), "
+                "waiting_due = coalesce(?, waiting_due) WHERE schedule_id = ? AND next_due = ? AND paused = 0",
+                (next_due, job.job_id if job else None, waiting, firing.schedule_id, firing.due_time)).rowcount
+            if not moved:  # paused, removed or changed since it was read
+                raise _NotClaimed
+            if job is not None:
+                db.execute(_insert("jobs"), _JOBS.row(job))
+            return True
+
+        try:
+            return self._write(claim)
+        except _NotClaimed:
+            return False
+
+    def start_waiting_firing(self, schedule_id: str, due_time: float, job: JobRecord) -> bool:
+        def start(db: sqlite3.Connection) -> bool:
+            if not db.execute("UPDATE schedule_firings SET outcome = 'started', job_id = ? WHERE schedule_id = ? "
+                              "AND due_time = ? AND outcome = 'queued'", (job.job_id, schedule_id, due_time)).rowcount:
+                return False
+            db.execute("UPDATE schedules SET last_job_id = ?, waiting_due = NULL WHERE schedule_id = ?",
+                       (job.job_id, schedule_id))
+            db.execute(_insert("jobs"), _JOBS.row(job))
+            return True
+
+        return self._write(start)
+
+    def list_firings(self, schedule_id: str, limit: int = 20) -> list[FiringRecord]:
+        rows = self._query("SELECT * FROM schedule_firings WHERE schedule_id = ? ORDER BY due_time DESC LIMIT ?",
+                           (schedule_id, limit))
+        return [_FIRING_ROWS.record(row) for row in rows]
 
     # transactions
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:

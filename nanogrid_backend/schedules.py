@@ -1,0 +1,163 @@
+"""The scheduler: starts each schedule's runs as ordinary jobs (``trigger: "schedule"``) when they are due.
+
+Every controller runs one. A firing is claimed in the registry before anything runs: a row unique per
+(schedule, due time), written in the same transaction as the run's job (DynamoDB: a conditional put), so
+two controllers racing for one due time start one run, and a controller restarted after a firing never
+fires it again. A grid that was down fires once for all the due times it missed (a catch-up), never once each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from nanogrid_backend.models import FiringRecord, JobMessage, JobRecord, ScheduleRecord, new_job_id
+
+if TYPE_CHECKING:
+    from nanogrid_backend.grid import Grid
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # the registry is looked at this often at least: schedules made, paused or claimed by another controller
+CATCH_UP_AFTER_S = 60.0  # a firing this late (or standing for several due times) is marked a catch-up
+MISSED_COUNTED = 10_000  # due times counted one by one when a cron schedule missed many; more reads as this many
+ERROR_PAUSE_S = 2.0  # after a registry failure, before trying again
+
+
+def schedule_id_for(owner: str, name: str) -> str:
+    """One schedule per (owner, name): the id says nothing of either."""
+    return "sch-" + hashlib.sha256(f"{owner}\0{name}".encode()).hexdigest()[:32]
+
+
+def next_due_after(schedule: ScheduleRecord, moment: float) -> float:
+    """The schedule's first due time strictly after ``moment``."""
+    if not schedule.cron:
+        steps = math.floor((moment - schedule.anchor) / schedule.period_s) + 1
+        return schedule.anchor + max(steps, 1) * schedule.period_s
+    from zoneinfo import ZoneInfo
+
+    from cronsim import CronSim
+
+    return next(CronSim(schedule.cron, datetime.fromtimestamp(moment, ZoneInfo(schedule.timezone)))).timestamp()
+
+
+def due_times_between(schedule: ScheduleRecord, first: float, until: float) -> int:
+    """How many due times from ``first`` (itself one) to ``until``."""
+    if not schedule.cron:
+        return int((until - first) // schedule.period_s) + 1
+    count, due = 1, first
+    while count < MISSED_COUNTED and (due := next_due_after(schedule, due)) <= until:
+        count += 1
+    return count
+
+
+class Scheduler:
+    """One thread that sleeps until the earliest due time (or ``poll_s``) and fires what is due."""
+
+    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+        self.grid = grid
+        self.poll_s = poll_s
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stopped.clear()
+        self._thread = threading.Thread(target=self._run, name="nanogrid-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        """A schedule was made or changed here: look again now rather than at the next poll."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                wait = self.tick()
+            except Exception:
+                log.exception("the scheduler could not look at the schedules; trying again")
+                wait = ERROR_PAUSE_S
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def tick(self, now: float | None = None) -> float:
+        """Fire every schedule that is due; the seconds until the next look."""
+        registry = self.grid.registry
+        wait = self.poll_s
+        for schedule in registry.list_schedules():
+            if schedule.paused or self._stopped.is_set():
+                continue
+            if schedule.waiting_due is not None:
+                self._start_waiting(schedule)
+            moment = time.time() if now is None else now
+            if schedule.next_due <= moment:
+                self._fire(schedule, moment)
+            else:
+                wait = min(wait, schedule.next_due - moment)
+        return max(wait, 0.0)
+
+    def _fire(self, schedule: ScheduleRecord, now: float) -> None:
+        registry = self.grid.registry
+        missed = due_times_between(schedule, schedule.next_due, now)
+        firing = FiringRecord(schedule.schedule_id, schedule.next_due, now, "started", missed=missed,
+                              catch_up=missed > 1 or now - schedule.next_due > CATCH_UP_AFTER_S)
+        if firing.catch_up:
+            firing.detail = f"catch-up: one run for {missed} due time{'s' if missed > 1 else ''} missed"
+        running = self._running(schedule)
+        function = registry.get_function(schedule.function_id)
+        job = None
+        if function is None:
+            firing.outcome, firing.detail = "failed", f"function {schedule.function_id} was deleted; deploy it again"
+        elif running is not None and schedule.overlap == "skip":
+            firing.outcome, firing.detail = "skipped", f"the previous run {running} was still going"
+        elif running is not None and schedule.waiting_due is not None:
+            firing.outcome = "skipped"
+            firing.detail = f"the previous run {running} was still going and another run already waits for it"
+        elif running is not None:
+            firing.outcome, firing.detail = "queued", f"waits for the previous run {running}"
+        else:
+            job = self._job(schedule)
+            firing.job_id = job.job_id
+        if registry.claim_firing(firing, next_due_after(schedule, now), job) and job is not None and function:
+            self._queue(function.timeout_s, function.memory_mib, job)
+            log.info("schedule %s fired %s", schedule.name, job.job_id)
+
+    def _start_waiting(self, schedule: ScheduleRecord) -> None:
+        """A firing queued behind a run (overlap="queue") starts once that run has ended."""
+        if self._running(schedule) is not None or schedule.waiting_due is None:
+            return
+        function = self.grid.registry.get_function(schedule.function_id)
+        if function is None:
+            return
+        job = self._job(schedule)
+        if self.grid.registry.start_waiting_firing(schedule.schedule_id, schedule.waiting_due, job):
+            schedule.last_job_id, schedule.waiting_due = job.job_id, None
+            self._queue(function.timeout_s, function.memory_mib, job)
+
+    def _running(self, schedule: ScheduleRecord) -> str | None:
+        """The schedule's last run, while it is still queued or running (retries included)."""
+        if not schedule.last_job_id:
+            return None
+        job = self.grid.registry.get_job(schedule.last_job_id)
+        return job.job_id if job is not None and not job.finished else None
+
+    def _job(self, schedule: ScheduleRecord) -> JobRecord:
+        return JobRecord(new_job_id(), schedule.function_id, payload_format=schedule.payload_format,
+                         payload=schedule.payload, owner=schedule.owner, trigger="schedule")
+
+    def _queue(self, timeout_s: float, memory_mib: int, job: JobRecord) -> None:
+        """Queue a run whose job is recorded (as ``controller.jobs.submit`` does): a restart requeues it if needed."""
+        timeout_s = min(timeout_s, self.grid.owners.max_timeout(job.owner))
+        self.grid.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, job.payload, timeout_s,
+                                        memory_mib, owner=job.owner)])
