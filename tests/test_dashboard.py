@@ -122,6 +122,8 @@ def test_in_chromium_an_owner_signs_in_navigates_and_sees_only_their_own(grid, o
         page.goto(f"{grid.url}/ui/functions/{function_id}")
         page.click("#apply")
         expect(page.locator("h1")).to_contain_text("128 MiB")
+        page.click("header >> text=Functions")  # the Apply made a version, not another function
+        expect(page.locator("#functions tr.function", has_text="dashfn")).to_have_count(1)
 
         page.click("text=Load tests")
         page.fill("input[name=rps]", "10")

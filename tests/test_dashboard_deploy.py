@@ -106,6 +106,9 @@ def test_in_chromium_an_owner_deploys_test_runs_updates_and_deletes_a_function(g
         expect(page.locator("#error")).to_contain_text("the event asked to fail")
         page.goto(function_url)
         expect(page.locator("table.history")).to_contain_text("ValueError: the event asked to fail")
+        for window in ("1h", "24h", "7d", "30d"):  # calls and errors over time, from the metrics counters
+            expect(page.locator(f"#timeline-{window} svg")).to_contain_text(f"{window}: 2 calls, 1 failed")
+            expect(page.locator(f"#timeline-{window} svg rect.errors")).to_have_count(1)
 
         page.fill("#update input[name=memory]", "256")
         page.click("#update button")
