@@ -6,7 +6,8 @@
     answer = nanogrid.ai.chat([{"role": "user", "content": "Hi"}]).message.content
 
 Thin wrappers over the official ``ollama`` client, pointed at ``AI_ENDPOINT``. In a sandbox that
-is the sandbox's own channel to the worker (sandboxes have no network): the worker forwards the
+is an address on the sandbox's own loopback, served by the bootstrap, which hands each request to
+the worker over the sandbox's channel (sandboxes have no network): the worker forwards the
 inference routes to the AI node and counts the tokens itself for the job.
 """
 
@@ -32,6 +33,7 @@ def endpoint() -> str:
 def default_model() -> str:
     model = os.environ.get("LLM_MODEL")
     if not model:
+        _call("list")  # a function without AI access is told that first (the sandbox's forwarder refuses it)
         raise AIUnavailable("no model chosen: pass model=..., or set the grid's default (LLM_MODEL)")
     return model
 
@@ -70,8 +72,14 @@ def _channel_transport() -> Any:
 
 
 def _call(method: str, **kwargs: Any) -> Any:
+    import ollama
+
     try:
         return getattr(_client(), method)(**kwargs)
+    except ollama.ResponseError as exc:
+        if exc.status_code == 403:  # the sandbox's forwarder: this function has no AI access, and why
+            raise AIUnavailable(exc.error) from None
+        raise
     except (ConnectionError, OSError) as exc:
         raise AIUnavailable(f"cannot reach the AI node at {endpoint()} ({exc}); a function that uses it must say "
                            "so: @nanogrid.remote(ai=True) (or %%nanogrid --ai), which gives its sandbox that one "

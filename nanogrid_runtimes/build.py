@@ -141,7 +141,8 @@ def unknown_debian_packages(python: str, names: list[str]) -> list[str]:
 
 DEBIAN_BASE = debian_base(HOST_PYTHON, DEBIAN_PACKAGES) if HOST_PYTHON in DEBIAN_SUITES else ""
 NANOGRID_MODULES = ["__init__.py", "errors.py", "cells.py", "ai.py"]  # what a sandbox may import
-SITE_DISTRIBUTIONS = ["cloudpickle", "ollama"]  # copied from the grid's own environment, with what they need
+# Copied from the grid's own environment, with what they need (requests: the seed's functions and ai_client use it).
+SITE_DISTRIBUTIONS = ["cloudpickle", "ollama", "requests"]
 
 
 BUILD_PREFIXES = ("nanogrid-rootfs-", "nanogrid-context-")  # temporary folders of builds (a root filesystem: 100+ MiB)
@@ -248,7 +249,8 @@ def prepare_context(directory: Path, python: str = HOST_PYTHON) -> str:
     else:
         _install_distributions(site, python)
     (site / "nanogrid").mkdir(parents=True, exist_ok=True)
-    shutil.copy(HERE / "python" / "sdk.py", site / "sdk.py")  # the seed platform's `import sdk`
+    for module in ("sdk.py", "ai_client.py"):  # the seed platform's `import sdk` and `import ai_client`
+        shutil.copy(HERE / "python" / module, site / module)
     for module in NANOGRID_MODULES:
         shutil.copy(ROOT / "nanogrid" / module, site / "nanogrid" / module)
     digest = hashlib.sha256()

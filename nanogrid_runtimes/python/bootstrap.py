@@ -13,7 +13,8 @@ and inside a Docker runtime image.
 The function runs in this interpreter, so it could write frames of its own: the host therefore
 trusts nothing it reads here (nanogrid_backend/sandbox/protocol.py checks every frame, and output files
 travel as records the host writes itself). During a call the function may ask the host for one
-thing over the same channel: an AI node request (``__nanogrid_channel__``, used by nanogrid.ai).
+thing over the same channel: an AI node request, sent by the forwarder that serves ``AI_ENDPOINT``
+on the sandbox's own loopback (``AIForwarder``; also ``__nanogrid_channel__``).
 """
 
 import io
@@ -464,9 +465,11 @@ def encode_json(value):
 
 
 class Runtime:
-    def __init__(self):
+    def __init__(self, channel_request=None):
         self.manifest = None
         self.function = None
+        self.channel_request = channel_request  # the AI node's requests go this way (AIForwarder)
+        self.ai = None
 
     def load(self, header, body):
         import cloudpickle
@@ -477,6 +480,9 @@ class Runtime:
             zf.extractall(CODE_DIR)
         with open(os.path.join(CODE_DIR, "manifest.json")) as f:
             self.manifest = json.load(f)
+        if self.manifest.get("model"):  # the function's own default model (a seed upload's modelId)
+            os.environ["LLM_MODEL"] = str(self.manifest["model"])
+        self.ai = start_ai_forwarder(self.channel_request)  # before the module loads: it may read AI_ENDPOINT
         sys.path.insert(0, CODE_DIR)
         sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the seed's ``sdk`` module sits beside this file
         remember_source(self.manifest)
@@ -654,6 +660,179 @@ class Channel:
             return read_frame(self.request_fd)
 
 
+AI_CHANNEL = "nanogrid:channel"  # AI_ENDPOINT as the worker gives it to a function that may use the AI node
+AI_PORT = 11434  # Ollama's own port, on the sandbox's own loopback
+AI_MAX_REQUEST_BYTES = 4 << 20  # the worker's gateway takes no more (nanogrid_backend/worker/ai_gateway.py)
+AI_MAX_HEAD_BYTES = 64 << 10
+# Devices every new network namespace gets (all down, no address): a namespace with only these is the sandbox's own.
+NAMESPACE_DEVICES = {"lo", "tunl0", "sit0", "ip6tnl0", "gre0", "gretap0", "erspan0", "ip_vti0", "ip6_vti0", "ip6gre0"}
+AI_REFUSED = ("no AI node in this sandbox: this function may not use it. A NanoGrid function declares "
+              "@nanogrid.remote(ai=True) (or %%nanogrid --ai), on a grid started with --ai-endpoint URL (AI_ENDPOINT); "
+              "a seed upload may use it unless the grid's operator turned that off (seed_ai = false)")
+AI_OUTSIDE_CALL = ("the AI node is reachable only while the function is being called, not while its module loads "
+                   "nor after its call returned")
+
+
+class AIForwarder:
+    """``AI_ENDPOINT`` inside the sandbox: an HTTP server on the sandbox's own loopback that hands each request to
+    the worker over the channel (an ``ai`` frame), where the AI gateway decides (inference routes only, within the
+    owner's budget) and counts the tokens. The sandbox has no network: this is how code written for a reachable
+    Ollama (``requests.post(AI_ENDPOINT + "/api/generate")``, the seed's ``ai_client``, Ollama's own client) gets
+    its answer, and nothing else becomes reachable through it.
+
+    It listens on Ollama's own port where the sandbox has a network namespace of its own (Docker, bubblewrap).
+    Where it shares the host's (a process sandbox without bubblewrap), on a free port under a random path, so that
+    no other process on the host can spend the owner's tokens. Requests are forwarded only while a call runs (the
+    host reads ``ai`` frames only then); a function without AI access gets a 403 saying why, never a silence.
+    Answers come back whole (the gateway counts the tokens of the final object), streamed ones as NDJSON lines.
+    """
+
+    def __init__(self, channel_request, allowed):
+        import socket
+
+        self.channel_request, self.allowed = channel_request, allowed
+        self.gate = threading.Condition()
+        self.calling, self.in_flight = False, 0
+        own_network = {name for _, name in socket.if_nameindex()} <= NAMESPACE_DEVICES
+        self.listener, self.prefix = socket.socket(), ""
+        try:
+            if not own_network:
+                raise OSError("the host's network: no fixed port")
+            self.listener.bind(("127.0.0.1", AI_PORT))
+        except OSError:
+            self.listener.close()
+            self.listener, self.prefix = socket.socket(), "/" + os.urandom(16).hex()
+            self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d%s" % (self.listener.getsockname()[1], self.prefix)
+        threading.Thread(target=self._accept, name="nanogrid-ai-forwarder", daemon=True).start()
+
+    def begin_call(self):
+        with self.gate:
+            self.calling = True
+
+    def end_call(self):
+        """No more requests; returns once those under way have their answers (before the call's reply is sent)."""
+        with self.gate:
+            self.calling = False
+            while self.in_flight:
+                self.gate.wait()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="nanogrid-ai-connection", daemon=True).start()
+
+    def _serve(self, conn):
+        """One connection's requests (HTTP/1.1 keep-alive), answered in order."""
+        pending = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    data = conn.recv(65536)
+                    if not data or len(pending) > AI_MAX_HEAD_BYTES:
+                        return
+                    pending += data
+                head, _, pending = pending.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, version = (lines[0].split(" ") + ["", "", ""])[:3]
+                headers = dict((name.strip().lower(), value.strip()) for name, _, value in
+                               (line.partition(":") for line in lines[1:]))
+                keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+                size = headers.get("content-length", "0")
+                if "transfer-encoding" in headers or not size.isdigit():
+                    self._respond(conn, 411, {"error": "send the request with a Content-Length"}, False)
+                    return
+                if int(size) > AI_MAX_REQUEST_BYTES:
+                    self._respond(conn, 413, {"error": f"an AI request of {size} bytes (at most "
+                                                       f"{AI_MAX_REQUEST_BYTES} bytes)"}, False)
+                    return
+                if headers.get("expect", "").lower() == "100-continue":
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                while len(pending) < int(size):
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    pending += data
+                body, pending = pending[:int(size)], pending[int(size):]
+                status, answer = self._answer(method, target, body)
+                self._respond(conn, status, answer, keep)
+                if not keep:
+                    return
+
+    def _answer(self, method, target, body):
+        """The gateway's status and answer for one request; a refusal of the forwarder's own as a dict."""
+        path = target.split("?", 1)[0]
+        if path.startswith(("http://", "https://")):  # the absolute form a proxy gets
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        if self.prefix:
+            if not path.startswith(self.prefix + "/"):
+                return 404, {"error": "not found: AI_ENDPOINT names this sandbox's address of the AI node"}
+            path = path[len(self.prefix):]
+        if not self.allowed:
+            return 403, {"error": AI_REFUSED}
+        body = self._with_model(method, body)
+        with self.gate:
+            if not self.calling:
+                return 503, {"error": AI_OUTSIDE_CALL}
+            self.in_flight += 1
+        try:
+            header, answer = self.channel_request({"op": "ai", "method": method, "path": path}, body)
+        except (OSError, EOFError, ValueError) as exc:
+            return 502, {"error": f"the worker did not answer this AI request ({type(exc).__name__})"}
+        finally:
+            with self.gate:
+                self.in_flight -= 1
+                self.gate.notify_all()
+        status = header.get("status")
+        return (status if isinstance(status, int) and 100 <= status < 600 else 502), answer
+
+    @staticmethod
+    def _with_model(method, body):
+        """A request that names no model gets this call's (LLM_MODEL: the run's modelId, else the function's or the
+        grid's default), as the seed's ai_client chose it."""
+        model = os.environ.get("LLM_MODEL")
+        if method != "POST" or not model:
+            return body
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return body  # the gateway says what is wrong with it
+        if not isinstance(request, dict) or request.get("model"):
+            return body
+        return json.dumps({**request, "model": model}).encode()
+
+    @staticmethod
+    def _respond(conn, status, answer, keep):
+        if isinstance(answer, dict):
+            answer = json.dumps(answer).encode()
+        lines = answer.strip().count(b"\n")
+        head = (f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\n"
+                f"Content-Type: {'application/x-ndjson' if lines else 'application/json'}; charset=utf-8\r\n"
+                f"Content-Length: {len(answer)}\r\nConnection: {'keep-alive' if keep else 'close'}\r\n\r\n")
+        try:
+            conn.sendall(head.encode() + answer)
+        except OSError:
+            pass  # the function stopped waiting
+
+
+def start_ai_forwarder(channel_request):
+    """The forwarder behind ``AI_ENDPOINT`` (every sandbox has one: a function without AI access is told why), or
+    None where the sandbox has no loopback to listen on (``nanogrid.ai`` then uses the channel directly)."""
+    allowed = os.environ.get("AI_ENDPOINT") == AI_CHANNEL and channel_request is not None
+    try:
+        forwarder = AIForwarder(channel_request, allowed)
+    except OSError:
+        if not allowed:
+            os.environ.pop("AI_ENDPOINT", None)
+        return None
+    os.environ["AI_ENDPOINT"] = forwarder.url
+    return forwarder
+
+
 def main():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # also as PID 1 in a container
@@ -670,7 +849,7 @@ def main():
     channel.request = Channel(stdin_fd, reply_fd).request
     sys.modules["__nanogrid_channel__"] = channel
 
-    runtime = Runtime()
+    runtime = Runtime(channel.request)
     live = LiveOutput(reply_fd, captures)
     write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2], "blob_cache": True})
     while True:
@@ -693,7 +872,13 @@ def main():
                                            header.get("cache_bytes") or 0)
             else:
                 blobs = read_blobs(stdin_fd, header.get("blobs") or [])
-            reply, result = runtime.call(header, body, captures, live if header.get("live") else None, blobs)
+            if runtime.ai is not None:
+                runtime.ai.begin_call()
+            try:
+                reply, result = runtime.call(header, body, captures, live if header.get("live") else None, blobs)
+            finally:
+                if runtime.ai is not None:
+                    runtime.ai.end_call()  # an AI answer under way arrives before the call's reply
             write_reply(reply_fd, reply, result)
             del reply, result
         elif op == "calls" and runtime.function is not None:

@@ -1,0 +1,166 @@
+"""The seed platform's AI functions on NanoGrid, unchanged: ``requests.post(AI_ENDPOINT + "/api/generate")`` and the
+seed's ``ai_client``, in sandboxes that have no network.
+
+``AI_ENDPOINT`` is an address on the sandbox's own loopback, served by the bootstrap's forwarder, which hands each
+request to the worker's AI gateway over the sandbox's channel. What must never happen: a seed function that cannot
+reach the AI node it was written for (no ``requests``, no ``ai_client``, no ``AI_ENDPOINT``); tokens used but not
+counted (``llm_token_count`` 0); the forwarder opening more than the gateway's inference routes (``/api/pull``,
+``/api/delete`` reaching the node); a function with AI turned off left with a silence or a network error instead of
+a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from nanogrid_backend.embedded import EmbeddedGrid
+from tests import fake_ollama
+from tests.conftest import require_docker, start_grid
+from tests.fake_ollama import FakeOllama
+
+pytestmark = pytest.mark.integration
+
+# Seed 004, section 5.3 (demo 2, the AI summary bot): summarizer.py, verbatim (blank lines with spaces and all).
+SUMMARIZER = (Path(__file__).parent / "seed_ai_summarizer.py.txt").read_text(encoding="utf-8")
+TEXT = "인공지능(AI)은 인간의 학습능력, 추론능력, 지각능력을 인공적으로 구현한 컴퓨터 시스템입니다."
+
+# The seed's AI SDK as its README shows it: the model comes from the run's modelId (LLM_MODEL).
+WITH_AI_CLIENT = '''import os
+import ai_client
+
+def handler(event, context):
+    return {"answer": ai_client.generate(event["prompt"]), "endpoint": os.environ.get("AI_ENDPOINT"),
+            "chat": ai_client.chat([{"role": "user", "content": "hello there"}])}
+'''
+
+# What a curious (or hostile) function tries through AI_ENDPOINT: the node's admin routes, and the node while its
+# module loads, outside any call.
+PROBING = '''import os
+import requests
+
+AT_LOAD = requests.get(os.environ["AI_ENDPOINT"] + "/api/tags", timeout=30)
+
+def handler(event, context):
+    base = os.environ["AI_ENDPOINT"]
+    pull = requests.post(base + "/api/pull", json={"name": "llama3:70b"}, timeout=30)
+    delete = requests.delete(base + "/api/delete", json={"name": "tiny"}, timeout=30)
+    tags = requests.get(base + "/api/tags", timeout=30)
+    return {"at_load": [AT_LOAD.status_code, AT_LOAD.json()], "pull": [pull.status_code, pull.json()],
+            "delete": [delete.status_code, delete.json()], "tags": [m["name"] for m in tags.json()["models"]]}
+'''
+
+
+def upload(client: httpx.Client, source: str, model: str | None = None) -> str:
+    """POST /upload as the seed's UI sends it: the editor's code, zipped (plus the default modelId, if any)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("main.py", source)
+    response = client.post("/upload", headers={"x-runtime": "python", "x-memory-mb": "256"},
+                           files={"file": ("function.zip", buffer.getvalue(), "application/zip")},
+                           data={"modelId": model} if model else {})
+    assert response.status_code == 200, response.text
+    return response.json()["functionId"]
+
+
+def run(client: httpx.Client, function_id: str, event: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"functionId": function_id, "inputData": event}
+    if model:
+        body["modelId"] = model
+    response = client.post("/run", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[FakeOllama]:
+    """An AI node that has the seed's default model too (summarizer.py names llama3:8b)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fake_ollama, "MODELS", [*fake_ollama.MODELS, "llama3:8b"])
+        with FakeOllama() as fake:
+            yield fake
+
+
+@pytest.fixture(scope="module")
+def docker_seed(node: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    require_docker()
+    grid = start_grid(tmp_path_factory.mktemp("seed-ai-docker"), sandbox="docker", ai_endpoint=node.url,
+                      ai_model="tiny", stem_cells=1)
+    try:
+        with httpx.Client(base_url=grid.url, headers={"x-api-key": str(grid.api_key)}, timeout=120) as client:
+            yield client
+    finally:
+        grid.stop()
+
+
+@pytest.fixture(scope="module")
+def ai_off_grid(node: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
+    """A grid whose operator turned AI off for seed uploads (seed_ai = false): process sandboxes."""
+    grid = start_grid(tmp_path_factory.mktemp("seed-ai-off"), ai_endpoint=node.url, ai_model="tiny", seed_ai=False)
+    yield grid
+    grid.stop()
+
+
+def test_seed_summarizer_runs_unchanged_in_docker_and_its_tokens_are_counted(docker_seed, node):
+    """The seed's own AI demo must get its answer in a sandbox without a network, and the tokens it used must show
+    as llm_token_count on the run's answer and on its status."""
+    function_id = upload(docker_seed, SUMMARIZER)
+    before = len(node.requests)
+    result = run(docker_seed, function_id, {"text": TEXT})
+    assert result["status"] == "SUCCESS", result
+    summary = result["result"]["summary"]
+    assert summary.startswith("[llama3:8b] summary: 다음 텍스트를 3줄로 요약해줘:")
+    assert result["result"]["original_length"] == len(TEXT)
+    (request,) = node.requests[before:]
+    prompt_words = len(request["prompt"].split())
+    assert result["llm_token_count"] == prompt_words + len(summary.split())  # the node's own counts
+    status = docker_seed.get(f"/status/{result['jobId']}").json()
+    assert status["llm_token_count"] == result["llm_token_count"]
+
+
+def test_ai_client_takes_the_model_of_the_upload_then_of_the_run(docker_seed, node):
+    """``import ai_client`` must work, and its default model must be the upload's modelId unless the run names
+    another: a run must never reach a model nobody chose."""
+    function_id = upload(docker_seed, WITH_AI_CLIENT, model="summarizer")
+    default = run(docker_seed, function_id, {"prompt": "a short text"})
+    assert default["status"] == "SUCCESS", default
+    assert default["result"]["answer"] == "[summarizer] summary: a short text"
+    assert default["result"]["chat"] == "[summarizer] summary: hello there"
+    assert default["result"]["endpoint"].startswith("http://127.0.0.1:")  # the sandbox's own loopback
+    assert default["llm_token_count"] > 0
+    chosen = run(docker_seed, function_id, {"prompt": "a short text"}, model="tiny")
+    assert chosen["result"]["answer"] == "[tiny] summary: a short text"
+
+
+def test_the_forwarder_opens_the_inference_routes_only_and_only_during_a_call(docker_seed, node):
+    """Through AI_ENDPOINT a function must never pull, delete or otherwise administer the node, nor reach it while
+    its module loads (outside a call, where no job would be charged); the model list stays readable."""
+    function_id = upload(docker_seed, PROBING)
+    result = run(docker_seed, function_id, {})
+    assert result["status"] == "SUCCESS", result
+    value = result["result"]
+    assert value["pull"][0] == 403 and "inference routes" in value["pull"][1]["error"]
+    assert value["delete"][0] == 403
+    assert value["at_load"][0] == 503 and "only while the function is being called" in value["at_load"][1]["error"]
+    assert "llama3:8b" in value["tags"]
+    assert not [seen for seen in node.seen if seen[1] in ("/api/pull", "/api/delete")]
+
+
+def test_a_function_with_ai_turned_off_is_told_why(ai_off_grid, node):
+    """With AI turned off for seed uploads, a function's request must fail with a reason that says so (never a
+    network error, never an answer), and nothing must reach the node."""
+    with httpx.Client(base_url=ai_off_grid.url, headers={"x-api-key": str(ai_off_grid.api_key)}, timeout=120) as client:
+        before = len(node.requests)
+        result = run(client, upload(client, WITH_AI_CLIENT), {"prompt": "a short text"})
+        assert result["status"] == "FAILED"
+        assert "AIError" in result["stderr"] and "this function may not use it" in result["stderr"]
+        assert "seed_ai" in result["stderr"]
+        summarizer = run(client, upload(client, SUMMARIZER), {"text": TEXT})
+        assert summarizer["status"] == "FAILED" and summarizer["llm_token_count"] == 0
+        assert len(node.requests) == before
