@@ -318,6 +318,7 @@ async def upload(
     file: Annotated[UploadFile | None, File()] = None,
     description: Annotated[str, Form(max_length=1000)] = "",
     envVars: Annotated[str, Form(max_length=65536)] = "",  # noqa: N803  (the seed's field name)
+    modelId: Annotated[str | None, Form(max_length=200)] = None,  # noqa: N803  (the AI node's model by default)
     x_runtime: Annotated[str | None, Header()] = None,
     x_memory_mb: Annotated[str | None, Header()] = None,
     x_function_name: Annotated[str | None, Header()] = None,
@@ -342,7 +343,8 @@ async def upload(
     seed_id = str(uuid.uuid4())
     form = {"name": function_name(x_function_name, file.filename), "runtime": grid_runtime(grid, runtime),
             "handler": SEED_SOURCES[runtime][1], "kind": "handler", "memory": memory_mb, "description": description,
-            "env": parse_env_vars(envVars), "stable_id": seed_id, "timeout": seed_timeout(grid, caller)}
+            "env": parse_env_vars(envVars), "stable_id": seed_id, "timeout": seed_timeout(grid, caller),
+            "ai": grid.config.seed_ai, "model": modelId}  # as on the seed platform, every function may reach the AI node
     await asyncio.to_thread(jobs.deploy, grid, caller, filename, data, form)
     return JSONResponse({"success": True, "functionId": seed_id})
 
