@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the embedded grid (controller + worker) in the foreground")
     _grid_options(up)
+    up.add_argument("--open", dest="open_access", action="store_true", default=None,
+                    help="serve requests without an API key as this grid's local owner (seed scripts as they are); "
+                         "loopback addresses only")
     up.set_defaults(command=cmd_up)
 
     controller = sub.add_parser("controller", help="run only the controller (workers run separately; needs "
@@ -264,6 +267,9 @@ def cmd_up(args: argparse.Namespace) -> int:
               "nanogrid.put)", flush=True)
         for note in [*getattr(grid.registry, "start_notes", []), *health.problems(grid, for_operator=True)]:
             print(f"  WARNING:  {note}", flush=True)
+        if config.open_access:
+            print(f"  WARNING:  --open: requests WITHOUT an API key act as the local owner; anyone on this machine "
+                  f"can run code here ({url})", flush=True)
         print("  stop with Ctrl-C", flush=True)
 
     serve(config, on_ready=ready)
@@ -419,7 +425,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     client = _client(args)
     loadtest.check_loopback(client.url)
     loadtest.check_bounds(args.rps, args.duration)
-    functions = [f for f in client.functions() if args.function in (f["function_id"], f["function_name"])]
+    names = ("function_id", "function_name", "stable_id")  # stable_id: a seed function's uuid
+    functions = [f for f in client.functions() if args.function in (f.get(name) for name in names)]
     if not functions:
         print(f"nanogrid: no function {args.function!r} (`nanogrid deploy` one, or see GET /v1/functions)",
               file=sys.stderr)

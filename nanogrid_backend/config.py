@@ -31,6 +31,7 @@ def default_data_dir() -> Path:
 class GridConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     host: str = "127.0.0.1"
+    open_access: bool = False  # nanogrid up --open: requests without a key act as the local owner (loopback only)
     port: int = 8765
     workers: int = max(2, os.cpu_count() or 1)  # calls run at once by the embedded worker
     sandbox: str = "auto"  # docker | process (trusted code only) | auto: docker when the engine and image are there
@@ -45,7 +46,7 @@ class GridConfig:
     idle_ttl_s: float = 300.0  # idle warm sandboxes are stopped after this
     kill_grace_s: float = 1.0  # SIGTERM, then this long, then SIGKILL
     default_memory_mib: int = 512
-    max_memory_mib: int = 8192
+    max_memory_mib: int = 10240  # the seed's Python maximum (and Lambda's)
     default_disk_mib: int = 1024  # a sandbox's own disk for /tmp, work and output files (disk= per function)
     max_disk_mib: int = 16384
     default_timeout_s: float = 300.0
@@ -74,7 +75,6 @@ class GridConfig:
     heartbeat_s: float = 5.0
     ai_endpoint: str = ""  # AI_ENDPOINT: the private AI node (an Ollama server) functions may call
     ai_model: str = ""  # LLM_MODEL: its default model
-    seed_ai: bool = True  # functions uploaded through the seed routes may reach the AI node, as on the seed platform
     cloudwatch_namespace: str = ""  # e.g. NanoGrid: workers publish BacklogPerInstance there for autoscaling
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
     rate_burst: int = 2000  # requests a key may make at once before the rate applies
@@ -147,6 +147,9 @@ class GridConfig:
                 raise refuse(name, f"must be at least {low:g}")
         if not 0 <= self.port <= 65535:
             raise refuse("port", "must be 0..65535 (0: any free port)")
+        if self.open_access and not _loopback(self.host):
+            raise refuse("host", "--open serves requests without an API key, so it listens on a loopback address "
+                                 "only (127.0.0.1, ::1, localhost)")
         for network in self.webhook_allow_networks:
             try:
                 ipaddress.ip_network(network, strict=False)
@@ -161,6 +164,15 @@ MINIMUMS: dict[str, float] = {
     "rate_limit": 0, "rate_burst": 1, "map_chunk_limit": 1, "sqs_visibility_s": 1, "redis_port": 1,
     "ai_max_tokens_per_request": 1,
 }
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_file(path: Path, names: set[str]) -> dict[str, object]:

@@ -13,13 +13,17 @@ from nanogrid.packaging import FunctionPackage as Package
 from nanogrid.packaging import build_zip, function_id_for
 from nanogrid_backend.environments import EnvironmentBuildError, check_names
 
-__all__ = ["Package", "PackageError", "from_upload", "check_manifest", "function_id_for", "owned_function_id"]
+__all__ = ["Package", "PackageError", "from_upload", "check_manifest", "function_id_for", "owned_function_id",
+           "seed_runtime"]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 MAX_RATIO = 200  # real code compresses 3-10x; a bomb a thousand-fold
 # The seed platform's other languages (nanogrid_runtimes/node, go, cpp): handler packages only, with these source files.
 LANGUAGE_SOURCES = {"nodejs": (".js",), "go": (".go",), "cpp": (".cpp", ".cc", ".cxx")}
+# The seeds' runtime names (python3.9, nodejs18.x, go1.x, cpp17, or the bare family): family, then a version.
+SEED_RUNTIME_NAME = re.compile(r"^(python|nodejs|node|go|cpp)(\d[\w.]*)?$")
+SEED_FAMILIES = {"node": "nodejs"}
 # The most items an upload may list of each (a manifest is hostile input: a million names would be built, or opened).
 MAX_ITEMS = {"packages": 2000, "system packages": 200, "environment variables": 500, "secrets": 200}
 
@@ -67,6 +71,41 @@ def from_upload(filename: str, data: bytes, form: dict[str, Any], *, max_bytes: 
         raise PackageError("a pickle package needs function.pkl")
     files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     return Package(build_zip(files), manifest)
+
+
+def seed_runtime(name: str, runtimes: dict[str, str]) -> tuple[str, str | None]:
+    """The grid's runtime for a seed's runtime name, and a warning when it is not the version asked for.
+
+    ``python3.9`` ... ``python3.13`` run on the nearest Python the grid has (the seed's workers ran whatever image
+    they had, so a function written for 3.9 is expected to run on 3.11); ``nodejs18.x``, ``go1.x``, ``cpp17`` run on
+    the grid's Node.js, Go and C++ runtimes. An unknown name raises ``PackageError`` (400) listing the known ones.
+    """
+    match = SEED_RUNTIME_NAME.match(name.strip().lower())
+    served = ", ".join(sorted(runtimes)) or "none"
+    if match is None:
+        raise PackageError(f"Invalid runtime {name!r}. Allowed: python (python3.9 ... python3.13), nodejs "
+                           f"(nodejs18.x, nodejs20.x), go (go1.x), cpp; this grid runs: {served}", 400)
+    family, version = SEED_FAMILIES.get(match[1], match[1]), match[2]
+    if family != "python":
+        if family not in runtimes:
+            raise PackageError(f"runtime {name} is not installed on this grid; it runs: {served}", 400)
+        return family, None
+    pythons = {runtime: _minor(value) for runtime, value in runtimes.items() if runtime.startswith("python")}
+    if not pythons:
+        raise PackageError(f"runtime {name} is not installed on this grid; it runs: {served}", 400)
+    wanted = _minor(version) if version else None
+    if wanted is None:  # the bare family: the grid's first Python (its own, for the embedded grid)
+        return next(iter(pythons)), None
+    nearest = min(pythons, key=lambda runtime: (abs(pythons[runtime] - wanted), -pythons[runtime]))
+    if pythons[nearest] == wanted:
+        return nearest, None
+    return nearest, f"runtime {name} runs on {nearest}, the nearest Python this grid has"
+
+
+def _minor(version: str) -> int:
+    """The minor version of "3.11", "3.11.7" or "python3.11" (-1 if there is none)."""
+    found = re.search(r"3\.(\d+)", version)
+    return int(found[1]) if found else -1
 
 
 def owned_function_id(owner: str, content_id: str) -> str:

@@ -56,7 +56,7 @@ async def authorize(
     """Every route but /health: a valid key, within its rate limit."""
     state = request.app.state
     try:
-        key = state.authenticator.check(x_api_key or (bearer.credentials if bearer else None))
+        key = state.authenticator.check(x_api_key or (bearer.credentials if bearer else None) or seed.open_key(request))
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     rate = state.config.rate_limit if key.rate_limit is None else key.rate_limit
@@ -114,10 +114,10 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
     functions: dict[str, FunctionRecord] = {}  # records never change (ids are content hashes); deletes evict
     def function_or_404(function_id: str, caller: ApiKey) -> FunctionRecord:
-        function = functions.get(function_id) or grid.registry.get_function(function_id)
+        function = functions.get(function_id) or seed.resolve_function(grid, caller.name, function_id)  # or a seed id
         if function is None or function.owner != caller.name:  # another owner's function does not exist for you
             raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
-        functions[function_id] = function
+        functions[function.function_id] = function
         return function
 
     links = LinkSigner(grid.secrets.link_key)
@@ -168,7 +168,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
 
     @app.delete("/v1/functions/{function_id}", response_model=Deleted)
     def delete_function(function_id: str, caller: Caller) -> dict:
-        function_or_404(function_id, caller)
+        function_id = function_or_404(function_id, caller).function_id
         functions.pop(function_id, None)
         grid.registry.delete_function(function_id)
         grid.store.delete_package(function_id)

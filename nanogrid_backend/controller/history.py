@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from nanogrid.packaging import build_zip
 from nanogrid_backend.autotune import Rates, recommend
-from nanogrid_backend.controller import loadtests, webhooks
+from nanogrid_backend.controller import loadtests, seed, webhooks
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
 from nanogrid_backend.packages import function_id_for, owned_function_id
@@ -108,8 +108,8 @@ def router(grid: Grid, caller: Any) -> APIRouter:
     api = APIRouter(prefix="/v1", tags=["operations"])
 
     def owned_function(function_id: str, key: ApiKey) -> FunctionRecord:
-        function = grid.registry.get_function(function_id)
-        if function is None or function.owner != key.name:
+        function = seed.resolve_function(grid, key.name, function_id)  # a NanoGrid id or a seed function's uuid
+        if function is None:
             raise HTTPException(404, f"no function {function_id!r}")
         return function
 
@@ -140,6 +140,7 @@ def router(grid: Grid, caller: Any) -> APIRouter:
     def function_history(function_id: str, key: caller, limit: Limit = 50, before: Before = None,
                          status: Status = None) -> dict:
         """One function's calls, newest first (stdout/stderr cut to 2,048 characters: ``/v1/history/{job_id}``)."""
+        function_id = owned_function(function_id, key).function_id  # a seed function's uuid: its newest version
         entries = grid.registry.list_history(key.name, function_id, status, limit, cursor(before, key), TEXT_CAP)
         return page(entries, limit)
 

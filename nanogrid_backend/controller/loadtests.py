@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from nanogrid import loadtest
 from nanogrid.errors import InvalidArgument
-from nanogrid_backend.controller import jobs
+from nanogrid_backend.controller import jobs, seed
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import FunctionRecord
 
@@ -115,8 +115,8 @@ def router(grid: Grid, caller: Any, tests: LoadTests) -> APIRouter:
     @api.post("", status_code=202)
     def start(body: LoadTestRequest, key: caller) -> dict:
         """Start a load test of one of your functions; poll ``GET /v1/loadtests/{id}`` for progress and the summary."""
-        function = grid.registry.get_function(body.function_id)
-        if function is None or function.owner != key.name:
+        function = seed.resolve_function(grid, key.name, body.function_id)  # a NanoGrid id or a seed function's uuid
+        if function is None:
             raise HTTPException(404, f"no function {body.function_id!r}")
         test_id = tests.start(key.name, function, body, key.max_timeout_s)
         return next(t for t in tests.listing(key.name) if t["loadtest_id"] == test_id)

@@ -22,26 +22,29 @@ import json
 import logging
 import re
 import sqlite3
+import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import httpx
 from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanogrid import __version__
+from nanogrid import __version__, loadtest
 from nanogrid.packaging import build_zip
+from nanogrid_backend import packages
 from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller.errors import DISK_FULL, disk_full
 from nanogrid_backend.controller.function_metrics import render_all
+from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.controller.ratelimit import key_limits
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.keys import AuthError
@@ -56,12 +59,16 @@ SEED_VERSION = "v2.8"  # the controller.js version whose contract this is
 SEED_RUNTIMES = ("python", "cpp", "nodejs", "go")
 MIN_MEMORY_MB = 128
 MAX_MEMORY_MB = {"python": 10240}  # others: 1024, as the original validates
+LOADTEST_PROGRESS_S = 1.0  # POST /debug/loadtest: a progress line this often
+SEED_MB_PRICE = 0.00005  # the seed AutoTuner's dollars per MB-hour
+SNAKE_MEMORY_MB = 512  # seed 004's executor ran every container with mem_limit='512m'
 SEED_TIMEOUT_S = 300.0  # the original's fixed timeoutMs
 SYNC_WAIT_S = 290.0  # then {"status": "TIMEOUT"}, as the original
 WORKER_TIMEOUT_S = 30.0  # a worker that posted no heartbeat for this long is gone
 LOG_FEED = 100  # GET /logs: the newest finished calls, as the original's ring buffer of 100
 MESSAGE_PREVIEW = 200
 EXIT_CODES = {"timeout": -1, "cancelled": -1, "interrupted": -1, "memory": 137}  # else 1 for a failure
+SNAKE_POLL = "Job submitted. Poll GET /status/{} for results."
 NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -100,10 +107,17 @@ def seed_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def open_key(request: Request) -> str | None:
+    """The local owner's key for a request that presents none, on a grid started with ``nanogrid up --open``
+    (loopback only: ``GridConfig.check`` refuses it on any other address); else None."""
+    state = request.app.state
+    return state.grid.api_key if state.config.open_access else None
+
+
 async def seed_caller(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
     """The seed's auth: the ``x-api-key`` header, any of the grid's keys (its owner's functions and jobs only)."""
     try:
-        return request.app.state.authenticator.check(x_api_key)
+        return request.app.state.authenticator.check(x_api_key or open_key(request))
     except AuthError:
         raise HTTPException(401, "Unauthorized") from None
 
@@ -158,6 +172,18 @@ def versions_of(grid: Grid, caller: ApiKey, seed_id: str) -> list[FunctionRecord
     return [f for f in grid.registry.list_functions(owner=caller.name) if seed_id_of(f) == seed_id]
 
 
+def resolve_function(grid: Grid, owner: str, function_id: str) -> FunctionRecord | None:
+    """The function any surface means by an id: a NanoGrid id (``fn-...``) as it is, or a seed function's id (the
+    uuid ``POST /upload`` answered), meaning its newest version. None if ``owner`` has no such function.
+
+    For the ``/v1`` routes, ``nanogrid loadtest`` and the dashboard, so the seed's id works wherever NanoGrid's does.
+    """
+    if function_id.startswith("fn-"):
+        function = grid.registry.get_function(function_id)
+        return function if function is not None and function.owner == owner else None
+    return next((f for f in grid.registry.list_functions(owner=owner) if f.stable_id == function_id), None)
+
+
 def current_or_404(grid: Grid, caller: ApiKey, seed_id: str) -> list[FunctionRecord]:
     versions = versions_of(grid, caller, seed_id)
     if not versions:
@@ -169,12 +195,15 @@ def seed_runtime(runtime: str) -> str:
     return "python" if runtime.startswith("python") else runtime
 
 
-def grid_runtime(grid: Grid, runtime: str) -> str:
-    """The grid's runtime for a seed runtime name (python: the grid's own Python)."""
+def grid_runtime(grid: Grid, runtime: str) -> tuple[str, str | None]:
+    """The grid's runtime for a seed runtime name, and a warning when it runs another version than named.
+
+    The bare ``python`` is the grid's own Python; ``python3.9``, ``nodejs18.x``, ``go1.x``: ``packages.seed_runtime``.
+    """
     if runtime == "python":
         own = grid.config.python_runtime
-        return own if own in grid.runtimes else next((r for r in grid.runtimes if r.startswith("python")), own)
-    return runtime
+        return own if own in grid.runtimes else next((r for r in grid.runtimes if r.startswith("python")), own), None
+    return packages.seed_runtime(runtime, grid.runtimes)
 
 
 def function_summary(versions: list[FunctionRecord], stats: dict[str, list[FunctionStats]]) -> dict[str, Any]:
@@ -214,7 +243,7 @@ def code_files(filename: str, data: bytes, runtime: str = "python") -> tuple[str
     return SEED_SOURCES.get(runtime, SEED_SOURCES["python"])[0], data
 
 
-def function_name(header: str | None, filename: str | None) -> str:
+def function_name_of(header: str | None, filename: str | None) -> str:
     """x-function-name (URL-encoded by the seed's UI), else the file name, as a NanoGrid name (1-64 safe characters)."""
     raw = unquote(header) if header else (filename or "function").rsplit(".", 1)[0]
     return NAME_CHARS.sub("-", raw).strip("-._")[:64] or "function"
@@ -261,13 +290,77 @@ def seed_result(job: JobRecord, seed_id: str) -> dict[str, Any]:
         "durationMs": round(total_ms if total_ms is not None else job.execution_time_ms or 0),
         "handlerDurationMs": job.execution_time_ms, "peakMemoryBytes": job.peak_memory_bytes,
         "allocatedMemoryMb": job.memory_limit_mib, "outputFiles": [f["name"] for f in job.output_files],
-        "workerId": job.worker_id, "llm_token_count": tokens,
+        "workerId": job.worker_id, "llm_token_count": tokens, **run_tip(job),
     }
+
+
+def run_tip(job: JobRecord) -> dict[str, Any]:
+    """The seed worker's per-run AutoTuner (metrics_collector.py): this run's peak against its memory.
+
+    Below 30 % of it: "Resource Waste", twice the peak; above 85 %: "Memory Risk", 1.2 times the peak; savings
+    are the difference in MB at $0.00005 per MB-month-hour, 730 hours a month, as the original priced it. The
+    recommendation is at least the seed's minimum of 128 MB (its "Apply" sends it back as ``PUT memoryMb``).
+    ``GET /functions/:id/auto-tuner`` advises from every call instead (NanoGrid's AutoTuner).
+    """
+    peak, allocated = job.peak_memory_bytes, job.memory_limit_mib
+    none = {"optimizationTip": None, "recommendedMemoryMb": None, "estimatedSavings": None}
+    if not peak or not allocated:
+        return none
+    peak_mb = peak / 1048576
+    ratio = peak_mb / allocated
+    if ratio < 0.3:
+        recommended = max(MIN_MEMORY_MB, round(2 * peak_mb))
+        tip = (f"Resource Waste: this run peaked at {peak_mb:.0f} MB of {allocated} MB ({ratio:.0%}); "
+               f"{recommended} MB would do")
+    elif ratio > 0.85:
+        recommended = max(MIN_MEMORY_MB, round(1.2 * peak_mb))
+        tip = f"Memory Risk: this run peaked at {peak_mb:.0f} MB of {allocated} MB ({ratio:.0%}); give it {recommended} MB"
+    else:
+        return none
+    if recommended == allocated:
+        return none
+    savings = round((allocated - recommended) * SEED_MB_PRICE * 730, 4)
+    return {"optimizationTip": tip, "recommendedMemoryMb": recommended, "estimatedSavings": savings}
+
+
+def snake_job_id() -> str:
+    """A job id of seed 004's dialect: ``job-`` and a dashed uuid (the native ids are ``job-`` and 32 hex digits).
+
+    The id itself says which dialect a job was submitted in, so ``GET /status/:job_id`` answers in it on every
+    controller and after restarts, with nothing more stored."""
+    return f"job-{uuid.uuid4()}"
+
+
+def is_snake_job(job_id: str) -> bool:
+    return job_id.count("-") == 5 and job_id.startswith("job-")
+
+
+def snake_result(job: JobRecord, seed_id: str, request: Request) -> dict[str, Any]:
+    """A finished job as seed 004's worker published it: ``{job_id, status, result, output_files, ...}``.
+
+    ``output_files`` are URLs (the seed's were S3 URLs): signed links to the grid's copies, as ``/v1`` gives them.
+    """
+    completed = job.status == COMPLETED
+    value = json.loads(job.result) if completed and job.result is not None and job.result_format == "json" else None
+    total_ms = (job.finished_at - job.started_at) * 1000 if job.finished_at and job.started_at else None
+    base, owner = str(request.base_url).rstrip("/"), job.owner
+    links = LinkSigner(grid_of(request).secrets.link_key)
+    answer: dict[str, Any] = {
+        "job_id": job.job_id, "function_id": seed_id, "status": "completed" if completed else "failed",
+        "result": value,
+        "output_files": [f"{base}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}?"
+                         + links.query(job.job_id, f["name"], owner) for f in job.output_files],
+        "execution_time_ms": round(total_ms if total_ms is not None else job.execution_time_ms or 0),
+        "logs": job.stdout + job.stderr,
+    }
+    if not completed:
+        answer["error"] = (job.error or {}).get("message", job.status)
+    return answer
 
 
 def log_entry(job: JobRecord, seed_id: str) -> dict[str, Any]:
     result = seed_result(job, seed_id)
-    message = job.stderr or job.stdout or (result["error"] or "")
+    message = job.stderr or result["stdout"] or (result["error"] or "")  # nothing printed: the value's JSON line
     return {
         "id": job.job_id, "requestId": job.job_id, "timestamp": iso(job.finished_at), "status": result["status"],
         "duration": result["durationMs"], "handlerDurationMs": job.execution_time_ms,
@@ -318,60 +411,92 @@ async def upload(
     file: Annotated[UploadFile | None, File()] = None,
     description: Annotated[str, Form(max_length=1000)] = "",
     envVars: Annotated[str, Form(max_length=65536)] = "",  # noqa: N803  (the seed's field name)
-    modelId: Annotated[str | None, Form(max_length=200)] = None,  # noqa: N803  (the AI node's model by default)
+    function_name: Annotated[str | None, Form(max_length=200)] = None,  # seed 004's snake_case fields
+    runtime: Annotated[str | None, Form(max_length=32)] = None,
+    handler: Annotated[str | None, Form(max_length=200)] = None,
+    timeout: Annotated[str | None, Form(max_length=16)] = None,
     x_runtime: Annotated[str | None, Header()] = None,
     x_memory_mb: Annotated[str | None, Header()] = None,
     x_function_name: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
+    """Either dialect: headers ``x-runtime``/``x-memory-mb``/``x-function-name`` answered ``{success, functionId}``,
+    or seed 004's form fields ``function_name``/``runtime``/``handler``/``timeout`` answered 201 in snake_case."""
     grid = grid_of(request)
-    runtime = x_runtime or "python"
-    if runtime not in SEED_RUNTIMES:
+    snake = function_name is not None or handler is not None or (runtime is not None and x_runtime is None)
+    name = x_runtime or runtime or "python"
+    family = seed_runtime(packages.SEED_FAMILIES.get(name, name))
+    if not snake and family not in SEED_RUNTIMES and not packages.SEED_RUNTIME_NAME.match(name):
         raise HTTPException(400, f"Invalid runtime. Allowed: {', '.join(SEED_RUNTIMES)}")
-    memory_max = MAX_MEMORY_MB.get(runtime, 1024)
+    own_runtime, warning = grid_runtime(grid, name)
+    family = seed_runtime(own_runtime)
+    memory_max = MAX_MEMORY_MB.get(family, 1024)
     try:
-        memory_mb = int(x_memory_mb or MIN_MEMORY_MB)
+        memory_mb = int(x_memory_mb or (SNAKE_MEMORY_MB if snake else MIN_MEMORY_MB))
     except ValueError:
         memory_mb = -1
     if not MIN_MEMORY_MB <= memory_mb <= memory_max:
-        raise HTTPException(400, f"Invalid memoryMb for {runtime}. Must be between {MIN_MEMORY_MB} and {memory_max} MB.")
-    if grid_runtime(grid, runtime) not in grid.runtimes:
-        served = ", ".join(sorted({seed_runtime(r) for r in grid.runtimes}))
-        raise HTTPException(400, f"runtime {runtime} is not installed on this grid; it runs: {served}")
+        raise HTTPException(400, f"Invalid memoryMb for {family}. Must be between {MIN_MEMORY_MB} and {memory_max} MB.")
     if file is None:
         raise HTTPException(400, "No file provided")
-    filename, data = code_files(file.filename or "", await file.read(), runtime)
+    source, entry = SEED_SOURCES[family]
+    entry = handler or entry
+    filename, data = code_files(file.filename or "", await file.read(), family)
+    if handler and filename != "package.zip":  # a lone source file is the module its handler names
+        filename = entry.rsplit(".", 1)[0].replace(".", "/") + "." + source.rsplit(".", 1)[1]
     seed_id = str(uuid.uuid4())
-    form = {"name": function_name(x_function_name, file.filename), "runtime": grid_runtime(grid, runtime),
-            "handler": SEED_SOURCES[runtime][1], "kind": "handler", "memory": memory_mb, "description": description,
-            "env": parse_env_vars(envVars), "stable_id": seed_id, "timeout": seed_timeout(grid, caller),
-            "ai": grid.config.seed_ai, "model": modelId}  # as on the seed platform, every function may reach the AI node
-    await asyncio.to_thread(jobs.deploy, grid, caller, filename, data, form)
-    return JSONResponse({"success": True, "functionId": seed_id})
+    form = {"name": function_name_of(function_name or x_function_name, file.filename), "runtime": own_runtime,
+            "handler": entry, "kind": "handler", "memory": memory_mb, "description": description,
+            "env": parse_env_vars(envVars), "stable_id": seed_id,
+            "timeout": seed_timeout(grid, caller, timeout)}
+    record, _ = await asyncio.to_thread(jobs.deploy, grid, caller, filename, data, form)
+    headers = {"Warning": f'299 nanogrid "{warning}"'} if warning else None
+    if not snake:
+        return JSONResponse({"success": True, "functionId": seed_id}, headers=headers)
+    return JSONResponse({"function_id": seed_id, "function_name": record.function_name, "runtime": name,
+                         "handler": record.handler, "s3_key": f"functions/{seed_id}/{record.function_id}.zip",
+                         "created_at": iso(record.created_at)}, status_code=201, headers=headers)
 
 
-def seed_timeout(grid: Grid, caller: ApiKey) -> float:
-    """The original's fixed 300 s, within the grid's and the key's maximum."""
-    return min(SEED_TIMEOUT_S, grid.config.max_timeout_s, caller.max_timeout_s or SEED_TIMEOUT_S)
+def seed_timeout(grid: Grid, caller: ApiKey, asked: str | None = None) -> float:
+    """The original's fixed 300 s (or seed 004's ``timeout`` field), within the grid's and the key's maximum."""
+    timeout = SEED_TIMEOUT_S
+    if asked not in (None, ""):
+        try:
+            timeout = float(asked)
+        except ValueError:
+            timeout = -1
+        if not 0 < timeout <= SEED_TIMEOUT_S:
+            raise HTTPException(400, f"timeout must be 1..{SEED_TIMEOUT_S:g} seconds, not {asked!r}")
+    return min(timeout, grid.config.max_timeout_s, caller.max_timeout_s or SEED_TIMEOUT_S)
 
 
 @router.post("/run")
 async def run(request: Request, caller: Caller, x_async: Annotated[str | None, Header()] = None) -> JSONResponse:
+    """``{functionId, inputData, modelId}`` answered as the original, or seed 004's ``{function_id, payload}``
+    answered in snake_case (``job_id``, ``status: completed|failed``, ``result``, ``output_files``, ...)."""
     grid = grid_of(request)
     try:
         body = json.loads(await request.body() or b"{}")
     except ValueError:
         raise HTTPException(400, "the body must be JSON: {\"functionId\": ..., \"inputData\": {...}}") from None
-    if not isinstance(body, dict) or not body.get("functionId"):
+    snake = isinstance(body, dict) and "functionId" not in body and "function_id" in body
+    if not isinstance(body, dict) or not body.get("function_id" if snake else "functionId"):
         raise HTTPException(400, "functionId is required")
-    seed_id = str(body["functionId"])
+    seed_id = str(body["function_id" if snake else "functionId"])
     function = (await asyncio.to_thread(current_or_404, grid, caller, seed_id))[0]
     if function.kind != "handler":
         raise HTTPException(400, f"function {seed_id} was packaged by NanoGrid's Python client; call it with .remote()")
     model = body.get("modelId") if isinstance(body.get("modelId"), str) else None
-    payloads = jobs.encode_payloads(function, [body.get("inputData") or {}], None, grid.config.max_payload_bytes)
+    event = body.get("payload" if snake else "inputData") or {}
+    payloads = jobs.encode_payloads(function, [event], None, grid.config.max_payload_bytes)
     (job,) = jobs.new_jobs(function, payloads, caller.name)
+    if snake:
+        job.job_id = snake_job_id()
     if (x_async or "").lower() == "true":
         await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
+        if snake:
+            return JSONResponse({"job_id": job.job_id, "status": "pending", "message": SNAKE_POLL.format(job.job_id)},
+                                status_code=202)
         return JSONResponse({"status": "ACCEPTED", "jobId": job.job_id}, status_code=202)
     finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
     try:
@@ -379,19 +504,32 @@ async def run(request: Request, caller: Caller, x_async: Annotated[str | None, H
         done = await jobs.next_result(grid, job.job_id, finished, min(function.timeout_s + 30, SYNC_WAIT_S))
     finally:
         unsubscribe()
+    if done is None and snake:
+        return JSONResponse({"job_id": job.job_id, "status": "running", "message": SNAKE_POLL.format(job.job_id)},
+                            status_code=202)
     if done is None:
         return JSONResponse({"status": "TIMEOUT", "message": "Processing timed out.", "jobId": job.job_id})
+    if snake:
+        return JSONResponse(snake_result(done, seed_id, request))
     return JSONResponse(seed_result(done, seed_id))
 
 
 @router.get("/status/{job_id}")
 def status(job_id: str, request: Request, caller: Caller) -> dict[str, Any]:
+    """The job in the dialect it was submitted in (its id says which); unfinished or unknown: pending."""
     grid = grid_of(request)
     job = grid.registry.get_job(job_id)
-    if job is None or job.owner != caller.name or not job.finished:
+    if job is None or job.owner != caller.name:
+        job = None
+    function = grid.registry.get_function(job.function_id) if job is not None else None
+    seed_id = seed_id_of(function) if function else (job.function_id if job else "")
+    if is_snake_job(job_id):
+        if job is None or not job.finished:
+            return {"job_id": job_id, "status": "running" if job and job.status == "running" else "pending"}
+        return snake_result(job, seed_id, request)
+    if job is None or not job.finished:
         return {"status": "pending", "message": "Running or not found"}
-    function = grid.registry.get_function(job.function_id)
-    return seed_result(job, seed_id_of(function) if function else job.function_id)
+    return seed_result(job, seed_id)
 
 
 @router.get("/functions")
@@ -422,8 +560,19 @@ async def update_function(
     memoryMb: Annotated[str, Form(max_length=16)] = "",  # noqa: N803
     memory: Annotated[str, Form(max_length=16)] = "",
 ) -> JSONResponse:
-    """New code, description or memory: a new version under the same id (runtime, name and envVars stay)."""
+    """New code, description or memory: a new version under the same id (runtime, name and envVars stay).
+
+    As form fields (with or without a file), or as the seed UI's JSON body ``{description, memoryMb}``."""
     grid = grid_of(request)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise HTTPException(400, "the body must be JSON: {\"description\": ..., \"memoryMb\": 256}") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object: {\"description\": ..., \"memoryMb\": 256}")
+        description = str(body.get("description") or "")[:1000]
+        memoryMb = "" if body.get("memoryMb") in (None, "") else str(body["memoryMb"])  # noqa: N806
     current = (await asyncio.to_thread(current_or_404, grid, caller, function_id))[0]
     if current.kind != "handler":
         raise HTTPException(400, f"function {function_id} was packaged by NanoGrid's Python client; redeploy it from there")
@@ -448,6 +597,10 @@ async def update_function(
             manifest["memory"] = int(memoryMb or memory)
         except ValueError:
             raise HTTPException(400, f"memoryMb must be a whole number of MB, not {memoryMb or memory!r}") from None
+        family = seed_runtime(current.runtime)
+        if not MIN_MEMORY_MB <= manifest["memory"] <= MAX_MEMORY_MB.get(family, 1024):
+            raise HTTPException(400, f"Invalid memoryMb for {family}. Must be between {MIN_MEMORY_MB} and "
+                                     f"{MAX_MEMORY_MB.get(family, 1024)} MB.")
     manifest["stable_id"] = function_id
     files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     await asyncio.to_thread(jobs.deploy, grid, caller, "package.zip", build_zip(files), {})
@@ -531,10 +684,9 @@ def seed_workers(request: Request) -> list[dict[str, Any]]:
         posted.pop(worker_id, None)
     workers = [{k: v for k, v in data.items() if k != "owner"} for data in list(posted.values())]
     started = request.app.state.started_at
-    for info in jobs.live_workers(grid_of(request)):
-        pool = info.get("pool", {})
-        workers.append({"workerId": info["worker_id"], "status": "healthy",
-                        "pools": {"python": int(pool.get("stem_cells", 0)) + int(pool.get("idle", 0))},
+    grid = grid_of(request)
+    for info in jobs.live_workers(grid):
+        workers.append({"workerId": info["worker_id"], "status": "healthy", "pools": pools_by_runtime(grid, info),
                         "activeJobs": int(info.get("running", 0)), "uptimeSeconds": round(now - started),
                         "lastSeen": now, "receivedAt": iso(now)})
     for worker in workers:
@@ -543,6 +695,21 @@ def seed_workers(request: Request) -> list[dict[str, Any]]:
         worker["lastSeenAgo"] = f"{round(age)}s"
         worker["lastSeen"] = round(worker["lastSeen"] * 1000)  # milliseconds, as Date.now()
     return workers
+
+
+def pools_by_runtime(grid: Grid, info: dict[str, Any]) -> dict[str, int]:
+    """A worker's warm sandboxes (stem cells and idle ones) by seed runtime: a stem cell by its environment
+    (``runtime-nodejs``, ``runtime-go``, ``runtime-cpp``; any other is Python's), an idle one by its function's."""
+    pool = info.get("pool", {})
+    pools = {runtime: 0 for runtime in SEED_RUNTIMES}
+    by_environment = pool.get("stem_cells_by_environment", {})
+    for env_id, count in by_environment.items():
+        pools[next((r for r in SEED_RUNTIMES if env_id == f"runtime-{r}"), "python")] += int(count)
+    pools["python"] += int(pool.get("stem_cells", 0)) - sum(int(n) for n in by_environment.values())
+    for function_id, count in pool.get("idle_by_function", {}).items():
+        function = grid.registry.get_function(function_id)
+        pools[seed_runtime(function.runtime) if function else "python"] += int(count)
+    return pools
 
 
 @router.get("/workers")
@@ -584,3 +751,148 @@ async def models(request: Request, caller: Caller) -> dict[str, Any]:
         log.info("model catalog: %s", exc)
         return {"models": [{"id": default, "name": f"{default} (Default)", "status": "fallback", "details": {}}],
                 "warning": "Could not fetch dynamic model list from AI Node. showing default."}
+
+
+# operations: the AutoTuner, metrics windows, load tests
+
+@router.get("/functions/{function_id}/auto-tuner")
+def auto_tuner(function_id: str, request: Request, caller: Caller) -> dict[str, Any]:
+    """The seed UI's AutoTuner panel, from NanoGrid's AutoTuner over every call of the newest version (30 days)."""
+    from nanogrid_backend.controller import history  # it imports this module (resolve_function)
+
+    grid = grid_of(request)
+    current = current_or_404(grid, caller, function_id)[0]
+    advice = history.advise(grid, current, history.rates_for(grid))
+    recommended = advice["recommended_mib"]
+    change = None if recommended is None else current.memory_mib - recommended
+    return {
+        "functionId": function_id, "currentMemoryMb": current.memory_mib, "recommendedMemoryMb": recommended,
+        "optimizationTip": "; ".join(advice["reasons"]) or None, "calls": advice["calls"],
+        "peakMemoryMb": advice["peak_mib"], "avgDurationMs": advice["mean_duration_ms"],
+        "estimatedSavings": None if change is None else round(change * SEED_MB_PRICE * 730, 4),
+        "savingPerMillionCalls": advice["saving_per_million"], "window": advice["window"],
+    }
+
+
+METRIC_RANGES = {"1h": 3600.0, "24h": 86400.0, "7d": 7 * 86400.0, "30d": 30 * 86400.0}
+
+
+@router.get("/functions/{function_id}/metrics")
+def function_metrics(function_id: str, request: Request, caller: Caller, range: str = "24h") -> dict[str, Any]:  # noqa: A002
+    """The BFF's metrics of one function over ``range`` (1h, 24h, 7d, 30d): counts, success rate, cold starts,
+    average duration and the newest executions, from its calls (as the BFF computed them from the logs)."""
+    if range not in METRIC_RANGES:
+        raise HTTPException(400, f"range must be one of {', '.join(METRIC_RANGES)}, not {range!r}")
+    since = time.time() - METRIC_RANGES[range]
+    calls = [job for job in function_jobs(grid_of(request), caller, function_id, 10_000)
+             if (job.finished_at or 0) >= since]
+    entries = [log_entry(job, function_id) for job in calls]
+    errors = sum(entry["status"] != "SUCCESS" for entry in entries)
+    durations = [entry["duration"] for entry in entries if entry["duration"]]
+    return {
+        "functionId": function_id, "range": range, "invocations": len(entries), "errors": errors,
+        "successRate": round((len(entries) - errors) / len(entries) * 100, 2) if entries else 100,
+        "avgDuration": round(sum(durations) / len(durations)) if durations else 0,
+        "coldStarts": sum(bool(job.cold) for job in calls),
+        "recentExecutions": [{"timestamp": e["timestamp"], "duration": e["duration"], "status": e["status"],
+                              "memory": e["memory"]} for e in entries[:10]],
+    }
+
+
+class SeedLoadTest:
+    """One owner's load test started through the seed's routes: NanoGrid's runner and bounds (``nanogrid
+    loadtest``), calls through the grid's own submit path, and a stop the seed's ``/loadtest/stop`` can press."""
+
+    def __init__(self, function_id: str, test: loadtest.LoadTest, stop: threading.Event) -> None:
+        self.function_id, self.test, self.stop = function_id, test, stop
+
+    def view(self) -> dict[str, Any]:
+        return {"functionId": self.function_id, "running": not self.test.done, **self.test.summary()}
+
+
+async def start_load_test(request: Request, caller: ApiKey) -> SeedLoadTest:
+    """``{functionId, rps, duration, inputData}`` (``concurrency`` is read as ``rps``), within the CLI's bounds;
+    409 while the caller has one running."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise HTTPException(400, "the body must be JSON: {\"functionId\": ..., \"rps\": 10, \"duration\": 10}") from None
+    if not isinstance(body, dict) or not body.get("functionId"):
+        raise HTTPException(400, "functionId is required")
+    try:
+        rps = float(body.get("rps") or body.get("concurrency") or 10)
+        duration = float(body.get("duration") or body.get("durationSeconds") or 10)
+        loadtest.check_bounds(rps, duration)
+    except (TypeError, ValueError) as exc:  # InvalidArgument is a ValueError
+        raise HTTPException(400, str(exc).replace("--rps", "rps").replace("--duration", "duration")) from None
+    grid, seed_id = grid_of(request), str(body["functionId"])
+    function = (await asyncio.to_thread(current_or_404, grid, caller, seed_id))[0]
+    if function.kind != "handler":
+        raise HTTPException(400, f"function {seed_id} was packaged by NanoGrid's Python client; load-test it with "
+                                 "nanogrid loadtest")
+    state = request.app.state
+    tests: dict[str, SeedLoadTest] = state.__dict__.setdefault("seed_loadtests", {})
+    running = tests.get(caller.name)
+    if running is not None and not running.test.done:
+        raise HTTPException(409, "a load test of yours is still running; stop it (POST /loadtest/stop) or wait")
+    payload = ("json", json.dumps(body.get("inputData") or {}).encode())
+    stop = threading.Event()
+    started = SeedLoadTest(seed_id, loadtest.LoadTest(rps, duration, loadtest.check_bounds(rps, duration)), stop)
+    tests[caller.name] = started
+
+    def call() -> str | None:
+        return state.loadtests.call(function, payload, caller.name, caller.max_timeout_s)
+
+    def progress(test: loadtest.LoadTest) -> None:
+        started.test = test  # the runner's own object, read by status and the stream
+
+    def run() -> None:
+        progress(loadtest.run(call, rps, duration, on_progress=progress, stop=stop))
+
+    threading.Thread(target=run, name=f"seed-loadtest-{caller.name}", daemon=True).start()
+    return started
+
+
+@router.post("/debug/loadtest")
+async def debug_loadtest(request: Request, caller: Caller) -> StreamingResponse:
+    """The controller's stress test, streamed: a progress line about every second, then the summary as JSON.
+    A client that goes away stops it."""
+    started = await start_load_test(request, caller)
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            test = started.test
+            yield f"load test of {started.function_id}: {test.rps:g} calls/s for {test.duration_s:g} s\n".encode()
+            while not started.test.done:
+                await asyncio.sleep(LOADTEST_PROGRESS_S)
+                now = started.test.summary()
+                yield (f"sent {now['sent']}/{now['planned']}, ok {now['completed']}, failed {now['failed']}, "
+                       f"p50 {now['p50_ms'] or 0:.1f} ms, p99 {now['p99_ms'] or 0:.1f} ms\n").encode()
+            yield json.dumps(started.view()).encode() + b"\n"
+        finally:
+            started.stop.set()
+
+    return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+
+
+@router.post("/loadtest/start")
+async def loadtest_start(request: Request, caller: Caller) -> JSONResponse:
+    started = await start_load_test(request, caller)
+    return JSONResponse({"success": True, "status": "running", **started.view()}, status_code=202)
+
+
+@router.post("/loadtest/stop")
+def loadtest_stop(request: Request, caller: Caller) -> dict[str, Any]:
+    test: SeedLoadTest | None = request.app.state.__dict__.get("seed_loadtests", {}).get(caller.name)
+    if test is None:
+        return {"success": True, "status": "idle", "running": False}
+    test.stop.set()
+    return {"success": True, "status": "stopped", **test.view()}
+
+
+@router.get("/loadtest/status")
+def loadtest_status(request: Request, caller: Caller) -> dict[str, Any]:
+    test: SeedLoadTest | None = request.app.state.__dict__.get("seed_loadtests", {}).get(caller.name)
+    if test is None:
+        return {"status": "idle", "running": False}
+    return {"status": "running" if not test.test.done else "done", **test.view()}

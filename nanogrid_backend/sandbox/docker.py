@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
 SANDBOX_UID = "65534:65534"
+OUTPUT_MOUNT = "/output"  # the seed's output directory, where its functions write (OUTPUT_DIR)
 
 
 COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
@@ -176,7 +177,8 @@ class DockerSandbox(WatchedSandbox):
         space: dict[str, Any]
         if factory.scratch_problem:  # no loop devices here: tmpfs, counted against the memory limit
             options = f"rw,nosuid,nodev,size={disk_mib}m,uid=65534,gid=65534,mode=0700" + (",exec" if executable else "")
-            space = {"tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": options}}
+            space = {"tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": options,
+                               OUTPUT_MOUNT: options.replace(",exec", "")}}
         else:
             try:
                 self.scratch = factory.disk_room.make(self.host_dir, disk_mib, executable=executable,
@@ -185,7 +187,11 @@ class DockerSandbox(WatchedSandbox):
                 shutil.rmtree(self.host_dir, ignore_errors=True)
                 log.debug("a %d MiB sandbox disk was refused: %s", disk_mib, exc)  # said by /health, up, doctor
                 raise SandboxError("storage", f"{exc.tenant}; the sandbox was not started") from None
+            outputs = Path(self.scratch.work_dir) / "output"  # made before anything runs in it: no link to follow
+            outputs.mkdir(mode=0o700)
+            os.chown(outputs, scratch.SANDBOX_UID, scratch.SANDBOX_UID)
             space = {"mounts": [docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
+                                docker.types.Mount(OUTPUT_MOUNT, str(outputs), type="bind"),
                                 docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind")]}
         try:
             self.container = self._create(environment, space, disk_mib)
@@ -208,7 +214,8 @@ class DockerSandbox(WatchedSandbox):
             user=SANDBOX_UID,
             read_only=True,
             **space,
-            environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": "/sandbox/output",
+            # The seed's functions write to /output itself: it is the output directory, also seen as /sandbox/output.
+            environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": OUTPUT_MOUNT, "TMPDIR": "/tmp",
                          "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes), "HOME": "/sandbox",
                          "NANOGRID_DISK_MIB": str(disk_mib),
                          # Large results are left on its disk for the host to read (not through the engine's stream).

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -176,6 +177,7 @@ class ProcessSandbox(WatchedSandbox):
             "PYTHONDONTWRITEBYTECODE": "1",
             "NANOGRID_WORK_DIR": str(self.work_dir),
             "NANOGRID_OUTPUT_DIR": str(self.work_dir / "output"),
+            "TMPDIR": "/tmp" if self.factory.bwrap else tempfile.gettempdir(),  # bubblewrap's /tmp is its own
             "NANOGRID_CAPTURE_LIMIT": str(self.limits.capture_bytes),
             **({"PYTHONPATH": str(self.site_dir)} if self.site_dir else {}),
         }

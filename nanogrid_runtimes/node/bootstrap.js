@@ -188,11 +188,15 @@ function peakRss() {
   }
 }
 
+// Empties the output directory, keeping the directory itself: in Docker it is a mount (/output), which
+// cannot be removed.
+function emptyOutputDir() {
+  fs.mkdirSync(OUTPUT_DIR, { recursive: true });
+  for (const name of fs.readdirSync(OUTPUT_DIR)) fs.rmSync(path.join(OUTPUT_DIR, name), { recursive: true, force: true });
+}
+
 function clearOutputDir() {
-  if (!fs.existsSync(OUTPUT_DIR) || fs.readdirSync(OUTPUT_DIR).length) {
-    fs.rmSync(OUTPUT_DIR, { recursive: true, force: true });
-    fs.mkdirSync(OUTPUT_DIR, { recursive: true });
-  }
+  if (!fs.existsSync(OUTPUT_DIR) || fs.readdirSync(OUTPUT_DIR).length) emptyOutputDir();
 }
 
 function outputFiles() {
@@ -231,8 +235,7 @@ function sendOutputs(limit) {
   } catch (err) {
     writeFrame({ op: 'done', ok: false, error: { kind: 'output', message: String(err.message || err) } });
   }
-  fs.rmSync(OUTPUT_DIR, { recursive: true, force: true });
-  fs.mkdirSync(OUTPUT_DIR, { recursive: true });
+  emptyOutputDir();
 }
 
 // The seed platform's per-call variables: JOB_ID, OUTPUT_DIR, and PAYLOAD or, over 100 KB, PAYLOAD_FILE.
