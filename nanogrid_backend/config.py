@@ -75,6 +75,7 @@ class GridConfig:
     heartbeat_s: float = 5.0
     ai_endpoint: str = ""  # AI_ENDPOINT: the private AI node (an Ollama server) functions may call
     ai_model: str = ""  # LLM_MODEL: its default model
+    seed_ai: bool = True  # functions uploaded through the seed routes may reach the AI node, as on the seed platform
     cloudwatch_namespace: str = ""  # e.g. NanoGrid: workers publish BacklogPerInstance there for autoscaling
     rate_limit: float = 1000.0  # requests per second per API key (0: no limit); a key may set its own
     rate_burst: int = 2000  # requests a key may make at once before the rate applies

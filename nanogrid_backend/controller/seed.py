@@ -415,6 +415,7 @@ async def upload(
     runtime: Annotated[str | None, Form(max_length=32)] = None,
     handler: Annotated[str | None, Form(max_length=200)] = None,
     timeout: Annotated[str | None, Form(max_length=16)] = None,
+    modelId: Annotated[str | None, Form(max_length=200)] = None,  # noqa: N803  (the AI node's model by default)
     x_runtime: Annotated[str | None, Header()] = None,
     x_memory_mb: Annotated[str | None, Header()] = None,
     x_function_name: Annotated[str | None, Header()] = None,
@@ -447,7 +448,8 @@ async def upload(
     form = {"name": function_name_of(function_name or x_function_name, file.filename), "runtime": own_runtime,
             "handler": entry, "kind": "handler", "memory": memory_mb, "description": description,
             "env": parse_env_vars(envVars), "stable_id": seed_id,
-            "timeout": seed_timeout(grid, caller, timeout)}
+            "timeout": seed_timeout(grid, caller, timeout),
+            "ai": grid.config.seed_ai, "model": modelId}  # as on the seed platform, every function may reach the AI node
     record, _ = await asyncio.to_thread(jobs.deploy, grid, caller, filename, data, form)
     headers = {"Warning": f'299 nanogrid "{warning}"'} if warning else None
     if not snake:
