@@ -24,7 +24,10 @@ import pytest
 
 from nanogrid.environment import Environment
 from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import COMPLETED, FAILED, JobRecord
+from nanogrid_backend.registry.sqlite import SQLiteRegistry
 from tests.conftest import require
+from tests.test_registry import dynamodb_table  # noqa: F401  (the moto server's table, a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +249,28 @@ def test_the_environments_page_shows_an_owners_environments_with_their_functions
         assert http.post(f"/ui/environments/{env_id}/remove", data={"csrf": csrf}).status_code == 303
         assert env_id not in {e["env_id"] for e in grid.grid.environments.list()}
         assert env_id not in http.get("/ui/environments").text
+
+
+@pytest.mark.parametrize("adapter", ["sqlite", "dynamodb"])
+def test_both_registries_count_calls_and_failures_per_slot_as_their_windows_do(adapter, tmp_path, request):
+    """The charts' numbers: per minute (1h) and per hour (the rest), calls and failed calls, never another
+    function's, and summing to the window's own count."""
+    if adapter == "sqlite":
+        registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
+    else:
+        from nanogrid_backend.registry.dynamodb import DynamoDBRegistry
+
+        registry = DynamoDBRegistry(request.getfixturevalue("dynamodb_table"))
+    now = 1_800_000_000.0 - 1800  # half past an hour
+    mine, other = f"fn-{uuid.uuid4().hex[:8]}", f"fn-{uuid.uuid4().hex[:8]}"
+    for function_id, ago, status in ((mine, 60, COMPLETED), (mine, 70, FAILED), (mine, 7200, COMPLETED),
+                                     (other, 60, FAILED)):
+        job = JobRecord("job-" + uuid.uuid4().hex, function_id, owner="timeline")
+        registry.create_jobs([job])
+        job.status, job.execution_time_ms, job.finished_at = status, 5.0, now - ago
+        registry.finish_job(job)
+    assert registry.function_timeline(mine, "1h", now) == [(int((now - 70) // 60) * 60, 1, 1),
+                                                           (int((now - 60) // 60) * 60, 1, 0)]
+    day = registry.function_timeline(mine, "24h", now)
+    assert day == [(int((now - 7200) // 3600) * 3600, 1, 0), (int(now // 3600) * 3600, 2, 1)]
+    assert sum(n for _, n, _ in day) == registry.function_windows(mine, now, names=("24h",))["24h"]["count"]

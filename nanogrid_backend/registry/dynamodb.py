@@ -23,7 +23,6 @@ from typing import Any
 
 import boto3
 from boto3.dynamodb.conditions import Attr
-from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError
 
 from nanogrid_backend.models import (
@@ -234,13 +233,12 @@ class DynamoDBRegistry(Registry):
 
     def _batch_get(self, keys: list[dict[str, str]]) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        resource = self.table.meta.client
+        resource = self.table.meta.client  # the resource's client: it reads and writes Python values, not typed ones
         for start in range(0, len(keys), 100):
             request = {self.table.name: {"Keys": keys[start:start + 100]}}
             while request:
                 page = resource.batch_get_item(RequestItems=request)
-                items.extend(TypeDeserializer().deserialize({"M": i})
-                             for i in page["Responses"].get(self.table.name, []))
+                items.extend(page["Responses"].get(self.table.name, []))
                 request = page.get("UnprocessedKeys") or {}
         return items
 
