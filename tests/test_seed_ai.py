@@ -12,6 +12,8 @@ a reason.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 
 from nanogrid_backend.embedded import EmbeddedGrid
 from tests import fake_ollama
-from tests.conftest import require_docker, start_grid
+from tests.conftest import ROOT, require_docker, start_grid
 from tests.fake_ollama import FakeOllama
 
 pytestmark = pytest.mark.integration
@@ -56,13 +58,22 @@ def handler(event, context):
             "delete": [delete.status_code, delete.json()], "tags": [m["name"] for m in tags.json()["models"]]}
 '''
 
+# Node's own fetch against AI_ENDPOINT, naming no model: the run's modelId is the one used.
+NODE_FETCH = """exports.handler = async (event) => {
+  const response = await fetch(process.env.AI_ENDPOINT + '/api/generate', { method: 'POST',
+    headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: event.prompt, stream: false }) });
+  const pull = await fetch(process.env.AI_ENDPOINT + '/api/pull', { method: 'POST', body: '{"name": "x"}' });
+  return { status: response.status, answer: (await response.json()).response, pull: pull.status };
+};
+"""
 
-def upload(client: httpx.Client, source: str, model: str | None = None) -> str:
+
+def upload(client: httpx.Client, source: str, model: str | None = None, runtime: str = "python") -> str:
     """POST /upload as the seed's UI sends it: the editor's code, zipped (plus the default modelId, if any)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        zf.writestr("main.py", source)
-    response = client.post("/upload", headers={"x-runtime": "python", "x-memory-mb": "256"},
+        zf.writestr("index.js" if runtime == "nodejs" else "main.py", source)
+    response = client.post("/upload", headers={"x-runtime": runtime, "x-memory-mb": "256"},
                            files={"file": ("function.zip", buffer.getvalue(), "application/zip")},
                            data={"modelId": model} if model else {})
     assert response.status_code == 200, response.text
@@ -90,6 +101,9 @@ def node() -> Iterator[FakeOllama]:
 @pytest.fixture(scope="module")
 def docker_seed(node: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     require_docker()
+    node_image = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", "node"],
+                                capture_output=True, text=True)
+    assert node_image.returncode == 0, node_image.stderr
     grid = start_grid(tmp_path_factory.mktemp("seed-ai-docker"), sandbox="docker", ai_endpoint=node.url,
                       ai_model="tiny", stem_cells=1)
     try:
@@ -150,6 +164,16 @@ def test_the_forwarder_opens_the_inference_routes_only_and_only_during_a_call(do
     assert value["at_load"][0] == 503 and "only while the function is being called" in value["at_load"][1]["error"]
     assert "llama3:8b" in value["tags"]
     assert not [seen for seen in node.seen if seen[1] in ("/api/pull", "/api/delete")]
+
+
+def test_a_node_function_reaches_the_ai_node_through_its_own_loopback(docker_seed, node):
+    """A Node.js seed function must reach the AI node at AI_ENDPOINT like a Python one: the run's model, tokens
+    counted, the admin routes refused."""
+    function_id = upload(docker_seed, NODE_FETCH, runtime="nodejs")
+    result = run(docker_seed, function_id, {"prompt": "three words here"}, model="summarizer")
+    assert result["status"] == "SUCCESS", result
+    assert result["result"] == {"status": 200, "answer": "[summarizer] summary: three words here", "pull": 403}
+    assert result["llm_token_count"] == 3 + 5
 
 
 def test_a_function_with_ai_turned_off_is_told_why(ai_off_grid, node):

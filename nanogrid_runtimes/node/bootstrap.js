@@ -253,10 +253,85 @@ function seedEnvironment(jobId, body) {
   }
 }
 
+// AI_ENDPOINT inside the sandbox, as nanogrid_runtimes/python/bootstrap.py's AIForwarder: an HTTP server on the
+// sandbox's own loopback (the container has no network) that hands each request to the worker over the channel (an
+// `ai` frame); the worker's AI gateway opens the inference routes only, within the owner's budget, and counts the
+// tokens. Only while a call runs (the host reads `ai` frames only then); a function without AI access gets a 403
+// that says why. The exchange is synchronous: while it waits, the handler's own code waits for its answer anyway.
+const AI_CHANNEL = 'nanogrid:channel';
+const AI_PORT = 11434;
+const AI_MAX_REQUEST_BYTES = 4 << 20; // the gateway takes no more
+const AI_REFUSED = 'no AI node in this sandbox: this function may not use it. A seed upload may use it unless the '
+  + "grid's operator turned that off (seed_ai = false); the grid needs an AI node (--ai-endpoint URL)";
+const AI_OUTSIDE_CALL = 'the AI node is reachable only while the function is being called, not while its module '
+  + 'loads nor after its call returned';
+
+class AIForwarder {
+  constructor(allowed) {
+    this.allowed = allowed;
+    this.calling = false;
+    this.url = `http://127.0.0.1:${AI_PORT}`;
+    this.server = require('http').createServer((request, response) => this.handle(request, response));
+    this.server.on('error', () => {}); // no loopback to listen on: requests to AI_ENDPOINT fail to connect
+    this.server.listen(AI_PORT, '127.0.0.1');
+  }
+
+  handle(request, response) {
+    const chunks = [];
+    let size = 0;
+    request.on('data', (chunk) => {
+      size += chunk.length;
+      if (size <= AI_MAX_REQUEST_BYTES) chunks.push(chunk);
+    });
+    request.on('end', () => {
+      const [status, answer] = size > AI_MAX_REQUEST_BYTES
+        ? [413, { error: `an AI request of ${size} bytes (at most ${AI_MAX_REQUEST_BYTES} bytes)` }]
+        : this.answer(request.method, request.url.split('?')[0], Buffer.concat(chunks));
+      const body = Buffer.isBuffer(answer) ? answer : Buffer.from(JSON.stringify(answer));
+      const lines = body.toString('utf8').trim().split('\n').length;
+      response.writeHead(status, { 'Content-Type': lines > 1 ? 'application/x-ndjson' : 'application/json',
+        'Content-Length': body.length });
+      response.end(body);
+    });
+  }
+
+  answer(method, path, body) {
+    if (!this.allowed) return [403, { error: AI_REFUSED }];
+    if (!this.calling) return [503, { error: AI_OUTSIDE_CALL }];
+    writeFrame({ op: 'ai', method, path }, withModel(method, body));
+    const frame = readFrame();
+    if (frame === null) process.exit(0); // the host is gone
+    const status = frame.header.status;
+    return [Number.isInteger(status) && status >= 100 && status < 600 ? status : 502, frame.body];
+  }
+}
+
+// A request that names no model gets this call's (LLM_MODEL: the run's modelId, else the function's or the grid's).
+function withModel(method, body) {
+  const model = process.env.LLM_MODEL;
+  if (method !== 'POST' || !model) return body;
+  let request;
+  try {
+    request = JSON.parse(body.toString('utf8'));
+  } catch (e) {
+    return body; // the gateway says what is wrong with it
+  }
+  if (request === null || typeof request !== 'object' || Array.isArray(request) || request.model) return body;
+  return Buffer.from(JSON.stringify({ ...request, model }), 'utf8');
+}
+
+// The forwarder behind AI_ENDPOINT (every sandbox has one: a function without AI access is told why).
+function startAIForwarder() {
+  const forwarder = new AIForwarder(process.env.AI_ENDPOINT === AI_CHANNEL);
+  process.env.AI_ENDPOINT = forwarder.url;
+  return forwarder;
+}
+
 class Runtime {
   constructor() {
     this.handler = null;
     this.manifest = null;
+    this.ai = null;
   }
 
   load(header, body) {
@@ -268,6 +343,8 @@ class Runtime {
     fs.unlinkSync(zip);
     if (unzip.status !== 0) throw new Error(`the package could not be unpacked: ${unzip.stderr || unzip.error}`);
     this.manifest = JSON.parse(fs.readFileSync(path.join(CODE_DIR, 'manifest.json'), 'utf8'));
+    if (this.manifest.model) process.env.LLM_MODEL = String(this.manifest.model); // a seed upload's modelId
+    this.ai = startAIForwarder(); // before the module loads: it may read AI_ENDPOINT
     const handler = String(this.manifest.handler || 'index.handler');
     const dot = handler.lastIndexOf('.');
     const moduleName = handler.slice(0, dot);
@@ -292,6 +369,7 @@ class Runtime {
     const measureRss = header.measure_rss !== false;
     const defaultModel = process.env.LLM_MODEL;
     if (header.model) process.env.LLM_MODEL = header.model;
+    if (this.ai) this.ai.calling = true;
     if (measureRss) peakRssReset();
     const reply = { ok: true };
     let result = Buffer.alloc(0);
@@ -323,6 +401,7 @@ class Runtime {
       reply.error = describeError(err);
       result = Buffer.alloc(0);
     }
+    if (this.ai) this.ai.calling = false;
     if (live) live.end();
     reply.duration_ms = Number(process.hrtime.bigint() - started) / 1e6;
     reply.stdout = captures[0].read();
