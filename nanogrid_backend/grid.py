@@ -224,7 +224,8 @@ class Grid:
                 continue
             timeout_s = min(function.timeout_s, self.owners.max_timeout(job.owner))
             self.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, b"",
-                                       timeout_s, function.memory_mib, owner=job.owner)], stored=True)
+                                       timeout_s, function.memory_mib, owner=job.owner, trigger=job.trigger)],
+                           stored=True)
             requeued += 1
         if requeued:
             log.info("requeued %d pending jobs from the previous run", requeued)

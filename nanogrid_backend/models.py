@@ -130,6 +130,7 @@ class JobMessage:
     receipt: str | None = None  # the queue's handle for this delivery (SQS receipt handle)
     receive_count: int = 1  # more than 1: delivered again after a worker died or stalled
     owner: str = ""  # the job's owner: the queue serves owners in turn and caps each one's running calls
+    trigger: str = "call"  # the job's trigger, kept on the record the worker publishes
 
 
 @dataclass

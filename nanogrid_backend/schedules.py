@@ -160,4 +160,4 @@ class Scheduler:
         """Queue a run whose job is recorded (as ``controller.jobs.submit`` does): a restart requeues it if needed."""
         timeout_s = min(timeout_s, self.grid.owners.max_timeout(job.owner))
         self.grid.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, job.payload, timeout_s,
-                                        memory_mib, owner=job.owner)])
+                                        memory_mib, owner=job.owner, trigger=job.trigger)])

@@ -44,7 +44,7 @@ class SQSQueue(JobQueue):
     def _encode(self, message: JobMessage) -> str:
         body = {"job_id": message.job_id, "function_id": message.function_id, "format": message.payload_format,
                 "timeout_s": message.timeout_s, "memory_mib": message.memory_mib, "model": message.model,
-                "owner": message.owner}
+                "owner": message.owner, "trigger": message.trigger}
         if len(message.payload) > INLINE_PAYLOAD_BYTES:
             self.store.put_blob(f"payloads/{message.job_id}", message.payload)
             body["payload_ref"] = f"payloads/{message.job_id}"
@@ -91,7 +91,7 @@ class SQSQueue(JobQueue):
                        else base64.b64decode(body["payload"]))
             messages.append(JobMessage(body["job_id"], body["function_id"], body["format"], payload, body["timeout_s"],
                                        body["memory_mib"], model=body.get("model"), receipt=raw["ReceiptHandle"],
-                                       owner=body.get("owner", ""),
+                                       owner=body.get("owner", ""), trigger=body.get("trigger", "call"),
                                        receive_count=int(raw["Attributes"].get("ApproximateReceiveCount", 1))))
         return messages
 

@@ -380,29 +380,32 @@ class DynamoDBRegistry(Registry):
                                                      ":u": Decimal(repr(time.time()))})
 
     def claim_firing(self, firing: FiringRecord, next_due: float, job: JobRecord | None) -> bool:
-        """The conditional put of the firing item is the claim; the job and the schedule's move follow it. A scheduler
-        that stopped between the two leaves the schedule on a claimed due time: the next one moves it on."""
+        """The conditional put of the firing item is the claim; the job and the schedule's move follow it. A losing
+        scheduler moves the schedule on too (harmless twice), so one that stopped between the claim and the move never
+        leaves the schedule on a claimed due time."""
         item = {"pk": f"firing#{firing.schedule_id}#{firing.due_time!r}", "kind": "firing",
                 "expires_at": int(firing.fired_at + JOB_TTL_S),
                 **_to_item({f.name: getattr(firing, f.name) for f in fields(FiringRecord)})}
+        pk, due = f"sched#{firing.schedule_id}", Decimal(repr(next_due))
         try:
             self.table.put_item(Item=item, ConditionExpression=Attr("pk").not_exists())
-            claimed = True
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
-            claimed = False
-        if claimed and job is not None:
+            self._update_if(pk, "SET #next_due = :n", Attr("next_due").eq(Decimal(repr(firing.due_time))), {":n": due})
+            return False
+        values: dict[str, Any] = {}
+        if job is not None:
             self.create_jobs([job])
-        values: dict[str, Any] = {":n": Decimal(repr(next_due))}
-        update = "SET #next_due = :n"
-        if claimed and job is not None:
-            update, values[":j"] = update + ", #last_job_id = :j", job.job_id
-        if claimed and firing.outcome == "queued":
-            update, values[":w"] = update + ", #waiting_due = :w", Decimal(repr(firing.due_time))
-        self._update_if(f"sched#{firing.schedule_id}", update, Attr("next_due").eq(Decimal(repr(firing.due_time))),
-                        values)
-        return claimed
+            values[":j"] = job.job_id
+        if firing.outcome == "queued":
+            values[":w"] = Decimal(repr(firing.due_time))
+        marks = ", ".join(f"#{name} = {value}" for name, value in (("last_job_id", ":j"), ("waiting_due", ":w"))
+                          if value in values)
+        if not self._update_if(pk, "SET #next_due = :n" + (", " + marks if marks else ""),
+                               Attr("next_due").lte(due), {":n": due, **values}) and marks:
+            self._update_if(pk, "SET " + marks, Attr("pk").exists(), values)  # already moved further on
+        return True
 
     def start_waiting_firing(self, schedule_id: str, due_time: float, job: JobRecord) -> bool:
         if not self._update_if(f"firing#{schedule_id}#{due_time!r}", "SET #outcome = :s, #job_id = :j",

@@ -251,7 +251,7 @@ class Worker:
             return
         job = JobRecord(message.job_id, message.function_id, status=RUNNING, payload_format=message.payload_format,
                         worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib,
-                        owner=message.owner)
+                        owner=message.owner, trigger=message.trigger)
         self._in_flight[message.job_id] = message
         if not self._settle(message, job, self._execute):
             return
@@ -307,7 +307,8 @@ class Worker:
                 self.queue.ack(message)  # cancelled while queued, or already finished: nothing left to do
         batch = [m for m in alike if m.job_id in marked]
         jobs = [JobRecord(m.job_id, m.function_id, status=RUNNING, payload_format=m.payload_format,
-                          worker_id=self.worker_id, memory_limit_mib=m.memory_mib, owner=m.owner) for m in batch]
+                          worker_id=self.worker_id, memory_limit_mib=m.memory_mib, owner=m.owner, trigger=m.trigger)
+                for m in batch]
         for message in batch:
             self._in_flight[message.job_id] = message
         outcomes: dict[str, SandboxError | None] = {}
