@@ -25,13 +25,14 @@ def problems(grid: Grid, for_operator: bool = False) -> list[str]:
     if isinstance(grid.registry, SQLiteRegistry) and grid.registry.disk_full():
         found.append("the grid's data disk is full: no call can be recorded until its operator frees space")
     factory = grid.factory
-    short = factory.disk_room.shortfall(factory.disk_mib, evicting_idle=True) \
-        if isinstance(factory, DockerSandboxFactory) and not factory.scratch_problem else ""
+    disks, short = False, ""
+    if isinstance(factory, DockerSandboxFactory) and not factory.scratch_problem:  # sandboxes with disks of their own
+        disks, short = True, factory.disk_room.shortfall(factory.disk_mib, evicting_idle=True)
     if short:
         found.append(f"sandboxes cannot start: {short}" if for_operator else
                      "sandboxes cannot start: the worker's disk has too little free space for a sandbox disk")
-    elif grid.pool is not None and grid.pool.problem:
-        found.append(grid.pool.problem)
+    elif grid.pool is not None and grid.pool.problem and not (disks and grid.pool.problem_kind == "storage"):
+        found.append(grid.pool.problem)  # (disk room idle sandboxes hold is theirs to give: calls still start)
     return found
 
 

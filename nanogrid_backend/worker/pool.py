@@ -75,6 +75,7 @@ class WarmPool:
         self._stems_starting: dict[str, int] = {}
         self._closed = False
         self.problem: str | None = None  # why stem cells cannot start now (said once in the log, and by /health)
+        self.problem_kind: str | None = None  # the SandboxError kind of that failure ("error": any other exception)
         self._retry_pause, self._retry_at = 0.0, 0.0
         self._wake = threading.Event()
         self._wake.set()  # the first stem cells start at once, not after the maintenance thread's first wait
@@ -341,13 +342,14 @@ class WarmPool:
             log.warning("could not start a stem cell: %s; trying again quietly, less and less often (every %g s at "
                         "most) until one starts", problem, RETRY_MAX_S, exc_info=not isinstance(exc, SandboxError))
         self.problem = f"sandboxes cannot start: {problem}"
+        self.problem_kind = exc.kind if isinstance(exc, SandboxError) else "error"
         self._retry_pause = min(RETRY_MAX_S, self._retry_pause * 2) if self._retry_pause else RETRY_FIRST_S
         self._retry_at = time.monotonic() + self._retry_pause
 
     def _start_worked(self) -> None:
         if self.problem is not None:
             log.info("stem cells start again")
-        self.problem, self._retry_pause, self._retry_at = None, 0.0, 0.0
+        self.problem, self.problem_kind, self._retry_pause, self._retry_at = None, None, 0.0, 0.0
 
     def _evict_expired(self) -> None:
         """Stop sandboxes idle past the TTL, and drop those that died while idle so stem cells are started again."""
