@@ -89,7 +89,8 @@ class ProcessSandboxFactory:
         """A stem cell; with an ``environment``, its layer of packages comes first on the import path.
 
         ``disk_mib`` is not enforced here: trusted code writes to the host's disk (each file capped at the grid's
-        max_output_bytes); the Docker sandbox gives each sandbox a disk of that size."""
+        max_output_bytes); the Docker sandbox gives each sandbox a disk of that size. With no disk of its own, a
+        process sandbox has no disk room to take from idle ones (``evict_idle``)."""
         return ProcessSandbox(self, environment)
 
 
