@@ -331,3 +331,105 @@ def test_native_api_lives_under_v1_beside_the_seed_routes(seed: httpx.Client) ->
     native = seed.post("/v1/run", json={})
     assert native.status_code == 422 and "detail" in native.json()
     assert seed.post("/run", json={}).json() == {"error": "functionId is required"}
+
+
+# the seed's operations routes
+
+NODE_TEMPLATE = "exports.handler = async (event) => ({ message: `Hello, ${event.name || 'World'}!` });\n"
+
+
+def test_put_takes_the_uis_json_body(seed: httpx.Client) -> None:
+    """PUT /functions/:id with JSON {description, memoryMb} must never answer 200 and change nothing."""
+    function_id = deploy(seed, MAIN_ONLY, description="before")
+    updated = seed.put(f"/api/functions/{function_id}", json={"description": "after", "memoryMb": 384})
+    assert updated.json() == {"success": True, "functionId": function_id}
+    shown = seed.get(f"/functions/{function_id}").json()
+    assert (shown["description"], shown["memoryMb"], shown["versions"]) == ("after", 384, 2)
+    assert seed.post("/run", json={"functionId": function_id}).json()["allocatedMemoryMb"] == 384
+    too_big = seed.put(f"/functions/{function_id}", json={"memoryMb": 20000})
+    assert too_big.status_code == 400 and "between 128 and 10240" in too_big.json()["error"]
+    broken = seed.put(f"/functions/{function_id}", content=b"{", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "JSON" in broken.json()["error"]
+
+
+def test_results_carry_the_per_run_autotuner_advice(seed: httpx.Client) -> None:
+    """A run that used a sliver of its memory must never come back without the seed's AutoTuner tip."""
+    function_id = deploy(seed, MAIN_ONLY, memory=1024)
+    result = seed.post("/run", json={"functionId": function_id, "inputData": {"n": 1}}).json()
+    assert result["status"] == "SUCCESS" and result["peakMemoryBytes"]
+    assert result["optimizationTip"].startswith("Resource Waste")
+    assert 128 <= result["recommendedMemoryMb"] < 1024
+    assert result["estimatedSavings"] == round((1024 - result["recommendedMemoryMb"]) * 0.00005 * 730, 4)
+
+
+def test_auto_tuner_panel_and_metrics_windows(seed: httpx.Client) -> None:
+    """The UI's /auto-tuner and the BFF's /metrics?range= must never 404 for a function with calls, nor count
+    calls outside the range or another function's."""
+    function_id = deploy(seed, FAILING)
+    other = deploy(seed, MAIN_ONLY)
+    for n in range(3):
+        seed.post("/run", json={"functionId": function_id, "inputData": {"n": n}})
+    seed.post("/run", json={"functionId": other})
+    tuner = seed.get(f"/api/functions/{function_id}/auto-tuner").json()
+    assert tuner["functionId"] == function_id and tuner["currentMemoryMb"] == 256 and tuner["calls"] == 3
+    assert {"recommendedMemoryMb", "optimizationTip", "estimatedSavings"} <= set(tuner)
+    metrics = seed.get(f"/api/functions/{function_id}/metrics", params={"range": "1h"}).json()
+    assert (metrics["invocations"], metrics["errors"], metrics["successRate"]) == (3, 3, 0)
+    assert len(metrics["recentExecutions"]) == 3 and metrics["recentExecutions"][0]["status"] == "FAILED"
+    for window in ("24h", "7d", "30d"):
+        assert seed.get(f"/functions/{function_id}/metrics", params={"range": window}).json()["invocations"] == 3
+    wrong = seed.get(f"/functions/{function_id}/metrics", params={"range": "2y"})
+    assert wrong.status_code == 400 and "1h, 24h, 7d, 30d" in wrong.json()["error"]
+    assert seed.get("/api/functions/no-such-function/auto-tuner").status_code == 404
+
+
+def test_debug_loadtest_streams_progress_then_a_summary(seed: httpx.Client) -> None:
+    """POST /debug/loadtest must stream and end with its summary, and never exceed nanogrid loadtest's bounds."""
+    function_id = deploy(seed, MAIN_ONLY)
+    with seed.stream("POST", "/debug/loadtest", json={"functionId": function_id, "rps": 5, "duration": 1}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[0].startswith(f"load test of {function_id}")
+    summary = json.loads(lines[-1])
+    assert (summary["planned"], summary["completed"], summary["failed"], summary["running"]) == (5, 5, 0, False)
+    too_much = seed.post("/debug/loadtest", json={"functionId": function_id, "rps": 100000, "duration": 1})
+    assert too_much.status_code == 400 and "rps" in too_much.json()["error"]
+    assert seed.post("/debug/loadtest", json={"functionId": "no-such-function"}).status_code == 404
+
+
+def test_bff_loadtest_start_status_stop(seed: httpx.Client) -> None:
+    """/api/loadtest/*: one test per owner at a time, and stop must end it."""
+    function_id = deploy(seed, MAIN_ONLY)
+    started = seed.post("/api/loadtest/start", json={"functionId": function_id, "rps": 2, "duration": 60})
+    assert started.status_code == 202 and started.json()["running"] is True
+    assert seed.post("/api/loadtest/start", json={"functionId": function_id}).status_code == 409
+    assert seed.get("/api/loadtest/status").json()["status"] == "running"
+    assert seed.post("/api/loadtest/stop").json()["status"] == "stopped"
+    deadline = time.monotonic() + 30
+    while seed.get("/api/loadtest/status").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status = seed.get("/api/loadtest/status").json()
+    assert status["status"] == "done" and status["sent"] < status["planned"]
+
+
+def test_log_preview_shows_the_value_when_nothing_was_printed(seed: httpx.Client) -> None:
+    """A function that printed nothing must never show an empty message in its logs."""
+    function_id = deploy(seed, "def handler(event, context):\n    return {'value': 42}\n")
+    seed.post("/run", json={"functionId": function_id})
+    (entry,) = seed.get(f"/api/functions/{function_id}/logs").json()
+    assert entry["message"] == '{"value": 42}\n'
+
+
+def test_warm_sandboxes_are_counted_by_runtime(seed: httpx.Client, docker_grid: EmbeddedGrid) -> None:
+    """A warm Node.js sandbox must never be counted under python in /api/workers or /system/status."""
+    if "nodejs" not in seed.get("/health").json()["runtimes"]:
+        pytest.skip("the Node.js runtime image is not built (nanogrid_runtimes/build.py --runtime node)")
+    response = seed.post("/upload", headers={"x-runtime": "nodejs", "x-memory-mb": "256"},
+                         files={"file": ("index.js", NODE_TEMPLATE.encode())})
+    assert response.status_code == 200, response.text
+    node = response.json()["functionId"]
+    assert seed.post("/run", json={"functionId": node, "inputData": {"name": "node"}}).json()["result"] == {
+        "message": "Hello, node!"}
+    own = [w for w in seed.get("/api/workers").json()["workers"] if w["workerId"] != "seed-worker-1"]
+    assert sum(w["pools"]["nodejs"] for w in own) >= 1, own
+    assert seed.get("/system/status").json()["pools"]["nodejs"] >= 1

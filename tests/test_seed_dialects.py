@@ -227,3 +227,23 @@ def test_seed_004_files_are_the_documents_own() -> None:
     for name in ("hello.py", "summarizer.py", "image_processor.py", "test_e2e.sh"):
         block = re.search(r"\*\*" + re.escape(name) + r":\*\*\n```\w*\n(.*?)```", text, re.S)
         assert block is not None and block[1].encode() == seed_file(name), name
+
+
+@pytest.mark.integration
+def test_node_functions_write_to_output_too(keyless: httpx.Client) -> None:
+    """A Node.js function writing /output must never fail, on its first call or the next (the mount is emptied,
+    never removed)."""
+    if "nodejs" not in keyless.get("/health").json()["runtimes"]:
+        pytest.skip("the Node.js runtime image is not built (nanogrid_runtimes/build.py --runtime node)")
+    source = ("const fs = require('fs');\n"
+              "exports.handler = async (event) => { fs.writeFileSync('/output/n.txt', String(event.n));\n"
+              "  return { same: fs.realpathSync(process.env.OUTPUT_DIR) === '/output', tmp: process.env.TMPDIR }; };\n")
+    response = keyless.post("/upload", files={"file": ("index.js", source.encode())},
+                            data={"function_name": "writer", "runtime": "nodejs18.x", "handler": "index.handler"})
+    assert response.status_code == 201, response.text
+    for n in (1, 2):
+        answer = keyless.post("/run", json={"function_id": response.json()["function_id"], "payload": {"n": n}}).json()
+        assert answer["status"] == "completed", answer
+        assert answer["result"] == {"same": True, "tmp": "/tmp"}
+        (link,) = answer["output_files"]
+        assert httpx.get(link, timeout=30).text == str(n)

@@ -18,7 +18,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from nanogrid import __version__
 from nanogrid_backend.blobs import blobs_of
-from nanogrid_backend.controller import blobs, history, jobs, schedule_routes, secret_routes, seed
+from nanogrid_backend.controller import blobs, history, jobs, schedule_routes, secret_routes, seed, seed_operations
 from nanogrid_backend.controller.errors import install_error_handlers
 from nanogrid_backend.controller.function_metrics import RequestDurations, render_all
 from nanogrid_backend.controller.limits import BodySizeLimit
@@ -374,6 +374,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     # The seed platform's contract, where its clients call it (nanogrid_backend/controller/seed.py).
     for prefix in ("", "/api"):
         app.include_router(seed.router, prefix=prefix, include_in_schema=False)
+        app.include_router(seed_operations.router, prefix=prefix, include_in_schema=False)
     return app
 
 
