@@ -119,7 +119,7 @@ def charts(windows: dict[str, dict[str, Any]]) -> dict[str, Markup]:
     }
 
 
-def timeline(window: str, points: list[tuple[int, int, int]], now: float, width: int = 300, height: int = 120) -> Markup:
+def timeline(window: str, points: list[tuple[int, int, int]], now: float, width: int = 270, height: int = 120) -> Markup:
     """Calls (blue) and failed calls (red, in front) per bar over one window, as inline SVG."""
     span, step = TIMELINES[window]
     count, last = span // step, int(now // step)
