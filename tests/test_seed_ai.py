@@ -67,12 +67,38 @@ NODE_FETCH = """exports.handler = async (event) => {
 };
 """
 
+# Go's own net/http against AI_ENDPOINT, naming no model: the grid's default model is the one used.
+GO_HTTP = """package main
+
+import (
+    "bytes"
+    "encoding/json"
+    "net/http"
+    "os"
+)
+
+func Handler(event map[string]interface{}) (map[string]interface{}, error) {
+    body, _ := json.Marshal(map[string]interface{}{"prompt": event["prompt"], "stream": false})
+    response, err := http.Post(os.Getenv("AI_ENDPOINT")+"/api/generate", "application/json", bytes.NewReader(body))
+    if err != nil {
+        return nil, err
+    }
+    defer response.Body.Close()
+    answer := map[string]interface{}{}
+    json.NewDecoder(response.Body).Decode(&answer)
+    return map[string]interface{}{"status": response.StatusCode, "answer": answer["response"]}, nil
+}
+
+func main() {}
+"""
+SOURCE_FILES = {"python": "main.py", "nodejs": "index.js", "go": "main.go"}
+
 
 def upload(client: httpx.Client, source: str, model: str | None = None, runtime: str = "python") -> str:
     """POST /upload as the seed's UI sends it: the editor's code, zipped (plus the default modelId, if any)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        zf.writestr("index.js" if runtime == "nodejs" else "main.py", source)
+        zf.writestr(SOURCE_FILES[runtime], source)
     response = client.post("/upload", headers={"x-runtime": runtime, "x-memory-mb": "256"},
                            files={"file": ("function.zip", buffer.getvalue(), "application/zip")},
                            data={"modelId": model} if model else {})
@@ -101,9 +127,10 @@ def node() -> Iterator[FakeOllama]:
 @pytest.fixture(scope="module")
 def docker_seed(node: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     require_docker()
-    node_image = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", "node"],
-                                capture_output=True, text=True)
-    assert node_image.returncode == 0, node_image.stderr
+    for language in ("node", "go"):  # built here if missing or out of date, as CI does
+        built = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", language],
+                               capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
     grid = start_grid(tmp_path_factory.mktemp("seed-ai-docker"), sandbox="docker", ai_endpoint=node.url,
                       ai_model="tiny", stem_cells=1)
     try:
@@ -174,6 +201,15 @@ def test_a_node_function_reaches_the_ai_node_through_its_own_loopback(docker_see
     assert result["status"] == "SUCCESS", result
     assert result["result"] == {"status": 200, "answer": "[summarizer] summary: three words here", "pull": 403}
     assert result["llm_token_count"] == 3 + 5
+
+
+def test_a_go_function_reaches_the_ai_node_with_the_grids_default_model(docker_seed, node):
+    """A Go seed function must reach the AI node at AI_ENDPOINT too; a request naming no model, on a run naming
+    none, gets the grid's default model."""
+    result = run(docker_seed, upload(docker_seed, GO_HTTP, runtime="go"), {"prompt": "two words"})
+    assert result["status"] == "SUCCESS", result
+    assert result["result"] == {"status": 200, "answer": "[tiny] summary: two words"}
+    assert result["llm_token_count"] == 2 + 4
 
 
 def test_a_function_with_ai_turned_off_is_told_why(ai_off_grid, node):

@@ -14,6 +14,7 @@ package main
 
 import (
 	"archive/zip"
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -23,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -252,6 +254,9 @@ func nanogridLoad(header nanogridHeader, body []byte) map[string]interface{} {
 	if data, err := os.ReadFile(filepath.Join(nanogridCodeDir, "manifest.json")); err == nil {
 		json.Unmarshal(data, &manifest)
 	}
+	if model, _ := manifest["model"].(string); model != "" {
+		os.Setenv("LLM_MODEL", model) // the function's own default model (a seed upload's modelId)
+	}
 	handler, _ := manifest["handler"].(string)
 	name := handler[strings.LastIndex(handler, ".")+1:]
 	if !nanogridIdentifier.MatchString(name) {
@@ -476,6 +481,7 @@ func nanogridServe() {
 			return
 		}
 	}
+	nanogridStartAI()
 	nanogridWriteFrame(map[string]bool{"ok": true}, nil) // the load's answer: compiled and started
 	in := os.Stdin
 	for {
@@ -590,10 +596,16 @@ func nanogridCall(header nanogridHeader, body []byte, handler reflect.Value, fun
 	var reply map[string]interface{}
 	var result []byte
 	var childPeak int64
+	if nanogridAI != nil {
+		nanogridAI.begin()
+	}
 	if handler.IsValid() {
 		reply, result = nanogridCallHandler(handler, body, jobID, functionName, memory, deadline)
 	} else {
 		reply, result, childPeak = nanogridRunProgram()
+	}
+	if nanogridAI != nil {
+		nanogridAI.end() // an AI answer under way arrives before the call's reply
 	}
 	if stopLive != nil {
 		close(stopLive)
@@ -782,4 +794,203 @@ func nanogridSendOutputs(limit int64) {
 		handle.Close()
 	}
 	nanogridWriteFrame(map[string]interface{}{"op": "done", "ok": true}, nil)
+}
+
+// ---- the AI node ---------------------------------------------------------------------------------------
+
+// AI_ENDPOINT inside the sandbox, as nanogrid_runtimes/python/bootstrap.py's AIForwarder: an HTTP server on the
+// sandbox's own loopback (the container has no network) that hands each request to the worker over the channel (an
+// `ai` frame); the worker's AI gateway opens the inference routes only, within the owner's budget, and counts the
+// tokens. Only while a call runs (the host reads `ai` frames only then); a function without AI access gets a 403
+// that says why. A program the function runs (the seed's main convention) inherits AI_ENDPOINT and is served too.
+const (
+	nanogridAIChannel         = "nanogrid:channel"
+	nanogridAIAddress         = "127.0.0.1:11434"
+	nanogridAIMaxRequestBytes = 4 << 20 // the gateway takes no more
+	nanogridAIRefused         = "no AI node in this sandbox: this function may not use it. A seed upload may use " +
+		"it unless the grid's operator turned that off (seed_ai = false); the grid needs an AI node (--ai-endpoint URL)"
+	nanogridAIOutsideCall = "the AI node is reachable only while the function is being called, not while it " +
+		"starts nor after its call returned"
+)
+
+type nanogridAIForwarder struct {
+	allowed  bool
+	gate     sync.Mutex
+	idle     *sync.Cond
+	calling  bool
+	inFlight int
+	exchange sync.Mutex // one request and its answer on the channel at a time
+}
+
+var nanogridAI *nanogridAIForwarder
+
+func nanogridStartAI() {
+	forwarder := &nanogridAIForwarder{allowed: os.Getenv("AI_ENDPOINT") == nanogridAIChannel}
+	forwarder.idle = sync.NewCond(&forwarder.gate)
+	listener, err := net.Listen("tcp", nanogridAIAddress)
+	if err != nil {
+		return // no loopback to listen on: requests to AI_ENDPOINT fail to connect
+	}
+	os.Setenv("AI_ENDPOINT", "http://"+nanogridAIAddress)
+	nanogridAI = forwarder
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			go forwarder.serve(conn)
+		}
+	}()
+}
+
+func (f *nanogridAIForwarder) begin() {
+	f.gate.Lock()
+	f.calling = true
+	f.gate.Unlock()
+}
+
+// end: no more requests; returns once those under way have their answers (before the call's reply is sent).
+func (f *nanogridAIForwarder) end() {
+	f.gate.Lock()
+	f.calling = false
+	for f.inFlight > 0 {
+		f.idle.Wait()
+	}
+	f.gate.Unlock()
+}
+
+// serve answers one connection's requests (HTTP/1.1 keep-alive) in order.
+func (f *nanogridAIForwarder) serve(conn net.Conn) {
+	defer conn.Close()
+	reader := bufio.NewReader(conn)
+	for {
+		line, err := reader.ReadString('\n')
+		parts := strings.Fields(line)
+		if err != nil || len(parts) < 3 {
+			return
+		}
+		method, path, keep, size, sized, expect := parts[0], parts[1], parts[2] == "HTTP/1.1", 0, true, false
+		for {
+			field, err := reader.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if field = strings.TrimRight(field, "\r\n"); field == "" {
+				break
+			}
+			name, value, _ := strings.Cut(field, ":")
+			value = strings.TrimSpace(value)
+			switch strings.ToLower(strings.TrimSpace(name)) {
+			case "content-length":
+				size, err = strconv.Atoi(value)
+				sized = err == nil && size >= 0
+			case "transfer-encoding":
+				sized = false
+			case "connection":
+				keep = keep && !strings.EqualFold(value, "close")
+			case "expect":
+				expect = strings.EqualFold(value, "100-continue")
+			}
+		}
+		if !sized {
+			nanogridAIRespond(conn, 411, nanogridAIError("send the request with a Content-Length"), false)
+			return
+		}
+		if size > nanogridAIMaxRequestBytes {
+			nanogridAIRespond(conn, 413, nanogridAIError(fmt.Sprintf("an AI request of %d bytes (at most %d bytes)",
+				size, nanogridAIMaxRequestBytes)), false)
+			return
+		}
+		if expect {
+			conn.Write([]byte("HTTP/1.1 100 Continue\r\n\r\n"))
+		}
+		body := make([]byte, size)
+		if _, err := io.ReadFull(reader, body); err != nil {
+			return
+		}
+		if i := strings.IndexByte(path, '?'); i >= 0 {
+			path = path[:i]
+		}
+		status, answer := f.answer(method, path, body)
+		nanogridAIRespond(conn, status, answer, keep)
+		if !keep {
+			return
+		}
+	}
+}
+
+func (f *nanogridAIForwarder) answer(method, path string, body []byte) (int, []byte) {
+	if !f.allowed {
+		return 403, nanogridAIError(nanogridAIRefused)
+	}
+	f.gate.Lock()
+	if !f.calling {
+		f.gate.Unlock()
+		return 503, nanogridAIError(nanogridAIOutsideCall)
+	}
+	f.inFlight++
+	f.gate.Unlock()
+	defer func() {
+		f.gate.Lock()
+		f.inFlight--
+		f.idle.Broadcast()
+		f.gate.Unlock()
+	}()
+	f.exchange.Lock()
+	defer f.exchange.Unlock()
+	nanogridWriteFrame(map[string]interface{}{"op": "ai", "method": method, "path": path},
+		nanogridWithModel(method, body))
+	header, answer, err := nanogridReadFrame(os.Stdin)
+	if err != nil {
+		os.Exit(0) // the host is gone
+	}
+	status := int(header.num("status", 502))
+	if status < 100 || status >= 600 {
+		status = 502
+	}
+	return status, answer
+}
+
+// nanogridWithModel: a request that names no model gets this call's (LLM_MODEL: the run's modelId, else the
+// function's or the grid's default).
+func nanogridWithModel(method string, body []byte) []byte {
+	model := os.Getenv("LLM_MODEL")
+	if method != "POST" || model == "" {
+		return body
+	}
+	var request map[string]interface{}
+	if json.Unmarshal(body, &request) != nil || request == nil {
+		return body // the gateway says what is wrong with it
+	}
+	if named, _ := request["model"].(string); named != "" {
+		return body
+	}
+	request["model"] = model
+	data, err := json.Marshal(request)
+	if err != nil {
+		return body
+	}
+	return data
+}
+
+func nanogridAIError(message string) []byte {
+	data, _ := json.Marshal(map[string]string{"error": message})
+	return data
+}
+
+func nanogridAIRespond(conn net.Conn, status int, answer []byte, keep bool) {
+	kind, reason, connection := "application/json", "OK", "close"
+	if bytes.Contains(bytes.TrimSpace(answer), []byte("\n")) {
+		kind = "application/x-ndjson"
+	}
+	if status >= 400 {
+		reason = "Error"
+	}
+	if keep {
+		connection = "keep-alive"
+	}
+	head := fmt.Sprintf("HTTP/1.1 %d %s\r\nContent-Type: %s; charset=utf-8\r\nContent-Length: %d\r\nConnection: %s\r\n\r\n",
+		status, reason, kind, len(answer), connection)
+	conn.Write(append([]byte(head), answer...))
 }
