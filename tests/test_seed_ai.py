@@ -58,6 +58,19 @@ def handler(event, context):
             "delete": [delete.status_code, delete.json()], "tags": [m["name"] for m in tags.json()["models"]]}
 '''
 
+# What another process on the host would try where the sandbox shares the host's network: AI_ENDPOINT's port,
+# without its path.
+GUESSING = """import os
+import ai_client
+import requests
+
+def handler(event, context):
+    endpoint = os.environ["AI_ENDPOINT"]
+    port = endpoint.split(":")[2].split("/")[0]
+    guess = requests.get(f"http://127.0.0.1:{port}/api/tags", timeout=30)
+    return {"endpoint": endpoint, "guess": guess.status_code, "answer": ai_client.generate("hi")}
+"""
+
 # Node's own fetch against AI_ENDPOINT, naming no model: the run's modelId is the one used.
 NODE_FETCH = """exports.handler = async (event) => {
   const response = await fetch(process.env.AI_ENDPOINT + '/api/generate', { method: 'POST',
@@ -224,3 +237,18 @@ def test_a_function_with_ai_turned_off_is_told_why(ai_off_grid, node):
         summarizer = run(client, upload(client, SUMMARIZER), {"text": TEXT})
         assert summarizer["status"] == "FAILED" and summarizer["llm_token_count"] == 0
         assert len(node.requests) == before
+
+
+def test_without_bubblewrap_the_forwarder_needs_its_secret_path(node, tmp_path):
+    """Where a process sandbox shares the host's network (no bubblewrap), AI_ENDPOINT's port is on the host's
+    loopback: without the endpoint's random path, no other process may spend the owner's tokens through it."""
+    grid = start_grid(tmp_path, ai_endpoint=node.url, ai_model="tiny", bubblewrap="off")
+    try:
+        with httpx.Client(base_url=grid.url, headers={"x-api-key": str(grid.api_key)}, timeout=120) as client:
+            result = run(client, upload(client, GUESSING), {})
+    finally:
+        grid.stop()
+    assert result["status"] == "SUCCESS", result
+    assert result["result"]["answer"] == "[tiny] summary: hi"
+    assert result["result"]["guess"] == 404
+    assert len(result["result"]["endpoint"].rsplit("/", 1)[1]) == 32
