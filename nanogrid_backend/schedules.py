@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.5  # the registry is looked at this often at least: schedules made, paused or claimed by another controller
+POLL_S = 0.5  # the longest sleep between looks at the schedules known here
+LIST_EVERY_S = 5.0  # all schedules are listed again this often (a DynamoDB scan): those another controller made
 CATCH_UP_AFTER_S = 60.0  # a firing this late (or standing for several due times) is marked a catch-up
 MISSED_COUNTED = 10_000  # due times counted one by one when a cron schedule missed many; more reads as this many
 ERROR_PAUSE_S = 2.0  # after a registry failure, before trying again
@@ -59,9 +60,12 @@ def due_times_between(schedule: ScheduleRecord, first: float, until: float) -> i
 class Scheduler:
     """One thread that sleeps until the earliest due time (or ``poll_s``) and fires what is due."""
 
-    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+    def __init__(self, grid: Grid, poll_s: float = POLL_S, list_every_s: float = LIST_EVERY_S) -> None:
         self.grid = grid
         self.poll_s = poll_s
+        self.list_every_s = list_every_s
+        self._known: dict[str, ScheduleRecord] = {}  # as last read: what is due is read again before it fires
+        self._listed_at = -math.inf
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,7 +82,8 @@ class Scheduler:
             self._thread.join(timeout=10)
 
     def wake(self) -> None:
-        """A schedule was made or changed here: look again now rather than at the next poll."""
+        """A schedule was made or changed here: list them again now rather than at the next listing."""
+        self._listed_at = -math.inf
         self._wake.set()
 
     def _run(self) -> None:
@@ -92,19 +97,32 @@ class Scheduler:
             self._wake.clear()
 
     def tick(self, now: float | None = None) -> float:
-        """Fire every schedule that is due; the seconds until the next look."""
+        """Fire every schedule that is due; the seconds until the next look. A due schedule is read again first:
+        another controller may have fired, paused or removed it since it was listed."""
         registry = self.grid.registry
+        if time.monotonic() - self._listed_at >= self.list_every_s:
+            self._listed_at = time.monotonic()
+            self._known = {s.schedule_id: s for s in registry.list_schedules()}
         wait = self.poll_s
-        for schedule in registry.list_schedules():
-            if schedule.paused or self._stopped.is_set():
-                continue
-            if schedule.waiting_due is not None:
-                self._start_waiting(schedule)
+        for schedule_id, known in list(self._known.items()):
             moment = time.time() if now is None else now
-            if schedule.next_due <= moment:
-                self._fire(schedule, moment)
+            if self._stopped.is_set() or known.paused:
+                continue
+            if known.waiting_due is None and known.next_due > moment:
+                wait = min(wait, known.next_due - moment)
+                continue
+            schedule = registry.get_schedule(schedule_id)
+            if schedule is not None and not schedule.paused:
+                if schedule.waiting_due is not None:
+                    self._start_waiting(schedule)
+                if schedule.next_due <= moment:
+                    self._fire(schedule, moment)
+                schedule = registry.get_schedule(schedule_id)
+            if schedule is None:
+                del self._known[schedule_id]
             else:
-                wait = min(wait, schedule.next_due - moment)
+                self._known[schedule_id] = schedule
+                wait = min(wait, max(schedule.next_due - moment, 0.0))
         return max(wait, 0.0)
 
     def _fire(self, schedule: ScheduleRecord, now: float) -> None:

@@ -23,10 +23,10 @@ from nanogrid import cli
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.embedded import EmbeddedGrid
 from nanogrid_backend.keys import OwnerPolicy, create_key
-from nanogrid_backend.models import FunctionRecord, ScheduleRecord
+from nanogrid_backend.models import FiringRecord, FunctionRecord, ScheduleRecord
 from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.base import Registry
-from nanogrid_backend.registry.sqlite import SQLiteRegistry
+from nanogrid_backend.registry.sqlite import FIRINGS_KEPT, SQLiteRegistry
 from nanogrid_backend.schedules import Scheduler, next_due_after, schedule_id_for
 from tests.conftest import start_grid
 from tests.test_notify import Receiver, verify
@@ -144,6 +144,22 @@ def test_two_schedulers_on_one_sqlite_file_fire_each_due_time_once(tmp_path):
     finally:
         for registry in registries:
             registry.close()
+
+
+def test_a_schedule_keeps_its_newest_firings_only(tmp_path):
+    """A schedule that fires every second for months must not grow the registry without end: the newest
+    FIRINGS_KEPT firings stay, and a due time already passed is still never claimed twice."""
+    registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
+    try:
+        schedule = ScheduleRecord("sch-many", "o", "many", "fn", period_s=1.0, anchor=0.0, next_due=1.0)
+        registry.put_schedule(schedule)
+        for due in range(1, FIRINGS_KEPT + 21):
+            assert registry.claim_firing(FiringRecord("sch-many", float(due), due + 0.1, "skipped"), due + 1.0, None)
+        kept = registry.list_firings("sch-many", limit=2 * FIRINGS_KEPT)
+        assert len(kept) == FIRINGS_KEPT and kept[0].due_time == FIRINGS_KEPT + 20
+        assert not registry.claim_firing(FiringRecord("sch-many", 5.0, 9e9, "started"), 6.0, None)
+    finally:
+        registry.close()
 
 
 @pytest.mark.integration
@@ -336,7 +352,7 @@ def test_a_handler_function_is_scheduled_over_http_with_its_json_event(grid):
 
 # --- across a restart ---------------------------------------------------------------------------------------------
 
-def every_second(client: nanogrid.Client) -> nanogrid.RemoteFunction:
+def every_second() -> nanogrid.RemoteFunction:
     @nanogrid.remote(schedule=nanogrid.Period(seconds=1))
     def restarted():
         return "ran"
@@ -350,8 +366,8 @@ def test_a_restart_right_after_a_firing_never_fires_that_due_time_again(tmp_path
     one job, and the first firing after the restart is a catch-up for all the due times missed while down."""
     first = start_grid(tmp_path / "data")
     try:
-        client = nanogrid.connect(first.url, api_key=first.api_key)
-        fn = every_second(client)
+        nanogrid.connect(first.url, api_key=first.api_key)
+        fn = every_second()
         fn.deploy()
         fired = wait_until(lambda: firings(fn, "started"), "a firing")
     finally:
@@ -359,8 +375,8 @@ def test_a_restart_right_after_a_firing_never_fires_that_due_time_again(tmp_path
     time.sleep(3.5)  # down for three due times or more
     second = start_grid(tmp_path / "data")
     try:
-        client = nanogrid.connect(second.url, api_key=second.api_key)
-        fn = every_second(client)
+        nanogrid.connect(second.url, api_key=second.api_key)
+        fn = every_second()
         after = wait_until(lambda: [f for f in firings(fn) if f["due_time"] > fired[0]["due_time"]][1:],
                            "two firings after the restart")
         everything = firings(fn)

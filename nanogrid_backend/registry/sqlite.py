@@ -52,6 +52,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 # Below this much free space on the data disk SQLite cannot make the shared-memory index of a WAL registry (-shm):
 # the registry then opens in exclusive locking mode, which keeps that index in memory, and the start-up backup waits.
 ROOM_TO_OPEN = 1 << 20
+FIRINGS_KEPT = 1000  # per schedule, the newest; older due times are long past, so none can be claimed again
 
 # Version 1 as the code before versioning wrote it (from the dataclass fields, untyped), now with types.
 _FUNCTIONS_V1 = ("function_id TEXT PRIMARY KEY, function_name TEXT, runtime TEXT, handler TEXT, kind TEXT, "
@@ -536,8 +537,10 @@ class SQLiteRegistry(Registry):
         def claim(db: sqlite3.Connection) -> bool:
             try:
                 db.execute(_insert("schedule_firings"), _FIRING_ROWS.row(firing))
-            except sqlite3.IntegrityError:
-                return False  # claimed by another scheduler, in the transaction that moved the schedule on
+            except sqlite3.IntegrityError:  # claimed before: never again, and the schedule moves past it
+                db.execute("UPDATE schedules SET next_due = ? WHERE schedule_id = ? AND next_due = ?",
+                           (next_due, firing.schedule_id, firing.due_time))
+                return False
             moved = db.execute(
                 "UPDATE schedules SET next_due = ?, last_job_id = coalesce(?, last_job_id), "
                 "waiting_due = coalesce(?, waiting_due) WHERE schedule_id = ? AND next_due = ? AND paused = 0",
@@ -546,6 +549,9 @@ class SQLiteRegistry(Registry):
                 raise _NotClaimed
             if job is not None:
                 db.execute(_insert("jobs"), _JOBS.row(job))
+            db.execute("DELETE FROM schedule_firings WHERE schedule_id = ? AND due_time < (SELECT due_time FROM "
+                       "schedule_firings WHERE schedule_id = ? ORDER BY due_time DESC LIMIT 1 OFFSET ?)",
+                       (firing.schedule_id, firing.schedule_id, FIRINGS_KEPT - 1))
             return True
 
         try:
