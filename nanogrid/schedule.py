@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from nanogrid.client import Client
 
 MIN_PERIOD_S = 1.0  # the scheduler looks at due times about twice a second
+MAX_PERIOD_S = 366 * 86400.0
 OVERLAPS = ("skip", "queue")
 
 
@@ -44,7 +45,7 @@ def check_timezone(timezone: str) -> ZoneInfo:
         raise InvalidArgument(f"timezone is an IANA name such as 'Europe/Oslo' or 'UTC', not {timezone!r}")
     try:
         return ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder of zones ('Europe'), a name too long
         raise InvalidArgument(f"unknown time zone {timezone!r}: use an IANA name such as 'Europe/Oslo' or 'UTC'") from None
 
 
@@ -55,8 +56,8 @@ def check_overlap(overlap: str) -> None:
 
 
 def check_period(seconds: float) -> None:
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= MIN_PERIOD_S:
-        raise InvalidArgument(f"a period is at least {MIN_PERIOD_S:g} s, not {seconds!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not MIN_PERIOD_S <= seconds <= MAX_PERIOD_S:
+        raise InvalidArgument(f"a period is at least {MIN_PERIOD_S:g} s and at most 366 days, not {seconds!r} s")
 
 
 class Cron:

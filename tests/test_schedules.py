@@ -52,6 +52,8 @@ def wait_until(found: Callable[[], object], what: str, timeout: float = WAIT_S) 
     (lambda: nanogrid.Cron("* * * *"), "Wrong number of fields"),
     (lambda: nanogrid.Cron("0 * * * *", timezone="Mars/Olympus"), "unknown time zone 'Mars/Olympus'"),
     (lambda: nanogrid.Period(seconds=0.2), "at least 1 s"),
+    (lambda: nanogrid.Period(seconds=float("inf")), "at most 366 days"),
+    (lambda: nanogrid.Cron("0 * * * *", timezone="Europe"), "unknown time zone 'Europe'"),
     (lambda: nanogrid.Period(minutes=-5), "at least 0"),
     (lambda: nanogrid.Period(minutes=5, overlap="sometimes"), "'skip'"),
     (lambda: nanogrid.remote(schedule=42), "cron string"),
