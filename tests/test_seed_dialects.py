@@ -247,3 +247,22 @@ def test_node_functions_write_to_output_too(keyless: httpx.Client) -> None:
         assert answer["result"] == {"same": True, "tmp": "/tmp"}
         (link,) = answer["output_files"]
         assert httpx.get(link, timeout=30).text == str(n)
+
+
+@pytest.mark.integration
+def test_process_sandbox_has_output_too(grid: EmbeddedGrid) -> None:
+    """With bubblewrap, a seed function in the process sandbox must never find /output missing, and the root
+    must stay read-only around it."""
+    require("bubblewrap namespaces" in grid.grid.describe_sandbox(), "the process sandbox runs without bubblewrap here")
+    source = ("import os\n\ndef handler(event, context):\n"
+              "    open('/output/p.txt', 'w').write('p')\n"
+              "    try:\n        open('/evil', 'w')\n        root = 'writable'\n"
+              "    except OSError:\n        root = 'read-only'\n"
+              "    return {'same': os.path.samefile('/output', os.environ['OUTPUT_DIR']), 'root': root,\n"
+              "            'tmpdir': os.environ.get('TMPDIR')}\n")
+    with httpx.Client(base_url=grid.url, headers={"x-api-key": grid.api_key}, timeout=60) as client:
+        response = client.post("/upload", files={"file": ("main.py", source.encode())})
+        answer = client.post("/run", json={"functionId": response.json()["functionId"]}).json()
+    assert answer["status"] == "SUCCESS", answer
+    assert answer["result"] == {"same": True, "root": "read-only", "tmpdir": "/tmp"}
+    assert answer["outputFiles"] == ["p.txt"]

@@ -39,6 +39,20 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP = Path(__file__).resolve().parents[2] / "nanogrid_runtimes" / "python" / "bootstrap.py"
 START_TIMEOUT_S = 30.0
+OUTPUT_MOUNT = "/output"  # the seed's output directory, where its functions write (OUTPUT_DIR), with bubblewrap
+
+
+def _host_root() -> list[str]:
+    """The host's root read-only, entry by entry on bubblewrap's own root, so that ``/output`` can be made there
+    (a read-only bind of ``/`` itself leaves nowhere to make it); ``/dev``, ``/proc`` and ``/tmp`` are the sandbox's.
+    The root is remounted read-only once everything is in place."""
+    binds: list[str] = []
+    for entry in sorted(os.scandir("/"), key=lambda e: e.name):
+        path = entry.path
+        if path in ("/dev", "/proc", "/tmp", OUTPUT_MOUNT):
+            continue
+        binds += ["--symlink", os.readlink(path), path] if entry.is_symlink() else ["--ro-bind", path, path]
+    return binds
 
 
 def _interpreter_paths() -> list[Path]:
@@ -162,11 +176,14 @@ class ProcessSandbox(WatchedSandbox):
         for path in _interpreter_paths():
             if not path.is_relative_to(self.factory.hide_dir):
                 interpreter += ["--ro-bind", str(path), str(path)]
+        outputs = self.work_dir / "output"  # seen as /output too, the seed's output directory
+        outputs.mkdir(mode=0o700, exist_ok=True)
         return [
             self.factory.bwrap, "--unshare-all", "--die-with-parent",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            *_host_root(), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--tmpfs", str(self.factory.hide_dir), *interpreter, *layer,
-            "--bind", str(self.work_dir), str(self.work_dir), *python,
+            "--bind", str(self.work_dir), str(self.work_dir), "--bind", str(outputs), OUTPUT_MOUNT,
+            "--remount-ro", "/", *python,
         ]
 
     def _environment(self) -> dict[str, str]:
@@ -177,7 +194,7 @@ class ProcessSandbox(WatchedSandbox):
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
             "NANOGRID_WORK_DIR": str(self.work_dir),
-            "NANOGRID_OUTPUT_DIR": str(self.work_dir / "output"),
+            "NANOGRID_OUTPUT_DIR": OUTPUT_MOUNT if self.factory.bwrap else str(self.work_dir / "output"),
             "TMPDIR": "/tmp" if self.factory.bwrap else tempfile.gettempdir(),  # bubblewrap's /tmp is its own
             "NANOGRID_CAPTURE_LIMIT": str(self.limits.capture_bytes),
             **({"PYTHONPATH": str(self.site_dir)} if self.site_dir else {}),
