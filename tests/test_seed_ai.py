@@ -104,7 +104,36 @@ func Handler(event map[string]interface{}) (map[string]interface{}, error) {
 
 func main() {}
 """
-SOURCE_FILES = {"python": "main.py", "nodejs": "index.js", "go": "main.go"}
+# C++ has no HTTP client in its image: plain sockets against AI_ENDPOINT, the node's answer returned as it came.
+CPP_SOCKETS = r"""#include <arpa/inet.h>
+#include <cstdlib>
+#include <string>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static std::string reply;
+
+extern "C" const char* handler(const char* event) {
+    std::string endpoint = std::getenv("AI_ENDPOINT");  // http://127.0.0.1:PORT
+    sockaddr_in node{};
+    node.sin_family = AF_INET;
+    node.sin_port = htons(std::atoi(endpoint.substr(endpoint.rfind(':') + 1).c_str()));
+    inet_pton(AF_INET, "127.0.0.1", &node.sin_addr);
+    int conn = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(conn, reinterpret_cast<sockaddr*>(&node), sizeof node) != 0) return "\"no connection\"";
+    std::string body = "{\"prompt\": \"one two\", \"stream\": false}";
+    std::string request = "POST /api/generate HTTP/1.1\r\nHost: ai\r\nConnection: close\r\nContent-Length: " +
+                          std::to_string(body.size()) + "\r\n\r\n" + body;
+    send(conn, request.data(), request.size(), 0);
+    std::string answer;
+    char buf[4096];
+    for (ssize_t n; (n = recv(conn, buf, sizeof buf, 0)) > 0;) answer.append(buf, size_t(n));
+    close(conn);
+    reply = answer.substr(answer.find("\r\n\r\n") + 4);
+    return reply.c_str();
+}
+"""
+SOURCE_FILES = {"python": "main.py", "nodejs": "index.js", "go": "main.go", "cpp": "main.cpp"}
 
 
 def upload(client: httpx.Client, source: str, model: str | None = None, runtime: str = "python") -> str:
@@ -140,7 +169,7 @@ def node() -> Iterator[FakeOllama]:
 @pytest.fixture(scope="module")
 def docker_seed(node: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     require_docker()
-    for language in ("node", "go"):  # built here if missing or out of date, as CI does
+    for language in ("node", "go", "cpp"):  # built here if missing or out of date, as CI does
         built = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", language],
                                capture_output=True, text=True)
         assert built.returncode == 0, built.stderr
@@ -222,6 +251,14 @@ def test_a_go_function_reaches_the_ai_node_with_the_grids_default_model(docker_s
     result = run(docker_seed, upload(docker_seed, GO_HTTP, runtime="go"), {"prompt": "two words"})
     assert result["status"] == "SUCCESS", result
     assert result["result"] == {"status": 200, "answer": "[tiny] summary: two words"}
+    assert result["llm_token_count"] == 2 + 4
+
+
+def test_a_cpp_function_reaches_the_ai_node_with_the_runs_model(docker_seed, node):
+    """A C++ seed function must reach the AI node at AI_ENDPOINT too (here over plain sockets)."""
+    result = run(docker_seed, upload(docker_seed, CPP_SOCKETS, runtime="cpp"), {}, model="summarizer")
+    assert result["status"] == "SUCCESS", result
+    assert result["result"]["response"] == "[summarizer] summary: one two"
     assert result["llm_token_count"] == 2 + 4
 
 

@@ -10,6 +10,7 @@
 //
 // The host trusts nothing it reads from here (nanogrid_backend/sandbox/protocol.py checks every frame).
 #include <algorithm>
+#include <arpa/inet.h>
 #include <cctype>
 #include <cerrno>
 #include <chrono>
@@ -27,9 +28,12 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <netinet/in.h>
 #include <sstream>
 #include <string>
+#include <strings.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
@@ -404,6 +408,7 @@ std::string load(const Json& header, const std::string& body) {
   fs::remove(zip);
   Json manifest;
   Parser(read_file(kCodeDir + "/manifest.json")).parse(manifest);
+  if (!manifest.str("model").empty()) setenv("LLM_MODEL", manifest.str("model").c_str(), 1);  // a seed upload's modelId
   std::string handler = manifest.str("handler");
   std::string name = handler.substr(handler.rfind('.') + 1);
   bool identifier = !name.empty() && !(name[0] >= '0' && name[0] <= '9');
@@ -700,6 +705,195 @@ std::string run_program(std::string& reply, std::string& stdout_text, long& chil
   return "null";
 }
 
+// ---- the AI node -----------------------------------------------------------------------------------------
+
+// AI_ENDPOINT inside the sandbox, as nanogrid_runtimes/python/bootstrap.py's AIForwarder: an HTTP server on the
+// sandbox's own loopback (the container has no network) that hands each request to the worker over the channel (an
+// `ai` frame); the worker's AI gateway opens the inference routes only, within the owner's budget, and counts the
+// tokens. Only while a call runs (the host reads `ai` frames only then); a function without AI access gets a 403
+// that says why. A program the function runs (the seed's main convention) inherits AI_ENDPOINT and is served too.
+const char* const kAIChannel = "nanogrid:channel";
+const int kAIPort = 11434;
+const long kAIMaxRequestBytes = 4 << 20;  // the gateway takes no more
+const char* const kAIRefused =
+    "no AI node in this sandbox: this function may not use it. A seed upload may use it unless the grid's operator "
+    "turned that off (seed_ai = false); the grid needs an AI node (--ai-endpoint URL)";
+const char* const kAIOutsideCall =
+    "the AI node is reachable only while the function is being called, not while it starts nor after its call "
+    "returned";
+
+std::string ai_error(const std::string& message) { return "{\"error\": " + quote(message) + "}"; }
+
+// A request that names no model gets this call's (LLM_MODEL: the run's modelId, else the function's or the grid's).
+std::string with_model(const std::string& method, const std::string& body) {
+  const char* model = std::getenv("LLM_MODEL");
+  Json request;
+  if (method != "POST" || !model || !*model || !Parser(body).parse(request) || request.kind != Json::Object ||
+      !request.str("model").empty())
+    return body;  // the gateway says what is wrong with a request that is not JSON
+  size_t open = body.find('{');
+  return body.substr(0, open + 1) + "\"model\": " + quote(model) + (request.members.empty() ? "" : ", ") +
+         body.substr(open + 1);
+}
+
+void ai_respond(int conn, int status, const std::string& answer, bool keep) {
+  size_t last = answer.find_last_not_of(" \r\n");
+  bool lines = last != std::string::npos && answer.find('\n') < last;
+  std::string data = "HTTP/1.1 " + std::to_string(status) + (status < 400 ? " OK" : " Error") +
+                     "\r\nContent-Type: " + (lines ? "application/x-ndjson" : "application/json") +
+                     "; charset=utf-8\r\nContent-Length: " + std::to_string(answer.size()) +
+                     "\r\nConnection: " + (keep ? "keep-alive" : "close") + "\r\n\r\n" + answer;
+  for (size_t sent = 0; sent < data.size();) {
+    ssize_t n = send(conn, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // the function stopped waiting
+    sent += size_t(n);
+  }
+}
+
+class AIForwarder {
+ public:
+  explicit AIForwarder(bool allowed) : allowed_(allowed) {}
+
+  void begin() {
+    std::lock_guard<std::mutex> guard(gate_);
+    calling_ = true;
+  }
+
+  // No more requests; returns once those under way have their answers (before the call's reply is sent).
+  void end() {
+    std::unique_lock<std::mutex> guard(gate_);
+    calling_ = false;
+    idle_.wait(guard, [this] { return in_flight_ == 0; });
+  }
+
+  // One connection's requests (HTTP/1.1 keep-alive), answered in order.
+  void serve(int conn) {
+    std::string pending;
+    char buf[65536];
+    auto more = [&] {
+      ssize_t n;
+      do n = recv(conn, buf, sizeof buf, 0); while (n < 0 && errno == EINTR);
+      if (n > 0) pending.append(buf, size_t(n));
+      return n > 0;
+    };
+    for (;;) {
+      size_t head_end;
+      while ((head_end = pending.find("\r\n\r\n")) == std::string::npos)
+        if (pending.size() > 65536 || !more()) return close_connection(conn);
+      std::istringstream head(pending.substr(0, head_end));
+      pending.erase(0, head_end + 4);
+      std::string line, method, path, version;
+      std::getline(head, line);
+      std::istringstream(line) >> method >> path >> version;
+      bool keep = version == "HTTP/1.1", sized = true, expect = false;
+      long size = 0;
+      while (std::getline(head, line)) {
+        size_t colon = line.find(':');
+        if (colon == std::string::npos) continue;
+        std::string name = line.substr(0, colon), value = line.substr(colon + 1);
+        std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+        size_t first = value.find_first_not_of(" \t"), last = value.find_last_not_of(" \t\r");
+        value = first == std::string::npos ? "" : value.substr(first, last - first + 1);
+        if (name == "content-length") {
+          char* end = nullptr;
+          size = std::strtol(value.c_str(), &end, 10);
+          sized = !value.empty() && *end == '\0' && size >= 0;
+        } else if (name == "transfer-encoding") {
+          sized = false;
+        } else if (name == "connection" && strcasecmp(value.c_str(), "close") == 0) {
+          keep = false;
+        } else if (name == "expect" && strcasecmp(value.c_str(), "100-continue") == 0) {
+          expect = true;
+        }
+      }
+      if (!sized) {
+        ai_respond(conn, 411, ai_error("send the request with a Content-Length"), false);
+        return close_connection(conn);
+      }
+      if (size > kAIMaxRequestBytes) {
+        ai_respond(conn, 413, ai_error("an AI request of " + std::to_string(size) + " bytes (at most " +
+                                       std::to_string(kAIMaxRequestBytes) + " bytes)"), false);
+        return close_connection(conn);
+      }
+      if (expect) ai_respond_continue(conn);
+      while (pending.size() < size_t(size))
+        if (!more()) return close_connection(conn);
+      std::string body = pending.substr(0, size_t(size));
+      pending.erase(0, size_t(size));
+      auto answer = this->answer(method, path.substr(0, path.find('?')), body);
+      ai_respond(conn, answer.first, answer.second, keep);
+      if (!keep) return close_connection(conn);
+    }
+  }
+
+ private:
+  static void close_connection(int conn) { close(conn); }
+
+  static void ai_respond_continue(int conn) {
+    const char line[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    if (send(conn, line, sizeof line - 1, MSG_NOSIGNAL) < 0) return;
+  }
+
+  std::pair<int, std::string> answer(const std::string& method, const std::string& path, const std::string& body) {
+    if (!allowed_) return {403, ai_error(kAIRefused)};
+    {
+      std::lock_guard<std::mutex> guard(gate_);
+      if (!calling_) return {503, ai_error(kAIOutsideCall)};
+      in_flight_++;
+    }
+    std::string request = with_model(method, body), answer;
+    Json header;
+    bool answered;
+    {
+      std::lock_guard<std::mutex> guard(exchange_);  // one request and its answer on the channel at a time
+      write_frame("{\"op\": \"ai\", \"method\": " + quote(method) + ", \"path\": " + quote(path) + "}",
+                  request.data(), request.size());
+      answered = read_frame(header, answer);
+    }
+    {
+      std::lock_guard<std::mutex> guard(gate_);
+      in_flight_--;
+    }
+    idle_.notify_all();
+    if (!answered) _exit(0);  // the host is gone
+    int status = int(header.num("status", 502));
+    return {status >= 100 && status < 600 ? status : 502, answer};
+  }
+
+  bool allowed_;
+  std::mutex gate_, exchange_;
+  std::condition_variable idle_;
+  bool calling_ = false;
+  int in_flight_ = 0;
+};
+
+AIForwarder* ai_forwarder = nullptr;
+
+// The forwarder behind AI_ENDPOINT (every sandbox has one: a function without AI access is told why).
+void start_ai_forwarder() {
+  bool allowed = env_or("AI_ENDPOINT", "") == kAIChannel;
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(kAIPort);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (listener < 0 || bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+      listen(listener, 16) != 0) {
+    if (listener >= 0) close(listener);
+    return;  // no loopback to listen on: requests to AI_ENDPOINT fail to connect
+  }
+  ai_forwarder = new AIForwarder(allowed);  // lives as long as the sandbox
+  setenv("AI_ENDPOINT", ("http://127.0.0.1:" + std::to_string(kAIPort)).c_str(), 1);
+  std::thread([listener] {
+    for (;;) {
+      int conn = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+      if (conn >= 0) std::thread([conn] { ai_forwarder->serve(conn); }).detach();
+      else if (errno != EINTR && errno != ECONNABORTED) return;
+    }
+  }).detach();
+}
+
 int serve() {
   std::signal(SIGXFSZ, SIG_IGN);
   reply_fd = std::atoi(env_or("NANOGRID_REPLY_FD", "1").c_str());
@@ -707,6 +901,7 @@ int serve() {
   for (const char* name : {"NANOGRID_STAGE", "NANOGRID_REPLY_FD", "NANOGRID_FUNCTION_NAME", "NANOGRID_MEMORY_MB"})
     unsetenv(name);
   bool program = bound_handler == nullptr;
+  start_ai_forwarder();
   write_frame("{\"ok\": true}");  // the load's answer: compiled and started
   LiveOutput live;
   Json header;
@@ -749,6 +944,7 @@ int serve() {
     std::string reply, result, stdout_text;
     long child_peak = 0;
     auto started = std::chrono::steady_clock::now();
+    if (ai_forwarder) ai_forwarder->begin();
     if (program) {
       result = run_program(reply, stdout_text, child_peak);
     } else {
@@ -766,6 +962,7 @@ int serve() {
       fflush(stdout);
       stdout_text = capture_read(1);
     }
+    if (ai_forwarder) ai_forwarder->end();  // an AI answer under way arrives before the call's reply
     if (live_wanted) live.end();
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
     reply.pop_back();  // the closing brace: the call's figures go in after what the outcome said
