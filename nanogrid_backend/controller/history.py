@@ -140,7 +140,8 @@ def router(grid: Grid, caller: Any) -> APIRouter:
     def function_history(function_id: str, key: caller, limit: Limit = 50, before: Before = None,
                          status: Status = None) -> dict:
         """One function's calls, newest first (stdout/stderr cut to 2,048 characters: ``/v1/history/{job_id}``)."""
-        function_id = owned_function(function_id, key).function_id  # a seed function's uuid: its newest version
+        resolved = seed.resolve_function(grid, key.name, function_id)  # a seed function's uuid: its newest version
+        function_id = resolved.function_id if resolved is not None else function_id
         entries = grid.registry.list_history(key.name, function_id, status, limit, cursor(before, key), TEXT_CAP)
         return page(entries, limit)
 
