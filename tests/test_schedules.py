@@ -7,6 +7,7 @@ schedule says skip, another owner seeing or touching a schedule, a bad cron or z
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import types
@@ -28,7 +29,8 @@ from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.base import Registry
 from nanogrid_backend.registry.sqlite import FIRINGS_KEPT, SQLiteRegistry
 from nanogrid_backend.schedules import Scheduler, next_due_after, schedule_id_for
-from tests.conftest import start_grid
+from tests.aws_cluster import Cluster
+from tests.conftest import require, start_grid
 from tests.test_notify import Receiver, verify
 from tests.test_registry import dynamodb_table  # noqa: F401 (the moto server's table, a fixture)
 
@@ -56,7 +58,7 @@ def wait_until(found: Callable[[], object], what: str, timeout: float = WAIT_S) 
     (lambda: nanogrid.Cron("0 * * * *", timezone="Europe"), "unknown time zone 'Europe'"),
     (lambda: nanogrid.Period(minutes=-5), "at least 0"),
     (lambda: nanogrid.Period(minutes=5, overlap="sometimes"), "'skip'"),
-    (lambda: nanogrid.remote(schedule=42), "cron string"),
+    (lambda: nanogrid.remote(schedule=42), "cron string"),  # type: ignore[call-overload]
 ])
 def test_a_bad_schedule_is_refused_with_what_is_wrong(make, words):
     """A schedule that could never fire as meant must never be accepted: the error names the wrong part."""
@@ -142,7 +144,7 @@ def test_two_schedulers_on_one_sqlite_file_fire_each_due_time_once(tmp_path):
     path = tmp_path / "registry.sqlite3"
     registries = [SQLiteRegistry(path), SQLiteRegistry(path)]
     try:
-        check_fired_once_each(race(registries, tmp_path))  # type: ignore[arg-type]
+        check_fired_once_each(race(registries, tmp_path))
     finally:
         for registry in registries:
             registry.close()
@@ -170,7 +172,7 @@ def test_two_schedulers_on_one_dynamodb_table_fire_each_due_time_once(dynamodb_t
     from nanogrid_backend.registry.dynamodb import DynamoDBRegistry
 
     registries = [DynamoDBRegistry(dynamodb_table), DynamoDBRegistry(dynamodb_table)]
-    check_fired_once_each(race(registries, tmp_path))  # type: ignore[arg-type]
+    check_fired_once_each(race(registries, tmp_path))
 
 
 # --- on a grid ----------------------------------------------------------------------------------------------------
@@ -390,3 +392,34 @@ def test_a_restart_right_after_a_firing_never_fires_that_due_time_again(tmp_path
         assert sorted(j.job_id for j in scheduled) == sorted(f["job_id"] for f in everything if f["job_id"])
     finally:
         second.stop()
+
+
+@pytest.mark.integration
+def test_two_controllers_on_the_aws_adapters_start_one_run_per_due_time(tmp_path):
+    """Two controllers (each with its scheduler) over SQS, DynamoDB and Redis on loopback: every due time of a
+    schedule is one firing and one job, whichever controller claimed it; both show the same schedule."""
+    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    cluster = Cluster(tmp_path, workers=1)
+    try:
+        client = nanogrid.connect(cluster.url, api_key=cluster.key)
+        fn = every_second()
+        fn.deploy()
+        wait_until(lambda: len(firings(fn, "started")) >= 6, "six firings")
+        info = fn.schedule_info()
+        assert info is not None
+        info.pause()  # then the jobs and the firings settle, and must agree one to one
+
+        def shown(url: str) -> list[dict]:
+            return nanogrid.Client(url, api_key=cluster.key).request(
+                "GET", "/schedules/restarted", params={"limit": 1000}).json()["firings"]
+
+        def agreeing() -> list[dict] | None:
+            every = shown(cluster.url2)
+            scheduled = {j["job_id"] for j in client.jobs(limit=1000) if j["trigger"] == "schedule"}
+            return every if scheduled == {f["job_id"] for f in every if f["job_id"]} else None
+
+        every = wait_until(agreeing, "the scheduled jobs and the firings to agree")
+        dues = [f["due_time"] for f in every]
+        assert len(dues) == len(set(dues)) and len(dues) >= 6 and shown(cluster.url) == every
+    finally:
+        cluster.stop()
