@@ -51,8 +51,14 @@ def due_times_between(schedule: ScheduleRecord, first: float, until: float) -> i
     """How many due times from ``first`` (itself one) to ``until``."""
     if not schedule.cron:
         return int((until - first) // schedule.period_s) + 1
-    count, due = 1, first
-    while count < MISSED_COUNTED and (due := next_due_after(schedule, due)) <= until:
+    from zoneinfo import ZoneInfo
+
+    from cronsim import CronSim
+
+    count = 1
+    for due in CronSim(schedule.cron, datetime.fromtimestamp(first, ZoneInfo(schedule.timezone))):
+        if count >= MISSED_COUNTED or due.timestamp() > until:
+            break
         count += 1
     return count
 

@@ -28,7 +28,7 @@ from nanogrid_backend.models import FiringRecord, FunctionRecord, ScheduleRecord
 from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.base import Registry
 from nanogrid_backend.registry.sqlite import FIRINGS_KEPT, SQLiteRegistry
-from nanogrid_backend.schedules import Scheduler, next_due_after, schedule_id_for
+from nanogrid_backend.schedules import Scheduler, due_times_between, next_due_after, schedule_id_for
 from tests.aws_cluster import Cluster
 from tests.conftest import require, start_grid
 from tests.test_notify import Receiver, verify
@@ -88,6 +88,14 @@ def test_cron_due_times_are_read_in_the_schedule_time_zone_across_daylight_savin
     summer = next_due_after(daily, datetime(2026, 7, 10, 12, tzinfo=UTC).timestamp())
     assert datetime.fromtimestamp(winter, UTC) == datetime(2026, 1, 11, 8, tzinfo=UTC)
     assert datetime.fromtimestamp(summer, UTC) == datetime(2026, 7, 11, 7, tzinfo=UTC)
+
+
+def test_a_grid_down_for_a_week_counts_the_missed_cron_due_times_in_one_catch_up():
+    """The catch-up firing says how many due times it stands for: an hourly cron missed for a week is 168."""
+    hourly = ScheduleRecord("s", "o", "n", "f", cron="0 * * * *", timezone="Europe/Oslo")
+    first = datetime(2026, 3, 23, 10, tzinfo=UTC).timestamp()
+    assert due_times_between(hourly, first, first + 7 * 86400 - 1) == 168
+    assert due_times_between(hourly, first, first + 10) == 1
 
 
 # --- two schedulers racing on one registry -----------------------------------------------------------------------
@@ -222,6 +230,24 @@ def test_a_period_schedule_runs_its_function_as_ordinary_jobs_marked_schedule(cl
     assert client.status(called.job_id)["trigger"] == "call"
     assert all(not f["catch_up"] and f["missed"] == 1 for f in started)
     assert [s.name for s in nanogrid.schedules(client)] == ["heartbeat"]
+
+
+@pytest.mark.integration
+def test_deploying_a_new_version_points_the_schedule_at_it_and_keeps_its_timing(client):
+    """Changed code is a new version: deploying it moves the schedule to that version, without a new due time."""
+    label = "v1"
+
+    @nanogrid.remote(schedule=nanogrid.Period(hours=1))
+    def versioned():
+        return label
+
+    first_id = versioned.deploy()
+    before = versioned.schedule_info()
+    label = "v2"
+    second_id = versioned.deploy()
+    after = versioned.schedule_info()
+    assert before is not None and after is not None and first_id != second_id
+    assert (before.function_id, after.function_id) == (first_id, second_id) and after.next_due == before.next_due
 
 
 @pytest.mark.integration
