@@ -228,6 +228,8 @@ def test_a_period_schedule_runs_its_function_as_ordinary_jobs_marked_schedule(cl
     called = heartbeat.spawn()
     called.result(timeout=30)
     assert client.status(called.job_id)["trigger"] == "call"
+    triggers = {item["job_id"]: item["trigger"] for item in heartbeat.history()}
+    assert triggers[job.job_id] == "schedule" and triggers[called.job_id] == "call"
     assert all(not f["catch_up"] and f["missed"] == 1 for f in started)
     assert [s.name for s in nanogrid.schedules(client)] == ["heartbeat"]
 

@@ -46,7 +46,7 @@ def history_entry(job: JobRecord, stdout_size: int | None = None, stderr_size: i
     error = job.error or {}
     return {
         "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "attempt": job.attempt,
-        "retry_of": job.retry_of, "created_at": job.created_at, "started_at": job.started_at,
+        "retry_of": job.retry_of, "trigger": job.trigger, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "duration_ms": job.execution_time_ms,
         "peak_memory_bytes": job.peak_memory_bytes, "memory_limit_mib": job.memory_limit_mib, "cold": job.cold,
         "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
