@@ -266,3 +266,16 @@ def test_process_sandbox_has_output_too(grid: EmbeddedGrid) -> None:
     assert answer["status"] == "SUCCESS", answer
     assert answer["result"] == {"same": True, "root": "read-only", "tmpdir": "/tmp"}
     assert answer["outputFiles"] == ["p.txt"]
+
+
+@pytest.mark.integration
+def test_open_grid_never_serves_a_browser_without_a_key(keyless: httpx.Client) -> None:
+    """A web page (cross-site form post, or a DNS-rebound page reading results) must never act as the local
+    owner of an --open grid: browsers say Origin or Sec-Fetch-Site, scripts say neither."""
+    upload = keyless.post("/upload", headers={"origin": "http://evil.example"},
+                          files={"file": ("hello.py", seed_file("hello.py"))},
+                          data={"function_name": "x", "runtime": "python", "handler": "hello.handler"})
+    assert upload.status_code == 401
+    listing = keyless.get("/v1/functions", headers={"sec-fetch-site": "same-origin", "host": "rebound.example"})
+    assert listing.status_code == 401
+    assert keyless.get("/functions").status_code == 200  # the same request from a script

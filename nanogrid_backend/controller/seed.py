@@ -107,9 +107,15 @@ def seed_error(status: int, message: str, headers: dict[str, str] | None = None)
 
 def open_key(request: Request) -> str | None:
     """The local owner's key for a request that presents none, on a grid started with ``nanogrid up --open``
-    (loopback only: ``GridConfig.check`` refuses it on any other address); else None."""
+    (loopback only: ``GridConfig.check`` refuses it on any other address); else None.
+
+    Never for a browser's request (it sends ``Origin`` or ``Sec-Fetch-Site``; curl and scripts send neither):
+    any web page open on this machine could otherwise post code to the loopback address, or read results
+    through a rebound DNS name, as the local owner."""
     state = request.app.state
-    return state.grid.api_key if state.config.open_access else None
+    if not state.config.open_access or "origin" in request.headers or "sec-fetch-site" in request.headers:
+        return None
+    return state.grid.api_key
 
 
 async def seed_caller(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
