@@ -117,6 +117,8 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE jobs ADD COLUMN trigger TEXT NOT NULL DEFAULT 'call'",  # -> 23: "schedule" for a schedule's runs
     f"CREATE TABLE IF NOT EXISTS schedules ({_SCHEDULES})",  # -> 24 (nanogrid_backend/schedules.py)
     f"CREATE TABLE IF NOT EXISTS schedule_firings ({_FIRINGS_TABLE}) WITHOUT ROWID",  # -> 25: one row per due time
+    "CREATE TABLE IF NOT EXISTS volumes (owner TEXT NOT NULL, name TEXT NOT NULL, size_mib INTEGER NOT NULL, "
+    "created_at REAL NOT NULL, PRIMARY KEY (owner, name)) WITHOUT ROWID",  # -> 26 (nanogrid_backend/volumes.py)
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -575,6 +577,22 @@ class SQLiteRegistry(Registry):
         rows = self._query("SELECT * FROM schedule_firings WHERE schedule_id = ? ORDER BY due_time DESC LIMIT ?",
                            (schedule_id, limit))
         return [_FIRING_ROWS.record(row) for row in rows]
+
+    # volumes (nanogrid_backend/volumes.py): records as dicts, names per owner
+    def put_volume(self, volume: dict[str, Any]) -> None:
+        self._write(lambda db: db.execute("INSERT INTO volumes (owner, name, size_mib, created_at) VALUES (?, ?, ?, ?)",
+                                          (volume["owner"], volume["name"], volume["size_mib"], volume["created_at"])))
+
+    def get_volume(self, owner: str, name: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM volumes WHERE owner = ? AND name = ?", (owner, name))
+        return dict(rows[0]) if rows else None
+
+    def list_volumes(self, owner: str) -> list[dict[str, Any]]:
+        return [dict(row) for row in self._query("SELECT * FROM volumes WHERE owner = ? ORDER BY name", (owner,))]
+
+    def delete_volume(self, owner: str, name: str) -> bool:
+        return self._write(lambda db: db.execute("DELETE FROM volumes WHERE owner = ? AND name = ?",
+                                                 (owner, name)).rowcount > 0)
 
     # transactions
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
