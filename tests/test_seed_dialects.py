@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -279,3 +281,16 @@ def test_open_grid_never_serves_a_browser_without_a_key(keyless: httpx.Client) -
     listing = keyless.get("/v1/functions", headers={"sec-fetch-site": "same-origin", "host": "rebound.example"})
     assert listing.status_code == 401
     assert keyless.get("/functions").status_code == 200  # the same request from a script
+
+
+@pytest.mark.integration
+def test_nanogrid_loadtest_takes_a_seed_id(open_grid: EmbeddedGrid, keyless: httpx.Client) -> None:
+    """`nanogrid loadtest <uuid>` must never answer "no function" for a function uploaded through the seed."""
+    seed_id = upload_snake(keyless, "hello.py")["function_id"]
+    done = subprocess.run([sys.executable, "-m", "nanogrid.cli", "loadtest", seed_id, "--url", open_grid.url,
+                           "--rps", "4", "--duration", "1", "--payload", '{"name": "load"}', "--json"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NANOGRID_API_KEY": open_grid.api_key})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["planned"], summary["completed"], summary["failed"]) == (4, 4, 0)
