@@ -538,7 +538,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_schedules_list(args: argparse.Namespace) -> int:
     from nanogrid.schedule import schedules
 
-    print(f"{'name':24} {'timing':28} {'state':8} {'next due (UTC)':20}  last firing")
+    print(f"{'name':24} {'timing':36} {'state':8} {'next due (UTC)':20}  last firing")
     for schedule in schedules(_client(args)):
         print(_schedule_line(schedule.view))
     return 0
@@ -567,7 +567,7 @@ def _schedule_line(view: dict) -> str:
     timing = f"{view['cron']} ({view['timezone']})" if view["cron"] else f"every {view['period_s']:g} s"
     last = view["firings"][0] if view["firings"] else None
     when = f"{last['outcome']} {_utc(last['due_time'])}" if last else "-"
-    return (f"{view['name'][:24]:24} {timing[:28]:28} {'paused' if view['paused'] else 'active':8} "
+    return (f"{view['name'][:24]:24} {timing[:36]:36} {'paused' if view['paused'] else 'active':8} "
             f"{_utc(view['next_due']):20}  {when}")
 
 

@@ -138,9 +138,10 @@ class Schedule:
         self._client.request("DELETE", f"/schedules/{self.name}")
 
     def __repr__(self) -> str:
-        every = self.view.get("cron") or f"every {self.view.get('period_s'):g} s"
+        cron = self.view.get("cron")
+        every = f"{cron} ({self.view.get('timezone')})" if cron else f"every {self.view.get('period_s'):g} s"
         state = "paused" if self.paused else f"next {_when(self.next_due)}"
-        return f"<Schedule {self.name} {every} ({self.view.get('timezone')}), {state}>"
+        return f"<Schedule {self.name} {every}, {state}>"
 
 
 def register(client: Client, name: str, function_id: str, spec: Cron | Period, args_pickle: str) -> Schedule:
