@@ -54,8 +54,12 @@ def handler(event, context):
     pull = requests.post(base + "/api/pull", json={"name": "llama3:70b"}, timeout=30)
     delete = requests.delete(base + "/api/delete", json={"name": "tiny"}, timeout=30)
     tags = requests.get(base + "/api/tags", timeout=30)
+    with requests.Session() as session:  # one kept-alive connection, two requests
+        twice = [session.get(base + "/api/tags", timeout=30).status_code for _ in range(2)]
+    huge = requests.post(base + "/api/generate", data=b" " * (5 << 20), timeout=30)
     return {"at_load": [AT_LOAD.status_code, AT_LOAD.json()], "pull": [pull.status_code, pull.json()],
-            "delete": [delete.status_code, delete.json()], "tags": [m["name"] for m in tags.json()["models"]]}
+            "delete": [delete.status_code, delete.json()], "tags": [m["name"] for m in tags.json()["models"]],
+            "twice": twice, "huge": huge.status_code}
 '''
 
 # What another process on the host would try where the sandbox shares the host's network: AI_ENDPOINT's port,
@@ -231,7 +235,8 @@ def test_the_forwarder_opens_the_inference_routes_only_and_only_during_a_call(do
     assert value["pull"][0] == 403 and "inference routes" in value["pull"][1]["error"]
     assert value["delete"][0] == 403
     assert value["at_load"][0] == 503 and "only while the function is being called" in value["at_load"][1]["error"]
-    assert "llama3:8b" in value["tags"]
+    assert "llama3:8b" in value["tags"] and value["twice"] == [200, 200]
+    assert value["huge"] == 413  # refused in the sandbox, before the channel
     assert not [seen for seen in node.seen if seen[1] in ("/api/pull", "/api/delete")]
 
 

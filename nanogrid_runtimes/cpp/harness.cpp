@@ -811,12 +811,17 @@ class AIForwarder {
         ai_respond(conn, 411, ai_error("send the request with a Content-Length"), false);
         return close_connection(conn);
       }
-      if (size > kAIMaxRequestBytes) {
+      if (expect) ai_respond_continue(conn);
+      if (size > kAIMaxRequestBytes) {  // read and dropped, so that the refusal reaches the function
+        for (size_t left = size_t(size) - std::min(pending.size(), size_t(size)); left;) {
+          pending.clear();
+          if (!more()) return close_connection(conn);
+          left -= std::min(left, pending.size());
+        }
         ai_respond(conn, 413, ai_error("an AI request of " + std::to_string(size) + " bytes (at most " +
                                        std::to_string(kAIMaxRequestBytes) + " bytes)"), false);
         return close_connection(conn);
       }
-      if (expect) ai_respond_continue(conn);
       while (pending.size() < size_t(size))
         if (!more()) return close_connection(conn);
       std::string body = pending.substr(0, size_t(size));

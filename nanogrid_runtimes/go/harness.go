@@ -897,13 +897,16 @@ func (f *nanogridAIForwarder) serve(conn net.Conn) {
 			nanogridAIRespond(conn, 411, nanogridAIError("send the request with a Content-Length"), false)
 			return
 		}
-		if size > nanogridAIMaxRequestBytes {
+		if expect {
+			conn.Write([]byte("HTTP/1.1 100 Continue\r\n\r\n"))
+		}
+		if size > nanogridAIMaxRequestBytes { // read and dropped, so that the refusal reaches the function
+			if _, err := io.CopyN(io.Discard, reader, int64(size)); err != nil {
+				return
+			}
 			nanogridAIRespond(conn, 413, nanogridAIError(fmt.Sprintf("an AI request of %d bytes (at most %d bytes)",
 				size, nanogridAIMaxRequestBytes)), false)
 			return
-		}
-		if expect {
-			conn.Write([]byte("HTTP/1.1 100 Continue\r\n\r\n"))
 		}
 		body := make([]byte, size)
 		if _, err := io.ReadFull(reader, body); err != nil {

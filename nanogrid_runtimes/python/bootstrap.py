@@ -401,6 +401,20 @@ def out_of_disk(exc):
     return False
 
 
+def full_volume():
+    """'NAME' (mounted at PATH) of a volume the function mounts that has no room left, else ''."""
+    import json
+
+    for path, name in json.loads(os.environ.get("NANOGRID_VOLUMES") or "{}").items():
+        try:
+            room = os.statvfs(path)
+        except OSError:
+            continue
+        if room.f_bavail * room.f_frsize < (1 << 20):
+            return f"{name!r} (mounted at {path})"
+    return ""
+
+
 def describe_error(exc, cloudpickle):
     frames = traceback.extract_tb(exc.__traceback__)
     user = [f for f in frames if f.filename != __file__] or frames  # trim bootstrap frames
@@ -413,6 +427,10 @@ def describe_error(exc, cloudpickle):
         error.update({key: clip(str(own[key])) for key in ("type", "module", "message", "traceback") if key in own})
     if isinstance(exc, MemoryError):
         error["kind"] = "memory"
+    elif out_of_disk(exc) and full_volume():
+        error["kind"] = "disk"
+        error["message"] = clip(f"out of disk space: volume {full_volume()} is full; remove files from it or use a "
+                                f"larger volume ({exc})")
     elif DISK_MIB and out_of_disk(exc):
         error["kind"] = "disk"
         error["message"] = clip(f"out of disk space: /tmp, the working and the output directory share this "
@@ -746,12 +764,18 @@ class AIForwarder:
                 if "transfer-encoding" in headers or not size.isdigit():
                     self._respond(conn, 411, {"error": "send the request with a Content-Length"}, False)
                     return
-                if int(size) > AI_MAX_REQUEST_BYTES:
+                if headers.get("expect", "").lower() == "100-continue":
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if int(size) > AI_MAX_REQUEST_BYTES:  # read and dropped, so that the refusal reaches the function
+                    left = int(size) - len(pending)
+                    while left > 0:
+                        data = conn.recv(min(left, 1 << 20))
+                        if not data:
+                            return
+                        left -= len(data)
                     self._respond(conn, 413, {"error": f"an AI request of {size} bytes (at most "
                                                        f"{AI_MAX_REQUEST_BYTES} bytes)"}, False)
                     return
-                if headers.get("expect", "").lower() == "100-continue":
-                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 while len(pending) < int(size):
                     data = conn.recv(65536)
                     if not data:
