@@ -151,9 +151,6 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(secret_delete)
     secret_delete.set_defaults(command=cmd_secrets_delete)
 
-    jobs = sub.add_parser("jobs", help="recent jobs")
-    jobs.add_argument("--limit", type=int, default=20)
-    _client_options(jobs)
     schedules = sub.add_parser("schedules", help="functions that run on their own (@remote(schedule=...))")
     schedules_sub = schedules.add_subparsers(metavar="ACTION")
     schedule_list = schedules_sub.add_parser("list", help="your schedules: timing, next due time, last firing")
@@ -168,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         _client_options(schedule_action)
         schedule_action.set_defaults(command=cmd_schedules_action, action=action)
 
+    jobs = sub.add_parser("jobs", help="recent jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+    _client_options(jobs)
     jobs.set_defaults(command=cmd_jobs)
 
     doctor = sub.add_parser("doctor", help="check the registry in --data-dir: schema version, integrity, jobs, backups")
@@ -528,13 +528,6 @@ def cmd_secrets_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
-    rows = [job_row(job) for job in _client(args).jobs(args.limit)]
-    print(f"{'function':24} {'status':10} {'duration':>11} {'peak memory':>12}  {'when':8}  {'job':36}  failure")
-    for r in rows:
-        print(f"{r['function'][:24]:24} {r['status']:10} {r['duration']:>11} {r['peak memory']:>12}  {r['when']:8}  "
-              f"{r['job']:36}  {r['failure']}")
-    return 0
 def cmd_schedules_list(args: argparse.Namespace) -> int:
     from nanogrid.schedule import schedules
 
@@ -575,6 +568,13 @@ def _utc(timestamp: float | None) -> str:
     return "-" if timestamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    rows = [job_row(job) for job in _client(args).jobs(args.limit)]
+    print(f"{'function':24} {'status':10} {'duration':>11} {'peak memory':>12}  {'when':8}  {'job':36}  failure")
+    for r in rows:
+        print(f"{r['function'][:24]:24} {r['status']:10} {r['duration']:>11} {r['peak memory']:>12}  {r['when']:8}  "
+              f"{r['job']:36}  {r['failure']}")
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
