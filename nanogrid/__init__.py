@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (noth
     from nanogrid.function import RemoteFunction, remote
     from nanogrid.job import Job, OutputFile
     from nanogrid.schedule import Cron, Period, Schedule, schedules
+    from nanogrid.volume import Volume, volumes
 
 # The client side (httpx, tqdm, ...) loads on first use, so that `import nanogrid` stays cheap and
 # works inside a sandbox image that carries only the standard library and cloudpickle.
@@ -64,6 +65,7 @@ _LAZY = {
     "put": "nanogrid.data", "Ref": "nanogrid.data",
     "Cron": "nanogrid.schedule", "Period": "nanogrid.schedule", "Schedule": "nanogrid.schedule",
     "schedules": "nanogrid.schedule",
+    "Volume": "nanogrid.volume", "volumes": "nanogrid.volume",
 }
 
 
@@ -115,4 +117,5 @@ __all__ = [
     "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "UntrustedResult", "VersionMismatch", "WaitTimeout",
     "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote", "put", "Ref",
     "Cron", "Period", "Schedule", "schedules",
+    "Volume", "volumes",
 ]

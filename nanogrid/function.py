@@ -50,6 +50,7 @@ from nanogrid.errors import (
 from nanogrid.job import Job, outcome
 from nanogrid.packaging import FunctionPackage, build_zip, package_function
 from nanogrid.schedule import Cron, Period, Schedule, as_schedule, lookup, register
+from nanogrid.volume import Volume, manifest_volumes
 
 LIVE_AFTER_S = 0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls
@@ -68,8 +69,10 @@ class RemoteFunction(Generic[P, R]):
                  environment: Environment | None = None, result: str = "pickle", retries: int = 0,
                  retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
                  env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
-                 schedule: str | Cron | Period | None = None) -> None:
+                 schedule: str | Cron | Period | None = None, volumes: dict[str, Volume] | None = None) -> None:
         _check_runnable(fn)
+        self.volumes = dict(volumes or {})  # mount path -> the owner's Volume its sandbox binds there
+        self._volume_entries = manifest_volumes(self.volumes)
         _check_environment_options(packages, secrets, environment)
         if result not in ("pickle", "json"):
             raise InvalidArguments(f"result must be 'pickle' or 'json' (data only, never unpickled), not {result!r}")
@@ -131,7 +134,12 @@ class RemoteFunction(Generic[P, R]):
             self._package = package_function(self.fn, name=self.name, memory_mib=self.memory, disk_mib=self.disk,
                                              timeout_s=self.timeout, runtime=self.runtime, ai=self.ai,
                                              environment=environment, local_files=local_files, pickled=pickled,
-                                             result=self.result_format, env=self.env, secrets=self.secrets)
+                                             result=self.result_format, env=self.env, secrets=self.secrets,
+                                             volumes=self._volume_entries)
+            for volume in self.volumes.values():  # made on first use, as `Volume(name, size_mib=...)` says
+                if not volume._made:
+                    volume._client = volume._client or self.client
+                    volume.ensure()
             if self.retry_policy:
                 self._package = _with_manifest(self._package, retries=self.retry_policy)
             self._pickled = pickled
@@ -512,7 +520,8 @@ def remote(fn: None = None, /, *, memory: int | None = None, timeout: float | No
            environment: Environment | None = None, result: str = "pickle", retries: int = 0,
            retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
            env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
-           schedule: str | Cron | Period | None = None) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
+           schedule: str | Cron | Period | None = None, volumes: dict[str, Volume] | None = None
+           ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 
 def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, timeout: float | None = None,
@@ -520,7 +529,7 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
            packages: list[str] | None = None, environment: Environment | None = None, result: str = "pickle",
            retries: int = 0, retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
            env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
-           schedule: str | Cron | Period | None = None
+           schedule: str | Cron | Period | None = None, volumes: dict[str, Volume] | None = None
            ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
     """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
 
@@ -538,8 +547,10 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
     it does not count against ``memory``, and filling it raises ``nanogrid.OutOfDisk``.
     ``schedule="0 * * * *"`` (cron, UTC), ``nanogrid.Cron(expr, timezone=...)`` or ``nanogrid.Period(minutes=5)``:
     it also runs on its own, with no arguments, once ``deploy()`` registered it (nanogrid/schedule.py).
+    ``volumes={"/data": nanogrid.Volume("datasets")}`` binds your volumes into its sandbox (nanogrid/volume.py).
     """
     _check_limits(memory, timeout, disk)
+    manifest_volumes(volumes)
     _retry_policy(retries, retry_on, backoff)  # mistakes named here, not at the first call
     _check_environment_options(packages, secrets, environment)
     if schedule is not None:
@@ -549,6 +560,6 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
         return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
                               packages=packages, environment=environment, result=result, retries=retries,
                               retry_on=retry_on, backoff=backoff, env=env, secrets=secrets, disk=disk,
-                              schedule=schedule)
+                              schedule=schedule, volumes=volumes)
 
     return wrap(fn) if fn is not None else wrap

@@ -67,7 +67,7 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
                      timeout_s: float | None = None, runtime: str | None = None, ai: bool = False,
                      environment: Environment | None = None, local_files: dict[str, bytes] | None = None,
                      pickled: bytes | None = None, result: str = "pickle", env: dict[str, str] | None = None,
-                     secrets: list[str] | None = None) -> FunctionPackage:
+                     secrets: list[str] | None = None, volumes: list[dict[str, Any]] | None = None) -> FunctionPackage:
     """Cloudpickle ``fn`` (by value, with what it closes over) into a package with its source for display.
 
     ``environment`` (its spec and id go in the manifest, so they are part of the content hash) says
@@ -94,6 +94,8 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
         manifest["env"] = {str(k): str(v) for k, v in env.items()}  # set in the sandbox when the function loads
     if secrets:
         manifest["secrets"] = [str(name) for name in secrets]  # names only: the worker opens them at load
+    if volumes:  # [{"name", "path", "read_only"}]: part of the hash, so the volume set is part of its identity
+        manifest["volumes"] = volumes
     if memory_mib is not None:
         manifest["memory"] = int(memory_mib)
     if disk_mib is not None:

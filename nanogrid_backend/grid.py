@@ -27,11 +27,13 @@ from nanogrid_backend.retention import Janitor
 from nanogrid_backend.sandbox.base import Limits
 from nanogrid_backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable, language_runtimes
 from nanogrid_backend.sandbox.process import ProcessSandboxFactory
+from nanogrid_backend.sandbox.scratch import SANDBOX_UID
 from nanogrid_backend.schedules import Scheduler
 from nanogrid_backend.secretbox import SecretBox
 from nanogrid_backend.store.base import BlobStore
 from nanogrid_backend.store.local import LocalStore
 from nanogrid_backend.store.s3 import S3Store
+from nanogrid_backend.volumes import VolumeStore
 from nanogrid_backend.worker.agent import Worker
 from nanogrid_backend.worker.ai_gateway import ai_gateway
 from nanogrid_backend.worker.pool import WarmPool
@@ -161,6 +163,11 @@ class Grid:
                                  ai=ai_gateway(config, self.bus.redis if isinstance(self.bus, RedisResultBus) else None),
                                  secrets=self.secrets,
                                  notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
+        # Owners' volumes (nanogrid_backend/volumes.py), their files owned by whom sandboxes run as
+        self.volumes = VolumeStore(data / "volumes", self.registry, uid=SANDBOX_UID if isinstance(
+            self.factory, DockerSandboxFactory) or self.factory is None else os.getuid())
+        if self.worker:
+            self.worker.volumes = self.volumes
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
         self.scheduler = Scheduler(self) if role in ("all", "controller") else None  # each controller fires schedules
         self.runtimes = {**self.runtimes, **{name: env.python for name, env in self.languages.items()}}
@@ -197,6 +204,7 @@ class Grid:
             self.worker.stop()
         if self.factory:
             self.factory.sweep()  # sandboxes whose removal was still under way: none is left behind
+        self.volumes.close()
         if isinstance(self.bus, RedisResultBus):
             self.bus.close()
         if isinstance(self.registry, SQLiteRegistry):

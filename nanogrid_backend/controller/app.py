@@ -18,10 +18,19 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from nanogrid import __version__
 from nanogrid_backend.blobs import blobs_of
-from nanogrid_backend.controller import blobs, history, jobs, schedule_routes, secret_routes, seed, seed_operations
+from nanogrid_backend.controller import (
+    blobs,
+    history,
+    jobs,
+    schedule_routes,
+    secret_routes,
+    seed,
+    seed_operations,
+    volume_routes,
+)
 from nanogrid_backend.controller.errors import install_error_handlers
 from nanogrid_backend.controller.function_metrics import RequestDurations, render_all
-from nanogrid_backend.controller.limits import BodySizeLimit
+from nanogrid_backend.controller.limits import RequestGate
 from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.controller.outputs import output_response
 from nanogrid_backend.controller.ratelimit import TokenBuckets, retry_after_header
@@ -106,10 +115,9 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     app.state.config = config
     app.state.grid, app.state.started_at, app.state.seed_workers = grid, time.time(), {}  # for the seed routes
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
-    app.add_middleware(BodySizeLimit, max_bytes=max(config.max_package_bytes, jobs.inline_cap(config)) + (1 << 20),
-                       streamed=("/v1/blobs/", config.max_payload_bytes))
-
-    app.add_middleware(RequestDurations)  # http_request_duration_seconds on /metrics
+    # One middleware: http_request_duration_seconds on /metrics, and the body cap.
+    app.add_middleware(RequestGate, max_bytes=max(config.max_package_bytes, jobs.inline_cap(config)) + (1 << 20),
+                       durations=RequestDurations(), streamed=("/v1/blobs/", config.max_payload_bytes))
     install_error_handlers(app)  # every 4xx: {"detail", "error"}; a 500: JSON with a logged request id
 
     functions: dict[str, FunctionRecord] = {}  # records never change (ids are content hashes); deletes evict
@@ -371,6 +379,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     history.install(app, grid, Caller)  # /v1 history, metrics windows, AutoTuner
     app.include_router(secret_routes.router(grid, Caller))  # /v1/secrets
     app.include_router(schedule_routes.router(grid, Caller))  # /v1/schedules (nanogrid_backend/schedules.py)
+    app.include_router(volume_routes.router(grid, Caller))  # /v1/volumes (nanogrid_backend/volumes.py)
     # The seed platform's contract, where its clients call it (nanogrid_backend/controller/seed.py).
     for prefix in ("", "/api"):
         app.include_router(seed.router, prefix=prefix, include_in_schema=False)

@@ -50,6 +50,7 @@ from nanogrid_backend.sandbox.protocol import (
     encode_frame,
     reply_header_cap,
 )
+from nanogrid_backend.volumes import VolumeSet
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +146,22 @@ class DockerSandboxFactory:
         return f"docker sandbox ({self.image}, non-root, read-only, no network, {disk})"
 
     def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None, evict_idle: bool = False) -> DockerSandbox:
+              disk_mib: int | None = None, evict_idle: bool = False, volumes: VolumeSet | None = None) -> DockerSandbox:
         """A stem cell: no network, whatever the function (the AI node is reached through the host).
 
         With an ``environment``, the container runs its image (the runtime plus the environment's layer);
         ``disk_mib`` sizes its scratch disk (default: the grid's); ``evict_idle``: a call needs it, and idle
-        sandboxes give up their disk room for it if the host has too little (``scratch.DiskRoom``).
+        sandboxes give up their disk room for it if the host has too little (``scratch.DiskRoom``); ``volumes``: the
+        owner's volumes it binds, held until it closes (never a stem cell's: mounts are fixed at a container's start).
         """
-        return DockerSandbox(self, environment, disk_mib or self.disk_mib, evict_idle)
+        return DockerSandbox(self, environment, disk_mib or self.disk_mib, evict_idle, volumes)
 
 
 class DockerSandbox(WatchedSandbox):
     def __init__(self, factory: DockerSandboxFactory, environment: BuiltEnvironment | None = None,
-                 disk_mib: int = 1024, evict_idle: bool = False) -> None:
+                 disk_mib: int = 1024, evict_idle: bool = False, volumes: VolumeSet | None = None) -> None:
         self.factory = factory
+        self.volumes = volumes
         self.limits = factory.limits
         self.id = "ctr-" + uuid.uuid4().hex[:12]
         self.host_dir = factory.host_dir / self.id  # where output files land on this side, written by the host
@@ -193,12 +196,20 @@ class DockerSandbox(WatchedSandbox):
             space = {"mounts": [docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
                                 docker.types.Mount(OUTPUT_MOUNT, str(outputs), type="bind"),
                                 docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind")]}
+        # The owner's volumes: each one's directory on the host's mount of it, bound where the function asked.
+        binds = [docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+                 for m in (volumes.mounts if volumes is not None else [])]
+        if volumes is not None and binds:
+            space["mounts"] = [*space.get("mounts", []), *binds]
+            volumes.hold()
         try:
             self.container = self._create(environment, space, disk_mib)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             # e.g. its image was removed since it was built: nothing of it may stay behind (disk, loop device, mount)
             if self.scratch is not None:
                 self.scratch.close()
+            if volumes is not None:
+                volumes.release()
             shutil.rmtree(self.host_dir, ignore_errors=True)
             raise SandboxError("crash", f"the Docker engine could not create the sandbox: {exc}") from None
         self._attach_and_start()
@@ -423,6 +434,8 @@ class DockerSandbox(WatchedSandbox):
         if self._closed:
             return
         self._closed = True
+        if self.volumes is not None:
+            self.volumes.release()  # the container's binds go with it (removed below); the volume stays mounted
         if self.cgroup:
             self.cgroup.remove()
             self.cgroup = None

@@ -34,6 +34,7 @@ from nanogrid_backend.sandbox.protocol import (
     reply_header_cap,
     write_all,
 )
+from nanogrid_backend.volumes import VolumeSet
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,24 @@ class ProcessSandboxFactory:
         return ", ".join(parts)
 
     def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None, evict_idle: bool = False) -> ProcessSandbox:
+              disk_mib: int | None = None, evict_idle: bool = False, volumes: VolumeSet | None = None) -> ProcessSandbox:
         """A stem cell; with an ``environment``, its layer of packages comes first on the import path.
 
         ``disk_mib`` is not enforced here: trusted code writes to the host's disk (each file capped at the grid's
         max_output_bytes); the Docker sandbox gives each sandbox a disk of that size. With no disk of its own, a
-        process sandbox has no disk room to take from idle ones (``evict_idle``)."""
-        return ProcessSandbox(self, environment)
+        process sandbox has no disk room to take from idle ones (``evict_idle``). ``volumes`` are bound by bubblewrap
+        (without it a process cannot be given a mount of its own, and a function with volumes is refused)."""
+        if volumes is not None and volumes.mounts and not self.bwrap:
+            raise SandboxError("volume", "this grid's process sandboxes run without bubblewrap, which mounting a "
+                                         "volume needs: install bubblewrap, or use Docker sandboxes")
+        return ProcessSandbox(self, environment, volumes)
 
 
 class ProcessSandbox(WatchedSandbox):
-    def __init__(self, factory: ProcessSandboxFactory, environment: BuiltEnvironment | None = None) -> None:
+    def __init__(self, factory: ProcessSandboxFactory, environment: BuiltEnvironment | None = None,
+                 volumes: VolumeSet | None = None) -> None:
         self.factory = factory
+        self.volumes = volumes
         self.site_dir = environment.site_dir if environment is not None else None
         self.limits = factory.limits
         self.id = "proc-" + uuid.uuid4().hex[:12]
@@ -125,6 +132,8 @@ class ProcessSandbox(WatchedSandbox):
         self._lock = threading.Lock()
         self.cgroup = cgroup.MemoryCgroup(f"{factory.identity}-{self.id}") if factory.use_cgroups else None
         startup_log = self._startup_log()
+        if volumes is not None:
+            volumes.hold()  # released by close(), whichever way the start ends
         try:
             self.proc = subprocess.Popen(
                 self._command(),
@@ -141,6 +150,8 @@ class ProcessSandbox(WatchedSandbox):
                 self.cgroup.remove()
             shutil.rmtree(self.work_dir, ignore_errors=True)
             shutil.rmtree(self.output_dir, ignore_errors=True)
+            if volumes is not None:
+                volumes.release()
             raise SandboxError("crash", f"could not start the sandbox process: {exc}") from None
         finally:
             os.close(startup_log)
@@ -178,11 +189,14 @@ class ProcessSandbox(WatchedSandbox):
                 interpreter += ["--ro-bind", str(path), str(path)]
         outputs = self.work_dir / "output"  # seen as /output too, the seed's output directory
         outputs.mkdir(mode=0o700, exist_ok=True)
+        volumes = []  # the owner's volumes, bound where the function asked (the host's mount of each, never copied)
+        for mount in self.volumes.mounts if self.volumes is not None else []:
+            volumes += ["--ro-bind" if mount.read_only else "--bind", mount.source, mount.target]
         return [
             self.factory.bwrap, "--unshare-all", "--die-with-parent",
             *_host_root(), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--tmpfs", str(self.factory.hide_dir), *interpreter, *layer,
-            "--bind", str(self.work_dir), str(self.work_dir), "--bind", str(outputs), OUTPUT_MOUNT,
+            "--bind", str(self.work_dir), str(self.work_dir), "--bind", str(outputs), OUTPUT_MOUNT, *volumes,
             "--remount-ro", "/", *python,
         ]
 
@@ -273,3 +287,5 @@ class ProcessSandbox(WatchedSandbox):
             self.cgroup = None
         shutil.rmtree(self.work_dir, ignore_errors=True)
         shutil.rmtree(self.output_dir, ignore_errors=True)
+        if self.volumes is not None:
+            self.volumes.release()

@@ -40,6 +40,7 @@ from nanogrid_backend.retries import Retrier
 from nanogrid_backend.sandbox.base import CallBlobs, CallResult, Sandbox, SandboxError
 from nanogrid_backend.secretbox import SecretBox, SecretError
 from nanogrid_backend.store.base import BlobStore
+from nanogrid_backend.volumes import VolumeError, VolumeStore
 from nanogrid_backend.worker.ai_gateway import CHANNEL, AIGateway
 from nanogrid_backend.worker.pool import FunctionCode, WarmPool
 
@@ -89,6 +90,7 @@ class Worker:
         self.publish_backlog = publish_backlog
         self.ai = ai  # the AI node, reached through this worker by functions with ai=True
         self.secrets = secrets  # opens the secrets a function names, as its sandbox is loaded
+        self.volumes: VolumeStore | None = None  # the owner's volumes a function mounts (set by the grid)
         self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
@@ -583,8 +585,17 @@ class Worker:
                     self.registry.note_attempt(message.job_id, None)  # type: ignore[arg-type]  # progress over
             if environment is not None and environment.variables:
                 env = {**environment.variables, **(env or {})}
+        volumes = None
+        if manifest.get("volumes"):  # the owner's volumes, named per owner (nanogrid_backend/volumes.py)
+            if self.volumes is None:
+                raise SandboxError("volume", "this worker keeps no volumes")
+            try:
+                volumes = self.volumes.attach(message.owner, manifest["volumes"])
+            except VolumeError as exc:
+                raise SandboxError("volume", str(exc)) from None
+            env = {**(env or {}), "NANOGRID_VOLUMES": json.dumps(volumes.names())}
         return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment,
-                            disk_mib=_disk_mib(manifest))
+                            disk_mib=_disk_mib(manifest), volumes=volumes)
 
     def _function_environment(self, message: JobMessage, manifest: dict[str, Any]) -> dict[str, str]:
         """``env`` and ``secrets`` of the manifest (secrets decrypted only here, into the sandbox), and the

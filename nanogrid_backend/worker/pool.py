@@ -50,6 +50,7 @@ class FunctionCode:
     env: dict[str, str] | None = None  # environment variables set in the sandbox when the function loads
     environment: BuiltEnvironment | None = None  # what its sandbox starts with; None: the plain runtime
     disk_mib: int | None = None  # its scratch disk (/tmp, work and output files); None: the grid's default
+    volumes: Any = None  # the owner's volumes its sandbox binds (nanogrid_backend/volumes.py VolumeSet); None: none
 
     @property
     def stem_key(self) -> str:
@@ -136,7 +137,8 @@ class WarmPool:
         self._wake.set()  # refill stem cells
         try:
             if sandbox is None:
-                sandbox = self._start(function.environment, function.disk_mib, for_call=True)
+                sandbox = self._start(function.environment, function.disk_mib, for_call=True,
+                                      volumes=function.volumes)
                 self._load(sandbox, function_id, function)
             else:
                 try:
@@ -149,7 +151,8 @@ class WarmPool:
                                 function_id, exc.message)
                     self._forget(sandbox, counted=False)
                     sandbox = None  # if the next start fails, there is nothing left to close
-                    sandbox = self._start(function.environment, function.disk_mib, for_call=True)
+                    sandbox = self._start(function.environment, function.disk_mib, for_call=True,
+                                          volumes=function.volumes)
                     self._load(sandbox, function_id, function)
         except BaseException:
             self._forget(sandbox)
@@ -213,9 +216,12 @@ class WarmPool:
         self._forget(sandbox)
 
     def _start(self, environment: BuiltEnvironment | None, disk_mib: int | None = None,
-               for_call: bool = False) -> Sandbox:
-        """A new sandbox; ``for_call``: a call waits for it, and idle sandboxes give up their disk room for it."""
+               for_call: bool = False, volumes: Any = None) -> Sandbox:
+        """A new sandbox; ``for_call``: a call waits for it, and idle sandboxes give up their disk room for it;
+        ``volumes``: what it binds (only at its start: a stem cell never serves a function with volumes)."""
         options: dict[str, Any] = {} if environment is None else {"environment": environment}
+        if volumes is not None:
+            options["volumes"] = volumes
         if disk_mib is not None:
             options["disk_mib"] = disk_mib
         if for_call and getattr(self.factory, "disk_room", None) is not None:  # sandboxes with disks of their own
@@ -245,6 +251,8 @@ class WarmPool:
     def _stem_fits(self, function: FunctionCode) -> bool:
         """Whether a stem cell's scratch disk is the size this function asks for (always without ``disk=``, and
         where the sandbox has no scratch disk of its own: the process sandbox)."""
+        if function.volumes is not None:
+            return False  # mounts are made when a container starts: a function with volumes starts its own sandbox
         default = getattr(self.factory, "disk_mib", None)
         return function.disk_mib is None or default is None or function.disk_mib == default
 

@@ -483,11 +483,10 @@ def encode_json(value):
 
 
 class Runtime:
-    def __init__(self, channel_request=None):
+    def __init__(self, ai=None):
         self.manifest = None
         self.function = None
-        self.channel_request = channel_request  # the AI node's requests go this way (AIForwarder)
-        self.ai = None
+        self.ai = ai  # the AIForwarder behind AI_ENDPOINT, if the sandbox has a loopback
 
     def load(self, header, body):
         import cloudpickle
@@ -500,7 +499,7 @@ class Runtime:
             self.manifest = json.load(f)
         if self.manifest.get("model"):  # the function's own default model (a seed upload's modelId)
             os.environ["LLM_MODEL"] = str(self.manifest["model"])
-        self.ai = start_ai_forwarder(self.channel_request)  # before the module loads: it may read AI_ENDPOINT
+        grant_ai(self.ai)  # before the module loads: it may read AI_ENDPOINT
         sys.path.insert(0, CODE_DIR)
         sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the seed's ``sdk`` module sits beside this file
         remember_source(self.manifest)
@@ -705,10 +704,10 @@ class AIForwarder:
     Answers come back whole (the gateway counts the tokens of the final object), streamed ones as NDJSON lines.
     """
 
-    def __init__(self, channel_request, allowed):
+    def __init__(self, channel_request):
         import socket
 
-        self.channel_request, self.allowed = channel_request, allowed
+        self.channel_request, self.allowed = channel_request, False  # until the function's settings say otherwise
         self.gate = threading.Condition()
         self.calling, self.in_flight = False, 0
         own_network = {name for _, name in socket.if_nameindex()} <= NAMESPACE_DEVICES
@@ -844,17 +843,24 @@ class AIForwarder:
 
 
 def start_ai_forwarder(channel_request):
-    """The forwarder behind ``AI_ENDPOINT`` (every sandbox has one: a function without AI access is told why), or
-    None where the sandbox has no loopback to listen on (``nanogrid.ai`` then uses the channel directly)."""
-    allowed = os.environ.get("AI_ENDPOINT") == AI_CHANNEL and channel_request is not None
+    """The forwarder behind ``AI_ENDPOINT``, started with the stem cell (off the path of a cold start); None where
+    the sandbox has no loopback to listen on (``nanogrid.ai`` then uses the channel directly)."""
     try:
-        forwarder = AIForwarder(channel_request, allowed)
+        return AIForwarder(channel_request)
     except OSError:
+        return None
+
+
+def grant_ai(forwarder):
+    """``AI_ENDPOINT`` for the function being loaded: every sandbox has one (a function without AI access is told
+    why there); the worker's ``nanogrid:channel`` says that this one may use the AI node."""
+    allowed = os.environ.get("AI_ENDPOINT") == AI_CHANNEL
+    if forwarder is None:
         if not allowed:
             os.environ.pop("AI_ENDPOINT", None)
-        return None
+        return
+    forwarder.allowed = allowed
     os.environ["AI_ENDPOINT"] = forwarder.url
-    return forwarder
 
 
 def main():
@@ -873,7 +879,7 @@ def main():
     channel.request = Channel(stdin_fd, reply_fd).request
     sys.modules["__nanogrid_channel__"] = channel
 
-    runtime = Runtime(channel.request)
+    runtime = Runtime(start_ai_forwarder(channel.request))
     live = LiveOutput(reply_fd, captures)
     write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2], "blob_cache": True})
     while True:

@@ -1,0 +1,117 @@
+"""/v1/volumes: an owner's volumes (nanogrid_backend/volumes.py) and the files on them.
+
+Every route is scoped to the caller's owner: a name another owner uses is, for this caller, a volume that does not
+exist (404). Files go up as the caller's own blobs (``PUT /v1/blobs/{sha256}``, streamed and hashed, or straight to
+S3) and are copied onto the volume by ``POST /v1/volumes/{name}/files``; they come down streamed from a descriptor
+opened without following links.
+"""
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from nanogrid_backend.blobs import BlobError, blobs_of
+from nanogrid_backend.grid import Grid
+from nanogrid_backend.volumes import VolumeError, VolumeStore, chunks
+
+
+class VolumeSize(BaseModel):
+    size_mib: int | None = Field(None, description="its size when it is made (default 1024); an existing volume "
+                                                   "keeps its own, and naming another is refused (409)")
+
+
+class VolumeView(BaseModel):
+    name: str
+    size_mib: int
+    used_bytes: int = Field(description="what its files take on the grid's disk")
+    created_at: float
+
+
+class PutFile(BaseModel):
+    path: str = Field(description="where on the volume, e.g. raw/train.csv")
+    sha256: str = Field(description="one of the caller's blobs: the file's bytes")
+
+
+class Entry(BaseModel):
+    name: str
+    kind: str = Field(description="file, dir, link or other")
+    size: int
+    modified: float
+
+
+def _refused(exc: VolumeError | BlobError) -> HTTPException:
+    return HTTPException(exc.status, str(exc) if isinstance(exc, VolumeError) else exc.message)
+
+
+def router(grid: Grid, caller: Any) -> APIRouter:
+    routes = APIRouter(prefix="/v1/volumes", tags=["volumes"])
+
+    def store() -> VolumeStore:
+        return grid.volumes
+
+    @routes.put("/{name}", response_model=VolumeView)
+    def make(name: str, body: VolumeSize, key: caller) -> dict[str, Any]:
+        try:
+            return store().create(key.name, name, body.size_mib)
+        except VolumeError as exc:
+            raise _refused(exc) from None
+
+    @routes.get("", response_model=list[VolumeView])
+    def list_volumes(key: caller) -> list[dict[str, Any]]:
+        return store().list_volumes(key.name)
+
+    @routes.get("/{name}", response_model=VolumeView)
+    def show(name: str, key: caller) -> dict[str, Any]:
+        try:
+            return store().get(key.name, name)
+        except VolumeError as exc:
+            raise _refused(exc) from None
+
+    @routes.delete("/{name}", response_model=VolumeView)
+    def delete(name: str, key: caller) -> dict[str, Any]:
+        try:
+            return store().delete(key.name, name)
+        except VolumeError as exc:
+            raise _refused(exc) from None
+
+    @routes.post("/{name}/files")
+    async def put_file(name: str, body: PutFile, key: caller) -> dict[str, Any]:
+        def copy() -> int:
+            store().get(key.name, name)  # 404 before any blob is read
+            with blobs_of(grid).local_files(key.name, [body.sha256]) as (path,):
+                return store().put(key.name, name, body.path, path)
+
+        try:
+            size = await asyncio.to_thread(copy)
+        except (VolumeError, BlobError) as exc:
+            raise _refused(exc) from None
+        return {"path": body.path, "size": size}
+
+    @routes.get("/{name}/files", responses={200: {"content": {"application/octet-stream": {}}}})
+    def get_file(name: str, key: caller, path: str = Query(...)) -> StreamingResponse:
+        try:
+            fd, size = store().open_file(key.name, name, path)
+        except VolumeError as exc:
+            raise _refused(exc) from None
+        return StreamingResponse(chunks(fd, size), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
+
+    @routes.get("/{name}/list", response_model=list[Entry])
+    def listdir(name: str, key: caller, path: str = "") -> list[dict[str, Any]]:
+        try:
+            return store().listdir(key.name, name, path)
+        except VolumeError as exc:
+            raise _refused(exc) from None
+
+    @routes.delete("/{name}/files")
+    def remove(name: str, key: caller, path: str = Query(...)) -> dict[str, Any]:
+        try:
+            store().remove(key.name, name, path)
+        except VolumeError as exc:
+            raise _refused(exc) from None
+        return {"path": path, "removed": True}
+
+    return routes
