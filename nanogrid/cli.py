@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -150,6 +151,27 @@ def _parser() -> argparse.ArgumentParser:
     secret_delete.add_argument("name")
     _client_options(secret_delete)
     secret_delete.set_defaults(command=cmd_secrets_delete)
+
+    volumes = sub.add_parser("volumes", help="your volumes: filesystems on the grid that outlive calls")
+    volumes_sub = volumes.add_subparsers(metavar="ACTION")
+    for action, arguments, text in (
+            ("list", (), "your volumes, their size and what their files take"),
+            ("create", ("name",), "make a volume (--size MiB, default 1024)"),
+            ("ls", ("name", "path?"), "the files in a directory of a volume"),
+            ("put", ("name", "local", "remote"), "copy a file from here onto a volume"),
+            ("get", ("name", "remote", "local"), "copy a file from a volume to here"),
+            ("rm", ("name", "path"), "remove a file or directory from a volume"),
+            ("delete", ("name",), "remove a volume and everything on it")):
+        command = volumes_sub.add_parser(action, help=text)
+        for argument in arguments:
+            if argument.endswith("?"):
+                command.add_argument(argument.rstrip("?"), nargs="?", default="/")
+            else:
+                command.add_argument(argument)
+        if action == "create":
+            command.add_argument("--size", type=int, default=None, metavar="MIB")
+        _client_options(command)
+        command.set_defaults(command=cmd_volumes, action=action)
 
     schedules = sub.add_parser("schedules", help="functions that run on their own (@remote(schedule=...))")
     schedules_sub = schedules.add_subparsers(metavar="ACTION")
@@ -482,6 +504,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("jobs      " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet"))
     if status.get("blobs") is not None:  # a grid older than the data plane's accounting says nothing
         print(f"blobs     {status['blobs']['count']} stored, {status['blobs']['bytes'] / (1 << 20):.1f} MiB")
+    with contextlib.suppress(NanoGridError):  # a grid without volumes says nothing
+        owned = client.request("GET", "/volumes").json()
+        print(f"volumes   {len(owned)}, {sum(v['used_bytes'] for v in owned) / (1 << 20):.1f} MiB used of "
+              f"{sum(v['size_mib'] for v in owned)} MiB")
     try:
         models = client.models()
         print(f"AI node   {models['endpoint']}: answers; models {', '.join(models['models']) or 'none'}"
@@ -525,6 +551,34 @@ def cmd_secrets_list(args: argparse.Namespace) -> int:
 
 def cmd_secrets_delete(args: argparse.Namespace) -> int:
     print(f"deleted secret {_client(args).delete_secret(args.name)['name']}")
+    return 0
+
+
+def cmd_volumes(args: argparse.Namespace) -> int:
+    from nanogrid.volume import Volume, volumes
+
+    client = _client(args)
+    if args.action == "list":
+        for info in volumes(client):
+            print(f"{info['name']:32} {info['size_mib']:>8} MiB  {info['used_bytes'] / (1 << 20):10.1f} MiB used")
+        return 0
+    volume = Volume(args.name, size_mib=getattr(args, "size", None), client=client)
+    volume._made = args.action != "put"  # only `create` and `put` make a volume; the others name an existing one
+    if args.action == "create":
+        info = volume.ensure()
+        print(f"volume {info['name']}: {info['size_mib']} MiB")
+    elif args.action == "ls":
+        for entry in volume.listdir(args.path):
+            print(f"{entry['kind']:5} {entry['size']:>14}  {entry['name']}{'/' if entry['kind'] == 'dir' else ''}")
+    elif args.action == "put":
+        print(f"{args.local} -> {args.name}:{args.remote} ({volume.put(args.local, args.remote)} bytes)")
+    elif args.action == "get":
+        print(f"{args.name}:{args.remote} -> {args.local} ({volume.get(args.remote, args.local)} bytes)")
+    elif args.action == "rm":
+        volume.remove(args.path)
+        print(f"removed {args.name}:{args.path}")
+    else:
+        print(f"deleted volume {volume.delete()['name']}")
     return 0
 
 
