@@ -117,6 +117,7 @@ class Client:
         # False here, sends them through the controller (clients that cannot reach the store).
         self.direct_uploads = _direct_uploads_setting()
         self._direct_http: httpx.Client | None = None  # to presigned URLs: its own connections, never the API key
+        self._timeouts: dict[float, httpx.Timeout] = {}  # by the hold on top (_timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -325,8 +326,15 @@ class Client:
                             timeout=self.timeout if timeout is None else timeout).json()["cancelled"]
 
     def _timeout(self, hold: float) -> httpx.Timeout:
-        """The client's timeout, with ``hold`` seconds more to read the answer (the wait the request asked for)."""
-        return httpx.Timeout(self.timeout, read=self.timeout + hold)
+        """The client's timeout, with ``hold`` seconds more to read the answer (the wait the request asked for).
+        Made once per distinct hold (a warm call asks for the same one each time)."""
+        timeouts = self._timeouts
+        timeout = timeouts.get(hold)
+        if timeout is None:
+            if len(timeouts) >= 64:  # holds computed from sizes vary: keep a few
+                timeouts.clear()
+            timeout = timeouts[hold] = httpx.Timeout(self.timeout, read=self.timeout + hold)
+        return timeout
 
     def _unresponsive(self, exc: httpx.TimeoutException) -> GridUnresponsive:
         what = {httpx.ConnectTimeout: "to accept a connection", httpx.WriteTimeout: "to take the request",

@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from nanogrid_backend.controller.jobs import live_workers
 from nanogrid_backend.controller.metrics import render_metrics
@@ -30,34 +29,19 @@ HTTP_BUCKETS_S = (0.1, 0.5, 1, 2, 5)
 
 
 class RequestDurations:
-    """ASGI middleware: each request's duration by method, route template (never the raw path) and status."""
+    """Each request's duration by method, route template (never the raw path) and status. Observed by the
+    controller's one ASGI middleware (``limits.RequestGate``), which also caps request bodies: one layer, not two,
+    on every request's path."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.histogram = Histogram("http_request_duration_seconds", "Duration of HTTP requests in seconds",
                                    ["method", "route", "status_code"], buckets=HTTP_BUCKETS_S, registry=self.registry)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope.setdefault("state", {})["request_durations"] = self  # found by /metrics through request.state
-        started, status = time.perf_counter(), 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            if route is not None:  # unmatched paths (scanners) would make a label per path
-                self.histogram.labels(scope["method"], route.path,
-                                      str(status)).observe(time.perf_counter() - started)
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        if route is not None:  # unmatched paths (scanners) would make a label per path
+            self.histogram.labels(scope["method"], route.path, str(status)).observe(seconds)
 
 
 class FunctionCollector:
