@@ -224,3 +224,52 @@ def test_quotas_and_removal(embedded: EmbeddedGrid, monkeypatch: pytest.MonkeyPa
         vol.delete()
     assert refused.value.status == 409
     assert vol.listdir("/")[0]["name"] == "x"
+
+
+def test_a_cell_mounts_a_volume_with_the_magic(grid: EmbeddedGrid, tmp_path: Path) -> None:
+    """`%%nanogrid --volume NAME:/PATH` gives the cell the owner's volume, and `:ro` keeps it read-only."""
+    import IPython
+    from IPython.testing.globalipapp import start_ipython
+
+    if grid.grid.volumes.problem:
+        pytest.skip(f"no volumes here: {grid.grid.volumes.problem}")
+    shell = start_ipython() or IPython.get_ipython()
+    shell.run_line_magic("load_ext", "nanogrid")
+    shell.run_line_magic("nanogrid", f"connect {grid.url} {grid.api_key}")
+    source = tmp_path / "cell.txt"
+    source.write_text("for the cell")
+    nanogrid.Volume("cells", size_mib=16, client=nanogrid.get_client()).put(source, "cell.txt")
+    assert shell.run_cell_magic("nanogrid", "--volume cells:/data", "text = open('/data/cell.txt').read()\ntext\n") \
+        == "for the cell"
+    assert shell.user_ns["text"] == "for the cell"
+    cell = "import os\ntry:\n    open('/data/new.txt', 'w')\n    ok = True\nexcept OSError:\n    ok = False\nok\n"
+    assert shell.run_cell_magic("nanogrid", "--volume cells:/data:ro", cell) is False
+    with pytest.raises(nanogrid.InvalidArgument):
+        shell.run_cell_magic("nanogrid", "--volume cells:/tmp", "1\n")
+
+
+def test_the_cli_manages_volumes(grid: EmbeddedGrid, tmp_path: Path) -> None:
+    """`nanogrid volumes ...` makes, fills, lists, reads and removes a volume; a name you do not have exits 1."""
+    import subprocess
+    import sys
+
+    if grid.grid.volumes.problem:
+        pytest.skip(f"no volumes here: {grid.grid.volumes.problem}")
+    key, _ = create_key(grid.grid.registry, "vol-cli")
+    env = {**os.environ, "NANOGRID_URL": grid.url, "NANOGRID_API_KEY": key}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "nanogrid.cli", "volumes", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    (tmp_path / "f.txt").write_text("cli")
+    assert cli("create", "tools", "--size", "16").returncode == 0
+    assert cli("put", "tools", str(tmp_path / "f.txt"), "dir/f.txt").returncode == 0
+    assert "f.txt" in cli("ls", "tools", "dir").stdout
+    assert cli("get", "tools", "dir/f.txt", str(tmp_path / "back.txt")).returncode == 0
+    assert (tmp_path / "back.txt").read_text() == "cli"
+    assert "tools" in cli("list").stdout
+    assert cli("rm", "tools", "dir").returncode == 0
+    assert cli("delete", "tools").returncode == 0
+    missing = cli("ls", "tools")
+    assert missing.returncode == 1 and "no volume 'tools'" in missing.stderr

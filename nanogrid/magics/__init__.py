@@ -25,6 +25,8 @@ class NanoGridMagics(Magics):
     @argument("command", nargs="*", help=f"%%nanogrid only: {LINE_COMMANDS}")
     @argument("--memory", type=int, metavar="MiB", help="memory limit of the cell's sandbox")
     @argument("--disk", type=int, metavar="MiB", help="scratch disk of the cell's sandbox (/tmp and output files)")
+    @argument("--volume", action="append", metavar="NAME:/PATH[:ro]", help="mount your volume NAME at /PATH in the "
+              "cell's sandbox (read-only with :ro); repeatable")
     @argument("--timeout", type=float, metavar="SECONDS", help="stop the cell after this long")
     @argument("--runtime", metavar="RUNTIME", help="the grid's runtime, e.g. python3.11 (default: this Python's)")
     @argument("--name", default="cell", help="the name the grid's job lists show (default: cell)")

@@ -16,9 +16,10 @@ from IPython.core.error import UsageError
 from nanogrid.cells import CellFailed, CellRefused, Packed, ShellOutput, load_state, pack_state, plan_cell, run_cell
 from nanogrid.client import Client, get_client
 from nanogrid.environment import Environment, PackageSyncError, for_cell, modules_in_pickle, requirements_of_modules
-from nanogrid.errors import RemoteError
+from nanogrid.errors import InvalidArgument, RemoteError
 from nanogrid.function import RemoteFunction
 from nanogrid.job import Job
+from nanogrid.volume import Volume
 from nanogrid.widgets import size_text
 
 NOT_SENT = {"__builtins__", "__builtin__", "__name__", "__doc__", "__loader__", "__package__", "__spec__"}
@@ -154,7 +155,19 @@ def function_for(args: argparse.Namespace, environment: Environment | None = Non
     """The grid function that runs cells with these options, in ``environment`` with ``local_files`` beside it."""
     return CellFunction(environment or Environment(), local_files or {}, memory=args.memory, timeout=args.timeout,
                         runtime=args.runtime, name=args.name, model=args.model, ai=args.ai,
-                        disk=getattr(args, "disk", None))
+                        disk=getattr(args, "disk", None), volumes=volumes_for(getattr(args, "volume", None)))
+
+
+def volumes_for(specs: list[str] | None) -> dict[str, Volume]:
+    """``--volume NAME:/PATH[:ro]`` options as ``@remote(volumes=...)`` takes them."""
+    volumes = {}
+    for spec in specs or []:
+        name, _, rest = spec.partition(":")
+        path, _, mode = rest.partition(":")
+        if not path or mode not in ("", "ro", "rw"):
+            raise InvalidArgument(f"--volume is NAME:/PATH or NAME:/PATH:ro, e.g. --volume datasets:/data, not {spec!r}")
+        volumes[path] = Volume(name, read_only=mode == "ro")
+    return volumes
 
 
 def environment_for(shell: Any, source: str, inputs: dict[str, Any], packed: Packed,
