@@ -306,10 +306,12 @@ class Client:
         wait = 0 if asynchronous else SYNC_HOLD_S if hold is None else hold
         return self.request("POST", "/run", json=body, headers=headers, timeout=self._timeout(wait)).json()
 
-    def logs(self, job_id: str, after: str = "", wait: float = 0) -> dict[str, Any]:
-        """What a job printed since the cursor ``after`` (long-poll up to ``wait`` s): {chunks, cursor, ended}."""
-        return self.request("GET", f"/jobs/{job_id}/logs", params={"after": after, "wait": wait},
-                            timeout=self._timeout(wait)).json()
+    def logs(self, job_id: str, after: str = "", wait: float = 0, watched: bool = False) -> dict[str, Any]:
+        """What a job printed since the cursor ``after`` (long-poll up to ``wait`` s): {chunks, cursor, ended}.
+        ``watched``: this client waits for the job (a sync ``.remote()``); if it goes away while the job is still
+        queued, the grid cancels the job."""
+        params: dict[str, Any] = {"after": after, "wait": wait, **({"watched": "true"} if watched else {})}
+        return self.request("GET", f"/jobs/{job_id}/logs", params=params, timeout=self._timeout(wait)).json()
 
     def status(self, job_id: str, wait: float = 0) -> dict[str, Any]:
         return self.request("GET", f"/status/{job_id}", params={"wait": wait} if wait else None,

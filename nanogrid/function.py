@@ -294,6 +294,7 @@ class RemoteFunction(Generic[P, R]):
         view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "blobs": blobs, "model": self.model},
                           lambda body: self.client.run(body, hold=LIVE_AFTER_S))
         job = Job[R](self.client, view, self.name, unpickle=self.result_format == "pickle")
+        job.watched = True  # nobody else waits for it: if this process goes, a call still queued is not run
         try:
             # What it prints appears here as it would locally: live when the call is still running.
             return job.echo().result()

@@ -113,6 +113,7 @@ class Job(Generic[R]):
         self.unpickle = unpickle  # False: a data-only function (result="json"); nothing it sends is unpickled
         self._view = view
         self._value: dict[str, Any] = {}  # the result, once read (a large one is downloaded and unpickled once)
+        self.watched = False  # a sync .remote() waits for it: if this client goes, the grid cancels it while queued
 
     @property
     def job_id(self) -> str:
@@ -204,7 +205,7 @@ class Job(Generic[R]):
         """Only the live part of ``stream()``: what arrives while the job runs (the record may hold more)."""
         cursor = ""
         while not self.done:
-            answer = self.client.logs(self.job_id, cursor, wait=poll_s)
+            answer = self.client.logs(self.job_id, cursor, wait=poll_s, watched=self.watched)
             for chunk in answer["chunks"]:
                 yield chunk["stream"], chunk["text"]
             cursor = answer["cursor"]

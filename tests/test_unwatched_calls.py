@@ -62,8 +62,13 @@ def _killed_client(grid, tmp_path: Path, mode: str, when: str) -> None:
                 break
         else:
             raise AssertionError(f"the client ended before {when!r}: {client.wait()}")
-        if mode == "remote":
-            time.sleep(0.3)  # its call is queued on the grid
+        if mode == "remote":  # its call is on the grid, queued behind the spawned ones
+            watcher = nanogrid.connect(grid.url, api_key=grid.api_key)
+            deadline = time.monotonic() + 30
+            while len([v for v in watcher.jobs(limit=100) if v["function_name"] == "nap"]) < 4:
+                assert time.monotonic() < deadline, "the client's sync call never reached the grid"
+                time.sleep(0.05)
+            time.sleep(0.6)  # past the call's first wait for its result: it now follows the job's live output
         client.send_signal(signal.SIGKILL)
     finally:
         client.kill()

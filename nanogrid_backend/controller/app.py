@@ -257,9 +257,12 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         return view(await jobs.wait_for(grid, job_id, wait, job) or job, base_url(request))
 
     @app.get("/v1/jobs/{job_id}/logs", response_model=LiveLog)
-    async def live_log(job_id: str, caller: Caller,
+    async def live_log(job_id: str, request: Request, caller: Caller,
                        after: Annotated[str, Query(max_length=64, description="the cursor of the last answer")] = "",
                        wait: Annotated[float, Query(ge=0, le=5, description="seconds to wait for new output")] = 0,
+                       watched: Annotated[bool, Query(description=(
+                           "the caller waits for this job (a sync call): if it goes away during the wait while "
+                           "the job is still queued, the job is cancelled"))] = False,
                        ) -> dict:
         """What a job printed since ``after``, as it prints it (long-poll with ``wait``); ``ended`` once it finished."""
         job_or_404(job_id, caller)
@@ -272,7 +275,11 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             else:
                 reading = asyncio.ensure_future(asyncio.to_thread(grid.bus.read_log, job_id, after, wait))
                 ending = asyncio.ensure_future(finished.get())
-                await asyncio.wait({reading, ending}, timeout=wait + 1, return_when=asyncio.FIRST_COMPLETED)
+                gone = asyncio.ensure_future(jobs.until_disconnected(request) if watched else asyncio.Event().wait())
+                await asyncio.wait({reading, ending, gone}, timeout=wait + 1, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():  # the one waiting for it went away: a call still queued is not run for nobody
+                    jobs.cancel_unwatched(grid, [job_id])
+                gone.cancel()
                 ending.cancel()
                 if reading.done():
                     chunks, cursor, ended = reading.result()
