@@ -37,7 +37,7 @@ lab: setup-test
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy  # nanogrid and backend, as configured in pyproject.toml [tool.mypy]
+	$(VENV)/bin/mypy  # nanogrid and nanogrid_backend, as configured in pyproject.toml [tool.mypy]
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -p nbval --nbval-lax tests notebooks

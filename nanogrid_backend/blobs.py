@@ -22,8 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import uuid
 import weakref
@@ -260,15 +258,3 @@ def spool_dir_for(store: BlobStore, fallback: Path) -> Path:
     """Uploads are written next to the blobs (one rename puts them in place) when the store is local."""
     root = store.blob_path("spool")
     return root.parent.parent / "blob-spool" if root is not None else fallback
-
-
-def copy_into(source: Path, target: Path) -> None:
-    """Move where possible (the same file system), else copy and delete."""
-    try:
-        os.replace(source, target)
-    except OSError:
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-            with source.open("rb") as f:
-                shutil.copyfileobj(f, tmp, CHUNK_BYTES)
-        os.replace(tmp.name, target)
-        source.unlink(missing_ok=True)

@@ -375,6 +375,7 @@ def test_an_empty_registry_in_a_new_data_dir_is_a_new_grid(tmp_path: Path):
     (tmp_path / "registry.sqlite3").write_bytes(b"")
     registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
     registry.create_jobs([JobRecord("job-1", "fn-1")])
+    assert registry.get_job("job-1") is not None  # it took the write: a working registry, not a refusal
     registry.close()
 
 
