@@ -183,6 +183,30 @@ def test_two_schedulers_on_one_dynamodb_table_fire_each_due_time_once(dynamodb_t
     check_fired_once_each(race(registries, tmp_path))
 
 
+@pytest.mark.integration
+def test_a_dynamodb_claim_left_half_done_is_moved_past_once_it_is_stale(dynamodb_table):  # noqa: F811
+    """A controller that stopped between claiming a due time and moving its schedule on must not stop the schedule
+    for good: a minute later the next scheduler moves it past that due time, and never fires it again."""
+    import boto3
+
+    from nanogrid_backend.registry.dynamodb import STALE_CLAIM_S, DynamoDBRegistry
+
+    registry = DynamoDBRegistry(dynamodb_table)
+    schedule = ScheduleRecord("sch-stuck", "o", "stuck", "fn", period_s=60.0, anchor=0.0, next_due=60.0)
+    registry.put_schedule(schedule)
+    boto3.resource("dynamodb").Table(dynamodb_table).put_item(Item={  # the claim of a controller that then stopped
+        "pk": "firing#sch-stuck#60.0", "kind": "firing", "schedule_id": "sch-stuck", "due_time": 60,
+        "fired_at": 61, "outcome": "started"})
+    assert not registry.claim_firing(FiringRecord("sch-stuck", 60.0, 62.0, "started"), 120.0, None)
+    stuck = registry.get_schedule("sch-stuck")
+    assert stuck is not None and stuck.next_due == 60.0  # a claim this fresh is another scheduler's, racing
+    late = 61 + STALE_CLAIM_S + 1
+    assert not registry.claim_firing(FiringRecord("sch-stuck", 60.0, late, "started"), 180.0, None)
+    moved = registry.get_schedule("sch-stuck")
+    assert moved is not None and moved.next_due == 180.0
+    assert [f.fired_at for f in registry.list_firings("sch-stuck")] == [61.0]
+
+
 # --- on a grid ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ JSON_FIELDS = {"error", "output_files", "ai_usage", "variables"}
 INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
               "rate_burst", "attempt"}
 JOB_TTL_S = 30 * 24 * 3600  # the invocation history's retention
+STALE_CLAIM_S = 60.0  # a schedule still on a due time claimed this long ago: its claimer stopped before moving it
 # 1: the first versioned shape (jobs with ai_usage, keys with admin and per-owner limits)
 # 2: jobs with attempt and retry_of; metrics counter items (``stat#…``) and webhook items (``hook#…``)
 # 3: functions with description and stable_id; secret items (``secret#owner#name``)
@@ -380,9 +381,10 @@ class DynamoDBRegistry(Registry):
                                                      ":u": Decimal(repr(time.time()))})
 
     def claim_firing(self, firing: FiringRecord, next_due: float, job: JobRecord | None) -> bool:
-        """The conditional put of the firing item is the claim; the job and the schedule's move follow it. A losing
-        scheduler moves the schedule on too (harmless twice), so one that stopped between the claim and the move never
-        leaves the schedule on a claimed due time."""
+        """The conditional put of the firing item is the claim; the job and the schedule's move follow it (items one at
+        a time: moto, the tests' DynamoDB, runs concurrent transactions unsafely). A scheduler that stopped between the
+        claim and the move leaves the schedule on a claimed due time: the next one moves it on once that claim is
+        STALE_CLAIM_S old (its run, if its job was never written, is lost)."""
         item = {"pk": f"firing#{firing.schedule_id}#{firing.due_time!r}", "kind": "firing",
                 "expires_at": int(firing.fired_at + JOB_TTL_S),
                 **_to_item({f.name: getattr(firing, f.name) for f in fields(FiringRecord)})}
@@ -392,7 +394,10 @@ class DynamoDBRegistry(Registry):
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
-            self._update_if(pk, "SET #next_due = :n", Attr("next_due").eq(Decimal(repr(firing.due_time))), {":n": due})
+            claimed = self.table.get_item(Key={"pk": item["pk"]}, ConsistentRead=True).get("Item") or {}
+            if float(claimed.get("fired_at", firing.fired_at)) < firing.fired_at - STALE_CLAIM_S:
+                self._update_if(pk, "SET #next_due = :n", Attr("next_due").eq(Decimal(repr(firing.due_time))),
+                                {":n": due})
             return False
         values: dict[str, Any] = {}
         if job is not None:
