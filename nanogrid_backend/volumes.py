@@ -50,6 +50,7 @@ MIN_VOLUME_MIB, DEFAULT_VOLUME_MIB = 16, 1024
 MAX_VOLUME_MIB = int(os.environ.get("NANOGRID_MAX_VOLUME_MIB", 256 << 10))  # one volume: 256 GiB
 OWNER_VOLUME_MIB = int(os.environ.get("NANOGRID_OWNER_VOLUME_MIB", 512 << 10))  # all of one owner's volumes
 MAX_VOLUMES_PER_FUNCTION = 8
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_SHARED = 0x1, 0x20, 0x1000, 1 << 20
 COPY_CHUNK = 1 << 30
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -120,8 +121,9 @@ class VolumeSet:
 class _Mounted:
     """A volume's filesystem as the host holds it: its loop device, its mount point, the sandboxes using it."""
 
-    def __init__(self, device: str, mountpoint: Path) -> None:
+    def __init__(self, device: str, mountpoint: Path, read_only: Path) -> None:
         self.device, self.mountpoint, self.users = device, mountpoint, 0
+        self.read_only = read_only  # its data directory bound read-only: what read-only mounts bind (flags included)
 
 
 class VolumeStore:
@@ -224,8 +226,9 @@ class VolumeStore:
                     raise VolumeError(f"the function mounts volume {entry['name']!r}, which you do not have: make "
                                       f"it with nanogrid.Volume({entry['name']!r}, size_mib=...)", 404)
                 held = self._mount(owner, entry["name"])
-            mounts.append(VolumeMount(entry["name"], str(held.mountpoint / "data"), entry["path"],
-                                      bool(entry.get("read_only", False))))
+            read_only = bool(entry.get("read_only", False))
+            mounts.append(VolumeMount(entry["name"], str(held.read_only if read_only else held.mountpoint / "data"),
+                                      entry["path"], read_only))
         return VolumeSet(self, owner, mounts)
 
     def _use(self, owner: str, names: list[str], change: int) -> None:
@@ -356,7 +359,7 @@ class VolumeStore:
         if held is not None:
             return held
         image = self._image(owner, name)
-        mountpoint = image.with_suffix(".mnt")
+        mountpoint, read_only = image.with_suffix(".mnt"), image.with_suffix(".ro")
         device = ""
         try:
             device = scratch._run("losetup", "--find", "--show", "--direct-io=on", str(image)).strip()
@@ -377,24 +380,31 @@ class VolumeStore:
                     os.close(data)
             finally:
                 os.close(root)
+            # A bind keeps the flags of what it binds: a read-only copy here makes every bind of it read-only too.
+            read_only.mkdir(mode=0o700, exist_ok=True)
+            _mount_call(str(mountpoint / "data"), read_only, MS_BIND)
+            _mount_call(None, read_only, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         except (OSError, ScratchError) as exc:
             if device:
+                _libc.umount2(str(read_only).encode(), MNT_DETACH)
                 _libc.umount2(str(mountpoint).encode(), MNT_DETACH)
                 scratch._detach(device)
             raise VolumeError(f"the grid could not mount volume {name!r} ({exc})", 503) from None
-        held = self._mounted[(owner, name)] = _Mounted(device, mountpoint)
+        held = self._mounted[(owner, name)] = _Mounted(device, mountpoint, read_only)
         return held
 
     def _unmount(self, owner: str, name: str) -> None:
         held = self._mounted.pop((owner, name), None)
         if held is None:
             return
+        _libc.umount2(str(held.read_only).encode(), MNT_DETACH)
         _libc.umount2(str(held.mountpoint).encode(), MNT_DETACH)
         scratch._detach(held.device)
-        try:
-            held.mountpoint.rmdir()
-        except OSError:
-            pass
+        for directory in (held.read_only, held.mountpoint):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
 
     def _check_host_room(self, size_mib: int) -> None:
         """Volumes are sparse: a new one is made only while the host's free space covers what all of them may still
@@ -428,6 +438,23 @@ class _RootFd:
 
     def __exit__(self, *_: object) -> None:
         os.close(self.fd)
+
+
+def _mount_call(source: str | None, target: Path, flags: int) -> None:
+    """mount(2) with no filesystem type or data (binds, remounts, propagation); OSError if refused."""
+    if _libc.mount(source.encode() if source else None, str(target).encode(), None, flags, None) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def bind(source: str, target: Path) -> None:
+    """Bind ``source`` (a volume's directory, or its read-only copy) at ``target``; the bind keeps its flags."""
+    _mount_call(source, target, MS_BIND)
+
+
+def shared_root(directory: Path) -> None:
+    """Make ``directory`` a mount of its own whose later binds propagate to the containers that bind it ``rslave``."""
+    _mount_call(str(directory), directory, MS_BIND)
+    _mount_call(None, directory, MS_SHARED)
 
 
 def _name(name: str) -> str:

@@ -50,13 +50,14 @@ from nanogrid_backend.sandbox.protocol import (
     encode_frame,
     reply_header_cap,
 )
-from nanogrid_backend.volumes import VolumeSet
+from nanogrid_backend.volumes import VolumeSet, bind, shared_root
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
 SANDBOX_UID = "65534:65534"
 OUTPUT_MOUNT = "/output"  # the seed's output directory, where its functions write (OUTPUT_DIR)
+VOLUME_ROOT = "/data"  # where stem cells can be given volumes when they are specialised (any other path: own container)
 
 
 COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
@@ -140,6 +141,12 @@ class DockerSandboxFactory:
                      "containers and cgroups of an older release)", len(left), dirs, legacy)
         return len(left) + dirs + legacy
 
+    def takes_volumes(self, volumes: VolumeSet) -> bool:
+        """Whether a stem cell can be given these volumes as it is specialised: all at or under VOLUME_ROOT, and the
+        host can mount (else the function starts a container of its own with them)."""
+        return not self.scratch_problem and all(
+            m.target == VOLUME_ROOT or m.target.startswith(VOLUME_ROOT + "/") for m in volumes.mounts)
+
     def describe(self) -> str:
         disk = (f"a {self.disk_mib} MiB disk of its own" if not self.scratch_problem
                 else f"memory-backed scratch: {self.scratch_problem}")
@@ -162,6 +169,8 @@ class DockerSandbox(WatchedSandbox):
                  disk_mib: int = 1024, evict_idle: bool = False, volumes: VolumeSet | None = None) -> None:
         self.factory = factory
         self.volumes = volumes
+        self.volume_root: Path | None = None  # a stem cell's VOLUME_ROOT on the host, shared with its container
+        self._keep_dir = False  # a mount under it could not be let go of: never removed (the next sweep does it)
         self.limits = factory.limits
         self.id = "ctr-" + uuid.uuid4().hex[:12]
         self.host_dir = factory.host_dir / self.id  # where output files land on this side, written by the host
@@ -196,18 +205,29 @@ class DockerSandbox(WatchedSandbox):
             space = {"mounts": [docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
                                 docker.types.Mount(OUTPUT_MOUNT, str(outputs), type="bind"),
                                 docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind")]}
-        # The owner's volumes: each one's directory on the host's mount of it, bound where the function asked.
+        # The owner's volumes: each one's directory on the host's mount of it, bound where the function asked; or,
+        # in a stem cell, VOLUME_ROOT: the host binds a function's volumes under it when it is specialised.
         binds = [docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
                  for m in (volumes.mounts if volumes is not None else [])]
         if volumes is not None and binds:
-            space["mounts"] = [*space.get("mounts", []), *binds]
             volumes.hold()
+        elif not factory.scratch_problem:  # the host mounts (it is root): binds it makes later reach the container
+            self.volume_root = self.host_dir / "volumes"
+            self.volume_root.mkdir(mode=0o755)
+            try:
+                shared_root(self.volume_root)
+                binds = [docker.types.Mount(VOLUME_ROOT, str(self.volume_root), type="bind", propagation="rslave")]
+            except OSError as exc:
+                log.debug("stem cells cannot take volumes here (%s): functions with volumes start their own", exc)
+                self.volume_root = None
+        space["mounts"] = [*space.get("mounts", []), *binds]
         try:
             self.container = self._create(environment, space, disk_mib)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             # e.g. its image was removed since it was built: nothing of it may stay behind (disk, loop device, mount)
             if self.scratch is not None:
                 self.scratch.close()
+            self._unbind_volumes()
             if volumes is not None:
                 volumes.release()
             shutil.rmtree(self.host_dir, ignore_errors=True)
@@ -303,6 +323,34 @@ class DockerSandbox(WatchedSandbox):
         file_limit = max(self.limits.output_bytes, self.disk_mib << 20)
         self.load_package(function_id, {"op": "load", "max_output_bytes": file_limit, "env": env or {}},
                           package, env, START_TIMEOUT_S)
+
+    def bind_volumes(self, volumes: VolumeSet) -> None:
+        """Bind the owner's volumes under this stem cell's VOLUME_ROOT (they appear in the running container at once,
+        by mount propagation, read-only ones read-only): a function with volumes specialises a stem cell like any
+        other, without starting a container of its own."""
+        if self.volume_root is None or self.volumes is not None or not self.factory.takes_volumes(volumes):
+            self.close()  # as a stem cell that died: the pool starts a sandbox of its own for the function
+            raise SandboxError("crash", "this stem cell cannot be given volumes")
+        self.volumes = volumes
+        volumes.hold()
+        try:
+            for mount in volumes.mounts:
+                target = self.volume_root.joinpath(*Path(mount.target).relative_to(VOLUME_ROOT).parts)
+                target.mkdir(mode=0o755, parents=True, exist_ok=True)  # the host's own directories: no link to follow
+                bind(mount.source, target)
+        except OSError as exc:
+            self.close()
+            raise SandboxError("volume", f"the grid could not bind the function's volumes ({os.strerror(exc.errno or 0)})"
+                               ) from None
+
+    def _unbind_volumes(self) -> None:
+        """Let go of VOLUME_ROOT and every volume bound under it (lazily: the container may still hold them)."""
+        if self.volume_root is not None:
+            scratch._libc.umount2(str(self.volume_root).encode(), scratch.MNT_DETACH)
+            if os.path.ismount(self.volume_root):
+                log.warning("sandbox %s: its volume root is still mounted; its directory is kept", self.id)
+                self._keep_dir = True
+            self.volume_root = None
 
     def _receive_outputs(self) -> list[str]:
         """The call's output files, read by the host straight from the sandbox's own disk (through the same checks
@@ -434,6 +482,7 @@ class DockerSandbox(WatchedSandbox):
         if self._closed:
             return
         self._closed = True
+        self._unbind_volumes()  # before anything below may remove its directory: never a walk into a volume
         if self.volumes is not None:
             self.volumes.release()  # the container's binds go with it (removed below); the volume stays mounted
         if self.cgroup:
@@ -450,7 +499,8 @@ class DockerSandbox(WatchedSandbox):
             self.scratch.close()  # the kernel lets go of the disk once the container is gone
             if os.path.ismount(self.scratch.mountpoint):
                 return  # never walk into it: the next sweep unmounts it
-        shutil.rmtree(self.host_dir, ignore_errors=True)
+        if not self._keep_dir:
+            shutil.rmtree(self.host_dir, ignore_errors=True)
 
 
 def _remove(container: docker.models.containers.Container) -> None:

@@ -179,6 +179,8 @@ class WarmPool:
     def _load(self, sandbox: Sandbox, function_id: str, function: FunctionCode) -> None:
         with self._cond:
             self._busy.add(sandbox.id)
+        if function.volumes is not None and getattr(sandbox, "volumes", None) is None:
+            sandbox.bind_volumes(function.volumes)  # type: ignore[attr-defined]  # a stem cell that takes volumes
         sandbox.load(function_id, function.package, function.memory_mib, function.env)
 
     def _live_stem(self, key: str, dead: list[Sandbox]) -> Sandbox | None:
@@ -251,8 +253,8 @@ class WarmPool:
     def _stem_fits(self, function: FunctionCode) -> bool:
         """Whether a stem cell's scratch disk is the size this function asks for (always without ``disk=``, and
         where the sandbox has no scratch disk of its own: the process sandbox)."""
-        if function.volumes is not None:
-            return False  # mounts are made when a container starts: a function with volumes starts its own sandbox
+        if function.volumes is not None and not getattr(self.factory, "takes_volumes", lambda _: False)(function.volumes):
+            return False  # its volumes can only be bound as a sandbox starts: it starts its own
         default = getattr(self.factory, "disk_mib", None)
         return function.disk_mib is None or default is None or function.disk_mib == default
 
