@@ -273,3 +273,28 @@ def test_the_cli_manages_volumes(grid: EmbeddedGrid, tmp_path: Path) -> None:
     assert cli("delete", "tools").returncode == 0
     missing = cli("ls", "tools")
     assert missing.returncode == 1 and "no volume 'tools'" in missing.stderr
+
+
+def test_a_stem_cell_given_a_volume_lets_go_of_every_mount_when_it_stops(docker_grid: EmbeddedGrid) -> None:
+    """A sandbox that had a volume bound at /data itself leaves no mount behind once stopped (and its directory is
+    removed without ever walking into the volume)."""
+    client = owner(docker_grid, "vol-stem")
+    vol = nanogrid.Volume("stem", size_mib=16, client=client)
+
+    @on(client, volumes={"/data": vol})
+    def keep() -> str:
+        open("/data/kept.txt", "w").write("kept")
+        return "ok"
+
+    job = keep.spawn()
+    assert job.result(timeout=60) == "ok"
+    sandboxes = docker_grid.config.data_dir / "sandboxes"
+    assert any(line.split()[4].startswith(str(sandboxes / job.sandbox_id)) for line in open("/proc/self/mountinfo"))
+    assert docker_grid.grid.pool is not None
+    idle = docker_grid.grid.pool._remove_idle(job.sandbox_id)  # as the idle TTL would stop it
+    assert idle is not None
+    idle.close()
+    assert not [line for line in open("/proc/self/mountinfo") if str(sandboxes / job.sandbox_id) in line.split()[4]]
+    assert not (sandboxes / job.sandbox_id).exists()
+    assert vol.read("kept.txt") == b"kept"
+    vol.delete()  # nothing holds it any more

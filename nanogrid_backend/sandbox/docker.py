@@ -346,8 +346,14 @@ class DockerSandbox(WatchedSandbox):
     def _unbind_volumes(self) -> None:
         """Let go of VOLUME_ROOT and every volume bound under it (lazily: the container may still hold them)."""
         if self.volume_root is not None:
-            scratch._libc.umount2(str(self.volume_root).encode(), scratch.MNT_DETACH)
-            if os.path.ismount(self.volume_root):
+            root = str(self.volume_root.resolve())
+            # A volume bound at VOLUME_ROOT itself sits on the shared mount: both go (a bind of a directory on the
+            # same filesystem is not seen by os.path.ismount, so the mount table says when it is done).
+            for _ in range(3):
+                if root not in scratch.mounted_under(self.host_dir):
+                    break
+                scratch._libc.umount2(root.encode(), scratch.MNT_DETACH)
+            if root in scratch.mounted_under(self.host_dir):
                 log.warning("sandbox %s: its volume root is still mounted; its directory is kept", self.id)
                 self._keep_dir = True
             self.volume_root = None
