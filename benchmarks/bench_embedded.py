@@ -44,7 +44,14 @@ def start_grid(data_dir: Path, port: int, sandbox: str = "process") -> subproces
     raise RuntimeError("nanogrid up did not answer within 60 s")
 
 
-def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int) -> dict:
+def best(runs: int, measure) -> dict:
+    """The best of ``runs`` measurements (lowest p50, or highest rate): on a shared machine the others' load only
+    ever slows a run down."""
+    found = [measure() for _ in range(runs)]
+    return min(found, key=lambda r: r["p50_ms"]) if "p50_ms" in found[0] else max(found, key=lambda r: r["calls_per_s"])
+
+
+def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int, runs: int = 1) -> dict:
     client = nanogrid.connect(url, api_key=key)
     results: dict = {}
 
@@ -54,14 +61,14 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int) -> d
     with httpx.Client(base_url=url, headers={"x-api-key": key}) as http:
         body = {"function_id": function_id, "payload": {"x": 1}}
         timed(lambda: http.post("/v1/run", json=body), 100)
-        results["http_run"] = percentiles(timed(lambda: http.post("/v1/run", json=body), calls))
+        results["http_run"] = best(runs, lambda: percentiles(timed(lambda: http.post("/v1/run", json=body), calls)))
 
     @nanogrid.remote
     def noop(x):
         return x
 
     timed(lambda: noop.remote(1), 100)
-    results["remote"] = percentiles(timed(lambda: noop.remote(1), calls))
+    results["remote"] = best(runs, lambda: percentiles(timed(lambda: noop.remote(1), calls)))
 
     cold_client, cold_server = [], []
     for i in range(cold_n):
@@ -77,11 +84,15 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int) -> d
     results["cold_start_with_stem_cell_worker"] = percentiles(cold_server)
 
     list(noop.map(range(200), progress=False))
-    started = time.perf_counter()
-    out = list(noop.map(range(map_n), progress=False))
-    seconds = time.perf_counter() - started
-    assert out == list(range(map_n))
-    results["map"] = {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": round(map_n / seconds, 1)}
+
+    def one_map() -> dict:
+        started = time.perf_counter()
+        out = list(noop.map(range(map_n), progress=False))
+        seconds = time.perf_counter() - started
+        assert out == list(range(map_n))
+        return {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": round(map_n / seconds, 1)}
+
+    results["map"] = best(runs, one_map)
     return results
 
 
@@ -91,6 +102,8 @@ def main() -> None:
     parser.add_argument("--map", type=int, default=5000)
     parser.add_argument("--cold", type=int, default=20)
     parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument("--runs", type=int, default=1, help="measure NanoGrid's warm calls and .map() this many "
+                        "times and keep the best (a shared machine's load only slows runs down)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--peers-python", help="the interpreter of a venv with Ray and Dask (make bench makes "
                         ".venv-peers: Ray needs newer packages than NanoGrid's lock files pin)")
@@ -106,15 +119,23 @@ def main() -> None:
         report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                               "load_average_before": load_before},
                   "sandbox": args.sandbox,
-                  "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", key, args.calls, args.map, args.cold)}
+                  "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", key, args.calls, args.map, args.cold,
+                                                             args.runs)}
     finally:
         grid.terminate()
         grid.wait(15)
         shutil.rmtree(data_dir, ignore_errors=True)
     if args.peers and args.peers_python:
-        done = subprocess.run([args.peers_python, str(Path(__file__).with_name("peers.py")), str(args.calls),
-                               str(args.map)], capture_output=True, text=True, check=True)
-        report.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        for _ in range(args.runs):  # each peer's best run, as for NanoGrid
+            done = subprocess.run([args.peers_python, str(Path(__file__).with_name("peers.py")), str(args.calls),
+                                   str(args.map)], capture_output=True, text=True, check=True)
+            for peer, found in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                kept = report.get(peer)
+                if kept is None or "remote" not in kept:
+                    report[peer] = found
+                elif "remote" in found:
+                    kept["remote"] = min(kept["remote"], found["remote"], key=lambda r: r["p50_ms"])
+                    kept["map"] = max(kept["map"], found["map"], key=lambda r: r["calls_per_s"])
     elif args.peers:
         report["ray"] = bench_ray(args.calls, args.map)
         report["dask"] = bench_dask(args.calls, args.map)

@@ -118,6 +118,7 @@ class Client:
         self.direct_uploads = _direct_uploads_setting()
         self._direct_http: httpx.Client | None = None  # to presigned URLs: its own connections, never the API key
         self._timeouts: dict[float, httpx.Timeout] = {}  # by the hold on top (_timeout)
+        self._urls: dict[str, httpx.URL] = {}  # by API path (request)
 
     def close(self) -> None:
         self._http.close()
@@ -129,9 +130,17 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One API call; a 429 is retried after its Retry-After (with jitter), up to RATE_LIMIT_RETRIES times."""
+        url = self._urls.get(path)
+        if url is None:  # parsed once per path: httpx parses a relative path and the joined URL again at each request
+            if len(self._urls) >= 256:  # paths with a job id in them come and go
+                self._urls.clear()
+            url, base = httpx.URL(path), self._http.base_url  # joined as httpx joins a path to its base_url
+            if url.is_relative_url:
+                url = base.copy_with(raw_path=base.raw_path + url.raw_path.lstrip(b"/"))
+            self._urls[path] = url
         for attempt in range(RATE_LIMIT_RETRIES + 1):
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._http.request(method, url, **kwargs)
             except httpx.TimeoutException as exc:
                 raise self._unresponsive(exc) from None
             except httpx.TransportError as exc:
