@@ -35,8 +35,8 @@ def embedded(request: pytest.FixtureRequest) -> EmbeddedGrid:
     return grid
 
 
-def owner(embedded: EmbeddedGrid, name: str) -> nanogrid.Client:
-    key, _ = create_key(embedded.grid.registry, name)
+def owner(embedded: EmbeddedGrid, name: str, **limits: int) -> nanogrid.Client:
+    key, _ = create_key(embedded.grid.registry, name, **limits)  # type: ignore[arg-type]
     return nanogrid.Client(embedded.url, api_key=key)  # not connect(): that closes the default client
 
 
@@ -298,3 +298,32 @@ def test_a_stem_cell_given_a_volume_lets_go_of_every_mount_when_it_stops(docker_
     assert not (sandboxes / job.sandbox_id).exists()
     assert vol.read("kept.txt") == b"kept"
     vol.delete()  # nothing holds it any more
+
+
+def test_two_sandboxes_mounting_a_volume_at_once_see_each_others_writes(embedded: EmbeddedGrid) -> None:
+    """Two calls running at the same time in two sandboxes share the volume live: what one writes, the other reads
+    while both run (no commit, no reload)."""
+    kind = embedded.grid.factory.kind  # type: ignore[union-attr]
+    if embedded.config.workers < 2:
+        pytest.skip("one worker slot: calls never run at once")
+    client = owner(embedded, f"vol-live-{kind}", max_concurrency=2)
+    vol = nanogrid.Volume("live", size_mib=16, client=client)
+
+    @on(client, volumes={"/data": vol}, timeout=60)
+    def meet(me: str, other: str) -> str:
+        import os
+        import time
+
+        with open(f"/data/.{me}", "w") as f:
+            f.write(me)
+        os.rename(f"/data/.{me}", f"/data/{me}")  # published whole
+        deadline = time.monotonic() + 30
+        while not os.path.exists(f"/data/{other}"):
+            if time.monotonic() > deadline:
+                return "never saw " + other
+            time.sleep(0.05)
+        return open(f"/data/{other}").read()
+
+    first, second = meet.spawn("a", "b"), meet.spawn("b", "a")
+    assert (first.result(timeout=60), second.result(timeout=60)) == ("b", "a")
+    assert first.sandbox_id != second.sandbox_id
