@@ -519,8 +519,9 @@ def _modules_used_by(module_name: str) -> set[str]:
 
 
 # Sticky environments: in a notebook (a Jupyter kernel), every distribution synced for any function or cell stays
-# in the environments synced after it, so a session's environments only grow and soon settle on one id that the
-# grid has built, instead of one small environment per function. None: on in a kernel, off in scripts and tests.
+# in the environments synced after it, and the distributions the notebook's own names refer to (its imports, the
+# types of its values) join from the start, so a session's environments settle on one id that the grid has built,
+# instead of one small environment per function. None: on in a kernel, off in scripts and tests.
 STICKY: bool | None = None
 _SYNCED_MODULES: set[str] = set()  # third-party modules synced so far in this process (while sticky)
 
@@ -545,9 +546,46 @@ def requirements_of_modules(modules: Iterable[str]) -> Requirements:
     third_party -= local_names
     if _sticky():
         owners = _distributions_of_modules()
-        _SYNCED_MODULES.update(m for m in third_party if m in owners)
+        _SYNCED_MODULES.update(m for m in third_party | _notebook_modules() if m in owners)
         third_party |= _SYNCED_MODULES
     return Requirements(tuple(pinned_distributions(third_party)), local)
+
+
+_INSTALLABLE: dict[str, bool] = {}  # module -> whether the grid can install its distributions (cached per process)
+
+
+def _notebook_modules() -> set[str]:
+    """Third-party modules the notebook's own names refer to (``import pandas as pd``, ``from sklearn... import
+    LinearRegression``, a DataFrame): what the session works with, synced with the first environment instead of one
+    layer at a time as each cell first touches it. Only what the grid can install (not a package installed from a
+    local path: that stays the concern of the function that uses it)."""
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    namespace, hidden = getattr(shell, "user_ns", None), getattr(shell, "user_ns_hidden", {})
+    if not isinstance(namespace, dict):
+        return set()
+    found: set[str] = set()
+    for name, value in list(namespace.items()):
+        if name.startswith("_") or hidden.get(name, _ABSENT) is value:
+            continue
+        if isinstance(value, types.ModuleType):
+            found.add(_top(value.__name__))
+        elif isinstance(value, type | types.FunctionType | types.BuiltinFunctionType):
+            found.add(_top(getattr(value, "__module__", "") or ""))
+        else:
+            found.add(_top(getattr(type(value), "__module__", "") or ""))
+    owners = _distributions_of_modules()
+    candidates = {m for m in found if m in owners and m not in sys.stdlib_module_names}
+    for module in candidates - _INSTALLABLE.keys():
+        try:
+            pinned_distributions({module})
+            _INSTALLABLE[module] = True
+        except PackageSyncError:
+            _INSTALLABLE[module] = False
+    return {m for m in candidates if _INSTALLABLE[m]}
+
+
+_ABSENT = object()
 
 
 def requirements_for(fn: Callable[..., Any], pickled: bytes, argument_modules: Iterable[str] = ()) -> Requirements:

@@ -391,3 +391,21 @@ def test_arguments_and_missing_modules_in_a_docker_sandbox(docker_grid):
     with pytest.raises(MissingModule, match=re.escape(f"add packages=['{NUMPY}']")):
         exact_numpy.remote()
 
+
+
+def test_a_notebook_sessions_environment_starts_with_what_its_own_names_refer_to(monkeypatch):
+    """In a kernel, the first environment already holds what the notebook imported (its header cell's pandas,
+    matplotlib, scikit-learn), so a later cell touching one of them builds nothing new. Never: a package installed
+    from a local path, or the grid's own, pulled in from the namespace (a call would fail for an unused import)."""
+    from IPython.testing.globalipapp import start_ipython
+    from sklearn.linear_model import LinearRegression
+
+    shell = start_ipython()
+    monkeypatch.setattr(envmod, "STICKY", True)
+    monkeypatch.setattr(envmod, "_SYNCED_MODULES", set())
+    for name, value in {"pd": pd, "LinearRegression": LinearRegression, "nanogrid": nanogrid}.items():
+        monkeypatch.setitem(shell.user_ns, name, value)
+    pins = envmod.requirements_of_modules({"numpy"}).packages
+    names = {envmod.distribution_name(pin) for pin in pins}
+    assert {"pandas", "scikit-learn", "numpy"} <= names, names
+    assert "nanogrid" not in names and all("==" in pin for pin in pins)
