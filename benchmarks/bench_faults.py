@@ -7,6 +7,7 @@ Each figure is the time from the end of the fault to the first call that comes b
   sigstop                `nanogrid up` stopped with SIGSTOP for 3 s, then SIGCONT, then calls until one answers
   kill_9_restart         `nanogrid up` killed with SIGKILL, started again, calls until one answers (includes start)
   disk_full              a 20 MiB tmpfs data dir filled by another file, the file deleted, then a call
+  kill_9_restart_95_percent_full   kill_9_restart with the data dir on a disk of its own that is 95 % full
 """
 
 from __future__ import annotations
@@ -117,6 +118,31 @@ def disk_full(work: Path) -> dict | None:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def kill_9_restart_on_a_nearly_full_disk(kind: str, work: Path, size_gib: int = 252, full: float = 0.95) -> dict | None:
+    """``kill_9_restart`` with the data dir on a disk of its own that is ``full`` full (a sparse ext4 image, filled
+    with fallocate: the host's disk is not used up): the restart must write nothing it cannot do without."""
+    if os.geteuid() != 0:
+        return None
+    image, mount = work / f"nearly-full-{kind}.img", work / f"nearly-full-{kind}"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_gib << 30)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        stats = os.statvfs(mount)
+        total = stats.f_blocks * stats.f_frsize
+        filler = int(total * full) - (total - stats.f_bavail * stats.f_frsize)
+        subprocess.run(["fallocate", "-l", str(filler), str(mount / "filler")], check=True)
+        stats = os.statvfs(mount)
+        used = 1 - stats.f_bavail / stats.f_blocks
+        figures = kill_9_restart(kind, mount)
+        return {**figures, "disk_gib": size_gib, "used_share": round(used, 4)}
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        image.unlink(missing_ok=True)
+
+
 def _timed(call: Callable[[], object]) -> float:
     started = time.monotonic()
     call()
@@ -136,6 +162,8 @@ def main() -> None:
         figures["sigstop"] = sigstop(work)
         figures["kill_9_restart"] = {kind: kill_9_restart(kind, work) for kind in kinds}
         figures["disk_full"] = disk_full(work)
+        figures["kill_9_restart_95_percent_full"] = {kind: kill_9_restart_on_a_nearly_full_disk(kind, work)
+                                                     for kind in kinds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
