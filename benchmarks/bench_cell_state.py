@@ -41,10 +41,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cell_state.json")
     args = parser.parse_args()
 
+    from IPython.core.magic_arguments import parse_argstring
     from IPython.testing.globalipapp import start_ipython
 
     import nanogrid.magics.cell as cell
     from nanogrid.cells import pack_state
+    from nanogrid.magics import NanoGridMagics
     from nanogrid_backend.config import GridConfig
     from nanogrid_backend.embedded import EmbeddedGrid
 
@@ -58,8 +60,7 @@ def main() -> None:
             ip.user_ns.update(namespace(args.mib))
             size = len(pack_state([(k, ip.user_ns[k]) for k in ("matrix", "raw", "readings", "meta")], ip.user_ns).data)
             body = "meta['runs'] += 1\nlen(readings) + len(raw) + matrix.size\n"
-            options = argparse.Namespace(memory=2048, timeout=300, runtime=None, name="cell-state-bench", model=None,
-                                         ai=False, asynchronous=False)  # what `%%nanogrid --memory 2048` parses to
+            options = parse_argstring(NanoGridMagics.nanogrid, "--memory 2048 --timeout 300 --name cell-state-bench")
             trips, diffs = [], []
             for _ in range(args.runs + 1):  # the first call warms the sandbox
                 started = time.perf_counter()
