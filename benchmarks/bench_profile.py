@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -211,7 +211,7 @@ def plain_phase(port: int, calls: int, runs: int) -> dict[str, Any]:
             samples = timed(lambda: noop.remote(1), calls)
             client_cpu, wall = time.process_time() - client_before, time.perf_counter() - wall_before
             grid_after, sandbox_after = cpu_seconds(grid.pid)
-            run = {"remote": percentiles(samples),
+            run: dict[str, Any] = {"remote": percentiles(samples),
                    "cpu_us_per_call": {"client": round(client_cpu / calls * 1e6, 1),
                                        "grid process (controller + worker)": round(
                                            (grid_after - grid_before) / calls * 1e6, 1),

@@ -301,31 +301,13 @@ class SQLiteRegistry(Registry):
 
     # jobs
     def create_jobs(self, jobs: list[JobRecord]) -> None:
-        if len(jobs) != 1:
-            self._write(lambda db: db.executemany(_insert("jobs"), (_JOBS.row(job) for job in jobs)))
-            return
-        # One row is one statement, which SQLite commits on its own (autocommit) exactly as a transaction would,
-        # durable once it returns: no BEGIN and COMMIT round on a single call's path.
-        row = _JOBS.row(jobs[0])
-        if not self._write_lock.acquire(timeout=self.lock_wait_s):
-            raise self._busy()
-        try:
-            self._while_locked(lambda: self._db.execute(_insert("jobs"), row))
-        finally:
-            self._write_lock.release()
+        self._write(lambda db: db.executemany(_insert("jobs"), (_JOBS.row(job) for job in jobs)))
 
     def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
         allowed = (PENDING, RUNNING) if retry else (PENDING, PENDING)
-        args = (RUNNING, worker_id, started_at, job_id, *allowed)
-        # One statement, committed on its own (autocommit): the pending -> running claim stays atomic.
-        if not self._write_lock.acquire(timeout=self.lock_wait_s):
-            raise self._busy()
-        try:
-            return self._while_locked(lambda: self._db.execute(
-                "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE job_id = ? AND status IN (?, ?)",
-                args).rowcount > 0)
-        finally:
-            self._write_lock.release()
+        return self._write(lambda db: db.execute(
+            "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE job_id = ? AND status IN (?, ?)",
+            (RUNNING, worker_id, started_at, job_id, *allowed)).rowcount > 0)
 
     def finish_job(self, job: JobRecord) -> bool:
         columns = [c for c in _JOBS.names if c not in _JOB_FIXED]
