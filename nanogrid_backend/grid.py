@@ -166,8 +166,8 @@ class Grid:
         # Owners' volumes (nanogrid_backend/volumes.py), their files owned by whom sandboxes run as
         self.volumes = VolumeStore(data / "volumes", self.registry, uid=SANDBOX_UID if isinstance(
             self.factory, DockerSandboxFactory) or self.factory is None else os.getuid())
-        if self.worker:
-            self.worker.volumes = self.volumes
+        if self.worker and self.pool:
+            self.worker.volumes, self.volumes.stop_idle = self.volumes, self.pool.stop_idle
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
         self.scheduler = Scheduler(self) if role in ("all", "controller") else None  # each controller fires schedules
         self.runtimes = {**self.runtimes, **{name: env.python for name, env in self.languages.items()}}

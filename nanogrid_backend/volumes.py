@@ -28,7 +28,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,8 @@ class VolumeStore:
         self.directory = directory
         self.registry = registry
         self.uid = uid  # who sandboxes run as: the owner of what the host puts on a volume (so functions may change it)
+        # Set by the grid: stops the warm pool's idle sandboxes a predicate picks (WarmPool.stop_idle)
+        self.stop_idle: Callable[[Callable[[Any], bool]], int] | None = None
         self.problem = scratch.unavailable() or ("" if hasattr(registry, "put_volume") else
                                                  "volumes need the embedded grid's registry (SQLite) for now")
         self._lock = threading.RLock()
@@ -194,12 +196,14 @@ class VolumeStore:
 
     def delete(self, owner: str, name: str) -> dict[str, Any]:
         """Remove the volume and everything on it; refused while a sandbox has it mounted."""
+        record = self._record(owner, name)
+        if self.stop_idle is not None:  # idle sandboxes keep nothing worth a refusal: they are stopped
+            self.stop_idle(lambda sandbox: _holds(sandbox, owner, record["name"]))
         with self._lock:
-            record = self._record(owner, name)
             mounted = self._mounted.get((owner, record["name"]))
             if mounted is not None and mounted.users:
-                raise VolumeError(f"volume {name!r} is mounted in {mounted.users} sandbox(es) of your functions; "
-                                  "they let go of it once idle (the grid's idle_ttl_s): try again then", 409)
+                raise VolumeError(f"volume {name!r} is mounted in {mounted.users} sandbox(es) running calls of yours; "
+                                  "try again once they have finished", 409)
             self._unmount(owner, record["name"])
             self._image(owner, record["name"]).unlink(missing_ok=True)
             self.registry.delete_volume(owner, record["name"])
@@ -438,6 +442,12 @@ class _RootFd:
 
     def __exit__(self, *_: object) -> None:
         os.close(self.fd)
+
+
+def _holds(sandbox: Any, owner: str, name: str) -> bool:
+    """Whether a sandbox binds the owner's volume ``name``."""
+    volumes = getattr(sandbox, "volumes", None)
+    return isinstance(volumes, VolumeSet) and volumes.owner == owner and any(m.name == name for m in volumes.mounts)
 
 
 def _mount_call(source: str | None, target: Path, flags: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ from nanogrid_backend.keys import create_key
 pytestmark = pytest.mark.integration
 
 
-def on(client: nanogrid.Client, **options: object):  # noqa: ANN201
+def on(client: nanogrid.Client, **options: Any):  # noqa: ANN201
     """@remote with an explicit client (one per owner in these tests)."""
     return lambda fn: RemoteFunction(fn, client=client, **options)
 
@@ -201,8 +202,8 @@ def test_a_full_volume_is_named_in_the_error(embedded: EmbeddedGrid, tmp_path: P
 
 
 def test_quotas_and_removal(embedded: EmbeddedGrid, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An owner's volumes never exceed the owner's quota; a volume keeps its size; a volume mounted in a sandbox is
-    not removed from under it."""
+    """An owner's volumes never exceed the owner's quota; a volume keeps its size; a volume is never removed from
+    under a running call (idle sandboxes holding it are stopped instead)."""
     kind = embedded.grid.factory.kind  # type: ignore[union-attr]
     client = owner(embedded, f"vol-quota-{kind}")
     monkeypatch.setattr(volume_store, "OWNER_VOLUME_MIB", 48)
@@ -219,11 +220,25 @@ def test_quotas_and_removal(embedded: EmbeddedGrid, monkeypatch: pytest.MonkeyPa
     def touch() -> None:
         open("/one/x", "w").close()
 
-    touch.remote()  # its sandbox stays warm, with the volume mounted
+    touch.remote()  # its sandbox stays warm, with the volume mounted: deleting stops it
+
+    @on(client, volumes={"/one": vol}, timeout=60)
+    def hold(seconds: float) -> None:
+        import time
+
+        open("/one/started", "w").close()
+        time.sleep(seconds)
+
+    running = hold.spawn(5)
+    while "started" not in [e["name"] for e in vol.listdir("/")]:  # a running call is never stopped under its feet
+        assert not running.done
     with pytest.raises(nanogrid.APIError) as refused:
         vol.delete()
     assert refused.value.status == 409
-    assert vol.listdir("/")[0]["name"] == "x"
+    running.result(timeout=60)
+    assert [e["name"] for e in vol.listdir("/")] == ["started", "x"]
+    vol.delete()
+    assert nanogrid.volumes(client) == []
 
 
 def test_a_cell_mounts_a_volume_with_the_magic(grid: EmbeddedGrid, tmp_path: Path) -> None:
@@ -297,33 +312,38 @@ def test_a_stem_cell_given_a_volume_lets_go_of_every_mount_when_it_stops(docker_
     assert not [line for line in open("/proc/self/mountinfo") if str(sandboxes / job.sandbox_id) in line.split()[4]]
     assert not (sandboxes / job.sandbox_id).exists()
     assert vol.read("kept.txt") == b"kept"
-    vol.delete()  # nothing holds it any more
+    vol.delete()
 
 
-def test_two_sandboxes_mounting_a_volume_at_once_see_each_others_writes(embedded: EmbeddedGrid) -> None:
+def test_two_sandboxes_mounting_a_volume_at_once_see_each_others_writes(tmp_path: Path) -> None:
     """Two calls running at the same time in two sandboxes share the volume live: what one writes, the other reads
-    while both run (no commit, no reload)."""
-    kind = embedded.grid.factory.kind  # type: ignore[union-attr]
-    if embedded.config.workers < 2:
-        pytest.skip("one worker slot: calls never run at once")
-    client = owner(embedded, f"vol-live-{kind}", max_concurrency=2)
-    vol = nanogrid.Volume("live", size_mib=16, client=client)
+    while both run (no commit, no reload). A grid of its own, so that both of its slots are free."""
+    from tests.conftest import start_grid
 
-    @on(client, volumes={"/data": vol}, timeout=60)
-    def meet(me: str, other: str) -> str:
-        import os
-        import time
+    embedded = start_grid(tmp_path / "grid", workers=2, owner_max_concurrency=2)
+    try:
+        if embedded.grid.volumes.problem:
+            pytest.skip(f"no volumes here: {embedded.grid.volumes.problem}")
+        client = nanogrid.Client(embedded.url, api_key=embedded.api_key)
+        vol = nanogrid.Volume("live", size_mib=16, client=client)
 
-        with open(f"/data/.{me}", "w") as f:
-            f.write(me)
-        os.rename(f"/data/.{me}", f"/data/{me}")  # published whole
-        deadline = time.monotonic() + 30
-        while not os.path.exists(f"/data/{other}"):
-            if time.monotonic() > deadline:
-                return "never saw " + other
-            time.sleep(0.05)
-        return open(f"/data/{other}").read()
+        def meet(me: str, other: str) -> str:
+            import os
+            import time
 
-    first, second = meet.spawn("a", "b"), meet.spawn("b", "a")
-    assert (first.result(timeout=60), second.result(timeout=60)) == ("b", "a")
-    assert first.sandbox_id != second.sandbox_id
+            with open(f"/data/.{me}", "w") as f:
+                f.write(me)
+            os.rename(f"/data/.{me}", f"/data/{me}")  # published whole
+            deadline = time.monotonic() + 30
+            while not os.path.exists(f"/data/{other}"):
+                if time.monotonic() > deadline:
+                    return "never saw " + other
+                time.sleep(0.05)
+            return open(f"/data/{other}").read()
+
+        first = on(client, volumes={"/data": vol}, timeout=60, name="meet_a")(meet).spawn("a", "b")
+        second = on(client, volumes={"/data": vol}, timeout=60, name="meet_b")(meet).spawn("b", "a")
+        assert (first.result(timeout=60), second.result(timeout=60)) == ("b", "a")
+        assert first.sandbox_id != second.sandbox_id
+    finally:
+        embedded.stop()

@@ -282,6 +282,16 @@ class WarmPool:
             self._cond.notify()
         self._wake.set()
 
+    def stop_idle(self, which: Callable[[Sandbox], bool]) -> int:
+        """Stop the idle sandboxes ``which`` picks (those holding a volume its owner deletes); how many."""
+        with self._cond:
+            victims = [s for sandboxes in self._idle.values() for s in sandboxes if which(s)]
+            for victim in victims:
+                self._remove_idle(victim.id)
+            self._cond.notify()
+        self._close(victims)
+        return len(victims)
+
     def _take_longest_idle(self) -> Sandbox | None:
         if not self._idle_since:
             return None
