@@ -42,6 +42,7 @@ _EXAMPLES = {"packages": "pandas==2.2.3", "system": "ffmpeg"}
 VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
 RESERVED_VARIABLES = ("NANOGRID_", "PYTHON", "PATH", "HOME", "LD_")  # the sandbox's own settings
 GRID_PROVIDED = {"nanogrid", "cloudpickle"}  # every runtime has the grid's own copies
+GRID_OWN_MODULES = {"nanogrid_backend", "nanogrid_runtimes"}  # the grid's side: never a user's module to ship
 MAX_LOCAL_MODULE_BYTES = 8 << 20
 
 
@@ -409,6 +410,8 @@ def _is_local(module_name: str) -> Path | None:
         return None
     if module_name in _distributions_of_modules() or module_name in ("__main__", "__mp_main__"):
         return None
+    if module_name in GRID_PROVIDED or module_name in GRID_OWN_MODULES:
+        return None  # the grid's own copies are in every runtime, even where this one is a checkout (editable)
     module = sys.modules.get(module_name)
     file = getattr(module, "__file__", None)
     if not file or not file.endswith(".py"):

@@ -49,6 +49,8 @@ class GridConfig:
     max_memory_mib: int = 10240  # the seed's Python maximum (and Lambda's)
     default_disk_mib: int = 1024  # a sandbox's own disk for /tmp, work and output files (disk= per function)
     max_disk_mib: int = 16384
+    max_volume_mib: int = 256 << 10  # one volume (nanogrid.Volume): 256 GiB
+    owner_volume_mib: int = 512 << 10  # all of one owner's volumes together
     default_timeout_s: float = 300.0
     max_timeout_s: float = 3600.0
     max_package_bytes: int = 64 * MiB

@@ -165,7 +165,8 @@ class Grid:
                                  notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
         # Owners' volumes (nanogrid_backend/volumes.py), their files owned by whom sandboxes run as
         self.volumes = VolumeStore(data / "volumes", self.registry, uid=SANDBOX_UID if isinstance(
-            self.factory, DockerSandboxFactory) or self.factory is None else os.getuid())
+            self.factory, DockerSandboxFactory) or self.factory is None else os.getuid(),
+            max_volume_mib=config.max_volume_mib, owner_volume_mib=config.owner_volume_mib)
         if self.worker and self.pool:
             self.worker.volumes, self.volumes.stop_idle = self.volumes, self.pool.stop_idle
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}

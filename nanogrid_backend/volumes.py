@@ -47,8 +47,6 @@ from nanogrid_backend.sandbox.scratch import (
 )
 
 MIN_VOLUME_MIB, DEFAULT_VOLUME_MIB = 16, 1024
-MAX_VOLUME_MIB = int(os.environ.get("NANOGRID_MAX_VOLUME_MIB", 256 << 10))  # one volume: 256 GiB
-OWNER_VOLUME_MIB = int(os.environ.get("NANOGRID_OWNER_VOLUME_MIB", 512 << 10))  # all of one owner's volumes
 MAX_VOLUMES_PER_FUNCTION = 8
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_SHARED = 0x1, 0x20, 0x1000, 1 << 20
 COPY_CHUNK = 1 << 30
@@ -129,8 +127,10 @@ class _Mounted:
 class VolumeStore:
     """The volumes of one grid (embedded: this machine's data dir; its registry holds their records)."""
 
-    def __init__(self, directory: Path, registry: Any, uid: int = SANDBOX_UID) -> None:
+    def __init__(self, directory: Path, registry: Any, uid: int = SANDBOX_UID, *, max_volume_mib: int = 256 << 10,
+                 owner_volume_mib: int = 512 << 10) -> None:
         self.directory = directory
+        self.max_volume_mib, self.owner_volume_mib = max_volume_mib, owner_volume_mib  # the grid's settings
         self.registry = registry
         self.uid = uid  # who sandboxes run as: the owner of what the host puts on a volume (so functions may change it)
         # Set by the grid: stops the warm pool's idle sandboxes a predicate picks (WarmPool.stop_idle)
@@ -155,8 +155,8 @@ class VolumeStore:
             return self.describe(owner, earlier)
         size_mib = DEFAULT_VOLUME_MIB if size_mib is None else size_mib
         if isinstance(size_mib, bool) or not isinstance(size_mib, int) or not \
-                MIN_VOLUME_MIB <= size_mib <= MAX_VOLUME_MIB:
-            raise VolumeError(f"size_mib is a whole number of MiB from {MIN_VOLUME_MIB} to {MAX_VOLUME_MIB}, "
+                MIN_VOLUME_MIB <= size_mib <= self.max_volume_mib:
+            raise VolumeError(f"size_mib is a whole number of MiB from {MIN_VOLUME_MIB} to {self.max_volume_mib}, "
                               f"not {size_mib!r}", 422)
         with self._lock:
             earlier = self.registry.get_volume(owner, name)
@@ -166,8 +166,8 @@ class VolumeStore:
                                       "size (remove it and make it again, or use another name)", 409)
                 return self.describe(owner, earlier)
             held = sum(v["size_mib"] for v in self.registry.list_volumes(owner))
-            if held + size_mib > OWNER_VOLUME_MIB:
-                raise VolumeError(f"your volumes hold {held} MiB of your {OWNER_VOLUME_MIB} MiB; a {size_mib} MiB "
+            if held + size_mib > self.owner_volume_mib:
+                raise VolumeError(f"your volumes hold {held} MiB of your {self.owner_volume_mib} MiB; a {size_mib} MiB "
                                   f"volume does not fit: remove one (`nanogrid volumes rm NAME`) or ask for less", 413)
             self._check_host_room(size_mib)
             image = self._image(owner, name)

@@ -397,10 +397,10 @@ def test_a_notebook_sessions_environment_starts_with_what_its_own_names_refer_to
     """In a kernel, the first environment already holds what the notebook imported (its header cell's pandas,
     matplotlib, scikit-learn), so a later cell touching one of them builds nothing new. Never: a package installed
     from a local path, or the grid's own, pulled in from the namespace (a call would fail for an unused import)."""
-    from IPython.testing.globalipapp import start_ipython
+    from IPython.testing.globalipapp import get_ipython
     from sklearn.linear_model import LinearRegression
 
-    shell = start_ipython()
+    shell = get_ipython()  # the process's test shell (started here, or by an earlier test)
     monkeypatch.setattr(envmod, "STICKY", True)
     monkeypatch.setattr(envmod, "_SYNCED_MODULES", set())
     for name, value in {"pd": pd, "LinearRegression": LinearRegression, "nanogrid": nanogrid}.items():
@@ -409,3 +409,11 @@ def test_a_notebook_sessions_environment_starts_with_what_its_own_names_refer_to
     names = {envmod.distribution_name(pin) for pin in pins}
     assert {"pandas", "scikit-learn", "numpy"} <= names, names
     assert "nanogrid" not in names and all("==" in pin for pin in pins)
+
+
+def test_the_grids_own_packages_are_never_shipped_or_synced_as_the_users_modules():
+    """Never: nanogrid (a checkout installed editable, outside site-packages) taken for the user's own module, its
+    files shipped in the package and its client dependencies (httpx, IPython, ...) built into the environment."""
+    ref_holder = [nanogrid.Ref] if hasattr(nanogrid, "Ref") else [nanogrid.remote]
+    found = envmod.requirements_of_modules({"nanogrid", "nanogrid_backend", "cloudpickle"})
+    assert found.packages == () and found.local_files == {}, (found, ref_holder)

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 import nanogrid
-import nanogrid_backend.volumes as volume_store
 from nanogrid.function import RemoteFunction
 from nanogrid_backend.embedded import EmbeddedGrid
 from nanogrid_backend.keys import create_key
@@ -206,7 +205,7 @@ def test_quotas_and_removal(embedded: EmbeddedGrid, monkeypatch: pytest.MonkeyPa
     under a running call (idle sandboxes holding it are stopped instead)."""
     kind = embedded.grid.factory.kind  # type: ignore[union-attr]
     client = owner(embedded, f"vol-quota-{kind}")
-    monkeypatch.setattr(volume_store, "OWNER_VOLUME_MIB", 48)
+    monkeypatch.setattr(embedded.grid.volumes, "owner_volume_mib", 48)  # the grid's owner_volume_mib setting
     nanogrid.Volume("one", size_mib=32, client=client).ensure()
     with pytest.raises(nanogrid.APIError) as refused:
         nanogrid.Volume("two", size_mib=32, client=client).ensure()
