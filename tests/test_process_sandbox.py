@@ -142,3 +142,23 @@ def test_bubblewrap_hides_the_grid_and_cuts_the_network(tmp_path):
     assert seen["network"] != "connected"  # a listener on the host's loopback is out of reach
     assert seen["system_writable"] is False
     assert seen["host_tmp_visible"] is False  # a private /tmp
+
+
+def test_bubblewrap_hides_the_container_engine(tmp_path):
+    """Never: a process sandbox that reads the container engine's storage (other sandboxes' files) or reaches its
+    control socket; nor one that fails to start because a container's mount came or went while it was being made."""
+    require(shutil.which("bwrap") is not None, "bubblewrap is not installed (apt-get install bubblewrap)")
+    factory = ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, bubblewrap="on", cgroups="off")
+
+    def probe(paths):
+        import os
+
+        return {path: os.path.lexists(path) for path in paths}
+
+    hidden = ["/var/lib/docker", "/var/lib/containerd", "/run/docker.sock", "/var/run/docker.sock"]
+    sandbox = loaded(factory, probe)
+    try:
+        _, seen = call(sandbox, hidden)
+    finally:
+        sandbox.close()
+    assert seen == dict.fromkeys(hidden, False), seen

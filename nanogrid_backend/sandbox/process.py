@@ -43,16 +43,32 @@ START_TIMEOUT_S = 30.0
 OUTPUT_MOUNT = "/output"  # the seed's output directory, where its functions write (OUTPUT_DIR), with bubblewrap
 
 
+# Never bound into a process sandbox: the container engine's storage (other sandboxes' files, and mounts that come
+# and go as containers start and stop, which a recursive bind may meet half gone) and its control socket.
+HOST_PATHS_HIDDEN = ("/var/lib/docker", "/var/lib/containerd", "/run/docker.sock", "/run/docker", "/run/containerd")
+
+
 def _host_root() -> list[str]:
     """The host's root read-only, entry by entry on bubblewrap's own root, so that ``/output`` can be made there
     (a read-only bind of ``/`` itself leaves nowhere to make it); ``/dev``, ``/proc`` and ``/tmp`` are the sandbox's.
+    A directory holding a path of ``HOST_PATHS_HIDDEN`` is bound entry by entry in turn, without that path.
     The root is remounted read-only once everything is in place."""
     binds: list[str] = []
-    for entry in sorted(os.scandir("/"), key=lambda e: e.name):
-        path = entry.path
-        if path in ("/dev", "/proc", "/tmp", OUTPUT_MOUNT):
-            continue
-        binds += ["--symlink", os.readlink(path), path] if entry.is_symlink() else ["--ro-bind", path, path]
+
+    def bind_entries(directory: str) -> None:
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            path = entry.path
+            if path in ("/dev", "/proc", "/tmp", OUTPUT_MOUNT) or path in HOST_PATHS_HIDDEN:
+                continue
+            if entry.is_symlink():
+                binds.extend(["--symlink", os.readlink(path), path])
+            elif entry.is_dir() and any(hidden.startswith(path + "/") for hidden in HOST_PATHS_HIDDEN):
+                binds.extend(["--dir", path])
+                bind_entries(path)
+            else:
+                binds.extend(["--ro-bind", path, path])
+
+    bind_entries("/")
     return binds
 
 
