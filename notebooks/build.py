@@ -177,9 +177,38 @@ DATA_SCIENCE = [
                      " if job['function_name'] == 'failing-cell']"),
 ]
 
+VOLUMES_AND_SCHEDULES = [
+    ("md", "# Volumes and schedules\n\nA volume is a filesystem of yours on the grid that outlives calls: load a "
+           "dataset once, read it from every call. A schedule runs a function on its own, as an ordinary job in "
+           "history."),
+    ("code", "import csv\nimport tempfile\nimport time\nfrom pathlib import Path\n\nimport nanogrid\n\n"
+             "client = nanogrid.connect()"),
+    ("md", "## A dataset loaded once\n\n`put` copies a file from here onto the volume (made on first use)."),
+    ("code", "local = Path(tempfile.mkdtemp()) / 'cities.csv'\nwith open(local, 'w', newline='') as f:\n"
+             "    csv.writer(f).writerows([('city', 'temp')] + [(f'city-{n}', n % 30) for n in range(1000)])\n\n"
+             "data = nanogrid.Volume('tutorial-data', size_mib=64)\ndata.put(local, 'raw/cities.csv')"),
+    ("code", CHECK + "[(entry['name'], entry['kind']) for entry in data.listdir('raw')]"),
+    ("md", "## Every call reads it\n\n`volumes={'/data': data}` mounts it in the sandbox; each call of a "
+           "`.map()` reads the same file, nothing is sent with the calls."),
+    ("code", "@nanogrid.remote(volumes={'/data': data})\ndef warmer_than(threshold):\n"
+             "    import csv\n    with open('/data/raw/cities.csv') as f:\n"
+             "        return sum(1 for row in csv.DictReader(f) if int(row['temp']) > threshold)"),
+    ("code", CHECK + "list(warmer_than.map([0, 10, 20, 28], progress=False))"),
+    ("md", "## A function that runs on its own\n\n`schedule=` takes a cron string (with a time zone through "
+           "`nanogrid.Cron`) or a `nanogrid.Period`; `deploy()` registers it. Each run appends a line to the "
+           "volume."),
+    ("code", "@nanogrid.remote(schedule=nanogrid.Period(seconds=2), volumes={'/data': data})\ndef tick():\n"
+             "    import time\n    with open('/data/ticks.txt', 'a') as f:\n        f.write(f'{time.time()}\\n')\n\n"
+             "tick.deploy()\ntime.sleep(7)\nschedule = tick.schedule_info().pause()"),
+    ("code", CHECK + "ticks = data.read('ticks.txt').decode().split()\n"
+                     "len(ticks) >= 2, schedule.paused, [f['outcome'] for f in schedule.refresh().firings][:1]"),
+    ("md", "Removing the schedule keeps its runs in history; deleting the volume removes its files."),
+    ("code", "schedule.remove()\ndata.delete();"),
+]
+
 NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "ai-summarizer.ipynb": SUMMARIZER, "errors-and-limits.ipynb": ERRORS,
              "files-map-async.ipynb": FILES_AND_JOBS, "packages-and-environments.ipynb": PACKAGES,
-             "data-science.ipynb": DATA_SCIENCE}
+             "data-science.ipynb": DATA_SCIENCE, "volumes-and-schedules.ipynb": VOLUMES_AND_SCHEDULES}
 DOCKER_NOTEBOOKS = {"packages-and-environments.ipynb", "data-science.ipynb"}  # run against Docker sandboxes
 
 
