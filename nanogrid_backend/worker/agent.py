@@ -467,11 +467,17 @@ class Worker:
         job.stdout = job.stderr = ""
         job.error = {"kind": "storage", "message": f"the grid could not record this job's outcome ({reason}); "
                                                     "run it again"}
-        try:
-            if self.registry.finish_job(job):
-                self.bus.publish(job)
-        except Exception:
-            log.exception("job %s: could not record its failure either; the watchdog will finish it", job.job_id)
+        for pause in (0.0, 0.2, 1.0):  # idle sandboxes may hold the space (a call's files): they go first
+            time.sleep(pause)
+            if self.pool is not None:
+                self.pool.stop_idle(lambda sandbox: True)
+            try:
+                if self.registry.finish_job(job):
+                    self.bus.publish(job)
+                return
+            except Exception:
+                log.warning("job %s: could not record its failure yet (%s)", job.job_id, reason)
+        log.error("job %s: could not record its failure either; the watchdog will finish it", job.job_id)
 
     def _execute(self, message: JobMessage, job: JobRecord) -> None:
         """Run the call; a sandbox that died before the call reached it is replaced once (the function never ran)."""
