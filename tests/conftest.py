@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -88,6 +89,21 @@ def start_grid(data_dir: Path, **settings: object) -> EmbeddedGrid:
     settings.setdefault("sandbox", "process")
     config = GridConfig.load(data_dir=data_dir, port=0, **settings)
     return EmbeddedGrid(config).start()
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size_mib: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mib`` MiB mounted at ``where`` (made here) for a grid's data dir, unmounted afterwards:
+    a small disk that tests fill on purpose."""
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def require_docker() -> None:

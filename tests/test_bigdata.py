@@ -27,7 +27,7 @@ from nanogrid.data import ArgsEncoder, ArgsUnpickler
 from nanogrid_backend.blobs import key_for
 from nanogrid_backend.keys import create_key
 from tests.aws_cluster import Cluster
-from tests.conftest import require, require_docker, start_grid
+from tests.conftest import require, require_docker, start_grid, tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -371,17 +371,9 @@ def test_a_blob_damaged_on_disk_never_reaches_the_function(bigrid):
 
 @pytest.fixture()
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 20 MiB tmpfs for a grid's data dir (as tests/test_faults.py)."""
-    require(os.geteuid() == 0, "mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    """A 20 MiB tmpfs for a grid's data dir."""
+    with tmpfs(tmp_path / "small", 20) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_blob_upload_onto_a_full_disk_answers_507_and_the_grid_serves_on(small_disk):

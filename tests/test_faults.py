@@ -32,7 +32,7 @@ from nanogrid_backend.registry.sqlite import SQLiteRegistry
 from nanogrid_backend.sandbox import cgroup, scratch
 from nanogrid_backend.sandbox.leftovers import grid_identity
 from nanogrid_backend.worker.agent import BATCH_MAX
-from tests.conftest import require, require_docker, start_grid
+from tests.conftest import require_docker, start_grid, tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -167,16 +167,8 @@ def test_sandbox_killed_while_busy_fails_only_that_call(faulty: dict) -> None:
 @pytest.fixture()
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs for the grid's data dir."""
-    require(os.geteuid() == 0, "mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", 20) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_fails_calls_clearly_and_the_grid_recovers(small_disk: Path) -> None:

@@ -33,7 +33,7 @@ from nanogrid_backend.registry.sqlite import SQLiteRegistry, list_backups
 from nanogrid_backend.sandbox import cgroup, leftovers, scratch
 from nanogrid_backend.sandbox.base import SandboxError
 from nanogrid_backend.sandbox.docker import DockerSandboxFactory
-from tests.conftest import require, require_docker, start_grid
+from tests.conftest import require, require_docker, start_grid, tmpfs
 from tests.test_faults import GUARD_S, GridProcess, containers_of, sandbox_pids, wait_for
 
 pytestmark = pytest.mark.integration
@@ -46,16 +46,8 @@ MiB = 1 << 20
 @pytest.fixture()
 def data_disk(tmp_path: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs for the grid's data dir, unmounted afterwards."""
-    require(os.geteuid() == 0, "mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", 48) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(disk: Path, leave: int = 0) -> Path:
