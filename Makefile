@@ -49,9 +49,9 @@ test-fast: setup-test
 # Re-resolve the pins (needs uv: `pip install uv`); review and commit the diff.
 lock: setup
 	$(VENV)/bin/python -m uv --version >/dev/null 2>&1 || $(PIP) uv
-	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements-build.in --extra test --python-version 3.11 \
+	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements-build.in --extra grid --extra aws --extra test --python-version 3.11 \
 		--universal --generate-hashes -q -o requirements-test.txt
-	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements-build.in --python-version 3.11 \
+	$(VENV)/bin/python -m uv pip compile pyproject.toml requirements-build.in --extra grid --extra aws --python-version 3.11 \
 		--universal --generate-hashes -q -c requirements-test.txt -o requirements.txt
 
 # Ray and Dask, measured beside NanoGrid, live in a venv of their own: Ray needs newer packages than the lock files pin.

@@ -45,7 +45,7 @@ def main() -> None:
     from IPython.testing.globalipapp import start_ipython
 
     import nanogrid.magics.cell as cell
-    from nanogrid.cells import pack_state
+    from nanogrid.cell_state import pack_state
     from nanogrid.magics import NanoGridMagics
     from nanogrid_backend.config import GridConfig
     from nanogrid_backend.embedded import EmbeddedGrid

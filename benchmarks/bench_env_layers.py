@@ -20,9 +20,9 @@ from importlib import metadata
 from pathlib import Path
 
 import nanogrid
+from nanogrid_backend.builds.builder import Environments, check_spec
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.embedded import EmbeddedGrid
-from nanogrid_backend.environments import Environments, check_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNTIME = "nanogrid/runtime-python:latest"
@@ -49,8 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     times = BuildTimes()
-    logging.getLogger("nanogrid_backend.environments").addHandler(times)
-    logging.getLogger("nanogrid_backend.environments").setLevel(logging.INFO)
+    logging.getLogger("nanogrid_backend.builds.builder").addHandler(times)
+    logging.getLogger("nanogrid_backend.builds.builder").setLevel(logging.INFO)
     pins = [f"{name}=={metadata.version(name)}" for name in PACKAGES]
     load_at_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-env-layers-") as tmp:

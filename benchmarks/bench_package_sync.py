@@ -22,7 +22,7 @@ import pandas as pd
 
 import nanogrid
 from nanogrid import environment
-from nanogrid.data import ArgsEncoder
+from nanogrid.transfer import ArgsEncoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAP_ITEMS = 10_000

@@ -46,7 +46,7 @@ PARTS = (  # (label, path fragment): the first that matches a profiled function'
     ("nanogrid client", "/nanogrid/"),
     ("registry (sqlite, our code)", "nanogrid_backend/registry/"),
     ("queue", "nanogrid_backend/queue/"),
-    ("retries", "nanogrid_backend/retries.py"),
+    ("retries", "nanogrid_backend/worker/retries.py"),
     ("worker slot", "nanogrid_backend/worker/"),
     ("sandbox exchange", "nanogrid_backend/sandbox/"),
     ("controller routes", "nanogrid_backend/controller/"),

@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
-from nanogrid.errors import (  # noqa: E402
+from nanogrid_contract import __version__
+from nanogrid_contract.errors import (  # noqa: E402
     AIUnavailable,
     APIError,
     ConfigError,
@@ -48,11 +47,11 @@ from nanogrid.errors import (  # noqa: E402
 
 if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
     from nanogrid.client import Client, connect, get_client
-    from nanogrid.data import Ref, put
     from nanogrid.environment import Environment
     from nanogrid.function import RemoteFunction, remote
     from nanogrid.job import Job, OutputFile
     from nanogrid.schedule import Cron, Period, Schedule, schedules
+    from nanogrid.transfer import Ref, put
     from nanogrid.volume import Volume, volumes
 
 # The client side (httpx, tqdm, ...) loads on first use, so that `import nanogrid` stays cheap and
@@ -62,7 +61,7 @@ _LAZY = {
     "RemoteFunction": "nanogrid.function", "remote": "nanogrid.function",
     "Job": "nanogrid.job", "OutputFile": "nanogrid.job",
     "Environment": "nanogrid.environment",
-    "put": "nanogrid.data", "Ref": "nanogrid.data",
+    "put": "nanogrid.transfer", "Ref": "nanogrid.transfer",
     "Cron": "nanogrid.schedule", "Period": "nanogrid.schedule", "Schedule": "nanogrid.schedule",
     "schedules": "nanogrid.schedule",
     "Volume": "nanogrid.volume", "volumes": "nanogrid.volume",

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from nanogrid.errors import AIUnavailable
+from nanogrid_contract.errors import AIUnavailable
 
 _usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
 

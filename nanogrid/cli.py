@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from nanogrid.client import Client, discover_url
-from nanogrid.errors import NanoGridError
+from nanogrid_contract.errors import NanoGridError
 
 if TYPE_CHECKING:
     from nanogrid_backend.config import GridConfig
@@ -243,8 +243,8 @@ def cmd_envs(args: argparse.Namespace) -> int:
     """List or remove the grid's built environments (layers under the data dir, and their Docker images)."""
     import time
 
+    from nanogrid_backend.builds.builder import Environments
     from nanogrid_backend.config import GridConfig
-    from nanogrid_backend.environments import Environments
 
     config = GridConfig.load(data_dir=args.data_dir)
     # so that remove also deletes the image
@@ -269,8 +269,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     import logging
 
     from nanogrid_backend import health
-    from nanogrid_backend.blobs import blobs_of
     from nanogrid_backend.embedded import serve, write_grid_file
+    from nanogrid_backend.store.blobs import blobs_of
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _grid_config(args)
@@ -442,7 +442,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     import cloudpickle
 
-    from nanogrid import loadtest
+    from nanogrid_backend.controller import load_runner as loadtest
 
     client = _client(args)
     loadtest.check_loopback(client.url)

@@ -13,7 +13,6 @@ beside the notebook or script, not installed) go along as files in the package.
 from __future__ import annotations
 
 import dis
-import hashlib
 import json
 import pickletools
 import re
@@ -28,31 +27,27 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from nanogrid.errors import InvalidEnvironment, NanoGridError
+from nanogrid_contract.environments import (
+    PLATFORM,
+    PYTHONS,
+    REQUIREMENT,
+    RESERVED_VARIABLES,
+    SYSTEM_PACKAGE,
+    SYSTEM_PATTERN,
+    VARIABLE,
+    distribution_name,
+    environment_id,
+)
+from nanogrid_contract.errors import InvalidEnvironment, NanoGridError
 
-PLATFORM = "x86_64-manylinux_2_28"  # the wheels' platform: the grid's runtime images run glibc 2.36+
-# A pin or range for one distribution, never a URL, path or installer option.
-REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(\[[A-Za-z0-9._,-]{1,100}\])?"
-                         r"(\s*(===|==|~=|!=|>=|<=|>|<)\s*[A-Za-z0-9.*+!_-]{1,64}(\s*,\s*(===|==|~=|!=|>=|<=|>|<)\s*"
-                         r"[A-Za-z0-9.*+!_-]{1,64})*)?$")
-SYSTEM_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,99}$")  # a Debian package name
-SYSTEM_PATTERN = re.compile(r"\.[.+]|\.$")  # what apt reads as a regular expression in a name: '.+', '..', 'zsh.'
-PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13", "3.14")  # the minor versions a runtime can be built for
 _EXAMPLES = {"packages": "pandas==2.2.3", "system": "ffmpeg"}
-VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
-RESERVED_VARIABLES = ("NANOGRID_", "PYTHON", "PATH", "HOME", "LD_")  # the sandbox's own settings
-GRID_PROVIDED = {"nanogrid", "cloudpickle"}  # every runtime has the grid's own copies
+GRID_PROVIDED = {"nanogrid", "nanogrid_contract", "cloudpickle"}  # every runtime has the grid's own copies
 GRID_OWN_MODULES = {"nanogrid_backend", "nanogrid_runtimes"}  # the grid's side: never a user's module to ship
 MAX_LOCAL_MODULE_BYTES = 8 << 20
 
 
 class PackageSyncError(NanoGridError, ValueError):
     """A package the function needs cannot be mirrored onto the grid; the message says which and what to do."""
-
-
-def distribution_name(requirement: str) -> str:
-    """The normalised distribution name of a requirement (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", re.split(r"[\s\[=<>!~]", requirement, maxsplit=1)[0]).lower()
 
 
 _name = distribution_name
@@ -123,10 +118,6 @@ class Environment:
     @property
     def empty(self) -> bool:
         return not (self.packages or self.system or self.env)
-
-
-def environment_id(spec: Mapping[str, Any]) -> str:
-    return "env-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 # ---- package sync: which modules a function uses ------------------------------------------------------------

@@ -26,7 +26,6 @@ import cloudpickle
 from tqdm.auto import tqdm
 
 from nanogrid.client import GIVE_UP_CANCEL_S, Client, get_client
-from nanogrid.data import ArgsEncoder, PickledCall
 from nanogrid.environment import (
     Environment,
     missing_package,
@@ -35,7 +34,12 @@ from nanogrid.environment import (
     pin_installed,
     requirements_for,
 )
-from nanogrid.errors import (
+from nanogrid.job import Job, outcome
+from nanogrid.packaging import FunctionPackage, build_zip, package_function
+from nanogrid.schedule import Cron, Period, Schedule, as_schedule, lookup, register
+from nanogrid.transfer import ArgsEncoder, PickledCall
+from nanogrid.volume import Volume, manifest_volumes
+from nanogrid_contract.errors import (
     APIError,
     GridUnresponsive,
     InvalidArgument,
@@ -47,10 +51,6 @@ from nanogrid.errors import (
     RemoteTraceback,
     UnsupportedFunction,
 )
-from nanogrid.job import Job, outcome
-from nanogrid.packaging import FunctionPackage, build_zip, package_function
-from nanogrid.schedule import Cron, Period, Schedule, as_schedule, lookup, register
-from nanogrid.volume import Volume, manifest_volumes
 
 LIVE_AFTER_S = 0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls

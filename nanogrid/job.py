@@ -14,8 +14,8 @@ from typing import Any, Generic, TypeVar
 import cloudpickle
 
 from nanogrid.client import Client, get_client
-from nanogrid.data import Ref
-from nanogrid.errors import (
+from nanogrid.transfer import Ref
+from nanogrid_contract.errors import (
     InvalidArgument,
     JobFailed,
     RemoteError,

@@ -6,54 +6,22 @@ settings always has the same content hash, and the grid stores and warms it once
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import io
 import json
 import re
 import sys
 import textwrap
-import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
 from nanogrid.environment import Environment
-
-RESERVED_FILES = {"manifest.json", "function.pkl", "source.py"}
-ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-
-
-def build_zip(files: dict[str, bytes]) -> bytes:
-    """A deterministic zip of ``files`` (name -> bytes)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in sorted(files):
-            info = zipfile.ZipInfo(name, ZIP_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, files[name])
-    return buffer.getvalue()
-
-
-def function_id_for(data: bytes) -> str:
-    return "fn-" + hashlib.sha256(data).hexdigest()[:24]
+from nanogrid_contract.packages import RESERVED_FILES, FunctionPackage, build_zip
 
 
 def local_runtime() -> str:
     return "python%d.%d" % sys.version_info[:2]
-
-
-@dataclass(frozen=True)
-class FunctionPackage:
-    data: bytes
-    manifest: dict[str, Any]
-
-    @property
-    def function_id(self) -> str:
-        return function_id_for(self.data)
 
 
 def safe_name(name: str) -> str:

@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from nanogrid.errors import ConfigError
+from nanogrid_contract.errors import ConfigError
 
 MiB = 1 << 20
 SEED_NAMES = {  # the seed platform's environment variables, read as these settings

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import uvicorn
 
-from nanogrid_backend.blobs import blobs_of
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.controller.app import create_app
 from nanogrid_backend.grid import Grid
+from nanogrid_backend.store.blobs import blobs_of
 
 
 def _server(grid: Grid) -> uvicorn.Server:

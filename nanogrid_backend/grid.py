@@ -7,9 +7,8 @@ import os
 import time
 from collections.abc import Callable
 
-from nanogrid.errors import ConfigError
+from nanogrid_backend.builds.builder import BuiltEnvironment, Environments, docker_runtimes
 from nanogrid_backend.config import GridConfig
-from nanogrid_backend.environments import BuiltEnvironment, Environments, docker_runtimes
 from nanogrid_backend.keys import OwnerPolicy, ensure_local_key
 from nanogrid_backend.models import FAILED, RUNNING, FunctionRecord, JobMessage
 from nanogrid_backend.notify import Notifier
@@ -37,6 +36,7 @@ from nanogrid_backend.volumes import VolumeStore
 from nanogrid_backend.worker.agent import Worker
 from nanogrid_backend.worker.ai_gateway import ai_gateway
 from nanogrid_backend.worker.pool import WarmPool
+from nanogrid_contract.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import secrets as random_source
 import struct
 from pathlib import Path
 
-from nanogrid.errors import NanoGridError
+from nanogrid_contract.errors import NanoGridError
 
 KEY_ENV = "NANOGRID_SECRETS_KEY"
 KEY_FILE = "secrets.key"

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanogrid.errors import NanoGridError
-from nanogrid.volume import check_mount_path, check_volume_name, check_volume_path
 from nanogrid_backend.sandbox import scratch
 from nanogrid_backend.sandbox.scratch import (
     MNT_DETACH,
@@ -45,6 +43,8 @@ from nanogrid_backend.sandbox.scratch import (
     SANDBOX_UID,
     ScratchError,
 )
+from nanogrid_contract.errors import NanoGridError
+from nanogrid_contract.volumes import check_mount_path, check_volume_name, check_volume_path
 
 MIN_VOLUME_MIB, DEFAULT_VOLUME_MIB = 16, 1024
 MAX_VOLUMES_PER_FUNCTION = 8

@@ -140,7 +140,8 @@ def unknown_debian_packages(python: str, names: list[str]) -> list[str]:
 
 
 DEBIAN_BASE = debian_base(HOST_PYTHON, DEBIAN_PACKAGES) if HOST_PYTHON in DEBIAN_SUITES else ""
-NANOGRID_MODULES = ["__init__.py", "errors.py", "cells.py", "ai.py"]  # what a sandbox may import
+NANOGRID_MODULES = ["__init__.py", "errors.py", "cell_state.py", "ai.py"]  # what a sandbox may import
+CONTRACT_MODULES = ["__init__.py", "errors.py"]  # what nanogrid.errors is made of
 # Copied from the grid's own environment, with what they need (requests: the seed's functions and ai_client use it).
 SITE_DISTRIBUTIONS = ["cloudpickle", "ollama", "requests"]
 
@@ -253,6 +254,9 @@ def prepare_context(directory: Path, python: str = HOST_PYTHON) -> str:
         shutil.copy(HERE / "python" / module, site / module)
     for module in NANOGRID_MODULES:
         shutil.copy(ROOT / "nanogrid" / module, site / "nanogrid" / module)
+    (site / "nanogrid_contract").mkdir(exist_ok=True)
+    for module in CONTRACT_MODULES:
+        shutil.copy(ROOT / "nanogrid_contract" / module, site / "nanogrid_contract" / module)
     digest = hashlib.sha256()
     for path in sorted(directory.rglob("*")):
         # The sandbox runs as nobody: everything readable, whatever umask this build ran under.

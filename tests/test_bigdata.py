@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 import nanogrid
-from nanogrid.data import ArgsEncoder, ArgsUnpickler
-from nanogrid_backend.blobs import key_for
+from nanogrid.transfer import ArgsEncoder, ArgsUnpickler
 from nanogrid_backend.keys import create_key
+from nanogrid_backend.store.blobs import key_for
 from tests.aws_cluster import Cluster
 from tests.conftest import require, require_docker, start_grid, tmpfs
 

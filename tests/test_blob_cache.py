@@ -257,10 +257,10 @@ def test_a_blob_from_a_remote_store_is_fetched_only_when_the_sandbox_lacks_it(tm
 
     import cloudpickle
 
-    from nanogrid.data import ArgsEncoder
     from nanogrid.packaging import package_function
-    from nanogrid_backend.blobs import Blobs, key_for
+    from nanogrid.transfer import ArgsEncoder
     from nanogrid_backend.sandbox.process import ProcessSandboxFactory
+    from nanogrid_backend.store.blobs import Blobs, key_for
     from nanogrid_backend.worker.agent import Worker
 
     store = RemoteStore()

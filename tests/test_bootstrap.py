@@ -68,20 +68,24 @@ def test_both_sides_speak_one_frame_format(bootstrap):
 
 
 def test_the_sandbox_image_ships_every_module_its_modules_import():
-    """A nanogrid module imported at module level by one the image ships must be shipped too (else every
-    Docker call fails at run time); the image build also imports each shipped module once."""
+    """A nanogrid (or contract) module imported at module level by one the image ships must be shipped too (else
+    every Docker call fails at run time); the image build also imports each shipped module once."""
     import ast
 
-    from nanogrid_runtimes.build import NANOGRID_MODULES
+    from nanogrid_runtimes.build import CONTRACT_MODULES, NANOGRID_MODULES
 
-    shipped = {name.removesuffix(".py").replace("__init__", "nanogrid") for name in NANOGRID_MODULES}
-    for module in NANOGRID_MODULES:
-        tree = ast.parse((ROOT / "nanogrid" / module).read_text())
+    files = {("nanogrid", name) for name in NANOGRID_MODULES} | {("nanogrid_contract", n) for n in CONTRACT_MODULES}
+    shipped = {package if name == "__init__.py" else f"{package}.{name.removesuffix('.py')}" for package, name in files}
+    for package, name in sorted(files):
+        tree = ast.parse((ROOT / package / name).read_text())
         for node in tree.body:  # module level only: lazy imports inside functions are the client's
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nanogrid"):
-                needed = node.module.split(".")[1] if "." in node.module else "nanogrid"
-                assert needed in shipped, f"nanogrid/{module} imports {node.module}, which the image does not ship"
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name.startswith("nanogrid."):
-                        assert alias.name.split(".")[1] in shipped, f"nanogrid/{module} imports {alias.name}"
+            if isinstance(node, ast.ImportFrom) and node.module:
+                # `from a.b import c` needs a.b shipped, or a.b.c where c is a module
+                imported = [{node.module, f"{node.module}.{alias.name}"} for alias in node.names]
+            elif isinstance(node, ast.Import):
+                imported = [{alias.name} for alias in node.names]
+            else:
+                continue
+            for names in imported:
+                if any(n.split(".")[0] in ("nanogrid", "nanogrid_contract") for n in names):
+                    assert names & shipped, f"{package}/{name} imports {min(names)}, which the image does not ship"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from nanogrid.cells import CellFailed, CellRefused, load_state, pack_state, plan_cell, run_cell
+from nanogrid.cell_state import CellFailed, CellRefused, load_state, pack_state, plan_cell, run_cell
 
 
 def reads(source: str) -> set[str]:

@@ -20,8 +20,8 @@ import pytest
 import nanogrid
 import nanogrid.client
 from nanogrid.client import RATE_LIMIT_RETRIES, Client
-from nanogrid.data import ArgsUnpickler
 from nanogrid.packaging import package_function
+from nanogrid.transfer import ArgsUnpickler
 
 RUNTIME = "python%d.%d" % sys.version_info[:2]
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -24,8 +24,8 @@ import pytest
 import nanogrid
 from nanogrid.environment import Environment
 from nanogrid.packaging import build_zip
-from nanogrid_backend import environments as envmod
-from nanogrid_backend.environments import EnvironmentBuildError, Environments, check_spec
+from nanogrid_backend.builds import builder as envmod
+from nanogrid_backend.builds.builder import EnvironmentBuildError, Environments, check_spec
 from tests.conftest import require_docker, start_grid
 
 PYTHON = "%d.%d" % sys.version_info[:2]
@@ -227,7 +227,7 @@ def test_a_failed_build_names_the_package_and_never_a_host_path(tmp_path):
 BUILD_IN_ANOTHER_PROCESS = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from nanogrid_backend.environments import Environments
+    from nanogrid_backend.builds.builder import Environments
     root, python, image, spec = Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     Environments(root, runtimes={"python" + python: python}, docker_images={python: image}).ensure(spec)
 """)

@@ -29,7 +29,7 @@ import nanogrid
 from nanogrid import environment as envmod
 from nanogrid.environment import Environment, PackageSyncError
 from nanogrid.packaging import FunctionPackage, build_zip
-from nanogrid_backend.environments import EnvironmentBuildError, Environments, check_spec
+from nanogrid_backend.builds.builder import EnvironmentBuildError, Environments, check_spec
 from tests.conftest import require, require_docker, start_grid
 
 PYTHON = "%d.%d" % sys.version_info[:2]
@@ -252,7 +252,7 @@ def test_an_unknown_package_fails_in_seconds_with_its_name_and_the_grid_serves_o
 def test_two_first_calls_of_a_new_environment_build_it_once(env_grid, caplog):
     """Concurrent first calls wait for one build instead of racing two installs into the cache."""
     nanogrid.connect(env_grid.url, api_key=env_grid.api_key)
-    caplog.set_level(logging.INFO, logger="nanogrid_backend.environments")
+    caplog.set_level(logging.INFO, logger="nanogrid_backend.builds.builder")
 
     @nanogrid.remote(environment=Environment(packages=["six==1.16.0"]))
     def six_version(_):
@@ -275,7 +275,7 @@ def test_two_first_calls_of_a_new_environment_build_it_once(env_grid, caplog):
 
 
 def _python313() -> Path | None:
-    from nanogrid_backend.environments import interpreter_for
+    from nanogrid_backend.builds.builder import interpreter_for
 
     found = interpreter_for("3.13")
     return Path(found) if found else None
@@ -340,7 +340,7 @@ def test_the_preload_never_touches_the_channel_and_never_stops_the_sandbox(tmp_p
                                       "LEFT = sys.stdin.read()\n")
     _fake_distribution(site, "broken", "raise SystemExit('a package that exits at import')\n")
     _fake_distribution(site, "fine", "VALUE = 1\n")
-    from nanogrid_backend.environments import write_preload
+    from nanogrid_backend.builds.builder import write_preload
 
     assert write_preload(site, "env-test", ["noisy==1.0", "broken", "fine"]) == ["broken", "fine", "noisy"]
     script = "import sys; print('channel:', sorted(m for m in ('noisy', 'fine', 'broken') if m in sys.modules), " \

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 import nanogrid
 import nanogrid.ai
 import nanogrid.errors
-from nanogrid.data import ArgsUnpickler
+from nanogrid.transfer import ArgsUnpickler
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.controller.app import create_app
 from nanogrid_backend.grid import Grid
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_error_nanogrid_raises_on_purpose_is_a_nanogrid_error():
     classes = [c for c in vars(nanogrid.errors).values()
-               if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == "nanogrid.errors"]
+               if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == "nanogrid_contract.errors"]
     carriers = {nanogrid.errors.RemoteTraceback}  # not raised: the text of a remote traceback, as a __cause__
     assert len(classes) > 10
     assert [c.__name__ for c in classes if c not in carriers and not issubclass(c, nanogrid.NanoGridError)] == []

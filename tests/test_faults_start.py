@@ -27,7 +27,7 @@ import pytest
 
 import nanogrid
 import nanogrid.errors
-from nanogrid_backend.environments import BuiltEnvironment
+from nanogrid_backend.builds.builder import BuiltEnvironment
 from nanogrid_backend.models import COMPLETED, JobRecord
 from nanogrid_backend.registry.sqlite import SQLiteRegistry, list_backups
 from nanogrid_backend.sandbox import cgroup, leftovers, scratch

@@ -11,9 +11,9 @@ import uuid
 import httpx
 import pytest
 
-from nanogrid import loadtest
 from nanogrid.cli import main
 from nanogrid.errors import InvalidArgument
+from nanogrid_backend.controller import load_runner as loadtest
 from nanogrid_backend.keys import create_key
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ from IPython.utils.capture import capture_output
 
 import nanogrid
 from nanogrid import cli
-from nanogrid.cells import CellRefused, plan_cell
+from nanogrid.cell_state import CellRefused, plan_cell
 from nanogrid.errors import FunctionTimeout
 from nanogrid.magics.cell import prepare
 
@@ -107,7 +107,7 @@ def test_remote_error_is_raised_as_itself_with_only_the_cells_frames(connected):
     assert isinstance(result.error_in_exec, ZeroDivisionError)
     assert connected.user_ns["first"] == 1
     assert "----> 2 1 / 0" in captured.stdout
-    assert "cells.py" not in captured.stdout and "magics" not in captured.stdout and "bootstrap" not in captured.stdout
+    assert "cell_state.py" not in captured.stdout and "magics" not in captured.stdout and "bootstrap" not in captured.stdout
 
 
 def test_unpicklable_input_names_the_variable(connected):
@@ -239,7 +239,7 @@ def test_a_failed_cell_is_a_failed_job_everywhere_and_keeps_what_it_bound(ip, an
     call = client.request("GET", f"{grid.url}/v1/history", params={"limit": 1}).json()["items"][0]
     assert call["status"] == "failed" and call["exit_reason"] == "exception"
     assert call["error"]["type"] == "ZeroDivisionError" and call["error"]["message"] == "division by zero"
-    assert "in normalise" in call["error"]["traceback"] and "cells.py" not in call["error"]["traceback"]
+    assert "in normalise" in call["error"]["traceback"] and "cell_state.py" not in call["error"]["traceback"]
     windows = client.request("GET", f"{grid.url}/v1/functions/{call['function_id']}/windows").json()["windows"]
     assert windows["1h"]["count"] == 1 and windows["1h"]["errors"] == 1
     with httpx.Client(base_url=grid.url, timeout=30) as dashboard:

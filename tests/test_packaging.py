@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from nanogrid.packaging import build_zip, package_function
-from nanogrid_backend.packages import PackageError, from_upload
+from nanogrid_backend.package_checks import PackageError, from_upload
 
 RUNTIMES = {"python3.11": "3.11"}
 

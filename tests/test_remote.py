@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import nanogrid
-from nanogrid.data import ArgsEncoder
+from nanogrid.transfer import ArgsEncoder
 from tests.conftest import require_docker, start_grid
 
 pytestmark = pytest.mark.integration

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 import nanogrid
-from nanogrid_backend.blobs import key_for
+from nanogrid_backend.store.blobs import key_for
 from tests.aws_cluster import Cluster, free_port
 from tests.conftest import require
 

@@ -27,7 +27,7 @@ import pytest
 from nanogrid.errors import ConfigError
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.embedded import EmbeddedGrid
-from nanogrid_backend.packages import PackageError, seed_runtime
+from nanogrid_backend.package_checks import PackageError, seed_runtime
 from tests.conftest import require, require_docker, start_grid
 
 SEED_004 = Path(__file__).parent / "seed_004"  # the seed document's files, as it prints them (.py kept as .txt)

@@ -81,4 +81,4 @@ def test_the_wheel_ships_the_typed_marker_and_only_unambiguous_packages(tmp_path
         assert "nanogrid/py.typed" in zf.namelist()
         # Installed import names a user's own code cannot collide with (a `backend` package is common).
         top_level = {name.split("/")[0] for name in zf.namelist() if not name.split("/")[0].endswith(".dist-info")}
-        assert top_level == {"nanogrid", "nanogrid_backend", "nanogrid_runtimes"}, top_level
+        assert top_level == {"nanogrid", "nanogrid_contract", "nanogrid_backend", "nanogrid_runtimes"}, top_level

@@ -11,10 +11,10 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import publish_display_data
 
-from nanogrid.errors import JobFailed
 from nanogrid.magics import commands
 from nanogrid.magics.cell import CellJob, start, write_streams
 from nanogrid.widgets import CellWidget, figure_data, in_kernel
+from nanogrid_contract.errors import JobFailed
 
 LINE_COMMANDS = "connect [URL [API_KEY]] | status | jobs [N] | config"
 

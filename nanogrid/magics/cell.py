@@ -13,14 +13,14 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from nanogrid.cells import CellFailed, CellRefused, Packed, ShellOutput, load_state, pack_state, plan_cell, run_cell
+from nanogrid.cell_state import CellFailed, CellRefused, Packed, ShellOutput, load_state, pack_state, plan_cell, run_cell
 from nanogrid.client import Client, get_client
 from nanogrid.environment import Environment, PackageSyncError, for_cell, modules_in_pickle, requirements_of_modules
-from nanogrid.errors import InvalidArgument, RemoteError
 from nanogrid.function import RemoteFunction
 from nanogrid.job import Job
 from nanogrid.volume import Volume
 from nanogrid.widgets import size_text
+from nanogrid_contract.errors import InvalidArgument, RemoteError
 
 NOT_SENT = {"__builtins__", "__builtin__", "__name__", "__doc__", "__loader__", "__package__", "__spec__"}
 NOTEBOOK_ONLY = {"In", "Out", "_ih", "_oh", "_dh"}  # the notebook's own history: it stays here

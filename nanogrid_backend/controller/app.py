@@ -16,8 +16,6 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, 
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from nanogrid import __version__
-from nanogrid_backend.blobs import blobs_of
 from nanogrid_backend.controller import (
     blobs,
     history,
@@ -53,6 +51,8 @@ from nanogrid_backend.health import problems as grid_problems
 from nanogrid_backend.keys import Authenticator, AuthError
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
 from nanogrid_backend.results.redis import RedisResultBus, RedisTokenBuckets
+from nanogrid_backend.store.blobs import blobs_of
+from nanogrid_contract import __version__
 
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
 

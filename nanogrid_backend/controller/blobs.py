@@ -5,7 +5,7 @@ calls (``job.ref()``).
 
 An upload is written to a temporary file while it is hashed; it becomes a blob only when its hash
 is its name and it ended whole. A client that disconnects mid-upload, or sends more than the grid's
-max_payload_bytes, leaves nothing (nanogrid_backend/blobs.py).
+max_payload_bytes, leaves nothing (nanogrid_backend/store/blobs.py).
 
 A presigned URL is for exactly the caller's own key of that hash, that size and (where the store checks it) those
 bytes; real S3 refuses any other body at upload. Whatever reaches the store, a worker hashes every blob it fetches
@@ -24,8 +24,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from nanogrid_backend.blobs import BlobError, Blobs, blobs_of, key_for
 from nanogrid_backend.models import ApiKey
+from nanogrid_backend.store.blobs import BlobError, Blobs, blobs_of, key_for
 
 
 class BlobRef(BaseModel):

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from nanogrid_backend.controller.jobs import BadRequest
-from nanogrid_backend.packages import PackageError
+from nanogrid_backend.package_checks import PackageError
 from nanogrid_backend.registry.base import RegistryBusy
 
 log = logging.getLogger(__name__)

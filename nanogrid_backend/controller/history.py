@@ -20,13 +20,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from nanogrid.packaging import build_zip
-from nanogrid_backend.autotune import Rates, recommend
 from nanogrid_backend.controller import loadtests, seed, webhooks
+from nanogrid_backend.controller.autotune import Rates, recommend
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
-from nanogrid_backend.packages import function_id_for, owned_function_id
+from nanogrid_backend.package_checks import function_id_for, owned_function_id
 from nanogrid_backend.registry.base import HistoryEntry
+from nanogrid_contract.packages import build_zip
 
 log = logging.getLogger(__name__)
 

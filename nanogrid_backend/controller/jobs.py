@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-from nanogrid_backend.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, RESULT_FORMAT, blobs_of, is_sha256, join_payload
 from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import CANCELLED, PENDING, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
-from nanogrid_backend.packages import Package, PackageError, from_upload, owned_function_id
+from nanogrid_backend.package_checks import Package, PackageError, from_upload, owned_function_id
+from nanogrid_backend.store.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, RESULT_FORMAT, blobs_of, is_sha256, join_payload
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickle
     """Each call's payload as (format, bytes), checked against the function's kind and the size cap.
 
     ``blobs``: per call, the blobs its args pickle references (checked by ``checked_blobs``); such a call's
-    payload is in the ``pickle+blobs`` format (nanogrid_backend/blobs.py)."""
+    payload is in the ``pickle+blobs`` format (nanogrid_backend/store/blobs.py)."""
     if pickles is not None:
         if function.kind != "pickle":
             raise BadRequest(f"function {function.function_id} is a handler function: send 'payload', not 'args_pickle'")

@@ -1,5 +1,5 @@
 """Load tests started from the API or the dashboard (``/v1/loadtests``): the controller calls the function itself,
-in-process (its own grid only), within nanogrid.loadtest's bounds, one test per owner at a time."""
+in-process (its own grid only), within nanogrid_backend.controller.load_runner's bounds, one test per owner at a time."""
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations, some of them local names.
 import json
@@ -12,11 +12,11 @@ import cloudpickle
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from nanogrid import loadtest
-from nanogrid.errors import InvalidArgument
 from nanogrid_backend.controller import jobs, seed
+from nanogrid_backend.controller import load_runner as loadtest
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import FunctionRecord
+from nanogrid_contract.errors import InvalidArgument
 
 KEPT_PER_OWNER = 20
 CALL_WAIT_S = 2.0

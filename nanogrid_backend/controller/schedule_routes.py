@@ -15,11 +15,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from nanogrid.errors import InvalidArgument
-from nanogrid.schedule import check_cron, check_overlap, check_period, check_timezone
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import FiringRecord, ScheduleRecord
 from nanogrid_backend.schedules import next_due_after, schedule_id_for
+from nanogrid_contract.errors import InvalidArgument
+from nanogrid_contract.schedules import check_cron, check_overlap, check_period, check_timezone
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 

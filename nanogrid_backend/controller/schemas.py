@@ -21,7 +21,7 @@ class RunRequest(BaseModel):
     payload: Any = Field(None, description="JSON event for handler(event, context) functions")
     args_pickle: str | None = Field(None, description="base64 cloudpickle of (args, kwargs), from the Python client")
     blobs: list[str] | None = Field(None, max_length=256, description="SHA-256 of each blob the args pickle references "
-                                    "(uploaded with PUT /v1/blobs/{sha256}; nanogrid/data.py)")
+                                    "(uploaded with PUT /v1/blobs/{sha256}; nanogrid/transfer.py)")
     model: str | None = Field(None, max_length=200, description="the AI node's model for this call (LLM_MODEL)")
 
 

@@ -37,9 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanogrid import __version__
-from nanogrid.packaging import build_zip
-from nanogrid_backend import packages
+from nanogrid_backend import package_checks as packages
 from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller.errors import DISK_FULL, disk_full
 from nanogrid_backend.controller.function_metrics import render_all
@@ -48,9 +46,11 @@ from nanogrid_backend.controller.ratelimit import TokenBuckets, key_limits
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.keys import AuthError
 from nanogrid_backend.models import COMPLETED, ApiKey, FunctionRecord, JobRecord
-from nanogrid_backend.packages import PackageError
+from nanogrid_backend.package_checks import PackageError
 from nanogrid_backend.registry.base import FunctionStats, RegistryBusy
 from nanogrid_backend.secretbox import VARIABLE_PATTERN
+from nanogrid_contract import __version__
+from nanogrid_contract.packages import build_zip
 
 log = logging.getLogger(__name__)
 

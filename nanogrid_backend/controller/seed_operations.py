@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from nanogrid import loadtest
 from nanogrid_backend.controller import history
+from nanogrid_backend.controller import load_runner as loadtest
 from nanogrid_backend.controller.seed import (
     SEED_MB_PRICE,
     Caller,

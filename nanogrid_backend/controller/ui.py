@@ -36,7 +36,7 @@ from nanogrid_backend.controller.ratelimit import key_limits, retry_after_header
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.keys import LOCAL_KEY_FILE, AuthError
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
-from nanogrid_backend.packages import PackageError
+from nanogrid_backend.package_checks import PackageError
 
 HERE = Path(__file__).parent / "ui"
 COOKIE = "nanogrid_session"

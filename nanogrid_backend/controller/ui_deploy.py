@@ -15,12 +15,12 @@ from typing import Any
 
 import cloudpickle
 
-from nanogrid.environment import VARIABLE, environment_id
-from nanogrid.packaging import build_zip
 from nanogrid_backend.controller import jobs
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
-from nanogrid_backend.packages import PackageError
+from nanogrid_backend.package_checks import PackageError
+from nanogrid_contract.environments import VARIABLE, environment_id
+from nanogrid_contract.packages import build_zip
 
 SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 MAX_EDITOR_CHARS = 1 << 20

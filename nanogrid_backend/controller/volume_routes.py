@@ -13,8 +13,8 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from nanogrid_backend.blobs import BlobError, blobs_of
 from nanogrid_backend.grid import Grid
+from nanogrid_backend.store.blobs import BlobError, blobs_of
 from nanogrid_backend.volumes import VolumeError, VolumeStore, chunks
 
 

@@ -5,7 +5,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from nanogrid.errors import NanoGridError
 from nanogrid_backend.models import (
     PENDING,
     ApiKey,
@@ -15,6 +14,7 @@ from nanogrid_backend.models import (
     ScheduleRecord,
     SecretRecord,
 )
+from nanogrid_contract.errors import NanoGridError
 
 
 class RegistryError(NanoGridError):

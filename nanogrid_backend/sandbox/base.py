@@ -190,7 +190,7 @@ class Sandbox(ABC):
 
         ``on_output(stream, data)`` receives what the call prints while it runs (``stdout``/``stderr``,
         every 0.1 s, at most the capture limit in all); the reply still carries the whole capture.
-        ``blobs``: files the args pickle references (nanogrid_backend/blobs.py), streamed to the sandbox after the call
+        ``blobs``: files the args pickle references (nanogrid_backend/store/blobs.py), streamed to the sandbox after the call
         frame in ``blob`` frames; the call header lists their sizes. A result the bootstrap streams back
         (``result_size`` in its reply, then ``result_data`` frames) is spooled to ``CallResult.result_file``.
         ``blob_ids``: the blobs' SHA-256s; with them a bootstrap that keeps blobs (``blob_cache``) is sent only

@@ -34,8 +34,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from nanogrid.errors import NanoGridError
-from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
+from nanogrid_backend.builds.builder import BuiltEnvironment, too_little_memory
 from nanogrid_backend.sandbox import cgroup, leftovers, scratch
 from nanogrid_backend.sandbox.base import Limits, SandboxError, _Spool
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
@@ -51,6 +50,7 @@ from nanogrid_backend.sandbox.protocol import (
     reply_header_cap,
 )
 from nanogrid_backend.volumes import VolumeSet, bind, shared_root
+from nanogrid_contract.errors import NanoGridError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from nanogrid_backend.environments import BuiltEnvironment, too_little_memory
+from nanogrid_backend.builds.builder import BuiltEnvironment, too_little_memory
 from nanogrid_backend.sandbox import cgroup, leftovers
 from nanogrid_backend.sandbox.base import Limits, SandboxError
 from nanogrid_backend.sandbox.liveness import WatchedSandbox

@@ -65,7 +65,8 @@ class BlobStore(ABC):
     @abstractmethod
     def get_blob(self, key: str) -> bytes: ...
 
-    # Streaming variants, for values too large to hold in memory (nanogrid_backend/blobs.py); these defaults do hold them.
+    # Streaming variants, for values too large to hold in memory (nanogrid_backend/store/blobs.py);
+    # these defaults do hold them.
     def put_blob_file(self, key: str, source: Path) -> None:
         """Store a file as a blob (moved into place where the store is local: the caller's file is gone after)."""
         self.put_blob(key, source.read_bytes())

@@ -123,7 +123,7 @@ class LocalStore(BlobStore):
         try:
             info = path.lstat()
             # Kept young by use, at most once an hour: a touch changes the file's ctime, which makes the worker
-            # hash the blob again before its next call (nanogrid_backend/blobs.py).
+            # hash the blob again before its next call (nanogrid_backend/store/blobs.py).
             if touch and time.time() - info.st_mtime > TOUCH_EVERY_S:
                 os.utime(path)
         except FileNotFoundError:

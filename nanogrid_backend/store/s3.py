@@ -97,7 +97,7 @@ class S3Store(BlobStore):
 
         SigV4 signs ``content-length`` and ``x-amz-checksum-sha256`` (the older SigV2 signs neither), so real
         S3 refuses a body of another length or other bytes (BadDigest) at upload. Emulators may not check
-        (moto does not); the workers hash every blob they fetch anyway (nanogrid_backend/blobs.py).
+        (moto does not); the workers hash every blob they fetch anyway (nanogrid_backend/store/blobs.py).
         """
         with self._signer_lock:
             if self._signer is None:
@@ -178,7 +178,7 @@ class S3Store(BlobStore):
             expired.jobs += 1
             expired.bytes += sum(int(item["Key"].rsplit("/", 1)[1].split("-", 1)[0]) for item in index)
         old_blobs = [item for item in self._keys("data/") if item["LastModified"].timestamp() < before]
-        self._delete([item["Key"] for item in old_blobs])  # the data plane's blobs (nanogrid_backend/blobs.py)
+        self._delete([item["Key"] for item in old_blobs])  # the data plane's blobs (nanogrid_backend/store/blobs.py)
         expired.blobs += len(old_blobs)
         expired.bytes += sum(int(item.get("Size", 0)) for item in old_blobs)
         return expired

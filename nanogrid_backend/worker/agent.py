@@ -18,7 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nanogrid_backend.blobs import (
+from nanogrid_backend.builds.builder import EnvironmentBuildError
+from nanogrid_backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
+from nanogrid_backend.notify import Notifier
+from nanogrid_backend.package_checks import function_id_for, owned_function_id
+from nanogrid_backend.queue.base import JobQueue
+from nanogrid_backend.queue.local import LocalQueue
+from nanogrid_backend.registry.base import Registry
+from nanogrid_backend.results.base import ResultBus
+from nanogrid_backend.sandbox.base import CallBlobs, CallResult, Sandbox, SandboxError
+from nanogrid_backend.secretbox import SecretBox, SecretError
+from nanogrid_backend.store.base import BlobStore
+from nanogrid_backend.store.blobs import (
     BLOB_FORMAT,
     RESULT_FORMAT,
     BlobError,
@@ -28,21 +39,10 @@ from nanogrid_backend.blobs import (
     split_payload,
     spool_dir_for,
 )
-from nanogrid_backend.environments import EnvironmentBuildError
-from nanogrid_backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMessage, JobRecord
-from nanogrid_backend.notify import Notifier
-from nanogrid_backend.packages import function_id_for, owned_function_id
-from nanogrid_backend.queue.base import JobQueue
-from nanogrid_backend.queue.local import LocalQueue
-from nanogrid_backend.registry.base import Registry
-from nanogrid_backend.results.base import ResultBus
-from nanogrid_backend.retries import Retrier
-from nanogrid_backend.sandbox.base import CallBlobs, CallResult, Sandbox, SandboxError
-from nanogrid_backend.secretbox import SecretBox, SecretError
-from nanogrid_backend.store.base import BlobStore
 from nanogrid_backend.volumes import VolumeError, VolumeStore
 from nanogrid_backend.worker.ai_gateway import CHANNEL, AIGateway
 from nanogrid_backend.worker.pool import FunctionCode, WarmPool
+from nanogrid_backend.worker.retries import Retrier
 
 log = logging.getLogger(__name__)
 

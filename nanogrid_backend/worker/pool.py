@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nanogrid_backend.environments import BuiltEnvironment, Environments
+from nanogrid_backend.builds.builder import BuiltEnvironment, Environments
 from nanogrid_backend.sandbox.base import Sandbox, SandboxError
 
 log = logging.getLogger(__name__)

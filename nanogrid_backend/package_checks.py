@@ -9,9 +9,9 @@ import re
 import zipfile
 from typing import Any
 
-from nanogrid.packaging import FunctionPackage as Package
-from nanogrid.packaging import build_zip, function_id_for
-from nanogrid_backend.environments import EnvironmentBuildError, check_names
+from nanogrid_backend.builds.builder import EnvironmentBuildError, check_names
+from nanogrid_contract.packages import FunctionPackage as Package
+from nanogrid_contract.packages import build_zip, function_id_for
 
 __all__ = ["Package", "PackageError", "from_upload", "check_manifest", "function_id_for", "owned_function_id",
            "seed_runtime"]

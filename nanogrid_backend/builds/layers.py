@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from nanogrid.environment import distribution_name
+from nanogrid_contract.environments import distribution_name
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from nanogrid.errors import InvalidArgument
+from nanogrid_contract.errors import InvalidArgument
 
 MAX_RPS = 500
 MAX_DURATION_S = 300.0

@@ -6,9 +6,9 @@ nothing half-built is ever used. Docker sandboxes get an image derived from the 
 with the layer copied in; process sandboxes get the layer on their ``PYTHONPATH``. A lock file
 per environment makes concurrent first calls (threads, or several workers on one machine) build
 once. With a shared store (S3), a worker fetches a layer another worker built before building.
-An environment that adds packages to a built one grows from it by a layer (see env_layers.py).
+An environment that adds packages to a built one grows from it by a layer (see layers.py).
 
-Eviction never takes an environment in use (see env_users.py).
+Eviction never takes an environment in use (see users.py).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanogrid.environment import PLATFORM, REQUIREMENT, VARIABLE, environment_id
-from nanogrid_backend import env_layers
-from nanogrid_backend.env_preload import write_grown_preload, write_preload
-from nanogrid_backend.env_users import EnvironmentUsers
+from nanogrid_backend.builds import layers as env_layers
+from nanogrid_backend.builds.preload import write_grown_preload, write_preload
+from nanogrid_backend.builds.users import EnvironmentUsers
+from nanogrid_contract.environments import PLATFORM, REQUIREMENT, VARIABLE, environment_id
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Environments:
         return BuiltEnvironment(env_id, spec["python"], site_dir=folder / "site", image=image,
                                 variables=dict(spec["env"]))
 
-    # ---- in use: never evicted (see env_users.py) -----------------------------------------------------------
+    # ---- in use: never evicted (see users.py) -----------------------------------------------------------
 
     def hold(self, env_id: str, sandbox: Any) -> None:
         """Count ``sandbox`` (just started with this environment) as using it for as long as it is alive."""
@@ -334,7 +334,7 @@ class Environments:
 
     def _grow(self, env_id: str, spec: dict[str, Any], temporary: Path,
               progress: Callable[[str], None]) -> dict[str, Any]:
-        """Build ``spec`` as a built environment plus a layer of what it adds (see env_layers.py); what env.json
+        """Build ``spec`` as a built environment plus a layer of what it adds (see layers.py); what env.json
         records of that, or {} when no built environment fits (the caller builds from scratch)."""
         base = env_layers.choose_base(spec, self.list(), self.root)
         if base is None or interpreter_for(spec["python"]) is None:  # the new preload's bytecode replaces the base's

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from nanogrid.environment import remember_put
-from nanogrid.errors import InvalidArgument, InvalidArguments
+from nanogrid_contract.errors import InvalidArgument, InvalidArguments
 
 if TYPE_CHECKING:
     from nanogrid.client import Client
