@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 
-from nanogrid_contract.packages import FunctionPackage
 from nanogrid.transfer import Ref, sha256_of
 from nanogrid_contract.errors import APIError, ConfigError, GridUnresponsive, NanoGridError, NotConnected, VersionMismatch
+from nanogrid_contract.packages import FunctionPackage
 
 RATE_LIMIT_RETRIES = 6
 API_PREFIX = "/v1"  # NanoGrid's own API; the seed platform's contract answers at the root and under /api
