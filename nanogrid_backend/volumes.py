@@ -50,7 +50,7 @@ MIN_VOLUME_MIB, DEFAULT_VOLUME_MIB = 16, 1024
 MAX_VOLUMES_PER_FUNCTION = 8
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_SHARED = 0x1, 0x20, 0x1000, 1 << 20
 COPY_CHUNK = 1 << 30
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -93,6 +93,36 @@ def requested(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return wanted
 
 
+def owner_digest(owner: str) -> str:
+    """Where an owner's volumes live (a folder on the host, a prefix in S3): a hash, never the name itself."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:24]
+
+
+def check_size(size_mib: object, max_volume_mib: int) -> int:
+    """A volume's size as asked (None: DEFAULT_VOLUME_MIB), within the grid's bounds: VolumeError 422 if not."""
+    size_mib = DEFAULT_VOLUME_MIB if size_mib is None else size_mib
+    if isinstance(size_mib, bool) or not isinstance(size_mib, int) or not MIN_VOLUME_MIB <= size_mib <= max_volume_mib:
+        raise VolumeError(f"size_mib is a whole number of MiB from {MIN_VOLUME_MIB} to {max_volume_mib}, "
+                          f"not {size_mib!r}", 422)
+    return size_mib
+
+
+def new_record(registry: Any, owner: str, name: str, size_mib: int, owner_volume_mib: int) -> dict[str, Any] | None:
+    """The record of a volume about to be made, or None when it exists with that size already; VolumeError when it
+    exists with another size (409) or the owner's volumes would hold more than ``owner_volume_mib`` (413)."""
+    earlier = registry.get_volume(owner, name)
+    if earlier is not None:
+        if earlier["size_mib"] != size_mib:
+            raise VolumeError(f"volume {name!r} exists with {earlier['size_mib']} MiB; a volume keeps its "
+                              "size (remove it and make it again, or use another name)", 409)
+        return None
+    held = sum(v["size_mib"] for v in registry.list_volumes(owner))
+    if held + size_mib > owner_volume_mib:
+        raise VolumeError(f"your volumes hold {held} MiB of your {owner_volume_mib} MiB; a {size_mib} MiB "
+                          f"volume does not fit: remove one (`nanogrid volumes rm NAME`) or ask for less", 413)
+    return {"owner": owner, "name": name, "size_mib": size_mib, "created_at": time.time()}
+
+
 class VolumeSet:
     """The volumes one sandbox binds; it holds them (``hold``) from its start to its close (``release``), and a
     volume is not removed while held."""
@@ -114,6 +144,10 @@ class VolumeSet:
     def names(self) -> dict[str, str]:
         """Mount path -> volume name: what the sandbox's bootstrap names when a volume fills up."""
         return {m.target: m.name for m in self.mounts}
+
+    def after_call(self) -> None:
+        """A call that binds these volumes has ended. Here nothing is left to do: every sandbox of the owner sees
+        the one filesystem. (In AWS mode the worker uploads what the call changed: ``volume_sync.py``.)"""
 
 
 class _Mounted:
@@ -148,42 +182,18 @@ class VolumeStore:
         """Make the volume (an empty filesystem) of ``size_mib`` (None: DEFAULT_VOLUME_MIB) unless it exists; an
         existing one is returned as it is, unless another size was named."""
         self._usable()
-        name = _name(name)
+        name = checked_name(name)
         with self._lock:
             earlier = self.registry.get_volume(owner, name)
         if earlier is not None and size_mib is None:
             return self.describe(owner, earlier)
-        size_mib = DEFAULT_VOLUME_MIB if size_mib is None else size_mib
-        if isinstance(size_mib, bool) or not isinstance(size_mib, int) or not \
-                MIN_VOLUME_MIB <= size_mib <= self.max_volume_mib:
-            raise VolumeError(f"size_mib is a whole number of MiB from {MIN_VOLUME_MIB} to {self.max_volume_mib}, "
-                              f"not {size_mib!r}", 422)
+        size_mib = check_size(size_mib, self.max_volume_mib)
         with self._lock:
-            earlier = self.registry.get_volume(owner, name)
-            if earlier is not None:
-                if earlier["size_mib"] != size_mib:
-                    raise VolumeError(f"volume {name!r} exists with {earlier['size_mib']} MiB; a volume keeps its "
-                                      "size (remove it and make it again, or use another name)", 409)
-                return self.describe(owner, earlier)
-            held = sum(v["size_mib"] for v in self.registry.list_volumes(owner))
-            if held + size_mib > self.owner_volume_mib:
-                raise VolumeError(f"your volumes hold {held} MiB of your {self.owner_volume_mib} MiB; a {size_mib} MiB "
-                                  f"volume does not fit: remove one (`nanogrid volumes rm NAME`) or ask for less", 413)
+            record = new_record(self.registry, owner, name, size_mib, self.owner_volume_mib)
+            if record is None:
+                return self.describe(owner, self.registry.get_volume(owner, name))
             self._check_host_room(size_mib)
-            image = self._image(owner, name)
-            image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            try:
-                fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    os.ftruncate(fd, size_mib << 20)  # sparse: blocks are taken as files are written
-                finally:
-                    os.close(fd)
-                # A journal, unlike scratch disks: what is on a volume must survive the host's crash.
-                scratch._run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,root_owner=0:0", str(image))
-            except (OSError, ScratchError) as exc:
-                image.unlink(missing_ok=True)
-                raise VolumeError(f"the grid could not make volume {name!r} ({exc})", 507) from None
-            record = {"owner": owner, "name": name, "size_mib": size_mib, "created_at": time.time()}
+            self._make_image(owner, name, size_mib)
             self.registry.put_volume(record)
             return self.describe(owner, record)
 
@@ -233,6 +243,9 @@ class VolumeStore:
             read_only = bool(entry.get("read_only", False))
             mounts.append(VolumeMount(entry["name"], str(held.read_only if read_only else held.mountpoint / "data"),
                                       entry["path"], read_only))
+        return self._volume_set(owner, mounts)
+
+    def _volume_set(self, owner: str, mounts: list[VolumeMount]) -> VolumeSet:
         return VolumeSet(self, owner, mounts)
 
     def _use(self, owner: str, names: list[str], change: int) -> None:
@@ -246,7 +259,23 @@ class VolumeStore:
     def put(self, owner: str, name: str, path: str, source: Path) -> int:
         """Copy the host's file ``source`` to ``path`` on the volume (a new file renamed over whatever was there,
         directories made as needed); its size. VolumeError 507 naming the volume when it is full."""
-        parts = _parts(path)
+
+        def fill(target: int) -> None:
+            with source.open("rb") as f:
+                size, offset = os.fstat(f.fileno()).st_size, 0
+                while offset < size:
+                    sent = os.sendfile(target, f.fileno(), offset, min(size - offset, COPY_CHUNK))
+                    if not sent:
+                        raise OSError(errno.EIO, "the upload ended early")
+                    offset += sent
+
+        return self.replace(owner, name, path, fill).st_size
+
+    def replace(self, owner: str, name: str, path: str, fill: Callable[[int], None]) -> os.stat_result:
+        """Write ``path`` on the volume as ``fill`` writes the descriptor it is given, into a new file renamed over
+        whatever was there (a link there is replaced, never followed; directories made as needed); the new file's
+        status. VolumeError 507 naming the volume when it is full, 409 when ``path`` is a directory."""
+        parts = checked_parts(path)
         with self._root(owner, name) as root:
             parent = _walk(root, parts[:-1], create=self.uid)
             temporary = f".nanogrid-put-{uuid.uuid4().hex}"
@@ -255,18 +284,12 @@ class VolumeStore:
                                  dir_fd=parent)
                 try:
                     os.fchown(target, self.uid, self.uid)  # the owner's functions may change it
-                    with source.open("rb") as f:
-                        size, offset = os.fstat(f.fileno()).st_size, 0
-                        while offset < size:
-                            sent = os.sendfile(target, f.fileno(), offset, min(size - offset, COPY_CHUNK))
-                            if not sent:
-                                raise OSError(errno.EIO, "the upload ended early")
-                            offset += sent
+                    fill(target)
                     os.fsync(target)
                 finally:
                     os.close(target)
                 os.rename(temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)  # a link there is replaced
-                return size
+                return os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
             except OSError as exc:
                 try:
                     os.unlink(temporary, dir_fd=parent)
@@ -283,7 +306,7 @@ class VolumeStore:
 
     def open_file(self, owner: str, name: str, path: str) -> tuple[int, int]:
         """A descriptor of a regular file on the volume and its size, fixed now (the caller closes it)."""
-        parts = _parts(path)
+        parts = checked_parts(path)
         with self._root(owner, name) as root:
             parent = _walk(root, parts[:-1])
             try:
@@ -302,7 +325,7 @@ class VolumeStore:
 
     def listdir(self, owner: str, name: str, path: str = "") -> list[dict[str, Any]]:
         """The entries of a directory on the volume: name, kind (file, dir, link, other) and size."""
-        parts = _parts(path) if path.strip("/") else []
+        parts = checked_parts(path) if path.strip("/") else []
         with self._root(owner, name) as root:
             directory = _walk(root, parts)
             try:
@@ -322,7 +345,7 @@ class VolumeStore:
 
     def remove(self, owner: str, name: str, path: str) -> None:
         """Remove a file, link or directory (with what is in it) from the volume; links are removed, not followed."""
-        parts = _parts(path)
+        parts = checked_parts(path)
         with self._root(owner, name) as root:
             parent = _walk(root, parts[:-1])
             try:
@@ -349,13 +372,29 @@ class VolumeStore:
 
     def _record(self, owner: str, name: str) -> dict[str, Any]:
         self._usable()
-        record = self.registry.get_volume(owner, _name(name))
+        record = self.registry.get_volume(owner, checked_name(name))
         if record is None:
             raise VolumeError(f"no volume {name!r}; `nanogrid volumes list` shows yours", 404)
         return record
 
     def _image(self, owner: str, name: str) -> Path:
-        return self.directory / hashlib.sha256(owner.encode()).hexdigest()[:24] / f"{name}.img"
+        return self.directory / owner_digest(owner) / f"{name}.img"
+
+    def _make_image(self, owner: str, name: str, size_mib: int) -> None:
+        """The volume's empty filesystem in a sparse file of ``size_mib`` (call with the lock)."""
+        image = self._image(owner, name)
+        image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size_mib << 20)  # sparse: blocks are taken as files are written
+            finally:
+                os.close(fd)
+            # A journal, unlike scratch disks: what is on a volume must survive the host's crash.
+            scratch._run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,root_owner=0:0", str(image))
+        except (OSError, ScratchError) as exc:
+            image.unlink(missing_ok=True)
+            raise VolumeError(f"the grid could not make volume {name!r} ({exc})", 507) from None
 
     def _mount(self, owner: str, name: str) -> _Mounted:
         """The volume's filesystem, mounted on the host once (call with the lock)."""
@@ -371,13 +410,13 @@ class VolumeStore:
             if _libc.mount(device.encode(), str(mountpoint).encode(), b"ext4", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME,
                            None) != 0:
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-            root = os.open(mountpoint, _DIR)
+            root = os.open(mountpoint, DIR_FLAGS)
             try:
                 try:
                     os.mkdir("data", 0o755, dir_fd=root)
                 except FileExistsError:
                     pass
-                data = os.open("data", _DIR, dir_fd=root)
+                data = os.open("data", DIR_FLAGS, dir_fd=root)
                 try:
                     os.fchown(data, self.uid, self.uid)
                 finally:
@@ -428,7 +467,7 @@ class VolumeStore:
         record = self._record(owner, name)
         with self._lock:
             held = self._mount(owner, record["name"])
-            return _RootFd(os.open(held.mountpoint / "data", _DIR))
+            return _RootFd(os.open(held.mountpoint / "data", DIR_FLAGS))
 
 
 class _RootFd:
@@ -467,14 +506,14 @@ def shared_root(directory: Path) -> None:
     _mount_call(None, directory, MS_SHARED)
 
 
-def _name(name: str) -> str:
+def checked_name(name: str) -> str:
     try:
         return check_volume_name(name)
     except ValueError as exc:
         raise VolumeError(str(exc), 422) from None
 
 
-def _parts(path: str) -> list[str]:
+def checked_parts(path: str) -> list[str]:
     try:
         return check_volume_path(path)
     except ValueError as exc:
@@ -494,7 +533,7 @@ def _walk(root: int, parts: list[str], create: int | None = None) -> int:
                 except FileExistsError:
                     pass
             try:
-                child = os.open(part, _DIR, dir_fd=fd)
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 raise VolumeError(f"no directory {'/'.join(parts)!r} on the volume", 404) from None
             except OSError:
