@@ -169,6 +169,8 @@ class VolumeStore:
         self.uid = uid  # who sandboxes run as: the owner of what the host puts on a volume (so functions may change it)
         # Set by the grid: stops the warm pool's idle sandboxes a predicate picks (WarmPool.stop_idle)
         self.stop_idle: Callable[[Callable[[Any], bool]], int] | None = None
+        # Set by the grid: bytes sandbox disks on the same host disk may still take (``scratch.DiskRoom.promised``)
+        self.also_promised: Callable[[], int] = lambda: 0
         self.problem = scratch.unavailable() or ("" if hasattr(registry, "put_volume") else
                                                  "volumes need the embedded grid's registry (SQLite) for now")
         self._lock = threading.RLock()
@@ -452,6 +454,13 @@ class VolumeStore:
     def _check_host_room(self, size_mib: int) -> None:
         """Volumes are sparse: a new one is made only while the host's free space covers what all of them may still
         grow by, plus the reserve scratch disks keep for the grid's own data."""
+        may_grow = self.promised() + self.also_promised()
+        free = shutil.disk_usage(self.directory).free
+        if may_grow + (size_mib << 20) + scratch.HOST_RESERVE_BYTES > free:
+            raise VolumeError(f"the grid has no room for a {size_mib} MiB volume now: ask for a smaller one", 507)
+
+    def promised(self) -> int:
+        """Bytes the volumes' files may still take on the host's disk (their images are sparse)."""
         may_grow = 0
         for image in self.directory.glob("*/*.img"):
             try:
@@ -459,9 +468,7 @@ class VolumeStore:
             except OSError:
                 continue
             may_grow += max(0, info.st_size - info.st_blocks * 512)
-        free = shutil.disk_usage(self.directory).free
-        if may_grow + (size_mib << 20) + scratch.HOST_RESERVE_BYTES > free:
-            raise VolumeError(f"the grid has no room for a {size_mib} MiB volume now: ask for a smaller one", 507)
+        return may_grow
 
     def _root(self, owner: str, name: str) -> _RootFd:
         record = self._record(owner, name)

@@ -346,3 +346,36 @@ def test_two_sandboxes_mounting_a_volume_at_once_see_each_others_writes(tmp_path
         assert first.sandbox_id != second.sandbox_id
     finally:
         embedded.stop()
+
+
+def test_volumes_and_sandbox_disks_share_the_host_disk_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both are sparse files that may still grow: never a sandbox disk given room a volume may still fill, nor a
+    volume made in room the sandbox disks may still fill (together they could fill the host's disk)."""
+    from nanogrid_backend.registry.sqlite import SQLiteRegistry
+    from nanogrid_backend.sandbox import scratch
+    from nanogrid_backend.volumes import VolumeError, VolumeStore
+    from tests.conftest import require, tmpfs
+
+    require(not scratch.unavailable(), f"volumes need loop devices: {scratch.unavailable()}")
+    monkeypatch.setattr(scratch, "HOST_RESERVE_BYTES", 16 << 20)
+    with tmpfs(tmp_path / "disk", 320) as disk:
+        registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
+        room = scratch.DiskRoom(disk / "sandboxes", reserve=16 << 20)
+        for directory in ("one", "two"):
+            (disk / "sandboxes" / directory).mkdir(parents=True)
+        volumes = VolumeStore(disk / "volumes", registry, uid=os.getuid())
+        room.also_promised, volumes.also_promised = volumes.promised, room.promised
+        made: list[scratch.ScratchDisk] = []
+        try:
+            volumes.create("alice", "big", 200)
+            with pytest.raises(scratch.ScratchError, match="volumes may still fill"):
+                made.append(room.make(disk / "sandboxes" / "one", 120))
+            made.append(room.make(disk / "sandboxes" / "two", 60))  # 200 + 60 + 16 of 320 MiB: fits
+            with pytest.raises(VolumeError, match="no room for a 64 MiB volume") as refused:
+                volumes.create("alice", "more", 64)
+            assert refused.value.status == 507
+        finally:
+            for scratch_disk in made:
+                scratch_disk.close()
+            volumes.close()
+            registry.close()

@@ -176,6 +176,8 @@ class DiskRoom:
         # recently used of them (False when none is idle).
         self.reclaimable: Callable[[], int] = lambda: 0
         self.reclaim: Callable[[], bool] = lambda: False
+        # Set by the grid: bytes others on the same disk may still take (the owners' volumes, sparse too).
+        self.also_promised: Callable[[], int] = lambda: 0
 
     def make(self, directory: Path, size_mib: int, *, executable: bool = False,
              evict_idle: bool = False) -> ScratchDisk:
@@ -201,11 +203,12 @@ class DiskRoom:
             short = self._short_by(size_mib)
         if not short or (evicting_idle and short <= self.reclaimable()):
             return ""
-        may_grow = self.promised()
+        may_grow, volumes = self.promised(), self.also_promised()
         free = shutil.disk_usage(self.directory).free
         return (f"the worker's disk has {free >> 20} MiB free: too little for another {size_mib} MiB sandbox disk "
-                f"beside the {may_grow >> 20} MiB its other sandboxes may still fill and the {self.reserve >> 20} "
-                "MiB kept for the grid itself")
+                f"beside the {may_grow >> 20} MiB its other sandboxes may still fill"
+                + (f", the {volumes >> 20} MiB volumes may still fill" if volumes else "")
+                + f" and the {self.reserve >> 20} MiB kept for the grid itself")
 
     def promised(self) -> int:
         """Bytes the sandbox disks made here may still take on the host's disk (they are sparse)."""
@@ -214,7 +217,7 @@ class DiskRoom:
 
     def _short_by(self, size_mib: int) -> int:
         """Bytes missing for a new disk of ``size_mib`` (0: it fits); call with the lock."""
-        may_grow = sum(disk.may_grow() for disk in self._disks)
+        may_grow = sum(disk.may_grow() for disk in self._disks) + self.also_promised()
         return max(0, may_grow + (size_mib << 20) + self.reserve - shutil.disk_usage(self.directory).free)
 
     def _forget(self, disk: ScratchDisk) -> None:
