@@ -1,6 +1,6 @@
 """Settings: one object (GridConfig), one precedence, and every documented variable reaching every command.
 
-What must never happen: a variable the README documents that a command quietly ignores (as
+What must never happen: a variable the docs (README.md and docs/) document that a command quietly ignores (as
 `nanogrid aws bootstrap` once ignored DYNAMODB_TABLE and made its own table), a layer that wins
 over the one that should (a file over the environment, the environment over a flag), or a bad
 value that starts a grid with a default instead of saying what was wrong.
@@ -28,7 +28,8 @@ from nanogrid_backend.config import CHOICES, SEED_NAMES, GridConfig
 from nanogrid_backend.secretbox import SecretBox, SecretError
 
 ROOT = Path(__file__).resolve().parents[1]
-README_VARIABLES = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", (ROOT / "README.md").read_text()))
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCS_VARIABLES = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", "\n".join(page.read_text() for page in DOCS)))
 
 SETTING_OF = {f"NANOGRID_{f.name.upper()}": f.name for f in fields(GridConfig)} | {v: k for k, v in SEED_NAMES.items()}
 CLIENT_VARIABLES = {"NANOGRID_URL", "NANOGRID_API_KEY", "NANOGRID_TIMEOUT"}  # read by every command that talks to a grid
@@ -40,11 +41,12 @@ NOT_COMMAND_SETTINGS = {
     "NANOGRID_OUTPUT_DIR": "set by the grid inside a sandbox, read by nanogrid.output_dir()",
     "JOB_ID": SANDBOX_VARIABLES, "FUNCTION_ID": SANDBOX_VARIABLES, "MEMORY_MB": SANDBOX_VARIABLES,
     "OUTPUT_DIR": SANDBOX_VARIABLES, "PAYLOAD_FILE": SANDBOX_VARIABLES,
-    "DB_USER": "a user's secret in the README's example", "DB_PASSWORD": "a user's secret in the README's example",
+    "DB_USER": "a user's secret in the docs' example", "DB_PASSWORD": "a user's secret in the docs' example",
     "NANOGRID_UPDATE_SCREENSHOT": "the test suite's", "NANOGRID_TUTORIAL_AI_ENDPOINT": "the tutorial notebook's",
     "AWS_ENDPOINT_URL": "boto3's own setting", "AWS_ENDPOINT_URL_SQS": "boto3's own setting",
+    "STACK_GLOBAL": "a pickle opcode, in the architecture page's design notes",
 }
-OS_CONSTANTS = ("O_", "RLIMIT_")  # open(2) flags and resource limits the README names: not variables
+OS_CONSTANTS = ("O_", "RLIMIT_")  # open(2) flags and resource limits the docs name: not variables
 
 # Which settings each command uses. The grid's own commands use them all.
 GRID_COMMANDS = [["up"], ["controller"], ["worker"]]
@@ -113,12 +115,12 @@ def example(name: str, default: object, tmp_path: Path) -> Any:
     return f"{name}-from-env"
 
 
-def test_every_variable_the_readme_names_is_accounted_for():
-    """A variable added to the README must be a setting, a client variable, or say here why it is neither."""
-    unknown = {name for name in README_VARIABLES - SETTING_OF.keys() - CLIENT_VARIABLES - NOT_COMMAND_SETTINGS.keys()
+def test_every_variable_the_docs_name_is_accounted_for():
+    """A variable added to the docs must be a setting, a client variable, or say here why it is neither."""
+    unknown = {name for name in DOCS_VARIABLES - SETTING_OF.keys() - CLIENT_VARIABLES - NOT_COMMAND_SETTINGS.keys()
                if not name.startswith(OS_CONSTANTS)}
     assert unknown == set(), f"documented but unknown to the settings: {sorted(unknown)}"
-    assert {"DYNAMODB_TABLE", "S3_CODE_BUCKET", "SQS_QUEUE_URL", "NANOGRID_URL"} <= README_VARIABLES
+    assert {"DYNAMODB_TABLE", "S3_CODE_BUCKET", "SQS_QUEUE_URL", "NANOGRID_URL"} <= DOCS_VARIABLES
 
 
 @pytest.mark.parametrize("variable", sorted(SETTING_OF))
