@@ -1,9 +1,11 @@
+"""The registry's interface: one small protocol per concern (functions, jobs, history, ...) and their union."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from nanogrid_backend.models import (
     PENDING,
@@ -48,8 +50,8 @@ class HistoryEntry:
     stderr_size: int
 
 
-class Registry(ABC):
-    """Where functions and jobs are recorded, so a controller restart loses nothing."""
+class FunctionRegistry(Protocol):
+    """Deployed functions: one record per function id (its latest version)."""
 
     @abstractmethod
     def put_function(self, function: FunctionRecord) -> None: ...
@@ -62,6 +64,10 @@ class Registry(ABC):
 
     @abstractmethod
     def delete_function(self, function_id: str) -> bool: ...
+
+
+class JobRegistry(Protocol):
+    """Calls from creation to their final state: what workers, result buses and the queue's recovery read and write."""
 
     @abstractmethod
     def create_jobs(self, jobs: list[JobRecord]) -> None: ...
@@ -91,6 +97,10 @@ class Registry(ABC):
         """Record why a delivery failed, leaving the job to be delivered again."""
 
     @abstractmethod
+    def record_attempt(self, attempt: JobRecord) -> None:
+        """Keep a failed try of a call that is being tried again, as its own finished record (counted in windows)."""
+
+    @abstractmethod
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
@@ -106,25 +116,13 @@ class Registry(ABC):
     def count_jobs(self, owner: str | None = None) -> dict[str, int]:
         """How many jobs are in each status (all of them, not a page), counted where they are stored."""
 
+
+class HistoryRegistry(Protocol):
+    """Finished calls looked back on: history pages, per-function figures and metrics, and their pruning."""
+
     @abstractmethod
     def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
         """Finished jobs per (function, status): counts, summed times and cumulative counts per bucket bound."""
-
-    @abstractmethod
-    def put_secret(self, secret: SecretRecord) -> None: ...
-
-    @abstractmethod
-    def get_secret(self, owner: str, name: str) -> SecretRecord | None: ...
-
-    @abstractmethod
-    def list_secrets(self, owner: str) -> list[SecretRecord]: ...
-
-    @abstractmethod
-    def delete_secret(self, owner: str, name: str) -> bool: ...
-
-    @abstractmethod
-    def record_attempt(self, attempt: JobRecord) -> None:
-        """Keep a failed try of a call that is being tried again, as its own finished record (counted in windows)."""
 
     @abstractmethod
     def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
@@ -146,6 +144,26 @@ class Registry(ABC):
     def prune_history(self, before: float) -> int:
         """Delete finished calls created before ``before``; how many."""
 
+
+class SecretRegistry(Protocol):
+    """Owners' secrets, stored sealed (nanogrid_backend/secretbox.py)."""
+
+    @abstractmethod
+    def put_secret(self, secret: SecretRecord) -> None: ...
+
+    @abstractmethod
+    def get_secret(self, owner: str, name: str) -> SecretRecord | None: ...
+
+    @abstractmethod
+    def list_secrets(self, owner: str) -> list[SecretRecord]: ...
+
+    @abstractmethod
+    def delete_secret(self, owner: str, name: str) -> bool: ...
+
+
+class WebhookRegistry(Protocol):
+    """Owners' webhooks (nanogrid_backend/notify.py)."""
+
     @abstractmethod
     def put_webhook(self, hook: dict[str, Any]) -> None: ...
 
@@ -154,6 +172,10 @@ class Registry(ABC):
 
     @abstractmethod
     def delete_webhook(self, owner: str, hook_id: str) -> bool: ...
+
+
+class KeyRegistry(Protocol):
+    """API keys and the owners they name (nanogrid_backend/keys.py)."""
 
     @abstractmethod
     def put_key(self, key: ApiKey) -> None: ...
@@ -164,7 +186,10 @@ class Registry(ABC):
     @abstractmethod
     def list_keys(self) -> list[ApiKey]: ...
 
-    # schedules (nanogrid_backend/schedules.py)
+
+class ScheduleRegistry(Protocol):
+    """Schedules and their firings (nanogrid_backend/schedules.py)."""
+
     @abstractmethod
     def put_schedule(self, schedule: ScheduleRecord) -> None: ...
 
@@ -194,3 +219,35 @@ class Registry(ABC):
     @abstractmethod
     def list_firings(self, schedule_id: str, limit: int = 20) -> list[FiringRecord]:
         """The schedule's firings, newest due time first."""
+
+
+@runtime_checkable
+class VolumeRegistry(Protocol):
+    """Owners' volume records (nanogrid_backend/volumes.py); only the embedded grid's SQLite registry keeps them."""
+
+    @abstractmethod
+    def put_volume(self, volume: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def get_volume(self, owner: str, name: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def list_volumes(self, owner: str) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def delete_volume(self, owner: str, name: str) -> bool: ...
+
+
+class Registry(FunctionRegistry, JobRegistry, HistoryRegistry, SecretRegistry, WebhookRegistry, KeyRegistry,
+               ScheduleRegistry, ABC):
+    """Where functions and jobs are recorded, so a controller restart loses nothing: every concern above, in one store.
+
+    Code that needs one concern takes its protocol (a ``JobRegistry``, a ``KeyRegistry``); the grid hands it this."""
+
+    def disk_full(self) -> bool:
+        """True while the registry's disk has no room to grow, so no call can be recorded (a local file's concern)."""
+        return False
+
+    def close(self) -> None:
+        """Let go of connections and files (nothing to let go of by default)."""
+        return None

@@ -38,7 +38,14 @@ from nanogrid_backend.models import (
     SecretRecord,
 )
 from nanogrid_backend.registry import windows
-from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryBusy, RegistryError
+from nanogrid_backend.registry.base import (
+    FunctionStats,
+    HistoryEntry,
+    Registry,
+    RegistryBusy,
+    RegistryError,
+    VolumeRegistry,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -196,7 +203,7 @@ class _NotClaimed(Exception):
     """Rolls a firing's transaction back: another scheduler moved the schedule on first."""
 
 
-class SQLiteRegistry(Registry):
+class SQLiteRegistry(Registry, VolumeRegistry):
     """One SQLite file: writes through one connection, one transaction each, serialised by a lock; reads
     through a second connection, so a write waiting on another process's lock never holds up a status poll."""
 
