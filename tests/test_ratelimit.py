@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-import nanogrid_backend.controller.ratelimit
-import nanogrid_backend.results.redis
-from nanogrid_backend.controller.ratelimit import TokenBuckets, retry_after_header
-from nanogrid_backend.results.redis import RedisTokenBuckets
+import nanogrid_backend.token_buckets
+from nanogrid_backend.controller.ratelimit import retry_after_header
+from nanogrid_backend.token_buckets import LocalTokenBuckets, RedisTokenBuckets
 from tests.aws_cluster import Redis, free_port
 from tests.conftest import require
 
@@ -45,11 +44,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
 def buckets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[object, Clock]:
     clock = Clock()
     if request.param == "in-process":
-        monkeypatch.setattr(nanogrid_backend.controller.ratelimit.time, "monotonic", clock)
-        return TokenBuckets(), clock
+        monkeypatch.setattr(nanogrid_backend.token_buckets.time, "monotonic", clock)
+        return LocalTokenBuckets(), clock
     client = request.getfixturevalue("redis_server")
     client.flushall()
-    monkeypatch.setattr(nanogrid_backend.results.redis.time, "time", clock)
+    monkeypatch.setattr(nanogrid_backend.token_buckets.time, "time", clock)
     return RedisTokenBuckets(client), clock
 
 

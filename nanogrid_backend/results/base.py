@@ -1,11 +1,18 @@
+"""The result bus's interface, and the bookkeeping of listeners and live logs its adapters share."""
+
 from __future__ import annotations
 
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from nanogrid_backend.models import JobRecord
+from nanogrid_backend.token_buckets import LocalTokenBuckets, TokenBuckets
+
+if TYPE_CHECKING:
+    import redis
 
 Listener = Callable[[JobRecord], None]
 LogChunk = tuple[str, bytes]  # (stream, data): what a running call printed
@@ -85,6 +92,10 @@ class LogBook:
 class ResultBus(ABC):
     """Publishes finished jobs. Listeners run on the publisher's thread and must not block."""
 
+    # The Redis the bus runs on, where every worker of the grid shares grid-wide counts (the AI token budget);
+    # None: the bus is in this process, and so are those counts.
+    redis: redis.Redis | None = None
+
     @abstractmethod
     def publish(self, job: JobRecord) -> None: ...
 
@@ -122,3 +133,11 @@ class ResultBus(ABC):
     @abstractmethod
     def workers(self) -> list[dict]:
         """The live workers' latest heartbeats."""
+
+    def token_buckets(self) -> TokenBuckets:
+        """The API keys' rate-limit buckets, shared as widely as the bus is (every controller, on Redis)."""
+        return LocalTokenBuckets()
+
+    def close(self) -> None:
+        """Stop listening and let go of connections (nothing to let go of in process)."""
+        return None

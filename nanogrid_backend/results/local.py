@@ -1,3 +1,5 @@
+"""The in-process result bus: the embedded grid's controller and worker share one process."""
+
 from __future__ import annotations
 
 import time

@@ -1,9 +1,8 @@
 """Redis: results, cancel requests and worker heartbeats shared by many controllers and workers.
 
-A finished job is written to ``nanogrid:result:{job_id}`` (with a TTL) and announced on one
-pub/sub channel; each controller dispatches announcements to the requests waiting on them.
-Waiters also check the registry after subscribing, so a result published before they arrived
-is not missed. The pub/sub thread reconnects when Redis restarts.
+A finished job (already in the registry) is announced on one pub/sub channel; each controller
+dispatches announcements to the requests waiting on them. Waiters also check the registry after
+subscribing, so a result published before they arrived is not missed. The pub/sub thread reconnects when Redis restarts.
 """
 
 from __future__ import annotations
@@ -19,21 +18,21 @@ from typing import Any
 import redis
 
 from nanogrid_backend.models import JobRecord, job_from_json, job_to_json
-from nanogrid_backend.registry.base import Registry
+from nanogrid_backend.registry.base import JobRegistry
 from nanogrid_backend.results.base import LOG_BYTES, LOG_TTL_S, Listener, Listeners, LogChunk, ResultBus
+from nanogrid_backend.token_buckets import RedisTokenBuckets, TokenBuckets
 
 log = logging.getLogger(__name__)
 
 RESULTS = "nanogrid:results"
 CANCELS = "nanogrid:cancel"
 HEARTBEAT = "nanogrid:worker:"
-RESULT_TTL_S = 3600
 INLINE_RESULT_BYTES = 64 << 10
 
 
 class RedisResultBus(ResultBus):
-    def __init__(self, host: str, port: int, registry: Registry) -> None:
-        self.redis = redis.Redis(host=host, port=port, socket_timeout=10, socket_connect_timeout=5,
+    def __init__(self, host: str, port: int, registry: JobRegistry) -> None:
+        self.redis: redis.Redis = redis.Redis(host=host, port=port, socket_timeout=10, socket_connect_timeout=5,
                                  retry_on_timeout=True, health_check_interval=15)
         self.registry = registry
         self._listeners = Listeners()
@@ -48,13 +47,7 @@ class RedisResultBus(ResultBus):
         if len(announcement) > INLINE_RESULT_BYTES:
             announcement = json.dumps({"job_id": job.job_id})
 
-        def announce() -> None:
-            pipe = self.redis.pipeline()
-            pipe.set(f"nanogrid:result:{job.job_id}", job.status, ex=RESULT_TTL_S)
-            pipe.publish(RESULTS, announcement)
-            pipe.execute()
-
-        self._retry(announce)
+        self._retry(lambda: self.redis.publish(RESULTS, announcement))
 
     def subscribe(self, job_ids: list[str], listener: Listener) -> Callable[[], None]:
         return self._listeners.add(job_ids, listener)
@@ -113,6 +106,9 @@ class RedisResultBus(ResultBus):
         values = self.redis.mget(keys) if keys else []
         return [json.loads(v) for v in values if v]
 
+    def token_buckets(self) -> TokenBuckets:
+        return RedisTokenBuckets(self.redis)
+
     def close(self) -> None:
         self._stop.set()
 
@@ -165,32 +161,3 @@ class RedisResultBus(ResultBus):
                 time.sleep(0.5)
         return None
 
-
-class RedisTokenBuckets:
-    """The same token bucket as the in-process one, kept in Redis so every controller shares it."""
-
-    SCRIPT = """
-    local tokens = tonumber(redis.call('HGET', KEYS[1], 't') or ARGV[2])
-    local last = tonumber(redis.call('HGET', KEYS[1], 'l') or ARGV[3])
-    local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-    tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
-    local wait = 0
-    if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-    redis.call('HSET', KEYS[1], 't', tostring(tokens), 'l', tostring(now))
-    redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-    return {tostring(wait), tostring(tokens)}
-    """
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-        self._take = client.register_script(self.SCRIPT)
-
-    def take(self, key_id: str, rate: float, burst: int) -> float:
-        return self.take_counted(key_id, rate, burst)[0]
-
-    def take_counted(self, key_id: str, rate: float, burst: int) -> tuple[float, float]:
-        """``take``, and the tokens left after it."""
-        if rate <= 0:
-            return 0.0, float(burst)
-        wait, tokens = self._take(keys=[f"nanogrid:bucket:{key_id}"], args=[rate, burst, time.time()])
-        return float(wait), float(tokens)
