@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 
-from nanogrid_backend.builds.builder import BuiltEnvironment, Environments, docker_runtimes
+from nanogrid_backend.builds.builder import BuiltEnvironment, Environments
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.keys import OwnerPolicy, ensure_local_key
 from nanogrid_backend.models import FAILED, RUNNING, FunctionRecord, JobMessage
@@ -15,7 +15,7 @@ from nanogrid_backend.notify import Notifier
 from nanogrid_backend.queue.base import JobQueue
 from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.queue.sqs import SQSQueue
-from nanogrid_backend.registry.base import Registry
+from nanogrid_backend.registry.base import JobRegistry, Registry
 from nanogrid_backend.registry.dynamodb import DynamoDBRegistry
 from nanogrid_backend.registry.lock import DataDirLock
 from nanogrid_backend.registry.sqlite import BACKUPS_KEPT, SQLiteRegistry
@@ -24,7 +24,8 @@ from nanogrid_backend.results.local import LocalResultBus
 from nanogrid_backend.results.redis import RedisResultBus
 from nanogrid_backend.retention import Janitor
 from nanogrid_backend.sandbox.base import Limits
-from nanogrid_backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable, language_runtimes
+from nanogrid_backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
+from nanogrid_backend.sandbox.factory import SandboxFactory
 from nanogrid_backend.sandbox.process import ProcessSandboxFactory
 from nanogrid_backend.sandbox.scratch import SANDBOX_UID
 from nanogrid_backend.schedules import Scheduler
@@ -41,7 +42,7 @@ from nanogrid_contract.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def make_sandbox_factory(config: GridConfig) -> ProcessSandboxFactory | DockerSandboxFactory:
+def make_sandbox_factory(config: GridConfig) -> SandboxFactory:
     """``sandbox=docker`` needs the engine and the runtime image; ``auto`` falls back to processes."""
     if config.sandbox in ("docker", "auto"):
         try:
@@ -74,6 +75,11 @@ def make_registry(config: GridConfig, keep_backups: int = 0) -> Registry:
         return DynamoDBRegistry(config.dynamodb_table)
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return SQLiteRegistry(config.data_dir / "registry.sqlite3", keep_backups=keep_backups)
+
+
+def make_result_bus(config: GridConfig, registry: JobRegistry) -> ResultBus:
+    """Redis when a host is configured (results reach every controller), else in process."""
+    return RedisResultBus(config.redis_host, config.redis_port, registry) if config.redis_host else LocalResultBus()
 
 
 def backlog_publisher(namespace: str) -> Callable[[float], None] | None:
@@ -128,31 +134,30 @@ class Grid:
                                             quota=quota, owner_of=owner_of)
         else:
             self.store = LocalStore(data / "store", quota=quota, owner_of=owner_of)
-        self.queue: JobQueue = (
-            SQSQueue(config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url) if config.queue_url
-            else LocalQueue(limit=lambda owner: self.owners.max_concurrency(owner, config.workers),
-                            load_payload=self._queued_payload))
+        # The embedded grid's in-memory queue, refilled from the registry at start (_recover); SQS keeps its messages.
+        self.local_queue = None if config.queue_url else LocalQueue(
+            limit=lambda owner: self.owners.max_concurrency(owner, config.workers), load_payload=self._queued_payload)
+        self.queue: JobQueue = self.local_queue if self.local_queue is not None else SQSQueue(
+            config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url)
         self.janitor = Janitor(self.store, config.output_retention_s, config.gc_interval_s) if role == "all" else None
-        self.bus: ResultBus = (RedisResultBus(config.redis_host, config.redis_port, self.registry)
-                               if config.redis_host else LocalResultBus())
+        self.bus = make_result_bus(config, self.registry)
         self.pool: WarmPool | None = None
         self.environments: Environments | None = None
         self.languages: dict[str, BuiltEnvironment] = {}  # runtime name (nodejs, go, cpp) -> its image
         self.worker: Worker | None = None
         python = config.python_runtime.removeprefix("python")
-        self.factory: ProcessSandboxFactory | DockerSandboxFactory | None = None
+        self.factory: SandboxFactory | None = None
         if role in ("all", "worker"):
             factory = self.factory = make_sandbox_factory(config)
-            python = getattr(factory, "python", None) or python
+            python = factory.python or python
             # Docker serves every Python that has a runtime image; process sandboxes the grid's own.
-            images = docker_runtimes(factory.client, factory.image, python) if isinstance(
-                factory, DockerSandboxFactory) else None
+            images = factory.runtime_images()
             pythons = list(images or [python])
             self.environments = Environments(
                 data / "envs", runtimes={f"python{v}": v for v in pythons}, docker_images=images,
                 cap_bytes=int(config.env_cache_gb * (1 << 30)), shared=self.store if config.code_bucket else None)
             # Node.js, Go and C++ (the seed platform's other languages) where their images are built; Docker only.
-            self.languages = language_runtimes(factory.client) if isinstance(factory, DockerSandboxFactory) else {}
+            self.languages = factory.language_runtimes()
             self.pool = WarmPool(factory, cap=config.effective_pool_cap, stem_cells=config.stem_cells,
                                  idle_ttl_s=config.idle_ttl_s, environments=self.environments,
                                  languages=self.languages)
@@ -160,13 +165,13 @@ class Grid:
                                  pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
                                  visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
                                  publish_backlog=backlog_publisher(config.cloudwatch_namespace),
-                                 ai=ai_gateway(config, self.bus.redis if isinstance(self.bus, RedisResultBus) else None),
+                                 ai=ai_gateway(config, self.bus.redis),
                                  secrets=self.secrets,
                                  notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
         # Owners' volumes (nanogrid_backend/volumes.py), their files owned by whom sandboxes run as
-        self.volumes = VolumeStore(data / "volumes", self.registry, uid=SANDBOX_UID if isinstance(
-            self.factory, DockerSandboxFactory) or self.factory is None else os.getuid(),
-            max_volume_mib=config.max_volume_mib, owner_volume_mib=config.owner_volume_mib)
+        self.volumes = VolumeStore(data / "volumes", self.registry,
+                                   uid=self.factory.sandbox_uid if self.factory is not None else SANDBOX_UID,
+                                   max_volume_mib=config.max_volume_mib, owner_volume_mib=config.owner_volume_mib)
         if self.worker and self.pool:
             self.worker.volumes, self.volumes.stop_idle = self.volumes, self.pool.stop_idle
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
@@ -206,10 +211,8 @@ class Grid:
         if self.factory:
             self.factory.sweep()  # sandboxes whose removal was still under way: none is left behind
         self.volumes.close()
-        if isinstance(self.bus, RedisResultBus):
-            self.bus.close()
-        if isinstance(self.registry, SQLiteRegistry):
-            self.registry.close()
+        self.bus.close()
+        self.registry.close()
         if self.lock:
             self.lock.release()
 
@@ -219,7 +222,8 @@ class Grid:
             job.status, job.finished_at = FAILED, time.time()
             job.error = {"kind": "interrupted", "message": "the grid stopped while this job ran; run it again"}
             self.registry.finish_job(job)
-        assert isinstance(self.queue, LocalQueue)  # recovery is the embedded grid's; SQS keeps its own messages
+        queue = self.local_queue
+        assert queue is not None  # recovery is the embedded grid's; SQS keeps its own messages
         functions: dict[str, FunctionRecord | None] = {}
         requeued = 0
         for job in self.registry.pending_jobs():  # a page at a time and without payloads: read back when taken
@@ -232,9 +236,9 @@ class Grid:
                 self.registry.finish_job(job)
                 continue
             timeout_s = min(function.timeout_s, self.owners.max_timeout(job.owner))
-            self.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, b"",
-                                       timeout_s, function.memory_mib, owner=job.owner, trigger=job.trigger)],
-                           stored=True)
+            queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, b"",
+                                  timeout_s, function.memory_mib, owner=job.owner, trigger=job.trigger)],
+                      stored=True)
             requeued += 1
         if requeued:
             log.info("requeued %d pending jobs from the previous run", requeued)

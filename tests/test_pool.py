@@ -36,6 +36,8 @@ class FakeSandbox:
 
 class FakeFactory:
     kind = "fake"
+    disk_mib = None  # sandboxes with no disk of their own, as process sandboxes
+    disk_room = None
 
     def __init__(self) -> None:
         self.started: list[FakeSandbox] = []

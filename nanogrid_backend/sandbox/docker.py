@@ -34,7 +34,7 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from nanogrid_backend.builds.builder import BuiltEnvironment, too_little_memory
+from nanogrid_backend.builds.builder import BuiltEnvironment, docker_runtimes, too_little_memory
 from nanogrid_backend.sandbox import cgroup, leftovers, scratch
 from nanogrid_backend.sandbox.base import Limits, SandboxError, _Spool
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
@@ -91,6 +91,7 @@ class DockerSandboxFactory:
     """Starts hardened containers of one runtime image with one grid's settings."""
 
     kind = "docker"
+    sandbox_uid = scratch.SANDBOX_UID  # non-root in every container
 
     def __init__(self, image: str, host_dir: Path, *, kill_grace_s: float = 1.0, limits: Limits | None = None,
                  disk_mib: int = 1024, pids_limit: int = 64, cpus: float = 1.0, stem_memory_mib: int = 256) -> None:
@@ -146,6 +147,12 @@ class DockerSandboxFactory:
         host can mount (else the function starts a container of its own with them)."""
         return not self.scratch_problem and all(
             m.target == VOLUME_ROOT or m.target.startswith(VOLUME_ROOT + "/") for m in volumes.mounts)
+
+    def runtime_images(self) -> dict[str, str]:
+        return docker_runtimes(self.client, self.image, self.python)
+
+    def language_runtimes(self) -> dict[str, BuiltEnvironment]:
+        return language_runtimes(self.client)
 
     def describe(self) -> str:
         disk = (f"a {self.disk_mib} MiB disk of its own" if not self.scratch_problem

@@ -34,6 +34,7 @@ from nanogrid_backend.sandbox.protocol import (
     reply_header_cap,
     write_all,
 )
+from nanogrid_backend.sandbox.scratch import DiskRoom
 from nanogrid_backend.volumes import VolumeSet
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class ProcessSandboxFactory:
     """Starts process sandboxes with one grid's settings."""
 
     kind = "process"
+    python = ""  # the grid's own interpreter
+    disk_mib: int | None = None  # no disk of its own: trusted code writes to the host's
+    disk_room: DiskRoom | None = None
 
     def __init__(self, base_dir: Path, hide_dir: Path, *, bubblewrap: str = "auto", cgroups: str = "auto",
                  kill_grace_s: float = 1.0, limits: Limits | None = None) -> None:
@@ -95,6 +99,7 @@ class ProcessSandboxFactory:
         self.use_cgroups = cgroups != "off" and cgroup.available()
         self.kill_grace_s = kill_grace_s
         self.limits = limits or Limits()
+        self.sandbox_uid = os.getuid()  # sandboxes run as the grid's own account
         base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.identity = leftovers.grid_identity(base_dir)  # in the names of its cgroups
         self.sweep()
@@ -108,6 +113,16 @@ class ProcessSandboxFactory:
         if count:
             log.info("removed %d sandbox directories and memory cgroups left by an earlier run", count)
         return count
+
+    def takes_volumes(self, volumes: VolumeSet) -> bool:
+        """Never: bubblewrap mounts volumes only as a process starts, so a function with volumes starts its own."""
+        return False
+
+    def runtime_images(self) -> None:
+        return None  # one Python: the grid's own, no image
+
+    def language_runtimes(self) -> dict[str, BuiltEnvironment]:
+        return {}  # Node.js, Go and C++ run in Docker sandboxes only
 
     def describe(self) -> str:
         parts = ["process sandbox (trusted code only)"]

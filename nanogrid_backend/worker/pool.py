@@ -22,24 +22,16 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from nanogrid_backend.builds.builder import BuiltEnvironment, Environments
 from nanogrid_backend.sandbox.base import Sandbox, SandboxError
+from nanogrid_backend.sandbox.factory import SandboxFactory
 
 log = logging.getLogger(__name__)
 
 ENVIRONMENTS_WITH_STEM_CELLS = 3  # the most recently used environments that keep a stem cell started
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # pauses between tries to start a stem cell after a failed one
-
-
-class SandboxFactory(Protocol):
-    kind: str
-
-    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None, evict_idle: bool = False) -> Sandbox: ...
-
-    def describe(self) -> str: ...
 
 
 @dataclass
@@ -80,7 +72,7 @@ class WarmPool:
         self._retry_pause, self._retry_at = 0.0, 0.0
         self._wake = threading.Event()
         self._wake.set()  # the first stem cells start at once, not after the maintenance thread's first wait
-        room = getattr(factory, "disk_room", None)  # the Docker sandbox's share of the host's disk
+        room = factory.disk_room  # the Docker sandboxes' share of the host's disk
         if room is not None:
             room.reclaimable, room.reclaim = self._idle_disk_bytes, self._stop_least_recently_used
         self._thread = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
@@ -226,7 +218,7 @@ class WarmPool:
             options["volumes"] = volumes
         if disk_mib is not None:
             options["disk_mib"] = disk_mib
-        if for_call and getattr(self.factory, "disk_room", None) is not None:  # sandboxes with disks of their own
+        if for_call and self.factory.disk_room is not None:  # sandboxes with disks of their own
             options["evict_idle"] = True
         sandbox = self.factory.start(**options)
         if environment is not None and self.environments is not None:
@@ -253,9 +245,9 @@ class WarmPool:
     def _stem_fits(self, function: FunctionCode) -> bool:
         """Whether a stem cell's scratch disk is the size this function asks for (always without ``disk=``, and
         where the sandbox has no scratch disk of its own: the process sandbox)."""
-        if function.volumes is not None and not getattr(self.factory, "takes_volumes", lambda _: False)(function.volumes):
+        if function.volumes is not None and not self.factory.takes_volumes(function.volumes):
             return False  # its volumes can only be bound as a sandbox starts: it starts its own
-        default = getattr(self.factory, "disk_mib", None)
+        default = self.factory.disk_mib
         return function.disk_mib is None or default is None or function.disk_mib == default
 
     def _note_environment(self, environment: BuiltEnvironment | None) -> None:
