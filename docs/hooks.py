@@ -24,7 +24,9 @@ def openapi_schema() -> dict[str, Any]:
     umask = os.umask(0o022)  # a grid sets its process's umask to 077: the site's files must stay readable
     try:
         with tempfile.TemporaryDirectory(prefix="nanogrid-docs-") as data_dir:
-            grid = Grid(GridConfig(data_dir=Path(data_dir), sandbox="process", stem_cells=0))
+            # Never started, and nothing outside the temp dir: no sandbox, no cgroup, no namespaces.
+            grid = Grid(GridConfig(data_dir=Path(data_dir), sandbox="process", stem_cells=0, cgroups="off",
+                                   bubblewrap="off"))
             try:
                 return create_app(grid, manage_grid=False).openapi()
             finally:
