@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanogrid_contract import __version__
-from nanogrid_contract.errors import (  # noqa: E402
+from nanogrid.errors import (  # noqa: E402  (nanogrid.errors stays an attribute: nanogrid.errors.JobFailed)
     AIUnavailable,
     APIError,
     ConfigError,
@@ -44,6 +43,7 @@ from nanogrid_contract.errors import (  # noqa: E402
     VersionMismatch,
     WaitTimeout,
 )
+from nanogrid_contract import __version__
 
 if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
     from nanogrid.client import Client, connect, get_client

@@ -19,6 +19,7 @@ import httpx
 from nanogrid.transfer import Ref, sha256_of
 from nanogrid_contract.errors import APIError, ConfigError, GridUnresponsive, NanoGridError, NotConnected, VersionMismatch
 from nanogrid_contract.packages import FunctionPackage
+from nanogrid_contract.views import JobView
 
 RATE_LIMIT_RETRIES = 6
 API_PREFIX = "/v1"  # NanoGrid's own API; the seed platform's contract answers at the root and under /api
@@ -309,7 +310,7 @@ class Client:
         with path.open("rb") as f:
             return self.request("POST", "/upload", files={"file": (path.name, f)}, data=data).json()
 
-    def run(self, body: dict[str, Any], *, asynchronous: bool = False, hold: float | None = None) -> dict[str, Any]:
+    def run(self, body: dict[str, Any], *, asynchronous: bool = False, hold: float | None = None) -> JobView:
         """POST /run. ``hold``: seconds the grid waits for the result before answering 202 (then follow the job)."""
         headers = {"X-Async": "true"} if asynchronous else {"X-Hold": f"{hold:g}"} if hold is not None else None
         wait = 0 if asynchronous else SYNC_HOLD_S if hold is None else hold
@@ -322,11 +323,11 @@ class Client:
         params: dict[str, Any] = {"after": after, "wait": wait, **({"watched": "true"} if watched else {})}
         return self.request("GET", f"/jobs/{job_id}/logs", params=params, timeout=self._timeout(wait)).json()
 
-    def status(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+    def status(self, job_id: str, wait: float = 0) -> JobView:
         return self.request("GET", f"/status/{job_id}", params={"wait": wait} if wait else None,
                             timeout=self._timeout(wait)).json()
 
-    def cancel(self, job_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+    def cancel(self, job_id: str, *, timeout: float | None = None) -> JobView:
         """``timeout``: give up sooner than the client's own (a client cancelling on its way out)."""
         return self.request("POST", f"/jobs/{job_id}/cancel",
                             timeout=self._timeout(CANCEL_HOLD_S) if timeout is None else timeout).json()

@@ -20,7 +20,7 @@ import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 import cloudpickle
 from tqdm.auto import tqdm
@@ -51,6 +51,7 @@ from nanogrid_contract.errors import (
     RemoteTraceback,
     UnsupportedFunction,
 )
+from nanogrid_contract.views import JobView
 
 LIVE_AFTER_S = 0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls
@@ -431,7 +432,7 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
     function_id = fn.deploy()
     size = chunk_size or max(1, min(1000, -(-total // (MAP_STREAMS * 2))))
     chunks = [(start, items[start:start + size]) for start in range(0, total, size)]
-    done: queue.SimpleQueue[tuple[int, dict[str, Any]] | BaseException] = queue.SimpleQueue()
+    done: queue.SimpleQueue[tuple[int, JobView] | BaseException] = queue.SimpleQueue()
     job_ids: list[str] = []
     ids_lock = threading.Lock()
     stop = threading.Event()
@@ -456,7 +457,7 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
                     fn.client.cancel_many(ids)
                     return
                 for line in lines:
-                    done.put((start + line["index"], line))
+                    done.put((start + line["index"], cast(JobView, line)))  # a job view with its index
             except BaseException as exc:  # handed to the consumer, which raises it
                 done.put(exc)
                 return
@@ -468,7 +469,7 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
     for thread in senders:
         thread.start()
     bar = tqdm(total=total, desc=fn.name, unit="call", disable=(not progress) if progress is not None else None)
-    waiting: dict[int, dict[str, Any]] = {}
+    waiting: dict[int, JobView] = {}
     next_index = failed = 0
     try:
         while next_index < total:

@@ -24,8 +24,9 @@ from nanogrid_contract.errors import (
     WaitTimeout,
     failure_for,
 )
+from nanogrid_contract.views import FINAL_STATES, ErrorView, JobView
 
-FINAL = frozenset({"completed", "failed", "cancelled"})
+FINAL = FINAL_STATES
 POLL_S = 25.0  # long-poll slice; the controller caps a wait at 60 s
 
 R = TypeVar("R")
@@ -50,7 +51,7 @@ class OutputFile:
         return target
 
 
-def outcome(view: dict[str, Any], unpickle: bool = True, client: Client | None = None) -> Any:
+def outcome(view: JobView, unpickle: bool = True, client: Client | None = None) -> Any:
     """The call's value, or raise what it raised (remote exceptions as their own type where possible).
 
     ``unpickle=False`` (functions with ``result="json"``): nothing from the grid is ever unpickled;
@@ -65,12 +66,13 @@ def outcome(view: dict[str, Any], unpickle: bool = True, client: Client | None =
                                   "results (result='json'); it was not unpickled")
         data = (client or get_client()).download_blob(blob["sha256"], blob["size"])
         return json.loads(data) if blob.get("format") == "json" else cloudpickle.loads(data)
+    pickled = view.get("result_pickle")
     if status == "completed":
-        if view.get("result_pickle") is not None:
+        if pickled is not None:
             if not unpickle:
                 raise UntrustedResult(f"job {view['job_id']} came back pickled, but its function asked for data-only "
                                       "results (result='json'); it was not unpickled")
-            return cloudpickle.loads(base64.b64decode(view["result_pickle"]))
+            return cloudpickle.loads(base64.b64decode(pickled))
         return view.get("result")
     error = view.get("error") or {}
     if error.get("kind") != "exception":
@@ -85,8 +87,10 @@ def outcome(view: dict[str, Any], unpickle: bool = True, client: Client | None =
             raise TypeError
         if blob:  # a large exception (a failed cell's state travels in it): stored as a blob
             exc = cloudpickle.loads((client or get_client()).download_blob(blob["sha256"], blob["size"]))
+        elif pickled is not None:
+            exc = cloudpickle.loads(base64.b64decode(pickled))
         else:
-            exc = cloudpickle.loads(base64.b64decode(view["result_pickle"]))
+            raise TypeError
         if not isinstance(exc, BaseException):
             raise TypeError
     except Exception:
@@ -107,7 +111,7 @@ class Job(Generic[R]):
         client = client or get_client()
         return cls(client, client.status(job_id))
 
-    def __init__(self, client: Client, view: dict[str, Any], function_name: str = "", unpickle: bool = True) -> None:
+    def __init__(self, client: Client, view: JobView, function_name: str = "", unpickle: bool = True) -> None:
         self.client = client
         self.function_name = function_name
         self.unpickle = unpickle  # False: a data-only function (result="json"); nothing it sends is unpickled
@@ -197,7 +201,7 @@ class Job(Generic[R]):
             yield name, text
         self.wait()
         for name in ("stdout", "stderr"):
-            text = self._view.get(name) or ""
+            text = str(self._view.get(name) or "")
             if len(text) > printed[name]:
                 yield name, text[printed[name]:]
 
@@ -239,7 +243,7 @@ class Job(Generic[R]):
         return [OutputFile(f["name"], f["size"], f["url"], self.client) for f in files]
 
     @property
-    def error(self) -> dict[str, Any] | None:
+    def error(self) -> ErrorView | None:
         return self.refresh()._view.get("error")
 
     @property
@@ -279,12 +283,12 @@ class Job(Generic[R]):
         parts = [f"Job {self.job_id} {self.function_name}".rstrip(), v["status"]]
         if v.get("execution_time_ms") is not None:
             parts.append(f"{v['execution_time_ms']:.1f} ms")
-        if v.get("peak_memory_bytes"):
-            parts.append(f"peak {v['peak_memory_bytes'] / (1 << 20):.1f} MiB")
+        if peak := v.get("peak_memory_bytes"):
+            parts.append(f"peak {peak / (1 << 20):.1f} MiB")
         if v.get("cold") is not None:
             parts.append("cold" if v["cold"] else "warm")
-        if v.get("error"):
-            parts.append(f"error: {v['error'].get('message', '')[:200]}")
+        if error := v.get("error"):
+            parts.append(f"error: {error.get('message', '')[:200]}")
         return " | ".join(parts)
 
     def __repr__(self) -> str:

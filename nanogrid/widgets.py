@@ -64,7 +64,7 @@ class JobWidget:
         return STATUS_LABELS.get(status, (status, "#888"))
 
     def update(self) -> None:
-        v: dict[str, Any] = self.job._view
+        v = self.job._view
         label, color = self._status()
         if v.get("execution_time_ms") is not None:
             timing = f"duration {v['execution_time_ms']:.1f} ms"
@@ -82,9 +82,9 @@ class JobWidget:
             f"{' · ' + html.escape(where) if where else ''}</small>"
         )
         peak = (v.get("peak_memory_bytes") or 0) / (1 << 20)
-        if v.get("memory_limit_mib") and self.memory_limit_mib is None:
-            self.memory_limit_mib = v["memory_limit_mib"]
-            self.memory.max = float(self.memory_limit_mib)
+        if (given := v.get("memory_limit_mib")) and self.memory_limit_mib is None:
+            self.memory_limit_mib = given
+            self.memory.max = float(given)
         if self.memory_limit_mib is None:
             self.memory.max = max(self.memory.max, peak or 1)
         self.memory.value = min(peak, self.memory.max)

@@ -9,8 +9,13 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
-FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+# A job's states are part of the contract with the client (nanogrid_contract/views.py)
+from nanogrid_contract.views import CANCELLED as CANCELLED
+from nanogrid_contract.views import COMPLETED as COMPLETED
+from nanogrid_contract.views import FAILED as FAILED
+from nanogrid_contract.views import FINAL_STATES as FINAL_STATES
+from nanogrid_contract.views import PENDING as PENDING
+from nanogrid_contract.views import RUNNING as RUNNING
 
 
 def new_job_id() -> str:

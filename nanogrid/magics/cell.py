@@ -21,6 +21,7 @@ from nanogrid.job import Job
 from nanogrid.volume import Volume
 from nanogrid.widgets import size_text
 from nanogrid_contract.errors import InvalidArgument, RemoteError
+from nanogrid_contract.views import JobView
 
 NOT_SENT = {"__builtins__", "__builtin__", "__name__", "__doc__", "__loader__", "__package__", "__spec__"}
 NOTEBOOK_ONLY = {"In", "Out", "_ih", "_oh", "_dh"}  # the notebook's own history: it stays here
@@ -48,7 +49,7 @@ class CellJob(Job):
     its names bound before the error come back all the same (inside `CellFailed`).
     """
 
-    def __init__(self, client: Client, view: dict[str, Any], name: str, shell: Any, sent: dict[str, Any],
+    def __init__(self, client: Client, view: JobView, name: str, shell: Any, sent: dict[str, Any],
                  sizes_in: dict[str, int], has_value: bool) -> None:
         super().__init__(client, view, name)
         self.shell = shell
@@ -231,7 +232,7 @@ def _inputs(shell: Any, names: list[str]) -> dict[str, Any]:
     return inputs
 
 
-def _streams(view: dict[str, Any], segments: list[list[int]]) -> list[tuple[str, str]]:
+def _streams(view: JobView, segments: list[list[int]]) -> list[tuple[str, str]]:
     """The cell's stdout and stderr, interleaved as it wrote them where the lengths match what was captured."""
     stdout, stderr = view.get("stdout", ""), view.get("stderr", "")
     if sum(n for fd, n in segments if fd == 1) != len(stdout) or sum(n for fd, n in segments if fd == 2) != len(stderr):
