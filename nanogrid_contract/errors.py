@@ -28,7 +28,7 @@ class GridUnresponsive(NotConnected, TimeoutError):
 
 class APIError(NanoGridError):
     """The controller refused a request: ``status`` is the HTTP status, ``code`` its stable error code
-    (``not_found``, ``rate_limited``, ...; see the README) and ``detail`` says why."""
+    (``not_found``, ``rate_limited``, ...; see docs/http/index.md#errors) and ``detail`` says why."""
 
     def __init__(self, status: int, detail: str, code: str = "") -> None:
         super().__init__(f"{detail} (HTTP {status})")
