@@ -1,16 +1,22 @@
-"""The Python bootstrap's own helpers, run in this process (no sandbox)."""
+"""The Python bootstrap: its own helpers, run in this process (no sandbox), and the bootstrap itself on the oldest
+Python a runtime may be built for."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import os
+import subprocess
+import time
 import zipfile
+from pathlib import Path
 
 import cloudpickle
 import pytest
 
 from nanogrid.packaging import package_function
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require
 
 
 @pytest.fixture
@@ -89,3 +95,54 @@ def test_the_sandbox_image_ships_every_module_its_modules_import():
             for names in imported:
                 if any(n.split(".")[0] in ("nanogrid", "nanogrid_contract") for n in names):
                     assert names & shipped, f"{package}/{name} imports {min(names)}, which the image does not ship"
+
+
+SHOUT = """
+import sys
+
+def handler(event, context):
+    return {"shout": event["word"].upper(), "python": "%d.%d" % sys.version_info[:2], "job": context["job_id"]}
+"""
+
+
+@pytest.mark.integration
+def test_a_batch_of_calls_is_served_on_the_oldest_python_a_runtime_may_be_built_for(tmp_path):
+    """A runtime may be built for Python 3.9 (nanogrid_contract.environments.PYTHONS): there the bootstrap must serve
+    a batch of calls (``calls``) as on the grid's own Python, each call answered, not the sandbox lost."""
+    from nanogrid_backend.builds.builder import interpreter_for
+    from nanogrid_backend.sandbox.protocol import FrameReader, encode_frame
+    from nanogrid_contract.environments import PYTHONS
+
+    oldest = PYTHONS[0]
+    python = interpreter_for(oldest)
+    require(python is not None, f"no Python {oldest} interpreter (pyenv's, or python{oldest} on PATH)")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "cloudpickle").symlink_to(Path(cloudpickle.__file__).parent)  # pure Python: the same code runs there
+    package = io.BytesIO()
+    with zipfile.ZipFile(package, "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"kind": "handler", "handler": "shout.handler", "name": "shout",
+                                                 "memory": 128}))
+        zf.writestr("shout.py", SHOUT)
+    events = [json.dumps({"word": word}).encode() for word in ("apples", "pears")]
+    calls = {"op": "calls", "measure_rss": True, "model": None,
+             "calls": [{"job_id": f"job-{n}", "timeout": 30, "size": len(e)} for n, e in enumerate(events)]}
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(site), "NANOGRID_WORK_DIR": str(tmp_path / "work")}
+    bootstrap = ROOT / "nanogrid_runtimes" / "python" / "bootstrap.py"
+    with subprocess.Popen([str(python), "-s", str(bootstrap)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, env=env) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        reader = FrameReader(proc.stdout.fileno())
+        deadline = time.monotonic() + 60
+        ready, _ = reader.read(deadline, 0)
+        assert ready["op"] == "ready" and ready["python"] == oldest
+        proc.stdin.write(encode_frame({"op": "load", "env": {}}, package.getvalue())
+                         + encode_frame(calls, b"".join(events)))
+        proc.stdin.flush()
+        assert reader.read(deadline, 0)[0]["ok"] is True  # loaded
+        answers = [reader.read(deadline, 1 << 20) for _ in events]
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    assert [reply["ok"] for reply, _ in answers] == [True, True]
+    assert [json.loads(result) for _, result in answers] == [
+        {"shout": "APPLES", "python": oldest, "job": "job-0"}, {"shout": "PEARS", "python": oldest, "job": "job-1"}]

@@ -12,7 +12,13 @@ on the job), so nothing is written to the output directory for that. A refused o
 raises ``AIError`` with the grid's own explanation (no AI access, budget spent, unknown model).
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import requests
 
 DEFAULT_ENDPOINT = "http://10.0.20.100:11434"  # the seed's AI node, where AI_ENDPOINT is not set
 DEFAULT_MODEL = "llama3:8b"
@@ -28,30 +34,30 @@ class AIError(RuntimeError):
 class AIClient:
     """Ollama's generate and chat routes at ``AI_ENDPOINT``, with the model of this call by default."""
 
-    def __init__(self, endpoint=None, default_model=None):
+    def __init__(self, endpoint: str | None = None, default_model: str | None = None) -> None:
         self._endpoint, self._default_model = endpoint, default_model
-        self._session = None
+        self._session: requests.Session | None = None
 
     @property
-    def endpoint(self):
+    def endpoint(self) -> str:
         return (self._endpoint or os.environ.get("AI_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
     @property
-    def default_model(self):
+    def default_model(self) -> str:
         """Read at each request: the grid sets LLM_MODEL per call (the run's modelId)."""
         return self._default_model or os.environ.get("LLM_MODEL") or DEFAULT_MODEL
 
-    def generate(self, prompt, model=None, **kwargs):
+    def generate(self, prompt: str, model: str | None = None, **kwargs: Any) -> str:
         """The answer's text for ``prompt`` (extra keys such as ``options`` or ``system`` go into the request)."""
         data = self._post("/api/generate", {**kwargs, "model": model or self.default_model, "prompt": prompt})
         return data.get("response", "")
 
-    def chat(self, messages, model=None, **kwargs):
+    def chat(self, messages: list[dict[str, Any]], model: str | None = None, **kwargs: Any) -> str:
         """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...])."""
         data = self._post("/api/chat", {**kwargs, "model": model or self.default_model, "messages": messages})
         return (data.get("message") or {}).get("content", "")
 
-    def _post(self, path, payload):
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         import requests
 
         if self._session is None:
@@ -82,9 +88,9 @@ class AIClient:
 client = AIClient()  # the seed's module-level client
 
 
-def generate(prompt, model=None, **kwargs):
+def generate(prompt: str, model: str | None = None, **kwargs: Any) -> str:
     return client.generate(prompt, model, **kwargs)
 
 
-def chat(messages, model=None, **kwargs):
+def chat(messages: list[dict[str, Any]], model: str | None = None, **kwargs: Any) -> str:
     return client.chat(messages, model, **kwargs)

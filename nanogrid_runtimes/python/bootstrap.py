@@ -17,6 +17,8 @@ thing over the same channel: an AI node request, sent by the forwarder that serv
 on the sandbox's own loopback (``AIForwarder``; also ``__nanogrid_channel__``).
 """
 
+from __future__ import annotations
+
 import io
 import json
 import os
@@ -30,6 +32,14 @@ import threading
 import time
 import traceback
 import zipfile
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable, Collection, Mapping
+    from types import CodeType, ModuleType
+
+Header = dict[str, Any]  # a frame's JSON header as the host sent it: every field is checked where it is used
 
 CAPTURE_LIMIT = int(os.environ.get("NANOGRID_CAPTURE_LIMIT", 1 << 20))
 CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this size
@@ -39,8 +49,9 @@ CODE_DIR = os.path.join(WORK_DIR, "code")
 BOOTSTRAP_PID = os.getpid()
 
 
-def read_exact(fd, n):
-    chunks, left = [], n
+def read_exact(fd: int, n: int) -> bytes:
+    chunks: list[bytes] = []
+    left = n
     while left:
         chunk = os.read(fd, min(left, 1 << 20))
         if not chunk:
@@ -50,7 +61,7 @@ def read_exact(fd, n):
     return b"".join(chunks)
 
 
-def read_frame(fd):
+def read_frame(fd: int) -> tuple[Header, bytes]:
     header_len, body_len = struct.unpack(">II", read_exact(fd, 8))
     header = json.loads(read_exact(fd, header_len))
     return header, read_exact(fd, body_len) if body_len else b""
@@ -62,7 +73,7 @@ WRITE_LOCK = threading.Lock()  # frames come from the main thread and the live-o
 ONE_WRITE_BYTES = 64 << 10  # a frame with a body up to this size goes out in one write (Docker relays each write)
 
 
-def write_frame(fd, header, body=b""):
+def write_frame(fd: int, header: Mapping[str, object], body: bytes | memoryview = b"") -> None:
     data = json.dumps(header).encode()
     head = struct.pack(">II", len(data), len(body)) + data
     with WRITE_LOCK:  # a large body is written after its header, never copied
@@ -70,7 +81,7 @@ def write_frame(fd, header, body=b""):
             write_all(fd, buf)
 
 
-def write_all(fd, data):
+def write_all(fd: int, data: bytes | memoryview) -> None:
     buf = memoryview(data)
     while buf:
         buf = buf[os.write(fd, buf):]
@@ -80,10 +91,25 @@ STREAM_RESULT_OVER = 1 << 20  # a larger result follows its reply in pieces (``r
 BLOB_CHUNK_BYTES = 4 << 20
 
 
-RESULT_FILE = os.environ.get("NANOGRID_RESULT_FILE")  # set where the host reads large results from the sandbox's disk
+RESULT_FILE = os.environ.get("NANOGRID_RESULT_FILE") or ""  # set where the host reads large results from the sandbox's disk
 
 
-def write_reply(fd, reply, result):
+class Reply(TypedDict, total=False):
+    """A call's reply header (``ok`` always; the host checks every field it reads)."""
+
+    ok: bool
+    error: dict[str, str]  # kind, type, module, message, traceback
+    result_format: str  # "pickle" or "json"
+    duration_ms: float
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int | None
+    output_files: int
+    result_size: int  # a large result: it follows the reply in pieces, or in ``result_file``
+    result_file: bool
+
+
+def write_reply(fd: int, reply: Reply, result: bytes) -> None:
     """The call's reply; a large result after it in pieces, so the host can spool it to disk as it arrives, or,
     where the host reads the sandbox's own disk (``NANOGRID_RESULT_FILE``), in that file."""
     if len(result) <= STREAM_RESULT_OVER:
@@ -100,7 +126,7 @@ def write_reply(fd, reply, result):
         write_frame(fd, {"op": "result_data"}, view[start:start + BLOB_CHUNK_BYTES])
 
 
-def result_to_file(result):
+def result_to_file(result: bytes) -> bool:
     """Write a large result into the working directory for the host to read; False (nothing left) if the disk is
     too small for it: it then travels over the channel."""
     path = os.path.join(WORK_DIR, RESULT_FILE)
@@ -119,7 +145,7 @@ def result_to_file(result):
 BLOB_FILE_PREFIX = ".nanogrid-blob-"
 
 
-def read_blob_file(name, size):
+def read_blob_file(name: object, size: int) -> bytes:
     """A blob the host left in the working directory: read whole, then removed (its bytes live on in memory)."""
     if not isinstance(name, str) or "/" in name or not name.startswith(BLOB_FILE_PREFIX):
         raise ValueError("the host named a blob file outside the working directory")
@@ -134,13 +160,14 @@ def read_blob_file(name, size):
     return data
 
 
-def read_blobs(fd, sizes):
+def read_blobs(fd: int, sizes: list[int]) -> list[bytes | bytearray]:
     """The blobs the call's args pickle references: each filled in place from the ``blob`` frames that follow, or
     read whole from a file the host wrote into the working directory (a ``blob_file`` frame; the Docker sandbox's
     own disk, faster than the engine's stream)."""
-    blobs = []
+    blobs: list[bytes | bytearray] = []
     for size in sizes:
-        blob, view, filled = bytearray(0), memoryview(b""), 0
+        blob: bytes | bytearray = bytearray(0)
+        view, filled = memoryview(b""), 0
         while filled < size:
             header_len, body_len = struct.unpack(">II", read_exact(fd, 8))
             header = json.loads(read_exact(fd, header_len))
@@ -175,20 +202,22 @@ class BlobCache:
 
     MAX_KEPT = 256  # the host remembers more of what it sent (1024), so an honest answer is never taken for a lie
 
-    def __init__(self):
-        self.kept, self.total = {}, 0  # sha256 -> bytearray, least recently used first
+    def __init__(self) -> None:
+        self.kept: dict[str, bytes] = {}  # sha256 -> the blob, least recently used first
+        self.total = 0
 
-    def needed(self, ids, sizes):
+    def needed(self, ids: list[str], sizes: list[int]) -> list[int]:
         """Which of the call's blobs (their indices) the host must send."""
         return [n for n, sha in enumerate(ids) if sha not in self.kept or len(self.kept[sha]) != sizes[n]]
 
-    def receive(self, fd, reply_fd, ids, sizes, limit):
+    def receive(self, fd: int, reply_fd: int, ids: list[str], sizes: list[int],
+                limit: int) -> list[bytes | bytearray | None]:
         need = self.needed(ids, sizes)
         # Room first, before the new blobs arrive: the least recently used go, never one this call uses.
         self.shrink(limit - sum(sizes[n] for n in need), keep=set(ids))
         write_frame(reply_fd, {"op": "need", "blobs": need})
         arrived = dict(zip(need, read_blobs(fd, [sizes[n] for n in need])))  # noqa: B905 (Python 3.8+)
-        blobs = []
+        blobs: list[bytes | bytearray | None] = []
         for n, sha in enumerate(ids):
             kept = self.kept.pop(sha, None)
             self.total -= len(kept) if kept is not None else 0
@@ -202,7 +231,7 @@ class BlobCache:
         self.shrink(limit)
         return blobs
 
-    def shrink(self, limit, keep=()):
+    def shrink(self, limit: int, keep: Collection[str] = ()) -> None:
         for sha in [sha for sha in self.kept if sha not in keep]:
             if self.total <= limit and len(self.kept) <= self.MAX_KEPT:
                 return
@@ -216,11 +245,12 @@ class ArgsUnpickler(pickle.Unpickler):
     """An args pickle's persistent ids: ("i", bytes) an argument's own pickle, ("b", n) the call's n-th blob; with a
     third item {sha256: n} when the argument holds Refs, which its own pickle names ("r", sha256)."""
 
-    def __init__(self, data, blobs, loaded=None, refs=None):
+    def __init__(self, data: bytes | bytearray, blobs: list[bytes | bytearray | None],
+                 loaded: dict[int, Any] | None = None, refs: dict[str, int] | None = None) -> None:
         super().__init__(io.BytesIO(data))
         self.blobs, self.loaded, self.refs = blobs, {} if loaded is None else loaded, refs or {}
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> Any:
         if pid[0] == "r":  # a Ref inside an argument: the call's blob of that hash
             return self.blob(self.refs[pid[1]], {})
         kind, value, refs = pid if len(pid) == 3 else (*pid, {})
@@ -228,7 +258,7 @@ class ArgsUnpickler(pickle.Unpickler):
             return ArgsUnpickler(value, self.blobs, self.loaded, refs).load()
         return self.blob(value, refs)
 
-    def blob(self, n, refs):
+    def blob(self, n: int, refs: dict[str, int]) -> Any:
         if n not in self.loaded:  # one blob given twice in a call is one object, as it was in the caller's
             data, self.blobs[n] = self.blobs[n], None  # its bytes are freed as soon as the value exists
             if data is None:
@@ -240,19 +270,19 @@ class ArgsUnpickler(pickle.Unpickler):
 class Capture:
     """One file behind fd 1 or 2, emptied before each call and read back (bounded) after."""
 
-    def __init__(self, fd, name):
+    def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         path = os.path.join(WORK_DIR, name)
         file_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(file_fd, fd)
         os.close(file_fd)
 
-    def reset(self):
+    def reset(self) -> None:
         if os.lseek(self.fd, 0, os.SEEK_CUR):
             os.ftruncate(self.fd, 0)
             os.lseek(self.fd, 0, os.SEEK_SET)
 
-    def read(self):
+    def read(self) -> str:
         size = os.fstat(self.fd).st_size
         if not size:
             return ""
@@ -263,7 +293,7 @@ class Capture:
         return text
 
 
-def complete_utf8(data):
+def complete_utf8(data: bytes) -> int:
     """The length of ``data`` without a UTF-8 character cut off at its end."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
@@ -283,23 +313,23 @@ class LiveOutput:
 
     INTERVAL_S = 0.1
 
-    def __init__(self, fd, captures):
+    def __init__(self, fd: int, captures: list[Capture]) -> None:
         self.fd, self.captures = fd, captures
         self.lock = threading.Lock()
         self.active = False
         self.wake = threading.Event()
         threading.Thread(target=self._run, name="nanogrid-live-output", daemon=True).start()
 
-    def begin(self):
+    def begin(self) -> None:
         with self.lock:
             self.offsets, self.sent, self.active = [0, 0], 0, True
         self.wake.set()
 
-    def end(self):
+    def end(self) -> None:
         with self.lock:
             self.active = False
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             self.wake.wait()
             time.sleep(self.INTERVAL_S)
@@ -312,7 +342,7 @@ class LiveOutput:
                 except OSError:
                     self.active = False
 
-    def _send_new(self):
+    def _send_new(self) -> None:
         for index, capture in enumerate(self.captures):
             size = os.fstat(capture.fd).st_size
             left = min(size - self.offsets[index], 64 << 10, CAPTURE_LIMIT - self.sent)
@@ -326,11 +356,11 @@ class LiveOutput:
                 write_frame(self.fd, {"op": "log", "stream": ("stdout", "stderr")[index]}, data)
 
 
-class Context(dict):
+class Context(dict[str, Any]):
     """The second argument of ``handler(event, context)``, shaped like AWS Lambda's; also the seed platform's
     dict (``context["request_id"]``, ``context.get("function_id")``)."""
 
-    def __init__(self, job_id, function_name, memory_mib, deadline):
+    def __init__(self, job_id: object, function_name: object, memory_mib: object, deadline: float) -> None:
         super().__init__(request_id=job_id, job_id=job_id, function_id=os.environ.get("FUNCTION_ID"),
                          function_name=function_name, memory_mb=memory_mib, output_dir=OUTPUT_DIR,
                          llm_model=os.environ.get("LLM_MODEL"))
@@ -339,14 +369,14 @@ class Context(dict):
         self.memory_limit_in_mb = memory_mib
         self._deadline = deadline
 
-    def get_remaining_time_in_millis(self):
+    def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
 PAYLOAD_FILE_OVER = 100 * 1024  # the seed platform's limit for PAYLOAD; above it the event is in PAYLOAD_FILE
 
 
-def seed_environment(job_id, body):
+def seed_environment(job_id: object, body: bytes) -> None:
     """The seed platform's per-call variables: JOB_ID, OUTPUT_DIR, and PAYLOAD or, over 100 KB, PAYLOAD_FILE."""
     os.environ.update({"JOB_ID": str(job_id or ""), "OUTPUT_DIR": OUTPUT_DIR})
     if len(body) > PAYLOAD_FILE_OVER:
@@ -360,7 +390,7 @@ def seed_environment(job_id, body):
         os.environ["PAYLOAD"] = body.decode() if body else "{}"
 
 
-def peak_rss_reset():
+def peak_rss_reset() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -368,7 +398,7 @@ def peak_rss_reset():
         pass
 
 
-def peak_rss():
+def peak_rss() -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -379,7 +409,7 @@ def peak_rss():
     return None
 
 
-def clip(text, limit=CAPTURE_LIMIT // 2):
+def clip(text: str, limit: int = CAPTURE_LIMIT // 2) -> str:
     """A message or traceback cut to what the host accepts (the whole exception still travels pickled)."""
     if len(text) <= limit:
         return text
@@ -389,7 +419,7 @@ def clip(text, limit=CAPTURE_LIMIT // 2):
 DISK_MIB = os.environ.get("NANOGRID_DISK_MIB")  # the sandbox's own scratch disk (the Docker sandbox)
 
 
-def out_of_disk(exc):
+def out_of_disk(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what it was raised from) is the scratch disk filling up."""
     import errno
 
@@ -401,7 +431,7 @@ def out_of_disk(exc):
     return False
 
 
-def full_volume():
+def full_volume() -> str:
     """'NAME' (mounted at PATH) of a volume the function mounts that has no room left, else ''."""
     import json
 
@@ -415,7 +445,7 @@ def full_volume():
     return ""
 
 
-def describe_error(exc, cloudpickle):
+def describe_error(exc: BaseException, cloudpickle: ModuleType) -> tuple[dict[str, str], bytes]:
     frames = traceback.extract_tb(exc.__traceback__)
     user = [f for f in frames if f.filename != __file__] or frames  # trim bootstrap frames
     text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(user))
@@ -442,7 +472,7 @@ def describe_error(exc, cloudpickle):
     return error, body
 
 
-def remember_source(manifest):
+def remember_source(manifest: dict[str, Any]) -> None:
     """Serve the packaged source to linecache under its original file name, for tracebacks."""
     import linecache
 
@@ -452,10 +482,11 @@ def remember_source(manifest):
         return
     with open(path) as f:
         lines = [""] * (first - 1) + f.read().splitlines(True)
-    linecache.cache[name] = (None, None, lines, name)  # mtime None: never re-checked against a file
+    # mtime None: never re-checked against a file (linecache then never reads the size either)
+    linecache.cache[name] = (None, None, lines, name)  # type: ignore[assignment]
 
 
-def with_source_file(code, name):
+def with_source_file(code: CodeType, name: str) -> CodeType:
     """``code`` and the code nested in it, named after the user's file again.
 
     Pickling may rename code objects (cloudpickle 3.1.3 calls them all ``<dynamic-code>``); the
@@ -465,7 +496,7 @@ def with_source_file(code, name):
     return code.replace(co_filename=name, co_consts=consts)
 
 
-def restore_source_file(function, manifest):
+def restore_source_file(function: Any, manifest: dict[str, Any]) -> None:
     name = manifest.get("source_file")
     code = getattr(function, "__code__", None)
     if name and code is not None and code.co_firstlineno == manifest.get("source_line"):
@@ -475,7 +506,7 @@ def restore_source_file(function, manifest):
             pass  # a callable that is not a plain function keeps its names
 
 
-def encode_json(value):
+def encode_json(value: object) -> bytes:
     try:
         return json.dumps(value).encode()
     except (TypeError, ValueError) as exc:
@@ -483,12 +514,12 @@ def encode_json(value):
 
 
 class Runtime:
-    def __init__(self, ai=None):
-        self.manifest = None
-        self.function = None
+    def __init__(self, ai: AIForwarder | None = None) -> None:
+        self.manifest: dict[str, Any] | None = None
+        self.function: Any = None  # the loaded function (any callable), until then None
         self.ai = ai  # the AIForwarder behind AI_ENDPOINT, if the sandbox has a loopback
 
-    def load(self, header, body):
+    def load(self, header: Header, body: bytes) -> None:
         import cloudpickle
 
         os.environ.update({str(k): str(v) for k, v in (header.get("env") or {}).items()})  # the function's settings
@@ -524,8 +555,12 @@ class Runtime:
         if header.get("max_output_bytes"):
             resource.setrlimit(resource.RLIMIT_FSIZE, (header["max_output_bytes"],) * 2)
 
-    def call(self, header, body, captures, live=None, blobs=()):
+    def call(self, header: Header, body: bytes, captures: list[Capture], live: LiveOutput | None,
+             blobs: list[bytes | bytearray | None]) -> tuple[Reply, bytes]:
         import cloudpickle
+
+        manifest = self.manifest
+        assert manifest is not None  # calls are served only once a load succeeded
 
         for capture in captures:
             capture.reset()
@@ -543,14 +578,15 @@ class Runtime:
             os.environ["LLM_MODEL"] = header["model"]
         if measure_rss:
             peak_rss_reset()
-        reply, result = {"ok": True}, b""
+        reply: Reply = {"ok": True}
+        result = b""
         started = time.perf_counter()
         try:
-            if self.manifest["kind"] == "pickle":
+            if manifest["kind"] == "pickle":
                 args, kwargs = ArgsUnpickler(body, list(blobs)).load()
                 del blobs[:]
                 value = self.function(*args, **kwargs)
-                if self.manifest.get("result") == "json":  # data-only: the caller never unpickles anything
+                if manifest.get("result") == "json":  # data-only: the caller never unpickles anything
                     result = encode_json(value)
                     reply["result_format"] = "json"
                 else:
@@ -560,14 +596,13 @@ class Runtime:
                 event = json.loads(body) if body else None
                 seed_environment(header.get("job_id"), body)
                 deadline = time.monotonic() + header.get("timeout", 300)
-                context = Context(header.get("job_id"), self.manifest.get("name"),
-                                  self.manifest.get("memory"), deadline)
+                context = Context(header.get("job_id"), manifest.get("name"), manifest.get("memory"), deadline)
                 result = encode_json(self.function(event, context))
                 reply["result_format"] = "json"
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the function's too
             reply["ok"] = False
             reply["error"], result = describe_error(exc, cloudpickle)
-            if self.manifest.get("result") == "json":
+            if manifest.get("result") == "json":
                 result = b""  # the exception as text only (type, message, traceback)
         if os.getpid() != BOOTSTRAP_PID:  # a child the function forked: it must never answer the agent
             os._exit(0)
@@ -587,7 +622,7 @@ class Runtime:
         return reply, result
 
 
-def send_outputs(fd, limit):
+def send_outputs(fd: int, limit: int | None) -> None:
     """Send each regular file of the output directory as a ``file`` record and its ``data`` chunks.
 
     Records, not an archive: the host checks every name and size itself and writes the files
@@ -619,27 +654,27 @@ def send_outputs(fd, limit):
     os.makedirs(OUTPUT_DIR, exist_ok=True)
 
 
-def run_calls(fd, runtime, header, body, captures, request_fd):
+def run_calls(fd: int, runtime: Runtime, header: Header, body: bytes, captures: list[Capture], request_fd: int) -> None:
     """A batch of short calls from one frame (``calls``: job_id, timeout and payload size of each; the payloads one
     after the other in the body), each answered by its own reply as it ends. A call that wrote output files, returned
     a large result or ran out of memory ends the batch: the host takes its files (``outputs``) or result, and runs
     the rest later. A call the host cancels while it waits (a ``skip`` frame naming it, read before each call starts)
     is answered as cancelled and never started."""
-    calls = header.get("calls")
+    calls = header.get("calls") or []
     sizes = [call.get("size") for call in calls] if isinstance(calls, list) and calls else None
     if sizes is None or not all(isinstance(n, int) and n >= 0 for n in sizes) or sum(sizes) != len(body):
         write_frame(fd, {"ok": False, "error": {"kind": "protocol", "message": "a calls frame that does not add up"}})
         return
-    offset, skipped = 0, set()
-    for call, size in zip(calls, sizes, strict=True):
+    offset, skipped = 0, set[object]()  # the job ids the host cancelled while they waited
+    for call, size in zip(calls, sizes):  # noqa: B905 (Python 3.9: no strict=; one size per call, above)
         payload = body[offset:offset + size]
         offset += size
         read_skips(request_fd, skipped)
         if call.get("job_id") in skipped:
             write_frame(fd, {"ok": False, "error": {"kind": "cancelled", "message": "cancelled before it started"}})
             continue
-        one = {"job_id": call.get("job_id"), "timeout": call.get("timeout"),
-               "measure_rss": header.get("measure_rss"), "model": header.get("model")}
+        one: Header = {"job_id": call.get("job_id"), "timeout": call.get("timeout"),
+                       "measure_rss": header.get("measure_rss"), "model": header.get("model")}
         reply, result = runtime.call(one, payload, captures, None, [])
         # Out of this process before the next call starts: whatever that call does to the sandbox (os._exit, a
         # segfault, the OOM killer), this call's outcome has reached the host and is never lost or run again.
@@ -649,7 +684,7 @@ def run_calls(fd, runtime, header, body, captures, request_fd):
             return  # the host takes this call's result or files before any other call could write its own
 
 
-def read_skips(request_fd, skipped):
+def read_skips(request_fd: int, skipped: set[object]) -> None:
     """The ``skip`` frames the host sent since the batch began (one poll, no wait): calls cancelled while they
     waited in the batch."""
     try:
@@ -667,11 +702,11 @@ class Channel:
     Importable as the module ``__nanogrid_channel__``; the sandbox has no network of its own.
     """
 
-    def __init__(self, request_fd, reply_fd):
+    def __init__(self, request_fd: int, reply_fd: int) -> None:
         self.request_fd, self.reply_fd = request_fd, reply_fd
         self.lock = threading.Lock()
 
-    def request(self, header, body=b""):
+    def request(self, header: Mapping[str, object], body: bytes = b"") -> tuple[Header, bytes]:
         with self.lock:  # one request and its answer at a time, whatever threads the function runs
             write_frame(self.reply_fd, header, body)
             return read_frame(self.request_fd)
@@ -704,7 +739,7 @@ class AIForwarder:
     Answers come back whole (the gateway counts the tokens of the final object), streamed ones as NDJSON lines.
     """
 
-    def __init__(self, channel_request):
+    def __init__(self, channel_request: Callable[[Header, bytes], tuple[Header, bytes]]) -> None:
         import socket
 
         self.channel_request, self.allowed = channel_request, False  # until the function's settings say otherwise
@@ -724,18 +759,18 @@ class AIForwarder:
         self.url = "http://127.0.0.1:%d%s" % (self.listener.getsockname()[1], self.prefix)
         threading.Thread(target=self._accept, name="nanogrid-ai-forwarder", daemon=True).start()
 
-    def begin_call(self):
+    def begin_call(self) -> None:
         with self.gate:
             self.calling = True
 
-    def end_call(self):
+    def end_call(self) -> None:
         """No more requests; returns once those under way have their answers (before the call's reply is sent)."""
         with self.gate:
             self.calling = False
             while self.in_flight:
                 self.gate.wait()
 
-    def _accept(self):
+    def _accept(self) -> None:
         while True:
             try:
                 conn, _ = self.listener.accept()
@@ -743,7 +778,7 @@ class AIForwarder:
                 return
             threading.Thread(target=self._serve, args=(conn,), name="nanogrid-ai-connection", daemon=True).start()
 
-    def _serve(self, conn):
+    def _serve(self, conn: socket.socket) -> None:
         """One connection's requests (HTTP/1.1 keep-alive), answered in order."""
         pending = b""
         with conn:
@@ -786,7 +821,7 @@ class AIForwarder:
                 if not keep:
                     return
 
-    def _answer(self, method, target, body):
+    def _answer(self, method: str, target: str, body: bytes) -> tuple[int, dict[str, str] | bytes]:
         """The gateway's status and answer for one request; a refusal of the forwarder's own as a dict."""
         path = target.split("?", 1)[0]
         if path.startswith(("http://", "https://")):  # the absolute form a proxy gets
@@ -814,7 +849,7 @@ class AIForwarder:
         return (status if isinstance(status, int) and 100 <= status < 600 else 502), answer
 
     @staticmethod
-    def _with_model(method, body):
+    def _with_model(method: str, body: bytes) -> bytes:
         """A request that names no model gets this call's (LLM_MODEL: the run's modelId, else the function's or the
         grid's default), as the seed's ai_client chose it."""
         model = os.environ.get("LLM_MODEL")
@@ -829,7 +864,7 @@ class AIForwarder:
         return json.dumps({**request, "model": model}).encode()
 
     @staticmethod
-    def _respond(conn, status, answer, keep):
+    def _respond(conn: socket.socket, status: int, answer: dict[str, str] | bytes, keep: bool) -> None:
         if isinstance(answer, dict):
             answer = json.dumps(answer).encode()
         lines = answer.strip().count(b"\n")
@@ -842,7 +877,7 @@ class AIForwarder:
             pass  # the function stopped waiting
 
 
-def start_ai_forwarder(channel_request):
+def start_ai_forwarder(channel_request: Callable[[Header, bytes], tuple[Header, bytes]]) -> AIForwarder | None:
     """The forwarder behind ``AI_ENDPOINT``, started with the stem cell (off the path of a cold start); None where
     the sandbox has no loopback to listen on (``nanogrid.ai`` then uses the channel directly)."""
     try:
@@ -851,7 +886,7 @@ def start_ai_forwarder(channel_request):
         return None
 
 
-def grant_ai(forwarder):
+def grant_ai(forwarder: AIForwarder | None) -> None:
     """``AI_ENDPOINT`` for the function being loaded: every sandbox has one (a function without AI access is told
     why there); the worker's ``nanogrid:channel`` says that this one may use the AI node."""
     allowed = os.environ.get("AI_ENDPOINT") == AI_CHANNEL
@@ -863,7 +898,7 @@ def grant_ai(forwarder):
     os.environ["AI_ENDPOINT"] = forwarder.url
 
 
-def main():
+def main() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # also as PID 1 in a container
     stdin_fd, reply_fd = 0, os.dup(1)
@@ -875,11 +910,12 @@ def main():
     sys.stdin = open(os.devnull)
     import cloudpickle  # noqa: F401  (warm the import before the first call)
 
+    request = Channel(stdin_fd, reply_fd).request
     channel = type(sys)("__nanogrid_channel__")
-    channel.request = Channel(stdin_fd, reply_fd).request
+    channel.request = request  # type: ignore[attr-defined]  # a module of its own making: its names are set here
     sys.modules["__nanogrid_channel__"] = channel
 
-    runtime = Runtime(start_ai_forwarder(channel.request))
+    runtime = Runtime(start_ai_forwarder(request))
     live = LiveOutput(reply_fd, captures)
     write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2], "blob_cache": True})
     while True:
@@ -901,7 +937,7 @@ def main():
                 blobs = BLOB_CACHE.receive(stdin_fd, reply_fd, header["blob_ids"], header.get("blobs") or [],
                                            header.get("cache_bytes") or 0)
             else:
-                blobs = read_blobs(stdin_fd, header.get("blobs") or [])
+                blobs = list(read_blobs(stdin_fd, header.get("blobs") or []))  # typed as the cache's list (None: absent)
             if runtime.ai is not None:
                 runtime.ai.begin_call()
             try:

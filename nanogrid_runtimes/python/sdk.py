@@ -5,12 +5,15 @@ The helpers its runner used, reading what NanoGrid's bootstrap sets for each cal
 Standard library only, so it loads in every runtime image.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
+from typing import Any
 
 
-def get_input():
+def get_input() -> Any:
     """This call's event: the JSON of ``PAYLOAD_FILE`` if set (payloads over 100 KB), else of ``PAYLOAD``."""
     path = os.environ.get("PAYLOAD_FILE")
     if path:
@@ -19,7 +22,7 @@ def get_input():
     return json.loads(os.environ.get("PAYLOAD") or "{}")
 
 
-def get_context():
+def get_context() -> dict[str, Any]:
     """The call's context as the seed's runner built it (a dict)."""
     memory = os.environ.get("MEMORY_MB")
     return {
@@ -32,24 +35,25 @@ def get_context():
     }
 
 
-def get_output_dir():
+def get_output_dir() -> str:
     """Where files written become the call's output files (created if missing)."""
     path = os.environ.get("OUTPUT_DIR") or "/output"
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def output_path(name):
+def output_path(name: str) -> str:
     """A path for an output file called ``name`` (no directories outside the output directory)."""
     if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
         raise ValueError(f"output file name {name!r} must stay inside the output directory")
     return os.path.join(get_output_dir(), name)
 
 
-def save_output(name, data):
+def save_output(name: str, data: object) -> str:
     """Write ``data`` (bytes, text, or anything JSON can encode) as the output file ``name``; returns its path."""
     path = output_path(name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    content: bytes | str
     if isinstance(data, bytes):
         mode, content = "wb", data
     else:
@@ -59,7 +63,7 @@ def save_output(name, data):
     return path
 
 
-def return_output(result):
+def return_output(result: object) -> None:
     """Print the result as JSON on stdout, as the seed's runner did (NanoGrid also returns it as ``result``)."""
     print(json.dumps(result))
     sys.stdout.flush()
