@@ -148,6 +148,9 @@ class DockerSandboxFactory:
         return not self.scratch_problem and all(
             m.target == VOLUME_ROOT or m.target.startswith(VOLUME_ROOT + "/") for m in volumes.mounts)
 
+    def disk_shortfall(self) -> str | None:
+        return None if self.scratch_problem else self.disk_room.shortfall(self.disk_mib, evicting_idle=True)
+
     def runtime_images(self) -> dict[str, str]:
         return docker_runtimes(self.client, self.image, self.python)
 

@@ -38,6 +38,11 @@ class SandboxFactory(Protocol):
         """Whether a started stem cell can be given these volumes as it is specialised (else one starts with them)."""
         ...
 
+    def disk_shortfall(self) -> str | None:
+        """Why a stem cell's disk does not fit on the host now, even once idle sandboxes gave theirs up ('' when it
+        does); None: sandboxes have no disks of their own to run short of (what /health asks)."""
+        ...
+
     def runtime_images(self) -> dict[str, str] | None:
         """Python minor -> the runtime image its sandboxes start from, for each Python it can serve; None: it serves
         only its own Python, with no image."""

@@ -118,6 +118,9 @@ class ProcessSandboxFactory:
         """Never: bubblewrap mounts volumes only as a process starts, so a function with volumes starts its own."""
         return False
 
+    def disk_shortfall(self) -> None:
+        return None  # no disk of its own to run short of
+
     def runtime_images(self) -> None:
         return None  # one Python: the grid's own, no image
 
