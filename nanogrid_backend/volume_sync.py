@@ -6,7 +6,8 @@ the record, with its size, in the registry). The controller reads and writes tho
 way the embedded grid makes volumes (``volumes.py``), and syncs it (``SyncedVolumes``):
 
 - before each call that mounts the volume, it downloads the files whose S3 version differs from its copy's (their
-  ETags), and removes those deleted in S3 since: a warm worker whose copy is current downloads nothing;
+  ETags), and removes those deleted in S3 since: a warm worker whose copy is current downloads nothing, and lists
+  nothing either when the volume's change marker (an object every change rewrites) is the one it saw last;
 - after each call that mounts it read-write, it uploads the regular files the call made or changed (size or
   modification time differ from what it last synced) and deletes from S3 those the call removed.
 
@@ -61,6 +62,11 @@ def volume_prefix(owner: str, name: str) -> str:
     return f"{PREFIX}{owner_digest(owner)}/{name}/"
 
 
+def marker_key(owner: str, name: str) -> str:
+    """The object every change of the volume rewrites (beside its files' prefix, never inside it)."""
+    return f"{PREFIX}{owner_digest(owner)}/{name}.changed"
+
+
 class S3Volumes:
     """The owners' volumes kept in S3: what the controller serves (``/v1/volumes``) in AWS mode."""
 
@@ -72,6 +78,7 @@ class S3Volumes:
         self.s3, self.bucket, self.registry = s3, bucket, registry
         self.max_volume_mib, self.owner_volume_mib = max_volume_mib, owner_volume_mib
         self._lock = threading.Lock()
+        self._usage: dict[tuple[str, str], tuple[str, int]] = {}  # (owner, name) -> (its marker then, bytes)
 
     # records
     def create(self, owner: str, name: str, size_mib: int | None) -> dict[str, Any]:
@@ -97,14 +104,14 @@ class S3Volumes:
         """Remove the volume and its files. Workers' copies go with their next sync (the record is gone first)."""
         record = self._record(owner, name)
         self.registry.delete_volume(owner, record["name"])
-        self._delete([item["Key"] for item in self._objects(volume_prefix(owner, record["name"]))])
+        self._delete([item["Key"] for item in self._objects(volume_prefix(owner, record["name"]))]
+                     + [marker_key(owner, record["name"])])
         return {**record, "used_bytes": 0}
 
     def describe(self, owner: str, record: dict[str, Any]) -> dict[str, Any]:
         """The record with ``used_bytes``: what its files take in S3."""
-        used = sum(int(item.get("Size", 0)) for item in self._objects(volume_prefix(owner, record["name"])))
         return {"name": record["name"], "size_mib": record["size_mib"], "created_at": record["created_at"],
-                "used_bytes": used}
+                "used_bytes": self._used(owner, record["name"])}
 
     def attach(self, owner: str, wanted: list[dict[str, Any]]) -> VolumeSet:
         raise VolumeError("volumes are mounted by workers, not by the controller", 503)
@@ -119,18 +126,19 @@ class S3Volumes:
         record = self._record(owner, name)
         key = self._key(owner, record["name"], path)
         size = source.stat().st_size
-        prefix = volume_prefix(owner, record["name"])
-        used = replaced = 0
-        for item in self._objects(prefix):
-            used += int(item.get("Size", 0))
-            if item["Key"] == key:
-                replaced = int(item.get("Size", 0))
-            elif item["Key"].startswith(key + "/"):
-                raise VolumeError(f"{path!r} is a directory on volume {record['name']!r}", 409)
+        below = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=key + "/", MaxKeys=1)
+        if below.get("KeyCount", 0):
+            raise VolumeError(f"{path!r} is a directory on volume {record['name']!r}", 409)
+        try:
+            replaced = int(self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except ClientError:
+            replaced = 0
+        used = self._used(owner, record["name"])
         if used - replaced + size > record["size_mib"] << 20:
             raise VolumeError(f"volume {record['name']!r} is full ({record['size_mib']} MiB): remove files from it "
                               "or use a larger volume", 507)
         self.s3.upload_file(str(source), self.bucket, key)
+        self._changed(owner, record["name"], size - replaced)
         return size
 
     def open_file(self, owner: str, name: str, path: str) -> tuple[int, int]:
@@ -175,6 +183,7 @@ class S3Volumes:
         if not found:
             raise VolumeError(f"no {path!r} on volume {record['name']!r}", 404)
         self._delete(found)
+        self._changed(owner, record["name"], None)
 
     # what workers sync against
     def remote_files(self, owner: str, name: str) -> dict[str, tuple[str, int]]:
@@ -192,16 +201,50 @@ class S3Volumes:
         return str(body["ETag"])
 
     def upload(self, owner: str, name: str, path: str, source: Any) -> str:
-        """Upload ``source`` (a file object) as the file ``path``; its new ETag."""
+        """Upload ``source`` (a file object) as the file ``path``; its new ETag. (``mark`` the change after.)"""
         key = volume_prefix(owner, name) + path
         self.s3.upload_fileobj(source, self.bucket, key)
         return str(self.s3.head_object(Bucket=self.bucket, Key=key)["ETag"])
 
     def forget(self, owner: str, name: str, paths: list[str]) -> None:
+        """Delete these files. (``mark`` the change after.)"""
         prefix = volume_prefix(owner, name)
         self._delete([prefix + path for path in paths])
 
+    def marker(self, owner: str, name: str) -> str:
+        """The volume's change marker as it is now ('' before its first change)."""
+        try:
+            return str(self.s3.head_object(Bucket=self.bucket, Key=marker_key(owner, name))["ETag"])
+        except ClientError:
+            return ""
+
+    def mark(self, owner: str, name: str) -> str:
+        """Rewrite the change marker (after the change is in S3): workers list the volume again. Its new ETag."""
+        reply = self.s3.put_object(Bucket=self.bucket, Key=marker_key(owner, name), Body=os.urandom(16))
+        return str(reply["ETag"])
+
     # inside
+    def _used(self, owner: str, name: str) -> int:
+        """Bytes the volume's files take in S3: listed again only when its change marker moved (a worker's upload,
+        another controller's put), else one HEAD."""
+        marker = self.marker(owner, name)
+        with self._lock:
+            cached = self._usage.get((owner, name))
+        if cached is not None and marker and cached[0] == marker:
+            return cached[1]
+        used = sum(int(item.get("Size", 0)) for item in self._objects(volume_prefix(owner, name)))
+        with self._lock:
+            self._usage[(owner, name)] = (marker, used)
+        return used
+
+    def _changed(self, owner: str, name: str, grew_by: int | None) -> None:
+        """A change made here: the marker is rewritten, and the counted bytes follow it (None: counted again)."""
+        marker = self.mark(owner, name)
+        with self._lock:
+            cached = self._usage.pop((owner, name), None)
+            if cached is not None and grew_by is not None:
+                self._usage[(owner, name)] = (marker, cached[1] + grew_by)
+
     def _record(self, owner: str, name: str) -> dict[str, Any]:
         record = self.registry.get_volume(owner, checked_name(name))
         if record is None:
@@ -232,6 +275,7 @@ class SyncedVolumes(VolumeStore):
         super().__init__(directory, registry, uid, **limits)
         self.home = home
         self._sync_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._seen_marker: dict[tuple[str, str], str] = {}  # the change marker each copy was last synced at
         self.downloads = self.uploads = 0  # files moved since the start (what a warm copy saves shows here)
 
     def attach(self, owner: str, wanted: list[dict[str, Any]]) -> VolumeSet:
@@ -253,6 +297,7 @@ class SyncedVolumes(VolumeStore):
         with self._sync_lock(owner, name):
             synced = self._state(owner, name)
             local = self._local_files(owner, name)
+            changed = False
             for path, (size, mtime_ns) in local.items():
                 known = synced.get(path)
                 if known is not None and (known[1], known[2]) == (size, mtime_ns):
@@ -266,12 +311,16 @@ class SyncedVolumes(VolumeStore):
                     etag = self.home.upload(owner, name, path, source)
                 synced[path] = (etag, info.st_size, info.st_mtime_ns)
                 self.uploads += 1
+                changed = True
             removed = [path for path in synced if path not in local]
             if removed:
                 self.home.forget(owner, name, removed)
                 for path in removed:
                     del synced[path]
-            self._save_state(owner, name, synced)
+            if removed or changed:
+                self._seen_marker[(owner, name)] = ""  # its own change: listed again next time, like any other
+                self.home.mark(owner, name)
+                self._save_state(owner, name, synced)
 
     # inside
     def _sync_lock(self, owner: str, name: str) -> threading.Lock:
@@ -297,6 +346,9 @@ class SyncedVolumes(VolumeStore):
             self._make_image(owner, name, record["size_mib"])
 
     def _sync_down(self, owner: str, name: str) -> None:
+        marker = self.home.marker(owner, name)
+        if marker and marker == self._seen_marker.get((owner, name)):
+            return  # nothing changed in S3 since this copy was last synced: nothing to list
         remote = self.home.remote_files(owner, name)
         synced = self._state(owner, name)
         changed = False
@@ -323,6 +375,7 @@ class SyncedVolumes(VolumeStore):
             changed = True
         if changed:
             self._save_state(owner, name, synced)
+        self._seen_marker[(owner, name)] = marker
 
     def _local_files(self, owner: str, name: str) -> dict[str, tuple[int, int]]:
         """The copy's regular files: path -> (size, mtime in ns), reached without following links."""

@@ -83,17 +83,22 @@ def call(worker: SyncedVolumes, owner: str, write: dict[str, bytes] | None = Non
         volumes.release()
 
 
-def test_a_call_reads_what_was_put_and_what_another_workers_call_wrote(grid) -> None:
-    """Never a stale file after a call that changed it ended; never a second download of what a copy has."""
+def test_a_call_reads_what_was_put_and_what_another_workers_call_wrote(grid, monkeypatch) -> None:
+    """Never a stale file after a call that changed it ended; never a second download of what a copy has, nor a
+    listing of a volume nobody changed."""
     home, a, b = grid
+    listings = []
+    listed = home.remote_files
+    monkeypatch.setattr(home, "remote_files", lambda owner, name: listings.append(name) or listed(owner, name))
     home.create("alice", "datasets", 32)
     (source := Path(a.directory).parent / "train.csv").write_bytes(b"x,y\n1,2\n")
     home.put("alice", "datasets", "raw/train.csv", source)
 
     assert call(a, "alice", read=("raw/train.csv",)) == {"raw/train.csv": b"x,y\n1,2\n"}
-    assert a.downloads == 1
+    assert a.downloads == 1 and len(listings) == 1
     assert call(a, "alice", read=("raw/train.csv",)) == {"raw/train.csv": b"x,y\n1,2\n"}
     assert a.downloads == 1, "a warm copy downloaded again what it had"
+    assert len(listings) == 1, "a volume nobody changed was listed again"
 
     call(b, "alice", write={"raw/train.csv": b"x,y\n3,4\n", "results/b.txt": b"from b"})
     assert b.uploads == 2
