@@ -1,10 +1,8 @@
-"""``nanogrid demo``: a throwaway embedded grid and a short tour of what it does."""
+"""``nanogrid demo``'s tour of a throwaway grid (the grid starts it): calls, outputs, errors and timeouts."""
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import nanogrid
 
@@ -33,21 +31,9 @@ def forever() -> None:
         pass
 
 
-def run_demo(workers: int | None = None) -> int:
-    from nanogrid_backend.config import GridConfig
-    from nanogrid_backend.embedded import EmbeddedGrid
-
-    with tempfile.TemporaryDirectory(prefix="nanogrid-demo-") as data_dir:
-        config = GridConfig.load(data_dir=Path(data_dir), port=0, workers=workers)
-        print("Starting an embedded grid ...")
-        with EmbeddedGrid(config) as embedded:
-            print(f"  {embedded.url}  [{embedded.grid.describe_sandbox()}]")
-            nanogrid.connect(embedded.url, api_key=embedded.api_key)
-            _tour()
-    return 0
-
-
-def _tour() -> None:
+def tour(url: str, api_key: str) -> None:
+    """Connect to the grid at ``url`` and show what it does, one step at a time."""
+    nanogrid.connect(url, api_key=api_key)
     print("\n1. square.remote(7)")
     print("   ->", square.remote(7))
 
