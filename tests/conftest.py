@@ -1,3 +1,5 @@
+"""Shared fixtures: embedded grids (imported only by the tests that start one), Docker and tmpfs checks, no leftovers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,12 +9,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import nanogrid
-from nanogrid_backend.config import GridConfig
-from nanogrid_backend.embedded import EmbeddedGrid
+
+if TYPE_CHECKING:  # the grid is imported by the tests that start one: a unit test's start-up never pays for it
+    from nanogrid_backend.embedded import EmbeddedGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +90,9 @@ def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
 
 
 def start_grid(data_dir: Path, **settings: object) -> EmbeddedGrid:
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.embedded import EmbeddedGrid
+
     settings.setdefault("sandbox", "process")
     config = GridConfig.load(data_dir=data_dir, port=0, **settings)
     return EmbeddedGrid(config).start()

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import httpx
-import nbformat
 import pytest
 
 from nanogrid_backend.keys import create_key
@@ -44,6 +43,8 @@ def free_port() -> int:
 
 @pytest.fixture()
 def jupyter_lab(grid, tmp_path):
+    import nbformat  # its JSON schema checks take seconds to import: paid by this test, not by every collection
+
     notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     for cell in notebook.cells:  # nothing shown may come from the stored run
         if cell.cell_type == "code":

@@ -16,18 +16,20 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 import nanogrid
 import nanogrid.ai
 import nanogrid.errors
 from nanogrid.transfer import ArgsUnpickler
-from nanogrid_backend.config import GridConfig
-from nanogrid_backend.controller.app import create_app
-from nanogrid_backend.grid import Grid
+
+if TYPE_CHECKING:  # the controller's tests import the web app in their fixture: collecting this file starts no server
+    from fastapi.testclient import TestClient
+
+    from nanogrid_backend.grid import Grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,6 +230,12 @@ def test_configuration_mistakes_print_one_line_and_exit_non_zero(tmp_path, args,
 @pytest.fixture()
 def controller(tmp_path) -> tuple[TestClient, Grid]:
     """The real app on a real (unstarted) grid: SQLite registry, directory store; no workers needed to refuse."""
+    from fastapi.testclient import TestClient
+
+    from nanogrid_backend.config import GridConfig
+    from nanogrid_backend.controller.app import create_app
+    from nanogrid_backend.grid import Grid
+
     grid = Grid(GridConfig.load(data_dir=tmp_path, sandbox="process", stem_cells=0, max_package_bytes=1 << 20,
                                 max_payload_bytes=1 << 20))
     with TestClient(create_app(grid, manage_grid=False), raise_server_exceptions=False,
