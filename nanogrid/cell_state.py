@@ -1,11 +1,12 @@
 """Running a notebook cell on the grid so that the notebook ends in the state a local run leaves.
 
 In the notebook, `plan_cell` finds the names a cell needs (the compiler's own scopes, from
-`symtable`) and `pack_state` pickles them as one stream, so two names for one object stay one
-object. In the sandbox, `run_cell` executes the cell, then sends back every name it bound, rebound
-or deleted and every input whose pickled state changed (a mutation), compared by a hash of each
-input's pickle taken before and after. Functions and classes made in the cell travel without
-their globals and are rebuilt in the notebook with the notebook's namespace as their globals.
+`symtable`, less those the cell surely binds before reading them: `nanogrid.cell_reads`) and
+`pack_state` pickles them as one stream, so two names for one object stay one object. In the
+sandbox, `run_cell` executes the cell, then sends back every name it bound, rebound or deleted
+and every input whose pickled state changed (a mutation), compared by a hash of each input's
+pickle taken before and after. Functions and classes made in the cell travel without their
+globals and are rebuilt in the notebook with the notebook's namespace as their globals.
 
 Standard library and cloudpickle only: `run_cell` is imported inside the sandbox.
 """
@@ -25,7 +26,6 @@ import pickle
 import re
 import shlex
 import subprocess
-import symtable
 import sys
 import threading
 import time
@@ -89,23 +89,15 @@ def plan_cell(source: str, filename: str = "<cell>") -> CellPlan:
             reads += _magic_reads(node)
         elif isinstance(node, ast.Name) and node.id == "get_ipython" and not _inside_shell_call(node, tree):
             raise CellRefused(node.lineno, "get_ipython() on the grid supports only %time, %timeit, !cmd and x = !cmd")
-        elif isinstance(node, (ast.AugAssign, ast.Delete)):  # they need the old value, which symtable calls a store
-            targets = node.targets if isinstance(node, ast.Delete) else [node.target]
-            reads += [t.id for t in targets if isinstance(t, ast.Name)]
     has_value = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     return CellPlan(source, list(dict.fromkeys(reads)), has_value)
 
 
 def _scope_reads(source: str, filename: str, mode: str = "exec") -> list[str]:
-    """Module-level names the code reads, in its own scope and in the functions and classes it defines."""
-    top = symtable.symtable(source, filename, mode)
-    reads = [s.get_name() for s in top.get_symbols() if s.is_referenced()]
-    pending = list(top.get_children())
-    while pending:
-        table = pending.pop()
-        reads += [s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()]
-        pending += table.get_children()
-    return reads
+    """Module-level names the code reads before it surely binds them, in its own scope and in those it makes."""
+    from nanogrid.cell_reads import names_read  # the notebook's side only: sandboxes run cells, they never plan one
+
+    return names_read(source, filename, mode)
 
 
 def _is_shell_call(func: ast.expr) -> bool:
