@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 from nanogrid_backend.controller.jobs import BadRequest
 from nanogrid_backend.package_checks import PackageError
@@ -95,8 +96,10 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _methods(request: Request) -> set[str]:
-    return {m for route in request.app.router.routes if isinstance(route, Route)
-            and route.matches(request.scope)[0] != Match.NONE for m in (route.methods or ())}
+    """The methods of every route whose path matches, those of included routers too."""
+    routes = iter_route_contexts(request.app.router.routes)
+    return {m for route in routes if route.methods and route.matches(request.scope)[0] != Match.NONE
+            for m in route.methods}
 
 
 def _validation_detail(exc: RequestValidationError) -> str:

@@ -1,11 +1,11 @@
-"""Operations API under ``/v1``: invocation history, metrics windows and the AutoTuner, scoped to the caller's owner.
+"""Invocation history as the API and the dashboard show it, the AutoTuner's advice, and the history's retention.
 
-Included by ``nanogrid_backend/controller/app.py`` through ``install``, which also adds the webhook and load-test routes
-and the dashboard (nanogrid_backend/controller/webhooks.py, loadtests.py, ui.py) and runs the history's retention
-(finished calls older than ``history_retention_s`` are deleted, in batches, once an hour).
+The routes are nanogrid_backend/controller/routes/history.py; ``HistoryJanitor`` deletes finished calls older than
+``history_retention_s``, in batches, once an hour, for as long as the app runs (its lifespan starts and stops it).
 """
 
-# No ``from __future__ import annotations``: FastAPI reads the routes' annotations, some of them local names.
+from __future__ import annotations
+
 import dataclasses
 import io
 import json
@@ -13,17 +13,13 @@ import logging
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query
-from pydantic import BaseModel, Field
+from fastapi import HTTPException
 
-from nanogrid_backend.controller import loadtests, seed, webhooks
 from nanogrid_backend.controller.autotune import Rates, recommend
 from nanogrid_backend.grid import Grid
-from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
+from nanogrid_backend.models import FunctionRecord, JobRecord
 from nanogrid_backend.package_checks import function_id_for, owned_function_id
 from nanogrid_backend.registry.base import HistoryEntry
 from nanogrid_contract.packages import build_zip
@@ -32,11 +28,6 @@ log = logging.getLogger(__name__)
 
 TEXT_CAP = 2048  # stdout/stderr characters in a history page; the whole text is one request away
 PRUNE_EVERY_S = 3600.0
-JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
-
-
-class ApplyRequest(BaseModel):
-    memory_mib: int | None = Field(None, ge=16, description="the size to apply (default: the AutoTuner's advice)")
 
 
 def history_entry(job: JobRecord, stdout_size: int | None = None, stderr_size: int | None = None) -> dict[str, Any]:
@@ -103,82 +94,6 @@ def apply_memory(grid: Grid, function: FunctionRecord, memory_mib: int) -> Funct
     return version
 
 
-def router(grid: Grid, caller: Any) -> APIRouter:
-    """The routes; ``caller`` is the app's dependency that authenticates a request and returns its ``ApiKey``."""
-    api = APIRouter(prefix="/v1", tags=["operations"])
-
-    def owned_function(function_id: str, key: ApiKey) -> FunctionRecord:
-        function = seed.resolve_function(grid, key.name, function_id)  # a NanoGrid id or a seed function's uuid
-        if function is None:
-            raise HTTPException(404, f"no function {function_id!r}")
-        return function
-
-    def cursor(before: str | None, key: ApiKey) -> tuple[float, str] | None:
-        """``before``: a job id from the previous page's ``next_before``, or a Unix time."""
-        if before is None:
-            return None
-        try:
-            return float(before), ""
-        except ValueError:
-            job = grid.registry.get_job(before)
-            if job is None or job.owner != key.name:
-                raise HTTPException(404, f"no job {before!r} to page from") from None
-            return job.created_at, job.job_id
-
-    Limit = Annotated[int, Query(ge=1, le=500, description="calls per page")]
-    Before = Annotated[str | None, Query(description="next_before of the previous page (a job id), or a Unix time")]
-    Status = Annotated[JobStatus | None, Query()]
-
-    @api.get("/history")
-    def owner_history(key: caller, limit: Limit = 50, before: Before = None, status: Status = None,
-                      function_id: Annotated[str | None, Query(max_length=64)] = None) -> dict:
-        """The caller's calls, newest first: status, times, duration, peak memory, cold/warm, worker, exit reason."""
-        entries = grid.registry.list_history(key.name, function_id, status, limit, cursor(before, key), TEXT_CAP)
-        return page(entries, limit)
-
-    @api.get("/functions/{function_id}/history")
-    def function_history(function_id: str, key: caller, limit: Limit = 50, before: Before = None,
-                         status: Status = None) -> dict:
-        """One function's calls, newest first (stdout/stderr cut to 2,048 characters: ``/v1/history/{job_id}``)."""
-        resolved = seed.resolve_function(grid, key.name, function_id)  # a seed function's uuid: its newest version
-        function_id = resolved.function_id if resolved is not None else function_id
-        entries = grid.registry.list_history(key.name, function_id, status, limit, cursor(before, key), TEXT_CAP)
-        return page(entries, limit)
-
-    @api.get("/history/{job_id}")
-    def one_call(job_id: str, key: caller) -> dict:
-        """One call with its whole stdout and stderr."""
-        job = grid.registry.get_job(job_id)
-        if job is None or job.owner != key.name:
-            raise HTTPException(404, f"no job {job_id!r}")
-        return history_entry(job)
-
-    @api.get("/functions/{function_id}/windows")
-    def function_windows(function_id: str, key: caller) -> dict:
-        """Count, error rate, p50/p95/p99 duration, peak memory distribution and cold-start share over 1h/24h/7d/30d."""
-        owned_function(function_id, key)
-        return {"function_id": function_id, "windows": grid.registry.function_windows(function_id)}
-
-    @api.get("/functions/{function_id}/autotune")
-    def autotune(function_id: str, key: caller, lambda_gb_s: Annotated[float | None, Query(gt=0)] = None,
-                 ec2_hourly: Annotated[float | None, Query(gt=0)] = None,
-                 ec2_memory_gib: Annotated[float | None, Query(gt=0)] = None) -> dict:
-        """A memory size from the observed peaks, why, and the saving per million calls (rates: the grid's or these)."""
-        return advise(grid, owned_function(function_id, key), rates_for(grid, lambda_gb_s, ec2_hourly, ec2_memory_gib))
-
-    @api.post("/functions/{function_id}/autotune/apply", status_code=201)
-    def autotune_apply(function_id: str, body: ApplyRequest, key: caller) -> dict:
-        """Make the version with the advised (or given) memory; returns it. Calls by the new id use it."""
-        function = owned_function(function_id, key)
-        memory = body.memory_mib or advise(grid, function, rates_for(grid))["recommended_mib"]
-        if memory is None:
-            raise HTTPException(409, "the AutoTuner has too few measured calls of this function to advise a size; "
-                                     "give memory_mib to apply one anyway")
-        return apply_memory(grid, function, memory).to_dict()
-
-    return api
-
-
 class HistoryJanitor:
     """Deletes calls older than the retention once an hour, on its own thread, for as long as the app runs."""
 
@@ -210,26 +125,3 @@ class HistoryJanitor:
             except Exception:  # a failed pass is tried again in an hour; it never stops the grid
                 log.exception("history: the retention pass failed")
             self._stop.wait(PRUNE_EVERY_S)
-
-
-def install(app: FastAPI, grid: Grid, caller: Any) -> None:
-    """Add the routes, and run the history's retention while the app runs (around the app's own lifespan)."""
-    app.include_router(router(grid, caller))
-    app.include_router(webhooks.router(grid, caller))
-    app.state.loadtests = loadtests.LoadTests(grid)
-    app.include_router(loadtests.router(grid, caller, app.state.loadtests))
-    from nanogrid_backend.controller import ui  # it builds on this module's helpers
-
-    ui.install(app, grid, app.state.loadtests)
-    janitor, inner = HistoryJanitor(grid), app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-        async with inner(app) as state:
-            janitor.start()
-            try:
-                yield state
-            finally:
-                janitor.stop()
-
-    app.router.lifespan_context = lifespan

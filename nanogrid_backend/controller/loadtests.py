@@ -1,7 +1,8 @@
 """Load tests started from the API or the dashboard (``/v1/loadtests``): the controller calls the function itself,
 in-process (its own grid only), within nanogrid_backend.controller.load_runner's bounds, one test per owner at a time."""
 
-# No ``from __future__ import annotations``: FastAPI reads the routes' annotations, some of them local names.
+from __future__ import annotations
+
 import json
 import threading
 import time
@@ -9,10 +10,10 @@ import uuid
 from typing import Any
 
 import cloudpickle
-from fastapi import APIRouter, HTTPException
+from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
-from nanogrid_backend.controller import jobs, seed
+from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller import load_runner as loadtest
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import FunctionRecord
@@ -107,29 +108,3 @@ class LoadTests:
 def view(test_id: str, function: FunctionRecord, test: loadtest.LoadTest) -> dict[str, Any]:
     return {"loadtest_id": test_id, "function_id": function.function_id, "function_name": function.function_name,
             **test.summary()}
-
-
-def router(grid: Grid, caller: Any, tests: LoadTests) -> APIRouter:
-    api = APIRouter(prefix="/v1/loadtests", tags=["operations"])
-
-    @api.post("", status_code=202)
-    def start(body: LoadTestRequest, key: caller) -> dict:
-        """Start a load test of one of your functions; poll ``GET /v1/loadtests/{id}`` for progress and the summary."""
-        function = seed.resolve_function(grid, key.name, body.function_id)  # a NanoGrid id or a seed function's uuid
-        if function is None:
-            raise HTTPException(404, f"no function {body.function_id!r}")
-        test_id = tests.start(key.name, function, body, key.max_timeout_s)
-        return next(t for t in tests.listing(key.name) if t["loadtest_id"] == test_id)
-
-    @api.get("")
-    def listing(key: caller) -> list[dict]:
-        return tests.listing(key.name)
-
-    @api.get("/{loadtest_id}")
-    def one(loadtest_id: str, key: caller) -> dict:
-        for test in tests.listing(key.name):
-            if test["loadtest_id"] == loadtest_id:
-                return test
-        raise HTTPException(404, f"no load test {loadtest_id!r}")
-
-    return api

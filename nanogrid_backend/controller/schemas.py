@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, Field
+
+from nanogrid_backend.controller.links import LinkSigner
+from nanogrid_backend.models import JobRecord
+from nanogrid_backend.store.blobs import RESULT_FORMAT
 
 
 class ErrorDetail(BaseModel):
@@ -64,6 +71,40 @@ class JobView(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     trigger: str = Field("call", description="what started it: 'call' (a client, the API) or 'schedule'")
+
+    @classmethod
+    def of(cls, job: JobRecord, base_url: str = "", with_result: bool = True, links: LinkSigner | None = None,
+           **extra: Any) -> JobView:
+        """The job as the API shows it; ``with_result=False`` leaves out the result (another owner's, for an admin);
+        ``links``: output URLs signed for a browser; ``extra``: fields only some answers carry (``function_name``)."""
+        fields: dict[str, Any] = {
+            "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "result": None,
+            "result_pickle": None, "error": job.error, "stdout": job.stdout, "stderr": job.stderr,
+            "execution_time_ms": job.execution_time_ms, "peak_memory_bytes": job.peak_memory_bytes,
+            "cold": job.cold, "memory_limit_mib": job.memory_limit_mib,
+            "baseline_memory_bytes": job.baseline_memory_bytes, "ai_usage": job.ai_usage,
+            "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
+            "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+            "trigger": job.trigger,
+            "output_files": [
+                {**f, "url": f"{base_url}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}"
+                             + (f"?{links.query(job.job_id, f['name'], job.owner)}" if links else "")}
+                for f in job.output_files
+            ],
+            **extra,
+        }
+        if job.result is not None and with_result:
+            if job.result_format == RESULT_FORMAT:  # stored as a blob: the client downloads it, streamed
+                fields["result_blob"] = json.loads(job.result)
+            elif job.result_format == "json":
+                fields["result"] = json.loads(job.result)
+            else:
+                fields["result_pickle"] = base64.b64encode(job.result).decode()
+        return cls(**fields)
+
+    def body(self) -> dict[str, Any]:
+        """As JSON, with only the fields this view was given (a ``result_blob`` only where there is one)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class FunctionView(BaseModel):

@@ -1,6 +1,6 @@
 """The seed platform's operations routes: the AutoTuner panel, a function's metrics windows, and load tests.
 
-Beside ``seed.py`` (the same errors, keys and rate limits, at the root and under ``/api``), from NanoGrid's own
+Beside ``functions.py`` (the same errors, keys and rate limits, at the root and under ``/api``), from NanoGrid's own
 pieces: the AutoTuner of ``/v1/functions/{id}/autotune``, the calls in the registry, and the runner and bounds of
 ``nanogrid loadtest``. Shapes as the seed's BFF and UI read them: ``{invocations, avgDuration, errors, successRate,
 coldStarts, recentExecutions}`` for metrics; load tests as the runner's summary plus ``functionId`` and ``running``.
@@ -20,19 +20,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from nanogrid_backend.controller import history
 from nanogrid_backend.controller import load_runner as loadtest
-from nanogrid_backend.controller.seed import (
+from nanogrid_backend.controller.routes.seed.contract import (
     SEED_MB_PRICE,
     Caller,
     SeedRoute,
     current_or_404,
-    function_jobs,
     grid_of,
     log_entry,
 )
+from nanogrid_backend.controller.routes.seed.functions import function_jobs
 from nanogrid_backend.models import ApiKey
 
 LOADTEST_PROGRESS_S = 1.0  # POST /debug/loadtest: a progress line this often
 router = APIRouter(route_class=SeedRoute, tags=["seed contract"])
+
 
 @router.get("/functions/{function_id}/auto-tuner")
 def auto_tuner(function_id: str, request: Request, caller: Caller) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What the dashboard's deploy, update, test-run and delete forms do, kept out of its routes (ui.py).
+"""What the dashboard's deploy, update, test-run and delete forms do, kept out of its pages (dashboard/functions.py).
 
 Every change goes through the same core as the API: ``jobs.deploy`` checks and stores a package (and refuses what
 ``POST /v1/upload`` refuses), ``jobs.submit`` queues a test call. A form only turns its fields into an upload.
