@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from nanogrid_backend.builds.builder import BuiltEnvironment, Environments
 from nanogrid_backend.config import GridConfig
@@ -33,6 +34,7 @@ from nanogrid_backend.secretbox import SecretBox
 from nanogrid_backend.store.base import BlobStore
 from nanogrid_backend.store.local import LocalStore
 from nanogrid_backend.store.s3 import S3Store
+from nanogrid_backend.volume_sync import S3Volumes, SyncedVolumes
 from nanogrid_backend.volumes import VolumeStore
 from nanogrid_backend.worker.agent import Worker
 from nanogrid_backend.worker.ai_gateway import ai_gateway
@@ -80,6 +82,26 @@ def make_registry(config: GridConfig, keep_backups: int = 0) -> Registry:
 def make_result_bus(config: GridConfig, registry: JobRegistry) -> ResultBus:
     """Redis when a host is configured (results reach every controller), else in process."""
     return RedisResultBus(config.redis_host, config.redis_port, registry) if config.redis_host else LocalResultBus()
+
+
+def make_volumes(config: GridConfig, data: Path, registry: Registry, store: BlobStore,
+                 uid: int) -> tuple[VolumeStore | S3Volumes, VolumeStore]:
+    """What ``/v1/volumes`` serves, and what this machine's sandboxes mount. Embedded: one store for both (the
+    volumes are this machine's). With S3: the volumes live in the data bucket, and workers mount copies they sync."""
+    limits = {"max_volume_mib": config.max_volume_mib, "owner_volume_mib": config.owner_volume_mib}
+    if isinstance(store, S3Store):
+        home = S3Volumes(store.s3, store.data_bucket, registry, **limits)
+        return home, SyncedVolumes(data / "volumes", registry, home, uid, **limits)
+    local = VolumeStore(data / "volumes", registry, uid, **limits)
+    return local, local
+
+
+def _same_disk(one: Path, other: Path) -> bool:
+    """Whether two existing directories are on one filesystem, sharing its free space."""
+    try:
+        return one.stat().st_dev == other.stat().st_dev
+    except OSError:
+        return False
 
 
 def backlog_publisher(namespace: str) -> Callable[[float], None] | None:
@@ -168,12 +190,15 @@ class Grid:
                                  ai=ai_gateway(config, self.bus.redis),
                                  secrets=self.secrets,
                                  notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
-        # Owners' volumes (nanogrid_backend/volumes.py), their files owned by whom sandboxes run as
-        self.volumes = VolumeStore(data / "volumes", self.registry,
-                                   uid=self.factory.sandbox_uid if self.factory is not None else SANDBOX_UID,
-                                   max_volume_mib=config.max_volume_mib, owner_volume_mib=config.owner_volume_mib)
+        # Owners' volumes: what /v1/volumes serves, and what this worker's sandboxes mount
+        self.volumes, mounted = make_volumes(config, data, self.registry, self.store,
+                                             self.factory.sandbox_uid if self.factory is not None else SANDBOX_UID)
         if self.worker and self.pool:
-            self.worker.volumes, self.volumes.stop_idle = self.volumes, self.pool.stop_idle
+            self.worker.volumes, mounted.stop_idle = mounted, self.pool.stop_idle
+            room = self.factory.disk_room if self.factory is not None else None
+            if room is not None and _same_disk(room.directory, mounted.directory):
+                room.also_promised, mounted.also_promised = mounted.promised, room.promised  # both sparse files
+        self._mounted_volumes = mounted
         self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
         self.scheduler = Scheduler(self) if role in ("all", "controller") else None  # each controller fires schedules
         self.runtimes = {**self.runtimes, **{name: env.python for name, env in self.languages.items()}}
@@ -210,6 +235,7 @@ class Grid:
             self.worker.stop()
         if self.factory:
             self.factory.sweep()  # sandboxes whose removal was still under way: none is left behind
+        self._mounted_volumes.close()
         self.volumes.close()
         self.bus.close()
         self.registry.close()

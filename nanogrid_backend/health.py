@@ -11,8 +11,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanogrid_backend.registry.sqlite import SQLiteRegistry
-from nanogrid_backend.sandbox.docker import DockerSandboxFactory
 from nanogrid_backend.sandbox.scratch import HOST_RESERVE_BYTES
 
 if TYPE_CHECKING:
@@ -22,12 +20,10 @@ if TYPE_CHECKING:
 def problems(grid: Grid, for_operator: bool = False) -> list[str]:
     """Why calls fail now (empty: none known); ``for_operator`` adds the host's numbers."""
     found = []
-    if isinstance(grid.registry, SQLiteRegistry) and grid.registry.disk_full():
+    if grid.registry.disk_full():
         found.append("the grid's data disk is full: no call can be recorded until its operator frees space")
-    factory = grid.factory
-    disks, short = False, ""
-    if isinstance(factory, DockerSandboxFactory) and not factory.scratch_problem:  # sandboxes with disks of their own
-        disks, short = True, factory.disk_room.shortfall(factory.disk_mib, evicting_idle=True)
+    short = grid.factory.disk_shortfall() if grid.factory is not None else None
+    disks = short is not None  # sandboxes with disks of their own
     if short:
         found.append(f"sandboxes cannot start: {short}" if for_operator else
                      "sandboxes cannot start: the worker's disk has too little free space for a sandbox disk")

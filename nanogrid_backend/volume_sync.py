@@ -37,6 +37,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from nanogrid_backend.registry.base import RegistryError
 from nanogrid_backend.volumes import (
     DIR_FLAGS,
     VolumeError,
@@ -91,7 +92,12 @@ class S3Volumes:
             record = new_record(self.registry, owner, name, size_mib, self.owner_volume_mib)
             if record is None:
                 return self.describe(owner, self.registry.get_volume(owner, name))
-            self.registry.put_volume(record)
+            try:
+                self.registry.put_volume(record)
+            except RegistryError:  # made by another controller meanwhile: it stands, if it has this size
+                if new_record(self.registry, owner, name, size_mib, self.owner_volume_mib) is not None:
+                    raise
+                return self.describe(owner, self.registry.get_volume(owner, name))
         return self.describe(owner, record)
 
     def get(self, owner: str, name: str) -> dict[str, Any]:
@@ -428,9 +434,20 @@ class SyncedVolumes(VolumeStore):
 
 
 class SyncedVolumeSet(VolumeSet):
-    """A sandbox's volumes on a worker whose volumes live in S3: what a call changed is uploaded when it ends."""
+    """A sandbox's volumes on a worker whose volumes live in S3: brought up to date before each call (a warm
+    sandbox's too), and what a call changed uploaded when it ends."""
 
     store: SyncedVolumes
+
+    def before_call(self) -> None:
+        """VolumeError (503) when S3 cannot be reached: the call does not run on a copy that may be stale."""
+        for mount in self.mounts:
+            try:
+                with self.store._sync_lock(self.owner, mount.name):
+                    self.store._sync_down(self.owner, mount.name)
+            except (OSError, ClientError) as exc:
+                raise VolumeError(f"volume {mount.name!r} could not be brought up to date on this worker ({exc})",
+                                  503) from None
 
     def after_call(self) -> None:
         for mount in self.mounts:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanogrid_backend.registry.base import VolumeRegistry
 from nanogrid_backend.sandbox import scratch
 from nanogrid_backend.sandbox.scratch import (
     MNT_DETACH,
@@ -145,9 +146,13 @@ class VolumeSet:
         """Mount path -> volume name: what the sandbox's bootstrap names when a volume fills up."""
         return {m.target: m.name for m in self.mounts}
 
+    def before_call(self) -> None:
+        """A call that binds these volumes is about to run. Here nothing is left to do: every sandbox of the owner
+        sees the one filesystem. (In AWS mode the worker brings its copy up to date: ``volume_sync.py``.)"""
+
     def after_call(self) -> None:
-        """A call that binds these volumes has ended. Here nothing is left to do: every sandbox of the owner sees
-        the one filesystem. (In AWS mode the worker uploads what the call changed: ``volume_sync.py``.)"""
+        """A call that binds these volumes has ended (before its outcome is recorded). Nothing to do here either.
+        (In AWS mode the worker uploads what the call changed.)"""
 
 
 class _Mounted:
@@ -171,8 +176,8 @@ class VolumeStore:
         self.stop_idle: Callable[[Callable[[Any], bool]], int] | None = None
         # Set by the grid: bytes sandbox disks on the same host disk may still take (``scratch.DiskRoom.promised``)
         self.also_promised: Callable[[], int] = lambda: 0
-        self.problem = scratch.unavailable() or ("" if hasattr(registry, "put_volume") else
-                                                 "volumes need the embedded grid's registry (SQLite) for now")
+        self.problem = scratch.unavailable() or ("" if isinstance(registry, VolumeRegistry) else
+                                                 "this grid's registry keeps no volumes")
         self._lock = threading.RLock()
         self._mounted: dict[tuple[str, str], _Mounted] = {}
         if not self.problem:
@@ -492,7 +497,7 @@ class _RootFd:
 
 def _holds(sandbox: Any, owner: str, name: str) -> bool:
     """Whether a sandbox binds the owner's volume ``name``."""
-    volumes = getattr(sandbox, "volumes", None)
+    volumes = sandbox.volumes
     return isinstance(volumes, VolumeSet) and volumes.owner == owner and any(m.name == name for m in volumes.mounts)
 
 

@@ -150,3 +150,51 @@ def test_a_job_that_always_crashes_its_sandbox_ends_in_the_dead_letter_queue(cli
     assert info.value.kind == "dead_letter"
     assert "dead-letter queue" in str(info.value) and "exit code 3" in str(info.value)
     assert triple.remote(7) == 21  # and the grid carries on
+
+
+def test_a_volume_is_one_volume_for_every_worker(client: nanogrid.Client, cluster: Cluster, tmp_path) -> None:
+    """A volume lives in S3 and each worker syncs its copy around calls: never a call, on whichever worker, missing
+    what the client put or what an earlier call on another worker wrote; never a file a call removed coming back."""
+    vol = nanogrid.Volume("shared", size_mib=32, client=client)
+    source = tmp_path / "train.csv"
+    source.write_bytes(b"a,b\n1,2\n" * 100)
+    vol.put(source, "raw/train.csv")
+
+    @nanogrid.remote(timeout=60, volumes={"/data": vol})
+    def note(n: int) -> int:
+        import time
+
+        with open(f"/data/notes/{n}.txt", "w") as f:
+            f.write(f"call {n}")
+        time.sleep(0.3)  # the calls overlap, so they spread over the workers
+        return len(open("/data/raw/train.csv", "rb").read())
+
+    (tmp_path / "empty").write_bytes(b"")
+    vol.put(tmp_path / "empty", "notes/.keep")  # a put makes the directories above the file
+    jobs = [note.spawn(n) for n in range(12)]
+    assert {job.result() for job in jobs} == {source.stat().st_size}
+    assert len({job.worker_id for job in jobs}) >= 2, "the calls all ran on one worker: nothing was shared"
+
+    @nanogrid.remote(timeout=60, volumes={"/data": vol})
+    def read_notes(_: int) -> list[str]:
+        import os
+
+        return sorted(open(f"/data/notes/{name}").read() for name in os.listdir("/data/notes") if name != ".keep")
+
+    expected = sorted(f"call {n}" for n in range(12))
+    readers = [read_notes.spawn(n) for n in range(6)]
+    assert all(job.result() == expected for job in readers)
+    assert len({job.worker_id for job in readers}) >= 2
+    assert sorted(e["name"] for e in vol.listdir("notes")) == sorted([".keep"] + [f"{n}.txt" for n in range(12)])
+
+    @nanogrid.remote(timeout=60, volumes={"/data": vol})
+    def tidy(_: int) -> None:
+        import contextlib
+        import os
+
+        with contextlib.suppress(FileNotFoundError):
+            os.remove("/data/notes/0.txt")
+
+    list(tidy.map(range(3)))
+    assert all(len(seen) == 11 for seen in read_notes.map(range(6)))
+    assert vol.read("raw/train.csv") == source.read_bytes()

@@ -24,33 +24,48 @@ from tests.aws_cluster import VENV_BIN, free_port, wait_for_port
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
-BUCKET = "nanogrid-volumes-test"
+BUCKET, TABLE = "nanogrid-volumes-test", "nanogrid-volumes-registry"
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[object]:
+    """A moto server for S3 and DynamoDB, reached through boto3's default clients (AWS_ENDPOINT_URL)."""
     require(shutil.which(str(VENV_BIN / "moto_server")) is not None, "moto_server is not installed (make setup-test)")
     require(not scratch.unavailable(), f"volumes need loop devices: {scratch.unavailable()}")
     port = free_port()
     server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         wait_for_port(port)
         import boto3
 
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="testing",
-                              aws_secret_access_key="testing", region_name="us-east-1")
+        from nanogrid_backend.registry.dynamodb import create_table
+
+        client = boto3.client("s3")
         client.create_bucket(Bucket=BUCKET)
+        create_table(TABLE)
         yield client
     finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         server.terminate()
         server.wait(10)
 
 
-@pytest.fixture()
-def grid(s3: object, tmp_path: Path) -> Iterator[tuple[S3Volumes, SyncedVolumes, SyncedVolumes]]:
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def grid(request: pytest.FixtureRequest, s3: object,
+         tmp_path: Path) -> Iterator[tuple[S3Volumes, SyncedVolumes, SyncedVolumes]]:
     """The controller's view of the volumes and two workers' copies, sharing one registry and one bucket."""
-    registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
+    from nanogrid_backend.registry.dynamodb import DynamoDBRegistry
+
+    registry = SQLiteRegistry(tmp_path / "registry.sqlite3") if request.param == "sqlite" else DynamoDBRegistry(TABLE)
     home = S3Volumes(s3, BUCKET, registry, max_volume_mib=64, owner_volume_mib=128)
     workers = [SyncedVolumes(tmp_path / f"worker-{n}", registry, home, uid=os.getuid()) for n in "ab"]
     try:

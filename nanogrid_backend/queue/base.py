@@ -1,6 +1,9 @@
+"""The job queue's interface: what the controller puts and workers take, whichever backend carries it."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from nanogrid_backend.models import JobMessage
 
@@ -16,6 +19,14 @@ class JobQueue(ABC):
     @abstractmethod
     def get(self, timeout: float, want: int = 1) -> JobMessage | None:
         """The next job, or None after ``timeout`` seconds without one (``want``: how many the caller could take)."""
+
+    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None, *,
+                  want: int = 1) -> list[JobMessage]:
+        """The next job and, where the queue can hand out batches (the local queue), up to ``most(first, queued) - 1``
+        more calls of its function right behind it; [] after ``timeout`` seconds without one. This default takes one
+        message (``want``: how many the caller could take, as for ``get``)."""
+        message = self.get(timeout, want)
+        return [message] if message is not None else []
 
     def waiting_here(self) -> list[JobMessage]:
         """Messages fetched ahead and not yet handed out (their visibility must be kept up too)."""

@@ -1,3 +1,5 @@
+"""The embedded grid's queue: one FIFO per owner, served in turn, each owner's takes within its cap."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +80,8 @@ class LocalQueue(JobQueue):
         taken = self.get_batch(timeout)
         return taken[0] if taken else None
 
-    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None,
-                  max_bytes: int = 1 << 20) -> list[JobMessage]:
+    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None, *,
+                  want: int = 1, max_bytes: int = 1 << 20) -> list[JobMessage]:
         """The next owner's next job, and with it up to ``most(first, queued) - 1`` more of that owner's queued calls
         of the same function right behind it (``queued``: how many the owner still has waiting); [] after
         ``timeout`` seconds without one. The batch's payloads add up to at most ``max_bytes`` beyond the first's (they

@@ -223,7 +223,7 @@ class ScheduleRegistry(Protocol):
 
 @runtime_checkable
 class VolumeRegistry(Protocol):
-    """Owners' volume records (nanogrid_backend/volumes.py); only the embedded grid's SQLite registry keeps them."""
+    """Owners' volume records (nanogrid_backend/volumes.py, volume_sync.py): name, size, when made."""
 
     @abstractmethod
     def put_volume(self, volume: dict[str, Any]) -> None: ...

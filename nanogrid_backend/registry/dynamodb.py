@@ -37,7 +37,7 @@ from nanogrid_backend.models import (
     SecretRecord,
 )
 from nanogrid_backend.registry import windows
-from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryError
+from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryError, VolumeRegistry
 
 JSON_FIELDS = {"error", "output_files", "ai_usage", "variables"}
 INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
@@ -69,6 +69,11 @@ def _to_item(values: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+def _volume(item: dict[str, Any]) -> dict[str, Any]:
+    return {"owner": str(item["owner"]), "name": str(item["name"]), "size_mib": int(item["size_mib"]),
+            "created_at": float(item["created_at"])}
+
+
 def _from_item(cls: type, item: dict[str, Any]) -> Any:
     """A record from an item of any version: attributes added since it was written take their defaults."""
     values: dict[str, Any] = {}
@@ -88,7 +93,7 @@ def _from_item(cls: type, item: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-class DynamoDBRegistry(Registry):
+class DynamoDBRegistry(Registry, VolumeRegistry):
     def __init__(self, table_name: str) -> None:
         self.table = boto3.resource("dynamodb").Table(table_name)
 
@@ -337,6 +342,28 @@ class DynamoDBRegistry(Registry):
 
     def delete_secret(self, owner: str, name: str) -> bool:
         old = self.table.delete_item(Key={"pk": f"secret#{owner}#{name}"}, ReturnValues="ALL_OLD")
+        return "Attributes" in old
+
+    # volumes (nanogrid_backend/volume_sync.py): records as dicts, names per owner
+    def put_volume(self, volume: dict[str, Any]) -> None:
+        """A new volume's record; RegistryError if another controller made one of that name meanwhile."""
+        try:
+            self.table.put_item(Item={"pk": f"volume#{volume['owner']}#{volume['name']}", "kind": "volume",
+                                      **_to_item({k: volume[k] for k in ("owner", "name", "size_mib", "created_at")})},
+                                ConditionExpression="attribute_not_exists(pk)")
+        except self.table.meta.client.exceptions.ConditionalCheckFailedException:
+            raise RegistryError(f"volume {volume['name']!r} was just made by another request") from None
+
+    def get_volume(self, owner: str, name: str) -> dict[str, Any] | None:
+        item = self.table.get_item(Key={"pk": f"volume#{owner}#{name}"}, ConsistentRead=True).get("Item")
+        return _volume(item) if item else None
+
+    def list_volumes(self, owner: str) -> list[dict[str, Any]]:
+        items = self._scan(Attr("kind").eq("volume") & Attr("owner").eq(owner))
+        return sorted((_volume(item) for item in items), key=lambda v: v["name"])
+
+    def delete_volume(self, owner: str, name: str) -> bool:
+        old = self.table.delete_item(Key={"pk": f"volume#{owner}#{name}"}, ReturnValues="ALL_OLD")
         return "Attributes" in old
 
     # API keys

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
 from nanogrid_backend.sandbox.outputs import HostWriteFailed, OutputQuotaExceeded, OutputWriter
@@ -35,6 +35,9 @@ from nanogrid_backend.sandbox.protocol import (
     check_need,
     check_reply,
 )
+
+if TYPE_CHECKING:
+    from nanogrid_backend.volumes import VolumeSet
 
 BLOB_CHUNK_BYTES = 4 << 20  # argument blobs and streamed results travel in frames of at most this many bytes
 INLINE_RESULT_BYTES = 16 << 20  # a reply's own body; the bootstrap streams results over 1 MiB in pieces
@@ -171,6 +174,7 @@ class Sandbox(ABC):
     memory_mib: int = 0
     ai_allowed: bool = False  # loaded with the AI node's settings: its AI requests are forwarded
     cgroup: MemoryCgroup | None = None  # where the per-call peak is read; None: the bootstrap reports VmHWM
+    volumes: VolumeSet | None = None  # the owner's volumes it binds, from its start (nanogrid_backend/volumes.py)
     output_dir: Path  # written by the host only
     limits: Limits
     reader: FrameReader  # the bootstrap's replies

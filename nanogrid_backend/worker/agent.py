@@ -23,7 +23,6 @@ from nanogrid_backend.models import CANCELLED, COMPLETED, FAILED, RUNNING, JobMe
 from nanogrid_backend.notify import Notifier
 from nanogrid_backend.package_checks import function_id_for, owned_function_id
 from nanogrid_backend.queue.base import JobQueue
-from nanogrid_backend.queue.local import LocalQueue
 from nanogrid_backend.registry.base import Registry
 from nanogrid_backend.results.base import ResultBus
 from nanogrid_backend.sandbox.base import CallBlobs, CallResult, Sandbox, SandboxError
@@ -209,11 +208,8 @@ class Worker:
 
     def _slot(self) -> None:
         while not self._stopping.is_set() and not self._draining.is_set():
-            if isinstance(self.queue, LocalQueue):  # the embedded queue hands out batches of short calls
-                taken = self.queue.get_batch(0.5, self._batch_size)
-            else:
-                message = self.queue.get(timeout=0.5, want=self.slots - len(self._in_flight))
-                taken = [message] if message is not None else []
+            # batches of short calls where the queue hands them out (the embedded one), else one call
+            taken = self.queue.get_batch(0.5, self._batch_size, want=self.slots - len(self._in_flight))
             if not taken:
                 continue
             try:
@@ -392,8 +388,9 @@ class Worker:
         for message in messages[1:]:  # waiting in the batch: a cancel asks the bootstrap to skip it (Sandbox.skip)
             self._batched[message.job_id] = sandbox
         try:
-            results, error = sandbox.call_many([(m.job_id, m.payload, m.timeout_s) for m in messages], first.model,
-                                               answered)
+            with self._volumes_around(sandbox):
+                results, error = sandbox.call_many([(m.job_id, m.payload, m.timeout_s) for m in messages],
+                                                   first.model, answered)
             self.stats["batches"] += 1
             self.stats["batched_calls"] += len(results)
             for n, (job, outcome) in enumerate(zip(jobs, results, strict=False)):
@@ -511,7 +508,7 @@ class Worker:
             if message.payload_format == BLOB_FORMAT:  # arguments stored as blobs: streamed to the sandbox
                 refs, payload = split_payload(payload)
             try:
-                with self._call_blobs(message.owner, refs) as blobs:
+                with self._call_blobs(message.owner, refs) as blobs, self._volumes_around(sandbox):
                     outcome = sandbox.call(job.job_id, payload, message.timeout_s, message.model, ai=ai,
                                            on_output=self._live_output(job.job_id), blobs=blobs)
                 self.stats["blob_bytes_sent"] += outcome.blob_bytes_sent
@@ -538,6 +535,22 @@ class Worker:
                 self.pool.release(sandbox)  # drops it if it died meanwhile
             else:
                 self.pool.discard(sandbox)  # whatever was raised: never a leaked pool place
+
+    @contextmanager
+    def _volumes_around(self, sandbox: Sandbox) -> Iterator[None]:
+        """The sandbox's volumes made current before its call(s) and, whatever the call did, what it changed kept
+        after it, before its outcome is recorded (a no-op where every sandbox shares one filesystem)."""
+        if sandbox.volumes is None:
+            yield
+            return
+        try:
+            sandbox.volumes.before_call()
+        except VolumeError as exc:
+            raise SandboxError("volume", str(exc)) from None
+        try:
+            yield
+        finally:
+            sandbox.volumes.after_call()
 
     @contextmanager
     def _call_blobs(self, owner: str, refs: list[str]) -> Iterator[CallBlobs]:
