@@ -1,12 +1,11 @@
 """Running a notebook cell on the grid so that the notebook ends in the state a local run leaves.
 
 In the notebook, `plan_cell` finds the names a cell needs (the compiler's own scopes, from
-`symtable`, less those the cell surely binds before reading them: `nanogrid.cell_reads`) and
-`pack_state` pickles them as one stream, so two names for one object stay one object. In the
-sandbox, `run_cell` executes the cell, then sends back every name it bound, rebound or deleted
-and every input whose pickled state changed (a mutation), compared by a hash of each input's
-pickle taken before and after. Functions and classes made in the cell travel without their
-globals and are rebuilt in the notebook with the notebook's namespace as their globals.
+`symtable`) and `pack_state` pickles them as one stream, so two names for one object stay one
+object. In the sandbox, `run_cell` executes the cell, then sends back every name it bound, rebound
+or deleted and every input whose pickled state changed (a mutation), compared by a hash of each
+input's pickle taken before and after. Functions and classes made in the cell travel without
+their globals and are rebuilt in the notebook with the notebook's namespace as their globals.
 
 Standard library and cloudpickle only: `run_cell` is imported inside the sandbox.
 """
@@ -26,6 +25,7 @@ import pickle
 import re
 import shlex
 import subprocess
+import symtable
 import sys
 import threading
 import time
@@ -89,15 +89,51 @@ def plan_cell(source: str, filename: str = "<cell>") -> CellPlan:
             reads += _magic_reads(node)
         elif isinstance(node, ast.Name) and node.id == "get_ipython" and not _inside_shell_call(node, tree):
             raise CellRefused(node.lineno, "get_ipython() on the grid supports only %time, %timeit, !cmd and x = !cmd")
+    reads += _updated_names(tree, None)
     has_value = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     return CellPlan(source, list(dict.fromkeys(reads)), has_value)
 
 
 def _scope_reads(source: str, filename: str, mode: str = "exec") -> list[str]:
-    """Module-level names the code reads before it surely binds them, in its own scope and in those it makes."""
-    from nanogrid.cell_reads import names_read  # the notebook's side only: sandboxes run cells, they never plan one
+    """Module-level names the code reads, in its own scope and in the functions and classes it defines."""
+    top = symtable.symtable(source, filename, mode)
+    reads = [s.get_name() for s in top.get_symbols() if s.is_referenced()]
+    pending = list(top.get_children())
+    while pending:
+        table = pending.pop()
+        reads += [s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()]
+        pending += table.get_children()
+    return reads
 
-    return names_read(source, filename, mode)
+
+def _updated_names(node: ast.AST, declared_global: set[str] | None) -> list[str]:
+    """Module-level names whose old value ``x += ...`` and ``del x`` need (symtable calls both a store): in module
+    and class bodies (a class body finds the names it has not bound in the module), and in a function that
+    declares them global (``declared_global``; None in a module or class body). A function's own locals are not."""
+    names = []
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            names += _updated_names(child, None if isinstance(child, ast.ClassDef) else _globals_declared(child))
+            continue
+        targets = [child.target] if isinstance(child, ast.AugAssign) else child.targets if isinstance(child, ast.Delete) \
+            else []
+        names += [name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)
+                  and isinstance(name.ctx, (ast.Store, ast.Del)) and (declared_global is None or name.id in declared_global)]
+        names += _updated_names(child, declared_global)
+    return names
+
+
+def _globals_declared(function: ast.AST) -> set[str]:
+    """The names a function's ``global`` statements name (not those of the functions and classes inside it)."""
+    found: set[str] = set()
+    pending = list(ast.iter_child_nodes(function))
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.Global):
+            found.update(node.names)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending += ast.iter_child_nodes(node)
+    return found
 
 
 def _is_shell_call(func: ast.expr) -> bool:
