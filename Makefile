@@ -39,7 +39,7 @@ lab: setup-test
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy  # nanogrid and nanogrid_backend, as configured in pyproject.toml [tool.mypy]
+	$(VENV)/bin/mypy  # every package, the sandbox bootstrap included (pyproject.toml [tool.mypy])
 	$(MKDOCS)
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or a page left out of the nav.
