@@ -15,15 +15,16 @@ from nanogrid_backend.keys import AuthError
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
 
 
-def grid_of(request: Request) -> Grid:
+# async: FastAPI runs a plain function dependency on a worker thread, a hop each request would pay for a lookup
+async def grid_of(request: Request) -> Grid:
     return request.app.state.grid
 
 
-def settings_of(request: Request) -> GridConfig:
+async def settings_of(request: Request) -> GridConfig:
     return request.app.state.config
 
 
-def links_of(request: Request) -> LinkSigner:
+async def links_of(request: Request) -> LinkSigner:
     """The signer of output-file links (a browser following one has no API key)."""
     return request.app.state.links
 
@@ -94,7 +95,7 @@ def resolve_function(grid: Grid, owner: str, function_id: str) -> FunctionRecord
 def function_or_404(request: Request, function_id: str, caller: ApiKey) -> FunctionRecord:
     """The caller's function (by a NanoGrid or a seed id), remembered: records never change (ids are content hashes)."""
     known: dict[str, FunctionRecord] = request.app.state.functions  # deletes evict
-    function = known.get(function_id) or resolve_function(grid_of(request), caller.name, function_id)
+    function = known.get(function_id) or resolve_function(request.app.state.grid, caller.name, function_id)
     if function is None or function.owner != caller.name:  # another owner's function does not exist for you
         raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
     known[function.function_id] = function

@@ -12,7 +12,7 @@ from nanogrid_backend.controller.routes.deps import Caller, CurrentGrid, resolve
 router = APIRouter(prefix="/v1/loadtests", tags=["operations"])
 
 
-def load_tests(request: Request) -> LoadTests:
+async def load_tests(request: Request) -> LoadTests:
     return request.app.state.loadtests
 
 
