@@ -15,9 +15,14 @@ from nanogrid_backend.keys import AuthError
 from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
 
 
-# async: FastAPI runs a plain function dependency on a worker thread, a hop each request would pay for a lookup
-async def grid_of(request: Request) -> Grid:
+def grid_of(request: Request) -> Grid:
     return request.app.state.grid
+
+
+# The dependencies are coroutines: FastAPI runs a plain function dependency on a worker thread, a hop each request
+# would pay for a lookup.
+async def current_grid(request: Request) -> Grid:
+    return grid_of(request)
 
 
 async def settings_of(request: Request) -> GridConfig:
@@ -29,7 +34,7 @@ async def links_of(request: Request) -> LinkSigner:
     return request.app.state.links
 
 
-CurrentGrid = Annotated[Grid, Depends(grid_of)]
+CurrentGrid = Annotated[Grid, Depends(current_grid)]
 Settings = Annotated[GridConfig, Depends(settings_of)]
 Links = Annotated[LinkSigner, Depends(links_of)]
 
@@ -95,7 +100,7 @@ def resolve_function(grid: Grid, owner: str, function_id: str) -> FunctionRecord
 def function_or_404(request: Request, function_id: str, caller: ApiKey) -> FunctionRecord:
     """The caller's function (by a NanoGrid or a seed id), remembered: records never change (ids are content hashes)."""
     known: dict[str, FunctionRecord] = request.app.state.functions  # deletes evict
-    function = known.get(function_id) or resolve_function(request.app.state.grid, caller.name, function_id)
+    function = known.get(function_id) or resolve_function(grid_of(request), caller.name, function_id)
     if function is None or function.owner != caller.name:  # another owner's function does not exist for you
         raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
     known[function.function_id] = function

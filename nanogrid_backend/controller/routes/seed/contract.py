@@ -121,10 +121,6 @@ async def rate_limited(request: Request, caller: Authenticated) -> ApiKey:
 Caller = Annotated[ApiKey, Depends(rate_limited)]
 
 
-def grid_of(request: Request) -> Grid:
-    return request.app.state.grid
-
-
 def iso(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
@@ -306,7 +302,7 @@ def snake_result(job: JobRecord, seed_id: str, request: Request) -> dict[str, An
     value = json.loads(job.result) if completed and job.result is not None and job.result_format == "json" else None
     total_ms = (job.finished_at - job.started_at) * 1000 if job.finished_at and job.started_at else None
     base, owner = str(request.base_url).rstrip("/"), job.owner
-    links = LinkSigner(grid_of(request).secrets.link_key)
+    links: LinkSigner = request.app.state.links  # the app's one signer, as /v1 signs them
     answer: dict[str, Any] = {
         "job_id": job.job_id, "function_id": seed_id, "status": "completed" if completed else "failed",
         "result": value,

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from nanogrid_backend.controller.function_metrics import render_all
-from nanogrid_backend.controller.routes.seed.contract import SEED_VERSION, SeedRoute, grid_of
+from nanogrid_backend.controller.routes.deps import grid_of
+from nanogrid_backend.controller.routes.seed.contract import SEED_VERSION, SeedRoute
 from nanogrid_backend.grid import Grid
 from nanogrid_contract import __version__
 

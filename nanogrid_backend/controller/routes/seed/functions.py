@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from nanogrid_backend import package_checks as packages
 from nanogrid_backend.controller import jobs
+from nanogrid_backend.controller.routes.deps import grid_of
 from nanogrid_backend.controller.routes.seed.contract import (
     LOG_FEED,
     MAX_MEMORY_MB,
@@ -31,7 +32,6 @@ from nanogrid_backend.controller.routes.seed.contract import (
     current_or_404,
     function_name_of,
     function_summary,
-    grid_of,
     grid_runtime,
     grouped,
     is_snake_job,

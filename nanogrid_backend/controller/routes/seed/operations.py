@@ -20,12 +20,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from nanogrid_backend.controller import history
 from nanogrid_backend.controller import load_runner as loadtest
+from nanogrid_backend.controller.routes.deps import grid_of
 from nanogrid_backend.controller.routes.seed.contract import (
     SEED_MB_PRICE,
     Caller,
     SeedRoute,
     current_or_404,
-    grid_of,
     log_entry,
 )
 from nanogrid_backend.controller.routes.seed.functions import function_jobs

@@ -11,12 +11,12 @@ import httpx
 from fastapi import APIRouter, HTTPException, Request
 
 from nanogrid_backend.controller import jobs
+from nanogrid_backend.controller.routes.deps import grid_of
 from nanogrid_backend.controller.routes.seed.contract import (
     SEED_RUNTIMES,
     WORKER_TIMEOUT_S,
     Caller,
     SeedRoute,
-    grid_of,
     iso,
     seed_runtime,
 )
