@@ -11,10 +11,10 @@ from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller.routes.deps import Caller, CurrentGrid, function_or_404
 from nanogrid_backend.controller.schemas import Deleted, FunctionView
 
-router = APIRouter()
+router = APIRouter(prefix="/v1")
 
 
-@router.post("/v1/upload", response_model=FunctionView, status_code=201,
+@router.post("/upload", response_model=FunctionView, status_code=201,
              responses={200: {"model": FunctionView, "description": "identical package already uploaded"}})
 async def upload(
     caller: Caller,
@@ -33,17 +33,17 @@ async def upload(
     return JSONResponse(record.to_dict(), status_code=201 if created else 200)
 
 
-@router.get("/v1/functions", response_model=list[FunctionView])
+@router.get("/functions", response_model=list[FunctionView])
 def list_functions(caller: Caller, grid: CurrentGrid) -> list[dict]:
     return [f.to_dict() for f in grid.registry.list_functions(owner=caller.name)]
 
 
-@router.get("/v1/functions/{function_id}", response_model=FunctionView)
+@router.get("/functions/{function_id}", response_model=FunctionView)
 def get_function(function_id: str, request: Request, caller: Caller) -> dict:
     return function_or_404(request, function_id, caller).to_dict()
 
 
-@router.delete("/v1/functions/{function_id}", response_model=Deleted)
+@router.delete("/functions/{function_id}", response_model=Deleted)
 def delete_function(function_id: str, request: Request, caller: Caller, grid: CurrentGrid) -> dict:
     function_id = function_or_404(request, function_id, caller).function_id
     request.app.state.functions.pop(function_id, None)

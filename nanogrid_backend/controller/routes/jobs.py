@@ -35,10 +35,10 @@ from nanogrid_backend.controller.schemas import (
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 
-router = APIRouter()
+router = APIRouter(prefix="/v1")
 
 
-@router.post("/v1/run", response_model=JobView,
+@router.post("/run", response_model=JobView,
              responses={202: {"model": JobView, "description": "accepted (async)"}})
 async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentGrid, links: Links,
               x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False,
@@ -75,7 +75,7 @@ async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentG
     return JSONResponse(JobView.of(done, url, links=links).body())
 
 
-@router.post("/v1/map", responses={200: {"content": {"application/x-ndjson": {}},
+@router.post("/map", responses={200: {"content": {"application/x-ndjson": {}},
                                          "description": "a line {job_ids}, then a JobView line (with index) per call"}})
 async def map_(body: MapRequest, request: Request, caller: Caller, grid: CurrentGrid, links: Links,
                config: Settings) -> StreamingResponse:
@@ -110,7 +110,7 @@ async def map_(body: MapRequest, request: Request, caller: Caller, grid: Current
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-@router.get("/v1/status/{job_id}", response_model=JobView)
+@router.get("/status/{job_id}", response_model=JobView)
 async def status(job_id: str, request: Request, caller: Caller, grid: CurrentGrid, links: Links,
                  wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
                  ) -> JobView:
@@ -118,7 +118,7 @@ async def status(job_id: str, request: Request, caller: Caller, grid: CurrentGri
     return JobView.of(await jobs.wait_for(grid, job_id, wait, job) or job, base_url(request), links=links)
 
 
-@router.get("/v1/jobs/{job_id}/logs", response_model=LiveLog)
+@router.get("/jobs/{job_id}/logs", response_model=LiveLog)
 async def live_log(job_id: str, request: Request, caller: Caller, grid: CurrentGrid,
                    after: Annotated[str, Query(max_length=64, description="the cursor of the last answer")] = "",
                    wait: Annotated[float, Query(ge=0, le=5, description="seconds to wait for new output")] = 0,
@@ -154,7 +154,7 @@ async def live_log(job_id: str, request: Request, caller: Caller, grid: CurrentG
             "cursor": cursor, "ended": ended}
 
 
-@router.get("/v1/jobs", response_model=list[JobView],
+@router.get("/jobs", response_model=list[JobView],
             responses={403: {"model": ErrorDetail, "description": "all_owners without an admin key"}})
 def list_jobs(request: Request, caller: Caller, grid: CurrentGrid, links: Links,
               limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -170,21 +170,21 @@ def list_jobs(request: Request, caller: Caller, grid: CurrentGrid, links: Links,
                        function_name=getattr(functions[job.function_id], "function_name", None)) for job in listed]
 
 
-@router.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
+@router.post("/jobs/{job_id}/cancel", response_model=JobView)
 async def cancel(job_id: str, request: Request, caller: Caller, grid: CurrentGrid, links: Links) -> JobView:
     job = job_or_404(grid, job_id, caller)
     jobs.cancel(grid, job)
     return JobView.of(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request), links=links)
 
 
-@router.post("/v1/jobs/cancel", response_model=Cancelled)
+@router.post("/jobs/cancel", response_model=Cancelled)
 def cancel_many(body: CancelRequest, caller: Caller, grid: CurrentGrid) -> dict:
     """Cancel many jobs at once (an interrupted .map()); unknown and finished ids are passed over."""
     owned = [job for job in map(grid.registry.get_job, body.job_ids) if job is not None and job.owner == caller.name]
     return {"cancelled": jobs.cancel_all(grid, owned)}
 
 
-@router.get("/v1/jobs/{job_id}/outputs/{name:path}",
+@router.get("/jobs/{job_id}/outputs/{name:path}",
             responses={200: {"content": {"application/octet-stream": {}}},
                        410: {"model": ErrorDetail, "description": "deleted after the retention"}})
 async def download_output(job_id: str, name: str, request: Request, grid: CurrentGrid, links: Links,
