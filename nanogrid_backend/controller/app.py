@@ -1,5 +1,7 @@
-"""The controller's app: the grid's state, the routers (routes/ by resource, the dashboard), one middleware, the error
-handlers, and one lifespan that starts and stops what runs beside the routes."""
+"""The controller's app, composed: the grid's state, the routers, one middleware, the error handlers, one lifespan.
+
+The routers are routes/ (one module per resource) and the dashboard; the lifespan starts and stops the grid (when
+the app manages it) and the history's retention."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""The dashboard at ``/ui``: server-rendered pages (Jinja2, inline SVG charts, no JavaScript) over the same data as the
-``/v1`` operations API, for an operator who never opens a notebook: deploy, test-run, update and delete functions
-(through the API's own core, forms.py), their calls and errors over time, jobs with their output files, the
-built environments, workers and load tests.
+"""The dashboard at ``/ui``: server-rendered pages (Jinja2, inline SVG charts, no JavaScript) for an operator.
+
+Over the same data as the ``/v1`` operations API, for one who never opens a notebook: deploy, test-run, update and
+delete functions (through the API's own core, forms.py), their calls and errors over time, jobs with their output
+files, the built environments, workers and load tests.
 
 One module per page group (account, functions, jobs, environments, workers, loadtests), sharing state.py: the
 sessions (signing in, CSRF tokens) and the templates. Each page shows only the signed-in owner's functions, calls,

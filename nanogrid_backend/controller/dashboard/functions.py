@@ -1,5 +1,7 @@
-"""The dashboard's functions: the list, a function's page (calls and errors over time, history, AutoTuner), and its
-forms: deploy, update, test-run, apply a memory size, delete (what they do: forms.py)."""
+"""The dashboard's functions: the list, a function's page, and the forms that deploy, change and delete them.
+
+A function's page shows its calls and errors over time, its history and the AutoTuner's advice; its forms deploy,
+update, test-run, apply a memory size and delete (what they do: forms.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""``/v1/history`` and a function's ``history``, ``windows`` and ``autotune``: what the caller's calls did, and what
-memory size they advise (nanogrid_backend/controller/history.py)."""
+"""``/v1/history`` and a function's ``history``, ``windows`` and ``autotune``: what the caller's calls did.
+
+The AutoTuner routes advise (and apply) a memory size from them (nanogrid_backend/controller/history.py)."""
 
 from __future__ import annotations
 

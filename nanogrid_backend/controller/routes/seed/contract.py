@@ -1,5 +1,6 @@
-"""The seed platform's dialect: its errors (``SeedRoute``), keys and rate limits, function ids and versions, and
-the shapes its clients read; the routes that speak it are beside this module."""
+"""The seed platform's dialect, shared by its routes beside this module.
+
+Its errors (``SeedRoute``), keys and rate limits, function ids and versions, and the shapes its clients read."""
 
 from __future__ import annotations
 
