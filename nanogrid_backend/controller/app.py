@@ -18,7 +18,6 @@ from nanogrid_backend.controller.history import HistoryJanitor
 from nanogrid_backend.controller.limits import RequestGate
 from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.controller.loadtests import LoadTests
-from nanogrid_backend.controller.ratelimit import TokenBuckets
 from nanogrid_backend.controller.routes import (
     blobs,
     functions,
@@ -35,7 +34,6 @@ from nanogrid_backend.controller.routes import jobs as job_routes
 from nanogrid_backend.controller.schemas import ErrorDetail
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.keys import Authenticator
-from nanogrid_backend.results.redis import RedisResultBus, RedisTokenBuckets
 from nanogrid_contract import __version__
 
 ERROR_RESPONSES: dict[int | str, dict] = {
@@ -48,14 +46,6 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     429: {"model": ErrorDetail, "description": "rate limit: see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
 }
-
-
-def rate_buckets(grid: Grid) -> tuple[TokenBuckets | RedisTokenBuckets, bool]:
-    """The API keys' token buckets, and whether they are this process's own memory: in Redis where the grid's results
-    are (every controller shares them), else in process. The one place the app looks at which adapter the grid has."""
-    if isinstance(grid.bus, RedisResultBus):
-        return RedisTokenBuckets(grid.bus.redis), False
-    return TokenBuckets(), True
 
 
 def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
@@ -79,7 +69,8 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     state = app.state
     state.grid, state.config, state.started_at = grid, config, time.time()
     state.authenticator = Authenticator(grid.registry)
-    state.buckets, state.buckets_in_process = rate_buckets(grid)
+    state.buckets = grid.bus.token_buckets()  # the API keys' rate limits, shared as widely as the bus is
+    state.buckets_in_process = grid.bus.redis is None  # taking a token is then a few microseconds, no network
     state.links = LinkSigner(grid.secrets.link_key)  # output URLs signed for the browser
     state.functions = {}  # function id -> record: records never change (ids are content hashes); deletes evict
     state.loadtests = LoadTests(grid)

@@ -29,7 +29,7 @@ def discovery(request: Request) -> dict[str, Any]:
 
 
 def healthy(grid: Grid) -> bool:
-    redis = getattr(grid.bus, "redis", None)
+    redis = grid.bus.redis
     if redis is None:
         return True
     try:
