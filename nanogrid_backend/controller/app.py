@@ -77,7 +77,8 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     state.seed_workers = {}  # the seed platform's worker heartbeats
     state.dashboard = dashboard.Dashboard(grid)
 
-    for router in (system.router, functions.router, job_routes.router, blobs.router, history.router, webhooks.router,
+    # The calls first: a request is matched against the routers in this order, and /v1/run is the warm path.
+    for router in (job_routes.router, functions.router, system.router, blobs.router, history.router, webhooks.router,
                    loadtests.router, dashboard.router, secrets.router, schedules.router, volumes.router):
         app.include_router(router)
     for prefix in ("", "/api"):  # the seed platform's contract, where its clients call it

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -31,6 +31,7 @@ from nanogrid_backend.controller.schemas import (
     MapRequest,
     RunRequest,
 )
+from nanogrid_backend.models import JobRecord
 
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
@@ -38,9 +39,14 @@ JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 router = APIRouter(prefix="/v1")
 
 
+def view(request: Request, job: JobRecord, with_result: bool = True, **extra: Any) -> JobView:
+    """The job as the API answers it to this request: output URLs on the host it called, signed for a browser."""
+    return JobView.of(job, base_url(request), with_result, request.app.state.links, **extra)
+
+
 @router.post("/run", response_model=JobView,
              responses={202: {"model": JobView, "description": "accepted (async)"}})
-async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentGrid, links: Links,
+async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentGrid,
               x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False,
               x_hold: Annotated[float | None, Header(ge=0, le=SYNC_WAIT_CAP_S, description=(
                   "seconds to wait for the result before answering 202 (a client that follows the job's "
@@ -51,10 +57,9 @@ async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentG
     payloads = jobs.encode_payloads(function, [body.payload], pickles, jobs.inline_cap(grid.config),
                                     jobs.checked_blobs(grid, caller.name, refs, pickles))
     (job,) = jobs.new_jobs(function, payloads, caller.name)
-    url = base_url(request)
     if x_async:
         await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
-        return JSONResponse(JobView.of(job, url, links=links).body(), status_code=202)
+        return JSONResponse(view(request, job).body(), status_code=202)
     finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
     try:
         await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
@@ -66,18 +71,18 @@ async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentG
         if not result.done():  # the caller went away while it waited: a call still queued is not run for nobody
             result.cancel()
             jobs.cancel_unwatched(grid, [job.job_id])
-            return JSONResponse(JobView.of(job, url, links=links).body(), 202)
+            return JSONResponse(view(request, job).body(), 202)
         done = result.result()
     finally:
         unsubscribe()
     if done is None:  # still queued or running: the caller polls /status/{job_id}
-        return JSONResponse(JobView.of(grid.registry.get_job(job.job_id) or job, url, links=links).body(), 202)
-    return JSONResponse(JobView.of(done, url, links=links).body())
+        return JSONResponse(view(request, grid.registry.get_job(job.job_id) or job).body(), 202)
+    return JSONResponse(view(request, done).body())
 
 
 @router.post("/map", responses={200: {"content": {"application/x-ndjson": {}},
                                          "description": "a line {job_ids}, then a JobView line (with index) per call"}})
-async def map_(body: MapRequest, request: Request, caller: Caller, grid: CurrentGrid, links: Links,
+async def map_(body: MapRequest, request: Request, caller: Caller, grid: CurrentGrid,
                config: Settings) -> StreamingResponse:
     function = function_or_404(request, body.function_id, caller)
     if (body.payloads is None) == (body.args_pickle is None):
@@ -91,7 +96,7 @@ async def map_(body: MapRequest, request: Request, caller: Caller, grid: Current
     job_ids = [job.job_id for job in new]
     finished, unsubscribe = jobs.subscribe(grid, job_ids)
     await asyncio.to_thread(jobs.submit, grid, function, new, body.model, caller.max_timeout_s)
-    url = base_url(request)
+    url, links = base_url(request), request.app.state.links  # once for the whole stream
 
     async def lines() -> AsyncIterator[bytes]:
         unreported = set(job_ids)
@@ -111,11 +116,11 @@ async def map_(body: MapRequest, request: Request, caller: Caller, grid: Current
 
 
 @router.get("/status/{job_id}", response_model=JobView)
-async def status(job_id: str, request: Request, caller: Caller, grid: CurrentGrid, links: Links,
+async def status(job_id: str, request: Request, caller: Caller, grid: CurrentGrid,
                  wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
                  ) -> JobView:
     job = job_or_404(grid, job_id, caller)
-    return JobView.of(await jobs.wait_for(grid, job_id, wait, job) or job, base_url(request), links=links)
+    return view(request, await jobs.wait_for(grid, job_id, wait, job) or job)
 
 
 @router.get("/jobs/{job_id}/logs", response_model=LiveLog)
@@ -156,7 +161,7 @@ async def live_log(job_id: str, request: Request, caller: Caller, grid: CurrentG
 
 @router.get("/jobs", response_model=list[JobView],
             responses={403: {"model": ErrorDetail, "description": "all_owners without an admin key"}})
-def list_jobs(request: Request, caller: Caller, grid: CurrentGrid, links: Links,
+def list_jobs(request: Request, caller: Caller, grid: CurrentGrid,
               limit: Annotated[int, Query(ge=1, le=1000)] = 50,
               status: Annotated[JobStatus | None, Query()] = None,
               all_owners: Annotated[bool, Query(description="every owner's jobs (admin keys only)")] = False,
@@ -166,15 +171,15 @@ def list_jobs(request: Request, caller: Caller, grid: CurrentGrid, links: Links,
     listed = grid.registry.list_jobs(limit, status, None if all_owners else caller.name)
     # another owner's result is never sent, even to an admin: a client unpickles what it gets
     functions = {f: grid.registry.get_function(f) for f in {job.function_id for job in listed}}
-    return [JobView.of(job, base_url(request), with_result=job.owner == caller.name, links=links,
-                       function_name=getattr(functions[job.function_id], "function_name", None)) for job in listed]
+    return [view(request, job, with_result=job.owner == caller.name,
+                 function_name=getattr(functions[job.function_id], "function_name", None)) for job in listed]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView)
-async def cancel(job_id: str, request: Request, caller: Caller, grid: CurrentGrid, links: Links) -> JobView:
+async def cancel(job_id: str, request: Request, caller: Caller, grid: CurrentGrid) -> JobView:
     job = job_or_404(grid, job_id, caller)
     jobs.cancel(grid, job)
-    return JobView.of(await jobs.wait_for(grid, job_id, 5.0) or job, base_url(request), links=links)
+    return view(request, await jobs.wait_for(grid, job_id, 5.0) or job)
 
 
 @router.post("/jobs/cancel", response_model=Cancelled)
