@@ -12,6 +12,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanogrid_contract.errors import ConfigError
+
 if TYPE_CHECKING:
     from nanogrid_backend.config import GridConfig
 
@@ -236,7 +238,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_aws_bootstrap(args: argparse.Namespace) -> int:
-    from nanogrid_backend.aws import bootstrap
+    try:
+        from nanogrid_backend.aws import bootstrap
+    except ImportError as exc:  # boto3 comes with the [aws] extra only
+        raise ConfigError(f"the AWS adapters are not installed ({exc.name} is missing): "
+                          "pip install 'nanogrid[aws]'") from None
 
     config = _grid_config(args)  # the same variables the controller and workers read (DYNAMODB_TABLE, ...)
     names = {"queue": args.queue or _queue_name(config.queue_url), "dlq": args.dlq or _queue_name(config.dlq_url),

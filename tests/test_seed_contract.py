@@ -1,6 +1,6 @@
 """The seed platform's clients against NanoGrid, unchanged: its UI's deploy and invoke pages, its BFF (gateway),
 its end-to-end, async, scaling and stress scripts, replayed request by request on the embedded grid with Docker
-sandboxes; then each route of the contract (nanogrid_backend/controller/seed.py) on its own.
+sandboxes; then each route of the contract (nanogrid_backend/controller/routes/seed/) on its own.
 
 What must never happen: a seed client that gets a shape it cannot read (``detail`` instead of ``error``, ``running``
 where it polls on ``pending``), a function id that changes on update, one owner reaching another's function or

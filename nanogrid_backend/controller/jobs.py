@@ -13,13 +13,11 @@ import time
 import zipfile
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
 
-from nanogrid_backend.controller.links import LinkSigner
 from nanogrid_backend.grid import Grid
 from nanogrid_backend.models import CANCELLED, PENDING, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
 from nanogrid_backend.package_checks import Package, PackageError, from_upload, owned_function_id
-from nanogrid_backend.store.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, RESULT_FORMAT, blobs_of, is_sha256, join_payload
+from nanogrid_backend.store.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, blobs_of, is_sha256, join_payload
 
 log = logging.getLogger(__name__)
 
@@ -296,31 +294,3 @@ def live_workers(grid: Grid) -> list[dict]:
     if grid.worker is not None and not grid.config.redis_host:
         return [grid.worker.info()]
     return grid.bus.workers()
-
-
-def job_view(job: JobRecord, base_url: str = "", with_result: bool = True,
-             links: LinkSigner | None = None) -> dict[str, Any]:
-    """The job as the API shows it; ``with_result=False`` leaves out the result (another owner's, for an admin)."""
-    view: dict[str, Any] = {
-        "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "result": None,
-        "result_pickle": None, "error": job.error, "stdout": job.stdout, "stderr": job.stderr,
-        "execution_time_ms": job.execution_time_ms, "peak_memory_bytes": job.peak_memory_bytes,
-        "cold": job.cold, "memory_limit_mib": job.memory_limit_mib,
-        "baseline_memory_bytes": job.baseline_memory_bytes, "ai_usage": job.ai_usage,
-        "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
-        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
-        "trigger": job.trigger,
-        "output_files": [
-            {**f, "url": f"{base_url}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}"
-                         + (f"?{links.query(job.job_id, f['name'], job.owner)}" if links else "")}
-            for f in job.output_files
-        ],
-    }
-    if job.result is not None and with_result:
-        if job.result_format == RESULT_FORMAT:  # stored as a blob: the client downloads it, streamed
-            view["result_blob"] = json.loads(job.result)
-        elif job.result_format == "json":
-            view["result"] = json.loads(job.result)
-        else:
-            view["result_pickle"] = base64.b64encode(job.result).decode()
-    return view
