@@ -39,6 +39,7 @@ lab: setup-test
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .  # the whole tree as `ruff format` writes it (line length 100)
 	$(VENV)/bin/mypy  # every package, the sandbox bootstrap included (pyproject.toml [tool.mypy])
 	$(MKDOCS)
 

@@ -35,13 +35,20 @@ def run(workers: int, map_n: int, calls: int) -> dict:
             return x
 
         timed(lambda: noop.remote(1), 20)
-        result = {"workers": workers, "slots_per_worker": cluster.slots,
-                  "remote": percentiles(timed(lambda: noop.remote(1), calls))}
+        result = {
+            "workers": workers,
+            "slots_per_worker": cluster.slots,
+            "remote": percentiles(timed(lambda: noop.remote(1), calls)),
+        }
         list(noop.map(range(100), progress=False))
         started = time.perf_counter()
         assert list(noop.map(range(map_n), progress=False)) == list(range(map_n))
         seconds = time.perf_counter() - started
-        result["map"] = {"calls": map_n, "seconds": round(seconds, 2), "calls_per_s": round(map_n / seconds, 1)}
+        result["map"] = {
+            "calls": map_n,
+            "seconds": round(seconds, 2),
+            "calls_per_s": round(map_n / seconds, 1),
+        }
         return result
     finally:
         cluster.stop()
@@ -49,14 +56,19 @@ def run(workers: int, map_n: int, calls: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--map", type=int, default=2000)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aws.json")
     args = parser.parse_args()
     one, three = run(1, args.map, args.calls), run(3, args.map, args.calls)
-    report = {"one_worker": one, "three_workers": three,
-              "map_scaling_3_over_1": round(three["map"]["calls_per_s"] / one["map"]["calls_per_s"], 2)}
+    report = {
+        "one_worker": one,
+        "three_workers": three,
+        "map_scaling_3_over_1": round(three["map"]["calls_per_s"] / one["map"]["calls_per_s"], 2),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

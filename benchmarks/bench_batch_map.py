@@ -27,20 +27,28 @@ def measure(sandbox: str, port: int, map_n: int, repeat: int) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
     grid = start_grid(data_dir, port, sandbox)
     try:
-        nanogrid.connect(f"http://127.0.0.1:{port}", api_key=(data_dir / "local-key").read_text().strip())
+        nanogrid.connect(
+            f"http://127.0.0.1:{port}", api_key=(data_dir / "local-key").read_text().strip()
+        )
 
         @nanogrid.remote
         def noop(x):
             return x
 
-        list(noop.map(range(500), progress=False))  # warm: sandboxes up, the function timed as short
+        list(
+            noop.map(range(500), progress=False)
+        )  # warm: sandboxes up, the function timed as short
         rates = []
         for _ in range(repeat):
             started = time.perf_counter()
             out = list(noop.map(range(map_n), progress=False))
             rates.append(map_n / (time.perf_counter() - started))
             assert out == list(range(map_n))
-        return {"calls": map_n, "calls_per_s": [round(r, 1) for r in rates], "best_calls_per_s": round(max(rates), 1)}
+        return {
+            "calls": map_n,
+            "calls_per_s": [round(r, 1) for r in rates],
+            "best_calls_per_s": round(max(rates), 1),
+        }
     finally:
         grid.terminate()
         grid.wait(15)
@@ -48,17 +56,28 @@ def measure(sandbox: str, port: int, map_n: int, repeat: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--map", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--port", type=int, default=8797)
     parser.add_argument("--sandbox", action="append", choices=["process", "docker"])
-    parser.add_argument("--label", default="", help="a note kept in the report (what was being compared)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_map.json")
+    parser.add_argument(
+        "--label", default="", help="a note kept in the report (what was being compared)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "batch_map.json"
+    )
     args = parser.parse_args()
-    report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                "load_average_before": [round(x, 2) for x in os.getloadavg()]},
-                    "label": args.label}
+    report: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        },
+        "label": args.label,
+    }
     for sandbox in args.sandbox or ["process", "docker"]:
         report[sandbox] = measure(sandbox, args.port, args.map, args.repeat)
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

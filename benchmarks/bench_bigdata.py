@@ -73,9 +73,24 @@ class Peak:
 
 
 def start_grid(data_dir: Path, port: int, sandbox: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir",
-                             str(data_dir), "--sandbox", sandbox, "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanogrid.cli",
+            "up",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--sandbox",
+            sandbox,
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -93,8 +108,11 @@ def step(name: str, grid_pid: int, size: int, fn: Callable[[], object]) -> dict:
         started = time.perf_counter()
         fn()
         seconds = time.perf_counter() - started
-    figures = {"seconds": round(seconds, 3), "grid_growth_x": round(grid.growth / size, 2),
-               "client_growth_x": round(client.growth / size, 2)}
+    figures = {
+        "seconds": round(seconds, 3),
+        "grid_growth_x": round(grid.growth / size, 2),
+        "client_growth_x": round(client.growth / size, 2),
+    }
     print(name, figures, flush=True)
     return figures
 
@@ -108,19 +126,34 @@ def attach_throughput(mib: int, image: str = "nanogrid/runtime-python:3.11") -> 
 
     client = docker.from_env()
     size = mib * MiB
-    writer = ("import os, sys\nbody = bytes(4 << 20)\nsys.stdin.read(1)\n"
-              f"for _ in range({size} // len(body)):\n    view = memoryview(body)\n"
-              "    while view:\n        view = view[os.write(1, view):]\n")
-    reader = (f"import os\nleft = {size}\nwhile left:\n    left -= len(os.read(0, 1 << 20))\n"
-              "os.write(1, b'done')\n")
+    writer = (
+        "import os, sys\nbody = bytes(4 << 20)\nsys.stdin.read(1)\n"
+        f"for _ in range({size} // len(body)):\n    view = memoryview(body)\n"
+        "    while view:\n        view = view[os.write(1, view):]\n"
+    )
+    reader = (
+        f"import os\nleft = {size}\nwhile left:\n    left -= len(os.read(0, 1 << 20))\n"
+        "os.write(1, b'done')\n"
+    )
     figures = {}
-    for name, code, logs in (("out_mb_s", writer, "none"), ("in_mb_s", reader, "none"),
-                             ("out_json_file_log_mb_s", writer, "json-file")):
-        container = client.containers.create(image, ["python3", "-c", code], entrypoint=[], stdin_open=True,
-                                             user="65534:65534", network_mode="none",
-                                             log_config=docker.types.LogConfig(type=logs))
+    for name, code, logs in (
+        ("out_mb_s", writer, "none"),
+        ("in_mb_s", reader, "none"),
+        ("out_json_file_log_mb_s", writer, "json-file"),
+    ):
+        container = client.containers.create(
+            image,
+            ["python3", "-c", code],
+            entrypoint=[],
+            stdin_open=True,
+            user="65534:65534",
+            network_mode="none",
+            log_config=docker.types.LogConfig(type=logs),
+        )
         try:
-            sock = client.api.attach_socket(container.id, params={"stdin": 1, "stdout": 1, "stream": 1})
+            sock = client.api.attach_socket(
+                container.id, params={"stdin": 1, "stdout": 1, "stream": 1}
+            )
             raw = getattr(sock, "_sock", sock)
             container.start()
             time.sleep(0.5)
@@ -158,14 +191,20 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--sandbox", default="docker")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--legs", action="store_true", help="also measure the Docker attach stream itself")
+    parser.add_argument(
+        "--legs", action="store_true", help="also measure the Docker attach stream itself"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bigdata.json"))
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bigdata-"))
     port = free_port()
     proc = start_grid(data_dir, port, args.sandbox)
-    report: dict = {"sandbox": args.sandbox, "payload_mib": args.mib, "load_average_before": os.getloadavg()}
+    report: dict = {
+        "sandbox": args.sandbox,
+        "payload_mib": args.mib,
+        "load_average_before": os.getloadavg(),
+    }
     try:
         key = (data_dir / "local-key").read_text().strip()
         nanogrid.connect(f"http://127.0.0.1:{port}", api_key=key)
@@ -183,7 +222,9 @@ def main() -> None:
         make.remote(1)
         size = args.mib * MiB
         client = nanogrid.get_client()
-        uploads: list[float] = []  # the client's upload of the argument's blob (hash, HEAD, PUT) within each run
+        uploads: list[
+            float
+        ] = []  # the client's upload of the argument's blob (hash, HEAD, PUT) within each run
         upload = client.upload_blob
 
         def timed_upload(data: bytes) -> nanogrid.Ref:
@@ -196,8 +237,12 @@ def main() -> None:
         client.upload_blob = timed_upload  # type: ignore[method-assign]
         runs = []
         for _ in range(args.repeat):
-            payload = os.urandom(size)  # random: nothing compresses or dedups it, and never sent before
-            runs.append(step("argument", proc.pid, size, functools.partial(size_of.remote, payload)))
+            payload = os.urandom(
+                size
+            )  # random: nothing compresses or dedups it, and never sent before
+            runs.append(
+                step("argument", proc.pid, size, functools.partial(size_of.remote, payload))
+            )
             payload = b""
         client.upload_blob = upload  # type: ignore[method-assign]
         report["argument"] = {**median_of(runs), "legs": {"upload_s": uploads}}
@@ -227,17 +272,36 @@ def main() -> None:
 
         shared = os.urandom(args.shared_mib * MiB)
         one = step("shared_one_call", proc.pid, len(shared), lambda: size_of.remote(shared))
-        shared = os.urandom(args.shared_mib * MiB)  # a new value: uploaded afresh, as in the first call
-        many = step("shared_many_calls", proc.pid, len(shared), lambda: list(size_of.map([shared] * args.calls)))
-        report["shared"] = {"calls": args.calls, "mib": args.shared_mib, "one_call": one, "all_calls": many,
-                            "ratio": round(many["seconds"] / one["seconds"], 2)}
+        shared = os.urandom(
+            args.shared_mib * MiB
+        )  # a new value: uploaded afresh, as in the first call
+        many = step(
+            "shared_many_calls",
+            proc.pid,
+            len(shared),
+            lambda: list(size_of.map([shared] * args.calls)),
+        )
+        report["shared"] = {
+            "calls": args.calls,
+            "mib": args.shared_mib,
+            "one_call": one,
+            "all_calls": many,
+            "ratio": round(many["seconds"] / one["seconds"], 2),
+        }
         if args.legs and args.sandbox == "docker":
             report["attach"] = attach_throughput(args.mib)
         report["load_average_after"] = os.getloadavg()
         report["targets"] = {
-            "argument_s<=5": report["argument"]["seconds"] <= 5, "result_s<=5": report["result"]["seconds"] <= 5,
-            "grid_growth<=1x": max(report["argument"]["grid_growth_x"], report["result"]["grid_growth_x"]) <= 1,
-            "client_growth<=2x": max(report["argument"]["client_growth_x"], report["result"]["client_growth_x"]) <= 2,
+            "argument_s<=5": report["argument"]["seconds"] <= 5,
+            "result_s<=5": report["result"]["seconds"] <= 5,
+            "grid_growth<=1x": max(
+                report["argument"]["grid_growth_x"], report["result"]["grid_growth_x"]
+            )
+            <= 1,
+            "client_growth<=2x": max(
+                report["argument"]["client_growth_x"], report["result"]["client_growth_x"]
+            )
+            <= 2,
             "shared_ratio<=4": report["shared"]["ratio"] <= 4,
         }
     finally:

@@ -29,16 +29,24 @@ def namespace(mib: int) -> dict[str, object]:
     import numpy as np
 
     quarter = (mib << 20) // 4
-    return {"matrix": np.random.default_rng(1).random(2 * quarter // 8), "raw": bytearray(quarter),
-            "readings": [float(i) for i in range(quarter // 9)], "meta": {"runs": 0, "names": [str(i) for i in range(1000)]}}
+    return {
+        "matrix": np.random.default_rng(1).random(2 * quarter // 8),
+        "raw": bytearray(quarter),
+        "readings": [float(i) for i in range(quarter // 9)],
+        "meta": {"runs": 0, "names": [str(i) for i in range(1000)]},
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mib", type=int, default=50)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cell_state.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "cell_state.json"
+    )
     args = parser.parse_args()
 
     from IPython.core.magic_arguments import parse_argstring
@@ -52,15 +60,23 @@ def main() -> None:
 
     limit = 1 << 30
     with tempfile.TemporaryDirectory() as data_dir:
-        config = GridConfig.load(data_dir=Path(data_dir), port=0, sandbox=args.sandbox, max_payload_bytes=limit)
+        config = GridConfig.load(
+            data_dir=Path(data_dir), port=0, sandbox=args.sandbox, max_payload_bytes=limit
+        )
         with EmbeddedGrid(config) as grid:
             ip = start_ipython()
             ip.run_line_magic("load_ext", "nanogrid")
             ip.run_line_magic("nanogrid", f"connect {grid.url} {grid.api_key}")
             ip.user_ns.update(namespace(args.mib))
-            size = len(pack_state([(k, ip.user_ns[k]) for k in ("matrix", "raw", "readings", "meta")], ip.user_ns).data)
+            size = len(
+                pack_state(
+                    [(k, ip.user_ns[k]) for k in ("matrix", "raw", "readings", "meta")], ip.user_ns
+                ).data
+            )
             body = "meta['runs'] += 1\nlen(readings) + len(raw) + matrix.size\n"
-            options = parse_argstring(NanoGridMagics.nanogrid, "--memory 2048 --timeout 300 --name cell-state-bench")
+            options = parse_argstring(
+                NanoGridMagics.nanogrid, "--memory 2048 --timeout 300 --name cell-state-bench"
+            )
             trips, diffs = [], []
             for _ in range(args.runs + 1):  # the first call warms the sandbox
                 started = time.perf_counter()
@@ -71,11 +87,16 @@ def main() -> None:
     trips, diffs = trips[1:], diffs[1:]
     shares = [d / t for d, t in zip(diffs, trips, strict=True)]
     result = {
-        "benchmark": "cell_state", "sandbox": args.sandbox, "namespace_pickled_mib": round(size / (1 << 20), 1),
-        "runs": args.runs, "round_trip_ms_median": round(statistics.median(trips) * 1000, 1),
+        "benchmark": "cell_state",
+        "sandbox": args.sandbox,
+        "namespace_pickled_mib": round(size / (1 << 20), 1),
+        "runs": args.runs,
+        "round_trip_ms_median": round(statistics.median(trips) * 1000, 1),
         "state_diff_ms_median": round(statistics.median(diffs) * 1000, 1),
-        "state_diff_share_median": round(statistics.median(shares), 4), "target_share": 0.10,
-        "python": platform.python_version(), "machine": platform.machine(),
+        "state_diff_share_median": round(statistics.median(shares), 4),
+        "target_share": 0.10,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

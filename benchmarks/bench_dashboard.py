@@ -40,28 +40,46 @@ def main() -> None:
         fill(registry, args.calls)
         busy = registry.get_function(FUNCTIONS[0])
         for n in range(3):  # updates of the busy function: one row on the functions page
-            registry.put_function(dataclasses.replace(busy, function_id=f"fn-benchv{n:015d}", memory_mib=256 << n,
-                                                      created_at=time.time() - 3600 * (3 - n)))
+            registry.put_function(
+                dataclasses.replace(
+                    busy,
+                    function_id=f"fn-benchv{n:015d}",
+                    memory_mib=256 << n,
+                    created_at=time.time() - 3600 * (3 - n),
+                )
+            )
         registry.close()
-        grid = EmbeddedGrid(GridConfig.load(data_dir=data, port=0, sandbox="process", workers=1,
-                                            stem_cells=0)).start()
+        grid = EmbeddedGrid(
+            GridConfig.load(data_dir=data, port=0, sandbox="process", workers=1, stem_cells=0)
+        ).start()
         try:
             key, _ = create_key(grid.grid.registry, OWNER)
             pages = {}
             with httpx.Client(base_url=grid.url, timeout=60) as http:
                 assert http.post("/ui/login", data={"api_key": key}).status_code == 303
-                for name, path in (("functions", "/ui"), ("function", f"/ui/functions/{FUNCTIONS[0]}"),
-                                   ("jobs", "/ui/jobs"), ("failed jobs", "/ui/jobs?status=failed"),
-                                   ("job", f"/ui/jobs/job-{args.calls - 1:032x}"), ("deploy", "/ui/deploy"),
-                                   ("environments", "/ui/environments"), ("workers", "/ui/workers"),
-                                   ("loadtests", "/ui/loadtests")):
+                for name, path in (
+                    ("functions", "/ui"),
+                    ("function", f"/ui/functions/{FUNCTIONS[0]}"),
+                    ("jobs", "/ui/jobs"),
+                    ("failed jobs", "/ui/jobs?status=failed"),
+                    ("job", f"/ui/jobs/job-{args.calls - 1:032x}"),
+                    ("deploy", "/ui/deploy"),
+                    ("environments", "/ui/environments"),
+                    ("workers", "/ui/workers"),
+                    ("loadtests", "/ui/loadtests"),
+                ):
                     assert http.get(path).status_code == 200, path
                     pages[name] = timed_ms(lambda p=path: http.get(p), repeat=20)
         finally:
             grid.stop()
-    result = {"calls": args.calls, "functions": len(FUNCTIONS) + 3, "target_ms": TARGET_MS, "pages": pages,
-              "slowest_p50_ms": max(p["p50_ms"] for p in pages.values()),
-              "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()}}
+    result = {
+        "calls": args.calls,
+        "functions": len(FUNCTIONS) + 3,
+        "target_ms": TARGET_MS,
+        "pages": pages,
+        "slowest_p50_ms": max(p["p50_ms"] for p in pages.values()),
+        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

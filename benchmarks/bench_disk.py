@@ -41,7 +41,12 @@ def main() -> None:
     os.environ["NANOGRID_MAX_OUTPUT_BYTES"] = str((args.mib + 64) * MiB)
     port = free_port()
     proc = start_grid(data_dir, port, "docker")
-    report: dict = {"output_mib": args.mib, "memory_mib": args.memory, "load_average": os.getloadavg()[0], "runs": []}
+    report: dict = {
+        "output_mib": args.mib,
+        "memory_mib": args.memory,
+        "load_average": os.getloadavg()[0],
+        "runs": [],
+    }
     try:
         key = (data_dir / "local-key").read_text().strip()
         nanogrid.connect(f"http://127.0.0.1:{port}", api_key=key)
@@ -70,16 +75,22 @@ def main() -> None:
             assert output.size == args.mib * MiB
             function_s = nanogrid.get_client().status(job.job_id)["execution_time_ms"] / 1000
             storing_s = max(total_s - function_s, 1e-6)
-            run = {"total_s": round(total_s, 2), "function_s": round(function_s, 2),
-                   "in_sandbox_write_mb_s": round(2 * args.mib * MiB / writing_s / 1e6),
-                   "storing_s": round(storing_s, 2), "stored_mb_s": round(args.mib * MiB / storing_s / 1e6),
-                   "peak_memory_mib": round((job.peak_memory_bytes or 0) / MiB)}
+            run = {
+                "total_s": round(total_s, 2),
+                "function_s": round(function_s, 2),
+                "in_sandbox_write_mb_s": round(2 * args.mib * MiB / writing_s / 1e6),
+                "storing_s": round(storing_s, 2),
+                "stored_mb_s": round(args.mib * MiB / storing_s / 1e6),
+                "peak_memory_mib": round((job.peak_memory_bytes or 0) / MiB),
+            }
             print(run, flush=True)
             report["runs"].append(run)
         best = max(run["stored_mb_s"] for run in report["runs"])
         report["stored_mb_s_best"] = best
-        report["targets"] = {"stored_mb_s>=250": best >= 250,
-                             "no_out_of_memory": all(r["peak_memory_mib"] <= args.memory for r in report["runs"])}
+        report["targets"] = {
+            "stored_mb_s>=250": best >= 250,
+            "no_out_of_memory": all(r["peak_memory_mib"] <= args.memory for r in report["runs"]),
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=30)

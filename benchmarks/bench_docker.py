@@ -35,9 +35,23 @@ IMAGE = "nanogrid/runtime-python:latest"
 
 def start_grid(data_dir: Path, port: int, sandbox: str, **env: str) -> subprocess.Popen:
     environ = {**os.environ, **{f"NANOGRID_{k.upper()}": v for k, v in env.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir",
-                             str(data_dir), "--sandbox", sandbox], env=environ,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanogrid.cli",
+            "up",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--sandbox",
+            sandbox,
+        ],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -144,17 +158,26 @@ def rss_during_output(url: str, key: str, grid_pid: int, megabytes: int) -> dict
     done.set()
     sampler.join()
     (output,) = job.outputs
-    return {"output_mib": megabytes, "output_size": output.size, "seconds": round(seconds, 2),
-            "worker_rss_before_mib": round(before / 2**20, 1), "worker_rss_peak_mib": round(peak / 2**20, 1),
-            "worker_rss_growth_mib": round((peak - before) / 2**20, 1)}
+    return {
+        "output_mib": megabytes,
+        "output_size": output.size,
+        "seconds": round(seconds, 2),
+        "worker_rss_before_mib": round(before / 2**20, 1),
+        "worker_rss_peak_mib": round(peak / 2**20, 1),
+        "worker_rss_growth_mib": round((peak - before) / 2**20, 1),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--cold", type=int, default=10)
     parser.add_argument("--output-mib", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "docker.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "docker.json"
+    )
     args = parser.parse_args()
 
     report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
@@ -162,11 +185,18 @@ def main() -> None:
     docker_grid = start_grid(dirs[0], 8801, "docker", docker_scratch_mib=str(args.output_mib + 256))
     process_grid = start_grid(dirs[1], 8802, "process")
     try:
-        report["docker"] = warm_and_cold("http://127.0.0.1:8801", key_of(dirs[0]), args.calls, args.cold, pause_s=1.0)
-        report["process"] = warm_and_cold("http://127.0.0.1:8802", key_of(dirs[1]), args.calls, args.cold, pause_s=0.3)
-        report["docker_over_process_p50"] = round(report["docker"]["remote"]["p50_ms"]
-                                                  / report["process"]["remote"]["p50_ms"], 2)
-        report["output_1gb"] = rss_during_output("http://127.0.0.1:8801", key_of(dirs[0]), docker_grid.pid, args.output_mib)
+        report["docker"] = warm_and_cold(
+            "http://127.0.0.1:8801", key_of(dirs[0]), args.calls, args.cold, pause_s=1.0
+        )
+        report["process"] = warm_and_cold(
+            "http://127.0.0.1:8802", key_of(dirs[1]), args.calls, args.cold, pause_s=0.3
+        )
+        report["docker_over_process_p50"] = round(
+            report["docker"]["remote"]["p50_ms"] / report["process"]["remote"]["p50_ms"], 2
+        )
+        report["output_1gb"] = rss_during_output(
+            "http://127.0.0.1:8801", key_of(dirs[0]), docker_grid.pid, args.output_mib
+        )
         report["docker_sandbox"] = sandbox_level(dirs[2])
     finally:
         for grid in (docker_grid, process_grid):

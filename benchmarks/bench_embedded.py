@@ -29,9 +29,22 @@ from benchmarks.peers import bench_dask, bench_ray, percentiles, timed  # noqa: 
 
 
 def start_grid(data_dir: Path, port: int, sandbox: str = "process") -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--port", str(port), "--data-dir", str(data_dir),
-                             "--sandbox", sandbox],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanogrid.cli",
+            "up",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--sandbox",
+            sandbox,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -48,7 +61,11 @@ def best(runs: int, measure) -> dict:
     """The best of ``runs`` measurements (lowest p50, or highest rate): on a shared machine the others' load only
     ever slows a run down."""
     found = [measure() for _ in range(runs)]
-    return min(found, key=lambda r: r["p50_ms"]) if "p50_ms" in found[0] else max(found, key=lambda r: r["calls_per_s"])
+    return (
+        min(found, key=lambda r: r["p50_ms"])
+        if "p50_ms" in found[0]
+        else max(found, key=lambda r: r["calls_per_s"])
+    )
 
 
 def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int, runs: int = 1) -> dict:
@@ -61,7 +78,9 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int, runs
     with httpx.Client(base_url=url, headers={"x-api-key": key}) as http:
         body = {"function_id": function_id, "payload": {"x": 1}}
         timed(lambda: http.post("/v1/run", json=body), 100)
-        results["http_run"] = best(runs, lambda: percentiles(timed(lambda: http.post("/v1/run", json=body), calls)))
+        results["http_run"] = best(
+            runs, lambda: percentiles(timed(lambda: http.post("/v1/run", json=body), calls))
+        )
 
     @nanogrid.remote
     def noop(x):
@@ -90,25 +109,41 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int, runs
         out = list(noop.map(range(map_n), progress=False))
         seconds = time.perf_counter() - started
         assert out == list(range(map_n))
-        return {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": round(map_n / seconds, 1)}
+        return {
+            "calls": map_n,
+            "seconds": round(seconds, 3),
+            "calls_per_s": round(map_n / seconds, 1),
+        }
 
     results["map"] = best(runs, one_map)
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--map", type=int, default=5000)
     parser.add_argument("--cold", type=int, default=20)
     parser.add_argument("--port", type=int, default=8799)
-    parser.add_argument("--runs", type=int, default=1, help="measure NanoGrid's warm calls and .map() this many "
-                        "times and keep the best (a shared machine's load only slows runs down)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="measure NanoGrid's warm calls and .map() this many "
+        "times and keep the best (a shared machine's load only slows runs down)",
+    )
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--peers-python", help="the interpreter of a venv with Ray and Dask (make bench makes "
-                        ".venv-peers: Ray needs newer packages than NanoGrid's lock files pin)")
+    parser.add_argument(
+        "--peers-python",
+        help="the interpreter of a venv with Ray and Dask (make bench makes "
+        ".venv-peers: Ray needs newer packages than NanoGrid's lock files pin)",
+    )
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "embedded.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "embedded.json"
+    )
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
@@ -116,19 +151,35 @@ def main() -> None:
     grid = start_grid(data_dir, args.port, args.sandbox)
     key = (data_dir / "local-key").read_text().strip()
     try:
-        report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                              "load_average_before": load_before},
-                  "sandbox": args.sandbox,
-                  "nanogrid": bench_nanogrid(f"http://127.0.0.1:{args.port}", key, args.calls, args.map, args.cold,
-                                                             args.runs)}
+        report = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "load_average_before": load_before,
+            },
+            "sandbox": args.sandbox,
+            "nanogrid": bench_nanogrid(
+                f"http://127.0.0.1:{args.port}", key, args.calls, args.map, args.cold, args.runs
+            ),
+        }
     finally:
         grid.terminate()
         grid.wait(15)
         shutil.rmtree(data_dir, ignore_errors=True)
     if args.peers and args.peers_python:
         for _ in range(args.runs):  # each peer's best run, as for NanoGrid
-            done = subprocess.run([args.peers_python, str(Path(__file__).with_name("peers.py")), str(args.calls),
-                                   str(args.map)], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    args.peers_python,
+                    str(Path(__file__).with_name("peers.py")),
+                    str(args.calls),
+                    str(args.map),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             for peer, found in json.loads(done.stdout.strip().splitlines()[-1]).items():
                 kept = report.get(peer)
                 if kept is None or "remote" not in kept:
@@ -145,8 +196,12 @@ def main() -> None:
         theirs = report.get(peer, {})
         if "remote" in theirs:
             report.setdefault("ratios", {})[peer] = {
-                "remote_p50_ours_over_theirs": round(ours["remote"]["p50_ms"] / theirs["remote"]["p50_ms"], 2),
-                "map_rate_ours_over_theirs": round(ours["map"]["calls_per_s"] / theirs["map"]["calls_per_s"], 2),
+                "remote_p50_ours_over_theirs": round(
+                    ours["remote"]["p50_ms"] / theirs["remote"]["p50_ms"], 2
+                ),
+                "map_rate_ours_over_theirs": round(
+                    ours["map"]["calls_per_s"] / theirs["map"]["calls_per_s"], 2
+                ),
             }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

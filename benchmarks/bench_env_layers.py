@@ -55,18 +55,28 @@ def main() -> None:
     load_at_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-env-layers-") as tmp:
         python = "%d.%d" % sys.version_info[:2]
-        warm_up = Environments(Path(tmp) / "warm-up", runtimes={f"python{python}": python})  # fills uv's cache
-        warm_up.ensure(check_spec(nanogrid.Environment(packages=[*pins, ADDED]).spec(), warm_up.runtimes))
+        warm_up = Environments(
+            Path(tmp) / "warm-up", runtimes={f"python{python}": python}
+        )  # fills uv's cache
+        warm_up.ensure(
+            check_spec(nanogrid.Environment(packages=[*pins, ADDED]).spec(), warm_up.runtimes)
+        )
         times.seen = []
         settings: dict[str, object] = {}
-        if args.sandbox == "docker":  # a tag of its own: a runtime rebuilt meanwhile must not rebuild the image here
+        if (
+            args.sandbox == "docker"
+        ):  # a tag of its own: a runtime rebuilt meanwhile must not rebuild the image here
             subprocess.run(["docker", "tag", RUNTIME, BENCH_RUNTIME], check=True)
             settings["docker_image"] = BENCH_RUNTIME
         # No stem cells: every first call below starts its sandbox, so the figures differ by their builds alone.
-        config = GridConfig.load(data_dir=Path(tmp) / "grid", port=0, sandbox=args.sandbox, stem_cells=0, **settings)
+        config = GridConfig.load(
+            data_dir=Path(tmp) / "grid", port=0, sandbox=args.sandbox, stem_cells=0, **settings
+        )
         with EmbeddedGrid(config) as grid:
             nanogrid.connect(grid.url, api_key=grid.api_key)
-            env = nanogrid.Environment(packages=pins, env={"RUN": tmp})  # a fresh id each run: the first call builds
+            env = nanogrid.Environment(
+                packages=pins, env={"RUN": tmp}
+            )  # a fresh id each run: the first call builds
 
             @nanogrid.remote(environment=env)
             def versions():
@@ -86,12 +96,16 @@ def main() -> None:
 
                 import humanize
 
-                return humanize.intcomma(1234), {name: importlib.metadata.version(name) for name in PACKAGES}
+                return humanize.intcomma(1234), {
+                    name: importlib.metadata.version(name) for name in PACKAGES
+                }
 
             started = time.perf_counter()
             said, imported = with_humanize.remote()
             grown = time.perf_counter() - started
-            assert said == "1,234" and imported == {name: metadata.version(name) for name in PACKAGES}
+            assert said == "1,234" and imported == {
+                name: metadata.version(name) for name in PACKAGES
+            }
 
             @nanogrid.remote(environment=grown_env)
             def another():
@@ -101,7 +115,9 @@ def main() -> None:
 
             started = time.perf_counter()
             assert another.remote() == "5,678"
-            no_build = time.perf_counter() - started  # what the first call of any new function costs, built or not
+            no_build = (
+                time.perf_counter() - started
+            )  # what the first call of any new function costs, built or not
             listed = {e["env_id"]: e for e in grid.grid.environments.list()}
             info = listed[grown_env.id]
             grid.grid.pool.close()
@@ -110,14 +126,20 @@ def main() -> None:
     if args.sandbox == "docker":
         subprocess.run(["docker", "image", "rm", BENCH_RUNTIME], capture_output=True)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "sandbox": args.sandbox, "uv_cache": "warm",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "sandbox": args.sandbox,
+        "uv_cache": "warm",
         "load_average_at_start": load_at_start,  # others' work on the machine slows every figure here
         "packages": pins,
         "first_call_new_environment_s": round(first, 2),
-        "first_call_new_environment_builds": [{"step": text, "s": round(s, 2)} for text, s in first_builds],
+        "first_call_new_environment_builds": [
+            {"step": text, "s": round(s, 2)} for text, s in first_builds
+        ],
         "added": ADDED,
         "first_call_with_one_package_added_s": round(grown, 2),
-        "with_one_package_added_builds": [{"step": text, "s": round(s, 2)} for text, s in times.seen],
+        "with_one_package_added_builds": [
+            {"step": text, "s": round(s, 2)} for text, s in times.seen
+        ],
         "first_call_new_function_in_that_built_environment_s": round(no_build, 2),
         "grown_from_the_built_environment": info.get("base") == env.id,
         "distributions_installed_for_the_added_package": info.get("added"),

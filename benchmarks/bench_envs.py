@@ -58,21 +58,33 @@ def main() -> None:
         if args.cold_uv_cache:
             os.environ["UV_CACHE_DIR"] = str(Path(tmp) / "uv-cache")
         settings: dict[str, object] = {}
-        if args.sandbox == "docker":  # a tag of its own: a runtime rebuilt meanwhile must not rebuild the image here
+        if (
+            args.sandbox == "docker"
+        ):  # a tag of its own: a runtime rebuilt meanwhile must not rebuild the image here
             subprocess.run(["docker", "tag", RUNTIME, BENCH_RUNTIME], check=True)
             settings["docker_image"] = BENCH_RUNTIME
-        config = GridConfig.load(data_dir=Path(tmp) / "grid", port=0, sandbox=args.sandbox, **settings)
+        config = GridConfig.load(
+            data_dir=Path(tmp) / "grid", port=0, sandbox=args.sandbox, **settings
+        )
         with EmbeddedGrid(config) as grid:
             nanogrid.connect(grid.url, api_key=grid.api_key)
             # A fresh environment id each run (a variable in it), so the first call always builds.
-            env = nanogrid.Environment(packages=[f"pandas=={pd.__version__}", f"numpy=={numpy.__version__}",
-                                                 f"scikit-learn=={sklearn.__version__}"], env={"RUN": tmp})
+            env = nanogrid.Environment(
+                packages=[
+                    f"pandas=={pd.__version__}",
+                    f"numpy=={numpy.__version__}",
+                    f"scikit-learn=={sklearn.__version__}",
+                ],
+                env={"RUN": tmp},
+            )
 
             @nanogrid.remote(environment=env)
             def fit(n):
                 from sklearn.linear_model import LinearRegression
 
-                return float(LinearRegression().fit([[i] for i in range(n)], list(range(n))).coef_[0])
+                return float(
+                    LinearRegression().fit([[i] for i in range(n)], list(range(n))).coef_[0]
+                )
 
             started = time.perf_counter()
             fit.remote(10)
@@ -91,7 +103,9 @@ def main() -> None:
                 t = time.perf_counter()
                 plain.remote(1)
                 warm_plain.append(time.perf_counter() - t)
-            stem_ready = _wait_for_stem(grid, env.id, timeout=60)  # started after the environment's first use
+            stem_ready = _wait_for_stem(
+                grid, env.id, timeout=60
+            )  # started after the environment's first use
 
             @nanogrid.remote(environment=env)
             def another(x):
@@ -108,12 +122,14 @@ def main() -> None:
     if args.sandbox == "docker":
         subprocess.run(["docker", "image", "rm", BENCH_RUNTIME], capture_output=True)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "sandbox": args.sandbox,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "sandbox": args.sandbox,
         "load_average_at_start": load_at_start,  # others' work on the machine slows every figure here
         "uv_cache": "cold" if args.cold_uv_cache else "warm",
         "packages": list(env.packages),
         "first_call_new_environment_s": round(first, 2),
-        "second_call_p50_ms": p50(warm_env), "plain_warm_call_p50_ms": p50(warm_plain),
+        "second_call_p50_ms": p50(warm_env),
+        "plain_warm_call_p50_ms": p50(warm_plain),
         "new_function_in_built_environment_ms": round(new_function * 1000, 1),
         "stem_cell_was_ready": stem_ready,
         "layer_mib": round(info["size"] / (1 << 20), 1),

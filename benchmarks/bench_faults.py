@@ -47,14 +47,19 @@ def until_served(call: Callable[[], object], limit_s: float = 120.0) -> float:
 
 
 def idle_sandboxes_killed(kind: str, work: Path) -> dict:
-    grid = start_grid(work / f"idle-{kind}", sandbox=kind, workers=2, stem_cells=1, kill_grace_s=0.5)
+    grid = start_grid(
+        work / f"idle-{kind}", sandbox=kind, workers=2, stem_cells=1, kill_grace_s=0.5
+    )
     try:
         nanogrid.connect(grid.url, api_key=grid.api_key, timeout=10)
         echo.remote(0)
         warm = min(_timed(lambda: echo.remote(1)) for _ in range(20))
         killed = kill_sandboxes(work / f"idle-{kind}", kind)
-        return {"sandboxes_killed": killed, "recovery_s": round(until_served(lambda: echo.remote(2)), 4),
-                "warm_call_s": round(warm, 4)}
+        return {
+            "sandboxes_killed": killed,
+            "recovery_s": round(until_served(lambda: echo.remote(2)), 4),
+            "warm_call_s": round(warm, 4),
+        }
     finally:
         grid.stop()
 
@@ -93,7 +98,12 @@ def kill_9_restart(kind: str, work: Path) -> dict:
 def disk_full(work: Path) -> dict | None:
     mount = work / "small"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)]).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)]
+        ).returncode
+    ):
         return None
     grid = start_grid(mount / "data", sandbox="process", workers=1, stem_cells=1, kill_grace_s=0.5)
     try:
@@ -118,7 +128,9 @@ def disk_full(work: Path) -> dict | None:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def kill_9_restart_on_a_nearly_full_disk(kind: str, work: Path, size_gib: int = 252, full: float = 0.95) -> dict | None:
+def kill_9_restart_on_a_nearly_full_disk(
+    kind: str, work: Path, size_gib: int = 252, full: float = 0.95
+) -> dict | None:
     """``kill_9_restart`` with the data dir on a disk of its own that is ``full`` full (a sparse ext4 image, filled
     with fallocate: the host's disk is not used up): the restart must write nothing it cannot do without."""
     if os.geteuid() != 0:
@@ -158,12 +170,15 @@ def main() -> None:
     figures: dict = {"machine": platform.node(), "cpus": os.cpu_count(), "target_s": 5.0}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        figures["idle_sandboxes_killed"] = {kind: idle_sandboxes_killed(kind, work) for kind in kinds}
+        figures["idle_sandboxes_killed"] = {
+            kind: idle_sandboxes_killed(kind, work) for kind in kinds
+        }
         figures["sigstop"] = sigstop(work)
         figures["kill_9_restart"] = {kind: kill_9_restart(kind, work) for kind in kinds}
         figures["disk_full"] = disk_full(work)
-        figures["kill_9_restart_95_percent_full"] = {kind: kill_9_restart_on_a_nearly_full_disk(kind, work)
-                                                     for kind in kinds}
+        figures["kill_9_restart_95_percent_full"] = {
+            kind: kill_9_restart_on_a_nearly_full_disk(kind, work) for kind in kinds
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))

@@ -43,8 +43,20 @@ def fill(registry: SQLiteRegistry, calls: int, seed: int = 7) -> None:
     rng = random.Random(seed)
     now = time.time()
     for fid in FUNCTIONS:
-        registry.put_function(FunctionRecord(fid, fid[-4:], "python3.11", "function.pkl", "pickle", 1024, 60.0, 1000,
-                                             "3.11", owner=OWNER))
+        registry.put_function(
+            FunctionRecord(
+                fid,
+                fid[-4:],
+                "python3.11",
+                "function.pkl",
+                "pickle",
+                1024,
+                60.0,
+                1000,
+                "3.11",
+                owner=OWNER,
+            )
+        )
     counters: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0.0, None])
     batch: list[list] = []
 
@@ -56,12 +68,23 @@ def fill(registry: SQLiteRegistry, calls: int, seed: int = 7) -> None:
         fid = FUNCTIONS[0] if i % 2 == 0 else FUNCTIONS[1 + i % 19]
         created = now - 30 * 86400 * (1 - i / calls)  # in time order, the newest last
         failed = rng.random() < 0.02
-        job = JobRecord(f"job-{i:032x}", fid, status=FAILED if failed else COMPLETED, owner=OWNER, created_at=created,
-                        started_at=created + 0.001, finished_at=created + 0.02, cold=rng.random() < 0.05,
-                        execution_time_ms=rng.lognormvariate(3, 0.6), peak_memory_bytes=int(rng.uniform(20, 90) * MiB),
-                        memory_limit_mib=1024, worker_id="worker-1", sandbox_id=f"sbx-{i % 8}",
-                        stdout=f"working on {i}\n",
-                        error={"kind": "exception", "type": "ValueError", "message": "bad"} if failed else None)
+        job = JobRecord(
+            f"job-{i:032x}",
+            fid,
+            status=FAILED if failed else COMPLETED,
+            owner=OWNER,
+            created_at=created,
+            started_at=created + 0.001,
+            finished_at=created + 0.02,
+            cold=rng.random() < 0.05,
+            execution_time_ms=rng.lognormvariate(3, 0.6),
+            peak_memory_bytes=int(rng.uniform(20, 90) * MiB),
+            memory_limit_mib=1024,
+            worker_id="worker-1",
+            sandbox_id=f"sbx-{i % 8}",
+            stdout=f"working on {i}\n",
+            error={"kind": "exception", "type": "ValueError", "message": "bad"} if failed else None,
+        )
         batch.append(_JOBS.row(job))
         for c in windows.counters_for(job):
             row = counters[(fid, c.resolution, c.slot, c.metric, c.bucket)]
@@ -73,9 +96,13 @@ def fill(registry: SQLiteRegistry, calls: int, seed: int = 7) -> None:
         if len(batch) >= 50_000:
             flush()
     flush()
-    registry._write(lambda db: db.executemany(
-        "INSERT INTO job_stats (function_id, resolution, slot, metric, bucket, n, failed, cold, total, max_value) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*key, *value) for key, value in counters.items()]))
+    registry._write(
+        lambda db: db.executemany(
+            "INSERT INTO job_stats (function_id, resolution, slot, metric, bucket, n, failed, cold, total, max_value) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*key, *value) for key, value in counters.items()],
+        )
+    )
 
 
 def timed_ms(action, repeat: int = 30) -> dict:
@@ -89,6 +116,7 @@ def timed_ms(action, repeat: int = 30) -> dict:
 
 def recording_overhead(registry: SQLiteRegistry, count: int = 2000) -> dict:
     """finish_job (update + counters, one transaction) against the same update alone, on the full registry."""
+
     def fresh(n: int, tag: str) -> list[JobRecord]:
         jobs = [JobRecord(f"job-{tag}-{i}", FUNCTIONS[0], owner=OWNER) for i in range(n)]
         registry.create_jobs(jobs)
@@ -97,14 +125,26 @@ def recording_overhead(registry: SQLiteRegistry, count: int = 2000) -> dict:
             job.peak_memory_bytes = 40 * MiB
         return jobs
 
-    columns = [c for c in _JOBS.names if c not in ("job_id", "function_id", "payload", "created_at", "owner")]
-    plain_sql = f"UPDATE jobs SET {', '.join(c + ' = ?' for c in columns)}, payload = x'' WHERE job_id = ?"
+    columns = [
+        c
+        for c in _JOBS.names
+        if c not in ("job_id", "function_id", "payload", "created_at", "owner")
+    ]
+    plain_sql = (
+        f"UPDATE jobs SET {', '.join(c + ' = ?' for c in columns)}, payload = x'' WHERE job_id = ?"
+    )
     with_counters, plain = fresh(count, "w"), fresh(count, "p")
     results = {}
     for name, jobs, record in (
-            ("finish_job", with_counters, registry.finish_job),
-            ("update_only", plain, lambda j: registry._write(lambda db: db.execute(plain_sql,
-                                                                                   [*_JOBS.row(j, columns), j.job_id])))):
+        ("finish_job", with_counters, registry.finish_job),
+        (
+            "update_only",
+            plain,
+            lambda j: registry._write(
+                lambda db: db.execute(plain_sql, [*_JOBS.row(j, columns), j.job_id])
+            ),
+        ),
+    ):
         started = time.perf_counter()
         for job in jobs:
             record(job)
@@ -114,15 +154,23 @@ def recording_overhead(registry: SQLiteRegistry, count: int = 2000) -> dict:
 
 
 def pages(data_dir: Path, calls: int) -> dict:
-    grid = EmbeddedGrid(GridConfig.load(data_dir=data_dir, port=0, sandbox="process", workers=1, stem_cells=0)).start()
+    grid = EmbeddedGrid(
+        GridConfig.load(data_dir=data_dir, port=0, sandbox="process", workers=1, stem_cells=0)
+    ).start()
     try:
         key, _ = create_key(grid.grid.registry, OWNER)
         found = {}
         with httpx.Client(base_url=grid.url, timeout=60) as http:
             http.post("/ui/login", data={"api_key": key})
             job_id = f"job-{calls - 1:032x}"
-            for name, path in (("functions", "/ui"), ("function", f"/ui/functions/{FUNCTIONS[0]}"), ("jobs", "/ui/jobs"),
-                               ("job", f"/ui/jobs/{job_id}"), ("workers", "/ui/workers"), ("loadtests", "/ui/loadtests")):
+            for name, path in (
+                ("functions", "/ui"),
+                ("function", f"/ui/functions/{FUNCTIONS[0]}"),
+                ("jobs", "/ui/jobs"),
+                ("job", f"/ui/jobs/{job_id}"),
+                ("workers", "/ui/workers"),
+                ("loadtests", "/ui/loadtests"),
+            ):
                 assert http.get(path).status_code == 200, path
                 found[name] = timed_ms(lambda p=path: http.get(p), repeat=10)
         return found
@@ -145,12 +193,19 @@ def main() -> None:
         deep = registry.get_job(f"job-{max(0, args.calls - 200_000):032x}")
         busy = FUNCTIONS[0]
         result = {
-            "calls": args.calls, "functions": len(FUNCTIONS), "fill_s": round(fill_s, 1),
+            "calls": args.calls,
+            "functions": len(FUNCTIONS),
+            "fill_s": round(fill_s, 1),
             "registry_mib": round(path.stat().st_size / MiB, 1),
             "history_page": timed_ms(lambda: registry.list_history(OWNER, busy, limit=50)),
-            "history_deep_page": timed_ms(lambda: registry.list_history(OWNER, busy, limit=50,
-                                                                        before=(deep.created_at, deep.job_id))),
-            "history_failed_only": timed_ms(lambda: registry.list_history(OWNER, busy, FAILED, limit=50)),
+            "history_deep_page": timed_ms(
+                lambda: registry.list_history(
+                    OWNER, busy, limit=50, before=(deep.created_at, deep.job_id)
+                )
+            ),
+            "history_failed_only": timed_ms(
+                lambda: registry.list_history(OWNER, busy, FAILED, limit=50)
+            ),
             "history_owner": timed_ms(lambda: registry.list_history(OWNER, limit=50)),
             "windows": timed_ms(lambda: registry.function_windows(busy)),
             "windows_busy_30d_count": registry.function_windows(busy)["30d"]["count"],

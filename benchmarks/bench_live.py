@@ -22,7 +22,9 @@ from nanogrid_backend.embedded import EmbeddedGrid
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument("--lines", type=int, default=20)
     args = parser.parse_args()
@@ -43,11 +45,20 @@ def main() -> None:
             delays = []
             for _, text in ticker.spawn(args.lines).stream(poll_s=1.0):
                 arrived = time.time()
-                delays += [arrived - float(line.split()[1]) for line in text.splitlines() if line.startswith("tick")]
+                delays += [
+                    arrived - float(line.split()[1])
+                    for line in text.splitlines()
+                    if line.startswith("tick")
+                ]
     delays.sort()
-    result = {"sandbox": args.sandbox, "lines": len(delays), "p50_s": round(statistics.median(delays), 4),
-              "p95_s": round(delays[int(len(delays) * 0.95) - 1], 4), "max_s": round(delays[-1], 4),
-              "target_s": 0.5}
+    result = {
+        "sandbox": args.sandbox,
+        "lines": len(delays),
+        "p50_s": round(statistics.median(delays), 4),
+        "p95_s": round(delays[int(len(delays) * 0.95) - 1], 4),
+        "max_s": round(delays[-1], 4),
+        "target_s": 0.5,
+    }
     out = Path(__file__).parent / "results" / f"live-{args.sandbox}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -58,7 +58,9 @@ def function_figures() -> dict[str, Any]:
 
 
 def dataframe_figures(rows: int) -> dict[str, Any]:
-    frame = pd.DataFrame({"name": [f"n{i % 100}" for i in range(rows)], "x": numpy.arange(rows, dtype=float)})
+    frame = pd.DataFrame(
+        {"name": [f"n{i % 100}" for i in range(rows)], "x": numpy.arange(rows, dtype=float)}
+    )
     pickled = cloudpickle.dumps(frame, protocol=5)
     modules = environment.modules_in_pickle(pickled)
     return {
@@ -66,7 +68,9 @@ def dataframe_figures(rows: int) -> dict[str, Any]:
         "pickle_bytes": len(pickled),
         "cloudpickle_ms": timed(lambda: cloudpickle.dumps(frame, protocol=5), repeat=5),
         "modules_in_pickle_ms": timed(lambda: environment.modules_in_pickle(pickled), repeat=5),
-        "pinned_distributions_ms": timed(lambda: environment.pinned_distributions(modules), repeat=5),
+        "pinned_distributions_ms": timed(
+            lambda: environment.pinned_distributions(modules), repeat=5
+        ),
         "modules": sorted(modules),
     }
 
@@ -75,9 +79,12 @@ def object_graph_figures(count: int) -> dict[str, Any]:
     """The scanner's worst case: a value of many small objects (an opcode or more each)."""
     value = [{"a": i, "b": str(i)} for i in range(count)]
     pickled = cloudpickle.dumps(value, protocol=5)
-    return {"dicts": count, "pickle_bytes": len(pickled),
-            "cloudpickle_ms": timed(lambda: cloudpickle.dumps(value, protocol=5), repeat=3),
-            "modules_in_pickle_ms": timed(lambda: environment.modules_in_pickle(pickled), repeat=3)}
+    return {
+        "dicts": count,
+        "pickle_bytes": len(pickled),
+        "cloudpickle_ms": timed(lambda: cloudpickle.dumps(value, protocol=5), repeat=3),
+        "modules_in_pickle_ms": timed(lambda: environment.modules_in_pickle(pickled), repeat=3),
+    }
 
 
 def map_figures() -> dict[str, Any]:
@@ -89,10 +96,14 @@ def map_figures() -> dict[str, Any]:
     def check_and_encode(fn: nanogrid.RemoteFunction[Any, Any]) -> None:
         encoder = ArgsEncoder(client)
         for index, item in enumerate(items):
-            fn._pickle(encoder, (item,), {}, index)  # what .map() runs per item before anything is sent
+            fn._pickle(
+                encoder, (item,), {}, index
+            )  # what .map() runs per item before anything is sent
 
     def encode_only() -> None:  # an explicit environment: nothing is synced, so nothing is scanned
-        check_and_encode(nanogrid.RemoteFunction(summarise, client=client, environment=nanogrid.Environment()))
+        check_and_encode(
+            nanogrid.RemoteFunction(summarise, client=client, environment=nanogrid.Environment())
+        )
 
     def encode_and_scan() -> None:
         check_and_encode(nanogrid.RemoteFunction(summarise, client=client))
@@ -107,16 +118,24 @@ def map_figures() -> dict[str, Any]:
         for item in items:
             environment.modules_of_argument(item, pickled)
 
-    per_item = {name: round(timed(work, repeat=5) * 1000 / MAP_ITEMS, 2) for name, work in
-                [("check_and_encode_us", encode_only), ("check_encode_and_sync_us", encode_and_scan),
-                 ("scan_cached_us", scan_cached), ("scan_uncached_us", scan_every_item)]}
+    per_item = {
+        name: round(timed(work, repeat=5) * 1000 / MAP_ITEMS, 2)
+        for name, work in [
+            ("check_and_encode_us", encode_only),
+            ("check_encode_and_sync_us", encode_and_scan),
+            ("scan_cached_us", scan_cached),
+            ("scan_uncached_us", scan_every_item),
+        ]
+    }
     return {"items": MAP_ITEMS, "item": "a (int, str) tuple", **per_item}
 
 
 def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_at_start": round(os.getloadavg()[0], 2),  # others' work on the machine slows every figure
+        "load_average_at_start": round(
+            os.getloadavg()[0], 2
+        ),  # others' work on the machine slows every figure
         "function": function_figures(),
         "dataframe_argument": [dataframe_figures(rows) for rows in (100, 1_000_000)],
         "list_of_dicts_argument": object_graph_figures(100_000),

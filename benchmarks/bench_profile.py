@@ -66,7 +66,15 @@ PARTS = (  # (label, path fragment): the first that matches a profiled function'
 )
 
 
-WAITS = ("SimpleQueue' objects>", "select.select", "recv' of", "poll", "acquire", "sleep", "getstats")
+WAITS = (
+    "SimpleQueue' objects>",
+    "select.select",
+    "recv' of",
+    "poll",
+    "acquire",
+    "sleep",
+    "getstats",
+)
 
 
 def part_of(filename: str, name: str) -> str:
@@ -89,6 +97,7 @@ def part_of(filename: str, name: str) -> str:
 
 
 # ---- the profiled grid (run as `bench_profile.py --serve ...`) ------------------------------------------------
+
 
 def serve(argv: list[str], snapshot_dir: Path) -> None:
     """`nanogrid up` with a cProfile per thread; SIGUSR1 writes a snapshot of all of them (start, then end)."""
@@ -113,12 +122,17 @@ def serve(argv: list[str], snapshot_dir: Path) -> None:
             for profiler in profilers:
                 for entry in profiler.getstats():
                     code = entry.code
-                    key = (f"{code.co_filename}:{code.co_firstlineno}:{code.co_name}" if not isinstance(code, str)
-                           else f"~:0:{code}")
+                    key = (
+                        f"{code.co_filename}:{code.co_firstlineno}:{code.co_name}"
+                        if not isinstance(code, str)
+                        else f"~:0:{code}"
+                    )
                     row = rows[key]
                     row[0] += entry.callcount
                     row[1] += entry.inlinetime
-                    for sub in entry.calls or ():  # who calls what: the callers of a costly built-in
+                    for sub in (
+                        entry.calls or ()
+                    ):  # who calls what: the callers of a costly built-in
                         callee = sub.code if isinstance(sub.code, str) else sub.code.co_name
                         edges[f"{key} -> {callee}"] += sub.callcount
         snapshots[0] += 1
@@ -128,10 +142,13 @@ def serve(argv: list[str], snapshot_dir: Path) -> None:
     signal.signal(signal.SIGUSR1, snapshot)
     main.enable()
     from nanogrid.cli import main as cli_main
+
     cli_main(argv)
 
 
-def profile_breakdown(before: dict[str, list[float]], after: dict[str, list[float]], calls: int) -> dict[str, Any]:
+def profile_breakdown(
+    before: dict[str, list[float]], after: dict[str, list[float]], calls: int
+) -> dict[str, Any]:
     """Own time per call by part and the functions that cost most, from two snapshots."""
     parts: dict[str, float] = defaultdict(float)
     functions = []
@@ -148,19 +165,32 @@ def profile_breakdown(before: dict[str, list[float]], after: dict[str, list[floa
         functions.append((own, count - count0, key))
     total = sum(parts.values())
     functions.sort(reverse=True)
-    return {"profiled_own_s": round(total, 4),
-            "share_by_part": {k: round(v / total, 3) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
-            "top_functions": [{"function": key.replace(str(Path.home()), "~"),
-                               "own_us_per_call": round(own / calls * 1e6, 1), "calls_per_call": round(n / calls, 2)}
-                              for own, n, key in functions[:25]]}
+    return {
+        "profiled_own_s": round(total, 4),
+        "share_by_part": {
+            k: round(v / total, 3) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
+        },
+        "top_functions": [
+            {
+                "function": key.replace(str(Path.home()), "~"),
+                "own_us_per_call": round(own / calls * 1e6, 1),
+                "calls_per_call": round(n / calls, 2),
+            }
+            for own, n, key in functions[:25]
+        ],
+    }
 
 
 # ---- the measuring side -------------------------------------------------------------------------------------
 
+
 def start_grid(data_dir: Path, port: int, profiled: bool) -> subprocess.Popen:
     up = ["up", "--port", str(port), "--data-dir", str(data_dir), "--sandbox", "process"]
-    command = ([sys.executable, __file__, "--serve", str(data_dir), *up] if profiled
-               else [sys.executable, "-m", "nanogrid.cli", *up])
+    command = (
+        [sys.executable, __file__, "--serve", str(data_dir), *up]
+        if profiled
+        else [sys.executable, "-m", "nanogrid.cli", *up]
+    )
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -203,20 +233,30 @@ def plain_phase(port: int, calls: int, runs: int) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-profile-"))
     grid = start_grid(data_dir, port, profiled=False)
     try:
-        noop = noop_function(f"http://127.0.0.1:{port}", (data_dir / "local-key").read_text().strip())
+        noop = noop_function(
+            f"http://127.0.0.1:{port}", (data_dir / "local-key").read_text().strip()
+        )
         best: dict[str, Any] | None = None
         for _ in range(runs):
             grid_before, sandbox_before = cpu_seconds(grid.pid)
             client_before, wall_before = time.process_time(), time.perf_counter()
             samples = timed(lambda: noop.remote(1), calls)
-            client_cpu, wall = time.process_time() - client_before, time.perf_counter() - wall_before
+            client_cpu, wall = (
+                time.process_time() - client_before,
+                time.perf_counter() - wall_before,
+            )
             grid_after, sandbox_after = cpu_seconds(grid.pid)
-            run: dict[str, Any] = {"remote": percentiles(samples),
-                   "cpu_us_per_call": {"client": round(client_cpu / calls * 1e6, 1),
-                                       "grid process (controller + worker)": round(
-                                           (grid_after - grid_before) / calls * 1e6, 1),
-                                       "sandbox processes": round((sandbox_after - sandbox_before) / calls * 1e6, 1)},
-                   "wall_us_per_call": round(wall / calls * 1e6, 1)}
+            run: dict[str, Any] = {
+                "remote": percentiles(samples),
+                "cpu_us_per_call": {
+                    "client": round(client_cpu / calls * 1e6, 1),
+                    "grid process (controller + worker)": round(
+                        (grid_after - grid_before) / calls * 1e6, 1
+                    ),
+                    "sandbox processes": round((sandbox_after - sandbox_before) / calls * 1e6, 1),
+                },
+                "wall_us_per_call": round(wall / calls * 1e6, 1),
+            }
             if best is None or run["remote"]["p50_ms"] < best["remote"]["p50_ms"]:
                 best = run
         assert best is not None
@@ -230,7 +270,9 @@ def profiled_phase(port: int, calls: int) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-profile-"))
     grid = start_grid(data_dir, port, profiled=True)
     try:
-        noop = noop_function(f"http://127.0.0.1:{port}", (data_dir / "local-key").read_text().strip())
+        noop = noop_function(
+            f"http://127.0.0.1:{port}", (data_dir / "local-key").read_text().strip()
+        )
         client = cProfile.Profile()
         grid.send_signal(signal.SIGUSR1)
         time.sleep(1.0)
@@ -244,15 +286,28 @@ def profiled_phase(port: int, calls: int) -> dict[str, Any]:
         client_rows: dict[str, list[float]] = {}
         for entry in client.getstats():
             code = entry.code
-            key = (f"{code.co_filename}:{code.co_firstlineno}:{code.co_name}" if not isinstance(code, str)
-                   else f"~:0:{code}")
+            key = (
+                f"{code.co_filename}:{code.co_firstlineno}:{code.co_name}"
+                if not isinstance(code, str)
+                else f"~:0:{code}"
+            )
             client_rows[key] = [entry.callcount, entry.inlinetime]
         edges0 = json.loads((data_dir / "edges1.json").read_text())
-        edges = {edge: n - edges0.get(edge, 0) for edge, n in json.loads((data_dir / "edges2.json").read_text()).items()
-                 if n - edges0.get(edge, 0) >= calls}  # at least once per call
-        return {"grid": {**profile_breakdown(before, after, calls), "calls_per_call": {
-                    edge.replace(str(Path.home()), "~"): round(n / calls, 2) for edge, n in sorted(edges.items())}},
-                "client": profile_breakdown({}, client_rows, calls)}
+        edges = {
+            edge: n - edges0.get(edge, 0)
+            for edge, n in json.loads((data_dir / "edges2.json").read_text()).items()
+            if n - edges0.get(edge, 0) >= calls
+        }  # at least once per call
+        return {
+            "grid": {
+                **profile_breakdown(before, after, calls),
+                "calls_per_call": {
+                    edge.replace(str(Path.home()), "~"): round(n / calls, 2)
+                    for edge, n in sorted(edges.items())
+                },
+            },
+            "client": profile_breakdown({}, client_rows, calls),
+        }
     finally:
         grid.terminate()
         grid.wait(15)
@@ -263,8 +318,12 @@ def ray_warm(peers_python: str | None, calls: int, runs: int) -> dict[str, Any]:
         return {"skipped": "no --peers-python"}
     best: dict[str, Any] | None = None
     for _ in range(runs):
-        done = subprocess.run([peers_python, str(Path(__file__).with_name("peers.py")), str(calls), "1000"],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [peers_python, str(Path(__file__).with_name("peers.py")), str(calls), "1000"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         ray = json.loads(done.stdout.strip().splitlines()[-1]).get("ray", {})
         if "remote" in ray and (best is None or ray["remote"]["p50_ms"] < best["remote"]["p50_ms"]):
             best = ray
@@ -275,29 +334,45 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--serve":
         serve(sys.argv[3:], Path(sys.argv[2]))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=3, help="plain phase runs; the best p50 is kept")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="plain phase runs; the best p50 is kept"
+    )
     parser.add_argument("--port", type=int, default=8798)
     parser.add_argument("--peers-python")
-    parser.add_argument("--skip-profile", action="store_true", help="only the plain phase (and Ray)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile.json")
+    parser.add_argument(
+        "--skip-profile", action="store_true", help="only the plain phase (and Ray)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "profile.json"
+    )
     args = parser.parse_args()
 
     load_before = [round(x, 2) for x in os.getloadavg()]
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                          "load_average_before": load_before}}
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,
+        }
+    }
     report["plain"] = plain_phase(args.port, args.calls, args.runs)
     report["ray"] = ray_warm(args.peers_python, args.calls, args.runs)
     if "remote" in report["ray"]:
-        report["remote_p50_ours_over_ray"] = round(report["plain"]["remote"]["p50_ms"] /
-                                                   report["ray"]["remote"]["p50_ms"], 2)
+        report["remote_p50_ours_over_ray"] = round(
+            report["plain"]["remote"]["p50_ms"] / report["ray"]["remote"]["p50_ms"], 2
+        )
     if not args.skip_profile:
         profile = profiled_phase(args.port, args.calls)
         cpu = report["plain"]["cpu_us_per_call"]
         for side, label in (("grid", "grid process (controller + worker)"), ("client", "client")):
             shares = profile[side]["share_by_part"]
-            profile[side]["us_per_call_by_part"] = {part: round(share * cpu[label], 1) for part, share in shares.items()}
+            profile[side]["us_per_call_by_part"] = {
+                part: round(share * cpu[label], 1) for part, share in shares.items()
+            }
         report["profile"] = profile
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)

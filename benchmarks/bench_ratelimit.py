@@ -29,7 +29,9 @@ async def burst(url: str, key: str, clients: int, total: int) -> dict[int, list[
 
     async def client() -> None:
         async with httpx.AsyncClient(base_url=url, headers={"x-api-key": key}) as http:
-            await http.get("/health")  # connect first (no key, no limit): time the burst, not 50 handshakes
+            await http.get(
+                "/health"
+            )  # connect first (no key, no limit): time the burst, not 50 handshakes
             ready.release()
             await go.wait()
             for _ in range(per_client):
@@ -46,11 +48,15 @@ async def burst(url: str, key: str, clients: int, total: int) -> dict[int, list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--port", type=int, default=8797)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ratelimit.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "ratelimit.json"
+    )
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
     (data_dir / "config.toml").write_text("rate_limit = 10.0\nrate_burst = 10\n")
@@ -61,14 +67,20 @@ def main() -> None:
     try:
         key = (data_dir / "local-key").read_text().strip()
         started = time.perf_counter()
-        latencies = asyncio.run(burst(f"http://127.0.0.1:{args.port}", key, args.clients, args.requests))
+        latencies = asyncio.run(
+            burst(f"http://127.0.0.1:{args.port}", key, args.clients, args.requests)
+        )
         seconds = time.perf_counter() - started
     finally:
         grid.terminate()
         grid.wait(15)
         shutil.rmtree(data_dir, ignore_errors=True)
-    report = {"clients": args.clients, "requests": args.requests, "seconds": round(seconds, 3),
-              "by_status": {str(code): percentiles(values) for code, values in sorted(latencies.items())}}
+    report = {
+        "clients": args.clients,
+        "requests": args.requests,
+        "seconds": round(seconds, 3),
+        "by_status": {str(code): percentiles(values) for code, values in sorted(latencies.items())},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

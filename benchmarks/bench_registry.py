@@ -25,10 +25,10 @@ from nanogrid_backend.registry.sqlite import BACKUPS_KEPT, SCHEMA_VERSION, SQLit
 # The tables as the last release before versioning made them (columns from the dataclass fields, untyped).
 UNVERSIONED = {
     "functions": "function_id, function_name, runtime, handler, kind, memory_mib, timeout_s, package_size, python, "
-                 "source, created_at, owner",
+    "source, created_at, owner",
     "jobs": "job_id, function_id, status, payload_format, payload, result_format, result, error, stdout, stderr, "
-            "output_files, execution_time_ms, peak_memory_bytes, cold, memory_limit_mib, baseline_memory_bytes, "
-            "ai_usage, worker_id, sandbox_id, created_at, started_at, finished_at, owner",
+    "output_files, execution_time_ms, peak_memory_bytes, cold, memory_limit_mib, baseline_memory_bytes, "
+    "ai_usage, worker_id, sandbox_id, created_at, started_at, finished_at, owner",
     "api_keys": "key_id, name, key_hash, created_at, revoked_at, rate_limit, rate_burst",
 }
 KEYS = {"functions": "function_id", "jobs": "job_id", "api_keys": "key_id"}
@@ -44,12 +44,37 @@ def write_unversioned(path: Path, jobs: int) -> None:
     width = len(UNVERSIONED["jobs"].split(", "))
     now = time.time()
     db.execute("BEGIN")
-    db.executemany(f"INSERT INTO jobs VALUES ({', '.join('?' * width)})", (
-        (f"job-{i:032x}", "fn-0123456789abcdef01234567", FAILED if i % 50 == 0 else COMPLETED, "pickle", b"",
-         "pickle", b"\x80\x05\x95" + i.to_bytes(8, "little"), None, f"working on {i}\n", "", "[]", 1.2, 31 << 20, 0,
-         256, 12 << 20, None, "worker-1", f"sbx-{i % 8}", now - jobs + i, now - jobs + i + 0.001,
-         now - jobs + i + 0.002, "local")
-        for i in range(jobs)))
+    db.executemany(
+        f"INSERT INTO jobs VALUES ({', '.join('?' * width)})",
+        (
+            (
+                f"job-{i:032x}",
+                "fn-0123456789abcdef01234567",
+                FAILED if i % 50 == 0 else COMPLETED,
+                "pickle",
+                b"",
+                "pickle",
+                b"\x80\x05\x95" + i.to_bytes(8, "little"),
+                None,
+                f"working on {i}\n",
+                "",
+                "[]",
+                1.2,
+                31 << 20,
+                0,
+                256,
+                12 << 20,
+                None,
+                "worker-1",
+                f"sbx-{i % 8}",
+                now - jobs + i,
+                now - jobs + i + 0.001,
+                now - jobs + i + 0.002,
+                "local",
+            )
+            for i in range(jobs)
+        ),
+    )
     db.execute("COMMIT")
     db.close()
 

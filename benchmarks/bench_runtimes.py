@@ -30,15 +30,25 @@ from benchmarks.bench_seed import free_port  # noqa: E402
 ECHO = {
     "python3.11": ("main.py", "main.handler", "def handler(event, context):\n    return event\n"),
     "nodejs": ("index.js", "index.handler", "exports.handler = async (event, context) => event;\n"),
-    "go": ("main.go", "main.Handler", "package main\n\nfunc Handler(event map[string]interface{}) "
-                                      "(map[string]interface{}, error) {\n    return event, nil\n}\n"),
-    "cpp": ("main.cpp", "main.handler", "extern \"C\" const char* handler(const char* event) { return event; }\n"),
+    "go": (
+        "main.go",
+        "main.Handler",
+        "package main\n\nfunc Handler(event map[string]interface{}) "
+        "(map[string]interface{}, error) {\n    return event, nil\n}\n",
+    ),
+    "cpp": (
+        "main.cpp",
+        "main.handler",
+        'extern "C" const char* handler(const char* event) { return event; }\n',
+    ),
 }
 BLOCK = 50
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=1000, help="calls per runtime")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/runtimes.json"))
     args = parser.parse_args()
@@ -49,20 +59,31 @@ def main() -> None:
         proc = start_grid(Path(tmp), port, "docker")
         try:
             key = (Path(tmp) / "local-key").read_text().strip()
-            http = httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", headers={"x-api-key": key}, timeout=120)
+            http = httpx.Client(
+                base_url=f"http://127.0.0.1:{port}/v1", headers={"x-api-key": key}, timeout=120
+            )
             served = http.get("/health").json()["runtimes"]
             missing = [name for name in echo if name not in served]
             if missing:
-                sys.exit(f"this grid does not serve {', '.join(missing)}: build the images with "
-                         "`python nanogrid_runtimes/build.py --runtime node|go|cpp`")
+                sys.exit(
+                    f"this grid does not serve {', '.join(missing)}: build the images with "
+                    "`python nanogrid_runtimes/build.py --runtime node|go|cpp`"
+                )
             calls = {}
             for runtime, (file, handler, source) in echo.items():
                 buffer = io.BytesIO()
                 with zipfile.ZipFile(buffer, "w") as zf:
                     zf.writestr(file, source)
-                function_id = http.post("/upload", files={"file": ("p.zip", buffer.getvalue())},
-                                        data={"function_name": f"echo-{runtime}", "runtime": runtime,
-                                              "handler": handler, "memory": "256"}).json()["function_id"]
+                function_id = http.post(
+                    "/upload",
+                    files={"file": ("p.zip", buffer.getvalue())},
+                    data={
+                        "function_name": f"echo-{runtime}",
+                        "runtime": runtime,
+                        "handler": handler,
+                        "memory": "256",
+                    },
+                ).json()["function_id"]
                 body = {"function_id": function_id, "payload": {"x": 1}}
 
                 def call(body: dict = body) -> None:
@@ -79,9 +100,14 @@ def main() -> None:
             for runtime in calls:
                 if runtime != python:
                     results[f"{runtime}_minus_python_p50_ms"] = round(
-                        results[runtime]["p50_ms"] - results[python]["p50_ms"], 3)
-            results["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "sandbox": "docker",
-                                  "runtimes": {name: served[name] for name in calls}}
+                        results[runtime]["p50_ms"] - results[python]["p50_ms"], 3
+                    )
+            results["machine"] = {
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "sandbox": "docker",
+                "runtimes": {name: served[name] for name in calls},
+            }
         finally:
             proc.terminate()
             proc.wait(timeout=30)

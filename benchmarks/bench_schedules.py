@@ -25,12 +25,18 @@ TARGET_S = 1.0
 
 def summary(values: list[float]) -> dict[str, float]:
     values = sorted(values)
-    return {"min_s": round(values[0], 4), "p50_s": round(statistics.median(values), 4),
-            "p90_s": round(values[max(0, int(len(values) * 0.9) - 1)], 4), "max_s": round(values[-1], 4)}
+    return {
+        "min_s": round(values[0], 4),
+        "p50_s": round(statistics.median(values), 4),
+        "p90_s": round(values[max(0, int(len(values) * 0.9) - 1)], 4),
+        "max_s": round(values[-1], 4),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument("--period", type=float, default=2.0)
     parser.add_argument("--firings", type=int, default=10)
@@ -53,13 +59,23 @@ def main() -> None:
                 time.sleep(args.period / 2)
                 firings = [f for f in reversed(info.refresh().firings) if f["job_id"]]
             info.remove()
-            runs = [client.status(f["job_id"], wait=30) for f in firings[:args.firings]]
-    fired = [f["lateness_s"] for f in firings[:args.firings]]
-    started = [run["started_at"] - f["due_time"] for run, f in zip(runs, firings, strict=False) if run["started_at"]]
-    result = {"sandbox": args.sandbox, "period_s": args.period, "firings": len(fired), "target_s": TARGET_S,
-              "fired_after_due": summary(fired), "run_started_after_due": summary(started),
-              "within_target": sum(v <= TARGET_S for v in fired),
-              "outcomes": sorted({f["outcome"] for f in firings})}
+            runs = [client.status(f["job_id"], wait=30) for f in firings[: args.firings]]
+    fired = [f["lateness_s"] for f in firings[: args.firings]]
+    started = [
+        run["started_at"] - f["due_time"]
+        for run, f in zip(runs, firings, strict=False)
+        if run["started_at"]
+    ]
+    result = {
+        "sandbox": args.sandbox,
+        "period_s": args.period,
+        "firings": len(fired),
+        "target_s": TARGET_S,
+        "fired_after_due": summary(fired),
+        "run_started_after_due": summary(started),
+        "within_target": sum(v <= TARGET_S for v in fired),
+        "outcomes": sorted({f["outcome"] for f in firings}),
+    }
     out = Path(__file__).parent / "results" / f"schedules-{args.sandbox}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -36,7 +36,9 @@ def free_port() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/seed.json"))
@@ -52,9 +54,16 @@ def main() -> None:
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w") as zf:
                 zf.writestr("main.py", NOOP)
-            seed_id = seed_http.post("/upload", files={"file": ("f.zip", buffer.getvalue())},
-                                     headers={"x-function-name": "noop"}).json()["functionId"]
-            native_id = next(f["function_id"] for f in native_http.get("/functions").json() if f["stable_id"] == seed_id)
+            seed_id = seed_http.post(
+                "/upload",
+                files={"file": ("f.zip", buffer.getvalue())},
+                headers={"x-function-name": "noop"},
+            ).json()["functionId"]
+            native_id = next(
+                f["function_id"]
+                for f in native_http.get("/functions").json()
+                if f["stable_id"] == seed_id
+            )
             seed_body = {"functionId": seed_id, "inputData": {"x": 1}}
             native_body = {"function_id": native_id, "payload": {"x": 1}}
 
@@ -71,9 +80,14 @@ def main() -> None:
                 seed += timed(seed_call, BLOCK)
                 native += timed(native_call, BLOCK)
             results = {"seed_run": percentiles(seed), "native_run": percentiles(native)}
-            results["seed_minus_native_p50_ms"] = round(results["seed_run"]["p50_ms"] - results["native_run"]["p50_ms"], 3)
-            results["machine"] = {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
-                                  "sandbox": args.sandbox}
+            results["seed_minus_native_p50_ms"] = round(
+                results["seed_run"]["p50_ms"] - results["native_run"]["p50_ms"], 3
+            )
+            results["machine"] = {
+                "python": platform.python_version(),
+                "cpus": __import__("os").cpu_count(),
+                "sandbox": args.sandbox,
+            }
         finally:
             proc.terminate()
             proc.wait(timeout=30)

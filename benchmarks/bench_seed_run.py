@@ -31,9 +31,23 @@ NOOP = b"def handler(event, context):\n    return event\n"
 
 def start_grid(data_dir: Path, port: int, sandbox: str) -> subprocess.Popen:
     """``nanogrid up --open`` (the seed's scripts send no key), ready once /health answers and stem cells started."""
-    proc = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", "up", "--open", "--port", str(port),
-                             "--data-dir", str(data_dir), "--sandbox", sandbox],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanogrid.cli",
+            "up",
+            "--open",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--sandbox",
+            sandbox,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -48,8 +62,11 @@ def start_grid(data_dir: Path, port: int, sandbox: str) -> subprocess.Popen:
 
 def measure(url: str, calls: int) -> dict:
     with httpx.Client(base_url=url, timeout=60) as http:
-        uploaded = http.post("/upload", files={"file": ("noop.py", NOOP)},
-                             data={"function_name": "noop", "runtime": "python", "handler": "noop.handler"})
+        uploaded = http.post(
+            "/upload",
+            files={"file": ("noop.py", NOOP)},
+            data={"function_name": "noop", "runtime": "python", "handler": "noop.handler"},
+        )
         seed_id = uploaded.raise_for_status().json()["function_id"]
         native_id = http.get(f"/v1/functions/{seed_id}").raise_for_status().json()["function_id"]
         routes = {
@@ -64,10 +81,17 @@ def measure(url: str, calls: int) -> dict:
                 started = time.perf_counter()
                 http.post(path, json=body).raise_for_status()
                 if round_ >= 20:
-                    samples[name].append(time.perf_counter() - started)  # seconds, as percentiles() takes them
+                    samples[name].append(
+                        time.perf_counter() - started
+                    )  # seconds, as percentiles() takes them
     base = statistics.median(samples["v1_run"])
-    return {name: {**percentiles(values), "median_minus_v1_ms": round((statistics.median(values) - base) * 1000, 3)}
-            for name, values in samples.items()}
+    return {
+        name: {
+            **percentiles(values),
+            "median_minus_v1_ms": round((statistics.median(values) - base) * 1000, 3),
+        }
+        for name, values in samples.items()
+    }
 
 
 def main() -> None:
@@ -75,7 +99,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument("--port", type=int, default=18799)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "seed_run.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "seed_run.json"
+    )
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-seed-"))
     proc = start_grid(data_dir, args.port, args.sandbox)
@@ -84,8 +110,13 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    report = {"machine": platform.platform(), "python": platform.python_version(), "sandbox": args.sandbox,
-              "calls_per_route": args.calls, "routes": results}
+    report = {
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "sandbox": args.sandbox,
+        "calls_per_route": args.calls,
+        "routes": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -1,6 +1,7 @@
 """Volumes in AWS mode: what a worker's sync costs around a call (S3 here is the moto server, on loopback).
 
-    python benchmarks/bench_volume_sync.py [--files 1000] [--mib 256] [--runs 20] [--out benchmarks/results/volume-sync.json]
+    python benchmarks/bench_volume_sync.py [--files 1000] [--mib 256] [--runs 20]
+                                           [--out benchmarks/results/volume-sync.json]
 
 A volume holding ``--files`` small files and one ``--mib`` MiB file is put in S3 through the controller's side
 (``S3Volumes``); a worker's copy (``SyncedVolumes``, a real ext4 loop volume) then:
@@ -47,8 +48,11 @@ def main() -> None:
     args = parser.parse_args()
 
     port = free_port()
-    moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     with tempfile.TemporaryDirectory(prefix="nanogrid-bench-sync-") as scratch_dir:
         root = Path(scratch_dir)
         worker = registry = None
@@ -56,8 +60,13 @@ def main() -> None:
             wait_for_port(port)
             import boto3
 
-            s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="bench",
-                              aws_secret_access_key="bench", region_name="us-east-1")
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=f"http://127.0.0.1:{port}",
+                aws_access_key_id="bench",
+                aws_secret_access_key="bench",
+                region_name="us-east-1",
+            )
             s3.create_bucket(Bucket="bench")
             registry = SQLiteRegistry(root / "registry.sqlite3")
             home = S3Volumes(s3, "bench", registry)
@@ -96,14 +105,18 @@ def main() -> None:
                 unchanged.append(time.perf_counter() - started)
             result = {
                 "machine": {"cpus": os.cpu_count(), "load": os.getloadavg()},
-                "files": args.files, "big_mib": args.mib,
+                "files": args.files,
+                "big_mib": args.mib,
                 "put_small_files_per_s": round(args.files / put_small_s, 1),
                 "first_sync_s": round(first_sync_s, 2),
-                "first_sync_mb_per_s": round((args.mib * MiB + args.files * 1024) / first_sync_s / 1e6, 1),
+                "first_sync_mb_per_s": round(
+                    (args.mib * MiB + args.files * 1024) / first_sync_s / 1e6, 1
+                ),
                 "warm_attach_ms_p50": median_ms(warm),
                 "after_call_one_changed_ms_p50": median_ms(changed),
                 "after_call_nothing_changed_ms_p50": median_ms(unchanged),
-                "downloads": worker.downloads, "uploads": worker.uploads,
+                "downloads": worker.downloads,
+                "uploads": worker.uploads,
             }
         finally:
             if worker is not None:

@@ -56,7 +56,11 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="nanogrid-volumes-"))
     port = free_port()
     proc = start_grid(data_dir, port, "docker")
-    report: dict = {"file_mib": args.mib, "load_average_start": os.getloadavg()[0], "cpus": os.cpu_count()}
+    report: dict = {
+        "file_mib": args.mib,
+        "load_average_start": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+    }
     try:
         key = (data_dir / "local-key").read_text().strip()
         nanogrid.connect(f"http://127.0.0.1:{port}", api_key=key)
@@ -95,14 +99,25 @@ def main() -> None:
             started = time.perf_counter()
             size, inside = read.remote()
             call = time.perf_counter() - started
-            reads.append({"bytes": size, "read_s": round(inside, 4), "read_mb_s": round(size / inside / 1e6, 1),
-                          "call_s": round(call, 4), "call_mb_s": round(size / call / 1e6, 1)})
+            reads.append(
+                {
+                    "bytes": size,
+                    "read_s": round(inside, 4),
+                    "read_mb_s": round(size / inside / 1e6, 1),
+                    "call_s": round(call, 4),
+                    "call_mb_s": round(size / call / 1e6, 1),
+                }
+            )
         report["warm_reads"] = reads
         report["warm_read_mb_s_median"] = statistics.median(r["read_mb_s"] for r in reads)
         report["warm_call_mb_s_median"] = statistics.median(r["call_mb_s"] for r in reads)
 
         cold: dict[str, list[float]] = {"stem": [], "own": [], "volume": []}
-        options: dict[str, dict] = {"stem": {}, "own": {"disk": 2048}, "volume": {"volumes": {"/data": vol}}}
+        options: dict[str, dict] = {
+            "stem": {},
+            "own": {"disk": 2048},
+            "volume": {"volumes": {"/data": vol}},
+        }
         for _ in range(args.cold):
             for kind in cold:
                 fn = nanogrid.remote(**options[kind])(version(uuid.uuid4().hex))

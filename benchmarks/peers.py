@@ -19,8 +19,12 @@ from pathlib import Path
 def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50_ms": round(pick(0.50) * 1000, 3), "p99_ms": round(pick(0.99) * 1000, 3),
-            "mean_ms": round(statistics.fmean(ordered) * 1000, 3), "n": len(ordered)}
+    return {
+        "p50_ms": round(pick(0.50) * 1000, 3),
+        "p99_ms": round(pick(0.99) * 1000, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 3),
+        "n": len(ordered),
+    }
 
 
 def timed(fn, n: int) -> list[float]:
@@ -39,6 +43,7 @@ def bench_ray(calls: int, map_n: int) -> dict:
         return {"skipped": "ray is not installed (`make bench` installs it into .venv-peers)"}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
+
         @ray.remote
         def noop(x):
             return x
@@ -48,8 +53,14 @@ def bench_ray(calls: int, map_n: int) -> dict:
         started = time.perf_counter()
         ray.get([noop.remote(i) for i in range(map_n)])
         seconds = time.perf_counter() - started
-        return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3),
-                                          "calls_per_s": round(map_n / seconds, 1)}}
+        return {
+            "remote": single,
+            "map": {
+                "calls": map_n,
+                "seconds": round(seconds, 3),
+                "calls_per_s": round(map_n / seconds, 1),
+            },
+        }
     finally:
         ray.shutdown()
         shutil.rmtree(Path.home() / ".ray", ignore_errors=True)
@@ -59,10 +70,21 @@ def bench_dask(calls: int, map_n: int) -> dict:
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        return {"skipped": "dask.distributed is not installed (`make bench` installs it into .venv-peers)"}
+        return {
+            "skipped": "dask.distributed is not installed (`make bench` installs it into .venv-peers)"
+        }
     scratch = tempfile.mkdtemp(prefix="dask-")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      local_directory=scratch) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            local_directory=scratch,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+
         def noop(x):
             return x
 
@@ -73,8 +95,10 @@ def bench_dask(calls: int, map_n: int) -> dict:
         seconds = time.perf_counter() - started
     shutil.rmtree(scratch, ignore_errors=True)
     rate = round(map_n / seconds, 1)
-    return {"remote": single, "map": {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": rate}}
-
+    return {
+        "remote": single,
+        "map": {"calls": map_n, "seconds": round(seconds, 3), "calls_per_s": rate},
+    }
 
 
 if __name__ == "__main__":

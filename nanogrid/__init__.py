@@ -1,15 +1,15 @@
 """NanoGrid: run notebook code and Python functions on a self-hosted serverless grid.
 
-    import nanogrid
-    nanogrid.connect()                    # NANOGRID_URL, else the grid started by `nanogrid up`
+import nanogrid
+nanogrid.connect()                    # NANOGRID_URL, else the grid started by `nanogrid up`
 
-    @nanogrid.remote(memory=256, timeout=30)
-    def square(x):
-        return x * x
+@nanogrid.remote(memory=256, timeout=30)
+def square(x):
+    return x * x
 
-    square.remote(7)                      # 49
-    job = square.spawn(8); job.result()   # 64
-    list(square.map(range(100)))          # ordered results
+square.remote(7)                      # 49
+job = square.spawn(8); job.result()   # 64
+list(square.map(range(100)))          # ordered results
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from nanogrid.errors import (  # noqa: E402  (nanogrid.errors stays an attribute
 )
 from nanogrid_contract import __version__
 
-if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
+if (
+    TYPE_CHECKING
+):  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
     from nanogrid.client import Client, connect, get_client
     from nanogrid.environment import Environment
     from nanogrid.function import RemoteFunction, remote
@@ -57,14 +59,22 @@ if TYPE_CHECKING:  # what the lazy attributes below are, for type checkers (noth
 # The client side (httpx, tqdm, ...) loads on first use, so that `import nanogrid` stays cheap and
 # works inside a sandbox image that carries only the standard library and cloudpickle.
 _LAZY = {
-    "Client": "nanogrid.client", "connect": "nanogrid.client", "get_client": "nanogrid.client",
-    "RemoteFunction": "nanogrid.function", "remote": "nanogrid.function",
-    "Job": "nanogrid.job", "OutputFile": "nanogrid.job",
+    "Client": "nanogrid.client",
+    "connect": "nanogrid.client",
+    "get_client": "nanogrid.client",
+    "RemoteFunction": "nanogrid.function",
+    "remote": "nanogrid.function",
+    "Job": "nanogrid.job",
+    "OutputFile": "nanogrid.job",
     "Environment": "nanogrid.environment",
-    "put": "nanogrid.transfer", "Ref": "nanogrid.transfer",
-    "Cron": "nanogrid.schedule", "Period": "nanogrid.schedule", "Schedule": "nanogrid.schedule",
+    "put": "nanogrid.transfer",
+    "Ref": "nanogrid.transfer",
+    "Cron": "nanogrid.schedule",
+    "Period": "nanogrid.schedule",
+    "Schedule": "nanogrid.schedule",
     "schedules": "nanogrid.schedule",
-    "Volume": "nanogrid.volume", "volumes": "nanogrid.volume",
+    "Volume": "nanogrid.volume",
+    "volumes": "nanogrid.volume",
 }
 
 
@@ -108,13 +118,45 @@ def _register_in_running_ipython() -> None:
 _register_in_running_ipython()
 
 __all__ = [
-    "Environment", "EnvironmentBuildFailed",
-    "AIUnavailable", "APIError", "Client", "ConfigError", "FunctionTimeout", "GridUnresponsive", "InvalidArgument",
-    "InvalidArguments", "InvalidEnvironment", "Job", "JobCancelled", "JobFailed", "MissingModule", "NanoGridError",
-    "NotConnected", "OutOfDisk", "OutOfMemory",
-    "OutputFile", "RemoteError",
-    "RemoteFunction", "SandboxCrashed", "UnsupportedFunction", "UntrustedResult", "VersionMismatch", "WaitTimeout",
-    "__version__", "connect", "get_client", "load_ipython_extension", "output_dir", "remote", "put", "Ref",
-    "Cron", "Period", "Schedule", "schedules",
-    "Volume", "volumes",
+    "Environment",
+    "EnvironmentBuildFailed",
+    "AIUnavailable",
+    "APIError",
+    "Client",
+    "ConfigError",
+    "FunctionTimeout",
+    "GridUnresponsive",
+    "InvalidArgument",
+    "InvalidArguments",
+    "InvalidEnvironment",
+    "Job",
+    "JobCancelled",
+    "JobFailed",
+    "MissingModule",
+    "NanoGridError",
+    "NotConnected",
+    "OutOfDisk",
+    "OutOfMemory",
+    "OutputFile",
+    "RemoteError",
+    "RemoteFunction",
+    "SandboxCrashed",
+    "UnsupportedFunction",
+    "UntrustedResult",
+    "VersionMismatch",
+    "WaitTimeout",
+    "__version__",
+    "connect",
+    "get_client",
+    "load_ipython_extension",
+    "output_dir",
+    "remote",
+    "put",
+    "Ref",
+    "Cron",
+    "Period",
+    "Schedule",
+    "schedules",
+    "Volume",
+    "volumes",
 ]

@@ -25,16 +25,22 @@ _usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
 def endpoint() -> str:
     url = os.environ.get("AI_ENDPOINT")
     if not url:
-        raise AIUnavailable("no AI node in this sandbox: declare the function with @nanogrid.remote(ai=True) "
-                           "(or %%nanogrid --ai), on a grid started with --ai-endpoint URL (AI_ENDPOINT)")
+        raise AIUnavailable(
+            "no AI node in this sandbox: declare the function with @nanogrid.remote(ai=True) "
+            "(or %%nanogrid --ai), on a grid started with --ai-endpoint URL (AI_ENDPOINT)"
+        )
     return url
 
 
 def default_model() -> str:
     model = os.environ.get("LLM_MODEL")
     if not model:
-        _call("list")  # a function without AI access is told that first (the sandbox's forwarder refuses it)
-        raise AIUnavailable("no model chosen: pass model=..., or set the grid's default (LLM_MODEL)")
+        _call(
+            "list"
+        )  # a function without AI access is told that first (the sandbox's forwarder refuses it)
+        raise AIUnavailable(
+            "no model chosen: pass model=..., or set the grid's default (LLM_MODEL)"
+        )
     return model
 
 
@@ -58,15 +64,20 @@ def _channel_transport() -> Any:
 
     channel = sys.modules.get("__nanogrid_channel__")
     if channel is None:
-        raise AIUnavailable("AI_ENDPOINT says to use the sandbox's channel, but this is not a NanoGrid sandbox")
+        raise AIUnavailable(
+            "AI_ENDPOINT says to use the sandbox's channel, but this is not a NanoGrid sandbox"
+        )
     over_channel = channel.request
 
     class ChannelTransport(httpx.BaseTransport):
         def handle_request(self, request: httpx.Request) -> httpx.Response:
-            header, body = over_channel({"op": "ai", "method": request.method, "path": request.url.path},
-                                        request.read())
+            header, body = over_channel(
+                {"op": "ai", "method": request.method, "path": request.url.path}, request.read()
+            )
             status = header.get("status") if isinstance(header.get("status"), int) else 502
-            return httpx.Response(status, headers={"content-type": "application/json"}, content=body)
+            return httpx.Response(
+                status, headers={"content-type": "application/json"}, content=body
+            )
 
     return ChannelTransport()
 
@@ -77,30 +88,58 @@ def _call(method: str, **kwargs: Any) -> Any:
     try:
         return getattr(_client(), method)(**kwargs)
     except ollama.ResponseError as exc:
-        if exc.status_code == 403:  # the sandbox's forwarder: this function has no AI access, and why
+        if (
+            exc.status_code == 403
+        ):  # the sandbox's forwarder: this function has no AI access, and why
             raise AIUnavailable(exc.error) from None
         raise
     except (ConnectionError, OSError) as exc:
-        raise AIUnavailable(f"cannot reach the AI node at {endpoint()} ({exc}); a function that uses it must say "
-                           "so: @nanogrid.remote(ai=True) (or %%nanogrid --ai), which gives its sandbox that one "
-                           "network route") from None
+        raise AIUnavailable(
+            f"cannot reach the AI node at {endpoint()} ({exc}); a function that uses it must say "
+            "so: @nanogrid.remote(ai=True) (or %%nanogrid --ai), which gives its sandbox that one "
+            "network route"
+        ) from None
 
 
-def generate(prompt: str, model: str | None = None, *, options: Mapping[str, Any] | None = None,
-             stream: bool = False, **kwargs: Any) -> Any:
+def generate(
+    prompt: str,
+    model: str | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    stream: bool = False,
+    **kwargs: Any,
+) -> Any:
     """``ollama.Client.generate`` against the AI node; with ``stream=True``, an iterator of chunks."""
     endpoint()
-    response = _call("generate", model=model or default_model(), prompt=prompt, options=options, stream=stream,
-                     **kwargs)
+    response = _call(
+        "generate",
+        model=model or default_model(),
+        prompt=prompt,
+        options=options,
+        stream=stream,
+        **kwargs,
+    )
     return _counted_stream(response) if stream else _count(response)
 
 
-def chat(messages: Sequence[Mapping[str, Any]], model: str | None = None, *,
-         options: Mapping[str, Any] | None = None, stream: bool = False, **kwargs: Any) -> Any:
+def chat(
+    messages: Sequence[Mapping[str, Any]],
+    model: str | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    stream: bool = False,
+    **kwargs: Any,
+) -> Any:
     """``ollama.Client.chat`` against the AI node; with ``stream=True``, an iterator of chunks."""
     endpoint()
-    response = _call("chat", model=model or default_model(), messages=messages, options=options, stream=stream,
-                     **kwargs)
+    response = _call(
+        "chat",
+        model=model or default_model(),
+        messages=messages,
+        options=options,
+        stream=stream,
+        **kwargs,
+    )
     return _counted_stream(response) if stream else _count(response)
 
 

@@ -40,7 +40,11 @@ import cloudpickle
 LINE_MAGICS = {"time", "timeit"}  # IPython line magics the sandbox runs itself
 SHELL_CALLS = {"system", "getoutput"}  # `!cmd` and `x = !cmd`
 TIMEIT_FLAGS = {"-n": int, "-r": int, "-q": None}
-SANDBOX_NAMES = {"__builtins__", "__name__", "get_ipython"}  # what run_cell puts into the cell's namespace
+SANDBOX_NAMES = {
+    "__builtins__",
+    "__name__",
+    "get_ipython",
+}  # what run_cell puts into the cell's namespace
 ATOMIC = (int, float, complex, bool, str, bytes, type(None), range)  # cannot change in place
 
 
@@ -87,8 +91,15 @@ def plan_cell(source: str, filename: str = "<cell>") -> CellPlan:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _is_shell_call(node.func):
             reads += _magic_reads(node)
-        elif isinstance(node, ast.Name) and node.id == "get_ipython" and not _inside_shell_call(node, tree):
-            raise CellRefused(node.lineno, "get_ipython() on the grid supports only %time, %timeit, !cmd and x = !cmd")
+        elif (
+            isinstance(node, ast.Name)
+            and node.id == "get_ipython"
+            and not _inside_shell_call(node, tree)
+        ):
+            raise CellRefused(
+                node.lineno,
+                "get_ipython() on the grid supports only %time, %timeit, !cmd and x = !cmd",
+            )
     reads += _updated_names(tree, None)
     has_value = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     return CellPlan(source, list(dict.fromkeys(reads)), has_value)
@@ -113,12 +124,25 @@ def _updated_names(node: ast.AST, declared_global: set[str] | None) -> list[str]
     names = []
     for child in ast.iter_child_nodes(node):
         if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            names += _updated_names(child, None if isinstance(child, ast.ClassDef) else _globals_declared(child))
+            names += _updated_names(
+                child, None if isinstance(child, ast.ClassDef) else _globals_declared(child)
+            )
             continue
-        targets = [child.target] if isinstance(child, ast.AugAssign) else child.targets if isinstance(child, ast.Delete) \
+        targets = (
+            [child.target]
+            if isinstance(child, ast.AugAssign)
+            else child.targets
+            if isinstance(child, ast.Delete)
             else []
-        names += [name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)
-                  and isinstance(name.ctx, (ast.Store, ast.Del)) and (declared_global is None or name.id in declared_global)]
+        )
+        names += [
+            name.id
+            for target in targets
+            for name in ast.walk(target)
+            if isinstance(name, ast.Name)
+            and isinstance(name.ctx, (ast.Store, ast.Del))
+            and (declared_global is None or name.id in declared_global)
+        ]
         names += _updated_names(child, declared_global)
     return names
 
@@ -131,41 +155,58 @@ def _globals_declared(function: ast.AST) -> set[str]:
         node = pending.pop()
         if isinstance(node, ast.Global):
             found.update(node.names)
-        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+        elif not isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+        ):
             pending += ast.iter_child_nodes(node)
     return found
 
 
 def _is_shell_call(func: ast.expr) -> bool:
     """``get_ipython().<method>`` as IPython's input transformers write it."""
-    return (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
-            and isinstance(func.value.func, ast.Name) and func.value.func.id == "get_ipython")
+    return (
+        isinstance(func, ast.Attribute)
+        and isinstance(func.value, ast.Call)
+        and isinstance(func.value.func, ast.Name)
+        and func.value.func.id == "get_ipython"
+    )
 
 
 def _inside_shell_call(name: ast.Name, tree: ast.Module) -> bool:
-    return any(isinstance(n, ast.Call) and _is_shell_call(n.func) and n.func.value.func is name  # type: ignore[attr-defined]
-               for n in ast.walk(tree))
+    return any(
+        isinstance(n, ast.Call) and _is_shell_call(n.func) and n.func.value.func is name  # type: ignore[attr-defined]
+        for n in ast.walk(tree)
+    )
 
 
 def _magic_reads(call: ast.Call) -> list[str]:
     """Check one transformed magic or shell line; returns the names its text uses."""
     method = call.func.attr  # type: ignore[attr-defined]
-    args = [a.value if isinstance(a, ast.Constant) and isinstance(a.value, str) else None for a in call.args]
+    args = [
+        a.value if isinstance(a, ast.Constant) and isinstance(a.value, str) else None
+        for a in call.args
+    ]
     line = call.lineno
     if method in SHELL_CALLS and args and args[0] is not None:
         return _expansion_reads(args[0], line)
     magic, text = args if method == "run_line_magic" and len(args) == 2 else (None, None)
     if magic is not None and text is not None:
         if magic not in LINE_MAGICS:
-            raise CellRefused(line, f"%{magic} would act on the sandbox, not on this notebook; on the grid a cell "
-                                    "can use %time, %timeit, !cmd and x = !cmd (run other magics in a cell of their own)")
+            raise CellRefused(
+                line,
+                f"%{magic} would act on the sandbox, not on this notebook; on the grid a cell "
+                "can use %time, %timeit, !cmd and x = !cmd (run other magics in a cell of their own)",
+            )
         statement = _timeit_statement(text, line) if magic == "timeit" else text
         try:
             return _scope_reads(statement, "<magic>")
         except SyntaxError as exc:
             raise CellRefused(line, f"%{magic}: {exc.msg}") from None
     if method == "run_cell_magic":
-        raise CellRefused(line, "cell magics cannot run inside a %%nanogrid cell; use the line form (%time, %timeit)")
+        raise CellRefused(
+            line,
+            "cell magics cannot run inside a %%nanogrid cell; use the line form (%time, %timeit)",
+        )
     raise CellRefused(line, f"get_ipython().{method}() is not available on the grid")
 
 
@@ -176,7 +217,9 @@ def _expansion_reads(command: str, line: int) -> list[str]:
         try:
             reads += _scope_reads(expression, "<expansion>", "eval")
         except SyntaxError:
-            raise CellRefused(line, f"cannot expand {{{expression}}} in the shell command") from None
+            raise CellRefused(
+                line, f"cannot expand {{{expression}}} in the shell command"
+            ) from None
     return reads
 
 
@@ -188,7 +231,7 @@ def _loop_count(timer: timeit.Timer) -> int:
     """As IPython does: grow the loop count until a run takes 0.2 s."""
     number = 1
     for index in range(10):
-        number = 10 ** index
+        number = 10**index
         if timer.timeit(number) >= 0.2:
             break
     return number
@@ -212,7 +255,9 @@ def _timeit_options(words: list[str], line: int) -> tuple[dict[str, Any], list[s
 
 # Pickling a namespace as one stream: (name, value) records, one pickler so shared objects stay shared.
 
-_loading = threading.local()  # the namespace (and the objects it already has) that a state stream loads into
+_loading = (
+    threading.local()
+)  # the namespace (and the objects it already has) that a state stream loads into
 
 
 def _namespace() -> dict[str, Any]:
@@ -239,10 +284,15 @@ class ModuleNotHere(types.ModuleType):
         self.__why = why
 
     def __getattr__(self, attribute: str) -> Any:
-        if attribute.startswith("_"):  # what tools probe for (_repr_html_, __wrapped__): simply not there
+        if attribute.startswith(
+            "_"
+        ):  # what tools probe for (_repr_html_, __wrapped__): simply not there
             raise AttributeError(attribute)
-        raise ModuleNotFoundError(f"{self.__name__} is installed where the cell ran, not here ({self.__why}); use it "
-                                  "in %%nanogrid cells, or install it here", name=self.__name__)
+        raise ModuleNotFoundError(
+            f"{self.__name__} is installed where the cell ran, not here ({self.__why}); use it "
+            "in %%nanogrid cells, or install it here",
+            name=self.__name__,
+        )
 
     def __repr__(self) -> str:
         return f"<module {self.__name__!r} (installed where the cell ran, not here)>"
@@ -265,8 +315,14 @@ class StatePickler(cloudpickle.Pickler):
     receiving namespace has them).
     """
 
-    def __init__(self, file: Any, namespace: dict[str, Any], refs: dict[int, str] | None = None,
-                 drop_globals: bool = False, buffer_callback: Any = None) -> None:
+    def __init__(
+        self,
+        file: Any,
+        namespace: dict[str, Any],
+        refs: dict[int, str] | None = None,
+        drop_globals: bool = False,
+        buffer_callback: Any = None,
+    ) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self.namespace = namespace
         self.refs = refs or {}
@@ -274,8 +330,12 @@ class StatePickler(cloudpickle.Pickler):
         self.globals_ref[id(namespace)] = _NamespaceGlobals()
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, types.ModuleType) and (isinstance(obj, ModuleNotHere) or sys.modules.get(obj.__name__) is obj):
-            return _module, (obj.__name__,)  # a module the receiving side lacks must not stop its names loading
+        if isinstance(obj, types.ModuleType) and (
+            isinstance(obj, ModuleNotHere) or sys.modules.get(obj.__name__) is obj
+        ):
+            return _module, (
+                obj.__name__,
+            )  # a module the receiving side lacks must not stop its names loading
         return super().reducer_override(obj)
 
     def _dynamic_function_reduce(self, func: Any) -> Any:
@@ -308,8 +368,12 @@ class Packed:
     failed: dict[str, str]  # records that could not be pickled: why
 
 
-def pack_state(records: list[tuple[str, Any]], namespace: dict[str, Any], refs: dict[int, str] | None = None,
-               drop_globals: bool = False) -> Packed:
+def pack_state(
+    records: list[tuple[str, Any]],
+    namespace: dict[str, Any],
+    refs: dict[int, str] | None = None,
+    drop_globals: bool = False,
+) -> Packed:
     """Pickle (key, value) records into one stream; a record that cannot be pickled is left out and named."""
     failed: dict[str, str] = {}
     while True:
@@ -330,7 +394,9 @@ def pack_state(records: list[tuple[str, Any]], namespace: dict[str, Any], refs: 
             return Packed(buffer.getvalue(), sizes, failed)
 
 
-def unpack_state(data: bytes, namespace: dict[str, Any], refs: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
+def unpack_state(
+    data: bytes, namespace: dict[str, Any], refs: dict[str, Any] | None = None
+) -> list[tuple[str, Any]]:
     stream = io.BytesIO(data)
     unpickler = _RefUnpickler(stream)
     records = []
@@ -366,13 +432,18 @@ def fingerprint(value: Any, namespace: dict[str, Any]) -> bytes | None:
         return None
     writer = _HashWriter()
     try:
-        StatePickler(writer, namespace, drop_globals=True, buffer_callback=writer.buffer).dump(value)
+        StatePickler(writer, namespace, drop_globals=True, buffer_callback=writer.buffer).dump(
+            value
+        )
     except Exception:
-        return os.urandom(20)  # cannot tell: count it as changed, so that it is sent back (or named as unpicklable)
+        return os.urandom(
+            20
+        )  # cannot tell: count it as changed, so that it is sent back (or named as unpicklable)
     return writer.hash.digest()
 
 
 # In the sandbox.
+
 
 class ShellOutput(list):
     """What ``x = !cmd`` gives in the sandbox (IPython's SList there): the output's lines."""
@@ -443,26 +514,45 @@ class SandboxShell:
 
     def var_expand(self, command: str) -> str:
         """IPython's ``$name`` and ``{expression}`` expansion, against the cell's namespace."""
+
         def expression(match: re.Match[str]) -> str:
             return str(eval(match.group(1), self.user_ns))
 
         command = re.sub(r"(?<!\{)\{([^{}]+)\}(?!\})", expression, command)
-        command = re.sub(r"(?<!\$)\$([A-Za-z_]\w*)", lambda m: str(self.user_ns.get(m.group(1), m.group(0))), command)
+        command = re.sub(
+            r"(?<!\$)\$([A-Za-z_]\w*)",
+            lambda m: str(self.user_ns.get(m.group(1), m.group(0))),
+            command,
+        )
         return command.replace("$$", "$").replace("{{", "{").replace("}}", "}")
 
     def system(self, command: str) -> None:
         """``!cmd``: its output (stdout and stderr together) goes to the cell's stdout, as in a kernel."""
         sys.stdout.flush()
-        with subprocess.Popen(self.var_expand(command), shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, text=True, errors="replace") as process:
+        with subprocess.Popen(
+            self.var_expand(command),
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        ) as process:
             for line in process.stdout:  # type: ignore[union-attr]
                 sys.stdout.write(line)
         self.user_ns["_exit_code"] = process.returncode
 
     def getoutput(self, command: str, split: bool = True, depth: int = 0) -> Any:
         """``x = !cmd``: the output's lines."""
-        result = subprocess.run(self.var_expand(command), shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors="replace")
+        result = subprocess.run(
+            self.var_expand(command),
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        )
         return ShellOutput(result.stdout.splitlines()) if split else result.stdout
 
     def run_line_magic(self, name: str, line: str, _stack_depth: int = 1) -> Any:
@@ -475,8 +565,11 @@ class SandboxShell:
     def _time(self, statement: str) -> Any:
         tree = ast.parse(statement, "<timed>")
         expression = len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr)
-        code = compile(ast.Expression(tree.body[0].value) if expression else tree, "<timed>",  # type: ignore[attr-defined]
-                       "eval" if expression else "exec")
+        code = compile(
+            ast.Expression(tree.body[0].value) if expression else tree,  # type: ignore[attr-defined]
+            "<timed>",
+            "eval" if expression else "exec",
+        )
         wall = time.perf_counter()
         times = os.times()
         value = None
@@ -487,7 +580,9 @@ class SandboxShell:
         wall = time.perf_counter() - wall
         after = os.times()
         user, system = after.user - times.user, after.system - times.system
-        print(f"CPU times: user {_format_time(user)}, sys: {_format_time(system)}, total: {_format_time(user + system)}")
+        print(
+            f"CPU times: user {_format_time(user)}, sys: {_format_time(system)}, total: {_format_time(user + system)}"
+        )
         print(f"Wall time: {_format_time(wall)}")
         return value
 
@@ -501,8 +596,10 @@ class SandboxShell:
             return
         mean = sum(timings) / len(timings)
         std = math.sqrt(sum((t - mean) ** 2 for t in timings) / len(timings))
-        print(f"{_format_time(mean)} ± {_format_time(std)} per loop (mean ± std. dev. of {runs} run"
-              f"{'s' if runs != 1 else ''}, {number:,} loop{'s' if number != 1 else ''} each)")
+        print(
+            f"{_format_time(mean)} ± {_format_time(std)} per loop (mean ± std. dev. of {runs} run"
+            f"{'s' if runs != 1 else ''}, {number:,} loop{'s' if number != 1 else ''} each)"
+        )
 
 
 def _figures() -> list[tuple[bytes, str]]:
@@ -529,22 +626,45 @@ def _describe_error(exc: BaseException, filename: str) -> dict[str, Any]:
     walked = list(traceback.walk_tb(exc.__traceback__))
     summaries = traceback.extract_tb(exc.__traceback__)
     first = next((i for i, f in enumerate(summaries) if f.filename == filename), len(summaries))
-    user = [(f, frame) for f, (frame, _) in zip(summaries[first:], walked[first:], strict=True) if f.filename != __file__]
-    text = "Traceback (most recent call last):\n" + "".join(traceback.format_list([f for f, _ in user])) if user else ""
+    user = [
+        (f, frame)
+        for f, (frame, _) in zip(summaries[first:], walked[first:], strict=True)
+        if f.filename != __file__
+    ]
+    text = (
+        "Traceback (most recent call last):\n"
+        + "".join(traceback.format_list([f for f, _ in user]))
+        if user
+        else ""
+    )
     text += "".join(traceback.format_exception_only(type(exc), exc))
-    return {"type": type(exc).__name__, "module": type(exc).__module__, "message": str(exc), "traceback": text,
-            "frames": [_frame_of(f, frame.f_code) for f, frame in user]}
+    return {
+        "type": type(exc).__name__,
+        "module": type(exc).__module__,
+        "message": str(exc),
+        "traceback": text,
+        "frames": [_frame_of(f, frame.f_code) for f, frame in user],
+    }
 
 
 def _frame_of(summary: traceback.FrameSummary, code: Any) -> dict[str, Any]:
     """One frame of a remote traceback: where it stood, and its function's name and parameters."""
     args, varargs, varkw = inspect.getargs(code)
-    return {"file": summary.filename, "line": summary.lineno or 1, "first": code.co_firstlineno, "name": code.co_name,
-            "qualname": getattr(code, "co_qualname", code.co_name), "args": args, "varargs": varargs, "varkw": varkw}
+    return {
+        "file": summary.filename,
+        "line": summary.lineno or 1,
+        "first": code.co_firstlineno,
+        "name": code.co_name,
+        "qualname": getattr(code, "co_qualname", code.co_name),
+        "args": args,
+        "varargs": varargs,
+        "varkw": varkw,
+    }
 
 
-def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sent: list[str],
-             has_value: bool) -> dict[str, Any]:
+def run_cell(
+    source: str, filename: str, display_source: str, inputs: bytes, sent: list[str], has_value: bool
+) -> dict[str, Any]:
     """Runs in the sandbox: execute the cell in a namespace made of its inputs; return what changed.
 
     A cell that raises ends its job failed: `CellFailed` carries what it returns otherwise, so the cell's
@@ -553,13 +673,22 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     shell = SandboxShell(namespace)
     namespace["get_ipython"] = lambda: shell
-    linecache.cache[filename] = (len(display_source), None, display_source.splitlines(True), filename)
-    os.environ.setdefault("MPLBACKEND", "Agg")  # pyplot renders off-screen; figures come back as images
+    linecache.cache[filename] = (
+        len(display_source),
+        None,
+        display_source.splitlines(True),
+        filename,
+    )
+    os.environ.setdefault(
+        "MPLBACKEND", "Agg"
+    )  # pyplot renders off-screen; figures come back as images
     segments: list[list[int]] = []
     value: Any = None
     error: BaseException | None = None
     try:
-        namespace.update(unpack_state(inputs, namespace))  # functions' globals may add names they read
+        namespace.update(
+            unpack_state(inputs, namespace)
+        )  # functions' globals may add names they read
     except Exception as exc:
         raise _failed_to_load(exc, filename) from None
     diff_started = time.perf_counter()
@@ -567,7 +696,10 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
     before = {k: fingerprint(v, namespace) for k, v in originals.items()}
     diff_s = time.perf_counter() - diff_started
     stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _StreamRecorder(stdout, 1, segments), _StreamRecorder(stderr, 2, segments)
+    sys.stdout, sys.stderr = (
+        _StreamRecorder(stdout, 1, segments),
+        _StreamRecorder(stderr, 2, segments),
+    )
     try:
         tree = ast.parse(source, filename)
         last = tree.body.pop() if has_value else None
@@ -582,8 +714,13 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
         sys.stdout, sys.stderr = stdout, stderr
     figures = _figures()
     diff_started = time.perf_counter()
-    changed = [k for k, v in namespace.items() if k not in SANDBOX_NAMES and not _closed_file(v) and (
-        k not in originals or v is not originals[k] or fingerprint(v, namespace) != before[k])]
+    changed = [
+        k
+        for k, v in namespace.items()
+        if k not in SANDBOX_NAMES
+        and not _closed_file(v)
+        and (k not in originals or v is not originals[k] or fingerprint(v, namespace) != before[k])
+    ]
     mutated = [k for k in changed if k in originals and namespace[k] is originals[k]]
     deleted = [k for k in originals if k not in namespace]
     unchanged = {id(originals[k]): k for k in sent if k in originals and k not in changed}
@@ -596,10 +733,16 @@ def run_cell(source: str, filename: str, display_source: str, inputs: bytes, sen
         packed = pack_state(records, namespace, unchanged, drop_globals=True)
     outcome = {
         "state": packed.data,
-        "sizes": {k.removeprefix("name:"): n for k, n in packed.sizes.items() if k.startswith("name:")},
+        "sizes": {
+            k.removeprefix("name:"): n for k, n in packed.sizes.items() if k.startswith("name:")
+        },
         "mutated": mutated,
         "deleted": deleted,
-        "unpicklable": {k.removeprefix("name:"): why for k, why in packed.failed.items() if k.startswith("name:")},
+        "unpicklable": {
+            k.removeprefix("name:"): why
+            for k, why in packed.failed.items()
+            if k.startswith("name:")
+        },
         "error": None if error is None else _describe_error(error, filename),
         "streams": segments,
         "figures": figures,
@@ -618,11 +761,23 @@ def _closed_file(value: Any) -> bool:
 def _failed_to_load(exc: Exception, filename: str) -> CellFailed:
     """The notebook's names could not be rebuilt here (a module the sandbox lacks): nothing ran."""
     error = _describe_error(exc, filename)
-    error["message"] = f"the notebook's names could not be loaded in the sandbox: {error['message']}"
+    error["message"] = (
+        f"the notebook's names could not be loaded in the sandbox: {error['message']}"
+    )
     error["traceback"] = f"{error['type']}: {error['message']}\n"
     packed = pack_state([("value", None), ("error", None)], {})
-    return CellFailed({"state": packed.data, "sizes": {}, "mutated": [], "deleted": [], "unpicklable": {},
-                       "error": error, "streams": [], "figures": []})
+    return CellFailed(
+        {
+            "state": packed.data,
+            "sizes": {},
+            "mutated": [],
+            "deleted": [],
+            "unpicklable": {},
+            "error": error,
+            "streams": [],
+            "figures": [],
+        }
+    )
 
 
 def load_state(data: bytes, user_ns: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:

@@ -17,20 +17,37 @@ from typing import Any
 import httpx
 
 from nanogrid.transfer import Ref, sha256_of
-from nanogrid_contract.errors import APIError, ConfigError, GridUnresponsive, NanoGridError, NotConnected, VersionMismatch
+from nanogrid_contract.errors import (
+    APIError,
+    ConfigError,
+    GridUnresponsive,
+    NanoGridError,
+    NotConnected,
+    VersionMismatch,
+)
 from nanogrid_contract.packages import FunctionPackage
 from nanogrid_contract.views import JobView
 
 RATE_LIMIT_RETRIES = 6
-API_PREFIX = "/v1"  # NanoGrid's own API; the seed platform's contract answers at the root and under /api
-DEFAULT_TIMEOUT_S = 30.0  # how long the grid may stay silent before a request gives up (NANOGRID_TIMEOUT)
-SYNC_HOLD_S = 60.0  # the controller answers a sync /run within this (202 if the call is still running)
+API_PREFIX = (
+    "/v1"  # NanoGrid's own API; the seed platform's contract answers at the root and under /api
+)
+DEFAULT_TIMEOUT_S = (
+    30.0  # how long the grid may stay silent before a request gives up (NANOGRID_TIMEOUT)
+)
+SYNC_HOLD_S = (
+    60.0  # the controller answers a sync /run within this (202 if the call is still running)
+)
 CANCEL_HOLD_S = 5.0  # ... and a cancel within this
 MAP_SILENCE_S = 10.0  # a /map stream sends an empty line every 2 s without news: its read timeout is at least this
 LEGACY_PAYLOAD_BYTES = 16 << 20  # what a grid that does not name its limits takes
 BLOB_PIECE_BYTES = 1 << 20  # a blob upload is sent in pieces of this size
-BLOB_MIN_RATE = 20e6  # bytes/s a blob transfer may be as slow as before it counts as the grid not answering
-DIRECT_CONNECT_S = 10.0  # the store behind a presigned upload URL must accept a connection within this
+BLOB_MIN_RATE = (
+    20e6  # bytes/s a blob transfer may be as slow as before it counts as the grid not answering
+)
+DIRECT_CONNECT_S = (
+    10.0  # the store behind a presigned upload URL must accept a connection within this
+)
 GIVE_UP_CANCEL_S = 3.0  # a client that gave up spends at most this on cancelling what it started
 
 _default: Client | None = None
@@ -70,7 +87,9 @@ def discover_key(url: str) -> str | None:
     return None
 
 
-def connect(url: str | None = None, api_key: str | None = None, *, timeout: float | None = None) -> Client:
+def connect(
+    url: str | None = None, api_key: str | None = None, *, timeout: float | None = None
+) -> Client:
     """Connect to a grid and make it the default for ``@remote`` functions and the magics.
 
     The key is ``api_key``, else ``NANOGRID_API_KEY``, else the local grid's own key. ``timeout``: seconds
@@ -101,15 +120,25 @@ class Client:
     long poll's), before the request raises ``GridUnresponsive``; default ``NANOGRID_TIMEOUT``, else 30.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = _timeout_setting(timeout)
         api_key = api_key or discover_key(self.url)
         headers = {"x-api-key": api_key} if api_key else {}
-        self._http = httpx.Client(base_url=self.url + API_PREFIX, headers=headers, transport=transport,
-                                  timeout=httpx.Timeout(self.timeout),
-                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+        self._http = httpx.Client(
+            base_url=self.url + API_PREFIX,
+            headers=headers,
+            transport=transport,
+            timeout=httpx.Timeout(self.timeout),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        )
         self._known_functions: dict[str, str] = {}  # package content id -> the grid's function id
         self._runtimes: dict[str, str] | None = None
         self._limits: dict[str, Any] | None = None
@@ -117,7 +146,9 @@ class Client:
         # Blobs go straight to the grid's store when it offers a presigned URL (S3); NANOGRID_DIRECT_UPLOADS=0, or
         # False here, sends them through the controller (clients that cannot reach the store).
         self.direct_uploads = _direct_uploads_setting()
-        self._direct_http: httpx.Client | None = None  # to presigned URLs: its own connections, never the API key
+        self._direct_http: httpx.Client | None = (
+            None  # to presigned URLs: its own connections, never the API key
+        )
         self._timeouts: dict[float, httpx.Timeout] = {}  # by the hold on top (_timeout)
         self._urls: dict[str, httpx.URL] = {}  # by API path (request)
 
@@ -132,10 +163,15 @@ class Client:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One API call; a 429 is retried after its Retry-After (with jitter), up to RATE_LIMIT_RETRIES times."""
         url = self._urls.get(path)
-        if url is None:  # parsed once per path: httpx parses a relative path and the joined URL again at each request
+        if (
+            url is None
+        ):  # parsed once per path: httpx parses a relative path and the joined URL again at each request
             if len(self._urls) >= 256:  # paths with a job id in them come and go
                 self._urls.clear()
-            url, base = httpx.URL(path), self._http.base_url  # joined as httpx joins a path to its base_url
+            url, base = (
+                httpx.URL(path),
+                self._http.base_url,
+            )  # joined as httpx joins a path to its base_url
             if url.is_relative_url:
                 url = base.copy_with(raw_path=base.raw_path + url.raw_path.lstrip(b"/"))
             self._urls[path] = url
@@ -145,7 +181,9 @@ class Client:
             except httpx.TimeoutException as exc:
                 raise self._unresponsive(exc) from None
             except httpx.TransportError as exc:
-                raise NotConnected(f"cannot reach the grid at {self.url} ({exc}); is `nanogrid up` running?") from None
+                raise NotConnected(
+                    f"cannot reach the grid at {self.url} ({exc}); is `nanogrid up` running?"
+                ) from None
             if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
                 break
             time.sleep(_backoff(response, attempt))
@@ -168,9 +206,11 @@ class Client:
         blob_threshold_bytes (None from a grid older than the data plane: 16 MiB inline, no blobs)."""
         if self._limits is None:
             health = self.health()
-            self._limits = {"max_payload_bytes": health.get("max_payload_bytes") or LEGACY_PAYLOAD_BYTES,
-                            "max_result_bytes": health.get("max_result_bytes"),
-                            "blob_threshold_bytes": health.get("blob_threshold_bytes")}
+            self._limits = {
+                "max_payload_bytes": health.get("max_payload_bytes") or LEGACY_PAYLOAD_BYTES,
+                "max_result_bytes": health.get("max_result_bytes"),
+                "blob_threshold_bytes": health.get("blob_threshold_bytes"),
+            }
         return self._limits
 
     def upload_blob(self, data: bytes) -> Ref:
@@ -185,18 +225,29 @@ class Client:
         if ref.sha256 in self._known_blobs:
             return ref
         offer = self._upload_offer(ref) if self.direct_uploads else None
-        if offer is None:  # not asked, or a grid that does not offer: does it have the blob already?
+        if (
+            offer is None
+        ):  # not asked, or a grid that does not offer: does it have the blob already?
             exists = self._http.head(f"/blobs/{ref.sha256}")
             if exists.status_code >= 400 and exists.status_code != 404:
                 raise _api_error(exists)
             stored = exists.status_code != 404
         else:
-            stored = bool(offer.get("stored")) or (bool(offer.get("url")) and self._upload_direct(ref, data, offer))
+            stored = bool(offer.get("stored")) or (
+                bool(offer.get("url")) and self._upload_direct(ref, data, offer)
+            )
         if not stored:
             # In pieces: httpcore sends one large bytes object with a copy per socket write (quadratic).
-            self.request("PUT", f"/blobs/{ref.sha256}", content=_Pieces(data),
-                         timeout=self._timeout(len(data) / BLOB_MIN_RATE),
-                         headers={"content-type": "application/octet-stream", "content-length": str(len(data))})
+            self.request(
+                "PUT",
+                f"/blobs/{ref.sha256}",
+                content=_Pieces(data),
+                timeout=self._timeout(len(data) / BLOB_MIN_RATE),
+                headers={
+                    "content-type": "application/octet-stream",
+                    "content-length": str(len(data)),
+                },
+            )
         self._known_blobs.add(ref.sha256)
         return ref
 
@@ -204,7 +255,9 @@ class Client:
         """Where the grid wants this blob: ``{"stored": true}``, ``{"url": ..., "headers": ...}`` or ``{"url": null}``
         (through the controller); None when it cannot say (a grid older than the route: this client stops asking)."""
         try:
-            return self.request("POST", f"/blobs/{ref.sha256}/upload", params={"size": ref.size}).json()
+            return self.request(
+                "POST", f"/blobs/{ref.sha256}/upload", params={"size": ref.size}
+            ).json()
         except APIError as exc:
             if exc.status in (404, 405):
                 self.direct_uploads = False
@@ -217,22 +270,35 @@ class Client:
         failure (the caller sends them through the controller); a store this client cannot connect to turns direct
         uploads off for it, with a warning, so that later blobs do not wait for it again."""
         if self._direct_http is None:
-            self._direct_http = httpx.Client(limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
+            self._direct_http = httpx.Client(
+                limits=httpx.Limits(max_connections=8, max_keepalive_connections=4)
+            )
         headers = {**offer.get("headers", {}), "content-length": str(ref.size)}
-        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, DIRECT_CONNECT_S),
-                                read=self.timeout + ref.size / BLOB_MIN_RATE)
+        timeout = httpx.Timeout(
+            self.timeout,
+            connect=min(self.timeout, DIRECT_CONNECT_S),
+            read=self.timeout + ref.size / BLOB_MIN_RATE,
+        )
         try:
-            response = self._direct_http.put(offer["url"], content=_Pieces(data), headers=headers, timeout=timeout)
+            response = self._direct_http.put(
+                offer["url"], content=_Pieces(data), headers=headers, timeout=timeout
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             if self.direct_uploads:
                 self.direct_uploads = False
-                warnings.warn(f"cannot reach the grid's store for direct blob uploads ({exc}); this client sends "
-                              "them through the grid's controller from now on (NANOGRID_DIRECT_UPLOADS=0 says so "
-                              "from the start)", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"cannot reach the grid's store for direct blob uploads ({exc}); this client sends "
+                    "them through the grid's controller from now on (NANOGRID_DIRECT_UPLOADS=0 says so "
+                    "from the start)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             return False
         except httpx.HTTPError:  # cut off mid-way: the store keeps no partial object
             return False
-        if response.status_code >= 300:  # e.g. 403 (the URL expired), 400 BadDigest (S3 hashed other bytes)
+        if (
+            response.status_code >= 300
+        ):  # e.g. 403 (the URL expired), 400 BadDigest (S3 hashed other bytes)
             return False
         try:
             confirm = self._http.head(f"/blobs/{ref.sha256}")
@@ -250,14 +316,18 @@ class Client:
         view = memoryview(buffer)
         hasher = _Hasher(view)
         try:
-            with self._http.stream("GET", f"/blobs/{sha256}", timeout=self._timeout(size / BLOB_MIN_RATE)) as response:
+            with self._http.stream(
+                "GET", f"/blobs/{sha256}", timeout=self._timeout(size / BLOB_MIN_RATE)
+            ) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _api_error(response)
                 for chunk in response.iter_raw():
                     if filled + len(chunk) > size:
-                        raise NanoGridError(f"blob {sha256[:12]} is larger than the {size} bytes the grid announced")
-                    view[filled:filled + len(chunk)] = chunk
+                        raise NanoGridError(
+                            f"blob {sha256[:12]} is larger than the {size} bytes the grid announced"
+                        )
+                    view[filled : filled + len(chunk)] = chunk
                     filled += len(chunk)
                     hasher.upto(filled)
         except httpx.TimeoutException as exc:
@@ -267,7 +337,9 @@ class Client:
         finally:
             digest = hasher.finish(filled)
         if filled != size or digest != sha256:
-            raise NanoGridError(f"blob {sha256[:12]} arrived damaged (its content does not match its hash); try again")
+            raise NanoGridError(
+                f"blob {sha256[:12]} arrived damaged (its content does not match its hash); try again"
+            )
         return buffer
 
     def result_ref(self, job_id: str) -> Ref:
@@ -285,16 +357,25 @@ class Client:
         runtimes = self.runtimes()
         if runtime not in runtimes:
             # Only its Python runtimes matter here: a grid's nodejs, go or cpp runtime cannot take a pickle.
-            pythons = sorted(((v, n) for n, v in runtimes.items() if n.startswith("python")), key=_version_key)
+            pythons = sorted(
+                ((v, n) for n, v in runtimes.items() if n.startswith("python")), key=_version_key
+            )
             raise VersionMismatch(
                 f"this client runs Python {python}, but the grid at {self.url} only runs "
                 f"{', '.join(n for _, n in pythons) or 'no Python runtime'}: functions are sent with cloudpickle, "
                 "which needs the same Python minor version on both sides."
-                + (f" Use a Python {' or '.join(v for v, _ in pythons)} environment for this notebook or script."
-                   if pythons else "")
+                + (
+                    f" Use a Python {' or '.join(v for v, _ in pythons)} environment for this notebook or script."
+                    if pythons
+                    else ""
+                )
             )
-        function = self.request("POST", "/upload", files={"file": ("package.zip", package.data, "application/zip")})
-        function_id = function.json()["function_id"]  # the grid answers 200 if it has this package already
+        function = self.request(
+            "POST", "/upload", files={"file": ("package.zip", package.data, "application/zip")}
+        )
+        function_id = function.json()[
+            "function_id"
+        ]  # the grid answers 200 if it has this package already
         self._known_functions[package.function_id] = function_id
         return function_id
 
@@ -310,32 +391,61 @@ class Client:
         with path.open("rb") as f:
             return self.request("POST", "/upload", files={"file": (path.name, f)}, data=data).json()
 
-    def run(self, body: dict[str, Any], *, asynchronous: bool = False, hold: float | None = None) -> JobView:
+    def run(
+        self, body: dict[str, Any], *, asynchronous: bool = False, hold: float | None = None
+    ) -> JobView:
         """POST /run. ``hold``: seconds the grid waits for the result before answering 202 (then follow the job)."""
-        headers = {"X-Async": "true"} if asynchronous else {"X-Hold": f"{hold:g}"} if hold is not None else None
+        headers = (
+            {"X-Async": "true"}
+            if asynchronous
+            else {"X-Hold": f"{hold:g}"}
+            if hold is not None
+            else None
+        )
         wait = 0 if asynchronous else SYNC_HOLD_S if hold is None else hold
-        return self.request("POST", "/run", json=body, headers=headers, timeout=self._timeout(wait)).json()
+        return self.request(
+            "POST", "/run", json=body, headers=headers, timeout=self._timeout(wait)
+        ).json()
 
-    def logs(self, job_id: str, after: str = "", wait: float = 0, watched: bool = False) -> dict[str, Any]:
+    def logs(
+        self, job_id: str, after: str = "", wait: float = 0, watched: bool = False
+    ) -> dict[str, Any]:
         """What a job printed since the cursor ``after`` (long-poll up to ``wait`` s): {chunks, cursor, ended}.
         ``watched``: this client waits for the job (a sync ``.remote()``); if it goes away while the job is still
         queued, the grid cancels the job."""
-        params: dict[str, Any] = {"after": after, "wait": wait, **({"watched": "true"} if watched else {})}
-        return self.request("GET", f"/jobs/{job_id}/logs", params=params, timeout=self._timeout(wait)).json()
+        params: dict[str, Any] = {
+            "after": after,
+            "wait": wait,
+            **({"watched": "true"} if watched else {}),
+        }
+        return self.request(
+            "GET", f"/jobs/{job_id}/logs", params=params, timeout=self._timeout(wait)
+        ).json()
 
     def status(self, job_id: str, wait: float = 0) -> JobView:
-        return self.request("GET", f"/status/{job_id}", params={"wait": wait} if wait else None,
-                            timeout=self._timeout(wait)).json()
+        return self.request(
+            "GET",
+            f"/status/{job_id}",
+            params={"wait": wait} if wait else None,
+            timeout=self._timeout(wait),
+        ).json()
 
     def cancel(self, job_id: str, *, timeout: float | None = None) -> JobView:
         """``timeout``: give up sooner than the client's own (a client cancelling on its way out)."""
-        return self.request("POST", f"/jobs/{job_id}/cancel",
-                            timeout=self._timeout(CANCEL_HOLD_S) if timeout is None else timeout).json()
+        return self.request(
+            "POST",
+            f"/jobs/{job_id}/cancel",
+            timeout=self._timeout(CANCEL_HOLD_S) if timeout is None else timeout,
+        ).json()
 
     def cancel_many(self, job_ids: list[str], *, timeout: float | None = None) -> int:
         """Cancel every unfinished job among these; returns how many were cancelled."""
-        return self.request("POST", "/jobs/cancel", json={"job_ids": job_ids},
-                            timeout=self.timeout if timeout is None else timeout).json()["cancelled"]
+        return self.request(
+            "POST",
+            "/jobs/cancel",
+            json={"job_ids": job_ids},
+            timeout=self.timeout if timeout is None else timeout,
+        ).json()["cancelled"]
 
     def _timeout(self, hold: float) -> httpx.Timeout:
         """The client's timeout, with ``hold`` seconds more to read the answer (the wait the request asked for).
@@ -349,11 +459,16 @@ class Client:
         return timeout
 
     def _unresponsive(self, exc: httpx.TimeoutException) -> GridUnresponsive:
-        what = {httpx.ConnectTimeout: "to accept a connection", httpx.WriteTimeout: "to take the request",
-                httpx.PoolTimeout: "to free a connection"}.get(type(exc), "to answer")
-        return GridUnresponsive(f"the grid at {self.url} took longer than the client's {self.timeout:g} s timeout "
-                                f"{what} (stopped, hung or overloaded?); raise it with nanogrid.connect(timeout=...) "
-                                "or NANOGRID_TIMEOUT if the grid is merely slow")
+        what = {
+            httpx.ConnectTimeout: "to accept a connection",
+            httpx.WriteTimeout: "to take the request",
+            httpx.PoolTimeout: "to free a connection",
+        }.get(type(exc), "to answer")
+        return GridUnresponsive(
+            f"the grid at {self.url} took longer than the client's {self.timeout:g} s timeout "
+            f"{what} (stopped, hung or overloaded?); raise it with nanogrid.connect(timeout=...) "
+            "or NANOGRID_TIMEOUT if the grid is merely slow"
+        )
 
     def map_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST /map; yields its NDJSON lines (first the job ids, then one job per call as it finishes)."""
@@ -446,7 +561,7 @@ class _Pieces:
     def __iter__(self) -> Iterator[bytes]:
         view = memoryview(self.data)
         for start in range(0, len(view), BLOB_PIECE_BYTES):
-            yield bytes(view[start:start + BLOB_PIECE_BYTES])
+            yield bytes(view[start : start + BLOB_PIECE_BYTES])
 
 
 def _direct_uploads_setting() -> bool:
@@ -470,8 +585,14 @@ def _timeout_setting(timeout: float | None) -> float:
         try:
             timeout = float(text)
         except ValueError:
-            raise ConfigError(f"NANOGRID_TIMEOUT is a number of seconds, e.g. 30, not {text!r}") from None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+            raise ConfigError(
+                f"NANOGRID_TIMEOUT is a number of seconds, e.g. 30, not {text!r}"
+            ) from None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < float("inf")
+    ):
         raise ConfigError(f"{source} is a number of seconds above 0, e.g. 30, not {timeout!r}")
     return float(timeout)
 
@@ -498,8 +619,15 @@ def _api_error(response: httpx.Response) -> APIError:
     if not isinstance(body, dict):
         body = {}
     detail = body.get("detail")
-    if isinstance(detail, list):  # FastAPI's validation errors, from a controller older than this client
-        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    if isinstance(
+        detail, list
+    ):  # FastAPI's validation errors, from a controller older than this client
+        detail = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
+        )
     code = body.get("error")
-    return APIError(response.status_code, str(detail or response.text[:500] or response.reason_phrase),
-                    code if isinstance(code, str) else "")
+    return APIError(
+        response.status_code,
+        str(detail or response.text[:500] or response.reason_phrase),
+        code if isinstance(code, str) else "",
+    )

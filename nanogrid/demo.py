@@ -40,21 +40,27 @@ def tour(url: str, api_key: str) -> None:
     job = square.spawn(8)
     value = job.result()
     print("\n2. job = square.spawn(8); job.result()")
-    print(f"   -> {value}; stdout {job.stdout.strip()!r}; {(job.duration or 0) * 1000:.2f} ms in the sandbox, "
-          f"peak memory {(job.peak_memory_bytes or 0) / (1 << 20):.1f} MiB, {'cold' if job.cold else 'warm'} start")
+    print(
+        f"   -> {value}; stdout {job.stdout.strip()!r}; {(job.duration or 0) * 1000:.2f} ms in the sandbox, "
+        f"peak memory {(job.peak_memory_bytes or 0) / (1 << 20):.1f} MiB, {'cold' if job.cold else 'warm'} start"
+    )
 
     started = time.perf_counter()
     results = list(square.map(range(1000), progress=False))
     seconds = time.perf_counter() - started
     print("\n3. list(square.map(range(1000)))")
     rate = len(results) / seconds
-    print(f"   -> [{results[0]}, {results[1]}, ..., {results[-1]}] in {seconds:.2f} s ({rate:,.0f} calls/s)")
+    print(
+        f"   -> [{results[0]}, {results[1]}, ..., {results[-1]}] in {seconds:.2f} s ({rate:,.0f} calls/s)"
+    )
 
     report_job = report.spawn(5)
     report_job.result()
     (output,) = report_job.outputs
     print("\n4. a function that writes to nanogrid.output_dir()")
-    print(f"   -> {output.name} ({output.size} bytes): {output.read().decode().splitlines()[:3]} ...")
+    print(
+        f"   -> {output.name} ({output.size} bytes): {output.read().decode().splitlines()[:3]} ..."
+    )
 
     print("\n5. a remote exception is re-raised here, with its remote traceback attached")
     try:

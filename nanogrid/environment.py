@@ -41,8 +41,15 @@ from nanogrid_contract.environments import (
 from nanogrid_contract.errors import InvalidEnvironment, NanoGridError
 
 _EXAMPLES = {"packages": "pandas==2.2.3", "system": "ffmpeg"}
-GRID_PROVIDED = {"nanogrid", "nanogrid_contract", "cloudpickle"}  # every runtime has the grid's own copies
-GRID_OWN_MODULES = {"nanogrid_backend", "nanogrid_runtimes"}  # the grid's side: never a user's module to ship
+GRID_PROVIDED = {
+    "nanogrid",
+    "nanogrid_contract",
+    "cloudpickle",
+}  # every runtime has the grid's own copies
+GRID_OWN_MODULES = {
+    "nanogrid_backend",
+    "nanogrid_runtimes",
+}  # the grid's side: never a user's module to ship
 MAX_LOCAL_MODULE_BYTES = 8 << 20
 
 
@@ -71,30 +78,43 @@ class Environment:
         for option in ("packages", "system"):
             names = getattr(self, option)
             if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-                raise InvalidEnvironment(f"{option} takes a list of names, e.g. {option}=['{_EXAMPLES[option]}'], "
-                                         f"not {names!r}")
+                raise InvalidEnvironment(
+                    f"{option} takes a list of names, e.g. {option}=['{_EXAMPLES[option]}'], "
+                    f"not {names!r}"
+                )
         packages = tuple(sorted({p.strip() for p in self.packages if p.strip()}, key=_name))
         for requirement in packages:
             if not REQUIREMENT.match(requirement):
                 raise InvalidEnvironment(
                     f"package {requirement!r} is not a requirement NanoGrid can install: give a name with an optional "
-                    "version, e.g. 'pandas' or 'pandas==2.2.3' (no URLs, paths or options)")
+                    "version, e.g. 'pandas' or 'pandas==2.2.3' (no URLs, paths or options)"
+                )
         for name in self.system:
             if not SYSTEM_PACKAGE.match(name) or SYSTEM_PATTERN.search(name):
                 raise InvalidEnvironment(
                     f"system package {name!r} is not a Debian package name: lowercase letters, digits, '+', '-' and "
                     "'.', exactly as `apt-cache show` names it (apt would read '.+', '..' or a trailing '.' as a "
-                    "pattern and install whatever matches)")
+                    "pattern and install whatever matches)"
+                )
         if not isinstance(self.env, Mapping):
-            raise InvalidEnvironment(f"env takes a dict of variables, e.g. env={{'MODE': 'fast'}}, not {self.env!r}")
+            raise InvalidEnvironment(
+                f"env takes a dict of variables, e.g. env={{'MODE': 'fast'}}, not {self.env!r}"
+            )
         for key, value in self.env.items():
-            if not VARIABLE.match(key) or key.startswith(RESERVED_VARIABLES) or not isinstance(value, str):
+            if (
+                not VARIABLE.match(key)
+                or key.startswith(RESERVED_VARIABLES)
+                or not isinstance(value, str)
+            ):
                 raise InvalidEnvironment(
                     f"environment variable {key!r}: names are letters, digits and '_', values are strings, and "
-                    f"{', '.join(RESERVED_VARIABLES)}... belong to the sandbox")
+                    f"{', '.join(RESERVED_VARIABLES)}... belong to the sandbox"
+                )
         if self.python is not None and self.python not in PYTHONS:
-            raise InvalidEnvironment(f"python must be a minor version a runtime can have ({', '.join(PYTHONS)}), "
-                                     f"not {self.python!r}")
+            raise InvalidEnvironment(
+                f"python must be a minor version a runtime can have ({', '.join(PYTHONS)}), "
+                f"not {self.python!r}"
+            )
         object.__setattr__(self, "packages", packages)
         object.__setattr__(self, "system", tuple(sorted(set(self.system))))
         object.__setattr__(self, "env", dict(sorted(self.env.items())))
@@ -108,8 +128,13 @@ class Environment:
     def spec(self) -> dict[str, Any]:
         """The manifest's ``environment``: everything that makes this environment what it is."""
         python = self.python or "%d.%d" % sys.version_info[:2]
-        return {"packages": list(self.packages), "system": list(self.system), "python": python,
-                "env": dict(self.env), "platform": PLATFORM}
+        return {
+            "packages": list(self.packages),
+            "system": list(self.system),
+            "python": python,
+            "env": dict(self.env),
+            "platform": PLATFORM,
+        }
 
     @property
     def id(self) -> str:
@@ -124,18 +149,40 @@ class Environment:
 
 # Callables a pickle calls with a module's name to import it: cloudpickle's (a module global, by name or by value),
 # and the standard ones some libraries' reducers use.
-_IMPORTERS = {("cloudpickle.cloudpickle", "subimport"), ("cloudpickle.cloudpickle", "dynamic_subimport"),
-              ("cloudpickle", "subimport"), ("cloudpickle", "dynamic_subimport"),
-              ("importlib", "import_module"), ("builtins", "__import__")}
-_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+_IMPORTERS = {
+    ("cloudpickle.cloudpickle", "subimport"),
+    ("cloudpickle.cloudpickle", "dynamic_subimport"),
+    ("cloudpickle", "subimport"),
+    ("cloudpickle", "dynamic_subimport"),
+    ("importlib", "import_module"),
+    ("builtins", "__import__"),
+}
+_STRINGS = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+}
 _GETS = {"BINGET", "LONG_BINGET", "GET"}
 _PUTS = {"MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"}
 _TUPLES = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"}
 # Each opcode's effect on the stack: (values it takes, how many of them lie under a mark or -1, values it pushes).
-_EFFECTS = {op.name: (len(op.stack_before), op.stack_before.index(pickletools.markobject)
-                      if pickletools.markobject in op.stack_before else -1, len(op.stack_after))
-            for op in pickletools.opcodes}
-MAX_SCAN_OPS = 1_000_000  # about a second; a larger pickle (a million small objects) counts as far as this
+_EFFECTS = {
+    op.name: (
+        len(op.stack_before),
+        op.stack_before.index(pickletools.markobject)
+        if pickletools.markobject in op.stack_before
+        else -1,
+        len(op.stack_after),
+    )
+    for op in pickletools.opcodes
+}
+MAX_SCAN_OPS = (
+    1_000_000  # about a second; a larger pickle (a million small objects) counts as far as this
+)
 
 
 class _Global(tuple[str, str]):
@@ -163,10 +210,12 @@ def modules_in_pickle(data: bytes) -> set[str]:
         for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
             name = opcode.name
             takes, under_mark, pushes = _EFFECTS[name]
-            if under_mark >= 0:  # the values above the last mark, then what lies under it (a list, a dict)
+            if (
+                under_mark >= 0
+            ):  # the values above the last mark, then what lies under it (a list, a dict)
                 top = marks.pop()
                 items = stack[top:]
-                del stack[top - under_mark:]
+                del stack[top - under_mark :]
             elif takes:
                 items = stack[-takes:]
                 del stack[-takes:]
@@ -193,14 +242,19 @@ def modules_in_pickle(data: bytes) -> set[str]:
                 found.add(_top(items[0]))
             elif name in _TUPLES:
                 pushed = tuple(items)
-            elif name == "REDUCE" and isinstance(items[0], _Global) and tuple(items[0]) in _IMPORTERS:
+            elif (
+                name == "REDUCE" and isinstance(items[0], _Global) and tuple(items[0]) in _IMPORTERS
+            ):
                 if isinstance(items[1], tuple) and items[1] and isinstance(items[1][0], str):
                     found.add(_top(items[1][0]))
             if pushes:
                 stack.append(pushed)
             if count >= MAX_SCAN_OPS:
                 break
-    except (ValueError, IndexError):  # a truncated or foreign pickle: what was found before the damage still counts
+    except (
+        ValueError,
+        IndexError,
+    ):  # a truncated or foreign pickle: what was found before the damage still counts
         pass
     found.discard("")
     return found
@@ -251,11 +305,15 @@ def modules_of_function(fn: Callable[..., Any]) -> set[str]:
         elif isinstance(value, property):
             pending += [value.fget, value.fset, value.fdel]
         elif isinstance(value, types.FunctionType | type):
-            if _carried_by_value(value):  # its code goes along: what it reaches counts, not where it was defined
+            if _carried_by_value(
+                value
+            ):  # its code goes along: what it reaches counts, not where it was defined
                 pending += _reachable(value)
             else:
                 found.add(_top(getattr(value, "__module__", None) or ""))
-        elif isinstance(value, types.BuiltinFunctionType):  # ``from numpy import arange``: a C function of numpy
+        elif isinstance(
+            value, types.BuiltinFunctionType
+        ):  # ``from numpy import arange``: a C function of numpy
             found.add(_top(getattr(value, "__module__", None) or "builtins"))
         else:
             found.add(_top(getattr(type(value), "__module__", "") or ""))
@@ -299,7 +357,9 @@ def modules_of_values(values: Iterable[Any]) -> set[str]:
     for value in values:
         items = [value]
         if isinstance(value, list | tuple | set | frozenset):
-            items += islice(value, 100)  # never a copy of a large argument: every call of a .map() looks
+            items += islice(
+                value, 100
+            )  # never a copy of a large argument: every call of a .map() looks
         elif isinstance(value, dict):
             items += islice(value.values(), 100)
         for item in items:
@@ -325,17 +385,24 @@ def value_signature(value: Any, depth: int = 0) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return kind
-    if isinstance(value, _CODE):  # each carries its own code and globals: one function says nothing of the next
+    if isinstance(
+        value, _CODE
+    ):  # each carries its own code and globals: one function says nothing of the next
         return None
     if depth == 0 and kind in (list, tuple, set, frozenset):
         items = frozenset([value_signature(item, 1) for item in islice(value, 100)])
         return None if None in items else (kind, items)
     if depth == 0 and kind is dict:
-        items = frozenset([value_signature(item, 1) for pair in islice(value.items(), 100) for item in pair])
+        items = frozenset(
+            [value_signature(item, 1) for pair in islice(value.items(), 100) for item in pair]
+        )
         return None if None in items else (kind, items)
     if str(getattr(kind, "__module__", "")).startswith(("numpy", "pandas")):
-        dtypes = [getattr(value, "dtype", None), getattr(getattr(value, "index", None), "dtype", None),
-                  getattr(getattr(value, "columns", None), "dtype", None)]
+        dtypes = [
+            getattr(value, "dtype", None),
+            getattr(getattr(value, "index", None), "dtype", None),
+            getattr(getattr(value, "columns", None), "dtype", None),
+        ]
         frame: Any = getattr(value, "dtypes", None)
         dtypes += list(frame) if hasattr(frame, "tolist") else []
         if any(str(dtype) == "object" for dtype in dtypes):
@@ -362,8 +429,11 @@ def modules_of_argument(value: Any, pickled: bytes | None = None) -> frozenset[s
             pickled = cloudpickle.dumps(value, protocol=5)
         except Exception:  # pickling fails at the call with its own message; the type still counts
             pickled = b""
-    modules = frozenset(modules_in_pickle(pickled) | modules_of_values([value])) if pickled else frozenset(
-        modules_of_values([value]))
+    modules = (
+        frozenset(modules_in_pickle(pickled) | modules_of_values([value]))
+        if pickled
+        else frozenset(modules_of_values([value]))
+    )
     if signature is not None:
         with _SCANNED_LOCK:
             if len(_SCANNED) >= _MAX_SCANNED:
@@ -372,7 +442,9 @@ def modules_of_argument(value: Any, pickled: bytes | None = None) -> frozenset[s
     return modules
 
 
-_PUT: dict[str, frozenset[str]] = {}  # sha256 of a value given to nanogrid.put -> the modules its pickle references
+_PUT: dict[
+    str, frozenset[str]
+] = {}  # sha256 of a value given to nanogrid.put -> the modules its pickle references
 
 
 def remember_put(sha256: str, value: Any, pickled: bytes) -> None:
@@ -410,7 +482,10 @@ def _is_local(module_name: str) -> Path | None:
     path = Path(file).resolve()
     if any(part in ("site-packages", "dist-packages") for part in path.parts):
         return None
-    if Path(sys.base_prefix).resolve() in path.parents or Path(sys.prefix).resolve() in path.parents:
+    if (
+        Path(sys.base_prefix).resolve() in path.parents
+        or Path(sys.prefix).resolve() in path.parents
+    ):
         return None
     return path.parent if path.name == "__init__.py" else path
 
@@ -441,8 +516,12 @@ def pinned_distributions(modules: Iterable[str]) -> list[str]:
     Raises PackageSyncError for one installed from a local path: the grid cannot install that.
     """
     owners = _distributions_of_modules()
-    pending = [dist for module in sorted(set(modules)) for dist in owners.get(module, [])
-               if module not in sys.stdlib_module_names]
+    pending = [
+        dist
+        for module in sorted(set(modules))
+        for dist in owners.get(module, [])
+        if module not in sys.stdlib_module_names
+    ]
     pins: dict[str, str] = {}
     while pending:
         name = _name(pending.pop())
@@ -457,7 +536,8 @@ def pinned_distributions(modules: Iterable[str]) -> list[str]:
             raise PackageSyncError(
                 f"the function uses {dist.metadata['Name']} {dist.version}, which was installed from a local path "
                 f"({url}), so the grid cannot install it from the package index; publish it, or name an installable "
-                f"version with @remote(packages=['{dist.metadata['Name']}==...'])")
+                f"version with @remote(packages=['{dist.metadata['Name']}==...'])"
+            )
         pins[name] = f"{dist.metadata['Name']}=={dist.version}"
         pending += _requirements_of(dist)
     return sorted(pins.values(), key=_name)
@@ -492,8 +572,10 @@ def local_module_files(modules: Iterable[str]) -> dict[str, bytes]:
         pending += [m for m in _modules_used_by(module_name) if m not in seen]
     total = sum(len(b) for b in files.values())
     if total > MAX_LOCAL_MODULE_BYTES:
-        raise PackageSyncError(f"the local modules the function uses ({', '.join(sorted(files))}) add up to "
-                               f"{total >> 20} MiB; move large data out of them and read it at run time")
+        raise PackageSyncError(
+            f"the local modules the function uses ({', '.join(sorted(files))}) add up to "
+            f"{total >> 20} MiB; move large data out of them and read it at run time"
+        )
     return files
 
 
@@ -501,7 +583,11 @@ def _modules_used_by(module_name: str) -> set[str]:
     """Top-level modules a loaded module and its loaded submodules refer to: their imports, and where their
     functions and classes come from (a local package's ``helpers.stats`` may be the one that imports numpy)."""
     found: set[str] = set()
-    loaded = [m for name, m in list(sys.modules.items()) if name == module_name or name.startswith(module_name + ".")]
+    loaded = [
+        m
+        for name, m in list(sys.modules.items())
+        if name == module_name or name.startswith(module_name + ".")
+    ]
     for module in loaded:
         for value in list(vars(module).values()):
             if isinstance(value, types.ModuleType):
@@ -517,7 +603,9 @@ def _modules_used_by(module_name: str) -> set[str]:
 # types of its values) join from the start, so a session's environments settle on one id that the grid has built,
 # instead of one small environment per function. None: on in a kernel, off in scripts and tests.
 STICKY: bool | None = None
-_SYNCED_MODULES: set[str] = set()  # third-party modules synced so far in this process (while sticky)
+_SYNCED_MODULES: set[str] = (
+    set()
+)  # third-party modules synced so far in this process (while sticky)
 
 
 def _sticky() -> bool:
@@ -525,7 +613,9 @@ def _sticky() -> bool:
         return STICKY
     get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
     shell = get_ipython() if callable(get_ipython) else None
-    return getattr(shell, "kernel", None) is not None  # a notebook's shell has a kernel; a terminal's has none
+    return (
+        getattr(shell, "kernel", None) is not None
+    )  # a notebook's shell has a kernel; a terminal's has none
 
 
 def requirements_of_modules(modules: Iterable[str]) -> Requirements:
@@ -545,7 +635,9 @@ def requirements_of_modules(modules: Iterable[str]) -> Requirements:
     return Requirements(tuple(pinned_distributions(third_party)), local)
 
 
-_INSTALLABLE: dict[str, bool] = {}  # module -> whether the grid can install its distributions (cached per process)
+_INSTALLABLE: dict[
+    str, bool
+] = {}  # module -> whether the grid can install its distributions (cached per process)
 
 
 def _notebook_modules() -> set[str]:
@@ -582,13 +674,20 @@ def _notebook_modules() -> set[str]:
 _ABSENT = object()
 
 
-def requirements_for(fn: Callable[..., Any], pickled: bytes, argument_modules: Iterable[str] = ()) -> Requirements:
+def requirements_for(
+    fn: Callable[..., Any], pickled: bytes, argument_modules: Iterable[str] = ()
+) -> Requirements:
     """Package sync: the pinned packages and local module files a function needs, from the client's environment.
 
     Modules come from the function's pickle, the imports its code runs, the modules its globals and
     closure reach, and ``argument_modules`` (what its arguments' pickles referenced).
     """
-    modules = modules_in_pickle(pickled) | modules_imported(fn) | modules_of_function(fn) | set(argument_modules)
+    modules = (
+        modules_in_pickle(pickled)
+        | modules_imported(fn)
+        | modules_of_function(fn)
+        | set(argument_modules)
+    )
     return requirements_of_modules(modules)
 
 
@@ -625,8 +724,9 @@ def missing_package(text: str) -> tuple[str, list[str]] | None:
     return (module, head + [p for p in pins if p not in head]) if pins else None
 
 
-def for_cell(source: str, namespace: Mapping[str, Any], packages: Iterable[str] | str | None = None
-             ) -> tuple[Environment, dict[str, bytes]]:
+def for_cell(
+    source: str, namespace: Mapping[str, Any], packages: Iterable[str] | str | None = None
+) -> tuple[Environment, dict[str, bytes]]:
     """The environment and local module files for a ``%%nanogrid`` cell.
 
     ``source`` is the cell's code, ``namespace`` the notebook's globals (the values the cell reads
@@ -643,7 +743,13 @@ def for_cell(source: str, namespace: Mapping[str, Any], packages: Iterable[str] 
     if isinstance(packages, str):
         packages = [p for p in re.split(r"[\s,]+", packages) if p]
     try:
-        code = compile(source, "<nanogrid cell>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+        code = compile(
+            source,
+            "<nanogrid cell>",
+            "exec",
+            flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+            dont_inherit=True,
+        )
     except (SyntaxError, ValueError):
         code = None  # not Python (yet): only the packages named explicitly
     modules: set[str] = set()
@@ -652,7 +758,9 @@ def for_cell(source: str, namespace: Mapping[str, Any], packages: Iterable[str] 
         modules |= modules_imported(cell) | modules_of_function(cell)
         read = {name for nested in _code_objects(code) for name in nested.co_names}
         for name in sorted(read & set(namespace)):
-            if not isinstance(namespace[name], types.ModuleType):  # a notebook function's pickle holds its globals
+            if not isinstance(
+                namespace[name], types.ModuleType
+            ):  # a notebook function's pickle holds its globals
                 modules |= modules_of_argument(namespace[name])
     found = requirements_of_modules(modules)
     return Environment(tuple(packages or ())).with_packages(found.packages), found.local_files

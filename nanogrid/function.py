@@ -53,9 +53,13 @@ from nanogrid_contract.errors import (
 )
 from nanogrid_contract.views import JobView
 
-LIVE_AFTER_S = 0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
+LIVE_AFTER_S = (
+    0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
+)
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls
-MISSING_MODULE_TRIES = 3  # .remote(): tries again with one more missing package at most this often (pandas, pyarrow)
+MISSING_MODULE_TRIES = (
+    3  # .remote(): tries again with one more missing package at most this often (pandas, pyarrow)
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,26 +68,50 @@ R = TypeVar("R")
 class RemoteFunction(Generic[P, R]):
     """A function bound to the grid. Calling it directly still runs it locally."""
 
-    def __init__(self, fn: Callable[P, R], *, memory: int | None = None, timeout: float | None = None,
-                 name: str | None = None, runtime: str | None = None, client: Client | None = None,
-                 model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-                 environment: Environment | None = None, result: str = "pickle", retries: int = 0,
-                 retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-                 env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
-                 schedule: str | Cron | Period | None = None, volumes: dict[str, Volume] | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        memory: int | None = None,
+        timeout: float | None = None,
+        name: str | None = None,
+        runtime: str | None = None,
+        client: Client | None = None,
+        model: str | None = None,
+        ai: bool = False,
+        packages: list[str] | None = None,
+        environment: Environment | None = None,
+        result: str = "pickle",
+        retries: int = 0,
+        retry_on: Iterable[type[BaseException] | str] = (),
+        backoff: float = 1.0,
+        env: dict[str, str] | None = None,
+        secrets: list[str] | None = None,
+        disk: int | None = None,
+        schedule: str | Cron | Period | None = None,
+        volumes: dict[str, Volume] | None = None,
+    ) -> None:
         _check_runnable(fn)
-        self.volumes = dict(volumes or {})  # mount path -> the owner's Volume its sandbox binds there
+        self.volumes = dict(
+            volumes or {}
+        )  # mount path -> the owner's Volume its sandbox binds there
         self._volume_entries = manifest_volumes(self.volumes)
         _check_environment_options(packages, secrets, environment)
         if result not in ("pickle", "json"):
-            raise InvalidArguments(f"result must be 'pickle' or 'json' (data only, never unpickled), not {result!r}")
+            raise InvalidArguments(
+                f"result must be 'pickle' or 'json' (data only, never unpickled), not {result!r}"
+            )
         self.result_format = result
         self.env = dict(env or {})  # environment variables of its sandbox
-        self.secrets = list(secrets or [])  # names of the owner's secrets its sandbox gets as variables
+        self.secrets = list(
+            secrets or []
+        )  # names of the owner's secrets its sandbox gets as variables
         _check_limits(memory, timeout, disk)
         self.fn = fn
         self.memory = memory
-        self.disk = disk  # MiB of scratch disk for /tmp, work and output files (None: the grid's default)
+        self.disk = (
+            disk  # MiB of scratch disk for /tmp, work and output files (None: the grid's default)
+        )
         self.timeout = timeout
         self.name = name or str(getattr(fn, "__name__", "function"))
         self.runtime = runtime
@@ -93,10 +121,18 @@ class RemoteFunction(Generic[P, R]):
         # What it runs with: an explicit Environment as it is, else the client's packages it uses (package sync)
         # plus ``packages``, which win over synced ones of the same name.
         self.environment = environment
-        self.packages = pin_installed(packages or [])  # a bare name this client has runs at the version it has
-        self._added: list[str] = []  # pins added after the sandbox could not import a module this client has
-        self.retry_policy = _retry_policy(retries, retry_on, backoff)  # in the manifest: the worker tries again
-        self._argument_modules: set[str] = set()  # modules the arguments' pickles referenced so far (package sync)
+        self.packages = pin_installed(
+            packages or []
+        )  # a bare name this client has runs at the version it has
+        self._added: list[
+            str
+        ] = []  # pins added after the sandbox could not import a module this client has
+        self.retry_policy = _retry_policy(
+            retries, retry_on, backoff
+        )  # in the manifest: the worker tries again
+        self._argument_modules: set[str] = (
+            set()
+        )  # modules the arguments' pickles referenced so far (package sync)
         self._synced: tuple[bytes, Any, Environment, dict[str, bytes]] | None = None
         self._pickled: bytes | None = None
         self._package: FunctionPackage | None = None
@@ -110,8 +146,14 @@ class RemoteFunction(Generic[P, R]):
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled when a function refers to itself (recursion): send the function, not the connection.
-        return {**self.__dict__, "_client": None, "_pickled": None, "_package": None, "_signature": None,
-                "_synced": None}
+        return {
+            **self.__dict__,
+            "_client": None,
+            "_pickled": None,
+            "_package": None,
+            "_signature": None,
+            "_synced": None,
+        }
 
     def with_options(self, *, model: str | None = None) -> RemoteFunction[P, R]:
         """The same function with per-call options: ``summarise.with_options(model="llama3.2").remote(text)``."""
@@ -130,14 +172,31 @@ class RemoteFunction(Generic[P, R]):
         """The current package. Pickled afresh each time, so globals changed since the last call go along."""
         pickled = cloudpickle.dumps(self.fn)
         environment, local_files = self._environment(pickled)
-        if pickled != self._pickled or self._package is None or self._package.manifest.get("environment_id") != (
-                None if environment.empty else environment.id):
-            self._package = package_function(self.fn, name=self.name, memory_mib=self.memory, disk_mib=self.disk,
-                                             timeout_s=self.timeout, runtime=self.runtime, ai=self.ai,
-                                             environment=environment, local_files=local_files, pickled=pickled,
-                                             result=self.result_format, env=self.env, secrets=self.secrets,
-                                             volumes=self._volume_entries)
-            for volume in self.volumes.values():  # made on first use, as `Volume(name, size_mib=...)` says
+        if (
+            pickled != self._pickled
+            or self._package is None
+            or self._package.manifest.get("environment_id")
+            != (None if environment.empty else environment.id)
+        ):
+            self._package = package_function(
+                self.fn,
+                name=self.name,
+                memory_mib=self.memory,
+                disk_mib=self.disk,
+                timeout_s=self.timeout,
+                runtime=self.runtime,
+                ai=self.ai,
+                environment=environment,
+                local_files=local_files,
+                pickled=pickled,
+                result=self.result_format,
+                env=self.env,
+                secrets=self.secrets,
+                volumes=self._volume_entries,
+            )
+            for (
+                volume
+            ) in self.volumes.values():  # made on first use, as `Volume(name, size_mib=...)` says
                 if not volume._made:
                     volume._client = volume._client or self.client
                     volume.ensure()
@@ -157,8 +216,9 @@ class RemoteFunction(Generic[P, R]):
             self._synced = (pickled, key, explicit.with_packages(found.packages), found.local_files)
         return self._synced[2], self._synced[3]
 
-    def _note_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any], encoder: ArgsEncoder | None = None
-                        ) -> None:
+    def _note_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], encoder: ArgsEncoder | None = None
+    ) -> None:
         """Package sync counts what the arguments' pickles reference (``encoder``'s, the bytes the call sends): a
         DataFrame needs pandas on the grid, and pyarrow too where pandas 3 keeps its strings in pyarrow."""
         if self.environment is not None:
@@ -179,9 +239,15 @@ class RemoteFunction(Generic[P, R]):
         if found is None:
             return None
         module, pins = found
-        where = "its Environment(packages=[...])" if self.environment is not None else "@nanogrid.remote"
-        message = (f"the grid's sandbox could not import {module!r}, which this client has ({pins[0]}): add "
-                   f"packages=['{pins[0]}'] to {where}")
+        where = (
+            "its Environment(packages=[...])"
+            if self.environment is not None
+            else "@nanogrid.remote"
+        )
+        message = (
+            f"the grid's sandbox could not import {module!r}, which this client has ({pins[0]}): add "
+            f"packages=['{pins[0]}'] to {where}"
+        )
         return MissingModule(message, name=module, requirement=pins[0]), pins
 
     def _ran(self, exc: BaseException) -> bool:
@@ -208,17 +274,25 @@ class RemoteFunction(Generic[P, R]):
         ``remove()``; None if it has none."""
         return lookup(self.client, self.name)
 
-    def history(self, limit: int = 50, status: str | None = None, before: str | None = None) -> list[dict[str, Any]]:
+    def history(
+        self, limit: int = 50, status: str | None = None, before: str | None = None
+    ) -> list[dict[str, Any]]:
         """This version's calls on the grid, newest first: status, times, duration, peak memory, cold/warm, worker,
         exit reason, and stdout/stderr cut to 2,048 characters (``Job.from_id(job_id).stdout`` has all of it).
         ``before``: the last job id of the previous page."""
-        params = {"limit": limit, **({"status": status} if status else {}), **({"before": before} if before else {})}
+        params = {
+            "limit": limit,
+            **({"status": status} if status else {}),
+            **({"before": before} if before else {}),
+        }
         path = _v1(self.client, f"/functions/{self.deploy()}/history")
         return self.client.request("GET", path, params=params).json()["items"]
 
     def windows(self) -> dict[str, dict[str, Any]]:
         """Count, error rate, p50/p95/p99 duration, peak memory and cold-start share over 1h, 24h, 7d and 30d."""
-        return self.client.request("GET", _v1(self.client, f"/functions/{self.deploy()}/windows")).json()["windows"]
+        return self.client.request(
+            "GET", _v1(self.client, f"/functions/{self.deploy()}/windows")
+        ).json()["windows"]
 
     def autotune(self, apply: bool = False) -> dict[str, Any]:
         """The AutoTuner's memory advice, its reasons and the saving per million calls. ``apply=True`` makes the grid's
@@ -226,12 +300,15 @@ class RemoteFunction(Generic[P, R]):
         path = _v1(self.client, f"/functions/{self.deploy()}/autotune")
         advice = self.client.request("GET", path).json()
         if apply and advice["recommended_mib"] not in (None, advice["current_mib"]):
-            advice["applied"] = self.client.request("POST", path + "/apply",
-                                                    json={"memory_mib": advice["recommended_mib"]}).json()
+            advice["applied"] = self.client.request(
+                "POST", path + "/apply", json={"memory_mib": advice["recommended_mib"]}
+            ).json()
             self.memory, self._package = advice["recommended_mib"], None
         return advice
 
-    def _call(self, body_for: Callable[[str], dict[str, Any]], send: Callable[[dict[str, Any]], Any]) -> Any:
+    def _call(
+        self, body_for: Callable[[str], dict[str, Any]], send: Callable[[dict[str, Any]], Any]
+    ) -> Any:
         function_id = self.deploy()
         try:
             return send(body_for(function_id))
@@ -247,8 +324,13 @@ class RemoteFunction(Generic[P, R]):
         data, blobs = encoder.send([self._pickle(encoder, args, kwargs)])[0]
         return base64.b64encode(data).decode(), blobs
 
-    def _pickle(self, encoder: ArgsEncoder, args: tuple[Any, ...], kwargs: dict[str, Any],
-                item: int | None = None) -> PickledCall:
+    def _pickle(
+        self,
+        encoder: ArgsEncoder,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        item: int | None = None,
+    ) -> PickledCall:
         """Check the arguments against the signature, then pickle each one: a wrong call never leaves this machine."""
         where = "" if item is None else f" (item {item} of .map())"
         if self._signature is None:
@@ -257,8 +339,10 @@ class RemoteFunction(Generic[P, R]):
             try:
                 self._signature.bind(*args, **kwargs)
             except TypeError as exc:
-                raise InvalidArguments(f"cannot call {getattr(self.fn, '__qualname__', self.name)}{self._signature}: "
-                                       f"{exc}{where}; nothing was sent to the grid") from None
+                raise InvalidArguments(
+                    f"cannot call {getattr(self.fn, '__qualname__', self.name)}{self._signature}: "
+                    f"{exc}{where}; nothing was sent to the grid"
+                ) from None
         call = encoder.pickle(args, kwargs, where)
         self._note_arguments(args, kwargs, encoder)
         return call
@@ -266,8 +350,15 @@ class RemoteFunction(Generic[P, R]):
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         """Start a call and return its Job at once."""
         payload, blobs = self._encode(args, kwargs)
-        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "blobs": blobs, "model": self.model},
-                          lambda body: self.client.run(body, asynchronous=True))
+        view = self._call(
+            lambda fid: {
+                "function_id": fid,
+                "args_pickle": payload,
+                "blobs": blobs,
+                "model": self.model,
+            },
+            lambda body: self.client.run(body, asynchronous=True),
+        )
         return Job(self.client, view, self.name, unpickle=self.result_format == "pickle")
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -285,17 +376,30 @@ class RemoteFunction(Generic[P, R]):
                 missing = self._missing_module(exc)
                 if missing is None:
                     raise
-                if self.environment is not None or self._ran(exc) or all(p in self._added for p in missing[1]):
+                if (
+                    self.environment is not None
+                    or self._ran(exc)
+                    or all(p in self._added for p in missing[1])
+                ):
                     raise missing[0] from exc
                 self._added += [pin for pin in missing[1] if pin not in self._added]
                 warnings.warn(f"{missing[0]}; trying {self.name} again with it added", stacklevel=2)
         return self._run(payload, blobs)
 
     def _run(self, payload: str, blobs: list[str]) -> R:
-        view = self._call(lambda fid: {"function_id": fid, "args_pickle": payload, "blobs": blobs, "model": self.model},
-                          lambda body: self.client.run(body, hold=LIVE_AFTER_S))
+        view = self._call(
+            lambda fid: {
+                "function_id": fid,
+                "args_pickle": payload,
+                "blobs": blobs,
+                "model": self.model,
+            },
+            lambda body: self.client.run(body, hold=LIVE_AFTER_S),
+        )
         job = Job[R](self.client, view, self.name, unpickle=self.result_format == "pickle")
-        job.watched = True  # nobody else waits for it: if this process goes, a call still queued is not run
+        job.watched = (
+            True  # nobody else waits for it: if this process goes, a call still queued is not run
+        )
         try:
             # What it prints appears here as it would locally: live when the call is still running.
             return job.echo().result()
@@ -303,17 +407,31 @@ class RemoteFunction(Generic[P, R]):
             _cancel_quietly(self.client, [job.job_id])  # nobody is left to take its result
             raise
 
-    def map(self, *iterables: Iterable[Any], return_exceptions: bool = False, progress: bool | None = None,
-            chunk_size: int | None = None) -> Iterator[R]:
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        return_exceptions: bool = False,
+        progress: bool | None = None,
+        chunk_size: int | None = None,
+    ) -> Iterator[R]:
         """Call the function once per item (``zip`` of the iterables), results in input order.
 
         Calls go to the grid in batches; the progress bar counts calls, not batches. With
         ``return_exceptions=True`` a failed call yields its exception instead of raising it.
         Every item is checked against the signature before the first one is sent.
         """
-        encoder = ArgsEncoder(self.client)  # a value shared by many items is pickled and uploaded once
-        calls = [self._pickle(encoder, args, {}, index) for index, args in enumerate(zip(*iterables, strict=False))]
-        items = [(base64.b64encode(data).decode(), blobs) for data, blobs in encoder.send(calls)] if calls else []
+        encoder = ArgsEncoder(
+            self.client
+        )  # a value shared by many items is pickled and uploaded once
+        calls = [
+            self._pickle(encoder, args, {}, index)
+            for index, args in enumerate(zip(*iterables, strict=False))
+        ]
+        items = (
+            [(base64.b64encode(data).decode(), blobs) for data, blobs in encoder.send(calls)]
+            if calls
+            else []
+        )
         return _ordered_map(self, items, return_exceptions, progress, chunk_size)
 
 
@@ -321,46 +439,70 @@ def _check_runnable(fn: Callable[..., Any]) -> None:
     """Refuse, at decoration, what would only fail remotely after an upload and a cold start."""
     name = getattr(fn, "__qualname__", None) or repr(fn)
     if not callable(fn):
-        raise UnsupportedFunction(f"@nanogrid.remote needs a function, not {type(fn).__name__} {fn!r}")
+        raise UnsupportedFunction(
+            f"@nanogrid.remote needs a function, not {type(fn).__name__} {fn!r}"
+        )
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise UnsupportedFunction(
             f"{name} is an async function; the grid runs plain functions. Wrap it in one that runs it: "
             f"`@nanogrid.remote` on `def {getattr(fn, '__name__', 'f')}_sync(*args, **kwargs): "
-            f"return asyncio.run({getattr(fn, '__name__', 'f')}(*args, **kwargs))`")
+            f"return asyncio.run({getattr(fn, '__name__', 'f')}(*args, **kwargs))`"
+        )
     if inspect.isgeneratorfunction(fn):
         raise UnsupportedFunction(
             f"{name} is a generator function (it uses yield); a remote call returns one value. "
-            "Return a list instead (`return list(...)`), or use .map() for one call per item")
+            "Return a list instead (`return list(...)`), or use .map() for one call per item"
+        )
 
 
-def _check_environment_options(packages: list[str] | None, secrets: list[str] | None,
-                               environment: Environment | None) -> None:
+def _check_environment_options(
+    packages: list[str] | None, secrets: list[str] | None, environment: Environment | None
+) -> None:
     """Refuse, where they are written, options that could never give a working environment."""
-    for option, names, example in (("packages", packages, "humanize==4.9.0"), ("secrets", secrets, "openai")):
+    for option, names, example in (
+        ("packages", packages, "humanize==4.9.0"),
+        ("secrets", secrets, "openai"),
+    ):
         if isinstance(names, str):
-            raise InvalidArguments(f"{option} takes a list of names: write {option}=[{names!r}], not {option}={names!r} "
-                                   "(a string would be read letter by letter)")
-        if names is not None and (not isinstance(names, list | tuple | set | frozenset)
-                                  or not all(isinstance(name, str) for name in names)):
-            raise InvalidArguments(f"{option} takes a list of names, e.g. {option}=['{example}'], not {names!r}")
+            raise InvalidArguments(
+                f"{option} takes a list of names: write {option}=[{names!r}], not {option}={names!r} "
+                "(a string would be read letter by letter)"
+            )
+        if names is not None and (
+            not isinstance(names, list | tuple | set | frozenset)
+            or not all(isinstance(name, str) for name in names)
+        ):
+            raise InvalidArguments(
+                f"{option} takes a list of names, e.g. {option}=['{example}'], not {names!r}"
+            )
     Environment(packages=tuple(packages or ()))  # InvalidEnvironment for what no installer takes
     if environment is not None and not isinstance(environment, Environment):
-        raise InvalidArguments(f"environment takes a nanogrid.Environment(...), not {type(environment).__name__}; "
-                               "for a list of packages write packages=[...]")
+        raise InvalidArguments(
+            f"environment takes a nanogrid.Environment(...), not {type(environment).__name__}; "
+            "for a list of packages write packages=[...]"
+        )
     client_python = "%d.%d" % sys.version_info[:2]
     if environment is not None and environment.python not in (None, client_python):
-        raise InvalidEnvironment(f"environment python={environment.python!r}: a function is pickled by this client's "
-                                 f"Python {client_python} and only loads on that version; leave python out, or run "
-                                 f"the client on Python {environment.python}")
+        raise InvalidEnvironment(
+            f"environment python={environment.python!r}: a function is pickled by this client's "
+            f"Python {client_python} and only loads on that version; leave python out, or run "
+            f"the client on Python {environment.python}"
+        )
 
 
 def _check_limits(memory: int | None, timeout: float | None, disk: int | None = None) -> None:
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+    if memory is not None and (
+        isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0
+    ):
         raise InvalidArgument(f"memory is a whole number of MiB, e.g. memory=256, not {memory!r}")
     if disk is not None and (isinstance(disk, bool) or not isinstance(disk, int) or disk <= 0):
         raise InvalidArgument(f"disk is a whole number of MiB, e.g. disk=4096, not {disk!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        raise InvalidArgument(f"timeout is a number of seconds above 0, e.g. timeout=30, not {timeout!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise InvalidArgument(
+            f"timeout is a number of seconds above 0, e.g. timeout=30, not {timeout!r}"
+        )
 
 
 def _check_schedule(fn: Callable[..., Any], schedule: str | Cron | Period) -> Cron | Period:
@@ -371,8 +513,10 @@ def _check_schedule(fn: Callable[..., Any], schedule: str | Cron | Period) -> Cr
         try:
             signature.bind()
         except TypeError:
-            raise InvalidArgument(f"a scheduled function is called with no arguments, but "
-                                  f"{getattr(fn, '__qualname__', 'it')}{signature} needs some: give them defaults") from None
+            raise InvalidArgument(
+                f"a scheduled function is called with no arguments, but "
+                f"{getattr(fn, '__qualname__', 'it')}{signature} needs some: give them defaults"
+            ) from None
     return spec
 
 
@@ -381,12 +525,16 @@ def _v1(client: Client, path: str) -> str:
     return f"{client.url}/v1{path}"
 
 
-def _retry_policy(retries: int, retry_on: Iterable[type[BaseException] | str], backoff: float) -> dict[str, Any]:
+def _retry_policy(
+    retries: int, retry_on: Iterable[type[BaseException] | str], backoff: float
+) -> dict[str, Any]:
     """The manifest's retry policy ({} for none): exception classes by name, with their subclasses."""
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise InvalidArgument(f"retries is a whole number of extra tries, 0 to 10, not {retries!r}")
     if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not 0 <= backoff <= 60:
-        raise InvalidArgument(f"backoff is the seconds before the second try (0 to 60), not {backoff!r}")
+        raise InvalidArgument(
+            f"backoff is the seconds before the second try (0 to 60), not {backoff!r}"
+        )
     names: set[str] = set()
     for item in [retry_on] if isinstance(retry_on, str | type) else retry_on:
         if isinstance(item, str):
@@ -419,19 +567,25 @@ def _signature_of(fn: Callable[..., Any]) -> inspect.Signature | None:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins and C callables have none: the grid will tell
         return None
-    return signature.replace(parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
-                             return_annotation=signature.empty)
+    return signature.replace(
+        parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+        return_annotation=signature.empty,
+    )
 
 
-def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]], return_exceptions: bool,
-                 progress: bool | None,
-                 chunk_size: int | None) -> Iterator[Any]:
+def _ordered_map(
+    fn: RemoteFunction[..., Any],
+    items: list[tuple[str, list[str]]],
+    return_exceptions: bool,
+    progress: bool | None,
+    chunk_size: int | None,
+) -> Iterator[Any]:
     total = len(items)
     if not total:
         return
     function_id = fn.deploy()
     size = chunk_size or max(1, min(1000, -(-total // (MAP_STREAMS * 2))))
-    chunks = [(start, items[start:start + size]) for start in range(0, total, size)]
+    chunks = [(start, items[start : start + size]) for start in range(0, total, size)]
     done: queue.SimpleQueue[tuple[int, JobView] | BaseException] = queue.SimpleQueue()
     job_ids: list[str] = []
     ids_lock = threading.Lock()
@@ -444,20 +598,27 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
             except queue.Empty:
                 return
             try:
-                body: dict[str, Any] = {"function_id": function_id, "args_pickle": [p for p, _ in chunk],
-                                        "model": fn.model}
+                body: dict[str, Any] = {
+                    "function_id": function_id,
+                    "args_pickle": [p for p, _ in chunk],
+                    "model": fn.model,
+                }
                 if any(blobs for _, blobs in chunk):
                     body["blobs"] = [blobs for _, blobs in chunk]
                 lines = fn.client.map_stream(body)
                 ids = next(lines)["job_ids"]
-                with ids_lock:  # the consumer cancels job_ids once it stops: none may slip in after that
+                with (
+                    ids_lock
+                ):  # the consumer cancels job_ids once it stops: none may slip in after that
                     job_ids.extend(ids)
                     stopped = stop.is_set()
                 if stopped:
                     fn.client.cancel_many(ids)
                     return
                 for line in lines:
-                    done.put((start + line["index"], cast(JobView, line)))  # a job view with its index
+                    done.put(
+                        (start + line["index"], cast(JobView, line))
+                    )  # a job view with its index
             except BaseException as exc:  # handed to the consumer, which raises it
                 done.put(exc)
                 return
@@ -465,10 +626,18 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
     work: queue.SimpleQueue[tuple[int, list[tuple[str, list[str]]]]] = queue.SimpleQueue()
     for chunk in chunks:
         work.put(chunk)
-    senders = [threading.Thread(target=send, args=(work,), daemon=True) for _ in range(min(MAP_STREAMS, len(chunks)))]
+    senders = [
+        threading.Thread(target=send, args=(work,), daemon=True)
+        for _ in range(min(MAP_STREAMS, len(chunks)))
+    ]
     for thread in senders:
         thread.start()
-    bar = tqdm(total=total, desc=fn.name, unit="call", disable=(not progress) if progress is not None else None)
+    bar = tqdm(
+        total=total,
+        desc=fn.name,
+        unit="call",
+        disable=(not progress) if progress is not None else None,
+    )
     waiting: dict[int, JobView] = {}
     next_index = failed = 0
     try:
@@ -487,7 +656,9 @@ def _ordered_map(fn: RemoteFunction[..., Any], items: list[tuple[str, list[str]]
                 try:
                     yield outcome(view, fn.result_format == "pickle", fn.client)
                 except (Exception, JobFailed) as exc:
-                    missing = fn._missing_module(exc)  # the error that says which package to add, if that was it
+                    missing = fn._missing_module(
+                        exc
+                    )  # the error that says which package to add, if that was it
                     if missing is None and not return_exceptions:
                         raise
                     if missing is not None and not return_exceptions:
@@ -517,22 +688,52 @@ def remote(fn: Callable[P, R], /) -> RemoteFunction[P, R]: ...
 
 
 @overload
-def remote(fn: None = None, /, *, memory: int | None = None, timeout: float | None = None, name: str | None = None,
-           runtime: str | None = None, model: str | None = None, ai: bool = False, packages: list[str] | None = None,
-           environment: Environment | None = None, result: str = "pickle", retries: int = 0,
-           retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
-           schedule: str | Cron | Period | None = None, volumes: dict[str, Volume] | None = None
-           ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
+def remote(
+    fn: None = None,
+    /,
+    *,
+    memory: int | None = None,
+    timeout: float | None = None,
+    name: str | None = None,
+    runtime: str | None = None,
+    model: str | None = None,
+    ai: bool = False,
+    packages: list[str] | None = None,
+    environment: Environment | None = None,
+    result: str = "pickle",
+    retries: int = 0,
+    retry_on: Iterable[type[BaseException] | str] = (),
+    backoff: float = 1.0,
+    env: dict[str, str] | None = None,
+    secrets: list[str] | None = None,
+    disk: int | None = None,
+    schedule: str | Cron | Period | None = None,
+    volumes: dict[str, Volume] | None = None,
+) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 
-def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, timeout: float | None = None,
-           name: str | None = None, runtime: str | None = None, model: str | None = None, ai: bool = False,
-           packages: list[str] | None = None, environment: Environment | None = None, result: str = "pickle",
-           retries: int = 0, retry_on: Iterable[type[BaseException] | str] = (), backoff: float = 1.0,
-           env: dict[str, str] | None = None, secrets: list[str] | None = None, disk: int | None = None,
-           schedule: str | Cron | Period | None = None, volumes: dict[str, Volume] | None = None
-           ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
+def remote(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    memory: int | None = None,
+    timeout: float | None = None,
+    name: str | None = None,
+    runtime: str | None = None,
+    model: str | None = None,
+    ai: bool = False,
+    packages: list[str] | None = None,
+    environment: Environment | None = None,
+    result: str = "pickle",
+    retries: int = 0,
+    retry_on: Iterable[type[BaseException] | str] = (),
+    backoff: float = 1.0,
+    env: dict[str, str] | None = None,
+    secrets: list[str] | None = None,
+    disk: int | None = None,
+    schedule: str | Cron | Period | None = None,
+    volumes: dict[str, Volume] | None = None,
+) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
     """Decorator: ``@remote`` or ``@remote(memory=MiB, timeout=seconds, ai=True, model="AI node model")``.
 
     ``ai=True`` (implied by ``model``) lets the function's sandbox reach the grid's AI node.
@@ -559,9 +760,25 @@ def remote(fn: Callable[P, R] | None = None, /, *, memory: int | None = None, ti
         as_schedule(schedule)
 
     def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
-        return RemoteFunction(f, memory=memory, timeout=timeout, name=name, runtime=runtime, model=model, ai=ai,
-                              packages=packages, environment=environment, result=result, retries=retries,
-                              retry_on=retry_on, backoff=backoff, env=env, secrets=secrets, disk=disk,
-                              schedule=schedule, volumes=volumes)
+        return RemoteFunction(
+            f,
+            memory=memory,
+            timeout=timeout,
+            name=name,
+            runtime=runtime,
+            model=model,
+            ai=ai,
+            packages=packages,
+            environment=environment,
+            result=result,
+            retries=retries,
+            retry_on=retry_on,
+            backoff=backoff,
+            env=env,
+            secrets=secrets,
+            disk=disk,
+            schedule=schedule,
+            volumes=volumes,
+        )
 
     return wrap(fn) if fn is not None else wrap

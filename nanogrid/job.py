@@ -62,21 +62,27 @@ def outcome(view: JobView, unpickle: bool = True, client: Client | None = None) 
     blob = view.get("result_blob")
     if status == "completed" and blob:
         if blob.get("format") != "json" and not unpickle:
-            raise UntrustedResult(f"job {view['job_id']} came back pickled, but its function asked for data-only "
-                                  "results (result='json'); it was not unpickled")
+            raise UntrustedResult(
+                f"job {view['job_id']} came back pickled, but its function asked for data-only "
+                "results (result='json'); it was not unpickled"
+            )
         data = (client or get_client()).download_blob(blob["sha256"], blob["size"])
         return json.loads(data) if blob.get("format") == "json" else cloudpickle.loads(data)
     pickled = view.get("result_pickle")
     if status == "completed":
         if pickled is not None:
             if not unpickle:
-                raise UntrustedResult(f"job {view['job_id']} came back pickled, but its function asked for data-only "
-                                      "results (result='json'); it was not unpickled")
+                raise UntrustedResult(
+                    f"job {view['job_id']} came back pickled, but its function asked for data-only "
+                    "results (result='json'); it was not unpickled"
+                )
             return cloudpickle.loads(base64.b64decode(pickled))
         return view.get("result")
     error = view.get("error") or {}
     if error.get("kind") != "exception":
-        failure = failure_for(error.get("kind", status), error.get("message", f"job {status}"), view["job_id"])
+        failure = failure_for(
+            error.get("kind", status), error.get("message", f"job {status}"), view["job_id"]
+        )
         if error.get("traceback"):  # where the function was when it ran out (of memory, of disk)
             raise failure from RemoteTraceback(error["traceback"])
         raise failure
@@ -86,7 +92,9 @@ def outcome(view: JobView, unpickle: bool = True, client: Client | None = None) 
         if not unpickle:
             raise TypeError
         if blob:  # a large exception (a failed cell's state travels in it): stored as a blob
-            exc = cloudpickle.loads((client or get_client()).download_blob(blob["sha256"], blob["size"]))
+            exc = cloudpickle.loads(
+                (client or get_client()).download_blob(blob["sha256"], blob["size"])
+            )
         elif pickled is not None:
             exc = cloudpickle.loads(base64.b64decode(pickled))
         else:
@@ -111,12 +119,18 @@ class Job(Generic[R]):
         client = client or get_client()
         return cls(client, client.status(job_id))
 
-    def __init__(self, client: Client, view: JobView, function_name: str = "", unpickle: bool = True) -> None:
+    def __init__(
+        self, client: Client, view: JobView, function_name: str = "", unpickle: bool = True
+    ) -> None:
         self.client = client
         self.function_name = function_name
-        self.unpickle = unpickle  # False: a data-only function (result="json"); nothing it sends is unpickled
+        self.unpickle = (
+            unpickle  # False: a data-only function (result="json"); nothing it sends is unpickled
+        )
         self._view = view
-        self._value: dict[str, Any] = {}  # the result, once read (a large one is downloaded and unpickled once)
+        self._value: dict[
+            str, Any
+        ] = {}  # the result, once read (a large one is downloaded and unpickled once)
         self.watched = False  # a sync .remote() waits for it: if this client goes, the grid cancels it while queued
 
     @property
@@ -151,9 +165,13 @@ class Job(Generic[R]):
         """The call's return value; re-raises the remote exception. ``WaitTimeout`` (a ``TimeoutError``) if
         not done in time: the job goes on running, and ``result()`` may be asked again."""
         if not self.wait(timeout).done:
-            raise WaitTimeout(f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
-                              "running: call .result() again to wait longer, or .cancel() to stop it")
-        if "value" not in self._value:  # once: a widget and the caller asking both get the same object
+            raise WaitTimeout(
+                f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
+                "running: call .result() again to wait longer, or .cancel() to stop it"
+            )
+        if (
+            "value" not in self._value
+        ):  # once: a widget and the caller asking both get the same object
             self._value["value"] = outcome(self._view, self.unpickle, self.client)
         return self._value["value"]
 
@@ -165,23 +183,32 @@ class Job(Generic[R]):
         if "ref" in self._value:
             return self._value["ref"]
         if not self.wait(timeout).done:
-            raise WaitTimeout(f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
-                              "running: call .ref() again to wait longer")
+            raise WaitTimeout(
+                f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
+                "running: call .ref() again to wait longer"
+            )
         if not self.unpickle:
-            raise InvalidArgument(f"job {self.job_id}'s function returns JSON data (result='json'), not a Python "
-                                  "value to pass to another call; pass job.result() instead")
+            raise InvalidArgument(
+                f"job {self.job_id}'s function returns JSON data (result='json'), not a Python "
+                "value to pass to another call; pass job.result() instead"
+            )
         if self._view["status"] != "completed":
             try:
                 self.result()
             except Exception as exc:
-                raise JobFailed(f"job {self.job_id} {self._view['status']}, so it has no result to pass on: {exc}",
-                                job_id=self.job_id, kind="failed") from exc
+                raise JobFailed(
+                    f"job {self.job_id} {self._view['status']}, so it has no result to pass on: {exc}",
+                    job_id=self.job_id,
+                    kind="failed",
+                ) from exc
         self._value["ref"] = self.client.result_ref(self.job_id)
         return self._value["ref"]
 
     def __reduce__(self) -> Any:
-        raise TypeError(f"a Job cannot be sent to the grid; pass job.ref() to hand its result to another call "
-                        f"(job {self.job_id})")
+        raise TypeError(
+            f"a Job cannot be sent to the grid; pass job.ref() to hand its result to another call "
+            f"(job {self.job_id})"
+        )
 
     def cancel(self) -> Job[R]:
         """Cancel it: a queued job never starts, a running one has its sandbox stopped."""
@@ -203,7 +230,7 @@ class Job(Generic[R]):
         for name in ("stdout", "stderr"):
             text = str(self._view.get(name) or "")
             if len(text) > printed[name]:
-                yield name, text[printed[name]:]
+                yield name, text[printed[name] :]
 
     def live(self, poll_s: float = 2.0) -> Iterator[tuple[str, str]]:
         """Only the live part of ``stream()``: what arrives while the job runs (the record may hold more)."""

@@ -30,12 +30,23 @@ def safe_name(name: str) -> str:
     return cleaned[:64]
 
 
-def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_mib: int | None = None,
-                     disk_mib: int | None = None,
-                     timeout_s: float | None = None, runtime: str | None = None, ai: bool = False,
-                     environment: Environment | None = None, local_files: dict[str, bytes] | None = None,
-                     pickled: bytes | None = None, result: str = "pickle", env: dict[str, str] | None = None,
-                     secrets: list[str] | None = None, volumes: list[dict[str, Any]] | None = None) -> FunctionPackage:
+def package_function(
+    fn: Callable[..., Any],
+    *,
+    name: str | None = None,
+    memory_mib: int | None = None,
+    disk_mib: int | None = None,
+    timeout_s: float | None = None,
+    runtime: str | None = None,
+    ai: bool = False,
+    environment: Environment | None = None,
+    local_files: dict[str, bytes] | None = None,
+    pickled: bytes | None = None,
+    result: str = "pickle",
+    env: dict[str, str] | None = None,
+    secrets: list[str] | None = None,
+    volumes: list[dict[str, Any]] | None = None,
+) -> FunctionPackage:
     """Cloudpickle ``fn`` (by value, with what it closes over) into a package with its source for display.
 
     ``environment`` (its spec and id go in the manifest, so they are part of the content hash) says
@@ -44,7 +55,9 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
     """
     pickled = pickled if pickled is not None else cloudpickle.dumps(fn)
     manifest: dict[str, Any] = {
-        "name": safe_name(name or str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function"))),
+        "name": safe_name(
+            name or str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "function"))
+        ),
         "kind": "pickle",
         "runtime": runtime or local_runtime(),
         "handler": "function.pkl",
@@ -55,13 +68,19 @@ def package_function(fn: Callable[..., Any], *, name: str | None = None, memory_
     if code is not None:  # lets the sandbox show source lines in remote tracebacks
         manifest["source_file"], manifest["source_line"] = code.co_filename, code.co_firstlineno
     if result == "json":
-        manifest["result"] = "json"  # data-only: the value travels as JSON, nothing is unpickled by the caller
+        manifest["result"] = (
+            "json"  # data-only: the value travels as JSON, nothing is unpickled by the caller
+        )
     if ai:
         manifest["ai"] = True  # its sandbox may reach the AI node (and nothing else)
     if env:
-        manifest["env"] = {str(k): str(v) for k, v in env.items()}  # set in the sandbox when the function loads
+        manifest["env"] = {
+            str(k): str(v) for k, v in env.items()
+        }  # set in the sandbox when the function loads
     if secrets:
-        manifest["secrets"] = [str(name) for name in secrets]  # names only: the worker opens them at load
+        manifest["secrets"] = [
+            str(name) for name in secrets
+        ]  # names only: the worker opens them at load
     if volumes:  # [{"name", "path", "read_only"}]: part of the hash, so the volume set is part of its identity
         manifest["volumes"] = volumes
     if memory_mib is not None:

@@ -21,6 +21,7 @@ from nanogrid_contract.schedules import check_cron, check_overlap, check_period
 if TYPE_CHECKING:
     from nanogrid.client import Client
 
+
 class Cron:
     """Fire at the times a cron expression names, read in ``timezone`` (daylight saving as cron does it)."""
 
@@ -39,11 +40,25 @@ class Cron:
 class Period:
     """Fire every fixed interval, counted from when the schedule was registered."""
 
-    def __init__(self, *, days: float = 0, hours: float = 0, minutes: float = 0, seconds: float = 0,
-                 overlap: str = "skip") -> None:
-        for name, value in (("days", days), ("hours", hours), ("minutes", minutes), ("seconds", seconds)):
+    def __init__(
+        self,
+        *,
+        days: float = 0,
+        hours: float = 0,
+        minutes: float = 0,
+        seconds: float = 0,
+        overlap: str = "skip",
+    ) -> None:
+        for name, value in (
+            ("days", days),
+            ("hours", hours),
+            ("minutes", minutes),
+            ("seconds", seconds),
+        ):
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidArgument(f"Period({name}=...) takes a number of at least 0, not {value!r}")
+                raise InvalidArgument(
+                    f"Period({name}=...) takes a number of at least 0, not {value!r}"
+                )
         check_period(days * 86400 + hours * 3600 + minutes * 60 + seconds)
         check_overlap(overlap)
         self.seconds = float(days * 86400 + hours * 3600 + minutes * 60 + seconds)
@@ -62,7 +77,9 @@ def as_schedule(value: str | Cron | Period) -> Cron | Period:
         return value
     if isinstance(value, str):
         return Cron(value)
-    raise InvalidArgument(f"schedule is a cron string, nanogrid.Cron(...) or nanogrid.Period(...), not {value!r}")
+    raise InvalidArgument(
+        f"schedule is a cron string, nanogrid.Cron(...) or nanogrid.Period(...), not {value!r}"
+    )
 
 
 class Schedule:
@@ -78,7 +95,9 @@ class Schedule:
         self.function_id: str = view["function_id"]
         self.paused: bool = view["paused"]
         self.next_due: float | None = view["next_due"]
-        self.firings: list[dict[str, Any]] = view.get("firings", [])  # newest first: outcome, lateness, catch-up
+        self.firings: list[dict[str, Any]] = view.get(
+            "firings", []
+        )  # newest first: outcome, lateness, catch-up
 
     def refresh(self) -> Schedule:
         self._update(self._client.request("GET", f"/schedules/{self.name}").json())
@@ -100,12 +119,18 @@ class Schedule:
 
     def __repr__(self) -> str:
         cron = self.view.get("cron")
-        every = f"{cron} ({self.view.get('timezone')})" if cron else f"every {self.view.get('period_s'):g} s"
+        every = (
+            f"{cron} ({self.view.get('timezone')})"
+            if cron
+            else f"every {self.view.get('period_s'):g} s"
+        )
         state = "paused" if self.paused else f"next {_when(self.next_due)}"
         return f"<Schedule {self.name} {every}, {state}>"
 
 
-def register(client: Client, name: str, function_id: str, spec: Cron | Period, args_pickle: str) -> Schedule:
+def register(
+    client: Client, name: str, function_id: str, spec: Cron | Period, args_pickle: str
+) -> Schedule:
     body = {"function_id": function_id, "args_pickle": args_pickle, **spec.body()}
     return Schedule(client, client.request("PUT", f"/schedules/{name}", json=body).json())
 
@@ -128,4 +153,8 @@ def schedules(client: Client | None = None) -> list[Schedule]:
 
 
 def _when(timestamp: float | None) -> str:
-    return "-" if timestamp is None else datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        "-"
+        if timestamp is None
+        else datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    )

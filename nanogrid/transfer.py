@@ -50,9 +50,11 @@ class Ref:
 
     def __reduce__(self) -> Any:
         # Only an argument's pickler (_RefPickler) may write a Ref; anything else would send a dangling name.
-        raise RefOutsideArguments("a nanogrid.Ref is resolved only inside a call's arguments (f.remote(ref), "
-                                  "f.remote([ref1, ref2])), not in a value given to nanogrid.put, a function's "
-                                  "globals or a result")
+        raise RefOutsideArguments(
+            "a nanogrid.Ref is resolved only inside a call's arguments (f.remote(ref), "
+            "f.remote([ref1, ref2])), not in a value given to nanogrid.put, a function's "
+            "globals or a result"
+        )
 
 
 class RefOutsideArguments(TypeError):
@@ -70,10 +72,14 @@ def put(obj: Any, client: Client | None = None) -> Ref:
         raise InvalidArguments(f"cannot send this value to the grid: {exc}") from exc
     limit = client.limits()["max_payload_bytes"]
     if len(data) > limit:
-        raise InvalidArgument(f"the value pickles to {_size(len(data))}, over the grid's {_size(limit)} limit per "
-                              "value; nothing was uploaded")
+        raise InvalidArgument(
+            f"the value pickles to {_size(len(data))}, over the grid's {_size(limit)} limit per "
+            "value; nothing was uploaded"
+        )
     ref = client.upload_blob(data)
-    remember_put(ref.sha256, obj, data)  # package sync: a call given this Ref needs what its pickle references
+    remember_put(
+        ref.sha256, obj, data
+    )  # package sync: a call given this Ref needs what its pickle references
     return ref
 
 
@@ -88,9 +94,13 @@ class ArgsEncoder:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self._memo: dict[int, _Pickled] = {}  # id of a value -> the value, its pickle or its blob, the Refs in it
+        self._memo: dict[
+            int, _Pickled
+        ] = {}  # id of a value -> the value, its pickle or its blob, the Refs in it
 
-    def encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], where: str = "") -> tuple[bytes, list[str]]:
+    def encode(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], where: str = ""
+    ) -> tuple[bytes, list[str]]:
         """(the args pickle, the SHA-256 of each blob it references, in order); nothing is uploaded for a call
         whose arguments cannot all be sent."""
         return self.send([self.pickle(args, kwargs, where)])[0]
@@ -124,19 +134,25 @@ class ArgsEncoder:
         # A grid older than the data plane names no threshold: everything goes inline, as it expects.
         threshold = limits.get("blob_threshold_bytes") or float("inf")
         for call in calls:
-            as_blobs: set[int | str] = set()  # what travels as a blob: a Ref's hash, a large value's id
+            as_blobs: set[int | str] = (
+                set()
+            )  # what travels as a blob: a Ref's hash, a large value's id
             for name, value in call.named:
                 stored = self._stored(value)
                 if isinstance(stored, bytes) and len(stored) > limit:
-                    raise InvalidArgument(f"{name}{call.where} pickles to {_size(len(stored))}, over the grid's "
-                                          f"{_size(limit)} limit per argument; nothing was uploaded "
-                                          "(nanogrid up --max-payload-bytes raises it)")
+                    raise InvalidArgument(
+                        f"{name}{call.where} pickles to {_size(len(stored))}, over the grid's "
+                        f"{_size(limit)} limit per argument; nothing was uploaded "
+                        "(nanogrid up --max-payload-bytes raises it)"
+                    )
                 if isinstance(stored, Ref) or len(stored) > threshold:
                     as_blobs.add(stored.sha256 if isinstance(stored, Ref) else id(value))
                 as_blobs.update(ref.sha256 for ref in self._nested(value))
             if len(as_blobs) > MAX_BLOBS_PER_CALL:
-                raise InvalidArgument(f"{len(as_blobs)} blobs (large arguments and Refs) in one call{call.where}; "
-                                      f"at most {MAX_BLOBS_PER_CALL}; nothing was uploaded")
+                raise InvalidArgument(
+                    f"{len(as_blobs)} blobs (large arguments and Refs) in one call{call.where}; "
+                    f"at most {MAX_BLOBS_PER_CALL}; nothing was uploaded"
+                )
         return [self._write(call, threshold) for call in calls]
 
     def _stored(self, value: Any) -> bytes | Ref:
@@ -158,11 +174,17 @@ class ArgsEncoder:
             stored = self._stored(value)
             if isinstance(stored, bytes) and len(stored) > threshold:
                 stored = self.client.upload_blob(stored)
-                self._memo[id(value)].stored = stored  # its pickle is freed; later calls reference the blob
+                self._memo[
+                    id(value)
+                ].stored = stored  # its pickle is freed; later calls reference the blob
             refs = {ref.sha256: index(ref.sha256) for ref in self._nested(value)}
-            encoded.append(_Blob(index(stored.sha256), refs) if isinstance(stored, Ref) else _Inline(stored, refs))
-        positional = encoded[:call.positional]
-        keyword = dict(zip(call.keywords, encoded[call.positional:], strict=True))
+            encoded.append(
+                _Blob(index(stored.sha256), refs)
+                if isinstance(stored, Ref)
+                else _Inline(stored, refs)
+            )
+        positional = encoded[: call.positional]
+        keyword = dict(zip(call.keywords, encoded[call.positional :], strict=True))
         out = io.BytesIO()
         _ArgsPickler(out).dump((positional, keyword))
         return out.getvalue(), blobs
@@ -231,7 +253,9 @@ class _ArgsPickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _Inline | _Blob):
             kind, value = ("i", obj.data) if isinstance(obj, _Inline) else ("b", obj.index)
-            return (kind, value, obj.refs) if obj.refs else (kind, value)  # the 2-item form older grids read
+            return (
+                (kind, value, obj.refs) if obj.refs else (kind, value)
+            )  # the 2-item form older grids read
         return None
 
 
@@ -241,8 +265,13 @@ class ArgsUnpickler(pickle.Unpickler):
     ``loaded``: the call's blobs already unpickled, by index, shared with the argument's own unpicklers so that
     one blob (a Ref given twice, at the top and in a list) is one object."""
 
-    def __init__(self, data: bytes | bytearray, blobs: list[Any], loaded: dict[int, Any] | None = None,
-                 refs: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes | bytearray,
+        blobs: list[Any],
+        loaded: dict[int, Any] | None = None,
+        refs: dict[str, int] | None = None,
+    ) -> None:
         super().__init__(io.BytesIO(data))
         self.blobs, self.loaded, self.refs = blobs, {} if loaded is None else loaded, refs or {}
 
@@ -256,7 +285,9 @@ class ArgsUnpickler(pickle.Unpickler):
 
     def _blob(self, index: int, refs: dict[str, int]) -> Any:
         if index not in self.loaded:
-            self.loaded[index] = ArgsUnpickler(self.blobs[index], self.blobs, self.loaded, refs).load()
+            self.loaded[index] = ArgsUnpickler(
+                self.blobs[index], self.blobs, self.loaded, refs
+            ).load()
         return self.loaded[index]
 
 
@@ -265,4 +296,10 @@ def sha256_of(data: bytes | memoryview) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+    return (
+        f"{n / (1 << 30):.2f} GiB"
+        if n >= 1 << 30
+        else f"{n / (1 << 20):.1f} MiB"
+        if n >= 1 << 20
+        else f"{n} bytes"
+    )

@@ -33,14 +33,24 @@ class Volume:
     ENOSPC in the sandbox; a call that filled it fails with ``nanogrid.OutOfDisk`` naming it.
     ``read_only=True``: sandboxes that mount this object see it read-only."""
 
-    def __init__(self, name: str, size_mib: int | None = None, *, read_only: bool = False,
-                 client: Client | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        size_mib: int | None = None,
+        *,
+        read_only: bool = False,
+        client: Client | None = None,
+    ) -> None:
         try:
             self.name = check_volume_name(name)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        if size_mib is not None and (isinstance(size_mib, bool) or not isinstance(size_mib, int) or size_mib <= 0):
-            raise InvalidArgument(f"size_mib is a whole number of MiB, e.g. size_mib=4096, not {size_mib!r}")
+        if size_mib is not None and (
+            isinstance(size_mib, bool) or not isinstance(size_mib, int) or size_mib <= 0
+        ):
+            raise InvalidArgument(
+                f"size_mib is a whole number of MiB, e.g. size_mib=4096, not {size_mib!r}"
+            )
         self.size_mib = size_mib
         self.read_only = read_only
         self._client = client
@@ -50,7 +60,11 @@ class Volume:
         return f"<nanogrid.Volume {self.name!r}{' read-only' if self.read_only else ''}>"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_made": False}  # a connection never travels with a function
+        return {
+            **self.__dict__,
+            "_client": None,
+            "_made": False,
+        }  # a connection never travels with a function
 
     @property
     def client(self) -> Client:
@@ -60,7 +74,9 @@ class Volume:
 
     def ensure(self) -> dict[str, Any]:
         """Make the volume on the grid unless it exists; its description (name, size_mib, used_bytes)."""
-        info = self.client.request("PUT", f"/volumes/{self.name}", json={"size_mib": self.size_mib}).json()
+        info = self.client.request(
+            "PUT", f"/volumes/{self.name}", json={"size_mib": self.size_mib}
+        ).json()
         self._made = True
         return info
 
@@ -82,8 +98,9 @@ class Volume:
                     ref = self.client.upload_blob(data)  # type: ignore[arg-type]  # any buffer: hashed and sliced
             else:
                 ref = self.client.upload_blob(b"")
-        reply = self.client.request("POST", f"/volumes/{self.name}/files",
-                                    json={"path": remote_path, "sha256": ref.sha256}).json()
+        reply = self.client.request(
+            "POST", f"/volumes/{self.name}/files", json={"path": remote_path, "sha256": ref.sha256}
+        ).json()
         return int(reply["size"])
 
     def get(self, remote_path: str, local_path: str | os.PathLike[str]) -> int:
@@ -92,8 +109,9 @@ class Volume:
         target = Path(local_path)
         partial = target.with_name(target.name + ".partial")
         size = 0
-        with client._http.stream("GET", f"/volumes/{self.name}/files", params={"path": _path(remote_path)},
-                                 timeout=None) as response:
+        with client._http.stream(
+            "GET", f"/volumes/{self.name}/files", params={"path": _path(remote_path)}, timeout=None
+        ) as response:
             if response.status_code >= 400:
                 response.read()
                 from nanogrid.client import _api_error
@@ -108,17 +126,23 @@ class Volume:
 
     def read(self, remote_path: str) -> bytes:
         """A (small) file on the volume, as bytes."""
-        return self.client.request("GET", f"/volumes/{self.name}/files", params={"path": _path(remote_path)}).content
+        return self.client.request(
+            "GET", f"/volumes/{self.name}/files", params={"path": _path(remote_path)}
+        ).content
 
     def listdir(self, remote_path: str = "/") -> list[dict[str, Any]]:
         """Entries of a directory on the volume: ``{"name", "kind" (file|dir|link|other), "size", "modified"}``."""
         if remote_path.strip("/"):
             remote_path = _path(remote_path)
-        return self.client.request("GET", f"/volumes/{self.name}/list", params={"path": remote_path}).json()
+        return self.client.request(
+            "GET", f"/volumes/{self.name}/list", params={"path": remote_path}
+        ).json()
 
     def remove(self, remote_path: str) -> None:
         """Remove a file or a directory (with what is in it) from the volume."""
-        self.client.request("DELETE", f"/volumes/{self.name}/files", params={"path": _path(remote_path)})
+        self.client.request(
+            "DELETE", f"/volumes/{self.name}/files", params={"path": _path(remote_path)}
+        )
 
     def delete(self) -> dict[str, Any]:
         """Remove the volume and everything on it (refused while a sandbox has it mounted)."""
@@ -139,11 +163,15 @@ def manifest_volumes(volumes: dict[str, Volume] | None) -> list[dict[str, Any]]:
     if not volumes:
         return []
     if not isinstance(volumes, dict):
-        raise InvalidArgument("volumes is a dict of mount path -> nanogrid.Volume, e.g. {'/data': Volume('data')}")
+        raise InvalidArgument(
+            "volumes is a dict of mount path -> nanogrid.Volume, e.g. {'/data': Volume('data')}"
+        )
     entries: list[dict[str, Any]] = []
     for path, volume in sorted(volumes.items()):
         if not isinstance(volume, Volume):
-            raise InvalidArgument(f"volumes[{path!r}] is a nanogrid.Volume, not {type(volume).__name__}")
+            raise InvalidArgument(
+                f"volumes[{path!r}] is a nanogrid.Volume, not {type(volume).__name__}"
+            )
         try:
             check_mount_path(path)
         except ValueError as exc:
@@ -153,7 +181,9 @@ def manifest_volumes(volumes: dict[str, Volume] | None) -> list[dict[str, Any]]:
     for a in paths:
         for b in paths:
             if a != b and b.startswith(a + "/"):
-                raise InvalidArgument(f"volumes mounted at {a!r} and inside it at {b!r}: mount them side by side")
+                raise InvalidArgument(
+                    f"volumes mounted at {a!r} and inside it at {b!r}: mount them side by side"
+                )
     return entries
 
 

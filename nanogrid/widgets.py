@@ -15,9 +15,13 @@ if TYPE_CHECKING:
 
 IMAGE_TYPES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".webp": "webp"}
 THUMBNAIL_MAX_BYTES = 5 << 20
-STATUS_LABELS = {"pending": ("queued", "#888"), "running": ("running", "#1f6feb"),
-                 "completed": ("succeeded", "#1a7f37"), "failed": ("failed", "#cf222e"),
-                 "cancelled": ("cancelled", "#9a6700")}
+STATUS_LABELS = {
+    "pending": ("queued", "#888"),
+    "running": ("running", "#1f6feb"),
+    "completed": ("succeeded", "#1a7f37"),
+    "failed": ("failed", "#cf222e"),
+    "cancelled": ("cancelled", "#9a6700"),
+}
 
 
 def in_kernel() -> bool:
@@ -42,8 +46,12 @@ class JobWidget:
         self.memory_limit_mib = memory_limit_mib
         self.title = title or job.function_name or "job"
         self.header = widgets.HTML()
-        self.memory = widgets.FloatProgress(min=0, max=float(memory_limit_mib or 1), description="memory",
-                                            layout=widgets.Layout(width="320px"))
+        self.memory = widgets.FloatProgress(
+            min=0,
+            max=float(memory_limit_mib or 1),
+            description="memory",
+            layout=widgets.Layout(width="320px"),
+        )
         self.memory_label = widgets.HTML()
         self.value = widgets.HTML()
         self.stdout = widgets.HTML()
@@ -53,9 +61,17 @@ class JobWidget:
         self.logs = widgets.Accordion(children=[self.stdout, self.stderr])
         self.logs.set_title(0, "stdout")
         self.logs.set_title(1, "stderr")
-        self.view = widgets.VBox([self.header, widgets.HBox([self.memory, self.memory_label]), self.value,
-                                  self.error, self.logs, self.files],
-                                 layout=widgets.Layout(border="1px solid #ddd", padding="6px"))
+        self.view = widgets.VBox(
+            [
+                self.header,
+                widgets.HBox([self.memory, self.memory_label]),
+                self.value,
+                self.error,
+                self.logs,
+                self.files,
+            ],
+            layout=widgets.Layout(border="1px solid #ddd", padding="6px"),
+        )
         self._files_shown = False
         self.update()
 
@@ -74,7 +90,7 @@ class JobWidget:
         where = " · ".join(x for x in (v.get("worker_id"), v.get("sandbox_id")) if x)
         ai = v.get("ai_usage")
         if ai:
-            start += (f" · AI {ai['calls']} calls, {ai['prompt_tokens']} + {ai['completion_tokens']} tokens")
+            start += f" · AI {ai['calls']} calls, {ai['prompt_tokens']} + {ai['completion_tokens']} tokens"
         self.header.value = (
             f"<b>{html.escape(self.title)}</b> <span style='background:{color};color:white;padding:1px 6px;"
             f"border-radius:8px'>{label}</span> {timing} · peak memory {_mib(v.get('peak_memory_bytes'))} "
@@ -89,15 +105,23 @@ class JobWidget:
             self.memory.max = max(self.memory.max, peak or 1)
         self.memory.value = min(peak, self.memory.max)
         limit = f" of {self.memory_limit_mib} MiB" if self.memory_limit_mib else ""
-        idle = f" (idle sandbox {_mib(v['baseline_memory_bytes'])})" if v.get("baseline_memory_bytes") else ""
+        idle = (
+            f" (idle sandbox {_mib(v['baseline_memory_bytes'])})"
+            if v.get("baseline_memory_bytes")
+            else ""
+        )
         self.memory_label.value = f"{_mib(v.get('peak_memory_bytes'))}{limit}{idle}"
         self.stdout.value = _pre(v.get("stdout", ""))
         self.stderr.value = _pre(v.get("stderr", ""))
         self.logs.selected_index = 0 if v.get("stdout") else None
         error = v.get("error")
-        self.error.value = "" if not error else (
-            f"<div style='color:#cf222e'><b>{html.escape(error.get('type') or error.get('kind', 'error'))}</b>: "
-            f"{html.escape(error.get('message', ''))}</div>{_pre(error.get('traceback', ''))}"
+        self.error.value = (
+            ""
+            if not error
+            else (
+                f"<div style='color:#cf222e'><b>{html.escape(error.get('type') or error.get('kind', 'error'))}</b>: "
+                f"{html.escape(error.get('message', ''))}</div>{_pre(error.get('traceback', ''))}"
+            )
         )
         if v["status"] == "completed":
             self.value.value = f"<b>value</b> {_pre(self._value_repr())}"
@@ -114,11 +138,16 @@ class JobWidget:
     def _file_view(self, output: Any) -> widgets.Widget:
         suffix = "." + output.name.rsplit(".", 1)[-1].lower() if "." in output.name else ""
         # The grid says how the file opens: images, PDFs and text in the browser, anything else as a download.
-        link = widgets.HTML(f"<a href='{html.escape(output.url)}' target='_blank' rel='noopener'>"
-                            f"{html.escape(output.name)}</a> ({output.size:,} bytes)")
+        link = widgets.HTML(
+            f"<a href='{html.escape(output.url)}' target='_blank' rel='noopener'>"
+            f"{html.escape(output.name)}</a> ({output.size:,} bytes)"
+        )
         if suffix in IMAGE_TYPES and output.size <= THUMBNAIL_MAX_BYTES:
-            image = widgets.Image(value=output.read(), format=IMAGE_TYPES[suffix],
-                                  layout=widgets.Layout(max_width="160px", max_height="160px"))
+            image = widgets.Image(
+                value=output.read(),
+                format=IMAGE_TYPES[suffix],
+                layout=widgets.Layout(max_width="160px", max_height="160px"),
+            )
             return widgets.VBox([image, link])
         return link
 
@@ -132,6 +161,7 @@ class JobWidget:
 
     def follow(self) -> None:
         """Refresh until the job ends, from a daemon thread (the kernel stays free)."""
+
         def loop() -> None:
             while not self.job.done:
                 try:
@@ -164,11 +194,19 @@ class CellWidget(JobWidget):
         self._outcome: CellOutcome | None = None
         self._failure: Exception | None = None
         super().__init__(job, title=f"%%nanogrid {job.function_name}")
-        self.view.children = [self.header, widgets.HBox([self.memory, self.memory_label]), self.names, self.error,
-                              self.files, *([self.output] if echo else [])]
+        self.view.children = [
+            self.header,
+            widgets.HBox([self.memory, self.memory_label]),
+            self.names,
+            self.error,
+            self.files,
+            *([self.output] if echo else []),
+        ]
 
     def _status(self) -> tuple[str, str]:
-        if self._failure is not None or (self._outcome is not None and self._outcome.error is not None):
+        if self._failure is not None or (
+            self._outcome is not None and self._outcome.error is not None
+        ):
             return STATUS_LABELS["failed"]
         return super()._status()
 
@@ -183,11 +221,15 @@ class CellWidget(JobWidget):
         outcome = self._outcome
         if outcome is not None and outcome.error is not None:
             error = outcome.error
-            self.error.value = (f"<div style='color:#cf222e'><b>{html.escape(type(error).__name__)}</b>: "
-                                f"{html.escape(str(error))}</div>")
+            self.error.value = (
+                f"<div style='color:#cf222e'><b>{html.escape(type(error).__name__)}</b>: "
+                f"{html.escape(str(error))}</div>"
+            )
         elif self._failure is not None:
-            self.error.value = (f"<div style='color:#cf222e'><b>{html.escape(type(self._failure).__name__)}</b>: "
-                                f"{html.escape(str(self._failure))}</div>")
+            self.error.value = (
+                f"<div style='color:#cf222e'><b>{html.escape(type(self._failure).__name__)}</b>: "
+                f"{html.escape(str(self._failure))}</div>"
+            )
         self.names.value = self._names_line()
 
     def _finish(self) -> None:
@@ -201,12 +243,20 @@ class CellWidget(JobWidget):
 
     def _names_line(self) -> str:
         job: CellJob = self.job  # type: ignore[assignment]
-        sent = ", ".join(f"{html.escape(n)} ({size_text(s)})" for n, s in job.sizes_in.items()) or "none"
+        sent = (
+            ", ".join(f"{html.escape(n)} ({size_text(s)})" for n, s in job.sizes_in.items())
+            or "none"
+        )
         line = f"{len(job.sizes_in)} in ({size_text(sum(job.sizes_in.values()))})"
         details = f"in: {sent}"
         outcome = self._outcome
         if outcome is not None:
-            out = ", ".join(f"{html.escape(n)} ({size_text(s)})" for n, s in outcome.names_out.items()) or "none"
+            out = (
+                ", ".join(
+                    f"{html.escape(n)} ({size_text(s)})" for n, s in outcome.names_out.items()
+                )
+                or "none"
+            )
             line += f", {len(outcome.names_out)} out ({size_text(sum(outcome.names_out.values()))})"
             details += f"<br>out: {out}"
             if outcome.deleted:
@@ -215,9 +265,12 @@ class CellWidget(JobWidget):
             if outcome.unpicklable:
                 line += f", {len(outcome.unpicklable)} not brought back"
                 details += "<br>not brought back: " + html.escape(
-                    "; ".join(f"{n} ({why})" for n, why in outcome.unpicklable.items()))
-        return (f"<details><summary style='color:#555'>names: {line}</summary>"
-                f"<small style='font-family:monospace'>{details}</small></details>")
+                    "; ".join(f"{n} ({why})" for n, why in outcome.unpicklable.items())
+                )
+        return (
+            f"<details><summary style='color:#555'>names: {line}</summary>"
+            f"<small style='font-family:monospace'>{details}</small></details>"
+        )
 
     def _echo(self) -> None:
         """``--async``: what the cell printed, its value and its exception, as the cell would have shown them."""
@@ -228,24 +281,42 @@ class CellWidget(JobWidget):
         if outcome is None:
             view = self.job._view
             streams = [("stdout", view.get("stdout", "")), ("stderr", view.get("stderr", ""))]
-            outputs.append({"output_type": "error", "ename": type(self._failure).__name__,
-                            "evalue": str(self._failure), "traceback": [f"{type(self._failure).__name__}: "
-                                                                         f"{self._failure}"]})
+            outputs.append(
+                {
+                    "output_type": "error",
+                    "ename": type(self._failure).__name__,
+                    "evalue": str(self._failure),
+                    "traceback": [f"{type(self._failure).__name__}: {self._failure}"],
+                }
+            )
         else:
             streams = outcome.streams
-        outputs[:0] = [{"output_type": "stream", "name": name, "text": text} for name, text in streams if text]
+        outputs[:0] = [
+            {"output_type": "stream", "name": name, "text": text} for name, text in streams if text
+        ]
         if outcome is not None and outcome.error is None and outcome.value is not None:
             shell = get_ipython()
-            data, metadata = shell.display_formatter.format(outcome.value) if shell is not None else (
-                {"text/plain": repr(outcome.value)}, {})
+            data, metadata = (
+                shell.display_formatter.format(outcome.value)
+                if shell is not None
+                else ({"text/plain": repr(outcome.value)}, {})
+            )
             outputs.append({"output_type": "display_data", "data": data, "metadata": metadata})
         if outcome is not None:
-            outputs += [{"output_type": "display_data", "data": figure_data(png, text), "metadata": {}}
-                        for png, text in outcome.figures]
+            outputs += [
+                {"output_type": "display_data", "data": figure_data(png, text), "metadata": {}}
+                for png, text in outcome.figures
+            ]
             if outcome.error is not None:
                 render = getattr(outcome.error, "_render_traceback_", None)
-                outputs.append({"output_type": "error", "ename": type(outcome.error).__name__,
-                                "evalue": str(outcome.error), "traceback": render() if render else []})
+                outputs.append(
+                    {
+                        "output_type": "error",
+                        "ename": type(outcome.error).__name__,
+                        "evalue": str(outcome.error),
+                        "traceback": render() if render else [],
+                    }
+                )
         self.output.outputs = tuple(outputs)
 
 

@@ -28,7 +28,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port") from None
+        raise OSError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port"
+        ) from None
     return sock
 
 
@@ -45,12 +47,16 @@ class EmbeddedGrid:
     def __init__(self, config: GridConfig) -> None:
         self.config = config
         self.grid = Grid(config)
-        blobs_of(self.grid)  # made now: it removes what uploads cut off by a crash left in its spool
+        blobs_of(
+            self.grid
+        )  # made now: it removes what uploads cut off by a crash left in its spool
         self.server = _server(self.grid)
         self._sock = _bind(config.host, config.port)
         self.url = "http://%s:%d" % self._sock.getsockname()[:2]
         self.api_key = self.grid.api_key
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
 
     def start(self, wait_for_stem_cells: bool = True) -> EmbeddedGrid:
         self._thread.start()
@@ -74,7 +80,9 @@ class EmbeddedGrid:
         self.stop()
 
 
-def serve(config: GridConfig, on_ready: Callable[[str, Grid], None] | None = None, role: str = "all") -> None:
+def serve(
+    config: GridConfig, on_ready: Callable[[str, Grid], None] | None = None, role: str = "all"
+) -> None:
     """Run the grid, or only its controller, in the foreground until interrupted."""
     grid = Grid(config, role)
     blobs_of(grid)  # made now: it removes what uploads cut off by a crash left in its spool

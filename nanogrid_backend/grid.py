@@ -49,9 +49,13 @@ def make_sandbox_factory(config: GridConfig) -> SandboxFactory:
     if config.sandbox in ("docker", "auto"):
         try:
             return DockerSandboxFactory(
-                config.docker_image, config.data_dir / "sandboxes", kill_grace_s=config.kill_grace_s,
-                limits=sandbox_limits(config), disk_mib=config.default_disk_mib,
-                pids_limit=config.docker_pids_limit, cpus=config.docker_cpus,
+                config.docker_image,
+                config.data_dir / "sandboxes",
+                kill_grace_s=config.kill_grace_s,
+                limits=sandbox_limits(config),
+                disk_mib=config.default_disk_mib,
+                pids_limit=config.docker_pids_limit,
+                cpus=config.docker_cpus,
             )
         except DockerUnavailable as exc:
             if config.sandbox == "docker":
@@ -60,15 +64,23 @@ def make_sandbox_factory(config: GridConfig) -> SandboxFactory:
     elif config.sandbox != "process":
         raise ValueError(f"sandbox must be docker, process or auto, not {config.sandbox!r}")
     return ProcessSandboxFactory(
-        config.data_dir / "sandboxes", config.data_dir, bubblewrap=config.bubblewrap, cgroups=config.cgroups,
-        kill_grace_s=config.kill_grace_s, limits=sandbox_limits(config),
+        config.data_dir / "sandboxes",
+        config.data_dir,
+        bubblewrap=config.bubblewrap,
+        cgroups=config.cgroups,
+        kill_grace_s=config.kill_grace_s,
+        limits=sandbox_limits(config),
     )
 
 
 def sandbox_limits(config: GridConfig) -> Limits:
     """What the host accepts from one call, whatever the sandbox sends."""
-    return Limits(capture_bytes=config.capture_limit_bytes, result_bytes=config.max_result_bytes,
-                  output_bytes=config.max_output_bytes, output_files=config.max_output_files)
+    return Limits(
+        capture_bytes=config.capture_limit_bytes,
+        result_bytes=config.max_result_bytes,
+        output_bytes=config.max_output_bytes,
+        output_files=config.max_output_files,
+    )
 
 
 def make_registry(config: GridConfig, keep_backups: int = 0) -> Registry:
@@ -81,11 +93,16 @@ def make_registry(config: GridConfig, keep_backups: int = 0) -> Registry:
 
 def make_result_bus(config: GridConfig, registry: JobRegistry) -> ResultBus:
     """Redis when a host is configured (results reach every controller), else in process."""
-    return RedisResultBus(config.redis_host, config.redis_port, registry) if config.redis_host else LocalResultBus()
+    return (
+        RedisResultBus(config.redis_host, config.redis_port, registry)
+        if config.redis_host
+        else LocalResultBus()
+    )
 
 
-def make_volumes(config: GridConfig, data: Path, registry: Registry, store: BlobStore,
-                 uid: int) -> tuple[VolumeStore | S3Volumes, VolumeStore]:
+def make_volumes(
+    config: GridConfig, data: Path, registry: Registry, store: BlobStore, uid: int
+) -> tuple[VolumeStore | S3Volumes, VolumeStore]:
     """What ``/v1/volumes`` serves, and what this machine's sandboxes mount. Embedded: one store for both (the
     volumes are this machine's). With S3: the volumes live in the data bucket, and workers mount copies they sync."""
     limits = {"max_volume_mib": config.max_volume_mib, "owner_volume_mib": config.owner_volume_mib}
@@ -113,8 +130,10 @@ def backlog_publisher(namespace: str) -> Callable[[float], None] | None:
     cloudwatch = boto3.client("cloudwatch")
 
     def publish(value: float) -> None:
-        cloudwatch.put_metric_data(Namespace=namespace, MetricData=[
-            {"MetricName": "BacklogPerInstance", "Value": value, "Unit": "Count"}])
+        cloudwatch.put_metric_data(
+            Namespace=namespace,
+            MetricData=[{"MetricName": "BacklogPerInstance", "Value": value, "Unit": "Count"}],
+        )
 
     return publish
 
@@ -132,14 +151,20 @@ class Grid:
         data = config.data_dir
         os.umask(0o077)  # every file and directory the grid makes is its account's alone
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data.chmod(0o700)  # also a data dir made by an older version: no other local account reads any owner's data
+        data.chmod(
+            0o700
+        )  # also a data dir made by an older version: no other local account reads any owner's data
         for path in data.iterdir():  # the registry, the key file, grid.json, whoever made them
             if path.is_file() and not path.is_symlink():
                 path.chmod(0o600)
         if role != "all" and not (config.queue_url and config.redis_host):
-            raise ConfigError(f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
-                             "(or run everything in one process with `nanogrid up`)")
-        self.lock = DataDirLock(data).acquire() if role == "all" else None  # one grid per data dir, before _recover
+            raise ConfigError(
+                f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
+                "(or run everything in one process with `nanogrid up`)"
+            )
+        self.lock = (
+            DataDirLock(data).acquire() if role == "all" else None
+        )  # one grid per data dir, before _recover
         try:
             self.registry = make_registry(config, keep_backups=BACKUPS_KEPT)
         except BaseException:
@@ -152,20 +177,39 @@ class Grid:
         self.secrets = SecretBox.load(data)
         quota, owner_of = self.owners.disk_quota, self._owner_of
         if config.code_bucket:
-            self.store: BlobStore = S3Store(config.code_bucket, config.data_bucket or config.code_bucket,
-                                            quota=quota, owner_of=owner_of)
+            self.store: BlobStore = S3Store(
+                config.code_bucket,
+                config.data_bucket or config.code_bucket,
+                quota=quota,
+                owner_of=owner_of,
+            )
         else:
             self.store = LocalStore(data / "store", quota=quota, owner_of=owner_of)
         # The embedded grid's in-memory queue, refilled from the registry at start (_recover); SQS keeps its messages.
-        self.local_queue = None if config.queue_url else LocalQueue(
-            limit=lambda owner: self.owners.max_concurrency(owner, config.workers), load_payload=self._queued_payload)
-        self.queue: JobQueue = self.local_queue if self.local_queue is not None else SQSQueue(
-            config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url)
-        self.janitor = Janitor(self.store, config.output_retention_s, config.gc_interval_s) if role == "all" else None
+        self.local_queue = (
+            None
+            if config.queue_url
+            else LocalQueue(
+                limit=lambda owner: self.owners.max_concurrency(owner, config.workers),
+                load_payload=self._queued_payload,
+            )
+        )
+        self.queue: JobQueue = (
+            self.local_queue
+            if self.local_queue is not None
+            else SQSQueue(config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url)
+        )
+        self.janitor = (
+            Janitor(self.store, config.output_retention_s, config.gc_interval_s)
+            if role == "all"
+            else None
+        )
         self.bus = make_result_bus(config, self.registry)
         self.pool: WarmPool | None = None
         self.environments: Environments | None = None
-        self.languages: dict[str, BuiltEnvironment] = {}  # runtime name (nodejs, go, cpp) -> its image
+        self.languages: dict[
+            str, BuiltEnvironment
+        ] = {}  # runtime name (nodejs, go, cpp) -> its image
         self.worker: Worker | None = None
         python = config.python_runtime.removeprefix("python")
         self.factory: SandboxFactory | None = None
@@ -176,32 +220,64 @@ class Grid:
             images = factory.runtime_images()
             pythons = list(images or [python])
             self.environments = Environments(
-                data / "envs", runtimes={f"python{v}": v for v in pythons}, docker_images=images,
-                cap_bytes=int(config.env_cache_gb * (1 << 30)), shared=self.store if config.code_bucket else None)
+                data / "envs",
+                runtimes={f"python{v}": v for v in pythons},
+                docker_images=images,
+                cap_bytes=int(config.env_cache_gb * (1 << 30)),
+                shared=self.store if config.code_bucket else None,
+            )
             # Node.js, Go and C++ (the seed platform's other languages) where their images are built; Docker only.
             self.languages = factory.language_runtimes()
-            self.pool = WarmPool(factory, cap=config.effective_pool_cap, stem_cells=config.stem_cells,
-                                 idle_ttl_s=config.idle_ttl_s, environments=self.environments,
-                                 languages=self.languages)
-            self.worker = Worker(queue=self.queue, registry=self.registry, store=self.store, bus=self.bus,
-                                 pool=self.pool, slots=config.workers, max_output_bytes=config.max_output_bytes,
-                                 visibility_s=config.sqs_visibility_s, heartbeat_s=config.heartbeat_s,
-                                 publish_backlog=backlog_publisher(config.cloudwatch_namespace),
-                                 ai=ai_gateway(config, self.bus.redis),
-                                 secrets=self.secrets,
-                                 notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks))
+            self.pool = WarmPool(
+                factory,
+                cap=config.effective_pool_cap,
+                stem_cells=config.stem_cells,
+                idle_ttl_s=config.idle_ttl_s,
+                environments=self.environments,
+                languages=self.languages,
+            )
+            self.worker = Worker(
+                queue=self.queue,
+                registry=self.registry,
+                store=self.store,
+                bus=self.bus,
+                pool=self.pool,
+                slots=config.workers,
+                max_output_bytes=config.max_output_bytes,
+                visibility_s=config.sqs_visibility_s,
+                heartbeat_s=config.heartbeat_s,
+                publish_backlog=backlog_publisher(config.cloudwatch_namespace),
+                ai=ai_gateway(config, self.bus.redis),
+                secrets=self.secrets,
+                notifier=Notifier(self.registry, allow_networks=config.webhook_allow_networks),
+            )
         # Owners' volumes: what /v1/volumes serves, and what this worker's sandboxes mount
-        self.volumes, mounted = make_volumes(config, data, self.registry, self.store,
-                                             self.factory.sandbox_uid if self.factory is not None else SANDBOX_UID)
+        self.volumes, mounted = make_volumes(
+            config,
+            data,
+            self.registry,
+            self.store,
+            self.factory.sandbox_uid if self.factory is not None else SANDBOX_UID,
+        )
         if self.worker and self.pool:
             self.worker.volumes, mounted.stop_idle = mounted, self.pool.stop_idle
             room = self.factory.disk_room if self.factory is not None else None
             if room is not None and _same_disk(room.directory, mounted.directory):
-                room.also_promised, mounted.also_promised = mounted.promised, room.promised  # both sparse files
+                room.also_promised, mounted.also_promised = (
+                    mounted.promised,
+                    room.promised,
+                )  # both sparse files
         self._mounted_volumes = mounted
-        self.runtimes = self.environments.runtimes if self.environments else {f"python{python}": python}
-        self.scheduler = Scheduler(self) if role in ("all", "controller") else None  # each controller fires schedules
-        self.runtimes = {**self.runtimes, **{name: env.python for name, env in self.languages.items()}}
+        self.runtimes = (
+            self.environments.runtimes if self.environments else {f"python{python}": python}
+        )
+        self.scheduler = (
+            Scheduler(self) if role in ("all", "controller") else None
+        )  # each controller fires schedules
+        self.runtimes = {
+            **self.runtimes,
+            **{name: env.python for name, env in self.languages.items()},
+        }
 
     def describe_sandbox(self) -> str:
         return self.pool.factory.describe() if self.pool else "workers run separately"
@@ -246,25 +322,45 @@ class Grid:
         """Jobs left by a previous run: pending ones go back on the queue, running ones fail."""
         for job in self.registry.list_jobs(limit=-1, status=RUNNING):
             job.status, job.finished_at = FAILED, time.time()
-            job.error = {"kind": "interrupted", "message": "the grid stopped while this job ran; run it again"}
+            job.error = {
+                "kind": "interrupted",
+                "message": "the grid stopped while this job ran; run it again",
+            }
             self.registry.finish_job(job)
         queue = self.local_queue
         assert queue is not None  # recovery is the embedded grid's; SQS keeps its own messages
         functions: dict[str, FunctionRecord | None] = {}
         requeued = 0
-        for job in self.registry.pending_jobs():  # a page at a time and without payloads: read back when taken
+        for job in (
+            self.registry.pending_jobs()
+        ):  # a page at a time and without payloads: read back when taken
             if job.function_id not in functions:
                 functions[job.function_id] = self.registry.get_function(job.function_id)
             function = functions[job.function_id]
             if function is None:
                 job.status, job.finished_at = FAILED, time.time()
-                job.error = {"kind": "not_found", "message": f"function {job.function_id} was deleted"}
+                job.error = {
+                    "kind": "not_found",
+                    "message": f"function {job.function_id} was deleted",
+                }
                 self.registry.finish_job(job)
                 continue
             timeout_s = min(function.timeout_s, self.owners.max_timeout(job.owner))
-            queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, b"",
-                                  timeout_s, function.memory_mib, owner=job.owner, trigger=job.trigger)],
-                      stored=True)
+            queue.put(
+                [
+                    JobMessage(
+                        job.job_id,
+                        job.function_id,
+                        job.payload_format,
+                        b"",
+                        timeout_s,
+                        function.memory_mib,
+                        owner=job.owner,
+                        trigger=job.trigger,
+                    )
+                ],
+                stored=True,
+            )
             requeued += 1
         if requeued:
             log.info("requeued %d pending jobs from the previous run", requeued)

@@ -27,9 +27,17 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(registry: Registry, name: str, *, rate_limit: float | None = None, rate_burst: int | None = None,
-               admin: bool = False, max_timeout_s: float | None = None, max_concurrency: int | None = None,
-               disk_quota_bytes: int | None = None) -> tuple[str, ApiKey]:
+def create_key(
+    registry: Registry,
+    name: str,
+    *,
+    rate_limit: float | None = None,
+    rate_burst: int | None = None,
+    admin: bool = False,
+    max_timeout_s: float | None = None,
+    max_concurrency: int | None = None,
+    disk_quota_bytes: int | None = None,
+) -> tuple[str, ApiKey]:
     """A new key for ``name``; returns the key (show it once, it is not stored) and its record.
 
     The limits are this key's own (None: the grid's setting); ``admin`` lets it see every owner's jobs and workers.
@@ -44,9 +52,17 @@ def create_key(registry: Registry, name: str, *, rate_limit: float | None = None
         raise ValueError(f"disk quota must be 0 bytes or more, not {disk_quota_bytes}")
     key_id = secrets.token_hex(4)
     key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
-    record = ApiKey(key_id=key_id, name=name, key_hash=_hash(key), rate_limit=rate_limit, rate_burst=rate_burst,
-                    admin=admin, max_timeout_s=max_timeout_s, max_concurrency=max_concurrency,
-                    disk_quota_bytes=disk_quota_bytes)
+    record = ApiKey(
+        key_id=key_id,
+        name=name,
+        key_hash=_hash(key),
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        admin=admin,
+        max_timeout_s=max_timeout_s,
+        max_concurrency=max_concurrency,
+        disk_quota_bytes=disk_quota_bytes,
+    )
     registry.put_key(record)
     return key, record
 
@@ -66,7 +82,11 @@ def ensure_local_key(registry: Registry, data_dir: Path) -> str:
     if path.exists():
         key = path.read_text().strip()
         record = registry.get_key(key.removeprefix(PREFIX).split("_")[0])
-        if record is not None and record.revoked_at is None and hmac.compare_digest(record.key_hash, _hash(key)):
+        if (
+            record is not None
+            and record.revoked_at is None
+            and hmac.compare_digest(record.key_hash, _hash(key))
+        ):
             return key
     key, _ = create_key(registry, "local")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -85,8 +105,10 @@ class Authenticator:
 
     def check(self, presented: str | None) -> ApiKey:
         if not presented:
-            raise AuthError("missing API key: send it as the x-api-key header or as Authorization: Bearer KEY "
-                            "(`nanogrid keys create NAME` makes one)")
+            raise AuthError(
+                "missing API key: send it as the x-api-key header or as Authorization: Bearer KEY "
+                "(`nanogrid keys create NAME` makes one)"
+            )
         digest = _hash(presented)
         now = time.monotonic()
         with self._lock:
@@ -94,7 +116,9 @@ class Authenticator:
         if cached is not None and now - cached[1] < CACHE_TTL_S:
             record = cached[0]
         else:
-            key_id = presented.removeprefix(PREFIX).split("_")[0] if presented.startswith(PREFIX) else ""
+            key_id = (
+                presented.removeprefix(PREFIX).split("_")[0] if presented.startswith(PREFIX) else ""
+            )
             found = self.registry.get_key(key_id) if key_id else None
             if found is None or not hmac.compare_digest(found.key_hash, digest):
                 raise AuthError("wrong API key: it does not match any key of this grid")
@@ -129,7 +153,11 @@ class OwnerPolicy:
             return self._keys
 
     def _strictest(self, owner: str, name: str) -> float | None:
-        values = [getattr(k, name) for k in self._active_keys() if k.name == owner and getattr(k, name) is not None]
+        values = [
+            getattr(k, name)
+            for k in self._active_keys()
+            if k.name == owner and getattr(k, name) is not None
+        ]
         return min(values) if values else None
 
     def max_concurrency(self, owner: str, slots: int) -> int | None:
@@ -154,4 +182,8 @@ class OwnerPolicy:
 
     def max_timeout(self, owner: str) -> float:
         own = self._strictest(owner, "max_timeout_s")
-        return min(float(own), self.config.max_timeout_s) if own is not None else self.config.max_timeout_s
+        return (
+            min(float(own), self.config.max_timeout_s)
+            if own is not None
+            else self.config.max_timeout_s
+        )

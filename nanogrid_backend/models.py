@@ -70,7 +70,8 @@ class JobRecord:
     owner: str = ""
     attempt: int = 1  # which try this record is (``@remote(retries=N)`` makes more)
     retry_of: str | None = None  # on an earlier failed try's own record: the job it was a try of
-    trigger: str = "call"  # what started it: "call" (a client or the HTTP API) or "schedule" (nanogrid_backend/schedules.py)
+    # what started it: "call" (a client or the HTTP API) or "schedule" (nanogrid_backend/schedules.py)
+    trigger: str = "call"
 
     @property
     def finished(self) -> bool:
@@ -102,16 +103,22 @@ class ApiKey:
     revoked_at: float | None = None
     rate_limit: float | None = None  # requests per second; None: the grid's default
     rate_burst: int | None = None
-    admin: bool = False  # sees every owner's jobs and workers in /system/status and /jobs?all_owners=true
+    admin: bool = (
+        False  # sees every owner's jobs and workers in /system/status and /jobs?all_owners=true
+    )
     max_timeout_s: float | None = None  # lower than the grid's max_timeout_s; None: the grid's
-    max_concurrency: int | None = None  # this owner's calls running at once; None: the grid's owner_max_concurrency
-    disk_quota_bytes: int | None = None  # this owner's stored outputs; None: the grid's owner_disk_quota_bytes
+    max_concurrency: int | None = (
+        None  # this owner's calls running at once; None: the grid's owner_max_concurrency
+    )
+    disk_quota_bytes: int | None = (
+        None  # this owner's stored outputs; None: the grid's owner_disk_quota_bytes
+    )
 
 
 @dataclass
 class SecretRecord:
-    """A named set of environment variables, encrypted at rest (nanogrid_backend/secretbox.py); only its variable names are
-    ever shown."""
+    """A named set of environment variables, encrypted at rest (nanogrid_backend/secretbox.py);
+    only its variable names are ever shown."""
 
     owner: str
     name: str
@@ -134,7 +141,9 @@ class JobMessage:
     model: str | None = None  # the AI node's model for this call (else the grid's LLM_MODEL)
     receipt: str | None = None  # the queue's handle for this delivery (SQS receipt handle)
     receive_count: int = 1  # more than 1: delivered again after a worker died or stalled
-    owner: str = ""  # the job's owner: the queue serves owners in turn and caps each one's running calls
+    owner: str = (
+        ""  # the job's owner: the queue serves owners in turn and caps each one's running calls
+    )
     trigger: str = "call"  # the job's trigger, kept on the record the worker publishes
 
 
@@ -151,14 +160,18 @@ class ScheduleRecord:
     cron: str = ""  # a five-field cron expression, or "" for a period
     period_s: float = 0.0
     timezone: str = "UTC"  # the zone the cron expression's hours and days are read in
-    overlap: str = "skip"  # a run still going when the next is due: "skip" that firing, or "queue" it behind
+    overlap: str = (
+        "skip"  # a run still going when the next is due: "skip" that firing, or "queue" it behind
+    )
     payload_format: str = "pickle"
     payload: bytes = b""  # the arguments of every run (no arguments: an empty call)
     paused: bool = False
     anchor: float = 0.0  # a period's due times are anchor + k * period_s
     next_due: float = 0.0  # the next due time not yet claimed by a firing
     last_job_id: str | None = None  # the latest run's job
-    waiting_due: float | None = None  # a firing queued behind a run still going (overlap="queue"), by its due time
+    waiting_due: float | None = (
+        None  # a firing queued behind a run still going (overlap="queue"), by its due time
+    )
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -172,6 +185,8 @@ class FiringRecord:
     fired_at: float
     outcome: str  # "started" (a job), "skipped" (a run was still going), "queued" (waits for it), "failed"
     job_id: str | None = None
-    missed: int = 1  # due times this firing stands for: more than 1 after the grid was down (a catch-up)
+    missed: int = (
+        1  # due times this firing stands for: more than 1 after the grid was down (a catch-up)
+    )
     catch_up: bool = False
     detail: str = ""

@@ -50,21 +50,31 @@ from nanogrid_backend.registry.windows import WINDOWS
 log = logging.getLogger(__name__)
 
 EVENTS = ("failure", "completion", "threshold")
-THRESHOLD_METRICS = ("duration_ms", "error_rate", "p95_ms")  # one call's duration, or a window's figure
+THRESHOLD_METRICS = (
+    "duration_ms",
+    "error_rate",
+    "p95_ms",
+)  # one call's duration, or a window's figure
 MAX_HOOKS_PER_OWNER = 20
-MAX_PENDING = 10_000  # jobs waiting to be matched; beyond this the oldest news is dropped, never the call
+MAX_PENDING = (
+    10_000  # jobs waiting to be matched; beyond this the oldest news is dropped, never the call
+)
 ATTEMPTS = 4
 BACKOFF_S = 0.5  # before the second attempt; doubled after each failed one
 TIMEOUT_S = 5.0
 SENDERS = 4
 HOOKS_CACHE_S = 5.0  # a new or deleted hook takes effect within this long
-THRESHOLD_CHECK_S = 30.0  # a window threshold is evaluated at most this often per hook and function ...
+THRESHOLD_CHECK_S = (
+    30.0  # a window threshold is evaluated at most this often per hook and function ...
+)
 THRESHOLD_COOLDOWN_S = 600.0  # ... and, once it fired, not again for this long
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
-NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix: the last 32 bits are an IPv4 address
+NAT64 = ipaddress.ip_network(
+    "64:ff9b::/96"
+)  # the well-known NAT64 prefix: the last 32 bits are an IPv4 address
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
 
 
@@ -96,8 +106,14 @@ def carried(ip: IPAddress) -> list[IPAddress]:
 
 def not_public(ip: IPAddress) -> str:
     """What kind of non-public address ``ip`` is ('' for a public unicast address)."""
-    kinds = (("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-             ("unspecified", ip.is_unspecified), ("private", ip.is_private), ("reserved", ip.is_reserved))
+    kinds = (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    )
     for kind, yes in kinds:
         if yes:
             return kind
@@ -107,7 +123,9 @@ def not_public(ip: IPAddress) -> str:
 def refused_ip(ip: IPAddress, allow: Networks = ()) -> str:
     """Why a hook may not reach ``ip`` ('' if it may): a non-public address, in any form, outside ``allow``."""
     forms = carried(ip)
-    if any(form in network for form in forms for network in allow if form.version == network.version):
+    if any(
+        form in network for form in forms for network in allow if form.version == network.version
+    ):
         return ""
     for form in forms[1:] + forms[:1]:  # what an IPv6 form carries says most about where it goes
         kind = not_public(form)
@@ -126,7 +144,9 @@ def literal_ip(host: str) -> IPAddress | None:
         pass
     if re.fullmatch(r"[0-9a-fA-FxX.]+", host):
         try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))  # the classic parser: octal, hex, short forms
+            return ipaddress.IPv4Address(
+                socket.inet_aton(host)
+            )  # the classic parser: octal, hex, short forms
         except OSError:
             return None
     return None
@@ -138,7 +158,9 @@ def resolve(host: str, port: int) -> list[IPAddress]:
     if literal is not None:
         return [literal]
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+    return list(
+        dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos)
+    )
 
 
 def refused_host(host: str, port: int, allow: Networks = ()) -> tuple[str, list[IPAddress]]:
@@ -150,11 +172,15 @@ def refused_host(host: str, port: int, allow: Networks = ()) -> tuple[str, list[
     for ip in addresses:
         why = refused_ip(ip, allow)
         if why:
-            return (why if ip == literal_ip(host) else f"{host} resolves to {ip} ({why})"), addresses
+            return (
+                why if ip == literal_ip(host) else f"{host} resolves to {ip} ({why})"
+            ), addresses
     return "", addresses
 
 
-def check_hook(url: str, events: list[str], threshold: dict[str, Any] | None, allow: Networks = ()) -> None:
+def check_hook(
+    url: str, events: list[str], threshold: dict[str, Any] | None, allow: Networks = ()
+) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError(f"a webhook URL is http:// or https:// with a host, not {url!r}")
@@ -164,40 +190,69 @@ def check_hook(url: str, events: list[str], threshold: dict[str, Any] | None, al
         raise WebhookError(f"a webhook URL's port is a number 1-65535, in {url!r}") from None
     why, addresses = refused_host(parts.hostname, port, allow)
     if addresses and why:  # a name that does not resolve yet is checked again at each delivery
-        raise WebhookError(f"a webhook may not point at {parts.hostname}: {why}; webhooks go to public addresses "
-                           "only (an operator may allow internal networks with the grid's webhook_allow_networks "
-                           "setting)")
+        raise WebhookError(
+            f"a webhook may not point at {parts.hostname}: {why}; webhooks go to public addresses "
+            "only (an operator may allow internal networks with the grid's webhook_allow_networks "
+            "setting)"
+        )
     if parts.username or parts.password:
-        raise WebhookError("put no credentials in a webhook URL: requests are signed with the hook's secret")
+        raise WebhookError(
+            "put no credentials in a webhook URL: requests are signed with the hook's secret"
+        )
     if not events or any(e not in EVENTS for e in events):
         raise WebhookError(f"events are some of {', '.join(EVENTS)}, not {events!r}")
     if "threshold" in events:
-        if not isinstance(threshold, dict) or threshold.get("metric") not in THRESHOLD_METRICS or not isinstance(
-                threshold.get("above"), int | float):
-            raise WebhookError("a threshold hook needs threshold={\"metric\": one of "
-                               f"{', '.join(THRESHOLD_METRICS)}, \"above\": a number[, \"window\": 1h|24h|7d|30d, "
-                               "\"min_calls\": n]}")
+        if (
+            not isinstance(threshold, dict)
+            or threshold.get("metric") not in THRESHOLD_METRICS
+            or not isinstance(threshold.get("above"), int | float)
+        ):
+            raise WebhookError(
+                'a threshold hook needs threshold={"metric": one of '
+                f'{", ".join(THRESHOLD_METRICS)}, "above": a number[, "window": 1h|24h|7d|30d, '
+                '"min_calls": n]}'
+            )
         if threshold.get("window", "1h") not in WINDOWS:
-            raise WebhookError(f"threshold window is one of {', '.join(WINDOWS)}, not {threshold.get('window')!r}")
+            raise WebhookError(
+                f"threshold window is one of {', '.join(WINDOWS)}, not {threshold.get('window')!r}"
+            )
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return (
+        "sha256="
+        + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    )
 
 
-def new_hook(owner: str, url: str, events: list[str], function_id: str | None = None,
-             threshold: dict[str, Any] | None = None, secret: str | None = None,
-             allow_networks: Iterable[str] = ()) -> dict[str, Any]:
+def new_hook(
+    owner: str,
+    url: str,
+    events: list[str],
+    function_id: str | None = None,
+    threshold: dict[str, Any] | None = None,
+    secret: str | None = None,
+    allow_networks: Iterable[str] = (),
+) -> dict[str, Any]:
     check_hook(url, events, threshold, networks(allow_networks))
-    return {"hook_id": "hook-" + uuid.uuid4().hex[:16], "owner": owner, "url": url,
-            "secret": secret or secrets.token_urlsafe(32), "events": list(events), "function_id": function_id,
-            "threshold": threshold if "threshold" in events else None, "created_at": time.time()}
+    return {
+        "hook_id": "hook-" + uuid.uuid4().hex[:16],
+        "owner": owner,
+        "url": url,
+        "secret": secret or secrets.token_urlsafe(32),
+        "events": list(events),
+        "function_id": function_id,
+        "threshold": threshold if "threshold" in events else None,
+        "created_at": time.time(),
+    }
 
 
 def message(event: str, job: JobRecord, function_name: str, detail: str = "") -> dict[str, Any]:
     """A Slack-compatible body: ``text`` (and a ``blocks`` section) for people, ``nanogrid`` for programs."""
     icon = {"failure": ":x:", "completion": ":white_check_mark:", "threshold": ":warning:"}[event]
-    what = {"failure": "failed", "completion": "completed", "threshold": "crossed a threshold"}[event]
+    what = {"failure": "failed", "completion": "completed", "threshold": "crossed a threshold"}[
+        event
+    ]
     line = f"{icon} NanoGrid: `{function_name}` {what} (job {job.job_id})"
     if job.execution_time_ms is not None:
         line += f", {job.execution_time_ms:.1f} ms"
@@ -206,11 +261,23 @@ def message(event: str, job: JobRecord, function_name: str, detail: str = "") ->
         line += f": {error.get('type') or error.get('kind')}: {str(error.get('message', ''))[:300]}"
     if detail:
         line += f"\n{detail}"
-    return {"text": line, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": line}}],
-            "nanogrid": {"event": event, "detail": detail, "job_id": job.job_id, "function_id": job.function_id,
-                         "function_name": function_name, "status": job.status, "attempt": job.attempt,
-                         "duration_ms": job.execution_time_ms, "peak_memory_bytes": job.peak_memory_bytes,
-                         "error": job.error, "finished_at": job.finished_at}}
+    return {
+        "text": line,
+        "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": line}}],
+        "nanogrid": {
+            "event": event,
+            "detail": detail,
+            "job_id": job.job_id,
+            "function_id": job.function_id,
+            "function_name": function_name,
+            "status": job.status,
+            "attempt": job.attempt,
+            "duration_ms": job.execution_time_ms,
+            "peak_memory_bytes": job.peak_memory_bytes,
+            "error": job.error,
+            "finished_at": job.finished_at,
+        },
+    }
 
 
 @dataclass(order=True)
@@ -225,9 +292,15 @@ class _Delivery:
 class Notifier:
     """The worker's sender thread. ``job_finished`` never blocks and never raises."""
 
-    def __init__(self, registry: Registry, *, transport: httpx.BaseTransport | None = None,
-                 backoff_s: float = BACKOFF_S, max_pending: int = MAX_PENDING,
-                 allow_networks: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        backoff_s: float = BACKOFF_S,
+        max_pending: int = MAX_PENDING,
+        allow_networks: Iterable[str] = (),
+    ) -> None:
         self.registry = registry
         self.allow = networks(allow_networks)  # the operator's internal networks hooks may reach
         self.backoff_s = backoff_s
@@ -238,10 +311,14 @@ class Notifier:
         self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook-post")
         self._hooks: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._names: dict[str, str] = {}
-        self._checked: dict[tuple[str, str], float] = {}  # (hook, function) -> when its window was last evaluated
+        self._checked: dict[
+            tuple[str, str], float
+        ] = {}  # (hook, function) -> when its window was last evaluated
         self._fired: dict[tuple[str, str], float] = {}
         # No proxy from the environment: the POST must go to the very address that was checked.
-        self._http = httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, transport=transport, trust_env=False)
+        self._http = httpx.Client(
+            timeout=TIMEOUT_S, follow_redirects=False, transport=transport, trust_env=False
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
 
@@ -263,7 +340,9 @@ class Notifier:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            wait = 0.5 if not self._retries else max(0.0, min(0.5, self._retries[0].due - time.time()))
+            wait = (
+                0.5 if not self._retries else max(0.0, min(0.5, self._retries[0].due - time.time()))
+            )
             try:
                 job = self._jobs.get(timeout=wait)
             except queue.Empty:
@@ -294,7 +373,11 @@ class Notifier:
 
     def _crossed(self, hook: dict[str, Any], job: JobRecord) -> str:
         """What crossed the hook's threshold for this job's function, or ''."""
-        threshold, key, now = hook["threshold"] or {}, (hook["hook_id"], job.function_id), time.time()
+        threshold, key, now = (
+            hook["threshold"] or {},
+            (hook["hook_id"], job.function_id),
+            time.time(),
+        )
         if now - self._fired.get(key, 0.0) < THRESHOLD_COOLDOWN_S:
             return ""
         metric, above = threshold.get("metric"), float(threshold.get("above", 0))
@@ -307,7 +390,11 @@ class Notifier:
             name = threshold.get("window", "1h")
             window = self.registry.function_windows(job.function_id, names=(name,))[name]
             value = window["error_rate"] if metric == "error_rate" else window["duration_ms"]["p95"]
-            if window["count"] >= int(threshold.get("min_calls", 10)) and value is not None and value > above:
+            if (
+                window["count"] >= int(threshold.get("min_calls", 10))
+                and value is not None
+                and value > above
+            ):
                 detail = f"{metric} over the last {name} is {value:.4g}, above {above:g} ({window['count']} calls)"
         if detail:
             self._fired[key] = now
@@ -343,27 +430,42 @@ class Notifier:
             return
         url, host, extensions = target
         timestamp = str(int(time.time()))
-        headers = {"Host": host, "Content-Type": "application/json", "User-Agent": "NanoGrid-Webhook",
-                   "X-NanoGrid-Event": delivery.event, "X-NanoGrid-Delivery": uuid.uuid4().hex,
-                   "X-NanoGrid-Attempt": str(delivery.attempt), "X-NanoGrid-Timestamp": timestamp,
-                   "X-NanoGrid-Signature": sign(hook["secret"], timestamp, delivery.body)}
+        headers = {
+            "Host": host,
+            "Content-Type": "application/json",
+            "User-Agent": "NanoGrid-Webhook",
+            "X-NanoGrid-Event": delivery.event,
+            "X-NanoGrid-Delivery": uuid.uuid4().hex,
+            "X-NanoGrid-Attempt": str(delivery.attempt),
+            "X-NanoGrid-Timestamp": timestamp,
+            "X-NanoGrid-Signature": sign(hook["secret"], timestamp, delivery.body),
+        }
         try:
-            status = self._http.post(url, content=delivery.body, headers=headers, extensions=extensions).status_code
+            status = self._http.post(
+                url, content=delivery.body, headers=headers, extensions=extensions
+            ).status_code
             why = f"HTTP {status}"
         except httpx.HTTPError as exc:
             status, why = 0, f"{type(exc).__name__}: {exc}"
         if 200 <= status < 400:
             self.stats["sent"] += 1
             return
-        if 400 <= status < 500 and status != 429:  # the receiver refuses it: trying again would not change that
+        if (
+            400 <= status < 500 and status != 429
+        ):  # the receiver refuses it: trying again would not change that
             log.warning("webhook %s: refused (%s)", hook["hook_id"], why)
             self.stats["failed"] += 1
             return
         if delivery.attempt >= ATTEMPTS:
-            log.warning("webhook %s: gave up after %d attempts (%s)", hook["hook_id"], delivery.attempt, why)
+            log.warning(
+                "webhook %s: gave up after %d attempts (%s)", hook["hook_id"], delivery.attempt, why
+            )
             self.stats["failed"] += 1
             return
-        delivery.attempt, delivery.due = delivery.attempt + 1, time.time() + self.backoff_s * 2 ** (delivery.attempt - 1)
+        delivery.attempt, delivery.due = (
+            delivery.attempt + 1,
+            time.time() + self.backoff_s * 2 ** (delivery.attempt - 1),
+        )
         with self._retries_lock:
             heapq.heappush(self._retries, delivery)
 
@@ -382,5 +484,11 @@ def pinned(url: str, allow: Networks = ()) -> tuple[str, str, dict[str, Any]] | 
         return why or f"{host} resolves to nothing"
     ip = addresses[0]
     netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-    extensions = {"sni_hostname": host} if parts.scheme == "https" and literal_ip(host) is None else {}
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), parts.netloc.rpartition("@")[2], extensions
+    extensions = (
+        {"sni_hostname": host} if parts.scheme == "https" and literal_ip(host) is None else {}
+    )
+    return (
+        urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")),
+        parts.netloc.rpartition("@")[2],
+        extensions,
+    )

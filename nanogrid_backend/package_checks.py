@@ -13,8 +13,15 @@ from nanogrid_backend.builds.builder import EnvironmentBuildError, check_names
 from nanogrid_contract.packages import FunctionPackage as Package
 from nanogrid_contract.packages import build_zip, function_id_for
 
-__all__ = ["Package", "PackageError", "from_upload", "check_manifest", "function_id_for", "owned_function_id",
-           "seed_runtime"]
+__all__ = [
+    "Package",
+    "PackageError",
+    "from_upload",
+    "check_manifest",
+    "function_id_for",
+    "owned_function_id",
+    "seed_runtime",
+]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -36,8 +43,9 @@ class PackageError(ValueError):
         self.status = status
 
 
-def from_upload(filename: str, data: bytes, form: dict[str, Any], *, max_bytes: int,
-                runtimes: dict[str, str]) -> Package:
+def from_upload(
+    filename: str, data: bytes, form: dict[str, Any], *, max_bytes: int, runtimes: dict[str, str]
+) -> Package:
     """Turn an upload (a ``.py`` file or a zip, with form fields) into a checked package."""
     if len(data) > max_bytes:
         raise PackageError(f"package is {len(data)} bytes, over the {max_bytes}-byte limit", 413)
@@ -54,19 +62,31 @@ def from_upload(filename: str, data: bytes, form: dict[str, Any], *, max_bytes: 
     manifest.update({k: v for k, v in form.items() if v not in (None, "")})
     manifest.setdefault("kind", "pickle" if "function.pkl" in files else "handler")
     if manifest["kind"] == "handler" and "handler" not in manifest:
-        raise PackageError("handler is required, e.g. handler=hello.handler for def handler(event, context) in hello.py")
+        raise PackageError(
+            "handler is required, e.g. handler=hello.handler for def handler(event, context) in hello.py"
+        )
     manifest = check_manifest(manifest, runtimes)
     if manifest["kind"] == "handler" and manifest["runtime"] in LANGUAGE_SOURCES:
         suffixes = LANGUAGE_SOURCES[manifest["runtime"]]
         module = manifest["handler"].rsplit(".", 1)[0].replace(".", "/")
-        if manifest["runtime"] == "nodejs" and f"{module}.js" not in files and f"{module}/index.js" not in files:
-            raise PackageError(f"handler {manifest['handler']!r} names module {module}.js, which is not in the package")
+        if (
+            manifest["runtime"] == "nodejs"
+            and f"{module}.js" not in files
+            and f"{module}/index.js" not in files
+        ):
+            raise PackageError(
+                f"handler {manifest['handler']!r} names module {module}.js, which is not in the package"
+            )
         if not any(name.endswith(suffixes) for name in files):
-            raise PackageError(f"a {manifest['runtime']} package needs a {' or '.join(suffixes)} source file")
+            raise PackageError(
+                f"a {manifest['runtime']} package needs a {' or '.join(suffixes)} source file"
+            )
     elif manifest["kind"] == "handler":
         module = manifest["handler"].rsplit(".", 1)[0].replace(".", "/")
         if f"{module}.py" not in files and f"{module}/__init__.py" not in files:
-            raise PackageError(f"handler {manifest['handler']!r} names module {module}.py, which is not in the package")
+            raise PackageError(
+                f"handler {manifest['handler']!r} names module {module}.py, which is not in the package"
+            )
     elif "function.pkl" not in files:
         raise PackageError("a pickle package needs function.pkl")
     files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
@@ -83,14 +103,23 @@ def seed_runtime(name: str, runtimes: dict[str, str]) -> tuple[str, str | None]:
     match = SEED_RUNTIME_NAME.match(name.strip().lower())
     served = ", ".join(sorted(runtimes)) or "none"
     if match is None:
-        raise PackageError(f"Invalid runtime {name!r}. Allowed: python (python3.9 ... python3.13), nodejs "
-                           f"(nodejs18.x, nodejs20.x), go (go1.x), cpp; this grid runs: {served}", 400)
+        raise PackageError(
+            f"Invalid runtime {name!r}. Allowed: python (python3.9 ... python3.13), nodejs "
+            f"(nodejs18.x, nodejs20.x), go (go1.x), cpp; this grid runs: {served}",
+            400,
+        )
     family, version = SEED_FAMILIES.get(match[1], match[1]), match[2]
     if family != "python":
         if family not in runtimes:
-            raise PackageError(f"runtime {name} is not installed on this grid; it runs: {served}", 400)
+            raise PackageError(
+                f"runtime {name} is not installed on this grid; it runs: {served}", 400
+            )
         return family, None
-    pythons = {runtime: _minor(value) for runtime, value in runtimes.items() if runtime.startswith("python")}
+    pythons = {
+        runtime: _minor(value)
+        for runtime, value in runtimes.items()
+        if runtime.startswith("python")
+    }
     if not pythons:
         raise PackageError(f"runtime {name} is not installed on this grid; it runs: {served}", 400)
     wanted = _minor(version) if version else None
@@ -121,16 +150,22 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
     """Validate names, runtime and Python version; returns the manifest with defaults applied."""
     name = str(manifest.get("name") or manifest.get("function_name") or "")
     if not NAME_PATTERN.match(name):
-        raise PackageError(f"function name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+        raise PackageError(
+            f"function name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
     kind = manifest.get("kind")
     if kind not in ("pickle", "handler"):
         raise PackageError(f"kind must be 'pickle' or 'handler', not {kind!r}")
-    runtime = str(manifest.get("runtime") or next(iter(runtimes), ""))  # default: the grid's first runtime
+    runtime = str(
+        manifest.get("runtime") or next(iter(runtimes), "")
+    )  # default: the grid's first runtime
     if runtime not in runtimes:
         known = ", ".join(sorted(runtimes)) or "none"
         raise PackageError(f"unknown runtime {runtime!r}; this grid runs: {known}")
     if runtime in LANGUAGE_SOURCES and kind != "handler":
-        raise PackageError(f"runtime {runtime} runs handler packages (source code), not pickled Python functions")
+        raise PackageError(
+            f"runtime {runtime} runs handler packages (source code), not pickled Python functions"
+        )
     handler = str(manifest.get("handler") or ("function.pkl" if kind == "pickle" else ""))
     if kind == "handler" and not HANDLER_PATTERN.match(handler):
         raise PackageError(f"handler {handler!r} must look like module.function")
@@ -149,7 +184,9 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
             except (TypeError, ValueError):
                 raise PackageError(f"{key} must be a number, not {manifest[key]!r}") from None
     check_list_lengths(manifest)
-    if manifest.get("environment"):  # refused here, before anything is stored or built (Debian names by apt as root)
+    if manifest.get(
+        "environment"
+    ):  # refused here, before anything is stored or built (Debian names by apt as root)
         try:
             check_names(manifest["environment"])
         except EnvironmentBuildError as exc:
@@ -157,7 +194,15 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
     for key in ("ai",):  # booleans are JSON booleans: "no" must never switch a feature on
         if key in manifest and not isinstance(manifest[key], bool):
             raise PackageError(f"{key} must be true or false, not {manifest[key]!r}")
-    clean = {**manifest, **limits, "name": name, "kind": kind, "runtime": runtime, "handler": handler, "python": python}
+    clean = {
+        **manifest,
+        **limits,
+        "name": name,
+        "kind": kind,
+        "runtime": runtime,
+        "handler": handler,
+        "python": python,
+    }
     clean.pop("function_name", None)
     return clean
 
@@ -166,19 +211,27 @@ def check_list_lengths(manifest: dict[str, Any]) -> None:
     """Refuse a manifest listing more packages, system packages, variables or secrets than ``MAX_ITEMS``."""
     environment = manifest.get("environment")
     environment = environment if isinstance(environment, dict) else {}
-    lists = {"packages": [environment.get("packages")], "system packages": [environment.get("system")],
-             "environment variables": [manifest.get("env"), environment.get("env")], "secrets": [manifest.get("secrets")]}
+    lists = {
+        "packages": [environment.get("packages")],
+        "system packages": [environment.get("system")],
+        "environment variables": [manifest.get("env"), environment.get("env")],
+        "secrets": [manifest.get("secrets")],
+    }
     for what, values in lists.items():
         count = max((len(v) for v in values if isinstance(v, list | dict)), default=0)
         if count > MAX_ITEMS[what]:
-            raise PackageError(f"the upload lists {count} {what}; at most {MAX_ITEMS[what]} are allowed")
+            raise PackageError(
+                f"the upload lists {count} {what}; at most {MAX_ITEMS[what]} are allowed"
+            )
 
 
 def _read_zip(data: bytes, max_bytes: int) -> dict[str, bytes]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
-        raise PackageError("the upload is neither a .py file nor a valid zip archive", 400) from None
+        raise PackageError(
+            "the upload is neither a .py file nor a valid zip archive", 400
+        ) from None
     files, total = {}, 0
     with zf:
         for info in zf.infolist():
@@ -188,10 +241,15 @@ def _read_zip(data: bytes, max_bytes: int) -> dict[str, bytes]:
             if name.startswith("/") or ".." in name.split("/") or "\\" in name:
                 raise PackageError(f"zip entry {name!r} points outside the package", 400)
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise PackageError(f"zip entry {name!r} is a symlink; packages may hold only files", 400)
+                raise PackageError(
+                    f"zip entry {name!r} is a symlink; packages may hold only files", 400
+                )
             if info.file_size > 1 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-                raise PackageError(f"zip entry {name!r} expands {info.file_size // max(info.compress_size, 1)}x; "
-                                   f"refusing what looks like a zip bomb (limit {MAX_RATIO}x)", 413)
+                raise PackageError(
+                    f"zip entry {name!r} expands {info.file_size // max(info.compress_size, 1)}x; "
+                    f"refusing what looks like a zip bomb (limit {MAX_RATIO}x)",
+                    413,
+                )
             total += info.file_size
             if total > max_bytes * 4:
                 raise PackageError(f"the zip expands to more than {max_bytes * 4} bytes", 413)

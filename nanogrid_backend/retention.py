@@ -43,15 +43,22 @@ class Janitor:
         self.totals.blobs += expired.blobs
         self.totals.bytes += expired.bytes
         if expired.jobs or expired.blobs:
-            log.info("retention: deleted the outputs of %d jobs and %d blobs older than %g days, freeing %.1f MiB",
-                     expired.jobs, expired.blobs, self.retention_s / 86400, expired.bytes / (1 << 20))
+            log.info(
+                "retention: deleted the outputs of %d jobs and %d blobs older than %g days, freeing %.1f MiB",
+                expired.jobs,
+                expired.blobs,
+                self.retention_s / 86400,
+                expired.bytes / (1 << 20),
+            )
         return expired
 
     def _run(self) -> None:
         while True:
             try:
                 self.sweep()
-            except Exception:  # a failed pass is retried at the next interval; it never stops the grid
+            except (
+                Exception
+            ):  # a failed pass is retried at the next interval; it never stops the grid
                 log.exception("retention: the pass failed")
             if self._stop.wait(self.interval_s):
                 return

@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # the longest sleep between looks at the schedules known here
 LIST_EVERY_S = 5.0  # all schedules are listed again this often (a DynamoDB scan): those another controller made
-CATCH_UP_AFTER_S = 60.0  # a firing this late (or standing for several due times) is marked a catch-up
-MISSED_COUNTED = 10_000  # due times counted one by one when a cron schedule missed many; more reads as this many
+CATCH_UP_AFTER_S = (
+    60.0  # a firing this late (or standing for several due times) is marked a catch-up
+)
+MISSED_COUNTED = (
+    10_000  # due times counted one by one when a cron schedule missed many; more reads as this many
+)
 ERROR_PAUSE_S = 2.0  # after a registry failure, before trying again
 
 
@@ -44,7 +48,9 @@ def next_due_after(schedule: ScheduleRecord, moment: float) -> float:
 
     from cronsim import CronSim
 
-    return next(CronSim(schedule.cron, datetime.fromtimestamp(moment, ZoneInfo(schedule.timezone)))).timestamp()
+    return next(
+        CronSim(schedule.cron, datetime.fromtimestamp(moment, ZoneInfo(schedule.timezone)))
+    ).timestamp()
 
 
 def due_times_between(schedule: ScheduleRecord, first: float, until: float) -> int:
@@ -66,11 +72,15 @@ def due_times_between(schedule: ScheduleRecord, first: float, until: float) -> i
 class Scheduler:
     """One thread that sleeps until the earliest due time (or ``poll_s``) and fires what is due."""
 
-    def __init__(self, grid: Grid, poll_s: float = POLL_S, list_every_s: float = LIST_EVERY_S) -> None:
+    def __init__(
+        self, grid: Grid, poll_s: float = POLL_S, list_every_s: float = LIST_EVERY_S
+    ) -> None:
         self.grid = grid
         self.poll_s = poll_s
         self.list_every_s = list_every_s
-        self._known: dict[str, ScheduleRecord] = {}  # as last read: what is due is read again before it fires
+        self._known: dict[
+            str, ScheduleRecord
+        ] = {}  # as last read: what is due is read again before it fires
         self._listed_at = -math.inf
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -134,26 +144,43 @@ class Scheduler:
     def _fire(self, schedule: ScheduleRecord, now: float) -> None:
         registry = self.grid.registry
         missed = due_times_between(schedule, schedule.next_due, now)
-        firing = FiringRecord(schedule.schedule_id, schedule.next_due, now, "started", missed=missed,
-                              catch_up=missed > 1 or now - schedule.next_due > CATCH_UP_AFTER_S)
+        firing = FiringRecord(
+            schedule.schedule_id,
+            schedule.next_due,
+            now,
+            "started",
+            missed=missed,
+            catch_up=missed > 1 or now - schedule.next_due > CATCH_UP_AFTER_S,
+        )
         if firing.catch_up:
-            firing.detail = f"catch-up: one run for {missed} due time{'s' if missed > 1 else ''} missed"
+            firing.detail = (
+                f"catch-up: one run for {missed} due time{'s' if missed > 1 else ''} missed"
+            )
         running = self._running(schedule)
         function = registry.get_function(schedule.function_id)
         job = None
         if function is None:
-            firing.outcome, firing.detail = "failed", f"function {schedule.function_id} was deleted; deploy it again"
+            firing.outcome, firing.detail = (
+                "failed",
+                f"function {schedule.function_id} was deleted; deploy it again",
+            )
         elif running is not None and schedule.overlap == "skip":
             firing.outcome, firing.detail = "skipped", f"the previous run {running} was still going"
         elif running is not None and schedule.waiting_due is not None:
             firing.outcome = "skipped"
-            firing.detail = f"the previous run {running} was still going and another run already waits for it"
+            firing.detail = (
+                f"the previous run {running} was still going and another run already waits for it"
+            )
         elif running is not None:
             firing.outcome, firing.detail = "queued", f"waits for the previous run {running}"
         else:
             job = self._job(schedule)
             firing.job_id = job.job_id
-        if registry.claim_firing(firing, next_due_after(schedule, now), job) and job is not None and function:
+        if (
+            registry.claim_firing(firing, next_due_after(schedule, now), job)
+            and job is not None
+            and function
+        ):
             self._queue(function.timeout_s, function.memory_mib, job)
             log.info("schedule %s fired %s", schedule.name, job.job_id)
 
@@ -177,11 +204,29 @@ class Scheduler:
         return job.job_id if job is not None and not job.finished else None
 
     def _job(self, schedule: ScheduleRecord) -> JobRecord:
-        return JobRecord(new_job_id(), schedule.function_id, payload_format=schedule.payload_format,
-                         payload=schedule.payload, owner=schedule.owner, trigger="schedule")
+        return JobRecord(
+            new_job_id(),
+            schedule.function_id,
+            payload_format=schedule.payload_format,
+            payload=schedule.payload,
+            owner=schedule.owner,
+            trigger="schedule",
+        )
 
     def _queue(self, timeout_s: float, memory_mib: int, job: JobRecord) -> None:
         """Queue a run whose job is recorded (as ``controller.jobs.submit`` does): a restart requeues it if needed."""
         timeout_s = min(timeout_s, self.grid.owners.max_timeout(job.owner))
-        self.grid.queue.put([JobMessage(job.job_id, job.function_id, job.payload_format, job.payload, timeout_s,
-                                        memory_mib, owner=job.owner, trigger=job.trigger)])
+        self.grid.queue.put(
+            [
+                JobMessage(
+                    job.job_id,
+                    job.function_id,
+                    job.payload_format,
+                    job.payload,
+                    timeout_s,
+                    memory_mib,
+                    owner=job.owner,
+                    trigger=job.trigger,
+                )
+            ]
+        )

@@ -40,10 +40,16 @@ class SecretError(NanoGridError):
 class SecretBox:
     def __init__(self, master_key: bytes) -> None:
         if len(master_key) != 32:
-            raise SecretError(f"the secrets key must be 32 bytes, not {len(master_key)} ({KEY_ENV} is base64 of 32 bytes)")
+            raise SecretError(
+                f"the secrets key must be 32 bytes, not {len(master_key)} ({KEY_ENV} is base64 of 32 bytes)"
+            )
         self._enc = hmac.new(master_key, b"nanogrid secrets: encryption", hashlib.sha256).digest()
-        self._mac = hmac.new(master_key, b"nanogrid secrets: authentication", hashlib.sha256).digest()
-        self.link_key = hmac.new(master_key, b"nanogrid: output links", hashlib.sha256).digest()  # controller/links.py
+        self._mac = hmac.new(
+            master_key, b"nanogrid secrets: authentication", hashlib.sha256
+        ).digest()
+        self.link_key = hmac.new(
+            master_key, b"nanogrid: output links", hashlib.sha256
+        ).digest()  # controller/links.py
 
     @classmethod
     def load(cls, data_dir: Path) -> SecretBox:
@@ -52,8 +58,10 @@ class SecretBox:
             try:
                 return cls(base64.b64decode(os.environ[KEY_ENV], validate=True))
             except (binascii.Error, ValueError):
-                raise SecretError(f"{KEY_ENV} is not base64: make one with `python -c \"import os, base64; "
-                                  "print(base64.b64encode(os.urandom(32)).decode())\"`") from None
+                raise SecretError(
+                    f'{KEY_ENV} is not base64: make one with `python -c "import os, base64; '
+                    'print(base64.b64encode(os.urandom(32)).decode())"`'
+                ) from None
         path = data_dir / KEY_FILE
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -71,19 +79,29 @@ class SecretBox:
     def open(self, sealed: bytes, owner: str, name: str) -> bytes:
         if len(sealed) < 1 + NONCE_BYTES + TAG_BYTES or sealed[:1] != VERSION:
             raise SecretError(f"secret {name!r} is not in a format this grid wrote; set it again")
-        nonce, body, tag = sealed[1:1 + NONCE_BYTES], sealed[1 + NONCE_BYTES:-TAG_BYTES], sealed[-TAG_BYTES:]
+        nonce, body, tag = (
+            sealed[1 : 1 + NONCE_BYTES],
+            sealed[1 + NONCE_BYTES : -TAG_BYTES],
+            sealed[-TAG_BYTES:],
+        )
         if not hmac.compare_digest(tag, self._tag(nonce, owner, name, body)):
-            raise SecretError(f"secret {name!r} does not open with this machine's key: every machine of a grid "
-                              f"needs the same {KEY_ENV} (or the same {KEY_FILE}); set the secret again if it was lost")
+            raise SecretError(
+                f"secret {name!r} does not open with this machine's key: every machine of a grid "
+                f"needs the same {KEY_ENV} (or the same {KEY_FILE}); set the secret again if it was lost"
+            )
         return _xor(body, self._keystream(nonce, len(body)))
 
     def _keystream(self, nonce: bytes, size: int) -> bytes:
-        blocks = (hmac.new(self._enc, nonce + struct.pack(">Q", i), hashlib.sha256).digest()
-                  for i in range((size + BLOCK_BYTES - 1) // BLOCK_BYTES))
+        blocks = (
+            hmac.new(self._enc, nonce + struct.pack(">Q", i), hashlib.sha256).digest()
+            for i in range((size + BLOCK_BYTES - 1) // BLOCK_BYTES)
+        )
         return b"".join(blocks)[:size]
 
     def _tag(self, nonce: bytes, owner: str, name: str, body: bytes) -> bytes:
-        bound = b"".join(struct.pack(">I", len(part)) + part for part in (owner.encode(), name.encode()))
+        bound = b"".join(
+            struct.pack(">I", len(part)) + part for part in (owner.encode(), name.encode())
+        )
         return hmac.new(self._mac, VERSION + nonce + bound + body, hashlib.sha256).digest()
 
 
@@ -94,13 +112,19 @@ def _xor(data: bytes, stream: bytes) -> bytes:
 def check_secret(name: str, values: dict[str, str]) -> None:
     """Refuse names and variables a sandbox could not use (a clear message instead of a broken environment)."""
     if not NAME_PATTERN.match(name):
-        raise SecretError(f"secret name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+        raise SecretError(
+            f"secret name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
     if not values:
         raise SecretError(f"secret {name!r} needs at least one KEY=VALUE")
     for key, value in values.items():
         if not VARIABLE_PATTERN.match(key):
-            raise SecretError(f"{key!r} is not an environment variable name (letters, digits, '_'; not first a digit)")
+            raise SecretError(
+                f"{key!r} is not an environment variable name (letters, digits, '_'; not first a digit)"
+            )
         if not isinstance(value, str) or "\0" in value:
             raise SecretError(f"the value of {key} must be text without NUL characters")
     if sum(len(k) + len(v) for k, v in values.items()) > MAX_SECRET_BYTES:
-        raise SecretError(f"secret {name!r} is over {MAX_SECRET_BYTES // 1024} KiB; keep large data in a file or store")
+        raise SecretError(
+            f"secret {name!r} is over {MAX_SECRET_BYTES // 1024} KiB; keep large data in a file or store"
+        )

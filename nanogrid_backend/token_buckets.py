@@ -78,5 +78,7 @@ class RedisTokenBuckets:
     def take_counted(self, key_id: str, rate: float, burst: int) -> tuple[float, float]:
         if rate <= 0:
             return 0.0, float(burst)
-        wait, tokens = self._take(keys=[f"nanogrid:bucket:{key_id}"], args=[rate, burst, time.time()])
+        wait, tokens = self._take(
+            keys=[f"nanogrid:bucket:{key_id}"], args=[rate, burst, time.time()]
+        )
         return float(wait), float(tokens)

@@ -55,7 +55,9 @@ from nanogrid_contract.volumes import check_volume_path
 log = logging.getLogger(__name__)
 
 PREFIX = "volumes/"
-MAX_SYNCED_FILES = 100_000  # a copy with more regular files than this is not uploaded past them (and says so)
+MAX_SYNCED_FILES = (
+    100_000  # a copy with more regular files than this is not uploaded past them (and says so)
+)
 MAX_KEY_BYTES = 1024  # S3's limit on a key
 
 
@@ -74,12 +76,21 @@ class S3Volumes:
     problem = ""  # volumes are always available here
     stop_idle = None  # no sandboxes run beside the controller
 
-    def __init__(self, s3: Any, bucket: str, registry: Any, *, max_volume_mib: int = 256 << 10,
-                 owner_volume_mib: int = 512 << 10) -> None:
+    def __init__(
+        self,
+        s3: Any,
+        bucket: str,
+        registry: Any,
+        *,
+        max_volume_mib: int = 256 << 10,
+        owner_volume_mib: int = 512 << 10,
+    ) -> None:
         self.s3, self.bucket, self.registry = s3, bucket, registry
         self.max_volume_mib, self.owner_volume_mib = max_volume_mib, owner_volume_mib
         self._lock = threading.Lock()
-        self._usage: dict[tuple[str, str], tuple[str, int]] = {}  # (owner, name) -> (its marker then, bytes)
+        self._usage: dict[
+            tuple[str, str], tuple[str, int]
+        ] = {}  # (owner, name) -> (its marker then, bytes)
 
     # records
     def create(self, owner: str, name: str, size_mib: int | None) -> dict[str, Any]:
@@ -94,8 +105,13 @@ class S3Volumes:
                 return self.describe(owner, self.registry.get_volume(owner, name))
             try:
                 self.registry.put_volume(record)
-            except RegistryError:  # made by another controller meanwhile: it stands, if it has this size
-                if new_record(self.registry, owner, name, size_mib, self.owner_volume_mib) is not None:
+            except (
+                RegistryError
+            ):  # made by another controller meanwhile: it stands, if it has this size
+                if (
+                    new_record(self.registry, owner, name, size_mib, self.owner_volume_mib)
+                    is not None
+                ):
                     raise
                 return self.describe(owner, self.registry.get_volume(owner, name))
         return self.describe(owner, record)
@@ -110,14 +126,20 @@ class S3Volumes:
         """Remove the volume and its files. Workers' copies go with their next sync (the record is gone first)."""
         record = self._record(owner, name)
         self.registry.delete_volume(owner, record["name"])
-        self._delete([item["Key"] for item in self._objects(volume_prefix(owner, record["name"]))]
-                     + [marker_key(owner, record["name"])])
+        self._delete(
+            [item["Key"] for item in self._objects(volume_prefix(owner, record["name"]))]
+            + [marker_key(owner, record["name"])]
+        )
         return {**record, "used_bytes": 0}
 
     def describe(self, owner: str, record: dict[str, Any]) -> dict[str, Any]:
         """The record with ``used_bytes``: what its files take in S3."""
-        return {"name": record["name"], "size_mib": record["size_mib"], "created_at": record["created_at"],
-                "used_bytes": self._used(owner, record["name"])}
+        return {
+            "name": record["name"],
+            "size_mib": record["size_mib"],
+            "created_at": record["created_at"],
+            "used_bytes": self._used(owner, record["name"]),
+        }
 
     def attach(self, owner: str, wanted: list[dict[str, Any]]) -> VolumeSet:
         raise VolumeError("volumes are mounted by workers, not by the controller", 503)
@@ -141,8 +163,11 @@ class S3Volumes:
             replaced = 0
         used = self._used(owner, record["name"])
         if used - replaced + size > record["size_mib"] << 20:
-            raise VolumeError(f"volume {record['name']!r} is full ({record['size_mib']} MiB): remove files from it "
-                              "or use a larger volume", 507)
+            raise VolumeError(
+                f"volume {record['name']!r} is full ({record['size_mib']} MiB): remove files from it "
+                "or use a larger volume",
+                507,
+            )
         self.s3.upload_file(str(source), self.bucket, key)
         self._changed(owner, record["name"], size - replaced)
         return size
@@ -170,13 +195,27 @@ class S3Volumes:
         if path.strip("/"):
             base = self._key(owner, record["name"], path) + "/"
         entries: list[dict[str, Any]] = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base, Delimiter="/"
+        ):
             for folder in page.get("CommonPrefixes", []):
-                entries.append({"name": folder["Prefix"][len(base):].rstrip("/"), "kind": "dir", "size": 0,
-                                "modified": 0.0})
+                entries.append(
+                    {
+                        "name": folder["Prefix"][len(base) :].rstrip("/"),
+                        "kind": "dir",
+                        "size": 0,
+                        "modified": 0.0,
+                    }
+                )
             for item in page.get("Contents", []):
-                entries.append({"name": item["Key"][len(base):], "kind": "file", "size": int(item["Size"]),
-                                "modified": item["LastModified"].timestamp()})
+                entries.append(
+                    {
+                        "name": item["Key"][len(base) :],
+                        "kind": "file",
+                        "size": int(item["Size"]),
+                        "modified": item["LastModified"].timestamp(),
+                    }
+                )
         if path.strip("/") and not entries:
             raise VolumeError(f"no directory {path.strip('/')!r} on the volume", 404)
         return sorted(entries, key=lambda e: e["name"])
@@ -185,7 +224,11 @@ class S3Volumes:
         """Remove a file, or a directory with everything in it."""
         record = self._record(owner, name)
         key = self._key(owner, record["name"], path)
-        found = [item["Key"] for item in self._objects(key) if item["Key"] == key or item["Key"].startswith(key + "/")]
+        found = [
+            item["Key"]
+            for item in self._objects(key)
+            if item["Key"] == key or item["Key"].startswith(key + "/")
+        ]
         if not found:
             raise VolumeError(f"no {path!r} on volume {record['name']!r}", 404)
         self._delete(found)
@@ -195,7 +238,10 @@ class S3Volumes:
     def remote_files(self, owner: str, name: str) -> dict[str, tuple[str, int]]:
         """Every file of the volume in S3: path -> (ETag, size)."""
         prefix = volume_prefix(owner, name)
-        return {item["Key"][len(prefix):]: (item["ETag"], int(item["Size"])) for item in self._objects(prefix)}
+        return {
+            item["Key"][len(prefix) :]: (item["ETag"], int(item["Size"]))
+            for item in self._objects(prefix)
+        }
 
     def download(self, owner: str, name: str, path: str, target: int) -> str:
         """Write the file's S3 version into the descriptor ``target``; its ETag (what was written)."""
@@ -203,7 +249,7 @@ class S3Volumes:
         for chunk in body["Body"].iter_chunks(4 << 20):
             view = memoryview(chunk)
             while view:
-                view = view[os.write(target, view):]
+                view = view[os.write(target, view) :]
         return str(body["ETag"])
 
     def upload(self, owner: str, name: str, path: str, source: Any) -> str:
@@ -226,7 +272,9 @@ class S3Volumes:
 
     def mark(self, owner: str, name: str) -> str:
         """Rewrite the change marker (after the change is in S3): workers list the volume again. Its new ETag."""
-        reply = self.s3.put_object(Bucket=self.bucket, Key=marker_key(owner, name), Body=os.urandom(16))
+        reply = self.s3.put_object(
+            Bucket=self.bucket, Key=marker_key(owner, name), Body=os.urandom(16)
+        )
         return str(reply["ETag"])
 
     # inside
@@ -260,29 +308,42 @@ class S3Volumes:
     def _key(self, owner: str, name: str, path: str) -> str:
         key = volume_prefix(owner, name) + "/".join(checked_parts(path))
         if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-            raise VolumeError(f"the path {path!r} is too long for a volume kept in S3 (keys of at most "
-                              f"{MAX_KEY_BYTES} bytes)", 422)
+            raise VolumeError(
+                f"the path {path!r} is too long for a volume kept in S3 (keys of at most "
+                f"{MAX_KEY_BYTES} bytes)",
+                422,
+            )
         return key
 
     def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
             yield from page.get("Contents", [])
 
     def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
-            self.s3.delete_objects(Bucket=self.bucket,
-                                   Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+            self.s3.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True},
+            )
 
 
 class SyncedVolumes(VolumeStore):
     """A worker's copies of the volumes kept in S3 (``home``): local volumes synced before and after each call."""
 
-    def __init__(self, directory: Path, registry: Any, home: S3Volumes, uid: int, **limits: int) -> None:
+    def __init__(
+        self, directory: Path, registry: Any, home: S3Volumes, uid: int, **limits: int
+    ) -> None:
         super().__init__(directory, registry, uid, **limits)
         self.home = home
         self._sync_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._seen_marker: dict[tuple[str, str], str] = {}  # the change marker each copy was last synced at
-        self.downloads = self.uploads = 0  # files moved since the start (what a warm copy saves shows here)
+        self._seen_marker: dict[
+            tuple[str, str], str
+        ] = {}  # the change marker each copy was last synced at
+        self.downloads = self.uploads = (
+            0  # files moved since the start (what a warm copy saves shows here)
+        )
 
     def attach(self, owner: str, wanted: list[dict[str, Any]]) -> VolumeSet:
         """Bring this worker's copy of each volume up to date, then mount them as the embedded grid does."""
@@ -324,7 +385,9 @@ class SyncedVolumes(VolumeStore):
                 for path in removed:
                     del synced[path]
             if removed or changed:
-                self._seen_marker[(owner, name)] = ""  # its own change: listed again next time, like any other
+                self._seen_marker[(owner, name)] = (
+                    ""  # its own change: listed again next time, like any other
+                )
                 self.home.mark(owner, name)
                 self._save_state(owner, name, synced)
 
@@ -374,7 +437,9 @@ class SyncedVolumes(VolumeStore):
             synced[path] = (got[0], info.st_size, info.st_mtime_ns)
             self.downloads += 1
             changed = True
-        for path in [p for p in synced if p not in remote]:  # removed in S3 since this copy was synced
+        for path in [
+            p for p in synced if p not in remote
+        ]:  # removed in S3 since this copy was synced
             with contextlib.suppress(VolumeError):
                 self.remove(owner, name, path)
             del synced[path]
@@ -400,13 +465,23 @@ class SyncedVolumes(VolumeStore):
                                 path = "/".join([*parts, entry.name])
                                 if stat.S_ISREG(info.st_mode):
                                     if len(found) >= MAX_SYNCED_FILES:
-                                        log.warning("volume %s of %s: more than %d files; the rest stay on this "
-                                                    "worker", name, owner_digest(owner), MAX_SYNCED_FILES)
+                                        log.warning(
+                                            "volume %s of %s: more than %d files; the rest stay on this "
+                                            "worker",
+                                            name,
+                                            owner_digest(owner),
+                                            MAX_SYNCED_FILES,
+                                        )
                                         return found
                                     found[path] = (info.st_size, info.st_mtime_ns)
                                 elif stat.S_ISDIR(info.st_mode) and len(parts) < 31:
                                     with contextlib.suppress(OSError):
-                                        stack.append((os.open(entry.name, DIR_FLAGS, dir_fd=fd), [*parts, entry.name]))
+                                        stack.append(
+                                            (
+                                                os.open(entry.name, DIR_FLAGS, dir_fd=fd),
+                                                [*parts, entry.name],
+                                            )
+                                        )
                     finally:
                         os.close(fd)
             finally:
@@ -421,8 +496,10 @@ class SyncedVolumes(VolumeStore):
     def _state(self, owner: str, name: str) -> dict[str, tuple[str, int, int]]:
         """What this copy held when last synced: path -> (ETag, size, mtime in ns). Written by the host only."""
         try:
-            return {path: (str(e), int(s), int(m)) for path, (e, s, m) in
-                    json.loads(self._state_file(owner, name).read_text()).items()}
+            return {
+                path: (str(e), int(s), int(m))
+                for path, (e, s, m) in json.loads(self._state_file(owner, name).read_text()).items()
+            }
         except (OSError, ValueError, TypeError):
             return {}
 
@@ -446,8 +523,10 @@ class SyncedVolumeSet(VolumeSet):
                 with self.store._sync_lock(self.owner, mount.name):
                     self.store._sync_down(self.owner, mount.name)
             except (OSError, ClientError) as exc:
-                raise VolumeError(f"volume {mount.name!r} could not be brought up to date on this worker ({exc})",
-                                  503) from None
+                raise VolumeError(
+                    f"volume {mount.name!r} could not be brought up to date on this worker ({exc})",
+                    503,
+                ) from None
 
     def after_call(self) -> None:
         for mount in self.mounts:
@@ -455,8 +534,12 @@ class SyncedVolumeSet(VolumeSet):
                 try:
                     self.store.sync_up(self.owner, mount.name)
                 except (OSError, ClientError, VolumeError) as exc:
-                    log.warning("volume %s: could not upload what a call changed (%s); it stays on this worker "
-                                "until the next call's sync", mount.name, exc)
+                    log.warning(
+                        "volume %s: could not upload what a call changed (%s); it stays on this worker "
+                        "until the next call's sync",
+                        mount.name,
+                        exc,
+                    )
 
 
 def _valid(prefix: bytes, path: str) -> bool:

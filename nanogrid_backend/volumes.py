@@ -87,8 +87,12 @@ def requested(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             check_mount_path(entry.get("path"))
         except ValueError as exc:
             raise VolumeError(str(exc)) from None
-        if any(entry["path"] == p or entry["path"].startswith(p + "/") or p.startswith(entry["path"] + "/")
-               for p in seen):
+        if any(
+            entry["path"] == p
+            or entry["path"].startswith(p + "/")
+            or p.startswith(entry["path"] + "/")
+            for p in seen
+        ):
             raise VolumeError(f"two volumes mounted at or inside {entry['path']}")
         seen.add(entry["path"])
     return wanted
@@ -102,25 +106,40 @@ def owner_digest(owner: str) -> str:
 def check_size(size_mib: object, max_volume_mib: int) -> int:
     """A volume's size as asked (None: DEFAULT_VOLUME_MIB), within the grid's bounds: VolumeError 422 if not."""
     size_mib = DEFAULT_VOLUME_MIB if size_mib is None else size_mib
-    if isinstance(size_mib, bool) or not isinstance(size_mib, int) or not MIN_VOLUME_MIB <= size_mib <= max_volume_mib:
-        raise VolumeError(f"size_mib is a whole number of MiB from {MIN_VOLUME_MIB} to {max_volume_mib}, "
-                          f"not {size_mib!r}", 422)
+    if (
+        isinstance(size_mib, bool)
+        or not isinstance(size_mib, int)
+        or not MIN_VOLUME_MIB <= size_mib <= max_volume_mib
+    ):
+        raise VolumeError(
+            f"size_mib is a whole number of MiB from {MIN_VOLUME_MIB} to {max_volume_mib}, "
+            f"not {size_mib!r}",
+            422,
+        )
     return size_mib
 
 
-def new_record(registry: Any, owner: str, name: str, size_mib: int, owner_volume_mib: int) -> dict[str, Any] | None:
+def new_record(
+    registry: Any, owner: str, name: str, size_mib: int, owner_volume_mib: int
+) -> dict[str, Any] | None:
     """The record of a volume about to be made, or None when it exists with that size already; VolumeError when it
     exists with another size (409) or the owner's volumes would hold more than ``owner_volume_mib`` (413)."""
     earlier = registry.get_volume(owner, name)
     if earlier is not None:
         if earlier["size_mib"] != size_mib:
-            raise VolumeError(f"volume {name!r} exists with {earlier['size_mib']} MiB; a volume keeps its "
-                              "size (remove it and make it again, or use another name)", 409)
+            raise VolumeError(
+                f"volume {name!r} exists with {earlier['size_mib']} MiB; a volume keeps its "
+                "size (remove it and make it again, or use another name)",
+                409,
+            )
         return None
     held = sum(v["size_mib"] for v in registry.list_volumes(owner))
     if held + size_mib > owner_volume_mib:
-        raise VolumeError(f"your volumes hold {held} MiB of your {owner_volume_mib} MiB; a {size_mib} MiB "
-                          f"volume does not fit: remove one (`nanogrid volumes rm NAME`) or ask for less", 413)
+        raise VolumeError(
+            f"your volumes hold {held} MiB of your {owner_volume_mib} MiB; a {size_mib} MiB "
+            f"volume does not fit: remove one (`nanogrid volumes rm NAME`) or ask for less",
+            413,
+        )
     return {"owner": owner, "name": name, "size_mib": size_mib, "created_at": time.time()}
 
 
@@ -166,18 +185,29 @@ class _Mounted:
 class VolumeStore:
     """The volumes of one grid (embedded: this machine's data dir; its registry holds their records)."""
 
-    def __init__(self, directory: Path, registry: Any, uid: int = SANDBOX_UID, *, max_volume_mib: int = 256 << 10,
-                 owner_volume_mib: int = 512 << 10) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        registry: Any,
+        uid: int = SANDBOX_UID,
+        *,
+        max_volume_mib: int = 256 << 10,
+        owner_volume_mib: int = 512 << 10,
+    ) -> None:
         self.directory = directory
-        self.max_volume_mib, self.owner_volume_mib = max_volume_mib, owner_volume_mib  # the grid's settings
+        self.max_volume_mib, self.owner_volume_mib = (
+            max_volume_mib,
+            owner_volume_mib,
+        )  # the grid's settings
         self.registry = registry
         self.uid = uid  # who sandboxes run as: the owner of what the host puts on a volume (so functions may change it)
         # Set by the grid: stops the warm pool's idle sandboxes a predicate picks (WarmPool.stop_idle)
         self.stop_idle: Callable[[Callable[[Any], bool]], int] | None = None
         # Set by the grid: bytes sandbox disks on the same host disk may still take (``scratch.DiskRoom.promised``)
         self.also_promised: Callable[[], int] = lambda: 0
-        self.problem = scratch.unavailable() or ("" if isinstance(registry, VolumeRegistry) else
-                                                 "this grid's registry keeps no volumes")
+        self.problem = scratch.unavailable() or (
+            "" if isinstance(registry, VolumeRegistry) else "this grid's registry keeps no volumes"
+        )
         self._lock = threading.RLock()
         self._mounted: dict[tuple[str, str], _Mounted] = {}
         if not self.problem:
@@ -208,19 +238,27 @@ class VolumeStore:
         return self.describe(owner, self._record(owner, name))
 
     def list_volumes(self, owner: str) -> list[dict[str, Any]]:
-        return [self.describe(owner, record) for record in self.registry.list_volumes(owner)] if not self.problem \
+        return (
+            [self.describe(owner, record) for record in self.registry.list_volumes(owner)]
+            if not self.problem
             else []
+        )
 
     def delete(self, owner: str, name: str) -> dict[str, Any]:
         """Remove the volume and everything on it; refused while a sandbox has it mounted."""
         record = self._record(owner, name)
-        if self.stop_idle is not None:  # idle sandboxes keep nothing worth a refusal: they are stopped
+        if (
+            self.stop_idle is not None
+        ):  # idle sandboxes keep nothing worth a refusal: they are stopped
             self.stop_idle(lambda sandbox: _holds(sandbox, owner, record["name"]))
         with self._lock:
             mounted = self._mounted.get((owner, record["name"]))
             if mounted is not None and mounted.users:
-                raise VolumeError(f"volume {name!r} is mounted in {mounted.users} sandbox(es) running calls of yours; "
-                                  "try again once they have finished", 409)
+                raise VolumeError(
+                    f"volume {name!r} is mounted in {mounted.users} sandbox(es) running calls of yours; "
+                    "try again once they have finished",
+                    409,
+                )
             self._unmount(owner, record["name"])
             self._image(owner, record["name"]).unlink(missing_ok=True)
             self.registry.delete_volume(owner, record["name"])
@@ -232,8 +270,12 @@ class VolumeStore:
             used = os.stat(self._image(owner, record["name"])).st_blocks * 512
         except OSError:
             used = 0
-        return {"name": record["name"], "size_mib": record["size_mib"], "created_at": record["created_at"],
-                "used_bytes": used}
+        return {
+            "name": record["name"],
+            "size_mib": record["size_mib"],
+            "created_at": record["created_at"],
+            "used_bytes": used,
+        }
 
     # sandboxes
     def attach(self, owner: str, wanted: list[dict[str, Any]]) -> VolumeSet:
@@ -244,12 +286,21 @@ class VolumeStore:
         for entry in requested({"volumes": wanted}):
             with self._lock:
                 if self.registry.get_volume(owner, entry["name"]) is None:
-                    raise VolumeError(f"the function mounts volume {entry['name']!r}, which you do not have: make "
-                                      f"it with nanogrid.Volume({entry['name']!r}, size_mib=...)", 404)
+                    raise VolumeError(
+                        f"the function mounts volume {entry['name']!r}, which you do not have: make "
+                        f"it with nanogrid.Volume({entry['name']!r}, size_mib=...)",
+                        404,
+                    )
                 held = self._mount(owner, entry["name"])
             read_only = bool(entry.get("read_only", False))
-            mounts.append(VolumeMount(entry["name"], str(held.read_only if read_only else held.mountpoint / "data"),
-                                      entry["path"], read_only))
+            mounts.append(
+                VolumeMount(
+                    entry["name"],
+                    str(held.read_only if read_only else held.mountpoint / "data"),
+                    entry["path"],
+                    read_only,
+                )
+            )
         return self._volume_set(owner, mounts)
 
     def _volume_set(self, owner: str, mounts: list[VolumeMount]) -> VolumeSet:
@@ -278,7 +329,9 @@ class VolumeStore:
 
         return self.replace(owner, name, path, fill).st_size
 
-    def replace(self, owner: str, name: str, path: str, fill: Callable[[int], None]) -> os.stat_result:
+    def replace(
+        self, owner: str, name: str, path: str, fill: Callable[[int], None]
+    ) -> os.stat_result:
         """Write ``path`` on the volume as ``fill`` writes the descriptor it is given, into a new file renamed over
         whatever was there (a link there is replaced, never followed; directories made as needed); the new file's
         status. VolumeError 507 naming the volume when it is full, 409 when ``path`` is a directory."""
@@ -287,15 +340,21 @@ class VolumeStore:
             parent = _walk(root, parts[:-1], create=self.uid)
             temporary = f".nanogrid-put-{uuid.uuid4().hex}"
             try:
-                target = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                                 dir_fd=parent)
+                target = os.open(
+                    temporary,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=parent,
+                )
                 try:
                     os.fchown(target, self.uid, self.uid)  # the owner's functions may change it
                     fill(target)
                     os.fsync(target)
                 finally:
                     os.close(target)
-                os.rename(temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)  # a link there is replaced
+                os.rename(
+                    temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent
+                )  # a link there is replaced
                 return os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
             except OSError as exc:
                 try:
@@ -303,8 +362,11 @@ class VolumeStore:
                 except OSError:
                     pass
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise VolumeError(f"volume {name!r} is full ({self._record(owner, name)['size_mib']} MiB): "
-                                      "remove files from it or use a larger volume", 507) from None
+                    raise VolumeError(
+                        f"volume {name!r} is full ({self._record(owner, name)['size_mib']} MiB): "
+                        "remove files from it or use a larger volume",
+                        507,
+                    ) from None
                 if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
                     raise VolumeError(f"{path!r} is a directory on volume {name!r}", 409) from None
                 raise
@@ -317,11 +379,17 @@ class VolumeStore:
         with self._root(owner, name) as root:
             parent = _walk(root, parts[:-1])
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+                fd = os.open(
+                    parts[-1],
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    dir_fd=parent,
+                )
             except FileNotFoundError:
                 raise VolumeError(f"no file {path!r} on volume {name!r}", 404) from None
             except OSError:
-                raise VolumeError(f"{path!r} on volume {name!r} is not a regular file", 409) from None
+                raise VolumeError(
+                    f"{path!r} on volume {name!r} is not a regular file", 409
+                ) from None
             finally:
                 os.close(parent)
             info = os.fstat(fd)
@@ -342,10 +410,23 @@ class VolumeStore:
                         if entry.name.startswith(".nanogrid-put-"):
                             continue  # a put under way
                         info = entry.stat(follow_symlinks=False)
-                        kind = ("dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode)
-                                else "link" if stat.S_ISLNK(info.st_mode) else "other")
-                        entries.append({"name": entry.name, "kind": kind,
-                                        "size": info.st_size if kind == "file" else 0, "modified": info.st_mtime})
+                        kind = (
+                            "dir"
+                            if stat.S_ISDIR(info.st_mode)
+                            else "file"
+                            if stat.S_ISREG(info.st_mode)
+                            else "link"
+                            if stat.S_ISLNK(info.st_mode)
+                            else "other"
+                        )
+                        entries.append(
+                            {
+                                "name": entry.name,
+                                "kind": kind,
+                                "size": info.st_size if kind == "file" else 0,
+                                "modified": info.st_mtime,
+                            }
+                        )
                 return sorted(entries, key=lambda e: e["name"])
             finally:
                 os.close(directory)
@@ -358,7 +439,9 @@ class VolumeStore:
             try:
                 info = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
-                    shutil.rmtree(parts[-1], dir_fd=parent)  # fd-based on Linux: never follows a link it finds
+                    shutil.rmtree(
+                        parts[-1], dir_fd=parent
+                    )  # fd-based on Linux: never follows a link it finds
                 else:
                     os.unlink(parts[-1], dir_fd=parent)
             except FileNotFoundError:
@@ -398,7 +481,9 @@ class VolumeStore:
             finally:
                 os.close(fd)
             # A journal, unlike scratch disks: what is on a volume must survive the host's crash.
-            scratch._run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,root_owner=0:0", str(image))
+            scratch._run(
+                "mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,root_owner=0:0", str(image)
+            )
         except (OSError, ScratchError) as exc:
             image.unlink(missing_ok=True)
             raise VolumeError(f"the grid could not make volume {name!r} ({exc})", 507) from None
@@ -412,10 +497,20 @@ class VolumeStore:
         mountpoint, read_only = image.with_suffix(".mnt"), image.with_suffix(".ro")
         device = ""
         try:
-            device = scratch._run("losetup", "--find", "--show", "--direct-io=on", str(image)).strip()
+            device = scratch._run(
+                "losetup", "--find", "--show", "--direct-io=on", str(image)
+            ).strip()
             mountpoint.mkdir(mode=0o700, exist_ok=True)
-            if _libc.mount(device.encode(), str(mountpoint).encode(), b"ext4", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME,
-                           None) != 0:
+            if (
+                _libc.mount(
+                    device.encode(),
+                    str(mountpoint).encode(),
+                    b"ext4",
+                    MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME,
+                    None,
+                )
+                != 0
+            ):
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
             root = os.open(mountpoint, DIR_FLAGS)
             try:
@@ -433,7 +528,9 @@ class VolumeStore:
             # A bind keeps the flags of what it binds: a read-only copy here makes every bind of it read-only too.
             read_only.mkdir(mode=0o700, exist_ok=True)
             _mount_call(str(mountpoint / "data"), read_only, MS_BIND)
-            _mount_call(None, read_only, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            _mount_call(
+                None, read_only, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            )
         except (OSError, ScratchError) as exc:
             if device:
                 _libc.umount2(str(read_only).encode(), MNT_DETACH)
@@ -462,7 +559,9 @@ class VolumeStore:
         may_grow = self.promised() + self.also_promised()
         free = shutil.disk_usage(self.directory).free
         if may_grow + (size_mib << 20) + scratch.HOST_RESERVE_BYTES > free:
-            raise VolumeError(f"the grid has no room for a {size_mib} MiB volume now: ask for a smaller one", 507)
+            raise VolumeError(
+                f"the grid has no room for a {size_mib} MiB volume now: ask for a smaller one", 507
+            )
 
     def promised(self) -> int:
         """Bytes the volumes' files may still take on the host's disk (their images are sparse)."""
@@ -498,12 +597,19 @@ class _RootFd:
 def _holds(sandbox: Any, owner: str, name: str) -> bool:
     """Whether a sandbox binds the owner's volume ``name``."""
     volumes = sandbox.volumes
-    return isinstance(volumes, VolumeSet) and volumes.owner == owner and any(m.name == name for m in volumes.mounts)
+    return (
+        isinstance(volumes, VolumeSet)
+        and volumes.owner == owner
+        and any(m.name == name for m in volumes.mounts)
+    )
 
 
 def _mount_call(source: str | None, target: Path, flags: int) -> None:
     """mount(2) with no filesystem type or data (binds, remounts, propagation); OSError if refused."""
-    if _libc.mount(source.encode() if source else None, str(target).encode(), None, flags, None) != 0:
+    if (
+        _libc.mount(source.encode() if source else None, str(target).encode(), None, flags, None)
+        != 0
+    ):
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
@@ -549,8 +655,11 @@ def _walk(root: int, parts: list[str], create: int | None = None) -> int:
             except FileNotFoundError:
                 raise VolumeError(f"no directory {'/'.join(parts)!r} on the volume", 404) from None
             except OSError:
-                raise VolumeError(f"{'/'.join(parts)!r} on the volume goes through something that is not a "
-                                  "directory (a link is never followed)", 409) from None
+                raise VolumeError(
+                    f"{'/'.join(parts)!r} on the volume goes through something that is not a "
+                    "directory (a link is never followed)",
+                    409,
+                ) from None
             os.close(fd)
             fd = child
         return fd

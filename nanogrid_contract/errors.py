@@ -134,7 +134,8 @@ class JobCancelled(JobFailed):
 
 
 class EnvironmentBuildFailed(JobFailed):
-    """The grid could not build the function's environment; the message carries the installer's and names the package."""
+    """The grid could not build the function's environment; the message carries the installer's and
+    names the package."""
 
 
 _BY_KIND: dict[str, type[JobFailed]] = {

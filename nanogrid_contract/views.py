@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "pending",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+)
 FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
 
 

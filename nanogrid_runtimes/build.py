@@ -49,12 +49,35 @@ RUNTIME_IMAGE = f"{RUNTIME_REPOSITORY}:latest"  # the grid's own Python
 STEP_TIMEOUT_S = 900  # mmdebstrap, docker import and docker build each stop after this
 # Debian package names (Debian policy 5.6.1), and what apt could read as a pattern rather than a name.
 DEBIAN_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{0,99}")
-PATTERN_SIGNS = (".+", ".*", "*", "?", "[", "]", "~", "^", "$", "|", "(", ")", "!", "{", "}", "/", "=", ":", ",")
+PATTERN_SIGNS = (
+    ".+",
+    ".*",
+    "*",
+    "?",
+    "[",
+    "]",
+    "~",
+    "^",
+    "$",
+    "|",
+    "(",
+    ")",
+    "!",
+    "{",
+    "}",
+    "/",
+    "=",
+    ":",
+    ",",
+)
 
 
 def debian_base(python: str, packages: list[str]) -> str:
     suite = DEBIAN_SUITES[python]
-    return f"nanogrid/debian-python:{suite}-" + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+    return (
+        f"nanogrid/debian-python:{suite}-"
+        + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+    )
 
 
 def with_extra_packages(extra_packages: list[str] | None) -> list[str]:
@@ -66,13 +89,19 @@ def runtime_tag(python: str, extra_packages: list[str] | None = None) -> str:
     """nanogrid/runtime-python:<minor>, or :<minor>-<hash> for a runtime with a function environment's packages."""
     image = f"{RUNTIME_REPOSITORY}:{python}"
     if extra_packages:
-        image += "-" + hashlib.sha256(" ".join(with_extra_packages(extra_packages)).encode()).hexdigest()[:8]
+        image += (
+            "-"
+            + hashlib.sha256(" ".join(with_extra_packages(extra_packages)).encode()).hexdigest()[:8]
+        )
     return image
 
 
 def derived_images(python: str, extra_packages: list[str]) -> list[str]:
     """The images made for a function environment's Debian packages: its runtime, then the Debian base under it."""
-    return [runtime_tag(python, extra_packages), debian_base(python, with_extra_packages(extra_packages))]
+    return [
+        runtime_tag(python, extra_packages),
+        debian_base(python, with_extra_packages(extra_packages)),
+    ]
 
 
 def debian_name_problem(name: str) -> str | None:
@@ -91,7 +120,9 @@ def names_file(suite: str) -> Path:
     return cache / "nanogrid" / "debian" / f"{suite}-amd64.names"
 
 
-_known_names: dict[str, tuple[float, frozenset[str]]] = {}  # suite -> (when its source changed, its names)
+_known_names: dict[
+    str, tuple[float, frozenset[str]]
+] = {}  # suite -> (when its source changed, its names)
 
 
 def debian_package_names(suite: str) -> frozenset[str] | None:
@@ -105,8 +136,18 @@ def debian_package_names(suite: str) -> frozenset[str] | None:
     if saved.is_file():
         source, read = saved, lambda: saved.read_text()
     elif _host_codename() == suite and lists.is_dir() and shutil.which("apt-cache"):
-        source, read = lists, lambda: subprocess.run(["apt-cache", "pkgnames"], capture_output=True, text=True,
-                                                      timeout=60, check=True).stdout
+        source, read = (
+            lists,
+            lambda: (
+                subprocess.run(
+                    ["apt-cache", "pkgnames"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=True,
+                ).stdout
+            ),
+        )
     else:
         return None
     changed = source.stat().st_mtime
@@ -134,19 +175,29 @@ def unknown_debian_packages(python: str, names: list[str]) -> list[str]:
     suite = DEBIAN_SUITES[python]
     known = debian_package_names(suite)
     if known is None:
-        sys.exit(f"this host has no list of Debian {suite}'s packages to check the names against; build a runtime "
-                 f"for Python {python} with nanogrid_runtimes/build.py --python {python} (which saves one)")
+        sys.exit(
+            f"this host has no list of Debian {suite}'s packages to check the names against; build a runtime "
+            f"for Python {python} with nanogrid_runtimes/build.py --python {python} (which saves one)"
+        )
     return [name for name in names if name not in known]
 
 
 DEBIAN_BASE = debian_base(HOST_PYTHON, DEBIAN_PACKAGES) if HOST_PYTHON in DEBIAN_SUITES else ""
-NANOGRID_MODULES = ["__init__.py", "errors.py", "cell_state.py", "ai.py"]  # what a sandbox may import
+NANOGRID_MODULES = [
+    "__init__.py",
+    "errors.py",
+    "cell_state.py",
+    "ai.py",
+]  # what a sandbox may import
 CONTRACT_MODULES = ["__init__.py", "errors.py"]  # what nanogrid.errors is made of
 # Copied from the grid's own environment, with what they need (requests: the seed's functions and ai_client use it).
 SITE_DISTRIBUTIONS = ["cloudpickle", "ollama", "requests"]
 
 
-BUILD_PREFIXES = ("nanogrid-rootfs-", "nanogrid-context-")  # temporary folders of builds (a root filesystem: 100+ MiB)
+BUILD_PREFIXES = (
+    "nanogrid-rootfs-",
+    "nanogrid-context-",
+)  # temporary folders of builds (a root filesystem: 100+ MiB)
 
 
 @contextmanager
@@ -179,7 +230,9 @@ def remove_abandoned_directories() -> list[str]:
             folder = owner_file.with_suffix("")
             try:
                 with open(owner_file) as owner:
-                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only once the build holding it is gone
+                    fcntl.flock(
+                        owner, fcntl.LOCK_EX | fcntl.LOCK_NB
+                    )  # only once the build holding it is gone
                     shutil.rmtree(folder, ignore_errors=True)
                     owner_file.unlink()
                     removed.append(folder.name)
@@ -190,30 +243,50 @@ def remove_abandoned_directories() -> list[str]:
 
 def docker(*args: str, capture: bool = False) -> str:
     try:
-        result = subprocess.run(["docker", *args], text=True, capture_output=True, timeout=STEP_TIMEOUT_S)
+        result = subprocess.run(
+            ["docker", *args], text=True, capture_output=True, timeout=STEP_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
-        sys.exit(f"nanogrid_runtimes/build.py: docker {args[0]} took over {STEP_TIMEOUT_S} s; gave up")
+        sys.exit(
+            f"nanogrid_runtimes/build.py: docker {args[0]} took over {STEP_TIMEOUT_S} s; gave up"
+        )
     if result.returncode != 0:
         sys.exit(f"nanogrid_runtimes/build.py: docker {args[0]} failed:\n{result.stderr.strip()}")
     return result.stdout.strip() if capture else ""
 
 
 def image_exists(name: str) -> bool:
-    return subprocess.run(["docker", "image", "inspect", name], capture_output=True, timeout=60).returncode == 0
+    return (
+        subprocess.run(
+            ["docker", "image", "inspect", name], capture_output=True, timeout=60
+        ).returncode
+        == 0
+    )
 
 
 def label(name: str, key: str) -> str:
-    return docker("image", "inspect", "--format", f'{{{{ index .Config.Labels "{key}" }}}}', name, capture=True)
+    return docker(
+        "image",
+        "inspect",
+        "--format",
+        f'{{{{ index .Config.Labels "{key}" }}}}',
+        name,
+        capture=True,
+    )
 
 
 def build_debian_base(python: str, packages: list[str]) -> str:
     name = debian_base(python, packages)
     if shutil.which("mmdebstrap") is None:
-        sys.exit("nanogrid_runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap), or pass --base IMAGE")
+        sys.exit(
+            "nanogrid_runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap), or pass --base IMAGE"
+        )
     wrong = {name: debian_name_problem(name) for name in packages}
     for package, problem in wrong.items():
         if problem:  # names only, never a pattern: apt runs as root here
-            sys.exit(f"nanogrid_runtimes/build.py: {package!r} is not a Debian package name: {problem}")
+            sys.exit(
+                f"nanogrid_runtimes/build.py: {package!r} is not a Debian package name: {problem}"
+            )
     names = names_file(DEBIAN_SUITES[python])
     names.parent.mkdir(parents=True, exist_ok=True)
     with build_directory("nanogrid-rootfs-") as tmp:
@@ -222,19 +295,42 @@ def build_debian_base(python: str, packages: list[str]) -> str:
         # The release's package names are kept (for checking environments' names before anything is built).
         keep_names = f'chroot "$1" apt-cache pkgnames > {tmp}/names'
         try:
-            done = subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
-                                   f"--customize-hook={keep_names}", DEBIAN_SUITES[python], str(rootfs)],
-                                  capture_output=True, text=True, timeout=STEP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                [
+                    "mmdebstrap",
+                    "--quiet",
+                    "--variant=minbase",
+                    "--include=" + ",".join(packages),
+                    f"--customize-hook={keep_names}",
+                    DEBIAN_SUITES[python],
+                    str(rootfs),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=STEP_TIMEOUT_S,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
-            sys.exit(f"nanogrid_runtimes/build.py: mmdebstrap took over {STEP_TIMEOUT_S} s for Debian "
-                     f"{DEBIAN_SUITES[python]} with {', '.join(packages)}; gave up")
+            sys.exit(
+                f"nanogrid_runtimes/build.py: mmdebstrap took over {STEP_TIMEOUT_S} s for Debian "
+                f"{DEBIAN_SUITES[python]} with {', '.join(packages)}; gave up"
+            )
         if done.returncode == 0 and (Path(tmp) / "names").stat().st_size:
             os.replace(Path(tmp) / "names", names)
-        if done.returncode != 0:  # an unknown package name, or no Debian mirror reachable from this host
-            said = "\n".join(line for line in done.stderr.splitlines() if line.startswith("E:") or "Unable to locate"
-                             in line or "no installation candidate" in line)
-            sys.exit(f"nanogrid_runtimes/build.py: mmdebstrap could not make a Debian {DEBIAN_SUITES[python]} root file "
-                     f"system with {', '.join(packages)}:\n{(said or done.stderr).strip()[-1500:]}")
+        if (
+            done.returncode != 0
+        ):  # an unknown package name, or no Debian mirror reachable from this host
+            said = "\n".join(
+                line
+                for line in done.stderr.splitlines()
+                if line.startswith("E:")
+                or "Unable to locate" in line
+                or "no installation candidate" in line
+            )
+            sys.exit(
+                f"nanogrid_runtimes/build.py: mmdebstrap could not make a Debian {DEBIAN_SUITES[python]} root file "
+                f"system with {', '.join(packages)}:\n{(said or done.stderr).strip()[-1500:]}"
+            )
         docker("import", "--change", 'CMD ["python3"]', str(rootfs), name)
     return name
 
@@ -250,7 +346,10 @@ def prepare_context(directory: Path, python: str = HOST_PYTHON) -> str:
     else:
         _install_distributions(site, python)
     (site / "nanogrid").mkdir(parents=True, exist_ok=True)
-    for module in ("sdk.py", "ai_client.py"):  # the seed platform's `import sdk` and `import ai_client`
+    for module in (
+        "sdk.py",
+        "ai_client.py",
+    ):  # the seed platform's `import sdk` and `import ai_client`
         shutil.copy(HERE / "python" / module, site / module)
     for module in NANOGRID_MODULES:
         shutil.copy(ROOT / "nanogrid" / module, site / "nanogrid" / module)
@@ -272,11 +371,30 @@ def _install_distributions(site: Path, python: str) -> None:
     pins = [f"{name}=={metadata.version(name)}" for name in SITE_DISTRIBUTIONS]
     uv = Path(sys.executable).with_name("uv")
     command = [str(uv)] if uv.exists() else [sys.executable, "-m", "uv"]
-    done = subprocess.run([*command, "pip", "install", "--quiet", "--target", str(site), "--python-version", python,
-                           "--python-platform", "x86_64-manylinux_2_28", "--only-binary", ":all:", *pins],
-                          capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
+    done = subprocess.run(
+        [
+            *command,
+            "pip",
+            "install",
+            "--quiet",
+            "--target",
+            str(site),
+            "--python-version",
+            python,
+            "--python-platform",
+            "x86_64-manylinux_2_28",
+            "--only-binary",
+            ":all:",
+            *pins,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT_S,
+    )
     if done.returncode != 0:
-        sys.exit(f"nanogrid_runtimes/build.py: could not install {', '.join(pins)} for Python {python}:\n{done.stderr}")
+        sys.exit(
+            f"nanogrid_runtimes/build.py: could not install {', '.join(pins)} for Python {python}:\n{done.stderr}"
+        )
 
 
 def _with_dependencies(names: list[str]) -> set[str]:
@@ -292,7 +410,11 @@ def _with_dependencies(names: list[str]) -> set[str]:
         if name in found:
             continue
         found.add(name)
-        pending += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in dist.requires or [] if "extra ==" not in r]
+        pending += [
+            re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0]
+            for r in dist.requires or []
+            if "extra ==" not in r
+        ]
     return found
 
 
@@ -300,14 +422,24 @@ def _copy_distribution(name: str, site: Path) -> None:
     dist = metadata.distribution(name)
     for file in dist.files or []:
         parts = file.parts
-        if parts[0].endswith(".dist-info") or "__pycache__" in parts or parts[0] == ".." or file.suffix == ".pth":
+        if (
+            parts[0].endswith(".dist-info")
+            or "__pycache__" in parts
+            or parts[0] == ".."
+            or file.suffix == ".pth"
+        ):
             continue
         target = site / file
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(file.locate(), target)
 
 
-def build(base: str | None, force: bool, python: str = HOST_PYTHON, extra_packages: list[str] | None = None) -> str:
+def build(
+    base: str | None,
+    force: bool,
+    python: str = HOST_PYTHON,
+    extra_packages: list[str] | None = None,
+) -> str:
     """Build (or find up to date) the runtime image of ``python``; returns its name.
 
     ``extra_packages`` (Debian packages a function environment asks for) give a runtime of its own,
@@ -317,29 +449,56 @@ def build(base: str | None, force: bool, python: str = HOST_PYTHON, extra_packag
     image = runtime_tag(python, extra_packages)
     if base is None:
         if python not in DEBIAN_SUITES:
-            sys.exit(f"nanogrid_runtimes/build.py: no Debian release ships Python {python}; "
-                     f"choose one of {', '.join(DEBIAN_SUITES)} or pass --base IMAGE")
+            sys.exit(
+                f"nanogrid_runtimes/build.py: no Debian release ships Python {python}; "
+                f"choose one of {', '.join(DEBIAN_SUITES)} or pass --base IMAGE"
+            )
         base = debian_base(python, packages)
         if not image_exists(base) or force:
             build_debian_base(python, packages)
     elif not image_exists(base):
-        sys.exit(f"nanogrid_runtimes/build.py: no image {base!r} here, and this machine cannot pull one")
+        sys.exit(
+            f"nanogrid_runtimes/build.py: no image {base!r} here, and this machine cannot pull one"
+        )
     tags = [image] + ([RUNTIME_IMAGE] if python == HOST_PYTHON and not extra_packages else [])
     with build_directory("nanogrid-context-") as tmp:
         context = Path(tmp)
         digest = prepare_context(context, python)
-        if not force and all(image_exists(tag) and label(tag, "nanogrid.context") == digest
-                             and label(tag, "nanogrid.base") == base for tag in tags):
+        if not force and all(
+            image_exists(tag)
+            and label(tag, "nanogrid.context") == digest
+            and label(tag, "nanogrid.base") == base
+            for tag in tags
+        ):
             print(f"{image} is up to date")
             return image
-        found = docker("run", "--rm", "--network=none", base, "python3", "-c",
-                       "import sys; print('%d.%d' % sys.version_info[:2])", capture=True)
+        found = docker(
+            "run",
+            "--rm",
+            "--network=none",
+            base,
+            "python3",
+            "-c",
+            "import sys; print('%d.%d' % sys.version_info[:2])",
+            capture=True,
+        )
         if found != python:
             sys.exit(f"nanogrid_runtimes/build.py: {base} runs Python {found}, not {python}")
         print(f"building {image} on {base} (Python {python}) ...", flush=True)
-        docker("build", "--quiet", "--build-arg", f"BASE={base}", "--label", f"nanogrid.python={python}",
-               "--label", f"nanogrid.context={digest}", "--label", f"nanogrid.base={base}",
-               *[arg for tag in tags for arg in ("-t", tag)], str(context))
+        docker(
+            "build",
+            "--quiet",
+            "--build-arg",
+            f"BASE={base}",
+            "--label",
+            f"nanogrid.python={python}",
+            "--label",
+            f"nanogrid.context={digest}",
+            "--label",
+            f"nanogrid.base={base}",
+            *[arg for tag in tags for arg in ("-t", tag)],
+            str(context),
+        )
     return image
 
 
@@ -377,15 +536,30 @@ def language_image(runtime: str) -> str:
 def language_base(runtime: str, force: bool = False) -> str:
     """Debian minbase with the language's packages (mmdebstrap, about a minute), imported as an image."""
     packages = LANGUAGE_RUNTIMES[runtime][1]
-    base = f"nanogrid/debian-{runtime}:{LANGUAGE_SUITE}-" + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+    base = (
+        f"nanogrid/debian-{runtime}:{LANGUAGE_SUITE}-"
+        + hashlib.sha256(" ".join(packages).encode()).hexdigest()[:8]
+    )
     if not image_exists(base) or force:
         if shutil.which("mmdebstrap") is None:
-            sys.exit("nanogrid_runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap)")
+            sys.exit(
+                "nanogrid_runtimes/build.py: mmdebstrap is missing (apt-get install mmdebstrap)"
+            )
         with build_directory("nanogrid-rootfs-") as tmp:
             rootfs = Path(tmp) / "rootfs.tar"
             print(f"building {base} with mmdebstrap ...", flush=True)
-            subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=" + ",".join(packages),
-                            LANGUAGE_SUITE, str(rootfs)], check=True, timeout=STEP_TIMEOUT_S)
+            subprocess.run(
+                [
+                    "mmdebstrap",
+                    "--quiet",
+                    "--variant=minbase",
+                    "--include=" + ",".join(packages),
+                    LANGUAGE_SUITE,
+                    str(rootfs),
+                ],
+                check=True,
+                timeout=STEP_TIMEOUT_S,
+            )
             docker("import", "--change", 'CMD ["/bin/sh"]', str(rootfs), base)
     return base
 
@@ -405,29 +579,62 @@ def build_language(runtime: str, force: bool) -> str:
             path.chmod(0o644)
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
         context_hash = digest.hexdigest()[:16]
-        if not force and image_exists(image) and label(image, "nanogrid.context") == context_hash \
-                and label(image, "nanogrid.base") == base:
+        if (
+            not force
+            and image_exists(image)
+            and label(image, "nanogrid.context") == context_hash
+            and label(image, "nanogrid.base") == base
+        ):
             print(f"{image} is up to date")
             return image
-        version = docker("run", "--rm", "--network=none", base, "sh", "-c", version_command, capture=True)
+        version = docker(
+            "run", "--rm", "--network=none", base, "sh", "-c", version_command, capture=True
+        )
         if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", version):
             sys.exit(f"nanogrid_runtimes/build.py: {base} reports {runtime} version {version!r}")
         print(f"building {image} ({runtime} {version}) on {base} ...", flush=True)
-        docker("build", "--quiet", "--build-arg", f"BASE={base}", "--label", f"nanogrid.runtime={grid_name}",
-               "--label", f"nanogrid.version={version}", "--label", f"nanogrid.context={context_hash}",
-               "--label", f"nanogrid.base={base}", "-t", image, "-t", f"nanogrid/runtime-{runtime}:{version}",
-               str(context))
+        docker(
+            "build",
+            "--quiet",
+            "--build-arg",
+            f"BASE={base}",
+            "--label",
+            f"nanogrid.runtime={grid_name}",
+            "--label",
+            f"nanogrid.version={version}",
+            "--label",
+            f"nanogrid.context={context_hash}",
+            "--label",
+            f"nanogrid.base={base}",
+            "-t",
+            image,
+            "-t",
+            f"nanogrid/runtime-{runtime}:{version}",
+            str(context),
+        )
     return image
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", help="an existing image with python3 (default: build a Debian one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--base", help="an existing image with python3 (default: build a Debian one)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the images exist")
-    parser.add_argument("--python", default=HOST_PYTHON, help=f"the runtime's Python: {', '.join(DEBIAN_SUITES)} "
-                                                              f"(default: this interpreter's, {HOST_PYTHON})")
-    parser.add_argument("--runtime", default="python", choices=["python", *LANGUAGE_RUNTIMES],
-                        help="which runtime image to build (default: python)")
+    parser.add_argument(
+        "--python",
+        default=HOST_PYTHON,
+        help=f"the runtime's Python: {', '.join(DEBIAN_SUITES)} "
+        f"(default: this interpreter's, {HOST_PYTHON})",
+    )
+    parser.add_argument(
+        "--runtime",
+        default="python",
+        choices=["python", *LANGUAGE_RUNTIMES],
+        help="which runtime image to build (default: python)",
+    )
     args = parser.parse_args()
     if args.runtime != "python":
         print(build_language(args.runtime, args.force))

@@ -41,9 +41,23 @@ class Redis:
         self.port, self.directory, self.proc = port, directory, None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.directory)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -58,15 +72,25 @@ class Cluster:
         self.root = root
         self.procs: dict[str, subprocess.Popen] = {}
         moto_port, redis_port = free_port(), free_port()
-        self.moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.moto = subprocess.Popen(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.redis = Redis(redis_port, root)
         self.redis.start()
         wait_for_port(moto_port)
-        self.env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}", "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                    "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis_port), "NANOGRID_HEARTBEAT_S": "1",
-                    "NANOGRID_CLOUDWATCH_NAMESPACE": "NanoGrid"}
+        self.env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": str(redis_port),
+            "NANOGRID_HEARTBEAT_S": "1",
+            "NANOGRID_CLOUDWATCH_NAMESPACE": "NanoGrid",
+        }
         for name in ("NANOGRID_URL", "NANOGRID_API_KEY", "NANOGRID_CONFIG"):
             self.env.pop(name, None)
         settings = self.cli("aws", "bootstrap", "--visibility", str(VISIBILITY_S))
@@ -77,24 +101,44 @@ class Cluster:
         self.url, self.url2 = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port2}"
         self.slots = slots
         self.start_controller()
-        self.start_controller("controller2", self.port2)  # controllers are stateless: any of them serves any job
+        self.start_controller(
+            "controller2", self.port2
+        )  # controllers are stateless: any of them serves any job
         for n in range(workers):
             self.start_worker(n)
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "nanogrid.cli", *args], env=self.env, capture_output=True,
-                                text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "nanogrid.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
     def spawn(self, name: str, *args: str) -> None:
         log = open(self.root / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "nanogrid.cli", *args], env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "nanogrid.cli", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def start_controller(self, name: str = "controller", port: int | None = None) -> None:
         port = port or self.port
-        self.spawn(name, "controller", "--port", str(port), "--data-dir", str(self.root / name), "--rate-limit", "0")
+        self.spawn(
+            name,
+            "controller",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(self.root / name),
+            "--rate-limit",
+            "0",
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -105,8 +149,20 @@ class Cluster:
         raise RuntimeError((self.root / f"{name}.log").read_text())
 
     def start_worker(self, n: int) -> None:
-        self.spawn(f"worker{n}", "worker", "--workers", str(self.slots), "--stem-cells", "1", "--sandbox", "process",
-                   "--data-dir", str(self.root / f"worker{n}"), "--drain", "5")
+        self.spawn(
+            f"worker{n}",
+            "worker",
+            "--workers",
+            str(self.slots),
+            "--stem-cells",
+            "1",
+            "--sandbox",
+            "process",
+            "--data-dir",
+            str(self.root / f"worker{n}"),
+            "--drain",
+            "5",
+        )
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -1,4 +1,5 @@
-"""Shared fixtures: embedded grids (imported only by the tests that start one), Docker and tmpfs checks, no leftovers."""
+"""Shared fixtures: embedded grids (imported only by the tests that start one), Docker and tmpfs
+checks, no leftovers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 
 import nanogrid
 
-if TYPE_CHECKING:  # the grid is imported by the tests that start one: a unit test's start-up never pays for it
+if (
+    TYPE_CHECKING
+):  # the grid is imported by the tests that start one: a unit test's start-up never pays for it
     from nanogrid_backend.embedded import EmbeddedGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +33,9 @@ def require(condition: bool, why: str) -> None:
     pytest.skip(why)
 
 
-LEFTOVER_GRACE_S = 30.0  # containers and loop devices are let go of in the background once a grid stops
+LEFTOVER_GRACE_S = (
+    30.0  # containers and loop devices are let go of in the background once a grid stops
+)
 
 
 def project_leftovers(roots: list[Path]) -> set[str]:
@@ -39,16 +44,35 @@ def project_leftovers(roots: list[Path]) -> set[str]:
     other runs on the same host (another checkout's tests, a benchmark, the user's own grid) are not looked at."""
     from nanogrid_backend.sandbox.leftovers import grid_identity, sandbox_dirs
 
-    homes = {path.resolve() for root in roots for depth in ("", "*/", "*/*/", "*/*/*/")
-             for path in root.glob(f"{depth}sandboxes")}  # resolved: pytest's "current" links name them twice
+    homes = {
+        path.resolve()
+        for root in roots
+        for depth in ("", "*/", "*/*/", "*/*/*/")
+        for path in root.glob(f"{depth}sandboxes")
+    }  # resolved: pytest's "current" links name them twice
     identities = {grid_identity(home) for home in homes}
     under = tuple(str(home.resolve()) + "/" for home in homes)
     found = {f"sandbox directory {path}" for home in homes for path in sandbox_dirs(home)}
     try:
-        listed = subprocess.run(["docker", "ps", "-a", "--filter", "label=nanogrid.grid", "--format",
-                                 '{{.Names}} {{.Label "nanogrid.grid"}}'], capture_output=True, text=True, timeout=60)
-        found |= {f"container {line.split()[0]}" for line in listed.stdout.splitlines()
-                  if len(line.split()) == 2 and line.split()[1] in identities}
+        listed = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "-a",
+                "--filter",
+                "label=nanogrid.grid",
+                "--format",
+                '{{.Names}} {{.Label "nanogrid.grid"}}',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        found |= {
+            f"container {line.split()[0]}"
+            for line in listed.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1] in identities
+        }
     except (OSError, subprocess.SubprocessError):
         pass  # no engine: nothing of ours there
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
@@ -59,10 +83,18 @@ def project_leftovers(roots: list[Path]) -> set[str]:
         if under and path.startswith(under):
             found.add(f"loop device /dev/{backing.parent.parent.name} on {path}")
     with open("/proc/self/mountinfo") as mounts:
-        found |= {f"mount {line.split()[4]}" for line in mounts if under and line.split()[4].startswith(under)}
+        found |= {
+            f"mount {line.split()[4]}"
+            for line in mounts
+            if under and line.split()[4].startswith(under)
+        }
     for parent in (Path("/sys/fs/cgroup/memory/nanogrid"), Path("/sys/fs/cgroup/nanogrid")):
         if parent.is_dir():
-            found |= {f"memory cgroup {path}" for path in parent.iterdir() if path.name.split("-")[0] in identities}
+            found |= {
+                f"memory cgroup {path}"
+                for path in parent.iterdir()
+                if path.name.split("-")[0] in identities
+            }
     return found
 
 
@@ -85,8 +117,10 @@ def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     deadline = time.monotonic() + LEFTOVER_GRACE_S
     while (left := project_leftovers(roots) - before) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not left, ("the tests left these behind (stop every grid and close every sandbox a test starts):\n  "
-                      + "\n  ".join(sorted(left)[:40]))
+    assert not left, (
+        "the tests left these behind (stop every grid and close every sandbox a test starts):\n  "
+        + "\n  ".join(sorted(left)[:40])
+    )
 
 
 def start_grid(data_dir: Path, **settings: object) -> EmbeddedGrid:
@@ -104,8 +138,11 @@ def tmpfs(where: Path, size_mib: int) -> Iterator[Path]:
     a small disk that tests fill on purpose."""
     require(os.geteuid() == 0, "mounting a tmpfs needs root")
     where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs", str(where)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
     require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:
         yield where
@@ -120,8 +157,15 @@ def require_docker() -> None:
     except FileNotFoundError:
         info = 1
     require(info == 0, "the Docker engine does not answer")
-    build = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py")], capture_output=True, text=True)
-    require(build.returncode == 0, f"nanogrid_runtimes/build.py could not build the runtime image: {build.stderr.strip()}")
+    build = subprocess.run(
+        [sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py")],
+        capture_output=True,
+        text=True,
+    )
+    require(
+        build.returncode == 0,
+        f"nanogrid_runtimes/build.py could not build the runtime image: {build.stderr.strip()}",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +180,9 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
 def docker_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
     """One embedded grid with Docker sandboxes for the session."""
     require_docker()
-    embedded = start_grid(tmp_path_factory.mktemp("docker-grid"), sandbox="docker", kill_grace_s=0.5)
+    embedded = start_grid(
+        tmp_path_factory.mktemp("docker-grid"), sandbox="docker", kill_grace_s=0.5
+    )
     yield embedded
     embedded.stop()
 

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def ai_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     with FakeOllama() as ollama:
-        grid = start_grid(tmp_path_factory.mktemp("ai"), ai_endpoint=ollama.url, ai_model="tiny", stem_cells=1)
+        grid = start_grid(
+            tmp_path_factory.mktemp("ai"), ai_endpoint=ollama.url, ai_model="tiny", stem_cells=1
+        )
         yield grid
         grid.stop()
 
@@ -51,7 +53,9 @@ def test_chat_and_streaming(client):
         import nanogrid.ai
 
         answer = nanogrid.ai.chat([{"role": "user", "content": "hello there"}]).message.content
-        streamed = "".join(chunk.response for chunk in nanogrid.ai.generate("one two three", stream=True))
+        streamed = "".join(
+            chunk.response for chunk in nanogrid.ai.generate("one two three", stream=True)
+        )
         return answer, streamed, nanogrid.ai.usage()
 
     answer, streamed, usage = converse.remote()

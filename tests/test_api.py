@@ -12,7 +12,7 @@ from tests.conftest import start_grid
 
 pytestmark = pytest.mark.integration
 
-HELLO = b'''import json
+HELLO = b"""import json
 import os
 
 
@@ -22,15 +22,15 @@ def handler(event, context):
     print("greeting", name)
     return {"statusCode": 200, "body": f"Hello, {name}!", "same": event == payload,
             "function": context.function_name}
-'''
+"""
 
-SLOW = b'''import time
+SLOW = b"""import time
 
 
 def handler(event, context):
     time.sleep(event["seconds"])
     return {"slept": event["seconds"]}
-'''
+"""
 
 
 @pytest.fixture()
@@ -40,28 +40,44 @@ def http(grid):
 
 
 def upload(http: httpx.Client, name: str, source: bytes, **form: str) -> dict:
-    response = http.post("/v1/upload", files={"file": (f"{name}.py", source)},
-                         data={"function_name": name, "runtime": "python3.11", "handler": f"{name}.handler", **form})
+    response = http.post(
+        "/v1/upload",
+        files={"file": (f"{name}.py", source)},
+        data={"function_name": name, "runtime": "python3.11", "handler": f"{name}.handler", **form},
+    )
     assert response.status_code in (200, 201), response.text
     return response.json()
 
 
 def test_seed_style_hello_upload_and_run(http):
-    response = http.post("/v1/upload", files={"file": ("hello.py", HELLO)},
-                         data={"function_name": "hello", "runtime": "python3.11", "handler": "hello.handler"})
+    response = http.post(
+        "/v1/upload",
+        files={"file": ("hello.py", HELLO)},
+        data={"function_name": "hello", "runtime": "python3.11", "handler": "hello.handler"},
+    )
     assert response.status_code == 201
     function = response.json()
     assert function["function_id"].startswith("fn-") and function["function_name"] == "hello"
 
-    again = http.post("/v1/upload", files={"file": ("hello.py", HELLO)},
-                      data={"function_name": "hello", "runtime": "python3.11", "handler": "hello.handler"})
+    again = http.post(
+        "/v1/upload",
+        files={"file": ("hello.py", HELLO)},
+        data={"function_name": "hello", "runtime": "python3.11", "handler": "hello.handler"},
+    )
     assert again.status_code == 200 and again.json()["function_id"] == function["function_id"]
 
-    run = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"name": "NanoGrid"}})
+    run = http.post(
+        "/v1/run", json={"function_id": function["function_id"], "payload": {"name": "NanoGrid"}}
+    )
     assert run.status_code == 200
     body = run.json()
     assert body["status"] == "completed"
-    assert body["result"] == {"statusCode": 200, "body": "Hello, NanoGrid!", "same": True, "function": "hello"}
+    assert body["result"] == {
+        "statusCode": 200,
+        "body": "Hello, NanoGrid!",
+        "same": True,
+        "function": "hello",
+    }
     assert body["stdout"] == "greeting NanoGrid\n"
     assert body["execution_time_ms"] >= 0 and body["peak_memory_bytes"] > 0
     assert body["job_id"].startswith("job-") and body["output_files"] == []
@@ -69,8 +85,11 @@ def test_seed_style_hello_upload_and_run(http):
 
 def test_async_run_and_status(http):
     function = upload(http, "slow", SLOW)
-    accepted = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 0.3}},
-                         headers={"X-Async": "true"})
+    accepted = http.post(
+        "/v1/run",
+        json={"function_id": function["function_id"], "payload": {"seconds": 0.3}},
+        headers={"X-Async": "true"},
+    )
     assert accepted.status_code == 202
     job_id = accepted.json()["job_id"]
     assert http.get(f"/v1/status/{job_id}").json()["status"] in ("pending", "running")
@@ -81,7 +100,9 @@ def test_async_run_and_status(http):
 
 def test_handler_errors_come_back_as_failed_jobs(http):
     function = upload(http, "broken", b"def handler(event, context):\n    return {}['missing']\n")
-    body = http.post("/v1/run", json={"function_id": function["function_id"], "payload": None}).json()
+    body = http.post(
+        "/v1/run", json={"function_id": function["function_id"], "payload": None}
+    ).json()
     assert body["status"] == "failed"
     assert body["error"]["type"] == "KeyError" and "missing" in body["error"]["traceback"]
 
@@ -98,17 +119,51 @@ def test_unencodable_handler_result_is_a_clear_error(http):
         ("get", "/v1/status/job-nope", {}, 404, "no job"),
         ("get", "/v1/functions/fn-nope", {}, 404, "no function"),
         ("delete", "/v1/functions/fn-nope", {}, 404, "no function"),
-        ("post", "/v1/run", {"json": {"function_id": "fn-nope", "payload": {}}}, 404, "no function"),
-        ("post", "/v1/run", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "JSON"),
+        (
+            "post",
+            "/v1/run",
+            {"json": {"function_id": "fn-nope", "payload": {}}},
+            404,
+            "no function",
+        ),
+        (
+            "post",
+            "/v1/run",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            422,
+            "JSON",
+        ),
         ("post", "/v1/run", {"json": {"payload": {}}}, 422, "function_id"),
         ("post", "/v1/jobs/job-nope/cancel", {}, 404, "no job"),
         ("get", "/v1/jobs/job-nope/outputs/x.txt", {}, 404, "no output file"),
-        ("post", "/v1/upload", {"files": {"file": ("f.zip", b"junk")}, "data": {"function_name": "f", "handler": "m.h"}},
-         400, "zip"),
+        (
+            "post",
+            "/v1/upload",
+            {
+                "files": {"file": ("f.zip", b"junk")},
+                "data": {"function_name": "f", "handler": "m.h"},
+            },
+            400,
+            "zip",
+        ),
         ("post", "/v1/upload", {"data": {"function_name": "f"}}, 422, "file"),
-        ("post", "/v1/upload", {"files": {"file": ("h.py", b"x")}, "data": {"function_name": "h", "handler": "h.handler",
-                                                                          "memory": "999999"}}, 422, "memory must be"),
-        ("post", "/v1/run", {"content": b"x" * (70 << 20), "headers": {"content-type": "application/json"}}, 413, "limit"),
+        (
+            "post",
+            "/v1/upload",
+            {
+                "files": {"file": ("h.py", b"x")},
+                "data": {"function_name": "h", "handler": "h.handler", "memory": "999999"},
+            },
+            422,
+            "memory must be",
+        ),
+        (
+            "post",
+            "/v1/run",
+            {"content": b"x" * (70 << 20), "headers": {"content-type": "application/json"}},
+            413,
+            "limit",
+        ),
     ],
 )
 def test_bad_requests_get_a_status_and_a_message(http, method, path, kwargs, status, message):
@@ -138,9 +193,19 @@ def test_delete_function(http):
 
 def test_openapi_schema_lists_the_api(http):
     paths = http.get("/openapi.json").json()["paths"]
-    for path in ("/v1/health", "/v1/upload", "/v1/run", "/v1/map", "/v1/status/{job_id}", "/v1/functions",
-                 "/v1/functions/{function_id}", "/v1/jobs", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/outputs/{name}",
-                 "/v1/system/status"):
+    for path in (
+        "/v1/health",
+        "/v1/upload",
+        "/v1/run",
+        "/v1/map",
+        "/v1/status/{job_id}",
+        "/v1/functions",
+        "/v1/functions/{function_id}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/outputs/{name}",
+        "/v1/system/status",
+    ):
         assert path in paths
 
 
@@ -156,13 +221,24 @@ def test_job_results_survive_a_restart(tmp_path: Path):
     try:
         http = httpx.Client(base_url=first.url, timeout=30, headers={"x-api-key": first.api_key})
         function = upload(http, "slow", SLOW)
-        finished = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 0}}).json()
-        running = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 30}},
-                            headers={"X-Async": "true"}).json()
-        queued = http.post("/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 0.1}},
-                           headers={"X-Async": "true"}).json()
+        finished = http.post(
+            "/v1/run", json={"function_id": function["function_id"], "payload": {"seconds": 0}}
+        ).json()
+        running = http.post(
+            "/v1/run",
+            json={"function_id": function["function_id"], "payload": {"seconds": 30}},
+            headers={"X-Async": "true"},
+        ).json()
+        queued = http.post(
+            "/v1/run",
+            json={"function_id": function["function_id"], "payload": {"seconds": 0.1}},
+            headers={"X-Async": "true"},
+        ).json()
         deadline = time.monotonic() + 10
-        while http.get(f"/v1/status/{running['job_id']}").json()["status"] != "running" and time.monotonic() < deadline:
+        while (
+            http.get(f"/v1/status/{running['job_id']}").json()["status"] != "running"
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
     finally:
         first.stop()

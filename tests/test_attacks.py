@@ -27,20 +27,38 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module", params=["process", "docker"])
-def arena(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def arena(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
     """One grid with small caps, two owners (mallory attacks, victim must keep being served) and an AI node."""
     if request.param == "docker":
         require_docker()
     with FakeOllama() as node:
         data_dir = tmp_path_factory.mktemp(f"arena-{request.param}")
-        grid = start_grid(data_dir, sandbox=request.param, workers=2, pool_cap=3, stem_cells=1, kill_grace_s=0.5,
-                          max_result_bytes=2 * MiB, max_output_bytes=8 * MiB, max_output_files=50,
-                          ai_endpoint=node.url, ai_model="tiny")
+        grid = start_grid(
+            data_dir,
+            sandbox=request.param,
+            workers=2,
+            pool_cap=3,
+            stem_cells=1,
+            kill_grace_s=0.5,
+            max_result_bytes=2 * MiB,
+            max_output_bytes=8 * MiB,
+            max_output_files=50,
+            ai_endpoint=node.url,
+            ai_model="tiny",
+        )
         mallory, _ = create_key(grid.grid.registry, "mallory")
         victim, _ = create_key(grid.grid.registry, "victim")
         try:
-            yield {"grid": grid, "mallory": mallory, "victim": victim, "node": node, "data_dir": data_dir,
-                   "kind": request.param}
+            yield {
+                "grid": grid,
+                "mallory": mallory,
+                "victim": victim,
+                "node": node,
+                "data_dir": data_dir,
+                "kind": request.param,
+            }
         finally:
             grid.stop()
 
@@ -68,16 +86,34 @@ def assert_no_host_path(arena: dict, text: str) -> None:
 
 # Frames a forged send_outputs writes instead of the real records (fd: the reply channel).
 FORGED_OUTPUTS = {
-    "parent escape": [({"op": "file", "name": "../../../../escaped.txt", "size": 5}, b""), ({"op": "data"}, b"owned")],
-    "absolute path": [({"op": "file", "name": "/tmp/escaped.txt", "size": 5}, b""), ({"op": "data"}, b"owned")],
+    "parent escape": [
+        ({"op": "file", "name": "../../../../escaped.txt", "size": 5}, b""),
+        ({"op": "data"}, b"owned"),
+    ],
+    "absolute path": [
+        ({"op": "file", "name": "/tmp/escaped.txt", "size": 5}, b""),
+        ({"op": "data"}, b"owned"),
+    ],
     "dot segments": [({"op": "file", "name": "a/./../../escaped.txt", "size": 1}, b"")],
-    "same file twice": [({"op": "file", "name": "x.txt", "size": 1}, b""), ({"op": "data"}, b"1"),
-                        ({"op": "file", "name": "x.txt", "size": 1}, b""), ({"op": "data"}, b"2")],
-    "file then dir through it": [({"op": "file", "name": "d", "size": 0}, b""),
-                                 ({"op": "file", "name": "d/inner.txt", "size": 1}, b"")],
-    "more data than announced": [({"op": "file", "name": "x.txt", "size": 1}, b""), ({"op": "data"}, b"12345")],
-    "less data than announced": [({"op": "file", "name": "x.txt", "size": 10}, b""), ({"op": "data"}, b"1"),
-                                 ({"op": "done", "ok": True}, b"")],
+    "same file twice": [
+        ({"op": "file", "name": "x.txt", "size": 1}, b""),
+        ({"op": "data"}, b"1"),
+        ({"op": "file", "name": "x.txt", "size": 1}, b""),
+        ({"op": "data"}, b"2"),
+    ],
+    "file then dir through it": [
+        ({"op": "file", "name": "d", "size": 0}, b""),
+        ({"op": "file", "name": "d/inner.txt", "size": 1}, b""),
+    ],
+    "more data than announced": [
+        ({"op": "file", "name": "x.txt", "size": 1}, b""),
+        ({"op": "data"}, b"12345"),
+    ],
+    "less data than announced": [
+        ({"op": "file", "name": "x.txt", "size": 10}, b""),
+        ({"op": "data"}, b"1"),
+        ({"op": "done", "ok": True}, b""),
+    ],
     "negative size": [({"op": "file", "name": "x.txt", "size": -1}, b"")],
     "size past the cap": [({"op": "file", "name": "x.txt", "size": 3 << 30}, b"")],
     "a reply among the files": [({"ok": True, "result_format": "json"}, b"1")],
@@ -93,7 +129,9 @@ def test_forged_output_records_write_nothing_outside_and_discard_the_sandbox(are
     frames = FORGED_OUTPUTS[attack]
     as_owner(arena, "mallory")
     if arena["kind"] == "docker":
-        assert arena["grid"].grid.factory.scratch_problem == "", "the Docker sandbox has no disk of its own here"
+        assert arena["grid"].grid.factory.scratch_problem == "", (
+            "the Docker sandbox has no disk of its own here"
+        )
 
         @nanogrid.remote(timeout=30)
         def forge_unasked(frames):
@@ -102,7 +140,9 @@ def test_forged_output_records_write_nothing_outside_and_discard_the_sandbox(are
             import struct
             import sys
 
-            fd = sys.modules["__nanogrid_channel__"].request.__self__.reply_fd  # the real channel to the host
+            fd = sys.modules[
+                "__nanogrid_channel__"
+            ].request.__self__.reply_fd  # the real channel to the host
             for header, body in frames:  # records the host never asked for, mid-call
                 data = json.dumps(header).encode()
                 os.write(fd, struct.pack(">II", len(data), len(body)) + data + body)
@@ -113,7 +153,10 @@ def test_forged_output_records_write_nothing_outside_and_discard_the_sandbox(are
         except nanogrid.JobFailed as exc:
             assert_no_host_path(arena, str(exc))
         # ... but nothing is written outside, and nobody else is affected
-        assert not list(arena["data_dir"].parent.rglob("escaped.txt")) and not Path("/tmp/escaped.txt").exists()
+        assert (
+            not list(arena["data_dir"].parent.rglob("escaped.txt"))
+            and not Path("/tmp/escaped.txt").exists()
+        )
         victim_is_served(arena)
         return
 
@@ -176,7 +219,9 @@ def test_a_forged_reply_cannot_set_its_own_metrics(arena):
     assert job.result(timeout=30) == "patched"
     assert 0 <= job.duration < 30  # the host's clock, not the sandbox's 10^12 ms
     with pytest.raises(nanogrid.JobFailed, match="protocol violation"):
-        forge_reply.remote({"ai_usage": {"calls": 1, "prompt_tokens": 10**12, "completion_tokens": -1}})
+        forge_reply.remote(
+            {"ai_usage": {"calls": 1, "prompt_tokens": 10**12, "completion_tokens": -1}}
+        )
     assert forge_reply.remote({}) == "patched"
     with pytest.raises(nanogrid.JobFailed, match="protocol violation"):
         forge_reply.remote({"stdout": 123})
@@ -224,7 +269,9 @@ def test_outputs_are_capped_at_their_apparent_size_and_links_are_never_followed(
     def sparse():
         import os
 
-        for n in range(3):  # each under the per-file size limit, 15 MiB in all, costing the sandbox nothing
+        for n in range(
+            3
+        ):  # each under the per-file size limit, 15 MiB in all, costing the sandbox nothing
             with open(os.path.join(nanogrid.output_dir(), f"sparse{n}.bin"), "wb") as f:
                 f.truncate(5 << 20)
         return "written"
@@ -257,8 +304,12 @@ def test_a_pool_full_of_failing_calls_still_serves_another_owner(arena):
     def wedge(n):
         import sys
 
-        sys.modules["__main__"].send_outputs = lambda fd, limit: (_ for _ in ()).throw(ValueError("not a SandboxError"))
-        for i in range(60):  # over the arena's 50 files: fails where the host reads the files itself, too
+        sys.modules["__main__"].send_outputs = lambda fd, limit: (_ for _ in ()).throw(
+            ValueError("not a SandboxError")
+        )
+        for i in range(
+            60
+        ):  # over the arena's 50 files: fails where the host reads the files itself, too
             with open(nanogrid.output_dir() / f"f{n}-{i}.txt", "w") as f:
                 f.write("x")
         return n
@@ -283,7 +334,9 @@ def test_a_package_changed_in_the_store_is_never_loaded(arena):
     def evil(x):
         return f"attacker's code saw {x}"
 
-    path.write_bytes(package_function(evil, name="honest").data)  # as if written through some other hole
+    path.write_bytes(
+        package_function(evil, name="honest").data
+    )  # as if written through some other hole
     with pytest.raises(nanogrid.JobFailed, match="does not match its content hash"):
         honest.remote("the victim's input")
 
@@ -300,10 +353,21 @@ def test_ai_requests_reach_only_the_inference_routes_and_tokens_are_counted_by_t
 
         answer = nanogrid.ai.generate("hello there").response
         channel = sys.modules["__nanogrid_channel__"]
-        admin = [channel.request({"op": "ai", "method": method, "path": path}, b'{"model": "tiny"}')[0]["status"]
-                 for method, path in [("DELETE", "/api/delete"), ("POST", "/api/pull"), ("POST", "/api/create"),
-                                      ("POST", "/api/generate/../delete"), ("GET", "/api/ps")]]
-        nanogrid.ai._usage["prompt_tokens"] += 10**9  # the function's own count is not what the job records
+        admin = [
+            channel.request({"op": "ai", "method": method, "path": path}, b'{"model": "tiny"}')[0][
+                "status"
+            ]
+            for method, path in [
+                ("DELETE", "/api/delete"),
+                ("POST", "/api/pull"),
+                ("POST", "/api/create"),
+                ("POST", "/api/generate/../delete"),
+                ("GET", "/api/ps"),
+            ]
+        ]
+        nanogrid.ai._usage["prompt_tokens"] += (
+            10**9
+        )  # the function's own count is not what the job records
         interfaces = sorted(os.listdir("/sys/class/net"))
         return answer, admin, interfaces
 
@@ -311,17 +375,28 @@ def test_ai_requests_reach_only_the_inference_routes_and_tokens_are_counted_by_t
     answer, admin, interfaces = job.result(timeout=30)
     assert answer.startswith("[tiny] summary")
     assert admin == [403] * 5
-    assert job.ai_usage == {"calls": 1, "prompt_tokens": 2, "completion_tokens": 4}  # the node's own counts
+    assert job.ai_usage == {
+        "calls": 1,
+        "prompt_tokens": 2,
+        "completion_tokens": 4,
+    }  # the node's own counts
     if arena["kind"] == "docker":
-        assert interfaces == ["lo"]  # no network at all: not the host, not another sandbox, not the node
-    assert ("DELETE", "/api/delete") not in arena["node"].seen and ("POST", "/api/pull") not in arena["node"].seen
+        assert interfaces == [
+            "lo"
+        ]  # no network at all: not the host, not another sandbox, not the node
+    assert ("DELETE", "/api/delete") not in arena["node"].seen and (
+        "POST",
+        "/api/pull",
+    ) not in arena["node"].seen
 
     @nanogrid.remote(timeout=30)
     def no_ai_asked():
         import sys
 
-        return sys.modules["__nanogrid_channel__"].request({"op": "ai", "method": "POST", "path": "/api/generate"},
-                                                           b'{"model": "tiny", "prompt": "x"}')[0]["status"]
+        return sys.modules["__nanogrid_channel__"].request(
+            {"op": "ai", "method": "POST", "path": "/api/generate"},
+            b'{"model": "tiny", "prompt": "x"}',
+        )[0]["status"]
 
     assert no_ai_asked.remote() == 403
     victim_is_served(arena)
@@ -331,9 +406,14 @@ def test_a_manifest_boolean_must_be_a_boolean(arena):
     from nanogrid.packaging import build_zip
 
     manifest = b'{"name": "sneaky", "kind": "handler", "handler": "main.handler", "ai": "no"}'
-    package = build_zip({"manifest.json": manifest, "main.py": b"def handler(event, context):\n    return 1\n"})
-    response = httpx.post(f"{arena['grid'].url}/v1/upload", headers={"x-api-key": arena["mallory"]},
-                          files={"file": ("sneaky.zip", package)})
+    package = build_zip(
+        {"manifest.json": manifest, "main.py": b"def handler(event, context):\n    return 1\n"}
+    )
+    response = httpx.post(
+        f"{arena['grid'].url}/v1/upload",
+        headers={"x-api-key": arena["mallory"]},
+        files={"file": ("sneaky.zip", package)},
+    )
     assert response.status_code == 422 and "ai must be true or false" in response.text
 
 
@@ -365,7 +445,9 @@ def test_data_only_results_are_never_unpickled_by_the_caller(arena, tmp_path):
             boot.Runtime.call = pickled_instead
         return {"honest": [1, 2]}
 
-    assert data_only.remote(str(marker)) == {"honest": [1, 2]}  # the first call installs the forgery
+    assert data_only.remote(str(marker)) == {
+        "honest": [1, 2]
+    }  # the first call installs the forgery
     with pytest.raises(nanogrid.NanoGridError, match="asked for data-only results"):
         data_only.remote(str(marker))
     assert not marker.exists()
@@ -381,23 +463,33 @@ def test_data_only_results_are_never_unpickled_by_the_caller(arena, tmp_path):
 
 # Output trees a hostile function leaves on its own disk, for the host to read (the Docker sandbox).
 HOSTILE_TREES = {
-    "links to the host's files": ("""
+    "links to the host's files": (
+        """
 os.symlink("/etc/passwd", out + "/passwd")
 os.symlink("/", out + "/root")
 os.link(out + "/bait.txt", out + "/hardlink.txt")
-""", None),
+""",
+        None,
+    ),
     "a fifo": ("os.mkfifo(out + '/pipe')", None),
-    "a sparse file past the cap": ("""
+    "a sparse file past the cap": (
+        """
 with open(out + "/sparse.bin", "wb") as f:
     f.truncate(900 << 20)  # within the disk's file size limit, far over the grid's output cap
-""", "over the 8 MiB limit"),
-    "too many files": ("""
+""",
+        "over the 8 MiB limit",
+    ),
+    "too many files": (
+        """
 for i in range(60):
     open(out + f"/f{i}", "w").close()
-""", "more than 50 output files"),
+""",
+        "more than 50 output files",
+    ),
     "a name with a newline": ("open(out + '/a\\nb', 'w').close()", "protocol violation"),
     "nested too deep": ("os.makedirs(out + '/d' * 20)", "nested too deep"),
-    "a file that grows after the call": ("""
+    "a file that grows after the call": (
+        """
 import threading
 def grow():
     with open(out + "/growing.bin", "ab") as f:
@@ -405,7 +497,9 @@ def grow():
             f.write(b"x" * 65536)
 threading.Thread(target=grow, daemon=True).start()
 import time; time.sleep(0.2)
-""", "any"),
+""",
+        "any",
+    ),
 }
 
 
@@ -414,7 +508,9 @@ def test_hostile_output_trees_are_read_without_following_anything(arena, attack)
     """Never: a host file read through a link, the host blocked on a fifo, more read than the caps, a host path
     in the error, or a place in the pool lost."""
     if arena["kind"] != "docker":
-        assert arena["kind"] == "process"  # the process sandbox sends its files: the forged-records test covers it
+        assert (
+            arena["kind"] == "process"
+        )  # the process sandbox sends its files: the forged-records test covers it
         return
     code, expected = HOSTILE_TREES[attack]
     as_owner(arena, "mallory")
@@ -476,8 +572,12 @@ def test_a_forged_result_file_is_refused(arena, attack):
             return True
 
         boot.result_to_file = forged
-        boot.RESULT_FILE = boot.RESULT_FILE or ".nanogrid-result"  # claims a result file even where none is read
-        return b"r" * (3 << 19)  # 1.5 MiB: over the size sent inline, within the arena's 2 MiB result cap
+        boot.RESULT_FILE = (
+            boot.RESULT_FILE or ".nanogrid-result"
+        )  # claims a result file even where none is read
+        return b"r" * (
+            3 << 19
+        )  # 1.5 MiB: over the size sent inline, within the arena's 2 MiB result cap
 
     with pytest.raises(nanogrid.JobFailed, match="protocol violation") as info:
         forge_result.remote(FORGED_RESULT_FILES[attack])

@@ -41,16 +41,18 @@ pytestmark = pytest.mark.integration
 
 BUDGET = 600  # AI tokens per owner per hour
 REQUEST_CAP = 100  # an answer's tokens at most
-FAILING = b'''def handler(event, context):
+FAILING = b"""def handler(event, context):
     raise RuntimeError("fail, so that failure hooks fire")
-'''
+"""
 
 
 class Listener:
     """A loopback HTTP server standing in for an internal service (the grid, Redis, instance metadata):
     it records every request it gets, and answers ``status`` with ``location``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, status: int = 200, location: str = "") -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, status: int = 200, location: str = ""
+    ) -> None:
         self.received: queue.Queue[dict] = queue.Queue()
         listener = self
 
@@ -87,9 +89,17 @@ def node() -> Iterator[FakeOllama]:
 def hostile(tmp_path_factory: pytest.TempPathFactory, node: FakeOllama) -> Iterator:
     """A grid with the operator's defaults for webhooks (no internal network allowed), a small AI budget and
     enough slots for eight calls of one owner at once."""
-    grid = start_grid(tmp_path_factory.mktemp("round3"), workers=8, owner_max_concurrency=8, stem_cells=1,
-                      kill_grace_s=0.5, ai_endpoint=node.url, ai_model="tiny", ai_tokens_per_hour=BUDGET,
-                      ai_max_tokens_per_request=REQUEST_CAP)
+    grid = start_grid(
+        tmp_path_factory.mktemp("round3"),
+        workers=8,
+        owner_max_concurrency=8,
+        stem_cells=1,
+        kill_grace_s=0.5,
+        ai_endpoint=node.url,
+        ai_model="tiny",
+        ai_tokens_per_hour=BUDGET,
+        ai_max_tokens_per_request=REQUEST_CAP,
+    )
     yield grid
     grid.stop()
 
@@ -110,13 +120,34 @@ def new_owner(hostile, **limits: object) -> tuple[str, str]:
 # ---- webhooks -------------------------------------------------------------------------------------------------
 
 INTERNAL_URLS = [
-    "http://[::ffff:169.254.169.254]/latest/meta-data/", "http://[::ffff:a9fe:a9fe]/", "http://[::ffff:127.0.0.1]/",
-    "http://2852039166/", "http://0xa9fea9fe/", "http://0251.0376.0251.0376/", "http://127.1/",
-    "http://169.254.169.254/", "http://[fe80::1]/", "http://localhost:8765/v1/functions", "http://127.0.0.1:6379/",
-    "http://[::1]/", "http://0.0.0.0/", "http://[::]/", "http://10.0.0.5/", "http://172.17.0.1:2375/containers/json",
-    "http://192.168.1.1/", "http://127.0.0.1./", "http://100.64.0.1/", "http://[fd00::1]/", "http://224.0.0.1/", "http://[ff02::1]/",
-    "http://240.0.0.1/", "http://255.255.255.255/", "http://[::a9fe:a9fe]/", "http://[64:ff9b::a9fe:a9fe]/",
-    "http://[2002:a9fe:a9fe::]/", "http://[2001:0:808:808::80ff:fffe]/",  # 6to4 and Teredo (client 127.0.0.1)
+    "http://[::ffff:169.254.169.254]/latest/meta-data/",
+    "http://[::ffff:a9fe:a9fe]/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://2852039166/",
+    "http://0xa9fea9fe/",
+    "http://0251.0376.0251.0376/",
+    "http://127.1/",
+    "http://169.254.169.254/",
+    "http://[fe80::1]/",
+    "http://localhost:8765/v1/functions",
+    "http://127.0.0.1:6379/",
+    "http://[::1]/",
+    "http://0.0.0.0/",
+    "http://[::]/",
+    "http://10.0.0.5/",
+    "http://172.17.0.1:2375/containers/json",
+    "http://192.168.1.1/",
+    "http://127.0.0.1./",
+    "http://100.64.0.1/",
+    "http://[fd00::1]/",
+    "http://224.0.0.1/",
+    "http://[ff02::1]/",
+    "http://240.0.0.1/",
+    "http://255.255.255.255/",
+    "http://[::a9fe:a9fe]/",
+    "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[2002:a9fe:a9fe::]/",
+    "http://[2001:0:808:808::80ff:fffe]/",  # 6to4 and Teredo (client 127.0.0.1)
     "https://[::ffff:10.0.0.1]:8443/",
 ]
 
@@ -125,8 +156,11 @@ INTERNAL_URLS = [
 def test_every_internal_address_spelling_is_refused_at_registration(hostile, url):
     """A hook to any internal address, however spelled, must be refused with a 422 that says why."""
     _, key = new_owner(hostile)
-    answer = httpx.post(f"{hostile.url}/v1/webhooks", headers={"x-api-key": key},
-                        json={"url": url, "events": ["failure"]})
+    answer = httpx.post(
+        f"{hostile.url}/v1/webhooks",
+        headers={"x-api-key": key},
+        json={"url": url, "events": ["failure"]},
+    )
     assert answer.status_code == 422, answer.text
     assert "public addresses only" in answer.json()["detail"]
     assert httpx.get(f"{hostile.url}/v1/webhooks", headers={"x-api-key": key}).json() == []
@@ -134,8 +168,11 @@ def test_every_internal_address_spelling_is_refused_at_registration(hostile, url
 
 def test_a_public_address_is_accepted(hostile):
     _, key = new_owner(hostile)
-    answer = httpx.post(f"{hostile.url}/v1/webhooks", headers={"x-api-key": key},
-                        json={"url": "https://8.8.8.8/hook", "events": ["failure"]})
+    answer = httpx.post(
+        f"{hostile.url}/v1/webhooks",
+        headers={"x-api-key": key},
+        json={"url": "https://8.8.8.8/hook", "events": ["failure"]},
+    )
     assert answer.status_code == 201, answer.text
 
 
@@ -144,23 +181,47 @@ def test_hooks_to_internal_addresses_are_refused_again_at_delivery(hostile, list
     must send nothing to the loopback listener, in any spelling of its address."""
     owner, key = new_owner(hostile)
     port = listener.port
-    spellings = [f"127.0.0.1:{port}", f"127.1:{port}", f"2130706433:{port}", f"0x7f000001:{port}",
-                 f"0177.0.0.1:{port}", f"[::ffff:127.0.0.1]:{port}", f"[::ffff:7f00:1]:{port}", f"localhost:{port}",
-                 f"[2002:7f00:1::]:{port}"]
+    spellings = [
+        f"127.0.0.1:{port}",
+        f"127.1:{port}",
+        f"2130706433:{port}",
+        f"0x7f000001:{port}",
+        f"0177.0.0.1:{port}",
+        f"[::ffff:127.0.0.1]:{port}",
+        f"[::ffff:7f00:1]:{port}",
+        f"localhost:{port}",
+        f"[2002:7f00:1::]:{port}",
+    ]
     for n, host in enumerate(spellings):
-        hostile.grid.registry.put_webhook({
-            "hook_id": f"hook-{owner}-{n}", "owner": owner, "url": f"http://{host}/stolen", "secret": "s" * 20,
-            "events": ["failure"], "function_id": None, "threshold": None, "created_at": time.time()})
+        hostile.grid.registry.put_webhook(
+            {
+                "hook_id": f"hook-{owner}-{n}",
+                "owner": owner,
+                "url": f"http://{host}/stolen",
+                "secret": "s" * 20,
+                "events": ["failure"],
+                "function_id": None,
+                "threshold": None,
+                "created_at": time.time(),
+            }
+        )
     notifier = hostile.grid.worker.notifier
     failed_before = notifier.stats["failed"]
     with httpx.Client(base_url=f"{hostile.url}/v1", headers={"x-api-key": key}, timeout=60) as http:
-        fid = http.post("/upload", files={"file": ("failing.py", FAILING)},
-                        data={"handler": "failing.handler", "function_name": "failing"}).json()["function_id"]
-        assert http.post("/run", json={"function_id": fid, "payload": {}}).json()["status"] == "failed"
+        fid = http.post(
+            "/upload",
+            files={"file": ("failing.py", FAILING)},
+            data={"handler": "failing.handler", "function_name": "failing"},
+        ).json()["function_id"]
+        assert (
+            http.post("/run", json={"function_id": fid, "payload": {}}).json()["status"] == "failed"
+        )
     deadline = time.monotonic() + 30
     while notifier.stats["failed"] < failed_before + len(spellings) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert notifier.stats["failed"] >= failed_before + len(spellings)  # every delivery was refused, not sent
+    assert notifier.stats["failed"] >= failed_before + len(
+        spellings
+    )  # every delivery was refused, not sent
     assert listener.received.empty()
 
 
@@ -169,11 +230,15 @@ def test_dns_rebinding_and_redirects_reach_nothing_new(tmp_path, monkeypatch):
     loopback afterwards, and a receiver that redirects to loopback, must get nothing to 127.0.0.1."""
     forbidden = Listener("127.0.0.1")
     # The operator allows 127.0.0.2 only; the receiver there answers with a redirect to loopback.
-    allowed = Listener("127.0.0.2", forbidden.port, status=307, location=f"http://127.0.0.1:{forbidden.port}/x")
+    allowed = Listener(
+        "127.0.0.2", forbidden.port, status=307, location=f"http://127.0.0.1:{forbidden.port}/x"
+    )
     real_getaddrinfo = socket.getaddrinfo
     lookups: list[str] = []
 
-    def rebinding(host, port, *args, **kwargs):  # the attacker's DNS: a short TTL and a new answer each time
+    def rebinding(
+        host, port, *args, **kwargs
+    ):  # the attacker's DNS: a short TTL and a new answer each time
         if host == "rebind.attacker.example":
             lookups.append(host)
             address = "127.0.0.2" if len(lookups) == 1 else "127.0.0.1"
@@ -182,13 +247,24 @@ def test_dns_rebinding_and_redirects_reach_nothing_new(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
-    registry.put_webhook({"hook_id": "hook-r", "owner": "mallory", "secret": "s" * 20, "events": ["failure"],
-                          "url": f"http://rebind.attacker.example:{forbidden.port}/hook", "function_id": None,
-                          "threshold": None, "created_at": time.time()})
+    registry.put_webhook(
+        {
+            "hook_id": "hook-r",
+            "owner": "mallory",
+            "secret": "s" * 20,
+            "events": ["failure"],
+            "url": f"http://rebind.attacker.example:{forbidden.port}/hook",
+            "function_id": None,
+            "threshold": None,
+            "created_at": time.time(),
+        }
+    )
     notifier = Notifier(registry, allow_networks=["127.0.0.2/32"])
     notifier.start()
     try:
-        notifier.job_finished(JobRecord("job-r", "fn-x", status=FAILED, owner="mallory", error={"message": "x"}))
+        notifier.job_finished(
+            JobRecord("job-r", "fn-x", status=FAILED, owner="mallory", error={"message": "x"})
+        )
         delivered = allowed.received.get(timeout=30)
         deadline = time.monotonic() + 10
         while notifier.stats["sent"] < 1 and time.monotonic() < deadline:
@@ -198,12 +274,15 @@ def test_dns_rebinding_and_redirects_reach_nothing_new(tmp_path, monkeypatch):
         registry.close()
         allowed.close()
         forbidden.close()
-    assert delivered["headers"]["Host"] == f"rebind.attacker.example:{forbidden.port}"  # the name, kept
+    assert (
+        delivered["headers"]["Host"] == f"rebind.attacker.example:{forbidden.port}"
+    )  # the name, kept
     assert lookups == ["rebind.attacker.example"]  # resolved once, by the check
     assert forbidden.received.empty()  # neither the rebound name nor the redirect reached it
 
 
 # ---- the AI budget ------------------------------------------------------------------------------------------
+
 
 def test_eight_concurrent_calls_keep_the_nodes_work_within_the_budget(hostile, node):
     """Eight calls of one owner at once, each asking for a million tokens of a node that would talk for ever:
@@ -231,8 +310,11 @@ def test_eight_concurrent_calls_keep_the_nodes_work_within_the_budget(hostile, n
     assert "429" in answers  # some calls found the budget reserved or spent
     assert node.tokens_done <= BUDGET + REQUEST_CAP
     assert all(0 < r["options"]["num_predict"] <= REQUEST_CAP for r in node.requests)
-    charged = sum((job.ai_usage or {}).get("prompt_tokens", 0) + (job.ai_usage or {}).get("completion_tokens", 0)
-                  for job in jobs)
+    charged = sum(
+        (job.ai_usage or {}).get("prompt_tokens", 0)
+        + (job.ai_usage or {}).get("completion_tokens", 0)
+        for job in jobs
+    )
     assert charged >= node.tokens_done
 
 
@@ -263,7 +345,9 @@ def test_an_answer_too_large_is_charged_and_cannot_be_repeated_for_ever(hostile,
         statuses = job.result(timeout=120)
     finally:
         node.flood_bytes = 0
-    assert statuses[-1] == 429 and set(statuses[:-1]) == {502}  # refused, charged, then out of budget
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {
+        502
+    }  # refused, charged, then out of budget
     assert len(statuses) <= BUDGET // 2  # each one cost something
     assert sum(job.ai_usage[k] for k in ("prompt_tokens", "completion_tokens")) > 0
 
@@ -292,11 +376,15 @@ def test_one_owners_requests_on_several_workers_draw_on_one_budget(budgets, node
     budget plus one request's cap for the owner, whichever worker forwarded them."""
     node.tokens_done, node.answer_words, node.chunk_delay_s = 0, 100_000, 0.001
     gateways = [AIGateway(node.url, "tiny", BUDGET, REQUEST_CAP, budget) for budget in budgets]
-    body = json.dumps({"model": "tiny", "prompt": "talk", "options": {"num_predict": 10**6}}).encode()
+    body = json.dumps(
+        {"model": "tiny", "prompt": "talk", "options": {"num_predict": 10**6}}
+    ).encode()
 
     def ask(n: int) -> int:
         session = gateways[n % 2].session("mallory")
-        header, _ = session.forward({"method": "POST", "path": "/api/generate"}, body, time.monotonic() + 60)
+        header, _ = session.forward(
+            {"method": "POST", "path": "/api/generate"}, body, time.monotonic() + 60
+        )
         return header["status"]
 
     try:
@@ -312,11 +400,19 @@ def test_one_owners_requests_on_several_workers_draw_on_one_budget(budgets, node
 
 # ---- rate limits and list caps --------------------------------------------------------------------------------
 
+
 def test_a_flood_on_the_seed_routes_is_rate_limited(hostile):
     """400 requests on the seed's polling routes with a key limited to one every 5 s, burst 40: the bucket must run
     dry (429 with the seed's body and headers), and it is the same bucket as /v1."""
     _, key = new_owner(hostile, rate_limit=0.2, rate_burst=40)
-    paths = ["/status/job-nothing", "/functions", "/logs", "/api/status/job-nothing", "/api/functions", "/api/logs"]
+    paths = [
+        "/status/job-nothing",
+        "/functions",
+        "/logs",
+        "/api/status/job-nothing",
+        "/api/functions",
+        "/api/logs",
+    ]
     with httpx.Client(base_url=hostile.url, headers={"x-api-key": key}, timeout=30) as http:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda n: http.get(paths[n % len(paths)]), range(400)))
@@ -327,7 +423,10 @@ def test_a_flood_on_the_seed_routes_is_rate_limited(hostile):
     assert {a.request.url.path for a in refused} == set(paths)  # every route drew on the bucket
     for answer in refused:
         assert answer.json() == {"error": "Too Many Requests (Token Bucket Exhausted)"}
-        assert answer.headers["X-RateLimit-Limit"] == "40" and answer.headers["X-RateLimit-Remaining"] == "0"
+        assert (
+            answer.headers["X-RateLimit-Limit"] == "40"
+            and answer.headers["X-RateLimit-Remaining"] == "0"
+        )
         assert int(answer.headers["Retry-After"]) >= 1
     assert all(a.headers["X-RateLimit-Limit"] == "40" for a in passed)
     assert after.status_code == 429
@@ -341,38 +440,71 @@ def test_a_flood_on_the_dashboard_spends_the_keys_bucket(hostile):
         answers = [http.get(path) for path in ["/ui", "/ui/jobs", "/ui/workers"] * 10]
         after = http.get("/v1/functions", headers={"x-api-key": key})
     assert [a.status_code for a in answers[:5]] == [200] * 5
-    assert {a.status_code for a in answers[5:]} == {429} and int(answers[-1].headers["Retry-After"]) >= 1
+    assert {a.status_code for a in answers[5:]} == {429} and int(
+        answers[-1].headers["Retry-After"]
+    ) >= 1
     assert after.status_code == 429  # the same bucket as the API
 
 
 def package(manifest: dict) -> bytes:
     data = io.BytesIO()
     with zipfile.ZipFile(data, "w") as zf:
-        zf.writestr("manifest.json", json.dumps({"name": "lists", "handler": "main.handler", **manifest}))
+        zf.writestr(
+            "manifest.json", json.dumps({"name": "lists", "handler": "main.handler", **manifest})
+        )
         zf.writestr("main.py", "def handler(event, context):\n    return 1\n")
     return data.getvalue()
 
 
-@pytest.mark.parametrize(("manifest", "what"), [
-    ({"environment": {"packages": [f"p{n}==1.0" for n in range(2001)], "system": [], "env": {}}}, "2001 packages"),
-    ({"environment": {"packages": [], "system": [f"lib{n}" for n in range(201)], "env": {}}}, "201 system packages"),
-    ({"env": {f"V{n}": "x" for n in range(501)}}, "501 environment variables"),
-    ({"environment": {"packages": [], "system": [], "env": {f"V{n}": "x" for n in range(501)}}},
-     "501 environment variables"),
-    ({"secrets": [f"S{n}" for n in range(201)]}, "201 secrets"),
-])
+@pytest.mark.parametrize(
+    ("manifest", "what"),
+    [
+        (
+            {
+                "environment": {
+                    "packages": [f"p{n}==1.0" for n in range(2001)],
+                    "system": [],
+                    "env": {},
+                }
+            },
+            "2001 packages",
+        ),
+        (
+            {"environment": {"packages": [], "system": [f"lib{n}" for n in range(201)], "env": {}}},
+            "201 system packages",
+        ),
+        ({"env": {f"V{n}": "x" for n in range(501)}}, "501 environment variables"),
+        (
+            {
+                "environment": {
+                    "packages": [],
+                    "system": [],
+                    "env": {f"V{n}": "x" for n in range(501)},
+                }
+            },
+            "501 environment variables",
+        ),
+        ({"secrets": [f"S{n}" for n in range(201)]}, "201 secrets"),
+    ],
+)
 def test_uploads_listing_too_many_items_are_refused(hostile, manifest, what):
     """A manifest listing thousands of packages, variables or secrets must be refused before anything is stored."""
     _, key = new_owner(hostile)
-    answer = httpx.post(f"{hostile.url}/v1/upload", headers={"x-api-key": key},
-                        files={"file": ("lists.zip", package(manifest))})
+    answer = httpx.post(
+        f"{hostile.url}/v1/upload",
+        headers={"x-api-key": key},
+        files={"file": ("lists.zip", package(manifest))},
+    )
     assert answer.status_code == 422 and what in answer.json()["detail"], answer.text
     assert httpx.get(f"{hostile.url}/v1/functions", headers={"x-api-key": key}).json() == []
 
 
 def test_seed_uploads_with_too_many_env_vars_are_refused(hostile):
     _, key = new_owner(hostile)
-    answer = httpx.post(f"{hostile.url}/upload", headers={"x-api-key": key},
-                        files={"file": ("main.py", b"def handler(event, context):\n    return 1\n")},
-                        data={"envVars": json.dumps({f"V{n}": "x" for n in range(501)})})
+    answer = httpx.post(
+        f"{hostile.url}/upload",
+        headers={"x-api-key": key},
+        files={"file": ("main.py", b"def handler(event, context):\n    return 1\n")},
+        data={"envVars": json.dumps({f"V{n}": "x" for n in range(501)})},
+    )
     assert answer.status_code == 422 and "501 environment variables" in answer.json()["error"]

@@ -25,10 +25,12 @@ from tests.conftest import require
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    require(
+        shutil.which("redis-server") is not None,
+        "redis-server is not installed (apt-get install redis-server)",
+    )
     running = Cluster(tmp_path_factory.mktemp("aws"))
     try:
         client = nanogrid.Client(running.url, api_key=running.key)
@@ -62,7 +64,9 @@ def test_five_hundred_jobs_from_twenty_clients_each_delivered_once(client, clust
     results: dict[int, tuple[str, int]] = {}
     errors: list[BaseException] = []
     # half the clients talk to the second controller, which never saw the first one's jobs
-    via_second = nanogrid.RemoteFunction(triple.fn, client=nanogrid.Client(cluster.url2, api_key=cluster.key))
+    via_second = nanogrid.RemoteFunction(
+        triple.fn, client=nanogrid.Client(cluster.url2, api_key=cluster.key)
+    )
 
     def caller(offset: int) -> None:
         function = triple if offset % 2 else via_second
@@ -83,15 +87,22 @@ def test_five_hundred_jobs_from_twenty_clients_each_delivered_once(client, clust
     assert all(value == 3 * i for i, (_, value) in results.items())
     job_ids = [job_id for job_id, _ in results.values()]
     assert len(set(job_ids)) == 500
-    records = [j for j in client.jobs(limit=1000) if j["job_id"] in set(job_ids)]  # read through controller 1
+    records = [
+        j for j in client.jobs(limit=1000) if j["job_id"] in set(job_ids)
+    ]  # read through controller 1
     assert len(records) == 500 and {r["status"] for r in records} == {"completed"}
     assert len({r["worker_id"] for r in records}) >= 2  # the work spread over the workers
     status = client.system_status()
     assert len(status["workers"]) == 3
     metrics = httpx.get(f"{cluster.url}/metrics").text
     assert "nanogrid_backlog_per_worker" in metrics and "nanogrid_workers 3.0" in metrics
-    cloudwatch = boto3.client("cloudwatch", endpoint_url=cluster.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+    cloudwatch = boto3.client(
+        "cloudwatch",
+        endpoint_url=cluster.env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     published = cloudwatch.list_metrics(Namespace="NanoGrid")["Metrics"]
     assert any(m["MetricName"] == "BacklogPerInstance" for m in published)
 
@@ -107,7 +118,9 @@ def test_a_killed_worker_leaves_its_job_to_another(client, cluster):
     started = time.monotonic()
     assert job.result(timeout=90) == 3
     assert job.worker_id != victim
-    assert time.monotonic() - started >= VISIBILITY_S - 1  # it waited out the dead worker's visibility
+    assert (
+        time.monotonic() - started >= VISIBILITY_S - 1
+    )  # it waited out the dead worker's visibility
     name = next(n for n, p in cluster.procs.items() if p.pid == pid)
     cluster.start_worker(int(name.removeprefix("worker")))
 
@@ -152,7 +165,9 @@ def test_a_job_that_always_crashes_its_sandbox_ends_in_the_dead_letter_queue(cli
     assert triple.remote(7) == 21  # and the grid carries on
 
 
-def test_a_volume_is_one_volume_for_every_worker(client: nanogrid.Client, cluster: Cluster, tmp_path) -> None:
+def test_a_volume_is_one_volume_for_every_worker(
+    client: nanogrid.Client, cluster: Cluster, tmp_path
+) -> None:
     """A volume lives in S3 and each worker syncs its copy around calls: never a call, on whichever worker, missing
     what the client put or what an earlier call on another worker wrote; never a file a call removed coming back."""
     vol = nanogrid.Volume("shared", size_mib=32, client=client)
@@ -173,19 +188,27 @@ def test_a_volume_is_one_volume_for_every_worker(client: nanogrid.Client, cluste
     vol.put(tmp_path / "empty", "notes/.keep")  # a put makes the directories above the file
     jobs = [note.spawn(n) for n in range(12)]
     assert {job.result() for job in jobs} == {source.stat().st_size}
-    assert len({job.worker_id for job in jobs}) >= 2, "the calls all ran on one worker: nothing was shared"
+    assert len({job.worker_id for job in jobs}) >= 2, (
+        "the calls all ran on one worker: nothing was shared"
+    )
 
     @nanogrid.remote(timeout=60, volumes={"/data": vol})
     def read_notes(_: int) -> list[str]:
         import os
 
-        return sorted(open(f"/data/notes/{name}").read() for name in os.listdir("/data/notes") if name != ".keep")
+        return sorted(
+            open(f"/data/notes/{name}").read()
+            for name in os.listdir("/data/notes")
+            if name != ".keep"
+        )
 
     expected = sorted(f"call {n}" for n in range(12))
     readers = [read_notes.spawn(n) for n in range(6)]
     assert all(job.result() == expected for job in readers)
     assert len({job.worker_id for job in readers}) >= 2
-    assert sorted(e["name"] for e in vol.listdir("notes")) == sorted([".keep"] + [f"{n}.txt" for n in range(12)])
+    assert sorted(e["name"] for e in vol.listdir("notes")) == sorted(
+        [".keep"] + [f"{n}.txt" for n in range(12)]
+    )
 
     @nanogrid.remote(timeout=60, volumes={"/data": vol})
     def tidy(_: int) -> None:

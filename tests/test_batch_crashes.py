@@ -50,8 +50,10 @@ def witnessed(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
             sequences.append([int(line) for line in text.split()])
             runs.update(sequences[-1])
 
-    for cls, where in ((ProcessSandbox, lambda s: s.work_dir),
-                       (DockerSandbox, lambda s: s.scratch.work_dir if s.scratch is not None else None)):
+    for cls, where in (
+        (ProcessSandbox, lambda s: s.work_dir),
+        (DockerSandbox, lambda s: s.scratch.work_dir if s.scratch is not None else None),
+    ):
         original = cls.close
 
         def close(self, original=original, where=where) -> None:
@@ -102,11 +104,17 @@ def test_a_sandbox_dying_inside_a_batch_fails_only_the_dying_call(witnessed, dea
             ctypes.string_at(0)  # a segfault
         return x * 2
 
-    assert fragile.remote(0, death) == 0  # timed once: its calls are short, so the map is taken in batches
+    assert (
+        fragile.remote(0, death) == 0
+    )  # timed once: its calls are short, so the map is taken in batches
     batched = embedded.grid.worker.stats["batched_calls"]
-    results = list(fragile.map(range(1, 601), [death] * 600, return_exceptions=True, progress=False))
+    results = list(
+        fragile.map(range(1, 601), [death] * 600, return_exceptions=True, progress=False)
+    )
     embedded.stop()  # every sandbox is removed, so every witness file has been read
-    assert embedded.grid.worker.stats["batched_calls"] - batched >= 100, "the map was not taken in batches"
+    assert embedded.grid.worker.stats["batched_calls"] - batched >= 100, (
+        "the map was not taken in batches"
+    )
     done, failed = _outcomes(results)
     dying = {x - 1 for x in range(1, 601) if x % 50 == 49}
     assert sorted(failed) == sorted(dying), {x: repr(failed[x])[:200] for x in sorted(failed)}
@@ -144,14 +152,22 @@ def test_a_sandbox_killed_just_after_a_call_returned_loses_nothing_and_reruns_no
     embedded.stop()
     done, failed = _outcomes(results)
     armed = {x for x in range(1, 401) if x % 40 == 20}
-    after_armed = {x for sequence in sequences for n, x in enumerate(sequence) if armed & set(sequence[:n + 1])}
+    after_armed = {
+        x
+        for sequence in sequences
+        for n, x in enumerate(sequence)
+        if armed & set(sequence[: n + 1])
+    }
     for index, exc in failed.items():
         assert isinstance(exc, nanogrid.SandboxCrashed), repr(exc)
         # Blamed: the armed call (its reply had not left yet), or a call its sandbox ran (or was about to) after it.
-        assert index + 1 in after_armed or runs[index + 1] == 0, \
+        assert index + 1 in after_armed or runs[index + 1] == 0, (
             f"item {index + 1} failed, but its sandbox had armed no kill before it: {exc!r}"
+        )
     assert len(failed) <= len(armed)
     assert done == {x: x + 1 for x in done}
-    assert set(runs) >= set(range(401)) - {x + 1 for x in failed}, "an item never ran (or completed unrun)"
+    assert set(runs) >= set(range(401)) - {x + 1 for x in failed}, (
+        "an item never ran (or completed unrun)"
+    )
     twice = {x: n for x, n in runs.items() if n > 1}
     assert not twice, f"items run more than once: {twice}"

@@ -35,13 +35,23 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module", params=["process", "docker"])
-def bigrid(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def bigrid(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
     """A grid with a 4 MiB cap per argument and 3 MiB per result, two owners."""
     if request.param == "docker":
         require_docker()
     data_dir = tmp_path_factory.mktemp(f"bigdata-{request.param}")
-    grid = start_grid(data_dir, sandbox=request.param, workers=2, pool_cap=3, stem_cells=1, kill_grace_s=0.5,
-                      max_payload_bytes=4 * MiB, max_result_bytes=3 * MiB)
+    grid = start_grid(
+        data_dir,
+        sandbox=request.param,
+        workers=2,
+        pool_cap=3,
+        stem_cells=1,
+        kill_grace_s=0.5,
+        max_payload_bytes=4 * MiB,
+        max_result_bytes=3 * MiB,
+    )
     alice, _ = create_key(grid.grid.registry, "alice")
     bob, _ = create_key(grid.grid.registry, "bob")
     try:
@@ -62,14 +72,20 @@ def blob_files(env: dict) -> list[Path]:
 def test_the_client_learns_the_limits_from_the_grid_and_names_the_argument_over_them(bigrid):
     """What must never happen: a value over the grid's limit is uploaded, or refused without saying which it is."""
     client = as_owner(bigrid, "alice")
-    assert client.limits()["max_payload_bytes"] == 4 * MiB and client.limits()["blob_threshold_bytes"] == MiB
+    assert (
+        client.limits()["max_payload_bytes"] == 4 * MiB
+        and client.limits()["blob_threshold_bytes"] == MiB
+    )
 
     @nanogrid.remote(timeout=30)
     def takes(small, big=None):
         return 1
 
     before = blob_files(bigrid)
-    with pytest.raises(nanogrid.InvalidArgument, match=r"argument 'big' pickles to 5\.0 MiB, over the grid's 4\.0 MiB"):
+    with pytest.raises(
+        nanogrid.InvalidArgument,
+        match=r"argument 'big' pickles to 5\.0 MiB, over the grid's 4\.0 MiB",
+    ):
         takes.remote(b"x" * (2 * MiB), big=b"y" * (5 * MiB))
     assert blob_files(bigrid) == before  # not even the argument under the limit was uploaded
 
@@ -82,19 +98,22 @@ def test_large_arguments_travel_once_as_blobs_and_results_come_back_whole(bigrid
     @nanogrid.remote(timeout=60, memory=512)
     def digest(blob, salt):
         import hashlib
+
         return hashlib.sha256(blob).hexdigest() + salt
 
     @nanogrid.remote(timeout=60, memory=512)
     def grow(blob):
-        return blob + blob[:MiB // 2]
+        return blob + blob[: MiB // 2]
 
     expected = hashlib.sha256(data).hexdigest()
     before = set(blob_files(bigrid))
-    assert list(digest.map([data] * 6, [str(i) for i in range(6)])) == [expected + str(i) for i in range(6)]
+    assert list(digest.map([data] * 6, [str(i) for i in range(6)])) == [
+        expected + str(i) for i in range(6)
+    ]
     assert len(set(blob_files(bigrid)) - before) == 1  # one blob for the six calls
     ref = nanogrid.put(data)
     assert digest.remote(ref, "r") == expected + "r"
-    assert grow.remote(data) == data + data[:MiB // 2]  # a 2.5 MiB result, streamed through a blob
+    assert grow.remote(data) == data + data[: MiB // 2]  # a 2.5 MiB result, streamed through a blob
 
 
 def test_a_result_over_the_grids_limit_fails_clearly_and_the_grid_serves_on(bigrid):
@@ -117,7 +136,10 @@ def test_another_owners_blob_does_not_exist_for_you(bigrid):
     http = httpx.Client(base_url=bigrid["grid"].url, headers={"x-api-key": bigrid["bob"]})
     assert http.head(f"/v1/blobs/{ref.sha256}").status_code == 404
     assert http.get(f"/v1/blobs/{ref.sha256}").status_code == 404
-    assert cloudpickle.loads(client.download_blob(ref.sha256, ref.size)) == b"alice's secret " * 100_000
+    assert (
+        cloudpickle.loads(client.download_blob(ref.sha256, ref.size))
+        == b"alice's secret " * 100_000
+    )
 
     as_owner(bigrid, "bob")
 
@@ -144,11 +166,16 @@ def test_an_upload_that_does_not_hash_to_its_name_or_breaks_off_is_never_a_blob(
     # A client that announces 3 MiB, sends half and disconnects.
     host, port = httpx.URL(bigrid["grid"].url).host, httpx.URL(bigrid["grid"].url).port
     with socket.create_connection((host, port)) as sock:
-        sock.sendall(f"PUT /v1/blobs/{name} HTTP/1.1\r\nHost: x\r\nx-api-key: {bigrid['alice']}\r\n"
-                     f"Content-Length: {len(good)}\r\n\r\n".encode() + good[:len(good) // 2])
+        sock.sendall(
+            f"PUT /v1/blobs/{name} HTTP/1.1\r\nHost: x\r\nx-api-key: {bigrid['alice']}\r\n"
+            f"Content-Length: {len(good)}\r\n\r\n".encode()
+            + good[: len(good) // 2]
+        )
     assert http.head(f"/v1/blobs/{name}").status_code == 404
     spool = bigrid["data_dir"] / "store" / "blob-spool"
-    assert http.put(f"/v1/blobs/{name}", content=good).status_code == 201  # a whole upload afterwards is taken
+    assert (
+        http.put(f"/v1/blobs/{name}", content=good).status_code == 201
+    )  # a whole upload afterwards is taken
     assert not [p for p in spool.iterdir() if p.suffix == ".part"]
     assert http.get(f"/v1/blobs/{name}").content == good
     assert http.put(f"/v1/blobs/{name}", content=os.urandom(5 * MiB)).status_code == 413
@@ -165,7 +192,13 @@ def test_a_sandbox_lying_about_its_streamed_result_is_discarded(bigrid):
         import sys
 
         boot = sys.modules["__main__"]
-        reply = {"ok": True, "result_format": "pickle", "result_size": 2 << 20, "stdout": "", "stderr": ""}
+        reply = {
+            "ok": True,
+            "result_format": "pickle",
+            "result_size": 2 << 20,
+            "stdout": "",
+            "stderr": "",
+        }
         if kind == "over":
             reply["result_size"] = 1 << 40
         header = json.dumps(reply).encode()
@@ -174,7 +207,9 @@ def test_a_sandbox_lying_about_its_streamed_result_is_discarded(bigrid):
                 os.write(n, boot.struct.pack(">II", len(header), 0) + header)
                 if kind == "more":  # a piece larger than what was announced
                     piece = json.dumps({"op": "result_data"}).encode()
-                    os.write(n, boot.struct.pack(">II", len(piece), 3 << 20) + piece + b"x" * (3 << 20))
+                    os.write(
+                        n, boot.struct.pack(">II", len(piece), 3 << 20) + piece + b"x" * (3 << 20)
+                    )
             except OSError:
                 pass
         os._exit(0)
@@ -212,8 +247,10 @@ def test_the_args_codec_pickles_each_argument_once_and_resolves_refs():
 
 # --- results as Refs, and Refs anywhere inside an argument -------------------------------------------------
 
+
 def no_data_through_this_machine(client: nanogrid.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     """From here on the client may neither download nor upload a blob: what moves must move on the grid."""
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a blob's data went through the client")
 
@@ -235,19 +272,36 @@ def test_a_jobs_result_goes_to_the_next_call_as_a_ref_without_coming_back(bigrid
         import hashlib
 
         same = values[0] is values[2]
-        return [hashlib.sha256(v).hexdigest()[:16] for v in values], same, {k: len(v) for k, v in (table or {}).items()}
+        return (
+            [hashlib.sha256(v).hexdigest()[:16] for v in values],
+            same,
+            {k: len(v) for k, v in (table or {}).items()},
+        )
 
-    big_job, small_job = make.spawn(2 * MiB, b"b"), make.spawn(1000, b"s")  # a blob result and an inline one
+    big_job, small_job = (
+        make.spawn(2 * MiB, b"b"),
+        make.spawn(1000, b"s"),
+    )  # a blob result and an inline one
     big, small = big_job.ref(), small_job.ref()
     assert big.size > 2 * MiB and small.size < MiB
     no_data_through_this_machine(client, monkeypatch)
-    short = [hashlib.sha256(b"b" * 2 * MiB).hexdigest()[:16], hashlib.sha256(b"s" * 1000).hexdigest()[:16]]
-    assert describe.remote([big, small, big], table={"a": small, "b": big}) == \
-        ([short[0], short[1], short[0]], True, {"a": 1000, "b": 2 * MiB})
+    short = [
+        hashlib.sha256(b"b" * 2 * MiB).hexdigest()[:16],
+        hashlib.sha256(b"s" * 1000).hexdigest()[:16],
+    ]
+    assert describe.remote([big, small, big], table={"a": small, "b": big}) == (
+        [short[0], short[1], short[0]],
+        True,
+        {"a": 1000, "b": 2 * MiB},
+    )
     monkeypatch.undo()
     # A Ref inside an argument that is itself large enough to travel as a blob still resolves.
     padded = {"pad": os.urandom(2 * MiB), "refs": [small, big, small]}
-    assert describe.remote(padded["refs"] + [padded["pad"]])[0][:3] == [short[1], short[0], short[1]]
+    assert describe.remote(padded["refs"] + [padded["pad"]])[0][:3] == [
+        short[1],
+        short[0],
+        short[1],
+    ]
 
     @nanogrid.remote(timeout=60)
     def unpack(arg):
@@ -273,7 +327,9 @@ def test_refs_that_are_not_the_callers_are_refused_at_submit_naming_them(bigrid)
     job = secret.spawn()
     ref = job.ref()
     bob = httpx.Client(base_url=bigrid["grid"].url, headers={"x-api-key": bigrid["bob"]})
-    assert bob.post(f"/v1/jobs/{job.job_id}/ref").status_code == 404  # her job does not exist for him
+    assert (
+        bob.post(f"/v1/jobs/{job.job_id}/ref").status_code == 404
+    )  # her job does not exist for him
     assert bob.head(f"/v1/blobs/{ref.sha256}").status_code == 404
 
     as_owner(bigrid, "bob")
@@ -320,6 +376,7 @@ def test_what_has_no_value_to_pass_on_is_refused_clearly(bigrid):
 
 # --- blob space, a full disk, a damaged blob ------------------------------------------------------------------
 
+
 def test_the_grid_counts_each_owners_blobs(bigrid):
     """What must never happen: blob space that misses an upload or a stored result, or shows one owner another's."""
     client = as_owner(bigrid, "alice")
@@ -335,13 +392,25 @@ def test_the_grid_counts_each_owners_blobs(bigrid):
     after = client.system_status()["blobs"]
     assert after["count"] == before["count"] + 2
     assert after["bytes"] >= before["bytes"] + ref.size + 2 * MiB
-    assert nanogrid.Client(bigrid["grid"].url, api_key=bigrid["bob"]).system_status()["blobs"] == bob_before
+    assert (
+        nanogrid.Client(bigrid["grid"].url, api_key=bigrid["bob"]).system_status()["blobs"]
+        == bob_before
+    )
     on_disk = [p for p in blob_files(bigrid)]
-    assert after["count"] <= len(on_disk) and after["bytes"] <= sum(p.stat().st_size for p in on_disk)
+    assert after["count"] <= len(on_disk) and after["bytes"] <= sum(
+        p.stat().st_size for p in on_disk
+    )
     env = {**os.environ, "NANOGRID_URL": bigrid["grid"].url, "NANOGRID_API_KEY": bigrid["alice"]}
-    shown = subprocess.run([sys.executable, "-m", "nanogrid.cli", "status"], env=env, capture_output=True, text=True,
-                           timeout=60)
-    assert f"blobs     {after['count']} stored, {after['bytes'] / MiB:.1f} MiB" in shown.stdout, shown.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "nanogrid.cli", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert f"blobs     {after['count']} stored, {after['bytes'] / MiB:.1f} MiB" in shown.stdout, (
+        shown.stderr
+    )
 
 
 def test_a_blob_damaged_on_disk_never_reaches_the_function(bigrid):
@@ -361,11 +430,17 @@ def test_a_blob_damaged_on_disk_never_reaches_the_function(bigrid):
         byte = f.read(1)
         f.seek(MiB)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(nanogrid.JobFailed, match=f"blob {ref.sha256[:12]}… is damaged.*not given to the function"):
+    with pytest.raises(
+        nanogrid.JobFailed, match=f"blob {ref.sha256[:12]}… is damaged.*not given to the function"
+    ):
         size_of.remote([ref])
-    with pytest.raises(nanogrid.APIError, match="no blob"):  # deleted, so that an upload can heal it
+    with pytest.raises(
+        nanogrid.APIError, match="no blob"
+    ):  # deleted, so that an upload can heal it
         size_of.remote([ref])
-    assert client.upload_blob(cloudpickle.dumps(value, protocol=5)) == ref  # the client asks the grid again
+    assert (
+        client.upload_blob(cloudpickle.dumps(value, protocol=5)) == ref
+    )  # the client asks the grid again
     assert size_of.remote([ref]) == [2 * MiB]
 
 
@@ -378,7 +453,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_a_blob_upload_onto_a_full_disk_answers_507_and_the_grid_serves_on(small_disk):
     """What must never happen: a half-written blob, a damaged registry, or an internal error instead of 507."""
-    grid = start_grid(small_disk / "data", sandbox="process", workers=1, stem_cells=1, pool_cap=2, kill_grace_s=0.5)
+    grid = start_grid(
+        small_disk / "data",
+        sandbox="process",
+        workers=1,
+        stem_cells=1,
+        pool_cap=2,
+        kill_grace_s=0.5,
+    )
     try:
         client = nanogrid.connect(grid.url, api_key=grid.api_key, timeout=30)
 
@@ -405,10 +487,14 @@ def test_a_blob_upload_onto_a_full_disk_answers_507_and_the_grid_serves_on(small
 
 # --- blobs on S3 (the AWS adapters against the moto server, redis-server) ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def s3grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Two controllers and one worker on SQS, S3, DynamoDB and Redis, all on loopback."""
-    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    require(
+        shutil.which("redis-server") is not None,
+        "redis-server is not installed (apt-get install redis-server)",
+    )
     running = Cluster(tmp_path_factory.mktemp("aws-blobs"), workers=1, slots=1)
     try:
         client = nanogrid.Client(running.url, api_key=running.key)
@@ -426,15 +512,25 @@ def test_blobs_on_s3_carry_arguments_results_and_refs(s3grid):
     client = nanogrid.connect(s3grid.url, api_key=s3grid.key)
     value = os.urandom(3 * MiB)
     ref = nanogrid.put(value)
-    http = httpx.Client(base_url=s3grid.url2, headers={"x-api-key": s3grid.key})  # the other controller
+    http = httpx.Client(
+        base_url=s3grid.url2, headers={"x-api-key": s3grid.key}
+    )  # the other controller
     head = http.head(f"/v1/blobs/{ref.sha256}")
     assert head.status_code == 200 and int(head.headers["content-length"]) == ref.size
     assert cloudpickle.loads(http.get(f"/v1/blobs/{ref.sha256}").content) == value
     env = s3grid.env
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
     bucket = env["S3_USER_DATA_BUCKET"]
-    stored = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="data/").get("Contents", [])]
+    stored = [
+        item["Key"]
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix="data/").get("Contents", [])
+    ]
     assert [key for key in stored if key.endswith(ref.sha256)]
 
     @nanogrid.remote(timeout=60, memory=512)
@@ -448,12 +544,17 @@ def test_blobs_on_s3_carry_arguments_results_and_refs(s3grid):
     assert grow.remote(value) == value + value[:MiB]  # a blob argument and a blob result
     job = grow.spawn(ref)
     assert lengths.remote([job.ref(), ref, job.ref()]) == [4 * MiB, 3 * MiB, 4 * MiB]
-    space = client.system_status()["blobs"]  # the argument and the result, one blob each however often used
+    space = client.system_status()[
+        "blobs"
+    ]  # the argument and the result, one blob each however often used
     assert space["count"] >= 2 and space["bytes"] >= ref.size + 4 * MiB
 
     damaged = nanogrid.put(os.urandom(2 * MiB))
-    key = next(item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="data/")["Contents"]
-               if item["Key"].endswith(damaged.sha256))
+    key = next(
+        item["Key"]
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix="data/")["Contents"]
+        if item["Key"].endswith(damaged.sha256)
+    )
     s3.put_object(Bucket=bucket, Key=key, Body=b"not what was uploaded")
     with pytest.raises(nanogrid.JobFailed, match=f"blob {damaged.sha256[:12]}… is damaged"):
         lengths.remote([damaged])

@@ -29,12 +29,20 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module", params=["process", "docker"])
-def cached(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def cached(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
     """A grid with one worker slot, so a function's calls run one after another in the same warm sandbox."""
     if request.param == "docker":
         require_docker()
-    grid = start_grid(tmp_path_factory.mktemp(f"blob-cache-{request.param}"), sandbox=request.param, workers=1,
-                      pool_cap=4, stem_cells=1, kill_grace_s=0.5)
+    grid = start_grid(
+        tmp_path_factory.mktemp(f"blob-cache-{request.param}"),
+        sandbox=request.param,
+        workers=1,
+        pool_cap=4,
+        stem_cells=1,
+        kill_grace_s=0.5,
+    )
     nanogrid.connect(grid.url, api_key=grid.api_key)
     try:
         yield {"grid": grid, "worker": grid.grid.worker}
@@ -63,6 +71,7 @@ def test_a_warm_sandbox_is_sent_a_shared_argument_once(cached):
     @nanogrid.remote(timeout=60, memory=512)
     def digest(blob, salt):
         import hashlib
+
         return hashlib.sha256(blob).hexdigest() + salt
 
     before = sent(cached)
@@ -71,7 +80,10 @@ def test_a_warm_sandbox_is_sent_a_shared_argument_once(cached):
     after_first = sent(cached)
     assert after_first[0] - before[0] == blob_size(data)  # the first call is sent the blob ...
     assert digest.remote(data, "b") == expected + "b"
-    assert sent(cached) == (after_first[0], after_first[1] + 1)  # ... the second is not: the sandbox kept it
+    assert sent(cached) == (
+        after_first[0],
+        after_first[1] + 1,
+    )  # ... the second is not: the sandbox kept it
     assert list(digest.map([data] * 5, "cdefg")) == [expected + s for s in "cdefg"]
     assert sent(cached) == (after_first[0], after_first[1] + 6)  # nor any call of a .map() over it
 
@@ -89,7 +101,9 @@ def test_each_call_unpickles_its_own_objects_from_a_kept_blob(cached):
 
     before = sent(cached)
     assert [spoil.remote(items) for _ in range(3)] == [(0, 400_000)] * 3
-    assert sent(cached)[1] - before[1] == 2  # the blob was kept, and still every call got the original
+    assert (
+        sent(cached)[1] - before[1] == 2
+    )  # the blob was kept, and still every call got the original
 
 
 def test_the_cache_stays_within_its_bound_and_results_stay_right_after_eviction(cached):
@@ -102,6 +116,7 @@ def test_the_cache_stays_within_its_bound_and_results_stay_right_after_eviction(
     @nanogrid.remote(timeout=120, memory=256)
     def digest(blob):
         import hashlib
+
         return hashlib.sha256(blob).hexdigest()
 
     def call(value: bytes) -> int:
@@ -123,6 +138,7 @@ def test_the_cache_stays_within_its_bound_and_results_stay_right_after_eviction(
     @nanogrid.remote(timeout=120, memory=512)
     def digest_large(blob):
         import hashlib
+
         return hashlib.sha256(blob).hexdigest()
 
     def call_large(value: bytes) -> int:
@@ -149,8 +165,11 @@ def test_a_sandbox_that_claims_a_blob_it_was_never_sent_is_discarded(cached):
     data = os.urandom(2 * MiB)
     spoiled = probe.spawn("claim everything")
     spoiled.result()
-    with pytest.raises(nanogrid.JobFailed, match=r"claims to keep blob [0-9a-f]{12}…, which it was never sent.*"
-                                                 r"discarded") as failed:
+    with pytest.raises(
+        nanogrid.JobFailed,
+        match=r"claims to keep blob [0-9a-f]{12}…, which it was never sent.*"
+        r"discarded",
+    ) as failed:
         probe.remote("read", data)
     assert failed.value.kind == "protocol"
     again = probe.spawn("read", data)  # a fresh sandbox, sent the blob
@@ -168,6 +187,7 @@ def test_a_sandbox_that_asks_for_a_blob_the_call_does_not_have_is_discarded(cach
 
         boot = sys.modules["__main__"]
         if mode == "ask for more":  # the next call's answer names a blob past the call's own
+
             def receive(fd, reply_fd, ids, sizes, limit):
                 boot.write_frame(reply_fd, {"op": "need", "blobs": list(range(len(ids) + 1))})
                 return boot.read_blobs(fd, sizes + [1])
@@ -177,7 +197,9 @@ def test_a_sandbox_that_asks_for_a_blob_the_call_does_not_have_is_discarded(cach
 
     data = os.urandom(2 * MiB)
     probe.remote("ask for more")
-    with pytest.raises(nanogrid.JobFailed, match="asking for blobs the call does not have.*discarded"):
+    with pytest.raises(
+        nanogrid.JobFailed, match="asking for blobs the call does not have.*discarded"
+    ):
         probe.remote("read", data)
     assert probe.remote("read", data) == hashlib.sha256(data).hexdigest()
 
@@ -208,22 +230,27 @@ def test_a_sandbox_that_dropped_a_blob_it_claims_fails_only_its_own_call_clearly
     def other(blob):
         return len(blob)
 
-    assert other.remote(data) == len(data)  # the grid serves on; another function's sandbox is untouched
+    assert other.remote(data) == len(
+        data
+    )  # the grid serves on; another function's sandbox is untouched
 
 
-@pytest.mark.parametrize("frame, body", [
-    ({"op": "need", "blobs": [2]}, b""),  # not in the call
-    ({"op": "need", "blobs": [-1]}, b""),
-    ({"op": "need", "blobs": [1, 1]}, b""),  # twice
-    ({"op": "need", "blobs": [1, 0]}, b""),  # out of order
-    ({"op": "need", "blobs": [True]}, b""),
-    ({"op": "need", "blobs": ["0"]}, b""),
-    ({"op": "need", "blobs": 0}, b""),
-    ({"op": "need", "blobs": [0], "extra": 1}, b""),
-    ({"op": "need", "blobs": [0]}, b"x"),  # a body
-    ({"op": "log", "stream": "stdout"}, b"hi"),  # anything else where the answer is due
-    ({"ok": True, "result_format": "pickle"}, b""),
-])
+@pytest.mark.parametrize(
+    "frame, body",
+    [
+        ({"op": "need", "blobs": [2]}, b""),  # not in the call
+        ({"op": "need", "blobs": [-1]}, b""),
+        ({"op": "need", "blobs": [1, 1]}, b""),  # twice
+        ({"op": "need", "blobs": [1, 0]}, b""),  # out of order
+        ({"op": "need", "blobs": [True]}, b""),
+        ({"op": "need", "blobs": ["0"]}, b""),
+        ({"op": "need", "blobs": 0}, b""),
+        ({"op": "need", "blobs": [0], "extra": 1}, b""),
+        ({"op": "need", "blobs": [0]}, b"x"),  # a body
+        ({"op": "log", "stream": "stdout"}, b"hi"),  # anything else where the answer is due
+        ({"ok": True, "result_format": "pickle"}, b""),
+    ],
+)
 def test_a_need_frame_is_checked_strictly(frame, body):
     """What must never happen: a malformed 'need' frame is taken as an answer."""
     with pytest.raises(ProtocolViolation):
@@ -276,13 +303,18 @@ def test_a_blob_from_a_remote_store_is_fetched_only_when_the_sandbox_lacks_it(tm
 
     data = os.urandom(2 * MiB)
     args, refs = ArgsEncoder(Uploader()).encode((data,), {})  # type: ignore[arg-type]
-    worker = SimpleNamespace(store=store, _blobs=Blobs(store, tmp_path / "spool"))  # what _call_blobs uses
+    worker = SimpleNamespace(
+        store=store, _blobs=Blobs(store, tmp_path / "spool")
+    )  # what _call_blobs uses
 
     def digest(blob):
         import hashlib
+
         return hashlib.sha256(blob).hexdigest()
 
-    sandbox = ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, bubblewrap="off", cgroups="off").start()
+    sandbox = ProcessSandboxFactory(
+        tmp_path / "sandboxes", tmp_path, bubblewrap="off", cgroups="off"
+    ).start()
     try:
         package = package_function(digest, name="digest")
         sandbox.load(package.function_id, package.data, 256)
@@ -290,7 +322,9 @@ def test_a_blob_from_a_remote_store_is_fetched_only_when_the_sandbox_lacks_it(tm
             with Worker._call_blobs(worker, "alice", refs) as blobs:  # type: ignore[arg-type]
                 result = sandbox.call(f"job-{n}", args, 30, blobs=blobs)
             assert cloudpickle.loads(result.body) == hashlib.sha256(data).hexdigest()
-            assert (result.blob_bytes_sent > 0, result.blobs_kept) == ((True, 0) if n == 0 else (False, 1))
+            assert (result.blob_bytes_sent > 0, result.blobs_kept) == (
+                (True, 0) if n == 0 else (False, 1)
+            )
         assert store.downloads == [key_for("alice", refs[0])]  # once, for the first call
     finally:
         sandbox.close()

@@ -29,7 +29,9 @@ def bootstrap(tmp_path, monkeypatch):
     return module
 
 
-def test_remote_traceback_shows_source_lines_whatever_name_pickling_gives_the_code(bootstrap, tmp_path):
+def test_remote_traceback_shows_source_lines_whatever_name_pickling_gives_the_code(
+    bootstrap, tmp_path
+):
     """What must never happen: a pickler renaming code objects (cloudpickle 3.1.3 did) hides the user's lines."""
 
     def restock(item):
@@ -80,8 +82,13 @@ def test_the_sandbox_image_ships_every_module_its_modules_import():
 
     from nanogrid_runtimes.build import CONTRACT_MODULES, NANOGRID_MODULES
 
-    files = {("nanogrid", name) for name in NANOGRID_MODULES} | {("nanogrid_contract", n) for n in CONTRACT_MODULES}
-    shipped = {package if name == "__init__.py" else f"{package}.{name.removesuffix('.py')}" for package, name in files}
+    files = {("nanogrid", name) for name in NANOGRID_MODULES} | {
+        ("nanogrid_contract", n) for n in CONTRACT_MODULES
+    }
+    shipped = {
+        package if name == "__init__.py" else f"{package}.{name.removesuffix('.py')}"
+        for package, name in files
+    }
     for package, name in sorted(files):
         tree = ast.parse((ROOT / package / name).read_text())
         for node in tree.body:  # module level only: lazy imports inside functions are the client's
@@ -94,7 +101,9 @@ def test_the_sandbox_image_ships_every_module_its_modules_import():
                 continue
             for names in imported:
                 if any(n.split(".")[0] in ("nanogrid", "nanogrid_contract") for n in names):
-                    assert names & shipped, f"{package}/{name} imports {min(names)}, which the image does not ship"
+                    assert names & shipped, (
+                        f"{package}/{name} imports {min(names)}, which the image does not ship"
+                    )
 
 
 SHOUT = """
@@ -115,29 +124,54 @@ def test_a_batch_of_calls_is_served_on_the_oldest_python_a_runtime_may_be_built_
 
     oldest = PYTHONS[0]
     python = interpreter_for(oldest)
-    require(python is not None, f"no Python {oldest} interpreter (pyenv's, or python{oldest} on PATH)")
+    require(
+        python is not None, f"no Python {oldest} interpreter (pyenv's, or python{oldest} on PATH)"
+    )
     site = tmp_path / "site"
     site.mkdir()
-    (site / "cloudpickle").symlink_to(Path(cloudpickle.__file__).parent)  # pure Python: the same code runs there
+    (site / "cloudpickle").symlink_to(
+        Path(cloudpickle.__file__).parent
+    )  # pure Python: the same code runs there
     package = io.BytesIO()
     with zipfile.ZipFile(package, "w") as zf:
-        zf.writestr("manifest.json", json.dumps({"kind": "handler", "handler": "shout.handler", "name": "shout",
-                                                 "memory": 128}))
+        zf.writestr(
+            "manifest.json",
+            json.dumps(
+                {"kind": "handler", "handler": "shout.handler", "name": "shout", "memory": 128}
+            ),
+        )
         zf.writestr("shout.py", SHOUT)
     events = [json.dumps({"word": word}).encode() for word in ("apples", "pears")]
-    calls = {"op": "calls", "measure_rss": True, "model": None,
-             "calls": [{"job_id": f"job-{n}", "timeout": 30, "size": len(e)} for n, e in enumerate(events)]}
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(site), "NANOGRID_WORK_DIR": str(tmp_path / "work")}
+    calls = {
+        "op": "calls",
+        "measure_rss": True,
+        "model": None,
+        "calls": [
+            {"job_id": f"job-{n}", "timeout": 30, "size": len(e)} for n, e in enumerate(events)
+        ],
+    }
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(site),
+        "NANOGRID_WORK_DIR": str(tmp_path / "work"),
+    }
     bootstrap = ROOT / "nanogrid_runtimes" / "python" / "bootstrap.py"
-    with subprocess.Popen([str(python), "-s", str(bootstrap)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, env=env) as proc:
+    with subprocess.Popen(
+        [str(python), "-s", str(bootstrap)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    ) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         reader = FrameReader(proc.stdout.fileno())
         deadline = time.monotonic() + 60
         ready, _ = reader.read(deadline, 0)
         assert ready["op"] == "ready" and ready["python"] == oldest
-        proc.stdin.write(encode_frame({"op": "load", "env": {}}, package.getvalue())
-                         + encode_frame(calls, b"".join(events)))
+        proc.stdin.write(
+            encode_frame({"op": "load", "env": {}}, package.getvalue())
+            + encode_frame(calls, b"".join(events))
+        )
         proc.stdin.flush()
         assert reader.read(deadline, 0)[0]["ok"] is True  # loaded
         answers = [reader.read(deadline, 1 << 20) for _ in events]
@@ -145,4 +179,6 @@ def test_a_batch_of_calls_is_served_on_the_oldest_python_a_runtime_may_be_built_
         assert proc.wait(30) == 0
     assert [reply["ok"] for reply, _ in answers] == [True, True]
     assert [json.loads(result) for _, result in answers] == [
-        {"shout": "APPLES", "python": oldest, "job": "job-0"}, {"shout": "PEARS", "python": oldest, "job": "job-1"}]
+        {"shout": "APPLES", "python": oldest, "job": "job-0"},
+        {"shout": "PEARS", "python": oldest, "job": "job-1"},
+    ]

@@ -52,14 +52,30 @@ def jupyter_lab(grid, tmp_path):
     notebook.metadata.pop("widgets", None)
     nbformat.write(notebook, tmp_path / "quickstart.ipynb")
     port = free_port()
-    env = {**os.environ, "NANOGRID_URL": grid.url, "NANOGRID_API_KEY": grid.api_key,
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    env = {
+        **os.environ,
+        "NANOGRID_URL": grid.url,
+        "NANOGRID_API_KEY": grid.api_key,
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+    }
     lab = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"),
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--allow-root",
+            f"--port={port}",
+            "--ip=127.0.0.1",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={tmp_path}",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "lab.log", "w"),
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -87,7 +103,9 @@ def test_quickstart_renders_a_succeeded_job_widget(jupyter_lab, tmp_path):
         page.goto(f"{jupyter_lab}/lab/tree/quickstart.ipynb?token={TOKEN}")
         page.wait_for_selector(".jp-Notebook", timeout=60_000)
         # the status bar reads the session's own kernel status: "Idle" only once a kernel is connected and idle
-        kernel_idle = page.get_by_role("button", name=re.compile(r"^Python 3 \(ipykernel\) \| Idle$"))
+        kernel_idle = page.get_by_role(
+            "button", name=re.compile(r"^Python 3 \(ipykernel\) \| Idle$")
+        )
         expect(kernel_idle).to_be_visible(timeout=120_000)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_text("Run All Cells", exact=True).click()
@@ -99,13 +117,18 @@ def test_quickstart_renders_a_succeeded_job_widget(jupyter_lab, tmp_path):
         expect(widget).to_contain_text(re.compile(r"peak memory [\d.]+ MiB"))
         expect(page.locator(".jupyter-widgets", has_text="of 256 MiB").first).to_be_visible()
         # %%nanogrid's `mean` came back: the `mean` cell's value itself (a widget's "14.5 MiB" would not do)
-        cell_value = page.locator(".jp-OutputArea-executeResult .jp-OutputArea-output", has_text=re.compile(r"^\s*4\.5\s*$"))
+        cell_value = page.locator(
+            ".jp-OutputArea-executeResult .jp-OutputArea-output",
+            has_text=re.compile(r"^\s*4\.5\s*$"),
+        )
         expect(cell_value.first).to_be_visible(timeout=60_000)
 
         no_news = page.get_by_role("button", name="No", exact=True)
         if no_news.count():
             no_news.first.click()  # JupyterLab's "get notified about news?" toast
-            expect(page.get_by_text("get notified about official Jupyter news")).to_be_hidden(timeout=10_000)
+            expect(page.get_by_text("get notified about official Jupyter news")).to_be_hidden(
+                timeout=10_000
+            )
         widget.scroll_into_view_if_needed()
         shot = tmp_path / "quickstart.png"
         page.screenshot(path=str(shot))
@@ -125,9 +148,14 @@ def test_every_dashboard_page_fits_a_1366_pixel_wide_window(grid, tmp_path):
     name = "a-rather-long-function-name-" + "x" * 36
     code = "def handler(event, context):\n    raise RuntimeError('E' * 300 + ' ' + 'word ' * 60)\n"
     with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": key}, timeout=60) as http:
-        function_id = http.post("/upload", files={"file": ("wide.py", code.encode())},
-                                data={"handler": "wide.handler", "function_name": name}).json()["function_id"]
-        job_id = http.post("/run", json={"function_id": function_id, "payload": {}}).json()["job_id"]
+        function_id = http.post(
+            "/upload",
+            files={"file": ("wide.py", code.encode())},
+            data={"handler": "wide.handler", "function_name": name},
+        ).json()["function_id"]
+        job_id = http.post("/run", json={"function_id": function_id, "payload": {}}).json()[
+            "job_id"
+        ]
     widths = {}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -137,8 +165,17 @@ def test_every_dashboard_page_fits_a_1366_pixel_wide_window(grid, tmp_path):
         page.fill("input[name=api_key]", key)
         page.click("button[type=submit]")
         page.wait_for_url(f"{grid.url}/ui")
-        for path in ("/ui", "/ui/deploy", f"/ui/functions/{function_id}", "/ui/jobs", f"/ui/jobs/{job_id}",
-                     "/ui/environments", "/ui/workers", "/ui/loadtests", "/ui/no-such-page"):
+        for path in (
+            "/ui",
+            "/ui/deploy",
+            f"/ui/functions/{function_id}",
+            "/ui/jobs",
+            f"/ui/jobs/{job_id}",
+            "/ui/environments",
+            "/ui/workers",
+            "/ui/loadtests",
+            "/ui/no-such-page",
+        ):
             page.goto(grid.url + path)
             widths[path] = page.evaluate("document.documentElement.scrollWidth")
         page.goto(f"{grid.url}/ui/workers")

@@ -22,8 +22,20 @@ from packaging.requirements import Requirement
 from nanogrid.cli import GRID_COMMANDS
 from tests.conftest import ROOT
 
-SERVER_MODULES = ("fastapi", "uvicorn", "starlette", "docker", "boto3", "botocore", "redis", "jinja2", "uv", "cronsim",
-                  "ollama", "prometheus_client")
+SERVER_MODULES = (
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "docker",
+    "boto3",
+    "botocore",
+    "redis",
+    "jinja2",
+    "uv",
+    "cronsim",
+    "ollama",
+    "prometheus_client",
+)
 
 CLIENT_SCRIPT = """
 import sys
@@ -50,7 +62,12 @@ def test_the_grid_registers_exactly_the_commands_the_client_names_without_it():
     from nanogrid_backend.cli import add_commands
 
     sub = argparse.ArgumentParser().add_subparsers()
-    add_commands(sub, client_options=lambda parser: None, connect=lambda args: None, tour=lambda url, key: None)
+    add_commands(
+        sub,
+        client_options=lambda parser: None,
+        connect=lambda args: None,
+        tour=lambda url, key: None,
+    )
     assert tuple(sub.choices) == GRID_COMMANDS
 
 
@@ -69,13 +86,17 @@ def client_closure(wheel: Path) -> list[metadata.Distribution]:
     while pending:
         line, extras = pending.pop()
         requirement = Requirement(line)
-        if requirement.marker and not any(requirement.marker.evaluate({"extra": extra}) for extra in extras):
+        if requirement.marker and not any(
+            requirement.marker.evaluate({"extra": extra}) for extra in extras
+        ):
             continue
         name = _normalized(requirement.name)
         new_extras = set(requirement.extras) | {""}
         if name in found and new_extras <= wanted_extras[name]:
             continue
-        dist = metadata.distribution(requirement.name)  # missing here: the test environment lacks a client dependency
+        dist = metadata.distribution(
+            requirement.name
+        )  # missing here: the test environment lacks a client dependency
         found[name] = dist
         wanted_extras.setdefault(name, set()).update(new_extras)
         pending += [(child, frozenset(wanted_extras[name])) for child in dist.requires or []]
@@ -98,51 +119,101 @@ def install_files(dist: metadata.Distribution, site_packages: Path) -> None:
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment holding the nanogrid wheel and its client dependencies, built offline."""
     where = tmp_path_factory.mktemp("client-install")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                            "-w", str(where / "wheels"), str(ROOT)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(where / "wheels"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr
     (wheel,) = (where / "wheels").glob("nanogrid-*.whl")
     venv = where / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
     (site_packages,) = (venv / "lib").glob("python3*/site-packages")
     for dist in client_closure(wheel):
         install_files(dist, site_packages)
-    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                                "--no-deps", "--no-index", "--no-compile", str(wheel)],
-                               capture_output=True, text=True, timeout=300)
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--no-compile",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert installed.returncode == 0, installed.stderr
     return venv
 
 
 def run_in(venv: Path, *args: str) -> subprocess.CompletedProcess:
     """Run a command of ``venv`` as its user would: its bin first on PATH, nothing of this checkout importable."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PYTHON", "VIRTUAL_ENV"))
+    }
     env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=venv)
 
 
 @pytest.mark.integration
 def test_the_client_alone_has_no_server_dependency(client_venv: Path):
-    probe = "import importlib.util as u; print(*[n for n in %r if u.find_spec(n)])" % (SERVER_MODULES,)
+    probe = "import importlib.util as u; print(*[n for n in %r if u.find_spec(n)])" % (
+        SERVER_MODULES,
+    )
     found = run_in(client_venv, str(client_venv / "bin" / "python"), "-c", probe)
     assert found.returncode == 0, found.stderr
-    assert found.stdout.split() == [], f"server dependencies installed with the client: {found.stdout}"
+    assert found.stdout.split() == [], (
+        f"server dependencies installed with the client: {found.stdout}"
+    )
 
 
 @pytest.mark.integration
 def test_the_client_alone_calls_and_maps_on_a_grid(client_venv: Path, grid, tmp_path: Path):
     script = tmp_path / "calls.py"
     script.write_text(CLIENT_SCRIPT)
-    done = run_in(client_venv, str(client_venv / "bin" / "python"), str(script), grid.url, grid.api_key)
+    done = run_in(
+        client_venv, str(client_venv / "bin" / "python"), str(script), grid.url, grid.api_key
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["remote 49", "map [0, 1, 4, 9, 16, 25]"]
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("command", [["up"], ["up", "--port", "9000"], ["demo"], ["keys", "list"]])
-def test_grid_commands_without_the_grid_say_how_to_install_it(client_venv: Path, command: list[str]):
+def test_grid_commands_without_the_grid_say_how_to_install_it(
+    client_venv: Path, command: list[str]
+):
     done = run_in(client_venv, str(client_venv / "bin" / "nanogrid"), *command)
     assert done.returncode == 1
-    assert done.stderr == "nanogrid: the embedded grid is not installed: pip install 'nanogrid[grid]'\n"
+    assert (
+        done.stderr
+        == "nanogrid: the embedded grid is not installed: pip install 'nanogrid[grid]'\n"
+    )
     listed = run_in(client_venv, str(client_venv / "bin" / "nanogrid"), "--help")
-    assert listed.returncode == 0 and "pip install 'nanogrid[grid]'" in listed.stdout and "deploy" in listed.stdout
+    assert (
+        listed.returncode == 0
+        and "pip install 'nanogrid[grid]'" in listed.stdout
+        and "deploy" in listed.stdout
+    )

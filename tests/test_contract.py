@@ -28,24 +28,36 @@ def _imports(package: str) -> list[tuple[str, str]]:
 
 
 def test_the_contract_imports_the_standard_library_only() -> None:
-    modules = sorted(p.stem for p in (ROOT / "nanogrid_contract").glob("*.py") if p.stem != "__init__")
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import importlib\n"
-              f"for name in {modules!r}: importlib.import_module('nanogrid_contract.' + name)\n"
-              "print(sorted({m.split('.')[0] for m in sys.modules if not m.startswith('_')}"
-              "             - set(sys.stdlib_module_names) - {'nanogrid_contract'}))")
+    modules = sorted(
+        p.stem for p in (ROOT / "nanogrid_contract").glob("*.py") if p.stem != "__init__"
+    )
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import importlib\n"
+        f"for name in {modules!r}: importlib.import_module('nanogrid_contract.' + name)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if not m.startswith('_')}"
+        "             - set(sys.stdlib_module_names) - {'nanogrid_contract'}))"
+    )
     # -S: no site-packages at all, so a third-party import fails here; -I: no user site, no PYTHON* variables
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", script, str(ROOT)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script, str(ROOT)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
-    outside = [(f, m) for f, m in _imports("nanogrid_contract")
-               if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "nanogrid_contract"
-               and m.split(".")[0] != "cronsim"]  # cronsim: tried where the grid's extras are, and skipped if absent
+    outside = [
+        (f, m)
+        for f, m in _imports("nanogrid_contract")
+        if m.split(".")[0] not in sys.stdlib_module_names
+        and m.split(".")[0] != "nanogrid_contract"
+        and m.split(".")[0] != "cronsim"
+    ]  # cronsim: tried where the grid's extras are, and skipped if absent
     assert outside == []
 
 
 def test_the_grid_never_imports_the_client() -> None:
     for package in ("nanogrid_backend", "nanogrid_runtimes"):
-        client = [(f, m) for f, m in _imports(package) if m == "nanogrid" or m.startswith("nanogrid.")]
+        client = [
+            (f, m) for f, m in _imports(package) if m == "nanogrid" or m.startswith("nanogrid.")
+        ]
         assert client == [], f"{package} imports the client: {client}"
 
 

@@ -23,23 +23,29 @@ pytestmark = pytest.mark.integration
 
 CHROMIUM = "/usr/bin/chromium"
 MiB = 1 << 20
-HANDLER = b'''def handler(event, context):
+HANDLER = b"""def handler(event, context):
     print(event.get("say", "hello from the dashboard test"))
     if event.get("fail"):
         raise RuntimeError("asked to fail")
     return event
-'''
+"""
 
 
 def new_owner(grid, prefix: str, function_name: str, say: str) -> tuple[str, str, list[str]]:
     """An owner with one function and three calls (one failed); returns (key, function id, job ids)."""
     key, _ = create_key(grid.grid.registry, f"{prefix}-{uuid.uuid4().hex[:6]}")
     with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": key}, timeout=60) as http:
-        function_id = http.post("/upload", files={"file": ("dash.py", HANDLER)},
-                                data={"handler": "dash.handler", "function_name": function_name,
-                                      "memory": "2048"}).json()["function_id"]
-        job_ids = [http.post("/run", json={"function_id": function_id, "payload": payload}).json()["job_id"]
-                   for payload in ({"say": say}, {"say": say + " again"}, {"say": say, "fail": True})]
+        function_id = http.post(
+            "/upload",
+            files={"file": ("dash.py", HANDLER)},
+            data={"handler": "dash.handler", "function_name": function_name, "memory": "2048"},
+        ).json()["function_id"]
+        job_ids = [
+            http.post("/run", json={"function_id": function_id, "payload": payload}).json()[
+                "job_id"
+            ]
+            for payload in ({"say": say}, {"say": say + " again"}, {"say": say, "fail": True})
+        ]
     return key, function_id, job_ids
 
 
@@ -49,7 +55,12 @@ def add_measured_calls(grid, function_id: str, owner: str) -> None:
     for peak in range(30, 60):
         job = JobRecord("job-" + uuid.uuid4().hex, function_id, owner=owner)
         registry.create_jobs([job])
-        job.status, job.execution_time_ms, job.peak_memory_bytes, job.finished_at = COMPLETED, 50.0, peak * MiB, time.time()
+        job.status, job.execution_time_ms, job.peak_memory_bytes, job.finished_at = (
+            COMPLETED,
+            50.0,
+            peak * MiB,
+            time.time(),
+        )
         registry.finish_job(job)
 
 
@@ -70,7 +81,9 @@ def signed_in(grid, key: str) -> Iterator[httpx.Client]:
         yield http
 
 
-def test_in_chromium_an_owner_signs_in_navigates_and_sees_only_their_own(grid, owners, tmp_path: Path):
+def test_in_chromium_an_owner_signs_in_navigates_and_sees_only_their_own(
+    grid, owners, tmp_path: Path
+):
     require(Path(CHROMIUM).exists(), "chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
@@ -130,13 +143,20 @@ def test_in_chromium_an_owner_signs_in_navigates_and_sees_only_their_own(grid, o
         page.fill("input[name=duration_s]", "1")
         page.fill("input[name=input]", '{"say": "load"}')
         page.click("#start-loadtest button")
-        expect(page.locator("#loadtests")).to_contain_text("done", timeout=30_000)  # the page refreshes itself
+        expect(page.locator("#loadtests")).to_contain_text(
+            "done", timeout=30_000
+        )  # the page refreshes itself
         expect(page.locator("#loadtests")).to_contain_text("10/10")
         page.screenshot(path=str(shots / "loadtests.png"), full_page=True)
         browser.close()
     assert all(key not in url for url in visited)
-    assert {p.name for p in shots.iterdir()} == {"functions.png", "function.png", "log.png", "workers.png",
-                                                  "loadtests.png"}
+    assert {p.name for p in shots.iterdir()} == {
+        "functions.png",
+        "function.png",
+        "log.png",
+        "workers.png",
+        "loadtests.png",
+    }
 
 
 def test_the_key_never_appears_in_a_page_and_pages_answer_quickly(grid, owners, tmp_path: Path):
@@ -144,8 +164,14 @@ def test_the_key_never_appears_in_a_page_and_pages_answer_quickly(grid, owners, 
     (key, function_id, job_ids), _ = owners
     timings = []
     with signed_in(grid, key) as http:
-        for path in ("/ui", f"/ui/functions/{function_id}", "/ui/jobs", f"/ui/jobs/{job_ids[0]}", "/ui/workers",
-                     "/ui/loadtests"):
+        for path in (
+            "/ui",
+            f"/ui/functions/{function_id}",
+            "/ui/jobs",
+            f"/ui/jobs/{job_ids[0]}",
+            "/ui/workers",
+            "/ui/loadtests",
+        ):
             start = time.perf_counter()
             answer = http.get(path)
             timings.append(f"{path}\t{(time.perf_counter() - start) * 1000:.1f} ms")
@@ -157,7 +183,9 @@ def test_the_key_never_appears_in_a_page_and_pages_answer_quickly(grid, owners, 
 def test_a_form_without_the_sessions_csrf_token_is_refused(grid, owners):
     (key, function_id, _), _ = owners
     with signed_in(grid, key) as http:
-        answer = http.post(f"/ui/functions/{function_id}/autotune", data={"memory_mib": "256", "csrf": "forged"})
+        answer = http.post(
+            f"/ui/functions/{function_id}/autotune", data={"memory_mib": "256", "csrf": "forged"}
+        )
         assert answer.status_code == 403
         assert grid.grid.registry.get_function(function_id).memory_mib == 2048
 
@@ -175,7 +203,12 @@ def test_a_revoked_keys_session_ends(grid):
 def test_a_stolen_cookie_value_from_another_path_or_no_cookie_gets_nothing(grid, owners):
     (_, function_id, job_ids), _ = owners
     with httpx.Client(base_url=grid.url) as anonymous:
-        for path in ("/ui", f"/ui/functions/{function_id}", f"/ui/jobs/{job_ids[0]}", "/ui/workers"):
+        for path in (
+            "/ui",
+            f"/ui/functions/{function_id}",
+            f"/ui/jobs/{job_ids[0]}",
+            "/ui/workers",
+        ):
             assert anonymous.get(path).status_code == 303, path
         anonymous.cookies.set("nanogrid_session", "guessed-" + uuid.uuid4().hex, path="/ui")
         assert anonymous.get("/ui/jobs").status_code == 303

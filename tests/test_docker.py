@@ -52,7 +52,9 @@ def test_cannot_see_another_functions_code_or_the_hosts_files(client, docker_gri
     def snoop(data_dir):
         import os
 
-        needle = "-".join(["the-other-functions", "secret"]).encode()  # never one constant in this package
+        needle = "-".join(
+            ["the-other-functions", "secret"]
+        ).encode()  # never one constant in this package
         found = []
         for top in ("/sandbox", "/tmp", "/opt", "/home", "/root", "/var", "/etc"):
             for root, _dirs, files in os.walk(top):
@@ -71,8 +73,14 @@ def test_cannot_see_another_functions_code_or_the_hosts_files(client, docker_gri
 
 def test_cannot_reach_another_host(client, docker_grid):
     engine = docker.from_env()
-    server = engine.containers.run(docker_grid.config.docker_image, entrypoint=["python3", "-m", "http.server", "8000"],
-                                   detach=True, remove=True, user="65534:65534", working_dir="/tmp")
+    server = engine.containers.run(
+        docker_grid.config.docker_image,
+        entrypoint=["python3", "-m", "http.server", "8000"],
+        detach=True,
+        remove=True,
+        user="65534:65534",
+        working_dir="/tmp",
+    )
     try:
         server.reload()
         address = server.attrs["NetworkSettings"]["IPAddress"]
@@ -150,5 +158,8 @@ def test_peak_memory_of_a_200_mib_allocation_reads_within_ten_percent(client):
     job.result(timeout=30)
     # cgroup v1 resets the peak to the current usage, so the peak includes the idle sandbox's baseline
     used_by_the_call = job.peak_memory_bytes - job.baseline_memory_bytes
-    assert abs(used_by_the_call - (200 << 20)) <= 0.10 * (200 << 20), (job.peak_memory_bytes, job.baseline_memory_bytes)
+    assert abs(used_by_the_call - (200 << 20)) <= 0.10 * (200 << 20), (
+        job.peak_memory_bytes,
+        job.baseline_memory_bytes,
+    )
     assert job.peak_memory_bytes <= 512 << 20

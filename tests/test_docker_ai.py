@@ -23,11 +23,22 @@ def ai_docker_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     require_docker()
     engine = docker.from_env()
     with FakeOllama() as node:
-        grid = start_grid(tmp_path_factory.mktemp("docker-ai"), sandbox="docker", ai_endpoint=node.url,
-                          ai_model="tiny", stem_cells=1)
+        grid = start_grid(
+            tmp_path_factory.mktemp("docker-ai"),
+            sandbox="docker",
+            ai_endpoint=node.url,
+            ai_model="tiny",
+            stem_cells=1,
+        )
         image = grid.grid.pool.factory.image
-        other = engine.containers.run(image, entrypoint=["python3", "-m", "http.server", "8000"], detach=True,
-                                      remove=True, user="65534:65534", working_dir="/tmp")  # another host
+        other = engine.containers.run(
+            image,
+            entrypoint=["python3", "-m", "http.server", "8000"],
+            detach=True,
+            remove=True,
+            user="65534:65534",
+            working_dir="/tmp",
+        )  # another host
         other.reload()
         try:
             yield grid, other.attrs["NetworkSettings"]["IPAddress"]
@@ -47,8 +58,10 @@ def test_only_functions_that_ask_reach_the_ai_node_and_nothing_else(ai_docker_gr
         import nanogrid.ai
 
         answer = nanogrid.ai.generate("hello").response
-        streamed = "".join(chunk.message.content for chunk in nanogrid.ai.chat(
-            [{"role": "user", "content": "hi there"}], stream=True))
+        streamed = "".join(
+            chunk.message.content
+            for chunk in nanogrid.ai.chat([{"role": "user", "content": "hi there"}], stream=True)
+        )
         try:
             socket.create_connection((other, 8000), timeout=3).close()
             reached = "connected"
@@ -60,7 +73,9 @@ def test_only_functions_that_ask_reach_the_ai_node_and_nothing_else(ai_docker_gr
     answer, streamed, usage, reached = job.result(timeout=60)
     assert answer == "[tiny] summary: hello"
     assert streamed.strip() == "[tiny] summary: hi there"
-    assert usage["calls"] == 2 and job.ai_usage == usage  # the host's count matches what the client saw
+    assert (
+        usage["calls"] == 2 and job.ai_usage == usage
+    )  # the host's count matches what the client saw
     assert reached != "connected"  # no network at all, AI or not
 
     @nanogrid.remote(timeout=60)

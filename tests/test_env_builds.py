@@ -56,7 +56,13 @@ def test_a_warm_sandboxs_environment_survives_a_tight_cache_building_others(tmp_
     """A cache with room for about two small environments builds four more while a warm process sandbox reads its
     own environment's files between them: those files are never deleted (it was the least recently built), and
     the environments no sandbox uses any more are the ones that go."""
-    grid = start_grid(tmp_path / "grid", stem_cells=0, pool_cap=2, env_cache_gb=150_000 / (1 << 30), kill_grace_s=0.5)
+    grid = start_grid(
+        tmp_path / "grid",
+        stem_cells=0,
+        pool_cap=2,
+        env_cache_gb=150_000 / (1 << 30),
+        kill_grace_s=0.5,
+    )
     try:
         nanogrid.connect(grid.url, api_key=grid.api_key)
 
@@ -74,7 +80,9 @@ def test_a_warm_sandboxs_environment_survives_a_tight_cache_building_others(tmp_
             assert read_six.remote() == first  # warm, in the same sandbox: its files are all there
         kept = [e["spec"]["packages"] for e in grid.grid.environments.list()]
         assert ["six==1.16.0"] in kept
-        assert ["tomli==2.0.1"] not in kept and ["iniconfig==2.0.0"] not in kept  # unused, so evicted
+        assert ["tomli==2.0.1"] not in kept and [
+            "iniconfig==2.0.0"
+        ] not in kept  # unused, so evicted
     finally:
         grid.stop()
 
@@ -83,7 +91,9 @@ def test_a_warm_sandboxs_environment_survives_a_tight_cache_building_others(tmp_
 def test_warm_calls_keep_their_environment_recently_used(tmp_path, monkeypatch):
     """An environment served warm is the most recently used one, though another was built after its cold start
     (before, only cold starts counted, so the busiest environment looked the least recently used)."""
-    monkeypatch.setattr(envmod, "NOTE_USE_EVERY_S", 0.0)  # every warm call notes its use (once a minute otherwise)
+    monkeypatch.setattr(
+        envmod, "NOTE_USE_EVERY_S", 0.0
+    )  # every warm call notes its use (once a minute otherwise)
     grid = start_grid(tmp_path / "grid", stem_cells=0, kill_grace_s=0.5)
     try:
         nanogrid.connect(grid.url, api_key=grid.api_key)
@@ -102,16 +112,25 @@ def test_warm_calls_keep_their_environment_recently_used(tmp_path, monkeypatch):
 
 def _imported(site: Path, modules: list[str]) -> dict[str, str]:
     """What a process sandbox imports from a layer: each module's version and file (no site-packages of ours)."""
-    code = ("import importlib, json, sys\n"
-            f"print(json.dumps({{m: [getattr(importlib.import_module(m), '__version__', ''), "
-            f"importlib.import_module(m).__file__] for m in {modules!r}}}))")
-    done = subprocess.run([sys.executable, "-s", "-P", "-c", code], env={"PYTHONPATH": str(site)},
-                          capture_output=True, text=True, check=True)
+    code = (
+        "import importlib, json, sys\n"
+        f"print(json.dumps({{m: [getattr(importlib.import_module(m), '__version__', ''), "
+        f"importlib.import_module(m).__file__] for m in {modules!r}}}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-s", "-P", "-c", code],
+        env={"PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
 @pytest.mark.integration
-def test_an_environment_that_adds_a_package_grows_from_the_built_one_and_imports_exactly_its_pins(tmp_path):
+def test_an_environment_that_adds_a_package_grows_from_the_built_one_and_imports_exactly_its_pins(
+    tmp_path,
+):
     """Adding humanize to a built environment installs humanize alone, on top of the built one's files; the new
     environment imports exactly the pinned versions, and the built one is left as it was (no humanize in it,
     its preload unchanged)."""
@@ -122,17 +141,27 @@ def test_an_environment_that_adds_a_package_grows_from_the_built_one_and_imports
     info = next(e for e in environments.list() if e["env_id"] == grown.env_id)
     assert info["base"] == base.env_id and info["added"] == ["humanize"]
     imported = _imported(grown.site_dir, ["six", "packaging", "humanize"])
-    assert {m: v for m, (v, _) in imported.items()} == {"six": "1.16.0", "packaging": "23.2", "humanize": "4.9.0"}
+    assert {m: v for m, (v, _) in imported.items()} == {
+        "six": "1.16.0",
+        "packaging": "23.2",
+        "humanize": "4.9.0",
+    }
     assert all(where.startswith(str(grown.site_dir)) for _, where in imported.values())
-    assert "'humanize'" in (grown.site_dir / "sitecustomize.py").read_text()  # the preload imports the new one too
+    assert (
+        "'humanize'" in (grown.site_dir / "sitecustomize.py").read_text()
+    )  # the preload imports the new one too
     assert not (base.site_dir / "humanize").exists()
     assert (base.site_dir / "sitecustomize.py").read_text() == base_preload
-    environments.remove(base.env_id)  # the grown one keeps its files (hard links), whatever happens to its base
+    environments.remove(
+        base.env_id
+    )  # the grown one keeps its files (hard links), whatever happens to its base
     assert _imported(grown.site_dir, ["six", "humanize"])["six"][0] == "1.16.0"
 
 
 @pytest.mark.integration
-def test_a_package_that_needs_other_versions_than_the_built_environment_builds_from_scratch(tmp_path):
+def test_a_package_that_needs_other_versions_than_the_built_environment_builds_from_scratch(
+    tmp_path,
+):
     """requests 2.28 needs urllib3 below 1.27, and the built environment has urllib3 2: the new environment is
     built from scratch with the urllib3 it needs (never the built one's), and the built one keeps its own."""
     environments = Environments(tmp_path, runtimes=RUNTIMES)
@@ -152,16 +181,30 @@ def test_a_grown_environments_image_is_its_bases_image_plus_one_small_layer(tmp_
     import docker
 
     client = docker.from_env()
-    environments = Environments(tmp_path, runtimes=RUNTIMES, docker_images={PYTHON: "nanogrid/runtime-python:latest"})
+    environments = Environments(
+        tmp_path, runtimes=RUNTIMES, docker_images={PYTHON: "nanogrid/runtime-python:latest"}
+    )
     base = environments.ensure(_spec("six==1.16.0"))
     grown = environments.ensure(_spec("six==1.16.0", "humanize==4.9.0"))
     try:
         assert base.image and grown.image
         base_layers = client.images.get(base.image).attrs["RootFS"]["Layers"]
         assert client.images.get(grown.image).attrs["RootFS"]["Layers"][:-1] == base_layers
-        said = client.containers.run(grown.image, entrypoint=["python3", "-c", "import six, humanize, os; print("
-                                                              "six.__version__, humanize.__version__, os.getuid())"],
-                                     remove=True, network_mode="none").decode().split()
+        said = (
+            client.containers.run(
+                grown.image,
+                entrypoint=[
+                    "python3",
+                    "-c",
+                    "import six, humanize, os; print("
+                    "six.__version__, humanize.__version__, os.getuid())",
+                ],
+                remove=True,
+                network_mode="none",
+            )
+            .decode()
+            .split()
+        )
         assert said == ["1.16.0", "4.9.0", "65534"]
     finally:
         environments.remove(grown.env_id)
@@ -173,23 +216,47 @@ def test_a_grown_environments_image_is_its_bases_image_plus_one_small_layer(tmp_
 
 def _upload(grid, environment: dict) -> httpx.Response:
     """A hand-made package with this manifest environment, as an attacker would send it (no client checks)."""
-    manifest = {"name": "attack", "kind": "handler", "handler": "attack.handler", "environment": environment}
-    package = build_zip({"manifest.json": json.dumps(manifest).encode(),
-                         "attack.py": b"def handler(event, context):\n    return 1\n"})
+    manifest = {
+        "name": "attack",
+        "kind": "handler",
+        "handler": "attack.handler",
+        "environment": environment,
+    }
+    package = build_zip(
+        {
+            "manifest.json": json.dumps(manifest).encode(),
+            "attack.py": b"def handler(event, context):\n    return 1\n",
+        }
+    )
     with httpx.Client(base_url=grid.url, headers={"x-api-key": grid.api_key}, timeout=30) as client:
         return client.post("/v1/upload", files={"file": ("attack.zip", package)})
 
 
 def test_debian_package_names_are_exact_names_never_patterns():
     """Names apt would read as a regex, glob or pattern are refused before anything looks them up."""
-    for pattern in ["zsh.+", "zsh.*", "zsh*", "zs?", "zsh[a-z]", "~nzsh", "^zsh", "zsh$", "?name(zsh)", "-zsh",
-                    "zsh/bookworm", "zsh=5.9", "Zsh"]:
+    for pattern in [
+        "zsh.+",
+        "zsh.*",
+        "zsh*",
+        "zs?",
+        "zsh[a-z]",
+        "~nzsh",
+        "^zsh",
+        "zsh$",
+        "?name(zsh)",
+        "-zsh",
+        "zsh/bookworm",
+        "zsh=5.9",
+        "Zsh",
+    ]:
         with pytest.raises(EnvironmentBuildError, match="refused"):
             check_spec({**Environment().spec(), "system": [pattern]}, RUNTIMES)
 
 
 @pytest.mark.integration
-def test_a_system_package_pattern_or_unknown_name_is_refused_at_upload_and_nothing_is_built(tmp_path):
+def test_a_system_package_pattern_or_unknown_name_is_refused_at_upload_and_nothing_is_built(
+    tmp_path,
+):
     """``system=["zsh.+"]`` made apt install about 25 packages as root: now the upload itself is refused (422)
     saying why, as are a name Debian does not have and a 30,000-package list, and no environment is built."""
     grid = start_grid(tmp_path / "grid", stem_cells=0)
@@ -201,8 +268,13 @@ def test_a_system_package_pattern_or_unknown_name_is_refused_at_upload_and_nothi
 
         if build.debian_package_names(build.DEBIAN_SUITES[PYTHON]) is not None:
             unknown = _upload(grid, {**spec, "system": ["zsh-nanogrid-no-such-package"]})
-            assert unknown.status_code == 422 and "no package named 'zsh-nanogrid-no-such-package'" in unknown.text
-        many = _upload(grid, {**spec, "packages": [f"nanogrid-pkg-{n}==1.0" for n in range(30_000)]})
+            assert (
+                unknown.status_code == 422
+                and "no package named 'zsh-nanogrid-no-such-package'" in unknown.text
+            )
+        many = _upload(
+            grid, {**spec, "packages": [f"nanogrid-pkg-{n}==1.0" for n in range(30_000)]}
+        )
         assert many.status_code == 422 and "2000" in many.text
         assert ".venv" not in many.text
         assert grid.grid.environments.list() == []
@@ -234,7 +306,9 @@ BUILD_IN_ANOTHER_PROCESS = textwrap.dedent("""
 
 
 @pytest.mark.integration
-def test_a_docker_build_killed_midway_leaves_nothing_once_swept_and_its_files_count_meanwhile(tmp_path):
+def test_a_docker_build_killed_midway_leaves_nothing_once_swept_and_its_files_count_meanwhile(
+    tmp_path,
+):
     """kill -9 while an environment's image layer is being written left a large ``.layer-*.tar`` for ever, outside
     the cache's size. While its build runs it counts (an unused environment makes room); a new cache never
     removes a running build's file; once its process is gone the file goes."""
@@ -243,23 +317,43 @@ def test_a_docker_build_killed_midway_leaves_nothing_once_swept_and_its_files_co
     unused = environments.ensure(_spec("iniconfig==2.0.0"))
     spec = _spec("tomli==2.0.1")
     folder = tmp_path / environments.ensure(spec).env_id
-    with open(folder / "site" / "big.bin", "wb") as big:  # a large layer to write (sparse here, real in the tar)
+    with open(
+        folder / "site" / "big.bin", "wb"
+    ) as big:  # a large layer to write (sparse here, real in the tar)
         big.truncate(4 << 30)
-    build = subprocess.Popen([sys.executable, "-c", BUILD_IN_ANOTHER_PROCESS, str(tmp_path), PYTHON,
-                              "nanogrid/runtime-python:latest", json.dumps(spec)], start_new_session=True)
+    build = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            BUILD_IN_ANOTHER_PROCESS,
+            str(tmp_path),
+            PYTHON,
+            "nanogrid/runtime-python:latest",
+            json.dumps(spec),
+        ],
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not [p for p in folder.glob(".layer-*") if p.stat().st_size > 2 << 20]:
-            assert build.poll() is None and time.monotonic() < deadline, "the build never wrote its layer"
+            assert build.poll() is None and time.monotonic() < deadline, (
+                "the build never wrote its layer"
+            )
             time.sleep(0.05)
         os.kill(build.pid, signal.SIGSTOP)  # mid-write, its owner alive
-        Environments(tmp_path, runtimes=RUNTIMES)  # a cache starting meanwhile leaves a live build's files alone
+        Environments(
+            tmp_path, runtimes=RUNTIMES
+        )  # a cache starting meanwhile leaves a live build's files alone
         assert list(folder.glob(".layer-*"))
-        environments.ensure(_spec("six==1.16.0"))  # over the cap only with the partial layer counted
+        environments.ensure(
+            _spec("six==1.16.0")
+        )  # over the cap only with the partial layer counted
         assert unused.env_id not in {e["env_id"] for e in environments.list()}
         os.kill(build.pid, signal.SIGKILL)
         build.wait()
-        assert list(folder.glob(".layer-*")), "the killed build left its layer (as before the sweep)"
+        assert list(folder.glob(".layer-*")), (
+            "the killed build left its layer (as before the sweep)"
+        )
         Environments(tmp_path, runtimes=RUNTIMES)
         assert not list(folder.glob(".layer-*")) and not list(tmp_path.glob(".build-*"))
         assert (folder / "env.json").exists()  # the environment itself stays
@@ -290,7 +384,9 @@ def test_a_sandbox_holding_an_environment_keeps_it_from_eviction_until_it_dies(t
 
 
 @pytest.mark.integration
-def test_runtime_images_made_for_debian_packages_count_in_the_cache_and_go_with_their_last_environment(tmp_path):
+def test_runtime_images_made_for_debian_packages_count_in_the_cache_and_go_with_their_last_environment(
+    tmp_path,
+):
     """The runtime built for an environment's ``system`` packages (a Debian base and a runtime image, 200+ MiB)
     counts in the cache's size, and goes when the last environment using it is evicted: never left behind,
     uncounted. (Its Debian base is tagged from the grid's own here, sparing a mmdebstrap run.)"""
@@ -300,12 +396,18 @@ def test_runtime_images_made_for_debian_packages_count_in_the_cache_and_go_with_
     system = ["tree"]
     images = build.derived_images(PYTHON, system)
     subprocess.run(["docker", "tag", build.DEBIAN_BASE, images[1]], check=True, capture_output=True)
-    environments = Environments(tmp_path, runtimes=RUNTIMES, docker_images={PYTHON: "nanogrid/runtime-python:latest"},
-                                cap_bytes=100 << 20)
+    environments = Environments(
+        tmp_path,
+        runtimes=RUNTIMES,
+        docker_images={PYTHON: "nanogrid/runtime-python:latest"},
+        cap_bytes=100 << 20,
+    )
     try:
         with_tree = environments.ensure(_spec("six==1.16.0", system=system))
         assert all(build.image_exists(image) for image in images)
-        environments.ensure(_spec("tomli==2.0.1"))  # the cache holds 200+ MiB: the least recently used goes
+        environments.ensure(
+            _spec("tomli==2.0.1")
+        )  # the cache holds 200+ MiB: the least recently used goes
         assert with_tree.env_id not in {e["env_id"] for e in environments.list()}
         assert not any(build.image_exists(image) for image in images)
     finally:
@@ -327,8 +429,9 @@ RUNTIME_BUILD_IN_ANOTHER_PROCESS = textwrap.dedent("""
 def test_a_runtime_build_killed_midway_leaves_no_temporary_folder_once_swept(tmp_path):
     """A runtime build (mmdebstrap's root file system for system packages, 100+ MiB in /tmp) killed with -9 left
     its folder for ever: the cache removes it once the build's process is gone, never while it runs."""
-    build = subprocess.Popen([sys.executable, "-c", RUNTIME_BUILD_IN_ANOTHER_PROCESS], stdout=subprocess.PIPE,
-                             text=True)
+    build = subprocess.Popen(
+        [sys.executable, "-c", RUNTIME_BUILD_IN_ANOTHER_PROCESS], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert build.stdout is not None
         folder = Path(build.stdout.readline().strip())

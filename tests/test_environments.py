@@ -42,8 +42,16 @@ def test_an_environment_is_its_content_and_refuses_anything_but_requirements():
     """Equal settings give one id whatever their order; URLs, paths and installer options never get through."""
     a = Environment(packages=["pandas==2.2.3", "numpy"], env={"A": "1"})
     b = Environment(packages=["numpy", "pandas==2.2.3"], env={"A": "1"})
-    assert a.id == b.id and a.id != Environment(packages=["pandas==2.2.2", "numpy"], env={"A": "1"}).id
-    for bad in ["--index-url=https://evil.example/simple", "-e .", "pandas @ https://x/p.whl", "./local", "a b"]:
+    assert (
+        a.id == b.id and a.id != Environment(packages=["pandas==2.2.2", "numpy"], env={"A": "1"}).id
+    )
+    for bad in [
+        "--index-url=https://evil.example/simple",
+        "-e .",
+        "pandas @ https://x/p.whl",
+        "./local",
+        "a b",
+    ]:
         with pytest.raises(ValueError, match="not a requirement"):
             Environment(packages=[bad])
     with pytest.raises(ValueError, match="belong to the sandbox"):
@@ -57,8 +65,13 @@ def test_the_grid_checks_a_manifest_environment_as_hostile_input():
     runtimes = {f"python{PYTHON}": PYTHON}
     good = Environment(packages=["six==1.17.0"]).spec()
     assert check_spec(good, runtimes)["packages"] == ["six==1.17.0"]
-    for bad in [{**good, "packages": ["--extra-index-url", "http://x"]}, {**good, "python": "2.7"},
-                {**good, "env": {"LD_PRELOAD": "/x.so"}}, {**good, "packages": "six"}, "six"]:
+    for bad in [
+        {**good, "packages": ["--extra-index-url", "http://x"]},
+        {**good, "python": "2.7"},
+        {**good, "env": {"LD_PRELOAD": "/x.so"}},
+        {**good, "packages": "six"},
+        "six",
+    ]:
         with pytest.raises(EnvironmentBuildError):
             check_spec(bad, runtimes)
 
@@ -74,13 +87,17 @@ def test_package_sync_pins_the_clients_versions_of_what_the_function_and_its_arg
     spec = total.package().manifest["environment"]
     assert f"pandas=={pd.__version__}" in spec["packages"]
     assert f"numpy=={numpy.__version__}" in spec["packages"]
-    assert not any(p.startswith(("cloudpickle", "nanogrid")) for p in spec["packages"])  # the grid brings its own
+    assert not any(
+        p.startswith(("cloudpickle", "nanogrid")) for p in spec["packages"]
+    )  # the grid brings its own
 
     @nanogrid.remote(packages=["numpy==1.26.4"])
     def explicit():
         return numpy.zeros(1)
 
-    assert "numpy==1.26.4" in explicit.package().manifest["environment"]["packages"]  # explicit wins over synced
+    assert (
+        "numpy==1.26.4" in explicit.package().manifest["environment"]["packages"]
+    )  # explicit wins over synced
 
 
 def test_a_dataframe_argument_alone_brings_pandas_to_the_grid():
@@ -89,25 +106,41 @@ def test_a_dataframe_argument_alone_brings_pandas_to_the_grid():
 
     def grid(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/health":
-            return httpx.Response(200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20})
+            return httpx.Response(
+                200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20}
+            )
         if request.url.path == "/v1/upload":
-            package = request.content[request.content.index(b"PK\x03\x04"):request.content.rindex(b"\r\n--")]
+            package = request.content[
+                request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
+            ]
             with zipfile.ZipFile(io.BytesIO(package)) as zf:
                 uploads.append(json.loads(zf.read("manifest.json")))
             return httpx.Response(201, json={"function_id": "fn-1"})
-        return httpx.Response(200, json={"job_id": "job-1", "status": "completed",
-                                         "result_pickle": base64.b64encode(cloudpickle.dumps(1)).decode()})
+        return httpx.Response(
+            200,
+            json={
+                "job_id": "job-1",
+                "status": "completed",
+                "result_pickle": base64.b64encode(cloudpickle.dumps(1)).decode(),
+            },
+        )
 
     def rows(table):  # names no pandas: only its argument does
         return len(table)
 
-    remote_rows = nanogrid.RemoteFunction(rows, client=nanogrid.Client("http://grid.test", api_key="k",
-                                                                       transport=httpx.MockTransport(grid)))
+    remote_rows = nanogrid.RemoteFunction(
+        rows,
+        client=nanogrid.Client(
+            "http://grid.test", api_key="k", transport=httpx.MockTransport(grid)
+        ),
+    )
     assert remote_rows.remote(pd.DataFrame({"a": [1]})) == 1
     assert f"pandas=={pd.__version__}" in uploads[-1]["environment"]["packages"]
 
 
-def test_a_package_installed_from_a_local_path_is_named_before_anything_is_sent(tmp_path, monkeypatch):
+def test_a_package_installed_from_a_local_path_is_named_before_anything_is_sent(
+    tmp_path, monkeypatch
+):
     """The grid cannot install what only exists on this disk: the client says which package, and what to do."""
     site = tmp_path / "site"
     (site / "homemade").mkdir(parents=True)
@@ -116,11 +149,15 @@ def test_a_package_installed_from_a_local_path_is_named_before_anything_is_sent(
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: homemade\nVersion: 0.1\n")
     (info / "RECORD").write_text("homemade/__init__.py,,\n")
-    (info / "direct_url.json").write_text(json.dumps({"url": f"file://{tmp_path}/homemade", "dir_info": {}}))
+    (info / "direct_url.json").write_text(
+        json.dumps({"url": f"file://{tmp_path}/homemade", "dir_info": {}})
+    )
     monkeypatch.syspath_prepend(str(site))
     envmod._distributions_of_modules.cache_clear()
     try:
-        with pytest.raises(PackageSyncError, match="homemade 0.1, which was installed from a local path"):
+        with pytest.raises(
+            PackageSyncError, match="homemade 0.1, which was installed from a local path"
+        ):
             envmod.pinned_distributions({"homemade"})
     finally:
         envmod._distributions_of_modules.cache_clear()
@@ -128,8 +165,9 @@ def test_a_package_installed_from_a_local_path_is_named_before_anything_is_sent(
 
 def test_the_users_own_module_beside_the_caller_goes_in_the_package(tmp_path, monkeypatch):
     """``from helpers import double`` works remotely: helpers.py (and what it imports locally) ships as files."""
-    (tmp_path / "helpers_env_test.py").write_text("import util_env_test\n\ndef double(x):\n"
-                                                  "    return util_env_test.twice(x)\n")
+    (tmp_path / "helpers_env_test.py").write_text(
+        "import util_env_test\n\ndef double(x):\n    return util_env_test.twice(x)\n"
+    )
     (tmp_path / "util_env_test.py").write_text("def twice(x):\n    return 2 * x\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     from helpers_env_test import double  # noqa: PLC0415
@@ -152,8 +190,11 @@ def _zip_names(data: bytes) -> list[str]:
 
 def test_for_cell_gives_the_magic_an_environment_and_local_files():
     """What ``%%nanogrid --packages`` calls: imports in the cell and the types of the values it reads count."""
-    environment, files = envmod.for_cell("import numpy as np\nout = df.sum()", {"df": pd.DataFrame({"a": [1]})},
-                                         "humanize==4.9.0, six")
+    environment, files = envmod.for_cell(
+        "import numpy as np\nout = df.sum()",
+        {"df": pd.DataFrame({"a": [1]})},
+        "humanize==4.9.0, six",
+    )
     assert f"pandas=={pd.__version__}" in environment.packages
     assert f"numpy=={numpy.__version__}" in environment.packages
     assert {"humanize==4.9.0", "six"} <= set(environment.packages) and files == {}
@@ -165,11 +206,19 @@ def test_for_cell_gives_the_magic_an_environment_and_local_files():
 def test_a_failed_build_leaves_nothing_behind_and_an_interrupted_one_is_cleaned_up(tmp_path):
     """The cache only ever holds complete environments; a build killed midway leaves a temp folder that goes."""
     environments = Environments(tmp_path, runtimes={f"python{PYTHON}": PYTHON})
-    spec = check_spec(Environment(packages=["no-such-package-nanogrid-3f1c"]).spec(), environments.runtimes)
+    spec = check_spec(
+        Environment(packages=["no-such-package-nanogrid-3f1c"]).spec(), environments.runtimes
+    )
     with pytest.raises(EnvironmentBuildError, match="no-such-package-nanogrid-3f1c"):
         environments.ensure(spec)
-    assert environments.list() == [] and not list(tmp_path.glob("env-*")) and not list(tmp_path.glob(".build-*"))
-    (tmp_path / ".build-env-0123abcd-deadbeef" / "site").mkdir(parents=True)  # the grid was killed mid-build
+    assert (
+        environments.list() == []
+        and not list(tmp_path.glob("env-*"))
+        and not list(tmp_path.glob(".build-*"))
+    )
+    (tmp_path / ".build-env-0123abcd-deadbeef" / "site").mkdir(
+        parents=True
+    )  # the grid was killed mid-build
     Environments(tmp_path, runtimes=environments.runtimes)
     assert not list(tmp_path.glob(".build-*"))
 
@@ -189,7 +238,9 @@ def env_grid(sandbox, tmp_path):
 
 
 @pytest.mark.integration
-def test_functions_get_the_clients_pandas_explicit_packages_and_local_modules(env_grid, tmp_path, monkeypatch):
+def test_functions_get_the_clients_pandas_explicit_packages_and_local_modules(
+    env_grid, tmp_path, monkeypatch
+):
     """The same pandas and numpy as here, a package the client lacks, a helper module: all remote, in one grid."""
     nanogrid.connect(env_grid.url, api_key=env_grid.api_key)
 
@@ -197,10 +248,14 @@ def test_functions_get_the_clients_pandas_explicit_packages_and_local_modules(en
     def summarise(df):
         return df.groupby("k").sum(), pd.__version__, numpy.__version__
 
-    frame, pandas_version, numpy_version = summarise.remote(pd.DataFrame({"k": [1, 1, 2], "v": [1, 2, 3]}))
+    frame, pandas_version, numpy_version = summarise.remote(
+        pd.DataFrame({"k": [1, 1, 2], "v": [1, 2, 3]})
+    )
     assert (pandas_version, numpy_version) == (pd.__version__, numpy.__version__)
     assert frame.to_dict() == {"v": {1: 3, 2: 3}}
-    assert summarise.remote(pd.DataFrame({"k": [1], "v": [5]}))[0].to_dict() == {"v": {1: 5}}  # built once, warm now
+    assert summarise.remote(pd.DataFrame({"k": [1], "v": [5]}))[0].to_dict() == {
+        "v": {1: 5}
+    }  # built once, warm now
 
     with pytest.raises(ImportError):
         import humanize  # noqa: F401  (the client does not have it; the function does)
@@ -236,7 +291,9 @@ def test_an_unknown_package_fails_in_seconds_with_its_name_and_the_grid_serves_o
     def typo():
         return 1
 
-    with pytest.raises(nanogrid.EnvironmentBuildFailed, match="pandaz-nanogrid-typo-91ab") as failure:
+    with pytest.raises(
+        nanogrid.EnvironmentBuildFailed, match="pandaz-nanogrid-typo-91ab"
+    ) as failure:
         typo.remote()
     assert "not found" in str(failure.value)
     assert env_grid.grid.environments.list() == []
@@ -261,7 +318,9 @@ def test_two_first_calls_of_a_new_environment_build_it_once(env_grid, caplog):
         return six.__version__
 
     results: list[object] = []
-    threads = [threading.Thread(target=lambda i=i: results.append(six_version.remote(i))) for i in range(2)]
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(six_version.remote(i))) for i in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -285,15 +344,27 @@ def _python313() -> Path | None:
 def test_a_function_pickled_by_python_3_13_runs_on_the_3_13_runtime(tmp_path):
     """A 3.13 client is served by the 3.13 runtime (Debian trixie), listed on /health, not refused."""
     require_docker()
-    build = subprocess.run([sys.executable, "nanogrid_runtimes/build.py", "--python", "3.13"], capture_output=True,
-                           text=True, cwd=Path(__file__).resolve().parents[1])
-    require(build.returncode == 0, f"nanogrid_runtimes/build.py --python 3.13 failed: {build.stderr.strip()[-500:]}")
+    build = subprocess.run(
+        [sys.executable, "nanogrid_runtimes/build.py", "--python", "3.13"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    require(
+        build.returncode == 0,
+        f"nanogrid_runtimes/build.py --python 3.13 failed: {build.stderr.strip()[-500:]}",
+    )
     python = _python313()
-    require(python is not None, "no Python 3.13 interpreter to pickle a function with (pyenv's, or python3.13 on "
-                                "PATH): .ci/run looks for one")
+    require(
+        python is not None,
+        "no Python 3.13 interpreter to pickle a function with (pyenv's, or python3.13 on "
+        "PATH): .ci/run looks for one",
+    )
     site = tmp_path / "site"
     site.mkdir()
-    (site / "cloudpickle").symlink_to(Path(cloudpickle.__file__).parent)  # pure Python: the same code runs on 3.13
+    (site / "cloudpickle").symlink_to(
+        Path(cloudpickle.__file__).parent
+    )  # pure Python: the same code runs on 3.13
     script = textwrap.dedent("""
         import base64, sys, cloudpickle
         def where(x):
@@ -301,13 +372,30 @@ def test_a_function_pickled_by_python_3_13_runs_on_the_3_13_runtime(tmp_path):
         print(base64.b64encode(cloudpickle.dumps(where)).decode())
         print(base64.b64encode(cloudpickle.dumps(((21,), {}))).decode())
     """)
-    done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, env={"PYTHONPATH": str(site)},
-                          check=True)
+    done = subprocess.run(
+        [str(python), "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(site)},
+        check=True,
+    )
     function_pickle, args_pickle = done.stdout.split()
-    manifest = {"name": "where", "kind": "pickle", "runtime": "python3.13", "handler": "function.pkl",
-                "python": "3.13"}
-    package = FunctionPackage(build_zip({"manifest.json": json.dumps(manifest).encode(),
-                                         "function.pkl": base64.b64decode(function_pickle)}), manifest)
+    manifest = {
+        "name": "where",
+        "kind": "pickle",
+        "runtime": "python3.13",
+        "handler": "function.pkl",
+        "python": "3.13",
+    }
+    package = FunctionPackage(
+        build_zip(
+            {
+                "manifest.json": json.dumps(manifest).encode(),
+                "function.pkl": base64.b64decode(function_pickle),
+            }
+        ),
+        manifest,
+    )
     embedded = start_grid(tmp_path / "grid", sandbox="docker")
     try:
         client = nanogrid.connect(embedded.url, api_key=embedded.api_key)
@@ -336,17 +424,33 @@ def test_the_preload_never_touches_the_channel_and_never_stops_the_sandbox(tmp_p
     """A package that prints, reads stdin or raises at import must not corrupt the bootstrap's channel (fds 0 and
     1), nor keep the interpreter from starting: its output goes to stderr and the channel's bytes stay unread."""
     site = tmp_path / "site"
-    _fake_distribution(site, "noisy", "import sys, os\nprint('noise on stdout')\nos.write(1, b'raw noise')\n"
-                                      "LEFT = sys.stdin.read()\n")
+    _fake_distribution(
+        site,
+        "noisy",
+        "import sys, os\nprint('noise on stdout')\nos.write(1, b'raw noise')\n"
+        "LEFT = sys.stdin.read()\n",
+    )
     _fake_distribution(site, "broken", "raise SystemExit('a package that exits at import')\n")
     _fake_distribution(site, "fine", "VALUE = 1\n")
     from nanogrid_backend.builds.builder import write_preload
 
-    assert write_preload(site, "env-test", ["noisy==1.0", "broken", "fine"]) == ["broken", "fine", "noisy"]
-    script = "import sys; print('channel:', sorted(m for m in ('noisy', 'fine', 'broken') if m in sys.modules), " \
-             "sys.stdin.read(), sys.modules['noisy'].LEFT == '')"
-    done = subprocess.run([sys.executable, "-s", "-P", "-c", script], input="frame bytes", capture_output=True,
-                          text=True, env={"PYTHONPATH": str(site)}, timeout=60)
+    assert write_preload(site, "env-test", ["noisy==1.0", "broken", "fine"]) == [
+        "broken",
+        "fine",
+        "noisy",
+    ]
+    script = (
+        "import sys; print('channel:', sorted(m for m in ('noisy', 'fine', 'broken') if m in sys.modules), "
+        "sys.stdin.read(), sys.modules['noisy'].LEFT == '')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-s", "-P", "-c", script],
+        input="frame bytes",
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(site)},
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "channel: ['fine', 'noisy'] frame bytes True\n"
     assert "noise on stdout" in done.stderr and "raw noise" in done.stderr
@@ -363,8 +467,9 @@ def _wait_for_stem(embedded, env_id: str) -> None:
 
 
 @pytest.mark.integration
-def test_a_new_function_in_a_built_environment_finds_its_packages_imported_in_a_sandbox_as_hardened(env_grid,
-                                                                                                    sandbox):
+def test_a_new_function_in_a_built_environment_finds_its_packages_imported_in_a_sandbox_as_hardened(
+    env_grid, sandbox
+):
     """The environment's stem cell imported its packages before any function came (so a new function starts in
     milliseconds), without making the sandbox weaker: the layer stays read-only and root-owned, the function
     runs as nobody with no network in Docker, and a memory limit below what the stem cell holds is a clear error."""
@@ -399,7 +504,13 @@ def test_a_new_function_in_a_built_environment_finds_its_packages_imported_in_a_
             network = "reached"
         except OSError as exc:
             network = type(exc).__name__
-        return {"humanize", "numpy"} <= set(sys.modules), os.getuid(), writable, os.stat(package).st_uid, network
+        return (
+            {"humanize", "numpy"} <= set(sys.modules),
+            os.getuid(),
+            writable,
+            os.stat(package).st_uid,
+            network,
+        )
 
     preloaded, uid, writable, owner, network = probe.remote()
     assert preloaded is True and writable is False
@@ -407,7 +518,9 @@ def test_a_new_function_in_a_built_environment_finds_its_packages_imported_in_a_
         assert (uid, owner) == (65534, 0) and network != "reached"
         _wait_for_stem(env_grid, env.id)
 
-        @nanogrid.remote(environment=env, memory=16)  # the stem cell holds Python and numpy: more than that
+        @nanogrid.remote(
+            environment=env, memory=16
+        )  # the stem cell holds Python and numpy: more than that
         def tiny():
             return 1
 
@@ -424,8 +537,13 @@ def test_an_environment_image_is_the_runtime_plus_one_layer_with_the_runtimes_se
 
     client = docker.from_env()
     runtime = client.images.get("nanogrid/runtime-python:latest")
-    environments = Environments(tmp_path, runtimes={f"python{PYTHON}": PYTHON}, docker_images={PYTHON: runtime.tags[0]})
-    spec = check_spec(Environment(packages=["six==1.16.0"], env={"RUN": str(tmp_path)}).spec(), environments.runtimes)
+    environments = Environments(
+        tmp_path, runtimes={f"python{PYTHON}": PYTHON}, docker_images={PYTHON: runtime.tags[0]}
+    )
+    spec = check_spec(
+        Environment(packages=["six==1.16.0"], env={"RUN": str(tmp_path)}).spec(),
+        environments.runtimes,
+    )
     built = environments.ensure(spec)
     try:
         image = client.images.get(built.image)
@@ -433,9 +551,16 @@ def test_an_environment_image_is_the_runtime_plus_one_layer_with_the_runtimes_se
         assert len(image.attrs["RootFS"]["Layers"]) == len(runtime.attrs["RootFS"]["Layers"]) + 1
         assert image.attrs["Config"]["User"] == runtime.attrs["Config"]["User"] == "65534:65534"
         assert image.attrs["Config"]["Entrypoint"] == runtime.attrs["Config"]["Entrypoint"]
-        assert image.labels["nanogrid.base"] == runtime.id and image.labels["nanogrid.env"] == built.env_id
-        listing = client.containers.run(built.image, entrypoint=["ls", "-ln", "/opt/nanogrid/env/six.py"],
-                                        remove=True, network_mode="none").decode()
+        assert (
+            image.labels["nanogrid.base"] == runtime.id
+            and image.labels["nanogrid.env"] == built.env_id
+        )
+        listing = client.containers.run(
+            built.image,
+            entrypoint=["ls", "-ln", "/opt/nanogrid/env/six.py"],
+            remove=True,
+            network_mode="none",
+        ).decode()
         assert listing.startswith("-rw-r--r--") and " 0 0 " in listing
         assert environments.ensure(spec).image == built.image  # built once
     finally:
@@ -454,7 +579,10 @@ def test_a_second_worker_fetches_the_environment_the_first_built_from_the_store(
 
     from tests.aws_cluster import Cluster
 
-    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    require(
+        shutil.which("redis-server") is not None,
+        "redis-server is not installed (apt-get install redis-server)",
+    )
     (tmp_path / "aws").mkdir()
     cluster = Cluster(tmp_path / "aws", workers=1, slots=1)
     try:
@@ -469,8 +597,13 @@ def test_a_second_worker_fetches_the_environment_the_first_built_from_the_store(
 
         assert first.remote() == "1.16.0"
         first_log = (tmp_path / "aws" / "worker0.log").read_text()
-        assert f"building environment {env.id}" in first_log and f"shared environment {env.id}" in first_log
-        cluster.procs["worker0"].terminate()  # the next call can only go to a worker that never built it
+        assert (
+            f"building environment {env.id}" in first_log
+            and f"shared environment {env.id}" in first_log
+        )
+        cluster.procs[
+            "worker0"
+        ].terminate()  # the next call can only go to a worker that never built it
         cluster.procs["worker0"].wait(30)
         cluster.start_worker(1)
 
@@ -493,7 +626,9 @@ def test_a_second_worker_fetches_the_environment_the_first_built_from_the_store(
 
 
 @pytest.mark.integration
-def test_a_debian_package_runs_in_the_docker_sandbox_and_the_process_sandbox_refuses_it_clearly(tmp_path):
+def test_a_debian_package_runs_in_the_docker_sandbox_and_the_process_sandbox_refuses_it_clearly(
+    tmp_path,
+):
     """``system=["jq"]``: the grid builds a runtime with jq (mmdebstrap on the host, as for the runtime itself) and
     the function runs it as nobody, with no network. The process sandbox cannot install Debian packages: it says
     so before building anything, never a ``FileNotFoundError: jq`` from deep inside the call."""
@@ -505,8 +640,13 @@ def test_a_debian_package_runs_in_the_docker_sandbox_and_the_process_sandbox_ref
         import os
         import subprocess
 
-        done = subprocess.run(["jq", "-c", ".items | map(. * 2)"], input=document, capture_output=True, text=True,
-                              check=True)
+        done = subprocess.run(
+            ["jq", "-c", ".items | map(. * 2)"],
+            input=document,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return done.stdout.strip(), os.getuid()
 
     docker_grid = start_grid(tmp_path / "docker", sandbox="docker", kill_grace_s=0.5)
@@ -518,7 +658,9 @@ def test_a_debian_package_runs_in_the_docker_sandbox_and_the_process_sandbox_ref
     process_grid = start_grid(tmp_path / "process", kill_grace_s=0.5)
     try:
         nanogrid.connect(process_grid.url, api_key=process_grid.api_key)
-        with pytest.raises(nanogrid.EnvironmentBuildFailed, match=r"system packages \(jq\) need the Docker sandbox"):
+        with pytest.raises(
+            nanogrid.EnvironmentBuildFailed, match=r"system packages \(jq\) need the Docker sandbox"
+        ):
             query.remote('{"items": []}')
         assert process_grid.grid.environments.list() == []
     finally:

@@ -42,6 +42,7 @@ GUARD_S = 120  # a bound on waiting for a thread, so that a hang fails the test 
 
 # --- finding a grid's sandboxes from the outside, as an operator (or the OOM killer) would -------------------
 
+
 def is_sandbox_process(pid: int) -> bool:
     """Whether ``pid`` is still a sandbox process (one that exits while it is looked at is not)."""
     try:
@@ -67,7 +68,10 @@ def sandbox_pids(data_dir: Path) -> list[int]:
 def containers_of(data_dir: Path) -> list[str]:
     client = docker.from_env()
     label = f"nanogrid.grid={grid_identity(data_dir / 'sandboxes')}"
-    return [c.name for c in client.containers.list(all=True, filters={"label": label}, ignore_removed=True)]
+    return [
+        c.name
+        for c in client.containers.list(all=True, filters={"label": label}, ignore_removed=True)
+    ]
 
 
 def kill_sandboxes(data_dir: Path, kind: str) -> int:
@@ -95,14 +99,22 @@ def wait_for(condition, what: str, timeout: float = 60.0) -> None:  # noqa: ANN0
 
 
 @pytest.fixture(scope="module", params=["process", "docker"])
-def faulty(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def faulty(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
     if request.param == "docker":
         require_docker()
     data_dir = tmp_path_factory.mktemp(f"faults-{request.param}")
-    grid = start_grid(data_dir, sandbox=request.param, workers=2, pool_cap=4, stem_cells=1, kill_grace_s=0.5)
+    grid = start_grid(
+        data_dir, sandbox=request.param, workers=2, pool_cap=4, stem_cells=1, kill_grace_s=0.5
+    )
     try:
-        yield {"grid": grid, "data_dir": data_dir, "kind": request.param,
-               "client": nanogrid.connect(grid.url, api_key=grid.api_key, timeout=30)}
+        yield {
+            "grid": grid,
+            "data_dir": data_dir,
+            "kind": request.param,
+            "client": nanogrid.connect(grid.url, api_key=grid.api_key, timeout=30),
+        }
     finally:
         grid.stop()
 
@@ -116,8 +128,10 @@ def pool_is_whole(faulty: dict) -> None:
 
 # --- sandboxes killed -------------------------------------------------------------------------------------
 
+
 def test_sandboxes_dead_while_idle_are_replaced(faulty: dict) -> None:
     """Never: a call fails (or is blamed on the function) because its warm sandbox or a stem cell died while idle."""
+
     @nanogrid.remote(timeout=30)
     def triple(x):
         return 3 * x
@@ -139,6 +153,7 @@ def test_sandboxes_dead_while_idle_are_replaced(faulty: dict) -> None:
 
 def test_sandbox_killed_while_busy_fails_only_that_call(faulty: dict) -> None:
     """Never: a job left "running" after its sandbox was killed under it, a lost pool place, a stuck client."""
+
     @nanogrid.remote(timeout=60)
     def slow(x):
         import time
@@ -164,6 +179,7 @@ def test_sandbox_killed_while_busy_fails_only_that_call(faulty: dict) -> None:
 
 # --- a full disk ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture()
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs for the grid's data dir."""
@@ -174,7 +190,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_full_disk_fails_calls_clearly_and_the_grid_recovers(small_disk: Path) -> None:
     """Never: a job left "running" on a full disk, a hung client, a lost pool place, or a grid that stays broken
     once space is freed."""
-    grid = start_grid(small_disk / "data", sandbox="process", workers=1, stem_cells=1, pool_cap=2, kill_grace_s=0.5)
+    grid = start_grid(
+        small_disk / "data",
+        sandbox="process",
+        workers=1,
+        stem_cells=1,
+        pool_cap=2,
+        kill_grace_s=0.5,
+    )
     try:
         nanogrid.connect(grid.url, api_key=grid.api_key, timeout=30)
 
@@ -200,7 +223,9 @@ def test_full_disk_fails_calls_clearly_and_the_grid_recovers(small_disk: Path) -
             with pytest.raises(nanogrid.NanoGridError) as failure:
                 call()
             message = str(failure.value).lower()
-            assert any(word in message for word in ("space", "full", "store", "disk")), failure.value
+            assert any(word in message for word in ("space", "full", "store", "disk")), (
+                failure.value
+            )
         assert small.remote(2) == 4  # the failed calls' files were removed with their sandboxes
 
         filler = small_disk / "filler"
@@ -213,7 +238,9 @@ def test_full_disk_fails_calls_clearly_and_the_grid_recovers(small_disk: Path) -
                 pass
         try:
             small.remote(3)
-        except nanogrid.NanoGridError as exc:  # a clear error, or the call still fit: never a hang or an internal error
+        except (
+            nanogrid.NanoGridError
+        ) as exc:  # a clear error, or the call still fit: never a hang or an internal error
             assert any(word in str(exc).lower() for word in ("space", "full", "disk")), exc
         filler.unlink()
         assert small.remote(4) == 8
@@ -227,6 +254,7 @@ def test_full_disk_fails_calls_clearly_and_the_grid_recovers(small_disk: Path) -
 
 # --- the grid process stopped, killed and restarted -------------------------------------------------------
 
+
 class GridProcess:
     """`nanogrid up` in a subprocess, as an operator runs it."""
 
@@ -236,11 +264,35 @@ class GridProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NANOGRID_")}
         self.log = open(data_dir.parent / f"{data_dir.name}.log", "ab")  # noqa: SIM115  # closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanogrid.cli", "up", "--data-dir", str(data_dir), "--port", "0", "--sandbox",
-             sandbox, "--workers", str(workers), "--stem-cells", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        wait_for(lambda: (data_dir / "grid.json").exists() or self.proc.poll() is not None, "the grid up", 120)
-        assert self.proc.poll() is None, (data_dir.parent / f"{data_dir.name}.log").read_text()[-3000:]
+            [
+                sys.executable,
+                "-m",
+                "nanogrid.cli",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                "0",
+                "--sandbox",
+                sandbox,
+                "--workers",
+                str(workers),
+                "--stem-cells",
+                "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        wait_for(
+            lambda: (data_dir / "grid.json").exists() or self.proc.poll() is not None,
+            "the grid up",
+            120,
+        )
+        assert self.proc.poll() is None, (data_dir.parent / f"{data_dir.name}.log").read_text()[
+            -3000:
+        ]
         self.url = json.loads((data_dir / "grid.json").read_text())["url"]
         self.key = (data_dir / "local-key").read_text().strip()
 
@@ -329,17 +381,26 @@ def test_kill_9_and_restart_leaves_nothing_behind(kind: str, tmp_path: Path) -> 
 
         running = hold.spawn(b"run!" * 10, 30)
         wait_for(lambda: running.status == "running", "the first job running")
-        queued = [hold.spawn(bytes([i]) * (300 << 10), 0) for i in range(4)]  # wait behind it: one worker slot
-        before = {"containers": containers_of(data_dir) if kind == "docker" else [],
-                  "pids": sandbox_pids(data_dir), "dirs": sorted(p.name for p in sandbox_dir.iterdir()),
-                  "cgroups": cgroup.ours(grid_identity(sandbox_dir) + "-"),
-                  "disks": scratch.mounted_under(sandbox_dir)}
+        queued = [
+            hold.spawn(bytes([i]) * (300 << 10), 0) for i in range(4)
+        ]  # wait behind it: one worker slot
+        before = {
+            "containers": containers_of(data_dir) if kind == "docker" else [],
+            "pids": sandbox_pids(data_dir),
+            "dirs": sorted(p.name for p in sandbox_dir.iterdir()),
+            "cgroups": cgroup.ours(grid_identity(sandbox_dir) + "-"),
+            "disks": scratch.mounted_under(sandbox_dir),
+        }
         assert before["containers"] or before["pids"]
         assert before["disks"] or kind != "docker" or scratch.unavailable()
         grid.kill()
 
-        doctor = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
-                                capture_output=True, text=True, timeout=120)
+        doctor = subprocess.run(
+            [sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert "leftovers" in doctor.stdout, doctor.stdout + doctor.stderr
 
         grid = GridProcess(data_dir, kind, workers=1)
@@ -354,8 +415,12 @@ def test_kill_9_and_restart_leaves_nothing_behind(kind: str, tmp_path: Path) -> 
         assert not [p for p in before["pids"] if is_sandbox_process(p)]
         now = {p.name for p in sandbox_dir.iterdir()}
         assert not now & set(before["dirs"]), "work dirs of the killed grid still exist"
-        assert not [c for c in before["cgroups"] if c.exists()], "memory cgroups of the killed grid still exist"
-        assert not set(before["disks"]) & set(scratch.mounted_under(sandbox_dir)), "its scratch disks still mounted"
+        assert not [c for c in before["cgroups"] if c.exists()], (
+            "memory cgroups of the killed grid still exist"
+        )
+        assert not set(before["disks"]) & set(scratch.mounted_under(sandbox_dir)), (
+            "its scratch disks still mounted"
+        )
         counts = {j["status"] for j in client.jobs(limit=50)}
         assert "running" not in counts and "pending" not in counts
     finally:
@@ -380,23 +445,44 @@ def test_kill_9_during_batches_loses_no_acknowledged_call(tmp_path: Path) -> Non
     grid = GridProcess(data_dir, "process", workers=2)
     try:
         headers = {"x-api-key": grid.key}
-        upload = httpx.post(f"{grid.url}/v1/upload", headers=headers, files={"file": ("quick.py", QUICK)},
-                            data={"function_name": "quick", "handler": "quick.handler",
-                                  "runtime": "python%d.%d" % sys.version_info[:2]}).json()
+        upload = httpx.post(
+            f"{grid.url}/v1/upload",
+            headers=headers,
+            files={"file": ("quick.py", QUICK)},
+            data={
+                "function_name": "quick",
+                "handler": "quick.handler",
+                "runtime": "python%d.%d" % sys.version_info[:2],
+            },
+        ).json()
         function_id = upload["function_id"]
-        assert httpx.post(f"{grid.url}/v1/run", headers=headers,
-                          json={"function_id": function_id, "payload": {"n": -1}}).json()["result"] == -1
+        assert (
+            httpx.post(
+                f"{grid.url}/v1/run",
+                headers=headers,
+                json={"function_id": function_id, "payload": {"n": -1}},
+            ).json()["result"]
+            == -1
+        )
         body = {"function_id": function_id, "payloads": [{"n": n} for n in range(4000)]}
-        with httpx.stream("POST", f"{grid.url}/v1/map", headers=headers, json=body, timeout=60) as stream:
+        with httpx.stream(
+            "POST", f"{grid.url}/v1/map", headers=headers, json=body, timeout=60
+        ) as stream:
             lines = stream.iter_lines()
-            job_ids = json.loads(next(lines))["job_ids"]  # acknowledged: recorded before this line was sent
-            streamed = [json.loads(line) for _, line in zip(range(300), lines, strict=False) if line]
+            job_ids = json.loads(next(lines))[
+                "job_ids"
+            ]  # acknowledged: recorded before this line was sent
+            streamed = [
+                json.loads(line) for _, line in zip(range(300), lines, strict=False) if line
+            ]
             grid.kill()  # while the backlog is being taken in batches
         assert any(view["status"] == "completed" for view in streamed)
 
         grid = GridProcess(data_dir, "process", workers=2)
         with httpx.Client(base_url=grid.url, headers=headers, timeout=60) as http:
-            views = [http.get(f"/v1/status/{job_id}", params={"wait": 30}).json() for job_id in job_ids]
+            views = [
+                http.get(f"/v1/status/{job_id}", params={"wait": 30}).json() for job_id in job_ids
+            ]
     finally:
         grid.stop()
     interrupted = 0
@@ -416,40 +502,77 @@ def test_doctor_shows_and_cleans_what_a_crashed_grid_left(tmp_path: Path) -> Non
     grid = GridProcess(data_dir, "process")
     try:
         wait_for(lambda: sandbox_pids(data_dir), "the grid's stem cell started")
-        running_refused = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir",
-                                          str(data_dir), "--clean"], capture_output=True, text=True, timeout=120)
-        assert running_refused.returncode == 1 and "runs on" in running_refused.stderr, running_refused.stderr
+        running_refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nanogrid.cli",
+                "doctor",
+                "--data-dir",
+                str(data_dir),
+                "--clean",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert running_refused.returncode == 1 and "runs on" in running_refused.stderr, (
+            running_refused.stderr
+        )
         assert sandbox_pids(data_dir), "the running grid's stem cell was removed"
     finally:
         grid.kill()
-    for pid in sandbox_pids(data_dir):  # what a crash of the machine's OOM killer could leave: only the dirs
+    for pid in sandbox_pids(
+        data_dir
+    ):  # what a crash of the machine's OOM killer could leave: only the dirs
         os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not sandbox_pids(data_dir), "the sandboxes gone")
-    shown = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
-                           capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "sandbox directories" in shown.stdout, shown.stdout
-    cleaned = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir), "--clean"],
-                             capture_output=True, text=True, timeout=120)
+    cleaned = subprocess.run(
+        [sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir), "--clean"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cleaned.returncode == 0, cleaned.stderr
-    assert not [p for p in (data_dir / "sandboxes").iterdir() if p.name.startswith(("proc-", "ctr-"))]
+    assert not [
+        p for p in (data_dir / "sandboxes").iterdir() if p.name.startswith(("proc-", "ctr-"))
+    ]
     assert not cgroup.ours(grid_identity(data_dir / "sandboxes") + "-")
 
 
 # --- a backlog --------------------------------------------------------------------------------------------
 
+
 def test_queued_arguments_stay_on_disk(tmp_path: Path) -> None:
     """Never: a backlog's arguments all held in memory (past the queue's budget), or a job run with another's
     arguments when they are read back."""
     registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
-    jobs = [JobRecord(f"job-{i:04d}", "fn", payload_format="pickle", payload=bytes([i % 251]) * (256 << 10))
-            for i in range(120)]
+    jobs = [
+        JobRecord(
+            f"job-{i:04d}", "fn", payload_format="pickle", payload=bytes([i % 251]) * (256 << 10)
+        )
+        for i in range(120)
+    ]
     registry.create_jobs(jobs)
-    queue = LocalQueue(load_payload=lambda job_id: registry.get_job(job_id).payload, memory_budget_bytes=4 * MiB)
-    queue.put([JobMessage(j.job_id, j.function_id, j.payload_format, j.payload, 30, 128) for j in jobs])
+    queue = LocalQueue(
+        load_payload=lambda job_id: registry.get_job(job_id).payload, memory_budget_bytes=4 * MiB
+    )
+    queue.put(
+        [JobMessage(j.job_id, j.function_id, j.payload_format, j.payload, 30, 128) for j in jobs]
+    )
     assert queue.held_bytes() <= 4 * MiB
     for job in jobs:
         message = queue.get(timeout=1)
-        assert message is not None and message.job_id == job.job_id and message.payload == job.payload
+        assert (
+            message is not None and message.job_id == job.job_id and message.payload == job.payload
+        )
         queue.ack(message)
     assert queue.held_bytes() == 0 and queue.depth() == 0
     registry.close()
@@ -460,19 +583,37 @@ def test_restart_does_not_load_the_backlog(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     registry = SQLiteRegistry(data_dir / "registry.sqlite3")
-    registry.put_function(FunctionRecord("fn", "fn", "python3.11", "fn.handler", "handler", 128, 30, 0, "3.11"))
-    registry.create_jobs([JobRecord(f"job-{i:04d}", "fn", status=PENDING, payload=b"p" * (256 << 10),
-                                    created_at=1000.0 + i) for i in range(200)])
+    registry.put_function(
+        FunctionRecord("fn", "fn", "python3.11", "fn.handler", "handler", 128, 30, 0, "3.11")
+    )
+    registry.create_jobs(
+        [
+            JobRecord(
+                f"job-{i:04d}",
+                "fn",
+                status=PENDING,
+                payload=b"p" * (256 << 10),
+                created_at=1000.0 + i,
+            )
+            for i in range(200)
+        ]
+    )
     pages = list(registry.pending_jobs(batch=64))
     assert [job.job_id for job in pages] == [f"job-{i:04d}" for i in range(200)]
     assert all(job.payload == b"" for job in pages)
     registry.close()
-    grid = Grid(GridConfig.load(data_dir=data_dir, port=0, sandbox="process", workers=1, stem_cells=0))
+    grid = Grid(
+        GridConfig.load(data_dir=data_dir, port=0, sandbox="process", workers=1, stem_cells=0)
+    )
     try:
         grid._recover()  # what start() does first; the worker is not started, so the backlog stays queued
         assert isinstance(grid.queue, LocalQueue)
         assert grid.queue.depth() == 200 and grid.queue.held_bytes() == 0
         message = grid.queue.get(timeout=1)
-        assert message is not None and message.job_id == "job-0000" and message.payload == b"p" * (256 << 10)
+        assert (
+            message is not None
+            and message.job_id == "job-0000"
+            and message.payload == b"p" * (256 << 10)
+        )
     finally:
         grid.stop()

@@ -43,6 +43,7 @@ MiB = 1 << 20
 
 # --- a small data disk, filled on demand --------------------------------------------------------------------
 
+
 @pytest.fixture()
 def data_disk(tmp_path: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs for the grid's data dir, unmounted afterwards."""
@@ -77,8 +78,23 @@ class UpProcess:
     def __init__(self, data_dir: Path, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NANOGRID_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanogrid.cli", "up", "--data-dir", str(data_dir), "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "nanogrid.cli",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                "0",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -101,7 +117,9 @@ class UpProcess:
             self.output.append(line)
             if match := re.search(pattern, line):
                 return match
-        raise AssertionError(f"`nanogrid up` never said {pattern!r}:\n{''.join(self.output)[-4000:]}")
+        raise AssertionError(
+            f"`nanogrid up` never said {pattern!r}:\n{''.join(self.output)[-4000:]}"
+        )
 
     def collect(self, seconds: float) -> str:
         """What it says over the next ``seconds``."""
@@ -134,17 +152,30 @@ QUICK = b"""def handler(event, context):
 def run_quick(url: str, key: str, n: int) -> object:
     """Deploy a one-line handler (no environment to build) and run it once; its result."""
     headers = {"x-api-key": key}
-    upload = httpx.post(f"{url}/v1/upload", headers=headers, files={"file": ("quick.py", QUICK)}, timeout=60,
-                        data={"function_name": "quick", "handler": "quick.handler",
-                              "runtime": "python%d.%d" % sys.version_info[:2]})
+    upload = httpx.post(
+        f"{url}/v1/upload",
+        headers=headers,
+        files={"file": ("quick.py", QUICK)},
+        timeout=60,
+        data={
+            "function_name": "quick",
+            "handler": "quick.handler",
+            "runtime": "python%d.%d" % sys.version_info[:2],
+        },
+    )
     assert upload.status_code in (200, 201), upload.text
-    ran = httpx.post(f"{url}/v1/run", headers=headers, timeout=60,
-                     json={"function_id": upload.json()["function_id"], "payload": {"n": n}}).json()
+    ran = httpx.post(
+        f"{url}/v1/run",
+        headers=headers,
+        timeout=60,
+        json={"function_id": upload.json()["function_id"], "payload": {"n": n}},
+    ).json()
     assert "result" in ran, ran
     return ran["result"]
 
 
 # --- 1. a grid always starts when its data is intact --------------------------------------------------------
+
 
 def test_a_full_data_disk_never_stops_the_start(data_disk: Path) -> None:
     """Never: `nanogrid up` refused (or a traceback) because the data disk is 100% full while the registry is
@@ -161,7 +192,9 @@ def test_a_full_data_disk_never_stops_the_start(data_disk: Path) -> None:
         said = up.collect(3)
         assert "Traceback" not in said and "OperationalError" not in said, said
         assert "no backup of the registry was made at this start" in said, said
-        assert list_backups(data_dir / "registry.sqlite3") == backups  # nothing was written beside it
+        assert (
+            list_backups(data_dir / "registry.sqlite3") == backups
+        )  # nothing was written beside it
 
         health = httpx.get(f"{url}/v1/health", timeout=10).json()
         assert health["status"] == "degraded", health
@@ -180,8 +213,18 @@ def test_a_registry_larger_than_the_free_space_starts_without_a_backup(data_disk
     data_dir = data_disk / "data"
     used_grid(data_dir)
     registry = SQLiteRegistry(data_dir / "registry.sqlite3")
-    registry.create_jobs([JobRecord(f"big-{i}", "fn-gone", status=COMPLETED, result_format="pickle",
-                                    result=os.urandom(MiB)) for i in range(12)])
+    registry.create_jobs(
+        [
+            JobRecord(
+                f"big-{i}",
+                "fn-gone",
+                status=COMPLETED,
+                result_format="pickle",
+                result=os.urandom(MiB),
+            )
+            for i in range(12)
+        ]
+    )
     registry.close()
     size = (data_dir / "registry.sqlite3").stat().st_size
     fill(data_disk, leave=size // 2)  # room to run, not to copy the registry
@@ -190,7 +233,9 @@ def test_a_registry_larger_than_the_free_space_starts_without_a_backup(data_disk
     grid = start_grid(data_dir, workers=1, stem_cells=1)
     try:
         notes = grid.grid.registry.start_notes
-        assert any("no backup of the registry" in note and "too little" in note for note in notes), notes
+        assert any(
+            "no backup of the registry" in note and "too little" in note for note in notes
+        ), notes
         assert list_backups(data_dir / "registry.sqlite3") == backups
         assert grid.grid.registry.count_jobs() == {COMPLETED: 12}  # every record is there
     finally:
@@ -203,11 +248,20 @@ def test_doctor_reports_free_space_against_what_the_grid_needs(data_disk: Path) 
     data_dir = data_disk / "data"
     used_grid(data_dir)
     fill(data_disk)
-    done = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Traceback" not in done.stderr, done.stderr
-    assert re.search(r"disk .*GiB free on the data disk; the grid needs .*TOO LITTLE", done.stdout), done.stdout
-    assert "integrity ok" in done.stdout and "--repair" not in done.stderr, (done.stdout, done.stderr)
+    assert re.search(
+        r"disk .*GiB free on the data disk; the grid needs .*TOO LITTLE", done.stdout
+    ), done.stdout
+    assert "integrity ok" in done.stdout and "--repair" not in done.stderr, (
+        done.stdout,
+        done.stderr,
+    )
 
 
 # --- 3. liveness that sees frozen sandboxes ---------------------------------------------------------------
@@ -222,16 +276,29 @@ def handler(event, context):
 
 
 def deploy(url: str, key: str, name: str, source: bytes, timeout_s: float = 60) -> str:
-    upload = httpx.post(f"{url}/v1/upload", headers={"x-api-key": key}, files={"file": (f"{name}.py", source)},
-                        data={"function_name": name, "handler": f"{name}.handler", "timeout": str(timeout_s),
-                              "runtime": "python%d.%d" % sys.version_info[:2]}, timeout=60)
+    upload = httpx.post(
+        f"{url}/v1/upload",
+        headers={"x-api-key": key},
+        files={"file": (f"{name}.py", source)},
+        data={
+            "function_name": name,
+            "handler": f"{name}.handler",
+            "timeout": str(timeout_s),
+            "runtime": "python%d.%d" % sys.version_info[:2],
+        },
+        timeout=60,
+    )
     assert upload.status_code in (200, 201), upload.text
     return upload.json()["function_id"]
 
 
 def run(url: str, key: str, function_id: str, payload: dict) -> dict:
-    return httpx.post(f"{url}/v1/run", headers={"x-api-key": key}, timeout=120,
-                      json={"function_id": function_id, "payload": payload}).json()
+    return httpx.post(
+        f"{url}/v1/run",
+        headers={"x-api-key": key},
+        timeout=120,
+        json={"function_id": function_id, "payload": payload},
+    ).json()
 
 
 def freeze(data_dir: Path, kind: str, resume: bool = False) -> int:
@@ -262,9 +329,17 @@ def frozen_grid(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict
     if request.param == "docker":
         require_docker()
     data_dir = tmp_path / "data"
-    grid = start_grid(data_dir, sandbox=request.param, workers=1, stem_cells=1, pool_cap=2, kill_grace_s=0.5)
+    grid = start_grid(
+        data_dir, sandbox=request.param, workers=1, stem_cells=1, pool_cap=2, kill_grace_s=0.5
+    )
     try:
-        yield {"grid": grid, "data_dir": data_dir, "kind": request.param, "url": grid.url, "key": grid.api_key}
+        yield {
+            "grid": grid,
+            "data_dir": data_dir,
+            "kind": request.param,
+            "url": grid.url,
+            "key": grid.api_key,
+        }
     finally:
         freeze(data_dir, request.param, resume=True)
         grid.stop()
@@ -286,7 +361,9 @@ def test_a_sandbox_frozen_during_a_call_is_the_sandboxs_fault(frozen_grid: dict)
     call fails as kind 'frozen' (SandboxCrashed in the client) and the next call is served."""
     data_dir, kind, url, key = (frozen_grid[k] for k in ("data_dir", "kind", "url", "key"))
     function_id = deploy(url, key, "sleepy", SLEEPY, timeout_s=90)
-    assert run(url, key, function_id, {"s": 0})["result"] == 0  # warm: the next call takes this sandbox
+    assert (
+        run(url, key, function_id, {"s": 0})["result"] == 0
+    )  # warm: the next call takes this sandbox
     replies: list[dict] = []
     call = threading.Thread(target=lambda: replies.append(run(url, key, function_id, {"s": 60})))
     call.start()
@@ -298,11 +375,16 @@ def test_a_sandbox_frozen_during_a_call_is_the_sandboxs_fault(frozen_grid: dict)
     assert replies[0]["error"]["kind"] == "frozen", replies[0]["error"]
     freeze(data_dir, kind, resume=True)
     assert run(url, key, function_id, {"s": 0})["result"] == 0
-    failure = nanogrid.errors.failure_for("frozen", replies[0]["error"]["message"], "job")  # as the client raises it
-    assert isinstance(failure, nanogrid.SandboxCrashed) and not isinstance(failure, nanogrid.FunctionTimeout)
+    failure = nanogrid.errors.failure_for(
+        "frozen", replies[0]["error"]["message"], "job"
+    )  # as the client raises it
+    assert isinstance(failure, nanogrid.SandboxCrashed) and not isinstance(
+        failure, nanogrid.FunctionTimeout
+    )
 
 
 # --- 2. a grid that cannot make sandboxes says so once ------------------------------------------------------
+
 
 def test_a_grid_without_room_for_sandboxes_says_so_once(tmp_path: Path) -> None:
     """Never: a Docker grid with too little free disk for a sandbox disk (1 GiB reserve + the disk) that says
@@ -311,30 +393,46 @@ def test_a_grid_without_room_for_sandboxes_says_so_once(tmp_path: Path) -> None:
     require(os.geteuid() == 0, "mounting a tmpfs needs root")
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     require(done.returncode == 0, f"cannot mount a tmpfs: {done.stderr.strip()}")
     up = UpProcess(mount / "data", "--sandbox", "docker", "--stem-cells", "1", "--workers", "1")
     try:
         url = up.wait_for(r"NanoGrid is up at (\S+)")[1]
         said = up.collect(8)  # several of the old 2 s retries
-        assert re.search(r"WARNING: +sandboxes cannot start: the worker's disk has \d+ MiB free", said), said
+        assert re.search(
+            r"WARNING: +sandboxes cannot start: the worker's disk has \d+ MiB free", said
+        ), said
         assert said.count("could not start a stem cell") <= 1 and "Traceback" not in said, said
 
         health = httpx.get(f"{url}/v1/health", timeout=10).json()
         assert health["status"] == "degraded", health
         assert any("sandboxes cannot start" in problem for problem in health["problems"]), health
-        assert not any("MiB free" in problem for problem in health["problems"]), health  # /health takes no key
+        assert not any("MiB free" in problem for problem in health["problems"]), (
+            health
+        )  # /health takes no key
 
         key = (mount / "data" / "local-key").read_text().strip()
         reply = run(url, key, deploy(url, key, "quick", QUICK), {"n": 1})
         assert reply["status"] == "failed" and reply["error"]["kind"] == "storage", reply
-        assert "disk=" in reply["error"]["message"] and "MiB free" not in reply["error"]["message"], reply
+        assert (
+            "disk=" in reply["error"]["message"] and "MiB free" not in reply["error"]["message"]
+        ), reply
 
         env = {**os.environ, "NANOGRID_URL": url, "NANOGRID_API_KEY": key}
-        status = subprocess.run([sys.executable, "-m", "nanogrid.cli", "status"], capture_output=True, text=True,
-                                env=env, timeout=60)
-        assert "degraded" in status.stdout and "problem   sandboxes cannot start" in status.stdout, status
+        status = subprocess.run(
+            [sys.executable, "-m", "nanogrid.cli", "status"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert (
+            "degraded" in status.stdout and "problem   sandboxes cannot start" in status.stdout
+        ), status
         assert "Traceback" not in up.collect(3)
     finally:
         up.stop()
@@ -366,7 +464,9 @@ def test_a_large_result_on_a_full_disk_is_a_storage_failure(data_disk: Path) -> 
 
 def test_retry_records_are_not_counted_as_failed_jobs(tmp_path: Path) -> None:
     """Never: a call that failed once and then succeeded on its retry counted in /system/status as a failed job."""
-    grid = start_grid(tmp_path / "data", workers=1, stem_cells=1, bubblewrap="off")  # the marker file is seen
+    grid = start_grid(
+        tmp_path / "data", workers=1, stem_cells=1, bubblewrap="off"
+    )  # the marker file is seen
     try:
         client = nanogrid.connect(grid.url, api_key=grid.api_key, timeout=60)
         marker = tmp_path / "tried"
@@ -389,6 +489,7 @@ def test_retry_records_are_not_counted_as_failed_jobs(tmp_path: Path) -> None:
 
 # --- 4. no leftovers ---------------------------------------------------------------------------------------
 
+
 def loops_under(directory: Path) -> list[str]:
     """Loop devices whose backing file lies under ``directory``."""
     root = str(directory.resolve()) + "/"
@@ -407,14 +508,20 @@ def test_a_container_the_engine_cannot_create_leaves_nothing(tmp_path: Path) -> 
     scratch disk's loop device, mount, directory or disk room reservation behind."""
     require_docker()
     require(scratch.unavailable() == "", f"no scratch disks here: {scratch.unavailable()}")
-    factory = DockerSandboxFactory("nanogrid/runtime-python:latest", tmp_path / "sandboxes", disk_mib=64)
+    factory = DockerSandboxFactory(
+        "nanogrid/runtime-python:latest", tmp_path / "sandboxes", disk_mib=64
+    )
     gone = BuiltEnvironment("env-gone", factory.python, image="nanogrid/env:no-such-image-here")
     factory.disk_room.reserve = 0
-    factory.disk_room.reserve = scratch.shutil.disk_usage(tmp_path).free - (100 << 20)  # room for one 64 MiB disk
+    factory.disk_room.reserve = scratch.shutil.disk_usage(tmp_path).free - (
+        100 << 20
+    )  # room for one 64 MiB disk
     for _ in range(3):  # a leaked reservation would refuse the second with 'no room'
         with pytest.raises(SandboxError) as failure:
             factory.start(environment=gone)
-        assert failure.value.kind == "crash" and "could not create" in failure.value.message, failure.value
+        assert failure.value.kind == "crash" and "could not create" in failure.value.message, (
+            failure.value
+        )
     assert loops_under(tmp_path) == [] and scratch.mounted_under(tmp_path) == []
     assert leftovers.sandbox_dirs(tmp_path / "sandboxes") == []
     factory.start().close()  # its room is still there for a sandbox that can start
@@ -431,16 +538,28 @@ def test_older_releases_leftovers_of_this_data_dir_are_swept_and_only_those(tmp_
     (data_dir / "sandboxes" / f"ctr-{ours_id}").mkdir(parents=True)
     (data_dir / "sandboxes" / f"proc-{ours_id}").mkdir()
     (other_dir / "sandboxes" / f"ctr-{theirs_id}").mkdir(parents=True)
-    made = [client.containers.create("nanogrid/runtime-python:latest", name=f"nanogrid-ctr-{sandbox_id}")
-            for sandbox_id in (ours_id, theirs_id)]
+    made = [
+        client.containers.create(
+            "nanogrid/runtime-python:latest", name=f"nanogrid-ctr-{sandbox_id}"
+        )
+        for sandbox_id in (ours_id, theirs_id)
+    ]
     groups = [cgroup.MemoryCgroup(f"proc-{sandbox_id}") for sandbox_id in (ours_id, theirs_id)]
     try:
-        doctor = subprocess.run([sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
-                                capture_output=True, text=True, timeout=120)
-        assert re.search(r"leftovers 1 containers, 2 sandbox directories, 1 memory cgroups", doctor.stdout), doctor
+        doctor = subprocess.run(
+            [sys.executable, "-m", "nanogrid.cli", "doctor", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert re.search(
+            r"leftovers 1 containers, 2 sandbox directories, 1 memory cgroups", doctor.stdout
+        ), doctor
 
         start_grid(data_dir, workers=1, stem_cells=0).stop()
-        names = {c.name for c in client.containers.list(all=True, filters={"name": "nanogrid-ctr-"})}
+        names = {
+            c.name for c in client.containers.list(all=True, filters={"name": "nanogrid-ctr-"})
+        }
         assert f"nanogrid-ctr-{ours_id}" not in names and f"nanogrid-ctr-{theirs_id}" in names
         assert not groups[0].path.exists() and groups[1].path.exists()
     finally:
@@ -470,7 +589,12 @@ def test_an_upload_cut_off_by_kill_9_leaves_no_partial_file(tmp_path: Path) -> N
 
     def upload() -> None:
         with contextlib.suppress(httpx.HTTPError):
-            httpx.put(f"{grid.url}/v1/blobs/{sha}", content=slow_body(), headers={"x-api-key": grid.key}, timeout=60)
+            httpx.put(
+                f"{grid.url}/v1/blobs/{sha}",
+                content=slow_body(),
+                headers={"x-api-key": grid.key},
+                timeout=60,
+            )
 
     try:
         threading.Thread(target=upload, daemon=True).start()

@@ -18,13 +18,17 @@ from tests.fake_ollama import FakeOllama
 
 pytestmark = pytest.mark.integration
 
-SCHEMATHESIS = shutil.which("schemathesis") or str(Path(__file__).resolve().parents[1] / ".venv/bin/schemathesis")
+SCHEMATHESIS = shutil.which("schemathesis") or str(
+    Path(__file__).resolve().parents[1] / ".venv/bin/schemathesis"
+)
 MAX_EXAMPLES = 30
 
 
 def test_fuzzed_api_gives_no_server_errors_and_keeps_to_its_schema(tmp_path):
     with FakeOllama() as ollama:  # with an AI node, so /models answers rather than 503
-        grid = start_grid(tmp_path / "grid", stem_cells=1, workers=1, ai_endpoint=ollama.url, ai_model="tiny")
+        grid = start_grid(
+            tmp_path / "grid", stem_cells=1, workers=1, ai_endpoint=ollama.url, ai_model="tiny"
+        )
         summary = fuzz(grid)
     generated = re.search(r"(\d+) generated, (\d+) passed", summary)
     assert generated and int(generated.group(1)) > 300, summary
@@ -34,10 +38,25 @@ def test_fuzzed_api_gives_no_server_errors_and_keeps_to_its_schema(tmp_path):
 def fuzz(grid) -> str:
     try:
         result = subprocess.run(
-            [SCHEMATHESIS, "run", f"{grid.url}/openapi.json", "-H", f"x-api-key: {grid.api_key}",
-             "--max-examples", str(MAX_EXAMPLES), "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-             "--seed", "20261123", "--no-color"],
-            capture_output=True, text=True, timeout=600,
+            [
+                SCHEMATHESIS,
+                "run",
+                f"{grid.url}/openapi.json",
+                "-H",
+                f"x-api-key: {grid.api_key}",
+                "--max-examples",
+                str(MAX_EXAMPLES),
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "--seed",
+                "20261123",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     finally:
         grid.stop()

@@ -13,8 +13,16 @@ import hcl2
 import pytest
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
-META_ARGUMENTS = {"source", "count", "for_each", "depends_on", "providers", "version", "__start_line__",
-                  "__end_line__"}
+META_ARGUMENTS = {
+    "source",
+    "count",
+    "for_each",
+    "depends_on",
+    "providers",
+    "version",
+    "__start_line__",
+    "__end_line__",
+}
 
 
 def parse(directory: Path) -> dict[str, list]:
@@ -50,7 +58,9 @@ def test_modules_get_exactly_the_variables_they_declare():
         assert module_dir.is_dir(), f"module {name}: no {module_dir}"
         declared = names(parse(module_dir), "variable")
         passed = set(call) - META_ARGUMENTS
-        assert passed <= set(declared), f"module {name} gets undeclared {sorted(passed - set(declared))}"
+        assert passed <= set(declared), (
+            f"module {name} gets undeclared {sorted(passed - set(declared))}"
+        )
         required = {v for v, body in declared.items() if "default" not in body}
         assert required <= passed, f"module {name} misses {sorted(required - passed)}"
 
@@ -74,15 +84,25 @@ def test_every_variable_and_output_is_described():
         parsed = parse(directory)
         for block in ("variable", "output"):
             for name, body in names(parsed, block).items():
-                assert body.get("description"), f"{directory.name}: {block} {name} has no description"
+                assert body.get("description"), (
+                    f"{directory.name}: {block} {name} has no description"
+                )
 
 
 def test_checkov_finds_nothing_not_suppressed_with_a_reason():
-    skips = re.findall(r"checkov:skip=([A-Z0-9_]+)(:?)(.*)", "\n".join(p.read_text() for p in INFRA.rglob("*.tf")))
-    assert skips and all(colon and reason.strip() for _, colon, reason in skips), "every skip needs a written reason"
+    skips = re.findall(
+        r"checkov:skip=([A-Z0-9_]+)(:?)(.*)", "\n".join(p.read_text() for p in INFRA.rglob("*.tf"))
+    )
+    assert skips and all(colon and reason.strip() for _, colon, reason in skips), (
+        "every skip needs a written reason"
+    )
     checkov = shutil.which("checkov") or str(Path(sys.executable).parent / "checkov")
-    result = subprocess.run([checkov, "-d", str(INFRA), "--framework", "terraform", "--quiet", "-o", "json"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [checkov, "-d", str(INFRA), "--framework", "terraform", "--quiet", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads(result.stdout)
     summary = report["summary"]
     failed = [f"{c['check_id']} {c['resource']}" for c in report["results"]["failed_checks"]]

@@ -37,7 +37,9 @@ def test_a_running_call_is_followed_as_it_prints(client):
     assert job.result() == "trained"
     stdout = "".join(text for stream, text in seen if stream == "stdout")
     stderr = "".join(text for stream, text in seen if stream == "stderr")
-    assert stdout == job.stdout == "".join(f"epoch {n} loss {1 / (n + 1):.3f} — ✓\n" for n in range(3))  # once, in order
+    assert (
+        stdout == job.stdout == "".join(f"epoch {n} loss {1 / (n + 1):.3f} — ✓\n" for n in range(3))
+    )  # once, in order
     assert stderr == job.stderr == "a warning\n"
     assert job.logs() == {"stdout": stdout, "stderr": stderr}
 

@@ -38,18 +38,29 @@ def test_every_dependency_is_pinned_with_hashes():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime, test = pins("requirements.txt"), pins("requirements-test.txt")
     for spec in project["dependencies"]:
-        assert canonicalize_name(Requirement(spec).name) in runtime, f"{spec} has no pin in requirements.txt"
+        assert canonicalize_name(Requirement(spec).name) in runtime, (
+            f"{spec} has no pin in requirements.txt"
+        )
     for spec in project["optional-dependencies"]["test"]:
-        assert canonicalize_name(Requirement(spec).name) in test, f"{spec} has no pin in requirements-test.txt"
-    for name, (version, _) in runtime.items():  # one set of versions: the test lock extends the runtime one
-        assert test.get(name, (version,))[0] == version, f"{name}: {version} in one lock, {test[name][0]} in the other"
+        assert canonicalize_name(Requirement(spec).name) in test, (
+            f"{spec} has no pin in requirements-test.txt"
+        )
+    for name, (
+        version,
+        _,
+    ) in runtime.items():  # one set of versions: the test lock extends the runtime one
+        assert test.get(name, (version,))[0] == version, (
+            f"{name}: {version} in one lock, {test[name][0]} in the other"
+        )
 
 
 def test_installs_come_only_from_the_lock_files():
     makefile = (ROOT / "Makefile").read_text()
     assert "--require-hashes -r requirements.txt" in makefile
     assert "--require-hashes -r requirements-test.txt" in makefile
-    assert "--no-deps --no-build-isolation -e ." in makefile  # NanoGrid itself adds nothing unpinned
+    assert (
+        "--no-deps --no-build-isolation -e ." in makefile
+    )  # NanoGrid itself adds nothing unpinned
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make setup-test" in ci and "pip install" not in ci
 

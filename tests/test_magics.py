@@ -34,8 +34,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_plan_reads_what_the_compiler_says_the_cell_reads():
-    source = ("import math as m\ny = m.sqrt(x) + offset\nn += 1\ndel gone\n"
-              "def f(a):\n    global g\n    b = a + h\n    g = b\n    return b\nclass C:\n    k = j\ny\n")
+    source = (
+        "import math as m\ny = m.sqrt(x) + offset\nn += 1\ndel gone\n"
+        "def f(a):\n    global g\n    b = a + h\n    g = b\n    return b\nclass C:\n    k = j\ny\n"
+    )
     plan = plan_cell(source)
     assert {"x", "offset", "m", "n", "gone", "h", "j"} <= set(plan.reads)
     assert not {"a", "b", "g", "k"} & set(plan.reads)  # locals, and a global only assigned
@@ -43,17 +45,26 @@ def test_plan_reads_what_the_compiler_says_the_cell_reads():
 
 
 def test_plan_reads_names_inside_magics_and_shell_expansions():
-    plan = plan_cell("get_ipython().run_line_magic('time', 'z = w + 1')\n"
-                     "get_ipython().system('echo $p {q * 2}')\n")
+    plan = plan_cell(
+        "get_ipython().run_line_magic('time', 'z = w + 1')\n"
+        "get_ipython().system('echo $p {q * 2}')\n"
+    )
     assert {"w", "p", "q"} <= set(plan.reads) and "z" not in plan.reads
 
 
-@pytest.mark.parametrize("source, line, why", [
-    ("x = 1\nget_ipython().run_line_magic('matplotlib', 'inline')\n", 2, "%matplotlib would act on the sandbox"),
-    ("get_ipython().run_cell_magic('time', '', 'x = 1')\n", 1, "cell magics"),
-    ("get_ipython().run_line_magic('timeit', '-o x + 1')\n", 1, "-o is not supported"),
-    ("shell = get_ipython()\n", 1, "supports only"),
-])
+@pytest.mark.parametrize(
+    "source, line, why",
+    [
+        (
+            "x = 1\nget_ipython().run_line_magic('matplotlib', 'inline')\n",
+            2,
+            "%matplotlib would act on the sandbox",
+        ),
+        ("get_ipython().run_cell_magic('time', '', 'x = 1')\n", 1, "cell magics"),
+        ("get_ipython().run_line_magic('timeit', '-o x + 1')\n", 1, "-o is not supported"),
+        ("shell = get_ipython()\n", 1, "supports only"),
+    ],
+)
 def test_plan_refuses_a_line_the_sandbox_cannot_run_by_number(source, line, why):
     with pytest.raises(CellRefused, match=why) as refused:
         plan_cell(source)
@@ -62,7 +73,9 @@ def test_plan_refuses_a_line_the_sandbox_cannot_run_by_number(source, line, why)
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = start_ipython() or IPython.get_ipython()  # one shell per process: started by the first module
+    shell = (
+        start_ipython() or IPython.get_ipython()
+    )  # one shell per process: started by the first module
     shell.run_line_magic("load_ext", "nanogrid")
     return shell
 
@@ -82,8 +95,11 @@ def any_grid(request):
 def test_cell_reads_notebook_names_and_assigns_back(connected, capsys):
     ip = connected
     ip.user_ns.update(x=16, offset=1)
-    value = ip.run_cell_magic("nanogrid", "--memory 256 --timeout 30",
-                              "import math\nprint('computing')\ny = math.sqrt(x) + offset\ny * 10\n")
+    value = ip.run_cell_magic(
+        "nanogrid",
+        "--memory 256 --timeout 30",
+        "import math\nprint('computing')\ny = math.sqrt(x) + offset\ny * 10\n",
+    )
     assert value == 50.0
     assert ip.user_ns["y"] == 5.0
     assert capsys.readouterr().out == "computing\n"  # once
@@ -92,7 +108,9 @@ def test_cell_reads_notebook_names_and_assigns_back(connected, capsys):
 def test_stdout_and_stderr_arrive_once_in_the_order_printed(connected):
     both = io.StringIO()
     with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
-        connected.run_cell_magic("nanogrid", "", "import sys\nprint('a')\nprint('b', file=sys.stderr)\nprint('c')\n")
+        connected.run_cell_magic(
+            "nanogrid", "", "import sys\nprint('a')\nprint('b', file=sys.stderr)\nprint('c')\n"
+        )
     assert both.getvalue() == "a\nb\nc\n"
 
 
@@ -107,7 +125,11 @@ def test_remote_error_is_raised_as_itself_with_only_the_cells_frames(connected):
     assert isinstance(result.error_in_exec, ZeroDivisionError)
     assert connected.user_ns["first"] == 1
     assert "----> 2 1 / 0" in captured.stdout
-    assert "cell_state.py" not in captured.stdout and "magics" not in captured.stdout and "bootstrap" not in captured.stdout
+    assert (
+        "cell_state.py" not in captured.stdout
+        and "magics" not in captured.stdout
+        and "bootstrap" not in captured.stdout
+    )
 
 
 def test_unpicklable_input_names_the_variable(connected):
@@ -117,7 +139,9 @@ def test_unpicklable_input_names_the_variable(connected):
 
 
 def test_unpicklable_output_is_named_not_dropped(connected, capsys):
-    connected.run_cell_magic("nanogrid", "", "import threading\nkeep = 1\nmutex = threading.Lock()\n")
+    connected.run_cell_magic(
+        "nanogrid", "", "import threading\nkeep = 1\nmutex = threading.Lock()\n"
+    )
     assert connected.user_ns["keep"] == 1
     assert "mutex was not brought back into the notebook" in capsys.readouterr().err
 
@@ -141,7 +165,9 @@ def test_a_syntax_error_surfaces_before_sending(connected):
 
 
 def test_async_cell_result_is_the_cells_value_and_names_arrive(connected):
-    job = connected.run_cell_magic("nanogrid", "--async", "import time\ntime.sleep(0.3)\nlate = 'here'\nlate * 2\n")
+    job = connected.run_cell_magic(
+        "nanogrid", "--async", "import time\ntime.sleep(0.3)\nlate = 'here'\nlate * 2\n"
+    )
     assert job.result(timeout=30) == "herehere"
     deadline = time.monotonic() + 5
     while "late" not in connected.user_ns and time.monotonic() < deadline:
@@ -153,11 +179,17 @@ def test_async_widget_shows_the_outcome_and_the_names(connected):
     from nanogrid.widgets import CellWidget
 
     connected.user_ns["numbers"] = list(range(100))
-    job = connected.run_cell_magic("nanogrid", "--async", "print('hi')\ntotal = sum(numbers)\ntotal\n")
+    job = connected.run_cell_magic(
+        "nanogrid", "--async", "print('hi')\ntotal = sum(numbers)\ntotal\n"
+    )
     job.wait(30)
     widget = CellWidget(job, echo=True)
     widget.update()
-    assert "1 in (" in widget.names.value and "numbers (" in widget.names.value and "total (" in widget.names.value
+    assert (
+        "1 in (" in widget.names.value
+        and "numbers (" in widget.names.value
+        and "total (" in widget.names.value
+    )
     outputs = widget.output.outputs
     assert outputs[0] == {"output_type": "stream", "name": "stdout", "text": "hi\n"}
     assert outputs[1]["data"]["text/plain"] == "4950"
@@ -173,7 +205,17 @@ def test_bad_options_give_a_usage_error_with_the_usage(connected):
 
 def test_help_lists_every_option(ip):
     doc = ip.find_cell_magic("nanogrid").__doc__
-    for option in ("--memory", "--timeout", "--runtime", "--name", "--ai", "--model", "--async", "--packages", "--env"):
+    for option in (
+        "--memory",
+        "--timeout",
+        "--runtime",
+        "--name",
+        "--ai",
+        "--model",
+        "--async",
+        "--packages",
+        "--env",
+    ):
         assert option in doc
 
 
@@ -184,21 +226,36 @@ def test_line_magic_status_and_config(connected, capsys):
     assert "warm" in out and "stem cells" in out and "runtimes" in out
 
 
-def test_jobs_show_function_status_duration_memory_and_why_it_failed(connected, grid, capsys, monkeypatch):
+def test_jobs_show_function_status_duration_memory_and_why_it_failed(
+    connected, grid, capsys, monkeypatch
+):
     with capsys.disabled(), pytest.raises(FunctionTimeout):
-        connected.run_cell_magic("nanogrid", "--timeout 1 --name sleeper", "import time\ntime.sleep(30)\n")
+        connected.run_cell_magic(
+            "nanogrid", "--timeout 1 --name sleeper", "import time\ntime.sleep(30)\n"
+        )
     with capture_output() as captured:
         connected.run_line_magic("nanogrid", "jobs 5")
     table = captured.outputs[0].data["text/html"]
     for column in ("function", "status", "duration", "peak memory", "failure"):
         assert f">{column}</th>" in table
-    assert ">sleeper</td><td style='text-align:left'>failed</td>" in table and "timeout" in table.lower()
+    assert (
+        ">sleeper</td><td style='text-align:left'>failed</td>" in table
+        and "timeout" in table.lower()
+    )
     monkeypatch.setenv("NANOGRID_API_KEY", grid.api_key)
     assert cli.main(["jobs", "--url", grid.url, "--limit", "5"]) == 0
     printed = capsys.readouterr().out
-    assert printed.splitlines()[0].split()[:5] == ["function", "status", "duration", "peak", "memory"]
-    assert any(line.startswith("sleeper") and " failed " in line and "timeout" in line.lower()
-               for line in printed.splitlines())
+    assert printed.splitlines()[0].split()[:5] == [
+        "function",
+        "status",
+        "duration",
+        "peak",
+        "memory",
+    ]
+    assert any(
+        line.startswith("sleeper") and " failed " in line and "timeout" in line.lower()
+        for line in printed.splitlines()
+    )
 
 
 def test_a_long_cell_prints_as_it_runs_and_nothing_twice(connected):
@@ -209,20 +266,29 @@ def test_a_long_cell_prints_as_it_runs_and_nothing_twice(connected):
         status_when_first_shown = ""
 
         def write(self, text: str) -> int:
-            if "first" in text and not self.status_when_first_shown:  # ask the grid how the cell stands now
-                self.status_when_first_shown = client.request("GET", "/jobs", params={"limit": 1}).json()[0]["status"]
+            if (
+                "first" in text and not self.status_when_first_shown
+            ):  # ask the grid how the cell stands now
+                self.status_when_first_shown = client.request(
+                    "GET", "/jobs", params={"limit": 1}
+                ).json()[0]["status"]
             return super().write(text)
 
     out = Watched()
     with contextlib.redirect_stdout(out):
-        connected.run_cell_magic("nanogrid", "--timeout 60",
-                                 "import time\nprint('first')\ntime.sleep(3)\nprint('second')\nresult = 1\n")
+        connected.run_cell_magic(
+            "nanogrid",
+            "--timeout 60",
+            "import time\nprint('first')\ntime.sleep(3)\nprint('second')\nresult = 1\n",
+        )
     assert out.getvalue() == "first\nsecond\n"
     assert out.status_when_first_shown == "running"
     assert connected.user_ns["result"] == 1
 
 
-def test_a_failed_cell_is_a_failed_job_everywhere_and_keeps_what_it_bound(ip, any_grid, monkeypatch, capsys):
+def test_a_failed_cell_is_a_failed_job_everywhere_and_keeps_what_it_bound(
+    ip, any_grid, monkeypatch, capsys
+):
     """What must never happen: a cell that raised is recorded as a success (history, the dashboard's failed filter,
     error rate, `nanogrid jobs`), or the names it bound before the error are lost, however large they are."""
     grid = any_grid
@@ -230,17 +296,30 @@ def test_a_failed_cell_is_a_failed_job_everywhere_and_keeps_what_it_bound(ip, an
     name = "failing-" + uuid.uuid4().hex[:8]
     ip.user_ns.pop("after", None)
     with pytest.raises(ZeroDivisionError, match="division by zero"):
-        ip.run_cell_magic("nanogrid", f"--name {name} --timeout 60",
-                          "big = b'x' * (3 << 20)\ndef normalise(values):\n    return [v / sum(values) for v in values]\n"
-                          "normalise([0])\nafter = 1\n")
-    assert len(ip.user_ns["big"]) == 3 << 20 and "after" not in ip.user_ns  # 3 MiB: the state went as a blob
+        ip.run_cell_magic(
+            "nanogrid",
+            f"--name {name} --timeout 60",
+            "big = b'x' * (3 << 20)\ndef normalise(values):\n    return [v / sum(values) for v in values]\n"
+            "normalise([0])\nafter = 1\n",
+        )
+    assert (
+        len(ip.user_ns["big"]) == 3 << 20 and "after" not in ip.user_ns
+    )  # 3 MiB: the state went as a blob
 
     client = nanogrid.get_client()
     call = client.request("GET", f"{grid.url}/v1/history", params={"limit": 1}).json()["items"][0]
     assert call["status"] == "failed" and call["exit_reason"] == "exception"
-    assert call["error"]["type"] == "ZeroDivisionError" and call["error"]["message"] == "division by zero"
-    assert "in normalise" in call["error"]["traceback"] and "cell_state.py" not in call["error"]["traceback"]
-    windows = client.request("GET", f"{grid.url}/v1/functions/{call['function_id']}/windows").json()["windows"]
+    assert (
+        call["error"]["type"] == "ZeroDivisionError"
+        and call["error"]["message"] == "division by zero"
+    )
+    assert (
+        "in normalise" in call["error"]["traceback"]
+        and "cell_state.py" not in call["error"]["traceback"]
+    )
+    windows = client.request(
+        "GET", f"{grid.url}/v1/functions/{call['function_id']}/windows"
+    ).json()["windows"]
     assert windows["1h"]["count"] == 1 and windows["1h"]["errors"] == 1
     with httpx.Client(base_url=grid.url, timeout=30) as dashboard:
         assert dashboard.post("/ui/login", data={"api_key": grid.api_key}).status_code == 303
@@ -273,7 +352,10 @@ def test_a_remote_traceback_reads_as_a_local_one(ip, any_grid):
     """What must never happen: a remote traceback names another cell, or loses a function's name and parameters."""
     connected = ip
     connected.run_line_magic("nanogrid", f"connect {any_grid.url} {any_grid.api_key}")
-    body = "def normalise(values, *rest, scale=1):\n    total = sum(values)\n    return values[0] / total\nnormalise([0])\n"
+    body = (
+        "def normalise(values, *rest, scale=1):\n    total = sum(values)\n"
+        "    return values[0] / total\nnormalise([0])\n"
+    )
     shown = {}
     for remote in (False, True):
         number = connected.execution_count
@@ -313,15 +395,24 @@ def test_a_cell_over_a_pandas_frame_runs_in_the_docker_sandbox(ip, docker_grid, 
     import pandas as pd
 
     ip.run_line_magic("nanogrid", f"connect {docker_grid.url} {docker_grid.api_key}")
-    ip.user_ns["sales"] = pd.DataFrame({"region": ["north", "south", "north"], "amount": [10, 20, 5]})
-    value = ip.run_cell_magic("nanogrid", "--timeout 600 --memory 1024",
-                              "import numpy as np\nimport matplotlib.pyplot as plt\n"
-                              "totals = sales.groupby('region')['amount'].sum()\n"
-                              "sales['loud'] = sales['region'].str.upper()\n"
-                              "plt.plot(totals.values)\nfloat(np.mean(sales['amount']))\n")
+    ip.user_ns["sales"] = pd.DataFrame(
+        {"region": ["north", "south", "north"], "amount": [10, 20, 5]}
+    )
+    value = ip.run_cell_magic(
+        "nanogrid",
+        "--timeout 600 --memory 1024",
+        "import numpy as np\nimport matplotlib.pyplot as plt\n"
+        "totals = sales.groupby('region')['amount'].sum()\n"
+        "sales['loud'] = sales['region'].str.upper()\n"
+        "plt.plot(totals.values)\nfloat(np.mean(sales['amount']))\n",
+    )
     assert value == pytest.approx(35 / 3)
     assert ip.user_ns["totals"].to_dict() == {"north": 15, "south": 20}
-    assert ip.user_ns["sales"]["loud"].tolist() == ["NORTH", "SOUTH", "NORTH"]  # the mutation came back
+    assert ip.user_ns["sales"]["loud"].tolist() == [
+        "NORTH",
+        "SOUTH",
+        "NORTH",
+    ]  # the mutation came back
     assert "could not be loaded" not in capsys.readouterr().err
 
 
@@ -331,9 +422,15 @@ def test_packages_option_installs_what_the_kernel_lacks(ip, any_grid):
     with pytest.raises(ImportError):
         import humanize  # noqa: F401  (the kernel lacks it; the cell gets it)
     ip.run_line_magic("nanogrid", f"connect {any_grid.url} {any_grid.api_key}")
-    value = ip.run_cell_magic("nanogrid", "--packages humanize==4.9.0 --timeout 300",
-                              "import humanize\nhumanize.intcomma(1234567)\n")
+    value = ip.run_cell_magic(
+        "nanogrid",
+        "--packages humanize==4.9.0 --timeout 300",
+        "import humanize\nhumanize.intcomma(1234567)\n",
+    )
     assert value == "1,234,567"
     with pytest.raises(ModuleNotFoundError, match="installed where the cell ran, not here"):
         ip.user_ns["humanize"].intword(1)  # the name came back; the module is on the grid only
-    assert ip.run_cell_magic("nanogrid", "--packages humanize==4.9.0", "humanize.intword(2_000_000)\n") == "2.0 million"
+    assert (
+        ip.run_cell_magic("nanogrid", "--packages humanize==4.9.0", "humanize.intword(2_000_000)\n")
+        == "2.0 million"
+    )

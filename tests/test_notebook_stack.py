@@ -35,8 +35,15 @@ def stack_values() -> dict:
     axes.plot([1, 2, 3], [3, 1, 2])
     x = np.array([[0.0], [1.0], [2.0], [3.0]])
     model = LogisticRegression().fit(x, [0, 0, 1, 1])
-    return {"frame": frame, "arrow": arrow, "polars": pl.DataFrame({"a": [1, 2], "b": ["x", "y"]}),
-            "sparse": sparse.csr_matrix(np.eye(3)), "figure": figure, "model": model, "x": x}
+    return {
+        "frame": frame,
+        "arrow": arrow,
+        "polars": pl.DataFrame({"a": [1, 2], "b": ["x", "y"]}),
+        "sparse": sparse.csr_matrix(np.eye(3)),
+        "figure": figure,
+        "model": model,
+        "x": x,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,14 @@ def test_every_stack_value_round_trips_with_nothing_declared(docker_client):
         return summary, values
 
     summary, back = inspect.remote(values)
-    assert summary == {"frame": 49.75, "arrow": 3, "polars": 2, "sparse": 3, "figure": 1, "model": [0, 0, 1, 1]}
+    assert summary == {
+        "frame": 49.75,
+        "arrow": 3,
+        "polars": 2,
+        "sparse": 3,
+        "figure": 1,
+        "model": [0, 0, 1, 1],
+    }
     pd.testing.assert_frame_equal(back["frame"], values["frame"])
     pd.testing.assert_frame_equal(back["arrow"], values["arrow"])
     assert back["polars"].equals(values["polars"])

@@ -28,11 +28,11 @@ from tests.conftest import start_grid
 
 pytestmark = pytest.mark.integration
 
-HANDLER = b'''def handler(event, context):
+HANDLER = b"""def handler(event, context):
     if event.get("fail"):
         raise RuntimeError("asked to fail")
     return event.get("value")
-'''
+"""
 
 
 class Receiver:
@@ -79,7 +79,9 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A grid whose operator lets hooks reach loopback, where these tests' receivers listen."""
-    embedded = start_grid(tmp_path_factory.mktemp("hooks"), webhook_allow_networks=["127.0.0.0/8"], stem_cells=1)
+    embedded = start_grid(
+        tmp_path_factory.mktemp("hooks"), webhook_allow_networks=["127.0.0.0/8"], stem_cells=1
+    )
     yield embedded
     embedded.stop()
 
@@ -89,21 +91,32 @@ def owner(grid) -> Iterator[httpx.Client]:
     """A fresh owner (its own key) on this module's grid, with a handler function uploaded."""
     key, _ = create_key(grid.grid.registry, "notified-" + uuid.uuid4().hex[:6])
     with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": key}, timeout=60) as http:
-        function = http.post("/upload", files={"file": ("notes.py", HANDLER)},
-                             data={"handler": "notes.handler", "function_name": "notes"}).json()
-        http.headers["x-function-id"] = function["function_id"]  # kept here for the tests' convenience
+        function = http.post(
+            "/upload",
+            files={"file": ("notes.py", HANDLER)},
+            data={"handler": "notes.handler", "function_name": "notes"},
+        ).json()
+        http.headers["x-function-id"] = function[
+            "function_id"
+        ]  # kept here for the tests' convenience
         yield http
 
 
 def call(http: httpx.Client, **payload: object) -> dict:
-    return http.post("/run", json={"function_id": http.headers["x-function-id"], "payload": payload}).json()
+    return http.post(
+        "/run", json={"function_id": http.headers["x-function-id"], "payload": payload}
+    ).json()
 
 
 def verify(delivery: dict, secret: str) -> dict:
     """What a receiver does: check the signature over timestamp and body, then read the body."""
     headers, body = delivery["headers"], delivery["body"]
-    expected = "sha256=" + hmac.new(secret.encode(), headers["X-NanoGrid-Timestamp"].encode() + b"." + body,
-                                    hashlib.sha256).hexdigest()
+    expected = (
+        "sha256="
+        + hmac.new(
+            secret.encode(), headers["X-NanoGrid-Timestamp"].encode() + b"." + body, hashlib.sha256
+        ).hexdigest()
+    )
     assert hmac.compare_digest(headers["X-NanoGrid-Signature"], expected)
     return json.loads(body)
 
@@ -155,14 +168,24 @@ def test_another_owners_calls_never_reach_my_hook(owner, receiver, grid):
     owner.post("/webhooks", json={"url": receiver.url, "events": ["failure", "completion"]})
     key, _ = create_key(grid.grid.registry, "stranger-" + uuid.uuid4().hex[:6])
     with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": key}, timeout=60) as other:
-        fid = other.post("/upload", files={"file": ("other.py", HANDLER)},
-                         data={"handler": "other.handler", "function_name": "other"}).json()["function_id"]
-        assert other.post("/run", json={"function_id": fid, "payload": {"fail": True}}).json()["status"] == "failed"
+        fid = other.post(
+            "/upload",
+            files={"file": ("other.py", HANDLER)},
+            data={"handler": "other.handler", "function_name": "other"},
+        ).json()["function_id"]
+        assert (
+            other.post("/run", json={"function_id": fid, "payload": {"fail": True}}).json()[
+                "status"
+            ]
+            == "failed"
+        )
         assert other.get("/webhooks").json() == []
         hook_id = owner.get("/webhooks").json()[0]["hook_id"]
         assert other.delete(f"/webhooks/{hook_id}").status_code == 404
     mine = call(owner, value=4)
-    assert verify_any(receiver.next())["nanogrid"]["job_id"] == mine["job_id"]  # the first one sent is mine
+    assert (
+        verify_any(receiver.next())["nanogrid"]["job_id"] == mine["job_id"]
+    )  # the first one sent is mine
 
 
 def verify_any(delivery: dict) -> dict:
@@ -170,15 +193,28 @@ def verify_any(delivery: dict) -> dict:
 
 
 def test_a_threshold_hook_fires_once_the_threshold_is_crossed(owner, receiver):
-    hook = owner.post("/webhooks", json={"url": receiver.url, "events": ["threshold"],
-                                          "threshold": {"metric": "duration_ms", "above": 0}}).json()
+    hook = owner.post(
+        "/webhooks",
+        json={
+            "url": receiver.url,
+            "events": ["threshold"],
+            "threshold": {"metric": "duration_ms", "above": 0},
+        },
+    ).json()
     call(owner, value=5)
     body = verify(receiver.next(), hook["secret"])
     assert body["nanogrid"]["event"] == "threshold" and "above 0 ms" in body["nanogrid"]["detail"]
 
 
-@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/x", "ftp://x/",
-                                 "http://user:pass@127.0.0.1/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/x",
+        "ftp://x/",
+        "http://user:pass@127.0.0.1/",
+    ],
+)
 def test_hooks_to_metadata_addresses_or_with_credentials_are_refused(owner, url):
     answer = owner.post("/webhooks", json={"url": url, "events": ["failure"]})
     assert answer.status_code == 422, answer.text
@@ -194,12 +230,29 @@ def test_threshold_hooks_need_a_threshold():
 def test_the_sender_gives_up_after_its_attempts_and_drops_rather_than_blocks(tmp_path):
     """A receiver that always fails gets a bounded number of attempts; a full queue drops news, never blocks."""
     registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
-    registry.put_webhook({"hook_id": "hook-1", "owner": "alice", "url": "http://127.0.0.1:9/x", "secret": "s" * 20,
-                          "events": ["failure"], "function_id": None, "threshold": None, "created_at": time.time()})
+    registry.put_webhook(
+        {
+            "hook_id": "hook-1",
+            "owner": "alice",
+            "url": "http://127.0.0.1:9/x",
+            "secret": "s" * 20,
+            "events": ["failure"],
+            "function_id": None,
+            "threshold": None,
+            "created_at": time.time(),
+        }
+    )
     seen: list[httpx.Request] = []
-    notifier = Notifier(registry, transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(500)),
-                        backoff_s=0.01, max_pending=2, allow_networks=["127.0.0.0/8"])
-    job = JobRecord("job-1", "fn-x", status=FAILED, owner="alice", error={"kind": "timeout", "message": "slow"})
+    notifier = Notifier(
+        registry,
+        transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(500)),
+        backoff_s=0.01,
+        max_pending=2,
+        allow_networks=["127.0.0.0/8"],
+    )
+    job = JobRecord(
+        "job-1", "fn-x", status=FAILED, owner="alice", error={"kind": "timeout", "message": "slow"}
+    )
     for _ in range(5):  # no sender thread yet: the queue fills, the rest is dropped at once
         notifier.job_finished(job)
     assert notifier.stats["dropped"] == 3
@@ -209,7 +262,11 @@ def test_the_sender_gives_up_after_its_attempts_and_drops_rather_than_blocks(tmp
         time.sleep(0.05)
     notifier.stop()
     registry.close()
-    assert notifier.stats == {"sent": 0, "failed": 2, "dropped": 3} and len(seen) == 8  # 2 jobs x 4 attempts
+    assert (
+        notifier.stats == {"sent": 0, "failed": 2, "dropped": 3} and len(seen) == 8
+    )  # 2 jobs x 4 attempts
     body = seen[0].content
-    assert seen[0].headers["X-NanoGrid-Signature"] == sign("s" * 20, seen[0].headers["X-NanoGrid-Timestamp"], body)
+    assert seen[0].headers["X-NanoGrid-Signature"] == sign(
+        "s" * 20, seen[0].headers["X-NanoGrid-Timestamp"], body
+    )
     assert json.loads(body)["nanogrid"]["status"] == FAILED and COMPLETED not in body.decode()

@@ -40,20 +40,33 @@ def test_a_signed_link_opens_its_file_and_nothing_else(grid):
     assert httpx.get(other_file).status_code == 403
     later = f"{base}{split.path}?expires={int(query['expires'][0]) + 3600}&sig={query['sig'][0]}"
     assert httpx.get(later).status_code == 403
-    assert httpx.get(f"{base}{split.path}").status_code == 401  # without the link, the key is needed
+    assert (
+        httpx.get(f"{base}{split.path}").status_code == 401
+    )  # without the link, the key is needed
 
 
 def test_an_expired_link_is_refused():
     signer = LinkSigner(b"k" * 32, ttl_s=60)
     query = parse_qs(signer.query("job-1", "a.csv", "alice", now=time.time() - 120))
-    assert "expired" in signer.check("job-1", "a.csv", "alice", int(query["expires"][0]), query["sig"][0])
+    assert "expired" in signer.check(
+        "job-1", "a.csv", "alice", int(query["expires"][0]), query["sig"][0]
+    )
     fresh = parse_qs(signer.query("job-1", "a.csv", "alice"))
-    assert signer.check("job-1", "a.csv", "alice", int(fresh["expires"][0]), fresh["sig"][0]) is None
-    assert signer.check("job-1", "a.csv", "bob", int(fresh["expires"][0]), fresh["sig"][0]) is not None
+    assert (
+        signer.check("job-1", "a.csv", "alice", int(fresh["expires"][0]), fresh["sig"][0]) is None
+    )
+    assert (
+        signer.check("job-1", "a.csv", "bob", int(fresh["expires"][0]), fresh["sig"][0]) is not None
+    )
 
 
-SHOWN = {"plot.png": "image/png", "photo.JPG": "image/jpeg", "report.pdf": "application/pdf",
-         "run.log": "text/plain; charset=utf-8", "table.csv": "text/plain; charset=utf-8"}
+SHOWN = {
+    "plot.png": "image/png",
+    "photo.JPG": "image/jpeg",
+    "report.pdf": "application/pdf",
+    "run.log": "text/plain; charset=utf-8",
+    "table.csv": "text/plain; charset=utf-8",
+}
 DOWNLOADED = ["page.html", "drawing.svg", "model.bin", "no_suffix"]
 
 
@@ -66,15 +79,19 @@ def test_images_pdfs_and_text_open_in_the_browser_and_anything_else_downloads(gr
     @nanogrid.remote(timeout=30)
     def files(names):
         for name in names:  # every file is HTML: only its name may decide how it is shown
-            (nanogrid.output_dir() / name).write_text("<html><script>alert(document.cookie)</script></html>")
+            (nanogrid.output_dir() / name).write_text(
+                "<html><script>alert(document.cookie)</script></html>"
+            )
 
     job = files.spawn([*SHOWN, *DOWNLOADED])
     job.result(timeout=30)
     with httpx.Client(base_url=grid.url, timeout=30) as dashboard:
         assert dashboard.post("/ui/login", data={"api_key": grid.api_key}).status_code == 303
         page = dashboard.get(f"/ui/jobs/{job.job_id}").text
-    from_dashboard = {name: url.replace("&amp;", "&") for url, name in
-                      re.findall(r'<a href="(/v1/jobs/[^"]+)"[^>]*>([^<]+)</a>', page)}
+    from_dashboard = {
+        name: url.replace("&amp;", "&")
+        for url, name in re.findall(r'<a href="(/v1/jobs/[^"]+)"[^>]*>([^<]+)</a>', page)
+    }
     assert set(from_dashboard) == {*SHOWN, *DOWNLOADED}
     for output in job.outputs:
         for url in (output.url, grid.url + from_dashboard[output.name]):

@@ -29,7 +29,12 @@ import pytest
 
 import nanogrid
 from nanogrid import environment as envmod
-from nanogrid.environment import Environment, modules_in_pickle, modules_of_function, value_signature
+from nanogrid.environment import (
+    Environment,
+    modules_in_pickle,
+    modules_of_function,
+    value_signature,
+)
 from nanogrid.errors import InvalidArguments, InvalidEnvironment, MissingModule
 
 PYTHON = "%d.%d" % sys.version_info[:2]
@@ -106,10 +111,22 @@ def local_method_of_a_class():
     return Doubler().run()
 """
 
-EXPECTED = {"import_a": 3, "import_a_b": 5.0, "import_a_as_x": 3, "from_a_import_f": 3, "from_a_import_submodule": 5.0,
-            "nested_function": 3, "method_of_a_class": 6.0, "local_import_a": 42, "local_import_a_b": 42,
-            "local_import_a_as_x": 42, "local_from_a_import_f": 42, "local_from_a_import_submodule": 42,
-            "local_nested_function": 42, "local_method_of_a_class": 42}
+EXPECTED = {
+    "import_a": 3,
+    "import_a_b": 5.0,
+    "import_a_as_x": 3,
+    "from_a_import_f": 3,
+    "from_a_import_submodule": 5.0,
+    "nested_function": 3,
+    "method_of_a_class": 6.0,
+    "local_import_a": 42,
+    "local_import_a_b": 42,
+    "local_import_a_as_x": 42,
+    "local_from_a_import_f": 42,
+    "local_from_a_import_submodule": 42,
+    "local_nested_function": 42,
+    "local_method_of_a_class": 42,
+}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +136,9 @@ def script(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, types
     (folder / "ps_helpers.py").write_text("def double(x):\n    return 2 * x\n")
     (folder / "ps_pkg").mkdir()
     (folder / "ps_pkg" / "__init__.py").write_text("")
-    (folder / "ps_pkg" / "sub.py").write_text("import six\n\ndef triple(x):\n    return 3 * x if six.PY3 else 0\n")
+    (folder / "ps_pkg" / "sub.py").write_text(
+        "import six\n\ndef triple(x):\n    return 3 * x if six.PY3 else 0\n"
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(folder))
         namespace: dict[str, object] = {"__name__": "__main__"}
@@ -140,8 +159,11 @@ def test_every_import_form_names_its_module_in_the_pickle_and_in_the_package(scr
     """The function's pickle alone names the module (whatever opcodes carry it), the walk of its globals alone does
     too, and its package pins numpy at the client's version or carries the user's module files."""
     fn = script[name]
-    module = "numpy" if not name.startswith("local_") else ("ps_pkg" if "a_b" in name or "submodule" in name
-                                                            else "ps_helpers")
+    module = (
+        "numpy"
+        if not name.startswith("local_")
+        else ("ps_pkg" if "a_b" in name or "submodule" in name else "ps_helpers")
+    )
     assert module in modules_in_pickle(cloudpickle.dumps(fn))
     assert module in modules_of_function(fn)
     package = nanogrid.RemoteFunction(fn).package()
@@ -161,7 +183,7 @@ def test_a_module_name_the_pickle_memoized_still_counts(script):
     data = cloudpickle.dumps(script["import_a"])
     ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
     at = ops.index(("SHORT_BINUNICODE", "subimport"))
-    assert [name for name, _ in ops[at + 1:at + 5]][:3] == ["MEMOIZE", "STACK_GLOBAL", "MEMOIZE"]
+    assert [name for name, _ in ops[at + 1 : at + 5]][:3] == ["MEMOIZE", "STACK_GLOBAL", "MEMOIZE"]
     assert ops[at + 4][0] in ("BINGET", "LONG_BINGET")  # the module's name, from the memo
     assert "numpy" in modules_in_pickle(data)
 
@@ -174,15 +196,24 @@ class RecordingGrid:
 
     def __init__(self) -> None:
         self.manifests: list[dict] = []
-        self.client = nanogrid.Client("http://grid.test", api_key="k", transport=httpx.MockTransport(self.handle))
+        self.client = nanogrid.Client(
+            "http://grid.test", api_key="k", transport=httpx.MockTransport(self.handle)
+        )
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
-        done = {"status": "completed", "result_pickle": base64.b64encode(cloudpickle.dumps(1)).decode()}
+        done = {
+            "status": "completed",
+            "result_pickle": base64.b64encode(cloudpickle.dumps(1)).decode(),
+        }
         if path == "/v1/health":
-            return httpx.Response(200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20})
+            return httpx.Response(
+                200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20}
+            )
         if path == "/v1/upload":
-            package = request.content[request.content.index(b"PK\x03\x04"):request.content.rindex(b"\r\n--")]
+            package = request.content[
+                request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
+            ]
             with zipfile.ZipFile(io.BytesIO(package)) as zf:
                 self.manifests.append(json.loads(zf.read("manifest.json")))
             return httpx.Response(201, json={"function_id": f"fn-{len(self.manifests)}"})
@@ -192,7 +223,9 @@ class RecordingGrid:
             calls = json.loads(request.content)["args_pickle"]
             lines = [{"job_ids": [f"job-{i}" for i in range(len(calls))]}]
             lines += [{"index": i, "job_id": f"job-{i}", **done} for i in range(len(calls))]
-            return httpx.Response(200, content="\n".join(json.dumps(line) for line in lines).encode())
+            return httpx.Response(
+                200, content="\n".join(json.dumps(line) for line in lines).encode()
+            )
         return httpx.Response(200, json={"job_id": "job-1", **done})
 
     def packages(self) -> list[str]:
@@ -223,14 +256,18 @@ def test_a_dataframe_argument_brings_pyarrow_which_pandas_3_pickles_its_strings_
     assert "pyarrow" in modules_in_pickle(cloudpickle.dumps(frame))
     assert nanogrid.RemoteFunction(rows, client=grid.client).remote(frame) == 1
     assert {f"pandas=={pd.__version__}", PYARROW, NUMPY} <= set(grid.packages())
-    assert "pytest" not in " ".join(grid.packages())  # only what the call needs, not this test's own imports
+    assert "pytest" not in " ".join(
+        grid.packages()
+    )  # only what the call needs, not this test's own imports
 
 
 def test_map_scans_each_kind_of_item_so_a_late_dataframe_still_counts():
     """``.map()`` scans one item of each kind, not every item, and a kind first seen at the end still counts."""
     grid = RecordingGrid()
     items: list[object] = list(range(200)) + [pd.DataFrame({"name": ["a"]})]
-    assert list(nanogrid.RemoteFunction(rows, client=grid.client).map(items, progress=False)) == [1] * len(items)
+    assert list(nanogrid.RemoteFunction(rows, client=grid.client).map(items, progress=False)) == [
+        1
+    ] * len(items)
     assert PYARROW in grid.packages()
     # Kinds: a DataFrame of numbers only (no pyarrow in its pickle) is not the same kind as one of strings.
     assert value_signature(pd.DataFrame([[1]])) != value_signature(pd.DataFrame({"name": ["a"]}))
@@ -269,9 +306,14 @@ def test_a_package_named_without_a_version_runs_at_the_clients_version():
 
 def test_a_missing_module_the_client_has_is_named_with_the_package_to_add():
     """A sandbox's ``No module named 'pyarrow.lib'`` becomes the client's pin for it, its distribution first."""
-    module, pins = envmod.missing_package("ModuleNotFoundError: No module named 'pyarrow.lib'") or ("", [])
+    module, pins = envmod.missing_package("ModuleNotFoundError: No module named 'pyarrow.lib'") or (
+        "",
+        [],
+    )
     assert module == "pyarrow" and pins[0] == PYARROW
-    assert envmod.missing_package("No module named 'no_such_module_ps'") is None  # not the client's: left as it is
+    assert (
+        envmod.missing_package("No module named 'no_such_module_ps'") is None
+    )  # not the client's: left as it is
 
 
 # ---- options refused where they are written ---------------------------------------------------------------------
@@ -288,16 +330,30 @@ def test_a_string_where_a_list_of_names_goes_is_refused_at_decoration():
         nanogrid.remote(packages=["--index-url=https://evil.example/simple"])
 
 
-@pytest.mark.parametrize("settings", [{"system": ["zsh.+"]}, {"system": ["*"]}, {"system": ["zsh."]},
-                                      {"system": ["lib..so"]}, {"python": "3.99"}, {"python": "2.7"},
-                                      {"packages": "pandas"}, {"system": "ffmpeg"}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"system": ["zsh.+"]},
+        {"system": ["*"]},
+        {"system": ["zsh."]},
+        {"system": ["lib..so"]},
+        {"python": "3.99"},
+        {"python": "2.7"},
+        {"packages": "pandas"},
+        {"system": "ffmpeg"},
+    ],
+)
 def test_an_environment_that_could_never_build_is_refused_on_the_client(settings):
     """A system package apt would read as a pattern, a Python no runtime has, a string for a list: refused with
     an error of NanoGrid's family that is still a ValueError for code that catches that."""
     with pytest.raises(InvalidEnvironment) as refused:
         Environment(**settings)
-    assert isinstance(refused.value, ValueError) and isinstance(refused.value, nanogrid.NanoGridError)
-    assert Environment(system=["g++", "libstdc++6", "ffmpeg"], python="3.13").system  # real Debian names pass
+    assert isinstance(refused.value, ValueError) and isinstance(
+        refused.value, nanogrid.NanoGridError
+    )
+    assert Environment(
+        system=["g++", "libstdc++6", "ffmpeg"], python="3.13"
+    ).system  # real Debian names pass
 
 
 def test_a_python_the_function_cannot_load_on_is_refused_at_decoration():
@@ -313,8 +369,14 @@ def test_a_python_the_function_cannot_load_on_is_refused_at_decoration():
 def test_a_cell_is_synced_from_what_its_values_and_functions_reference(script):
     """``%%nanogrid``: a DataFrame the cell reads brings pyarrow; a notebook function it calls brings numpy; a local
     module it imports goes as a file."""
-    namespace = {"__name__": "__main__", "frame": pd.DataFrame({"name": ["a"]}), "go": script["import_a"]}
-    environment, files = envmod.for_cell("import ps_helpers\ntotal = go() + len(frame)", namespace, ["six"])
+    namespace = {
+        "__name__": "__main__",
+        "frame": pd.DataFrame({"name": ["a"]}),
+        "go": script["import_a"],
+    }
+    environment, files = envmod.for_cell(
+        "import ps_helpers\ntotal = go() + len(frame)", namespace, ["six"]
+    )
     assert {PYARROW, NUMPY, f"pandas=={pd.__version__}", "six"} <= set(environment.packages)
     assert "ps_helpers.py" in files
 
@@ -392,7 +454,6 @@ def test_arguments_and_missing_modules_in_a_docker_sandbox(docker_grid):
         exact_numpy.remote()
 
 
-
 def test_a_notebook_sessions_environment_starts_with_what_its_own_names_refer_to(monkeypatch):
     """In a kernel, the first environment already holds what the notebook imported (its header cell's pandas,
     matplotlib, scikit-learn), so a later cell touching one of them builds nothing new. Never: a package installed
@@ -403,7 +464,11 @@ def test_a_notebook_sessions_environment_starts_with_what_its_own_names_refer_to
     shell = get_ipython()  # the process's test shell (started here, or by an earlier test)
     monkeypatch.setattr(envmod, "STICKY", True)
     monkeypatch.setattr(envmod, "_SYNCED_MODULES", set())
-    for name, value in {"pd": pd, "LinearRegression": LinearRegression, "nanogrid": nanogrid}.items():
+    for name, value in {
+        "pd": pd,
+        "LinearRegression": LinearRegression,
+        "nanogrid": nanogrid,
+    }.items():
         monkeypatch.setitem(shell.user_ns, name, value)
     pins = envmod.requirements_of_modules({"numpy"}).packages
     names = {envmod.distribution_name(pin) for pin in pins}

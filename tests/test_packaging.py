@@ -32,13 +32,22 @@ def test_same_function_same_settings_same_id():
 def test_controller_keeps_the_clients_package_id(monkeypatch):
     package = package_function(square, runtime="python3.11")
     manifest = dict(package.manifest, python="3.11")  # as if pickled by the runtime's Python
-    files = {"manifest.json": json.dumps(manifest, sort_keys=True).encode(), "function.pkl": b"x", "source.py": b""}
+    files = {
+        "manifest.json": json.dumps(manifest, sort_keys=True).encode(),
+        "function.pkl": b"x",
+        "source.py": b"",
+    }
     data = build_zip(files)
     assert upload("package.zip", data).data == data
 
 
 def test_py_file_becomes_a_handler_package():
-    package = upload("hello.py", b"def handler(event, context):\n    return 1\n", name="hello", handler="hello.handler")
+    package = upload(
+        "hello.py",
+        b"def handler(event, context):\n    return 1\n",
+        name="hello",
+        handler="hello.handler",
+    )
     assert package.manifest["kind"] == "handler"
     assert package.manifest["runtime"] == "python3.11"
 
@@ -61,15 +70,57 @@ HELLO = b"def handler(event, context):\n    return 1\n"
 @pytest.mark.parametrize(
     ("filename", "data", "form", "status", "message"),
     [
-        ("code.zip", b"PK\x03\x04 this is not a zip", {"name": "f", "handler": "m.h"}, 400, "valid zip"),
-        ("code.zip", zip_of({"../evil.py": HELLO}), {"name": "f", "handler": "evil.handler"}, 400, "outside"),
-        ("code.zip", zip_of({"/abs.py": HELLO}), {"name": "f", "handler": "abs.handler"}, 400, "outside"),
-        ("code.zip", zip_of({"m.py": HELLO}, symlink="link"), {"name": "f", "handler": "m.handler"}, 400, "symlink"),
-        ("hello.py", HELLO, {"name": "f", "handler": "hello.handler", "runtime": "python2.7"}, 422, "unknown runtime"),
+        (
+            "code.zip",
+            b"PK\x03\x04 this is not a zip",
+            {"name": "f", "handler": "m.h"},
+            400,
+            "valid zip",
+        ),
+        (
+            "code.zip",
+            zip_of({"../evil.py": HELLO}),
+            {"name": "f", "handler": "evil.handler"},
+            400,
+            "outside",
+        ),
+        (
+            "code.zip",
+            zip_of({"/abs.py": HELLO}),
+            {"name": "f", "handler": "abs.handler"},
+            400,
+            "outside",
+        ),
+        (
+            "code.zip",
+            zip_of({"m.py": HELLO}, symlink="link"),
+            {"name": "f", "handler": "m.handler"},
+            400,
+            "symlink",
+        ),
+        (
+            "hello.py",
+            HELLO,
+            {"name": "f", "handler": "hello.handler", "runtime": "python2.7"},
+            422,
+            "unknown runtime",
+        ),
         ("hello.py", HELLO, {"name": "f"}, 422, "handler is required"),
         ("hello.py", HELLO, {"name": "f", "handler": "other.handler"}, 422, "not in the package"),
-        ("hello.py", HELLO, {"name": "bad name;rm", "handler": "hello.handler"}, 422, "function name"),
-        ("hello.py", HELLO, {"name": "f", "handler": "hello.handler", "memory": "lots"}, 422, "memory must be a number"),
+        (
+            "hello.py",
+            HELLO,
+            {"name": "bad name;rm", "handler": "hello.handler"},
+            422,
+            "function name",
+        ),
+        (
+            "hello.py",
+            HELLO,
+            {"name": "f", "handler": "hello.handler", "memory": "lots"},
+            422,
+            "memory must be a number",
+        ),
         ("big.py", b"#" * (2 << 20), {"name": "f", "handler": "big.handler"}, 413, "limit"),
     ],
 )

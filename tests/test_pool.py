@@ -22,7 +22,9 @@ class FakeSandbox:
         self.function_id: str | None = None
         self.closed = False
 
-    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict | None = None) -> None:
+    def load(
+        self, function_id: str, package: bytes, memory_mib: int, env: dict | None = None
+    ) -> None:
         assert self.function_id is None, "a sandbox is specialised once"
         self.function_id = function_id
 

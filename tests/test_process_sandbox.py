@@ -78,15 +78,19 @@ def test_print_cannot_corrupt_the_result_channel(fallback):
     try:
         result, value = call(sandbox)
         assert value == "fine"
-        assert "from a child process" in result.reply["stdout"] and "raw bytes" in result.reply["stdout"]
+        assert (
+            "from a child process" in result.reply["stdout"]
+            and "raw bytes" in result.reply["stdout"]
+        )
         assert result.reply["stderr"] == "to stderr\n"
     finally:
         sandbox.close()
 
 
 def test_stdout_is_capped(tmp_path):
-    factory = ProcessSandboxFactory(tmp_path / "s", tmp_path, bubblewrap="off", cgroups="off",
-                                    limits=Limits(capture_bytes=1000))
+    factory = ProcessSandboxFactory(
+        tmp_path / "s", tmp_path, bubblewrap="off", cgroups="off", limits=Limits(capture_bytes=1000)
+    )
 
     def chatty():
         print("y" * 5000)
@@ -101,7 +105,10 @@ def test_stdout_is_capped(tmp_path):
 
 
 def test_bubblewrap_hides_the_grid_and_cuts_the_network(tmp_path):
-    require(shutil.which("bwrap") is not None, "bubblewrap is not installed (apt-get install bubblewrap)")
+    require(
+        shutil.which("bwrap") is not None,
+        "bubblewrap is not installed (apt-get install bubblewrap)",
+    )
     secret = tmp_path / "store" / "packages" / "other-function.zip"
     secret.parent.mkdir(parents=True)
     secret.write_text("another function's code")
@@ -109,7 +116,9 @@ def test_bubblewrap_hides_the_grid_and_cuts_the_network(tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
-    factory = ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, bubblewrap="on", cgroups="off")
+    factory = ProcessSandboxFactory(
+        tmp_path / "sandboxes", tmp_path, bubblewrap="on", cgroups="off"
+    )
 
     host_tmp_file = Path("/tmp") / f"nanogrid-test-{port}"
     host_tmp_file.write_text("on the host's /tmp")
@@ -118,7 +127,10 @@ def test_bubblewrap_hides_the_grid_and_cuts_the_network(tmp_path):
         import os
         import socket
 
-        seen = {"secret_visible": os.path.exists(secret_path), "host_tmp_visible": os.path.exists(host_tmp_file)}
+        seen = {
+            "secret_visible": os.path.exists(secret_path),
+            "host_tmp_visible": os.path.exists(host_tmp_file),
+        }
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             seen["network"] = "connected"
@@ -147,8 +159,13 @@ def test_bubblewrap_hides_the_grid_and_cuts_the_network(tmp_path):
 def test_bubblewrap_hides_the_container_engine(tmp_path):
     """Never: a process sandbox that reads the container engine's storage (other sandboxes' files) or reaches its
     control socket; nor one that fails to start because a container's mount came or went while it was being made."""
-    require(shutil.which("bwrap") is not None, "bubblewrap is not installed (apt-get install bubblewrap)")
-    factory = ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, bubblewrap="on", cgroups="off")
+    require(
+        shutil.which("bwrap") is not None,
+        "bubblewrap is not installed (apt-get install bubblewrap)",
+    )
+    factory = ProcessSandboxFactory(
+        tmp_path / "sandboxes", tmp_path, bubblewrap="on", cgroups="off"
+    )
 
     def probe(paths):
         import os

@@ -41,7 +41,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
 
 
 @pytest.fixture(params=["in-process", pytest.param("redis", marks=pytest.mark.integration)])
-def buckets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[object, Clock]:
+def buckets(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[object, Clock]:
     clock = Clock()
     if request.param == "in-process":
         monkeypatch.setattr(nanogrid_backend.token_buckets.time, "monotonic", clock)

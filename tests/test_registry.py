@@ -19,14 +19,33 @@ from pathlib import Path
 
 import pytest
 
-from nanogrid_backend.models import COMPLETED, FAILED, PENDING, RUNNING, ApiKey, FunctionRecord, JobRecord
+from nanogrid_backend.models import (
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    ApiKey,
+    FunctionRecord,
+    JobRecord,
+)
 from nanogrid_backend.registry import doctor, windows
 from nanogrid_backend.registry.base import RegistryBusy, RegistryError
 from nanogrid_backend.registry.lock import DataDirLock, DataDirLocked
-from nanogrid_backend.registry.sqlite import BACKUPS_KEPT, SCHEMA_VERSION, SQLiteRegistry, list_backups
+from nanogrid_backend.registry.sqlite import (
+    BACKUPS_KEPT,
+    SCHEMA_VERSION,
+    SQLiteRegistry,
+    list_backups,
+)
 from tests.conftest import ROOT, require
 
-FIRST_COMMIT, MEMORY_FIELDS, API_KEYS, AI_USAGE, LAST_UNVERSIONED = "2ed229e", "58acc7a", "9fd009b", "36f6bae", "85dca21"
+FIRST_COMMIT, MEMORY_FIELDS, API_KEYS, AI_USAGE, LAST_UNVERSIONED = (
+    "2ed229e",
+    "58acc7a",
+    "9fd009b",
+    "36f6bae",
+    "85dca21",
+)
 
 # What each old release writes, with its own code (run in a subprocess with only that release's modules on the path).
 OLD_WRITER = textwrap.dedent("""
@@ -43,7 +62,8 @@ OLD_WRITER = textwrap.dedent("""
     registry.put_function(models.FunctionRecord("fn-old", "double", "python3.11", "", "pickle", 256, 30.0, 100, "3.11",
                                                 **fields_of(models.FunctionRecord, source="def double(x): ...",
                                                             created_at=100.0, owner="alice")))
-    jobs = [models.JobRecord(job_id, "fn-old", **fields_of(models.JobRecord, payload=b"{}", created_at=t, owner="alice"))
+    jobs = [models.JobRecord(job_id, "fn-old",
+                             **fields_of(models.JobRecord, payload=b"{}", created_at=t, owner="alice"))
             for job_id, t in (("job-done", 1.0), ("job-failed", 2.0), ("job-pending", 3.0), ("job-running", 4.0))]
     registry.create_jobs(jobs)
     for job in jobs[:2] + jobs[3:]:
@@ -62,16 +82,30 @@ OLD_WRITER = textwrap.dedent("""
 def old_registry(commit: str, path: Path) -> Path:
     """A registry file written by the code of ``commit``."""
     tree = path.parent / f"code-{commit}"
-    modules = ("backend/__init__.py", "backend/models.py", "backend/registry/__init__.py",  # as they were then
-               "backend/registry/base.py", "backend/registry/sqlite.py")
+    modules = (
+        "backend/__init__.py",
+        "backend/models.py",
+        "backend/registry/__init__.py",  # as they were then
+        "backend/registry/base.py",
+        "backend/registry/sqlite.py",
+    )
     for module in modules:
         shown = subprocess.run(["git", "show", f"{commit}:{module}"], cwd=ROOT, capture_output=True)
-        require(shown.returncode == 0, f"git history with commit {commit} is needed ({shown.stderr.decode().strip()})")
+        require(
+            shown.returncode == 0,
+            f"git history with commit {commit} is needed ({shown.stderr.decode().strip()})",
+        )
         (tree / module).parent.mkdir(parents=True, exist_ok=True)
         (tree / module).write_bytes(shown.stdout)
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tree)}
-    written = subprocess.run([sys.executable, "-c", OLD_WRITER, str(path)], cwd=tree, env=env, capture_output=True,
-                             text=True, timeout=60)
+    written = subprocess.run(
+        [sys.executable, "-c", OLD_WRITER, str(path)],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert written.returncode == 0, written.stderr
     return path
 
@@ -97,14 +131,30 @@ def registry(tmp_path: Path) -> Iterator[SQLiteRegistry]:
 
 
 def a_function(owner: str = "alice") -> FunctionRecord:
-    return FunctionRecord("fn-1", "double", "python3.11", "", "pickle", 256, 30.0, 100, "3.11", created_at=1.0,
-                          owner=owner)
+    return FunctionRecord(
+        "fn-1",
+        "double",
+        "python3.11",
+        "",
+        "pickle",
+        256,
+        30.0,
+        100,
+        "3.11",
+        created_at=1.0,
+        owner=owner,
+    )
 
 
 # upgrades
 
-@pytest.mark.parametrize("commit", [FIRST_COMMIT, MEMORY_FIELDS, API_KEYS, AI_USAGE, LAST_UNVERSIONED])
-def test_a_registry_written_by_an_older_release_opens_with_everything_in_it(tmp_path: Path, commit: str):
+
+@pytest.mark.parametrize(
+    "commit", [FIRST_COMMIT, MEMORY_FIELDS, API_KEYS, AI_USAGE, LAST_UNVERSIONED]
+)
+def test_a_registry_written_by_an_older_release_opens_with_everything_in_it(
+    tmp_path: Path, commit: str
+):
     """An upgrade must never lose or garble a function, job or key, nor stop the registry from taking new ones."""
     path = old_registry(commit, tmp_path / "registry.sqlite3")
     assert user_version(path) == 0  # written before versioning
@@ -115,8 +165,12 @@ def test_a_registry_written_by_an_older_release_opens_with_everything_in_it(tmp_
         pre_keys = commit in (FIRST_COMMIT, MEMORY_FIELDS)
         owner = "local" if pre_keys else "alice"  # before keys, everything was the local user's
         (function,) = registry.list_functions(owner=owner)
-        assert (function.function_id, function.memory_mib, function.timeout_s, function.created_at) == \
-            ("fn-old", 256, 30.0, 100.0)
+        assert (
+            function.function_id,
+            function.memory_mib,
+            function.timeout_s,
+            function.created_at,
+        ) == ("fn-old", 256, 30.0, 100.0)
         done = registry.get_job("job-done")
         assert done.status == COMPLETED and done.result == b"\x80\x04K\x04." and done.cold is True
         assert done.output_files == [{"name": "a.txt", "size": 3}] and done.execution_time_ms == 1.5
@@ -124,8 +178,12 @@ def test_a_registry_written_by_an_older_release_opens_with_everything_in_it(tmp_
         assert registry.get_job("job-failed").error == {"kind": "crash", "message": "boom"}
         assert registry.count_jobs() == {COMPLETED: 1, FAILED: 1, PENDING: 1, RUNNING: 1}
         assert registry.count_jobs(owner=owner) == registry.count_jobs()
-        assert [j.job_id for j in registry.list_jobs(limit=-1, owner=owner)] == \
-            ["job-running", "job-pending", "job-failed", "job-done"]
+        assert [j.job_id for j in registry.list_jobs(limit=-1, owner=owner)] == [
+            "job-running",
+            "job-pending",
+            "job-failed",
+            "job-done",
+        ]
         assert [k.name for k in registry.list_keys()] == ([] if pre_keys else ["alice"])
 
         # and it works: the old pending job runs and finishes, new jobs and keys are taken
@@ -141,7 +199,9 @@ def test_a_registry_written_by_an_older_release_opens_with_everything_in_it(tmp_
         registry.close()
 
     backups = list_backups(path)
-    assert len(backups) == 1 and user_version(backups[0]) == 0, "the copy from before the migration is kept"
+    assert len(backups) == 1 and user_version(backups[0]) == 0, (
+        "the copy from before the migration is kept"
+    )
     reopened = SQLiteRegistry(path)
     try:
         assert reopened.count_jobs() == {COMPLETED: 2, FAILED: 1, PENDING: 1, RUNNING: 1}
@@ -168,18 +228,40 @@ def test_a_field_without_a_migration_is_named_at_open(tmp_path: Path):
     path = tmp_path / "registry.sqlite3"
     SQLiteRegistry(path).close()
     with sqlite3.connect(path) as db:
-        db.execute("ALTER TABLE jobs DROP COLUMN ai_usage")  # the field exists in JobRecord, not in the file
-    with pytest.raises(RegistryError, match=r"JobRecord\.ai_usage .*ALTER TABLE jobs ADD COLUMN ai_usage"):
+        db.execute(
+            "ALTER TABLE jobs DROP COLUMN ai_usage"
+        )  # the field exists in JobRecord, not in the file
+    with pytest.raises(
+        RegistryError, match=r"JobRecord\.ai_usage .*ALTER TABLE jobs ADD COLUMN ai_usage"
+    ):
         SQLiteRegistry(path)
 
 
 def test_every_record_field_round_trips_by_name(registry: SQLiteRegistry):
     """Columns are matched by name: a record must come back exactly as written, whatever the column order."""
-    job = JobRecord("job-1", "fn-1", status=COMPLETED, payload=b"p", result_format="json", result=b"4",
-                    error={"kind": "x"}, stdout="out", stderr="err", output_files=[{"name": "f"}],
-                    execution_time_ms=2.5, peak_memory_bytes=7, cold=False, memory_limit_mib=64,
-                    baseline_memory_bytes=3, ai_usage={"tokens": 9}, worker_id="w", sandbox_id="s",
-                    started_at=1.0, finished_at=2.0, owner="alice")
+    job = JobRecord(
+        "job-1",
+        "fn-1",
+        status=COMPLETED,
+        payload=b"p",
+        result_format="json",
+        result=b"4",
+        error={"kind": "x"},
+        stdout="out",
+        stderr="err",
+        output_files=[{"name": "f"}],
+        execution_time_ms=2.5,
+        peak_memory_bytes=7,
+        cold=False,
+        memory_limit_mib=64,
+        baseline_memory_bytes=3,
+        ai_usage={"tokens": 9},
+        worker_id="w",
+        sandbox_id="s",
+        started_at=1.0,
+        finished_at=2.0,
+        owner="alice",
+    )
     registry.create_jobs([job])
     assert registry.get_job("job-1") == job
     registry.put_function(a_function())
@@ -191,7 +273,9 @@ def test_every_record_field_round_trips_by_name(registry: SQLiteRegistry):
 
 def test_counts_cover_every_job_not_a_page(registry: SQLiteRegistry):
     """/v1/system/status counted at most 1,000 rows: a count must be right at any size."""
-    registry.create_jobs([JobRecord(f"job-{i}", "fn-1", owner="alice" if i % 3 else "bob") for i in range(2500)])
+    registry.create_jobs(
+        [JobRecord(f"job-{i}", "fn-1", owner="alice" if i % 3 else "bob") for i in range(2500)]
+    )
     assert registry.count_jobs() == {PENDING: 2500}
     assert registry.count_jobs(owner="bob") == {PENDING: 834}
     assert registry.count_jobs(owner="nobody") == {}
@@ -214,8 +298,12 @@ class LockHolder:
     """Another process holding the registry's write lock (as an operator's sqlite3 shell would) until released."""
 
     def __init__(self, path: Path, end: str = "COMMIT") -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), end], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(path), end],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout.readline().strip() == "locked"
 
     def release(self) -> None:
@@ -249,7 +337,9 @@ def test_a_lock_held_longer_than_the_busy_timeout_only_delays_writes(tmp_path: P
         holder = LockHolder(registry.path)
         writer = threading.Thread(target=registry.create_jobs, args=([JobRecord("job-1", "fn-1")],))
         writer.start()
-        assert registry.get_job("job-0").status == PENDING  # answered while the write waits for the lock
+        assert (
+            registry.get_job("job-0").status == PENDING
+        )  # answered while the write waits for the lock
         assert writer.is_alive() and registry.get_job("job-1") is None
         holder.release()
         writer.join(30)
@@ -270,22 +360,36 @@ def test_a_batch_that_fails_half_way_writes_none_of_its_jobs(registry: SQLiteReg
     assert registry.count_jobs() == {PENDING: 1}
 
 
-def test_a_batch_of_outcomes_is_recorded_together_and_each_only_once(registry: SQLiteRegistry,
-                                                                     monkeypatch: pytest.MonkeyPatch):
+def test_a_batch_of_outcomes_is_recorded_together_and_each_only_once(
+    registry: SQLiteRegistry, monkeypatch: pytest.MonkeyPatch
+):
     """A worker's batch: marked running only while still pending (a cancelled call is never run), its outcomes
     written in one transaction with their metrics counters, a job that already had a final state left as it was,
     and a batch that fails half way leaving every job as it stood, counters included."""
     registry.create_jobs([JobRecord(f"job-{i}", "fn-1", owner="alice") for i in range(4)])
     cancelled = JobRecord("job-2", "fn-1", status="cancelled", finished_at=5.0, owner="alice")
     assert registry.finish_job(cancelled)
-    assert registry.mark_running_many(["job-0", "job-1", "job-2", "job-3", "job-unknown"], "w-1", 10.0) == \
-        {"job-0", "job-1", "job-3"}
-    assert registry.get_job("job-0").status == RUNNING and registry.get_job("job-0").worker_id == "w-1"
+    assert registry.mark_running_many(
+        ["job-0", "job-1", "job-2", "job-3", "job-unknown"], "w-1", 10.0
+    ) == {"job-0", "job-1", "job-3"}
+    assert (
+        registry.get_job("job-0").status == RUNNING and registry.get_job("job-0").worker_id == "w-1"
+    )
     assert registry.get_job("job-2").status == "cancelled"
 
     def outcome(job_id: str, status: str = COMPLETED, ms: float = 2.0) -> JobRecord:
-        return JobRecord(job_id, "fn-1", status=status, started_at=10.0, finished_at=10.5, execution_time_ms=ms,
-                         peak_memory_bytes=20 << 20, result=b"r", result_format="pickle", owner="alice")
+        return JobRecord(
+            job_id,
+            "fn-1",
+            status=status,
+            started_at=10.0,
+            finished_at=10.5,
+            execution_time_ms=ms,
+            peak_memory_bytes=20 << 20,
+            result=b"r",
+            result_format="pickle",
+            owner="alice",
+        )
 
     def counters_fail(job: JobRecord) -> list:
         raise OSError("disk full")  # after the batch's updates, inside its transaction
@@ -295,11 +399,19 @@ def test_a_batch_of_outcomes_is_recorded_together_and_each_only_once(registry: S
         with pytest.raises(OSError):
             registry.finish_jobs([outcome("job-0"), outcome("job-1")])
     assert registry.get_job("job-0").status == RUNNING  # nothing of the failed batch was written
-    assert registry.function_windows("fn-1", now=11.0)["1h"]["count"] == 1  # the cancelled call only
-    assert registry.finish_jobs([outcome("job-0"), outcome("job-1", FAILED, 8.0), outcome("job-2"),
-                                 outcome("job-3")]) == [True, True, False, True]
+    assert (
+        registry.function_windows("fn-1", now=11.0)["1h"]["count"] == 1
+    )  # the cancelled call only
+    assert registry.finish_jobs(
+        [outcome("job-0"), outcome("job-1", FAILED, 8.0), outcome("job-2"), outcome("job-3")]
+    ) == [True, True, False, True]
     assert registry.finish_jobs([outcome("job-0")]) == [False]  # recorded once, counted once
-    assert [registry.get_job(f"job-{i}").status for i in range(4)] == [COMPLETED, FAILED, "cancelled", COMPLETED]
+    assert [registry.get_job(f"job-{i}").status for i in range(4)] == [
+        COMPLETED,
+        FAILED,
+        "cancelled",
+        COMPLETED,
+    ]
     assert registry.get_job("job-0").payload == b""  # arguments are dropped once the outcome is in
     hour = registry.function_windows("fn-1", now=11.0)["1h"]
     assert hour["count"] == 4 and hour["errors"] == 1 and hour["duration_ms"]["max"] == 8.0
@@ -309,7 +421,9 @@ def test_an_interrupt_inside_a_write_rolls_it_back(registry: SQLiteRegistry):
     """Ctrl-C in the middle of a write must not leave the connection inside a transaction."""
 
     def interrupted(db: sqlite3.Connection) -> None:
-        db.execute("INSERT INTO jobs (job_id, function_id, status) VALUES ('job-1', 'fn-1', 'pending')")
+        db.execute(
+            "INSERT INTO jobs (job_id, function_id, status) VALUES ('job-1', 'fn-1', 'pending')"
+        )
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -319,6 +433,7 @@ def test_an_interrupt_inside_a_write_rolls_it_back(registry: SQLiteRegistry):
 
 
 # integrity, backups, files
+
 
 def damage_pages(path: Path, page_size: int = 4096) -> None:
     """Overwrite up to three pages in the middle of the file (never the header page), as a bad disk would."""
@@ -332,8 +447,12 @@ def damage_pages(path: Path, page_size: int = 4096) -> None:
 def filled(path: Path, jobs: int = 2000) -> Path:
     registry = SQLiteRegistry(path)
     registry.put_function(a_function())
-    registry.create_jobs([JobRecord(f"job-{i}", "fn-1", status=COMPLETED, stdout="x" * 200, owner="alice")
-                          for i in range(jobs)])
+    registry.create_jobs(
+        [
+            JobRecord(f"job-{i}", "fn-1", status=COMPLETED, stdout="x" * 200, owner="alice")
+            for i in range(jobs)
+        ]
+    )
     registry.close()
     return path
 
@@ -351,12 +470,16 @@ def test_a_damaged_registry_is_refused_in_one_line_and_never_backed_up(tmp_path:
     for _ in range(BACKUPS_KEPT + 1):
         with pytest.raises(RegistryError, match="is damaged") as refused:
             SQLiteRegistry(path, keep_backups=BACKUPS_KEPT)
-        assert "\n" not in str(refused.value) and f"nanogrid doctor --data-dir {tmp_path} --repair" in str(refused.value)
+        assert "\n" not in str(
+            refused.value
+        ) and f"nanogrid doctor --data-dir {tmp_path} --repair" in str(refused.value)
     assert list_backups(path) == good
 
 
 @pytest.mark.parametrize("state", ["empty", "missing"])
-def test_a_lost_registry_in_a_used_data_dir_is_never_made_into_a_new_grid(tmp_path: Path, state: str):
+def test_a_lost_registry_in_a_used_data_dir_is_never_made_into_a_new_grid(
+    tmp_path: Path, state: str
+):
     """A 0-byte or missing registry beside stored functions used to become a new, empty grid: keys, functions
     and jobs gone without a word."""
     (tmp_path / "store" / "packages").mkdir(parents=True)
@@ -364,7 +487,9 @@ def test_a_lost_registry_in_a_used_data_dir_is_never_made_into_a_new_grid(tmp_pa
     path = tmp_path / "registry.sqlite3"
     if state == "empty":
         path.write_bytes(b"")
-    with pytest.raises(RegistryError, match="nanogrid doctor .* --repair.*move the data dir aside") as refused:
+    with pytest.raises(
+        RegistryError, match="nanogrid doctor .* --repair.*move the data dir aside"
+    ) as refused:
         SQLiteRegistry(path)
     assert "\n" not in str(refused.value)
     assert (path.stat().st_size == 0) if state == "empty" else not path.exists()
@@ -375,7 +500,9 @@ def test_an_empty_registry_in_a_new_data_dir_is_a_new_grid(tmp_path: Path):
     (tmp_path / "registry.sqlite3").write_bytes(b"")
     registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
     registry.create_jobs([JobRecord("job-1", "fn-1")])
-    assert registry.get_job("job-1") is not None  # it took the write: a working registry, not a refusal
+    assert (
+        registry.get_job("job-1") is not None
+    )  # it took the write: a working registry, not a refusal
     registry.close()
 
 
@@ -389,8 +516,13 @@ def test_each_start_backs_up_and_keeps_the_newest_copies(tmp_path: Path):
     backups = list_backups(path)
     assert len(backups) == BACKUPS_KEPT
     newest = doctor.examine(backups[-1])
-    assert newest.ok and newest.jobs == {COMPLETED: 10, PENDING: BACKUPS_KEPT + 1}  # as it was at the last start
-    assert list_backups(path) == backups and not list(tmp_path.glob("*.bak-*-wal")), "looking leaves nothing beside"
+    assert newest.ok and newest.jobs == {
+        COMPLETED: 10,
+        PENDING: BACKUPS_KEPT + 1,
+    }  # as it was at the last start
+    assert list_backups(path) == backups and not list(tmp_path.glob("*.bak-*-wal")), (
+        "looking leaves nothing beside"
+    )
     assert all(stat.S_IMODE(b.stat().st_mode) == 0o600 for b in backups)
 
 
@@ -400,7 +532,10 @@ def test_registry_files_are_private_to_the_account(tmp_path: Path):
     try:
         registry = SQLiteRegistry(tmp_path / "data" / "registry.sqlite3", keep_backups=1)
         registry.create_jobs([JobRecord("job-1", "fn-1")])
-        files = [tmp_path / "data" / name for name in ("registry.sqlite3", "registry.sqlite3-wal", "registry.sqlite3-shm")]
+        files = [
+            tmp_path / "data" / name
+            for name in ("registry.sqlite3", "registry.sqlite3-wal", "registry.sqlite3-shm")
+        ]
         assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
         assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
         registry.close()
@@ -415,13 +550,16 @@ def test_registry_files_are_private_to_the_account(tmp_path: Path):
 def test_one_data_dir_has_one_grid(tmp_path: Path):
     """A second holder must be refused (naming the first's pid), and the lock must free itself when the holder ends."""
     first = DataDirLock(tmp_path).acquire()
-    with pytest.raises(DataDirLocked, match=f"another grid \\(pid {os.getpid()}\\) is running on {tmp_path}"):
+    with pytest.raises(
+        DataDirLocked, match=f"another grid \\(pid {os.getpid()}\\) is running on {tmp_path}"
+    ):
         DataDirLock(tmp_path).acquire()
     first.release()
     DataDirLock(tmp_path).acquire().release()
 
 
 # doctor
+
 
 def test_doctor_reports_and_repairs_from_the_newest_good_backup(tmp_path: Path):
     """Repair must bring back the last good state, keep the damaged file for inspection, and skip damaged backups."""
@@ -443,7 +581,10 @@ def test_doctor_reports_and_repairs_from_the_newest_good_backup(tmp_path: Path):
     assert len(list(tmp_path.glob("registry.sqlite3.damaged-*Z"))) == 1
     repaired = SQLiteRegistry(path)
     try:
-        assert repaired.count_jobs() == {COMPLETED: 100} and repaired.get_function("fn-1") == a_function()
+        assert (
+            repaired.count_jobs() == {COMPLETED: 100}
+            and repaired.get_function("fn-1") == a_function()
+        )
     finally:
         repaired.close()
     assert doctor.inspect(tmp_path).healthy
@@ -476,16 +617,27 @@ def test_doctor_looks_without_changing_anything(tmp_path: Path):
 
 # DynamoDB item shapes (the moto server: DynamoDB's wire protocol on loopback)
 
+
 @pytest.fixture(scope="module")
 def dynamodb_table() -> Iterator[str]:
     from tests.aws_cluster import VENV_BIN, free_port, wait_for_port
 
-    require(shutil.which(str(VENV_BIN / "moto_server")) is not None, "moto_server is not installed (make setup-test)")
+    require(
+        shutil.which(str(VENV_BIN / "moto_server")) is not None,
+        "moto_server is not installed (make setup-test)",
+    )
     port = free_port()
-    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    settings = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     try:
@@ -514,22 +666,63 @@ def test_dynamodb_items_written_before_versioning_read_with_defaults(dynamodb_ta
 
     table = boto3.resource("dynamodb").Table(dynamodb_table)
     # shapes as 8b6d449 (the first DynamoDB registry) wrote them: no item_version, no ai_usage
-    table.put_item(Item={"pk": "job#job-old", "kind": "job", "job_id": "job-old", "function_id": "fn-1",
-                         "status": "pending", "payload_format": "json", "stdout": "", "stderr": "",
-                         "output_files": "[]", "created_at": 1, "owner": "alice", "expires_at": 10**10})
-    table.put_item(Item={"pk": "key#k-old", "kind": "key", "key_id": "k-old", "name": "alice", "key_hash": "h",
-                         "created_at": 1, "rate_burst": 5})
-    table.put_item(Item={"pk": "job#job-newer", "kind": "job", "job_id": "job-newer", "function_id": "fn-1",
-                         "status": "pending", "created_at": 2, "owner": "bob", "item_version": ITEM_VERSION + 1,
-                         "an_attribute_from_a_newer_release": "x"})
+    table.put_item(
+        Item={
+            "pk": "job#job-old",
+            "kind": "job",
+            "job_id": "job-old",
+            "function_id": "fn-1",
+            "status": "pending",
+            "payload_format": "json",
+            "stdout": "",
+            "stderr": "",
+            "output_files": "[]",
+            "created_at": 1,
+            "owner": "alice",
+            "expires_at": 10**10,
+        }
+    )
+    table.put_item(
+        Item={
+            "pk": "key#k-old",
+            "kind": "key",
+            "key_id": "k-old",
+            "name": "alice",
+            "key_hash": "h",
+            "created_at": 1,
+            "rate_burst": 5,
+        }
+    )
+    table.put_item(
+        Item={
+            "pk": "job#job-newer",
+            "kind": "job",
+            "job_id": "job-newer",
+            "function_id": "fn-1",
+            "status": "pending",
+            "created_at": 2,
+            "owner": "bob",
+            "item_version": ITEM_VERSION + 1,
+            "an_attribute_from_a_newer_release": "x",
+        }
+    )
     registry = DynamoDBRegistry(dynamodb_table)
 
     old = registry.get_job("job-old")
-    assert old.ai_usage is None and old.output_files == [] and old.created_at == 1.0 and old.owner == "alice"
+    assert (
+        old.ai_usage is None
+        and old.output_files == []
+        and old.created_at == 1.0
+        and old.owner == "alice"
+    )
     key = registry.get_key("k-old")
     assert key.revoked_at is None and key.rate_limit is None and key.rate_burst == 5
-    assert registry.get_job("job-newer").owner == "bob"  # a rolling upgrade: unknown attributes are passed over
-    assert registry.count_jobs() == {PENDING: 2} and registry.count_jobs(owner="alice") == {PENDING: 1}
+    assert (
+        registry.get_job("job-newer").owner == "bob"
+    )  # a rolling upgrade: unknown attributes are passed over
+    assert registry.count_jobs() == {PENDING: 2} and registry.count_jobs(owner="alice") == {
+        PENDING: 1
+    }
 
     assert registry.mark_running("job-old", "w", 3.0)
     old.status, old.ai_usage, old.finished_at = COMPLETED, {"calls": 2}, 4.0

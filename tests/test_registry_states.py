@@ -15,7 +15,15 @@ import pytest
 
 from nanogrid_backend.config import GridConfig
 from nanogrid_backend.grid import make_registry
-from nanogrid_backend.models import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, JobRecord, new_job_id
+from nanogrid_backend.models import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    JobRecord,
+    new_job_id,
+)
 from nanogrid_backend.registry.base import Registry
 
 
@@ -95,7 +103,11 @@ def test_a_failed_delivery_is_noted_and_the_job_stays_to_be_delivered_again(regi
     registry.mark_running(job.job_id, "worker-a", time.time())
     registry.note_attempt(job.job_id, {"kind": "crash", "message": "the sandbox died"})
     noted = registry.get_job(job.job_id)
-    assert noted is not None and noted.status == RUNNING and noted.error == {"kind": "crash", "message": "the sandbox died"}
+    assert (
+        noted is not None
+        and noted.status == RUNNING
+        and noted.error == {"kind": "crash", "message": "the sandbox died"}
+    )
     assert registry.mark_running(job.job_id, "worker-b", time.time(), retry=True) is True
     assert finish(registry, job.job_id, COMPLETED) is True
 

@@ -223,7 +223,9 @@ def test_job_result_timeout_leaves_the_job_running(client):
 def test_unpicklable_arguments_name_the_problem(client):
     import threading
 
-    with pytest.raises(TypeError, match="cannot send argument 0 to the grid: cannot pickle '_thread.lock' object"):
+    with pytest.raises(
+        TypeError, match="cannot send argument 0 to the grid: cannot pickle '_thread.lock' object"
+    ):
         square.remote(threading.Lock())
 
 
@@ -243,7 +245,9 @@ def capped(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[nanogrid.
 
 def test_huge_arguments_are_refused_before_sending(capped):
     """What must never happen: a value over the grid's own limit is uploaded, or refused without saying which."""
-    with pytest.raises(ValueError, match=r"argument 0 pickles to 17\.0 MiB, over the grid's 16\.0 MiB limit"):
+    with pytest.raises(
+        ValueError, match=r"argument 0 pickles to 17\.0 MiB, over the grid's 16\.0 MiB limit"
+    ):
         nanogrid.RemoteFunction(square.fn, client=capped).remote(b"x" * (17 << 20))
     assert capped.functions() == [] and capped.jobs() == []  # not even the function went
 
@@ -251,6 +255,7 @@ def test_huge_arguments_are_refused_before_sending(capped):
 def test_a_call_that_prints_a_lot_keeps_its_value_and_its_output(client):
     """What must never happen: a function that prints more than a frame header's default size (256 KiB, here
     1.2 MiB once escaped as JSON) has its sandbox discarded as a protocol violation instead of answering."""
+
     @nanogrid.remote(timeout=60)
     def loud(n):
         print("é" * n)
@@ -305,15 +310,21 @@ def test_an_exception_with_a_huge_message_is_still_the_functions_own(client):
 
     try:
         loud.remote()
-    except (ValueError, nanogrid.RemoteError) as exc:  # rebuilt as itself, or as its type name and text
+    except (
+        ValueError,
+        nanogrid.RemoteError,
+    ) as exc:  # rebuilt as itself, or as its type name and text
         text = str(exc)
-        assert "protocol violation" not in text[-500:] and text.removeprefix("ValueError: ").startswith("xxxx")
+        assert "protocol violation" not in text[-500:] and text.removeprefix(
+            "ValueError: "
+        ).startswith("xxxx")
         assert isinstance(exc, ValueError) or exc.type_name == "ValueError"
     else:
         raise AssertionError("the function's ValueError did not come back")
 
 
 # --- batches of short calls: one frame exchange with a sandbox, one registry transaction ---------------------
+
 
 @pytest.fixture(params=["process", "docker"])
 def batching(request: pytest.FixtureRequest) -> tuple[nanogrid.Client, dict]:
@@ -327,7 +338,9 @@ def views_of(client: nanogrid.Client, function_name: str, count: int) -> list[di
     views = [v for v in client.jobs(limit=1000) if v["function_name"] == function_name][:count]
     assert len(views) == count
     for view in views:
-        view["value"] = pickle.loads(base64.b64decode(view["result_pickle"])) if view["result_pickle"] else None
+        view["value"] = (
+            pickle.loads(base64.b64decode(view["result_pickle"])) if view["result_pickle"] else None
+        )
     return views
 
 
@@ -340,11 +353,15 @@ def test_short_calls_run_in_batches_and_each_keeps_its_own_outcome(batching):
         print("item", x)
         if x % 7 == 3:
             raise ValueError(f"bad {x}")
-        if x % 25 == 0:  # output files end a batch: the calls after it run on, and no file lands on another call
+        if (
+            x % 25 == 0
+        ):  # output files end a batch: the calls after it run on, and no file lands on another call
             (nanogrid.output_dir() / f"n{x}.txt").write_text(str(x))
         return x
 
-    assert mixed.remote(1) == 1  # timed once: its calls are short, so its backlog is taken in batches
+    assert (
+        mixed.remote(1) == 1
+    )  # timed once: its calls are short, so its backlog is taken in batches
     batched = stats["batched_calls"]
     results = list(mixed.map(range(300), return_exceptions=True, progress=False))
     for x, result in enumerate(results):
@@ -357,7 +374,9 @@ def test_short_calls_run_in_batches_and_each_keeps_its_own_outcome(batching):
         x = int(view["stdout"].split()[1])
         assert view["stdout"] == f"item {x}\n" and view["stderr"] == ""
         assert view["status"] == ("failed" if x % 7 == 3 else "completed")
-        assert [f["name"] for f in view["output_files"]] == ([f"n{x}.txt"] if x % 25 == 0 and x % 7 != 3 else [])
+        assert [f["name"] for f in view["output_files"]] == (
+            [f"n{x}.txt"] if x % 25 == 0 and x % 7 != 3 else []
+        )
         if view["status"] == "completed":
             assert view["value"] == x
         else:
@@ -408,14 +427,24 @@ def test_a_call_cancelled_while_it_waits_in_a_batch_never_runs(batching, tmp_pat
     the other calls of the batch with it."""
     client, _ = batching
     source = tmp_path / "napper.py"
-    source.write_text("import time\n\n\ndef handler(event, context):\n    if event['n'] == 0:\n"
-                      "        time.sleep(2)\n    return event['n']\n")
-    function_id = client.upload(source, function_name="napper", handler="napper.handler")["function_id"]
-    assert client.run({"function_id": function_id, "payload": {"n": 99}})["result"] == 99  # timed: its calls are short
-    lines = client.map_stream({"function_id": function_id, "payloads": [{"n": n} for n in range(30)]})
+    source.write_text(
+        "import time\n\n\ndef handler(event, context):\n    if event['n'] == 0:\n"
+        "        time.sleep(2)\n    return event['n']\n"
+    )
+    function_id = client.upload(source, function_name="napper", handler="napper.handler")[
+        "function_id"
+    ]
+    assert (
+        client.run({"function_id": function_id, "payload": {"n": 99}})["result"] == 99
+    )  # timed: its calls are short
+    lines = client.map_stream(
+        {"function_id": function_id, "payloads": [{"n": n} for n in range(30)]}
+    )
     job_ids = next(lines)["job_ids"]
     deadline = time.monotonic() + 30
-    while client.status(job_ids[10])["status"] == "pending":  # taken in call 0's batch, behind its nap
+    while (
+        client.status(job_ids[10])["status"] == "pending"
+    ):  # taken in call 0's batch, behind its nap
         assert time.monotonic() < deadline
         time.sleep(0.02)
     cancelled = client.cancel(job_ids[10])
@@ -446,12 +475,20 @@ def test_a_failing_calls_retries_do_not_hold_back_the_rest_of_its_batch(tmp_path
 def _retrying_call_in_a_batch(client: nanogrid.Client, stubborn: nanogrid.RemoteFunction) -> None:
     assert stubborn.remote(0) == 0
     encoder = ArgsEncoder(client)
-    pickles = [base64.b64encode(data).decode() for data, _ in encoder.send([encoder.pickle((n,), {}) for n in range(20)])]
+    pickles = [
+        base64.b64encode(data).decode()
+        for data, _ in encoder.send([encoder.pickle((n,), {}) for n in range(20)])
+    ]
     arrived = {}
     for line in client.map_stream({"function_id": stubborn.deploy(), "args_pickle": pickles}):
         if "index" in line:
-            arrived[line["index"]] = (len(arrived), line["status"])  # the order in which outcomes arrived
-    assert arrived[5][1] == "failed" and all(arrived[n][1] == "completed" for n in range(20) if n != 5)
+            arrived[line["index"]] = (
+                len(arrived),
+                line["status"],
+            )  # the order in which outcomes arrived
+    assert arrived[5][1] == "failed" and all(
+        arrived[n][1] == "completed" for n in range(20) if n != 5
+    )
     # Its two retries take 3 s of backoff: every other call, batched with it or not, is announced before it.
     assert arrived[5][0] == 19, "other calls waited for the failing call's retries"
 

@@ -100,9 +100,19 @@ TEMPLATE_RESULT = {"statusCode": 200, "body": "Hello from FaaS!"}
 
 # Per runtime: the seed's x-runtime, the file its UI zips the editor into, the handler /v1 names, build.py's name.
 RUNTIMES = {
-    "nodejs": {"file": "index.js", "handler": "index.handler", "build": "node", "template": NODE_TEMPLATE},
+    "nodejs": {
+        "file": "index.js",
+        "handler": "index.handler",
+        "build": "node",
+        "template": NODE_TEMPLATE,
+    },
     "go": {"file": "main.go", "handler": "main.Handler", "build": "go", "template": GO_TEMPLATE},
-    "cpp": {"file": "main.cpp", "handler": "main.handler", "build": "cpp", "template": CPP_TEMPLATE},
+    "cpp": {
+        "file": "main.cpp",
+        "handler": "main.handler",
+        "build": "cpp",
+        "template": CPP_TEMPLATE,
+    },
 }
 
 # A function that prints, writes an output file named after the event, and returns what it saw.
@@ -153,42 +163,58 @@ extern "C" const char* handler(const char* event) {
 # A function that fills a gibibyte of memory, touching every page.
 ALLOCATES_1_GIB = {
     "nodejs": "exports.handler = async () => { const kept = []; "
-              "for (let i = 0; i < 64; i++) kept.push(Buffer.alloc(16 << 20, 1)); return kept.length; };",
+    "for (let i = 0; i < 64; i++) kept.push(Buffer.alloc(16 << 20, 1)); return kept.length; };",
     "go": "package main\n\nvar kept []byte\n\nfunc Handler(event map[string]interface{}) (int, error) {\n"
-          "    kept = make([]byte, 1<<30)\n    for i := range kept {\n        kept[i] = 1\n    }\n"
-          "    return len(kept), nil\n}\n",
+    "    kept = make([]byte, 1<<30)\n    for i := range kept {\n        kept[i] = 1\n    }\n"
+    "    return len(kept), nil\n}\n",
     "cpp": "#include <cstring>\n#include <string>\nstatic std::string reply;\n"
-           "extern \"C\" const char* handler(const char*) {\n    char* kept = new char[1 << 30];\n"
-           "    std::memset(kept, 1, 1 << 30);\n    reply = std::to_string(int(kept[12345]));\n"
-           "    return reply.c_str();\n}\n",
+    'extern "C" const char* handler(const char*) {\n    char* kept = new char[1 << 30];\n'
+    "    std::memset(kept, 1, 1 << 30);\n    reply = std::to_string(int(kept[12345]));\n"
+    "    return reply.c_str();\n}\n",
 }
 
 # A function that runs past any timeout.
 SLEEPS = {
     "nodejs": "exports.handler = async () => { await new Promise(r => setTimeout(r, 60000)); return 'late'; };",
-    "go": "package main\n\nimport \"time\"\n\nfunc Handler(event map[string]interface{}) (string, error) {\n"
-          "    time.Sleep(60 * time.Second)\n    return \"late\", nil\n}\n",
-    "cpp": "#include <chrono>\n#include <thread>\nextern \"C\" const char* handler(const char*) {\n"
-           "    std::this_thread::sleep_for(std::chrono::seconds(60));\n    return \"\\\"late\\\"\";\n}\n",
+    "go": 'package main\n\nimport "time"\n\nfunc Handler(event map[string]interface{}) (string, error) {\n'
+    '    time.Sleep(60 * time.Second)\n    return "late", nil\n}\n',
+    "cpp": '#include <chrono>\n#include <thread>\nextern "C" const char* handler(const char*) {\n'
+    '    std::this_thread::sleep_for(std::chrono::seconds(60));\n    return "\\"late\\"";\n}\n',
 }
 
 # A function that fails: an exception, a returned error, a thrown C++ exception.
 FAILS = {
-    "nodejs": ("exports.handler = async (event) => { throw new RangeError('bad input ' + event.n); };",
-               "RangeError", "bad input 7"),
-    "go": ("package main\n\nimport \"fmt\"\n\nfunc Handler(event map[string]interface{}) (string, error) {\n"
-           "    return \"\", fmt.Errorf(\"bad input %v\", event[\"n\"])\n}\n", "*errors.errorString", "bad input 7"),
-    "cpp": ("#include <stdexcept>\nextern \"C\" const char* handler(const char*) {\n"
-            "    throw std::invalid_argument(\"bad input 7\");\n}\n", "std::invalid_argument", "bad input 7"),
+    "nodejs": (
+        "exports.handler = async (event) => { throw new RangeError('bad input ' + event.n); };",
+        "RangeError",
+        "bad input 7",
+    ),
+    "go": (
+        'package main\n\nimport "fmt"\n\nfunc Handler(event map[string]interface{}) (string, error) {\n'
+        '    return "", fmt.Errorf("bad input %v", event["n"])\n}\n',
+        "*errors.errorString",
+        "bad input 7",
+    ),
+    "cpp": (
+        '#include <stdexcept>\nextern "C" const char* handler(const char*) {\n'
+        '    throw std::invalid_argument("bad input 7");\n}\n',
+        "std::invalid_argument",
+        "bad input 7",
+    ),
 }
 
 # Code that does not compile (or, for Node.js, load): what the compiler says must reach the caller.
 BROKEN = {
     "nodejs": ("exports.handler = async (event) => { return {; };", "SyntaxError"),
-    "go": ("package main\n\nfunc Handler(event map[string]interface{}) (string, error) {\n"
-           "    return undefinedThing, nil\n}\n", "undefined: undefinedThing"),
-    "cpp": ("extern \"C\" const char* handler(const char*) {\n    return undefined_thing;\n}\n",
-            "'undefined_thing' was not declared"),
+    "go": (
+        "package main\n\nfunc Handler(event map[string]interface{}) (string, error) {\n"
+        "    return undefinedThing, nil\n}\n",
+        "undefined: undefinedThing",
+    ),
+    "cpp": (
+        'extern "C" const char* handler(const char*) {\n    return undefined_thing;\n}\n',
+        "'undefined_thing' was not declared",
+    ),
 }
 
 
@@ -206,35 +232,67 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
     .ci/run; here build.py skips what is up to date), so the grid finds them when it starts."""
     require_docker()
     for spec in RUNTIMES.values():
-        build = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", spec["build"]],
-                               capture_output=True, text=True)
-        require(build.returncode == 0,
-                f"nanogrid_runtimes/build.py --runtime {spec['build']} failed: {build.stderr.strip()}")
-    embedded = start_grid(tmp_path_factory.mktemp("runtimes-grid"), sandbox="docker", kill_grace_s=0.5)
+        build = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "nanogrid_runtimes" / "build.py"),
+                "--runtime",
+                spec["build"],
+            ],
+            capture_output=True,
+            text=True,
+        )
+        require(
+            build.returncode == 0,
+            f"nanogrid_runtimes/build.py --runtime {spec['build']} failed: {build.stderr.strip()}",
+        )
+    embedded = start_grid(
+        tmp_path_factory.mktemp("runtimes-grid"), sandbox="docker", kill_grace_s=0.5
+    )
     yield embedded
     embedded.stop()
 
 
 @pytest.fixture(scope="module")
 def http(grid: EmbeddedGrid) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=grid.url, headers={"x-api-key": grid.api_key}, timeout=180) as client:
+    with httpx.Client(
+        base_url=grid.url, headers={"x-api-key": grid.api_key}, timeout=180
+    ) as client:
         yield client
 
 
 def seed_deploy(http: httpx.Client, runtime: str, source: str, memory: int = 256) -> str:
-    response = http.post("/upload", headers={"x-runtime": runtime, "x-memory-mb": str(memory),
-                                             "x-function-name": f"{runtime}-fn"},
-                         files={"file": ("function.zip", zipped(RUNTIMES[runtime]["file"], source), "application/zip")},
-                         data={"envVars": json.dumps({"GREETING": "hi"})})
+    response = http.post(
+        "/upload",
+        headers={
+            "x-runtime": runtime,
+            "x-memory-mb": str(memory),
+            "x-function-name": f"{runtime}-fn",
+        },
+        files={
+            "file": ("function.zip", zipped(RUNTIMES[runtime]["file"], source), "application/zip")
+        },
+        data={"envVars": json.dumps({"GREETING": "hi"})},
+    )
     assert response.status_code == 200, response.text
     return response.json()["functionId"]
 
 
-def v1_deploy(http: httpx.Client, runtime: str, source: str, *, memory: int = 256, timeout: float = 60) -> str:
+def v1_deploy(
+    http: httpx.Client, runtime: str, source: str, *, memory: int = 256, timeout: float = 60
+) -> str:
     spec = RUNTIMES[runtime]
-    response = http.post("/v1/upload", files={"file": ("package.zip", zipped(spec["file"], source), "application/zip")},
-                         data={"function_name": f"{runtime}-v1", "runtime": runtime, "handler": spec["handler"],
-                               "memory": str(memory), "timeout": str(timeout)})
+    response = http.post(
+        "/v1/upload",
+        files={"file": ("package.zip", zipped(spec["file"], source), "application/zip")},
+        data={
+            "function_name": f"{runtime}-v1",
+            "runtime": runtime,
+            "handler": spec["handler"],
+            "memory": str(memory),
+            "timeout": str(timeout),
+        },
+    )
     assert response.status_code in (200, 201), response.text
     return response.json()["function_id"]
 
@@ -249,20 +307,30 @@ def test_health_lists_every_runtime_whose_image_is_built(http: httpx.Client) -> 
     """A runtime with an image is served; /v1/health says so, with its language version."""
     runtimes = http.get("/v1/health").json()["runtimes"]
     assert {"nodejs", "go", "cpp"} <= set(runtimes)
-    assert runtimes["nodejs"].isdigit() and runtimes["go"].startswith("1.") and runtimes["cpp"].isdigit()
+    assert (
+        runtimes["nodejs"].isdigit()
+        and runtimes["go"].startswith("1.")
+        and runtimes["cpp"].isdigit()
+    )
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
-def test_the_seed_ui_template_runs_through_the_seed_routes(http: httpx.Client, runtime: str) -> None:
+def test_the_seed_ui_template_runs_through_the_seed_routes(
+    http: httpx.Client, runtime: str
+) -> None:
     """The UI's template, deployed and invoked as the UI does it (sync, then async and polled), answers as the seed
     did: SUCCESS, exit code 0, the handler's JSON on stdout, peak memory measured."""
     function_id = seed_deploy(http, runtime, RUNTIMES[runtime]["template"])
-    done = http.post("/run", json={"functionId": function_id, "inputData": {"message": "Hello FaaS"}}).json()
+    done = http.post(
+        "/run", json={"functionId": function_id, "inputData": {"message": "Hello FaaS"}}
+    ).json()
     assert done["status"] == "SUCCESS", done
     assert done["exitCode"] == 0 and done["result"] == TEMPLATE_RESULT
     assert json.loads(done["stdout"].strip().splitlines()[-1]) == TEMPLATE_RESULT
     assert done["peakMemoryBytes"] > 0
-    accepted = http.post("/run", json={"functionId": function_id, "inputData": {}}, headers={"x-async": "true"})
+    accepted = http.post(
+        "/run", json={"functionId": function_id, "inputData": {}}, headers={"x-async": "true"}
+    )
     assert accepted.status_code == 202 and accepted.json()["status"] == "ACCEPTED"
     for _ in range(600):
         polled = http.get(f"/api/status/{accepted.json()['jobId']}").json()
@@ -295,13 +363,17 @@ def test_prints_and_output_files_come_back(http: httpx.Client, runtime: str) -> 
     assert "a warning" in job["stderr"]
     assert [f["name"] for f in job["output_files"]] == ["report.txt"]
     assert http.get(job["output_files"][0]["url"]).content == b"report for Ada"
-    again = v1_run(http, function_id, {"name": "Bob"})  # a warm call: only its own output and its own file
+    again = v1_run(
+        http, function_id, {"name": "Bob"}
+    )  # a warm call: only its own output and its own file
     assert "Ada" not in again["stdout"] and "hello from" in again["stdout"]
     assert http.get(again["output_files"][0]["url"]).content == b"report for Bob"
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
-def test_the_memory_limit_stops_the_call_with_a_clear_error(http: httpx.Client, runtime: str) -> None:
+def test_the_memory_limit_stops_the_call_with_a_clear_error(
+    http: httpx.Client, runtime: str
+) -> None:
     """A gibibyte in a 256 MiB function: the call fails as out of memory, naming the limit, and the next call of
     the same function runs in a fresh sandbox."""
     function_id = v1_deploy(http, runtime, ALLOCATES_1_GIB[runtime], memory=256)
@@ -349,7 +421,10 @@ def test_code_that_does_not_compile_is_a_clear_load_error(http: httpx.Client, ru
 def test_a_seed_update_of_a_nodejs_function_keeps_its_runtime(http: httpx.Client) -> None:
     """PUT /functions/:id with a lone source file: the new code is index.js under the same id, still Node.js."""
     function_id = seed_deploy(http, "nodejs", NODE_TEMPLATE)
-    updated = http.put(f"/functions/{function_id}", files={"file": ("index.js", b"exports.handler = async (e) => 'v2';")})
+    updated = http.put(
+        f"/functions/{function_id}",
+        files={"file": ("index.js", b"exports.handler = async (e) => 'v2';")},
+    )
     assert updated.status_code == 200 and updated.json()["functionId"] == function_id
     done = http.post("/run", json={"functionId": function_id, "inputData": {}}).json()
     assert done["status"] == "SUCCESS" and done["result"] == "v2"
@@ -359,8 +434,10 @@ def test_a_seed_update_of_a_nodejs_function_keeps_its_runtime(http: httpx.Client
 def test_a_program_without_a_handler_runs_as_the_seed_ran_it(http: httpx.Client) -> None:
     """A Go main that reads PAYLOAD and prints JSON (the seed's convention) runs once per call; its last line is the
     result and the rest its output."""
-    source = ('package main\n\nimport (\n    "fmt"\n    "os"\n)\n\nfunc main() {\n    fmt.Println("working")\n'
-              '    fmt.Printf("{\\"payload\\": %s}\\n", os.Getenv("PAYLOAD"))\n}\n')
+    source = (
+        'package main\n\nimport (\n    "fmt"\n    "os"\n)\n\nfunc main() {\n    fmt.Println("working")\n'
+        '    fmt.Printf("{\\"payload\\": %s}\\n", os.Getenv("PAYLOAD"))\n}\n'
+    )
     function_id = v1_deploy(http, "go", source)
     job = v1_run(http, function_id, {"k": 1})
     assert job["status"] == "completed", job["error"]
@@ -371,13 +448,21 @@ def test_a_process_sandbox_grid_refuses_the_other_languages(tmp_path: Path) -> N
     """Where sandboxes are processes, Node.js, Go and C++ are refused at upload, saying which runtimes there are."""
     embedded = start_grid(tmp_path / "process-grid", sandbox="process")
     try:
-        with httpx.Client(base_url=embedded.url, headers={"x-api-key": embedded.api_key}, timeout=60) as http:
-            response = http.post("/upload", headers={"x-runtime": "go", "x-memory-mb": "128"},
-                                 files={"file": ("function.zip", zipped("main.go", GO_TEMPLATE), "application/zip")})
+        with httpx.Client(
+            base_url=embedded.url, headers={"x-api-key": embedded.api_key}, timeout=60
+        ) as http:
+            response = http.post(
+                "/upload",
+                headers={"x-runtime": "go", "x-memory-mb": "128"},
+                files={"file": ("function.zip", zipped("main.go", GO_TEMPLATE), "application/zip")},
+            )
             assert response.status_code == 400
             assert "runtime go is not installed on this grid" in response.json()["error"]
-            response = http.post("/v1/upload", files={"file": ("p.zip", zipped("index.js", NODE_TEMPLATE))},
-                                 data={"function_name": "n", "runtime": "nodejs", "handler": "index.handler"})
+            response = http.post(
+                "/v1/upload",
+                files={"file": ("p.zip", zipped("index.js", NODE_TEMPLATE))},
+                data={"function_name": "n", "runtime": "nodejs", "handler": "index.handler"},
+            )
             assert response.status_code == 422 and "unknown runtime 'nodejs'" in response.text
     finally:
         embedded.stop()

@@ -41,7 +41,10 @@ OFFER_ROUTE = ("POST", "/v1/blobs/{sha256}/upload")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Two controllers and one worker on SQS, S3, DynamoDB and Redis, all on loopback; the owner tester."""
-    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    require(
+        shutil.which("redis-server") is not None,
+        "redis-server is not installed (apt-get install redis-server)",
+    )
     running = Cluster(tmp_path_factory.mktemp("s3-direct"), workers=1, slots=1)
     try:
         client = nanogrid.Client(running.url, api_key=running.key)
@@ -66,21 +69,31 @@ def direct_uploads_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def s3_of(cluster: Cluster):  # noqa: ANN201 (boto3 clients are untyped)
     env = cluster.env
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def requests_to(url: str, route: tuple[str, str]) -> int:
     """How many requests this controller has answered on a route (its /metrics request histogram)."""
     method, path = route
     text = httpx.get(f"{url}/metrics").text
-    pattern = re.compile(r'^http_request_duration_seconds_count\{(.*)\} (\S+)$', re.M)
-    return sum(int(float(count)) for labels, count in pattern.findall(text)
-               if f'method="{method}"' in labels and f'route="{path}"' in labels)
+    pattern = re.compile(r"^http_request_duration_seconds_count\{(.*)\} (\S+)$", re.M)
+    return sum(
+        int(float(count))
+        for labels, count in pattern.findall(text)
+        if f'method="{method}"' in labels and f'route="{path}"' in labels
+    )
 
 
 def offer(url: str, key: str, sha256: str, size: int) -> httpx.Response:
-    return httpx.post(f"{url}/v1/blobs/{sha256}/upload", params={"size": size}, headers={"x-api-key": key})
+    return httpx.post(
+        f"{url}/v1/blobs/{sha256}/upload", params={"size": size}, headers={"x-api-key": key}
+    )
 
 
 @nanogrid.remote(timeout=60, memory=512)
@@ -95,12 +108,20 @@ def test_a_blob_argument_goes_straight_to_s3_and_not_through_the_controller(clus
     puts, offers = requests_to(cluster.url, PUT_ROUTE), requests_to(cluster.url, OFFER_ROUTE)
     value, argument = os.urandom(3 * MiB), os.urandom(2 * MiB)
     ref = nanogrid.put(value)
-    assert lengths.remote([ref, argument]) == [3 * MiB, 2 * MiB]  # a Ref and a plain argument over the threshold
+    assert lengths.remote([ref, argument]) == [
+        3 * MiB,
+        2 * MiB,
+    ]  # a Ref and a plain argument over the threshold
     assert requests_to(cluster.url, PUT_ROUTE) == puts  # neither went through the controller...
     assert requests_to(cluster.url, OFFER_ROUTE) >= offers + 2  # ...both were offered a URL
-    stored = s3.head_object(Bucket=bucket, Key=key_for("tester", ref.sha256), ChecksumMode="ENABLED")
+    stored = s3.head_object(
+        Bucket=bucket, Key=key_for("tester", ref.sha256), ChecksumMode="ENABLED"
+    )
     assert stored["ContentLength"] == ref.size  # in the owner's own scope, whole
-    assert stored.get("ChecksumSHA256") in (None, base64.b64encode(bytes.fromhex(ref.sha256)).decode())
+    assert stored.get("ChecksumSHA256") in (
+        None,
+        base64.b64encode(bytes.fromhex(ref.sha256)).decode(),
+    )
     got = s3.get_object(Bucket=bucket, Key=key_for("tester", ref.sha256))["Body"].read()
     assert hashlib.sha256(got).hexdigest() == ref.sha256 and cloudpickle.loads(got) == value
     # Stored already: the grid says so and offers no URL; the client sends nothing again.
@@ -119,10 +140,16 @@ def test_the_upload_url_is_short_lived_and_bound_to_the_owners_key_the_size_and_
     query = {name: values[0] for name, values in parse_qs(url.query).items()}
     assert url.path.endswith("/" + key_for("tester", sha))
     assert 0 < body["expires_in"] <= 900 and query["X-Amz-Expires"] == str(body["expires_in"])
-    assert query["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"  # SigV4: the headers below are part of the signature
-    assert {"content-length", "x-amz-checksum-sha256", "host"} <= set(query["X-Amz-SignedHeaders"].split(";"))
-    assert body["headers"] == {"content-length": str(len(data)),
-                               "x-amz-checksum-sha256": base64.b64encode(hashlib.sha256(data).digest()).decode()}
+    assert (
+        query["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+    )  # SigV4: the headers below are part of the signature
+    assert {"content-length", "x-amz-checksum-sha256", "host"} <= set(
+        query["X-Amz-SignedHeaders"].split(";")
+    )
+    assert body["headers"] == {
+        "content-length": str(len(data)),
+        "x-amz-checksum-sha256": base64.b64encode(hashlib.sha256(data).digest()).decode(),
+    }
     # Over the grid's limit per value (2 GiB here), a negative size, a malformed hash, no key: refused.
     too_big = offer(cluster.url, cluster.key, sha, 2048 * MiB + 1)
     assert too_big.status_code == 413 and "limit per value" in too_big.json()["detail"]
@@ -150,10 +177,14 @@ def test_wrong_bytes_sent_to_an_upload_url_never_reach_the_function(cluster):
     with pytest.raises(nanogrid.JobFailed, match=f"blob {sha[:12]}… is damaged"):
         job.result()
     assert "ran" not in job.logs()["stdout"]
-    with pytest.raises(s3.exceptions.ClientError):  # deleted, so that the next upload stores the bytes again
+    with pytest.raises(
+        s3.exceptions.ClientError
+    ):  # deleted, so that the next upload stores the bytes again
         s3.head_object(Bucket=bucket, Key=key_for("tester", sha))
     client._known_blobs.clear()
-    assert nanogrid.put(cloudpickle.loads(good)).sha256 == sha  # the right bytes, uploaded again directly
+    assert (
+        nanogrid.put(cloudpickle.loads(good)).sha256 == sha
+    )  # the right bytes, uploaded again directly
     assert lengths.remote([nanogrid.Ref(sha, len(good))]) == [2 * MiB]
 
 
@@ -164,9 +195,14 @@ def test_another_owner_gets_urls_for_its_own_scope_only(cluster, other_key):
     ref = nanogrid.put(value)
     theirs = offer(cluster.url, other_key, ref.sha256, ref.size).json()
     assert theirs["stored"] is False  # tester's blob does not exist for them...
-    assert urlsplit(theirs["url"]).path.endswith("/" + key_for("other", ref.sha256))  # ...and their URL is theirs
+    assert urlsplit(theirs["url"]).path.endswith(
+        "/" + key_for("other", ref.sha256)
+    )  # ...and their URL is theirs
     assert key_for("tester", ref.sha256) not in theirs["url"]
-    assert httpx.put(theirs["url"], content=b"x" * ref.size, headers=theirs["headers"]).status_code == 200
+    assert (
+        httpx.put(theirs["url"], content=b"x" * ref.size, headers=theirs["headers"]).status_code
+        == 200
+    )
     mine = s3.get_object(Bucket=bucket, Key=key_for("tester", ref.sha256))["Body"].read()
     assert hashlib.sha256(mine).hexdigest() == ref.sha256  # untouched
     assert lengths.remote([ref]) == [2 * MiB]
@@ -177,24 +213,36 @@ def test_when_the_store_refuses_or_cannot_be_reached_the_value_goes_through_the_
     client = nanogrid.connect(cluster.url, api_key=cluster.key)
 
     def expired(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(403, text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+        return httpx.Response(
+            403,
+            text="<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+        )
 
     client._direct_http = httpx.Client(transport=httpx.MockTransport(expired))
     puts = requests_to(cluster.url, PUT_ROUTE)
     value = os.urandom(2 * MiB)
     assert lengths.remote([value]) == [2 * MiB]
-    assert requests_to(cluster.url, PUT_ROUTE) == puts + 1 and client.direct_uploads  # this blob only
+    assert (
+        requests_to(cluster.url, PUT_ROUTE) == puts + 1 and client.direct_uploads
+    )  # this blob only
 
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
     client._direct_http = httpx.Client(transport=httpx.MockTransport(unreachable))
-    with pytest.warns(RuntimeWarning, match="cannot reach the grid's store for direct blob uploads"):
+    with pytest.warns(
+        RuntimeWarning, match="cannot reach the grid's store for direct blob uploads"
+    ):
         assert lengths.remote([os.urandom(2 * MiB)]) == [2 * MiB]
     assert requests_to(cluster.url, PUT_ROUTE) == puts + 2 and not client.direct_uploads
     offers = requests_to(cluster.url, OFFER_ROUTE)
-    assert lengths.remote([os.urandom(2 * MiB)]) == [2 * MiB]  # later blobs: straight through the controller
-    assert requests_to(cluster.url, PUT_ROUTE) == puts + 3 and requests_to(cluster.url, OFFER_ROUTE) == offers
+    assert lengths.remote([os.urandom(2 * MiB)]) == [
+        2 * MiB
+    ]  # later blobs: straight through the controller
+    assert (
+        requests_to(cluster.url, PUT_ROUTE) == puts + 3
+        and requests_to(cluster.url, OFFER_ROUTE) == offers
+    )
 
 
 def test_with_direct_uploads_off_blobs_go_through_the_controller(cluster, monkeypatch):
@@ -204,7 +252,10 @@ def test_with_direct_uploads_off_blobs_go_through_the_controller(cluster, monkey
     assert client.direct_uploads is False
     puts, offers = requests_to(cluster.url, PUT_ROUTE), requests_to(cluster.url, OFFER_ROUTE)
     assert lengths.remote([os.urandom(2 * MiB)]) == [2 * MiB]
-    assert requests_to(cluster.url, PUT_ROUTE) == puts + 1 and requests_to(cluster.url, OFFER_ROUTE) == offers
+    assert (
+        requests_to(cluster.url, PUT_ROUTE) == puts + 1
+        and requests_to(cluster.url, OFFER_ROUTE) == offers
+    )
     monkeypatch.setenv("NANOGRID_DIRECT_UPLOADS", "maybe")
     with pytest.raises(nanogrid.ConfigError, match="NANOGRID_DIRECT_UPLOADS is on or off"):
         nanogrid.Client(cluster.url, api_key=cluster.key)
@@ -219,7 +270,11 @@ def test_with_direct_uploads_off_blobs_go_through_the_controller(cluster, monkey
     url = f"http://127.0.0.1:{port}"
     data = os.urandom(MiB)
     assert offer(url, cluster.key, hashlib.sha256(data).hexdigest(), len(data)).json() == {
-        "stored": False, "url": None, "headers": {}, "expires_in": None}
+        "stored": False,
+        "url": None,
+        "headers": {},
+        "expires_in": None,
+    }
     client = nanogrid.connect(url, api_key=cluster.key)
     assert client.direct_uploads is True
     puts = requests_to(url, PUT_ROUTE)

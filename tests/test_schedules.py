@@ -49,17 +49,24 @@ def wait_until(found: Callable[[], object], what: str, timeout: float = WAIT_S) 
 
 # --- mistakes, refused where they are written --------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, words", [
-    (lambda: nanogrid.Cron("61 * * * *"), "Bad minute"),
-    (lambda: nanogrid.Cron("* * * *"), "Wrong number of fields"),
-    (lambda: nanogrid.Cron("0 * * * *", timezone="Mars/Olympus"), "unknown time zone 'Mars/Olympus'"),
-    (lambda: nanogrid.Period(seconds=0.2), "at least 1 s"),
-    (lambda: nanogrid.Period(seconds=float("inf")), "at most 366 days"),
-    (lambda: nanogrid.Cron("0 * * * *", timezone="Europe"), "unknown time zone 'Europe'"),
-    (lambda: nanogrid.Period(minutes=-5), "at least 0"),
-    (lambda: nanogrid.Period(minutes=5, overlap="sometimes"), "'skip'"),
-    (lambda: nanogrid.remote(schedule=42), "cron string"),  # type: ignore[call-overload]
-])
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: nanogrid.Cron("61 * * * *"), "Bad minute"),
+        (lambda: nanogrid.Cron("* * * *"), "Wrong number of fields"),
+        (
+            lambda: nanogrid.Cron("0 * * * *", timezone="Mars/Olympus"),
+            "unknown time zone 'Mars/Olympus'",
+        ),
+        (lambda: nanogrid.Period(seconds=0.2), "at least 1 s"),
+        (lambda: nanogrid.Period(seconds=float("inf")), "at most 366 days"),
+        (lambda: nanogrid.Cron("0 * * * *", timezone="Europe"), "unknown time zone 'Europe'"),
+        (lambda: nanogrid.Period(minutes=-5), "at least 0"),
+        (lambda: nanogrid.Period(minutes=5, overlap="sometimes"), "'skip'"),
+        (lambda: nanogrid.remote(schedule=42), "cron string"),  # type: ignore[call-overload]
+    ],
+)
 def test_a_bad_schedule_is_refused_with_what_is_wrong(make, words):
     """A schedule that could never fire as meant must never be accepted: the error names the wrong part."""
     with pytest.raises(nanogrid.InvalidArgument, match=words) as raised:
@@ -70,6 +77,7 @@ def test_a_bad_schedule_is_refused_with_what_is_wrong(make, words):
 def test_a_scheduled_function_that_needs_arguments_is_refused_at_decoration():
     """Runs are called with no arguments: a function that needs some must fail here, not at every firing."""
     with pytest.raises(nanogrid.InvalidArgument, match=r"no arguments.*\(x\).*defaults"):
+
         @nanogrid.remote(schedule="0 * * * *")
         def needs(x):
             return x
@@ -100,27 +108,44 @@ def test_a_grid_down_for_a_week_counts_the_missed_cron_due_times_in_one_catch_up
 
 # --- two schedulers racing on one registry -----------------------------------------------------------------------
 
+
 def controller_on(registry: Registry, data_dir: Path) -> types.SimpleNamespace:
     """What a scheduler uses of its controller: the registry (here, its own connection) and a queue to put runs on."""
     config = GridConfig.load(data_dir=data_dir)
-    return types.SimpleNamespace(registry=registry, owners=OwnerPolicy(registry, config),
-                                 queue=LocalQueue(limit=lambda owner: 4, load_payload=lambda job_id: b""))
+    return types.SimpleNamespace(
+        registry=registry,
+        owners=OwnerPolicy(registry, config),
+        queue=LocalQueue(limit=lambda owner: 4, load_payload=lambda job_id: b""),
+    )
 
 
 def race(registries: list[Registry], data_dir: Path, rounds: int = 30) -> Registry:
     """Two schedulers fire the same due times at the same instant, ``rounds`` times; returns the first registry."""
     registry = registries[0]
-    registry.put_function(FunctionRecord("fn-raced", "raced", "python3.11", "h", "pickle", 128, 10.0, 1, "3.11",
-                                         owner="racer"))
-    schedule = ScheduleRecord(schedule_id_for("racer", "raced"), "racer", "raced", "fn-raced", period_s=60.0,
-                              payload=b"args", anchor=1000.0, next_due=1060.0)
+    registry.put_function(
+        FunctionRecord(
+            "fn-raced", "raced", "python3.11", "h", "pickle", 128, 10.0, 1, "3.11", owner="racer"
+        )
+    )
+    schedule = ScheduleRecord(
+        schedule_id_for("racer", "raced"),
+        "racer",
+        "raced",
+        "fn-raced",
+        period_s=60.0,
+        payload=b"args",
+        anchor=1000.0,
+        next_due=1060.0,
+    )
     registry.put_schedule(schedule)
     schedulers = [Scheduler(controller_on(r, data_dir)) for r in registries]  # type: ignore[arg-type]
     for n in range(rounds):
         moment = 1060.0 + 60 * n + 0.5
         start = threading.Barrier(len(schedulers))
 
-        def tick(scheduler: Scheduler, moment: float = moment, start: threading.Barrier = start) -> None:
+        def tick(
+            scheduler: Scheduler, moment: float = moment, start: threading.Barrier = start
+        ) -> None:
             start.wait()
             scheduler.tick(now=moment)
 
@@ -163,10 +188,14 @@ def test_a_schedule_keeps_its_newest_firings_only(tmp_path):
     FIRINGS_KEPT firings stay, and a due time already passed is still never claimed twice."""
     registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
     try:
-        schedule = ScheduleRecord("sch-many", "o", "many", "fn", period_s=1.0, anchor=0.0, next_due=1.0)
+        schedule = ScheduleRecord(
+            "sch-many", "o", "many", "fn", period_s=1.0, anchor=0.0, next_due=1.0
+        )
         registry.put_schedule(schedule)
         for due in range(1, FIRINGS_KEPT + 21):
-            assert registry.claim_firing(FiringRecord("sch-many", float(due), due + 0.1, "skipped"), due + 1.0, None)
+            assert registry.claim_firing(
+                FiringRecord("sch-many", float(due), due + 0.1, "skipped"), due + 1.0, None
+            )
         kept = registry.list_firings("sch-many", limit=2 * FIRINGS_KEPT)
         assert len(kept) == FIRINGS_KEPT and kept[0].due_time == FIRINGS_KEPT + 20
         assert not registry.claim_firing(FiringRecord("sch-many", 5.0, 9e9, "started"), 6.0, None)
@@ -192,14 +221,25 @@ def test_a_dynamodb_claim_left_half_done_is_moved_past_once_it_is_stale(dynamodb
     from nanogrid_backend.registry.dynamodb import STALE_CLAIM_S, DynamoDBRegistry
 
     registry = DynamoDBRegistry(dynamodb_table)
-    schedule = ScheduleRecord("sch-stuck", "o", "stuck", "fn", period_s=60.0, anchor=0.0, next_due=60.0)
+    schedule = ScheduleRecord(
+        "sch-stuck", "o", "stuck", "fn", period_s=60.0, anchor=0.0, next_due=60.0
+    )
     registry.put_schedule(schedule)
-    boto3.resource("dynamodb").Table(dynamodb_table).put_item(Item={  # the claim of a controller that then stopped
-        "pk": "firing#sch-stuck#60.0", "kind": "firing", "schedule_id": "sch-stuck", "due_time": 60,
-        "fired_at": 61, "outcome": "started"})
+    boto3.resource("dynamodb").Table(dynamodb_table).put_item(
+        Item={  # the claim of a controller that then stopped
+            "pk": "firing#sch-stuck#60.0",
+            "kind": "firing",
+            "schedule_id": "sch-stuck",
+            "due_time": 60,
+            "fired_at": 61,
+            "outcome": "started",
+        }
+    )
     assert not registry.claim_firing(FiringRecord("sch-stuck", 60.0, 62.0, "started"), 120.0, None)
     stuck = registry.get_schedule("sch-stuck")
-    assert stuck is not None and stuck.next_due == 60.0  # a claim this fresh is another scheduler's, racing
+    assert (
+        stuck is not None and stuck.next_due == 60.0
+    )  # a claim this fresh is another scheduler's, racing
     late = 61 + STALE_CLAIM_S + 1
     assert not registry.claim_firing(FiringRecord("sch-stuck", 60.0, late, "started"), 180.0, None)
     moved = registry.get_schedule("sch-stuck")
@@ -209,11 +249,16 @@ def test_a_dynamodb_claim_left_half_done_is_moved_past_once_it_is_stale(dynamodb
 
 # --- on a grid ----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
     """A grid whose operator lets failure webhooks reach loopback, where a test's receiver listens."""
-    embedded = start_grid(tmp_path_factory.mktemp("schedules"), webhook_allow_networks=["127.0.0.0/8"],
-                          stem_cells=1, workers=3)
+    embedded = start_grid(
+        tmp_path_factory.mktemp("schedules"),
+        webhook_allow_networks=["127.0.0.0/8"],
+        stem_cells=1,
+        workers=3,
+    )
     yield embedded
     embedded.stop()
 
@@ -240,6 +285,7 @@ def firings(fn: nanogrid.RemoteFunction, outcome: str | None = None) -> list[dic
 def test_a_period_schedule_runs_its_function_as_ordinary_jobs_marked_schedule(client):
     """Each firing is a job in history with trigger 'schedule' and the function's result; a direct call stays
     'call'; the schedule's view says when it fired."""
+
     @nanogrid.remote(schedule=nanogrid.Period(seconds=1))
     def heartbeat():
         return "beat"
@@ -273,16 +319,21 @@ def test_deploying_a_new_version_points_the_schedule_at_it_and_keeps_its_timing(
     second_id = versioned.deploy()
     after = versioned.schedule_info()
     assert before is not None and after is not None and first_id != second_id
-    assert (before.function_id, after.function_id) == (first_id, second_id) and after.next_due == before.next_due
+    assert (before.function_id, after.function_id) == (
+        first_id,
+        second_id,
+    ) and after.next_due == before.next_due
 
 
 @pytest.mark.integration
 def test_a_run_still_going_makes_the_next_firing_skip_and_say_so(client):
     """overlap='skip': a due time that comes while the last run goes on starts nothing, and its firing says why;
     never two runs of the schedule at once."""
+
     @nanogrid.remote(schedule=nanogrid.Period(seconds=1))
     def slow():
         import time
+
         time.sleep(3)
 
     slow.deploy()
@@ -296,15 +347,21 @@ def test_a_run_still_going_makes_the_next_firing_skip_and_say_so(client):
 @pytest.mark.integration
 def test_overlap_queue_runs_the_next_firing_after_the_one_still_going(client):
     """overlap='queue': the firing waits for the run going on, then runs, after it, never beside it."""
+
     @nanogrid.remote(schedule=nanogrid.Period(seconds=1, overlap="queue"))
     def queued():
         import time
+
         time.sleep(2)
 
     queued.deploy()
-    waited = wait_until(lambda: [f for f in firings(queued, "started") if "waits for" in f["detail"]],
-                        "a queued firing that started")
-    first, second = (client.status(job_id) for job_id in (waited[0]["detail"].split()[-1], waited[0]["job_id"]))
+    waited = wait_until(
+        lambda: [f for f in firings(queued, "started") if "waits for" in f["detail"]],
+        "a queued firing that started",
+    )
+    first, second = (
+        client.status(job_id) for job_id in (waited[0]["detail"].split()[-1], waited[0]["job_id"])
+    )
     second = client.status(second["job_id"], wait=30)
     assert second["trigger"] == "schedule" and second["started_at"] >= first["finished_at"]
 
@@ -312,6 +369,7 @@ def test_overlap_queue_runs_the_next_firing_after_the_one_still_going(client):
 @pytest.mark.integration
 def test_pause_resume_and_remove_from_the_client_and_the_cli(client, grid, capsys):
     """A paused schedule starts nothing until resumed; a removed one is gone, its jobs stay in history."""
+
     @nanogrid.remote(schedule=nanogrid.Period(seconds=1))
     def paused():
         return 1
@@ -323,7 +381,9 @@ def test_pause_resume_and_remove_from_the_client_and_the_cli(client, grid, capsy
     before = len(firings(paused))
     time.sleep(2.5)  # more than two periods: a paused schedule must not fire in them
     info = paused.schedule_info()
-    assert info is not None and info.paused and info.next_due is None and len(info.firings) == before
+    assert (
+        info is not None and info.paused and info.next_due is None and len(info.firings) == before
+    )
     info.resume()
     wait_until(lambda: len(firings(paused)) > before, "a firing after resuming")
     assert cli.main(["schedules", "list", "--url", grid.url]) == 0
@@ -340,6 +400,7 @@ def test_pause_resume_and_remove_from_the_client_and_the_cli(client, grid, capsy
 def test_another_owner_can_never_see_pause_or_remove_a_schedule(client, grid):
     """Bob gets 404 for Alice's schedule by name on every route, sees none in his list, and cannot point a
     schedule of his at her function; hers keeps firing."""
+
     @nanogrid.remote(schedule=nanogrid.Period(seconds=1))
     def private():
         return "alice's"
@@ -348,10 +409,17 @@ def test_another_owner_can_never_see_pause_or_remove_a_schedule(client, grid):
     bob_key, _ = create_key(grid.grid.registry, "bob-" + uuid.uuid4().hex[:6])
     with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": bob_key}, timeout=30) as bob:
         assert bob.get("/schedules").json() == []
-        for method, path in (("GET", "/schedules/private"), ("POST", "/schedules/private/pause"),
-                             ("POST", "/schedules/private/resume"), ("DELETE", "/schedules/private")):
+        for method, path in (
+            ("GET", "/schedules/private"),
+            ("POST", "/schedules/private/pause"),
+            ("POST", "/schedules/private/resume"),
+            ("DELETE", "/schedules/private"),
+        ):
             assert bob.request(method, path).status_code == 404
-        taken = bob.put("/schedules/private", json={"function_id": function_id, "period_s": 1, "args_pickle": ""})
+        taken = bob.put(
+            "/schedules/private",
+            json={"function_id": function_id, "period_s": 1, "args_pickle": ""},
+        )
         assert taken.status_code == 404
     info = private.schedule_info()
     assert info is not None and not info.paused
@@ -360,24 +428,37 @@ def test_another_owner_can_never_see_pause_or_remove_a_schedule(client, grid):
 
 
 @pytest.mark.integration
-def test_a_failing_scheduled_run_is_retried_by_its_policy_and_reported_to_failure_webhooks(client, grid):
+def test_a_failing_scheduled_run_is_retried_by_its_policy_and_reported_to_failure_webhooks(
+    client, grid
+):
     """A scheduled run is an ordinary call: its failure is tried again as ``retries=`` says, and the final failure
     reaches the owner's webhook with the scheduled job's id."""
     receiver = Receiver()
     try:
-        hook = client.request("POST", "/webhooks", json={"url": receiver.url, "events": ["failure"]}).json()
+        hook = client.request(
+            "POST", "/webhooks", json={"url": receiver.url, "events": ["failure"]}
+        ).json()
 
-        @nanogrid.remote(schedule=nanogrid.Period(hours=1), retries=1, retry_on=[RuntimeError], backoff=0)
+        @nanogrid.remote(
+            schedule=nanogrid.Period(hours=1), retries=1, retry_on=[RuntimeError], backoff=0
+        )
         def nightly():
             raise RuntimeError("scheduled failure")
 
         nightly.deploy()
         registry = grid.grid.registry
         schedule = next(s for s in registry.list_schedules() if s.name == "nightly")
-        registry.set_schedule_paused(schedule.schedule_id, False, time.time())  # due now rather than in an hour
+        registry.set_schedule_paused(
+            schedule.schedule_id, False, time.time()
+        )  # due now rather than in an hour
         body = verify(receiver.next(timeout=WAIT_S), hook["secret"])
         job = registry.get_job(body["nanogrid"]["job_id"])
-        assert job is not None and job.trigger == "schedule" and job.status == "failed" and job.attempt == 2
+        assert (
+            job is not None
+            and job.trigger == "schedule"
+            and job.status == "failed"
+            and job.attempt == 2
+        )
         assert "scheduled failure" in body["text"]
     finally:
         receiver.close()
@@ -389,24 +470,36 @@ def test_a_handler_function_is_scheduled_over_http_with_its_json_event(grid):
     key, _ = create_key(grid.grid.registry, "http-" + uuid.uuid4().hex[:6])
     source = b"def handler(event, context):\n    return {'got': event}\n"
     with httpx.Client(base_url=f"{grid.url}/v1", headers={"x-api-key": key}, timeout=60) as http:
-        function_id = http.post("/upload", files={"file": ("report.py", source)},
-                                data={"handler": "report.handler", "function_name": "report"}).json()["function_id"]
-        for wrong, words in (({"cron": "0 25 * * *"}, "Bad hour"), ({"cron": "0 * * * *", "period_s": 60}, "either"),
-                             ({"period_s": 0.1}, "at least 1 s"), ({"period_s": 5, "timezone": "Nowhere/City"}, "zone"),
-                             ({"period_s": 5, "args_pickle": "gAN9cQAu"}, "handler function")):
+        function_id = http.post(
+            "/upload",
+            files={"file": ("report.py", source)},
+            data={"handler": "report.handler", "function_name": "report"},
+        ).json()["function_id"]
+        for wrong, words in (
+            ({"cron": "0 25 * * *"}, "Bad hour"),
+            ({"cron": "0 * * * *", "period_s": 60}, "either"),
+            ({"period_s": 0.1}, "at least 1 s"),
+            ({"period_s": 5, "timezone": "Nowhere/City"}, "zone"),
+            ({"period_s": 5, "args_pickle": "gAN9cQAu"}, "handler function"),
+        ):
             refused = http.put("/schedules/report", json={"function_id": function_id, **wrong})
             assert refused.status_code == 422 and words in refused.json()["detail"], refused.text
-        made = http.put("/schedules/report", json={"function_id": function_id, "period_s": 1,
-                                                   "payload": {"tag": "t1"}})
+        made = http.put(
+            "/schedules/report",
+            json={"function_id": function_id, "period_s": 1, "payload": {"tag": "t1"}},
+        )
         assert made.status_code == 200, made.text
-        fired = wait_until(lambda: [f for f in http.get("/schedules/report").json()["firings"] if f["job_id"]],
-                           "a firing")
+        fired = wait_until(
+            lambda: [f for f in http.get("/schedules/report").json()["firings"] if f["job_id"]],
+            "a firing",
+        )
         job = http.get(f"/status/{fired[0]['job_id']}", params={"wait": 30}).json()
         assert job["trigger"] == "schedule" and job["result"] == {"got": {"tag": "t1"}}
         assert http.delete("/schedules/report").status_code == 200
 
 
 # --- across a restart ---------------------------------------------------------------------------------------------
+
 
 def every_second() -> nanogrid.RemoteFunction:
     @nanogrid.remote(schedule=nanogrid.Period(seconds=1))
@@ -433,15 +526,19 @@ def test_a_restart_right_after_a_firing_never_fires_that_due_time_again(tmp_path
     try:
         nanogrid.connect(second.url, api_key=second.api_key)
         fn = every_second()
-        after = wait_until(lambda: [f for f in firings(fn) if f["due_time"] > fired[0]["due_time"]][1:],
-                           "two firings after the restart")
+        after = wait_until(
+            lambda: [f for f in firings(fn) if f["due_time"] > fired[0]["due_time"]][1:],
+            "two firings after the restart",
+        )
         everything = firings(fn)
         dues = [f["due_time"] for f in everything]
         assert len(dues) == len(set(dues))
         catch_up = min(after, key=lambda f: f["due_time"])
         assert catch_up["catch_up"] and catch_up["missed"] >= 3 and "catch-up" in catch_up["detail"]
         scheduled = [j for j in second.grid.registry.list_jobs(limit=-1) if j.trigger == "schedule"]
-        assert sorted(j.job_id for j in scheduled) == sorted(f["job_id"] for f in everything if f["job_id"])
+        assert sorted(j.job_id for j in scheduled) == sorted(
+            f["job_id"] for f in everything if f["job_id"]
+        )
     finally:
         second.stop()
 
@@ -450,7 +547,10 @@ def test_a_restart_right_after_a_firing_never_fires_that_due_time_again(tmp_path
 def test_two_controllers_on_the_aws_adapters_start_one_run_per_due_time(tmp_path):
     """Two controllers (each with its scheduler) over SQS, DynamoDB and Redis on loopback: every due time of a
     schedule is one firing and one job, whichever controller claimed it; both show the same schedule."""
-    require(shutil.which("redis-server") is not None, "redis-server is not installed (apt-get install redis-server)")
+    require(
+        shutil.which("redis-server") is not None,
+        "redis-server is not installed (apt-get install redis-server)",
+    )
     cluster = Cluster(tmp_path, workers=1)
     try:
         client = nanogrid.connect(cluster.url, api_key=cluster.key)
@@ -462,8 +562,11 @@ def test_two_controllers_on_the_aws_adapters_start_one_run_per_due_time(tmp_path
         info.pause()  # then the jobs and the firings settle, and must agree one to one
 
         def shown(url: str) -> list[dict]:
-            return nanogrid.Client(url, api_key=cluster.key).request(
-                "GET", "/schedules/restarted", params={"limit": 1000}).json()["firings"]
+            return (
+                nanogrid.Client(url, api_key=cluster.key)
+                .request("GET", "/schedules/restarted", params={"limit": 1000})
+                .json()["firings"]
+            )
 
         def agreeing() -> list[dict] | None:
             every = shown(cluster.url2)

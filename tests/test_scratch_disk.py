@@ -43,7 +43,10 @@ def test_files_larger_than_the_memory_limit_fit_on_the_disk(client):
         import nanogrid
 
         block = os.urandom(1 << 20)
-        for path, mib in (("/tmp/scratch.bin", tmp_mib), (nanogrid.output_dir() / "result.bin", output_mib)):
+        for path, mib in (
+            ("/tmp/scratch.bin", tmp_mib),
+            (nanogrid.output_dir() / "result.bin", output_mib),
+        ):
             with open(path, "wb") as f:
                 for _ in range(mib):
                     f.write(block)
@@ -68,7 +71,9 @@ def test_a_full_disk_is_out_of_disk_and_the_next_call_serves(client):
         fill.remote()
     assert isinstance(info.value, OSError)  # `except OSError` still catches it
     assert "64 MiB" in str(info.value) and "disk=" in str(info.value)
-    assert info.value.__cause__ is not None and "fill" in str(info.value.__cause__)  # where it happened
+    assert info.value.__cause__ is not None and "fill" in str(
+        info.value.__cause__
+    )  # where it happened
     assert healthy.remote(1) == 2
 
 
@@ -95,7 +100,9 @@ def test_one_sandbox_filling_its_disk_leaves_others_their_space(client):
         return shutil.disk_usage("/tmp").total
 
     assert hog.remote() < 1 * MiB  # its own disk is full ...
-    assert neighbour.remote() >= 900 * MiB  # ... and the neighbour has the grid's default 1 GiB to itself
+    assert (
+        neighbour.remote() >= 900 * MiB
+    )  # ... and the neighbour has the grid's default 1 GiB to itself
 
 
 def test_the_disk_is_the_sandboxs_own_nosuid_nodev_noexec_filesystem(client):
@@ -111,7 +118,10 @@ def test_the_disk_is_the_sandboxs_own_nosuid_nodev_noexec_filesystem(client):
     found = mounts.remote()
     assert set(found) == {"/tmp", "/sandbox"}
     for root, options, fstype in found.values():
-        assert fstype == "ext4" and root in ("/tmp", "/work")  # a directory of its own disk, no host path
+        assert fstype == "ext4" and root in (
+            "/tmp",
+            "/work",
+        )  # a directory of its own disk, no host path
         assert {"nosuid", "nodev", "noexec"} <= set(options.split(",")), options
 
 
@@ -137,13 +147,18 @@ def test_disks_left_by_a_crashed_grid_are_unmounted_and_detached(tmp_path: Path)
 
     assert scratch.sweep(tmp_path / "sandboxes") == 2  # one mount, one loop device
     assert scratch.mounted_under(tmp_path) == []
-    attached = subprocess.run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE"], capture_output=True,
-                              text=True).stdout
+    attached = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "BACK-FILE"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert str(tmp_path) not in attached
     shutil.rmtree(left)  # what the grid's start does next (leftovers.remove_dirs)
 
 
-def test_without_loop_devices_scratch_falls_back_to_memory_and_says_so(tmp_path: Path, monkeypatch, caplog):
+def test_without_loop_devices_scratch_falls_back_to_memory_and_says_so(
+    tmp_path: Path, monkeypatch, caplog
+):
     from tests.conftest import require_docker, start_grid
 
     require_docker()
@@ -156,7 +171,11 @@ def test_without_loop_devices_scratch_falls_back_to_memory_and_says_so(tmp_path:
 
         @nanogrid.remote(timeout=30)
         def tmp_filesystem():
-            return [line.split()[-3] for line in open("/proc/self/mountinfo") if line.split()[4] == "/tmp"]
+            return [
+                line.split()[-3]
+                for line in open("/proc/self/mountinfo")
+                if line.split()[4] == "/tmp"
+            ]
 
         assert tmp_filesystem.remote() == ["tmpfs"]
     finally:
@@ -180,7 +199,11 @@ def test_a_blob_for_a_sandbox_whose_disk_is_full_comes_over_the_channel(client):
                 pass
         return len(data), data[:3], os.path.exists("/tmp/keep.bin")
 
-    assert fill_then_read.remote(b"abc" * 300_000, True) == (900_000, b"abc", True)  # inline: under 1 MiB
+    assert fill_then_read.remote(b"abc" * 300_000, True) == (
+        900_000,
+        b"abc",
+        True,
+    )  # inline: under 1 MiB
     big = os.urandom(5 << 20)  # a blob, and the disk has no room left for it
     assert fill_then_read.remote(big, False) == (5 << 20, big[:3], True)
 
@@ -190,12 +213,16 @@ def test_sandbox_disks_never_promise_more_than_the_hosts_free_space(tmp_path: Pa
     require(scratch.unavailable() == "", f"no scratch disks here: {scratch.unavailable()}")
     room = scratch.DiskRoom(tmp_path, reserve=64 << 20)
     real = scratch.shutil.disk_usage
-    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda path: real(path)._replace(free=200 << 20))
+    monkeypatch.setattr(
+        scratch.shutil, "disk_usage", lambda path: real(path)._replace(free=200 << 20)
+    )
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
     first = room.make(tmp_path / "a", 100)
     with pytest.raises(scratch.ScratchError, match="200 MiB free: too little for another 100 MiB"):
-        room.make(tmp_path / "b", 100)  # 100 MiB it may still fill + 100 MiB + the reserve > 200 MiB
+        room.make(
+            tmp_path / "b", 100
+        )  # 100 MiB it may still fill + 100 MiB + the reserve > 200 MiB
     first.close()
     room.make(tmp_path / "b", 100).close()  # its room is free again
 
@@ -203,14 +230,18 @@ def test_sandbox_disks_never_promise_more_than_the_hosts_free_space(tmp_path: Pa
 def test_a_sandbox_the_hosts_disk_has_no_room_for_fails_its_call_clearly(client, docker_grid):
     room = docker_grid.grid.factory.disk_room
     saved = room.reserve
-    room.reserve = scratch.shutil.disk_usage(room.directory).free  # as if the host's disk were nearly full
+    room.reserve = scratch.shutil.disk_usage(
+        room.directory
+    ).free  # as if the host's disk were nearly full
 
     @nanogrid.remote(disk=100, timeout=60)
     def small_disk():
         return "ran"
 
     try:
-        with pytest.raises(nanogrid.JobFailed, match="no room for a 100 MiB sandbox disk now: ask for a smaller"):
+        with pytest.raises(
+            nanogrid.JobFailed, match="no room for a 100 MiB sandbox disk now: ask for a smaller"
+        ):
             small_disk.remote()
     finally:
         room.reserve = saved
@@ -226,7 +257,9 @@ def tenants(tmp_path: Path):
 
     require_docker()
     require(scratch.unavailable() == "", f"no scratch disks here: {scratch.unavailable()}")
-    embedded = start_grid(tmp_path / "data", sandbox="docker", stem_cells=0, workers=1, pool_cap=4, idle_ttl_s=600)
+    embedded = start_grid(
+        tmp_path / "data", sandbox="docker", stem_cells=0, workers=1, pool_cap=4, idle_ttl_s=600
+    )
     try:
         keys = {name: create_key(embedded.grid.registry, name)[0] for name in ("alice", "bob")}
         yield embedded, keys
@@ -236,6 +269,7 @@ def tenants(tmp_path: Path):
 
 def sized(disk_mib: int, name: str):
     """A function with a ``disk_mib`` disk that returns its disk's size (no packages: the plain runtime)."""
+
     def size():
         import shutil
 
@@ -250,7 +284,9 @@ def test_idle_sandboxes_give_their_disk_room_to_any_tenants_call(tenants):
     embedded, keys = tenants
     room, pool = embedded.grid.factory.disk_room, embedded.grid.pool
     nanogrid.connect(embedded.url, api_key=keys["alice"])
-    assert sized(200, "alices").remote() >= 180 * MiB  # its sandbox stays idle, holding 200 MiB of room
+    assert (
+        sized(200, "alices").remote() >= 180 * MiB
+    )  # its sandbox stays idle, holding 200 MiB of room
     assert pool.snapshot()["idle"] == 1
     # As if the host's disk had room for 150 MiB more of sandbox disks, beside what they may still fill.
     room.reserve = scratch.shutil.disk_usage(room.directory).free - room.promised() - 150 * MiB
@@ -272,6 +308,8 @@ def test_a_refused_disk_says_what_the_tenant_can_do_and_evicts_nobody(tenants):
     with pytest.raises(nanogrid.JobFailed) as refused:
         sized(2048, "huge").remote()  # even with alice's idle sandbox gone, 2 GiB does not fit
     message = str(refused.value)
-    assert refused.value.kind == "storage" and "ask for a smaller one (@remote(disk=MiB))" in message, message
+    assert (
+        refused.value.kind == "storage" and "ask for a smaller one (@remote(disk=MiB))" in message
+    ), message
     assert "MiB free" not in message and str(room.directory) not in message, message
     assert pool.snapshot()["idle"] == 1  # alice's sandbox was not stopped for nothing

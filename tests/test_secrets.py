@@ -47,8 +47,9 @@ def test_sealed_secrets_open_only_with_their_key_owner_and_name() -> None:
     assert box.seal(VALUE.encode(), "alice", "db") != sealed  # a fresh nonce each time
 
 
-def test_a_secret_reaches_only_the_function_that_names_it_and_never_a_view(docker_grid: EmbeddedGrid,
-                                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_a_secret_reaches_only_the_function_that_names_it_and_never_a_view(
+    docker_grid: EmbeddedGrid, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     client = nanogrid.connect(docker_grid.url, api_key=docker_grid.api_key)
     shown = client.set_secret("db", {"DB_PASSWORD": VALUE, "DB_USER": "app"})
@@ -56,15 +57,22 @@ def test_a_secret_reaches_only_the_function_that_names_it_and_never_a_view(docke
     assert VALUE not in str(client.secrets())
 
     @on(client, secrets=["db"], env={"MODE": "test"})
-    def read_env() -> dict:  # a digest of the password: a function returning its secret would store it itself
+    def read_env() -> (
+        dict
+    ):  # a digest of the password: a function returning its secret would store it itself
         import hashlib
         import os
-        return {"DB_PASSWORD": hashlib.sha256(os.environ["DB_PASSWORD"].encode()).hexdigest(),
-                "DB_USER": os.environ.get("DB_USER"), "MODE": os.environ.get("MODE")}
+
+        return {
+            "DB_PASSWORD": hashlib.sha256(os.environ["DB_PASSWORD"].encode()).hexdigest(),
+            "DB_USER": os.environ.get("DB_USER"),
+            "MODE": os.environ.get("MODE"),
+        }
 
     @on(client)
     def read_env_without() -> dict:
         import os
+
         return {k: os.environ.get(k) for k in ("DB_PASSWORD", "DB_USER", "MODE")}
 
     digest = hashlib.sha256(VALUE.encode()).hexdigest()
@@ -82,6 +90,7 @@ def test_a_secret_reaches_only_the_function_that_names_it_and_never_a_view(docke
     @on(other, secrets=["db"])
     def steal() -> str | None:
         import os
+
         return os.environ.get("DB_PASSWORD")
 
     with pytest.raises(nanogrid.errors.JobFailed) as refused:  # the other owner has no secret "db"
@@ -96,13 +105,18 @@ def test_a_ciphertext_copied_to_another_owner_does_not_open(docker_grid: Embedde
     key, _ = create_key(registry, "secrets-copier")
     client = nanogrid.connect(docker_grid.url, api_key=docker_grid.api_key)
     client.set_secret("copied", {"TOKEN": VALUE})
-    sealed = registry.get_secret("local", "copied")  # the embedded grid's own key belongs to owner "local"
-    registry.put_secret(SecretRecord("secrets-copier", "copied", sealed.ciphertext, sealed.variables))
+    sealed = registry.get_secret(
+        "local", "copied"
+    )  # the embedded grid's own key belongs to owner "local"
+    registry.put_secret(
+        SecretRecord("secrets-copier", "copied", sealed.ciphertext, sealed.variables)
+    )
     thief = nanogrid.connect(docker_grid.url, api_key=key)
 
     @on(thief, secrets=["copied"])
     def read() -> str | None:
         import os
+
         return os.environ.get("TOKEN")
 
     with pytest.raises(nanogrid.errors.JobFailed) as refused:
@@ -111,7 +125,9 @@ def test_a_ciphertext_copied_to_another_owner_does_not_open(docker_grid: Embedde
 
 
 def test_secret_routes_refuse_bad_names_and_never_return_values(docker_grid: EmbeddedGrid) -> None:
-    with httpx.Client(base_url=docker_grid.url + "/v1", headers={"x-api-key": docker_grid.api_key}) as http:
+    with httpx.Client(
+        base_url=docker_grid.url + "/v1", headers={"x-api-key": docker_grid.api_key}
+    ) as http:
         assert http.put("/secrets/bad name", json={"values": {"A": "b"}}).status_code == 422
         assert http.put("/secrets/ok", json={"values": {"1BAD": "b"}}).status_code == 422
         assert http.put("/secrets/ok", json={"values": {}}).status_code == 422

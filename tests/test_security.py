@@ -31,8 +31,11 @@ def api(grid, key: str | None = None, **headers: str) -> httpx.Client:
 
 
 def upload(client: httpx.Client, source: bytes = HELLO, name: str = "hello") -> str:
-    response = client.post("/v1/upload", files={"file": (f"{name}.py", source)},
-                           data={"function_name": name, "handler": f"{name}.handler"})
+    response = client.post(
+        "/v1/upload",
+        files={"file": (f"{name}.py", source)},
+        data={"function_name": name, "handler": f"{name}.handler"},
+    )
     assert response.status_code in (200, 201), response.text
     return response.json()["function_id"]
 
@@ -40,8 +43,14 @@ def upload(client: httpx.Client, source: bytes = HELLO, name: str = "hello") -> 
 def test_health_is_open_and_everything_else_needs_a_key(grid):
     anonymous = api(grid)
     assert anonymous.get("/health").status_code == 200
-    for method, path in [("get", "/v1/functions"), ("get", "/v1/jobs"), ("get", "/v1/system/status"),
-                         ("post", "/v1/run"), ("post", "/v1/upload"), ("get", "/v1/status/job-x")]:
+    for method, path in [
+        ("get", "/v1/functions"),
+        ("get", "/v1/jobs"),
+        ("get", "/v1/system/status"),
+        ("post", "/v1/run"),
+        ("post", "/v1/upload"),
+        ("get", "/v1/status/job-x"),
+    ]:
         response = getattr(anonymous, method)(path)
         assert response.status_code == 401, (path, response.text)
         assert "missing API key" in response.json()["detail"]
@@ -93,47 +102,153 @@ def lying_zip() -> bytes:
     """A zip whose entry declares 10 bytes but inflates to much more."""
     data = bytearray(zip_bytes({"m.py": b"x = 1\n" * 20000}))
     offset = data.find(b"PK\x01\x02")  # central directory: uncompressed size at +24
-    data[offset + 24:offset + 28] = (10).to_bytes(4, "little")
+    data[offset + 24 : offset + 28] = (10).to_bytes(4, "little")
     local = data.find(b"PK\x03\x04")
-    data[local + 22:local + 26] = (10).to_bytes(4, "little")
+    data[local + 22 : local + 26] = (10).to_bytes(4, "little")
     return bytes(data)
 
 
 FORM = {"function_name": "f", "handler": "m.handler"}
 BAD_INPUTS = [
-    ("broken zip", "post", "/v1/upload", {"files": {"file": ("f.zip", b"PK\x03\x04garbage")}, "data": FORM}, 400,
-     "neither a .py file nor a valid zip"),
-    ("zip slip", "post", "/v1/upload", {"files": {"file": ("f.zip", zip_bytes({"../../etc/cron.d/x": HELLO}))},
-                                     "data": FORM}, 400, "outside the package"),
-    ("absolute path", "post", "/v1/upload", {"files": {"file": ("f.zip", zip_bytes({"/abs.py": HELLO}))}, "data": FORM},
-     400, "outside the package"),
-    ("zip bomb", "post", "/v1/upload", {"files": {"file": ("f.zip", zip_bytes({"m.py": b"\0" * (50 << 20)}))},
-                                     "data": FORM}, 413, "zip bomb"),
-    ("size lies", "post", "/v1/upload", {"files": {"file": ("f.zip", lying_zip())}, "data": FORM}, 400, "damaged"),
-    ("manifest not JSON", "post", "/v1/upload", {"files": {"file": ("f.zip", zip_bytes({"manifest.json": b"{oops",
-                                                                                      "m.py": HELLO}))},
-                                              "data": FORM}, 422, "manifest.json is not valid JSON"),
-    ("unknown runtime", "post", "/v1/upload", {"files": {"file": ("m.py", HELLO)},
-                                            "data": {**FORM, "runtime": "cobol85"}}, 422, "unknown runtime"),
-    ("shell in a name", "post", "/v1/upload", {"files": {"file": ("m.py", HELLO)},
-                                            "data": {**FORM, "function_name": "x; rm -rf /"}}, 422, "function name"),
-    ("timeout too long", "post", "/v1/upload", {"files": {"file": ("m.py", HELLO)}, "data": {**FORM, "timeout": "99999"}},
-     422, "timeout must be"),
-    ("memory too big", "post", "/v1/upload", {"files": {"file": ("m.py", HELLO)}, "data": {**FORM, "memory": "999999"}},
-     422, "memory must be"),
-    ("package too big", "post", "/v1/upload", {"files": {"file": ("m.py", b"#" * (65 << 20))}, "data": FORM}, 413,
-     "limit"),
-    ("payload too big", "post", "/v1/run", {"json": {"function_id": "FUNCTION", "payload": "x" * (17 << 20)}}, 413,
-     "over the"),
-    ("body too big", "post", "/v1/run", {"content": b"x" * (90 << 20), "headers": {"content-type": "application/json"}},
-     413, "limit"),
-    ("not JSON", "post", "/v1/run", {"content": b"{", "headers": {"content-type": "application/json"}}, 422, "JSON"),
-    ("pickle to a handler", "post", "/v1/run", {"json": {"function_id": "FUNCTION", "args_pickle": "AAAA"}}, 400,
-     "handler function"),
-    ("map too many", "post", "/v1/map", {"json": {"function_id": "FUNCTION", "payloads": [1] * 10001}}, 413,
-     "at most"),
-    ("map both kinds", "post", "/v1/map", {"json": {"function_id": "FUNCTION", "payloads": [1], "args_pickle": ["AA"]}},
-     422, "exactly one"),
+    (
+        "broken zip",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("f.zip", b"PK\x03\x04garbage")}, "data": FORM},
+        400,
+        "neither a .py file nor a valid zip",
+    ),
+    (
+        "zip slip",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("f.zip", zip_bytes({"../../etc/cron.d/x": HELLO}))}, "data": FORM},
+        400,
+        "outside the package",
+    ),
+    (
+        "absolute path",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("f.zip", zip_bytes({"/abs.py": HELLO}))}, "data": FORM},
+        400,
+        "outside the package",
+    ),
+    (
+        "zip bomb",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("f.zip", zip_bytes({"m.py": b"\0" * (50 << 20)}))}, "data": FORM},
+        413,
+        "zip bomb",
+    ),
+    (
+        "size lies",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("f.zip", lying_zip())}, "data": FORM},
+        400,
+        "damaged",
+    ),
+    (
+        "manifest not JSON",
+        "post",
+        "/v1/upload",
+        {
+            "files": {"file": ("f.zip", zip_bytes({"manifest.json": b"{oops", "m.py": HELLO}))},
+            "data": FORM,
+        },
+        422,
+        "manifest.json is not valid JSON",
+    ),
+    (
+        "unknown runtime",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("m.py", HELLO)}, "data": {**FORM, "runtime": "cobol85"}},
+        422,
+        "unknown runtime",
+    ),
+    (
+        "shell in a name",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("m.py", HELLO)}, "data": {**FORM, "function_name": "x; rm -rf /"}},
+        422,
+        "function name",
+    ),
+    (
+        "timeout too long",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("m.py", HELLO)}, "data": {**FORM, "timeout": "99999"}},
+        422,
+        "timeout must be",
+    ),
+    (
+        "memory too big",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("m.py", HELLO)}, "data": {**FORM, "memory": "999999"}},
+        422,
+        "memory must be",
+    ),
+    (
+        "package too big",
+        "post",
+        "/v1/upload",
+        {"files": {"file": ("m.py", b"#" * (65 << 20))}, "data": FORM},
+        413,
+        "limit",
+    ),
+    (
+        "payload too big",
+        "post",
+        "/v1/run",
+        {"json": {"function_id": "FUNCTION", "payload": "x" * (17 << 20)}},
+        413,
+        "over the",
+    ),
+    (
+        "body too big",
+        "post",
+        "/v1/run",
+        {"content": b"x" * (90 << 20), "headers": {"content-type": "application/json"}},
+        413,
+        "limit",
+    ),
+    (
+        "not JSON",
+        "post",
+        "/v1/run",
+        {"content": b"{", "headers": {"content-type": "application/json"}},
+        422,
+        "JSON",
+    ),
+    (
+        "pickle to a handler",
+        "post",
+        "/v1/run",
+        {"json": {"function_id": "FUNCTION", "args_pickle": "AAAA"}},
+        400,
+        "handler function",
+    ),
+    (
+        "map too many",
+        "post",
+        "/v1/map",
+        {"json": {"function_id": "FUNCTION", "payloads": [1] * 10001}},
+        413,
+        "at most",
+    ),
+    (
+        "map both kinds",
+        "post",
+        "/v1/map",
+        {"json": {"function_id": "FUNCTION", "payloads": [1], "args_pickle": ["AA"]}},
+        422,
+        "exactly one",
+    ),
     ("unknown job", "get", "/v1/status/job-nope", {}, 404, "no job"),
     ("bad wait", "get", "/v1/status/job-nope?wait=-1", {}, 422, "wait"),
 ]
@@ -145,8 +260,11 @@ def test_every_bad_input_is_refused_and_nothing_is_lost(grid, key):
     before = client.post("/v1/run", json={"function_id": function_id, "payload": "kept"}).json()
     assert before["status"] == "completed"
     for label, method, path, kwargs, status, message in BAD_INPUTS:
-        kwargs = json.loads(json.dumps(kwargs, default=str).replace("FUNCTION", function_id)) \
-            if "json" in kwargs else kwargs
+        kwargs = (
+            json.loads(json.dumps(kwargs, default=str).replace("FUNCTION", function_id))
+            if "json" in kwargs
+            else kwargs
+        )
         response = getattr(client, method)(path, **kwargs)
         assert response.status_code == status, (label, response.status_code, response.text[:300])
         assert message in response.text, (label, response.text[:300])

@@ -34,17 +34,17 @@ SUMMARIZER = (Path(__file__).parent / "seed_ai_summarizer.py.txt").read_text(enc
 TEXT = "인공지능(AI)은 인간의 학습능력, 추론능력, 지각능력을 인공적으로 구현한 컴퓨터 시스템입니다."
 
 # The seed's AI SDK as its README shows it: the model comes from the run's modelId (LLM_MODEL).
-WITH_AI_CLIENT = '''import os
+WITH_AI_CLIENT = """import os
 import ai_client
 
 def handler(event, context):
     return {"answer": ai_client.generate(event["prompt"]), "endpoint": os.environ.get("AI_ENDPOINT"),
             "chat": ai_client.chat([{"role": "user", "content": "hello there"}])}
-'''
+"""
 
 # What a curious (or hostile) function tries through AI_ENDPOINT: the node's admin routes, and the node while its
 # module loads, outside any call.
-PROBING = '''import os
+PROBING = """import os
 import requests
 
 AT_LOAD = requests.get(os.environ["AI_ENDPOINT"] + "/api/tags", timeout=30)
@@ -60,7 +60,7 @@ def handler(event, context):
     return {"at_load": [AT_LOAD.status_code, AT_LOAD.json()], "pull": [pull.status_code, pull.json()],
             "delete": [delete.status_code, delete.json()], "tags": [m["name"] for m in tags.json()["models"]],
             "twice": twice, "huge": huge.status_code}
-'''
+"""
 
 # What another process on the host would try where the sandbox shares the host's network: AI_ENDPOINT's port,
 # without its path.
@@ -140,19 +140,26 @@ extern "C" const char* handler(const char* event) {
 SOURCE_FILES = {"python": "main.py", "nodejs": "index.js", "go": "main.go", "cpp": "main.cpp"}
 
 
-def upload(client: httpx.Client, source: str, model: str | None = None, runtime: str = "python") -> str:
+def upload(
+    client: httpx.Client, source: str, model: str | None = None, runtime: str = "python"
+) -> str:
     """POST /upload as the seed's UI sends it: the editor's code, zipped (plus the default modelId, if any)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
         zf.writestr(SOURCE_FILES[runtime], source)
-    response = client.post("/upload", headers={"x-runtime": runtime, "x-memory-mb": "256"},
-                           files={"file": ("function.zip", buffer.getvalue(), "application/zip")},
-                           data={"modelId": model} if model else {})
+    response = client.post(
+        "/upload",
+        headers={"x-runtime": runtime, "x-memory-mb": "256"},
+        files={"file": ("function.zip", buffer.getvalue(), "application/zip")},
+        data={"modelId": model} if model else {},
+    )
     assert response.status_code == 200, response.text
     return response.json()["functionId"]
 
 
-def run(client: httpx.Client, function_id: str, event: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+def run(
+    client: httpx.Client, function_id: str, event: dict[str, Any], model: str | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"functionId": function_id, "inputData": event}
     if model:
         body["modelId"] = model
@@ -171,25 +178,41 @@ def node() -> Iterator[FakeOllama]:
 
 
 @pytest.fixture(scope="module")
-def docker_seed(node: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def docker_seed(
+    node: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
     require_docker()
     for language in ("node", "go", "cpp"):  # built here if missing or out of date, as CI does
-        built = subprocess.run([sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", language],
-                               capture_output=True, text=True)
+        built = subprocess.run(
+            [sys.executable, str(ROOT / "nanogrid_runtimes" / "build.py"), "--runtime", language],
+            capture_output=True,
+            text=True,
+        )
         assert built.returncode == 0, built.stderr
-    grid = start_grid(tmp_path_factory.mktemp("seed-ai-docker"), sandbox="docker", ai_endpoint=node.url,
-                      ai_model="tiny", stem_cells=1)
+    grid = start_grid(
+        tmp_path_factory.mktemp("seed-ai-docker"),
+        sandbox="docker",
+        ai_endpoint=node.url,
+        ai_model="tiny",
+        stem_cells=1,
+    )
     try:
-        with httpx.Client(base_url=grid.url, headers={"x-api-key": str(grid.api_key)}, timeout=120) as client:
+        with httpx.Client(
+            base_url=grid.url, headers={"x-api-key": str(grid.api_key)}, timeout=120
+        ) as client:
             yield client
     finally:
         grid.stop()
 
 
 @pytest.fixture(scope="module")
-def ai_off_grid(node: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGrid]:
+def ai_off_grid(
+    node: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedGrid]:
     """A grid whose operator turned AI off for seed uploads (seed_ai = false): process sandboxes."""
-    grid = start_grid(tmp_path_factory.mktemp("seed-ai-off"), ai_endpoint=node.url, ai_model="tiny", seed_ai=False)
+    grid = start_grid(
+        tmp_path_factory.mktemp("seed-ai-off"), ai_endpoint=node.url, ai_model="tiny", seed_ai=False
+    )
     yield grid
     grid.stop()
 
@@ -219,7 +242,9 @@ def test_ai_client_takes_the_model_of_the_upload_then_of_the_run(docker_seed, no
     assert default["status"] == "SUCCESS", default
     assert default["result"]["answer"] == "[summarizer] summary: a short text"
     assert default["result"]["chat"] == "[summarizer] summary: hello there"
-    assert default["result"]["endpoint"].startswith("http://127.0.0.1:")  # the sandbox's own loopback
+    assert default["result"]["endpoint"].startswith(
+        "http://127.0.0.1:"
+    )  # the sandbox's own loopback
     assert default["llm_token_count"] > 0
     chosen = run(docker_seed, function_id, {"prompt": "a short text"}, model="tiny")
     assert chosen["result"]["answer"] == "[tiny] summary: a short text"
@@ -234,7 +259,10 @@ def test_the_forwarder_opens_the_inference_routes_only_and_only_during_a_call(do
     value = result["result"]
     assert value["pull"][0] == 403 and "inference routes" in value["pull"][1]["error"]
     assert value["delete"][0] == 403
-    assert value["at_load"][0] == 503 and "only while the function is being called" in value["at_load"][1]["error"]
+    assert (
+        value["at_load"][0] == 503
+        and "only while the function is being called" in value["at_load"][1]["error"]
+    )
     assert "llama3:8b" in value["tags"] and value["twice"] == [200, 200]
     assert value["huge"] == 413  # refused in the sandbox, before the channel
     assert not [seen for seen in node.seen if seen[1] in ("/api/pull", "/api/delete")]
@@ -246,7 +274,11 @@ def test_a_node_function_reaches_the_ai_node_through_its_own_loopback(docker_see
     function_id = upload(docker_seed, NODE_FETCH, runtime="nodejs")
     result = run(docker_seed, function_id, {"prompt": "three words here"}, model="summarizer")
     assert result["status"] == "SUCCESS", result
-    assert result["result"] == {"status": 200, "answer": "[summarizer] summary: three words here", "pull": 403}
+    assert result["result"] == {
+        "status": 200,
+        "answer": "[summarizer] summary: three words here",
+        "pull": 403,
+    }
     assert result["llm_token_count"] == 3 + 5
 
 
@@ -261,7 +293,9 @@ def test_a_go_function_reaches_the_ai_node_with_the_grids_default_model(docker_s
 
 def test_a_cpp_function_reaches_the_ai_node_with_the_runs_model(docker_seed, node):
     """A C++ seed function must reach the AI node at AI_ENDPOINT too (here over plain sockets)."""
-    result = run(docker_seed, upload(docker_seed, CPP_SOCKETS, runtime="cpp"), {}, model="summarizer")
+    result = run(
+        docker_seed, upload(docker_seed, CPP_SOCKETS, runtime="cpp"), {}, model="summarizer"
+    )
     assert result["status"] == "SUCCESS", result
     assert result["result"]["response"] == "[summarizer] summary: one two"
     assert result["llm_token_count"] == 2 + 4
@@ -270,7 +304,9 @@ def test_a_cpp_function_reaches_the_ai_node_with_the_runs_model(docker_seed, nod
 def test_a_function_with_ai_turned_off_is_told_why(ai_off_grid, node):
     """With AI turned off for seed uploads, a function's request must fail with a reason that says so (never a
     network error, never an answer), and nothing must reach the node."""
-    with httpx.Client(base_url=ai_off_grid.url, headers={"x-api-key": str(ai_off_grid.api_key)}, timeout=120) as client:
+    with httpx.Client(
+        base_url=ai_off_grid.url, headers={"x-api-key": str(ai_off_grid.api_key)}, timeout=120
+    ) as client:
         before = len(node.requests)
         result = run(client, upload(client, WITH_AI_CLIENT), {"prompt": "a short text"})
         assert result["status"] == "FAILED"
@@ -286,7 +322,9 @@ def test_without_bubblewrap_the_forwarder_needs_its_secret_path(node, tmp_path):
     loopback: without the endpoint's random path, no other process may spend the owner's tokens through it."""
     grid = start_grid(tmp_path, ai_endpoint=node.url, ai_model="tiny", bubblewrap="off")
     try:
-        with httpx.Client(base_url=grid.url, headers={"x-api-key": str(grid.api_key)}, timeout=120) as client:
+        with httpx.Client(
+            base_url=grid.url, headers={"x-api-key": str(grid.api_key)}, timeout=120
+        ) as client:
             result = run(client, upload(client, GUESSING), {})
     finally:
         grid.stop()

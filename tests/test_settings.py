@@ -29,29 +29,55 @@ from nanogrid_backend.secretbox import SecretBox, SecretError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-DOCS_VARIABLES = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", "\n".join(page.read_text() for page in DOCS)))
+DOCS_VARIABLES = set(
+    re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", "\n".join(page.read_text() for page in DOCS))
+)
 
-SETTING_OF = {f"NANOGRID_{f.name.upper()}": f.name for f in fields(GridConfig)} | {v: k for k, v in SEED_NAMES.items()}
-CLIENT_VARIABLES = {"NANOGRID_URL", "NANOGRID_API_KEY", "NANOGRID_TIMEOUT"}  # read by every command that talks to a grid
-SANDBOX_VARIABLES = "set by the grid inside a sandbox for the seed platform's functions (test_seed_contract.py)"
+SETTING_OF = {f"NANOGRID_{f.name.upper()}": f.name for f in fields(GridConfig)} | {
+    v: k for k, v in SEED_NAMES.items()
+}
+CLIENT_VARIABLES = {
+    "NANOGRID_URL",
+    "NANOGRID_API_KEY",
+    "NANOGRID_TIMEOUT",
+}  # read by every command that talks to a grid
+SANDBOX_VARIABLES = (
+    "set by the grid inside a sandbox for the seed platform's functions (test_seed_contract.py)"
+)
 NOT_COMMAND_SETTINGS = {
     "NANOGRID_CONFIG": "the settings file itself: test_the_config_file_variable_reaches_every_grid_command",
     "NANOGRID_SECRETS_KEY": "the grid's secrets key, from the environment only, never a settings file: "
-                            "test_the_secrets_key_variable_is_the_same_key_on_every_machine",
+    "test_the_secrets_key_variable_is_the_same_key_on_every_machine",
     "NANOGRID_OUTPUT_DIR": "set by the grid inside a sandbox, read by nanogrid.output_dir()",
-    "JOB_ID": SANDBOX_VARIABLES, "FUNCTION_ID": SANDBOX_VARIABLES, "MEMORY_MB": SANDBOX_VARIABLES,
-    "OUTPUT_DIR": SANDBOX_VARIABLES, "PAYLOAD_FILE": SANDBOX_VARIABLES,
-    "DB_USER": "a user's secret in the docs' example", "DB_PASSWORD": "a user's secret in the docs' example",
-    "NANOGRID_UPDATE_SCREENSHOT": "the test suite's", "NANOGRID_TUTORIAL_AI_ENDPOINT": "the tutorial notebook's",
-    "AWS_ENDPOINT_URL": "boto3's own setting", "AWS_ENDPOINT_URL_SQS": "boto3's own setting",
+    "JOB_ID": SANDBOX_VARIABLES,
+    "FUNCTION_ID": SANDBOX_VARIABLES,
+    "MEMORY_MB": SANDBOX_VARIABLES,
+    "OUTPUT_DIR": SANDBOX_VARIABLES,
+    "PAYLOAD_FILE": SANDBOX_VARIABLES,
+    "DB_USER": "a user's secret in the docs' example",
+    "DB_PASSWORD": "a user's secret in the docs' example",
+    "NANOGRID_UPDATE_SCREENSHOT": "the test suite's",
+    "NANOGRID_TUTORIAL_AI_ENDPOINT": "the tutorial notebook's",
+    "AWS_ENDPOINT_URL": "boto3's own setting",
+    "AWS_ENDPOINT_URL_SQS": "boto3's own setting",
     "STACK_GLOBAL": "a pickle opcode, in the architecture page's design notes",
 }
 OS_CONSTANTS = ("O_", "RLIMIT_")  # open(2) flags and resource limits the docs name: not variables
 
 # Which settings each command uses. The grid's own commands use them all.
 GRID_COMMANDS = [["up"], ["controller"], ["worker"]]
-BOOTSTRAP_USES = {"queue_url", "dlq_url", "code_bucket", "data_bucket", "dynamodb_table", "sqs_visibility_s"}
-KEYS_USES = {"data_dir", "dynamodb_table"}  # keys live in the registry: SQLite in the data dir, or DynamoDB
+BOOTSTRAP_USES = {
+    "queue_url",
+    "dlq_url",
+    "code_bucket",
+    "data_bucket",
+    "dynamodb_table",
+    "sqs_visibility_s",
+}
+KEYS_USES = {
+    "data_dir",
+    "dynamodb_table",
+}  # keys live in the registry: SQLite in the data dir, or DynamoDB
 QUEUE_URL = "https://sqs.eu-west-1.amazonaws.com/123456789012/team-queue"
 
 
@@ -117,14 +143,22 @@ def example(name: str, default: object, tmp_path: Path) -> Any:
 
 def test_every_variable_the_docs_name_is_accounted_for():
     """A variable added to the docs must be a setting, a client variable, or say here why it is neither."""
-    unknown = {name for name in DOCS_VARIABLES - SETTING_OF.keys() - CLIENT_VARIABLES - NOT_COMMAND_SETTINGS.keys()
-               if not name.startswith(OS_CONSTANTS)}
+    unknown = {
+        name
+        for name in DOCS_VARIABLES
+        - SETTING_OF.keys()
+        - CLIENT_VARIABLES
+        - NOT_COMMAND_SETTINGS.keys()
+        if not name.startswith(OS_CONSTANTS)
+    }
     assert unknown == set(), f"documented but unknown to the settings: {sorted(unknown)}"
     assert {"DYNAMODB_TABLE", "S3_CODE_BUCKET", "SQS_QUEUE_URL", "NANOGRID_URL"} <= DOCS_VARIABLES
 
 
 @pytest.mark.parametrize("variable", sorted(SETTING_OF))
-def test_every_setting_variable_reaches_every_command_that_uses_it(variable, started, clean_env, tmp_path):
+def test_every_setting_variable_reaches_every_command_that_uses_it(
+    variable, started, clean_env, tmp_path
+):
     name = SETTING_OF[variable]
     default = getattr(GridConfig(), name)
     value = example(name, default, tmp_path)
@@ -136,11 +170,19 @@ def test_every_setting_variable_reaches_every_command_that_uses_it(variable, sta
     if name in BOOTSTRAP_USES:
         started.clear()
         assert nanogrid.cli.main(["aws", "bootstrap"]) == 0
-        reached = {"queue": started["names"]["queue"], "dlq": started["names"]["dlq"],
-                   "code_bucket": started["names"]["code_bucket"], "data_bucket": started["names"]["data_bucket"],
-                   "dynamodb_table": started["names"]["table"], "sqs_visibility_s": started["visibility_s"]}
+        reached = {
+            "queue": started["names"]["queue"],
+            "dlq": started["names"]["dlq"],
+            "code_bucket": started["names"]["code_bucket"],
+            "data_bucket": started["names"]["data_bucket"],
+            "dynamodb_table": started["names"]["table"],
+            "sqs_visibility_s": started["visibility_s"],
+        }
         expected = value.rsplit("/", 1)[-1] if name.endswith("_url") else value
-        assert reached["queue" if name == "queue_url" else "dlq" if name == "dlq_url" else name] == expected
+        assert (
+            reached["queue" if name == "queue_url" else "dlq" if name == "dlq_url" else name]
+            == expected
+        )
     if name in KEYS_USES:
         for action in (["list"], ["create", "alice"], ["revoke", "1a2b3c4d"]):
             started.clear()
@@ -150,7 +192,9 @@ def test_every_setting_variable_reaches_every_command_that_uses_it(variable, sta
 
 def test_the_config_file_variable_reaches_every_grid_command(started, clean_env, tmp_path):
     settings = tmp_path / "grid.toml"
-    settings.write_text(f'workers = 3\ndynamodb_table = "from-file"\ndata_dir = "{tmp_path / "file-data"}"\n')
+    settings.write_text(
+        f'workers = 3\ndynamodb_table = "from-file"\ndata_dir = "{tmp_path / "file-data"}"\n'
+    )
     clean_env.setenv("NANOGRID_CONFIG", str(settings))
     clean_env.delenv("NANOGRID_DATA_DIR")
     for command in GRID_COMMANDS:
@@ -165,7 +209,9 @@ def test_the_config_file_variable_reaches_every_grid_command(started, clean_env,
 def test_flags_reach_aws_bootstrap_over_the_environment(started, clean_env):
     clean_env.setenv("DYNAMODB_TABLE", "from-env")
     clean_env.setenv("SQS_QUEUE_URL", QUEUE_URL)
-    nanogrid.cli.main(["aws", "bootstrap", "--table", "from-flag", "--queue", "flag-queue", "--visibility", "45"])
+    nanogrid.cli.main(
+        ["aws", "bootstrap", "--table", "from-flag", "--queue", "flag-queue", "--visibility", "45"]
+    )
     assert started["names"]["table"] == "from-flag" and started["names"]["queue"] == "flag-queue"
     assert started["visibility_s"] == 45
 
@@ -176,7 +222,10 @@ def test_the_grid_url_and_key_reach_every_client_command(command, clean_env, cap
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(request)
-        return httpx.Response(200, json=[] if request.url.path == "/v1/jobs" else {"job_id": "job-1", "status": "pending"})
+        return httpx.Response(
+            200,
+            json=[] if request.url.path == "/v1/jobs" else {"job_id": "job-1", "status": "pending"},
+        )
 
     class Recorded(Client):
         def __init__(self, url: str, api_key: str | None = None, **kwargs: Any) -> None:
@@ -194,7 +243,9 @@ def test_the_grid_url_and_key_reach_every_client_command(command, clean_env, cap
 
 def test_a_bad_client_timeout_is_refused_with_its_name(clean_env):
     clean_env.setenv("NANOGRID_TIMEOUT", "soon")
-    with pytest.raises(ConfigError, match="NANOGRID_TIMEOUT is a number of seconds, e.g. 30, not 'soon'"):
+    with pytest.raises(
+        ConfigError, match="NANOGRID_TIMEOUT is a number of seconds, e.g. 30, not 'soon'"
+    ):
         Client("http://grid.example:9999")
 
 
@@ -203,13 +254,16 @@ def test_the_secrets_key_variable_is_the_same_key_on_every_machine(clean_env, tm
     clean_env.setenv("NANOGRID_SECRETS_KEY", base64.b64encode(bytes(range(32))).decode())
     sealed = SecretBox.load(tmp_path / "machine-a").seal(b"hunter2", "alice", "db")
     assert SecretBox.load(tmp_path / "machine-b").open(sealed, "alice", "db") == b"hunter2"
-    assert not (tmp_path / "machine-b" / "secrets.key").exists()  # no key of its own next to the registry
+    assert not (
+        tmp_path / "machine-b" / "secrets.key"
+    ).exists()  # no key of its own next to the registry
     clean_env.setenv("NANOGRID_SECRETS_KEY", "not base64!")
     with pytest.raises(SecretError, match="NANOGRID_SECRETS_KEY is not base64"):
         SecretBox.load(tmp_path / "machine-a")
 
 
 # -- precedence and bad values ----------------------------------------------------------------------------------------
+
 
 def test_precedence_is_defaults_then_file_then_environment_then_flags(clean_env, tmp_path):
     settings = tmp_path / "grid.toml"
@@ -220,7 +274,9 @@ def test_precedence_is_defaults_then_file_then_environment_then_flags(clean_env,
     clean_env.setenv("NANOGRID_WORKERS", "5")
     from_env = GridConfig.load(settings)
     assert (from_env.workers, from_env.stem_cells) == (5, 4)  # the environment wins where it speaks
-    from_flags = GridConfig.load(settings, workers=7, stem_cells=None)  # an unset flag (None) is no override
+    from_flags = GridConfig.load(
+        settings, workers=7, stem_cells=None
+    )  # an unset flag (None) is no override
     assert (from_flags.workers, from_flags.stem_cells) == (7, 4)
 
 
@@ -231,15 +287,22 @@ def test_nanogrid_names_win_over_the_seed_names(clean_env):
     assert GridConfig.load().dynamodb_table == "own-table"
 
 
-@pytest.mark.parametrize(("variable", "value", "says"), [
-    ("NANOGRID_WORKERS", "two", "NANOGRID_WORKERS: 'two' is not a whole number"),
-    ("NANOGRID_WORKERS", "2.5", "NANOGRID_WORKERS: '2.5' is not a whole number"),
-    ("NANOGRID_IDLE_TTL_S", "soon", "NANOGRID_IDLE_TTL_S: 'soon' is not a number"),
-    ("NANOGRID_SANDBOX", "vm", "NANOGRID_SANDBOX: must be one of auto, docker, process, not 'vm'"),
-    ("NANOGRID_WORKERS", "0", "NANOGRID_WORKERS: must be at least 1, not 0"),
-    ("NANOGRID_PORT", "70000", "NANOGRID_PORT: must be 0..65535"),
-    ("REDIS_PORT", "six", "REDIS_PORT: 'six' is not a whole number"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("NANOGRID_WORKERS", "two", "NANOGRID_WORKERS: 'two' is not a whole number"),
+        ("NANOGRID_WORKERS", "2.5", "NANOGRID_WORKERS: '2.5' is not a whole number"),
+        ("NANOGRID_IDLE_TTL_S", "soon", "NANOGRID_IDLE_TTL_S: 'soon' is not a number"),
+        (
+            "NANOGRID_SANDBOX",
+            "vm",
+            "NANOGRID_SANDBOX: must be one of auto, docker, process, not 'vm'",
+        ),
+        ("NANOGRID_WORKERS", "0", "NANOGRID_WORKERS: must be at least 1, not 0"),
+        ("NANOGRID_PORT", "70000", "NANOGRID_PORT: must be 0..65535"),
+        ("REDIS_PORT", "six", "REDIS_PORT: 'six' is not a whole number"),
+    ],
+)
 def test_a_bad_value_names_where_it_came_from(clean_env, variable, value, says):
     clean_env.setenv(variable, value)
     with pytest.raises(ConfigError) as info:
@@ -247,11 +310,14 @@ def test_a_bad_value_names_where_it_came_from(clean_env, variable, value, says):
     assert says in str(info.value)
 
 
-@pytest.mark.parametrize(("text", "says"), [
-    ("wrokers = 3\n", "unknown setting 'wrokers'"),
-    ("workers = \n", "is not valid TOML"),
-    ('workers = "many"\n', "workers in"),
-])
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("wrokers = 3\n", "unknown setting 'wrokers'"),
+        ("workers = \n", "is not valid TOML"),
+        ('workers = "many"\n', "workers in"),
+    ],
+)
 def test_a_bad_config_file_is_refused_with_its_name(clean_env, tmp_path, text, says):
     settings = tmp_path / "grid.toml"
     settings.write_text(text)

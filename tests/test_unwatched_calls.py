@@ -53,9 +53,15 @@ def grid(tmp_path: Path):
 def _killed_client(grid, tmp_path: Path, mode: str, when: str) -> None:
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
-    env = {**os.environ, "NANOGRID_URL": grid.url, "NANOGRID_API_KEY": grid.api_key,
-           "PYTHONPATH": str(ROOT)}
-    client = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "NANOGRID_URL": grid.url,
+        "NANOGRID_API_KEY": grid.api_key,
+        "PYTHONPATH": str(ROOT),
+    }
+    client = subprocess.Popen(
+        [sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         for line in client.stdout:  # type: ignore[union-attr]
             if line.strip() == when:
@@ -68,7 +74,9 @@ def _killed_client(grid, tmp_path: Path, mode: str, when: str) -> None:
             while len([v for v in watcher.jobs(limit=100) if v["function_name"] == "nap"]) < 4:
                 assert time.monotonic() < deadline, "the client's sync call never reached the grid"
                 time.sleep(0.05)
-            time.sleep(0.6)  # past the call's first wait for its result: it now follows the job's live output
+            time.sleep(
+                0.6
+            )  # past the call's first wait for its result: it now follows the job's live output
         client.send_signal(signal.SIGKILL)
     finally:
         client.kill()
@@ -81,7 +89,9 @@ def _settled(client: nanogrid.Client, count: int) -> list[dict]:
         views = [v for v in client.jobs(limit=1000) if v["function_name"] == "nap"]
         if len(views) >= count and all(v["status"] not in ("pending", "running") for v in views):
             return views
-        assert time.monotonic() < deadline, "calls still queued or running a minute after their client died"
+        assert time.monotonic() < deadline, (
+            "calls still queued or running a minute after their client died"
+        )
         time.sleep(0.2)
 
 
@@ -89,11 +99,15 @@ def _settled(client: nanogrid.Client, count: int) -> list[dict]:
 def test_a_killed_map_client_leaves_no_queued_calls_behind(grid, tmp_path):
     _killed_client(grid, tmp_path, "map", "mapping")
     client = nanogrid.connect(grid.url, api_key=grid.api_key)
-    views = _settled(client, 103)  # the map sends its calls in chunks: at least a hundred were queued
+    views = _settled(
+        client, 103
+    )  # the map sends its calls in chunks: at least a hundred were queued
     by_status: dict[str, int] = {}
     for v in views:
         by_status[v["status"]] = by_status.get(v["status"], 0) + 1
-    spawned = [v for v in views if v["job_id"] and v["status"] == "completed" and v.get("started_at")]
+    spawned = [
+        v for v in views if v["job_id"] and v["status"] == "completed" and v.get("started_at")
+    ]
     assert by_status.get("failed", 0) == 0, by_status
     assert by_status.get("cancelled", 0) >= 90, f"queued calls ran for nobody: {by_status}"
     for v in views:
@@ -103,7 +117,9 @@ def test_a_killed_map_client_leaves_no_queued_calls_behind(grid, tmp_path):
 
 
 @pytest.mark.integration
-def test_a_killed_sync_remote_client_leaves_no_queued_call_behind_but_its_spawns_run(grid, tmp_path):
+def test_a_killed_sync_remote_client_leaves_no_queued_call_behind_but_its_spawns_run(
+    grid, tmp_path
+):
     _killed_client(grid, tmp_path, "remote", "waiting")
     client = nanogrid.connect(grid.url, api_key=grid.api_key)
     views = _settled(client, 4)

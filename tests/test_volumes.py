@@ -29,7 +29,9 @@ def on(client: nanogrid.Client, **options: Any):  # noqa: ANN201
 
 @pytest.fixture(params=["process", "docker"])
 def embedded(request: pytest.FixtureRequest) -> EmbeddedGrid:
-    grid: EmbeddedGrid = request.getfixturevalue("grid" if request.param == "process" else "docker_grid")
+    grid: EmbeddedGrid = request.getfixturevalue(
+        "grid" if request.param == "process" else "docker_grid"
+    )
     if grid.grid.volumes.problem:
         pytest.skip(f"no volumes here: {grid.grid.volumes.problem}")
     return grid
@@ -37,7 +39,9 @@ def embedded(request: pytest.FixtureRequest) -> EmbeddedGrid:
 
 def owner(embedded: EmbeddedGrid, name: str, **limits: int) -> nanogrid.Client:
     key, _ = create_key(embedded.grid.registry, name, **limits)  # type: ignore[arg-type]
-    return nanogrid.Client(embedded.url, api_key=key)  # not connect(): that closes the default client
+    return nanogrid.Client(
+        embedded.url, api_key=key
+    )  # not connect(): that closes the default client
 
 
 def test_mount_paths_and_names_are_refused_before_anything_is_sent() -> None:
@@ -57,7 +61,9 @@ def test_mount_paths_and_names_are_refused_before_anything_is_sent() -> None:
         volume.put(__file__, "../escape")
 
 
-def test_files_outlive_calls_and_every_sandbox_sees_the_same_volume(embedded: EmbeddedGrid, tmp_path: Path) -> None:
+def test_files_outlive_calls_and_every_sandbox_sees_the_same_volume(
+    embedded: EmbeddedGrid, tmp_path: Path
+) -> None:
     """What the client puts, a function reads; what a function writes, the next call and the client see."""
     client = owner(embedded, f"vol-user-{embedded.grid.factory.kind}")  # type: ignore[union-attr]
     vol = nanogrid.Volume("datasets", size_mib=64, client=client)
@@ -78,7 +84,10 @@ def test_files_outlive_calls_and_every_sandbox_sees_the_same_volume(embedded: Em
     assert vol.read("notes/1.txt") == b"call 1" and vol.read("notes/2.txt") == b"call 2"
     assert [e["name"] for e in vol.listdir("notes")] == ["0.txt", "1.txt", "2.txt"]
     target = tmp_path / "back.csv"
-    assert vol.get("raw/train.csv", target) == source.stat().st_size and target.read_bytes() == source.read_bytes()
+    assert (
+        vol.get("raw/train.csv", target) == source.stat().st_size
+        and target.read_bytes() == source.read_bytes()
+    )
 
     @on(client, volumes={"/data": nanogrid.Volume("datasets", read_only=True, client=client)})
     def try_write() -> str:
@@ -95,7 +104,9 @@ def test_files_outlive_calls_and_every_sandbox_sees_the_same_volume(embedded: Em
     def sees_data() -> bool:
         return os.path.exists("/data/raw")
 
-    assert sees_data.remote() is False  # a function without the volume never gets a sandbox that has it
+    assert (
+        sees_data.remote() is False
+    )  # a function without the volume never gets a sandbox that has it
 
     vol.remove("notes")
     assert [e["name"] for e in vol.listdir("/")] == ["raw"]
@@ -114,14 +125,22 @@ def test_another_owner_can_never_reach_a_volume(embedded: EmbeddedGrid, tmp_path
     assert nanogrid.volumes(mallory) == []
     theirs = nanogrid.Volume("private", client=mallory)
     theirs._made = True  # as if made: every route must refuse on its own
-    for attempt in (lambda: theirs.read("secret.txt"), lambda: theirs.listdir("/"), lambda: theirs.info(),
-                    lambda: theirs.remove("secret.txt"), lambda: theirs.put(secret, "planted.txt"),
-                    lambda: theirs.get("secret.txt", tmp_path / "stolen"), lambda: theirs.delete()):
+    for attempt in (
+        lambda: theirs.read("secret.txt"),
+        lambda: theirs.listdir("/"),
+        lambda: theirs.info(),
+        lambda: theirs.remove("secret.txt"),
+        lambda: theirs.put(secret, "planted.txt"),
+        lambda: theirs.get("secret.txt", tmp_path / "stolen"),
+        lambda: theirs.delete(),
+    ):
         with pytest.raises(nanogrid.APIError) as refused:
             attempt()
         assert refused.value.status == 404
 
-    @on(mallory, volumes={"/data": theirs})  # not made by the client: the worker itself must refuse to mount it
+    @on(
+        mallory, volumes={"/data": theirs}
+    )  # not made by the client: the worker itself must refuse to mount it
     def steal() -> list:
         import os
 
@@ -136,10 +155,14 @@ def test_another_owner_can_never_reach_a_volume(embedded: EmbeddedGrid, tmp_path
     mine.ensure()
     assert steal.remote() == []  # their own, empty volume of that name
     assert nanogrid.Volume("private", client=alice).read("secret.txt") == b"alice's data"
-    assert [e["name"] for e in nanogrid.Volume("private", client=alice).listdir("/")] == ["secret.txt"]
+    assert [e["name"] for e in nanogrid.Volume("private", client=alice).listdir("/")] == [
+        "secret.txt"
+    ]
 
 
-def test_links_a_sandbox_plants_are_never_followed_by_the_host(docker_grid: EmbeddedGrid, tmp_path: Path) -> None:
+def test_links_a_sandbox_plants_are_never_followed_by_the_host(
+    docker_grid: EmbeddedGrid, tmp_path: Path
+) -> None:
     """A link on the volume to a host file is neither read nor written through by get, put, listdir or remove."""
     client = owner(docker_grid, "vol-links")
     host_file = tmp_path / "host-secret.txt"
@@ -205,7 +228,9 @@ def test_quotas_and_removal(embedded: EmbeddedGrid, monkeypatch: pytest.MonkeyPa
     under a running call (idle sandboxes holding it are stopped instead)."""
     kind = embedded.grid.factory.kind  # type: ignore[union-attr]
     client = owner(embedded, f"vol-quota-{kind}")
-    monkeypatch.setattr(embedded.grid.volumes, "owner_volume_mib", 48)  # the grid's owner_volume_mib setting
+    monkeypatch.setattr(
+        embedded.grid.volumes, "owner_volume_mib", 48
+    )  # the grid's owner_volume_mib setting
     nanogrid.Volume("one", size_mib=32, client=client).ensure()
     with pytest.raises(nanogrid.APIError) as refused:
         nanogrid.Volume("two", size_mib=32, client=client).ensure()
@@ -229,7 +254,9 @@ def test_quotas_and_removal(embedded: EmbeddedGrid, monkeypatch: pytest.MonkeyPa
         time.sleep(seconds)
 
     running = hold.spawn(5)
-    while "started" not in [e["name"] for e in vol.listdir("/")]:  # a running call is never stopped under its feet
+    while "started" not in [
+        e["name"] for e in vol.listdir("/")
+    ]:  # a running call is never stopped under its feet
         assert not running.done
     with pytest.raises(nanogrid.APIError) as refused:
         vol.delete()
@@ -253,8 +280,12 @@ def test_a_cell_mounts_a_volume_with_the_magic(grid: EmbeddedGrid, tmp_path: Pat
     source = tmp_path / "cell.txt"
     source.write_text("for the cell")
     nanogrid.Volume("cells", size_mib=16, client=nanogrid.get_client()).put(source, "cell.txt")
-    assert shell.run_cell_magic("nanogrid", "--volume cells:/data", "text = open('/data/cell.txt').read()\ntext\n") \
+    assert (
+        shell.run_cell_magic(
+            "nanogrid", "--volume cells:/data", "text = open('/data/cell.txt').read()\ntext\n"
+        )
         == "for the cell"
+    )
     assert shell.user_ns["text"] == "for the cell"
     cell = "import os\ntry:\n    open('/data/new.txt', 'w')\n    ok = True\nexcept OSError:\n    ok = False\nok\n"
     assert shell.run_cell_magic("nanogrid", "--volume cells:/data:ro", cell) is False
@@ -273,8 +304,13 @@ def test_the_cli_manages_volumes(grid: EmbeddedGrid, tmp_path: Path) -> None:
     env = {**os.environ, "NANOGRID_URL": grid.url, "NANOGRID_API_KEY": key}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "nanogrid.cli", "volumes", *args], env=env, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "nanogrid.cli", "volumes", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     (tmp_path / "f.txt").write_text("cli")
     assert cli("create", "tools", "--size", "16").returncode == 0
@@ -289,7 +325,9 @@ def test_the_cli_manages_volumes(grid: EmbeddedGrid, tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no volume 'tools'" in missing.stderr
 
 
-def test_a_stem_cell_given_a_volume_lets_go_of_every_mount_when_it_stops(docker_grid: EmbeddedGrid) -> None:
+def test_a_stem_cell_given_a_volume_lets_go_of_every_mount_when_it_stops(
+    docker_grid: EmbeddedGrid,
+) -> None:
     """A sandbox that had a volume bound at /data itself leaves no mount behind once stopped (and its directory is
     removed without ever walking into the volume)."""
     client = owner(docker_grid, "vol-stem")
@@ -303,12 +341,19 @@ def test_a_stem_cell_given_a_volume_lets_go_of_every_mount_when_it_stops(docker_
     job = keep.spawn()
     assert job.result(timeout=60) == "ok"
     sandboxes = docker_grid.config.data_dir / "sandboxes"
-    assert any(line.split()[4].startswith(str(sandboxes / job.sandbox_id)) for line in open("/proc/self/mountinfo"))
+    assert any(
+        line.split()[4].startswith(str(sandboxes / job.sandbox_id))
+        for line in open("/proc/self/mountinfo")
+    )
     assert docker_grid.grid.pool is not None
     idle = docker_grid.grid.pool._remove_idle(job.sandbox_id)  # as the idle TTL would stop it
     assert idle is not None
     idle.close()
-    assert not [line for line in open("/proc/self/mountinfo") if str(sandboxes / job.sandbox_id) in line.split()[4]]
+    assert not [
+        line
+        for line in open("/proc/self/mountinfo")
+        if str(sandboxes / job.sandbox_id) in line.split()[4]
+    ]
     assert not (sandboxes / job.sandbox_id).exists()
     assert vol.read("kept.txt") == b"kept"
     vol.delete()
@@ -348,7 +393,9 @@ def test_two_sandboxes_mounting_a_volume_at_once_see_each_others_writes(tmp_path
         embedded.stop()
 
 
-def test_volumes_and_sandbox_disks_share_the_host_disk_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_volumes_and_sandbox_disks_share_the_host_disk_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both are sparse files that may still grow: never a sandbox disk given room a volume may still fill, nor a
     volume made in room the sandbox disks may still fill (together they could fill the host's disk)."""
     from nanogrid_backend.registry.sqlite import SQLiteRegistry

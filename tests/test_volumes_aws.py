@@ -30,13 +30,23 @@ BUCKET, TABLE = "nanogrid-volumes-test", "nanogrid-volumes-registry"
 @pytest.fixture(scope="module")
 def s3() -> Iterator[object]:
     """A moto server for S3 and DynamoDB, reached through boto3's default clients (AWS_ENDPOINT_URL)."""
-    require(shutil.which(str(VENV_BIN / "moto_server")) is not None, "moto_server is not installed (make setup-test)")
+    require(
+        shutil.which(str(VENV_BIN / "moto_server")) is not None,
+        "moto_server is not installed (make setup-test)",
+    )
     require(not scratch.unavailable(), f"volumes need loop devices: {scratch.unavailable()}")
     port = free_port()
-    server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    settings = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     try:
@@ -60,14 +70,21 @@ def s3() -> Iterator[object]:
 
 
 @pytest.fixture(params=["sqlite", "dynamodb"])
-def grid(request: pytest.FixtureRequest, s3: object,
-         tmp_path: Path) -> Iterator[tuple[S3Volumes, SyncedVolumes, SyncedVolumes]]:
+def grid(
+    request: pytest.FixtureRequest, s3: object, tmp_path: Path
+) -> Iterator[tuple[S3Volumes, SyncedVolumes, SyncedVolumes]]:
     """The controller's view of the volumes and two workers' copies, sharing one registry and one bucket."""
     from nanogrid_backend.registry.dynamodb import DynamoDBRegistry
 
-    registry = SQLiteRegistry(tmp_path / "registry.sqlite3") if request.param == "sqlite" else DynamoDBRegistry(TABLE)
+    registry = (
+        SQLiteRegistry(tmp_path / "registry.sqlite3")
+        if request.param == "sqlite"
+        else DynamoDBRegistry(TABLE)
+    )
     home = S3Volumes(s3, BUCKET, registry, max_volume_mib=64, owner_volume_mib=128)
-    workers = [SyncedVolumes(tmp_path / f"worker-{n}", registry, home, uid=os.getuid()) for n in "ab"]
+    workers = [
+        SyncedVolumes(tmp_path / f"worker-{n}", registry, home, uid=os.getuid()) for n in "ab"
+    ]
     try:
         yield home, workers[0], workers[1]
     finally:
@@ -78,15 +95,24 @@ def grid(request: pytest.FixtureRequest, s3: object,
         registry.close()
 
 
-def call(worker: SyncedVolumes, owner: str, write: dict[str, bytes] | None = None, remove: tuple[str, ...] = (),
-         read: tuple[str, ...] = ()) -> dict[str, bytes | None]:
+def call(
+    worker: SyncedVolumes,
+    owner: str,
+    write: dict[str, bytes] | None = None,
+    remove: tuple[str, ...] = (),
+    read: tuple[str, ...] = (),
+) -> dict[str, bytes | None]:
     """One call that mounts alice's "datasets" at /data: it reads, writes and removes files as a sandbox bound to the
     worker's copy would, then ends."""
-    volumes: VolumeSet = worker.attach(owner, [{"name": "datasets", "path": "/data", "read_only": False}])
+    volumes: VolumeSet = worker.attach(
+        owner, [{"name": "datasets", "path": "/data", "read_only": False}]
+    )
     volumes.hold()
     try:
         root = Path(volumes.mounts[0].source)
-        seen = {path: (root / path).read_bytes() if (root / path).is_file() else None for path in read}
+        seen = {
+            path: (root / path).read_bytes() if (root / path).is_file() else None for path in read
+        }
         for path, data in (write or {}).items():
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_bytes(data)
@@ -104,7 +130,9 @@ def test_a_call_reads_what_was_put_and_what_another_workers_call_wrote(grid, mon
     home, a, b = grid
     listings = []
     listed = home.remote_files
-    monkeypatch.setattr(home, "remote_files", lambda owner, name: listings.append(name) or listed(owner, name))
+    monkeypatch.setattr(
+        home, "remote_files", lambda owner, name: listings.append(name) or listed(owner, name)
+    )
     home.create("alice", "datasets", 32)
     (source := Path(a.directory).parent / "train.csv").write_bytes(b"x,y\n1,2\n")
     home.put("alice", "datasets", "raw/train.csv", source)
@@ -118,13 +146,17 @@ def test_a_call_reads_what_was_put_and_what_another_workers_call_wrote(grid, mon
     call(b, "alice", write={"raw/train.csv": b"x,y\n3,4\n", "results/b.txt": b"from b"})
     assert b.uploads == 2
     assert call(a, "alice", read=("raw/train.csv", "results/b.txt")) == {
-        "raw/train.csv": b"x,y\n3,4\n", "results/b.txt": b"from b"}
+        "raw/train.csv": b"x,y\n3,4\n",
+        "results/b.txt": b"from b",
+    }
     listed = {e["name"]: e for e in home.listdir("alice", "datasets", "results")}
     assert listed["b.txt"]["kind"] == "file" and listed["b.txt"]["size"] == 6
     assert home.get("alice", "datasets")["used_bytes"] == len(b"x,y\n3,4\n") + len(b"from b")
 
 
-def test_what_a_call_removes_is_gone_everywhere_and_put_or_remove_reach_every_copy(grid, tmp_path: Path) -> None:
+def test_what_a_call_removes_is_gone_everywhere_and_put_or_remove_reach_every_copy(
+    grid, tmp_path: Path
+) -> None:
     """Never a file a call removed coming back from S3, nor one removed through the API lingering in a copy."""
     home, a, b = grid
     home.create("alice", "datasets", 32)
@@ -144,7 +176,9 @@ def test_what_a_call_removes_is_gone_everywhere_and_put_or_remove_reach_every_co
         assert (f.read(), size) == (b"3", 1)
 
 
-def test_two_workers_writing_at_once_merge_per_file_and_the_last_upload_of_a_file_wins(grid) -> None:
+def test_two_workers_writing_at_once_merge_per_file_and_the_last_upload_of_a_file_wins(
+    grid,
+) -> None:
     """Never a lost file that only one writer changed; for a file both changed, the one uploaded last is kept."""
     home, a, b = grid
     home.create("alice", "datasets", 32)
@@ -159,7 +193,10 @@ def test_two_workers_writing_at_once_merge_per_file_and_the_last_upload_of_a_fil
     set_a.after_call()
     set_b.after_call()  # ends last: its shared.txt wins
     assert call(a, "alice", read=("a-only.txt", "b-only.txt", "shared.txt")) == {
-        "a-only.txt": b"A", "b-only.txt": b"B", "shared.txt": b"written by b"}
+        "a-only.txt": b"A",
+        "b-only.txt": b"B",
+        "shared.txt": b"written by b",
+    }
 
 
 def test_a_full_volume_and_another_owner_are_refused(grid, tmp_path: Path) -> None:
@@ -174,9 +211,12 @@ def test_a_full_volume_and_another_owner_are_refused(grid, tmp_path: Path) -> No
     assert full.value.status == 507
     home.put("alice", "datasets", "one.bin", big)  # replacing a file counts its new size only
 
-    for attempt in (lambda: home.get("bob", "datasets"), lambda: home.listdir("bob", "datasets"),
-                    lambda: home.open_file("bob", "datasets", "one.bin"),
-                    lambda: a.attach("bob", [{"name": "datasets", "path": "/data"}])):
+    for attempt in (
+        lambda: home.get("bob", "datasets"),
+        lambda: home.listdir("bob", "datasets"),
+        lambda: home.open_file("bob", "datasets", "one.bin"),
+        lambda: a.attach("bob", [{"name": "datasets", "path": "/data"}]),
+    ):
         with pytest.raises(VolumeError) as refused:
             attempt()
         assert refused.value.status == 404
@@ -188,7 +228,9 @@ def test_a_full_volume_and_another_owner_are_refused(grid, tmp_path: Path) -> No
         home.create("alice", "even-more", 64)
 
 
-def test_links_and_odd_files_a_call_plants_are_never_uploaded_or_followed(grid, tmp_path: Path) -> None:
+def test_links_and_odd_files_a_call_plants_are_never_uploaded_or_followed(
+    grid, tmp_path: Path
+) -> None:
     """Never the host reading through a link a call made (to a host file), nor uploading anything but regular
     files."""
     home, a, b = grid
@@ -203,7 +245,10 @@ def test_links_and_odd_files_a_call_plants_are_never_uploaded_or_followed(grid, 
     (root / "real.txt").write_bytes(b"real")
     volumes.after_call()
     assert sorted(e["name"] for e in home.listdir("alice", "datasets")) == ["real.txt"]
-    assert call(b, "alice", read=("link.txt", "real.txt")) == {"link.txt": None, "real.txt": b"real"}
+    assert call(b, "alice", read=("link.txt", "real.txt")) == {
+        "link.txt": None,
+        "real.txt": b"real",
+    }
 
 
 def test_a_volume_made_again_with_another_size_gets_a_new_copy(grid) -> None:

@@ -24,20 +24,48 @@ class NanoGridMagics(Magics):
     @magic_arguments()
     @argument("command", nargs="*", help=f"%%nanogrid only: {LINE_COMMANDS}")
     @argument("--memory", type=int, metavar="MiB", help="memory limit of the cell's sandbox")
-    @argument("--disk", type=int, metavar="MiB", help="scratch disk of the cell's sandbox (/tmp and output files)")
-    @argument("--volume", action="append", metavar="NAME:/PATH[:ro]", help="mount your volume NAME at /PATH in the "
-              "cell's sandbox (read-only with :ro); repeatable")
+    @argument(
+        "--disk",
+        type=int,
+        metavar="MiB",
+        help="scratch disk of the cell's sandbox (/tmp and output files)",
+    )
+    @argument(
+        "--volume",
+        action="append",
+        metavar="NAME:/PATH[:ro]",
+        help="mount your volume NAME at /PATH in the "
+        "cell's sandbox (read-only with :ro); repeatable",
+    )
     @argument("--timeout", type=float, metavar="SECONDS", help="stop the cell after this long")
-    @argument("--runtime", metavar="RUNTIME", help="the grid's runtime, e.g. python3.11 (default: this Python's)")
+    @argument(
+        "--runtime",
+        metavar="RUNTIME",
+        help="the grid's runtime, e.g. python3.11 (default: this Python's)",
+    )
     @argument("--name", default="cell", help="the name the grid's job lists show (default: cell)")
-    @argument("--ai", action="store_true", help="let the cell reach the grid's AI node (nanogrid.ai)")
+    @argument(
+        "--ai", action="store_true", help="let the cell reach the grid's AI node (nanogrid.ai)"
+    )
     @argument("--model", metavar="MODEL", help="the AI node's model for this cell (implies --ai)")
-    @argument("--async", dest="asynchronous", action="store_true",
-              help="return the cell's Job at once; its names arrive when it finishes, job.result() is its value")
-    @argument("--packages", metavar="A,B", help="packages the cell needs besides those it is found to use (names or "
-              "pins, comma-separated), e.g. --packages scikit-learn==1.5.2,humanize")
-    @argument("--env", metavar="NAME", help="run in the nanogrid.Environment named NAME in this notebook instead of "
-              "mirroring this kernel's packages")
+    @argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="return the cell's Job at once; its names arrive when it finishes, job.result() is its value",
+    )
+    @argument(
+        "--packages",
+        metavar="A,B",
+        help="packages the cell needs besides those it is found to use (names or "
+        "pins, comma-separated), e.g. --packages scikit-learn==1.5.2,humanize",
+    )
+    @argument(
+        "--env",
+        metavar="NAME",
+        help="run in the nanogrid.Environment named NAME in this notebook instead of "
+        "mirroring this kernel's packages",
+    )
     @line_cell_magic
     def nanogrid(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on the grid, leaving the notebook as a local run would (``%%nanogrid [options]``).
@@ -50,20 +78,29 @@ class NanoGridMagics(Magics):
             args = parse_argstring(self.nanogrid, line)
         except UsageError as exc:
             usage = self.nanogrid.parser.format_usage().strip()
-            raise UsageError(f"%%nanogrid: {exc}\n{usage}\n(%nanogrid? shows every option)") from None
+            raise UsageError(
+                f"%%nanogrid: {exc}\n{usage}\n(%nanogrid? shows every option)"
+            ) from None
         if cell is None:
             return self._line(args)
         if args.command:
-            raise UsageError(f"%%nanogrid takes only options (--memory, --timeout, ...), not {' '.join(args.command)!r}")
+            raise UsageError(
+                f"%%nanogrid takes only options (--memory, --timeout, ...), not {' '.join(args.command)!r}"
+            )
         return self._run_cell(cell, args)
 
     def _run_cell(self, body: str, args: argparse.Namespace) -> Any:
         job = start(self.shell, body, args)
         if args.asynchronous:
-            threading.Thread(target=_deliver_when_done, args=(job,), name="nanogrid-cell", daemon=True).start()
+            threading.Thread(
+                target=_deliver_when_done, args=(job,), name="nanogrid-cell", daemon=True
+            ).start()
             return job  # displayed as its widget, which shows the outcome when it comes
         widget = CellWidget(job, echo=False).show() if in_kernel() else None
-        printed = {"stdout": 0, "stderr": 0}  # what the cell printed and the notebook showed as it ran
+        printed = {
+            "stdout": 0,
+            "stderr": 0,
+        }  # what the cell printed and the notebook showed as it ran
         try:
             for name, text in job.live(poll_s=1.0):
                 write_streams([(name, text)])
@@ -72,9 +109,18 @@ class NanoGridMagics(Magics):
         except KeyboardInterrupt:
             job.cancel()
             raise
-        except JobFailed as exc:  # timeout, out of memory, crash: the cell's output so far, then why
-            write_streams(not_yet_shown([("stdout", job._view.get("stdout", "")),
-                                         ("stderr", job._view.get("stderr", ""))], printed))
+        except (
+            JobFailed
+        ) as exc:  # timeout, out of memory, crash: the cell's output so far, then why
+            write_streams(
+                not_yet_shown(
+                    [
+                        ("stdout", job._view.get("stdout", "")),
+                        ("stderr", job._view.get("stderr", "")),
+                    ],
+                    printed,
+                )
+            )
             line = f"{type(exc).__name__}: {exc}"
             exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
             raise exc from None

@@ -23,16 +23,22 @@ def show_status() -> None:
     lines = [f"grid {client.url}: {status['queue_depth']} queued"]
     for worker in status["workers"]:
         pool = worker["pool"]
-        lines.append(f"worker {worker['worker_id']}: {worker['slots']} slots, {pool['busy']} busy, {pool['idle']} warm, "
-                     f"{pool['stem_cells']} stem cells ({pool['sandbox']})")
-    lines.append("jobs: " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet"))
+        lines.append(
+            f"worker {worker['worker_id']}: {worker['slots']} slots, {pool['busy']} busy, {pool['idle']} warm, "
+            f"{pool['stem_cells']} stem cells ({pool['sandbox']})"
+        )
+    lines.append(
+        "jobs: " + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet")
+    )
     print("\n".join(lines))
 
 
 def show_config() -> None:
     client = get_client()
-    print(f"url      {client.url}\nruntimes {', '.join(client.runtimes())}\npython   "
-          f"{sys.version_info.major}.{sys.version_info.minor}")
+    print(
+        f"url      {client.url}\nruntimes {', '.join(client.runtimes())}\npython   "
+        f"{sys.version_info.major}.{sys.version_info.minor}"
+    )
 
 
 def show_jobs(limit: int) -> None:
@@ -40,9 +46,15 @@ def show_jobs(limit: int) -> None:
     rows = [job_row(j) for j in get_client().jobs(limit)]
     columns = ["function", "status", "duration", "peak memory", "failure", "job"]
     head = "".join(f"<th style='text-align:left'>{c}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(r[c])}</td>" for c in columns) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td style='text-align:left'>{html.escape(r[c])}</td>" for c in columns)
+        + "</tr>"
+        for r in rows
+    )
     widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
     header = {c: c for c in columns}
-    text = "\n".join("  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in [header, *rows])
+    text = "\n".join(
+        "  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in [header, *rows]
+    )
     display({"text/html": f"<table><tr>{head}</tr>{body}</table>", "text/plain": text}, raw=True)

@@ -16,7 +16,9 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
-STARTING_S = 600.0  # how long a call given an environment may take to start its sandbox (it may queue)
+STARTING_S = (
+    600.0  # how long a call given an environment may take to start its sandbox (it may queue)
+)
 
 
 class EnvironmentUsers:
@@ -59,7 +61,9 @@ class EnvironmentUsers:
         with self._lock:
             if env_id not in self._held:
                 handle = open(self.locks / f"{env_id}.use", "a")  # noqa: SIM115  (open while in use)
-                fcntl.flock(handle, fcntl.LOCK_SH)  # waits only while an eviction of it decides (a rename)
+                fcntl.flock(
+                    handle, fcntl.LOCK_SH
+                )  # waits only while an eviction of it decides (a rename)
                 self._held[env_id] = handle
 
     def release_unused(self) -> None:

@@ -39,12 +39,21 @@ from nanogrid_contract import __version__
 ERROR_RESPONSES: dict[int | str, dict] = {
     400: {"model": ErrorDetail, "description": "a malformed input (a broken zip, a bad payload)"},
     401: {"model": ErrorDetail, "description": "missing, wrong or revoked API key"},
-    404: {"model": ErrorDetail, "description": "no such function, job or file (for this key's owner)"},
+    404: {
+        "model": ErrorDetail,
+        "description": "no such function, job or file (for this key's owner)",
+    },
     409: {"model": ErrorDetail, "description": "a function pickled by another Python version"},
     413: {"model": ErrorDetail, "description": "too large: body, package, payload or batch"},
-    422: {"model": ErrorDetail, "description": "a request that does not fit the schema, or settings out of range"},
-    429: {"model": ErrorDetail, "description": "rate limit: see Retry-After",
-          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+    422: {
+        "model": ErrorDetail,
+        "description": "a request that does not fit the schema, or settings out of range",
+    },
+    429: {
+        "model": ErrorDetail,
+        "description": "rate limit: see Retry-After",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    },
 }
 
 
@@ -65,12 +74,21 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
             if manage_grid:
                 grid.stop()
 
-    app = FastAPI(title="NanoGrid controller", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
+    app = FastAPI(
+        title="NanoGrid controller",
+        version=__version__,
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+    )
     state = app.state
     state.grid, state.config, state.started_at = grid, config, time.time()
     state.authenticator = Authenticator(grid.registry)
-    state.buckets = grid.bus.token_buckets()  # the API keys' rate limits, shared as widely as the bus is
-    state.buckets_in_process = grid.bus.redis is None  # taking a token is then a few microseconds, no network
+    state.buckets = (
+        grid.bus.token_buckets()
+    )  # the API keys' rate limits, shared as widely as the bus is
+    state.buckets_in_process = (
+        grid.bus.redis is None
+    )  # taking a token is then a few microseconds, no network
     state.links = LinkSigner(grid.secrets.link_key)  # output URLs signed for the browser
     state.functions = {}  # function id -> record: records never change (ids are content hashes); deletes evict
     state.loadtests = LoadTests(grid)
@@ -78,16 +96,33 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     state.dashboard = dashboard.Dashboard(grid)
 
     # The calls first: a request is matched against the routers in this order, and /v1/run is the warm path.
-    for router in (job_routes.router, functions.router, system.router, blobs.router, history.router, webhooks.router,
-                   loadtests.router, dashboard.router, secrets.router, schedules.router, volumes.router):
+    for router in (
+        job_routes.router,
+        functions.router,
+        system.router,
+        blobs.router,
+        history.router,
+        webhooks.router,
+        loadtests.router,
+        dashboard.router,
+        secrets.router,
+        schedules.router,
+        volumes.router,
+    ):
         app.include_router(router)
     for prefix in ("", "/api"):  # the seed platform's contract, where its clients call it
         app.include_router(seed.router, prefix=prefix, include_in_schema=False)
 
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
     # One middleware: http_request_duration_seconds on /metrics, and the body cap.
-    app.add_middleware(RequestGate, max_bytes=max(config.max_package_bytes, jobs.inline_cap(config)) + (1 << 20),
-                       durations=RequestDurations(), streamed=("/v1/blobs/", config.max_payload_bytes))
-    install_error_handlers(app)  # every 4xx: {"detail", "error"}; a 500: JSON with a logged request id
+    app.add_middleware(
+        RequestGate,
+        max_bytes=max(config.max_package_bytes, jobs.inline_cap(config)) + (1 << 20),
+        durations=RequestDurations(),
+        streamed=("/v1/blobs/", config.max_payload_bytes),
+    )
+    install_error_handlers(
+        app
+    )  # every 4xx: {"detail", "error"}; a 500: JSON with a logged request id
     dashboard.install_error_pages(app, state.dashboard)  # the same, as pages on /ui
     return app

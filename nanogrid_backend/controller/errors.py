@@ -26,11 +26,23 @@ from nanogrid_backend.registry.base import RegistryBusy
 log = logging.getLogger(__name__)
 
 ERROR_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "rate_limited",
-    500: "internal", 503: "unavailable", 507: "insufficient_storage",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "rate_limited",
+    500: "internal",
+    503: "unavailable",
+    507: "insufficient_storage",
 }
-DISK_FULL = "the grid's disk is full; nothing was recorded: its operator must free space, then try again"
+DISK_FULL = (
+    "the grid's disk is full; nothing was recorded: its operator must free space, then try again"
+)
 
 
 def error_body(status: int, detail: str, **extra: str) -> dict[str, str]:
@@ -66,8 +78,11 @@ async def storage_error(request: Request, exc: Exception) -> JSONResponse:
 async def registry_busy(request: Request, exc: Exception) -> JSONResponse:
     """The registry stayed locked by another process (a backup, an operator's shell): try again shortly."""
     log.warning("%s %s: %s", request.method, request.url.path, exc)
-    body = error_body(503, "the grid's registry is locked by another process (a backup or an operator's shell); "
-                           "nothing was recorded: try again in a few seconds")
+    body = error_body(
+        503,
+        "the grid's registry is locked by another process (a backup or an operator's shell); "
+        "nothing was recorded: try again in a few seconds",
+    )
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
@@ -89,20 +104,35 @@ async def client_error(request: Request, exc: Exception) -> JSONResponse:
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug or a failed backend service: the caller gets an id to quote, the log gets the traceback with it."""
     request_id = uuid.uuid4().hex[:16]
-    log.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
-    body = error_body(500, f"internal error in the controller; quote request id {request_id} to its operator, "
-                           "whose log has the details", request_id=request_id)
+    log.error(
+        "request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=exc
+    )
+    body = error_body(
+        500,
+        f"internal error in the controller; quote request id {request_id} to its operator, "
+        "whose log has the details",
+        request_id=request_id,
+    )
     return JSONResponse(body, status_code=500, headers={"X-Request-ID": request_id})
 
 
 def _methods(request: Request) -> set[str]:
     """The methods of every route whose path matches, those of included routers too."""
     routes = iter_route_contexts(request.app.router.routes)
-    return {m for route in routes if route.methods and route.matches(request.scope)[0] != Match.NONE
-            for m in route.methods}
+    return {
+        m
+        for route in routes
+        if route.methods and route.matches(request.scope)[0] != Match.NONE
+        for m in route.methods
+    }
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
     """FastAPI's list of problems as one sentence: ``body.function_id: Field required; ...``."""
     problems: list[Any] = list(exc.errors())
-    return "; ".join(f"{'.'.join(map(str, p.get('loc', ())))}: {p.get('msg', 'invalid')}" for p in problems) or "invalid"
+    return (
+        "; ".join(
+            f"{'.'.join(map(str, p.get('loc', ())))}: {p.get('msg', 'invalid')}" for p in problems
+        )
+        or "invalid"
+    )

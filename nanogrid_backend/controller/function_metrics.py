@@ -35,8 +35,13 @@ class RequestDurations:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.histogram = Histogram("http_request_duration_seconds", "Duration of HTTP requests in seconds",
-                                   ["method", "route", "status_code"], buckets=HTTP_BUCKETS_S, registry=self.registry)
+        self.histogram = Histogram(
+            "http_request_duration_seconds",
+            "Duration of HTTP requests in seconds",
+            ["method", "route", "status_code"],
+            buckets=HTTP_BUCKETS_S,
+            registry=self.registry,
+        )
 
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")
@@ -49,18 +54,30 @@ class FunctionCollector:
 
     def __init__(self, grid: Grid, per_function: bool) -> None:
         self.grid = grid
-        self.per_function = per_function  # else every function's calls add up under functionId="all"
+        self.per_function = (
+            per_function  # else every function's calls add up under functionId="all"
+        )
 
     def collect(self) -> Any:
         bounds = tuple(sorted({b * 1000 for b in DURATION_BUCKETS_S + HANDLER_BUCKETS_S}))
-        stable = {f.function_id: f.stable_id or f.function_id for f in self.grid.registry.list_functions()}
-        invocations = CounterMetricFamily("function_invocations", "Total number of function invocations",
-                                          labels=["functionId", "status"])
-        duration = HistogramMetricFamily("function_duration_seconds", "Duration of Function Execution in seconds",
-                                         labels=["functionId", "status"])
-        handler = HistogramMetricFamily("function_handler_duration_seconds",
-                                        "Duration of user handler execution only, excluding Worker orchestration",
-                                        labels=["functionId", "status"])
+        stable = {
+            f.function_id: f.stable_id or f.function_id for f in self.grid.registry.list_functions()
+        }
+        invocations = CounterMetricFamily(
+            "function_invocations",
+            "Total number of function invocations",
+            labels=["functionId", "status"],
+        )
+        duration = HistogramMetricFamily(
+            "function_duration_seconds",
+            "Duration of Function Execution in seconds",
+            labels=["functionId", "status"],
+        )
+        handler = HistogramMetricFamily(
+            "function_handler_duration_seconds",
+            "Duration of user handler execution only, excluding Worker orchestration",
+            labels=["functionId", "status"],
+        )
         merged: dict[tuple[str, str], list[Any]] = {}
         for row in self.grid.registry.function_stats(buckets_ms=bounds):
             function = stable.get(row.function_id, row.function_id) if self.per_function else "all"
@@ -72,15 +89,31 @@ class FunctionCollector:
             into[3] += row.handler_count
             into[4] = [a + b for a, b in zip(into[4], row.total_buckets, strict=True)]
             into[5] = [a + b for a, b in zip(into[5], row.handler_buckets, strict=True)]
-        for labels, (count, total_ms, handler_ms, handler_count, total_buckets, handler_buckets) in merged.items():
+        for labels, (
+            count,
+            total_ms,
+            handler_ms,
+            handler_count,
+            total_buckets,
+            handler_buckets,
+        ) in merged.items():
             invocations.add_metric(list(labels), count)
-            duration.add_metric(list(labels), _buckets(bounds, total_buckets, DURATION_BUCKETS_S, count), total_ms / 1000)
-            handler.add_metric(list(labels), _buckets(bounds, handler_buckets, HANDLER_BUCKETS_S, handler_count),
-                               handler_ms / 1000)
+            duration.add_metric(
+                list(labels),
+                _buckets(bounds, total_buckets, DURATION_BUCKETS_S, count),
+                total_ms / 1000,
+            )
+            handler.add_metric(
+                list(labels),
+                _buckets(bounds, handler_buckets, HANDLER_BUCKETS_S, handler_count),
+                handler_ms / 1000,
+            )
         yield from (invocations, duration, handler)
 
 
-def _buckets(bounds: tuple[float, ...], counts: list[int], wanted: tuple[float, ...], total: int) -> list[tuple[str, int]]:
+def _buckets(
+    bounds: tuple[float, ...], counts: list[int], wanted: tuple[float, ...], total: int
+) -> list[tuple[str, int]]:
     by_bound = dict(zip(bounds, counts, strict=True))
     return [(repr(float(b)), by_bound[b * 1000]) for b in wanted] + [("+Inf", total)]
 
@@ -88,7 +121,9 @@ def _buckets(bounds: tuple[float, ...], counts: list[int], wanted: tuple[float, 
 def _is_admin(request: Request, grid: Grid) -> bool:
     """/metrics is open (as the seed's was), but function ids are an owner's own: per-function series need an
     admin key (a Prometheus scrape with ``authorization: Bearer <key>``)."""
-    presented = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+    presented = request.headers.get("x-api-key") or request.headers.get(
+        "authorization", ""
+    ).removeprefix("Bearer ")
     if not presented:
         return False
     try:
@@ -101,6 +136,8 @@ def render_all(request: Request, grid: Grid) -> str:
     """NanoGrid's metrics (queue, workers, pools), then the seed's (functions, HTTP requests)."""
     functions = CollectorRegistry()
     functions.register(FunctionCollector(grid, per_function=_is_admin(request, grid)))
-    text = render_metrics(grid.queue.depth(), live_workers(grid)) + generate_latest(functions).decode()
+    text = (
+        render_metrics(grid.queue.depth(), live_workers(grid)) + generate_latest(functions).decode()
+    )
     durations: RequestDurations | None = getattr(request.state, "request_durations", None)
     return text + (generate_latest(durations.registry).decode() if durations is not None else "")

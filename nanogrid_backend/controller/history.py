@@ -30,20 +30,35 @@ TEXT_CAP = 2048  # stdout/stderr characters in a history page; the whole text is
 PRUNE_EVERY_S = 3600.0
 
 
-def history_entry(job: JobRecord, stdout_size: int | None = None, stderr_size: int | None = None) -> dict[str, Any]:
+def history_entry(
+    job: JobRecord, stdout_size: int | None = None, stderr_size: int | None = None
+) -> dict[str, Any]:
     """One call as the history shows it: what happened, how long, how much memory, where, and why it ended."""
     stdout_size = len(job.stdout) if stdout_size is None else stdout_size
     stderr_size = len(job.stderr) if stderr_size is None else stderr_size
     error = job.error or {}
     return {
-        "job_id": job.job_id, "function_id": job.function_id, "status": job.status, "attempt": job.attempt,
-        "retry_of": job.retry_of, "trigger": job.trigger, "created_at": job.created_at, "started_at": job.started_at,
-        "finished_at": job.finished_at, "duration_ms": job.execution_time_ms,
-        "peak_memory_bytes": job.peak_memory_bytes, "memory_limit_mib": job.memory_limit_mib, "cold": job.cold,
-        "worker_id": job.worker_id, "sandbox_id": job.sandbox_id,
+        "job_id": job.job_id,
+        "function_id": job.function_id,
+        "status": job.status,
+        "attempt": job.attempt,
+        "retry_of": job.retry_of,
+        "trigger": job.trigger,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "duration_ms": job.execution_time_ms,
+        "peak_memory_bytes": job.peak_memory_bytes,
+        "memory_limit_mib": job.memory_limit_mib,
+        "cold": job.cold,
+        "worker_id": job.worker_id,
+        "sandbox_id": job.sandbox_id,
         "exit_reason": error.get("kind") or ("ok" if job.status == "completed" else None),
-        "error": job.error, "stdout": job.stdout, "stderr": job.stderr,
-        "stdout_size": stdout_size, "stderr_size": stderr_size,
+        "error": job.error,
+        "stdout": job.stdout,
+        "stderr": job.stderr,
+        "stdout_size": stdout_size,
+        "stderr_size": stderr_size,
         "truncated": len(job.stdout) < stdout_size or len(job.stderr) < stderr_size,
     }
 
@@ -53,30 +68,53 @@ def page(entries: list[HistoryEntry], limit: int) -> dict[str, Any]:
     return {"items": items, "next_before": items[-1]["job_id"] if len(items) == limit else None}
 
 
-def rates_for(grid: Grid, lambda_gb_s: float | None = None, ec2_hourly: float | None = None,
-              ec2_memory_gib: float | None = None) -> Rates:
+def rates_for(
+    grid: Grid,
+    lambda_gb_s: float | None = None,
+    ec2_hourly: float | None = None,
+    ec2_memory_gib: float | None = None,
+) -> Rates:
     config = grid.config
-    return Rates(lambda_gb_s if lambda_gb_s is not None else config.price_lambda_gb_s,
-                 ec2_hourly if ec2_hourly is not None else config.price_ec2_hourly,
-                 ec2_memory_gib if ec2_memory_gib is not None else config.price_ec2_memory_gib)
+    return Rates(
+        lambda_gb_s if lambda_gb_s is not None else config.price_lambda_gb_s,
+        ec2_hourly if ec2_hourly is not None else config.price_ec2_hourly,
+        ec2_memory_gib if ec2_memory_gib is not None else config.price_ec2_memory_gib,
+    )
 
 
-def advise(grid: Grid, function: FunctionRecord, rates: Rates,
-           windows: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def advise(
+    grid: Grid,
+    function: FunctionRecord,
+    rates: Rates,
+    windows: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The AutoTuner's advice, with the measured sizes of the function's other versions (same name and owner);
     ``windows``: the function's, if the caller has them already."""
-    versions = [f for f in grid.registry.list_functions(owner=function.owner)
-                if f.function_name == function.function_name and f.function_id != function.function_id
-                and f.memory_mib != function.memory_mib]
-    return recommend(function, windows or grid.registry.function_windows(function.function_id), rates,
-                     [(f, grid.registry.function_windows(f.function_id, names=("30d",))["30d"]) for f in versions])
+    versions = [
+        f
+        for f in grid.registry.list_functions(owner=function.owner)
+        if f.function_name == function.function_name
+        and f.function_id != function.function_id
+        and f.memory_mib != function.memory_mib
+    ]
+    return recommend(
+        function,
+        windows or grid.registry.function_windows(function.function_id),
+        rates,
+        [
+            (f, grid.registry.function_windows(f.function_id, names=("30d",))["30d"])
+            for f in versions
+        ],
+    )
 
 
 def apply_memory(grid: Grid, function: FunctionRecord, memory_mib: int) -> FunctionRecord:
     """A new version of the function with another memory size: the same package with the manifest's memory changed,
     so its id is a content hash like any upload's (workers verify it) and the old version's history stays its own."""
     if not 16 <= memory_mib <= grid.config.max_memory_mib:
-        raise HTTPException(422, f"memory must be 16..{grid.config.max_memory_mib} MiB, not {memory_mib}")
+        raise HTTPException(
+            422, f"memory must be 16..{grid.config.max_memory_mib} MiB, not {memory_mib}"
+        )
     with zipfile.ZipFile(io.BytesIO(grid.store.get_package(function.function_id))) as zf:
         files = {name: zf.read(name) for name in zf.namelist()}
     manifest = json.loads(files["manifest.json"])
@@ -88,8 +126,13 @@ def apply_memory(grid: Grid, function: FunctionRecord, memory_mib: int) -> Funct
     if existing is not None:
         return existing
     grid.store.put_package(function_id, data)
-    version = dataclasses.replace(function, function_id=function_id, memory_mib=memory_mib, created_at=time.time(),
-                                  package_size=len(data))
+    version = dataclasses.replace(
+        function,
+        function_id=function_id,
+        memory_mib=memory_mib,
+        created_at=time.time(),
+        package_size=len(data),
+    )
     grid.registry.put_function(version)
     return version
 
@@ -112,10 +155,15 @@ class HistoryJanitor:
             self._thread.join(timeout=10)
 
     def sweep(self) -> int:
-        deleted = self.grid.registry.prune_history(time.time() - self.grid.config.history_retention_s)
+        deleted = self.grid.registry.prune_history(
+            time.time() - self.grid.config.history_retention_s
+        )
         if deleted:
-            log.info("history: deleted %d calls older than %g days", deleted,
-                     self.grid.config.history_retention_s / 86400)
+            log.info(
+                "history: deleted %d calls older than %g days",
+                deleted,
+                self.grid.config.history_retention_s / 86400,
+            )
         return deleted
 
     def _run(self) -> None:

@@ -15,9 +15,24 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from nanogrid_backend.grid import Grid
-from nanogrid_backend.models import CANCELLED, PENDING, RUNNING, ApiKey, FunctionRecord, JobMessage, JobRecord, new_job_id
+from nanogrid_backend.models import (
+    CANCELLED,
+    PENDING,
+    RUNNING,
+    ApiKey,
+    FunctionRecord,
+    JobMessage,
+    JobRecord,
+    new_job_id,
+)
 from nanogrid_backend.package_checks import Package, PackageError, from_upload, owned_function_id
-from nanogrid_backend.store.blobs import BLOB_FORMAT, MAX_BLOBS_PER_CALL, blobs_of, is_sha256, join_payload
+from nanogrid_backend.store.blobs import (
+    BLOB_FORMAT,
+    MAX_BLOBS_PER_CALL,
+    blobs_of,
+    is_sha256,
+    join_payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +46,18 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def deploy(grid: Grid, caller: ApiKey, filename: str, data: bytes, form: dict[str, Any]) -> tuple[FunctionRecord, bool]:
+def deploy(
+    grid: Grid, caller: ApiKey, filename: str, data: bytes, form: dict[str, Any]
+) -> tuple[FunctionRecord, bool]:
     """Check an upload, store its package and record the function; (record, False) if the owner has it already.
 
     The manifest's ``description`` and ``stable_id`` (the seed contract's function id, kept across updates)
     go on the record; ``env`` and ``secrets`` stay in the package, read by the worker when it loads it.
     """
     config = grid.config
-    package = from_upload(filename, data, form, max_bytes=config.max_package_bytes, runtimes=grid.runtimes)
+    package = from_upload(
+        filename, data, form, max_bytes=config.max_package_bytes, runtimes=grid.runtimes
+    )
     manifest = package.manifest
     memory_mib = int(manifest.get("memory") or config.default_memory_mib)
     max_timeout_s = min(config.max_timeout_s, caller.max_timeout_s or config.max_timeout_s)
@@ -47,21 +66,34 @@ def deploy(grid: Grid, caller: ApiKey, filename: str, data: bytes, form: dict[st
         raise PackageError(f"memory must be 16..{config.max_memory_mib} MiB, not {memory_mib}")
     disk_mib = manifest.get("disk")
     if disk_mib is not None and not 16 <= disk_mib <= config.max_disk_mib:
-        raise PackageError(f"disk must be 16..{config.max_disk_mib} MiB, not {disk_mib} (the grid's max_disk_mib)")
+        raise PackageError(
+            f"disk must be 16..{config.max_disk_mib} MiB, not {disk_mib} (the grid's max_disk_mib)"
+        )
     if not 0 < timeout_s <= max_timeout_s:
         limit = "this key's" if max_timeout_s < config.max_timeout_s else "the grid's"
-        raise PackageError(f"timeout must be more than 0 and at most {max_timeout_s:g} s ({limit} max timeout), "
-                           f"not {timeout_s:g}")
+        raise PackageError(
+            f"timeout must be more than 0 and at most {max_timeout_s:g} s ({limit} max timeout), "
+            f"not {timeout_s:g}"
+        )
     function_id = owned_function_id(caller.name, package.function_id)
     existing = grid.registry.get_function(function_id)
     if existing is not None:
         return existing, False
     grid.store.put_package(function_id, package.data)
     record = FunctionRecord(
-        function_id=function_id, owner=caller.name, function_name=manifest["name"], runtime=manifest["runtime"],
-        handler=manifest["handler"], kind=manifest["kind"], memory_mib=memory_mib, timeout_s=timeout_s,
-        package_size=len(package.data), python=manifest["python"], source=_source_of(package),
-        description=str(manifest.get("description") or "")[:1000], stable_id=str(manifest.get("stable_id") or ""),
+        function_id=function_id,
+        owner=caller.name,
+        function_name=manifest["name"],
+        runtime=manifest["runtime"],
+        handler=manifest["handler"],
+        kind=manifest["kind"],
+        memory_mib=memory_mib,
+        timeout_s=timeout_s,
+        package_size=len(package.data),
+        python=manifest["python"],
+        source=_source_of(package),
+        description=str(manifest.get("description") or "")[:1000],
+        stable_id=str(manifest.get("stable_id") or ""),
     )
     grid.registry.put_function(record)
     return record, True
@@ -76,40 +108,59 @@ def _source_of(package: Package) -> str:
         return zf.read(module).decode(errors="replace")[:20000] if module in names else ""
 
 
-INLINE_CAP_BYTES = 16 << 20  # a JSON payload or inline args pickle; larger values travel as blobs (/v1/blobs)
+INLINE_CAP_BYTES = (
+    16 << 20
+)  # a JSON payload or inline args pickle; larger values travel as blobs (/v1/blobs)
 
 
 def inline_cap(config: Any) -> int:
     return min(config.max_payload_bytes, INLINE_CAP_BYTES)
 
 
-def checked_blobs(grid: Grid, owner: str, refs: list[list[str]] | None,
-                  pickles: list[str] | None) -> list[list[str]] | None:
+def checked_blobs(
+    grid: Grid, owner: str, refs: list[list[str]] | None, pickles: list[str] | None
+) -> list[list[str]] | None:
     """Per call, the blobs its args pickle references, each one this owner's and stored; 400 otherwise."""
     if not refs or not any(refs):
         return None
     if pickles is None or len(refs) != len(pickles):
-        raise BadRequest("'blobs' needs one list per args_pickle (references for pickled arguments only)", 422)
+        raise BadRequest(
+            "'blobs' needs one list per args_pickle (references for pickled arguments only)", 422
+        )
     space = blobs_of(grid)
     for call in refs:
-        if len(call) > MAX_BLOBS_PER_CALL or not all(isinstance(sha, str) and is_sha256(sha) for sha in call):
-            raise BadRequest(f"a call references at most {MAX_BLOBS_PER_CALL} blobs, each a SHA-256 in hex", 422)
+        if len(call) > MAX_BLOBS_PER_CALL or not all(
+            isinstance(sha, str) and is_sha256(sha) for sha in call
+        ):
+            raise BadRequest(
+                f"a call references at most {MAX_BLOBS_PER_CALL} blobs, each a SHA-256 in hex", 422
+            )
     for sha in {sha for call in refs for sha in call}:
         if space.size(owner, sha) is None:
-            raise BadRequest(f"no blob {sha[:12]}…: upload it first (PUT /v1/blobs/{{sha256}}); blobs are "
-                             "deleted after the grid's retention", 404)
+            raise BadRequest(
+                f"no blob {sha[:12]}…: upload it first (PUT /v1/blobs/{{sha256}}); blobs are "
+                "deleted after the grid's retention",
+                404,
+            )
     return refs
 
 
-def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickles: list[str] | None,
-                    max_bytes: int, blobs: list[list[str]] | None = None) -> list[tuple[str, bytes]]:
+def encode_payloads(
+    function: FunctionRecord,
+    payloads: list[Any] | None,
+    pickles: list[str] | None,
+    max_bytes: int,
+    blobs: list[list[str]] | None = None,
+) -> list[tuple[str, bytes]]:
     """Each call's payload as (format, bytes), checked against the function's kind and the size cap.
 
     ``blobs``: per call, the blobs its args pickle references (checked by ``checked_blobs``); such a call's
     payload is in the ``pickle+blobs`` format (nanogrid_backend/store/blobs.py)."""
     if pickles is not None:
         if function.kind != "pickle":
-            raise BadRequest(f"function {function.function_id} is a handler function: send 'payload', not 'args_pickle'")
+            raise BadRequest(
+                f"function {function.function_id} is a handler function: send 'payload', not 'args_pickle'"
+            )
         encoded = []
         for item in pickles:
             try:
@@ -117,37 +168,70 @@ def encode_payloads(function: FunctionRecord, payloads: list[Any] | None, pickle
             except (binascii.Error, ValueError):
                 raise BadRequest("args_pickle must be base64") from None
         if blobs:
-            encoded = [(BLOB_FORMAT, join_payload(refs, data)) if refs else (fmt, data)
-                       for (fmt, data), refs in zip(encoded, blobs, strict=True)]
+            encoded = [
+                (BLOB_FORMAT, join_payload(refs, data)) if refs else (fmt, data)
+                for (fmt, data), refs in zip(encoded, blobs, strict=True)
+            ]
     else:
         if function.kind == "pickle":
-            raise BadRequest(f"function {function.function_id} was packaged by the Python client: "
-                             "call it with args_pickle (use nanogrid's .remote())")
+            raise BadRequest(
+                f"function {function.function_id} was packaged by the Python client: "
+                "call it with args_pickle (use nanogrid's .remote())"
+            )
         encoded = [("json", json.dumps(p).encode()) for p in (payloads or [])]
     for _, data in encoded:
         if len(data) > max_bytes:
-            raise BadRequest(f"payload is {len(data)} bytes, over the {max_bytes}-byte limit; "
-                             "pass large data by reference (a URL or an object store key)", 413)
+            raise BadRequest(
+                f"payload is {len(data)} bytes, over the {max_bytes}-byte limit; "
+                "pass large data by reference (a URL or an object store key)",
+                413,
+            )
     return encoded
 
 
-def new_jobs(function: FunctionRecord, payloads: list[tuple[str, bytes]], owner: str) -> list[JobRecord]:
-    return [JobRecord(new_job_id(), function.function_id, payload_format=fmt, payload=data, owner=owner)
-            for fmt, data in payloads]
+def new_jobs(
+    function: FunctionRecord, payloads: list[tuple[str, bytes]], owner: str
+) -> list[JobRecord]:
+    return [
+        JobRecord(new_job_id(), function.function_id, payload_format=fmt, payload=data, owner=owner)
+        for fmt, data in payloads
+    ]
 
 
-def submit(grid: Grid, function: FunctionRecord, jobs: list[JobRecord], model: str | None = None,
-           max_timeout_s: float | None = None) -> None:
+def submit(
+    grid: Grid,
+    function: FunctionRecord,
+    jobs: list[JobRecord],
+    model: str | None = None,
+    max_timeout_s: float | None = None,
+) -> None:
     """Record the jobs, then queue them: a restart after this point loses none of them.
 
     Each call runs at most the owner's max timeout (and ``max_timeout_s``, the calling key's), whatever the
     function was uploaded with: a key limited to less than the grid's maximum stays limited.
     """
     grid.registry.create_jobs(jobs)
-    timeouts = {owner: min(function.timeout_s, grid.owners.max_timeout(owner), max_timeout_s or float("inf"))
-                for owner in {job.owner for job in jobs}}
-    grid.queue.put([JobMessage(job.job_id, function.function_id, job.payload_format, job.payload, timeouts[job.owner],
-                               function.memory_mib, model, owner=job.owner) for job in jobs])
+    timeouts = {
+        owner: min(
+            function.timeout_s, grid.owners.max_timeout(owner), max_timeout_s or float("inf")
+        )
+        for owner in {job.owner for job in jobs}
+    }
+    grid.queue.put(
+        [
+            JobMessage(
+                job.job_id,
+                function.function_id,
+                job.payload_format,
+                job.payload,
+                timeouts[job.owner],
+                function.memory_mib,
+                model,
+                owner=job.owner,
+            )
+            for job in jobs
+        ]
+    )
 
 
 def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord], Any]:
@@ -176,7 +260,9 @@ def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord],
     return finished, unsubscribe
 
 
-async def wait_for(grid: Grid, job_id: str, timeout: float, known: JobRecord | None = None) -> JobRecord | None:
+async def wait_for(
+    grid: Grid, job_id: str, timeout: float, known: JobRecord | None = None
+) -> JobRecord | None:
     """The job once finished, or as it stands after ``timeout`` seconds; None if there is no such job.
 
     ``known``: the record the caller just read, so a job that is already finished costs no second read.
@@ -185,7 +271,9 @@ async def wait_for(grid: Grid, job_id: str, timeout: float, known: JobRecord | N
         return known
     finished, unsubscribe = subscribe(grid, [job_id])
     try:
-        job = grid.registry.get_job(job_id)  # read again after subscribing: the result may have landed between
+        job = grid.registry.get_job(
+            job_id
+        )  # read again after subscribing: the result may have landed between
         if job is None or job.finished or timeout <= 0:
             return job
         return await next_result(grid, job_id, finished, timeout) or grid.registry.get_job(job_id)
@@ -193,7 +281,9 @@ async def wait_for(grid: Grid, job_id: str, timeout: float, known: JobRecord | N
         unsubscribe()
 
 
-async def next_result(grid: Grid, job_id: str, finished: asyncio.Queue[JobRecord], timeout: float) -> JobRecord | None:
+async def next_result(
+    grid: Grid, job_id: str, finished: asyncio.Queue[JobRecord], timeout: float
+) -> JobRecord | None:
     """The finished job from the bus; the registry is asked too every RECHECK_S, so an announcement
     lost to a bus outage (a Redis restart) costs seconds, not the whole wait."""
     deadline = time.monotonic() + timeout
@@ -207,8 +297,9 @@ async def next_result(grid: Grid, job_id: str, finished: asyncio.Queue[JobRecord
     return None
 
 
-async def stream_results(grid: Grid, job_ids: list[str], finished: asyncio.Queue[JobRecord],
-                         unsubscribe: Any) -> AsyncIterator[list[tuple[int, JobRecord]]]:
+async def stream_results(
+    grid: Grid, job_ids: list[str], finished: asyncio.Queue[JobRecord], unsubscribe: Any
+) -> AsyncIterator[list[tuple[int, JobRecord]]]:
     """(index, job) for the jobs as they finish, in completion order, as many at a time as have finished (a worker
     records a batch of calls at once: they go out together); stalls are checked in the registry.
 
@@ -251,7 +342,9 @@ def cancel_all(grid: Grid, records: list[JobRecord]) -> int:
         if job.finished:
             continue
         if job.status == RUNNING:
-            grid.bus.request_cancel(job.job_id)  # the worker running it stops its sandbox and records it
+            grid.bus.request_cancel(
+                job.job_id
+            )  # the worker running it stops its sandbox and records it
             count += 1
             continue
         job.status, job.finished_at = CANCELLED, time.time()
@@ -273,7 +366,11 @@ def cancel_unwatched(grid: Grid, job_ids: list[str]) -> None:
 
     def cancel_queued() -> None:
         try:
-            queued = [job for job in map(grid.registry.get_job, job_ids) if job is not None and job.status == PENDING]
+            queued = [
+                job
+                for job in map(grid.registry.get_job, job_ids)
+                if job is not None and job.status == PENDING
+            ]
             if queued:
                 cancel_all(grid, queued)
                 log.info("cancelled %d queued calls whose client went away", len(queued))

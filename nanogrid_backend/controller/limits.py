@@ -19,18 +19,27 @@ class RequestGate:
     """The controller's one ASGI middleware: times each request (``durations``, for /metrics) and refuses an
     oversized body before it is read. One layer, not two: every call pays for each layer it passes."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, durations: RequestDurations,
-                 streamed: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        durations: RequestDurations,
+        streamed: tuple[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.durations = durations
-        self.streamed = streamed  # (path prefix, cap): routes that stream their body to disk (blob uploads)
+        self.streamed = (
+            streamed  # (path prefix, cap): routes that stream their body to disk (blob uploads)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["request_durations"] = self.durations  # found by /metrics via request.state
+        scope.setdefault("state", {})["request_durations"] = (
+            self.durations
+        )  # found by /metrics via request.state
         started, status = time.perf_counter(), 0  # 0: no answer started yet
 
         async def send_status(message: Message) -> None:
@@ -78,8 +87,21 @@ class RequestGate:
         return counted_receive
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(error_body(413, f"request body over the {self.max_bytes}-byte limit; pass large data by "
-                                          "reference (a path or URL the function can read)")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            error_body(
+                413,
+                f"request body over the {self.max_bytes}-byte limit; pass large data by "
+                "reference (a path or URL the function can read)",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -32,11 +32,15 @@ def check_bounds(rps: float, duration_s: float) -> int:
     if not 0 < rps <= MAX_RPS:
         raise InvalidArgument(f"--rps must be more than 0 and at most {MAX_RPS}, not {rps:g}")
     if not 0 < duration_s <= MAX_DURATION_S:
-        raise InvalidArgument(f"--duration must be more than 0 and at most {MAX_DURATION_S:g} s, not {duration_s:g}")
+        raise InvalidArgument(
+            f"--duration must be more than 0 and at most {MAX_DURATION_S:g} s, not {duration_s:g}"
+        )
     calls = math.ceil(rps * duration_s)
     if calls > MAX_CALLS:
-        raise InvalidArgument(f"{rps:g} calls/s for {duration_s:g} s is {calls} calls; a load test makes at most "
-                              f"{MAX_CALLS}: lower --rps or --duration")
+        raise InvalidArgument(
+            f"{rps:g} calls/s for {duration_s:g} s is {calls} calls; a load test makes at most "
+            f"{MAX_CALLS}: lower --rps or --duration"
+        )
     return calls
 
 
@@ -47,9 +51,13 @@ def check_loopback(url: str) -> None:
         addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except OSError as exc:
         raise InvalidArgument(f"cannot resolve the grid's host {host!r}: {exc}") from None
-    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        raise InvalidArgument(f"load tests run only against a grid on this machine (a loopback address), not {url}; "
-                              "run `nanogrid loadtest` on the grid's own host")
+    if not addresses or not all(
+        ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses
+    ):
+        raise InvalidArgument(
+            f"load tests run only against a grid on this machine (a loopback address), not {url}; "
+            "run `nanogrid loadtest` on the grid's own host"
+        )
 
 
 @dataclass
@@ -83,12 +91,24 @@ class LoadTest:
             latencies = sorted(self.latencies_ms)
             answered = self.completed + self.failed
             elapsed = (self.finished_at or time.time()) - self.started_at
-            return {"rps": self.rps, "duration_s": self.duration_s, "planned": self.planned, "sent": self.sent,
-                    "completed": self.completed, "failed": self.failed, "errors": dict(self.errors),
-                    "elapsed_s": round(elapsed, 3), "throughput": round(answered / elapsed, 2) if elapsed > 0 else 0.0,
-                    "p50_ms": _percentile(latencies, 0.50), "p95_ms": _percentile(latencies, 0.95),
-                    "p99_ms": _percentile(latencies, 0.99), "max_ms": round(latencies[-1], 3) if latencies else None,
-                    "done": self.done, "started_at": self.started_at, "finished_at": self.finished_at}
+            return {
+                "rps": self.rps,
+                "duration_s": self.duration_s,
+                "planned": self.planned,
+                "sent": self.sent,
+                "completed": self.completed,
+                "failed": self.failed,
+                "errors": dict(self.errors),
+                "elapsed_s": round(elapsed, 3),
+                "throughput": round(answered / elapsed, 2) if elapsed > 0 else 0.0,
+                "p50_ms": _percentile(latencies, 0.50),
+                "p95_ms": _percentile(latencies, 0.95),
+                "p99_ms": _percentile(latencies, 0.99),
+                "max_ms": round(latencies[-1], 3) if latencies else None,
+                "done": self.done,
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+            }
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -97,9 +117,15 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))], 3)
 
 
-def run(call: Callable[[], str | None], rps: float, duration_s: float, *,
-        on_progress: Callable[[LoadTest], None] | None = None, progress_every_s: float = 0.5,
-        stop: threading.Event | None = None) -> LoadTest:
+def run(
+    call: Callable[[], str | None],
+    rps: float,
+    duration_s: float,
+    *,
+    on_progress: Callable[[LoadTest], None] | None = None,
+    progress_every_s: float = 0.5,
+    stop: threading.Event | None = None,
+) -> LoadTest:
     """Make ``rps`` calls a second for ``duration_s`` seconds; ``call`` returns None on success, else why it failed.
 
     ``on_progress`` is called about every ``progress_every_s`` seconds and once at the end; ``stop`` ends it early.
@@ -111,7 +137,9 @@ def run(call: Callable[[], str | None], rps: float, duration_s: float, *,
     def one(due: float) -> None:
         try:
             error = call()
-        except Exception as exc:  # an error of the call is a result of the test, never the end of it
+        except (
+            Exception
+        ) as exc:  # an error of the call is a result of the test, never the end of it
             error = type(exc).__name__
         finally:
             in_flight.release()
@@ -130,7 +158,9 @@ def run(call: Callable[[], str | None], rps: float, duration_s: float, *,
                 break
             test.sent += 1
             if not in_flight.acquire(blocking=False):
-                test.record(0.0, "overloaded")  # the grid is this far behind: counted, not queued without bound
+                test.record(
+                    0.0, "overloaded"
+                )  # the grid is this far behind: counted, not queued without bound
                 continue
             pool.submit(one, due)
         while on_progress and test.completed + test.failed < test.sent and not stop.is_set():

@@ -1,5 +1,6 @@
 """Load tests started from the API or the dashboard (``/v1/loadtests``): the controller calls the function itself,
-in-process (its own grid only), within nanogrid_backend.controller.load_runner's bounds, one test per owner at a time."""
+in-process (its own grid only), within nanogrid_backend.controller.load_runner's bounds, one test
+per owner at a time."""
 
 from __future__ import annotations
 
@@ -39,7 +40,13 @@ class LoadTests:
         self.tests: dict[str, list[tuple[str, FunctionRecord, loadtest.LoadTest]]] = {}
         self.lock = threading.Lock()
 
-    def start(self, owner: str, function: FunctionRecord, body: LoadTestRequest, max_timeout_s: float | None) -> str:
+    def start(
+        self,
+        owner: str,
+        function: FunctionRecord,
+        body: LoadTestRequest,
+        max_timeout_s: float | None,
+    ) -> str:
         try:
             loadtest.check_bounds(body.rps, body.duration_s)
         except InvalidArgument as exc:
@@ -51,7 +58,9 @@ class LoadTests:
         with self.lock:
             mine = self.tests.setdefault(owner, [])
             if any(not test.done for _, _, test in mine):
-                raise HTTPException(409, "a load test of yours is still running; wait for it to end")
+                raise HTTPException(
+                    409, "a load test of yours is still running; wait for it to end"
+                )
             test_id = "lt-" + uuid.uuid4().hex[:12]
             test = loadtest.LoadTest(body.rps, body.duration_s, 0)
             mine.append((test_id, function, test))
@@ -61,7 +70,9 @@ class LoadTests:
             return self.call(function, payload, owner, max_timeout_s)
 
         def run() -> None:
-            finished = loadtest.run(call, body.rps, body.duration_s, on_progress=lambda t: self._mirror(t, test))
+            finished = loadtest.run(
+                call, body.rps, body.duration_s, on_progress=lambda t: self._mirror(t, test)
+            )
             self._mirror(finished, test)
 
         threading.Thread(target=run, name=f"loadtest-{test_id}", daemon=True).start()
@@ -71,16 +82,31 @@ class LoadTests:
     def _mirror(source: loadtest.LoadTest, target: loadtest.LoadTest) -> None:
         """The running test's figures into the listed one (the runner makes its own object)."""
         with source.lock:
-            values = {name: getattr(source, name) for name in ("planned", "sent", "completed", "failed", "started_at",
-                                                               "finished_at", "done")}
+            values = {
+                name: getattr(source, name)
+                for name in (
+                    "planned",
+                    "sent",
+                    "completed",
+                    "failed",
+                    "started_at",
+                    "finished_at",
+                    "done",
+                )
+            }
             errors, latencies = dict(source.errors), list(source.latencies_ms)
         with target.lock:
             for name, value in values.items():
                 setattr(target, name, value)
             target.errors, target.latencies_ms = errors, latencies
 
-    def call(self, function: FunctionRecord, payload: tuple[str, bytes], owner: str,
-             max_timeout_s: float | None) -> str | None:
+    def call(
+        self,
+        function: FunctionRecord,
+        payload: tuple[str, bytes],
+        owner: str,
+        max_timeout_s: float | None,
+    ) -> str | None:
         """One call through the grid's own submit path; None if it completed, else why not."""
         (job,) = jobs.new_jobs(function, [payload], owner)
         finished = threading.Event()
@@ -97,7 +123,11 @@ class LoadTests:
         record = self.grid.registry.get_job(job.job_id)
         if record is None or not record.finished:
             return "no answer"
-        return None if record.status == "completed" else (record.error or {}).get("kind", record.status)
+        return (
+            None
+            if record.status == "completed"
+            else (record.error or {}).get("kind", record.status)
+        )
 
     def listing(self, owner: str) -> list[dict[str, Any]]:
         with self.lock:
@@ -106,5 +136,9 @@ class LoadTests:
 
 
 def view(test_id: str, function: FunctionRecord, test: loadtest.LoadTest) -> dict[str, Any]:
-    return {"loadtest_id": test_id, "function_id": function.function_id, "function_name": function.function_name,
-            **test.summary()}
+    return {
+        "loadtest_id": test_id,
+        "function_id": function.function_id,
+        "function_name": function.function_name,
+        **test.summary(),
+    }

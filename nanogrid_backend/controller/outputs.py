@@ -16,11 +16,29 @@ from urllib.parse import quote
 from fastapi.responses import StreamingResponse
 
 DOWNLOAD_TYPE = "application/octet-stream"
-TEXT_SUFFIXES = (".txt", ".log", ".csv", ".tsv", ".md", ".json", ".jsonl", ".yaml", ".yml", ".toml", ".ini", ".cfg",
-                 ".py")
+TEXT_SUFFIXES = (
+    ".txt",
+    ".log",
+    ".csv",
+    ".tsv",
+    ".md",
+    ".json",
+    ".jsonl",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".ini",
+    ".cfg",
+    ".py",
+)
 SHOWN_IN_PLACE = {
-    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
-    ".bmp": "image/bmp", ".pdf": "application/pdf",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".pdf": "application/pdf",
     **{suffix: "text/plain; charset=utf-8" for suffix in TEXT_SUFFIXES},
 }
 

@@ -18,4 +18,6 @@ def retry_after_header(seconds: float) -> str:
 
 def key_limits(key: ApiKey, config: GridConfig) -> tuple[float, int]:
     """A key's rate (requests per second) and burst: its own where it has them, else the grid's."""
-    return (config.rate_limit if key.rate_limit is None else key.rate_limit), (key.rate_burst or config.rate_burst)
+    return (config.rate_limit if key.rate_limit is None else key.rate_limit), (
+        key.rate_burst or config.rate_burst
+    )

@@ -20,8 +20,9 @@ class JobQueue(ABC):
     def get(self, timeout: float, want: int = 1) -> JobMessage | None:
         """The next job, or None after ``timeout`` seconds without one (``want``: how many the caller could take)."""
 
-    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None, *,
-                  want: int = 1) -> list[JobMessage]:
+    def get_batch(
+        self, timeout: float, most: Callable[[JobMessage, int], int] | None = None, *, want: int = 1
+    ) -> list[JobMessage]:
         """The next job and, where the queue can hand out batches (the local queue), up to ``most(first, queued) - 1``
         more calls of its function right behind it; [] after ``timeout`` seconds without one. This default takes one
         message (``want``: how many the caller could take, as for ``get``)."""

@@ -14,7 +14,9 @@ from nanogrid_backend.queue.base import JobQueue
 
 log = logging.getLogger(__name__)
 
-MEMORY_BUDGET_BYTES = 32 << 20  # queued payloads held in memory; the rest stay on disk until their job is taken
+MEMORY_BUDGET_BYTES = (
+    32 << 20
+)  # queued payloads held in memory; the rest stay on disk until their job is taken
 
 
 class LocalQueue(JobQueue):
@@ -34,18 +36,31 @@ class LocalQueue(JobQueue):
     every pending job's payload already is) when a worker takes the job.
     """
 
-    def __init__(self, limit: Callable[[str], int | None] | None = None,
-                 load_payload: Callable[[str], bytes | None] | None = None,
-                 memory_budget_bytes: int = MEMORY_BUDGET_BYTES) -> None:
+    def __init__(
+        self,
+        limit: Callable[[str], int | None] | None = None,
+        load_payload: Callable[[str], bytes | None] | None = None,
+        memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
+    ) -> None:
         self._limit = limit or (lambda owner: None)
         self._load_payload = load_payload
-        self._budget = memory_budget_bytes if load_payload is not None else None  # None: everything in memory
+        self._budget = (
+            memory_budget_bytes if load_payload is not None else None
+        )  # None: everything in memory
         self._held_bytes = 0  # payload bytes held in memory
         self._on_disk: set[str] = set()  # job ids queued without their payload
-        self._waiting: OrderedDict[str, deque[JobMessage]] = OrderedDict()  # owner -> its FIFO; next to serve first
-        self._parked: dict[str, deque[JobMessage]] = {}  # owners at their cap -> their FIFO, back in turn at an ack
-        self._out: dict[str, int] = {}  # owner -> takes (a call, or a batch) out with workers, not yet acked
-        self._out_owner: dict[str, tuple[str, list[int]]] = {}  # job id -> (owner, calls of its take not yet acked)
+        self._waiting: OrderedDict[str, deque[JobMessage]] = (
+            OrderedDict()
+        )  # owner -> its FIFO; next to serve first
+        self._parked: dict[
+            str, deque[JobMessage]
+        ] = {}  # owners at their cap -> their FIFO, back in turn at an ack
+        self._out: dict[
+            str, int
+        ] = {}  # owner -> takes (a call, or a batch) out with workers, not yet acked
+        self._out_owner: dict[
+            str, tuple[str, list[int]]
+        ] = {}  # job id -> (owner, calls of its take not yet acked)
         self._count = 0
         self._changed = threading.Condition()
 
@@ -58,14 +73,18 @@ class LocalQueue(JobQueue):
                 if fifo is None:
                     fifo = self._parked.get(message.owner)
                 if fifo is None:
-                    fifo = self._waiting[message.owner] = deque()  # a new owner joins the end of the turn
+                    fifo = self._waiting[message.owner] = (
+                        deque()
+                    )  # a new owner joins the end of the turn
                 fifo.append(message)
             self._count += len(messages)
             self._changed.notify(len(messages))  # a call wakes one idle slot, not all of them
 
     def _hold(self, message: JobMessage, stored: bool) -> JobMessage:
         """The message as kept in memory: without its payload when it is on disk or over the budget."""
-        if stored or (self._budget is not None and self._held_bytes + len(message.payload) > self._budget):
+        if stored or (
+            self._budget is not None and self._held_bytes + len(message.payload) > self._budget
+        ):
             self._on_disk.add(message.job_id)
             return dataclasses.replace(message, payload=b"") if message.payload else message
         self._held_bytes += len(message.payload)
@@ -80,8 +99,14 @@ class LocalQueue(JobQueue):
         taken = self.get_batch(timeout)
         return taken[0] if taken else None
 
-    def get_batch(self, timeout: float, most: Callable[[JobMessage, int], int] | None = None, *,
-                  want: int = 1, max_bytes: int = 1 << 20) -> list[JobMessage]:
+    def get_batch(
+        self,
+        timeout: float,
+        most: Callable[[JobMessage, int], int] | None = None,
+        *,
+        want: int = 1,
+        max_bytes: int = 1 << 20,
+    ) -> list[JobMessage]:
         """The next owner's next job, and with it up to ``most(first, queued) - 1`` more of that owner's queued calls
         of the same function right behind it (``queued``: how many the owner still has waiting); [] after
         ``timeout`` seconds without one. The batch's payloads add up to at most ``max_bytes`` beyond the first's (they
@@ -100,7 +125,9 @@ class LocalQueue(JobQueue):
             taken = [message]
             if most is not None and message.job_id not in self._on_disk:
                 fifo = self._waiting.get(message.owner) or self._parked.get(message.owner)
-                taken += self._more_like(message, most(message, len(fifo) if fifo else 0) - 1, max_bytes)
+                taken += self._more_like(
+                    message, most(message, len(fifo) if fifo else 0) - 1, max_bytes
+                )
             for held in taken:
                 if held.job_id not in self._on_disk:
                     self._held_bytes -= len(held.payload)
@@ -111,20 +138,28 @@ class LocalQueue(JobQueue):
 
     def _more_like(self, first: JobMessage, extra: int, max_bytes: int) -> list[JobMessage]:
         """Up to ``extra`` more queued calls of ``first``'s owner and function, from the head of its FIFO, joining
-        ``first``'s take; payloads kept on disk end the batch (each is read back on its own). Call with the lock held."""
+        ``first``'s take; payloads kept on disk end the batch (each is read back on its own). Call
+        with the lock held."""
         owner = first.owner
         fifo = self._waiting.get(owner) or self._parked.get(owner)
         if extra <= 0 or not fifo:
             return []
         more: list[JobMessage] = []
         size = 0
-        while len(more) < extra and fifo and fifo[0].function_id == first.function_id \
-                and fifo[0].job_id not in self._on_disk and size + len(fifo[0].payload) <= max_bytes:
+        while (
+            len(more) < extra
+            and fifo
+            and fifo[0].function_id == first.function_id
+            and fifo[0].job_id not in self._on_disk
+            and size + len(fifo[0].payload) <= max_bytes
+        ):
             size += len(fifo[0].payload)
             more.append(fifo.popleft())
         if more:
             self._count -= len(more)
-            take = self._out_owner[first.job_id][1]  # the batch is one take, done when its last call is acked
+            take = self._out_owner[first.job_id][
+                1
+            ]  # the batch is one take, done when its last call is acked
             take[0] += len(more)
             for message in more:
                 self._out_owner[message.job_id] = (owner, take)
@@ -135,13 +170,21 @@ class LocalQueue(JobQueue):
 
     def _with_payload(self, message: JobMessage) -> JobMessage | None:
         """Read a taken job's payload back from disk; if that fails the job goes back to the head of its turn."""
-        assert self._load_payload is not None  # messages are only left without payloads when it can be read back
+        assert (
+            self._load_payload is not None
+        )  # messages are only left without payloads when it can be read back
         try:
             payload = self._load_payload(message.job_id)
         except Exception:
-            log.exception("job %s: could not read its arguments back; it stays queued", message.job_id)
+            log.exception(
+                "job %s: could not read its arguments back; it stays queued", message.job_id
+            )
             with self._changed:
-                fifo = self._parked.pop(message.owner, None) or self._waiting.pop(message.owner, None) or deque()
+                fifo = (
+                    self._parked.pop(message.owner, None)
+                    or self._waiting.pop(message.owner, None)
+                    or deque()
+                )
                 fifo.appendleft(message)
                 self._waiting[message.owner] = fifo
                 self._waiting.move_to_end(message.owner, last=False)
@@ -199,7 +242,9 @@ class LocalQueue(JobQueue):
                     self._count -= len(gone)
                     kept = deque(message for message in fifo if message.job_id not in job_ids)
                     if kept:
-                        fifos[owner] = kept  # an existing key: the owner keeps its place in the turn
+                        fifos[owner] = (
+                            kept  # an existing key: the owner keeps its place in the turn
+                        )
                     else:
                         del fifos[owner]
 

@@ -24,7 +24,9 @@ INLINE_PAYLOAD_BYTES = 192 << 10  # SQS takes 256 KiB a message; leave room for 
 class SQSQueue(JobQueue):
     redelivers = True
 
-    def __init__(self, queue_url: str, store: BlobStore, visibility_s: int = 30, dlq_url: str = "") -> None:
+    def __init__(
+        self, queue_url: str, store: BlobStore, visibility_s: int = 30, dlq_url: str = ""
+    ) -> None:
         self.url = queue_url
         self.dlq_url = dlq_url
         self.store = store
@@ -36,15 +38,24 @@ class SQSQueue(JobQueue):
     def put(self, messages: list[JobMessage]) -> None:
         entries = [{"Id": str(i), "MessageBody": self._encode(m)} for i, m in enumerate(messages)]
         for start in range(0, len(entries), 10):
-            batch = entries[start:start + 10]
+            batch = entries[start : start + 10]
             response = self.sqs.send_message_batch(QueueUrl=self.url, Entries=batch)
             if response.get("Failed"):
-                raise RuntimeError(f"SQS refused {len(response['Failed'])} messages: {response['Failed'][0]}")
+                raise RuntimeError(
+                    f"SQS refused {len(response['Failed'])} messages: {response['Failed'][0]}"
+                )
 
     def _encode(self, message: JobMessage) -> str:
-        body = {"job_id": message.job_id, "function_id": message.function_id, "format": message.payload_format,
-                "timeout_s": message.timeout_s, "memory_mib": message.memory_mib, "model": message.model,
-                "owner": message.owner, "trigger": message.trigger}
+        body = {
+            "job_id": message.job_id,
+            "function_id": message.function_id,
+            "format": message.payload_format,
+            "timeout_s": message.timeout_s,
+            "memory_mib": message.memory_mib,
+            "model": message.model,
+            "owner": message.owner,
+            "trigger": message.trigger,
+        }
         if len(message.payload) > INLINE_PAYLOAD_BYTES:
             self.store.put_blob(f"payloads/{message.job_id}", message.payload)
             body["payload_ref"] = f"payloads/{message.job_id}"
@@ -76,32 +87,53 @@ class SQSQueue(JobQueue):
         self.sqs.delete_message(QueueUrl=self.dlq_url, ReceiptHandle=message.receipt)
 
     def release(self, message: JobMessage) -> None:
-        self.sqs.change_message_visibility(QueueUrl=self.url, ReceiptHandle=message.receipt, VisibilityTimeout=0)
+        self.sqs.change_message_visibility(
+            QueueUrl=self.url, ReceiptHandle=message.receipt, VisibilityTimeout=0
+        )
 
     def _receive(self, url: str, timeout: float, count: int = 1) -> list[JobMessage]:
         response = self.sqs.receive_message(
-            QueueUrl=url, MaxNumberOfMessages=count, WaitTimeSeconds=max(0 if url != self.url else 1,
-                                                                         min(20, round(timeout))),
-            VisibilityTimeout=self.visibility_s, AttributeNames=["ApproximateReceiveCount"],
+            QueueUrl=url,
+            MaxNumberOfMessages=count,
+            WaitTimeSeconds=max(0 if url != self.url else 1, min(20, round(timeout))),
+            VisibilityTimeout=self.visibility_s,
+            AttributeNames=["ApproximateReceiveCount"],
         )
         messages = []
         for raw in response.get("Messages", []):
             body = json.loads(raw["Body"])
-            payload = (self.store.get_blob(body["payload_ref"]) if "payload_ref" in body
-                       else base64.b64decode(body["payload"]))
-            messages.append(JobMessage(body["job_id"], body["function_id"], body["format"], payload, body["timeout_s"],
-                                       body["memory_mib"], model=body.get("model"), receipt=raw["ReceiptHandle"],
-                                       owner=body.get("owner", ""), trigger=body.get("trigger", "call"),
-                                       receive_count=int(raw["Attributes"].get("ApproximateReceiveCount", 1))))
+            payload = (
+                self.store.get_blob(body["payload_ref"])
+                if "payload_ref" in body
+                else base64.b64decode(body["payload"])
+            )
+            messages.append(
+                JobMessage(
+                    body["job_id"],
+                    body["function_id"],
+                    body["format"],
+                    payload,
+                    body["timeout_s"],
+                    body["memory_mib"],
+                    model=body.get("model"),
+                    receipt=raw["ReceiptHandle"],
+                    owner=body.get("owner", ""),
+                    trigger=body.get("trigger", "call"),
+                    receive_count=int(raw["Attributes"].get("ApproximateReceiveCount", 1)),
+                )
+            )
         return messages
 
     def ack(self, message: JobMessage) -> None:
         self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=message.receipt)
 
     def extend(self, message: JobMessage, seconds: float) -> None:
-        self.sqs.change_message_visibility(QueueUrl=self.url, ReceiptHandle=message.receipt,
-                                           VisibilityTimeout=int(seconds))
+        self.sqs.change_message_visibility(
+            QueueUrl=self.url, ReceiptHandle=message.receipt, VisibilityTimeout=int(seconds)
+        )
 
     def depth(self) -> int:
-        attributes = self.sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["ApproximateNumberOfMessages"])
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.url, AttributeNames=["ApproximateNumberOfMessages"]
+        )
         return int(attributes["Attributes"]["ApproximateNumberOfMessages"])

@@ -20,7 +20,8 @@ from nanogrid_contract.errors import NanoGridError
 
 
 class RegistryError(NanoGridError):
-    """The registry cannot be used as it stands (damaged, too new, held by another grid); the message says what to do."""
+    """The registry cannot be used as it stands (damaged, too new, held by another grid); the
+    message says what to do."""
 
 
 class RegistryBusy(RegistryError):
@@ -37,7 +38,9 @@ class FunctionStats:
     total_ms: float  # the worker's whole turn (started -> finished), summed
     handler_ms: float  # the function's own run time (execution_time_ms), summed
     handler_count: int  # jobs that have one
-    total_buckets: list[int]  # jobs whose total time is <= each bucket bound (cumulative, as Prometheus counts)
+    total_buckets: list[
+        int
+    ]  # jobs whose total time is <= each bucket bound (cumulative, as Prometheus counts)
     handler_buckets: list[int]
 
 
@@ -73,7 +76,9 @@ class JobRegistry(Protocol):
     def create_jobs(self, jobs: list[JobRecord]) -> None: ...
 
     @abstractmethod
-    def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
+    def mark_running(
+        self, job_id: str, worker_id: str, started_at: float, retry: bool = False
+    ) -> bool:
         """Pending -> running; False if the job is no longer pending (cancelled, or run elsewhere).
 
         ``retry``: a redelivered message, whose first worker died, may also take over a running job.
@@ -104,7 +109,9 @@ class JobRegistry(Protocol):
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod
-    def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]: ...
+    def list_jobs(
+        self, limit: int = 50, status: str | None = None, owner: str | None = None
+    ) -> list[JobRecord]: ...
 
     def pending_jobs(self, batch: int = 1000) -> Iterator[JobRecord]:
         """Pending jobs, oldest first, without their payloads (``get_job`` has them): a restart's backlog."""
@@ -121,22 +128,34 @@ class HistoryRegistry(Protocol):
     """Finished calls looked back on: history pages, per-function figures and metrics, and their pruning."""
 
     @abstractmethod
-    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
+    def function_stats(
+        self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()
+    ) -> list[FunctionStats]:
         """Finished jobs per (function, status): counts, summed times and cumulative counts per bucket bound."""
 
     @abstractmethod
-    def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
-                     before: tuple[float, str] | None = None, text_cap: int = 2048) -> list[HistoryEntry]:
+    def list_history(
+        self,
+        owner: str,
+        function_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+        text_cap: int = 2048,
+    ) -> list[HistoryEntry]:
         """An owner's calls (of one function), newest first, older than ``before`` = (created_at, job_id)."""
 
     @abstractmethod
-    def function_windows(self, function_id: str, now: float | None = None,
-                         names: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    def function_windows(
+        self, function_id: str, now: float | None = None, names: tuple[str, ...] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """The 1h/24h/7d/30d figures of a function (nanogrid_backend/registry/windows.py), summed where they are stored;
         ``names``: only these windows."""
 
     @abstractmethod
-    def function_timeline(self, function_id: str, window: str, now: float | None = None) -> list[tuple[int, int, int]]:
+    def function_timeline(
+        self, function_id: str, window: str, now: float | None = None
+    ) -> list[tuple[int, int, int]]:
         """(slot start, calls, failed calls) per slot of a window that had calls, oldest first, from the same counters
         as ``function_windows`` (minutes for 1h, hours for the others)."""
 
@@ -238,8 +257,16 @@ class VolumeRegistry(Protocol):
     def delete_volume(self, owner: str, name: str) -> bool: ...
 
 
-class Registry(FunctionRegistry, JobRegistry, HistoryRegistry, SecretRegistry, WebhookRegistry, KeyRegistry,
-               ScheduleRegistry, ABC):
+class Registry(
+    FunctionRegistry,
+    JobRegistry,
+    HistoryRegistry,
+    SecretRegistry,
+    WebhookRegistry,
+    KeyRegistry,
+    ScheduleRegistry,
+    ABC,
+):
     """Where functions and jobs are recorded, so a controller restart loses nothing: every concern above, in one store.
 
     Code that needs one concern takes its protocol (a ``JobRegistry``, a ``KeyRegistry``); the grid hands it this."""

@@ -68,10 +68,18 @@ def examine(path: Path) -> FileState:
         if not state.problem and state.version > SCHEMA_VERSION:
             state.problem = f"schema version {state.version} is newer than this NanoGrid's {SCHEMA_VERSION}: upgrade"
         if not state.problem:
-            state.jobs = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+            state.jobs = dict(
+                db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+            )
             state.functions = db.execute("SELECT COUNT(*) FROM functions").fetchone()[0]
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            state.keys = db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0] if "api_keys" in tables else 0
+            tables = {
+                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            state.keys = (
+                db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]
+                if "api_keys" in tables
+                else 0
+            )
     except sqlite3.DatabaseError as exc:
         state.problem = str(exc)
     finally:
@@ -84,7 +92,9 @@ def inspect(data_dir: Path) -> Report:
     registry = examine(path)
     if registry.problem in ("missing", "empty (0 bytes)") and not earlier_grid_evidence(path):
         registry.problem = ""  # a new data dir: the first `nanogrid up` makes the registry
-    return Report(registry, [examine(backup) for backup in reversed(list_backups(path))], holder_pid(data_dir))
+    return Report(
+        registry, [examine(backup) for backup in reversed(list_backups(path))], holder_pid(data_dir)
+    )
 
 
 def repair(data_dir: Path) -> list[str]:
@@ -94,23 +104,35 @@ def repair(data_dir: Path) -> list[str]:
     """
     report = inspect(data_dir)
     if report.grid_pid is not None:
-        raise RegistryError(f"a grid (pid {report.grid_pid}) is running on {data_dir}: stop it before --repair")
+        raise RegistryError(
+            f"a grid (pid {report.grid_pid}) is running on {data_dir}: stop it before --repair"
+        )
     path = report.registry.path
     if report.healthy:
         return [f"{path} is healthy: nothing to repair"]
     if report.registry.version > SCHEMA_VERSION:
-        raise RegistryError(f"{path} was written by a newer NanoGrid (schema {report.registry.version}): upgrade "
-                            "NanoGrid instead of restoring an older copy")
+        raise RegistryError(
+            f"{path} was written by a newer NanoGrid (schema {report.registry.version}): upgrade "
+            "NanoGrid instead of restoring an older copy"
+        )
     good = next((b for b in report.backups if b.ok), None)
     if good is None:
-        tried = f" ({len(report.backups)} backups, all damaged)" if report.backups else " (there are no backups)"
-        raise RegistryError(f"no good backup of {path}{tried}: move {data_dir} aside to start a new grid, "
-                            "or restore a copy of the registry from elsewhere")
+        tried = (
+            f" ({len(report.backups)} backups, all damaged)"
+            if report.backups
+            else " (there are no backups)"
+        )
+        raise RegistryError(
+            f"no good backup of {path}{tried}: move {data_dir} aside to start a new grid, "
+            "or restore a copy of the registry from elsewhere"
+        )
     done = []
     if path.exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         aside = path.with_name(f"{path.name}.damaged-{stamp}")
-        for file in registry_files(path):  # the -wal too: replayed onto the restored copy it would damage it again
+        for file in registry_files(
+            path
+        ):  # the -wal too: replayed onto the restored copy it would damage it again
             if file.exists():
                 os.replace(file, aside.with_name(aside.name + file.name.removeprefix(path.name)))
         done.append(f"moved the damaged registry aside to {aside.name}")
@@ -121,6 +143,8 @@ def repair(data_dir: Path) -> list[str]:
         source.close()
     when = datetime.fromtimestamp(good.path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
     total = sum(good.jobs.values())
-    done.append(f"restored {good.path.name} (made {when}: {total} jobs, {good.functions} functions, {good.keys} keys); "
-                "what was recorded after it is lost")
+    done.append(
+        f"restored {good.path.name} (made {when}: {total} jobs, {good.functions} functions, {good.keys} keys); "
+        "what was recorded after it is lost"
+    )
     return done

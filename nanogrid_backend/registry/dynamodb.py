@@ -37,11 +37,24 @@ from nanogrid_backend.models import (
     SecretRecord,
 )
 from nanogrid_backend.registry import windows
-from nanogrid_backend.registry.base import FunctionStats, HistoryEntry, Registry, RegistryError, VolumeRegistry
+from nanogrid_backend.registry.base import (
+    FunctionStats,
+    HistoryEntry,
+    Registry,
+    RegistryError,
+    VolumeRegistry,
+)
 
 JSON_FIELDS = {"error", "output_files", "ai_usage", "variables"}
-INT_FIELDS = {"memory_mib", "package_size", "peak_memory_bytes", "baseline_memory_bytes", "memory_limit_mib",
-              "rate_burst", "attempt"}
+INT_FIELDS = {
+    "memory_mib",
+    "package_size",
+    "peak_memory_bytes",
+    "baseline_memory_bytes",
+    "memory_limit_mib",
+    "rate_burst",
+    "attempt",
+}
 JOB_TTL_S = 30 * 24 * 3600  # the invocation history's retention
 STALE_CLAIM_S = 60.0  # a schedule still on a due time claimed this long ago: its claimer stopped before moving it
 # 1: the first versioned shape (jobs with ai_usage, keys with admin and per-owner limits)
@@ -70,8 +83,12 @@ def _to_item(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _volume(item: dict[str, Any]) -> dict[str, Any]:
-    return {"owner": str(item["owner"]), "name": str(item["name"]), "size_mib": int(item["size_mib"]),
-            "created_at": float(item["created_at"])}
+    return {
+        "owner": str(item["owner"]),
+        "name": str(item["name"]),
+        "size_mib": int(item["size_mib"]),
+        "created_at": float(item["created_at"]),
+    }
 
 
 def _from_item(cls: type, item: dict[str, Any]) -> Any:
@@ -80,7 +97,9 @@ def _from_item(cls: type, item: dict[str, Any]) -> Any:
     for f in fields(cls):
         if f.name not in item:
             if f.default is MISSING and f.default_factory is MISSING:
-                raise RegistryError(f"registry item {item.get('pk')} has no {f.name!r}: it was not written by NanoGrid")
+                raise RegistryError(
+                    f"registry item {item.get('pk')} has no {f.name!r}: it was not written by NanoGrid"
+                )
             continue
         value = item[f.name]
         if f.name in JSON_FIELDS:
@@ -99,8 +118,13 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
 
     # functions
     def put_function(self, function: FunctionRecord) -> None:
-        self.table.put_item(Item={"pk": f"fn#{function.function_id}", "kind": "function",
-                                  **_to_item(function.to_dict())})
+        self.table.put_item(
+            Item={
+                "pk": f"fn#{function.function_id}",
+                "kind": "function",
+                **_to_item(function.to_dict()),
+            }
+        )
 
     def get_function(self, function_id: str) -> FunctionRecord | None:
         item = self.table.get_item(Key={"pk": f"fn#{function_id}"}, ConsistentRead=True).get("Item")
@@ -111,7 +135,9 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
         if owner is not None:
             condition &= Attr("owner").eq(owner)
         items = self._scan(condition)
-        return sorted((_from_item(FunctionRecord, i) for i in items), key=lambda f: f.created_at, reverse=True)
+        return sorted(
+            (_from_item(FunctionRecord, i) for i in items), key=lambda f: f.created_at, reverse=True
+        )
 
     def delete_function(self, function_id: str) -> bool:
         old = self.table.delete_item(Key={"pk": f"fn#{function_id}"}, ReturnValues="ALL_OLD")
@@ -121,11 +147,21 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
     def create_jobs(self, jobs: list[JobRecord]) -> None:
         with self.table.batch_writer() as batch:
             for job in jobs:
-                values = {f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name != "payload"}
-                batch.put_item(Item={"pk": f"job#{job.job_id}", "kind": "job",
-                                     "expires_at": int(job.created_at + JOB_TTL_S), **_to_item(values)})
+                values = {
+                    f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name != "payload"
+                }
+                batch.put_item(
+                    Item={
+                        "pk": f"job#{job.job_id}",
+                        "kind": "job",
+                        "expires_at": int(job.created_at + JOB_TTL_S),
+                        **_to_item(values),
+                    }
+                )
 
-    def mark_running(self, job_id: str, worker_id: str, started_at: float, retry: bool = False) -> bool:
+    def mark_running(
+        self, job_id: str, worker_id: str, started_at: float, retry: bool = False
+    ) -> bool:
         # A redelivered message (its worker died) may take over a job left RUNNING.
         allowed = Attr("status").is_in([PENDING, RUNNING]) if retry else Attr("status").eq(PENDING)
         try:
@@ -134,7 +170,11 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
                 UpdateExpression="SET #s = :running, worker_id = :w, started_at = :t",
                 ConditionExpression=Attr("pk").exists() & allowed,
                 ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":running": RUNNING, ":w": worker_id, ":t": Decimal(repr(started_at))},
+                ExpressionAttributeValues={
+                    ":running": RUNNING,
+                    ":w": worker_id,
+                    ":t": Decimal(repr(started_at)),
+                },
             )
             return True
         except ClientError as exc:
@@ -144,7 +184,9 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
 
     def finish_job(self, job: JobRecord) -> bool:
         skip = {"job_id", "function_id", "payload", "created_at", "owner", "trigger"}
-        values = _to_item({f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name not in skip})
+        values = _to_item(
+            {f.name: getattr(job, f.name) for f in fields(JobRecord) if f.name not in skip}
+        )
         # Placeholders of our own (#f, :f): boto3's condition builder takes #n… and :v… for itself.
         names = {f"#f{i}": name for i, name in enumerate(values)}
         try:
@@ -174,45 +216,75 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
         for (resolution, slot), counters in by_slot.items():
             names, values, adds = {}, {}, []
             for i, c in enumerate(counters):
-                for field, amount in (("n", 1), ("f", c.failed), ("c", c.cold), ("t", c.value or 0.0)):
+                for field, amount in (
+                    ("n", 1),
+                    ("f", c.failed),
+                    ("c", c.cold),
+                    ("t", c.value or 0.0),
+                ):
                     names[f"#a{i}{field}"] = f"c#{c.metric}#{c.bucket}#{field}"
-                    values[f":a{i}{field}"] = Decimal(repr(float(amount))) if field == "t" else amount
+                    values[f":a{i}{field}"] = (
+                        Decimal(repr(float(amount))) if field == "t" else amount
+                    )
                     adds.append(f"#a{i}{field} :a{i}{field}")
             self.table.update_item(
                 Key={"pk": f"stat#{job.function_id}#{resolution}#{slot}"},
                 UpdateExpression="SET #kind = :kind, expires_at = :exp ADD " + ", ".join(adds),
                 ExpressionAttributeNames={**names, "#kind": "kind"},
-                ExpressionAttributeValues={**values, ":kind": "stat",
-                                           ":exp": int((slot + 1) * resolution + JOB_TTL_S)})
+                ExpressionAttributeValues={
+                    **values,
+                    ":kind": "stat",
+                    ":exp": int((slot + 1) * resolution + JOB_TTL_S),
+                },
+            )
 
-    def list_history(self, owner: str, function_id: str | None = None, status: str | None = None, limit: int = 50,
-                     before: tuple[float, str] | None = None, text_cap: int = 2048) -> list[HistoryEntry]:
+    def list_history(
+        self,
+        owner: str,
+        function_id: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+        text_cap: int = 2048,
+    ) -> list[HistoryEntry]:
         condition = Attr("kind").eq("job") & Attr("owner").eq(owner)
         if function_id is not None:
             condition &= Attr("function_id").eq(function_id)
         if status:
             condition &= Attr("status").eq(status)
-        jobs = sorted((_from_item(JobRecord, i) for i in self._scan(condition)),
-                      key=lambda j: (j.created_at, j.job_id), reverse=True)
+        jobs = sorted(
+            (_from_item(JobRecord, i) for i in self._scan(condition)),
+            key=lambda j: (j.created_at, j.job_id),
+            reverse=True,
+        )
         entries = []
         for job in jobs:
             if before is not None and (job.created_at, job.job_id) >= before:
                 continue
             sizes = len(job.stdout), len(job.stderr)
-            job.stdout, job.stderr, job.result, job.payload = job.stdout[:text_cap], job.stderr[:text_cap], None, b""
+            job.stdout, job.stderr, job.result, job.payload = (
+                job.stdout[:text_cap],
+                job.stderr[:text_cap],
+                None,
+                b"",
+            )
             entries.append(HistoryEntry(job, *sizes))
             if len(entries) == limit:
                 break
         return entries
 
-    def function_windows(self, function_id: str, now: float | None = None,
-                         names: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    def function_windows(
+        self, function_id: str, now: float | None = None, names: tuple[str, ...] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """From the counter items of the slots the windows cover (batch reads, 100 items a request)."""
         now = time.time() if now is None else now
         found = {}
         for name in names or tuple(windows.WINDOWS):
             resolution, first = windows.first_slot(name, now)
-            keys = [{"pk": f"stat#{function_id}#{resolution}#{slot}"} for slot in range(first, int(now // resolution) + 1)]
+            keys = [
+                {"pk": f"stat#{function_id}#{resolution}#{slot}"}
+                for slot in range(first, int(now // resolution) + 1)
+            ]
             sums: dict[tuple[str, int], list[float]] = {}
             for item in self._batch_get(keys):
                 for attribute, value in item.items():
@@ -220,28 +292,40 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
                         _, metric, bucket, field = attribute.split("#")
                         row = sums.setdefault((metric, int(bucket)), [0, 0, 0, 0.0])
                         row["nfct".index(field)] += float(value)
-            rows = [(m, b, int(n), int(f), int(c), t, windows.bucket_upper(b)) for (m, b), (n, f, c, t) in sums.items()]
+            rows = [
+                (m, b, int(n), int(f), int(c), t, windows.bucket_upper(b))
+                for (m, b), (n, f, c, t) in sums.items()
+            ]
             found[name] = windows.summarise(rows, first * resolution)
         return found
 
-    def function_timeline(self, function_id: str, window: str, now: float | None = None) -> list[tuple[int, int, int]]:
+    def function_timeline(
+        self, function_id: str, window: str, now: float | None = None
+    ) -> list[tuple[int, int, int]]:
         now = time.time() if now is None else now
         resolution, first = windows.first_slot(window, now)
-        keys = [{"pk": f"stat#{function_id}#{resolution}#{slot}"} for slot in range(first, int(now // resolution) + 1)]
+        keys = [
+            {"pk": f"stat#{function_id}#{resolution}#{slot}"}
+            for slot in range(first, int(now // resolution) + 1)
+        ]
         found = []
         for item in self._batch_get(keys):
             sums = [0, 0]
             for attribute, value in item.items():
-                if attribute.startswith(f"c#{windows.DURATION}#") and attribute.endswith(("#n", "#f")):
+                if attribute.startswith(f"c#{windows.DURATION}#") and attribute.endswith(
+                    ("#n", "#f")
+                ):
                     sums["nf".index(attribute[-1])] += int(value)
             found.append((int(str(item["pk"]).rsplit("#", 1)[1]) * resolution, sums[0], sums[1]))
         return sorted(p for p in found if p[1])
 
     def _batch_get(self, keys: list[dict[str, str]]) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        resource = self.table.meta.client  # the resource's client: it reads and writes Python values, not typed ones
+        resource = (
+            self.table.meta.client
+        )  # the resource's client: it reads and writes Python values, not typed ones
         for start in range(0, len(keys), 100):
-            request = {self.table.name: {"Keys": keys[start:start + 100]}}
+            request = {self.table.name: {"Keys": keys[start : start + 100]}}
             while request:
                 page = resource.batch_get_item(RequestItems=request)
                 items.extend(page["Responses"].get(self.table.name, []))
@@ -253,26 +337,47 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
 
     # webhooks (nanogrid_backend/notify.py)
     def put_webhook(self, hook: dict[str, Any]) -> None:
-        self.table.put_item(Item={"pk": f"hook#{hook['hook_id']}", "kind": "webhook",
-                                  **{k: json.dumps(v) if k in ("events", "threshold") else
-                                     Decimal(repr(v)) if isinstance(v, float) else v
-                                     for k, v in hook.items() if v is not None}})
+        self.table.put_item(
+            Item={
+                "pk": f"hook#{hook['hook_id']}",
+                "kind": "webhook",
+                **{
+                    k: json.dumps(v)
+                    if k in ("events", "threshold")
+                    else Decimal(repr(v))
+                    if isinstance(v, float)
+                    else v
+                    for k, v in hook.items()
+                    if v is not None
+                },
+            }
+        )
 
     def list_webhooks(self, owner: str | None = None) -> list[dict[str, Any]]:
         condition = Attr("kind").eq("webhook")
         if owner is not None:
             condition &= Attr("owner").eq(owner)
-        hooks = [{"function_id": None, "threshold": None, **{k: v for k, v in item.items() if k not in ("pk", "kind")}}
-                 for item in self._scan(condition)]
+        hooks = [
+            {
+                "function_id": None,
+                "threshold": None,
+                **{k: v for k, v in item.items() if k not in ("pk", "kind")},
+            }
+            for item in self._scan(condition)
+        ]
         for hook in hooks:
             hook["events"] = json.loads(hook["events"])
-            hook["threshold"] = json.loads(hook["threshold"]) if isinstance(hook["threshold"], str) else None
+            hook["threshold"] = (
+                json.loads(hook["threshold"]) if isinstance(hook["threshold"], str) else None
+            )
             hook["created_at"] = float(hook["created_at"])
         return sorted(hooks, key=lambda h: h["created_at"])
 
     def delete_webhook(self, owner: str, hook_id: str) -> bool:
         try:
-            self.table.delete_item(Key={"pk": f"hook#{hook_id}"}, ConditionExpression=Attr("owner").eq(owner))
+            self.table.delete_item(
+                Key={"pk": f"hook#{hook_id}"}, ConditionExpression=Attr("owner").eq(owner)
+            )
             return True
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
@@ -280,22 +385,30 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
             raise
 
     def note_attempt(self, job_id: str, error: dict) -> None:
-        self.table.update_item(Key={"pk": f"job#{job_id}"}, UpdateExpression="SET #e = :e",
-                               ExpressionAttributeNames={"#e": "error"},
-                               ExpressionAttributeValues={":e": json.dumps(error)})
+        self.table.update_item(
+            Key={"pk": f"job#{job_id}"},
+            UpdateExpression="SET #e = :e",
+            ExpressionAttributeNames={"#e": "error"},
+            ExpressionAttributeValues={":e": json.dumps(error)},
+        )
 
     def get_job(self, job_id: str) -> JobRecord | None:
         item = self.table.get_item(Key={"pk": f"job#{job_id}"}, ConsistentRead=True).get("Item")
         return _from_item(JobRecord, item) if item else None
 
-    def list_jobs(self, limit: int = 50, status: str | None = None, owner: str | None = None) -> list[JobRecord]:
+    def list_jobs(
+        self, limit: int = 50, status: str | None = None, owner: str | None = None
+    ) -> list[JobRecord]:
         condition = Attr("kind").eq("job")
         if status:
             condition &= Attr("status").eq(status)
         if owner is not None:
             condition &= Attr("owner").eq(owner)
-        jobs = sorted((_from_item(JobRecord, i) for i in self._scan(condition)), key=lambda j: j.created_at,
-                      reverse=True)
+        jobs = sorted(
+            (_from_item(JobRecord, i) for i in self._scan(condition)),
+            key=lambda j: j.created_at,
+            reverse=True,
+        )
         return jobs if limit < 0 else jobs[:limit]
 
     def count_jobs(self, owner: str | None = None) -> dict[str, int]:
@@ -303,37 +416,69 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
         if owner is not None:
             condition &= Attr("owner").eq(owner)
         counts: dict[str, int] = {}
-        for item in self._scan(condition, ProjectionExpression="#s", ExpressionAttributeNames={"#s": "status"}):
+        for item in self._scan(
+            condition, ProjectionExpression="#s", ExpressionAttributeNames={"#s": "status"}
+        ):
             counts[item["status"]] = counts.get(item["status"], 0) + 1
         return counts
 
-    def function_stats(self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()) -> list[FunctionStats]:
-        condition = Attr("kind").eq("job") & Attr("status").is_in(list(FINAL_STATES)) & Attr("started_at").exists()
+    def function_stats(
+        self, owner: str | None = None, buckets_ms: tuple[float, ...] = ()
+    ) -> list[FunctionStats]:
+        condition = (
+            Attr("kind").eq("job")
+            & Attr("status").is_in(list(FINAL_STATES))
+            & Attr("started_at").exists()
+        )
         if owner is not None:
             condition &= Attr("owner").eq(owner)
-        names = {"#s": "status", "#f": "function_id", "#a": "started_at", "#z": "finished_at", "#e": "execution_time_ms"}
+        names = {
+            "#s": "status",
+            "#f": "function_id",
+            "#a": "started_at",
+            "#z": "finished_at",
+            "#e": "execution_time_ms",
+        }
         stats: dict[tuple[str, str], FunctionStats] = {}
-        for item in self._scan(condition, ProjectionExpression=", ".join(names), ExpressionAttributeNames=names):
+        for item in self._scan(
+            condition, ProjectionExpression=", ".join(names), ExpressionAttributeNames=names
+        ):
             key = (item["function_id"], item["status"])
-            row = stats.setdefault(key, FunctionStats(*key, 0, 0.0, 0.0, 0, [0] * len(buckets_ms), [0] * len(buckets_ms)))
-            total = (float(item.get("finished_at", item["started_at"])) - float(item["started_at"])) * 1000
+            row = stats.setdefault(
+                key,
+                FunctionStats(*key, 0, 0.0, 0.0, 0, [0] * len(buckets_ms), [0] * len(buckets_ms)),
+            )
+            total = (
+                float(item.get("finished_at", item["started_at"])) - float(item["started_at"])
+            ) * 1000
             row.count += 1
             row.total_ms += total
-            row.total_buckets = [n + (total <= b) for n, b in zip(row.total_buckets, buckets_ms, strict=True)]
+            row.total_buckets = [
+                n + (total <= b) for n, b in zip(row.total_buckets, buckets_ms, strict=True)
+            ]
             if "execution_time_ms" in item:
                 handler = float(item["execution_time_ms"])
                 row.handler_ms += handler
                 row.handler_count += 1
-                row.handler_buckets = [n + (handler <= b) for n, b in zip(row.handler_buckets, buckets_ms, strict=True)]
+                row.handler_buckets = [
+                    n + (handler <= b) for n, b in zip(row.handler_buckets, buckets_ms, strict=True)
+                ]
         return list(stats.values())
 
     # secrets
     def put_secret(self, secret: SecretRecord) -> None:
-        self.table.put_item(Item={"pk": f"secret#{secret.owner}#{secret.name}", "kind": "secret",
-                                  **_to_item({f.name: getattr(secret, f.name) for f in fields(SecretRecord)})})
+        self.table.put_item(
+            Item={
+                "pk": f"secret#{secret.owner}#{secret.name}",
+                "kind": "secret",
+                **_to_item({f.name: getattr(secret, f.name) for f in fields(SecretRecord)}),
+            }
+        )
 
     def get_secret(self, owner: str, name: str) -> SecretRecord | None:
-        item = self.table.get_item(Key={"pk": f"secret#{owner}#{name}"}, ConsistentRead=True).get("Item")
+        item = self.table.get_item(Key={"pk": f"secret#{owner}#{name}"}, ConsistentRead=True).get(
+            "Item"
+        )
         return _from_item(SecretRecord, item) if item else None
 
     def list_secrets(self, owner: str) -> list[SecretRecord]:
@@ -348,14 +493,23 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
     def put_volume(self, volume: dict[str, Any]) -> None:
         """A new volume's record; RegistryError if another controller made one of that name meanwhile."""
         try:
-            self.table.put_item(Item={"pk": f"volume#{volume['owner']}#{volume['name']}", "kind": "volume",
-                                      **_to_item({k: volume[k] for k in ("owner", "name", "size_mib", "created_at")})},
-                                ConditionExpression="attribute_not_exists(pk)")
+            self.table.put_item(
+                Item={
+                    "pk": f"volume#{volume['owner']}#{volume['name']}",
+                    "kind": "volume",
+                    **_to_item({k: volume[k] for k in ("owner", "name", "size_mib", "created_at")}),
+                },
+                ConditionExpression="attribute_not_exists(pk)",
+            )
         except self.table.meta.client.exceptions.ConditionalCheckFailedException:
-            raise RegistryError(f"volume {volume['name']!r} was just made by another request") from None
+            raise RegistryError(
+                f"volume {volume['name']!r} was just made by another request"
+            ) from None
 
     def get_volume(self, owner: str, name: str) -> dict[str, Any] | None:
-        item = self.table.get_item(Key={"pk": f"volume#{owner}#{name}"}, ConsistentRead=True).get("Item")
+        item = self.table.get_item(Key={"pk": f"volume#{owner}#{name}"}, ConsistentRead=True).get(
+            "Item"
+        )
         return _volume(item) if item else None
 
     def list_volumes(self, owner: str) -> list[dict[str, Any]]:
@@ -368,63 +522,94 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
 
     # API keys
     def put_key(self, key: ApiKey) -> None:
-        self.table.put_item(Item={"pk": f"key#{key.key_id}", "kind": "key",
-                                  **_to_item({f.name: getattr(key, f.name) for f in fields(ApiKey)})})
+        self.table.put_item(
+            Item={
+                "pk": f"key#{key.key_id}",
+                "kind": "key",
+                **_to_item({f.name: getattr(key, f.name) for f in fields(ApiKey)}),
+            }
+        )
 
     def get_key(self, key_id: str) -> ApiKey | None:
         item = self.table.get_item(Key={"pk": f"key#{key_id}"}, ConsistentRead=True).get("Item")
         return _from_item(ApiKey, item) if item else None
 
     def list_keys(self) -> list[ApiKey]:
-        return sorted((_from_item(ApiKey, i) for i in self._scan(Attr("kind").eq("key"))), key=lambda k: k.created_at)
+        return sorted(
+            (_from_item(ApiKey, i) for i in self._scan(Attr("kind").eq("key"))),
+            key=lambda k: k.created_at,
+        )
 
     # schedules (nanogrid_backend/schedules.py)
     def put_schedule(self, schedule: ScheduleRecord) -> None:
-        self.table.put_item(Item={"pk": f"sched#{schedule.schedule_id}", "kind": "schedule",
-                                  **_to_item({f.name: getattr(schedule, f.name) for f in fields(ScheduleRecord)})})
+        self.table.put_item(
+            Item={
+                "pk": f"sched#{schedule.schedule_id}",
+                "kind": "schedule",
+                **_to_item({f.name: getattr(schedule, f.name) for f in fields(ScheduleRecord)}),
+            }
+        )
 
     def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
-        item = self.table.get_item(Key={"pk": f"sched#{schedule_id}"}, ConsistentRead=True).get("Item")
+        item = self.table.get_item(Key={"pk": f"sched#{schedule_id}"}, ConsistentRead=True).get(
+            "Item"
+        )
         return _from_item(ScheduleRecord, item) if item else None
 
     def list_schedules(self, owner: str | None = None) -> list[ScheduleRecord]:
         condition = Attr("kind").eq("schedule")
         if owner is not None:
             condition &= Attr("owner").eq(owner)
-        return sorted((_from_item(ScheduleRecord, i) for i in self._scan(condition, ConsistentRead=True)),
-                      key=lambda s: s.name)
+        return sorted(
+            (_from_item(ScheduleRecord, i) for i in self._scan(condition, ConsistentRead=True)),
+            key=lambda s: s.name,
+        )
 
     def delete_schedule(self, schedule_id: str) -> bool:
         old = self.table.delete_item(Key={"pk": f"sched#{schedule_id}"}, ReturnValues="ALL_OLD")
         with self.table.batch_writer() as batch:
-            for item in self._scan(Attr("kind").eq("firing") & Attr("schedule_id").eq(schedule_id),
-                                   ProjectionExpression="pk"):
+            for item in self._scan(
+                Attr("kind").eq("firing") & Attr("schedule_id").eq(schedule_id),
+                ProjectionExpression="pk",
+            ):
                 batch.delete_item(Key={"pk": item["pk"]})
         return "Attributes" in old
 
     def set_schedule_paused(self, schedule_id: str, paused: bool, next_due: float) -> bool:
-        return self._update_if(f"sched#{schedule_id}", "SET #paused = :p, #next_due = :n, #updated_at = :u",
-                               Attr("pk").exists(), {":p": paused, ":n": Decimal(repr(next_due)),
-                                                     ":u": Decimal(repr(time.time()))})
+        return self._update_if(
+            f"sched#{schedule_id}",
+            "SET #paused = :p, #next_due = :n, #updated_at = :u",
+            Attr("pk").exists(),
+            {":p": paused, ":n": Decimal(repr(next_due)), ":u": Decimal(repr(time.time()))},
+        )
 
     def claim_firing(self, firing: FiringRecord, next_due: float, job: JobRecord | None) -> bool:
         """The conditional put of the firing item is the claim; the job and the schedule's move follow it (items one at
         a time: moto, the tests' DynamoDB, runs concurrent transactions unsafely). A scheduler that stopped between the
         claim and the move leaves the schedule on a claimed due time: the next one moves it on once that claim is
         STALE_CLAIM_S old (its run, if its job was never written, is lost)."""
-        item = {"pk": f"firing#{firing.schedule_id}#{firing.due_time!r}", "kind": "firing",
-                "expires_at": int(firing.fired_at + JOB_TTL_S),
-                **_to_item({f.name: getattr(firing, f.name) for f in fields(FiringRecord)})}
+        item = {
+            "pk": f"firing#{firing.schedule_id}#{firing.due_time!r}",
+            "kind": "firing",
+            "expires_at": int(firing.fired_at + JOB_TTL_S),
+            **_to_item({f.name: getattr(firing, f.name) for f in fields(FiringRecord)}),
+        }
         pk, due = f"sched#{firing.schedule_id}", Decimal(repr(next_due))
         try:
             self.table.put_item(Item=item, ConditionExpression=Attr("pk").not_exists())
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
-            claimed = self.table.get_item(Key={"pk": item["pk"]}, ConsistentRead=True).get("Item") or {}
+            claimed = (
+                self.table.get_item(Key={"pk": item["pk"]}, ConsistentRead=True).get("Item") or {}
+            )
             if float(claimed.get("fired_at", firing.fired_at)) < firing.fired_at - STALE_CLAIM_S:
-                self._update_if(pk, "SET #next_due = :n", Attr("next_due").eq(Decimal(repr(firing.due_time))),
-                                {":n": due})
+                self._update_if(
+                    pk,
+                    "SET #next_due = :n",
+                    Attr("next_due").eq(Decimal(repr(firing.due_time))),
+                    {":n": due},
+                )
             return False
         values: dict[str, Any] = {}
         if job is not None:
@@ -432,26 +617,49 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
             values[":j"] = job.job_id
         if firing.outcome == "queued":
             values[":w"] = Decimal(repr(firing.due_time))
-        marks = ", ".join(f"#{name} = {value}" for name, value in (("last_job_id", ":j"), ("waiting_due", ":w"))
-                          if value in values)
-        if not self._update_if(pk, "SET #next_due = :n" + (", " + marks if marks else ""),
-                               Attr("next_due").lte(due), {":n": due, **values}) and marks:
-            self._update_if(pk, "SET " + marks, Attr("pk").exists(), values)  # already moved further on
+        marks = ", ".join(
+            f"#{name} = {value}"
+            for name, value in (("last_job_id", ":j"), ("waiting_due", ":w"))
+            if value in values
+        )
+        if (
+            not self._update_if(
+                pk,
+                "SET #next_due = :n" + (", " + marks if marks else ""),
+                Attr("next_due").lte(due),
+                {":n": due, **values},
+            )
+            and marks
+        ):
+            self._update_if(
+                pk, "SET " + marks, Attr("pk").exists(), values
+            )  # already moved further on
         return True
 
     def start_waiting_firing(self, schedule_id: str, due_time: float, job: JobRecord) -> bool:
-        if not self._update_if(f"firing#{schedule_id}#{due_time!r}", "SET #outcome = :s, #job_id = :j",
-                               Attr("outcome").eq("queued"), {":s": "started", ":j": job.job_id}):
+        if not self._update_if(
+            f"firing#{schedule_id}#{due_time!r}",
+            "SET #outcome = :s, #job_id = :j",
+            Attr("outcome").eq("queued"),
+            {":s": "started", ":j": job.job_id},
+        ):
             return False
         self.create_jobs([job])
-        self.table.update_item(Key={"pk": f"sched#{schedule_id}"}, UpdateExpression="SET #j = :j REMOVE #w",
-                               ExpressionAttributeNames={"#j": "last_job_id", "#w": "waiting_due"},
-                               ExpressionAttributeValues={":j": job.job_id})
+        self.table.update_item(
+            Key={"pk": f"sched#{schedule_id}"},
+            UpdateExpression="SET #j = :j REMOVE #w",
+            ExpressionAttributeNames={"#j": "last_job_id", "#w": "waiting_due"},
+            ExpressionAttributeValues={":j": job.job_id},
+        )
         return True
 
     def list_firings(self, schedule_id: str, limit: int = 20) -> list[FiringRecord]:
-        items = self._scan(Attr("kind").eq("firing") & Attr("schedule_id").eq(schedule_id), ConsistentRead=True)
-        firings = sorted((_from_item(FiringRecord, i) for i in items), key=lambda f: f.due_time, reverse=True)[:limit]
+        items = self._scan(
+            Attr("kind").eq("firing") & Attr("schedule_id").eq(schedule_id), ConsistentRead=True
+        )
+        firings = sorted(
+            (_from_item(FiringRecord, i) for i in items), key=lambda f: f.due_time, reverse=True
+        )[:limit]
         for firing in firings:
             firing.missed = int(firing.missed)
         return firings
@@ -460,8 +668,13 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
         """``update`` (attributes written ``#name``) if the item meets ``condition``; False if it does not."""
         names = {f"#{name}": name for name in re.findall(r"#(\w+)", update)}
         try:
-            self.table.update_item(Key={"pk": pk}, UpdateExpression=update, ConditionExpression=condition,
-                                   ExpressionAttributeNames=names, ExpressionAttributeValues=values)
+            self.table.update_item(
+                Key={"pk": pk},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
             return True
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
@@ -481,9 +694,14 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
 def create_table(table_name: str) -> None:
     """The table the registry expects, with TTL on job items (what Terraform's registry module makes)."""
     client = boto3.client("dynamodb")
-    client.create_table(TableName=table_name, BillingMode="PAY_PER_REQUEST",
-                        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-                        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
+    client.create_table(
+        TableName=table_name,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+    )
     client.get_waiter("table_exists").wait(TableName=table_name)
-    client.update_time_to_live(TableName=table_name,
-                               TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
+    client.update_time_to_live(
+        TableName=table_name,
+        TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
+    )

@@ -33,8 +33,10 @@ class DataDirLock:
         except BlockingIOError:
             os.close(fd)
             holder = holder_pid(self.data_dir)
-            raise DataDirLocked(f"another grid{f' (pid {holder})' if holder else ''} is running on {self.data_dir}: "
-                                "stop it first, or give this one its own --data-dir") from None
+            raise DataDirLocked(
+                f"another grid{f' (pid {holder})' if holder else ''} is running on {self.data_dir}: "
+                "stop it first, or give this one its own --data-dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -42,7 +44,9 @@ class DataDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock; the file stays (unlinking would race)
+            os.close(
+                self._fd
+            )  # closing the descriptor drops the flock; the file stays (unlinking would race)
             self._fd = None
 
     def __del__(self) -> None:

@@ -18,8 +18,12 @@ from nanogrid_backend.models import FAILED, JobRecord
 
 MINUTE, HOUR = 60, 3600
 # name -> (seconds, resolution of the slots it sums): the hour is counted by the minute, longer windows by the hour
-WINDOWS: dict[str, tuple[int, int]] = {"1h": (3600, MINUTE), "24h": (86400, HOUR), "7d": (7 * 86400, HOUR),
-                                       "30d": (30 * 86400, HOUR)}
+WINDOWS: dict[str, tuple[int, int]] = {
+    "1h": (3600, MINUTE),
+    "24h": (86400, HOUR),
+    "7d": (7 * 86400, HOUR),
+    "30d": (30 * 86400, HOUR),
+}
 RESOLUTIONS = (MINUTE, HOUR)
 MINUTE_SLOTS_KEPT_S = 2 * 3600  # minute counters are needed for the last hour only
 STEPS_PER_DOUBLING = 4
@@ -65,8 +69,17 @@ def counters_for(job: JobRecord) -> list[Counter]:
     rows = []
     for resolution in RESOLUTIONS:
         slot = int(when // resolution)
-        rows.append(Counter(resolution, slot, DURATION, bucket_of(job.execution_time_ms), failed, cold,
-                            job.execution_time_ms))
+        rows.append(
+            Counter(
+                resolution,
+                slot,
+                DURATION,
+                bucket_of(job.execution_time_ms),
+                failed,
+                cold,
+                job.execution_time_ms,
+            )
+        )
         rows.append(Counter(resolution, slot, MEMORY, bucket_of(memory), failed, cold, memory))
     return rows
 
@@ -77,7 +90,9 @@ def first_slot(window: str, now: float) -> tuple[int, int]:
     return resolution, int((now - seconds) // resolution) + 1
 
 
-def summarise(rows: Sequence[tuple[str, int, int, int, int, float, float | None]], since: float) -> dict[str, Any]:
+def summarise(
+    rows: Sequence[tuple[str, int, int, int, int, float, float | None]], since: float
+) -> dict[str, Any]:
     """One window from its summed counters: rows of (metric, bucket, calls, failed, cold, total, max)."""
     durations = sorted((b, n, total, peak) for m, b, n, _, _, total, peak in rows if m == DURATION)
     memory = sorted((b, n, total, peak) for m, b, n, _, _, total, peak in rows if m == MEMORY)
@@ -85,12 +100,21 @@ def summarise(rows: Sequence[tuple[str, int, int, int, int, float, float | None]
     errors = sum(f for m, _, _, f, *_ in rows if m == DURATION)
     cold = sum(c for m, _, _, _, c, *_ in rows if m == DURATION)
     return {
-        "since": since, "count": count, "errors": errors, "error_rate": errors / count if count else None,
-        "cold_starts": cold, "cold_share": cold / count if count else None,
+        "since": since,
+        "count": count,
+        "errors": errors,
+        "error_rate": errors / count if count else None,
+        "cold_starts": cold,
+        "cold_share": cold / count if count else None,
         "duration_ms": _distribution(durations),
-        "peak_memory_mib": {**_distribution(memory),
-                            "histogram": [{"le": round(bucket_upper(b), 3), "count": n} for b, n, _, _ in memory
-                                          if b != NO_VALUE]},
+        "peak_memory_mib": {
+            **_distribution(memory),
+            "histogram": [
+                {"le": round(bucket_upper(b), 3), "count": n}
+                for b, n, _, _ in memory
+                if b != NO_VALUE
+            ],
+        },
     }
 
 

@@ -57,7 +57,9 @@ class LogBook:
     """Live output of running jobs, in memory: the embedded grid's log store (Redis has streams)."""
 
     def __init__(self) -> None:
-        self._logs: dict[str, tuple[list[LogChunk], int, float | None]] = {}  # chunks, bytes, ended at
+        self._logs: dict[
+            str, tuple[list[LogChunk], int, float | None]
+        ] = {}  # chunks, bytes, ended at
         self._cond = threading.Condition()
 
     def append(self, job_id: str, stream: str, data: bytes) -> None:
@@ -73,12 +75,15 @@ class LogBook:
             chunks, size, _ = self._logs.get(job_id, ([], 0, None))
             self._logs[job_id] = (chunks, size, time.monotonic())
             now = time.monotonic()
-            for old in [j for j, (_, _, at) in self._logs.items() if at is not None and now - at > LOG_TTL_S]:
+            for old in [
+                j for j, (_, _, at) in self._logs.items() if at is not None and now - at > LOG_TTL_S
+            ]:
                 del self._logs[old]
             self._cond.notify_all()
 
     def read(self, job_id: str, after: str, wait_s: float) -> tuple[list[LogChunk], str, bool]:
-        """Chunks after cursor ``after`` ("" from the start), waiting up to ``wait_s`` for some; (chunks, cursor, ended)."""
+        """Chunks after cursor ``after`` ("" from the start), waiting up to ``wait_s`` for some;
+        (chunks, cursor, ended)."""
         start = int(after) if after.isdigit() else 0
         deadline = time.monotonic() + wait_s
         with self._cond:

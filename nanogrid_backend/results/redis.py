@@ -19,7 +19,14 @@ import redis
 
 from nanogrid_backend.models import JobRecord, job_from_json, job_to_json
 from nanogrid_backend.registry.base import JobRegistry
-from nanogrid_backend.results.base import LOG_BYTES, LOG_TTL_S, Listener, Listeners, LogChunk, ResultBus
+from nanogrid_backend.results.base import (
+    LOG_BYTES,
+    LOG_TTL_S,
+    Listener,
+    Listeners,
+    LogChunk,
+    ResultBus,
+)
 from nanogrid_backend.token_buckets import RedisTokenBuckets, TokenBuckets
 
 log = logging.getLogger(__name__)
@@ -32,8 +39,14 @@ INLINE_RESULT_BYTES = 64 << 10
 
 class RedisResultBus(ResultBus):
     def __init__(self, host: str, port: int, registry: JobRegistry) -> None:
-        self.redis: redis.Redis = redis.Redis(host=host, port=port, socket_timeout=10, socket_connect_timeout=5,
-                                 retry_on_timeout=True, health_check_interval=15)
+        self.redis: redis.Redis = redis.Redis(
+            host=host,
+            port=port,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            retry_on_timeout=True,
+            health_check_interval=15,
+        )
         self.registry = registry
         self._listeners = Listeners()
         self._cancel_hooks: list[Callable[[str], object]] = []
@@ -57,7 +70,12 @@ class RedisResultBus(ResultBus):
         key = f"nanogrid:log:{job_id}"
         try:
             pipe = self.redis.pipeline()
-            pipe.xadd(key, {"stream": stream, "data": data}, maxlen=LOG_BYTES // (64 << 10) * 4, approximate=True)
+            pipe.xadd(
+                key,
+                {"stream": stream, "data": data},
+                maxlen=LOG_BYTES // (64 << 10) * 4,
+                approximate=True,
+            )
             pipe.expire(key, int(LOG_TTL_S) * 6)
             pipe.execute()
         except redis.RedisError as exc:  # live output is best effort: the job's record has it all
@@ -77,8 +95,9 @@ class RedisResultBus(ResultBus):
         key = f"nanogrid:log:{job_id}"
         cursor = after or "0-0"
         try:
-            found: Any = self.redis.xread({key: cursor}, count=1000,
-                                          block=max(1, int(wait_s * 1000)) if wait_s else None)
+            found: Any = self.redis.xread(
+                {key: cursor}, count=1000, block=max(1, int(wait_s * 1000)) if wait_s else None
+            )
         except redis.RedisError:
             return [], after, False
         chunks: list[LogChunk] = []
@@ -99,7 +118,9 @@ class RedisResultBus(ResultBus):
         self._cancel_hooks.append(callback)
 
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
-        self._retry(lambda: self.redis.set(HEARTBEAT + worker_id, json.dumps(info), ex=max(1, int(ttl_s))))
+        self._retry(
+            lambda: self.redis.set(HEARTBEAT + worker_id, json.dumps(info), ex=max(1, int(ttl_s)))
+        )
 
     def workers(self) -> list[dict]:
         keys = list(self.redis.scan_iter(HEARTBEAT + "*", count=500))
@@ -131,7 +152,9 @@ class RedisResultBus(ResultBus):
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(RESULTS, CANCELS)
-                for job_id in self._listeners.waited_on():  # results announced while we were disconnected
+                for (
+                    job_id
+                ) in self._listeners.waited_on():  # results announced while we were disconnected
                     job = self.registry.get_job(job_id)
                     if job is not None and job.finished:
                         self._deliver(job_id)
@@ -160,4 +183,3 @@ class RedisResultBus(ResultBus):
                     raise
                 time.sleep(0.5)
         return None
-

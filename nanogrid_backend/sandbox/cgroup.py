@@ -25,7 +25,10 @@ def available() -> bool:
     if (V1_ROOT / "memory.limit_in_bytes").exists():
         return os.access(V1_ROOT, os.W_OK)
     if (V2_ROOT / "cgroup.controllers").exists():
-        return os.access(V2_ROOT, os.W_OK) and "memory" in (V2_ROOT / "cgroup.subtree_control").read_text()
+        return (
+            os.access(V2_ROOT, os.W_OK)
+            and "memory" in (V2_ROOT / "cgroup.subtree_control").read_text()
+        )
     return False
 
 
@@ -58,7 +61,9 @@ class MemoryCgroup:
     def _open_peak(self) -> None:
         peak = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
         self._peak_fd = os.open(self.path / peak, os.O_RDWR)
-        self._usage_fd = os.open(self.path / ("memory.usage_in_bytes" if self.v1 else "memory.current"), os.O_RDONLY)
+        self._usage_fd = os.open(
+            self.path / ("memory.usage_in_bytes" if self.v1 else "memory.current"), os.O_RDONLY
+        )
 
     @property
     def procs_file(self) -> Path:
@@ -113,7 +118,10 @@ def process_tree(pid: int) -> list[int]:
         current = queue.pop()
         found.append(current)
         try:
-            queue += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+            queue += [
+                int(child)
+                for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            ]
         except (OSError, ValueError):
             pass
     return found
@@ -133,7 +141,9 @@ def stopped(pids: list[int]) -> bool:
 
 def container_pids(container_id: str) -> list[int]:
     """The processes of a container (its init and the bootstrap, right after the bootstrap is ready)."""
-    for path in _container_dirs(V1_ROOT if (V1_ROOT / "memory.limit_in_bytes").exists() else V2_ROOT, container_id):
+    for path in _container_dirs(
+        V1_ROOT if (V1_ROOT / "memory.limit_in_bytes").exists() else V2_ROOT, container_id
+    ):
         try:
             return [int(pid) for pid in (path / "cgroup.procs").read_text().split()]
         except (OSError, ValueError):
@@ -163,7 +173,9 @@ def ours(prefix: str) -> list[Path]:
     """The memory cgroups whose names start with ``prefix`` (a grid's identity and a dash)."""
     parent = (V1_ROOT if (V1_ROOT / "memory.limit_in_bytes").exists() else V2_ROOT) / "nanogrid"
     try:
-        return sorted(path for path in parent.iterdir() if path.is_dir() and path.name.startswith(prefix))
+        return sorted(
+            path for path in parent.iterdir() if path.is_dir() and path.name.startswith(prefix)
+        )
     except OSError:  # no cgroup of ours was ever made here, or this account cannot see them
         return []
 

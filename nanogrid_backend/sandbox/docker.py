@@ -60,12 +60,23 @@ OUTPUT_MOUNT = "/output"  # the seed's output directory, where its functions wri
 VOLUME_ROOT = "/data"  # where stem cells can be given volumes when they are specialised (any other path: own container)
 
 
-COMPILED_RUNTIMES = ("runtime-go", "runtime-cpp")  # BuiltEnvironment.env_id of language_runtimes' compiled ones
-BLOB_FILE_PREFIX = ".nanogrid-blob-"  # in the sandbox's working directory: an argument blob the host wrote there
+COMPILED_RUNTIMES = (
+    "runtime-go",
+    "runtime-cpp",
+)  # BuiltEnvironment.env_id of language_runtimes' compiled ones
+BLOB_FILE_PREFIX = (
+    ".nanogrid-blob-"  # in the sandbox's working directory: an argument blob the host wrote there
+)
 BLOB_FILE_OVER = 1 << 20  # smaller blobs go over the channel
-RESULT_FILE = ".nanogrid-result"  # in the sandbox's working directory: a large result, for the host to read
+RESULT_FILE = (
+    ".nanogrid-result"  # in the sandbox's working directory: a large result, for the host to read
+)
 LANGUAGE_ENV_IDS = ("runtime-nodejs", "runtime-go", "runtime-cpp")
-LANGUAGE_IMAGES = ("nanogrid/runtime-node:latest", "nanogrid/runtime-go:latest", "nanogrid/runtime-cpp:latest")
+LANGUAGE_IMAGES = (
+    "nanogrid/runtime-node:latest",
+    "nanogrid/runtime-go:latest",
+    "nanogrid/runtime-cpp:latest",
+)
 
 
 def language_runtimes(client: docker.DockerClient) -> dict[str, BuiltEnvironment]:
@@ -79,7 +90,9 @@ def language_runtimes(client: docker.DockerClient) -> dict[str, BuiltEnvironment
             continue
         if labels.get("nanogrid.runtime") and labels.get("nanogrid.version"):
             name = labels["nanogrid.runtime"]
-            found[name] = BuiltEnvironment(f"runtime-{name}", labels["nanogrid.version"], image=image)
+            found[name] = BuiltEnvironment(
+                f"runtime-{name}", labels["nanogrid.version"], image=image
+            )
     return found
 
 
@@ -93,8 +106,18 @@ class DockerSandboxFactory:
     kind = "docker"
     sandbox_uid = scratch.SANDBOX_UID  # non-root in every container
 
-    def __init__(self, image: str, host_dir: Path, *, kill_grace_s: float = 1.0, limits: Limits | None = None,
-                 disk_mib: int = 1024, pids_limit: int = 64, cpus: float = 1.0, stem_memory_mib: int = 256) -> None:
+    def __init__(
+        self,
+        image: str,
+        host_dir: Path,
+        *,
+        kill_grace_s: float = 1.0,
+        limits: Limits | None = None,
+        disk_mib: int = 1024,
+        pids_limit: int = 64,
+        cpus: float = 1.0,
+        stem_memory_mib: int = 256,
+    ) -> None:
         try:
             self.client = docker.from_env(timeout=60)
             self.client.ping()
@@ -103,17 +126,22 @@ class DockerSandboxFactory:
         try:
             labels = self.client.images.get(image).labels or {}
         except docker.errors.ImageNotFound:
-            raise DockerUnavailable(f"no runtime image {image!r}: build it with "
-                                    "`python nanogrid_runtimes/build.py`") from None
+            raise DockerUnavailable(
+                f"no runtime image {image!r}: build it with `python nanogrid_runtimes/build.py`"
+            ) from None
         self.image = image
         self.python = labels.get("nanogrid.python", "")
         if not self.python:
-            raise DockerUnavailable(f"image {image!r} has no nanogrid.python label: build it with "
-                                    "nanogrid_runtimes/build.py")
+            raise DockerUnavailable(
+                f"image {image!r} has no nanogrid.python label: build it with "
+                "nanogrid_runtimes/build.py"
+            )
         self.host_dir = host_dir
         self.kill_grace_s = kill_grace_s
         self.limits = limits or Limits()
-        self.disk_mib = disk_mib  # stem cells' scratch disk; a function asking for another size starts its own
+        self.disk_mib = (
+            disk_mib  # stem cells' scratch disk; a function asking for another size starts its own
+        )
         self.pids_limit = pids_limit
         self.cpus = cpus
         self.stem_memory_mib = stem_memory_mib
@@ -124,32 +152,48 @@ class DockerSandboxFactory:
         self.scratch_problem = scratch.probe(host_dir)  # '' when sandboxes get disks of their own
         self.disk_room = scratch.DiskRoom(host_dir)
         if self.scratch_problem:
-            log.warning("sandbox scratch space is memory-backed (tmpfs, counted against each function's memory): %s",
-                        self.scratch_problem)
+            log.warning(
+                "sandbox scratch space is memory-backed (tmpfs, counted against each function's memory): %s",
+                self.scratch_problem,
+            )
 
     def sweep(self) -> int:
         """Remove this grid's containers and their host directories left by a run that crashed (or was killed)
         before closing them; at shutdown, those of sandboxes that were still closing."""
         # ignore_removed: a container whose removal finishes between the listing and its inspection is no error
-        left = self.client.containers.list(all=True, filters={"label": f"nanogrid.grid={self.grid_label}"},
-                                           ignore_removed=True)
+        left = self.client.containers.list(
+            all=True, filters={"label": f"nanogrid.grid={self.grid_label}"}, ignore_removed=True
+        )
         for container in left:
             _remove(container)
-        legacy = leftovers.remove_legacy(self.host_dir, self.client)  # before the directories: their evidence
+        legacy = leftovers.remove_legacy(
+            self.host_dir, self.client
+        )  # before the directories: their evidence
         dirs = leftovers.remove_dirs(self.host_dir)
         if left or dirs or legacy:
-            log.info("removed %d sandbox containers and %d sandbox directories left by an earlier run (and %d "
-                     "containers and cgroups of an older release)", len(left), dirs, legacy)
+            log.info(
+                "removed %d sandbox containers and %d sandbox directories left by an earlier run (and %d "
+                "containers and cgroups of an older release)",
+                len(left),
+                dirs,
+                legacy,
+            )
         return len(left) + dirs + legacy
 
     def takes_volumes(self, volumes: VolumeSet) -> bool:
         """Whether a stem cell can be given these volumes as it is specialised: all at or under VOLUME_ROOT, and the
         host can mount (else the function starts a container of its own with them)."""
         return not self.scratch_problem and all(
-            m.target == VOLUME_ROOT or m.target.startswith(VOLUME_ROOT + "/") for m in volumes.mounts)
+            m.target == VOLUME_ROOT or m.target.startswith(VOLUME_ROOT + "/")
+            for m in volumes.mounts
+        )
 
     def disk_shortfall(self) -> str | None:
-        return None if self.scratch_problem else self.disk_room.shortfall(self.disk_mib, evicting_idle=True)
+        return (
+            None
+            if self.scratch_problem
+            else self.disk_room.shortfall(self.disk_mib, evicting_idle=True)
+        )
 
     def runtime_images(self) -> dict[str, str]:
         return docker_runtimes(self.client, self.image, self.python)
@@ -158,12 +202,21 @@ class DockerSandboxFactory:
         return language_runtimes(self.client)
 
     def describe(self) -> str:
-        disk = (f"a {self.disk_mib} MiB disk of its own" if not self.scratch_problem
-                else f"memory-backed scratch: {self.scratch_problem}")
+        disk = (
+            f"a {self.disk_mib} MiB disk of its own"
+            if not self.scratch_problem
+            else f"memory-backed scratch: {self.scratch_problem}"
+        )
         return f"docker sandbox ({self.image}, non-root, read-only, no network, {disk})"
 
-    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None, evict_idle: bool = False, volumes: VolumeSet | None = None) -> DockerSandbox:
+    def start(
+        self,
+        ai: bool = False,
+        environment: BuiltEnvironment | None = None,
+        disk_mib: int | None = None,
+        evict_idle: bool = False,
+        volumes: VolumeSet | None = None,
+    ) -> DockerSandbox:
         """A stem cell: no network, whatever the function (the AI node is reached through the host).
 
         With an ``environment``, the container runs its image (the runtime plus the environment's layer);
@@ -175,15 +228,27 @@ class DockerSandboxFactory:
 
 
 class DockerSandbox(WatchedSandbox):
-    def __init__(self, factory: DockerSandboxFactory, environment: BuiltEnvironment | None = None,
-                 disk_mib: int = 1024, evict_idle: bool = False, volumes: VolumeSet | None = None) -> None:
+    def __init__(
+        self,
+        factory: DockerSandboxFactory,
+        environment: BuiltEnvironment | None = None,
+        disk_mib: int = 1024,
+        evict_idle: bool = False,
+        volumes: VolumeSet | None = None,
+    ) -> None:
         self.factory = factory
         self.volumes = volumes
-        self.volume_root: Path | None = None  # a stem cell's VOLUME_ROOT on the host, shared with its container
-        self._keep_dir = False  # a mount under it could not be let go of: never removed (the next sweep does it)
+        self.volume_root: Path | None = (
+            None  # a stem cell's VOLUME_ROOT on the host, shared with its container
+        )
+        self._keep_dir = (
+            False  # a mount under it could not be let go of: never removed (the next sweep does it)
+        )
         self.limits = factory.limits
         self.id = "ctr-" + uuid.uuid4().hex[:12]
-        self.host_dir = factory.host_dir / self.id  # where output files land on this side, written by the host
+        self.host_dir = (
+            factory.host_dir / self.id
+        )  # where output files land on this side, written by the host
         self.output_dir = self.host_dir / "output"
         self.output_dir.mkdir(mode=0o700, parents=True)
         self.memory_mib = factory.stem_memory_mib
@@ -198,37 +263,66 @@ class DockerSandbox(WatchedSandbox):
         self._host_reads_outputs = environment is None or environment.env_id not in LANGUAGE_ENV_IDS
         space: dict[str, Any]
         if factory.scratch_problem:  # no loop devices here: tmpfs, counted against the memory limit
-            options = f"rw,nosuid,nodev,size={disk_mib}m,uid=65534,gid=65534,mode=0700" + (",exec" if executable else "")
-            space = {"tmpfs": {"/tmp": "rw,nosuid,nodev,size=64m,mode=1777", "/sandbox": options,
-                               OUTPUT_MOUNT: options.replace(",exec", "")}}
+            options = f"rw,nosuid,nodev,size={disk_mib}m,uid=65534,gid=65534,mode=0700" + (
+                ",exec" if executable else ""
+            )
+            space = {
+                "tmpfs": {
+                    "/tmp": "rw,nosuid,nodev,size=64m,mode=1777",
+                    "/sandbox": options,
+                    OUTPUT_MOUNT: options.replace(",exec", ""),
+                }
+            }
         else:
             try:
-                self.scratch = factory.disk_room.make(self.host_dir, disk_mib, executable=executable,
-                                                      evict_idle=evict_idle)
+                self.scratch = factory.disk_room.make(
+                    self.host_dir, disk_mib, executable=executable, evict_idle=evict_idle
+                )
             except scratch.ScratchError as exc:
                 shutil.rmtree(self.host_dir, ignore_errors=True)
-                log.debug("a %d MiB sandbox disk was refused: %s", disk_mib, exc)  # said by /health, up, doctor
-                raise SandboxError("storage", f"{exc.tenant}; the sandbox was not started") from None
-            outputs = Path(self.scratch.work_dir) / "output"  # made before anything runs in it: no link to follow
+                log.debug(
+                    "a %d MiB sandbox disk was refused: %s", disk_mib, exc
+                )  # said by /health, up, doctor
+                raise SandboxError(
+                    "storage", f"{exc.tenant}; the sandbox was not started"
+                ) from None
+            outputs = (
+                Path(self.scratch.work_dir) / "output"
+            )  # made before anything runs in it: no link to follow
             outputs.mkdir(mode=0o700)
             os.chown(outputs, scratch.SANDBOX_UID, scratch.SANDBOX_UID)
-            space = {"mounts": [docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
-                                docker.types.Mount(OUTPUT_MOUNT, str(outputs), type="bind"),
-                                docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind")]}
+            space = {
+                "mounts": [
+                    docker.types.Mount("/sandbox", self.scratch.work_dir, type="bind"),
+                    docker.types.Mount(OUTPUT_MOUNT, str(outputs), type="bind"),
+                    docker.types.Mount("/tmp", self.scratch.tmp_dir, type="bind"),
+                ]
+            }
         # The owner's volumes: each one's directory on the host's mount of it, bound where the function asked; or,
         # in a stem cell, VOLUME_ROOT: the host binds a function's volumes under it when it is specialised.
-        binds = [docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
-                 for m in (volumes.mounts if volumes is not None else [])]
+        binds = [
+            docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+            for m in (volumes.mounts if volumes is not None else [])
+        ]
         if volumes is not None and binds:
             volumes.hold()
-        elif not factory.scratch_problem:  # the host mounts (it is root): binds it makes later reach the container
+        elif (
+            not factory.scratch_problem
+        ):  # the host mounts (it is root): binds it makes later reach the container
             self.volume_root = self.host_dir / "volumes"
             self.volume_root.mkdir(mode=0o755)
             try:
                 shared_root(self.volume_root)
-                binds = [docker.types.Mount(VOLUME_ROOT, str(self.volume_root), type="bind", propagation="rslave")]
+                binds = [
+                    docker.types.Mount(
+                        VOLUME_ROOT, str(self.volume_root), type="bind", propagation="rslave"
+                    )
+                ]
             except OSError as exc:
-                log.debug("stem cells cannot take volumes here (%s): functions with volumes start their own", exc)
+                log.debug(
+                    "stem cells cannot take volumes here (%s): functions with volumes start their own",
+                    exc,
+                )
                 self.volume_root = None
         space["mounts"] = [*space.get("mounts", []), *binds]
         try:
@@ -241,11 +335,14 @@ class DockerSandbox(WatchedSandbox):
             if volumes is not None:
                 volumes.release()
             shutil.rmtree(self.host_dir, ignore_errors=True)
-            raise SandboxError("crash", f"the Docker engine could not create the sandbox: {exc}") from None
+            raise SandboxError(
+                "crash", f"the Docker engine could not create the sandbox: {exc}"
+            ) from None
         self._attach_and_start()
 
-    def _create(self, environment: BuiltEnvironment | None, space: dict[str, Any],
-                disk_mib: int) -> docker.models.containers.Container:
+    def _create(
+        self, environment: BuiltEnvironment | None, space: dict[str, Any], disk_mib: int
+    ) -> docker.models.containers.Container:
         """The container, created but not started (its scratch space ``space`` made already)."""
         factory = self.factory
         return factory.client.containers.create(
@@ -256,12 +353,20 @@ class DockerSandbox(WatchedSandbox):
             read_only=True,
             **space,
             # The seed's functions write to /output itself: it is the output directory, also seen as /sandbox/output.
-            environment={"NANOGRID_WORK_DIR": "/sandbox", "NANOGRID_OUTPUT_DIR": OUTPUT_MOUNT, "TMPDIR": "/tmp",
-                         "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes), "HOME": "/sandbox",
-                         "NANOGRID_DISK_MIB": str(disk_mib),
-                         # Large results are left on its disk for the host to read (not through the engine's stream).
-                         **({"NANOGRID_RESULT_FILE": RESULT_FILE}
-                            if self.scratch is not None and self._host_reads_outputs else {})},
+            environment={
+                "NANOGRID_WORK_DIR": "/sandbox",
+                "NANOGRID_OUTPUT_DIR": OUTPUT_MOUNT,
+                "TMPDIR": "/tmp",
+                "NANOGRID_CAPTURE_LIMIT": str(factory.limits.capture_bytes),
+                "HOME": "/sandbox",
+                "NANOGRID_DISK_MIB": str(disk_mib),
+                # Large results are left on its disk for the host to read (not through the engine's stream).
+                **(
+                    {"NANOGRID_RESULT_FILE": RESULT_FILE}
+                    if self.scratch is not None and self._host_reads_outputs
+                    else {}
+                ),
+            },
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=factory.pids_limit,
@@ -282,30 +387,48 @@ class DockerSandbox(WatchedSandbox):
         factory, api = self.factory, self.factory.client.api
         try:
             # Attach before starting, so the bootstrap's first frame cannot be missed.
-            self._socket = api.attach_socket(self.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1,
-                                                                         "stream": 1})
+            self._socket = api.attach_socket(
+                self.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+            )
             raw = getattr(self._socket, "_sock", self._socket)
             self._raw = raw
             self._stream = DockerAttachStream(raw)
-            self.reader = FrameReader(raw.fileno(), self._stream.read_some, self._stream.pending,
-                                      max_header=reply_header_cap(factory.limits.capture_bytes),
-                                      read_into=self._stream.read_into)
+            self.reader = FrameReader(
+                raw.fileno(),
+                self._stream.read_some,
+                self._stream.pending,
+                max_header=reply_header_cap(factory.limits.capture_bytes),
+                read_into=self._stream.read_into,
+            )
             self.container.start()
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
             self.python = self.check_ready(ready)
         except (ChannelClosed, ChannelTimeout, docker.errors.APIError) as exc:
-            said = bytes(self._stream.stderr).decode(errors="replace")[-2000:] if hasattr(self, "_stream") else ""
+            said = (
+                bytes(self._stream.stderr).decode(errors="replace")[-2000:]
+                if hasattr(self, "_stream")
+                else ""
+            )
             self.close()
-            raise SandboxError("crash", f"the container's bootstrap did not start: {said or exc}") from None
+            raise SandboxError(
+                "crash", f"the container's bootstrap did not start: {said or exc}"
+            ) from None
         except BaseException:
             self.close()
             raise
         self.cgroup = MemoryCgroup.of_container(self.container.id)
-        self._launch_pids = cgroup.container_pids(self.container.id)  # its init and bootstrap, not the function's
+        self._launch_pids = cgroup.container_pids(
+            self.container.id
+        )  # its init and bootstrap, not the function's
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._kill_reason is None and not self._channel_ended() and not self.frozen()
+        return (
+            not self._closed
+            and self._kill_reason is None
+            and not self._channel_ended()
+            and not self.frozen()
+        )
 
     def frozen(self) -> bool:
         return cgroup.container_frozen(self.container.id) or cgroup.stopped(self._launch_pids)
@@ -315,14 +438,20 @@ class DockerSandbox(WatchedSandbox):
         restarted. A poll and a peek (microseconds), never a call to the engine."""
         try:
             readable, _, _ = select.select([self._raw], [], [], 0)
-            return bool(readable) and self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return (
+                bool(readable) and self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            )
         except BlockingIOError:
             return False
         except (OSError, ValueError):  # reset, or already closed
             return True
 
-    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
-        if memory_mib != self.memory_mib:  # stem cells start with a default; the function sets its own
+    def load(
+        self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None
+    ) -> None:
+        if (
+            memory_mib != self.memory_mib
+        ):  # stem cells start with a default; the function sets its own
             try:
                 self.container.update(mem_limit=f"{memory_mib}m", memswap_limit=f"{memory_mib}m")
             except docker.errors.APIError:
@@ -331,27 +460,42 @@ class DockerSandbox(WatchedSandbox):
             self.memory_mib = memory_mib
         # The file size limit: the disk itself bounds files in /tmp; output files are capped when they are sent.
         file_limit = max(self.limits.output_bytes, self.disk_mib << 20)
-        self.load_package(function_id, {"op": "load", "max_output_bytes": file_limit, "env": env or {}},
-                          package, env, START_TIMEOUT_S)
+        self.load_package(
+            function_id,
+            {"op": "load", "max_output_bytes": file_limit, "env": env or {}},
+            package,
+            env,
+            START_TIMEOUT_S,
+        )
 
     def bind_volumes(self, volumes: VolumeSet) -> None:
         """Bind the owner's volumes under this stem cell's VOLUME_ROOT (they appear in the running container at once,
         by mount propagation, read-only ones read-only): a function with volumes specialises a stem cell like any
         other, without starting a container of its own."""
-        if self.volume_root is None or self.volumes is not None or not self.factory.takes_volumes(volumes):
+        if (
+            self.volume_root is None
+            or self.volumes is not None
+            or not self.factory.takes_volumes(volumes)
+        ):
             self.close()  # as a stem cell that died: the pool starts a sandbox of its own for the function
             raise SandboxError("crash", "this stem cell cannot be given volumes")
         self.volumes = volumes
         volumes.hold()
         try:
             for mount in volumes.mounts:
-                target = self.volume_root.joinpath(*Path(mount.target).relative_to(VOLUME_ROOT).parts)
-                target.mkdir(mode=0o755, parents=True, exist_ok=True)  # the host's own directories: no link to follow
+                target = self.volume_root.joinpath(
+                    *Path(mount.target).relative_to(VOLUME_ROOT).parts
+                )
+                target.mkdir(
+                    mode=0o755, parents=True, exist_ok=True
+                )  # the host's own directories: no link to follow
                 bind(mount.source, target)
         except OSError as exc:
             self.close()
-            raise SandboxError("volume", f"the grid could not bind the function's volumes ({os.strerror(exc.errno or 0)})"
-                               ) from None
+            raise SandboxError(
+                "volume",
+                f"the grid could not bind the function's volumes ({os.strerror(exc.errno or 0)})",
+            ) from None
 
     def _unbind_volumes(self) -> None:
         """Let go of VOLUME_ROOT and every volume bound under it (lazily: the container may still hold them)."""
@@ -364,7 +508,9 @@ class DockerSandbox(WatchedSandbox):
                     break
                 scratch._libc.umount2(root.encode(), scratch.MNT_DETACH)
             if root in scratch.mounted_under(self.host_dir):
-                log.warning("sandbox %s: its volume root is still mounted; its directory is kept", self.id)
+                log.warning(
+                    "sandbox %s: its volume root is still mounted; its directory is kept", self.id
+                )
                 self._keep_dir = True
             self.volume_root = None
 
@@ -376,28 +522,38 @@ class DockerSandbox(WatchedSandbox):
         writer = OutputWriter(self.output_dir, self.limits.output_bytes, self.limits.output_files)
         return read_tree(self.scratch.mountpoint, ("work", "output"), writer)
 
-    def _receive_result(self, job_id: str, size: int, deadline: float, in_file: bool = False) -> tuple[Path, str]:
+    def _receive_result(
+        self, job_id: str, size: int, deadline: float, in_file: bool = False
+    ) -> tuple[Path, str]:
         """A large result the bootstrap left on the sandbox's disk, read by the host (a regular file of exactly the
         announced size, opened without following links), hashed and spooled as a streamed one is; then removed."""
         if not in_file or self.scratch is None or not self._host_reads_outputs:
             return super()._receive_result(job_id, size, deadline, in_file)
         path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
         work = source = -1
-        spool = _Spool(path)  # the host's own file: its errors (a full disk) are the host's, raised as they are
+        spool = _Spool(
+            path
+        )  # the host's own file: its errors (a full disk) are the host's, raised as they are
         try:
             try:
                 work = self.scratch.open_work()
-                source = os.open(RESULT_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=work)
+                source = os.open(
+                    RESULT_FILE,
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    dir_fd=work,
+                )
                 info = os.fstat(source)
             except OSError:
                 raise ProtocolViolation("a result file the host could not open") from None
             if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-                raise ProtocolViolation("a result file that is not a regular file of its announced size")
+                raise ProtocolViolation(
+                    "a result file that is not a regular file of its announced size"
+                )
             received = 0
             while received < size:
                 buffer = spool.free_buffer()
                 try:
-                    got = os.readv(source, [memoryview(buffer)[:size - received]])
+                    got = os.readv(source, [memoryview(buffer)[: size - received]])
                 except OSError:
                     raise ProtocolViolation("a result file the host could not read") from None
                 if not got:
@@ -426,10 +582,16 @@ class DockerSandbox(WatchedSandbox):
         work = self.scratch.open_work()
         try:
             try:
-                target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                                 dir_fd=work)
+                target = os.open(
+                    name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=work,
+                )
                 try:
-                    os.fchmod(target, 0o644)  # readable by the sandbox's user (the grid's umask is 077)
+                    os.fchmod(
+                        target, 0o644
+                    )  # readable by the sandbox's user (the grid's umask is 077)
                     with path.open("rb") as source:
                         offset = 0
                         while offset < size:
@@ -439,7 +601,9 @@ class DockerSandbox(WatchedSandbox):
                             offset += sent
                 finally:
                     os.close(target)
-            except OSError:  # no room on its disk (or the sandbox got in the way): the channel instead
+            except (
+                OSError
+            ):  # no room on its disk (or the sandbox got in the way): the channel instead
                 try:
                     os.unlink(name, dir_fd=work)
                 except OSError:
@@ -468,11 +632,19 @@ class DockerSandbox(WatchedSandbox):
         if reason:
             return SandboxError("cancelled", reason)
         if state.get("OOMKilled"):
-            return SandboxError("memory", f"out of memory (limit {self.memory_mib} MiB"
-                                + ("; files in /tmp and the output directory count against it on this grid)"
-                                   if self.scratch is None else ")"))
-        return SandboxError("crash", f"the sandbox died (exit code {state.get('ExitCode', '?')}) while running "
-                                     "the function")
+            return SandboxError(
+                "memory",
+                f"out of memory (limit {self.memory_mib} MiB"
+                + (
+                    "; files in /tmp and the output directory count against it on this grid)"
+                    if self.scratch is None
+                    else ")"
+                ),
+            )
+        return SandboxError(
+            "crash",
+            f"the sandbox died (exit code {state.get('ExitCode', '?')}) while running the function",
+        )
 
     def kill(self, reason: str) -> None:
         self._kill_reason = reason
@@ -510,7 +682,9 @@ class DockerSandbox(WatchedSandbox):
             pass
         container = self.container
         # Removal takes ~50 ms of engine time: keep it off the path of the job that is finishing.
-        threading.Thread(target=_remove, args=(container,), name="remove-container", daemon=True).start()
+        threading.Thread(
+            target=_remove, args=(container,), name="remove-container", daemon=True
+        ).start()
         if self.scratch is not None:
             self.scratch.close()  # the kernel lets go of the disk once the container is gone
             if os.path.ismount(self.scratch.mountpoint):
@@ -525,7 +699,9 @@ def _remove(container: docker.models.containers.Container) -> None:
     except docker.errors.NotFound:
         pass
     except docker.errors.APIError as exc:
-        if exc.status_code != 409:  # 409: its removal is already under way (a sweep and a close at once)
+        if (
+            exc.status_code != 409
+        ):  # 409: its removal is already under way (a sweep and a close at once)
             log.warning("could not remove container %s: %s", container.id[:12], exc)
     except docker.errors.DockerException as exc:
         log.warning("could not remove container %s: %s", container.id[:12], exc)

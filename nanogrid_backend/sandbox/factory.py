@@ -26,11 +26,18 @@ class SandboxFactory(Protocol):
 
     @property
     def disk_room(self) -> DiskRoom | None:
-        """The host's room that sandboxes' own disks share (idle ones give theirs up for a call); None: no such disks."""
+        """The host's room that sandboxes' own disks share (idle ones give theirs up for a call);
+        None: no such disks."""
         ...
 
-    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None, disk_mib: int | None = None,
-              evict_idle: bool = False, volumes: VolumeSet | None = None) -> Sandbox:
+    def start(
+        self,
+        ai: bool = False,
+        environment: BuiltEnvironment | None = None,
+        disk_mib: int | None = None,
+        evict_idle: bool = False,
+        volumes: VolumeSet | None = None,
+    ) -> Sandbox:
         """A stem cell: with ``environment``, its packages; ``volumes``: bound for the sandbox's life."""
         ...
 

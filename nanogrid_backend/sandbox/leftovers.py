@@ -25,7 +25,9 @@ from typing import Any
 from nanogrid_backend.sandbox import cgroup, scratch
 
 SANDBOX_PREFIXES = ("proc-", "ctr-")  # the names of sandbox work and output directories
-LEGACY_CONTAINER = re.compile(r"nanogrid-(ctr-[0-9a-f]{12})")  # before containers carried nanogrid.grid
+LEGACY_CONTAINER = re.compile(
+    r"nanogrid-(ctr-[0-9a-f]{12})"
+)  # before containers carried nanogrid.grid
 LEGACY_CGROUP = re.compile(r"proc-[0-9a-f]{12}")  # before cgroups carried the grid's identity
 
 
@@ -37,7 +39,9 @@ def grid_identity(sandbox_dir: Path) -> str:
 def sandbox_dirs(sandbox_dir: Path) -> list[Path]:
     """Sandbox work and output directories (every one is a leftover while no grid runs on the data dir)."""
     try:
-        return sorted(path for path in sandbox_dir.iterdir() if path.name.startswith(SANDBOX_PREFIXES))
+        return sorted(
+            path for path in sandbox_dir.iterdir() if path.name.startswith(SANDBOX_PREFIXES)
+        )
     except FileNotFoundError:
         return []
 
@@ -61,8 +65,12 @@ class Leftovers:
     directories: list[Path] = field(default_factory=list)
     cgroups: list[Path] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)  # names, e.g. nanogrid-ctr-0123456789ab
-    disks: list[str] = field(default_factory=list)  # sandboxes' scratch disks still mounted (scratch.py)
-    docker_problem: str = ""  # why containers could not be listed ('' when they could, or no engine is installed)
+    disks: list[str] = field(
+        default_factory=list
+    )  # sandboxes' scratch disks still mounted (scratch.py)
+    docker_problem: str = (
+        ""  # why containers could not be listed ('' when they could, or no engine is installed)
+    )
 
     @property
     def count(self) -> int:
@@ -72,13 +80,21 @@ class Leftovers:
 def find(sandbox_dir: Path) -> Leftovers:
     """Everything of this grid's sandboxes that exists on the host now, older releases' included."""
     identity = grid_identity(sandbox_dir)
-    found = Leftovers(identity, sandbox_dirs(sandbox_dir), cgroup.ours(identity + "-") + legacy_cgroups(sandbox_dir),
-                      disks=scratch.mounted_under(sandbox_dir))
+    found = Leftovers(
+        identity,
+        sandbox_dirs(sandbox_dir),
+        cgroup.ours(identity + "-") + legacy_cgroups(sandbox_dir),
+        disks=scratch.mounted_under(sandbox_dir),
+    )
     client, found.docker_problem = _docker()
     if client is not None:
         try:
-            found.containers = sorted(c.name for c in client.containers.list(
-                all=True, filters={"label": f"nanogrid.grid={identity}"}, ignore_removed=True))
+            found.containers = sorted(
+                c.name
+                for c in client.containers.list(
+                    all=True, filters={"label": f"nanogrid.grid={identity}"}, ignore_removed=True
+                )
+            )
             found.containers += legacy_containers(client, sandbox_dir)
         except Exception as exc:  # the engine went away between the ping and the list
             found.docker_problem = f"the Docker engine did not list containers ({exc})"
@@ -93,7 +109,9 @@ def clean(sandbox_dir: Path) -> Leftovers:
         for name in found.containers:
             try:
                 client.containers.get(name).remove(force=True)
-            except Exception:  # gone meanwhile, or the engine refused: `doctor` shows it again next time
+            except (
+                Exception
+            ):  # gone meanwhile, or the engine refused: `doctor` shows it again next time
                 pass
     for path in found.cgroups:  # before the directories: they are a legacy cgroup's evidence
         cgroup.sweep(path.name)
@@ -121,7 +139,9 @@ def legacy_containers(client: Any, sandbox_dir: Path) -> list[str]:
     or one of their mounts comes from here."""
     root = str(sandbox_dir.resolve()) + "/"
     found = []
-    for container in client.containers.list(all=True, filters={"name": "nanogrid-ctr-"}, ignore_removed=True):
+    for container in client.containers.list(
+        all=True, filters={"name": "nanogrid-ctr-"}, ignore_removed=True
+    ):
         named = LEGACY_CONTAINER.fullmatch(container.name or "")
         if named is None or "nanogrid.grid" in (container.labels or {}):
             continue
@@ -139,7 +159,9 @@ def legacy_cgroups(sandbox_dir: Path) -> list[Path]:
     for path in cgroup.ours("proc-"):
         if not LEGACY_CGROUP.fullmatch(path.name):
             continue
-        if (sandbox_dir / path.name).exists() or any(marker in _environ(pid) for pid in _pids(path)):
+        if (sandbox_dir / path.name).exists() or any(
+            marker in _environ(pid) for pid in _pids(path)
+        ):
             found.append(path)
     return found
 

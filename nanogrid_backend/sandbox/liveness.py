@@ -17,8 +17,10 @@ from nanogrid_backend.sandbox.base import Sandbox, SandboxError
 from nanogrid_backend.sandbox.protocol import ChannelTimeout
 
 CHECK_EVERY_S = 0.5  # while waiting for the bootstrap: how long a freeze goes unseen at most
-FROZEN = ("the sandbox stopped answering: its processes were stopped or frozen on the worker (SIGSTOP, `docker "
-          "pause`); it was discarded. Not the function's doing: run the call again")
+FROZEN = (
+    "the sandbox stopped answering: its processes were stopped or frozen on the worker (SIGSTOP, `docker "
+    "pause`); it was discarded. Not the function's doing: run the call again"
+)
 
 
 class WatchedSandbox(Sandbox):

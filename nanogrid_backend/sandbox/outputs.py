@@ -40,14 +40,20 @@ class HostWriteFailed(Exception):
 
 def check_name(name: object) -> list[str]:
     """The components of a safe relative name, or ProtocolViolation."""
-    if not isinstance(name, str) or not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+    ):
         raise ProtocolViolation("an output file without a valid name")
     parts = name.split("/")
     if len(parts) > MAX_DEPTH:
         raise ProtocolViolation("an output file nested too deep")
     for part in parts:
         if part in (".", "..") or not _COMPONENT.fullmatch(part):
-            raise ProtocolViolation(f"an output file name that is not a plain relative path: {name[:80]!r}")
+            raise ProtocolViolation(
+                f"an output file name that is not a plain relative path: {name[:80]!r}"
+            )
     return parts
 
 
@@ -85,7 +91,7 @@ class OutputWriter:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
             raise HostWriteFailed(_describe(exc)) from None
 
@@ -100,7 +106,9 @@ class OutputWriter:
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
                     raise HostWriteFailed(_describe(exc)) from None
-                raise ProtocolViolation(f"an output file that could not be read: {self._name[:80]!r}") from None
+                raise ProtocolViolation(
+                    f"an output file that could not be read: {self._name[:80]!r}"
+                ) from None
             if not copied:
                 break  # shorter than when it was opened: _end_file says so
             offset += copied
@@ -126,7 +134,9 @@ class OutputWriter:
         os.close(self._fd)
         self._fd = None
         if self._left:
-            raise ProtocolViolation(f"an output file shorter than announced ({self._left} bytes missing)")
+            raise ProtocolViolation(
+                f"an output file shorter than announced ({self._left} bytes missing)"
+            )
 
     def _create(self, parts: list[str]) -> int:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -140,23 +150,35 @@ class OutputWriter:
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
                         raise HostWriteFailed(_describe(exc)) from None
-                    raise ProtocolViolation(f"an output directory that cannot be made: {part[:80]!r}") from None
+                    raise ProtocolViolation(
+                        f"an output directory that cannot be made: {part[:80]!r}"
+                    ) from None
                 try:
                     child = os.open(part, flags, dir_fd=dir_fd)
                 except OSError as exc:
-                    raise ProtocolViolation(f"an output path through something that is not a directory: "
-                                            f"{'/'.join(parts)[:80]!r}") from exc
+                    raise ProtocolViolation(
+                        f"an output path through something that is not a directory: "
+                        f"{'/'.join(parts)[:80]!r}"
+                    ) from exc
                 os.close(dir_fd)
                 dir_fd = child
             try:
-                return os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                               dir_fd=dir_fd)
+                return os.open(
+                    parts[-1],
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dir_fd,
+                )
             except FileExistsError:
-                raise ProtocolViolation(f"the output file {'/'.join(parts)[:80]!r} sent twice") from None
+                raise ProtocolViolation(
+                    f"the output file {'/'.join(parts)[:80]!r} sent twice"
+                ) from None
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
                     raise HostWriteFailed(_describe(exc)) from None
-                raise ProtocolViolation(f"an output file that cannot be created: {'/'.join(parts)[:80]!r}") from None
+                raise ProtocolViolation(
+                    f"an output file that cannot be created: {'/'.join(parts)[:80]!r}"
+                ) from None
         finally:
             os.close(dir_fd)
 
@@ -181,8 +203,9 @@ def read_tree(parent: Path, names: tuple[str, ...], writer: OutputWriter) -> lis
             except FileNotFoundError:
                 return writer.finish()
             except OSError:
-                raise ProtocolViolation("the output directory was replaced by something that is not a directory") \
-                    from None
+                raise ProtocolViolation(
+                    "the output directory was replaced by something that is not a directory"
+                ) from None
             os.close(fd)
             fd = child
         _read_dir(fd, [], writer)
@@ -210,7 +233,9 @@ def _read_dir(dir_fd: int, prefix: list[str], writer: OutputWriter) -> None:
             continue  # removed meanwhile
         if stat.S_ISDIR(info.st_mode):
             try:
-                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                child = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                )
             except OSError:
                 continue  # replaced by a link meanwhile: not followed
             try:
@@ -219,7 +244,9 @@ def _read_dir(dir_fd: int, prefix: list[str], writer: OutputWriter) -> None:
                 os.close(child)
         elif stat.S_ISREG(info.st_mode):
             try:
-                source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+                source = os.open(
+                    name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+                )
             except OSError:
                 continue  # replaced by a link meanwhile
             try:

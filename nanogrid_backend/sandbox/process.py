@@ -46,7 +46,13 @@ OUTPUT_MOUNT = "/output"  # the seed's output directory, where its functions wri
 
 # Never bound into a process sandbox: the container engine's storage (other sandboxes' files, and mounts that come
 # and go as containers start and stop, which a recursive bind may meet half gone) and its control socket.
-HOST_PATHS_HIDDEN = ("/var/lib/docker", "/var/lib/containerd", "/run/docker.sock", "/run/docker", "/run/containerd")
+HOST_PATHS_HIDDEN = (
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/run/docker.sock",
+    "/run/docker",
+    "/run/containerd",
+)
 
 
 def _host_root() -> list[str]:
@@ -63,7 +69,9 @@ def _host_root() -> list[str]:
                 continue
             if entry.is_symlink():
                 binds.extend(["--symlink", os.readlink(path), path])
-            elif entry.is_dir() and any(hidden.startswith(path + "/") for hidden in HOST_PATHS_HIDDEN):
+            elif entry.is_dir() and any(
+                hidden.startswith(path + "/") for hidden in HOST_PATHS_HIDDEN
+            ):
                 binds.extend(["--dir", path])
                 bind_entries(path)
             else:
@@ -89,8 +97,16 @@ class ProcessSandboxFactory:
     disk_mib: int | None = None  # no disk of its own: trusted code writes to the host's
     disk_room: DiskRoom | None = None
 
-    def __init__(self, base_dir: Path, hide_dir: Path, *, bubblewrap: str = "auto", cgroups: str = "auto",
-                 kill_grace_s: float = 1.0, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        hide_dir: Path,
+        *,
+        bubblewrap: str = "auto",
+        cgroups: str = "auto",
+        kill_grace_s: float = 1.0,
+        limits: Limits | None = None,
+    ) -> None:
         self.base_dir = base_dir
         self.hide_dir = hide_dir
         self.bwrap = shutil.which("bwrap") if bubblewrap != "off" else None
@@ -111,7 +127,9 @@ class ProcessSandboxFactory:
         count = leftovers.remove_legacy(self.base_dir)
         count += leftovers.remove_dirs(self.base_dir) + cgroup.sweep(self.identity + "-")
         if count:
-            log.info("removed %d sandbox directories and memory cgroups left by an earlier run", count)
+            log.info(
+                "removed %d sandbox directories and memory cgroups left by an earlier run", count
+            )
         return count
 
     def takes_volumes(self, volumes: VolumeSet) -> bool:
@@ -133,8 +151,14 @@ class ProcessSandboxFactory:
         parts.append("memory cgroups" if self.use_cgroups else "rlimits")
         return ", ".join(parts)
 
-    def start(self, ai: bool = False, environment: BuiltEnvironment | None = None,
-              disk_mib: int | None = None, evict_idle: bool = False, volumes: VolumeSet | None = None) -> ProcessSandbox:
+    def start(
+        self,
+        ai: bool = False,
+        environment: BuiltEnvironment | None = None,
+        disk_mib: int | None = None,
+        evict_idle: bool = False,
+        volumes: VolumeSet | None = None,
+    ) -> ProcessSandbox:
         """A stem cell; with an ``environment``, its layer of packages comes first on the import path.
 
         ``disk_mib`` is not enforced here: trusted code writes to the host's disk (each file capped at the grid's
@@ -142,14 +166,21 @@ class ProcessSandboxFactory:
         process sandbox has no disk room to take from idle ones (``evict_idle``). ``volumes`` are bound by bubblewrap
         (without it a process cannot be given a mount of its own, and a function with volumes is refused)."""
         if volumes is not None and volumes.mounts and not self.bwrap:
-            raise SandboxError("volume", "this grid's process sandboxes run without bubblewrap, which mounting a "
-                                         "volume needs: install bubblewrap, or use Docker sandboxes")
+            raise SandboxError(
+                "volume",
+                "this grid's process sandboxes run without bubblewrap, which mounting a "
+                "volume needs: install bubblewrap, or use Docker sandboxes",
+            )
         return ProcessSandbox(self, environment, volumes)
 
 
 class ProcessSandbox(WatchedSandbox):
-    def __init__(self, factory: ProcessSandboxFactory, environment: BuiltEnvironment | None = None,
-                 volumes: VolumeSet | None = None) -> None:
+    def __init__(
+        self,
+        factory: ProcessSandboxFactory,
+        environment: BuiltEnvironment | None = None,
+        volumes: VolumeSet | None = None,
+    ) -> None:
         self.factory = factory
         self.volumes = volumes
         self.site_dir = environment.site_dir if environment is not None else None
@@ -164,7 +195,9 @@ class ProcessSandbox(WatchedSandbox):
         self.memory_mib = 0
         self._kill_reason: str | None = None
         self._lock = threading.Lock()
-        self.cgroup = cgroup.MemoryCgroup(f"{factory.identity}-{self.id}") if factory.use_cgroups else None
+        self.cgroup = (
+            cgroup.MemoryCgroup(f"{factory.identity}-{self.id}") if factory.use_cgroups else None
+        )
         startup_log = self._startup_log()
         if volumes is not None:
             volumes.hold()  # released by close(), whichever way the start ends
@@ -189,16 +222,24 @@ class ProcessSandbox(WatchedSandbox):
             raise SandboxError("crash", f"could not start the sandbox process: {exc}") from None
         finally:
             os.close(startup_log)
-        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes (Popen above)
-        self.reader = FrameReader(self.proc.stdout.fileno(), max_header=reply_header_cap(self.limits.capture_bytes))
+        assert (
+            self.proc.stdin is not None and self.proc.stdout is not None
+        )  # both are pipes (Popen above)
+        self.reader = FrameReader(
+            self.proc.stdout.fileno(), max_header=reply_header_cap(self.limits.capture_bytes)
+        )
         try:
             ready, _ = self.reader.read(time.monotonic() + START_TIMEOUT_S, 0)
         except (ChannelClosed, ChannelTimeout):
             log_text = (self.work_dir / "startup.log").read_text(errors="replace")[-2000:].strip()
             self.close()
-            raise SandboxError("crash", f"the Python bootstrap did not start: {log_text or 'no output'}") from None
+            raise SandboxError(
+                "crash", f"the Python bootstrap did not start: {log_text or 'no output'}"
+            ) from None
         self.python = self.check_ready(ready)
-        self._launch_pids = cgroup.process_tree(self.proc.pid)  # bubblewrap's and the bootstrap's, not the function's
+        self._launch_pids = cgroup.process_tree(
+            self.proc.pid
+        )  # bubblewrap's and the bootstrap's, not the function's
 
     def _startup_log(self) -> int:
         """What the interpreter says before the bootstrap takes over fd 2 (why it could not start)."""
@@ -227,11 +268,30 @@ class ProcessSandbox(WatchedSandbox):
         for mount in self.volumes.mounts if self.volumes is not None else []:
             volumes += ["--ro-bind" if mount.read_only else "--bind", mount.source, mount.target]
         return [
-            self.factory.bwrap, "--unshare-all", "--die-with-parent",
-            *_host_root(), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--tmpfs", str(self.factory.hide_dir), *interpreter, *layer,
-            "--bind", str(self.work_dir), str(self.work_dir), "--bind", str(outputs), OUTPUT_MOUNT, *volumes,
-            "--remount-ro", "/", *python,
+            self.factory.bwrap,
+            "--unshare-all",
+            "--die-with-parent",
+            *_host_root(),
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--tmpfs",
+            "/tmp",
+            "--tmpfs",
+            str(self.factory.hide_dir),
+            *interpreter,
+            *layer,
+            "--bind",
+            str(self.work_dir),
+            str(self.work_dir),
+            "--bind",
+            str(outputs),
+            OUTPUT_MOUNT,
+            *volumes,
+            "--remount-ro",
+            "/",
+            *python,
         ]
 
     def _environment(self) -> dict[str, str]:
@@ -242,8 +302,12 @@ class ProcessSandbox(WatchedSandbox):
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
             "NANOGRID_WORK_DIR": str(self.work_dir),
-            "NANOGRID_OUTPUT_DIR": OUTPUT_MOUNT if self.factory.bwrap else str(self.work_dir / "output"),
-            "TMPDIR": "/tmp" if self.factory.bwrap else tempfile.gettempdir(),  # bubblewrap's /tmp is its own
+            "NANOGRID_OUTPUT_DIR": OUTPUT_MOUNT
+            if self.factory.bwrap
+            else str(self.work_dir / "output"),
+            "TMPDIR": "/tmp"
+            if self.factory.bwrap
+            else tempfile.gettempdir(),  # bubblewrap's /tmp is its own
             "NANOGRID_CAPTURE_LIMIT": str(self.limits.capture_bytes),
             **({"PYTHONPATH": str(self.site_dir)} if self.site_dir else {}),
         }
@@ -255,7 +319,9 @@ class ProcessSandbox(WatchedSandbox):
     def frozen(self) -> bool:
         return cgroup.stopped(self._launch_pids)
 
-    def load(self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None) -> None:
+    def load(
+        self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None
+    ) -> None:
         limit = memory_mib << 20
         header = {"op": "load", "max_output_bytes": self.limits.output_bytes, "env": env or {}}
         if self.cgroup:

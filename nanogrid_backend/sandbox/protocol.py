@@ -19,7 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 HEADER = struct.Struct(">II")  # JSON header length, body length
-MAX_HEADER_BYTES = 256 << 10  # any frame's header, unless the reader is given a call reply's (reply_header_cap)
+MAX_HEADER_BYTES = (
+    256 << 10
+)  # any frame's header, unless the reader is given a call reply's (reply_header_cap)
 CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this many bytes
 
 
@@ -57,7 +59,7 @@ def encode_frame(header: dict[str, Any], body: bytes = b"") -> bytes:
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 class FrameReader:
@@ -69,9 +71,14 @@ class FrameReader:
     bytes, 0 at the end): a streamed result's pieces are read with it straight into one reused buffer.
     """
 
-    def __init__(self, fd: int, read_some: Callable[[int], bytes] | None = None,
-                 pending: Callable[[], bool] | None = None, max_header: int = MAX_HEADER_BYTES,
-                 read_into: Callable[[memoryview], int] | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        read_some: Callable[[int], bytes] | None = None,
+        pending: Callable[[], bool] | None = None,
+        max_header: int = MAX_HEADER_BYTES,
+        read_into: Callable[[memoryview], int] | None = None,
+    ) -> None:
         self.fd = fd
         self._read_some = read_some or (lambda n: os.read(fd, n))
         self._read_into = read_into or (lambda view: os.readv(fd, [view]))
@@ -79,13 +86,15 @@ class FrameReader:
         self._buffer = bytearray()
         self.max_header = max_header
 
-    def read_into(self, deadline: float | None, buffer: bytearray) -> tuple[dict[str, Any], memoryview]:
+    def read_into(
+        self, deadline: float | None, buffer: bytearray
+    ) -> tuple[dict[str, Any], memoryview]:
         """One frame whose body (at most ``len(buffer)`` bytes) is read into ``buffer``: the body is a view of it,
         valid until the buffer is used again. For large pieces: the bytes are copied once, not four times."""
         header_len, body_len = self._sizes(deadline, len(buffer))
         self._fill(HEADER.size + header_len, deadline)
         header = self._header(header_len)
-        del self._buffer[:HEADER.size + header_len]
+        del self._buffer[: HEADER.size + header_len]
         view = memoryview(buffer)[:body_len]
         filled = min(len(self._buffer), body_len)  # what came with the header
         view[:filled] = self._buffer[:filled]
@@ -102,14 +111,16 @@ class FrameReader:
         self._fill(HEADER.size, deadline)
         header_len, body_len = HEADER.unpack_from(self._buffer)
         if header_len > self.max_header:
-            raise ProtocolViolation(f"a frame header of {header_len} bytes (at most {self.max_header})")
+            raise ProtocolViolation(
+                f"a frame header of {header_len} bytes (at most {self.max_header})"
+            )
         if body_len > max_body:
             raise FrameTooLarge(body_len, max_body)
         return header_len, body_len
 
     def _header(self, header_len: int) -> dict[str, Any]:
         try:
-            header = json.loads(bytes(self._buffer[HEADER.size:HEADER.size + header_len]))
+            header = json.loads(bytes(self._buffer[HEADER.size : HEADER.size + header_len]))
         except (UnicodeDecodeError, ValueError):
             raise ProtocolViolation("a frame header that is not JSON") from None
         if not isinstance(header, dict):
@@ -128,7 +139,7 @@ class FrameReader:
         total = HEADER.size + header_len + body_len
         self._fill(total, deadline)
         header = self._header(header_len)
-        body = bytes(self._buffer[HEADER.size + header_len:total])
+        body = bytes(self._buffer[HEADER.size + header_len : total])
         del self._buffer[:total]
         return header, body
 
@@ -176,11 +187,11 @@ class DockerAttachStream:
                 continue
             if self._stream != self.STDOUT:
                 break
-            got = self.sock.recv_into(view[:self._left] if len(view) > self._left else view)
+            got = self.sock.recv_into(view[: self._left] if len(view) > self._left else view)
             self._left -= got
             return got
         data = self.read_some(len(view))
-        view[:len(data)] = data
+        view[: len(data)] = data
         return len(data)
 
     def read_some(self, n: int) -> bytes:
@@ -214,21 +225,37 @@ def check_need(header: dict[str, Any], body: bytes, count: int) -> list[int]:
     """The bootstrap's ``need`` frame: which of the call's ``count`` blobs it lacks, as strictly increasing
     indices, and nothing else (no other field, no body)."""
     need = header.get("blobs")
-    if header.get("op") != "need" or set(header) != {"op", "blobs"} or body or not isinstance(need, list):
-        raise ProtocolViolation(f"a {str(header.get('op'))[:40]!r} frame where the call's 'need' frame was due")
+    if (
+        header.get("op") != "need"
+        or set(header) != {"op", "blobs"}
+        or body
+        or not isinstance(need, list)
+    ):
+        raise ProtocolViolation(
+            f"a {str(header.get('op'))[:40]!r} frame where the call's 'need' frame was due"
+        )
     last = -1
     for n in need:
         if not isinstance(n, int) or isinstance(n, bool) or not last < n < count:
-            raise ProtocolViolation(f"a 'need' frame asking for blobs the call does not have ({str(n)[:40]} of "
-                                    f"{count}), or twice")
+            raise ProtocolViolation(
+                f"a 'need' frame asking for blobs the call does not have ({str(n)[:40]} of "
+                f"{count}), or twice"
+            )
         last = n
     return need
 
 
 # What a call's reply header may hold, and of what type; anything else is a violation.
 _REPLY_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "ok": bool, "result_format": str, "error": dict, "stdout": str, "stderr": str, "duration_ms": (int, float),
-    "peak_rss_bytes": (int, type(None)), "output_files": int, "op": str,
+    "ok": bool,
+    "result_format": str,
+    "error": dict,
+    "stdout": str,
+    "stderr": str,
+    "duration_ms": (int, float),
+    "peak_rss_bytes": (int, type(None)),
+    "output_files": int,
+    "op": str,
     "result_size": int,  # a result streamed after the reply in ``result_data`` frames (the reply's body is empty)
     "result_file": bool,  # ... or left in a file on the sandbox's own disk for the host to read (the Docker sandbox)
 }
@@ -245,7 +272,9 @@ def check_reply(header: dict[str, Any], capture_limit: int) -> dict[str, Any]:
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ProtocolViolation(f"the reply's {key!r} has the wrong type")
     if header.get("op") not in (None, "result"):
-        raise ProtocolViolation(f"a {str(header.get('op'))[:40]!r} frame where the call's reply was due")
+        raise ProtocolViolation(
+            f"a {str(header.get('op'))[:40]!r} frame where the call's reply was due"
+        )
     if "ok" not in header:
         raise ProtocolViolation("a call reply without 'ok'")
     if header["ok"] and header.get("result_format") not in ("pickle", "json"):

@@ -37,7 +37,9 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_NOATIME = 0x2, 0x4, 0x8, 0x400
 MNT_DETACH = 0x2
 LOOP_CLR_FD = 0x4C01
 _libc = ctypes.CDLL(None, use_errno=True)
-HOST_RESERVE_BYTES = 1 << 30  # kept free on the worker's disk for the grid's own data, whatever sandboxes write
+HOST_RESERVE_BYTES = (
+    1 << 30
+)  # kept free on the worker's disk for the grid's own data, whatever sandboxes write
 
 
 class ScratchError(Exception):
@@ -92,17 +94,38 @@ class ScratchDisk:
         try:
             fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.ftruncate(fd, size_mib << 20)  # sparse: blocks are taken only as the function writes
+                os.ftruncate(
+                    fd, size_mib << 20
+                )  # sparse: blocks are taken only as the function writes
             finally:
                 os.close(fd)
             # No journal: nothing on it outlives the sandbox. Its root stays root's; the sandbox gets two directories.
-            _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard,root_owner=0:0",
-                 str(self.image))
-            self.device = _run("losetup", "--find", "--show", "--direct-io=on", str(self.image)).strip()
+            _run(
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-O",
+                "^has_journal",
+                "-E",
+                "nodiscard,root_owner=0:0",
+                str(self.image),
+            )
+            self.device = _run(
+                "losetup", "--find", "--show", "--direct-io=on", str(self.image)
+            ).strip()
             self.mountpoint.mkdir(mode=0o700)
             flags = MS_NOSUID | MS_NODEV | MS_NOATIME | (0 if executable else MS_NOEXEC)
-            if _libc.mount(self.device.encode(), str(self.mountpoint).encode(), b"ext4", flags, None) != 0:
-                raise ScratchError(f"could not mount the scratch disk: {os.strerror(ctypes.get_errno())}")
+            if (
+                _libc.mount(
+                    self.device.encode(), str(self.mountpoint).encode(), b"ext4", flags, None
+                )
+                != 0
+            ):
+                raise ScratchError(
+                    f"could not mount the scratch disk: {os.strerror(ctypes.get_errno())}"
+                )
             self._mounted = True
             for name, mode in (("work", 0o700), ("tmp", 0o1777)):
                 path = self.mountpoint / name
@@ -111,7 +134,9 @@ class ScratchDisk:
                 path.chmod(mode)
         except (OSError, subprocess.SubprocessError) as exc:
             self.close()
-            raise ScratchError(f"could not make the sandbox's {size_mib} MiB scratch disk ({exc})") from None
+            raise ScratchError(
+                f"could not make the sandbox's {size_mib} MiB scratch disk ({exc})"
+            ) from None
         except ScratchError:
             self.close()
             raise
@@ -179,9 +204,11 @@ class DiskRoom:
         # Set by the grid: bytes others on the same disk may still take (the owners' volumes, sparse too).
         self.also_promised: Callable[[], int] = lambda: 0
 
-    def make(self, directory: Path, size_mib: int, *, executable: bool = False,
-             evict_idle: bool = False) -> ScratchDisk:
-        """A new disk; ``evict_idle``: idle sandboxes make room for it if they can (a call's disk, not a stem cell's)."""
+    def make(
+        self, directory: Path, size_mib: int, *, executable: bool = False, evict_idle: bool = False
+    ) -> ScratchDisk:
+        """A new disk; ``evict_idle``: idle sandboxes make room for it if they can (a call's disk,
+        not a stem cell's)."""
         while True:
             with self._lock:
                 short = self._short_by(size_mib)
@@ -190,9 +217,13 @@ class DiskRoom:
                     self._disks.add(disk)
                     break
             if not (evict_idle and short <= self.reclaimable() and self.reclaim()):
-                raise ScratchError(self.shortfall(size_mib) or "the host's disk filled meanwhile", tenant=(
-                    f"this worker has no room for a {size_mib} MiB sandbox disk now: ask for a smaller one "
-                    "(@remote(disk=MiB)), or try again once other calls have finished"))
+                raise ScratchError(
+                    self.shortfall(size_mib) or "the host's disk filled meanwhile",
+                    tenant=(
+                        f"this worker has no room for a {size_mib} MiB sandbox disk now: ask for a smaller one "
+                        "(@remote(disk=MiB)), or try again once other calls have finished"
+                    ),
+                )
         disk.on_close = lambda: self._forget(disk)
         return disk
 
@@ -205,10 +236,12 @@ class DiskRoom:
             return ""
         may_grow, volumes = self.promised(), self.also_promised()
         free = shutil.disk_usage(self.directory).free
-        return (f"the worker's disk has {free >> 20} MiB free: too little for another {size_mib} MiB sandbox disk "
-                f"beside the {may_grow >> 20} MiB its other sandboxes may still fill"
-                + (f", the {volumes >> 20} MiB volumes may still fill" if volumes else "")
-                + f" and the {self.reserve >> 20} MiB kept for the grid itself")
+        return (
+            f"the worker's disk has {free >> 20} MiB free: too little for another {size_mib} MiB sandbox disk "
+            f"beside the {may_grow >> 20} MiB its other sandboxes may still fill"
+            + (f", the {volumes >> 20} MiB volumes may still fill" if volumes else "")
+            + f" and the {self.reserve >> 20} MiB kept for the grid itself"
+        )
 
     def promised(self) -> int:
         """Bytes the sandbox disks made here may still take on the host's disk (they are sparse)."""
@@ -218,7 +251,9 @@ class DiskRoom:
     def _short_by(self, size_mib: int) -> int:
         """Bytes missing for a new disk of ``size_mib`` (0: it fits); call with the lock."""
         may_grow = sum(disk.may_grow() for disk in self._disks) + self.also_promised()
-        return max(0, may_grow + (size_mib << 20) + self.reserve - shutil.disk_usage(self.directory).free)
+        return max(
+            0, may_grow + (size_mib << 20) + self.reserve - shutil.disk_usage(self.directory).free
+        )
 
     def _forget(self, disk: ScratchDisk) -> None:
         with self._lock:

@@ -14,14 +14,23 @@ class QuotaExceeded(SandboxError):
     """An owner's output files would go over its disk quota: the call fails and keeps none of them."""
 
     def __init__(self, owner: str, used: int, adding: int, quota: int) -> None:
-        super().__init__("quota", f"output files of {_size(adding)} would bring owner {owner!r} to "
-                                  f"{_size(used + adding)}, over its disk quota of {_size(quota)}; none were kept "
-                                  "(stored outputs are deleted after the grid's retention, or ask for a larger quota)")
+        super().__init__(
+            "quota",
+            f"output files of {_size(adding)} would bring owner {owner!r} to "
+            f"{_size(used + adding)}, over its disk quota of {_size(quota)}; none were kept "
+            "(stored outputs are deleted after the grid's retention, or ask for a larger quota)",
+        )
         self.owner, self.used, self.adding, self.quota = owner, used, adding, quota
 
 
 def _size(n: int) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+    return (
+        f"{n / GiB:.2f} GiB"
+        if n >= GiB
+        else f"{n / (1 << 20):.1f} MiB"
+        if n >= 1 << 20
+        else f"{n} bytes"
+    )
 
 
 @dataclass

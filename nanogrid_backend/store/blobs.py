@@ -35,10 +35,14 @@ from nanogrid_backend.store.base import BlobSpace, BlobStore
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 BLOB_FORMAT = "pickle+blobs"  # a call's payload: JSON list of blob hashes, b"\n", the args pickle
-RESULT_FORMAT = "blob"  # a job's result stored as a blob: its ``result`` is JSON {sha256, size, format}
+RESULT_FORMAT = (
+    "blob"  # a job's result stored as a blob: its ``result`` is JSON {sha256, size, format}
+)
 MAX_BLOBS_PER_CALL = 256
 CHUNK_BYTES = 4 << 20
-VERIFIED_MEMO = 4096  # blob files known to hash to their names, while their inode and ctime stay the same
+VERIFIED_MEMO = (
+    4096  # blob files known to hash to their names, while their inode and ctime stay the same
+)
 
 
 class BlobError(Exception):
@@ -89,7 +93,9 @@ class Blobs:
     def __init__(self, store: BlobStore, spool: Path) -> None:
         self.store = store
         self.spool = spool
-        self._verified: dict[Path, tuple[int, int, int]] = {}  # path -> (inode, size, ctime) when it last hashed right
+        self._verified: dict[
+            Path, tuple[int, int, int]
+        ] = {}  # path -> (inode, size, ctime) when it last hashed right
         spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._swept = 0.0
         self.sweep()
@@ -102,7 +108,11 @@ class Blobs:
         for stale in self.spool.glob("*.part"):
             writer = _SPOOL_NAME.fullmatch(stale.name)
             try:
-                gone = not _alive(int(writer[1])) if writer else stale.lstat().st_mtime < time.time() - 86400
+                gone = (
+                    not _alive(int(writer[1]))
+                    if writer
+                    else stale.lstat().st_mtime < time.time() - 86400
+                )
             except OSError:
                 continue  # removed meanwhile
             if gone:
@@ -127,8 +137,11 @@ class Blobs:
         """Move a received file into place, only if its content hashes to its name (else it is deleted)."""
         try:
             if digest != sha256:
-                raise BlobError(f"the upload does not hash to {sha256[:12]}… (it hashes to {digest[:12]}…); "
-                                "nothing was stored", 400)
+                raise BlobError(
+                    f"the upload does not hash to {sha256[:12]}… (it hashes to {digest[:12]}…); "
+                    "nothing was stored",
+                    400,
+                )
             self.store.put_blob_file(key_for(owner, sha256), path)
         finally:
             path.unlink(missing_ok=True)
@@ -138,8 +151,11 @@ class Blobs:
         try:
             return self.store.open_blob(key_for(owner, sha256))
         except FileNotFoundError:
-            raise BlobError(f"no blob {sha256[:12]}… (never uploaded by this key's owner, or deleted after the "
-                            "grid's retention)", 404) from None
+            raise BlobError(
+                f"no blob {sha256[:12]}… (never uploaded by this key's owner, or deleted after the "
+                "grid's retention)",
+                404,
+            ) from None
 
     @contextmanager
     def local_files(self, owner: str, blobs: list[str]) -> Iterator[list[Path]]:
@@ -151,7 +167,9 @@ class Blobs:
             for sha in blobs:
                 key = key_for(owner, sha)
                 path = self.store.blob_path(key)
-                if path is None:  # a remote store: fetched into the spool, streamed, hashed on the way
+                if (
+                    path is None
+                ):  # a remote store: fetched into the spool, streamed, hashed on the way
                     path = self.temp_file()
                     made.append(path)
                     digest = hashlib.sha256()
@@ -161,8 +179,11 @@ class Blobs:
                             f.write(chunk)
                     self._check(owner, sha, digest.hexdigest())
                 elif not path.is_file():
-                    raise BlobError(f"blob {sha[:12]}… was deleted after the grid's retention; run the call again "
-                                    "(the client uploads it again)", 404)
+                    raise BlobError(
+                        f"blob {sha[:12]}… was deleted after the grid's retention; run the call again "
+                        "(the client uploads it again)",
+                        404,
+                    )
                 else:
                     self._verify(owner, sha, path)
                 paths.append(path)
@@ -189,32 +210,54 @@ class Blobs:
 
     def _check(self, owner: str, sha256: str, digest: str) -> None:
         if digest != sha256:
-            self.store.delete_blob(key_for(owner, sha256))  # so that the next upload of these bytes stores them again
-            raise BlobError(f"blob {sha256[:12]}… is damaged on the grid (its stored bytes no longer hash to its "
-                            "name); it was not given to the function and was deleted: upload the value again "
-                            "(nanogrid.put, or call again from a new client) and rerun", 409)
+            self.store.delete_blob(
+                key_for(owner, sha256)
+            )  # so that the next upload of these bytes stores them again
+            raise BlobError(
+                f"blob {sha256[:12]}… is damaged on the grid (its stored bytes no longer hash to its "
+                "name); it was not given to the function and was deleted: upload the value again "
+                "(nanogrid.put, or call again from a new client) and rerun",
+                409,
+            )
 
     def result_ref(self, job: JobRecord) -> tuple[str, int]:
         """(sha256, size) of the blob holding a finished job's pickled result: the blob it was stored as, or a copy
         of an inline one made now. BlobError when the job has no Python value to pass on."""
         if job.status != COMPLETED:
             if not job.finished:
-                raise BlobError(f"job {job.job_id} is still {job.status}; its result can be referenced once it "
-                                "has finished (job.ref() waits for it)", 409)
+                raise BlobError(
+                    f"job {job.job_id} is still {job.status}; its result can be referenced once it "
+                    "has finished (job.ref() waits for it)",
+                    409,
+                )
             message = (job.error or {}).get("message") or job.status
-            raise BlobError(f"job {job.job_id} {job.status} ({message[:300]}): it has no result to pass on", 409)
-        reference = json.loads(job.result) if job.result_format == RESULT_FORMAT and job.result else None
+            raise BlobError(
+                f"job {job.job_id} {job.status} ({message[:300]}): it has no result to pass on", 409
+            )
+        reference = (
+            json.loads(job.result) if job.result_format == RESULT_FORMAT and job.result else None
+        )
         if job.result_format == "json" or (reference or {}).get("format") == "json":
-            raise BlobError(f"job {job.job_id}'s function returns JSON data (result='json'), not a Python value "
-                            "to pass to another call; pass job.result() instead", 422)
+            raise BlobError(
+                f"job {job.job_id}'s function returns JSON data (result='json'), not a Python value "
+                "to pass to another call; pass job.result() instead",
+                422,
+            )
         if reference is not None:
-            size = self.size(job.owner, reference["sha256"])  # touched: it lives another retention period
+            size = self.size(
+                job.owner, reference["sha256"]
+            )  # touched: it lives another retention period
             if size is None:
-                raise BlobError(f"the result of job {job.job_id} was deleted after the grid's retention; run the "
-                                "call again", 410)
+                raise BlobError(
+                    f"the result of job {job.job_id} was deleted after the grid's retention; run the "
+                    "call again",
+                    410,
+                )
             return reference["sha256"], size
         if job.result is None:
-            raise BlobError(f"job {job.job_id} has no stored result (deleted after the grid's retention)", 410)
+            raise BlobError(
+                f"job {job.job_id} has no stored result (deleted after the grid's retention)", 410
+            )
         sha256 = hashlib.sha256(job.result).hexdigest()
         if self.size(job.owner, sha256) is None:
             self.store.put_blob(key_for(job.owner, sha256), job.result)
@@ -233,7 +276,9 @@ _SPACES: weakref.WeakKeyDictionary[Any, Blobs] = weakref.WeakKeyDictionary()
 
 
 _SPOOL_NAME = re.compile(r"upload-(\d+)-[0-9a-f]{32}\.part")
-SWEEP_EVERY_S = 60.0  # partial files of writers that died are looked for at most this often (and at start)
+SWEEP_EVERY_S = (
+    60.0  # partial files of writers that died are looked for at most this often (and at start)
+)
 
 
 def _alive(pid: int) -> bool:
@@ -250,7 +295,9 @@ def blobs_of(grid: Any) -> Blobs:
     """The blobs of a grid (nanogrid_backend/grid.py), made on first use: uploads spool next to its store."""
     space = _SPACES.get(grid)
     if space is None:
-        space = _SPACES[grid] = Blobs(grid.store, spool_dir_for(grid.store, grid.config.data_dir / "blob-spool"))
+        space = _SPACES[grid] = Blobs(
+            grid.store, spool_dir_for(grid.store, grid.config.data_dir / "blob-spool")
+        )
     return space
 
 

@@ -27,8 +27,13 @@ class LocalStore(BlobStore):
     owners' usage is summed from these at the first quota check, then kept up to date in memory.
     """
 
-    def __init__(self, root: Path, *, quota: Callable[[str], int | None] | None = None,
-                 owner_of: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        quota: Callable[[str], int | None] | None = None,
+        owner_of: Callable[[str], str] | None = None,
+    ) -> None:
         self.root = root
         self._quota = quota or (lambda owner: None)
         self._owner_of = owner_of or (lambda job_id: "")
@@ -37,7 +42,9 @@ class LocalStore(BlobStore):
             path.chmod(DIR_MODE)  # also a store made by an older version, or under a looser umask
         self._lock = threading.Lock()
         self._usage: dict[str, int] | None = None  # owner -> bytes stored; summed on first use
-        self._space: dict[str, list[int]] | None = None  # a blob key's directory -> [count, bytes]; walked on first use
+        self._space: dict[str, list[int]] | None = (
+            None  # a blob key's directory -> [count, bytes]; walked on first use
+        )
         self._space_at = 0.0
 
     def _package_path(self, function_id: str) -> Path:
@@ -53,7 +60,11 @@ class LocalStore(BlobStore):
         self._package_path(function_id).unlink(missing_ok=True)
 
     def _blob_path(self, key: str) -> Path:
-        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+        if (
+            not key
+            or key.startswith("/")
+            or any(part in ("", ".", "..") for part in key.split("/"))
+        ):
             raise ValueError(f"blob key {key!r} is not a plain relative path")
         return self.root / "blobs" / key
 
@@ -72,7 +83,9 @@ class LocalStore(BlobStore):
         _mkdirs(self.root / "blobs", path.parent)
         os.chmod(source, FILE_MODE)
         before, size = _size_or_none(path), source.lstat().st_size
-        shutil.move(source, path)  # a rename on the same file system: readers see the whole blob or none
+        shutil.move(
+            source, path
+        )  # a rename on the same file system: readers see the whole blob or none
         self._count(key, before, size)
 
     def delete_blob(self, key: str) -> None:
@@ -166,7 +179,9 @@ class LocalStore(BlobStore):
             usage = self._usage_table()
             used = usage.get(owner, 0)
             if quota is not None and used + size > quota:
-                kept = _tree_size(job_dir) if job_dir.is_dir() else 0  # this call's files saved so far
+                kept = (
+                    _tree_size(job_dir) if job_dir.is_dir() else 0
+                )  # this call's files saved so far
                 usage[owner] = used - kept
                 self._delete_job(job_id)
                 raise QuotaExceeded(owner, used - kept, kept + size, quota)
@@ -200,8 +215,13 @@ class LocalStore(BlobStore):
         expired = Expired()
         outputs = self.root / "outputs"
         for entry in list(outputs.iterdir()):
-            if entry.name.endswith(OWNER_SUFFIX):  # an owner file goes with its outputs, or alone if they are gone
-                if not entry.with_name(entry.name.removesuffix(OWNER_SUFFIX)).exists() and _mtime(entry) < before:
+            if entry.name.endswith(
+                OWNER_SUFFIX
+            ):  # an owner file goes with its outputs, or alone if they are gone
+                if (
+                    not entry.with_name(entry.name.removesuffix(OWNER_SUFFIX)).exists()
+                    and _mtime(entry) < before
+                ):
                     entry.unlink(missing_ok=True)
                 continue
             marker = entry.with_name(entry.name + OWNER_SUFFIX)
@@ -218,7 +238,9 @@ class LocalStore(BlobStore):
                 self._delete_job(entry.name)
             expired.jobs += 1
             expired.bytes += size
-        for blob in sorted((self.root / "blobs").rglob("*"), reverse=True):  # files before their directories
+        for blob in sorted(
+            (self.root / "blobs").rglob("*"), reverse=True
+        ):  # files before their directories
             stat = blob.lstat()
             if blob.is_dir() and not blob.is_symlink():
                 if not any(blob.iterdir()):
@@ -236,7 +258,9 @@ class LocalStore(BlobStore):
 def _write_private(path: Path, data: bytes) -> None:
     """Write a file only this account can read, whatever the umask (and never through a planted link)."""
     path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    fd = os.open(
+        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE
+    )
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 # Batches: a slot takes up to BATCH_MAX queued calls of one function at once when its calls are short (their recent
 # duration times the batch stays under BATCH_BUDGET_MS), runs them in one frame exchange with one sandbox and
-# records their outcomes in one registry transaction. Longer calls, and calls of a function not yet timed, go one by one.
+# records their outcomes in one registry transaction. Longer calls, and calls of a function not yet
+# timed, go one by one.
 BATCH_MAX = 32
 BATCH_BUDGET_MS = 20.0
 TIMINGS_KEPT = 1024
@@ -72,11 +73,23 @@ def _disk_mib(manifest: dict[str, Any]) -> int | None:
 class Worker:
     """``slots`` threads, each running one call at a time in a sandbox from the shared warm pool."""
 
-    def __init__(self, *, queue: JobQueue, registry: Registry, store: BlobStore, bus: ResultBus,
-                 pool: WarmPool, slots: int, max_output_bytes: int, visibility_s: float = 30.0,
-                 heartbeat_s: float = 5.0, publish_backlog: Callable[[float], None] | None = None,
-                 ai: AIGateway | None = None, secrets: SecretBox | None = None,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        registry: Registry,
+        store: BlobStore,
+        bus: ResultBus,
+        pool: WarmPool,
+        slots: int,
+        max_output_bytes: int,
+        visibility_s: float = 30.0,
+        heartbeat_s: float = 5.0,
+        publish_backlog: Callable[[float], None] | None = None,
+        ai: AIGateway | None = None,
+        secrets: SecretBox | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.queue = queue
         self.registry = registry
         self.store = store
@@ -89,25 +102,47 @@ class Worker:
         self.publish_backlog = publish_backlog
         self.ai = ai  # the AI node, reached through this worker by functions with ai=True
         self.secrets = secrets  # opens the secrets a function names, as its sandbox is loaded
-        self.volumes: VolumeStore | None = None  # the owner's volumes a function mounts (set by the grid)
-        self._in_flight: dict[str, JobMessage] = {}  # job id -> its queue message, kept hidden while it runs
+        self.volumes: VolumeStore | None = (
+            None  # the owner's volumes a function mounts (set by the grid)
+        )
+        self._in_flight: dict[
+            str, JobMessage
+        ] = {}  # job id -> its queue message, kept hidden while it runs
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
-        self._batched: dict[str, Sandbox] = {}  # job id -> the sandbox whose running batch it waits in, for cancel
+        self._batched: dict[
+            str, Sandbox
+        ] = {}  # job id -> the sandbox whose running batch it waits in, for cancel
         self._cancelled: set[str] = set()
         # Live output of running jobs: kept so a call that times out or crashes still shows what it printed.
         self._printed: dict[str, dict[str, bytearray]] = {}
         self._stopping = threading.Event()
-        self.retrier = Retrier(registry, store, self._stopping)  # @remote(retries=N): every try recorded
-        self.notifier = notifier or Notifier(registry)  # per-owner webhooks, sent from their own thread
+        self.retrier = Retrier(
+            registry, store, self._stopping
+        )  # @remote(retries=N): every try recorded
+        self.notifier = notifier or Notifier(
+            registry
+        )  # per-owner webhooks, sent from their own thread
         self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.stats = {"completed": 0, "failed": 0, "cold_starts": 0, "blob_bytes_sent": 0, "blobs_kept": 0}
-        self._call_ms: dict[str, float] = {}  # function id -> its recent calls' duration (ms): sizes batches
-        self._one_by_one: set[str] = set()  # functions whose calls are never batched (they may use the AI node)
+        self.stats = {
+            "completed": 0,
+            "failed": 0,
+            "cold_starts": 0,
+            "blob_bytes_sent": 0,
+            "blobs_kept": 0,
+        }
+        self._call_ms: dict[
+            str, float
+        ] = {}  # function id -> its recent calls' duration (ms): sizes batches
+        self._one_by_one: set[str] = (
+            set()
+        )  # functions whose calls are never batched (they may use the AI node)
         self.stats.update(batches=0, batched_calls=0)  # batches run, and the calls they ran
         # Blobs of arguments and large results; a remote store's are fetched into a spool here.
-        self._blobs = Blobs(store, spool_dir_for(store, Path(tempfile.gettempdir()) / "nanogrid-blob-spool"))
+        self._blobs = Blobs(
+            store, spool_dir_for(store, Path(tempfile.gettempdir()) / "nanogrid-blob-spool")
+        )
 
     def start(self) -> None:
         self.bus.on_cancel(self.cancel)
@@ -128,7 +163,9 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
-        for message in self.queue.waiting_here():  # fetched ahead but never started: let others have them
+        for (
+            message
+        ) in self.queue.waiting_here():  # fetched ahead but never started: let others have them
             try:
                 self.queue.release(message)
             except Exception as exc:
@@ -142,8 +179,13 @@ class Worker:
 
     def info(self) -> dict:
         """What /system/status and /metrics show about this worker."""
-        return {"worker_id": self.worker_id, "slots": self.slots, "running": len(self._running),
-                "pool": self.pool.snapshot(), **self.stats}
+        return {
+            "worker_id": self.worker_id,
+            "slots": self.slots,
+            "running": len(self._running),
+            "pool": self.pool.snapshot(),
+            **self.stats,
+        }
 
     def _beat(self) -> None:
         try:
@@ -183,8 +225,10 @@ class Worker:
                     last = attempt.get("message", "every worker that took it died or stalled")
                     count = attempt.get("deliveries", "repeated")
                     job.status, job.finished_at = FAILED, time.time()
-                    job.error = {"kind": "dead_letter",
-                                 "message": f"moved to the dead-letter queue after {count} failed deliveries: {last}"}
+                    job.error = {
+                        "kind": "dead_letter",
+                        "message": f"moved to the dead-letter queue after {count} failed deliveries: {last}",
+                    }
                     if self.registry.finish_job(job):
                         self.bus.publish(job)
                 self.queue.ack_dead(message)
@@ -195,7 +239,9 @@ class Worker:
         """Stop a running job's sandbox; True if this worker was running it."""
         if job_id not in self._in_flight:
             return False
-        self._cancelled.add(job_id)  # checked again once its sandbox is ready, if it is still starting
+        self._cancelled.add(
+            job_id
+        )  # checked again once its sandbox is ready, if it is still starting
         batch = self._batched.get(job_id)
         if batch is not None and batch.skip(job_id):
             # It waits in a batch: the bootstrap answers it as cancelled instead of starting it, or, if it had
@@ -209,7 +255,9 @@ class Worker:
     def _slot(self) -> None:
         while not self._stopping.is_set() and not self._draining.is_set():
             # batches of short calls where the queue hands them out (the embedded one), else one call
-            taken = self.queue.get_batch(0.5, self._batch_size, want=self.slots - len(self._in_flight))
+            taken = self.queue.get_batch(
+                0.5, self._batch_size, want=self.slots - len(self._in_flight)
+            )
             if not taken:
                 continue
             try:
@@ -225,8 +273,12 @@ class Worker:
         function not yet timed or with long calls, else what fits BATCH_BUDGET_MS, and never more than this slot's
         share of the owner's queued calls, so the other slots get theirs."""
         ms = self._call_ms.get(first.function_id)
-        if ms is None or first.payload_format == BLOB_FORMAT or first.receive_count > 1 \
-                or first.function_id in self._one_by_one:
+        if (
+            ms is None
+            or first.payload_format == BLOB_FORMAT
+            or first.receive_count > 1
+            or first.function_id in self._one_by_one
+        ):
             return 1
         share = -(-queued // self.slots)
         return max(1, min(BATCH_MAX, int(BATCH_BUDGET_MS / max(ms, 0.05)), share + 1))
@@ -244,12 +296,24 @@ class Worker:
 
     def run(self, message: JobMessage) -> None:
         started = time.time()
-        if not self.registry.mark_running(message.job_id, self.worker_id, started, retry=message.receive_count > 1):
-            self.queue.ack(message)  # cancelled while queued, or already finished: nothing left to do
+        if not self.registry.mark_running(
+            message.job_id, self.worker_id, started, retry=message.receive_count > 1
+        ):
+            self.queue.ack(
+                message
+            )  # cancelled while queued, or already finished: nothing left to do
             return
-        job = JobRecord(message.job_id, message.function_id, status=RUNNING, payload_format=message.payload_format,
-                        worker_id=self.worker_id, started_at=started, memory_limit_mib=message.memory_mib,
-                        owner=message.owner, trigger=message.trigger)
+        job = JobRecord(
+            message.job_id,
+            message.function_id,
+            status=RUNNING,
+            payload_format=message.payload_format,
+            worker_id=self.worker_id,
+            started_at=started,
+            memory_limit_mib=message.memory_mib,
+            owner=message.owner,
+            trigger=message.trigger,
+        )
         self._in_flight[message.job_id] = message
         if not self._settle(message, job, self._execute):
             return
@@ -262,8 +326,9 @@ class Worker:
         finally:
             self._done(message, job)
 
-    def _settle(self, message: JobMessage, job: JobRecord,
-                execute: Callable[[JobMessage, JobRecord], None]) -> bool:
+    def _settle(
+        self, message: JobMessage, job: JobRecord, execute: Callable[[JobMessage, JobRecord], None]
+    ) -> bool:
         """Run the job's tries (``execute`` for each) until it has its final state; False if its message went back
         to the queue for another delivery instead."""
         try:
@@ -271,26 +336,43 @@ class Worker:
         except SandboxError as exc:
             if exc.kind == "crash" and self.queue.redelivers:
                 # Maybe this machine's fault: let another delivery try; the redrive policy ends it in the DLQ.
-                self.registry.note_attempt(job.job_id, {"kind": "crash", "message": exc.message,
-                                                        "deliveries": message.receive_count})
+                self.registry.note_attempt(
+                    job.job_id,
+                    {"kind": "crash", "message": exc.message, "deliveries": message.receive_count},
+                )
                 self.queue.release(message)
                 return False
             self._fail(job, exc.kind, exc.message)
         except Exception as exc:  # never leave a job running forever because of a bug of ours
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a result's spool, say
-                self._fail(job, "storage", f"the worker's disk is full ({exc.strerror}); nothing of this call was kept")
+            if isinstance(exc, OSError) and exc.errno in (
+                errno.ENOSPC,
+                errno.EDQUOT,
+            ):  # a result's spool, say
+                self._fail(
+                    job,
+                    "storage",
+                    f"the worker's disk is full ({exc.strerror}); nothing of this call was kept",
+                )
             else:
                 log.exception("job %s: worker error", message.job_id)
-                self._fail(job, "internal", f"the worker failed while running this job: {type(exc).__name__}: {exc}")
+                self._fail(
+                    job,
+                    "internal",
+                    f"the worker failed while running this job: {type(exc).__name__}: {exc}",
+                )
         finally:
             self._in_flight.pop(message.job_id, None)
             self._cancelled.discard(message.job_id)
         return True
 
     def _done(self, message: JobMessage, job: JobRecord) -> None:
-        self.queue.ack(message)  # only now: a worker that dies before this leaves the job to another
+        self.queue.ack(
+            message
+        )  # only now: a worker that dies before this leaves the job to another
         if self._printed.pop(job.job_id, None) is not None:
-            self.bus.end_log(job.job_id)  # followers stop waiting; the job's record has the whole capture
+            self.bus.end_log(
+                job.job_id
+            )  # followers stop waiting; the job's record has the whole capture
 
     def run_batch(self, messages: list[JobMessage]) -> None:
         """Several queued calls of one function: marked running in one transaction, run in one frame exchange with
@@ -299,37 +381,73 @@ class Worker:
         again by its retry policy like any other; calls with blobs or another model than the first go one by one."""
         first = messages[0]
         alike = [m for m in messages if m.payload_format != BLOB_FORMAT and m.model == first.model]
-        marked = self.registry.mark_running_many([m.job_id for m in alike], self.worker_id, time.time())
+        marked = self.registry.mark_running_many(
+            [m.job_id for m in alike], self.worker_id, time.time()
+        )
         for message in alike:
             if message.job_id not in marked:
-                self.queue.ack(message)  # cancelled while queued, or already finished: nothing left to do
+                self.queue.ack(
+                    message
+                )  # cancelled while queued, or already finished: nothing left to do
         batch = [m for m in alike if m.job_id in marked]
-        jobs = [JobRecord(m.job_id, m.function_id, status=RUNNING, payload_format=m.payload_format,
-                          worker_id=self.worker_id, memory_limit_mib=m.memory_mib, owner=m.owner, trigger=m.trigger)
-                for m in batch]
+        jobs = [
+            JobRecord(
+                m.job_id,
+                m.function_id,
+                status=RUNNING,
+                payload_format=m.payload_format,
+                worker_id=self.worker_id,
+                memory_limit_mib=m.memory_mib,
+                owner=m.owner,
+                trigger=m.trigger,
+            )
+            for m in batch
+        ]
         for message in batch:
             self._in_flight[message.job_id] = message
         outcomes: dict[str, SandboxError | None] = {}
         if batch:
             try:
                 outcomes = self._execute_batch(batch, jobs)
-            except SandboxError as exc:  # no sandbox for them (a load that failed): each job is tried on its own
-                log.warning("job %s: a batch of %d calls could not start (%s); running them one by one",
-                            first.job_id, len(batch), exc.message)
+            except (
+                SandboxError
+            ) as exc:  # no sandbox for them (a load that failed): each job is tried on its own
+                log.warning(
+                    "job %s: a batch of %d calls could not start (%s); running them one by one",
+                    first.job_id,
+                    len(batch),
+                    exc.message,
+                )
             except Exception:
-                log.exception("job %s: a batch of %d calls failed; running them one by one", first.job_id, len(batch))
+                log.exception(
+                    "job %s: a batch of %d calls failed; running them one by one",
+                    first.job_id,
+                    len(batch),
+                )
         # Calls that completed are recorded and announced first; then the calls the batch never ran run, one by one;
         # those that failed come last, as they may wait out a retry backoff. Each group is recorded together.
-        done = [(m, job) for m, job in zip(batch, jobs, strict=True)
-                if m.job_id in outcomes and outcomes[m.job_id] is None and job.status == COMPLETED]
+        done = [
+            (m, job)
+            for m, job in zip(batch, jobs, strict=True)
+            if m.job_id in outcomes and outcomes[m.job_id] is None and job.status == COMPLETED
+        ]
         completed = {m.job_id for m, _ in done}
-        never_ran = [(m, job) for m, job in zip(batch, jobs, strict=True) if m.job_id not in outcomes]
-        failed = [(m, job) for m, job in zip(batch, jobs, strict=True)
-                  if m.job_id in outcomes and m.job_id not in completed]
+        never_ran = [
+            (m, job) for m, job in zip(batch, jobs, strict=True) if m.job_id not in outcomes
+        ]
+        failed = [
+            (m, job)
+            for m, job in zip(batch, jobs, strict=True)
+            if m.job_id in outcomes and m.job_id not in completed
+        ]
         for group in (done, never_ran, failed):
             settled = []
             for message, job in group:
-                if self._settle(message, job, self._replay(message.job_id in outcomes, outcomes.get(message.job_id))):
+                if self._settle(
+                    message,
+                    job,
+                    self._replay(message.job_id in outcomes, outcomes.get(message.job_id)),
+                ):
                     settled.append((message, job))
             if settled:
                 self._finish_batch(settled)
@@ -338,7 +456,9 @@ class Worker:
             if message.job_id not in batched:
                 self.run(message)
 
-    def _replay(self, ran: bool, error: SandboxError | None) -> Callable[[JobMessage, JobRecord], None]:
+    def _replay(
+        self, ran: bool, error: SandboxError | None
+    ) -> Callable[[JobMessage, JobRecord], None]:
         """An ``execute`` for the retrier whose first try is the batch's (its outcome already on the job, or
         ``error``); any further try, or a call the batch never ran, runs on its own."""
         replays = [error] if ran else []
@@ -354,19 +474,25 @@ class Worker:
 
         return execute
 
-    def _execute_batch(self, messages: list[JobMessage], jobs: list[JobRecord]) -> dict[str, SandboxError | None]:
+    def _execute_batch(
+        self, messages: list[JobMessage], jobs: list[JobRecord]
+    ) -> dict[str, SandboxError | None]:
         """Run the calls in one sandbox; per job id of each call that ran, None (its outcome is recorded on its job)
         or the error it ended with. Calls missing from the answer never ran."""
         first = messages[0]
         sandbox, cold = self.pool.acquire(first.function_id, lambda: self._code(first))
         self.stats["cold_starts"] += cold
         outcomes: dict[str, SandboxError | None] = {}
-        if sandbox.ai_allowed:  # its calls may talk to the AI node, each with its own session: one by one
+        if (
+            sandbox.ai_allowed
+        ):  # its calls may talk to the AI node, each with its own session: one by one
             self._one_by_one.add(first.function_id)
             self.pool.release(sandbox)
             return outcomes
         for job in jobs:
-            if job.job_id in self._cancelled:  # cancelled while the batch was being prepared: it never runs
+            if (
+                job.job_id in self._cancelled
+            ):  # cancelled while the batch was being prepared: it never runs
                 outcomes[job.job_id] = SandboxError("cancelled", "cancelled by the user")
         messages = [m for m in messages if m.job_id not in outcomes]
         jobs = [job for job in jobs if job.job_id not in outcomes]
@@ -381,26 +507,35 @@ class Worker:
             times.append(time.time())
             self._running.pop(messages[n - 1].job_id, None)
             if n < len(messages):
-                self._batched.pop(messages[n].job_id, None)  # no longer waiting: a cancel now stops the sandbox
+                self._batched.pop(
+                    messages[n].job_id, None
+                )  # no longer waiting: a cancel now stops the sandbox
                 self._running[messages[n].job_id] = sandbox
 
         self._running[first.job_id] = sandbox
-        for message in messages[1:]:  # waiting in the batch: a cancel asks the bootstrap to skip it (Sandbox.skip)
+        for message in messages[
+            1:
+        ]:  # waiting in the batch: a cancel asks the bootstrap to skip it (Sandbox.skip)
             self._batched[message.job_id] = sandbox
         try:
             with self._volumes_around(sandbox):
-                results, error = sandbox.call_many([(m.job_id, m.payload, m.timeout_s) for m in messages],
-                                                   first.model, answered)
+                results, error = sandbox.call_many(
+                    [(m.job_id, m.payload, m.timeout_s) for m in messages], first.model, answered
+                )
             self.stats["batches"] += 1
             self.stats["batched_calls"] += len(results)
             for n, (job, outcome) in enumerate(zip(jobs, results, strict=False)):
                 job.cold, job.sandbox_id = cold and n == 0, sandbox.id
                 job.started_at, job.finished_at = times[n], times[n + 1]
-                if outcome.reply.get("error", {}).get("kind") == "cancelled":  # skipped: it never started
+                if (
+                    outcome.reply.get("error", {}).get("kind") == "cancelled"
+                ):  # skipped: it never started
                     outcomes[job.job_id] = SandboxError("cancelled", "cancelled by the user")
                     continue
                 try:
-                    self._record(job, outcome)  # before the sandbox serves again: its output files are moved
+                    self._record(
+                        job, outcome
+                    )  # before the sandbox serves again: its output files are moved
                     outcomes[job.job_id] = None
                 except SandboxError as exc:
                     outcomes[job.job_id] = exc
@@ -409,11 +544,17 @@ class Worker:
                         outcome.result_file.unlink(missing_ok=True)
             if error is not None and error.kind != "unstarted" and len(results) < len(messages):
                 job = jobs[len(results)]
-                job.cold, job.sandbox_id, job.started_at = cold and not results, sandbox.id, times[-1]
+                job.cold, job.sandbox_id, job.started_at = (
+                    cold and not results,
+                    sandbox.id,
+                    times[-1],
+                )
                 if job.job_id in self._cancelled:
                     error = SandboxError("cancelled", "cancelled by the user")
                 elif self._stopping.is_set():
-                    error = SandboxError("interrupted", "the worker shut down while this job ran; run it again")
+                    error = SandboxError(
+                        "interrupted", "the worker shut down while this job ran; run it again"
+                    )
                 outcomes[job.job_id] = error
             reusable = error is None
         finally:
@@ -437,7 +578,9 @@ class Worker:
             try:
                 recorded = self.registry.finish_jobs([job for _, job in settled])
             except Exception:
-                log.exception("could not record a batch of %d outcomes at once; recording each", len(settled))
+                log.exception(
+                    "could not record a batch of %d outcomes at once; recording each", len(settled)
+                )
                 for _, job in settled:
                     self._finish(job)
             else:
@@ -462,9 +605,15 @@ class Worker:
         # A slimmer record (no result, output or captured text) may still fit where the full one did not.
         job.status, job.result, job.result_format, job.output_files = FAILED, None, None, []
         job.stdout = job.stderr = ""
-        job.error = {"kind": "storage", "message": f"the grid could not record this job's outcome ({reason}); "
-                                                    "run it again"}
-        for pause in (0.0, 0.2, 1.0):  # idle sandboxes may hold the space (a call's files): they go first
+        job.error = {
+            "kind": "storage",
+            "message": f"the grid could not record this job's outcome ({reason}); run it again",
+        }
+        for pause in (
+            0.0,
+            0.2,
+            1.0,
+        ):  # idle sandboxes may hold the space (a call's files): they go first
             time.sleep(pause)
             if self.pool is not None:
                 self.pool.stop_idle(lambda sandbox: True)
@@ -474,7 +623,9 @@ class Worker:
                 return
             except Exception:
                 log.warning("job %s: could not record its failure yet (%s)", job.job_id, reason)
-        log.error("job %s: could not record its failure either; the watchdog will finish it", job.job_id)
+        log.error(
+            "job %s: could not record its failure either; the watchdog will finish it", job.job_id
+        )
 
     def _execute(self, message: JobMessage, job: JobRecord) -> None:
         """Run the call; a sandbox that died before the call reached it is replaced once (the function never ran)."""
@@ -489,9 +640,12 @@ class Worker:
             except SandboxError as again:
                 if again.kind != "unstarted":
                     raise
-                raise SandboxError("unstarted", "two sandboxes in a row died before the call reached them; the "
-                                                "function did not run (is the host out of memory, or the sandbox "
-                                                "engine restarting?)") from None
+                raise SandboxError(
+                    "unstarted",
+                    "two sandboxes in a row died before the call reached them; the "
+                    "function did not run (is the host out of memory, or the sandbox "
+                    "engine restarting?)",
+                ) from None
 
     def _execute_in_sandbox(self, message: JobMessage, job: JobRecord) -> None:
         sandbox, cold = self.pool.acquire(message.function_id, lambda: self._code(message))
@@ -502,17 +656,32 @@ class Worker:
         try:
             if job.job_id in self._cancelled:  # cancelled while its sandbox was being prepared
                 raise SandboxError("cancelled", "cancelled by the user")
-            ai = self.ai.session(message.owner) if self.ai is not None and sandbox.ai_allowed else None
+            ai = (
+                self.ai.session(message.owner)
+                if self.ai is not None and sandbox.ai_allowed
+                else None
+            )
             refs: list[str] = []
             payload = message.payload
-            if message.payload_format == BLOB_FORMAT:  # arguments stored as blobs: streamed to the sandbox
+            if (
+                message.payload_format == BLOB_FORMAT
+            ):  # arguments stored as blobs: streamed to the sandbox
                 refs, payload = split_payload(payload)
             try:
                 with self._call_blobs(message.owner, refs) as blobs, self._volumes_around(sandbox):
-                    outcome = sandbox.call(job.job_id, payload, message.timeout_s, message.model, ai=ai,
-                                           on_output=self._live_output(job.job_id), blobs=blobs)
+                    outcome = sandbox.call(
+                        job.job_id,
+                        payload,
+                        message.timeout_s,
+                        message.model,
+                        ai=ai,
+                        on_output=self._live_output(job.job_id),
+                        blobs=blobs,
+                    )
                 self.stats["blob_bytes_sent"] += outcome.blob_bytes_sent
-                self.stats["blobs_kept"] += outcome.blobs_kept  # not sent again: the sandbox still had them
+                self.stats["blobs_kept"] += (
+                    outcome.blobs_kept
+                )  # not sent again: the sandbox still had them
             except BlobError as exc:
                 reusable = True  # the function did not run; a sandbox the call had reached was closed (dropped)
                 raise SandboxError("blob", exc.message) from None
@@ -520,13 +689,17 @@ class Worker:
                 if job.job_id in self._cancelled:
                     raise SandboxError("cancelled", "cancelled by the user") from None
                 if self._stopping.is_set():
-                    raise SandboxError("interrupted", "the worker shut down while this job ran; run it again") from None
+                    raise SandboxError(
+                        "interrupted", "the worker shut down while this job ran; run it again"
+                    ) from None
                 raise
             try:
                 self._record(job, outcome)
             finally:
                 if outcome.result_file is not None:
-                    outcome.result_file.unlink(missing_ok=True)  # kept as a blob by now, or not at all
+                    outcome.result_file.unlink(
+                        missing_ok=True
+                    )  # kept as a blob by now, or not at all
             reusable = True
         finally:
             self._running.pop(job.job_id, None)
@@ -565,10 +738,15 @@ class Worker:
         for sha in refs:
             size = self.store.blob_size(key_for(owner, sha))
             if size is None:
-                raise BlobError(f"blob {sha[:12]}… was deleted after the grid's retention; run the call again "
-                                "(the client uploads it again)", 404)
+                raise BlobError(
+                    f"blob {sha[:12]}… was deleted after the grid's retention; run the call again "
+                    "(the client uploads it again)",
+                    404,
+                )
             sizes.append(size)
-        yield CallBlobs(refs, sizes, lambda needed: self._blobs.local_files(owner, [refs[n] for n in needed]))
+        yield CallBlobs(
+            refs, sizes, lambda needed: self._blobs.local_files(owner, [refs[n] for n in needed])
+        )
 
     def _live_output(self, job_id: str) -> Callable[[str, bytes], None]:
         """Where a running call's output goes as it is printed: the bus, for whoever follows the job."""
@@ -584,7 +762,14 @@ class Worker:
         package = self._verified_package(message)
         manifest = _manifest(package)
         ai = manifest.get("ai") is True and self.ai is not None  # JSON true and nothing else
-        env = {"AI_ENDPOINT": CHANNEL, **({"LLM_MODEL": self.ai.model} if self.ai and self.ai.model else {})} if ai else None
+        env = (
+            {
+                "AI_ENDPOINT": CHANNEL,
+                **({"LLM_MODEL": self.ai.model} if self.ai and self.ai.model else {}),
+            }
+            if ai
+            else None
+        )
         # The function's own variables and secrets first: the grid's (FUNCTION_ID, MEMORY_MB, ...) win over them.
         env = {**self._function_environment(message, manifest), **(env or {})}
         # The environment it asks for (packages, Python), built once per grid; the build's progress shows on the job.
@@ -605,7 +790,9 @@ class Worker:
             if environment is not None and environment.variables:
                 env = {**environment.variables, **(env or {})}
         volumes = None
-        if manifest.get("volumes"):  # the owner's volumes, named per owner (nanogrid_backend/volumes.py)
+        if manifest.get(
+            "volumes"
+        ):  # the owner's volumes, named per owner (nanogrid_backend/volumes.py)
             if self.volumes is None:
                 raise SandboxError("volume", "this worker keeps no volumes")
             try:
@@ -613,26 +800,46 @@ class Worker:
             except VolumeError as exc:
                 raise SandboxError("volume", str(exc)) from None
             env = {**(env or {}), "NANOGRID_VOLUMES": json.dumps(volumes.names())}
-        return FunctionCode(package, message.memory_mib, ai=ai, env=env, environment=environment,
-                            disk_mib=_disk_mib(manifest), volumes=volumes)
+        return FunctionCode(
+            package,
+            message.memory_mib,
+            ai=ai,
+            env=env,
+            environment=environment,
+            disk_mib=_disk_mib(manifest),
+            volumes=volumes,
+        )
 
-    def _function_environment(self, message: JobMessage, manifest: dict[str, Any]) -> dict[str, str]:
+    def _function_environment(
+        self, message: JobMessage, manifest: dict[str, Any]
+    ) -> dict[str, str]:
         """``env`` and ``secrets`` of the manifest (secrets decrypted only here, into the sandbox), and the
         seed platform's FUNCTION_ID and MEMORY_MB."""
         env = {str(k): str(v) for k, v in (manifest.get("env") or {}).items()}
         for name in manifest.get("secrets") or []:
             secret = self.registry.get_secret(message.owner, str(name))
             if secret is None:
-                raise SandboxError("secret", f"the function asks for secret {name!r}, which its owner has not set: "
-                                             f"`nanogrid secrets set {name} KEY=VALUE`")
+                raise SandboxError(
+                    "secret",
+                    f"the function asks for secret {name!r}, which its owner has not set: "
+                    f"`nanogrid secrets set {name} KEY=VALUE`",
+                )
             if self.secrets is None:
-                raise SandboxError("secret", "this worker has no secrets key; it cannot give the function its secrets")
+                raise SandboxError(
+                    "secret",
+                    "this worker has no secrets key; it cannot give the function its secrets",
+                )
             try:
-                env.update(json.loads(self.secrets.open(secret.ciphertext, message.owner, secret.name)))
+                env.update(
+                    json.loads(self.secrets.open(secret.ciphertext, message.owner, secret.name))
+                )
             except SecretError as exc:
                 raise SandboxError("secret", str(exc)) from None
-        return {**env, "FUNCTION_ID": str(manifest.get("stable_id") or message.function_id),
-                "MEMORY_MB": str(message.memory_mib)}
+        return {
+            **env,
+            "FUNCTION_ID": str(manifest.get("stable_id") or message.function_id),
+            "MEMORY_MB": str(message.memory_mib),
+        }
 
     def _verified_package(self, message: JobMessage) -> bytes:
         """The function's package, checked against its content hash: a changed file in the store never runs."""
@@ -641,10 +848,15 @@ class Worker:
         except FileNotFoundError:
             raise SandboxError("not_found", f"function {message.function_id} was deleted") from None
         if owned_function_id(message.owner, function_id_for(package)) != message.function_id:
-            log.error("function %s: the stored package does not match its content hash; refusing to load it",
-                      message.function_id)
-            raise SandboxError("corrupt", f"the stored code of function {message.function_id} does not match its "
-                                          "content hash; upload the function again")
+            log.error(
+                "function %s: the stored package does not match its content hash; refusing to load it",
+                message.function_id,
+            )
+            raise SandboxError(
+                "corrupt",
+                f"the stored code of function {message.function_id} does not match its "
+                "content hash; upload the function again",
+            )
         return package
 
     def _record(self, job: JobRecord, outcome: CallResult) -> None:
@@ -654,30 +866,49 @@ class Worker:
         job.peak_memory_bytes = outcome.peak_memory_bytes
         job.baseline_memory_bytes = outcome.baseline_memory_bytes
         job.ai_usage = outcome.ai_usage
-        job.output_files = self._store_outputs(job.job_id, job.owner, outcome.output_dir, outcome.output_files)
-        if outcome.result_file is not None:  # a large result (or a failed cell's large state): the owner's blob
+        job.output_files = self._store_outputs(
+            job.job_id, job.owner, outcome.output_dir, outcome.output_files
+        )
+        if (
+            outcome.result_file is not None
+        ):  # a large result (or a failed cell's large state): the owner's blob
             size = outcome.result_file.stat().st_size
             try:
                 self._blobs.store_result(job.owner, outcome.result_file, outcome.result_sha256)
             except OSError as exc:
-                raise SandboxError("storage", "the grid could not store this call's result "
-                                              f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
+                raise SandboxError(
+                    "storage",
+                    "the grid could not store this call's result "
+                    f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})",
+                ) from None
             job.result_format = RESULT_FORMAT
-            job.result = result_reference(outcome.result_sha256, size, reply.get("result_format", "pickle"))
+            job.result = result_reference(
+                outcome.result_sha256, size, reply.get("result_format", "pickle")
+            )
             if reply["ok"]:
                 job.status = COMPLETED
                 return
         elif reply["ok"]:
-            job.status, job.result_format, job.result = COMPLETED, reply["result_format"], outcome.body
+            job.status, job.result_format, job.result = (
+                COMPLETED,
+                reply["result_format"],
+                outcome.body,
+            )
             return
         else:
-            job.result_format, job.result = ("pickle", outcome.body) if outcome.body else (None, None)
+            job.result_format, job.result = (
+                ("pickle", outcome.body) if outcome.body else (None, None)
+            )
         error = reply["error"]
         if error.get("kind") == "memory":
-            error["message"] = f"out of memory (MemoryError at the sandbox's memory limit): {error.get('message', '')}"
+            error["message"] = (
+                f"out of memory (MemoryError at the sandbox's memory limit): {error.get('message', '')}"
+            )
         job.status, job.error = FAILED, error
 
-    def _store_outputs(self, job_id: str, owner: str, output_dir: Path, names: list[str]) -> list[dict]:
+    def _store_outputs(
+        self, job_id: str, owner: str, output_dir: Path, names: list[str]
+    ) -> list[dict]:
         """Move the files the host received into the store (they were checked and capped on arrival)."""
         stored = []
         try:
@@ -685,8 +916,11 @@ class Worker:
                 size = self.store.save_output(job_id, name, output_dir / name, owner=owner)
                 stored.append({"name": name, "size": size})
         except OSError as exc:
-            raise SandboxError("storage", "the grid could not store this call's output files "
-                                          f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})") from None
+            raise SandboxError(
+                "storage",
+                "the grid could not store this call's output files "
+                f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__})",
+            ) from None
         return stored
 
     def _fail(self, job: JobRecord, kind: str, message: str) -> None:
@@ -694,4 +928,6 @@ class Worker:
         job.error = {"kind": kind, "message": message}
         printed = self._printed.get(job.job_id)
         if printed and not (job.stdout or job.stderr):  # what it printed before it was stopped
-            job.stdout, job.stderr = (printed[name].decode("utf-8", "replace") for name in ("stdout", "stderr"))
+            job.stdout, job.stderr = (
+                printed[name].decode("utf-8", "replace") for name in ("stdout", "stderr")
+            )

@@ -30,13 +30,20 @@ import httpx
 
 from nanogrid_backend.config import GridConfig
 
-ROUTES = {("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embeddings"), ("POST", "/api/embed"),
-          ("GET", "/api/tags")}
+ROUTES = {
+    ("POST", "/api/generate"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/embeddings"),
+    ("POST", "/api/embed"),
+    ("GET", "/api/tags"),
+}
 GENERATING = {"/api/generate", "/api/chat"}  # routes whose answer length num_predict bounds
 CHANNEL = "nanogrid:channel"  # AI_ENDPOINT as a sandbox sees it (nanogrid.ai.CHANNEL)
 MAX_REQUEST_BYTES = 4 << 20
 MAX_RESPONSE_BYTES = 32 << 20
-MAX_TOKENS_PER_REQUEST = 4096  # an answer's tokens when the grid does not say (ai_max_tokens_per_request)
+MAX_TOKENS_PER_REQUEST = (
+    4096  # an answer's tokens when the grid does not say (ai_max_tokens_per_request)
+)
 IMAGE_TOKENS = 4096  # reserved per image of a multimodal request (a small image may cost more tokens than bytes)
 WINDOW_S = 3600.0
 BUDGET_POLL_S = 0.05  # how often a request waiting for the owner's reserved tokens looks again
@@ -52,7 +59,9 @@ class Reservation:
 
     owner: str
     tokens: int
-    held_by_others: int = 0  # what the owner's requests still at the node held when this one was made
+    held_by_others: int = (
+        0  # what the owner's requests still at the node held when this one was made
+    )
     ticket: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -150,27 +159,38 @@ class RedisTokenBudget:
             return Reservation(owner, tokens)
         reservation = Reservation(owner, 0)
         now = time.time()
-        granted, held = self._reserve(keys=self._keys(owner), args=[
-            now, WINDOW_S, self.tokens_per_hour, tokens, reservation.ticket, now + hold_s])
+        granted, held = self._reserve(
+            keys=self._keys(owner),
+            args=[now, WINDOW_S, self.tokens_per_hour, tokens, reservation.ticket, now + hold_s],
+        )
         reservation.tokens, reservation.held_by_others = int(granted), int(held)
         return reservation
 
     def settle(self, reservation: Reservation, used: int) -> None:
         if not self.tokens_per_hour:
             return
-        self._settle(keys=self._keys(reservation.owner),
-                     args=[reservation.ticket, reservation.tokens, max(0, used), time.time(), WINDOW_S])
+        self._settle(
+            keys=self._keys(reservation.owner),
+            args=[reservation.ticket, reservation.tokens, max(0, used), time.time(), WINDOW_S],
+        )
 
 
 class AIGateway:
     """One per worker: the connection to the AI node and the owners' token budgets."""
 
-    def __init__(self, endpoint: str, model: str = "", tokens_per_hour: int = 0,
-                 max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST,
-                 budget: TokenBudget | RedisTokenBudget | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        model: str = "",
+        tokens_per_hour: int = 0,
+        max_tokens_per_request: int = MAX_TOKENS_PER_REQUEST,
+        budget: TokenBudget | RedisTokenBudget | None = None,
+    ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.model = model  # the grid's default model (LLM_MODEL in the sandbox)
-        self.budget = budget or TokenBudget(tokens_per_hour)  # shared by the grid's workers when it is in Redis
+        self.budget = budget or TokenBudget(
+            tokens_per_hour
+        )  # shared by the grid's workers when it is in Redis
         self.max_tokens_per_request = max_tokens_per_request
         self._http = httpx.Client(base_url=self.endpoint, timeout=httpx.Timeout(300.0, connect=5.0))
 
@@ -187,8 +207,13 @@ def ai_gateway(config: GridConfig, redis: Any = None) -> AIGateway | None:
     if not config.ai_endpoint:
         return None
     budget = RedisTokenBudget(redis, config.ai_tokens_per_hour) if redis is not None else None
-    return AIGateway(config.ai_endpoint, config.ai_model, config.ai_tokens_per_hour,
-                     config.ai_max_tokens_per_request, budget)
+    return AIGateway(
+        config.ai_endpoint,
+        config.ai_model,
+        config.ai_tokens_per_hour,
+        config.ai_max_tokens_per_request,
+        budget,
+    )
 
 
 class AIGatewaySession:
@@ -199,11 +224,16 @@ class AIGatewaySession:
         self.owner = owner
         self.usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
-    def forward(self, header: dict[str, Any], body: bytes, deadline: float) -> tuple[dict[str, Any], bytes]:
+    def forward(
+        self, header: dict[str, Any], body: bytes, deadline: float
+    ) -> tuple[dict[str, Any], bytes]:
         method, path = str(header.get("method")), str(header.get("path"))
         if (method, path) not in ROUTES:
-            return _error(403, f"only the AI node's inference routes are open to functions, not {str(method)[:10]} "
-                               f"{str(path)[:80]}")
+            return _error(
+                403,
+                f"only the AI node's inference routes are open to functions, not {str(method)[:10]} "
+                f"{str(path)[:80]}",
+            )
         if len(body) > MAX_REQUEST_BYTES:
             return _error(413, f"an AI request of {len(body)} bytes (at most {MAX_REQUEST_BYTES})")
         if method == "GET":  # the model list: no tokens
@@ -219,20 +249,30 @@ class AIGatewaySession:
         answer = self._answer_tokens(request) if path in GENERATING else 0
         budget = self.gateway.budget
         while True:
-            reservation = budget.reserve(self.owner, prompt + answer, hold_s=max(0.0, deadline - time.monotonic()) + 60)
+            reservation = budget.reserve(
+                self.owner, prompt + answer, hold_s=max(0.0, deadline - time.monotonic()) + 60
+            )
             reserved = reservation.tokens
             if reserved >= prompt + (1 if answer else 0):
                 break
             budget.settle(reservation, 0)
             # Tokens held by this owner's other requests come back when they settle: wait for them, within the call.
             if not reservation.held_by_others or time.monotonic() + BUDGET_POLL_S >= deadline:
-                return _error(429, f"this owner's AI budget of {budget.tokens_per_hour} tokens per hour has not "
-                                   f"{prompt + 1} tokens left for this request; try again later, or send less")
+                return _error(
+                    429,
+                    f"this owner's AI budget of {budget.tokens_per_hour} tokens per hour has not "
+                    f"{prompt + 1} tokens left for this request; try again later, or send less",
+                )
             time.sleep(BUDGET_POLL_S)
         if answer:  # the node stops at what was reserved for the answer
-            request["options"] = {**(request.get("options") or {}), "num_predict": reserved - prompt}
+            request["options"] = {
+                **(request.get("options") or {}),
+                "num_predict": reserved - prompt,
+            }
             body = json.dumps(request).encode()
-        charged = reserved  # if anything below goes wrong, the node may have done all it was allowed
+        charged = (
+            reserved  # if anything below goes wrong, the node may have done all it was allowed
+        )
         try:
             status, data, problem = self._exchange(method, path, body, deadline)
             counts = _counts(data) if not problem else None
@@ -253,21 +293,36 @@ class AIGatewaySession:
         """The answer's tokens to reserve: the request's num_predict, within the grid's cap per request."""
         cap = self.gateway.max_tokens_per_request
         asked = (request.get("options") or {}).get("num_predict")
-        return min(asked, cap) if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else cap
+        return (
+            min(asked, cap)
+            if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0
+            else cap
+        )
 
-    def _exchange(self, method: str, path: str, body: bytes, deadline: float) -> tuple[int, bytes, str]:
+    def _exchange(
+        self, method: str, path: str, body: bytes, deadline: float
+    ) -> tuple[int, bytes, str]:
         """The node's status and answer, or a status and why the answer was refused (then the data is partial)."""
         left = deadline - time.monotonic()
         if left <= 0:
             return 504, b"", "the call's time is up"
         data = bytearray()
         try:
-            with self.gateway._http.stream(method, path, content=body if method == "POST" else None,
-                                           headers={"content-type": "application/json"}, timeout=left) as response:
+            with self.gateway._http.stream(
+                method,
+                path,
+                content=body if method == "POST" else None,
+                headers={"content-type": "application/json"},
+                timeout=left,
+            ) as response:
                 for chunk in response.iter_bytes():
                     data += chunk
                     if len(data) > MAX_RESPONSE_BYTES:
-                        return 502, bytes(data), f"the AI node's answer is over {MAX_RESPONSE_BYTES >> 20} MiB"
+                        return (
+                            502,
+                            bytes(data),
+                            f"the AI node's answer is over {MAX_RESPONSE_BYTES >> 20} MiB",
+                        )
                     if time.monotonic() > deadline:
                         return 504, bytes(data), "the call's time is up"
                 return response.status_code, bytes(data), ""
@@ -293,8 +348,12 @@ def _counts(data: bytes) -> tuple[int, int] | None:
             item = json.loads(line)
         except ValueError:
             continue
-        if isinstance(item, dict) and item.get("done", True) and "error" not in item and (
-                "prompt_eval_count" in item or "eval_count" in item):
+        if (
+            isinstance(item, dict)
+            and item.get("done", True)
+            and "error" not in item
+            and ("prompt_eval_count" in item or "eval_count" in item)
+        ):
             counted = True
             prompt += _count_of(item.get("prompt_eval_count"))
             completion += _count_of(item.get("eval_count"))
@@ -302,4 +361,8 @@ def _counts(data: bytes) -> tuple[int, int] | None:
 
 
 def _count_of(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40 else 0
+    return (
+        value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
+        else 0
+    )

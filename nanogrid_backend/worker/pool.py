@@ -30,18 +30,31 @@ from nanogrid_backend.sandbox.factory import SandboxFactory
 
 log = logging.getLogger(__name__)
 
-ENVIRONMENTS_WITH_STEM_CELLS = 3  # the most recently used environments that keep a stem cell started
-RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0  # pauses between tries to start a stem cell after a failed one
+ENVIRONMENTS_WITH_STEM_CELLS = (
+    3  # the most recently used environments that keep a stem cell started
+)
+RETRY_FIRST_S, RETRY_MAX_S = (
+    1.0,
+    60.0,
+)  # pauses between tries to start a stem cell after a failed one
 
 
 @dataclass
 class FunctionCode:
     package: bytes
     memory_mib: int
-    ai: bool = False  # may reach the AI node (through the worker; the sandbox itself has no network)
-    env: dict[str, str] | None = None  # environment variables set in the sandbox when the function loads
-    environment: BuiltEnvironment | None = None  # what its sandbox starts with; None: the plain runtime
-    disk_mib: int | None = None  # its scratch disk (/tmp, work and output files); None: the grid's default
+    ai: bool = (
+        False  # may reach the AI node (through the worker; the sandbox itself has no network)
+    )
+    env: dict[str, str] | None = (
+        None  # environment variables set in the sandbox when the function loads
+    )
+    environment: BuiltEnvironment | None = (
+        None  # what its sandbox starts with; None: the plain runtime
+    )
+    disk_mib: int | None = (
+        None  # its scratch disk (/tmp, work and output files); None: the grid's default
+    )
     volumes: Any = None  # the owner's volumes its sandbox binds (nanogrid_backend/volumes.py VolumeSet); None: none
 
     @property
@@ -50,25 +63,45 @@ class FunctionCode:
 
 
 class WarmPool:
-    def __init__(self, factory: SandboxFactory, *, cap: int, stem_cells: int, idle_ttl_s: float,
-                 environments: Environments | None = None, languages: dict[str, BuiltEnvironment] | None = None) -> None:
+    def __init__(
+        self,
+        factory: SandboxFactory,
+        *,
+        cap: int,
+        stem_cells: int,
+        idle_ttl_s: float,
+        environments: Environments | None = None,
+        languages: dict[str, BuiltEnvironment] | None = None,
+    ) -> None:
         self.factory = factory
-        self.languages = languages or {}  # runtime name (nodejs, go, cpp) -> the image its sandboxes start
-        self.environments = environments  # builds what function packages ask for (None: plain runtime only)
+        self.languages = (
+            languages or {}
+        )  # runtime name (nodejs, go, cpp) -> the image its sandboxes start
+        self.environments = (
+            environments  # builds what function packages ask for (None: plain runtime only)
+        )
         self.cap = cap
         self.stem_cells = stem_cells
         self.idle_ttl_s = idle_ttl_s
         self._cond = threading.Condition()
         self._idle: dict[str, list[Sandbox]] = {}  # function id -> idle sandboxes, most recent last
         self._idle_since: dict[str, float] = {}  # sandbox id -> when it became idle
-        self._stems: dict[str, list[Sandbox]] = {"": []}  # environment key ("" the plain runtime) -> stem cells
-        self._stem_environments: OrderedDict[str, BuiltEnvironment] = OrderedDict()  # most recently used last
+        self._stems: dict[str, list[Sandbox]] = {
+            "": []
+        }  # environment key ("" the plain runtime) -> stem cells
+        self._stem_environments: OrderedDict[str, BuiltEnvironment] = (
+            OrderedDict()
+        )  # most recently used last
         self._busy: set[str] = set()
         self._specialised = 0  # busy + idle + being loaded: the number the cap bounds
         self._stems_starting: dict[str, int] = {}
         self._closed = False
-        self.problem: str | None = None  # why stem cells cannot start now (said once in the log, and by /health)
-        self.problem_kind: str | None = None  # the SandboxError kind of that failure ("error": any other exception)
+        self.problem: str | None = (
+            None  # why stem cells cannot start now (said once in the log, and by /health)
+        )
+        self.problem_kind: str | None = (
+            None  # the SandboxError kind of that failure ("error": any other exception)
+        )
         self._retry_pause, self._retry_at = 0.0, 0.0
         self._wake = threading.Event()
         self._wake.set()  # the first stem cells start at once, not after the maintenance thread's first wait
@@ -92,7 +125,9 @@ class WarmPool:
                 if idle:
                     sandbox = idle.pop()
                     self._idle_since.pop(sandbox.id, None)
-                    if not sandbox.alive:  # died while idle (OOM killer, `docker rm -f`): replaced, never handed out
+                    if (
+                        not sandbox.alive
+                    ):  # died while idle (OOM killer, `docker rm -f`): replaced, never handed out
                         self._specialised -= 1
                         victims.append(sandbox)
                         continue
@@ -111,7 +146,11 @@ class WarmPool:
                 if self._specialised < self.cap:
                     self._specialised += 1
                     # Stem cells have the default disk; a function that asks for another size starts its own.
-                    sandbox = self._live_stem(function.stem_key, victims) if self._stem_fits(function) else None
+                    sandbox = (
+                        self._live_stem(function.stem_key, victims)
+                        if self._stem_fits(function)
+                        else None
+                    )
                     self._note_environment(function.environment)
                     break
                 victim = self._take_longest_idle()
@@ -123,14 +162,17 @@ class WarmPool:
         if warm:
             assert sandbox is not None
             if self.environments is not None:
-                self.environments.note_use_of(sandbox)  # its environment stays "recently used" while served warm
+                self.environments.note_use_of(
+                    sandbox
+                )  # its environment stays "recently used" while served warm
             return sandbox, False
         assert function is not None  # a cold start: its code was fetched in the loop
         self._wake.set()  # refill stem cells
         try:
             if sandbox is None:
-                sandbox = self._start(function.environment, function.disk_mib, for_call=True,
-                                      volumes=function.volumes)
+                sandbox = self._start(
+                    function.environment, function.disk_mib, for_call=True, volumes=function.volumes
+                )
                 self._load(sandbox, function_id, function)
             else:
                 try:
@@ -139,12 +181,19 @@ class WarmPool:
                     if exc.kind not in ("crash", "frozen"):
                         raise
                     # The stem cell died or froze between its check and its load: once more, on a fresh one.
-                    log.warning("a stem cell failed while loading function %s (%s); starting another",
-                                function_id, exc.message)
+                    log.warning(
+                        "a stem cell failed while loading function %s (%s); starting another",
+                        function_id,
+                        exc.message,
+                    )
                     self._forget(sandbox, counted=False)
                     sandbox = None  # if the next start fails, there is nothing left to close
-                    sandbox = self._start(function.environment, function.disk_mib, for_call=True,
-                                          volumes=function.volumes)
+                    sandbox = self._start(
+                        function.environment,
+                        function.disk_mib,
+                        for_call=True,
+                        volumes=function.volumes,
+                    )
                     self._load(sandbox, function_id, function)
         except BaseException:
             self._forget(sandbox)
@@ -162,10 +211,13 @@ class WarmPool:
         if not runtime or runtime.startswith("python"):
             return None
         if runtime not in self.languages:
-            raise SandboxError("runtime", f"this worker has no {runtime} runtime (its runtimes: Python"
-                                          f"{''.join(', ' + name for name in self.languages)}); build it with "
-                                          "`python nanogrid_runtimes/build.py --runtime "
-                                          f"{runtime.replace('nodejs', 'node')}`")
+            raise SandboxError(
+                "runtime",
+                f"this worker has no {runtime} runtime (its runtimes: Python"
+                f"{''.join(', ' + name for name in self.languages)}); build it with "
+                "`python nanogrid_runtimes/build.py --runtime "
+                f"{runtime.replace('nodejs', 'node')}`",
+            )
         return self.languages[runtime]
 
     def _load(self, sandbox: Sandbox, function_id: str, function: FunctionCode) -> None:
@@ -176,7 +228,8 @@ class WarmPool:
         sandbox.load(function_id, function.package, function.memory_mib, function.env)
 
     def _live_stem(self, key: str, dead: list[Sandbox]) -> Sandbox | None:
-        """A started stem cell of this environment that is still alive; dead ones go to ``dead`` (call with the lock)."""
+        """A started stem cell of this environment that is still alive; dead ones go to ``dead``
+        (call with the lock)."""
         stems = self._stems.get(key) or []
         while stems:
             stem = stems.pop()
@@ -209,8 +262,13 @@ class WarmPool:
         """Stop a sandbox that must not serve again (it timed out, crashed or was killed)."""
         self._forget(sandbox)
 
-    def _start(self, environment: BuiltEnvironment | None, disk_mib: int | None = None,
-               for_call: bool = False, volumes: Any = None) -> Sandbox:
+    def _start(
+        self,
+        environment: BuiltEnvironment | None,
+        disk_mib: int | None = None,
+        for_call: bool = False,
+        volumes: Any = None,
+    ) -> Sandbox:
         """A new sandbox; ``for_call``: a call waits for it, and idle sandboxes give up their disk room for it;
         ``volumes``: what it binds (only at its start: a stem cell never serves a function with volumes)."""
         options: dict[str, Any] = {} if environment is None else {"environment": environment}
@@ -222,14 +280,20 @@ class WarmPool:
             options["evict_idle"] = True
         sandbox = self.factory.start(**options)
         if environment is not None and self.environments is not None:
-            self.environments.hold(environment.env_id, sandbox)  # never evicted while this sandbox lives
+            self.environments.hold(
+                environment.env_id, sandbox
+            )  # never evicted while this sandbox lives
         return sandbox
 
     def _idle_disk_bytes(self) -> int:
         """What idle sandboxes' scratch disks hold in promises of room on the host (``scratch.DiskRoom``)."""
         with self._cond:
             idle = [sandbox for sandboxes in self._idle.values() for sandbox in sandboxes]
-        return sum(disk.may_grow() for sandbox in idle if (disk := getattr(sandbox, "scratch", None)) is not None)
+        return sum(
+            disk.may_grow()
+            for sandbox in idle
+            if (disk := getattr(sandbox, "scratch", None)) is not None
+        )
 
     def _stop_least_recently_used(self) -> bool:
         """Stop the idle sandbox unused for longest, whichever function and owner it serves; False if none is idle."""
@@ -351,11 +415,18 @@ class WarmPool:
         try again after a pause that doubles each time, up to ``RETRY_MAX_S``."""
         problem = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
         if self.problem is None:
-            log.warning("could not start a stem cell: %s; trying again quietly, less and less often (every %g s at "
-                        "most) until one starts", problem, RETRY_MAX_S, exc_info=not isinstance(exc, SandboxError))
+            log.warning(
+                "could not start a stem cell: %s; trying again quietly, less and less often (every %g s at "
+                "most) until one starts",
+                problem,
+                RETRY_MAX_S,
+                exc_info=not isinstance(exc, SandboxError),
+            )
         self.problem = f"sandboxes cannot start: {problem}"
         self.problem_kind = exc.kind if isinstance(exc, SandboxError) else "error"
-        self._retry_pause = min(RETRY_MAX_S, self._retry_pause * 2) if self._retry_pause else RETRY_FIRST_S
+        self._retry_pause = (
+            min(RETRY_MAX_S, self._retry_pause * 2) if self._retry_pause else RETRY_FIRST_S
+        )
         self._retry_at = time.monotonic() + self._retry_pause
 
     def _start_worked(self) -> None:
@@ -372,7 +443,9 @@ class WarmPool:
                 if now - since > self.idle_ttl_s:
                     expired.append(self._remove_idle(sandbox_id))
             for function_sandboxes in list(self._idle.values()):
-                expired += [self._remove_idle(s.id) for s in list(function_sandboxes) if not s.alive]
+                expired += [
+                    self._remove_idle(s.id) for s in list(function_sandboxes) if not s.alive
+                ]
             for key, stems in self._stems.items():
                 dead = [stem for stem in stems if not stem.alive]
                 self._stems[key] = [stem for stem in stems if stem not in dead]
@@ -401,7 +474,9 @@ class WarmPool:
                 "specialised": self._specialised,
                 "busy": len(self._busy),
                 "stem_cells": sum(len(s) for s in self._stems.values()),
-                "stem_cells_by_environment": {key: len(s) for key, s in self._stems.items() if key and s},
+                "stem_cells_by_environment": {
+                    key: len(s) for key, s in self._stems.items() if key and s
+                },
                 "idle": sum(len(s) for s in self._idle.values()),
                 "idle_by_function": {fid: len(s) for fid, s in self._idle.items() if s},
                 "problem": self.problem,
@@ -410,7 +485,9 @@ class WarmPool:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            sandboxes = [s for group in [*self._stems.values(), *self._idle.values()] for s in group]
+            sandboxes = [
+                s for group in [*self._stems.values(), *self._idle.values()] for s in group
+            ]
             self._stems, self._idle, self._idle_since = {"": []}, {}, {}
             self._cond.notify_all()
         self._wake.set()

@@ -28,7 +28,9 @@ from nanogrid_backend.store.base import BlobStore
 
 log = logging.getLogger(__name__)
 
-CRASHES = frozenset({"crash"})  # the sandbox died under the call: maybe the machine's fault, worth another try
+CRASHES = frozenset(
+    {"crash"}
+)  # the sandbox died under the call: maybe the machine's fault, worth another try
 MAX_RETRIES = 10
 MAX_BACKOFF_S = 60.0
 POLICIES_KEPT = 256
@@ -37,7 +39,9 @@ POLICIES_KEPT = 256
 @dataclass(frozen=True)
 class RetryPolicy:
     retries: int = 0
-    retry_on: frozenset[str] = frozenset()  # exception types as "module.QualName" or a bare class name
+    retry_on: frozenset[str] = (
+        frozenset()
+    )  # exception types as "module.QualName" or a bare class name
     backoff_s: float = 1.0  # before the second try; doubled for each one after, up to max_backoff_s
     max_backoff_s: float = 30.0
 
@@ -49,13 +53,24 @@ class RetryPolicy:
             return cls()
         retries, names = spec.get("retries", 0), spec.get("retry_on", [])
         backoff, cap = spec.get("backoff_s", 1.0), spec.get("max_backoff_s", 30.0)
-        numbers_ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (backoff, cap))
-        if (not isinstance(retries, int) or isinstance(retries, bool) or not isinstance(names, list) or not numbers_ok
-                or not all(isinstance(n, str) for n in names)):
+        numbers_ok = all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in (backoff, cap)
+        )
+        if (
+            not isinstance(retries, int)
+            or isinstance(retries, bool)
+            or not isinstance(names, list)
+            or not numbers_ok
+            or not all(isinstance(n, str) for n in names)
+        ):
             log.warning("ignoring a malformed retry policy: %r", spec)
             return cls()
-        return cls(max(0, min(retries, MAX_RETRIES)), frozenset(names[:200]), max(0.0, min(backoff, MAX_BACKOFF_S)),
-                   max(0.0, min(cap, MAX_BACKOFF_S)))
+        return cls(
+            max(0, min(retries, MAX_RETRIES)),
+            frozenset(names[:200]),
+            max(0.0, min(backoff, MAX_BACKOFF_S)),
+            max(0.0, min(cap, MAX_BACKOFF_S)),
+        )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt``."""
@@ -81,7 +96,9 @@ class Retrier:
         self.stopping = stopping
         self._policies: dict[str, RetryPolicy] = {}
 
-    def run(self, execute: Callable[[JobMessage, JobRecord], None], message: JobMessage, job: JobRecord) -> None:
+    def run(
+        self, execute: Callable[[JobMessage, JobRecord], None], message: JobMessage, job: JobRecord
+    ) -> None:
         job.attempt = max(job.attempt, message.receive_count)
         while True:
             raised: SandboxError | None = None
@@ -100,9 +117,18 @@ class Retrier:
             delay = policy.delay(job.attempt)
             self._keep_try(job, failure, delay)
             if self.stopping.wait(delay):
-                raise SandboxError("interrupted", "the worker shut down between two tries of this job; run it again")
+                raise SandboxError(
+                    "interrupted",
+                    "the worker shut down between two tries of this job; run it again",
+                )
             job.attempt += 1
-            job.status, job.started_at, job.error, job.result, job.result_format = RUNNING, time.time(), None, None, None
+            job.status, job.started_at, job.error, job.result, job.result_format = (
+                RUNNING,
+                time.time(),
+                None,
+                None,
+                None,
+            )
             job.stdout = job.stderr = ""
             job.output_files = []
 
@@ -122,13 +148,30 @@ class Retrier:
     def _keep_try(self, job: JobRecord, failure: dict[str, Any], delay: float) -> None:
         """The failed try as its own finished record; the job says it is being tried again."""
         now = time.time()
-        kept = dataclasses.replace(job, job_id=f"{job.job_id}-try{job.attempt}", status=FAILED, error=failure,
-                                   created_at=job.started_at or now, finished_at=now, retry_of=job.job_id,
-                                   payload=b"", result=None, result_format=None, output_files=[])
+        kept = dataclasses.replace(
+            job,
+            job_id=f"{job.job_id}-try{job.attempt}",
+            status=FAILED,
+            error=failure,
+            created_at=job.started_at or now,
+            finished_at=now,
+            retry_of=job.job_id,
+            payload=b"",
+            result=None,
+            result_format=None,
+            output_files=[],
+        )
         try:
             self.registry.record_attempt(kept)
-            self.registry.note_attempt(job.job_id, {"kind": "retrying", "message": (
-                f"try {job.attempt} failed ({failure.get('kind')}: {str(failure.get('message', ''))[:200]}); "
-                f"trying again in {delay:g} s")})
+            self.registry.note_attempt(
+                job.job_id,
+                {
+                    "kind": "retrying",
+                    "message": (
+                        f"try {job.attempt} failed ({failure.get('kind')}: {str(failure.get('message', ''))[:200]}); "
+                        f"trying again in {delay:g} s"
+                    ),
+                },
+            )
         except Exception as exc:  # the history is worth less than the call: try again anyway
             log.warning("job %s: could not record try %d: %s", job.job_id, job.attempt, exc)

@@ -49,12 +49,16 @@ class AIClient:
 
     def generate(self, prompt: str, model: str | None = None, **kwargs: Any) -> str:
         """The answer's text for ``prompt`` (extra keys such as ``options`` or ``system`` go into the request)."""
-        data = self._post("/api/generate", {**kwargs, "model": model or self.default_model, "prompt": prompt})
+        data = self._post(
+            "/api/generate", {**kwargs, "model": model or self.default_model, "prompt": prompt}
+        )
         return data.get("response", "")
 
     def chat(self, messages: list[dict[str, Any]], model: str | None = None, **kwargs: Any) -> str:
         """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...])."""
-        data = self._post("/api/chat", {**kwargs, "model": model or self.default_model, "messages": messages})
+        data = self._post(
+            "/api/chat", {**kwargs, "model": model or self.default_model, "messages": messages}
+        )
         return (data.get("message") or {}).get("content", "")
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -80,8 +84,10 @@ class AIClient:
             data = None
         if response.status_code >= 400 or not isinstance(data, dict) or "error" in data:
             said = data.get("error") if isinstance(data, dict) else None
-            raise AIError(f"the AI node answered {response.status_code} to {path}: "
-                          f"{said or response.text[:500] or 'no reason given'}")
+            raise AIError(
+                f"the AI node answered {response.status_code} to {path}: "
+                f"{said or response.text[:500] or 'no reason given'}"
+            )
         return data
 
 

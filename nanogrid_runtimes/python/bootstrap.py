@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping
     from types import CodeType, ModuleType
 
-Header = dict[str, Any]  # a frame's JSON header as the host sent it: every field is checked where it is used
+Header = dict[
+    str, Any
+]  # a frame's JSON header as the host sent it: every field is checked where it is used
 
 CAPTURE_LIMIT = int(os.environ.get("NANOGRID_CAPTURE_LIMIT", 1 << 20))
 CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this size
@@ -70,28 +72,34 @@ def read_frame(fd: int) -> tuple[Header, bytes]:
 WRITE_LOCK = threading.Lock()  # frames come from the main thread and the live-output thread
 
 
-ONE_WRITE_BYTES = 64 << 10  # a frame with a body up to this size goes out in one write (Docker relays each write)
+ONE_WRITE_BYTES = (
+    64 << 10
+)  # a frame with a body up to this size goes out in one write (Docker relays each write)
 
 
 def write_frame(fd: int, header: Mapping[str, object], body: bytes | memoryview = b"") -> None:
     data = json.dumps(header).encode()
     head = struct.pack(">II", len(data), len(body)) + data
     with WRITE_LOCK:  # a large body is written after its header, never copied
-        for buf in ((head + body,) if len(body) <= ONE_WRITE_BYTES else (head, body)):
+        for buf in (head + body,) if len(body) <= ONE_WRITE_BYTES else (head, body):
             write_all(fd, buf)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
     buf = memoryview(data)
     while buf:
-        buf = buf[os.write(fd, buf):]
+        buf = buf[os.write(fd, buf) :]
 
 
-STREAM_RESULT_OVER = 1 << 20  # a larger result follows its reply in pieces (``result_size``, ``result_data`` frames)
+STREAM_RESULT_OVER = (
+    1 << 20
+)  # a larger result follows its reply in pieces (``result_size``, ``result_data`` frames)
 BLOB_CHUNK_BYTES = 4 << 20
 
 
-RESULT_FILE = os.environ.get("NANOGRID_RESULT_FILE") or ""  # set where the host reads large results from the sandbox's disk
+RESULT_FILE = (
+    os.environ.get("NANOGRID_RESULT_FILE") or ""
+)  # set where the host reads large results from the sandbox's disk
 
 
 class Reply(TypedDict, total=False):
@@ -123,7 +131,7 @@ def write_reply(fd: int, reply: Reply, result: bytes) -> None:
     write_frame(fd, reply)
     view = memoryview(result)
     for start in range(0, len(view), BLOB_CHUNK_BYTES):
-        write_frame(fd, {"op": "result_data"}, view[start:start + BLOB_CHUNK_BYTES])
+        write_frame(fd, {"op": "result_data"}, view[start : start + BLOB_CHUNK_BYTES])
 
 
 def result_to_file(result: bytes) -> bool:
@@ -179,7 +187,7 @@ def read_blobs(fd: int, sizes: list[int]) -> list[bytes | bytearray]:
             if not filled:
                 blob = bytearray(size)
                 view = memoryview(blob)
-            target = view[filled:filled + body_len]
+            target = view[filled : filled + body_len]
             while target:
                 got = os.readv(fd, [target])
                 if not got:
@@ -208,10 +216,15 @@ class BlobCache:
 
     def needed(self, ids: list[str], sizes: list[int]) -> list[int]:
         """Which of the call's blobs (their indices) the host must send."""
-        return [n for n, sha in enumerate(ids) if sha not in self.kept or len(self.kept[sha]) != sizes[n]]
+        return [
+            n
+            for n, sha in enumerate(ids)
+            if sha not in self.kept or len(self.kept[sha]) != sizes[n]
+        ]
 
-    def receive(self, fd: int, reply_fd: int, ids: list[str], sizes: list[int],
-                limit: int) -> list[bytes | bytearray | None]:
+    def receive(
+        self, fd: int, reply_fd: int, ids: list[str], sizes: list[int], limit: int
+    ) -> list[bytes | bytearray | None]:
         need = self.needed(ids, sizes)
         # Room first, before the new blobs arrive: the least recently used go, never one this call uses.
         self.shrink(limit - sum(sizes[n] for n in need), keep=set(ids))
@@ -225,7 +238,9 @@ class BlobCache:
             if blob is not None and len(blob) <= limit:
                 # Kept as bytes: immutable, and unpickled without a copy of the whole blob first (io.BytesIO
                 # copies a bytearray, not bytes): each later call costs one copy, its own objects.
-                blob = self.kept[sha] = blob if isinstance(blob, bytes) else bytes(blob)  # the most recently used now
+                blob = self.kept[sha] = (
+                    blob if isinstance(blob, bytes) else bytes(blob)
+                )  # the most recently used now
                 self.total += len(blob)
             blobs.append(blob)
         self.shrink(limit)
@@ -245,8 +260,13 @@ class ArgsUnpickler(pickle.Unpickler):
     """An args pickle's persistent ids: ("i", bytes) an argument's own pickle, ("b", n) the call's n-th blob; with a
     third item {sha256: n} when the argument holds Refs, which its own pickle names ("r", sha256)."""
 
-    def __init__(self, data: bytes | bytearray, blobs: list[bytes | bytearray | None],
-                 loaded: dict[int, Any] | None = None, refs: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes | bytearray,
+        blobs: list[bytes | bytearray | None],
+        loaded: dict[int, Any] | None = None,
+        refs: dict[str, int] | None = None,
+    ) -> None:
         super().__init__(io.BytesIO(data))
         self.blobs, self.loaded, self.refs = blobs, {} if loaded is None else loaded, refs or {}
 
@@ -259,10 +279,17 @@ class ArgsUnpickler(pickle.Unpickler):
         return self.blob(value, refs)
 
     def blob(self, n: int, refs: dict[str, int]) -> Any:
-        if n not in self.loaded:  # one blob given twice in a call is one object, as it was in the caller's
-            data, self.blobs[n] = self.blobs[n], None  # its bytes are freed as soon as the value exists
+        if (
+            n not in self.loaded
+        ):  # one blob given twice in a call is one object, as it was in the caller's
+            data, self.blobs[n] = (
+                self.blobs[n],
+                None,
+            )  # its bytes are freed as soon as the value exists
             if data is None:
-                raise LookupError(f"blob {n} of this call is neither in the sandbox's blob cache nor was it sent")
+                raise LookupError(
+                    f"blob {n} of this call is neither in the sandbox's blob cache nor was it sent"
+                )
             self.loaded[n] = ArgsUnpickler(data, self.blobs, self.loaded, refs).load()
         return self.loaded[n]
 
@@ -298,7 +325,9 @@ def complete_utf8(data: bytes) -> int:
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if byte & 0xC0 != 0x80:  # ASCII or the first byte of a character
-            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            need = (
+                1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            )
             return len(data) if need <= back else len(data) - back
     return len(data)
 
@@ -348,7 +377,9 @@ class LiveOutput:
             left = min(size - self.offsets[index], 64 << 10, CAPTURE_LIMIT - self.sent)
             if left > 0:
                 data = os.pread(capture.fd, left, self.offsets[index])
-                data = data[:complete_utf8(data)]  # a character cut in two waits for its other half
+                data = data[
+                    : complete_utf8(data)
+                ]  # a character cut in two waits for its other half
                 if not data:
                     continue
                 self.offsets[index] += len(data)
@@ -360,10 +391,18 @@ class Context(dict[str, Any]):
     """The second argument of ``handler(event, context)``, shaped like AWS Lambda's; also the seed platform's
     dict (``context["request_id"]``, ``context.get("function_id")``)."""
 
-    def __init__(self, job_id: object, function_name: object, memory_mib: object, deadline: float) -> None:
-        super().__init__(request_id=job_id, job_id=job_id, function_id=os.environ.get("FUNCTION_ID"),
-                         function_name=function_name, memory_mb=memory_mib, output_dir=OUTPUT_DIR,
-                         llm_model=os.environ.get("LLM_MODEL"))
+    def __init__(
+        self, job_id: object, function_name: object, memory_mib: object, deadline: float
+    ) -> None:
+        super().__init__(
+            request_id=job_id,
+            job_id=job_id,
+            function_id=os.environ.get("FUNCTION_ID"),
+            function_name=function_name,
+            memory_mb=memory_mib,
+            output_dir=OUTPUT_DIR,
+            llm_model=os.environ.get("LLM_MODEL"),
+        )
         self.aws_request_id = self.job_id = job_id
         self.function_name = function_name
         self.memory_limit_in_mb = memory_mib
@@ -373,7 +412,9 @@ class Context(dict[str, Any]):
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
-PAYLOAD_FILE_OVER = 100 * 1024  # the seed platform's limit for PAYLOAD; above it the event is in PAYLOAD_FILE
+PAYLOAD_FILE_OVER = (
+    100 * 1024
+)  # the seed platform's limit for PAYLOAD; above it the event is in PAYLOAD_FILE
 
 
 def seed_environment(job_id: object, body: bytes) -> None:
@@ -416,7 +457,9 @@ def clip(text: str, limit: int = CAPTURE_LIMIT // 2) -> str:
     return text[:limit] + f"\n[nanogrid: {len(text) - limit} more characters not kept]"
 
 
-DISK_MIB = os.environ.get("NANOGRID_DISK_MIB")  # the sandbox's own scratch disk (the Docker sandbox)
+DISK_MIB = os.environ.get(
+    "NANOGRID_DISK_MIB"
+)  # the sandbox's own scratch disk (the Docker sandbox)
 
 
 def out_of_disk(exc: BaseException | None) -> bool:
@@ -450,21 +493,38 @@ def describe_error(exc: BaseException, cloudpickle: ModuleType) -> tuple[dict[st
     user = [f for f in frames if f.filename != __file__] or frames  # trim bootstrap frames
     text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(user))
     text += "".join(traceback.format_exception_only(type(exc), exc))
-    error = {"kind": "exception", "type": type(exc).__name__[:200], "module": type(exc).__module__[:200],
-             "message": clip(str(exc)), "traceback": clip(text)}
-    own = getattr(exc, "job_error", None)  # an exception that says what the job's error is (a failed notebook cell)
+    error = {
+        "kind": "exception",
+        "type": type(exc).__name__[:200],
+        "module": type(exc).__module__[:200],
+        "message": clip(str(exc)),
+        "traceback": clip(text),
+    }
+    own = getattr(
+        exc, "job_error", None
+    )  # an exception that says what the job's error is (a failed notebook cell)
     if isinstance(own, dict):
-        error.update({key: clip(str(own[key])) for key in ("type", "module", "message", "traceback") if key in own})
+        error.update(
+            {
+                key: clip(str(own[key]))
+                for key in ("type", "module", "message", "traceback")
+                if key in own
+            }
+        )
     if isinstance(exc, MemoryError):
         error["kind"] = "memory"
     elif out_of_disk(exc) and full_volume():
         error["kind"] = "disk"
-        error["message"] = clip(f"out of disk space: volume {full_volume()} is full; remove files from it or use a "
-                                f"larger volume ({exc})")
+        error["message"] = clip(
+            f"out of disk space: volume {full_volume()} is full; remove files from it or use a "
+            f"larger volume ({exc})"
+        )
     elif DISK_MIB and out_of_disk(exc):
         error["kind"] = "disk"
-        error["message"] = clip(f"out of disk space: /tmp, the working and the output directory share this "
-                                f"function's {DISK_MIB} MiB disk; @remote(disk=MiB) raises it ({exc})")
+        error["message"] = clip(
+            f"out of disk space: /tmp, the working and the output directory share this "
+            f"function's {DISK_MIB} MiB disk; @remote(disk=MiB) raises it ({exc})"
+        )
     try:
         body = cloudpickle.dumps(exc)
     except Exception:
@@ -492,7 +552,9 @@ def with_source_file(code: CodeType, name: str) -> CodeType:
     Pickling may rename code objects (cloudpickle 3.1.3 calls them all ``<dynamic-code>``); the
     line numbers survive, so restoring the name lets tracebacks show the packaged source lines.
     """
-    consts = tuple(with_source_file(c, name) if isinstance(c, type(code)) else c for c in code.co_consts)
+    consts = tuple(
+        with_source_file(c, name) if isinstance(c, type(code)) else c for c in code.co_consts
+    )
     return code.replace(co_filename=name, co_consts=consts)
 
 
@@ -522,7 +584,9 @@ class Runtime:
     def load(self, header: Header, body: bytes) -> None:
         import cloudpickle
 
-        os.environ.update({str(k): str(v) for k, v in (header.get("env") or {}).items()})  # the function's settings
+        os.environ.update(
+            {str(k): str(v) for k, v in (header.get("env") or {}).items()}
+        )  # the function's settings
         os.makedirs(CODE_DIR, exist_ok=True)
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
             zf.extractall(CODE_DIR)
@@ -532,7 +596,9 @@ class Runtime:
             os.environ["LLM_MODEL"] = str(self.manifest["model"])
         grant_ai(self.ai)  # before the module loads: it may read AI_ENDPOINT
         sys.path.insert(0, CODE_DIR)
-        sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the seed's ``sdk`` module sits beside this file
+        sys.path.append(
+            os.path.dirname(os.path.abspath(__file__))
+        )  # the seed's ``sdk`` module sits beside this file
         remember_source(self.manifest)
         if self.manifest["kind"] == "pickle":
             with open(os.path.join(CODE_DIR, "function.pkl"), "rb") as f:
@@ -541,11 +607,17 @@ class Runtime:
         else:
             module_name, _, attr = self.manifest["handler"].rpartition(".")
             module = __import__(module_name, fromlist=[attr])
-            if attr == "handler" and not hasattr(module, "handler") and callable(getattr(module, "main", None)):
+            if (
+                attr == "handler"
+                and not hasattr(module, "handler")
+                and callable(getattr(module, "main", None))
+            ):
                 attr = "main"  # the seed platform's runner: handler(event, context), else main(event, context)
             if not hasattr(module, attr):
-                raise AttributeError(f"{module_name}.py defines no {attr}(event, context)"
-                                     + (" (nor main(event, context))" if attr == "handler" else ""))
+                raise AttributeError(
+                    f"{module_name}.py defines no {attr}(event, context)"
+                    + (" (nor main(event, context))" if attr == "handler" else "")
+                )
             self.function = getattr(module, attr)
         # Limits apply from here on: to the user's code, not to loading it.
         import resource
@@ -555,8 +627,14 @@ class Runtime:
         if header.get("max_output_bytes"):
             resource.setrlimit(resource.RLIMIT_FSIZE, (header["max_output_bytes"],) * 2)
 
-    def call(self, header: Header, body: bytes, captures: list[Capture], live: LiveOutput | None,
-             blobs: list[bytes | bytearray | None]) -> tuple[Reply, bytes]:
+    def call(
+        self,
+        header: Header,
+        body: bytes,
+        captures: list[Capture],
+        live: LiveOutput | None,
+        blobs: list[bytes | bytearray | None],
+    ) -> tuple[Reply, bytes]:
         import cloudpickle
 
         manifest = self.manifest
@@ -566,7 +644,9 @@ class Runtime:
             capture.reset()
         if live is not None:
             live.begin()
-        if not os.path.isdir(OUTPUT_DIR) or os.listdir(OUTPUT_DIR):  # the agent moves outputs out after each call
+        if not os.path.isdir(OUTPUT_DIR) or os.listdir(
+            OUTPUT_DIR
+        ):  # the agent moves outputs out after each call
             shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
             os.makedirs(OUTPUT_DIR, exist_ok=True)
         measure_rss = header.get("measure_rss", True)  # not needed where the agent reads a cgroup
@@ -586,7 +666,9 @@ class Runtime:
                 args, kwargs = ArgsUnpickler(body, list(blobs)).load()
                 del blobs[:]
                 value = self.function(*args, **kwargs)
-                if manifest.get("result") == "json":  # data-only: the caller never unpickles anything
+                if (
+                    manifest.get("result") == "json"
+                ):  # data-only: the caller never unpickles anything
                     result = encode_json(value)
                     reply["result_format"] = "json"
                 else:
@@ -596,7 +678,9 @@ class Runtime:
                 event = json.loads(body) if body else None
                 seed_environment(header.get("job_id"), body)
                 deadline = time.monotonic() + header.get("timeout", 300)
-                context = Context(header.get("job_id"), manifest.get("name"), manifest.get("memory"), deadline)
+                context = Context(
+                    header.get("job_id"), manifest.get("name"), manifest.get("memory"), deadline
+                )
                 result = encode_json(self.function(event, context))
                 reply["result_format"] = "json"
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the function's too
@@ -604,7 +688,9 @@ class Runtime:
             reply["error"], result = describe_error(exc, cloudpickle)
             if manifest.get("result") == "json":
                 result = b""  # the exception as text only (type, message, traceback)
-        if os.getpid() != BOOTSTRAP_PID:  # a child the function forked: it must never answer the agent
+        if (
+            os.getpid() != BOOTSTRAP_PID
+        ):  # a child the function forked: it must never answer the agent
             os._exit(0)
         if live is not None:
             live.end()
@@ -649,12 +735,16 @@ def send_outputs(fd: int, limit: int | None) -> None:
                     write_frame(fd, {"op": "data"}, chunk)
         write_frame(fd, {"op": "done", "ok": True})
     except OSError as exc:
-        write_frame(fd, {"op": "done", "ok": False, "error": {"kind": "output", "message": str(exc)}})
+        write_frame(
+            fd, {"op": "done", "ok": False, "error": {"kind": "output", "message": str(exc)}}
+        )
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     os.makedirs(OUTPUT_DIR, exist_ok=True)
 
 
-def run_calls(fd: int, runtime: Runtime, header: Header, body: bytes, captures: list[Capture], request_fd: int) -> None:
+def run_calls(
+    fd: int, runtime: Runtime, header: Header, body: bytes, captures: list[Capture], request_fd: int
+) -> None:
     """A batch of short calls from one frame (``calls``: job_id, timeout and payload size of each; the payloads one
     after the other in the body), each answered by its own reply as it ends. A call that wrote output files, returned
     a large result or ran out of memory ends the batch: the host takes its files (``outputs``) or result, and runs
@@ -662,25 +752,48 @@ def run_calls(fd: int, runtime: Runtime, header: Header, body: bytes, captures: 
     is answered as cancelled and never started."""
     calls = header.get("calls") or []
     sizes = [call.get("size") for call in calls] if isinstance(calls, list) and calls else None
-    if sizes is None or not all(isinstance(n, int) and n >= 0 for n in sizes) or sum(sizes) != len(body):
-        write_frame(fd, {"ok": False, "error": {"kind": "protocol", "message": "a calls frame that does not add up"}})
+    if (
+        sizes is None
+        or not all(isinstance(n, int) and n >= 0 for n in sizes)
+        or sum(sizes) != len(body)
+    ):
+        write_frame(
+            fd,
+            {
+                "ok": False,
+                "error": {"kind": "protocol", "message": "a calls frame that does not add up"},
+            },
+        )
         return
     offset, skipped = 0, set[object]()  # the job ids the host cancelled while they waited
     for call, size in zip(calls, sizes):  # noqa: B905 (Python 3.9: no strict=; one size per call, above)
-        payload = body[offset:offset + size]
+        payload = body[offset : offset + size]
         offset += size
         read_skips(request_fd, skipped)
         if call.get("job_id") in skipped:
-            write_frame(fd, {"ok": False, "error": {"kind": "cancelled", "message": "cancelled before it started"}})
+            write_frame(
+                fd,
+                {
+                    "ok": False,
+                    "error": {"kind": "cancelled", "message": "cancelled before it started"},
+                },
+            )
             continue
-        one: Header = {"job_id": call.get("job_id"), "timeout": call.get("timeout"),
-                       "measure_rss": header.get("measure_rss"), "model": header.get("model")}
+        one: Header = {
+            "job_id": call.get("job_id"),
+            "timeout": call.get("timeout"),
+            "measure_rss": header.get("measure_rss"),
+            "model": header.get("model"),
+        }
         reply, result = runtime.call(one, payload, captures, None, [])
         # Out of this process before the next call starts: whatever that call does to the sandbox (os._exit, a
         # segfault, the OOM killer), this call's outcome has reached the host and is never lost or run again.
         write_reply(fd, reply, result)
-        if len(result) > STREAM_RESULT_OVER or reply["output_files"] or (
-                not reply["ok"] and reply["error"].get("kind") == "memory"):
+        if (
+            len(result) > STREAM_RESULT_OVER
+            or reply["output_files"]
+            or (not reply["ok"] and reply["error"].get("kind") == "memory")
+        ):
             return  # the host takes this call's result or files before any other call could write its own
 
 
@@ -712,17 +825,36 @@ class Channel:
             return read_frame(self.request_fd)
 
 
-AI_CHANNEL = "nanogrid:channel"  # AI_ENDPOINT as the worker gives it to a function that may use the AI node
+AI_CHANNEL = (
+    "nanogrid:channel"  # AI_ENDPOINT as the worker gives it to a function that may use the AI node
+)
 AI_PORT = 11434  # Ollama's own port, on the sandbox's own loopback
-AI_MAX_REQUEST_BYTES = 4 << 20  # the worker's gateway takes no more (nanogrid_backend/worker/ai_gateway.py)
+AI_MAX_REQUEST_BYTES = (
+    4 << 20
+)  # the worker's gateway takes no more (nanogrid_backend/worker/ai_gateway.py)
 AI_MAX_HEAD_BYTES = 64 << 10
 # Devices every new network namespace gets (all down, no address): a namespace with only these is the sandbox's own.
-NAMESPACE_DEVICES = {"lo", "tunl0", "sit0", "ip6tnl0", "gre0", "gretap0", "erspan0", "ip_vti0", "ip6_vti0", "ip6gre0"}
-AI_REFUSED = ("no AI node in this sandbox: this function may not use it. A NanoGrid function declares "
-              "@nanogrid.remote(ai=True) (or %%nanogrid --ai), on a grid started with --ai-endpoint URL (AI_ENDPOINT); "
-              "a seed upload may use it unless the grid's operator turned that off (seed_ai = false)")
-AI_OUTSIDE_CALL = ("the AI node is reachable only while the function is being called, not while its module loads "
-                   "nor after its call returned")
+NAMESPACE_DEVICES = {
+    "lo",
+    "tunl0",
+    "sit0",
+    "ip6tnl0",
+    "gre0",
+    "gretap0",
+    "erspan0",
+    "ip_vti0",
+    "ip6_vti0",
+    "ip6gre0",
+}
+AI_REFUSED = (
+    "no AI node in this sandbox: this function may not use it. A NanoGrid function declares "
+    "@nanogrid.remote(ai=True) (or %%nanogrid --ai), on a grid started with --ai-endpoint URL (AI_ENDPOINT); "
+    "a seed upload may use it unless the grid's operator turned that off (seed_ai = false)"
+)
+AI_OUTSIDE_CALL = (
+    "the AI node is reachable only while the function is being called, not while its module loads "
+    "nor after its call returned"
+)
 
 
 class AIForwarder:
@@ -742,7 +874,10 @@ class AIForwarder:
     def __init__(self, channel_request: Callable[[Header, bytes], tuple[Header, bytes]]) -> None:
         import socket
 
-        self.channel_request, self.allowed = channel_request, False  # until the function's settings say otherwise
+        self.channel_request, self.allowed = (
+            channel_request,
+            False,
+        )  # until the function's settings say otherwise
         self.gate = threading.Condition()
         self.calling, self.in_flight = False, 0
         own_network = {name for _, name in socket.if_nameindex()} <= NAMESPACE_DEVICES
@@ -776,7 +911,9 @@ class AIForwarder:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="nanogrid-ai-connection", daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="nanogrid-ai-connection", daemon=True
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         """One connection's requests (HTTP/1.1 keep-alive), answered in order."""
@@ -791,31 +928,44 @@ class AIForwarder:
                 head, _, pending = pending.partition(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, version = (lines[0].split(" ") + ["", "", ""])[:3]
-                headers = dict((name.strip().lower(), value.strip()) for name, _, value in
-                               (line.partition(":") for line in lines[1:]))
+                headers = dict(
+                    (name.strip().lower(), value.strip())
+                    for name, _, value in (line.partition(":") for line in lines[1:])
+                )
                 keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
                 size = headers.get("content-length", "0")
                 if "transfer-encoding" in headers or not size.isdigit():
-                    self._respond(conn, 411, {"error": "send the request with a Content-Length"}, False)
+                    self._respond(
+                        conn, 411, {"error": "send the request with a Content-Length"}, False
+                    )
                     return
                 if headers.get("expect", "").lower() == "100-continue":
                     conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if int(size) > AI_MAX_REQUEST_BYTES:  # read and dropped, so that the refusal reaches the function
+                if (
+                    int(size) > AI_MAX_REQUEST_BYTES
+                ):  # read and dropped, so that the refusal reaches the function
                     left = int(size) - len(pending)
                     while left > 0:
                         data = conn.recv(min(left, 1 << 20))
                         if not data:
                             return
                         left -= len(data)
-                    self._respond(conn, 413, {"error": f"an AI request of {size} bytes (at most "
-                                                       f"{AI_MAX_REQUEST_BYTES} bytes)"}, False)
+                    self._respond(
+                        conn,
+                        413,
+                        {
+                            "error": f"an AI request of {size} bytes (at most "
+                            f"{AI_MAX_REQUEST_BYTES} bytes)"
+                        },
+                        False,
+                    )
                     return
                 while len(pending) < int(size):
                     data = conn.recv(65536)
                     if not data:
                         return
                     pending += data
-                body, pending = pending[:int(size)], pending[int(size):]
+                body, pending = pending[: int(size)], pending[int(size) :]
                 status, answer = self._answer(method, target, body)
                 self._respond(conn, status, answer, keep)
                 if not keep:
@@ -828,8 +978,10 @@ class AIForwarder:
             path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
         if self.prefix:
             if not path.startswith(self.prefix + "/"):
-                return 404, {"error": "not found: AI_ENDPOINT names this sandbox's address of the AI node"}
-            path = path[len(self.prefix):]
+                return 404, {
+                    "error": "not found: AI_ENDPOINT names this sandbox's address of the AI node"
+                }
+            path = path[len(self.prefix) :]
         if not self.allowed:
             return 403, {"error": AI_REFUSED}
         body = self._with_model(method, body)
@@ -838,9 +990,13 @@ class AIForwarder:
                 return 503, {"error": AI_OUTSIDE_CALL}
             self.in_flight += 1
         try:
-            header, answer = self.channel_request({"op": "ai", "method": method, "path": path}, body)
+            header, answer = self.channel_request(
+                {"op": "ai", "method": method, "path": path}, body
+            )
         except (OSError, EOFError, ValueError) as exc:
-            return 502, {"error": f"the worker did not answer this AI request ({type(exc).__name__})"}
+            return 502, {
+                "error": f"the worker did not answer this AI request ({type(exc).__name__})"
+            }
         finally:
             with self.gate:
                 self.in_flight -= 1
@@ -864,20 +1020,26 @@ class AIForwarder:
         return json.dumps({**request, "model": model}).encode()
 
     @staticmethod
-    def _respond(conn: socket.socket, status: int, answer: dict[str, str] | bytes, keep: bool) -> None:
+    def _respond(
+        conn: socket.socket, status: int, answer: dict[str, str] | bytes, keep: bool
+    ) -> None:
         if isinstance(answer, dict):
             answer = json.dumps(answer).encode()
         lines = answer.strip().count(b"\n")
-        head = (f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\n"
-                f"Content-Type: {'application/x-ndjson' if lines else 'application/json'}; charset=utf-8\r\n"
-                f"Content-Length: {len(answer)}\r\nConnection: {'keep-alive' if keep else 'close'}\r\n\r\n")
+        head = (
+            f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\n"
+            f"Content-Type: {'application/x-ndjson' if lines else 'application/json'}; charset=utf-8\r\n"
+            f"Content-Length: {len(answer)}\r\nConnection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+        )
         try:
             conn.sendall(head.encode() + answer)
         except OSError:
             pass  # the function stopped waiting
 
 
-def start_ai_forwarder(channel_request: Callable[[Header, bytes], tuple[Header, bytes]]) -> AIForwarder | None:
+def start_ai_forwarder(
+    channel_request: Callable[[Header, bytes], tuple[Header, bytes]],
+) -> AIForwarder | None:
     """The forwarder behind ``AI_ENDPOINT``, started with the stem cell (off the path of a cold start); None where
     the sandbox has no loopback to listen on (``nanogrid.ai`` then uses the channel directly)."""
     try:
@@ -905,8 +1067,12 @@ def main() -> None:
     os.makedirs(WORK_DIR, exist_ok=True)
     captures = [Capture(1, "stdout.log"), Capture(2, "stderr.log")]
     # Line-buffered, so what a call prints reaches the capture file (and its live followers) as it prints it.
-    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True, line_buffering=True)
-    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True, line_buffering=True)
+    sys.stdout = io.TextIOWrapper(
+        os.fdopen(1, "wb", closefd=False), write_through=True, line_buffering=True
+    )
+    sys.stderr = io.TextIOWrapper(
+        os.fdopen(2, "wb", closefd=False), write_through=True, line_buffering=True
+    )
     sys.stdin = open(os.devnull)
     import cloudpickle  # noqa: F401  (warm the import before the first call)
 
@@ -917,7 +1083,10 @@ def main() -> None:
 
     runtime = Runtime(start_ai_forwarder(request))
     live = LiveOutput(reply_fd, captures)
-    write_frame(reply_fd, {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2], "blob_cache": True})
+    write_frame(
+        reply_fd,
+        {"ok": True, "op": "ready", "python": "%d.%d" % sys.version_info[:2], "blob_cache": True},
+    )
     while True:
         try:
             header, body = read_frame(stdin_fd)
@@ -933,15 +1102,26 @@ def main() -> None:
                 error["kind"] = "load"
                 write_frame(reply_fd, {"ok": False, "error": error})
         elif op == "call" and runtime.function is not None:
-            if "blob_ids" in header:  # the host asks which of the call's blobs this sandbox still keeps
-                blobs = BLOB_CACHE.receive(stdin_fd, reply_fd, header["blob_ids"], header.get("blobs") or [],
-                                           header.get("cache_bytes") or 0)
+            if (
+                "blob_ids" in header
+            ):  # the host asks which of the call's blobs this sandbox still keeps
+                blobs = BLOB_CACHE.receive(
+                    stdin_fd,
+                    reply_fd,
+                    header["blob_ids"],
+                    header.get("blobs") or [],
+                    header.get("cache_bytes") or 0,
+                )
             else:
-                blobs = list(read_blobs(stdin_fd, header.get("blobs") or []))  # typed as the cache's list (None: absent)
+                blobs = list(
+                    read_blobs(stdin_fd, header.get("blobs") or [])
+                )  # typed as the cache's list (None: absent)
             if runtime.ai is not None:
                 runtime.ai.begin_call()
             try:
-                reply, result = runtime.call(header, body, captures, live if header.get("live") else None, blobs)
+                reply, result = runtime.call(
+                    header, body, captures, live if header.get("live") else None, blobs
+                )
             finally:
                 if runtime.ai is not None:
                     runtime.ai.end_call()  # an AI answer under way arrives before the call's reply
@@ -954,7 +1134,10 @@ def main() -> None:
         elif op == "outputs":
             send_outputs(reply_fd, header.get("limit"))
         else:
-            write_frame(reply_fd, {"ok": False, "error": {"kind": "protocol", "message": f"unexpected {op!r}"}})
+            write_frame(
+                reply_fd,
+                {"ok": False, "error": {"kind": "protocol", "message": f"unexpected {op!r}"}},
+            )
 
 
 if __name__ == "__main__":

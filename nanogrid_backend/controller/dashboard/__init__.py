@@ -16,7 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanogrid_backend.controller.dashboard import account, environments, functions, jobs, loadtests, workers
+from nanogrid_backend.controller.dashboard import (
+    account,
+    environments,
+    functions,
+    jobs,
+    loadtests,
+    workers,
+)
 from nanogrid_backend.controller.dashboard.state import Dashboard, NotSignedIn
 from nanogrid_backend.controller.jobs import BadRequest
 from nanogrid_backend.package_checks import PackageError
@@ -35,7 +42,13 @@ def install_error_pages(app: FastAPI, dashboard: Dashboard) -> None:
     """Any refusal or error on a /ui path answered as a page (the API's handlers answer JSON everywhere else): after
     the API's own handlers are installed, each is wrapped."""
     app.add_exception_handler(NotSignedIn, sign_in_first)
-    for kind in (StarletteHTTPException, PackageError, BadRequest, RequestValidationError, Exception):
+    for kind in (
+        StarletteHTTPException,
+        PackageError,
+        BadRequest,
+        RequestValidationError,
+        Exception,
+    ):
         api_handler = app.exception_handlers.get(kind)
         if api_handler is not None:
             app.add_exception_handler(kind, dashboard.as_page(api_handler))

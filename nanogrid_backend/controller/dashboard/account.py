@@ -9,7 +9,14 @@ from pathlib import Path
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
-from nanogrid_backend.controller.dashboard.state import COOKIE, HERE, SESSION_TTL_S, Dashboard, Session, board_of
+from nanogrid_backend.controller.dashboard.state import (
+    COOKIE,
+    HERE,
+    SESSION_TTL_S,
+    Dashboard,
+    Session,
+    board_of,
+)
 from nanogrid_backend.keys import LOCAL_KEY_FILE, AuthError
 from nanogrid_backend.models import ApiKey
 
@@ -18,12 +25,19 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 @router.get("/static/ui.css")
 def css() -> FileResponse:
-    return FileResponse(HERE / "ui.css", media_type="text/css", headers={"Cache-Control": "max-age=3600"})
+    return FileResponse(
+        HERE / "ui.css", media_type="text/css", headers={"Cache-Control": "max-age=3600"}
+    )
 
 
 def login_page(board: Dashboard, code: int = 200, error: str = "") -> HTMLResponse:
-    return board.render("login.html", code, title="Sign in", error=error,
-                        local_key=Path(board.grid.config.data_dir) / LOCAL_KEY_FILE)
+    return board.render(
+        "login.html",
+        code,
+        title="Sign in",
+        error=error,
+        local_key=Path(board.grid.config.data_dir) / LOCAL_KEY_FILE,
+    )
 
 
 @router.get("/login")
@@ -43,12 +57,21 @@ def login(request: Request, api_key: str = Form("", max_length=200)) -> Response
     except AuthError as exc:
         return login_page(board, 401, str(exc))
     token = secrets.token_urlsafe(32)
-    board.sessions[token] = Session(key.key_id, key.name, secrets.token_urlsafe(24), time.time() + SESSION_TTL_S)
+    board.sessions[token] = Session(
+        key.key_id, key.name, secrets.token_urlsafe(24), time.time() + SESSION_TTL_S
+    )
     for stale in [t for t, s in board.sessions.items() if s.expires < time.time()]:
         board.sessions.pop(stale, None)
     response = RedirectResponse("/ui", status_code=303)
-    response.set_cookie(COOKIE, token, max_age=SESSION_TTL_S, path="/ui", httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(
+        COOKIE,
+        token,
+        max_age=SESSION_TTL_S,
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
     return response
 
 

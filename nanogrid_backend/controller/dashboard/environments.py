@@ -30,8 +30,13 @@ def shown_environments(board: Dashboard, session: Session) -> tuple[list[dict[st
         using = users.get(info["env_id"], [])
         mine = [f for f in using if f.owner == session.owner]
         if admin or mine:  # another owner's packages are theirs to see
-            shown.append({**info, "functions": using if admin else mine,
-                          "removable": admin or len(mine) == len(using)})
+            shown.append(
+                {
+                    **info,
+                    "functions": using if admin else mine,
+                    "removable": admin or len(mine) == len(using),
+                }
+            )
     return shown, admin
 
 
@@ -40,8 +45,15 @@ def environments(request: Request) -> HTMLResponse:
     board = board_of(request)
     session = board.signed_in(request)
     shown, admin = shown_environments(board, session)
-    return board.page_of(session, "environments.html", "Environments", title="Environments", environments=shown,
-                         cache=board.grid.environments is not None, admin=admin)
+    return board.page_of(
+        session,
+        "environments.html",
+        "Environments",
+        title="Environments",
+        environments=shown,
+        cache=board.grid.environments is not None,
+        admin=admin,
+    )
 
 
 @router.post("/environments/{env_id}/remove")
@@ -52,7 +64,10 @@ def remove_environment(request: Request, env_id: str, csrf: str = Form("")) -> R
     if env_id not in found or board.grid.environments is None:
         raise HTTPException(404, f"no environment {env_id!r} among those your functions use")
     if not found[env_id]["removable"]:
-        raise HTTPException(403, f"environment {env_id} is used by other owners' functions too: only an admin "
-                                 "key may remove it")
+        raise HTTPException(
+            403,
+            f"environment {env_id} is used by other owners' functions too: only an admin "
+            "key may remove it",
+        )
     board.grid.environments.remove(env_id)
     return RedirectResponse("/ui/environments", status_code=303)

@@ -37,19 +37,33 @@ class Starter:
 
 
 STARTERS = {
-    "python": Starter("python", "main.py", "main.handler", '''def handler(event, context):
+    "python": Starter(
+        "python",
+        "main.py",
+        "main.handler",
+        '''def handler(event, context):
     """event: the call's JSON input; what it returns is the call's result."""
     name = event.get("name", "world")
     print(f"saying hello to {name}")
     return {"statusCode": 200, "body": f"Hello, {name}!"}
-'''),
-    "nodejs": Starter("nodejs", "index.js", "index.handler", '''exports.handler = async (event, context) => {
+''',
+    ),
+    "nodejs": Starter(
+        "nodejs",
+        "index.js",
+        "index.handler",
+        """exports.handler = async (event, context) => {
     const name = event.name || "world";
     console.log(`saying hello to ${name}`);
     return { statusCode: 200, body: `Hello, ${name}!` };
 };
-'''),
-    "go": Starter("go", "main.go", "main.Handler", '''package main
+""",
+    ),
+    "go": Starter(
+        "go",
+        "main.go",
+        "main.Handler",
+        """package main
 
 import "fmt"
 
@@ -66,8 +80,13 @@ func Handler(event map[string]interface{}) (Response, error) {
     fmt.Println("saying hello to", name)
     return Response{StatusCode: 200, Body: "Hello, " + name + "!"}, nil
 }
-'''),
-    "cpp": Starter("cpp", "main.cpp", "main.handler", '''#include <iostream>
+""",
+    ),
+    "cpp": Starter(
+        "cpp",
+        "main.cpp",
+        "main.handler",
+        """#include <iostream>
 
 extern "C" {
     const char* handler(const char* event) {
@@ -75,13 +94,18 @@ extern "C" {
         return "{\\"statusCode\\": 200, \\"body\\": \\"Hello from C++!\\"}";
     }
 }
-'''),
+""",
+    ),
 }
 
 
 def starter_for(runtime: str) -> Starter:
     """The template of a grid runtime (``python3.11`` is python)."""
-    return STARTERS["python"] if runtime.startswith("python") else STARTERS.get(runtime, STARTERS["python"])
+    return (
+        STARTERS["python"]
+        if runtime.startswith("python")
+        else STARTERS.get(runtime, STARTERS["python"])
+    )
 
 
 def parse_env(text: str) -> dict[str, str]:
@@ -94,8 +118,10 @@ def parse_env(text: str) -> dict[str, str]:
         name, equals, value = line.partition("=")
         name = name.strip()
         if not equals or not VARIABLE.match(name):
-            raise PackageError(f"environment variables, line {number}: write NAME=value with NAME made of letters, "
-                               f"digits and _ (not {line[:40]!r})")
+            raise PackageError(
+                f"environment variables, line {number}: write NAME=value with NAME made of letters, "
+                f"digits and _ (not {line[:40]!r})"
+            )
         found[name] = value.strip()
     return found
 
@@ -105,11 +131,15 @@ def parse_secrets(text: str) -> list[str]:
     names = [n for n in re.split(r"[\s,]+", text.strip()) if n]
     for name in names:
         if not SECRET_NAME.match(name):
-            raise PackageError(f"secret names are letters, digits, _ . and - (at most 64), not {name[:40]!r}")
+            raise PackageError(
+                f"secret names are letters, digits, _ . and - (at most 64), not {name[:40]!r}"
+            )
     return names
 
 
-def upload_of(runtime: str, code: str, filename: str, data: bytes, handler: str) -> tuple[str, bytes, str]:
+def upload_of(
+    runtime: str, code: str, filename: str, data: bytes, handler: str
+) -> tuple[str, bytes, str]:
     """(file name, bytes, handler) for ``jobs.deploy``: an uploaded zip as it is, an uploaded source file under its
     own name, else the editor's text as the runtime's source file."""
     starter = starter_for(runtime)
@@ -120,21 +150,36 @@ def upload_of(runtime: str, code: str, filename: str, data: bytes, handler: str)
         name = filename.rsplit("/", 1)[-1] or starter.filename
         if name.endswith(".py"):
             return name, data, handler or f"{name.rsplit('.', 1)[0]}.{entry}"
-        return "package.zip", build_zip({name: data}), handler or f"{name.rsplit('.', 1)[0]}.{entry}"
+        return (
+            "package.zip",
+            build_zip({name: data}),
+            handler or f"{name.rsplit('.', 1)[0]}.{entry}",
+        )
     if not code.strip():
         raise PackageError("nothing to deploy: write code in the editor or choose a file")
     if len(code) > MAX_EDITOR_CHARS:
-        raise PackageError(f"the editor holds {len(code)} characters; upload a zip above {MAX_EDITOR_CHARS}", 413)
+        raise PackageError(
+            f"the editor holds {len(code)} characters; upload a zip above {MAX_EDITOR_CHARS}", 413
+        )
     return "package.zip", build_zip({starter.filename: code.encode()}), handler or starter.handler
 
 
-def deploy(grid: Grid, key: ApiKey, fields: dict[str, str], filename: str, data: bytes) -> FunctionRecord:
+def deploy(
+    grid: Grid, key: ApiKey, fields: dict[str, str], filename: str, data: bytes
+) -> FunctionRecord:
     """The deploy form: checked and stored by ``jobs.deploy``, as ``POST /v1/upload`` does."""
     runtime = fields.get("runtime", "")
-    name, package, handler = upload_of(runtime, fields.get("code", ""), filename, data, fields.get("handler", ""))
-    form: dict[str, Any] = {"name": fields.get("name", "").strip(), "runtime": runtime, "handler": handler,
-                            "memory": fields.get("memory") or None, "timeout": fields.get("timeout") or None,
-                            "description": fields.get("description", "").strip()}
+    name, package, handler = upload_of(
+        runtime, fields.get("code", ""), filename, data, fields.get("handler", "")
+    )
+    form: dict[str, Any] = {
+        "name": fields.get("name", "").strip(),
+        "runtime": runtime,
+        "handler": handler,
+        "memory": fields.get("memory") or None,
+        "timeout": fields.get("timeout") or None,
+        "description": fields.get("description", "").strip(),
+    }
     if not form["name"]:
         raise PackageError("give the function a name (letters, digits, _ . -)")
     env, secrets = parse_env(fields.get("env", "")), parse_secrets(fields.get("secrets", ""))
@@ -151,7 +196,9 @@ def manifest_of(grid: Grid, function: FunctionRecord) -> dict[str, Any]:
         return json.loads(zf.read("manifest.json"))
 
 
-def new_version(grid: Grid, key: ApiKey, function: FunctionRecord, memory: str, description: str) -> FunctionRecord:
+def new_version(
+    grid: Grid, key: ApiKey, function: FunctionRecord, memory: str, description: str
+) -> FunctionRecord:
     """The same package with another memory size or description, deployed as a new version (ids are content
     hashes); the old version keeps its history."""
     with zipfile.ZipFile(io.BytesIO(grid.store.get_package(function.function_id))) as zf:

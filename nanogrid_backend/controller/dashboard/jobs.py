@@ -17,10 +17,18 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 def job_list(request: Request, status: str = "", before: str = "") -> HTMLResponse:
     board = board_of(request)
     session = board.signed_in(request)
-    entries = board.grid.registry.list_history(session.owner, None, status or None, PAGE,
-                                               board.cursor(before, session), TEXT_CAP)
-    return board.page_of(session, "jobs.html", "Jobs", title="Jobs", history=page(entries, PAGE), status=status,
-                         names=board.names(session.owner))
+    entries = board.grid.registry.list_history(
+        session.owner, None, status or None, PAGE, board.cursor(before, session), TEXT_CAP
+    )
+    return board.page_of(
+        session,
+        "jobs.html",
+        "Jobs",
+        title="Jobs",
+        history=page(entries, PAGE),
+        status=status,
+        names=board.names(session.owner),
+    )
 
 
 @router.get("/jobs/{job_id}")
@@ -34,7 +42,17 @@ def job(request: Request, job_id: str) -> HTMLResponse:
     manifest = board.manifest(function) if function is not None else {}
     links = request.app.state.links  # signed: the page has no key
     files = JobView.of(record, with_result=False, links=links).body()["output_files"]
-    return board.page_of(session, "job.html", "Jobs", title=job_id, call=history_entry(record), function=function,
-                         name=function.function_name if function else record.function_id, files=files,
-                         result=result_text(record), environment=forms.environment_of(manifest),
-                         python=manifest.get("python"), refresh=None if record.finished else 2)
+    return board.page_of(
+        session,
+        "job.html",
+        "Jobs",
+        title=job_id,
+        call=history_entry(record),
+        function=function,
+        name=function.function_name if function else record.function_id,
+        files=files,
+        result=result_text(record),
+        environment=forms.environment_of(manifest),
+        python=manifest.get("python"),
+        refresh=None if record.finished else 2,
+    )

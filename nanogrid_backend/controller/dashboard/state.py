@@ -35,8 +35,10 @@ PAGE = 50
 RESULT_CHARS = 20_000
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin", "Cache-Control": "no-store",
+    "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
 }
 
 
@@ -57,7 +59,9 @@ def grouped(functions: list[FunctionRecord]) -> list[list[FunctionRecord]]:
     AutoTuner versions), else those of one name."""
     groups: dict[str, list[FunctionRecord]] = {}
     for function in sorted(functions, key=lambda f: -f.created_at):
-        groups.setdefault(function.stable_id or f"name:{function.function_name}", []).append(function)
+        groups.setdefault(function.stable_id or f"name:{function.function_name}", []).append(
+            function
+        )
     return list(groups.values())
 
 
@@ -86,18 +90,29 @@ class Dashboard:
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+        self.templates = Environment(
+            loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"])
+        )
         self.templates.filters.update(when=_when, ms=_ms, mib=_mib, pct=_pct, num=_num)
         self.sessions: dict[str, Session] = {}
-        self.manifests: dict[str, dict[str, Any]] = {}  # function id -> manifest: ids are content hashes
+        self.manifests: dict[
+            str, dict[str, Any]
+        ] = {}  # function id -> manifest: ids are content hashes
 
     def render(self, template: str, code: int = 200, /, **values: Any) -> HTMLResponse:
-        return HTMLResponse(self.templates.get_template(template).render(**values), status_code=code,
-                            headers=SECURITY_HEADERS)
+        return HTMLResponse(
+            self.templates.get_template(template).render(**values),
+            status_code=code,
+            headers=SECURITY_HEADERS,
+        )
 
-    def page_of(self, session: Session, template: str, section: str, code: int = 200, /, **values: Any) -> HTMLResponse:
+    def page_of(
+        self, session: Session, template: str, section: str, code: int = 200, /, **values: Any
+    ) -> HTMLResponse:
         """A page of the signed-in owner (the menu's section marked)."""
-        return self.render(template, code, owner=session.owner, csrf=session.csrf, section=section, **values)
+        return self.render(
+            template, code, owner=session.owner, csrf=session.csrf, section=section, **values
+        )
 
     def session_of(self, request: Request) -> Session | None:
         session = self.sessions.get(request.cookies.get(COOKIE, ""))
@@ -112,24 +127,33 @@ class Dashboard:
         if key is None or key.revoked_at is not None:
             self.sessions.pop(request.cookies.get(COOKIE, ""), None)
             raise NotSignedIn
-        wait = request.app.state.buckets.take(key.key_id, *key_limits(key, self.grid.config))  # the key's own bucket
+        wait = request.app.state.buckets.take(
+            key.key_id, *key_limits(key, self.grid.config)
+        )  # the key's own bucket
         if wait:
-            raise HTTPException(429, f"too many requests for this key; try again in {retry_after_header(wait)} s",
-                                headers={"Retry-After": retry_after_header(wait)})
+            raise HTTPException(
+                429,
+                f"too many requests for this key; try again in {retry_after_header(wait)} s",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
         return session
 
     def changing(self, request: Request, csrf: str) -> tuple[Session, ApiKey]:
         """A form that changes something: signed in, with this session's CSRF token; the session's key."""
         session = self.signed_in(request)
         if not secrets.compare_digest(session.csrf, csrf):
-            raise HTTPException(403, "this form is stale (or came from another site): reload the page and try again")
+            raise HTTPException(
+                403, "this form is stale (or came from another site): reload the page and try again"
+            )
         key = self.grid.registry.get_key(session.key_id)
         if key is None:
             raise NotSignedIn
         return session, key
 
     def names(self, owner: str) -> dict[str, str]:
-        return {f.function_id: f.function_name for f in self.grid.registry.list_functions(owner=owner)}
+        return {
+            f.function_id: f.function_name for f in self.grid.registry.list_functions(owner=owner)
+        }
 
     def owned(self, function_id: str, session: Session) -> FunctionRecord:
         function = self.grid.registry.get_function(function_id)
@@ -145,18 +169,25 @@ class Dashboard:
         if not before:
             return None
         job = self.grid.registry.get_job(before)
-        return (job.created_at, job.job_id) if job is not None and job.owner == session.owner else None
+        return (
+            (job.created_at, job.job_id) if job is not None and job.owner == session.owner else None
+        )
 
     def manifest(self, function: FunctionRecord) -> dict[str, Any]:
         if function.function_id not in self.manifests:
             try:
                 self.manifests[function.function_id] = forms.manifest_of(self.grid, function)
-            except (OSError, KeyError, ValueError):  # no package (deleted meanwhile): nothing to say of it
+            except (
+                OSError,
+                KeyError,
+                ValueError,
+            ):  # no package (deleted meanwhile): nothing to say of it
                 self.manifests[function.function_id] = {}
         return self.manifests[function.function_id]
 
-    def as_page(self, api_handler: Callable[[Request, Any], Response | Awaitable[Response]]
-                ) -> Callable[[Request, Any], Awaitable[Response]]:
+    def as_page(
+        self, api_handler: Callable[[Request, Any], Response | Awaitable[Response]]
+    ) -> Callable[[Request, Any], Awaitable[Response]]:
         """The API's error handler, answering an HTML page on /ui paths: the same status, headers and words."""
 
         async def handle(request: Request, exc: Any) -> Response:
@@ -169,10 +200,21 @@ class Dashboard:
             if answer.status_code == 404 and detail == "Not Found":
                 detail = f"there is no page {request.url.path}"
             session = self.session_of(request)
-            headers = {k: v for k, v in answer.headers.items() if k.lower() in ("retry-after", "allow", "x-request-id")}
-            page = self.render("error.html", answer.status_code, title=f"Error {answer.status_code}",
-                               status=answer.status_code, detail=detail, section="",
-                               owner=session.owner if session else None, csrf=session.csrf if session else "")
+            headers = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() in ("retry-after", "allow", "x-request-id")
+            }
+            page = self.render(
+                "error.html",
+                answer.status_code,
+                title=f"Error {answer.status_code}",
+                status=answer.status_code,
+                detail=detail,
+                section="",
+                owner=session.owner if session else None,
+                csrf=session.csrf if session else "",
+            )
             page.headers.update(headers)
             return page
 

@@ -20,5 +20,12 @@ def workers(request: Request) -> HTMLResponse:
     depth = grid.queue.depth_of(session.owner)
     if depth is None:
         depth = grid.registry.count_jobs(owner=session.owner).get("pending", 0)
-    return board.page_of(session, "workers.html", "Workers", title="Workers", names=mine, queue_depth=depth,
-                         workers=[scoped_worker(w, set(mine)) for w in jobs.live_workers(grid)])  # as /v1/system/status
+    return board.page_of(
+        session,
+        "workers.html",
+        "Workers",
+        title="Workers",
+        names=mine,
+        queue_depth=depth,
+        workers=[scoped_worker(w, set(mine)) for w in jobs.live_workers(grid)],
+    )  # as /v1/system/status

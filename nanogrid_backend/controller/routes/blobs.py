@@ -67,41 +67,66 @@ def exists(sha256: str, request: Request, caller: Caller) -> Response:
     return Response(headers={"content-length": str(size)})
 
 
-@router.post("/blobs/{sha256}/upload", response_model=UploadOffer,
-             responses={413: {"description": "over the grid's max_payload_bytes"}})
-def upload_offer(sha256: str, request: Request, size: Annotated[int, Query(ge=0)],
-                 caller: Caller) -> dict:
+@router.post(
+    "/blobs/{sha256}/upload",
+    response_model=UploadOffer,
+    responses={413: {"description": "over the grid's max_payload_bytes"}},
+)
+def upload_offer(
+    sha256: str, request: Request, size: Annotated[int, Query(ge=0)], caller: Caller
+) -> dict:
     """Where to upload this blob of ``size`` bytes: on S3 (unless ``direct_uploads`` is off) a short-lived
     presigned PUT of exactly the caller's key, that size and that SHA-256; else through this controller.
 
     The size is a query parameter (no body): blob routes skip the body cap, since PUT streams its own."""
     blobs, config = _space(request), request.app.state.config
-    key = key_for(caller.name, _checked(sha256, caller))  # the caller's own scope, whatever hash they name
+    key = key_for(
+        caller.name, _checked(sha256, caller)
+    )  # the caller's own scope, whatever hash they name
     if size > config.max_payload_bytes:
-        raise HTTPException(413, f"a blob of {size} bytes, over the grid's {config.max_payload_bytes}-byte "
-                                 "limit per value")
+        raise HTTPException(
+            413,
+            f"a blob of {size} bytes, over the grid's {config.max_payload_bytes}-byte "
+            "limit per value",
+        )
     if blobs.size(caller.name, sha256) == size:
-        return {"stored": True}  # content-addressed; another size would be a damaged copy, replaced by the upload
-    presign = getattr(blobs.store, "blob_upload_url", None)  # stores that take uploads directly (S3Store)
+        return {
+            "stored": True
+        }  # content-addressed; another size would be a damaged copy, replaced by the upload
+    presign = getattr(
+        blobs.store, "blob_upload_url", None
+    )  # stores that take uploads directly (S3Store)
     if not config.direct_uploads or presign is None:
         return {"url": None}
     url, headers, expires_in = presign(key, size, sha256)
     return {"url": url, "headers": headers, "expires_in": expires_in}
 
 
-@router.put("/blobs/{sha256}", status_code=201, responses={200: {"description": "already stored"},
-                                                    400: {"description": "the body does not hash to its name"},
-                                                    413: {"description": "over the grid's max_payload_bytes"},
-                                                    507: {"description": "the grid's disk is full"}})
+@router.put(
+    "/blobs/{sha256}",
+    status_code=201,
+    responses={
+        200: {"description": "already stored"},
+        400: {"description": "the body does not hash to its name"},
+        413: {"description": "over the grid's max_payload_bytes"},
+        507: {"description": "the grid's disk is full"},
+    },
+)
 async def upload(sha256: str, request: Request, caller: Caller) -> Response:
     blobs, limit = _space(request), request.app.state.config.max_payload_bytes
     _checked(sha256, caller)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"a blob of {int(declared)} bytes, over the grid's {limit}-byte limit per value")
+        raise HTTPException(
+            413, f"a blob of {int(declared)} bytes, over the grid's {limit}-byte limit per value"
+        )
     stored = blobs.size(caller.name, sha256)
-    if stored is not None and (declared is None or not declared.isdigit() or stored == int(declared)):
-        return Response(status_code=200)  # content-addressed: the same bytes are stored already (else: damaged)
+    if stored is not None and (
+        declared is None or not declared.isdigit() or stored == int(declared)
+    ):
+        return Response(
+            status_code=200
+        )  # content-addressed: the same bytes are stored already (else: damaged)
     path, digest, size = blobs.temp_file(), hashlib.sha256(), 0
     try:
         with path.open("xb") as f:
@@ -118,8 +143,11 @@ async def upload(sha256: str, request: Request, caller: Caller) -> Response:
         raise HTTPException(exc.status, exc.message) from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise HTTPException(507, "the grid's disk is full; the blob was not stored (the registry and other "
-                                     "data are unaffected)") from None
+            raise HTTPException(
+                507,
+                "the grid's disk is full; the blob was not stored (the registry and other "
+                "data are unaffected)",
+            ) from None
         raise
     finally:
         path.unlink(missing_ok=True)
@@ -134,15 +162,23 @@ def download(sha256: str, request: Request, caller: Caller) -> StreamingResponse
         chunks = blobs.open(caller.name, sha256)
     except BlobError as exc:
         raise HTTPException(exc.status, exc.message) from None
-    return StreamingResponse(chunks, media_type="application/octet-stream",
-                             headers={"content-length": str(size)} if size is not None else None)
+    return StreamingResponse(
+        chunks,
+        media_type="application/octet-stream",
+        headers={"content-length": str(size)} if size is not None else None,
+    )
 
 
-@router.post("/jobs/{job_id}/ref", response_model=BlobRef,
-             responses={404: {"description": "no such job (for this key's owner)"},
-                        409: {"description": "the job has not finished, or failed"},
-                        410: {"description": "its result was deleted after the retention"},
-                        422: {"description": "the function returns JSON (result='json')"}})
+@router.post(
+    "/jobs/{job_id}/ref",
+    response_model=BlobRef,
+    responses={
+        404: {"description": "no such job (for this key's owner)"},
+        409: {"description": "the job has not finished, or failed"},
+        410: {"description": "its result was deleted after the retention"},
+        422: {"description": "the function returns JSON (result='json')"},
+    },
+)
 def result_ref(job_id: str, request: Request, caller: Caller) -> dict:
     """The job's result kept as a blob (made now from a small result stored with the job): pass its hash as a
     blob of the next call instead of downloading and uploading the value."""
@@ -154,4 +190,3 @@ def result_ref(job_id: str, request: Request, caller: Caller) -> dict:
     except BlobError as exc:
         raise HTTPException(exc.status, exc.message) from None
     return {"sha256": sha256, "size": size}
-

@@ -51,27 +51,40 @@ def open_key(request: Request) -> str | None:
     any web page open on this machine could otherwise post code to the loopback address, or read results
     through a rebound DNS name, as the local owner."""
     state = request.app.state
-    if not state.config.open_access or "origin" in request.headers or "sec-fetch-site" in request.headers:
+    if (
+        not state.config.open_access
+        or "origin" in request.headers
+        or "sec-fetch-site" in request.headers
+    ):
         return None
     return state.grid.api_key
 
 
 async def authorize(
     request: Request,
-    x_api_key: Annotated[str | None, Security(APIKeyHeader(name="x-api-key", auto_error=False))] = None,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(HTTPBearer(auto_error=False))] = None,
+    x_api_key: Annotated[
+        str | None, Security(APIKeyHeader(name="x-api-key", auto_error=False))
+    ] = None,
+    bearer: Annotated[
+        HTTPAuthorizationCredentials | None, Security(HTTPBearer(auto_error=False))
+    ] = None,
 ) -> ApiKey:
     """Every route but /health: a valid key, within its rate limit."""
     state = request.app.state
     try:
-        key = state.authenticator.check(x_api_key or (bearer.credentials if bearer else None) or open_key(request))
+        key = state.authenticator.check(
+            x_api_key or (bearer.credentials if bearer else None) or open_key(request)
+        )
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     rate = state.config.rate_limit if key.rate_limit is None else key.rate_limit
     wait = state.buckets.take(key.key_id, rate, key.rate_burst or state.config.rate_burst)
     if wait:
-        raise HTTPException(429, f"rate limit: {rate:g} requests/s for key {key.name!r}; retry in {wait:.2f} s",
-                            headers={"Retry-After": retry_after_header(wait)})
+        raise HTTPException(
+            429,
+            f"rate limit: {rate:g} requests/s for key {key.name!r}; retry in {wait:.2f} s",
+            headers={"Retry-After": retry_after_header(wait)},
+        )
     return key
 
 
@@ -81,7 +94,11 @@ Caller = Annotated[ApiKey, Depends(authorize)]
 async def authorize_request(request: Request) -> ApiKey:
     """``authorize`` for a route that also accepts another proof (a signed link) instead of a key."""
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials) if scheme.lower() == "bearer" else None
+    bearer = (
+        HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials)
+        if scheme.lower() == "bearer"
+        else None
+    )
     return await authorize(request, request.headers.get("x-api-key"), bearer)
 
 
@@ -94,14 +111,20 @@ def resolve_function(grid: Grid, owner: str, function_id: str) -> FunctionRecord
     if function_id.startswith("fn-"):
         function = grid.registry.get_function(function_id)
         return function if function is not None and function.owner == owner else None
-    return next((f for f in grid.registry.list_functions(owner=owner) if f.stable_id == function_id), None)
+    return next(
+        (f for f in grid.registry.list_functions(owner=owner) if f.stable_id == function_id), None
+    )
 
 
 def function_or_404(request: Request, function_id: str, caller: ApiKey) -> FunctionRecord:
     """The caller's function (by a NanoGrid or a seed id), remembered: records never change (ids are content hashes)."""
     known: dict[str, FunctionRecord] = request.app.state.functions  # deletes evict
-    function = known.get(function_id) or resolve_function(grid_of(request), caller.name, function_id)
-    if function is None or function.owner != caller.name:  # another owner's function does not exist for you
+    function = known.get(function_id) or resolve_function(
+        grid_of(request), caller.name, function_id
+    )
+    if (
+        function is None or function.owner != caller.name
+    ):  # another owner's function does not exist for you
         raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
     known[function.function_id] = function
     return function

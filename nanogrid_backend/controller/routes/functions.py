@@ -14,8 +14,12 @@ from nanogrid_backend.controller.schemas import Deleted, FunctionView
 router = APIRouter(prefix="/v1")
 
 
-@router.post("/upload", response_model=FunctionView, status_code=201,
-             responses={200: {"model": FunctionView, "description": "identical package already uploaded"}})
+@router.post(
+    "/upload",
+    response_model=FunctionView,
+    status_code=201,
+    responses={200: {"model": FunctionView, "description": "identical package already uploaded"}},
+)
 async def upload(
     caller: Caller,
     grid: CurrentGrid,
@@ -28,7 +32,13 @@ async def upload(
     memory: Annotated[int, Form(description="MiB")] = None,  # type: ignore[assignment]
 ) -> JSONResponse:
     data = await file.read()
-    form = {"name": function_name, "runtime": runtime, "handler": handler, "timeout": timeout, "memory": memory}
+    form = {
+        "name": function_name,
+        "runtime": runtime,
+        "handler": handler,
+        "timeout": timeout,
+        "memory": memory,
+    }
     record, created = jobs.deploy(grid, caller, file.filename or "package.zip", data, form)
     return JSONResponse(record.to_dict(), status_code=201 if created else 200)
 

@@ -9,7 +9,14 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
-from nanogrid_backend.controller.history import TEXT_CAP, advise, apply_memory, history_entry, page, rates_for
+from nanogrid_backend.controller.history import (
+    TEXT_CAP,
+    advise,
+    apply_memory,
+    history_entry,
+    page,
+    rates_for,
+)
 from nanogrid_backend.controller.routes.deps import Caller, CurrentGrid, resolve_function
 from nanogrid_backend.controller.routes.jobs import JobStatus
 from nanogrid_backend.grid import Grid
@@ -18,16 +25,22 @@ from nanogrid_backend.models import ApiKey, FunctionRecord
 router = APIRouter(prefix="/v1", tags=["operations"])
 
 Limit = Annotated[int, Query(ge=1, le=500, description="calls per page")]
-Before = Annotated[str | None, Query(description="next_before of the previous page (a job id), or a Unix time")]
+Before = Annotated[
+    str | None, Query(description="next_before of the previous page (a job id), or a Unix time")
+]
 Status = Annotated[JobStatus | None, Query()]
 
 
 class ApplyRequest(BaseModel):
-    memory_mib: int | None = Field(None, ge=16, description="the size to apply (default: the AutoTuner's advice)")
+    memory_mib: int | None = Field(
+        None, ge=16, description="the size to apply (default: the AutoTuner's advice)"
+    )
 
 
 def owned_function(grid: Grid, function_id: str, key: ApiKey) -> FunctionRecord:
-    function = resolve_function(grid, key.name, function_id)  # a NanoGrid id or a seed function's uuid
+    function = resolve_function(
+        grid, key.name, function_id
+    )  # a NanoGrid id or a seed function's uuid
     if function is None:
         raise HTTPException(404, f"no function {function_id!r}")
     return function
@@ -47,20 +60,38 @@ def cursor(grid: Grid, before: str | None, key: ApiKey) -> tuple[float, str] | N
 
 
 @router.get("/history")
-def owner_history(key: Caller, grid: CurrentGrid, limit: Limit = 50, before: Before = None, status: Status = None,
-                  function_id: Annotated[str | None, Query(max_length=64)] = None) -> dict:
+def owner_history(
+    key: Caller,
+    grid: CurrentGrid,
+    limit: Limit = 50,
+    before: Before = None,
+    status: Status = None,
+    function_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict:
     """The caller's calls, newest first: status, times, duration, peak memory, cold/warm, worker, exit reason."""
-    entries = grid.registry.list_history(key.name, function_id, status, limit, cursor(grid, before, key), TEXT_CAP)
+    entries = grid.registry.list_history(
+        key.name, function_id, status, limit, cursor(grid, before, key), TEXT_CAP
+    )
     return page(entries, limit)
 
 
 @router.get("/functions/{function_id}/history")
-def function_history(function_id: str, key: Caller, grid: CurrentGrid, limit: Limit = 50, before: Before = None,
-                     status: Status = None) -> dict:
+def function_history(
+    function_id: str,
+    key: Caller,
+    grid: CurrentGrid,
+    limit: Limit = 50,
+    before: Before = None,
+    status: Status = None,
+) -> dict:
     """One function's calls, newest first (stdout/stderr cut to 2,048 characters: ``/v1/history/{job_id}``)."""
-    resolved = resolve_function(grid, key.name, function_id)  # a seed function's uuid: its newest version
+    resolved = resolve_function(
+        grid, key.name, function_id
+    )  # a seed function's uuid: its newest version
     function_id = resolved.function_id if resolved is not None else function_id
-    entries = grid.registry.list_history(key.name, function_id, status, limit, cursor(grid, before, key), TEXT_CAP)
+    entries = grid.registry.list_history(
+        key.name, function_id, status, limit, cursor(grid, before, key), TEXT_CAP
+    )
     return page(entries, limit)
 
 
@@ -81,11 +112,20 @@ def function_windows(function_id: str, key: Caller, grid: CurrentGrid) -> dict:
 
 
 @router.get("/functions/{function_id}/autotune")
-def autotune(function_id: str, key: Caller, grid: CurrentGrid, lambda_gb_s: Annotated[float | None, Query(gt=0)] = None,
-             ec2_hourly: Annotated[float | None, Query(gt=0)] = None,
-             ec2_memory_gib: Annotated[float | None, Query(gt=0)] = None) -> dict:
+def autotune(
+    function_id: str,
+    key: Caller,
+    grid: CurrentGrid,
+    lambda_gb_s: Annotated[float | None, Query(gt=0)] = None,
+    ec2_hourly: Annotated[float | None, Query(gt=0)] = None,
+    ec2_memory_gib: Annotated[float | None, Query(gt=0)] = None,
+) -> dict:
     """A memory size from the observed peaks, why, and the saving per million calls (rates: the grid's or these)."""
-    return advise(grid, owned_function(grid, function_id, key), rates_for(grid, lambda_gb_s, ec2_hourly, ec2_memory_gib))
+    return advise(
+        grid,
+        owned_function(grid, function_id, key),
+        rates_for(grid, lambda_gb_s, ec2_hourly, ec2_memory_gib),
+    )
 
 
 @router.post("/functions/{function_id}/autotune/apply", status_code=201)
@@ -94,6 +134,9 @@ def autotune_apply(function_id: str, body: ApplyRequest, key: Caller, grid: Curr
     function = owned_function(grid, function_id, key)
     memory = body.memory_mib or advise(grid, function, rates_for(grid))["recommended_mib"]
     if memory is None:
-        raise HTTPException(409, "the AutoTuner has too few measured calls of this function to advise a size; "
-                                 "give memory_mib to apply one anyway")
+        raise HTTPException(
+            409,
+            "the AutoTuner has too few measured calls of this function to advise a size; "
+            "give memory_mib to apply one anyway",
+        )
     return apply_memory(grid, function, memory).to_dict()

@@ -1,4 +1,5 @@
-"""``/v1/run``, ``/v1/map``, ``/v1/status`` and ``/v1/jobs``: calls, their results, live output, cancels and output files."""
+"""``/v1/run``, ``/v1/map``, ``/v1/status`` and ``/v1/jobs``: calls, their results, live output,
+cancels and output files."""
 
 from __future__ import annotations
 
@@ -44,31 +45,62 @@ def view(request: Request, job: JobRecord, with_result: bool = True, **extra: An
     return JobView.of(job, base_url(request), with_result, request.app.state.links, **extra)
 
 
-@router.post("/run", response_model=JobView,
-             responses={202: {"model": JobView, "description": "accepted (async)"}})
-async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentGrid,
-              x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False,
-              x_hold: Annotated[float | None, Header(ge=0, le=SYNC_WAIT_CAP_S, description=(
-                  "seconds to wait for the result before answering 202 (a client that follows the job's "
-                  "live output after that)"))] = None) -> JSONResponse:
+@router.post(
+    "/run",
+    response_model=JobView,
+    responses={202: {"model": JobView, "description": "accepted (async)"}},
+)
+async def run(
+    body: RunRequest,
+    request: Request,
+    caller: Caller,
+    grid: CurrentGrid,
+    x_async: Annotated[bool, Header(description="true: answer 202 at once")] = False,
+    x_hold: Annotated[
+        float | None,
+        Header(
+            ge=0,
+            le=SYNC_WAIT_CAP_S,
+            description=(
+                "seconds to wait for the result before answering 202 (a client that follows the job's "
+                "live output after that)"
+            ),
+        ),
+    ] = None,
+) -> JSONResponse:
     function = function_or_404(request, body.function_id, caller)
     pickles = [body.args_pickle] if body.args_pickle is not None else None
     refs = [body.blobs] if body.blobs else None
-    payloads = jobs.encode_payloads(function, [body.payload], pickles, jobs.inline_cap(grid.config),
-                                    jobs.checked_blobs(grid, caller.name, refs, pickles))
+    payloads = jobs.encode_payloads(
+        function,
+        [body.payload],
+        pickles,
+        jobs.inline_cap(grid.config),
+        jobs.checked_blobs(grid, caller.name, refs, pickles),
+    )
     (job,) = jobs.new_jobs(function, payloads, caller.name)
     if x_async:
-        await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
+        await asyncio.to_thread(
+            jobs.submit, grid, function, [job], body.model, caller.max_timeout_s
+        )
         return JSONResponse(view(request, job).body(), status_code=202)
-    finished, unsubscribe = jobs.subscribe(grid, [job.job_id])  # before queueing: no result slips past
+    finished, unsubscribe = jobs.subscribe(
+        grid, [job.job_id]
+    )  # before queueing: no result slips past
     try:
-        await asyncio.to_thread(jobs.submit, grid, function, [job], body.model, caller.max_timeout_s)
-        hold = min(function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if x_hold is None else x_hold)
+        await asyncio.to_thread(
+            jobs.submit, grid, function, [job], body.model, caller.max_timeout_s
+        )
+        hold = min(
+            function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if x_hold is None else x_hold
+        )
         result = asyncio.ensure_future(jobs.next_result(grid, job.job_id, finished, hold))
         gone = asyncio.ensure_future(jobs.until_disconnected(request))
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
-        if not result.done():  # the caller went away while it waited: a call still queued is not run for nobody
+        if (
+            not result.done()
+        ):  # the caller went away while it waited: a call still queued is not run for nobody
             result.cancel()
             jobs.cancel_unwatched(grid, [job.job_id])
             return JSONResponse(view(request, job).body(), 202)
@@ -80,18 +112,33 @@ async def run(body: RunRequest, request: Request, caller: Caller, grid: CurrentG
     return JSONResponse(view(request, done).body())
 
 
-@router.post("/map", responses={200: {"content": {"application/x-ndjson": {}},
-                                         "description": "a line {job_ids}, then a JobView line (with index) per call"}})
-async def map_(body: MapRequest, request: Request, caller: Caller, grid: CurrentGrid,
-               config: Settings) -> StreamingResponse:
+@router.post(
+    "/map",
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": "a line {job_ids}, then a JobView line (with index) per call",
+        }
+    },
+)
+async def map_(
+    body: MapRequest, request: Request, caller: Caller, grid: CurrentGrid, config: Settings
+) -> StreamingResponse:
     function = function_or_404(request, body.function_id, caller)
     if (body.payloads is None) == (body.args_pickle is None):
         raise jobs.BadRequest("send exactly one of 'payloads' or 'args_pickle'", 422)
     count = len(body.payloads if body.payloads is not None else body.args_pickle or [])
     if count > config.map_chunk_limit:
-        raise jobs.BadRequest(f"{count} calls in one request; send at most {config.map_chunk_limit}", 413)
-    payloads = jobs.encode_payloads(function, body.payloads, body.args_pickle, jobs.inline_cap(config),
-                                    jobs.checked_blobs(grid, caller.name, body.blobs, body.args_pickle))
+        raise jobs.BadRequest(
+            f"{count} calls in one request; send at most {config.map_chunk_limit}", 413
+        )
+    payloads = jobs.encode_payloads(
+        function,
+        body.payloads,
+        body.args_pickle,
+        jobs.inline_cap(config),
+        jobs.checked_blobs(grid, caller.name, body.blobs, body.args_pickle),
+    )
     new = jobs.new_jobs(function, payloads, caller.name)
     job_ids = [job.job_id for job in new]
     finished, unsubscribe = jobs.subscribe(grid, job_ids)
@@ -106,45 +153,79 @@ async def map_(body: MapRequest, request: Request, caller: Caller, grid: Current
                 unreported.difference_update(job.job_id for _, job in news)
                 # one write for all that finished together; an empty line when nothing did, so clients can time
                 # out on silence
-                yield b"".join(json.dumps({"index": index, **JobView.of(job, url, links=links).body()}).encode()
-                               + b"\n" for index, job in news) or b"\n"
+                yield (
+                    b"".join(
+                        json.dumps(
+                            {"index": index, **JobView.of(job, url, links=links).body()}
+                        ).encode()
+                        + b"\n"
+                        for index, job in news
+                    )
+                    or b"\n"
+                )
         finally:
-            if unreported:  # the client stopped reading (gone): its calls still queued are not run for nobody
+            if (
+                unreported
+            ):  # the client stopped reading (gone): its calls still queued are not run for nobody
                 jobs.cancel_unwatched(grid, sorted(unreported))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @router.get("/status/{job_id}", response_model=JobView)
-async def status(job_id: str, request: Request, caller: Caller, grid: CurrentGrid,
-                 wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
-                 ) -> JobView:
+async def status(
+    job_id: str,
+    request: Request,
+    caller: Caller,
+    grid: CurrentGrid,
+    wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for it to finish")] = 0,
+) -> JobView:
     job = job_or_404(grid, job_id, caller)
     return view(request, await jobs.wait_for(grid, job_id, wait, job) or job)
 
 
 @router.get("/jobs/{job_id}/logs", response_model=LiveLog)
-async def live_log(job_id: str, request: Request, caller: Caller, grid: CurrentGrid,
-                   after: Annotated[str, Query(max_length=64, description="the cursor of the last answer")] = "",
-                   wait: Annotated[float, Query(ge=0, le=5, description="seconds to wait for new output")] = 0,
-                   watched: Annotated[bool, Query(description=(
-                       "the caller waits for this job (a sync call): if it goes away during the wait while "
-                       "the job is still queued, the job is cancelled"))] = False,
-                   ) -> dict:
+async def live_log(
+    job_id: str,
+    request: Request,
+    caller: Caller,
+    grid: CurrentGrid,
+    after: Annotated[str, Query(max_length=64, description="the cursor of the last answer")] = "",
+    wait: Annotated[float, Query(ge=0, le=5, description="seconds to wait for new output")] = 0,
+    watched: Annotated[
+        bool,
+        Query(
+            description=(
+                "the caller waits for this job (a sync call): if it goes away during the wait while "
+                "the job is still queued, the job is cancelled"
+            )
+        ),
+    ] = False,
+) -> dict:
     """What a job printed since ``after``, as it prints it (long-poll with ``wait``); ``ended`` once it finished."""
     job_or_404(grid, job_id, caller)
-    finished, unsubscribe = jobs.subscribe(grid, [job_id])  # a job that never prints ends its wait too
+    finished, unsubscribe = jobs.subscribe(
+        grid, [job_id]
+    )  # a job that never prints ends its wait too
     try:
         job = await asyncio.to_thread(grid.registry.get_job, job_id)
         if job is None or job.finished:
             chunks, cursor, _ = await asyncio.to_thread(grid.bus.read_log, job_id, after, 0)
             ended = True
         else:
-            reading = asyncio.ensure_future(asyncio.to_thread(grid.bus.read_log, job_id, after, wait))
+            reading = asyncio.ensure_future(
+                asyncio.to_thread(grid.bus.read_log, job_id, after, wait)
+            )
             ending = asyncio.ensure_future(finished.get())
-            gone = asyncio.ensure_future(jobs.until_disconnected(request) if watched else asyncio.Event().wait())
-            await asyncio.wait({reading, ending, gone}, timeout=wait + 1, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done():  # the one waiting for it went away: a call still queued is not run for nobody
+            gone = asyncio.ensure_future(
+                jobs.until_disconnected(request) if watched else asyncio.Event().wait()
+            )
+            await asyncio.wait(
+                {reading, ending, gone}, timeout=wait + 1, return_when=asyncio.FIRST_COMPLETED
+            )
+            if (
+                gone.done()
+            ):  # the one waiting for it went away: a call still queued is not run for nobody
                 jobs.cancel_unwatched(grid, [job_id])
             gone.cancel()
             ending.cancel()
@@ -155,24 +236,44 @@ async def live_log(job_id: str, request: Request, caller: Caller, grid: CurrentG
                 ended = True
     finally:
         unsubscribe()
-    return {"chunks": [{"stream": stream, "text": data.decode("utf-8", "replace")} for stream, data in chunks],
-            "cursor": cursor, "ended": ended}
+    return {
+        "chunks": [
+            {"stream": stream, "text": data.decode("utf-8", "replace")} for stream, data in chunks
+        ],
+        "cursor": cursor,
+        "ended": ended,
+    }
 
 
-@router.get("/jobs", response_model=list[JobView],
-            responses={403: {"model": ErrorDetail, "description": "all_owners without an admin key"}})
-def list_jobs(request: Request, caller: Caller, grid: CurrentGrid,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-              status: Annotated[JobStatus | None, Query()] = None,
-              all_owners: Annotated[bool, Query(description="every owner's jobs (admin keys only)")] = False,
-              ) -> list[JobView]:
+@router.get(
+    "/jobs",
+    response_model=list[JobView],
+    responses={403: {"model": ErrorDetail, "description": "all_owners without an admin key"}},
+)
+def list_jobs(
+    request: Request,
+    caller: Caller,
+    grid: CurrentGrid,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    status: Annotated[JobStatus | None, Query()] = None,
+    all_owners: Annotated[bool, Query(description="every owner's jobs (admin keys only)")] = False,
+) -> list[JobView]:
     if all_owners and not caller.admin:
-        raise HTTPException(403, "all_owners=true needs an admin key (`nanogrid keys create NAME --admin`)")
+        raise HTTPException(
+            403, "all_owners=true needs an admin key (`nanogrid keys create NAME --admin`)"
+        )
     listed = grid.registry.list_jobs(limit, status, None if all_owners else caller.name)
     # another owner's result is never sent, even to an admin: a client unpickles what it gets
     functions = {f: grid.registry.get_function(f) for f in {job.function_id for job in listed}}
-    return [view(request, job, with_result=job.owner == caller.name,
-                 function_name=getattr(functions[job.function_id], "function_name", None)) for job in listed]
+    return [
+        view(
+            request,
+            job,
+            with_result=job.owner == caller.name,
+            function_name=getattr(functions[job.function_id], "function_name", None),
+        )
+        for job in listed
+    ]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView)
@@ -185,22 +286,41 @@ async def cancel(job_id: str, request: Request, caller: Caller, grid: CurrentGri
 @router.post("/jobs/cancel", response_model=Cancelled)
 def cancel_many(body: CancelRequest, caller: Caller, grid: CurrentGrid) -> dict:
     """Cancel many jobs at once (an interrupted .map()); unknown and finished ids are passed over."""
-    owned = [job for job in map(grid.registry.get_job, body.job_ids) if job is not None and job.owner == caller.name]
+    owned = [
+        job
+        for job in map(grid.registry.get_job, body.job_ids)
+        if job is not None and job.owner == caller.name
+    ]
     return {"cancelled": jobs.cancel_all(grid, owned)}
 
 
-@router.get("/jobs/{job_id}/outputs/{name:path}",
-            responses={200: {"content": {"application/octet-stream": {}}},
-                       410: {"model": ErrorDetail, "description": "deleted after the retention"}})
-async def download_output(job_id: str, name: str, request: Request, grid: CurrentGrid, links: Links,
-                          expires: Annotated[int | None, Query(description="a signed link's expiry")] = None,
-                          sig: Annotated[str | None, Query(max_length=64, description="a signed link's signature")]
-                          = None) -> Response:
+@router.get(
+    "/jobs/{job_id}/outputs/{name:path}",
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        410: {"model": ErrorDetail, "description": "deleted after the retention"},
+    },
+)
+async def download_output(
+    job_id: str,
+    name: str,
+    request: Request,
+    grid: CurrentGrid,
+    links: Links,
+    expires: Annotated[int | None, Query(description="a signed link's expiry")] = None,
+    sig: Annotated[
+        str | None, Query(max_length=64, description="a signed link's signature")
+    ] = None,
+) -> Response:
     """With the API key, or through the signed link a job view gives (for a browser: no key in it)."""
     job = await asyncio.to_thread(grid.registry.get_job, job_id)
     presents_key = "x-api-key" in request.headers or "authorization" in request.headers
     if sig is not None and not presents_key:  # a browser following a job view's link
-        why = links.check(job_id, name, job.owner, expires or 0, sig) if job is not None else "no such job"
+        why = (
+            links.check(job_id, name, job.owner, expires or 0, sig)
+            if job is not None
+            else "no such job"
+        )
         if why:
             raise HTTPException(403, why)
         owner = job.owner if job is not None else ""
@@ -210,10 +330,17 @@ async def download_output(job_id: str, name: str, request: Request, grid: Curren
         raise HTTPException(404, f"job {job_id!r} has no output file {name!r}")
     direct = grid.store.output_url(job_id, name)
     if direct:
-        return RedirectResponse(direct, status_code=307)  # a presigned URL: bytes never pass through here
+        return RedirectResponse(
+            direct, status_code=307
+        )  # a presigned URL: bytes never pass through here
     try:
         chunks = grid.store.open_output(job_id, name)
     except FileNotFoundError:
-        raise HTTPException(410, f"output file {name!r} of job {job_id!r} was deleted: outputs are kept "
-                                 f"{grid.config.output_retention_s / 86400:g} days") from None
-    return output_response(name, chunks)  # images, PDFs and text open in the browser; the rest downloads
+        raise HTTPException(
+            410,
+            f"output file {name!r} of job {job_id!r} was deleted: outputs are kept "
+            f"{grid.config.output_retention_s / 86400:g} days",
+        ) from None
+    return output_response(
+        name, chunks
+    )  # images, PDFs and text open in the browser; the rest downloads

@@ -17,7 +17,9 @@ from nanogrid_backend.secretbox import SecretError, check_secret
 
 
 class SecretValues(BaseModel):
-    values: dict[str, str] = Field(description="variable name -> value; replaces the secret's earlier values")
+    values: dict[str, str] = Field(
+        description="variable name -> value; replaces the secret's earlier values"
+    )
 
 
 class SecretView(BaseModel):
@@ -28,8 +30,12 @@ class SecretView(BaseModel):
 
 
 def view(secret: SecretRecord) -> dict[str, Any]:
-    return {"name": secret.name, "variables": secret.variables, "created_at": secret.created_at,
-            "updated_at": secret.updated_at}
+    return {
+        "name": secret.name,
+        "variables": secret.variables,
+        "created_at": secret.created_at,
+        "updated_at": secret.updated_at,
+    }
 
 
 router = APIRouter(prefix="/v1/secrets", tags=["secrets"])
@@ -45,8 +51,9 @@ def set_secret(name: str, body: SecretValues, key: Caller, grid: CurrentGrid) ->
     earlier = grid.registry.get_secret(owner.name, name)
     now = time.time()
     sealed = grid.secrets.seal(json.dumps(body.values).encode(), owner.name, name)
-    secret = SecretRecord(owner.name, name, sealed, sorted(body.values),
-                          earlier.created_at if earlier else now, now)
+    secret = SecretRecord(
+        owner.name, name, sealed, sorted(body.values), earlier.created_at if earlier else now, now
+    )
     grid.registry.put_secret(secret)
     return view(secret)
 
@@ -62,4 +69,3 @@ def delete_secret(name: str, key: Caller, grid: CurrentGrid) -> dict[str, Any]:
     if secret is None or not grid.registry.delete_secret(key.name, name):
         raise HTTPException(404, f"no secret {name!r}; `nanogrid secrets list` shows yours")
     return view(secret)
-

@@ -19,8 +19,11 @@ from nanogrid_backend.volumes import VolumeError, chunks
 
 
 class VolumeSize(BaseModel):
-    size_mib: int | None = Field(None, description="its size when it is made (default 1024); an existing volume "
-                                                   "keeps its own, and naming another is refused (409)")
+    size_mib: int | None = Field(
+        None,
+        description="its size when it is made (default 1024); an existing volume "
+        "keeps its own, and naming another is refused (409)",
+    )
 
 
 class VolumeView(BaseModel):
@@ -93,13 +96,18 @@ async def put_file(name: str, body: PutFile, key: Caller, grid: CurrentGrid) -> 
 
 
 @router.get("/{name}/files", responses={200: {"content": {"application/octet-stream": {}}}})
-def get_file(name: str, key: Caller, grid: CurrentGrid, path: str = Query(...)) -> StreamingResponse:
+def get_file(
+    name: str, key: Caller, grid: CurrentGrid, path: str = Query(...)
+) -> StreamingResponse:
     try:
         fd, size = grid.volumes.open_file(key.name, name, path)
     except VolumeError as exc:
         raise _refused(exc) from None
-    return StreamingResponse(chunks(fd, size), media_type="application/octet-stream",
-                             headers={"content-length": str(size)})
+    return StreamingResponse(
+        chunks(fd, size),
+        media_type="application/octet-stream",
+        headers={"content-length": str(size)},
+    )
 
 
 @router.get("/{name}/list", response_model=list[Entry])
@@ -117,4 +125,3 @@ def remove(name: str, key: Caller, grid: CurrentGrid, path: str = Query(...)) ->
     except VolumeError as exc:
         raise _refused(exc) from None
     return {"path": path, "removed": True}
-

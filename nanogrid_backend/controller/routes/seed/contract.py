@@ -47,7 +47,12 @@ SYNC_WAIT_S = 290.0  # then {"status": "TIMEOUT"}, as the original
 WORKER_TIMEOUT_S = 30.0  # a worker that posted no heartbeat for this long is gone
 LOG_FEED = 100  # GET /logs: the newest finished calls, as the original's ring buffer of 100
 MESSAGE_PREVIEW = 200
-EXIT_CODES = {"timeout": -1, "cancelled": -1, "interrupted": -1, "memory": 137}  # else 1 for a failure
+EXIT_CODES = {
+    "timeout": -1,
+    "cancelled": -1,
+    "interrupted": -1,
+    "memory": 137,
+}  # else 1 for a failure
 SNAKE_POLL = "Job submitted. Poll GET /status/{} for results."
 NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -64,19 +69,26 @@ class SeedRoute(APIRoute):
             except StarletteHTTPException as exc:
                 response = seed_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
             except RequestValidationError as exc:
-                problems = "; ".join(f"{'.'.join(map(str, p.get('loc', ())))}: {p.get('msg')}" for p in exc.errors())
+                problems = "; ".join(
+                    f"{'.'.join(map(str, p.get('loc', ())))}: {p.get('msg')}" for p in exc.errors()
+                )
                 response = seed_error(400, problems or "invalid request")
             except (PackageError, jobs.BadRequest) as exc:
                 response = seed_error(exc.status, str(exc))
             except RegistryBusy:
-                response = seed_error(503, "the grid's registry is locked by another process; try again in a few "
-                                           "seconds", {"Retry-After": "5"})
+                response = seed_error(
+                    503,
+                    "the grid's registry is locked by another process; try again in a few seconds",
+                    {"Retry-After": "5"},
+                )
             except (sqlite3.OperationalError, OSError) as exc:
                 if not disk_full(exc):
                     raise
                 log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
                 response = seed_error(507, DISK_FULL)
-            for name, value in getattr(request.state, "rate_headers", {}).items():  # set by rate_limited
+            for name, value in getattr(
+                request.state, "rate_headers", {}
+            ).items():  # set by rate_limited
                 response.headers.setdefault(name, value)
             return response
 
@@ -87,7 +99,9 @@ def seed_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def seed_caller(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> ApiKey:
+async def seed_caller(
+    request: Request, x_api_key: Annotated[str | None, Header()] = None
+) -> ApiKey:
     """The seed's auth: the ``x-api-key`` header, any of the grid's keys (its owner's functions and jobs only)."""
     try:
         return request.app.state.authenticator.check(x_api_key or open_key(request))
@@ -107,15 +121,20 @@ async def rate_limited(request: Request, caller: Authenticated) -> ApiKey:
         if state.buckets_in_process:  # this process's memory: microseconds, no thread needed
             wait, left = state.buckets.take_counted(caller.key_id, rate, burst)
         else:  # Redis: a network round trip, off the event loop
-            wait, left = await asyncio.to_thread(state.buckets.take_counted, caller.key_id, rate, burst)
+            wait, left = await asyncio.to_thread(
+                state.buckets.take_counted, caller.key_id, rate, burst
+            )
     except Exception as exc:  # as the original: a broken limiter lets requests through
         log.warning("rate limiter failed, letting the request through: %s", exc)
         return caller
     headers = {"X-RateLimit-Limit": str(burst), "X-RateLimit-Remaining": str(max(0, int(left)))}
     request.state.rate_headers = headers
     if wait:
-        raise HTTPException(429, "Too Many Requests (Token Bucket Exhausted)",
-                            headers={**headers, "Retry-After": str(max(1, int(wait + 0.999)))})
+        raise HTTPException(
+            429,
+            "Too Many Requests (Token Bucket Exhausted)",
+            headers={**headers, "Retry-After": str(max(1, int(wait + 0.999)))},
+        )
     return caller
 
 
@@ -123,10 +142,15 @@ Caller = Annotated[ApiKey, Depends(rate_limited)]
 
 
 def iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+    return (
+        None
+        if timestamp is None
+        else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+    )
 
 
 # functions and their versions
+
 
 def seed_id_of(function: FunctionRecord) -> str:
     return function.stable_id or function.function_id
@@ -134,12 +158,18 @@ def seed_id_of(function: FunctionRecord) -> str:
 
 def versions_of(grid: Grid, caller: ApiKey, seed_id: str) -> list[FunctionRecord]:
     """The caller's versions of a seed function, newest first; [] if it has none (or another owner has it)."""
-    if seed_id.startswith("fn-"):  # a NanoGrid function id: itself, plus any versions made by seed updates
+    if seed_id.startswith(
+        "fn-"
+    ):  # a NanoGrid function id: itself, plus any versions made by seed updates
         own = grid.registry.get_function(seed_id)
         if own is None or own.owner != caller.name:
             return []
         if not own.stable_id:
-            return [f for f in grid.registry.list_functions(owner=caller.name) if seed_id_of(f) == seed_id] or [own]
+            return [
+                f
+                for f in grid.registry.list_functions(owner=caller.name)
+                if seed_id_of(f) == seed_id
+            ] or [own]
     return [f for f in grid.registry.list_functions(owner=caller.name) if seed_id_of(f) == seed_id]
 
 
@@ -161,22 +191,33 @@ def grid_runtime(grid: Grid, runtime: str) -> tuple[str, str | None]:
     """
     if runtime == "python":
         own = grid.config.python_runtime
-        return own if own in grid.runtimes else next((r for r in grid.runtimes if r.startswith("python")), own), None
+        return own if own in grid.runtimes else next(
+            (r for r in grid.runtimes if r.startswith("python")), own
+        ), None
     return packages.seed_runtime(runtime, grid.runtimes)
 
 
-def function_summary(versions: list[FunctionRecord], stats: dict[str, list[FunctionStats]]) -> dict[str, Any]:
+def function_summary(
+    versions: list[FunctionRecord], stats: dict[str, list[FunctionStats]]
+) -> dict[str, Any]:
     """GET /functions's item: the newest version's settings, invocations and averages over every version."""
     current, first = versions[0], versions[-1]
     rows = [row for v in versions for row in stats.get(v.function_id, [])]
     count = sum(row.count for row in rows)
     handler_count = sum(row.handler_count for row in rows)
     return {
-        "functionId": seed_id_of(current), "name": current.function_name, "description": current.description,
-        "runtime": seed_runtime(current.runtime), "memoryMb": current.memory_mib, "invocations": count,
+        "functionId": seed_id_of(current),
+        "name": current.function_name,
+        "description": current.description,
+        "runtime": seed_runtime(current.runtime),
+        "memoryMb": current.memory_mib,
+        "invocations": count,
         "avgDuration": round(sum(row.total_ms for row in rows) / count) if count else 0,
-        "avgHandlerDuration": round(sum(row.handler_ms for row in rows) / handler_count, 3) if handler_count else None,
-        "uploadedAt": iso(first.created_at), "updatedAt": iso(current.created_at),
+        "avgHandlerDuration": round(sum(row.handler_ms for row in rows) / handler_count, 3)
+        if handler_count
+        else None,
+        "uploadedAt": iso(first.created_at),
+        "updatedAt": iso(current.created_at),
     }
 
 
@@ -190,8 +231,12 @@ def grouped(functions: list[FunctionRecord]) -> list[list[FunctionRecord]]:
 
 
 # Each seed runtime's source file (as the seed's UI zips its editor) and handler: the UI's templates define them.
-SEED_SOURCES = {"python": ("main.py", "main.handler"), "nodejs": ("index.js", "index.handler"),
-                "go": ("main.go", "main.Handler"), "cpp": ("main.cpp", "main.handler")}
+SEED_SOURCES = {
+    "python": ("main.py", "main.handler"),
+    "nodejs": ("index.js", "index.handler"),
+    "go": ("main.go", "main.Handler"),
+    "cpp": ("main.cpp", "main.handler"),
+}
 
 
 def code_files(filename: str, data: bytes, runtime: str = "python") -> tuple[str, bytes]:
@@ -214,7 +259,9 @@ def parse_env_vars(text: str) -> dict[str, str]:
     try:
         values = json.loads(text)
     except ValueError:
-        raise HTTPException(400, "envVars must be a JSON object, e.g. {\"API_URL\": \"https://...\"}") from None
+        raise HTTPException(
+            400, 'envVars must be a JSON object, e.g. {"API_URL": "https://..."}'
+        ) from None
     if not isinstance(values, dict):
         raise HTTPException(400, "envVars must be a JSON object of NAME: value")
     for key in values:
@@ -225,6 +272,7 @@ def parse_env_vars(text: str) -> dict[str, str]:
 
 # results
 
+
 def seed_result(job: JobRecord, seed_id: str) -> dict[str, Any]:
     """A finished job as the seed's worker reported it (models.py ExecutionResult), plus the value as ``result``.
 
@@ -232,24 +280,40 @@ def seed_result(job: JobRecord, seed_id: str) -> dict[str, Any]:
     value there: ``stdout`` is what the function printed, then that JSON line.
     """
     completed = job.status == COMPLETED
-    value = json.loads(job.result) if completed and job.result is not None and job.result_format == "json" else None
+    value = (
+        json.loads(job.result)
+        if completed and job.result is not None and job.result_format == "json"
+        else None
+    )
     error = job.error or {}
     stdout = job.stdout + (json.dumps(value) + "\n" if completed else "")
     stderr = job.stderr
     if not completed:
         stderr += error.get("traceback") or f"{error.get('message', job.status)}\n"
-    total_ms = (job.finished_at - job.started_at) * 1000 if job.finished_at and job.started_at else None
-    tokens = sum(v for k, v in (job.ai_usage or {}).items() if k.endswith("tokens") and isinstance(v, int))
+    total_ms = (
+        (job.finished_at - job.started_at) * 1000 if job.finished_at and job.started_at else None
+    )
+    tokens = sum(
+        v for k, v in (job.ai_usage or {}).items() if k.endswith("tokens") and isinstance(v, int)
+    )
     return {
-        "requestId": job.job_id, "jobId": job.job_id, "functionId": seed_id,
+        "requestId": job.job_id,
+        "jobId": job.job_id,
+        "functionId": seed_id,
         "status": "SUCCESS" if completed else "FAILED",
         "exitCode": 0 if completed else EXIT_CODES.get(error.get("kind", ""), 1),
-        "stdout": stdout, "stderr": stderr, "result": value,
+        "stdout": stdout,
+        "stderr": stderr,
+        "result": value,
         "error": None if completed else error.get("message", job.status),
         "durationMs": round(total_ms if total_ms is not None else job.execution_time_ms or 0),
-        "handlerDurationMs": job.execution_time_ms, "peakMemoryBytes": job.peak_memory_bytes,
-        "allocatedMemoryMb": job.memory_limit_mib, "outputFiles": [f["name"] for f in job.output_files],
-        "workerId": job.worker_id, "llm_token_count": tokens, **run_tip(job),
+        "handlerDurationMs": job.execution_time_ms,
+        "peakMemoryBytes": job.peak_memory_bytes,
+        "allocatedMemoryMb": job.memory_limit_mib,
+        "outputFiles": [f["name"] for f in job.output_files],
+        "workerId": job.worker_id,
+        "llm_token_count": tokens,
+        **run_tip(job),
     }
 
 
@@ -269,11 +333,16 @@ def run_tip(job: JobRecord) -> dict[str, Any]:
     ratio = peak_mb / allocated
     if ratio < 0.3:
         recommended = max(MIN_MEMORY_MB, round(2 * peak_mb))
-        tip = (f"Resource Waste: this run peaked at {peak_mb:.0f} MB of {allocated} MB ({ratio:.0%}); "
-               f"{recommended} MB would do")
+        tip = (
+            f"Resource Waste: this run peaked at {peak_mb:.0f} MB of {allocated} MB ({ratio:.0%}); "
+            f"{recommended} MB would do"
+        )
     elif ratio > 0.85:
         recommended = max(MIN_MEMORY_MB, round(1.2 * peak_mb))
-        tip = f"Memory Risk: this run peaked at {peak_mb:.0f} MB of {allocated} MB ({ratio:.0%}); give it {recommended} MB"
+        tip = (
+            f"Memory Risk: this run peaked at {peak_mb:.0f} MB of {allocated} MB ({ratio:.0%}); "
+            f"give it {recommended} MB"
+        )
     else:
         return none
     if recommended == allocated:
@@ -300,16 +369,29 @@ def snake_result(job: JobRecord, seed_id: str, request: Request) -> dict[str, An
     ``output_files`` are URLs (the seed's were S3 URLs): signed links to the grid's copies, as ``/v1`` gives them.
     """
     completed = job.status == COMPLETED
-    value = json.loads(job.result) if completed and job.result is not None and job.result_format == "json" else None
-    total_ms = (job.finished_at - job.started_at) * 1000 if job.finished_at and job.started_at else None
+    value = (
+        json.loads(job.result)
+        if completed and job.result is not None and job.result_format == "json"
+        else None
+    )
+    total_ms = (
+        (job.finished_at - job.started_at) * 1000 if job.finished_at and job.started_at else None
+    )
     base, owner = str(request.base_url).rstrip("/"), job.owner
     links: LinkSigner = request.app.state.links  # the app's one signer, as /v1 signs them
     answer: dict[str, Any] = {
-        "job_id": job.job_id, "function_id": seed_id, "status": "completed" if completed else "failed",
+        "job_id": job.job_id,
+        "function_id": seed_id,
+        "status": "completed" if completed else "failed",
         "result": value,
-        "output_files": [f"{base}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}?"
-                         + links.query(job.job_id, f["name"], owner) for f in job.output_files],
-        "execution_time_ms": round(total_ms if total_ms is not None else job.execution_time_ms or 0),
+        "output_files": [
+            f"{base}/v1/jobs/{job.job_id}/outputs/{quote(f['name'])}?"
+            + links.query(job.job_id, f["name"], owner)
+            for f in job.output_files
+        ],
+        "execution_time_ms": round(
+            total_ms if total_ms is not None else job.execution_time_ms or 0
+        ),
         "logs": job.stdout + job.stderr,
     }
     if not completed:
@@ -319,11 +401,18 @@ def snake_result(job: JobRecord, seed_id: str, request: Request) -> dict[str, An
 
 def log_entry(job: JobRecord, seed_id: str) -> dict[str, Any]:
     result = seed_result(job, seed_id)
-    message = job.stderr or result["stdout"] or (result["error"] or "")  # nothing printed: the value's JSON line
+    message = (
+        job.stderr or result["stdout"] or (result["error"] or "")
+    )  # nothing printed: the value's JSON line
     return {
-        "id": job.job_id, "requestId": job.job_id, "timestamp": iso(job.finished_at), "status": result["status"],
-        "duration": result["durationMs"], "handlerDurationMs": job.execution_time_ms,
-        "memory": round((job.peak_memory_bytes or 0) / 1048576), "functionId": seed_id,
+        "id": job.job_id,
+        "requestId": job.job_id,
+        "timestamp": iso(job.finished_at),
+        "status": result["status"],
+        "duration": result["durationMs"],
+        "handlerDurationMs": job.execution_time_ms,
+        "memory": round((job.peak_memory_bytes or 0) / 1048576),
+        "functionId": seed_id,
         "message": message[:MESSAGE_PREVIEW] + ("..." if len(message) > MESSAGE_PREVIEW else ""),
     }
 

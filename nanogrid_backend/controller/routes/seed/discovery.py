@@ -21,11 +21,21 @@ router = APIRouter(route_class=SeedRoute, tags=["seed contract"])
 
 @router.get("/", summary="discovery")
 def discovery(request: Request) -> dict[str, Any]:
-    return {"service": "FaaS Controller API (NanoGrid)", "version": SEED_VERSION, "nanogrid": __version__,
-            "status": "OK" if healthy(grid_of(request)) else "ERROR",
-            "endpoints": {"health": "/health", "metrics": "/metrics", "functions": "/api/functions",
-                          "workers": "/api/workers", "nanogrid_api": "/v1", "openapi": "/openapi.json"},
-            "authentication": "Protected endpoints require the x-api-key header."}
+    return {
+        "service": "FaaS Controller API (NanoGrid)",
+        "version": SEED_VERSION,
+        "nanogrid": __version__,
+        "status": "OK" if healthy(grid_of(request)) else "ERROR",
+        "endpoints": {
+            "health": "/health",
+            "metrics": "/metrics",
+            "functions": "/api/functions",
+            "workers": "/api/workers",
+            "nanogrid_api": "/v1",
+            "openapi": "/openapi.json",
+        },
+        "authentication": "Protected endpoints require the x-api-key header.",
+    }
 
 
 def healthy(grid: Grid) -> bool:
@@ -41,9 +51,13 @@ def healthy(grid: Grid) -> bool:
 @router.get("/health")
 def health(request: Request) -> JSONResponse:
     ok = healthy(grid_of(request))
-    return JSONResponse({"status": "OK" if ok else "ERROR", "version": SEED_VERSION}, status_code=200 if ok else 503)
+    return JSONResponse(
+        {"status": "OK" if ok else "ERROR", "version": SEED_VERSION}, status_code=200 if ok else 503
+    )
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(request: Request) -> PlainTextResponse:
-    return PlainTextResponse(render_all(request, grid_of(request)), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(
+        render_all(request, grid_of(request)), media_type="text/plain; version=0.0.4"
+    )

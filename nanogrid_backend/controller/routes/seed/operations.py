@@ -44,11 +44,16 @@ def auto_tuner(function_id: str, request: Request, caller: Caller) -> dict[str, 
     recommended = advice["recommended_mib"]
     change = None if recommended is None else current.memory_mib - recommended
     return {
-        "functionId": function_id, "currentMemoryMb": current.memory_mib, "recommendedMemoryMb": recommended,
-        "optimizationTip": "; ".join(advice["reasons"]) or None, "calls": advice["calls"],
-        "peakMemoryMb": advice["peak_mib"], "avgDurationMs": advice["mean_duration_ms"],
+        "functionId": function_id,
+        "currentMemoryMb": current.memory_mib,
+        "recommendedMemoryMb": recommended,
+        "optimizationTip": "; ".join(advice["reasons"]) or None,
+        "calls": advice["calls"],
+        "peakMemoryMb": advice["peak_mib"],
+        "avgDurationMs": advice["mean_duration_ms"],
         "estimatedSavings": None if change is None else round(change * SEED_MB_PRICE * 730, 4),
-        "savingPerMillionCalls": advice["saving_per_million"], "window": advice["window"],
+        "savingPerMillionCalls": advice["saving_per_million"],
+        "window": advice["window"],
     }
 
 
@@ -56,24 +61,39 @@ METRIC_RANGES = {"1h": 3600.0, "24h": 86400.0, "7d": 7 * 86400.0, "30d": 30 * 86
 
 
 @router.get("/functions/{function_id}/metrics")
-def function_metrics(function_id: str, request: Request, caller: Caller, range: str = "24h") -> dict[str, Any]:  # noqa: A002
+def function_metrics(
+    function_id: str, request: Request, caller: Caller, range: str = "24h"
+) -> dict[str, Any]:  # noqa: A002
     """The BFF's metrics of one function over ``range`` (1h, 24h, 7d, 30d): counts, success rate, cold starts,
     average duration and the newest executions, from its calls (as the BFF computed them from the logs)."""
     if range not in METRIC_RANGES:
         raise HTTPException(400, f"range must be one of {', '.join(METRIC_RANGES)}, not {range!r}")
     since = time.time() - METRIC_RANGES[range]
-    calls = [job for job in function_jobs(grid_of(request), caller, function_id, 10_000)
-             if (job.finished_at or 0) >= since]
+    calls = [
+        job
+        for job in function_jobs(grid_of(request), caller, function_id, 10_000)
+        if (job.finished_at or 0) >= since
+    ]
     entries = [log_entry(job, function_id) for job in calls]
     errors = sum(entry["status"] != "SUCCESS" for entry in entries)
     durations = [entry["duration"] for entry in entries if entry["duration"]]
     return {
-        "functionId": function_id, "range": range, "invocations": len(entries), "errors": errors,
+        "functionId": function_id,
+        "range": range,
+        "invocations": len(entries),
+        "errors": errors,
         "successRate": round((len(entries) - errors) / len(entries) * 100, 2) if entries else 100,
         "avgDuration": round(sum(durations) / len(durations)) if durations else 0,
         "coldStarts": sum(bool(job.cold) for job in calls),
-        "recentExecutions": [{"timestamp": e["timestamp"], "duration": e["duration"], "status": e["status"],
-                              "memory": e["memory"]} for e in entries[:10]],
+        "recentExecutions": [
+            {
+                "timestamp": e["timestamp"],
+                "duration": e["duration"],
+                "status": e["status"],
+                "memory": e["memory"],
+            }
+            for e in entries[:10]
+        ],
     }
 
 
@@ -85,7 +105,11 @@ class SeedLoadTest:
         self.function_id, self.test, self.stop = function_id, test, stop
 
     def view(self) -> dict[str, Any]:
-        return {"functionId": self.function_id, "running": not self.test.done, **self.test.summary()}
+        return {
+            "functionId": self.function_id,
+            "running": not self.test.done,
+            **self.test.summary(),
+        }
 
 
 def load_tests(request: Request) -> dict[str, SeedLoadTest]:
@@ -102,7 +126,9 @@ async def start_load_test(request: Request, caller: ApiKey) -> SeedLoadTest:
     try:
         body = json.loads(await request.body() or b"{}")
     except ValueError:
-        raise HTTPException(400, "the body must be JSON: {\"functionId\": ..., \"rps\": 10, \"duration\": 10}") from None
+        raise HTTPException(
+            400, 'the body must be JSON: {"functionId": ..., "rps": 10, "duration": 10}'
+        ) from None
     if not isinstance(body, dict) or not body.get("functionId"):
         raise HTTPException(400, "functionId is required")
     try:
@@ -110,20 +136,29 @@ async def start_load_test(request: Request, caller: ApiKey) -> SeedLoadTest:
         duration = float(body.get("duration") or body.get("durationSeconds") or 10)
         loadtest.check_bounds(rps, duration)
     except (TypeError, ValueError) as exc:  # InvalidArgument is a ValueError
-        raise HTTPException(400, str(exc).replace("--rps", "rps").replace("--duration", "duration")) from None
+        raise HTTPException(
+            400, str(exc).replace("--rps", "rps").replace("--duration", "duration")
+        ) from None
     grid, seed_id = grid_of(request), str(body["functionId"])
     function = (await asyncio.to_thread(current_or_404, grid, caller, seed_id))[0]
     if function.kind != "handler":
-        raise HTTPException(400, f"function {seed_id} was packaged by NanoGrid's Python client; load-test it with "
-                                 "nanogrid loadtest")
+        raise HTTPException(
+            400,
+            f"function {seed_id} was packaged by NanoGrid's Python client; load-test it with "
+            "nanogrid loadtest",
+        )
     state = request.app.state
     tests = load_tests(request)
     running = tests.get(caller.name)
     if running is not None and not running.test.done:
-        raise HTTPException(409, "a load test of yours is still running; stop it (POST /loadtest/stop) or wait")
+        raise HTTPException(
+            409, "a load test of yours is still running; stop it (POST /loadtest/stop) or wait"
+        )
     payload = ("json", json.dumps(body.get("inputData") or {}).encode())
     stop = threading.Event()
-    started = SeedLoadTest(seed_id, loadtest.LoadTest(rps, duration, loadtest.check_bounds(rps, duration)), stop)
+    started = SeedLoadTest(
+        seed_id, loadtest.LoadTest(rps, duration, loadtest.check_bounds(rps, duration)), stop
+    )
     tests[caller.name] = started
 
     def call() -> str | None:
@@ -152,8 +187,10 @@ async def debug_loadtest(request: Request, caller: Caller) -> StreamingResponse:
             while not started.test.done:
                 await asyncio.sleep(LOADTEST_PROGRESS_S)
                 now = started.test.summary()
-                yield (f"sent {now['sent']}/{now['planned']}, ok {now['completed']}, failed {now['failed']}, "
-                       f"p50 {now['p50_ms'] or 0:.1f} ms, p99 {now['p99_ms'] or 0:.1f} ms\n").encode()
+                yield (
+                    f"sent {now['sent']}/{now['planned']}, ok {now['completed']}, failed {now['failed']}, "
+                    f"p50 {now['p50_ms'] or 0:.1f} ms, p99 {now['p99_ms'] or 0:.1f} ms\n"
+                ).encode()
             yield json.dumps(started.view()).encode() + b"\n"
         finally:
             started.stop.set()

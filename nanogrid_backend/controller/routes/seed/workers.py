@@ -37,10 +37,14 @@ async def heartbeat(request: Request, caller: Caller) -> dict[str, bool]:
     if not isinstance(body, dict) or not body.get("workerId"):
         raise HTTPException(400, "workerId is required")
     request.app.state.seed_workers[str(body["workerId"])] = {
-        "workerId": str(body["workerId"]), "status": str(body.get("status") or "healthy"),
+        "workerId": str(body["workerId"]),
+        "status": str(body.get("status") or "healthy"),
         "pools": body.get("pools") if isinstance(body.get("pools"), dict) else {},
-        "activeJobs": int(body.get("activeJobs") or 0), "uptimeSeconds": float(body.get("uptimeSeconds") or 0),
-        "lastSeen": time.time(), "receivedAt": iso(time.time()), "owner": caller.name,
+        "activeJobs": int(body.get("activeJobs") or 0),
+        "uptimeSeconds": float(body.get("uptimeSeconds") or 0),
+        "lastSeen": time.time(),
+        "receivedAt": iso(time.time()),
+        "owner": caller.name,
     }
     return {"ok": True}
 
@@ -55,9 +59,17 @@ def seed_workers(request: Request) -> list[dict[str, Any]]:
     started = request.app.state.started_at
     grid = grid_of(request)
     for info in jobs.live_workers(grid):
-        workers.append({"workerId": info["worker_id"], "status": "healthy", "pools": pools_by_runtime(grid, info),
-                        "activeJobs": int(info.get("running", 0)), "uptimeSeconds": round(now - started),
-                        "lastSeen": now, "receivedAt": iso(now)})
+        workers.append(
+            {
+                "workerId": info["worker_id"],
+                "status": "healthy",
+                "pools": pools_by_runtime(grid, info),
+                "activeJobs": int(info.get("running", 0)),
+                "uptimeSeconds": round(now - started),
+                "lastSeen": now,
+                "receivedAt": iso(now),
+            }
+        )
     for worker in workers:
         age = now - worker["lastSeen"]
         worker["healthStatus"] = "healthy" if age < WORKER_TIMEOUT_S else "unhealthy"
@@ -85,8 +97,11 @@ def pools_by_runtime(grid: Grid, info: dict[str, Any]) -> dict[str, int]:
 @router.get("/worker/status")
 def workers(request: Request, caller: Caller) -> dict[str, Any]:
     found = seed_workers(request)
-    return {"totalWorkers": len(found), "healthyWorkers": sum(w["healthStatus"] == "healthy" for w in found),
-            "workers": found}
+    return {
+        "totalWorkers": len(found),
+        "healthyWorkers": sum(w["healthStatus"] == "healthy" for w in found),
+        "workers": found,
+    }
 
 
 @router.get("/system/status")
@@ -98,8 +113,14 @@ def system_status(request: Request, caller: Caller) -> dict[str, Any]:
             pools[runtime] += int(worker["pools"].get(runtime, 0) or 0)
     if not found:
         return {"pools": pools, "active_jobs": 0, "status": "offline"}
-    return {"status": "online", "worker_count": len(found), "active_jobs": sum(w["activeJobs"] for w in found),
-            "pools": pools, "uptime_seconds": max(w["uptimeSeconds"] for w in found), "timestamp": time.time()}
+    return {
+        "status": "online",
+        "worker_count": len(found),
+        "active_jobs": sum(w["activeJobs"] for w in found),
+        "pools": pools,
+        "uptime_seconds": max(w["uptimeSeconds"] for w in found),
+        "timestamp": time.time(),
+    }
 
 
 @router.get("/models")
@@ -113,10 +134,23 @@ async def models(request: Request, caller: Caller) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=2) as http:
             response = await http.get(f"{config.ai_endpoint.rstrip('/')}/api/tags")
             response.raise_for_status()
-        return {"models": [{"id": m.get("name"), "name": m.get("name"), "size": m.get("size"),
-                            "details": m.get("details") or {}, "status": "available"}
-                           for m in response.json().get("models", [])]}
+        return {
+            "models": [
+                {
+                    "id": m.get("name"),
+                    "name": m.get("name"),
+                    "size": m.get("size"),
+                    "details": m.get("details") or {},
+                    "status": "available",
+                }
+                for m in response.json().get("models", [])
+            ]
+        }
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
         log.info("model catalog: %s", exc)
-        return {"models": [{"id": default, "name": f"{default} (Default)", "status": "fallback", "details": {}}],
-                "warning": "Could not fetch dynamic model list from AI Node. showing default."}
+        return {
+            "models": [
+                {"id": default, "name": f"{default} (Default)", "status": "fallback", "details": {}}
+            ],
+            "warning": "Could not fetch dynamic model list from AI Node. showing default.",
+        }
