@@ -21,12 +21,16 @@ _ollama = None
 if not os.environ.get("NANOGRID_TUTORIAL_AI_ENDPOINT"):
     _ollama = FakeOllama().__enter__()
 _data_dir = tempfile.TemporaryDirectory(prefix="nanogrid-notebooks-")
-_grid = EmbeddedGrid(GridConfig.load(
-    data_dir=Path(_data_dir.name), port=0, kill_grace_s=0.5,
-    sandbox="process",  # the AI node is reachable from process sandboxes; Docker ones have no network
-    ai_endpoint=os.environ.get("NANOGRID_TUTORIAL_AI_ENDPOINT") or _ollama.url,
-    ai_model=os.environ.get("NANOGRID_TUTORIAL_AI_MODEL") or "summarizer",
-)).start()
+_grid = EmbeddedGrid(
+    GridConfig.load(
+        data_dir=Path(_data_dir.name),
+        port=0,
+        kill_grace_s=0.5,
+        sandbox="process",  # the AI node is reachable from process sandboxes; Docker ones have no network
+        ai_endpoint=os.environ.get("NANOGRID_TUTORIAL_AI_ENDPOINT") or _ollama.url,
+        ai_model=os.environ.get("NANOGRID_TUTORIAL_AI_MODEL") or "summarizer",
+    )
+).start()
 os.environ["NANOGRID_URL"] = _grid.url
 os.environ["NANOGRID_API_KEY"] = _grid.api_key
 
@@ -47,8 +51,11 @@ def _docker_grid() -> EmbeddedGrid:
         _docker_data_dir = tempfile.TemporaryDirectory(prefix="nanogrid-notebooks-docker-")
         ENV_CACHE.mkdir(mode=0o700, parents=True, exist_ok=True)
         (Path(_docker_data_dir.name) / "envs").symlink_to(ENV_CACHE)
-        _docker_grid_started = EmbeddedGrid(GridConfig.load(data_dir=Path(_docker_data_dir.name), port=0,
-                                                            kill_grace_s=0.5, sandbox="docker")).start()
+        _docker_grid_started = EmbeddedGrid(
+            GridConfig.load(
+                data_dir=Path(_docker_data_dir.name), port=0, kill_grace_s=0.5, sandbox="docker"
+            )
+        ).start()
     return _docker_grid_started
 
 
