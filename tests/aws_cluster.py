@@ -6,11 +6,14 @@ boto3 and redis-py exactly as it would to AWS; only the endpoint differs (AWS_EN
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -34,6 +37,43 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listens on port {port}")
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[int]:
+    """A moto server on loopback for the test's lifetime, with boto3's default clients pointed at it
+    (AWS_ENDPOINT_URL and test credentials in the environment, put back after); yields its port."""
+    from tests.conftest import require
+
+    require(
+        shutil.which(str(VENV_BIN / "moto_server")) is not None,
+        "moto_server is not installed (make setup-test)",
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    settings = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.terminate()
+        server.wait(10)
 
 
 class Redis:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sqlite3
 import stat
 import subprocess
@@ -620,40 +619,13 @@ def test_doctor_looks_without_changing_anything(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def dynamodb_table() -> Iterator[str]:
-    from tests.aws_cluster import VENV_BIN, free_port, wait_for_port
+    from tests.aws_cluster import moto_server
 
-    require(
-        shutil.which(str(VENV_BIN / "moto_server")) is not None,
-        "moto_server is not installed (make setup-test)",
-    )
-    port = free_port()
-    server = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    settings = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        wait_for_port(port)
+    with moto_server():
         from nanogrid_backend.registry.dynamodb import create_table
 
         create_table("nanogrid-registry-test")
         yield "nanogrid-registry-test"
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        server.terminate()
-        server.wait(10)
 
 
 @pytest.mark.integration

@@ -24,7 +24,7 @@ from nanogrid_backend.retention import Janitor
 from nanogrid_backend.store.base import QuotaExceeded
 from nanogrid_backend.store.local import LocalStore
 from nanogrid_backend.store.s3 import S3Store
-from tests.aws_cluster import VENV_BIN, free_port, wait_for_port
+from tests.aws_cluster import moto_server
 from tests.conftest import start_grid
 
 MiB = 1 << 20
@@ -278,23 +278,9 @@ def test_retention_deletes_expired_outputs_and_blobs_and_says_what_it_freed(tmp_
 
 
 @pytest.mark.integration
-def test_s3_store_quota_and_retention_on_a_real_s3_protocol_server(tmp_path, monkeypatch):
+def test_s3_store_quota_and_retention_on_a_real_s3_protocol_server(tmp_path):
     """Must never happen on S3 either: an owner over its quota keeping files, or expired outputs kept."""
-    port = free_port()
-    moto = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        for name, value in {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            monkeypatch.setenv(name, value)
+    with moto_server():
         store = S3Store(
             "code",
             "data",
@@ -324,9 +310,6 @@ def test_s3_store_quota_and_retention_on_a_real_s3_protocol_server(tmp_path, mon
         assert (freed.jobs, freed.bytes) == (2, (600 << 10) + 2 * MiB)
         assert store.usage("alice") == store.usage("bob") == 0
         assert store.s3.list_objects_v2(Bucket="data").get("KeyCount") == 0
-    finally:
-        moto.terminate()
-        moto.wait(10)
 
 
 def test_everything_the_store_writes_is_private(tmp_path):

@@ -9,8 +9,6 @@ back; another owner names, lists or mounts the volume; the host follows a link a
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from nanogrid_backend.registry.sqlite import SQLiteRegistry
 from nanogrid_backend.sandbox import scratch
 from nanogrid_backend.volume_sync import S3Volumes, SyncedVolumes
 from nanogrid_backend.volumes import VolumeError, VolumeSet
-from tests.aws_cluster import VENV_BIN, free_port, wait_for_port
+from tests.aws_cluster import moto_server
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration
@@ -30,27 +28,8 @@ BUCKET, TABLE = "nanogrid-volumes-test", "nanogrid-volumes-registry"
 @pytest.fixture(scope="module")
 def s3() -> Iterator[object]:
     """A moto server for S3 and DynamoDB, reached through boto3's default clients (AWS_ENDPOINT_URL)."""
-    require(
-        shutil.which(str(VENV_BIN / "moto_server")) is not None,
-        "moto_server is not installed (make setup-test)",
-    )
     require(not scratch.unavailable(), f"volumes need loop devices: {scratch.unavailable()}")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    settings = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        wait_for_port(port)
+    with moto_server():
         import boto3
 
         from nanogrid_backend.registry.dynamodb import create_table
@@ -59,14 +38,6 @@ def s3() -> Iterator[object]:
         client.create_bucket(Bucket=BUCKET)
         create_table(TABLE)
         yield client
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        server.terminate()
-        server.wait(10)
 
 
 @pytest.fixture(params=["sqlite", "dynamodb"])
