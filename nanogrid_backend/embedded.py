@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -37,7 +38,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def write_grid_file(data_dir: Path, url: str) -> Path:
     """Tell clients on this machine where the grid is (``nanogrid.connect()`` reads it)."""
     path = data_dir / "grid.json"
-    path.write_text(json.dumps({"url": url}))
+    written = path.with_name(f".grid.json.{os.getpid()}")
+    written.write_text(json.dumps({"url": url}))
+    written.replace(path)  # whole or not at all: a client reading it now never sees it half-written
     return path
 
 

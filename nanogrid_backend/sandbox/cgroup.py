@@ -127,16 +127,25 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def stopped(pids: list[int]) -> bool:
-    """True when one of ``pids`` is stopped (SIGSTOP, a debugger): it cannot answer until someone resumes it."""
+def states(pids: list[int]) -> set[bytes]:
+    """The kernel's states of ``pids`` (``/proc/<pid>/stat``: R, S, T, Z...); ``b"gone"`` for one that no longer
+    exists."""
+    found = set()
     for pid in pids:
         try:
-            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            found.add(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0])
         except (OSError, IndexError):
-            continue  # gone: a dead sandbox is found out by its channel
-        if state in (b"T", b"t"):
-            return True
-    return False
+            found.add(b"gone")
+    return found
+
+
+STOPPED = {b"T", b"t"}  # SIGSTOP, a debugger: it cannot answer until someone resumes it
+DEAD = {b"Z", b"X", b"gone"}  # killed (a zombie until reaped) or reaped
+
+
+def stopped(pids: list[int]) -> bool:
+    """True when one of ``pids`` is stopped (SIGSTOP, a debugger): it cannot answer until someone resumes it."""
+    return bool(states(pids) & STOPPED)
 
 
 def container_pids(container_id: str) -> list[int]:

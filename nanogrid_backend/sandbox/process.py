@@ -314,7 +314,10 @@ class ProcessSandbox(WatchedSandbox):
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None and self._kill_reason is None and not self.frozen()
+        if self.proc.poll() is not None or self._kill_reason is not None:
+            return False
+        # The launcher (bubblewrap) outlives a killed bootstrap for a moment: the bootstrap's own state tells first
+        return not (cgroup.states(self._launch_pids) & (cgroup.STOPPED | cgroup.DEAD))
 
     def frozen(self) -> bool:
         return cgroup.stopped(self._launch_pids)
