@@ -237,3 +237,25 @@ class LiveLog(BaseModel):
     )
     cursor: str = Field(description="pass it as `after` to get what comes next")
     ended: bool = Field(description="the job finished: its record has the whole stdout and stderr")
+
+
+# What every route may answer besides its own responses (the app's, in the OpenAPI schema)
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorDetail, "description": "a malformed input (a broken zip, a bad payload)"},
+    401: {"model": ErrorDetail, "description": "missing, wrong or revoked API key"},
+    404: {
+        "model": ErrorDetail,
+        "description": "no such function, job or file (for this key's owner)",
+    },
+    409: {"model": ErrorDetail, "description": "a function pickled by another Python version"},
+    413: {"model": ErrorDetail, "description": "too large: body, package, payload or batch"},
+    422: {
+        "model": ErrorDetail,
+        "description": "a request that does not fit the schema, or settings out of range",
+    },
+    429: {
+        "model": ErrorDetail,
+        "description": "rate limit: see Retry-After",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    },
+}

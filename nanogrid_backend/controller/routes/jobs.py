@@ -24,6 +24,7 @@ from nanogrid_backend.controller.routes.deps import (
     job_or_404,
 )
 from nanogrid_backend.controller.schemas import (
+    ERROR_RESPONSES,
     Cancelled,
     CancelRequest,
     ErrorDetail,
@@ -37,7 +38,7 @@ from nanogrid_backend.models import JobRecord
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)  # mounted on the app itself (app.py)
 
 
 def view(request: Request, job: JobRecord, with_result: bool = True, **extra: Any) -> JobView:
