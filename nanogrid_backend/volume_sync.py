@@ -346,15 +346,20 @@ class SyncedVolumes(VolumeStore):
         )
 
     def attach(self, owner: str, wanted: list[dict[str, Any]]) -> VolumeSet:
-        """Bring this worker's copy of each volume up to date, then mount them as the embedded grid does."""
+        """Make this worker's copy of each volume where it has none, then mount them as the embedded grid does;
+        the copies are brought up to date before each call (``SyncedVolumeSet.before_call``)."""
         self._usable()
         for entry in wanted:
             record = self.registry.get_volume(owner, checked_name(str(entry.get("name"))))
             if record is not None:
                 with self._sync_lock(owner, record["name"]):
                     self._copy_of(owner, record)
-                    self._sync_down(owner, record["name"])
         return super().attach(owner, wanted)
+
+    def sync_down(self, owner: str, name: str) -> None:
+        """Bring this worker's copy up to date with S3 (nothing is listed when the change marker has not moved)."""
+        with self._sync_lock(owner, name):
+            self._sync_down(owner, name)
 
     def _volume_set(self, owner: str, mounts: list[VolumeMount]) -> VolumeSet:
         return SyncedVolumeSet(self, owner, mounts)
@@ -520,8 +525,7 @@ class SyncedVolumeSet(VolumeSet):
         """VolumeError (503) when S3 cannot be reached: the call does not run on a copy that may be stale."""
         for mount in self.mounts:
             try:
-                with self.store._sync_lock(self.owner, mount.name):
-                    self.store._sync_down(self.owner, mount.name)
+                self.store.sync_down(self.owner, mount.name)
             except (OSError, ClientError) as exc:
                 raise VolumeError(
                     f"volume {mount.name!r} could not be brought up to date on this worker ({exc})",

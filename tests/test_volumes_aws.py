@@ -79,6 +79,7 @@ def call(
         owner, [{"name": "datasets", "path": "/data", "read_only": False}]
     )
     volumes.hold()
+    volumes.before_call()  # as the worker does before each call (agent._volumes_around)
     try:
         root = Path(volumes.mounts[0].source)
         seen = {
@@ -156,6 +157,8 @@ def test_two_workers_writing_at_once_merge_per_file_and_the_last_upload_of_a_fil
     call(a, "alice", write={"shared.txt": b"original"})
     set_a = a.attach("alice", [{"name": "datasets", "path": "/data"}])
     set_b = b.attach("alice", [{"name": "datasets", "path": "/data"}])
+    set_a.before_call()
+    set_b.before_call()
     root_a, root_b = Path(set_a.mounts[0].source), Path(set_b.mounts[0].source)
     (root_a / "a-only.txt").write_bytes(b"A")
     (root_b / "b-only.txt").write_bytes(b"B")
@@ -209,6 +212,7 @@ def test_links_and_odd_files_a_call_plants_are_never_uploaded_or_followed(
     secret = tmp_path / "host-secret.txt"
     secret.write_bytes(b"the host's own file")
     volumes = a.attach("alice", [{"name": "datasets", "path": "/data"}])
+    volumes.before_call()
     root = Path(volumes.mounts[0].source)
     (root / "link.txt").symlink_to(secret)
     (root / "dir-link").symlink_to(tmp_path)
@@ -230,6 +234,7 @@ def test_a_volume_made_again_with_another_size_gets_a_new_copy(grid) -> None:
     home.delete("alice", "datasets")
     home.create("alice", "datasets", 32)
     volumes = a.attach("alice", [{"name": "datasets", "path": "/data"}])
+    volumes.before_call()
     try:
         root = Path(volumes.mounts[0].source)
         assert not (root / "old.txt").exists()
