@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -127,25 +128,74 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def states(pids: list[int]) -> set[bytes]:
-    """The kernel's states of ``pids`` (``/proc/<pid>/stat``: R, S, T, Z...); ``b"gone"`` for one that no longer
-    exists."""
-    found = set()
-    for pid in pids:
-        try:
-            found.add(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0])
-        except (OSError, IndexError):
-            found.add(b"gone")
-    return found
-
-
 STOPPED = {b"T", b"t"}  # SIGSTOP, a debugger: it cannot answer until someone resumes it
 DEAD = {b"Z", b"X", b"gone"}  # killed (a zombie until reaped) or reaped
 
 
-def stopped(pids: list[int]) -> bool:
-    """True when one of ``pids`` is stopped (SIGSTOP, a debugger): it cannot answer until someone resumes it."""
-    return bool(states(pids) & STOPPED)
+class Watch:
+    """The kernel's view of a sandbox's launcher and bootstrap processes, and of its container's freezer, read
+    through files opened once (a sandbox is looked at twice a call: a ``pread`` costs about 1 µs, opening
+    ``/proc/<pid>/stat`` by name 8). An open ``/proc/<pid>/stat`` stays bound to its process: once that is
+    reaped, reading it fails (``gone``); it never answers for a later process given the same pid."""
+
+    def __init__(self, pids: list[int], container_id: str | None = None) -> None:
+        # A closed descriptor's number may be given to another file at once: never read one after close.
+        self._lock = threading.Lock()
+        self._stats = [_open(f"/proc/{pid}/stat") for pid in pids]
+        self._freezer: int | None = None
+        self._freezer_v1 = V1_FREEZER.is_dir()
+        if container_id is not None:
+            root, name = (
+                (V1_FREEZER, "freezer.state") if self._freezer_v1 else (V2_ROOT, "cgroup.events")
+            )
+            for path in _container_dirs(root, container_id):
+                self._freezer = _open(str(path / name))
+                if self._freezer is not None:
+                    break
+
+    def states(self) -> set[bytes]:
+        """The processes' states (``R``, ``S``, ``T``, ``Z``...); ``b"gone"`` for one that no longer exists."""
+        found = set()
+        with self._lock:
+            for fd in self._stats:
+                try:
+                    if fd is None:  # it was gone before it could be opened
+                        raise FileNotFoundError
+                    found.add(os.pread(fd, 1024, 0).rsplit(b")", 1)[1].split()[0])
+                except (OSError, IndexError):
+                    found.add(b"gone")
+        return found
+
+    def stopped(self) -> bool:
+        """True when one of the processes is stopped (SIGSTOP, a debugger): it cannot answer until resumed."""
+        return bool(self.states() & STOPPED)
+
+    def container_frozen(self) -> bool:
+        """True while the container's cgroup is frozen (``docker pause``)."""
+        with self._lock:
+            if self._freezer is None:
+                return False
+            try:
+                state = os.pread(self._freezer, 256, 0)
+            except OSError:
+                return False
+        return (
+            state.strip() in (b"FROZEN", b"FREEZING") if self._freezer_v1 else b"frozen 1" in state
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in [*self._stats, self._freezer]:
+                if fd is not None:
+                    os.close(fd)
+            self._stats, self._freezer = [], None
+
+
+def _open(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def container_pids(container_id: str) -> list[int]:
@@ -158,19 +208,6 @@ def container_pids(container_id: str) -> list[int]:
         except (OSError, ValueError):
             continue
     return []
-
-
-def container_frozen(container_id: str) -> bool:
-    """True while the container's cgroup is frozen (``docker pause``)."""
-    if V1_FREEZER.is_dir():
-        for path in _container_dirs(V1_FREEZER, container_id):
-            with contextlib.suppress(OSError):
-                return (path / "freezer.state").read_text().strip() in ("FROZEN", "FREEZING")
-        return False
-    for path in _container_dirs(V2_ROOT, container_id):
-        with contextlib.suppress(OSError):
-            return "frozen 1" in (path / "cgroup.events").read_text()
-    return False
 
 
 def _container_dirs(root: Path, container_id: str) -> list[Path]:

@@ -255,6 +255,7 @@ class DockerSandbox(WatchedSandbox):
         self._kill_reason: str | None = None
         self._closed = False
         self.cgroup: MemoryCgroup | None = None
+        self._watch = cgroup.Watch([])  # its processes' and freezer's, once it has started
         self.disk_mib = disk_mib
         self.scratch: scratch.ScratchDisk | None = None
         # Go and C++ compile the function into the scratch space and run it from there.
@@ -417,9 +418,8 @@ class DockerSandbox(WatchedSandbox):
             self.close()
             raise
         self.cgroup = MemoryCgroup.of_container(self.container.id)
-        self._launch_pids = cgroup.container_pids(
-            self.container.id
-        )  # its init and bootstrap, not the function's
+        # its init and bootstrap, not the function's processes; and its freezer (`docker pause`)
+        self._watch = cgroup.Watch(cgroup.container_pids(self.container.id), self.container.id)
 
     @property
     def alive(self) -> bool:
@@ -431,7 +431,7 @@ class DockerSandbox(WatchedSandbox):
         )
 
     def frozen(self) -> bool:
-        return cgroup.container_frozen(self.container.id) or cgroup.stopped(self._launch_pids)
+        return self._watch.container_frozen() or self._watch.stopped()
 
     def _channel_ended(self) -> bool:
         """True once the attach socket has reached its end: the container stopped or was removed, or the engine
@@ -676,6 +676,7 @@ class DockerSandbox(WatchedSandbox):
         if self.cgroup:
             self.cgroup.remove()
             self.cgroup = None
+        self._watch.close()
         try:
             self._socket.close()
         except (AttributeError, OSError):

@@ -194,6 +194,7 @@ class ProcessSandbox(WatchedSandbox):
         self.output_dir.mkdir(mode=0o700)
         self.memory_mib = 0
         self._kill_reason: str | None = None
+        self._watch = cgroup.Watch([])  # its processes', once it has started
         self._lock = threading.Lock()
         self.cgroup = (
             cgroup.MemoryCgroup(f"{factory.identity}-{self.id}") if factory.use_cgroups else None
@@ -237,9 +238,8 @@ class ProcessSandbox(WatchedSandbox):
                 "crash", f"the Python bootstrap did not start: {log_text or 'no output'}"
             ) from None
         self.python = self.check_ready(ready)
-        self._launch_pids = cgroup.process_tree(
-            self.proc.pid
-        )  # bubblewrap's and the bootstrap's, not the function's
+        # bubblewrap's and the bootstrap's processes, not the function's
+        self._watch = cgroup.Watch(cgroup.process_tree(self.proc.pid))
 
     def _startup_log(self) -> int:
         """What the interpreter says before the bootstrap takes over fd 2 (why it could not start)."""
@@ -317,10 +317,10 @@ class ProcessSandbox(WatchedSandbox):
         if self.proc.poll() is not None or self._kill_reason is not None:
             return False
         # The launcher (bubblewrap) outlives a killed bootstrap for a moment: the bootstrap's own state tells first
-        return not (cgroup.states(self._launch_pids) & (cgroup.STOPPED | cgroup.DEAD))
+        return not (self._watch.states() & (cgroup.STOPPED | cgroup.DEAD))
 
     def frozen(self) -> bool:
-        return cgroup.stopped(self._launch_pids)
+        return self._watch.stopped()
 
     def load(
         self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None
@@ -388,6 +388,7 @@ class ProcessSandbox(WatchedSandbox):
         if self.cgroup:
             self.cgroup.remove()
             self.cgroup = None
+        self._watch.close()
         shutil.rmtree(self.work_dir, ignore_errors=True)
         shutil.rmtree(self.output_dir, ignore_errors=True)
         if self.volumes is not None:
