@@ -357,6 +357,7 @@ class Grid:
                         function.memory_mib,
                         owner=job.owner,
                         trigger=job.trigger,
+                        created_at=job.created_at,
                     )
                 ],
                 stored=True,

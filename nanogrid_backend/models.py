@@ -145,6 +145,9 @@ class JobMessage:
         ""  # the job's owner: the queue serves owners in turn and caps each one's running calls
     )
     trigger: str = "call"  # the job's trigger, kept on the record the worker publishes
+    created_at: float | None = (
+        None  # when the job was recorded, kept on that record too (None: not known)
+    )
 
 
 @dataclass

@@ -227,6 +227,7 @@ class Scheduler:
                     memory_mib,
                     owner=job.owner,
                     trigger=job.trigger,
+                    created_at=job.created_at,
                 )
             ]
         )

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from nanogrid_backend.controller import dashboard, jobs
 from nanogrid_backend.controller.errors import install_error_handlers
+from nanogrid_backend.controller.fast_run import FastRun
 from nanogrid_backend.controller.function_metrics import RequestDurations
 from nanogrid_backend.controller.history import HistoryJanitor
 from nanogrid_backend.controller.limits import RequestGate
@@ -95,8 +96,10 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     for prefix in ("", "/api"):  # the seed platform's contract, where its clients call it
         app.include_router(seed.router, prefix=prefix, include_in_schema=False)
 
+    # The warm POST /v1/run is served before the routes (fast_run.py); what it does not take goes on to them.
+    app.add_middleware(FastRun, owner=app)
     # Uploads may carry a package plus form overhead; everything else at most a payload batch.
-    # One middleware: http_request_duration_seconds on /metrics, and the body cap.
+    # One middleware around all (added last, so outermost): http_request_duration_seconds on /metrics, the body cap.
     app.add_middleware(
         RequestGate,
         max_bytes=max(config.max_package_bytes, jobs.inline_cap(config)) + (1 << 20),

@@ -228,6 +228,7 @@ def submit(
                 function.memory_mib,
                 model,
                 owner=job.owner,
+                created_at=job.created_at,
             )
             for job in jobs
         ]

@@ -55,6 +55,7 @@ class SQSQueue(JobQueue):
             "model": message.model,
             "owner": message.owner,
             "trigger": message.trigger,
+            "created_at": message.created_at,
         }
         if len(message.payload) > INLINE_PAYLOAD_BYTES:
             self.store.put_blob(f"payloads/{message.job_id}", message.payload)
@@ -119,6 +120,7 @@ class SQSQueue(JobQueue):
                     receipt=raw["ReceiptHandle"],
                     owner=body.get("owner", ""),
                     trigger=body.get("trigger", "call"),
+                    created_at=body.get("created_at"),
                     receive_count=int(raw["Attributes"].get("ApproximateReceiveCount", 1)),
                 )
             )

@@ -303,17 +303,7 @@ class Worker:
                 message
             )  # cancelled while queued, or already finished: nothing left to do
             return
-        job = JobRecord(
-            message.job_id,
-            message.function_id,
-            status=RUNNING,
-            payload_format=message.payload_format,
-            worker_id=self.worker_id,
-            started_at=started,
-            memory_limit_mib=message.memory_mib,
-            owner=message.owner,
-            trigger=message.trigger,
-        )
+        job = self._running_record(message, started)
         self._in_flight[message.job_id] = message
         if not self._settle(message, job, self._execute):
             return
@@ -325,6 +315,25 @@ class Worker:
             self.notifier.job_finished(job)
         finally:
             self._done(message, job)
+
+    def _running_record(self, message: JobMessage, started: float | None) -> JobRecord:
+        """The running job's record, as this worker publishes and finishes it."""
+        job = JobRecord(
+            message.job_id,
+            message.function_id,
+            status=RUNNING,
+            payload_format=message.payload_format,
+            worker_id=self.worker_id,
+            started_at=started,
+            memory_limit_mib=message.memory_mib,
+            owner=message.owner,
+            trigger=message.trigger,
+        )
+        if (
+            message.created_at is not None
+        ):  # else the record's is now: a queue from before it was carried
+            job.created_at = message.created_at
+        return job
 
     def _settle(
         self, message: JobMessage, job: JobRecord, execute: Callable[[JobMessage, JobRecord], None]
@@ -390,19 +399,7 @@ class Worker:
                     message
                 )  # cancelled while queued, or already finished: nothing left to do
         batch = [m for m in alike if m.job_id in marked]
-        jobs = [
-            JobRecord(
-                m.job_id,
-                m.function_id,
-                status=RUNNING,
-                payload_format=m.payload_format,
-                worker_id=self.worker_id,
-                memory_limit_mib=m.memory_mib,
-                owner=m.owner,
-                trigger=m.trigger,
-            )
-            for m in batch
-        ]
+        jobs = [self._running_record(m, None) for m in batch]
         for message in batch:
             self._in_flight[message.job_id] = message
         outcomes: dict[str, SandboxError | None] = {}

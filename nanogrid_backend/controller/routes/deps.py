@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -77,8 +77,7 @@ async def authorize(
         )
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
-    rate = state.config.rate_limit if key.rate_limit is None else key.rate_limit
-    wait = state.buckets.take(key.key_id, rate, key.rate_burst or state.config.rate_burst)
+    wait, rate = take_token(state, key)
     if wait:
         raise HTTPException(
             429,
@@ -86,6 +85,12 @@ async def authorize(
             headers={"Retry-After": retry_after_header(wait)},
         )
     return key
+
+
+def take_token(state: Any, key: ApiKey) -> tuple[float, float]:
+    """One request's token from the key's rate limit: (0 if allowed, else the seconds until one is; the rate)."""
+    rate = state.config.rate_limit if key.rate_limit is None else key.rate_limit
+    return state.buckets.take(key.key_id, rate, key.rate_burst or state.config.rate_burst), rate
 
 
 Caller = Annotated[ApiKey, Depends(authorize)]
@@ -116,17 +121,22 @@ def resolve_function(grid: Grid, owner: str, function_id: str) -> FunctionRecord
     )
 
 
-def function_or_404(request: Request, function_id: str, caller: ApiKey) -> FunctionRecord:
-    """The caller's function (by a NanoGrid or a seed id), remembered: records never change (ids are content hashes)."""
-    known: dict[str, FunctionRecord] = request.app.state.functions  # deletes evict
-    function = known.get(function_id) or resolve_function(
-        grid_of(request), caller.name, function_id
-    )
-    if (
-        function is None or function.owner != caller.name
-    ):  # another owner's function does not exist for you
-        raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
+def known_function(state: Any, function_id: str, caller: ApiKey) -> FunctionRecord | None:
+    """The caller's function (by a NanoGrid or a seed id), remembered in the app's ``state``: records never
+    change (ids are content hashes). None for another owner's: it does not exist for the caller."""
+    known: dict[str, FunctionRecord] = state.functions  # deletes evict
+    function = known.get(function_id) or resolve_function(state.grid, caller.name, function_id)
+    if function is None or function.owner != caller.name:
+        return None
     known[function.function_id] = function
+    return function
+
+
+def function_or_404(request: Request, function_id: str, caller: ApiKey) -> FunctionRecord:
+    """``known_function``, or 404."""
+    function = known_function(request.app.state, function_id, caller)
+    if function is None:
+        raise HTTPException(404, f"no function {function_id!r}; upload it first (POST /v1/upload)")
     return function
 
 

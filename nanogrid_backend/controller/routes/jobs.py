@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
@@ -33,7 +33,8 @@ from nanogrid_backend.controller.schemas import (
     MapRequest,
     RunRequest,
 )
-from nanogrid_backend.models import JobRecord
+from nanogrid_backend.grid import Grid
+from nanogrid_backend.models import ApiKey, FunctionRecord, JobRecord
 
 SYNC_WAIT_CAP_S = 60.0  # a sync /run answers 202 after this; the client then polls /status
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
@@ -70,47 +71,75 @@ async def run(
     ] = None,
 ) -> JSONResponse:
     function = function_or_404(request, body.function_id, caller)
+    payloads = run_payloads(grid, function, caller, body)
+    job, status_code = await call(
+        grid,
+        function,
+        caller,
+        payloads,
+        body.model,
+        asynchronous=x_async,
+        hold=x_hold,
+        gone=lambda: jobs.until_disconnected(request),
+    )
+    return JSONResponse(view(request, job).body(), status_code)
+
+
+def run_payloads(
+    grid: Grid, function: FunctionRecord, caller: ApiKey, body: RunRequest
+) -> list[tuple[str, bytes]]:
+    """The call's payload, checked against the function's kind, the size cap and the caller's blobs (BadRequest)."""
     pickles = [body.args_pickle] if body.args_pickle is not None else None
     refs = [body.blobs] if body.blobs else None
-    payloads = jobs.encode_payloads(
+    return jobs.encode_payloads(
         function,
         [body.payload],
         pickles,
         jobs.inline_cap(grid.config),
         jobs.checked_blobs(grid, caller.name, refs, pickles),
     )
+
+
+async def call(
+    grid: Grid,
+    function: FunctionRecord,
+    caller: ApiKey,
+    payloads: list[tuple[str, bytes]],
+    model: str | None,
+    *,
+    asynchronous: bool,
+    hold: float | None,
+    gone: Callable[[], Awaitable[Any]],
+) -> tuple[JobRecord, int]:
+    """One call of ``POST /v1/run``, checked already: (the finished job, 200), or (the job as it stands, 202) when
+    ``asynchronous``, when it is still running after ``hold`` seconds, or when the caller went away (``gone``
+    returned) while it waited; a call still queued then is not run for nobody."""
     (job,) = jobs.new_jobs(function, payloads, caller.name)
-    if x_async:
-        await asyncio.to_thread(
-            jobs.submit, grid, function, [job], body.model, caller.max_timeout_s
-        )
-        return JSONResponse(view(request, job).body(), status_code=202)
+    if asynchronous:
+        await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
+        return job, 202
     finished, unsubscribe = jobs.subscribe(
         grid, [job.job_id]
     )  # before queueing: no result slips past
     try:
-        await asyncio.to_thread(
-            jobs.submit, grid, function, [job], body.model, caller.max_timeout_s
+        await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
+        wait = min(
+            function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if hold is None else hold
         )
-        hold = min(
-            function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if x_hold is None else x_hold
-        )
-        result = asyncio.ensure_future(jobs.next_result(grid, job.job_id, finished, hold))
-        gone = asyncio.ensure_future(jobs.until_disconnected(request))
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if (
-            not result.done()
-        ):  # the caller went away while it waited: a call still queued is not run for nobody
+        result = asyncio.ensure_future(jobs.next_result(grid, job.job_id, finished, wait))
+        went = asyncio.ensure_future(gone())
+        await asyncio.wait({result, went}, return_when=asyncio.FIRST_COMPLETED)
+        went.cancel()
+        if not result.done():
             result.cancel()
             jobs.cancel_unwatched(grid, [job.job_id])
-            return JSONResponse(view(request, job).body(), 202)
+            return job, 202
         done = result.result()
     finally:
         unsubscribe()
     if done is None:  # still queued or running: the caller polls /status/{job_id}
-        return JSONResponse(view(request, grid.registry.get_job(job.job_id) or job).body(), 202)
-    return JSONResponse(view(request, done).body())
+        return grid.registry.get_job(job.job_id) or job, 202
+    return done, 200
 
 
 @router.post(
