@@ -311,6 +311,43 @@ class LockHolder:
         assert self.proc.wait(30) == 0
 
 
+def test_a_write_that_must_not_wait_never_waits_and_leaves_the_waiting_ones_as_they_were(
+    tmp_path: Path,
+):
+    """``create_jobs_now`` (the event loop's write): with the lock held by another process or by another thread it
+    writes nothing and says so at once, instead of waiting; the registry's other writes still wait for a lock."""
+    registry = SQLiteRegistry(tmp_path / "registry.sqlite3", busy_timeout_s=5, lock_wait_s=10)
+    try:
+        holder = LockHolder(registry.path, end="ROLLBACK")
+        answered: list[bool] = []
+        attempt = threading.Thread(
+            target=lambda: answered.append(registry.create_jobs_now([JobRecord("job-1", "fn-1")]))
+        )
+        attempt.start()
+        attempt.join(3)  # SQLite's own busy wait is 5 s here
+        assert answered == [False], "it waited for the other process's lock"
+        threading.Timer(0.5, holder.release).start()
+        registry.create_jobs([JobRecord("job-2", "fn-1")])  # waits the half second, then writes
+        with registry._write_lock:  # another thread of this grid writing
+            elsewhere = threading.Thread(
+                target=lambda: answered.append(
+                    registry.create_jobs_now([JobRecord("job-3", "fn-1")])
+                )
+            )
+            elsewhere.start()
+            elsewhere.join(3)
+        assert answered == [False, False]
+        assert registry.create_jobs_now([JobRecord("job-4", "fn-1")])
+        assert [registry.get_job(j) is not None for j in ("job-1", "job-2", "job-3", "job-4")] == [
+            False,
+            True,
+            False,
+            True,
+        ]
+    finally:
+        registry.close()
+
+
 def test_a_lock_held_past_the_wait_fails_one_write_and_never_the_next(tmp_path: Path):
     """The fault of issue 17: a write that met a held lock left the connection inside its transaction, and every
     later write answered "cannot start a transaction within a transaction" for good."""

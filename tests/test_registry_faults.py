@@ -122,7 +122,11 @@ def test_a_registry_locked_for_8_s_by_another_process_only_delays_submissions(tm
         submitters = [threading.Thread(target=submit_one, args=(0.1 * n,)) for n in range(4)]
         for thread in submitters:
             thread.start()
-        time.sleep(8)
+        time.sleep(1)
+        with connect(grid.url, grid.api_key, timeout=5) as quick:
+            # the event loop never waits on the lock: a submission waits on a thread
+            assert quick.get("/health").status_code == 200
+        time.sleep(7)
         holder.release()
         for thread in submitters:
             thread.join(60)

@@ -75,6 +75,11 @@ class JobRegistry(Protocol):
     @abstractmethod
     def create_jobs(self, jobs: list[JobRecord]) -> None: ...
 
+    def create_jobs_now(self, jobs: list[JobRecord]) -> bool:
+        """``create_jobs`` only if it takes no waiting (the event loop calls it, and must never wait); False, and
+        nothing written, when it would: a network round trip, a lock held. Only a local registry can say yes."""
+        return False
+
     @abstractmethod
     def mark_running(
         self, job_id: str, worker_id: str, started_at: float, retry: bool = False

@@ -116,13 +116,13 @@ async def call(
     returned) while it waited; a call still queued then is not run for nobody."""
     (job,) = jobs.new_jobs(function, payloads, caller.name)
     if asynchronous:
-        await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
+        await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         return job, 202
     finished, unsubscribe = jobs.subscribe(
         grid, [job.job_id]
     )  # before queueing: no result slips past
     try:
-        await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
+        await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         wait = min(
             function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if hold is None else hold
         )
