@@ -163,3 +163,32 @@ def test_peak_memory_of_a_200_mib_allocation_reads_within_ten_percent(client):
         job.baseline_memory_bytes,
     )
     assert job.peak_memory_bytes <= 512 << 20
+
+
+@pytest.mark.parametrize("memory", [96, 700])  # below and above a stem cell's default
+def test_a_functions_memory_is_the_containers_memory_and_swap(client, memory):
+    """The limit a function asks for is set in its container's cgroup when a stem cell takes it (without a call to
+    the engine): memory, and memory plus swap, as `docker update --memory --memory-swap` would set them. Never may a
+    function get more than it asked for by swapping."""
+
+    @nanogrid.remote(memory=memory, timeout=30)
+    def limits() -> dict[str, int]:
+        from pathlib import Path
+
+        root = Path("/sys/fs/cgroup/memory")
+        if not root.is_dir():  # cgroup v2
+            root = Path("/sys/fs/cgroup")
+            return {
+                "memory": int(Path(root, "memory.max").read_text()),
+                "swap": int(Path(root, "memory.swap.max").read_text()),
+            }
+        found = {"memory": int(Path(root, "memory.limit_in_bytes").read_text())}
+        memsw = Path(root, "memory.memsw.limit_in_bytes")
+        if memsw.exists():
+            found["memory_and_swap"] = int(memsw.read_text())
+        return found
+
+    found = limits.remote()
+    assert found["memory"] == memory << 20
+    assert found.get("memory_and_swap", memory << 20) == memory << 20
+    assert found.get("swap", 0) == 0

@@ -71,10 +71,21 @@ class MemoryCgroup:
         return self.path / "cgroup.procs"
 
     def set_limit(self, limit_bytes: int) -> None:
-        name = "memory.limit_in_bytes" if self.v1 else "memory.max"
-        (self.path / name).write_text(str(limit_bytes))
+        """The sandbox's memory, swap included (none beyond it), as ``docker update --memory --memory-swap`` sets
+        it, without a round trip to the engine. OSError (EBUSY on v1) when its processes already hold more."""
         if not self.v1:
+            (self.path / "memory.max").write_text(str(limit_bytes))
             (self.path / "memory.swap.max").write_text("0")
+            return
+        memory, memsw = (
+            self.path / "memory.limit_in_bytes",
+            self.path / "memory.memsw.limit_in_bytes",
+        )
+        order = [memory, memsw] if memsw.exists() else [memory]  # memsw: where swap is accounted
+        if len(order) == 2 and limit_bytes > int(memory.read_text()):
+            order.reverse()  # v1 keeps memory <= memory + swap: the sum goes up first and down last
+        for name in order:
+            name.write_text(str(limit_bytes))
 
     def reset_peak(self) -> None:
         # v1: resets to the current usage (not zero); v2 (Linux 6.12+): any write resets.

@@ -453,8 +453,15 @@ class DockerSandbox(WatchedSandbox):
             memory_mib != self.memory_mib
         ):  # stem cells start with a default; the function sets its own
             try:
-                self.container.update(mem_limit=f"{memory_mib}m", memswap_limit=f"{memory_mib}m")
-            except docker.errors.APIError:
+                # In the container's cgroup straight away (microseconds); through the engine only where this
+                # process cannot write it (tens of milliseconds)
+                if self.cgroup is not None:
+                    self.cgroup.set_limit(memory_mib << 20)
+                else:
+                    self.container.update(
+                        mem_limit=f"{memory_mib}m", memswap_limit=f"{memory_mib}m"
+                    )
+            except (OSError, docker.errors.APIError):
                 self.close()
                 raise SandboxError("memory", too_little_memory(memory_mib)) from None
             self.memory_mib = memory_mib
