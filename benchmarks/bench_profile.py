@@ -3,7 +3,8 @@
     python benchmarks/bench_profile.py [--calls 1000] [--runs 3] [--peers-python .venv-peers/bin/python]
                                        [--out benchmarks/results/profile.json]
 
-Two phases, each against its own `nanogrid up` process with the process sandbox:
+Two phases, each against its own `nanogrid up` process with the process sandbox (``--sandbox docker``: the Docker
+sandbox, with the CPU of the Docker engine and of the containers counted too):
 
 1. Plain: the warm round trip (p50, best of ``--runs``), and the CPU each side spends per call, read from the
    kernel's accounting (this process; the grid process; the grid's child processes, i.e. the sandboxes): no
@@ -184,8 +185,11 @@ def profile_breakdown(
 # ---- the measuring side -------------------------------------------------------------------------------------
 
 
+SANDBOX = "process"  # --sandbox
+
+
 def start_grid(data_dir: Path, port: int, profiled: bool) -> subprocess.Popen:
-    up = ["up", "--port", str(port), "--data-dir", str(data_dir), "--sandbox", "process"]
+    up = ["up", "--port", str(port), "--data-dir", str(data_dir), "--sandbox", SANDBOX]
     command = (
         [sys.executable, __file__, "--serve", str(data_dir), *up]
         if profiled
@@ -218,6 +222,26 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return own.user + own.system, children
 
 
+ENGINE = ("dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2")
+CONTAINERS_CPU = Path(
+    "/sys/fs/cgroup/cpuacct/docker/cpuacct.usage"
+)  # cgroup v1: every container's, in ns
+
+
+def docker_cpu_seconds() -> tuple[float, float]:
+    """(the Docker engine's CPU: dockerd, containerd and the shims that copy each container's stdio, the
+    containers' own CPU) in seconds; zeros where they cannot be read."""
+    engine = 0.0
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        if process.info["name"] in ENGINE and process.info["cpu_times"] is not None:
+            engine += process.info["cpu_times"].user + process.info["cpu_times"].system
+    try:
+        containers = int(CONTAINERS_CPU.read_text()) / 1e9
+    except (OSError, ValueError):
+        containers = 0.0
+    return engine, containers
+
+
 def noop_function(url: str, key: str) -> Any:
     nanogrid.connect(url, api_key=key)
 
@@ -239,6 +263,7 @@ def plain_phase(port: int, calls: int, runs: int) -> dict[str, Any]:
         best: dict[str, Any] | None = None
         for _ in range(runs):
             grid_before, sandbox_before = cpu_seconds(grid.pid)
+            engine_before, containers_before = docker_cpu_seconds()
             client_before, wall_before = time.process_time(), time.perf_counter()
             samples = timed(lambda: noop.remote(1), calls)
             client_cpu, wall = (
@@ -246,6 +271,9 @@ def plain_phase(port: int, calls: int, runs: int) -> dict[str, Any]:
                 time.perf_counter() - wall_before,
             )
             grid_after, sandbox_after = cpu_seconds(grid.pid)
+            engine_after, containers_after = docker_cpu_seconds()
+            if SANDBOX == "docker":  # the sandboxes are the engine's children, not the grid's
+                sandbox_before, sandbox_after = containers_before, containers_after
             run: dict[str, Any] = {
                 "remote": percentiles(samples),
                 "cpu_us_per_call": {
@@ -254,6 +282,15 @@ def plain_phase(port: int, calls: int, runs: int) -> dict[str, Any]:
                         (grid_after - grid_before) / calls * 1e6, 1
                     ),
                     "sandbox processes": round((sandbox_after - sandbox_before) / calls * 1e6, 1),
+                    **(
+                        {
+                            "docker engine (dockerd, containerd, shims)": round(
+                                (engine_after - engine_before) / calls * 1e6, 1
+                            )
+                        }
+                        if SANDBOX == "docker"
+                        else {}
+                    ),
                 },
                 "wall_us_per_call": round(wall / calls * 1e6, 1),
             }
@@ -343,6 +380,7 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8798)
     parser.add_argument("--peers-python")
+    parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument(
         "--skip-profile", action="store_true", help="only the plain phase (and Ray)"
     )
@@ -350,6 +388,8 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "profile.json"
     )
     args = parser.parse_args()
+    global SANDBOX
+    SANDBOX = args.sandbox
 
     load_before = [round(x, 2) for x in os.getloadavg()]
     report: dict[str, Any] = {
@@ -357,7 +397,8 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "load_average_before": load_before,
-        }
+        },
+        "sandbox": args.sandbox,
     }
     report["plain"] = plain_phase(args.port, args.calls, args.runs)
     report["ray"] = ray_warm(args.peers_python, args.calls, args.runs)
