@@ -422,12 +422,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """A throwaway embedded grid in a temporary data dir, shown by the client's tour and then removed."""
     import tempfile
 
+    # Before the grid's imports: they take a second or two on a first run, when nothing is compiled yet.
+    print("Starting an embedded grid ...", flush=True)
     from nanogrid_backend.config import GridConfig
     from nanogrid_backend.embedded import EmbeddedGrid
 
     with tempfile.TemporaryDirectory(prefix="nanogrid-demo-") as data_dir:
         config = GridConfig.load(data_dir=Path(data_dir), port=0, workers=args.workers)
-        print("Starting an embedded grid ...")
         with EmbeddedGrid(config) as embedded:
             print(f"  {embedded.url}  [{embedded.grid.describe_sandbox()}]")
             args.tour(embedded.url, embedded.api_key)
