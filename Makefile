@@ -6,9 +6,10 @@ VENV ?= .venv
 PYTHON ?= python3
 PIP = $(VENV)/bin/pip install -q --disable-pip-version-check
 # The grid's own uv (pinned in requirements.txt too) installs the runtime lock: wheels fetched side by side and linked
-# from its cache, where pip takes one at a time (`make demo` from a fresh clone: first result 18.5 -> 8 s). Where uv
-# fails (e.g. an index that only pip.conf names), pip does the install.
+# from its cache, where pip takes them one at a time (72 wheels: 18-21 s with pip, 2-5 s with uv and its bootstrap;
+# benchmarks/bench_demo.py). Where uv fails (e.g. an index that only pip.conf names), pip does the install.
 UV_PIP = $(VENV)/bin/uv pip install -q --python $(VENV)/bin/python
+install = $(UV_PIP) $(1) || { echo "uv could not install ($(1)); pip installs it" >&2; $(PIP) $(1); }
 # Not --quiet: it hides the warnings that --strict counts.
 MKDOCS = NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
@@ -28,8 +29,8 @@ $(VENV)/bin/uv: | $(VENV)/bin/python
 # What the grid and the demo need, nothing more. No bytecode yet: the demo's first run compiles what it imports
 # (0.8 s), where compiling every package first takes 3 s.
 $(VENV)/.installed-runtime: requirements.txt pyproject.toml | $(VENV)/bin/uv
-	$(UV_PIP) --require-hashes -r requirements.txt || $(PIP) --require-hashes -r requirements.txt
-	$(UV_PIP) --no-deps --no-build-isolation -e . || $(PIP) --no-deps --no-build-isolation -e .
+	$(call install,--require-hashes -r requirements.txt)
+	$(call install,--no-deps --no-build-isolation -e .)
 	touch $@
 
 # The same, compiled to bytecode as pip alone did: the tests' many processes import these packages.
