@@ -192,3 +192,43 @@ def test_a_functions_memory_is_the_containers_memory_and_swap(client, memory):
     assert found["memory"] == memory << 20
     assert found.get("memory_and_swap", memory << 20) == memory << 20
     assert found.get("swap", 0) == 0
+
+
+def test_the_channel_is_a_socket_no_function_can_reach(client, docker_grid):
+    """Frames go through a unix socket on the sandbox's own disk, not through the engine. What must never happen:
+    a function that connects to it a second time, replaces it, or learns where it is from its environment."""
+
+    @nanogrid.remote(timeout=30)
+    def probe() -> dict[str, str]:
+        import os
+        import socket
+
+        found = {"env": os.environ.get("NANOGRID_CHANNEL", "")}
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect("/run/nanogrid/ch")
+            found["connect"] = "connected"
+        except OSError as exc:
+            found["connect"] = type(exc).__name__
+        for what, attempt in (
+            ("replace", lambda: os.rename("/run/nanogrid/ch", "/run/nanogrid/old")),
+            ("create", lambda: open("/run/nanogrid/ch2", "w").close()),
+        ):
+            try:
+                attempt()
+                found[what] = "done"
+            except OSError as exc:
+                found[what] = type(exc).__name__
+        return found
+
+    found = probe.remote()
+    assert found == {
+        "env": "",
+        "connect": "ConnectionRefusedError",
+        "replace": "OSError",
+        "create": "OSError",
+    }, found
+    assert probe.remote() == found  # and the sandbox still answers, over the same socket
+    pool = docker_grid.grid.pool
+    channels = {s.channel for group in pool._idle.values() for s in group}
+    assert channels == {"socket"}, channels

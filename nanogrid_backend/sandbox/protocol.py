@@ -194,6 +194,13 @@ class DockerAttachStream:
         view[: len(data)] = data
         return len(data)
 
+    def read_pending(self) -> bool:
+        """Take in what has arrived (for a socket ``select`` found readable); False once the stream has ended.
+        The bytes wait for ``read_some``, which also keeps what was said on stderr."""
+        data = self.sock.recv(1 << 16)
+        self._raw += data
+        return bool(data)
+
     def read_some(self, n: int) -> bytes:
         """Stdout bytes (at least one unless the stream ended); skips stderr frames."""
         while True:

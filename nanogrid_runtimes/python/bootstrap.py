@@ -26,6 +26,7 @@ import pickle
 import select
 import shutil
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -1060,10 +1061,23 @@ def grant_ai(forwarder: AIForwarder | None) -> None:
     os.environ["AI_ENDPOINT"] = forwarder.url
 
 
+def channel_fds() -> tuple[int, int]:
+    """Where frames come in and where replies go: the host's socket when it gave one (a Docker sandbox: the frames
+    then skip the engine's attach stream), else stdin and stdout. Taken before any function runs; the host takes
+    no other connection, and no function sees the variable."""
+    path = os.environ.pop("NANOGRID_CHANNEL", "")
+    if not path:
+        return 0, os.dup(1)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    fd = sock.detach()
+    return fd, os.dup(fd)
+
+
 def main() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write fails with EFBIG instead
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # also as PID 1 in a container
-    stdin_fd, reply_fd = 0, os.dup(1)
+    stdin_fd, reply_fd = channel_fds()
     os.makedirs(WORK_DIR, exist_ok=True)
     captures = [Capture(1, "stdout.log"), Capture(2, "stderr.log")]
     # Line-buffered, so what a call prints reaches the capture file (and its live followers) as it prints it.
