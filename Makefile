@@ -9,7 +9,7 @@ PIP = $(VENV)/bin/pip install -q --disable-pip-version-check
 # from its cache, where pip takes them one at a time (72 wheels: 18-21 s with pip, 2-5 s with uv and its bootstrap;
 # benchmarks/bench_demo.py). Where uv fails (e.g. an index that only pip.conf names), pip does the install.
 UV_PIP = $(VENV)/bin/uv pip install -q --python $(VENV)/bin/python
-install = $(UV_PIP) $(1) || { echo "uv could not install ($(1)); pip installs it" >&2; $(PIP) $(1); }
+install = @echo "$(UV_PIP) $(1)"; $(UV_PIP) $(1) || { echo "uv could not install it: pip does" >&2; $(PIP) $(1); }
 # Not --quiet: it hides the warnings that --strict counts.
 MKDOCS = NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
