@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanogrid_backend.builds.builder import BuiltEnvironment, Environments
 from nanogrid_backend.config import GridConfig
@@ -15,14 +16,11 @@ from nanogrid_backend.models import FAILED, RUNNING, FunctionRecord, JobMessage
 from nanogrid_backend.notify import Notifier
 from nanogrid_backend.queue.base import JobQueue
 from nanogrid_backend.queue.local import LocalQueue
-from nanogrid_backend.queue.sqs import SQSQueue
 from nanogrid_backend.registry.base import JobRegistry, Registry
-from nanogrid_backend.registry.dynamodb import DynamoDBRegistry
 from nanogrid_backend.registry.lock import DataDirLock
 from nanogrid_backend.registry.sqlite import BACKUPS_KEPT, SQLiteRegistry
 from nanogrid_backend.results.base import ResultBus
 from nanogrid_backend.results.local import LocalResultBus
-from nanogrid_backend.results.redis import RedisResultBus
 from nanogrid_backend.retention import Janitor
 from nanogrid_backend.sandbox.base import Limits
 from nanogrid_backend.sandbox.docker import DockerSandboxFactory, DockerUnavailable
@@ -33,13 +31,16 @@ from nanogrid_backend.schedules import Scheduler
 from nanogrid_backend.secretbox import SecretBox
 from nanogrid_backend.store.base import BlobStore
 from nanogrid_backend.store.local import LocalStore
-from nanogrid_backend.store.s3 import S3Store
-from nanogrid_backend.volume_sync import S3Volumes, SyncedVolumes
 from nanogrid_backend.volumes import VolumeStore
 from nanogrid_backend.worker.agent import Worker
 from nanogrid_backend.worker.ai_gateway import ai_gateway
 from nanogrid_backend.worker.pool import WarmPool
 from nanogrid_contract.errors import ConfigError
+
+# The AWS adapters (boto3, redis: `pip install "nanogrid[aws]"`) are imported where a grid is configured to use them:
+# the embedded grid (`nanogrid[grid]`) runs without either installed.
+if TYPE_CHECKING:
+    from nanogrid_backend.volume_sync import S3Volumes
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ def sandbox_limits(config: GridConfig) -> Limits:
 def make_registry(config: GridConfig, keep_backups: int = 0) -> Registry:
     """DynamoDB when a table is configured, else SQLite in the data directory (backed up first if asked)."""
     if config.dynamodb_table:
+        from nanogrid_backend.registry.dynamodb import DynamoDBRegistry
+
         return DynamoDBRegistry(config.dynamodb_table)
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return SQLiteRegistry(config.data_dir / "registry.sqlite3", keep_backups=keep_backups)
@@ -93,11 +96,11 @@ def make_registry(config: GridConfig, keep_backups: int = 0) -> Registry:
 
 def make_result_bus(config: GridConfig, registry: JobRegistry) -> ResultBus:
     """Redis when a host is configured (results reach every controller), else in process."""
-    return (
-        RedisResultBus(config.redis_host, config.redis_port, registry)
-        if config.redis_host
-        else LocalResultBus()
-    )
+    if config.redis_host:
+        from nanogrid_backend.results.redis import RedisResultBus
+
+        return RedisResultBus(config.redis_host, config.redis_port, registry)
+    return LocalResultBus()
 
 
 def make_volumes(
@@ -106,7 +109,11 @@ def make_volumes(
     """What ``/v1/volumes`` serves, and what this machine's sandboxes mount. Embedded: one store for both (the
     volumes are this machine's). With S3: the volumes live in the data bucket, and workers mount copies they sync."""
     limits = {"max_volume_mib": config.max_volume_mib, "owner_volume_mib": config.owner_volume_mib}
-    if isinstance(store, S3Store):
+    if not isinstance(store, LocalStore):  # the data bucket
+        from nanogrid_backend.store.s3 import S3Store
+        from nanogrid_backend.volume_sync import S3Volumes, SyncedVolumes
+
+        assert isinstance(store, S3Store)
         home = S3Volumes(store.s3, store.data_bucket, registry, **limits)
         return home, SyncedVolumes(data / "volumes", registry, home, uid, **limits)
     local = VolumeStore(data / "volumes", registry, uid, **limits)
@@ -177,6 +184,8 @@ class Grid:
         self.secrets = SecretBox.load(data)
         quota, owner_of = self.owners.disk_quota, self._owner_of
         if config.code_bucket:
+            from nanogrid_backend.store.s3 import S3Store
+
             self.store: BlobStore = S3Store(
                 config.code_bucket,
                 config.data_bucket or config.code_bucket,
@@ -194,11 +203,14 @@ class Grid:
                 load_payload=self._queued_payload,
             )
         )
-        self.queue: JobQueue = (
-            self.local_queue
-            if self.local_queue is not None
-            else SQSQueue(config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url)
-        )
+        if self.local_queue is not None:
+            self.queue: JobQueue = self.local_queue
+        else:
+            from nanogrid_backend.queue.sqs import SQSQueue
+
+            self.queue = SQSQueue(
+                config.queue_url, self.store, config.sqs_visibility_s, config.dlq_url
+            )
         self.janitor = (
             Janitor(self.store, config.output_retention_s, config.gc_interval_s)
             if role == "all"

@@ -217,3 +217,39 @@ def test_grid_commands_without_the_grid_say_how_to_install_it(
         and "pip install 'nanogrid[grid]'" in listed.stdout
         and "deploy" in listed.stdout
     )
+
+
+GRID_WITHOUT_AWS = """
+import sys, tempfile
+from pathlib import Path
+for name in ("boto3", "botocore", "redis"):
+    sys.modules[name] = None  # not installed: `pip install "nanogrid[grid]"` brings neither
+import nanogrid
+from nanogrid_backend.config import GridConfig
+from nanogrid_backend.embedded import EmbeddedGrid
+
+config = GridConfig.load(data_dir=Path(sys.argv[1]), port=0, sandbox="process", stem_cells=1)
+with EmbeddedGrid(config) as grid:
+    nanogrid.connect(grid.url, api_key=grid.api_key)
+
+    @nanogrid.remote
+    def double(x):
+        return 2 * x
+
+    print(double.remote(21), list(double.map([1, 2])))
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "redis") and sys.modules[m]))
+"""
+
+
+def test_the_embedded_grid_runs_without_the_aws_libraries(tmp_path: Path):
+    """`nanogrid[grid]` is the embedded grid without boto3 and redis: they are `[aws]`'s, imported only by a grid
+    configured for SQS, S3, DynamoDB or Redis."""
+    done = subprocess.run(
+        [sys.executable, "-c", GRID_WITHOUT_AWS, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["42 [2, 4]", "[]"], done.stdout
