@@ -57,6 +57,7 @@ LIVE_AFTER_S = (
     0.5  # .remote(): a call still running after this is followed live (its output as it is printed)
 )
 MAP_STREAMS = 4  # /map requests in flight at once; each carries a chunk of calls
+MAP_WINDOW = 10_000  # calls of a map sent ahead of the first result not yet yielded
 MISSING_MODULE_TRIES = (
     3  # .remote(): tries again with one more missing package at most this often (pandas, pyarrow)
 )
@@ -585,17 +586,33 @@ def _ordered_map(
         return
     function_id = fn.deploy()
     size = chunk_size or max(1, min(1000, -(-total // (MAP_STREAMS * 2))))
-    chunks = [(start, items[start : start + size]) for start in range(0, total, size)]
+    # A chunk is sent only while it starts within `window` of the first result not yet yielded: what waits
+    # here for its turn (and what the grid streams) stays bounded however many calls the map has, and
+    # however slowly they are consumed.
+    window = max(MAP_WINDOW, MAP_STREAMS * size)
+    work: queue.SimpleQueue[tuple[int, list[tuple[str, list[str]]]]] = queue.SimpleQueue()
+    for start in range(0, total, size):
+        work.put((start, items[start : start + size]))
+    del items  # each chunk's arguments are freed once it is sent
     done: queue.SimpleQueue[tuple[int, JobView] | BaseException] = queue.SimpleQueue()
-    job_ids: list[str] = []
-    ids_lock = threading.Lock()
+    in_flight: dict[int, list[str]] = {}  # chunk start -> its job ids, until all its results came
+    submitted = 0
+    # guards in_flight, submitted and yielded; notified as results are yielded
+    turn = threading.Condition()
+    yielded = 0
     stop = threading.Event()
 
-    def send(work: queue.SimpleQueue[tuple[int, list[tuple[str, list[str]]]]]) -> None:
+    def send() -> None:
+        nonlocal submitted
         while not stop.is_set():
             try:
                 start, chunk = work.get_nowait()
             except queue.Empty:
+                return
+            with turn:
+                while not stop.is_set() and start - yielded >= window:
+                    turn.wait()
+            if stop.is_set():
                 return
             try:
                 body: dict[str, Any] = {
@@ -605,30 +622,30 @@ def _ordered_map(
                 }
                 if any(blobs for _, blobs in chunk):
                     body["blobs"] = [blobs for _, blobs in chunk]
+                del chunk
                 lines = fn.client.map_stream(body)
+                del body
                 ids = next(lines)["job_ids"]
-                with (
-                    ids_lock
-                ):  # the consumer cancels job_ids once it stops: none may slip in after that
-                    job_ids.extend(ids)
+                # the consumer cancels what is in flight once it stops: none may slip in after that
+                with turn:
+                    in_flight[start] = ids
+                    submitted += len(ids)
                     stopped = stop.is_set()
                 if stopped:
                     fn.client.cancel_many(ids)
                     return
                 for line in lines:
-                    done.put(
-                        (start + line["index"], cast(JobView, line))
-                    )  # a job view with its index
+                    # only what the outcome is made of: a job's logs, times and links are not kept per call
+                    done.put((start + line["index"], cast(JobView, _outcome_view(line))))
+                with turn:
+                    del in_flight[start]  # all its results arrived
             except BaseException as exc:  # handed to the consumer, which raises it
                 done.put(exc)
                 return
 
-    work: queue.SimpleQueue[tuple[int, list[tuple[str, list[str]]]]] = queue.SimpleQueue()
-    for chunk in chunks:
-        work.put(chunk)
     senders = [
-        threading.Thread(target=send, args=(work,), daemon=True)
-        for _ in range(min(MAP_STREAMS, len(chunks)))
+        threading.Thread(target=send, daemon=True)
+        for _ in range(min(MAP_STREAMS, -(-total // size)))
     ]
     for thread in senders:
         thread.start()
@@ -639,20 +656,24 @@ def _ordered_map(
         disable=(not progress) if progress is not None else None,
     )
     waiting: dict[int, JobView] = {}
-    next_index = failed = 0
+    failed = 0
     try:
-        while next_index < total:
+        while yielded < total:
             item = done.get()
             if isinstance(item, BaseException):
                 raise item
             index, view = item
             waiting[index] = view
             failed += view["status"] != "completed"
-            bar.set_postfix(failed=failed, in_flight=len(job_ids) - bar.n - 1, refresh=False)
+            if not bar.disable:  # its formatting costs as much as a call's own decoding
+                bar.set_postfix(failed=failed, in_flight=submitted - bar.n - 1, refresh=False)
             bar.update(1)
-            while next_index in waiting:
-                view = waiting.pop(next_index)
-                next_index += 1
+            while yielded in waiting:
+                view = waiting.pop(yielded)
+                with turn:
+                    yielded += 1
+                    if yielded % size == 0:
+                        turn.notify_all()
                 try:
                     yield outcome(view, fn.result_format == "pickle", fn.client)
                 except (Exception, JobFailed) as exc:
@@ -667,12 +688,20 @@ def _ordered_map(
                         missing[0].__cause__ = exc
                     yield exc if missing is None else missing[0]
     finally:
-        with ids_lock:
+        with turn:
             stop.set()
-            submitted = list(job_ids)
+            turn.notify_all()
+            unfinished = [job_id for ids in in_flight.values() for job_id in ids]
         bar.close()
-        if next_index < total:  # interrupted or failed: don't leave the rest running
-            _cancel_quietly(fn.client, submitted)
+        if yielded < total:  # interrupted or failed: don't leave the rest running
+            _cancel_quietly(fn.client, unfinished)
+
+
+OUTCOME_FIELDS = ("job_id", "status", "result", "result_pickle", "result_blob", "error")
+
+
+def _outcome_view(line: dict[str, Any]) -> dict[str, Any]:
+    return {key: line[key] for key in OUTCOME_FIELDS if key in line}
 
 
 def _cancel_quietly(client: Client, job_ids: list[str]) -> None:
