@@ -45,9 +45,8 @@ from nanogrid.errors import (  # noqa: E402  (nanogrid.errors stays an attribute
 )
 from nanogrid_contract import __version__
 
-if (
-    TYPE_CHECKING
-):  # what the lazy attributes below are, for type checkers (nothing is imported at run time)
+# what the lazy attributes below are, for type checkers (nothing is imported at run time)
+if TYPE_CHECKING:
     from nanogrid.client import Client, connect, get_client
     from nanogrid.environment import Environment
     from nanogrid.function import RemoteFunction, remote

@@ -35,9 +35,8 @@ def endpoint() -> str:
 def default_model() -> str:
     model = os.environ.get("LLM_MODEL")
     if not model:
-        _call(
-            "list"
-        )  # a function without AI access is told that first (the sandbox's forwarder refuses it)
+        # a function without AI access is told that first (the sandbox's forwarder refuses it)
+        _call("list")
         raise AIUnavailable(
             "no model chosen: pass model=..., or set the grid's default (LLM_MODEL)"
         )
@@ -88,9 +87,8 @@ def _call(method: str, **kwargs: Any) -> Any:
     try:
         return getattr(_client(), method)(**kwargs)
     except ollama.ResponseError as exc:
-        if (
-            exc.status_code == 403
-        ):  # the sandbox's forwarder: this function has no AI access, and why
+        # the sandbox's forwarder: this function has no AI access, and why
+        if exc.status_code == 403:
             raise AIUnavailable(exc.error) from None
         raise
     except (ConnectionError, OSError) as exc:

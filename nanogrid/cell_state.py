@@ -284,9 +284,8 @@ class ModuleNotHere(types.ModuleType):
         self.__why = why
 
     def __getattr__(self, attribute: str) -> Any:
-        if attribute.startswith(
-            "_"
-        ):  # what tools probe for (_repr_html_, __wrapped__): simply not there
+        # what tools probe for (_repr_html_, __wrapped__): simply not there
+        if attribute.startswith("_"):
             raise AttributeError(attribute)
         raise ModuleNotFoundError(
             f"{self.__name__} is installed where the cell ran, not here ({self.__why}); use it "
@@ -436,9 +435,8 @@ def fingerprint(value: Any, namespace: dict[str, Any]) -> bytes | None:
             value
         )
     except Exception:
-        return os.urandom(
-            20
-        )  # cannot tell: count it as changed, so that it is sent back (or named as unpicklable)
+        # cannot tell: count it as changed, so that it is sent back (or named as unpicklable)
+        return os.urandom(20)
     return writer.hash.digest()
 
 
@@ -679,16 +677,14 @@ def run_cell(
         display_source.splitlines(True),
         filename,
     )
-    os.environ.setdefault(
-        "MPLBACKEND", "Agg"
-    )  # pyplot renders off-screen; figures come back as images
+    # pyplot renders off-screen; figures come back as images
+    os.environ.setdefault("MPLBACKEND", "Agg")
     segments: list[list[int]] = []
     value: Any = None
     error: BaseException | None = None
     try:
-        namespace.update(
-            unpack_state(inputs, namespace)
-        )  # functions' globals may add names they read
+        # functions' globals may add names they read
+        namespace.update(unpack_state(inputs, namespace))
     except Exception as exc:
         raise _failed_to_load(exc, filename) from None
     diff_started = time.perf_counter()

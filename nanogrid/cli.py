@@ -29,9 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
-    if (
-        unknown and getattr(args, "command", None) is not _grid_missing
-    ):  # those of a grid command not installed
+    # those of a grid command not installed
+    if unknown and getattr(args, "command", None) is not _grid_missing:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "command", None):
         parser.print_help()
@@ -234,9 +233,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "jobs      "
         + (", ".join(f"{n} {s}" for s, n in sorted(status["jobs"].items())) or "none yet")
     )
-    if (
-        status.get("blobs") is not None
-    ):  # a grid older than the data plane's accounting says nothing
+    # a grid older than the data plane's accounting says nothing
+    if status.get("blobs") is not None:
         print(
             f"blobs     {status['blobs']['count']} stored, {status['blobs']['bytes'] / (1 << 20):.1f} MiB"
         )
@@ -317,9 +315,8 @@ def cmd_volumes(args: argparse.Namespace) -> int:
             )
         return 0
     volume = Volume(args.name, size_mib=getattr(args, "size", None), client=client)
-    volume._made = (
-        args.action != "put"
-    )  # only `create` and `put` make a volume; the others name an existing one
+    # only `create` and `put` make a volume; the others name an existing one
+    volume._made = args.action != "put"
     if args.action == "create":
         info = volume.ensure()
         print(f"volume {info['name']}: {info['size_mib']} MiB")

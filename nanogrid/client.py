@@ -245,9 +245,8 @@ class Client:
         if ref.sha256 in self._known_blobs:
             return ref
         offer = self._upload_offer(ref) if self.direct_uploads else None
-        if (
-            offer is None
-        ):  # not asked, or a grid that does not offer: does it have the blob already?
+        # not asked, or a grid that does not offer: does it have the blob already?
+        if offer is None:
             exists = self._http.head(f"/blobs/{ref.sha256}")
             if exists.status_code >= 400 and exists.status_code != 404:
                 raise _api_error(exists)
@@ -316,9 +315,8 @@ class Client:
             return False
         except httpx.HTTPError:  # cut off mid-way: the store keeps no partial object
             return False
-        if (
-            response.status_code >= 300
-        ):  # e.g. 403 (the URL expired), 400 BadDigest (S3 hashed other bytes)
+        # e.g. 403 (the URL expired), 400 BadDigest (S3 hashed other bytes)
+        if response.status_code >= 300:
             return False
         try:
             confirm = self._http.head(f"/blobs/{ref.sha256}")
@@ -393,9 +391,8 @@ class Client:
         function = self.request(
             "POST", "/upload", files={"file": ("package.zip", package.data, "application/zip")}
         )
-        function_id = function.json()[
-            "function_id"
-        ]  # the grid answers 200 if it has this package already
+        # the grid answers 200 if it has this package already
+        function_id = function.json()["function_id"]
         self._known_functions[package.function_id] = function_id
         return function_id
 
@@ -639,9 +636,8 @@ def _api_error(response: httpx.Response) -> APIError:
     if not isinstance(body, dict):
         body = {}
     detail = body.get("detail")
-    if isinstance(
-        detail, list
-    ):  # FastAPI's validation errors, from a controller older than this client
+    # FastAPI's validation errors, from a controller older than this client
+    if isinstance(detail, list):
         detail = "; ".join(
             f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
         )

@@ -210,9 +210,8 @@ def modules_in_pickle(data: bytes) -> set[str]:
         for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
             name = opcode.name
             takes, under_mark, pushes = _EFFECTS[name]
-            if (
-                under_mark >= 0
-            ):  # the values above the last mark, then what lies under it (a list, a dict)
+            # the values above the last mark, then what lies under it (a list, a dict)
+            if under_mark >= 0:
                 top = marks.pop()
                 items = stack[top:]
                 del stack[top - under_mark :]
@@ -305,15 +304,13 @@ def modules_of_function(fn: Callable[..., Any]) -> set[str]:
         elif isinstance(value, property):
             pending += [value.fget, value.fset, value.fdel]
         elif isinstance(value, types.FunctionType | type):
-            if _carried_by_value(
-                value
-            ):  # its code goes along: what it reaches counts, not where it was defined
+            # its code goes along: what it reaches counts, not where it was defined
+            if _carried_by_value(value):
                 pending += _reachable(value)
             else:
                 found.add(_top(getattr(value, "__module__", None) or ""))
-        elif isinstance(
-            value, types.BuiltinFunctionType
-        ):  # ``from numpy import arange``: a C function of numpy
+        # ``from numpy import arange``: a C function of numpy
+        elif isinstance(value, types.BuiltinFunctionType):
             found.add(_top(getattr(value, "__module__", None) or "builtins"))
         else:
             found.add(_top(getattr(type(value), "__module__", "") or ""))
@@ -357,9 +354,8 @@ def modules_of_values(values: Iterable[Any]) -> set[str]:
     for value in values:
         items = [value]
         if isinstance(value, list | tuple | set | frozenset):
-            items += islice(
-                value, 100
-            )  # never a copy of a large argument: every call of a .map() looks
+            # never a copy of a large argument: every call of a .map() looks
+            items += islice(value, 100)
         elif isinstance(value, dict):
             items += islice(value.values(), 100)
         for item in items:
@@ -385,9 +381,8 @@ def value_signature(value: Any, depth: int = 0) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return kind
-    if isinstance(
-        value, _CODE
-    ):  # each carries its own code and globals: one function says nothing of the next
+    # each carries its own code and globals: one function says nothing of the next
+    if isinstance(value, _CODE):
         return None
     if depth == 0 and kind in (list, tuple, set, frozenset):
         items = frozenset([value_signature(item, 1) for item in islice(value, 100)])
@@ -442,9 +437,8 @@ def modules_of_argument(value: Any, pickled: bytes | None = None) -> frozenset[s
     return modules
 
 
-_PUT: dict[
-    str, frozenset[str]
-] = {}  # sha256 of a value given to nanogrid.put -> the modules its pickle references
+# sha256 of a value given to nanogrid.put -> the modules its pickle references
+_PUT: dict[str, frozenset[str]] = {}
 
 
 def remember_put(sha256: str, value: Any, pickled: bytes) -> None:
@@ -603,9 +597,8 @@ def _modules_used_by(module_name: str) -> set[str]:
 # types of its values) join from the start, so a session's environments settle on one id that the grid has built,
 # instead of one small environment per function. None: on in a kernel, off in scripts and tests.
 STICKY: bool | None = None
-_SYNCED_MODULES: set[str] = (
-    set()
-)  # third-party modules synced so far in this process (while sticky)
+# third-party modules synced so far in this process (while sticky)
+_SYNCED_MODULES: set[str] = set()
 
 
 def _sticky() -> bool:
@@ -613,9 +606,8 @@ def _sticky() -> bool:
         return STICKY
     get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
     shell = get_ipython() if callable(get_ipython) else None
-    return (
-        getattr(shell, "kernel", None) is not None
-    )  # a notebook's shell has a kernel; a terminal's has none
+    # a notebook's shell has a kernel; a terminal's has none
+    return getattr(shell, "kernel", None) is not None
 
 
 def requirements_of_modules(modules: Iterable[str]) -> Requirements:
@@ -635,9 +627,8 @@ def requirements_of_modules(modules: Iterable[str]) -> Requirements:
     return Requirements(tuple(pinned_distributions(third_party)), local)
 
 
-_INSTALLABLE: dict[
-    str, bool
-] = {}  # module -> whether the grid can install its distributions (cached per process)
+# module -> whether the grid can install its distributions (cached per process)
+_INSTALLABLE: dict[str, bool] = {}
 
 
 def _notebook_modules() -> set[str]:
@@ -758,9 +749,8 @@ def for_cell(
         modules |= modules_imported(cell) | modules_of_function(cell)
         read = {name for nested in _code_objects(code) for name in nested.co_names}
         for name in sorted(read & set(namespace)):
-            if not isinstance(
-                namespace[name], types.ModuleType
-            ):  # a notebook function's pickle holds its globals
+            # a notebook function's pickle holds its globals
+            if not isinstance(namespace[name], types.ModuleType):
                 modules |= modules_of_argument(namespace[name])
     found = requirements_of_modules(modules)
     return Environment(tuple(packages or ())).with_packages(found.packages), found.local_files

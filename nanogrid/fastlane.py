@@ -51,9 +51,8 @@ def usable(url: httpx.URL, transport: httpx.BaseTransport | None) -> bool:
     """Whether requests to this grid may take the lane: no injected transport, plain http, no proxy for it."""
     if transport is not None or url.scheme != "http" or not url.host:
         return False
-    proxies = (
-        urllib.request.getproxies_environment()
-    )  # what httpx's trust_env reads: *_PROXY, NO_PROXY
+    # what httpx's trust_env reads: *_PROXY, NO_PROXY
+    proxies = urllib.request.getproxies_environment()
     if not (proxies.get("http") or proxies.get("all")):
         return True
     return bool(urllib.request.proxy_bypass_environment(url.host, proxies))  # type: ignore[attr-defined]

@@ -93,9 +93,8 @@ class RemoteFunction(Generic[P, R]):
         volumes: dict[str, Volume] | None = None,
     ) -> None:
         _check_runnable(fn)
-        self.volumes = dict(
-            volumes or {}
-        )  # mount path -> the owner's Volume its sandbox binds there
+        # mount path -> the owner's Volume its sandbox binds there
+        self.volumes = dict(volumes or {})
         self._volume_entries = manifest_volumes(self.volumes)
         _check_environment_options(packages, secrets, environment)
         if result not in ("pickle", "json"):
@@ -104,9 +103,8 @@ class RemoteFunction(Generic[P, R]):
             )
         self.result_format = result
         self.env = dict(env or {})  # environment variables of its sandbox
-        self.secrets = list(
-            secrets or []
-        )  # names of the owner's secrets its sandbox gets as variables
+        # names of the owner's secrets its sandbox gets as variables
+        self.secrets = list(secrets or [])
         _check_limits(memory, timeout, disk)
         self.fn = fn
         self.memory = memory
@@ -122,18 +120,14 @@ class RemoteFunction(Generic[P, R]):
         # What it runs with: an explicit Environment as it is, else the client's packages it uses (package sync)
         # plus ``packages``, which win over synced ones of the same name.
         self.environment = environment
-        self.packages = pin_installed(
-            packages or []
-        )  # a bare name this client has runs at the version it has
-        self._added: list[
-            str
-        ] = []  # pins added after the sandbox could not import a module this client has
-        self.retry_policy = _retry_policy(
-            retries, retry_on, backoff
-        )  # in the manifest: the worker tries again
-        self._argument_modules: set[str] = (
-            set()
-        )  # modules the arguments' pickles referenced so far (package sync)
+        # a bare name this client has runs at the version it has
+        self.packages = pin_installed(packages or [])
+        # pins added after the sandbox could not import a module this client has
+        self._added: list[str] = []
+        # in the manifest: the worker tries again
+        self.retry_policy = _retry_policy(retries, retry_on, backoff)
+        # modules the arguments' pickles referenced so far (package sync)
+        self._argument_modules: set[str] = set()
         self._synced: tuple[bytes, Any, Environment, dict[str, bytes]] | None = None
         self._pickled: bytes | None = None
         self._package: FunctionPackage | None = None
@@ -195,9 +189,8 @@ class RemoteFunction(Generic[P, R]):
                 secrets=self.secrets,
                 volumes=self._volume_entries,
             )
-            for (
-                volume
-            ) in self.volumes.values():  # made on first use, as `Volume(name, size_mib=...)` says
+            # made on first use, as `Volume(name, size_mib=...)` says
+            for volume in self.volumes.values():
                 if not volume._made:
                     volume._client = volume._client or self.client
                     volume.ensure()
@@ -421,9 +414,8 @@ class RemoteFunction(Generic[P, R]):
         ``return_exceptions=True`` a failed call yields its exception instead of raising it.
         Every item is checked against the signature before the first one is sent.
         """
-        encoder = ArgsEncoder(
-            self.client
-        )  # a value shared by many items is pickled and uploaded once
+        # a value shared by many items is pickled and uploaded once
+        encoder = ArgsEncoder(self.client)
         calls = [
             self._pickle(encoder, args, {}, index)
             for index, args in enumerate(zip(*iterables, strict=False))
@@ -677,9 +669,8 @@ def _ordered_map(
                 try:
                     yield outcome(view, fn.result_format == "pickle", fn.client)
                 except (Exception, JobFailed) as exc:
-                    missing = fn._missing_module(
-                        exc
-                    )  # the error that says which package to add, if that was it
+                    # the error that says which package to add, if that was it
+                    missing = fn._missing_module(exc)
                     if missing is None and not return_exceptions:
                         raise
                     if missing is not None and not return_exceptions:

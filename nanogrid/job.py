@@ -128,9 +128,8 @@ class Job(Generic[R]):
             unpickle  # False: a data-only function (result="json"); nothing it sends is unpickled
         )
         self._view = view
-        self._value: dict[
-            str, Any
-        ] = {}  # the result, once read (a large one is downloaded and unpickled once)
+        # the result, once read (a large one is downloaded and unpickled once)
+        self._value: dict[str, Any] = {}
         self.watched = False  # a sync .remote() waits for it: if this client goes, the grid cancels it while queued
 
     @property
@@ -169,9 +168,8 @@ class Job(Generic[R]):
                 f"job {self.job_id} still {self._view['status']} after {timeout:g} s; it goes on "
                 "running: call .result() again to wait longer, or .cancel() to stop it"
             )
-        if (
-            "value" not in self._value
-        ):  # once: a widget and the caller asking both get the same object
+        # once: a widget and the caller asking both get the same object
+        if "value" not in self._value:
             self._value["value"] = outcome(self._view, self.unpickle, self.client)
         return self._value["value"]
 

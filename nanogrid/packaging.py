@@ -74,13 +74,11 @@ def package_function(
     if ai:
         manifest["ai"] = True  # its sandbox may reach the AI node (and nothing else)
     if env:
-        manifest["env"] = {
-            str(k): str(v) for k, v in env.items()
-        }  # set in the sandbox when the function loads
+        # set in the sandbox when the function loads
+        manifest["env"] = {str(k): str(v) for k, v in env.items()}
     if secrets:
-        manifest["secrets"] = [
-            str(name) for name in secrets
-        ]  # names only: the worker opens them at load
+        # names only: the worker opens them at load
+        manifest["secrets"] = [str(name) for name in secrets]
     if volumes:  # [{"name", "path", "read_only"}]: part of the hash, so the volume set is part of its identity
         manifest["volumes"] = volumes
     if memory_mib is not None:

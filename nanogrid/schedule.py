@@ -95,9 +95,8 @@ class Schedule:
         self.function_id: str = view["function_id"]
         self.paused: bool = view["paused"]
         self.next_due: float | None = view["next_due"]
-        self.firings: list[dict[str, Any]] = view.get(
-            "firings", []
-        )  # newest first: outcome, lateness, catch-up
+        # newest first: outcome, lateness, catch-up
+        self.firings: list[dict[str, Any]] = view.get("firings", [])
 
     def refresh(self) -> Schedule:
         self._update(self._client.request("GET", f"/schedules/{self.name}").json())

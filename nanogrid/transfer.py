@@ -77,9 +77,8 @@ def put(obj: Any, client: Client | None = None) -> Ref:
             "value; nothing was uploaded"
         )
     ref = client.upload_blob(data)
-    remember_put(
-        ref.sha256, obj, data
-    )  # package sync: a call given this Ref needs what its pickle references
+    # package sync: a call given this Ref needs what its pickle references
+    remember_put(ref.sha256, obj, data)
     return ref
 
 
@@ -94,9 +93,8 @@ class ArgsEncoder:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self._memo: dict[
-            int, _Pickled
-        ] = {}  # id of a value -> the value, its pickle or its blob, the Refs in it
+        # id of a value -> the value, its pickle or its blob, the Refs in it
+        self._memo: dict[int, _Pickled] = {}
 
     def encode(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], where: str = ""
@@ -134,9 +132,8 @@ class ArgsEncoder:
         # A grid older than the data plane names no threshold: everything goes inline, as it expects.
         threshold = limits.get("blob_threshold_bytes") or float("inf")
         for call in calls:
-            as_blobs: set[int | str] = (
-                set()
-            )  # what travels as a blob: a Ref's hash, a large value's id
+            # what travels as a blob: a Ref's hash, a large value's id
+            as_blobs: set[int | str] = set()
             for name, value in call.named:
                 stored = self._stored(value)
                 if isinstance(stored, bytes) and len(stored) > limit:
@@ -174,9 +171,8 @@ class ArgsEncoder:
             stored = self._stored(value)
             if isinstance(stored, bytes) and len(stored) > threshold:
                 stored = self.client.upload_blob(stored)
-                self._memo[
-                    id(value)
-                ].stored = stored  # its pickle is freed; later calls reference the blob
+                # its pickle is freed; later calls reference the blob
+                self._memo[id(value)].stored = stored
             refs = {ref.sha256: index(ref.sha256) for ref in self._nested(value)}
             encoded.append(
                 _Blob(index(stored.sha256), refs)
@@ -253,9 +249,8 @@ class _ArgsPickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _Inline | _Blob):
             kind, value = ("i", obj.data) if isinstance(obj, _Inline) else ("b", obj.index)
-            return (
-                (kind, value, obj.refs) if obj.refs else (kind, value)
-            )  # the 2-item form older grids read
+            # the 2-item form older grids read
+            return (kind, value, obj.refs) if obj.refs else (kind, value)
         return None
 
 

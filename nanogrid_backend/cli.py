@@ -397,9 +397,8 @@ def cmd_aws_bootstrap(args: argparse.Namespace) -> int:
             "pip install 'nanogrid[aws]'"
         ) from None
 
-    config = _grid_config(
-        args
-    )  # the same variables the controller and workers read (DYNAMODB_TABLE, ...)
+    # the same variables the controller and workers read (DYNAMODB_TABLE, ...)
+    config = _grid_config(args)
     names = {
         "queue": args.queue or _queue_name(config.queue_url),
         "dlq": args.dlq or _queue_name(config.dlq_url),

@@ -68,17 +68,14 @@ class GridConfig:
     default_timeout_s: float = 300.0
     max_timeout_s: float = 3600.0
     max_package_bytes: int = 64 * MiB
-    max_payload_bytes: int = (
-        2048 * MiB
-    )  # one call argument (pickled); over blob_threshold_bytes it travels as a blob
+    # one call argument (pickled); over blob_threshold_bytes it travels as a blob
+    max_payload_bytes: int = 2048 * MiB
     max_output_bytes: int = 1024 * MiB  # all output files of one call
     capture_limit_bytes: int = 1 * MiB  # stdout / stderr kept per call
-    max_result_bytes: int = (
-        2048 * MiB
-    )  # one call's pickled result (or exception); more fails the call
-    blob_threshold_bytes: int = (
-        1 * MiB
-    )  # arguments and results above this travel as content-addressed blobs
+    # one call's pickled result (or exception); more fails the call
+    max_result_bytes: int = 2048 * MiB
+    # arguments and results above this travel as content-addressed blobs
+    blob_threshold_bytes: int = 1 * MiB
     direct_uploads: bool = (
         True  # on S3, clients upload blobs to presigned URLs (off: through the controller)
     )
@@ -120,16 +117,13 @@ class GridConfig:
     owner_max_concurrency: int = (
         0  # calls of one owner running at once; 0: every slot but one once there are 2 owners
     )
-    owner_disk_quota_bytes: int = (
-        10 * 1024 * MiB
-    )  # stored output files per owner (0: no quota); a key may set its own
-    output_retention_s: float = (
-        7 * 86400.0
-    )  # output files and blobs are deleted this long after they were stored
+    # stored output files per owner (0: no quota); a key may set its own
+    owner_disk_quota_bytes: int = 10 * 1024 * MiB
+    # output files and blobs are deleted this long after they were stored
+    output_retention_s: float = 7 * 86400.0
     gc_interval_s: float = 600.0  # how often the embedded grid looks for expired outputs
-    history_retention_s: float = (
-        30 * 86400.0
-    )  # calls stay in the invocation history this long (0: for ever)
+    # calls stay in the invocation history this long (0: for ever)
+    history_retention_s: float = 30 * 86400.0
     price_lambda_gb_s: float = 0.0000166667  # the AutoTuner's rates (USD): Lambda's GB-second,
     price_ec2_hourly: float = 0.1008  # an EC2 worker's hour ...
     price_ec2_memory_gib: float = 8.0  # ... and its memory

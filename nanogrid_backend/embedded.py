@@ -50,9 +50,8 @@ class EmbeddedGrid:
     def __init__(self, config: GridConfig) -> None:
         self.config = config
         self.grid = Grid(config)
-        blobs_of(
-            self.grid
-        )  # made now: it removes what uploads cut off by a crash left in its spool
+        # made now: it removes what uploads cut off by a crash left in its spool
+        blobs_of(self.grid)
         self.server = _server(self.grid)
         self._sock = _bind(config.host, config.port)
         self.url = "http://%s:%d" % self._sock.getsockname()[:2]

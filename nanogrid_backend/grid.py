@@ -158,9 +158,8 @@ class Grid:
         data = config.data_dir
         os.umask(0o077)  # every file and directory the grid makes is its account's alone
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data.chmod(
-            0o700
-        )  # also a data dir made by an older version: no other local account reads any owner's data
+        # also a data dir made by an older version: no other local account reads any owner's data
+        data.chmod(0o700)
         for path in data.iterdir():  # the registry, the key file, grid.json, whoever made them
             if path.is_file() and not path.is_symlink():
                 path.chmod(0o600)
@@ -169,9 +168,8 @@ class Grid:
                 f"a separate {role} needs a shared queue and bus: set SQS_QUEUE_URL and REDIS_HOST "
                 "(or run everything in one process with `nanogrid up`)"
             )
-        self.lock = (
-            DataDirLock(data).acquire() if role == "all" else None
-        )  # one grid per data dir, before _recover
+        # one grid per data dir, before _recover
+        self.lock = DataDirLock(data).acquire() if role == "all" else None
         try:
             self.registry = make_registry(config, keep_backups=BACKUPS_KEPT)
         except BaseException:
@@ -219,9 +217,8 @@ class Grid:
         self.bus = make_result_bus(config, self.registry)
         self.pool: WarmPool | None = None
         self.environments: Environments | None = None
-        self.languages: dict[
-            str, BuiltEnvironment
-        ] = {}  # runtime name (nodejs, go, cpp) -> its image
+        # runtime name (nodejs, go, cpp) -> its image
+        self.languages: dict[str, BuiltEnvironment] = {}
         self.worker: Worker | None = None
         python = config.python_runtime.removeprefix("python")
         self.factory: SandboxFactory | None = None
@@ -283,9 +280,8 @@ class Grid:
         self.runtimes = (
             self.environments.runtimes if self.environments else {f"python{python}": python}
         )
-        self.scheduler = (
-            Scheduler(self) if role in ("all", "controller") else None
-        )  # each controller fires schedules
+        # each controller fires schedules
+        self.scheduler = Scheduler(self) if role in ("all", "controller") else None
         self.runtimes = {
             **self.runtimes,
             **{name: env.python for name, env in self.languages.items()},
@@ -343,9 +339,8 @@ class Grid:
         assert queue is not None  # recovery is the embedded grid's; SQS keeps its own messages
         functions: dict[str, FunctionRecord | None] = {}
         requeued = 0
-        for job in (
-            self.registry.pending_jobs()
-        ):  # a page at a time and without payloads: read back when taken
+        # a page at a time and without payloads: read back when taken
+        for job in self.registry.pending_jobs():
             if job.function_id not in functions:
                 functions[job.function_id] = self.registry.get_function(job.function_id)
             function = functions[job.function_id]

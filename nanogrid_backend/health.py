@@ -37,9 +37,8 @@ def problems(grid: Grid, for_operator: bool = False) -> list[str]:
         and grid.pool.problem
         and not (disks and grid.pool.problem_kind == "storage")
     ):
-        found.append(
-            grid.pool.problem
-        )  # (disk room idle sandboxes hold is theirs to give: calls still start)
+        # (disk room idle sandboxes hold is theirs to give: calls still start)
+        found.append(grid.pool.problem)
     return found
 
 

@@ -72,9 +72,8 @@ THRESHOLD_COOLDOWN_S = 600.0  # ... and, once it fired, not again for this long
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
-NAT64 = ipaddress.ip_network(
-    "64:ff9b::/96"
-)  # the well-known NAT64 prefix: the last 32 bits are an IPv4 address
+# the well-known NAT64 prefix: the last 32 bits are an IPv4 address
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
 
 
@@ -144,9 +143,8 @@ def literal_ip(host: str) -> IPAddress | None:
         pass
     if re.fullmatch(r"[0-9a-fA-FxX.]+", host):
         try:
-            return ipaddress.IPv4Address(
-                socket.inet_aton(host)
-            )  # the classic parser: octal, hex, short forms
+            # the classic parser: octal, hex, short forms
+            return ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
     return None
@@ -311,9 +309,8 @@ class Notifier:
         self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook-post")
         self._hooks: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._names: dict[str, str] = {}
-        self._checked: dict[
-            tuple[str, str], float
-        ] = {}  # (hook, function) -> when its window was last evaluated
+        # (hook, function) -> when its window was last evaluated
+        self._checked: dict[tuple[str, str], float] = {}
         self._fired: dict[tuple[str, str], float] = {}
         # No proxy from the environment: the POST must go to the very address that was checked.
         self._http = httpx.Client(
@@ -450,9 +447,8 @@ class Notifier:
         if 200 <= status < 400:
             self.stats["sent"] += 1
             return
-        if (
-            400 <= status < 500 and status != 429
-        ):  # the receiver refuses it: trying again would not change that
+        # the receiver refuses it: trying again would not change that
+        if 400 <= status < 500 and status != 429:
             log.warning("webhook %s: refused (%s)", hook["hook_id"], why)
             self.stats["failed"] += 1
             return

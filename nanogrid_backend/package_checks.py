@@ -156,9 +156,8 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
     kind = manifest.get("kind")
     if kind not in ("pickle", "handler"):
         raise PackageError(f"kind must be 'pickle' or 'handler', not {kind!r}")
-    runtime = str(
-        manifest.get("runtime") or next(iter(runtimes), "")
-    )  # default: the grid's first runtime
+    # default: the grid's first runtime
+    runtime = str(manifest.get("runtime") or next(iter(runtimes), ""))
     if runtime not in runtimes:
         known = ", ".join(sorted(runtimes)) or "none"
         raise PackageError(f"unknown runtime {runtime!r}; this grid runs: {known}")
@@ -184,9 +183,8 @@ def check_manifest(manifest: dict[str, Any], runtimes: dict[str, str]) -> dict[s
             except (TypeError, ValueError):
                 raise PackageError(f"{key} must be a number, not {manifest[key]!r}") from None
     check_list_lengths(manifest)
-    if manifest.get(
-        "environment"
-    ):  # refused here, before anything is stored or built (Debian names by apt as root)
+    # refused here, before anything is stored or built (Debian names by apt as root)
+    if manifest.get("environment"):
         try:
             check_names(manifest["environment"])
         except EnvironmentBuildError as exc:

@@ -56,9 +56,8 @@ class Janitor:
         while True:
             try:
                 self.sweep()
-            except (
-                Exception
-            ):  # a failed pass is retried at the next interval; it never stops the grid
+            # a failed pass is retried at the next interval; it never stops the grid
+            except Exception:
                 log.exception("retention: the pass failed")
             if self._stop.wait(self.interval_s):
                 return

@@ -78,9 +78,8 @@ class Scheduler:
         self.grid = grid
         self.poll_s = poll_s
         self.list_every_s = list_every_s
-        self._known: dict[
-            str, ScheduleRecord
-        ] = {}  # as last read: what is due is read again before it fires
+        # as last read: what is due is read again before it fires
+        self._known: dict[str, ScheduleRecord] = {}
         self._listed_at = -math.inf
         self._wake = threading.Event()
         self._stopped = threading.Event()

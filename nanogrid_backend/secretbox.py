@@ -47,9 +47,8 @@ class SecretBox:
         self._mac = hmac.new(
             master_key, b"nanogrid secrets: authentication", hashlib.sha256
         ).digest()
-        self.link_key = hmac.new(
-            master_key, b"nanogrid: output links", hashlib.sha256
-        ).digest()  # controller/links.py
+        # controller/links.py
+        self.link_key = hmac.new(master_key, b"nanogrid: output links", hashlib.sha256).digest()
 
     @classmethod
     def load(cls, data_dir: Path) -> SecretBox:

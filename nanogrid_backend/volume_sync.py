@@ -88,9 +88,8 @@ class S3Volumes:
         self.s3, self.bucket, self.registry = s3, bucket, registry
         self.max_volume_mib, self.owner_volume_mib = max_volume_mib, owner_volume_mib
         self._lock = threading.Lock()
-        self._usage: dict[
-            tuple[str, str], tuple[str, int]
-        ] = {}  # (owner, name) -> (its marker then, bytes)
+        # (owner, name) -> (its marker then, bytes)
+        self._usage: dict[tuple[str, str], tuple[str, int]] = {}
 
     # records
     def create(self, owner: str, name: str, size_mib: int | None) -> dict[str, Any]:
@@ -105,9 +104,8 @@ class S3Volumes:
                 return self.describe(owner, self.registry.get_volume(owner, name))
             try:
                 self.registry.put_volume(record)
-            except (
-                RegistryError
-            ):  # made by another controller meanwhile: it stands, if it has this size
+            # made by another controller meanwhile: it stands, if it has this size
+            except RegistryError:
                 if (
                     new_record(self.registry, owner, name, size_mib, self.owner_volume_mib)
                     is not None
@@ -338,9 +336,8 @@ class SyncedVolumes(VolumeStore):
         super().__init__(directory, registry, uid, **limits)
         self.home = home
         self._sync_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._seen_marker: dict[
-            tuple[str, str], str
-        ] = {}  # the change marker each copy was last synced at
+        # the change marker each copy was last synced at
+        self._seen_marker: dict[tuple[str, str], str] = {}
         self.downloads = self.uploads = (
             0  # files moved since the start (what a warm copy saves shows here)
         )
@@ -442,9 +439,8 @@ class SyncedVolumes(VolumeStore):
             synced[path] = (got[0], info.st_size, info.st_mtime_ns)
             self.downloads += 1
             changed = True
-        for path in [
-            p for p in synced if p not in remote
-        ]:  # removed in S3 since this copy was synced
+        # removed in S3 since this copy was synced
+        for path in [p for p in synced if p not in remote]:
             with contextlib.suppress(VolumeError):
                 self.remove(owner, name, path)
             del synced[path]

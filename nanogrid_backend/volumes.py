@@ -247,9 +247,8 @@ class VolumeStore:
     def delete(self, owner: str, name: str) -> dict[str, Any]:
         """Remove the volume and everything on it; refused while a sandbox has it mounted."""
         record = self._record(owner, name)
-        if (
-            self.stop_idle is not None
-        ):  # idle sandboxes keep nothing worth a refusal: they are stopped
+        # idle sandboxes keep nothing worth a refusal: they are stopped
+        if self.stop_idle is not None:
             self.stop_idle(lambda sandbox: _holds(sandbox, owner, record["name"]))
         with self._lock:
             mounted = self._mounted.get((owner, record["name"]))
@@ -352,9 +351,8 @@ class VolumeStore:
                     os.fsync(target)
                 finally:
                     os.close(target)
-                os.rename(
-                    temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent
-                )  # a link there is replaced
+                # a link there is replaced
+                os.rename(temporary, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
                 return os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
             except OSError as exc:
                 try:
@@ -439,9 +437,8 @@ class VolumeStore:
             try:
                 info = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
-                    shutil.rmtree(
-                        parts[-1], dir_fd=parent
-                    )  # fd-based on Linux: never follows a link it finds
+                    # fd-based on Linux: never follows a link it finds
+                    shutil.rmtree(parts[-1], dir_fd=parent)
                 else:
                     os.unlink(parts[-1], dir_fd=parent)
             except FileNotFoundError:

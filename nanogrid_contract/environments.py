@@ -18,9 +18,8 @@ REQUIREMENT = re.compile(
     r"[A-Za-z0-9.*+!_-]{1,64})*)?$"
 )
 SYSTEM_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,99}$")  # a Debian package name
-SYSTEM_PATTERN = re.compile(
-    r"\.[.+]|\.$"
-)  # what apt reads as a regular expression in a name: '.+', '..', 'zsh.'
+# what apt reads as a regular expression in a name: '.+', '..', 'zsh.'
+SYSTEM_PATTERN = re.compile(r"\.[.+]|\.$")
 PYTHONS = (
     "3.9",
     "3.10",

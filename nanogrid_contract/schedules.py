@@ -17,9 +17,8 @@ def check_cron(expression: str, timezone: str) -> None:
     zone = check_timezone(timezone)
     try:  # loaded here: `import nanogrid` stays cheap inside a sandbox
         from cronsim import CronSim, CronSimError
-    except (
-        ImportError
-    ):  # a client without the grid's extras: the grid checks the expression when it is registered
+    # a client without the grid's extras: the grid checks the expression when it is registered
+    except ImportError:
         if not isinstance(expression, str):
             raise InvalidArgument(
                 f"a cron schedule is a string such as '0 * * * *', not {expression!r}"

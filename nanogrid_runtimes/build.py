@@ -120,9 +120,8 @@ def names_file(suite: str) -> Path:
     return cache / "nanogrid" / "debian" / f"{suite}-amd64.names"
 
 
-_known_names: dict[
-    str, tuple[float, frozenset[str]]
-] = {}  # suite -> (when its source changed, its names)
+# suite -> (when its source changed, its names)
+_known_names: dict[str, tuple[float, frozenset[str]]] = {}
 
 
 def debian_package_names(suite: str) -> frozenset[str] | None:
@@ -230,9 +229,8 @@ def remove_abandoned_directories() -> list[str]:
             folder = owner_file.with_suffix("")
             try:
                 with open(owner_file) as owner:
-                    fcntl.flock(
-                        owner, fcntl.LOCK_EX | fcntl.LOCK_NB
-                    )  # only once the build holding it is gone
+                    # only once the build holding it is gone
+                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     shutil.rmtree(folder, ignore_errors=True)
                     owner_file.unlink()
                     removed.append(folder.name)
@@ -317,9 +315,8 @@ def build_debian_base(python: str, packages: list[str]) -> str:
             )
         if done.returncode == 0 and (Path(tmp) / "names").stat().st_size:
             os.replace(Path(tmp) / "names", names)
-        if (
-            done.returncode != 0
-        ):  # an unknown package name, or no Debian mirror reachable from this host
+        # an unknown package name, or no Debian mirror reachable from this host
+        if done.returncode != 0:
             said = "\n".join(
                 line
                 for line in done.stderr.splitlines()

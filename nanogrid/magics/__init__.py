@@ -109,9 +109,8 @@ class NanoGridMagics(Magics):
         except KeyboardInterrupt:
             job.cancel()
             raise
-        except (
-            JobFailed
-        ) as exc:  # timeout, out of memory, crash: the cell's output so far, then why
+        # timeout, out of memory, crash: the cell's output so far, then why
+        except JobFailed as exc:
             write_streams(
                 not_yet_shown(
                     [

@@ -59,9 +59,8 @@ class CellOutcome:
     names_out: dict[str, int] = field(default_factory=dict)  # name -> pickled size
     deleted: list[str] = field(default_factory=list)
     unpicklable: dict[str, str] = field(default_factory=dict)
-    streams: list[tuple[str, str]] = field(
-        default_factory=list
-    )  # ("stdout" | "stderr", text), in order
+    # ("stdout" | "stderr", text), in order
+    streams: list[tuple[str, str]] = field(default_factory=list)
     figures: list[tuple[bytes, str]] = field(default_factory=list)  # PNG, the figure's repr
     diff_ms: float = 0.0  # time the sandbox spent finding what changed
 
@@ -103,12 +102,10 @@ class CellJob(Job):
         with self._lock:
             if self._outcome is None:
                 try:
-                    reply = super().result(
-                        timeout
-                    )  # raises JobFailed on a timeout, out-of-memory or crash
-                except (
-                    CellFailed
-                ) as failed:  # the cell raised: what it left comes with its exception
+                    # raises JobFailed on a timeout, out-of-memory or crash
+                    reply = super().result(timeout)
+                # the cell raised: what it left comes with its exception
+                except CellFailed as failed:
                     reply = failed.outcome
                 self._outcome = self._deliver(reply)
             return self._outcome
@@ -177,9 +174,8 @@ def prepare(
 ) -> tuple[RemoteFunction, tuple[Any, ...], dict[str, Any], dict[str, int], bool]:
     """Transform and check the cell, and pickle the notebook names it uses; nothing is sent yet."""
     source = shell.transform_cell(body)
-    filename = shell.compile.cache(
-        body, _cell_number(shell)
-    )  # tracebacks and inspect show the cell's own lines
+    # tracebacks and inspect show the cell's own lines
+    filename = shell.compile.cache(body, _cell_number(shell))
     try:
         plan = plan_cell(source, filename)
     except CellRefused as exc:
@@ -326,9 +322,8 @@ def _streams(view: JobView, segments: list[list[int]]) -> list[tuple[str, str]]:
     if sum(n for fd, n in segments if fd == 1) != len(stdout) or sum(
         n for fd, n in segments if fd == 2
     ) != len(stderr):
-        return [
-            (name, text) for name, text in (("stdout", stdout), ("stderr", stderr)) if text
-        ]  # written at fd level
+        # written at fd level
+        return [(name, text) for name, text in (("stdout", stdout), ("stderr", stderr)) if text]
     streams, positions = [], {1: 0, 2: 0}
     for fd, length in segments:
         text = (stdout, stderr)[fd - 1]
@@ -359,9 +354,8 @@ def _remote_exception(exc: Any, described: dict[str, Any], shell: Any) -> BaseEx
 
     try:
         exc._render_traceback_ = render  # IPython's hook for remote tracebacks
-    except (
-        AttributeError
-    ):  # an exception type with __slots__: IPython shows it with its local frames
+    # an exception type with __slots__: IPython shows it with its local frames
+    except AttributeError:
         pass
     return exc
 
@@ -392,9 +386,8 @@ def _stand_in(frame: dict[str, Any]) -> TracebackType | None:
             + ["*v"] * bool(frame["varargs"])
             + ["**k"] * bool(frame["varkw"])
         )
-        first = min(
-            max(int(frame.get("first", line)), 1), line
-        )  # where the function starts: IPython shows from there
+        # where the function starts: IPython shows from there
+        first = min(max(int(frame.get("first", line)), 1), line)
         body = (
             " raise __remote_frame__"
             if first == line
@@ -415,9 +408,8 @@ def _stand_in(frame: dict[str, Any]) -> TracebackType | None:
         run()
     except _RemoteFrame as marker:
         entry = marker.__traceback__
-        while (
-            entry is not None and entry.tb_next is not None
-        ):  # the innermost: the one at the remote line
+        # the innermost: the one at the remote line
+        while entry is not None and entry.tb_next is not None:
             entry = entry.tb_next
         return entry
     return None

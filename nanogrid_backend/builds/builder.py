@@ -202,9 +202,8 @@ def interpreter_for(python: str) -> str | None:
     if pyenv:
         return str(pyenv[-1])
     found = shutil.which(f"python{python}")
-    if (
-        found and "shims" not in Path(found).parts
-    ):  # a pyenv shim of a version not installed only says so
+    # a pyenv shim of a version not installed only says so
+    if found and "shims" not in Path(found).parts:
         return found
     return None
 
@@ -247,9 +246,8 @@ def compile_bytecode(site: Path, python: str) -> None:
         raise EnvironmentBuildError(
             f"compiling the environment's modules took over {BUILD_TIMEOUT_S} s; gave up"
         ) from None
-    if (
-        done.returncode != 0
-    ):  # a module with a syntax error for this Python: it fails when imported, as it would
+    # a module with a syntax error for this Python: it fails when imported, as it would
+    if done.returncode != 0:
         log.info(
             "some modules of %s did not compile: %s", site.parent.name, done.stdout.strip()[-500:]
         )
@@ -310,9 +308,8 @@ class Environments:
         self.identity = identity or "grid-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]
         self.shared = shared  # a BlobStore others build into (AWS mode), or None
         self._docker_client: Any = None
-        self._system_bases: dict[
-            tuple[str, tuple[str, ...]], str
-        ] = {}  # (Python, Debian packages) -> runtime image
+        # (Python, Debian packages) -> runtime image
+        self._system_bases: dict[tuple[str, tuple[str, ...]], str] = {}
         self.users = EnvironmentUsers(root / ".locks")
         self._noted: dict[str, float] = {}  # environment id -> when its use was last written down
         self._swept = 0.0
@@ -459,9 +456,8 @@ class Environments:
         """Build ``spec`` as a built environment plus a layer of what it adds (see layers.py); what env.json
         records of that, or {} when no built environment fits (the caller builds from scratch)."""
         base = env_layers.choose_base(spec, self.list(), self.root)
-        if (
-            base is None or interpreter_for(spec["python"]) is None
-        ):  # the new preload's bytecode replaces the base's
+        # the new preload's bytecode replaces the base's
+        if base is None or interpreter_for(spec["python"]) is None:
             return {}
         with self.pinned(base["env_id"]):
             base_folder = self.root / base["env_id"]
@@ -513,9 +509,8 @@ class Environments:
         )
         progress(f"building environment {env_id}: installing {what}")
         log.info("building environment %s (Python %s): installing %s", env_id, spec["python"], what)
-        requirements = (
-            site.parent / f".requirements-{site.name}.txt"
-        )  # any number of them, never a long command
+        # any number of them, never a long command
+        requirements = site.parent / f".requirements-{site.name}.txt"
         requirements.write_text("".join(f"{p}\n" for p in packages))
         command = [
             *uv_command(),
@@ -685,9 +680,8 @@ class Environments:
         try:
             with tarfile.open(archive, "w") as tar:
                 tar.add(temporary / "site", arcname="site")
-            self.shared.put_blob_file(
-                self._shared_key(env_id), archive
-            )  # removes the file once sent
+            # removes the file once sent
+            self.shared.put_blob_file(self._shared_key(env_id), archive)
             log.info("shared environment %s through the store", env_id)
         except Exception as exc:
             log.warning("could not share environment %s: %s", env_id, exc)
@@ -957,9 +951,8 @@ def load_layer_image(base: dict[str, Any], site: Path, tag: str, labels: dict[st
         except BrokenPipeError:
             pass  # docker load stopped reading: its stderr says why
         try:
-            _, said = loader.communicate(
-                timeout=BUILD_TIMEOUT_S
-            )  # closes its stdin: the archive is complete
+            # closes its stdin: the archive is complete
+            _, said = loader.communicate(timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             loader.kill()
             raise EnvironmentBuildError(
@@ -991,9 +984,8 @@ def _write_layer(site: Path, out: Any) -> str:
 
     with tarfile.open(fileobj=Hashing(), mode="w|", format=tarfile.PAX_FORMAT) as tar:
         parts = LAYER_ROOT.split("/")
-        for depth in range(
-            1, len(parts)
-        ):  # /opt and /opt/nanogrid exist in the base: same owner and mode here
+        # /opt and /opt/nanogrid exist in the base: same owner and mode here
+        for depth in range(1, len(parts)):
             parent = tarfile.TarInfo("/".join(parts[:depth]))
             parent.type, parent.mode, parent.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
             tar.addfile(parent)

@@ -88,9 +88,8 @@ PRELOAD_BUDGET_MIB = 160  # below the Docker stem cell's 256 MiB, with room for 
 def write_preload(site: Path, env_id: str, packages: list[str]) -> list[str]:
     """Put the preload module into a layer; returns the modules it imports."""
     modules = preload_modules(site, packages)
-    if (
-        modules and not (site / PRELOAD_MODULE).exists()
-    ):  # a package's own sitecustomize stays as it is
+    # a package's own sitecustomize stays as it is
+    if modules and not (site / PRELOAD_MODULE).exists():
         (site / PRELOAD_MODULE).write_text(
             PRELOAD_TEMPLATE.format(env_id=env_id, budget=PRELOAD_BUDGET_MIB, modules=modules)
         )

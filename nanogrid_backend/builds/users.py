@@ -61,9 +61,8 @@ class EnvironmentUsers:
         with self._lock:
             if env_id not in self._held:
                 handle = open(self.locks / f"{env_id}.use", "a")  # noqa: SIM115  (open while in use)
-                fcntl.flock(
-                    handle, fcntl.LOCK_SH
-                )  # waits only while an eviction of it decides (a rename)
+                # waits only while an eviction of it decides (a rename)
+                fcntl.flock(handle, fcntl.LOCK_SH)
                 self._held[env_id] = handle
 
     def release_unused(self) -> None:

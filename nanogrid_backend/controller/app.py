@@ -64,12 +64,10 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
     state = app.state
     state.grid, state.config, state.started_at = grid, config, time.time()
     state.authenticator = Authenticator(grid.registry)
-    state.buckets = (
-        grid.bus.token_buckets()
-    )  # the API keys' rate limits, shared as widely as the bus is
-    state.buckets_in_process = (
-        grid.bus.redis is None
-    )  # taking a token is then a few microseconds, no network
+    # the API keys' rate limits, shared as widely as the bus is
+    state.buckets = grid.bus.token_buckets()
+    # taking a token is then a few microseconds, no network
+    state.buckets_in_process = grid.bus.redis is None
     state.links = LinkSigner(grid.secrets.link_key)  # output URLs signed for the browser
     state.functions = {}  # function id -> record: records never change (ids are content hashes); deletes evict
     state.loadtests = LoadTests(grid)
@@ -106,8 +104,7 @@ def create_app(grid: Grid, *, manage_grid: bool = True) -> FastAPI:
         durations=RequestDurations(),
         streamed=("/v1/blobs/", config.max_payload_bytes),
     )
-    install_error_handlers(
-        app
-    )  # every 4xx: {"detail", "error"}; a 500: JSON with a logged request id
+    # every 4xx: {"detail", "error"}; a 500: JSON with a logged request id
+    install_error_handlers(app)
     dashboard.install_error_pages(app, state.dashboard)  # the same, as pages on /ui
     return app

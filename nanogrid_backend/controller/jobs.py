@@ -108,9 +108,8 @@ def _source_of(package: Package) -> str:
         return zf.read(module).decode(errors="replace")[:20000] if module in names else ""
 
 
-INLINE_CAP_BYTES = (
-    16 << 20
-)  # a JSON payload or inline args pickle; larger values travel as blobs (/v1/blobs)
+# a JSON payload or inline args pickle; larger values travel as blobs (/v1/blobs)
+INLINE_CAP_BYTES = 16 << 20
 
 
 def inline_cap(config: Any) -> int:
@@ -299,9 +298,8 @@ async def wait_for(
         return known
     finished, unsubscribe = subscribe(grid, [job_id])
     try:
-        job = grid.registry.get_job(
-            job_id
-        )  # read again after subscribing: the result may have landed between
+        # read again after subscribing: the result may have landed between
+        job = grid.registry.get_job(job_id)
         if job is None or job.finished or timeout <= 0:
             return job
         return await next_result(grid, job_id, finished, timeout) or grid.registry.get_job(job_id)
@@ -370,9 +368,8 @@ def cancel_all(grid: Grid, records: list[JobRecord]) -> int:
         if job.finished:
             continue
         if job.status == RUNNING:
-            grid.bus.request_cancel(
-                job.job_id
-            )  # the worker running it stops its sandbox and records it
+            # the worker running it stops its sandbox and records it
+            grid.bus.request_cancel(job.job_id)
             count += 1
             continue
         job.status, job.finished_at = CANCELLED, time.time()

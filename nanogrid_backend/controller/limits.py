@@ -37,9 +37,8 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["request_durations"] = (
-            self.durations
-        )  # found by /metrics via request.state
+        # found by /metrics via request.state
+        scope.setdefault("state", {})["request_durations"] = self.durations
         started, status = time.perf_counter(), 0  # 0: no answer started yet
 
         async def send_status(message: Message) -> None:

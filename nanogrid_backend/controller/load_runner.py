@@ -137,9 +137,8 @@ def run(
     def one(due: float) -> None:
         try:
             error = call()
-        except (
-            Exception
-        ) as exc:  # an error of the call is a result of the test, never the end of it
+        # an error of the call is a result of the test, never the end of it
+        except Exception as exc:
             error = type(exc).__name__
         finally:
             in_flight.release()
@@ -158,9 +157,8 @@ def run(
                 break
             test.sent += 1
             if not in_flight.acquire(blocking=False):
-                test.record(
-                    0.0, "overloaded"
-                )  # the grid is this far behind: counted, not queued without bound
+                # the grid is this far behind: counted, not queued without bound
+                test.record(0.0, "overloaded")
                 continue
             pool.submit(one, due)
         while on_progress and test.completed + test.failed < test.sent and not stop.is_set():

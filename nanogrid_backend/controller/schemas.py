@@ -142,9 +142,8 @@ class JobView(BaseModel):
             **extra,
         }
         if job.result is not None and with_result:
-            if (
-                job.result_format == RESULT_FORMAT
-            ):  # stored as a blob: the client downloads it, streamed
+            # stored as a blob: the client downloads it, streamed
+            if job.result_format == RESULT_FORMAT:
                 fields["result_blob"] = json.loads(job.result)
             elif job.result_format == "json":
                 fields["result"] = json.loads(job.result)

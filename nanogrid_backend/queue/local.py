@@ -14,9 +14,8 @@ from nanogrid_backend.queue.base import JobQueue
 
 log = logging.getLogger(__name__)
 
-MEMORY_BUDGET_BYTES = (
-    32 << 20
-)  # queued payloads held in memory; the rest stay on disk until their job is taken
+# queued payloads held in memory; the rest stay on disk until their job is taken
+MEMORY_BUDGET_BYTES = 32 << 20
 
 
 class LocalQueue(JobQueue):
@@ -44,23 +43,18 @@ class LocalQueue(JobQueue):
     ) -> None:
         self._limit = limit or (lambda owner: None)
         self._load_payload = load_payload
-        self._budget = (
-            memory_budget_bytes if load_payload is not None else None
-        )  # None: everything in memory
+        # None: everything in memory
+        self._budget = memory_budget_bytes if load_payload is not None else None
         self._held_bytes = 0  # payload bytes held in memory
         self._on_disk: set[str] = set()  # job ids queued without their payload
-        self._waiting: OrderedDict[str, deque[JobMessage]] = (
-            OrderedDict()
-        )  # owner -> its FIFO; next to serve first
-        self._parked: dict[
-            str, deque[JobMessage]
-        ] = {}  # owners at their cap -> their FIFO, back in turn at an ack
-        self._out: dict[
-            str, int
-        ] = {}  # owner -> takes (a call, or a batch) out with workers, not yet acked
-        self._out_owner: dict[
-            str, tuple[str, list[int]]
-        ] = {}  # job id -> (owner, calls of its take not yet acked)
+        # owner -> its FIFO; next to serve first
+        self._waiting: OrderedDict[str, deque[JobMessage]] = OrderedDict()
+        # owners at their cap -> their FIFO, back in turn at an ack
+        self._parked: dict[str, deque[JobMessage]] = {}
+        # owner -> takes (a call, or a batch) out with workers, not yet acked
+        self._out: dict[str, int] = {}
+        # job id -> (owner, calls of its take not yet acked)
+        self._out_owner: dict[str, tuple[str, list[int]]] = {}
         self._count = 0
         self._changed = threading.Condition()
 
@@ -73,9 +67,8 @@ class LocalQueue(JobQueue):
                 if fifo is None:
                     fifo = self._parked.get(message.owner)
                 if fifo is None:
-                    fifo = self._waiting[message.owner] = (
-                        deque()
-                    )  # a new owner joins the end of the turn
+                    # a new owner joins the end of the turn
+                    fifo = self._waiting[message.owner] = deque()
                 fifo.append(message)
             self._count += len(messages)
             self._changed.notify(len(messages))  # a call wakes one idle slot, not all of them
@@ -157,9 +150,8 @@ class LocalQueue(JobQueue):
             more.append(fifo.popleft())
         if more:
             self._count -= len(more)
-            take = self._out_owner[first.job_id][
-                1
-            ]  # the batch is one take, done when its last call is acked
+            # the batch is one take, done when its last call is acked
+            take = self._out_owner[first.job_id][1]
             take[0] += len(more)
             for message in more:
                 self._out_owner[message.job_id] = (owner, take)
@@ -170,9 +162,8 @@ class LocalQueue(JobQueue):
 
     def _with_payload(self, message: JobMessage) -> JobMessage | None:
         """Read a taken job's payload back from disk; if that fails the job goes back to the head of its turn."""
-        assert (
-            self._load_payload is not None
-        )  # messages are only left without payloads when it can be read back
+        # messages are only left without payloads when it can be read back
+        assert self._load_payload is not None
         try:
             payload = self._load_payload(message.job_id)
         except Exception:

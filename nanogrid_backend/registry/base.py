@@ -38,9 +38,8 @@ class FunctionStats:
     total_ms: float  # the worker's whole turn (started -> finished), summed
     handler_ms: float  # the function's own run time (execution_time_ms), summed
     handler_count: int  # jobs that have one
-    total_buckets: list[
-        int
-    ]  # jobs whose total time is <= each bucket bound (cumulative, as Prometheus counts)
+    # jobs whose total time is <= each bucket bound (cumulative, as Prometheus counts)
+    total_buckets: list[int]
     handler_buckets: list[int]
 
 

@@ -130,9 +130,8 @@ def repair(data_dir: Path) -> list[str]:
     if path.exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         aside = path.with_name(f"{path.name}.damaged-{stamp}")
-        for file in registry_files(
-            path
-        ):  # the -wal too: replayed onto the restored copy it would damage it again
+        # the -wal too: replayed onto the restored copy it would damage it again
+        for file in registry_files(path):
             if file.exists():
                 os.replace(file, aside.with_name(aside.name + file.name.removeprefix(path.name)))
         done.append(f"moved the damaged registry aside to {aside.name}")

@@ -321,9 +321,8 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
 
     def _batch_get(self, keys: list[dict[str, str]]) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        resource = (
-            self.table.meta.client
-        )  # the resource's client: it reads and writes Python values, not typed ones
+        # the resource's client: it reads and writes Python values, not typed ones
+        resource = self.table.meta.client
         for start in range(0, len(keys), 100):
             request = {self.table.name: {"Keys": keys[start : start + 100]}}
             while request:
@@ -631,9 +630,8 @@ class DynamoDBRegistry(Registry, VolumeRegistry):
             )
             and marks
         ):
-            self._update_if(
-                pk, "SET " + marks, Attr("pk").exists(), values
-            )  # already moved further on
+            # already moved further on
+            self._update_if(pk, "SET " + marks, Attr("pk").exists(), values)
         return True
 
     def start_waiting_firing(self, schedule_id: str, due_time: float, job: JobRecord) -> bool:

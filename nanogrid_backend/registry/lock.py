@@ -44,9 +44,8 @@ class DataDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(
-                self._fd
-            )  # closing the descriptor drops the flock; the file stays (unlinking would race)
+            # closing the descriptor drops the flock; the file stays (unlinking would race)
+            os.close(self._fd)
             self._fd = None
 
     def __del__(self) -> None:

@@ -287,14 +287,12 @@ class SQLiteRegistry(Registry, VolumeRegistry):
                     "doctor` cannot read it while the grid runs) and calls fail until space is freed"
                 )
             version = check_file(self._db, path)
-            if had_data and (
-                keep_backups or version < SCHEMA_VERSION
-            ):  # always a copy from before a migration
+            # always a copy from before a migration
+            if had_data and (keep_backups or version < SCHEMA_VERSION):
                 self._backup(keep_backups or BACKUPS_KEPT, required=version < SCHEMA_VERSION)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "PRAGMA synchronous=NORMAL"
-            )  # durable across a process crash, not power loss
+            # durable across a process crash, not power loss
+            self._db.execute("PRAGMA synchronous=NORMAL")
             if version < SCHEMA_VERSION:
                 self._write(lambda db: _migrate(db, version))
             _check_columns(self._db)
@@ -773,9 +771,8 @@ class SQLiteRegistry(Registry, VolumeRegistry):
         def claim(db: sqlite3.Connection) -> bool:
             try:
                 db.execute(_insert("schedule_firings"), _FIRING_ROWS.row(firing))
-            except (
-                sqlite3.IntegrityError
-            ):  # claimed before: never again, and the schedule moves past it
+            # claimed before: never again, and the schedule moves past it
+            except sqlite3.IntegrityError:
                 db.execute(
                     "UPDATE schedules SET next_due = ? WHERE schedule_id = ? AND next_due = ?",
                     (next_due, firing.schedule_id, firing.due_time),
@@ -907,9 +904,8 @@ class SQLiteRegistry(Registry, VolumeRegistry):
 
 
 def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    db.execute(
-        "BEGIN IMMEDIATE"
-    )  # take the write lock now: no deadlock between two readers upgrading
+    # take the write lock now: no deadlock between two readers upgrading
+    db.execute("BEGIN IMMEDIATE")
     try:
         result = work(db)
         db.execute("COMMIT")
@@ -1188,9 +1184,8 @@ def copy_database(source: sqlite3.Connection, target: Path) -> None:
         copy = sqlite3.connect(partial)
         try:
             source.backup(copy)
-            copy.execute(
-                "PRAGMA journal_mode=DELETE"
-            )  # a single file: opening a copy leaves no -wal/-shm beside it
+            # a single file: opening a copy leaves no -wal/-shm beside it
+            copy.execute("PRAGMA journal_mode=DELETE")
         finally:
             copy.close()
         os.replace(partial, target)

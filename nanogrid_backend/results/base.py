@@ -57,9 +57,8 @@ class LogBook:
     """Live output of running jobs, in memory: the embedded grid's log store (Redis has streams)."""
 
     def __init__(self) -> None:
-        self._logs: dict[
-            str, tuple[list[LogChunk], int, float | None]
-        ] = {}  # chunks, bytes, ended at
+        # chunks, bytes, ended at
+        self._logs: dict[str, tuple[list[LogChunk], int, float | None]] = {}
         self._cond = threading.Condition()
 
     def append(self, job_id: str, stream: str, data: bytes) -> None:

@@ -152,9 +152,8 @@ class RedisResultBus(ResultBus):
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(RESULTS, CANCELS)
-                for (
-                    job_id
-                ) in self._listeners.waited_on():  # results announced while we were disconnected
+                # results announced while we were disconnected
+                for job_id in self._listeners.waited_on():
                     job = self.registry.get_job(job_id)
                     if job is not None and job.finished:
                         self._deliver(job_id)

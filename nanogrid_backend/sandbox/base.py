@@ -39,12 +39,10 @@ from nanogrid_backend.sandbox.protocol import (
 if TYPE_CHECKING:
     from nanogrid_backend.volumes import VolumeSet
 
-BLOB_CHUNK_BYTES = (
-    4 << 20
-)  # argument blobs and streamed results travel in frames of at most this many bytes
-INLINE_RESULT_BYTES = (
-    16 << 20
-)  # a reply's own body; the bootstrap streams results over 1 MiB in pieces
+# argument blobs and streamed results travel in frames of at most this many bytes
+BLOB_CHUNK_BYTES = 4 << 20
+# a reply's own body; the bootstrap streams results over 1 MiB in pieces
+INLINE_RESULT_BYTES = 16 << 20
 OUTPUT_TIMEOUT_S = (
     120.0  # to receive one call's output files, however slowly the sandbox sends them
 )
@@ -177,9 +175,8 @@ class _Spool:
                 if self.error is None:
                     self.file.write(piece)
                     self.digest.update(piece)
-            except (
-                BaseException
-            ) as exc:  # raised in the receiving thread at its next piece, or at the end
+            # raised in the receiving thread at its next piece, or at the end
+            except BaseException as exc:
                 self.error = exc
             finally:
                 piece.release()
@@ -200,9 +197,8 @@ class Sandbox(ABC):
     blob_cache: bool = (
         False  # the bootstrap keeps blobs between calls and says which it needs (its ready frame)
     )
-    _blobs_sent: OrderedDict[
-        str, int
-    ]  # sha256 -> size of what this sandbox was sent, least recently used first
+    # sha256 -> size of what this sandbox was sent, least recently used first
+    _blobs_sent: OrderedDict[str, int]
     memory_mib: int = 0
     ai_allowed: bool = False  # loaded with the AI node's settings: its AI requests are forwarded
     cgroup: MemoryCgroup | None = (
@@ -413,9 +409,8 @@ class Sandbox(ABC):
                 else list(range(len(sizes)))
             )
             if need:
-                with blobs.files(
-                    need
-                ) as files:  # BlobError here: the sandbox is discarded, mid-call
+                # BlobError here: the sandbox is discarded, mid-call
+                with blobs.files(need) as files:
                     for path in files:
                         self._send_blob(path)
         except SandboxError as exc:
@@ -429,9 +424,8 @@ class Sandbox(ABC):
         if ask:
             self._note_sent(blob_ids, sizes)
         result = self._answer(job_id, timeout_s, started, ai, on_output, baseline)
-        if (
-            result.reply.get("error", {}).get("kind") == "cancelled"
-        ):  # only a call of a batch is ever skipped
+        # only a call of a batch is ever skipped
+        if result.reply.get("error", {}).get("kind") == "cancelled":
             raise ProtocolViolation("a single call answered as cancelled")
         result.blob_bytes_sent = sum(sizes[n] for n in need)
         result.blobs_kept = len(sizes) - len(need)
@@ -494,9 +488,8 @@ class Sandbox(ABC):
                 frame, body = self._receive(deadline, max_body)
             except FrameTooLarge as exc:
                 self.close()
-                if (
-                    exc.size <= self.limits.result_bytes
-                ):  # within the cap, but sent whole: only a forged reply does
+                # within the cap, but sent whole: only a forged reply does
+                if exc.size <= self.limits.result_bytes:
                     raise ProtocolViolation(
                         f"a reply of {exc.size >> 20} MiB sent whole (at most "
                         f"{INLINE_RESULT_BYTES >> 20} MiB; larger results are streamed)"

@@ -174,9 +174,8 @@ class DockerSandboxFactory:
         )
         for container in left:
             _remove(container)
-        legacy = leftovers.remove_legacy(
-            self.host_dir, self.client
-        )  # before the directories: their evidence
+        # before the directories: their evidence
+        legacy = leftovers.remove_legacy(self.host_dir, self.client)
         dirs = leftovers.remove_dirs(self.host_dir)
         if left or dirs or legacy:
             log.info(
@@ -254,9 +253,8 @@ class DockerSandbox(WatchedSandbox):
         )
         self.limits = factory.limits
         self.id = "ctr-" + uuid.uuid4().hex[:12]
-        self.host_dir = (
-            factory.host_dir / self.id
-        )  # where output files land on this side, written by the host
+        # where output files land on this side, written by the host
+        self.host_dir = factory.host_dir / self.id
         self.output_dir = self.host_dir / "output"
         self.output_dir.mkdir(mode=0o700, parents=True)
         self.memory_mib = factory.stem_memory_mib
@@ -296,15 +294,13 @@ class DockerSandbox(WatchedSandbox):
                 )
             except scratch.ScratchError as exc:
                 shutil.rmtree(self.host_dir, ignore_errors=True)
-                log.debug(
-                    "a %d MiB sandbox disk was refused: %s", disk_mib, exc
-                )  # said by /health, up, doctor
+                # said by /health, up, doctor
+                log.debug("a %d MiB sandbox disk was refused: %s", disk_mib, exc)
                 raise SandboxError(
                     "storage", f"{exc.tenant}; the sandbox was not started"
                 ) from None
-            outputs = (
-                Path(self.scratch.work_dir) / "output"
-            )  # made before anything runs in it: no link to follow
+            # made before anything runs in it: no link to follow
+            outputs = Path(self.scratch.work_dir) / "output"
             outputs.mkdir(mode=0o700)
             os.chown(outputs, scratch.SANDBOX_UID, scratch.SANDBOX_UID)
             space = {
@@ -327,9 +323,8 @@ class DockerSandbox(WatchedSandbox):
         ]
         if volumes is not None and binds:
             volumes.hold()
-        elif (
-            not factory.scratch_problem
-        ):  # the host mounts (it is root): binds it makes later reach the container
+        # the host mounts (it is root): binds it makes later reach the container
+        elif not factory.scratch_problem:
             self.volume_root = self.host_dir / "volumes"
             self.volume_root.mkdir(mode=0o755)
             try:
@@ -528,9 +523,8 @@ class DockerSandbox(WatchedSandbox):
     def load(
         self, function_id: str, package: bytes, memory_mib: int, env: dict[str, str] | None = None
     ) -> None:
-        if (
-            memory_mib != self.memory_mib
-        ):  # stem cells start with a default; the function sets its own
+        # stem cells start with a default; the function sets its own
+        if memory_mib != self.memory_mib:
             try:
                 # In the container's cgroup straight away (microseconds); through the engine only where this
                 # process cannot write it (tens of milliseconds)
@@ -572,9 +566,8 @@ class DockerSandbox(WatchedSandbox):
                 target = self.volume_root.joinpath(
                     *Path(mount.target).relative_to(VOLUME_ROOT).parts
                 )
-                target.mkdir(
-                    mode=0o755, parents=True, exist_ok=True
-                )  # the host's own directories: no link to follow
+                # the host's own directories: no link to follow
+                target.mkdir(mode=0o755, parents=True, exist_ok=True)
                 bind(mount.source, target)
         except OSError as exc:
             self.close()
@@ -617,9 +610,8 @@ class DockerSandbox(WatchedSandbox):
             return super()._receive_result(job_id, size, deadline, in_file)
         path = self.output_dir.with_name(f"{self.output_dir.name}.{job_id}.result")
         work = source = -1
-        spool = _Spool(
-            path
-        )  # the host's own file: its errors (a full disk) are the host's, raised as they are
+        # the host's own file: its errors (a full disk) are the host's, raised as they are
+        spool = _Spool(path)
         try:
             try:
                 work = self.scratch.open_work()
@@ -675,9 +667,8 @@ class DockerSandbox(WatchedSandbox):
                     dir_fd=work,
                 )
                 try:
-                    os.fchmod(
-                        target, 0o644
-                    )  # readable by the sandbox's user (the grid's umask is 077)
+                    # readable by the sandbox's user (the grid's umask is 077)
+                    os.fchmod(target, 0o644)
                     with path.open("rb") as source:
                         offset = 0
                         while offset < size:
@@ -687,9 +678,8 @@ class DockerSandbox(WatchedSandbox):
                             offset += sent
                 finally:
                     os.close(target)
-            except (
-                OSError
-            ):  # no room on its disk (or the sandbox got in the way): the channel instead
+            # no room on its disk (or the sandbox got in the way): the channel instead
+            except OSError:
                 try:
                     os.unlink(name, dir_fd=work)
                 except OSError:
@@ -788,9 +778,8 @@ def _remove(container: docker.models.containers.Container) -> None:
     except docker.errors.NotFound:
         pass
     except docker.errors.APIError as exc:
-        if (
-            exc.status_code != 409
-        ):  # 409: its removal is already under way (a sweep and a close at once)
+        # 409: its removal is already under way (a sweep and a close at once)
+        if exc.status_code != 409:
             log.warning("could not remove container %s: %s", container.id[:12], exc)
     except docker.errors.DockerException as exc:
         log.warning("could not remove container %s: %s", container.id[:12], exc)

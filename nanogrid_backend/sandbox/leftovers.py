@@ -25,9 +25,8 @@ from typing import Any
 from nanogrid_backend.sandbox import cgroup, scratch
 
 SANDBOX_PREFIXES = ("proc-", "ctr-")  # the names of sandbox work and output directories
-LEGACY_CONTAINER = re.compile(
-    r"nanogrid-(ctr-[0-9a-f]{12})"
-)  # before containers carried nanogrid.grid
+# before containers carried nanogrid.grid
+LEGACY_CONTAINER = re.compile(r"nanogrid-(ctr-[0-9a-f]{12})")
 LEGACY_CGROUP = re.compile(r"proc-[0-9a-f]{12}")  # before cgroups carried the grid's identity
 
 
@@ -65,9 +64,8 @@ class Leftovers:
     directories: list[Path] = field(default_factory=list)
     cgroups: list[Path] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)  # names, e.g. nanogrid-ctr-0123456789ab
-    disks: list[str] = field(
-        default_factory=list
-    )  # sandboxes' scratch disks still mounted (scratch.py)
+    # sandboxes' scratch disks still mounted (scratch.py)
+    disks: list[str] = field(default_factory=list)
     docker_problem: str = (
         ""  # why containers could not be listed ('' when they could, or no engine is installed)
     )
@@ -109,9 +107,8 @@ def clean(sandbox_dir: Path) -> Leftovers:
         for name in found.containers:
             try:
                 client.containers.get(name).remove(force=True)
-            except (
-                Exception
-            ):  # gone meanwhile, or the engine refused: `doctor` shows it again next time
+            # gone meanwhile, or the engine refused: `doctor` shows it again next time
+            except Exception:
                 pass
     for path in found.cgroups:  # before the directories: they are a legacy cgroup's evidence
         cgroup.sweep(path.name)

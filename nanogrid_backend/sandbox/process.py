@@ -223,9 +223,8 @@ class ProcessSandbox(WatchedSandbox):
             raise SandboxError("crash", f"could not start the sandbox process: {exc}") from None
         finally:
             os.close(startup_log)
-        assert (
-            self.proc.stdin is not None and self.proc.stdout is not None
-        )  # both are pipes (Popen above)
+        # both are pipes (Popen above)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         self.reader = FrameReader(
             self.proc.stdout.fileno(), max_header=reply_header_cap(self.limits.capture_bytes)
         )

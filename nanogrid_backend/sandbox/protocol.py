@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 HEADER = struct.Struct(">II")  # JSON header length, body length
-MAX_HEADER_BYTES = (
-    256 << 10
-)  # any frame's header, unless the reader is given a call reply's (reply_header_cap)
+# any frame's header, unless the reader is given a call reply's (reply_header_cap)
+MAX_HEADER_BYTES = 256 << 10
 CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this many bytes
 
 

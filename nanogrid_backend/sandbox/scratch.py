@@ -37,9 +37,8 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_NOATIME = 0x2, 0x4, 0x8, 0x400
 MNT_DETACH = 0x2
 LOOP_CLR_FD = 0x4C01
 _libc = ctypes.CDLL(None, use_errno=True)
-HOST_RESERVE_BYTES = (
-    1 << 30
-)  # kept free on the worker's disk for the grid's own data, whatever sandboxes write
+# kept free on the worker's disk for the grid's own data, whatever sandboxes write
+HOST_RESERVE_BYTES = 1 << 30
 
 
 class ScratchError(Exception):
@@ -94,9 +93,8 @@ class ScratchDisk:
         try:
             fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.ftruncate(
-                    fd, size_mib << 20
-                )  # sparse: blocks are taken only as the function writes
+                # sparse: blocks are taken only as the function writes
+                os.ftruncate(fd, size_mib << 20)
             finally:
                 os.close(fd)
             # No journal: nothing on it outlives the sandbox. Its root stays root's; the sandbox gets two directories.

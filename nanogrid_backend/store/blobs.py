@@ -93,9 +93,8 @@ class Blobs:
     def __init__(self, store: BlobStore, spool: Path) -> None:
         self.store = store
         self.spool = spool
-        self._verified: dict[
-            Path, tuple[int, int, int]
-        ] = {}  # path -> (inode, size, ctime) when it last hashed right
+        # path -> (inode, size, ctime) when it last hashed right
+        self._verified: dict[Path, tuple[int, int, int]] = {}
         spool.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._swept = 0.0
         self.sweep()
@@ -167,9 +166,8 @@ class Blobs:
             for sha in blobs:
                 key = key_for(owner, sha)
                 path = self.store.blob_path(key)
-                if (
-                    path is None
-                ):  # a remote store: fetched into the spool, streamed, hashed on the way
+                # a remote store: fetched into the spool, streamed, hashed on the way
+                if path is None:
                     path = self.temp_file()
                     made.append(path)
                     digest = hashlib.sha256()
@@ -210,9 +208,8 @@ class Blobs:
 
     def _check(self, owner: str, sha256: str, digest: str) -> None:
         if digest != sha256:
-            self.store.delete_blob(
-                key_for(owner, sha256)
-            )  # so that the next upload of these bytes stores them again
+            # so that the next upload of these bytes stores them again
+            self.store.delete_blob(key_for(owner, sha256))
             raise BlobError(
                 f"blob {sha256[:12]}… is damaged on the grid (its stored bytes no longer hash to its "
                 "name); it was not given to the function and was deleted: upload the value again "
@@ -244,9 +241,8 @@ class Blobs:
                 422,
             )
         if reference is not None:
-            size = self.size(
-                job.owner, reference["sha256"]
-            )  # touched: it lives another retention period
+            # touched: it lives another retention period
+            size = self.size(job.owner, reference["sha256"])
             if size is None:
                 raise BlobError(
                     f"the result of job {job.job_id} was deleted after the grid's retention; run the "

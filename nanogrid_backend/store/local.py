@@ -83,9 +83,8 @@ class LocalStore(BlobStore):
         _mkdirs(self.root / "blobs", path.parent)
         os.chmod(source, FILE_MODE)
         before, size = _size_or_none(path), source.lstat().st_size
-        shutil.move(
-            source, path
-        )  # a rename on the same file system: readers see the whole blob or none
+        # a rename on the same file system: readers see the whole blob or none
+        shutil.move(source, path)
         self._count(key, before, size)
 
     def delete_blob(self, key: str) -> None:
@@ -179,9 +178,8 @@ class LocalStore(BlobStore):
             usage = self._usage_table()
             used = usage.get(owner, 0)
             if quota is not None and used + size > quota:
-                kept = (
-                    _tree_size(job_dir) if job_dir.is_dir() else 0
-                )  # this call's files saved so far
+                # this call's files saved so far
+                kept = _tree_size(job_dir) if job_dir.is_dir() else 0
                 usage[owner] = used - kept
                 self._delete_job(job_id)
                 raise QuotaExceeded(owner, used - kept, kept + size, quota)
@@ -215,9 +213,8 @@ class LocalStore(BlobStore):
         expired = Expired()
         outputs = self.root / "outputs"
         for entry in list(outputs.iterdir()):
-            if entry.name.endswith(
-                OWNER_SUFFIX
-            ):  # an owner file goes with its outputs, or alone if they are gone
+            # an owner file goes with its outputs, or alone if they are gone
+            if entry.name.endswith(OWNER_SUFFIX):
                 if (
                     not entry.with_name(entry.name.removesuffix(OWNER_SUFFIX)).exists()
                     and _mtime(entry) < before
@@ -238,9 +235,8 @@ class LocalStore(BlobStore):
                 self._delete_job(entry.name)
             expired.jobs += 1
             expired.bytes += size
-        for blob in sorted(
-            (self.root / "blobs").rglob("*"), reverse=True
-        ):  # files before their directories
+        # files before their directories
+        for blob in sorted((self.root / "blobs").rglob("*"), reverse=True):
             stat = blob.lstat()
             if blob.is_dir() and not blob.is_symlink():
                 if not any(blob.iterdir()):

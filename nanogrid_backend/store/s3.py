@@ -44,17 +44,14 @@ class S3Store(BlobStore):
         self.s3 = boto3.client("s3")
         self._quota = quota or (lambda owner: None)
         self._owner_of = owner_of or (lambda job_id: "")
-        self._spaces: dict[
-            str, tuple[float, BlobSpace]
-        ] = {}  # prefix -> (when listed, what it held)
+        # prefix -> (when listed, what it held)
+        self._spaces: dict[str, tuple[float, BlobSpace]] = {}
         self._spaces_lock = threading.Lock()
         self._signer: Any = None  # a client that signs upload URLs with SigV4 (made on first use)
-        self._signer_lock = (
-            threading.Lock()
-        )  # boto3's default session does not make clients safely on many threads
-        self._uploading: dict[
-            str, float
-        ] = {}  # key -> when an upload URL was given out for it (not yet seen)
+        # boto3's default session does not make clients safely on many threads
+        self._signer_lock = threading.Lock()
+        # key -> when an upload URL was given out for it (not yet seen)
+        self._uploading: dict[str, float] = {}
 
     def put_package(self, function_id: str, data: bytes) -> None:
         self.s3.put_object(
@@ -98,9 +95,8 @@ class S3Store(BlobStore):
             size = int(self.s3.head_object(Bucket=self.data_bucket, Key=key)["ContentLength"])
         except ClientError:
             return None
-        if (
-            key in self._uploading
-        ):  # uploaded to a URL given out here, and confirmed by this HEAD: counted from now
+        # uploaded to a URL given out here, and confirmed by this HEAD: counted from now
+        if key in self._uploading:
             with self._spaces_lock:
                 self._uploading.pop(key, None)
             self._changed(key)
@@ -135,9 +131,8 @@ class S3Store(BlobStore):
                 "ChecksumSHA256": checksum,
             },
         )
-        with (
-            self._spaces_lock
-        ):  # so that the confirming HEAD updates the blob space (it bypasses _changed otherwise)
+        # so that the confirming HEAD updates the blob space (it bypasses _changed otherwise)
+        with self._spaces_lock:
             now = time.monotonic()
             for stale in [k for k, t in self._uploading.items() if t < now - expires_in - 60]:
                 del self._uploading[stale]
@@ -225,9 +220,8 @@ class S3Store(BlobStore):
         old_blobs = [
             item for item in self._keys("data/") if item["LastModified"].timestamp() < before
         ]
-        self._delete(
-            [item["Key"] for item in old_blobs]
-        )  # the data plane's blobs (nanogrid_backend/store/blobs.py)
+        # the data plane's blobs (nanogrid_backend/store/blobs.py)
+        self._delete([item["Key"] for item in old_blobs])
         expired.blobs += len(old_blobs)
         expired.bytes += sum(int(item.get("Size", 0)) for item in old_blobs)
         return expired

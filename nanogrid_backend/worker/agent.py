@@ -105,24 +105,20 @@ class Worker:
         self.volumes: VolumeStore | None = (
             None  # the owner's volumes a function mounts (set by the grid)
         )
-        self._in_flight: dict[
-            str, JobMessage
-        ] = {}  # job id -> its queue message, kept hidden while it runs
+        # job id -> its queue message, kept hidden while it runs
+        self._in_flight: dict[str, JobMessage] = {}
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[str, Sandbox] = {}  # job id -> the sandbox running it, for cancel
-        self._batched: dict[
-            str, Sandbox
-        ] = {}  # job id -> the sandbox whose running batch it waits in, for cancel
+        # job id -> the sandbox whose running batch it waits in, for cancel
+        self._batched: dict[str, Sandbox] = {}
         self._cancelled: set[str] = set()
         # Live output of running jobs: kept so a call that times out or crashes still shows what it printed.
         self._printed: dict[str, dict[str, bytearray]] = {}
         self._stopping = threading.Event()
-        self.retrier = Retrier(
-            registry, store, self._stopping
-        )  # @remote(retries=N): every try recorded
-        self.notifier = notifier or Notifier(
-            registry
-        )  # per-owner webhooks, sent from their own thread
+        # @remote(retries=N): every try recorded
+        self.retrier = Retrier(registry, store, self._stopping)
+        # per-owner webhooks, sent from their own thread
+        self.notifier = notifier or Notifier(registry)
         self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self.stats = {
@@ -132,12 +128,10 @@ class Worker:
             "blob_bytes_sent": 0,
             "blobs_kept": 0,
         }
-        self._call_ms: dict[
-            str, float
-        ] = {}  # function id -> its recent calls' duration (ms): sizes batches
-        self._one_by_one: set[str] = (
-            set()
-        )  # functions whose calls are never batched (they may use the AI node)
+        # function id -> its recent calls' duration (ms): sizes batches
+        self._call_ms: dict[str, float] = {}
+        # functions whose calls are never batched (they may use the AI node)
+        self._one_by_one: set[str] = set()
         self.stats.update(batches=0, batched_calls=0)  # batches run, and the calls they ran
         # Blobs of arguments and large results; a remote store's are fetched into a spool here.
         self._blobs = Blobs(
@@ -163,9 +157,8 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
-        for (
-            message
-        ) in self.queue.waiting_here():  # fetched ahead but never started: let others have them
+        # fetched ahead but never started: let others have them
+        for message in self.queue.waiting_here():
             try:
                 self.queue.release(message)
             except Exception as exc:
@@ -239,9 +232,8 @@ class Worker:
         """Stop a running job's sandbox; True if this worker was running it."""
         if job_id not in self._in_flight:
             return False
-        self._cancelled.add(
-            job_id
-        )  # checked again once its sandbox is ready, if it is still starting
+        # checked again once its sandbox is ready, if it is still starting
+        self._cancelled.add(job_id)
         batch = self._batched.get(job_id)
         if batch is not None and batch.skip(job_id):
             # It waits in a batch: the bootstrap answers it as cancelled instead of starting it, or, if it had
@@ -299,9 +291,8 @@ class Worker:
         if not self.registry.mark_running(
             message.job_id, self.worker_id, started, retry=message.receive_count > 1
         ):
-            self.queue.ack(
-                message
-            )  # cancelled while queued, or already finished: nothing left to do
+            # cancelled while queued, or already finished: nothing left to do
+            self.queue.ack(message)
             return
         job = self._running_record(message, started)
         self._in_flight[message.job_id] = message
@@ -329,9 +320,8 @@ class Worker:
             owner=message.owner,
             trigger=message.trigger,
         )
-        if (
-            message.created_at is not None
-        ):  # else the record's is now: a queue from before it was carried
+        # else the record's is now: a queue from before it was carried
+        if message.created_at is not None:
             job.created_at = message.created_at
         return job
 
@@ -375,13 +365,11 @@ class Worker:
         return True
 
     def _done(self, message: JobMessage, job: JobRecord) -> None:
-        self.queue.ack(
-            message
-        )  # only now: a worker that dies before this leaves the job to another
+        # only now: a worker that dies before this leaves the job to another
+        self.queue.ack(message)
         if self._printed.pop(job.job_id, None) is not None:
-            self.bus.end_log(
-                job.job_id
-            )  # followers stop waiting; the job's record has the whole capture
+            # followers stop waiting; the job's record has the whole capture
+            self.bus.end_log(job.job_id)
 
     def run_batch(self, messages: list[JobMessage]) -> None:
         """Several queued calls of one function: marked running in one transaction, run in one frame exchange with
@@ -395,9 +383,8 @@ class Worker:
         )
         for message in alike:
             if message.job_id not in marked:
-                self.queue.ack(
-                    message
-                )  # cancelled while queued, or already finished: nothing left to do
+                # cancelled while queued, or already finished: nothing left to do
+                self.queue.ack(message)
         batch = [m for m in alike if m.job_id in marked]
         jobs = [self._running_record(m, None) for m in batch]
         for message in batch:
@@ -406,9 +393,8 @@ class Worker:
         if batch:
             try:
                 outcomes = self._execute_batch(batch, jobs)
-            except (
-                SandboxError
-            ) as exc:  # no sandbox for them (a load that failed): each job is tried on its own
+            # no sandbox for them (a load that failed): each job is tried on its own
+            except SandboxError as exc:
                 log.warning(
                     "job %s: a batch of %d calls could not start (%s); running them one by one",
                     first.job_id,
@@ -480,16 +466,14 @@ class Worker:
         sandbox, cold = self.pool.acquire(first.function_id, lambda: self._code(first))
         self.stats["cold_starts"] += cold
         outcomes: dict[str, SandboxError | None] = {}
-        if (
-            sandbox.ai_allowed
-        ):  # its calls may talk to the AI node, each with its own session: one by one
+        # its calls may talk to the AI node, each with its own session: one by one
+        if sandbox.ai_allowed:
             self._one_by_one.add(first.function_id)
             self.pool.release(sandbox)
             return outcomes
         for job in jobs:
-            if (
-                job.job_id in self._cancelled
-            ):  # cancelled while the batch was being prepared: it never runs
+            # cancelled while the batch was being prepared: it never runs
+            if job.job_id in self._cancelled:
                 outcomes[job.job_id] = SandboxError("cancelled", "cancelled by the user")
         messages = [m for m in messages if m.job_id not in outcomes]
         jobs = [job for job in jobs if job.job_id not in outcomes]
@@ -504,15 +488,13 @@ class Worker:
             times.append(time.time())
             self._running.pop(messages[n - 1].job_id, None)
             if n < len(messages):
-                self._batched.pop(
-                    messages[n].job_id, None
-                )  # no longer waiting: a cancel now stops the sandbox
+                # no longer waiting: a cancel now stops the sandbox
+                self._batched.pop(messages[n].job_id, None)
                 self._running[messages[n].job_id] = sandbox
 
         self._running[first.job_id] = sandbox
-        for message in messages[
-            1:
-        ]:  # waiting in the batch: a cancel asks the bootstrap to skip it (Sandbox.skip)
+        # waiting in the batch: a cancel asks the bootstrap to skip it (Sandbox.skip)
+        for message in messages[1:]:
             self._batched[message.job_id] = sandbox
         try:
             with self._volumes_around(sandbox):
@@ -524,15 +506,13 @@ class Worker:
             for n, (job, outcome) in enumerate(zip(jobs, results, strict=False)):
                 job.cold, job.sandbox_id = cold and n == 0, sandbox.id
                 job.started_at, job.finished_at = times[n], times[n + 1]
-                if (
-                    outcome.reply.get("error", {}).get("kind") == "cancelled"
-                ):  # skipped: it never started
+                # skipped: it never started
+                if outcome.reply.get("error", {}).get("kind") == "cancelled":
                     outcomes[job.job_id] = SandboxError("cancelled", "cancelled by the user")
                     continue
                 try:
-                    self._record(
-                        job, outcome
-                    )  # before the sandbox serves again: its output files are moved
+                    # before the sandbox serves again: its output files are moved
+                    self._record(job, outcome)
                     outcomes[job.job_id] = None
                 except SandboxError as exc:
                     outcomes[job.job_id] = exc
@@ -660,9 +640,8 @@ class Worker:
             )
             refs: list[str] = []
             payload = message.payload
-            if (
-                message.payload_format == BLOB_FORMAT
-            ):  # arguments stored as blobs: streamed to the sandbox
+            # arguments stored as blobs: streamed to the sandbox
+            if message.payload_format == BLOB_FORMAT:
                 refs, payload = split_payload(payload)
             try:
                 with self._call_blobs(message.owner, refs) as blobs, self._volumes_around(sandbox):
@@ -676,9 +655,8 @@ class Worker:
                         blobs=blobs,
                     )
                 self.stats["blob_bytes_sent"] += outcome.blob_bytes_sent
-                self.stats["blobs_kept"] += (
-                    outcome.blobs_kept
-                )  # not sent again: the sandbox still had them
+                # not sent again: the sandbox still had them
+                self.stats["blobs_kept"] += outcome.blobs_kept
             except BlobError as exc:
                 reusable = True  # the function did not run; a sandbox the call had reached was closed (dropped)
                 raise SandboxError("blob", exc.message) from None
@@ -694,9 +672,8 @@ class Worker:
                 self._record(job, outcome)
             finally:
                 if outcome.result_file is not None:
-                    outcome.result_file.unlink(
-                        missing_ok=True
-                    )  # kept as a blob by now, or not at all
+                    # kept as a blob by now, or not at all
+                    outcome.result_file.unlink(missing_ok=True)
             reusable = True
         finally:
             self._running.pop(job.job_id, None)
@@ -787,9 +764,8 @@ class Worker:
             if environment is not None and environment.variables:
                 env = {**environment.variables, **(env or {})}
         volumes = None
-        if manifest.get(
-            "volumes"
-        ):  # the owner's volumes, named per owner (nanogrid_backend/volumes.py)
+        # the owner's volumes, named per owner (nanogrid_backend/volumes.py)
+        if manifest.get("volumes"):
             if self.volumes is None:
                 raise SandboxError("volume", "this worker keeps no volumes")
             try:
@@ -866,9 +842,8 @@ class Worker:
         job.output_files = self._store_outputs(
             job.job_id, job.owner, outcome.output_dir, outcome.output_files
         )
-        if (
-            outcome.result_file is not None
-        ):  # a large result (or a failed cell's large state): the owner's blob
+        # a large result (or a failed cell's large state): the owner's blob
+        if outcome.result_file is not None:
             size = outcome.result_file.stat().st_size
             try:
                 self._blobs.store_result(job.owner, outcome.result_file, outcome.result_sha256)

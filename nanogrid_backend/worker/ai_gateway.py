@@ -188,9 +188,8 @@ class AIGateway:
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.model = model  # the grid's default model (LLM_MODEL in the sandbox)
-        self.budget = budget or TokenBudget(
-            tokens_per_hour
-        )  # shared by the grid's workers when it is in Redis
+        # shared by the grid's workers when it is in Redis
+        self.budget = budget or TokenBudget(tokens_per_hour)
         self.max_tokens_per_request = max_tokens_per_request
         self._http = httpx.Client(base_url=self.endpoint, timeout=httpx.Timeout(300.0, connect=5.0))
 

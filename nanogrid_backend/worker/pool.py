@@ -74,9 +74,8 @@ class WarmPool:
         languages: dict[str, BuiltEnvironment] | None = None,
     ) -> None:
         self.factory = factory
-        self.languages = (
-            languages or {}
-        )  # runtime name (nodejs, go, cpp) -> the image its sandboxes start
+        # runtime name (nodejs, go, cpp) -> the image its sandboxes start
+        self.languages = languages or {}
         self.environments = (
             environments  # builds what function packages ask for (None: plain runtime only)
         )
@@ -86,12 +85,10 @@ class WarmPool:
         self._cond = threading.Condition()
         self._idle: dict[str, list[Sandbox]] = {}  # function id -> idle sandboxes, most recent last
         self._idle_since: dict[str, float] = {}  # sandbox id -> when it became idle
-        self._stems: dict[str, list[Sandbox]] = {
-            "": []
-        }  # environment key ("" the plain runtime) -> stem cells
-        self._stem_environments: OrderedDict[str, BuiltEnvironment] = (
-            OrderedDict()
-        )  # most recently used last
+        # environment key ("" the plain runtime) -> stem cells
+        self._stems: dict[str, list[Sandbox]] = {"": []}
+        # most recently used last
+        self._stem_environments: OrderedDict[str, BuiltEnvironment] = OrderedDict()
         self._busy: set[str] = set()
         self._specialised = 0  # busy + idle + being loaded: the number the cap bounds
         self._stems_starting: dict[str, int] = {}
@@ -125,9 +122,8 @@ class WarmPool:
                 if idle:
                     sandbox = idle.pop()
                     self._idle_since.pop(sandbox.id, None)
-                    if (
-                        not sandbox.alive
-                    ):  # died while idle (OOM killer, `docker rm -f`): replaced, never handed out
+                    # died while idle (OOM killer, `docker rm -f`): replaced, never handed out
+                    if not sandbox.alive:
                         self._specialised -= 1
                         victims.append(sandbox)
                         continue
@@ -162,9 +158,8 @@ class WarmPool:
         if warm:
             assert sandbox is not None
             if self.environments is not None:
-                self.environments.note_use_of(
-                    sandbox
-                )  # its environment stays "recently used" while served warm
+                # its environment stays "recently used" while served warm
+                self.environments.note_use_of(sandbox)
             return sandbox, False
         assert function is not None  # a cold start: its code was fetched in the loop
         self._wake.set()  # refill stem cells
@@ -280,9 +275,8 @@ class WarmPool:
             options["evict_idle"] = True
         sandbox = self.factory.start(**options)
         if environment is not None and self.environments is not None:
-            self.environments.hold(
-                environment.env_id, sandbox
-            )  # never evicted while this sandbox lives
+            # never evicted while this sandbox lives
+            self.environments.hold(environment.env_id, sandbox)
         return sandbox
 
     def _idle_disk_bytes(self) -> int:

@@ -28,9 +28,8 @@ from nanogrid_backend.store.base import BlobStore
 
 log = logging.getLogger(__name__)
 
-CRASHES = frozenset(
-    {"crash"}
-)  # the sandbox died under the call: maybe the machine's fault, worth another try
+# the sandbox died under the call: maybe the machine's fault, worth another try
+CRASHES = frozenset({"crash"})
 MAX_RETRIES = 10
 MAX_BACKOFF_S = 60.0
 POLICIES_KEPT = 256
@@ -39,9 +38,8 @@ POLICIES_KEPT = 256
 @dataclass(frozen=True)
 class RetryPolicy:
     retries: int = 0
-    retry_on: frozenset[str] = (
-        frozenset()
-    )  # exception types as "module.QualName" or a bare class name
+    # exception types as "module.QualName" or a bare class name
+    retry_on: frozenset[str] = frozenset()
     backoff_s: float = 1.0  # before the second try; doubled for each one after, up to max_backoff_s
     max_backoff_s: float = 30.0
 

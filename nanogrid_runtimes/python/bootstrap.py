@@ -40,9 +40,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping
     from types import CodeType, ModuleType
 
-Header = dict[
-    str, Any
-]  # a frame's JSON header as the host sent it: every field is checked where it is used
+# a frame's JSON header as the host sent it: every field is checked where it is used
+Header = dict[str, Any]
 
 CAPTURE_LIMIT = int(os.environ.get("NANOGRID_CAPTURE_LIMIT", 1 << 20))
 CHUNK_BYTES = 1 << 20  # output file data travels in frames of at most this size
@@ -73,9 +72,8 @@ def read_frame(fd: int) -> tuple[Header, bytes]:
 WRITE_LOCK = threading.Lock()  # frames come from the main thread and the live-output thread
 
 
-ONE_WRITE_BYTES = (
-    64 << 10
-)  # a frame with a body up to this size goes out in one write (Docker relays each write)
+# a frame with a body up to this size goes out in one write (Docker relays each write)
+ONE_WRITE_BYTES = 64 << 10
 
 
 def write_frame(fd: int, header: Mapping[str, object], body: bytes | memoryview = b"") -> None:
@@ -92,15 +90,13 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         buf = buf[os.write(fd, buf) :]
 
 
-STREAM_RESULT_OVER = (
-    1 << 20
-)  # a larger result follows its reply in pieces (``result_size``, ``result_data`` frames)
+# a larger result follows its reply in pieces (``result_size``, ``result_data`` frames)
+STREAM_RESULT_OVER = 1 << 20
 BLOB_CHUNK_BYTES = 4 << 20
 
 
-RESULT_FILE = (
-    os.environ.get("NANOGRID_RESULT_FILE") or ""
-)  # set where the host reads large results from the sandbox's disk
+# set where the host reads large results from the sandbox's disk
+RESULT_FILE = os.environ.get("NANOGRID_RESULT_FILE") or ""
 
 
 class Reply(TypedDict, total=False):
@@ -280,9 +276,8 @@ class ArgsUnpickler(pickle.Unpickler):
         return self.blob(value, refs)
 
     def blob(self, n: int, refs: dict[str, int]) -> Any:
-        if (
-            n not in self.loaded
-        ):  # one blob given twice in a call is one object, as it was in the caller's
+        # one blob given twice in a call is one object, as it was in the caller's
+        if n not in self.loaded:
             data, self.blobs[n] = (
                 self.blobs[n],
                 None,
@@ -378,9 +373,8 @@ class LiveOutput:
             left = min(size - self.offsets[index], 64 << 10, CAPTURE_LIMIT - self.sent)
             if left > 0:
                 data = os.pread(capture.fd, left, self.offsets[index])
-                data = data[
-                    : complete_utf8(data)
-                ]  # a character cut in two waits for its other half
+                # a character cut in two waits for its other half
+                data = data[: complete_utf8(data)]
                 if not data:
                     continue
                 self.offsets[index] += len(data)
@@ -413,9 +407,8 @@ class Context(dict[str, Any]):
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
-PAYLOAD_FILE_OVER = (
-    100 * 1024
-)  # the seed platform's limit for PAYLOAD; above it the event is in PAYLOAD_FILE
+# the seed platform's limit for PAYLOAD; above it the event is in PAYLOAD_FILE
+PAYLOAD_FILE_OVER = 100 * 1024
 
 
 def seed_environment(job_id: object, body: bytes) -> None:
@@ -458,9 +451,8 @@ def clip(text: str, limit: int = CAPTURE_LIMIT // 2) -> str:
     return text[:limit] + f"\n[nanogrid: {len(text) - limit} more characters not kept]"
 
 
-DISK_MIB = os.environ.get(
-    "NANOGRID_DISK_MIB"
-)  # the sandbox's own scratch disk (the Docker sandbox)
+# the sandbox's own scratch disk (the Docker sandbox)
+DISK_MIB = os.environ.get("NANOGRID_DISK_MIB")
 
 
 def out_of_disk(exc: BaseException | None) -> bool:
@@ -501,9 +493,8 @@ def describe_error(exc: BaseException, cloudpickle: ModuleType) -> tuple[dict[st
         "message": clip(str(exc)),
         "traceback": clip(text),
     }
-    own = getattr(
-        exc, "job_error", None
-    )  # an exception that says what the job's error is (a failed notebook cell)
+    # an exception that says what the job's error is (a failed notebook cell)
+    own = getattr(exc, "job_error", None)
     if isinstance(own, dict):
         error.update(
             {
@@ -585,9 +576,8 @@ class Runtime:
     def load(self, header: Header, body: bytes) -> None:
         import cloudpickle
 
-        os.environ.update(
-            {str(k): str(v) for k, v in (header.get("env") or {}).items()}
-        )  # the function's settings
+        # the function's settings
+        os.environ.update({str(k): str(v) for k, v in (header.get("env") or {}).items()})
         os.makedirs(CODE_DIR, exist_ok=True)
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
             zf.extractall(CODE_DIR)
@@ -597,9 +587,8 @@ class Runtime:
             os.environ["LLM_MODEL"] = str(self.manifest["model"])
         grant_ai(self.ai)  # before the module loads: it may read AI_ENDPOINT
         sys.path.insert(0, CODE_DIR)
-        sys.path.append(
-            os.path.dirname(os.path.abspath(__file__))
-        )  # the seed's ``sdk`` module sits beside this file
+        # the seed's ``sdk`` module sits beside this file
+        sys.path.append(os.path.dirname(os.path.abspath(__file__)))
         remember_source(self.manifest)
         if self.manifest["kind"] == "pickle":
             with open(os.path.join(CODE_DIR, "function.pkl"), "rb") as f:
@@ -645,9 +634,8 @@ class Runtime:
             capture.reset()
         if live is not None:
             live.begin()
-        if not os.path.isdir(OUTPUT_DIR) or os.listdir(
-            OUTPUT_DIR
-        ):  # the agent moves outputs out after each call
+        # the agent moves outputs out after each call
+        if not os.path.isdir(OUTPUT_DIR) or os.listdir(OUTPUT_DIR):
             shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
             os.makedirs(OUTPUT_DIR, exist_ok=True)
         measure_rss = header.get("measure_rss", True)  # not needed where the agent reads a cgroup
@@ -667,9 +655,8 @@ class Runtime:
                 args, kwargs = ArgsUnpickler(body, list(blobs)).load()
                 del blobs[:]
                 value = self.function(*args, **kwargs)
-                if (
-                    manifest.get("result") == "json"
-                ):  # data-only: the caller never unpickles anything
+                # data-only: the caller never unpickles anything
+                if manifest.get("result") == "json":
                     result = encode_json(value)
                     reply["result_format"] = "json"
                 else:
@@ -689,9 +676,8 @@ class Runtime:
             reply["error"], result = describe_error(exc, cloudpickle)
             if manifest.get("result") == "json":
                 result = b""  # the exception as text only (type, message, traceback)
-        if (
-            os.getpid() != BOOTSTRAP_PID
-        ):  # a child the function forked: it must never answer the agent
+        # a child the function forked: it must never answer the agent
+        if os.getpid() != BOOTSTRAP_PID:
             os._exit(0)
         if live is not None:
             live.end()
@@ -830,9 +816,8 @@ AI_CHANNEL = (
     "nanogrid:channel"  # AI_ENDPOINT as the worker gives it to a function that may use the AI node
 )
 AI_PORT = 11434  # Ollama's own port, on the sandbox's own loopback
-AI_MAX_REQUEST_BYTES = (
-    4 << 20
-)  # the worker's gateway takes no more (nanogrid_backend/worker/ai_gateway.py)
+# the worker's gateway takes no more (nanogrid_backend/worker/ai_gateway.py)
+AI_MAX_REQUEST_BYTES = 4 << 20
 AI_MAX_HEAD_BYTES = 64 << 10
 # Devices every new network namespace gets (all down, no address): a namespace with only these is the sandbox's own.
 NAMESPACE_DEVICES = {
@@ -942,9 +927,8 @@ class AIForwarder:
                     return
                 if headers.get("expect", "").lower() == "100-continue":
                     conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if (
-                    int(size) > AI_MAX_REQUEST_BYTES
-                ):  # read and dropped, so that the refusal reaches the function
+                # read and dropped, so that the refusal reaches the function
+                if int(size) > AI_MAX_REQUEST_BYTES:
                     left = int(size) - len(pending)
                     while left > 0:
                         data = conn.recv(min(left, 1 << 20))
@@ -1116,9 +1100,8 @@ def main() -> None:
                 error["kind"] = "load"
                 write_frame(reply_fd, {"ok": False, "error": error})
         elif op == "call" and runtime.function is not None:
-            if (
-                "blob_ids" in header
-            ):  # the host asks which of the call's blobs this sandbox still keeps
+            # the host asks which of the call's blobs this sandbox still keeps
+            if "blob_ids" in header:
                 blobs = BLOB_CACHE.receive(
                     stdin_fd,
                     reply_fd,
@@ -1127,9 +1110,8 @@ def main() -> None:
                     header.get("cache_bytes") or 0,
                 )
             else:
-                blobs = list(
-                    read_blobs(stdin_fd, header.get("blobs") or [])
-                )  # typed as the cache's list (None: absent)
+                # typed as the cache's list (None: absent)
+                blobs = list(read_blobs(stdin_fd, header.get("blobs") or []))
             if runtime.ai is not None:
                 runtime.ai.begin_call()
             try:

@@ -69,9 +69,8 @@ def function(
         session.owner, function_id, status or None, PAGE, board.cursor(before, session), TEXT_CAP
     )
     now = time.time()
-    hourly = grid.registry.function_timeline(
-        function_id, "30d", now
-    )  # 24h and 7d are counted by the hour too
+    # 24h and 7d are counted by the hour too
+    hourly = grid.registry.function_timeline(function_id, "30d", now)
     timelines = {
         w: timeline(
             w, grid.registry.function_timeline(function_id, w, now) if w == "1h" else hourly, now
@@ -147,9 +146,8 @@ async def test_run(
         return await asyncio.to_thread(
             function, request, function_id, error=str(exc), code=exc.status
         )
-    await jobs.wait_for(
-        board.grid, job.job_id, TEST_WAIT_S
-    )  # then the job page, which refreshes itself until it ends
+    # then the job page, which refreshes itself until it ends
+    await jobs.wait_for(board.grid, job.job_id, TEST_WAIT_S)
     return RedirectResponse(f"/ui/jobs/{job.job_id}", status_code=303)
 
 

@@ -95,9 +95,8 @@ class Dashboard:
         )
         self.templates.filters.update(when=_when, ms=_ms, mib=_mib, pct=_pct, num=_num)
         self.sessions: dict[str, Session] = {}
-        self.manifests: dict[
-            str, dict[str, Any]
-        ] = {}  # function id -> manifest: ids are content hashes
+        # function id -> manifest: ids are content hashes
+        self.manifests: dict[str, dict[str, Any]] = {}
 
     def render(self, template: str, code: int = 200, /, **values: Any) -> HTMLResponse:
         return HTMLResponse(
@@ -127,9 +126,8 @@ class Dashboard:
         if key is None or key.revoked_at is not None:
             self.sessions.pop(request.cookies.get(COOKIE, ""), None)
             raise NotSignedIn
-        wait = request.app.state.buckets.take(
-            key.key_id, *key_limits(key, self.grid.config)
-        )  # the key's own bucket
+        # the key's own bucket
+        wait = request.app.state.buckets.take(key.key_id, *key_limits(key, self.grid.config))
         if wait:
             raise HTTPException(
                 429,

@@ -80,9 +80,8 @@ def upload_offer(
 
     The size is a query parameter (no body): blob routes skip the body cap, since PUT streams its own."""
     blobs, config = _space(request), request.app.state.config
-    key = key_for(
-        caller.name, _checked(sha256, caller)
-    )  # the caller's own scope, whatever hash they name
+    # the caller's own scope, whatever hash they name
+    key = key_for(caller.name, _checked(sha256, caller))
     if size > config.max_payload_bytes:
         raise HTTPException(
             413,
@@ -90,12 +89,10 @@ def upload_offer(
             "limit per value",
         )
     if blobs.size(caller.name, sha256) == size:
-        return {
-            "stored": True
-        }  # content-addressed; another size would be a damaged copy, replaced by the upload
-    presign = getattr(
-        blobs.store, "blob_upload_url", None
-    )  # stores that take uploads directly (S3Store)
+        # content-addressed; another size would be a damaged copy, replaced by the upload
+        return {"stored": True}
+    # stores that take uploads directly (S3Store)
+    presign = getattr(blobs.store, "blob_upload_url", None)
     if not config.direct_uploads or presign is None:
         return {"url": None}
     url, headers, expires_in = presign(key, size, sha256)
@@ -124,9 +121,8 @@ async def upload(sha256: str, request: Request, caller: Caller) -> Response:
     if stored is not None and (
         declared is None or not declared.isdigit() or stored == int(declared)
     ):
-        return Response(
-            status_code=200
-        )  # content-addressed: the same bytes are stored already (else: damaged)
+        # content-addressed: the same bytes are stored already (else: damaged)
+        return Response(status_code=200)
     path, digest, size = blobs.temp_file(), hashlib.sha256(), 0
     try:
         with path.open("xb") as f:

@@ -38,9 +38,8 @@ class ApplyRequest(BaseModel):
 
 
 def owned_function(grid: Grid, function_id: str, key: ApiKey) -> FunctionRecord:
-    function = resolve_function(
-        grid, key.name, function_id
-    )  # a NanoGrid id or a seed function's uuid
+    # a NanoGrid id or a seed function's uuid
+    function = resolve_function(grid, key.name, function_id)
     if function is None:
         raise HTTPException(404, f"no function {function_id!r}")
     return function
@@ -85,9 +84,8 @@ def function_history(
     status: Status = None,
 ) -> dict:
     """One function's calls, newest first (stdout/stderr cut to 2,048 characters: ``/v1/history/{job_id}``)."""
-    resolved = resolve_function(
-        grid, key.name, function_id
-    )  # a seed function's uuid: its newest version
+    # a seed function's uuid: its newest version
+    resolved = resolve_function(grid, key.name, function_id)
     function_id = resolved.function_id if resolved is not None else function_id
     entries = grid.registry.list_history(
         key.name, function_id, status, limit, cursor(grid, before, key), TEXT_CAP

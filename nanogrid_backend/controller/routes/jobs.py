@@ -118,9 +118,8 @@ async def call(
     if asynchronous:
         await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         return job, 202
-    finished, unsubscribe = jobs.subscribe(
-        grid, [job.job_id]
-    )  # before queueing: no result slips past
+    # before queueing: no result slips past
+    finished, unsubscribe = jobs.subscribe(grid, [job.job_id])
     try:
         await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         wait = min(
@@ -194,9 +193,8 @@ async def map_(
                     or b"\n"
                 )
         finally:
-            if (
-                unreported
-            ):  # the client stopped reading (gone): its calls still queued are not run for nobody
+            # the client stopped reading (gone): its calls still queued are not run for nobody
+            if unreported:
                 jobs.cancel_unwatched(grid, sorted(unreported))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -234,9 +232,8 @@ async def live_log(
 ) -> dict:
     """What a job printed since ``after``, as it prints it (long-poll with ``wait``); ``ended`` once it finished."""
     job_or_404(grid, job_id, caller)
-    finished, unsubscribe = jobs.subscribe(
-        grid, [job_id]
-    )  # a job that never prints ends its wait too
+    # a job that never prints ends its wait too
+    finished, unsubscribe = jobs.subscribe(grid, [job_id])
     try:
         job = await asyncio.to_thread(grid.registry.get_job, job_id)
         if job is None or job.finished:
@@ -253,9 +250,8 @@ async def live_log(
             await asyncio.wait(
                 {reading, ending, gone}, timeout=wait + 1, return_when=asyncio.FIRST_COMPLETED
             )
-            if (
-                gone.done()
-            ):  # the one waiting for it went away: a call still queued is not run for nobody
+            # the one waiting for it went away: a call still queued is not run for nobody
+            if gone.done():
                 jobs.cancel_unwatched(grid, [job_id])
             gone.cancel()
             ending.cancel()
@@ -360,9 +356,8 @@ async def download_output(
         raise HTTPException(404, f"job {job_id!r} has no output file {name!r}")
     direct = grid.store.output_url(job_id, name)
     if direct:
-        return RedirectResponse(
-            direct, status_code=307
-        )  # a presigned URL: bytes never pass through here
+        # a presigned URL: bytes never pass through here
+        return RedirectResponse(direct, status_code=307)
     try:
         chunks = grid.store.open_output(job_id, name)
     except FileNotFoundError:
@@ -371,6 +366,5 @@ async def download_output(
             f"output file {name!r} of job {job_id!r} was deleted: outputs are kept "
             f"{grid.config.output_retention_s / 86400:g} days",
         ) from None
-    return output_response(
-        name, chunks
-    )  # images, PDFs and text open in the browser; the rest downloads
+    # images, PDFs and text open in the browser; the rest downloads
+    return output_response(name, chunks)

@@ -22,9 +22,8 @@ Tests = Annotated[LoadTests, Depends(load_tests)]
 @router.post("", status_code=202)
 def start(body: LoadTestRequest, key: Caller, grid: CurrentGrid, tests: Tests) -> dict:
     """Start a load test of one of your functions; poll ``GET /v1/loadtests/{id}`` for progress and the summary."""
-    function = resolve_function(
-        grid, key.name, body.function_id
-    )  # a NanoGrid id or a seed function's uuid
+    # a NanoGrid id or a seed function's uuid
+    function = resolve_function(grid, key.name, body.function_id)
     if function is None:
         raise HTTPException(404, f"no function {body.function_id!r}")
     test_id = tests.start(key.name, function, body, key.max_timeout_s)

@@ -69,12 +69,10 @@ async def models(caller: Caller, config: Settings) -> dict:
 @router.get("/v1/system/status", response_model=SystemStatus)
 def system_status(caller: Caller, grid: CurrentGrid) -> dict:
     """The caller's own jobs and queue, and the workers' capacity; an admin key sees every owner's."""
-    counts = grid.registry.count_jobs(
-        owner=None if caller.admin else caller.name
-    )  # all jobs, no rows read
-    stored = dataclasses.asdict(
-        blobs_of(grid).space(None if caller.admin else caller.name)
-    )  # counted, not walked
+    # all jobs, no rows read
+    counts = grid.registry.count_jobs(owner=None if caller.admin else caller.name)
+    # counted, not walked
+    stored = dataclasses.asdict(blobs_of(grid).space(None if caller.admin else caller.name))
     if caller.admin:
         return {
             "queue_depth": grid.queue.depth(),

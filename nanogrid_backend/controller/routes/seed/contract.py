@@ -86,9 +86,8 @@ class SeedRoute(APIRoute):
                     raise
                 log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
                 response = seed_error(507, DISK_FULL)
-            for name, value in getattr(
-                request.state, "rate_headers", {}
-            ).items():  # set by rate_limited
+            # set by rate_limited
+            for name, value in getattr(request.state, "rate_headers", {}).items():
                 response.headers.setdefault(name, value)
             return response
 
@@ -158,9 +157,8 @@ def seed_id_of(function: FunctionRecord) -> str:
 
 def versions_of(grid: Grid, caller: ApiKey, seed_id: str) -> list[FunctionRecord]:
     """The caller's versions of a seed function, newest first; [] if it has none (or another owner has it)."""
-    if seed_id.startswith(
-        "fn-"
-    ):  # a NanoGrid function id: itself, plus any versions made by seed updates
+    # a NanoGrid function id: itself, plus any versions made by seed updates
+    if seed_id.startswith("fn-"):
         own = grid.registry.get_function(seed_id)
         if own is None or own.owner != caller.name:
             return []
@@ -401,9 +399,8 @@ def snake_result(job: JobRecord, seed_id: str, request: Request) -> dict[str, An
 
 def log_entry(job: JobRecord, seed_id: str) -> dict[str, Any]:
     result = seed_result(job, seed_id)
-    message = (
-        job.stderr or result["stdout"] or (result["error"] or "")
-    )  # nothing printed: the value's JSON line
+    # nothing printed: the value's JSON line
+    message = job.stderr or result["stdout"] or (result["error"] or "")
     return {
         "id": job.job_id,
         "requestId": job.job_id,

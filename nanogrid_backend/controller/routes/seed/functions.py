@@ -105,9 +105,8 @@ async def upload(
     filename, data = code_files(file.filename or "", await file.read(), family)
     if handler and filename != "package.zip":  # a lone source file is the module its handler names
         filename = entry.rsplit(".", 1)[0].replace(".", "/") + "." + source.rsplit(".", 1)[1]
-    if filename != "package.zip" and not filename.endswith(
-        ".py"
-    ):  # the core takes a lone .py; others as a zip
+    # the core takes a lone .py; others as a zip
+    if filename != "package.zip" and not filename.endswith(".py"):
         filename, data = "package.zip", build_zip({filename: data})
     seed_id = str(uuid.uuid4())
     form = {
@@ -197,9 +196,8 @@ async def run(
                 status_code=202,
             )
         return JSONResponse({"status": "ACCEPTED", "jobId": job.job_id}, status_code=202)
-    finished, unsubscribe = jobs.subscribe(
-        grid, [job.job_id]
-    )  # before queueing: no result slips past
+    # before queueing: no result slips past
+    finished, unsubscribe = jobs.subscribe(grid, [job.job_id])
     try:
         await asyncio.to_thread(jobs.submit, grid, function, [job], model, caller.max_timeout_s)
         done = await jobs.next_result(
