@@ -99,6 +99,47 @@ def test_at_the_cap_the_longest_idle_sandbox_makes_room(factory):
         pool.close()
 
 
+def test_a_sandbox_a_stem_cell_replaces_is_closed_after_the_cold_start_and_never_left_open(factory):
+    """At the cap, a cold start on a stem cell leaves the idle sandbox it replaces to the maintenance thread (closing
+    a Docker sandbox takes milliseconds of unmounting), which closes it once the cold start is done; what is still
+    waiting when the pool closes is closed by the pool. What must never happen: a replaced sandbox left open."""
+    closed_during_load: list[bool] = []
+    first: list[FakeSandbox] = []
+
+    class Watched(FakeSandbox):
+        def load(self, function_id, package, memory_mib, env=None) -> None:
+            closed_during_load.append(bool(first) and first[0].closed)
+            super().load(function_id, package, memory_mib, env)
+
+    factory.start = lambda: factory.started.append(Watched()) or factory.started[-1]  # type: ignore[method-assign]
+    pool = WarmPool(factory, cap=2, stem_cells=1, idle_ttl_s=60)
+    try:
+        assert pool.wait_ready(60)
+        a, _ = pool.acquire("fn-a", CODE)
+        first.append(a)
+        pool.release(a)
+        assert pool.wait_ready(60)
+        b, _ = pool.acquire("fn-b", CODE)
+        pool.release(b)
+        assert pool.wait_ready(60)
+        closed_during_load.clear()
+        c, cold = pool.acquire("fn-c", CODE)  # on the stem cell; a, the longest idle, makes room
+        assert cold and closed_during_load == [False], (
+            "the replaced sandbox was closed on the cold start's path"
+        )
+        deadline = time.monotonic() + 10
+        while not a.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.closed and not b.closed
+        pool.release(c)
+        # d replaces b, and the pool closes before the maintenance thread may have closed b
+        d, _ = pool.acquire("fn-d", CODE)
+        pool.release(d)
+    finally:
+        pool.close()
+    assert all(s.closed for s in factory.started), "a sandbox outlived its pool"
+
+
 def test_when_every_sandbox_is_busy_a_call_waits_instead_of_failing(factory):
     pool = WarmPool(factory, cap=1, stem_cells=0, idle_ttl_s=60)
     try:

@@ -92,6 +92,9 @@ class WarmPool:
         self._busy: set[str] = set()
         self._specialised = 0  # busy + idle + being loaded: the number the cap bounds
         self._stems_starting: dict[str, int] = {}
+        self._closing: list[
+            Sandbox
+        ] = []  # replaced sandboxes the maintenance thread closes (_close_later)
         self._closed = False
         self.problem: str | None = (
             None  # why stem cells cannot start now (said once in the log, and by /health)
@@ -154,15 +157,20 @@ class WarmPool:
                     victims.append(victim)
                     continue
                 self._cond.wait()
-        self._close(victims)
         if warm:
             assert sandbox is not None
+            self._close_later(victims, wake=True)
             if self.environments is not None:
                 # its environment stays "recently used" while served warm
                 self.environments.note_use_of(sandbox)
             return sandbox, False
         assert function is not None  # a cold start: its code was fetched in the loop
-        self._wake.set()  # refill stem cells
+        if sandbox is None:
+            self._close(
+                victims
+            )  # a sandbox of its own starts: what it replaces makes room for it first
+        else:
+            self._close_later(victims, wake=False)
         try:
             if sandbox is None:
                 sandbox = self._start(
@@ -193,7 +201,25 @@ class WarmPool:
         except BaseException:
             self._forget(sandbox)
             raise
+        finally:
+            # Only now: the replaced sandboxes' closing and a new stem cell's start (a disk made and mounted, a
+            # container started) would otherwise compete with this cold start for the CPU.
+            self._wake.set()
         return sandbox, True
+
+    def _close_later(self, sandboxes: list[Sandbox], wake: bool) -> None:
+        """Hand ``sandboxes`` to the maintenance thread to close: closing a Docker sandbox unmounts and detaches its
+        disk, milliseconds a call that does not need their room should not wait for."""
+        if not sandboxes:
+            return
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._closing += sandboxes
+        if closed:  # nobody is left to do it
+            self._close(sandboxes)
+        elif wake:
+            self._wake.set()
 
     def _language_of(self, package: bytes) -> BuiltEnvironment | None:
         """A Node.js, Go or C++ function's sandbox starts its language's image (a stem cell kept for the few most
@@ -364,6 +390,9 @@ class WarmPool:
         while not self._closed:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
+            with self._cond:
+                closing, self._closing = self._closing, []
+            self._close(closing)
             self._evict_expired()
             self._refill()
 
@@ -481,9 +510,12 @@ class WarmPool:
             self._closed = True
             sandboxes = [
                 s for group in [*self._stems.values(), *self._idle.values()] for s in group
-            ]
+            ] + self._closing
+            self._closing = []
             self._stems, self._idle, self._idle_since = {"": []}, {}, {}
             self._cond.notify_all()
         self._wake.set()
         for sandbox in sandboxes:
             sandbox.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)  # what it was closing is closed when the pool is
