@@ -124,7 +124,7 @@ def sandbox_level(data_dir: Path) -> dict:
 def rss_during_output(url: str, key: str, grid_pid: int, megabytes: int) -> dict:
     nanogrid.connect(url, api_key=key)
 
-    @nanogrid.remote(memory=megabytes + 512, timeout=300)
+    @nanogrid.remote(memory=megabytes + 512, disk=megabytes + 256, timeout=300)
     def write_output(mib):
         import nanogrid
 
@@ -182,7 +182,7 @@ def main() -> None:
 
     report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     dirs = [Path(tempfile.mkdtemp(prefix="nanogrid-bench-")) for _ in range(3)]
-    docker_grid = start_grid(dirs[0], 8801, "docker", docker_scratch_mib=str(args.output_mib + 256))
+    docker_grid = start_grid(dirs[0], 8801, "docker")
     process_grid = start_grid(dirs[1], 8802, "process")
     try:
         report["docker"] = warm_and_cold(
