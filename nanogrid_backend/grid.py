@@ -318,7 +318,8 @@ class Grid:
         if self.worker:
             self.worker.stop()
         if self.factory:
-            self.factory.sweep()  # sandboxes whose removal was still under way: none is left behind
+            # sandboxes whose removal was still under way: none is left behind
+            self.factory.sweep(wait_s=30)
         self._mounted_volumes.close()
         self.volumes.close()
         self.bus.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import select
 import shutil
 import socket
@@ -156,6 +157,15 @@ class DockerSandboxFactory:
         host_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Which grid a container belongs to: the one whose sandboxes live in this directory.
         self.grid_label = leftovers.grid_identity(host_dir)
+        # Containers are removed one at a time, off the path of the call that closed them: the engine (20.10's
+        # libnetwork) has deadlocked on many containers exiting at once, as a grid's stop closing its pool did.
+        self._removals: queue.SimpleQueue[docker.models.containers.Container | None] = (
+            queue.SimpleQueue()
+        )
+        self._remover = threading.Thread(
+            target=self._remove_queued, name="remove-containers", daemon=True
+        )
+        self._remover.start()
         self.sweep()
         self.scratch_problem = scratch.probe(host_dir)  # '' when sandboxes get disks of their own
         self.disk_room = scratch.DiskRoom(host_dir)
@@ -165,9 +175,23 @@ class DockerSandboxFactory:
                 self.scratch_problem,
             )
 
-    def sweep(self) -> int:
+    def remove_later(self, container: docker.models.containers.Container) -> None:
+        if self._remover.is_alive():
+            self._removals.put(container)
+        else:  # after the grid's stop
+            _remove(container)
+
+    def _remove_queued(self) -> None:
+        while (container := self._removals.get()) is not None:
+            _remove(container)
+
+    def sweep(self, wait_s: float = 0.0) -> int:
         """Remove this grid's containers and their host directories left by a run that crashed (or was killed)
-        before closing them; at shutdown, those of sandboxes that were still closing."""
+        before closing them; at shutdown (``wait_s``: how long the removals under way may take first), those of
+        sandboxes that were still closing."""
+        if wait_s:
+            self._removals.put(None)  # the remover ends after what is queued
+            self._remover.join(wait_s)
         # ignore_removed: a container whose removal finishes between the listing and its inspection is no error
         left = self.client.containers.list(
             all=True, filters={"label": f"nanogrid.grid={self.grid_label}"}, ignore_removed=True
@@ -759,11 +783,8 @@ class DockerSandbox(WatchedSandbox):
                     sock.close()
             except OSError:
                 pass
-        container = self.container
-        # Removal takes ~50 ms of engine time: keep it off the path of the job that is finishing.
-        threading.Thread(
-            target=_remove, args=(container,), name="remove-container", daemon=True
-        ).start()
+        # Removal takes ~50 ms of engine time: off the path of the job that is finishing.
+        self.factory.remove_later(self.container)
         if self.scratch is not None:
             self.scratch.close()  # the kernel lets go of the disk once the container is gone
             if os.path.ismount(self.scratch.mountpoint):

@@ -63,6 +63,7 @@ class SandboxFactory(Protocol):
         """One line for /health and the logs: the kind of sandbox and its isolation."""
         ...
 
-    def sweep(self) -> int:
-        """Remove what sandboxes of an earlier run left behind; how many there were."""
+    def sweep(self, wait_s: float = 0.0) -> int:
+        """Remove what sandboxes of an earlier run left behind; how many there were. ``wait_s`` (at shutdown): how
+        long removals already under way may take before it looks."""
         ...

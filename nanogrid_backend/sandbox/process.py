@@ -120,7 +120,7 @@ class ProcessSandboxFactory:
         self.identity = leftovers.grid_identity(base_dir)  # in the names of its cgroups
         self.sweep()
 
-    def sweep(self) -> int:
+    def sweep(self, wait_s: float = 0.0) -> int:
         """Remove sandbox directories and memory cgroups left by a run that crashed (or was killed) before closing
         them; at shutdown, those of sandboxes that were still closing. How many there were."""
         # An older release's containers and cgroups first: the directories are their evidence.
