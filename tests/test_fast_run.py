@@ -188,6 +188,8 @@ def test_a_failure_after_acceptance_is_answered_by_the_apps_handler(grid, grids,
     def locked(jobs: object) -> None:
         raise RegistryBusy("the registry stayed locked by another process (a test)")
 
+    # another process holds the registry's lock: the loop's write says it would wait, the thread's gives up
+    monkeypatch.setattr(grid.grid.registry, "create_jobs_now", lambda jobs: False)
     monkeypatch.setattr(grid.grid.registry, "create_jobs", locked)
     body = {"function_id": ids["handler"], "payload": 1}
     before = layer.served
