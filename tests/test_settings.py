@@ -49,6 +49,7 @@ NOT_COMMAND_SETTINGS = {
     "NANOGRID_SECRETS_KEY": "the grid's secrets key, from the environment only, never a settings file: "
     "test_the_secrets_key_variable_is_the_same_key_on_every_machine",
     "NANOGRID_OUTPUT_DIR": "set by the grid inside a sandbox, read by nanogrid.output_dir()",
+    "NANOGRID_CHANNEL": "set by the grid inside a Docker sandbox, read once by the bootstrap, which removes it",
     "JOB_ID": SANDBOX_VARIABLES,
     "FUNCTION_ID": SANDBOX_VARIABLES,
     "MEMORY_MB": SANDBOX_VARIABLES,

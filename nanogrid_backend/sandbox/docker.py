@@ -24,7 +24,6 @@ import errno
 import logging
 import os
 import queue
-import select
 import shutil
 import socket
 import stat
@@ -40,7 +39,7 @@ import docker.types
 import requests.exceptions
 
 from nanogrid_backend.builds.builder import BuiltEnvironment, docker_runtimes, too_little_memory
-from nanogrid_backend.sandbox import cgroup, leftovers, scratch
+from nanogrid_backend.sandbox import cgroup, leftovers, protocol, scratch
 from nanogrid_backend.sandbox.base import Limits, SandboxError, _Spool
 from nanogrid_backend.sandbox.cgroup import MemoryCgroup
 from nanogrid_backend.sandbox.liveness import WatchedSandbox
@@ -504,10 +503,9 @@ class DockerSandbox(WatchedSandbox):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelTimeout("the bootstrap did not connect to its channel")
-            readable, _, _ = select.select([self._listener, self._raw], [], [], left)
-            if self._listener in readable:
+            if protocol.readable(self._listener.fileno(), min(left, 0.05)):
                 break
-            if self._raw in readable and not self._stream.read_pending():
+            if protocol.readable(self._raw.fileno(), 0) and not self._stream.read_pending():
                 while self._stream.read_some(1 << 16):  # what it said on stderr, for the error
                     pass
                 raise ChannelClosed("the container ended before its bootstrap connected")
@@ -535,9 +533,9 @@ class DockerSandbox(WatchedSandbox):
         """True once the attach socket has reached its end: the container stopped or was removed, or the engine
         restarted. A poll and a peek (microseconds), never a call to the engine."""
         try:
-            readable, _, _ = select.select([self._raw], [], [], 0)
             return (
-                bool(readable) and self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                protocol.readable(self._raw.fileno(), 0)
+                and self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
             )
         except BlockingIOError:
             return False

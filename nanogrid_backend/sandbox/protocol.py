@@ -129,7 +129,7 @@ class FrameReader:
     def _wait(self, deadline: float | None) -> None:
         if deadline is not None and not self._pending():
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            if left <= 0 or not readable(self.fd, left):
                 raise ChannelTimeout
 
     def read(self, deadline: float | None, max_body: int) -> tuple[dict[str, Any], bytes]:
@@ -146,12 +146,20 @@ class FrameReader:
         while len(self._buffer) < size:
             if deadline is not None and not self._pending():
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                if left <= 0 or not readable(self.fd, left):
                     raise ChannelTimeout
             chunk = self._read_some(min(max(size - len(self._buffer), 1 << 16), 4 << 20))
             if not chunk:
                 raise ChannelClosed
             self._buffer += chunk
+
+
+def readable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` has something to read (or has ended) within ``timeout_s``: ``poll``, which takes descriptors
+    of any number (``select`` refuses those from 1024 on, which a busy grid process reaches)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(max(0.0, timeout_s) * 1000))
 
 
 class DockerAttachStream:
