@@ -29,7 +29,6 @@ import platform
 import random
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanogrid  # noqa: E402
+from benchmarks.bench_embedded import start_grid  # noqa: E402
 from benchmarks.peers import percentiles, timed  # noqa: E402
 from nanogrid_backend.models import COMPLETED, FAILED, FunctionRecord, JobRecord  # noqa: E402
 from nanogrid_backend.registry.sqlite import (  # noqa: E402
@@ -236,40 +234,6 @@ def history_sweep(path: Path) -> dict[str, float]:
         registry.close()
 
 
-def start_grid(data_dir: Path, port: int) -> tuple[subprocess.Popen, float]:
-    """``nanogrid up`` on ``data_dir``; seconds to its first answered /health."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nanogrid.cli",
-            "up",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--sandbox",
-            "process",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                seconds = time.perf_counter() - started
-                time.sleep(1.0)  # let the stem cells start
-                return proc, seconds
-        except httpx.TransportError:
-            time.sleep(0.05)
-        if proc.poll() is not None:
-            raise RuntimeError(f"nanogrid up on {data_dir} exited with {proc.returncode}")
-    proc.kill()
-    raise RuntimeError(f"nanogrid up did not answer within {START_TIMEOUT_S:g} s")
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -282,7 +246,8 @@ class Grid:
 
     def __init__(self, label: str, data_dir: Path, port: int) -> None:
         self.label, self.data_dir, self.url = label, data_dir, f"http://127.0.0.1:{port}"
-        self.proc, self.start_s = start_grid(data_dir, port)
+        self.proc = start_grid(data_dir, port, timeout_s=START_TIMEOUT_S)
+        self.start_s: float = self.proc.ready_s  # type: ignore[attr-defined]
         self.key = (data_dir / "local-key").read_text().strip()
         self.samples: list[float] = []
         self.rounds: list[dict[str, float]] = []
