@@ -182,3 +182,53 @@ def test_a_batch_of_calls_is_served_on_the_oldest_python_a_runtime_may_be_built_
         {"shout": "APPLES", "python": oldest, "job": "job-0"},
         {"shout": "PEARS", "python": oldest, "job": "job-1"},
     ]
+
+
+def test_the_output_directory_is_found_again_when_a_function_replaces_it(bootstrap, tmp_path):
+    """What must never happen: a call's files counted in a directory the function removed or replaced (its files
+    then lost, or left for the next call). A directory that is no mount point is looked up by its path each time;
+    one that is (the sandboxes' own disks) is held open, as no function can replace it."""
+    out = tmp_path / "output"
+    output = bootstrap.OutputDir(str(out))
+    assert output.ref == str(out) and output.empty() and output.count_files() == 0
+    (out / "a.txt").write_text("a")
+    assert output.count_files() == 1
+    output.clear()
+    assert output.empty() and out.is_dir()
+    out.rmdir()
+    out.mkdir()  # replaced by the function: a new directory at the same path
+    (out / "sub").mkdir()
+    (out / "sub" / "b.txt").write_text("b")
+    assert output.count_files() == 1
+    out.joinpath("sub", "b.txt").unlink()
+    out.joinpath("sub").rmdir()
+    out.rmdir()  # removed: made again, empty, for the next call
+    assert not output.empty()
+    output.clear()
+    assert out.is_dir() and output.empty()
+    out.rmdir()
+    out.write_text("not a directory")  # a file in its place
+    assert not output.empty()
+    with pytest.raises(FileExistsError):
+        output.clear()  # as before: a call cannot start there, and says so
+
+
+def test_a_mount_point_output_directory_is_read_through_a_descriptor(
+    bootstrap, monkeypatch, tmp_path
+):
+    """Per call, no path is looked up (in a container on fuse-overlayfs each lookup from / is a round trip through
+    the storage daemon): the directory is listed through the descriptor opened at start."""
+    out = tmp_path / "output"
+    monkeypatch.setattr(bootstrap.os.path, "ismount", lambda path: path == str(out))
+    output = bootstrap.OutputDir(str(out))
+    assert isinstance(output.ref, int)
+    listed = []
+    listdir = os.listdir
+    monkeypatch.setattr(bootstrap.os, "listdir", lambda ref: listed.append(ref) or listdir(ref))
+    output.clear()
+    assert output.count_files() == 0
+    assert listed and all(ref == output.ref for ref in listed)
+    (out / "a.txt").write_text("a")
+    assert output.count_files() == 1
+    output.clear()
+    assert output.empty() and not any(out.iterdir())

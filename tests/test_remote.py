@@ -101,6 +101,43 @@ def test_output_files_are_listed_and_downloadable(client):
     assert files["numbers.txt"].read() == b"0\n1\n2\n3\n4"  # the first job's files are kept
 
 
+def test_output_files_come_back_when_the_function_replaces_or_removes_its_output_dir(client):
+    """What must never happen: a call's files lost, or left for the next call, because the function removed or
+    replaced the directory the sandbox holds (where the sandbox can, it rejects that; where it cannot, each call
+    finds the directory by its path)."""
+
+    @nanogrid.remote
+    def rebuild(mode):
+        import shutil
+
+        out = nanogrid.output_dir()
+        if mode == "remove":
+            shutil.rmtree(out, ignore_errors=True)  # all of it where it can, else what is in it
+            return "removed"
+        try:
+            shutil.rmtree(out)
+            out.mkdir()
+        except OSError:  # a mount point (the sandbox's own disk): it stays, emptied
+            for path in out.iterdir():
+                path.unlink()
+        (out / "fresh.txt").write_text(mode)
+        return "replaced"
+
+    job = rebuild.spawn("replace")
+    assert job.result(timeout=30) == "replaced"
+    assert [(f.name, f.read()) for f in job.outputs] == [("fresh.txt", b"replace")]
+    # a call after one that removed the directory gets it back, empty, with its own files only
+    assert rebuild.remote("remove") == "removed"
+    job = rebuild.spawn("again")
+    assert job.result(timeout=30) == "replaced"
+    assert [(f.name, f.read()) for f in job.outputs] == [("fresh.txt", b"again")]
+    # in a .map(), whose short calls run in batches: each call's files are its own
+    jobs = [rebuild.spawn(f"map{n}") for n in range(3)]
+    for n, job in enumerate(jobs):
+        assert job.result(timeout=30) == "replaced"
+        assert [(f.name, f.read()) for f in job.outputs] == [("fresh.txt", f"map{n}".encode())]
+
+
 def test_timeout_kills_and_replaces_the_sandbox(client):
     @nanogrid.remote(timeout=1)
     def spin():

@@ -567,11 +567,43 @@ def encode_json(value: object) -> bytes:
         raise TypeError(f"the function returned a value JSON cannot encode: {exc}") from None
 
 
+class OutputDir:
+    """The output directory as each call sees it: emptied before the call, its files counted after.
+
+    Where it is a mount point (the Docker sandbox's ``/output``, under a read-only root: no function can remove or
+    replace it) it is read through a descriptor held open, so a call looks up no path: in a container whose root
+    filesystem is fuse-overlayfs, every lookup from ``/`` is a round trip through the storage daemon, three of them
+    per call before. Elsewhere (the process sandbox, where a function may remove or replace it) by its path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        self.ref: int | str = (
+            os.open(path, os.O_RDONLY | os.O_DIRECTORY) if os.path.ismount(path) else path
+        )
+
+    def empty(self) -> bool:
+        try:
+            return not os.listdir(self.ref)  # with a descriptor: getdents on it, no lookup
+        except OSError:  # removed, or a file took its place: the next call makes it again
+            return False
+
+    def clear(self) -> None:
+        """Ready for a call: empty, and a directory."""
+        if not self.empty():
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.makedirs(self.path, exist_ok=True)
+
+    def count_files(self) -> int:
+        return 0 if self.empty() else sum(len(files) for _, _, files in os.walk(self.path))
+
+
 class Runtime:
     def __init__(self, ai: AIForwarder | None = None) -> None:
         self.manifest: dict[str, Any] | None = None
         self.function: Any = None  # the loaded function (any callable), until then None
         self.ai = ai  # the AIForwarder behind AI_ENDPOINT, if the sandbox has a loopback
+        self.output = OutputDir(OUTPUT_DIR)
 
     def load(self, header: Header, body: bytes) -> None:
         import cloudpickle
@@ -634,10 +666,7 @@ class Runtime:
             capture.reset()
         if live is not None:
             live.begin()
-        # the agent moves outputs out after each call
-        if not os.path.isdir(OUTPUT_DIR) or os.listdir(OUTPUT_DIR):
-            shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
-            os.makedirs(OUTPUT_DIR, exist_ok=True)
+        self.output.clear()  # the agent moves outputs out after each call
         measure_rss = header.get("measure_rss", True)  # not needed where the agent reads a cgroup
         ai = sys.modules.get("nanogrid.ai")
         if ai is not None:
@@ -687,7 +716,7 @@ class Runtime:
         reply["stdout"], reply["stderr"] = captures[0].read(), captures[1].read()
         if measure_rss:
             reply["peak_rss_bytes"] = peak_rss()
-        reply["output_files"] = sum(len(files) for _, _, files in os.walk(OUTPUT_DIR))
+        reply["output_files"] = self.output.count_files()
         if default_model is None:
             os.environ.pop("LLM_MODEL", None)
         else:
