@@ -1101,7 +1101,13 @@ def main() -> None:
         os.fdopen(2, "wb", closefd=False), write_through=True, line_buffering=True
     )
     sys.stdin = open(os.devnull)
-    import cloudpickle  # noqa: F401  (warm the import before the first call)
+    # Imported now, in the stem cell, rather than by the first call's load: cloudpickle, the limits' module, and the
+    # codec of the package's file names (each import looks up paths under /, which in a container on fuse-overlayfs
+    # are requests to the storage daemon).
+    import encodings.cp437  # noqa: F401
+    import resource  # noqa: F401
+
+    import cloudpickle  # noqa: F401
 
     request = Channel(stdin_fd, reply_fd).request
     channel = type(sys)("__nanogrid_channel__")
