@@ -570,10 +570,11 @@ def encode_json(value: object) -> bytes:
 class OutputDir:
     """The output directory as each call sees it: emptied before the call, its files counted after.
 
-    Where it is a mount point (the Docker sandbox's ``/output``, under a read-only root: no function can remove or
-    replace it) it is read through a descriptor held open, so a call looks up no path: in a container whose root
-    filesystem is fuse-overlayfs, every lookup from ``/`` is a round trip through the storage daemon, three of them
-    per call before. Elsewhere (the process sandbox, where a function may remove or replace it) by its path."""
+    Where it is a mount point (``/output`` in a Docker sandbox and in a process sandbox under bubblewrap: no function
+    can remove or replace it) it is read through a descriptor held open, so a call looks up no path: in a container
+    whose root filesystem is fuse-overlayfs, every lookup from ``/`` is a round trip through the storage daemon,
+    three of them per call before. Elsewhere (a process sandbox without bubblewrap, where a function may remove or
+    replace it) by its path."""
 
     def __init__(self, path: str) -> None:
         self.path = path
