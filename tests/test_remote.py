@@ -131,7 +131,7 @@ def test_output_files_come_back_when_the_function_replaces_or_removes_its_output
     job = rebuild.spawn("again")
     assert job.result(timeout=30) == "replaced"
     assert [(f.name, f.read()) for f in job.outputs] == [("fresh.txt", b"again")]
-    # in a .map(), whose short calls run in batches: each call's files are its own
+    # calls queued together (a function's short calls run in batches): each call's files are its own
     jobs = [rebuild.spawn(f"map{n}") for n in range(3)]
     for n, job in enumerate(jobs):
         assert job.result(timeout=30) == "replaced"
