@@ -8,6 +8,7 @@ import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,6 +244,55 @@ def test_cancel_stops_a_running_job(client):
     with pytest.raises(nanogrid.JobCancelled):
         job.result()
     assert square.remote(2) == 4
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["alone", "in a batch"])
+def test_a_cancel_that_comes_as_the_job_is_marked_running_stops_it(grid, monkeypatch, many):
+    """What must never happen: a cancel lost because it came between the worker marking the job running (which a
+    client polling its status then sees) and the worker noting it runs it; the job then ran to its end."""
+    from nanogrid_backend.controller import jobs
+
+    nanogrid.connect(grid.url, api_key=grid.api_key)
+    registry = grid.grid.worker.registry
+
+    @nanogrid.remote(timeout=60)
+    def doze(x):
+        time.sleep(30 if x else 0)
+        return x
+
+    assert doze.remote(0) == 0  # timed as short: its queued calls are taken in batches
+    cancelled: list[str] = []
+
+    def cancel_at_once(job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = registry.get_job(job_id)
+            if job is not None and job.status == "running":
+                cancelled.append(job_id)
+                jobs.cancel(grid.grid, job)  # as the cancel route does, before the worker goes on
+
+    mark_one, mark_many = registry.mark_running, registry.mark_running_many
+
+    def mark_running(job_id: str, *args: Any, **kwargs: Any) -> bool:
+        marked = mark_one(job_id, *args, **kwargs)
+        cancel_at_once([job_id])
+        return marked
+
+    def mark_running_many(job_ids: list[str], *args: Any, **kwargs: Any) -> set[str]:
+        marked = mark_many(job_ids, *args, **kwargs)
+        cancel_at_once(job_ids)
+        return marked
+
+    monkeypatch.setattr(registry, "mark_running", mark_running)
+    monkeypatch.setattr(registry, "mark_running_many", mark_running_many)
+    started = time.monotonic()
+    if many:
+        results = list(doze.map([1, 1, 1], return_exceptions=True, progress=False))
+        assert all(isinstance(r, nanogrid.JobCancelled) for r in results), results
+    else:
+        assert doze.spawn(1).wait(timeout=20).status == "cancelled"
+    assert cancelled and time.monotonic() - started < 20
+    monkeypatch.undo()
+    assert doze.remote(0) == 0
 
 
 def test_job_result_timeout_leaves_the_job_running(client):

@@ -288,14 +288,17 @@ class Worker:
 
     def run(self, message: JobMessage) -> None:
         started = time.time()
+        # In flight before it shows as running: a cancel that sees it running always finds this worker's record.
+        self._in_flight[message.job_id] = message
         if not self.registry.mark_running(
             message.job_id, self.worker_id, started, retry=message.receive_count > 1
         ):
             # cancelled while queued, or already finished: nothing left to do
+            self._in_flight.pop(message.job_id, None)
+            self._cancelled.discard(message.job_id)
             self.queue.ack(message)
             return
         job = self._running_record(message, started)
-        self._in_flight[message.job_id] = message
         if not self._settle(message, job, self._execute):
             return
         job.finished_at = time.time()
@@ -378,17 +381,19 @@ class Worker:
         again by its retry policy like any other; calls with blobs or another model than the first go one by one."""
         first = messages[0]
         alike = [m for m in messages if m.payload_format != BLOB_FORMAT and m.model == first.model]
+        for message in alike:  # in flight before they show as running (see ``run``)
+            self._in_flight[message.job_id] = message
         marked = self.registry.mark_running_many(
             [m.job_id for m in alike], self.worker_id, time.time()
         )
         for message in alike:
             if message.job_id not in marked:
                 # cancelled while queued, or already finished: nothing left to do
+                self._in_flight.pop(message.job_id, None)
+                self._cancelled.discard(message.job_id)
                 self.queue.ack(message)
         batch = [m for m in alike if m.job_id in marked]
         jobs = [self._running_record(m, None) for m in batch]
-        for message in batch:
-            self._in_flight[message.job_id] = message
         outcomes: dict[str, SandboxError | None] = {}
         if batch:
             try:
