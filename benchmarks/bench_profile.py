@@ -258,13 +258,11 @@ CONTAINERS_CPU = Path(
 def docker_cpu_seconds(data_dir: Path) -> tuple[float, float, float]:
     """(the Docker engine's CPU: dockerd, containerd and the shims that copy each container's stdio; the storage
     driver's, where it is a process of its own per container, as fuse-overlayfs is: each path a container looks
-    up from its root is a request to it; the CPU of this grid's containers) in seconds, for this grid's containers
-    (found by its label); zeros where they cannot be read. A container removed between two readings takes its CPU
-    with it: the pool's warm containers stay for a measurement."""
-    engine = 0.0
-    for process in psutil.process_iter(["name", "cpu_times"]):
-        if process.info["name"] in ENGINE and process.info["cpu_times"] is not None:
-            engine += process.info["cpu_times"].user + process.info["cpu_times"].system
+    up from its root is a request to it; the CPU of this grid's containers, found by its label) in seconds; zeros
+    for the process sandbox and where they cannot be read. A container removed between two readings takes its
+    CPU with it: the pool's warm containers stay for a measurement."""
+    if SANDBOX != "docker":
+        return 0.0, 0.0, 0.0
     label = f"nanogrid.grid={grid_identity(data_dir / 'sandboxes')}"
     try:
         ours = docker.from_env().containers.list(filters={"label": label}, ignore_removed=True)
@@ -277,11 +275,15 @@ def docker_cpu_seconds(data_dir: Path) -> tuple[float, float, float]:
             containers += int((CONTAINERS_CPU / container.id / "cpuacct.usage").read_text()) / 1e9
         except (OSError, ValueError):
             pass
-    storage = 0.0
+    engine = storage = 0.0
     for process in psutil.process_iter(["name", "cmdline", "cpu_times"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["name"] == "fuse-overlayfs" and cmdline and cmdline[-1] in merged:
-            storage += process.info["cpu_times"].user + process.info["cpu_times"].system
+        name, cmdline, times = (process.info[k] for k in ("name", "cmdline", "cpu_times"))
+        if times is None:
+            continue
+        if name in ENGINE:
+            engine += times.user + times.system
+        elif name == "fuse-overlayfs" and cmdline and cmdline[-1] in merged:
+            storage += times.user + times.system
     return engine, storage, containers
 
 

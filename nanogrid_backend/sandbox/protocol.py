@@ -82,6 +82,7 @@ class FrameReader:
         self._read_some = read_some or (lambda n: os.read(fd, n))
         self._read_into = read_into or (lambda view: os.readv(fd, [view]))
         self._pending = pending or (lambda: False)
+        self._readable = Readable(fd)  # the poll registered once: a frame may wait several times
         self._buffer = bytearray()
         self.max_header = max_header
 
@@ -129,7 +130,7 @@ class FrameReader:
     def _wait(self, deadline: float | None) -> None:
         if deadline is not None and not self._pending():
             left = deadline - time.monotonic()
-            if left <= 0 or not readable(self.fd, left):
+            if left <= 0 or not self._readable(left):
                 raise ChannelTimeout
 
     def read(self, deadline: float | None, max_body: int) -> tuple[dict[str, Any], bytes]:
@@ -144,22 +145,30 @@ class FrameReader:
 
     def _fill(self, size: int, deadline: float | None) -> None:
         while len(self._buffer) < size:
-            if deadline is not None and not self._pending():
-                left = deadline - time.monotonic()
-                if left <= 0 or not readable(self.fd, left):
-                    raise ChannelTimeout
+            self._wait(deadline)
             chunk = self._read_some(min(max(size - len(self._buffer), 1 << 16), 4 << 20))
             if not chunk:
                 raise ChannelClosed
             self._buffer += chunk
 
 
+class Readable:
+    """Whether one descriptor has something to read (or has ended) within a timeout, with ``poll`` registered once.
+    ``poll`` takes descriptors of any number (``select`` refuses those from 1024 on, which a busy grid process
+    reaches)."""
+
+    def __init__(self, fd: int) -> None:
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN | select.POLLPRI)
+
+    def __call__(self, timeout_s: float) -> bool:
+        return bool(self._poll.poll(max(0.0, timeout_s) * 1000))
+
+
 def readable(fd: int, timeout_s: float) -> bool:
-    """Whether ``fd`` has something to read (or has ended) within ``timeout_s``: ``poll``, which takes descriptors
-    of any number (``select`` refuses those from 1024 on, which a busy grid process reaches)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
-    return bool(poller.poll(max(0.0, timeout_s) * 1000))
+    """One look at ``fd`` (see ``Readable``), for a descriptor that may be closed and its number reused between
+    looks."""
+    return Readable(fd)(timeout_s)
 
 
 class DockerAttachStream:

@@ -293,10 +293,7 @@ class Worker:
         if not self.registry.mark_running(
             message.job_id, self.worker_id, started, retry=message.receive_count > 1
         ):
-            # cancelled while queued, or already finished: nothing left to do
-            self._in_flight.pop(message.job_id, None)
-            self._cancelled.discard(message.job_id)
-            self.queue.ack(message)
+            self._not_taken(message)
             return
         job = self._running_record(message, started)
         if not self._settle(message, job, self._execute):
@@ -374,6 +371,12 @@ class Worker:
             # followers stop waiting; the job's record has the whole capture
             self.bus.end_log(job.job_id)
 
+    def _not_taken(self, message: JobMessage) -> None:
+        """A call whose mark as running failed: cancelled while queued, or already finished; nothing left to do."""
+        self._in_flight.pop(message.job_id, None)
+        self._cancelled.discard(message.job_id)
+        self.queue.ack(message)
+
     def run_batch(self, messages: list[JobMessage]) -> None:
         """Several queued calls of one function: marked running in one transaction, run in one frame exchange with
         one sandbox (``Sandbox.call_many``), their outcomes recorded in one transaction, then acked. A call the
@@ -388,10 +391,7 @@ class Worker:
         )
         for message in alike:
             if message.job_id not in marked:
-                # cancelled while queued, or already finished: nothing left to do
-                self._in_flight.pop(message.job_id, None)
-                self._cancelled.discard(message.job_id)
-                self.queue.ack(message)
+                self._not_taken(message)
         batch = [m for m in alike if m.job_id in marked]
         jobs = [self._running_record(m, None) for m in batch]
         outcomes: dict[str, SandboxError | None] = {}
