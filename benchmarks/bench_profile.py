@@ -182,7 +182,7 @@ def profile_breakdown(
                 "own_us_per_call": round(own / calls * 1e6, 1),
                 "calls_per_call": round(n / calls, 2),
             }
-            for own, n, key in functions[:25]
+            for own, n, key in functions[:TOP]
         ],
     }
 
@@ -192,6 +192,7 @@ def profile_breakdown(
 
 SANDBOX = "process"  # --sandbox
 MAP = 0  # --map: measure .map() of this many calls instead of one call after another
+TOP = 25  # --top: the functions listed per side
 
 
 def measured(noop: Any, calls: int) -> dict[str, Any]:
@@ -437,12 +438,13 @@ def main() -> None:
     parser.add_argument(
         "--skip-profile", action="store_true", help="only the plain phase (and Ray)"
     )
+    parser.add_argument("--top", type=int, default=25, help="functions listed per side")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "profile.json"
     )
     args = parser.parse_args()
-    global SANDBOX, MAP
-    SANDBOX, MAP = args.sandbox, args.map
+    global SANDBOX, MAP, TOP
+    SANDBOX, MAP, TOP = args.sandbox, args.map, args.top
     if MAP:
         args.calls = MAP
 

@@ -348,3 +348,174 @@ def test_threads_sharing_a_client_each_get_their_own_answers(serve):
     assert lane._open == 0  # nothing left open
     with pytest.raises(RuntimeError, match="closed"):
         client.request("GET", "/health")
+
+
+# -- the lane's own HTTP reader, against answers written byte by byte ----------------------------------------------
+
+
+class _RawGrid:
+    """A server that reads each request's head and body and answers with the next of ``answers``: raw bytes, or
+    (raw bytes, "then close"), or None (closes the connection at once). Counts the connections it accepted."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = list(answers)
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while self.answers:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                answer = self.answers.pop(0)
+                if answer is None:
+                    return
+                if isinstance(answer, tuple):
+                    conn.sendall(answer[0])
+                    return
+                conn.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _answer(body: bytes, *headers: str, status: str = "200 OK", version: str = "HTTP/1.1") -> bytes:
+    lines = [f"{version} {status}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+WELL_FORMED = {
+    "content-length": _answer(b'{"a":1}', "content-type: application/json", "content-length: 7"),
+    "chunked": _answer(
+        b'3\r\n{"a\r\n4;ext=1\r\n":1}\r\n0\r\ntrailer: x\r\n\r\n',
+        "Transfer-Encoding: chunked",
+        "Content-Type: application/json",
+    ),
+    "interim 100 first": b"HTTP/1.1 100 Continue\r\n\r\n"
+    + _answer(b'{"a":1}', "content-length: 7"),
+    "folded header": _answer(b'{"a":1}', "x-long: one", "  two", "content-length: 7"),
+    "no reason phrase": b'HTTP/1.1 200\r\ncontent-length: 7\r\n\r\n{"a":1}',
+    "a 404 with a body": _answer(b'{"detail":"no"}', "content-length: 15", status="404 Not Found"),
+    "a 204": _answer(b"", status="204 No Content"),
+}
+
+
+@pytest.mark.parametrize("case", WELL_FORMED)
+def test_the_lane_reads_every_framing_of_an_answer_as_httpx_does(case):
+    answers = []
+    for lane in (True, False):
+        grid = _RawGrid([WELL_FORMED[case]])
+        client = nanogrid.Client(grid.url, api_key="k")
+        if not lane:
+            client._lane = None
+        try:
+            response = client._http.request("GET", "/x") if not lane else None
+            if lane:
+                response = _lane(client).send("GET", "/v1/x", timeout=5)
+            assert response is not None
+            answers.append(
+                (
+                    response.status_code,
+                    response.reason_phrase,
+                    response.http_version,
+                    response.content,
+                    [(k, v) for k, v in response.headers.items() if k != "x-long"],
+                )
+            )
+        finally:
+            client.close()
+            grid.close()
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize(
+    "case, answer",
+    [
+        ("cut short", (_answer(b'{"a":', "content-length: 7"), "then close")),
+        ("no answer", None),
+        ("not HTTP", b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
+        ("a bad status", b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n"),
+        ("a bad header line", b"HTTP/1.1 200 OK\r\nno colon here\r\ncontent-length: 0\r\n\r\n"),
+        ("a bad length", _answer(b"", "content-length: -1")),
+        ("two lengths", _answer(b"ab", "content-length: 2", "content-length: 3")),
+        ("a bad chunk", _answer(b"zz\r\nab\r\n0\r\n\r\n", "transfer-encoding: chunked")),
+        ("a chunk too short", _answer(b"5\r\nab\r\n0\r\n\r\n", "transfer-encoding: chunked")),
+        ("an endless head", b"HTTP/1.1 200 OK\r\nx: " + b"a" * (70 << 10)),
+        ("a head cut short", (b"HTTP/1.1 200 OK\r\ncontent-len", "then close")),
+        (
+            "a chunked answer cut short",
+            (_answer(b"5\r\nab", "transfer-encoding: chunked"), "then close"),
+        ),
+    ],
+)
+def test_a_broken_answer_raises_not_connected_and_its_connection_is_never_reused(case, answer):
+    grid = _RawGrid([answer, _answer(b'{"n":2}', "content-length: 7")])
+    client = nanogrid.Client(grid.url, api_key="k", timeout=5)
+    try:
+        with pytest.raises(NotConnected, match="cannot reach the grid"):
+            client.request("POST", "/run", json={"i": 0})
+        # never half an answer taken for a whole one; the next request goes out on a new connection
+        assert client.request("POST", "/run", json={"i": 1}).json() == {"n": 2}
+        assert grid.connections == 2
+    finally:
+        client.close()
+        grid.close()
+
+
+@pytest.mark.parametrize(
+    "case, first",
+    [
+        ("connection: close", _answer(b"{}", "content-length: 2", "Connection: close")),
+        ("HTTP/1.0", _answer(b"{}", "content-length: 2", version="HTTP/1.0")),
+        ("ends with the connection", (_answer(b"{}", "connection: close"), "then close")),
+        ("bytes past its end", _answer(b"{}", "content-length: 2") + b"HTTP/1.1 200 OK\r\n\r\n"),
+    ],
+)
+def test_an_answer_that_ends_its_connection_is_not_followed_by_another_request_on_it(case, first):
+    grid = _RawGrid([first, _answer(b'{"n":2}', "content-length: 7")])
+    client = nanogrid.Client(grid.url, api_key="k", timeout=5)
+    try:
+        assert client.request("POST", "/run", json={"i": 0}).json() == {}
+        assert client.request("POST", "/run", json={"i": 1}).json() == {"n": 2}
+        assert grid.connections == 2
+        assert _lane(client).sent == 2
+    finally:
+        client.close()
+        grid.close()
+
+
+def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(serve):
+    server = serve()
+    client = nanogrid.Client(server.url, api_key="k")
+    try:
+        with pytest.raises(ValueError, match="cannot be sent"):
+            client.request("POST", "/run", json={}, headers={"X-Hold": "1\r\nX-Api-Key: other"})
+        with pytest.raises(ValueError, match="cannot be sent"):
+            client.request("POST", "/run", json={}, headers={"X Bad": "1"})
+        assert server.requests == 0
+    finally:
+        client.close()
