@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +19,8 @@ from nanogrid_contract.views import RUNNING as RUNNING
 
 
 def new_job_id() -> str:
-    return "job-" + uuid.uuid4().hex
+    """``job-`` and 32 random hex digits (the form a uuid4 gave, made in a fifth of the time)."""
+    return "job-" + os.urandom(16).hex()
 
 
 @dataclass

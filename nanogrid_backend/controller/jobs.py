@@ -287,6 +287,49 @@ def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord],
     return finished, unsubscribe
 
 
+def subscribe_one(grid: Grid, job_id: str) -> tuple[asyncio.Future[JobRecord], Any]:
+    """One job's end as a future of the event loop, set when the bus announces it (from any thread), and the
+    unsubscribe. For one job this is all a waiter needs: no queue, no task (``subscribe`` serves many)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[JobRecord] = loop.create_future()
+
+    def settle(job: JobRecord) -> None:
+        if not future.done():
+            future.set_result(job)
+
+    def deliver(job: JobRecord) -> None:  # from a worker thread, or the bus's
+        loop.call_soon_threadsafe(settle, job)
+
+    return future, grid.bus.subscribe([job_id], deliver)
+
+
+async def until_finished(
+    grid: Grid,
+    job_id: str,
+    finished: asyncio.Future[JobRecord],
+    timeout: float,
+    stop: asyncio.Future[Any] | None = None,
+) -> JobRecord | None:
+    """The finished job (``finished``, from ``subscribe_one``), or None after ``timeout`` seconds or once ``stop``
+    is done. The registry is asked too every RECHECK_S, so an announcement lost to a bus outage (a Redis restart)
+    costs seconds, not the whole wait."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    waited = (finished,) if stop is None else (finished, stop)
+    while (left := deadline - loop.time()) > 0:
+        await asyncio.wait(
+            waited, timeout=min(left, RECHECK_S), return_when=asyncio.FIRST_COMPLETED
+        )
+        if finished.done():
+            return finished.result()
+        if stop is not None and stop.done():
+            return None
+        job = await asyncio.to_thread(grid.registry.get_job, job_id)
+        if job is not None and job.finished:
+            return job
+    return None
+
+
 async def wait_for(
     grid: Grid, job_id: str, timeout: float, known: JobRecord | None = None
 ) -> JobRecord | None:

@@ -50,9 +50,20 @@ from nanogrid_backend.registry.base import (
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_S = 5.0  # SQLite waits this long for another connection's write lock ...
-LOCK_WAIT_S = 30.0  # ... and a write is tried again until this long has passed, then RegistryBusy
+# While another process holds the registry's lock, a read waits for it inside SQLite (the busy timeout); a write
+# never does: its transaction is tried again, after pauses growing to RETRY_PAUSE_S, until LOCK_WAIT_S has passed,
+# then RegistryBusy. Writes go through one connection whose busy timeout stays 0, so the event loop's write
+# (create_jobs_now) can try once and step aside without switching the timeout off and on around it.
+BUSY_TIMEOUT_S = 5.0
+LOCK_WAIT_S = 30.0
 RETRY_PAUSE_S = 0.05
+RETRY_PAUSES_S = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+)  # the first pauses: a lock held for a short write frees soon
 BACKUPS_KEPT = 3  # copies made at each grid start: registry.sqlite3.bak-<UTC time>
 FILE_MODE, DIR_MODE = 0o600, 0o700
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -169,6 +180,9 @@ _JOB_FIXED = (
 )  # set at submission, never by finish_job
 
 
+_EMPTY_JSON = {list: "[]", dict: "{}"}
+
+
 class _Codec:
     """A dataclass's rows by column name: dict/list fields as JSON text, bools as 0/1, NULL in a
     non-optional column (a column added to old rows) read as the field's default."""
@@ -208,8 +222,11 @@ class _Codec:
             getter, json_at = self._some[key]
         values = list(getter(record))
         for i in json_at:
-            if values[i] is not None:
-                values[i] = json.dumps(values[i])
+            value = values[i]
+            if value is not None:
+                # most are empty (a call's output files, its AI usage): their text without the encoder
+                empty = None if value else _EMPTY_JSON.get(type(value))
+                values[i] = empty if empty is not None else json.dumps(value)
         return values
 
     def _getter(self, names: tuple[str, ...]) -> tuple[Callable[[Any], tuple[Any, ...]], list[int]]:
@@ -268,7 +285,6 @@ class SQLiteRegistry(Registry, VolumeRegistry):
         data disk has room for the copy; ``start_notes`` says what was skipped for want of room."""
         self.path = path
         self.lock_wait_s = lock_wait_s
-        self._busy_timeout_ms = round(busy_timeout_s * 1000)
         self.start_notes: list[str] = []
         self._write_lock = threading.RLock()
         self._read_lock = threading.RLock()
@@ -301,6 +317,7 @@ class SQLiteRegistry(Registry, VolumeRegistry):
                 self._reader, self._read_lock = self._db, self._write_lock
             else:
                 self._reader = _connect(path, busy_timeout_s)
+                self._db.execute("PRAGMA busy_timeout = 0")  # writes wait in _while_locked
         except sqlite3.OperationalError as exc:
             self._db.close()
             if not _is_full(exc):
@@ -383,11 +400,10 @@ class SQLiteRegistry(Registry, VolumeRegistry):
 
     def create_jobs_now(self, jobs: list[JobRecord]) -> bool:
         """A local write of tens of microseconds, made at once if this grid's write lock is free and no other
-        process holds SQLite's (its busy wait is off for this write); else False, nothing written."""
+        process holds SQLite's (the writing connection never waits for it); else False, nothing written."""
         if not self._write_lock.acquire(blocking=False):
             return False
         try:
-            self._db.execute("PRAGMA busy_timeout = 0")
             try:
                 _transaction(
                     self._db,
@@ -397,8 +413,6 @@ class SQLiteRegistry(Registry, VolumeRegistry):
                 if _is_locked(exc):
                     return False
                 raise
-            finally:
-                self._db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             return True
         finally:
             self._write_lock.release()
@@ -861,8 +875,8 @@ class SQLiteRegistry(Registry, VolumeRegistry):
     # transactions
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in one write transaction: committed, or rolled back on any error (an interrupt included),
-        so the connection never stays inside a transaction. While another process holds the write lock,
-        SQLite waits (busy timeout) and the transaction is tried again, for ``lock_wait_s`` in all."""
+        so the connection never stays inside a transaction. While another process holds the write lock, the
+        transaction is tried again after a pause (``_while_locked``), for ``lock_wait_s`` in all."""
         if not self._write_lock.acquire(timeout=self.lock_wait_s):
             raise self._busy()
         try:
@@ -886,6 +900,7 @@ class SQLiteRegistry(Registry, VolumeRegistry):
     def _while_locked(self, attempt: Callable[[], T]) -> T:
         """``attempt()``, tried again while another process holds the lock, for ``lock_wait_s`` in all."""
         deadline = time.monotonic() + self.lock_wait_s
+        tries = 0
         while True:
             try:
                 return attempt()
@@ -894,7 +909,8 @@ class SQLiteRegistry(Registry, VolumeRegistry):
                     raise
                 if time.monotonic() >= deadline:
                     raise self._busy() from None
-                time.sleep(RETRY_PAUSE_S)
+                time.sleep(RETRY_PAUSES_S[tries] if tries < len(RETRY_PAUSES_S) else RETRY_PAUSE_S)
+                tries += 1
 
     def _busy(self) -> RegistryBusy:
         return RegistryBusy(

@@ -119,21 +119,20 @@ async def call(
         await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         return job, 202
     # before queueing: no result slips past
-    finished, unsubscribe = jobs.subscribe(grid, [job.job_id])
+    finished, unsubscribe = jobs.subscribe_one(grid, job.job_id)
     try:
         await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         wait = min(
             function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if hold is None else hold
         )
-        result = asyncio.ensure_future(jobs.next_result(grid, job.job_id, finished, wait))
         went = asyncio.ensure_future(gone())
-        await asyncio.wait({result, went}, return_when=asyncio.FIRST_COMPLETED)
-        went.cancel()
-        if not result.done():
-            result.cancel()
+        try:
+            done = await jobs.until_finished(grid, job.job_id, finished, wait, stop=went)
+        finally:
+            went.cancel()
+        if done is None and went.done() and not went.cancelled():
             jobs.cancel_unwatched(grid, [job.job_id])
             return job, 202
-        done = result.result()
     finally:
         unsubscribe()
     if done is None:  # still queued or running: the caller polls /status/{job_id}
