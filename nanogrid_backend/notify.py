@@ -330,6 +330,11 @@ class Notifier:
         self._http.close()
 
     def job_finished(self, job: JobRecord) -> None:
+        cached = self._hooks.get(job.owner)  # the sender thread's copy of the owner's hooks
+        if cached is not None and not cached[1] and time.monotonic() - cached[0] <= HOOKS_CACHE_S:
+            # The owner had no hooks when last asked, less than HOOKS_CACHE_S ago: the sender would match this job
+            # against nothing, and waking its thread for that took the interpreter from the call's own threads.
+            return
         try:
             self._jobs.put_nowait(job)
         except queue.Full:

@@ -270,3 +270,44 @@ def test_the_sender_gives_up_after_its_attempts_and_drops_rather_than_blocks(tmp
         "s" * 20, seen[0].headers["X-NanoGrid-Timestamp"], body
     )
     assert json.loads(body)["nanogrid"]["status"] == FAILED and COMPLETED not in body.decode()
+
+
+def test_a_hook_added_after_its_owner_had_none_fires_once_the_cache_lapses(tmp_path, monkeypatch):
+    """The notifier does not wake its sender for an owner known (within HOOKS_CACHE_S) to have no hooks; what must
+    never happen is that this knowledge outlives the cache and a new hook never hears of a call."""
+    monkeypatch.setattr("nanogrid_backend.notify.HOOKS_CACHE_S", 0.3)
+    registry = SQLiteRegistry(tmp_path / "registry.sqlite3")
+    seen: list[httpx.Request] = []
+    notifier = Notifier(
+        registry,
+        transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200)),
+        allow_networks=["127.0.0.0/8"],
+    )
+    notifier.start()
+    job = JobRecord("job-1", "fn-x", status=COMPLETED, owner="bob")
+    try:
+        notifier.job_finished(job)  # bob has no hooks: the sender learns so
+        deadline = time.monotonic() + 10
+        while "bob" not in notifier._hooks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        registry.put_webhook(
+            {
+                "hook_id": "hook-1",
+                "owner": "bob",
+                "url": "http://127.0.0.1:9/x",
+                "secret": "s" * 20,
+                "events": ["completion"],
+                "function_id": None,
+                "threshold": None,
+                "created_at": time.time(),
+            }
+        )
+        time.sleep(0.4)  # the cache has lapsed
+        notifier.job_finished(job)
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(seen) == 1 and json.loads(seen[0].content)["nanogrid"]["status"] == COMPLETED
+    finally:
+        notifier.stop()
+        registry.close()

@@ -237,28 +237,36 @@ def _queue(
     model: str | None,
     max_timeout_s: float | None,
 ) -> None:
+    grid.queue.put(_messages(grid, function, jobs, model, max_timeout_s))
+
+
+def _messages(
+    grid: Grid,
+    function: FunctionRecord,
+    jobs: list[JobRecord],
+    model: str | None,
+    max_timeout_s: float | None,
+) -> list[JobMessage]:
     timeouts = {
         owner: min(
             function.timeout_s, grid.owners.max_timeout(owner), max_timeout_s or float("inf")
         )
         for owner in {job.owner for job in jobs}
     }
-    grid.queue.put(
-        [
-            JobMessage(
-                job.job_id,
-                function.function_id,
-                job.payload_format,
-                job.payload,
-                timeouts[job.owner],
-                function.memory_mib,
-                model,
-                owner=job.owner,
-                created_at=job.created_at,
-            )
-            for job in jobs
-        ]
-    )
+    return [
+        JobMessage(
+            job.job_id,
+            function.function_id,
+            job.payload_format,
+            job.payload,
+            timeouts[job.owner],
+            function.memory_mib,
+            model,
+            owner=job.owner,
+            created_at=job.created_at,
+        )
+        for job in jobs
+    ]
 
 
 def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord], Any]:
@@ -287,44 +295,63 @@ def subscribe(grid: Grid, job_ids: list[str]) -> tuple[asyncio.Queue[JobRecord],
     return finished, unsubscribe
 
 
-def subscribe_one(grid: Grid, job_id: str) -> tuple[asyncio.Future[JobRecord], Any]:
-    """One job's end as a future of the event loop, set when the bus announces it (from any thread), and the
-    unsubscribe. For one job this is all a waiter needs: no queue, no task (``subscribe`` serves many)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[JobRecord] = loop.create_future()
+class JobWaiter:
+    """One job's end, for a request on the event loop that waits for it (a sync ``/v1/run``).
 
-    def settle(job: JobRecord) -> None:
-        if not future.done():
-            future.set_result(job)
+    The bus announces the job from whichever thread finished it; the announcement wakes the waiting request in one
+    turn of the loop (no queue, no task of its own, no ``asyncio.wait`` between them), and so do its timer and
+    ``stop()``. Made before the job is queued, so no announcement slips past; ``close()`` unsubscribes."""
 
-    def deliver(job: JobRecord) -> None:  # from a worker thread, or the bus's
-        loop.call_soon_threadsafe(settle, job)
+    def __init__(self, grid: Grid, job_id: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.job_id = job_id
+        self.job: JobRecord | None = None  # once announced
+        self.stopped = False
+        self._woken: asyncio.Future[None] | None = None
+        self.close = grid.bus.subscribe([job_id], self._announced)
 
-    return future, grid.bus.subscribe([job_id], deliver)
+    def _announced(self, job: JobRecord) -> None:  # any thread
+        self.loop.call_soon_threadsafe(self._settle, job)
+
+    def _settle(self, job: JobRecord) -> None:
+        if self.job is None:
+            self.job = job
+        self._wake()
+
+    def _wake(self) -> None:
+        woken = self._woken
+        if woken is not None and not woken.done():
+            woken.set_result(None)
+
+    def stop(self) -> None:
+        """End the wait now (the caller went away). From the loop's thread."""
+        self.stopped = True
+        self._wake()
+
+    async def wait(self, seconds: float) -> None:
+        """Until the job is announced, ``stop()`` is called or ``seconds`` have passed."""
+        if self.job is not None or self.stopped:
+            return
+        self._woken = self.loop.create_future()
+        timer = self.loop.call_later(seconds, self._wake)
+        try:
+            await self._woken
+        finally:
+            timer.cancel()
+            self._woken = None
 
 
-async def until_finished(
-    grid: Grid,
-    job_id: str,
-    finished: asyncio.Future[JobRecord],
-    timeout: float,
-    stop: asyncio.Future[Any] | None = None,
-) -> JobRecord | None:
-    """The finished job (``finished``, from ``subscribe_one``), or None after ``timeout`` seconds or once ``stop``
-    is done. The registry is asked too every RECHECK_S, so an announcement lost to a bus outage (a Redis restart)
-    costs seconds, not the whole wait."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    waited = (finished,) if stop is None else (finished, stop)
-    while (left := deadline - loop.time()) > 0:
-        await asyncio.wait(
-            waited, timeout=min(left, RECHECK_S), return_when=asyncio.FIRST_COMPLETED
-        )
-        if finished.done():
-            return finished.result()
-        if stop is not None and stop.done():
+async def until_finished(grid: Grid, waiter: JobWaiter, timeout: float) -> JobRecord | None:
+    """The finished job, or None after ``timeout`` seconds or once the waiter is stopped. The registry is asked too
+    every RECHECK_S, so an announcement lost to a bus outage (a Redis restart) costs seconds, not the whole wait."""
+    deadline = waiter.loop.time() + timeout
+    while (left := deadline - waiter.loop.time()) > 0:
+        await waiter.wait(min(left, RECHECK_S))
+        if waiter.job is not None:
+            return waiter.job
+        if waiter.stopped:
             return None
-        job = await asyncio.to_thread(grid.registry.get_job, job_id)
+        job = await asyncio.to_thread(grid.registry.get_job, waiter.job_id)
         if job is not None and job.finished:
             return job
     return None

@@ -119,22 +119,22 @@ async def call(
         await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         return job, 202
     # before queueing: no result slips past
-    finished, unsubscribe = jobs.subscribe_one(grid, job.job_id)
+    waiter = jobs.JobWaiter(grid, job.job_id)
+    # watched from before the call is queued, so its first step is not between the queue and the worker
+    went = asyncio.ensure_future(gone())
+    went.add_done_callback(lambda _: waiter.stop())
     try:
         await jobs.submit_from_loop(grid, function, [job], model, caller.max_timeout_s)
         wait = min(
             function.timeout_s + 30, SYNC_WAIT_CAP_S, SYNC_WAIT_CAP_S if hold is None else hold
         )
-        went = asyncio.ensure_future(gone())
-        try:
-            done = await jobs.until_finished(grid, job.job_id, finished, wait, stop=went)
-        finally:
-            went.cancel()
-        if done is None and went.done() and not went.cancelled():
+        done = await jobs.until_finished(grid, waiter, wait)
+        if done is None and waiter.stopped:
             jobs.cancel_unwatched(grid, [job.job_id])
             return job, 202
     finally:
-        unsubscribe()
+        went.cancel()
+        waiter.close()
     if done is None:  # still queued or running: the caller polls /status/{job_id}
         return grid.registry.get_job(job.job_id) or job, 202
     return done, 200
