@@ -19,7 +19,19 @@ from nanogrid_backend.store.blobs import blobs_of
 
 def _server(grid: Grid) -> uvicorn.Server:
     app = create_app(grid)
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    return uvicorn.Server(
+        uvicorn.Config(app, http=_protocol(), log_level="warning", access_log=False, lifespan="on")
+    )
+
+
+def _protocol() -> type | str:
+    """uvicorn's httptools protocol with each answer's head sent with its body (http_protocol.py), where
+    httptools is installed (``uvicorn[standard]``); else uvicorn's own choice."""
+    try:
+        from nanogrid_backend.controller.http_protocol import HttpProtocol
+    except ImportError:
+        return "auto"
+    return HttpProtocol
 
 
 def _bind(host: str, port: int) -> socket.socket:
