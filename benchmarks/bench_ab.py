@@ -2,14 +2,15 @@
 measured in turns, so the machine's drift (other tenants, CPU frequency, a loaded neighbour) falls on both alike.
 
     python benchmarks/bench_ab.py [--base HEAD] [--sandbox process] [--rounds 10] [--calls 300]
-                                  [--out benchmarks/results/ab.json]
+                                  [--map 2000] [--out benchmarks/results/ab.json]
 
 The base is exported with ``git archive`` into a temporary directory (nothing of the checkout changes). Each side
 gets its own ``nanogrid up`` and its own client process, both running that side's code; the rounds alternate
 which side goes first. Reported per side: p50 and p99 over all rounds, each round's p50, and the CPU per call of
-the client and of the grid process with its sandboxes. A single run of another benchmark on this machine varied
-by 30 % from one minute to the next (benchmarks/bench_profile.py: 1.31 and 1.73 ms p50 for the same tree); the
-turns are what makes a 5 % change visible.
+the client and of the grid process with its sandboxes. ``--map N``: each turn is one ``.map()`` of N calls
+instead, reported as calls per second (the median of the rounds). A single run of another benchmark on this
+machine varied by 30 % from one minute to the next (benchmarks/bench_profile.py: 1.31 and 1.73 ms p50 for the
+same tree); the turns are what makes a 5 % change visible.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+MAP = 0  # --map
 
 
 def client_main(url: str, key: str) -> None:
     """A side's client (run with that side's code on ``sys.path``): ``N`` on stdin runs N warm calls and answers
-    one JSON line with their latencies and the client's CPU."""
+    one JSON line with their latencies and the client's CPU; ``map N`` runs one ``.map()`` of N calls."""
     import nanogrid
 
     nanogrid.connect(url, api_key=key)
@@ -43,11 +45,17 @@ def client_main(url: str, key: str) -> None:
     for _ in range(300):  # warm: the sandbox is up, the connection open
         noop.remote(1)
     print(json.dumps({"ready": True}), flush=True)
+    list(noop.map(range(500), progress=False))  # timed as short: its calls go in batches
     for line in sys.stdin:
-        n = int(line)
+        words = line.split()
+        n = int(words[-1])
         samples = []
         cpu = time.process_time()
-        for _ in range(n):
+        if words[0] == "map":
+            started = time.perf_counter()
+            assert list(noop.map(range(n), progress=False)) == list(range(n))
+            samples.append((time.perf_counter() - started) / n)  # seconds per call
+        for _ in range(n if words[0] != "map" else 0):
             started = time.perf_counter()
             noop.remote(1)
             samples.append(time.perf_counter() - started)
@@ -73,6 +81,7 @@ class Side:
         self.samples: list[float] = []
         self.round_p50_ms: list[float] = []
         self.client_cpu_s = self.grid_cpu_s = 0.0
+        self.calls = 0
         self.client: subprocess.Popen | None = None
 
     def start_client(self) -> None:
@@ -106,7 +115,7 @@ class Side:
             raise RuntimeError(f"the {self.name} client ended")
         return line
 
-    def run(self, calls: int) -> None:
+    def run(self, calls: int, map_calls: int = 0) -> None:
         import psutil  # type: ignore[import-untyped]
 
         assert self.client is not None and self.client.stdin is not None
@@ -124,16 +133,26 @@ class Side:
             return total
 
         before = grid_cpu()
-        self.client.stdin.write(f"{calls}\n")
+        self.client.stdin.write(f"map {map_calls}\n" if map_calls else f"{calls}\n")
         self.client.stdin.flush()
         answer = json.loads(self._line())
         self.grid_cpu_s += grid_cpu() - before
         self.client_cpu_s += answer["cpu_s"]
+        self.calls += map_calls or calls
         self.samples += answer["samples"]
         self.round_p50_ms.append(round(_pick(answer["samples"], 0.5) * 1000, 3))
 
     def report(self) -> dict[str, Any]:
-        n = len(self.samples)
+        n = self.calls
+        if MAP:  # one sample per round: its seconds per call
+            return {
+                "map_calls_per_s": round(1 / _pick(self.samples, 0.5), 1),
+                "round_calls_per_s": [round(1 / s, 1) for s in self.samples],
+                "cpu_us_per_call": {
+                    "client": round(self.client_cpu_s / n * 1e6, 1),
+                    "grid and sandboxes": round(self.grid_cpu_s / n * 1e6, 1),
+                },
+            }
         return {
             "p50_ms": round(_pick(self.samples, 0.5) * 1000, 3),
             "p99_ms": round(_pick(self.samples, 0.99) * 1000, 3),
@@ -185,9 +204,14 @@ def main() -> None:
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--calls", type=int, default=300, help="warm calls per side per round")
+    parser.add_argument(
+        "--map", type=int, default=0, metavar="N", help="a .map() of N calls per turn"
+    )
     parser.add_argument("--port", type=int, default=8830, help="the base's; the tree's is the next")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ab.json")
     args = parser.parse_args()
+    global MAP
+    MAP = args.map
 
     base_tree, commit = export(args.base)
     sides = [
@@ -200,7 +224,7 @@ def main() -> None:
             side.start_client()
         for round_number in range(args.rounds):
             for side in sides if round_number % 2 == 0 else sides[::-1]:
-                side.run(args.calls)
+                side.run(args.calls, args.map)
         base, tree = (side.report() for side in sides)
     finally:
         for side in sides:
@@ -216,11 +240,19 @@ def main() -> None:
         "sandbox": args.sandbox,
         "base": {"commit": commit, **base},
         "tree": tree,
-        "tree_over_base_p50": round(tree["p50_ms"] / base["p50_ms"], 3),
-        "rounds_tree_faster": sum(
-            t < b for t, b in zip(tree["round_p50_ms"], base["round_p50_ms"], strict=True)
-        ),
     }
+    if MAP:
+        report["tree_over_base_calls_per_s"] = round(
+            tree["map_calls_per_s"] / base["map_calls_per_s"], 3
+        )
+        report["rounds_tree_faster"] = sum(
+            t > b for t, b in zip(tree["round_calls_per_s"], base["round_calls_per_s"], strict=True)
+        )
+    else:
+        report["tree_over_base_p50"] = round(tree["p50_ms"] / base["p50_ms"], 3)
+        report["rounds_tree_faster"] = sum(
+            t < b for t, b in zip(tree["round_p50_ms"], base["round_p50_ms"], strict=True)
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

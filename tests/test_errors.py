@@ -24,7 +24,7 @@ import pytest
 import nanogrid
 import nanogrid.ai
 import nanogrid.errors
-from nanogrid.transfer import ArgsUnpickler
+from nanogrid.transfer import ArgsEncoder, ArgsUnpickler
 
 if TYPE_CHECKING:  # the controller's tests import the web app in their fixture: collecting this file starts no server
     from fastapi.testclient import TestClient
@@ -153,6 +153,24 @@ def test_arguments_that_do_not_fit_the_signature_are_refused_before_anything_is_
             verb(*args, **kwargs)
         assert isinstance(info.value, TypeError)
     assert transport.sent == []
+
+
+def test_a_call_that_fits_never_lets_a_later_one_that_does_not_through(limits_only):
+    """Binding is skipped for a shape of call (positional count, keyword names) that bound before; what must never
+    happen is a wrong call sent because a right one came first."""
+    client, transport = limits_only
+    function = nanogrid.RemoteFunction(scale, client=client)
+    for args, kwargs in [((1,), {}), ((1, 2), {"shift": 1.0}), ((1,), {"factor": 3})]:
+        function._pickle(ArgsEncoder(client), args, kwargs)  # each fits: checked, then pickled
+    for args, kwargs, why in [
+        ((1, 2, 3), {}, "too many positional arguments"),
+        ((1,), {"x": 2}, "multiple values for argument 'x'"),
+        ((1, 2), {"factor": 3}, "multiple values for argument 'factor'"),
+        ((), {"factor": 3}, "missing a required argument: 'x'"),
+    ]:
+        with pytest.raises(nanogrid.InvalidArguments, match=why):
+            function.remote(*args, **kwargs)
+    assert all(request.url.path == "/v1/health" for request in transport.sent)
 
 
 def test_a_map_checks_every_item_before_sending_any(offline):

@@ -10,6 +10,7 @@ The truth each answer is compared with is the same app without the fast path, ov
 from __future__ import annotations
 
 import base64
+import json
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +23,12 @@ from fastapi.testclient import TestClient
 import nanogrid
 from nanogrid_backend.controller.app import create_app
 from nanogrid_backend.controller.fast_run import FastRun
+from nanogrid_backend.controller.links import LinkSigner
+from nanogrid_backend.controller.schemas import JobView
 from nanogrid_backend.keys import create_key
+from nanogrid_backend.models import COMPLETED, FAILED, RUNNING, JobRecord
 from nanogrid_backend.registry.base import RegistryBusy
+from nanogrid_backend.store.blobs import RESULT_FORMAT
 
 pytestmark = pytest.mark.integration
 
@@ -199,3 +204,88 @@ def test_a_failure_after_acceptance_is_answered_by_the_apps_handler(grid, grids,
     assert fast.status_code == route.status_code == 503
     assert fast.json() == route.json() and fast.headers["retry-after"] == "5"
     assert served.post("/v1/run", json=body).json()["result"] == {"echo": 1}
+
+
+# -- the answer's body, made without the model -------------------------------------------------------------------
+
+
+class _FixedClockLinks(LinkSigner):
+    def query(self, job_id: str, name: str, owner: str, now: float | None = None) -> str:
+        return super().query(job_id, name, owner, now=1_800_000_000)
+
+
+def _records() -> list[JobRecord]:
+    finished = {"started_at": 1.5, "finished_at": 2, "worker_id": "w-1", "sandbox_id": "sb-1"}
+    return [
+        JobRecord("job-pending", "f-1", owner="alice"),
+        JobRecord("job-running", "f-1", status=RUNNING, owner="alice", started_at=3, cold=True),
+        JobRecord(
+            "job-pickle",
+            "f-1",
+            status=COMPLETED,
+            owner="alice",
+            result=pickle.dumps({"x": [1, 2.5]}),
+            result_format="pickle",
+            execution_time_ms=3,  # an int where the view has a float
+            peak_memory_bytes=12 << 20,
+            memory_limit_mib=256,
+            baseline_memory_bytes=4 << 20,
+            cold=False,
+            stdout="out\n",
+            stderr="é\n",
+            ai_usage={"calls": 1, "tokens": 7},
+            **finished,
+        ),
+        JobRecord(
+            "job-json",
+            "f-2",
+            status=COMPLETED,
+            owner="bob",
+            result=b'{"a": [1, null, "s"], "b": 1.5}',
+            result_format="json",
+            output_files=[
+                {
+                    "name": "plot 1.png",
+                    "size": 10,
+                    "sha256": "ab" * 32,
+                },  # a key the view leaves out
+                {"name": "d/ü.csv", "size": 3},
+            ],
+            trigger="schedule",
+            **finished,
+        ),
+        JobRecord(
+            "job-blob",
+            "f-2",
+            status=COMPLETED,
+            owner="bob",
+            result=b'{"sha256": "' + b"c" * 64 + b'", "size": 99, "format": "pickle"}',
+            result_format=RESULT_FORMAT,
+            **finished,
+        ),
+        JobRecord(
+            "job-failed",
+            "f-3",
+            status=FAILED,
+            owner="carol",
+            error={"kind": "exception", "message": "boom", "traceback": "..."},
+            execution_time_ms=0.25,
+            **finished,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("with_result", [True, False])
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_plain_body_is_the_models_body_for_every_kind_of_job(with_result, signed):
+    """What must never happen: an answer whose body depends on whether the model made it."""
+    links = _FixedClockLinks(b"k" * 32) if signed else None
+    for job in _records():
+        for extra in ({}, {"function_name": "summarise"}):
+            plain = JobView.plain(job, "http://grid:8000", with_result, links, **extra)
+            model = JobView.of(job, "http://grid:8000", with_result, links, **extra).body()
+            assert plain == model, job.job_id
+            # types too (3.0, not 3); the order of keys is the model's business, not a client's
+            assert json.dumps(plain, sort_keys=True) == json.dumps(model, sort_keys=True), (
+                job.job_id
+            )

@@ -71,7 +71,7 @@ class FastRun:
                 hold=hold,
                 gone=lambda: _disconnected(receive),
             )
-            view = JobView.of(job, self._base_url(scope), True, state.links).body()
+            view = JobView.plain(job, self._base_url(scope), True, state.links)
         except Exception as exc:
             await self._answer_error(scope, receive, send, exc)
             return

@@ -180,7 +180,7 @@ _JOB_FIXED = (
 )  # set at submission, never by finish_job
 
 
-_EMPTY_JSON = {list: "[]", dict: "{}"}
+_EMPTY_JSON: dict[type, str] = {list: "[]", dict: "{}"}
 
 
 class _Codec:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from nanogrid_backend.models import FAILED, JobRecord
 
@@ -48,9 +47,8 @@ def bucket_upper(bucket: int) -> float:
     return 2 ** ((bucket + 1) / STEPS_PER_DOUBLING)
 
 
-@dataclass(frozen=True)
-class Counter:
-    """One counter row's key and the call's contribution to it."""
+class Counter(NamedTuple):
+    """One counter row's key and the call's contribution to it (a tuple: four are made for every finished call)."""
 
     resolution: int
     slot: int
@@ -65,22 +63,14 @@ def counters_for(job: JobRecord) -> list[Counter]:
     """What one finished call adds: at each resolution, its duration bucket and its memory bucket."""
     when = job.finished_at or time.time()
     failed, cold = int(job.status == FAILED), int(bool(job.cold))
+    duration = job.execution_time_ms
     memory = None if job.peak_memory_bytes is None else job.peak_memory_bytes / MiB
+    duration_bucket, memory_bucket = bucket_of(duration), bucket_of(memory)
     rows = []
     for resolution in RESOLUTIONS:
         slot = int(when // resolution)
-        rows.append(
-            Counter(
-                resolution,
-                slot,
-                DURATION,
-                bucket_of(job.execution_time_ms),
-                failed,
-                cold,
-                job.execution_time_ms,
-            )
-        )
-        rows.append(Counter(resolution, slot, MEMORY, bucket_of(memory), failed, cold, memory))
+        rows.append(Counter(resolution, slot, DURATION, duration_bucket, failed, cold, duration))
+        rows.append(Counter(resolution, slot, MEMORY, memory_bucket, failed, cold, memory))
     return rows
 
 

@@ -184,7 +184,7 @@ async def map_(
                 yield (
                     b"".join(
                         json.dumps(
-                            {"index": index, **JobView.of(job, url, links=links).body()}
+                            {"index": index, **JobView.plain(job, url, links=links)}
                         ).encode()
                         + b"\n"
                         for index, job in news
