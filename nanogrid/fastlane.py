@@ -13,10 +13,12 @@ What goes through it (``Client.request`` decides; anything else goes through htt
 
 - a client made without an injected ``transport``, for an ``http://`` grid that no proxy from the environment
   applies to (https keeps httpx's certificate handling; a proxy keeps httpx's proxying);
-- a path relative to the API, with only ``json=``, ``params=`` (plain values), ``headers=`` and ``timeout=``:
-  bodies are encoded exactly as httpx encodes ``json=`` and query strings as it renders ``params=``.
+- a path relative to the API, with only ``json=`` or ``content=`` (bytes), ``params=`` (plain values),
+  ``headers=`` and ``timeout=``: bodies are encoded exactly as httpx encodes ``json=`` and query strings as it
+  renders ``params=``; ``content=`` bytes go as they are (a new function's package, ``/v1/packages``).
 
-Streams (``/map``, blob and volume downloads) and uploads (``files=``, ``content=``) never go through it.
+Streams (``/map``, blob and volume downloads) and other uploads (``files=``, a file or an iterator as ``content=``)
+never go through it.
 Failures raise the httpx exception httpx's path would (``ConnectError``, ``ReadTimeout``, ...), so the client turns
 them into the same ``NotConnected`` and ``GridUnresponsive`` errors.
 """
@@ -36,7 +38,7 @@ from typing import Any
 import httpx
 
 # A request with any other keyword argument (files=, data=, content=, ...) goes through httpx.
-ARGUMENTS = frozenset(("json", "params", "headers", "timeout"))
+ARGUMENTS = frozenset(("json", "content", "params", "headers", "timeout"))
 MAX_CONNECTIONS = 32  # as the client's httpx pool: a request beyond these waits for one to be free
 MAX_IDLE = 16  # kept-alive connections kept; more are closed when their request ends
 # An idle connection older than this is closed rather than reused: the grid (uvicorn) closes idle ones after 5 s,
@@ -287,8 +289,9 @@ class FastLane:
         body: Any = None,
         headers: Any = None,
         timeout: httpx.Timeout | float | None = None,
+        raw: bytes | None = None,
     ) -> httpx.Response:
-        """One request; ``body`` is sent as JSON unless None (as httpx's ``json=``)."""
+        """One request; ``body`` is sent as JSON unless None (as httpx's ``json=``), ``raw`` as it is."""
         if not isinstance(timeout, httpx.Timeout):
             timeout = httpx.Timeout(timeout)
         lines = self.headers
@@ -301,7 +304,7 @@ class FastLane:
             lines = [line for line in lines if line[0].lower() not in names] + given
         else:
             names = self._header_names
-        content = None
+        content = raw
         if body is not None:
             content = json.dumps(
                 body, ensure_ascii=False, separators=(",", ":"), allow_nan=False

@@ -253,3 +253,61 @@ def test_job_results_survive_a_restart(tmp_path: Path):
         assert requeued["status"] == "completed" and requeued["result"] == {"slept": 0.1}
     finally:
         second.stop()
+
+
+def _triple(x):
+    return 3 * x
+
+
+def test_a_package_sent_as_the_body_is_checked_and_stored_as_an_upload_is(http, grid):
+    """``POST /v1/packages`` (the Python client's upload): the same function, the same checks, the same errors as
+    ``/v1/upload``; what must never happen is a package this route takes that /v1/upload would refuse."""
+    import nanogrid
+    from nanogrid.packaging import package_function
+
+    package = nanogrid.RemoteFunction(_triple).package()
+    zip_headers = {"content-type": "application/zip"}
+    made = http.post("/v1/packages", content=package.data, headers=zip_headers)
+    assert made.status_code == 201, made.text
+    again = http.post("/v1/packages", content=package.data, headers=zip_headers)
+    assert again.status_code == 200 and again.json() == made.json()
+    through_form = http.post(
+        "/v1/upload", files={"file": ("package.zip", package.data, "application/zip")}
+    )
+    assert through_form.status_code == 200 and through_form.json() == made.json()
+    run = http.post(
+        "/v1/run",
+        json={"function_id": made.json()["function_id"], "args_pickle": _args_pickle(7)},
+    ).json()
+    assert run["status"] == "completed", run
+
+    # bad packages refused as /v1/upload refuses them (the same status and body), nothing stored
+    before = http.get("/v1/functions").json()
+    too_much = package_function(_triple, memory_mib=grid.grid.config.max_memory_mib + 1)
+    for bad in (b"PK\x03\x04 not a zip at all", too_much.data):
+        refused = http.post("/v1/packages", content=bad, headers=zip_headers)
+        as_form = http.post("/v1/upload", files={"file": ("package.zip", bad, "application/zip")})
+        assert refused.status_code >= 400
+        assert (refused.status_code, refused.json()) == (as_form.status_code, as_form.json())
+    for content, headers, status in [
+        (package.data, {"content-type": "multipart/form-data; boundary=x"}, 415),
+        (package.data, {}, 415),
+        (b"x" * (grid.grid.config.max_package_bytes + (2 << 20)), zip_headers, 413),
+    ]:
+        refused = http.post("/v1/packages", content=content, headers=headers)
+        assert refused.status_code == status, (status, refused.text[:200])
+        if status == 415:  # says what to send instead
+            assert "Content-Type: application/zip" in refused.json()["detail"]
+    assert http.get("/v1/functions").json() == before
+    wrong_key = httpx.post(
+        f"{grid.url}/v1/packages", content=package.data, headers={**zip_headers, "x-api-key": "no"}
+    )
+    assert wrong_key.status_code == 401
+
+
+def _args_pickle(*args: object) -> str:
+    import base64
+
+    import cloudpickle
+
+    return base64.b64encode(cloudpickle.dumps((args, {}))).decode()

@@ -231,6 +231,30 @@ def test_a_package_is_uploaded_once_per_client():
     assert fake.paths().count("POST /upload") == 1
 
 
+def test_a_package_goes_as_the_body_and_to_an_older_grid_as_a_form():
+    """``/v1/packages`` takes the zip as it is; a grid from before it (404) gets the multipart ``/v1/upload``, and is
+    not asked again. What must never happen: a function that cannot be deployed to an older grid."""
+    newer = FakeController(
+        {("POST", "/packages"): httpx.Response(201, json={"function_id": "fn-1"})}
+    )
+    package = package_function(square)
+    assert newer.client().deploy(package) == "fn-1"
+    sent = newer.requests[-1]
+    assert newer.paths() == ["GET /health", "POST /packages"]
+    assert sent.headers["content-type"] == "application/zip" and sent.content == package.data
+
+    older = FakeController({("POST", "/upload"): httpx.Response(201, json={"function_id": "fn-2"})})
+    client = older.client()
+    assert client.deploy(package) == "fn-2"
+    assert client.deploy(package_function(cube)) == "fn-2"
+    assert older.paths() == ["GET /health", "POST /packages", "POST /upload", "POST /upload"]
+    assert older.requests[2].headers["content-type"].startswith("multipart/form-data")
+
+
+def cube(x: int) -> int:
+    return x**3
+
+
 def test_remote_runs_through_upload_and_run_and_unpickles_the_value():
     fake = FakeController(
         {

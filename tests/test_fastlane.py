@@ -189,11 +189,31 @@ def test_the_lane_is_not_used_with_a_transport_https_or_a_proxy(serve, monkeypat
     assert nanogrid.Client(server.url, api_key="k")._lane is None
 
 
+def test_bytes_as_content_go_through_the_lane_as_they_are(serve):
+    server = serve()
+    client = nanogrid.Client(server.url, api_key="k")
+    try:
+        data = bytes(range(256)) * 1000  # past the one-write size: head and body in two writes
+        client.request(
+            "POST", "/packages", content=data, headers={"Content-Type": "application/zip"}
+        )
+        client.request("POST", "/packages", content=b"small", headers={"Content-Type": "x/y"})
+        assert _lane(client).sent == 2
+        (_, path, headers, body), (_, _, small_headers, small) = server.seen
+        assert path == "/v1/packages" and body == data and small == b"small"
+        assert (
+            headers["Content-Type"] == "application/zip" and headers["Content-Length"] == "256000"
+        )
+        assert small_headers["Content-Type"] == "x/y"
+    finally:
+        client.close()
+
+
 def test_uploads_and_other_arguments_keep_httpx(serve):
     server = serve()
     client = nanogrid.Client(server.url, api_key="k")
     try:
-        client.request("PUT", "/blobs/abc", content=b"raw", headers={"content-type": "x/y"})
+        client.request("PUT", "/blobs/abc", content=iter([b"raw"]), headers={"content-type": "x/y"})
         client.request("GET", "/jobs", params={"status": ["a", "b"]})  # a repeated key
         assert _lane(client).sent == 0
         assert server.requests == 2

@@ -1,4 +1,5 @@
-"""``/v1/upload`` and ``/v1/functions``: deploy a package, list, show and delete the caller's functions."""
+"""``/v1/upload``, ``/v1/packages`` and ``/v1/functions``: deploy a package, list, show and delete the caller's
+functions."""
 
 from __future__ import annotations
 
@@ -40,6 +41,38 @@ async def upload(
         "memory": memory,
     }
     record, created = jobs.deploy(grid, caller, file.filename or "package.zip", data, form)
+    return JSONResponse(record.to_dict(), status_code=201 if created else 200)
+
+
+PACKAGE_TYPES = ("application/zip", "application/octet-stream")
+
+
+@router.post(
+    "/packages",
+    response_model=FunctionView,
+    status_code=201,
+    responses={200: {"model": FunctionView, "description": "identical package already uploaded"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def upload_package(request: Request, caller: Caller, grid: CurrentGrid) -> JSONResponse:
+    """A zip package as the request's whole body, its manifest saying everything ``/v1/upload``'s form fields
+    would: what the Python client sends. No multipart form to build or to parse: a new function's first call
+    spent ~2 ms of its ~6 ms upload on that. Checked and stored exactly as ``/v1/upload`` does."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in PACKAGE_TYPES:
+        raise jobs.BadRequest(
+            f"send the package's zip as the body, with Content-Type: application/zip (not "
+            f"{content_type or 'none'}); a .py file or form fields go to POST /v1/upload",
+            415,
+        )
+    data = await request.body()
+    form = dict.fromkeys(("name", "runtime", "handler", "timeout", "memory"))
+    record, created = jobs.deploy(grid, caller, "package.zip", data, form)
     return JSONResponse(record.to_dict(), status_code=201 if created else 200)
 
 
