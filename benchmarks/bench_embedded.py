@@ -5,6 +5,9 @@
 Starts `nanogrid up` as its own process (as a user would), then measures from this process:
 warm round trip of a no-op through the HTTP API and through `.remote()`, cold start of new
 functions, and `.map()` throughput. Ray and Dask are measured if installed (`pip install .[bench]`).
+With ``--peers-python`` (a venv with Ray and Dask: ``make bench``) and ``--runs N``, each of NanoGrid's N runs
+(warm calls, then a ``.map()``) is followed by one of Ray's and Dask's, and each side keeps its best: the
+machine's quiet and busy minutes fall on both sides alike.
 """
 
 from __future__ import annotations
@@ -76,7 +79,11 @@ def best(runs: int, measure) -> dict:
     )
 
 
-def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int, runs: int = 1) -> dict:
+def bench_nanogrid(
+    url: str, key: str, calls: int, map_n: int, cold_n: int, runs: int = 1, between=None
+) -> dict:
+    """NanoGrid's figures, each the best of ``runs``; ``between()`` runs after each run of the warm calls and the
+    ``.map()`` (the peers' turn: both sides then meet the machine's good and bad minutes alike)."""
     client = nanogrid.connect(url, api_key=key)
     results: dict = {}
 
@@ -95,7 +102,27 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int, runs
         return x
 
     timed(lambda: noop.remote(1), 100)
-    results["remote"] = best(runs, lambda: percentiles(timed(lambda: noop.remote(1), calls)))
+    list(noop.map(range(200), progress=False))  # timed as short: its calls go in batches
+
+    def one_map() -> dict:
+        started = time.perf_counter()
+        out = list(noop.map(range(map_n), progress=False))
+        seconds = time.perf_counter() - started
+        assert out == list(range(map_n))
+        return {
+            "calls": map_n,
+            "seconds": round(seconds, 3),
+            "calls_per_s": round(map_n / seconds, 1),
+        }
+
+    remotes, maps = [], []
+    for _ in range(runs):
+        remotes.append(percentiles(timed(lambda: noop.remote(1), calls)))
+        maps.append(one_map())
+        if between is not None:
+            between()
+    results["remote"] = min(remotes, key=lambda r: r["p50_ms"])
+    results["map"] = max(maps, key=lambda r: r["calls_per_s"])
 
     cold_client, cold_server = [], []
     for i in range(cold_n):
@@ -109,21 +136,6 @@ def bench_nanogrid(url: str, key: str, calls: int, map_n: int, cold_n: int, runs
         time.sleep(0.3)  # the pool refills its stem cells in the background
     results["cold_start_with_stem_cell_client"] = percentiles(cold_client)
     results["cold_start_with_stem_cell_worker"] = percentiles(cold_server)
-
-    list(noop.map(range(200), progress=False))
-
-    def one_map() -> dict:
-        started = time.perf_counter()
-        out = list(noop.map(range(map_n), progress=False))
-        seconds = time.perf_counter() - started
-        assert out == list(range(map_n))
-        return {
-            "calls": map_n,
-            "seconds": round(seconds, 3),
-            "calls_per_s": round(map_n / seconds, 1),
-        }
-
-    results["map"] = best(runs, one_map)
     return results
 
 
@@ -158,8 +170,32 @@ def main() -> None:
     load_before = [round(x, 2) for x in os.getloadavg()]  # a shared machine's other work shows here
     grid = start_grid(data_dir, args.port, args.sandbox)
     key = (data_dir / "local-key").read_text().strip()
+    report: dict = {}
+
+    def peers_round() -> None:
+        """One run of Ray and Dask (``peers.py`` in their own venv); each peer's best run is kept."""
+        done = subprocess.run(
+            [
+                args.peers_python,
+                str(Path(__file__).with_name("peers.py")),
+                str(args.calls),
+                str(args.map),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for peer, found in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            kept = report.get(peer)
+            if kept is None or "remote" not in kept:
+                report[peer] = found
+            elif "remote" in found:
+                kept["remote"] = min(kept["remote"], found["remote"], key=lambda r: r["p50_ms"])
+                kept["map"] = max(kept["map"], found["map"], key=lambda r: r["calls_per_s"])
+
+    interleaved = args.peers and args.peers_python
     try:
-        report = {
+        report |= {
             "machine": {
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
@@ -168,34 +204,20 @@ def main() -> None:
             },
             "sandbox": args.sandbox,
             "nanogrid": bench_nanogrid(
-                f"http://127.0.0.1:{args.port}", key, args.calls, args.map, args.cold, args.runs
+                f"http://127.0.0.1:{args.port}",
+                key,
+                args.calls,
+                args.map,
+                args.cold,
+                args.runs,
+                between=peers_round if interleaved else None,
             ),
         }
     finally:
         grid.terminate()
         grid.wait(15)
         shutil.rmtree(data_dir, ignore_errors=True)
-    if args.peers and args.peers_python:
-        for _ in range(args.runs):  # each peer's best run, as for NanoGrid
-            done = subprocess.run(
-                [
-                    args.peers_python,
-                    str(Path(__file__).with_name("peers.py")),
-                    str(args.calls),
-                    str(args.map),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            for peer, found in json.loads(done.stdout.strip().splitlines()[-1]).items():
-                kept = report.get(peer)
-                if kept is None or "remote" not in kept:
-                    report[peer] = found
-                elif "remote" in found:
-                    kept["remote"] = min(kept["remote"], found["remote"], key=lambda r: r["p50_ms"])
-                    kept["map"] = max(kept["map"], found["map"], key=lambda r: r["calls_per_s"])
-    elif args.peers:
+    if args.peers and not interleaved:
         report["ray"] = bench_ray(args.calls, args.map)
         report["dask"] = bench_dask(args.calls, args.map)
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -119,9 +119,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--port", type=int, default=8797)
     parser.add_argument("--sandbox", default="process", choices=["process", "docker"])
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "path.json"
-    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "path.json")
     args = parser.parse_args()
 
     import httpx
@@ -169,9 +167,7 @@ def main() -> None:
         time.sleep(0.2)
         grid.send_signal(signal.SIGUSR1)
         time.sleep(1.0)
-        notes = {
-            name: v[skip[name] :] for name, v in json.loads(notes_path.read_text()).items()
-        }
+        notes = {name: v[skip[name] :] for name, v in json.loads(notes_path.read_text()).items()}
     finally:
         grid.terminate()
         grid.wait(15)
@@ -189,7 +185,9 @@ def main() -> None:
 
     hops = {}
     for (previous, _), (name, what) in zip(HOPS, HOPS[1:], strict=False):
-        hops[what] = stats([(b - a) / 1000 for a, b in zip(notes[previous], notes[name], strict=True)])
+        hops[what] = stats(
+            [(b - a) / 1000 for a, b in zip(notes[previous], notes[name], strict=True)]
+        )
     round_trip = stats([(b - a) / 1000 for a, b in zip(starts, ends, strict=True)])
     report = {
         "machine": {
