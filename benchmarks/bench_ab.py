@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_profile import cpu_seconds  # noqa: E402
+from benchmarks.peers import machine  # noqa: E402
+
 MAP = 0  # --map
 
 
@@ -116,21 +120,10 @@ class Side:
         return line
 
     def run(self, calls: int, map_calls: int = 0) -> None:
-        import psutil  # type: ignore[import-untyped]
-
         assert self.client is not None and self.client.stdin is not None
-        grid = psutil.Process(self.grid.pid)
 
-        def grid_cpu() -> float:
-            times = grid.cpu_times()
-            total = times.user + times.system + times.children_user + times.children_system
-            for child in grid.children(recursive=True):
-                try:
-                    child_times = child.cpu_times()
-                    total += child_times.user + child_times.system
-                except psutil.NoSuchProcess:
-                    pass
-            return total
+        def grid_cpu() -> float:  # the grid process's and its sandboxes'
+            return sum(cpu_seconds(self.grid.pid))
 
         before = grid_cpu()
         self.client.stdin.write(f"map {map_calls}\n" if map_calls else f"{calls}\n")
@@ -231,12 +224,7 @@ def main() -> None:
             side.stop()
         shutil.rmtree(base_tree, ignore_errors=True)
     report = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_before),
         "sandbox": args.sandbox,
         "base": {"commit": commit, **base},
         "tree": tree,

@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.peers import machine  # noqa: E402
 
 # (note, the hop that ends with it), in the order a call passes them
 HOPS = [
@@ -190,12 +191,7 @@ def main() -> None:
         )
     round_trip = stats([(b - a) / 1000 for a, b in zip(starts, ends, strict=True)])
     report = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_before),
         "sandbox": args.sandbox,
         "calls": args.calls,
         "round_trip": round_trip,

@@ -16,6 +16,19 @@ import time
 from pathlib import Path
 
 
+def machine(load_before: list[float]) -> dict:
+    """The ``machine`` part of a report: its CPUs, Python, and the load average before and after the run."""
+    import os
+    import platform
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
