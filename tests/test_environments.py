@@ -109,10 +109,14 @@ def test_a_dataframe_argument_alone_brings_pandas_to_the_grid():
             return httpx.Response(
                 200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20}
             )
-        if request.url.path == "/v1/upload":
-            package = request.content[
-                request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
-            ]
+        if request.url.path in ("/v1/packages", "/v1/upload"):  # the zip as the body, or in a form
+            package = (
+                request.content
+                if request.url.path == "/v1/packages"
+                else request.content[
+                    request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
+                ]
+            )
             with zipfile.ZipFile(io.BytesIO(package)) as zf:
                 uploads.append(json.loads(zf.read("manifest.json")))
             return httpx.Response(201, json={"function_id": "fn-1"})

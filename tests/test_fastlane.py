@@ -213,7 +213,7 @@ def test_uploads_and_other_arguments_keep_httpx(serve):
     server = serve()
     client = nanogrid.Client(server.url, api_key="k")
     try:
-        client.request("PUT", "/blobs/abc", content=iter([b"raw"]), headers={"content-type": "x/y"})
+        client.request("POST", "/upload", files={"file": ("f.zip", b"raw")})  # a form
         client.request("GET", "/jobs", params={"status": ["a", "b"]})  # a repeated key
         assert _lane(client).sent == 0
         assert server.requests == 2

@@ -210,10 +210,17 @@ class RecordingGrid:
             return httpx.Response(
                 200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20}
             )
-        if path == "/v1/upload":
-            package = request.content[
-                request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
-            ]
+        if path in (
+            "/v1/packages",
+            "/v1/upload",
+        ):  # the zip as the body, or (an older client) in a form
+            package = (
+                request.content
+                if path == "/v1/packages"
+                else request.content[
+                    request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
+                ]
+            )
             with zipfile.ZipFile(io.BytesIO(package)) as zf:
                 self.manifests.append(json.loads(zf.read("manifest.json")))
             return httpx.Response(201, json={"function_id": f"fn-{len(self.manifests)}"})

@@ -301,16 +301,11 @@ class Worker:
         job.finished_at = time.time()
         self.stats["completed" if job.status == COMPLETED else "failed"] += 1
         self._timed(job)
-        recorded = False
         try:
-            recorded = self._finish(job)
+            self._finish(job)
             self.notifier.job_finished(job)
         finally:
             self._done(message, job)
-            # Announced last: the waiting request's thread needs the interpreter, which this one keeps until it
-            # waits for its next call; what it did after the announcement was the caller's wait.
-            if recorded:
-                self.bus.publish(job)
 
     def _running_record(self, message: JobMessage, started: float | None) -> JobRecord:
         """The running job's record, as this worker publishes and finishes it."""
@@ -555,14 +550,12 @@ class Worker:
         return outcomes
 
     def _finish_batch(self, settled: list[tuple[JobMessage, JobRecord]]) -> None:
-        """Record the batch's outcomes in one transaction (group commit), ack each, then announce them (last, as
-        in ``run``)."""
+        """Record the batch's outcomes in one transaction and announce them; then ack each (group commit)."""
         now = time.time()
         for _, job in settled:
             job.finished_at = job.finished_at or now
             self.stats["completed" if job.status == COMPLETED else "failed"] += 1
             self._timed(job)
-        recorded = [False] * len(settled)
         try:
             try:
                 recorded = self.registry.finish_jobs([job for _, job in settled])
@@ -570,21 +563,24 @@ class Worker:
                 log.exception(
                     "could not record a batch of %d outcomes at once; recording each", len(settled)
                 )
-                recorded = [self._finish(job) for _, job in settled]
+                for _, job in settled:
+                    self._finish(job)
+            else:
+                for (_, job), fresh in zip(settled, recorded, strict=True):
+                    if fresh:
+                        self.bus.publish(job)
             for _, job in settled:
                 self.notifier.job_finished(job)
         finally:
             for message, job in settled:
                 self._done(message, job)
-            for (_, job), fresh in zip(settled, recorded, strict=True):
-                if fresh:
-                    self.bus.publish(job)
 
-    def _finish(self, job: JobRecord) -> bool:
-        """Record the outcome; if the registry cannot take it (a full disk), record the failure. Whether the
-        outcome (or the failure) was recorded now, to be announced (False: the job had its final state already)."""
+    def _finish(self, job: JobRecord) -> None:
+        """Record and announce the outcome; if the registry cannot take it (a full disk), record the failure."""
         try:
-            return self.registry.finish_job(job)
+            if self.registry.finish_job(job):
+                self.bus.publish(job)
+            return
         except Exception as exc:
             log.exception("job %s: could not record its outcome", job.job_id)
             reason = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -604,13 +600,14 @@ class Worker:
             if self.pool is not None:
                 self.pool.stop_idle(lambda sandbox: True)
             try:
-                return self.registry.finish_job(job)
+                if self.registry.finish_job(job):
+                    self.bus.publish(job)
+                return
             except Exception:
                 log.warning("job %s: could not record its failure yet (%s)", job.job_id, reason)
         log.error(
             "job %s: could not record its failure either; the watchdog will finish it", job.job_id
         )
-        return False
 
     def _execute(self, message: JobMessage, job: JobRecord) -> None:
         """Run the call; a sandbox that died before the call reached it is replaced once (the function never ran)."""

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from nanogrid_backend.controller import jobs
 from nanogrid_backend.controller.routes.deps import Caller, CurrentGrid, function_or_404
-from nanogrid_backend.controller.schemas import Deleted, FunctionView
+from nanogrid_backend.controller.schemas import Deleted, ErrorDetail, FunctionView
 
 router = APIRouter(prefix="/v1")
 
@@ -51,11 +51,17 @@ PACKAGE_TYPES = ("application/zip", "application/octet-stream")
     "/packages",
     response_model=FunctionView,
     status_code=201,
-    responses={200: {"model": FunctionView, "description": "identical package already uploaded"}},
+    responses={
+        200: {"model": FunctionView, "description": "identical package already uploaded"},
+        415: {"model": ErrorDetail, "description": "a body that is not a zip (Content-Type)"},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the package's zip; sent as application/zip (the client) or application/octet-stream",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
         }
     },
 )
