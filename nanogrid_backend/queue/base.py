@@ -12,6 +12,8 @@ class JobQueue(ABC):
     """Carries jobs from the controller to workers, at least once."""
 
     redelivers = False  # True: a message not acked comes back (and ends in a dead-letter queue)
+    # True: an ack is a step in this process's memory (the embedded queue), not a request to a service (SQS)
+    acks_in_memory = False
 
     @abstractmethod
     def put(self, messages: list[JobMessage]) -> None: ...

@@ -19,6 +19,7 @@ MEMORY_BUDGET_BYTES = 32 << 20
 
 
 class LocalQueue(JobQueue):
+    acks_in_memory = True
     """The embedded grid's queue: in memory, in the process that runs controller and worker.
 
     Fair between owners: each owner has its own FIFO, and owners are served in turn, so one owner's

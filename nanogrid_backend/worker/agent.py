@@ -301,11 +301,22 @@ class Worker:
         job.finished_at = time.time()
         self.stats["completed" if job.status == COMPLETED else "failed"] += 1
         self._timed(job)
+        recorded = announced = False
         try:
-            self._finish(job)
+            recorded = self._finish(job)
+            if recorded and not self.queue.acks_in_memory:
+                # the ack is a request to a service (an SQS delete): the caller's answer does not wait for it
+                self.bus.publish(job)
+                announced = True
             self.notifier.job_finished(job)
         finally:
-            self._done(message, job)
+            try:
+                self._done(message, job)
+            finally:
+                # Else announced last: the waiting request's thread needs the interpreter, which this one keeps
+                # until it waits for its next call (an A/B: p50 1.04x with the announcement before the ack).
+                if recorded and not announced:
+                    self.bus.publish(job)
 
     def _running_record(self, message: JobMessage, started: float | None) -> JobRecord:
         """The running job's record, as this worker publishes and finishes it."""
@@ -563,24 +574,21 @@ class Worker:
                 log.exception(
                     "could not record a batch of %d outcomes at once; recording each", len(settled)
                 )
-                for _, job in settled:
-                    self._finish(job)
-            else:
-                for (_, job), fresh in zip(settled, recorded, strict=True):
-                    if fresh:
-                        self.bus.publish(job)
+                recorded = [self._finish(job) for _, job in settled]
+            for (_, job), fresh in zip(settled, recorded, strict=True):
+                if fresh:
+                    self.bus.publish(job)
             for _, job in settled:
                 self.notifier.job_finished(job)
         finally:
             for message, job in settled:
                 self._done(message, job)
 
-    def _finish(self, job: JobRecord) -> None:
-        """Record and announce the outcome; if the registry cannot take it (a full disk), record the failure."""
+    def _finish(self, job: JobRecord) -> bool:
+        """Record the outcome; if the registry cannot take it (a full disk), record the failure. Whether the
+        outcome (or the failure) was recorded now, to be announced (False: the job had its final state already)."""
         try:
-            if self.registry.finish_job(job):
-                self.bus.publish(job)
-            return
+            return self.registry.finish_job(job)
         except Exception as exc:
             log.exception("job %s: could not record its outcome", job.job_id)
             reason = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -600,14 +608,13 @@ class Worker:
             if self.pool is not None:
                 self.pool.stop_idle(lambda sandbox: True)
             try:
-                if self.registry.finish_job(job):
-                    self.bus.publish(job)
-                return
+                return self.registry.finish_job(job)
             except Exception:
                 log.warning("job %s: could not record its failure yet (%s)", job.job_id, reason)
         log.error(
             "job %s: could not record its failure either; the watchdog will finish it", job.job_id
         )
+        return False
 
     def _execute(self, message: JobMessage, job: JobRecord) -> None:
         """Run the call; a sandbox that died before the call reached it is replaced once (the function never ran)."""
