@@ -56,7 +56,7 @@ class FastRun:
         if accepted is None:
             await self.app(scope, _replay(body, more, receive), send)
             return
-        caller, function, request, payloads, asynchronous, hold = accepted
+        caller, function, request, payloads, asynchronous, hold, host = accepted
         self.served += 1
         state = self.owner.state
         scope["route"] = self._route()  # request durations are labelled by route, as for the route
@@ -71,7 +71,7 @@ class FastRun:
                 hold=hold,
                 gone=lambda: _disconnected(receive),
             )
-            view = JobView.plain(job, self._base_url(scope), True, state.links)
+            view = JobView.plain(job, self._base_url(scope, host), True, state.links)
         except Exception as exc:
             await self._answer_error(scope, receive, send, exc)
             return
@@ -80,12 +80,20 @@ class FastRun:
     def _accept(
         self, scope: Scope, body: bytes
     ) -> (
-        tuple[ApiKey, FunctionRecord, RunRequest, list[tuple[str, bytes]], bool, float | None]
+        tuple[
+            ApiKey,
+            FunctionRecord,
+            RunRequest,
+            list[tuple[str, bytes]],
+            bool,
+            float | None,
+            bytes | None,
+        ]
         | None
     ):
         """What the call needs if this layer may serve it, else None (the route answers it). Nothing here changes
         any state but the key's rate-limit token, taken last."""
-        api_key = bearer = None
+        api_key = bearer = host = None
         asynchronous, hold = False, None
         json_body = False
         for name, value in scope["headers"]:
@@ -101,6 +109,8 @@ class FastRun:
                 if value.lower() not in (b"true", b"false"):
                     return None
                 asynchronous = value.lower() == b"true"
+            elif name == b"host" and host is None:  # the first, as Starlette reads it (_base_url)
+                host = value
             elif name == b"x-hold":
                 try:
                     hold = float(value)
@@ -131,11 +141,11 @@ class FastRun:
             return None
         if take_token(state, caller)[0]:
             return None  # over its rate limit: the route says so, with its Retry-After
-        return caller, function, request, payloads, asynchronous, hold
+        return caller, function, request, payloads, asynchronous, hold, host
 
-    def _base_url(self, scope: Scope) -> str:
-        """``base_url(request)`` as the route has it, made once per scheme, server, root path and Host."""
-        host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    def _base_url(self, scope: Scope, host: bytes | None) -> str:
+        """``base_url(request)`` as the route has it, made once per scheme, server, root path and Host (``host``:
+        the request's, found by ``_accept`` as it read the headers)."""
         key = (
             scope.get("scheme"),
             scope.get("server"),
