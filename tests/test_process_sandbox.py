@@ -179,3 +179,40 @@ def test_bubblewrap_hides_the_container_engine(tmp_path):
     finally:
         sandbox.close()
     assert seen == dict.fromkeys(hidden, False), seen
+
+
+def test_close_returns_only_once_the_sandboxs_processes_are_gone(tmp_path):
+    """Never: close() returning while a process of the sandbox still runs, holding its files open (their disk
+    space not yet free, so the next call finds the disk still full) or its memory cgroup (left behind)."""
+    from nanogrid_backend.sandbox import cgroup
+
+    require(cgroup.available(), "memory cgroups are not writable here (run as root)")
+    factory = ProcessSandboxFactory(tmp_path / "sandboxes", tmp_path, cgroups="on")
+
+    def hold_a_file_open(mib):
+        import builtins
+        import os
+
+        held = open(os.path.join(os.environ["NANOGRID_WORK_DIR"], "held.bin"), "wb")  # noqa: SIM115
+        held.write(b"x" * (mib << 20))
+        held.flush()
+        builtins.held = held  # open until the process dies
+        return os.getpid()
+
+    for _ in range(5):  # the bootstrap used to outlive close() by a few ms, now and then
+        sandbox = loaded(factory, hold_a_file_open)
+        try:
+            _, pid = call(sandbox, 16)
+            assert pid
+            group = sandbox.cgroup.path
+            processes = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            assert processes
+        finally:
+            sandbox.close()
+        for process in processes:
+            stat = Path(f"/proc/{process}/stat")
+            state = stat.read_text().rsplit(")", 1)[1].split()[0] if stat.exists() else "gone"
+            assert state in ("Z", "X", "gone"), (
+                f"process {process} of a closed sandbox is still {state}"
+            )
+        assert not group.exists(), "a closed sandbox's memory cgroup was left behind"

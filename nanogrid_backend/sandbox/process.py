@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 BOOTSTRAP = Path(__file__).resolve().parents[2] / "nanogrid_runtimes" / "python" / "bootstrap.py"
 START_TIMEOUT_S = 30.0
+EXIT_WAIT_S = 2.0  # how long close() waits for a killed sandbox's processes to be gone
 OUTPUT_MOUNT = "/output"  # the seed's output directory, where its functions write (OUTPUT_DIR), with bubblewrap
 
 
@@ -356,6 +357,24 @@ class ProcessSandbox(WatchedSandbox):
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         return SandboxError("crash", f"the sandbox process died ({how}) while running the function")
 
+    def _wait_until_exited(self) -> None:
+        """Once the launcher is reaped, until every process of the sandbox has exited too: the bootstrap dies on
+        its own schedule, and the files it holds open (an output file it was sending, say) keep their disk space
+        until it has. A failure answered before then could send the next call into a disk still full; and a cgroup
+        with processes left cannot be removed. At most ``EXIT_WAIT_S``."""
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while True:
+            if self.cgroup is not None:
+                try:
+                    exited = not self.cgroup.procs_file.read_text().strip()
+                except OSError:  # no cgroup any more: nothing left in it
+                    exited = True
+            else:  # the launcher's and the bootstrap's own processes (a child dies with the pid namespace)
+                exited = self._watch.states() <= cgroup.DEAD
+            if exited or time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+
     def kill(self, reason: str) -> None:
         self._kill_reason = reason
         self._signal(signal.SIGKILL)
@@ -379,6 +398,7 @@ class ProcessSandbox(WatchedSandbox):
 
     def close(self) -> None:
         self._stop(graceful=False)
+        self._wait_until_exited()
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()  # type: ignore[union-attr]  # both are pipes
