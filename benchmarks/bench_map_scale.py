@@ -1,16 +1,17 @@
 """`.map()` at scale: 100,000 no-op calls against 5,000, process sandbox, in one run.
 
-    python -m benchmarks.bench_map_scale [--sizes 5000 100000 5000] [--repeat 3] [--tracemalloc]
+    python -m benchmarks.bench_map_scale [--sizes 5000 100000 5000 100000 5000] [--repeat 3] [--tracemalloc]
         [--consumer-us 500] [--out benchmarks/results/map-scale.json]
 
 Starts `nanogrid up --sandbox process` as its own process with its own data directory, then maps a no-op from
 this process. A map of many calls should run as fast per call as a small one, and neither side's memory should
 grow with the number of calls. Per map: calls/s (and per tenth of the map), CPU per call of the client, the
 grid and its sandboxes (what the machine's other load leaves alone, unlike calls/s), both processes' RSS sampled
-every 50 ms (the grid's sandboxes, its children, apart), and how much the registry grew. A map under 20,000
-calls is timed ``--repeat`` times, the best rate kept. ``--tracemalloc`` maps each size once more, untimed, for
-the client's Python heap peak. ``--consumer-us 500`` spends that long on each result as it is taken: a reader
-slower than the grid, whose memory must stay bounded too.
+every 50 ms (the grid's sandboxes, its children, apart), and how much the registry grew. The sizes take turns,
+so drift on a shared machine and the registry's growth reach both; a map under 20,000 calls is timed
+``--repeat`` times each turn. The comparison takes each size's median over all its maps. ``--tracemalloc`` maps
+each size once more, untimed, for the client's Python heap peak. ``--consumer-us 500`` spends that long on each
+result as it is taken: a reader slower than the grid, whose memory must stay bounded too.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
@@ -33,7 +36,9 @@ from benchmarks.bench_embedded import start_grid
 
 SAMPLE_S = 0.05
 MIB = 1 << 20
-REPEAT_BELOW = 20_000  # maps of fewer calls are timed --repeat times, the best rate kept
+REPEAT_BELOW = (
+    20_000  # maps of fewer calls are timed --repeat times a turn (a second is at the mercy of load)
+)
 
 
 class RssSampler:
@@ -165,16 +170,28 @@ def traced_peak(noop: nanogrid.RemoteFunction, n: int) -> float:
 
 
 def compare(runs: list[dict]) -> dict:
-    """The largest map against the smallest (the first of that size): calls/s, and CPU per call, which the
-    machine's other load leaves alone, so the fairer comparison on a shared machine."""
-    if len({run["calls"] for run in runs}) < 2:
+    """The largest maps against the smallest, each size's median over all its maps (one map's second or two is at
+    the mercy of the machine's other load): calls/s, and CPU per call, which that load leaves alone, so the fairer
+    comparison on a shared machine."""
+    sizes = sorted({run["calls"] for run in runs})
+    if len(sizes) < 2:
         return {}
-    small = min(runs, key=lambda run: run["calls"])
-    large = max(runs, key=lambda run: run["calls"])
+
+    def median(n: int, value: Callable[[dict], float]) -> float:
+        return statistics.median(value(run) for run in runs if run["calls"] == n)
+
+    small, large = sizes[0], sizes[-1]
     return {
-        "largest_vs_smallest_calls_per_s": round(large["calls_per_s"] / small["calls_per_s"], 3),
+        "maps_compared": {str(n): sum(run["calls"] == n for run in runs) for n in (small, large)},
+        "largest_vs_smallest_calls_per_s": round(
+            median(large, lambda r: r["calls_per_s"]) / median(small, lambda r: r["calls_per_s"]), 3
+        ),
         "largest_vs_smallest_cpu_per_call": {
-            side: round(large["cpu_us_per_call"][side] / small["cpu_us_per_call"][side], 3)
+            side: round(
+                median(large, lambda r, side=side: r["cpu_us_per_call"][side])
+                / median(small, lambda r, side=side: r["cpu_us_per_call"][side]),
+                3,
+            )
             for side in ("client", "grid")
         },
     }
@@ -184,7 +201,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 100_000])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[5000, 100_000, 5000, 100_000, 5000]
+    )
     parser.add_argument("--port", type=int, default=8798)
     parser.add_argument(
         "--repeat", type=int, default=3, help=f"tries of a map under {REPEAT_BELOW} calls"
@@ -228,20 +247,14 @@ def main() -> None:
         list(noop.map(range(500), progress=False))  # warm: sandboxes up, the function timed short
         grid_process = psutil.Process(grid.pid)
         for n in args.sizes:
-            # a short map is timed more than once (one second is at the mercy of the machine's other load)
-            tries = [
-                measure(noop, grid_process, data_dir, n, args.consumer_us)
-                for _ in range(args.repeat if n < REPEAT_BELOW else 1)
-            ]
-            run = max(tries, key=lambda r: r["calls_per_s"])
-            run["calls_per_s_each_try"] = [r["calls_per_s"] for r in tries]
-            for side in run["rss_mib_peak"]:
-                run["rss_mib_peak"][side] = max(r["rss_mib_peak"][side] for r in tries)
-            report["runs"].append(run)
-            print(json.dumps({k: v for k, v in run.items() if "each_second" not in k}))
+            # a short map is timed more than once a turn; each try is a run of its own
+            for _ in range(args.repeat if n < REPEAT_BELOW else 1):
+                run = measure(noop, grid_process, data_dir, n, args.consumer_us)
+                report["runs"].append(run)
+                print(json.dumps({k: v for k, v in run.items() if "each_" not in k}))
         # after the timed maps, which it would slow down
-        for run in report["runs"] if args.tracemalloc else []:
-            run["client_tracemalloc_peak_mib"] = traced_peak(noop, run["calls"])
+        for n in sorted(set(args.sizes)) if args.tracemalloc else []:
+            report.setdefault("client_tracemalloc_peak_mib", {})[str(n)] = traced_peak(noop, n)
     finally:
         grid.terminate()
         grid.wait(15)

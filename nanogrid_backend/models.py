@@ -19,8 +19,13 @@ from nanogrid_contract.views import RUNNING as RUNNING
 
 
 def new_job_id() -> str:
-    """``job-`` and 32 random hex digits (the form a uuid4 gave, made in a fifth of the time)."""
-    return "job-" + os.urandom(16).hex()
+    """``job-`` and 32 hex digits: the time in milliseconds (12), then 80 random bits (20), as a UUIDv7 orders
+    them (RFC 9562). A later job's id sorts after an earlier one's, so each new row of the registry's index on
+    job ids lands at its right-hand edge: with wholly random ids, every insert touched a page anywhere in that
+    index, and a call's three registry writes took 50 µs of CPU in a registry's first 10,000 jobs but 66 µs
+    by its 100,000th (ordered: 57 and 54; ``benchmarks/bench_registry_ids.py``). Not a secret: a job is reached
+    with its owner's key, or a signed link."""
+    return "job-" + format(time.time_ns() // 1_000_000, "012x")[-12:] + os.urandom(10).hex()
 
 
 @dataclass

@@ -741,3 +741,24 @@ def test_dynamodb_items_written_before_versioning_read_with_defaults(dynamodb_ta
     registry.put_key(dataclasses.replace(key, revoked_at=5.0))
     assert table.get_item(Key={"pk": "key#k-old"})["Item"]["item_version"] == ITEM_VERSION
     assert registry.get_key("k-old").revoked_at == 5.0
+
+
+def test_a_later_jobs_id_sorts_after_an_earlier_ones_and_none_repeats():
+    """Never: a new job's id landing anywhere in the registry's index on ids (with random ids every insert touched
+    a page anywhere in it, and a call's registry writes grew a third dearer by 100,000 jobs), nor two jobs with
+    one id."""
+    import time
+
+    from nanogrid_backend.models import new_job_id
+
+    made = []
+    for _ in range(5):
+        made += [new_job_id() for _ in range(2000)]
+        time.sleep(0.002)  # the next millisecond
+    assert len(set(made)) == len(made)
+    assert all(len(job_id) == 36 and job_id.startswith("job-") for job_id in made)
+    int(made[0][4:], 16)  # hex, as before
+    # ordered by the millisecond they were made in (within one, by chance)
+    batches = [made[i : i + 2000] for i in range(0, len(made), 2000)]
+    for earlier, later in zip(batches, batches[1:], strict=False):
+        assert max(earlier) < min(later)
