@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.peers import machine  # noqa: E402
 from nanogrid_backend.models import COMPLETED, JobRecord, new_job_id  # noqa: E402
 from nanogrid_backend.registry.sqlite import SQLiteRegistry  # noqa: E402
 
@@ -110,12 +110,7 @@ def main() -> None:
             "late_vs_early": round(late / early, 3),
         }
     result = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine([round(x, 2) for x in load_before]),
         "jobs": args.jobs,
         "batch": args.batch,
         "summary": summary,

@@ -4,13 +4,16 @@ checks, no leftovers."""
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,6 +22,8 @@ import nanogrid
 if (
     TYPE_CHECKING
 ):  # the grid is imported by the tests that start one: a unit test's start-up never pays for it
+    import httpx
+
     from nanogrid_backend.embedded import EmbeddedGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +36,20 @@ def require(condition: bool, why: str) -> None:
     if os.environ.get("NANOGRID_CI"):
         pytest.fail(f"{why}; CI must provide it")
     pytest.skip(why)
+
+
+def uploaded_manifest(request: httpx.Request) -> dict[str, Any] | None:
+    """For a stand-in of a grid: the manifest of the package a client uploads (``POST /v1/packages``, the zip as the
+    body; or an older client's ``/v1/upload`` form), else None."""
+    if request.url.path == "/v1/packages":
+        package = request.content
+    elif request.url.path == "/v1/upload":
+        content = request.content
+        package = content[content.index(b"PK\x03\x04") : content.rindex(b"\r\n--")]
+    else:
+        return None
+    with zipfile.ZipFile(io.BytesIO(package)) as zf:
+        return json.loads(zf.read("manifest.json"))
 
 
 LEFTOVER_GRACE_S = (

@@ -30,7 +30,7 @@ from nanogrid import environment as envmod
 from nanogrid.environment import Environment, PackageSyncError
 from nanogrid.packaging import FunctionPackage, build_zip
 from nanogrid_backend.builds.builder import EnvironmentBuildError, Environments, check_spec
-from tests.conftest import require, require_docker, start_grid
+from tests.conftest import require, require_docker, start_grid, uploaded_manifest
 
 PYTHON = "%d.%d" % sys.version_info[:2]
 
@@ -109,16 +109,8 @@ def test_a_dataframe_argument_alone_brings_pandas_to_the_grid():
             return httpx.Response(
                 200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20}
             )
-        if request.url.path in ("/v1/packages", "/v1/upload"):  # the zip as the body, or in a form
-            package = (
-                request.content
-                if request.url.path == "/v1/packages"
-                else request.content[
-                    request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
-                ]
-            )
-            with zipfile.ZipFile(io.BytesIO(package)) as zf:
-                uploads.append(json.loads(zf.read("manifest.json")))
+        if (manifest := uploaded_manifest(request)) is not None:
+            uploads.append(manifest)
             return httpx.Response(201, json={"function_id": "fn-1"})
         return httpx.Response(
             200,
@@ -185,8 +177,6 @@ def test_the_users_own_module_beside_the_caller_goes_in_the_package(tmp_path, mo
 
 
 def _zip_names(data: bytes) -> list[str]:
-    import io
-    import zipfile
 
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         return zf.namelist()

@@ -36,6 +36,7 @@ from nanogrid.environment import (
     value_signature,
 )
 from nanogrid.errors import InvalidArguments, InvalidEnvironment, MissingModule
+from tests.conftest import uploaded_manifest
 
 PYTHON = "%d.%d" % sys.version_info[:2]
 NUMPY = f"numpy=={numpy.__version__}"
@@ -210,19 +211,8 @@ class RecordingGrid:
             return httpx.Response(
                 200, json={"runtimes": {f"python{PYTHON}": PYTHON}, "blob_threshold_bytes": 1 << 20}
             )
-        if path in (
-            "/v1/packages",
-            "/v1/upload",
-        ):  # the zip as the body, or (an older client) in a form
-            package = (
-                request.content
-                if path == "/v1/packages"
-                else request.content[
-                    request.content.index(b"PK\x03\x04") : request.content.rindex(b"\r\n--")
-                ]
-            )
-            with zipfile.ZipFile(io.BytesIO(package)) as zf:
-                self.manifests.append(json.loads(zf.read("manifest.json")))
+        if (manifest := uploaded_manifest(request)) is not None:
+            self.manifests.append(manifest)
             return httpx.Response(201, json={"function_id": f"fn-{len(self.manifests)}"})
         if path.startswith("/v1/blobs/"):
             return httpx.Response({"POST": 404, "HEAD": 404}.get(request.method, 201), json={})

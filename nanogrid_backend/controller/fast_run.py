@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic
 from fastapi import FastAPI
@@ -34,6 +34,18 @@ from nanogrid_backend.models import ApiKey, FunctionRecord
 
 PATH = "/v1/run"
 BODY_CAP = 1 << 20  # bigger bodies (arguments near the inline cap) are rare: the route reads them
+
+
+class _Accepted(NamedTuple):
+    """What a call this layer serves needs, read from its request."""
+
+    caller: ApiKey
+    function: FunctionRecord
+    request: RunRequest
+    payloads: list[tuple[str, bytes]]
+    asynchronous: bool
+    hold: float | None
+    host: bytes | None  # the first Host header, as Starlette reads it (the answer's base URL)
 
 
 class FastRun:
@@ -77,20 +89,7 @@ class FastRun:
             return
         await _send_json(send, status, view)
 
-    def _accept(
-        self, scope: Scope, body: bytes
-    ) -> (
-        tuple[
-            ApiKey,
-            FunctionRecord,
-            RunRequest,
-            list[tuple[str, bytes]],
-            bool,
-            float | None,
-            bytes | None,
-        ]
-        | None
-    ):
+    def _accept(self, scope: Scope, body: bytes) -> _Accepted | None:
         """What the call needs if this layer may serve it, else None (the route answers it). Nothing here changes
         any state but the key's rate-limit token, taken last."""
         api_key = bearer = host = None
@@ -109,7 +108,7 @@ class FastRun:
                 if value.lower() not in (b"true", b"false"):
                     return None
                 asynchronous = value.lower() == b"true"
-            elif name == b"host" and host is None:  # the first, as Starlette reads it (_base_url)
+            elif name == b"host" and host is None:
                 host = value
             elif name == b"x-hold":
                 try:
@@ -141,7 +140,7 @@ class FastRun:
             return None
         if take_token(state, caller)[0]:
             return None  # over its rate limit: the route says so, with its Retry-After
-        return caller, function, request, payloads, asynchronous, hold, host
+        return _Accepted(caller, function, request, payloads, asynchronous, hold, host)
 
     def _base_url(self, scope: Scope, host: bytes | None) -> str:
         """``base_url(request)`` as the route has it, made once per scheme, server, root path and Host (``host``:

@@ -19,7 +19,6 @@ MEMORY_BUDGET_BYTES = 32 << 20
 
 
 class LocalQueue(JobQueue):
-    acks_in_memory = True
     """The embedded grid's queue: in memory, in the process that runs controller and worker.
 
     Fair between owners: each owner has its own FIFO, and owners are served in turn, so one owner's
@@ -35,6 +34,8 @@ class LocalQueue(JobQueue):
     messages are kept without theirs, and ``load_payload(job_id)`` reads it back (from the registry, where
     every pending job's payload already is) when a worker takes the job.
     """
+
+    acks_in_memory = True
 
     def __init__(
         self,
